@@ -1,0 +1,180 @@
+//! The step clock: a node's view of the room's global step.
+//!
+//! A node keeps `local`, the highest step it has accepted or sent. Sending takes `local + 1`;
+//! accepting a message takes the highest of the two (the seed's catch-up model: the highest step
+//! wins); joining fast-forwards to the room's high step from the relay's welcome. Every move
+//! reports whether it crossed into a new phase, because phase boundaries are the room's
+//! checkpoints (see [`crate::pattern::PatternConfig::phase`]).
+
+use crate::pattern::{PatternConfig, PatternValue, Step};
+
+/// A step to send at, with its pattern value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    /// The step.
+    pub step: Step,
+    /// `value(step)`.
+    pub pattern: PatternValue,
+}
+
+/// How the clock moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advance {
+    /// `local` before.
+    pub from: Step,
+    /// `local` after (equal to `from` when the clock did not move).
+    pub to: Step,
+    /// The phase entered, if the move crossed one or more phase boundaries.
+    pub entered_phase: Option<u64>,
+}
+
+impl Advance {
+    /// Whether the clock moved forward.
+    pub fn moved(&self) -> bool {
+        self.to > self.from
+    }
+}
+
+/// The clock cannot go past `u64::MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the step clock is at its maximum, {}", u64::MAX)]
+pub struct StepOverflow;
+
+/// A node's step clock.
+#[derive(Debug, Clone)]
+pub struct StepClock {
+    pattern: PatternConfig,
+    local: Step,
+}
+
+impl StepClock {
+    /// A clock at step 0.
+    pub fn new(pattern: PatternConfig) -> Self {
+        Self { pattern, local: 0 }
+    }
+
+    /// The highest step accepted or sent.
+    pub fn local(&self) -> Step {
+        self.local
+    }
+
+    /// The pattern the clock stamps with.
+    pub fn pattern(&self) -> &PatternConfig {
+        &self.pattern
+    }
+
+    /// The phase of `local`.
+    pub fn phase(&self) -> u64 {
+        self.pattern.phase(self.local)
+    }
+
+    /// The next phase boundary after `local`: the step of the next checkpoint.
+    pub fn next_checkpoint(&self) -> Step {
+        self.pattern.next_boundary(self.local)
+    }
+
+    /// Takes the next step to send at (`local + 1`), moving `local` to it.
+    pub fn next(&mut self) -> Result<(Tick, Advance), StepOverflow> {
+        let step = self.local.checked_add(1).ok_or(StepOverflow)?;
+        let advance = self.move_to(step);
+        Ok((
+            Tick {
+                step,
+                pattern: self.pattern.value(step),
+            },
+            advance,
+        ))
+    }
+
+    /// Records an accepted message's step: the highest step wins.
+    pub fn accept(&mut self, step: Step) -> Advance {
+        self.move_to(step)
+    }
+
+    /// Fast-forwards to the room's high step on joining. The value of any step is O(1), so
+    /// nothing is replayed from the last reset.
+    pub fn join(&mut self, room_high: Step) -> Advance {
+        self.move_to(room_high)
+    }
+
+    fn move_to(&mut self, step: Step) -> Advance {
+        let from = self.local;
+        let to = from.max(step);
+        self.local = to;
+        let entered_phase =
+            (self.pattern.phase(to) > self.pattern.phase(from)).then(|| self.pattern.phase(to));
+        Advance {
+            from,
+            to,
+            entered_phase,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_takes_local_plus_one_with_its_pattern() {
+        let mut clock = StepClock::new(PatternConfig::default());
+        let (tick, _) = clock.next().unwrap();
+        assert_eq!(
+            tick,
+            Tick {
+                step: 1,
+                pattern: 4
+            }
+        );
+        assert_eq!(clock.local(), 1);
+        let (tick, _) = clock.next().unwrap();
+        assert_eq!(
+            tick,
+            Tick {
+                step: 2,
+                pattern: 1
+            }
+        );
+    }
+
+    #[test]
+    fn accept_keeps_the_highest_step() {
+        let mut clock = StepClock::new(PatternConfig::default());
+        assert!(clock.accept(10).moved());
+        let back = clock.accept(4);
+        assert!(!back.moved());
+        assert_eq!(clock.local(), 10);
+        assert_eq!(clock.next().unwrap().0.step, 11);
+    }
+
+    #[test]
+    fn crossing_a_boundary_reports_the_phase_entered() {
+        let mut clock = StepClock::new(PatternConfig::default());
+        assert_eq!(clock.accept(99).entered_phase, None);
+        let (tick, advance) = clock.next().unwrap();
+        assert_eq!(
+            tick,
+            Tick {
+                step: 100,
+                pattern: 7
+            }
+        );
+        assert_eq!(advance.entered_phase, Some(1));
+        assert_eq!(clock.phase(), 1);
+        assert_eq!(clock.next_checkpoint(), 200);
+        assert_eq!(clock.join(250).entered_phase, Some(2));
+        assert_eq!(
+            clock.join(120).entered_phase,
+            None,
+            "joining never goes back"
+        );
+        assert_eq!(clock.local(), 250);
+    }
+
+    #[test]
+    fn the_clock_refuses_to_wrap() {
+        let mut clock = StepClock::new(PatternConfig::default());
+        clock.join(u64::MAX);
+        assert_eq!(clock.next(), Err(StepOverflow));
+    }
+}

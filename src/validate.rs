@@ -1,0 +1,475 @@
+//! The validator: the rules every receiver, and the relay, applies to a stamped frame before it is
+//! applied, stored or forwarded.
+//!
+//! The rules run in this order, and the first that fails names the [`Reason`]:
+//!
+//! 1. the frame decodes and is within limits (the decoder: `malformed`, `tooLarge`; count them
+//!    with [`Validator::record`]);
+//! 2. `pattern == value(step)`, else `patternMismatch`;
+//! 3. the sender is who the frame came from, else `senderMismatch` (see [`Origin`]);
+//! 4. `step > last_step[sender]`, else `replay`: per sender, steps strictly increase, and this,
+//!    not the pattern, is what stops a message from being used twice;
+//! 5. `step <= local + max_future`, else `futureStep`: a node may not drag the room clock forward;
+//! 6. with a stale window (real-time rooms), `step >= local - stale_window`, else `stale`.
+//!
+//! Per-sender state is one entry per sender, bounded by [`ValidatorConfig::max_senders`]. When the
+//! table is full, senders idle for longer than [`ValidatorConfig::idle_after_ms`] are evicted, and
+//! if that frees too little, the least recently seen quarter goes; each sweep frees at least a
+//! quarter of the table, so the cost per message stays O(1) amortised. Eviction never opens a
+//! replay hole: the validator remembers the highest step of every evicted sender as a floor, and
+//! a sender it does not know must send above that floor.
+//!
+//! The validator is sans-IO: the caller passes the receiver's clock (`local`) and the time in
+//! milliseconds, so the same code runs in the browser, in the relay and in tests.
+
+use std::collections::HashMap;
+
+use crate::envelope::{NodeId, Reason, RoomConfig, Stamp};
+use crate::pattern::{ConfigError, PatternConfig, Step};
+
+/// Where a stamped frame came from, for rule 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Straight from a connection whose node id is known (the relay's view): the sender must be
+    /// this id.
+    Connection(NodeId),
+    /// Forwarded by the relay to the node `receiver`: a frame that claims to come from the
+    /// receiver itself, or from the never-assigned id 0, is forged.
+    Relayed {
+        /// The receiving node's own id.
+        receiver: NodeId,
+    },
+}
+
+/// The outcome of validating one stamped frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every rule passed; the sender's last step is now this frame's step.
+    Accepted,
+    /// A rule failed; nothing was recorded for the sender.
+    Rejected(Reason),
+}
+
+impl Verdict {
+    /// Whether the frame was accepted.
+    pub fn is_accepted(self) -> bool {
+        self == Verdict::Accepted
+    }
+}
+
+/// A validator's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidatorConfig {
+    /// The room's pattern.
+    pub pattern: PatternConfig,
+    /// Rule 5: how far ahead of the receiver's clock a step may be.
+    pub max_future: u64,
+    /// Rule 6: how far behind a step may be; `None` keeps late messages (documents).
+    pub stale_window: Option<u64>,
+    /// The most senders tracked at once.
+    pub max_senders: usize,
+    /// A sender not heard from for this long may be evicted when the table is full.
+    pub idle_after_ms: u64,
+}
+
+impl Default for ValidatorConfig {
+    fn default() -> Self {
+        Self::for_room(&RoomConfig::default()).expect("the default room configuration is valid")
+    }
+}
+
+impl ValidatorConfig {
+    /// The settings for a room, with the default sender table (4,096 senders, idle after 10
+    /// minutes).
+    pub fn for_room(room: &RoomConfig) -> Result<Self, ConfigError> {
+        Ok(Self {
+            pattern: PatternConfig::new(room.pattern)?,
+            max_future: room.max_future,
+            stale_window: room.stale_window,
+            max_senders: 4_096,
+            idle_after_ms: 10 * 60 * 1_000,
+        })
+    }
+}
+
+/// How many frames ended with each verdict.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames accepted.
+    pub accepted: u64,
+    /// Frames rejected, by reason, indexed by `reason.code() - 1`.
+    rejected: [u64; Reason::ALL.len()],
+}
+
+impl Counters {
+    /// Frames rejected for `reason`.
+    pub fn rejected(&self, reason: Reason) -> u64 {
+        self.rejected[usize::from(reason.code() - 1)]
+    }
+
+    /// Frames rejected for any reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
+
+    /// Every reason with its count, in code order (zeros included).
+    pub fn by_reason(&self) -> impl Iterator<Item = (Reason, u64)> + '_ {
+        Reason::ALL.iter().map(|&r| (r, self.rejected(r)))
+    }
+
+    fn count(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Accepted => self.accepted += 1,
+            Verdict::Rejected(reason) => self.rejected[usize::from(reason.code() - 1)] += 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SenderState {
+    last_step: Step,
+    last_seen_ms: u64,
+}
+
+/// Applies the rules to stamped frames and keeps the per-sender state they need.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    config: ValidatorConfig,
+    senders: HashMap<NodeId, SenderState>,
+    /// The highest last step of any evicted sender: an unknown sender must send above it.
+    evicted_floor: Step,
+    counters: Counters,
+}
+
+impl Validator {
+    /// A validator with `config` and no senders yet.
+    pub fn new(config: ValidatorConfig) -> Self {
+        Self {
+            config,
+            senders: HashMap::new(),
+            evicted_floor: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ValidatorConfig {
+        &self.config
+    }
+
+    /// The counts of verdicts so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// How many senders are tracked now.
+    pub fn tracked_senders(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// The last accepted step of `sender`, if it is tracked.
+    pub fn last_step(&self, sender: NodeId) -> Option<Step> {
+        self.senders.get(&sender).map(|s| s.last_step)
+    }
+
+    /// Counts a rejection decided elsewhere (a frame that did not decode, a rate limit), so that
+    /// one set of counters covers every anomaly.
+    pub fn record(&mut self, reason: Reason) {
+        self.counters.count(Verdict::Rejected(reason));
+    }
+
+    /// Checks a stamp against rules 2 to 6, given where it came from, the receiver's clock
+    /// `local` and the time `now_ms`. On acceptance the sender's last step becomes the stamp's
+    /// step; a rejection changes no state but the counters.
+    pub fn check(&mut self, stamp: &Stamp, origin: Origin, local: Step, now_ms: u64) -> Verdict {
+        let verdict = self.judge(stamp, origin, local);
+        if verdict.is_accepted() {
+            self.remember(stamp.sender, stamp.step, now_ms);
+        }
+        self.counters.count(verdict);
+        verdict
+    }
+
+    /// Rules 2 to 6 without side effects.
+    fn judge(&self, stamp: &Stamp, origin: Origin, local: Step) -> Verdict {
+        use Verdict::Rejected;
+        if !self.config.pattern.matches(stamp.step, stamp.pattern) {
+            return Rejected(Reason::PatternMismatch);
+        }
+        let forged = match origin {
+            Origin::Connection(node) => stamp.sender != node,
+            Origin::Relayed { receiver } => stamp.sender == receiver || stamp.sender == 0,
+        };
+        if forged {
+            return Rejected(Reason::SenderMismatch);
+        }
+        let last = self
+            .senders
+            .get(&stamp.sender)
+            .map_or(self.evicted_floor, |s| s.last_step);
+        if stamp.step <= last {
+            return Rejected(Reason::Replay);
+        }
+        if stamp.step > local.saturating_add(self.config.max_future) {
+            return Rejected(Reason::FutureStep);
+        }
+        if let Some(window) = self.config.stale_window {
+            if stamp.step < local.saturating_sub(window) {
+                return Rejected(Reason::Stale);
+            }
+        }
+        Verdict::Accepted
+    }
+
+    fn remember(&mut self, sender: NodeId, step: Step, now_ms: u64) {
+        if !self.senders.contains_key(&sender) && self.senders.len() >= self.config.max_senders {
+            self.evict(now_ms);
+        }
+        self.senders.insert(
+            sender,
+            SenderState {
+                last_step: step,
+                last_seen_ms: now_ms,
+            },
+        );
+    }
+
+    /// Frees at least a quarter of the table: first every idle sender, then the least recently
+    /// seen.
+    fn evict(&mut self, now_ms: u64) {
+        let capacity = self.config.max_senders;
+        let target = capacity - capacity.div_ceil(4);
+        let idle_after = self.config.idle_after_ms;
+        let mut floor = self.evicted_floor;
+        self.senders.retain(|_, s| {
+            let idle = now_ms.saturating_sub(s.last_seen_ms) > idle_after;
+            if idle {
+                floor = floor.max(s.last_step);
+            }
+            !idle
+        });
+        if self.senders.len() > target {
+            let mut seen: Vec<u64> = self.senders.values().map(|s| s.last_seen_ms).collect();
+            let excess = self.senders.len() - target;
+            let (_, &mut cutoff, _) = seen.select_nth_unstable(excess - 1);
+            let mut to_drop = excess;
+            self.senders.retain(|_, s| {
+                let drop = to_drop > 0 && s.last_seen_ms <= cutoff;
+                if drop {
+                    to_drop -= 1;
+                    floor = floor.max(s.last_step);
+                }
+                !drop
+            });
+        }
+        self.evicted_floor = floor;
+    }
+
+    /// Forgets `sender` (it left for good), folding its last step into the eviction floor so that
+    /// its old messages still count as replays.
+    pub fn forget(&mut self, sender: NodeId) {
+        if let Some(s) = self.senders.remove(&sender) {
+            self.evicted_floor = self.evicted_floor.max(s.last_step);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(sender: NodeId, step: Step) -> Stamp {
+        Stamp {
+            sender,
+            step,
+            pattern: PatternConfig::default().value(step),
+        }
+    }
+
+    const RECEIVER: NodeId = 1 << 40;
+
+    fn relayed() -> Origin {
+        Origin::Relayed { receiver: RECEIVER }
+    }
+
+    #[test]
+    fn a_good_message_is_accepted_and_recorded() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        assert_eq!(v.check(&stamp(1, 5), relayed(), 4, 0), Verdict::Accepted);
+        assert_eq!(v.last_step(1), Some(5));
+        assert_eq!(v.counters().accepted, 1);
+    }
+
+    #[test]
+    fn a_wrong_pattern_is_a_mismatch_and_changes_nothing() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        let mut s = stamp(1, 5);
+        s.pattern += 1;
+        assert_eq!(
+            v.check(&s, relayed(), 4, 0),
+            Verdict::Rejected(Reason::PatternMismatch)
+        );
+        assert_eq!(v.last_step(1), None);
+        assert_eq!(v.counters().rejected(Reason::PatternMismatch), 1);
+    }
+
+    #[test]
+    fn forged_senders_are_refused() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        assert_eq!(
+            v.check(&stamp(2, 1), Origin::Connection(1), 0, 0),
+            Verdict::Rejected(Reason::SenderMismatch)
+        );
+        assert_eq!(
+            v.check(&stamp(RECEIVER, 1), relayed(), 0, 0),
+            Verdict::Rejected(Reason::SenderMismatch)
+        );
+        assert_eq!(
+            v.check(&stamp(0, 1), relayed(), 0, 0),
+            Verdict::Rejected(Reason::SenderMismatch)
+        );
+        assert_eq!(
+            v.check(&stamp(1, 1), Origin::Connection(1), 0, 0),
+            Verdict::Accepted
+        );
+    }
+
+    #[test]
+    fn replays_and_steps_at_or_below_the_last_are_refused_per_sender() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        assert!(v.check(&stamp(1, 10), relayed(), 10, 0).is_accepted());
+        assert_eq!(
+            v.check(&stamp(1, 10), relayed(), 10, 0),
+            Verdict::Rejected(Reason::Replay)
+        );
+        assert_eq!(
+            v.check(&stamp(1, 9), relayed(), 10, 0),
+            Verdict::Rejected(Reason::Replay)
+        );
+        // Another sender may use a step sender 1 already used.
+        assert!(v.check(&stamp(2, 10), relayed(), 10, 0).is_accepted());
+    }
+
+    #[test]
+    fn future_steps_beyond_the_window_are_refused() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        let max = v.config().max_future;
+        assert_eq!(
+            v.check(&stamp(1, 50 + max + 1), relayed(), 50, 0),
+            Verdict::Rejected(Reason::FutureStep)
+        );
+        assert!(v.check(&stamp(1, 50 + max), relayed(), 50, 0).is_accepted());
+    }
+
+    #[test]
+    fn stale_steps_are_refused_only_with_a_window() {
+        let mut doc = Validator::new(ValidatorConfig::default());
+        assert!(doc.check(&stamp(1, 3), relayed(), 1_000, 0).is_accepted());
+        let mut game = Validator::new(ValidatorConfig {
+            stale_window: Some(20),
+            ..ValidatorConfig::default()
+        });
+        assert_eq!(
+            game.check(&stamp(1, 979), relayed(), 1_000, 0),
+            Verdict::Rejected(Reason::Stale)
+        );
+        assert!(game
+            .check(&stamp(1, 980), relayed(), 1_000, 0)
+            .is_accepted());
+    }
+
+    #[test]
+    fn the_rules_apply_in_order() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        // Wrong pattern and forged sender and future step: the pattern is reported.
+        let s = Stamp {
+            sender: RECEIVER,
+            step: 1_000_000,
+            pattern: 0,
+        };
+        assert_eq!(
+            v.check(&s, relayed(), 0, 0),
+            Verdict::Rejected(Reason::PatternMismatch)
+        );
+        // Forged and future: forged.
+        assert_eq!(
+            v.check(&stamp(RECEIVER, 1_000_000), relayed(), 0, 0),
+            Verdict::Rejected(Reason::SenderMismatch)
+        );
+    }
+
+    #[test]
+    fn idle_senders_are_evicted_and_the_table_stays_bounded() {
+        let mut v = Validator::new(ValidatorConfig {
+            max_senders: 8,
+            idle_after_ms: 1_000,
+            ..ValidatorConfig::default()
+        });
+        for sender in 1..=8 {
+            assert!(v
+                .check(&stamp(sender, sender), relayed(), 100, 0)
+                .is_accepted());
+        }
+        assert_eq!(v.tracked_senders(), 8);
+        // Sender 8 stays active; the others go idle.
+        assert!(v.check(&stamp(8, 20), relayed(), 100, 1_500).is_accepted());
+        assert!(v.check(&stamp(9, 30), relayed(), 100, 2_000).is_accepted());
+        assert_eq!(
+            v.tracked_senders(),
+            2,
+            "the idle senders 1..=7 were evicted"
+        );
+        assert_eq!(v.last_step(8), Some(20));
+        for sender in 10..10_000 {
+            let verdict = v.check(
+                &stamp(sender, 40 + sender),
+                relayed(),
+                20_000,
+                2_000 + sender,
+            );
+            assert!(verdict.is_accepted(), "sender {sender}: {verdict:?}");
+            assert!(v.tracked_senders() <= 8);
+        }
+    }
+
+    #[test]
+    fn eviction_does_not_open_a_replay_hole() {
+        let mut v = Validator::new(ValidatorConfig {
+            max_senders: 4,
+            idle_after_ms: 10,
+            ..ValidatorConfig::default()
+        });
+        assert!(v.check(&stamp(1, 50), relayed(), 50, 0).is_accepted());
+        for sender in 2..=5 {
+            assert!(v
+                .check(&stamp(sender, 50 + sender), relayed(), 60, 100)
+                .is_accepted());
+        }
+        assert_eq!(v.last_step(1), None, "sender 1 was evicted");
+        assert_eq!(
+            v.check(&stamp(1, 50), relayed(), 60, 100),
+            Verdict::Rejected(Reason::Replay)
+        );
+    }
+
+    #[test]
+    fn forgetting_a_sender_keeps_its_old_steps_replays() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        assert!(v.check(&stamp(1, 7), relayed(), 7, 0).is_accepted());
+        v.forget(1);
+        assert_eq!(v.tracked_senders(), 0);
+        assert_eq!(
+            v.check(&stamp(1, 7), relayed(), 7, 0),
+            Verdict::Rejected(Reason::Replay)
+        );
+    }
+
+    #[test]
+    fn counters_cover_recorded_decode_errors() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        v.record(Reason::Malformed);
+        v.record(Reason::TooLarge);
+        assert_eq!(v.counters().rejected(Reason::Malformed), 1);
+        assert_eq!(v.counters().rejected_total(), 2);
+    }
+}
