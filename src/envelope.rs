@@ -393,7 +393,9 @@ pub enum Frame {
         /// The version the digest is for (a Yjs state vector).
         #[serde(with = "serde_bytes")]
         state_vector: Vec<u8>,
-        /// The digest of the document's content at that version.
+        /// The digest of the document's content at that version (16 hex digits in JS, where a
+        /// number could not hold 64 bits).
+        #[serde(with = "hex_u64")]
         digest: u64,
     },
     /// A request for everything the sender's state vector lacks.
@@ -922,6 +924,23 @@ impl<'a> Reader<'a> {
             max_future: self.var("config.max_future")?,
             stale_window: self.var("config.stale_window")?.checked_sub(1),
         })
+    }
+}
+
+/// Serde for a 64-bit digest as 16 hex digits.
+mod hex_u64 {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{value:016x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.len() != 16 {
+            return Err(D::Error::custom("digest must be 16 hex digits"));
+        }
+        u64::from_str_radix(&text, 16).map_err(|_| D::Error::custom("digest must be 16 hex digits"))
     }
 }
 

@@ -80,7 +80,7 @@ pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 ///
 /// Every node of a room must use the same three numbers; the relay sends them in its welcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PatternParams {
     /// The value at every multiple of `reset_interval` (default 7).
     pub seed: u64,

@@ -265,6 +265,44 @@ impl Validator {
         self.evicted_floor = floor;
     }
 
+    /// A sentence that explains why `stamp` was rejected for `reason`, for reject frames and
+    /// anomaly logs. Call it right after [`Validator::check`]: a rejection changes no state, so
+    /// the explanation sees what the check saw.
+    pub fn explain(&self, stamp: &Stamp, origin: Origin, local: Step, reason: Reason) -> String {
+        let Stamp {
+            sender,
+            step,
+            pattern,
+        } = *stamp;
+        match reason {
+            Reason::PatternMismatch => format!(
+                "pattern {pattern} is not the value of step {step}, which is {}",
+                self.config.pattern.value(step)
+            ),
+            Reason::SenderMismatch => match origin {
+                Origin::Connection(node) => {
+                    format!("sender {sender} is not this connection's node id {node}")
+                }
+                Origin::Relayed { receiver } => {
+                    format!("sender {sender} cannot be relayed to node {receiver}")
+                }
+            },
+            Reason::Replay => format!(
+                "step {step} is not above sender {sender}'s last accepted step {}",
+                self.last_step(sender).unwrap_or(self.evicted_floor)
+            ),
+            Reason::FutureStep => format!(
+                "step {step} is more than {} steps ahead of the local step {local}",
+                self.config.max_future
+            ),
+            Reason::Stale => format!(
+                "step {step} is more than {} steps behind the local step {local}",
+                self.config.stale_window.unwrap_or(0)
+            ),
+            other => format!("rejected: {other}"),
+        }
+    }
+
     /// Forgets `sender` (it left for good), folding its last step into the eviction floor so that
     /// its old messages still count as replays.
     pub fn forget(&mut self, sender: NodeId) {
@@ -311,6 +349,25 @@ mod tests {
         );
         assert_eq!(v.last_step(1), None);
         assert_eq!(v.counters().rejected(Reason::PatternMismatch), 1);
+    }
+
+    #[test]
+    fn explanations_name_the_numbers() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        assert!(v.check(&stamp(1, 12), relayed(), 12, 0).is_accepted());
+        let replay = stamp(1, 9);
+        assert_eq!(
+            v.explain(&replay, relayed(), 12, Reason::Replay),
+            "step 9 is not above sender 1's last accepted step 12"
+        );
+        let wrong = Stamp {
+            pattern: 5,
+            ..stamp(2, 12)
+        };
+        assert_eq!(
+            v.explain(&wrong, relayed(), 12, Reason::PatternMismatch),
+            "pattern 5 is not the value of step 12, which is 7"
+        );
     }
 
     #[test]

@@ -1,1 +1,18 @@
-//! placeholder
+//! The JavaScript API, compiled for `wasm32` only.
+//!
+//! Thin classes over the core, named for JS (`PatternGenerator`, `StepClock`, `Validator`) plus
+//! `encode` and `decode` of frames as plain objects. Every error reaches JS as a thrown `Error`
+//! whose `name` says which kind of problem it is and whose message says what was wrong.
+//! `types.rs` declares the TypeScript types of every object that crosses the boundary.
+
+mod clock;
+mod errors;
+mod frames;
+mod pattern;
+mod types;
+mod validator;
+
+pub use clock::StepClock;
+pub use frames::{decode, encode};
+pub use pattern::{collapse_digits, PatternGenerator};
+pub use validator::Validator;

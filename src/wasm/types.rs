@@ -1,0 +1,150 @@
+//! The TypeScript declarations of every object that crosses the JS boundary, and the opaque Rust
+//! handles that name them in signatures, so the generated `.d.ts` has no `any` in its public API.
+
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen(typescript_custom_section)]
+const TYPES: &'static str = r#"
+/** Any JSON value: what `data` frames and presence carry. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** A room's pattern parameters. */
+export interface PatternParams {
+  /** The value at every multiple of `resetInterval`. */
+  seed: number;
+  /** What each value is multiplied by before it is collapsed. */
+  multiplier: number;
+  /** Steps per phase. */
+  resetInterval: number;
+}
+
+/** Pattern parameters where each field is optional: omitted ones take the defaults 7, 7, 100. */
+export type PatternParamsInit = Partial<PatternParams>;
+
+/** Why a frame was refused. */
+export type Reason =
+  | "malformed" | "tooLarge" | "patternMismatch" | "senderMismatch" | "replay"
+  | "futureStep" | "stale" | "desync" | "rateLimited" | "full" | "unexpected";
+
+/** Who sent a stamped frame, at which room step, with which pattern value. */
+export interface Stamp {
+  sender: number;
+  step: number;
+  pattern: number;
+}
+
+/** A room's settings, sent in every welcome. */
+export interface RoomConfig {
+  pattern: PatternParams;
+  /** How far ahead of a receiver's clock a step may be. */
+  maxFuture: number;
+  /** How far behind a step may be before it is stale; `null` keeps late messages. */
+  staleWindow: number | null;
+}
+
+/** A member of a room. */
+export interface Peer {
+  node: number;
+  name: string;
+}
+
+/** One protocol frame; `kind` names the variant. */
+export type Frame =
+  | { kind: "join"; room: string; name: string; lastStep: number; resume?: Uint8Array | null; config?: RoomConfig | null }
+  | { kind: "welcome"; node: number; resume: Uint8Array; config: RoomConfig; high: number; peers: Peer[] }
+  | { kind: "caughtUp"; high: number }
+  | { kind: "peerJoined"; peer: Peer }
+  | { kind: "peerLeft"; node: number }
+  | { kind: "ack"; step: number }
+  | { kind: "reject"; step: number; reason: Reason; detail: string }
+  | { kind: "presence"; sender: number; data: Json }
+  | (Stamp & { kind: "data"; data: Json })
+  | (Stamp & { kind: "update"; doc: string; update: Uint8Array })
+  | (Stamp & { kind: "checkpoint"; doc: string; stateVector: Uint8Array; digest: string })
+  | (Stamp & { kind: "syncRequest"; doc: string; stateVector: Uint8Array })
+  | (Stamp & { kind: "syncState"; doc: string; update: Uint8Array })
+  | (Stamp & { kind: "snapshot"; doc: string; state: Uint8Array });
+
+/** The frames that carry a stamp and are validated. */
+export type StampedFrame = Extract<Frame, Stamp>;
+
+/** A step to send at, with its pattern value. */
+export interface Tick {
+  step: number;
+  pattern: number;
+}
+
+/** How a clock moved. */
+export interface Advance {
+  from: number;
+  to: number;
+  /** The phase entered, when the move crossed a phase boundary. */
+  enteredPhase: number | null;
+}
+
+/** Where a frame came from: straight from a connection (the relay's view), or forwarded to `receiver`. */
+export type Origin = { connection: number } | { receiver: number };
+
+/** The outcome of validating a frame. */
+export type Verdict = { accepted: true } | { accepted: false; reason: Reason; detail: string };
+
+/** Counts of verdicts: `accepted` and one entry per rejection reason. */
+export type VerdictCounts = { accepted: number } & Record<Reason, number>;
+
+/** A validator's settings; omitted fields take the defaults. */
+export interface ValidatorOptions {
+  /** The room's pattern (defaults 7, 7, 100). */
+  pattern?: PatternParamsInit;
+  /** How far ahead of the local clock a step may be (default 1000). */
+  maxFuture?: number;
+  /** How far behind a step may be before it is stale; `null` (the default) keeps late messages. */
+  staleWindow?: number | null;
+  /** The most senders tracked at once (default 4096). */
+  maxSenders?: number;
+  /** A sender silent this long may be evicted when the table is full (default 600000). */
+  idleAfterMs?: number;
+}
+
+/** Called when a clock enters a new phase. */
+export type PhaseListener = (phase: number, step: number) => void;
+"#;
+
+#[wasm_bindgen]
+extern "C" {
+    /// `PatternParams` in TypeScript.
+    #[wasm_bindgen(typescript_type = "PatternParams")]
+    pub type JsPatternParams;
+    /// `PatternParamsInit` in TypeScript.
+    #[wasm_bindgen(typescript_type = "PatternParamsInit")]
+    pub type JsPatternParamsInit;
+    /// `Frame` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Frame")]
+    pub type JsFrame;
+    /// `StampedFrame | Uint8Array` in TypeScript.
+    #[wasm_bindgen(typescript_type = "StampedFrame | Uint8Array")]
+    pub type JsFrameOrBytes;
+    /// `Tick` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Tick")]
+    pub type JsTick;
+    /// `Advance` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Advance")]
+    pub type JsAdvance;
+    /// `Origin` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Origin")]
+    pub type JsOrigin;
+    /// `Verdict` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Verdict")]
+    pub type JsVerdict;
+    /// `VerdictCounts` in TypeScript.
+    #[wasm_bindgen(typescript_type = "VerdictCounts")]
+    pub type JsVerdictCounts;
+    /// `ValidatorOptions` in TypeScript.
+    #[wasm_bindgen(typescript_type = "ValidatorOptions")]
+    pub type JsValidatorOptions;
+    /// `PhaseListener` in TypeScript.
+    #[wasm_bindgen(typescript_type = "PhaseListener")]
+    pub type JsPhaseListener;
+    /// `() => void` in TypeScript.
+    #[wasm_bindgen(typescript_type = "() => void")]
+    pub type JsUnsubscribe;
+}

@@ -1,0 +1,188 @@
+//! `Validator`: the receiver's rules, for JS.
+
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+
+use super::errors::{from_js, invalid_argument, js_error, to_js, to_u64};
+use super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions, JsVerdict, JsVerdictCounts};
+use crate::envelope::{Frame, Reason, RoomConfig};
+use crate::pattern::{PatternParams, Step};
+use crate::validate::{self, Origin, ValidatorConfig, Verdict};
+
+/// Validates stamped frames before they are applied: pattern, sender, replay, future step and,
+/// with a stale window, stale steps. Counts every verdict.
+///
+/// ```js
+/// const v = new Validator();
+/// v.check({ kind: "data", sender: 2, step: 1, pattern: 4, data: {} }, { receiver: 1 }, 0);
+/// // { accepted: true }
+/// v.check(sameFrameAgain, { receiver: 1 }, 1);
+/// // { accepted: false, reason: "replay", detail: "step 1 is not above sender 2's last accepted step 1" }
+/// ```
+#[wasm_bindgen]
+pub struct Validator {
+    inner: validate::Validator,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+struct Options {
+    pattern: PatternParams,
+    max_future: Option<u64>,
+    stale_window: Option<u64>,
+    max_senders: Option<usize>,
+    idle_after_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+enum OriginJs {
+    Connection(u64),
+    Receiver(u64),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VerdictJs {
+    accepted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<Reason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl VerdictJs {
+    fn rejected(reason: Reason, detail: String) -> Self {
+        Self {
+            accepted: false,
+            reason: Some(reason),
+            detail: Some(detail),
+        }
+    }
+}
+
+#[wasm_bindgen]
+impl Validator {
+    /// A validator for a room. Omitted options take the defaults: pattern 7, 7, 100;
+    /// `maxFuture` 1000; no stale window; 4096 senders; idle after 10 minutes. Throws a
+    /// `ConfigError` for an unusable pattern and `InvalidArgument` for an unknown option.
+    #[wasm_bindgen(constructor)]
+    pub fn new(options: Option<JsValidatorOptions>) -> Result<Validator, JsValue> {
+        let options: Options = match options {
+            Some(o) if !o.is_undefined() && !o.is_null() => from_js("the options", o.into())?,
+            _ => Options::default(),
+        };
+        let room = RoomConfig {
+            pattern: options.pattern,
+            max_future: options
+                .max_future
+                .unwrap_or(RoomConfig::default().max_future),
+            stale_window: options.stale_window,
+        };
+        let mut config =
+            ValidatorConfig::for_room(&room).map_err(|e| js_error("ConfigError", e))?;
+        if let Some(max) = options.max_senders {
+            if max == 0 {
+                return Err(js_error("ConfigError", "maxSenders must be at least 1"));
+            }
+            config.max_senders = max;
+        }
+        if let Some(ms) = options.idle_after_ms {
+            config.idle_after_ms = ms;
+        }
+        Ok(Self {
+            inner: validate::Validator::new(config),
+        })
+    }
+
+    /// Validates a stamped frame, given as an object or as the received bytes, from `origin`
+    /// (`{ receiver: myNodeId }` for frames the relay forwarded, `{ connection: id }` for frames
+    /// straight from a connection), against the local step `local`, at `nowMs` (default
+    /// `Date.now()`). Bytes that do not decode are counted and rejected as `malformed` or
+    /// `tooLarge`. Throws `InvalidArgument` for a frame kind that carries no stamp.
+    pub fn check(
+        &mut self,
+        frame: JsFrameOrBytes,
+        origin: JsOrigin,
+        local: f64,
+        now_ms: Option<f64>,
+    ) -> Result<JsVerdict, JsValue> {
+        let local: Step = to_u64("local", local)?;
+        let now = match now_ms {
+            Some(ms) => to_u64("nowMs", ms)?,
+            None => js_sys::Date::now() as u64,
+        };
+        let origin = match from_js::<OriginJs>("the origin", origin.into())? {
+            OriginJs::Connection(node) => Origin::Connection(node),
+            OriginJs::Receiver(node) => Origin::Relayed { receiver: node },
+        };
+        let frame: JsValue = frame.into();
+        let frame: Frame = match frame.dyn_ref::<js_sys::Uint8Array>() {
+            Some(bytes) => match Frame::decode(&bytes.to_vec()) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.inner.record(e.reason());
+                    return verdict(VerdictJs::rejected(e.reason(), e.to_string()));
+                }
+            },
+            None => from_js("the frame", frame)?,
+        };
+        let stamp = *frame.stamp().ok_or_else(|| {
+            invalid_argument(format!(
+                "a {:?} frame carries no stamp; only data, update, checkpoint, syncRequest, \
+                 syncState and snapshot frames are validated",
+                frame.kind()
+            ))
+        })?;
+        let result = match self.inner.check(&stamp, origin, local, now) {
+            Verdict::Accepted => VerdictJs {
+                accepted: true,
+                reason: None,
+                detail: None,
+            },
+            Verdict::Rejected(reason) => {
+                VerdictJs::rejected(reason, self.inner.explain(&stamp, origin, local, reason))
+            }
+        };
+        verdict(result)
+    }
+
+    /// Counts of every verdict so far: `{ accepted, malformed, tooLarge, patternMismatch, ... }`.
+    pub fn counts(&self) -> Result<JsVerdictCounts, JsValue> {
+        let counters = self.inner.counters();
+        let object = js_sys::Object::new();
+        let set = |key: &str, value: u64| {
+            js_sys::Reflect::set(&object, &key.into(), &JsValue::from_f64(value as f64))
+        };
+        set("accepted", counters.accepted)?;
+        for (reason, count) in counters.by_reason() {
+            set(reason.as_str(), count)?;
+        }
+        Ok(object.unchecked_into())
+    }
+
+    /// How many senders are tracked.
+    #[wasm_bindgen(getter, js_name = trackedSenders)]
+    pub fn tracked_senders(&self) -> usize {
+        self.inner.tracked_senders()
+    }
+
+    /// The last accepted step of `sender`, or `undefined` if it is not tracked.
+    #[wasm_bindgen(js_name = lastStep)]
+    pub fn last_step(&self, sender: f64) -> Result<Option<f64>, JsValue> {
+        Ok(self
+            .inner
+            .last_step(to_u64("sender", sender)?)
+            .map(|s| s as f64))
+    }
+
+    /// Forgets a sender that left; its old steps still count as replays.
+    pub fn forget(&mut self, sender: f64) -> Result<(), JsValue> {
+        self.inner.forget(to_u64("sender", sender)?);
+        Ok(())
+    }
+}
+
+fn verdict(v: VerdictJs) -> Result<JsVerdict, JsValue> {
+    Ok(to_js(&v)?.unchecked_into())
+}
