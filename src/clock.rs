@@ -74,6 +74,8 @@ impl StepClock {
     }
 
     /// Takes the next step to send at (`local + 1`), moving `local` to it.
+    // Not an iterator: the clock also moves on `accept` and `join`, and it can fail.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<(Tick, Advance), StepOverflow> {
         let step = self.local.checked_add(1).ok_or(StepOverflow)?;
         let advance = self.move_to(step);

@@ -75,6 +75,8 @@ impl StepClock {
     }
 
     /// Takes the step to send at (`local + 1`) with its pattern value, and moves to it.
+    // Not an iterator: the clock also moves on `accept` and `join`, and it can fail.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<JsTick, JsValue> {
         let (tick, advance) = self.inner.next().map_err(|e| js_error("RangeError", e))?;
         if tick.step > crate::pattern::MAX_SAFE_INTEGER {

@@ -105,7 +105,7 @@ impl Validator {
         frame: JsFrameOrBytes,
         origin: JsOrigin,
         local: f64,
-        now_ms: Option<f64>,
+        #[wasm_bindgen(js_name = nowMs)] now_ms: Option<f64>,
     ) -> Result<JsVerdict, JsValue> {
         let local: Step = to_u64("local", local)?;
         let now = match now_ms {

@@ -1,0 +1,76 @@
+// Loads the released package in pkg/ (as built for users: release profile, after wasm-opt) and
+// calls it from Node. `wasm-pack test` never runs wasm-opt, so an optimiser that corrupts the
+// output only shows up here. Run with `node --test tests/js/` after `wasm-pack build`.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
+
+const pkg = new URL("../../pkg/", import.meta.url);
+const mesh = await import(new URL("pattern_mesh.js", pkg));
+mesh.initSync({ module: await readFile(new URL("pattern_mesh_bg.wasm", pkg)) });
+
+test("the package initialises and computes the seed's table", () => {
+  const p = new mesh.PatternGenerator();
+  assert.deepEqual([0, 1, 2, 3, 4].map((s) => p.computeValue(s)), [7, 4, 1, 7, 4]);
+  assert.deepEqual([100, 101, 102].map((s) => p.computeValue(s)), [7, 4, 1]);
+  assert.equal(p.computeValue(47), 1, "the seed's 'step 47 -> 6' cannot happen with 7, 7");
+  assert.equal(mesh.collapseDigits(157), 4);
+  assert.deepEqual(p.params, { seed: 7, multiplier: 7, resetInterval: 100 });
+});
+
+test("frames round-trip through encode and decode", () => {
+  const frame = { kind: "data", sender: 2, step: 47, pattern: 1, data: { temperature: 23.5 } };
+  const bytes = mesh.encode(frame);
+  assert.ok(bytes instanceof Uint8Array);
+  assert.equal(bytes[0], 1);
+  assert.deepEqual(mesh.decode(bytes), frame);
+});
+
+test("the validator rejects a replay, a forged sender and a wrong pattern", () => {
+  const v = new mesh.Validator();
+  const me = { receiver: 1 };
+  const frame = { kind: "data", sender: 2, step: 1, pattern: 4, data: null };
+  assert.deepEqual(v.check(frame, me, 0), { accepted: true });
+  assert.equal(v.check(mesh.encode(frame), me, 1).reason, "replay");
+  assert.equal(v.check({ ...frame, sender: 1, step: 2, pattern: 1 }, me, 1).reason, "senderMismatch");
+  assert.equal(v.check({ ...frame, step: 2, pattern: 9 }, me, 1).reason, "patternMismatch");
+  assert.equal(v.counts().accepted, 1);
+  assert.equal(v.counts().replay, 1);
+});
+
+test("bad input throws an Error that says what was wrong", () => {
+  assert.throws(() => new mesh.PatternGenerator({ resetInterval: 0 }), {
+    name: "ConfigError",
+    message: /reset_interval must be at least 1/,
+  });
+  assert.throws(() => mesh.decode(new Uint8Array([1, 0x7f, 0])), {
+    name: "DecodeError",
+    message: /unknown frame kind 0x7f/,
+  });
+  assert.throws(() => new mesh.PatternGenerator().computeValue(-3), {
+    name: "InvalidArgument",
+  });
+});
+
+test("the clock fires phase listeners at checkpoints", () => {
+  const clock = new mesh.StepClock();
+  const seen = [];
+  const off = clock.onPhase((phase, step) => seen.push([phase, step]));
+  clock.join(99);
+  assert.deepEqual(clock.next(), { step: 100, pattern: 7 });
+  off();
+  clock.join(300);
+  assert.deepEqual(seen, [[1, 100]]);
+});
+
+test("the .d.ts types the public API without any", async () => {
+  const dts = await readFile(new URL("pattern_mesh.d.ts", pkg), "utf8");
+  for (const name of ["class PatternGenerator", "class StepClock", "class Validator", "export type Frame"]) {
+    assert.ok(dts.includes(name), `${name} is declared`);
+  }
+  const code = dts
+    .split("export type InitInput")[0]
+    .replace(/\/\*[\s\S]*?\*\//g, "")
+    .replace(/\/\/.*$/gm, "");
+  assert.doesNotMatch(code, /\bany\b/, "no `any` in the public API");
+});

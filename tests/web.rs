@@ -1,0 +1,172 @@
+//! The JS-facing API in a real browser: run with `wasm-pack test --headless --chrome`.
+//!
+//! Arguments are built as JS values (`JSON.parse`, `Uint8Array`) and results are read back with
+//! `Reflect`, so these tests cross the same boundary a JS caller does.
+#![cfg(target_arch = "wasm32")]
+
+use js_sys::{Reflect, Uint8Array, JSON};
+use pattern_mesh::wasm::{collapse_digits, decode, encode, PatternGenerator, StepClock, Validator};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+fn js(text: &str) -> JsValue {
+    JSON::parse(text).expect("test JSON parses")
+}
+
+fn get(object: &JsValue, key: &str) -> JsValue {
+    Reflect::get(object, &key.into()).expect("object")
+}
+
+/// The name and message of the error a call threw.
+fn error_message<T>(result: Result<T, JsValue>) -> (String, String) {
+    let Err(error) = result else {
+        panic!("the call should have thrown");
+    };
+    let error: js_sys::Error = error.dyn_into().expect("a thrown value is an Error");
+    (error.name().into(), error.message().into())
+}
+
+#[wasm_bindgen_test]
+fn pattern_values_follow_the_algorithm() {
+    let p = PatternGenerator::new(None).unwrap();
+    let values: Vec<f64> = (0..5).map(|s| p.compute_value(s as f64).unwrap()).collect();
+    assert_eq!(values, [7.0, 4.0, 1.0, 7.0, 4.0]);
+    let reset: Vec<f64> = (100..103)
+        .map(|s| p.compute_value(s as f64).unwrap())
+        .collect();
+    assert_eq!(reset, [7.0, 4.0, 1.0]);
+    assert_eq!(p.phase(250.0).unwrap(), 2.0);
+    assert_eq!(collapse_digits(157.0).unwrap(), 4.0);
+    let custom = PatternGenerator::new(Some(
+        js(r#"{"seed":5,"resetInterval":10}"#).unchecked_into(),
+    ))
+    .unwrap();
+    assert_eq!(custom.compute_value(20.0).unwrap(), 5.0);
+    assert_eq!(get(&custom.params().unwrap().into(), "multiplier"), 7.0);
+}
+
+#[wasm_bindgen_test]
+fn bad_input_throws_an_error_that_says_what_was_wrong() {
+    let zero = PatternGenerator::new(Some(js(r#"{"resetInterval":0}"#).unchecked_into()));
+    let (name, message) = error_message(zero);
+    assert_eq!(name, "ConfigError");
+    assert!(message.contains("reset_interval"), "{message}");
+
+    let p = PatternGenerator::new(None).unwrap();
+    let (name, message) = error_message(p.compute_value(-1.0));
+    assert_eq!(name, "InvalidArgument");
+    assert!(message.contains("step must be an integer"), "{message}");
+    assert!(p.compute_value(1.5).is_err());
+    assert!(p.compute_value(f64::NAN).is_err());
+
+    let (name, message) = error_message(decode(&[1, 0x7f, 0]));
+    assert_eq!(name, "DecodeError");
+    assert!(message.contains("unknown frame kind 0x7f"), "{message}");
+
+    let (name, message) = error_message(encode(js(r#"{"kind":"nope"}"#).unchecked_into()));
+    assert_eq!(name, "InvalidArgument");
+    assert!(message.contains("nope"), "{message}");
+}
+
+#[wasm_bindgen_test]
+fn frames_round_trip_as_plain_objects() {
+    let frame = js(
+        r#"{"kind":"data","sender":3,"step":47,"pattern":1,"data":{"temperature":23.5,"tags":["a"]}}"#,
+    );
+    let bytes = encode(frame.clone().unchecked_into()).unwrap();
+    assert_eq!(bytes[0], 1, "version byte first");
+    let back: JsValue = decode(&bytes).unwrap().into();
+    assert_eq!(
+        JSON::stringify(&back).unwrap(),
+        JSON::stringify(&frame).unwrap()
+    );
+    let data = get(&back, "data");
+    assert_eq!(get(&data, "temperature"), 23.5);
+
+    let update = js(r#"{"kind":"update","sender":1,"step":2,"pattern":1,"doc":"content"}"#);
+    Reflect::set(
+        &update,
+        &"update".into(),
+        &Uint8Array::from(&[1u8, 2, 3][..]),
+    )
+    .unwrap();
+    let back: JsValue = decode(&encode(update.unchecked_into()).unwrap())
+        .unwrap()
+        .into();
+    let payload: Uint8Array = get(&back, "update")
+        .dyn_into()
+        .expect("bytes come back as a Uint8Array");
+    assert_eq!(payload.to_vec(), [1, 2, 3]);
+}
+
+#[wasm_bindgen_test]
+fn a_replayed_and_a_forged_message_are_rejected() {
+    let mut v = Validator::new(None).unwrap();
+    let me = || js(r#"{"receiver":1}"#).unchecked_into();
+    let frame =
+        || js(r#"{"kind":"data","sender":2,"step":1,"pattern":4,"data":null}"#).unchecked_into();
+    let first: JsValue = v.check(frame(), me(), 0.0, Some(0.0)).unwrap().into();
+    assert_eq!(get(&first, "accepted"), true);
+
+    let replay: JsValue = v.check(frame(), me(), 1.0, Some(0.0)).unwrap().into();
+    assert_eq!(get(&replay, "accepted"), false);
+    assert_eq!(get(&replay, "reason"), "replay");
+
+    let forged = js(r#"{"kind":"data","sender":1,"step":2,"pattern":1,"data":null}"#);
+    let forged: JsValue = v
+        .check(forged.unchecked_into(), me(), 1.0, Some(0.0))
+        .unwrap()
+        .into();
+    assert_eq!(get(&forged, "reason"), "senderMismatch");
+
+    let wrong = js(r#"{"kind":"data","sender":2,"step":2,"pattern":6,"data":null}"#);
+    let wrong: JsValue = v
+        .check(wrong.unchecked_into(), me(), 1.0, Some(0.0))
+        .unwrap()
+        .into();
+    assert_eq!(get(&wrong, "reason"), "patternMismatch");
+    assert!(get(&wrong, "detail")
+        .as_string()
+        .unwrap()
+        .contains("pattern 6"));
+
+    let garbage = Uint8Array::from(&[9u8, 9, 9][..]);
+    let garbage: JsValue = v
+        .check(garbage.unchecked_into(), me(), 1.0, None)
+        .unwrap()
+        .into();
+    assert_eq!(get(&garbage, "reason"), "malformed");
+
+    let counts: JsValue = v.counts().unwrap().into();
+    assert_eq!(get(&counts, "accepted"), 1.0);
+    assert_eq!(get(&counts, "replay"), 1.0);
+    assert_eq!(get(&counts, "senderMismatch"), 1.0);
+    assert_eq!(get(&counts, "patternMismatch"), 1.0);
+    assert_eq!(get(&counts, "malformed"), 1.0);
+}
+
+#[wasm_bindgen_test]
+fn the_clock_steps_and_reports_phases() {
+    let mut clock = StepClock::new(None).unwrap();
+    let seen = js_sys::Array::new();
+    let record =
+        js_sys::Function::new_with_args("phase, step", "this.push([phase, step])").bind0(&seen);
+    let off: JsValue = clock.on_phase(record.unchecked_into()).unwrap().into();
+    clock.join(99.0).unwrap();
+    let tick: JsValue = clock.next().unwrap().into();
+    assert_eq!(get(&tick, "step"), 100.0);
+    assert_eq!(get(&tick, "pattern"), 7.0);
+    assert_eq!(seen.length(), 1);
+    assert_eq!(JSON::stringify(&seen).unwrap(), "[[1,100]]");
+    let advance: JsValue = clock.accept(50.0).unwrap().into();
+    assert_eq!(get(&advance, "to"), 100.0, "the highest step wins");
+    assert_eq!(get(&advance, "enteredPhase"), JsValue::NULL);
+    off.unchecked_ref::<js_sys::Function>()
+        .call0(&JsValue::NULL)
+        .unwrap();
+    clock.join(250.0).unwrap();
+    assert_eq!(seen.length(), 1, "no calls after unsubscribing");
+    assert_eq!(clock.phase(), 2.0);
+}
