@@ -28,6 +28,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// the bit so that a sealed frame is refused clearly rather than misread.
 pub const FLAG_SEALED: u8 = 0b0000_0001;
 
+/// Flag bit 1: a room log position (`var`) follows the flags. The relay sets it on every stored
+/// message it sends, so that a client can resume from the last position it received.
+pub const FLAG_POSITIONED: u8 = 0b0000_0010;
+
 /// A relay-assigned node id: the identity of one connection (kept across reconnects).
 /// Id 0 is never assigned.
 pub type NodeId = u64;
@@ -305,8 +309,9 @@ pub enum Frame {
         room: String,
         /// The display name (at most [`Limits::max_name`] bytes).
         name: String,
-        /// The highest step the client already has; the relay replays what follows (0: all).
-        last_step: Step,
+        /// The last room log position the client has received (0: none); the relay replays
+        /// every logged message after it.
+        since: u64,
         /// The token of an earlier welcome, to keep the same node id.
         #[serde(default, with = "option_token")]
         resume: Option<ResumeToken>,
@@ -332,6 +337,8 @@ pub enum Frame {
     CaughtUp {
         /// The room's highest step at that moment.
         high: Step,
+        /// The room log's last position at that moment.
+        position: u64,
     },
     /// A member joined.
     PeerJoined {
@@ -343,10 +350,12 @@ pub enum Frame {
         /// The member's node id.
         node: NodeId,
     },
-    /// The sender's message at `step` is durable in the room log.
+    /// The sender's message at `step` is durable in the room log, at `position`.
     Ack {
         /// The acknowledged step.
         step: Step,
+        /// Its position in the room log.
+        position: u64,
     },
     /// A frame was refused; sent to its sender alone.
     Reject {
@@ -480,13 +489,13 @@ impl Frame {
             Frame::Join {
                 room,
                 name,
-                last_step,
+                since,
                 resume,
                 config,
             } => {
                 w.str(room);
                 w.str(name);
-                w.var(*last_step);
+                w.var(*since);
                 match resume {
                     Some(token) => {
                         w.0.push(1);
@@ -519,13 +528,19 @@ impl Frame {
                     w.str(&peer.name);
                 }
             }
-            Frame::CaughtUp { high } => w.var(*high),
+            Frame::CaughtUp { high, position } => {
+                w.var(*high);
+                w.var(*position);
+            }
             Frame::PeerJoined { peer } => {
                 w.var(peer.node);
                 w.str(&peer.name);
             }
             Frame::PeerLeft { node } => w.var(*node),
-            Frame::Ack { step } => w.var(*step),
+            Frame::Ack { step, position } => {
+                w.var(*step);
+                w.var(*position);
+            }
             Frame::Reject {
                 step,
                 reason,
@@ -568,13 +583,18 @@ impl Frame {
         w.0
     }
 
-    /// Decodes one frame with the default [`Limits`].
+    /// Decodes one frame with the default [`Limits`], ignoring a log position.
     pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
         Self::decode_with(bytes, &Limits::default())
     }
 
-    /// Decodes one frame, enforcing `limits`.
+    /// Decodes one frame, enforcing `limits`, ignoring a log position.
     pub fn decode_with(bytes: &[u8], limits: &Limits) -> Result<Frame, DecodeError> {
+        Self::decode_positioned(bytes, limits).map(|p| p.frame)
+    }
+
+    /// Decodes one frame and the room log position the relay put in its header, if any.
+    pub fn decode_positioned(bytes: &[u8], limits: &Limits) -> Result<Positioned, DecodeError> {
         if bytes.len() > limits.max_frame {
             return Err(DecodeError::TooLarge {
                 field: "frame",
@@ -593,14 +613,19 @@ impl Frame {
         if flags & FLAG_SEALED != 0 {
             return Err(DecodeError::SealedUnsupported);
         }
-        if flags != 0 {
+        if flags & !FLAG_POSITIONED != 0 {
             return Err(DecodeError::ReservedFlags(flags));
         }
+        let position = if flags & FLAG_POSITIONED != 0 {
+            Some(r.var("position")?)
+        } else {
+            None
+        };
         let frame = match kind {
             Kind::Join => Frame::Join {
                 room: r.room(limits)?,
                 name: r.str("name", limits.max_name)?,
-                last_step: r.var("last_step")?,
+                since: r.var("since")?,
                 resume: match r.flag("resume")? {
                     true => Some(r.token()?),
                     false => None,
@@ -634,6 +659,7 @@ impl Frame {
             }
             Kind::CaughtUp => Frame::CaughtUp {
                 high: r.var("high")?,
+                position: r.var("position")?,
             },
             Kind::PeerJoined => Frame::PeerJoined {
                 peer: Peer {
@@ -646,6 +672,7 @@ impl Frame {
             },
             Kind::Ack => Frame::Ack {
                 step: r.var("step")?,
+                position: r.var("position")?,
             },
             Kind::Reject => Frame::Reject {
                 step: r.var("step")?,
@@ -693,8 +720,31 @@ impl Frame {
         if r.remaining() != 0 {
             return Err(DecodeError::TrailingBytes(r.remaining()));
         }
-        Ok(frame)
+        Ok(Positioned { position, frame })
     }
+}
+
+/// A decoded frame with the room log position its header carried, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Positioned {
+    /// The room log position (set by the relay on stored messages).
+    pub position: Option<u64>,
+    /// The frame.
+    pub frame: Frame,
+}
+
+/// Rewrites the header of an encoded frame to carry the room log `position`, keeping every
+/// other byte (the sender's stamp and body are untouched). Returns `None` if `bytes` is not a
+/// version-1 frame without a position.
+pub fn with_position(bytes: &[u8], position: u64) -> Option<Vec<u8>> {
+    if bytes.len() < 3 || bytes[0] != PROTOCOL_VERSION || bytes[2] & FLAG_POSITIONED != 0 {
+        return None;
+    }
+    let mut w = Writer(Vec::with_capacity(bytes.len() + 10));
+    w.0.extend_from_slice(&[bytes[0], bytes[1], bytes[2] | FLAG_POSITIONED]);
+    w.var(position);
+    w.0.extend_from_slice(&bytes[3..]);
+    Some(w.0)
 }
 
 /// Reads only the header of a stamped frame: its kind and stamp, without decoding the body.
@@ -705,9 +755,12 @@ pub fn peek_stamp(bytes: &[u8]) -> Option<(Kind, Stamp)> {
         return None;
     }
     let kind = Kind::from_byte(r.u8("kind").ok()?)?;
-    r.u8("flags").ok()?;
+    let flags = r.u8("flags").ok()?;
     if !kind.is_stamped() {
         return None;
+    }
+    if flags & FLAG_POSITIONED != 0 {
+        r.var("position").ok()?;
     }
     Some((kind, r.stamp().ok()?))
 }
@@ -996,7 +1049,7 @@ mod tests {
             Frame::Join {
                 room: "doc-1".into(),
                 name: "ada".into(),
-                last_step: 42,
+                since: 42,
                 resume: Some([9; 16]),
                 config: Some(RoomConfig {
                     stale_window: Some(20),
@@ -1006,7 +1059,7 @@ mod tests {
             Frame::Join {
                 room: "r".into(),
                 name: String::new(),
-                last_step: 0,
+                since: 0,
                 resume: None,
                 config: None,
             },
@@ -1020,7 +1073,10 @@ mod tests {
                     name: "grace".into(),
                 }],
             },
-            Frame::CaughtUp { high: 10 },
+            Frame::CaughtUp {
+                high: 10,
+                position: 4,
+            },
             Frame::PeerJoined {
                 peer: Peer {
                     node: 5,
@@ -1028,7 +1084,10 @@ mod tests {
                 },
             },
             Frame::PeerLeft { node: 5 },
-            Frame::Ack { step: 1 << 40 },
+            Frame::Ack {
+                step: 1 << 40,
+                position: 3,
+            },
             Frame::Reject {
                 step: 9,
                 reason: Reason::Replay,
@@ -1098,7 +1157,24 @@ mod tests {
     fn peek_reads_the_stamp_without_the_body() {
         let frame = &samples()[9];
         assert_eq!(peek_stamp(&frame.encode()), Some((Kind::Data, stamp())));
-        assert_eq!(peek_stamp(&Frame::Ack { step: 1 }.encode()), None);
+        assert_eq!(peek_stamp(&Frame::PeerLeft { node: 1 }.encode()), None);
+        let positioned = with_position(&frame.encode(), 300).unwrap();
+        assert_eq!(peek_stamp(&positioned), Some((Kind::Data, stamp())));
+    }
+
+    #[test]
+    fn a_position_in_the_header_leaves_the_frame_intact() {
+        for frame in samples() {
+            let bytes = with_position(&frame.encode(), 1 << 33).unwrap();
+            assert_eq!(
+                Frame::decode_positioned(&bytes, &Limits::default()),
+                Ok(Positioned {
+                    position: Some(1 << 33),
+                    frame: frame.clone()
+                })
+            );
+            assert_eq!(with_position(&bytes, 1), None, "a position is set once");
+        }
     }
 
     #[test]
@@ -1121,7 +1197,7 @@ mod tests {
             Err(DecodeError::ReservedFlags(4))
         );
         assert_eq!(
-            Frame::decode(&[1, 6, 0, 0, 0]),
+            Frame::decode(&[1, 6, 0, 0, 0, 0]),
             Err(DecodeError::TrailingBytes(1))
         );
     }
@@ -1137,8 +1213,14 @@ mod tests {
         );
         let mut max = vec![1, 6, 0];
         max.extend_from_slice(&[0xff; 9]);
-        max.push(0x01);
-        assert_eq!(Frame::decode(&max), Ok(Frame::Ack { step: u64::MAX }));
+        max.extend_from_slice(&[0x01, 0x05]);
+        assert_eq!(
+            Frame::decode(&max),
+            Ok(Frame::Ack {
+                step: u64::MAX,
+                position: 5
+            })
+        );
     }
 
     #[test]
@@ -1149,7 +1231,7 @@ mod tests {
         let join = Frame::Join {
             room: "x".repeat(limits.max_room + 1),
             name: String::new(),
-            last_step: 0,
+            since: 0,
             resume: None,
             config: None,
         };
@@ -1160,7 +1242,7 @@ mod tests {
         let empty_room = Frame::Join {
             room: String::new(),
             name: String::new(),
-            last_step: 0,
+            since: 0,
             resume: None,
             config: None,
         };
@@ -1206,7 +1288,7 @@ mod tests {
         let join = Frame::Join {
             room: "r".into(),
             name: String::new(),
-            last_step: 0,
+            since: 0,
             resume: None,
             config: Some(RoomConfig {
                 pattern: PatternParams {

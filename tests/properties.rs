@@ -43,10 +43,10 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<Option<[u8; 16]>>(),
             any::<bool>()
         )
-            .prop_map(|(room, name, last_step, resume, config)| Frame::Join {
+            .prop_map(|(room, name, since, resume, config)| Frame::Join {
                 room: format!("r{room}"),
                 name,
-                last_step,
+                since,
                 resume,
                 config: config.then(RoomConfig::default),
             }),
@@ -92,7 +92,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 digest,
             }),
         (any::<u64>(), json()).prop_map(|(sender, data)| Frame::Presence { sender, data }),
-        any::<u64>().prop_map(|step| Frame::Ack { step }),
+        (any::<u64>(), any::<u64>()).prop_map(|(step, position)| Frame::Ack { step, position }),
     ]
 }
 

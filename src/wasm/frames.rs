@@ -2,9 +2,9 @@
 
 use wasm_bindgen::prelude::*;
 
-use super::errors::{from_js, js_error, to_js};
-use super::types::JsFrame;
-use crate::envelope::Frame;
+use super::errors::{from_js, js_error, to_f64, to_js};
+use super::types::{JsFrame, JsReceived};
+use crate::envelope::{Frame, Limits, Positioned};
 
 /// Encodes a frame (a plain object such as
 /// `{ kind: "data", sender: 1, step: 1, pattern: 4, data: { temperature: 23.5 } }`)
@@ -16,11 +16,18 @@ pub fn encode(frame: JsFrame) -> Result<Vec<u8>, JsValue> {
     Ok(frame.encode())
 }
 
-/// Decodes the bytes of one binary WebSocket message into a frame object. Throws a
-/// `DecodeError` that says what is wrong (unknown version or kind, a truncated field, a frame
-/// over the 1 MiB limit, invalid JSON, ...). Never accepts a frame it cannot fully read.
+/// Decodes the bytes of one binary WebSocket message into a frame object, with `position` set
+/// when the relay put a room log position in the header. Throws a `DecodeError` that says what
+/// is wrong (unknown version or kind, a truncated field, a frame over the 1 MiB limit, invalid
+/// JSON, ...). Never accepts a frame it cannot fully read.
 #[wasm_bindgen]
-pub fn decode(bytes: &[u8]) -> Result<JsFrame, JsValue> {
-    let frame = Frame::decode(bytes).map_err(|e| js_error("DecodeError", e))?;
-    Ok(to_js(&frame)?.unchecked_into())
+pub fn decode(bytes: &[u8]) -> Result<JsReceived, JsValue> {
+    let Positioned { position, frame } = Frame::decode_positioned(bytes, &Limits::default())
+        .map_err(|e| js_error("DecodeError", e))?;
+    let object = to_js(&frame)?;
+    if let Some(position) = position {
+        let position = to_f64("the position", position)?;
+        js_sys::Reflect::set(&object, &"position".into(), &position.into())?;
+    }
+    Ok(object.unchecked_into())
 }

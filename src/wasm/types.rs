@@ -50,12 +50,12 @@ export interface Peer {
 
 /** One protocol frame; `kind` names the variant. */
 export type Frame =
-  | { kind: "join"; room: string; name: string; lastStep: number; resume?: Uint8Array | null; config?: RoomConfig | null }
+  | { kind: "join"; room: string; name: string; since: number; resume?: Uint8Array | null; config?: RoomConfig | null }
   | { kind: "welcome"; node: number; resume: Uint8Array; config: RoomConfig; high: number; peers: Peer[] }
-  | { kind: "caughtUp"; high: number }
+  | { kind: "caughtUp"; high: number; position: number }
   | { kind: "peerJoined"; peer: Peer }
   | { kind: "peerLeft"; node: number }
-  | { kind: "ack"; step: number }
+  | { kind: "ack"; step: number; position: number }
   | { kind: "reject"; step: number; reason: Reason; detail: string }
   | { kind: "presence"; sender: number; data: Json }
   | (Stamp & { kind: "data"; data: Json })
@@ -64,6 +64,9 @@ export type Frame =
   | (Stamp & { kind: "syncRequest"; doc: string; stateVector: Uint8Array })
   | (Stamp & { kind: "syncState"; doc: string; update: Uint8Array })
   | (Stamp & { kind: "snapshot"; doc: string; state: Uint8Array });
+
+/** A decoded frame; `position` is the room log position the relay set on a stored message. */
+export type Received = Frame & { position?: number };
 
 /** The frames that carry a stamp and are validated. */
 export type StampedFrame = Extract<Frame, Stamp>;
@@ -120,6 +123,9 @@ extern "C" {
     /// `Frame` in TypeScript.
     #[wasm_bindgen(typescript_type = "Frame")]
     pub type JsFrame;
+    /// `Received` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Received")]
+    pub type JsReceived;
     /// `StampedFrame | Uint8Array` in TypeScript.
     #[wasm_bindgen(typescript_type = "StampedFrame | Uint8Array")]
     pub type JsFrameOrBytes;

@@ -24,6 +24,9 @@ test("frames round-trip through encode and decode", () => {
   assert.ok(bytes instanceof Uint8Array);
   assert.equal(bytes[0], 1);
   assert.deepEqual(mesh.decode(bytes), frame);
+  // The relay marks stored messages with their log position (flag bit 1, then a varint).
+  const positioned = new Uint8Array([1, bytes[1], 0b10, 5, ...bytes.slice(3)]);
+  assert.deepEqual(mesh.decode(positioned), { ...frame, position: 5 });
 });
 
 test("the validator rejects a replay, a forged sender and a wrong pattern", () => {
