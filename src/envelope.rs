@@ -153,11 +153,13 @@ pub enum Reason {
     Full = 10,
     /// The frame is valid but not allowed here (for example a second join).
     Unexpected = 11,
+    /// The relay could not store the message; it was not applied anywhere. Send it again later.
+    Unavailable = 12,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Malformed,
         Reason::TooLarge,
         Reason::PatternMismatch,
@@ -169,6 +171,7 @@ impl Reason {
         Reason::RateLimited,
         Reason::Full,
         Reason::Unexpected,
+        Reason::Unavailable,
     ];
 
     /// The reason for a wire code, if the code names one.
@@ -195,6 +198,7 @@ impl Reason {
             Reason::RateLimited => "rateLimited",
             Reason::Full => "full",
             Reason::Unexpected => "unexpected",
+            Reason::Unavailable => "unavailable",
         }
     }
 }

@@ -12,6 +12,10 @@ pub mod envelope;
 pub mod pattern;
 pub mod validate;
 
+/// The relay (native only): rooms, validation, durable logs, the demo's web server.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod relay;
+
 /// The JavaScript API (`wasm32` only): classes and functions exported with `wasm-bindgen`.
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

@@ -172,6 +172,13 @@ impl Validator {
         self.senders.get(&sender).map(|s| s.last_step)
     }
 
+    /// Restores a sender's last accepted step, from a log that outlived this validator (the
+    /// relay after a restart). Keeps the higher of the known and the restored step.
+    pub fn restore(&mut self, sender: NodeId, last_step: Step, now_ms: u64) {
+        let known = self.last_step(sender).unwrap_or(0);
+        self.remember(sender, known.max(last_step), now_ms);
+    }
+
     /// Counts a rejection decided elsewhere (a frame that did not decode, a rate limit), so that
     /// one set of counters covers every anomaly.
     pub fn record(&mut self, reason: Reason) {

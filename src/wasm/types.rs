@@ -24,7 +24,7 @@ export type PatternParamsInit = Partial<PatternParams>;
 /** Why a frame was refused. */
 export type Reason =
   | "malformed" | "tooLarge" | "patternMismatch" | "senderMismatch" | "replay"
-  | "futureStep" | "stale" | "desync" | "rateLimited" | "full" | "unexpected";
+  | "futureStep" | "stale" | "desync" | "rateLimited" | "full" | "unexpected" | "unavailable";
 
 /** Who sent a stamped frame, at which room step, with which pattern value. */
 export interface Stamp {

@@ -1,0 +1,281 @@
+//! The relay (native only): rooms, fan-out, validation at the edge, durable room logs, and the
+//! demo's static files, on one port.
+//!
+//! [`serve`] takes a bound listener, so tests bind `127.0.0.1:0` and drive the real server, and
+//! a shutdown future, so the binary can stop it on SIGTERM. The HTTP surface:
+//!
+//! - `GET /ws`: the WebSocket endpoint (binary frames, see [`crate::envelope`]);
+//! - `GET /healthz`: `ok` while the relay serves;
+//! - `GET /metrics`: Prometheus text;
+//! - `/pkg/...`: the npm package directory; everything else: the demo directory.
+
+mod connection;
+pub mod metrics;
+mod room;
+pub mod store;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{State, WebSocketUpgrade};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tower_http::services::ServeDir;
+
+use crate::envelope::{Limits, ResumeToken, RoomConfig};
+use metrics::Metrics;
+use room::{Command, JoinRefused, Joined, Room};
+use store::SqliteStore;
+
+/// WebSocket close codes the relay uses.
+pub mod close_code {
+    /// The relay is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the protocol (the first frame was not a join, too many bad frames).
+    pub const POLICY: u16 = 1008;
+    /// An internal error (the room stopped after a storage failure).
+    pub const INTERNAL: u16 = 1011;
+    /// A limit was reached (rooms, members): try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The connection's send queue was full: it did not keep up with the room.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// The connection kept sending over its rate limit.
+    pub const RATE_LIMITED: u16 = 4001;
+    /// Another connection resumed the same node.
+    pub const REPLACED: u16 = 4002;
+}
+
+/// The relay's settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Where the SQLite store lives.
+    pub data_dir: PathBuf,
+    /// The demo directory, served at `/`.
+    pub www_dir: PathBuf,
+    /// The npm package directory, served at `/pkg/`.
+    pub pkg_dir: PathBuf,
+    /// Frame and field limits.
+    pub limits: Limits,
+    /// The most rooms at once.
+    pub max_rooms: usize,
+    /// The most members in one room.
+    pub max_members: usize,
+    /// Messages a connection may send per second (a burst of as many is allowed).
+    pub max_rate: u32,
+    /// Frames queued for one connection before it counts as too slow and is disconnected.
+    pub send_queue: usize,
+    /// How long a new connection has to send its join.
+    pub join_timeout: Duration,
+    /// Settings of a room created by a join that names none.
+    pub room: RoomConfig,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("relay-data"),
+            www_dir: PathBuf::from("www"),
+            pkg_dir: PathBuf::from("pkg"),
+            limits: Limits::default(),
+            max_rooms: 10_000,
+            max_members: 256,
+            max_rate: 200,
+            send_queue: 4_096,
+            join_timeout: Duration::from_secs(10),
+            room: RoomConfig::default(),
+        }
+    }
+}
+
+/// The state shared by every connection and room.
+pub(crate) struct Relay {
+    config: RelayConfig,
+    store: SqliteStore,
+    metrics: Arc<Metrics>,
+    rooms: Mutex<HashMap<String, mpsc::Sender<Command>>>,
+    started: Instant,
+    next_conn: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Relay {
+    /// Milliseconds since the relay started: the validator's clock.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Joins `room`, starting its actor if needed.
+    async fn join(
+        self: &Arc<Self>,
+        room: &str,
+        name: String,
+        resume: Option<ResumeToken>,
+        requested: Option<RoomConfig>,
+        conn: u64,
+    ) -> Result<(mpsc::Sender<Command>, Joined), JoinRefused> {
+        // A room actor may retire between our look-up and our command: then start it anew.
+        for _ in 0..3 {
+            let commands = self.room_actor(room, requested).await?;
+            let (reply, answer) = oneshot::channel();
+            let command = Command::Join {
+                name: name.clone(),
+                resume,
+                conn,
+                reply,
+            };
+            if commands.send(command).await.is_err() {
+                continue;
+            }
+            match answer.await {
+                Ok(result) => return result.map(|joined| (commands, joined)),
+                Err(_) => continue,
+            }
+        }
+        Err(JoinRefused {
+            code: close_code::TRY_AGAIN_LATER,
+            reason: "the room is restarting; try again".into(),
+        })
+    }
+
+    async fn room_actor(
+        self: &Arc<Self>,
+        room: &str,
+        requested: Option<RoomConfig>,
+    ) -> Result<mpsc::Sender<Command>, JoinRefused> {
+        if let Some(commands) = self.lock_rooms().get(room) {
+            return Ok(commands.clone());
+        }
+        if *self.shutdown.borrow() {
+            return Err(JoinRefused {
+                code: close_code::GOING_AWAY,
+                reason: "the relay is shutting down".into(),
+            });
+        }
+        let actor = Room::open(room.to_owned(), self.clone(), requested)
+            .await
+            .map_err(|e| JoinRefused {
+                code: close_code::INTERNAL,
+                reason: format!("the room could not be opened: {e}"),
+            })?;
+        let mut rooms = self.lock_rooms();
+        // Another connection may have started it while we loaded.
+        if let Some(commands) = rooms.get(room) {
+            return Ok(commands.clone());
+        }
+        if rooms.len() >= self.config.max_rooms {
+            return Err(JoinRefused {
+                code: close_code::TRY_AGAIN_LATER,
+                reason: format!("the relay is full: at most {} rooms", self.config.max_rooms),
+            });
+        }
+        let (commands, queue) = mpsc::channel(1_024);
+        rooms.insert(room.to_owned(), commands.clone());
+        self.metrics.rooms.fetch_add(1, Relaxed);
+        tokio::spawn(actor.run(queue));
+        Ok(commands)
+    }
+
+    /// Called by an idle room actor: removes it from the registry unless a command is waiting.
+    /// Returns whether the actor may stop.
+    fn retire(&self, room: &str, queue: &mpsc::Receiver<Command>) -> bool {
+        let mut rooms = self.lock_rooms();
+        if !queue.is_empty() {
+            return false;
+        }
+        if rooms.remove(room).is_some() {
+            self.metrics.rooms.fetch_sub(1, Relaxed);
+        }
+        true
+    }
+
+    fn lock_rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Command>>> {
+        // A poisoned lock means a panic elsewhere; the map itself is still consistent.
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Serves the relay on `listener` until `shutdown` completes, then closes every WebSocket with
+/// 1001, lets the rooms finish their pending writes, and closes the store.
+pub async fn serve(
+    listener: TcpListener,
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let store = SqliteStore::open(&config.data_dir, metrics.clone())?;
+    let (stop, stopped) = watch::channel(false);
+    let relay = Arc::new(Relay {
+        store: store.clone(),
+        metrics,
+        rooms: Mutex::default(),
+        started: Instant::now(),
+        next_conn: AtomicU64::new(1),
+        shutdown: stopped.clone(),
+        config,
+    });
+    let app = router(relay.clone());
+    let mut http_stopped = stopped.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = http_stopped.wait_for(|s| *s).await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown.await;
+    tracing::info!("shutting down: closing connections with 1001");
+    let _ = stop.send(true);
+    // Connections see the signal, close with 1001 and leave their rooms; rooms finish their
+    // pending writes and retire.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (relay.metrics.connections.load(Relaxed) > 0 || relay.metrics.rooms.load(Relaxed) > 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = server.await;
+    tokio::task::spawn_blocking(move || store.close()).await?;
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+fn router(relay: Arc<Relay>) -> Router {
+    let www = ServeDir::new(&relay.config.www_dir);
+    let pkg = ServeDir::new(&relay.config.pkg_dir);
+    Router::new()
+        .route("/ws", get(websocket))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_text))
+        .nest_service("/pkg", pkg)
+        .fallback_service(www)
+        .with_state(relay)
+}
+
+async fn websocket(
+    State(relay): State<Arc<Relay>>,
+    upgrade: WebSocketUpgrade,
+) -> impl IntoResponse {
+    // Frames over the limit but within a margin are read and refused with a reject frame; far
+    // larger messages end the connection in the WebSocket layer.
+    let max = relay.config.limits.max_frame.saturating_mul(2);
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| connection::run(socket, relay))
+}
+
+async fn metrics_text(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        relay.metrics.render(),
+    )
+}
