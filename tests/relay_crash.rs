@@ -1,0 +1,133 @@
+//! The relay process is killed with SIGKILL in the middle of a stream and restarted on the same
+//! data directory: every acknowledged message is still there, and the room's step and each
+//! sender's replay protection continue from where they were.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pattern_mesh::envelope::{Frame, Json, Reason, Stamp};
+use pattern_mesh::pattern::PatternConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn start_relay(dir: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
+        .args(["--listen", "127.0.0.1:0", "--max-rate", "100000", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the relay starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .split("ws://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("the relay prints its address: {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
+async fn connect(addr: &str, since: u64, resume: Option<[u8; 16]>) -> (tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, Frame, Vec<Frame>) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await.unwrap();
+    let join = Frame::Join { room: "crash".into(), name: "writer".into(), since, resume, config: None };
+    ws.send(Message::Binary(join.encode().into())).await.unwrap();
+    let mut frames = Vec::new();
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        let Message::Binary(bytes) = message else { continue };
+        let frame = Frame::decode(&bytes).unwrap();
+        if let Frame::CaughtUp { .. } = frame {
+            break;
+        }
+        frames.push(frame);
+    }
+    let welcome = frames.remove(0);
+    (ws, welcome, frames)
+}
+
+fn data(node: u64, step: u64) -> Frame {
+    Frame::Data {
+        stamp: Stamp { sender: node, step, pattern: PatternConfig::default().value(step) },
+        data: Json::from_value(&serde_json::json!({ "step": step })).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
+    let dir = std::env::temp_dir().join(format!("pattern-mesh-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut relay, addr) = start_relay(&dir);
+
+    // A writer that streams without waiting, and a reader that collects acks.
+    let (ws, welcome, _) = connect(&addr, 0, None).await;
+    let Frame::Welcome { node, resume, .. } = welcome else { panic!("welcome first") };
+    let (mut sink, mut stream) = ws.split();
+    let writer = tokio::spawn(async move {
+        for step in 1..=5_000u64 {
+            if sink.send(Message::Binary(data(node, step).encode().into())).await.is_err() {
+                break;
+            }
+            if step % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let mut acked = BTreeSet::new();
+    let mut killed = false;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(WAIT, stream.next()).await {
+        let Message::Binary(bytes) = message else { continue };
+        if let Ok(Frame::Ack { step, .. }) = Frame::decode(&bytes) {
+            acked.insert(step);
+            if acked.len() == 300 && !killed {
+                // Mid-stream: more frames are in flight, some in the store's queue.
+                relay.kill().unwrap();
+                killed = true;
+            }
+        }
+    }
+    assert!(killed, "the relay was killed mid-stream");
+    let _ = relay.wait();
+    writer.abort();
+    let last_acked = *acked.last().unwrap();
+    assert!(acked.len() >= 300);
+
+    // Restart on the same directory.
+    let (mut relay, addr) = start_relay(&dir);
+    let (_reader, _, replay) = connect(&addr, 0, None).await;
+    let stored: BTreeSet<u64> = replay
+        .iter()
+        .filter_map(|f| f.stamp().filter(|s| s.sender == node).map(|s| s.step))
+        .collect();
+    let lost: Vec<_> = acked.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but lost after SIGKILL: {lost:?}");
+
+    // The same node resumes: the room's high step and its replay protection survived.
+    let (mut ws, welcome, _) = connect(&addr, u64::MAX >> 1, Some(resume)).await;
+    let Frame::Welcome { node: again, high, .. } = welcome else { panic!("welcome first") };
+    assert_eq!(again, node, "the resume token survived the restart");
+    assert!(high >= last_acked, "room high {high} is below the last acknowledged step {last_acked}");
+    ws.send(Message::Binary(data(node, last_acked).encode().into())).await.unwrap();
+    ws.send(Message::Binary(data(node, high + 1).encode().into())).await.unwrap();
+    let mut verdicts = Vec::new();
+    while verdicts.len() < 2 {
+        let message = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        let Message::Binary(bytes) = message else { continue };
+        match Frame::decode(&bytes).unwrap() {
+            Frame::Reject { reason, step, .. } => verdicts.push((step, Err(reason))),
+            Frame::Ack { step, .. } => verdicts.push((step, Ok(()))),
+            _ => {}
+        }
+    }
+    assert_eq!(verdicts, [(last_acked, Err(Reason::Replay)), (high + 1, Ok(()))]);
+    relay.kill().unwrap();
+    let _ = relay.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
