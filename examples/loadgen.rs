@@ -69,8 +69,9 @@ mod native {
         },
     }
 
-    type Socket =
-        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+    type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
 
     fn now_micros() -> u64 {
         SystemTime::now()
@@ -95,7 +96,9 @@ mod native {
                 continue;
             };
             match Frame::decode(&bytes)? {
-                Frame::Welcome { node: n, high: h, .. } => (node, high) = (n, h),
+                Frame::Welcome {
+                    node: n, high: h, ..
+                } => (node, high) = (n, h),
                 Frame::CaughtUp { .. } => return Ok((ws, node, high)),
                 _ => {}
             }
@@ -148,12 +151,22 @@ mod native {
             let (mut sink, mut stream) = ws.split();
             let local = Arc::new(AtomicU64::new(high));
             let credit = Arc::new(Semaphore::new(window));
-            let (l, c, a, d, lat) = (local.clone(), credit.clone(), accepted.clone(), delivered.clone(), latencies.clone());
+            let (l, c, a, d, lat) = (
+                local.clone(),
+                credit.clone(),
+                accepted.clone(),
+                delivered.clone(),
+                latencies.clone(),
+            );
             let reader = tokio::spawn(async move {
                 let (mut got, mut acks, mut mine) = (0u64, 0u64, Vec::new());
                 while got < expected_each || acks < messages {
-                    let Some(Ok(Message::Binary(bytes))) = stream.next().await else { break };
-                    let Ok(frame) = Frame::decode(&bytes) else { continue };
+                    let Some(Ok(Message::Binary(bytes))) = stream.next().await else {
+                        break;
+                    };
+                    let Ok(frame) = Frame::decode(&bytes) else {
+                        continue;
+                    };
                     match frame {
                         Frame::Ack { .. } => {
                             acks += 1;
@@ -188,15 +201,27 @@ mod native {
                     if let Some(interval) = interval {
                         tokio::time::sleep_until((begin + interval * i as u32).into()).await;
                     }
-                    let Ok(permit) = credit.acquire().await else { break };
+                    let Ok(permit) = credit.acquire().await else {
+                        break;
+                    };
                     permit.forget();
                     let step = local.fetch_add(1, Relaxed) + 1;
                     let frame = Frame::Data {
-                        stamp: Stamp { sender: node, step, pattern: pattern.value(step) },
-                        data: Json::from_value(&serde_json::json!({ "t": now_micros(), "pad": pad }))
-                            .expect("json"),
+                        stamp: Stamp {
+                            sender: node,
+                            step,
+                            pattern: pattern.value(step),
+                        },
+                        data: Json::from_value(
+                            &serde_json::json!({ "t": now_micros(), "pad": pad }),
+                        )
+                        .expect("json"),
                     };
-                    if sink.send(Message::Binary(frame.encode().into())).await.is_err() {
+                    if sink
+                        .send(Message::Binary(frame.encode().into()))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -235,12 +260,21 @@ mod native {
         Ok(())
     }
 
-    async fn idle(addr: String, connections: usize, members: usize, pid: u32) -> anyhow::Result<()> {
+    async fn idle(
+        addr: String,
+        connections: usize,
+        members: usize,
+        pid: u32,
+    ) -> anyhow::Result<()> {
         let before = rss_kib(pid)?;
         let run = format!("{:x}", now_micros());
         let mut sockets = Vec::with_capacity(connections);
         for i in 0..connections {
-            sockets.push(join(&addr, &format!("idle-{run}-{}", i / members.max(1))).await?.0);
+            sockets.push(
+                join(&addr, &format!("idle-{run}-{}", i / members.max(1)))
+                    .await?
+                    .0,
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = rss_kib(pid)?;
@@ -257,12 +291,21 @@ mod native {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async move {
             match args.mode {
-                Mode::Load { addr, rooms, members, messages, payload, window, rate } => {
-                    load(addr, rooms, members, messages, payload, window, rate).await
-                }
-                Mode::Idle { addr, connections, members, relay_pid } => {
-                    idle(addr, connections, members, relay_pid).await
-                }
+                Mode::Load {
+                    addr,
+                    rooms,
+                    members,
+                    messages,
+                    payload,
+                    window,
+                    rate,
+                } => load(addr, rooms, members, messages, payload, window, rate).await,
+                Mode::Idle {
+                    addr,
+                    connections,
+                    members,
+                    relay_pid,
+                } => idle(addr, connections, members, relay_pid).await,
             }
         })
     }

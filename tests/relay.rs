@@ -537,3 +537,121 @@ async fn health_and_metrics_answer_over_http() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_snapshot_compacts_the_log_and_late_joiners_get_it_plus_the_rest() {
+    let server = start("snapshot", |_| {}).await;
+    let (mut a, _) = join(server.addr, "doc", 0, None).await;
+    let update = |stamp, byte: u8| Frame::Update {
+        stamp,
+        doc: "content".into(),
+        update: vec![byte],
+    };
+    for byte in 1..=3 {
+        let stamp = a.stamp();
+        a.send_frame(&update(stamp, byte)).await;
+        a.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+    }
+    a.data_acked(serde_json::json!("kept: not part of the document"))
+        .await;
+    let stamp = a.stamp();
+    a.send_frame(&Frame::Snapshot {
+        stamp,
+        doc: "content".into(),
+        state: vec![1, 2, 3],
+    })
+    .await;
+    a.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+    let stamp = a.stamp();
+    a.send_frame(&update(stamp, 4)).await;
+    a.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+
+    let (_late, replay) = join(server.addr, "doc", 0, None).await;
+    let kinds: Vec<_> = replay
+        .iter()
+        .map(|p| match &p.frame {
+            Frame::Update { update, .. } => format!("update {update:?}"),
+            Frame::Snapshot { state, .. } => format!("snapshot {state:?}"),
+            Frame::Data { .. } => "data".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["data", "snapshot [1, 2, 3]", "update [4]"]);
+}
+
+#[tokio::test]
+async fn a_full_room_refuses_another_member_with_1013() {
+    let server = start("members", |c| c.max_members = 2).await;
+    let (_a, _) = join(server.addr, "r", 0, None).await;
+    let (_b, _) = join(server.addr, "r", 0, None).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+        .await
+        .unwrap();
+    let join_frame = Frame::Join {
+        room: "r".into(),
+        name: "c".into(),
+        since: 0,
+        resume: None,
+        config: None,
+    };
+    ws.send(Message::Binary(join_frame.encode().into()))
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Message::Close(Some(close)) = message else {
+        panic!("expected a close, got {message:?}")
+    };
+    assert_eq!(close.code, CloseCode::Again);
+    assert!(
+        close.reason.contains("at most 2 members"),
+        "{}",
+        close.reason
+    );
+    // Another room still has room.
+    join(server.addr, "other", 0, None).await;
+}
+
+#[tokio::test]
+async fn a_sender_over_its_rate_gets_rate_limited_rejects() {
+    let server = start("rate", |c| c.max_rate = 20).await;
+    let (mut a, _) = join(server.addr, "r", 0, None).await;
+    for i in 0..40 {
+        a.data(serde_json::json!(i)).await;
+    }
+    let (mut acks, mut limited) = (0, 0);
+    while acks + limited < 40 {
+        match a.recv().await.frame {
+            Frame::Ack { .. } => acks += 1,
+            Frame::Reject {
+                reason: Reason::RateLimited,
+                ..
+            } => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (18..=22).contains(&acks),
+        "a burst of about 20 passes, got {acks}"
+    );
+    assert_eq!(acks + limited, 40);
+}
+
+#[tokio::test]
+async fn presence_is_fanned_out_but_never_stored() {
+    let server = start("presence", |_| {}).await;
+    let (mut a, _) = join(server.addr, "r", 0, None).await;
+    let (mut b, _) = join(server.addr, "r", 0, None).await;
+    let presence = Frame::Presence {
+        sender: a.node,
+        data: Json::parse(r#"{"cursor":4}"#).unwrap(),
+    };
+    a.send_frame(&presence).await;
+    let (frame, _) = b.recv_until(|f| matches!(f, Frame::Presence { .. })).await;
+    assert_eq!(frame, presence);
+    let (_late, replay) = join(server.addr, "r", 0, None).await;
+    assert!(replay.is_empty(), "presence is not in the log: {replay:?}");
+}

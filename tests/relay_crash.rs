@@ -17,7 +17,13 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn start_relay(dir: &std::path::Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
-        .args(["--listen", "127.0.0.1:0", "--max-rate", "100000", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-rate",
+            "100000",
+            "--data-dir",
+        ])
         .arg(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -35,14 +41,38 @@ fn start_relay(dir: &std::path::Path) -> (Child, String) {
     (child, addr)
 }
 
-async fn connect(addr: &str, since: u64, resume: Option<[u8; 16]>) -> (tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, Frame, Vec<Frame>) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await.unwrap();
-    let join = Frame::Join { room: "crash".into(), name: "writer".into(), since, resume, config: None };
-    ws.send(Message::Binary(join.encode().into())).await.unwrap();
+async fn connect(
+    addr: &str,
+    since: u64,
+    resume: Option<[u8; 16]>,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Frame,
+    Vec<Frame>,
+) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    let join = Frame::Join {
+        room: "crash".into(),
+        name: "writer".into(),
+        since,
+        resume,
+        config: None,
+    };
+    ws.send(Message::Binary(join.encode().into()))
+        .await
+        .unwrap();
     let mut frames = Vec::new();
     loop {
-        let message = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
-        let Message::Binary(bytes) = message else { continue };
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Binary(bytes) = message else {
+            continue;
+        };
         let frame = Frame::decode(&bytes).unwrap();
         if let Frame::CaughtUp { .. } = frame {
             break;
@@ -55,7 +85,11 @@ async fn connect(addr: &str, since: u64, resume: Option<[u8; 16]>) -> (tokio_tun
 
 fn data(node: u64, step: u64) -> Frame {
     Frame::Data {
-        stamp: Stamp { sender: node, step, pattern: PatternConfig::default().value(step) },
+        stamp: Stamp {
+            sender: node,
+            step,
+            pattern: PatternConfig::default().value(step),
+        },
         data: Json::from_value(&serde_json::json!({ "step": step })).unwrap(),
     }
 }
@@ -68,11 +102,17 @@ async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
 
     // A writer that streams without waiting, and a reader that collects acks.
     let (ws, welcome, _) = connect(&addr, 0, None).await;
-    let Frame::Welcome { node, resume, .. } = welcome else { panic!("welcome first") };
+    let Frame::Welcome { node, resume, .. } = welcome else {
+        panic!("welcome first")
+    };
     let (mut sink, mut stream) = ws.split();
     let writer = tokio::spawn(async move {
         for step in 1..=5_000u64 {
-            if sink.send(Message::Binary(data(node, step).encode().into())).await.is_err() {
+            if sink
+                .send(Message::Binary(data(node, step).encode().into()))
+                .await
+                .is_err()
+            {
                 break;
             }
             if step % 50 == 0 {
@@ -83,7 +123,9 @@ async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
     let mut acked = BTreeSet::new();
     let mut killed = false;
     while let Ok(Some(Ok(message))) = tokio::time::timeout(WAIT, stream.next()).await {
-        let Message::Binary(bytes) = message else { continue };
+        let Message::Binary(bytes) = message else {
+            continue;
+        };
         if let Ok(Frame::Ack { step, .. }) = Frame::decode(&bytes) {
             acked.insert(step);
             if acked.len() == 300 && !killed {
@@ -107,27 +149,81 @@ async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
         .filter_map(|f| f.stamp().filter(|s| s.sender == node).map(|s| s.step))
         .collect();
     let lost: Vec<_> = acked.difference(&stored).collect();
-    assert!(lost.is_empty(), "acknowledged but lost after SIGKILL: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "acknowledged but lost after SIGKILL: {lost:?}"
+    );
 
     // The same node resumes: the room's high step and its replay protection survived.
     let (mut ws, welcome, _) = connect(&addr, u64::MAX >> 1, Some(resume)).await;
-    let Frame::Welcome { node: again, high, .. } = welcome else { panic!("welcome first") };
+    let Frame::Welcome {
+        node: again, high, ..
+    } = welcome
+    else {
+        panic!("welcome first")
+    };
     assert_eq!(again, node, "the resume token survived the restart");
-    assert!(high >= last_acked, "room high {high} is below the last acknowledged step {last_acked}");
-    ws.send(Message::Binary(data(node, last_acked).encode().into())).await.unwrap();
-    ws.send(Message::Binary(data(node, high + 1).encode().into())).await.unwrap();
+    assert!(
+        high >= last_acked,
+        "room high {high} is below the last acknowledged step {last_acked}"
+    );
+    ws.send(Message::Binary(data(node, last_acked).encode().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(data(node, high + 1).encode().into()))
+        .await
+        .unwrap();
     let mut verdicts = Vec::new();
     while verdicts.len() < 2 {
-        let message = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
-        let Message::Binary(bytes) = message else { continue };
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Binary(bytes) = message else {
+            continue;
+        };
         match Frame::decode(&bytes).unwrap() {
             Frame::Reject { reason, step, .. } => verdicts.push((step, Err(reason))),
             Frame::Ack { step, .. } => verdicts.push((step, Ok(()))),
             _ => {}
         }
     }
-    assert_eq!(verdicts, [(last_acked, Err(Reason::Replay)), (high + 1, Ok(()))]);
+    assert_eq!(
+        verdicts,
+        [(last_acked, Err(Reason::Replay)), (high + 1, Ok(()))]
+    );
     relay.kill().unwrap();
     let _ = relay.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
+    let dir = std::env::temp_dir().join(format!("pattern-mesh-term-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut relay, addr) = start_relay(&dir);
+    let (mut ws, _, _) = connect(&addr, 0, None).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let close = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(frame)))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1001);
+    let exit = tokio::task::spawn_blocking(move || relay.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        exit.success(),
+        "the relay exits cleanly after SIGTERM: {exit}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
