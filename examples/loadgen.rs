@@ -81,7 +81,8 @@ mod native {
     }
 
     async fn join(addr: &str, room: &str) -> anyhow::Result<(Socket, u64, u64)> {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+        let url = format!("ws://{addr}/ws");
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
         let join = Frame::Join {
             room: room.into(),
             name: "load".into(),
@@ -147,7 +148,8 @@ mod native {
         let expected_each = messages * (members as u64 - 1);
         let start = Instant::now();
         let mut tasks = Vec::new();
-        for (ws, node, high) in sockets {
+        let total = sockets.len();
+        for (index, (ws, node, high)) in sockets.into_iter().enumerate() {
             let (mut sink, mut stream) = ws.split();
             let local = Arc::new(AtomicU64::new(high));
             let credit = Arc::new(Semaphore::new(window));
@@ -196,7 +198,10 @@ mod native {
             let pad = "x".repeat(payload.saturating_sub(60));
             let writer = tokio::spawn(async move {
                 let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-                let begin = Instant::now();
+                // Spread the members' ticks over one interval, as independent clients would be.
+                let offset =
+                    interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / total as f64));
+                let begin = Instant::now() + offset;
                 for i in 0..messages {
                     if let Some(interval) = interval {
                         tokio::time::sleep_until((begin + interval * i as u32).into()).await;

@@ -32,6 +32,32 @@ async fn send(socket: &mut WebSocket, relay: &Relay, bytes: Bytes) -> bool {
     socket.send(Message::Binary(bytes)).await.is_ok()
 }
 
+/// Sends `first` and up to 63 more queued frames, then flushes once.
+async fn send_batch(
+    socket: &mut WebSocket,
+    relay: &Relay,
+    first: Bytes,
+    queue: &mut mpsc::Receiver<Bytes>,
+) -> bool {
+    use futures_util::SinkExt;
+    let mut next = Some(first);
+    let mut sent = 0;
+    while let Some(bytes) = next.take() {
+        relay
+            .metrics
+            .bytes_out
+            .fetch_add(bytes.len() as u64, Relaxed);
+        if socket.feed(Message::Binary(bytes)).await.is_err() {
+            return false;
+        }
+        sent += 1;
+        if sent < 64 {
+            next = queue.try_recv().ok();
+        }
+    }
+    socket.flush().await.is_ok()
+}
+
 async fn close(mut socket: WebSocket, code: u16, reason: &str) {
     tracing::debug!(code, reason, "closing a connection");
     let frame = CloseFrame {
@@ -216,7 +242,8 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
             }
             outgoing = queue.recv() => match outgoing {
                 Some(bytes) => {
-                    if !send(&mut socket, &relay, bytes).await {
+                    // Write what is queued in one go: one flush (one system call) for many frames.
+                    if !send_batch(&mut socket, &relay, bytes, &mut queue).await {
                         return;
                     }
                 }

@@ -98,6 +98,8 @@ pub struct SqliteStore {
     writes: Arc<Mutex<Option<mpsc::UnboundedSender<Write>>>>,
     reader: Arc<Mutex<Connection>>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Dropping it stops the checkpointer.
+    checkpointer: Arc<Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>>,
 }
 
 const SCHEMA_VERSION: i64 = 1;
@@ -158,7 +160,16 @@ impl SqliteStore {
         let path: PathBuf = dir.join("relay.sqlite3");
         let writer_conn = open(&path)?;
         migrate(&writer_conn)?;
+        // The writer never checkpoints: a checkpoint copies and syncs the database file, which
+        // would stall commits for tens of milliseconds. A separate thread does it instead.
+        writer_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = open(&path)?;
+        let checkpoint_conn = open(&path)?;
+        let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
+        let checkpoints = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_conn, stopped))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the checkpointer: {e}")))?;
         let (writes, queue) = mpsc::unbounded_channel();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -168,6 +179,7 @@ impl SqliteStore {
             writes: Arc::new(Mutex::new(Some(writes))),
             reader: Arc::new(Mutex::new(reader)),
             writer: Arc::new(Mutex::new(Some(handle))),
+            checkpointer: Arc::new(Mutex::new(Some((stop_checkpoints, checkpoints)))),
         })
     }
 
@@ -316,7 +328,24 @@ impl SqliteStore {
         if let Some(handle) = handle {
             let _ = handle.join();
         }
+        let checkpointer = self.checkpointer.lock().ok().and_then(|mut c| c.take());
+        if let Some((stop, handle)) = checkpointer {
+            drop(stop);
+            let _ = handle.join();
+        }
     }
+}
+
+/// Moves committed WAL pages into the database file every 200 ms, without blocking the writer
+/// (a passive checkpoint never waits for writers), and once more, fully, when the store closes.
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    let every = std::time::Duration::from_millis(200);
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn write_loop(
