@@ -91,6 +91,9 @@ enum Write {
     },
 }
 
+/// The checkpoint thread and the channel whose closing stops it.
+type Checkpointer = (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>);
+
 /// The SQLite store. Cheap to clone; every clone shares the writer thread.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -99,7 +102,7 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Dropping it stops the checkpointer.
-    checkpointer: Arc<Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>>,
+    checkpointer: Arc<Mutex<Option<Checkpointer>>>,
 }
 
 const SCHEMA_VERSION: i64 = 1;
