@@ -2,12 +2,13 @@
 //! carries the room's global step and the deterministic pattern value of that step, and every
 //! receiver validates it before applying it.
 //!
-//! The core (`pattern`, `envelope`, `validate`, `clock`) knows nothing of JavaScript, sockets or
+//! The core (`pattern`, `envelope`, `validate`, `clock`, `doc`) knows nothing of JavaScript, sockets or
 //! time: the caller brings those in, so the same logic runs and is tested natively and in the
 //! browser. The JS API lives in the `wasm` module, compiled for `wasm32` only.
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod doc;
 pub mod envelope;
 pub mod pattern;
 pub mod validate;

@@ -1,0 +1,364 @@
+//! The shared document: named texts on `yrs` (the Rust port of Yjs), whose edits travel as
+//! Yjs v1 updates inside pattern-validated frames, and the checkpoint digest.
+//!
+//! Convergence comes from a proven CRDT, not from this module: it only adds what the mesh needs
+//! around it. Indexes are UTF-16 code units, as in Yjs and in a browser's text fields, so an
+//! editor's selection offsets apply as they are. Every edit is checked before it reaches `yrs`:
+//! an index past the end is an error, never a panic.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use yrs::types::text::TextEvent;
+use yrs::types::Delta;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{
+    Doc, GetString, Observable, OffsetKind, Options, ReadTxn, StateVector, Text, Transact, Update,
+};
+
+/// What went wrong with a document operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocError {
+    /// An insert position past the end of the text.
+    #[error("index {index} is past the end of the text (length {len})")]
+    IndexOutOfRange {
+        /// The index given.
+        index: u32,
+        /// The text's length in UTF-16 code units.
+        len: u32,
+    },
+    /// A deletion that runs past the end of the text.
+    #[error("deleting {length} from index {index} runs past the end of the text (length {len})")]
+    RangeOutOfRange {
+        /// The start given.
+        index: u32,
+        /// The length given.
+        length: u32,
+        /// The text's length.
+        len: u32,
+    },
+    /// Bytes that are not a Yjs v1 update, or an update that cannot be applied.
+    #[error("invalid Yjs update: {0}")]
+    InvalidUpdate(String),
+    /// Bytes that are not a Yjs state vector.
+    #[error("invalid Yjs state vector: {0}")]
+    InvalidStateVector(String),
+}
+
+/// One step of a change to a text, in the form editors apply (`retain`, `insert`, `delete`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TextDelta {
+    /// Keep this many code units.
+    Retain(u32),
+    /// Insert this text here.
+    Insert(String),
+    /// Delete this many code units here.
+    Delete(u32),
+}
+
+/// A document of named texts.
+pub struct SharedDoc {
+    doc: Doc,
+    next_observer: AtomicU64,
+}
+
+impl Default for SharedDoc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SharedDoc {
+    /// An empty document with a random client id (below 2^53, safe for JS).
+    pub fn new() -> Self {
+        Self::with_options(Options::default())
+    }
+
+    /// An empty document with a chosen client id; every replica needs a different one.
+    pub fn with_client_id(client_id: u64) -> Self {
+        Self::with_options(Options::with_client_id(yrs::block::ClientID::new(
+            client_id,
+        )))
+    }
+
+    fn with_options(mut options: Options) -> Self {
+        options.offset_kind = OffsetKind::Utf16;
+        Self {
+            doc: Doc::with_options(options),
+            next_observer: AtomicU64::new(1),
+        }
+    }
+
+    /// This replica's Yjs client id.
+    pub fn client_id(&self) -> u64 {
+        self.doc.client_id().get()
+    }
+
+    /// The content of the text `name` (empty if it was never written).
+    pub fn text(&self, name: &str) -> String {
+        let text = self.doc.get_or_insert_text(name);
+        text.get_string(&self.doc.transact())
+    }
+
+    /// The length of the text `name`, in UTF-16 code units.
+    pub fn len(&self, name: &str) -> u32 {
+        let text = self.doc.get_or_insert_text(name);
+        text.len(&self.doc.transact())
+    }
+
+    /// Inserts `chunk` at `index` in the text `name`; returns the edit as a Yjs v1 update.
+    pub fn insert(&self, name: &str, index: u32, chunk: &str) -> Result<Vec<u8>, DocError> {
+        let text = self.doc.get_or_insert_text(name);
+        let mut txn = self.doc.transact_mut();
+        let len = text.len(&txn);
+        if index > len {
+            return Err(DocError::IndexOutOfRange { index, len });
+        }
+        text.insert(&mut txn, index, chunk);
+        Ok(txn.encode_update_v1())
+    }
+
+    /// Deletes `length` code units from `index` in the text `name`; returns the edit as a Yjs
+    /// v1 update.
+    pub fn delete(&self, name: &str, index: u32, length: u32) -> Result<Vec<u8>, DocError> {
+        let text = self.doc.get_or_insert_text(name);
+        let mut txn = self.doc.transact_mut();
+        let len = text.len(&txn);
+        if index.checked_add(length).is_none_or(|end| end > len) {
+            return Err(DocError::RangeOutOfRange { index, length, len });
+        }
+        text.remove_range(&mut txn, index, length);
+        Ok(txn.encode_update_v1())
+    }
+
+    /// Applies several edits `[index, delete, insert]` to the text `name` in one transaction
+    /// (as the editing traces record them); returns them as one Yjs v1 update.
+    pub fn splice_all(
+        &self,
+        name: &str,
+        patches: &[(u32, u32, &str)],
+    ) -> Result<Vec<u8>, DocError> {
+        let text = self.doc.get_or_insert_text(name);
+        let mut txn = self.doc.transact_mut();
+        for &(index, delete, insert) in patches {
+            let len = text.len(&txn);
+            if index.checked_add(delete).is_none_or(|end| end > len) {
+                return Err(DocError::RangeOutOfRange {
+                    index,
+                    length: delete,
+                    len,
+                });
+            }
+            if delete > 0 {
+                text.remove_range(&mut txn, index, delete);
+            }
+            if !insert.is_empty() {
+                text.insert(&mut txn, index, insert);
+            }
+        }
+        Ok(txn.encode_update_v1())
+    }
+
+    /// Applies a Yjs v1 update from another replica (or from Yjs itself). Updates may arrive
+    /// in any order and more than once; `yrs` holds back what it cannot integrate yet.
+    pub fn apply_update(&self, update: &[u8]) -> Result<(), DocError> {
+        let update =
+            Update::decode_v1(update).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
+        self.doc
+            .transact_mut()
+            .apply_update(update)
+            .map_err(|e| DocError::InvalidUpdate(e.to_string()))
+    }
+
+    /// This replica's version: a Yjs state vector.
+    pub fn state_vector(&self) -> Vec<u8> {
+        self.doc.transact().state_vector().encode_v1()
+    }
+
+    /// Everything this replica has that the state vector `remote` lacks, as a Yjs v1 update.
+    pub fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError> {
+        let sv = StateVector::decode_v1(remote)
+            .map_err(|e| DocError::InvalidStateVector(e.to_string()))?;
+        Ok(self.doc.transact().encode_state_as_update_v1(&sv))
+    }
+
+    /// The whole document as one Yjs v1 update (a snapshot).
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// Whether updates are held back waiting for missing dependencies.
+    pub fn has_pending(&self) -> bool {
+        let txn = self.doc.transact();
+        txn.store().pending_update().is_some() || txn.store().pending_ds().is_some()
+    }
+
+    /// A 64-bit digest (FNV-1a) of the content of every text, by name. Two replicas at the same
+    /// version must have the same digest; a difference is a desync.
+    pub fn digest(&self) -> u64 {
+        let txn = self.doc.transact();
+        let mut texts: Vec<(String, String)> = txn
+            .root_refs()
+            .filter_map(|(name, value)| match value {
+                yrs::Out::YText(text) => Some((name.to_owned(), text.get_string(&txn))),
+                _ => None,
+            })
+            .collect();
+        texts.sort();
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for (name, content) in &texts {
+            for byte in name.bytes().chain([0]).chain(content.bytes()).chain([0]) {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        hash
+    }
+
+    /// Calls `listener` with the deltas of every committed change to the text `name`, local or
+    /// remote. Returns an id for [`SharedDoc::unobserve`].
+    pub fn observe(
+        &self,
+        name: &str,
+        mut listener: impl FnMut(Vec<TextDelta>) + Send + Sync + 'static,
+    ) -> u64 {
+        let id = self.next_observer.fetch_add(1, Ordering::Relaxed);
+        let text = self.doc.get_or_insert_text(name);
+        text.observe(key(name, id), move |txn, event: &TextEvent| {
+            listener(event.delta(txn).iter().map(to_delta).collect());
+        });
+        id
+    }
+
+    /// Removes an observer of the text `name`.
+    pub fn unobserve(&self, name: &str, id: u64) -> bool {
+        self.doc.get_or_insert_text(name).unobserve(key(name, id))
+    }
+}
+
+fn key(name: &str, id: u64) -> String {
+    format!("pattern-mesh/{name}/{id}")
+}
+
+fn to_delta(delta: &Delta) -> TextDelta {
+    match delta {
+        Delta::Retain(n, _) => TextDelta::Retain(*n),
+        Delta::Deleted(n) => TextDelta::Delete(*n),
+        Delta::Inserted(value, _) => TextDelta::Insert(value.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn edits_travel_as_updates_and_converge() {
+        let a = SharedDoc::with_client_id(1);
+        let b = SharedDoc::with_client_id(2);
+        let u1 = a.insert("content", 0, "hello").unwrap();
+        let u2 = b.insert("content", 0, "world").unwrap();
+        b.apply_update(&u1).unwrap();
+        a.apply_update(&u2).unwrap();
+        assert_eq!(a.text("content"), b.text("content"));
+        assert_eq!(a.digest(), b.digest());
+        let u3 = a.delete("content", 0, 5).unwrap();
+        b.apply_update(&u3).unwrap();
+        b.apply_update(&u3).unwrap();
+        assert_eq!(a.text("content"), b.text("content"));
+        assert_eq!(a.text("content").len(), 5);
+    }
+
+    #[test]
+    fn out_of_range_edits_are_errors_not_panics() {
+        let doc = SharedDoc::new();
+        doc.insert("t", 0, "abc").unwrap();
+        assert_eq!(
+            doc.insert("t", 4, "x"),
+            Err(DocError::IndexOutOfRange { index: 4, len: 3 })
+        );
+        assert_eq!(
+            doc.delete("t", 2, 2),
+            Err(DocError::RangeOutOfRange {
+                index: 2,
+                length: 2,
+                len: 3
+            })
+        );
+        assert!(doc.delete("t", u32::MAX, 2).is_err());
+        assert_eq!(doc.text("t"), "abc");
+    }
+
+    #[test]
+    fn indexes_are_utf16_code_units() {
+        let doc = SharedDoc::new();
+        doc.insert("t", 0, "a😀b").unwrap();
+        assert_eq!(doc.len("t"), 4);
+        doc.insert("t", 3, "!").unwrap();
+        assert_eq!(doc.text("t"), "a😀!b");
+    }
+
+    #[test]
+    fn garbage_updates_and_state_vectors_are_errors() {
+        let doc = SharedDoc::new();
+        assert!(matches!(
+            doc.apply_update(&[0xff, 0xff, 0xff]),
+            Err(DocError::InvalidUpdate(_))
+        ));
+        assert!(matches!(
+            doc.diff(&[0xff, 0xff]),
+            Err(DocError::InvalidStateVector(_))
+        ));
+    }
+
+    #[test]
+    fn state_vector_sync_brings_a_replica_up_to_date() {
+        let a = SharedDoc::with_client_id(1);
+        let b = SharedDoc::with_client_id(2);
+        a.insert("t", 0, "shared history").unwrap();
+        let missing = a.diff(&b.state_vector()).unwrap();
+        b.apply_update(&missing).unwrap();
+        assert_eq!(b.text("t"), "shared history");
+        let fresh = SharedDoc::with_client_id(3);
+        fresh.apply_update(&a.snapshot()).unwrap();
+        assert_eq!(fresh.text("t"), "shared history");
+        assert_eq!(fresh.state_vector(), a.state_vector());
+    }
+
+    #[test]
+    fn observers_see_deltas_an_editor_can_apply() {
+        let a = SharedDoc::with_client_id(1);
+        let b = SharedDoc::with_client_id(2);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let id = b.observe("t", move |delta| sink.lock().unwrap().push(delta));
+        let u = a.insert("t", 0, "abc").unwrap();
+        b.apply_update(&u).unwrap();
+        let u = a.delete("t", 1, 1).unwrap();
+        b.apply_update(&u).unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                vec![TextDelta::Insert("abc".into())],
+                vec![TextDelta::Retain(1), TextDelta::Delete(1)]
+            ]
+        );
+        assert!(b.unobserve("t", id));
+        b.apply_update(&a.insert("t", 0, "z").unwrap()).unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn different_content_gives_a_different_digest() {
+        let a = SharedDoc::with_client_id(1);
+        let b = SharedDoc::with_client_id(2);
+        a.insert("t", 0, "x").unwrap();
+        b.insert("t", 0, "y").unwrap();
+        assert_ne!(a.digest(), b.digest());
+    }
+}
