@@ -221,11 +221,7 @@ impl SharedDoc {
 
     /// Calls `listener` with the deltas of every committed change to the text `name`, local or
     /// remote. Returns an id for [`SharedDoc::unobserve`].
-    pub fn observe(
-        &self,
-        name: &str,
-        mut listener: impl FnMut(Vec<TextDelta>) + Send + Sync + 'static,
-    ) -> u64 {
+    pub fn observe(&self, name: &str, mut listener: impl FnMut(Vec<TextDelta>) + 'static) -> u64 {
         let id = self.next_observer.fetch_add(1, Ordering::Relaxed);
         let text = self.doc.get_or_insert_text(name);
         text.observe(key(name, id), move |txn, event: &TextEvent| {

@@ -5,6 +5,7 @@
 //! whose `name` says which kind of problem it is and whose message says what was wrong.
 //! `types.rs` declares the TypeScript types of every object that crosses the boundary.
 
+mod client;
 mod clock;
 mod errors;
 mod frames;
@@ -12,6 +13,7 @@ mod pattern;
 mod types;
 mod validator;
 
+pub use client::{MeshClient, SharedText};
 pub use clock::StepClock;
 pub use frames::{decode, encode};
 pub use pattern::{collapse_digits, PatternGenerator};

@@ -108,6 +108,81 @@ export interface ValidatorOptions {
   idleAfterMs?: number;
 }
 
+/** Options of `MeshClient.connect`. */
+export interface MeshClientOptions {
+  /** The relay's WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`. */
+  url: string;
+  /** The room to join (1 to 128 bytes). */
+  room: string;
+  /** The display name others see. */
+  name?: string;
+  /** Settings for the room if this join creates it. */
+  config?: RoomConfig;
+}
+
+/** The client's connection status. */
+export type Status = "connecting" | "open" | "reconnecting" | "closed";
+
+/** A rejected frame: from the relay (a frame this client sent) or from local validation. */
+export interface Anomaly {
+  source: "relay" | "local";
+  reason: Reason;
+  detail: string;
+  step: number;
+  sender?: number;
+}
+
+/** Validated application data from a peer. */
+export interface MessageEvent {
+  sender: number;
+  step: number;
+  pattern: number;
+  data: Json;
+}
+
+/** The room step moved. */
+export interface StepEvent {
+  step: number;
+  pattern: number;
+  phase: number;
+}
+
+/** The members changed. */
+export interface PeersEvent {
+  peers: Peer[];
+  joined?: Peer;
+  left?: number;
+}
+
+/** Ephemeral state from a peer. */
+export interface PresenceEvent {
+  sender: number;
+  data: Json;
+}
+
+/** The events of a `MeshClient` and what their listeners receive. */
+export interface MeshEvents {
+  message: MessageEvent;
+  anomaly: Anomaly;
+  peers: PeersEvent;
+  status: Status;
+  step: StepEvent;
+  presence: PresenceEvent;
+}
+
+export interface MeshClient {
+  /** Subscribes to an event; returns a function that unsubscribes. */
+  on<K extends keyof MeshEvents>(event: K, listener: (event: MeshEvents[K]) => void): () => void;
+  /** Removes a listener added with `on`. */
+  off<K extends keyof MeshEvents>(event: K, listener: (event: MeshEvents[K]) => void): void;
+}
+
+/** One step of a text change. */
+export type TextDelta = { retain: number } | { insert: string } | { delete: number };
+
+/** Called after every change of a shared text. */
+export type TextListener = (delta: TextDelta[], origin: "local" | "remote") => void;
+
 /** Called when a clock enters a new phase. */
 export type PhaseListener = (phase: number, step: number) => void;
 "#;
@@ -150,6 +225,12 @@ extern "C" {
     /// `PhaseListener` in TypeScript.
     #[wasm_bindgen(typescript_type = "PhaseListener")]
     pub type JsPhaseListener;
+    /// `MeshClientOptions` in TypeScript.
+    #[wasm_bindgen(typescript_type = "MeshClientOptions")]
+    pub type JsMeshClientOptions;
+    /// `TextListener` in TypeScript.
+    #[wasm_bindgen(typescript_type = "TextListener")]
+    pub type JsTextListener;
     /// `() => void` in TypeScript.
     #[wasm_bindgen(typescript_type = "() => void")]
     pub type JsUnsubscribe;
