@@ -70,8 +70,12 @@ async fn two_clients_exchange_data_and_converge_on_text() {
     let b = connect(&room, "b").await;
     assert_ne!(a.node(), b.node());
     let messages = collect(&b, "message");
-    a.broadcast(JSON::parse(r#"{"temperature":23.5}"#).unwrap())
-        .unwrap();
+    a.broadcast(
+        JSON::parse(r#"{"temperature":23.5}"#)
+            .unwrap()
+            .unchecked_into(),
+    )
+    .unwrap();
     until("b receives a's data", || !messages.borrow().is_empty()).await;
     let first = messages.borrow()[0].clone();
     assert_eq!(
@@ -140,7 +144,8 @@ async fn a_tampered_frame_is_reported_as_an_anomaly_and_not_applied() {
         "patternMismatch"
     );
     assert_eq!(Reflect::get(&anomaly, &"source".into()).unwrap(), "relay");
-    a.broadcast(JsValue::from_str("genuine")).unwrap();
+    a.broadcast(JsValue::from_str("genuine").unchecked_into())
+        .unwrap();
     until("the genuine message arrives", || {
         !messages.borrow().is_empty()
     })

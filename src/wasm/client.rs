@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
 use super::errors::{from_js, invalid_argument, js_error, to_js};
-use super::types::{JsMeshClientOptions, JsTextListener, JsUnsubscribe};
+use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
 use crate::clock::StepClock;
 use crate::doc::{SharedDoc, TextDelta};
 use crate::envelope::{Frame, Json, Limits, NodeId, Peer, Reason, ResumeToken, RoomConfig, Stamp};
@@ -722,8 +722,8 @@ impl MeshClient {
     /// Sends any JSON value to the room, stamped with the next step and its pattern value.
     /// Returns the step. While disconnected the message waits in the outbox and is sent after
     /// the reconnect.
-    pub fn broadcast(&self, data: JsValue) -> Result<f64, JsValue> {
-        let value: serde_json::Value = from_js("the data", data)?;
+    pub fn broadcast(&self, data: JsJson) -> Result<f64, JsValue> {
+        let value: serde_json::Value = from_js("the data", data.into())?;
         let data = Json::from_value(&value).map_err(invalid_argument)?;
         let step = self
             .shared
@@ -735,8 +735,8 @@ impl MeshClient {
 
     /// Sends ephemeral state (a cursor, a selection) to the others; never stored.
     #[wasm_bindgen(js_name = setPresence)]
-    pub fn set_presence(&self, data: JsValue) -> Result<(), JsValue> {
-        let value: serde_json::Value = from_js("the presence", data)?;
+    pub fn set_presence(&self, data: JsJson) -> Result<(), JsValue> {
+        let value: serde_json::Value = from_js("the presence", data.into())?;
         let state = self.shared.borrow();
         let data = Json::from_value(&value).map_err(invalid_argument)?;
         if let Some(writer) = &state.writer {

@@ -7,6 +7,7 @@
 
 mod client;
 mod clock;
+mod document;
 mod errors;
 mod frames;
 mod pattern;
@@ -15,6 +16,7 @@ mod validator;
 
 pub use client::{MeshClient, SharedText};
 pub use clock::StepClock;
+pub use document::SharedDocument;
 pub use frames::{decode, encode};
 pub use pattern::{collapse_digits, PatternGenerator};
 pub use validator::Validator;

@@ -231,6 +231,9 @@ extern "C" {
     /// `TextListener` in TypeScript.
     #[wasm_bindgen(typescript_type = "TextListener")]
     pub type JsTextListener;
+    /// `Json` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Json")]
+    pub type JsJson;
     /// `() => void` in TypeScript.
     #[wasm_bindgen(typescript_type = "() => void")]
     pub type JsUnsubscribe;

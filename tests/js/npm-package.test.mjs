@@ -1,0 +1,120 @@
+// The npm package as a user gets it: `npm pack` the built pkg/, `npm install` the tarball into
+// a fresh project, and use it from there in headless Chromium against a real relay. Two pages in
+// one room exchange data and text edits. Also times the automerge-paper trace through the JS API.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync, spawn } from "node:child_process";
+import { mkdtemp, writeFile, copyFile, rm, readdir } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createRequire } from "node:module";
+
+const root = fileURLToPath(new URL("../../", import.meta.url));
+const require = createRequire(join(root, ".ci/package.json"));
+const { chromium } = require("playwright-core");
+
+let dir, relay, base, browser;
+
+const page = `<!doctype html><meta charset="utf-8"><title>package test</title>
+<script type="module">
+  import init, { MeshClient, SharedDocument } from "./node_modules/pattern-mesh/pattern_mesh.js";
+  await init();
+  window.mesh = { MeshClient, SharedDocument };
+  window.ready = true;
+</script>`;
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), "pattern-mesh-npm-"));
+  const packed = execFileSync("npm", ["pack", join(root, "pkg"), "--pack-destination", dir, "--silent"], {
+    encoding: "utf8",
+  }).trim().split("\n").pop();
+  const project = join(dir, "project");
+  execFileSync("mkdir", ["-p", project]);
+  await writeFile(join(project, "package.json"), JSON.stringify({ name: "app", private: true }));
+  execFileSync("npm", ["install", join(dir, packed), "--no-audit", "--no-fund", "--loglevel=error"], {
+    cwd: project,
+  });
+  const installed = await readdir(join(project, "node_modules", "pattern-mesh"));
+  assert.ok(installed.includes("pattern_mesh_bg.wasm"), `installed files: ${installed}`);
+  await writeFile(join(project, "index.html"), page);
+  await copyFile(join(root, "tests/data/editing-traces/automerge-paper.json.gz"), join(project, "trace.json.gz"));
+
+  relay = spawn(join(root, "target/debug/pattern-mesh-relay"), [
+    "--listen", "127.0.0.1:0", "--www", project, "--pkg", join(root, "pkg"), "--data-dir", join(dir, "data"),
+  ], { stdio: ["ignore", "pipe", "inherit"] });
+  base = await new Promise((resolve, reject) => {
+    let out = "";
+    relay.stdout.on("data", (chunk) => {
+      out += chunk;
+      const m = out.match(/on (http:\/\/[^/]+)\//);
+      if (m) resolve(m[1]);
+    });
+    relay.on("exit", (code) => reject(new Error(`the relay exited with ${code}`)));
+  });
+  browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  relay?.kill();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+async function openPage() {
+  const p = await browser.newPage();
+  const errors = [];
+  p.on("pageerror", (e) => errors.push(e.message));
+  await p.goto(`${base}/index.html`);
+  await p.waitForFunction(() => window.ready === true);
+  p.errors = errors;
+  return p;
+}
+
+test("two pages using the installed package exchange data and text edits", async () => {
+  const url = base.replace("http://", "ws://") + "/ws";
+  const room = `npm-${Date.now()}`;
+  const [a, b] = [await openPage(), await openPage()];
+  for (const p of [a, b]) {
+    await p.evaluate(async ({ url, room }) => {
+      const client = await window.mesh.MeshClient.connect({ url, room, name: "page" });
+      window.client = client;
+      window.messages = [];
+      client.on("message", (m) => window.messages.push(m.data));
+      window.text = client.text("content");
+    }, { url, room });
+  }
+  await a.evaluate(() => { window.client.broadcast({ temperature: 23.5 }); window.text.insert(0, "from a. "); });
+  await b.evaluate(() => window.text.insert(0, "from b. "));
+  await b.waitForFunction(() => window.messages.length === 1);
+  assert.deepEqual(await b.evaluate(() => window.messages[0]), { temperature: 23.5 });
+  const converged = (p) => p.waitForFunction(() => window.text.toString().length === 16);
+  await Promise.all([converged(a), converged(b)]);
+  const [ta, tb] = [await a.evaluate(() => window.text.toString()), await b.evaluate(() => window.text.toString())];
+  assert.equal(ta, tb);
+  assert.ok(ta.includes("from a. ") && ta.includes("from b. "), ta);
+  assert.deepEqual([...a.errors, ...b.errors], []);
+});
+
+test("the automerge-paper trace applied through the package in Chromium", async () => {
+  const p = await openPage();
+  const result = await p.evaluate(async () => {
+    const response = await fetch("trace.json.gz");
+    const trace = await new Response(response.body.pipeThrough(new DecompressionStream("gzip"))).json();
+    const doc = new window.mesh.SharedDocument();
+    const started = performance.now();
+    for (const txn of trace.txns) {
+      for (const [pos, del, ins] of txn.patches) {
+        if (del > 0) doc.delete("content", pos, del);
+        if (ins.length > 0) doc.insert("content", pos, ins);
+      }
+    }
+    const ms = performance.now() - started;
+    return { ms, ok: doc.text("content") === trace.endContent, txns: trace.txns.length };
+  });
+  assert.ok(result.ok, "the trace ends at its endContent");
+  console.log(`automerge-paper in Chromium through the package: ${result.txns} transactions in ${result.ms.toFixed(0)} ms`);
+});

@@ -1,0 +1,43 @@
+// Updates made by pattern-mesh's document apply in a plain-JS Yjs document from npm, and the
+// reverse: the two speak the same Yjs v1 update format.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
+import { createRequire } from "node:module";
+
+const root = new URL("../../", import.meta.url);
+const require = createRequire(new URL(".ci/package.json", root));
+const Y = require("yjs");
+const mesh = await import(new URL("pkg/pattern_mesh.js", root));
+mesh.initSync({ module: await readFile(new URL("pkg/pattern_mesh_bg.wasm", root)) });
+
+test("an update from SharedDocument applies in a Yjs document", () => {
+  const ours = new mesh.SharedDocument();
+  const ydoc = new Y.Doc();
+  Y.applyUpdate(ydoc, ours.insert("content", 0, "hello wörld 😀"));
+  Y.applyUpdate(ydoc, ours.delete("content", 5, 1));
+  assert.equal(ydoc.getText("content").toString(), "hellowörld 😀");
+  assert.equal(ours.text("content"), "hellowörld 😀");
+});
+
+test("an update from Yjs applies in SharedDocument, and concurrent edits converge", () => {
+  const ydoc = new Y.Doc();
+  const ours = new mesh.SharedDocument();
+  ydoc.getText("content").insert(0, "from yjs");
+  ours.applyUpdate(Y.encodeStateAsUpdate(ydoc));
+  assert.equal(ours.text("content"), "from yjs");
+
+  // Concurrent edits on both sides, exchanged by state-vector diffs.
+  ydoc.getText("content").insert(0, "[Y] ");
+  ours.insert("content", 8, " [ours]");
+  ours.applyUpdate(Y.encodeStateAsUpdate(ydoc, ours.stateVector()));
+  Y.applyUpdate(ydoc, ours.diff(Y.encodeStateVector(ydoc)));
+  assert.equal(ours.text("content"), ydoc.getText("content").toString());
+  assert.equal(ours.text("content"), "[Y] from yjs [ours]");
+});
+
+test("bytes that are not an update throw InvalidUpdate", () => {
+  const ours = new mesh.SharedDocument();
+  assert.throws(() => ours.applyUpdate(new Uint8Array([255, 255, 255])), { name: "InvalidUpdate" });
+  assert.throws(() => ours.insert("content", 3, "x"), { name: "RangeError", message: /past the end/ });
+});
