@@ -99,6 +99,32 @@ test("two pages using the installed package exchange data and text edits", async
   assert.deepEqual([...a.errors, ...b.errors], []);
 });
 
+test("the README's client example works as written", async () => {
+  const { readFile } = await import("node:fs/promises");
+  const readme = await readFile(join(root, "README.md"), "utf8");
+  const section = readme.split("### Connecting to a room")[1];
+  const example = section.match(/```js\n([\s\S]*?)```/)[1];
+  const body = example
+    .split("\n")
+    .filter((line) => !line.startsWith("import ") && line.trim() !== "await init();")
+    .join("\n")
+    .replace("ws://127.0.0.1:8080/ws", base.replace("http://", "ws://") + "/ws")
+    .replace('room: "demo"', `room: "readme-${Date.now()}"`);
+  const p = await openPage();
+  const logged = await p.evaluate(async (body) => {
+    const logged = [];
+    const AsyncFunction = (async () => {}).constructor;
+    await new AsyncFunction("MeshClient", "console", body)(window.mesh.MeshClient, {
+      log: (line) => logged.push(String(line)),
+    });
+    return logged;
+  }, body);
+  assert.ok(logged.includes('local change: [{"insert":"hello"}]'), logged.join("\n"));
+  assert.ok(logged.includes('local change: [{"retain":5},{"insert":"!"}]'), logged.join("\n"));
+  assert.ok(logged.includes("hello!"), logged.join("\n"));
+  assert.deepEqual(p.errors, []);
+});
+
 test("the automerge-paper trace applied through the package in Chromium", async () => {
   const p = await openPage();
   const result = await p.evaluate(async () => {
