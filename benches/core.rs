@@ -31,6 +31,53 @@ fn report(name: &str, ns: f64) {
     println!("{name:<44} {ns:>10.1} ns/call {:>14.0} calls/s", 1e9 / ns);
 }
 
+/// Replays the automerge-paper editing trace (tests/data, CC BY 4.0) through `SharedDoc`, one
+/// transaction per keystroke, as a browser editor would. With `--quick`, the first 5,000.
+fn trace_replay(quick: bool) {
+    use std::io::Read;
+    #[derive(serde::Deserialize)]
+    struct Trace {
+        txns: Vec<Txn>,
+        #[serde(rename = "endContent")]
+        end_content: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Txn {
+        patches: Vec<(u32, u32, String)>,
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/editing-traces/automerge-paper.json.gz"
+    );
+    let mut json = String::new();
+    let file = std::fs::File::open(path).expect("the trace is in tests/data");
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut json)
+        .expect("gzip");
+    let trace: Trace = serde_json::from_str(&json).expect("json");
+    let count = if quick { 5_000 } else { trace.txns.len() };
+    let doc = pattern_mesh::doc::SharedDoc::with_client_id(1);
+    let start = Instant::now();
+    for txn in &trace.txns[..count] {
+        let patches: Vec<(u32, u32, &str)> = txn
+            .patches
+            .iter()
+            .map(|(p, d, i)| (*p, *d, i.as_str()))
+            .collect();
+        black_box(doc.splice_all("content", &patches).expect("in range"));
+    }
+    let took = start.elapsed();
+    if !quick {
+        assert_eq!(doc.text("content"), trace.end_content);
+    }
+    println!(
+        "{:<44} {:>10.1} ms total {:>14.0} txns/s",
+        format!("automerge-paper trace, {count} txns"),
+        took.as_secs_f64() * 1e3,
+        count as f64 / took.as_secs_f64()
+    );
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let budget = Duration::from_millis(if quick { 20 } else { 1_000 });
@@ -88,6 +135,8 @@ fn main() {
             }),
         );
     }
+
+    trace_replay(quick);
 
     let mut validator = Validator::new(ValidatorConfig::default());
     report(

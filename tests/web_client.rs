@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use js_sys::{Reflect, JSON};
 use pattern_mesh::envelope::{Frame, Json, Stamp};
+use pattern_mesh::pattern::PatternConfig;
 use pattern_mesh::wasm::MeshClient;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_test::*;
@@ -207,6 +208,50 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
     assert!(
         statuses.contains(&"reconnecting".to_owned()),
         "{statuses:?}"
+    );
+    a.close();
+    b.close();
+}
+
+#[wasm_bindgen_test]
+async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
+    let room = unique_room("desync");
+    let a = connect(&room, "a").await;
+    let b = connect(&room, "b").await;
+    let ta = a.text("content").unwrap();
+    let tb = b.text("content").unwrap();
+    ta.insert(0, "same text").unwrap();
+    until("b has a's text", || tb.to_js_string() == "same text").await;
+    assert_eq!(
+        a.digest(),
+        b.digest(),
+        "same version, same content, same digest"
+    );
+    let anomalies = collect(&b, "anomaly");
+    // A checkpoint at b's exact version whose digest does not match b's content.
+    let step = a.step() as u64 + 1;
+    let checkpoint = Frame::Checkpoint {
+        stamp: Stamp {
+            sender: a.node() as u64,
+            step,
+            pattern: PatternConfig::default().value(step),
+        },
+        doc: "*".into(),
+        state_vector: b.state_vector(),
+        digest: 0x1234,
+    };
+    a.send_raw(&checkpoint.encode()).unwrap();
+    until("b reports the desync", || {
+        anomalies
+            .borrow()
+            .iter()
+            .any(|x| Reflect::get(x, &"reason".into()).unwrap() == "desync")
+    })
+    .await;
+    assert_eq!(
+        tb.to_js_string(),
+        "same text",
+        "a checkpoint never changes the text"
     );
     a.close();
     b.close();

@@ -713,6 +713,18 @@ impl MeshClient {
         self.shared.borrow().clock.local() as f64
     }
 
+    /// The digest of the document (every text), as 16 hex digits: what checkpoints compare.
+    #[wasm_bindgen(getter)]
+    pub fn digest(&self) -> String {
+        format!("{:016x}", self.shared.borrow().doc.digest())
+    }
+
+    /// The document's version, as a Yjs state vector.
+    #[wasm_bindgen(js_name = stateVector)]
+    pub fn state_vector(&self) -> Vec<u8> {
+        self.shared.borrow().doc.state_vector()
+    }
+
     /// Messages sent and not yet acknowledged as stored.
     #[wasm_bindgen(getter, js_name = pendingCount)]
     pub fn pending_count(&self) -> usize {
