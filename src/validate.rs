@@ -197,6 +197,12 @@ impl Validator {
         verdict
     }
 
+    /// The verdict [`Validator::check`] would give, without recording anything: for inspecting
+    /// a frame that will not be applied.
+    pub fn peek(&self, stamp: &Stamp, origin: Origin, local: Step) -> Verdict {
+        self.judge(stamp, origin, local)
+    }
+
     /// Rules 2 to 6 without side effects.
     fn judge(&self, stamp: &Stamp, origin: Origin, local: Step) -> Verdict {
         use Verdict::Rejected;
@@ -375,6 +381,19 @@ mod tests {
             v.explain(&wrong, relayed(), 12, Reason::PatternMismatch),
             "pattern 5 is not the value of step 12, which is 7"
         );
+    }
+
+    #[test]
+    fn peek_judges_without_recording() {
+        let mut v = Validator::new(ValidatorConfig::default());
+        assert!(v.peek(&stamp(1, 5), relayed(), 5).is_accepted());
+        assert_eq!(v.last_step(1), None);
+        assert!(v.check(&stamp(1, 5), relayed(), 5, 0).is_accepted());
+        assert_eq!(
+            v.peek(&stamp(1, 5), relayed(), 5),
+            Verdict::Rejected(Reason::Replay)
+        );
+        assert_eq!(v.counters().accepted, 1);
     }
 
     #[test]

@@ -713,6 +713,12 @@ impl MeshClient {
         self.shared.borrow().clock.local() as f64
     }
 
+    /// The other members present now: `[{ node, name }]`.
+    #[wasm_bindgen(getter)]
+    pub fn peers(&self) -> Result<super::types::JsPeers, JsValue> {
+        Ok(to_js(&self.shared.borrow().peer_list())?.unchecked_into())
+    }
+
     /// The digest of the document (every text), as 16 hex digits: what checkpoints compare.
     #[wasm_bindgen(getter)]
     pub fn digest(&self) -> String {
@@ -774,6 +780,53 @@ impl MeshClient {
             }
             None => Err(js_error("NotConnected", "the client is not connected")),
         }
+    }
+
+    /// Runs a frame through this client's validation without applying it or recording it:
+    /// returns `{ accepted: true }`, or reports an `anomaly` (source `"local"`) and returns
+    /// `{ accepted: false, reason, detail }`. For demonstrating what a receiver does with a
+    /// tampered frame the relay would never forward.
+    pub fn inspect(&self, bytes: &[u8]) -> Result<super::types::JsVerdict, JsValue> {
+        let mut state = self.shared.borrow_mut();
+        let (reason, detail, step, sender) = match Frame::decode(bytes) {
+            Err(e) => (e.reason(), e.to_string(), 0, None),
+            Ok(frame) => {
+                let Some(&stamp) = frame.stamp() else {
+                    return Err(invalid_argument("only stamped frames are validated"));
+                };
+                let origin = Origin::Relayed {
+                    receiver: state.node,
+                };
+                let local = state.clock.local();
+                match state.validator.peek(&stamp, origin, local) {
+                    Verdict::Accepted => {
+                        return Ok(to_js(&serde_json::json!({ "accepted": true }))?.unchecked_into())
+                    }
+                    Verdict::Rejected(reason) => {
+                        state.validator.record(reason);
+                        let detail = state.validator.explain(&stamp, origin, local, reason);
+                        (reason, detail, stamp.step, Some(stamp.sender))
+                    }
+                }
+            }
+        };
+        state.anomaly("local", reason, detail.clone(), step, sender);
+        drop(state);
+        dispatch(&self.shared);
+        let verdict = serde_json::json!({ "accepted": false, "reason": reason, "detail": detail });
+        Ok(to_js(&verdict)?.unchecked_into())
+    }
+
+    /// Counts of this client's local verdicts: `{ accepted, patternMismatch, replay, ... }`.
+    pub fn counts(&self) -> Result<super::types::JsVerdictCounts, JsValue> {
+        let state = self.shared.borrow();
+        let counters = state.validator.counters();
+        let mut counts = serde_json::Map::new();
+        counts.insert("accepted".into(), counters.accepted.into());
+        for (reason, count) in counters.by_reason() {
+            counts.insert(reason.as_str().into(), count.into());
+        }
+        Ok(to_js(&counts)?.unchecked_into())
     }
 
     /// The shared text `name` of the room's document.

@@ -234,6 +234,9 @@ extern "C" {
     /// `Json` in TypeScript.
     #[wasm_bindgen(typescript_type = "Json")]
     pub type JsJson;
+    /// `Peer[]` in TypeScript.
+    #[wasm_bindgen(typescript_type = "Peer[]")]
+    pub type JsPeers;
     /// `() => void` in TypeScript.
     #[wasm_bindgen(typescript_type = "() => void")]
     pub type JsUnsubscribe;
