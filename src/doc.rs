@@ -236,6 +236,13 @@ impl SharedDoc {
     }
 }
 
+/// Whether a Yjs v1 update inserts anything: its first varint counts the clients that have new
+/// items (an update of deletions only starts with 0). A diff against a state vector always
+/// carries the whole delete set, so "non-empty" is the wrong test for "the peer lacks something".
+pub fn has_insertions(update: &[u8]) -> bool {
+    update.first().is_some_and(|&clients| clients != 0)
+}
+
 fn key(name: &str, id: u64) -> String {
     format!("pattern-mesh/{name}/{id}")
 }
@@ -347,6 +354,17 @@ mod tests {
         assert!(b.unobserve("t", id));
         b.apply_update(&a.insert("t", 0, "z").unwrap()).unwrap();
         assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_diff_against_the_same_version_carries_no_insertions() {
+        let a = SharedDoc::with_client_id(1);
+        a.insert("t", 0, "abc").unwrap();
+        a.delete("t", 0, 1).unwrap();
+        assert!(!has_insertions(&a.diff(&a.state_vector()).unwrap()));
+        let b = SharedDoc::with_client_id(2);
+        assert!(!has_insertions(&b.diff(&a.state_vector()).unwrap()));
+        assert!(has_insertions(&a.diff(&b.state_vector()).unwrap()));
     }
 
     #[test]

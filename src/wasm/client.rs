@@ -274,6 +274,14 @@ impl State {
                     let _ = writer.unbounded_send(bytes.clone());
                 }
                 self.set_status("open");
+                // After the log, a state-vector sync: a peer that holds edits this client lacks
+                // (ones the log no longer has) answers with exactly those.
+                let state_vector = self.doc.state_vector();
+                let _ = self.send_stamped(|stamp| Frame::SyncRequest {
+                    stamp,
+                    doc: WHOLE_DOC.into(),
+                    state_vector,
+                });
                 if let Some(joined) = self.joined.take() {
                     let _ = joined.send(Ok(()));
                 }
@@ -415,17 +423,23 @@ impl State {
                 }
             }
             Frame::SyncRequest { state_vector, .. } => {
-                let missing = if state_vector.is_empty() {
+                let full = state_vector.is_empty();
+                let missing = if full {
                     Ok(self.doc.snapshot())
                 } else {
                     self.doc.diff(state_vector)
                 };
-                if let Ok(update) = missing {
-                    let _ = self.send_stamped(|s| Frame::SyncState {
-                        stamp: s,
-                        doc: WHOLE_DOC.into(),
-                        update,
-                    });
+                match missing {
+                    // Answer only with something the requester lacks (new items); the delete set
+                    // alone is in every diff.
+                    Ok(update) if full || crate::doc::has_insertions(&update) => {
+                        let _ = self.send_stamped(|s| Frame::SyncState {
+                            stamp: s,
+                            doc: WHOLE_DOC.into(),
+                            update,
+                        });
+                    }
+                    _ => {}
                 }
             }
             _ => {}
