@@ -580,6 +580,37 @@ async fn a_snapshot_compacts_the_log_and_late_joiners_get_it_plus_the_rest() {
 }
 
 #[tokio::test]
+async fn a_whole_document_snapshot_compacts_every_text_but_not_data() {
+    let server = start("snapshot-all", |_| {}).await;
+    let (mut a, _) = join(server.addr, "doc", 0, None).await;
+    for (doc, byte) in [("title", 1u8), ("content", 2)] {
+        let stamp = a.stamp();
+        a.send_frame(&Frame::Update {
+            stamp,
+            doc: doc.into(),
+            update: vec![byte],
+        })
+        .await;
+        a.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+    }
+    a.data_acked(serde_json::json!("data stays")).await;
+    let stamp = a.stamp();
+    a.send_frame(&Frame::Snapshot {
+        stamp,
+        doc: "*".into(),
+        state: vec![9],
+    })
+    .await;
+    a.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+    let (_late, replay) = join(server.addr, "doc", 0, None).await;
+    let kinds: Vec<_> = replay
+        .iter()
+        .map(|p| format!("{:?}", p.frame.kind()))
+        .collect();
+    assert_eq!(kinds, ["Data", "Snapshot"]);
+}
+
+#[tokio::test]
 async fn a_full_room_refuses_another_member_with_1013() {
     let server = start("members", |c| c.max_members = 2).await;
     let (_a, _) = join(server.addr, "r", 0, None).await;

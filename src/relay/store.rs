@@ -397,8 +397,13 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> Result<(), StoreError> {
         let mut last = tx.prepare_cached(
             "UPDATE nodes SET last_step = MAX(last_step, ?3) WHERE room = ?1 AND node = ?2",
         )?;
-        let mut compact =
-            tx.prepare_cached("DELETE FROM log WHERE room = ?1 AND doc = ?2 AND position < ?3")?;
+        // A snapshot of `doc` replaces the document entries of `doc` before it; a snapshot of
+        // "*" (the whole document, as the browser client posts it) replaces every document
+        // entry before it. Data frames (no doc) are never compacted.
+        let mut compact = tx.prepare_cached(
+            "DELETE FROM log WHERE room = ?1 AND doc IS NOT NULL AND (doc = ?2 OR ?2 = '*')
+             AND position < ?3",
+        )?;
         for write in batch {
             match write {
                 Write::Append(e, _) => {

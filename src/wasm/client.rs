@@ -796,6 +796,24 @@ impl MeshClient {
         }
     }
 
+    /// Posts a snapshot of the whole document (every text) to the room. The relay then drops
+    /// the document's older updates from its log; late joiners get the snapshot and what
+    /// follows. Returns the step it was sent at.
+    #[wasm_bindgen(js_name = postSnapshot)]
+    pub fn post_snapshot(&self) -> Result<f64, JsValue> {
+        let step = {
+            let mut state = self.shared.borrow_mut();
+            let snapshot = state.doc.snapshot();
+            state.send_stamped(|stamp| Frame::Snapshot {
+                stamp,
+                doc: WHOLE_DOC.into(),
+                state: snapshot,
+            })?
+        };
+        dispatch(&self.shared);
+        Ok(step as f64)
+    }
+
     /// Runs a frame through this client's validation without applying it or recording it:
     /// returns `{ accepted: true }`, or reports an `anomaly` (source `"local"`) and returns
     /// `{ accepted: false, reason, detail }`. For demonstrating what a receiver does with a
