@@ -275,10 +275,11 @@ async fn websocket(
     // larger messages end the connection in the WebSocket layer.
     let max = relay.config.limits.max_frame.saturating_mul(2);
     upgrade
-        // The WebSocket layer zero-fills its whole read buffer on every read: at the default
-        // 128 KiB that was a fifth of the relay's CPU under load. Frames are small; 8 KiB
-        // grows on demand for larger ones.
-        .read_buffer_size(8 * 1024)
+        // The WebSocket layer zero-fills `read_buffer_size` bytes before every read: at the
+        // default 128 KiB that was a fifth of the relay's CPU under load, and the buffer is
+        // also most of an idle connection's memory. Frames are small; larger ones take several
+        // reads.
+        .read_buffer_size(2 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| connection::run(socket, relay))
