@@ -247,6 +247,28 @@ impl Client {
     }
 }
 
+/// Opens a raw connection, sends `first`, and returns the close frame the relay answers with.
+async fn closed_after(
+    addr: std::net::SocketAddr,
+    first: &Frame,
+) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(first.encode().into()))
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("an answer within the wait")
+        .expect("a message")
+        .expect("no socket error");
+    let Message::Close(Some(close)) = message else {
+        panic!("expected a close, got {message:?}")
+    };
+    close
+}
+
 fn data_value(frame: &Frame) -> Option<serde_json::Value> {
     match frame {
         Frame::Data { data, .. } => Some(data.to_value().unwrap()),
@@ -435,20 +457,7 @@ async fn garbage_and_oversized_frames_get_errors_while_the_relay_serves_others()
 #[tokio::test]
 async fn the_first_frame_must_be_a_join() {
     let server = start("nojoin", |_| {}).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
-        .await
-        .unwrap();
-    ws.send(Message::Binary(Frame::PeerLeft { node: 1 }.encode().into()))
-        .await
-        .unwrap();
-    let message = tokio::time::timeout(WAIT, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Message::Close(Some(close)) = message else {
-        panic!("expected a close, got {message:?}")
-    };
+    let close = closed_after(server.addr, &Frame::PeerLeft { node: 1 }).await;
     assert_eq!(close.code, CloseCode::Policy);
     assert!(close.reason.contains("must be a join"), "{}", close.reason);
 }
@@ -615,9 +624,6 @@ async fn a_full_room_refuses_another_member_with_1013() {
     let server = start("members", |c| c.max_members = 2).await;
     let (_a, _) = join(server.addr, "r", 0, None).await;
     let (_b, _) = join(server.addr, "r", 0, None).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
-        .await
-        .unwrap();
     let join_frame = Frame::Join {
         room: "r".into(),
         name: "c".into(),
@@ -625,17 +631,7 @@ async fn a_full_room_refuses_another_member_with_1013() {
         resume: None,
         config: None,
     };
-    ws.send(Message::Binary(join_frame.encode().into()))
-        .await
-        .unwrap();
-    let message = tokio::time::timeout(WAIT, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Message::Close(Some(close)) = message else {
-        panic!("expected a close, got {message:?}")
-    };
+    let close = closed_after(server.addr, &join_frame).await;
     assert_eq!(close.code, CloseCode::Again);
     assert!(
         close.reason.contains("at most 2 members"),
