@@ -18,6 +18,7 @@ use wasm_bindgen::prelude::*;
 
 use super::errors::{from_js, invalid_argument, js_error, to_js};
 use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
+use super::validator::{counts_to_js, verdict, VerdictJs};
 use crate::clock::StepClock;
 use crate::doc::{SharedDoc, TextDelta};
 use crate::envelope::{Frame, Json, Limits, NodeId, Peer, Reason, ResumeToken, RoomConfig, Stamp};
@@ -157,6 +158,18 @@ impl State {
         }
     }
 
+    fn emit_peers(&mut self, joined: Option<Peer>, left: Option<NodeId>) {
+        let peers = self.peer_list();
+        self.emit(
+            "peers",
+            &PeersEvent {
+                peers,
+                joined,
+                left,
+            },
+        );
+    }
+
     fn peer_list(&self) -> Vec<Peer> {
         self.peers
             .iter()
@@ -258,15 +271,7 @@ impl State {
                 self.token = Some(resume);
                 self.clock.join(high);
                 self.peers = peers.into_iter().map(|p| (p.node, p.name)).collect();
-                let peers = self.peer_list();
-                self.emit(
-                    "peers",
-                    &PeersEvent {
-                        peers,
-                        joined: None,
-                        left: None,
-                    },
-                );
+                self.emit_peers(None, None);
             }
             Frame::CaughtUp { .. } => {
                 self.writer = Some(writer.clone());
@@ -288,27 +293,11 @@ impl State {
             }
             Frame::PeerJoined { peer } => {
                 self.peers.insert(peer.node, peer.name.clone());
-                let peers = self.peer_list();
-                self.emit(
-                    "peers",
-                    &PeersEvent {
-                        peers,
-                        joined: Some(peer),
-                        left: None,
-                    },
-                );
+                self.emit_peers(Some(peer), None);
             }
             Frame::PeerLeft { node } => {
                 self.peers.remove(&node);
-                let peers = self.peer_list();
-                self.emit(
-                    "peers",
-                    &PeersEvent {
-                        peers,
-                        joined: None,
-                        left: Some(node),
-                    },
-                );
+                self.emit_peers(None, Some(node));
             }
             Frame::Ack { step, .. } => {
                 while self.outbox.front().is_some_and(|(s, _)| *s <= step) {
@@ -831,9 +820,7 @@ impl MeshClient {
                 };
                 let local = state.clock.local();
                 match state.validator.peek(&stamp, origin, local) {
-                    Verdict::Accepted => {
-                        return Ok(to_js(&serde_json::json!({ "accepted": true }))?.unchecked_into())
-                    }
+                    Verdict::Accepted => return verdict(VerdictJs::ACCEPTED),
                     Verdict::Rejected(reason) => {
                         state.validator.record(reason);
                         let detail = state.validator.explain(&stamp, origin, local, reason);
@@ -845,20 +832,12 @@ impl MeshClient {
         state.anomaly("local", reason, detail.clone(), step, sender);
         drop(state);
         dispatch(&self.shared);
-        let verdict = serde_json::json!({ "accepted": false, "reason": reason, "detail": detail });
-        Ok(to_js(&verdict)?.unchecked_into())
+        verdict(VerdictJs::rejected(reason, detail))
     }
 
     /// Counts of this client's local verdicts: `{ accepted, patternMismatch, replay, ... }`.
     pub fn counts(&self) -> Result<super::types::JsVerdictCounts, JsValue> {
-        let state = self.shared.borrow();
-        let counters = state.validator.counters();
-        let mut counts = serde_json::Map::new();
-        counts.insert("accepted".into(), counters.accepted.into());
-        for (reason, count) in counters.by_reason() {
-            counts.insert(reason.as_str().into(), count.into());
-        }
-        Ok(to_js(&counts)?.unchecked_into())
+        counts_to_js(self.shared.borrow().validator.counters())
     }
 
     /// The shared text `name` of the room's document.

@@ -7,7 +7,7 @@ use super::errors::{from_js, invalid_argument, js_error, to_js, to_u64};
 use super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions, JsVerdict, JsVerdictCounts};
 use crate::envelope::{Frame, Reason, RoomConfig};
 use crate::pattern::{PatternParams, Step};
-use crate::validate::{self, Origin, ValidatorConfig, Verdict};
+use crate::validate::{self, Counters, Origin, ValidatorConfig, Verdict};
 
 /// Validates stamped frames before they are applied: pattern, sender, replay, future step and,
 /// with a stale window, stale steps. Counts every verdict.
@@ -41,9 +41,10 @@ enum OriginJs {
     Receiver(u64),
 }
 
+/// A verdict as JS sees it: `{ accepted: true }` or `{ accepted: false, reason, detail }`.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct VerdictJs {
+pub(crate) struct VerdictJs {
     accepted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<Reason>,
@@ -52,7 +53,13 @@ struct VerdictJs {
 }
 
 impl VerdictJs {
-    fn rejected(reason: Reason, detail: String) -> Self {
+    pub(crate) const ACCEPTED: VerdictJs = VerdictJs {
+        accepted: true,
+        reason: None,
+        detail: None,
+    };
+
+    pub(crate) fn rejected(reason: Reason, detail: String) -> Self {
         Self {
             accepted: false,
             reason: Some(reason),
@@ -135,11 +142,7 @@ impl Validator {
             ))
         })?;
         let result = match self.inner.check(&stamp, origin, local, now) {
-            Verdict::Accepted => VerdictJs {
-                accepted: true,
-                reason: None,
-                detail: None,
-            },
+            Verdict::Accepted => VerdictJs::ACCEPTED,
             Verdict::Rejected(reason) => {
                 VerdictJs::rejected(reason, self.inner.explain(&stamp, origin, local, reason))
             }
@@ -149,16 +152,7 @@ impl Validator {
 
     /// Counts of every verdict so far: `{ accepted, malformed, tooLarge, patternMismatch, ... }`.
     pub fn counts(&self) -> Result<JsVerdictCounts, JsValue> {
-        let counters = self.inner.counters();
-        let object = js_sys::Object::new();
-        let set = |key: &str, value: u64| {
-            js_sys::Reflect::set(&object, &key.into(), &JsValue::from_f64(value as f64))
-        };
-        set("accepted", counters.accepted)?;
-        for (reason, count) in counters.by_reason() {
-            set(reason.as_str(), count)?;
-        }
-        Ok(object.unchecked_into())
+        counts_to_js(self.inner.counters())
     }
 
     /// How many senders are tracked.
@@ -183,6 +177,19 @@ impl Validator {
     }
 }
 
-fn verdict(v: VerdictJs) -> Result<JsVerdict, JsValue> {
+/// `{ accepted, malformed, tooLarge, ... }` for JS: every reason, zeros included.
+pub(crate) fn counts_to_js(counters: &Counters) -> Result<JsVerdictCounts, JsValue> {
+    let object = js_sys::Object::new();
+    let set = |key: &str, value: u64| {
+        js_sys::Reflect::set(&object, &key.into(), &JsValue::from_f64(value as f64))
+    };
+    set("accepted", counters.accepted)?;
+    for (reason, count) in counters.by_reason() {
+        set(reason.as_str(), count)?;
+    }
+    Ok(object.unchecked_into())
+}
+
+pub(crate) fn verdict(v: VerdictJs) -> Result<JsVerdict, JsValue> {
     Ok(to_js(&v)?.unchecked_into())
 }
