@@ -1,44 +1,103 @@
-//! Measures the core's hot paths and prints nanoseconds per call: `value(step)`, encode, decode
-//! and validate. Run with `cargo bench --bench core`; `-- --quick` runs a short smoke pass.
-//! It prints figures and never fails on a time.
+//! Criterion benchmarks of the core's hot paths: `value(step)` (against the seed's step-by-step
+//! iteration), encode, decode, validate, and the automerge-paper editing trace through
+//! `SharedDoc`. Run with `cargo bench --bench core`; `-- --quick` is criterion's short pass
+//! (and replays only the trace's first 5,000 transactions). It prints figures and never fails
+//! on a time.
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use std::hint::black_box;
+    use std::io::Read;
     use std::time::{Duration, Instant};
 
+    use criterion::{BatchSize, Criterion, Throughput};
+    use pattern_mesh::doc::SharedDoc;
     use pattern_mesh::envelope::{Frame, Json, Stamp};
     use pattern_mesh::pattern::{iterative_value, PatternConfig, PatternParams};
     use pattern_mesh::validate::{Origin, Validator, ValidatorConfig};
 
-    /// Runs `f` in batches until `budget` has passed; returns nanoseconds per call.
-    fn measure(budget: Duration, mut f: impl FnMut(u64)) -> f64 {
-        let mut calls = 0u64;
-        let mut batch = 1_000u64;
-        let start = Instant::now();
-        loop {
-            for i in 0..batch {
-                f(calls + i);
-            }
-            calls += batch;
-            let elapsed = start.elapsed();
-            if elapsed >= budget {
-                return elapsed.as_nanos() as f64 / calls as f64;
-            }
-            batch = batch.saturating_mul(2).min(1 << 22);
+    /// A spread of steps, so that no branch predictor learns one step.
+    fn step(i: u64) -> u64 {
+        i.wrapping_mul(2_654_435_761) >> 8
+    }
+
+    fn pattern(c: &mut Criterion) {
+        let params = PatternParams::default();
+        let config = PatternConfig::new(params).expect("default config");
+        let mut group = c.benchmark_group("pattern value(step)");
+        let mut i = 0u64;
+        group.bench_function("closed form", |b| {
+            b.iter(|| {
+                i += 1;
+                config.value(black_box(step(i)))
+            })
+        });
+        group.bench_function("seed's iteration", |b| {
+            b.iter(|| {
+                i += 1;
+                iterative_value(&params, black_box(step(i)))
+            })
+        });
+        group.finish();
+    }
+
+    fn frames(c: &mut Criterion) {
+        let config = PatternConfig::new(PatternParams::default()).expect("default config");
+        let stamp = Stamp {
+            sender: 12,
+            step: 123_456,
+            pattern: config.value(123_456),
+        };
+        let data = Frame::Data {
+            stamp,
+            data: Json::parse(r#"{"temperature":23.5,"unit":"C","sensor":"north-3"}"#)
+                .expect("json"),
+        };
+        let update = Frame::Update {
+            stamp,
+            doc: "content".into(),
+            update: vec![7; 200],
+        };
+        let mut group = c.benchmark_group("frames");
+        for (name, frame) in [("data (JSON)", &data), ("update (200 B)", &update)] {
+            let bytes = frame.encode();
+            group.throughput(Throughput::Bytes(bytes.len() as u64));
+            group.bench_function(format!("encode {name}, {} bytes", bytes.len()), |b| {
+                b.iter(|| black_box(frame).encode())
+            });
+            group.bench_function(format!("decode {name}, {} bytes", bytes.len()), |b| {
+                b.iter(|| Frame::decode(black_box(&bytes)).expect("decodes"))
+            });
         }
+        group.finish();
     }
 
-    fn report(name: &str, ns: f64) {
-        println!("{name:<44} {ns:>10.1} ns/call {:>14.0} calls/s", 1e9 / ns);
+    fn validate(c: &mut Criterion) {
+        let config = PatternConfig::new(PatternParams::default()).expect("default config");
+        let mut validator = Validator::new(ValidatorConfig::default());
+        let mut i = 0u64;
+        c.bench_function("validate (1,000 senders, accepted)", |b| {
+            b.iter(|| {
+                i += 1;
+                let stamp = Stamp {
+                    sender: 1 + i % 1_000,
+                    step: i,
+                    pattern: config.value(i),
+                };
+                validator.check(black_box(&stamp), Origin::Relayed { receiver: 0 }, i, i)
+            })
+        });
     }
 
-    /// Replays the automerge-paper editing trace (tests/data, CC BY 4.0) through `SharedDoc`, one
-    /// transaction per keystroke, as a browser editor would. With `--quick`, the first 5,000.
-    fn trace_replay(quick: bool) {
-        use std::io::Read;
+    /// The automerge-paper editing trace (tests/data, CC BY 4.0).
+    struct Trace {
+        txns: Vec<Vec<(u32, u32, String)>>,
+        end_content: String,
+    }
+
+    fn load_trace() -> Trace {
         #[derive(serde::Deserialize)]
-        struct Trace {
+        struct Raw {
             txns: Vec<Txn>,
             #[serde(rename = "endContent")]
             end_content: String,
@@ -56,104 +115,58 @@ mod native {
         flate2::read::GzDecoder::new(file)
             .read_to_string(&mut json)
             .expect("gzip");
-        let trace: Trace = serde_json::from_str(&json).expect("json");
-        let count = if quick { 5_000 } else { trace.txns.len() };
-        let doc = pattern_mesh::doc::SharedDoc::with_client_id(1);
-        let start = Instant::now();
-        for txn in &trace.txns[..count] {
-            let patches: Vec<(u32, u32, &str)> = txn
-                .patches
-                .iter()
-                .map(|(p, d, i)| (*p, *d, i.as_str()))
-                .collect();
-            black_box(doc.splice_all("content", &patches).expect("in range"));
+        let raw: Raw = serde_json::from_str(&json).expect("json");
+        Trace {
+            txns: raw.txns.into_iter().map(|t| t.patches).collect(),
+            end_content: raw.end_content,
         }
-        let took = start.elapsed();
+    }
+
+    /// Replays the trace through `SharedDoc`, one transaction (and one encoded update) per
+    /// keystroke, as a browser editor does. With `--quick`, the first 5,000 transactions.
+    fn trace(c: &mut Criterion, quick: bool) {
+        let trace = load_trace();
+        let count = if quick { 5_000 } else { trace.txns.len() };
+        let replay = |txns: &[Vec<(u32, u32, String)>]| {
+            let doc = SharedDoc::with_client_id(1);
+            for patches in txns {
+                let patches: Vec<(u32, u32, &str)> = patches
+                    .iter()
+                    .map(|(p, d, i)| (*p, *d, i.as_str()))
+                    .collect();
+                black_box(doc.splice_all("content", &patches).expect("in range"));
+            }
+            doc
+        };
         if !quick {
+            let doc = replay(&trace.txns);
             assert_eq!(doc.text("content"), trace.end_content);
         }
-        println!(
-            "{:<44} {:>10.1} ms total {:>14.0} txns/s",
-            format!("automerge-paper trace, {count} txns"),
-            took.as_secs_f64() * 1e3,
-            count as f64 / took.as_secs_f64()
-        );
+
+        let mut group = c.benchmark_group("automerge-paper trace");
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(if quick { 1 } else { 60 }));
+        group.throughput(Throughput::Elements(count as u64));
+        group.bench_function(format!("{count} txns"), |b| {
+            b.iter_batched(
+                || (),
+                |()| replay(&trace.txns[..count]),
+                BatchSize::PerIteration,
+            )
+        });
+        group.finish();
     }
 
     pub fn main() {
         let quick = std::env::args().any(|a| a == "--quick");
-        let budget = Duration::from_millis(if quick { 20 } else { 1_000 });
-        let params = PatternParams::default();
-        let pattern = PatternConfig::new(params).expect("default config");
-
-        report(
-            "pattern value(step), closed form",
-            measure(budget, |i| {
-                black_box(pattern.value(black_box(i.wrapping_mul(2_654_435_761))));
-            }),
-        );
-        report(
-            "pattern value(step), seed's iteration",
-            measure(budget, |i| {
-                black_box(iterative_value(
-                    &params,
-                    black_box(i.wrapping_mul(2_654_435_761)),
-                ));
-            }),
-        );
-
-        let data = Frame::Data {
-            stamp: Stamp {
-                sender: 12,
-                step: 123_456,
-                pattern: pattern.value(123_456),
-            },
-            data: Json::parse(r#"{"temperature":23.5,"unit":"C","sensor":"north-3"}"#)
-                .expect("json"),
-        };
-        let update = Frame::Update {
-            stamp: Stamp {
-                sender: 12,
-                step: 123_456,
-                pattern: pattern.value(123_456),
-            },
-            doc: "content".into(),
-            update: vec![7; 200],
-        };
-        for (name, frame) in [
-            ("data frame (JSON)", &data),
-            ("update frame (200 B)", &update),
-        ] {
-            let bytes = frame.encode();
-            report(
-                &format!("encode {name}, {} bytes", bytes.len()),
-                measure(budget, |_| {
-                    black_box(black_box(frame).encode());
-                }),
-            );
-            report(
-                &format!("decode {name}, {} bytes", bytes.len()),
-                measure(budget, |_| {
-                    black_box(Frame::decode(black_box(&bytes)).expect("decodes"));
-                }),
-            );
-        }
-
-        trace_replay(quick);
-
-        let mut validator = Validator::new(ValidatorConfig::default());
-        report(
-            "validate (1,000 senders, accepted)",
-            measure(budget, |i| {
-                let step = i + 1;
-                let stamp = Stamp {
-                    sender: 1 + i % 1_000,
-                    step,
-                    pattern: pattern.value(step),
-                };
-                black_box(validator.check(&stamp, Origin::Relayed { receiver: 0 }, step, i));
-            }),
-        );
+        let start = Instant::now();
+        let mut c = Criterion::default().configure_from_args();
+        pattern(&mut c);
+        frames(&mut c);
+        validate(&mut c);
+        trace(&mut c, quick);
+        c.final_summary();
+        eprintln!("benchmarks took {:.1} s", start.elapsed().as_secs_f64());
     }
 }
 
@@ -162,6 +175,6 @@ fn main() {
     native::main()
 }
 
-/// The benchmark is native; on wasm32 it does nothing.
+/// The benchmarks are native; on wasm32 there is nothing to run.
 #[cfg(target_arch = "wasm32")]
 fn main() {}
