@@ -68,6 +68,41 @@ fn bad_input_throws_an_error_that_says_what_was_wrong() {
     let (name, message) = error_message(encode(js(r#"{"kind":"nope"}"#).unchecked_into()));
     assert_eq!(name, "InvalidArgument");
     assert!(message.contains("nope"), "{message}");
+
+    // The traffic kinds are read field by field: the error names the field.
+    for (frame, field) in [
+        (
+            r#"{"kind":"data","sender":-1,"step":1,"pattern":4,"data":1}"#,
+            "`sender`",
+        ),
+        (
+            r#"{"kind":"data","sender":1,"step":1.5,"pattern":4,"data":1}"#,
+            "`step`",
+        ),
+        (
+            r#"{"kind":"data","sender":1,"step":1,"data":1}"#,
+            "`pattern`",
+        ),
+        (
+            r#"{"kind":"data","sender":1,"step":1,"pattern":4}"#,
+            "`data`",
+        ),
+        (
+            r#"{"kind":"update","sender":1,"step":1,"pattern":4,"doc":"d","update":[1]}"#,
+            "`update`",
+        ),
+        (
+            r#"{"kind":"update","sender":1,"step":1,"pattern":4,"update":[1]}"#,
+            "`doc`",
+        ),
+        (r#"{"kind":"presence","data":{}}"#, "`sender`"),
+    ] {
+        let (name, message) = error_message(encode(js(frame).unchecked_into()));
+        assert_eq!(name, "InvalidArgument", "{frame}");
+        assert!(message.contains(field), "{frame}: {message}");
+    }
+    let (name, _) = error_message(encode(JsValue::from(3).unchecked_into()));
+    assert_eq!(name, "InvalidArgument");
 }
 
 #[wasm_bindgen_test]

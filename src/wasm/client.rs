@@ -17,11 +17,12 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
 use super::errors::{from_js, invalid_argument, js_error, to_js};
+use super::frames::{json_from_js, message_to_js, presence_event_to_js};
 use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
 use super::validator::{counts_to_js, verdict, VerdictJs};
 use crate::clock::StepClock;
 use crate::doc::{SharedDoc, TextDelta};
-use crate::envelope::{Frame, Json, Limits, NodeId, Peer, Reason, ResumeToken, RoomConfig, Stamp};
+use crate::envelope::{Frame, Limits, NodeId, Peer, Reason, ResumeToken, RoomConfig, Stamp};
 use crate::pattern::{PatternConfig, Step};
 use crate::validate::{Origin, Validator, ValidatorConfig, Verdict};
 
@@ -52,15 +53,6 @@ struct Anomaly {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct MessageEvent<'a> {
-    sender: NodeId,
-    step: Step,
-    pattern: u64,
-    data: &'a Json,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
 struct StepEvent {
     step: Step,
     pattern: u64,
@@ -75,13 +67,6 @@ struct PeersEvent {
     joined: Option<Peer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     left: Option<NodeId>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PresenceEvent<'a> {
-    sender: NodeId,
-    data: &'a Json,
 }
 
 struct Listener {
@@ -309,13 +294,11 @@ impl State {
                 reason,
                 detail,
             } => self.rejected(step, reason, detail),
-            Frame::Presence { sender, data } => self.emit(
-                "presence",
-                &PresenceEvent {
-                    sender,
-                    data: &data,
-                },
-            ),
+            Frame::Presence { sender, data } => {
+                if let Ok(event) = presence_event_to_js(sender, &data) {
+                    self.events.push(("presence", event));
+                }
+            }
             Frame::Join { .. } => {}
             stamped => self.stamped(stamped),
         }
@@ -372,15 +355,11 @@ impl State {
             );
         }
         match &frame {
-            Frame::Data { data, .. } => self.emit(
-                "message",
-                &MessageEvent {
-                    sender: stamp.sender,
-                    step: stamp.step,
-                    pattern: stamp.pattern,
-                    data,
-                },
-            ),
+            Frame::Data { data, .. } => {
+                if let Ok(event) = message_to_js(&stamp, data) {
+                    self.events.push(("message", event));
+                }
+            }
             Frame::Update { update, .. } | Frame::SyncState { update, .. } => {
                 self.apply_update(update, &stamp)
             }
@@ -744,8 +723,7 @@ impl MeshClient {
     /// Returns the step. While disconnected the message waits in the outbox and is sent after
     /// the reconnect.
     pub fn broadcast(&self, data: JsJson) -> Result<f64, JsValue> {
-        let value: serde_json::Value = from_js("the data", data.into())?;
-        let data = Json::from_value(&value).map_err(invalid_argument)?;
+        let data = json_from_js("the data", &data)?;
         let step = self
             .shared
             .borrow_mut()
@@ -757,9 +735,8 @@ impl MeshClient {
     /// Sends ephemeral state (a cursor, a selection) to the others; never stored.
     #[wasm_bindgen(js_name = setPresence)]
     pub fn set_presence(&self, data: JsJson) -> Result<(), JsValue> {
-        let value: serde_json::Value = from_js("the presence", data.into())?;
+        let data = json_from_js("the presence", &data)?;
         let state = self.shared.borrow();
-        let data = Json::from_value(&value).map_err(invalid_argument)?;
         if let Some(writer) = &state.writer {
             let _ = writer.unbounded_send(
                 Frame::Presence {

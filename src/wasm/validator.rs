@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
 use super::errors::{from_js, invalid_argument, js_error, to_js, to_u64};
+use super::frames::frame_from_js;
 use super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions, JsVerdict, JsVerdictCounts};
 use crate::envelope::{Frame, Reason, RoomConfig};
 use crate::pattern::{PatternParams, Step};
@@ -132,7 +133,7 @@ impl Validator {
                     return verdict(VerdictJs::rejected(e.reason(), e.to_string()));
                 }
             },
-            None => from_js("the frame", frame)?,
+            None => frame_from_js(frame)?,
         };
         let stamp = *frame.stamp().ok_or_else(|| {
             invalid_argument(format!(
