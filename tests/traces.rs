@@ -190,30 +190,34 @@ proptest! {
         for (i, (who, edit)) in edits.into_iter().enumerate() {
             let doc = &docs[who % replicas];
             let len = doc.len("t");
+            let before: Vec<u16> = doc.text("t").encode_utf16().collect();
+            let mut expected = before.clone();
             let update = match edit {
                 Edit::Insert { at, text } => {
                     // Indexes are UTF-16 units: never split a surrogate pair.
-                    let content: Vec<u16> = doc.text("t").encode_utf16().collect();
                     let mut at = at % (len + 1);
-                    while at > 0 && at < len && (0xdc00..0xe000).contains(&content[at as usize]) {
+                    while at > 0 && at < len && (0xdc00..0xe000).contains(&before[at as usize]) {
                         at -= 1;
                     }
+                    expected.splice(at as usize..at as usize, text.encode_utf16());
                     doc.insert("t", at, &text).ok()
                 }
                 Edit::Delete { at, len: n } if len > 0 => {
-                    let content: Vec<u16> = doc.text("t").encode_utf16().collect();
                     let mut at = at % len;
-                    while at > 0 && (0xdc00..0xe000).contains(&content[at as usize]) {
+                    while at > 0 && (0xdc00..0xe000).contains(&before[at as usize]) {
                         at -= 1;
                     }
                     let mut end = (at + n).min(len);
-                    while end < len && (0xdc00..0xe000).contains(&content[end as usize]) {
+                    while end < len && (0xdc00..0xe000).contains(&before[end as usize]) {
                         end += 1;
                     }
+                    expected.drain(at as usize..end as usize);
                     doc.delete("t", at, end - at).ok()
                 }
                 Edit::Delete { .. } => None,
             };
+            // A local edit changes exactly what a plain string splice would.
+            prop_assert_eq!(doc.text("t"), String::from_utf16(&expected).unwrap());
             updates.extend(update);
             // Now and then, deliver a random subset of updates (with duplicates) to a random replica.
             if i % sync_every == 0 && !updates.is_empty() {
@@ -236,6 +240,59 @@ proptest! {
         for doc in &docs[1..] {
             prop_assert_eq!(doc.text("t"), expected.clone());
             prop_assert_eq!(doc.digest(), docs[0].digest());
+        }
+    }
+}
+
+/// Moves `at` off the low half of a surrogate pair in `text`.
+fn snap(text: &[u16], mut at: usize) -> usize {
+    while at > 0 && at < text.len() && (0xdc00..0xe000).contains(&text[at]) {
+        at -= 1;
+    }
+    at
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Typing-like runs of edits near one another (what the text's search marker speeds up),
+    /// with remote edits arriving in between, each checked against a plain string splice.
+    #[test]
+    fn nearby_local_edits_match_a_string_model(
+        steps in prop::collection::vec((0u8..10, -6i64..6, "[a-zé😀 ]{1,3}", 1usize..5), 1..300),
+    ) {
+        let local = SharedDoc::with_client_id(1);
+        let remote = SharedDoc::with_client_id(2);
+        let mut cursor = 0i64;
+        for (kind, offset, text, len) in steps {
+            let before: Vec<u16> = local.text("t").encode_utf16().collect();
+            let at = snap(&before, (cursor + offset).clamp(0, before.len() as i64) as usize);
+            let mut expected = before.clone();
+            match kind {
+                0..=5 => {
+                    local.insert("t", at as u32, &text).unwrap();
+                    expected.splice(at..at, text.encode_utf16());
+                    cursor = (at + text.encode_utf16().count()) as i64;
+                }
+                6..=8 if at < before.len() => {
+                    let end = snap(&before, (at + len).min(before.len()));
+                    let end = if end == at { (at + 2).min(before.len()) } else { end };
+                    local.delete("t", at as u32, (end - at) as u32).unwrap();
+                    expected.drain(at..end);
+                    cursor = at as i64;
+                }
+                6..=8 => continue,
+                _ => {
+                    // Someone else edits somewhere: the update lands in the local replica.
+                    remote.apply_update(&local.diff(&remote.state_vector()).unwrap()).unwrap();
+                    let theirs: Vec<u16> = remote.text("t").encode_utf16().collect();
+                    let there = snap(&theirs, (at * 7 + 3) % (theirs.len() + 1));
+                    local.apply_update(&remote.insert("t", there as u32, "~").unwrap()).unwrap();
+                    cursor += i64::from(there <= at);
+                    continue;
+                }
+            }
+            prop_assert_eq!(local.text("t"), String::from_utf16(&expected).unwrap());
         }
     }
 }

@@ -1077,6 +1077,7 @@ impl<'doc> TransactionMut<'doc> {
                 // adjust length of parent
                 parent.block_len += item.len;
                 parent.content_len += item.content_len(encoding);
+                parent.marker = None;
             }
             #[cfg(feature = "weak")]
             if let (Some(l), Some(r)) = (item.left, item.right) {
@@ -2140,6 +2141,7 @@ impl ItemContent {
     pub(crate) fn gc(&mut self, collector: &mut GCCollector) {
         match self {
             ItemContent::Type(branch) => {
+                branch.marker = None;
                 let mut curr = branch.start.take();
                 while let Some(mut item) = curr {
                     curr = item.right.clone();

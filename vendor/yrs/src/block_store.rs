@@ -164,6 +164,7 @@ impl ClientBlockList {
                     let mut left = ItemPtr::from(left);
                     let right = ItemPtr::from(right);
                     if left.try_squash(right) {
+                        marker_squashed(left, right);
                         // Merge right into left Blocks one by one.
                         squash_intervals.push(SquashBlockRange {
                             range: Range {
@@ -228,6 +229,9 @@ impl ClientBlockList {
                 && left.same_type(right)
                 && left.try_squash(right)
             {
+                if let (Block::Item(l), Block::Item(r)) = (&*left, &*right) {
+                    marker_squashed(crate::block::ItemPtr::from(l.as_ref()), crate::block::ItemPtr::from(r.as_ref()));
+                }
                 // update parent's map entry if necessary
                 if let Block::Item(right) = right {
                     if let Some(parent_sub) = &right.parent_sub {
@@ -500,5 +504,21 @@ impl std::fmt::Display for BlockStore {
             s.field(&k.to_string(), v);
         }
         s.finish()
+    }
+}
+
+fn marker_squashed(left: crate::block::ItemPtr, right: crate::block::ItemPtr) {
+    // `right` has just been merged into `left`; it is about to be freed.
+    if let Some(mut parent) = right.parent.as_branch().copied() {
+        if let Some((m, idx, kind)) = parent.marker {
+            if m == right {
+                let shift = if !left.is_deleted() && left.is_countable() {
+                    left.content_len(kind) - right.content_len(kind)
+                } else {
+                    0
+                };
+                parent.marker = Some((left, idx - shift, kind));
+            }
+        }
     }
 }

@@ -189,6 +189,9 @@ pub struct Branch {
 
     pub(crate) has_formatting: bool,
 
+    /// Search marker: (item, visible index of the item's start, offset kind used).
+    pub(crate) marker: Option<(ItemPtr, u32, crate::doc::OffsetKind)>,
+
     pub(crate) observers: Observer<ObserveFn>,
 
     pub(crate) deep_observers: Observer<DeepObserveFn>,
@@ -232,6 +235,7 @@ impl Branch {
             observers: Observer::default(),
             deep_observers: Observer::default(),
             has_formatting: false,
+            marker: None,
         })
     }
 

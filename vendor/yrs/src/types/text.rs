@@ -224,7 +224,10 @@ pub trait Text: AsRef<Branch> + Sized {
                     break;
                 }
             }
-            txn.create_item(&pos, value, None);
+            if let Some(item) = txn.create_item(&pos, value, None) {
+                let mut this = this;
+                this.marker = Some((item, index, txn.store().offset_kind));
+            }
         } else {
             panic!("The type or the position doesn't exist!");
         }
@@ -361,7 +364,12 @@ pub trait Text: AsRef<Branch> + Sized {
     fn remove_range(&self, txn: &mut TransactionMut, index: u32, len: u32) {
         let this = BranchPtr::from(self.as_ref());
         if let Some(mut pos) = find_position(this, txn, index) {
-            remove(txn, &mut pos, len)
+            let start = pos.right;
+            remove(txn, &mut pos, len);
+            if let Some(start) = start {
+                let mut this = this;
+                this.marker = Some((start, index, txn.store().offset_kind));
+            }
         } else {
             panic!("The type or the position doesn't exist!");
         }
@@ -731,6 +739,27 @@ pub(crate) fn update_current_attributes(attrs: &mut Attrs, key: &str, value: &An
     }
 }
 
+/// pattern-mesh: from the search marker `marker` (visible start index `marker_index`), the
+/// item to start walking right from to reach `index`, its left neighbour and its visible start
+/// index (at most `index`); `None` if the walk left runs out of items or lengths.
+fn seek_from_marker(
+    marker: ItemPtr,
+    marker_index: u32,
+    index: u32,
+    encoding: OffsetKind,
+) -> Option<(Option<ItemPtr>, ItemPtr, u32)> {
+    let mut right = marker;
+    let mut at = marker_index;
+    while at > index {
+        let left = right.left?;
+        if !left.is_deleted() && left.is_countable() {
+            at = at.checked_sub(left.content_len(encoding))?;
+        }
+        right = left;
+    }
+    Some((right.left, right, at))
+}
+
 fn find_position(this: BranchPtr, txn: &mut TransactionMut, index: u32) -> Option<ItemPosition> {
     let mut pos = {
         ItemPosition {
@@ -746,6 +775,21 @@ fn find_position(this: BranchPtr, txn: &mut TransactionMut, index: u32) -> Optio
     let store = txn.store_mut();
     let encoding = store.offset_kind;
     let mut remaining = index;
+    // pattern-mesh: start from the search marker (the item of the last local edit and the
+    // visible index where it starts) instead of the first item, stepping left while the
+    // marker is past `index`. Any inconsistency falls back to the walk from the start.
+    if !this.has_formatting {
+        if let Some((marker, marker_index, kind)) = this.marker {
+            if kind == encoding {
+                if let Some((left, right, at)) = seek_from_marker(marker, marker_index, index, encoding) {
+                    pos.left = left;
+                    pos.right = Some(right);
+                    pos.index = at;
+                    remaining = index - at;
+                }
+            }
+        }
+    }
     while let Some(right) = pos.right {
         if remaining == 0 {
             break;
