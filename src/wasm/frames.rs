@@ -190,10 +190,14 @@ fn stamp_from_js(fields: &Fields) -> Result<Stamp, JsValue> {
 }
 
 fn number(value: JsValue, field: &str) -> Result<u64, JsValue> {
-    let what = format!("the frame's `{field}`");
     match value.as_f64() {
-        Some(n) => to_u64(&what, n),
-        None => Err(invalid_argument(format!("{what} must be a number"))),
+        Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= crate::pattern::MAX_SAFE_INTEGER as f64 => {
+            Ok(n as u64)
+        }
+        Some(n) => to_u64(&format!("the frame's `{field}`"), n),
+        None => Err(invalid_argument(format!(
+            "the frame's `{field}` must be a number"
+        ))),
     }
 }
 

@@ -1,9 +1,9 @@
 //! `Validator`: the receiver's rules, for JS.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 
-use super::errors::{from_js, invalid_argument, js_error, to_js, to_u64};
+use super::errors::{from_js, invalid_argument, js_error, to_u64};
 use super::frames::frame_from_js;
 use super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions, JsVerdict, JsVerdictCounts};
 use crate::envelope::{Frame, Reason, RoomConfig};
@@ -43,13 +43,9 @@ enum OriginJs {
 }
 
 /// A verdict as JS sees it: `{ accepted: true }` or `{ accepted: false, reason, detail }`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
 pub(crate) struct VerdictJs {
     accepted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<Reason>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
 }
 
@@ -120,10 +116,7 @@ impl Validator {
             Some(ms) => to_u64("nowMs", ms)?,
             None => js_sys::Date::now() as u64,
         };
-        let origin = match from_js::<OriginJs>("the origin", origin.into())? {
-            OriginJs::Connection(node) => Origin::Connection(node),
-            OriginJs::Receiver(node) => Origin::Relayed { receiver: node },
-        };
+        let origin = origin_from_js(origin.into())?;
         let frame: JsValue = frame.into();
         let frame: Frame = match frame.dyn_ref::<js_sys::Uint8Array>() {
             Some(bytes) => match Frame::decode(&bytes.to_vec()) {
@@ -191,6 +184,52 @@ pub(crate) fn counts_to_js(counters: &Counters) -> Result<JsVerdictCounts, JsVal
     Ok(object.unchecked_into())
 }
 
+#[wasm_bindgen]
+extern "C" {
+    /// An origin or a verdict object, read and written through direct property accesses.
+    type Fields;
+    #[wasm_bindgen(method, getter)]
+    fn receiver(this: &Fields) -> JsValue;
+    #[wasm_bindgen(method, getter)]
+    fn connection(this: &Fields) -> JsValue;
+    #[wasm_bindgen(method, setter)]
+    fn set_accepted(this: &Fields, value: bool);
+    #[wasm_bindgen(method, setter)]
+    fn set_reason(this: &Fields, value: &str);
+    #[wasm_bindgen(method, setter)]
+    fn set_detail(this: &Fields, value: &str);
+}
+
+/// `{ receiver: id }` or `{ connection: id }`; anything else goes through serde, whose error
+/// says exactly what is wrong.
+fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
+    if origin.is_object()
+        && js_sys::Object::keys(origin.unchecked_ref::<js_sys::Object>()).length() == 1
+    {
+        let fields: &Fields = origin.unchecked_ref();
+        if let Some(node) = fields.receiver().as_f64() {
+            let receiver = to_u64("the origin's receiver", node)?;
+            return Ok(Origin::Relayed { receiver });
+        }
+        if let Some(node) = fields.connection().as_f64() {
+            return Ok(Origin::Connection(to_u64("the origin's connection", node)?));
+        }
+    }
+    Ok(match from_js::<OriginJs>("the origin", origin)? {
+        OriginJs::Connection(node) => Origin::Connection(node),
+        OriginJs::Receiver(node) => Origin::Relayed { receiver: node },
+    })
+}
+
+/// `{ accepted: true }` or `{ accepted: false, reason, detail }`.
 pub(crate) fn verdict(v: VerdictJs) -> Result<JsVerdict, JsValue> {
-    Ok(to_js(&v)?.unchecked_into())
+    let object: Fields = js_sys::Object::new().unchecked_into();
+    object.set_accepted(v.accepted);
+    if let Some(reason) = v.reason {
+        object.set_reason(reason.as_str());
+    }
+    if let Some(detail) = &v.detail {
+        object.set_detail(detail);
+    }
+    Ok(object.unchecked_into())
 }
