@@ -6,7 +6,9 @@
 // check at the end. Measures and prints; fails only if the documents do not converge.
 //
 // Usage: node benches/js/keystrokes.mjs --target pattern-mesh|y-websocket --ws URL
-//          [--pages 16] [--seconds 180] [--rate 6]
+//          [--pages 16] [--seconds 180] [--rate 6] [--profile]
+// --profile: also samples page 1's main thread with the browser's profiler during the middle
+// third of the run and prints where its time went (self time by function) on stderr.
 // URL: ws://HOST:PORT/ws for pattern-mesh, ws://HOST:PORT for y-websocket.
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
@@ -28,6 +30,7 @@ const { values: args } = parseArgs({
     pages: { type: "string", default: "16" },
     seconds: { type: "string", default: "180" },
     rate: { type: "string", default: "6" },
+    profile: { type: "boolean", default: false },
   },
 });
 const target = args.target;
@@ -99,7 +102,31 @@ const skew = Math.max(...skews) - Math.min(...skews);
 
 const letter = (i) => String.fromCharCode(65 + i);
 await Promise.all(typists.map((p, i) => p.evaluate(([r, l, c]) => window.bench.start(r, l, c), [rate, letter(i), i])));
-await new Promise((r) => setTimeout(r, seconds * 1000));
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+if (args.profile) {
+  const cdp = await typists[1].context().newCDPSession(typists[1]);
+  await cdp.send("Profiler.enable");
+  await cdp.send("Profiler.setSamplingInterval", { interval: 200 });
+  await sleep((seconds * 1000) / 3);
+  await cdp.send("Profiler.start");
+  await sleep((seconds * 1000) / 3);
+  const { profile } = await cdp.send("Profiler.stop");
+  await sleep((seconds * 1000) / 3);
+  const self = new Map();
+  let total = 0;
+  for (const node of profile.nodes) {
+    const { functionName, url } = node.callFrame;
+    const key = `${functionName || "(anonymous)"} ${url ? url.split("/").pop() : ""}`.trim();
+    self.set(key, (self.get(key) ?? 0) + (node.hitCount ?? 0));
+    total += node.hitCount ?? 0;
+  }
+  console.error(`PROFILE page 1, ${total} samples over ${(seconds / 3).toFixed(0)} s (self time):`);
+  for (const [key, hits] of [...self].sort((a, b) => b[1] - a[1]).slice(0, 20)) {
+    console.error(`PROFILE ${((100 * hits) / total).toFixed(1).padStart(5)}%  ${key}`);
+  }
+} else {
+  await sleep(seconds * 1000);
+}
 await Promise.all(typists.map((p) => p.evaluate(() => window.bench.stop())));
 
 const texts = async () => Promise.all(typists.map((p) => p.evaluate(() => [window.bench.text(), window.bench.sharedText()])));
