@@ -205,6 +205,11 @@ impl SharedDoc {
             .root_refs()
             .filter_map(|(name, value)| match value {
                 yrs::Out::YText(text) => Some((name.to_owned(), text.get_string(&txn))),
+                // A text that only arrived in remote updates and was never opened here has no
+                // type yet; its content is the same.
+                yrs::Out::UndefinedRef(branch) => {
+                    Some((name.to_owned(), yrs::TextRef::from(branch).get_string(&txn)))
+                }
                 _ => None,
             })
             .collect();
@@ -365,6 +370,18 @@ mod tests {
         let b = SharedDoc::with_client_id(2);
         assert!(!has_insertions(&b.diff(&a.state_vector()).unwrap()));
         assert!(has_insertions(&a.diff(&b.state_vector()).unwrap()));
+    }
+
+    #[test]
+    fn a_text_known_only_from_remote_updates_counts_in_the_digest() {
+        let a = SharedDoc::with_client_id(1);
+        let b = SharedDoc::with_client_id(2);
+        b.apply_update(&a.insert("notes", 0, "hi").unwrap())
+            .unwrap();
+        assert_eq!(b.digest(), a.digest(), "before b opens the text");
+        assert_ne!(b.digest(), SharedDoc::with_client_id(3).digest());
+        assert_eq!(b.text("notes"), "hi");
+        assert_eq!(b.digest(), a.digest(), "after b opens the text");
     }
 
     #[test]
