@@ -205,3 +205,99 @@ fn the_clock_steps_and_reports_phases() {
     assert_eq!(seen.length(), 1, "no calls after unsubscribing");
     assert_eq!(clock.phase(), 2.0);
 }
+
+#[wasm_bindgen_test]
+fn every_frame_kind_survives_decode_and_encode_in_js() {
+    use pattern_mesh::envelope::{Frame, Json, Peer, Reason, RoomConfig, Stamp};
+    let stamp = Stamp {
+        sender: 3,
+        step: 47,
+        pattern: 1,
+    };
+    let peer = Peer {
+        node: 4,
+        name: "ada".into(),
+    };
+    let frames = [
+        Frame::Join {
+            room: "r".into(),
+            name: "ada".into(),
+            since: 9,
+            resume: Some([7; 16]),
+            config: Some(RoomConfig::default()),
+        },
+        Frame::Join {
+            room: "r".into(),
+            name: "".into(),
+            since: 0,
+            resume: None,
+            config: None,
+        },
+        Frame::Welcome {
+            node: 4,
+            resume: [1; 16],
+            config: RoomConfig {
+                stale_window: Some(40),
+                ..RoomConfig::default()
+            },
+            high: 100,
+            peers: vec![peer.clone()],
+        },
+        Frame::CaughtUp {
+            high: 100,
+            position: 12,
+        },
+        Frame::PeerJoined { peer },
+        Frame::PeerLeft { node: 4 },
+        Frame::Ack {
+            step: 47,
+            position: 13,
+        },
+        Frame::Reject {
+            step: 47,
+            reason: Reason::Replay,
+            detail: "again".into(),
+        },
+        Frame::Presence {
+            sender: 3,
+            data: Json::parse(r#"{"cursor":[1,2]}"#).unwrap(),
+        },
+        Frame::Data {
+            stamp,
+            data: Json::parse(r#"{"t":23.5,"s":"é😀","n":null,"a":[true,false]}"#).unwrap(),
+        },
+        Frame::Update {
+            stamp,
+            doc: "content".into(),
+            update: vec![1, 2, 3],
+        },
+        Frame::Checkpoint {
+            stamp,
+            doc: "content".into(),
+            state_vector: vec![1, 0],
+            digest: 0xfedc_ba98_7654_3210,
+        },
+        Frame::SyncRequest {
+            stamp,
+            doc: "content".into(),
+            state_vector: vec![0],
+        },
+        Frame::SyncState {
+            stamp,
+            doc: "content".into(),
+            update: vec![0, 0],
+        },
+        Frame::Snapshot {
+            stamp,
+            doc: "content".into(),
+            state: vec![5; 40],
+        },
+    ];
+    for frame in frames {
+        let bytes = frame.encode();
+        let object: JsValue = decode(&bytes).unwrap().into();
+        let again = encode(object.clone().unchecked_into())
+            .unwrap_or_else(|e| panic!("{frame:?} as {object:?}: {e:?}"));
+        assert_eq!(again, bytes, "{frame:?}");
+    }
+}

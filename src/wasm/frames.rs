@@ -3,13 +3,17 @@
 //! The frames that carry traffic (`data`, `update`, `presence`) cross the boundary field by
 //! field, with JSON values through the engine's own `JSON.stringify` and `JSON.parse`: a
 //! generic serde walk over a JS object costs several microseconds a frame. The other kinds go
-//! through serde; both ways accept and produce the same objects.
+//! through serde (into one flat struct of every field); both ways accept and produce the same
+//! objects.
 
 use wasm_bindgen::prelude::*;
 
 use super::errors::{from_js, invalid_argument, js_error, to_f64, to_js, to_u64};
 use super::types::{JsFrame, JsReceived};
-use crate::envelope::{Frame, Json, Limits, Positioned, Stamp};
+use crate::envelope::{
+    Frame, Json, Limits, Peer, Positioned, Reason, ResumeToken, RoomConfig, Stamp,
+};
+use serde::Deserialize;
 
 #[wasm_bindgen]
 extern "C" {
@@ -42,7 +46,7 @@ extern "C" {
     #[wasm_bindgen(method, setter)]
     fn set_doc(this: &Fields, value: &str);
     #[wasm_bindgen(method, setter)]
-    fn set_update(this: &Fields, value: &[u8]);
+    fn set_update(this: &Fields, value: &js_sys::Uint8Array);
     #[wasm_bindgen(method, setter)]
     fn set_position(this: &Fields, value: f64);
 }
@@ -102,7 +106,135 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
             sender: number(fields.sender(), "sender")?,
             data: json_from_js("the frame's `data`", &fields.data())?,
         }),
-        _ => from_js("the frame", value),
+        _ => from_js::<AnyFrame>("the frame", value)?.into_frame(),
+    }
+}
+
+/// Every field of every frame kind, to read the kinds without a fast path in one flat pass:
+/// serde's derive for the tagged `Frame` enum buffers the whole object first, and its code
+/// for JS values made up an eighth of the package.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnyFrame {
+    kind: String,
+    room: Option<String>,
+    name: Option<String>,
+    since: Option<u64>,
+    #[serde(default, with = "serde_bytes")]
+    resume: Option<Vec<u8>>,
+    config: Option<RoomConfig>,
+    node: Option<u64>,
+    high: Option<u64>,
+    peers: Option<Vec<Peer>>,
+    peer: Option<Peer>,
+    position: Option<u64>,
+    step: Option<u64>,
+    reason: Option<Reason>,
+    detail: Option<String>,
+    sender: Option<u64>,
+    pattern: Option<u64>,
+    doc: Option<String>,
+    #[serde(default, with = "serde_bytes")]
+    update: Option<Vec<u8>>,
+    #[serde(default, with = "serde_bytes")]
+    state_vector: Option<Vec<u8>>,
+    #[serde(default, with = "serde_bytes")]
+    state: Option<Vec<u8>>,
+    digest: Option<String>,
+}
+
+/// A field the frame's kind requires.
+fn required<T>(value: Option<T>, field: &str) -> Result<T, JsValue> {
+    value
+        .ok_or_else(|| invalid_argument(format!("the frame is not valid: missing field `{field}`")))
+}
+
+fn token(bytes: Vec<u8>) -> Result<ResumeToken, JsValue> {
+    let len = bytes.len();
+    ResumeToken::try_from(bytes)
+        .map_err(|_| invalid_argument(format!("the frame's `resume` must be 16 bytes, not {len}")))
+}
+
+impl AnyFrame {
+    fn stamp(&self) -> Result<Stamp, JsValue> {
+        Ok(Stamp {
+            sender: required(self.sender, "sender")?,
+            step: required(self.step, "step")?,
+            pattern: required(self.pattern, "pattern")?,
+        })
+    }
+
+    fn into_frame(self) -> Result<Frame, JsValue> {
+        Ok(match self.kind.as_str() {
+            "join" => Frame::Join {
+                room: required(self.room, "room")?,
+                name: required(self.name, "name")?,
+                since: required(self.since, "since")?,
+                resume: self.resume.map(token).transpose()?,
+                config: self.config,
+            },
+            "welcome" => Frame::Welcome {
+                node: required(self.node, "node")?,
+                resume: token(required(self.resume, "resume")?)?,
+                config: required(self.config, "config")?,
+                high: required(self.high, "high")?,
+                peers: required(self.peers, "peers")?,
+            },
+            "caughtUp" => Frame::CaughtUp {
+                high: required(self.high, "high")?,
+                position: required(self.position, "position")?,
+            },
+            "peerJoined" => Frame::PeerJoined {
+                peer: required(self.peer, "peer")?,
+            },
+            "peerLeft" => Frame::PeerLeft {
+                node: required(self.node, "node")?,
+            },
+            "ack" => Frame::Ack {
+                step: required(self.step, "step")?,
+                position: required(self.position, "position")?,
+            },
+            "reject" => Frame::Reject {
+                step: required(self.step, "step")?,
+                reason: required(self.reason, "reason")?,
+                detail: required(self.detail, "detail")?,
+            },
+            "checkpoint" => {
+                let digest = required(self.digest.as_deref(), "digest")?;
+                let digest = (digest.len() == 16)
+                    .then(|| u64::from_str_radix(digest, 16).ok())
+                    .flatten()
+                    .ok_or_else(|| {
+                        invalid_argument("the frame's `digest` must be 16 hex digits")
+                    })?;
+                Frame::Checkpoint {
+                    stamp: self.stamp()?,
+                    doc: required(self.doc, "doc")?,
+                    state_vector: required(self.state_vector, "stateVector")?,
+                    digest,
+                }
+            }
+            "syncRequest" => Frame::SyncRequest {
+                stamp: self.stamp()?,
+                doc: required(self.doc, "doc")?,
+                state_vector: required(self.state_vector, "stateVector")?,
+            },
+            "syncState" => Frame::SyncState {
+                stamp: self.stamp()?,
+                doc: required(self.doc, "doc")?,
+                update: required(self.update, "update")?,
+            },
+            "snapshot" => Frame::Snapshot {
+                stamp: self.stamp()?,
+                doc: required(self.doc, "doc")?,
+                state: required(self.state, "state")?,
+            },
+            other => {
+                return Err(invalid_argument(format!(
+                    "the frame is not valid: unknown kind `{other}`"
+                )))
+            }
+        })
     }
 }
 
@@ -117,7 +249,8 @@ pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
         Frame::Update { stamp, doc, update } => {
             let object = stamped_to_js(Some("update"), stamp)?;
             object.set_doc(doc);
-            object.set_update(update);
+            // A copy: a `&[u8]` would reach JS as a view of wasm memory, soon reused.
+            object.set_update(&js_sys::Uint8Array::from(update.as_slice()));
             object
         }
         Frame::Presence { sender, data } => presence_to_js(Some("presence"), *sender, data)?,
