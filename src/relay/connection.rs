@@ -1,5 +1,7 @@
 //! One WebSocket connection: the join handshake, the catch-up replay, then the live loop.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::envelope::{Frame, NodeId, Reason};
 
-use super::room::Command;
+use super::room::{CloseSlot, Command};
 use super::{close_code, Relay};
 
 /// Consecutive undecodable frames after which a connection is closed.
@@ -58,22 +60,36 @@ async fn send_batch(
     socket.flush().await.is_ok()
 }
 
-async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+/// Closes with `code` and `reason`, in its own allocation: the close handshake is rare, and
+/// inline it would enlarge every connection's task for its whole life.
+fn close(
+    mut socket: WebSocket,
+    code: u16,
+    reason: &str,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     tracing::debug!(code, reason, "closing a connection");
     let frame = CloseFrame {
         code,
         reason: reason.into(),
     };
-    let _ = socket.send(Message::Close(Some(frame))).await;
-    // Let the client's close reply arrive so the close handshake completes.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-        while let Some(Ok(message)) = socket.recv().await {
-            if matches!(message, Message::Close(_)) {
-                break;
+    Box::pin(async move {
+        let _ = socket.send(Message::Close(Some(frame))).await;
+        // Let the client's close reply arrive so the close handshake completes.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while let Some(Ok(message)) = socket.recv().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
             }
-        }
+        })
+        .await;
     })
-    .await;
+}
+
+/// Closes as [`close`] does, for the handshake, whose result is then "no connection".
+async fn refuse<T>(socket: WebSocket, code: u16, reason: &str) -> Option<T> {
+    close(socket, code, reason).await;
+    None
 }
 
 fn reject(step: u64, reason: Reason, detail: String) -> Bytes {
@@ -117,9 +133,29 @@ impl RateLimit {
     }
 }
 
-pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
+pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>) {
     relay.metrics.connections.fetch_add(1, Relaxed);
     let _gauge = Gauge(relay.clone());
+    // The handshake's state (the join timeout, the room's answer, the catch-up read) lives in
+    // its own allocation, freed once the connection is live: an idle member's task holds only
+    // what the live loop needs.
+    let Some((socket, live)) = Box::pin(handshake(socket, &relay)).await else {
+        return;
+    };
+    live_loop(socket, relay, live).await
+}
+
+/// What the live loop needs from the handshake.
+struct Live {
+    node: NodeId,
+    commands: mpsc::Sender<Command>,
+    leave: LeaveOnDrop,
+    queue: mpsc::Receiver<Bytes>,
+    close: CloseSlot,
+}
+
+/// The join, the welcome and the catch-up replay; `None` if the connection ended.
+async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSocket, Live)> {
     let conn = relay.next_conn.fetch_add(1, Relaxed);
     let limits = relay.config.limits;
 
@@ -127,9 +163,9 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
     let first = tokio::time::timeout(relay.config.join_timeout, socket.recv()).await;
     let bytes = match first {
         Ok(Some(Ok(Message::Binary(bytes)))) => bytes,
-        Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return,
+        Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return None,
         Ok(Some(Ok(_))) => {
-            return close(
+            return refuse(
                 socket,
                 close_code::POLICY,
                 "the first message must be a binary join frame",
@@ -137,7 +173,7 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
             .await
         }
         Err(_) => {
-            return close(
+            return refuse(
                 socket,
                 close_code::POLICY,
                 "no join frame within the join timeout",
@@ -159,19 +195,19 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
         }) => (room, name, since, resume, config),
         Ok(other) => {
             let reason = format!("the first frame must be a join, not {:?}", other.kind());
-            return close(socket, close_code::POLICY, &reason).await;
+            return refuse(socket, close_code::POLICY, &reason).await;
         }
         Err(e) => {
             relay.metrics.reject(e.reason());
             // A close reason is at most 123 bytes.
             let mut reason = format!("the join frame is invalid: {e}");
             reason.truncate(120);
-            return close(socket, close_code::POLICY, &reason).await;
+            return refuse(socket, close_code::POLICY, &reason).await;
         }
     };
     let (commands, joined) = match relay.join(&room, name, resume, requested, conn).await {
         Ok(joined) => joined,
-        Err(refused) => return close(socket, refused.code, &refused.reason).await,
+        Err(refused) => return refuse(socket, refused.code, &refused.reason).await,
     };
     let node = joined.node;
     let leave = LeaveOnDrop {
@@ -182,7 +218,7 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
     tracing::debug!(%room, node, since, "joined");
     if let Some(registered) = joined.registered {
         if !matches!(registered.await, Ok(Ok(()))) {
-            return close(
+            return refuse(
                 socket,
                 close_code::INTERNAL,
                 "the relay could not register the node",
@@ -199,15 +235,15 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
         high: joined.high,
         peers: joined.peers,
     };
-    if !send(&mut socket, &relay, Bytes::from(welcome.encode())).await {
-        return;
+    if !send(&mut socket, relay, Bytes::from(welcome.encode())).await {
+        return None;
     }
     if since < joined.position {
         let log = match relay.store.read_after(&room, since, joined.position).await {
             Ok(log) => log,
             Err(e) => {
                 tracing::error!(%room, error = %e, "catch-up read failed");
-                return close(
+                return refuse(
                     socket,
                     close_code::INTERNAL,
                     "the relay could not read the room log",
@@ -223,7 +259,7 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
                 .bytes_out
                 .fetch_add(entry.bytes.len() as u64, Relaxed);
             if socket.feed(Message::Binary(entry.bytes)).await.is_err() {
-                return;
+                return None;
             }
         }
     }
@@ -231,11 +267,31 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
         high: joined.high,
         position: joined.position,
     };
-    if !send(&mut socket, &relay, Bytes::from(caught_up.encode())).await {
-        return;
+    if !send(&mut socket, relay, Bytes::from(caught_up.encode())).await {
+        return None;
     }
 
-    let mut queue = joined.queue;
+    Some((
+        socket,
+        Live {
+            node,
+            commands,
+            leave,
+            queue: joined.queue,
+            close: joined.close,
+        },
+    ))
+}
+
+async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
+    let Live {
+        node,
+        commands,
+        leave,
+        mut queue,
+        close: close_slot,
+    } = live;
+    let limits = relay.config.limits;
     let mut shutdown = relay.shutdown.clone();
     let mut rate = RateLimit::new(relay.config.max_rate);
     let mut malformed = 0u32;
@@ -254,8 +310,7 @@ pub(crate) async fn run(mut socket: WebSocket, relay: Arc<Relay>) {
                     }
                 }
                 None => {
-                    let (code, reason) = joined
-                        .close
+                    let (code, reason) = close_slot
                         .lock()
                         .ok()
                         .and_then(|mut slot| slot.take())

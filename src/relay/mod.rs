@@ -279,7 +279,7 @@ async fn websocket(
         // default 128 KiB that was a fifth of the relay's CPU under load, and the buffer is
         // also most of an idle connection's memory. Frames are small; larger ones take several
         // reads.
-        .read_buffer_size(2 * 1024)
+        .read_buffer_size(1024)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| connection::run(socket, relay))
