@@ -42,8 +42,8 @@ if (!(pages >= 2 && pages <= 26 && seconds > 0 && rate > 0)) {
   throw new Error("--pages must be 2 to 26 (one letter each), --seconds and --rate positive");
 }
 
-// The pages come from this process: the repository's pkg/ and benches/js/ (with the import
-// map put into typist.html), so both targets load the same way.
+// The pages come from this process: the repository's pkg/, www/ (the demo's editor binding)
+// and benches/js/ (with the import map put into typist.html), so both targets load the same way.
 const page = (await readFile(join(here, "typist.html"), "utf8"))
   .replace("<!-- importmap -->", `<script type="importmap">${JSON.stringify(await importMap(here))}</script>`);
 const types = { ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".html": "text/html" };
@@ -52,7 +52,7 @@ const server = createServer(async (request, response) => {
   try {
     if (path === "/benches/js/typist.html") {
       response.writeHead(200, { "content-type": "text/html" }).end(page);
-    } else if (path.startsWith("/pkg/") || path.startsWith("/benches/js/node_modules/")) {
+    } else if (["/pkg/", "/www/", "/benches/js/node_modules/"].some((dir) => path.startsWith(dir))) {
       const body = await readFile(join(root, path));
       response.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" }).end(body);
     } else {
