@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 
 use crate::envelope::{Frame, NodeId, Reason};
 
-use super::room::{CloseSlot, Command};
+use super::queue;
+use super::room::Command;
 use super::{close_code, Relay};
 
 /// Consecutive undecodable frames after which a connection is closed.
@@ -40,7 +41,7 @@ async fn send_batch(
     socket: &mut WebSocket,
     relay: &Relay,
     first: Bytes,
-    queue: &mut mpsc::Receiver<Bytes>,
+    queue: &mut queue::Receiver,
 ) -> bool {
     let mut next = Some(first);
     let mut sent = 0;
@@ -54,7 +55,7 @@ async fn send_batch(
         }
         sent += 1;
         if sent < 64 {
-            next = queue.try_recv().ok();
+            next = queue.try_recv();
         }
     }
     socket.flush().await.is_ok()
@@ -150,8 +151,7 @@ struct Live {
     node: NodeId,
     commands: mpsc::Sender<Command>,
     leave: LeaveOnDrop,
-    queue: mpsc::Receiver<Bytes>,
-    close: CloseSlot,
+    queue: queue::Receiver,
 }
 
 /// The join, the welcome and the catch-up replay; `None` if the connection ended.
@@ -278,7 +278,6 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
             commands,
             leave,
             queue: joined.queue,
-            close: joined.close,
         },
     ))
 }
@@ -289,7 +288,6 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
         commands,
         leave,
         mut queue,
-        close: close_slot,
     } = live;
     let limits = relay.config.limits;
     let mut shutdown = relay.shutdown.clone();
@@ -310,10 +308,8 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
                     }
                 }
                 None => {
-                    let (code, reason) = close_slot
-                        .lock()
-                        .ok()
-                        .and_then(|mut slot| slot.take())
+                    let (code, reason) = queue
+                        .close_reason()
                         .unwrap_or((close_code::INTERNAL, "the room closed".into()));
                     drop(leave);
                     return close(socket, code, &reason).await;

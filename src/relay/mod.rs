@@ -11,6 +11,7 @@
 
 mod connection;
 pub mod metrics;
+mod queue;
 mod room;
 pub mod store;
 

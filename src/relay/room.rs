@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -20,11 +20,9 @@ use crate::envelope::{with_position, Frame, NodeId, Peer, Reason, ResumeToken, R
 use crate::pattern::Step;
 use crate::validate::{Origin, Validator, ValidatorConfig, Verdict};
 
+use super::queue;
 use super::store::{Entry, SqliteStore};
 use super::{close_code, Relay};
-
-/// Where a connection learns why the relay closed it, set before its queue is dropped.
-pub(crate) type CloseSlot = Arc<Mutex<Option<(u16, String)>>>;
 
 /// What a connection asks of its room.
 pub(crate) enum Command {
@@ -62,8 +60,8 @@ pub(crate) struct Joined {
     /// queue carries everything after it.
     pub position: u64,
     pub peers: Vec<Peer>,
-    pub queue: mpsc::Receiver<Bytes>,
-    pub close: CloseSlot,
+    /// The member's send queue, which also carries the reason the room lets it go.
+    pub queue: queue::Receiver,
     /// Answers once the node's resume token is durable.
     pub registered: Option<oneshot::Receiver<Result<(), String>>>,
 }
@@ -71,8 +69,7 @@ pub(crate) struct Joined {
 struct Member {
     name: String,
     conn: u64,
-    queue: mpsc::Sender<Bytes>,
-    close: CloseSlot,
+    queue: queue::Sender,
 }
 
 type Durable = Pin<Box<dyn Future<Output = (Stamp, u64, Bytes, Result<(), String>)> + Send>>;
@@ -212,8 +209,7 @@ impl Room {
         let (node, token, registered) = match resumed {
             Some(node) => {
                 if let Some(old) = self.members.remove(&node) {
-                    set_close(
-                        &old.close,
+                    old.queue.set_close(
                         close_code::REPLACED,
                         "replaced by a newer connection of the same node",
                     );
@@ -262,17 +258,8 @@ impl Room {
             .encode(),
         );
         self.fan_out(node, &joined_frame);
-        let (queue, rx) = mpsc::channel(self.relay.config.send_queue);
-        let close = CloseSlot::default();
-        self.members.insert(
-            node,
-            Member {
-                name,
-                conn,
-                queue,
-                close: close.clone(),
-            },
-        );
+        let (queue, rx) = queue::queue(self.relay.config.send_queue);
+        self.members.insert(node, Member { name, conn, queue });
         Ok(Joined {
             node,
             token,
@@ -281,7 +268,6 @@ impl Room {
             position: self.published,
             peers,
             queue: rx,
-            close,
             registered,
         })
     }
@@ -403,10 +389,7 @@ impl Room {
 
     fn send_to(&mut self, node: NodeId, bytes: Bytes) {
         let full = match self.members.get(&node) {
-            Some(member) => matches!(
-                member.queue.try_send(bytes),
-                Err(mpsc::error::TrySendError::Full(_))
-            ),
+            Some(member) => matches!(member.queue.try_send(bytes), Err(queue::SendError::Full)),
             None => false,
         };
         if full {
@@ -421,7 +404,7 @@ impl Room {
             if node == except {
                 continue;
             }
-            if let Err(mpsc::error::TrySendError::Full(_)) = member.queue.try_send(bytes.clone()) {
+            if let Err(queue::SendError::Full) = member.queue.try_send(bytes.clone()) {
                 slow.push(node);
             }
         }
@@ -437,8 +420,7 @@ impl Room {
                 .slow_consumers
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(room = %self.name, node, "send queue full: disconnecting a slow consumer");
-            set_close(
-                &member.close,
+            member.queue.set_close(
                 close_code::SLOW_CONSUMER,
                 "send queue full: the connection did not keep up with the room",
             );
@@ -448,13 +430,7 @@ impl Room {
 
     fn close_all(&mut self, code: u16, reason: &str) {
         for (_, member) in self.members.drain() {
-            set_close(&member.close, code, reason);
+            member.queue.set_close(code, reason);
         }
-    }
-}
-
-fn set_close(slot: &CloseSlot, code: u16, reason: &str) {
-    if let Ok(mut slot) = slot.lock() {
-        slot.get_or_insert((code, reason.to_owned()));
     }
 }

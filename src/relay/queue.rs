@@ -1,0 +1,220 @@
+//! A member's send queue: bounded, one producer (the room) and one consumer (the connection),
+//! and the reason the room gives when it lets the member go.
+//!
+//! tokio's `mpsc` allocates a 32-slot block for every channel up front, a kilobyte for each
+//! idle member. This queue allocates only for what it holds, gives the memory back once a burst
+//! has drained, and carries the close reason in the same allocation.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Capacity kept after a burst has drained; anything larger is released.
+const KEEP: usize = 16;
+
+/// Why a frame could not be queued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// The queue holds its capacity: the member is not keeping up.
+    Full,
+    /// The connection has gone.
+    Closed,
+}
+
+struct State {
+    items: VecDeque<Bytes>,
+    capacity: usize,
+    sender_gone: bool,
+    receiver_gone: bool,
+    close: Option<(u16, String)>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the consumer; a wake-up with no consumer waiting is kept for its next wait.
+    notify: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; if something did, the state is still whole.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A queue of at most `capacity` frames.
+pub(crate) fn queue(capacity: usize) -> (Sender, Receiver) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            capacity,
+            sender_gone: false,
+            receiver_gone: false,
+            close: None,
+        }),
+        notify: Notify::new(),
+    });
+    (Sender(shared.clone()), Receiver(shared))
+}
+
+/// The room's end.
+pub(crate) struct Sender(Arc<Shared>);
+
+impl Sender {
+    /// Queues `bytes` unless the queue is full or the connection has gone.
+    pub(crate) fn try_send(&self, bytes: Bytes) -> Result<(), SendError> {
+        {
+            let mut state = self.0.lock();
+            if state.receiver_gone {
+                return Err(SendError::Closed);
+            }
+            if state.items.len() >= state.capacity {
+                return Err(SendError::Full);
+            }
+            state.items.push_back(bytes);
+        }
+        self.0.notify.notify_one();
+        Ok(())
+    }
+
+    /// Records why the room lets the member go (the first reason given stands). The connection
+    /// reads it once the queue has ended, that is once this sender is dropped.
+    pub(crate) fn set_close(&self, code: u16, reason: &str) {
+        self.0
+            .lock()
+            .close
+            .get_or_insert_with(|| (code, reason.to_owned()));
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.0.lock().sender_gone = true;
+        self.0.notify.notify_one();
+    }
+}
+
+/// The connection's end.
+pub(crate) struct Receiver(Arc<Shared>);
+
+impl Receiver {
+    /// The next frame; `None` once the room has dropped its end and everything queued before
+    /// has been received.
+    pub(crate) async fn recv(&mut self) -> Option<Bytes> {
+        loop {
+            {
+                let mut state = self.0.lock();
+                if let Some(bytes) = pop(&mut state) {
+                    return Some(bytes);
+                }
+                if state.sender_gone {
+                    return None;
+                }
+            }
+            self.0.notify.notified().await;
+        }
+    }
+
+    /// The next frame if one is queued.
+    pub(crate) fn try_recv(&mut self) -> Option<Bytes> {
+        pop(&mut self.0.lock())
+    }
+
+    /// The reason the room gave for ending the queue, if it gave one.
+    pub(crate) fn close_reason(&self) -> Option<(u16, String)> {
+        self.0.lock().close.take()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.receiver_gone = true;
+        state.items = VecDeque::new();
+    }
+}
+
+fn pop(state: &mut State) -> Option<Bytes> {
+    let bytes = state.items.pop_front()?;
+    if state.items.is_empty() && state.items.capacity() > KEEP {
+        state.items.shrink_to(KEEP);
+    }
+    Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_arrive_in_order_then_the_end() {
+        let (tx, mut rx) = queue(4);
+        for i in 0..3u8 {
+            tx.try_send(Bytes::from(vec![i])).unwrap();
+        }
+        tx.set_close(4000, "slow");
+        tx.set_close(1001, "ignored: the first reason stands");
+        drop(tx);
+        for i in 0..3u8 {
+            assert_eq!(rx.recv().await.unwrap(), Bytes::from(vec![i]));
+        }
+        assert_eq!(rx.recv().await, None);
+        assert_eq!(rx.close_reason(), Some((4000, "slow".into())));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_and_a_gone_receiver_is_closed() {
+        let (tx, mut rx) = queue(2);
+        tx.try_send(Bytes::from_static(b"a")).unwrap();
+        tx.try_send(Bytes::from_static(b"b")).unwrap();
+        assert_eq!(tx.try_send(Bytes::from_static(b"c")), Err(SendError::Full));
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"a")));
+        tx.try_send(Bytes::from_static(b"c")).unwrap();
+        drop(rx);
+        assert_eq!(
+            tx.try_send(Bytes::from_static(b"d")),
+            Err(SendError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_for_a_frame_and_for_the_end() {
+        let (tx, mut rx) = queue(8);
+        let consumer = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(bytes) = rx.recv().await {
+                got.push(bytes);
+            }
+            got
+        });
+        for i in 0..100u8 {
+            // Wait for room now and then so that the consumer also waits on an empty queue.
+            while tx.try_send(Bytes::from(vec![i])) == Err(SendError::Full) {
+                tokio::task::yield_now().await;
+            }
+            if i % 10 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        drop(tx);
+        let got = consumer.await.unwrap();
+        assert_eq!(
+            got,
+            (0..100u8).map(|i| Bytes::from(vec![i])).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let (tx, mut rx) = queue(10_000);
+        for _ in 0..5_000 {
+            tx.try_send(Bytes::from_static(b"x")).unwrap();
+        }
+        while rx.try_recv().is_some() {}
+        assert!(rx.0.lock().items.capacity() <= KEEP);
+    }
+}
