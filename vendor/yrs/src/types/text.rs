@@ -214,6 +214,8 @@ pub trait Text: AsRef<Branch> + Sized {
             return;
         }
         let this = BranchPtr::from(self.as_ref());
+        // pattern-mesh: an index past the end inserts at the end; the marker must not record it.
+        let within = index <= this.content_len;
         if let Some(mut pos) = find_position(this, txn, index) {
             let value = crate::block::PrelimString(chunk.into());
             while let Some(right) = pos.right.as_ref() {
@@ -225,8 +227,10 @@ pub trait Text: AsRef<Branch> + Sized {
                 }
             }
             if let Some(item) = txn.create_item(&pos, value, None) {
-                let mut this = this;
-                this.marker = Some((item, index, txn.store().offset_kind));
+                if within {
+                    let mut this = this;
+                    this.marker = Some((item, index, txn.store().offset_kind));
+                }
             }
         } else {
             panic!("The type or the position doesn't exist!");
