@@ -16,6 +16,10 @@ export function bindTextarea(editor, text, { onRemote } = {}) {
     while (start < prev.length && start < next.length && prev[start] === next[start]) start++;
     let endPrev = prev.length, endNext = next.length;
     while (endPrev > start && endNext > start && prev[endPrev - 1] === next[endNext - 1]) { endPrev--; endNext--; }
+    // Never cut a surrogate pair: an edit next to an emoji that starts or ends with the same
+    // code unit would otherwise send half of each pair, which the document stores as U+FFFD.
+    if (start > 0 && isHigh(prev.charCodeAt(start - 1))) start--;
+    if (endPrev < prev.length && isLow(prev.charCodeAt(endPrev))) { endPrev++; endNext++; }
     shadow = next;
     if (endPrev > start) text.delete(start, endPrev - start);
     if (endNext > start) text.insert(start, next.slice(start, endNext));
@@ -37,7 +41,10 @@ export function bindTextarea(editor, text, { onRemote } = {}) {
         editor.setRangeText("", at, at + op.delete, "preserve");
       }
     }
-    shadow = editor.value;
+    // The shared text is the truth; should the textarea ever differ, it takes the text back.
+    const truth = text.toString();
+    if (editor.value !== truth) editor.value = truth;
+    shadow = truth;
     onRemote?.(inserted);
   });
 
@@ -46,3 +53,6 @@ export function bindTextarea(editor, text, { onRemote } = {}) {
     stop?.();
   };
 }
+
+const isHigh = (unit) => unit >= 0xd800 && unit < 0xdc00;
+const isLow = (unit) => unit >= 0xdc00 && unit < 0xe000;
