@@ -88,7 +88,7 @@ fn bad_input_throws_an_error_that_says_what_was_wrong() {
             "`data`",
         ),
         (
-            r#"{"kind":"update","sender":1,"step":1,"pattern":4,"doc":"d","update":[1]}"#,
+            r#"{"kind":"update","sender":1,"step":1,"pattern":4,"doc":"d","update":{}}"#,
             "`update`",
         ),
         (
@@ -300,4 +300,43 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
             .unwrap_or_else(|e| panic!("{frame:?} as {object:?}: {e:?}"));
         assert_eq!(again, bytes, "{frame:?}");
     }
+}
+
+#[wasm_bindgen_test]
+fn a_throwing_getter_is_an_invalid_argument_and_the_validator_lives_on() {
+    let throwing: JsValue = js_sys::Function::new_no_args(
+        r#"const f = { kind: "data", sender: 2, step: 1, pattern: 4 };
+           Object.defineProperty(f, "data", { get() { throw new Error("no data here"); } });
+           return f;"#,
+    )
+    .call0(&JsValue::NULL)
+    .unwrap();
+    let (name, message) = error_message(encode(throwing.clone().unchecked_into()));
+    assert_eq!(name, "InvalidArgument");
+    assert!(message.contains("no data here"), "{message}");
+
+    let mut v = Validator::new(None).unwrap();
+    let me = || js(r#"{"receiver":1}"#).unchecked_into();
+    let (name, _) = error_message(v.check(throwing.unchecked_into(), me(), 1.0, Some(0.0)));
+    assert_eq!(name, "InvalidArgument");
+    let fine = js(r#"{"kind":"data","sender":2,"step":1,"pattern":4,"data":null}"#);
+    let verdict: JsValue = v
+        .check(fine.unchecked_into(), me(), 1.0, Some(0.0))
+        .unwrap()
+        .into();
+    assert_eq!(
+        Reflect::get(&verdict, &"accepted".into()).unwrap(),
+        JsValue::TRUE
+    );
+}
+
+#[wasm_bindgen_test]
+fn update_bytes_may_be_an_array_of_numbers() {
+    let frame =
+        js(r#"{"kind":"update","sender":1,"step":2,"pattern":1,"doc":"d","update":[1,2,3]}"#);
+    let back: JsValue = decode(&encode(frame.unchecked_into()).unwrap())
+        .unwrap()
+        .into();
+    let bytes: Uint8Array = get(&back, "update").dyn_into().unwrap();
+    assert_eq!(bytes.to_vec(), [1, 2, 3]);
 }

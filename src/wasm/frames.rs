@@ -19,20 +19,20 @@ use serde::Deserialize;
 extern "C" {
     /// Any JS object, read and written through direct property accesses.
     type Fields;
-    #[wasm_bindgen(method, getter)]
-    fn kind(this: &Fields) -> JsValue;
-    #[wasm_bindgen(method, getter)]
-    fn sender(this: &Fields) -> JsValue;
-    #[wasm_bindgen(method, getter)]
-    fn step(this: &Fields) -> JsValue;
-    #[wasm_bindgen(method, getter)]
-    fn pattern(this: &Fields) -> JsValue;
-    #[wasm_bindgen(method, getter)]
-    fn data(this: &Fields) -> JsValue;
-    #[wasm_bindgen(method, getter)]
-    fn doc(this: &Fields) -> JsValue;
-    #[wasm_bindgen(method, getter)]
-    fn update(this: &Fields) -> JsValue;
+    #[wasm_bindgen(method, getter, catch)]
+    fn kind(this: &Fields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn sender(this: &Fields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn step(this: &Fields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn pattern(this: &Fields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn data(this: &Fields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn doc(this: &Fields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn update(this: &Fields) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(method, setter)]
     fn set_kind(this: &Fields, value: &str);
     #[wasm_bindgen(method, setter)]
@@ -85,29 +85,51 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
         ));
     }
     let fields: &Fields = value.unchecked_ref();
-    match fields.kind().as_string().as_deref() {
+    match read(fields.kind(), "kind")?.as_string().as_deref() {
         Some("data") => Ok(Frame::Data {
             stamp: stamp_from_js(fields)?,
-            data: json_from_js("the frame's `data`", &fields.data())?,
+            data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
         }),
         Some("update") => Ok(Frame::Update {
             stamp: stamp_from_js(fields)?,
-            doc: fields
-                .doc()
+            doc: read(fields.doc(), "doc")?
                 .as_string()
                 .ok_or_else(|| invalid_argument("the frame's `doc` must be a string"))?,
-            update: fields
-                .update()
-                .dyn_into::<js_sys::Uint8Array>()
-                .map_err(|_| invalid_argument("the frame's `update` must be a Uint8Array"))?
-                .to_vec(),
+            update: bytes_from_js(read(fields.update(), "update")?, "update")?,
         }),
         Some("presence") => Ok(Frame::Presence {
-            sender: number(fields.sender(), "sender")?,
-            data: json_from_js("the frame's `data`", &fields.data())?,
+            sender: number(read(fields.sender(), "sender")?, "sender")?,
+            data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
         }),
         _ => from_js::<AnyFrame>("the frame", value)?.into_frame(),
     }
+}
+
+/// Bytes given as a Uint8Array, an ArrayBuffer or an array of numbers from 0 to 255.
+fn bytes_from_js(value: JsValue, field: &str) -> Result<Vec<u8>, JsValue> {
+    if let Some(bytes) = value.dyn_ref::<js_sys::Uint8Array>() {
+        return Ok(bytes.to_vec());
+    }
+    if let Some(buffer) = value.dyn_ref::<js_sys::ArrayBuffer>() {
+        return Ok(js_sys::Uint8Array::new(buffer).to_vec());
+    }
+    if js_sys::Array::is_array(&value) {
+        let bytes: serde_bytes::ByteBuf = from_js(&format!("the frame's `{field}`"), value)?;
+        return Ok(bytes.into_vec());
+    }
+    Err(invalid_argument(format!(
+        "the frame's `{field}` must be a Uint8Array"
+    )))
+}
+
+/// A property read that may have thrown (a getter, a Proxy) as an `InvalidArgument`.
+fn read(value: Result<JsValue, JsValue>, field: &str) -> Result<JsValue, JsValue> {
+    value.map_err(|e| {
+        invalid_argument(format!(
+            "reading the frame's `{field}` threw: {}",
+            describe(&e)
+        ))
+    })
 }
 
 /// Every field of every frame kind, to read the kinds without a fast path in one flat pass:
@@ -316,9 +338,9 @@ pub(crate) fn json_to_js(json: &Json) -> Result<JsValue, JsValue> {
 
 fn stamp_from_js(fields: &Fields) -> Result<Stamp, JsValue> {
     Ok(Stamp {
-        sender: number(fields.sender(), "sender")?,
-        step: number(fields.step(), "step")?,
-        pattern: number(fields.pattern(), "pattern")?,
+        sender: number(read(fields.sender(), "sender")?, "sender")?,
+        step: number(read(fields.step(), "step")?, "step")?,
+        pattern: number(read(fields.pattern(), "pattern")?, "pattern")?,
     })
 }
 

@@ -188,10 +188,10 @@ pub(crate) fn counts_to_js(counters: &Counters) -> Result<JsVerdictCounts, JsVal
 extern "C" {
     /// An origin or a verdict object, read and written through direct property accesses.
     type Fields;
-    #[wasm_bindgen(method, getter)]
-    fn receiver(this: &Fields) -> JsValue;
-    #[wasm_bindgen(method, getter)]
-    fn connection(this: &Fields) -> JsValue;
+    #[wasm_bindgen(method, getter, catch)]
+    fn receiver(this: &Fields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn connection(this: &Fields) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(method, setter)]
     fn set_accepted(this: &Fields, value: bool);
     #[wasm_bindgen(method, setter)]
@@ -203,15 +203,19 @@ extern "C" {
 /// `{ receiver: id }` or `{ connection: id }`; anything else goes through serde, whose error
 /// says exactly what is wrong.
 fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
-    if origin.is_object()
-        && js_sys::Object::keys(origin.unchecked_ref::<js_sys::Object>()).length() == 1
-    {
+    let threw = |e: JsValue| invalid_argument(format!("reading the origin threw: {e:?}"));
+    let single = origin.is_object()
+        && js_sys::Reflect::own_keys(origin.unchecked_ref())
+            .map_err(threw)?
+            .length()
+            == 1;
+    if single {
         let fields: &Fields = origin.unchecked_ref();
-        if let Some(node) = fields.receiver().as_f64() {
+        if let Some(node) = fields.receiver().map_err(threw)?.as_f64() {
             let receiver = to_u64("the origin's receiver", node)?;
             return Ok(Origin::Relayed { receiver });
         }
-        if let Some(node) = fields.connection().as_f64() {
+        if let Some(node) = fields.connection().map_err(threw)?.as_f64() {
             return Ok(Origin::Connection(to_u64("the origin's connection", node)?));
         }
     }
