@@ -42,8 +42,9 @@ mod native {
         #[arg(long, env = "PM_MAX_RATE", default_value_t = 200)]
         max_rate: u32,
         /// Frames queued for one connection before it is disconnected as too slow.
-        #[arg(long, env = "PM_SEND_QUEUE", default_value_t = 4_096)]
-        send_queue: usize,
+        #[arg(long, env = "PM_SEND_QUEUE", default_value_t = 4_096,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        send_queue: u32,
         /// Seconds a new connection has to send its join frame.
         #[arg(long, env = "PM_JOIN_TIMEOUT", default_value_t = 10)]
         join_timeout: u64,
@@ -86,7 +87,7 @@ mod native {
             max_rooms: args.max_rooms,
             max_members: args.max_members,
             max_rate: args.max_rate,
-            send_queue: args.send_queue,
+            send_queue: args.send_queue as usize,
             join_timeout: Duration::from_secs(args.join_timeout),
             room: RoomConfig {
                 pattern,
