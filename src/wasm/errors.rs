@@ -2,7 +2,7 @@
 
 use std::fmt::Display;
 
-use wasm_bindgen::JsValue;
+use wasm_bindgen::{JsCast, JsValue};
 
 use crate::pattern::MAX_SAFE_INTEGER;
 
@@ -59,4 +59,13 @@ pub(crate) fn from_js<T: serde::de::DeserializeOwned>(
 ) -> Result<T, JsValue> {
     serde_wasm_bindgen::from_value(value)
         .map_err(|e| invalid_argument(format!("{what} is not valid: {e}")))
+}
+
+/// The message of a thrown JS value.
+pub(crate) fn describe(error: &JsValue) -> String {
+    error
+        .dyn_ref::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .or_else(|| error.as_string())
+        .unwrap_or_else(|| "unknown error".into())
 }

@@ -8,7 +8,7 @@
 
 use wasm_bindgen::prelude::*;
 
-use super::errors::{from_js, invalid_argument, js_error, to_f64, to_js, to_u64};
+use super::errors::{describe, from_js, invalid_argument, js_error, to_f64, to_js, to_u64};
 use super::types::{JsFrame, JsReceived};
 use crate::envelope::{
     Frame, Json, Limits, Peer, Positioned, Reason, ResumeToken, RoomConfig, Stamp,
@@ -98,7 +98,7 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
             update: bytes_from_js(read(fields.update(), "update")?, "update")?,
         }),
         Some("presence") => Ok(Frame::Presence {
-            sender: number(read(fields.sender(), "sender")?, "sender")?,
+            sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
             data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
         }),
         _ => from_js::<AnyFrame>("the frame", value)?.into_frame(),
@@ -338,29 +338,15 @@ pub(crate) fn json_to_js(json: &Json) -> Result<JsValue, JsValue> {
 
 fn stamp_from_js(fields: &Fields) -> Result<Stamp, JsValue> {
     Ok(Stamp {
-        sender: number(read(fields.sender(), "sender")?, "sender")?,
-        step: number(read(fields.step(), "step")?, "step")?,
-        pattern: number(read(fields.pattern(), "pattern")?, "pattern")?,
+        sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
+        step: number(read(fields.step(), "step")?, "the frame's `step`")?,
+        pattern: number(read(fields.pattern(), "pattern")?, "the frame's `pattern`")?,
     })
 }
 
-fn number(value: JsValue, field: &str) -> Result<u64, JsValue> {
-    match value.as_f64() {
-        Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= crate::pattern::MAX_SAFE_INTEGER as f64 => {
-            Ok(n as u64)
-        }
-        Some(n) => to_u64(&format!("the frame's `{field}`"), n),
-        None => Err(invalid_argument(format!(
-            "the frame's `{field}` must be a number"
-        ))),
-    }
-}
-
-/// The message of a thrown JS value.
-fn describe(error: &JsValue) -> String {
-    error
-        .dyn_ref::<js_sys::Error>()
-        .map(|e| String::from(e.message()))
-        .or_else(|| error.as_string())
-        .unwrap_or_else(|| "unknown error".into())
+fn number(value: JsValue, what: &str) -> Result<u64, JsValue> {
+    let n = value
+        .as_f64()
+        .ok_or_else(|| invalid_argument(format!("{what} must be a number")))?;
+    to_u64(what, n)
 }

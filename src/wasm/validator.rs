@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 
-use super::errors::{from_js, invalid_argument, js_error, to_u64};
+use super::errors::{describe, from_js, invalid_argument, js_error, to_u64};
 use super::frames::frame_from_js;
 use super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions, JsVerdict, JsVerdictCounts};
 use crate::envelope::{Frame, Reason, RoomConfig};
@@ -203,7 +203,8 @@ extern "C" {
 /// `{ receiver: id }` or `{ connection: id }`; anything else goes through serde, whose error
 /// says exactly what is wrong.
 fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
-    let threw = |e: JsValue| invalid_argument(format!("reading the origin threw: {e:?}"));
+    let threw =
+        |e: JsValue| invalid_argument(format!("reading the origin threw: {}", describe(&e)));
     let single = origin.is_object()
         && js_sys::Reflect::own_keys(origin.unchecked_ref())
             .map_err(threw)?
