@@ -5,6 +5,10 @@
 //! around it. Indexes are UTF-16 code units, as in Yjs and in a browser's text fields, so an
 //! editor's selection offsets apply as they are. Every edit is checked before it reaches `yrs`:
 //! an index past the end is an error, never a panic.
+//!
+//! The client session does not need texts: it drives any [`Replica`], a Yjs document it can
+//! apply updates to, diff against a state vector, and compare at a [`Version`]. [`SharedDoc`] is
+//! the built-in one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,6 +48,41 @@ pub enum DocError {
     /// Bytes that are not a Yjs state vector.
     #[error("invalid Yjs state vector: {0}")]
     InvalidStateVector(String),
+}
+
+/// A replica's version: what it has (its state vector) and what it has deleted (a hash of its
+/// delete set). A state vector alone does not move on a delete, so two replicas a delete apart
+/// would look "equal"; two replicas at the same `Version` must hold the same content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    /// The Yjs state vector, v1 encoding.
+    pub state_vector: Vec<u8>,
+    /// A 64-bit hash of the delete set, in its canonical form (merged ranges by client).
+    pub deletes: u64,
+}
+
+/// A Yjs document a client session keeps in sync: the built-in [`SharedDoc`], or a document that
+/// lives elsewhere (a JS `Y.Doc` behind callbacks).
+pub trait Replica {
+    /// Applies a Yjs v1 update from another replica; updates may arrive in any order and more
+    /// than once.
+    fn apply_update(&mut self, update: &[u8]) -> Result<(), DocError>;
+    /// This replica's state vector, v1 encoding.
+    fn state_vector(&self) -> Vec<u8>;
+    /// Everything this replica has that the state vector `remote` lacks, as a Yjs v1 update;
+    /// an empty `remote` asks for everything.
+    fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError>;
+    /// This replica's version, for checkpoints.
+    fn version(&self) -> Version;
+    /// A digest of the content: equal versions must have equal digests.
+    fn digest(&self) -> u64;
+    /// Whether the replica holds anything at all (an empty one publishes no checkpoints).
+    fn is_empty(&self) -> bool;
+}
+
+/// Merges Yjs v1 updates into one (what a client does with edits that wait to be sent).
+pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, DocError> {
+    yrs::merge_updates_v1(updates.iter().copied()).map_err(|e| DocError::InvalidUpdate(e.to_string()))
 }
 
 /// One step of a change to a text, in the form editors apply (`retain`, `insert`, `delete`).
@@ -197,6 +236,24 @@ impl SharedDoc {
         txn.store().pending_update().is_some() || txn.store().pending_ds().is_some()
     }
 
+    /// This replica's version: its state vector and a hash of its delete set.
+    pub fn version(&self) -> Version {
+        let snapshot = self.doc.transact().snapshot();
+        let mut hash = Fnv::new();
+        for (client, ranges) in snapshot.delete_set.iter() {
+            hash.u64(client.get());
+            for range in ranges.iter() {
+                hash.u64(u64::from(range.start));
+                hash.u64(u64::from(range.end));
+            }
+            hash.u64(u64::MAX);
+        }
+        Version {
+            state_vector: snapshot.state_map.encode_v1(),
+            deletes: hash.finish(),
+        }
+    }
+
     /// A 64-bit digest (FNV-1a) of the content of every text, by name. Two replicas at the same
     /// version must have the same digest; a difference is a desync.
     pub fn digest(&self) -> u64 {
@@ -216,14 +273,19 @@ impl SharedDoc {
             .filter(|(_, content)| !content.is_empty())
             .collect();
         texts.sort();
-        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut hash = Fnv::new();
         for (name, content) in &texts {
-            for byte in name.bytes().chain([0]).chain(content.bytes()).chain([0]) {
-                hash ^= u64::from(byte);
-                hash = hash.wrapping_mul(0x0100_0000_01b3);
-            }
+            hash.bytes(name.as_bytes());
+            hash.bytes(&[0]);
+            hash.bytes(content.as_bytes());
+            hash.bytes(&[0]);
         }
-        hash
+        hash.finish()
+    }
+
+    /// Whether the document holds no item at all.
+    pub fn is_empty(&self) -> bool {
+        self.doc.transact().state_vector().is_empty()
     }
 
     /// Calls `listener` with the deltas of every committed change to the text `name`, local or
@@ -240,6 +302,59 @@ impl SharedDoc {
     /// Removes an observer of the text `name`.
     pub fn unobserve(&self, name: &str, id: u64) -> bool {
         self.doc.get_or_insert_text(name).unobserve(key(name, id))
+    }
+}
+
+impl Replica for SharedDoc {
+    fn apply_update(&mut self, update: &[u8]) -> Result<(), DocError> {
+        SharedDoc::apply_update(self, update)
+    }
+
+    fn state_vector(&self) -> Vec<u8> {
+        SharedDoc::state_vector(self)
+    }
+
+    fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError> {
+        if remote.is_empty() {
+            return Ok(self.snapshot());
+        }
+        SharedDoc::diff(self, remote)
+    }
+
+    fn version(&self) -> Version {
+        SharedDoc::version(self)
+    }
+
+    fn digest(&self) -> u64 {
+        SharedDoc::digest(self)
+    }
+
+    fn is_empty(&self) -> bool {
+        SharedDoc::is_empty(self)
+    }
+}
+
+/// FNV-1a, 64 bits: a small, stable hash for digests that must agree across builds and targets.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn u64(&mut self, value: u64) {
+        self.bytes(&value.to_le_bytes());
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -392,6 +507,48 @@ mod tests {
         let b = SharedDoc::with_client_id(2);
         assert_eq!(a.text("notes"), "");
         assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn a_delete_changes_the_version_though_not_the_state_vector() {
+        let a = SharedDoc::with_client_id(1);
+        let b = SharedDoc::with_client_id(2);
+        b.apply_update(&a.insert("t", 0, "abc").unwrap()).unwrap();
+        assert_eq!(a.version(), b.version());
+        let delete = a.delete("t", 1, 1).unwrap();
+        assert_eq!(a.state_vector(), b.state_vector(), "a delete moves no state vector");
+        assert_ne!(a.version(), b.version(), "but it moves the version");
+        b.apply_update(&delete).unwrap();
+        assert_eq!(a.version(), b.version());
+        assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn the_version_does_not_depend_on_how_the_deletes_arrived() {
+        let a = SharedDoc::with_client_id(1);
+        let b = SharedDoc::with_client_id(2);
+        let insert = a.insert("t", 0, "abcdef").unwrap();
+        b.apply_update(&insert).unwrap();
+        let d1 = a.delete("t", 1, 1).unwrap();
+        let d2 = a.delete("t", 1, 1).unwrap();
+        b.apply_update(&d2).unwrap();
+        b.apply_update(&d1).unwrap();
+        assert_eq!(a.version(), b.version());
+    }
+
+    #[test]
+    fn merged_updates_apply_as_the_originals() {
+        let a = SharedDoc::with_client_id(1);
+        let mut updates: Vec<Vec<u8>> = (0..20)
+            .map(|i| a.insert("t", i, &i.to_string()[..1]).unwrap())
+            .collect();
+        updates.push(a.delete("t", 3, 4).unwrap());
+        let refs: Vec<&[u8]> = updates.iter().map(Vec::as_slice).collect();
+        let merged = merge_updates(&refs).unwrap();
+        let b = SharedDoc::with_client_id(2);
+        b.apply_update(&merged).unwrap();
+        assert_eq!(b.text("t"), a.text("t"));
+        assert_eq!(b.version(), a.version());
     }
 
     #[test]

@@ -103,7 +103,7 @@ impl Default for PatternParams {
 /// A validated pattern configuration that computes `value(step)` in O(1).
 ///
 /// ```
-/// use pattern_mesh::pattern::PatternConfig;
+/// use pattern_mesh_core::pattern::PatternConfig;
 /// let p = PatternConfig::default();
 /// assert_eq!([0, 1, 2, 3, 4].map(|s| p.value(s)), [7, 4, 1, 7, 4]);
 /// assert_eq!([100, 101, 102].map(|s| p.value(s)), [7, 4, 1]);

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 
-use crate::envelope::{NodeId, Reason, RoomConfig, Stamp};
+use crate::wire::{NodeId, Reason, RoomConfig, Stamp};
 use crate::pattern::{ConfigError, PatternConfig, Step};
 
 /// Where a stamped frame came from, for rule 3.

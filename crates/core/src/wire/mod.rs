@@ -4,36 +4,49 @@
 //!
 //! | offset | field     | type | meaning                                                      |
 //! |--------|-----------|------|--------------------------------------------------------------|
-//! | 0      | `version` | u8   | [`PROTOCOL_VERSION`] (1); anything else is refused           |
+//! | 0      | `version` | u8   | [`PROTOCOL_VERSION`] (2); anything else is refused           |
 //! | 1      | `kind`    | u8   | which frame follows, see [`Kind`]                            |
-//! | 2      | `flags`   | u8   | bit 0: payload sealed with an AEAD (reserved, refused in v1); other bits must be 0 |
+//! | 2      | `flags`   | u8   | bit 0: sealed with an AEAD (reserved, refused); bit 1: a log position follows; other bits must be 0 |
 //!
 //! The body follows, field by field, with no padding. Integers are unsigned LEB128 varints (`var`,
 //! at most 10 bytes, a value that overflows 64 bits is refused); strings and byte strings are a
 //! `var` length then that many bytes (strings are UTF-8). A frame must end exactly where its last
 //! field ends. The README's protocol section lists every body.
 //!
+//! Every message that carries content is a [`Stamped`] frame: a [`Stamp`] (sender, step, pattern
+//! value) and a [`Body`]. A message larger than the relay's frame limit travels as consecutive
+//! [`Frame::Part`]s that the receiver puts back together (see [`part`]).
+//!
 //! Decoding never panics: every input, however broken, gives a [`Frame`] or a [`DecodeError`]
 //! that says which field was wrong and why. No length read from the input allocates more than
 //! the bytes that remain in the frame.
 
+pub mod close;
+mod codec;
+pub mod part;
+
 use serde::{Deserialize, Serialize};
 
 use crate::pattern::{PatternParams, PatternValue, Step};
+use codec::{Reader, Writer};
 
 /// The wire format's version, the first byte of every frame.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
-/// Flag bit 0: the payload is sealed with an AEAD under a room key. Reserved: version 1 defines
-/// the bit so that a sealed frame is refused clearly rather than misread.
+/// Flag bit 0: the payload is sealed with an AEAD under a room key. Reserved: the bit is defined
+/// so that a sealed frame is refused clearly rather than misread.
 pub const FLAG_SEALED: u8 = 0b0000_0001;
 
 /// Flag bit 1: a room log position (`var`) follows the flags. The relay sets it on every stored
 /// message it sends, so that a client can resume from the last position it received.
 pub const FLAG_POSITIONED: u8 = 0b0000_0010;
 
-/// A relay-assigned node id: the identity of one connection (kept across reconnects).
-/// Id 0 is never assigned.
+/// The document name that stands for every text of a client's document: checkpoints, sync
+/// requests and sync answers of the built-in clients cover the whole document.
+pub const WHOLE_DOC: &str = "*";
+
+/// A relay-assigned node id: the identity of one client in a room (kept across reconnects).
+/// Id 0 is never assigned; as a recipient it means "anyone".
 pub type NodeId = u64;
 
 /// A secret that lets a reconnecting client keep its node id.
@@ -42,8 +55,10 @@ pub type ResumeToken = [u8; 16];
 /// Limits the decoder enforces. A frame or field over a limit is refused, never truncated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest frame, in bytes (default 1 MiB).
+    /// Largest frame, in bytes (default 1 MiB). Larger messages travel in parts.
     pub max_frame: usize,
+    /// Largest message put back together from parts, in bytes (default 64 MiB).
+    pub max_message: usize,
     /// Longest room name, in bytes (default 128).
     pub max_room: usize,
     /// Longest display name or document name, in bytes (default 64).
@@ -56,9 +71,56 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame: 1 << 20,
+            max_message: 64 << 20,
             max_room: 128,
             max_name: 64,
             max_detail: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits for a message put back together from parts: the frame limit becomes the
+    /// message limit.
+    pub fn for_message(&self) -> Limits {
+        Limits {
+            max_frame: self.max_message,
+            ..*self
+        }
+    }
+
+    /// The limits a relay announced in its welcome, with the other fields of `self`.
+    pub fn with_relay(&self, relay: &RelayLimits) -> Limits {
+        Limits {
+            max_frame: relay.max_frame as usize,
+            max_message: relay.max_message as usize,
+            ..*self
+        }
+    }
+}
+
+/// What a relay announces in its welcome, so that a client sends only what it will accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayLimits {
+    /// Largest frame the relay reads, in bytes.
+    pub max_frame: u64,
+    /// Largest message it puts back together from parts, in bytes.
+    pub max_message: u64,
+    /// Frames a connection may send per second, on average.
+    pub rate: u64,
+    /// Frames a connection may send at once, above the average.
+    pub burst: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            max_frame: limits.max_frame as u64,
+            max_message: limits.max_message as u64,
+            rate: 200,
+            burst: 200,
         }
     }
 }
@@ -83,6 +145,10 @@ pub enum Kind {
     Reject = 0x07,
     /// Ephemeral state (cursors, who is typing), fanned out, never stored.
     Presence = 0x08,
+    /// A piece of a message too large for one frame.
+    Part = 0x09,
+    /// Client to relay: the client has seen a refusal; what follows is sent anew.
+    Fence = 0x0a,
     /// Stamped: application data as JSON.
     Data = 0x10,
     /// Stamped: a Yjs v1 document update.
@@ -91,9 +157,9 @@ pub enum Kind {
     Checkpoint = 0x12,
     /// Stamped: a request for what the sender's state vector lacks.
     SyncRequest = 0x13,
-    /// Stamped: an update answering a sync request (or a full resync).
+    /// Stamped: an update answering a sync request.
     SyncState = 0x14,
-    /// Stamped: a full document state at a step, after which the log before it may be compacted.
+    /// Stamped: a full document state, after which the log before it may be compacted.
     Snapshot = 0x15,
 }
 
@@ -109,6 +175,8 @@ impl Kind {
             0x06 => Self::Ack,
             0x07 => Self::Reject,
             0x08 => Self::Presence,
+            0x09 => Self::Part,
+            0x0a => Self::Fence,
             0x10 => Self::Data,
             0x11 => Self::Update,
             0x12 => Self::Checkpoint,
@@ -122,6 +190,34 @@ impl Kind {
     /// Whether frames of this kind carry a [`Stamp`] and are validated against the pattern.
     pub fn is_stamped(self) -> bool {
         (self as u8) >= 0x10
+    }
+
+    /// The camelCase name used in JS (`syncRequest`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Join => "join",
+            Kind::Welcome => "welcome",
+            Kind::CaughtUp => "caughtUp",
+            Kind::PeerJoined => "peerJoined",
+            Kind::PeerLeft => "peerLeft",
+            Kind::Ack => "ack",
+            Kind::Reject => "reject",
+            Kind::Presence => "presence",
+            Kind::Part => "part",
+            Kind::Fence => "fence",
+            Kind::Data => "data",
+            Kind::Update => "update",
+            Kind::Checkpoint => "checkpoint",
+            Kind::SyncRequest => "syncRequest",
+            Kind::SyncState => "syncState",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -147,7 +243,7 @@ pub enum Reason {
     Stale = 7,
     /// Two nodes at the same document version hold different states.
     Desync = 8,
-    /// The sender exceeded its message rate.
+    /// The sender exceeded its message rate. The message was not stored; send it again later.
     RateLimited = 9,
     /// A room or server limit was reached (rooms, members).
     Full = 10,
@@ -155,11 +251,14 @@ pub enum Reason {
     Unexpected = 11,
     /// The relay could not store the message; it was not applied anywhere. Send it again later.
     Unavailable = 12,
+    /// An earlier frame of this connection was refused, so this one was not considered: send a
+    /// fence, then send again from the refused frame on.
+    OutOfOrder = 13,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Malformed,
         Reason::TooLarge,
         Reason::PatternMismatch,
@@ -172,6 +271,7 @@ impl Reason {
         Reason::Full,
         Reason::Unexpected,
         Reason::Unavailable,
+        Reason::OutOfOrder,
     ];
 
     /// The reason for a wire code, if the code names one.
@@ -182,6 +282,15 @@ impl Reason {
     /// The wire code.
     pub fn code(self) -> u8 {
         self as u8
+    }
+
+    /// Whether a message refused for this reason may be accepted when sent again later, with the
+    /// same stamp: the relay refused it for a passing condition, not for what it is.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Reason::RateLimited | Reason::Unavailable | Reason::OutOfOrder
+        )
     }
 
     /// The camelCase name used in JS and in metrics (`patternMismatch`, ...).
@@ -199,6 +308,7 @@ impl Reason {
             Reason::Full => "full",
             Reason::Unexpected => "unexpected",
             Reason::Unavailable => "unavailable",
+            Reason::OutOfOrder => "outOfOrder",
         }
     }
 }
@@ -298,16 +408,120 @@ impl<'de> Deserialize<'de> for Json {
     }
 }
 
-/// One frame of the protocol. In JS a frame is a plain object whose `kind` names the variant
-/// (`{ kind: "data", sender, step, pattern, data }`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(
-    tag = "kind",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase"
-)]
+/// The content of a stamped message. Which kinds are stored in the room log and acknowledged
+/// ([`Body::is_durable`]) and which reach one node only ([`Body::recipient`]) is decided here, once,
+/// for the relay and every client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// Application data, as JSON (the seed's `data: { temperature: 23.5 }`).
+    Data {
+        /// The data.
+        data: Json,
+    },
+    /// A Yjs v1 update to the document `doc`.
+    Update {
+        /// The document's name.
+        doc: String,
+        /// The update, Yjs v1 encoding.
+        update: Vec<u8>,
+    },
+    /// The digest of the sender's copy of `doc` at a version: its state vector and its
+    /// deletions. Two replicas at the same version must have the same digest.
+    Checkpoint {
+        /// The document's name.
+        doc: String,
+        /// What the sender has (a Yjs state vector).
+        state_vector: Vec<u8>,
+        /// A 64-bit hash of what the sender has deleted (its delete set): a state vector alone
+        /// does not move on a delete.
+        deletes: u64,
+        /// The digest of the content at that version.
+        digest: u64,
+    },
+    /// A request for everything the sender's state vector lacks, from one node or from anyone.
+    SyncRequest {
+        /// The document's name.
+        doc: String,
+        /// What the sender has (a Yjs state vector); empty asks for the whole document.
+        state_vector: Vec<u8>,
+        /// The node asked to answer (0: any node that has something to add).
+        to: NodeId,
+    },
+    /// An update answering a sync request.
+    SyncState {
+        /// The document's name.
+        doc: String,
+        /// The missing part, as a Yjs v1 update.
+        update: Vec<u8>,
+        /// The node that asked (0: everyone).
+        to: NodeId,
+    },
+    /// The full state of `doc`; the relay may drop the log before it.
+    Snapshot {
+        /// The document's name.
+        doc: String,
+        /// The whole document, as a Yjs v1 update.
+        state: Vec<u8>,
+    },
+}
+
+impl Body {
+    /// The frame kind of this body.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Body::Data { .. } => Kind::Data,
+            Body::Update { .. } => Kind::Update,
+            Body::Checkpoint { .. } => Kind::Checkpoint,
+            Body::SyncRequest { .. } => Kind::SyncRequest,
+            Body::SyncState { .. } => Kind::SyncState,
+            Body::Snapshot { .. } => Kind::Snapshot,
+        }
+    }
+
+    /// The document the body concerns, if any.
+    pub fn doc(&self) -> Option<&str> {
+        match self {
+            Body::Data { .. } => None,
+            Body::Update { doc, .. }
+            | Body::Checkpoint { doc, .. }
+            | Body::SyncRequest { doc, .. }
+            | Body::SyncState { doc, .. }
+            | Body::Snapshot { doc, .. } => Some(doc),
+        }
+    }
+
+    /// Whether the relay stores the message in the room log, replays it to late joiners and
+    /// acknowledges it: data, updates and snapshots. Checkpoints and the sync exchange are about
+    /// the moment they are sent; they are validated and forwarded, never stored.
+    pub fn is_durable(&self) -> bool {
+        matches!(
+            self,
+            Body::Data { .. } | Body::Update { .. } | Body::Snapshot { .. }
+        )
+    }
+
+    /// The one node this message is for, if it is not for the whole room.
+    pub fn recipient(&self) -> Option<NodeId> {
+        match self {
+            Body::SyncRequest { to, .. } | Body::SyncState { to, .. } if *to != 0 => Some(*to),
+            _ => None,
+        }
+    }
+}
+
+/// A stamped message: its stamp and its body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamped {
+    /// Sender, step and pattern.
+    pub stamp: Stamp,
+    /// What it carries.
+    pub body: Body,
+}
+
+/// One frame of the protocol.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    /// The first frame a client sends: which room, from which step, as whom.
+    /// The first frame a client sends: which room, from which log position, as whom.
     Join {
         /// The room to join (1 to [`Limits::max_room`] bytes).
         room: String,
@@ -317,21 +531,20 @@ pub enum Frame {
         /// every logged message after it.
         since: u64,
         /// The token of an earlier welcome, to keep the same node id.
-        #[serde(default, with = "option_token")]
         resume: Option<ResumeToken>,
         /// The settings to create the room with, if it does not exist yet.
-        #[serde(default)]
         config: Option<RoomConfig>,
     },
     /// The relay's answer to a join.
     Welcome {
-        /// The node id of this connection from now on.
+        /// The node id of this client from now on.
         node: NodeId,
         /// Present this in a later join to keep `node`.
-        #[serde(with = "token")]
         resume: ResumeToken,
         /// The room's settings.
         config: RoomConfig,
+        /// What the relay accepts from this connection.
+        limits: RelayLimits,
         /// The room's highest accepted step.
         high: Step,
         /// The other members present.
@@ -354,7 +567,8 @@ pub enum Frame {
         /// The member's node id.
         node: NodeId,
     },
-    /// The sender's message at `step` is durable in the room log, at `position`.
+    /// The sender's message at `step` is durable in the room log, at `position`. Each stored
+    /// message gets its own acknowledgement, which covers that message only.
     Ack {
         /// The acknowledged step.
         step: Step,
@@ -377,76 +591,31 @@ pub enum Frame {
         /// The state, as JSON.
         data: Json,
     },
-    /// Application data, as JSON (the seed's `data: { temperature: 23.5 }`).
-    Data {
-        /// Sender, step and pattern.
-        #[serde(flatten)]
-        stamp: Stamp,
-        /// The data.
-        data: Json,
+    /// A piece of a message too large for one frame (see [`part`]).
+    Part {
+        /// The whole message's length in bytes.
+        total: u64,
+        /// Where this piece starts in it.
+        offset: u64,
+        /// The piece.
+        bytes: Vec<u8>,
     },
-    /// A Yjs v1 update to the document `doc`.
-    Update {
-        /// Sender, step and pattern.
-        #[serde(flatten)]
-        stamp: Stamp,
-        /// The document's name.
-        doc: String,
-        /// The update, Yjs v1 encoding.
-        #[serde(with = "serde_bytes")]
-        update: Vec<u8>,
+    /// The client has seen the refusal of its frame at `step`: the relay stops refusing its
+    /// frames as [`Reason::OutOfOrder`], and what follows is sent anew.
+    Fence {
+        /// The step of the refusal this answers.
+        step: Step,
     },
-    /// The digest of the sender's copy of `doc` at the version `state_vector`.
-    Checkpoint {
-        /// Sender, step and pattern.
-        #[serde(flatten)]
-        stamp: Stamp,
-        /// The document's name.
-        doc: String,
-        /// The version the digest is for (a Yjs state vector).
-        #[serde(with = "serde_bytes")]
-        state_vector: Vec<u8>,
-        /// The digest of the document's content at that version (16 hex digits in JS, where a
-        /// number could not hold 64 bits).
-        #[serde(with = "hex_u64")]
-        digest: u64,
-    },
-    /// A request for everything the sender's state vector lacks.
-    SyncRequest {
-        /// Sender, step and pattern.
-        #[serde(flatten)]
-        stamp: Stamp,
-        /// The document's name.
-        doc: String,
-        /// What the sender has (a Yjs state vector).
-        #[serde(with = "serde_bytes")]
-        state_vector: Vec<u8>,
-    },
-    /// An update answering a sync request.
-    SyncState {
-        /// Sender, step and pattern.
-        #[serde(flatten)]
-        stamp: Stamp,
-        /// The document's name.
-        doc: String,
-        /// The missing part, as a Yjs v1 update.
-        #[serde(with = "serde_bytes")]
-        update: Vec<u8>,
-    },
-    /// The full state of `doc` at this step; the relay may drop the log before it.
-    Snapshot {
-        /// Sender, step and pattern.
-        #[serde(flatten)]
-        stamp: Stamp,
-        /// The document's name.
-        doc: String,
-        /// The whole document, as a Yjs v1 update.
-        #[serde(with = "serde_bytes")]
-        state: Vec<u8>,
-    },
+    /// A stamped message.
+    Stamped(Stamped),
 }
 
 impl Frame {
+    /// A stamped frame.
+    pub fn stamped(stamp: Stamp, body: Body) -> Frame {
+        Frame::Stamped(Stamped { stamp, body })
+    }
+
     /// The frame's kind.
     pub fn kind(&self) -> Kind {
         match self {
@@ -458,37 +627,25 @@ impl Frame {
             Frame::Ack { .. } => Kind::Ack,
             Frame::Reject { .. } => Kind::Reject,
             Frame::Presence { .. } => Kind::Presence,
-            Frame::Data { .. } => Kind::Data,
-            Frame::Update { .. } => Kind::Update,
-            Frame::Checkpoint { .. } => Kind::Checkpoint,
-            Frame::SyncRequest { .. } => Kind::SyncRequest,
-            Frame::SyncState { .. } => Kind::SyncState,
-            Frame::Snapshot { .. } => Kind::Snapshot,
+            Frame::Part { .. } => Kind::Part,
+            Frame::Fence { .. } => Kind::Fence,
+            Frame::Stamped(s) => s.body.kind(),
         }
     }
 
-    /// The stamp of a stamped frame (data, update, checkpoint, sync, snapshot).
+    /// The stamp of a stamped frame.
     pub fn stamp(&self) -> Option<&Stamp> {
         match self {
-            Frame::Data { stamp, .. }
-            | Frame::Update { stamp, .. }
-            | Frame::Checkpoint { stamp, .. }
-            | Frame::SyncRequest { stamp, .. }
-            | Frame::SyncState { stamp, .. }
-            | Frame::Snapshot { stamp, .. } => Some(stamp),
+            Frame::Stamped(s) => Some(&s.stamp),
             _ => None,
         }
     }
 
-    /// Encodes the frame. Encoding does not check limits; the receiver's decoder does.
+    /// Encodes the frame. Encoding does not check limits; the receiver's decoder does, and a
+    /// sender splits what is too large with [`part::fragment`].
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(32));
-        w.0.extend_from_slice(&[PROTOCOL_VERSION, self.kind() as u8, 0]);
-        if let Some(stamp) = self.stamp() {
-            w.var(stamp.sender);
-            w.var(stamp.step);
-            w.var(stamp.pattern);
-        }
+        let mut w = Writer::with_capacity(32);
+        w.raw(&[PROTOCOL_VERSION, self.kind() as u8, 0]);
         match self {
             Frame::Join {
                 room,
@@ -500,31 +657,30 @@ impl Frame {
                 w.str(room);
                 w.str(name);
                 w.var(*since);
-                match resume {
-                    Some(token) => {
-                        w.0.push(1);
-                        w.0.extend_from_slice(token);
-                    }
-                    None => w.0.push(0),
+                w.flag(resume.is_some());
+                if let Some(token) = resume {
+                    w.raw(token);
                 }
-                match config {
-                    Some(config) => {
-                        w.0.push(1);
-                        w.room_config(config);
-                    }
-                    None => w.0.push(0),
+                w.flag(config.is_some());
+                if let Some(config) = config {
+                    room_config(&mut w, config);
                 }
             }
             Frame::Welcome {
                 node,
                 resume,
                 config,
+                limits,
                 high,
                 peers,
             } => {
                 w.var(*node);
-                w.0.extend_from_slice(resume);
-                w.room_config(config);
+                w.raw(resume);
+                room_config(&mut w, config);
+                w.var(limits.max_frame);
+                w.var(limits.max_message);
+                w.var(limits.rate);
+                w.var(limits.burst);
                 w.var(*high);
                 w.var(peers.len() as u64);
                 for peer in peers {
@@ -551,37 +707,63 @@ impl Frame {
                 detail,
             } => {
                 w.var(*step);
-                w.0.push(reason.code());
+                w.u8(reason.code());
                 w.str(detail);
             }
             Frame::Presence { sender, data } => {
                 w.var(*sender);
                 w.str(data.as_str());
             }
-            Frame::Data { data, .. } => w.str(data.as_str()),
-            Frame::Update { doc, update, .. } | Frame::SyncState { doc, update, .. } => {
-                w.str(doc);
-                w.bytes(update);
-            }
-            Frame::Snapshot { doc, state, .. } => {
-                w.str(doc);
-                w.bytes(state);
-            }
-            Frame::Checkpoint {
-                doc,
-                state_vector,
-                digest,
-                ..
+            Frame::Part {
+                total,
+                offset,
+                bytes,
             } => {
-                w.str(doc);
-                w.bytes(state_vector);
-                w.0.extend_from_slice(&digest.to_le_bytes());
+                w.var(*total);
+                w.var(*offset);
+                w.bytes(bytes);
             }
-            Frame::SyncRequest {
-                doc, state_vector, ..
-            } => {
-                w.str(doc);
-                w.bytes(state_vector);
+            Frame::Fence { step } => w.var(*step),
+            Frame::Stamped(Stamped { stamp, body }) => {
+                w.var(stamp.sender);
+                w.var(stamp.step);
+                w.var(stamp.pattern);
+                match body {
+                    Body::Data { data } => w.str(data.as_str()),
+                    Body::Update { doc, update } => {
+                        w.str(doc);
+                        w.bytes(update);
+                    }
+                    Body::Checkpoint {
+                        doc,
+                        state_vector,
+                        deletes,
+                        digest,
+                    } => {
+                        w.str(doc);
+                        w.bytes(state_vector);
+                        w.raw(&deletes.to_le_bytes());
+                        w.raw(&digest.to_le_bytes());
+                    }
+                    Body::SyncRequest {
+                        doc,
+                        state_vector,
+                        to,
+                    } => {
+                        w.str(doc);
+                        w.bytes(state_vector);
+                        w.var(*to);
+                    }
+                    Body::SyncState { doc, update, to } => {
+                        w.str(doc);
+                        w.bytes(update);
+                        w.var(*to);
+                    }
+                    Body::Snapshot { doc, state } => {
+                        w.str(doc);
+                        w.bytes(state);
+                    }
+                }
             }
         }
         w.0
@@ -606,7 +788,7 @@ impl Frame {
                 max: limits.max_frame,
             });
         }
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader::new(bytes);
         let version = r.u8("version")?;
         if version != PROTOCOL_VERSION {
             return Err(DecodeError::UnknownVersion(version));
@@ -627,22 +809,28 @@ impl Frame {
         };
         let frame = match kind {
             Kind::Join => Frame::Join {
-                room: r.room(limits)?,
+                room: room(&mut r, limits)?,
                 name: r.str("name", limits.max_name)?,
                 since: r.var("since")?,
                 resume: match r.flag("resume")? {
-                    true => Some(r.token()?),
+                    true => Some(r.array("resume")?),
                     false => None,
                 },
                 config: match r.flag("config")? {
-                    true => Some(r.room_config()?),
+                    true => Some(read_room_config(&mut r)?),
                     false => None,
                 },
             },
             Kind::Welcome => {
                 let node = r.var("node")?;
-                let resume = r.token()?;
-                let config = r.room_config()?;
+                let resume = r.array("resume")?;
+                let config = read_room_config(&mut r)?;
+                let limits_announced = RelayLimits {
+                    max_frame: r.var("limits.max_frame")?,
+                    max_message: r.var("limits.max_message")?,
+                    rate: r.var("limits.rate")?,
+                    burst: r.var("limits.burst")?,
+                };
                 let high = r.var("high")?;
                 let count = r.var("peers")?;
                 // Each peer takes at least two bytes: never allocate past what remains.
@@ -657,6 +845,7 @@ impl Frame {
                     node,
                     resume,
                     config,
+                    limits: limits_announced,
                     high,
                     peers,
                 }
@@ -688,44 +877,98 @@ impl Frame {
             },
             Kind::Presence => Frame::Presence {
                 sender: r.var("sender")?,
-                data: r.json()?,
+                data: json(&mut r)?,
             },
-            Kind::Data => Frame::Data {
-                stamp: r.stamp()?,
-                data: r.json()?,
+            Kind::Part => Frame::Part {
+                total: r.var("total")?,
+                offset: r.var("offset")?,
+                bytes: r.bytes("bytes")?.to_vec(),
             },
-            Kind::Update => Frame::Update {
-                stamp: r.stamp()?,
-                doc: r.str("doc", limits.max_name)?,
-                update: r.bytes("update")?.to_vec(),
+            Kind::Fence => Frame::Fence {
+                step: r.var("step")?,
             },
-            Kind::Checkpoint => Frame::Checkpoint {
-                stamp: r.stamp()?,
-                doc: r.str("doc", limits.max_name)?,
-                state_vector: r.bytes("state_vector")?.to_vec(),
-                digest: u64::from_le_bytes(r.array("digest")?),
-            },
-            Kind::SyncRequest => Frame::SyncRequest {
-                stamp: r.stamp()?,
-                doc: r.str("doc", limits.max_name)?,
-                state_vector: r.bytes("state_vector")?.to_vec(),
-            },
-            Kind::SyncState => Frame::SyncState {
-                stamp: r.stamp()?,
-                doc: r.str("doc", limits.max_name)?,
-                update: r.bytes("update")?.to_vec(),
-            },
-            Kind::Snapshot => Frame::Snapshot {
-                stamp: r.stamp()?,
-                doc: r.str("doc", limits.max_name)?,
-                state: r.bytes("state")?.to_vec(),
-            },
+            Kind::Data
+            | Kind::Update
+            | Kind::Checkpoint
+            | Kind::SyncRequest
+            | Kind::SyncState
+            | Kind::Snapshot => {
+                let stamp = Stamp {
+                    sender: r.var("sender")?,
+                    step: r.var("step")?,
+                    pattern: r.var("pattern")?,
+                };
+                let body = match kind {
+                    Kind::Data => Body::Data { data: json(&mut r)? },
+                    Kind::Update => Body::Update {
+                        doc: r.str("doc", limits.max_name)?,
+                        update: r.bytes("update")?.to_vec(),
+                    },
+                    Kind::Checkpoint => Body::Checkpoint {
+                        doc: r.str("doc", limits.max_name)?,
+                        state_vector: r.bytes("state_vector")?.to_vec(),
+                        deletes: u64::from_le_bytes(r.array("deletes")?),
+                        digest: u64::from_le_bytes(r.array("digest")?),
+                    },
+                    Kind::SyncRequest => Body::SyncRequest {
+                        doc: r.str("doc", limits.max_name)?,
+                        state_vector: r.bytes("state_vector")?.to_vec(),
+                        to: r.var("to")?,
+                    },
+                    Kind::SyncState => Body::SyncState {
+                        doc: r.str("doc", limits.max_name)?,
+                        update: r.bytes("update")?.to_vec(),
+                        to: r.var("to")?,
+                    },
+                    _ => Body::Snapshot {
+                        doc: r.str("doc", limits.max_name)?,
+                        state: r.bytes("state")?.to_vec(),
+                    },
+                };
+                Frame::Stamped(Stamped { stamp, body })
+            }
         };
         if r.remaining() != 0 {
             return Err(DecodeError::TrailingBytes(r.remaining()));
         }
         Ok(Positioned { position, frame })
     }
+}
+
+fn room_config(w: &mut Writer, config: &RoomConfig) {
+    w.var(config.pattern.seed);
+    w.var(config.pattern.multiplier);
+    w.var(config.pattern.reset_interval);
+    w.var(config.max_future);
+    w.var(config.stale_window.map_or(0, |w| w.saturating_add(1)));
+}
+
+fn read_room_config(r: &mut Reader<'_>) -> Result<RoomConfig, DecodeError> {
+    let pattern = PatternParams {
+        seed: r.var("config.seed")?,
+        multiplier: r.var("config.multiplier")?,
+        reset_interval: r.var("config.reset_interval")?,
+    };
+    crate::pattern::PatternConfig::new(pattern)?;
+    Ok(RoomConfig {
+        pattern,
+        max_future: r.var("config.max_future")?,
+        stale_window: r.var("config.stale_window")?.checked_sub(1),
+    })
+}
+
+fn room(r: &mut Reader<'_>, limits: &Limits) -> Result<String, DecodeError> {
+    let room = r.str("room", limits.max_room)?;
+    if room.is_empty() {
+        return Err(DecodeError::Empty("room"));
+    }
+    Ok(room)
+}
+
+fn json(r: &mut Reader<'_>) -> Result<Json, DecodeError> {
+    let bytes = r.bytes("data")?;
+    let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8("data"))?;
+    Json::parse(text).map_err(|e| DecodeError::InvalidJson(e.to_string()))
 }
 
 /// A decoded frame with the room log position its header carried, if any.
@@ -739,22 +982,23 @@ pub struct Positioned {
 
 /// Rewrites the header of an encoded frame to carry the room log `position`, keeping every
 /// other byte (the sender's stamp and body are untouched). Returns `None` if `bytes` is not a
-/// version-1 frame without a position.
+/// frame of this version without a position.
 pub fn with_position(bytes: &[u8], position: u64) -> Option<Vec<u8>> {
     if bytes.len() < 3 || bytes[0] != PROTOCOL_VERSION || bytes[2] & FLAG_POSITIONED != 0 {
         return None;
     }
-    let mut w = Writer(Vec::with_capacity(bytes.len() + 10));
-    w.0.extend_from_slice(&[bytes[0], bytes[1], bytes[2] | FLAG_POSITIONED]);
+    let mut w = Writer::with_capacity(bytes.len() + codec::var_len(position));
+    w.raw(&[bytes[0], bytes[1], bytes[2] | FLAG_POSITIONED]);
     w.var(position);
-    w.0.extend_from_slice(&bytes[3..]);
+    w.raw(&bytes[3..]);
     Some(w.0)
 }
 
 /// Reads only the header of a stamped frame: its kind and stamp, without decoding the body.
-/// Returns `None` for a frame too short or not stamped. Useful to reject or route quickly.
+/// Returns `None` for a frame too short or not stamped. Useful to name the step of a frame that
+/// is refused before it is decoded.
 pub fn peek_stamp(bytes: &[u8]) -> Option<(Kind, Stamp)> {
-    let mut r = Reader { bytes, pos: 0 };
+    let mut r = Reader::new(bytes);
     if r.u8("version").ok()? != PROTOCOL_VERSION {
         return None;
     }
@@ -766,7 +1010,14 @@ pub fn peek_stamp(bytes: &[u8]) -> Option<(Kind, Stamp)> {
     if flags & FLAG_POSITIONED != 0 {
         r.var("position").ok()?;
     }
-    Some((kind, r.stamp().ok()?))
+    Some((
+        kind,
+        Stamp {
+            sender: r.var("sender").ok()?,
+            step: r.var("step").ok()?,
+            pattern: r.var("pattern").ok()?,
+        },
+    ))
 }
 
 /// What was wrong with a frame that did not decode.
@@ -775,7 +1026,7 @@ pub enum DecodeError {
     /// The frame or a field is over its limit.
     #[error("{field} is {len} bytes, over the limit of {max}")]
     TooLarge {
-        /// Which field (`frame` for the whole frame).
+        /// Which field (`frame` for the whole frame, `message` for one put back together).
         field: &'static str,
         /// Its length.
         len: usize,
@@ -786,12 +1037,12 @@ pub enum DecodeError {
     #[error("the frame ends inside the field `{0}`")]
     Truncated(&'static str),
     /// The first byte is not a known protocol version.
-    #[error("unknown protocol version {0} (this build speaks version 1)")]
+    #[error("unknown protocol version {0} (this build speaks version 2)")]
     UnknownVersion(u8),
     /// The kind byte names no frame kind.
     #[error("unknown frame kind 0x{0:02x}")]
     UnknownKind(u8),
-    /// The sealed flag is set; version 1 does not open sealed payloads.
+    /// The sealed flag is set; this version does not open sealed payloads.
     #[error("the frame is sealed (flag bit 0), which this version does not support")]
     SealedUnsupported,
     /// A flag bit other than the defined ones is set.
@@ -826,6 +1077,9 @@ pub enum DecodeError {
     /// Bytes remain after the last field.
     #[error("{0} unexpected bytes after the end of the frame")]
     TrailingBytes(usize),
+    /// A part does not continue the message being put back together.
+    #[error("a part is out of sequence: {0}")]
+    PartSequence(&'static str),
 }
 
 impl DecodeError {
@@ -835,204 +1089,6 @@ impl DecodeError {
             DecodeError::TooLarge { .. } => Reason::TooLarge,
             _ => Reason::Malformed,
         }
-    }
-}
-
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn var(&mut self, mut value: u64) {
-        while value >= 0x80 {
-            self.0.push((value as u8) | 0x80);
-            value >>= 7;
-        }
-        self.0.push(value as u8);
-    }
-
-    fn bytes(&mut self, bytes: &[u8]) {
-        self.var(bytes.len() as u64);
-        self.0.extend_from_slice(bytes);
-    }
-
-    fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-
-    fn room_config(&mut self, config: &RoomConfig) {
-        self.var(config.pattern.seed);
-        self.var(config.pattern.multiplier);
-        self.var(config.pattern.reset_interval);
-        self.var(config.max_future);
-        self.var(config.stale_window.map_or(0, |w| w.saturating_add(1)));
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
-    }
-
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
-        if n > self.remaining() {
-            return Err(DecodeError::Truncated(field));
-        }
-        let slice = &self.bytes[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(slice)
-    }
-
-    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.take(1, field)?[0])
-    }
-
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
-        let mut out = [0; N];
-        out.copy_from_slice(self.take(N, field)?);
-        Ok(out)
-    }
-
-    fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
-        match self.u8(field)? {
-            0 => Ok(false),
-            1 => Ok(true),
-            value => Err(DecodeError::InvalidFlag { field, value }),
-        }
-    }
-
-    fn var(&mut self, field: &'static str) -> Result<u64, DecodeError> {
-        let mut value = 0u64;
-        for i in 0..10 {
-            let byte = self.u8(field)?;
-            let low = u64::from(byte & 0x7f);
-            // The tenth byte may only carry the 64th bit.
-            if i == 9 && low > 1 {
-                return Err(DecodeError::VarintOverflow(field));
-            }
-            value |= low << (7 * i);
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(DecodeError::VarintOverflow(field))
-    }
-
-    fn bytes(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
-        let len = self.var(field)?;
-        if len > self.remaining() as u64 {
-            return Err(DecodeError::Truncated(field));
-        }
-        self.take(len as usize, field)
-    }
-
-    fn str(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
-        let bytes = self.bytes(field)?;
-        if bytes.len() > max {
-            return Err(DecodeError::TooLarge {
-                field,
-                len: bytes.len(),
-                max,
-            });
-        }
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::InvalidUtf8(field))
-    }
-
-    fn stamp(&mut self) -> Result<Stamp, DecodeError> {
-        Ok(Stamp {
-            sender: self.var("sender")?,
-            step: self.var("step")?,
-            pattern: self.var("pattern")?,
-        })
-    }
-
-    fn room(&mut self, limits: &Limits) -> Result<String, DecodeError> {
-        let room = self.str("room", limits.max_room)?;
-        if room.is_empty() {
-            return Err(DecodeError::Empty("room"));
-        }
-        Ok(room)
-    }
-
-    fn json(&mut self) -> Result<Json, DecodeError> {
-        let bytes = self.bytes("data")?;
-        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8("data"))?;
-        Json::parse(text).map_err(|e| DecodeError::InvalidJson(e.to_string()))
-    }
-
-    fn token(&mut self) -> Result<ResumeToken, DecodeError> {
-        self.array("resume")
-    }
-
-    fn room_config(&mut self) -> Result<RoomConfig, DecodeError> {
-        let pattern = PatternParams {
-            seed: self.var("config.seed")?,
-            multiplier: self.var("config.multiplier")?,
-            reset_interval: self.var("config.reset_interval")?,
-        };
-        crate::pattern::PatternConfig::new(pattern)?;
-        Ok(RoomConfig {
-            pattern,
-            max_future: self.var("config.max_future")?,
-            stale_window: self.var("config.stale_window")?.checked_sub(1),
-        })
-    }
-}
-
-/// Serde for a 64-bit digest as 16 hex digits.
-mod hex_u64 {
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{value:016x}"))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        let text = String::deserialize(d)?;
-        if text.len() != 16 {
-            return Err(D::Error::custom("digest must be 16 hex digits"));
-        }
-        u64::from_str_radix(&text, 16).map_err(|_| D::Error::custom("digest must be 16 hex digits"))
-    }
-}
-
-/// Serde for a resume token: 16 bytes (a `Uint8Array` in JS).
-mod token {
-    use super::ResumeToken;
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(token: &ResumeToken, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(token)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ResumeToken, D::Error> {
-        let bytes = serde_bytes::ByteBuf::deserialize(d)?;
-        ResumeToken::try_from(bytes.as_slice())
-            .map_err(|_| D::Error::custom(format!("resume must be 16 bytes, not {}", bytes.len())))
-    }
-}
-
-/// Serde for an optional resume token.
-mod option_token {
-    use super::ResumeToken;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(token: &Option<ResumeToken>, s: S) -> Result<S::Ok, S::Error> {
-        match token {
-            Some(token) => s.serialize_some(serde_bytes::Bytes::new(token)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ResumeToken>, D::Error> {
-        #[derive(Deserialize)]
-        struct Wrap(#[serde(with = "super::token")] ResumeToken);
-        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
     }
 }
 
@@ -1048,7 +1104,8 @@ mod tests {
         }
     }
 
-    fn samples() -> Vec<Frame> {
+    pub(crate) fn samples() -> Vec<Frame> {
+        let stamped = |body| Frame::stamped(stamp(), body);
         vec![
             Frame::Join {
                 room: "doc-1".into(),
@@ -1071,6 +1128,7 @@ mod tests {
                 node: 1,
                 resume: [1; 16],
                 config: RoomConfig::default(),
+                limits: RelayLimits::default(),
                 high: u64::MAX,
                 peers: vec![Peer {
                     node: 2,
@@ -1101,36 +1159,39 @@ mod tests {
                 sender: 4,
                 data: Json::parse(r#"{"cursor":3}"#).unwrap(),
             },
-            Frame::Data {
-                stamp: stamp(),
-                data: Json::parse(r#"{"temperature":23.5}"#).unwrap(),
+            Frame::Part {
+                total: 3_000_000,
+                offset: 1_048_000,
+                bytes: vec![5; 100],
             },
-            Frame::Update {
-                stamp: stamp(),
+            Frame::Fence { step: 77 },
+            stamped(Body::Data {
+                data: Json::parse(r#"{"temperature":23.5}"#).unwrap(),
+            }),
+            stamped(Body::Update {
                 doc: "content".into(),
                 update: vec![1, 2, 3],
-            },
-            Frame::Checkpoint {
-                stamp: stamp(),
+            }),
+            stamped(Body::Checkpoint {
                 doc: "content".into(),
                 state_vector: vec![0],
+                deletes: 17,
                 digest: u64::MAX - 1,
-            },
-            Frame::SyncRequest {
-                stamp: stamp(),
+            }),
+            stamped(Body::SyncRequest {
                 doc: "content".into(),
                 state_vector: vec![],
-            },
-            Frame::SyncState {
-                stamp: stamp(),
+                to: 4,
+            }),
+            stamped(Body::SyncState {
                 doc: "content".into(),
                 update: vec![0, 0],
-            },
-            Frame::Snapshot {
-                stamp: stamp(),
+                to: 0,
+            }),
+            stamped(Body::Snapshot {
                 doc: "content".into(),
                 state: vec![7; 300],
-            },
+            }),
         ]
     }
 
@@ -1159,7 +1220,12 @@ mod tests {
 
     #[test]
     fn peek_reads_the_stamp_without_the_body() {
-        let frame = &samples()[9];
+        let frame = Frame::stamped(
+            stamp(),
+            Body::Data {
+                data: Json::parse("1").unwrap(),
+            },
+        );
         assert_eq!(peek_stamp(&frame.encode()), Some((Kind::Data, stamp())));
         assert_eq!(peek_stamp(&Frame::PeerLeft { node: 1 }.encode()), None);
         let positioned = with_position(&frame.encode(), 300).unwrap();
@@ -1182,40 +1248,59 @@ mod tests {
     }
 
     #[test]
+    fn durability_and_recipients_are_decided_by_the_body() {
+        let durable: Vec<Kind> = samples()
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Stamped(s) if s.body.is_durable() => Some(s.body.kind()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(durable, [Kind::Data, Kind::Update, Kind::Snapshot]);
+        let to = |to| Body::SyncRequest {
+            doc: "*".into(),
+            state_vector: vec![],
+            to,
+        };
+        assert_eq!(to(4).recipient(), Some(4));
+        assert_eq!(to(0).recipient(), None);
+    }
+
+    #[test]
     fn header_errors_name_what_is_wrong() {
         assert_eq!(Frame::decode(&[]), Err(DecodeError::Truncated("version")));
         assert_eq!(
-            Frame::decode(&[2, 1, 0]),
-            Err(DecodeError::UnknownVersion(2))
+            Frame::decode(&[1, 1, 0]),
+            Err(DecodeError::UnknownVersion(1))
         );
         assert_eq!(
-            Frame::decode(&[1, 0x7f, 0]),
+            Frame::decode(&[2, 0x7f, 0]),
             Err(DecodeError::UnknownKind(0x7f))
         );
         assert_eq!(
-            Frame::decode(&[1, 6, 1, 0]),
+            Frame::decode(&[2, 6, 1, 0]),
             Err(DecodeError::SealedUnsupported)
         );
         assert_eq!(
-            Frame::decode(&[1, 6, 4, 0]),
+            Frame::decode(&[2, 6, 4, 0]),
             Err(DecodeError::ReservedFlags(4))
         );
         assert_eq!(
-            Frame::decode(&[1, 6, 0, 0, 0, 0]),
+            Frame::decode(&[2, 6, 0, 0, 0, 0]),
             Err(DecodeError::TrailingBytes(1))
         );
     }
 
     #[test]
     fn varints_over_64_bits_are_refused() {
-        let mut bytes = vec![1, 6, 0];
+        let mut bytes = vec![2, 6, 0];
         bytes.extend_from_slice(&[0xff; 9]);
         bytes.push(0x02);
         assert_eq!(
             Frame::decode(&bytes),
             Err(DecodeError::VarintOverflow("step"))
         );
-        let mut max = vec![1, 6, 0];
+        let mut max = vec![2, 6, 0];
         max.extend_from_slice(&[0xff; 9]);
         max.extend_from_slice(&[0x01, 0x05]);
         assert_eq!(
@@ -1262,6 +1347,7 @@ mod tests {
             node: 1,
             resume: [0; 16],
             config: RoomConfig::default(),
+            limits: RelayLimits::default(),
             high: 0,
             peers: vec![],
         }
@@ -1276,13 +1362,13 @@ mod tests {
 
     #[test]
     fn invalid_json_and_utf8_are_malformed() {
-        let mut bytes = vec![1, Kind::Data as u8, 0, 1, 1, 7, 3];
+        let mut bytes = vec![2, Kind::Data as u8, 0, 1, 1, 7, 3];
         bytes.extend_from_slice(b"{x}");
         assert!(matches!(
             Frame::decode(&bytes),
             Err(DecodeError::InvalidJson(_))
         ));
-        let mut bytes = vec![1, Kind::Data as u8, 0, 1, 1, 7, 2];
+        let mut bytes = vec![2, Kind::Data as u8, 0, 1, 1, 7, 2];
         bytes.extend_from_slice(&[0xc3, 0x28]);
         assert_eq!(Frame::decode(&bytes), Err(DecodeError::InvalidUtf8("data")));
     }
@@ -1315,19 +1401,5 @@ mod tests {
         }
         assert_eq!(Reason::from_code(0), None);
         assert_eq!(Reason::from_code(200), None);
-    }
-
-    #[test]
-    fn frames_serialise_to_camel_case_objects() {
-        let json = serde_json::to_value(&samples()[9]).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({
-                "kind": "data", "sender": 3, "step": 300, "pattern": 7,
-                "data": { "temperature": 23.5 }
-            })
-        );
-        let back: Frame = serde_json::from_value(json).unwrap();
-        assert_eq!(back, samples()[9]);
     }
 }

@@ -1,0 +1,264 @@
+//! Messages larger than one frame: [`fragment`] splits an encoded frame into [`Frame::Part`]s,
+//! and a [`Reassembler`] on the other side puts them back together before the whole is decoded.
+//!
+//! A part carries the whole message's length and the offset of its piece. The parts of one
+//! message travel in order and back to back on one connection; other frames may come between
+//! them (a presence update, say), but not the start of another message. The receiver holds at
+//! most one message in progress per connection, grows it only as bytes arrive (a part that
+//! claims a huge total allocates nothing by itself), and refuses a total over its message limit.
+//! The relay puts a message together, validates it and stores it whole; when it sends it on, it
+//! splits it again for each receiver's frame limit.
+
+use super::codec::var_len;
+use super::{DecodeError, Frame, PROTOCOL_VERSION};
+
+/// The bytes a part frame adds around its piece: the header and three varints.
+pub fn overhead(total: u64, offset: u64, piece: usize) -> usize {
+    3 + var_len(total) + var_len(offset) + var_len(piece as u64)
+}
+
+/// Splits the encoded frame `bytes` into part frames of at most `max_frame` bytes each; a frame
+/// that already fits comes back as it is, alone.
+///
+/// `max_frame` must leave room for a part's header (at least 64 bytes).
+pub fn fragment(bytes: &[u8], max_frame: usize) -> Vec<Vec<u8>> {
+    if bytes.len() <= max_frame {
+        return vec![bytes.to_vec()];
+    }
+    let total = bytes.len() as u64;
+    // The largest header any part of this message can have.
+    let piece = max_frame.saturating_sub(overhead(total, total, max_frame)).max(1);
+    bytes
+        .chunks(piece)
+        .enumerate()
+        .map(|(i, chunk)| {
+            Frame::Part {
+                total,
+                offset: (i * piece) as u64,
+                bytes: chunk.to_vec(),
+            }
+            .encode()
+        })
+        .collect()
+}
+
+/// How many frames [`fragment`] makes of a message of `len` bytes.
+pub fn count(len: usize, max_frame: usize) -> usize {
+    if len <= max_frame {
+        return 1;
+    }
+    let total = len as u64;
+    let piece = max_frame.saturating_sub(overhead(total, total, max_frame)).max(1);
+    len.div_ceil(piece)
+}
+
+/// Puts the parts of one message back together.
+#[derive(Debug, Default)]
+pub struct Reassembler {
+    partial: Option<Partial>,
+}
+
+#[derive(Debug)]
+struct Partial {
+    total: usize,
+    bytes: Vec<u8>,
+}
+
+impl Reassembler {
+    /// A reassembler with nothing in progress.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes one part. Returns the whole message once its last part is in, `None` while parts
+    /// are missing, and an error (dropping what was in progress) when the part does not continue
+    /// the message or the message would exceed `max_message` bytes.
+    pub fn push(
+        &mut self,
+        total: u64,
+        offset: u64,
+        piece: Vec<u8>,
+        max_message: usize,
+    ) -> Result<Option<Vec<u8>>, DecodeError> {
+        let result = self.accept(total, offset, piece, max_message);
+        if result.is_err() {
+            self.partial = None;
+        }
+        result
+    }
+
+    fn accept(
+        &mut self,
+        total: u64,
+        offset: u64,
+        piece: Vec<u8>,
+        max_message: usize,
+    ) -> Result<Option<Vec<u8>>, DecodeError> {
+        if total > max_message as u64 {
+            return Err(DecodeError::TooLarge {
+                field: "message",
+                len: usize::try_from(total).unwrap_or(usize::MAX),
+                max: max_message,
+            });
+        }
+        let total = total as usize;
+        if piece.is_empty() {
+            return Err(DecodeError::PartSequence("a part must not be empty"));
+        }
+        if offset == 0 {
+            if self.partial.is_some() {
+                return Err(DecodeError::PartSequence(
+                    "a new message started before the last one was complete",
+                ));
+            }
+            self.partial = Some(Partial {
+                total,
+                bytes: Vec::new(),
+            });
+        }
+        let Some(partial) = self.partial.as_mut() else {
+            return Err(DecodeError::PartSequence(
+                "a part continues a message that was never started",
+            ));
+        };
+        if partial.total != total || partial.bytes.len() as u64 != offset {
+            return Err(DecodeError::PartSequence(
+                "a part does not continue the message in progress",
+            ));
+        }
+        if partial.bytes.len() + piece.len() > total {
+            return Err(DecodeError::PartSequence(
+                "a part runs past the message's length",
+            ));
+        }
+        if partial.bytes.is_empty() {
+            partial.bytes = piece;
+        } else {
+            partial.bytes.extend_from_slice(&piece);
+        }
+        if partial.bytes.len() < total {
+            return Ok(None);
+        }
+        let whole = self.partial.take().map(|p| p.bytes).unwrap_or_default();
+        if whole.first() != Some(&PROTOCOL_VERSION) || whole.get(1) == Some(&(super::Kind::Part as u8))
+        {
+            return Err(DecodeError::PartSequence(
+                "the parts do not hold a frame of this version (or hold another part)",
+            ));
+        }
+        Ok(Some(whole))
+    }
+
+    /// Bytes held for the message in progress.
+    pub fn held(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.bytes.len())
+    }
+
+    /// Whether a message is in progress.
+    pub fn in_progress(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Drops the message in progress (its connection ended).
+    pub fn clear(&mut self) {
+        self.partial = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Body, Limits, Stamp};
+
+    fn big_update(len: usize) -> Vec<u8> {
+        Frame::stamped(
+            Stamp {
+                sender: 1,
+                step: 2,
+                pattern: 1,
+            },
+            Body::Update {
+                doc: "content".into(),
+                update: (0..len).map(|i| i as u8).collect(),
+            },
+        )
+        .encode()
+    }
+
+    fn reassemble(parts: &[Vec<u8>], limits: &Limits) -> Vec<u8> {
+        let mut r = Reassembler::new();
+        let mut out = None;
+        for (i, part) in parts.iter().enumerate() {
+            assert!(part.len() <= limits.max_frame, "part {i} is {}", part.len());
+            let Frame::Part {
+                total,
+                offset,
+                bytes,
+            } = Frame::decode_with(part, limits).unwrap()
+            else {
+                panic!("a part");
+            };
+            assert!(out.is_none());
+            out = r.push(total, offset, bytes, limits.max_message).unwrap();
+        }
+        out.expect("complete")
+    }
+
+    #[test]
+    fn a_large_frame_travels_in_parts_within_the_frame_limit() {
+        let limits = Limits {
+            max_frame: 1_000,
+            ..Limits::default()
+        };
+        for len in [990, 1_000, 5_000, 100_003] {
+            let bytes = big_update(len);
+            let parts = fragment(&bytes, limits.max_frame);
+            assert_eq!(parts.len(), count(bytes.len(), limits.max_frame));
+            if bytes.len() <= limits.max_frame {
+                assert_eq!(parts, vec![bytes.clone()]);
+                continue;
+            }
+            assert_eq!(reassemble(&parts, &limits), bytes);
+        }
+    }
+
+    #[test]
+    fn out_of_sequence_parts_are_refused_and_dropped() {
+        let bytes = big_update(3_000);
+        let parts: Vec<Frame> = fragment(&bytes, 1_000)
+            .iter()
+            .map(|p| Frame::decode(p).unwrap())
+            .collect();
+        let piece = |i: usize| match &parts[i] {
+            Frame::Part {
+                total,
+                offset,
+                bytes,
+            } => (*total, *offset, bytes.clone()),
+            _ => unreachable!(),
+        };
+        let mut r = Reassembler::new();
+        let (t, o, b) = piece(1);
+        assert!(r.push(t, o, b, 1 << 20).is_err(), "no start");
+        let (t, o, b) = piece(0);
+        assert_eq!(r.push(t, o, b, 1 << 20), Ok(None));
+        let (t, o, b) = piece(2);
+        assert!(r.push(t, o, b, 1 << 20).is_err(), "a gap");
+        assert!(!r.in_progress(), "the message in progress is dropped");
+        let (t, o, b) = piece(0);
+        assert!(matches!(
+            r.push(t, o, b, 100),
+            Err(DecodeError::TooLarge {
+                field: "message",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_huge_claimed_total_allocates_only_what_arrives() {
+        let mut r = Reassembler::new();
+        assert_eq!(r.push(60 << 20, 0, vec![2; 10], 64 << 20), Ok(None));
+        assert_eq!(r.held(), 10);
+    }
+}
