@@ -2,20 +2,12 @@
 //! carries the room's global step and the deterministic pattern value of that step, and every
 //! receiver validates it before applying it.
 //!
-//! The core (`pattern`, `envelope`, `validate`, `clock`, `doc`) knows nothing of JavaScript, sockets or
-//! time: the caller brings those in, so the same logic runs and is tested natively and in the
-//! browser. The JS API lives in the `wasm` module, compiled for `wasm32` only.
+//! This crate is the npm package's: on `wasm32` it is the JavaScript API ([`wasm`]), a thin
+//! driver of the core's client session. Everywhere it re-exports the core
+//! ([`pattern_mesh_core`]), which knows nothing of JavaScript, sockets or time.
 #![warn(missing_docs)]
 
-pub mod clock;
-pub mod doc;
-pub mod envelope;
-pub mod pattern;
-pub mod validate;
-
-/// The relay (native only): rooms, validation, durable logs, the demo's web server.
-#[cfg(not(target_arch = "wasm32"))]
-pub mod relay;
+pub use pattern_mesh_core::*;
 
 /// The JavaScript API (`wasm32` only): classes and functions exported with `wasm-bindgen`.
 #[cfg(target_arch = "wasm32")]

@@ -500,6 +500,29 @@ impl Body {
         )
     }
 
+    /// The length of the body's encoding, in bytes.
+    pub fn encoded_len(&self) -> usize {
+        fn field(len: usize) -> usize {
+            codec::var_len(len as u64) + len
+        }
+        match self {
+            Body::Data { data } => field(data.as_str().len()),
+            Body::Update { doc, update } => field(doc.len()) + field(update.len()),
+            Body::Checkpoint {
+                doc, state_vector, ..
+            } => field(doc.len()) + field(state_vector.len()) + 16,
+            Body::SyncRequest {
+                doc,
+                state_vector,
+                to,
+            } => field(doc.len()) + field(state_vector.len()) + codec::var_len(*to),
+            Body::SyncState { doc, update, to } => {
+                field(doc.len()) + field(update.len()) + codec::var_len(*to)
+            }
+            Body::Snapshot { doc, state } => field(doc.len()) + field(state.len()),
+        }
+    }
+
     /// The one node this message is for, if it is not for the whole room.
     pub fn recipient(&self) -> Option<NodeId> {
         match self {
@@ -516,6 +539,16 @@ pub struct Stamped {
     pub stamp: Stamp,
     /// What it carries.
     pub body: Body,
+}
+
+impl Stamped {
+    /// The length of the frame's encoding, in bytes, without a log position.
+    pub fn encoded_len(&self) -> usize {
+        3 + codec::var_len(self.stamp.sender)
+            + codec::var_len(self.stamp.step)
+            + codec::var_len(self.stamp.pattern)
+            + self.body.encoded_len()
+    }
 }
 
 /// One frame of the protocol.
@@ -1202,6 +1235,15 @@ mod tests {
             assert_eq!(bytes[0], PROTOCOL_VERSION);
             assert_eq!(bytes[1], frame.kind() as u8);
             assert_eq!(Frame::decode(&bytes), Ok(frame.clone()), "{frame:?}");
+        }
+    }
+
+    #[test]
+    fn the_encoded_length_is_known_before_encoding() {
+        for frame in samples() {
+            if let Frame::Stamped(stamped) = &frame {
+                assert_eq!(stamped.encoded_len(), frame.encode().len(), "{frame:?}");
+            }
         }
     }
 

@@ -55,13 +55,20 @@ pub fn count(len: usize, max_frame: usize) -> usize {
 /// Puts the parts of one message back together.
 #[derive(Debug, Default)]
 pub struct Reassembler {
-    partial: Option<Partial>,
+    state: State,
 }
 
-#[derive(Debug)]
-struct Partial {
-    total: usize,
-    bytes: Vec<u8>,
+#[derive(Debug, Default)]
+enum State {
+    #[default]
+    Idle,
+    Assembling {
+        total: usize,
+        bytes: Vec<u8>,
+    },
+    /// The message was refused: its remaining parts are dropped without a word (one refusal
+    /// per message, not one per part).
+    Discarding { total: u64 },
 }
 
 impl Reassembler {
@@ -71,8 +78,9 @@ impl Reassembler {
     }
 
     /// Takes one part. Returns the whole message once its last part is in, `None` while parts
-    /// are missing, and an error (dropping what was in progress) when the part does not continue
-    /// the message or the message would exceed `max_message` bytes.
+    /// are missing (or while the rest of a refused message goes by), and an error when the part
+    /// does not continue the message or the message would exceed `max_message` bytes; the rest
+    /// of that message is then dropped.
     pub fn push(
         &mut self,
         total: u64,
@@ -80,9 +88,26 @@ impl Reassembler {
         piece: Vec<u8>,
         max_message: usize,
     ) -> Result<Option<Vec<u8>>, DecodeError> {
+        if let State::Discarding { total: dropping } = self.state {
+            if offset != 0 {
+                if total != dropping {
+                    self.state = State::Idle;
+                    return Err(DecodeError::PartSequence(
+                        "a part continues a message that was never started",
+                    ));
+                }
+                if offset.saturating_add(piece.len() as u64) >= total {
+                    self.state = State::Idle;
+                }
+                return Ok(None);
+            }
+            self.state = State::Idle;
+        }
         let result = self.accept(total, offset, piece, max_message);
-        if result.is_err() {
-            self.partial = None;
+        if result.is_err() && offset.saturating_add(1) < total {
+            self.state = State::Discarding { total };
+        } else if result.is_err() {
+            self.state = State::Idle;
         }
         result
     }
@@ -106,41 +131,50 @@ impl Reassembler {
             return Err(DecodeError::PartSequence("a part must not be empty"));
         }
         if offset == 0 {
-            if self.partial.is_some() {
+            if matches!(self.state, State::Assembling { .. }) {
+                self.state = State::Idle;
                 return Err(DecodeError::PartSequence(
                     "a new message started before the last one was complete",
                 ));
             }
-            self.partial = Some(Partial {
+            self.state = State::Assembling {
                 total,
                 bytes: Vec::new(),
-            });
+            };
         }
-        let Some(partial) = self.partial.as_mut() else {
+        let State::Assembling {
+            total: expected,
+            bytes,
+        } = &mut self.state
+        else {
             return Err(DecodeError::PartSequence(
                 "a part continues a message that was never started",
             ));
         };
-        if partial.total != total || partial.bytes.len() as u64 != offset {
+        if *expected != total || bytes.len() as u64 != offset {
             return Err(DecodeError::PartSequence(
                 "a part does not continue the message in progress",
             ));
         }
-        if partial.bytes.len() + piece.len() > total {
+        if bytes.len() + piece.len() > total {
             return Err(DecodeError::PartSequence(
                 "a part runs past the message's length",
             ));
         }
-        if partial.bytes.is_empty() {
-            partial.bytes = piece;
+        if bytes.is_empty() {
+            *bytes = piece;
         } else {
-            partial.bytes.extend_from_slice(&piece);
+            bytes.extend_from_slice(&piece);
         }
-        if partial.bytes.len() < total {
+        if bytes.len() < total {
             return Ok(None);
         }
-        let whole = self.partial.take().map(|p| p.bytes).unwrap_or_default();
-        if whole.first() != Some(&PROTOCOL_VERSION) || whole.get(1) == Some(&(super::Kind::Part as u8))
+        let whole = match std::mem::take(&mut self.state) {
+            State::Assembling { bytes, .. } => bytes,
+            _ => Vec::new(),
+        };
+        if whole.first() != Some(&PROTOCOL_VERSION)
+            || whole.get(1) == Some(&(super::Kind::Part as u8))
         {
             return Err(DecodeError::PartSequence(
                 "the parts do not hold a frame of this version (or hold another part)",
@@ -151,17 +185,20 @@ impl Reassembler {
 
     /// Bytes held for the message in progress.
     pub fn held(&self) -> usize {
-        self.partial.as_ref().map_or(0, |p| p.bytes.len())
+        match &self.state {
+            State::Assembling { bytes, .. } => bytes.len(),
+            _ => 0,
+        }
     }
 
     /// Whether a message is in progress.
     pub fn in_progress(&self) -> bool {
-        self.partial.is_some()
+        matches!(self.state, State::Assembling { .. })
     }
 
     /// Drops the message in progress (its connection ended).
     pub fn clear(&mut self) {
-        self.partial = None;
+        self.state = State::Idle;
     }
 }
 
@@ -253,6 +290,13 @@ mod tests {
                 ..
             })
         ));
+        // The rest of a refused message goes by without another error.
+        let (t, o, b) = piece(1);
+        assert_eq!(r.push(t, o, b, 100), Ok(None));
+        let (t, o, b) = piece(2);
+        assert_eq!(r.push(t, o, b, 100), Ok(None));
+        let (t, o, b) = piece(0);
+        assert_eq!(r.push(t, o, b, 1 << 20), Ok(None), "a new message starts");
     }
 
     #[test]

@@ -1,0 +1,837 @@
+//! The room: the relay's side of the protocol as a state machine, with no IO.
+//!
+//! A [`RoomCore`] admits members, reads their frames (putting parts back together), applies the
+//! rate limit and the validator, hands durable messages to the store, and, once the store says a
+//! message is durable, acknowledges it to its sender and fans it out. The driver (the relay's
+//! room task, or the simulation) feeds it inputs with the time in milliseconds and carries out
+//! its [`Output`]s in order: send frames to members, append to the store, register nodes, close
+//! sockets.
+//!
+//! Rules the room keeps, whatever a member sends:
+//!
+//! - every frame is checked before it moves anything: a frame that claims a log position (only
+//!   the relay sets one) is refused before the validator sees it;
+//! - a connection's frames are taken in order: after the room refuses one (for any reason but
+//!   `replay`), it refuses every later stamped frame of that connection as `outOfOrder` until
+//!   the client sends a fence, which the room echoes. So the stored messages of a node are always
+//!   a prefix of what it sent, and a `replay` answer to a message sent again means "stored";
+//! - a message is acknowledged, with its own step, only once it is durable; appends finish in
+//!   the order they were handed out, and that order is the log's;
+//! - checkpoints and the sync exchange are validated and forwarded, never stored.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::pace::TokenBucket;
+use crate::pattern::Step;
+use crate::store::{Appended, NodeRecord, RoomRecord, StoreError};
+use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
+use crate::wire::part::{self, Reassembler};
+use crate::wire::{
+    close, peek_stamp, with_position, Frame, Limits, NodeId, Peer, Positioned, Reason,
+    RelayLimits, ResumeToken, RoomConfig, Stamp, Stamped,
+};
+
+/// A connection, as the driver names it. Each socket gets its own; a node that reconnects comes
+/// back on a new one.
+pub type ConnId = u64;
+
+/// Consecutive frames that do not decode after which a connection is closed.
+pub const MAX_MALFORMED: u32 = 16;
+
+/// What the relay enforces in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomLimits {
+    /// Decoder limits: frame, message and name sizes.
+    pub limits: Limits,
+    /// Frames a connection may send per second, on average.
+    pub rate: u64,
+    /// Frames a connection may send at once, above the average.
+    pub burst: u64,
+    /// The most members at once.
+    pub max_members: usize,
+}
+
+impl Default for RoomLimits {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            rate: 200,
+            burst: 200,
+            max_members: 256,
+        }
+    }
+}
+
+impl RoomLimits {
+    /// What the welcome announces.
+    pub fn announced(&self) -> RelayLimits {
+        RelayLimits {
+            max_frame: self.limits.max_frame as u64,
+            max_message: self.limits.max_message as u64,
+            rate: self.rate,
+            burst: self.burst,
+        }
+    }
+}
+
+/// A join the room refuses, with the close code and reason for the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRefused {
+    /// The close code.
+    pub code: u16,
+    /// Why.
+    pub reason: String,
+}
+
+/// A member admitted: what its connection sends before the live traffic.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The member's node id.
+    pub node: NodeId,
+    /// The welcome frame, to send first.
+    pub welcome: Bytes,
+    /// Replay the log after the join's `since`, up to and including this position, then send
+    /// `caught_up`; the live traffic queued meanwhile follows.
+    pub until: u64,
+    /// The caught-up frame.
+    pub caught_up: Bytes,
+}
+
+/// A durable message for the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Append {
+    /// The sender.
+    pub sender: NodeId,
+    /// Its step.
+    pub step: Step,
+    /// The room's high step with this message.
+    pub high: Step,
+    /// The document of an update or snapshot.
+    pub doc: Option<String>,
+    /// Whether it is a snapshot (after which older entries of `doc` may be dropped).
+    pub snapshot: bool,
+    /// The frame as the sender sent it, without a position: the store puts the position it
+    /// assigns in the header of what it logs.
+    pub bytes: Bytes,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send a frame to one member.
+    Send {
+        /// The member's connection.
+        to: ConnId,
+        /// The frame.
+        bytes: Bytes,
+    },
+    /// Send a frame to every member but `except`.
+    Fanout {
+        /// The connection that must not get it (the sender's), if any.
+        except: Option<ConnId>,
+        /// The frame.
+        bytes: Bytes,
+    },
+    /// The member has left the room: close its socket with this code and reason.
+    Close {
+        /// The member's connection.
+        conn: ConnId,
+        /// The close code.
+        code: u16,
+        /// The reason.
+        reason: String,
+    },
+    /// Record a new node and its resume token in the store (before any of its appends).
+    Register(NodeRecord),
+    /// Append a message to the store; answer with [`RoomCore::appended`], in order.
+    Append(Append),
+    /// The room cannot go on (its store failed): close every member with this reason and drop
+    /// the room; the next join loads it again from the store.
+    Stop {
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Member {
+    node: NodeId,
+    name: String,
+    rate: TokenBucket,
+    /// The step of the refusal that opened a gap, until the client's fence.
+    gap: Option<Step>,
+    reassembler: Reassembler,
+    malformed: u32,
+}
+
+/// A validated message on its way out. Messages leave in the order they were accepted: a
+/// checkpoint or a sync answer waits behind its sender's (and everyone's) earlier messages that
+/// the store has not made durable yet, or receivers would see its step before theirs.
+struct Pending {
+    stamp: Stamp,
+    bytes: Bytes,
+    /// `None` for a durable message (it waits for the store); for one that is only forwarded,
+    /// who it is for (`Some(None)`: everyone).
+    forward: Option<Option<NodeId>>,
+}
+
+/// One room's state and decisions.
+pub struct RoomCore {
+    name: String,
+    config: RoomConfig,
+    limits: RoomLimits,
+    validator: Validator,
+    high: Step,
+    /// The last position fanned out.
+    published: u64,
+    members: HashMap<ConnId, Member>,
+    by_node: HashMap<NodeId, ConnId>,
+    tokens: HashMap<ResumeToken, NodeId>,
+    next_node: NodeId,
+    pending: VecDeque<Pending>,
+    outputs: VecDeque<Output>,
+    stopped: bool,
+}
+
+impl RoomCore {
+    /// The room `name` as the store knows it.
+    pub fn new(
+        name: String,
+        record: RoomRecord,
+        limits: RoomLimits,
+        now: u64,
+    ) -> Result<Self, crate::pattern::ConfigError> {
+        let config = record.config;
+        let mut validator_config = ValidatorConfig::for_room(&config)?;
+        validator_config.max_senders = validator_config.max_senders.max(limits.max_members * 4);
+        let mut validator = Validator::new(validator_config);
+        let mut tokens = HashMap::new();
+        let mut next_node = 1;
+        for node in record.nodes {
+            validator.restore(node.node, node.last_step, now);
+            tokens.insert(node.token, node.node);
+            next_node = next_node.max(node.node + 1);
+        }
+        next_node = next_node.max(record.next_node);
+        Ok(Self {
+            name,
+            config,
+            limits,
+            validator,
+            high: record.high,
+            published: record.position,
+            members: HashMap::new(),
+            by_node: HashMap::new(),
+            tokens,
+            next_node,
+            pending: VecDeque::new(),
+            outputs: VecDeque::new(),
+            stopped: false,
+        })
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The room's settings.
+    pub fn config(&self) -> &RoomConfig {
+        &self.config
+    }
+
+    /// The room's highest accepted step.
+    pub fn high(&self) -> Step {
+        self.high
+    }
+
+    /// The last position fanned out.
+    pub fn published(&self) -> u64 {
+        self.published
+    }
+
+    /// How many members are present.
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the room has no member and no append in flight: it may be dropped.
+    pub fn is_idle(&self) -> bool {
+        self.members.is_empty() && self.pending.is_empty()
+    }
+
+    /// Whether the room stopped after a store failure.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The counts of every verdict and refusal so far.
+    pub fn counters(&self) -> &Counters {
+        self.validator.counters()
+    }
+
+    /// A new connection joins as `name`, resuming the node of `resume` if the room knows it.
+    /// `fresh` is a random token for a new node (the room draws no randomness of its own).
+    pub fn join(
+        &mut self,
+        now: u64,
+        conn: ConnId,
+        name: String,
+        resume: Option<ResumeToken>,
+        fresh: ResumeToken,
+    ) -> Result<Joined, JoinRefused> {
+        if self.stopped {
+            return Err(JoinRefused {
+                code: close::TRY_AGAIN_LATER,
+                reason: "the room is restarting; try again".into(),
+            });
+        }
+        let resumed = resume.and_then(|t| self.tokens.get(&t).copied());
+        let replacing = resumed.and_then(|node| self.by_node.get(&node).copied());
+        if replacing.is_none() && self.members.len() >= self.limits.max_members {
+            return Err(JoinRefused {
+                code: close::TRY_AGAIN_LATER,
+                reason: format!(
+                    "the room is full: at most {} members",
+                    self.limits.max_members
+                ),
+            });
+        }
+        let (node, token) = match (resumed, resume) {
+            (Some(node), Some(token)) => (node, token),
+            _ => {
+                let node = self.next_node;
+                self.next_node += 1;
+                self.tokens.insert(fresh, node);
+                self.outputs.push_back(Output::Register(NodeRecord {
+                    node,
+                    token: fresh,
+                    last_step: 0,
+                }));
+                (node, fresh)
+            }
+        };
+        if let Some(old) = replacing {
+            if self.members.remove(&old).is_some() {
+                self.outputs.push_back(Output::Close {
+                    conn: old,
+                    code: close::REPLACED,
+                    reason: "replaced by a newer connection of the same node".into(),
+                });
+            }
+        }
+        let peers = self
+            .members
+            .values()
+            .map(|m| Peer {
+                node: m.node,
+                name: m.name.clone(),
+            })
+            .collect();
+        let joined = Frame::PeerJoined {
+            peer: Peer {
+                node,
+                name: name.clone(),
+            },
+        };
+        self.outputs.push_back(Output::Fanout {
+            except: None,
+            bytes: Bytes::from(joined.encode()),
+        });
+        self.members.insert(
+            conn,
+            Member {
+                node,
+                name,
+                rate: TokenBucket::new(self.limits.rate as f64, self.limits.burst as f64, now),
+                gap: None,
+                reassembler: Reassembler::new(),
+                malformed: 0,
+            },
+        );
+        self.by_node.insert(node, conn);
+        let welcome = Frame::Welcome {
+            node,
+            resume: token,
+            config: self.config,
+            limits: self.limits.announced(),
+            high: self.high,
+            peers,
+        };
+        let caught_up = Frame::CaughtUp {
+            high: self.high,
+            position: self.published,
+        };
+        Ok(Joined {
+            node,
+            welcome: Bytes::from(welcome.encode()),
+            until: self.published,
+            caught_up: Bytes::from(caught_up.encode()),
+        })
+    }
+
+    /// The connection `conn` is gone.
+    pub fn leave(&mut self, conn: ConnId) {
+        if let Some(member) = self.members.remove(&conn) {
+            self.forget_member(&member);
+        }
+    }
+
+    /// The driver had to let `conn` go (its send queue was full): it leaves the room, and its
+    /// socket closes with `code` and `reason`.
+    pub fn drop_member(&mut self, conn: ConnId, code: u16, reason: &str) {
+        if let Some(member) = self.members.remove(&conn) {
+            self.outputs.push_back(Output::Close {
+                conn,
+                code,
+                reason: reason.into(),
+            });
+            self.forget_member(&member);
+        }
+    }
+
+    fn forget_member(&mut self, member: &Member) {
+        self.by_node.remove(&member.node);
+        let left = Frame::PeerLeft { node: member.node };
+        self.outputs.push_back(Output::Fanout {
+            except: None,
+            bytes: Bytes::from(left.encode()),
+        });
+    }
+
+    /// A binary message from `conn`.
+    ///
+    /// The rate limit counts messages, not frames: the parts of a large message are put
+    /// together first (at most the message limit), and the whole costs one token per part when
+    /// its last part is in. A fence always goes through: it is how a client leaves a gap.
+    pub fn frame(&mut self, now: u64, conn: ConnId, bytes: Bytes) {
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        let limits = self.limits.limits;
+        let (positioned, bytes, cost) = match Frame::decode_positioned(&bytes, &limits) {
+            Ok(Positioned {
+                frame:
+                    Frame::Part {
+                        total,
+                        offset,
+                        bytes: piece,
+                    },
+                position: None,
+            }) => match member
+                .reassembler
+                .push(total, offset, piece, limits.max_message)
+            {
+                Ok(None) => return,
+                Ok(Some(whole)) => {
+                    let cost = part::count(whole.len(), limits.max_frame) as u64;
+                    let whole = Bytes::from(whole);
+                    match Frame::decode_positioned(&whole, &limits.for_message()) {
+                        Ok(positioned) => (positioned, whole, cost),
+                        Err(e) => return self.malformed(conn, &whole, e.reason(), e.to_string()),
+                    }
+                }
+                Err(e) => return self.malformed(conn, &bytes, e.reason(), e.to_string()),
+            },
+            Ok(positioned) => (positioned, bytes, 1),
+            Err(e) => return self.malformed(conn, &bytes, e.reason(), e.to_string()),
+        };
+        member.malformed = 0;
+        if let Frame::Fence { step } = positioned.frame {
+            member.rate.try_take_n(1, now);
+            member.gap = None;
+            self.outputs.push_back(Output::Send {
+                to: conn,
+                bytes: Bytes::from(Frame::Fence { step }.encode()),
+            });
+            return;
+        }
+        if !member.rate.try_take_n(cost, now) {
+            let step = positioned.frame.stamp().map_or(0, |s| s.step);
+            if member.gap.is_some() {
+                let detail = "an earlier frame of this connection was refused: send a fence".into();
+                return self.refuse(conn, step, Reason::OutOfOrder, detail);
+            }
+            let detail = format!(
+                "over {} frames per second; this message was not stored: send it again later",
+                self.limits.rate
+            );
+            return self.refuse(conn, step, Reason::RateLimited, detail);
+        }
+        if positioned.position.is_some() {
+            let step = positioned.frame.stamp().map_or(0, |s| s.step);
+            let detail = "the frame carries a log position; only the relay sets one".into();
+            return self.refuse(conn, step, Reason::Malformed, detail);
+        }
+        match positioned.frame {
+            Frame::Stamped(stamped) => self.stamped(now, conn, stamped, bytes),
+            Frame::Presence { sender, .. } => {
+                let node = self.members.get(&conn).map_or(0, |m| m.node);
+                if sender != node {
+                    let detail = format!("sender {sender} is not this connection's node id {node}");
+                    return self.refuse(conn, 0, Reason::SenderMismatch, detail);
+                }
+                self.outputs.push_back(Output::Fanout {
+                    except: Some(conn),
+                    bytes,
+                });
+            }
+            other => {
+                let detail = format!(
+                    "a {} frame is not accepted after the join; send stamped frames, presence or fences",
+                    other.kind()
+                );
+                self.refuse(conn, 0, Reason::Unexpected, detail);
+            }
+        }
+    }
+
+    fn malformed(&mut self, conn: ConnId, bytes: &[u8], reason: Reason, detail: String) {
+        let step = peek_stamp(bytes).map_or(0, |(_, s)| s.step);
+        self.refuse(conn, step, reason, detail);
+        if let Some(member) = self.members.get_mut(&conn) {
+            member.malformed += 1;
+            if member.malformed >= MAX_MALFORMED {
+                self.drop_member(conn, close::POLICY, "too many malformed frames");
+            }
+        }
+    }
+
+    /// Refuses a frame of `conn` for a reason found outside the validator: counted, then
+    /// rejected.
+    fn refuse(&mut self, conn: ConnId, step: Step, reason: Reason, detail: String) {
+        self.validator.record(reason);
+        self.reject(conn, step, reason, detail);
+    }
+
+    /// A reject to `conn` alone; and, but for a replay, a gap that lasts until its fence.
+    fn reject(&mut self, conn: ConnId, step: Step, reason: Reason, detail: String) {
+        if reason != Reason::Replay {
+            if let Some(member) = self.members.get_mut(&conn) {
+                member.gap.get_or_insert(step);
+            }
+        }
+        let mut detail = detail;
+        let max = self.limits.limits.max_detail;
+        if detail.len() > max {
+            let mut end = max;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+        }
+        let frame = Frame::Reject {
+            step,
+            reason,
+            detail,
+        };
+        self.outputs.push_back(Output::Send {
+            to: conn,
+            bytes: Bytes::from(frame.encode()),
+        });
+    }
+
+    fn stamped(&mut self, now: u64, conn: ConnId, stamped: Stamped, bytes: Bytes) {
+        let Some(member) = self.members.get(&conn) else {
+            return;
+        };
+        let node = member.node;
+        let stamp = stamped.stamp;
+        if let Some(gap) = member.gap {
+            let detail = format!(
+                "step {gap} of this connection was refused: send a fence, then send again from there"
+            );
+            return self.refuse(conn, stamp.step, Reason::OutOfOrder, detail);
+        }
+        let origin = Origin::Connection(node);
+        if let Verdict::Rejected(reason) = self.validator.check(&stamp, origin, self.high, now) {
+            let detail = self.validator.explain(&stamp, origin, self.high, reason);
+            return self.reject(conn, stamp.step, reason, detail);
+        }
+        self.high = self.high.max(stamp.step);
+        let body = &stamped.body;
+        if !body.is_durable() {
+            if self.pending.is_empty() {
+                return self.forward(conn, body.recipient(), &bytes);
+            }
+            return self.pending.push_back(Pending {
+                stamp,
+                bytes,
+                forward: Some(body.recipient()),
+            });
+        }
+        let (doc, snapshot) = match body {
+            crate::wire::Body::Snapshot { doc, .. } => (Some(doc.clone()), true),
+            other => (other.doc().map(str::to_owned), false),
+        };
+        self.outputs.push_back(Output::Append(Append {
+            sender: node,
+            step: stamp.step,
+            high: self.high,
+            doc,
+            snapshot,
+            bytes: bytes.clone(),
+        }));
+        self.pending.push_back(Pending {
+            stamp,
+            bytes,
+            forward: None,
+        });
+    }
+
+    /// Sends `bytes` (one message) to `to`'s connection, or to everyone but `from`; larger than
+    /// a frame, it goes in parts.
+    fn forward(&mut self, from: ConnId, to: Option<NodeId>, bytes: &Bytes) {
+        let target = match to {
+            Some(node) => match self.by_node.get(&node) {
+                Some(&conn) => Some(conn),
+                // The one it is for is gone: nobody else wants it.
+                None => return,
+            },
+            None => None,
+        };
+        let frames: Vec<Bytes> = if bytes.len() <= self.limits.limits.max_frame {
+            vec![bytes.clone()]
+        } else {
+            part::fragment(bytes, self.limits.limits.max_frame)
+                .into_iter()
+                .map(Bytes::from)
+                .collect()
+        };
+        for bytes in frames {
+            self.outputs.push_back(match target {
+                Some(to) => Output::Send { to, bytes },
+                None => Output::Fanout {
+                    except: Some(from),
+                    bytes,
+                },
+            });
+        }
+    }
+
+    /// The store's answer for the oldest append still in flight.
+    pub fn appended(&mut self, result: Result<Appended, StoreError>) {
+        let Some(pending) = self.pending.pop_front() else {
+            return;
+        };
+        debug_assert!(pending.forward.is_none(), "the head of the queue is an append");
+        self.answer(pending, result);
+        // What was only waiting for its turn goes now.
+        while self.pending.front().is_some_and(|p| p.forward.is_some()) {
+            let Some(Pending {
+                stamp,
+                bytes,
+                forward: Some(to),
+            }) = self.pending.pop_front()
+            else {
+                break;
+            };
+            if self.stopped {
+                continue;
+            }
+            let from = self.by_node.get(&stamp.sender).copied().unwrap_or(0);
+            self.forward(from, to, &bytes);
+        }
+    }
+
+    fn answer(&mut self, pending: Pending, result: Result<Appended, StoreError>) {
+        let conn = self.by_node.get(&pending.stamp.sender).copied();
+        match result {
+            Ok(Appended::Stored { position }) => {
+                self.published = position;
+                if let Some(conn) = conn {
+                    let ack = Frame::Ack {
+                        step: pending.stamp.step,
+                        position,
+                    };
+                    self.outputs.push_back(Output::Send {
+                        to: conn,
+                        bytes: Bytes::from(ack.encode()),
+                    });
+                }
+                let positioned = with_position(&pending.bytes, position)
+                    .map(Bytes::from)
+                    .unwrap_or(pending.bytes);
+                self.forward(conn.unwrap_or(0), None, &positioned);
+            }
+            // Another relay stored this step first.
+            Ok(Appended::Refused {
+                reason: Reason::Replay,
+                detail,
+            }) => {
+                if let Some(conn) = conn {
+                    self.refuse(conn, pending.stamp.step, Reason::Replay, detail);
+                }
+            }
+            Ok(Appended::Refused { reason, detail }) => {
+                if let Some(conn) = conn {
+                    self.refuse(conn, pending.stamp.step, reason, detail.clone());
+                }
+                self.stop(format!("the store refused a message: {detail}"));
+            }
+            Err(error) => {
+                if let Some(conn) = conn {
+                    let detail = format!("the relay could not store the message: {error}");
+                    self.refuse(conn, pending.stamp.step, Reason::Unavailable, detail);
+                }
+                self.stop(format!("the store failed: {error}"));
+            }
+        }
+    }
+
+    /// The validator already counted a failed append as its sender's; the only state to trust
+    /// now is the store's. Every member goes; the next join loads the room again.
+    fn stop(&mut self, reason: String) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        for (conn, _) in self.members.drain() {
+            self.outputs.push_back(Output::Close {
+                conn,
+                code: close::INTERNAL,
+                reason: "the room stopped; reconnect to resume".into(),
+            });
+        }
+        self.by_node.clear();
+        self.outputs.push_back(Output::Stop { reason });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pattern::PatternConfig;
+    use crate::wire::{Body, Json};
+
+    fn room() -> RoomCore {
+        let record = RoomRecord::new(RoomConfig::default());
+        RoomCore::new("r".into(), record, RoomLimits::default(), 0).unwrap()
+    }
+
+    fn outputs(room: &mut RoomCore) -> Vec<Output> {
+        std::iter::from_fn(|| room.poll_output()).collect()
+    }
+
+    fn data(node: NodeId, step: Step) -> Bytes {
+        let stamp = Stamp {
+            sender: node,
+            step,
+            pattern: PatternConfig::default().value(step),
+        };
+        Bytes::from(
+            Frame::stamped(
+                stamp,
+                Body::Data {
+                    data: Json::parse("1").unwrap(),
+                },
+            )
+            .encode(),
+        )
+    }
+
+    fn sent_to(outputs: &[Output], conn: ConnId) -> Vec<Frame> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send { to, bytes } if *to == conn => {
+                    Some(Frame::decode_with(bytes, &Limits::default()).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_message_is_acknowledged_only_once_stored_and_then_fanned_out() {
+        let mut room = room();
+        let a = room.join(0, 1, "a".into(), None, [1; 16]).unwrap();
+        room.join(0, 2, "b".into(), None, [2; 16]).unwrap();
+        outputs(&mut room);
+        room.frame(0, 1, data(a.node, 1));
+        let out = outputs(&mut room);
+        assert!(matches!(out.as_slice(), [Output::Append(_)]), "{out:?}");
+        room.appended(Ok(Appended::Stored { position: 1 }));
+        let out = outputs(&mut room);
+        assert_eq!(
+            sent_to(&out, 1),
+            [Frame::Ack {
+                step: 1,
+                position: 1
+            }]
+        );
+        assert!(matches!(&out[1], Output::Fanout { except: Some(1), .. }));
+    }
+
+    #[test]
+    fn after_a_refusal_every_later_frame_is_out_of_order_until_the_fence() {
+        let mut room = room();
+        let a = room.join(0, 1, "a".into(), None, [1; 16]).unwrap();
+        outputs(&mut room);
+        room.frame(0, 1, data(a.node, 5));
+        room.frame(0, 1, data(a.node, 5)); // a replay: refused, but opens no gap
+        room.frame(0, 1, data(a.node, 5_000)); // too far ahead: opens a gap
+        room.frame(0, 1, data(a.node, 6)); // valid, but after the gap
+        let rejects: Vec<Reason> = sent_to(&outputs(&mut room), 1)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Reject { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            rejects,
+            [Reason::Replay, Reason::FutureStep, Reason::OutOfOrder]
+        );
+        room.frame(0, 1, Bytes::from(Frame::Fence { step: 5_000 }.encode()));
+        room.frame(0, 1, data(a.node, 6));
+        let out = outputs(&mut room);
+        assert_eq!(sent_to(&out, 1), [Frame::Fence { step: 5_000 }]);
+        assert!(matches!(out.last(), Some(Output::Append(a)) if a.step == 6));
+    }
+
+    #[test]
+    fn a_client_set_position_is_refused_before_it_moves_the_room() {
+        let mut room = room();
+        let a = room.join(0, 1, "a".into(), None, [1; 16]).unwrap();
+        outputs(&mut room);
+        let positioned = with_position(&data(a.node, 500), 9).unwrap();
+        room.frame(0, 1, Bytes::from(positioned));
+        assert_eq!(room.high(), 0);
+        let out = outputs(&mut room);
+        assert!(matches!(
+            sent_to(&out, 1).as_slice(),
+            [Frame::Reject {
+                reason: Reason::Malformed,
+                step: 500,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_resumed_node_keeps_its_id_and_replaces_its_old_connection() {
+        let mut room = room();
+        let first = room.join(0, 1, "a".into(), None, [7; 16]).unwrap();
+        outputs(&mut room);
+        let again = room.join(0, 2, "a".into(), Some([7; 16]), [8; 16]).unwrap();
+        assert_eq!(again.node, first.node);
+        let out = outputs(&mut room);
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Close {
+                conn: 1,
+                code: close::REPLACED,
+                ..
+            }
+        )));
+        let unknown = room.join(0, 3, "a".into(), Some([9; 16]), [3; 16]).unwrap();
+        assert_ne!(unknown.node, first.node, "an unknown token gets a new node");
+    }
+}

@@ -1,0 +1,1301 @@
+//! The client session: the whole client side of the protocol as a state machine, with no IO.
+//!
+//! A driver (the browser's `MeshClient`, the native tokio client, the simulation) owns a
+//! [`Session`] and pumps it, in the shape of quinn-proto:
+//!
+//! - inputs: [`Session::handle_connected`], [`Session::handle_frame`], [`Session::handle_closed`],
+//!   [`Session::handle_timeout`], and the application's operations ([`Session::broadcast`],
+//!   [`Session::update`], [`Session::set_presence`], [`Session::close`], ...), each with `now` in
+//!   milliseconds on any monotonic clock;
+//! - outputs: [`Session::poll_output`] (open a socket, send bytes, close the socket),
+//!   [`Session::poll_event`] (what the application hears), and [`Session::poll_timeout`] (when
+//!   to call [`Session::handle_timeout`] next).
+//!
+//! The session never reads a clock and never draws a random number of its own: the jitter of its
+//! backoff comes from a seed the driver passes in.
+//!
+//! # Delivery
+//!
+//! Durable messages (data, updates, snapshots) wait in an outbox until the relay acknowledges
+//! each one by its step. A message is stamped when it is first sent, not when it is made: what
+//! waits unsent (offline, or held back by the pacer) carries no step yet, and consecutive updates
+//! of one document that wait are merged into one. Sending is paced a little under the rate the
+//! relay announced in its welcome, so an honest client is not refused for its rate.
+//!
+//! Once sent, a message keeps its stamp: after a reconnect it is sent again as it was, and if the
+//! relay had stored it already it answers `replay`, which the session reads as "stored". That is
+//! exact because the relay never stores a connection's frames out of order: after it refuses a
+//! frame, it refuses every later one as `outOfOrder` until the client sends a [`Frame::Fence`].
+//! The session, on a refusal, stops sending, waits if the reason is passing (`rateLimited`,
+//! `unavailable`), sends the fence and sends again from the refused message on; a message
+//! refused for what it is (`tooLarge`, `stale`, ...) leaves the outbox with a
+//! [`Event::Refused`]. So every edit reaches the room, or the application is told it never will.
+//!
+//! A relay that no longer knows the node's resume token gives a new node id; the messages in
+//! flight are then stamped again for the new identity and sent anew (a data message whose
+//! acknowledgement was lost may then arrive twice; an update applied twice changes nothing).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::clock::{Advance, StepClock};
+use crate::doc::{has_insertions, merge_updates, Replica};
+use crate::pace::TokenBucket;
+use crate::pattern::{PatternConfig, PatternValue, Step};
+use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
+use crate::wire::part::{self, Reassembler};
+use crate::wire::{
+    close, Body, Frame, Json, Kind, Limits, NodeId, Peer, Positioned, Reason, RelayLimits,
+    ResumeToken, RoomConfig, Stamp, Stamped, WHOLE_DOC,
+};
+
+/// A session's settings.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The room to join.
+    pub room: String,
+    /// The display name.
+    pub name: String,
+    /// The settings to create the room with, if it does not exist yet.
+    pub room_config: Option<RoomConfig>,
+    /// How long the first join may take, in milliseconds, before the session gives up and
+    /// closes with the last failure as its reason.
+    pub connect_timeout: u64,
+    /// How long one attempt may take from opening a socket to the relay's welcome.
+    pub join_timeout: u64,
+    /// The seed of the backoff's jitter.
+    pub seed: u64,
+    /// Decoder limits until the relay announces its own.
+    pub limits: Limits,
+}
+
+impl SessionConfig {
+    /// Settings to join `room` as `name`, with the defaults: a 10 s connect timeout and a 10 s
+    /// join timeout.
+    pub fn new(room: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            room: room.into(),
+            name: name.into(),
+            room_config: None,
+            connect_timeout: 10_000,
+            join_timeout: 10_000,
+            seed: 0x9e37_79b9_7f4a_7c15,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The state of the connection, as the application sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Opening the first connection.
+    Connecting,
+    /// Joined and caught up: messages flow.
+    Open,
+    /// The connection dropped; the session reconnects by itself after a backoff.
+    Reconnecting,
+    /// For good: closed by the application, refused by the relay, or never joined.
+    Closed,
+}
+
+impl Status {
+    /// `"connecting"`, `"open"`, `"reconnecting"` or `"closed"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Connecting => "connecting",
+            Status::Open => "open",
+            Status::Reconnecting => "reconnecting",
+            Status::Closed => "closed",
+        }
+    }
+}
+
+/// Where an anomaly was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// This client's validation refused a frame it received.
+    Local,
+    /// The relay refused a frame this client sent.
+    Relay,
+}
+
+impl Source {
+    /// `"local"` or `"relay"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Relay => "relay",
+        }
+    }
+}
+
+/// A frame refused, here or by the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anomaly {
+    /// Who refused it.
+    pub source: Source,
+    /// Why.
+    pub reason: Reason,
+    /// What exactly was wrong.
+    pub detail: String,
+    /// The frame's step (0 if it had none).
+    pub step: Step,
+    /// The frame's sender, for frames received.
+    pub sender: Option<NodeId>,
+}
+
+/// What the application hears from the session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The connection's state changed; `reason` says why when it is not `Open`.
+    Status {
+        /// The new state.
+        status: Status,
+        /// Why (a close code and reason, a timeout, ...).
+        reason: Option<String>,
+    },
+    /// Application data from another member, validated.
+    Message {
+        /// Sender, step and pattern.
+        stamp: Stamp,
+        /// The data.
+        data: Json,
+    },
+    /// A frame was refused (see [`Anomaly`]).
+    Anomaly(Anomaly),
+    /// A message of this client was refused for good: it will never reach the room.
+    Refused {
+        /// The step it was sent at.
+        step: Step,
+        /// What it was.
+        kind: Kind,
+        /// Its document, for updates and snapshots.
+        doc: Option<String>,
+        /// Why.
+        reason: Reason,
+        /// The relay's explanation.
+        detail: String,
+    },
+    /// The members present changed.
+    Peers {
+        /// Everyone present now (but this client).
+        peers: Vec<Peer>,
+        /// Who joined, if someone did.
+        joined: Option<Peer>,
+        /// Who left, if someone did.
+        left: Option<NodeId>,
+    },
+    /// The room step moved.
+    Step {
+        /// The new step.
+        step: Step,
+        /// Its pattern value.
+        pattern: PatternValue,
+        /// Its phase.
+        phase: u64,
+    },
+    /// A member's ephemeral state.
+    Presence {
+        /// The member.
+        sender: NodeId,
+        /// The state.
+        data: Json,
+    },
+    /// The document changed through a remote update (the driver re-reads what it shows).
+    Remote,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Open a socket to the relay, then call [`Session::handle_connected`] (or
+    /// [`Session::handle_closed`] if it fails).
+    Connect,
+    /// Send these bytes as one binary message on the open socket.
+    Send(Vec<u8>),
+    /// Close the socket with this code and reason; no [`Session::handle_closed`] is expected.
+    Disconnect {
+        /// The close code.
+        code: u16,
+        /// The reason.
+        reason: String,
+    },
+}
+
+/// An operation the session cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The session is closed.
+    #[error("the client is closed")]
+    Closed,
+    /// The message would be larger than the relay accepts, even in parts.
+    #[error("the message is {len} bytes, over the relay's limit of {max}")]
+    TooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The step clock is exhausted.
+    #[error("the step clock is at its maximum")]
+    StepOverflow,
+}
+
+/// The connection's phase, inside the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// No socket; the next attempt is at `retry_at` (or never, when closed).
+    Down { retry_at: Option<u64> },
+    /// A socket is being opened; the attempt is abandoned at `deadline`.
+    Opening { deadline: u64 },
+    /// The join is sent; the welcome is due by `deadline`.
+    Joining { deadline: u64 },
+    /// The welcome is in; the log is being replayed.
+    CatchingUp,
+    /// Live.
+    Open,
+}
+
+/// A message sent at least once: its stamp is fixed.
+#[derive(Debug, Clone)]
+struct Sent {
+    stamp: Stamp,
+    kind: Kind,
+    doc: Option<String>,
+    bytes: Vec<u8>,
+}
+
+/// A message waiting to be stamped and sent.
+#[derive(Debug, Clone)]
+struct Waiting {
+    body: Body,
+}
+
+/// After a refusal: nothing stamped goes out until `until`; then a fence for `step`.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: u64,
+    step: Step,
+}
+
+/// Updates that wait are merged while the result stays under this size.
+const MERGE_LIMIT: usize = 256 * 1024;
+
+/// The client side of the protocol. `R` is the document it keeps in sync.
+pub struct Session<R> {
+    config: SessionConfig,
+    replica: R,
+    status: Status,
+    closed: bool,
+    ever_open: bool,
+    link: Link,
+    attempt: u32,
+    last_failure: Option<String>,
+    connect_deadline: Option<u64>,
+    node: NodeId,
+    token: Option<ResumeToken>,
+    position: u64,
+    room: Option<RoomConfig>,
+    limits: Limits,
+    relay: RelayLimits,
+    clock: StepClock,
+    validator: Validator,
+    reassembler: Reassembler,
+    /// Durable messages sent and not yet acknowledged, in step order.
+    in_flight: VecDeque<Sent>,
+    /// `in_flight[resend..]` must be sent (again) on the current connection.
+    resend: usize,
+    /// Messages not yet stamped: durable ones and ephemeral ones, in order.
+    waiting: VecDeque<Waiting>,
+    hold: Option<Hold>,
+    /// Fences sent that the relay has not echoed yet: until it does, `outOfOrder` refusals are
+    /// about frames sent before the fence.
+    unechoed: u32,
+    /// Consecutive passing refusals, for their backoff.
+    refusals: u32,
+    pacer: TokenBucket,
+    presence: Option<Json>,
+    presence_due: bool,
+    peers: BTreeMap<NodeId, String>,
+    rng: u64,
+    outputs: VecDeque<Output>,
+    events: VecDeque<Event>,
+}
+
+impl<R: Replica> Session<R> {
+    /// A session for `replica`; it asks to connect at once (see [`Session::poll_output`]).
+    pub fn new(config: SessionConfig, replica: R, now: u64) -> Self {
+        let pattern = PatternConfig::default();
+        let relay = RelayLimits::default();
+        let mut session = Self {
+            limits: config.limits,
+            rng: config.seed | 1,
+            connect_deadline: Some(now.saturating_add(config.connect_timeout)),
+            config,
+            replica,
+            status: Status::Connecting,
+            closed: false,
+            ever_open: false,
+            link: Link::Down { retry_at: None },
+            attempt: 0,
+            last_failure: None,
+            node: 0,
+            token: None,
+            position: 0,
+            room: None,
+            relay,
+            clock: StepClock::new(pattern),
+            validator: Validator::new(ValidatorConfig::default()),
+            reassembler: Reassembler::new(),
+            in_flight: VecDeque::new(),
+            resend: 0,
+            waiting: VecDeque::new(),
+            hold: None,
+            unechoed: 0,
+            refusals: 0,
+            pacer: pacer(&relay, now),
+            presence: None,
+            presence_due: false,
+            peers: BTreeMap::new(),
+            outputs: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        session.open_socket(now);
+        session
+    }
+
+    // ----- what the driver reads -----
+
+    /// The next thing the driver must do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&mut self) -> Option<u64> {
+        if self.closed {
+            return None;
+        }
+        let mut next: Option<u64> = None;
+        let mut at = |t: u64| next = Some(next.map_or(t, |n| n.min(t)));
+        match self.link {
+            Link::Down { retry_at: Some(t) } => at(t),
+            Link::Opening { deadline } | Link::Joining { deadline } => at(deadline),
+            Link::Open => {
+                if let Some(hold) = self.hold {
+                    at(hold.until);
+                } else if let Some(cost) = self.next_cost() {
+                    at(self.pacer.ready_at(cost));
+                }
+            }
+            _ => {}
+        }
+        if let Some(deadline) = self.connect_deadline {
+            at(deadline);
+        }
+        next
+    }
+
+    /// The connection's state.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// This client's node id (0 before the first welcome).
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The room step this client has reached.
+    pub fn step(&self) -> Step {
+        self.clock.local()
+    }
+
+    /// The last room log position received.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The room's settings, once welcomed.
+    pub fn room_config(&self) -> Option<&RoomConfig> {
+        self.room.as_ref()
+    }
+
+    /// The room's pattern (the default one until the welcome).
+    pub fn pattern(&self) -> &PatternConfig {
+        self.clock.pattern()
+    }
+
+    /// The phase of the current step.
+    pub fn phase(&self) -> u64 {
+        self.clock.phase()
+    }
+
+    /// The step of the next checkpoint.
+    pub fn next_checkpoint(&self) -> Step {
+        self.clock.next_checkpoint()
+    }
+
+    /// Durable messages not yet acknowledged (sent or waiting).
+    pub fn pending(&self) -> usize {
+        self.in_flight.len()
+            + self
+                .waiting
+                .iter()
+                .filter(|w| w.body.is_durable())
+                .count()
+    }
+
+    /// The members present now (but this client).
+    pub fn peers(&self) -> Vec<Peer> {
+        self.peers
+            .iter()
+            .map(|(&node, name)| Peer {
+                node,
+                name: name.clone(),
+            })
+            .collect()
+    }
+
+    /// The counts of this client's local verdicts.
+    pub fn counters(&self) -> &Counters {
+        self.validator.counters()
+    }
+
+    /// The largest update (or data) this session can send, in bytes of payload.
+    pub fn max_payload(&self) -> usize {
+        self.limits.max_message.saturating_sub(256)
+    }
+
+    /// The document.
+    pub fn replica(&self) -> &R {
+        &self.replica
+    }
+
+    /// The document, to edit it; send each edit's update with [`Session::update`].
+    pub fn replica_mut(&mut self) -> &mut R {
+        &mut self.replica
+    }
+
+    /// Whether the session is closed for good.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    // ----- the application's operations -----
+
+    /// Sends application data to the room. It is stamped when it goes out.
+    pub fn broadcast(&mut self, now: u64, data: Json) -> Result<(), SessionError> {
+        self.queue(now, Body::Data { data })
+    }
+
+    /// Sends an update of `doc` that the application already applied to the replica. While it
+    /// waits, it is merged with the updates of `doc` waiting before it.
+    pub fn update(&mut self, now: u64, doc: &str, update: Vec<u8>) -> Result<(), SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        self.check_size(update.len())?;
+        if let Some(Waiting {
+            body:
+                Body::Update {
+                    doc: last_doc,
+                    update: last,
+                },
+        }) = self.waiting.back_mut()
+        {
+            if last_doc == doc && last.len() + update.len() <= MERGE_LIMIT {
+                if let Ok(merged) = merge_updates(&[last.as_slice(), update.as_slice()]) {
+                    *last = merged;
+                    self.pump(now);
+                    return Ok(());
+                }
+            }
+        }
+        self.queue(
+            now,
+            Body::Update {
+                doc: doc.to_owned(),
+                update,
+            },
+        )
+    }
+
+    /// Sends the whole document as a snapshot.
+    pub fn post_snapshot(&mut self, now: u64) -> Result<(), SessionError> {
+        let state = self
+            .replica
+            .diff(&[])
+            .map_err(|_| SessionError::TooLarge { len: 0, max: 0 })?;
+        self.queue(
+            now,
+            Body::Snapshot {
+                doc: WHOLE_DOC.into(),
+                state,
+            },
+        )
+    }
+
+    /// Sets this client's ephemeral state (a cursor, a selection); it is sent now, or at the
+    /// next connection, and never stored.
+    pub fn set_presence(&mut self, now: u64, data: Json) -> Result<(), SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        self.presence = Some(data);
+        self.presence_due = true;
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Closes the session for good.
+    pub fn close(&mut self, _now: u64) {
+        if self.closed {
+            return;
+        }
+        if !matches!(self.link, Link::Down { .. }) {
+            self.outputs.push_back(Output::Disconnect {
+                code: 1000,
+                reason: "closed by the application".into(),
+            });
+        }
+        let pending = self.pending();
+        let reason = if pending == 0 {
+            "closed by the application".to_owned()
+        } else {
+            format!("closed by the application with {pending} messages not acknowledged")
+        };
+        self.finish(reason);
+    }
+
+    /// Drops the connection as a network failure would; the session reconnects by itself.
+    pub fn disconnect(&mut self, now: u64) {
+        if matches!(self.link, Link::Down { .. }) || self.closed {
+            return;
+        }
+        self.outputs.push_back(Output::Disconnect {
+            code: 1000,
+            reason: "dropped by the application".into(),
+        });
+        self.handle_closed(now, 1006, "dropped by the application");
+    }
+
+    /// Sends bytes as they are, outside the protocol (to show what the relay does with a
+    /// tampered frame). Returns false when not connected.
+    pub fn send_raw(&mut self, bytes: Vec<u8>) -> bool {
+        if self.link != Link::Open {
+            return false;
+        }
+        self.outputs.push_back(Output::Send(bytes));
+        true
+    }
+
+    /// Runs a received frame through this client's validation without applying or recording
+    /// it; a refusal is counted and reported as an anomaly. Returns the refusal, if any.
+    pub fn inspect(&mut self, bytes: &[u8]) -> Option<(Reason, String)> {
+        let (reason, detail, step, sender) = match Frame::decode_with(bytes, &self.limits) {
+            Err(e) => (e.reason(), e.to_string(), 0, None),
+            Ok(Frame::Stamped(Stamped { stamp, .. })) => {
+                let origin = self.origin();
+                let local = self.clock.local();
+                match self.validator.peek(&stamp, origin, local) {
+                    Verdict::Accepted => return None,
+                    Verdict::Rejected(reason) => {
+                        self.validator.record(reason);
+                        let detail = self.validator.explain(&stamp, origin, local, reason);
+                        (reason, detail, stamp.step, Some(stamp.sender))
+                    }
+                }
+            }
+            Ok(other) => (
+                Reason::Unexpected,
+                format!("a {} frame is not stamped", other.kind()),
+                0,
+                None,
+            ),
+        };
+        self.anomaly(Source::Local, reason, detail.clone(), step, sender);
+        Some((reason, detail))
+    }
+
+    // ----- the driver's inputs -----
+
+    /// The socket the session asked for is open: the join goes out.
+    pub fn handle_connected(&mut self, now: u64) {
+        if self.closed || !matches!(self.link, Link::Opening { .. }) {
+            return;
+        }
+        self.link = Link::Joining {
+            deadline: now.saturating_add(self.config.join_timeout),
+        };
+        self.reassembler.clear();
+        let join = Frame::Join {
+            room: self.config.room.clone(),
+            name: self.config.name.clone(),
+            since: self.position,
+            resume: self.token,
+            config: self.config.room_config,
+        };
+        self.outputs.push_back(Output::Send(join.encode()));
+    }
+
+    /// The socket closed (or failed to open) with `code` and `reason`.
+    pub fn handle_closed(&mut self, now: u64, code: u16, reason: &str) {
+        if self.closed || matches!(self.link, Link::Down { .. }) {
+            return;
+        }
+        self.reassembler.clear();
+        let failure = if reason.is_empty() {
+            format!("the connection closed ({code})")
+        } else {
+            format!("the connection closed ({code}): {reason}")
+        };
+        if close::is_final(code) {
+            self.link = Link::Down { retry_at: None };
+            return self.finish(failure);
+        }
+        self.retry_later(now, failure);
+    }
+
+    /// A binary message arrived on the socket.
+    pub fn handle_frame(&mut self, now: u64, bytes: &[u8]) {
+        if self.closed || matches!(self.link, Link::Down { .. } | Link::Opening { .. }) {
+            return;
+        }
+        let positioned = match Frame::decode_positioned(bytes, &self.limits) {
+            Ok(Positioned {
+                frame:
+                    Frame::Part {
+                        total,
+                        offset,
+                        bytes,
+                    },
+                ..
+            }) => match self
+                .reassembler
+                .push(total, offset, bytes, self.limits.max_message)
+            {
+                Ok(None) => return,
+                Ok(Some(whole)) => {
+                    match Frame::decode_positioned(&whole, &self.limits.for_message()) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            return self.anomaly(Source::Local, e.reason(), e.to_string(), 0, None)
+                        }
+                    }
+                }
+                Err(e) => return self.anomaly(Source::Local, e.reason(), e.to_string(), 0, None),
+            },
+            Ok(p) => p,
+            Err(e) => return self.anomaly(Source::Local, e.reason(), e.to_string(), 0, None),
+        };
+        if let Some(position) = positioned.position {
+            self.position = self.position.max(position);
+        }
+        self.on_frame(now, positioned.frame);
+        self.pump(now);
+    }
+
+    /// Time passed: retries, deadlines, pacing and holds.
+    pub fn handle_timeout(&mut self, now: u64) {
+        if self.closed {
+            return;
+        }
+        if let Some(deadline) = self.connect_deadline {
+            if now >= deadline && !self.ever_open {
+                if !matches!(self.link, Link::Down { .. }) {
+                    self.outputs.push_back(Output::Disconnect {
+                        code: 1000,
+                        reason: "connect timeout".into(),
+                    });
+                }
+                let last = self
+                    .last_failure
+                    .clone()
+                    .unwrap_or_else(|| "no answer from the relay".into());
+                return self.finish(format!(
+                    "could not join within {} ms; last: {last}",
+                    self.config.connect_timeout
+                ));
+            }
+        }
+        match self.link {
+            Link::Down { retry_at: Some(t) } if now >= t => self.open_socket(now),
+            Link::Opening { deadline } | Link::Joining { deadline } if now >= deadline => {
+                self.outputs.push_back(Output::Disconnect {
+                    code: 1000,
+                    reason: "no welcome in time".into(),
+                });
+                let failure = format!(
+                    "the relay did not welcome this client within {} ms",
+                    self.config.join_timeout
+                );
+                self.retry_later(now, failure);
+            }
+            Link::Open => self.pump(now),
+            _ => {}
+        }
+    }
+
+    // ----- inside -----
+
+    fn origin(&self) -> Origin {
+        Origin::Relayed {
+            receiver: self.node,
+        }
+    }
+
+    fn check_size(&self, len: usize) -> Result<(), SessionError> {
+        let max = self.max_payload();
+        if len > max {
+            return Err(SessionError::TooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, now: u64, body: Body) -> Result<(), SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        self.check_size(body.encoded_len())?;
+        self.waiting.push_back(Waiting { body });
+        self.pump(now);
+        Ok(())
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.events.push_back(event);
+    }
+
+    fn anomaly(
+        &mut self,
+        source: Source,
+        reason: Reason,
+        detail: String,
+        step: Step,
+        sender: Option<NodeId>,
+    ) {
+        self.emit(Event::Anomaly(Anomaly {
+            source,
+            reason,
+            detail,
+            step,
+            sender,
+        }));
+    }
+
+    fn set_status(&mut self, status: Status, reason: Option<String>) {
+        if self.status != status {
+            self.status = status;
+            self.emit(Event::Status { status, reason });
+        }
+    }
+
+    fn finish(&mut self, reason: String) {
+        self.closed = true;
+        self.link = Link::Down { retry_at: None };
+        self.connect_deadline = None;
+        self.set_status(Status::Closed, Some(reason));
+    }
+
+    fn open_socket(&mut self, now: u64) {
+        self.link = Link::Opening {
+            deadline: now.saturating_add(self.config.join_timeout),
+        };
+        let status = if self.ever_open {
+            Status::Reconnecting
+        } else {
+            Status::Connecting
+        };
+        self.set_status(status, self.last_failure.clone());
+        self.outputs.push_back(Output::Connect);
+    }
+
+    fn retry_later(&mut self, now: u64, failure: String) {
+        self.attempt = self.attempt.saturating_add(1);
+        let wait = self.backoff();
+        self.link = Link::Down {
+            retry_at: Some(now.saturating_add(wait)),
+        };
+        self.last_failure = Some(failure.clone());
+        let status = if self.ever_open {
+            Status::Reconnecting
+        } else {
+            Status::Connecting
+        };
+        if self.status == status {
+            // Same state, new reason: say it.
+            self.emit(Event::Status {
+                status,
+                reason: Some(failure),
+            });
+        } else {
+            self.set_status(status, Some(failure));
+        }
+    }
+
+    /// Exponential backoff with jitter: 250 ms doubling to 8 s, each wait between half and all
+    /// of it.
+    fn backoff(&mut self) -> u64 {
+        let ceiling = 250u64 << self.attempt.min(5);
+        ceiling / 2 + self.random() % (ceiling / 2 + 1)
+    }
+
+    /// xorshift64*, seeded by the driver.
+    fn random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn on_frame(&mut self, now: u64, frame: Frame) {
+        match frame {
+            Frame::Welcome {
+                node,
+                resume,
+                config,
+                limits,
+                high,
+                peers,
+            } => self.on_welcome(now, node, resume, config, limits, high, peers),
+            Frame::CaughtUp { position, .. } => {
+                self.position = self.position.max(position);
+                self.on_caught_up(now);
+            }
+            Frame::PeerJoined { peer } => {
+                self.peers.insert(peer.node, peer.name.clone());
+                // A newcomer has not seen this client's presence.
+                if self.presence.is_some() {
+                    self.presence_due = true;
+                }
+                let peers = self.peers();
+                self.emit(Event::Peers {
+                    peers,
+                    joined: Some(peer),
+                    left: None,
+                });
+            }
+            Frame::PeerLeft { node } => {
+                self.peers.remove(&node);
+                let peers = self.peers();
+                self.emit(Event::Peers {
+                    peers,
+                    joined: None,
+                    left: Some(node),
+                });
+            }
+            Frame::Ack { step, .. } => {
+                if let Some(i) = self.in_flight.iter().position(|s| s.stamp.step == step) {
+                    self.remove_in_flight(i);
+                    self.refusals = 0;
+                }
+            }
+            Frame::Reject {
+                step,
+                reason,
+                detail,
+            } => self.on_reject(now, step, reason, detail),
+            Frame::Presence { sender, data } => self.emit(Event::Presence { sender, data }),
+            Frame::Stamped(stamped) => self.on_stamped(now, stamped),
+            Frame::Fence { .. } => self.unechoed = self.unechoed.saturating_sub(1),
+            Frame::Join { .. } | Frame::Part { .. } => self.anomaly(
+                Source::Local,
+                Reason::Unexpected,
+                "the relay sent a frame only clients send".into(),
+                0,
+                None,
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_welcome(
+        &mut self,
+        now: u64,
+        node: NodeId,
+        resume: ResumeToken,
+        config: RoomConfig,
+        limits: RelayLimits,
+        high: Step,
+        peers: Vec<Peer>,
+    ) {
+        if !matches!(self.link, Link::Joining { .. }) {
+            return;
+        }
+        if self.room != Some(config) {
+            // A new room configuration (or the first): the clock and the validator start anew.
+            match (
+                PatternConfig::new(config.pattern),
+                ValidatorConfig::for_room(&config),
+            ) {
+                (Ok(pattern), Ok(validator)) => {
+                    self.clock = StepClock::new(pattern);
+                    self.validator = Validator::new(validator);
+                    self.room = Some(config);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    self.outputs.push_back(Output::Disconnect {
+                        code: close::POLICY,
+                        reason: "unusable room configuration".into(),
+                    });
+                    return self.finish(format!("the room's configuration is unusable: {e}"));
+                }
+            }
+        }
+        if self.node != 0 && self.node != node {
+            // The relay no longer knows this node: what was sent under the old id is stamped
+            // again under the new one (its fate under the old id is unknown).
+            let resend: Vec<Waiting> = self
+                .in_flight
+                .drain(..)
+                .filter_map(|sent| {
+                    let frame = Frame::decode_with(&sent.bytes, &self.limits.for_message()).ok()?;
+                    match frame {
+                        Frame::Stamped(Stamped { body, .. }) => Some(Waiting { body }),
+                        _ => None,
+                    }
+                })
+                .collect();
+            for waiting in resend.into_iter().rev() {
+                self.waiting.push_front(waiting);
+            }
+            self.resend = 0;
+        }
+        self.node = node;
+        self.token = Some(resume);
+        self.limits = self.config.limits.with_relay(&limits);
+        self.relay = limits;
+        self.pacer = pacer(&limits, now);
+        let advance = self.clock.join(high);
+        self.step_event(advance);
+        self.peers = peers.into_iter().map(|p| (p.node, p.name)).collect();
+        let peers = self.peers();
+        self.emit(Event::Peers {
+            peers,
+            joined: None,
+            left: None,
+        });
+        self.link = Link::CatchingUp;
+    }
+
+    fn on_caught_up(&mut self, now: u64) {
+        if self.link != Link::CatchingUp {
+            return;
+        }
+        self.link = Link::Open;
+        self.ever_open = true;
+        self.connect_deadline = None;
+        self.attempt = 0;
+        self.last_failure = None;
+        self.hold = None;
+        self.unechoed = 0;
+        self.resend = 0;
+        if self.presence.is_some() {
+            self.presence_due = true;
+        }
+        self.set_status(Status::Open, None);
+        // A safety net after the log: one peer answers with what it has and this client lacks.
+        if let Some(&peer) = self.peers.keys().next() {
+            let state_vector = self.replica.state_vector();
+            self.waiting.push_front(Waiting {
+                body: Body::SyncRequest {
+                    doc: WHOLE_DOC.into(),
+                    state_vector,
+                    to: peer,
+                },
+            });
+        }
+        self.pump(now);
+    }
+
+    fn on_reject(&mut self, now: u64, step: Step, reason: Reason, detail: String) {
+        let index = self.in_flight.iter().position(|s| s.stamp.step == step);
+        match reason {
+            // A message sent again that the relay had stored already: delivered. (Without an
+            // entry, its acknowledgement came first.)
+            Reason::Replay => {
+                if let Some(i) = index {
+                    self.remove_in_flight(i);
+                }
+            }
+            // Refused because an earlier frame was: it is sent again after the fence.
+            Reason::OutOfOrder if self.hold.is_some() || self.unechoed > 0 => {}
+            _ if reason.is_transient() => {
+                self.anomaly(Source::Relay, reason, detail, step, None);
+                self.refusals = self.refusals.saturating_add(1);
+                let wait = match reason {
+                    Reason::RateLimited => 250u64 << self.refusals.min(5),
+                    Reason::Unavailable => 1_000u64 << self.refusals.min(5),
+                    _ => 0,
+                };
+                self.hold_from(now, step, wait);
+            }
+            _ => {
+                self.anomaly(Source::Relay, reason, detail.clone(), step, None);
+                if let Some(i) = index {
+                    let sent = self.remove_in_flight(i);
+                    self.emit(Event::Refused {
+                        step,
+                        kind: sent.kind,
+                        doc: sent.doc,
+                        reason,
+                        detail,
+                    });
+                }
+                self.hold_from(now, step, 0);
+            }
+        }
+    }
+
+    /// Stops stamped sends until `now + wait`; then a fence, and everything in flight from
+    /// `step` on goes out again.
+    fn hold_from(&mut self, now: u64, step: Step, wait: u64) {
+        let from = self
+            .in_flight
+            .iter()
+            .position(|s| s.stamp.step >= step)
+            .unwrap_or(self.in_flight.len());
+        self.resend = self.resend.min(from);
+        let until = now.saturating_add(wait);
+        self.hold = Some(match self.hold {
+            Some(hold) => Hold {
+                until: hold.until.max(until),
+                step: hold.step.min(step),
+            },
+            None => Hold { until, step },
+        });
+    }
+
+    fn remove_in_flight(&mut self, i: usize) -> Sent {
+        if i < self.resend {
+            self.resend -= 1;
+        }
+        self.in_flight
+            .remove(i)
+            .expect("the index comes from a search of in_flight")
+    }
+
+    fn step_event(&mut self, advance: Advance) {
+        if advance.moved() {
+            self.emit(Event::Step {
+                step: advance.to,
+                pattern: self.clock.pattern().value(advance.to),
+                phase: self.clock.phase(),
+            });
+        }
+    }
+
+    fn on_stamped(&mut self, now: u64, stamped: Stamped) {
+        let Stamped { stamp, body } = stamped;
+        let origin = self.origin();
+        let local = self.clock.local();
+        if let Verdict::Rejected(reason) = self.validator.check(&stamp, origin, local, now) {
+            let detail = self.validator.explain(&stamp, origin, local, reason);
+            return self.anomaly(Source::Local, reason, detail, stamp.step, Some(stamp.sender));
+        }
+        let advance = self.clock.accept(stamp.step);
+        self.step_event(advance);
+        let open = self.link == Link::Open;
+        match body {
+            Body::Data { data } => self.emit(Event::Message { stamp, data }),
+            Body::Update { update, .. } | Body::Snapshot { state: update, .. } => {
+                self.apply(&update, &stamp)
+            }
+            Body::SyncState { update, to, .. } => {
+                if to == 0 || to == self.node {
+                    self.apply(&update, &stamp);
+                }
+            }
+            Body::SyncRequest {
+                state_vector, to, ..
+            } => {
+                if open && (to == 0 || to == self.node) {
+                    let full = state_vector.is_empty();
+                    if let Ok(update) = self.replica.diff(&state_vector) {
+                        // An answer the relay could not take is not sent: the requester gets
+                        // the same from the room log.
+                        if (full || has_insertions(&update)) && update.len() <= self.max_payload() {
+                            self.waiting.push_back(Waiting {
+                                body: Body::SyncState {
+                                    doc: WHOLE_DOC.into(),
+                                    update,
+                                    to: stamp.sender,
+                                },
+                            });
+                        }
+                    }
+                }
+            }
+            Body::Checkpoint {
+                state_vector,
+                deletes,
+                digest,
+                ..
+            } => {
+                if open {
+                    let version = self.replica.version();
+                    let mine = self.replica.digest();
+                    if version.state_vector == state_vector
+                        && version.deletes == deletes
+                        && digest != mine
+                    {
+                        let detail = format!(
+                            "node {} has digest {digest:016x} at the version where this node has {mine:016x}",
+                            stamp.sender
+                        );
+                        self.anomaly(
+                            Source::Local,
+                            Reason::Desync,
+                            detail,
+                            stamp.step,
+                            Some(stamp.sender),
+                        );
+                        // Repair from the one peer that disagrees.
+                        self.waiting.push_back(Waiting {
+                            body: Body::SyncRequest {
+                                doc: WHOLE_DOC.into(),
+                                state_vector: Vec::new(),
+                                to: stamp.sender,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        if advance.entered_phase.is_some() && open {
+            self.checkpoint();
+        }
+    }
+
+    fn apply(&mut self, update: &[u8], stamp: &Stamp) {
+        match self.replica.apply_update(update) {
+            Ok(()) => self.emit(Event::Remote),
+            Err(e) => self.anomaly(
+                Source::Local,
+                Reason::Malformed,
+                e.to_string(),
+                stamp.step,
+                Some(stamp.sender),
+            ),
+        }
+    }
+
+    /// Queues this replica's checkpoint (replacing one that has not gone out yet).
+    fn checkpoint(&mut self) {
+        if self.replica.is_empty() {
+            return;
+        }
+        self.waiting
+            .retain(|w| !matches!(w.body, Body::Checkpoint { .. }));
+        let version = self.replica.version();
+        self.waiting.push_back(Waiting {
+            body: Body::Checkpoint {
+                doc: WHOLE_DOC.into(),
+                state_vector: version.state_vector,
+                deletes: version.deletes,
+                digest: self.replica.digest(),
+            },
+        });
+    }
+
+    /// The pacer cost of the next stamped frame to go out, if any.
+    fn next_cost(&self) -> Option<u64> {
+        if self.presence_due {
+            return Some(1);
+        }
+        if let Some(sent) = self.in_flight.get(self.resend) {
+            return Some(part::count(sent.bytes.len(), self.limits.max_frame) as u64);
+        }
+        self.waiting.front().map(|w| {
+            // The stamp takes at most 30 bytes.
+            part::count(3 + 30 + w.body.encoded_len(), self.limits.max_frame) as u64
+        })
+    }
+
+    /// Sends what the pacer allows, in order: presence, messages to send again, then new ones.
+    fn pump(&mut self, now: u64) {
+        if self.link != Link::Open || self.closed {
+            return;
+        }
+        if let Some(hold) = self.hold {
+            if now < hold.until {
+                return;
+            }
+            self.hold = None;
+            self.unechoed += 1;
+            self.outputs
+                .push_back(Output::Send(Frame::Fence { step: hold.step }.encode()));
+        }
+        while let Some(cost) = self.next_cost() {
+            if !self.pacer.try_take_n(cost, now) {
+                break;
+            }
+            if self.presence_due {
+                self.presence_due = false;
+                if let Some(data) = self.presence.clone() {
+                    let frame = Frame::Presence {
+                        sender: self.node,
+                        data,
+                    };
+                    self.outputs.push_back(Output::Send(frame.encode()));
+                }
+                continue;
+            }
+            if let Some(sent) = self.in_flight.get(self.resend) {
+                let parts = part::fragment(&sent.bytes, self.limits.max_frame);
+                self.resend += 1;
+                self.outputs.extend(parts.into_iter().map(Output::Send));
+                continue;
+            }
+            let Some(Waiting { body }) = self.waiting.pop_front() else {
+                break;
+            };
+            let (tick, advance) = match self.clock.next() {
+                Ok(next) => next,
+                Err(_) => {
+                    self.finish("the step clock is exhausted".into());
+                    return;
+                }
+            };
+            let stamp = Stamp {
+                sender: self.node,
+                step: tick.step,
+                pattern: tick.pattern,
+            };
+            let kind = body.kind();
+            let doc = body.doc().map(str::to_owned);
+            let durable = body.is_durable();
+            let bytes = Frame::stamped(stamp, body).encode();
+            let parts = part::fragment(&bytes, self.limits.max_frame);
+            self.outputs.extend(parts.into_iter().map(Output::Send));
+            if durable {
+                self.in_flight.push_back(Sent {
+                    stamp,
+                    kind,
+                    doc,
+                    bytes,
+                });
+                self.resend = self.in_flight.len();
+            }
+            self.step_event(advance);
+            if advance.entered_phase.is_some() {
+                self.checkpoint();
+            }
+        }
+    }
+}
+
+fn pacer(limits: &RelayLimits, now: u64) -> TokenBucket {
+    // A little under what the relay allows, with half its burst: network jitter may bunch
+    // frames together on the way, and the relay's bucket absorbs that.
+    let rate = (limits.rate as f64 * 0.9).max(1.0);
+    let burst = (limits.burst as f64 / 2.0).max(1.0);
+    TokenBucket::new(rate, burst, now)
+}

@@ -1,0 +1,421 @@
+//! Where room logs live: the [`Store`] trait, and [`MemoryStore`], the implementation in memory
+//! for tests and the simulation. The relay's embedded SQLite store implements the same trait.
+//!
+//! A store keeps, per room: its settings, its high step and last log position, one record per
+//! node (its resume token and its last stored step, which is what keeps replay protection across
+//! restarts), and the log itself. Its promises:
+//!
+//! - an append is answered once it is durable, and only then;
+//! - appends of one room are positioned in the order they were handed to the store (1, 2, ...);
+//! - once an append of a room fails, every later append of that room fails too, until the room
+//!   is loaded again: a node's stored messages stay a prefix of what it sent, which is what lets
+//!   a client read `replay` as "stored". (A room reloads only after its failed appends are all
+//!   answered.)
+//! - a snapshot of a document drops the older entries of that document (of every document for
+//!   `*`); data entries are never dropped;
+//! - every method answers with a typed [`StoreError`] rather than panicking.
+//!
+//! The methods return boxed futures that own what they need, so a driver can keep many appends
+//! in flight while it goes on with other work; nothing here names a runtime.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::pattern::Step;
+use crate::room::Append;
+use crate::wire::{with_position, NodeId, Reason, ResumeToken, RoomConfig, WHOLE_DOC};
+
+/// What a store knows of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// The node's id in its room.
+    pub node: NodeId,
+    /// The token that resumes it.
+    pub token: ResumeToken,
+    /// The last step of it that was stored.
+    pub last_step: Step,
+}
+
+/// What a store knows of a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomRecord {
+    /// Its settings.
+    pub config: RoomConfig,
+    /// Its highest stored step.
+    pub high: Step,
+    /// Its last log position.
+    pub position: u64,
+    /// The next node id to hand out (above every node id ever handed out).
+    pub next_node: NodeId,
+    /// Its nodes.
+    pub nodes: Vec<NodeRecord>,
+}
+
+impl RoomRecord {
+    /// A new, empty room.
+    pub fn new(config: RoomConfig) -> Self {
+        Self {
+            config,
+            high: 0,
+            position: 0,
+            next_node: 1,
+            nodes: Vec::new(),
+        }
+    }
+}
+
+/// One logged message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    /// Its position.
+    pub position: u64,
+    /// Its sender.
+    pub sender: NodeId,
+    /// The frame, with its position in the header: what a client receives.
+    pub bytes: Bytes,
+}
+
+/// The store's answer to an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Durable, at this position.
+    Stored {
+        /// The message's log position.
+        position: u64,
+    },
+    /// Not stored, for a reason that concerns this message alone (with several relays on one
+    /// store, `replay`: another relay stored this step first).
+    Refused {
+        /// Why.
+        reason: Reason,
+        /// What exactly.
+        detail: String,
+    },
+}
+
+/// A store that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The storage engine reported an error.
+    #[error("storage error: {0}")]
+    Backend(String),
+    /// The store is closed (the relay is shutting down).
+    #[error("the store is closed")]
+    Closed,
+    /// A stored value could not be read back, or cannot be stored.
+    #[error("corrupt or unstorable value: {0}")]
+    Corrupt(String),
+}
+
+/// A store operation in flight.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// Where room logs live.
+pub trait Store: Send + Sync + 'static {
+    /// What the store knows of `room`, if anything.
+    fn load_room(&self, room: &str) -> StoreFuture<Option<RoomRecord>>;
+    /// Creates `room` with `config` unless it exists; returns what is stored either way.
+    fn create_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord>;
+    /// Records a new node of `room`.
+    fn register_node(&self, room: &str, node: NodeRecord) -> StoreFuture<()>;
+    /// Appends a message to `room`'s log; answers once it is durable.
+    fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended>;
+    /// The log of `room` after position `since`, up to and including `until`, in order: at most
+    /// about `max_bytes` (always at least one entry if there is one).
+    fn read_after(
+        &self,
+        room: &str,
+        since: u64,
+        until: u64,
+        max_bytes: usize,
+    ) -> StoreFuture<Vec<Logged>>;
+    /// Finishes pending writes and stops.
+    fn close(&self) -> StoreFuture<()>;
+}
+
+#[derive(Debug, Clone)]
+struct MemoryRoom {
+    record: RoomRecord,
+    log: Vec<Logged>,
+    /// For each logged entry: its document (for compaction).
+    docs: Vec<Option<String>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    rooms: HashMap<String, MemoryRoom>,
+    /// Rooms whose appends fail until they are loaded again.
+    failed: std::collections::HashSet<String>,
+    /// Fail the next append, as a full disk would.
+    fail_next: bool,
+}
+
+/// A store in memory: for tests and the simulation. It is durable for as long as it lives.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<MemoryState>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, MemoryRoom>) -> T) -> T {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut state.rooms)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads `room` now (the memory store needs no waiting).
+    pub fn load_now(&self, room: &str) -> Option<RoomRecord> {
+        let mut state = self.state();
+        state.failed.remove(room);
+        state.rooms.get(room).map(|r| r.record.clone())
+    }
+
+    /// Makes the next append fail, as a full disk would (for tests).
+    pub fn fail_next_append(&self) {
+        self.state().fail_next = true;
+    }
+
+    /// Creates `room` now unless it exists.
+    pub fn create_now(&self, room: &str, config: RoomConfig) -> RoomRecord {
+        self.with(|rooms| {
+            rooms
+                .entry(room.to_owned())
+                .or_insert_with(|| MemoryRoom {
+                    record: RoomRecord::new(config),
+                    log: Vec::new(),
+                    docs: Vec::new(),
+                })
+                .record
+                .clone()
+        })
+    }
+
+    /// Registers a node now.
+    pub fn register_now(&self, room: &str, node: NodeRecord) -> Result<(), StoreError> {
+        self.with(|rooms| {
+            let room = rooms
+                .get_mut(room)
+                .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
+            room.record.nodes.retain(|n| n.node != node.node);
+            room.record.nodes.push(node);
+            room.record.next_node = room.record.next_node.max(node.node + 1);
+            Ok(())
+        })
+    }
+
+    /// Appends now.
+    pub fn append_now(&self, room: &str, entry: Append) -> Result<Appended, StoreError> {
+        let mut state = self.state();
+        if std::mem::take(&mut state.fail_next) {
+            state.failed.insert(room.to_owned());
+            return Err(StoreError::Backend("the disk is full".into()));
+        }
+        if state.failed.contains(room) {
+            return Err(StoreError::Backend(
+                "an earlier append of this room failed; load the room again".into(),
+            ));
+        }
+        drop(state);
+        self.with(|rooms| {
+            let room = rooms
+                .get_mut(room)
+                .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
+            let position = room.record.position + 1;
+            let bytes = with_position(&entry.bytes, position)
+                .ok_or_else(|| StoreError::Corrupt("the frame already has a position".into()))?;
+            room.record.position = position;
+            room.record.high = room.record.high.max(entry.high);
+            if let Some(node) = room.record.nodes.iter_mut().find(|n| n.node == entry.sender) {
+                node.last_step = node.last_step.max(entry.step);
+            }
+            if entry.snapshot {
+                let doc = entry.doc.as_deref().unwrap_or(WHOLE_DOC);
+                let keep: Vec<bool> = room
+                    .docs
+                    .iter()
+                    .map(|d| match d {
+                        None => true,
+                        Some(d) => !(doc == WHOLE_DOC || d == doc),
+                    })
+                    .collect();
+                let mut i = 0;
+                room.log.retain(|_| {
+                    i += 1;
+                    keep[i - 1]
+                });
+                let mut i = 0;
+                room.docs.retain(|_| {
+                    i += 1;
+                    keep[i - 1]
+                });
+            }
+            room.log.push(Logged {
+                position,
+                sender: entry.sender,
+                bytes: Bytes::from(bytes),
+            });
+            room.docs.push(entry.doc);
+            Ok(Appended::Stored { position })
+        })
+    }
+
+    /// Reads now.
+    pub fn read_now(&self, room: &str, since: u64, until: u64, max_bytes: usize) -> Vec<Logged> {
+        self.with(|rooms| {
+            let Some(room) = rooms.get(room) else {
+                return Vec::new();
+            };
+            let start = room.log.partition_point(|l| l.position <= since);
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for logged in &room.log[start..] {
+                if logged.position > until || (!out.is_empty() && bytes >= max_bytes) {
+                    break;
+                }
+                bytes += logged.bytes.len();
+                out.push(logged.clone());
+            }
+            out
+        })
+    }
+
+    /// Forgets a node, as a store that expired its record would (for tests of what a client
+    /// does when the relay no longer knows it).
+    pub fn forget_node(&self, room: &str, node: NodeId) {
+        self.with(|rooms| {
+            if let Some(room) = rooms.get_mut(room) {
+                room.record.nodes.retain(|n| n.node != node);
+            }
+        });
+    }
+
+    /// Every logged entry of `room`, in order.
+    pub fn log(&self, room: &str) -> Vec<Logged> {
+        self.read_now(room, 0, u64::MAX, usize::MAX)
+    }
+}
+
+fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl Store for MemoryStore {
+    fn load_room(&self, room: &str) -> StoreFuture<Option<RoomRecord>> {
+        ready(Ok(self.load_now(room)))
+    }
+
+    fn create_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord> {
+        ready(Ok(self.create_now(room, config)))
+    }
+
+    fn register_node(&self, room: &str, node: NodeRecord) -> StoreFuture<()> {
+        ready(self.register_now(room, node))
+    }
+
+    fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended> {
+        ready(self.append_now(room, entry))
+    }
+
+    fn read_after(
+        &self,
+        room: &str,
+        since: u64,
+        until: u64,
+        max_bytes: usize,
+    ) -> StoreFuture<Vec<Logged>> {
+        ready(Ok(self.read_now(room, since, until, max_bytes)))
+    }
+
+    fn close(&self) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(sender: NodeId, step: Step, doc: Option<&str>, snapshot: bool) -> Append {
+        Append {
+            sender,
+            step,
+            high: step,
+            doc: doc.map(str::to_owned),
+            snapshot,
+            bytes: Bytes::from_static(&[2, 0x10, 0, 1, 1, 4, 1, b'1']),
+        }
+    }
+
+    #[test]
+    fn appends_are_positioned_in_order_and_read_back_in_pages() {
+        let store = MemoryStore::new();
+        store.create_now("r", RoomConfig::default());
+        store
+            .register_now(
+                "r",
+                NodeRecord {
+                    node: 1,
+                    token: [1; 16],
+                    last_step: 0,
+                },
+            )
+            .unwrap();
+        for step in 1..=5 {
+            assert_eq!(
+                store.append_now("r", entry(1, step, None, false)),
+                Ok(Appended::Stored { position: step })
+            );
+        }
+        let record = store.load_now("r").unwrap();
+        assert_eq!((record.position, record.high), (5, 5));
+        assert_eq!(record.nodes[0].last_step, 5);
+        let page = store.read_now("r", 1, 4, 1);
+        assert_eq!(page.len(), 1, "at least one entry, then the byte budget");
+        assert_eq!(page[0].position, 2);
+        assert_eq!(store.read_now("r", 1, 4, usize::MAX).len(), 3);
+    }
+
+    #[test]
+    fn after_a_failed_append_the_room_refuses_appends_until_it_is_loaded_again() {
+        let store = MemoryStore::new();
+        store.create_now("r", RoomConfig::default());
+        store.fail_next_append();
+        assert!(store.append_now("r", entry(1, 1, None, false)).is_err());
+        assert!(
+            store.append_now("r", entry(1, 2, None, false)).is_err(),
+            "step 2 must not be stored when step 1 was not"
+        );
+        store.load_now("r");
+        assert_eq!(
+            store.append_now("r", entry(1, 1, None, false)),
+            Ok(Appended::Stored { position: 1 })
+        );
+    }
+
+    #[test]
+    fn a_snapshot_drops_older_entries_of_its_document_but_never_data() {
+        let store = MemoryStore::new();
+        store.create_now("r", RoomConfig::default());
+        store.append_now("r", entry(1, 1, None, false)).unwrap();
+        store.append_now("r", entry(1, 2, Some("a"), false)).unwrap();
+        store.append_now("r", entry(1, 3, Some("b"), false)).unwrap();
+        store.append_now("r", entry(1, 4, Some("a"), true)).unwrap();
+        let positions: Vec<u64> = store.log("r").iter().map(|l| l.position).collect();
+        assert_eq!(positions, [1, 3, 4]);
+        store.append_now("r", entry(1, 5, Some("*"), true)).unwrap();
+        let positions: Vec<u64> = store.log("r").iter().map(|l| l.position).collect();
+        assert_eq!(positions, [1, 5]);
+    }
+}

@@ -1,0 +1,1116 @@
+//! The protocol under a deterministic simulation of faults: one room core, a store and several
+//! client sessions, on a fake clock, over a simulated network that delays, bunches and drops,
+//! with a relay that crashes (losing what was not yet durable), a store that fails, a relay that
+//! forgets nodes, clients that go offline for long stretches, readers that fall behind, large
+//! pastes in parts, concurrent edits at the same place and fast typing against the rate limit.
+//!
+//! Every run is decided by its seed. After the faults the network heals and the run goes on
+//! until nothing moves; then it checks:
+//!
+//! - every replica has the same text;
+//! - every edit a session made is in every replica, unless the session was told it was refused
+//!   for good;
+//! - every acknowledged message is in the log, at its position;
+//! - every data message reached every other session;
+//! - no session waits: each is open with nothing pending, or closed with a reason;
+//! - no replica raised an anomaly (no false desync, no duplicate, no forgery).
+//!
+//! `cargo test --test simulation` runs 2,000 seeds (`PM_SIM_SEEDS` sets how many, `PM_SIM_FROM`
+//! the first). A failure prints its seed; `PM_SIM_SEED=N` runs that seed alone, and
+//! `PM_SIM_TRACE=1` prints what happened in it.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use pattern_mesh::doc::SharedDoc;
+use pattern_mesh::room::{self, ConnId, RoomCore, RoomLimits};
+use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status};
+use pattern_mesh::store::{MemoryStore, NodeRecord};
+use pattern_mesh::wire::part;
+use pattern_mesh::wire::{close, Frame, Json, Limits, NodeId, Positioned, RoomConfig};
+
+const ROOM: &str = "sim";
+const TEXT: &str = "content";
+
+/// A small, fast generator: splitmix64.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+}
+
+/// The knobs of one run, drawn from its seed.
+#[derive(Debug, Clone)]
+struct Scenario {
+    clients: usize,
+    /// How long clients edit and faults strike, in ms.
+    active: u64,
+    latency: (u64, u64),
+    limits: RoomLimits,
+    send_queue: usize,
+    commit: (u64, u64),
+    drops: u32,
+    crashes: u32,
+    store_failures: u32,
+    forgets: u32,
+    offline: u32,
+    slow_readers: u32,
+    mean_op: u64,
+    paste_chance: f64,
+    burst_chance: f64,
+}
+
+impl Scenario {
+    fn from_seed(rng: &mut Rng) -> Self {
+        let max_frame = rng.range(256, 8 * 1024) as usize;
+        Scenario {
+            clients: rng.range(2, 5) as usize,
+            active: rng.range(5_000, 30_000),
+            latency: {
+                let base = rng.range(1, 40);
+                (base, base + rng.range(0, 60))
+            },
+            limits: RoomLimits {
+                limits: Limits {
+                    max_frame,
+                    max_message: 1 << 20,
+                    ..Limits::default()
+                },
+                rate: rng.range(20, 200),
+                burst: rng.range(2, 40),
+                max_members: 16,
+            },
+            send_queue: rng.range(64, 1_024) as usize,
+            commit: {
+                let base = rng.range(0, 10);
+                (base, base + rng.range(0, 30))
+            },
+            drops: rng.range(0, 4) as u32,
+            crashes: rng.range(0, 2) as u32,
+            store_failures: rng.range(0, 1) as u32,
+            forgets: rng.range(0, 1) as u32,
+            offline: rng.range(0, 3) as u32,
+            slow_readers: rng.range(0, 2) as u32,
+            mean_op: rng.range(30, 800),
+            paste_chance: [0.0, 0.01, 0.05][rng.range(0, 2) as usize],
+            burst_chance: [0.0, 0.02, 0.1][rng.range(0, 2) as usize],
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Timer { client: usize, generation: u64 },
+    Op { client: usize },
+    Opened { client: usize, conn: ConnId },
+    OpenFailed { client: usize, conn: ConnId },
+    ToRelay { conn: ConnId, bytes: Bytes },
+    RelayClosed { conn: ConnId },
+    ToClient { client: usize, conn: ConnId, bytes: Bytes },
+    ClientClosed { client: usize, conn: ConnId, code: u16, reason: String },
+    Durable,
+    Drop { client: usize },
+    Crash,
+    Restart,
+    StoreFailure,
+    Forget,
+    Offline { client: usize, until: u64 },
+    Online { client: usize },
+    SlowReader { client: usize, until: u64 },
+}
+
+struct Link {
+    /// When the last message on this link arrives: a link is FIFO.
+    up_at: u64,
+    down_at: u64,
+    /// Frames queued to the client and not yet read.
+    queued: usize,
+}
+
+struct RelayConn {
+    client: usize,
+    joined: bool,
+    node: NodeId,
+    link: Link,
+}
+
+enum StoreOp {
+    Register(NodeRecord),
+    Append(room::Append),
+}
+
+struct Relay {
+    up: bool,
+    core: Option<RoomCore>,
+    store: MemoryStore,
+    /// Writes handed to the store, durable at their time, in order.
+    writes: VecDeque<(u64, StoreOp)>,
+    conns: BTreeMap<ConnId, RelayConn>,
+}
+
+struct Client {
+    session: Session<SharedDoc>,
+    conn: Option<ConnId>,
+    online: bool,
+    slow_until: u64,
+    timer: Option<(u64, u64)>,
+    generation: u64,
+    ops: u64,
+    sent_data: Vec<String>,
+    received_data: Vec<String>,
+    acked: Vec<(u64, u64)>,
+    received: HashSet<u64>,
+    refused: u32,
+    anomalies: Vec<String>,
+    last_status: Option<(Status, Option<String>)>,
+}
+
+struct Sim {
+
+    rng: Rng,
+    scenario: Scenario,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: HashMap<u64, Ev>,
+    relay: Relay,
+    clients: Vec<Client>,
+    next_conn: ConnId,
+    trace: Option<String>,
+    processed: u64,
+    forgot: bool,
+}
+
+impl Sim {
+    fn new(seed: u64, trace: bool) -> Self {
+        let mut rng = Rng(seed);
+        let scenario = Scenario::from_seed(&mut rng);
+        let store = MemoryStore::new();
+        store.create_now(ROOM, RoomConfig::default());
+        let mut sim = Sim {
+
+            rng,
+            scenario,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            relay: Relay {
+                up: true,
+                core: None,
+                store,
+                writes: VecDeque::new(),
+                conns: BTreeMap::new(),
+            },
+            clients: Vec::new(),
+            next_conn: 1,
+            trace: trace.then(String::new),
+            processed: 0,
+            forgot: false,
+        };
+        for i in 0..sim.scenario.clients {
+            let mut config = SessionConfig::new(ROOM, format!("c{i}"));
+            config.connect_timeout = 3_600_000;
+            config.seed = sim.rng.next();
+            let replica = SharedDoc::with_client_id(1_000 + i as u64);
+            sim.clients.push(Client {
+                session: Session::new(config, replica, 0),
+                conn: None,
+                online: true,
+                slow_until: 0,
+                timer: None,
+                generation: 0,
+                ops: 0,
+                sent_data: Vec::new(),
+                received_data: Vec::new(),
+                acked: Vec::new(),
+                received: HashSet::new(),
+                refused: 0,
+                anomalies: Vec::new(),
+                last_status: None,
+            });
+            let first = sim.rng.range(0, 200);
+            sim.at(first, Ev::Op { client: i });
+            sim.drive(i);
+        }
+        sim.plan_faults();
+        sim
+    }
+
+    fn log(&mut self, what: impl FnOnce() -> String) {
+        if let Some(trace) = &mut self.trace {
+            let _ = writeln!(trace, "{:>7} {}", self.now, what());
+        }
+    }
+
+    fn at(&mut self, time: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((time, self.seq)));
+        self.events.insert(self.seq, ev);
+    }
+
+    fn latency(&mut self) -> u64 {
+        let (lo, hi) = self.scenario.latency;
+        self.rng.range(lo, hi)
+    }
+
+    fn plan_faults(&mut self) {
+        let active = self.scenario.active;
+        let s = self.scenario.clone();
+        for _ in 0..s.drops {
+            let t = self.rng.range(100, active);
+            let client = self.rng.range(0, s.clients as u64 - 1) as usize;
+            self.at(t, Ev::Drop { client });
+        }
+        for _ in 0..s.crashes {
+            let t = self.rng.range(100, active);
+            self.at(t, Ev::Crash);
+        }
+        for _ in 0..s.store_failures {
+            let t = self.rng.range(100, active);
+            self.at(t, Ev::StoreFailure);
+        }
+        for _ in 0..s.forgets {
+            let t = self.rng.range(100, active);
+            self.at(t, Ev::Forget);
+        }
+        for _ in 0..s.offline {
+            let t = self.rng.range(100, active);
+            let until = t + self.rng.range(500, 20_000);
+            let client = self.rng.range(0, s.clients as u64 - 1) as usize;
+            self.at(t, Ev::Offline { client, until });
+        }
+        for _ in 0..s.slow_readers {
+            let t = self.rng.range(100, active);
+            let until = t + self.rng.range(500, 10_000);
+            let client = self.rng.range(0, s.clients as u64 - 1) as usize;
+            self.at(t, Ev::SlowReader { client, until });
+        }
+    }
+
+    /// Runs to quiescence; returns a description of what is wrong, if anything.
+    fn run(&mut self) -> Result<(), String> {
+        let deadline = self.scenario.active + 600_000;
+        while let Some(Reverse((time, seq))) = self.queue.pop() {
+            if let Some(Ev::Timer { client, generation }) = self.events.get(&seq) {
+                if self.clients[*client].generation != *generation {
+                    self.events.remove(&seq);
+                    continue;
+                }
+            }
+            if time > deadline {
+                return Err(format!("still busy at {time} ms: {}", self.describe()));
+            }
+            self.processed += 1;
+            if self.processed > 3_000_000 {
+                return Err(format!("over 3,000,000 events: {}", self.describe()));
+            }
+            self.now = self.now.max(time);
+            let ev = self.events.remove(&seq).expect("every queued event is stored");
+            self.handle(ev);
+        }
+        self.check()
+    }
+
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let _ = write!(
+                out,
+                "\n  client {i}: {:?}, node {}, pending {}, last status {:?}",
+                c.session.status(),
+                c.session.node(),
+                c.session.pending(),
+                c.last_status
+            );
+        }
+        out
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Timer { client, generation } => {
+                if self.clients[client].generation == generation {
+                    self.clients[client].timer = None;
+                    self.clients[client].session.handle_timeout(self.now);
+                    self.drive(client);
+                }
+            }
+            Ev::Op { client } => self.op(client),
+            Ev::Opened { client, conn } => {
+                if self.clients[client].conn == Some(conn) && self.relay.conns.contains_key(&conn)
+                {
+                    self.log(|| format!("c{client} connected as conn {conn}"));
+                    self.clients[client].session.handle_connected(self.now);
+                    self.drive(client);
+                }
+            }
+            Ev::OpenFailed { client, conn } => {
+                if self.clients[client].conn == Some(conn) {
+                    self.clients[client].conn = None;
+                    self.clients[client]
+                        .session
+                        .handle_closed(self.now, 1006, "unreachable");
+                    self.drive(client);
+                }
+            }
+            Ev::ToRelay { conn, bytes } => self.relay_receive(conn, bytes),
+            Ev::RelayClosed { conn } => self.relay_drop_conn(conn),
+            Ev::ToClient {
+                client,
+                conn,
+                bytes,
+            } => {
+                if let Some(rc) = self.relay.conns.get_mut(&conn) {
+                    rc.link.queued = rc.link.queued.saturating_sub(1);
+                }
+                if self.clients[client].conn == Some(conn) {
+                    self.observe_frame(client, &bytes);
+                    self.clients[client].session.handle_frame(self.now, &bytes);
+                    self.drive(client);
+                }
+            }
+            Ev::ClientClosed {
+                client,
+                conn,
+                code,
+                reason,
+            } => {
+                if self.clients[client].conn == Some(conn) {
+                    self.log(|| format!("c{client} conn {conn} closed: {code} {reason}"));
+                    self.clients[client].conn = None;
+                    self.clients[client]
+                        .session
+                        .handle_closed(self.now, code, &reason);
+                    self.drive(client);
+                }
+            }
+            Ev::Durable => self.durable(),
+            Ev::Drop { client } => {
+                if let Some(conn) = self.clients[client].conn {
+                    self.log(|| format!("fault: c{client} loses its connection"));
+                    self.cut(conn, 1006, "connection lost");
+                }
+            }
+            Ev::Crash => {
+                self.log(|| "fault: the relay crashes".into());
+                self.relay.up = false;
+                self.relay.core = None;
+                self.relay.writes.clear();
+                let conns: Vec<ConnId> = self.relay.conns.keys().copied().collect();
+                for conn in conns {
+                    self.cut(conn, 1006, "the relay is gone");
+                }
+                let back = self.now + self.rng.range(100, 5_000);
+                self.at(back, Ev::Restart);
+            }
+            Ev::Restart => {
+                self.log(|| "the relay is back".into());
+                self.relay.up = true;
+            }
+            Ev::StoreFailure => {
+                self.log(|| "fault: the store fails its next write".into());
+                self.relay.store.fail_next_append();
+            }
+            Ev::Forget => {
+                // The relay restarts having expired the records of every node.
+                self.log(|| "fault: the relay restarts and forgets every node".into());
+                self.forgot = true;
+                let nodes: Vec<NodeId> = self
+                    .relay
+                    .store
+                    .load_now(ROOM)
+                    .map(|r| r.nodes.iter().map(|n| n.node).collect())
+                    .unwrap_or_default();
+                self.handle(Ev::Crash);
+                for node in nodes {
+                    self.relay.store.forget_node(ROOM, node);
+                }
+            }
+            Ev::Offline { client, until } => {
+                self.log(|| format!("fault: c{client} goes offline until {until}"));
+                self.clients[client].online = false;
+                if let Some(conn) = self.clients[client].conn {
+                    self.cut(conn, 1006, "offline");
+                }
+                self.at(until, Ev::Online { client });
+            }
+            Ev::Online { client } => {
+                self.log(|| format!("c{client} is online again"));
+                self.clients[client].online = true;
+            }
+            Ev::SlowReader { client, until } => {
+                self.log(|| format!("fault: c{client} reads slowly until {until}"));
+                self.clients[client].slow_until = until;
+            }
+        }
+    }
+
+    /// Cuts a connection on both sides, as the network would.
+    fn cut(&mut self, conn: ConnId, code: u16, reason: &str) {
+        if let Some(rc) = self.relay.conns.get(&conn) {
+            let client = rc.client;
+            let t = self.now + self.latency();
+            self.at(
+                t,
+                Ev::ClientClosed {
+                    client,
+                    conn,
+                    code,
+                    reason: reason.into(),
+                },
+            );
+        }
+        self.relay_drop_conn(conn);
+    }
+
+    fn relay_drop_conn(&mut self, conn: ConnId) {
+        if self.relay.conns.remove(&conn).is_some() {
+            if let Some(core) = &mut self.relay.core {
+                core.leave(conn);
+            }
+            self.relay_outputs();
+        }
+    }
+
+    fn op(&mut self, client: usize) {
+        let now = self.now;
+        let active = self.scenario.active;
+        if now > active {
+            return;
+        }
+        let c = &mut self.clients[client];
+        c.ops += 1;
+        let roll = self.rng.range(0, 99);
+        let mut burst = 1;
+        if self.rng.chance(self.scenario.burst_chance) {
+            burst = self.rng.range(20, 150);
+        }
+        for k in 0..burst {
+            let c = &mut self.clients[client];
+            let len = c.session.replica().len(TEXT);
+            let update = if roll < 10 {
+                let id = format!("c{client}-{}-{k}", c.ops);
+                c.sent_data.push(id.clone());
+                let data = Json::from_value(&serde_json::json!({ "id": id })).expect("json");
+                c.session.broadcast(now, data).expect("broadcast");
+                None
+            } else if (roll < 25 || len > 300_000) && len > 0 {
+                let index = self.rng.range(0, u64::from(len) - 1) as u32;
+                let most = if len > 100_000 { 20_000 } else { 20 };
+                let length = self.rng.range(1, u64::from((len - index).min(most))) as u32;
+                Some(c.session.replica().delete(TEXT, index, length).expect("delete"))
+            } else {
+                let paste = burst == 1
+                    && len < 200_000
+                    && self.rng.chance(self.scenario.paste_chance);
+                let text = if paste {
+                    let n = self.rng.range(1_000, 40_000) as usize;
+                    let unit = format!("[p{client}.{}]", c.ops);
+                    unit.repeat(n / unit.len() + 1)
+                } else {
+                    let n = self.rng.range(1, 6) as usize;
+                    "abcdefghijklmnopqrstuvwxyz"[..n].to_owned()
+                };
+                // Concurrent edits at one place: often at the start or the end.
+                let index = match self.rng.range(0, 3) {
+                    0 => 0,
+                    1 => len,
+                    _ => self.rng.range(0, u64::from(len)) as u32,
+                };
+                Some(c.session.replica().insert(TEXT, index, &text).expect("insert"))
+            };
+            if let Some(update) = update {
+                self.clients[client]
+                    .session
+                    .update(now, TEXT, update)
+                    .expect("update");
+            }
+        }
+        self.drive(client);
+        let next = now + self.rng.range(1, 2 * self.scenario.mean_op);
+        self.at(next, Ev::Op { client });
+    }
+
+    /// Carries out what the session asks for, and schedules its next timeout.
+    fn drive(&mut self, client: usize) {
+        while let Some(output) = self.clients[client].session.poll_output() {
+            match output {
+                session::Output::Connect => {
+                    let conn = self.next_conn;
+                    self.next_conn += 1;
+                    self.clients[client].conn = Some(conn);
+                    let t = self.now + self.latency();
+                    if self.clients[client].online && self.relay.up {
+                        self.relay.conns.insert(
+                            conn,
+                            RelayConn {
+                                client,
+                                joined: false,
+                                node: 0,
+                                link: Link {
+                                    up_at: t,
+                                    down_at: t,
+                                    queued: 0,
+                                },
+                            },
+                        );
+                        self.at(t, Ev::Opened { client, conn });
+                    } else {
+                        self.at(t, Ev::OpenFailed { client, conn });
+                    }
+                }
+                session::Output::Send(bytes) => {
+                    if self.trace.is_some() {
+                        let conn = self.clients[client].conn;
+                        if let Some((kind, stamp)) = pattern_mesh::wire::peek_stamp(&bytes) {
+                            self.log(|| format!("c{client} sends {kind} step {} on {conn:?}", stamp.step));
+                        } else if let Ok(frame) = Frame::decode_with(&bytes, &Limits { max_frame: usize::MAX, ..Limits::default() }) {
+                            let kind = frame.kind();
+                            self.log(|| format!("c{client} sends {kind} on {conn:?}"));
+                        }
+                    }
+                    let Some(conn) = self.clients[client].conn else {
+                        continue;
+                    };
+                    let lat = self.latency();
+                    if let Some(rc) = self.relay.conns.get_mut(&conn) {
+                        rc.link.up_at = rc.link.up_at.max(self.now + lat);
+                        let t = rc.link.up_at;
+                        self.at(
+                            t,
+                            Ev::ToRelay {
+                                conn,
+                                bytes: Bytes::from(bytes),
+                            },
+                        );
+                    }
+                }
+                session::Output::Disconnect { .. } => {
+                    if let Some(conn) = self.clients[client].conn.take() {
+                        let t = self.now + self.latency();
+                        self.at(t, Ev::RelayClosed { conn });
+                    }
+                }
+            }
+        }
+        while let Some(event) = self.clients[client].session.poll_event() {
+            self.client_event(client, event);
+        }
+        let next = self.clients[client].session.poll_timeout();
+        let c = &mut self.clients[client];
+        if next != c.timer.map(|(t, _)| t) {
+            c.generation += 1;
+            c.timer = next.map(|t| (t, c.generation));
+            if let Some(t) = next {
+                let generation = c.generation;
+                let t = t.max(self.now);
+                self.at(t, Ev::Timer { client, generation });
+            }
+        }
+    }
+
+    fn client_event(&mut self, client: usize, event: Event) {
+        let trace = self.trace.is_some();
+        let c = &mut self.clients[client];
+        match event {
+            Event::Status { status, reason } => {
+                c.last_status = Some((status, reason));
+            }
+            Event::Message { data, .. } => {
+                if let Ok(value) = data.to_value::<serde_json::Value>() {
+                    if let Some(id) = value["id"].as_str() {
+                        c.received_data.push(id.to_owned());
+                    }
+                }
+            }
+            Event::Anomaly(anomaly) => {
+                if anomaly.source == Source::Local {
+                    c.anomalies
+                        .push(format!("{}: {}", anomaly.reason, anomaly.detail));
+                }
+                if trace {
+                    let text = format!(
+                        "c{client} anomaly {:?} {} step {}: {}",
+                        anomaly.source, anomaly.reason, anomaly.step, anomaly.detail
+                    );
+                    self.log(|| text);
+                }
+            }
+            Event::Refused { .. } => c.refused += 1,
+            _ => {}
+        }
+    }
+
+    /// Notes what a client receives that the checks need (its acknowledgements).
+    fn observe_frame(&mut self, client: usize, bytes: &[u8]) {
+        let limits = Limits {
+            max_frame: usize::MAX,
+            ..Limits::default()
+        };
+        match Frame::decode_positioned(bytes, &limits) {
+            Ok(Positioned {
+                frame: Frame::Ack { step, .. },
+                ..
+            }) => {
+                let node = self.clients[client].session.node();
+                self.clients[client].acked.push((node, step));
+            }
+            Ok(Positioned {
+                position: Some(position),
+                ..
+            }) => {
+                self.clients[client].received.insert(position);
+            }
+            _ => {}
+        }
+    }
+
+    fn relay_receive(&mut self, conn: ConnId, bytes: Bytes) {
+        let Some(rc) = self.relay.conns.get(&conn) else {
+            return;
+        };
+        if !rc.joined {
+            let client = rc.client;
+            let Ok(Frame::Join {
+                name,
+                since,
+                resume,
+                ..
+            }) = Frame::decode(&bytes)
+            else {
+                return self.cut(conn, close::POLICY, "the first frame must be a join");
+            };
+            if self.relay.core.is_none() {
+                let record = self
+                    .relay
+                    .store
+                    .load_now(ROOM)
+                    .expect("the room was created");
+                let core = RoomCore::new(ROOM.into(), record, self.scenario.limits, self.now)
+                    .expect("a valid room");
+                self.relay.core = Some(core);
+            }
+            let fresh: [u8; 16] = self.rng.next().to_le_bytes().repeat(2).try_into().unwrap();
+            let core = self.relay.core.as_mut().expect("loaded");
+            match core.join(self.now, conn, name, resume, fresh) {
+                Err(refused) => {
+                    self.cut(conn, refused.code, &refused.reason);
+                }
+                Ok(joined) => {
+                    let rc = self.relay.conns.get_mut(&conn).expect("present");
+                    rc.joined = true;
+                    rc.node = joined.node;
+                    let node = joined.node;
+                    let until = joined.until;
+                    self.log(|| {
+                        format!("c{client} joins as node {node} (conn {conn}), since {since} until {until}")
+                    });
+                    self.send_down(conn, joined.welcome.clone());
+                    let max_frame = self.scenario.limits.limits.max_frame;
+                    for logged in self.relay.store.read_now(ROOM, since, joined.until, usize::MAX)
+                    {
+                        if logged.sender == node {
+                            continue;
+                        }
+                        for piece in part::fragment(&logged.bytes, max_frame) {
+                            self.send_down(conn, Bytes::from(piece));
+                        }
+                    }
+                    self.send_down(conn, joined.caught_up.clone());
+                    self.relay_outputs();
+                }
+            }
+            return;
+        }
+        if let Some(core) = &mut self.relay.core {
+            core.frame(self.now, conn, bytes);
+        }
+        self.relay_outputs();
+    }
+
+    fn send_down(&mut self, conn: ConnId, bytes: Bytes) {
+        let lat = self.latency();
+        let send_queue = self.scenario.send_queue;
+        let Some(rc) = self.relay.conns.get_mut(&conn) else {
+            return;
+        };
+        let client = rc.client;
+        let slow = self.clients[client].slow_until > self.now;
+        let read = if slow { 50 } else { 0 };
+        rc.link.down_at = rc.link.down_at.max(self.now + lat) + read;
+        rc.link.queued += 1;
+        let t = rc.link.down_at;
+        let over = rc.link.queued > send_queue;
+        let joined = rc.joined;
+        self.at(
+            t,
+            Ev::ToClient {
+                client,
+                conn,
+                bytes,
+            },
+        );
+        if over && joined {
+            self.log(|| format!("conn {conn} is too slow: cut off"));
+            if let Some(core) = &mut self.relay.core {
+                core.drop_member(conn, close::SLOW_CONSUMER, "send queue full");
+            }
+        }
+    }
+
+    fn relay_outputs(&mut self) {
+        loop {
+            let Some(output) = self.relay.core.as_mut().and_then(|c| c.poll_output()) else {
+                break;
+            };
+            match output {
+                room::Output::Send { to, bytes } => self.send_down(to, bytes),
+                room::Output::Fanout { except, bytes } => {
+                    let targets: Vec<ConnId> = self
+                        .relay
+                        .conns
+                        .iter()
+                        .filter(|(c, rc)| rc.joined && Some(**c) != except)
+                        .map(|(c, _)| *c)
+                        .collect();
+                    for to in targets {
+                        self.send_down(to, bytes.clone());
+                    }
+                }
+                room::Output::Close { conn, code, reason } => {
+                    if let Some(rc) = self.relay.conns.get_mut(&conn) {
+                        rc.joined = false;
+                    }
+                    self.cut(conn, code, &reason);
+                }
+                room::Output::Register(node) => self.write(StoreOp::Register(node)),
+                room::Output::Append(append) => self.write(StoreOp::Append(append)),
+                room::Output::Stop { reason } => {
+                    self.log(|| format!("the room stops: {reason}"));
+                }
+            }
+        }
+        // A stopped room goes once its writes are done; the next join loads it again.
+        if self
+            .relay
+            .core
+            .as_ref()
+            .is_some_and(|c| c.is_stopped() && c.is_idle())
+        {
+            self.relay.core = None;
+        }
+    }
+
+    fn write(&mut self, op: StoreOp) {
+        let (lo, hi) = self.scenario.commit;
+        let last = self.relay.writes.back().map_or(self.now, |(t, _)| *t);
+        let t = last.max(self.now + self.rng.range(lo, hi));
+        self.relay.writes.push_back((t, op));
+        self.at(t, Ev::Durable);
+    }
+
+    fn durable(&mut self) {
+        while let Some((t, _)) = self.relay.writes.front() {
+            if *t > self.now {
+                break;
+            }
+            let Some((_, op)) = self.relay.writes.pop_front() else {
+                break;
+            };
+            match op {
+                StoreOp::Register(node) => {
+                    let _ = self.relay.store.register_now(ROOM, node);
+                }
+                StoreOp::Append(append) => {
+                    let (sender, step) = (append.sender, append.step);
+                    let result = self.relay.store.append_now(ROOM, append);
+                    self.log(|| format!("store: node {sender} step {step}: {result:?}"));
+                    if let Some(core) = &mut self.relay.core {
+                        core.appended(result);
+                    }
+                    self.relay_outputs();
+                }
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let s = &c.session;
+            if s.status() != Status::Open || s.pending() != 0 {
+                problems.push(format!(
+                    "client {i} waits: {:?} with {} pending (last status {:?})",
+                    s.status(),
+                    s.pending(),
+                    c.last_status
+                ));
+            }
+            if !c.anomalies.is_empty() {
+                problems.push(format!(
+                    "client {i} raised {} anomalies, first: {}",
+                    c.anomalies.len(),
+                    c.anomalies[0]
+                ));
+            }
+        }
+        let told: HashSet<usize> = (0..self.clients.len())
+            .filter(|&i| self.clients[i].refused > 0)
+            .collect();
+        let texts: Vec<String> = self
+            .clients
+            .iter()
+            .map(|c| c.session.replica().text(TEXT))
+            .collect();
+        let reference = (0..self.clients.len()).find(|i| !told.contains(i));
+        if let Some(r) = reference {
+            for (i, text) in texts.iter().enumerate() {
+                if !told.contains(&i) && *text != texts[r] {
+                    problems.push(format!(
+                        "client {i} has a different text ({} chars) from client {r} ({} chars)",
+                        text.len(),
+                        texts[r].len()
+                    ));
+                }
+            }
+        }
+        // Every edit of every session, in every replica: compare state vectors.
+        let svs: Vec<BTreeMap<u64, u32>> = self
+            .clients
+            .iter()
+            .map(|c| state_vector(c.session.replica()))
+            .collect();
+        for (i, _) in self.clients.iter().enumerate() {
+            if told.contains(&i) {
+                continue;
+            }
+            let id = 1_000 + i as u64;
+            let own = svs[i].get(&id).copied().unwrap_or(0);
+            for (j, sv) in svs.iter().enumerate() {
+                let has = sv.get(&id).copied().unwrap_or(0);
+                if has != own {
+                    problems.push(format!(
+                        "client {j} has {has} of client {i}'s {own} edits (clock)"
+                    ));
+                }
+            }
+            if self.clients[i].session.replica().has_pending() {
+                problems.push(format!("client {i} holds updates it cannot apply"));
+            }
+        }
+        // Every acknowledged message is in the log.
+        let logged: HashSet<(NodeId, u64)> = self
+            .relay
+            .store
+            .log(ROOM)
+            .iter()
+            .filter_map(|l| {
+                Frame::decode_with(
+                    &l.bytes,
+                    &Limits {
+                        max_frame: usize::MAX,
+                        ..Limits::default()
+                    },
+                )
+                .ok()
+                .and_then(|f| f.stamp().map(|s| (s.sender, s.step)))
+            })
+            .collect();
+        for (i, c) in self.clients.iter().enumerate() {
+            for ack in &c.acked {
+                if !logged.contains(ack) {
+                    problems.push(format!(
+                        "client {i}'s acknowledged message {ack:?} is not in the log"
+                    ));
+                    break;
+                }
+            }
+        }
+        // Every data message reached every other session (exactly once unless the relay
+        // forgot the sender, which may deliver one twice).
+        for (i, c) in self.clients.iter().enumerate() {
+            if told.contains(&i) {
+                continue;
+            }
+            for (j, other) in self.clients.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let mut count: HashMap<&str, usize> = HashMap::new();
+                for id in &other.received_data {
+                    *count.entry(id.as_str()).or_default() += 1;
+                }
+                for id in &c.sent_data {
+                    let n = count.get(id.as_str()).copied().unwrap_or(0);
+                    if n == 0 || (n > 1 && !self.forgot) {
+                        problems.push(format!("client {j} received {id} {n} times"));
+                        break;
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() && self.trace.is_some() {
+            for (i, c) in self.clients.iter().enumerate() {
+                let node = c.session.node();
+                let missed: Vec<String> = self
+                    .relay
+                    .store
+                    .log(ROOM)
+                    .iter()
+                    .filter(|l| !c.received.contains(&l.position))
+                    .map(|l| format!("{}(n{})", l.position, l.sender))
+                    .collect();
+                problems.push(format!("client {i} (node {node}) never received {missed:?}"));
+            }
+            let replay = SharedDoc::with_client_id(99);
+            let big = Limits { max_frame: usize::MAX, ..Limits::default() };
+            for l in self.relay.store.log(ROOM) {
+                if let Ok(Frame::Stamped(st)) = Frame::decode_with(&l.bytes, &big) {
+                    if let pattern_mesh::wire::Body::Update { update, .. } = st.body {
+                        let before = state_vector(&replay);
+                        let _ = replay.apply_update(&update);
+                        problems.push(format!(
+                            "log {} n{} step {}: {} bytes, sv {:?} -> {:?} pending {}",
+                            l.position, l.sender, st.stamp.step, update.len(), before, state_vector(&replay), replay.has_pending()
+                        ));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n  "))
+        }
+    }
+}
+
+fn state_vector(doc: &SharedDoc) -> BTreeMap<u64, u32> {
+    use yrs_sv::decode;
+    decode(&doc.state_vector())
+}
+
+/// Decodes a Yjs v1 state vector: a count, then (client, clock) varint pairs.
+mod yrs_sv {
+    use std::collections::BTreeMap;
+
+    fn var(bytes: &[u8], pos: &mut usize) -> u64 {
+        let mut value = 0u64;
+        let mut shift = 0;
+        while let Some(&b) = bytes.get(*pos) {
+            *pos += 1;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        value
+    }
+
+    pub fn decode(bytes: &[u8]) -> BTreeMap<u64, u32> {
+        let mut pos = 0;
+        let n = var(bytes, &mut pos);
+        (0..n)
+            .map(|_| {
+                let client = var(bytes, &mut pos);
+                let clock = var(bytes, &mut pos) as u32;
+                (client, clock)
+            })
+            .collect()
+    }
+}
+
+fn run_seed(seed: u64, trace: bool) -> Result<Sim, (Sim, String)> {
+    let mut sim = Sim::new(seed, trace);
+    match sim.run() {
+        Ok(()) => Ok(sim),
+        Err(problem) => Err((sim, problem)),
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_protocol_holds_under_faults_for_every_seed() {
+    if let Some(seed) = env_u64("PM_SIM_SEED") {
+        let trace = std::env::var("PM_SIM_TRACE").is_ok();
+        match run_seed(seed, trace) {
+            Ok(sim) => {
+                if let Some(trace) = &sim.trace {
+                    println!("{trace}");
+                }
+                println!(
+                    "seed {seed} passed ({} events, scenario {:?})",
+                    sim.processed, sim.scenario
+                );
+            }
+            Err((sim, problem)) => {
+                if let Some(trace) = &sim.trace {
+                    println!("{trace}");
+                }
+                panic!("seed {seed} failed: {problem}\nscenario: {:?}", sim.scenario);
+            }
+        }
+        return;
+    }
+    let seeds = env_u64("PM_SIM_SEEDS").unwrap_or(2_000);
+    let from = env_u64("PM_SIM_FROM").unwrap_or(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let started = std::time::Instant::now();
+    let failures: Vec<(u64, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    let mut seed = from + t;
+                    while seed < from + seeds {
+                        if let Err((_, problem)) = run_seed(seed, false) {
+                            failures.push((seed, problem));
+                        }
+                        seed += threads;
+                    }
+                    failures
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a simulation thread"))
+            .collect()
+    });
+    println!(
+        "{seeds} seeds from {from} in {:.1} s, {} failed",
+        started.elapsed().as_secs_f64(),
+        failures.len()
+    );
+    if let Some((seed, problem)) = failures.iter().min_by_key(|(s, _)| *s) {
+        panic!(
+            "{} of {seeds} seeds failed; the first, seed {seed}: {problem}\n\
+             reproduce with: PM_SIM_SEED={seed} PM_SIM_TRACE=1 cargo test --test simulation -- --nocapture",
+            failures.len()
+        );
+    }
+}
