@@ -2,10 +2,8 @@
 //! and the decoder against random and mutated bytes.
 #![cfg(not(target_arch = "wasm32"))]
 
-use pattern_mesh::wire::{
-    Body, Frame, Json, Limits, Peer, Reason, RelayLimits, RoomConfig, Stamp,
-};
 use pattern_mesh::pattern::{collapse_digits, iterative_value, PatternConfig, PatternParams};
+use pattern_mesh::wire::{Body, Frame, Json, Limits, Peer, Reason, RelayLimits, RoomConfig, Stamp};
 use proptest::prelude::*;
 
 fn params() -> impl Strategy<Value = PatternParams> {
@@ -89,22 +87,41 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<u64>(),
             any::<u64>()
         )
-            .prop_map(|(stamp, doc, state_vector, deletes, digest)| Frame::stamped(
-                stamp,
-                Body::Checkpoint {
-                    doc,
-                    state_vector,
-                    deletes,
-                    digest,
-                }
-            )),
-        (stamp(), name, prop::collection::vec(any::<u8>(), 0..20), any::<u64>())
+            .prop_map(
+                |(stamp, doc, state_vector, deletes, digest)| Frame::stamped(
+                    stamp,
+                    Body::Checkpoint {
+                        doc,
+                        state_vector,
+                        deletes,
+                        digest,
+                    }
+                )
+            ),
+        (
+            stamp(),
+            name,
+            prop::collection::vec(any::<u8>(), 0..20),
+            any::<u64>()
+        )
             .prop_map(|(stamp, doc, state_vector, to)| Frame::stamped(
                 stamp,
-                Body::SyncRequest { doc, state_vector, to }
+                Body::SyncRequest {
+                    doc,
+                    state_vector,
+                    to
+                }
             )),
-        (any::<u64>(), any::<u64>(), prop::collection::vec(any::<u8>(), 1..50))
-            .prop_map(|(total, offset, bytes)| Frame::Part { total, offset, bytes }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 1..50)
+        )
+            .prop_map(|(total, offset, bytes)| Frame::Part {
+                total,
+                offset,
+                bytes
+            }),
         any::<u64>().prop_map(|step| Frame::Fence { step }),
         (any::<u64>(), json()).prop_map(|(sender, data)| Frame::Presence { sender, data }),
         (any::<u64>(), any::<u64>()).prop_map(|(step, position)| Frame::Ack { step, position }),

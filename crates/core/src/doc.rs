@@ -82,7 +82,8 @@ pub trait Replica {
 
 /// Merges Yjs v1 updates into one (what a client does with edits that wait to be sent).
 pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, DocError> {
-    yrs::merge_updates_v1(updates.iter().copied()).map_err(|e| DocError::InvalidUpdate(e.to_string()))
+    yrs::merge_updates_v1(updates.iter().copied())
+        .map_err(|e| DocError::InvalidUpdate(e.to_string()))
 }
 
 /// One step of a change to a text, in the form editors apply (`retain`, `insert`, `delete`).
@@ -516,7 +517,11 @@ mod tests {
         b.apply_update(&a.insert("t", 0, "abc").unwrap()).unwrap();
         assert_eq!(a.version(), b.version());
         let delete = a.delete("t", 1, 1).unwrap();
-        assert_eq!(a.state_vector(), b.state_vector(), "a delete moves no state vector");
+        assert_eq!(
+            a.state_vector(),
+            b.state_vector(),
+            "a delete moves no state vector"
+        );
         assert_ne!(a.version(), b.version(), "but it moves the version");
         b.apply_update(&delete).unwrap();
         assert_eq!(a.version(), b.version());

@@ -9,11 +9,11 @@
 #![warn(missing_docs)]
 
 pub mod clock;
-pub mod pace;
-pub mod session;
 pub mod doc;
+pub mod pace;
 pub mod pattern;
 pub mod room;
+pub mod session;
 pub mod store;
 pub mod validate;
 pub mod wire;

@@ -41,12 +41,13 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` tokens if they are there, or when the bucket is full (a cost larger than the
-    /// bucket then goes into debt, so that a large message is delayed, never refused forever).
+    /// Takes `n` tokens if they are there, or when the bucket is at least half full (a cost
+    /// larger than that goes into debt, repaid before anything else passes: a large message is
+    /// delayed, never refused forever, and the average rate holds).
     pub fn try_take_n(&mut self, n: u64, now: u64) -> bool {
         self.refill(now);
         let n = n as f64;
-        if self.tokens >= n || self.tokens >= self.capacity {
+        if self.tokens >= n.min(self.capacity / 2.0).max(1.0) {
             self.tokens -= n;
             true
         } else {
@@ -54,9 +55,9 @@ impl TokenBucket {
         }
     }
 
-    /// When `n` tokens (or a full bucket) will be there: the time to try again.
+    /// When [`TokenBucket::try_take_n`] of `n` will pass: the time to try again.
     pub fn ready_at(&self, n: u64) -> u64 {
-        let want = (n as f64).min(self.capacity);
+        let want = (n as f64).min(self.capacity / 2.0).max(1.0);
         if self.tokens >= want {
             return self.last;
         }
@@ -79,13 +80,13 @@ mod tests {
     }
 
     #[test]
-    fn a_cost_larger_than_the_bucket_waits_for_a_full_bucket_then_goes_into_debt() {
-        let mut bucket = TokenBucket::new(10.0, 5.0, 0);
+    fn a_cost_larger_than_the_bucket_waits_for_half_a_bucket_then_goes_into_debt() {
+        let mut bucket = TokenBucket::new(10.0, 6.0, 0);
         assert!(bucket.try_take_n(8, 0));
         assert!(!bucket.try_take(0));
-        assert_eq!(bucket.ready_at(1), 400);
-        assert!(!bucket.try_take_n(8, 500));
-        assert_eq!(bucket.ready_at(8), 800);
-        assert!(bucket.try_take_n(8, 800));
+        assert_eq!(bucket.ready_at(1), 300, "the debt of 2 is repaid first");
+        assert!(!bucket.try_take_n(8, 400));
+        assert_eq!(bucket.ready_at(8), 500, "then half the bucket");
+        assert!(bucket.try_take_n(8, 500));
     }
 }

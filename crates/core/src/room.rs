@@ -29,8 +29,8 @@ use crate::store::{Appended, NodeRecord, RoomRecord, StoreError};
 use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
 use crate::wire::part::{self, Reassembler};
 use crate::wire::{
-    close, peek_stamp, with_position, Frame, Limits, NodeId, Peer, Positioned, Reason,
-    RelayLimits, ResumeToken, RoomConfig, Stamp, Stamped,
+    close, peek_stamp, with_position, Frame, Limits, NodeId, Peer, Positioned, Reason, RelayLimits,
+    ResumeToken, RoomConfig, Stamp, Stamped,
 };
 
 /// A connection, as the driver names it. Each socket gets its own; a node that reconnects comes
@@ -444,8 +444,11 @@ impl RoomCore {
         };
         member.malformed = 0;
         if let Frame::Fence { step } = positioned.frame {
-            member.rate.try_take_n(1, now);
-            member.gap = None;
+            // A fence that ends a gap is free: it must never be what starves the message
+            // sent again after it. One that ends nothing costs a token like any frame.
+            if member.gap.take().is_none() {
+                member.rate.try_take(now);
+            }
             self.outputs.push_back(Output::Send {
                 to: conn,
                 bytes: Bytes::from(Frame::Fence { step }.encode()),
@@ -620,7 +623,10 @@ impl RoomCore {
         let Some(pending) = self.pending.pop_front() else {
             return;
         };
-        debug_assert!(pending.forward.is_none(), "the head of the queue is an append");
+        debug_assert!(
+            pending.forward.is_none(),
+            "the head of the queue is an append"
+        );
         self.answer(pending, result);
         // What was only waiting for its turn goes now.
         while self.pending.front().is_some_and(|p| p.forward.is_some()) {
@@ -766,7 +772,13 @@ mod tests {
                 position: 1
             }]
         );
-        assert!(matches!(&out[1], Output::Fanout { except: Some(1), .. }));
+        assert!(matches!(
+            &out[1],
+            Output::Fanout {
+                except: Some(1),
+                ..
+            }
+        ));
     }
 
     #[test]

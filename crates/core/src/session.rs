@@ -442,12 +442,7 @@ impl<R: Replica> Session<R> {
 
     /// Durable messages not yet acknowledged (sent or waiting).
     pub fn pending(&self) -> usize {
-        self.in_flight.len()
-            + self
-                .waiting
-                .iter()
-                .filter(|w| w.body.is_durable())
-                .count()
+        self.in_flight.len() + self.waiting.iter().filter(|w| w.body.is_durable()).count()
     }
 
     /// The members present now (but this client).
@@ -1098,7 +1093,13 @@ impl<R: Replica> Session<R> {
         let local = self.clock.local();
         if let Verdict::Rejected(reason) = self.validator.check(&stamp, origin, local, now) {
             let detail = self.validator.explain(&stamp, origin, local, reason);
-            return self.anomaly(Source::Local, reason, detail, stamp.step, Some(stamp.sender));
+            return self.anomaly(
+                Source::Local,
+                reason,
+                detail,
+                stamp.step,
+                Some(stamp.sender),
+            );
         }
         let advance = self.clock.accept(stamp.step);
         self.step_event(advance);

@@ -237,7 +237,12 @@ impl MemoryStore {
                 .ok_or_else(|| StoreError::Corrupt("the frame already has a position".into()))?;
             room.record.position = position;
             room.record.high = room.record.high.max(entry.high);
-            if let Some(node) = room.record.nodes.iter_mut().find(|n| n.node == entry.sender) {
+            if let Some(node) = room
+                .record
+                .nodes
+                .iter_mut()
+                .find(|n| n.node == entry.sender)
+            {
                 node.last_step = node.last_step.max(entry.step);
             }
             if entry.snapshot {
@@ -409,8 +414,12 @@ mod tests {
         let store = MemoryStore::new();
         store.create_now("r", RoomConfig::default());
         store.append_now("r", entry(1, 1, None, false)).unwrap();
-        store.append_now("r", entry(1, 2, Some("a"), false)).unwrap();
-        store.append_now("r", entry(1, 3, Some("b"), false)).unwrap();
+        store
+            .append_now("r", entry(1, 2, Some("a"), false))
+            .unwrap();
+        store
+            .append_now("r", entry(1, 3, Some("b"), false))
+            .unwrap();
         store.append_now("r", entry(1, 4, Some("a"), true)).unwrap();
         let positions: Vec<u64> = store.log("r").iter().map(|l| l.position).collect();
         assert_eq!(positions, [1, 3, 4]);

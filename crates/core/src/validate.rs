@@ -24,8 +24,8 @@
 
 use std::collections::HashMap;
 
-use crate::wire::{NodeId, Reason, RoomConfig, Stamp};
 use crate::pattern::{ConfigError, PatternConfig, Step};
+use crate::wire::{NodeId, Reason, RoomConfig, Stamp};
 
 /// Where a stamped frame came from, for rule 3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

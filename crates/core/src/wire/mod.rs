@@ -932,7 +932,9 @@ impl Frame {
                     pattern: r.var("pattern")?,
                 };
                 let body = match kind {
-                    Kind::Data => Body::Data { data: json(&mut r)? },
+                    Kind::Data => Body::Data {
+                        data: json(&mut r)?,
+                    },
                     Kind::Update => Body::Update {
                         doc: r.str("doc", limits.max_name)?,
                         update: r.bytes("update")?.to_vec(),

@@ -27,7 +27,9 @@ pub fn fragment(bytes: &[u8], max_frame: usize) -> Vec<Vec<u8>> {
     }
     let total = bytes.len() as u64;
     // The largest header any part of this message can have.
-    let piece = max_frame.saturating_sub(overhead(total, total, max_frame)).max(1);
+    let piece = max_frame
+        .saturating_sub(overhead(total, total, max_frame))
+        .max(1);
     bytes
         .chunks(piece)
         .enumerate()
@@ -48,7 +50,9 @@ pub fn count(len: usize, max_frame: usize) -> usize {
         return 1;
     }
     let total = len as u64;
-    let piece = max_frame.saturating_sub(overhead(total, total, max_frame)).max(1);
+    let piece = max_frame
+        .saturating_sub(overhead(total, total, max_frame))
+        .max(1);
     len.div_ceil(piece)
 }
 
@@ -68,7 +72,9 @@ enum State {
     },
     /// The message was refused: its remaining parts are dropped without a word (one refusal
     /// per message, not one per part).
-    Discarding { total: u64 },
+    Discarding {
+        total: u64,
+    },
 }
 
 impl Reassembler {
