@@ -47,6 +47,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 room: format!("r{room}"),
                 name,
                 since,
+                log: since / 3,
                 resume,
                 config: config.then(RoomConfig::default),
             }),
@@ -62,6 +63,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 config: RoomConfig::default(),
                 limits: RelayLimits::default(),
                 high,
+                log: high / 2,
                 peers: peers
                     .into_iter()
                     .map(|(node, name)| Peer { node, name })

@@ -91,6 +91,8 @@ enum Fault {
     StoreFailure,
     /// The relay restarts having forgotten every node.
     Forget,
+    /// The relay restarts on an empty store: the room's history is gone.
+    Wipe,
     /// A client is offline for `down` ms.
     Offline { client: usize, down: u64 },
     /// A client reads slowly for `span` ms.
@@ -165,6 +167,10 @@ impl Scenario {
             let t = at(rng);
             self.faults.push((t, Fault::Forget));
         }
+        if rng.chance(0.1) {
+            let t = at(rng);
+            self.faults.push((t, Fault::Wipe));
+        }
         for _ in 0..rng.range(0, 3) {
             let t = at(rng);
             let down = rng.range(500, 20_000);
@@ -235,6 +241,8 @@ enum Ev {
         client: usize,
         conn: ConnId,
         bytes: Bytes,
+        /// The store the relay had when it sent this.
+        era: u64,
     },
     ClientClosed {
         client: usize,
@@ -279,6 +287,8 @@ struct Relay {
     /// Writes handed to the store, durable at their time, in order.
     writes: VecDeque<(u64, StoreOp)>,
     conns: BTreeMap<ConnId, RelayConn>,
+    /// How many times the store was wiped.
+    era: u64,
 }
 
 struct Client {
@@ -360,6 +370,7 @@ impl Sim {
                 store,
                 writes: VecDeque::new(),
                 conns: BTreeMap::new(),
+                era: 0,
             },
             clients: Vec::new(),
             next_conn: 1,
@@ -502,6 +513,7 @@ impl Sim {
                 client,
                 conn,
                 bytes,
+                era,
             } => {
                 if let Some(rc) = self.relay.conns.get_mut(&conn) {
                     if rc.link.catch_up > 0 {
@@ -511,7 +523,9 @@ impl Sim {
                     }
                 }
                 if self.clients[client].conn == Some(conn) {
-                    self.observe_frame(client, &bytes);
+                    if era == self.relay.era {
+                        self.observe_frame(client, &bytes);
+                    }
                     self.clients[client].session.handle_frame(self.now, &bytes);
                     self.drive(client);
                 }
@@ -587,6 +601,21 @@ impl Sim {
                 self.fault(Fault::Crash { down });
                 for node in nodes {
                     self.relay.store.forget_node(ROOM, node);
+                }
+            }
+            Fault::Wipe => {
+                self.log(|| "fault: the relay restarts on an empty store".into());
+                self.forgot = true;
+                let down = self.rng.range(100, 2_000);
+                self.fault(Fault::Crash { down });
+                self.relay.store = MemoryStore::new();
+                self.relay.era += 1;
+                self.relay.store.create_now(ROOM, RoomConfig::default());
+                for client in &mut self.clients {
+                    client.acked.clear();
+                    // Data already sent is gone with the store; what is sent from now on must
+                    // arrive.
+                    client.sent_data.clear();
                 }
             }
             Fault::Offline { client, down } => {
@@ -779,7 +808,28 @@ impl Sim {
                     }
                     if self.trace.is_some() {
                         let conn = self.clients[client].conn;
-                        if let Some((kind, stamp)) = pattern_mesh::wire::peek_stamp(&bytes) {
+                        let first_piece = match Frame::decode_with(
+                            &bytes,
+                            &Limits {
+                                max_frame: usize::MAX,
+                                ..Limits::default()
+                            },
+                        ) {
+                            Ok(Frame::Part {
+                                offset: 0,
+                                bytes: piece,
+                                ..
+                            }) => pattern_mesh::wire::peek_stamp(&piece),
+                            _ => None,
+                        };
+                        if let Some((kind, stamp)) = first_piece {
+                            self.log(|| {
+                                format!(
+                                    "c{client} sends {kind} step {} in parts on {conn:?}",
+                                    stamp.step
+                                )
+                            });
+                        } else if let Some((kind, stamp)) = pattern_mesh::wire::peek_stamp(&bytes) {
                             self.log(|| {
                                 format!("c{client} sends {kind} step {} on {conn:?}", stamp.step)
                             });
@@ -841,10 +891,19 @@ impl Sim {
             Event::Status { status, reason } => {
                 c.last_status = Some((status, reason));
             }
-            Event::Message { data, .. } => {
+            Event::Message { data, stamp } => {
                 if let Ok(value) = data.to_value::<serde_json::Value>() {
                     if let Some(id) = value["id"].as_str() {
                         c.received_data.push(id.to_owned());
+                        if trace {
+                            let id = id.to_owned();
+                            self.log(|| {
+                                format!(
+                                    "c{client} gets {id} from node {} step {}",
+                                    stamp.sender, stamp.step
+                                )
+                            });
+                        }
                     }
                 }
             }
@@ -893,9 +952,20 @@ impl Sim {
             }
             Ok(Positioned {
                 position: Some(position),
-                ..
+                frame,
             }) => {
                 self.clients[client].received.insert(position);
+                if self.trace.is_some() {
+                    let kind = frame.kind();
+                    let stamp = frame.stamp().copied();
+                    self.log(|| format!("c{client} receives {kind} at {position}: {stamp:?}"));
+                }
+            }
+            Ok(Positioned { frame, .. }) if self.trace.is_some() => {
+                if let Some(stamp) = frame.stamp().copied() {
+                    let kind = frame.kind();
+                    self.log(|| format!("c{client} receives {kind} (live): {stamp:?}"));
+                }
             }
             _ => {}
         }
@@ -910,6 +980,7 @@ impl Sim {
             let Ok(Frame::Join {
                 name,
                 since,
+                log,
                 resume,
                 ..
             }) = Frame::decode(&bytes)
@@ -928,7 +999,13 @@ impl Sim {
             }
             let fresh: [u8; 16] = self.rng.next().to_le_bytes().repeat(2).try_into().unwrap();
             let core = self.relay.core.as_mut().expect("loaded");
-            match core.join(self.now, conn, name, resume, fresh) {
+            let request = room::JoinRequest {
+                name,
+                since,
+                log,
+                resume,
+            };
+            match core.join(self.now, conn, request, fresh) {
                 Err(refused) => {
                     self.cut(conn, refused.code, &refused.reason);
                 }
@@ -937,19 +1014,19 @@ impl Sim {
                     rc.joined = true;
                     rc.node = joined.node;
                     let node = joined.node;
-                    let until = joined.until;
+                    let (from, until) = (joined.from, joined.until);
                     self.log(|| {
-                        format!("c{client} joins as node {node} (conn {conn}), since {since} until {until}")
+                        format!("c{client} joins as node {node} (conn {conn}), from {from} until {until}")
                     });
                     // The catch-up goes out under back-pressure, outside the send queue (as the
                     // relay streams it); live traffic queues behind it.
                     let welcome = self.overstated(joined.welcome.clone());
                     self.send_down_with(conn, welcome, false);
                     let max_frame = self.scenario.limits.limits.max_frame;
-                    for logged in self
-                        .relay
-                        .store
-                        .read_now(ROOM, since, joined.until, usize::MAX)
+                    for logged in
+                        self.relay
+                            .store
+                            .read_now(ROOM, joined.from, joined.until, usize::MAX)
                     {
                         if logged.sender == node {
                             continue;
@@ -980,6 +1057,7 @@ impl Sim {
                 config,
                 mut limits,
                 high,
+                log,
                 peers,
             }) if factor > 1 => {
                 limits.rate *= factor;
@@ -991,6 +1069,7 @@ impl Sim {
                         config,
                         limits,
                         high,
+                        log,
                         peers,
                     }
                     .encode(),
@@ -1028,6 +1107,7 @@ impl Sim {
                 client,
                 conn,
                 bytes,
+                era: self.relay.era,
             },
         );
         if over && joined {
@@ -1044,8 +1124,33 @@ impl Sim {
                 break;
             };
             match output {
-                room::Output::Send { to, bytes } => self.send_down(to, bytes),
+                room::Output::Send { to, bytes } => {
+                    if self.trace.is_some() {
+                        let first = match Frame::decode_with(
+                            &bytes,
+                            &Limits {
+                                max_frame: usize::MAX,
+                                ..Limits::default()
+                            },
+                        ) {
+                            Ok(Frame::Part {
+                                offset: 0,
+                                bytes: piece,
+                                ..
+                            }) => pattern_mesh::wire::peek_stamp(&piece),
+                            _ => pattern_mesh::wire::peek_stamp(&bytes),
+                        };
+                        if let Some(stamp) = first {
+                            self.log(|| format!("relay sends {stamp:?} to conn {to}"));
+                        }
+                    }
+                    self.send_down(to, bytes)
+                }
                 room::Output::Fanout { except, bytes } => {
+                    if self.trace.is_some() && bytes.get(1) != Some(&0x09) {
+                        let stamp = pattern_mesh::wire::peek_stamp(&bytes);
+                        self.log(|| format!("relay fans out {stamp:?} except {except:?}"));
+                    }
                     let targets: Vec<ConnId> = self
                         .relay
                         .conns
@@ -1558,6 +1663,40 @@ fn a_relay_that_forgot_the_node_gets_the_outbox_under_the_new_identity() {
     )];
     let sim = run_scenario("forgotten node", scenario);
     assert_eq!(sim.clients[1].session.replica().len(TEXT), 100);
+}
+
+#[test]
+fn a_relay_that_lost_its_history_gets_it_back_from_the_clients() {
+    let mut scenario = Scenario::quiet(3);
+    scenario.faults = vec![(3_000, Fault::Wipe)];
+    scenario.script = vec![
+        (
+            500,
+            0,
+            Script::Type {
+                chars: 100,
+                every: 10,
+            },
+        ),
+        (
+            500,
+            1,
+            Script::Type {
+                chars: 100,
+                every: 10,
+            },
+        ),
+        (
+            4_000,
+            2,
+            Script::Type {
+                chars: 10,
+                every: 10,
+            },
+        ),
+    ];
+    let sim = run_scenario("wiped store", scenario);
+    assert_eq!(sim.clients[2].session.replica().len(TEXT), 210);
 }
 
 #[test]

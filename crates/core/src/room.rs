@@ -85,6 +85,19 @@ pub struct JoinRefused {
     pub reason: String,
 }
 
+/// What a joining client asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// Its display name.
+    pub name: String,
+    /// The last log position it received (0: none)...
+    pub since: u64,
+    /// ... in this log (0: none).
+    pub log: u64,
+    /// The token of its earlier welcome, to keep its node id.
+    pub resume: Option<ResumeToken>,
+}
+
 /// A member admitted: what its connection sends before the live traffic.
 #[derive(Debug, Clone)]
 pub struct Joined {
@@ -92,8 +105,11 @@ pub struct Joined {
     pub node: NodeId,
     /// The welcome frame, to send first.
     pub welcome: Bytes,
-    /// Replay the log after the join's `since`, up to and including this position, then send
-    /// `caught_up`; the live traffic queued meanwhile follows.
+    /// Replay the log after this position (the join's `since`; 0 when `since` counts in another
+    /// log, or beyond this one: the client gets the whole log)...
+    pub from: u64,
+    /// ... up to and including this one, then send `caught_up`; the live traffic queued
+    /// meanwhile follows.
     pub until: u64,
     /// The caught-up frame.
     pub caught_up: Bytes,
@@ -185,6 +201,8 @@ pub struct RoomCore {
     high: Step,
     /// The last position fanned out.
     published: u64,
+    /// The identity of the room's log.
+    log: u64,
     members: HashMap<ConnId, Member>,
     by_node: HashMap<NodeId, ConnId>,
     tokens: HashMap<ResumeToken, NodeId>,
@@ -221,6 +239,7 @@ impl RoomCore {
             validator,
             high: record.high,
             published: record.position,
+            log: record.log,
             members: HashMap::new(),
             by_node: HashMap::new(),
             tokens,
@@ -276,16 +295,21 @@ impl RoomCore {
         self.validator.counters()
     }
 
-    /// A new connection joins as `name`, resuming the node of `resume` if the room knows it.
+    /// A new connection joins, resuming the node of its token if the room knows it.
     /// `fresh` is a random token for a new node (the room draws no randomness of its own).
     pub fn join(
         &mut self,
         now: u64,
         conn: ConnId,
-        name: String,
-        resume: Option<ResumeToken>,
+        request: JoinRequest,
         fresh: ResumeToken,
     ) -> Result<Joined, JoinRefused> {
+        let JoinRequest {
+            name,
+            since,
+            log,
+            resume,
+        } = request;
         if self.stopped {
             return Err(JoinRefused {
                 code: close::TRY_AGAIN_LATER,
@@ -341,7 +365,7 @@ impl RoomCore {
             },
         };
         self.outputs.push_back(Output::Fanout {
-            except: None,
+            except: Some(conn),
             bytes: Bytes::from(joined.encode()),
         });
         self.members.insert(
@@ -362,6 +386,7 @@ impl RoomCore {
             config: self.config,
             limits: self.limits.announced(),
             high: self.high,
+            log: self.log,
             peers,
         };
         let caught_up = Frame::CaughtUp {
@@ -371,6 +396,11 @@ impl RoomCore {
         Ok(Joined {
             node,
             welcome: Bytes::from(welcome.encode()),
+            from: if log != self.log || since > self.published {
+                0
+            } else {
+                since
+            },
             until: self.published,
             caught_up: Bytes::from(caught_up.encode()),
         })
@@ -717,8 +747,17 @@ mod tests {
     use crate::wire::{Body, Json};
 
     fn room() -> RoomCore {
-        let record = RoomRecord::new(RoomConfig::default());
+        let record = RoomRecord::new(RoomConfig::default(), 1);
         RoomCore::new("r".into(), record, RoomLimits::default(), 0).unwrap()
+    }
+
+    fn req(name: &str, resume: Option<ResumeToken>) -> JoinRequest {
+        JoinRequest {
+            name: name.into(),
+            since: 0,
+            log: 0,
+            resume,
+        }
     }
 
     fn outputs(room: &mut RoomCore) -> Vec<Output> {
@@ -757,8 +796,8 @@ mod tests {
     #[test]
     fn a_message_is_acknowledged_only_once_stored_and_then_fanned_out() {
         let mut room = room();
-        let a = room.join(0, 1, "a".into(), None, [1; 16]).unwrap();
-        room.join(0, 2, "b".into(), None, [2; 16]).unwrap();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        room.join(0, 2, req("b", None), [2; 16]).unwrap();
         outputs(&mut room);
         room.frame(0, 1, data(a.node, 1));
         let out = outputs(&mut room);
@@ -784,7 +823,7 @@ mod tests {
     #[test]
     fn after_a_refusal_every_later_frame_is_out_of_order_until_the_fence() {
         let mut room = room();
-        let a = room.join(0, 1, "a".into(), None, [1; 16]).unwrap();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         outputs(&mut room);
         room.frame(0, 1, data(a.node, 5));
         room.frame(0, 1, data(a.node, 5)); // a replay: refused, but opens no gap
@@ -811,7 +850,7 @@ mod tests {
     #[test]
     fn a_client_set_position_is_refused_before_it_moves_the_room() {
         let mut room = room();
-        let a = room.join(0, 1, "a".into(), None, [1; 16]).unwrap();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         outputs(&mut room);
         let positioned = with_position(&data(a.node, 500), 9).unwrap();
         room.frame(0, 1, Bytes::from(positioned));
@@ -830,9 +869,9 @@ mod tests {
     #[test]
     fn a_resumed_node_keeps_its_id_and_replaces_its_old_connection() {
         let mut room = room();
-        let first = room.join(0, 1, "a".into(), None, [7; 16]).unwrap();
+        let first = room.join(0, 1, req("a", None), [7; 16]).unwrap();
         outputs(&mut room);
-        let again = room.join(0, 2, "a".into(), Some([7; 16]), [8; 16]).unwrap();
+        let again = room.join(0, 2, req("a", Some([7; 16])), [8; 16]).unwrap();
         assert_eq!(again.node, first.node);
         let out = outputs(&mut room);
         assert!(out.iter().any(|o| matches!(
@@ -843,7 +882,7 @@ mod tests {
                 ..
             }
         )));
-        let unknown = room.join(0, 3, "a".into(), Some([9; 16]), [3; 16]).unwrap();
+        let unknown = room.join(0, 3, req("a", Some([9; 16])), [3; 16]).unwrap();
         assert_ne!(unknown.node, first.node, "an unknown token gets a new node");
     }
 }

@@ -310,6 +310,11 @@ pub struct Session<R> {
     /// Fences sent that the relay has not echoed yet: until it does, `outOfOrder` refusals are
     /// about frames sent before the fence.
     unechoed: u32,
+    /// The relay lost history this client had seen: after the catch-up, the client gives its
+    /// whole document back.
+    give_back: bool,
+    /// The identity of the room's log, from the last welcome.
+    log: u64,
     /// Consecutive passing refusals, for their backoff.
     refusals: u32,
     pacer: TokenBucket,
@@ -351,6 +356,8 @@ impl<R: Replica> Session<R> {
             waiting: VecDeque::new(),
             hold: None,
             unechoed: 0,
+            give_back: false,
+            log: 0,
             refusals: 0,
             pacer: pacer(&relay, now),
             presence: None,
@@ -632,6 +639,7 @@ impl<R: Replica> Session<R> {
             room: self.config.room.clone(),
             name: self.config.name.clone(),
             since: self.position,
+            log: self.log,
             resume: self.token,
             config: self.config.room_config,
         };
@@ -811,6 +819,10 @@ impl<R: Replica> Session<R> {
     }
 
     fn retry_later(&mut self, now: u64, failure: String) {
+        // Checkpoints and sync messages are about this connection's moment, and name peers of
+        // this connection: after it they would be stale (a sync answer could even reach a node
+        // that has the old addressee's id by then).
+        self.waiting.retain(|w| w.body.is_durable());
         self.attempt = self.attempt.saturating_add(1);
         let wait = self.backoff();
         self.link = Link::Down {
@@ -858,8 +870,9 @@ impl<R: Replica> Session<R> {
                 config,
                 limits,
                 high,
+                log,
                 peers,
-            } => self.on_welcome(now, node, resume, config, limits, high, peers),
+            } => self.on_welcome(now, node, resume, config, limits, (high, log), peers),
             Frame::CaughtUp { position, .. } => {
                 self.position = self.position.max(position);
                 self.on_caught_up(now);
@@ -886,7 +899,9 @@ impl<R: Replica> Session<R> {
                     left: Some(node),
                 });
             }
-            Frame::Ack { step, .. } => {
+            Frame::Ack { step, position } => {
+                // Everything logged before this message came through the same queue first.
+                self.position = self.position.max(position);
                 if let Some(i) = self.in_flight.iter().position(|s| s.stamp.step == step) {
                     self.remove_in_flight(i);
                     self.refusals = 0;
@@ -918,12 +933,22 @@ impl<R: Replica> Session<R> {
         resume: ResumeToken,
         config: RoomConfig,
         limits: RelayLimits,
-        high: Step,
+        (high, log): (Step, u64),
         peers: Vec<Peer>,
     ) {
         if !matches!(self.link, Link::Joining { .. }) {
             return;
         }
+        if self.log != 0 && self.log != log {
+            // Another log: the relay lost the room's history (a new store). Node ids and steps
+            // begin again, so the clock and the validator do too; the relay replays the whole
+            // new log, and this client gives its document back afterwards, so that the log
+            // holds it again for everyone.
+            self.room = None;
+            self.position = 0;
+            self.give_back = !self.replica.is_empty();
+        }
+        self.log = log;
         if self.room != Some(config) {
             // A new room configuration (or the first): the clock and the validator start anew.
             match (
@@ -944,9 +969,10 @@ impl<R: Replica> Session<R> {
                 }
             }
         }
-        if self.node != 0 && self.node != node {
-            // The relay no longer knows this node: what was sent under the old id is stamped
-            // again under the new one (its fate under the old id is unknown).
+        if self.token.is_some_and(|token| token != resume) {
+            // The relay no longer knows this node (it gave a new token, and maybe a new id):
+            // what was sent under the old identity is stamped again under the new one (its fate
+            // under the old one is unknown).
             let resend: Vec<Waiting> = self
                 .in_flight
                 .drain(..)
@@ -996,6 +1022,18 @@ impl<R: Replica> Session<R> {
             self.presence_due = true;
         }
         self.set_status(Status::Open, None);
+        if std::mem::take(&mut self.give_back) {
+            if let Ok(state) = self.replica.diff(&[]) {
+                if state.len() <= self.max_payload() {
+                    self.waiting.push_front(Waiting {
+                        body: Body::Update {
+                            doc: WHOLE_DOC.into(),
+                            update: state,
+                        },
+                    });
+                }
+            }
+        }
         // A safety net after the log: one peer answers with what it has and this client lacks.
         if let Some(&peer) = self.peers.keys().next() {
             let state_vector = self.replica.state_vector();
@@ -1299,4 +1337,225 @@ fn pacer(limits: &RelayLimits, now: u64) -> TokenBucket {
     let rate = (limits.rate as f64 * 0.9).max(1.0);
     let burst = (limits.burst as f64 / 2.0).max(1.0);
     TokenBucket::new(rate, burst, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::SharedDoc;
+
+    /// A session and the relay's side of its conversation, by hand.
+    struct Harness {
+        session: Session<SharedDoc>,
+        now: u64,
+        sent: Vec<Frame>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let mut config = SessionConfig::new("r", "a");
+            config.connect_timeout = 5_000;
+            Self {
+                session: Session::new(config, SharedDoc::with_client_id(1), 0),
+                now: 0,
+                sent: Vec::new(),
+            }
+        }
+
+        /// Carries out the outputs: returns whether a connect was asked for.
+        fn pump(&mut self) -> bool {
+            let mut connect = false;
+            while let Some(output) = self.session.poll_output() {
+                match output {
+                    Output::Connect => connect = true,
+                    Output::Send(bytes) => self.sent.push(Frame::decode(&bytes).unwrap()),
+                    Output::Disconnect { .. } => {}
+                }
+            }
+            connect
+        }
+
+        fn frame(&mut self, frame: Frame) {
+            self.session.handle_frame(self.now, &frame.encode());
+            self.pump();
+        }
+
+        /// Connects and joins as `node` with `peers`.
+        fn join(&mut self, node: NodeId, token: u8, peers: &[NodeId]) {
+            assert!(self.pump(), "the session asks to connect");
+            self.session.handle_connected(self.now);
+            self.pump();
+            self.frame(Frame::Welcome {
+                node,
+                resume: [token; 16],
+                config: RoomConfig::default(),
+                limits: RelayLimits::default(),
+                high: 0,
+                log: 1,
+                peers: peers
+                    .iter()
+                    .map(|&node| Peer {
+                        node,
+                        name: "p".into(),
+                    })
+                    .collect(),
+            });
+            self.frame(Frame::CaughtUp {
+                high: 0,
+                position: 0,
+            });
+        }
+
+        fn stamped(&self) -> Vec<&Stamped> {
+            self.sent
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Stamped(s) => Some(s),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn connect_gives_up_with_the_last_failure_as_its_reason() {
+        let mut h = Harness::new();
+        assert!(h.pump());
+        h.session.handle_closed(10, 1006, "connection refused");
+        let mut reasons = Vec::new();
+        while h.now < 10_000 {
+            h.now = h.session.poll_timeout().expect("a timer while it tries");
+            h.session.handle_timeout(h.now);
+            if h.pump() {
+                h.session.handle_closed(h.now, 1006, "connection refused");
+            }
+            while let Some(event) = h.session.poll_event() {
+                if let Event::Status { status, reason } = event {
+                    reasons.push((status, reason));
+                }
+            }
+            if h.session.is_closed() {
+                break;
+            }
+        }
+        let (status, reason) = reasons.last().unwrap();
+        assert_eq!(*status, Status::Closed);
+        let reason = reason.as_deref().unwrap();
+        assert!(reason.contains("could not join within 5000 ms"), "{reason}");
+        assert!(reason.contains("connection refused"), "{reason}");
+        assert!(h.now <= 5_000, "gave up at {}", h.now);
+    }
+
+    #[test]
+    fn a_sync_answer_does_not_outlive_its_connection() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[7]);
+        // Hold the pacer: a burst of messages, then a sync request from node 7.
+        for _ in 0..200 {
+            h.session
+                .broadcast(h.now, Json::parse("1").unwrap())
+                .unwrap();
+        }
+        h.pump();
+        h.session.replica_mut().insert("t", 0, "x").unwrap();
+        h.frame(Frame::stamped(
+            Stamp {
+                sender: 7,
+                step: 500,
+                pattern: PatternConfig::default().value(500),
+            },
+            Body::SyncRequest {
+                doc: WHOLE_DOC.into(),
+                state_vector: vec![0],
+                to: 2,
+            },
+        ));
+        h.session.handle_closed(h.now, 1006, "gone");
+        h.sent.clear();
+        h.now = h.session.poll_timeout().unwrap();
+        h.session.handle_timeout(h.now);
+        // Back as node 7: the answer to node 7 would now go to this client itself.
+        h.join(7, 1, &[]);
+        h.now += 60_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        assert!(
+            h.stamped()
+                .iter()
+                .all(|s| !matches!(s.body, Body::SyncState { .. })),
+            "{:?}",
+            h.sent
+        );
+    }
+
+    #[test]
+    fn updates_that_wait_for_the_pacer_are_merged() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        for i in 0..1_000 {
+            let update = h.session.replica().insert("t", i, "k").unwrap();
+            h.session.update(h.now, "t", update).unwrap();
+        }
+        h.pump();
+        h.now += 10_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        let updates = h
+            .stamped()
+            .iter()
+            .filter(|s| matches!(s.body, Body::Update { .. }))
+            .count();
+        assert!(
+            updates <= 101,
+            "1,000 keystrokes went out as {updates} messages"
+        );
+        let check = SharedDoc::with_client_id(9);
+        for s in h.stamped() {
+            if let Body::Update { update, .. } = &s.body {
+                check.apply_update(update).unwrap();
+            }
+        }
+        assert_eq!(check.text("t"), "k".repeat(1_000));
+    }
+
+    #[test]
+    fn a_refused_message_leaves_the_outbox_with_an_event_and_the_rest_is_sent_again_after_a_fence()
+    {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        for i in 0..3 {
+            h.session
+                .broadcast(h.now, Json::parse(&i.to_string()).unwrap())
+                .unwrap();
+        }
+        h.pump();
+        let steps: Vec<Step> = h.stamped().iter().map(|s| s.stamp.step).collect();
+        h.sent.clear();
+        h.frame(Frame::Ack {
+            step: steps[0],
+            position: 1,
+        });
+        h.frame(Frame::Reject {
+            step: steps[1],
+            reason: Reason::Stale,
+            detail: "too old".into(),
+        });
+        h.frame(Frame::Reject {
+            step: steps[2],
+            reason: Reason::OutOfOrder,
+            detail: "gap".into(),
+        });
+        let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Refused {
+                reason: Reason::Stale,
+                ..
+            }
+        )));
+        assert_eq!(h.sent[0], Frame::Fence { step: steps[1] });
+        let again: Vec<Step> = h.stamped().iter().map(|s| s.stamp.step).collect();
+        assert_eq!(again, [steps[2]], "the third, with its stamp");
+        assert_eq!(h.session.pending(), 1);
+    }
 }

@@ -51,18 +51,22 @@ pub struct RoomRecord {
     pub position: u64,
     /// The next node id to hand out (above every node id ever handed out).
     pub next_node: NodeId,
+    /// The identity of this room's log, chosen by the store when it creates the room: a store
+    /// that lost a room and creates it again gives it a new one.
+    pub log: u64,
     /// Its nodes.
     pub nodes: Vec<NodeRecord>,
 }
 
 impl RoomRecord {
-    /// A new, empty room.
-    pub fn new(config: RoomConfig) -> Self {
+    /// A new, empty room whose log is `log`.
+    pub fn new(config: RoomConfig, log: u64) -> Self {
         Self {
             config,
             high: 0,
             position: 0,
             next_node: 1,
+            log,
             nodes: Vec::new(),
         }
     }
@@ -189,11 +193,16 @@ impl MemoryStore {
 
     /// Creates `room` now unless it exists.
     pub fn create_now(&self, room: &str, config: RoomConfig) -> RoomRecord {
+        // Every room this process creates gets a log identity of its own.
+        static NEXT_LOG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         self.with(|rooms| {
             rooms
                 .entry(room.to_owned())
                 .or_insert_with(|| MemoryRoom {
-                    record: RoomRecord::new(config),
+                    record: RoomRecord::new(
+                        config,
+                        NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    ),
                     log: Vec::new(),
                     docs: Vec::new(),
                 })

@@ -1,24 +1,33 @@
-//! One WebSocket connection: the join handshake, the catch-up replay, then the live loop.
+//! One WebSocket connection: the join, the catch-up streamed from the store, then the live loop.
+//!
+//! The connection decides nothing about the protocol: it reads the join, asks the room to admit
+//! it, sends what the room gives (the welcome, the log after the client's position, the
+//! caught-up frame), then hands every binary message to the room and writes what the room
+//! queues for it.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::SinkExt;
+use pattern_mesh_core::room::{ConnId, JoinRequest};
+use pattern_mesh_core::wire::{close, part, Frame, Reason};
 use tokio::sync::mpsc;
 
-use crate::envelope::{Frame, NodeId, Reason};
-
 use super::queue;
-use super::room::Command;
-use super::{close_code, Relay};
+use super::room::{Admitted, Command};
+use super::Relay;
 
-/// Consecutive undecodable frames after which a connection is closed.
-const MAX_MALFORMED: u32 = 16;
+/// Consecutive text messages after which a connection is closed (binary frames are the room's
+/// to count).
+const MAX_TEXT: u32 = 16;
+
+/// The catch-up reads the log in pages of about this many bytes, and writes each page before it
+/// reads the next: a joiner that does not read holds at most a page.
+const CATCH_UP_PAGE: usize = 256 * 1024;
 
 struct Gauge(Arc<Relay>);
 
@@ -36,6 +45,15 @@ async fn send(socket: &mut WebSocket, relay: &Relay, bytes: Bytes) -> bool {
     socket.send(Message::Binary(bytes)).await.is_ok()
 }
 
+/// Queues `bytes` on the socket without flushing.
+async fn feed(socket: &mut WebSocket, relay: &Relay, bytes: Bytes) -> bool {
+    relay
+        .metrics
+        .bytes_out
+        .fetch_add(bytes.len() as u64, Relaxed);
+    socket.feed(Message::Binary(bytes)).await.is_ok()
+}
+
 /// Sends `first` and up to 63 more queued frames, then flushes once.
 async fn send_batch(
     socket: &mut WebSocket,
@@ -46,11 +64,7 @@ async fn send_batch(
     let mut next = Some(first);
     let mut sent = 0;
     while let Some(bytes) = next.take() {
-        relay
-            .metrics
-            .bytes_out
-            .fetch_add(bytes.len() as u64, Relaxed);
-        if socket.feed(Message::Binary(bytes)).await.is_err() {
+        if !feed(socket, relay, bytes).await {
             return false;
         }
         sent += 1;
@@ -71,7 +85,7 @@ fn close(
     tracing::debug!(code, reason, "closing a connection");
     let frame = CloseFrame {
         code,
-        reason: reason.into(),
+        reason: close::truncate_reason(reason).into(),
     };
     Box::pin(async move {
         let _ = socket.send(Message::Close(Some(frame))).await;
@@ -93,47 +107,6 @@ async fn refuse<T>(socket: WebSocket, code: u16, reason: &str) -> Option<T> {
     None
 }
 
-fn reject(step: u64, reason: Reason, detail: String) -> Bytes {
-    Bytes::from(
-        Frame::Reject {
-            step,
-            reason,
-            detail,
-        }
-        .encode(),
-    )
-}
-
-/// A token bucket: `rate` messages a second, bursts of `rate`.
-struct RateLimit {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(rate: u32) -> Self {
-        Self {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>) {
     relay.metrics.connections.fetch_add(1, Relaxed);
     let _gauge = Gauge(relay.clone());
@@ -148,13 +121,13 @@ pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>) {
 
 /// What the live loop needs from the handshake.
 struct Live {
-    node: NodeId,
+    conn: ConnId,
     commands: mpsc::Sender<Command>,
     leave: LeaveOnDrop,
     queue: queue::Receiver,
 }
 
-/// The join, the welcome and the catch-up replay; `None` if the connection ended.
+/// The join, the welcome and the catch-up; `None` if the connection ended.
 async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSocket, Live)> {
     let conn = relay.next_conn.fetch_add(1, Relaxed);
     let limits = relay.config.limits;
@@ -167,7 +140,7 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
         Ok(Some(Ok(_))) => {
             return refuse(
                 socket,
-                close_code::POLICY,
+                close::POLICY,
                 "the first message must be a binary join frame",
             )
             .await
@@ -175,7 +148,7 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
         Err(_) => {
             return refuse(
                 socket,
-                close_code::POLICY,
+                close::POLICY,
                 "no join frame within the join timeout",
             )
             .await
@@ -185,120 +158,132 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
         .metrics
         .bytes_in
         .fetch_add(bytes.len() as u64, Relaxed);
-    let (room, name, since, resume, requested) = match Frame::decode_with(&bytes, &limits) {
+    let (room, request, requested) = match Frame::decode_with(&bytes, &limits) {
         Ok(Frame::Join {
             room,
             name,
             since,
+            log,
             resume,
             config,
-        }) => (room, name, since, resume, config),
+        }) => (
+            room,
+            JoinRequest {
+                name,
+                since,
+                log,
+                resume,
+            },
+            config,
+        ),
         Ok(other) => {
-            let reason = format!("the first frame must be a join, not {:?}", other.kind());
-            return refuse(socket, close_code::POLICY, &reason).await;
+            let reason = format!("the first frame must be a join, not {}", other.kind());
+            return refuse(socket, close::POLICY, &reason).await;
         }
         Err(e) => {
             relay.metrics.reject(e.reason());
-            // A close reason is at most 123 bytes.
-            let mut reason = format!("the join frame is invalid: {e}");
-            reason.truncate(120);
-            return refuse(socket, close_code::POLICY, &reason).await;
+            let reason = format!("the join frame is invalid: {e}");
+            return refuse(socket, close::POLICY, &reason).await;
         }
     };
-    let (commands, joined) = match relay.join(&room, name, resume, requested, conn).await {
+    let since = request.since;
+    let (commands, admitted) = match relay.join(&room, request, requested, conn).await {
         Ok(joined) => joined,
         Err(refused) => return refuse(socket, refused.code, &refused.reason).await,
     };
+    let Admitted { joined, queue } = admitted;
     let node = joined.node;
     let leave = LeaveOnDrop {
         commands: commands.clone(),
-        node,
         conn,
     };
     tracing::debug!(%room, node, since, "joined");
-    if let Some(registered) = joined.registered {
-        if !matches!(registered.await, Ok(Ok(()))) {
-            return refuse(
-                socket,
-                close_code::INTERNAL,
-                "the relay could not register the node",
-            )
-            .await;
-        }
-    }
 
-    // 2. Welcome, catch-up, live.
-    let welcome = Frame::Welcome {
-        node,
-        resume: joined.token,
-        config: joined.config,
-        high: joined.high,
-        peers: joined.peers,
-    };
-    if !send(&mut socket, relay, Bytes::from(welcome.encode())).await {
+    // 2. The welcome, the log after `since` (but the node's own messages) page by page, and
+    //    the caught-up frame; the live traffic waits in the queue meanwhile.
+    if !send(&mut socket, relay, joined.welcome).await {
         return None;
     }
-    if since < joined.position {
-        let log = match relay.store.read_after(&room, since, joined.position).await {
-            Ok(log) => log,
+    let mut after = joined.from;
+    while after < joined.until {
+        let page = match relay
+            .store
+            .read_after(&room, after, joined.until, CATCH_UP_PAGE)
+            .await
+        {
+            Ok(page) if !page.is_empty() => page,
+            Ok(_) => break,
             Err(e) => {
                 tracing::error!(%room, error = %e, "catch-up read failed");
                 return refuse(
                     socket,
-                    close_code::INTERNAL,
+                    close::INTERNAL,
                     "the relay could not read the room log",
                 )
                 .await;
             }
         };
-        // Queue the whole catch-up without a flush per frame; the caught-up frame below
-        // flushes it in as few writes as the socket takes.
-        for entry in log.into_iter().filter(|entry| entry.sender != node) {
-            relay
-                .metrics
-                .bytes_out
-                .fetch_add(entry.bytes.len() as u64, Relaxed);
-            if socket.feed(Message::Binary(entry.bytes)).await.is_err() {
-                return None;
+        for logged in page {
+            after = logged.position;
+            if logged.sender == node {
+                continue;
+            }
+            if logged.bytes.len() <= limits.max_frame {
+                if !feed(&mut socket, relay, logged.bytes).await {
+                    return None;
+                }
+                continue;
+            }
+            for piece in part::fragment(&logged.bytes, limits.max_frame) {
+                if !feed(&mut socket, relay, Bytes::from(piece)).await {
+                    return None;
+                }
             }
         }
+        if socket.flush().await.is_err() {
+            return None;
+        }
     }
-    let caught_up = Frame::CaughtUp {
-        high: joined.high,
-        position: joined.position,
-    };
-    if !send(&mut socket, relay, Bytes::from(caught_up.encode())).await {
+    if !send(&mut socket, relay, joined.caught_up).await {
         return None;
     }
 
     Some((
         socket,
         Live {
-            node,
+            conn,
             commands,
             leave,
-            queue: joined.queue,
+            queue,
         },
     ))
 }
 
+fn reject(reason: Reason, detail: &str) -> Bytes {
+    Bytes::from(
+        Frame::Reject {
+            step: 0,
+            reason,
+            detail: detail.into(),
+        }
+        .encode(),
+    )
+}
+
 async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
     let Live {
-        node,
+        conn,
         commands,
         leave,
         mut queue,
     } = live;
-    let limits = relay.config.limits;
     let mut shutdown = relay.shutdown.clone();
-    let mut rate = RateLimit::new(relay.config.max_rate);
-    let mut malformed = 0u32;
-    let mut over_rate = 0u32;
+    let mut texts = 0u32;
     loop {
         tokio::select! {
             _ = stopping(&mut shutdown) => {
                 drop(leave);
-                return close(socket, close_code::GOING_AWAY, "the relay is shutting down").await;
+                return close(socket, close::GOING_AWAY, "the relay is shutting down").await;
             }
             outgoing = queue.recv() => match outgoing {
                 Some(bytes) => {
@@ -310,7 +295,7 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
                 None => {
                     let (code, reason) = queue
                         .close_reason()
-                        .unwrap_or((close_code::INTERNAL, "the room closed".into()));
+                        .unwrap_or((close::INTERNAL, "the room closed".into()));
                     drop(leave);
                     return close(socket, code, &reason).await;
                 }
@@ -319,52 +304,24 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
                 let bytes = match incoming {
                     Some(Ok(Message::Binary(bytes))) => bytes,
                     Some(Ok(Message::Text(_))) => {
-                        malformed += 1;
-                        let detail = "text messages are not part of the protocol: send binary frames".into();
+                        texts += 1;
                         relay.metrics.reject(Reason::Malformed);
-                        if !send(&mut socket, &relay, reject(0, Reason::Malformed, detail)).await {
+                        let detail = "text messages are not part of the protocol: send binary frames";
+                        if !send(&mut socket, &relay, reject(Reason::Malformed, detail)).await {
                             return;
                         }
-                        if malformed >= MAX_MALFORMED {
-                            return close(socket, close_code::POLICY, "too many malformed frames").await;
+                        if texts >= MAX_TEXT {
+                            return close(socket, close::POLICY, "too many malformed frames").await;
                         }
                         continue;
                     }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                     Some(Ok(_)) => continue,
                 };
+                texts = 0;
                 relay.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
-                if !rate.allow() {
-                    over_rate += 1;
-                    relay.metrics.reject(Reason::RateLimited);
-                    let detail = format!("over {} messages per second; this frame was dropped", relay.config.max_rate);
-                    if !send(&mut socket, &relay, reject(0, Reason::RateLimited, detail)).await {
-                        return;
-                    }
-                    if over_rate > relay.config.max_rate {
-                        return close(socket, close_code::RATE_LIMITED, "kept sending over the rate limit").await;
-                    }
-                    continue;
-                }
-                over_rate = 0;
-                match Frame::decode_with(&bytes, &limits) {
-                    Ok(frame) => {
-                        malformed = 0;
-                        if commands.send(Command::Frame { node, frame, bytes }).await.is_err() {
-                            return close(socket, close_code::INTERNAL, "the room stopped; reconnect to resume").await;
-                        }
-                    }
-                    Err(e) => {
-                        malformed += 1;
-                        relay.metrics.reject(e.reason());
-                        let step = crate::envelope::peek_stamp(&bytes).map_or(0, |(_, s)| s.step);
-                        if !send(&mut socket, &relay, reject(step, e.reason(), e.to_string())).await {
-                            return;
-                        }
-                        if malformed >= MAX_MALFORMED {
-                            return close(socket, close_code::POLICY, "too many malformed frames").await;
-                        }
-                    }
+                if commands.send(Command::Frame { conn, bytes }).await.is_err() {
+                    return close(socket, close::INTERNAL, "the room stopped; reconnect to resume").await;
                 }
             }
         }
@@ -379,16 +336,12 @@ async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
 /// Tells the room that the connection left, however the connection ends.
 struct LeaveOnDrop {
     commands: mpsc::Sender<Command>,
-    node: NodeId,
-    conn: u64,
+    conn: ConnId,
 }
 
 impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
-        let leave = Command::Leave {
-            node: self.node,
-            conn: self.conn,
-        };
+        let leave = Command::Leave { conn: self.conn };
         if let Err(mpsc::error::TrySendError::Full(leave)) = self.commands.try_send(leave) {
             let commands = self.commands.clone();
             tokio::spawn(async move {

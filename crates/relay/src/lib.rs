@@ -1,19 +1,25 @@
-//! The relay (native only): rooms, fan-out, validation at the edge, durable room logs, and the
+//! The pattern-mesh relay: rooms, fan-out, validation at the edge, durable room logs, and the
 //! demo's static files, on one port.
+//!
+//! The relay is a thin tokio driver of the core's sans-IO [`RoomCore`]: each room is a task that
+//! feeds its core the frames of its members and the answers of the store, and carries out what
+//! the core asks (send, fan out, append, close). Each connection is a task that does the join,
+//! streams the catch-up from the store under back-pressure, then pumps frames both ways.
 //!
 //! [`serve`] takes a bound listener, so tests bind `127.0.0.1:0` and drive the real server, and
 //! a shutdown future, so the binary can stop it on SIGTERM. The HTTP surface:
 //!
-//! - `GET /ws`: the WebSocket endpoint (binary frames, see [`crate::envelope`]);
+//! - `GET /ws`: the WebSocket endpoint (binary frames, see [`pattern_mesh_core::wire`]);
 //! - `GET /healthz`: `ok` while the relay serves;
 //! - `GET /metrics`: Prometheus text;
 //! - `/pkg/...`: the npm package directory; everything else: the demo directory.
+#![warn(missing_docs)]
 
 mod connection;
 pub mod metrics;
 mod queue;
 mod room;
-pub mod store;
+pub mod sqlite;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,49 +33,44 @@ use axum::extract::{State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, RoomCore, RoomLimits};
+use pattern_mesh_core::store::{MemoryStore, Store};
+use pattern_mesh_core::wire::{close, Limits, RoomConfig};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tower_http::services::ServeDir;
 
-use crate::envelope::{Limits, ResumeToken, RoomConfig};
 use metrics::Metrics;
-use room::{Command, JoinRefused, Joined, Room};
-use store::SqliteStore;
+use room::Command;
+use sqlite::SqliteStore;
 
-/// WebSocket close codes the relay uses.
-pub mod close_code {
-    /// The relay is shutting down.
-    pub const GOING_AWAY: u16 = 1001;
-    /// The client broke the protocol (the first frame was not a join, too many bad frames).
-    pub const POLICY: u16 = 1008;
-    /// An internal error (the room stopped after a storage failure).
-    pub const INTERNAL: u16 = 1011;
-    /// A limit was reached (rooms, members): try again later.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// The connection's send queue was full: it did not keep up with the room.
-    pub const SLOW_CONSUMER: u16 = 4000;
-    /// The connection kept sending over its rate limit.
-    pub const RATE_LIMITED: u16 = 4001;
-    /// Another connection resumed the same node.
-    pub const REPLACED: u16 = 4002;
+pub use pattern_mesh_core::wire::close as close_code;
+
+/// Where the relay keeps its room logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The embedded SQLite store in this directory (created if missing; survives restarts).
+    Sqlite(PathBuf),
+    /// In memory: gone when the relay stops (for tests and demos).
+    Memory,
 }
 
 /// The relay's settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Where the SQLite store lives.
-    pub data_dir: PathBuf,
+    /// Where the room logs live.
+    pub store: StoreConfig,
     /// The demo directory, served at `/`.
     pub www_dir: PathBuf,
     /// The npm package directory, served at `/pkg/`.
     pub pkg_dir: PathBuf,
-    /// Frame and field limits.
+    /// Frame, message and field limits.
     pub limits: Limits,
     /// The most rooms at once.
     pub max_rooms: usize,
     /// The most members in one room.
     pub max_members: usize,
-    /// Messages a connection may send per second (a burst of as many is allowed).
+    /// Frames a connection may send per second (a burst of as many is allowed).
     pub max_rate: u32,
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     pub send_queue: usize,
@@ -82,7 +83,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            data_dir: PathBuf::from("relay-data"),
+            store: StoreConfig::Sqlite(PathBuf::from("relay-data")),
             www_dir: PathBuf::from("www"),
             pkg_dir: PathBuf::from("pkg"),
             limits: Limits::default(),
@@ -96,10 +97,22 @@ impl Default for RelayConfig {
     }
 }
 
+impl RelayConfig {
+    /// What every room enforces.
+    pub fn room_limits(&self) -> RoomLimits {
+        RoomLimits {
+            limits: self.limits,
+            rate: u64::from(self.max_rate),
+            burst: u64::from(self.max_rate),
+            max_members: self.max_members,
+        }
+    }
+}
+
 /// The state shared by every connection and room.
 pub(crate) struct Relay {
     config: RelayConfig,
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     rooms: Mutex<HashMap<String, mpsc::Sender<Command>>>,
     started: Instant,
@@ -108,45 +121,43 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
-    /// Milliseconds since the relay started: the validator's clock.
+    /// Milliseconds since the relay started: the rooms' clock.
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Joins `room`, starting its actor if needed.
+    /// Joins `room` as connection `conn`, starting the room's task if needed.
     async fn join(
         self: &Arc<Self>,
         room: &str,
-        name: String,
-        resume: Option<ResumeToken>,
+        request: JoinRequest,
         requested: Option<RoomConfig>,
-        conn: u64,
-    ) -> Result<(mpsc::Sender<Command>, Joined), JoinRefused> {
-        // A room actor may retire between our look-up and our command: then start it anew.
+        conn: ConnId,
+    ) -> Result<(mpsc::Sender<Command>, room::Admitted), JoinRefused> {
+        // A room task may retire between our look-up and our command: then start it anew.
         for _ in 0..3 {
-            let commands = self.room_actor(room, requested).await?;
-            let (reply, answer) = oneshot::channel();
+            let commands = self.room_task(room, requested).await?;
+            let (reply, answer) = tokio::sync::oneshot::channel();
             let command = Command::Join {
-                name: name.clone(),
-                resume,
                 conn,
+                request: request.clone(),
                 reply,
             };
             if commands.send(command).await.is_err() {
                 continue;
             }
             match answer.await {
-                Ok(result) => return result.map(|joined| (commands, joined)),
+                Ok(result) => return result.map(|admitted| (commands, admitted)),
                 Err(_) => continue,
             }
         }
         Err(JoinRefused {
-            code: close_code::TRY_AGAIN_LATER,
+            code: close::TRY_AGAIN_LATER,
             reason: "the room is restarting; try again".into(),
         })
     }
 
-    async fn room_actor(
+    async fn room_task(
         self: &Arc<Self>,
         room: &str,
         requested: Option<RoomConfig>,
@@ -156,16 +167,32 @@ impl Relay {
         }
         if *self.shutdown.borrow() {
             return Err(JoinRefused {
-                code: close_code::GOING_AWAY,
+                code: close::GOING_AWAY,
                 reason: "the relay is shutting down".into(),
             });
         }
-        let actor = Room::open(room.to_owned(), self.clone(), requested)
-            .await
-            .map_err(|e| JoinRefused {
-                code: close_code::INTERNAL,
-                reason: format!("the room could not be opened: {e}"),
-            })?;
+        let unavailable = |e: pattern_mesh_core::store::StoreError| JoinRefused {
+            code: close::INTERNAL,
+            reason: format!("the room could not be opened: {e}"),
+        };
+        let record = match self.store.load_room(room).await.map_err(unavailable)? {
+            Some(record) => record,
+            None => self
+                .store
+                .create_room(room, requested.unwrap_or(self.config.room))
+                .await
+                .map_err(unavailable)?,
+        };
+        let core = RoomCore::new(
+            room.to_owned(),
+            record,
+            self.config.room_limits(),
+            self.now_ms(),
+        )
+        .map_err(|e| JoinRefused {
+            code: close::POLICY,
+            reason: format!("the room's configuration is unusable: {e}"),
+        })?;
         let mut rooms = self.lock_rooms();
         // Another connection may have started it while we loaded.
         if let Some(commands) = rooms.get(room) {
@@ -173,19 +200,19 @@ impl Relay {
         }
         if rooms.len() >= self.config.max_rooms {
             return Err(JoinRefused {
-                code: close_code::TRY_AGAIN_LATER,
+                code: close::TRY_AGAIN_LATER,
                 reason: format!("the relay is full: at most {} rooms", self.config.max_rooms),
             });
         }
         let (commands, queue) = mpsc::channel(1_024);
         rooms.insert(room.to_owned(), commands.clone());
         self.metrics.rooms.fetch_add(1, Relaxed);
-        tokio::spawn(actor.run(queue));
+        tokio::spawn(room::run(core, self.clone(), queue));
         Ok(commands)
     }
 
-    /// Called by an idle room actor: removes it from the registry unless a command is waiting.
-    /// Returns whether the actor may stop.
+    /// Called by an idle room task: removes it from the registry unless a command is waiting.
+    /// Returns whether the task may stop.
     fn retire(&self, room: &str, queue: &mpsc::Receiver<Command>) -> bool {
         let mut rooms = self.lock_rooms();
         if !queue.is_empty() {
@@ -211,7 +238,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let store = SqliteStore::open(&config.data_dir, metrics.clone())?;
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Sqlite(dir) => Arc::new(SqliteStore::open(dir, metrics.clone())?),
+        StoreConfig::Memory => Arc::new(MemoryStore::new()),
+    };
     let (stop, stopped) = watch::channel(false);
     let relay = Arc::new(Relay {
         store: store.clone(),
@@ -251,7 +281,7 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = server.await;
-    tokio::task::spawn_blocking(move || store.close()).await?;
+    store.close().await?;
     tracing::info!("relay stopped");
     Ok(())
 }
@@ -272,8 +302,8 @@ async fn websocket(
     State(relay): State<Arc<Relay>>,
     upgrade: WebSocketUpgrade,
 ) -> impl IntoResponse {
-    // Frames over the limit but within a margin are read and refused with a reject frame; far
-    // larger messages end the connection in the WebSocket layer.
+    // A frame over the limit but within a margin is read and refused with a reject frame;
+    // clients send what is larger in parts.
     let max = relay.config.limits.max_frame.saturating_mul(2);
     upgrade
         // The WebSocket layer zero-fills `read_buffer_size` bytes before every read: at the

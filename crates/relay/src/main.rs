@@ -1,15 +1,14 @@
 //! `pattern-mesh-relay`: the WebSocket relay and the demo's web server.
 
-#[cfg(not(target_arch = "wasm32"))]
 mod native {
     use std::net::SocketAddr;
     use std::path::PathBuf;
     use std::time::Duration;
 
     use clap::Parser;
-    use pattern_mesh::envelope::{Limits, RoomConfig};
-    use pattern_mesh::pattern::{PatternConfig, PatternParams};
-    use pattern_mesh::relay::{serve, RelayConfig};
+    use pattern_mesh_core::pattern::{PatternConfig, PatternParams};
+    use pattern_mesh_core::wire::{Limits, RoomConfig};
+    use pattern_mesh_relay::{serve, RelayConfig, StoreConfig};
 
     /// The pattern-mesh relay: rooms of browser tabs exchange pattern-validated messages through
     /// it. It validates every frame, stores accepted messages durably in SQLite, replays the room
@@ -23,15 +22,23 @@ mod native {
         /// Directory of the SQLite store (created if missing; survives restarts).
         #[arg(long, env = "PM_DATA_DIR", default_value = "relay-data")]
         data_dir: PathBuf,
+        /// Keep the room logs in memory instead (gone when the relay stops).
+        #[arg(long, env = "PM_MEMORY")]
+        memory: bool,
         /// Directory of the demo pages, served at `/`.
         #[arg(long, env = "PM_WWW", default_value = "www")]
         www: PathBuf,
         /// Directory of the npm package, served at `/pkg/`.
         #[arg(long, env = "PM_PKG", default_value = "pkg")]
         pkg: PathBuf,
-        /// Largest frame in bytes; larger frames are refused with `tooLarge`.
-        #[arg(long, env = "PM_MAX_FRAME", default_value_t = 1 << 20)]
-        max_frame: usize,
+        /// Largest frame in bytes; clients send larger messages in parts.
+        #[arg(long, env = "PM_MAX_FRAME", default_value_t = 1 << 20,
+              value_parser = clap::value_parser!(u64).range(1024..))]
+        max_frame: u64,
+        /// Largest message put back together from parts, in bytes (`tooLarge` above).
+        #[arg(long, env = "PM_MAX_MESSAGE", default_value_t = 64 << 20,
+              value_parser = clap::value_parser!(u64).range(1024..))]
+        max_message: u64,
         /// The most rooms at once.
         #[arg(long, env = "PM_MAX_ROOMS", default_value_t = 10_000)]
         max_rooms: usize,
@@ -77,11 +84,16 @@ mod native {
         };
         PatternConfig::new(pattern)?;
         let config = RelayConfig {
-            data_dir: args.data_dir,
+            store: if args.memory {
+                StoreConfig::Memory
+            } else {
+                StoreConfig::Sqlite(args.data_dir.clone())
+            },
             www_dir: args.www,
             pkg_dir: args.pkg,
             limits: Limits {
-                max_frame: args.max_frame,
+                max_frame: args.max_frame as usize,
+                max_message: args.max_message.max(args.max_frame) as usize,
                 ..Limits::default()
             },
             max_rooms: args.max_rooms,
@@ -99,7 +111,7 @@ mod native {
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             let address = listener.local_addr()?;
-            tracing::info!(%address, data_dir = %config.data_dir.display(), "relay listening");
+            tracing::info!(%address, store = ?config.store, "relay listening");
             println!("pattern-mesh relay on http://{address}/ (WebSocket: ws://{address}/ws)");
             serve(listener, config, shutdown_signal()).await
         })
@@ -121,11 +133,6 @@ mod native {
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 fn main() -> anyhow::Result<()> {
     native::main()
 }
-
-/// The relay is a native program; on wasm32 this binary does nothing.
-#[cfg(target_arch = "wasm32")]
-fn main() {}

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::envelope::Reason;
+use pattern_mesh_core::wire::Reason;
 
 /// Upper bounds (seconds) of the store commit latency histogram.
 const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0];
@@ -16,7 +16,7 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Rooms with an actor running.
     pub rooms: AtomicU64,
-    /// Stamped frames accepted and stored.
+    /// Stamped frames accepted by validation.
     pub accepted: AtomicU64,
     rejected: [AtomicU64; Reason::ALL.len()],
     /// Bytes received in WebSocket messages.
@@ -34,7 +34,12 @@ pub struct Metrics {
 impl Metrics {
     /// Counts a rejected frame.
     pub fn reject(&self, reason: Reason) {
-        self.rejected[usize::from(reason.code() - 1)].fetch_add(1, Relaxed);
+        self.reject_n(reason, 1);
+    }
+
+    /// Counts `n` rejected frames.
+    pub fn reject_n(&self, reason: Reason, n: u64) {
+        self.rejected[usize::from(reason.code() - 1)].fetch_add(n, Relaxed);
     }
 
     /// Frames rejected for `reason` so far.
@@ -79,7 +84,7 @@ impl Metrics {
         );
         gauge(
             "pattern_mesh_frames_accepted_total",
-            "Stamped frames accepted and stored.",
+            "Stamped frames accepted by validation.",
             "counter",
             self.accepted.load(Relaxed),
         );

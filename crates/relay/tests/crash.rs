@@ -1,7 +1,6 @@
 //! The relay process is killed with SIGKILL in the middle of a stream and restarted on the same
 //! data directory: every acknowledged message is still there, and the room's step and each
 //! sender's replay protection continue from where they were.
-#![cfg(not(target_arch = "wasm32"))]
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -9,8 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pattern_mesh::envelope::{Frame, Json, Reason, Stamp};
-use pattern_mesh::pattern::PatternConfig;
+use pattern_mesh_client::{Connection, JoinOptions, Welcome};
+use pattern_mesh_core::pattern::PatternConfig;
+use pattern_mesh_core::wire::{Body, Frame, Json, Reason, Stamp};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -41,57 +41,32 @@ fn start_relay(dir: &std::path::Path) -> (Child, String) {
     (child, addr)
 }
 
-async fn connect(
-    addr: &str,
-    since: u64,
-    resume: Option<[u8; 16]>,
-) -> (
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    Frame,
-    Vec<Frame>,
-) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .unwrap();
-    let join = Frame::Join {
+async fn connect(addr: &str, since: u64, resume: Option<[u8; 16]>) -> (Connection, Welcome) {
+    let options = JoinOptions {
         room: "crash".into(),
         name: "writer".into(),
         since,
+        log: 0,
         resume,
         config: None,
     };
-    ws.send(Message::Binary(join.encode().into()))
+    tokio::time::timeout(WAIT, Connection::join(&format!("ws://{addr}/ws"), options))
         .await
-        .unwrap();
-    let mut frames = Vec::new();
-    loop {
-        let message = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let Message::Binary(bytes) = message else {
-            continue;
-        };
-        let frame = Frame::decode(&bytes).unwrap();
-        if let Frame::CaughtUp { .. } = frame {
-            break;
-        }
-        frames.push(frame);
-    }
-    let welcome = frames.remove(0);
-    (ws, welcome, frames)
+        .expect("joined within the wait")
+        .expect("joined")
 }
 
 fn data(node: u64, step: u64) -> Frame {
-    Frame::Data {
-        stamp: Stamp {
+    Frame::stamped(
+        Stamp {
             sender: node,
             step,
             pattern: PatternConfig::default().value(step),
         },
-        data: Json::from_value(&serde_json::json!({ "step": step })).unwrap(),
-    }
+        Body::Data {
+            data: Json::from_value(&serde_json::json!({ "step": step })).unwrap(),
+        },
+    )
 }
 
 #[tokio::test]
@@ -101,11 +76,9 @@ async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
     let (mut relay, addr) = start_relay(&dir);
 
     // A writer that streams without waiting, and a reader that collects acks.
-    let (ws, welcome, _) = connect(&addr, 0, None).await;
-    let Frame::Welcome { node, resume, .. } = welcome else {
-        panic!("welcome first")
-    };
-    let (mut sink, mut stream) = ws.split();
+    let (conn, welcome) = connect(&addr, 0, None).await;
+    let (node, resume) = (welcome.node, welcome.resume);
+    let (mut sink, mut stream) = conn.into_socket().split();
     let writer = tokio::spawn(async move {
         for step in 1..=5_000u64 {
             if sink
@@ -143,10 +116,11 @@ async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
 
     // Restart on the same directory.
     let (mut relay, addr) = start_relay(&dir);
-    let (_reader, _, replay) = connect(&addr, 0, None).await;
-    let stored: BTreeSet<u64> = replay
+    let (_reader, welcome) = connect(&addr, 0, None).await;
+    let stored: BTreeSet<u64> = welcome
+        .replay
         .iter()
-        .filter_map(|f| f.stamp().filter(|s| s.sender == node).map(|s| s.step))
+        .filter_map(|p| p.frame.stamp().filter(|s| s.sender == node).map(|s| s.step))
         .collect();
     let lost: Vec<_> = acked.difference(&stored).collect();
     assert!(
@@ -155,35 +129,18 @@ async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
     );
 
     // The same node resumes: the room's high step and its replay protection survived.
-    let (mut ws, welcome, _) = connect(&addr, u64::MAX >> 1, Some(resume)).await;
-    let Frame::Welcome {
-        node: again, high, ..
-    } = welcome
-    else {
-        panic!("welcome first")
-    };
+    let (mut conn, welcome) = connect(&addr, u64::MAX >> 1, Some(resume)).await;
+    let (again, high) = (welcome.node, welcome.high);
     assert_eq!(again, node, "the resume token survived the restart");
     assert!(
         high >= last_acked,
         "room high {high} is below the last acknowledged step {last_acked}"
     );
-    ws.send(Message::Binary(data(node, last_acked).encode().into()))
-        .await
-        .unwrap();
-    ws.send(Message::Binary(data(node, high + 1).encode().into()))
-        .await
-        .unwrap();
+    conn.send(&data(node, last_acked)).await.unwrap();
+    conn.send(&data(node, high + 1)).await.unwrap();
     let mut verdicts = Vec::new();
     while verdicts.len() < 2 {
-        let message = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let Message::Binary(bytes) = message else {
-            continue;
-        };
-        match Frame::decode(&bytes).unwrap() {
+        match conn.recv_within(WAIT).await.unwrap().frame {
             Frame::Reject { reason, step, .. } => verdicts.push((step, Err(reason))),
             Frame::Ack { step, .. } => verdicts.push((step, Ok(()))),
             _ => {}
@@ -203,20 +160,14 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     let dir = std::env::temp_dir().join(format!("pattern-mesh-term-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (mut relay, addr) = start_relay(&dir);
-    let (mut ws, _, _) = connect(&addr, 0, None).await;
+    let (mut conn, _) = connect(&addr, 0, None).await;
     let status = Command::new("kill")
         .args(["-TERM", &relay.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let close = loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
-            Some(Ok(Message::Close(Some(frame)))) => break frame,
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(u16::from(close.code), 1001);
+    let (code, _) = conn.closed(WAIT).await.unwrap();
+    assert_eq!(code, 1001);
     let exit = tokio::task::spawn_blocking(move || relay.wait())
         .await
         .unwrap()

@@ -563,6 +563,9 @@ pub enum Frame {
         /// The last room log position the client has received (0: none); the relay replays
         /// every logged message after it.
         since: u64,
+        /// The identity of the log `since` counts in, from an earlier welcome (0: none). When it
+        /// is not the room's, the relay replays its whole log.
+        log: u64,
         /// The token of an earlier welcome, to keep the same node id.
         resume: Option<ResumeToken>,
         /// The settings to create the room with, if it does not exist yet.
@@ -580,6 +583,10 @@ pub enum Frame {
         limits: RelayLimits,
         /// The room's highest accepted step.
         high: Step,
+        /// The identity of the room's log. It changes only when the room's history was lost (a
+        /// new store): node ids and steps then begin again, and a client that knew the old log
+        /// gives its document back.
+        log: u64,
         /// The other members present.
         peers: Vec<Peer>,
     },
@@ -684,12 +691,14 @@ impl Frame {
                 room,
                 name,
                 since,
+                log,
                 resume,
                 config,
             } => {
                 w.str(room);
                 w.str(name);
                 w.var(*since);
+                w.var(*log);
                 w.flag(resume.is_some());
                 if let Some(token) = resume {
                     w.raw(token);
@@ -705,6 +714,7 @@ impl Frame {
                 config,
                 limits,
                 high,
+                log,
                 peers,
             } => {
                 w.var(*node);
@@ -715,6 +725,7 @@ impl Frame {
                 w.var(limits.rate);
                 w.var(limits.burst);
                 w.var(*high);
+                w.var(*log);
                 w.var(peers.len() as u64);
                 for peer in peers {
                     w.var(peer.node);
@@ -845,6 +856,7 @@ impl Frame {
                 room: room(&mut r, limits)?,
                 name: r.str("name", limits.max_name)?,
                 since: r.var("since")?,
+                log: r.var("log")?,
                 resume: match r.flag("resume")? {
                     true => Some(r.array("resume")?),
                     false => None,
@@ -865,6 +877,7 @@ impl Frame {
                     burst: r.var("limits.burst")?,
                 };
                 let high = r.var("high")?;
+                let log = r.var("log")?;
                 let count = r.var("peers")?;
                 // Each peer takes at least two bytes: never allocate past what remains.
                 let mut peers = Vec::with_capacity((count as usize).min(r.remaining() / 2));
@@ -880,6 +893,7 @@ impl Frame {
                     config,
                     limits: limits_announced,
                     high,
+                    log,
                     peers,
                 }
             }
@@ -1146,6 +1160,7 @@ mod tests {
                 room: "doc-1".into(),
                 name: "ada".into(),
                 since: 42,
+                log: 5,
                 resume: Some([9; 16]),
                 config: Some(RoomConfig {
                     stale_window: Some(20),
@@ -1156,6 +1171,7 @@ mod tests {
                 room: "r".into(),
                 name: String::new(),
                 since: 0,
+                log: 0,
                 resume: None,
                 config: None,
             },
@@ -1165,6 +1181,7 @@ mod tests {
                 config: RoomConfig::default(),
                 limits: RelayLimits::default(),
                 high: u64::MAX,
+                log: 12,
                 peers: vec![Peer {
                     node: 2,
                     name: "grace".into(),
@@ -1365,6 +1382,7 @@ mod tests {
             room: "x".repeat(limits.max_room + 1),
             name: String::new(),
             since: 0,
+            log: 0,
             resume: None,
             config: None,
         };
@@ -1376,6 +1394,7 @@ mod tests {
             room: String::new(),
             name: String::new(),
             since: 0,
+            log: 0,
             resume: None,
             config: None,
         };
@@ -1393,6 +1412,7 @@ mod tests {
             config: RoomConfig::default(),
             limits: RelayLimits::default(),
             high: 0,
+            log: 0,
             peers: vec![],
         }
         .encode();
@@ -1423,6 +1443,7 @@ mod tests {
             room: "r".into(),
             name: String::new(),
             since: 0,
+            log: 0,
             resume: None,
             config: Some(RoomConfig {
                 pattern: PatternParams {

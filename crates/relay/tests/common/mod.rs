@@ -1,0 +1,387 @@
+//! What the relay's tests share: a real relay on `127.0.0.1:0`, and a member that stamps its
+//! own frames over a raw connection.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pattern_mesh_client::{ClientError, Connection, JoinOptions, Welcome};
+use pattern_mesh_core::pattern::PatternConfig;
+use pattern_mesh_core::wire::{Body, Frame, Json, Positioned, Reason, ResumeToken, Stamp};
+use pattern_mesh_relay::{serve, RelayConfig, StoreConfig};
+use tokio::sync::oneshot;
+
+/// How long a test waits for something that should come.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A fresh directory under the system's temporary directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pattern-mesh-test-{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A relay running in this process.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub dir: PathBuf,
+}
+
+impl Server {
+    /// The WebSocket URL.
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Stops the relay and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(WAIT, self.done).await;
+    }
+}
+
+/// Starts a relay on a fresh SQLite directory, with `tweak` applied to its settings.
+pub async fn start(name: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Server {
+    start_in(temp_dir(name), tweak).await
+}
+
+/// Starts a relay on `dir`.
+pub async fn start_in(dir: PathBuf, tweak: impl FnOnce(&mut RelayConfig)) -> Server {
+    let mut config = RelayConfig {
+        store: StoreConfig::Sqlite(dir.clone()),
+        ..RelayConfig::default()
+    };
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(serve(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+        done,
+        dir,
+    }
+}
+
+/// A member over a raw connection, stamping its own frames: what tests use to send what an
+/// honest client never would.
+pub struct Member {
+    pub conn: Connection,
+    pub welcome: Welcome,
+    pub node: u64,
+    pub token: ResumeToken,
+    pub local: u64,
+    pub pattern: PatternConfig,
+    /// The last log position received.
+    pub position: u64,
+}
+
+/// Joins `room` from log position `since`, resuming `resume` if given.
+pub async fn join(server: &Server, room: &str, since: u64, resume: Option<ResumeToken>) -> Member {
+    join_log(server, room, since, 0, resume).await
+}
+
+/// Joins `room` from log position `since` of the log `log`.
+pub async fn join_log(
+    server: &Server,
+    room: &str,
+    since: u64,
+    log: u64,
+    resume: Option<ResumeToken>,
+) -> Member {
+    let options = JoinOptions {
+        room: room.into(),
+        name: "test".into(),
+        since,
+        log,
+        resume,
+        config: None,
+    };
+    let (conn, welcome) = tokio::time::timeout(WAIT, Connection::join(&server.url(), options))
+        .await
+        .expect("joined within the wait")
+        .expect("the join succeeds");
+    let mut member = Member {
+        conn,
+        node: welcome.node,
+        token: welcome.resume,
+        local: welcome.high,
+        pattern: PatternConfig::new(welcome.config.pattern).unwrap(),
+        position: welcome.position.max(since),
+        welcome,
+    };
+    for p in &member.welcome.replay {
+        if let Some(position) = p.position {
+            member.position = member.position.max(position);
+        }
+    }
+    member
+}
+
+impl Member {
+    /// The frames replayed before `caughtUp`.
+    pub fn replay(&self) -> &[Positioned] {
+        &self.welcome.replay
+    }
+
+    pub async fn recv(&mut self) -> Positioned {
+        let positioned = self
+            .conn
+            .recv_within(WAIT)
+            .await
+            .expect("a frame within the wait");
+        if let Some(position) = positioned.position {
+            self.position = self.position.max(position);
+        }
+        if let Some(stamp) = positioned.frame.stamp() {
+            self.local = self.local.max(stamp.step);
+        }
+        positioned
+    }
+
+    /// Receives frames until one matches, returning the ones skipped too.
+    pub async fn recv_until(
+        &mut self,
+        mut done: impl FnMut(&Frame) -> bool,
+    ) -> (Frame, Vec<Frame>) {
+        let mut skipped = Vec::new();
+        loop {
+            let frame = self.recv().await.frame;
+            if done(&frame) {
+                return (frame, skipped);
+            }
+            skipped.push(frame);
+        }
+    }
+
+    /// The next stamp: the next step, with its pattern value.
+    pub fn stamp(&mut self) -> Stamp {
+        self.local += 1;
+        Stamp {
+            sender: self.node,
+            step: self.local,
+            pattern: self.pattern.value(self.local),
+        }
+    }
+
+    pub async fn send(&mut self, frame: &Frame) {
+        self.conn.send(frame).await.expect("sent");
+    }
+
+    pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        self.conn.send_bytes(bytes).await.expect("sent");
+    }
+
+    /// Sends a data frame and returns its step.
+    pub async fn data(&mut self, value: serde_json::Value) -> u64 {
+        let stamp = self.stamp();
+        let frame = Frame::stamped(
+            stamp,
+            Body::Data {
+                data: Json::from_value(&value).unwrap(),
+            },
+        );
+        self.send(&frame).await;
+        stamp.step
+    }
+
+    /// Sends a stamped body and waits for its acknowledgement; returns (step, position).
+    pub async fn acked(&mut self, body: Body) -> (u64, u64) {
+        let stamp = self.stamp();
+        self.send(&Frame::stamped(stamp, body)).await;
+        self.expect_ack(stamp.step).await
+    }
+
+    /// Waits for the acknowledgement of `step`; returns (step, position).
+    pub async fn expect_ack(&mut self, step: u64) -> (u64, u64) {
+        let (frame, _) = self
+            .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
+            .await;
+        match frame {
+            Frame::Ack {
+                step: acked,
+                position,
+            } => {
+                assert_eq!(acked, step);
+                (step, position)
+            }
+            other => panic!("expected an ack of step {step}, got {other:?}"),
+        }
+    }
+
+    /// Sends a data frame and waits for its ack; returns (step, position).
+    pub async fn data_acked(&mut self, value: serde_json::Value) -> (u64, u64) {
+        let step = self.data(value).await;
+        self.expect_ack(step).await
+    }
+
+    /// Waits for a reject; asserts its reason; returns its detail.
+    pub async fn expect_reject(&mut self, reason: Reason) -> String {
+        let (frame, _) = self
+            .recv_until(|f| matches!(f, Frame::Reject { .. } | Frame::Ack { .. }))
+            .await;
+        match frame {
+            Frame::Reject {
+                reason: got,
+                detail,
+                ..
+            } => {
+                assert_eq!(got, reason, "{detail}");
+                detail
+            }
+            other => panic!("expected a {reason} reject, got {other:?}"),
+        }
+    }
+
+    /// Sends a fence after a refusal and waits for its echo.
+    pub async fn fence(&mut self) {
+        let step = self.local;
+        self.send(&Frame::Fence { step }).await;
+        self.recv_until(|f| matches!(f, Frame::Fence { .. })).await;
+    }
+
+    /// Asserts that no stamped frame arrives within `within`.
+    pub async fn expect_no_data(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.conn.recv()).await {
+                Err(_) => return,
+                Ok(Ok(p)) => assert!(p.frame.stamp().is_none(), "unexpected {:?}", p.frame),
+                Ok(Err(e)) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Reads until the relay closes; returns its close code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        self.conn
+            .closed(WAIT)
+            .await
+            .expect("closed within the wait")
+    }
+}
+
+/// The JSON value of a data frame.
+pub fn data_value(frame: &Frame) -> Option<serde_json::Value> {
+    match frame {
+        Frame::Stamped(s) => match &s.body {
+            Body::Data { data } => Some(data.to_value().unwrap()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether a frame is a data frame.
+pub fn is_data(frame: &Frame) -> bool {
+    data_value(frame).is_some()
+}
+
+/// Opens a raw connection, sends `first`, and returns the close the relay answers with.
+pub async fn closed_after(server: &Server, first: &Frame) -> (u16, String) {
+    let mut conn = Connection::open(&server.url(), first).await.unwrap();
+    match conn.closed(WAIT).await {
+        Ok(close) => close,
+        Err(ClientError::Closed { code, reason }) => (code, reason),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A TCP proxy in front of a relay that the test can cut: a client behind it goes offline while
+/// the relay and everyone else stay up, or finds another relay behind the same address.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    target: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// A proxy to `target`, up.
+    pub async fn start(target: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Arc::new(Mutex::new(target));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let accept = {
+            let (target, down, links) = (target.clone(), down.clone(), links.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if down.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let to = *target.lock().unwrap();
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                            let _ = inbound.set_nodelay(true);
+                            let _ = outbound.set_nodelay(true);
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    links.lock().unwrap().push(link.abort_handle());
+                }
+            })
+        };
+        Proxy {
+            addr,
+            target,
+            down,
+            links,
+            accept,
+        }
+    }
+
+    /// The WebSocket URL through the proxy.
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Cuts every connection through the proxy and refuses new ones, or lets them through again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            for link in self.links.lock().unwrap().drain(..) {
+                link.abort();
+            }
+        }
+    }
+
+    /// Points new connections at another relay.
+    pub fn retarget(&self, target: std::net::SocketAddr) {
+        *self.target.lock().unwrap() = target;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.set_down(true);
+    }
+}
+
+/// A session's settings for `room` as `name`, with a short connect timeout for tests.
+pub fn session(room: &str, name: &str) -> pattern_mesh_core::session::SessionConfig {
+    let mut config = pattern_mesh_core::session::SessionConfig::new(room, name);
+    config.connect_timeout = 10_000;
+    config
+}

@@ -1,0 +1,277 @@
+//! What real users hit, against the real relay with the native client (the same session the
+//! browser drives): large pastes and messages, typing faster than the rate limit, typing
+//! offline, a relay that forgot the node, a relay that is not there, and real editing traces
+//! with checkpoints on the way. Each of these lost or held edits before the session was sans-IO.
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::{session, start, start_in, temp_dir, Proxy};
+use pattern_mesh_client::{Client, ClientError};
+use pattern_mesh_core::session::{Event, Source, Status};
+use pattern_mesh_core::wire::{Json, Reason};
+
+const TEXT: &str = "content";
+
+/// Waits until `done` holds, checking every 20 ms, for at most `wait`.
+async fn until(what: &str, wait: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + wait;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn pastes_of_1_2_mib_and_20_mb_reach_the_other_client_and_a_late_joiner() {
+    let server = start("paste", |_| {}).await;
+    let a = Client::connect(&server.url(), session("paste", "a"))
+        .await
+        .unwrap();
+    let b = Client::connect(&server.url(), session("paste", "b"))
+        .await
+        .unwrap();
+    let medium = "m".repeat(1_258_291); // 1.2 MiB
+    a.insert(TEXT, 0, &medium).unwrap();
+    until("the 1.2 MiB paste", Duration::from_secs(30), || {
+        b.text(TEXT).len() == medium.len()
+    })
+    .await;
+    // Later edits of the pasting client are not held back by it.
+    a.insert(TEXT, 0, "after").unwrap();
+    until("the edit after the paste", Duration::from_secs(10), || {
+        b.text(TEXT).starts_with("after")
+    })
+    .await;
+    let large = "L".repeat(20_000_000);
+    b.insert(TEXT, 0, &large).unwrap();
+    until("the 20 MB paste", Duration::from_secs(60), || {
+        a.text(TEXT).len() == large.len() + medium.len() + 5
+    })
+    .await;
+    a.settled(Duration::from_secs(30)).await.unwrap();
+    b.settled(Duration::from_secs(30)).await.unwrap();
+    let late = Client::connect(&server.url(), session("paste", "late"))
+        .await
+        .unwrap();
+    assert_eq!(late.text(TEXT), a.text(TEXT));
+}
+
+#[tokio::test]
+async fn a_2_mib_broadcast_is_delivered_once() {
+    let server = start("broadcast", |_| {}).await;
+    let a = Client::connect(&server.url(), session("big", "a"))
+        .await
+        .unwrap();
+    let mut b = Client::connect(&server.url(), session("big", "b"))
+        .await
+        .unwrap();
+    let value = serde_json::json!({ "blob": "x".repeat(2 << 20) });
+    a.broadcast(Json::from_value(&value).unwrap()).unwrap();
+    let events = b
+        .events_until(Duration::from_secs(30), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        .unwrap();
+    let Some(Event::Message { data, .. }) = events.last() else {
+        unreachable!()
+    };
+    assert_eq!(data.to_value::<serde_json::Value>().unwrap(), value);
+    a.settled(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(a.status(), Status::Open, "no reconnect loop");
+}
+
+#[tokio::test]
+async fn connect_rejects_with_the_reason_when_the_relay_is_not_there() {
+    // A port nothing listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let mut config = session("nobody", "a");
+    config.connect_timeout = 1_500;
+    let started = Instant::now();
+    let result = Client::connect(&format!("ws://{addr}/ws"), config.clone()).await;
+    let Err(ClientError::Closed { reason, .. }) = result else {
+        panic!("expected a refusal, got {:?}", result.map(|_| ()));
+    };
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(reason.contains("could not join within 1500 ms"), "{reason}");
+    assert!(reason.contains("could not connect"), "{reason}");
+    // A wrong path on a real relay: refused by the HTTP server.
+    let server = start("wrong-path", |_| {}).await;
+    let result = Client::connect(&format!("ws://{}/nope", server.addr), config.clone()).await;
+    assert!(matches!(result, Err(ClientError::Closed { .. })));
+    // A host that does not resolve.
+    let result = Client::connect("ws://no-such-host.invalid:9/ws", config).await;
+    assert!(matches!(result, Err(ClientError::Closed { .. })));
+}
+
+#[tokio::test]
+async fn two_clients_typing_2000_characters_as_fast_as_they_can_converge() {
+    let server = start("typing", |_| {}).await;
+    let a = Client::connect(&server.url(), session("typing", "a"))
+        .await
+        .unwrap();
+    let b = Client::connect(&server.url(), session("typing", "b"))
+        .await
+        .unwrap();
+    for i in 0..2_000u32 {
+        a.insert(TEXT, i, "a").unwrap();
+        let len = b.text(TEXT).encode_utf16().count() as u32;
+        b.insert(TEXT, len, "b").unwrap();
+    }
+    a.settled(Duration::from_secs(30)).await.unwrap();
+    b.settled(Duration::from_secs(30)).await.unwrap();
+    until("convergence", Duration::from_secs(30), || {
+        a.text(TEXT) == b.text(TEXT)
+    })
+    .await;
+    let text = a.text(TEXT);
+    assert_eq!(text.matches('a').count(), 2_000);
+    assert_eq!(text.matches('b').count(), 2_000);
+}
+
+#[tokio::test]
+async fn typing_offline_is_delivered_within_seconds_of_coming_back() {
+    let server = start("offline", |_| {}).await;
+    let proxy = Proxy::start(server.addr).await;
+    let a = Client::connect(&proxy.url(), session("offline", "a"))
+        .await
+        .unwrap();
+    let b = Client::connect(&server.url(), session("offline", "b"))
+        .await
+        .unwrap();
+    a.insert(TEXT, 0, "online ").unwrap();
+    until("the first edit", Duration::from_secs(10), || {
+        b.text(TEXT) == "online "
+    })
+    .await;
+    proxy.set_down(true);
+    until("a to notice", Duration::from_secs(10), || {
+        a.status() != Status::Open
+    })
+    .await;
+    // 400 characters at 20 a second, offline.
+    for i in 0..400u32 {
+        a.insert(TEXT, 7 + i, "x").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b.text(TEXT), "online ", "nothing passed while offline");
+    proxy.set_down(false);
+    let back = Instant::now();
+    until("the offline typing", Duration::from_secs(20), || {
+        b.text(TEXT).len() == 407
+    })
+    .await;
+    println!(
+        "400 characters typed offline reached the other client {:?} after the network came back",
+        back.elapsed()
+    );
+    a.settled(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_relay_that_forgot_the_node_still_gets_everything_it_had_not_stored() {
+    let first = start("forget-1", |_| {}).await;
+    let proxy = Proxy::start(first.addr).await;
+    let mut a = Client::connect(&proxy.url(), session("forget", "a"))
+        .await
+        .unwrap();
+    a.insert(TEXT, 0, "stored ").unwrap();
+    a.settled(Duration::from_secs(10)).await.unwrap();
+    proxy.set_down(true);
+    for (i, c) in "typed while away".chars().enumerate() {
+        a.insert(TEXT, 7 + i as u32, &c.to_string()).unwrap();
+    }
+    // Another relay on an empty store takes over the address: it knows neither the room's
+    // history nor the node's token.
+    first.stop().await;
+    let second = start_in(temp_dir("forget-2"), |_| {}).await;
+    // Someone else is there first: the node id `a` had is another member's now.
+    let _other = Client::connect(&second.url(), session("forget", "other"))
+        .await
+        .unwrap();
+    proxy.retarget(second.addr);
+    proxy.set_down(false);
+    a.settled(Duration::from_secs(20)).await.unwrap();
+    let refused: Vec<Event> = a
+        .take_events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Refused { .. }))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let b = Client::connect(&second.url(), session("forget", "b"))
+        .await
+        .unwrap();
+    until("the edits made while away", Duration::from_secs(10), || {
+        b.text(TEXT).ends_with("typed while away")
+    })
+    .await;
+}
+
+#[derive(serde::Deserialize)]
+struct Trace {
+    txns: Vec<Txn>,
+}
+
+#[derive(serde::Deserialize)]
+struct Txn {
+    patches: Vec<(u32, u32, String)>,
+}
+
+#[tokio::test]
+async fn a_real_editing_trace_through_the_relay_raises_no_desync() {
+    let path = format!(
+        "{}/../../tests/data/editing-traces/automerge-paper.json.gz",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())
+        .read_to_string(&mut json)
+        .unwrap();
+    let trace: Trace = serde_json::from_str(&json).unwrap();
+    let server = start("trace", |_| {}).await;
+    let mut a = Client::connect(&server.url(), session("trace", "a"))
+        .await
+        .unwrap();
+    let mut b = Client::connect(&server.url(), session("trace", "b"))
+        .await
+        .unwrap();
+    // The author replays the trace; the other client adds a line at the start now and then,
+    // so both publish checkpoints while deletes are in flight.
+    for (i, txn) in trace.txns.iter().take(40_000).enumerate() {
+        a.with_session(|s, now| {
+            let patches: Vec<(u32, u32, &str)> = txn
+                .patches
+                .iter()
+                .map(|(p, d, t)| (*p, *d, t.as_str()))
+                .collect();
+            let update = s.replica().splice_all(TEXT, &patches).unwrap();
+            s.update(now, TEXT, update).unwrap();
+        });
+        if i % 2_000 == 0 {
+            let end = b.text(TEXT).encode_utf16().count() as u32;
+            b.insert(TEXT, end, "\n(b)").unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    a.settled(Duration::from_secs(60)).await.unwrap();
+    b.settled(Duration::from_secs(60)).await.unwrap();
+    until("convergence", Duration::from_secs(30), || {
+        a.text(TEXT) == b.text(TEXT)
+    })
+    .await;
+    for client in [&mut a, &mut b] {
+        let desyncs: Vec<Event> = client
+            .take_events()
+            .into_iter()
+            .filter(|e| {
+                matches!(e, Event::Anomaly(x) if x.reason == Reason::Desync || x.source == Source::Local)
+            })
+            .collect();
+        assert!(desyncs.is_empty(), "{desyncs:?}");
+    }
+}
