@@ -12,9 +12,9 @@ mod native {
 
     use criterion::{BatchSize, Criterion, Throughput};
     use pattern_mesh::doc::SharedDoc;
-    use pattern_mesh::envelope::{Frame, Json, Stamp};
     use pattern_mesh::pattern::{iterative_value, PatternConfig, PatternParams};
     use pattern_mesh::validate::{Origin, Validator, ValidatorConfig};
+    use pattern_mesh::wire::{Body, Frame, Json, Stamp};
 
     /// A spread of steps, so that no branch predictor learns one step.
     fn step(i: u64) -> u64 {
@@ -48,16 +48,20 @@ mod native {
             step: 123_456,
             pattern: config.value(123_456),
         };
-        let data = Frame::Data {
+        let data = Frame::stamped(
             stamp,
-            data: Json::parse(r#"{"temperature":23.5,"unit":"C","sensor":"north-3"}"#)
-                .expect("json"),
-        };
-        let update = Frame::Update {
+            Body::Data {
+                data: Json::parse(r#"{"temperature":23.5,"unit":"C","sensor":"north-3"}"#)
+                    .expect("json"),
+            },
+        );
+        let update = Frame::stamped(
             stamp,
-            doc: "content".into(),
-            update: vec![7; 200],
-        };
+            Body::Update {
+                doc: "content".into(),
+                update: vec![7; 200],
+            },
+        );
         let mut group = c.benchmark_group("frames");
         for (name, frame) in [("data (JSON)", &data), ("update (200 B)", &update)] {
             let bytes = frame.encode();

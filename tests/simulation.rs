@@ -1443,12 +1443,11 @@ mod yrs_sv {
     }
 }
 
-fn run_seed(seed: u64, trace: bool) -> Result<Sim, (Sim, String)> {
-    let mut sim = Sim::new(seed, trace);
-    match sim.run() {
-        Ok(()) => Ok(sim),
-        Err(problem) => Err((sim, problem)),
-    }
+/// Runs one seed: the simulation, and what went wrong in it, if anything.
+fn run_seed(seed: u64, trace: bool) -> (Box<Sim>, Option<String>) {
+    let mut sim = Box::new(Sim::new(seed, trace));
+    let problem = sim.run().err();
+    (sim, problem)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -1460,7 +1459,7 @@ fn the_protocol_holds_under_faults_for_every_seed() {
     if let Some(seed) = env_u64("PM_SIM_SEED") {
         let trace = std::env::var("PM_SIM_TRACE").is_ok();
         match run_seed(seed, trace) {
-            Ok(sim) => {
+            (sim, None) => {
                 if let Some(trace) = &sim.trace {
                     println!("{trace}");
                 }
@@ -1469,7 +1468,7 @@ fn the_protocol_holds_under_faults_for_every_seed() {
                     sim.processed, sim.scenario
                 );
             }
-            Err((sim, problem)) => {
+            (sim, Some(problem)) => {
                 if let Some(trace) = &sim.trace {
                     println!("{trace}");
                 }
@@ -1493,12 +1492,10 @@ fn the_protocol_holds_under_faults_for_every_seed() {
                     let mut stats = Stats::default();
                     let mut seed = from + t;
                     while seed < from + seeds {
-                        match run_seed(seed, false) {
-                            Ok(sim) => stats.add(&sim.stats),
-                            Err((sim, problem)) => {
-                                stats.add(&sim.stats);
-                                failures.push((seed, problem));
-                            }
+                        let (sim, problem) = run_seed(seed, false);
+                        stats.add(&sim.stats);
+                        if let Some(problem) = problem {
+                            failures.push((seed, problem));
                         }
                         seed += threads;
                     }

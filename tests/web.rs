@@ -208,7 +208,7 @@ fn the_clock_steps_and_reports_phases() {
 
 #[wasm_bindgen_test]
 fn every_frame_kind_survives_decode_and_encode_in_js() {
-    use pattern_mesh::envelope::{Frame, Json, Peer, Reason, RoomConfig, Stamp};
+    use pattern_mesh::wire::{Body, Frame, Json, Peer, Reason, RelayLimits, RoomConfig, Stamp};
     let stamp = Stamp {
         sender: 3,
         step: 47,
@@ -223,6 +223,7 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
             room: "r".into(),
             name: "ada".into(),
             since: 9,
+            log: 3,
             resume: Some([7; 16]),
             config: Some(RoomConfig::default()),
         },
@@ -230,6 +231,7 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
             room: "r".into(),
             name: "".into(),
             since: 0,
+            log: 0,
             resume: None,
             config: None,
         },
@@ -240,7 +242,9 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
                 stale_window: Some(40),
                 ..RoomConfig::default()
             },
+            limits: RelayLimits::default(),
             high: 100,
+            log: 77,
             peers: vec![peer.clone()],
         },
         Frame::CaughtUp {
@@ -262,36 +266,57 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
             sender: 3,
             data: Json::parse(r#"{"cursor":[1,2]}"#).unwrap(),
         },
-        Frame::Data {
-            stamp,
-            data: Json::parse(r#"{"t":23.5,"s":"é😀","n":null,"a":[true,false]}"#).unwrap(),
+        Frame::Part {
+            total: 3_000,
+            offset: 1_000,
+            bytes: vec![9; 30],
         },
-        Frame::Update {
+        Frame::Fence { step: 47 },
+        Frame::stamped(
             stamp,
-            doc: "content".into(),
-            update: vec![1, 2, 3],
-        },
-        Frame::Checkpoint {
+            Body::Data {
+                data: Json::parse(r#"{"t":23.5,"s":"é😀","n":null,"a":[true,false]}"#).unwrap(),
+            },
+        ),
+        Frame::stamped(
             stamp,
-            doc: "content".into(),
-            state_vector: vec![1, 0],
-            digest: 0xfedc_ba98_7654_3210,
-        },
-        Frame::SyncRequest {
+            Body::Update {
+                doc: "content".into(),
+                update: vec![1, 2, 3],
+            },
+        ),
+        Frame::stamped(
             stamp,
-            doc: "content".into(),
-            state_vector: vec![0],
-        },
-        Frame::SyncState {
+            Body::Checkpoint {
+                doc: "content".into(),
+                state_vector: vec![1, 0],
+                deletes: 0x0123_4567_89ab_cdef,
+                digest: 0xfedc_ba98_7654_3210,
+            },
+        ),
+        Frame::stamped(
             stamp,
-            doc: "content".into(),
-            update: vec![0, 0],
-        },
-        Frame::Snapshot {
+            Body::SyncRequest {
+                doc: "content".into(),
+                state_vector: vec![0],
+                to: 4,
+            },
+        ),
+        Frame::stamped(
             stamp,
-            doc: "content".into(),
-            state: vec![5; 40],
-        },
+            Body::SyncState {
+                doc: "content".into(),
+                update: vec![0, 0],
+                to: 0,
+            },
+        ),
+        Frame::stamped(
+            stamp,
+            Body::Snapshot {
+                doc: "content".into(),
+                state: vec![5; 40],
+            },
+        ),
     ];
     for frame in frames {
         let bytes = frame.encode();

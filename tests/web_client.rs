@@ -8,9 +8,10 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use js_sys::{Reflect, JSON};
-use pattern_mesh::envelope::{Frame, Json, Stamp};
+use pattern_mesh::doc::SharedDoc;
 use pattern_mesh::pattern::PatternConfig;
 use pattern_mesh::wasm::MeshClient;
+use pattern_mesh::wire::{Body, Frame, Json, Stamp};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_test::*;
 
@@ -126,14 +127,16 @@ async fn a_tampered_frame_is_reported_as_an_anomaly_and_not_applied() {
     let anomalies = collect(&a, "anomaly");
     let messages = collect(&b, "message");
     let step = a.step() as u64 + 1;
-    let tampered = Frame::Data {
-        stamp: Stamp {
+    let tampered = Frame::stamped(
+        Stamp {
             sender: a.node() as u64,
             step,
             pattern: 2,
         },
-        data: Json::parse(r#""tampered""#).unwrap(),
-    };
+        Body::Data {
+            data: Json::parse(r#""tampered""#).unwrap(),
+        },
+    );
     a.send_raw(&tampered.encode()).unwrap();
     until("the relay's reject arrives", || {
         !anomalies.borrow().is_empty()
@@ -228,18 +231,22 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
         "same version, same content, same digest"
     );
     let anomalies = collect(&b, "anomaly");
-    // A checkpoint at b's exact version whose digest does not match b's content.
+    // A checkpoint at b's exact version (its state vector, and no deletions, like a fresh
+    // document) whose digest does not match b's content.
     let step = a.step() as u64 + 1;
-    let checkpoint = Frame::Checkpoint {
-        stamp: Stamp {
+    let checkpoint = Frame::stamped(
+        Stamp {
             sender: a.node() as u64,
             step,
             pattern: PatternConfig::default().value(step),
         },
-        doc: "*".into(),
-        state_vector: b.state_vector(),
-        digest: 0x1234,
-    };
+        Body::Checkpoint {
+            doc: "*".into(),
+            state_vector: b.state_vector(),
+            deletes: SharedDoc::with_client_id(99).version().deletes,
+            digest: 0x1234,
+        },
+    );
     a.send_raw(&checkpoint.encode()).unwrap();
     until("b reports the desync", || {
         anomalies

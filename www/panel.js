@@ -38,7 +38,7 @@ export function mountPanel(client, { room, pattern = new PatternGenerator() }) {
   $("share").textContent = room;
   const anomalies = new Map();
   let received = 0;
-  let lastSent = 0;
+  let sentOnce = false;
 
   const renderStep = () => {
     const step = client.step;
@@ -106,7 +106,8 @@ export function mountPanel(client, { room, pattern = new PatternGenerator() }) {
   const demonstrate = (frame, what) => {
     const bytes = encode(frame);
     client.sendRaw(bytes);
-    lastSent = client.broadcast({ demo: what, frame: base64(bytes) });
+    client.broadcast({ demo: what, frame: base64(bytes) });
+    sentOnce = true;
   };
   $("tamper-pattern").addEventListener("click", () => {
     const step = client.step + 1;
@@ -114,9 +115,14 @@ export function mountPanel(client, { room, pattern = new PatternGenerator() }) {
     const wrong = right === 9 ? 1 : right + 1;
     demonstrate({ kind: "data", sender: client.node, step, pattern: wrong, data: { tampered: true } }, "wrong pattern");
   });
-  $("tamper-replay").addEventListener("click", () => {
-    if (lastSent === 0) lastSent = client.broadcast({ demo: "first message" });
-    const step = lastSent;
+  $("tamper-replay").addEventListener("click", async () => {
+    // Step 1 is a replay once this tab has had a message stored.
+    if (!sentOnce) {
+      client.broadcast({ demo: "first message" });
+      sentOnce = true;
+      while (client.pendingCount > 0) await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const step = 1;
     demonstrate({ kind: "data", sender: client.node, step, pattern: pattern.computeValue(step), data: { replayed: true } }, "replayed step");
   });
 

@@ -1,11 +1,16 @@
-//! `MeshClient` and `SharedText`: the browser client over gloo-net's WebSocket.
+//! `MeshClient` and `SharedText`: the browser's driver of the core's client session.
 //!
-//! All state lives in one `Rc<RefCell<State>>` on the page's thread. Nothing calls into JS while
-//! the state is borrowed: events are queued during a change and dispatched after it, so a
-//! listener may call back into the client.
+//! The protocol (join, catch-up, outbox, pacing, refusals and fences, reconnects, checkpoints,
+//! sync) is the core's [`Session`]; this module only moves bytes over gloo-net's WebSocket,
+//! runs one timer for the session's next deadline, and turns the session's events into JS
+//! listener calls.
+//!
+//! All state lives in one `Rc<RefCell<Driver>>` on the page's thread. Nothing calls into JS
+//! while the state is borrowed: events are collected during a change and dispatched after it,
+//! so a listener may call back into the client.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use futures_channel::mpsc::{unbounded, UnboundedSender};
@@ -20,14 +25,10 @@ use super::errors::{from_js, invalid_argument, js_error, to_js};
 use super::frames::{json_from_js, message_to_js, presence_event_to_js};
 use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
 use super::validator::{counts_to_js, verdict, VerdictJs};
-use crate::clock::StepClock;
 use crate::doc::{SharedDoc, TextDelta};
-use crate::envelope::{Frame, Limits, NodeId, Peer, Reason, ResumeToken, RoomConfig, Stamp};
-use crate::pattern::{PatternConfig, Step};
-use crate::validate::{Origin, Validator, ValidatorConfig, Verdict};
-
-/// The document every checkpoint covers: all texts of the client's document.
-const WHOLE_DOC: &str = "*";
+use crate::pattern::Step;
+use crate::session::{Event, Output, Session, SessionConfig, SessionError, Status};
+use crate::wire::{Limits, NodeId, Peer, Reason, RoomConfig};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -38,14 +39,17 @@ struct Options {
     name: String,
     #[serde(default)]
     config: Option<RoomConfig>,
+    /// How long `connect` may take, in milliseconds (default 10 000).
+    #[serde(default)]
+    connect_timeout: Option<u32>,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Anomaly {
+struct AnomalyJs<'a> {
     source: &'static str,
     reason: Reason,
-    detail: String,
+    detail: &'a str,
     step: Step,
     #[serde(skip_serializing_if = "Option::is_none")]
     sender: Option<NodeId>,
@@ -53,7 +57,18 @@ struct Anomaly {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct StepEvent {
+struct RefusedJs<'a> {
+    step: Step,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    doc: Option<&'a str>,
+    reason: Reason,
+    detail: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StepJs {
     step: Step,
     pattern: u64,
     phase: u64,
@@ -61,413 +76,354 @@ struct StepEvent {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct PeersEvent {
-    peers: Vec<Peer>,
+struct PeersJs<'a> {
+    peers: &'a [Peer],
     #[serde(skip_serializing_if = "Option::is_none")]
-    joined: Option<Peer>,
+    joined: Option<&'a Peer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     left: Option<NodeId>,
 }
 
+/// The events a listener may subscribe to.
+const EVENTS: [&str; 7] = [
+    "message", "anomaly", "refused", "peers", "status", "step", "presence",
+];
+
 struct Listener {
     id: u32,
-    event: String,
+    event: &'static str,
     function: js_sys::Function,
 }
 
-struct State {
+/// The open socket: its writer, and how to stop its reader.
+struct Socket {
+    id: u64,
+    writer: UnboundedSender<Vec<u8>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Socket {
+    fn close(mut self) {
+        self.writer.close_channel();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A change of the text named first, and whether it came from a remote update.
+type TextChange = (String, Vec<TextDelta>, bool);
+
+struct Driver {
+    session: Session<SharedDoc>,
     url: String,
-    room: String,
-    name: String,
-    requested: Option<RoomConfig>,
-    node: NodeId,
-    token: Option<ResumeToken>,
-    /// The last room log position received.
-    position: u64,
-    clock: StepClock,
-    validator: Validator,
-    /// Sent but not yet acknowledged, in step order: resent after a reconnect.
-    outbox: VecDeque<(Step, Vec<u8>)>,
-    /// The current socket's writer, once the catch-up is over.
-    writer: Option<UnboundedSender<Vec<u8>>>,
-    status: &'static str,
-    closed: bool,
-    peers: BTreeMap<NodeId, String>,
-    doc: SharedDoc,
+    socket: Option<Socket>,
+    next_socket: u64,
+    timer: Option<gloo_timers::callback::Timeout>,
+    timer_at: Option<u64>,
+    /// The clock: milliseconds of `Date.now()`, never going back.
+    last_now: Cell<u64>,
     observed: HashMap<String, u64>,
     deltas: Rc<RefCell<Vec<TextChange>>>,
     remote: Rc<Cell<bool>>,
-    events: Vec<(&'static str, JsValue)>,
+    calls: Vec<(&'static str, JsValue, Option<JsValue>)>,
     listeners: Vec<Listener>,
     text_listeners: Vec<(u32, String, js_sys::Function)>,
     next_listener: u32,
     joined: Option<oneshot::Sender<Result<(), String>>>,
 }
 
-type Shared = Rc<RefCell<State>>;
+type Shared = Rc<RefCell<Driver>>;
 
-/// A change of the text named first, and whether it came from a remote update.
-type TextChange = (String, Vec<TextDelta>, bool);
+impl Driver {
+    fn now(&self) -> u64 {
+        let now = (js_sys::Date::now() as u64).max(self.last_now.get());
+        self.last_now.set(now);
+        now
+    }
 
-impl State {
-    fn emit(&mut self, event: &'static str, value: &impl Serialize) {
+    fn call(&mut self, event: &'static str, value: JsValue) {
+        self.calls.push((event, value, None));
+    }
+
+    fn call_js(&mut self, event: &'static str, value: &impl Serialize) {
         if let Ok(value) = to_js(value) {
-            self.events.push((event, value));
+            self.call(event, value);
         }
     }
 
-    fn anomaly(
-        &mut self,
-        source: &'static str,
-        reason: Reason,
-        detail: String,
-        step: Step,
-        sender: Option<NodeId>,
-    ) {
-        self.emit(
-            "anomaly",
-            &Anomaly {
-                source,
-                reason,
-                detail,
-                step,
-                sender,
-            },
-        );
-    }
-
-    fn set_status(&mut self, status: &'static str) {
-        if self.status != status {
-            self.status = status;
-            self.events.push(("status", JsValue::from_str(status)));
-        }
-    }
-
-    fn emit_peers(&mut self, joined: Option<Peer>, left: Option<NodeId>) {
-        let peers = self.peer_list();
-        self.emit(
-            "peers",
-            &PeersEvent {
-                peers,
-                joined,
-                left,
-            },
-        );
-    }
-
-    fn peer_list(&self) -> Vec<Peer> {
-        self.peers
-            .iter()
-            .map(|(&node, name)| Peer {
-                node,
-                name: name.clone(),
-            })
-            .collect()
-    }
-
-    fn now() -> u64 {
-        js_sys::Date::now() as u64
-    }
-
-    /// Stamps a frame with the next step, queues it in the outbox and sends it if connected.
-    fn send_stamped(&mut self, build: impl FnOnce(Stamp) -> Frame) -> Result<Step, JsValue> {
-        let (tick, advance) = self.clock.next().map_err(|e| js_error("RangeError", e))?;
-        let stamp = Stamp {
-            sender: self.node,
-            step: tick.step,
-            pattern: tick.pattern,
-        };
-        let bytes = build(stamp).encode();
-        if let Some(writer) = &self.writer {
-            let _ = writer.unbounded_send(bytes.clone());
-        }
-        self.outbox.push_back((tick.step, bytes));
-        self.emit(
-            "step",
-            &StepEvent {
-                step: tick.step,
-                pattern: tick.pattern,
-                phase: self.clock.phase(),
-            },
-        );
-        if advance.entered_phase.is_some() {
-            self.checkpoint()?;
-        }
-        Ok(tick.step)
-    }
-
-    /// Publishes the document's digest at its version (a phase boundary was crossed).
-    fn checkpoint(&mut self) -> Result<(), JsValue> {
-        if self.observed.is_empty() {
-            return Ok(());
-        }
-        let state_vector = self.doc.state_vector();
-        let digest = self.doc.digest();
-        self.send_stamped(|stamp| Frame::Checkpoint {
-            stamp,
-            doc: WHOLE_DOC.into(),
-            state_vector,
-            digest,
-        })
-        .map(|_| ())
-    }
-
-    fn apply_update(&mut self, update: &[u8], stamp: &Stamp) {
-        self.remote.set(true);
-        let result = self.doc.apply_update(update);
-        self.remote.set(false);
-        if let Err(e) = result {
-            self.anomaly(
-                "local",
-                Reason::Malformed,
-                e.to_string(),
-                stamp.step,
-                Some(stamp.sender),
-            );
-        }
-    }
-
-    fn handle(&mut self, bytes: &[u8], writer: &UnboundedSender<Vec<u8>>) {
-        let positioned = match Frame::decode_positioned(bytes, &Limits::default()) {
-            Ok(p) => p,
-            Err(e) => return self.anomaly("local", e.reason(), e.to_string(), 0, None),
-        };
-        if let Some(position) = positioned.position {
-            self.position = self.position.max(position);
-        }
-        match positioned.frame {
-            Frame::Welcome {
-                node,
-                resume,
-                config,
-                high,
-                peers,
-            } => {
-                if self.node != node || self.validator.config().pattern.params() != config.pattern {
-                    // A new identity or a new room configuration: start the clock afresh.
-                    if let Ok(pattern) = PatternConfig::new(config.pattern) {
-                        self.clock = StepClock::new(pattern);
+    /// Turns the session's events into listener calls.
+    fn events(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                Event::Status { status, reason } => {
+                    match (status, self.joined.take()) {
+                        (Status::Open, Some(joined)) => {
+                            let _ = joined.send(Ok(()));
+                        }
+                        (Status::Closed, Some(joined)) => {
+                            let _ = joined.send(Err(reason.clone().unwrap_or_default()));
+                        }
+                        (_, joined) => self.joined = joined,
                     }
-                    if let Ok(v) = ValidatorConfig::for_room(&config) {
-                        self.validator = Validator::new(v);
+                    let reason = reason.map(|r| JsValue::from_str(&r));
+                    self.calls
+                        .push(("status", JsValue::from_str(status.as_str()), reason));
+                }
+                Event::Message { stamp, data } => {
+                    if let Ok(value) = message_to_js(&stamp, &data) {
+                        self.call("message", value);
                     }
                 }
-                self.node = node;
-                self.token = Some(resume);
-                self.clock.join(high);
-                self.peers = peers.into_iter().map(|p| (p.node, p.name)).collect();
-                self.emit_peers(None, None);
-            }
-            Frame::CaughtUp { .. } => {
-                self.writer = Some(writer.clone());
-                for (_, bytes) in &self.outbox {
-                    let _ = writer.unbounded_send(bytes.clone());
-                }
-                self.set_status("open");
-                // After the log, a state-vector sync: a peer that holds edits this client lacks
-                // (ones the log no longer has) answers with exactly those.
-                let state_vector = self.doc.state_vector();
-                let _ = self.send_stamped(|stamp| Frame::SyncRequest {
-                    stamp,
-                    doc: WHOLE_DOC.into(),
-                    state_vector,
-                });
-                if let Some(joined) = self.joined.take() {
-                    let _ = joined.send(Ok(()));
-                }
-            }
-            Frame::PeerJoined { peer } => {
-                self.peers.insert(peer.node, peer.name.clone());
-                self.emit_peers(Some(peer), None);
-            }
-            Frame::PeerLeft { node } => {
-                self.peers.remove(&node);
-                self.emit_peers(None, Some(node));
-            }
-            Frame::Ack { step, .. } => {
-                while self.outbox.front().is_some_and(|(s, _)| *s <= step) {
-                    self.outbox.pop_front();
-                }
-            }
-            Frame::Reject {
-                step,
-                reason,
-                detail,
-            } => self.rejected(step, reason, detail),
-            Frame::Presence { sender, data } => {
-                if let Ok(event) = presence_event_to_js(sender, &data) {
-                    self.events.push(("presence", event));
-                }
-            }
-            Frame::Join { .. } => {}
-            stamped => self.stamped(stamped),
-        }
-    }
-
-    fn rejected(&mut self, step: Step, reason: Reason, detail: String) {
-        let queued = self.outbox.iter().position(|(s, _)| *s == step);
-        match (reason, queued) {
-            // A resent message the relay already stored: it is delivered, not lost.
-            (Reason::Replay, Some(i)) => {
-                self.outbox.remove(i);
-            }
-            // Stamped too long ago (after a long time offline): stamp it again and resend.
-            (Reason::FutureStep | Reason::Stale, Some(i)) => {
-                if let Some((_, bytes)) = self.outbox.remove(i) {
-                    if let Ok(frame) = Frame::decode(&bytes) {
-                        let _ = self.send_stamped(|stamp| restamp(frame, stamp));
+                Event::Anomaly(a) => self.call_js(
+                    "anomaly",
+                    &AnomalyJs {
+                        source: a.source.as_str(),
+                        reason: a.reason,
+                        detail: &a.detail,
+                        step: a.step,
+                        sender: a.sender,
+                    },
+                ),
+                Event::Refused {
+                    step,
+                    kind,
+                    doc,
+                    reason,
+                    detail,
+                } => self.call_js(
+                    "refused",
+                    &RefusedJs {
+                        step,
+                        kind: kind.as_str(),
+                        doc: doc.as_deref(),
+                        reason,
+                        detail: &detail,
+                    },
+                ),
+                Event::Peers {
+                    peers,
+                    joined,
+                    left,
+                } => self.call_js(
+                    "peers",
+                    &PeersJs {
+                        peers: &peers,
+                        joined: joined.as_ref(),
+                        left,
+                    },
+                ),
+                Event::Step {
+                    step,
+                    pattern,
+                    phase,
+                } => self.call_js(
+                    "step",
+                    &StepJs {
+                        step,
+                        pattern,
+                        phase,
+                    },
+                ),
+                Event::Presence { sender, data } => {
+                    if let Ok(value) = presence_event_to_js(sender, &data) {
+                        self.call("presence", value);
                     }
                 }
-                self.anomaly("relay", reason, detail, step, None);
+                Event::Remote => {}
             }
-            // The relay could not store it: keep it for the next connection.
-            (Reason::Unavailable | Reason::RateLimited, _) => {
-                self.anomaly("relay", reason, detail, step, None)
-            }
-            (_, Some(i)) => {
-                self.outbox.remove(i);
-                self.anomaly("relay", reason, detail, step, None);
-            }
-            (_, None) => self.anomaly("relay", reason, detail, step, None),
-        }
-    }
-
-    fn stamped(&mut self, frame: Frame) {
-        let Some(&stamp) = frame.stamp() else { return };
-        let origin = Origin::Relayed {
-            receiver: self.node,
-        };
-        let local = self.clock.local();
-        if let Verdict::Rejected(reason) = self.validator.check(&stamp, origin, local, Self::now())
-        {
-            let detail = self.validator.explain(&stamp, origin, local, reason);
-            return self.anomaly("local", reason, detail, stamp.step, Some(stamp.sender));
-        }
-        let advance = self.clock.accept(stamp.step);
-        if advance.moved() {
-            self.emit(
-                "step",
-                &StepEvent {
-                    step: stamp.step,
-                    pattern: stamp.pattern,
-                    phase: self.clock.phase(),
-                },
-            );
-        }
-        match &frame {
-            Frame::Data { data, .. } => {
-                if let Ok(event) = message_to_js(&stamp, data) {
-                    self.events.push(("message", event));
-                }
-            }
-            Frame::Update { update, .. } | Frame::SyncState { update, .. } => {
-                self.apply_update(update, &stamp)
-            }
-            Frame::Snapshot { state, .. } => self.apply_update(state, &stamp),
-            Frame::Checkpoint {
-                state_vector,
-                digest,
-                ..
-            } if *state_vector == self.doc.state_vector() && *digest != self.doc.digest() => {
-                {
-                    let detail = format!(
-                        "node {} has digest {digest:016x} at the same version where this node has {:016x}",
-                        stamp.sender,
-                        self.doc.digest()
-                    );
-                    self.anomaly(
-                        "local",
-                        Reason::Desync,
-                        detail,
-                        stamp.step,
-                        Some(stamp.sender),
-                    );
-                    // Ask for everything: whatever we lack comes back as a sync state.
-                    let _ = self.send_stamped(|s| Frame::SyncRequest {
-                        stamp: s,
-                        doc: WHOLE_DOC.into(),
-                        state_vector: Vec::new(),
-                    });
-                }
-            }
-            Frame::SyncRequest { state_vector, .. } => {
-                let full = state_vector.is_empty();
-                let missing = if full {
-                    Ok(self.doc.snapshot())
-                } else {
-                    self.doc.diff(state_vector)
-                };
-                match missing {
-                    // Answer only with something the requester lacks (new items); the delete set
-                    // alone is in every diff.
-                    Ok(update) if full || crate::doc::has_insertions(&update) => {
-                        let _ = self.send_stamped(|s| Frame::SyncState {
-                            stamp: s,
-                            doc: WHOLE_DOC.into(),
-                            update,
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            _ => {}
-        }
-        if advance.entered_phase.is_some() {
-            let _ = self.checkpoint();
         }
     }
 }
 
-fn restamp(frame: Frame, stamp: Stamp) -> Frame {
-    match frame {
-        Frame::Data { data, .. } => Frame::Data { stamp, data },
-        Frame::Update { doc, update, .. } => Frame::Update { stamp, doc, update },
-        Frame::Checkpoint {
-            doc,
-            state_vector,
-            digest,
-            ..
-        } => Frame::Checkpoint {
-            stamp,
-            doc,
-            state_vector,
-            digest,
-        },
-        Frame::SyncRequest {
-            doc, state_vector, ..
-        } => Frame::SyncRequest {
-            stamp,
-            doc,
-            state_vector,
-        },
-        Frame::SyncState { doc, update, .. } => Frame::SyncState { stamp, doc, update },
-        Frame::Snapshot { doc, state, .. } => Frame::Snapshot { stamp, doc, state },
-        other => other,
-    }
-}
-
-/// Calls the listeners of every queued event and text change, after the state is released.
-fn dispatch(shared: &Shared) {
+/// Carries out what the session asks (sockets, sends, the timer), then calls the listeners.
+fn pump(shared: &Shared) {
     loop {
-        let (events, deltas, listeners, text_listeners) = {
-            let mut state = shared.borrow_mut();
-            let events = std::mem::take(&mut state.events);
-            let deltas = std::mem::take(&mut *state.deltas.borrow_mut());
-            if events.is_empty() && deltas.is_empty() {
+        let output = {
+            let mut driver = shared.borrow_mut();
+            driver.events();
+            driver.session.poll_output()
+        };
+        let Some(output) = output else { break };
+        match output {
+            Output::Connect => open(shared),
+            Output::Send(bytes) => {
+                if let Some(socket) = &shared.borrow().socket {
+                    let _ = socket.writer.unbounded_send(bytes);
+                }
+            }
+            Output::Disconnect { .. } => {
+                if let Some(socket) = shared.borrow_mut().socket.take() {
+                    socket.close();
+                }
+            }
+        }
+    }
+    schedule(shared);
+    dispatch(shared);
+}
+
+/// Sets the one timer to the session's next deadline.
+fn schedule(shared: &Shared) {
+    let mut driver = shared.borrow_mut();
+    let next = driver.session.poll_timeout();
+    if next == driver.timer_at {
+        return;
+    }
+    driver.timer_at = next;
+    driver.timer = next.map(|at| {
+        let wait = at.saturating_sub(driver.now()).min(u64::from(u32::MAX)) as u32;
+        let weak = Rc::downgrade(shared);
+        gloo_timers::callback::Timeout::new(wait, move || {
+            if let Some(shared) = weak.upgrade() {
+                {
+                    let mut driver = shared.borrow_mut();
+                    driver.timer = None;
+                    driver.timer_at = None;
+                    let now = driver.now();
+                    driver.session.handle_timeout(now);
+                }
+                pump(&shared);
+            }
+        })
+    });
+}
+
+/// Opens a socket for the session: its writer task, and a reader task that feeds the session.
+fn open(shared: &Shared) {
+    let (url, id) = {
+        let mut driver = shared.borrow_mut();
+        if let Some(old) = driver.socket.take() {
+            old.close();
+        }
+        driver.next_socket += 1;
+        (driver.url.clone(), driver.next_socket)
+    };
+    let socket = match WebSocket::open(&url) {
+        Ok(socket) => socket,
+        Err(e) => {
+            let mut driver = shared.borrow_mut();
+            let now = driver.now();
+            driver
+                .session
+                .handle_closed(now, 1006, &format!("could not open {url}: {e}"));
+            return;
+        }
+    };
+    let (mut sink, mut stream) = socket.split();
+    let (writer, mut outgoing) = unbounded::<Vec<u8>>();
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    // gloo-net closes the socket only when both halves are dropped: when the writer stops (its
+    // channel was closed), the reader stops too.
+    let (writer_done, mut writer_stopped) = oneshot::channel::<()>();
+    wasm_bindgen_futures::spawn_local(async move {
+        // A send waits until the socket is open.
+        while let Some(bytes) = outgoing.next().await {
+            if sink.send(Message::Bytes(bytes)).await.is_err() {
+                break;
+            }
+        }
+        drop(sink);
+        let _ = writer_done.send(());
+    });
+    {
+        let mut driver = shared.borrow_mut();
+        driver.socket = Some(Socket {
+            id,
+            writer,
+            stop: Some(stop),
+        });
+        let now = driver.now();
+        driver.session.handle_connected(now);
+    }
+    let weak = Rc::downgrade(shared);
+    wasm_bindgen_futures::spawn_local(async move {
+        let mut closed = (1006u16, "the connection ended".to_owned());
+        loop {
+            let next = future::select(
+                stream.next(),
+                future::select(&mut stopped, &mut writer_stopped),
+            );
+            let message = match next.await {
+                Either::Left((Some(message), _)) => message,
+                Either::Left((None, _)) => break,
+                // Closed on purpose: nothing to report.
+                Either::Right(_) => return,
+            };
+            let Some(shared) = weak.upgrade() else { return };
+            match message {
+                Ok(Message::Bytes(bytes)) => {
+                    {
+                        let mut driver = shared.borrow_mut();
+                        if driver.socket.as_ref().map(|s| s.id) != Some(id) {
+                            return;
+                        }
+                        let now = driver.now();
+                        driver.remote.set(true);
+                        driver.session.handle_frame(now, &bytes);
+                        driver.remote.set(false);
+                    }
+                    pump(&shared);
+                }
+                Ok(Message::Text(_)) => {}
+                Err(WebSocketError::ConnectionClose(event)) => {
+                    closed = (event.code, event.reason);
+                    break;
+                }
+                Err(e) => {
+                    closed = (1006, e.to_string());
+                    break;
+                }
+            }
+        }
+        let Some(shared) = weak.upgrade() else { return };
+        {
+            let mut driver = shared.borrow_mut();
+            if driver.socket.as_ref().map(|s| s.id) != Some(id) {
                 return;
             }
-            let listeners: Vec<(String, js_sys::Function)> = state
+            if let Some(socket) = driver.socket.take() {
+                socket.close();
+            }
+            let now = driver.now();
+            let (code, reason) = closed;
+            let reason = if reason.is_empty() && code == 1006 {
+                format!("could not reach the relay at {}", driver.url)
+            } else {
+                reason
+            };
+            driver.session.handle_closed(now, code, &reason);
+        }
+        pump(&shared);
+    });
+}
+
+/// Calls the listeners of every collected event and text change, after the state is released.
+fn dispatch(shared: &Shared) {
+    loop {
+        let (calls, deltas, listeners, text_listeners) = {
+            let mut driver = shared.borrow_mut();
+            let calls = std::mem::take(&mut driver.calls);
+            let deltas = std::mem::take(&mut *driver.deltas.borrow_mut());
+            if calls.is_empty() && deltas.is_empty() {
+                return;
+            }
+            let listeners: Vec<(&'static str, js_sys::Function)> = driver
                 .listeners
                 .iter()
-                .map(|l| (l.event.clone(), l.function.clone()))
+                .map(|l| (l.event, l.function.clone()))
                 .collect();
-            let text_listeners = state.text_listeners.clone();
-            (events, deltas, listeners, text_listeners)
+            let text_listeners = driver.text_listeners.clone();
+            (calls, deltas, listeners, text_listeners)
         };
-        for (event, value) in events {
+        for (event, value, extra) in calls {
             for (name, function) in &listeners {
-                if name == event {
-                    if let Err(e) = function.call1(&JsValue::NULL, &value) {
+                if *name == event {
+                    let result = match &extra {
+                        Some(extra) => function.call2(&JsValue::NULL, &value, extra),
+                        None => function.call1(&JsValue::NULL, &value),
+                    };
+                    if let Err(e) = result {
                         web_log(&e);
                     }
                 }
@@ -498,112 +454,12 @@ fn web_log(error: &JsValue) {
     }
 }
 
-/// Exponential backoff with jitter: 250 ms doubling to 8 s, each wait between half and all of it.
-fn backoff(attempt: u32) -> u32 {
-    let ceiling = 250u32.saturating_mul(1 << attempt.min(5));
-    let jitter = (js_sys::Math::random() * f64::from(ceiling / 2)) as u32;
-    ceiling / 2 + jitter
-}
-
-/// Close codes after which reconnecting cannot help.
-fn is_final(code: u16) -> bool {
-    matches!(code, 1008 | 4002)
-}
-
-async fn run(shared: Shared) {
-    let mut attempt = 0u32;
-    loop {
-        let (url, join) = {
-            let mut state = shared.borrow_mut();
-            if state.closed {
-                break;
-            }
-            let status = if state.token.is_some() {
-                "reconnecting"
-            } else {
-                "connecting"
-            };
-            state.set_status(status);
-            let join = Frame::Join {
-                room: state.room.clone(),
-                name: state.name.clone(),
-                since: state.position,
-                resume: state.token,
-                config: state.requested,
-            };
-            (state.url.clone(), join.encode())
-        };
-        dispatch(&shared);
-        let mut close_code = None;
-        match WebSocket::open(&url) {
-            Ok(socket) => {
-                let (mut sink, mut stream) = socket.split();
-                let (writer, mut outgoing) = unbounded::<Vec<u8>>();
-                let _ = writer.unbounded_send(join);
-                // gloo-net closes the socket only when both halves are dropped: when the writer
-                // stops (its channel was closed), it tells the reader to stop too.
-                let (writer_done, mut stop_reading) = oneshot::channel::<()>();
-                wasm_bindgen_futures::spawn_local(async move {
-                    while let Some(bytes) = outgoing.next().await {
-                        if sink.send(Message::Bytes(bytes)).await.is_err() {
-                            break;
-                        }
-                    }
-                    drop(sink);
-                    let _ = writer_done.send(());
-                });
-                while let Either::Left((Some(next), _)) =
-                    future::select(stream.next(), &mut stop_reading).await
-                {
-                    match next {
-                        Ok(Message::Bytes(bytes)) => {
-                            shared.borrow_mut().handle(&bytes, &writer);
-                            attempt = 0;
-                            dispatch(&shared);
-                        }
-                        Ok(Message::Text(_)) => {}
-                        Err(WebSocketError::ConnectionClose(event)) => {
-                            close_code = Some((event.code, event.reason));
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                    if shared.borrow().closed {
-                        break;
-                    }
-                }
-                drop(stream);
-                writer.close_channel();
-            }
-            Err(e) => close_code = Some((1006, format!("{e:?}"))),
-        }
-        {
-            let mut state = shared.borrow_mut();
-            state.writer = None;
-            if state.closed {
-                break;
-            }
-            if let Some((code, reason)) = &close_code {
-                if is_final(*code) {
-                    state.closed = true;
-                    let reason = format!("the relay closed the connection ({code}): {reason}");
-                    if let Some(joined) = state.joined.take() {
-                        let _ = joined.send(Err(reason));
-                    }
-                    state.set_status("closed");
-                    drop(state);
-                    dispatch(&shared);
-                    break;
-                }
-            }
-            state.set_status("reconnecting");
-        }
-        dispatch(&shared);
-        attempt += 1;
-        gloo_timers::future::TimeoutFuture::new(backoff(attempt)).await;
+fn session_error(e: SessionError) -> JsValue {
+    match e {
+        SessionError::Closed => js_error("ClosedError", e),
+        SessionError::TooLarge { .. } => js_error("RangeError", e),
+        SessionError::StepOverflow => js_error("RangeError", e),
     }
-    shared.borrow_mut().set_status("closed");
-    dispatch(&shared);
 }
 
 /// A connection to a room through the relay, that survives disconnects.
@@ -625,8 +481,10 @@ pub struct MeshClient {
 #[wasm_bindgen]
 impl MeshClient {
     /// Connects to `url` and joins `room`; resolves once the welcome and the catch-up are in.
-    /// Rejects with an `Error` if the options are invalid or the relay refuses the join.
-    /// Afterwards the client reconnects by itself, with exponential backoff and jitter.
+    /// Rejects with a `ConnectError` that says why if the relay cannot be reached or refuses
+    /// the join within `connectTimeout` milliseconds (default 10 000), and with an
+    /// `InvalidArgument` for invalid options. Afterwards the client reconnects by itself, with
+    /// exponential backoff and jitter, and says so in `status` events.
     #[wasm_bindgen(js_name = connect)]
     pub async fn connect(options: JsMeshClientOptions) -> Result<MeshClient, JsValue> {
         let options: Options = from_js("the options", options.into())?;
@@ -636,37 +494,39 @@ impl MeshClient {
                 options.url
             )));
         }
-        if options.room.is_empty() || options.room.len() > Limits::default().max_room {
+        let limits = Limits::default();
+        if options.room.is_empty() || options.room.len() > limits.max_room {
             return Err(invalid_argument("room must be 1 to 128 bytes"));
         }
-        let pattern = PatternConfig::default();
+        if options.name.len() > limits.max_name {
+            return Err(invalid_argument("name must be at most 64 bytes"));
+        }
+        let mut config = SessionConfig::new(options.room, options.name);
+        config.room_config = options.config;
+        if let Some(ms) = options.connect_timeout {
+            config.connect_timeout = u64::from(ms);
+        }
+        config.seed = (js_sys::Math::random() * 9_007_199_254_740_991.0) as u64;
+        let now = js_sys::Date::now() as u64;
         let (joined, on_joined) = oneshot::channel();
-        let shared = Rc::new(RefCell::new(State {
+        let shared = Rc::new(RefCell::new(Driver {
+            session: Session::new(config, SharedDoc::new(), now),
             url: options.url,
-            room: options.room,
-            name: options.name,
-            requested: options.config,
-            node: 0,
-            token: None,
-            position: 0,
-            clock: StepClock::new(pattern),
-            validator: Validator::new(ValidatorConfig::default()),
-            outbox: VecDeque::new(),
-            writer: None,
-            status: "closed",
-            closed: false,
-            peers: BTreeMap::new(),
-            doc: SharedDoc::new(),
+            socket: None,
+            next_socket: 0,
+            timer: None,
+            timer_at: None,
+            last_now: Cell::new(now),
             observed: HashMap::new(),
             deltas: Rc::default(),
             remote: Rc::default(),
-            events: Vec::new(),
+            calls: Vec::new(),
             listeners: Vec::new(),
             text_listeners: Vec::new(),
             next_listener: 1,
             joined: Some(joined),
         }));
-        wasm_bindgen_futures::spawn_local(run(shared.clone()));
+        pump(&shared);
         match on_joined.await {
             Ok(Ok(())) => Ok(MeshClient { shared }),
             Ok(Err(reason)) => Err(js_error("ConnectError", reason)),
@@ -677,75 +537,76 @@ impl MeshClient {
         }
     }
 
-    /// This connection's node id, assigned by the relay.
+    /// This client's node id, assigned by the relay.
     #[wasm_bindgen(getter)]
     pub fn node(&self) -> f64 {
-        self.shared.borrow().node as f64
+        self.shared.borrow().session.node() as f64
     }
 
     /// `"connecting"`, `"open"`, `"reconnecting"` or `"closed"`.
     #[wasm_bindgen(getter)]
     pub fn status(&self) -> String {
-        self.shared.borrow().status.into()
+        self.shared.borrow().session.status().as_str().into()
     }
 
     /// The room step this client has reached.
     #[wasm_bindgen(getter)]
     pub fn step(&self) -> f64 {
-        self.shared.borrow().clock.local() as f64
+        self.shared.borrow().session.step() as f64
     }
 
     /// The other members present now: `[{ node, name }]`.
     #[wasm_bindgen(getter)]
     pub fn peers(&self) -> Result<super::types::JsPeers, JsValue> {
-        Ok(to_js(&self.shared.borrow().peer_list())?.unchecked_into())
+        Ok(to_js(&self.shared.borrow().session.peers())?.unchecked_into())
     }
 
     /// The digest of the document (every text), as 16 hex digits: what checkpoints compare.
     #[wasm_bindgen(getter)]
     pub fn digest(&self) -> String {
-        format!("{:016x}", self.shared.borrow().doc.digest())
+        format!("{:016x}", self.shared.borrow().session.replica().digest())
     }
 
     /// The document's version, as a Yjs state vector.
     #[wasm_bindgen(js_name = stateVector)]
     pub fn state_vector(&self) -> Vec<u8> {
-        self.shared.borrow().doc.state_vector()
+        self.shared.borrow().session.replica().state_vector()
     }
 
-    /// Messages sent and not yet acknowledged as stored.
+    /// Messages not yet acknowledged as stored (sent, or waiting to be sent).
     #[wasm_bindgen(getter, js_name = pendingCount)]
     pub fn pending_count(&self) -> usize {
-        self.shared.borrow().outbox.len()
+        self.shared.borrow().session.pending()
     }
 
-    /// Sends any JSON value to the room, stamped with the next step and its pattern value.
-    /// Returns the step. While disconnected the message waits in the outbox and is sent after
-    /// the reconnect.
-    pub fn broadcast(&self, data: JsJson) -> Result<f64, JsValue> {
+    /// Sends any JSON value to the room. It is stamped with the room's next step when it goes
+    /// out: at once, or after a reconnect (it waits in the outbox meanwhile), or when the
+    /// relay's rate allows. Throws `ClosedError` after `close()`.
+    pub fn broadcast(&self, data: JsJson) -> Result<(), JsValue> {
         let data = json_from_js("the data", &data)?;
-        let step = self
-            .shared
-            .borrow_mut()
-            .send_stamped(|stamp| Frame::Data { stamp, data })?;
-        dispatch(&self.shared);
-        Ok(step as f64)
+        {
+            let mut driver = self.shared.borrow_mut();
+            let now = driver.now();
+            driver.session.broadcast(now, data).map_err(session_error)?;
+        }
+        pump(&self.shared);
+        Ok(())
     }
 
-    /// Sends ephemeral state (a cursor, a selection) to the others; never stored.
+    /// Sets this client's ephemeral state (a cursor, a selection); sent now and to every
+    /// newcomer, never stored.
     #[wasm_bindgen(js_name = setPresence)]
     pub fn set_presence(&self, data: JsJson) -> Result<(), JsValue> {
         let data = json_from_js("the presence", &data)?;
-        let state = self.shared.borrow();
-        if let Some(writer) = &state.writer {
-            let _ = writer.unbounded_send(
-                Frame::Presence {
-                    sender: state.node,
-                    data,
-                }
-                .encode(),
-            );
+        {
+            let mut driver = self.shared.borrow_mut();
+            let now = driver.now();
+            driver
+                .session
+                .set_presence(now, data)
+                .map_err(session_error)?;
         }
+        pump(&self.shared);
         Ok(())
     }
 
@@ -753,31 +614,27 @@ impl MeshClient {
     /// relay's validation (a tampered frame comes back as an `anomaly`).
     #[wasm_bindgen(js_name = sendRaw)]
     pub fn send_raw(&self, bytes: &[u8]) -> Result<(), JsValue> {
-        match &self.shared.borrow().writer {
-            Some(writer) => {
-                let _ = writer.unbounded_send(bytes.to_vec());
-                Ok(())
-            }
-            None => Err(js_error("NotConnected", "the client is not connected")),
+        let sent = self.shared.borrow_mut().session.send_raw(bytes.to_vec());
+        pump(&self.shared);
+        if sent {
+            Ok(())
+        } else {
+            Err(js_error("NotConnected", "the client is not connected"))
         }
     }
 
     /// Posts a snapshot of the whole document (every text) to the room. The relay then drops
     /// the document's older updates from its log; late joiners get the snapshot and what
-    /// follows. Returns the step it was sent at.
+    /// follows.
     #[wasm_bindgen(js_name = postSnapshot)]
-    pub fn post_snapshot(&self) -> Result<f64, JsValue> {
-        let step = {
-            let mut state = self.shared.borrow_mut();
-            let snapshot = state.doc.snapshot();
-            state.send_stamped(|stamp| Frame::Snapshot {
-                stamp,
-                doc: WHOLE_DOC.into(),
-                state: snapshot,
-            })?
-        };
-        dispatch(&self.shared);
-        Ok(step as f64)
+    pub fn post_snapshot(&self) -> Result<(), JsValue> {
+        {
+            let mut driver = self.shared.borrow_mut();
+            let now = driver.now();
+            driver.session.post_snapshot(now).map_err(session_error)?;
+        }
+        pump(&self.shared);
+        Ok(())
     }
 
     /// Runs a frame through this client's validation without applying it or recording it:
@@ -785,36 +642,17 @@ impl MeshClient {
     /// `{ accepted: false, reason, detail }`. For demonstrating what a receiver does with a
     /// tampered frame the relay would never forward.
     pub fn inspect(&self, bytes: &[u8]) -> Result<super::types::JsVerdict, JsValue> {
-        let mut state = self.shared.borrow_mut();
-        let (reason, detail, step, sender) = match Frame::decode(bytes) {
-            Err(e) => (e.reason(), e.to_string(), 0, None),
-            Ok(frame) => {
-                let Some(&stamp) = frame.stamp() else {
-                    return Err(invalid_argument("only stamped frames are validated"));
-                };
-                let origin = Origin::Relayed {
-                    receiver: state.node,
-                };
-                let local = state.clock.local();
-                match state.validator.peek(&stamp, origin, local) {
-                    Verdict::Accepted => return verdict(VerdictJs::ACCEPTED),
-                    Verdict::Rejected(reason) => {
-                        state.validator.record(reason);
-                        let detail = state.validator.explain(&stamp, origin, local, reason);
-                        (reason, detail, stamp.step, Some(stamp.sender))
-                    }
-                }
-            }
-        };
-        state.anomaly("local", reason, detail.clone(), step, sender);
-        drop(state);
-        dispatch(&self.shared);
-        verdict(VerdictJs::rejected(reason, detail))
+        let refused = self.shared.borrow_mut().session.inspect(bytes);
+        pump(&self.shared);
+        match refused {
+            None => verdict(VerdictJs::ACCEPTED),
+            Some((reason, detail)) => verdict(VerdictJs::rejected(reason, detail)),
+        }
     }
 
     /// Counts of this client's local verdicts: `{ accepted, patternMismatch, replay, ... }`.
     pub fn counts(&self) -> Result<super::types::JsVerdictCounts, JsValue> {
-        counts_to_js(self.shared.borrow().validator.counters())
+        counts_to_js(self.shared.borrow().session.counters())
     }
 
     /// The shared text `name` of the room's document.
@@ -822,17 +660,17 @@ impl MeshClient {
         if name.is_empty() || name.len() > Limits::default().max_name {
             return Err(invalid_argument("a text name must be 1 to 64 bytes"));
         }
-        let mut state = self.shared.borrow_mut();
-        if !state.observed.contains_key(name) {
-            let deltas = state.deltas.clone();
-            let remote = state.remote.clone();
+        let mut driver = self.shared.borrow_mut();
+        if !driver.observed.contains_key(name) {
+            let deltas = driver.deltas.clone();
+            let remote = driver.remote.clone();
             let text = name.to_owned();
-            let id = state.doc.observe(name, move |delta| {
+            let id = driver.session.replica().observe(name, move |delta| {
                 deltas
                     .borrow_mut()
                     .push((text.clone(), delta, remote.get()));
             });
-            state.observed.insert(name.to_owned(), id);
+            driver.observed.insert(name.to_owned(), id);
         }
         Ok(SharedText {
             shared: self.shared.clone(),
@@ -840,23 +678,23 @@ impl MeshClient {
         })
     }
 
-    /// Subscribes `listener` to `event` (`message`, `anomaly`, `peers`, `status`, `step`,
-    /// `presence`); returns a function that unsubscribes it.
+    /// Subscribes `listener` to `event` (`message`, `anomaly`, `refused`, `peers`, `status`,
+    /// `step`, `presence`); returns a function that unsubscribes it. A `status` listener also
+    /// gets the reason as its second argument when the status is not `open`.
     #[wasm_bindgen(skip_typescript)]
     pub fn on(&self, event: &str, listener: js_sys::Function) -> Result<JsUnsubscribe, JsValue> {
-        const EVENTS: [&str; 6] = ["message", "anomaly", "peers", "status", "step", "presence"];
-        if !EVENTS.contains(&event) {
+        let Some(&event) = EVENTS.iter().find(|e| **e == event) else {
             return Err(invalid_argument(format!(
                 "unknown event {event:?}; events are {}",
                 EVENTS.join(", ")
             )));
-        }
-        let mut state = self.shared.borrow_mut();
-        let id = state.next_listener;
-        state.next_listener += 1;
-        state.listeners.push(Listener {
+        };
+        let mut driver = self.shared.borrow_mut();
+        let id = driver.next_listener;
+        driver.next_listener += 1;
+        driver.listeners.push(Listener {
             id,
-            event: event.to_owned(),
+            event,
             function: listener,
         });
         let weak = Rc::downgrade(&self.shared);
@@ -881,21 +719,22 @@ impl MeshClient {
     /// For tests and demos of the reconnect path.
     #[wasm_bindgen(js_name = dropConnection)]
     pub fn drop_connection(&self) {
-        if let Some(writer) = self.shared.borrow_mut().writer.take() {
-            writer.close_channel();
+        {
+            let mut driver = self.shared.borrow_mut();
+            let now = driver.now();
+            driver.session.disconnect(now);
         }
+        pump(&self.shared);
     }
 
     /// Closes the connection for good; no reconnect follows.
     pub fn close(&self) {
-        let mut state = self.shared.borrow_mut();
-        state.closed = true;
-        if let Some(writer) = state.writer.take() {
-            writer.close_channel();
+        {
+            let mut driver = self.shared.borrow_mut();
+            let now = driver.now();
+            driver.session.close(now);
         }
-        state.set_status("closed");
-        drop(state);
-        dispatch(&self.shared);
+        pump(&self.shared);
     }
 }
 
@@ -909,8 +748,22 @@ pub struct SharedText {
 #[wasm_bindgen]
 impl SharedText {
     /// Inserts `text` at `index` (UTF-16 code units, as `selectionStart`). Throws `RangeError`
-    /// past the end.
+    /// past the end or for a text larger than the relay accepts (64 MiB by default), and
+    /// `ClosedError` after `close()`.
     pub fn insert(&self, index: u32, text: &str) -> Result<(), JsValue> {
+        {
+            let driver = self.shared.borrow();
+            let max = driver.session.max_payload();
+            if text.len() > max {
+                return Err(js_error(
+                    "RangeError",
+                    format!(
+                        "the text is {} bytes, over the {max} bytes one edit may carry",
+                        text.len()
+                    ),
+                ));
+            }
+        }
         self.edit(|doc, name| doc.insert(name, index, text))
     }
 
@@ -922,13 +775,13 @@ impl SharedText {
     /// The text's current content.
     #[wasm_bindgen(js_name = toString)]
     pub fn to_js_string(&self) -> String {
-        self.shared.borrow().doc.text(&self.name)
+        self.shared.borrow().session.replica().text(&self.name)
     }
 
     /// The length in UTF-16 code units.
     #[wasm_bindgen(getter)]
     pub fn length(&self) -> u32 {
-        self.shared.borrow().doc.len(&self.name)
+        self.shared.borrow().session.replica().len(&self.name)
     }
 
     /// Calls `listener(delta, origin)` after every change, local or remote: `delta` is a list of
@@ -938,10 +791,12 @@ impl SharedText {
         let function: js_sys::Function = JsValue::from(listener)
             .dyn_into()
             .map_err(|_| invalid_argument("observe needs a function"))?;
-        let mut state = self.shared.borrow_mut();
-        let id = state.next_listener;
-        state.next_listener += 1;
-        state.text_listeners.push((id, self.name.clone(), function));
+        let mut driver = self.shared.borrow_mut();
+        let id = driver.next_listener;
+        driver.next_listener += 1;
+        driver
+            .text_listeners
+            .push((id, self.name.clone(), function));
         let weak = Rc::downgrade(&self.shared);
         let off = Closure::<dyn FnMut()>::new(move || {
             if let Some(shared) = weak.upgrade() {
@@ -961,12 +816,19 @@ impl SharedText {
         change: impl FnOnce(&SharedDoc, &str) -> Result<Vec<u8>, crate::doc::DocError>,
     ) -> Result<(), JsValue> {
         {
-            let mut state = self.shared.borrow_mut();
-            let update = change(&state.doc, &self.name).map_err(|e| js_error("RangeError", e))?;
-            let doc = self.name.clone();
-            state.send_stamped(|stamp| Frame::Update { stamp, doc, update })?;
+            let mut driver = self.shared.borrow_mut();
+            if driver.session.is_closed() {
+                return Err(session_error(SessionError::Closed));
+            }
+            let update = change(driver.session.replica(), &self.name)
+                .map_err(|e| js_error("RangeError", e))?;
+            let now = driver.now();
+            driver
+                .session
+                .update(now, &self.name, update)
+                .map_err(session_error)?;
         }
-        dispatch(&self.shared);
+        pump(&self.shared);
         Ok(())
     }
 }

@@ -10,10 +10,11 @@ use wasm_bindgen::prelude::*;
 
 use super::errors::{describe, from_js, invalid_argument, js_error, to_f64, to_js, to_u64};
 use super::types::{JsFrame, JsReceived};
-use crate::envelope::{
-    Frame, Json, Limits, Peer, Positioned, Reason, ResumeToken, RoomConfig, Stamp,
+use crate::wire::{
+    Body, Frame, Json, Limits, Peer, Positioned, Reason, RelayLimits, ResumeToken, RoomConfig,
+    Stamp, Stamped,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[wasm_bindgen]
 extern "C" {
@@ -86,17 +87,21 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
     }
     let fields: &Fields = value.unchecked_ref();
     match read(fields.kind(), "kind")?.as_string().as_deref() {
-        Some("data") => Ok(Frame::Data {
-            stamp: stamp_from_js(fields)?,
-            data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
-        }),
-        Some("update") => Ok(Frame::Update {
-            stamp: stamp_from_js(fields)?,
-            doc: read(fields.doc(), "doc")?
-                .as_string()
-                .ok_or_else(|| invalid_argument("the frame's `doc` must be a string"))?,
-            update: bytes_from_js(read(fields.update(), "update")?, "update")?,
-        }),
+        Some("data") => Ok(Frame::stamped(
+            stamp_from_js(fields)?,
+            Body::Data {
+                data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
+            },
+        )),
+        Some("update") => Ok(Frame::stamped(
+            stamp_from_js(fields)?,
+            Body::Update {
+                doc: read(fields.doc(), "doc")?
+                    .as_string()
+                    .ok_or_else(|| invalid_argument("the frame's `doc` must be a string"))?,
+                update: bytes_from_js(read(fields.update(), "update")?, "update")?,
+            },
+        )),
         Some("presence") => Ok(Frame::Presence {
             sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
             data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
@@ -142,6 +147,14 @@ struct AnyFrame {
     room: Option<String>,
     name: Option<String>,
     since: Option<u64>,
+    log: Option<u64>,
+    limits: Option<RelayLimits>,
+    total: Option<u64>,
+    offset: Option<u64>,
+    #[serde(default, with = "serde_bytes")]
+    bytes: Option<Vec<u8>>,
+    deletes: Option<String>,
+    to: Option<u64>,
     #[serde(default, with = "serde_bytes")]
     resume: Option<Vec<u8>>,
     config: Option<RoomConfig>,
@@ -187,11 +200,14 @@ impl AnyFrame {
     }
 
     fn into_frame(self) -> Result<Frame, JsValue> {
+        let stamp = self.stamp();
+        let stamped = |body| -> Result<Frame, JsValue> { Ok(Frame::stamped(stamp.clone()?, body)) };
         Ok(match self.kind.as_str() {
             "join" => Frame::Join {
                 room: required(self.room, "room")?,
                 name: required(self.name, "name")?,
                 since: required(self.since, "since")?,
+                log: self.log.unwrap_or(0),
                 resume: self.resume.map(token).transpose()?,
                 config: self.config,
             },
@@ -199,7 +215,9 @@ impl AnyFrame {
                 node: required(self.node, "node")?,
                 resume: token(required(self.resume, "resume")?)?,
                 config: required(self.config, "config")?,
+                limits: required(self.limits, "limits")?,
                 high: required(self.high, "high")?,
+                log: required(self.log, "log")?,
                 peers: required(self.peers, "peers")?,
             },
             "caughtUp" => Frame::CaughtUp {
@@ -221,36 +239,34 @@ impl AnyFrame {
                 reason: required(self.reason, "reason")?,
                 detail: required(self.detail, "detail")?,
             },
-            "checkpoint" => {
-                let digest = required(self.digest.as_deref(), "digest")?;
-                let digest = (digest.len() == 16)
-                    .then(|| u64::from_str_radix(digest, 16).ok())
-                    .flatten()
-                    .ok_or_else(|| {
-                        invalid_argument("the frame's `digest` must be 16 hex digits")
-                    })?;
-                Frame::Checkpoint {
-                    stamp: self.stamp()?,
-                    doc: required(self.doc, "doc")?,
-                    state_vector: required(self.state_vector, "stateVector")?,
-                    digest,
-                }
-            }
-            "syncRequest" => Frame::SyncRequest {
-                stamp: self.stamp()?,
+            "part" => Frame::Part {
+                total: required(self.total, "total")?,
+                offset: required(self.offset, "offset")?,
+                bytes: required(self.bytes, "bytes")?,
+            },
+            "fence" => Frame::Fence {
+                step: required(self.step, "step")?,
+            },
+            "checkpoint" => stamped(Body::Checkpoint {
                 doc: required(self.doc, "doc")?,
                 state_vector: required(self.state_vector, "stateVector")?,
-            },
-            "syncState" => Frame::SyncState {
-                stamp: self.stamp()?,
+                deletes: hex(self.deletes.as_deref(), "deletes")?,
+                digest: hex(self.digest.as_deref(), "digest")?,
+            })?,
+            "syncRequest" => stamped(Body::SyncRequest {
+                doc: required(self.doc, "doc")?,
+                state_vector: required(self.state_vector, "stateVector")?,
+                to: self.to.unwrap_or(0),
+            })?,
+            "syncState" => stamped(Body::SyncState {
                 doc: required(self.doc, "doc")?,
                 update: required(self.update, "update")?,
-            },
-            "snapshot" => Frame::Snapshot {
-                stamp: self.stamp()?,
+                to: self.to.unwrap_or(0),
+            })?,
+            "snapshot" => stamped(Body::Snapshot {
                 doc: required(self.doc, "doc")?,
                 state: required(self.state, "state")?,
-            },
+            })?,
             other => {
                 return Err(invalid_argument(format!(
                     "the frame is not valid: unknown kind `{other}`"
@@ -260,15 +276,225 @@ impl AnyFrame {
     }
 }
 
+/// A 64-bit value given as 16 hex digits (a JS number cannot hold 64 bits).
+fn hex(value: Option<&str>, field: &str) -> Result<u64, JsValue> {
+    let text = required(value, field)?;
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
+        .ok_or_else(|| invalid_argument(format!("the frame's `{field}` must be 16 hex digits")))
+}
+
+/// Every field of every frame kind, for the kinds without a fast path: serialised as a plain
+/// object with `kind` first and only the fields the kind has.
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct FrameJs<'a> {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    resume: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config: Option<&'a RoomConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<&'a RelayLimits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    high: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peers: Option<&'a [Peer]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<&'a Peer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sender: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pattern: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<Reason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    bytes: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    doc: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    state_vector: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deletes: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    update: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    state: Option<&'a [u8]>,
+}
+
+fn frame_js(frame: &Frame) -> FrameJs<'_> {
+    let kind = frame.kind().as_str();
+    let base = FrameJs {
+        kind,
+        ..FrameJs::default()
+    };
+    match frame {
+        Frame::Join {
+            room,
+            name,
+            since,
+            log,
+            resume,
+            config,
+        } => FrameJs {
+            room: Some(room),
+            name: Some(name),
+            since: Some(*since),
+            log: Some(*log),
+            resume: resume.as_ref().map(|t| &t[..]),
+            config: config.as_ref(),
+            ..base
+        },
+        Frame::Welcome {
+            node,
+            resume,
+            config,
+            limits,
+            high,
+            log,
+            peers,
+        } => FrameJs {
+            node: Some(*node),
+            resume: Some(resume),
+            config: Some(config),
+            limits: Some(limits),
+            high: Some(*high),
+            log: Some(*log),
+            peers: Some(peers),
+            ..base
+        },
+        Frame::CaughtUp { high, position } => FrameJs {
+            high: Some(*high),
+            position: Some(*position),
+            ..base
+        },
+        Frame::PeerJoined { peer } => FrameJs {
+            peer: Some(peer),
+            ..base
+        },
+        Frame::PeerLeft { node } => FrameJs {
+            node: Some(*node),
+            ..base
+        },
+        Frame::Ack { step, position } => FrameJs {
+            step: Some(*step),
+            position: Some(*position),
+            ..base
+        },
+        Frame::Reject {
+            step,
+            reason,
+            detail,
+        } => FrameJs {
+            step: Some(*step),
+            reason: Some(*reason),
+            detail: Some(detail),
+            ..base
+        },
+        Frame::Presence { sender, .. } => FrameJs {
+            sender: Some(*sender),
+            ..base
+        },
+        Frame::Part {
+            total,
+            offset,
+            bytes,
+        } => FrameJs {
+            total: Some(*total),
+            offset: Some(*offset),
+            bytes: Some(bytes),
+            ..base
+        },
+        Frame::Fence { step } => FrameJs {
+            step: Some(*step),
+            ..base
+        },
+        Frame::Stamped(Stamped { stamp, body }) => {
+            let base = FrameJs {
+                sender: Some(stamp.sender),
+                step: Some(stamp.step),
+                pattern: Some(stamp.pattern),
+                doc: body.doc(),
+                ..base
+            };
+            match body {
+                Body::Data { .. } => base,
+                Body::Update { update, .. } => FrameJs {
+                    update: Some(update),
+                    ..base
+                },
+                Body::Checkpoint {
+                    state_vector,
+                    deletes,
+                    digest,
+                    ..
+                } => FrameJs {
+                    state_vector: Some(state_vector),
+                    deletes: Some(format!("{deletes:016x}")),
+                    digest: Some(format!("{digest:016x}")),
+                    ..base
+                },
+                Body::SyncRequest {
+                    state_vector, to, ..
+                } => FrameJs {
+                    state_vector: Some(state_vector),
+                    to: Some(*to),
+                    ..base
+                },
+                Body::SyncState { update, to, .. } => FrameJs {
+                    update: Some(update),
+                    to: Some(*to),
+                    ..base
+                },
+                Body::Snapshot { state, .. } => FrameJs {
+                    state: Some(state),
+                    ..base
+                },
+            }
+        }
+    }
+}
+
 /// A frame as the JS object [`frame_from_js`] reads, its fields in the order serde gives them.
 pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
     let object = match frame {
-        Frame::Data { stamp, data } => {
+        Frame::Stamped(Stamped {
+            stamp,
+            body: Body::Data { data },
+        }) => {
             let object = stamped_to_js(Some("data"), stamp)?;
             object.set_data(&json_to_js(data)?);
             object
         }
-        Frame::Update { stamp, doc, update } => {
+        Frame::Stamped(Stamped {
+            stamp,
+            body: Body::Update { doc, update },
+        }) => {
             let object = stamped_to_js(Some("update"), stamp)?;
             object.set_doc(doc);
             // A copy: a `&[u8]` would reach JS as a view of wasm memory, soon reused.
@@ -276,7 +502,7 @@ pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
             object
         }
         Frame::Presence { sender, data } => presence_to_js(Some("presence"), *sender, data)?,
-        other => return to_js(other),
+        other => return to_js(&frame_js(other)),
     };
     Ok(object.into())
 }

@@ -24,7 +24,8 @@ export type PatternParamsInit = Partial<PatternParams>;
 /** Why a frame was refused. */
 export type Reason =
   | "malformed" | "tooLarge" | "patternMismatch" | "senderMismatch" | "replay"
-  | "futureStep" | "stale" | "desync" | "rateLimited" | "full" | "unexpected" | "unavailable";
+  | "futureStep" | "stale" | "desync" | "rateLimited" | "full" | "unexpected" | "unavailable"
+  | "outOfOrder";
 
 /** Who sent a stamped frame, at which room step, with which pattern value. */
 export interface Stamp {
@@ -42,6 +43,18 @@ export interface RoomConfig {
   staleWindow: number | null;
 }
 
+/** What a relay accepts from a connection, announced in its welcome. */
+export interface RelayLimits {
+  /** Largest frame, in bytes; larger messages travel in parts. */
+  maxFrame: number;
+  /** Largest message put back together from parts, in bytes. */
+  maxMessage: number;
+  /** Frames per second, on average. */
+  rate: number;
+  /** Frames at once, above the average. */
+  burst: number;
+}
+
 /** A member of a room. */
 export interface Peer {
   node: number;
@@ -50,19 +63,21 @@ export interface Peer {
 
 /** One protocol frame; `kind` names the variant. */
 export type Frame =
-  | { kind: "join"; room: string; name: string; since: number; resume?: Uint8Array | null; config?: RoomConfig | null }
-  | { kind: "welcome"; node: number; resume: Uint8Array; config: RoomConfig; high: number; peers: Peer[] }
+  | { kind: "join"; room: string; name: string; since: number; log?: number; resume?: Uint8Array | null; config?: RoomConfig | null }
+  | { kind: "welcome"; node: number; resume: Uint8Array; config: RoomConfig; limits: RelayLimits; high: number; log: number; peers: Peer[] }
   | { kind: "caughtUp"; high: number; position: number }
   | { kind: "peerJoined"; peer: Peer }
   | { kind: "peerLeft"; node: number }
   | { kind: "ack"; step: number; position: number }
   | { kind: "reject"; step: number; reason: Reason; detail: string }
   | { kind: "presence"; sender: number; data: Json }
+  | { kind: "part"; total: number; offset: number; bytes: Uint8Array }
+  | { kind: "fence"; step: number }
   | (Stamp & { kind: "data"; data: Json })
   | (Stamp & { kind: "update"; doc: string; update: Uint8Array })
-  | (Stamp & { kind: "checkpoint"; doc: string; stateVector: Uint8Array; digest: string })
-  | (Stamp & { kind: "syncRequest"; doc: string; stateVector: Uint8Array })
-  | (Stamp & { kind: "syncState"; doc: string; update: Uint8Array })
+  | (Stamp & { kind: "checkpoint"; doc: string; stateVector: Uint8Array; deletes: string; digest: string })
+  | (Stamp & { kind: "syncRequest"; doc: string; stateVector: Uint8Array; to: number })
+  | (Stamp & { kind: "syncState"; doc: string; update: Uint8Array; to: number })
   | (Stamp & { kind: "snapshot"; doc: string; state: Uint8Array });
 
 /** A decoded frame; `position` is the room log position the relay set on a stored message. */
@@ -118,6 +133,8 @@ export interface MeshClientOptions {
   name?: string;
   /** Settings for the room if this join creates it. */
   config?: RoomConfig;
+  /** How long `connect` may try, in milliseconds, before it rejects with a `ConnectError` (default 10000). */
+  connectTimeout?: number;
 }
 
 /** The client's connection status. */
@@ -130,6 +147,15 @@ export interface Anomaly {
   detail: string;
   step: number;
   sender?: number;
+}
+
+/** A message of this client that the relay refused for good: it will never reach the room. */
+export interface RefusedEvent {
+  step: number;
+  kind: "data" | "update" | "snapshot";
+  doc?: string;
+  reason: Reason;
+  detail: string;
 }
 
 /** Validated application data from a peer. */
@@ -164,6 +190,7 @@ export interface PresenceEvent {
 export interface MeshEvents {
   message: MessageEvent;
   anomaly: Anomaly;
+  refused: RefusedEvent;
   peers: PeersEvent;
   status: Status;
   step: StepEvent;
@@ -171,10 +198,10 @@ export interface MeshEvents {
 }
 
 export interface MeshClient {
-  /** Subscribes to an event; returns a function that unsubscribes. */
-  on<K extends keyof MeshEvents>(event: K, listener: (event: MeshEvents[K]) => void): () => void;
+  /** Subscribes to an event; returns a function that unsubscribes. A `status` listener also gets the reason (a close code, a timeout) when the status is not `open`. */
+  on<K extends keyof MeshEvents>(event: K, listener: (event: MeshEvents[K], reason?: string) => void): () => void;
   /** Removes a listener added with `on`. */
-  off<K extends keyof MeshEvents>(event: K, listener: (event: MeshEvents[K]) => void): void;
+  off<K extends keyof MeshEvents>(event: K, listener: (event: MeshEvents[K], reason?: string) => void): void;
 }
 
 /** One step of a text change. */

@@ -6,9 +6,9 @@ use wasm_bindgen::prelude::*;
 use super::errors::{describe, from_js, invalid_argument, js_error, to_u64};
 use super::frames::frame_from_js;
 use super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions, JsVerdict, JsVerdictCounts};
-use crate::envelope::{Frame, Reason, RoomConfig};
 use crate::pattern::{PatternParams, Step};
 use crate::validate::{self, Counters, Origin, ValidatorConfig, Verdict};
+use crate::wire::{Frame, Reason, RoomConfig};
 
 /// Validates stamped frames before they are applied: pattern, sender, replay, future step and,
 /// with a stale window, stale steps. Counts every verdict.
@@ -130,7 +130,7 @@ impl Validator {
         };
         let stamp = *frame.stamp().ok_or_else(|| {
             invalid_argument(format!(
-                "a {:?} frame carries no stamp; only data, update, checkpoint, syncRequest, \
+                "a {} frame carries no stamp; only data, update, checkpoint, syncRequest, \
                  syncState and snapshot frames are validated",
                 frame.kind()
             ))

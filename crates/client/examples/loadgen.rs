@@ -12,7 +12,6 @@
 //! `idle`: opens connections that join and stay quiet, then prints the relay's resident memory
 //! per connection. Start the relay with a high `--max-rate` for `load`.
 
-#[cfg(not(target_arch = "wasm32"))]
 mod native {
     use std::collections::HashMap;
     use std::hash::{Hash, Hasher};
@@ -22,8 +21,9 @@ mod native {
 
     use clap::{Parser, Subcommand};
     use futures_util::{SinkExt, StreamExt};
-    use pattern_mesh::envelope::{Frame, Stamp};
-    use pattern_mesh::pattern::PatternConfig;
+    use pattern_mesh_client::{Connection, JoinOptions};
+    use pattern_mesh_core::pattern::PatternConfig;
+    use pattern_mesh_core::wire::{Body, Frame, Stamp, Stamped};
     use tokio::sync::Mutex;
     use tokio_tungstenite::tungstenite::Message;
 
@@ -102,32 +102,17 @@ mod native {
             Target::PatternMesh => format!("ws://{addr}/ws"),
             Target::YWebsocket => format!("ws://{addr}/{room}"),
         };
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
         if target == Target::YWebsocket {
+            let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
             return Ok((ws, 0, 0));
         }
-        let join = Frame::Join {
+        let options = JoinOptions {
             room: room.into(),
             name: "load".into(),
-            since: u64::MAX >> 1,
-            resume: None,
-            config: None,
+            ..JoinOptions::default()
         };
-        ws.send(Message::Binary(join.encode().into())).await?;
-        let (mut node, mut high) = (0, 0);
-        while let Some(message) = ws.next().await {
-            let Message::Binary(bytes) = message? else {
-                continue;
-            };
-            match Frame::decode(&bytes)? {
-                Frame::Welcome {
-                    node: n, high: h, ..
-                } => (node, high) = (n, h),
-                Frame::CaughtUp { .. } => return Ok((ws, node, high)),
-                _ => {}
-            }
-        }
-        anyhow::bail!("closed before the catch-up ended")
+        let (connection, welcome) = Connection::join(&url, options).await?;
+        Ok((connection.into_socket(), welcome.node, welcome.high))
     }
 
     fn rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -185,7 +170,10 @@ mod native {
     fn received_update(target: Target, bytes: &[u8]) -> Option<Vec<u8>> {
         match target {
             Target::PatternMesh => match Frame::decode(bytes).ok()? {
-                Frame::Update { update, .. } => Some(update),
+                Frame::Stamped(Stamped {
+                    body: Body::Update { update, .. },
+                    ..
+                }) => Some(update),
                 _ => None,
             },
             Target::YWebsocket => {
@@ -256,7 +244,7 @@ mod native {
                     let Message::Binary(bytes) = message else {
                         continue;
                     };
-                    if let Some((_, stamp)) = pattern_mesh::envelope::peek_stamp(&bytes) {
+                    if let Some((_, stamp)) = pattern_mesh_core::wire::peek_stamp(&bytes) {
                         l.fetch_max(stamp.step, Relaxed);
                     }
                     let Some(update) = received_update(target, &bytes) else {
@@ -278,7 +266,7 @@ mod native {
             });
             let sent = sent_at.clone();
             let writer = tokio::spawn(async move {
-                let doc = pattern_mesh::doc::SharedDoc::with_client_id(1_000 + index as u64);
+                let doc = pattern_mesh_core::doc::SharedDoc::with_client_id(1_000 + index as u64);
                 let chunk = "x".repeat(payload.saturating_sub(40).max(1));
                 let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
                 // Spread the members' ticks over one interval, as independent clients would be.
@@ -293,15 +281,17 @@ mod native {
                     let bytes = match target {
                         Target::PatternMesh => {
                             let step = local.fetch_add(1, Relaxed) + 1;
-                            Frame::Update {
-                                stamp: Stamp {
+                            Frame::stamped(
+                                Stamp {
                                     sender: node,
                                     step,
                                     pattern: pattern.value(step),
                                 },
-                                doc: "content".into(),
-                                update: update.clone(),
-                            }
+                                Body::Update {
+                                    doc: "content".into(),
+                                    update: update.clone(),
+                                },
+                            )
                             .encode()
                         }
                         Target::YWebsocket => y_websocket_update(&update),
@@ -435,11 +425,6 @@ mod native {
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 fn main() -> anyhow::Result<()> {
     native::main()
 }
-
-/// The load generator is a native program; on wasm32 it does nothing.
-#[cfg(target_arch = "wasm32")]
-fn main() {}

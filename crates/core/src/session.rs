@@ -1527,7 +1527,7 @@ mod tests {
         h.join(2, 1, &[]);
         for i in 0..3 {
             h.session
-                .broadcast(h.now, Json::parse(&i.to_string()).unwrap())
+                .broadcast(h.now, Json::parse(i.to_string()).unwrap())
                 .unwrap();
         }
         h.pump();
