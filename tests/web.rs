@@ -61,7 +61,7 @@ fn bad_input_throws_an_error_that_says_what_was_wrong() {
     assert!(p.compute_value(1.5).is_err());
     assert!(p.compute_value(f64::NAN).is_err());
 
-    let (name, message) = error_message(decode(&[1, 0x7f, 0]));
+    let (name, message) = error_message(decode(&[2, 0x7f, 0]));
     assert_eq!(name, "DecodeError");
     assert!(message.contains("unknown frame kind 0x7f"), "{message}");
 
@@ -111,7 +111,7 @@ fn frames_round_trip_as_plain_objects() {
         r#"{"kind":"data","sender":3,"step":47,"pattern":1,"data":{"temperature":23.5,"tags":["a"]}}"#,
     );
     let bytes = encode(frame.clone().unchecked_into()).unwrap();
-    assert_eq!(bytes[0], 1, "version byte first");
+    assert_eq!(bytes[0], 2, "version byte first");
     let back: JsValue = decode(&bytes).unwrap().into();
     assert_eq!(
         JSON::stringify(&back).unwrap(),

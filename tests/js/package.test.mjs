@@ -22,10 +22,10 @@ test("frames round-trip through encode and decode", () => {
   const frame = { kind: "data", sender: 2, step: 47, pattern: 1, data: { temperature: 23.5 } };
   const bytes = mesh.encode(frame);
   assert.ok(bytes instanceof Uint8Array);
-  assert.equal(bytes[0], 1);
+  assert.equal(bytes[0], 2, "wire format version 2");
   assert.deepEqual(mesh.decode(bytes), frame);
   // The relay marks stored messages with their log position (flag bit 1, then a varint).
-  const positioned = new Uint8Array([1, bytes[1], 0b10, 5, ...bytes.slice(3)]);
+  const positioned = new Uint8Array([2, bytes[1], 0b10, 5, ...bytes.slice(3)]);
   assert.deepEqual(mesh.decode(positioned), { ...frame, position: 5 });
 });
 
@@ -46,7 +46,11 @@ test("bad input throws an Error that says what was wrong", () => {
     name: "ConfigError",
     message: /reset_interval must be at least 1/,
   });
-  assert.throws(() => mesh.decode(new Uint8Array([1, 0x7f, 0])), {
+  assert.throws(() => mesh.decode(new Uint8Array([1, 0x10, 0])), {
+    name: "DecodeError",
+    message: /unknown protocol version 1 \(this build speaks version 2\)/,
+  });
+  assert.throws(() => mesh.decode(new Uint8Array([2, 0x7f, 0])), {
     name: "DecodeError",
     message: /unknown frame kind 0x7f/,
   });

@@ -592,6 +592,12 @@ impl<R: Replica> Session<R> {
         if self.link != Link::Open {
             return false;
         }
+        // The clock moves past a raw frame's step, so that no message of this session shares it
+        // (the relay's answer to one would be read as the answer to the other).
+        if let Some((_, stamp)) = crate::wire::peek_stamp(&bytes) {
+            let advance = self.clock.accept(stamp.step);
+            self.step_event(advance);
+        }
         self.outputs.push_back(Output::Send(bytes));
         true
     }
@@ -1189,6 +1195,7 @@ impl<R: Replica> Session<R> {
                             "node {} has digest {digest:016x} at the version where this node has {mine:016x}",
                             stamp.sender
                         );
+                        self.validator.record(Reason::Desync);
                         self.anomaly(
                             Source::Local,
                             Reason::Desync,

@@ -116,10 +116,26 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         // Wire format 2: stored data, updates and snapshots keep their bytes but for the
         // version byte; checkpoints and the sync exchange are no longer stored. Rooms remember
         // the next node id, so that ids are never handed out twice.
+        // The log becomes a rowid table with an index on (room, position): in a table without
+        // rowid every row lives in the key's b-tree, and a seek past a large message (a 50 MB
+        // paste) read its whole payload on every later insert of the room.
         conn.execute_batch(
             "BEGIN;
-             DELETE FROM log WHERE substr(bytes, 2, 1) IN (x'12', x'13', x'14');
-             UPDATE log SET bytes = x'02' || substr(bytes, 2) WHERE substr(bytes, 1, 1) = x'01';
+             CREATE TABLE log2 (
+                 id INTEGER PRIMARY KEY,
+                 room TEXT NOT NULL, position INTEGER NOT NULL, sender INTEGER NOT NULL,
+                 step INTEGER NOT NULL, doc TEXT, snapshot INTEGER NOT NULL, bytes BLOB NOT NULL
+             );
+             INSERT INTO log2 (room, position, sender, step, doc, snapshot, bytes)
+                 SELECT room, position, sender, step, doc, snapshot,
+                        CASE WHEN substr(bytes, 1, 1) = x'01'
+                             THEN CAST(x'02' || substr(bytes, 2) AS BLOB)
+                             ELSE bytes END
+                 FROM log WHERE substr(bytes, 2, 1) NOT IN (x'12', x'13', x'14')
+                 ORDER BY room, position;
+             DROP TABLE log;
+             ALTER TABLE log2 RENAME TO log;
+             CREATE UNIQUE INDEX log_room_position ON log (room, position);
              ALTER TABLE rooms ADD COLUMN next_node INTEGER NOT NULL DEFAULT 1;
              UPDATE rooms SET next_node = 1 + COALESCE(
                  (SELECT MAX(node) FROM nodes WHERE nodes.room = rooms.room), 0);
@@ -572,4 +588,122 @@ fn commit(
     }
     tx.commit().map_err(backend)?;
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pattern_mesh_core::wire::{Body, Frame, Json, Stamp};
+
+    /// A data directory as the first relay (wire format 1, schema 1) left it.
+    fn version_one(dir: &Path) {
+        let conn = Connection::open(dir.join("relay.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE rooms (
+                 room TEXT PRIMARY KEY,
+                 seed INTEGER NOT NULL, multiplier INTEGER NOT NULL, reset_interval INTEGER NOT NULL,
+                 max_future INTEGER NOT NULL, stale_window INTEGER,
+                 high INTEGER NOT NULL DEFAULT 0, position INTEGER NOT NULL DEFAULT 0
+             );
+             CREATE TABLE nodes (
+                 room TEXT NOT NULL, node INTEGER NOT NULL, token BLOB NOT NULL,
+                 last_step INTEGER NOT NULL DEFAULT 0,
+                 PRIMARY KEY (room, node)
+             );
+             CREATE TABLE log (
+                 room TEXT NOT NULL, position INTEGER NOT NULL, sender INTEGER NOT NULL,
+                 step INTEGER NOT NULL, doc TEXT, snapshot INTEGER NOT NULL, bytes BLOB NOT NULL,
+                 PRIMARY KEY (room, position)
+             ) WITHOUT ROWID;
+             PRAGMA user_version = 1;
+             INSERT INTO rooms VALUES ('r', 7, 7, 100, 1000, NULL, 2, 2);
+             INSERT INTO nodes VALUES ('r', 3, zeroblob(16), 2);",
+        )
+        .unwrap();
+        let data = Frame::stamped(
+            Stamp {
+                sender: 3,
+                step: 1,
+                pattern: 4,
+            },
+            Body::Data {
+                data: Json::parse("1").unwrap(),
+            },
+        );
+        let mut v1 = with_position(&data.encode(), 1).unwrap();
+        v1[0] = 1;
+        // A version-1 checkpoint (kind 0x12): no longer stored in version 2.
+        let checkpoint = [1u8, 0x12, 2, 2, 3, 2, 1];
+        conn.execute(
+            "INSERT INTO log VALUES ('r', 1, 3, 1, NULL, 0, ?1), ('r', 2, 3, 2, '*', 0, ?2)",
+            params![&v1[..], &checkpoint[..]],
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_one_directory_is_migrated_and_served_in_version_two() {
+        let dir = std::env::temp_dir().join(format!("pm-sqlite-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        version_one(&dir);
+        let store = SqliteStore::open(&dir, Arc::new(Metrics::default())).unwrap();
+        let record = store.load_room("r").await.unwrap().unwrap();
+        assert_eq!(
+            record.next_node, 4,
+            "node ids continue above the known ones"
+        );
+        assert_ne!(record.log, 0, "the room gets a log identity");
+        let log = store.read_after("r", 0, 10, usize::MAX).await.unwrap();
+        assert_eq!(log.len(), 1, "the checkpoint is gone");
+        let frame = Frame::decode_positioned(&log[0].bytes, &Default::default()).unwrap();
+        assert_eq!(frame.position, Some(1));
+        assert!(matches!(frame.frame, Frame::Stamped(_)));
+        store.close_blocking();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_large_message_is_stored_and_read_back_in_a_page_of_its_own() {
+        let dir = std::env::temp_dir().join(format!("pm-sqlite-large-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SqliteStore::open(&dir, Arc::new(Metrics::default())).unwrap();
+        store.create_room("r", RoomConfig::default()).await.unwrap();
+        let entry = |step: u64, len: usize| Append {
+            sender: 1,
+            step,
+            high: step,
+            doc: Some("content".into()),
+            snapshot: false,
+            bytes: Bytes::from(
+                Frame::stamped(
+                    Stamp {
+                        sender: 1,
+                        step,
+                        pattern: 1,
+                    },
+                    Body::Update {
+                        doc: "content".into(),
+                        update: vec![0; len],
+                    },
+                )
+                .encode(),
+            ),
+        };
+        store.append("r", entry(1, 50_000_000)).await.unwrap();
+        for step in 2..20 {
+            store.append("r", entry(step, 20)).await.unwrap();
+        }
+        let page = store.read_after("r", 0, 20, 1 << 20).await.unwrap();
+        assert_eq!(
+            page.len(),
+            1,
+            "a page holds at least one entry, then stops at the budget"
+        );
+        assert!(page[0].bytes.len() > 50_000_000);
+        let rest = store.read_after("r", 1, 20, 1 << 20).await.unwrap();
+        assert_eq!(rest.len(), 18);
+        store.close_blocking();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

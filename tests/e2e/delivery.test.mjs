@@ -1,0 +1,210 @@
+// What users hit, in real Chromium pages against the real relay: large pastes, a large document
+// for a late joiner, two tabs typing as fast as they can, a tab typing while offline, and a
+// real editing trace replayed with checkpoints on the way. Each lost or held edits before the
+// client's protocol was a sans-IO session; these pin that down where users meet it.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { createServer, connect } from "node:net";
+import { readFileSync } from "node:fs";
+import { gunzipSync } from "node:zlib";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createRequire } from "node:module";
+
+const root = fileURLToPath(new URL("../../", import.meta.url));
+const require = createRequire(join(root, ".ci/package.json"));
+const { chromium } = require("playwright-core");
+
+let dir, port, relay, browser;
+
+const freePort = () => new Promise((resolve) => {
+  const server = createServer();
+  server.listen(0, "127.0.0.1", () => {
+    const { port } = server.address();
+    server.close(() => resolve(port));
+  });
+});
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), "pattern-mesh-e2e-delivery-"));
+  port = await freePort();
+  relay = spawn(join(root, "target/debug/pattern-mesh-relay"), [
+    "--listen", `127.0.0.1:${port}`, "--www", join(root, "www"), "--pkg", join(root, "pkg"),
+    "--data-dir", join(dir, "data"),
+  ], { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise((resolve, reject) => {
+    relay.stdout.on("data", (chunk) => { if (String(chunk).includes("relay on")) resolve(); });
+    relay.on("exit", (code) => reject(new Error(`the relay exited with ${code}`)));
+  });
+  browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+      "--enable-precise-memory-info", "--js-flags=--expose-gc"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  relay?.kill("SIGKILL");
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+/** A TCP proxy to the relay that the test can cut: a page behind it goes offline. */
+async function proxy() {
+  const sockets = new Set();
+  let down = false;
+  const server = createServer((inbound) => {
+    if (down) return inbound.destroy();
+    const outbound = connect(port, "127.0.0.1");
+    for (const s of [inbound, outbound]) { sockets.add(s); s.on("close", () => sockets.delete(s)); s.on("error", () => {}); }
+    inbound.pipe(outbound).pipe(inbound);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    port: server.address().port,
+    setDown(value) {
+      down = value;
+      if (value) for (const s of sockets) s.destroy();
+    },
+    close: () => { down = true; for (const s of sockets) s.destroy(); server.close(); },
+  };
+}
+
+async function open(path, via = port) {
+  const page = await browser.newPage({ viewport: { width: 1000, height: 700 } });
+  page.problems = [];
+  page.on("pageerror", (e) => page.problems.push(e.message));
+  await page.goto(`http://127.0.0.1:${via}/${path}`);
+  await page.waitForSelector("body[data-ready=true]");
+  return page;
+}
+
+const length = (page) => page.evaluate(() => window.meshText.length);
+
+async function until(what, check, ms = 60_000) {
+  const deadline = Date.now() + ms;
+  let last;
+  while (Date.now() < deadline) {
+    last = await check();
+    if (last === true) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.fail(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+/** Pastes `count` copies of `unit` at the start of the editor, as a paste does: one input event. */
+function paste(page, unit, count) {
+  return page.evaluate(([unit, count]) => {
+    const editor = document.getElementById("editor");
+    editor.setRangeText(unit.repeat(count), 0, 0, "end");
+    editor.dispatchEvent(new Event("input"));
+  }, [unit, count]);
+}
+
+test("pastes of 1.2 MiB and 20 MB in the editor reach the other tab, and edits after them too", async () => {
+  const room = `e2e-paste-${Date.now()}`;
+  const a = await open(`index.html?room=${room}`);
+  const b = await open(`index.html?room=${room}`);
+  await paste(a, "1.2 MiB paste. ", 83_887); // 1,258,305 bytes
+  await until("the 1.2 MiB paste", async () => (await length(b)) === 1_258_305 || await length(b));
+  await a.evaluate(() => { const e = document.getElementById("editor"); e.setRangeText("after ", 0, 0, "end"); e.dispatchEvent(new Event("input")); });
+  await until("the edit after it", async () => (await b.evaluate(() => window.meshText.toString().startsWith("after "))));
+  await paste(b, "twenty megabytes", 1_250_000); // 20,000,000 bytes
+  await until("the 20 MB paste", async () => (await length(a)) === 21_258_311 || await length(a), 120_000);
+  assert.equal(await a.evaluate(() => document.getElementById("editor").value.length), 21_258_311);
+  for (const p of [a, b]) assert.deepEqual(p.problems, []);
+  await Promise.all([a.close(), b.close()]);
+});
+
+test("a late joiner loads a 50 MB document: time and memory", async () => {
+  const room = `e2e-large-${Date.now()}`;
+  const a = await open(`index.html?room=${room}`);
+  await paste(a, "fifty megabytes of text, ", 2_000_000); // 50,000,000 bytes
+  await until("the document is stored", async () => (await a.evaluate(() => window.meshClient.pendingCount)) === 0, 120_000);
+  await a.close();
+  // The late joiner: a page that only joins and reads, so that the document's cost is measured,
+  // not a textarea's.
+  const late = await browser.newPage();
+  await late.goto(`http://127.0.0.1:${port}/pattern.html`);
+  const measured = await late.evaluate(async (room) => {
+    const mesh = await import("/pkg/pattern_mesh.js");
+    const wasm = await mesh.default();
+    const started = performance.now();
+    const client = await mesh.MeshClient.connect({ url: `ws://${location.host}/ws`, room, name: "late", connectTimeout: 120000 });
+    const text = client.text("content");
+    const ms = performance.now() - started;
+    const result = { ms, length: text.length, wasmMiB: wasm.memory.buffer.byteLength / 2 ** 20, jsHeapMiB: performance.memory.usedJSHeapSize / 2 ** 20 };
+    client.close();
+    return result;
+  }, room);
+  assert.equal(measured.length, 50_000_000);
+  console.log(`RESULT late-joiner-50mb ms=${measured.ms.toFixed(0)} wasm_mib=${measured.wasmMiB.toFixed(0)} js_heap_mib=${measured.jsHeapMiB.toFixed(0)}`);
+  await late.close();
+});
+
+test("two tabs typing 2,000 characters each as fast as they can converge with every character", async () => {
+  const room = `e2e-fast-${Date.now()}`;
+  const a = await open(`index.html?room=${room}`);
+  const b = await open(`index.html?room=${room}`);
+  await a.focus("#editor");
+  await b.focus("#editor");
+  await Promise.all([a.keyboard.type("a".repeat(2_000)), b.keyboard.type("b".repeat(2_000))]);
+  const both = async (p) => p.evaluate(() => window.meshText.toString());
+  await until("convergence", async () => {
+    const [ta, tb] = [await both(a), await both(b)];
+    return (ta === tb && ta.length === 4_000) || [ta.length, tb.length];
+  });
+  const text = await both(a);
+  assert.equal(text.split("a").length - 1, 2_000);
+  assert.equal(text.split("b").length - 1, 2_000);
+  for (const p of [a, b]) assert.deepEqual(p.problems, []);
+  await Promise.all([a.close(), b.close()]);
+});
+
+test("a tab that typed 400 characters offline delivers all of them within seconds of coming back", async () => {
+  const room = `e2e-offline-${Date.now()}`;
+  const cut = await proxy();
+  const a = await open(`index.html?room=${room}`, cut.port);
+  const b = await open(`index.html?room=${room}`);
+  await a.focus("#editor");
+  await a.keyboard.type("online ");
+  await until("the first words", async () => (await b.evaluate(() => window.meshText.toString())) === "online ");
+  cut.setDown(true);
+  await until("a notices", async () => (await a.evaluate(() => window.meshClient.status)) !== "open");
+  await a.keyboard.type("x".repeat(400), { delay: 50 });
+  assert.equal(await b.evaluate(() => window.meshText.toString()), "online ", "nothing passed while offline");
+  cut.setDown(false);
+  const back = Date.now();
+  await until("the offline typing", async () => (await length(b)) === 407 || await length(b), 20_000);
+  console.log(`RESULT offline-400 ms_after_back=${Date.now() - back}`);
+  cut.close();
+  await Promise.all([a.close(), b.close()]);
+});
+
+test("a real editing trace replayed through the relay raises no desync", async () => {
+  const trace = JSON.parse(gunzipSync(readFileSync(join(root, "tests/data/editing-traces/automerge-paper.json.gz"))));
+  const txns = trace.txns.slice(0, 30_000).map((t) => t.patches);
+  const room = `e2e-trace-${Date.now()}`;
+  const a = await open(`index.html?room=${room}`);
+  const b = await open(`index.html?room=${room}`);
+  await a.evaluate((txns) => {
+    const text = window.meshText;
+    for (const patches of txns) {
+      for (const [at, del, ins] of patches) {
+        if (del > 0) text.delete(at, del);
+        if (ins) text.insert(at, ins);
+      }
+    }
+  }, txns);
+  const expected = await a.evaluate(() => window.meshText.toString());
+  await until("b has the trace", async () => (await b.evaluate(() => window.meshText.toString())) === expected || false);
+  await until("a's outbox drains", async () => (await a.evaluate(() => window.meshClient.pendingCount)) === 0);
+  for (const p of [a, b]) {
+    const counts = await p.evaluate(() => window.meshClient.counts());
+    assert.equal(counts.desync, 0, JSON.stringify(counts));
+  }
+  await Promise.all([a.close(), b.close()]);
+});
