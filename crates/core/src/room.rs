@@ -179,6 +179,8 @@ struct Member {
     gap: Option<Step>,
     reassembler: Reassembler,
     malformed: u32,
+    /// Messages in a row that found no token.
+    over_rate: u64,
 }
 
 /// A validated message on its way out. Messages leave in the order they were accepted: a
@@ -377,6 +379,7 @@ impl RoomCore {
                 gap: None,
                 reassembler: Reassembler::new(),
                 malformed: 0,
+                over_rate: 0,
             },
         );
         self.by_node.insert(node, conn);
@@ -487,6 +490,17 @@ impl RoomCore {
         }
         if !member.rate.try_take_n(cost, now) {
             let step = positioned.frame.stamp().map_or(0, |s| s.step);
+            member.over_rate += 1;
+            // More than a second's worth of messages in a row without a token: the client does
+            // not pace itself, whatever it is told.
+            if member.over_rate > self.limits.rate + self.limits.burst {
+                self.validator.record(Reason::RateLimited);
+                return self.drop_member(
+                    conn,
+                    close::RATE_LIMITED,
+                    "kept sending over the rate limit",
+                );
+            }
             if member.gap.is_some() {
                 let detail = "an earlier frame of this connection was refused: send a fence".into();
                 return self.refuse(conn, step, Reason::OutOfOrder, detail);
@@ -497,6 +511,7 @@ impl RoomCore {
             );
             return self.refuse(conn, step, Reason::RateLimited, detail);
         }
+        member.over_rate = 0;
         if positioned.position.is_some() {
             let step = positioned.frame.stamp().map_or(0, |s| s.step);
             let detail = "the frame carries a log position; only the relay sets one".into();

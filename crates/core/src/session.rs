@@ -318,6 +318,10 @@ pub struct Session<R> {
     /// Consecutive passing refusals, for their backoff.
     refusals: u32,
     pacer: TokenBucket,
+    /// The share of the announced rate the pacer uses: halved on every refusal for the rate
+    /// (the relay may count several tabs of one address together), grown back as messages are
+    /// acknowledged.
+    pace: f64,
     presence: Option<Json>,
     presence_due: bool,
     peers: BTreeMap<NodeId, String>,
@@ -359,7 +363,8 @@ impl<R: Replica> Session<R> {
             give_back: false,
             log: 0,
             refusals: 0,
-            pacer: pacer(&relay, now),
+            pacer: pacer(&relay, 1.0, now),
+            pace: 1.0,
             presence: None,
             presence_due: false,
             peers: BTreeMap::new(),
@@ -911,6 +916,10 @@ impl<R: Replica> Session<R> {
                 if let Some(i) = self.in_flight.iter().position(|s| s.stamp.step == step) {
                     self.remove_in_flight(i);
                     self.refusals = 0;
+                    if self.pace < 1.0 {
+                        self.pace = (self.pace * 1.02).min(1.0);
+                        self.pacer = pacer(&self.relay, self.pace, now);
+                    }
                 }
             }
             Frame::Reject {
@@ -999,7 +1008,7 @@ impl<R: Replica> Session<R> {
         self.token = Some(resume);
         self.limits = self.config.limits.with_relay(&limits);
         self.relay = limits;
-        self.pacer = pacer(&limits, now);
+        self.pacer = pacer(&limits, self.pace, now);
         let advance = self.clock.join(high);
         self.step_event(advance);
         self.peers = peers.into_iter().map(|p| (p.node, p.name)).collect();
@@ -1069,6 +1078,10 @@ impl<R: Replica> Session<R> {
             _ if reason.is_transient() => {
                 self.anomaly(Source::Relay, reason, detail, step, None);
                 self.refusals = self.refusals.saturating_add(1);
+                if reason == Reason::RateLimited {
+                    self.pace = (self.pace / 2.0).max(1.0 / 64.0);
+                    self.pacer = pacer(&self.relay, self.pace, now);
+                }
                 let wait = match reason {
                     Reason::RateLimited => 250u64 << self.refusals.min(5),
                     Reason::Unavailable => 1_000u64 << self.refusals.min(5),
@@ -1338,11 +1351,11 @@ impl<R: Replica> Session<R> {
     }
 }
 
-fn pacer(limits: &RelayLimits, now: u64) -> TokenBucket {
+fn pacer(limits: &RelayLimits, share: f64, now: u64) -> TokenBucket {
     // A little under what the relay allows, with half its burst: network jitter may bunch
     // frames together on the way, and the relay's bucket absorbs that.
-    let rate = (limits.rate as f64 * 0.9).max(1.0);
-    let burst = (limits.burst as f64 / 2.0).max(1.0);
+    let rate = (limits.rate as f64 * 0.9 * share).max(1.0);
+    let burst = (limits.burst as f64 / 2.0 * share).max(1.0);
     TokenBucket::new(rate, burst, now)
 }
 

@@ -514,3 +514,15 @@ async fn presence_is_fanned_out_but_never_stored() {
         late.replay()
     );
 }
+
+#[tokio::test]
+async fn a_connection_that_keeps_sending_over_its_rate_is_closed_with_4001() {
+    let server = start("over-rate", |c| c.max_rate = 20).await;
+    let mut a = join(&server, "r", 0, None).await;
+    for i in 0..200 {
+        a.data(serde_json::json!(i)).await;
+    }
+    let (code, reason) = a.closed().await;
+    assert_eq!(code, close::RATE_LIMITED);
+    assert!(reason.contains("rate limit"), "{reason}");
+}
