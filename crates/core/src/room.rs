@@ -863,6 +863,68 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_that_ends_a_gap_is_never_refused_for_the_rate_and_a_large_message_passes_in_debt() {
+        let limits = RoomLimits {
+            limits: Limits {
+                max_frame: 1_024,
+                ..Limits::default()
+            },
+            rate: 10,
+            burst: 10,
+            ..RoomLimits::default()
+        };
+        let mut room = RoomCore::new(
+            "r".into(),
+            RoomRecord::new(RoomConfig::default(), 1),
+            limits,
+            0,
+        )
+        .unwrap();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        for step in 1..=11 {
+            room.frame(0, 1, data(a.node, step));
+        }
+        let out = outputs(&mut room);
+        assert!(
+            sent_to(&out, 1).iter().any(|f| matches!(
+                f,
+                Frame::Reject {
+                    reason: Reason::RateLimited,
+                    step: 11,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        // The bucket is empty: the fence still passes.
+        room.frame(0, 1, Bytes::from(Frame::Fence { step: 11 }.encode()));
+        assert_eq!(sent_to(&outputs(&mut room), 1), [Frame::Fence { step: 11 }]);
+        // A message of 20 parts, more than the whole bucket, passes once it is half full.
+        let stamp = Stamp {
+            sender: a.node,
+            step: 11,
+            pattern: PatternConfig::default().value(11),
+        };
+        let big = Frame::stamped(
+            stamp,
+            Body::Update {
+                doc: "d".into(),
+                update: vec![1; 20_000],
+            },
+        )
+        .encode();
+        for piece in part::fragment(&big, 1_024) {
+            room.frame(500, 1, Bytes::from(piece));
+        }
+        let out = outputs(&mut room);
+        assert!(
+            matches!(out.as_slice(), [Output::Append(append)] if append.step == 11),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn a_client_set_position_is_refused_before_it_moves_the_room() {
         let mut room = room();
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();

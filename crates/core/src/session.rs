@@ -1369,6 +1369,7 @@ mod tests {
         session: Session<SharedDoc>,
         now: u64,
         sent: Vec<Frame>,
+        relay: RelayLimits,
     }
 
     impl Harness {
@@ -1379,6 +1380,7 @@ mod tests {
                 session: Session::new(config, SharedDoc::with_client_id(1), 0),
                 now: 0,
                 sent: Vec::new(),
+                relay: RelayLimits::default(),
             }
         }
 
@@ -1409,7 +1411,7 @@ mod tests {
                 node,
                 resume: [token; 16],
                 config: RoomConfig::default(),
-                limits: RelayLimits::default(),
+                limits: self.relay,
                 high: 0,
                 log: 1,
                 peers: peers
@@ -1508,6 +1510,34 @@ mod tests {
             "{:?}",
             h.sent
         );
+    }
+
+    #[test]
+    fn a_sync_answer_the_relay_could_not_take_is_not_sent() {
+        let mut h = Harness::new();
+        h.relay.max_message = 10_000;
+        h.join(2, 1, &[7]);
+        let update = h
+            .session
+            .replica()
+            .insert("t", 0, &"x".repeat(20_000))
+            .unwrap();
+        h.session.update(h.now, "t", update).ok();
+        h.sent.clear();
+        h.frame(Frame::stamped(
+            Stamp {
+                sender: 7,
+                step: 50,
+                pattern: PatternConfig::default().value(50),
+            },
+            Body::SyncRequest {
+                doc: WHOLE_DOC.into(),
+                state_vector: Vec::new(),
+                to: 2,
+            },
+        ));
+        let kinds: Vec<Kind> = h.sent.iter().map(Frame::kind).collect();
+        assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod connection;
 pub mod metrics;
 mod queue;
 mod room;
-pub mod sqlite;
+pub mod store;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,7 +34,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, RoomCore, RoomLimits};
-use pattern_mesh_core::store::{MemoryStore, Store};
+use pattern_mesh_core::store::Store;
 use pattern_mesh_core::wire::{close, Limits, RoomConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -42,18 +42,10 @@ use tower_http::services::ServeDir;
 
 use metrics::Metrics;
 use room::Command;
-use sqlite::SqliteStore;
+
+pub use store::StoreConfig;
 
 pub use pattern_mesh_core::wire::close as close_code;
-
-/// Where the relay keeps its room logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    /// The embedded SQLite store in this directory (created if missing; survives restarts).
-    Sqlite(PathBuf),
-    /// In memory: gone when the relay stops (for tests and demos).
-    Memory,
-}
 
 /// The relay's settings.
 #[derive(Debug, Clone)]
@@ -238,10 +230,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let store: Arc<dyn Store> = match &config.store {
-        StoreConfig::Sqlite(dir) => Arc::new(SqliteStore::open(dir, metrics.clone())?),
-        StoreConfig::Memory => Arc::new(MemoryStore::new()),
-    };
+    let store = store::open(&config.store, metrics.clone())?;
     let (stop, stopped) = watch::channel(false);
     let relay = Arc::new(Relay {
         store: store.clone(),

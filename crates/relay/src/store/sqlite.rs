@@ -28,7 +28,7 @@ use pattern_mesh_core::wire::{with_position, ResumeToken, RoomConfig};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::metrics::Metrics;
+use crate::metrics::Metrics;
 
 fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
