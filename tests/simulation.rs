@@ -273,6 +273,7 @@ struct RelayConn {
     joined: bool,
     node: NodeId,
     link: Link,
+    reader: room::Reader,
 }
 
 enum StoreOp {
@@ -1041,8 +1042,12 @@ impl Sim {
             }
             return;
         }
+        let Some(rc) = self.relay.conns.get_mut(&conn) else {
+            return;
+        };
+        let read = rc.reader.read(bytes);
         if let Some(core) = &mut self.relay.core {
-            core.frame(self.now, conn, bytes);
+            core.receive(self.now, conn, read);
         }
         self.relay_outputs();
     }

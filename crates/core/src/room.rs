@@ -76,6 +76,108 @@ impl RoomLimits {
     }
 }
 
+/// A connection's reader: it puts parts back together and decodes, before the room sees a
+/// frame. It belongs to one connection and holds nothing of the room, so a driver runs it where
+/// the connection's bytes arrive (the relay, in each connection's own task, beside the others)
+/// and hands the room what it read.
+#[derive(Debug)]
+pub struct Reader {
+    limits: Limits,
+    reassembler: Reassembler,
+}
+
+/// What a [`Reader`] made of one binary message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Read {
+    /// A part of a message still in progress: nothing for the room yet.
+    Pending,
+    /// A whole frame, with the bytes it came in (the whole message, for parts) and its cost in
+    /// frames for the rate limit.
+    Frame {
+        /// The frame, and the log position its header claimed, if any.
+        frame: Positioned,
+        /// Its bytes.
+        bytes: Bytes,
+        /// Frames it took on the wire.
+        cost: u64,
+    },
+    /// Bytes that are not a frame (or parts out of sequence), with the step they claimed.
+    Refused {
+        /// The step of the frame, if its stamp could be read.
+        step: Step,
+        /// `malformed` or `tooLarge`.
+        reason: Reason,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl Reader {
+    /// A reader for a room with these limits.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            reassembler: Reassembler::new(),
+        }
+    }
+
+    /// Reads one binary message.
+    pub fn read(&mut self, bytes: Bytes) -> Read {
+        let limits = self.limits;
+        let refused = |bytes: &[u8], e: crate::wire::DecodeError| Read::Refused {
+            step: peek_stamp(bytes).map_or(0, |(_, s)| s.step),
+            reason: e.reason(),
+            detail: e.to_string(),
+        };
+        match Frame::decode_positioned(&bytes, &limits) {
+            Ok(Positioned {
+                frame:
+                    Frame::Part {
+                        total,
+                        offset,
+                        bytes: piece,
+                    },
+                position: None,
+            }) => {
+                let first = offset == 0;
+                let step = first
+                    .then(|| peek_stamp(&piece).map(|(_, s)| s.step))
+                    .flatten()
+                    .unwrap_or(0);
+                match self
+                    .reassembler
+                    .push(total, offset, piece, limits.max_message)
+                {
+                    Ok(None) => Read::Pending,
+                    Ok(Some(whole)) => {
+                        let cost = part::count(whole.len(), limits.max_frame) as u64;
+                        let whole = Bytes::from(whole);
+                        match Frame::decode_positioned(&whole, &limits.for_message()) {
+                            Ok(frame) => Read::Frame {
+                                frame,
+                                bytes: whole,
+                                cost,
+                            },
+                            Err(e) => refused(&whole, e),
+                        }
+                    }
+                    Err(e) => Read::Refused {
+                        step,
+                        reason: e.reason(),
+                        detail: e.to_string(),
+                    },
+                }
+            }
+            Ok(frame) => Read::Frame {
+                frame,
+                bytes,
+                cost: 1,
+            },
+            Err(e) => refused(&bytes, e),
+        }
+    }
+}
+
 /// A join the room refuses, with the close code and reason for the socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinRefused {
@@ -177,7 +279,6 @@ struct Member {
     rate: TokenBucket,
     /// The step of the refusal that opened a gap, until the client's fence.
     gap: Option<Step>,
-    reassembler: Reassembler,
     malformed: u32,
     /// Messages in a row that found no token.
     over_rate: u64,
@@ -377,7 +478,6 @@ impl RoomCore {
                 name,
                 rate: TokenBucket::new(self.limits.rate as f64, self.limits.burst as f64, now),
                 gap: None,
-                reassembler: Reassembler::new(),
                 malformed: 0,
                 over_rate: 0,
             },
@@ -438,42 +538,23 @@ impl RoomCore {
         });
     }
 
-    /// A binary message from `conn`.
+    /// What `conn`'s [`Reader`] made of a binary message.
     ///
     /// The rate limit counts messages, not frames: the parts of a large message are put
     /// together first (at most the message limit), and the whole costs one token per part when
     /// its last part is in. A fence always goes through: it is how a client leaves a gap.
-    pub fn frame(&mut self, now: u64, conn: ConnId, bytes: Bytes) {
+    pub fn receive(&mut self, now: u64, conn: ConnId, read: Read) {
+        let (positioned, bytes, cost) = match read {
+            Read::Pending => return,
+            Read::Refused {
+                step,
+                reason,
+                detail,
+            } => return self.malformed(conn, step, reason, detail),
+            Read::Frame { frame, bytes, cost } => (frame, bytes, cost),
+        };
         let Some(member) = self.members.get_mut(&conn) else {
             return;
-        };
-        let limits = self.limits.limits;
-        let (positioned, bytes, cost) = match Frame::decode_positioned(&bytes, &limits) {
-            Ok(Positioned {
-                frame:
-                    Frame::Part {
-                        total,
-                        offset,
-                        bytes: piece,
-                    },
-                position: None,
-            }) => match member
-                .reassembler
-                .push(total, offset, piece, limits.max_message)
-            {
-                Ok(None) => return,
-                Ok(Some(whole)) => {
-                    let cost = part::count(whole.len(), limits.max_frame) as u64;
-                    let whole = Bytes::from(whole);
-                    match Frame::decode_positioned(&whole, &limits.for_message()) {
-                        Ok(positioned) => (positioned, whole, cost),
-                        Err(e) => return self.malformed(conn, &whole, e.reason(), e.to_string()),
-                    }
-                }
-                Err(e) => return self.malformed(conn, &bytes, e.reason(), e.to_string()),
-            },
-            Ok(positioned) => (positioned, bytes, 1),
-            Err(e) => return self.malformed(conn, &bytes, e.reason(), e.to_string()),
         };
         member.malformed = 0;
         if let Frame::Fence { step } = positioned.frame {
@@ -540,8 +621,7 @@ impl RoomCore {
         }
     }
 
-    fn malformed(&mut self, conn: ConnId, bytes: &[u8], reason: Reason, detail: String) {
-        let step = peek_stamp(bytes).map_or(0, |(_, s)| s.step);
+    fn malformed(&mut self, conn: ConnId, step: Step, reason: Reason, detail: String) {
         self.refuse(conn, step, reason, detail);
         if let Some(member) = self.members.get_mut(&conn) {
             member.malformed += 1;
@@ -775,6 +855,12 @@ mod tests {
         }
     }
 
+    /// Hands `bytes` to the room as connection `conn`'s reader would.
+    fn send(room: &mut RoomCore, now: u64, conn: ConnId, bytes: Bytes) {
+        let read = Reader::new(Limits::default()).read(bytes);
+        room.receive(now, conn, read);
+    }
+
     fn outputs(room: &mut RoomCore) -> Vec<Output> {
         std::iter::from_fn(|| room.poll_output()).collect()
     }
@@ -814,7 +900,7 @@ mod tests {
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         room.join(0, 2, req("b", None), [2; 16]).unwrap();
         outputs(&mut room);
-        room.frame(0, 1, data(a.node, 1));
+        send(&mut room, 0, 1, data(a.node, 1));
         let out = outputs(&mut room);
         assert!(matches!(out.as_slice(), [Output::Append(_)]), "{out:?}");
         room.appended(Ok(Appended::Stored { position: 1 }));
@@ -840,10 +926,10 @@ mod tests {
         let mut room = room();
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         outputs(&mut room);
-        room.frame(0, 1, data(a.node, 5));
-        room.frame(0, 1, data(a.node, 5)); // a replay: refused, but opens no gap
-        room.frame(0, 1, data(a.node, 5_000)); // too far ahead: opens a gap
-        room.frame(0, 1, data(a.node, 6)); // valid, but after the gap
+        send(&mut room, 0, 1, data(a.node, 5));
+        send(&mut room, 0, 1, data(a.node, 5)); // a replay: refused, but opens no gap
+        send(&mut room, 0, 1, data(a.node, 5_000)); // too far ahead: opens a gap
+        send(&mut room, 0, 1, data(a.node, 6)); // valid, but after the gap
         let rejects: Vec<Reason> = sent_to(&outputs(&mut room), 1)
             .into_iter()
             .filter_map(|f| match f {
@@ -855,8 +941,13 @@ mod tests {
             rejects,
             [Reason::Replay, Reason::FutureStep, Reason::OutOfOrder]
         );
-        room.frame(0, 1, Bytes::from(Frame::Fence { step: 5_000 }.encode()));
-        room.frame(0, 1, data(a.node, 6));
+        send(
+            &mut room,
+            0,
+            1,
+            Bytes::from(Frame::Fence { step: 5_000 }.encode()),
+        );
+        send(&mut room, 0, 1, data(a.node, 6));
         let out = outputs(&mut room);
         assert_eq!(sent_to(&out, 1), [Frame::Fence { step: 5_000 }]);
         assert!(matches!(out.last(), Some(Output::Append(a)) if a.step == 6));
@@ -883,7 +974,7 @@ mod tests {
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         outputs(&mut room);
         for step in 1..=11 {
-            room.frame(0, 1, data(a.node, step));
+            send(&mut room, 0, 1, data(a.node, step));
         }
         let out = outputs(&mut room);
         assert!(
@@ -898,7 +989,12 @@ mod tests {
             "{out:?}"
         );
         // The bucket is empty: the fence still passes.
-        room.frame(0, 1, Bytes::from(Frame::Fence { step: 11 }.encode()));
+        send(
+            &mut room,
+            0,
+            1,
+            Bytes::from(Frame::Fence { step: 11 }.encode()),
+        );
         assert_eq!(sent_to(&outputs(&mut room), 1), [Frame::Fence { step: 11 }]);
         // A message of 20 parts, more than the whole bucket, passes once it is half full.
         let stamp = Stamp {
@@ -914,8 +1010,10 @@ mod tests {
             },
         )
         .encode();
+        let mut reader = Reader::new(limits.limits);
         for piece in part::fragment(&big, 1_024) {
-            room.frame(500, 1, Bytes::from(piece));
+            let read = reader.read(Bytes::from(piece));
+            room.receive(500, 1, read);
         }
         let out = outputs(&mut room);
         assert!(
@@ -930,7 +1028,7 @@ mod tests {
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         outputs(&mut room);
         let positioned = with_position(&data(a.node, 500), 9).unwrap();
-        room.frame(0, 1, Bytes::from(positioned));
+        send(&mut room, 0, 1, Bytes::from(positioned));
         assert_eq!(room.high(), 0);
         let out = outputs(&mut room);
         assert!(matches!(

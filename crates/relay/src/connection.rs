@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::SinkExt;
-use pattern_mesh_core::room::{ConnId, JoinRequest};
+use pattern_mesh_core::room::{ConnId, JoinRequest, Read, Reader};
 use pattern_mesh_core::wire::{close, part, Frame, Reason};
 use tokio::sync::mpsc;
 
@@ -279,6 +279,9 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
     } = live;
     let mut shutdown = relay.shutdown.clone();
     let mut texts = 0u32;
+    // Parts are put together and frames decoded here, in the connection's own task: the room's
+    // task, which every frame of the room passes through, only decides.
+    let mut reader = Reader::new(relay.config.limits);
     loop {
         tokio::select! {
             _ = stopping(&mut shutdown) => {
@@ -320,7 +323,11 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
                 };
                 texts = 0;
                 relay.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
-                if commands.send(Command::Frame { conn, bytes }).await.is_err() {
+                let read = reader.read(bytes);
+                if matches!(read, Read::Pending) {
+                    continue;
+                }
+                if commands.send(Command::Frame { conn, read }).await.is_err() {
                     return close(socket, close::INTERNAL, "the room stopped; reconnect to resume").await;
                 }
             }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
-use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, Joined, Output, RoomCore};
+use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, Joined, Output, Read, RoomCore};
 use pattern_mesh_core::store::{Appended, StoreFuture};
 use pattern_mesh_core::validate::Counters;
 use pattern_mesh_core::wire::{close, Reason, ResumeToken};
@@ -30,7 +30,7 @@ pub(crate) enum Command {
     },
     Frame {
         conn: ConnId,
-        bytes: Bytes,
+        read: Read,
     },
     Leave {
         conn: ConnId,
@@ -129,7 +129,7 @@ impl RoomTask {
                     }
                 }
             }
-            Command::Frame { conn, bytes } => self.core.frame(now, conn, bytes),
+            Command::Frame { conn, read } => self.core.receive(now, conn, read),
             Command::Leave { conn } => self.leave(conn),
         }
     }
