@@ -788,6 +788,7 @@ impl Sim {
                                 client,
                                 joined: false,
                                 node: 0,
+                                reader: room::Reader::new(self.scenario.limits.limits),
                                 link: Link {
                                     up_at: t,
                                     down_at: t,
