@@ -31,7 +31,8 @@ const freePort = () => new Promise((resolve) => {
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), "pattern-mesh-e2e-delivery-"));
   port = await freePort();
-  relay = spawn(join(root, "target/debug/pattern-mesh-relay"), [
+  // PM_RELAY_BIN picks another build of the relay (the release one, to measure).
+  relay = spawn(process.env.PM_RELAY_BIN ?? join(root, "target/debug/pattern-mesh-relay"), [
     "--listen", `127.0.0.1:${port}`, "--www", join(root, "www"), "--pkg", join(root, "pkg"),
     "--data-dir", join(dir, "data"),
   ], { stdio: ["ignore", "pipe", "inherit"] });
