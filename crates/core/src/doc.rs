@@ -142,6 +142,18 @@ impl SharedDoc {
         text.get_string(&self.doc.transact())
     }
 
+    /// The names of every text the document holds, including those only remote updates made.
+    pub fn text_names(&self) -> Vec<String> {
+        let txn = self.doc.transact();
+        let mut names: Vec<String> = txn
+            .root_refs()
+            .filter(|(_, value)| matches!(value, yrs::Out::YText(_) | yrs::Out::UndefinedRef(_)))
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The length of the text `name`, in UTF-16 code units.
     pub fn len(&self, name: &str) -> u32 {
         let text = self.doc.get_or_insert_text(name);

@@ -2032,16 +2032,17 @@ impl ItemContent {
     }
 
     pub fn decode<D: Decoder>(decoder: &mut D, ref_num: u8) -> Result<Self, Error> {
-        match ref_num & 0b1111 {
+        // The content reference is the low five bits, as in Yjs: a set fifth bit names no
+        // content type and must not be read as a type of the low four.
+        match ref_num & 0b1_1111 {
             BLOCK_ITEM_DELETED_REF_NUMBER => Ok(ItemContent::Deleted(decoder.read_len()?)),
             BLOCK_ITEM_JSON_REF_NUMBER => {
-                let mut remaining = decoder.read_len()? as i32;
+                // Exactly `len` strings follow, as the encoder writes them (and as Yjs reads them).
+                let len = decoder.read_len()? as usize;
                 let mut buf = Vec::new();
-                buf.try_reserve(remaining as usize)?;
-
-                while remaining >= 0 {
+                buf.try_reserve(len.min(crate::encoding::read::MAX_PREALLOC))?;
+                for _ in 0..len {
                     buf.push(decoder.read_string()?.to_owned());
-                    remaining -= 1;
                 }
                 Ok(ItemContent::JSON(buf))
             }
@@ -2060,7 +2061,7 @@ impl ItemContent {
             BLOCK_ITEM_ANY_REF_NUMBER => {
                 let len = decoder.read_len()? as usize;
                 let mut values = Vec::new();
-                values.try_reserve(len)?;
+                values.try_reserve(len.min(crate::encoding::read::MAX_PREALLOC))?;
 
                 let mut i = 0;
                 while i < len {

@@ -341,7 +341,9 @@ impl Update {
                     let local_clock = state
                         .entry(id.client)
                         .or_insert_with(|| txn.store.blocks.get_clock(&id.client));
-                    let offset = (*local_clock as i32) - (id.clock as i32);
+                    // In 64 bits: clocks are u32, and an i32 cast of a clock above 2^31 made a
+                    // hole look like an overlap (the block was then pushed without its skip).
+                    let offset = i64::from(*local_clock) - i64::from(id.clock);
 
                     if let Some(missing) =
                         Self::missing_dependency(&mut stack_head, &mut txn.store)?
@@ -358,13 +360,13 @@ impl Update {
                             txn.integrate_skip(
                                 BlockRange::new(
                                     ID::new(id.client, *local_clock),
-                                    offset.abs() as u32,
+                                    offset.unsigned_abs() as u32,
                                 ),
                                 0,
                             );
                         }
                         txn.integrate(stack_head, 0);
-                        *local_clock = (*local_clock).max(id.clock + len);
+                        *local_clock = (*local_clock).max(id.clock.saturating_add(len));
                     }
                 }
                 next = picker.next();
@@ -838,7 +840,7 @@ impl Decode for Update {
         // read blocks
         let clients_len: u32 = decoder.read_var()?;
         let mut clients = HashMap::with_hasher(BuildHasherDefault::default());
-        clients.try_reserve(clients_len as usize)?;
+        clients.try_reserve((clients_len as usize).min(crate::encoding::read::MAX_PREALLOC))?;
 
         let mut blocks = BlockSet { clients };
         for _ in 0..clients_len {
@@ -846,20 +848,28 @@ impl Decode for Update {
 
             let client = decoder.read_client()?;
             let mut clock: u32 = decoder.read_var()?;
+            // Each client has one section: a second one would put blocks with the same ids in
+            // the client's list twice, and integrating both links an item to itself (a cycle
+            // that every later read of the text walks forever).
+            if blocks.clients.contains_key(&client) {
+                return Err(Error::Malformed(MalformedKind::RepeatedClient));
+            }
             let blocks = blocks
                 .clients
                 .entry(client)
                 .or_insert_with(|| VecDeque::new());
             // Attempt to pre-allocate memory for the blocks. If the capacity overflows and
             // allocation fails, return an error.
-            blocks.try_reserve(blocks_len)?;
+            blocks.try_reserve(blocks_len.min(crate::encoding::read::MAX_PREALLOC))?;
 
             for _ in 0..blocks_len {
                 let id = ID::new(client, clock);
                 if let Some(block) = Self::decode_block(id, decoder)? {
                     // due to bug in the past it was possible for empty bugs to be generated
                     // even though they had no effect on the document store
-                    clock += block.len();
+                    clock = clock
+                        .checked_add(block.len())
+                        .ok_or(Error::Malformed(MalformedKind::ClockOverflow))?;
                     blocks.push_back(block);
                 }
             }

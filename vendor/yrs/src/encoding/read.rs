@@ -37,10 +37,19 @@ impl Error {
     }
 }
 
+/// The most elements a decoder reserves room for from a count it read: the count comes from the
+/// input, and a few bytes can claim billions. Past this, collections grow as elements are
+/// actually decoded, each of which takes input bytes.
+pub const MAX_PREALLOC: usize = 1024;
+
 #[derive(Debug)]
 pub enum MalformedKind {
     Utf8,
     EmptyBlock,
+    /// The same client's blocks appear in two sections of one update.
+    RepeatedClient,
+    /// A client's clock runs past `u32::MAX`.
+    ClockOverflow,
 }
 
 impl Display for MalformedKind {
@@ -48,6 +57,10 @@ impl Display for MalformedKind {
         match self {
             MalformedKind::Utf8 => write!(f, "invalid UTF-8 sequence"),
             MalformedKind::EmptyBlock => write!(f, "block cannot have 0 length"),
+            MalformedKind::RepeatedClient => {
+                write!(f, "a client's blocks appear in two sections of the update")
+            }
+            MalformedKind::ClockOverflow => write!(f, "a client's clock runs past 2^32 - 1"),
         }
     }
 }

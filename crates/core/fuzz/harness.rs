@@ -1,0 +1,306 @@
+//! What the fuzz targets run, shared with the test that replays the committed corpus
+//! (`crates/core/tests/fuzz_corpus.rs`): each function takes any bytes, must never panic or
+//! hang, and checks the invariants it can.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use pattern_mesh_core::doc::SharedDoc;
+use pattern_mesh_core::pattern::PatternConfig;
+use pattern_mesh_core::room::{JoinRequest, Output, Reader, RoomCore, RoomLimits};
+use pattern_mesh_core::store::{Appended, RoomRecord, StoreError};
+use pattern_mesh_core::validate::{Origin, Validator, ValidatorConfig, Verdict};
+use pattern_mesh_core::wire::part::Reassembler;
+use pattern_mesh_core::wire::{Body, Frame, Json, Limits, Positioned, RoomConfig, Stamp};
+
+/// Reads the fuzzer's bytes as a stream of small choices.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn u8(&mut self) -> Option<u8> {
+        let (&first, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(first)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from(self.u8()?) | u16::from(self.u8()?) << 8)
+    }
+
+    fn take(&mut self, n: usize) -> &[u8] {
+        let n = n.min(self.0.len());
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        head
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_frame: 4_096,
+        max_message: 64 * 1_024,
+        ..Limits::default()
+    }
+}
+
+/// The decoder: any bytes give a frame or an error; a frame encodes back to bytes that decode
+/// to the same frame; parts put together never exceed the message limit.
+pub fn decode(data: &[u8]) {
+    let limits = limits();
+    if let Ok(Positioned { position, frame }) = Frame::decode_positioned(data, &limits) {
+        let bytes = frame.encode();
+        let again = Frame::decode_with(&bytes, &limits.for_message())
+            .expect("what decoded encodes to something that decodes");
+        assert_eq!(again, frame);
+        if let Some(position) = position {
+            let positioned = pattern_mesh_core::wire::with_position(&bytes, position)
+                .expect("a frame takes a position");
+            assert_eq!(
+                Frame::decode_positioned(&positioned, &limits.for_message()).map(|p| p.frame),
+                Ok(frame)
+            );
+        }
+    }
+    // The same bytes as a stream of parts.
+    let mut reassembler = Reassembler::new();
+    let mut input = Bytes(data);
+    while let Some(len) = input.u8() {
+        let chunk = input.take(usize::from(len));
+        if let Ok(Frame::Part {
+            total,
+            offset,
+            bytes,
+        }) = Frame::decode_with(chunk, &limits)
+        {
+            if let Ok(Some(whole)) = reassembler.push(total, offset, bytes, limits.max_message) {
+                assert!(whole.len() <= limits.max_message);
+            }
+        }
+    }
+}
+
+/// The validator over a sequence of stamps: a sender's accepted steps strictly increase, a
+/// wrong pattern or a forged sender is never accepted, and every check is counted once.
+pub fn validator(data: &[u8]) {
+    let config = ValidatorConfig {
+        max_senders: 8,
+        idle_after_ms: 50,
+        stale_window: Some(30),
+        ..ValidatorConfig::default()
+    };
+    let pattern = PatternConfig::default();
+    let mut validator = Validator::new(config);
+    let mut accepted: HashMap<u64, u64> = HashMap::new();
+    let mut checks = 0u64;
+    let mut input = Bytes(data);
+    let mut now = 0u64;
+    while let (Some(sender), Some(step), Some(flags), Some(local)) =
+        (input.u8(), input.u16(), input.u8(), input.u16())
+    {
+        let sender = u64::from(sender % 16);
+        let step = u64::from(step);
+        let right = pattern.value(step);
+        let stamp = Stamp {
+            sender,
+            step,
+            pattern: if flags & 1 == 0 { right } else { right + 1 },
+        };
+        let origin = if flags & 2 == 0 {
+            Origin::Relayed { receiver: 3 }
+        } else {
+            Origin::Connection(u64::from(flags >> 4))
+        };
+        now += u64::from(flags >> 2 & 3) * 20;
+        checks += 1;
+        if validator.check(&stamp, origin, u64::from(local), now) == Verdict::Accepted {
+            assert_eq!(stamp.pattern, right, "a wrong pattern was accepted");
+            match origin {
+                Origin::Relayed { receiver } => assert!(sender != receiver && sender != 0),
+                Origin::Connection(node) => assert_eq!(sender, node),
+            }
+            if let Some(&last) = accepted.get(&sender) {
+                assert!(step > last, "sender {sender}: step {step} after {last}");
+            }
+            accepted.insert(sender, step);
+        }
+    }
+    let counters = validator.counters();
+    assert_eq!(counters.accepted + counters.rejected_total(), checks);
+}
+
+/// The room over joins, leaves, frames (well formed or not), fences, store answers and time:
+/// never a panic, and what it hands the store for each node has strictly increasing steps (a
+/// node's stored messages are a prefix of what it sent).
+pub fn room(data: &[u8]) {
+    let limits = RoomLimits {
+        limits: limits(),
+        rate: 50,
+        burst: 20,
+        max_members: 4,
+    };
+    let Ok(mut room) = RoomCore::new(
+        "r".into(),
+        RoomRecord::new(RoomConfig::default(), 1),
+        limits,
+        0,
+    ) else {
+        return;
+    };
+    let pattern = PatternConfig::default();
+    let mut readers: HashMap<u64, Reader> = HashMap::new();
+    let mut nodes: HashMap<u64, u64> = HashMap::new();
+    let mut steps: HashMap<u64, u64> = HashMap::new();
+    let mut appended: HashMap<u64, u64> = HashMap::new();
+    let mut in_store = 0usize;
+    let mut position = 0u64;
+    let mut now = 0u64;
+    let mut input = Bytes(data);
+    while let Some(op) = input.u8() {
+        let conn = u64::from(op >> 4 & 3) + 1;
+        match op % 8 {
+            0 => {
+                let resume = input.u8().map(|b| [b % 4; 16]).filter(|_| op & 0x40 != 0);
+                let request = JoinRequest {
+                    name: "f".into(),
+                    since: 0,
+                    log: 1,
+                    resume,
+                };
+                let fresh = [input.u8().unwrap_or(0); 16];
+                if let Ok(joined) = room.join(now, conn, request, fresh) {
+                    nodes.insert(conn, joined.node);
+                    readers.insert(conn, Reader::new(limits.limits));
+                }
+            }
+            1 => {
+                room.leave(conn);
+                nodes.remove(&conn);
+                readers.remove(&conn);
+            }
+            2 => {
+                // A stamped frame, its step near the node's own.
+                let (Some(&node), Some(kind), Some(jump)) =
+                    (nodes.get(&conn), input.u8(), input.u8())
+                else {
+                    continue;
+                };
+                let step = steps.entry(node).or_insert(0);
+                *step = (*step + u64::from(jump % 8)).saturating_sub(u64::from(kind >> 7));
+                let stamp = Stamp {
+                    sender: node,
+                    step: *step,
+                    pattern: pattern.value(*step) + u64::from(kind >> 6 & 1),
+                };
+                let body = match kind % 4 {
+                    0 => Body::Data {
+                        data: Json::parse("1").expect("json"),
+                    },
+                    1 => Body::Update {
+                        doc: "d".into(),
+                        update: input.take(usize::from(jump)).to_vec(),
+                    },
+                    2 => Body::Checkpoint {
+                        doc: "*".into(),
+                        state_vector: vec![0],
+                        deletes: 0,
+                        digest: 0,
+                    },
+                    _ => Body::SyncRequest {
+                        doc: "*".into(),
+                        state_vector: vec![],
+                        to: u64::from(jump % 4),
+                    },
+                };
+                let bytes = Frame::stamped(stamp, body).encode();
+                for piece in pattern_mesh_core::wire::part::fragment(&bytes, 256) {
+                    if let Some(reader) = readers.get_mut(&conn) {
+                        let read = reader.read(piece.into());
+                        room.receive(now, conn, read);
+                    }
+                }
+            }
+            3 => {
+                let len = input.u8().unwrap_or(0);
+                let raw = input.take(usize::from(len)).to_vec();
+                if let Some(reader) = readers.get_mut(&conn) {
+                    let read = reader.read(raw.into());
+                    room.receive(now, conn, read);
+                }
+            }
+            4 | 5 if in_store > 0 => {
+                in_store -= 1;
+                let result = if op % 8 == 4 {
+                    position += 1;
+                    Ok(Appended::Stored { position })
+                } else {
+                    Err(StoreError::Backend("fuzzed failure".into()))
+                };
+                room.appended(result);
+            }
+            6 => {
+                if let Some(reader) = readers.get_mut(&conn) {
+                    let fence = Frame::Fence { step: 0 }.encode();
+                    let read = reader.read(fence.into());
+                    room.receive(now, conn, read);
+                }
+            }
+            _ => now += u64::from(input.u8().unwrap_or(0)) * 10,
+        }
+        while let Some(output) = room.poll_output() {
+            if let Output::Append(append) = output {
+                in_store += 1;
+                let last = appended.entry(append.sender).or_insert(0);
+                assert!(
+                    append.step > *last,
+                    "node {} stored step {} after {}",
+                    append.sender,
+                    append.step,
+                    last
+                );
+                *last = append.step;
+            }
+        }
+    }
+}
+
+/// A replica with some history, from two clients.
+fn base() -> SharedDoc {
+    let a = SharedDoc::with_client_id(11);
+    let b = SharedDoc::with_client_id(22);
+    let u1 = a.insert("content", 0, "hello world, ").expect("insert");
+    b.apply_update(&u1).expect("apply");
+    let u2 = b.insert("content", 13, "this is shared text").expect("insert");
+    let u3 = a.delete("content", 0, 6).expect("delete");
+    let u4 = a.insert("notes", 0, "second text").expect("insert");
+    let doc = SharedDoc::with_client_id(33);
+    for update in [u1, u2, u3, u4] {
+        doc.apply_update(&update).expect("apply");
+    }
+    doc
+}
+
+/// The document: any bytes applied as a Yjs update to a replica with history (and again, and
+/// in two halves), then every text read, the digest, the version and a diff: never a panic,
+/// and (under the fuzzer's timeout) never a hang.
+pub fn document(data: &[u8]) {
+    let doc = base();
+    let _ = doc.apply_update(data);
+    let _ = doc.apply_update(data);
+    read_all(&doc);
+    let (first, second) = data.split_at(data.len() / 2);
+    let halves = base();
+    let _ = halves.apply_update(first);
+    let _ = halves.apply_update(second);
+    read_all(&halves);
+}
+
+fn read_all(doc: &SharedDoc) {
+    for name in doc.text_names() {
+        let text = doc.text(&name);
+        assert!(text.len() < 1 << 24);
+    }
+    let _ = doc.digest();
+    let _ = doc.version();
+    let _ = doc.diff(&[0]);
+    let _ = doc.snapshot();
+}
