@@ -269,7 +269,9 @@ fn base() -> SharedDoc {
     let b = SharedDoc::with_client_id(22);
     let u1 = a.insert("content", 0, "hello world, ").expect("insert");
     b.apply_update(&u1).expect("apply");
-    let u2 = b.insert("content", 13, "this is shared text").expect("insert");
+    let u2 = b
+        .insert("content", 13, "this is shared text")
+        .expect("insert");
     let u3 = a.delete("content", 0, 6).expect("delete");
     let u4 = a.insert("notes", 0, "second text").expect("insert");
     let doc = SharedDoc::with_client_id(33);

@@ -24,10 +24,7 @@ fn replay(target: &str, run: fn(&[u8])) {
             .iter()
             .map(|p| (p.clone(), std::fs::read(p).expect("readable")))
             .collect();
-        let names: Vec<String> = batch
-            .iter()
-            .map(|(p, _)| p.display().to_string())
-            .collect();
+        let names: Vec<String> = batch.iter().map(|(p, _)| p.display().to_string()).collect();
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for (_, bytes) in &batch {
