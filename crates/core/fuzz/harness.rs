@@ -294,6 +294,12 @@ pub fn document(data: &[u8]) {
     let _ = halves.apply_update(first);
     let _ = halves.apply_update(second);
     read_all(&halves);
+    // Merging is decoding and encoding: what it gives back must decode again.
+    if let Ok(merged) = pattern_mesh_core::doc::merge_updates(&[first, second]) {
+        SharedDoc::new()
+            .apply_update(&merged)
+            .expect("a merged update applies");
+    }
 }
 
 fn read_all(doc: &SharedDoc) {
@@ -304,5 +310,15 @@ fn read_all(doc: &SharedDoc) {
     let _ = doc.digest();
     let _ = doc.version();
     let _ = doc.diff(&[0]);
-    let _ = doc.snapshot();
+    // What a replica encodes, another decodes to the same texts.
+    let copy = SharedDoc::with_client_id(44);
+    copy.apply_update(&doc.snapshot())
+        .expect("a snapshot applies to a fresh document");
+    for name in doc.text_names() {
+        assert_eq!(
+            copy.text(&name),
+            doc.text(&name),
+            "text {name:?} after a snapshot"
+        );
+    }
 }

@@ -576,4 +576,51 @@ mod tests {
         b.insert("t", 0, "y").unwrap();
         assert_ne!(a.digest(), b.digest());
     }
+
+    /// The updates of the hostile-member findings (the inputs that made published yrs 0.28.1
+    /// hang or panic): each is refused with an error, and the document stays readable.
+    #[test]
+    fn hostile_updates_are_refused_and_the_document_stays_usable() {
+        let doc = SharedDoc::with_client_id(33);
+        doc.apply_update(
+            &SharedDoc::with_client_id(11)
+                .insert("content", 0, "hello")
+                .unwrap(),
+        )
+        .unwrap();
+        // A client's blocks in two sections: an item linked to itself, a read that never ends.
+        let cycle = [
+            2, 1, 22, 0, 193, 11, 4, 11, 11, 1, 1, 22, 0, 193, 11, 4, 11, 11, 1, 1, 11, 1, 4, 1,
+        ];
+        assert!(matches!(
+            doc.apply_update(&cycle),
+            Err(DocError::InvalidUpdate(reason)) if reason.contains("two sections")
+        ));
+        // A clock past 2^32 - 1 (an `unwrap` on `None` in the block store).
+        let overflow = [
+            1, 1, 11, 180, 238, 154, 146, 11, 196, 11, 4, 11, 5, 6, 44, 32, 100, 101, 97, 114, 0,
+        ];
+        let _ = doc.apply_update(&overflow);
+        // Content reference 18 names no content type (published yrs read it as JSON).
+        let mut unknown = vec![1, 1, 11, 0, 0x12, 1, 7];
+        unknown.extend_from_slice(b"content");
+        unknown.extend_from_slice(&[2, 1, b'1', 1, b'2', 0]);
+        assert!(doc.apply_update(&unknown).is_err());
+        assert_eq!(doc.text("content"), "hello");
+        let copy = SharedDoc::new();
+        copy.apply_update(&doc.snapshot()).unwrap();
+        assert_eq!(copy.text("content"), "hello");
+    }
+
+    /// JSON content (written by old Yjs versions) holds as many strings as its count says:
+    /// published yrs read one more, so it refused Yjs's bytes and could not decode its own.
+    #[test]
+    fn json_content_decodes_as_it_is_encoded() {
+        let mut json = vec![1, 1, 11, 0, 2, 1, 7];
+        json.extend_from_slice(b"content");
+        json.extend_from_slice(&[2, 1, b'1', 1, b'2', 0]);
+        let doc = SharedDoc::new();
+        doc.apply_update(&json).unwrap();
+        assert_eq!(merge_updates(&[&json]).unwrap(), json);
+    }
 }
