@@ -62,6 +62,16 @@ pub enum ConfigError {
         /// The refused multiplier.
         multiplier: u64,
     },
+    /// A room setting outside its range.
+    #[error("{field} is {value}; it must be between 1 and {max}")]
+    OutOfRange {
+        /// Which setting.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// The largest value allowed.
+        max: u64,
+    },
     /// A value is larger than JavaScript can represent exactly (2^53 - 1).
     #[error("{field} is {value}, more than JavaScript's largest safe integer (2^53 - 1)")]
     UnsafeForJs {

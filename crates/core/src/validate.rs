@@ -82,6 +82,7 @@ impl ValidatorConfig {
     /// The settings for a room, with the default sender table (4,096 senders, idle after 10
     /// minutes).
     pub fn for_room(room: &RoomConfig) -> Result<Self, ConfigError> {
+        room.check()?;
         Ok(Self {
             pattern: PatternConfig::new(room.pattern)?,
             max_future: room.max_future,

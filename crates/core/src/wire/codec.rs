@@ -104,6 +104,11 @@ impl<'a> Reader<'a> {
             }
             value |= low << (7 * i);
             if byte & 0x80 == 0 {
+                // Every integer of the protocol is a JS number on the other side, and a store
+                // column: above 2^53 - 1 neither holds it exactly.
+                if value > crate::pattern::MAX_SAFE_INTEGER {
+                    return Err(DecodeError::Unsafe { field, value });
+                }
                 return Ok(value);
             }
         }
@@ -143,7 +148,12 @@ mod tests {
             let mut w = Writer::with_capacity(10);
             w.var(value);
             assert_eq!(w.0.len(), var_len(value), "{value}");
-            assert_eq!(Reader::new(&w.0).var("v"), Ok(value));
+            let read = Reader::new(&w.0).var("v");
+            if value <= crate::pattern::MAX_SAFE_INTEGER {
+                assert_eq!(read, Ok(value));
+            } else {
+                assert_eq!(read, Err(DecodeError::Unsafe { field: "v", value }));
+            }
         }
     }
 }

@@ -344,6 +344,35 @@ pub struct RoomConfig {
     pub stale_window: Option<u64>,
 }
 
+impl RoomConfig {
+    /// The largest `max_future` and `stale_window` a room may have: a million steps.
+    pub const MAX_WINDOW: u64 = 1_000_000;
+
+    /// Checks that the configuration is usable: a valid pattern, `max_future` in
+    /// `1..=MAX_WINDOW`, and a stale window, if any, in `1..=MAX_WINDOW`.
+    pub fn check(&self) -> Result<(), crate::pattern::ConfigError> {
+        use crate::pattern::ConfigError;
+        crate::pattern::PatternConfig::new(self.pattern)?;
+        if !(1..=Self::MAX_WINDOW).contains(&self.max_future) {
+            return Err(ConfigError::OutOfRange {
+                field: "maxFuture",
+                value: self.max_future,
+                max: Self::MAX_WINDOW,
+            });
+        }
+        if let Some(window) = self.stale_window {
+            if !(1..=Self::MAX_WINDOW).contains(&window) {
+                return Err(ConfigError::OutOfRange {
+                    field: "staleWindow",
+                    value: window,
+                    max: Self::MAX_WINDOW,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for RoomConfig {
     fn default() -> Self {
         Self {
@@ -998,12 +1027,13 @@ fn read_room_config(r: &mut Reader<'_>) -> Result<RoomConfig, DecodeError> {
         multiplier: r.var("config.multiplier")?,
         reset_interval: r.var("config.reset_interval")?,
     };
-    crate::pattern::PatternConfig::new(pattern)?;
-    Ok(RoomConfig {
+    let config = RoomConfig {
         pattern,
         max_future: r.var("config.max_future")?,
         stale_window: r.var("config.stale_window")?.checked_sub(1),
-    })
+    };
+    config.check()?;
+    Ok(config)
 }
 
 fn room(r: &mut Reader<'_>, limits: &Limits) -> Result<String, DecodeError> {
@@ -1100,6 +1130,14 @@ pub enum DecodeError {
     /// A varint is longer than 10 bytes or exceeds 64 bits.
     #[error("the integer `{0}` does not fit in 64 bits")]
     VarintOverflow(&'static str),
+    /// An integer is above 2^53 - 1: a JS number would not hold it exactly, nor a store column.
+    #[error("`{field}` is {value}, above the largest integer a frame may carry (2^53 - 1)")]
+    Unsafe {
+        /// Which field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
     /// A string is not valid UTF-8.
     #[error("the field `{0}` is not valid UTF-8")]
     InvalidUtf8(&'static str),
@@ -1180,7 +1218,7 @@ mod tests {
                 resume: [1; 16],
                 config: RoomConfig::default(),
                 limits: RelayLimits::default(),
-                high: u64::MAX,
+                high: crate::pattern::MAX_SAFE_INTEGER,
                 log: 12,
                 peers: vec![Peer {
                     node: 2,
@@ -1366,11 +1404,73 @@ mod tests {
         max.extend_from_slice(&[0x01, 0x05]);
         assert_eq!(
             Frame::decode(&max),
-            Ok(Frame::Ack {
-                step: u64::MAX,
-                position: 5
+            Err(DecodeError::Unsafe {
+                field: "step",
+                value: u64::MAX
             })
         );
+    }
+
+    /// A step above 2^53 - 1 is malformed wherever it appears: JS would round it, and a store
+    /// column could not hold the larger ones (a frame at step 2^63 + 4 once failed a whole batch
+    /// of other rooms' writes).
+    #[test]
+    fn integers_above_two_to_the_53_are_refused() {
+        let safe = crate::pattern::MAX_SAFE_INTEGER;
+        let frame = |step| {
+            Frame::stamped(
+                Stamp {
+                    sender: 3,
+                    step,
+                    pattern: 7,
+                },
+                Body::Data {
+                    data: Json::parse("1").unwrap(),
+                },
+            )
+        };
+        assert!(Frame::decode(&frame(safe).encode()).is_ok());
+        for step in [safe + 1, (1 << 63) + 4, u64::MAX] {
+            let refused = Frame::decode(&frame(step).encode()).unwrap_err();
+            assert_eq!(
+                refused,
+                DecodeError::Unsafe {
+                    field: "step",
+                    value: step
+                }
+            );
+            assert_eq!(refused.reason(), Reason::Malformed);
+        }
+    }
+
+    #[test]
+    fn room_settings_out_of_range_are_refused() {
+        let join = |max_future, stale_window| Frame::Join {
+            room: "r".into(),
+            name: "n".into(),
+            since: 0,
+            log: 0,
+            resume: None,
+            config: Some(RoomConfig {
+                max_future,
+                stale_window,
+                ..RoomConfig::default()
+            }),
+        };
+        assert!(Frame::decode(&join(1_000_000, Some(1_000_000)).encode()).is_ok());
+        for (max_future, stale_window) in [
+            (0, None),
+            (1_000_001, None),
+            (crate::pattern::MAX_SAFE_INTEGER, None),
+            (1_000, Some(0)),
+            (1_000, Some(1_000_001)),
+        ] {
+            let refused = Frame::decode(&join(max_future, stale_window).encode()).unwrap_err();
+            assert!(
+                matches!(refused, DecodeError::InvalidConfig(_)),
+                "{max_future} {stale_window:?}: {refused}"
+            );
+        }
     }
 
     #[test]
