@@ -1,10 +1,21 @@
 //! The step clock: a node's view of the room's global step.
 //!
-//! A node keeps `local`, the highest step it has accepted or sent. Sending takes `local + 1`;
-//! accepting a message takes the highest of the two (the seed's catch-up model: the highest step
-//! wins); joining fast-forwards to the room's high step from the relay's welcome. Every move
-//! reports whether it crossed into a new phase, because phase boundaries are the room's
-//! checkpoints (see [`crate::pattern::PatternConfig::phase`]).
+//! A node keeps `local`, its view of the room's step. Sending takes `local + 1`; accepting a
+//! message whose step is above `local` moves `local` up by exactly one, whatever that step is;
+//! joining fast-forwards to the room's step from the relay's welcome. Every move reports whether
+//! it crossed into a new phase, because phase boundaries are the room's checkpoints (see
+//! [`crate::pattern::PatternConfig::phase`]).
+//!
+//! **Why one step per message.** The relay moves the room's step by the same rule (a message it
+//! fans out to everyone, stamped above the room step, adds one), so the room step counts
+//! messages, and no sender can drag it: a member stamping each message 1,000 steps ahead moves
+//! it no faster than one stamping `local + 1`. Under the seed's rule (the highest step wins)
+//! such a member pushed every honest member's inputs behind a game room's stale window.
+//!
+//! The same rule keeps receivers in agreement with the relay: a receiver takes messages in the
+//! order the relay accepted them, and its own sends only add to `local`, so when a message
+//! arrives `local` is at least the room step the relay checked it against. A message the relay
+//! found within `max_future` is then within `max_future` of the receiver too.
 
 use crate::pattern::{PatternConfig, PatternValue, Step};
 
@@ -88,8 +99,18 @@ impl StepClock {
         ))
     }
 
-    /// Records an accepted message's step: the highest step wins.
+    /// Records an accepted message's step: a step above `local` moves `local` by one.
     pub fn accept(&mut self, step: Step) -> Advance {
+        if step > self.local {
+            self.move_to(self.local + 1)
+        } else {
+            self.move_to(self.local)
+        }
+    }
+
+    /// Moves past `step` at once: for a frame this node sent outside the clock (a raw frame),
+    /// whose step no later message of the node may share.
+    pub fn pass(&mut self, step: Step) -> Advance {
         self.move_to(step)
     }
 
@@ -140,19 +161,22 @@ mod tests {
     }
 
     #[test]
-    fn accept_keeps_the_highest_step() {
+    fn a_message_ahead_moves_the_clock_by_one_whatever_its_step() {
         let mut clock = StepClock::new(PatternConfig::default());
-        assert!(clock.accept(10).moved());
-        let back = clock.accept(4);
+        assert_eq!(clock.accept(1_000).to, 1);
+        assert_eq!(clock.accept(2_000).to, 2);
+        let back = clock.accept(2);
         assert!(!back.moved());
-        assert_eq!(clock.local(), 10);
+        assert_eq!(clock.local(), 2);
+        assert_eq!(clock.next().unwrap().0.step, 3);
+        assert_eq!(clock.pass(10).to, 10);
         assert_eq!(clock.next().unwrap().0.step, 11);
     }
 
     #[test]
     fn crossing_a_boundary_reports_the_phase_entered() {
         let mut clock = StepClock::new(PatternConfig::default());
-        assert_eq!(clock.accept(99).entered_phase, None);
+        assert_eq!(clock.join(99).entered_phase, None);
         let (tick, advance) = clock.next().unwrap();
         assert_eq!(
             tick,

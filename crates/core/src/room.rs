@@ -17,7 +17,9 @@
 //!   a prefix of what it sent, and a `replay` answer to a message sent again means "stored";
 //! - a message is acknowledged, with its own step, only once it is durable; appends finish in
 //!   the order they were handed out, and that order is the log's;
-//! - checkpoints and the sync exchange are validated and forwarded, never stored.
+//! - checkpoints and the sync exchange are validated and forwarded, never stored;
+//! - the room step moves by one for each message everyone receives whose step is above it,
+//!   whatever that step (see [`crate::clock`]): a member cannot drag it forward.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -682,8 +684,12 @@ impl RoomCore {
             let detail = self.validator.explain(&stamp, origin, self.high, reason);
             return self.reject(conn, stamp.step, reason, detail);
         }
-        self.high = self.high.max(stamp.step);
         let body = &stamped.body;
+        // The room step counts what everyone receives: a message above it moves it by one,
+        // whatever its step (see `crate::clock`), so that no member can drag it forward.
+        if stamp.step > self.high && body.recipient().is_none() {
+            self.high += 1;
+        }
         if !body.is_durable() {
             if self.pending.is_empty() {
                 return self.forward(conn, body.recipient(), &bytes);
@@ -919,6 +925,41 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A member stamping each message 999 steps ahead (within `maxFuture`) moves the room step
+    /// by one per message, as an honest member does: in a game room with a stale window of 40,
+    /// the others' inputs stay fresh.
+    #[test]
+    fn a_member_stamping_far_ahead_cannot_drag_the_room_step() {
+        let config = RoomConfig {
+            stale_window: Some(40),
+            ..RoomConfig::default()
+        };
+        let mut room = RoomCore::new(
+            "r".into(),
+            RoomRecord::new(config, 1),
+            RoomLimits::default(),
+            0,
+        )
+        .unwrap();
+        let hostile = room.join(0, 1, req("h", None), [1; 16]).unwrap();
+        let honest = room.join(0, 2, req("a", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        let mut step = 0;
+        for i in 1..=50u64 {
+            step = room.high() + 999;
+            send(&mut room, i, 1, data(hostile.node, step));
+            assert_eq!(room.high(), i, "the room step counts messages");
+        }
+        assert!(step > 1_000, "the hostile member is far ahead");
+        // The honest member's clock followed the same messages: it is at 50, and its input
+        // is neither stale nor refused.
+        send(&mut room, 60, 2, data(honest.node, 51));
+        let out = outputs(&mut room);
+        assert!(sent_to(&out, 2).is_empty(), "{:?}", sent_to(&out, 2));
+        assert_eq!(room.counters().accepted, 51);
+        assert_eq!(room.high(), 51);
     }
 
     #[test]

@@ -600,7 +600,7 @@ impl<R: Replica> Session<R> {
         // The clock moves past a raw frame's step, so that no message of this session shares it
         // (the relay's answer to one would be read as the answer to the other).
         if let Some((_, stamp)) = crate::wire::peek_stamp(&bytes) {
-            let advance = self.clock.accept(stamp.step);
+            let advance = self.clock.pass(stamp.step);
             self.step_event(advance);
         }
         self.outputs.push_back(Output::Send(bytes));

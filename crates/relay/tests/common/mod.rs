@@ -314,6 +314,12 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy to `target`, up.
     pub async fn start(target: std::net::SocketAddr) -> Proxy {
+        Self::start_delayed(target, Duration::ZERO).await
+    }
+
+    /// A proxy to `target` that holds every byte the client sends for `uplink` before passing
+    /// it on (in order): a client far from the relay.
+    pub async fn start_delayed(target: std::net::SocketAddr, uplink: Duration) -> Proxy {
         use std::sync::atomic::Ordering;
         use std::sync::{Arc, Mutex};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -334,8 +340,12 @@ impl Proxy {
                         if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
                             let _ = inbound.set_nodelay(true);
                             let _ = outbound.set_nodelay(true);
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            if uplink.is_zero() {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                    .await;
+                            } else {
+                                delayed(inbound, outbound, uplink).await;
+                            }
                         }
                     });
                     links.lock().unwrap().push(link.abort_handle());
@@ -370,6 +380,40 @@ impl Proxy {
     pub fn retarget(&self, target: std::net::SocketAddr) {
         *self.target.lock().unwrap() = target;
     }
+}
+
+/// Copies both ways, holding what `client` sends for `uplink`.
+async fn delayed(client: tokio::net::TcpStream, relay: tokio::net::TcpStream, uplink: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut relay_read, mut relay_write) = relay.into_split();
+    let (held, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let up = async move {
+        let mut buf = vec![0; 64 * 1024];
+        while let Ok(n) = client_read.read(&mut buf).await {
+            if n == 0
+                || held
+                    .send((tokio::time::Instant::now() + uplink, buf[..n].to_vec()))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let forward = async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if relay_write.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = relay_write.shutdown().await;
+    };
+    let down = async move {
+        let _ = tokio::io::copy(&mut relay_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(up, forward, down);
 }
 
 impl Drop for Proxy {
