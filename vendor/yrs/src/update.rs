@@ -848,19 +848,10 @@ impl Decode for Update {
 
             let client = decoder.read_client()?;
             let mut clock: u32 = decoder.read_var()?;
-            // Each client has one section: a second one would put blocks with the same ids in
-            // the client's list twice, and integrating both links an item to itself (a cycle
-            // that every later read of the text walks forever).
-            if blocks.clients.contains_key(&client) {
-                return Err(Error::Malformed(MalformedKind::RepeatedClient));
-            }
-            let blocks = blocks
-                .clients
-                .entry(client)
-                .or_insert_with(|| VecDeque::new());
+            let mut section = VecDeque::new();
             // Attempt to pre-allocate memory for the blocks. If the capacity overflows and
             // allocation fails, return an error.
-            blocks.try_reserve(blocks_len.min(crate::encoding::read::MAX_PREALLOC))?;
+            section.try_reserve(blocks_len.min(crate::encoding::read::MAX_PREALLOC))?;
 
             for _ in 0..blocks_len {
                 let id = ID::new(client, clock);
@@ -870,9 +861,21 @@ impl Decode for Update {
                     clock = clock
                         .checked_add(block.len())
                         .ok_or(Error::Malformed(MalformedKind::ClockOverflow))?;
-                    blocks.push_back(block);
+                    section.push_back(block);
                 }
             }
+            // Each client has one section with blocks: a second one would put blocks with the
+            // same ids in the client's list twice, and integrating both links an item to itself
+            // (a cycle that every later read of the text walks forever). An empty section adds
+            // nothing.
+            let known = blocks.clients.entry(client).or_default();
+            if section.is_empty() {
+                continue;
+            }
+            if !known.is_empty() {
+                return Err(Error::Malformed(MalformedKind::RepeatedClient));
+            }
+            *known = section;
         }
         // read delete set
         let delete_set = IdSet::decode(decoder)?;
