@@ -196,8 +196,10 @@ fn the_clock_steps_and_reports_phases() {
     assert_eq!(seen.length(), 1);
     assert_eq!(JSON::stringify(&seen).unwrap(), "[[1,100]]");
     let advance: JsValue = clock.accept(50.0).unwrap().into();
-    assert_eq!(get(&advance, "to"), 100.0, "the highest step wins");
+    assert_eq!(get(&advance, "to"), 100.0, "a step behind moves nothing");
     assert_eq!(get(&advance, "enteredPhase"), JsValue::NULL);
+    let advance: JsValue = clock.accept(5_000.0).unwrap().into();
+    assert_eq!(get(&advance, "to"), 101.0, "a step ahead moves the clock by one");
     off.unchecked_ref::<js_sys::Function>()
         .call0(&JsValue::NULL)
         .unwrap();

@@ -20,7 +20,7 @@ type Listeners = Rc<RefCell<Vec<(u32, js_sys::Function)>>>;
 /// const off = clock.onPhase((phase, step) => console.log(`checkpoint: phase ${phase} at ${step}`));
 /// clock.join(250);          // fast-forward to the room's high step from the welcome
 /// const { step, pattern } = clock.next();   // 251, and its pattern value
-/// clock.accept(300);        // the highest step wins
+/// clock.accept(300);        // a message ahead moves the clock by one: 252
 /// off();
 /// ```
 #[wasm_bindgen]
@@ -90,7 +90,8 @@ impl StepClock {
         .unchecked_into())
     }
 
-    /// Records the step of an accepted message: the clock moves to it if it is higher.
+    /// Records the step of an accepted message: a step above the clock moves it by one, whatever
+    /// the step (the room step counts messages, so no sender can drag it).
     pub fn accept(&mut self, step: f64) -> Result<JsAdvance, JsValue> {
         let advance = self.inner.accept(to_u64("step", step)?);
         self.report(advance)
