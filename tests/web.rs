@@ -199,7 +199,11 @@ fn the_clock_steps_and_reports_phases() {
     assert_eq!(get(&advance, "to"), 100.0, "a step behind moves nothing");
     assert_eq!(get(&advance, "enteredPhase"), JsValue::NULL);
     let advance: JsValue = clock.accept(5_000.0).unwrap().into();
-    assert_eq!(get(&advance, "to"), 101.0, "a step ahead moves the clock by one");
+    assert_eq!(
+        get(&advance, "to"),
+        101.0,
+        "a step ahead moves the clock by one"
+    );
     off.unchecked_ref::<js_sys::Function>()
         .call0(&JsValue::NULL)
         .unwrap();
