@@ -2,8 +2,12 @@
 //! and the decoder against random and mutated bytes.
 #![cfg(not(target_arch = "wasm32"))]
 
-use pattern_mesh::pattern::{collapse_digits, iterative_value, PatternConfig, PatternParams};
-use pattern_mesh::wire::{Body, Frame, Json, Limits, Peer, Reason, RelayLimits, RoomConfig, Stamp};
+use pattern_mesh::pattern::{
+    collapse_digits, iterative_value, PatternConfig, PatternParams, MAX_SAFE_INTEGER,
+};
+use pattern_mesh::wire::{
+    Body, DecodeError, Frame, Json, Limits, Peer, Reason, RelayLimits, RoomConfig, Stamp,
+};
 use proptest::prelude::*;
 
 fn params() -> impl Strategy<Value = PatternParams> {
@@ -16,8 +20,13 @@ fn params() -> impl Strategy<Value = PatternParams> {
     )
 }
 
+/// An integer a frame may carry: at most 2^53 - 1 (digests are fixed-width and take any value).
+fn int() -> impl Strategy<Value = u64> {
+    prop_oneof![0..=1_000u64, 0..=MAX_SAFE_INTEGER, Just(MAX_SAFE_INTEGER)]
+}
+
 fn stamp() -> impl Strategy<Value = Stamp> {
-    (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(sender, step, pattern)| Stamp {
+    (int(), int(), int()).prop_map(|(sender, step, pattern)| Stamp {
         sender,
         step,
         pattern,
@@ -36,26 +45,21 @@ fn json() -> impl Strategy<Value = Json> {
 fn frame() -> impl Strategy<Value = Frame> {
     let name = "[a-z0-9 é]{0,20}";
     prop_oneof![
-        (
-            name,
-            name,
-            any::<u64>(),
-            any::<Option<[u8; 16]>>(),
-            any::<bool>()
-        )
-            .prop_map(|(room, name, since, resume, config)| Frame::Join {
+        (name, name, int(), any::<Option<[u8; 16]>>(), any::<bool>()).prop_map(
+            |(room, name, since, resume, config)| Frame::Join {
                 room: format!("r{room}"),
                 name,
                 since,
                 log: since / 3,
                 resume,
                 config: config.then(RoomConfig::default),
-            }),
+            }
+        ),
         (
-            any::<u64>(),
+            int(),
             any::<[u8; 16]>(),
-            any::<u64>(),
-            prop::collection::vec((any::<u64>(), name), 0..5)
+            int(),
+            prop::collection::vec((int(), name), 0..5)
         )
             .prop_map(|(node, resume, high, peers)| Frame::Welcome {
                 node,
@@ -69,16 +73,13 @@ fn frame() -> impl Strategy<Value = Frame> {
                     .map(|(node, name)| Peer { node, name })
                     .collect(),
             }),
-        (
-            any::<u64>(),
-            prop::sample::select(Reason::ALL.to_vec()),
-            ".{0,30}"
-        )
-            .prop_map(|(step, reason, detail)| Frame::Reject {
+        (int(), prop::sample::select(Reason::ALL.to_vec()), ".{0,30}").prop_map(
+            |(step, reason, detail)| Frame::Reject {
                 step,
                 reason,
                 detail
-            }),
+            }
+        ),
         (stamp(), json()).prop_map(|(stamp, data)| Frame::stamped(stamp, Body::Data { data })),
         (stamp(), name, prop::collection::vec(any::<u8>(), 0..200))
             .prop_map(|(stamp, doc, update)| Frame::stamped(stamp, Body::Update { doc, update })),
@@ -104,7 +105,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             stamp(),
             name,
             prop::collection::vec(any::<u8>(), 0..20),
-            any::<u64>()
+            int()
         )
             .prop_map(|(stamp, doc, state_vector, to)| Frame::stamped(
                 stamp,
@@ -114,19 +115,16 @@ fn frame() -> impl Strategy<Value = Frame> {
                     to
                 }
             )),
-        (
-            any::<u64>(),
-            any::<u64>(),
-            prop::collection::vec(any::<u8>(), 1..50)
-        )
-            .prop_map(|(total, offset, bytes)| Frame::Part {
+        (int(), int(), prop::collection::vec(any::<u8>(), 1..50)).prop_map(
+            |(total, offset, bytes)| Frame::Part {
                 total,
                 offset,
                 bytes
-            }),
-        any::<u64>().prop_map(|step| Frame::Fence { step }),
-        (any::<u64>(), json()).prop_map(|(sender, data)| Frame::Presence { sender, data }),
-        (any::<u64>(), any::<u64>()).prop_map(|(step, position)| Frame::Ack { step, position }),
+            }
+        ),
+        int().prop_map(|step| Frame::Fence { step }),
+        (int(), json()).prop_map(|(sender, data)| Frame::Presence { sender, data }),
+        (int(), int()).prop_map(|(step, position)| Frame::Ack { step, position }),
     ]
 }
 
@@ -176,6 +174,15 @@ proptest! {
     #[test]
     fn frames_round_trip(frame in frame()) {
         prop_assert_eq!(Frame::decode(&frame.encode()), Ok(frame));
+    }
+
+    #[test]
+    fn integers_above_2_pow_53_are_refused(step in (MAX_SAFE_INTEGER + 1)..=u64::MAX, position in int()) {
+        let bytes = Frame::Ack { step, position }.encode();
+        prop_assert_eq!(
+            Frame::decode(&bytes),
+            Err(DecodeError::Unsafe { field: "step", value: step })
+        );
     }
 
     #[test]

@@ -28,9 +28,11 @@ use bytes::Bytes;
 use pattern_mesh::doc::SharedDoc;
 use pattern_mesh::room::{self, ConnId, RoomCore, RoomLimits};
 use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status};
-use pattern_mesh::store::{MemoryStore, NodeRecord};
+use pattern_mesh::store::MemoryStore;
 use pattern_mesh::wire::part;
-use pattern_mesh::wire::{close, Body, Frame, Json, Limits, NodeId, Positioned, RoomConfig};
+use pattern_mesh::wire::{
+    close, Body, Frame, Json, Limits, NodeId, Positioned, RoomConfig, Stamped,
+};
 
 const ROOM: &str = "sim";
 const TEXT: &str = "content";
@@ -129,6 +131,12 @@ impl Scenario {
                 rate: rng.range(20, 200),
                 burst: rng.range(2, 40),
                 max_members: 16,
+                bandwidth: [4 << 20, 256 << 10, 64 << 10][rng.range(0, 2) as usize],
+                bandwidth_burst: [1 << 20, 256 << 10][rng.range(0, 1) as usize],
+                resume_grace: rng.range(0, 2_000),
+                compact_bytes: rng.range(1 << 10, 256 << 10),
+                compact_updates: rng.range(5, 500),
+                max_room_bytes: 1 << 30,
             },
             send_queue: rng.range(64, 1_024) as usize,
             commit: {
@@ -251,6 +259,8 @@ enum Ev {
         reason: String,
     },
     Durable,
+    /// The room's timer.
+    RoomTick,
     Fault(Fault),
     Restart,
     Online {
@@ -277,7 +287,7 @@ struct RelayConn {
 }
 
 enum StoreOp {
-    Register(NodeRecord),
+    Reserve(u64),
     Append(room::Append),
 }
 
@@ -290,6 +300,11 @@ struct Relay {
     conns: BTreeMap<ConnId, RelayConn>,
     /// How many times the store was wiped.
     era: u64,
+    /// The (sender, step) of every update stored: compaction may drop them from the log.
+    updates: HashSet<(NodeId, u64)>,
+    /// Who holds each node id, by store era; and ids seen with two clients.
+    holders: HashMap<(u64, NodeId), usize>,
+    duplicate_ids: Vec<(NodeId, usize, usize)>,
 }
 
 struct Client {
@@ -302,7 +317,8 @@ struct Client {
     ops: u64,
     sent_data: Vec<String>,
     received_data: Vec<String>,
-    acked: Vec<(u64, u64)>,
+    /// (node, step, position) of each acknowledgement.
+    acked: Vec<(u64, u64, u64)>,
     received: HashSet<u64>,
     refused: u32,
     anomalies: Vec<String>,
@@ -322,6 +338,8 @@ struct Sim {
     trace: Option<String>,
     processed: u64,
     forgot: bool,
+    /// When the room's timer is set for.
+    room_tick: Option<u64>,
     stats: Stats,
 }
 
@@ -333,6 +351,8 @@ struct Stats {
     parts: u64,
     checkpoints: u64,
     refused_for_good: u64,
+    compactions: u64,
+    room_loads: u64,
 }
 
 impl Stats {
@@ -344,6 +364,8 @@ impl Stats {
         self.parts += other.parts;
         self.checkpoints += other.checkpoints;
         self.refused_for_good += other.refused_for_good;
+        self.compactions += other.compactions;
+        self.room_loads += other.room_loads;
     }
 }
 
@@ -357,7 +379,7 @@ impl Sim {
     fn with(seed: u64, scenario: Scenario, trace: bool) -> Self {
         let rng = Rng(seed ^ 0x5eed);
         let store = MemoryStore::new();
-        store.create_now(ROOM, RoomConfig::default());
+        store.open_now(ROOM, RoomConfig::default());
         let mut sim = Sim {
             rng,
             scenario,
@@ -372,12 +394,16 @@ impl Sim {
                 writes: VecDeque::new(),
                 conns: BTreeMap::new(),
                 era: 0,
+                updates: HashSet::new(),
+                holders: HashMap::new(),
+                duplicate_ids: Vec::new(),
             },
             clients: Vec::new(),
             next_conn: 1,
             trace: trace.then(String::new),
             processed: 0,
             forgot: false,
+            room_tick: None,
             stats: Stats::default(),
         };
         for i in 0..sim.scenario.clients {
@@ -547,6 +573,12 @@ impl Sim {
                 }
             }
             Ev::Durable => self.durable(),
+            Ev::RoomTick => {
+                if let Some(core) = &mut self.relay.core {
+                    core.tick(self.now);
+                }
+                self.relay_outputs();
+            }
             Ev::Fault(fault) => self.fault(fault),
             Ev::Restart => {
                 self.log(|| "the relay is back".into());
@@ -592,17 +624,9 @@ impl Sim {
                 // The relay restarts having expired the records of every node.
                 self.log(|| "fault: the relay restarts and forgets every node".into());
                 self.forgot = true;
-                let nodes: Vec<NodeId> = self
-                    .relay
-                    .store
-                    .load_now(ROOM)
-                    .map(|r| r.nodes.iter().map(|n| n.node).collect())
-                    .unwrap_or_default();
                 let down = self.rng.range(100, 2_000);
                 self.fault(Fault::Crash { down });
-                for node in nodes {
-                    self.relay.store.forget_node(ROOM, node);
-                }
+                self.relay.store.forget_nodes(ROOM);
             }
             Fault::Wipe => {
                 self.log(|| "fault: the relay restarts on an empty store".into());
@@ -611,7 +635,8 @@ impl Sim {
                 self.fault(Fault::Crash { down });
                 self.relay.store = MemoryStore::new();
                 self.relay.era += 1;
-                self.relay.store.create_now(ROOM, RoomConfig::default());
+                self.relay.updates.clear();
+                self.relay.store.open_now(ROOM, RoomConfig::default());
                 for client in &mut self.clients {
                     client.acked.clear();
                     // Data already sent is gone with the store; what is sent from now on must
@@ -946,11 +971,24 @@ impl Sim {
         };
         match Frame::decode_positioned(bytes, &limits) {
             Ok(Positioned {
-                frame: Frame::Ack { step, .. },
+                frame: Frame::Ack { step, position },
                 ..
             }) => {
                 let node = self.clients[client].session.node();
-                self.clients[client].acked.push((node, step));
+                self.clients[client].acked.push((node, step, position));
+            }
+            Ok(Positioned {
+                frame: Frame::Welcome { node, .. },
+                ..
+            }) => {
+                // A node id belongs to one client (within a log: a new log begins them again).
+                let era = self.relay.era;
+                if let Some(&other) = self.relay.holders.get(&(era, node)) {
+                    if other != client {
+                        self.relay.duplicate_ids.push((node, other, client));
+                    }
+                }
+                self.relay.holders.insert((era, node), client);
             }
             Ok(Positioned {
                 position: Some(position),
@@ -990,22 +1028,32 @@ impl Sim {
                 return self.cut(conn, close::POLICY, "the first frame must be a join");
             };
             if self.relay.core.is_none() {
-                let record = self
-                    .relay
-                    .store
-                    .load_now(ROOM)
-                    .expect("the room was created");
-                let core = RoomCore::new(ROOM.into(), record, self.scenario.limits, self.now)
-                    .expect("a valid room");
+                let record = self.relay.store.open_now(ROOM, RoomConfig::default());
+                let document = self.relay.store.document_now(ROOM);
+                let core = RoomCore::new(
+                    ROOM.into(),
+                    record,
+                    &document,
+                    self.scenario.limits,
+                    self.now,
+                )
+                .expect("a valid room");
+                assert_eq!(core.load_failures(), 0, "every stored update applies");
+                self.stats.room_loads += 1;
                 self.relay.core = Some(core);
             }
             let fresh: [u8; 16] = self.rng.next().to_le_bytes().repeat(2).try_into().unwrap();
             let core = self.relay.core.as_mut().expect("loaded");
+            // The relay looks the token up in the store when the room does not hold the node.
+            let stored = resume
+                .filter(|token| !core.knows(token))
+                .and_then(|token| self.relay.store.find_now(ROOM, token));
             let request = room::JoinRequest {
                 name,
                 since,
                 log,
                 resume,
+                stored,
             };
             match core.join(self.now, conn, request, fresh) {
                 Err(refused) => {
@@ -1174,21 +1222,26 @@ impl Sim {
                     }
                     self.cut(conn, code, &reason);
                 }
-                room::Output::Register(node) => self.write(StoreOp::Register(node)),
+                room::Output::Reserve { count } => self.write(StoreOp::Reserve(count)),
                 room::Output::Append(append) => self.write(StoreOp::Append(append)),
                 room::Output::Stop { reason } => {
                     self.log(|| format!("the room stops: {reason}"));
                 }
             }
         }
-        // A stopped room goes once its writes are done; the next join loads it again.
-        if self
-            .relay
-            .core
-            .as_ref()
-            .is_some_and(|c| c.is_stopped() && c.is_idle())
-        {
-            self.relay.core = None;
+        // An idle room retires, as the relay's does (a stopped one once its writes are done);
+        // the next join loads it again, from the store.
+        let writing = !self.relay.writes.is_empty();
+        if let Some(core) = &self.relay.core {
+            if core.is_idle() && !writing {
+                self.log(|| "the room retires".into());
+                self.relay.core = None;
+            } else if let Some(at) = core.next_deadline() {
+                if self.room_tick.is_none_or(|t| t > at || t < self.now) {
+                    self.room_tick = Some(at);
+                    self.at(at.max(self.now), Ev::RoomTick);
+                }
+            }
         }
     }
 
@@ -1209,11 +1262,21 @@ impl Sim {
                 break;
             };
             match op {
-                StoreOp::Register(node) => {
-                    let _ = self.relay.store.register_now(ROOM, node);
+                StoreOp::Reserve(count) => {
+                    let result = self.relay.store.reserve_now(ROOM, count);
+                    if let Some(core) = &mut self.relay.core {
+                        core.reserved(result);
+                    }
+                    self.relay_outputs();
                 }
                 StoreOp::Append(append) => {
                     let (sender, step) = (append.sender, append.step);
+                    if append.doc.is_some() && !append.snapshot {
+                        self.relay.updates.insert((sender, step));
+                    }
+                    if append.snapshot {
+                        self.stats.compactions += 1;
+                    }
                     let result = self.relay.store.append_now(ROOM, append);
                     self.log(|| format!("store: node {sender} step {step}: {result:?}"));
                     if let Some(core) = &mut self.relay.core {
@@ -1273,13 +1336,15 @@ impl Sim {
                 ..Limits::default()
             };
             for logged in self.relay.store.log(ROOM) {
-                if let Ok(Frame::Stamped(stamped)) = Frame::decode_with(&logged.bytes, &big) {
-                    match stamped.body {
-                        Body::Update { update, .. } | Body::Snapshot { state: update, .. } => {
-                            let _ = from_log.apply_update(&update);
-                        }
-                        _ => {}
+                match Frame::decode_with(&logged.bytes, &big) {
+                    Ok(Frame::Stamped(Stamped {
+                        body: Body::Update { update, .. },
+                        ..
+                    }))
+                    | Ok(Frame::Snapshot { state: update, .. }) => {
+                        let _ = from_log.apply_update(&update);
                     }
+                    _ => {}
                 }
             }
             if from_log.text(TEXT) != texts[r] || from_log.has_pending() {
@@ -1315,6 +1380,11 @@ impl Sim {
                 problems.push(format!("client {i} holds updates it cannot apply"));
             }
         }
+        for (node, a, b) in &self.relay.duplicate_ids {
+            problems.push(format!(
+                "node id {node} was handed to client {a} and client {b}"
+            ));
+        }
         // Every acknowledged message is in the log.
         let logged: HashSet<(NodeId, u64)> = self
             .relay
@@ -1333,9 +1403,21 @@ impl Sim {
                 .and_then(|f| f.stamp().map(|s| (s.sender, s.step)))
             })
             .collect();
+        // ... or, for an update, in a snapshot logged after it.
+        let last_snapshot = self
+            .relay
+            .store
+            .log(ROOM)
+            .iter()
+            .filter(|l| l.bytes.get(1) == Some(&(pattern_mesh::wire::Kind::Snapshot as u8)))
+            .map(|l| l.position)
+            .max()
+            .unwrap_or(0);
         for (i, c) in self.clients.iter().enumerate() {
-            for ack in &c.acked {
-                if !logged.contains(ack) {
+            for &(node, step, position) in &c.acked {
+                let ack = (node, step);
+                let compacted = self.relay.updates.contains(&ack) && position < last_snapshot;
+                if !logged.contains(&ack) && !compacted {
                     problems.push(format!(
                         "client {i}'s acknowledged message {ack:?} is not in the log"
                     ));
@@ -1522,10 +1604,13 @@ fn the_protocol_holds_under_faults_for_every_seed() {
     }
     println!(
         "{seeds} seeds from {from} in {:.1} s, {} failed; across them: {} relay crashes, {} \
-         parts sent, {} checkpoints, {} messages refused for good, refusals by the relay: {:?}",
+         room loads, {} compactions, {} parts sent, {} checkpoints, {} messages refused for \
+         good, refusals by the relay: {:?}",
         started.elapsed().as_secs_f64(),
         failures.len(),
         stats.crashes,
+        stats.room_loads,
+        stats.compactions,
         stats.parts,
         stats.checkpoints,
         stats.refused_for_good,

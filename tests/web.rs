@@ -316,13 +316,10 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
                 to: 0,
             },
         ),
-        Frame::stamped(
-            stamp,
-            Body::Snapshot {
-                doc: "content".into(),
-                state: vec![5; 40],
-            },
-        ),
+        Frame::Snapshot {
+            doc: "content".into(),
+            state: vec![5; 40],
+        },
     ];
     for frame in frames {
         let bytes = frame.encode();

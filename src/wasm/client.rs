@@ -623,20 +623,6 @@ impl MeshClient {
         }
     }
 
-    /// Posts a snapshot of the whole document (every text) to the room. The relay then drops
-    /// the document's older updates from its log; late joiners get the snapshot and what
-    /// follows.
-    #[wasm_bindgen(js_name = postSnapshot)]
-    pub fn post_snapshot(&self) -> Result<(), JsValue> {
-        {
-            let mut driver = self.shared.borrow_mut();
-            let now = driver.now();
-            driver.session.post_snapshot(now).map_err(session_error)?;
-        }
-        pump(&self.shared);
-        Ok(())
-    }
-
     /// Runs a frame through this client's validation without applying it or recording it:
     /// returns `{ accepted: true }`, or reports an `anomaly` (source `"local"`) and returns
     /// `{ accepted: false, reason, detail }`. For demonstrating what a receiver does with a

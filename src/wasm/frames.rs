@@ -263,10 +263,10 @@ impl AnyFrame {
                 update: required(self.update, "update")?,
                 to: self.to.unwrap_or(0),
             })?,
-            "snapshot" => stamped(Body::Snapshot {
+            "snapshot" => Frame::Snapshot {
                 doc: required(self.doc, "doc")?,
                 state: required(self.state, "state")?,
-            })?,
+            },
             other => {
                 return Err(invalid_argument(format!(
                     "the frame is not valid: unknown kind `{other}`"
@@ -434,6 +434,11 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             step: Some(*step),
             ..base
         },
+        Frame::Snapshot { doc, state } => FrameJs {
+            doc: Some(doc),
+            state: Some(state),
+            ..base
+        },
         Frame::Stamped(Stamped { stamp, body }) => {
             let base = FrameJs {
                 sender: Some(stamp.sender),
@@ -469,10 +474,6 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
                 Body::SyncState { update, to, .. } => FrameJs {
                     update: Some(update),
                     to: Some(*to),
-                    ..base
-                },
-                Body::Snapshot { state, .. } => FrameJs {
-                    state: Some(state),
                     ..base
                 },
             }

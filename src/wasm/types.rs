@@ -53,6 +53,10 @@ export interface RelayLimits {
   rate: number;
   /** Frames at once, above the average. */
   burst: number;
+  /** Bytes of stored messages (data and updates) per second, on average. */
+  bandwidth: number;
+  /** Bytes of stored messages at once, above the average. */
+  bandwidthBurst: number;
 }
 
 /** A member of a room. */
@@ -78,7 +82,7 @@ export type Frame =
   | (Stamp & { kind: "checkpoint"; doc: string; stateVector: Uint8Array; deletes: string; digest: string })
   | (Stamp & { kind: "syncRequest"; doc: string; stateVector: Uint8Array; to: number })
   | (Stamp & { kind: "syncState"; doc: string; update: Uint8Array; to: number })
-  | (Stamp & { kind: "snapshot"; doc: string; state: Uint8Array });
+  | { kind: "snapshot"; doc: string; state: Uint8Array };
 
 /** A decoded frame; `position` is the room log position the relay set on a stored message. */
 export type Received = Frame & { position?: number };
@@ -152,7 +156,7 @@ export interface Anomaly {
 /** A message of this client that the relay refused for good: it will never reach the room. */
 export interface RefusedEvent {
   step: number;
-  kind: "data" | "update" | "snapshot";
+  kind: "data" | "update";
   doc?: string;
   reason: Reason;
   detail: string;

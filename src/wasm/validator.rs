@@ -130,8 +130,8 @@ impl Validator {
         };
         let stamp = *frame.stamp().ok_or_else(|| {
             invalid_argument(format!(
-                "a {} frame carries no stamp; only data, update, checkpoint, syncRequest, \
-                 syncState and snapshot frames are validated",
+                "a {} frame carries no stamp; only data, update, checkpoint, syncRequest \
+                 and syncState frames are validated",
                 frame.kind()
             ))
         })?;

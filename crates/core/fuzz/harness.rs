@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::pattern::PatternConfig;
 use pattern_mesh_core::room::{JoinRequest, Output, Reader, RoomCore, RoomLimits};
-use pattern_mesh_core::store::{Appended, RoomRecord, StoreError};
+use pattern_mesh_core::store::{Appended, NodeRecord, RoomRecord, StoreError};
 use pattern_mesh_core::validate::{Origin, Validator, ValidatorConfig, Verdict};
 use pattern_mesh_core::wire::part::Reassembler;
 use pattern_mesh_core::wire::{Body, Frame, Json, Limits, Positioned, RoomConfig, Stamp};
@@ -137,10 +137,17 @@ pub fn room(data: &[u8]) {
         rate: 50,
         burst: 20,
         max_members: 4,
+        bandwidth: 2_000,
+        bandwidth_burst: 4_000,
+        compact_bytes: 200,
+        compact_updates: 3,
+        max_room_bytes: 20_000,
+        resume_grace: 500,
     };
     let Ok(mut room) = RoomCore::new(
         "r".into(),
         RoomRecord::new(RoomConfig::default(), 1),
+        &[],
         limits,
         0,
     ) else {
@@ -153,6 +160,9 @@ pub fn room(data: &[u8]) {
     let mut appended: HashMap<u64, u64> = HashMap::new();
     let mut in_store = 0usize;
     let mut position = 0u64;
+    let mut next_block = 10_000u64;
+    let mut records: HashMap<[u8; 16], NodeRecord> = HashMap::new();
+    let mut in_flight = std::collections::VecDeque::new();
     let mut now = 0u64;
     let mut input = Bytes(data);
     while let Some(op) = input.u8() {
@@ -160,11 +170,17 @@ pub fn room(data: &[u8]) {
         match op % 8 {
             0 => {
                 let resume = input.u8().map(|b| [b % 4; 16]).filter(|_| op & 0x40 != 0);
+                // What the store says of the token (its records come from the appends it
+                // answered); sometimes the driver did not look.
+                let stored = resume
+                    .filter(|_| op & 0x80 != 0)
+                    .and_then(|token| records.get(&token).copied());
                 let request = JoinRequest {
                     name: "f".into(),
                     since: 0,
                     log: 1,
                     resume,
+                    stored,
                 };
                 let fresh = [input.u8().unwrap_or(0); 16];
                 if let Ok(joined) = room.join(now, conn, request, fresh) {
@@ -231,8 +247,20 @@ pub fn room(data: &[u8]) {
                 in_store -= 1;
                 let result = if op % 8 == 4 {
                     position += 1;
-                    Ok(Appended::Stored { position })
+                    if let Some((Some(token), node, step)) = in_flight.pop_front() {
+                        let record = records.entry(token).or_insert(NodeRecord {
+                            node,
+                            token,
+                            last_step: 0,
+                        });
+                        record.last_step = record.last_step.max(step);
+                    }
+                    Ok(Appended::Stored {
+                        position,
+                        bytes: position * 50,
+                    })
                 } else {
+                    in_flight.pop_front();
                     Err(StoreError::Backend("fuzzed failure".into()))
                 };
                 room.appended(result);
@@ -244,11 +272,25 @@ pub fn room(data: &[u8]) {
                     room.receive(now, conn, read);
                 }
             }
-            _ => now += u64::from(input.u8().unwrap_or(0)) * 10,
+            7 if op & 0x40 != 0 => {
+                room.overran(2_000, 1_000);
+            }
+            _ => {
+                now += u64::from(input.u8().unwrap_or(0)) * 10;
+                room.tick(now);
+            }
         }
         while let Some(output) = room.poll_output() {
+            if let Output::Reserve { count } = output {
+                next_block += count;
+                room.reserved(Ok(next_block - count));
+            }
             if let Output::Append(append) = output {
                 in_store += 1;
+                in_flight.push_back((append.token, append.sender, append.step));
+                if append.snapshot {
+                    continue;
+                }
                 let last = appended.entry(append.sender).or_insert(0);
                 assert!(
                     append.step > *last,

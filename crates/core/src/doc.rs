@@ -80,6 +80,14 @@ pub trait Replica {
     fn is_empty(&self) -> bool;
 }
 
+/// Checks that `update` decodes as a Yjs v1 update, without applying it anywhere: what the relay
+/// does with an update it forwards but does not apply (a sync answer).
+pub fn check_update(update: &[u8]) -> Result<(), DocError> {
+    Update::decode_v1(update)
+        .map(|_| ())
+        .map_err(|e| DocError::InvalidUpdate(e.to_string()))
+}
+
 /// Merges Yjs v1 updates into one (what a client does with edits that wait to be sent).
 pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, DocError> {
     yrs::merge_updates_v1(updates.iter().copied())

@@ -55,6 +55,11 @@ impl TokenBucket {
         }
     }
 
+    /// When the bucket will be full again if nothing more is taken.
+    pub fn full_at(&self) -> u64 {
+        self.last + ((self.capacity - self.tokens).max(0.0) / self.per_ms).ceil() as u64
+    }
+
     /// When [`TokenBucket::try_take_n`] of `n` will pass: the time to try again.
     pub fn ready_at(&self, n: u64) -> u64 {
         let want = (n as f64).min(self.capacity / 2.0).max(1.0);

@@ -1,16 +1,17 @@
 //! The room: the relay's side of the protocol as a state machine, with no IO.
 //!
 //! A [`RoomCore`] admits members, reads their frames (putting parts back together), applies the
-//! rate limit and the validator, hands durable messages to the store, and, once the store says a
-//! message is durable, acknowledges it to its sender and fans it out. The driver (the relay's
-//! room task, or the simulation) feeds it inputs with the time in milliseconds and carries out
-//! its [`Output`]s in order: send frames to members, append to the store, register nodes, close
-//! sockets.
+//! rate limits and the validator, keeps the room's document, hands durable messages to the store,
+//! and, once the store says a message is durable, acknowledges it to its sender and fans it out.
+//! The driver (the relay's room task, or the simulation) feeds it inputs with the time in
+//! milliseconds and carries out its [`Output`]s in order: send frames to members, append to the
+//! store, reserve node ids, close sockets.
 //!
 //! Rules the room keeps, whatever a member sends:
 //!
 //! - every frame is checked before it moves anything: a frame that claims a log position (only
-//!   the relay sets one) is refused before the validator sees it;
+//!   the relay sets one) is refused before the validator sees it, and a message refused for any
+//!   reason leaves the room step, the sender's last step and the document as they were;
 //! - a connection's frames are taken in order: after the room refuses one (for any reason but
 //!   `replay`), it refuses every later stamped frame of that connection as `outOfOrder` until
 //!   the client sends a fence, which the room echoes. So the stored messages of a node are always
@@ -20,19 +21,35 @@
 //! - checkpoints and the sync exchange are validated and forwarded, never stored;
 //! - the room step moves by one for each message everyone receives whose step is above it,
 //!   whatever that step (see [`crate::clock`]): a member cannot drag it forward.
+//!
+//! **The document.** The room applies every update to its own copy of the document before it
+//! stores it, and refuses as `malformed` one that does not apply: an update that would break a
+//! replica never reaches the log or a member. When the updates logged since the last compaction
+//! pass [`RoomLimits::compact_bytes`] (and the size of the last snapshot) or
+//! [`RoomLimits::compact_updates`], the room appends a [`Frame::Snapshot`] of its document, and
+//! the store drops the document entries before it: late joiners get the snapshot and the tail.
+//! Members cannot post snapshots.
+//!
+//! **Nodes.** A node's state (its resume token, last step and rate buckets) lives in the room
+//! while it is a member, while its appends are in flight, and until its buckets have filled up
+//! again after it left, so that reconnecting never resets a rate limit; then only the store
+//! keeps it, and a join that presents the node's token brings the store's record back
+//! ([`JoinRequest::stored`]). Node ids come from blocks the store reserves durably, so no id is
+//! ever handed out twice, whatever the interleaving of joins, leaves and room reloads.
 
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
+use crate::doc::{check_update, SharedDoc};
 use crate::pace::TokenBucket;
 use crate::pattern::Step;
-use crate::store::{Appended, NodeRecord, RoomRecord, StoreError};
+use crate::store::{Appended, Logged, NodeRecord, RoomRecord, StoreError};
 use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
 use crate::wire::part::{self, Reassembler};
 use crate::wire::{
-    close, peek_stamp, with_position, Frame, Limits, NodeId, Peer, Positioned, Reason, RelayLimits,
-    ResumeToken, RoomConfig, Stamp, Stamped,
+    close, peek_stamp, with_position, Body, Frame, Limits, NodeId, Peer, Positioned, Reason,
+    RelayLimits, ResumeToken, RoomConfig, Stamp, Stamped, WHOLE_DOC,
 };
 
 /// A connection, as the driver names it. Each socket gets its own; a node that reconnects comes
@@ -42,26 +59,52 @@ pub type ConnId = u64;
 /// Consecutive frames that do not decode after which a connection is closed.
 pub const MAX_MALFORMED: u32 = 16;
 
+/// How many node ids the room asks the store to reserve at a time.
+pub const NODE_BLOCK: u64 = 1_024;
+
 /// What the relay enforces in a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomLimits {
     /// Decoder limits: frame, message and name sizes.
     pub limits: Limits,
-    /// Frames a connection may send per second, on average.
+    /// Frames a node may send per second, on average.
     pub rate: u64,
-    /// Frames a connection may send at once, above the average.
+    /// Frames a node may send at once, above the average.
     pub burst: u64,
     /// The most members at once.
     pub max_members: usize,
+    /// Bytes of stored messages a node may send per second, on average.
+    pub bandwidth: u64,
+    /// Bytes of stored messages a node may send at once, above the average.
+    pub bandwidth_burst: u64,
+    /// The room compacts its document once the updates logged since the last compaction hold
+    /// this many bytes (and at least as many as the last snapshot)...
+    pub compact_bytes: u64,
+    /// ... or once there are this many of them.
+    pub compact_updates: u64,
+    /// The most bytes a room's log may hold; a message that would take it past this is refused
+    /// as `full`.
+    pub max_room_bytes: u64,
+    /// Milliseconds the room keeps a node that left in memory, so a reconnect resumes it even
+    /// when it never wrote (a node that wrote is in the store for good; one that never did
+    /// has nothing to protect, and after this it gets a new id).
+    pub resume_grace: u64,
 }
 
 impl Default for RoomLimits {
     fn default() -> Self {
+        let limits = Limits::default();
         Self {
-            limits: Limits::default(),
+            limits,
             rate: 200,
             burst: 200,
             max_members: 256,
+            bandwidth: 4 << 20,
+            bandwidth_burst: limits.max_message as u64,
+            compact_bytes: 8 << 20,
+            compact_updates: 10_000,
+            max_room_bytes: 1 << 30,
+            resume_grace: 60_000,
         }
     }
 }
@@ -74,6 +117,8 @@ impl RoomLimits {
             max_message: self.limits.max_message as u64,
             rate: self.rate,
             burst: self.burst,
+            bandwidth: self.bandwidth,
+            bandwidth_burst: self.bandwidth_burst,
         }
     }
 }
@@ -110,6 +155,14 @@ pub enum Read {
         /// `malformed` or `tooLarge`.
         reason: Reason,
         /// What was wrong.
+        detail: String,
+    },
+    /// A frame the driver refused for a limit outside the room (the rate of the connection's
+    /// address): refused as `rateLimited`, like one over the node's own rate.
+    Throttled {
+        /// The step of the frame, if its stamp could be read.
+        step: Step,
+        /// Which limit.
         detail: String,
     },
 }
@@ -200,6 +253,9 @@ pub struct JoinRequest {
     pub log: u64,
     /// The token of its earlier welcome, to keep its node id.
     pub resume: Option<ResumeToken>,
+    /// What the store knows of the node `resume` names, looked up by the driver when
+    /// [`RoomCore::knows`] said the room does not know the token.
+    pub stored: Option<NodeRecord>,
 }
 
 /// A member admitted: what its connection sends before the live traffic.
@@ -222,18 +278,22 @@ pub struct Joined {
 /// A durable message for the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Append {
-    /// The sender.
+    /// The sender (0: the relay's own snapshot).
     pub sender: NodeId,
+    /// The sender's resume token: the store keeps the sender's record (token, last step, when it
+    /// was last seen) with its messages.
+    pub token: Option<ResumeToken>,
     /// Its step.
     pub step: Step,
-    /// The room's high step with this message.
+    /// The room's step with this message.
     pub high: Step,
     /// The document of an update or snapshot.
     pub doc: Option<String>,
-    /// Whether it is a snapshot (after which older entries of `doc` may be dropped).
+    /// Whether it is the relay's snapshot of `doc`, after which the store drops the older
+    /// entries of `doc` (of every document for [`WHOLE_DOC`]).
     pub snapshot: bool,
-    /// The frame as the sender sent it, without a position: the store puts the position it
-    /// assigns in the header of what it logs.
+    /// The frame without a position: the store puts the position it assigns in the header of
+    /// what it logs.
     pub bytes: Bytes,
 }
 
@@ -263,38 +323,66 @@ pub enum Output {
         /// The reason.
         reason: String,
     },
-    /// Record a new node and its resume token in the store (before any of its appends).
-    Register(NodeRecord),
+    /// Reserve `count` more node ids in the store; answer with [`RoomCore::reserved`].
+    Reserve {
+        /// How many.
+        count: u64,
+    },
     /// Append a message to the store; answer with [`RoomCore::appended`], in order.
     Append(Append),
-    /// The room cannot go on (its store failed): close every member with this reason and drop
-    /// the room; the next join loads it again from the store.
+    /// The room cannot go on (its store failed, or its document may hold what it refused):
+    /// close every member with this reason and drop the room; the next join loads it again from
+    /// the store.
     Stop {
         /// Why.
         reason: String,
     },
 }
 
+/// A connection in the room.
 struct Member {
     node: NodeId,
     name: String,
-    rate: TokenBucket,
     /// The step of the refusal that opened a gap, until the client's fence.
     gap: Option<Step>,
     malformed: u32,
-    /// Messages in a row that found no token.
-    over_rate: u64,
+    /// Refusals for the rate in the current second, and when that second began.
+    limited: u64,
+    limited_since: u64,
 }
 
-/// A validated message on its way out. Messages leave in the order they were accepted: a
-/// checkpoint or a sync answer waits behind its sender's (and everyone's) earlier messages that
-/// the store has not made durable yet, or receivers would see its step before theirs.
+/// A node the room holds the state of.
+struct Node {
+    token: ResumeToken,
+    /// Its connection while it is a member.
+    conn: Option<ConnId>,
+    /// Its appends not answered yet.
+    in_flight: u32,
+    /// Frames.
+    rate: TokenBucket,
+    /// Bytes of durable messages.
+    bandwidth: TokenBucket,
+    /// When it left, plus the resume grace: the room keeps it at least until then.
+    kept_until: u64,
+}
+
+/// What an entry of the pipeline is waiting for.
+enum Waits {
+    /// A message of `node`, `len` bytes, for the store.
+    Append { node: NodeId, len: u64 },
+    /// The room's snapshot, `len` bytes, for the store.
+    Compaction { len: u64 },
+    /// A message only forwarded, to `to` (`None`: everyone), behind the appends before it.
+    Forward { to: Option<NodeId> },
+}
+
+/// A message on its way out. Messages leave in the order they were accepted: a checkpoint or a
+/// sync answer waits behind every earlier message the store has not made durable yet, or
+/// receivers would see its step before theirs.
 struct Pending {
     stamp: Stamp,
     bytes: Bytes,
-    /// `None` for a durable message (it waits for the store); for one that is only forwarded,
-    /// who it is for (`Some(None)`: everyone).
-    forward: Option<Option<NodeId>>,
+    waits: Waits,
 }
 
 /// One room's state and decisions.
@@ -304,59 +392,125 @@ pub struct RoomCore {
     limits: RoomLimits,
     validator: Validator,
     high: Step,
-    /// The last position fanned out.
+    /// The last position fanned out (or taken by a snapshot).
     published: u64,
     /// The identity of the room's log.
     log: u64,
     members: HashMap<ConnId, Member>,
-    by_node: HashMap<NodeId, ConnId>,
+    nodes: HashMap<NodeId, Node>,
     tokens: HashMap<ResumeToken, NodeId>,
+    /// Nodes that left, with when their buckets are full again: then the room lets them go.
+    departures: VecDeque<(NodeId, u64)>,
+    /// Node ids `next_node..nodes_end` are reserved for this room.
     next_node: NodeId,
+    nodes_end: NodeId,
+    /// A further block the store reserved, used when this one runs out.
+    spare_nodes: Option<(NodeId, NodeId)>,
+    reserving: bool,
     pending: VecDeque<Pending>,
     outputs: VecDeque<Output>,
     stopped: bool,
+    doc: SharedDoc,
+    /// Bytes and count of the updates accepted since the last compaction, and the size of the
+    /// last snapshot.
+    tail_bytes: u64,
+    tail_updates: u64,
+    snapshot_len: u64,
+    compacting: bool,
+    /// Bytes the log holds (as the store last said), and bytes of appends in flight.
+    stored_bytes: u64,
+    in_flight_bytes: u64,
+    /// Stored entries of the document that did not apply when the room was loaded.
+    load_failures: u64,
+    /// The update the last call to `receive` applied to the document: its connection and step.
+    applied: Option<(ConnId, Step)>,
+    now: u64,
 }
 
 impl RoomCore {
-    /// The room `name` as the store knows it.
+    /// The room `name` as the store knows it, with its document: the document entries of its
+    /// log in order (the last snapshot, then the updates after it; see
+    /// [`crate::store::Store::read_document`]).
     pub fn new(
         name: String,
         record: RoomRecord,
+        document: &[Logged],
         limits: RoomLimits,
         now: u64,
     ) -> Result<Self, crate::pattern::ConfigError> {
         let config = record.config;
         let mut validator_config = ValidatorConfig::for_room(&config)?;
-        validator_config.max_senders = validator_config.max_senders.max(limits.max_members * 4);
-        let mut validator = Validator::new(validator_config);
-        let mut tokens = HashMap::new();
-        let mut next_node = 1;
-        for node in record.nodes {
-            validator.restore(node.node, node.last_step, now);
-            tokens.insert(node.token, node.node);
-            next_node = next_node.max(node.node + 1);
-        }
-        next_node = next_node.max(record.next_node);
-        Ok(Self {
+        // Only the nodes in the room's hands are tracked, and each is released (its last step
+        // kept by the store) when the room lets it go: nothing is ever evicted.
+        validator_config.max_senders = usize::MAX;
+        let mut room = Self {
             name,
             config,
             limits,
-            validator,
+            validator: Validator::new(validator_config),
             high: record.high,
             published: record.position,
             log: record.log,
             members: HashMap::new(),
-            by_node: HashMap::new(),
-            tokens,
-            next_node,
+            nodes: HashMap::new(),
+            tokens: HashMap::new(),
+            departures: VecDeque::new(),
+            next_node: record.next_node,
+            nodes_end: record.nodes_end,
+            spare_nodes: None,
+            reserving: false,
             pending: VecDeque::new(),
             outputs: VecDeque::new(),
             stopped: false,
-        })
+            doc: SharedDoc::with_client_id(0),
+            tail_bytes: 0,
+            tail_updates: 0,
+            snapshot_len: 0,
+            compacting: false,
+            stored_bytes: record.bytes,
+            in_flight_bytes: 0,
+            load_failures: 0,
+            applied: None,
+            now,
+        };
+        room.load(document);
+        Ok(room)
+    }
+
+    fn load(&mut self, document: &[Logged]) {
+        let limits = Limits {
+            max_frame: usize::MAX,
+            max_message: usize::MAX,
+            ..self.limits.limits
+        };
+        for logged in document {
+            let applied = match Frame::decode_with(&logged.bytes, &limits) {
+                Ok(Frame::Snapshot { state, .. }) => {
+                    self.snapshot_len = logged.bytes.len() as u64;
+                    self.tail_bytes = 0;
+                    self.tail_updates = 0;
+                    self.doc.apply_update(&state).is_ok()
+                }
+                Ok(Frame::Stamped(Stamped {
+                    body: Body::Update { update, .. },
+                    ..
+                })) => {
+                    self.tail_bytes += logged.bytes.len() as u64;
+                    self.tail_updates += 1;
+                    self.doc.apply_update(&update).is_ok()
+                }
+                _ => false,
+            };
+            if !applied {
+                self.load_failures += 1;
+            }
+        }
     }
 
     /// The next thing the driver must do.
     pub fn poll_output(&mut self) -> Option<Output> {
+        // Once the driver carries out outputs, an update can no longer be taken back.
+        self.applied = None;
         self.outputs.pop_front()
     }
 
@@ -370,7 +524,7 @@ impl RoomCore {
         &self.config
     }
 
-    /// The room's highest accepted step.
+    /// The room step.
     pub fn high(&self) -> Step {
         self.high
     }
@@ -385,9 +539,31 @@ impl RoomCore {
         self.members.len()
     }
 
-    /// Whether the room has no member and no append in flight: it may be dropped.
+    /// How many nodes the room holds the state of (members, and nodes that left recently).
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The room's document.
+    pub fn document(&self) -> &SharedDoc {
+        &self.doc
+    }
+
+    /// Bytes the room's log holds, as the store last said.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
+    }
+
+    /// Stored document entries that did not apply when the room was loaded (written before the
+    /// relay checked updates).
+    pub fn load_failures(&self) -> u64 {
+        self.load_failures
+    }
+
+    /// Whether the room holds nothing that must outlive it: no member, no append in flight, no
+    /// node whose rate state still matters. It may be dropped.
     pub fn is_idle(&self) -> bool {
-        self.members.is_empty() && self.pending.is_empty()
+        self.members.is_empty() && self.pending.is_empty() && self.nodes.is_empty()
     }
 
     /// Whether the room stopped after a store failure.
@@ -400,8 +576,40 @@ impl RoomCore {
         self.validator.counters()
     }
 
-    /// A new connection joins, resuming the node of its token if the room knows it.
-    /// `fresh` is a random token for a new node (the room draws no randomness of its own).
+    /// When the room next needs [`RoomCore::tick`], if ever.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.departures.front().map(|&(_, at)| at)
+    }
+
+    /// Time passed: nodes that left long enough ago are let go.
+    pub fn tick(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        self.sweep();
+    }
+
+    /// Whether the room holds the node that `token` resumes. When it does not, the driver
+    /// looks the token up in the store and passes what it found in [`JoinRequest::stored`].
+    pub fn knows(&self, token: &ResumeToken) -> bool {
+        self.tokens.contains_key(token)
+    }
+
+    fn new_node(&self, token: ResumeToken) -> Node {
+        Node {
+            token,
+            conn: None,
+            in_flight: 0,
+            rate: TokenBucket::new(self.limits.rate as f64, self.limits.burst as f64, self.now),
+            bandwidth: TokenBucket::new(
+                self.limits.bandwidth as f64,
+                self.limits.bandwidth_burst as f64,
+                self.now,
+            ),
+            kept_until: 0,
+        }
+    }
+
+    /// A new connection joins, resuming the node of its token if the room or the store knows
+    /// it. `fresh` is a random token for a new node (the room draws no randomness of its own).
     pub fn join(
         &mut self,
         now: u64,
@@ -409,11 +617,13 @@ impl RoomCore {
         request: JoinRequest,
         fresh: ResumeToken,
     ) -> Result<Joined, JoinRefused> {
+        self.tick(now);
         let JoinRequest {
             name,
             since,
             log,
             resume,
+            stored,
         } = request;
         if self.stopped {
             return Err(JoinRefused {
@@ -421,8 +631,22 @@ impl RoomCore {
                 reason: "the room is restarting; try again".into(),
             });
         }
-        let resumed = resume.and_then(|t| self.tokens.get(&t).copied());
-        let replacing = resumed.and_then(|node| self.by_node.get(&node).copied());
+        let known = resume.and_then(|token| {
+            self.tokens.get(&token).copied().or_else(|| {
+                // The store's record of the token, if the driver found one.
+                stored
+                    .filter(|s| s.token == token && !self.nodes.contains_key(&s.node))
+                    .map(|s| {
+                        self.validator.restore(s.node, s.last_step, now);
+                        let node = self.new_node(token);
+                        self.nodes.insert(s.node, node);
+                        self.tokens.insert(token, s.node);
+                        self.departures.push_back((s.node, now));
+                        s.node
+                    })
+            })
+        });
+        let replacing = known.and_then(|node| self.nodes.get(&node).and_then(|n| n.conn));
         if replacing.is_none() && self.members.len() >= self.limits.max_members {
             return Err(JoinRefused {
                 code: close::TRY_AGAIN_LATER,
@@ -432,18 +656,19 @@ impl RoomCore {
                 ),
             });
         }
-        let (node, token) = match (resumed, resume) {
-            (Some(node), Some(token)) => (node, token),
-            _ => {
-                let node = self.next_node;
-                self.next_node += 1;
+        let node = match known {
+            Some(node) => node,
+            None => {
+                let Some(node) = self.take_node_id() else {
+                    return Err(JoinRefused {
+                        code: close::TRY_AGAIN_LATER,
+                        reason: "the room is reserving node ids; try again".into(),
+                    });
+                };
+                let state = self.new_node(fresh);
+                self.nodes.insert(node, state);
                 self.tokens.insert(fresh, node);
-                self.outputs.push_back(Output::Register(NodeRecord {
-                    node,
-                    token: fresh,
-                    last_step: 0,
-                }));
-                (node, fresh)
+                node
             }
         };
         if let Some(old) = replacing {
@@ -455,6 +680,13 @@ impl RoomCore {
                 });
             }
         }
+        let token = match self.nodes.get_mut(&node) {
+            Some(state) => {
+                state.conn = Some(conn);
+                state.token
+            }
+            None => fresh,
+        };
         let peers = self
             .members
             .values()
@@ -478,13 +710,12 @@ impl RoomCore {
             Member {
                 node,
                 name,
-                rate: TokenBucket::new(self.limits.rate as f64, self.limits.burst as f64, now),
                 gap: None,
                 malformed: 0,
-                over_rate: 0,
+                limited: 0,
+                limited_since: now,
             },
         );
-        self.by_node.insert(node, conn);
         let welcome = Frame::Welcome {
             node,
             resume: token,
@@ -511,10 +742,43 @@ impl RoomCore {
         })
     }
 
+    /// The next node id, asking the store for more in time.
+    fn take_node_id(&mut self) -> Option<NodeId> {
+        if self.next_node >= self.nodes_end {
+            let (start, end) = self.spare_nodes.take()?;
+            self.next_node = start;
+            self.nodes_end = end;
+        }
+        let node = self.next_node;
+        self.next_node += 1;
+        if self.nodes_end - self.next_node < NODE_BLOCK / 2
+            && self.spare_nodes.is_none()
+            && !self.reserving
+        {
+            self.reserving = true;
+            self.outputs
+                .push_back(Output::Reserve { count: NODE_BLOCK });
+        }
+        Some(node)
+    }
+
+    /// The store's answer to [`Output::Reserve`]: the first id of the block it reserved.
+    pub fn reserved(&mut self, result: Result<NodeId, StoreError>) {
+        self.reserving = false;
+        if let Ok(first) = result {
+            let block = (first, first + NODE_BLOCK);
+            if self.next_node >= self.nodes_end {
+                (self.next_node, self.nodes_end) = block;
+            } else {
+                self.spare_nodes = Some(block);
+            }
+        }
+    }
+
     /// The connection `conn` is gone.
     pub fn leave(&mut self, conn: ConnId) {
         if let Some(member) = self.members.remove(&conn) {
-            self.forget_member(&member);
+            self.forget_member(conn, &member);
         }
     }
 
@@ -527,17 +791,56 @@ impl RoomCore {
                 code,
                 reason: reason.into(),
             });
-            self.forget_member(&member);
+            self.forget_member(conn, &member);
         }
     }
 
-    fn forget_member(&mut self, member: &Member) {
-        self.by_node.remove(&member.node);
+    fn forget_member(&mut self, conn: ConnId, member: &Member) {
+        if let Some(node) = self.nodes.get_mut(&member.node) {
+            if node.conn == Some(conn) {
+                node.conn = None;
+                node.kept_until = self.now.saturating_add(self.limits.resume_grace);
+                let at = node.rate.full_at().max(node.bandwidth.full_at());
+                self.departures
+                    .push_back((member.node, at.max(node.kept_until)));
+            }
+        }
         let left = Frame::PeerLeft { node: member.node };
         self.outputs.push_back(Output::Fanout {
             except: None,
             bytes: Bytes::from(left.encode()),
         });
+    }
+
+    /// Lets go of the nodes that left, have nothing in flight and whose buckets are full again:
+    /// the store holds their state from now on.
+    fn sweep(&mut self) {
+        while let Some(&(node, at)) = self.departures.front() {
+            if at > self.now {
+                break;
+            }
+            self.departures.pop_front();
+            let Some(state) = self.nodes.get(&node) else {
+                continue;
+            };
+            if state.conn.is_some() || state.in_flight > 0 {
+                // Back, or still writing: looked at again when it leaves or its writes end.
+                continue;
+            }
+            let due = state
+                .rate
+                .full_at()
+                .max(state.bandwidth.full_at())
+                .max(state.kept_until);
+            if due > self.now {
+                self.departures.push_back((node, due));
+                continue;
+            }
+            let token = state.token;
+            self.nodes.remove(&node);
+            self.tokens.remove(&token);
+            self.validator.release(node);
+        }
     }
 
     /// What `conn`'s [`Reader`] made of a binary message.
@@ -546,6 +849,8 @@ impl RoomCore {
     /// together first (at most the message limit), and the whole costs one token per part when
     /// its last part is in. A fence always goes through: it is how a client leaves a gap.
     pub fn receive(&mut self, now: u64, conn: ConnId, read: Read) {
+        self.applied = None;
+        self.tick(now);
         let (positioned, bytes, cost) = match read {
             Read::Pending => return,
             Read::Refused {
@@ -553,17 +858,22 @@ impl RoomCore {
                 reason,
                 detail,
             } => return self.malformed(conn, step, reason, detail),
+            Read::Throttled { step, detail } => return self.limited(conn, step, detail),
             Read::Frame { frame, bytes, cost } => (frame, bytes, cost),
         };
         let Some(member) = self.members.get_mut(&conn) else {
             return;
         };
         member.malformed = 0;
+        let node = member.node;
+        let had_gap = member.gap.take();
         if let Frame::Fence { step } = positioned.frame {
             // A fence that ends a gap is free: it must never be what starves the message
             // sent again after it. One that ends nothing costs a token like any frame.
-            if member.gap.take().is_none() {
-                member.rate.try_take(now);
+            if had_gap.is_none() {
+                if let Some(state) = self.nodes.get_mut(&node) {
+                    state.rate.try_take(now);
+                }
             }
             self.outputs.push_back(Output::Send {
                 to: conn,
@@ -571,39 +881,26 @@ impl RoomCore {
             });
             return;
         }
-        if !member.rate.try_take_n(cost, now) {
-            let step = positioned.frame.stamp().map_or(0, |s| s.step);
-            member.over_rate += 1;
-            // More than a second's worth of messages in a row without a token: the client does
-            // not pace itself, whatever it is told.
-            if member.over_rate > self.limits.rate + self.limits.burst {
-                self.validator.record(Reason::RateLimited);
-                return self.drop_member(
-                    conn,
-                    close::RATE_LIMITED,
-                    "kept sending over the rate limit",
-                );
-            }
-            if member.gap.is_some() {
-                let detail = "an earlier frame of this connection was refused: send a fence".into();
-                return self.refuse(conn, step, Reason::OutOfOrder, detail);
-            }
+        member.gap = had_gap;
+        let step = positioned.frame.stamp().map_or(0, |s| s.step);
+        let passed = self
+            .nodes
+            .get_mut(&node)
+            .is_some_and(|state| state.rate.try_take_n(cost, now));
+        if !passed {
             let detail = format!(
                 "over {} frames per second; this message was not stored: send it again later",
                 self.limits.rate
             );
-            return self.refuse(conn, step, Reason::RateLimited, detail);
+            return self.limited(conn, step, detail);
         }
-        member.over_rate = 0;
         if positioned.position.is_some() {
-            let step = positioned.frame.stamp().map_or(0, |s| s.step);
             let detail = "the frame carries a log position; only the relay sets one".into();
             return self.refuse(conn, step, Reason::Malformed, detail);
         }
         match positioned.frame {
-            Frame::Stamped(stamped) => self.stamped(now, conn, stamped, bytes),
+            Frame::Stamped(stamped) => self.stamped(now, conn, node, stamped, bytes),
             Frame::Presence { sender, .. } => {
-                let node = self.members.get(&conn).map_or(0, |m| m.node);
                 if sender != node {
                     let detail = format!("sender {sender} is not this connection's node id {node}");
                     return self.refuse(conn, 0, Reason::SenderMismatch, detail);
@@ -615,12 +912,40 @@ impl RoomCore {
             }
             other => {
                 let detail = format!(
-                    "a {} frame is not accepted after the join; send stamped frames, presence or fences",
+                    "a {} frame is not accepted from a member; send stamped frames, presence or fences",
                     other.kind()
                 );
                 self.refuse(conn, 0, Reason::Unexpected, detail);
             }
         }
+    }
+
+    /// A frame of `conn` refused for a rate. A connection refused more than a second's worth of
+    /// frames within a second does not pace itself, whatever it is told: it is closed.
+    fn limited(&mut self, conn: ConnId, step: Step, detail: String) {
+        let now = self.now;
+        let allowed = self.limits.rate + self.limits.burst;
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        if now.saturating_sub(member.limited_since) >= 1_000 {
+            member.limited_since = now;
+            member.limited = 0;
+        }
+        member.limited += 1;
+        if member.limited > allowed {
+            self.validator.record(Reason::RateLimited);
+            return self.drop_member(
+                conn,
+                close::RATE_LIMITED,
+                "kept sending over the rate limit",
+            );
+        }
+        if member.gap.is_some() {
+            let detail = "an earlier frame of this connection was refused: send a fence".into();
+            return self.refuse(conn, step, Reason::OutOfOrder, detail);
+        }
+        self.refuse(conn, step, Reason::RateLimited, detail);
     }
 
     fn malformed(&mut self, conn: ConnId, step: Step, reason: Reason, detail: String) {
@@ -667,11 +992,10 @@ impl RoomCore {
         });
     }
 
-    fn stamped(&mut self, now: u64, conn: ConnId, stamped: Stamped, bytes: Bytes) {
+    fn stamped(&mut self, now: u64, conn: ConnId, node: NodeId, stamped: Stamped, bytes: Bytes) {
         let Some(member) = self.members.get(&conn) else {
             return;
         };
-        let node = member.node;
         let stamp = stamped.stamp;
         if let Some(gap) = member.gap {
             let detail = format!(
@@ -680,51 +1004,198 @@ impl RoomCore {
             return self.refuse(conn, stamp.step, Reason::OutOfOrder, detail);
         }
         let origin = Origin::Connection(node);
-        if let Verdict::Rejected(reason) = self.validator.check(&stamp, origin, self.high, now) {
+        // Every check that can refuse the message comes before anything it moves: the
+        // validator's verdict is peeked, and recorded only once the message is taken.
+        if let Verdict::Rejected(reason) = self.validator.peek(&stamp, origin, self.high) {
+            self.validator.record(reason);
             let detail = self.validator.explain(&stamp, origin, self.high, reason);
             return self.reject(conn, stamp.step, reason, detail);
         }
         let body = &stamped.body;
+        let len = bytes.len() as u64;
+        if body.is_durable() {
+            let projected = self.stored_bytes + self.in_flight_bytes + len;
+            if projected > self.limits.max_room_bytes {
+                let detail = format!(
+                    "the room's log is full: it holds {} bytes, and the relay keeps at most {} per room",
+                    self.stored_bytes + self.in_flight_bytes,
+                    self.limits.max_room_bytes
+                );
+                return self.refuse(conn, stamp.step, Reason::Full, detail);
+            }
+            let passed = self
+                .nodes
+                .get_mut(&node)
+                .is_some_and(|state| state.bandwidth.try_take_n(len, now));
+            if !passed {
+                let detail = format!(
+                    "over {} bytes per second of stored messages; this message was not stored: send it again later",
+                    self.limits.bandwidth
+                );
+                return self.limited(conn, stamp.step, detail);
+            }
+        }
+        match body {
+            Body::Update { update, .. } => {
+                if let Err(e) = self.doc.apply_update(update) {
+                    let detail = format!("the update does not apply to the room's document: {e}");
+                    return self.refuse(conn, stamp.step, Reason::Malformed, detail);
+                }
+                self.applied = Some((conn, stamp.step));
+            }
+            Body::SyncState { update, .. } => {
+                if let Err(e) = check_update(update) {
+                    return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string());
+                }
+            }
+            _ => {}
+        }
+        let verdict = self.validator.check(&stamp, origin, self.high, now);
+        debug_assert_eq!(verdict, Verdict::Accepted, "the peeked verdict holds");
         // The room step counts what everyone receives: a message above it moves it by one,
         // whatever its step (see `crate::clock`), so that no member can drag it forward.
         if stamp.step > self.high && body.recipient().is_none() {
             self.high += 1;
         }
         if !body.is_durable() {
+            let to = body.recipient();
             if self.pending.is_empty() {
-                return self.forward(conn, body.recipient(), &bytes);
+                return self.forward(conn, to, &bytes);
             }
             return self.pending.push_back(Pending {
                 stamp,
                 bytes,
-                forward: Some(body.recipient()),
+                waits: Waits::Forward { to },
             });
         }
-        let (doc, snapshot) = match body {
-            crate::wire::Body::Snapshot { doc, .. } => (Some(doc.clone()), true),
-            other => (other.doc().map(str::to_owned), false),
-        };
+        let (doc, token) = (
+            body.doc().map(str::to_owned),
+            self.nodes.get(&node).map(|n| n.token),
+        );
+        if let Body::Update { .. } = body {
+            self.tail_bytes += len;
+            self.tail_updates += 1;
+        }
+        if let Some(state) = self.nodes.get_mut(&node) {
+            state.in_flight += 1;
+        }
+        self.in_flight_bytes += len;
         self.outputs.push_back(Output::Append(Append {
             sender: node,
+            token,
             step: stamp.step,
             high: self.high,
             doc,
-            snapshot,
+            snapshot: false,
             bytes: bytes.clone(),
         }));
         self.pending.push_back(Pending {
             stamp,
             bytes,
-            forward: None,
+            waits: Waits::Append { node, len },
         });
+        self.compact_if_due();
+    }
+
+    /// Appends a snapshot of the document when the updates since the last one call for it. The
+    /// snapshot takes the place of every update accepted before it (the store drops them once it
+    /// is durable); a snapshot larger than a message could never reach a client, so the document
+    /// then stays uncompacted until its tail doubles.
+    fn compact_if_due(&mut self) {
+        let due = self.tail_updates > 0
+            && (self.tail_bytes >= self.limits.compact_bytes.max(self.snapshot_len)
+                || self.tail_updates >= self.limits.compact_updates);
+        if !due || self.compacting || self.stopped {
+            return;
+        }
+        let frame = Frame::Snapshot {
+            doc: WHOLE_DOC.into(),
+            state: self.doc.snapshot(),
+        }
+        .encode();
+        let len = frame.len() as u64;
+        self.tail_bytes = 0;
+        self.tail_updates = 0;
+        if frame.len() > self.limits.limits.max_message {
+            self.snapshot_len = len;
+            return;
+        }
+        self.compacting = true;
+        self.in_flight_bytes += len;
+        let bytes = Bytes::from(frame);
+        self.outputs.push_back(Output::Append(Append {
+            sender: 0,
+            token: None,
+            step: 0,
+            high: self.high,
+            doc: Some(WHOLE_DOC.into()),
+            snapshot: true,
+            bytes: bytes.clone(),
+        }));
+        self.pending.push_back(Pending {
+            stamp: Stamp {
+                sender: 0,
+                step: 0,
+                pattern: 0,
+            },
+            bytes,
+            waits: Waits::Compaction { len },
+        });
+    }
+
+    /// Applying the update of the last [`RoomCore::receive`] took the driver `elapsed_ms`, over
+    /// its budget of `budget_ms`: the update is refused as `malformed` before the store sees it,
+    /// and, since the document now holds it, the room stops, to be loaded again from its log.
+    /// Call it before polling the outputs of that `receive`. Returns whether there was such an
+    /// update.
+    pub fn overran(&mut self, elapsed_ms: u64, budget_ms: u64) -> bool {
+        let Some((conn, step)) = self.applied.take() else {
+            return false;
+        };
+        let appended = self
+            .outputs
+            .iter()
+            .rposition(|o| matches!(o, Output::Append(a) if a.step == step && !a.snapshot));
+        if let Some(i) = appended {
+            self.outputs.remove(i);
+        }
+        // Also a snapshot that already holds it.
+        self.outputs
+            .retain(|o| !matches!(o, Output::Append(a) if a.snapshot));
+        while let Some(last) = self.pending.pop_back() {
+            match last.waits {
+                Waits::Append { node, len } => {
+                    if let Some(state) = self.nodes.get_mut(&node) {
+                        state.in_flight = state.in_flight.saturating_sub(1);
+                    }
+                    self.in_flight_bytes -= len;
+                    if last.stamp.step == step {
+                        break;
+                    }
+                }
+                Waits::Compaction { len } => {
+                    self.in_flight_bytes -= len;
+                    self.compacting = false;
+                }
+                Waits::Forward { .. } => {}
+            }
+        }
+        let detail = format!(
+            "applying the update took {elapsed_ms} ms, over the relay's budget of {budget_ms} ms"
+        );
+        self.refuse(conn, step, Reason::Malformed, detail);
+        self.stop(format!(
+            "an update took {elapsed_ms} ms to apply; the document is loaded again without it"
+        ));
+        true
     }
 
     /// Sends `bytes` (one message) to `to`'s connection, or to everyone but `from`; larger than
     /// a frame, it goes in parts.
     fn forward(&mut self, from: ConnId, to: Option<NodeId>, bytes: &Bytes) {
         let target = match to {
-            Some(node) => match self.by_node.get(&node) {
-                Some(&conn) => Some(conn),
+            Some(node) => match self.nodes.get(&node).and_then(|n| n.conn) {
+                Some(conn) => Some(conn),
                 // The one it is for is gone: nobody else wants it.
                 None => return,
             },
@@ -754,17 +1225,47 @@ impl RoomCore {
         let Some(pending) = self.pending.pop_front() else {
             return;
         };
-        debug_assert!(
-            pending.forward.is_none(),
-            "the head of the queue is an append"
-        );
-        self.answer(pending, result);
+        match pending.waits {
+            Waits::Append { node, len } => {
+                self.in_flight_bytes -= len;
+                let done = self.nodes.get_mut(&node).is_some_and(|state| {
+                    state.in_flight -= 1;
+                    state.in_flight == 0 && state.conn.is_none()
+                });
+                if done {
+                    self.departures.push_back((node, self.now));
+                }
+                self.answer(node, pending.stamp.step, pending.bytes, result);
+            }
+            Waits::Compaction { len } => {
+                self.in_flight_bytes -= len;
+                self.compacting = false;
+                match result {
+                    Ok(Appended::Stored { position, bytes }) => {
+                        self.published = position;
+                        self.stored_bytes = bytes;
+                        self.snapshot_len = len;
+                    }
+                    Ok(Appended::Refused { detail, .. }) => {
+                        self.stop(format!("the store refused the room's snapshot: {detail}"))
+                    }
+                    Err(error) => self.stop(format!("the store failed: {error}")),
+                }
+            }
+            Waits::Forward { .. } => {
+                debug_assert!(false, "the head of the queue is an append");
+            }
+        }
         // What was only waiting for its turn goes now.
-        while self.pending.front().is_some_and(|p| p.forward.is_some()) {
+        while let Some(Pending {
+            waits: Waits::Forward { .. },
+            ..
+        }) = self.pending.front()
+        {
             let Some(Pending {
                 stamp,
                 bytes,
-                forward: Some(to),
+                waits: Waits::Forward { to },
             }) = self.pending.pop_front()
             else {
                 break;
@@ -772,29 +1273,41 @@ impl RoomCore {
             if self.stopped {
                 continue;
             }
-            let from = self.by_node.get(&stamp.sender).copied().unwrap_or(0);
+            let from = self
+                .nodes
+                .get(&stamp.sender)
+                .and_then(|n| n.conn)
+                .unwrap_or(0);
             self.forward(from, to, &bytes);
         }
+        self.sweep();
     }
 
-    fn answer(&mut self, pending: Pending, result: Result<Appended, StoreError>) {
-        let conn = self.by_node.get(&pending.stamp.sender).copied();
+    fn answer(
+        &mut self,
+        node: NodeId,
+        step: Step,
+        bytes: Bytes,
+        result: Result<Appended, StoreError>,
+    ) {
+        let conn = self.nodes.get(&node).and_then(|n| n.conn);
         match result {
-            Ok(Appended::Stored { position }) => {
+            Ok(Appended::Stored {
+                position,
+                bytes: stored,
+            }) => {
                 self.published = position;
+                self.stored_bytes = stored;
                 if let Some(conn) = conn {
-                    let ack = Frame::Ack {
-                        step: pending.stamp.step,
-                        position,
-                    };
+                    let ack = Frame::Ack { step, position };
                     self.outputs.push_back(Output::Send {
                         to: conn,
                         bytes: Bytes::from(ack.encode()),
                     });
                 }
-                let positioned = with_position(&pending.bytes, position)
+                let positioned = with_position(&bytes, position)
                     .map(Bytes::from)
-                    .unwrap_or(pending.bytes);
+                    .unwrap_or(bytes);
                 self.forward(conn.unwrap_or(0), None, &positioned);
             }
             // Another relay stored this step first.
@@ -803,19 +1316,19 @@ impl RoomCore {
                 detail,
             }) => {
                 if let Some(conn) = conn {
-                    self.refuse(conn, pending.stamp.step, Reason::Replay, detail);
+                    self.refuse(conn, step, Reason::Replay, detail);
                 }
             }
             Ok(Appended::Refused { reason, detail }) => {
                 if let Some(conn) = conn {
-                    self.refuse(conn, pending.stamp.step, reason, detail.clone());
+                    self.refuse(conn, step, reason, detail.clone());
                 }
                 self.stop(format!("the store refused a message: {detail}"));
             }
             Err(error) => {
                 if let Some(conn) = conn {
                     let detail = format!("the relay could not store the message: {error}");
-                    self.refuse(conn, pending.stamp.step, Reason::Unavailable, detail);
+                    self.refuse(conn, step, Reason::Unavailable, detail);
                 }
                 self.stop(format!("the store failed: {error}"));
             }
@@ -836,7 +1349,10 @@ impl RoomCore {
                 reason: "the room stopped; reconnect to resume".into(),
             });
         }
-        self.by_node.clear();
+        // Nothing of the room outlives it but what the store holds.
+        self.nodes.clear();
+        self.tokens.clear();
+        self.departures.clear();
         self.outputs.push_back(Output::Stop { reason });
     }
 }
@@ -849,7 +1365,7 @@ mod tests {
 
     fn room() -> RoomCore {
         let record = RoomRecord::new(RoomConfig::default(), 1);
-        RoomCore::new("r".into(), record, RoomLimits::default(), 0).unwrap()
+        RoomCore::new("r".into(), record, &[], RoomLimits::default(), 0).unwrap()
     }
 
     fn req(name: &str, resume: Option<ResumeToken>) -> JoinRequest {
@@ -858,6 +1374,7 @@ mod tests {
             since: 0,
             log: 0,
             resume,
+            stored: None,
         }
     }
 
@@ -909,7 +1426,10 @@ mod tests {
         send(&mut room, 0, 1, data(a.node, 1));
         let out = outputs(&mut room);
         assert!(matches!(out.as_slice(), [Output::Append(_)]), "{out:?}");
-        room.appended(Ok(Appended::Stored { position: 1 }));
+        room.appended(Ok(Appended::Stored {
+            position: 1,
+            bytes: 10,
+        }));
         let out = outputs(&mut room);
         assert_eq!(
             sent_to(&out, 1),
@@ -939,6 +1459,7 @@ mod tests {
         let mut room = RoomCore::new(
             "r".into(),
             RoomRecord::new(config, 1),
+            &[],
             RoomLimits::default(),
             0,
         )
@@ -1008,6 +1529,7 @@ mod tests {
         let mut room = RoomCore::new(
             "r".into(),
             RoomRecord::new(RoomConfig::default(), 1),
+            &[],
             limits,
             0,
         )
@@ -1100,5 +1622,353 @@ mod tests {
         )));
         let unknown = room.join(0, 3, req("a", Some([9; 16])), [3; 16]).unwrap();
         assert_ne!(unknown.node, first.node, "an unknown token gets a new node");
+    }
+
+    fn update(node: NodeId, step: Step, update: Vec<u8>) -> Bytes {
+        let stamp = Stamp {
+            sender: node,
+            step,
+            pattern: PatternConfig::default().value(step),
+        };
+        Bytes::from(
+            Frame::stamped(
+                stamp,
+                Body::Update {
+                    doc: "content".into(),
+                    update,
+                },
+            )
+            .encode(),
+        )
+    }
+
+    fn stored(room: &mut RoomCore, position: u64) {
+        room.appended(Ok(Appended::Stored {
+            position,
+            bytes: position * 100,
+        }));
+    }
+
+    fn with_limits(limits: RoomLimits) -> RoomCore {
+        RoomCore::new(
+            "r".into(),
+            RoomRecord::new(RoomConfig::default(), 1),
+            &[],
+            limits,
+            0,
+        )
+        .unwrap()
+    }
+
+    fn rejects(out: &[Output], conn: ConnId) -> Vec<Reason> {
+        sent_to(out, conn)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Reject { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An update that would hang every replica that reads the text (a client's blocks in two
+    /// sections of one update) is refused before the store or any member sees it, and the
+    /// room's document is as it was.
+    #[test]
+    fn an_update_that_does_not_apply_is_refused_before_the_store_sees_it() {
+        let mut room = room();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let writer = SharedDoc::with_client_id(11);
+        let good = writer.insert("content", 0, "hello").unwrap();
+        send(&mut room, 0, 1, update(a.node, 1, good));
+        assert!(matches!(outputs(&mut room).as_slice(), [Output::Append(_)]));
+        stored(&mut room, 1);
+        outputs(&mut room);
+        let poisoned = vec![
+            2, 1, 22, 0, 193, 11, 4, 11, 11, 1, 1, 22, 0, 193, 11, 4, 11, 11, 1, 1, 11, 1, 4, 1,
+        ];
+        send(&mut room, 0, 1, update(a.node, 2, poisoned));
+        let out = outputs(&mut room);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Append(_))),
+            "{out:?}"
+        );
+        assert_eq!(rejects(&out, 1), [Reason::Malformed]);
+        assert_eq!(room.document().text("content"), "hello");
+        assert_eq!(room.high(), 1, "a refused message moves nothing");
+        // Not even the sender's last step: step 2 is still free after the fence.
+        send(
+            &mut room,
+            0,
+            1,
+            Bytes::from(Frame::Fence { step: 2 }.encode()),
+        );
+        send(&mut room, 0, 1, data(a.node, 2));
+        assert!(matches!(outputs(&mut room).last(), Some(Output::Append(a)) if a.step == 2));
+    }
+
+    /// Past the compaction threshold the room appends its own snapshot; loaded again from the
+    /// snapshot and the tail, the document is the same.
+    #[test]
+    fn the_room_compacts_its_document_and_loads_from_the_snapshot_and_tail() {
+        let mut room = with_limits(RoomLimits {
+            compact_updates: 5,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let writer = SharedDoc::with_client_id(11);
+        let mut appends = Vec::new();
+        for step in 1..=7u64 {
+            let u = writer.insert("content", 0, &step.to_string()).unwrap();
+            send(&mut room, step, 1, update(a.node, step, u));
+            for o in outputs(&mut room) {
+                if let Output::Append(append) = o {
+                    appends.push(append);
+                }
+            }
+        }
+        let snapshots: Vec<usize> = appends
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.snapshot)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(snapshots, [5], "after the fifth update");
+        let snapshot = &appends[5];
+        assert_eq!((snapshot.sender, snapshot.token), (0, None));
+        assert!(matches!(
+            Frame::decode(&snapshot.bytes),
+            Ok(Frame::Snapshot { doc, .. }) if doc == WHOLE_DOC
+        ));
+        for position in 1..=appends.len() as u64 {
+            stored(&mut room, position);
+        }
+        let out = outputs(&mut room);
+        let acks = sent_to(&out, 1)
+            .iter()
+            .filter(|f| matches!(f, Frame::Ack { .. }))
+            .count();
+        assert_eq!(acks, 7, "the snapshot is not a member's message");
+        // What the store keeps: the snapshot, then the two updates after it.
+        let logged: Vec<Logged> = appends[5..]
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Logged {
+                position: 6 + i as u64,
+                sender: a.sender,
+                bytes: Bytes::from(with_position(&a.bytes, 6 + i as u64).unwrap()),
+            })
+            .collect();
+        let again = RoomCore::new(
+            "r".into(),
+            RoomRecord::new(RoomConfig::default(), 1),
+            &logged,
+            RoomLimits::default(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(again.document().text("content"), writer.text("content"));
+        assert_eq!(again.load_failures(), 0);
+    }
+
+    /// Node ids come from blocks the store reserved: the room asks for the next block when half
+    /// of one is left, and refuses a join rather than hand out an id outside a block.
+    #[test]
+    fn node_ids_come_only_from_reserved_blocks() {
+        let mut room = room();
+        let mut ids = std::collections::HashSet::new();
+        let mut asked = 0;
+        for conn in 0..NODE_BLOCK {
+            let joined = room.join(0, conn, req("a", None), [0; 16]);
+            let joined = joined.unwrap();
+            assert!(ids.insert(joined.node));
+            room.leave(conn);
+            asked += outputs(&mut room)
+                .iter()
+                .filter(|o| matches!(o, Output::Reserve { .. }))
+                .count();
+        }
+        assert_eq!(asked, 1, "one reservation in flight at a time");
+        let refused = room.join(0, 9_999, req("a", None), [0; 16]).unwrap_err();
+        assert_eq!(refused.code, close::TRY_AGAIN_LATER);
+        room.reserved(Ok(5_000));
+        let joined = room.join(0, 9_999, req("a", None), [0; 16]).unwrap();
+        assert_eq!(joined.node, 5_000);
+    }
+
+    /// A node's state outlives its connection until its appends are answered and its buckets
+    /// are full again; after that a join with its token brings the store's record back, and
+    /// its old steps are still replays.
+    #[test]
+    fn a_node_that_left_keeps_its_rate_and_comes_back_with_its_last_step() {
+        let mut room = with_limits(RoomLimits {
+            rate: 10,
+            burst: 10,
+            resume_grace: 0,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [7; 16]).unwrap();
+        for step in 1..=10 {
+            send(&mut room, 0, 1, data(a.node, step));
+        }
+        room.leave(1);
+        // Back at once: the bucket is still empty.
+        let again = room.join(10, 2, req("a", Some([7; 16])), [8; 16]).unwrap();
+        assert_eq!(again.node, a.node);
+        outputs(&mut room);
+        send(&mut room, 10, 2, data(a.node, 11));
+        assert_eq!(rejects(&outputs(&mut room), 2), [Reason::RateLimited]);
+        room.leave(2);
+        for position in 1..=10 {
+            stored(&mut room, position);
+        }
+        room.tick(500);
+        assert_eq!(room.nodes(), 1, "its bucket is not full yet");
+        room.tick(1_000);
+        assert_eq!(room.nodes(), 0);
+        assert!(room.is_idle());
+        assert!(!room.knows(&[7; 16]));
+        // The store's record: last step 10.
+        let mut request = req("a", Some([7; 16]));
+        request.stored = Some(NodeRecord {
+            node: a.node,
+            token: [7; 16],
+            last_step: 10,
+        });
+        let back = room.join(2_000, 3, request, [9; 16]).unwrap();
+        assert_eq!(back.node, a.node);
+        outputs(&mut room);
+        send(&mut room, 2_000, 3, data(a.node, 10));
+        assert_eq!(rejects(&outputs(&mut room), 3), [Reason::Replay]);
+        send(&mut room, 2_000, 3, data(a.node, 11));
+        assert!(matches!(outputs(&mut room).last(), Some(Output::Append(x)) if x.step == 11));
+    }
+
+    /// A node that never wrote has no store record, so the room keeps its token for the grace
+    /// period: a reconnect within it keeps the id, one after it gets a new one.
+    #[test]
+    fn a_node_that_never_wrote_keeps_its_id_for_the_grace_period() {
+        let mut room = with_limits(RoomLimits {
+            resume_grace: 1_000,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [7; 16]).unwrap();
+        room.leave(1);
+        room.tick(999);
+        let again = room.join(999, 2, req("a", Some([7; 16])), [8; 16]).unwrap();
+        assert_eq!(again.node, a.node);
+        room.leave(2);
+        room.tick(1_998);
+        assert_eq!(room.nodes(), 1, "still within the grace period");
+        room.tick(1_999);
+        assert_eq!(room.nodes(), 0);
+        assert!(room.is_idle());
+        let other = room
+            .join(2_000, 3, req("a", Some([7; 16])), [9; 16])
+            .unwrap();
+        assert_ne!(other.node, a.node);
+    }
+
+    /// A connection refused for its rate more than a second's worth of times within a second
+    /// is closed; one that backs off is not.
+    #[test]
+    fn a_connection_that_keeps_sending_over_its_rate_is_closed_within_a_second() {
+        let mut room = with_limits(RoomLimits {
+            rate: 10,
+            burst: 10,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let mut closed_at = None;
+        for i in 0..1_000u64 {
+            // 1,000 frames a second, with a fence after every refusal.
+            send(&mut room, i, 1, data(a.node, i + 1));
+            send(
+                &mut room,
+                i,
+                1,
+                Bytes::from(Frame::Fence { step: i + 1 }.encode()),
+            );
+            if outputs(&mut room)
+                .iter()
+                .any(|o| matches!(o, Output::Close { code, .. } if *code == close::RATE_LIMITED))
+            {
+                closed_at = Some(i);
+                break;
+            }
+        }
+        assert!(closed_at.is_some_and(|t| t < 1_000), "{closed_at:?}");
+    }
+
+    /// Stored messages cost bytes from the node's bandwidth, and the room's log has a cap.
+    #[test]
+    fn bandwidth_and_the_room_budget_hold() {
+        let mut room = with_limits(RoomLimits {
+            bandwidth: 1_000,
+            bandwidth_burst: 2_000,
+            max_room_bytes: 4_000,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let big = |step| {
+            let stamp = Stamp {
+                sender: a.node,
+                step,
+                pattern: PatternConfig::default().value(step),
+            };
+            let text = format!("\"{}\"", "x".repeat(1_500));
+            Bytes::from(
+                Frame::stamped(
+                    stamp,
+                    Body::Data {
+                        data: Json::parse(text).unwrap(),
+                    },
+                )
+                .encode(),
+            )
+        };
+        send(&mut room, 0, 1, big(1));
+        send(&mut room, 0, 1, big(2));
+        assert_eq!(rejects(&outputs(&mut room), 1), [Reason::RateLimited]);
+        stored(&mut room, 1);
+        send(
+            &mut room,
+            0,
+            1,
+            Bytes::from(Frame::Fence { step: 2 }.encode()),
+        );
+        send(&mut room, 2_000, 1, big(2));
+        assert!(matches!(outputs(&mut room).last(), Some(Output::Append(_))));
+        room.appended(Ok(Appended::Stored {
+            position: 2,
+            bytes: 3_100,
+        }));
+        send(&mut room, 4_000, 1, big(3));
+        let out = outputs(&mut room);
+        assert_eq!(rejects(&out, 1), [Reason::Full]);
+    }
+
+    /// An update the driver found too slow to apply is refused, and the room stops to load its
+    /// document again without it.
+    #[test]
+    fn an_update_over_the_time_budget_is_refused_and_the_room_reloads() {
+        let mut room = room();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let writer = SharedDoc::with_client_id(11);
+        let u = writer.insert("content", 0, "slow").unwrap();
+        send(&mut room, 0, 1, update(a.node, 1, u));
+        assert!(room.overran(3_000, 1_000));
+        let out = outputs(&mut room);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Append(_))),
+            "{out:?}"
+        );
+        assert_eq!(rejects(&out, 1), [Reason::Malformed]);
+        assert!(matches!(out.last(), Some(Output::Stop { .. })));
+        assert!(room.is_idle());
     }
 }

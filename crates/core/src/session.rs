@@ -318,6 +318,8 @@ pub struct Session<R> {
     /// Consecutive passing refusals, for their backoff.
     refusals: u32,
     pacer: TokenBucket,
+    /// The same for the bytes of stored messages (the relay's bandwidth per node).
+    byte_pacer: TokenBucket,
     /// The share of the announced rate the pacer uses: halved on every refusal for the rate
     /// (the relay may count several tabs of one address together), grown back as messages are
     /// acknowledged.
@@ -364,6 +366,7 @@ impl<R: Replica> Session<R> {
             log: 0,
             refusals: 0,
             pacer: pacer(&relay, 1.0, now),
+            byte_pacer: byte_pacer(&relay, 1.0, now),
             pace: 1.0,
             presence: None,
             presence_due: false,
@@ -400,8 +403,13 @@ impl<R: Replica> Session<R> {
             Link::Open => {
                 if let Some(hold) = self.hold {
                     at(hold.until);
-                } else if let Some(cost) = self.next_cost() {
-                    at(self.pacer.ready_at(cost));
+                } else if let Some((frames, bytes)) = self.next_cost() {
+                    let bytes_at = if bytes > 0 {
+                        self.byte_pacer.ready_at(bytes)
+                    } else {
+                        0
+                    };
+                    at(self.pacer.ready_at(frames).max(bytes_at));
                 }
             }
             _ => {}
@@ -528,21 +536,6 @@ impl<R: Replica> Session<R> {
             Body::Update {
                 doc: doc.to_owned(),
                 update,
-            },
-        )
-    }
-
-    /// Sends the whole document as a snapshot.
-    pub fn post_snapshot(&mut self, now: u64) -> Result<(), SessionError> {
-        let state = self
-            .replica
-            .diff(&[])
-            .map_err(|_| SessionError::TooLarge { len: 0, max: 0 })?;
-        self.queue(
-            now,
-            Body::Snapshot {
-                doc: WHOLE_DOC.into(),
-                state,
             },
         )
     }
@@ -707,10 +700,11 @@ impl<R: Replica> Session<R> {
             Ok(p) => p,
             Err(e) => return self.anomaly(Source::Local, e.reason(), e.to_string(), 0, None),
         };
+        let logged = positioned.position.is_some();
         if let Some(position) = positioned.position {
             self.position = self.position.max(position);
         }
-        self.on_frame(now, positioned.frame);
+        self.on_frame(now, positioned.frame, logged);
         self.pump(now);
     }
 
@@ -873,7 +867,8 @@ impl<R: Replica> Session<R> {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn on_frame(&mut self, now: u64, frame: Frame) {
+    /// A frame from the relay; `logged` if it carried a log position.
+    fn on_frame(&mut self, now: u64, frame: Frame, logged: bool) {
         match frame {
             Frame::Welcome {
                 node,
@@ -919,6 +914,7 @@ impl<R: Replica> Session<R> {
                     if self.pace < 1.0 {
                         self.pace = (self.pace * 1.02).min(1.0);
                         self.pacer = pacer(&self.relay, self.pace, now);
+                        self.byte_pacer = byte_pacer(&self.relay, self.pace, now);
                     }
                 }
             }
@@ -928,7 +924,20 @@ impl<R: Replica> Session<R> {
                 detail,
             } => self.on_reject(now, step, reason, detail),
             Frame::Presence { sender, data } => self.emit(Event::Presence { sender, data }),
-            Frame::Stamped(stamped) => self.on_stamped(now, stamped),
+            Frame::Stamped(stamped) => self.on_stamped(now, stamped, logged),
+            // The relay's compaction of the document, from the log: everything logged before
+            // it, merged. Only the log carries one.
+            Frame::Snapshot { state, .. } if logged => match self.replica.apply_update(&state) {
+                Ok(()) => self.emit(Event::Remote),
+                Err(e) => self.anomaly(Source::Local, Reason::Malformed, e.to_string(), 0, None),
+            },
+            Frame::Snapshot { .. } => self.anomaly(
+                Source::Local,
+                Reason::Unexpected,
+                "a snapshot outside the room log".into(),
+                0,
+                None,
+            ),
             Frame::Fence { .. } => self.unechoed = self.unechoed.saturating_sub(1),
             Frame::Join { .. } | Frame::Part { .. } => self.anomaly(
                 Source::Local,
@@ -1009,6 +1018,7 @@ impl<R: Replica> Session<R> {
         self.limits = self.config.limits.with_relay(&limits);
         self.relay = limits;
         self.pacer = pacer(&limits, self.pace, now);
+        self.byte_pacer = byte_pacer(&limits, self.pace, now);
         let advance = self.clock.join(high);
         self.step_event(advance);
         self.peers = peers.into_iter().map(|p| (p.node, p.name)).collect();
@@ -1081,6 +1091,7 @@ impl<R: Replica> Session<R> {
                 if reason == Reason::RateLimited {
                     self.pace = (self.pace / 2.0).max(1.0 / 64.0);
                     self.pacer = pacer(&self.relay, self.pace, now);
+                    self.byte_pacer = byte_pacer(&self.relay, self.pace, now);
                 }
                 let wait = match reason {
                     Reason::RateLimited => 250u64 << self.refusals.min(5),
@@ -1144,11 +1155,18 @@ impl<R: Replica> Session<R> {
         }
     }
 
-    fn on_stamped(&mut self, now: u64, stamped: Stamped) {
+    fn on_stamped(&mut self, now: u64, stamped: Stamped, logged: bool) {
         let Stamped { stamp, body } = stamped;
         let origin = self.origin();
         let local = self.clock.local();
-        if let Verdict::Rejected(reason) = self.validator.check(&stamp, origin, local, now) {
+        // A message from the log is new by its position: a sender this client no longer tracks
+        // is judged by its own steps, not by the floor of evicted senders.
+        let verdict = if logged {
+            self.validator.check_logged(&stamp, origin, local, now)
+        } else {
+            self.validator.check(&stamp, origin, local, now)
+        };
+        if let Verdict::Rejected(reason) = verdict {
             let detail = self.validator.explain(&stamp, origin, local, reason);
             return self.anomaly(
                 Source::Local,
@@ -1163,9 +1181,7 @@ impl<R: Replica> Session<R> {
         let open = self.link == Link::Open;
         match body {
             Body::Data { data } => self.emit(Event::Message { stamp, data }),
-            Body::Update { update, .. } | Body::Snapshot { state: update, .. } => {
-                self.apply(&update, &stamp)
-            }
+            Body::Update { update, .. } => self.apply(&update, &stamp),
             Body::SyncState { update, to, .. } => {
                 if to == 0 || to == self.node {
                     self.apply(&update, &stamp);
@@ -1264,17 +1280,21 @@ impl<R: Replica> Session<R> {
         });
     }
 
-    /// The pacer cost of the next stamped frame to go out, if any.
-    fn next_cost(&self) -> Option<u64> {
+    /// The pacers' costs of the next frame to go out, if any: frames, and bytes of a stored
+    /// message (0 for others).
+    fn next_cost(&self) -> Option<(u64, u64)> {
         if self.presence_due {
-            return Some(1);
+            return Some((1, 0));
         }
+        let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
         if let Some(sent) = self.in_flight.get(self.resend) {
-            return Some(part::count(sent.bytes.len(), self.limits.max_frame) as u64);
+            return Some((frames(sent.bytes.len()), sent.bytes.len() as u64));
         }
         self.waiting.front().map(|w| {
             // The stamp takes at most 30 bytes.
-            part::count(3 + 30 + w.body.encoded_len(), self.limits.max_frame) as u64
+            let len = 3 + 30 + w.body.encoded_len();
+            let bytes = if w.body.is_durable() { len as u64 } else { 0 };
+            (frames(len), bytes)
         })
     }
 
@@ -1292,9 +1312,16 @@ impl<R: Replica> Session<R> {
             self.outputs
                 .push_back(Output::Send(Frame::Fence { step: hold.step }.encode()));
         }
-        while let Some(cost) = self.next_cost() {
-            if !self.pacer.try_take_n(cost, now) {
+        while let Some((frames, bytes)) = self.next_cost() {
+            // Both pacers must allow it before either is charged.
+            if self.pacer.ready_at(frames) > now
+                || (bytes > 0 && self.byte_pacer.ready_at(bytes) > now)
+            {
                 break;
+            }
+            self.pacer.try_take_n(frames, now);
+            if bytes > 0 {
+                self.byte_pacer.try_take_n(bytes, now);
             }
             if self.presence_due {
                 self.presence_due = false;
@@ -1349,6 +1376,14 @@ impl<R: Replica> Session<R> {
             }
         }
     }
+}
+
+/// The byte pacer: the relay's bucket at nine tenths of its rate. With the same capacity and a
+/// slower refill, this bucket never holds more than the relay's, so what it lets through, the
+/// relay takes.
+fn byte_pacer(limits: &RelayLimits, share: f64, now: u64) -> TokenBucket {
+    let rate = (limits.bandwidth as f64 * 0.9 * share).max(1.0);
+    TokenBucket::new(rate, limits.bandwidth_burst as f64, now)
 }
 
 fn pacer(limits: &RelayLimits, share: f64, now: u64) -> TokenBucket {

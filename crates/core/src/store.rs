@@ -1,18 +1,22 @@
 //! Where room logs live: the [`Store`] trait, and [`MemoryStore`], the implementation in memory
 //! for tests and the simulation. The relay's embedded SQLite store implements the same trait.
 //!
-//! A store keeps, per room: its settings, its high step and last log position, one record per
-//! node (its resume token and its last stored step, which is what keeps replay protection across
-//! restarts), and the log itself. Its promises:
+//! A store keeps, per room: its settings, its step and last log position, the next node id it
+//! may hand out, one record per node that stored something (its resume token, its last stored
+//! step, which is what keeps replay protection across restarts, and when it was last seen), and
+//! the log itself. Its promises:
 //!
-//! - an append is answered once it is durable, and only then;
+//! - an append is answered once it is durable, and only then; it records its sender's token and
+//!   step with it;
 //! - appends of one room are positioned in the order they were handed to the store (1, 2, ...);
 //! - once an append of a room fails, every later append of that room fails too, until the room
-//!   is loaded again: a node's stored messages stay a prefix of what it sent, which is what lets
-//!   a client read `replay` as "stored". (A room reloads only after its failed appends are all
-//!   answered.)
-//! - a snapshot of a document drops the older entries of that document (of every document for
-//!   `*`); data entries are never dropped;
+//!   is opened again: a node's stored messages stay a prefix of what it sent, which is what lets
+//!   a client read `replay` as "stored". (A room reopens only after its failed appends are all
+//!   answered.) A failing append fails only its own room;
+//! - node ids are reserved in blocks, durably, before the room hands any of them out: an id is
+//!   never handed out twice, whatever happens to the relay;
+//! - the relay's snapshot of a document drops the older entries of that document (of every
+//!   document for `*`); data entries are never dropped;
 //! - every method answers with a typed [`StoreError`] rather than panicking.
 //!
 //! The methods return boxed futures that own what they need, so a driver can keep many appends
@@ -40,34 +44,38 @@ pub struct NodeRecord {
     pub last_step: Step,
 }
 
-/// What a store knows of a room.
+/// What a store knows of a room, as it opens it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomRecord {
     /// Its settings.
     pub config: RoomConfig,
-    /// Its highest stored step.
+    /// Its step with its last stored message.
     pub high: Step,
     /// Its last log position.
     pub position: u64,
-    /// The next node id to hand out (above every node id ever handed out).
+    /// The node ids `next_node..nodes_end` are reserved for this opening of the room: no other
+    /// opening, before or after, hands them out.
     pub next_node: NodeId,
+    /// See `next_node`.
+    pub nodes_end: NodeId,
     /// The identity of this room's log, chosen by the store when it creates the room: a store
     /// that lost a room and creates it again gives it a new one.
     pub log: u64,
-    /// Its nodes.
-    pub nodes: Vec<NodeRecord>,
+    /// Bytes its log holds.
+    pub bytes: u64,
 }
 
 impl RoomRecord {
-    /// A new, empty room whose log is `log`.
+    /// A new, empty room whose log is `log`, with the first block of node ids.
     pub fn new(config: RoomConfig, log: u64) -> Self {
         Self {
             config,
             high: 0,
             position: 0,
             next_node: 1,
+            nodes_end: 1 + crate::room::NODE_BLOCK,
             log,
-            nodes: Vec::new(),
+            bytes: 0,
         }
     }
 }
@@ -90,6 +98,8 @@ pub enum Appended {
     Stored {
         /// The message's log position.
         position: u64,
+        /// The bytes the room's log holds now.
+        bytes: u64,
     },
     /// Not stored, for a reason that concerns this message alone (with several relays on one
     /// store, `replay`: another relay stored this step first).
@@ -120,14 +130,19 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 
 /// Where room logs live.
 pub trait Store: Send + Sync + 'static {
-    /// What the store knows of `room`, if anything.
-    fn load_room(&self, room: &str) -> StoreFuture<Option<RoomRecord>>;
-    /// Creates `room` with `config` unless it exists; returns what is stored either way.
-    fn create_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord>;
-    /// Records a new node of `room`.
-    fn register_node(&self, room: &str, node: NodeRecord) -> StoreFuture<()>;
-    /// Appends a message to `room`'s log; answers once it is durable.
+    /// Opens `room`, creating it with `config` unless it exists, and reserves a block of
+    /// [`crate::room::NODE_BLOCK`] node ids for this opening; answers once that is durable.
+    /// Appends of the room that failed before fail no more.
+    fn open_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord>;
+    /// Reserves `count` more node ids for `room`, durably; answers the first.
+    fn reserve_nodes(&self, room: &str, count: u64) -> StoreFuture<NodeId>;
+    /// The node of `room` that `token` resumes, if the store keeps its record.
+    fn find_node(&self, room: &str, token: ResumeToken) -> StoreFuture<Option<NodeRecord>>;
+    /// Appends a message to `room`'s log, with its sender's record; answers once it is durable.
     fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended>;
+    /// The document entries of `room`'s log in order: its last snapshot, if any, then every
+    /// update after it. What the room applies to its document when it opens.
+    fn read_document(&self, room: &str) -> StoreFuture<Vec<Logged>>;
     /// The log of `room` after position `since`, up to and including `until`, in order: at most
     /// about `max_bytes` (always at least one entry if there is one).
     fn read_after(
@@ -137,6 +152,10 @@ pub trait Store: Send + Sync + 'static {
         until: u64,
         max_bytes: usize,
     ) -> StoreFuture<Vec<Logged>>;
+    /// Deletes the records of nodes not seen (no message stored) for `ttl`; answers how many.
+    /// A node whose record is gone gets a new id and token when it comes back, and its client
+    /// sends what it had not seen acknowledged again under them.
+    fn expire_nodes(&self, ttl: std::time::Duration) -> StoreFuture<u64>;
     /// Finishes pending writes and stops.
     fn close(&self) -> StoreFuture<()>;
 }
@@ -147,12 +166,20 @@ struct MemoryRoom {
     log: Vec<Logged>,
     /// For each logged entry: its document (for compaction).
     docs: Vec<Option<String>>,
+    /// The records of the nodes that stored something, by token.
+    nodes: HashMap<ResumeToken, NodeRecord>,
+}
+
+impl MemoryRoom {
+    fn bytes(&self) -> u64 {
+        self.log.iter().map(|l| l.bytes.len() as u64).sum()
+    }
 }
 
 #[derive(Debug, Default)]
 struct MemoryState {
     rooms: HashMap<String, MemoryRoom>,
-    /// Rooms whose appends fail until they are loaded again.
+    /// Rooms whose appends fail until they are opened again.
     failed: std::collections::HashSet<String>,
     /// Fail the next append, as a full disk would.
     fail_next: bool,
@@ -179,49 +206,49 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Loads `room` now (the memory store needs no waiting).
-    pub fn load_now(&self, room: &str) -> Option<RoomRecord> {
-        let mut state = self.state();
-        state.failed.remove(room);
-        state.rooms.get(room).map(|r| r.record.clone())
-    }
-
     /// Makes the next append fail, as a full disk would (for tests).
     pub fn fail_next_append(&self) {
         self.state().fail_next = true;
     }
 
-    /// Creates `room` now unless it exists.
-    pub fn create_now(&self, room: &str, config: RoomConfig) -> RoomRecord {
+    /// Opens `room` now (the memory store needs no waiting).
+    pub fn open_now(&self, room: &str, config: RoomConfig) -> RoomRecord {
         // Every room this process creates gets a log identity of its own.
         static NEXT_LOG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.state().failed.remove(room);
         self.with(|rooms| {
-            rooms
-                .entry(room.to_owned())
-                .or_insert_with(|| MemoryRoom {
-                    record: RoomRecord::new(
-                        config,
-                        NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                    ),
-                    log: Vec::new(),
-                    docs: Vec::new(),
-                })
-                .record
-                .clone()
+            let room = rooms.entry(room.to_owned()).or_insert_with(|| MemoryRoom {
+                record: RoomRecord::new(
+                    config,
+                    NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                ),
+                log: Vec::new(),
+                docs: Vec::new(),
+                nodes: HashMap::new(),
+            });
+            let mut record = room.record.clone();
+            record.nodes_end = record.next_node + crate::room::NODE_BLOCK;
+            room.record.next_node = record.nodes_end;
+            record.bytes = room.bytes();
+            record
         })
     }
 
-    /// Registers a node now.
-    pub fn register_now(&self, room: &str, node: NodeRecord) -> Result<(), StoreError> {
+    /// Reserves node ids now.
+    pub fn reserve_now(&self, room: &str, count: u64) -> Result<NodeId, StoreError> {
         self.with(|rooms| {
             let room = rooms
                 .get_mut(room)
                 .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
-            room.record.nodes.retain(|n| n.node != node.node);
-            room.record.nodes.push(node);
-            room.record.next_node = room.record.next_node.max(node.node + 1);
-            Ok(())
+            let first = room.record.next_node;
+            room.record.next_node += count;
+            Ok(first)
         })
+    }
+
+    /// Looks a node up now.
+    pub fn find_now(&self, room: &str, token: ResumeToken) -> Option<NodeRecord> {
+        self.with(|rooms| rooms.get(room)?.nodes.get(&token).copied())
     }
 
     /// Appends now.
@@ -233,7 +260,7 @@ impl MemoryStore {
         }
         if state.failed.contains(room) {
             return Err(StoreError::Backend(
-                "an earlier append of this room failed; load the room again".into(),
+                "an earlier append of this room failed; open the room again".into(),
             ));
         }
         drop(state);
@@ -246,13 +273,13 @@ impl MemoryStore {
                 .ok_or_else(|| StoreError::Corrupt("the frame already has a position".into()))?;
             room.record.position = position;
             room.record.high = room.record.high.max(entry.high);
-            if let Some(node) = room
-                .record
-                .nodes
-                .iter_mut()
-                .find(|n| n.node == entry.sender)
-            {
-                node.last_step = node.last_step.max(entry.step);
+            if let Some(token) = entry.token {
+                let record = room.nodes.entry(token).or_insert(NodeRecord {
+                    node: entry.sender,
+                    token,
+                    last_step: 0,
+                });
+                record.last_step = record.last_step.max(entry.step);
             }
             if entry.snapshot {
                 let doc = entry.doc.as_deref().unwrap_or(WHOLE_DOC);
@@ -281,7 +308,10 @@ impl MemoryStore {
                 bytes: Bytes::from(bytes),
             });
             room.docs.push(entry.doc);
-            Ok(Appended::Stored { position })
+            Ok(Appended::Stored {
+                position,
+                bytes: room.bytes(),
+            })
         })
     }
 
@@ -305,14 +335,43 @@ impl MemoryStore {
         })
     }
 
-    /// Forgets a node, as a store that expired its record would (for tests of what a client
+    /// The document entries of `room`, now.
+    pub fn document_now(&self, room: &str) -> Vec<Logged> {
+        self.with(|rooms| {
+            let Some(room) = rooms.get(room) else {
+                return Vec::new();
+            };
+            room.log
+                .iter()
+                .zip(&room.docs)
+                .filter(|(_, doc)| doc.is_some())
+                .map(|(logged, _)| logged.clone())
+                .collect()
+        })
+    }
+
+    /// Forgets a node, as a store that expired its record does (for tests of what a client
     /// does when the relay no longer knows it).
     pub fn forget_node(&self, room: &str, node: NodeId) {
         self.with(|rooms| {
             if let Some(room) = rooms.get_mut(room) {
-                room.record.nodes.retain(|n| n.node != node);
+                room.nodes.retain(|_, n| n.node != node);
             }
         });
+    }
+
+    /// Forgets every node of `room`, as a store that expired them all does.
+    pub fn forget_nodes(&self, room: &str) {
+        self.with(|rooms| {
+            if let Some(room) = rooms.get_mut(room) {
+                room.nodes.clear();
+            }
+        });
+    }
+
+    /// How many node records `room` keeps.
+    pub fn node_records(&self, room: &str) -> usize {
+        self.with(|rooms| rooms.get(room).map_or(0, |r| r.nodes.len()))
     }
 
     /// Every logged entry of `room`, in order.
@@ -326,20 +385,24 @@ fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
 }
 
 impl Store for MemoryStore {
-    fn load_room(&self, room: &str) -> StoreFuture<Option<RoomRecord>> {
-        ready(Ok(self.load_now(room)))
+    fn open_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord> {
+        ready(Ok(self.open_now(room, config)))
     }
 
-    fn create_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord> {
-        ready(Ok(self.create_now(room, config)))
+    fn reserve_nodes(&self, room: &str, count: u64) -> StoreFuture<NodeId> {
+        ready(self.reserve_now(room, count))
     }
 
-    fn register_node(&self, room: &str, node: NodeRecord) -> StoreFuture<()> {
-        ready(self.register_now(room, node))
+    fn find_node(&self, room: &str, token: ResumeToken) -> StoreFuture<Option<NodeRecord>> {
+        ready(Ok(self.find_now(room, token)))
     }
 
     fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended> {
         ready(self.append_now(room, entry))
+    }
+
+    fn read_document(&self, room: &str) -> StoreFuture<Vec<Logged>> {
+        ready(Ok(self.document_now(room)))
     }
 
     fn read_after(
@@ -350,6 +413,12 @@ impl Store for MemoryStore {
         max_bytes: usize,
     ) -> StoreFuture<Vec<Logged>> {
         ready(Ok(self.read_now(room, since, until, max_bytes)))
+    }
+
+    /// The memory store keeps no time (it reads no clock): it expires nothing. Tests expire
+    /// records with [`MemoryStore::forget_node`].
+    fn expire_nodes(&self, _ttl: std::time::Duration) -> StoreFuture<u64> {
+        ready(Ok(0))
     }
 
     fn close(&self) -> StoreFuture<()> {
@@ -364,6 +433,7 @@ mod tests {
     fn entry(sender: NodeId, step: Step, doc: Option<&str>, snapshot: bool) -> Append {
         Append {
             sender,
+            token: Some([sender as u8; 16]),
             step,
             high: step,
             doc: doc.map(str::to_owned),
@@ -375,26 +445,16 @@ mod tests {
     #[test]
     fn appends_are_positioned_in_order_and_read_back_in_pages() {
         let store = MemoryStore::new();
-        store.create_now("r", RoomConfig::default());
-        store
-            .register_now(
-                "r",
-                NodeRecord {
-                    node: 1,
-                    token: [1; 16],
-                    last_step: 0,
-                },
-            )
-            .unwrap();
+        store.open_now("r", RoomConfig::default());
         for step in 1..=5 {
-            assert_eq!(
+            assert!(matches!(
                 store.append_now("r", entry(1, step, None, false)),
-                Ok(Appended::Stored { position: step })
-            );
+                Ok(Appended::Stored { position, .. }) if position == step
+            ));
         }
-        let record = store.load_now("r").unwrap();
+        let record = store.open_now("r", RoomConfig::default());
         assert_eq!((record.position, record.high), (5, 5));
-        assert_eq!(record.nodes[0].last_step, 5);
+        assert_eq!(store.find_now("r", [1; 16]).unwrap().last_step, 5);
         let page = store.read_now("r", 1, 4, 1);
         assert_eq!(page.len(), 1, "at least one entry, then the byte budget");
         assert_eq!(page[0].position, 2);
@@ -402,26 +462,38 @@ mod tests {
     }
 
     #[test]
-    fn after_a_failed_append_the_room_refuses_appends_until_it_is_loaded_again() {
+    fn every_opening_and_reservation_gets_node_ids_of_its_own() {
         let store = MemoryStore::new();
-        store.create_now("r", RoomConfig::default());
+        let first = store.open_now("r", RoomConfig::default());
+        let second = store.open_now("r", RoomConfig::default());
+        let more = store.reserve_now("r", 10).unwrap();
+        let third = store.open_now("r", RoomConfig::default());
+        assert!(first.nodes_end <= second.next_node);
+        assert!(second.nodes_end <= more);
+        assert!(more + 10 <= third.next_node);
+    }
+
+    #[test]
+    fn after_a_failed_append_the_room_refuses_appends_until_it_is_opened_again() {
+        let store = MemoryStore::new();
+        store.open_now("r", RoomConfig::default());
         store.fail_next_append();
         assert!(store.append_now("r", entry(1, 1, None, false)).is_err());
         assert!(
             store.append_now("r", entry(1, 2, None, false)).is_err(),
             "step 2 must not be stored when step 1 was not"
         );
-        store.load_now("r");
-        assert_eq!(
+        store.open_now("r", RoomConfig::default());
+        assert!(matches!(
             store.append_now("r", entry(1, 1, None, false)),
-            Ok(Appended::Stored { position: 1 })
-        );
+            Ok(Appended::Stored { position: 1, .. })
+        ));
     }
 
     #[test]
     fn a_snapshot_drops_older_entries_of_its_document_but_never_data() {
         let store = MemoryStore::new();
-        store.create_now("r", RoomConfig::default());
+        store.open_now("r", RoomConfig::default());
         store.append_now("r", entry(1, 1, None, false)).unwrap();
         store
             .append_now("r", entry(1, 2, Some("a"), false))
@@ -435,5 +507,7 @@ mod tests {
         store.append_now("r", entry(1, 5, Some("*"), true)).unwrap();
         let positions: Vec<u64> = store.log("r").iter().map(|l| l.position).collect();
         assert_eq!(positions, [1, 5]);
+        let document: Vec<u64> = store.document_now("r").iter().map(|l| l.position).collect();
+        assert_eq!(document, [5]);
     }
 }

@@ -190,7 +190,33 @@ impl Validator {
     /// `local` and the time `now_ms`. On acceptance the sender's last step becomes the stamp's
     /// step; a rejection changes no state but the counters.
     pub fn check(&mut self, stamp: &Stamp, origin: Origin, local: Step, now_ms: u64) -> Verdict {
-        let verdict = self.judge(stamp, origin, local);
+        self.check_with(stamp, origin, local, now_ms, true)
+    }
+
+    /// [`Validator::check`] for a message from the room log, which its log position proves new:
+    /// a sender the validator does not track (evicted, or never seen) is judged by its own steps
+    /// alone, not by the eviction floor. (A node that was offline while thousands of others
+    /// passed through the room sends its edits at its own old steps, below the floor; they are
+    /// not replays.)
+    pub fn check_logged(
+        &mut self,
+        stamp: &Stamp,
+        origin: Origin,
+        local: Step,
+        now_ms: u64,
+    ) -> Verdict {
+        self.check_with(stamp, origin, local, now_ms, false)
+    }
+
+    fn check_with(
+        &mut self,
+        stamp: &Stamp,
+        origin: Origin,
+        local: Step,
+        now_ms: u64,
+        floor: bool,
+    ) -> Verdict {
+        let verdict = self.judge(stamp, origin, local, floor);
         if verdict.is_accepted() {
             self.remember(stamp.sender, stamp.step, now_ms);
         }
@@ -201,11 +227,12 @@ impl Validator {
     /// The verdict [`Validator::check`] would give, without recording anything: for inspecting
     /// a frame that will not be applied.
     pub fn peek(&self, stamp: &Stamp, origin: Origin, local: Step) -> Verdict {
-        self.judge(stamp, origin, local)
+        self.judge(stamp, origin, local, true)
     }
 
-    /// Rules 2 to 6 without side effects.
-    fn judge(&self, stamp: &Stamp, origin: Origin, local: Step) -> Verdict {
+    /// Rules 2 to 6 without side effects; an untracked sender must send above the eviction
+    /// floor if `floor`.
+    fn judge(&self, stamp: &Stamp, origin: Origin, local: Step, floor: bool) -> Verdict {
         use Verdict::Rejected;
         if !self.config.pattern.matches(stamp.step, stamp.pattern) {
             return Rejected(Reason::PatternMismatch);
@@ -217,10 +244,11 @@ impl Validator {
         if forged {
             return Rejected(Reason::SenderMismatch);
         }
+        let untracked = if floor { self.evicted_floor } else { 0 };
         let last = self
             .senders
             .get(&stamp.sender)
-            .map_or(self.evicted_floor, |s| s.last_step);
+            .map_or(untracked, |s| s.last_step);
         if stamp.step <= last {
             return Rejected(Reason::Replay);
         }
@@ -315,6 +343,13 @@ impl Validator {
             ),
             other => format!("rejected: {other}"),
         }
+    }
+
+    /// Stops tracking `sender` without touching the eviction floor: for a holder that keeps the
+    /// sender's last step elsewhere (the relay's store) and restores it before the sender is
+    /// judged again.
+    pub fn release(&mut self, sender: NodeId) {
+        self.senders.remove(&sender);
     }
 
     /// Forgets `sender` (it left for good), folding its last step into the eviction floor so that

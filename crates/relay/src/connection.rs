@@ -17,6 +17,7 @@ use pattern_mesh_core::room::{ConnId, JoinRequest, Read, Reader};
 use pattern_mesh_core::wire::{close, part, Frame, Reason};
 use tokio::sync::mpsc;
 
+use super::guard::Peer;
 use super::queue;
 use super::room::{Admitted, Command};
 use super::Relay;
@@ -107,7 +108,7 @@ async fn refuse<T>(socket: WebSocket, code: u16, reason: &str) -> Option<T> {
     None
 }
 
-pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>) {
+pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>, peer: Peer) {
     relay.metrics.connections.fetch_add(1, Relaxed);
     let _gauge = Gauge(relay.clone());
     // The handshake's state (the join timeout, the room's answer, the catch-up read) lives in
@@ -116,7 +117,29 @@ pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>) {
     let Some((socket, live)) = Box::pin(handshake(socket, &relay)).await else {
         return;
     };
-    live_loop(socket, relay, live).await
+    // A member now: the deadline the listener set at the accept no longer applies.
+    peer.joined();
+    tracing::debug!(addr = %peer.addr, "member connected");
+    live_loop(socket, relay, live, peer).await
+}
+
+/// Ends a connection whose read failed. A frame over the size limit is answered with 1009 and
+/// a reason; after any other error there is no socket left to close.
+async fn read_failed(socket: WebSocket, relay: &Relay, error: axum::Error) {
+    let error = error.into_inner();
+    let too_big = matches!(
+        error.downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    );
+    tracing::debug!(%error, "read failed");
+    if too_big {
+        relay.metrics.reject(Reason::TooLarge);
+        let reason = format!(
+            "a frame over {} bytes: send larger messages in parts",
+            relay.config.limits.max_frame
+        );
+        close(socket, close::TOO_BIG, &reason).await;
+    }
 }
 
 /// What the live loop needs from the handshake.
@@ -136,7 +159,11 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
     let first = tokio::time::timeout(relay.config.join_timeout, socket.recv()).await;
     let bytes = match first {
         Ok(Some(Ok(Message::Binary(bytes)))) => bytes,
-        Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return None,
+        Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return None,
+        Ok(Some(Err(e))) => {
+            read_failed(socket, relay, e).await;
+            return None;
+        }
         Ok(Some(Ok(_))) => {
             return refuse(
                 socket,
@@ -173,6 +200,7 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
                 since,
                 log,
                 resume,
+                stored: None,
             },
             config,
         ),
@@ -270,7 +298,7 @@ fn reject(reason: Reason, detail: &str) -> Bytes {
     )
 }
 
-async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
+async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: Peer) {
     let Live {
         conn,
         commands,
@@ -318,15 +346,30 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live) {
                         }
                         continue;
                     }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Err(e)) => return read_failed(socket, &relay, e).await,
                     Some(Ok(_)) => continue,
                 };
                 texts = 0;
                 relay.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
-                let read = reader.read(bytes);
-                if matches!(read, Read::Pending) {
-                    continue;
-                }
+                let read = match reader.read(bytes) {
+                    Read::Pending => continue,
+                    // The address's budget, shared by all its connections. A fence is free: it
+                    // must never be what keeps a refused message from being sent again.
+                    Read::Frame { frame, cost, .. }
+                        if !matches!(frame.frame, Frame::Fence { .. })
+                            && !peer.take(cost, relay.now_ms()) =>
+                    {
+                        Read::Throttled {
+                            step: frame.frame.stamp().map_or(0, |s| s.step),
+                            detail: format!(
+                                "over {} frames per second from this address; this message was not stored: send it again later",
+                                relay.config.ip_rate
+                            ),
+                        }
+                    }
+                    read => read,
+                };
                 if commands.send(Command::Frame { conn, read }).await.is_err() {
                     return close(socket, close::INTERNAL, "the room stopped; reconnect to resume").await;
                 }

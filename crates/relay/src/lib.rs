@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod connection;
+mod guard;
 pub mod metrics;
 mod queue;
 mod room;
@@ -23,13 +24,12 @@ pub mod store;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -40,6 +40,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tower_http::services::ServeDir;
 
+use guard::{GuardConfig, Guarded, Peer};
 use metrics::Metrics;
 use room::Command;
 
@@ -62,12 +63,39 @@ pub struct RelayConfig {
     pub max_rooms: usize,
     /// The most members in one room.
     pub max_members: usize,
-    /// Frames a connection may send per second (a burst of as many is allowed).
+    /// Frames a node may send per second (a burst of as many is allowed).
     pub max_rate: u32,
+    /// Bytes of stored messages a node may send per second (a burst of a whole message is
+    /// allowed).
+    pub bandwidth: u64,
+    /// A room compacts its document once the updates logged since its last snapshot hold this
+    /// many bytes (and at least the snapshot's size)...
+    pub compact_bytes: u64,
+    /// ... or once there are this many of them.
+    pub compact_updates: u64,
+    /// The most bytes one room's log may hold; messages past it are refused as `full`.
+    pub max_room_bytes: u64,
+    /// A node's record (its id, token and last step) is deleted once it has stored nothing for
+    /// this long; the node then comes back with a new id.
+    pub node_ttl: Duration,
+    /// The longest the relay lets one update take to apply to a room's document; an update
+    /// that takes longer is refused as `malformed` and the room reloads without it.
+    pub apply_budget: Duration,
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     pub send_queue: usize,
-    /// How long a new connection has to send its join.
+    /// Bytes queued for one connection before it counts as too slow and is disconnected (one
+    /// message is always queued, whatever its size).
+    pub send_queue_bytes: usize,
+    /// From its TCP accept, how long a connection has to send its join (an HTTP request that
+    /// is not a WebSocket must be over by then too).
     pub join_timeout: Duration,
+    /// The most connections open at once.
+    pub max_connections: usize,
+    /// The most connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Frames per second from one IP address, all its connections together (and as many at
+    /// once).
+    pub ip_rate: u64,
     /// Settings of a room created by a join that names none.
     pub room: RoomConfig,
 }
@@ -82,8 +110,18 @@ impl Default for RelayConfig {
             max_rooms: 10_000,
             max_members: 256,
             max_rate: 200,
+            bandwidth: 4 << 20,
+            compact_bytes: 8 << 20,
+            compact_updates: 10_000,
+            max_room_bytes: 1 << 30,
+            node_ttl: Duration::from_secs(30 * 24 * 3_600),
+            apply_budget: Duration::from_secs(2),
             send_queue: 4_096,
+            send_queue_bytes: 16 << 20,
             join_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_connections_per_ip: 512,
+            ip_rate: 2_000,
             room: RoomConfig::default(),
         }
     }
@@ -97,6 +135,12 @@ impl RelayConfig {
             rate: u64::from(self.max_rate),
             burst: u64::from(self.max_rate),
             max_members: self.max_members,
+            bandwidth: self.bandwidth,
+            bandwidth_burst: self.limits.max_message as u64,
+            compact_bytes: self.compact_bytes,
+            compact_updates: self.compact_updates,
+            max_room_bytes: self.max_room_bytes,
+            ..RoomLimits::default()
         }
     }
 }
@@ -114,8 +158,13 @@ pub(crate) struct Relay {
 
 impl Relay {
     /// Milliseconds since the relay started: the rooms' clock.
-    fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The instant of a time on the rooms' clock.
+    fn instant_at(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started + Duration::from_millis(ms))
     }
 
     /// Joins `room` as connection `conn`, starting the room's task if needed.
@@ -167,24 +216,33 @@ impl Relay {
             code: close::INTERNAL,
             reason: format!("the room could not be opened: {e}"),
         };
-        let record = match self.store.load_room(room).await.map_err(unavailable)? {
-            Some(record) => record,
-            None => self
-                .store
-                .create_room(room, requested.unwrap_or(self.config.room))
-                .await
-                .map_err(unavailable)?,
-        };
-        let core = RoomCore::new(
-            room.to_owned(),
-            record,
-            self.config.room_limits(),
-            self.now_ms(),
-        )
+        let record = self
+            .store
+            .open_room(room, requested.unwrap_or(self.config.room))
+            .await
+            .map_err(unavailable)?;
+        let document = self.store.read_document(room).await.map_err(unavailable)?;
+        // Applying a large document takes a while: off the runtime's workers.
+        let (name, limits, now) = (room.to_owned(), self.config.room_limits(), self.now_ms());
+        let core = tokio::task::spawn_blocking(move || {
+            RoomCore::new(name, record, &document, limits, now)
+        })
+        .await
+        .map_err(|_| JoinRefused {
+            code: close::INTERNAL,
+            reason: "the room could not be opened".into(),
+        })?
         .map_err(|e| JoinRefused {
             code: close::POLICY,
             reason: format!("the room's configuration is unusable: {e}"),
         })?;
+        if core.load_failures() > 0 {
+            tracing::warn!(
+                %room,
+                entries = core.load_failures(),
+                "stored document entries that do not apply were skipped"
+            );
+        }
         let mut rooms = self.lock_rooms();
         // Another connection may have started it while we loaded.
         if let Some(commands) = rooms.get(room) {
@@ -250,21 +308,37 @@ pub async fn serve(
         config,
     });
     let app = router(relay.clone());
+    // Node records not seen for the TTL go, checked a few times per TTL (at most every minute).
+    let expiry = {
+        let (store, ttl) = (store.clone(), relay.config.node_ttl);
+        tokio::spawn(async move {
+            let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            loop {
+                tokio::time::sleep(every).await;
+                match store.expire_nodes(ttl).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(nodes = n, "expired node records"),
+                    Err(e) => tracing::warn!(error = %e, "could not expire node records"),
+                }
+            }
+        })
+    };
     let mut http_stopped = stopped.clone();
-    // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm and delayed
-    // acknowledgements hold them for up to 40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = http_stopped.wait_for(|s| *s).await;
-    });
+    let guard = GuardConfig {
+        max_connections: relay.config.max_connections,
+        max_per_ip: relay.config.max_connections_per_ip,
+        deadline: relay.config.join_timeout,
+        ip_rate: relay.config.ip_rate,
+    };
+    let clock = {
+        let relay = relay.clone();
+        Arc::new(move || relay.now_ms())
+    };
+    let listener = Guarded::new(listener, guard, clock);
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(async move {
+            let _ = http_stopped.wait_for(|s| *s).await;
+        });
     let server = tokio::spawn(async move { server.await });
     shutdown.await;
     tracing::info!("shutting down: closing connections with 1001");
@@ -278,6 +352,7 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = server.await;
+    expiry.abort();
     store.close().await?;
     tracing::info!("relay stopped");
     Ok(())
@@ -297,6 +372,7 @@ fn router(relay: Arc<Relay>) -> Router {
 
 async fn websocket(
     State(relay): State<Arc<Relay>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     upgrade: WebSocketUpgrade,
 ) -> impl IntoResponse {
     // A frame over the limit but within a margin is read and refused with a reject frame;
@@ -310,7 +386,7 @@ async fn websocket(
         .read_buffer_size(1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| connection::run(socket, relay))
+        .on_upgrade(move |socket| connection::run(socket, relay, peer))
 }
 
 async fn metrics_text(State(relay): State<Arc<Relay>>) -> impl IntoResponse {

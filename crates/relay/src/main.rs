@@ -45,16 +45,61 @@ mod native {
         /// The most members in one room.
         #[arg(long, env = "PM_MAX_MEMBERS", default_value_t = 256)]
         max_members: usize,
-        /// Messages one connection may send per second.
+        /// Messages one node may send per second (and at once).
         #[arg(long, env = "PM_MAX_RATE", default_value_t = 200)]
         max_rate: u32,
+        /// Bytes of stored messages one node may send per second (a whole message at once).
+        #[arg(long, env = "PM_BANDWIDTH", default_value_t = 4 << 20,
+              value_parser = clap::value_parser!(u64).range(1024..))]
+        bandwidth: u64,
+        /// A room compacts its document once the updates since its last snapshot hold this many
+        /// bytes (and at least the snapshot's size)...
+        #[arg(long, env = "PM_COMPACT_BYTES", default_value_t = 8 << 20)]
+        compact_bytes: u64,
+        /// ... or once there are this many of them.
+        #[arg(long, env = "PM_COMPACT_UPDATES", default_value_t = 10_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        compact_updates: u64,
+        /// The most bytes one room's log may hold; messages past it are refused as `full`.
+        #[arg(long, env = "PM_MAX_ROOM_BYTES", default_value_t = 1 << 30)]
+        max_room_bytes: u64,
+        /// Seconds after its last stored message that a node's record is deleted (the node
+        /// then comes back under a new id).
+        #[arg(long, env = "PM_NODE_TTL", default_value_t = 30 * 24 * 3_600,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        node_ttl: u64,
+        /// Milliseconds one update may take to apply to a room's document before it is
+        /// refused as `malformed`.
+        #[arg(long, env = "PM_APPLY_BUDGET", default_value_t = 2_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        apply_budget: u64,
         /// Frames queued for one connection before it is disconnected as too slow.
         #[arg(long, env = "PM_SEND_QUEUE", default_value_t = 4_096,
               value_parser = clap::value_parser!(u32).range(1..))]
         send_queue: u32,
-        /// Seconds a new connection has to send its join frame.
-        #[arg(long, env = "PM_JOIN_TIMEOUT", default_value_t = 10)]
+        /// Bytes queued for one connection before it is disconnected as too slow (one message
+        /// is always queued, whatever its size).
+        #[arg(long, env = "PM_SEND_QUEUE_BYTES", default_value_t = 16 << 20,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        send_queue_bytes: u64,
+        /// Seconds a new connection has, from its TCP accept, to send its join frame (an HTTP
+        /// request that is not a WebSocket must be over by then too).
+        #[arg(long, env = "PM_JOIN_TIMEOUT", default_value_t = 10,
+              value_parser = clap::value_parser!(u64).range(1..))]
         join_timeout: u64,
+        /// The most connections open at once; more are closed as they are accepted.
+        #[arg(long, env = "PM_MAX_CONNECTIONS", default_value_t = 10_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: u64,
+        /// The most connections open at once from one IP address.
+        #[arg(long, env = "PM_MAX_CONNECTIONS_PER_IP", default_value_t = 512,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections_per_ip: u64,
+        /// Frames per second from one IP address, all its connections together (bursts of as
+        /// many); over it: `rateLimited`.
+        #[arg(long, env = "PM_IP_RATE", default_value_t = 2_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        ip_rate: u64,
         /// Pattern seed of rooms created without settings.
         #[arg(long, env = "PM_SEED", default_value_t = 7)]
         seed: u64,
@@ -99,14 +144,25 @@ mod native {
             max_rooms: args.max_rooms,
             max_members: args.max_members,
             max_rate: args.max_rate,
+            bandwidth: args.bandwidth,
+            compact_bytes: args.compact_bytes,
+            compact_updates: args.compact_updates,
+            max_room_bytes: args.max_room_bytes,
+            node_ttl: Duration::from_secs(args.node_ttl),
+            apply_budget: Duration::from_millis(args.apply_budget),
             send_queue: args.send_queue as usize,
+            send_queue_bytes: args.send_queue_bytes as usize,
             join_timeout: Duration::from_secs(args.join_timeout),
+            max_connections: args.max_connections as usize,
+            max_connections_per_ip: args.max_connections_per_ip as usize,
+            ip_rate: args.ip_rate,
             room: RoomConfig {
                 pattern,
                 max_future: args.max_future,
                 stale_window: None,
             },
         };
+        config.room.check()?;
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind(args.listen).await?;

@@ -26,6 +26,10 @@ pub(crate) enum SendError {
 struct State {
     items: VecDeque<Bytes>,
     capacity: usize,
+    /// Bytes the items hold, and the most they may hold (one item is always let in, whatever
+    /// its size, so a message at the message limit still reaches an empty queue).
+    bytes: usize,
+    max_bytes: usize,
     sender_gone: bool,
     receiver_gone: bool,
     close: Option<(u16, String)>,
@@ -46,12 +50,14 @@ impl Shared {
     }
 }
 
-/// A queue of at most `capacity` frames.
-pub(crate) fn queue(capacity: usize) -> (Sender, Receiver) {
+/// A queue of at most `capacity` frames and `max_bytes` bytes.
+pub(crate) fn queue(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::new(),
             capacity,
+            bytes: 0,
+            max_bytes,
             sender_gone: false,
             receiver_gone: false,
             close: None,
@@ -72,9 +78,11 @@ impl Sender {
             if state.receiver_gone {
                 return Err(SendError::Closed);
             }
-            if state.items.len() >= state.capacity {
+            let over_bytes = !state.items.is_empty() && state.bytes + bytes.len() > state.max_bytes;
+            if state.items.len() >= state.capacity || over_bytes {
                 return Err(SendError::Full);
             }
+            state.bytes += bytes.len();
             state.items.push_back(bytes);
         }
         self.0.notify.notify_one();
@@ -135,11 +143,13 @@ impl Drop for Receiver {
         let mut state = self.0.lock();
         state.receiver_gone = true;
         state.items = VecDeque::new();
+        state.bytes = 0;
     }
 }
 
 fn pop(state: &mut State) -> Option<Bytes> {
     let bytes = state.items.pop_front()?;
+    state.bytes -= bytes.len();
     if state.items.is_empty() && state.items.capacity() > KEEP {
         state.items.shrink_to(KEEP);
     }
@@ -152,7 +162,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_arrive_in_order_then_the_end() {
-        let (tx, mut rx) = queue(4);
+        let (tx, mut rx) = queue(4, 1 << 20);
         for i in 0..3u8 {
             tx.try_send(Bytes::from(vec![i])).unwrap();
         }
@@ -168,7 +178,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_and_a_gone_receiver_is_closed() {
-        let (tx, mut rx) = queue(2);
+        let (tx, mut rx) = queue(2, 1 << 20);
         tx.try_send(Bytes::from_static(b"a")).unwrap();
         tx.try_send(Bytes::from_static(b"b")).unwrap();
         assert_eq!(tx.try_send(Bytes::from_static(b"c")), Err(SendError::Full));
@@ -182,8 +192,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_but_always_takes_one_frame() {
+        let (tx, mut rx) = queue(100, 10);
+        tx.try_send(Bytes::from(vec![0; 25])).unwrap();
+        assert_eq!(tx.try_send(Bytes::from(vec![1])), Err(SendError::Full));
+        assert_eq!(rx.try_recv().map(|b| b.len()), Some(25));
+        for _ in 0..10 {
+            tx.try_send(Bytes::from(vec![1])).unwrap();
+        }
+        assert_eq!(tx.try_send(Bytes::from(vec![1])), Err(SendError::Full));
+        rx.try_recv().unwrap();
+        tx.try_send(Bytes::from(vec![1])).unwrap();
+    }
+
+    #[tokio::test]
     async fn a_waiting_receiver_wakes_for_a_frame_and_for_the_end() {
-        let (tx, mut rx) = queue(8);
+        let (tx, mut rx) = queue(8, 1 << 20);
         let consumer = tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(bytes) = rx.recv().await {
@@ -210,7 +234,7 @@ mod tests {
 
     #[test]
     fn a_drained_burst_gives_its_memory_back() {
-        let (tx, mut rx) = queue(10_000);
+        let (tx, mut rx) = queue(10_000, usize::MAX);
         for _ in 0..5_000 {
             tx.try_send(Bytes::from_static(b"x")).unwrap();
         }

@@ -1,21 +1,28 @@
 //! One room: a task that drives the core's [`RoomCore`].
 //!
 //! Every frame of the room passes through this one task, in order. The task hands the core its
-//! inputs (joins, frames, leaves, and the store's answers) and carries out its outputs: frames
-//! go into the members' bounded queues (a member whose queue is full is let go, it never slows
-//! the room), appends go to the store, many in flight at once so that the store can commit them
-//! in one batch, and `FuturesOrdered` hands their answers back in the order they were made.
+//! inputs (joins, frames, leaves, the store's answers and the time) and carries out its outputs:
+//! frames go into the members' bounded queues (a member whose queue is full is let go, it never
+//! slows the room), appends go to the store, many in flight at once so that the store can commit
+//! them in one batch, and `FuturesOrdered` hands their answers back in the order they were made.
+//!
+//! A join whose resume token the room does not hold waits for the store's record of it, looked
+//! up beside the room's other work. The task times each frame the core takes: an update that
+//! took longer than the relay's apply budget is taken back before anything of it leaves.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, Joined, Output, Read, RoomCore};
-use pattern_mesh_core::store::{Appended, StoreFuture};
+use pattern_mesh_core::store::{Appended, NodeRecord, StoreError, StoreFuture};
 use pattern_mesh_core::validate::Counters;
-use pattern_mesh_core::wire::{close, Reason, ResumeToken};
+use pattern_mesh_core::wire::{close, NodeId, Reason, ResumeToken};
 use tokio::sync::{mpsc, oneshot};
 
 use super::queue;
@@ -43,12 +50,23 @@ pub(crate) struct Admitted {
     pub queue: queue::Receiver,
 }
 
+/// A join waiting for the store's record of its resume token.
+struct Lookup {
+    conn: ConnId,
+    request: JoinRequest,
+    reply: oneshot::Sender<Result<Admitted, JoinRefused>>,
+}
+
+type LookupFuture =
+    Pin<Box<dyn Future<Output = (Lookup, Result<Option<NodeRecord>, StoreError>)> + Send>>;
+
 struct RoomTask {
     core: RoomCore,
     relay: Arc<Relay>,
     queues: HashMap<ConnId, queue::Sender>,
     appends: FuturesOrdered<StoreFuture<Appended>>,
-    registrations: FuturesUnordered<StoreFuture<()>>,
+    reservations: FuturesUnordered<StoreFuture<NodeId>>,
+    lookups: FuturesUnordered<LookupFuture>,
     counted: Counters,
     slow: Vec<ConnId>,
 }
@@ -61,10 +79,15 @@ pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::R
         relay,
         queues: HashMap::new(),
         appends: FuturesOrdered::new(),
-        registrations: FuturesUnordered::new(),
+        reservations: FuturesUnordered::new(),
+        lookups: FuturesUnordered::new(),
         slow: Vec::new(),
     };
     loop {
+        let deadline = task
+            .core
+            .next_deadline()
+            .map(|at| task.relay.instant_at(at));
         tokio::select! {
             command = commands.recv() => match command {
                 Some(command) => task.handle(command),
@@ -73,16 +96,30 @@ pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::R
             Some(result) = task.appends.next(), if !task.appends.is_empty() => {
                 task.core.appended(result);
             }
-            Some(result) = task.registrations.next(), if !task.registrations.is_empty() => {
-                if let Err(error) = result {
-                    tracing::error!(room = %name, %error, "a node could not be registered");
+            Some(result) = task.reservations.next(), if !task.reservations.is_empty() => {
+                if let Err(error) = &result {
+                    tracing::error!(room = %name, %error, "node ids could not be reserved");
                 }
+                task.core.reserved(result);
+            }
+            Some((lookup, result)) = task.lookups.next(), if !task.lookups.is_empty() => {
+                let stored = result.unwrap_or_else(|error| {
+                    // The node comes back under a new id; its client sends again what it had
+                    // not seen acknowledged.
+                    tracing::error!(room = %name, %error, "a node's record could not be read");
+                    None
+                });
+                task.admit(lookup, stored);
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                task.core.tick(task.relay.now_ms());
             }
         }
         task.drain();
         if task.core.is_idle()
             && task.appends.is_empty()
-            && task.registrations.is_empty()
+            && task.reservations.is_empty()
+            && task.lookups.is_empty()
             && task.relay.retire(&name, &commands)
         {
             break;
@@ -94,6 +131,12 @@ pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::R
     tracing::debug!(room = %name, "room closed");
 }
 
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 impl RoomTask {
     fn handle(&mut self, command: Command) {
         let now = self.relay.now_ms();
@@ -103,34 +146,81 @@ impl RoomTask {
                 request,
                 reply,
             } => {
-                let mut fresh = ResumeToken::default();
-                if getrandom::fill(&mut fresh).is_err() {
-                    let _ = reply.send(Err(JoinRefused {
-                        code: close::INTERNAL,
-                        reason: "no randomness for a resume token".into(),
-                    }));
-                    return;
-                }
-                match self.core.join(now, conn, request, fresh) {
-                    Ok(joined) => {
-                        let (sender, receiver) = queue::queue(self.relay.config.send_queue);
-                        self.queues.insert(conn, sender);
-                        let admitted = Admitted {
-                            joined,
-                            queue: receiver,
-                        };
-                        if reply.send(Ok(admitted)).is_err() {
-                            // The connection went away before it got its answer.
-                            self.leave(conn);
-                        }
+                let lookup = Lookup {
+                    conn,
+                    request,
+                    reply,
+                };
+                match lookup.request.resume {
+                    Some(token) if !self.core.knows(&token) => {
+                        let find = self.relay.store.find_node(self.core.name(), token);
+                        self.lookups
+                            .push(Box::pin(async move { (lookup, find.await) }));
                     }
-                    Err(refused) => {
-                        let _ = reply.send(Err(refused));
-                    }
+                    _ => self.admit(lookup, None),
                 }
             }
-            Command::Frame { conn, read } => self.core.receive(now, conn, read),
+            Command::Frame { conn, read } => {
+                let started = Instant::now();
+                self.core.receive(now, conn, read);
+                let took = started.elapsed();
+                let budget = self.relay.config.apply_budget;
+                if took > budget
+                    && self
+                        .core
+                        .overran(took.as_millis() as u64, budget.as_millis() as u64)
+                {
+                    tracing::warn!(
+                        room = %self.core.name(),
+                        conn,
+                        ms = took.as_millis() as u64,
+                        "an update overran the apply budget; the room reloads without it"
+                    );
+                }
+            }
             Command::Leave { conn } => self.leave(conn),
+        }
+    }
+
+    /// Hands the core a join, with the store's record of its token if it was looked up.
+    fn admit(&mut self, lookup: Lookup, stored: Option<NodeRecord>) {
+        let Lookup {
+            conn,
+            mut request,
+            reply,
+        } = lookup;
+        if reply.is_closed() {
+            // The connection went away while its record was looked up.
+            return;
+        }
+        request.stored = stored;
+        let mut fresh = ResumeToken::default();
+        if getrandom::fill(&mut fresh).is_err() {
+            let _ = reply.send(Err(JoinRefused {
+                code: close::INTERNAL,
+                reason: "no randomness for a resume token".into(),
+            }));
+            return;
+        }
+        match self.core.join(self.relay.now_ms(), conn, request, fresh) {
+            Ok(joined) => {
+                let (sender, receiver) = queue::queue(
+                    self.relay.config.send_queue,
+                    self.relay.config.send_queue_bytes,
+                );
+                self.queues.insert(conn, sender);
+                let admitted = Admitted {
+                    joined,
+                    queue: receiver,
+                };
+                if reply.send(Ok(admitted)).is_err() {
+                    // The connection went away before it got its answer.
+                    self.leave(conn);
+                }
+            }
+            Err(refused) => {
+                let _ = reply.send(Err(refused));
+            }
         }
     }
 
@@ -169,9 +259,9 @@ impl RoomTask {
                             queue.set_close(code, &reason);
                         }
                     }
-                    Output::Register(node) => {
-                        self.registrations
-                            .push(self.relay.store.register_node(&name, node));
+                    Output::Reserve { count } => {
+                        self.reservations
+                            .push(self.relay.store.reserve_nodes(&name, count));
                     }
                     Output::Append(append) => {
                         self.appends
@@ -192,7 +282,7 @@ impl RoomTask {
                     self.core.drop_member(
                         conn,
                         close::SLOW_CONSUMER,
-                        "send queue full: the connection did not keep up with the room",
+                        "send queue full: the connection did not keep up with the room (frames or bytes over its bound)",
                     );
                 }
             }

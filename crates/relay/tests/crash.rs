@@ -9,13 +9,36 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use pattern_mesh_client::{Connection, JoinOptions, Welcome};
-use pattern_mesh_core::pattern::PatternConfig;
+use pattern_mesh_core::pattern::{PatternConfig, MAX_SAFE_INTEGER};
 use pattern_mesh_core::wire::{Body, Frame, Json, Reason, Stamp};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn start_relay(dir: &std::path::Path) -> (Child, String) {
+/// A relay process, killed when dropped so a failing test leaves none behind.
+struct Relay(Child);
+
+impl std::ops::Deref for Relay {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Relay {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_relay(dir: &std::path::Path) -> (Relay, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
         .args([
             "--listen",
@@ -38,7 +61,7 @@ fn start_relay(dir: &std::path::Path) -> (Child, String) {
         .and_then(|rest| rest.split('/').next())
         .unwrap_or_else(|| panic!("the relay prints its address: {line:?}"))
         .to_owned();
-    (child, addr)
+    (Relay(child), addr)
 }
 
 async fn connect(addr: &str, since: u64, resume: Option<[u8; 16]>) -> (Connection, Welcome) {
@@ -129,7 +152,7 @@ async fn acknowledged_messages_survive_sigkill_and_the_step_continues() {
     );
 
     // The same node resumes: the room's high step and its replay protection survived.
-    let (mut conn, welcome) = connect(&addr, u64::MAX >> 1, Some(resume)).await;
+    let (mut conn, welcome) = connect(&addr, MAX_SAFE_INTEGER, Some(resume)).await;
     let (again, high) = (welcome.node, welcome.high);
     assert_eq!(again, node, "the resume token survived the restart");
     assert!(
@@ -168,7 +191,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     assert!(status.success());
     let (code, _) = conn.closed(WAIT).await.unwrap();
     assert_eq!(code, 1001);
-    let exit = tokio::task::spawn_blocking(move || relay.wait())
+    let exit = tokio::task::spawn_blocking(move || relay.0.wait())
         .await
         .unwrap()
         .unwrap();

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use common::*;
 use pattern_mesh_client::Client;
+use pattern_mesh_core::doc::SharedDoc;
+use pattern_mesh_core::pattern::MAX_SAFE_INTEGER;
 use pattern_mesh_core::session::Event;
-use pattern_mesh_core::wire::{Body, Frame, Json, Reason, RoomConfig, Stamp};
+use pattern_mesh_core::wire::{with_position, Body, Frame, Json, Reason, RoomConfig, Stamp};
 
 /// The demo game's room: inputs older than 40 steps are dropped.
 fn game() -> RoomConfig {
@@ -103,4 +105,263 @@ async fn a_member_stamping_far_ahead_cannot_push_others_inputs_out_of_a_game_roo
         "{accepted} of {inputs} honest inputs accepted; {stale} of the {} refused as stale",
         refused.len()
     );
+}
+
+/// A stamped update of `doc` holding `bytes`, under the member's next stamp.
+fn raw_update(member: &mut Member, doc: &str, bytes: Vec<u8>) -> Frame {
+    let stamp = member.stamp();
+    Frame::stamped(
+        stamp,
+        Body::Update {
+            doc: doc.into(),
+            update: bytes,
+        },
+    )
+}
+
+/// Finding 1. A member tries to wipe the document for every late joiner: a client snapshot
+/// (the retired kind 0x15) of `*` and of one document, holding an empty state, zero bytes or
+/// garbage, and updates that are not Yjs updates. Each is refused as `malformed` and reaches no
+/// one. Meanwhile two members race their edits while the relay compacts every 10 updates: a
+/// late joiner loads all 43 acknowledged updates.
+#[tokio::test]
+async fn no_member_can_wipe_the_document_for_late_joiners() {
+    let server = start("wipe", |c| c.compact_updates = 10).await;
+    let mut a = join(&server, "doc", 0, None).await;
+    let mut b = join(&server, "doc", 0, None).await;
+    let (doc_a, doc_b) = (SharedDoc::with_client_id(11), SharedDoc::with_client_id(12));
+    let reference = SharedDoc::new();
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("*", vec![0, 0]),
+        ("content", vec![0, 0]),
+        ("*", vec![]),
+        ("content", vec![0xff; 12]),
+    ];
+    for i in 0..43u32 {
+        let (member, doc) = if i % 2 == 0 {
+            (&mut a, &doc_a)
+        } else {
+            (&mut b, &doc_b)
+        };
+        let body = edit(doc, 0, &format!("{i} "));
+        if let Body::Update { update, .. } = &body {
+            reference.apply_update(update).unwrap();
+        }
+        member.acked(body).await;
+        if i % 10 == 5 {
+            // A client snapshot: the same layout as an update, under the retired kind.
+            let (doc, state) = attacks[(i / 10) as usize % attacks.len()].clone();
+            let mut bytes = raw_update(&mut b, doc, state).encode();
+            bytes[1] = pattern_mesh_core::wire::RETIRED_CLIENT_SNAPSHOT;
+            b.send_bytes(bytes).await;
+            let detail = b.expect_reject(Reason::Malformed).await;
+            assert!(detail.contains("no longer accepted"), "{detail}");
+            b.fence().await;
+            // Bytes that are no Yjs update.
+            for garbage in [vec![], vec![0xff; 12], vec![1, 1, 11]] {
+                let frame = raw_update(&mut b, "content", garbage);
+                b.send(&frame).await;
+                b.expect_reject(Reason::Malformed).await;
+                b.fence().await;
+            }
+        }
+    }
+    let late = join(&server, "doc", 0, None).await;
+    let kinds: Vec<_> = late
+        .replay()
+        .iter()
+        .map(|p| p.frame.kind().as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"snapshot"),
+        "the relay compacted: {kinds:?}"
+    );
+    assert!(kinds.len() < 43, "{kinds:?}");
+    let text = replayed_text(late.replay());
+    assert_eq!(text, reference.text("content"));
+    assert_eq!(text.split_whitespace().count(), 43);
+}
+
+/// Finding 2. A member asks for a room whose `maxFuture` the store cannot hold, or one out of
+/// range, and sends a step above 2^53 - 1: each is refused on its own (the join closed with a
+/// reason, the frame as `malformed`), and a member of another room is served throughout.
+#[tokio::test]
+async fn values_the_store_cannot_hold_are_refused_alone_and_break_no_other_room() {
+    let server = start("unsafe", |_| {}).await;
+    let mut victim = join(&server, "victim", 0, None).await;
+    victim.data_acked(serde_json::json!("before")).await;
+    for max_future in [u64::MAX, 1 << 63, 2_000_000] {
+        let join = Frame::Join {
+            room: "evil".into(),
+            name: "evil".into(),
+            since: 0,
+            log: 0,
+            resume: None,
+            config: Some(RoomConfig {
+                max_future,
+                ..RoomConfig::default()
+            }),
+        };
+        let (code, reason) = closed_after(&server, &join).await;
+        assert_eq!(code, pattern_mesh_core::wire::close::POLICY, "{reason}");
+        assert!(reason.contains("maxFuture"), "{reason}");
+        victim.data_acked(serde_json::json!(max_future)).await;
+    }
+    let mut evil = join(&server, "evil", 0, None).await;
+    for step in [(1u64 << 63) + 4, u64::MAX, MAX_SAFE_INTEGER + 1] {
+        let stamp = Stamp {
+            sender: evil.node,
+            step,
+            pattern: evil.pattern.value(step),
+        };
+        evil.send(&Frame::stamped(
+            stamp,
+            Body::Data {
+                data: Json::parse("1").unwrap(),
+            },
+        ))
+        .await;
+        let detail = evil.expect_reject(Reason::Malformed).await;
+        assert!(detail.contains("2^53"), "{detail}");
+        evil.fence().await;
+        victim.data_acked(serde_json::json!(step)).await;
+    }
+    evil.data_acked(serde_json::json!("evil still served"))
+        .await;
+    let late = join(&server, "victim", 0, None).await;
+    assert_eq!(late.replay().len(), 7);
+}
+
+/// Finding 9. A client frame carrying the log-position flag (only the relay sets it), stamped
+/// 500 steps ahead, is refused and moves nothing: the next joiner sees the same high step.
+#[tokio::test]
+async fn a_refused_frame_moves_neither_the_room_step_nor_the_log() {
+    let server = start("positioned", |_| {}).await;
+    let mut a = join(&server, "r", 0, None).await;
+    let (step, position) = a.data_acked(serde_json::json!("first")).await;
+    let ahead = step + 500;
+    let stamp = Stamp {
+        sender: a.node,
+        step: ahead,
+        pattern: a.pattern.value(ahead),
+    };
+    let frame = Frame::stamped(
+        stamp,
+        Body::Data {
+            data: Json::parse("2").unwrap(),
+        },
+    );
+    let bytes = with_position(&frame.encode(), position + 1).unwrap();
+    a.send_bytes(bytes).await;
+    a.expect_reject(Reason::Malformed).await;
+    let late = join(&server, "r", 0, None).await;
+    assert_eq!(late.welcome.high, step);
+    assert_eq!(late.replay().len(), 1);
+}
+
+/// Finding 10. A 24-byte update that hung yrs 0.28.1 for good is refused as `malformed` at
+/// the relay: it reaches no tab and no log, and its sender's room goes on. A mutated update
+/// that made yrs panic now decodes as an update whose dependencies are missing: stored or not,
+/// every replica that applies it reads its text and goes on editing.
+#[tokio::test]
+async fn updates_that_hang_or_crash_a_replica_are_refused_or_harmless() {
+    let server = start("poison", |_| {}).await;
+    let mut a = join(&server, "doc", 0, None).await;
+    let mut b = join(&server, "doc", 0, None).await;
+    let hang = vec![
+        2, 1, 22, 0, 193, 11, 4, 11, 11, 1, 1, 22, 0, 193, 11, 4, 11, 11, 1, 1, 11, 1, 4, 1,
+    ];
+    let frame = raw_update(&mut a, "content", hang);
+    a.send(&frame).await;
+    let detail = a.expect_reject(Reason::Malformed).await;
+    assert!(detail.contains("does not apply"), "{detail}");
+    a.fence().await;
+    b.expect_no_data(Duration::from_millis(300)).await;
+
+    let panic = vec![
+        1, 1, 11, 180, 238, 154, 146, 11, 196, 11, 4, 11, 5, 6, 44, 32, 100, 101, 97, 114, 0,
+    ];
+    let frame = raw_update(&mut a, "content", panic);
+    a.send(&frame).await;
+    let (answer, _) = a
+        .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
+        .await;
+    if let Frame::Reject { reason, .. } = answer {
+        assert_eq!(reason, Reason::Malformed);
+        a.fence().await;
+    }
+    let writer = SharedDoc::with_client_id(5);
+    a.acked(edit(&writer, 0, "still editable")).await;
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "still editable");
+}
+
+/// Finding 11. One member writing large updates as fast as it can: its bandwidth budget
+/// refuses what is over it (`rateLimited`, to send again later), and the room's hard cap
+/// refuses what would take the log past it (`full`, with the figures).
+#[tokio::test]
+async fn a_member_cannot_fill_the_store() {
+    let server = start("quota", |c| {
+        c.limits.max_frame = 16 << 10;
+        c.limits.max_message = 64 << 10;
+        c.bandwidth = 32 << 10;
+        c.max_room_bytes = 256 << 10;
+        c.compact_bytes = u64::MAX;
+    })
+    .await;
+    let mut a = join(&server, "doc", 0, None).await;
+    assert_eq!(a.welcome.limits.bandwidth, 32 << 10);
+    let writer = SharedDoc::with_client_id(5);
+    let chunk = "x".repeat(15 << 10);
+    // Twice the burst at once: some are refused for the bandwidth.
+    let mut limited = 0;
+    let mut acked = 0;
+    for i in 0..8 {
+        let frame = Frame::stamped(a.stamp(), edit(&writer, i * (15 << 10), &chunk));
+        a.send(&frame).await;
+        let (frame, _) = a
+            .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
+            .await;
+        match frame {
+            Frame::Ack { .. } => acked += 1,
+            Frame::Reject { reason, detail, .. } => {
+                assert_eq!(reason, Reason::RateLimited, "{detail}");
+                assert!(detail.contains("bytes per second"), "{detail}");
+                limited += 1;
+                break;
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert!(
+        acked >= 2 && limited == 1,
+        "{acked} acked, {limited} limited"
+    );
+    a.fence().await;
+    // At the bandwidth, until the room is full.
+    let mut stored = acked * (15 << 10);
+    let detail = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let frame = Frame::stamped(a.stamp(), edit(&writer, 0, &chunk));
+        a.send(&frame).await;
+        let (frame, _) = a
+            .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
+            .await;
+        match frame {
+            Frame::Ack { .. } => stored += 15 << 10,
+            Frame::Reject {
+                reason: Reason::Full,
+                detail,
+                ..
+            } => break detail,
+            Frame::Reject { reason, detail, .. } => {
+                assert_eq!(reason, Reason::RateLimited, "{detail}");
+                a.fence().await;
+            }
+            _ => unreachable!(),
+        }
+        assert!(stored <= 300 << 10, "{stored} bytes stored");
+    };
+    assert!(detail.contains("at most 262144"), "{detail}");
+    assert!(stored >= 200 << 10, "{stored}");
 }

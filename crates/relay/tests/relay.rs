@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{closed_after, data_value, is_data, join, join_log, start, WAIT};
+use common::{closed_after, data_value, edit, is_data, join, join_log, replayed_text, start, WAIT};
+use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::wire::{close, Body, Frame, Json, Reason, Stamp};
 use tokio::net::TcpStream;
 
@@ -335,65 +336,24 @@ async fn health_and_metrics_answer_over_http() {
     );
 }
 
-fn update(doc: &str, bytes: Vec<u8>) -> Body {
-    Body::Update {
-        doc: doc.into(),
-        update: bytes,
-    }
-}
-
-fn snapshot(doc: &str, state: Vec<u8>) -> Body {
-    Body::Snapshot {
-        doc: doc.into(),
-        state,
-    }
-}
-
 #[tokio::test]
-async fn a_snapshot_compacts_the_log_and_late_joiners_get_it_plus_the_rest() {
-    let server = start("snapshot", |_| {}).await;
+async fn the_relay_compacts_the_log_and_late_joiners_get_its_snapshot_plus_the_rest() {
+    let server = start("compact", |c| c.compact_updates = 4).await;
     let mut a = join(&server, "doc", 0, None).await;
-    for byte in 1..=3 {
-        a.acked(update("content", vec![byte])).await;
-    }
     a.data_acked(serde_json::json!("kept: not part of the document"))
         .await;
-    a.acked(snapshot("content", vec![1, 2, 3])).await;
-    a.acked(update("content", vec![4])).await;
-
-    let late = join(&server, "doc", 0, None).await;
-    let kinds: Vec<_> = late
-        .replay()
-        .iter()
-        .map(|p| match &p.frame {
-            Frame::Stamped(s) => match &s.body {
-                Body::Update { update, .. } => format!("update {update:?}"),
-                Body::Snapshot { state, .. } => format!("snapshot {state:?}"),
-                Body::Data { .. } => "data".into(),
-                other => format!("{other:?}"),
-            },
-            other => format!("{other:?}"),
-        })
-        .collect();
-    assert_eq!(kinds, ["data", "snapshot [1, 2, 3]", "update [4]"]);
-}
-
-#[tokio::test]
-async fn a_whole_document_snapshot_compacts_every_text_but_not_data() {
-    let server = start("snapshot-all", |_| {}).await;
-    let mut a = join(&server, "doc", 0, None).await;
-    for (doc, byte) in [("title", 1u8), ("content", 2)] {
-        a.acked(update(doc, vec![byte])).await;
+    let writer = SharedDoc::with_client_id(11);
+    for i in 0..6 {
+        a.acked(edit(&writer, i, "x")).await;
     }
-    a.data_acked(serde_json::json!("data stays")).await;
-    a.acked(snapshot("*", vec![9])).await;
     let late = join(&server, "doc", 0, None).await;
     let kinds: Vec<_> = late
         .replay()
         .iter()
         .map(|p| p.frame.kind().as_str())
         .collect();
-    assert_eq!(kinds, ["data", "snapshot"]);
+    assert_eq!(kinds, ["data", "snapshot", "update", "update"]);
+    assert_eq!(replayed_text(late.replay()), "xxxxxx");
 }
 
 #[tokio::test]

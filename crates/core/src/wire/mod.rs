@@ -111,6 +111,10 @@ pub struct RelayLimits {
     pub rate: u64,
     /// Frames a connection may send at once, above the average.
     pub burst: u64,
+    /// Bytes of stored messages (data and updates) a node may send per second, on average.
+    pub bandwidth: u64,
+    /// Bytes of stored messages a node may send at once, above the average.
+    pub bandwidth_burst: u64,
 }
 
 impl Default for RelayLimits {
@@ -121,6 +125,8 @@ impl Default for RelayLimits {
             max_message: limits.max_message as u64,
             rate: 200,
             burst: 200,
+            bandwidth: 4 << 20,
+            bandwidth_burst: limits.max_message as u64,
         }
     }
 }
@@ -149,6 +155,8 @@ pub enum Kind {
     Part = 0x09,
     /// Client to relay: the client has seen a refusal; what follows is sent anew.
     Fence = 0x0a,
+    /// Relay to client, from the room log: the whole document as the relay compacted it.
+    Snapshot = 0x0b,
     /// Stamped: application data as JSON.
     Data = 0x10,
     /// Stamped: a Yjs v1 document update.
@@ -159,9 +167,12 @@ pub enum Kind {
     SyncRequest = 0x13,
     /// Stamped: an update answering a sync request.
     SyncState = 0x14,
-    /// Stamped: a full document state, after which the log before it may be compacted.
-    Snapshot = 0x15,
 }
+
+/// The kind byte of a frame of protocol 2 that clients no longer send: the client-posted
+/// snapshot, which replaced the log before it (any member could wipe a document with one).
+/// The relay now compacts the log itself ([`Frame::Snapshot`]).
+pub const RETIRED_CLIENT_SNAPSHOT: u8 = 0x15;
 
 impl Kind {
     /// The kind for a byte, if the byte names one.
@@ -177,12 +188,12 @@ impl Kind {
             0x08 => Self::Presence,
             0x09 => Self::Part,
             0x0a => Self::Fence,
+            0x0b => Self::Snapshot,
             0x10 => Self::Data,
             0x11 => Self::Update,
             0x12 => Self::Checkpoint,
             0x13 => Self::SyncRequest,
             0x14 => Self::SyncState,
-            0x15 => Self::Snapshot,
             _ => return None,
         })
     }
@@ -205,12 +216,12 @@ impl Kind {
             Kind::Presence => "presence",
             Kind::Part => "part",
             Kind::Fence => "fence",
+            Kind::Snapshot => "snapshot",
             Kind::Data => "data",
             Kind::Update => "update",
             Kind::Checkpoint => "checkpoint",
             Kind::SyncRequest => "syncRequest",
             Kind::SyncState => "syncState",
-            Kind::Snapshot => "snapshot",
         }
     }
 }
@@ -485,13 +496,6 @@ pub enum Body {
         /// The node that asked (0: everyone).
         to: NodeId,
     },
-    /// The full state of `doc`; the relay may drop the log before it.
-    Snapshot {
-        /// The document's name.
-        doc: String,
-        /// The whole document, as a Yjs v1 update.
-        state: Vec<u8>,
-    },
 }
 
 impl Body {
@@ -503,7 +507,6 @@ impl Body {
             Body::Checkpoint { .. } => Kind::Checkpoint,
             Body::SyncRequest { .. } => Kind::SyncRequest,
             Body::SyncState { .. } => Kind::SyncState,
-            Body::Snapshot { .. } => Kind::Snapshot,
         }
     }
 
@@ -514,19 +517,15 @@ impl Body {
             Body::Update { doc, .. }
             | Body::Checkpoint { doc, .. }
             | Body::SyncRequest { doc, .. }
-            | Body::SyncState { doc, .. }
-            | Body::Snapshot { doc, .. } => Some(doc),
+            | Body::SyncState { doc, .. } => Some(doc),
         }
     }
 
     /// Whether the relay stores the message in the room log, replays it to late joiners and
-    /// acknowledges it: data, updates and snapshots. Checkpoints and the sync exchange are about
-    /// the moment they are sent; they are validated and forwarded, never stored.
+    /// acknowledges it: data and updates. Checkpoints and the sync exchange are about the
+    /// moment they are sent; they are validated and forwarded, never stored.
     pub fn is_durable(&self) -> bool {
-        matches!(
-            self,
-            Body::Data { .. } | Body::Update { .. } | Body::Snapshot { .. }
-        )
+        matches!(self, Body::Data { .. } | Body::Update { .. })
     }
 
     /// The length of the body's encoding, in bytes.
@@ -548,7 +547,6 @@ impl Body {
             Body::SyncState { doc, update, to } => {
                 field(doc.len()) + field(update.len()) + codec::var_len(*to)
             }
-            Body::Snapshot { doc, state } => field(doc.len()) + field(state.len()),
         }
     }
 
@@ -675,6 +673,15 @@ pub enum Frame {
         /// The step of the refusal this answers.
         step: Step,
     },
+    /// The relay's compaction of a document, from the room log (it always carries a position):
+    /// every update logged before it, merged. A client applies it like an update. Only the
+    /// relay writes one; it is refused from a client.
+    Snapshot {
+        /// The document's name ([`WHOLE_DOC`]: every text of the room's document).
+        doc: String,
+        /// The document, as a Yjs v1 update.
+        state: Vec<u8>,
+    },
     /// A stamped message.
     Stamped(Stamped),
 }
@@ -698,6 +705,7 @@ impl Frame {
             Frame::Presence { .. } => Kind::Presence,
             Frame::Part { .. } => Kind::Part,
             Frame::Fence { .. } => Kind::Fence,
+            Frame::Snapshot { .. } => Kind::Snapshot,
             Frame::Stamped(s) => s.body.kind(),
         }
     }
@@ -753,6 +761,8 @@ impl Frame {
                 w.var(limits.max_message);
                 w.var(limits.rate);
                 w.var(limits.burst);
+                w.var(limits.bandwidth);
+                w.var(limits.bandwidth_burst);
                 w.var(*high);
                 w.var(*log);
                 w.var(peers.len() as u64);
@@ -797,6 +807,10 @@ impl Frame {
                 w.bytes(bytes);
             }
             Frame::Fence { step } => w.var(*step),
+            Frame::Snapshot { doc, state } => {
+                w.str(doc);
+                w.bytes(state);
+            }
             Frame::Stamped(Stamped { stamp, body }) => {
                 w.var(stamp.sender);
                 w.var(stamp.step);
@@ -832,10 +846,6 @@ impl Frame {
                         w.bytes(update);
                         w.var(*to);
                     }
-                    Body::Snapshot { doc, state } => {
-                        w.str(doc);
-                        w.bytes(state);
-                    }
                 }
             }
         }
@@ -867,6 +877,12 @@ impl Frame {
             return Err(DecodeError::UnknownVersion(version));
         }
         let kind_byte = r.u8("kind")?;
+        if kind_byte == RETIRED_CLIENT_SNAPSHOT {
+            return Err(DecodeError::Retired {
+                kind: "snapshot",
+                instead: "the relay compacts the room log itself",
+            });
+        }
         let kind = Kind::from_byte(kind_byte).ok_or(DecodeError::UnknownKind(kind_byte))?;
         let flags = r.u8("flags")?;
         if flags & FLAG_SEALED != 0 {
@@ -904,6 +920,8 @@ impl Frame {
                     max_message: r.var("limits.max_message")?,
                     rate: r.var("limits.rate")?,
                     burst: r.var("limits.burst")?,
+                    bandwidth: r.var("limits.bandwidth")?,
+                    bandwidth_burst: r.var("limits.bandwidth_burst")?,
                 };
                 let high = r.var("high")?;
                 let log = r.var("log")?;
@@ -963,12 +981,11 @@ impl Frame {
             Kind::Fence => Frame::Fence {
                 step: r.var("step")?,
             },
-            Kind::Data
-            | Kind::Update
-            | Kind::Checkpoint
-            | Kind::SyncRequest
-            | Kind::SyncState
-            | Kind::Snapshot => {
+            Kind::Snapshot => Frame::Snapshot {
+                doc: r.str("doc", limits.max_name)?,
+                state: r.bytes("state")?.to_vec(),
+            },
+            Kind::Data | Kind::Update | Kind::Checkpoint | Kind::SyncRequest | Kind::SyncState => {
                 let stamp = Stamp {
                     sender: r.var("sender")?,
                     step: r.var("step")?,
@@ -993,14 +1010,10 @@ impl Frame {
                         state_vector: r.bytes("state_vector")?.to_vec(),
                         to: r.var("to")?,
                     },
-                    Kind::SyncState => Body::SyncState {
+                    _ => Body::SyncState {
                         doc: r.str("doc", limits.max_name)?,
                         update: r.bytes("update")?.to_vec(),
                         to: r.var("to")?,
-                    },
-                    _ => Body::Snapshot {
-                        doc: r.str("doc", limits.max_name)?,
-                        state: r.bytes("state")?.to_vec(),
                     },
                 };
                 Frame::Stamped(Stamped { stamp, body })
@@ -1025,12 +1038,12 @@ fn read_room_config(r: &mut Reader<'_>) -> Result<RoomConfig, DecodeError> {
     let pattern = PatternParams {
         seed: r.var("config.seed")?,
         multiplier: r.var("config.multiplier")?,
-        reset_interval: r.var("config.reset_interval")?,
+        reset_interval: r.var("config.resetInterval")?,
     };
     let config = RoomConfig {
         pattern,
-        max_future: r.var("config.max_future")?,
-        stale_window: r.var("config.stale_window")?.checked_sub(1),
+        max_future: r.var("config.maxFuture")?,
+        stale_window: r.var("config.staleWindow")?.checked_sub(1),
     };
     config.check()?;
     Ok(config)
@@ -1121,6 +1134,14 @@ pub enum DecodeError {
     /// The kind byte names no frame kind.
     #[error("unknown frame kind 0x{0:02x}")]
     UnknownKind(u8),
+    /// A kind of frame this version no longer takes.
+    #[error("{kind} frames from clients are no longer accepted: {instead}")]
+    Retired {
+        /// Which kind.
+        kind: &'static str,
+        /// What replaced it.
+        instead: &'static str,
+    },
     /// The sealed flag is set; this version does not open sealed payloads.
     #[error("the frame is sealed (flag bit 0), which this version does not support")]
     SealedUnsupported,
@@ -1278,10 +1299,10 @@ mod tests {
                 update: vec![0, 0],
                 to: 0,
             }),
-            stamped(Body::Snapshot {
-                doc: "content".into(),
+            Frame::Snapshot {
+                doc: "*".into(),
                 state: vec![7; 300],
-            }),
+            },
         ]
     }
 
@@ -1346,6 +1367,31 @@ mod tests {
         }
     }
 
+    /// A client-posted snapshot replaced the log before it: any member could wipe a document
+    /// for every late joiner. The kind is gone; the relay's own snapshot is another frame.
+    #[test]
+    fn a_client_snapshot_is_refused_with_what_replaced_it() {
+        let mut bytes = Frame::stamped(
+            Stamp {
+                sender: 3,
+                step: 4,
+                pattern: 7,
+            },
+            Body::Update {
+                doc: "*".into(),
+                update: vec![0, 0],
+            },
+        )
+        .encode();
+        bytes[1] = RETIRED_CLIENT_SNAPSHOT;
+        let refused = Frame::decode(&bytes).unwrap_err();
+        assert_eq!(refused.reason(), Reason::Malformed);
+        assert!(
+            refused.to_string().contains("the relay compacts"),
+            "{refused}"
+        );
+    }
+
     #[test]
     fn durability_and_recipients_are_decided_by_the_body() {
         let durable: Vec<Kind> = samples()
@@ -1355,7 +1401,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(durable, [Kind::Data, Kind::Update, Kind::Snapshot]);
+        assert_eq!(durable, [Kind::Data, Kind::Update]);
         let to = |to| Body::SyncRequest {
             doc: "*".into(),
             state_vector: vec![],

@@ -6,9 +6,11 @@
 //! they follow the order in which appends were handed over. A write is handed over when the
 //! method is called, not when its future is first polled.
 //!
-//! A commit that fails fails every write of its batch, and every room with an append in it
-//! refuses later appends until it is loaded again (see the trait's contract): what a node has
-//! stored stays a prefix of what it sent.
+//! Each write of a batch runs in its own savepoint: a write that fails (a value the database
+//! cannot hold, a constraint) is rolled back and refused alone, and the rest of the batch
+//! commits. Its room then refuses later appends until it is opened again (see the trait's
+//! contract): what a node has stored stays a prefix of what it sent. Only a commit that fails as
+//! a whole (a full disk) fails every write of the batch.
 //!
 //! Reads use their own connection, so a late joiner's catch-up never holds up writers; a third
 //! connection moves the write-ahead log into the database file every 200 ms.
@@ -16,15 +18,15 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pattern_mesh_core::pattern::PatternParams;
-use pattern_mesh_core::room::Append;
+use pattern_mesh_core::room::{Append, NODE_BLOCK};
 use pattern_mesh_core::store::{
     Appended, Logged, NodeRecord, RoomRecord, Store, StoreError, StoreFuture,
 };
-use pattern_mesh_core::wire::{with_position, ResumeToken, RoomConfig};
+use pattern_mesh_core::wire::{with_position, Frame, NodeId, ResumeToken, RoomConfig};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,21 +37,44 @@ fn backend(e: rusqlite::Error) -> StoreError {
 }
 
 enum Write {
-    Room {
+    Open {
         room: String,
         config: RoomConfig,
         reply: oneshot::Sender<Result<RoomRecord, StoreError>>,
     },
-    Node {
+    Reserve {
         room: String,
-        node: NodeRecord,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        count: u64,
+        reply: oneshot::Sender<Result<NodeId, StoreError>>,
     },
     Append {
         room: String,
         entry: Append,
         reply: oneshot::Sender<Result<Appended, StoreError>>,
     },
+    Expire {
+        ttl: Duration,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+}
+
+impl Write {
+    fn room(&self) -> Option<&str> {
+        match self {
+            Write::Open { room, .. } | Write::Reserve { room, .. } | Write::Append { room, .. } => {
+                Some(room)
+            }
+            Write::Expire { .. } => None,
+        }
+    }
+}
+
+/// What a write answers, once committed.
+enum Outcome {
+    Opened(RoomRecord),
+    Reserved(NodeId),
+    Appended(Appended),
+    Expired(u64),
 }
 
 type Checkpointer = (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>);
@@ -61,11 +86,9 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     checkpointer: Arc<Mutex<Option<Checkpointer>>>,
-    /// Rooms whose appends fail until they are loaded again.
-    failed: Arc<Mutex<HashSet<String>>>,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
@@ -74,12 +97,18 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     // FULL: a commit is on disk before the call returns, also across a power loss.
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(backend)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(backend)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
     Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
+/// Milliseconds since the Unix epoch: when a node was last seen.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(backend)?;
@@ -146,7 +175,94 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         )
         .map_err(backend)?;
     }
+    if version < 3 {
+        migrate_to_3(conn)?;
+    }
     Ok(())
+}
+
+/// Schema 3: node records carry when they were last seen (for their expiry) and are found by
+/// token; rooms count the bytes of their log (for their budget); snapshots that members posted
+/// become the relay's own snapshot frames (members no longer post any).
+fn migrate_to_3(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(backend)?;
+    tx.execute_batch(
+        "ALTER TABLE nodes ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;
+         CREATE INDEX nodes_token ON nodes (room, token);
+         ALTER TABLE rooms ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;",
+    )
+    .map_err(backend)?;
+    tx.execute("UPDATE nodes SET last_seen = ?1", params![unix_ms()])
+        .map_err(backend)?;
+    let posted: Vec<(i64, u64, Vec<u8>)> = {
+        let mut stmt = tx
+            .prepare("SELECT id, position, bytes FROM log WHERE snapshot = 1")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)?
+    };
+    for (id, position, bytes) in posted {
+        let converted = posted_snapshot(&bytes)
+            .and_then(|frame| with_position(&frame.encode(), position))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "the stored snapshot at position {position} does not decode"
+                ))
+            })?;
+        tx.execute(
+            "UPDATE log SET bytes = ?2, sender = 0, step = 0 WHERE id = ?1",
+            params![id, converted],
+        )
+        .map_err(backend)?;
+    }
+    tx.execute_batch(
+        "UPDATE rooms SET bytes = COALESCE(
+             (SELECT SUM(length(bytes)) FROM log WHERE log.room = rooms.room), 0);
+         PRAGMA user_version = 3;",
+    )
+    .map_err(backend)?;
+    tx.commit().map_err(backend)
+}
+
+/// A snapshot a member posted in protocol 2 (kind 0x15: a stamp, then the document's name and
+/// state), as the relay's snapshot frame.
+fn posted_snapshot(bytes: &[u8]) -> Option<Frame> {
+    fn var(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let byte = *bytes.get(*at)?;
+            *at += 1;
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    fn field<'a>(bytes: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+        let len = var(bytes, at)? as usize;
+        let field = bytes.get(*at..at.checked_add(len)?)?;
+        *at += len;
+        Some(field)
+    }
+    if bytes.get(1) != Some(&pattern_mesh_core::wire::RETIRED_CLIENT_SNAPSHOT) {
+        return None;
+    }
+    let flags = *bytes.get(2)?;
+    let mut at = 3;
+    if flags & pattern_mesh_core::wire::FLAG_POSITIONED != 0 {
+        var(bytes, &mut at)?;
+    }
+    for _ in 0..3 {
+        var(bytes, &mut at)?; // sender, step, pattern
+    }
+    let doc = std::str::from_utf8(field(bytes, &mut at)?).ok()?.to_owned();
+    let state = field(bytes, &mut at)?.to_vec();
+    Some(Frame::Snapshot { doc, state })
 }
 
 /// SQLite stores integers as i64: a value above 2^63 - 1 is refused, never wrapped.
@@ -160,8 +276,8 @@ impl SqliteStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
         let path: PathBuf = dir.join("relay.sqlite3");
-        let writer_conn = open(&path)?;
-        migrate(&writer_conn)?;
+        let mut writer_conn = open(&path)?;
+        migrate(&mut writer_conn)?;
         // The writer never checkpoints: a checkpoint copies and syncs the database file, which
         // would stall commits for tens of milliseconds. A separate thread does it instead.
         writer_conn
@@ -174,19 +290,16 @@ impl SqliteStore {
             .name("store-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpoint_conn, stopped))
             .map_err(|e| StoreError::Backend(format!("cannot start the checkpointer: {e}")))?;
-        let failed = Arc::new(Mutex::new(HashSet::new()));
         let (writes, queue) = mpsc::unbounded_channel();
-        let writer_failed = failed.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_conn, queue, metrics, writer_failed))
+            .spawn(move || write_loop(writer_conn, queue, metrics))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             writes: Arc::new(Mutex::new(Some(writes))),
             reader: Arc::new(Mutex::new(reader)),
             writer: Arc::new(Mutex::new(Some(handle))),
             checkpointer: Arc::new(Mutex::new(Some((stop_checkpoints, checkpoints)))),
-            failed,
         })
     }
 
@@ -239,81 +352,39 @@ fn answer<T: Send + 'static>(rx: oneshot::Receiver<Result<T, StoreError>>) -> St
 }
 
 fn load(conn: &Connection, room: &str) -> Result<Option<RoomRecord>, StoreError> {
-    let row = conn
-        .query_row(
-            "SELECT seed, multiplier, reset_interval, max_future, stale_window, high, position,
-                    next_node, log
-             FROM rooms WHERE room = ?1",
-            params![room],
-            |r| {
-                Ok((
-                    RoomConfig {
-                        pattern: PatternParams {
-                            seed: r.get::<_, i64>(0)? as u64,
-                            multiplier: r.get::<_, i64>(1)? as u64,
-                            reset_interval: r.get::<_, i64>(2)? as u64,
-                        },
-                        max_future: r.get::<_, i64>(3)? as u64,
-                        stale_window: r.get::<_, Option<i64>>(4)?.map(|w| w as u64),
+    conn.query_row(
+        "SELECT seed, multiplier, reset_interval, max_future, stale_window, high, position,
+                next_node, log, bytes
+         FROM rooms WHERE room = ?1",
+        params![room],
+        |r| {
+            Ok(RoomRecord {
+                config: RoomConfig {
+                    pattern: PatternParams {
+                        seed: r.get::<_, i64>(0)? as u64,
+                        multiplier: r.get::<_, i64>(1)? as u64,
+                        reset_interval: r.get::<_, i64>(2)? as u64,
                     },
-                    r.get::<_, i64>(5)? as u64,
-                    r.get::<_, i64>(6)? as u64,
-                    r.get::<_, i64>(7)? as u64,
-                    r.get::<_, i64>(8)? as u64,
-                ))
-            },
-        )
-        .optional()
-        .map_err(backend)?;
-    let Some((config, high, position, next_node, log)) = row else {
-        return Ok(None);
-    };
-    let mut stmt = conn
-        .prepare_cached("SELECT node, token, last_step FROM nodes WHERE room = ?1")
-        .map_err(backend)?;
-    let nodes = stmt
-        .query_map(params![room], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, i64>(2)? as u64,
-            ))
-        })
-        .map_err(backend)?
-        .map(|row| {
-            let (node, token, last_step) = row.map_err(backend)?;
-            let token = ResumeToken::try_from(token.as_slice())
-                .map_err(|_| StoreError::Corrupt("a resume token is not 16 bytes".into()))?;
-            Ok(NodeRecord {
-                node,
-                token,
-                last_step,
+                    max_future: r.get::<_, i64>(3)? as u64,
+                    stale_window: r.get::<_, Option<i64>>(4)?.map(|w| w as u64),
+                },
+                high: r.get::<_, i64>(5)? as u64,
+                position: r.get::<_, i64>(6)? as u64,
+                next_node: r.get::<_, i64>(7)? as u64,
+                nodes_end: r.get::<_, i64>(7)? as u64,
+                log: r.get::<_, i64>(8)? as u64,
+                bytes: r.get::<_, i64>(9)? as u64,
             })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(Some(RoomRecord {
-        config,
-        high,
-        position,
-        next_node,
-        log,
-        nodes,
-    }))
+        },
+    )
+    .optional()
+    .map_err(backend)
 }
 
 impl Store for SqliteStore {
-    fn load_room(&self, room: &str) -> StoreFuture<Option<RoomRecord>> {
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(room);
-        let room = room.to_owned();
-        self.read(move |conn| load(conn, &room))
-    }
-
-    fn create_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord> {
+    fn open_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord> {
         let (reply, rx) = oneshot::channel();
-        self.send(Write::Room {
+        self.send(Write::Open {
             room: room.to_owned(),
             config,
             reply,
@@ -321,14 +392,31 @@ impl Store for SqliteStore {
         answer(rx)
     }
 
-    fn register_node(&self, room: &str, node: NodeRecord) -> StoreFuture<()> {
+    fn reserve_nodes(&self, room: &str, count: u64) -> StoreFuture<NodeId> {
         let (reply, rx) = oneshot::channel();
-        self.send(Write::Node {
+        self.send(Write::Reserve {
             room: room.to_owned(),
-            node,
+            count,
             reply,
         });
         answer(rx)
+    }
+
+    fn find_node(&self, room: &str, token: ResumeToken) -> StoreFuture<Option<NodeRecord>> {
+        let room = room.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT node, last_step FROM nodes WHERE room = ?1 AND token = ?2")
+                .map_err(backend)?
+                .query_row(params![room, &token[..]], |r| {
+                    Ok(NodeRecord {
+                        node: r.get::<_, i64>(0)? as u64,
+                        token,
+                        last_step: r.get::<_, i64>(1)? as u64,
+                    })
+                })
+                .optional()
+                .map_err(backend)
+        })
     }
 
     fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended> {
@@ -339,6 +427,28 @@ impl Store for SqliteStore {
             reply,
         });
         answer(rx)
+    }
+
+    fn read_document(&self, room: &str) -> StoreFuture<Vec<Logged>> {
+        let room = room.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT position, sender, bytes FROM log
+                     WHERE room = ?1 AND doc IS NOT NULL ORDER BY position",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![room], |r| {
+                    Ok(Logged {
+                        position: r.get::<_, i64>(0)? as u64,
+                        sender: r.get::<_, i64>(1)? as u64,
+                        bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
     }
 
     fn read_after(
@@ -379,6 +489,12 @@ impl Store for SqliteStore {
         })
     }
 
+    fn expire_nodes(&self, ttl: Duration) -> StoreFuture<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Write::Expire { ttl, reply });
+        answer(rx)
+    }
+
     fn close(&self) -> StoreFuture<()> {
         let store = self.clone();
         Box::pin(async move {
@@ -392,7 +508,7 @@ impl Store for SqliteStore {
 /// Moves committed WAL pages into the database file every 200 ms, without blocking the writer
 /// (a passive checkpoint never waits for writers), and once more, fully, when the store closes.
 fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
-    let every = std::time::Duration::from_millis(200);
+    let every = Duration::from_millis(200);
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "WAL checkpoint failed");
@@ -401,21 +517,15 @@ fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
-/// What a committed write answers.
-enum Outcome {
-    Room(RoomRecord),
-    Node,
-    Appended(Appended),
-}
-
 fn write_loop(
     mut conn: Connection,
     mut queue: mpsc::UnboundedReceiver<Write>,
     metrics: Arc<Metrics>,
-    failed: Arc<Mutex<HashSet<String>>>,
 ) {
     const MAX_BATCH: usize = 1_024;
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Rooms whose appends fail until they are opened again.
+    let mut poisoned: HashSet<String> = HashSet::new();
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -425,21 +535,23 @@ fn write_loop(
             }
         }
         let started = Instant::now();
-        let poisoned: HashSet<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let result = commit(&mut conn, &batch, &poisoned);
+        let before = poisoned.clone();
+        let result = commit(&mut conn, &batch, &mut poisoned);
         metrics.store_commit(started.elapsed(), batch.len());
         match result {
             Ok(outcomes) => {
                 for (write, outcome) in batch.drain(..).zip(outcomes) {
-                    reply(write, Ok(outcome));
+                    reply(write, outcome);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, entries = batch.len(), "store commit failed");
-                let mut failed = failed.lock().unwrap_or_else(|e| e.into_inner());
+                // Nothing of the batch is on disk: every room with a write in it refuses its
+                // later appends until it is opened again.
+                poisoned = before;
                 for write in batch.drain(..) {
-                    if let Write::Append { room, .. } = &write {
-                        failed.insert(room.clone());
+                    if let Some(room) = write.room() {
+                        poisoned.insert(room.to_owned());
                     }
                     reply(write, Err(e.clone()));
                 }
@@ -449,145 +561,219 @@ fn write_loop(
     tracing::info!("store writer stopped: every queued write is committed");
 }
 
-fn reply(write: Write, outcome: Result<Option<Outcome>, StoreError>) {
+fn reply(write: Write, outcome: Result<Outcome, StoreError>) {
+    let mismatch = || StoreError::Corrupt("a write got another write's answer".into());
     match write {
-        Write::Room { reply, .. } => {
+        Write::Open { reply, .. } => {
             let _ = reply.send(outcome.and_then(|o| match o {
-                Some(Outcome::Room(record)) => Ok(record),
-                _ => Err(StoreError::Corrupt("the room was not created".into())),
+                Outcome::Opened(record) => Ok(record),
+                _ => Err(mismatch()),
             }));
         }
-        Write::Node { reply, .. } => {
-            let _ = reply.send(outcome.map(|_| ()));
+        Write::Reserve { reply, .. } => {
+            let _ = reply.send(outcome.and_then(|o| match o {
+                Outcome::Reserved(first) => Ok(first),
+                _ => Err(mismatch()),
+            }));
         }
         Write::Append { reply, .. } => {
             let _ = reply.send(outcome.and_then(|o| match o {
-                Some(Outcome::Appended(appended)) => Ok(appended),
-                Some(_) => Err(StoreError::Corrupt("an append without an answer".into())),
-                None => Err(StoreError::Backend(
-                    "an earlier append of this room failed; the room must be loaded again".into(),
-                )),
+                Outcome::Appended(appended) => Ok(appended),
+                _ => Err(mismatch()),
+            }));
+        }
+        Write::Expire { reply, .. } => {
+            let _ = reply.send(outcome.and_then(|o| match o {
+                Outcome::Expired(n) => Ok(n),
+                _ => Err(mismatch()),
             }));
         }
     }
 }
 
-/// Commits a batch in one transaction. An append of a room in `poisoned` is answered with
-/// `None` (refused) without being written.
+/// Commits a batch in one transaction, each write in its own savepoint. An append of a room in
+/// `poisoned` is refused without being written; a write that fails poisons its room.
 fn commit(
     conn: &mut Connection,
     batch: &[Write],
-    poisoned: &HashSet<String>,
-) -> Result<Vec<Option<Outcome>>, StoreError> {
+    poisoned: &mut HashSet<String>,
+) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
     let tx = conn.transaction().map_err(backend)?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    {
-        let mut position = tx
-            .prepare_cached(
-                "UPDATE rooms SET position = position + 1, high = MAX(high, ?2) WHERE room = ?1
-                 RETURNING position",
-            )
-            .map_err(backend)?;
-        let mut append = tx
-            .prepare_cached(
-                "INSERT INTO log (room, position, sender, step, doc, snapshot, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
-            .map_err(backend)?;
-        let mut last = tx
-            .prepare_cached(
-                "UPDATE nodes SET last_step = MAX(last_step, ?3) WHERE room = ?1 AND node = ?2",
-            )
-            .map_err(backend)?;
-        // A snapshot of `doc` replaces the document entries of `doc` before it; a snapshot of
-        // "*" (the whole document) replaces every document entry before it. Data entries (no
-        // doc) are never compacted.
-        let mut compact = tx
-            .prepare_cached(
-                "DELETE FROM log WHERE room = ?1 AND doc IS NOT NULL AND (doc = ?2 OR ?2 = '*')
-                 AND position < ?3",
-            )
-            .map_err(backend)?;
-        for write in batch {
-            match write {
-                Write::Append { room, entry, .. } => {
-                    if poisoned.contains(room) {
-                        outcomes.push(None);
-                        continue;
-                    }
-                    let at: i64 = position
-                        .query_row(params![room, int(entry.high)?], |r| r.get(0))
-                        .optional()
-                        .map_err(backend)?
-                        .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
-                    let at = at as u64;
-                    let bytes = with_position(&entry.bytes, at).ok_or_else(|| {
-                        StoreError::Corrupt("the frame already carries a position".into())
-                    })?;
-                    append
-                        .execute(params![
-                            room,
-                            int(at)?,
-                            int(entry.sender)?,
-                            int(entry.step)?,
-                            entry.doc,
-                            entry.snapshot,
-                            &bytes[..]
-                        ])
-                        .map_err(backend)?;
-                    last.execute(params![room, int(entry.sender)?, int(entry.step)?])
-                        .map_err(backend)?;
-                    if entry.snapshot {
-                        compact
-                            .execute(params![room, entry.doc, int(at)?])
-                            .map_err(backend)?;
-                    }
-                    outcomes.push(Some(Outcome::Appended(Appended::Stored { position: at })));
+    let now = unix_ms();
+    for write in batch {
+        if let Write::Append { room, .. } = write {
+            if poisoned.contains(room) {
+                outcomes.push(Err(StoreError::Backend(
+                    "an earlier write of this room failed; the room must be opened again".into(),
+                )));
+                continue;
+            }
+        }
+        tx.execute_batch("SAVEPOINT write").map_err(backend)?;
+        match apply(&tx, write, now) {
+            Ok(outcome) => {
+                tx.execute_batch("RELEASE write").map_err(backend)?;
+                if let Write::Open { room, .. } = write {
+                    poisoned.remove(room);
                 }
-                Write::Room { room, config, .. } => {
-                    // A log identity below 2^53, so that it is a safe integer in JS too.
-                    let mut random = [0u8; 8];
-                    getrandom::fill(&mut random)
-                        .map_err(|e| StoreError::Backend(format!("no randomness: {e}")))?;
-                    let log = 1 + u64::from_le_bytes(random) % ((1 << 53) - 2);
-                    tx.execute(
-                        "INSERT OR IGNORE INTO rooms
-                         (room, seed, multiplier, reset_interval, max_future, stale_window, log)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
-                            room,
-                            int(config.pattern.seed)?,
-                            int(config.pattern.multiplier)?,
-                            int(config.pattern.reset_interval)?,
-                            int(config.max_future)?,
-                            config.stale_window.map(int).transpose()?,
-                            int(log)?
-                        ],
-                    )
+                outcomes.push(Ok(outcome));
+            }
+            Err(e) => {
+                tx.execute_batch("ROLLBACK TO write; RELEASE write")
                     .map_err(backend)?;
-                    let record = load(&tx, room)?
-                        .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
-                    outcomes.push(Some(Outcome::Room(record)));
+                tracing::error!(error = %e, room = write.room(), "a store write failed alone");
+                if let Some(room) = write.room() {
+                    poisoned.insert(room.to_owned());
                 }
-                Write::Node { room, node, .. } => {
-                    tx.execute(
-                        "INSERT OR REPLACE INTO nodes (room, node, token, last_step)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![room, int(node.node)?, &node.token[..], int(node.last_step)?],
-                    )
-                    .map_err(backend)?;
-                    tx.execute(
-                        "UPDATE rooms SET next_node = MAX(next_node, ?2 + 1) WHERE room = ?1",
-                        params![room, int(node.node)?],
-                    )
-                    .map_err(backend)?;
-                    outcomes.push(Some(Outcome::Node));
-                }
+                outcomes.push(Err(e));
             }
         }
     }
     tx.commit().map_err(backend)?;
     Ok(outcomes)
+}
+
+/// One write, inside its savepoint.
+fn apply(tx: &Connection, write: &Write, now: i64) -> Result<Outcome, StoreError> {
+    match write {
+        Write::Append { room, entry, .. } => append(tx, room, entry, now).map(Outcome::Appended),
+        Write::Open { room, config, .. } => {
+            // A log identity below 2^53, so that it is a safe integer in JS too.
+            let mut random = [0u8; 8];
+            getrandom::fill(&mut random)
+                .map_err(|e| StoreError::Backend(format!("no randomness: {e}")))?;
+            let log = 1 + u64::from_le_bytes(random) % ((1 << 53) - 2);
+            tx.execute(
+                "INSERT OR IGNORE INTO rooms
+                 (room, seed, multiplier, reset_interval, max_future, stale_window, log)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    room,
+                    int(config.pattern.seed)?,
+                    int(config.pattern.multiplier)?,
+                    int(config.pattern.reset_interval)?,
+                    int(config.max_future)?,
+                    config.stale_window.map(int).transpose()?,
+                    int(log)?
+                ],
+            )
+            .map_err(backend)?;
+            let first = reserve(tx, room, NODE_BLOCK)?;
+            let mut record =
+                load(tx, room)?.ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
+            record.next_node = first;
+            record.nodes_end = first + NODE_BLOCK;
+            Ok(Outcome::Opened(record))
+        }
+        Write::Reserve { room, count, .. } => reserve(tx, room, *count).map(Outcome::Reserved),
+        Write::Expire { ttl, .. } => {
+            let before = now.saturating_sub(ttl.as_millis().min(i64::MAX as u128) as i64);
+            let expired = tx
+                .execute("DELETE FROM nodes WHERE last_seen < ?1", params![before])
+                .map_err(backend)?;
+            Ok(Outcome::Expired(expired as u64))
+        }
+    }
+}
+
+/// Moves `room`'s next node id `count` ahead; returns the first id of the block.
+fn reserve(tx: &Connection, room: &str, count: u64) -> Result<NodeId, StoreError> {
+    let end: i64 = tx
+        .query_row(
+            "UPDATE rooms SET next_node = next_node + ?2 WHERE room = ?1 RETURNING next_node",
+            params![room, int(count)?],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(backend)?
+        .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
+    Ok(end as u64 - count)
+}
+
+fn append(tx: &Connection, room: &str, entry: &Append, now: i64) -> Result<Appended, StoreError> {
+    let at: i64 = tx
+        .prepare_cached(
+            "UPDATE rooms SET position = position + 1, high = MAX(high, ?2) WHERE room = ?1
+             RETURNING position",
+        )
+        .map_err(backend)?
+        .query_row(params![room, int(entry.high)?], |r| r.get(0))
+        .optional()
+        .map_err(backend)?
+        .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
+    let at = at as u64;
+    let framed = with_position(&entry.bytes, at)
+        .ok_or_else(|| StoreError::Corrupt("the frame already carries a position".into()))?;
+    let mut bytes: i64 = tx
+        .prepare_cached("UPDATE rooms SET bytes = bytes + ?2 WHERE room = ?1 RETURNING bytes")
+        .map_err(backend)?
+        .query_row(params![room, framed.len() as i64], |r| r.get(0))
+        .map_err(backend)?;
+    tx.prepare_cached(
+        "INSERT INTO log (room, position, sender, step, doc, snapshot, bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .map_err(backend)?
+    .execute(params![
+        room,
+        int(at)?,
+        int(entry.sender)?,
+        int(entry.step)?,
+        entry.doc,
+        entry.snapshot,
+        &framed[..]
+    ])
+    .map_err(backend)?;
+    if let Some(token) = entry.token {
+        // The sender's record: created with its first stored message, kept up to date with
+        // each, and expired once it has not been seen for the relay's node TTL.
+        tx.prepare_cached(
+            "INSERT INTO nodes (room, node, token, last_step, last_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (room, node) DO UPDATE SET
+                 last_step = MAX(last_step, excluded.last_step), last_seen = excluded.last_seen",
+        )
+        .map_err(backend)?
+        .execute(params![
+            room,
+            int(entry.sender)?,
+            &token[..],
+            int(entry.step)?,
+            now
+        ])
+        .map_err(backend)?;
+    }
+    if entry.snapshot {
+        // The relay's snapshot of `doc` replaces the document entries of `doc` before it; one of
+        // "*" (the whole document) replaces every document entry before it. Data entries (no
+        // doc) are never compacted.
+        let mut freed = 0i64;
+        let mut stmt = tx
+            .prepare_cached(
+                "DELETE FROM log WHERE room = ?1 AND doc IS NOT NULL AND (doc = ?2 OR ?2 = '*')
+                 AND position < ?3 RETURNING length(bytes)",
+            )
+            .map_err(backend)?;
+        let mut rows = stmt
+            .query(params![room, entry.doc, int(at)?])
+            .map_err(backend)?;
+        while let Some(row) = rows.next().map_err(backend)? {
+            freed += row.get::<_, i64>(0).map_err(backend)?;
+        }
+        drop(rows);
+        bytes = tx
+            .query_row(
+                "UPDATE rooms SET bytes = bytes - ?2 WHERE room = ?1 RETURNING bytes",
+                params![room, freed],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+    }
+    Ok(Appended::Stored {
+        position: at,
+        bytes: bytes as u64,
+    })
 }
 
 #[cfg(test)]
@@ -634,9 +820,13 @@ mod tests {
         v1[0] = 1;
         // A version-1 checkpoint (kind 0x12): no longer stored in version 2.
         let checkpoint = [1u8, 0x12, 2, 2, 3, 2, 1];
+        // A version-1 snapshot that a member posted (kind 0x15, at position 3): a stamp, the
+        // document's name, its state.
+        let posted = [1u8, 0x15, 2, 3, 3, 3, 7, 1, b'*', 2, 0, 0];
         conn.execute(
-            "INSERT INTO log VALUES ('r', 1, 3, 1, NULL, 0, ?1), ('r', 2, 3, 2, '*', 0, ?2)",
-            params![&v1[..], &checkpoint[..]],
+            "INSERT INTO log VALUES ('r', 1, 3, 1, NULL, 0, ?1), ('r', 2, 3, 2, '*', 0, ?2),
+                                    ('r', 3, 3, 3, '*', 1, ?3)",
+            params![&v1[..], &checkpoint[..], &posted[..]],
         )
         .unwrap();
     }
@@ -648,17 +838,34 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         version_one(&dir);
         let store = SqliteStore::open(&dir, Arc::new(Metrics::default())).unwrap();
-        let record = store.load_room("r").await.unwrap().unwrap();
+        let record = store.open_room("r", RoomConfig::default()).await.unwrap();
         assert_eq!(
             record.next_node, 4,
             "node ids continue above the known ones"
         );
+        assert_eq!(
+            store.find_node("r", [0; 16]).await.unwrap().map(|n| n.node),
+            Some(3),
+            "the node's record is kept, and found by its token"
+        );
         assert_ne!(record.log, 0, "the room gets a log identity");
         let log = store.read_after("r", 0, 10, usize::MAX).await.unwrap();
-        assert_eq!(log.len(), 1, "the checkpoint is gone");
+        assert_eq!(log.len(), 2, "the checkpoint is gone");
         let frame = Frame::decode_positioned(&log[0].bytes, &Default::default()).unwrap();
         assert_eq!(frame.position, Some(1));
         assert!(matches!(frame.frame, Frame::Stamped(_)));
+        let snapshot = Frame::decode_positioned(&log[1].bytes, &Default::default()).unwrap();
+        assert_eq!(snapshot.position, Some(3));
+        assert_eq!(
+            snapshot.frame,
+            Frame::Snapshot {
+                doc: "*".into(),
+                state: vec![0, 0]
+            },
+            "the posted snapshot is now the relay's"
+        );
+        let bytes: u64 = log.iter().map(|l| l.bytes.len() as u64).sum();
+        assert_eq!(record.bytes, bytes);
         store.close_blocking();
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -668,9 +875,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pm-sqlite-large-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = SqliteStore::open(&dir, Arc::new(Metrics::default())).unwrap();
-        store.create_room("r", RoomConfig::default()).await.unwrap();
+        store.open_room("r", RoomConfig::default()).await.unwrap();
         let entry = |step: u64, len: usize| Append {
             sender: 1,
+            token: Some([1; 16]),
             step,
             high: step,
             doc: Some("content".into()),
@@ -703,6 +911,174 @@ mod tests {
         assert!(page[0].bytes.len() > 50_000_000);
         let rest = store.read_after("r", 1, 20, 1 << 20).await.unwrap();
         assert_eq!(rest.len(), 18);
+        store.close_blocking();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn data(sender: u64, step: u64) -> Append {
+        Append {
+            sender,
+            token: Some([sender as u8; 16]),
+            step,
+            high: step,
+            doc: None,
+            snapshot: false,
+            bytes: Bytes::from(
+                Frame::stamped(
+                    Stamp {
+                        sender,
+                        step,
+                        pattern: 1,
+                    },
+                    Body::Data {
+                        data: Json::parse("1").unwrap(),
+                    },
+                )
+                .encode(),
+            ),
+        }
+    }
+
+    fn fresh(name: &str) -> (PathBuf, SqliteStore) {
+        let dir = std::env::temp_dir().join(format!("pm-sqlite-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SqliteStore::open(&dir, Arc::new(Metrics::default())).unwrap();
+        (dir, store)
+    }
+
+    /// One entry the database cannot hold fails alone: its room refuses later appends until it
+    /// is opened again, and the other rooms' entries in the same batch commit.
+    #[test]
+    fn a_write_that_fails_fails_alone_and_poisons_only_its_room() {
+        let dir = std::env::temp_dir().join(format!("pm-sqlite-alone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut conn = open(&dir.join("relay.sqlite3")).unwrap();
+        migrate(&mut conn).unwrap();
+        let write = |room: &str, entry: Append| Write::Append {
+            room: room.into(),
+            entry,
+            reply: oneshot::channel().0,
+        };
+        let open_room = |room: &str| Write::Open {
+            room: room.into(),
+            config: RoomConfig::default(),
+            reply: oneshot::channel().0,
+        };
+        let mut poisoned = HashSet::new();
+        commit(&mut conn, &[open_room("a"), open_room("b")], &mut poisoned).unwrap();
+        let mut huge = data(1, 1);
+        huge.step = (1 << 63) + 4;
+        let batch = [
+            write("a", data(1, 1)),
+            write("b", huge),
+            write("a", data(1, 2)),
+            write("b", data(1, 2)),
+        ];
+        let outcomes = commit(&mut conn, &batch, &mut poisoned).unwrap();
+        let ok: Vec<bool> = outcomes.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, false, true, false]);
+        assert!(poisoned.contains("b") && !poisoned.contains("a"));
+        let logged: i64 = conn
+            .query_row("SELECT COUNT(*) FROM log WHERE room = 'a'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(logged, 2);
+        let logged: i64 = conn
+            .query_row("SELECT COUNT(*) FROM log WHERE room = 'b'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(logged, 0);
+        commit(&mut conn, &[open_room("b")], &mut poisoned).unwrap();
+        assert!(poisoned.is_empty(), "opening the room again clears it");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn every_opening_reserves_node_ids_of_its_own() {
+        let (dir, store) = fresh("reserve");
+        let first = store.open_room("r", RoomConfig::default()).await.unwrap();
+        let more = store.reserve_nodes("r", 10).await.unwrap();
+        let second = store.open_room("r", RoomConfig::default()).await.unwrap();
+        assert_eq!(first.nodes_end - first.next_node, NODE_BLOCK);
+        assert!(first.nodes_end <= more && more + 10 <= second.next_node);
+        store.close_blocking();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A node's record comes with its first stored message, follows its steps, and goes once it
+    /// has not been seen for the TTL.
+    #[tokio::test]
+    async fn node_records_follow_appends_and_expire() {
+        let (dir, store) = fresh("nodes");
+        store.open_room("r", RoomConfig::default()).await.unwrap();
+        assert_eq!(store.find_node("r", [3; 16]).await.unwrap(), None);
+        store.append("r", data(3, 5)).await.unwrap();
+        store.append("r", data(3, 9)).await.unwrap();
+        let record = store.find_node("r", [3; 16]).await.unwrap().unwrap();
+        assert_eq!((record.node, record.last_step), (3, 9));
+        assert_eq!(
+            store.expire_nodes(Duration::from_secs(60)).await.unwrap(),
+            0
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            store.expire_nodes(Duration::from_millis(10)).await.unwrap(),
+            1
+        );
+        assert_eq!(store.find_node("r", [3; 16]).await.unwrap(), None);
+        store.close_blocking();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The relay's snapshot replaces the document entries before it, never data, and the
+    /// room's byte count follows.
+    #[tokio::test]
+    async fn a_snapshot_drops_the_document_before_it_and_the_bytes_follow() {
+        let (dir, store) = fresh("compact");
+        store.open_room("r", RoomConfig::default()).await.unwrap();
+        let update = |step: u64| {
+            let mut entry = data(1, step);
+            entry.doc = Some("content".into());
+            entry
+        };
+        store.append("r", data(1, 1)).await.unwrap();
+        for step in 2..=5 {
+            store.append("r", update(step)).await.unwrap();
+        }
+        let snapshot = Append {
+            sender: 0,
+            token: None,
+            step: 0,
+            high: 5,
+            doc: Some("*".into()),
+            snapshot: true,
+            bytes: Bytes::from(
+                Frame::Snapshot {
+                    doc: "*".into(),
+                    state: vec![0, 0],
+                }
+                .encode(),
+            ),
+        };
+        let Appended::Stored { position, bytes } = store.append("r", snapshot).await.unwrap()
+        else {
+            panic!("stored");
+        };
+        store.append("r", update(6)).await.unwrap();
+        let log = store.read_after("r", 0, 100, usize::MAX).await.unwrap();
+        let positions: Vec<u64> = log.iter().map(|l| l.position).collect();
+        assert_eq!(positions, [1, position, position + 1]);
+        let sum: u64 = log[..2].iter().map(|l| l.bytes.len() as u64).sum();
+        assert_eq!(bytes, sum);
+        let document = store.read_document("r").await.unwrap();
+        assert_eq!(document.len(), 2, "the snapshot and the update after it");
+        assert!(matches!(
+            Frame::decode(&document[0].bytes),
+            Ok(Frame::Snapshot { .. })
+        ));
         store.close_blocking();
         let _ = std::fs::remove_dir_all(&dir);
     }

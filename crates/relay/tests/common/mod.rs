@@ -286,6 +286,31 @@ pub fn data_value(frame: &Frame) -> Option<serde_json::Value> {
     }
 }
 
+/// An update of the text `content`, inserting `text` at `index` of `doc`.
+pub fn edit(doc: &pattern_mesh_core::doc::SharedDoc, index: u32, text: &str) -> Body {
+    Body::Update {
+        doc: "content".into(),
+        update: doc.insert("content", index, text).unwrap(),
+    }
+}
+
+/// The text `content` a late joiner builds from its replay: the snapshot, then the updates.
+pub fn replayed_text(replay: &[Positioned]) -> String {
+    let doc = pattern_mesh_core::doc::SharedDoc::new();
+    for p in replay {
+        match &p.frame {
+            Frame::Snapshot { state, .. } => doc.apply_update(state).unwrap(),
+            Frame::Stamped(s) => {
+                if let Body::Update { update, .. } = &s.body {
+                    doc.apply_update(update).unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+    doc.text("content")
+}
+
 /// Whether a frame is a data frame.
 pub fn is_data(frame: &Frame) -> bool {
     data_value(frame).is_some()

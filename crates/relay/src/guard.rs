@@ -1,0 +1,257 @@
+//! The listener's guard: a cap on open connections, in all and per IP address, a deadline by
+//! which a connection must have joined a room, and a frame budget per IP address.
+//!
+//! Without it a silent TCP connection, or one that sends an HTTP request line a byte at a time
+//! (slowloris), holds a file descriptor forever, and a few hundred of them lock every new
+//! member out. With it such a connection is closed at its deadline, and one over a cap is
+//! closed as soon as it is accepted.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
+use pattern_mesh_core::pace::TokenBucket;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
+
+/// The limits the guard enforces.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GuardConfig {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Open connections from one IP address at most.
+    pub max_per_ip: usize,
+    /// From its accept, the time a connection has to join a room (an HTTP request that is
+    /// not a WebSocket must be over by then too).
+    pub deadline: Duration,
+    /// Frames per second from one IP address, all its connections together (and as many at
+    /// once).
+    pub ip_rate: u64,
+}
+
+/// What the relay knows of a connection: its peer address, a switch that lifts its deadline
+/// once it has joined, and the frame budget of its address.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    /// The remote address.
+    pub addr: SocketAddr,
+    joined: Arc<AtomicBool>,
+    rate: Arc<Mutex<TokenBucket>>,
+}
+
+impl Peer {
+    /// The connection has joined a room: its deadline no longer applies.
+    pub(crate) fn joined(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes `cost` frames from the address's budget at `now` (milliseconds), or says no.
+    pub(crate) fn take(&self, cost: u64, now: u64) -> bool {
+        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        rate.try_take_n(cost, now)
+    }
+}
+
+impl Connected<IncomingStream<'_, Guarded>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Guarded>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    open: usize,
+    /// Per address with a connection open: how many, and the address's frame budget.
+    per_ip: HashMap<IpAddr, (usize, Arc<Mutex<TokenBucket>>)>,
+}
+
+/// A TCP listener that enforces a [`GuardConfig`].
+pub(crate) struct Guarded {
+    listener: TcpListener,
+    config: GuardConfig,
+    counts: Arc<Mutex<Counts>>,
+    /// The clock of the address budgets (milliseconds since the relay started).
+    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl Guarded {
+    pub(crate) fn new(
+        listener: TcpListener,
+        config: GuardConfig,
+        clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    ) -> Self {
+        Self {
+            listener,
+            config,
+            counts: Arc::default(),
+            clock,
+        }
+    }
+
+    /// Takes a slot for `ip` and hands out its address's budget, or says which cap is reached.
+    fn admit(&self, ip: IpAddr) -> Result<(Slot, Arc<Mutex<TokenBucket>>), &'static str> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.open >= self.config.max_connections {
+            return Err("the relay is at its connection limit");
+        }
+        let rate = self.config.ip_rate as f64;
+        let now = (self.clock)();
+        let (open, budget) = counts
+            .per_ip
+            .entry(ip)
+            .or_insert_with(|| (0, Arc::new(Mutex::new(TokenBucket::new(rate, rate, now)))));
+        if *open >= self.config.max_per_ip {
+            return Err("the address is at its connection limit");
+        }
+        *open += 1;
+        let budget = budget.clone();
+        counts.open += 1;
+        let slot = Slot {
+            ip,
+            counts: self.counts.clone(),
+        };
+        Ok((slot, budget))
+    }
+}
+
+/// A connection's place under the caps, given back when the connection is dropped.
+struct Slot {
+    ip: IpAddr,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.open -= 1;
+        if let Some((open, _)) = counts.per_ip.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                counts.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Listener for Guarded {
+    type Io = GuardedStream;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: the guard's deadlines free some.
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                    ) {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
+            };
+            let (slot, rate) = match self.admit(addr.ip()) {
+                Ok(admitted) => admitted,
+                Err(why) => {
+                    tracing::debug!(%addr, why, "connection refused");
+                    // Dropped: the peer sees the connection close at once.
+                    continue;
+                }
+            };
+            // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm and
+            // delayed acknowledgements hold them for up to 40 ms.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+            let joined = Arc::new(AtomicBool::new(false));
+            let io = GuardedStream {
+                stream,
+                deadline: Box::pin(tokio::time::sleep(self.config.deadline)),
+                joined: joined.clone(),
+                _slot: slot,
+            };
+            return (io, Peer { addr, joined, rate });
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(Peer {
+            addr: self.listener.local_addr()?,
+            joined: Arc::default(),
+            rate: Arc::new(Mutex::new(TokenBucket::new(0.0, 0.0, 0))),
+        })
+    }
+}
+
+/// A TCP stream that fails its reads once its deadline has passed, unless it joined a room
+/// before. Whoever is reading it (the HTTP server, then the WebSocket) then drops it.
+pub(crate) struct GuardedStream {
+    stream: TcpStream,
+    deadline: Pin<Box<Sleep>>,
+    joined: Arc<AtomicBool>,
+    _slot: Slot,
+}
+
+impl GuardedStream {
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        !self.joined.load(Ordering::Relaxed) && self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection did not join a room in time",
+            )));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
