@@ -81,6 +81,9 @@ pub struct RelayConfig {
     /// The longest the relay lets one update take to apply to a room's document; an update
     /// that takes longer is refused as `malformed` and the room reloads without it.
     pub apply_budget: Duration,
+    /// How long a room keeps a node that left and never wrote (so has no store record), for a
+    /// reconnect to resume it.
+    pub resume_grace: Duration,
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     pub send_queue: usize,
     /// Bytes queued for one connection before it counts as too slow and is disconnected (one
@@ -116,6 +119,7 @@ impl Default for RelayConfig {
             max_room_bytes: 1 << 30,
             node_ttl: Duration::from_secs(30 * 24 * 3_600),
             apply_budget: Duration::from_secs(2),
+            resume_grace: Duration::from_secs(60),
             send_queue: 4_096,
             send_queue_bytes: 16 << 20,
             join_timeout: Duration::from_secs(10),
@@ -140,7 +144,7 @@ impl RelayConfig {
             compact_bytes: self.compact_bytes,
             compact_updates: self.compact_updates,
             max_room_bytes: self.max_room_bytes,
-            ..RoomLimits::default()
+            resume_grace: self.resume_grace.as_millis() as u64,
         }
     }
 }
@@ -257,6 +261,7 @@ impl Relay {
         let (commands, queue) = mpsc::channel(1_024);
         rooms.insert(room.to_owned(), commands.clone());
         self.metrics.rooms.fetch_add(1, Relaxed);
+        self.metrics.rooms_opened.fetch_add(1, Relaxed);
         // Unconstrained by tokio's cooperative budget: a room task that has used its budget sees
         // its store answers as not ready, each waking it again at once, and with thousands of
         // appends in flight that wake storm halved the room's throughput. The task still

@@ -73,6 +73,10 @@ mod native {
         #[arg(long, env = "PM_APPLY_BUDGET", default_value_t = 2_000,
               value_parser = clap::value_parser!(u64).range(1..))]
         apply_budget: u64,
+        /// Seconds a room keeps a node that left without ever storing a message, so that a
+        /// reconnect keeps its id (a node that stored one is kept for --node-ttl).
+        #[arg(long, env = "PM_RESUME_GRACE", default_value_t = 60)]
+        resume_grace: u64,
         /// Frames queued for one connection before it is disconnected as too slow.
         #[arg(long, env = "PM_SEND_QUEUE", default_value_t = 4_096,
               value_parser = clap::value_parser!(u32).range(1..))]
@@ -150,6 +154,7 @@ mod native {
             max_room_bytes: args.max_room_bytes,
             node_ttl: Duration::from_secs(args.node_ttl),
             apply_budget: Duration::from_millis(args.apply_budget),
+            resume_grace: Duration::from_secs(args.resume_grace),
             send_queue: args.send_queue as usize,
             send_queue_bytes: args.send_queue_bytes as usize,
             join_timeout: Duration::from_secs(args.join_timeout),

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Rooms with an actor running.
     pub rooms: AtomicU64,
+    /// Rooms opened (loaded from the store) since the relay started.
+    pub rooms_opened: AtomicU64,
     /// Stamped frames accepted by validation.
     pub accepted: AtomicU64,
     rejected: [AtomicU64; Reason::ALL.len()],
@@ -81,6 +83,12 @@ impl Metrics {
             "Rooms with members or pending writes.",
             "gauge",
             self.rooms.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_rooms_opened_total",
+            "Rooms loaded from the store since the relay started.",
+            "counter",
+            self.rooms_opened.load(Relaxed),
         );
         gauge(
             "pattern_mesh_frames_accepted_total",

@@ -5,8 +5,11 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
 use common::*;
-use pattern_mesh_client::Client;
+use pattern_mesh_client::{Client, ClientError};
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::pattern::MAX_SAFE_INTEGER;
 use pattern_mesh_core::session::Event;
@@ -364,4 +367,359 @@ async fn a_member_cannot_fill_the_store() {
     };
     assert!(detail.contains("at most 262144"), "{detail}");
     assert!(stored >= 200 << 10, "{stored}");
+}
+
+/// Reads until the peer closes the TCP connection (EOF or reset) or `within` passes; returns
+/// whether it closed.
+async fn tcp_closed(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Finding 7. 32 silent TCP connections and 32 that send an HTTP request a byte at a time
+/// (slowloris) fill the relay's connection cap. A connection over the cap is closed at once;
+/// every attacker is closed at its join deadline; then a member joins.
+#[tokio::test]
+async fn silent_and_slowloris_connections_are_closed_and_never_lock_members_out() {
+    let server = start("slowloris", |c| {
+        c.join_timeout = Duration::from_secs(1);
+        c.max_connections = 64;
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..32 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let started = tokio::time::Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..32 {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        slow.push(tokio::spawn(async move {
+            let request = b"GET /ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n";
+            for byte in request.iter().cycle() {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if started.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+            }
+            // Writes may still succeed into a closed socket's buffer: read for the close.
+            if tcp_closed(&mut stream, Duration::from_millis(100)).await {
+                started.elapsed()
+            } else {
+                Duration::MAX
+            }
+        }));
+    }
+    // At the cap: the next connection is closed as soon as it is accepted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over = TcpStream::connect(server.addr).await.unwrap();
+    assert!(
+        tcp_closed(&mut over, Duration::from_millis(900)).await,
+        "a connection over the cap is closed at once"
+    );
+    for stream in &mut silent {
+        assert!(
+            tcp_closed(stream, Duration::from_secs(3)).await,
+            "a silent connection is closed at its deadline"
+        );
+    }
+    let mut latest = Duration::ZERO;
+    for task in slow {
+        let closed_after = task.await.unwrap();
+        assert!(
+            closed_after < Duration::from_secs(4),
+            "a slowloris connection is closed at its deadline"
+        );
+        latest = latest.max(closed_after);
+    }
+    println!("64 attacking connections, the last closed after {latest:?}");
+    let mut member = join(&server, "r", 0, None).await;
+    member.data_acked(serde_json::json!("in")).await;
+    // A member is past its deadline for good.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    member.data_acked(serde_json::json!("still in")).await;
+}
+
+/// Finding 8, large frames. A frame over twice the frame limit is not read: the socket is
+/// closed with 1009 and a reason that says what to do.
+#[tokio::test]
+async fn a_frame_over_twice_the_limit_closes_with_1009_and_a_reason() {
+    let server = start("toobig", |c| c.limits.max_frame = 4_096).await;
+    let mut a = join(&server, "r", 0, None).await;
+    a.send_bytes(vec![2; 8_193]).await;
+    let (code, reason) = a.closed().await;
+    assert_eq!(code, pattern_mesh_core::wire::close::TOO_BIG, "{reason}");
+    assert!(reason.contains("in parts"), "{reason}");
+}
+
+/// Finding 8, rates. A node's budget survives its reconnects; an address's budget is shared by
+/// all its connections; a connection that keeps sending over its limit is closed.
+#[tokio::test]
+async fn rate_limits_hold_across_reconnects_and_addresses_and_close_who_ignores_them() {
+    let server = start("rates", |c| {
+        c.max_rate = 50;
+        c.ip_rate = 100_000;
+    })
+    .await;
+    let mut a = join(&server, "r", 0, None).await;
+    for i in 0..50 {
+        a.data(serde_json::json!(i)).await;
+    }
+    for _ in 0..50 {
+        a.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+    }
+    let (token, local) = (a.token, a.local);
+    drop(a);
+    let mut again = join(&server, "r", 0, Some(token)).await;
+    again.local = local;
+    again.data(serde_json::json!("over")).await;
+    let detail = again.expect_reject(Reason::RateLimited).await;
+    assert!(detail.contains("per second"), "{detail}");
+
+    // An address: 4 nodes of 50 a second each, 60 a second from their address.
+    let server = start("ip-rate", |c| {
+        c.max_rate = 50;
+        c.ip_rate = 60;
+    })
+    .await;
+    let mut members = Vec::new();
+    for _ in 0..4 {
+        members.push(join(&server, "r", 0, None).await);
+    }
+    let mut refused = 0;
+    for member in &mut members {
+        for i in 0..20 {
+            member.data(serde_json::json!(i)).await;
+        }
+    }
+    for member in &mut members {
+        let mut answers = 0;
+        while answers < 20 {
+            let (frame, _) = member
+                .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
+                .await;
+            answers += 1;
+            if let Frame::Reject { reason, detail, .. } = frame {
+                if detail.contains("from this address") {
+                    assert_eq!(reason, Reason::RateLimited);
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(refused >= 1, "the address's budget refused some");
+
+    // 5,000 frames a second, never pausing: closed within about a second.
+    let server = start("flood", |c| c.max_rate = 50).await;
+    let mut flood = join(&server, "r", 0, None).await;
+    let started = tokio::time::Instant::now();
+    let (code, reason) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the flood was not closed"
+        );
+        let frame = Frame::stamped(
+            flood.stamp(),
+            Body::Data {
+                data: Json::parse("0").unwrap(),
+            },
+        );
+        let sent = flood.conn.send(&frame).await;
+        if flood.local % 5 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let received = tokio::time::timeout(Duration::ZERO, flood.conn.recv()).await;
+        match (sent, received) {
+            (_, Ok(Err(ClientError::Closed { code, reason }))) => break (code, reason),
+            (Err(_), _) => break flood.closed().await,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        code,
+        pattern_mesh_core::wire::close::RATE_LIMITED,
+        "{reason}"
+    );
+    println!("a flood of frames was closed after {:?}", started.elapsed());
+}
+
+/// The body of a plain HTTP GET of `path`.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// Finding 5. 2,000 join/leave cycles on one room, 4 at a time, while the room retires and
+/// reopens between them: no node id is handed to two tokens, and every token that resumes gets
+/// its own id back.
+#[tokio::test]
+async fn node_ids_are_unique_under_churn_and_room_reloads() {
+    let server = std::sync::Arc::new(
+        start("churn", |c| {
+            c.resume_grace = Duration::ZERO;
+            c.max_rate = 100_000;
+        })
+        .await,
+    );
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for i in 0..500u64 {
+                let mut m = join(&server, "churn", 0, None).await;
+                if i % 10 == 0 {
+                    // Some write, so the store keeps their node; they come back later.
+                    m.data_acked(serde_json::json!([worker, i])).await;
+                    seen.push((m.node, m.token));
+                }
+                let node = m.node;
+                drop(m);
+                if i % 50 == 0 {
+                    // Long enough for the room to retire when no one else is in it.
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                seen.push((node, [0; 16]));
+            }
+            seen
+        }));
+    }
+    let mut by_node = std::collections::HashMap::new();
+    let mut writers = Vec::new();
+    for task in tasks {
+        for (node, token) in task.await.unwrap() {
+            if token == [0; 16] {
+                *by_node.entry(node).or_insert(0u32) += 1;
+            } else {
+                writers.push((node, token));
+            }
+        }
+    }
+    let metrics = http_get(server.addr, "/metrics").await;
+    let opened: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pattern_mesh_rooms_opened_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    println!("2,000 joins; the room was loaded {opened} times");
+    assert!(opened > 1, "the room retired and reopened during the churn");
+    let twice: Vec<_> = by_node.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "node ids handed out twice: {twice:?}");
+    assert_eq!(by_node.len(), 2_000);
+    for (node, token) in writers {
+        let m = join(&server, "churn", 0, Some(token)).await;
+        assert_eq!(m.node, node, "the token resumes its own node");
+    }
+}
+
+/// The rows of the store's nodes table.
+fn node_rows(dir: &std::path::Path) -> i64 {
+    let db = rusqlite::Connection::open(dir.join("relay.sqlite3")).unwrap();
+    db.query_row("SELECT count(*) FROM nodes", [], |row| row.get(0))
+        .unwrap()
+}
+
+/// Finding 4. Eight members edit, go offline and edit again; meanwhile 4,200 other nodes pass
+/// through the room (which retires and reloads between them). Back online, every offline edit
+/// is delivered: the room never forgot the eight senders' last steps. Nodes that never wrote
+/// leave no row in the store.
+#[tokio::test]
+async fn offline_edits_survive_thousands_of_nodes_passing_through() {
+    let server = std::sync::Arc::new(
+        start("passers", |c| {
+            c.resume_grace = Duration::ZERO;
+            c.max_rate = 100_000;
+        })
+        .await,
+    );
+    let proxy = Proxy::start(server.addr).await;
+    let mut offline = Vec::new();
+    for i in 0..8 {
+        let client = Client::connect(&proxy.url(), session("doc", &format!("m{i}")))
+            .await
+            .unwrap();
+        client
+            .insert("content", 0, &format!("<online {i}>"))
+            .unwrap();
+        client.settled(WAIT).await.unwrap();
+        offline.push(client);
+    }
+    proxy.set_down(true);
+    for (i, client) in offline.iter().enumerate() {
+        client
+            .insert("content", 0, &format!("<offline {i}>"))
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..1_050u64 {
+                let mut m = join(&server, "doc", 0, None).await;
+                if i % 100 == 0 {
+                    m.data_acked(serde_json::json!([worker, i])).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rows = node_rows(&server.dir);
+    assert!(rows <= 8 + 44, "{rows} node rows after 4,200 joins");
+    proxy.set_down(false);
+    for client in &offline {
+        client.settled(WAIT).await.unwrap();
+    }
+    let late = join(&server, "doc", 0, None).await;
+    let text = replayed_text(late.replay());
+    for i in 0..8 {
+        assert!(text.contains(&format!("<online {i}>")), "{text}");
+        assert!(text.contains(&format!("<offline {i}>")), "{text}");
+    }
+    println!("4,200 nodes passed through; {rows} node rows; every offline edit delivered");
+}
+
+/// Finding 4, expiry. A node whose record expired (here after a second) comes back under a new
+/// id, and its client sends its outbox again under it: nothing is lost.
+#[tokio::test]
+async fn an_expired_nodes_outbox_is_still_delivered() {
+    let server = start("expiry", |c| {
+        c.resume_grace = Duration::ZERO;
+        c.node_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let proxy = Proxy::start(server.addr).await;
+    let client = Client::connect(&proxy.url(), session("doc", "away"))
+        .await
+        .unwrap();
+    client.insert("content", 0, "before ").unwrap();
+    client.settled(WAIT).await.unwrap();
+    let node = client.node();
+    proxy.set_down(true);
+    client.insert("content", 7, "while away").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while node_rows(&server.dir) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the record expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.set_down(false);
+    client.settled(WAIT).await.unwrap();
+    assert_ne!(client.node(), node, "a new identity");
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "before while away");
 }
