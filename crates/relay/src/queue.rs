@@ -17,8 +17,11 @@ const KEEP: usize = 16;
 /// Why a frame could not be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SendError {
-    /// The queue holds its capacity: the member is not keeping up.
-    Full,
+    /// The queue holds its capacity (in frames, or in bytes): the member is not keeping up.
+    Full {
+        /// Whether the bound reached is the one in bytes.
+        bytes: bool,
+    },
     /// The connection has gone.
     Closed,
 }
@@ -78,9 +81,11 @@ impl Sender {
             if state.receiver_gone {
                 return Err(SendError::Closed);
             }
-            let over_bytes = !state.items.is_empty() && state.bytes + bytes.len() > state.max_bytes;
-            if state.items.len() >= state.capacity || over_bytes {
-                return Err(SendError::Full);
+            if state.items.len() >= state.capacity {
+                return Err(SendError::Full { bytes: false });
+            }
+            if !state.items.is_empty() && state.bytes + bytes.len() > state.max_bytes {
+                return Err(SendError::Full { bytes: true });
             }
             state.bytes += bytes.len();
             state.items.push_back(bytes);
@@ -181,7 +186,10 @@ mod tests {
         let (tx, mut rx) = queue(2, 1 << 20);
         tx.try_send(Bytes::from_static(b"a")).unwrap();
         tx.try_send(Bytes::from_static(b"b")).unwrap();
-        assert_eq!(tx.try_send(Bytes::from_static(b"c")), Err(SendError::Full));
+        assert_eq!(
+            tx.try_send(Bytes::from_static(b"c")),
+            Err(SendError::Full { bytes: false })
+        );
         assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"a")));
         tx.try_send(Bytes::from_static(b"c")).unwrap();
         drop(rx);
@@ -195,12 +203,18 @@ mod tests {
     async fn the_queue_is_bounded_in_bytes_but_always_takes_one_frame() {
         let (tx, mut rx) = queue(100, 10);
         tx.try_send(Bytes::from(vec![0; 25])).unwrap();
-        assert_eq!(tx.try_send(Bytes::from(vec![1])), Err(SendError::Full));
+        assert_eq!(
+            tx.try_send(Bytes::from(vec![1])),
+            Err(SendError::Full { bytes: true })
+        );
         assert_eq!(rx.try_recv().map(|b| b.len()), Some(25));
         for _ in 0..10 {
             tx.try_send(Bytes::from(vec![1])).unwrap();
         }
-        assert_eq!(tx.try_send(Bytes::from(vec![1])), Err(SendError::Full));
+        assert_eq!(
+            tx.try_send(Bytes::from(vec![1])),
+            Err(SendError::Full { bytes: true })
+        );
         rx.try_recv().unwrap();
         tx.try_send(Bytes::from(vec![1])).unwrap();
     }
@@ -217,7 +231,7 @@ mod tests {
         });
         for i in 0..100u8 {
             // Wait for room now and then so that the consumer also waits on an empty queue.
-            while tx.try_send(Bytes::from(vec![i])) == Err(SendError::Full) {
+            while tx.try_send(Bytes::from(vec![i])) == Err(SendError::Full { bytes: false }) {
                 tokio::task::yield_now().await;
             }
             if i % 10 == 0 {

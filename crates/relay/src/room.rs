@@ -68,7 +68,8 @@ struct RoomTask {
     reservations: FuturesUnordered<StoreFuture<NodeId>>,
     lookups: FuturesUnordered<LookupFuture>,
     counted: Counters,
-    slow: Vec<ConnId>,
+    /// Connections whose queue was full, and whether the bound reached was in bytes.
+    slow: Vec<(ConnId, bool)>,
 }
 
 pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::Receiver<Command>) {
@@ -231,8 +232,8 @@ impl RoomTask {
 
     fn send(&mut self, to: ConnId, bytes: Bytes) {
         if let Some(queue) = self.queues.get(&to) {
-            if let Err(queue::SendError::Full) = queue.try_send(bytes) {
-                self.slow.push(to);
+            if let Err(queue::SendError::Full { bytes }) = queue.try_send(bytes) {
+                self.slow.push((to, bytes));
             }
         }
     }
@@ -249,8 +250,10 @@ impl RoomTask {
                             if Some(conn) == except {
                                 continue;
                             }
-                            if let Err(queue::SendError::Full) = queue.try_send(bytes.clone()) {
-                                self.slow.push(conn);
+                            if let Err(queue::SendError::Full { bytes }) =
+                                queue.try_send(bytes.clone())
+                            {
+                                self.slow.push((conn, bytes));
                             }
                         }
                     }
@@ -275,15 +278,23 @@ impl RoomTask {
             if self.slow.is_empty() {
                 break;
             }
-            for conn in std::mem::take(&mut self.slow) {
+            for (conn, in_bytes) in std::mem::take(&mut self.slow) {
                 if self.queues.contains_key(&conn) {
                     self.relay.metrics.slow_consumers.fetch_add(1, Relaxed);
                     tracing::warn!(room = %name, conn, "send queue full: disconnecting a slow consumer");
-                    self.core.drop_member(
-                        conn,
-                        close::SLOW_CONSUMER,
-                        "send queue full: the connection did not keep up with the room (frames or bytes over its bound)",
-                    );
+                    let config = &self.relay.config;
+                    let reason = if in_bytes {
+                        format!(
+                            "send queue full: over {} bytes waiting; read faster",
+                            config.send_queue_bytes
+                        )
+                    } else {
+                        format!(
+                            "send queue full: over {} frames waiting; read faster",
+                            config.send_queue
+                        )
+                    };
+                    self.core.drop_member(conn, close::SLOW_CONSUMER, &reason);
                 }
             }
         }

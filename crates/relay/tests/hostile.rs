@@ -723,3 +723,36 @@ async fn an_expired_nodes_outbox_is_still_delivered() {
     let late = join(&server, "doc", 0, None).await;
     assert_eq!(replayed_text(late.replay()), "before while away");
 }
+
+/// Finding 6. A member that stops reading is cut off once its queue holds more than
+/// `--send-queue-bytes` (4000, with the reason), however large or small the frames.
+#[tokio::test]
+async fn a_member_that_stops_reading_is_cut_off_at_its_queue_bytes() {
+    let server = start("queue-bytes", |c| {
+        c.send_queue_bytes = 256 << 10;
+        c.bandwidth = 1 << 30;
+        c.max_rate = 100_000;
+        c.ip_rate = 100_000;
+    })
+    .await;
+    let mut stalled = join(&server, "r", 0, None).await;
+    let mut writer = join(&server, "r", 0, None).await;
+    let payload = "x".repeat(60 << 10);
+    // Far more than the kernel's socket buffers hold, so the relay's queue fills.
+    for _ in 0..600 {
+        writer.data_acked(serde_json::json!(payload)).await;
+        let metrics = http_get(server.addr, "/metrics").await;
+        if metrics.contains("pattern_mesh_slow_consumers_total 1") {
+            break;
+        }
+    }
+    let (code, reason) = stalled.closed().await;
+    assert_eq!(
+        code,
+        pattern_mesh_core::wire::close::SLOW_CONSUMER,
+        "{reason}"
+    );
+    assert!(reason.contains("over 262144 bytes"), "{reason}");
+    // The writer was never slowed.
+    writer.data_acked(serde_json::json!("after")).await;
+}
