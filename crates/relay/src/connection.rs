@@ -38,12 +38,21 @@ impl Drop for Gauge {
     }
 }
 
+/// The longest one write may wait for the socket: a peer that reads nothing for this long is
+/// let go, during its catch-up as in the live loop.
+const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether `write` completed within [`WRITE_STALL`].
+async fn within_stall<E>(write: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(tokio::time::timeout(WRITE_STALL, write).await, Ok(Ok(())))
+}
+
 async fn send(socket: &mut WebSocket, relay: &Relay, bytes: Bytes) -> bool {
     relay
         .metrics
         .bytes_out
         .fetch_add(bytes.len() as u64, Relaxed);
-    socket.send(Message::Binary(bytes)).await.is_ok()
+    within_stall(socket.send(Message::Binary(bytes))).await
 }
 
 /// Queues `bytes` on the socket without flushing.
@@ -52,7 +61,7 @@ async fn feed(socket: &mut WebSocket, relay: &Relay, bytes: Bytes) -> bool {
         .metrics
         .bytes_out
         .fetch_add(bytes.len() as u64, Relaxed);
-    socket.feed(Message::Binary(bytes)).await.is_ok()
+    within_stall(socket.feed(Message::Binary(bytes))).await
 }
 
 /// Sends `first` and up to 63 more queued frames, then flushes once.
@@ -73,7 +82,7 @@ async fn send_batch(
             next = queue.try_recv();
         }
     }
-    socket.flush().await.is_ok()
+    within_stall(socket.flush()).await
 }
 
 /// Closes with `code` and `reason`, in its own allocation: the close handshake is rare, and
@@ -114,11 +123,9 @@ pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>, peer: Peer) {
     // The handshake's state (the join timeout, the room's answer, the catch-up read) lives in
     // its own allocation, freed once the connection is live: an idle member's task holds only
     // what the live loop needs.
-    let Some((socket, live)) = Box::pin(handshake(socket, &relay)).await else {
+    let Some((socket, live)) = Box::pin(handshake(socket, &relay, &peer)).await else {
         return;
     };
-    // A member now: the deadline the listener set at the accept no longer applies.
-    peer.joined();
     tracing::debug!(addr = %peer.addr, "member connected");
     live_loop(socket, relay, live, peer).await
 }
@@ -151,7 +158,11 @@ struct Live {
 }
 
 /// The join, the welcome and the catch-up; `None` if the connection ended.
-async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSocket, Live)> {
+async fn handshake(
+    mut socket: WebSocket,
+    relay: &Arc<Relay>,
+    peer: &Peer,
+) -> Option<(WebSocket, Live)> {
     let conn = relay.next_conn.fetch_add(1, Relaxed);
     let limits = relay.config.limits;
 
@@ -220,6 +231,9 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
         Err(refused) => return refuse(socket, refused.code, &refused.reason).await,
     };
     let Admitted { joined, queue } = admitted;
+    // A member now: the deadline the listener set at the accept no longer applies (a long
+    // catch-up is bounded by the write stall instead).
+    peer.joined();
     let node = joined.node;
     let leave = LeaveOnDrop {
         commands: commands.clone(),
@@ -268,7 +282,7 @@ async fn handshake(mut socket: WebSocket, relay: &Arc<Relay>) -> Option<(WebSock
                 }
             }
         }
-        if socket.flush().await.is_err() {
+        if !within_stall(socket.flush()).await {
             return None;
         }
     }

@@ -217,25 +217,37 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if self.expired(cx) {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the connection did not join a room in time",
-            )));
+            return Poll::Ready(Err(timed_out()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the connection did not join a room in time",
+    )
+}
+
+// Writes fail at the deadline too: a peer that sends a request and then reads nothing would
+// otherwise hold its connection with the server blocked on a write.
 impl AsyncWrite for GuardedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out()));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
@@ -248,6 +260,9 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

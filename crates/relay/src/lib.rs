@@ -332,7 +332,9 @@ pub async fn serve(
     let guard = GuardConfig {
         max_connections: relay.config.max_connections,
         max_per_ip: relay.config.max_connections_per_ip,
-        deadline: relay.config.join_timeout,
+        // A little after the join timeout, so that a WebSocket that sends no join hears why
+        // (1008) before its socket is cut.
+        deadline: relay.config.join_timeout + Duration::from_secs(2),
         ip_rate: relay.config.ip_rate,
     };
     let clock = {

@@ -408,7 +408,7 @@ async fn silent_and_slowloris_connections_are_closed_and_never_lock_members_out(
                     return started.elapsed();
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                if started.elapsed() > Duration::from_secs(10) {
+                if started.elapsed() > Duration::from_secs(12) {
                     break;
                 }
             }
@@ -429,7 +429,7 @@ async fn silent_and_slowloris_connections_are_closed_and_never_lock_members_out(
     );
     for stream in &mut silent {
         assert!(
-            tcp_closed(stream, Duration::from_secs(3)).await,
+            tcp_closed(stream, Duration::from_secs(5)).await,
             "a silent connection is closed at its deadline"
         );
     }
@@ -437,7 +437,7 @@ async fn silent_and_slowloris_connections_are_closed_and_never_lock_members_out(
     for task in slow {
         let closed_after = task.await.unwrap();
         assert!(
-            closed_after < Duration::from_secs(4),
+            closed_after < Duration::from_secs(6),
             "a slowloris connection is closed at its deadline"
         );
         latest = latest.max(closed_after);
@@ -446,7 +446,7 @@ async fn silent_and_slowloris_connections_are_closed_and_never_lock_members_out(
     let mut member = join(&server, "r", 0, None).await;
     member.data_acked(serde_json::json!("in")).await;
     // A member is past its deadline for good.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
     member.data_acked(serde_json::json!("still in")).await;
 }
 
