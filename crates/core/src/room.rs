@@ -345,6 +345,10 @@ struct Member {
     name: String,
     /// The step of the refusal that opened a gap, until the client's fence.
     gap: Option<Step>,
+    /// When the gap opened, and the stamped frames that came in it more than a second later
+    /// (a client that heard the refusal has stopped by then).
+    gap_at: u64,
+    ignored: u64,
     malformed: u32,
     /// Refusals for the rate in the current second, and when that second began.
     limited: u64,
@@ -617,7 +621,9 @@ impl RoomCore {
         request: JoinRequest,
         fresh: ResumeToken,
     ) -> Result<Joined, JoinRefused> {
-        self.tick(now);
+        // Time moves, but nothing is let go before the token is looked at: the driver asked
+        // `knows` a moment ago, and a node it was told the room holds must still be here.
+        self.now = self.now.max(now);
         let JoinRequest {
             name,
             since,
@@ -711,6 +717,8 @@ impl RoomCore {
                 node,
                 name,
                 gap: None,
+                gap_at: 0,
+                ignored: 0,
                 malformed: 0,
                 limited: 0,
                 limited_since: now,
@@ -729,6 +737,7 @@ impl RoomCore {
             high: self.high,
             position: self.published,
         };
+        self.sweep();
         Ok(Joined {
             node,
             welcome: Bytes::from(welcome.encode()),
@@ -883,6 +892,11 @@ impl RoomCore {
         }
         member.gap = had_gap;
         let step = positioned.frame.stamp().map_or(0, |s| s.step);
+        if let (Some(gap), Frame::Stamped(_)) = (had_gap, &positioned.frame) {
+            // Refused without a token: what was in flight when the client heard the refusal
+            // must not drain the budget its fence and resend need.
+            return self.out_of_order(conn, step, gap);
+        }
         let passed = self
             .nodes
             .get_mut(&node)
@@ -920,14 +934,43 @@ impl RoomCore {
         }
     }
 
+    /// A stamped frame of `conn` in a gap: refused as `outOfOrder`. A client that is still
+    /// sending more than a second after the refusal that opened the gap (more than a second's
+    /// worth of frames) does not listen: it is closed.
+    fn out_of_order(&mut self, conn: ConnId, step: Step, gap: Step) {
+        let (now, allowed) = (self.now, self.limits.rate + self.limits.burst);
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        if now.saturating_sub(member.gap_at) > 1_000 {
+            member.ignored += 1;
+            if member.ignored > allowed {
+                self.validator.record(Reason::OutOfOrder);
+                return self.drop_member(
+                    conn,
+                    close::RATE_LIMITED,
+                    "kept sending for over a second after a refusal, without a fence",
+                );
+            }
+        }
+        let detail = format!(
+            "step {gap} of this connection was refused: send a fence, then send again from there"
+        );
+        self.refuse(conn, step, Reason::OutOfOrder, detail);
+    }
+
     /// A frame of `conn` refused for a rate. A connection refused more than a second's worth of
-    /// frames within a second does not pace itself, whatever it is told: it is closed.
+    /// times within a second (each time after its fence) does not pace itself, whatever it is
+    /// told: it is closed.
     fn limited(&mut self, conn: ConnId, step: Step, detail: String) {
         let now = self.now;
         let allowed = self.limits.rate + self.limits.burst;
         let Some(member) = self.members.get_mut(&conn) else {
             return;
         };
+        if let Some(gap) = member.gap {
+            return self.out_of_order(conn, step, gap);
+        }
         if now.saturating_sub(member.limited_since) >= 1_000 {
             member.limited_since = now;
             member.limited = 0;
@@ -940,10 +983,6 @@ impl RoomCore {
                 close::RATE_LIMITED,
                 "kept sending over the rate limit",
             );
-        }
-        if member.gap.is_some() {
-            let detail = "an earlier frame of this connection was refused: send a fence".into();
-            return self.refuse(conn, step, Reason::OutOfOrder, detail);
         }
         self.refuse(conn, step, Reason::RateLimited, detail);
     }
@@ -968,8 +1007,13 @@ impl RoomCore {
     /// A reject to `conn` alone; and, but for a replay, a gap that lasts until its fence.
     fn reject(&mut self, conn: ConnId, step: Step, reason: Reason, detail: String) {
         if reason != Reason::Replay {
+            let now = self.now;
             if let Some(member) = self.members.get_mut(&conn) {
-                member.gap.get_or_insert(step);
+                if member.gap.is_none() {
+                    member.gap = Some(step);
+                    member.gap_at = now;
+                    member.ignored = 0;
+                }
             }
         }
         let mut detail = detail;
@@ -997,12 +1041,7 @@ impl RoomCore {
             return;
         };
         let stamp = stamped.stamp;
-        if let Some(gap) = member.gap {
-            let detail = format!(
-                "step {gap} of this connection was refused: send a fence, then send again from there"
-            );
-            return self.refuse(conn, stamp.step, Reason::OutOfOrder, detail);
-        }
+        debug_assert!(member.gap.is_none(), "frames in a gap are refused before");
         let origin = Origin::Connection(node);
         // Every check that can refuse the message comes before anything it moves: the
         // validator's verdict is peeked, and recorded only once the message is taken.
@@ -1900,6 +1939,56 @@ mod tests {
             }
         }
         assert!(closed_at.is_some_and(|t| t < 1_000), "{closed_at:?}");
+    }
+
+    /// A client that never fences is closed once it has kept sending for more than a second
+    /// after its refusal; an honest client whose pipeline was refused in one go is not, and the
+    /// frames refused in its gap took none of the tokens its resend needs.
+    #[test]
+    fn frames_in_a_gap_cost_nothing_but_a_client_deaf_to_its_refusal_is_closed() {
+        let mut room = with_limits(RoomLimits {
+            rate: 10,
+            burst: 10,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        // 200 frames at once: 10 pass, one is refused for the rate, the rest are in its gap.
+        for step in 1..=200 {
+            send(&mut room, 0, 1, data(a.node, step));
+        }
+        let out = outputs(&mut room);
+        assert!(!out.iter().any(|o| matches!(o, Output::Close { .. })));
+        let refused = rejects(&out, 1);
+        assert_eq!(refused[0], Reason::RateLimited);
+        assert!(refused[1..].iter().all(|r| *r == Reason::OutOfOrder));
+        // The fence, a tenth of a second later: a token is there for the resend.
+        send(
+            &mut room,
+            100,
+            1,
+            Bytes::from(Frame::Fence { step: 10 }.encode()),
+        );
+        send(&mut room, 100, 1, data(a.node, 11));
+        assert!(matches!(outputs(&mut room).last(), Some(Output::Append(x)) if x.step == 11));
+
+        // Deaf: a frame every millisecond, never a fence.
+        let b = room.join(200, 2, req("b", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        let mut closed_at = None;
+        for i in 0..3_000u64 {
+            send(&mut room, 200 + i, 2, data(b.node, i + 1));
+            let out = outputs(&mut room);
+            if out
+                .iter()
+                .any(|o| matches!(o, Output::Close { code, .. } if *code == close::RATE_LIMITED))
+            {
+                closed_at = Some(i);
+                break;
+            }
+        }
+        let closed_at = closed_at.expect("closed");
+        assert!((1_000..1_100).contains(&closed_at), "{closed_at}");
     }
 
     /// Stored messages cost bytes from the node's bandwidth, and the room's log has a cap.

@@ -1,6 +1,7 @@
-//! The relay process is killed with SIGKILL in the middle of a stream and restarted on the same
-//! data directory: every acknowledged message is still there, and the room's step and each
-//! sender's replay protection continue from where they were.
+//! The relay as a process. It is killed with SIGKILL in the middle of a stream and restarted on
+//! the same data directory: every acknowledged message is still there, and the room's step and
+//! each sender's replay protection continue from where they were. And its resident memory is
+//! measured while joiners that read nothing hang on a large log.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -39,6 +40,11 @@ impl Drop for Relay {
 }
 
 fn start_relay(dir: &std::path::Path) -> (Relay, String) {
+    start_relay_with(dir, &[])
+}
+
+/// Starts the relay binary on `dir` with `args` besides the defaults of these tests.
+fn start_relay_with(dir: &std::path::Path, args: &[&str]) -> (Relay, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
         .args([
             "--listen",
@@ -48,6 +54,7 @@ fn start_relay(dir: &std::path::Path) -> (Relay, String) {
             "--data-dir",
         ])
         .arg(dir)
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -199,5 +206,80 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
         exit.success(),
         "the relay exits cleanly after SIGTERM: {exit}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The relay's resident memory, in bytes.
+fn resident(relay: &Relay) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.id())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Finding 6 of the hostile-load issue: joiners that do not read cost the relay their queue
+/// bound, not the log. A room log of 100 MiB, then 8 joiners that send their join and read
+/// nothing: the relay's whole resident memory stays under 100 MiB.
+#[tokio::test]
+async fn joiners_that_do_not_read_a_large_log_cost_little_memory() {
+    let dir = std::env::temp_dir().join(format!("pattern-mesh-rss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (relay, addr) =
+        start_relay_with(&dir, &["--bandwidth", "1073741824", "--ip-rate", "100000"]);
+    let (mut writer, welcome) = connect(&addr, 0, None).await;
+    let node = welcome.node;
+    let chunk = serde_json::Value::String("x".repeat(1_000_000));
+    for step in 1..=105u64 {
+        let frame = Frame::stamped(
+            Stamp {
+                sender: node,
+                step,
+                pattern: PatternConfig::default().value(step),
+            },
+            Body::Data {
+                data: Json::from_value(&chunk).unwrap(),
+            },
+        );
+        writer.send(&frame).await.unwrap();
+        loop {
+            match writer.recv_within(WAIT).await.unwrap().frame {
+                Frame::Ack { step: acked, .. } if acked == step => break,
+                Frame::Reject { detail, .. } => panic!("{detail}"),
+                _ => {}
+            }
+        }
+    }
+    drop(writer);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = resident(&relay);
+    let mut joiners = Vec::new();
+    for i in 0..8 {
+        let join = Frame::Join {
+            room: "crash".into(),
+            name: format!("stalled {i}"),
+            since: 0,
+            log: 0,
+            resume: None,
+            config: None,
+        };
+        joiners.push(
+            Connection::open(&format!("ws://{addr}/ws"), &join)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = resident(&relay);
+    println!(
+        "a 100 MiB log; relay resident memory {} MiB before 8 stalled joiners, {} MiB with them",
+        before >> 20,
+        after >> 20
+    );
+    assert!(after < 100 << 20, "{} MiB", after >> 20);
+    drop(joiners);
+    drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
