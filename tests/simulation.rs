@@ -1640,6 +1640,20 @@ fn run_scenario(name: &str, scenario: Scenario) -> Sim {
     sim
 }
 
+/// Seeds the long runs found, each with what it found.
+#[test]
+fn seeds_found_by_long_runs_pass() {
+    for (seed, found) in [(
+        1773,
+        "a room let a node go between the driver's lookup and its join: the client resumed under \
+         a new id and sent again what was already stored, and every replica got it twice",
+    )] {
+        if let (_, Some(problem)) = run_seed(seed, false) {
+            panic!("seed {seed} ({found}): {problem}");
+        }
+    }
+}
+
 #[test]
 fn a_paste_larger_than_a_frame_reaches_every_replica_in_parts() {
     let mut scenario = Scenario::quiet(3);
