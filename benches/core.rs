@@ -1,8 +1,13 @@
 //! Criterion benchmarks of the core's hot paths: `value(step)` (against the seed's step-by-step
 //! iteration), encode, decode, validate, and the automerge-paper editing trace through
-//! `SharedDoc`. Run with `cargo bench --bench core`; `-- --quick` is criterion's short pass
+//! `SharedDoc`, and the size of a room's log after a million small updates (it compacts as it
+//! goes). Run with `cargo bench --bench core`; `-- --quick` is criterion's short pass
 //! (and replays only the trace's first 5,000 transactions). It prints figures and never fails
 //! on a time.
+
+#[cfg(not(target_arch = "wasm32"))]
+#[path = "../crates/core/tests/support/compaction.rs"]
+mod compaction;
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
@@ -161,6 +166,29 @@ mod native {
         group.finish();
     }
 
+    /// A million small updates through a room (20,000 with `--quick`): the size of its log
+    /// against the document's. Prints; asserts nothing.
+    fn compaction(quick: bool) {
+        let updates = if quick { 20_000 } else { 1_000_000 };
+        let limits = pattern_mesh::room::RoomLimits {
+            rate: u64::MAX / 4,
+            burst: u64::MAX / 4,
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let m = super::compaction::run(updates, limits);
+        println!(
+            "compaction: {} updates in {:.1} s; document {} bytes, log {} bytes ({} snapshots, tail {} bytes): log / (document + tail) = {:.2}",
+            m.updates,
+            start.elapsed().as_secs_f64(),
+            m.document,
+            m.stored,
+            m.snapshots,
+            m.tail,
+            m.stored as f64 / (m.document + m.tail) as f64
+        );
+    }
+
     pub fn main() {
         let quick = std::env::args().any(|a| a == "--quick");
         let start = Instant::now();
@@ -170,6 +198,7 @@ mod native {
         validate(&mut c);
         trace(&mut c, quick);
         c.final_summary();
+        compaction(quick);
         eprintln!("benchmarks took {:.1} s", start.elapsed().as_secs_f64());
     }
 }
