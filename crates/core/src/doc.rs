@@ -614,6 +614,16 @@ mod tests {
         unknown.extend_from_slice(b"content");
         unknown.extend_from_slice(&[2, 1, b'1', 1, b'2', 0]);
         assert!(doc.apply_update(&unknown).is_err());
+        // A client id of 2^53, beyond what Yjs holds (a failed assertion in yrs).
+        let mut client = vec![
+            1, 1, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10, 0, 4, 1, 7,
+        ];
+        client.extend_from_slice(b"content");
+        client.extend_from_slice(&[1, b'x', 0]);
+        assert!(matches!(
+            doc.apply_update(&client),
+            Err(DocError::InvalidUpdate(reason)) if reason.contains("2^53")
+        ));
         assert_eq!(doc.text("content"), "hello");
         let copy = SharedDoc::new();
         copy.apply_update(&doc.snapshot()).unwrap();

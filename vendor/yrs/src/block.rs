@@ -83,6 +83,19 @@ pub struct ClientID(CID);
 
 impl ClientID {
     const MASK: u64 = u64::MAX << 53; // all 1 shifted by 53 bit
+    /// A [ClientID] read from encoded input: an id above 2^53 - 1 is malformed (rather than a
+    /// failed assertion, or an id that aliases another).
+    #[inline]
+    pub fn decoded(value: u64) -> Result<Self, crate::encoding::read::Error> {
+        #[cfg(not(feature = "small-client"))]
+        if value & Self::MASK != 0 {
+            return Err(crate::encoding::read::Error::Malformed(
+                crate::encoding::read::MalformedKind::ClientOverflow,
+            ));
+        }
+        Ok(Self::new(value))
+    }
+
     /// Creates a [ClientID] from a yjs-compatible client identifier value.
     #[inline]
     pub const fn new(value: u64) -> Self {

@@ -361,7 +361,7 @@ impl Decode for IdSet {
             decoder.reset_ds_cur_val();
             let client: u64 = decoder.read_var()?;
             let range = IdRange::decode(decoder)?;
-            set.0.clients_mut().insert(ClientID::new(client), range);
+            set.0.clients_mut().insert(ClientID::decoded(client)?, range);
             i += 1;
         }
         Ok(set)

@@ -516,7 +516,7 @@ impl Decode for IndexScope {
         let tag: u8 = decoder.read_var()?;
         match tag {
             0 => {
-                let client = ClientID::new(decoder.read_var::<u64>()?);
+                let client = ClientID::decoded(decoder.read_var::<u64>()?)?;
                 let clock = decoder.read_var()?;
                 Ok(IndexScope::Relative(ID::new(client, clock)))
             }
@@ -525,7 +525,7 @@ impl Decode for IndexScope {
                 Ok(IndexScope::Root(type_name.into()))
             }
             2 => {
-                let client = ClientID::new(decoder.read_var::<u64>()?);
+                let client = ClientID::decoded(decoder.read_var::<u64>()?)?;
                 let clock = decoder.read_var()?;
                 Ok(IndexScope::Nested(ID::new(client, clock)))
             }

@@ -50,6 +50,8 @@ pub enum MalformedKind {
     RepeatedClient,
     /// A client's clock runs past `u32::MAX`.
     ClockOverflow,
+    /// A client id above 2^53 - 1 (what Yjs, in JS numbers, can hold).
+    ClientOverflow,
 }
 
 impl Display for MalformedKind {
@@ -61,6 +63,7 @@ impl Display for MalformedKind {
                 write!(f, "a client's blocks appear in two sections of the update")
             }
             MalformedKind::ClockOverflow => write!(f, "a client's clock runs past 2^32 - 1"),
+            MalformedKind::ClientOverflow => write!(f, "a client id is above 2^53 - 1"),
         }
     }
 }
