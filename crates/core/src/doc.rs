@@ -624,6 +624,12 @@ mod tests {
             doc.apply_update(&client),
             Err(DocError::InvalidUpdate(reason)) if reason.contains("2^53")
         ));
+        // A deleted range that runs past clock 2^32 - 1 (an overflow in yrs).
+        let deletes = [0, 1, 1, 1, 0xff, 0xff, 0xff, 0xff, 0x0f, 2];
+        assert!(matches!(
+            doc.apply_update(&deletes),
+            Err(DocError::InvalidUpdate(reason)) if reason.contains("2^32")
+        ));
         assert_eq!(doc.text("content"), "hello");
         let copy = SharedDoc::new();
         copy.apply_update(&doc.snapshot()).unwrap();

@@ -1,5 +1,5 @@
 use crate::block::{BlockRange, ClientID};
-use crate::encoding::read::Error;
+use crate::encoding::read::{Error, MalformedKind};
 use crate::encoding::serde::{from_any, to_any};
 use crate::ids::{IdMapInner, IdRanges, Merge};
 use crate::updates::decoder::{Decode, Decoder};
@@ -404,7 +404,9 @@ impl<A: DeserializeOwned + PartialEq + Eq + Hash + Clone> Decode for IdMap<A> {
         for _ in 0..num_clients {
             decoder.reset_ds_cur_val();
             let diff: u64 = decoder.read_var()?;
-            let client = last_client_id + diff;
+            let client = last_client_id
+                .checked_add(diff)
+                .ok_or(Error::Malformed(MalformedKind::ClientOverflow))?;
             last_client_id = client;
             let num_ranges: u32 = decoder.read_var()?;
             let mut entries: SmallVec<[(Range<u32>, ContentAttributes<A>); 1]> = SmallVec::new();
@@ -433,8 +435,11 @@ impl<A: DeserializeOwned + PartialEq + Eq + Hash + Clone> Decode for IdMap<A> {
                     attrs.push(visited_attributions[attr_id].clone());
                 }
 
+                let range_end = range_clock
+                    .checked_add(range_len)
+                    .ok_or(Error::Malformed(MalformedKind::ClockOverflow))?;
                 entries.push((
-                    range_clock..(range_clock + range_len),
+                    range_clock..range_end,
                     ContentAttributes(attrs),
                 ));
             }

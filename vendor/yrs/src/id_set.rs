@@ -27,7 +27,11 @@ impl Decode for Range<u32> {
     fn decode<D: Decoder>(decoder: &mut D) -> Result<Self, Error> {
         let clock = decoder.read_ds_clock()?;
         let len = decoder.read_ds_len()?;
-        Ok(clock..(clock + len))
+        // Both come from the input: a range past 2^32 - 1 is malformed, not an overflow.
+        let end = clock.checked_add(len).ok_or(Error::Malformed(
+            crate::encoding::read::MalformedKind::ClockOverflow,
+        ))?;
+        Ok(clock..end)
     }
 }
 
