@@ -265,14 +265,15 @@ fn read_var_i64<R: Read>(reader: &mut R) -> Result<i64, Error> {
     let mut len: u32 = 6;
     let is_negative = r & 0b01000000 as u8 > 0;
     if r & 0b10000000 as u8 == 0 {
-        return Ok(if is_negative { -num } else { num });
+        return Ok(if is_negative { num.wrapping_neg() } else { num });
     }
     loop {
         r = reader.read_u8()?;
-        num |= (r as i64 & 0b01111111 as i64) << len;
+        // Past 64 bits the shift wraps, as the unsigned readers' does (not an overflow).
+        num |= i64::wrapping_shl(r as i64 & 0b01111111 as i64, len);
         len += 7;
         if r < 0b10000000 as u8 {
-            return Ok(if is_negative { -num } else { num });
+            return Ok(if is_negative { num.wrapping_neg() } else { num });
         }
         if len > 70 {
             return Err(Error::InvalidVarInt);
@@ -358,15 +359,16 @@ impl SignedVarInt for i64 {
         let mut len: u32 = 6;
         let is_negative = r & 0b01000000 as u8 > 0;
         if r & 0b10000000 as u8 == 0 {
-            let num = if is_negative { -num } else { num };
+            let num = if is_negative { num.wrapping_neg() } else { num };
             return Ok(Signed::new(num, is_negative));
         }
         loop {
             r = reader.read_u8()?;
-            num |= (r as i64 & 0b01111111 as i64) << len;
+            // Past 64 bits the shift wraps, as the unsigned readers' does (not an overflow).
+            num |= i64::wrapping_shl(r as i64 & 0b01111111 as i64, len);
             len += 7;
             if r < 0b10000000 as u8 {
-                let num = if is_negative { -num } else { num };
+                let num = if is_negative { num.wrapping_neg() } else { num };
                 return Ok(Signed::new(num, is_negative));
             }
             if len > 70 {
