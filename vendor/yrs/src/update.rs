@@ -121,7 +121,15 @@ impl BlockSet {
         let mut index = Self::find_index(blocks, clock);
         let block = &mut blocks[index];
         let block_clock = block.clock_start();
-        if let Some(right) = block.splice(clock - block_clock) {
+        if let Some(mut right) = block.splice(clock - block_clock) {
+            // The halves of an update's block stay unlinked, as decoded blocks are: `splice`
+            // points each at the other, and once `exclude` drops one half the other's pointer
+            // dangled (a use after free in `integrate_item`). Integration finds an item's
+            // neighbours from its origins.
+            if let (Block::Item(left), Block::Item(right)) = (block, &mut right) {
+                left.right = None;
+                right.left = None;
+            }
             index += 1;
             blocks.insert(index, right);
         }
