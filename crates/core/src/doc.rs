@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+use yrs::encoding::write::Write as _;
 use yrs::types::text::TextEvent;
 use yrs::types::Delta;
 use yrs::updates::decoder::Decode;
@@ -269,8 +270,22 @@ impl SharedDoc {
             }
             hash.u64(u64::MAX);
         }
+        // Clients in ascending order: yrs keeps them in a hash map whose order follows its
+        // insertion history, and versions are compared byte for byte.
+        let mut clocks: Vec<(u64, u32)> = snapshot
+            .state_map
+            .iter()
+            .map(|(client, &clock)| (client.get(), clock))
+            .collect();
+        clocks.sort_unstable();
+        let mut state_vector = Vec::with_capacity(1 + clocks.len() * 8);
+        state_vector.write_var(clocks.len());
+        for (client, clock) in clocks {
+            state_vector.write_var(client);
+            state_vector.write_var(clock);
+        }
         Version {
-            state_vector: snapshot.state_map.encode_v1(),
+            state_vector,
             deletes: hash.finish(),
         }
     }
@@ -634,6 +649,64 @@ mod tests {
         let copy = SharedDoc::new();
         copy.apply_update(&doc.snapshot()).unwrap();
         assert_eq!(copy.text("content"), "hello");
+    }
+
+    /// Two replicas that took the same updates in different orders are at the same version:
+    /// the checkpoint compares versions byte for byte, and a state vector written in the
+    /// order of a hash map's insertion history made equal replicas look different (so their
+    /// digests were never compared, and a desync between them would go unreported).
+    #[test]
+    fn equal_replicas_have_equal_versions_whatever_the_order_of_their_updates() {
+        let updates: Vec<Vec<u8>> = (1..=24)
+            .map(|client| {
+                SharedDoc::with_client_id(client)
+                    .insert("content", 0, &client.to_string())
+                    .unwrap()
+            })
+            .collect();
+        let forward = SharedDoc::with_client_id(100);
+        let backward = SharedDoc::with_client_id(101);
+        for update in &updates {
+            forward.apply_update(update).unwrap();
+        }
+        for update in updates.iter().rev() {
+            backward.apply_update(update).unwrap();
+        }
+        assert_eq!(forward.text("content"), backward.text("content"));
+        assert_eq!(forward.version(), backward.version());
+        let copy = SharedDoc::new();
+        copy.apply_update(&forward.snapshot()).unwrap();
+        assert_eq!(copy.version(), forward.version());
+        // Two clients, one of them local: the case the simulation's checkpoints see most.
+        let a = SharedDoc::with_client_id(1);
+        a.insert("content", 0, "a").unwrap();
+        a.apply_update(
+            &SharedDoc::with_client_id(33)
+                .insert("content", 0, "b")
+                .unwrap(),
+        )
+        .unwrap();
+        let copy = SharedDoc::new();
+        copy.apply_update(&a.snapshot()).unwrap();
+        assert_eq!(copy.version(), a.version());
+    }
+
+    /// A GC range that overlaps one the document holds past a hole: published yrs kept the
+    /// overlap twice when it trimmed the update (an underflow, or a corrupted block list in
+    /// release builds). The range is taken once, and the document stays readable.
+    #[test]
+    fn a_gc_range_overlapping_a_known_one_is_taken_once() {
+        let doc = SharedDoc::with_client_id(1);
+        doc.insert("content", 0, "hello").unwrap();
+        // Client 33: a GC range at clocks 39..150 (0..39 becomes a hole), then one at 7..118.
+        doc.apply_update(&[1, 1, 33, 39, 0, 111, 0]).unwrap();
+        doc.apply_update(&[1, 1, 33, 7, 0, 111, 0]).unwrap();
+        doc.apply_update(&[1, 1, 33, 0, 0, 7, 0]).unwrap();
+        let copy = SharedDoc::new();
+        copy.apply_update(&doc.snapshot()).unwrap();
+        assert_eq!(copy.text("content"), "hello");
+        assert_eq!(copy.version(), doc.version());
+        assert_eq!(copy.digest(), doc.digest());
     }
 
     /// JSON content (written by old Yjs versions) holds as many strings as its count says:

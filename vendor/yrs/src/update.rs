@@ -121,14 +121,24 @@ impl BlockSet {
         let mut index = Self::find_index(blocks, clock);
         let block = &mut blocks[index];
         let block_clock = block.clock_start();
-        if let Some(mut right) = block.splice(clock - block_clock) {
-            // The halves of an update's block stay unlinked, as decoded blocks are: `splice`
-            // points each at the other, and once `exclude` drops one half the other's pointer
-            // dangled (a use after free in `integrate_item`). Integration finds an item's
-            // neighbours from its origins.
-            if let (Block::Item(left), Block::Item(right)) = (block, &mut right) {
-                left.right = None;
-                right.left = None;
+        let offset = clock - block_clock;
+        if let Some(mut right) = block.splice(offset) {
+            match (block, &mut right) {
+                // The halves of an update's block stay unlinked, as decoded blocks are: `splice`
+                // points each at the other, and once `exclude` drops one half the other's
+                // pointer dangled (a use after free in `integrate_item`). Integration finds an
+                // item's neighbours from its origins.
+                (Block::Item(left), Block::Item(right)) => {
+                    left.right = None;
+                    right.left = None;
+                }
+                // `splice` shortens an item in place but returns only the right half of a GC or
+                // skip range: the left half kept its whole length, so the update held the split
+                // range twice. `exclude` then left a GC block covering clocks the document
+                // already has, and integrating it overran the skip it filled (an underflow in
+                // `BlockStore::push`, a corrupted block list in release builds).
+                (Block::GC(left), _) | (Block::Skip(left), _) => left.len = offset,
+                _ => {}
             }
             index += 1;
             blocks.insert(index, right);
