@@ -709,6 +709,34 @@ mod tests {
         assert_eq!(copy.digest(), doc.digest());
     }
 
+    /// An item whose right origin lies left of its origin (no Yjs client writes one; a hostile
+    /// member can): published yrs placed it by the order updates arrived in, so two replicas,
+    /// and a replica and its own snapshot, held different texts for good. Its right origin is
+    /// now ignored, the same way whatever the order.
+    #[test]
+    fn an_item_whose_right_origin_precedes_its_origin_lands_the_same_in_any_order() {
+        let base = SharedDoc::with_client_id(1);
+        let abc = base.insert("content", 0, "abcdef").unwrap();
+        let writer = SharedDoc::with_client_id(2);
+        writer.apply_update(&abc).unwrap();
+        let honest = writer.insert("content", 6, "XYZ").unwrap();
+        // Client 9: "!!" after (1, 5) (the "f"), before (1, 1) (the "b").
+        let hostile = [1, 1, 9, 0, 0xC4, 1, 5, 1, 1, 2, b'!', b'!', 0];
+        let first = SharedDoc::with_client_id(3);
+        let second = SharedDoc::with_client_id(4);
+        for update in [&abc[..], &honest, &hostile] {
+            first.apply_update(update).unwrap();
+        }
+        for update in [&abc[..], &hostile, &honest] {
+            second.apply_update(update).unwrap();
+        }
+        assert_eq!(first.text("content"), second.text("content"));
+        let copy = SharedDoc::new();
+        copy.apply_update(&first.snapshot()).unwrap();
+        assert_eq!(copy.text("content"), first.text("content"));
+        assert_eq!(copy.digest(), first.digest());
+    }
+
     /// JSON content (written by old Yjs versions) holds as many strings as its count says:
     /// published yrs read one more, so it refused Yjs's bytes and could not decode its own.
     #[test]

@@ -428,7 +428,20 @@ pub struct RoomCore {
     load_failures: u64,
     /// The update the last call to `receive` applied to the document: its connection and step.
     applied: Option<(ConnId, Step)>,
+    /// The frame the last call to `receive` took in, until its outputs are polled.
+    receiving: Option<Receiving>,
     now: u64,
+}
+
+/// What [`RoomCore::panicked`] needs of the frame a `receive` was handling.
+#[derive(Debug, Clone, Copy)]
+struct Receiving {
+    conn: ConnId,
+    /// Its step, once its stamp was read.
+    step: Option<Step>,
+    /// How many outputs and pending messages there were before it.
+    outputs: usize,
+    pending: usize,
 }
 
 impl RoomCore {
@@ -475,6 +488,7 @@ impl RoomCore {
             in_flight_bytes: 0,
             load_failures: 0,
             applied: None,
+            receiving: None,
             now,
         };
         room.load(document);
@@ -515,6 +529,7 @@ impl RoomCore {
     pub fn poll_output(&mut self) -> Option<Output> {
         // Once the driver carries out outputs, an update can no longer be taken back.
         self.applied = None;
+        self.receiving = None;
         self.outputs.pop_front()
     }
 
@@ -859,6 +874,12 @@ impl RoomCore {
     /// its last part is in. A fence always goes through: it is how a client leaves a gap.
     pub fn receive(&mut self, now: u64, conn: ConnId, read: Read) {
         self.applied = None;
+        self.receiving = Some(Receiving {
+            conn,
+            step: None,
+            outputs: self.outputs.len(),
+            pending: self.pending.len(),
+        });
         self.tick(now);
         let (positioned, bytes, cost) = match read {
             Read::Pending => return,
@@ -892,6 +913,9 @@ impl RoomCore {
         }
         member.gap = had_gap;
         let step = positioned.frame.stamp().map_or(0, |s| s.step);
+        if let Some(receiving) = &mut self.receiving {
+            receiving.step = Some(step);
+        }
         if let (Some(gap), Frame::Stamped(_)) = (had_gap, &positioned.frame) {
             // Refused without a token: what was in flight when the client heard the refusal
             // must not drain the budget its fence and resend need.
@@ -1227,6 +1251,28 @@ impl RoomCore {
             "an update took {elapsed_ms} ms to apply; the document is loaded again without it"
         ));
         true
+    }
+
+    /// The last [`RoomCore::receive`] panicked (a driver that can catch a panic calls this, before
+    /// it polls any output): nothing of the frame it was handling goes out or to the store, its
+    /// sender hears it refused as `malformed` (so that its client does not send it again), and
+    /// the room stops, to be loaded again from its log, since the panic may have left the
+    /// document or the room's state half changed. `detail` says what failed.
+    pub fn panicked(&mut self, detail: &str) {
+        let receiving = self.receiving.take();
+        self.applied = None;
+        if let Some(receiving) = receiving {
+            self.outputs.truncate(receiving.outputs);
+            self.pending.truncate(receiving.pending);
+            if let Some(step) = receiving.step {
+                let detail =
+                    format!("the relay failed on this message and did not store it: {detail}");
+                self.refuse(receiving.conn, step, Reason::Malformed, detail);
+            }
+        }
+        self.stop(format!(
+            "the room failed on a message ({detail}); it is loaded again without it"
+        ));
     }
 
     /// Sends `bytes` (one message) to `to`'s connection, or to everyone but `from`; larger than
@@ -2057,6 +2103,38 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(rejects(&out, 1), [Reason::Malformed]);
+        assert!(matches!(out.last(), Some(Output::Stop { .. })));
+        assert!(room.is_idle());
+    }
+
+    /// A `receive` that panicked (here: after it had taken the update in, as a panic at its
+    /// end would leave it) sends and stores nothing of the frame; its sender hears it refused,
+    /// the other members are closed, and the room stops to load its log again.
+    #[test]
+    fn a_receive_that_panicked_leaves_nothing_behind_and_the_room_reloads() {
+        let mut room = room();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        let writer = SharedDoc::with_client_id(11);
+        let u = writer.insert("content", 0, "boom").unwrap();
+        send(&mut room, 0, 1, update(a.node, 1, u));
+        room.panicked("index out of bounds");
+        let out = outputs(&mut room);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Append(_) | Output::Fanout { .. })),
+            "{out:?}"
+        );
+        assert_eq!(rejects(&out, 1), [Reason::Malformed]);
+        let closed: Vec<ConnId> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Close { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed.len(), 2, "{out:?}");
         assert!(matches!(out.last(), Some(Output::Stop { .. })));
         assert!(room.is_idle());
     }

@@ -33,6 +33,7 @@ use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use futures_util::FutureExt;
 use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, RoomCore, RoomLimits};
 use pattern_mesh_core::store::Store;
 use pattern_mesh_core::wire::{close, Limits, RoomConfig};
@@ -266,11 +267,18 @@ impl Relay {
         // its store answers as not ready, each waking it again at once, and with thousands of
         // appends in flight that wake storm halved the room's throughput. The task still
         // yields whenever it has nothing to do.
-        tokio::spawn(tokio::task::unconstrained(room::run(
-            core,
-            self.clone(),
-            queue,
-        )));
+        let (relay, name, registered) = (self.clone(), room.to_owned(), commands.clone());
+        tokio::spawn(tokio::task::unconstrained(async move {
+            let run = room::run(core, relay.clone(), queue);
+            if let Err(panic) = std::panic::AssertUnwindSafe(run).catch_unwind().await {
+                // Its members' queues went with it (they are closed with 1011); the next join
+                // loads the room again from the store.
+                let detail = room::panic_message(&*panic);
+                tracing::error!(room = %name, %detail, "the room panicked; it is loaded again on the next join");
+                relay.metrics.room_panics.fetch_add(1, Relaxed);
+                relay.forget(&name, &registered);
+            }
+        }));
         Ok(commands)
     }
 
@@ -285,6 +293,15 @@ impl Relay {
             self.metrics.rooms.fetch_sub(1, Relaxed);
         }
         true
+    }
+
+    /// Removes a room task that ended without retiring, if it is still the registered one.
+    fn forget(&self, room: &str, commands: &mpsc::Sender<Command>) {
+        let mut rooms = self.lock_rooms();
+        if rooms.get(room).is_some_and(|c| c.same_channel(commands)) {
+            rooms.remove(room);
+            self.metrics.rooms.fetch_sub(1, Relaxed);
+        }
     }
 
     fn lock_rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Command>>> {

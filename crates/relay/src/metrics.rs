@@ -27,6 +27,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Connections closed because their send queue was full.
     pub slow_consumers: AtomicU64,
+    /// Rooms that panicked (on a frame, or anywhere in their task) and were loaded again.
+    pub room_panics: AtomicU64,
     commit_buckets: [AtomicU64; BUCKETS.len()],
     commit_count: AtomicU64,
     commit_micros: AtomicU64,
@@ -113,6 +115,12 @@ impl Metrics {
             "Connections closed because their send queue was full.",
             "counter",
             self.slow_consumers.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_room_panics_total",
+            "Rooms that panicked and were loaded again from the store.",
+            "counter",
+            self.room_panics.load(Relaxed),
         );
         gauge(
             "pattern_mesh_store_writes_total",

@@ -132,6 +132,15 @@ pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::R
     tracing::debug!(room = %name, "room closed");
 }
 
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at).await;
@@ -163,7 +172,18 @@ impl RoomTask {
             }
             Command::Frame { conn, read } => {
                 let started = Instant::now();
-                self.core.receive(now, conn, read);
+                // A bug that panics on some frame must cost that frame, not the room: the frame
+                // is refused and the room loads again from its log.
+                let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.core.receive(now, conn, read)
+                }));
+                if let Err(panic) = received {
+                    let detail = panic_message(&*panic);
+                    tracing::error!(room = %self.core.name(), conn, %detail, "a frame made the room panic; it reloads without it");
+                    self.relay.metrics.room_panics.fetch_add(1, Relaxed);
+                    self.core.panicked(&detail);
+                    return;
+                }
                 let took = started.elapsed();
                 let budget = self.relay.config.apply_budget;
                 if took > budget

@@ -1043,6 +1043,27 @@ impl<'doc> TransactionMut<'doc> {
             }
         };
 
+        // An item of a sequence is inserted between its origin and its right origin, so the
+        // right origin lies right of the origin. One whose right origin does not (no Yjs
+        // client writes one, but an update can say anything) would be placed by the order
+        // updates arrive in, and replicas would differ for good: its right origin is ignored,
+        // which every replica decides the same way, since the order of two items never changes.
+        if item.parent_sub.is_none() {
+            if let (Some(left), Some(right)) = (item.left, item.right) {
+                let mut o = left.right;
+                while let Some(next) = o {
+                    if next == right {
+                        break;
+                    }
+                    o = next.right;
+                }
+                if o.is_none() {
+                    item.right = None;
+                    item.right_origin = None;
+                }
+            }
+        }
+
         if item.detect_conflict() {
             item.resolve_conflict(&mut store.blocks);
         }

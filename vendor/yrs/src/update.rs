@@ -458,18 +458,21 @@ impl Update {
                 _ => { /* do nothing */ }
             }
 
-            // We have all missing ids, now find the items
-            if let Some(origin) = item.origin.as_ref() {
-                item.left = store
-                    .blocks
-                    .get_item_clean_end(origin)
-                    .map(|slice| store.materialize(slice));
-            }
-
+            // We have all missing ids, now find the items. The right one first: splitting a
+            // block at the right origin must not leave `left` pointing at a block that no
+            // longer ends at the origin (which happens when the right origin lies left of the
+            // origin in the same block; see `TransactionMut::integrate_item`).
             if let Some(origin) = item.right_origin.as_ref() {
                 item.right = store
                     .blocks
                     .get_item_clean_start(origin)
+                    .map(|slice| store.materialize(slice));
+            }
+
+            if let Some(origin) = item.origin.as_ref() {
+                item.left = store
+                    .blocks
+                    .get_item_clean_end(origin)
                     .map(|slice| store.materialize(slice));
             }
 
