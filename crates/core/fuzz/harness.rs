@@ -336,11 +336,20 @@ pub fn document(data: &[u8]) {
     let _ = halves.apply_update(first);
     let _ = halves.apply_update(second);
     read_all(&halves);
-    // Merging is decoding and encoding: what it gives back must decode again.
+    // Merging is decoding and encoding: what it gives back decodes again, and where the two
+    // halves applied, it applies too, to the same texts.
     if let Ok(merged) = pattern_mesh_core::doc::merge_updates(&[first, second]) {
-        SharedDoc::new()
-            .apply_update(&merged)
-            .expect("a merged update applies");
+        pattern_mesh_core::doc::check_update(&merged).expect("a merged update decodes");
+        let parts = SharedDoc::new();
+        if parts.apply_update(first).is_ok() && parts.apply_update(second).is_ok() {
+            let whole = SharedDoc::new();
+            whole
+                .apply_update(&merged)
+                .expect("a merged update applies where its parts did");
+            for name in parts.text_names() {
+                assert_eq!(whole.text(&name), parts.text(&name), "text {name:?} merged");
+            }
+        }
     }
 }
 
