@@ -737,6 +737,33 @@ mod tests {
         assert_eq!(copy.digest(), first.digest());
     }
 
+    /// An update whose blocks wait for a missing client, one of them with a parent that is
+    /// text, not a shared type: published yrs kept them pending and wrote them into the
+    /// document's snapshot, which then failed to apply anywhere ("block parent must be deleted
+    /// or shared ref type"), so a room compacted over it could not be loaded. Such an item is
+    /// collected, as Yjs does.
+    #[test]
+    fn a_snapshot_holding_an_item_whose_parent_is_text_applies() {
+        let a = SharedDoc::with_client_id(11);
+        let b = SharedDoc::with_client_id(22);
+        let u1 = a.insert("content", 0, "hello world, ").unwrap();
+        b.apply_update(&u1).unwrap();
+        let u2 = b.insert("content", 13, "this is shared text").unwrap();
+        let doc = SharedDoc::with_client_id(33);
+        doc.apply_update(&u1).unwrap();
+        doc.apply_update(&u2).unwrap();
+        // Client 22 again: a deleted range whose parent is missing, then JSON under <22#0>.
+        let hostile = [
+            2, 2, 22, 1, 1, 50, 0, 0, 255, 206, 255, 255, 22, 2, 2, 22, 0, 1, 2, 0, 3, 0, 6, 0, 0,
+            0, 1,
+        ];
+        let _ = doc.apply_update(&hostile);
+        let copy = SharedDoc::new();
+        copy.apply_update(&doc.snapshot())
+            .expect("the snapshot applies");
+        assert_eq!(copy.text("content"), doc.text("content"));
+    }
+
     /// JSON content (written by old Yjs versions) holds as many strings as its count says:
     /// published yrs read one more, so it refused Yjs's bytes and could not decode its own.
     #[test]

@@ -509,13 +509,11 @@ impl Update {
                             ItemContent::Type(branch) => {
                                 TypePtr::Branch(BranchPtr::from(branch.as_ref()))
                             }
-                            ItemContent::Deleted(_) => TypePtr::Unknown,
-                            other => {
-                                return Err(UpdateError::InvalidParent(
-                                    id.clone(),
-                                    other.get_ref_number(),
-                                ))
-                            }
+                            // A parent that is not a shared type: the item is collected, as Yjs
+                            // does. Failing the whole update here left the blocks before it
+                            // integrated, and a document whose pending blocks held such an item
+                            // wrote a snapshot that no document could apply.
+                            _ => TypePtr::Unknown,
                         }
                     } else {
                         TypePtr::Unknown
