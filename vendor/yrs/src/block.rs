@@ -1043,6 +1043,18 @@ impl<'doc> TransactionMut<'doc> {
             }
         };
 
+        // An item's neighbours are items of its parent (see `Update::missing_dependency`). An
+        // update's item that overlaps what the document has gets as its left neighbour the
+        // document's item before the overlap's end, which an update can put in another type.
+        let foreign = |n: &Option<ItemPtr>| {
+            n.as_ref()
+                .is_some_and(|n| n.parent.as_branch() != Some(&parent))
+        };
+        if offset > 0 && (foreign(&item.left) || foreign(&item.right)) {
+            self.integrate_gc(item.range(), offset);
+            return None;
+        }
+
         // An item of a sequence is inserted between its origin and its right origin, so the
         // right origin lies right of the origin. One whose right origin does not (no Yjs
         // client writes one, but an update can say anything) would be placed by the order

@@ -520,6 +520,19 @@ impl Update {
                     }
                 }
             };
+            // An item's neighbours are items of its parent. An update can name an origin in
+            // one type and a parent in another (no Yjs client writes one): linked into the
+            // wrong list, the item was left behind by that list's search marker when it was
+            // merged, and the marker then pointed at freed memory. Such an item is collected.
+            if let TypePtr::Branch(parent) = &item.parent {
+                let foreign = |n: &Option<crate::block::ItemPtr>| {
+                    n.as_ref()
+                        .is_some_and(|n| n.parent.as_branch() != Some(parent))
+                };
+                if foreign(&item.left) || foreign(&item.right) {
+                    item.parent = TypePtr::Unknown;
+                }
+            }
         }
         Ok(None)
     }
