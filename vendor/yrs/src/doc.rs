@@ -1910,8 +1910,8 @@ mod test {
             txn.apply_update(u1).unwrap(); // apply: 'a' => 1
             assert_eq!(map.to_json(&txn), any!({"a": 1}));
 
-            txn.apply_update(u3).unwrap(); // apply: 'b' => 2 (it's ok, we insert a skip for u2)
-            assert_eq!(map.to_json(&txn), any!({"a": 1, "b": 2}));
+            txn.apply_update(u3).unwrap(); // 'b' => 2 waits for u2, as in Yjs
+            assert_eq!(map.to_json(&txn), any!({"a": 1}));
 
             txn.apply_update(u2).unwrap(); // apply: 'a' => 1.1
             assert_eq!(map.to_json(&txn), any!({"a": 1.1, "b": 2}));

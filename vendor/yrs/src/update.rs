@@ -363,6 +363,17 @@ impl Update {
                     // hole look like an overlap (the block was then pushed without its skip).
                     let offset = i64::from(*local_clock) - i64::from(id.clock);
 
+                    if offset < 0 {
+                        // Earlier blocks of the same client are missing: the block waits for
+                        // them, as in Yjs. Integrating it behind a skip would put the document
+                        // in a state its own encoding cannot rebuild (the encoding lists the
+                        // pending blocks before it, so a replica built from it holds it back),
+                        // and replicas would differ for as long as the hole stays open.
+                        next = picker.switch(stack_head, &id.client, |c| {
+                            txn.store.blocks.get_clock(c)
+                        });
+                        continue;
+                    }
                     if let Some(missing) =
                         Self::missing_dependency(&mut stack_head, &mut txn.store)?
                     {
@@ -370,19 +381,6 @@ impl Update {
                             picker.switch(stack_head, &missing, |c| txn.store.blocks.get_clock(c));
                         continue;
                     } else {
-                        // block has no missing dependencies, therefore we can integrate it right away
-                        if offset < 0 {
-                            // Block was send out of order (previous blocks from the same client are
-                            // missing), however since it has no dependency on them, it's still safe
-                            // to integrate. For that we prepend the missing hole with a Skip block.
-                            txn.integrate_skip(
-                                BlockRange::new(
-                                    ID::new(id.client, *local_clock),
-                                    offset.unsigned_abs() as u32,
-                                ),
-                                0,
-                            );
-                        }
                         txn.integrate(stack_head, 0);
                         *local_clock = (*local_clock).max(id.clock.saturating_add(len));
                     }
