@@ -404,6 +404,17 @@ impl Update {
         store: &mut Store,
     ) -> Result<Option<ClientID>, UpdateError> {
         if let Block::Item(item) = block {
+            // An item with an origin takes its parent from its neighbours: the v1 encoding has
+            // no parent for it. One it declares anyway (a block cut in two, as `exclude` cuts
+            // what the document already has, keeps its parent) is what the document's own
+            // encoding drops, so a replica built from that encoding would put the item
+            // elsewhere, or apply it where this one waits for the declared parent.
+            if (item.origin.is_some() || item.right_origin.is_some())
+                && matches!(item.parent, TypePtr::ID(_) | TypePtr::Named(_))
+            {
+                item.parent = TypePtr::Unknown;
+                item.parent_sub = None;
+            }
             if let Some(origin_left) = &item.origin {
                 if store.blocks.is_missing(origin_left) {
                     return Ok(Some(origin_left.client));
