@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
 use super::errors::{from_js, invalid_argument, js_error, to_js};
+use super::fatal::{register, Registration, Timer};
 use super::frames::{json_from_js, message_to_js, presence_event_to_js};
 use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
 use super::validator::{counts_to_js, verdict, VerdictJs};
@@ -85,8 +86,8 @@ struct PeersJs<'a> {
 }
 
 /// The events a listener may subscribe to.
-const EVENTS: [&str; 7] = [
-    "message", "anomaly", "refused", "peers", "status", "step", "presence",
+const EVENTS: [&str; 8] = [
+    "message", "anomaly", "refused", "peers", "status", "step", "presence", "error",
 ];
 
 struct Listener {
@@ -119,7 +120,9 @@ struct Driver {
     url: String,
     socket: Option<Socket>,
     next_socket: u64,
-    timer: Option<gloo_timers::callback::Timeout>,
+    timer: Option<Timer>,
+    /// What the panic hook needs of this client (see `fatal`).
+    registration: Registration,
     timer_at: Option<u64>,
     /// The clock: milliseconds of `Date.now()`, never going back.
     last_now: Cell<u64>,
@@ -136,6 +139,17 @@ struct Driver {
 type Shared = Rc<RefCell<Driver>>;
 
 impl Driver {
+    /// Hands the `error` listeners to the panic hook, which calls them.
+    fn error_listeners_changed(&self) {
+        self.registration.set_error_listeners(
+            self.listeners
+                .iter()
+                .filter(|l| l.event == "error")
+                .map(|l| l.function.clone())
+                .collect(),
+        );
+    }
+
     fn now(&self) -> u64 {
         let now = (js_sys::Date::now() as u64).max(self.last_now.get());
         self.last_now.set(now);
@@ -260,6 +274,10 @@ fn pump(shared: &Shared) {
         }
     }
     schedule(shared);
+    {
+        let driver = shared.borrow();
+        driver.registration.pending.set(driver.session.pending());
+    }
     dispatch(shared);
 }
 
@@ -274,7 +292,7 @@ fn schedule(shared: &Shared) {
     driver.timer = next.map(|at| {
         let wait = at.saturating_sub(driver.now()).min(u64::from(u32::MAX)) as u32;
         let weak = Rc::downgrade(shared);
-        gloo_timers::callback::Timeout::new(wait, move || {
+        driver.registration.timeout(wait, move || {
             if let Some(shared) = weak.upgrade() {
                 {
                     let mut driver = shared.borrow_mut();
@@ -299,7 +317,14 @@ fn open(shared: &Shared) {
         driver.next_socket += 1;
         (driver.url.clone(), driver.next_socket)
     };
-    let socket = match WebSocket::open(&url) {
+    let socket = web_sys::WebSocket::new(&url)
+        .map_err(|e| super::errors::describe(&e))
+        .and_then(|raw| {
+            super::fatal::guard(&raw);
+            let socket = WebSocket::try_from(raw.clone()).map_err(|e| e.to_string())?;
+            Ok((raw, socket))
+        });
+    let (raw, socket) = match socket {
         Ok(socket) => socket,
         Err(e) => {
             let mut driver = shared.borrow_mut();
@@ -333,6 +358,7 @@ fn open(shared: &Shared) {
             writer,
             stop: Some(stop),
         });
+        driver.registration.set_socket(Some(raw));
         let now = driver.now();
         driver.session.handle_connected(now);
     }
@@ -515,6 +541,7 @@ impl MeshClient {
             socket: None,
             next_socket: 0,
             timer: None,
+            registration: register(),
             timer_at: None,
             last_now: Cell::new(now),
             observed: HashMap::new(),
@@ -665,8 +692,9 @@ impl MeshClient {
     }
 
     /// Subscribes `listener` to `event` (`message`, `anomaly`, `refused`, `peers`, `status`,
-    /// `step`, `presence`); returns a function that unsubscribes it. A `status` listener also
-    /// gets the reason as its second argument when the status is not `open`.
+    /// `step`, `presence`, `error`); returns a function that unsubscribes it. A `status`
+    /// listener also gets the reason as its second argument when the status is not `open`. An
+    /// `error` listener gets an `Error` named `PanicError` if the module panics (see `fatal`).
     #[wasm_bindgen(skip_typescript)]
     pub fn on(&self, event: &str, listener: js_sys::Function) -> Result<JsUnsubscribe, JsValue> {
         let Some(&event) = EVENTS.iter().find(|e| **e == event) else {
@@ -683,10 +711,13 @@ impl MeshClient {
             event,
             function: listener,
         });
+        driver.error_listeners_changed();
         let weak = Rc::downgrade(&self.shared);
         let off = Closure::<dyn FnMut()>::new(move || {
             if let Some(shared) = weak.upgrade() {
-                shared.borrow_mut().listeners.retain(|l| l.id != id);
+                let mut driver = shared.borrow_mut();
+                driver.listeners.retain(|l| l.id != id);
+                driver.error_listeners_changed();
             }
         });
         Ok(off.into_js_value().unchecked_into())
@@ -695,10 +726,11 @@ impl MeshClient {
     /// Removes a listener added with `on`.
     #[wasm_bindgen(skip_typescript)]
     pub fn off(&self, event: &str, listener: &js_sys::Function) {
-        self.shared
-            .borrow_mut()
+        let mut driver = self.shared.borrow_mut();
+        driver
             .listeners
             .retain(|l| !(l.event == event && l.function == *listener));
+        driver.error_listeners_changed();
     }
 
     /// Drops the connection now, as a network failure would; the client reconnects by itself.
@@ -711,6 +743,16 @@ impl MeshClient {
             driver.session.disconnect(now);
         }
         pump(&self.shared);
+    }
+
+    /// Panics inside the module while this client's state is borrowed, as a bug in an update's
+    /// integration would: for the tests of what a panic leaves behind (see `fatal`). Not part
+    /// of the API.
+    #[doc(hidden)]
+    #[wasm_bindgen(js_name = "__panicForTests", skip_typescript)]
+    pub fn panic_for_tests(&self, message: &str) {
+        let _driver = self.shared.borrow_mut();
+        panic!("{message}");
     }
 
     /// Closes the connection for good; no reconnect follows.

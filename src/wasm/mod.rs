@@ -9,6 +9,7 @@ mod client;
 mod clock;
 mod document;
 mod errors;
+mod fatal;
 mod frames;
 mod pattern;
 mod types;

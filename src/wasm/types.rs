@@ -199,6 +199,8 @@ export interface MeshEvents {
   status: Status;
   step: StepEvent;
   presence: PresenceEvent;
+  /** The module panicked: an `Error` named `PanicError` that says what failed and how many messages were not delivered. The client is closed; `MeshClient.connect` works again and rejoins the room. */
+  error: Error;
 }
 
 export interface MeshClient {

@@ -185,6 +185,52 @@ test("a tab that typed 400 characters offline delivers all of them within second
   await Promise.all([a.close(), b.close()]);
 });
 
+test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
+  const room = `e2e-panic-${Date.now()}`;
+  const b = await open(`index.html?room=${room}`);
+  const page = await browser.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(e.message));
+  // A page with no script of its own: objects of the stopped instance throw when used.
+  await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
+  const result = await page.evaluate(async (room) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const mesh = await import("/pkg/pattern_mesh.js");
+    await mesh.default();
+    const url = `ws://${location.host}/ws`;
+    const a = await mesh.MeshClient.connect({ url, room, name: "a" });
+    a.text("content").insert(0, "kept ");
+    while (a.pendingCount > 0) await sleep(20);
+    const node = a.node;
+    const errors = [];
+    a.on("error", (e) => errors.push({ name: e.name, message: e.message }));
+    let thrown = null;
+    try { a.__panicForTests("a test panic"); } catch (e) { thrown = `${e.name}: ${e.message}`; }
+    for (let i = 0; i < 100 && errors.length === 0; i++) await sleep(20);
+    let stale = null;
+    try { a.text("content"); } catch (e) { stale = e.message; }
+    const again = await mesh.MeshClient.connect({ url, room, name: "again" });
+    const text = again.text("content");
+    const loaded = text.toString();
+    text.insert(text.length, "and after");
+    while (again.pendingCount > 0) await sleep(20);
+    return { node, thrown, errors, stale, loaded };
+  }, room);
+  assert.match(result.thrown, /RuntimeError: unreachable/);
+  assert.equal(result.errors.length, 1, "one error event");
+  assert.equal(result.errors[0].name, "PanicError");
+  assert.match(result.errors[0].message, /internal error \(.*a test panic.*\); 0 message\(s\) not yet acknowledged/);
+  assert.match(result.stale, /previous Wasm instance/);
+  assert.equal(result.loaded, "kept ", "the new client loads the document from the relay");
+  await until("the other tab sees the edit of the new client", async () =>
+    (await b.evaluate(() => window.meshText.toString())) === "kept and after");
+  await until("the other tab sees the stopped client leave", async () =>
+    !(await b.evaluate((node) => window.meshClient.peers.some((p) => p.node === node), result.node)));
+  assert.deepEqual(problems, []);
+  assert.deepEqual(b.problems, []);
+  await Promise.all([page.close(), b.close()]);
+});
+
 test("a real editing trace replayed through the relay raises no desync", async () => {
   const trace = JSON.parse(gunzipSync(readFileSync(join(root, "tests/data/editing-traces/automerge-paper.json.gz"))));
   const txns = trace.txns.slice(0, 30_000).map((t) => t.patches);

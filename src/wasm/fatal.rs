@@ -1,0 +1,223 @@
+//! A panic inside the module, and how the page recovers from it.
+//!
+//! `wasm32-unknown-unknown` aborts on a panic: the call traps, and the instance's state (a
+//! `RefCell` left borrowed, a half-applied update) cannot be trusted again. So the panic hook
+//! does four things before the trap, none of which needs that state:
+//!
+//! - it closes every client's socket with close code 4000 and a reason, so the relay sees the
+//!   member leave, and stops the socket's events before they reach the dead instance's
+//!   listeners (see [`guard`]);
+//! - it clears every client's timer, for the same reason;
+//! - it asks wasm-bindgen for a fresh instance of the module at the next call
+//!   ([`wasm_bindgen::handler::schedule_reinit`]), and triggers that call itself before the
+//!   application hears of the panic, so that no callback of the dead instance is the first
+//!   call into the fresh one;
+//! - it calls every client's `error` listeners, from a timer, with an `Error` named
+//!   `PanicError` that says what failed and how many messages had not been acknowledged.
+//!
+//! Afterwards the module works again: `MeshClient.connect` joins the room anew and loads the
+//! document from the relay. Objects of the dead instance throw when used.
+//!
+//! What lives here is kept apart from each client's state, in plain JS values, because a
+//! panic usually happens while that state is borrowed.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Once;
+
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen(inline_js = "
+export function pmGuard(socket) {
+  for (const type of ['open', 'message', 'error', 'close']) {
+    socket.addEventListener(type, (event) => {
+      if (socket.pmStopped) event.stopImmediatePropagation();
+    });
+  }
+}
+export function pmStop(socket) {
+  socket.pmStopped = true;
+  socket.close(4000, 'the client stopped after an internal error');
+}
+export function pmAfterPanic(reinit, message, clients) {
+  console.error(`pattern-mesh: ${message}`);
+  setTimeout(() => {
+    try { new reinit(); } catch (_) {}
+    for (const [listeners, error] of clients) {
+      if (listeners.length === 0) console.error(error);
+      for (const listener of listeners) {
+        try { listener(error); } catch (e) { console.error(e); }
+      }
+    }
+  }, 0);
+}
+")]
+extern "C" {
+    /// Adds listeners, ahead of any other, that keep the socket's events from its other
+    /// listeners once `pmStop` has stopped it.
+    #[wasm_bindgen(js_name = pmGuard)]
+    pub(crate) fn guard(socket: &web_sys::WebSocket);
+    #[wasm_bindgen(js_name = pmStop)]
+    fn stop(socket: &web_sys::WebSocket);
+    #[wasm_bindgen(js_name = pmAfterPanic)]
+    fn after_panic(reinit: &JsValue, message: &str, clients: &js_sys::Array);
+}
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_name = setTimeout)]
+    fn set_timeout(handler: &js_sys::Function, ms: i32) -> JsValue;
+    #[wasm_bindgen(js_name = clearTimeout)]
+    fn clear_timeout(id: &JsValue);
+}
+
+/// What the panic hook needs of one live client.
+struct Live {
+    id: u32,
+    socket: Option<web_sys::WebSocket>,
+    timer: Option<JsValue>,
+    errors: Vec<js_sys::Function>,
+    pending: Rc<Cell<usize>>,
+}
+
+thread_local! {
+    static LIVE: RefCell<Vec<Live>> = const { RefCell::new(Vec::new()) };
+    static NEXT: Cell<u32> = const { Cell::new(1) };
+    /// A class of this module: constructing one is a call into the module, which makes
+    /// wasm-bindgen replace a dead instance.
+    static REINIT: RefCell<Option<JsValue>> = const { RefCell::new(None) };
+}
+
+static HOOK: Once = Once::new();
+
+/// A client's entry in the registry the panic hook reads; removed when dropped.
+pub(crate) struct Registration {
+    id: u32,
+    /// How many messages wait for the relay's acknowledgement, as of the last change.
+    pub(crate) pending: Rc<Cell<usize>>,
+}
+
+/// Registers a client, and installs the panic hook on first use.
+pub(crate) fn register() -> Registration {
+    HOOK.call_once(|| {
+        let class = super::PatternGenerator::new(None)
+            .ok()
+            .map(JsValue::from)
+            .and_then(|g| js_sys::Reflect::get(&g, &"constructor".into()).ok());
+        REINIT.with(|r| *r.borrow_mut() = class);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let what = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("a panic");
+            match info.location() {
+                Some(at) => on_panic(&format!("{what}, at {at}")),
+                None => on_panic(what),
+            }
+            previous(info);
+        }));
+    });
+    let id = NEXT.with(|n| n.replace(n.get() + 1));
+    let pending = Rc::new(Cell::new(0));
+    LIVE.with(|live| {
+        live.borrow_mut().push(Live {
+            id,
+            socket: None,
+            timer: None,
+            errors: Vec::new(),
+            pending: pending.clone(),
+        })
+    });
+    Registration { id, pending }
+}
+
+impl Registration {
+    fn with(&self, f: impl FnOnce(&mut Live)) {
+        LIVE.with(|live| {
+            if let Some(entry) = live.borrow_mut().iter_mut().find(|l| l.id == self.id) {
+                f(entry);
+            }
+        });
+    }
+
+    /// The socket the client uses now.
+    pub(crate) fn set_socket(&self, socket: Option<web_sys::WebSocket>) {
+        self.with(|l| l.socket = socket);
+    }
+
+    /// The client's `error` listeners.
+    pub(crate) fn set_error_listeners(&self, listeners: Vec<js_sys::Function>) {
+        self.with(|l| l.errors = listeners);
+    }
+
+    /// Runs `callback` once after `ms` milliseconds, unless the returned timer is dropped
+    /// first (or the module panics).
+    pub(crate) fn timeout(&self, ms: u32, callback: impl FnOnce() + 'static) -> Timer {
+        let closure = Closure::once(callback);
+        let id = set_timeout(
+            closure.as_ref().unchecked_ref(),
+            ms.min(i32::MAX as u32) as i32,
+        );
+        self.with(|l| l.timer = Some(id.clone()));
+        Timer {
+            id,
+            _closure: closure,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        LIVE.with(|live| {
+            if let Ok(mut live) = live.try_borrow_mut() {
+                live.retain(|l| l.id != self.id);
+            }
+        });
+    }
+}
+
+/// A pending `setTimeout`, cleared when dropped.
+pub(crate) struct Timer {
+    id: JsValue,
+    _closure: Closure<dyn FnMut()>,
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        clear_timeout(&self.id);
+    }
+}
+
+fn on_panic(message: &str) {
+    let live = LIVE.with(|live| {
+        live.try_borrow_mut()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
+    });
+    let clients = js_sys::Array::new();
+    for client in &live {
+        if let Some(socket) = &client.socket {
+            stop(socket);
+        }
+        if let Some(timer) = &client.timer {
+            clear_timeout(timer);
+        }
+        let error = js_sys::Error::new(&format!(
+            "the client stopped after an internal error ({message}); {} message(s) not yet \
+             acknowledged by the relay were not delivered; connect again to rejoin the room",
+            client.pending.get()
+        ));
+        error.set_name("PanicError");
+        let listeners: js_sys::Array = client.errors.iter().collect();
+        clients.push(&js_sys::Array::of2(&listeners, &error));
+    }
+    wasm_bindgen::handler::schedule_reinit();
+    let reinit = REINIT.with(|r| r.try_borrow().ok().and_then(|r| r.clone()));
+    after_panic(&reinit.unwrap_or(JsValue::UNDEFINED), message, &clients);
+    // The sockets and closures are dropped with the instance; leaking them here keeps their
+    // destructors (which would call into JS again) from running during the panic.
+    std::mem::forget(live);
+}
