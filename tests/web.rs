@@ -61,7 +61,7 @@ fn bad_input_throws_an_error_that_says_what_was_wrong() {
     assert!(p.compute_value(1.5).is_err());
     assert!(p.compute_value(f64::NAN).is_err());
 
-    let (name, message) = error_message(decode(&[2, 0x7f, 0]));
+    let (name, message) = error_message(decode(js_bytes(&[2, 0x7f, 0])));
     assert_eq!(name, "DecodeError");
     assert!(message.contains("unknown frame kind 0x7f"), "{message}");
 
@@ -112,7 +112,7 @@ fn frames_round_trip_as_plain_objects() {
     );
     let bytes = encode(frame.clone().unchecked_into()).unwrap();
     assert_eq!(bytes[0], 2, "version byte first");
-    let back: JsValue = decode(&bytes).unwrap().into();
+    let back: JsValue = decode(js_bytes(&bytes)).unwrap().into();
     assert_eq!(
         JSON::stringify(&back).unwrap(),
         JSON::stringify(&frame).unwrap()
@@ -127,7 +127,7 @@ fn frames_round_trip_as_plain_objects() {
         &Uint8Array::from(&[1u8, 2, 3][..]),
     )
     .unwrap();
-    let back: JsValue = decode(&encode(update.unchecked_into()).unwrap())
+    let back: JsValue = decode(js_bytes(&encode(update.unchecked_into()).unwrap()))
         .unwrap()
         .into();
     let payload: Uint8Array = get(&back, "update")
@@ -323,7 +323,7 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
     ];
     for frame in frames {
         let bytes = frame.encode();
-        let object: JsValue = decode(&bytes).unwrap().into();
+        let object: JsValue = decode(js_bytes(&bytes)).unwrap().into();
         let again = encode(object.clone().unchecked_into())
             .unwrap_or_else(|e| panic!("{frame:?} as {object:?}: {e:?}"));
         assert_eq!(again, bytes, "{frame:?}");
@@ -362,9 +362,14 @@ fn a_throwing_getter_is_an_invalid_argument_and_the_validator_lives_on() {
 fn update_bytes_may_be_an_array_of_numbers() {
     let frame =
         js(r#"{"kind":"update","sender":1,"step":2,"pattern":1,"doc":"d","update":[1,2,3]}"#);
-    let back: JsValue = decode(&encode(frame.unchecked_into()).unwrap())
+    let back: JsValue = decode(js_bytes(&encode(frame.unchecked_into()).unwrap()))
         .unwrap()
         .into();
     let bytes: Uint8Array = get(&back, "update").dyn_into().unwrap();
     assert_eq!(bytes.to_vec(), [1, 2, 3]);
+}
+
+/// Bytes as the JS API takes them.
+fn js_bytes(bytes: &[u8]) -> JsValue {
+    js_sys::Uint8Array::from(bytes).into()
 }

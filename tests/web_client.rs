@@ -60,7 +60,7 @@ fn collect(client: &MeshClient, event: &str) -> Rc<RefCell<Vec<JsValue>>> {
     let sink = seen.clone();
     let listener = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| sink.borrow_mut().push(e));
     client
-        .on(event, listener.into_js_value().unchecked_into())
+        .on(event.into(), listener.into_js_value())
         .unwrap();
     seen
 }
@@ -86,8 +86,8 @@ async fn two_clients_exchange_data_and_converge_on_text() {
     );
     assert_eq!(Reflect::get(&first, &"sender".into()).unwrap(), a.node());
 
-    let ta = a.text("content").unwrap();
-    let tb = b.text("content").unwrap();
+    let ta = a.text("content".into()).unwrap();
+    let tb = b.text("content".into()).unwrap();
     let deltas = Rc::new(RefCell::new(Vec::new()));
     let sink = deltas.clone();
     let observer =
@@ -99,8 +99,8 @@ async fn two_clients_exchange_data_and_converge_on_text() {
         });
     tb.observe(observer.into_js_value().unchecked_into())
         .unwrap();
-    ta.insert(0, "hello").unwrap();
-    tb.insert(0, "world ").unwrap();
+    ta.insert(JsValue::from(0), JsValue::from("hello")).unwrap();
+    tb.insert(JsValue::from(0), JsValue::from("world ")).unwrap();
     until("both texts converge", || {
         let (x, y) = (ta.to_js_string(), tb.to_js_string());
         x == y && x.len() == 11
@@ -137,7 +137,7 @@ async fn a_tampered_frame_is_reported_as_an_anomaly_and_not_applied() {
             data: Json::parse(r#""tampered""#).unwrap(),
         },
     );
-    a.send_raw(&tampered.encode()).unwrap();
+    a.send_raw(bytes(&tampered.encode())).unwrap();
     until("the relay's reject arrives", || {
         !anomalies.borrow().is_empty()
     })
@@ -174,9 +174,9 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
     let a = connect(&room, "a").await;
     let b = connect(&room, "b").await;
     let statuses = collect(&a, "status");
-    let ta = a.text("content").unwrap();
-    let tb = b.text("content").unwrap();
-    ta.insert(0, "online ").unwrap();
+    let ta = a.text("content".into()).unwrap();
+    let tb = b.text("content".into()).unwrap();
+    ta.insert(JsValue::from(0), JsValue::from("online ")).unwrap();
     until("b has the first edit", || tb.to_js_string() == "online ").await;
 
     a.drop_connection();
@@ -185,7 +185,7 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
         .enumerate()
     {
         let at = ta.length();
-        ta.insert(at, word).unwrap();
+        ta.insert(JsValue::from(at), JsValue::from(*word)).unwrap();
         if i == 2 {
             sleep(100).await;
         }
@@ -221,9 +221,9 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
     let room = unique_room("desync");
     let a = connect(&room, "a").await;
     let b = connect(&room, "b").await;
-    let ta = a.text("content").unwrap();
-    let tb = b.text("content").unwrap();
-    ta.insert(0, "same text").unwrap();
+    let ta = a.text("content".into()).unwrap();
+    let tb = b.text("content".into()).unwrap();
+    ta.insert(JsValue::from(0), JsValue::from("same text")).unwrap();
     until("b has a's text", || tb.to_js_string() == "same text").await;
     assert_eq!(
         a.digest(),
@@ -247,7 +247,7 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
             digest: 0x1234,
         },
     );
-    a.send_raw(&checkpoint.encode()).unwrap();
+    a.send_raw(bytes(&checkpoint.encode())).unwrap();
     until("b reports the desync", || {
         anomalies
             .borrow()
@@ -262,4 +262,9 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
     );
     a.close();
     b.close();
+}
+
+/// Bytes as the JS API takes them.
+fn bytes(bytes: &[u8]) -> JsValue {
+    js_sys::Uint8Array::from(bytes).into()
 }

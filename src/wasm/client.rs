@@ -18,10 +18,13 @@ use futures_channel::oneshot;
 use futures_util::future::{self, Either};
 use futures_util::{SinkExt, StreamExt};
 use gloo_net::websocket::{futures::WebSocket, Message, WebSocketError};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
-use super::errors::{from_js, invalid_argument, js_error, to_js};
+use super::errors::{
+    bytes_arg, from_js, function_arg, invalid_argument, js_error, options_arg, string_arg, to_js,
+    u32_arg,
+};
 use super::fatal::{register, Registration, Timer};
 use super::frames::{json_from_js, message_to_js, presence_event_to_js};
 use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
@@ -31,18 +34,42 @@ use crate::pattern::Step;
 use crate::session::{Event, Output, Session, SessionConfig, SessionError, Status};
 use crate::wire::{Limits, NodeId, Peer, Reason, RoomConfig};
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// `MeshClient.connect`'s options.
 struct Options {
     url: String,
     room: String,
-    #[serde(default)]
     name: String,
-    #[serde(default)]
     config: Option<RoomConfig>,
     /// How long `connect` may take, in milliseconds (default 10 000).
-    #[serde(default)]
     connect_timeout: Option<u32>,
+}
+
+impl Options {
+    const KEYS: [&'static str; 5] = ["url", "room", "name", "config", "connectTimeout"];
+
+    /// Reads the options, refusing unknown keys and values of the wrong type by name.
+    fn from_js(value: &JsValue) -> Result<Self, JsValue> {
+        options_arg("the options", value, &Self::KEYS)?;
+        let field = |key: &str| {
+            let value = js_sys::Reflect::get(value, &key.into()).unwrap_or(JsValue::UNDEFINED);
+            (!value.is_undefined()).then_some(value)
+        };
+        Ok(Options {
+            url: string_arg("url", &field("url").unwrap_or(JsValue::UNDEFINED))?,
+            room: string_arg("room", &field("room").unwrap_or(JsValue::UNDEFINED))?,
+            name: field("name")
+                .map(|v| string_arg("name", &v))
+                .transpose()?
+                .unwrap_or_default(),
+            config: field("config")
+                .filter(|v| !v.is_null())
+                .map(|v| from_js("config", v))
+                .transpose()?,
+            connect_timeout: field("connectTimeout")
+                .map(|v| u32_arg("connectTimeout", &v))
+                .transpose()?,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -513,7 +540,7 @@ impl MeshClient {
     /// exponential backoff and jitter, and says so in `status` events.
     #[wasm_bindgen(js_name = connect)]
     pub async fn connect(options: JsMeshClientOptions) -> Result<MeshClient, JsValue> {
-        let options: Options = from_js("the options", options.into())?;
+        let options = Options::from_js(&options.into())?;
         if !options.url.starts_with("ws://") && !options.url.starts_with("wss://") {
             return Err(invalid_argument(format!(
                 "url must start with ws:// or wss://, got {:?}",
@@ -571,7 +598,7 @@ impl MeshClient {
     }
 
     /// `"connecting"`, `"open"`, `"reconnecting"` or `"closed"`.
-    #[wasm_bindgen(getter)]
+    #[wasm_bindgen(getter, unchecked_return_type = "Status")]
     pub fn status(&self) -> String {
         self.shared.borrow().session.status().as_str().into()
     }
@@ -640,8 +667,12 @@ impl MeshClient {
     /// Sends raw bytes as they are, bypassing stamping: for tests and for demonstrating the
     /// relay's validation (a tampered frame comes back as an `anomaly`).
     #[wasm_bindgen(js_name = sendRaw)]
-    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), JsValue> {
-        let sent = self.shared.borrow_mut().session.send_raw(bytes.to_vec());
+    pub fn send_raw(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "Uint8Array")] bytes: JsValue,
+    ) -> Result<(), JsValue> {
+        let bytes = bytes_arg("bytes", &bytes)?;
+        let sent = self.shared.borrow_mut().session.send_raw(bytes);
         pump(&self.shared);
         if sent {
             Ok(())
@@ -654,8 +685,12 @@ impl MeshClient {
     /// returns `{ accepted: true }`, or reports an `anomaly` (source `"local"`) and returns
     /// `{ accepted: false, reason, detail }`. For demonstrating what a receiver does with a
     /// tampered frame the relay would never forward.
-    pub fn inspect(&self, bytes: &[u8]) -> Result<super::types::JsVerdict, JsValue> {
-        let refused = self.shared.borrow_mut().session.inspect(bytes);
+    pub fn inspect(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "Uint8Array")] bytes: JsValue,
+    ) -> Result<super::types::JsVerdict, JsValue> {
+        let bytes = bytes_arg("bytes", &bytes)?;
+        let refused = self.shared.borrow_mut().session.inspect(&bytes);
         pump(&self.shared);
         match refused {
             None => verdict(VerdictJs::ACCEPTED),
@@ -669,7 +704,15 @@ impl MeshClient {
     }
 
     /// The shared text `name` of the room's document.
-    pub fn text(&self, name: &str) -> Result<SharedText, JsValue> {
+    pub fn text(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] name: JsValue,
+    ) -> Result<SharedText, JsValue> {
+        let name = string_arg("name", &name)?;
+        let name = name.as_str();
+        if self.shared.borrow().session.is_closed() {
+            return Err(session_error(SessionError::Closed));
+        }
         if name.is_empty() || name.len() > Limits::default().max_name {
             return Err(invalid_argument("a text name must be 1 to 64 bytes"));
         }
@@ -696,7 +739,9 @@ impl MeshClient {
     /// listener also gets the reason as its second argument when the status is not `open`. An
     /// `error` listener gets an `Error` named `PanicError` if the module panics (see `fatal`).
     #[wasm_bindgen(skip_typescript)]
-    pub fn on(&self, event: &str, listener: js_sys::Function) -> Result<JsUnsubscribe, JsValue> {
+    pub fn on(&self, event: JsValue, listener: JsValue) -> Result<JsUnsubscribe, JsValue> {
+        let event = string_arg("event", &event)?;
+        let listener = function_arg("listener", &listener)?;
         let Some(&event) = EVENTS.iter().find(|e| **e == event) else {
             return Err(invalid_argument(format!(
                 "unknown event {event:?}; events are {}",
@@ -725,11 +770,12 @@ impl MeshClient {
 
     /// Removes a listener added with `on`.
     #[wasm_bindgen(skip_typescript)]
-    pub fn off(&self, event: &str, listener: &js_sys::Function) {
+    pub fn off(&self, event: JsValue, listener: JsValue) {
+        let event = event.as_string().unwrap_or_default();
         let mut driver = self.shared.borrow_mut();
         driver
             .listeners
-            .retain(|l| !(l.event == event && l.function == *listener));
+            .retain(|l| !(l.event == event && JsValue::from(l.function.clone()) == listener));
         driver.error_listeners_changed();
     }
 
@@ -778,7 +824,14 @@ impl SharedText {
     /// Inserts `text` at `index` (UTF-16 code units, as `selectionStart`). Throws `RangeError`
     /// past the end or for a text larger than the relay accepts (64 MiB by default), and
     /// `ClosedError` after `close()`.
-    pub fn insert(&self, index: u32, text: &str) -> Result<(), JsValue> {
+    pub fn insert(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "number")] index: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "string")] text: JsValue,
+    ) -> Result<(), JsValue> {
+        let index = u32_arg("index", &index)?;
+        let text = string_arg("text", &text)?;
+        let text = text.as_str();
         {
             let driver = self.shared.borrow();
             let max = driver.session.max_payload();
@@ -796,7 +849,13 @@ impl SharedText {
     }
 
     /// Deletes `length` code units from `index`. Throws `RangeError` past the end.
-    pub fn delete(&self, index: u32, length: u32) -> Result<(), JsValue> {
+    pub fn delete(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "number")] index: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "number")] length: JsValue,
+    ) -> Result<(), JsValue> {
+        let index = u32_arg("index", &index)?;
+        let length = u32_arg("length", &length)?;
         self.edit(|doc, name| doc.delete(name, index, length))
     }
 
@@ -820,6 +879,9 @@ impl SharedText {
             .dyn_into()
             .map_err(|_| invalid_argument("observe needs a function"))?;
         let mut driver = self.shared.borrow_mut();
+        if driver.session.is_closed() {
+            return Err(session_error(SessionError::Closed));
+        }
         let id = driver.next_listener;
         driver.next_listener += 1;
         driver

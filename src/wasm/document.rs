@@ -3,7 +3,7 @@
 
 use wasm_bindgen::prelude::*;
 
-use super::errors::js_error;
+use super::errors::{bytes_arg, js_error, string_arg, u32_arg};
 use crate::doc::SharedDoc;
 
 /// A document of named texts that exchanges Yjs v1 updates, without a connection. Its updates
@@ -38,31 +38,54 @@ impl SharedDocument {
 
     /// Inserts `chunk` at `index` (UTF-16 code units) in the text `name`; returns the edit as
     /// a Yjs v1 update. Throws `RangeError` past the end.
-    pub fn insert(&self, name: &str, index: u32, chunk: &str) -> Result<Vec<u8>, JsValue> {
+    pub fn insert(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] name: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "number")] index: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "string")] chunk: JsValue,
+    ) -> Result<Vec<u8>, JsValue> {
+        let name = string_arg("name", &name)?;
+        let index = u32_arg("index", &index)?;
+        let chunk = string_arg("chunk", &chunk)?;
         self.doc
-            .insert(name, index, chunk)
+            .insert(&name, index, &chunk)
             .map_err(|e| js_error("RangeError", e))
     }
 
     /// Deletes `length` code units at `index` in the text `name`; returns the edit as a Yjs v1
     /// update. Throws `RangeError` past the end.
-    pub fn delete(&self, name: &str, index: u32, length: u32) -> Result<Vec<u8>, JsValue> {
+    pub fn delete(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] name: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "number")] index: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "number")] length: JsValue,
+    ) -> Result<Vec<u8>, JsValue> {
+        let name = string_arg("name", &name)?;
+        let index = u32_arg("index", &index)?;
+        let length = u32_arg("length", &length)?;
         self.doc
-            .delete(name, index, length)
+            .delete(&name, index, length)
             .map_err(|e| js_error("RangeError", e))
     }
 
     /// Applies a Yjs v1 update. Throws `InvalidUpdate` for bytes that are not one.
     #[wasm_bindgen(js_name = applyUpdate)]
-    pub fn apply_update(&self, update: &[u8]) -> Result<(), JsValue> {
+    pub fn apply_update(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "Uint8Array")] update: JsValue,
+    ) -> Result<(), JsValue> {
+        let update = bytes_arg("update", &update)?;
         self.doc
-            .apply_update(update)
+            .apply_update(&update)
             .map_err(|e| js_error("InvalidUpdate", e))
     }
 
     /// The content of the text `name`.
-    pub fn text(&self, name: &str) -> String {
-        self.doc.text(name)
+    pub fn text(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] name: JsValue,
+    ) -> Result<String, JsValue> {
+        Ok(self.doc.text(&string_arg("name", &name)?))
     }
 
     /// This document's version, as a Yjs state vector.
@@ -72,9 +95,13 @@ impl SharedDocument {
     }
 
     /// What the state vector `remote` lacks, as a Yjs v1 update.
-    pub fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, JsValue> {
+    pub fn diff(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "Uint8Array")] remote: JsValue,
+    ) -> Result<Vec<u8>, JsValue> {
+        let remote = bytes_arg("remote", &remote)?;
         self.doc
-            .diff(remote)
+            .diff(&remote)
             .map_err(|e| js_error("InvalidStateVector", e))
     }
 

@@ -69,3 +69,91 @@ pub(crate) fn describe(error: &JsValue) -> String {
         .or_else(|| error.as_string())
         .unwrap_or_else(|| "unknown error".into())
 }
+
+/// How an argument of the wrong type is described: its type, and its value where short.
+fn what_it_is(value: &JsValue) -> String {
+    if value.is_null() {
+        "null".into()
+    } else if value.is_undefined() {
+        "undefined".into()
+    } else if let Some(n) = value.as_f64() {
+        format!("the number {n}")
+    } else if let Some(s) = value.as_string() {
+        let shown: String = s.chars().take(40).collect();
+        format!("the string {shown:?}")
+    } else if let Some(b) = value.as_bool() {
+        format!("{b}")
+    } else if value.is_function() {
+        "a function".into()
+    } else if js_sys::Array::is_array(value) {
+        "an array".into()
+    } else {
+        "an object".into()
+    }
+}
+
+/// A string argument, refused (with what it was) when it is not a string.
+pub(crate) fn string_arg(what: &str, value: &JsValue) -> Result<String, JsValue> {
+    value.as_string().ok_or_else(|| {
+        invalid_argument(format!(
+            "{what} must be a string, got {}",
+            what_it_is(value)
+        ))
+    })
+}
+
+/// An index or a length: an integer from 0 to 2^32 - 1 (texts are measured in UTF-16 code
+/// units, and yrs counts them in 32 bits).
+pub(crate) fn u32_arg(what: &str, value: &JsValue) -> Result<u32, JsValue> {
+    match value.as_f64() {
+        Some(n) if n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&n) => Ok(n as u32),
+        _ => Err(invalid_argument(format!(
+            "{what} must be an integer from 0 to {}, got {}",
+            u32::MAX,
+            what_it_is(value)
+        ))),
+    }
+}
+
+/// Bytes: a `Uint8Array`.
+pub(crate) fn bytes_arg(what: &str, value: &JsValue) -> Result<Vec<u8>, JsValue> {
+    value
+        .dyn_ref::<js_sys::Uint8Array>()
+        .map(js_sys::Uint8Array::to_vec)
+        .ok_or_else(|| {
+            invalid_argument(format!(
+                "{what} must be a Uint8Array, got {}",
+                what_it_is(value)
+            ))
+        })
+}
+
+/// A function argument.
+pub(crate) fn function_arg(what: &str, value: &JsValue) -> Result<js_sys::Function, JsValue> {
+    value.dyn_ref::<js_sys::Function>().cloned().ok_or_else(|| {
+        invalid_argument(format!(
+            "{what} must be a function, got {}",
+            what_it_is(value)
+        ))
+    })
+}
+
+/// An options object: a plain object whose keys are all among `accepted`.
+pub(crate) fn options_arg(what: &str, value: &JsValue, accepted: &[&str]) -> Result<(), JsValue> {
+    let list = accepted.join(", ");
+    if !value.is_object() || value.is_function() || js_sys::Array::is_array(value) {
+        return Err(invalid_argument(format!(
+            "{what} must be an object with {list}, got {}",
+            what_it_is(value)
+        )));
+    }
+    for key in js_sys::Object::keys(value.unchecked_ref::<js_sys::Object>()).iter() {
+        let key = key.as_string().unwrap_or_default();
+        if !accepted.contains(&key.as_str()) {
+            return Err(invalid_argument(format!(
+                "{what} has an unknown key {key:?}; the accepted keys are {list}"
+            )));
+        }
+    }
+    Ok(())
+}

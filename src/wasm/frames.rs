@@ -66,8 +66,11 @@ pub fn encode(frame: JsFrame) -> Result<Vec<u8>, JsValue> {
 /// is wrong (unknown version or kind, a truncated field, a frame over the 1 MiB limit, invalid
 /// JSON, ...). Never accepts a frame it cannot fully read.
 #[wasm_bindgen]
-pub fn decode(bytes: &[u8]) -> Result<JsReceived, JsValue> {
-    let Positioned { position, frame } = Frame::decode_positioned(bytes, &Limits::default())
+pub fn decode(
+    #[wasm_bindgen(unchecked_param_type = "Uint8Array")] bytes: JsValue,
+) -> Result<JsReceived, JsValue> {
+    let bytes = super::errors::bytes_arg("bytes", &bytes)?;
+    let Positioned { position, frame } = Frame::decode_positioned(&bytes, &Limits::default())
         .map_err(|e| js_error("DecodeError", e))?;
     let object = frame_to_js(&frame)?;
     if let Some(position) = position {

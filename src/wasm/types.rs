@@ -5,6 +5,7 @@ use wasm_bindgen::prelude::*;
 
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &'static str = r#"
+/// <reference lib="esnext.disposable" />
 /** Any JSON value: what `data` frames and presence carry. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 

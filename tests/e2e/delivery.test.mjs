@@ -231,6 +231,73 @@ test("a panic inside the module stops its client with a PanicError, and the modu
   await Promise.all([page.close(), b.close()]);
 });
 
+test("the client refuses bad options and arguments by name, and every change after close()", async () => {
+  const page = await browser.newPage();
+  await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
+  const result = await page.evaluate(async (room) => {
+    const mesh = await import("/pkg/pattern_mesh.js");
+    await mesh.default();
+    const url = `ws://${location.host}/ws`;
+    const outcome = async (f) => {
+      try { return `ok ${JSON.stringify(await f())}`; } catch (e) { return `${e.name}: ${e.message}`; }
+    };
+    const r = {};
+    r.misspelled = await outcome(() => mesh.MeshClient.connect({ url, room, nmae: "x" }).then(() => "joined"));
+    r.notObject = await outcome(() => mesh.MeshClient.connect(42));
+    r.roomType = await outcome(() => mesh.MeshClient.connect({ url, room: 7 }));
+    r.timeoutType = await outcome(() => mesh.MeshClient.connect({ url, room, connectTimeout: "soon" }));
+    const client = await mesh.MeshClient.connect({ url, room, name: "strict" });
+    const text = client.text("content");
+    text.insert(0, "abcd");
+    for (const [key, f] of [
+      ["fraction", () => text.insert(1.5, "X")], ["string", () => text.insert("abc", "X")],
+      ["nan", () => text.insert(NaN, "X")], ["wide", () => text.insert(2 ** 32 + 3, "X")],
+      ["negative", () => text.insert(-1, "X")], ["number", () => text.insert(0, 42)],
+      ["null", () => text.insert(0, null)], ["deleteLength", () => text.delete(0, 1.5)],
+      ["textName", () => client.text(null)], ["listener", () => client.on("message", 5)],
+      ["event", () => client.on("mesage", () => {})], ["raw", () => client.sendRaw("bytes")],
+    ]) r[key] = await outcome(f);
+    r.unchanged = text.toString();
+    r.status = client.status;
+    client.close();
+    for (const [key, f] of [
+      ["afterInsert", () => text.insert(0, "q")], ["afterDelete", () => text.delete(0, 1)],
+      ["afterBroadcast", () => client.broadcast({ a: 1 })], ["afterPresence", () => client.setPresence({ a: 1 })],
+      ["afterText", () => client.text("content")], ["afterObserve", () => text.observe(() => {})],
+    ]) r[key] = await outcome(f);
+    r.readAfterClose = text.toString();
+    return r;
+  }, `e2e-strict-${Date.now()}`);
+  assert.deepEqual(result, {
+    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout',
+    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, got the number 42",
+    roomType: "InvalidArgument: room must be a string, got the number 7",
+    timeoutType: 'InvalidArgument: connectTimeout must be an integer from 0 to 4294967295, got the string "soon"',
+    fraction: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number 1.5",
+    string: 'InvalidArgument: index must be an integer from 0 to 4294967295, got the string "abc"',
+    nan: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number NaN",
+    wide: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number 4294967299",
+    negative: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number -1",
+    number: "InvalidArgument: text must be a string, got the number 42",
+    null: "InvalidArgument: text must be a string, got null",
+    deleteLength: "InvalidArgument: length must be an integer from 0 to 4294967295, got the number 1.5",
+    textName: "InvalidArgument: name must be a string, got null",
+    listener: "InvalidArgument: listener must be a function, got the number 5",
+    event: 'InvalidArgument: unknown event "mesage"; events are message, anomaly, refused, peers, status, step, presence, error',
+    raw: 'InvalidArgument: bytes must be a Uint8Array, got the string "bytes"',
+    unchanged: "abcd",
+    status: "open",
+    afterInsert: "ClosedError: the client is closed",
+    afterDelete: "ClosedError: the client is closed",
+    afterBroadcast: "ClosedError: the client is closed",
+    afterPresence: "ClosedError: the client is closed",
+    afterText: "ClosedError: the client is closed",
+    afterObserve: "ClosedError: the client is closed",
+    readAfterClose: "abcd",
+  });
+  await page.close();
+});
+
 test("a real editing trace replayed through the relay raises no desync", async () => {
   const trace = JSON.parse(gunzipSync(readFileSync(join(root, "tests/data/editing-traces/automerge-paper.json.gz"))));
   const txns = trace.txns.slice(0, 30_000).map((t) => t.patches);

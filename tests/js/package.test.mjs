@@ -4,6 +4,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
+import { spawnSync } from "node:child_process";
+import { fileURLToPath } from "node:url";
 
 const pkg = new URL("../../pkg/", import.meta.url);
 const mesh = await import(new URL("pattern_mesh.js", pkg));
@@ -59,6 +61,29 @@ test("bad input throws an Error that says what was wrong", () => {
   });
 });
 
+test("arguments of the wrong type or out of range throw InvalidArgument, and change nothing", () => {
+  const doc = new mesh.SharedDocument();
+  doc.insert("t", 0, "abcd");
+  const cases = [
+    [() => doc.insert("t", 1.5, "X"), /^index must be an integer from 0 to 4294967295, got the number 1.5$/],
+    [() => doc.insert("t", "abc", "X"), /^index must be .*, got the string "abc"$/],
+    [() => doc.insert("t", NaN, "X"), /got the number NaN$/],
+    [() => doc.insert("t", 2 ** 32 + 3, "X"), /got the number 4294967299$/],
+    [() => doc.insert("t", -1, "X"), /got the number -1$/],
+    [() => doc.insert("t", 0, 42), /^chunk must be a string, got the number 42$/],
+    [() => doc.insert("t", 0, null), /^chunk must be a string, got null$/],
+    [() => doc.insert(7, 0, "x"), /^name must be a string, got the number 7$/],
+    [() => doc.delete("t", 0, 1.5), /^length must be an integer from 0 to 4294967295, got the number 1.5$/],
+    [() => doc.text(undefined), /^name must be a string, got undefined$/],
+    [() => doc.applyUpdate("nope"), /^update must be a Uint8Array, got the string "nope"$/],
+    [() => doc.diff({}), /^remote must be a Uint8Array, got an object$/],
+    [() => mesh.decode([2, 0x10, 0]), /^bytes must be a Uint8Array, got an array$/],
+  ];
+  for (const [call, message] of cases) assert.throws(call, { name: "InvalidArgument", message });
+  assert.equal(doc.text("t"), "abcd");
+  assert.equal(doc.insert("t", 4, "!").constructor, Uint8Array, "valid arguments still work");
+});
+
 test("the clock fires phase listeners at checkpoints", () => {
   const clock = new mesh.StepClock();
   const seen = [];
@@ -68,6 +93,14 @@ test("the clock fires phase listeners at checkpoints", () => {
   off();
   clock.join(300);
   assert.deepEqual(seen, [[1, 100]]);
+});
+
+test("the .d.ts compiles under tsc --strict, without skipLibCheck, as an application uses it", () => {
+  const tsc = fileURLToPath(new URL("../../.ci/node_modules/.bin/tsc", import.meta.url));
+  const usage = fileURLToPath(new URL("../types/usage.ts", import.meta.url));
+  const run = spawnSync(tsc, ["--noEmit", "--strict", "--target", "es2022", "--module", "esnext",
+    "--moduleResolution", "bundler", usage], { encoding: "utf8" });
+  assert.equal(run.status, 0, `tsc failed:\n${run.stdout}${run.stderr}`);
 });
 
 test("the .d.ts types the public API without any", async () => {
