@@ -59,9 +59,7 @@ fn collect(client: &MeshClient, event: &str) -> Rc<RefCell<Vec<JsValue>>> {
     let seen = Rc::new(RefCell::new(Vec::new()));
     let sink = seen.clone();
     let listener = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| sink.borrow_mut().push(e));
-    client
-        .on(event.into(), listener.into_js_value())
-        .unwrap();
+    client.on(event.into(), listener.into_js_value()).unwrap();
     seen
 }
 
@@ -100,7 +98,8 @@ async fn two_clients_exchange_data_and_converge_on_text() {
     tb.observe(observer.into_js_value().unchecked_into())
         .unwrap();
     ta.insert(JsValue::from(0), JsValue::from("hello")).unwrap();
-    tb.insert(JsValue::from(0), JsValue::from("world ")).unwrap();
+    tb.insert(JsValue::from(0), JsValue::from("world "))
+        .unwrap();
     until("both texts converge", || {
         let (x, y) = (ta.to_js_string(), tb.to_js_string());
         x == y && x.len() == 11
@@ -176,7 +175,8 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
     let statuses = collect(&a, "status");
     let ta = a.text("content".into()).unwrap();
     let tb = b.text("content".into()).unwrap();
-    ta.insert(JsValue::from(0), JsValue::from("online ")).unwrap();
+    ta.insert(JsValue::from(0), JsValue::from("online "))
+        .unwrap();
     until("b has the first edit", || tb.to_js_string() == "online ").await;
 
     a.drop_connection();
@@ -223,7 +223,8 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
     let b = connect(&room, "b").await;
     let ta = a.text("content".into()).unwrap();
     let tb = b.text("content".into()).unwrap();
-    ta.insert(JsValue::from(0), JsValue::from("same text")).unwrap();
+    ta.insert(JsValue::from(0), JsValue::from("same text"))
+        .unwrap();
     until("b has a's text", || tb.to_js_string() == "same text").await;
     assert_eq!(
         a.digest(),

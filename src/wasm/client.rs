@@ -42,10 +42,19 @@ struct Options {
     config: Option<RoomConfig>,
     /// How long `connect` may take, in milliseconds (default 10 000).
     connect_timeout: Option<u32>,
+    /// The WebSocket class: the option's, or the global one.
+    web_socket: js_sys::Function,
 }
 
 impl Options {
-    const KEYS: [&'static str; 5] = ["url", "room", "name", "config", "connectTimeout"];
+    const KEYS: [&'static str; 6] = [
+        "url",
+        "room",
+        "name",
+        "config",
+        "connectTimeout",
+        "WebSocket",
+    ];
 
     /// Reads the options, refusing unknown keys and values of the wrong type by name.
     fn from_js(value: &JsValue) -> Result<Self, JsValue> {
@@ -68,6 +77,23 @@ impl Options {
             connect_timeout: field("connectTimeout")
                 .map(|v| u32_arg("connectTimeout", &v))
                 .transpose()?,
+            web_socket: match field("WebSocket") {
+                Some(class) => function_arg("WebSocket", &class).map_err(|_| {
+                    invalid_argument(format!(
+                        "WebSocket must be a constructor, got {}",
+                        super::errors::what_it_is(&class)
+                    ))
+                })?,
+                None => js_sys::Reflect::get(&js_sys::global(), &"WebSocket".into())
+                    .ok()
+                    .and_then(|class| class.dyn_into().ok())
+                    .ok_or_else(|| {
+                        invalid_argument(
+                            "this runtime has no global WebSocket (Node before 22): pass one as \
+                             the WebSocket option, for example the ws package's",
+                        )
+                    })?,
+            },
         })
     }
 }
@@ -126,12 +152,14 @@ struct Listener {
 /// The open socket: its writer, and how to stop its reader.
 struct Socket {
     id: u64,
+    raw: web_sys::WebSocket,
     writer: UnboundedSender<Vec<u8>>,
     stop: Option<oneshot::Sender<()>>,
 }
 
 impl Socket {
     fn close(mut self) {
+        super::fatal::stop(&self.raw, 1000, "the client closed the connection");
         self.writer.close_channel();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -145,6 +173,8 @@ type TextChange = (String, Vec<TextDelta>, bool);
 struct Driver {
     session: Session<SharedDoc>,
     url: String,
+    /// The class sockets are made with.
+    web_socket: js_sys::Function,
     socket: Option<Socket>,
     next_socket: u64,
     timer: Option<Timer>,
@@ -336,15 +366,20 @@ fn schedule(shared: &Shared) {
 
 /// Opens a socket for the session: its writer task, and a reader task that feeds the session.
 fn open(shared: &Shared) {
-    let (url, id) = {
+    let (url, id, class) = {
         let mut driver = shared.borrow_mut();
         if let Some(old) = driver.socket.take() {
             old.close();
         }
         driver.next_socket += 1;
-        (driver.url.clone(), driver.next_socket)
+        (
+            driver.url.clone(),
+            driver.next_socket,
+            driver.web_socket.clone(),
+        )
     };
-    let socket = web_sys::WebSocket::new(&url)
+    let socket = js_sys::Reflect::construct(&class, &js_sys::Array::of1(&url.as_str().into()))
+        .map(|raw| raw.unchecked_into::<web_sys::WebSocket>())
         .map_err(|e| super::errors::describe(&e))
         .and_then(|raw| {
             super::fatal::guard(&raw);
@@ -382,6 +417,7 @@ fn open(shared: &Shared) {
         let mut driver = shared.borrow_mut();
         driver.socket = Some(Socket {
             id,
+            raw: raw.clone(),
             writer,
             stop: Some(stop),
         });
@@ -565,6 +601,7 @@ impl MeshClient {
         let shared = Rc::new(RefCell::new(Driver {
             session: Session::new(config, SharedDoc::new(), now),
             url: options.url,
+            web_socket: options.web_socket,
             socket: None,
             next_socket: 0,
             timer: None,

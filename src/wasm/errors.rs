@@ -71,7 +71,7 @@ pub(crate) fn describe(error: &JsValue) -> String {
 }
 
 /// How an argument of the wrong type is described: its type, and its value where short.
-fn what_it_is(value: &JsValue) -> String {
+pub(crate) fn what_it_is(value: &JsValue) -> String {
     if value.is_null() {
         "null".into()
     } else if value.is_undefined() {

@@ -5,8 +5,8 @@
 //! does four things before the trap, none of which needs that state:
 //!
 //! - it closes every client's socket with close code 4000 and a reason, so the relay sees the
-//!   member leave, and stops the socket's events before they reach the dead instance's
-//!   listeners (see [`guard`]);
+//!   member leave, and keeps the socket's events from the dead instance's listeners (see
+//!   [`guard`]);
 //! - it clears every client's timer, for the same reason;
 //! - it asks wasm-bindgen for a fresh instance of the module at the next call
 //!   ([`wasm_bindgen::handler::schedule_reinit`]), and triggers that call itself before the
@@ -29,15 +29,22 @@ use wasm_bindgen::prelude::*;
 
 #[wasm_bindgen(inline_js = "
 export function pmGuard(socket) {
-  for (const type of ['open', 'message', 'error', 'close']) {
-    socket.addEventListener(type, (event) => {
-      if (socket.pmStopped) event.stopImmediatePropagation();
-    });
-  }
+  const add = socket.addEventListener.bind(socket);
+  const remove = socket.removeEventListener.bind(socket);
+  const guards = new Map();
+  socket.addEventListener = (type, listener, options) => {
+    const guard = (event) => { if (!socket.pmStopped) listener(event); };
+    guards.set(listener, guard);
+    add(type, guard, options);
+  };
+  socket.removeEventListener = (type, listener, options) => {
+    remove(type, guards.get(listener) ?? listener, options);
+    guards.delete(listener);
+  };
 }
-export function pmStop(socket) {
+export function pmStop(socket, code, reason) {
   socket.pmStopped = true;
-  socket.close(4000, 'the client stopped after an internal error');
+  try { socket.close(code, reason); } catch (_) {}
 }
 export function pmAfterPanic(reinit, message, clients) {
   console.error(`pattern-mesh: ${message}`);
@@ -53,12 +60,17 @@ export function pmAfterPanic(reinit, message, clients) {
 }
 ")]
 extern "C" {
-    /// Adds listeners, ahead of any other, that keep the socket's events from its other
-    /// listeners once `pmStop` has stopped it.
+    /// Makes every listener added to the socket from now on (gloo-net's) deaf once [`stop`]
+    /// has stopped the socket. A wrapper rather than `stopImmediatePropagation`, which the
+    /// `ws` package's events lack.
     #[wasm_bindgen(js_name = pmGuard)]
     pub(crate) fn guard(socket: &web_sys::WebSocket);
+    /// Closes the socket, and keeps every later event of it from the listeners the client
+    /// added: once the client has let go of a socket, its listeners may be gone (gloo-net
+    /// removes them when its socket is dropped, except the `close` one where the runtime has no
+    /// `CloseEvent` to dispatch, as Node 20), and calling one would throw.
     #[wasm_bindgen(js_name = pmStop)]
-    fn stop(socket: &web_sys::WebSocket);
+    pub(crate) fn stop(socket: &web_sys::WebSocket, code: u16, reason: &str);
     #[wasm_bindgen(js_name = pmAfterPanic)]
     fn after_panic(reinit: &JsValue, message: &str, clients: &js_sys::Array);
 }
@@ -200,7 +212,7 @@ fn on_panic(message: &str) {
     let clients = js_sys::Array::new();
     for client in &live {
         if let Some(socket) = &client.socket {
-            stop(socket);
+            stop(socket, 4000, "the client stopped after an internal error");
         }
         if let Some(timer) = &client.timer {
             clear_timeout(timer);

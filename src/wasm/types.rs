@@ -140,6 +140,8 @@ export interface MeshClientOptions {
   config?: RoomConfig;
   /** How long `connect` may try, in milliseconds, before it rejects with a `ConnectError` (default 10000). */
   connectTimeout?: number;
+  /** The WebSocket class to connect with (default: the global one). Node before 22 has none: pass the `ws` package's. */
+  WebSocket?: new (url: string) => unknown;
 }
 
 /** The client's connection status. */

@@ -1,0 +1,79 @@
+// The package's client in Node 20, against the real relay: Node 20 has no global WebSocket, so
+// the `ws` package's is passed in (`connect({ WebSocket })`); the wasm is loaded with `initSync`.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createRequire } from "node:module";
+
+const root = fileURLToPath(new URL("../../", import.meta.url));
+const require = createRequire(join(root, ".ci/package.json"));
+const { WebSocket } = require("ws");
+const pkg = new URL("../../pkg/", import.meta.url);
+const mesh = await import(new URL("pattern_mesh.js", pkg));
+mesh.initSync({ module: await readFile(new URL("pattern_mesh_bg.wasm", pkg)) });
+
+let dir, relay, url;
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), "pattern-mesh-node-"));
+  relay = spawn(join(root, "target/debug/pattern-mesh-relay"), [
+    "--listen", "127.0.0.1:0", "--data-dir", join(dir, "data"),
+  ], { stdio: ["ignore", "pipe", "inherit"] });
+  url = await new Promise((resolve, reject) => {
+    let out = "";
+    relay.stdout.on("data", (chunk) => {
+      out += chunk;
+      const found = out.match(/WebSocket: (ws:\/\/[^)\s]+)/);
+      if (found) resolve(found[1]);
+    });
+    relay.on("exit", (code) => reject(new Error(`the relay exited with ${code}`)));
+  });
+});
+
+after(async () => {
+  relay?.kill("SIGKILL");
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+const until = async (what, check) => {
+  for (let i = 0; i < 200; i++) {
+    if (check()) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  assert.fail(`timed out waiting for ${what}`);
+};
+
+test("two clients in Node exchange a message and text edits through the relay, and close cleanly", async () => {
+  const room = `node-${Date.now()}`;
+  const a = await mesh.MeshClient.connect({ url, room, name: "a", WebSocket });
+  const b = await mesh.MeshClient.connect({ url, room, name: "b", WebSocket });
+  const received = [];
+  b.on("message", ({ data }) => received.push(data));
+  a.broadcast({ hello: "from node" });
+  a.text("content").insert(0, "typed in node");
+  await until("the message and the edit", () => received.length === 1 && b.text("content").toString() === "typed in node");
+  assert.deepEqual(received, [{ hello: "from node" }]);
+  const statuses = [];
+  a.on("status", (status) => statuses.push(status));
+  a.close();
+  b.close();
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual(statuses, ["closed"]);
+  assert.equal(a.status, "closed");
+});
+
+test("without a WebSocket implementation, connect says so at once", async () => {
+  assert.equal(typeof globalThis.WebSocket, "undefined", "Node 20 has no global WebSocket");
+  await assert.rejects(mesh.MeshClient.connect({ url, room: "none" }), {
+    name: "InvalidArgument",
+    message: /no global WebSocket.*pass one as the WebSocket option/,
+  });
+  await assert.rejects(mesh.MeshClient.connect({ url, room: "none", WebSocket: 42 }), {
+    name: "InvalidArgument",
+    message: /^WebSocket must be a constructor, got the number 42$/,
+  });
+});
