@@ -44,16 +44,19 @@ struct Options {
     connect_timeout: Option<u32>,
     /// The WebSocket class: the option's, or the global one.
     web_socket: js_sys::Function,
+    /// Listeners registered before the join, so that they hear the catch-up.
+    on: Vec<(&'static str, js_sys::Function)>,
 }
 
 impl Options {
-    const KEYS: [&'static str; 6] = [
+    const KEYS: [&'static str; 7] = [
         "url",
         "room",
         "name",
         "config",
         "connectTimeout",
         "WebSocket",
+        "on",
     ];
 
     /// Reads the options, refusing unknown keys and values of the wrong type by name.
@@ -63,7 +66,23 @@ impl Options {
             let value = js_sys::Reflect::get(value, &key.into()).unwrap_or(JsValue::UNDEFINED);
             (!value.is_undefined()).then_some(value)
         };
+        let on = match field("on") {
+            None => Vec::new(),
+            Some(on) => {
+                options_arg("on", &on, &EVENTS)?;
+                let mut listeners = Vec::new();
+                for event in EVENTS {
+                    if let Ok(f) = js_sys::Reflect::get(&on, &event.into()) {
+                        if !f.is_undefined() {
+                            listeners.push((event, function_arg(&format!("on.{event}"), &f)?));
+                        }
+                    }
+                }
+                listeners
+            }
+        };
         Ok(Options {
+            on,
             url: string_arg("url", &field("url").unwrap_or(JsValue::UNDEFINED))?,
             room: string_arg("room", &field("room").unwrap_or(JsValue::UNDEFINED))?,
             name: field("name")
@@ -617,6 +636,19 @@ impl MeshClient {
             next_listener: 1,
             joined: Some(joined),
         }));
+        {
+            let mut driver = shared.borrow_mut();
+            for (event, function) in options.on {
+                let id = driver.next_listener;
+                driver.next_listener += 1;
+                driver.listeners.push(Listener {
+                    id,
+                    event,
+                    function,
+                });
+            }
+            driver.error_listeners_changed();
+        }
         pump(&shared);
         match on_joined.await {
             Ok(Ok(())) => Ok(MeshClient { shared }),

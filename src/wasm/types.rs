@@ -142,6 +142,8 @@ export interface MeshClientOptions {
   connectTimeout?: number;
   /** The WebSocket class to connect with (default: the global one). Node before 22 has none: pass the `ws` package's. */
   WebSocket?: new (url: string) => unknown;
+  /** Listeners added before the join, so that they hear the catch-up: the room's stored messages, the peers, the first status. */
+  on?: { [K in keyof MeshEvents]?: (event: MeshEvents[K], reason?: string) => void };
 }
 
 /** The client's connection status. */

@@ -77,3 +77,27 @@ test("without a WebSocket implementation, connect says so at once", async () => 
     message: /^WebSocket must be a constructor, got the number 42$/,
   });
 });
+
+test("a late joiner's listeners passed to connect get the stored messages of the catch-up", async () => {
+  const room = `node-history-${Date.now()}`;
+  const a = await mesh.MeshClient.connect({ url, room, name: "a", WebSocket });
+  for (let i = 0; i < 5; i++) a.broadcast({ i });
+  await until("the messages are stored", () => a.pendingCount === 0);
+  const history = [];
+  const late = await mesh.MeshClient.connect({
+    url, room, name: "late", WebSocket,
+    on: { message: ({ sender, data }) => history.push([sender, data.i]) },
+  });
+  assert.deepEqual(history, [0, 1, 2, 3, 4].map((i) => [a.node, i]), "every stored message, in order, before connect resolves");
+  assert.equal(late.counts().accepted, 5);
+  await assert.rejects(mesh.MeshClient.connect({ url, room, WebSocket, on: { mesage: () => {} } }), {
+    name: "InvalidArgument",
+    message: /^on has an unknown key "mesage"; the accepted keys are message, anomaly, /,
+  });
+  await assert.rejects(mesh.MeshClient.connect({ url, room, WebSocket, on: { message: 1 } }), {
+    name: "InvalidArgument",
+    message: /^on\.message must be a function, got the number 1$/,
+  });
+  a.close();
+  late.close();
+});

@@ -4,7 +4,11 @@ import init, { MeshClient, SharedDocument, type Status, type Anomaly } from "../
 
 export async function main(url: string): Promise<string> {
   await init();
-  const client = await MeshClient.connect({ url, room: "typed", name: "ts", connectTimeout: 5000 });
+  const history: number[] = [];
+  const client = await MeshClient.connect({
+    url, room: "typed", name: "ts", connectTimeout: 5000,
+    on: { message: ({ step }) => history.push(step), status: (status: Status) => console.log(status) },
+  });
   const statuses: Status[] = [client.status];
   const off = client.on("status", (status: Status, reason?: string) => {
     statuses.push(status);
@@ -22,5 +26,5 @@ export async function main(url: string): Promise<string> {
   const update: Uint8Array = doc.insert("t", 0, "x");
   doc.applyUpdate(update);
   client.close();
-  return text.toString() + doc.text("t") + statuses.join();
+  return text.toString() + doc.text("t") + statuses.join() + history.length;
 }
