@@ -918,7 +918,7 @@ impl Sim {
             Event::Status { status, reason } => {
                 c.last_status = Some((status, reason));
             }
-            Event::Message { data, stamp } => {
+            Event::Message { data, stamp, .. } => {
                 if let Ok(value) = data.to_value::<serde_json::Value>() {
                     if let Some(id) = value["id"].as_str() {
                         c.received_data.push(id.to_owned());

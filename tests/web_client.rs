@@ -74,6 +74,7 @@ async fn two_clients_exchange_data_and_converge_on_text() {
         JSON::parse(r#"{"temperature":23.5}"#)
             .unwrap()
             .unchecked_into(),
+        None,
     )
     .unwrap();
     until("b receives a's data", || !messages.borrow().is_empty()).await;
@@ -147,7 +148,7 @@ async fn a_tampered_frame_is_reported_as_an_anomaly_and_not_applied() {
         "patternMismatch"
     );
     assert_eq!(Reflect::get(&anomaly, &"source".into()).unwrap(), "relay");
-    a.broadcast(JsValue::from_str("genuine").unchecked_into())
+    a.broadcast(JsValue::from_str("genuine").unchecked_into(), None)
         .unwrap();
     until("the genuine message arrives", || {
         !messages.borrow().is_empty()

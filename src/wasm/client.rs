@@ -260,8 +260,12 @@ impl Driver {
                     self.calls
                         .push(("status", JsValue::from_str(status.as_str()), reason));
                 }
-                Event::Message { stamp, data } => {
-                    if let Ok(value) = message_to_js(&stamp, &data) {
+                Event::Message {
+                    stamp,
+                    data,
+                    durable,
+                } => {
+                    if let Ok(value) = message_to_js(&stamp, &data, durable) {
                         self.call("message", value);
                     }
                 }
@@ -704,16 +708,45 @@ impl MeshClient {
 
     /// Sends any JSON value to the room. It is stamped with the room's next step when it goes
     /// out: at once, or after a reconnect (it waits in the outbox meanwhile), or when the
-    /// relay's rate allows. Throws `ClosedError` after `close()`.
-    pub fn broadcast(&self, data: JsJson) -> Result<(), JsValue> {
+    /// relay's rate allows; the relay stores it, and late joiners get it. With `{ durable:
+    /// false }` (game ticks, cursors) the relay only passes it on to the members present: it is
+    /// never stored, replayed or sent again, and it is dropped (`broadcast` returns `false`)
+    /// when the client is not connected. Returns whether the message was queued. Throws
+    /// `ClosedError` after `close()`.
+    pub fn broadcast(
+        &self,
+        data: JsJson,
+        options: Option<super::types::JsBroadcastOptions>,
+    ) -> Result<bool, JsValue> {
+        let durable = match options {
+            None => true,
+            Some(options) => {
+                let options = JsValue::from(options);
+                options_arg("the broadcast options", &options, &["durable"])?;
+                match js_sys::Reflect::get(&options, &"durable".into())? {
+                    v if v.is_undefined() => true,
+                    v => v.as_bool().ok_or_else(|| {
+                        invalid_argument(format!(
+                            "durable must be a boolean, got {}",
+                            super::errors::what_it_is(&v)
+                        ))
+                    })?,
+                }
+            }
+        };
         let data = json_from_js("the data", &data)?;
-        {
+        let queued = {
             let mut driver = self.shared.borrow_mut();
             let now = driver.now();
-            driver.session.broadcast(now, data).map_err(session_error)?;
-        }
+            if durable {
+                driver.session.broadcast(now, data).map(|()| true)
+            } else {
+                driver.session.broadcast_signal(now, data)
+            }
+            .map_err(session_error)?
+        };
         pump(&self.shared);
-        Ok(())
+        Ok(queued)
     }
 
     /// Sets this client's ephemeral state (a cursor, a selection); sent now and to every

@@ -96,6 +96,12 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
                 data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
             },
         )),
+        Some("signal") => Ok(Frame::stamped(
+            stamp_from_js(fields)?,
+            Body::Signal {
+                data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
+            },
+        )),
         Some("update") => Ok(Frame::stamped(
             stamp_from_js(fields)?,
             Body::Update {
@@ -451,7 +457,7 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
                 ..base
             };
             match body {
-                Body::Data { .. } => base,
+                Body::Data { .. } | Body::Signal { .. } => base,
                 Body::Update { update, .. } => FrameJs {
                     update: Some(update),
                     ..base
@@ -497,6 +503,14 @@ pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
         }
         Frame::Stamped(Stamped {
             stamp,
+            body: Body::Signal { data },
+        }) => {
+            let object = stamped_to_js(Some("signal"), stamp)?;
+            object.set_data(&json_to_js(data)?);
+            object
+        }
+        Frame::Stamped(Stamped {
+            stamp,
             body: Body::Update { doc, update },
         }) => {
             let object = stamped_to_js(Some("update"), stamp)?;
@@ -512,9 +526,10 @@ pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
 }
 
 /// The `message` event: `{ sender, step, pattern, data }`.
-pub(crate) fn message_to_js(stamp: &Stamp, data: &Json) -> Result<JsValue, JsValue> {
+pub(crate) fn message_to_js(stamp: &Stamp, data: &Json, durable: bool) -> Result<JsValue, JsValue> {
     let object = stamped_to_js(None, stamp)?;
     object.set_data(&json_to_js(data)?);
+    js_sys::Reflect::set(&object, &"durable".into(), &durable.into())?;
     Ok(object.into())
 }
 

@@ -79,6 +79,7 @@ export type Frame =
   | { kind: "part"; total: number; offset: number; bytes: Uint8Array }
   | { kind: "fence"; step: number }
   | (Stamp & { kind: "data"; data: Json })
+  | (Stamp & { kind: "signal"; data: Json })
   | (Stamp & { kind: "update"; doc: string; update: Uint8Array })
   | (Stamp & { kind: "checkpoint"; doc: string; stateVector: Uint8Array; deletes: string; digest: string })
   | (Stamp & { kind: "syncRequest"; doc: string; stateVector: Uint8Array; to: number })
@@ -173,6 +174,14 @@ export interface MessageEvent {
   step: number;
   pattern: number;
   data: Json;
+  /** `true` for a stored message (replayed to late joiners), `false` for one sent with `{ durable: false }`. */
+  durable: boolean;
+}
+
+/** Options of `MeshClient.broadcast`. */
+export interface BroadcastOptions {
+  /** `false`: the relay passes the message on to the members present and never stores it (default `true`). */
+  durable?: boolean;
 }
 
 /** The room step moved. */
@@ -266,6 +275,9 @@ extern "C" {
     /// `MeshClientOptions` in TypeScript.
     #[wasm_bindgen(typescript_type = "MeshClientOptions")]
     pub type JsMeshClientOptions;
+    /// `BroadcastOptions` in TypeScript.
+    #[wasm_bindgen(typescript_type = "BroadcastOptions")]
+    pub type JsBroadcastOptions;
     /// `TextListener` in TypeScript.
     #[wasm_bindgen(typescript_type = "TextListener")]
     pub type JsTextListener;

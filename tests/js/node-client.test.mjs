@@ -101,3 +101,32 @@ test("a late joiner's listeners passed to connect get the stored messages of the
   a.close();
   late.close();
 });
+
+test("a message sent with { durable: false } reaches the members present, and is never stored", async () => {
+  const room = `node-signal-${Date.now()}`;
+  const a = await mesh.MeshClient.connect({ url, room, name: "a", WebSocket });
+  const b = await mesh.MeshClient.connect({ url, room, name: "b", WebSocket });
+  const live = [];
+  b.on("message", ({ sender, data, durable }) => live.push([sender, data.tick, durable]));
+  for (let tick = 0; tick < 10; tick++) assert.equal(a.broadcast({ tick }, { durable: false }), true);
+  assert.equal(a.broadcast({ tick: "stored" }), true);
+  await until("the ten ticks and the stored message", () => live.length === 11);
+  assert.deepEqual(live.slice(0, 10), [...Array(10).keys()].map((tick) => [a.node, tick, false]));
+  assert.deepEqual(live[10], [a.node, "stored", true]);
+  assert.equal(a.pendingCount, 0, "nothing of the ticks waits for an acknowledgement");
+  const history = [];
+  const late = await mesh.MeshClient.connect({
+    url, room, name: "late", WebSocket, on: { message: ({ data }) => history.push(data.tick) },
+  });
+  assert.deepEqual(history, ["stored"], "a late joiner gets the stored message only");
+  assert.equal(late.counts().accepted, 1);
+  assert.throws(() => a.broadcast({}, { durable: "no" }), {
+    name: "InvalidArgument", message: 'durable must be a boolean, got the string "no"',
+  });
+  assert.throws(() => a.broadcast({}, { durabel: false }), {
+    name: "InvalidArgument", message: 'the broadcast options has an unknown key "durabel"; the accepted keys are durable',
+  });
+  a.dropConnection();
+  assert.equal(a.broadcast({ tick: "offline" }, { durable: false }), false, "dropped while not connected");
+  for (const c of [a, b, late]) c.close();
+});

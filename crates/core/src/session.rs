@@ -159,6 +159,9 @@ pub enum Event {
         stamp: Stamp,
         /// The data.
         data: Json,
+        /// Whether the relay stored it (`broadcast`), or only passed it on
+        /// (`broadcast_signal`).
+        durable: bool,
     },
     /// A frame was refused (see [`Anomaly`]).
     Anomaly(Anomaly),
@@ -508,6 +511,23 @@ impl<R: Replica> Session<R> {
         self.queue(now, Body::Data { data })
     }
 
+    /// Sends application data that the relay passes on to the members present and never stores
+    /// (a game tick, a cursor): it is stamped and validated like any message, but nobody
+    /// acknowledges it, a late joiner never sees it, and it is not sent again. Returns whether
+    /// it was queued: `false` when the session is not connected (a signal is about now, so it
+    /// is dropped rather than sent after a reconnect; the same happens to signals still waiting
+    /// for the pacer when the connection drops).
+    pub fn broadcast_signal(&mut self, now: u64, data: Json) -> Result<bool, SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        if self.link != Link::Open {
+            return Ok(false);
+        }
+        self.queue(now, Body::Signal { data })?;
+        Ok(true)
+    }
+
     /// Sends an update of `doc` that the application already applied to the replica. While it
     /// waits, it is merged with the updates of `doc` waiting before it.
     pub fn update(&mut self, now: u64, doc: &str, update: Vec<u8>) -> Result<(), SessionError> {
@@ -824,9 +844,9 @@ impl<R: Replica> Session<R> {
     }
 
     fn retry_later(&mut self, now: u64, failure: String) {
-        // Checkpoints and sync messages are about this connection's moment, and name peers of
-        // this connection: after it they would be stale (a sync answer could even reach a node
-        // that has the old addressee's id by then).
+        // Checkpoints, sync messages and signals are about this connection's moment, and name
+        // peers of this connection: after it they would be stale (a sync answer could even
+        // reach a node that has the old addressee's id by then).
         self.waiting.retain(|w| w.body.is_durable());
         self.attempt = self.attempt.saturating_add(1);
         let wait = self.backoff();
@@ -1180,7 +1200,16 @@ impl<R: Replica> Session<R> {
         self.step_event(advance);
         let open = self.link == Link::Open;
         match body {
-            Body::Data { data } => self.emit(Event::Message { stamp, data }),
+            Body::Data { data } => self.emit(Event::Message {
+                stamp,
+                data,
+                durable: true,
+            }),
+            Body::Signal { data } => self.emit(Event::Message {
+                stamp,
+                data,
+                durable: false,
+            }),
             Body::Update { update, .. } => self.apply(&update, &stamp),
             Body::SyncState { update, to, .. } => {
                 if to == 0 || to == self.node {

@@ -167,6 +167,9 @@ pub enum Kind {
     SyncRequest = 0x13,
     /// Stamped: an update answering a sync request.
     SyncState = 0x14,
+    /// Stamped: application data as JSON that is fanned out, never stored nor replayed (game
+    /// ticks, cursors).
+    Signal = 0x16,
 }
 
 /// The kind byte of a frame of protocol 2 that clients no longer send: the client-posted
@@ -194,6 +197,7 @@ impl Kind {
             0x12 => Self::Checkpoint,
             0x13 => Self::SyncRequest,
             0x14 => Self::SyncState,
+            0x16 => Self::Signal,
             _ => return None,
         })
     }
@@ -222,6 +226,7 @@ impl Kind {
             Kind::Checkpoint => "checkpoint",
             Kind::SyncRequest => "syncRequest",
             Kind::SyncState => "syncState",
+            Kind::Signal => "signal",
         }
     }
 }
@@ -487,6 +492,12 @@ pub enum Body {
         /// The node asked to answer (0: any node that has something to add).
         to: NodeId,
     },
+    /// Application data that the relay validates and fans out but never stores: late joiners
+    /// never see it, and nobody acknowledges it.
+    Signal {
+        /// The data.
+        data: Json,
+    },
     /// An update answering a sync request.
     SyncState {
         /// The document's name.
@@ -507,13 +518,14 @@ impl Body {
             Body::Checkpoint { .. } => Kind::Checkpoint,
             Body::SyncRequest { .. } => Kind::SyncRequest,
             Body::SyncState { .. } => Kind::SyncState,
+            Body::Signal { .. } => Kind::Signal,
         }
     }
 
     /// The document the body concerns, if any.
     pub fn doc(&self) -> Option<&str> {
         match self {
-            Body::Data { .. } => None,
+            Body::Data { .. } | Body::Signal { .. } => None,
             Body::Update { doc, .. }
             | Body::Checkpoint { doc, .. }
             | Body::SyncRequest { doc, .. }
@@ -534,7 +546,7 @@ impl Body {
             codec::var_len(len as u64) + len
         }
         match self {
-            Body::Data { data } => field(data.as_str().len()),
+            Body::Data { data } | Body::Signal { data } => field(data.as_str().len()),
             Body::Update { doc, update } => field(doc.len()) + field(update.len()),
             Body::Checkpoint {
                 doc, state_vector, ..
@@ -816,7 +828,7 @@ impl Frame {
                 w.var(stamp.step);
                 w.var(stamp.pattern);
                 match body {
-                    Body::Data { data } => w.str(data.as_str()),
+                    Body::Data { data } | Body::Signal { data } => w.str(data.as_str()),
                     Body::Update { doc, update } => {
                         w.str(doc);
                         w.bytes(update);
@@ -985,7 +997,12 @@ impl Frame {
                 doc: r.str("doc", limits.max_name)?,
                 state: r.bytes("state")?.to_vec(),
             },
-            Kind::Data | Kind::Update | Kind::Checkpoint | Kind::SyncRequest | Kind::SyncState => {
+            Kind::Data
+            | Kind::Update
+            | Kind::Checkpoint
+            | Kind::SyncRequest
+            | Kind::SyncState
+            | Kind::Signal => {
                 let stamp = Stamp {
                     sender: r.var("sender")?,
                     step: r.var("step")?,
@@ -993,6 +1010,9 @@ impl Frame {
                 };
                 let body = match kind {
                     Kind::Data => Body::Data {
+                        data: json(&mut r)?,
+                    },
+                    Kind::Signal => Body::Signal {
                         data: json(&mut r)?,
                     },
                     Kind::Update => Body::Update {
@@ -1278,6 +1298,9 @@ mod tests {
             Frame::Fence { step: 77 },
             stamped(Body::Data {
                 data: Json::parse(r#"{"temperature":23.5}"#).unwrap(),
+            }),
+            stamped(Body::Signal {
+                data: Json::parse(r#"{"x":3,"y":4}"#).unwrap(),
             }),
             stamped(Body::Update {
                 doc: "content".into(),
