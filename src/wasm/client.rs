@@ -688,6 +688,26 @@ impl MeshClient {
         Ok(to_js(&self.shared.borrow().session.peers())?.unchecked_into())
     }
 
+    /// The latest presence of each peer present that has set one: `[{ node, name, data }]`. A
+    /// `presence` event says whose changed; one with `data: null` that a peer left.
+    pub fn presence(&self) -> Result<super::types::JsPresences, JsValue> {
+        let driver = self.shared.borrow();
+        let peers = driver.session.peers();
+        let list = js_sys::Array::new();
+        for (&node, data) in driver.session.presences() {
+            let entry = js_sys::Object::new();
+            let name = peers
+                .iter()
+                .find(|p| p.node == node)
+                .map_or("", |p| p.name.as_str());
+            js_sys::Reflect::set(&entry, &"node".into(), &(node as f64).into())?;
+            js_sys::Reflect::set(&entry, &"name".into(), &name.into())?;
+            js_sys::Reflect::set(&entry, &"data".into(), &super::frames::json_to_js(data)?)?;
+            list.push(&entry);
+        }
+        Ok(list.unchecked_into())
+    }
+
     /// The digest of the document (every text), as 16 hex digits: what checkpoints compare.
     #[wasm_bindgen(getter)]
     pub fn digest(&self) -> String {

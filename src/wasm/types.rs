@@ -66,6 +66,13 @@ export interface Peer {
   name: string;
 }
 
+/** A peer's latest presence. */
+export interface PresenceEntry {
+  node: number;
+  name: string;
+  data: Json;
+}
+
 /** One protocol frame; `kind` names the variant. */
 export type Frame =
   | { kind: "join"; room: string; name: string; since: number; log?: number; resume?: Uint8Array | null; config?: RoomConfig | null }
@@ -287,6 +294,9 @@ extern "C" {
     /// `Peer[]` in TypeScript.
     #[wasm_bindgen(typescript_type = "Peer[]")]
     pub type JsPeers;
+    /// `PresenceEntry[]` in TypeScript.
+    #[wasm_bindgen(typescript_type = "PresenceEntry[]")]
+    pub type JsPresences;
     /// `() => void` in TypeScript.
     #[wasm_bindgen(typescript_type = "() => void")]
     pub type JsUnsubscribe;

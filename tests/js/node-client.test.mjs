@@ -130,3 +130,26 @@ test("a message sent with { durable: false } reaches the members present, and is
   assert.equal(a.broadcast({ tick: "offline" }, { durable: false }), false, "dropped while not connected");
   for (const c of [a, b, late]) c.close();
 });
+
+test("presence is a map: a late joiner gets what was set before it came, a reconnect sends it again, a leave removes it", async () => {
+  const room = `node-presence-${Date.now()}`;
+  const a = await mesh.MeshClient.connect({ url, room, name: "ada", WebSocket });
+  a.setPresence({ cursor: 3 });
+  const b = await mesh.MeshClient.connect({ url, room, name: "bob", WebSocket });
+  await until("the presence set before b came", () => b.presence().length === 1);
+  assert.deepEqual(b.presence(), [{ node: a.node, name: "ada", data: { cursor: 3 } }]);
+  const changes = [];
+  b.on("presence", ({ sender, data }) => changes.push([sender, data]));
+  a.setPresence({ cursor: 4 });
+  await until("the new presence", () => changes.length === 1);
+  a.dropConnection();
+  await until("the presence sent again after a's reconnect", () => changes.length >= 3 && a.status === "open");
+  assert.deepEqual(changes.at(-1), [a.node, { cursor: 4 }]);
+  assert.ok(changes.some(([, data]) => data === null), "a's leave (the dropped connection) removed it");
+  assert.deepEqual(b.presence(), [{ node: a.node, name: "ada", data: { cursor: 4 } }]);
+  const node = a.node;
+  a.close();
+  await until("a's leave", () => b.presence().length === 0);
+  assert.deepEqual(changes.at(-1), [node, null]);
+  b.close();
+});

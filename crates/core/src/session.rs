@@ -330,6 +330,8 @@ pub struct Session<R> {
     presence: Option<Json>,
     presence_due: bool,
     peers: BTreeMap<NodeId, String>,
+    /// The latest presence of each peer present (a peer that leaves takes its presence along).
+    presences: BTreeMap<NodeId, Json>,
     rng: u64,
     outputs: VecDeque<Output>,
     events: VecDeque<Event>,
@@ -374,6 +376,7 @@ impl<R: Replica> Session<R> {
             presence: None,
             presence_due: false,
             peers: BTreeMap::new(),
+            presences: BTreeMap::new(),
             outputs: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -466,6 +469,21 @@ impl<R: Replica> Session<R> {
     /// Durable messages not yet acknowledged (sent or waiting).
     pub fn pending(&self) -> usize {
         self.in_flight.len() + self.waiting.iter().filter(|w| w.body.is_durable()).count()
+    }
+
+    /// The latest presence of each peer present that has set one, by node id.
+    pub fn presences(&self) -> &BTreeMap<NodeId, Json> {
+        &self.presences
+    }
+
+    /// Removes a peer's presence, and says so with a presence of `null`.
+    fn forget_presence(&mut self, node: NodeId) {
+        if self.presences.remove(&node).is_some() {
+            self.emit(Event::Presence {
+                sender: node,
+                data: Json::null(),
+            });
+        }
     }
 
     /// The members present now (but this client).
@@ -918,6 +936,7 @@ impl<R: Replica> Session<R> {
             }
             Frame::PeerLeft { node } => {
                 self.peers.remove(&node);
+                self.forget_presence(node);
                 let peers = self.peers();
                 self.emit(Event::Peers {
                     peers,
@@ -943,7 +962,10 @@ impl<R: Replica> Session<R> {
                 reason,
                 detail,
             } => self.on_reject(now, step, reason, detail),
-            Frame::Presence { sender, data } => self.emit(Event::Presence { sender, data }),
+            Frame::Presence { sender, data } => {
+                self.presences.insert(sender, data.clone());
+                self.emit(Event::Presence { sender, data });
+            }
             Frame::Stamped(stamped) => self.on_stamped(now, stamped, logged),
             // The relay's compaction of the document, from the log: everything logged before
             // it, merged. Only the log carries one.
@@ -1042,6 +1064,17 @@ impl<R: Replica> Session<R> {
         let advance = self.clock.join(high);
         self.step_event(advance);
         self.peers = peers.into_iter().map(|p| (p.node, p.name)).collect();
+        // Presences of peers that left while this client was away go; those present send
+        // theirs again when they see this client join.
+        let gone: Vec<NodeId> = self
+            .presences
+            .keys()
+            .filter(|node| !self.peers.contains_key(node))
+            .copied()
+            .collect();
+        for node in gone {
+            self.forget_presence(node);
+        }
         let peers = self.peers();
         self.emit(Event::Peers {
             peers,
@@ -1501,6 +1534,49 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// The presence map: each peer's latest, gone (with a `null` event) when the peer leaves,
+    /// or when a reconnect finds it no longer present.
+    #[test]
+    fn presences_follow_the_peers() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[7, 8]);
+        let presence = |sender, text: &str| Frame::Presence {
+            sender,
+            data: Json::parse(text).unwrap(),
+        };
+        h.frame(presence(7, r#"{"cursor":1}"#));
+        h.frame(presence(7, r#"{"cursor":2}"#));
+        h.frame(presence(8, r#"{"cursor":9}"#));
+        let map = |h: &Harness| -> Vec<(NodeId, String)> {
+            h.session
+                .presences()
+                .iter()
+                .map(|(&n, d)| (n, d.as_str().to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            map(&h),
+            [
+                (7, r#"{"cursor":2}"#.to_owned()),
+                (8, r#"{"cursor":9}"#.to_owned())
+            ]
+        );
+        while h.session.poll_event().is_some() {}
+        h.frame(Frame::PeerLeft { node: 7 });
+        assert_eq!(map(&h), [(8, r#"{"cursor":9}"#.to_owned())]);
+        let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
+        assert!(events.contains(&Event::Presence {
+            sender: 7,
+            data: Json::null()
+        }));
+        // Node 8 leaves while this client is away: the welcome of the reconnect lists it no more.
+        h.session.handle_closed(h.now, 1006, "gone");
+        h.now = h.session.poll_timeout().unwrap();
+        h.session.handle_timeout(h.now);
+        h.join(2, 1, &[9]);
+        assert!(map(&h).is_empty());
     }
 
     #[test]

@@ -422,6 +422,11 @@ impl Json {
         Ok(Self(text))
     }
 
+    /// JSON `null`.
+    pub fn null() -> Self {
+        Self("null".into())
+    }
+
     /// Serialises a value to JSON.
     pub fn from_value<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
         serde_json::to_string(value).map(Self)
