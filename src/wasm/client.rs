@@ -155,6 +155,8 @@ struct PeersJs<'a> {
     joined: Option<&'a Peer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     left: Option<NodeId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    renamed: Option<&'a Peer>,
 }
 
 /// The events a listener may subscribe to.
@@ -299,12 +301,14 @@ impl Driver {
                     peers,
                     joined,
                     left,
+                    renamed,
                 } => self.call_js(
                     "peers",
                     &PeersJs {
                         peers: &peers,
                         joined: joined.as_ref(),
                         left,
+                        renamed: renamed.as_ref(),
                     },
                 ),
                 Event::Step {
@@ -571,6 +575,7 @@ fn session_error(e: SessionError) -> JsValue {
         SessionError::Closed => js_error("ClosedError", e),
         SessionError::TooLarge { .. } => js_error("RangeError", e),
         SessionError::StepOverflow => js_error("RangeError", e),
+        SessionError::NameTooLong { .. } => invalid_argument(e),
     }
 }
 
@@ -781,6 +786,24 @@ impl MeshClient {
                 .session
                 .set_presence(now, data)
                 .map_err(session_error)?;
+        }
+        pump(&self.shared);
+        Ok(())
+    }
+
+    /// Changes this client's display name for every peer (a `peers` event with `renamed` on
+    /// their side), and in every later join. Throws `InvalidArgument` for a name over 64 bytes,
+    /// `ClosedError` after `close()`.
+    #[wasm_bindgen(js_name = setName)]
+    pub fn set_name(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] name: JsValue,
+    ) -> Result<(), JsValue> {
+        let name = string_arg("name", &name)?;
+        {
+            let mut driver = self.shared.borrow_mut();
+            let now = driver.now();
+            driver.session.set_name(now, &name).map_err(session_error)?;
         }
         pump(&self.shared);
         Ok(())

@@ -256,6 +256,12 @@ impl AnyFrame {
             "fence" => Frame::Fence {
                 step: required(self.step, "step")?,
             },
+            "rename" => Frame::Rename {
+                name: required(self.name, "name")?,
+            },
+            "peerRenamed" => Frame::PeerRenamed {
+                peer: required(self.peer, "peer")?,
+            },
             "checkpoint" => stamped(Body::Checkpoint {
                 doc: required(self.doc, "doc")?,
                 state_vector: required(self.state_vector, "stateVector")?,
@@ -402,8 +408,12 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             position: Some(*position),
             ..base
         },
-        Frame::PeerJoined { peer } => FrameJs {
+        Frame::PeerJoined { peer } | Frame::PeerRenamed { peer } => FrameJs {
             peer: Some(peer),
+            ..base
+        },
+        Frame::Rename { name } => FrameJs {
+            name: Some(name),
             ..base
         },
         Frame::PeerLeft { node } => FrameJs {

@@ -85,6 +85,8 @@ export type Frame =
   | { kind: "presence"; sender: number; data: Json }
   | { kind: "part"; total: number; offset: number; bytes: Uint8Array }
   | { kind: "fence"; step: number }
+  | { kind: "rename"; name: string }
+  | { kind: "peerRenamed"; peer: Peer }
   | (Stamp & { kind: "data"; data: Json })
   | (Stamp & { kind: "signal"; data: Json })
   | (Stamp & { kind: "update"; doc: string; update: Uint8Array })
@@ -203,6 +205,8 @@ export interface PeersEvent {
   peers: Peer[];
   joined?: Peer;
   left?: number;
+  /** A peer that changed its name (`setName`), with the new name. */
+  renamed?: Peer;
 }
 
 /** Ephemeral state from a peer. */

@@ -153,3 +153,24 @@ test("presence is a map: a late joiner gets what was set before it came, a recon
   assert.deepEqual(changes.at(-1), [node, null]);
   b.close();
 });
+
+test("setName renames a member for every peer, and for newcomers", async () => {
+  const room = `node-rename-${Date.now()}`;
+  const a = await mesh.MeshClient.connect({ url, room, name: "ada", WebSocket });
+  const b = await mesh.MeshClient.connect({ url, room, name: "bob", WebSocket });
+  const renames = [];
+  b.on("peers", ({ renamed }) => { if (renamed) renames.push(renamed); });
+  a.setName("grace");
+  await until("the rename", () => renames.length === 1);
+  assert.deepEqual(renames, [{ node: a.node, name: "grace" }]);
+  assert.deepEqual(b.peers, [{ node: a.node, name: "grace" }]);
+  const c = await mesh.MeshClient.connect({ url, room, name: "cy", WebSocket });
+  assert.ok(c.peers.some((p) => p.node === a.node && p.name === "grace"), "a newcomer sees the new name");
+  a.dropConnection();
+  await until("a back", () => a.status === "open");
+  await until("the name kept across a reconnect", () => b.peers.some((p) => p.node === a.node && p.name === "grace"));
+  assert.throws(() => a.setName("x".repeat(65)), { name: "InvalidArgument", message: "the name is 65 bytes, over the 64 bytes a name may have" });
+  assert.throws(() => a.setName(7), { name: "InvalidArgument", message: "name must be a string, got the number 7" });
+  for (const client of [a, b, c]) client.close();
+  assert.throws(() => a.setName("late"), { name: "ClosedError" });
+});

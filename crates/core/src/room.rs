@@ -948,9 +948,22 @@ impl RoomCore {
                     bytes,
                 });
             }
+            Frame::Rename { name } => {
+                let Some(member) = self.members.get_mut(&conn) else {
+                    return;
+                };
+                member.name.clone_from(&name);
+                let renamed = Frame::PeerRenamed {
+                    peer: Peer { node, name },
+                };
+                self.outputs.push_back(Output::Fanout {
+                    except: Some(conn),
+                    bytes: Bytes::from(renamed.encode()),
+                });
+            }
             other => {
                 let detail = format!(
-                    "a {} frame is not accepted from a member; send stamped frames, presence or fences",
+                    "a {} frame is not accepted from a member; send stamped frames, presence, renames or fences",
                     other.kind()
                 );
                 self.refuse(conn, 0, Reason::Unexpected, detail);
@@ -1530,6 +1543,41 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A rename reaches the other members, and a newcomer's welcome lists the new name.
+    #[test]
+    fn a_member_renames_itself_for_every_peer() {
+        let mut room = room();
+        let a = room.join(0, 1, req("ada", None), [1; 16]).unwrap();
+        room.join(0, 2, req("bob", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        let rename = Frame::Rename {
+            name: "grace".into(),
+        };
+        send(&mut room, 0, 1, Bytes::from(rename.encode()));
+        let out = outputs(&mut room);
+        let renamed = Frame::PeerRenamed {
+            peer: Peer {
+                node: a.node,
+                name: "grace".into(),
+            },
+        };
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Output::Fanout { except: Some(1), bytes }] if *bytes == renamed.encode()
+            ),
+            "{out:?}"
+        );
+        let c = room.join(0, 3, req("cy", None), [3; 16]).unwrap();
+        let Frame::Welcome { peers, .. } = Frame::decode(&c.welcome).unwrap() else {
+            panic!("a welcome");
+        };
+        assert!(peers.contains(&Peer {
+            node: a.node,
+            name: "grace".into()
+        }));
     }
 
     /// A member stamping each message 999 steps ahead (within `maxFuture`) moves the room step

@@ -186,6 +186,8 @@ pub enum Event {
         joined: Option<Peer>,
         /// Who left, if someone did.
         left: Option<NodeId>,
+        /// Who changed its name, if someone did (with the new name).
+        renamed: Option<Peer>,
     },
     /// The room step moved.
     Step {
@@ -241,6 +243,14 @@ pub enum SessionError {
     /// The step clock is exhausted.
     #[error("the step clock is at its maximum")]
     StepOverflow,
+    /// A display name longer than the relay accepts.
+    #[error("the name is {len} bytes, over the {max} bytes a name may have")]
+    NameTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// The connection's phase, inside the session.
@@ -590,6 +600,30 @@ impl<R: Replica> Session<R> {
         Ok(())
     }
 
+    /// Changes this client's display name for every peer: sent now if connected, and given in
+    /// every later join.
+    pub fn set_name(&mut self, now: u64, name: &str) -> Result<(), SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        let max = crate::wire::Limits::default().max_name;
+        if name.len() > max {
+            return Err(SessionError::NameTooLong {
+                len: name.len(),
+                max,
+            });
+        }
+        self.config.name = name.to_owned();
+        if self.link == Link::Open {
+            let frame = Frame::Rename {
+                name: name.to_owned(),
+            };
+            self.outputs.push_back(Output::Send(frame.encode()));
+        }
+        self.pump(now);
+        Ok(())
+    }
+
     /// Closes the session for good.
     pub fn close(&mut self, _now: u64) {
         if self.closed {
@@ -932,7 +966,20 @@ impl<R: Replica> Session<R> {
                     peers,
                     joined: Some(peer),
                     left: None,
+                    renamed: None,
                 });
+            }
+            Frame::PeerRenamed { peer } => {
+                if let Some(name) = self.peers.get_mut(&peer.node) {
+                    name.clone_from(&peer.name);
+                    let peers = self.peers();
+                    self.emit(Event::Peers {
+                        peers,
+                        joined: None,
+                        left: None,
+                        renamed: Some(peer),
+                    });
+                }
             }
             Frame::PeerLeft { node } => {
                 self.peers.remove(&node);
@@ -942,6 +989,7 @@ impl<R: Replica> Session<R> {
                     peers,
                     joined: None,
                     left: Some(node),
+                    renamed: None,
                 });
             }
             Frame::Ack { step, position } => {
@@ -981,7 +1029,7 @@ impl<R: Replica> Session<R> {
                 None,
             ),
             Frame::Fence { .. } => self.unechoed = self.unechoed.saturating_sub(1),
-            Frame::Join { .. } | Frame::Part { .. } => self.anomaly(
+            Frame::Join { .. } | Frame::Part { .. } | Frame::Rename { .. } => self.anomaly(
                 Source::Local,
                 Reason::Unexpected,
                 "the relay sent a frame only clients send".into(),
@@ -1080,6 +1128,7 @@ impl<R: Replica> Session<R> {
             peers,
             joined: None,
             left: None,
+            renamed: None,
         });
         self.link = Link::CatchingUp;
     }

@@ -157,6 +157,10 @@ pub enum Kind {
     Fence = 0x0a,
     /// Relay to client, from the room log: the whole document as the relay compacted it.
     Snapshot = 0x0b,
+    /// Client to relay: this member's new display name.
+    Rename = 0x0c,
+    /// Relay to client: a peer changed its display name.
+    PeerRenamed = 0x0d,
     /// Stamped: application data as JSON.
     Data = 0x10,
     /// Stamped: a Yjs v1 document update.
@@ -192,6 +196,8 @@ impl Kind {
             0x09 => Self::Part,
             0x0a => Self::Fence,
             0x0b => Self::Snapshot,
+            0x0c => Self::Rename,
+            0x0d => Self::PeerRenamed,
             0x10 => Self::Data,
             0x11 => Self::Update,
             0x12 => Self::Checkpoint,
@@ -221,6 +227,8 @@ impl Kind {
             Kind::Part => "part",
             Kind::Fence => "fence",
             Kind::Snapshot => "snapshot",
+            Kind::Rename => "rename",
+            Kind::PeerRenamed => "peerRenamed",
             Kind::Data => "data",
             Kind::Update => "update",
             Kind::Checkpoint => "checkpoint",
@@ -690,6 +698,16 @@ pub enum Frame {
         /// The step of the refusal this answers.
         step: Step,
     },
+    /// A member's new display name, for every peer (client to relay).
+    Rename {
+        /// The name (at most 64 bytes).
+        name: String,
+    },
+    /// A peer's new display name (relay to client).
+    PeerRenamed {
+        /// The peer, with its new name.
+        peer: Peer,
+    },
     /// The relay's compaction of a document, from the room log (it always carries a position):
     /// every update logged before it, merged. A client applies it like an update. Only the
     /// relay writes one; it is refused from a client.
@@ -722,6 +740,8 @@ impl Frame {
             Frame::Presence { .. } => Kind::Presence,
             Frame::Part { .. } => Kind::Part,
             Frame::Fence { .. } => Kind::Fence,
+            Frame::Rename { .. } => Kind::Rename,
+            Frame::PeerRenamed { .. } => Kind::PeerRenamed,
             Frame::Snapshot { .. } => Kind::Snapshot,
             Frame::Stamped(s) => s.body.kind(),
         }
@@ -824,6 +844,11 @@ impl Frame {
                 w.bytes(bytes);
             }
             Frame::Fence { step } => w.var(*step),
+            Frame::Rename { name } => w.str(name),
+            Frame::PeerRenamed { peer } => {
+                w.var(peer.node);
+                w.str(&peer.name);
+            }
             Frame::Snapshot { doc, state } => {
                 w.str(doc);
                 w.bytes(state);
@@ -997,6 +1022,15 @@ impl Frame {
             },
             Kind::Fence => Frame::Fence {
                 step: r.var("step")?,
+            },
+            Kind::Rename => Frame::Rename {
+                name: r.str("name", limits.max_name)?,
+            },
+            Kind::PeerRenamed => Frame::PeerRenamed {
+                peer: Peer {
+                    node: r.var("node")?,
+                    name: r.str("name", limits.max_name)?,
+                },
             },
             Kind::Snapshot => Frame::Snapshot {
                 doc: r.str("doc", limits.max_name)?,
@@ -1301,6 +1335,15 @@ mod tests {
                 bytes: vec![5; 100],
             },
             Frame::Fence { step: 77 },
+            Frame::Rename {
+                name: "grace".into(),
+            },
+            Frame::PeerRenamed {
+                peer: Peer {
+                    node: 4,
+                    name: "grace".into(),
+                },
+            },
             stamped(Body::Data {
                 data: Json::parse(r#"{"temperature":23.5}"#).unwrap(),
             }),
