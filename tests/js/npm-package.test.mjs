@@ -3,8 +3,8 @@
 // one room exchange data and text edits. Also times the automerge-paper trace through the JS API.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
-import { mkdtemp, writeFile, copyFile, rm, readdir } from "node:fs/promises";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { mkdtemp, mkdir, writeFile, copyFile, rm, readdir } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -14,7 +14,7 @@ const root = fileURLToPath(new URL("../../", import.meta.url));
 const require = createRequire(join(root, ".ci/package.json"));
 const { chromium } = require("playwright-core");
 
-let dir, relay, base, browser;
+let dir, relay, base, browser, packed;
 
 const page = `<!doctype html><meta charset="utf-8"><title>package test</title>
 <script type="module">
@@ -26,13 +26,13 @@ const page = `<!doctype html><meta charset="utf-8"><title>package test</title>
 
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), "pattern-mesh-npm-"));
-  const packed = execFileSync("npm", ["pack", join(root, "pkg"), "--pack-destination", dir, "--silent"], {
+  packed = join(dir, execFileSync("npm", ["pack", join(root, "pkg"), "--pack-destination", dir, "--silent"], {
     encoding: "utf8",
-  }).trim().split("\n").pop();
+  }).trim().split("\n").pop());
   const project = join(dir, "project");
   execFileSync("mkdir", ["-p", project]);
   await writeFile(join(project, "package.json"), JSON.stringify({ name: "app", private: true }));
-  execFileSync("npm", ["install", join(dir, packed), "--no-audit", "--no-fund", "--loglevel=error"], {
+  execFileSync("npm", ["install", packed, "--no-audit", "--no-fund", "--loglevel=error"], {
     cwd: project,
   });
   const installed = await readdir(join(project, "node_modules", "pattern-mesh"));
@@ -97,6 +97,69 @@ test("two pages using the installed package exchange data and text edits", async
   assert.equal(ta, tb);
   assert.ok(ta.includes("from a. ") && ta.includes("from b. "), ta);
   assert.deepEqual([...a.errors, ...b.errors], []);
+});
+
+test("a Vite app in strict TypeScript, on the installed package, type-checks, builds and joins a room", async () => {
+  const app = join(dir, "project", "vite-app");
+  await mkdir(join(app, "src"), { recursive: true });
+  await writeFile(join(app, "package.json"), JSON.stringify({ name: "vite-app", private: true, type: "module" }));
+  execFileSync("npm", ["install", packed, "--offline", "--no-audit", "--no-fund", "--loglevel=error"], { cwd: app });
+  await writeFile(join(app, "tsconfig.json"), JSON.stringify({
+    compilerOptions: {
+      strict: true, noEmit: true, target: "es2022", module: "esnext", moduleResolution: "bundler",
+      lib: ["es2022", "dom"], types: [],
+    },
+    include: ["src"],
+  }));
+  await writeFile(join(app, "index.html"), `<!doctype html><meta charset="utf-8"><title>vite app</title>
+<script type="module" src="./src/main.ts"></script>`);
+  await writeFile(join(app, "src", "main.ts"), `import init, { MeshClient, type MessageEvent, type Status } from "pattern-mesh";
+
+declare global {
+  interface Window { app?: { client: MeshClient; messages: MessageEvent[]; statuses: Status[] } }
+}
+
+async function main(): Promise<void> {
+  await init();
+  const params = new URLSearchParams(location.search);
+  const url = params.get("relay");
+  const room = params.get("room");
+  if (url === null || room === null) throw new Error("relay and room are required");
+  const messages: MessageEvent[] = [];
+  const statuses: Status[] = [];
+  const client = await MeshClient.connect({ url, room, name: "vite", on: { message: (m) => messages.push(m) } });
+  client.on("status", (status) => statuses.push(status));
+  client.text("content").insert(0, "from vite");
+  window.app = { client, messages, statuses };
+}
+
+main();
+`);
+  const tools = join(root, ".ci/node_modules/.bin");
+  const tsc = spawnSync(join(tools, "tsc"), ["-p", join(app, "tsconfig.json")], { encoding: "utf8" });
+  assert.equal(tsc.status, 0, `tsc --strict failed:\n${tsc.stdout}${tsc.stderr}`);
+  const vite = spawnSync(join(tools, "vite"), ["build", "--base", "./", "--logLevel", "error", app], { encoding: "utf8" });
+  assert.equal(vite.status, 0, `vite build failed:\n${vite.stdout}${vite.stderr}`);
+  const assets = await readdir(join(app, "dist", "assets"));
+  assert.ok(assets.some((f) => f.endsWith(".wasm")), `the wasm is among the built assets: ${assets}`);
+
+  const url = base.replace("http://", "ws://") + "/ws";
+  const room = `vite-${Date.now()}`;
+  const other = await openPage();
+  await other.evaluate(async ({ url, room }) => {
+    const client = await window.mesh.MeshClient.connect({ url, room, name: "other" });
+    client.broadcast({ before: "the vite app came" });
+    window.text = client.text("content");
+  }, { url, room });
+  const p = await browser.newPage();
+  const errors = [];
+  p.on("pageerror", (e) => errors.push(e.message));
+  await p.goto(`${base}/vite-app/dist/index.html?relay=${encodeURIComponent(url)}&room=${room}`);
+  await p.waitForFunction(() => window.app !== undefined);
+  assert.deepEqual(await p.evaluate(() => window.app.messages.map((m) => m.data)), [{ before: "the vite app came" }]);
+  await other.waitForFunction(() => window.text.toString() === "from vite");
+  assert.deepEqual([...errors, ...other.errors], []);
+  await Promise.all([p.close(), other.close()]);
 });
 
 test("the README's client example works as written", async () => {
