@@ -982,6 +982,14 @@ impl<'a> BlockPicker<'a> {
             _ => {
                 // This update message causally depends on another update message that doesn't exist yet
                 self.missing.set_min(*missing, missing_clock(missing));
+                // Every block of the stack waits for the one above it, of another client: when
+                // any of those clients gets new blocks, what waits must be tried again (a block
+                // of the same id that another update brings can integrate where the one held
+                // back could not, and free the blocks waiting for it).
+                for item in self.stack.iter() {
+                    let client = item.client();
+                    self.missing.set_min(*client, missing_clock(client));
+                }
                 for item in self.stack.drain(..) {
                     let client = *item.client();
                     let mut unapplicable_blocks = match self.store.clients.remove(&client) {
