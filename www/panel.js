@@ -93,6 +93,14 @@ export function mountPanel(client, { room, pattern = new PatternGenerator() }) {
     $("peer-count").textContent = peers.length + 1;
   };
   client.on("peers", ({ peers }) => renderPeers(peers));
+  // A new name in the field reaches every peer (and every later join).
+  $("name").addEventListener("change", () => {
+    try {
+      client.setName($("name").value);
+    } catch (e) {
+      log({ source: "local", reason: e.name, detail: e.message });
+    }
+  });
   renderPeers(client.peers);
   renderStatus(client.status);
   renderStep();

@@ -166,6 +166,19 @@ test("the tamper control produces anomalies in the other page's panel and change
   await Promise.all([a.close(), b.close()]);
 });
 
+test("a new name typed in one page's name field shows in the other page's peer list", async () => {
+  const room = `e2e-rename-${Date.now()}`;
+  const a = await open(`index.html?room=${room}`);
+  const b = await open(`index.html?room=${room}`);
+  const node = await a.evaluate(() => window.meshClient.node);
+  await a.fill("#name", "grace hopper");
+  await a.dispatchEvent("#name", "change");
+  await b.waitForFunction((node) => [...document.querySelectorAll("#peers li")]
+    .some((li) => li.textContent === `grace hopper (node ${node})`), node);
+  for (const p of [a, b]) assert.deepEqual(p.problems, []);
+  await Promise.all([a.close(), b.close()]);
+});
+
 test("in the game, two pages move their pieces and each sees the other's position", async () => {
   const room = `e2e-game-${Date.now()}`;
   const a = await open(`game.html?room=${room}`);
