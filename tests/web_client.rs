@@ -34,7 +34,7 @@ async fn connect(room: &str, name: &str) -> MeshClient {
         relay_url()
     ))
     .unwrap();
-    MeshClient::connect(options.unchecked_into())
+    MeshClient::join(options.unchecked_into(), None)
         .await
         .expect("the client joins")
 }

@@ -97,12 +97,20 @@ impl Options {
                 .map(|v| u32_arg("connectTimeout", &v))
                 .transpose()?,
             web_socket: match field("WebSocket") {
-                Some(class) => function_arg("WebSocket", &class).map_err(|_| {
-                    invalid_argument(format!(
+                // A class has a prototype object; an arrow function has none.
+                Some(class)
+                    if class.is_function()
+                        && js_sys::Reflect::get(&class, &"prototype".into())
+                            .is_ok_and(|p| p.is_object()) =>
+                {
+                    class.unchecked_into()
+                }
+                Some(class) => {
+                    return Err(invalid_argument(format!(
                         "WebSocket must be a constructor, got {}",
                         super::errors::what_it_is(&class)
-                    ))
-                })?,
+                    )))
+                }
                 None => js_sys::Reflect::get(&js_sys::global(), &"WebSocket".into())
                     .ok()
                     .and_then(|class| class.dyn_into().ok())
@@ -170,19 +178,31 @@ struct Listener {
     function: js_sys::Function,
 }
 
-/// The open socket: its writer, and how to stop its reader.
+/// The open socket: its writer, and how to stop its reader and writer. Dropping it (a close,
+/// a reconnect, or the client let go of without `close()`) closes the socket and keeps its
+/// later events from gloo-net's listeners, which go with it.
 struct Socket {
     id: u64,
     raw: web_sys::WebSocket,
     writer: UnboundedSender<Vec<u8>>,
     stop: Option<oneshot::Sender<()>>,
+    stop_writer: Option<oneshot::Sender<()>>,
 }
 
 impl Socket {
-    fn close(mut self) {
+    fn close(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
         super::fatal::stop(&self.raw, 1000, "the client closed the connection");
         self.writer.close_channel();
-        if let Some(stop) = self.stop.take() {
+        for stop in [self.stop.take(), self.stop_writer.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = stop.send(());
         }
     }
@@ -361,6 +381,9 @@ fn pump(shared: &Shared) {
     {
         let driver = shared.borrow();
         driver.registration.pending.set(driver.session.pending());
+        if driver.session.is_closed() {
+            driver.registration.set_closed();
+        }
     }
     dispatch(shared);
 }
@@ -430,11 +453,16 @@ fn open(shared: &Shared) {
     // gloo-net closes the socket only when both halves are dropped: when the writer stops (its
     // channel was closed), the reader stops too.
     let (writer_done, mut writer_stopped) = oneshot::channel::<()>();
+    let (stop_writer, mut writer_stop) = oneshot::channel::<()>();
     wasm_bindgen_futures::spawn_local(async move {
-        // A send waits until the socket is open.
+        // A send waits until the socket is open; one let go of before it opened never tells
+        // its (stopped) listeners, so the wait also ends when the socket is dropped.
         while let Some(bytes) = outgoing.next().await {
-            if sink.send(Message::Bytes(bytes)).await.is_err() {
-                break;
+            let send = sink.send(Message::Bytes(bytes));
+            futures_util::pin_mut!(send);
+            match future::select(send, &mut writer_stop).await {
+                Either::Left((Ok(()), _)) => {}
+                _ => break,
             }
         }
         drop(sink);
@@ -447,6 +475,7 @@ fn open(shared: &Shared) {
             raw: raw.clone(),
             writer,
             stop: Some(stop),
+            stop_writer: Some(stop_writer),
         });
         driver.registration.set_socket(Some(raw));
         let now = driver.now();
@@ -601,9 +630,30 @@ impl MeshClient {
     /// Rejects with a `ConnectError` that says why if the relay cannot be reached or refuses
     /// the join within `connectTimeout` milliseconds (default 10 000), and with an
     /// `InvalidArgument` for invalid options. Afterwards the client reconnects by itself, with
-    /// exponential backoff and jitter, and says so in `status` events.
-    #[wasm_bindgen(js_name = connect)]
-    pub async fn connect(options: JsMeshClientOptions) -> Result<MeshClient, JsValue> {
+    /// exponential backoff and jitter, and says so in `status` events. A panic in the module
+    /// while it is pending rejects it with the `PanicError`.
+    #[wasm_bindgen(js_name = connect, unchecked_return_type = "Promise<MeshClient>")]
+    pub fn connect(options: JsMeshClientOptions) -> js_sys::Promise {
+        let mut settle = None;
+        let promise = js_sys::Promise::new(&mut |resolve, reject| settle = Some((resolve, reject)));
+        if let Some((resolve, reject)) = settle {
+            wasm_bindgen_futures::spawn_local(async move {
+                let _ = match Self::join(options, Some(&reject)).await {
+                    Ok(client) => resolve.call1(&JsValue::NULL, &client.into()),
+                    Err(e) => reject.call1(&JsValue::NULL, &e),
+                };
+            });
+        }
+        promise
+    }
+}
+
+impl MeshClient {
+    /// What `connect` does, for Rust callers; `reject` is the JS promise's, for the panic hook.
+    pub async fn join(
+        options: JsMeshClientOptions,
+        reject: Option<&js_sys::Function>,
+    ) -> Result<MeshClient, JsValue> {
         let options = Options::from_js(&options.into())?;
         if !options.url.starts_with("ws://") && !options.url.starts_with("wss://") {
             return Err(invalid_argument(format!(
@@ -657,9 +707,12 @@ impl MeshClient {
                 });
             }
             driver.error_listeners_changed();
+            driver.registration.set_connecting(reject.cloned());
         }
         pump(&shared);
-        match on_joined.await {
+        let joined = on_joined.await;
+        shared.borrow().registration.set_connecting(None);
+        match joined {
             Ok(Ok(())) => Ok(MeshClient { shared }),
             Ok(Err(reason)) => Err(js_error("ConnectError", reason)),
             Err(_) => Err(js_error(
@@ -668,7 +721,10 @@ impl MeshClient {
             )),
         }
     }
+}
 
+#[wasm_bindgen]
+impl MeshClient {
     /// This client's node id, assigned by the relay.
     #[wasm_bindgen(getter)]
     pub fn node(&self) -> f64 {
@@ -915,13 +971,15 @@ impl MeshClient {
 
     /// Removes a listener added with `on`.
     #[wasm_bindgen(skip_typescript)]
-    pub fn off(&self, event: JsValue, listener: JsValue) {
-        let event = event.as_string().unwrap_or_default();
+    pub fn off(&self, event: JsValue, listener: JsValue) -> Result<(), JsValue> {
+        let event = string_arg("event", &event)?;
+        function_arg("listener", &listener)?;
         let mut driver = self.shared.borrow_mut();
         driver
             .listeners
             .retain(|l| !(l.event == event && JsValue::from(l.function.clone()) == listener));
         driver.error_listeners_changed();
+        Ok(())
     }
 
     /// Drops the connection now, as a network failure would; the client reconnects by itself.

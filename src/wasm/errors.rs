@@ -83,6 +83,10 @@ pub(crate) fn what_it_is(value: &JsValue) -> String {
         format!("the string {shown:?}")
     } else if let Some(b) = value.as_bool() {
         format!("{b}")
+    } else if value.is_bigint() {
+        "a bigint".into()
+    } else if value.is_symbol() {
+        "a symbol".into()
     } else if value.is_function() {
         "a function".into()
     } else if js_sys::Array::is_array(value) {

@@ -12,8 +12,12 @@
 //!   ([`wasm_bindgen::handler::schedule_reinit`]), and triggers that call itself before the
 //!   application hears of the panic, so that no callback of the dead instance is the first
 //!   call into the fresh one;
-//! - it calls every client's `error` listeners, from a timer, with an `Error` named
-//!   `PanicError` that says what failed and how many messages had not been acknowledged.
+//! - it calls every open client's `error` listeners, from a timer, with an `Error` named
+//!   `PanicError` that says what failed and how many messages had not been acknowledged, and
+//!   rejects a `connect` still pending with it.
+//!
+//! The hook is installed when the module starts ([`install`]), so a panic in any class (a
+//! `SharedDocument`, a `Validator`) leaves a module that works again too.
 //!
 //! Afterwards the module works again: `MeshClient.connect` joins the room anew and loads the
 //! document from the relay. Objects of the dead instance throw when used.
@@ -50,8 +54,9 @@ export function pmAfterPanic(reinit, message, clients) {
   console.error(`pattern-mesh: ${message}`);
   setTimeout(() => {
     try { new reinit(); } catch (_) {}
-    for (const [listeners, error] of clients) {
-      if (listeners.length === 0) console.error(error);
+    for (const [listeners, error, reject] of clients) {
+      if (reject) reject(error);
+      if (listeners.length === 0 && !reject) console.error(error);
       for (const listener of listeners) {
         try { listener(error); } catch (e) { console.error(e); }
       }
@@ -90,6 +95,10 @@ struct Live {
     timer: Option<JsValue>,
     errors: Vec<js_sys::Function>,
     pending: Rc<Cell<usize>>,
+    /// Closed for good: its socket is stopped, its listeners hear nothing more.
+    closed: bool,
+    /// The rejection of its `connect`, while that is pending.
+    connecting: Option<js_sys::Function>,
 }
 
 thread_local! {
@@ -109,8 +118,10 @@ pub(crate) struct Registration {
     pub(crate) pending: Rc<Cell<usize>>,
 }
 
-/// Registers a client, and installs the panic hook on first use.
-pub(crate) fn register() -> Registration {
+/// Installs the panic hook, once per instance: when the module starts, so that a panic in any
+/// of its classes leaves a module that works again.
+#[wasm_bindgen(start)]
+pub fn install() {
     HOOK.call_once(|| {
         let class = super::PatternGenerator::new(None)
             .ok()
@@ -132,6 +143,11 @@ pub(crate) fn register() -> Registration {
             previous(info);
         }));
     });
+}
+
+/// Registers a client for the panic hook.
+pub(crate) fn register() -> Registration {
+    install();
     let id = NEXT.with(|n| n.replace(n.get() + 1));
     let pending = Rc::new(Cell::new(0));
     LIVE.with(|live| {
@@ -141,6 +157,8 @@ pub(crate) fn register() -> Registration {
             timer: None,
             errors: Vec::new(),
             pending: pending.clone(),
+            closed: false,
+            connecting: None,
         })
     });
     Registration { id, pending }
@@ -158,6 +176,16 @@ impl Registration {
     /// The socket the client uses now.
     pub(crate) fn set_socket(&self, socket: Option<web_sys::WebSocket>) {
         self.with(|l| l.socket = socket);
+    }
+
+    /// The client closed for good.
+    pub(crate) fn set_closed(&self) {
+        self.with(|l| l.closed = true);
+    }
+
+    /// The rejection of the client's pending `connect`, or `None` once it settled.
+    pub(crate) fn set_connecting(&self, reject: Option<js_sys::Function>) {
+        self.with(|l| l.connecting = reject);
     }
 
     /// The client's `error` listeners.
@@ -217,6 +245,9 @@ fn on_panic(message: &str) {
         if let Some(timer) = &client.timer {
             clear_timeout(timer);
         }
+        if client.closed {
+            continue;
+        }
         let error = js_sys::Error::new(&format!(
             "the client stopped after an internal error ({message}); {} message(s) not yet \
              acknowledged by the relay were not delivered; connect again to rejoin the room",
@@ -224,7 +255,11 @@ fn on_panic(message: &str) {
         ));
         error.set_name("PanicError");
         let listeners: js_sys::Array = client.errors.iter().collect();
-        clients.push(&js_sys::Array::of2(&listeners, &error));
+        let reject = client
+            .connecting
+            .clone()
+            .map_or(JsValue::NULL, JsValue::from);
+        clients.push(&js_sys::Array::of3(&listeners, &error, &reject));
     }
     wasm_bindgen::handler::schedule_reinit();
     let reinit = REINIT.with(|r| r.try_borrow().ok().and_then(|r| r.clone()));

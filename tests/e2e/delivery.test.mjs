@@ -207,6 +207,14 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     let thrown = null;
     try { a.__panicForTests("a test panic"); } catch (e) { thrown = `${e.name}: ${e.message}`; }
     for (let i = 0; i < 100 && errors.length === 0; i++) await sleep(20);
+    // A connect pending when the module panics is rejected with the same error.
+    const pending = mesh.MeshClient.connect({ url: "ws://127.0.0.1:9/ws", room, connectTimeout: 60000 })
+      .then(() => "joined", (e) => `${e.name}: ${e.message}`);
+    await sleep(50);
+    let pendingThrown = null;
+    const b = await mesh.MeshClient.connect({ url, room, name: "b" });
+    try { b.__panicForTests("a second panic"); } catch (e) { pendingThrown = e.name; }
+    const pendingOutcome = await Promise.race([pending, sleep(5000).then(() => "still pending")]);
     let stale = null;
     try { a.text("content"); } catch (e) { stale = e.message; }
     const again = await mesh.MeshClient.connect({ url, room, name: "again" });
@@ -214,13 +222,15 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     const loaded = text.toString();
     text.insert(text.length, "and after");
     while (again.pendingCount > 0) await sleep(20);
-    return { node, thrown, errors, stale, loaded };
+    return { node, thrown, errors, stale, loaded, pendingThrown, pendingOutcome };
   }, room);
   assert.match(result.thrown, /RuntimeError: unreachable/);
   assert.equal(result.errors.length, 1, "one error event");
   assert.equal(result.errors[0].name, "PanicError");
   assert.match(result.errors[0].message, /internal error \(.*a test panic.*\); 0 message\(s\) not yet acknowledged/);
   assert.match(result.stale, /previous Wasm instance/);
+  assert.equal(result.pendingThrown, "RuntimeError");
+  assert.match(result.pendingOutcome, /^PanicError: the client stopped after an internal error \(a second panic, at /);
   assert.equal(result.loaded, "kept ", "the new client loads the document from the relay");
   await until("the other tab sees the edit of the new client", async () =>
     (await b.evaluate(() => window.meshText.toString())) === "kept and after");
@@ -269,8 +279,8 @@ test("the client refuses bad options and arguments by name, and every change aft
     return r;
   }, `e2e-strict-${Date.now()}`);
   assert.deepEqual(result, {
-    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket',
-    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, got the number 42",
+    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on',
+    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, got the number 42",
     roomType: "InvalidArgument: room must be a string, got the number 7",
     timeoutType: 'InvalidArgument: connectTimeout must be an integer from 0 to 4294967295, got the string "soon"',
     fraction: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number 1.5",

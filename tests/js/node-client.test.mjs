@@ -76,6 +76,10 @@ test("without a WebSocket implementation, connect says so at once", async () => 
     name: "InvalidArgument",
     message: /^WebSocket must be a constructor, got the number 42$/,
   });
+  await assert.rejects(mesh.MeshClient.connect({ url, room: "none", WebSocket: () => {} }), {
+    name: "InvalidArgument",
+    message: /^WebSocket must be a constructor, got a function$/,
+  });
 });
 
 test("a late joiner's listeners passed to connect get the stored messages of the catch-up", async () => {
@@ -166,11 +170,26 @@ test("setName renames a member for every peer, and for newcomers", async () => {
   assert.deepEqual(b.peers, [{ node: a.node, name: "grace" }]);
   const c = await mesh.MeshClient.connect({ url, room, name: "cy", WebSocket });
   assert.ok(c.peers.some((p) => p.node === a.node && p.name === "grace"), "a newcomer sees the new name");
+  const rejoined = [];
+  b.on("peers", ({ joined }) => { if (joined) rejoined.push(joined); });
   a.dropConnection();
-  await until("a back", () => a.status === "open");
-  await until("the name kept across a reconnect", () => b.peers.some((p) => p.node === a.node && p.name === "grace"));
+  await until("a's rejoin, seen by b", () => rejoined.some((p) => p.node === a.node));
+  assert.deepEqual(rejoined.filter((p) => p.node === a.node), [{ node: a.node, name: "grace" }], "the rejoin gives the new name");
   assert.throws(() => a.setName("x".repeat(65)), { name: "InvalidArgument", message: "the name is 65 bytes, over the 64 bytes a name may have" });
   assert.throws(() => a.setName(7), { name: "InvalidArgument", message: "name must be a string, got the number 7" });
   for (const client of [a, b, c]) client.close();
   assert.throws(() => a.setName("late"), { name: "ClosedError" });
+});
+
+test("a client let go of without close() leaves the room, and Node keeps running", async () => {
+  const room = `node-free-${Date.now()}`;
+  const a = await mesh.MeshClient.connect({ url, room, name: "a", WebSocket });
+  const b = await mesh.MeshClient.connect({ url, room, name: "b", WebSocket });
+  const node = b.node;
+  assert.throws(() => a.off(5, () => {}), { name: "InvalidArgument", message: "event must be a string, got the number 5" });
+  assert.throws(() => a.off("message", "f"), { name: "InvalidArgument", message: 'listener must be a function, got the string "f"' });
+  b.free();
+  await until("b's leave", () => !a.peers.some((p) => p.node === node));
+  await new Promise((r) => setTimeout(r, 200));
+  a.close();
 });

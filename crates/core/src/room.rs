@@ -1099,13 +1099,17 @@ impl RoomCore {
                 );
                 return self.refuse(conn, stamp.step, Reason::Full, detail);
             }
+        }
+        // Stored messages and signals (which every member receives) spend the sender's bytes;
+        // checkpoints are small, and sync answers answer a request.
+        if body.is_durable() || matches!(body, Body::Signal { .. }) {
             let passed = self
                 .nodes
                 .get_mut(&node)
                 .is_some_and(|state| state.bandwidth.try_take_n(len, now));
             if !passed {
                 let detail = format!(
-                    "over {} bytes per second of stored messages; this message was not stored: send it again later",
+                    "over {} bytes per second of stored messages and signals; this message was not taken: send it again later",
                     self.limits.bandwidth
                 );
                 return self.limited(conn, stamp.step, detail);

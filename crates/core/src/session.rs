@@ -293,6 +293,10 @@ struct Hold {
 /// Updates that wait are merged while the result stays under this size.
 const MERGE_LIMIT: usize = 256 * 1024;
 
+/// How many signals may wait for the pacer; more are dropped (`broadcast_signal` returns
+/// `false`) rather than sent late in a burst.
+pub const MAX_WAITING_SIGNALS: usize = 256;
+
 /// The client side of the protocol. `R` is the document it keeps in sync.
 pub struct Session<R> {
     config: SessionConfig,
@@ -339,6 +343,9 @@ pub struct Session<R> {
     pace: f64,
     presence: Option<Json>,
     presence_due: bool,
+    /// The name the last join gave, and whether the relay must hear a newer one.
+    announced: String,
+    rename_due: bool,
     peers: BTreeMap<NodeId, String>,
     /// The latest presence of each peer present (a peer that leaves takes its presence along).
     presences: BTreeMap<NodeId, Json>,
@@ -385,6 +392,8 @@ impl<R: Replica> Session<R> {
             pace: 1.0,
             presence: None,
             presence_due: false,
+            announced: String::new(),
+            rename_due: false,
             peers: BTreeMap::new(),
             presences: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -544,12 +553,18 @@ impl<R: Replica> Session<R> {
     /// acknowledges it, a late joiner never sees it, and it is not sent again. Returns whether
     /// it was queued: `false` when the session is not connected (a signal is about now, so it
     /// is dropped rather than sent after a reconnect; the same happens to signals still waiting
-    /// for the pacer when the connection drops).
+    /// for the pacer when the connection drops), or when [`MAX_WAITING_SIGNALS`] already wait
+    /// for the pacer.
     pub fn broadcast_signal(&mut self, now: u64, data: Json) -> Result<bool, SessionError> {
         if self.closed {
             return Err(SessionError::Closed);
         }
-        if self.link != Link::Open {
+        let waiting = self
+            .waiting
+            .iter()
+            .filter(|w| matches!(w.body, Body::Signal { .. }))
+            .count();
+        if self.link != Link::Open || waiting >= MAX_WAITING_SIGNALS {
             return Ok(false);
         }
         self.queue(now, Body::Signal { data })?;
@@ -614,12 +629,9 @@ impl<R: Replica> Session<R> {
             });
         }
         self.config.name = name.to_owned();
-        if self.link == Link::Open {
-            let frame = Frame::Rename {
-                name: name.to_owned(),
-            };
-            self.outputs.push_back(Output::Send(frame.encode()));
-        }
+        // Sent when the connection is open (paced, like presence); a join under way gave the
+        // old name, so the rename follows it.
+        self.rename_due = self.link == Link::Open && self.config.name != self.announced;
         self.pump(now);
         Ok(())
     }
@@ -711,9 +723,10 @@ impl<R: Replica> Session<R> {
             deadline: now.saturating_add(self.config.join_timeout),
         };
         self.reassembler.clear();
+        self.announced = self.config.name.clone();
         let join = Frame::Join {
             room: self.config.room.clone(),
-            name: self.config.name.clone(),
+            name: self.announced.clone(),
             since: self.position,
             log: self.log,
             resume: self.token,
@@ -1011,7 +1024,12 @@ impl<R: Replica> Session<R> {
                 detail,
             } => self.on_reject(now, step, reason, detail),
             Frame::Presence { sender, data } => {
-                self.presences.insert(sender, data.clone());
+                // `null` clears a peer's presence, as its leaving does.
+                if data == Json::null() {
+                    self.presences.remove(&sender);
+                } else {
+                    self.presences.insert(sender, data.clone());
+                }
                 self.emit(Event::Presence { sender, data });
             }
             Frame::Stamped(stamped) => self.on_stamped(now, stamped, logged),
@@ -1145,6 +1163,7 @@ impl<R: Replica> Session<R> {
         self.hold = None;
         self.unechoed = 0;
         self.resend = 0;
+        self.rename_due = self.config.name != self.announced;
         if self.presence.is_some() {
             self.presence_due = true;
         }
@@ -1392,9 +1411,9 @@ impl<R: Replica> Session<R> {
     }
 
     /// The pacers' costs of the next frame to go out, if any: frames, and bytes of a stored
-    /// message (0 for others).
+    /// message or a signal (0 for others).
     fn next_cost(&self) -> Option<(u64, u64)> {
-        if self.presence_due {
+        if self.presence_due || self.rename_due {
             return Some((1, 0));
         }
         let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
@@ -1404,7 +1423,9 @@ impl<R: Replica> Session<R> {
         self.waiting.front().map(|w| {
             // The stamp takes at most 30 bytes.
             let len = 3 + 30 + w.body.encoded_len();
-            let bytes = if w.body.is_durable() { len as u64 } else { 0 };
+            // The relay meters the bytes of stored messages and signals.
+            let metered = w.body.is_durable() || matches!(w.body, Body::Signal { .. });
+            let bytes = if metered { len as u64 } else { 0 };
             (frames(len), bytes)
         })
     }
@@ -1433,6 +1454,15 @@ impl<R: Replica> Session<R> {
             self.pacer.try_take_n(frames, now);
             if bytes > 0 {
                 self.byte_pacer.try_take_n(bytes, now);
+            }
+            if self.rename_due {
+                self.rename_due = false;
+                self.announced = self.config.name.clone();
+                let frame = Frame::Rename {
+                    name: self.announced.clone(),
+                };
+                self.outputs.push_back(Output::Send(frame.encode()));
+                continue;
             }
             if self.presence_due {
                 self.presence_due = false;
@@ -1583,6 +1613,51 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// A name set while the join is under way (the join gave the old one) follows it.
+    #[test]
+    fn a_name_set_during_the_join_follows_it() {
+        let mut h = Harness::new();
+        assert!(h.pump());
+        h.session.handle_connected(h.now);
+        h.pump();
+        h.session.set_name(h.now, "grace").unwrap();
+        assert!(!h.sent.iter().any(|f| matches!(f, Frame::Rename { .. })));
+        h.frame(Frame::Welcome {
+            node: 2,
+            resume: [1; 16],
+            config: RoomConfig::default(),
+            limits: h.relay,
+            high: 0,
+            log: 1,
+            peers: vec![],
+        });
+        h.frame(Frame::CaughtUp {
+            high: 0,
+            position: 0,
+        });
+        let renames: Vec<&Frame> = h
+            .sent
+            .iter()
+            .filter(|f| matches!(f, Frame::Rename { .. }))
+            .collect();
+        assert_eq!(
+            renames,
+            [&Frame::Rename {
+                name: "grace".into()
+            }]
+        );
+        // Set again to the same name: nothing more to send.
+        h.session.set_name(h.now, "grace").unwrap();
+        h.pump();
+        assert_eq!(
+            h.sent
+                .iter()
+                .filter(|f| matches!(f, Frame::Rename { .. }))
+                .count(),
+            1
+        );
     }
 
     /// The presence map: each peer's latest, gone (with a `null` event) when the peer leaves,
