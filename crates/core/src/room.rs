@@ -73,9 +73,9 @@ pub struct RoomLimits {
     pub burst: u64,
     /// The most members at once.
     pub max_members: usize,
-    /// Bytes of stored messages a node may send per second, on average.
+    /// Bytes of stored messages and signals a node may send per second, on average.
     pub bandwidth: u64,
-    /// Bytes of stored messages a node may send at once, above the average.
+    /// Bytes of stored messages and signals a node may send at once, above the average.
     pub bandwidth_burst: u64,
     /// The room compacts its document once the updates logged since the last compaction hold
     /// this many bytes (and at least as many as the last snapshot)...
@@ -364,7 +364,7 @@ struct Node {
     in_flight: u32,
     /// Frames.
     rate: TokenBucket,
-    /// Bytes of durable messages.
+    /// Bytes of durable messages and signals.
     bandwidth: TokenBucket,
     /// When it left, plus the resume grace: the room keeps it at least until then.
     kept_until: u64,

@@ -335,7 +335,7 @@ pub struct Session<R> {
     /// Consecutive passing refusals, for their backoff.
     refusals: u32,
     pacer: TokenBucket,
-    /// The same for the bytes of stored messages (the relay's bandwidth per node).
+    /// The same for the bytes of stored messages and signals (the relay's bandwidth per node).
     byte_pacer: TokenBucket,
     /// The share of the announced rate the pacer uses: halved on every refusal for the rate
     /// (the relay may count several tabs of one address together), grown back as messages are
