@@ -379,22 +379,19 @@ fn read_all(doc: &SharedDoc) {
     }
 }
 
-/// Whether two updates may insert blocks with the same ids: for some client, the clock ranges
-/// they span intersect.
+/// Whether two updates insert blocks (items or collected ranges) with the same ids.
 fn ids_overlap(a: &[u8], b: &[u8]) -> bool {
     use yrs::updates::decoder::Decode;
     let (Ok(a), Ok(b)) = (yrs::Update::decode_v1(a), yrs::Update::decode_v1(b)) else {
         return false;
     };
-    let (a_low, a_high, b_low, b_high) = (
-        a.state_vector_lower(),
-        a.state_vector(),
-        b.state_vector_lower(),
-        b.state_vector(),
-    );
-    a_high.iter().any(|(client, &a_end)| {
-        let a_start = a_low.get(client);
-        let (b_start, b_end) = (b_low.get(client), b_high.get(client));
-        b_end > b_start && a_start < b_end && b_start < a_end
+    let (a, b) = (a.insertions(true), b.insertions(true));
+    a.iter().any(|(client, ours)| {
+        b.iter()
+            .filter(|(other, _)| *other == client)
+            .any(|(_, theirs)| {
+                ours.iter()
+                    .any(|x| theirs.iter().any(|y| x.start < y.end && y.start < x.end))
+            })
     })
 }
