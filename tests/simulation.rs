@@ -751,6 +751,14 @@ impl Sim {
                 let data = Json::from_value(&serde_json::json!({ "id": id })).expect("json");
                 c.session.broadcast(now, data).expect("broadcast");
                 None
+            } else if roll < 14 {
+                // A signal (never stored, best effort) between the durable messages: they must
+                // still arrive exactly once, whatever refusals and resends it meets.
+                let signal = format!("s{client}-{}-{k}", c.ops);
+                let data =
+                    Json::from_value(&serde_json::json!({ "signal": signal })).expect("json");
+                c.session.broadcast_signal(now, data).expect("signal");
+                None
             } else if (roll < 25 || len > 300_000) && len > 0 {
                 let index = self.rng.range(0, u64::from(len) - 1) as u32;
                 let most = if len > 100_000 { 20_000 } else { 20 };
@@ -918,8 +926,20 @@ impl Sim {
             Event::Status { status, reason } => {
                 c.last_status = Some((status, reason));
             }
-            Event::Message { data, stamp, .. } => {
+            Event::Message {
+                data,
+                stamp,
+                durable,
+            } => {
                 if let Ok(value) = data.to_value::<serde_json::Value>() {
+                    assert_eq!(
+                        value.get("signal").is_some(),
+                        !durable,
+                        "c{client}: a message from node {} step {} came {} ({value})",
+                        stamp.sender,
+                        stamp.step,
+                        if durable { "as stored" } else { "as a signal" }
+                    );
                     if let Some(id) = value["id"].as_str() {
                         c.received_data.push(id.to_owned());
                         if trace {
