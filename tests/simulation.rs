@@ -3,6 +3,8 @@
 //! with a relay that crashes (losing what was not yet durable), a store that fails, a relay that
 //! forgets nodes, clients that go offline for long stretches, readers that fall behind, large
 //! pastes in parts, concurrent edits at the same place and fast typing against the rate limit.
+//! In half the runs the clients keep their session in storage (as a browser tab does in
+//! IndexedDB, with writes that take time), and tabs close and reopen from what was stored.
 //!
 //! Every run is decided by its seed. After the faults the network heals and the run goes on
 //! until nothing moves; then it checks:
@@ -11,7 +13,8 @@
 //! - every edit a session made is in every replica, unless the session was told it was refused
 //!   for good;
 //! - every acknowledged message is in the log, at its position;
-//! - every data message reached every other session;
+//! - every data message reached every other session, exactly once (unless the relay forgot its
+//!   sender); a tab that closed lost only what it had not stored, which it never sent;
 //! - no session waits: each is open with nothing pending, or closed with a reason;
 //! - no replica raised an anomaly (no false desync, no duplicate, no forgery).
 //!
@@ -27,6 +30,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use pattern_mesh::doc::SharedDoc;
 use pattern_mesh::room::{self, ConnId, RoomCore, RoomLimits};
+use pattern_mesh::saved::Saved;
 use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status};
 use pattern_mesh::store::MemoryStore;
 use pattern_mesh::wire::part;
@@ -80,6 +84,8 @@ struct Scenario {
     /// The relay announces this many times the rate it enforces (a misconfigured relay, or a
     /// limit per address shared by several tabs): clients then run into refusals.
     overstate: u64,
+    /// Whether clients keep their session in storage (and tabs may close and reopen).
+    persist: bool,
 }
 
 /// What can go wrong, and when.
@@ -99,6 +105,9 @@ enum Fault {
     Offline { client: usize, down: u64 },
     /// A client reads slowly for `span` ms.
     SlowReader { client: usize, span: u64 },
+    /// A client's tab closes, losing what it had not stored, and reopens from storage after
+    /// `down` ms (only when clients persist).
+    Reopen { client: usize, down: u64 },
 }
 
 /// A scripted edit.
@@ -115,7 +124,7 @@ enum Script {
 impl Scenario {
     fn from_seed(rng: &mut Rng) -> Self {
         let max_frame = rng.range(256, 8 * 1024) as usize;
-        Scenario {
+        let mut scenario = Scenario {
             clients: rng.range(2, 5) as usize,
             active: rng.range(5_000, 30_000),
             latency: {
@@ -149,8 +158,20 @@ impl Scenario {
             burst_chance: [0.0, 0.02, 0.1][rng.range(0, 2) as usize],
             script: Vec::new(),
             overstate: [1, 1, 1, 3, 20][rng.range(0, 4) as usize],
+            persist: false,
         }
-        .with_random_faults(rng)
+        .with_random_faults(rng);
+        // Drawn last, so that the draws above give what they gave before storage existed.
+        scenario.persist = rng.chance(0.5);
+        if scenario.persist {
+            for _ in 0..rng.range(0, 3) {
+                let t = rng.range(100, scenario.active);
+                let client = rng.range(0, scenario.clients as u64 - 1) as usize;
+                let down = rng.range(50, 10_000);
+                scenario.faults.push((t, Fault::Reopen { client, down }));
+            }
+        }
+        scenario
     }
 
     fn with_random_faults(mut self, rng: &mut Rng) -> Self {
@@ -212,6 +233,7 @@ impl Scenario {
             burst_chance: 0.0,
             script: Vec::new(),
             overstate: 1,
+            persist: false,
         }
     }
 }
@@ -266,6 +288,17 @@ enum Ev {
     Online {
         client: usize,
     },
+    /// A client's write to storage is done.
+    Saved {
+        client: usize,
+        incarnation: u64,
+        saved: Saved,
+        updates: Vec<Vec<u8>>,
+    },
+    /// A closed tab opens again.
+    Reopen {
+        client: usize,
+    },
 }
 
 struct Link {
@@ -316,7 +349,20 @@ struct Client {
     generation: u64,
     ops: u64,
     sent_data: Vec<String>,
-    received_data: Vec<String>,
+    /// Each data message received, with the log position the session was at after it.
+    received_data: Vec<(String, u64)>,
+    /// What storage holds: the session, and the document as the updates appended to it, as of
+    /// the last finished write.
+    stored: Option<(Saved, Vec<Vec<u8>>)>,
+    /// A write to storage is under way; another is wanted after it.
+    saving: bool,
+    save_wanted: bool,
+    /// Counts the tab's openings: a write of an earlier one never finishes.
+    incarnation: u64,
+    /// The tab is closed.
+    closed: bool,
+    /// The data messages storage held at some point: a message is sent only after that.
+    stored_ids: HashSet<String>,
     /// (node, step, position) of each acknowledgement.
     acked: Vec<(u64, u64, u64)>,
     received: HashSet<u64>,
@@ -353,6 +399,9 @@ struct Stats {
     refused_for_good: u64,
     compactions: u64,
     room_loads: u64,
+    /// Tabs reopened from storage, and the stored messages they sent again.
+    reopens: u64,
+    restored: u64,
 }
 
 impl Stats {
@@ -366,6 +415,8 @@ impl Stats {
         self.refused_for_good += other.refused_for_good;
         self.compactions += other.compactions;
         self.room_loads += other.room_loads;
+        self.reopens += other.reopens;
+        self.restored += other.restored;
     }
 }
 
@@ -407,12 +458,9 @@ impl Sim {
             stats: Stats::default(),
         };
         for i in 0..sim.scenario.clients {
-            let mut config = SessionConfig::new(ROOM, format!("c{i}"));
-            config.connect_timeout = 3_600_000;
-            config.seed = sim.rng.next();
-            let replica = SharedDoc::with_client_id(1_000 + i as u64);
+            let session = sim.new_session(i, None);
             sim.clients.push(Client {
-                session: Session::new(config, replica, 0),
+                session,
                 conn: None,
                 online: true,
                 slow_until: 0,
@@ -421,6 +469,12 @@ impl Sim {
                 ops: 0,
                 sent_data: Vec::new(),
                 received_data: Vec::new(),
+                stored: None,
+                saving: false,
+                save_wanted: false,
+                incarnation: 0,
+                closed: false,
+                stored_ids: HashSet::new(),
                 acked: Vec::new(),
                 received: HashSet::new(),
                 refused: 0,
@@ -447,6 +501,51 @@ impl Sim {
             );
         }
         sim
+    }
+
+    /// A session for client `i`, from what storage holds if given.
+    fn new_session(
+        &mut self,
+        i: usize,
+        stored: Option<&(Saved, Vec<Vec<u8>>)>,
+    ) -> Session<SharedDoc> {
+        let mut config = SessionConfig::new(ROOM, format!("c{i}"));
+        config.connect_timeout = 3_600_000;
+        config.seed = self.rng.next();
+        config.persist = self.scenario.persist;
+        let replica = SharedDoc::with_client_id(1_000 + i as u64);
+        if let Some((saved, doc)) = stored {
+            config.restore = Some(saved.clone());
+            for update in doc {
+                replica
+                    .apply_update(update)
+                    .expect("the stored document applies");
+            }
+        }
+        Session::new(config, replica, self.now)
+    }
+
+    /// Starts a write to storage if one is wanted and none is under way.
+    fn save(&mut self, client: usize) {
+        let c = &mut self.clients[client];
+        if c.saving || !c.save_wanted || c.closed {
+            return;
+        }
+        c.saving = true;
+        c.save_wanted = false;
+        let saved = c.session.saved();
+        let updates = c.session.take_updates();
+        let incarnation = c.incarnation;
+        let t = self.now + self.rng.range(1, 30);
+        self.at(
+            t,
+            Ev::Saved {
+                client,
+                incarnation,
+                saved,
+                updates,
+            },
+        );
     }
 
     fn log(&mut self, what: impl FnOnce() -> String) {
@@ -593,6 +692,53 @@ impl Sim {
                 script,
                 done,
             } => self.scripted(client, script, done),
+            Ev::Saved {
+                client,
+                incarnation,
+                saved,
+                updates,
+            } => {
+                let c = &mut self.clients[client];
+                if c.incarnation != incarnation {
+                    return;
+                }
+                c.saving = false;
+                for body in saved.bodies() {
+                    if let Body::Data { data } = body {
+                        if let Ok(value) = data.to_value::<serde_json::Value>() {
+                            if let Some(id) = value["id"].as_str() {
+                                c.stored_ids.insert(id.to_owned());
+                            }
+                        }
+                    }
+                }
+                let upto = saved.upto();
+                let mut doc = c.stored.take().map(|(_, doc)| doc).unwrap_or_default();
+                doc.extend(updates);
+                c.stored = Some((saved, doc));
+                c.session.handle_saved(self.now, upto);
+                self.save(client);
+                self.drive(client);
+            }
+            Ev::Reopen { client } => {
+                let stored = self.clients[client].stored.clone();
+                let session = self.new_session(client, stored.as_ref());
+                let position = stored.as_ref().map_or(0, |(saved, _)| saved.position);
+                self.stats.reopens += 1;
+                self.stats.restored += stored.as_ref().map_or(0, |(saved, _)| {
+                    (saved.sent.len() + saved.unsent.len()) as u64
+                });
+                self.log(|| format!("c{client} reopens from storage at position {position}"));
+                let c = &mut self.clients[client];
+                c.session = session;
+                c.closed = false;
+                // What the closed tab had not stored is gone: it was never sent.
+                let stored_ids = &c.stored_ids;
+                c.sent_data.retain(|id| stored_ids.contains(id));
+                // What came after the stored position comes again, to the new page.
+                c.received_data.retain(|&(_, p)| p <= position);
+                self.drive(client);
+            }
         }
     }
 
@@ -658,11 +804,34 @@ impl Sim {
                 self.log(|| format!("fault: c{client} reads slowly until {until}"));
                 self.clients[client].slow_until = until;
             }
+            Fault::Reopen { client, down } => {
+                if self.clients[client].closed {
+                    return;
+                }
+                let until = self.now + down;
+                self.log(|| format!("fault: c{client}'s tab closes until {until}"));
+                let c = &mut self.clients[client];
+                c.closed = true;
+                c.incarnation += 1;
+                c.saving = false;
+                c.save_wanted = false;
+                c.generation += 1;
+                c.timer = None;
+                if let Some(conn) = c.conn.take() {
+                    // The socket dies with the tab: no close frame.
+                    let t = self.now + self.latency();
+                    self.at(t, Ev::RelayClosed { conn });
+                }
+                self.at(until, Ev::Reopen { client });
+            }
         }
     }
 
     fn scripted(&mut self, client: usize, script: Script, done: usize) {
         let now = self.now;
+        if self.clients[client].closed {
+            return;
+        }
         let session = &mut self.clients[client].session;
         let len = session.replica().len(TEXT);
         let (update, next) = match script {
@@ -733,6 +902,11 @@ impl Sim {
         let now = self.now;
         let active = self.scenario.active;
         if now > active {
+            return;
+        }
+        if self.clients[client].closed {
+            let next = now + self.rng.range(1, 2 * self.scenario.mean_op);
+            self.at(next, Ev::Op { client });
             return;
         }
         let c = &mut self.clients[client];
@@ -901,6 +1075,10 @@ impl Sim {
                         self.at(t, Ev::RelayClosed { conn });
                     }
                 }
+                session::Output::Save => {
+                    self.clients[client].save_wanted = true;
+                    self.save(client);
+                }
             }
         }
         while let Some(event) = self.clients[client].session.poll_event() {
@@ -941,7 +1119,8 @@ impl Sim {
                         if durable { "as stored" } else { "as a signal" }
                     );
                     if let Some(id) = value["id"].as_str() {
-                        c.received_data.push(id.to_owned());
+                        let position = c.session.position();
+                        c.received_data.push((id.to_owned(), position));
                         if trace {
                             let id = id.to_owned();
                             self.log(|| {
@@ -1456,7 +1635,7 @@ impl Sim {
                     continue;
                 }
                 let mut count: HashMap<&str, usize> = HashMap::new();
-                for id in &other.received_data {
+                for (id, _) in &other.received_data {
                     *count.entry(id.as_str()).or_default() += 1;
                 }
                 for id in &c.sent_data {
@@ -1625,7 +1804,8 @@ fn the_protocol_holds_under_faults_for_every_seed() {
     println!(
         "{seeds} seeds from {from} in {:.1} s, {} failed; across them: {} relay crashes, {} \
          room loads, {} compactions, {} parts sent, {} checkpoints, {} messages refused for \
-         good, refusals by the relay: {:?}",
+         good, {} tabs reopened from storage with {} messages in their outboxes, refusals by \
+         the relay: {:?}",
         started.elapsed().as_secs_f64(),
         failures.len(),
         stats.crashes,
@@ -1634,6 +1814,8 @@ fn the_protocol_holds_under_faults_for_every_seed() {
         stats.parts,
         stats.checkpoints,
         stats.refused_for_good,
+        stats.reopens,
+        stats.restored,
         stats.relay_refusals,
     );
     if let Some((seed, problem)) = failures.iter().min_by_key(|(s, _)| *s) {

@@ -558,6 +558,8 @@ async fn drive(shared: Arc<Shared>, url: String, events: mpsc::UnboundedSender<E
                         let _ = ws.close(Some(frame)).await;
                     }
                 }
+                // This client keeps nothing in storage: its sessions are not `persist`.
+                Output::Save => {}
             }
         }
         let (timeout, closed) = {

@@ -13,6 +13,7 @@ pub mod doc;
 pub mod pace;
 pub mod pattern;
 pub mod room;
+pub mod saved;
 pub mod session;
 pub mod store;
 pub mod validate;

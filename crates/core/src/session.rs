@@ -41,6 +41,7 @@ use crate::clock::{Advance, StepClock};
 use crate::doc::{has_insertions, merge_updates, Replica};
 use crate::pace::TokenBucket;
 use crate::pattern::{PatternConfig, PatternValue, Step};
+use crate::saved::{decode_message, encode_unsent, Saved};
 use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
 use crate::wire::part::{self, Reassembler};
 use crate::wire::{
@@ -66,6 +67,14 @@ pub struct SessionConfig {
     pub seed: u64,
     /// Decoder limits until the relay announces its own.
     pub limits: Limits,
+    /// Whether the driver stores the session ([`Output::Save`]): then no stamped message goes
+    /// out before the driver said its stamp is stored ([`Session::handle_saved`]), and the
+    /// session never gives up connecting (the application works offline; `connect_timeout`
+    /// does not apply).
+    pub persist: bool,
+    /// The state a previous session of this room stored: its identity, log position and
+    /// outbox. The replica must hold the document stored with it.
+    pub restore: Option<Saved>,
 }
 
 impl SessionConfig {
@@ -80,6 +89,8 @@ impl SessionConfig {
             join_timeout: 10_000,
             seed: 0x9e37_79b9_7f4a_7c15,
             limits: Limits::default(),
+            persist: false,
+            restore: None,
         }
     }
 }
@@ -224,6 +235,12 @@ pub enum Output {
         /// The reason.
         reason: String,
     },
+    /// Store [`Session::saved`] and append [`Session::take_updates`] to the stored document, in
+    /// one write (both as they are when the driver takes them), then call
+    /// [`Session::handle_saved`] with the [`Saved::upto`] it stored. Only with
+    /// [`SessionConfig::persist`]. One write at a time is enough: if this comes again while a
+    /// write is under way, write once more after it.
+    Save,
 }
 
 /// An operation the session cannot take.
@@ -275,6 +292,8 @@ struct Sent {
     kind: Kind,
     doc: Option<String>,
     bytes: Vec<u8>,
+    /// Stamped (and paced) but never sent: it waits for its stamp to be stored.
+    fresh: bool,
 }
 
 /// A message waiting to be stamped and sent.
@@ -352,17 +371,24 @@ pub struct Session<R> {
     rng: u64,
     outputs: VecDeque<Output>,
     events: VecDeque<Event>,
+    /// With `persist`: every stamp up to this step is stored; later ones may not go out yet.
+    saved_step: Step,
+    /// With `persist`: the stored state is out of date.
+    save_due: bool,
+    /// With `persist`: document updates not yet handed to storage.
+    unstored: Vec<Vec<u8>>,
 }
 
 impl<R: Replica> Session<R> {
     /// A session for `replica`; it asks to connect at once (see [`Session::poll_output`]).
-    pub fn new(config: SessionConfig, replica: R, now: u64) -> Self {
+    pub fn new(mut config: SessionConfig, replica: R, now: u64) -> Self {
         let pattern = PatternConfig::default();
         let relay = RelayLimits::default();
+        let restore = config.restore.take();
         let mut session = Self {
             limits: config.limits,
             rng: config.seed | 1,
-            connect_deadline: Some(now.saturating_add(config.connect_timeout)),
+            connect_deadline: (!config.persist).then(|| now.saturating_add(config.connect_timeout)),
             config,
             replica,
             status: Status::Connecting,
@@ -398,16 +424,86 @@ impl<R: Replica> Session<R> {
             presences: BTreeMap::new(),
             outputs: VecDeque::new(),
             events: VecDeque::new(),
+            saved_step: 0,
+            save_due: false,
+            unstored: Vec::new(),
         };
+        if let Some(saved) = restore {
+            session.restore(saved);
+        }
         session.open_socket(now);
         session
+    }
+
+    /// Takes up a stored state: the identity, the log position, the clock and the outbox.
+    fn restore(&mut self, saved: Saved) {
+        if let Some(config) = saved.room {
+            if let (Ok(pattern), Ok(validator)) = (
+                PatternConfig::new(config.pattern),
+                ValidatorConfig::for_room(&config),
+            ) {
+                self.clock = StepClock::new(pattern);
+                self.validator = Validator::new(validator);
+                self.room = Some(config);
+                self.position = saved.position;
+                self.log = saved.log;
+            }
+        }
+        self.node = saved.node;
+        self.token = saved.token;
+        let mut broken = 0;
+        for bytes in &saved.sent {
+            match decode_message(bytes) {
+                Ok(Stamped { stamp, body })
+                    if self.token.is_some() && stamp.sender == self.node =>
+                {
+                    self.saved_step = self.saved_step.max(stamp.step);
+                    self.in_flight.push_back(Sent {
+                        stamp,
+                        kind: body.kind(),
+                        doc: body.doc().map(str::to_owned),
+                        bytes: bytes.clone(),
+                        fresh: false,
+                    });
+                }
+                // Stamped under an identity this session does not have: stamped again.
+                Ok(Stamped { body, .. }) => self.waiting.push_back(Waiting { body }),
+                Err(_) => broken += 1,
+            }
+        }
+        let advance = self.clock.pass(saved.step.max(self.saved_step));
+        self.step_event(advance);
+        for bytes in &saved.unsent {
+            match decode_message(bytes) {
+                Ok(Stamped { body, .. }) if body.is_durable() => {
+                    self.waiting.push_back(Waiting { body })
+                }
+                Ok(_) => {}
+                Err(_) => broken += 1,
+            }
+        }
+        if broken > 0 {
+            self.anomaly(
+                Source::Local,
+                Reason::Malformed,
+                format!("{broken} stored outbox messages did not decode and are lost"),
+                0,
+                None,
+            );
+        }
     }
 
     // ----- what the driver reads -----
 
     /// The next thing the driver must do.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        if let Some(output) = self.outputs.pop_front() {
+            return Some(output);
+        }
+        if std::mem::take(&mut self.save_due) && self.config.persist {
+            return Some(Output::Save);
+        }
+        None
     }
 
     /// The next event for the application.
@@ -428,7 +524,7 @@ impl<R: Replica> Session<R> {
             Link::Open => {
                 if let Some(hold) = self.hold {
                     at(hold.until);
-                } else if let Some((frames, bytes)) = self.next_cost() {
+                } else if let Some((frames @ 1.., bytes)) = self.next_cost() {
                     let bytes_at = if bytes > 0 {
                         self.byte_pacer.ready_at(bytes)
                     } else {
@@ -578,6 +674,7 @@ impl<R: Replica> Session<R> {
             return Err(SessionError::Closed);
         }
         self.check_size(update.len())?;
+        self.store_update(update.clone());
         if let Some(Waiting {
             body:
                 Body::Update {
@@ -589,6 +686,7 @@ impl<R: Replica> Session<R> {
             if last_doc == doc && last.len() + update.len() <= MERGE_LIMIT {
                 if let Ok(merged) = merge_updates(&[last.as_slice(), update.as_slice()]) {
                     *last = merged;
+                    self.changed();
                     self.pump(now);
                     return Ok(());
                 }
@@ -634,6 +732,62 @@ impl<R: Replica> Session<R> {
         self.rename_due = self.link == Link::Open && self.config.name != self.announced;
         self.pump(now);
         Ok(())
+    }
+
+    /// What storage keeps of this session (see [`crate::saved`]): its identity, its place in
+    /// the log and its outbox, as they are now.
+    pub fn saved(&self) -> Saved {
+        Saved {
+            node: self.node,
+            token: self.token,
+            log: self.log,
+            position: self.position,
+            room: self.room,
+            step: self.clock.local(),
+            sent: self.in_flight.iter().map(|s| s.bytes.clone()).collect(),
+            unsent: self
+                .waiting
+                .iter()
+                .filter(|w| w.body.is_durable())
+                .map(|w| encode_unsent(w.body.clone()))
+                .collect(),
+        }
+    }
+
+    /// The driver stored a state whose [`Saved::upto`] is `upto`: the messages stamped up to it
+    /// may go out.
+    pub fn handle_saved(&mut self, now: u64, upto: Step) {
+        if upto > self.saved_step {
+            self.saved_step = upto;
+            self.pump(now);
+        }
+    }
+
+    /// Whether this stamped message may go out: its stamp is stored, or nothing is.
+    fn is_stored(&self, sent: &Sent) -> bool {
+        !self.config.persist || sent.stamp.step <= self.saved_step
+    }
+
+    /// Notes that the stored state is out of date.
+    fn changed(&mut self) {
+        self.save_due = self.config.persist;
+    }
+
+    /// With `persist`: keeps an update applied to the replica for storage.
+    fn store_update(&mut self, update: Vec<u8>) {
+        if self.config.persist {
+            self.unstored.push(update);
+            self.changed();
+        }
+    }
+
+    /// With `persist`: the document's updates applied since the last call (the application's
+    /// own, given to [`Session::update`], and those from the room, as they came, including
+    /// parts the replica holds back for a missing dependency). The driver appends them to the
+    /// stored document in the same write as [`Session::saved`], which is taken at the same
+    /// moment; if the write fails, it keeps them for the next one.
+    pub fn take_updates(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.unstored)
     }
 
     /// Closes the session for good.
@@ -788,6 +942,7 @@ impl<R: Replica> Session<R> {
         let logged = positioned.position.is_some();
         if let Some(position) = positioned.position {
             self.position = self.position.max(position);
+            self.changed();
         }
         self.on_frame(now, positioned.frame, logged);
         self.pump(now);
@@ -855,6 +1010,9 @@ impl<R: Replica> Session<R> {
             return Err(SessionError::Closed);
         }
         self.check_size(body.encoded_len())?;
+        if body.is_durable() {
+            self.changed();
+        }
         self.waiting.push_back(Waiting { body });
         self.pump(now);
         Ok(())
@@ -1036,7 +1194,10 @@ impl<R: Replica> Session<R> {
             // The relay's compaction of the document, from the log: everything logged before
             // it, merged. Only the log carries one.
             Frame::Snapshot { state, .. } if logged => match self.replica.apply_update(&state) {
-                Ok(()) => self.emit(Event::Remote),
+                Ok(()) => {
+                    self.store_update(state);
+                    self.emit(Event::Remote)
+                }
                 Err(e) => self.anomaly(Source::Local, Reason::Malformed, e.to_string(), 0, None),
             },
             Frame::Snapshot { .. } => self.anomaly(
@@ -1078,6 +1239,7 @@ impl<R: Replica> Session<R> {
             // holds it again for everyone.
             self.room = None;
             self.position = 0;
+            self.saved_step = 0;
             self.give_back = !self.replica.is_empty();
         }
         self.log = log;
@@ -1120,7 +1282,9 @@ impl<R: Replica> Session<R> {
                 self.waiting.push_front(waiting);
             }
             self.resend = 0;
+            self.saved_step = 0;
         }
+        self.changed();
         self.node = node;
         self.token = Some(resume);
         self.limits = self.config.limits.with_relay(&limits);
@@ -1258,6 +1422,7 @@ impl<R: Replica> Session<R> {
     }
 
     fn remove_in_flight(&mut self, i: usize) -> Sent {
+        self.changed();
         if i < self.resend {
             self.resend -= 1;
         }
@@ -1381,7 +1546,10 @@ impl<R: Replica> Session<R> {
 
     fn apply(&mut self, update: &[u8], stamp: &Stamp) {
         match self.replica.apply_update(update) {
-            Ok(()) => self.emit(Event::Remote),
+            Ok(()) => {
+                self.store_update(update.to_vec());
+                self.emit(Event::Remote)
+            }
             Err(e) => self.anomaly(
                 Source::Local,
                 Reason::Malformed,
@@ -1417,10 +1585,20 @@ impl<R: Replica> Session<R> {
             return Some((1, 0));
         }
         let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
+        let mut waiting = self.waiting.front();
         if let Some(sent) = self.in_flight.get(self.resend) {
-            return Some((frames(sent.bytes.len()), sent.bytes.len() as u64));
+            if self.is_stored(sent) {
+                // A fresh message paid the pacers when it was stamped.
+                return Some(match sent.fresh {
+                    true => (0, 0),
+                    false => (frames(sent.bytes.len()), sent.bytes.len() as u64),
+                });
+            }
+            // Its stamp is being stored: more stored messages may be stamped behind it, to be
+            // stored with it, but nothing that would go out before it.
+            waiting = waiting.filter(|w| w.body.is_durable());
         }
-        self.waiting.front().map(|w| {
+        waiting.map(|w| {
             // The stamp takes at most 30 bytes.
             let len = 3 + 30 + w.body.encoded_len();
             // The relay meters the bytes of stored messages and signals.
@@ -1446,8 +1624,9 @@ impl<R: Replica> Session<R> {
         }
         while let Some((frames, bytes)) = self.next_cost() {
             // Both pacers must allow it before either is charged.
-            if self.pacer.ready_at(frames) > now
-                || (bytes > 0 && self.byte_pacer.ready_at(bytes) > now)
+            if frames > 0
+                && (self.pacer.ready_at(frames) > now
+                    || (bytes > 0 && self.byte_pacer.ready_at(bytes) > now))
             {
                 break;
             }
@@ -1476,10 +1655,13 @@ impl<R: Replica> Session<R> {
                 continue;
             }
             if let Some(sent) = self.in_flight.get(self.resend) {
-                let parts = part::fragment(&sent.bytes, self.limits.max_frame);
-                self.resend += 1;
-                self.outputs.extend(parts.into_iter().map(Output::Send));
-                continue;
+                if self.is_stored(sent) {
+                    let parts = part::fragment(&sent.bytes, self.limits.max_frame);
+                    self.in_flight[self.resend].fresh = false;
+                    self.resend += 1;
+                    self.outputs.extend(parts.into_iter().map(Output::Send));
+                    continue;
+                }
             }
             let Some(Waiting { body }) = self.waiting.pop_front() else {
                 break;
@@ -1500,16 +1682,29 @@ impl<R: Replica> Session<R> {
             let doc = body.doc().map(str::to_owned);
             let durable = body.is_durable();
             let bytes = Frame::stamped(stamp, body).encode();
-            let parts = part::fragment(&bytes, self.limits.max_frame);
-            self.outputs.extend(parts.into_iter().map(Output::Send));
-            if durable {
+            if durable && self.config.persist {
+                // It goes out once its stamp is stored (`handle_saved`).
                 self.in_flight.push_back(Sent {
                     stamp,
                     kind,
                     doc,
                     bytes,
+                    fresh: true,
                 });
-                self.resend = self.in_flight.len();
+                self.changed();
+            } else {
+                let parts = part::fragment(&bytes, self.limits.max_frame);
+                self.outputs.extend(parts.into_iter().map(Output::Send));
+                if durable {
+                    self.in_flight.push_back(Sent {
+                        stamp,
+                        kind,
+                        doc,
+                        bytes,
+                        fresh: false,
+                    });
+                    self.resend = self.in_flight.len();
+                }
             }
             self.step_event(advance);
             if advance.entered_phase.is_some() {
@@ -1546,17 +1741,24 @@ mod tests {
         now: u64,
         sent: Vec<Frame>,
         relay: RelayLimits,
+        /// How many times the session asked to be stored.
+        saves: usize,
     }
 
     impl Harness {
         fn new() -> Self {
             let mut config = SessionConfig::new("r", "a");
             config.connect_timeout = 5_000;
+            Self::with(config)
+        }
+
+        fn with(config: SessionConfig) -> Self {
             Self {
                 session: Session::new(config, SharedDoc::with_client_id(1), 0),
                 now: 0,
                 sent: Vec::new(),
                 relay: RelayLimits::default(),
+                saves: 0,
             }
         }
 
@@ -1568,6 +1770,7 @@ mod tests {
                     Output::Connect => connect = true,
                     Output::Send(bytes) => self.sent.push(Frame::decode(&bytes).unwrap()),
                     Output::Disconnect { .. } => {}
+                    Output::Save => self.saves += 1,
                 }
             }
             connect
@@ -1613,6 +1816,57 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// With storage, a stored message goes out only once its stamp is stored; a session
+    /// restored from storage sends it again under the same stamp (the relay answers `replay`
+    /// if it has it), and a relay that forgot the node gets it under the new identity.
+    #[test]
+    fn a_message_goes_out_after_its_stamp_is_stored_and_again_after_a_restore() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config.clone());
+        h.join(2, 1, &[]);
+        let data = Json::from_value(&serde_json::json!({ "n": 1 })).unwrap();
+        h.session.broadcast(h.now, data.clone()).unwrap();
+        h.pump();
+        assert!(h.saves > 0, "the session asks to be stored");
+        assert!(
+            h.stamped().is_empty(),
+            "nothing goes out before it is stored"
+        );
+        let saved = h.session.saved();
+        assert_eq!(saved.sent.len(), 1);
+        assert_eq!((saved.node, saved.token), (2, Some([1; 16])));
+        h.session.handle_saved(h.now, saved.upto());
+        h.pump();
+        let first = h.stamped()[0].clone();
+        assert_eq!(first.stamp.step, saved.upto());
+        assert_eq!(first.body, Body::Data { data: data.clone() });
+        // The tab closes before the acknowledgement; it reopens from storage.
+        let bytes = saved.encode();
+        let mut config = config.clone();
+        config.restore = Some(Saved::decode(&bytes).unwrap());
+        let mut reopened = Harness::with(config.clone());
+        assert_eq!(reopened.session.pending(), 1);
+        reopened.join(2, 1, &[]);
+        assert_eq!(reopened.stamped(), [&first], "sent again as it was");
+        reopened.frame(Frame::Reject {
+            step: first.stamp.step,
+            reason: Reason::Replay,
+            detail: "stored already".into(),
+        });
+        assert_eq!(reopened.session.pending(), 0);
+        // A relay that forgot the node: the message goes out under the new identity.
+        let mut forgotten = Harness::with(config);
+        forgotten.join(5, 9, &[]);
+        assert!(forgotten.stamped().is_empty(), "stamped anew, stored first");
+        let saved = forgotten.session.saved();
+        forgotten.session.handle_saved(forgotten.now, saved.upto());
+        forgotten.pump();
+        let again = forgotten.stamped()[0].clone();
+        assert_eq!(again.stamp.sender, 5);
+        assert_eq!(again.body, Body::Data { data });
     }
 
     /// A name set while the join is under way (the join gave the old one) follows it.

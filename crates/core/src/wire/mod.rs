@@ -28,7 +28,7 @@ pub mod part;
 use serde::{Deserialize, Serialize};
 
 use crate::pattern::{PatternParams, PatternValue, Step};
-use codec::{Reader, Writer};
+pub(crate) use codec::{Reader, Writer};
 
 /// The wire format's version, the first byte of every frame.
 pub const PROTOCOL_VERSION: u8 = 2;
@@ -1085,7 +1085,7 @@ impl Frame {
     }
 }
 
-fn room_config(w: &mut Writer, config: &RoomConfig) {
+pub(crate) fn room_config(w: &mut Writer, config: &RoomConfig) {
     w.var(config.pattern.seed);
     w.var(config.pattern.multiplier);
     w.var(config.pattern.reset_interval);
@@ -1093,7 +1093,7 @@ fn room_config(w: &mut Writer, config: &RoomConfig) {
     w.var(config.stale_window.map_or(0, |w| w.saturating_add(1)));
 }
 
-fn read_room_config(r: &mut Reader<'_>) -> Result<RoomConfig, DecodeError> {
+pub(crate) fn read_room_config(r: &mut Reader<'_>) -> Result<RoomConfig, DecodeError> {
     let pattern = PatternParams {
         seed: r.var("config.seed")?,
         multiplier: r.var("config.multiplier")?,

@@ -1,0 +1,242 @@
+//! What a client session keeps in storage so that it survives its process (a browser tab that
+//! closes, a crash): its identity in the room, where it is in the room's log, and its outbox.
+//!
+//! A [`Session`](crate::session::Session) made with
+//! [`SessionConfig::persist`](crate::session::SessionConfig::persist) asks its driver to store
+//! [`Saved`] whenever it changes ([`Output::Save`](crate::session::Output::Save)), and sends no
+//! message before the stamp it carries is stored: a message that may have reached the relay is
+//! always in storage with the stamp it went out with. A session restored from it
+//! ([`SessionConfig::restore`](crate::session::SessionConfig::restore)) resumes the node, sends
+//! its outbox again under the same stamps (the relay answers `replay` for what it stored
+//! already), and so delivers every message exactly once.
+//!
+//! The document is not part of it: the driver stores the document's updates beside it, in the
+//! same write (see the browser client's IndexedDB store).
+
+use crate::pattern::Step;
+use crate::wire::{
+    read_room_config, room_config, Body, DecodeError, Frame, Limits, NodeId, Reader, ResumeToken,
+    RoomConfig, Stamp, Stamped, Writer,
+};
+
+/// The first byte of an encoded [`Saved`]: the format's version.
+const VERSION: u8 = 1;
+
+/// A session's state as storage keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Saved {
+    /// The node id the relay gave (0: never joined).
+    pub node: NodeId,
+    /// The token that resumes `node`.
+    pub token: Option<ResumeToken>,
+    /// The identity of the room's log the position counts in (0: none yet).
+    pub log: u64,
+    /// The last log position seen: catch-up continues after it.
+    pub position: u64,
+    /// The room's configuration from the last welcome.
+    pub room: Option<RoomConfig>,
+    /// The session's step clock.
+    pub step: Step,
+    /// Messages stamped and maybe sent, not yet acknowledged: encoded frames, in step order.
+    pub sent: Vec<Vec<u8>>,
+    /// Messages not stamped yet, in order: each body encoded in a frame with a zero stamp.
+    pub unsent: Vec<Vec<u8>>,
+}
+
+impl Saved {
+    /// The highest step among the stamped messages (0 if none): storing this state covers
+    /// every stamp up to it.
+    pub fn upto(&self) -> Step {
+        self.sent
+            .iter()
+            .filter_map(|bytes| crate::wire::peek_stamp(bytes).map(|(_, s)| s.step))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Encodes the state for storage.
+    pub fn encode(&self) -> Vec<u8> {
+        let size = 64
+            + self.sent.iter().map(|b| b.len() + 5).sum::<usize>()
+            + self.unsent.iter().map(|b| b.len() + 5).sum::<usize>();
+        let mut w = Writer::with_capacity(size);
+        w.u8(VERSION);
+        w.var(self.node);
+        w.flag(self.token.is_some());
+        if let Some(token) = &self.token {
+            w.raw(token);
+        }
+        w.var(self.log);
+        w.var(self.position);
+        w.flag(self.room.is_some());
+        if let Some(config) = &self.room {
+            room_config(&mut w, config);
+        }
+        w.var(self.step);
+        for list in [&self.sent, &self.unsent] {
+            w.var(list.len() as u64);
+            for bytes in list {
+                w.bytes(bytes);
+            }
+        }
+        w.0
+    }
+
+    /// Decodes a stored state; an error says what was wrong with it.
+    pub fn decode(bytes: &[u8]) -> Result<Saved, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let node = r.var("node")?;
+        let token = if r.flag("token")? {
+            Some(r.array::<16>("token")?)
+        } else {
+            None
+        };
+        let log = r.var("log")?;
+        let position = r.var("position")?;
+        let room = if r.flag("room")? {
+            Some(read_room_config(&mut r)?)
+        } else {
+            None
+        };
+        let step = r.var("step")?;
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in &mut lists {
+            let count = r.var("count")?;
+            for _ in 0..count {
+                list.push(r.bytes("message")?.to_vec());
+            }
+        }
+        if r.remaining() != 0 {
+            return Err(DecodeError::TrailingBytes(r.remaining()));
+        }
+        let [sent, unsent] = lists;
+        Ok(Saved {
+            node,
+            token,
+            log,
+            position,
+            room,
+            step,
+            sent,
+            unsent,
+        })
+    }
+
+    /// The bodies of every message in the outbox, sent ones first; entries that do not decode
+    /// are left out.
+    pub fn bodies(&self) -> Vec<Body> {
+        self.sent
+            .iter()
+            .chain(&self.unsent)
+            .filter_map(|bytes| match decode_message(bytes) {
+                Ok(Stamped { body, .. }) => Some(body),
+                Err(_) => None,
+            })
+            .collect()
+    }
+
+    /// Takes in the outbox of another stored session of the same room (a tab that closed and
+    /// that no open tab speaks for): its messages join this outbox unstamped, to go out under
+    /// this session's identity. Its stamped messages may have reached the relay already under
+    /// the other identity: an update sent twice changes nothing, a data message may arrive
+    /// twice.
+    pub fn adopt(&mut self, other: &Saved) {
+        for body in other.bodies() {
+            self.unsent.push(encode_unsent(body));
+        }
+    }
+}
+
+/// A body waiting to be stamped, as [`Saved::unsent`] holds it.
+pub(crate) fn encode_unsent(body: Body) -> Vec<u8> {
+    Frame::stamped(
+        Stamp {
+            sender: 0,
+            step: 0,
+            pattern: 0,
+        },
+        body,
+    )
+    .encode()
+}
+
+/// Decodes one message of a [`Saved`] outbox.
+pub(crate) fn decode_message(bytes: &[u8]) -> Result<Stamped, DecodeError> {
+    let limits = Limits {
+        max_frame: usize::MAX,
+        ..Limits::default()
+    }
+    .for_message();
+    match Frame::decode_with(bytes, &limits)? {
+        Frame::Stamped(stamped) => Ok(stamped),
+        _ => Err(DecodeError::Empty("stamped message")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Json;
+
+    fn data(n: u64) -> Body {
+        Body::Data {
+            data: Json::from_value(&serde_json::json!({ "n": n })).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_saved_state_decodes_to_itself() {
+        let saved = Saved {
+            node: 7,
+            token: Some([9; 16]),
+            log: (1 << 53) - 1,
+            position: 42,
+            room: Some(RoomConfig::default()),
+            step: 1_000,
+            sent: vec![Frame::stamped(
+                Stamp {
+                    sender: 7,
+                    step: 990,
+                    pattern: 3,
+                },
+                data(1),
+            )
+            .encode()],
+            unsent: vec![encode_unsent(data(2))],
+        };
+        let bytes = saved.encode();
+        assert_eq!(Saved::decode(&bytes).unwrap(), saved);
+        assert_eq!(saved.upto(), 990);
+        assert_eq!(saved.bodies(), vec![data(1), data(2)]);
+        assert_eq!(
+            Saved::decode(&Saved::default().encode()).unwrap(),
+            Saved::default()
+        );
+    }
+
+    #[test]
+    fn a_damaged_saved_state_is_an_error_not_a_panic() {
+        let bytes = Saved {
+            sent: vec![vec![1, 2, 3]],
+            ..Saved::default()
+        }
+        .encode();
+        for cut in 0..bytes.len() {
+            assert!(Saved::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(matches!(
+            Saved::decode(&[2]),
+            Err(DecodeError::UnknownVersion(2))
+        ));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(
+            Saved::decode(&long),
+            Err(DecodeError::TrailingBytes(1))
+        ));
+    }
+}
