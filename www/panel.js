@@ -17,7 +17,8 @@ export function roomFromUrl(prefix) {
 }
 
 export function relayUrl() {
-  return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  const relay = new URLSearchParams(location.search).get("relay");
+  return relay ?? `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
 }
 
 /** The display name, kept in localStorage. */

@@ -27,6 +27,7 @@ use super::errors::{
 };
 use super::fatal::{register, Registration, Timer};
 use super::frames::{json_from_js, message_to_js, presence_event_to_js};
+use super::storage::Storage;
 use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
 use super::validator::{counts_to_js, verdict, VerdictJs};
 use crate::doc::{SharedDoc, TextDelta};
@@ -46,10 +47,12 @@ struct Options {
     web_socket: js_sys::Function,
     /// Listeners registered before the join, so that they hear the catch-up.
     on: Vec<(&'static str, js_sys::Function)>,
+    /// Keep the document and the session in IndexedDB.
+    persist: bool,
 }
 
 impl Options {
-    const KEYS: [&'static str; 7] = [
+    const KEYS: [&'static str; 8] = [
         "url",
         "room",
         "name",
@@ -57,6 +60,7 @@ impl Options {
         "connectTimeout",
         "WebSocket",
         "on",
+        "persist",
     ];
 
     /// Reads the options, refusing unknown keys and values of the wrong type by name.
@@ -81,8 +85,18 @@ impl Options {
                 listeners
             }
         };
+        let persist = match field("persist") {
+            None => false,
+            Some(value) => value.as_bool().ok_or_else(|| {
+                invalid_argument(format!(
+                    "persist must be a boolean, got {}",
+                    super::errors::what_it_is(&value)
+                ))
+            })?,
+        };
         Ok(Options {
             on,
+            persist,
             url: string_arg("url", &field("url").unwrap_or(JsValue::UNDEFINED))?,
             room: string_arg("room", &field("room").unwrap_or(JsValue::UNDEFINED))?,
             name: field("name")
@@ -232,6 +246,11 @@ struct Driver {
     text_listeners: Vec<(u32, String, js_sys::Function)>,
     next_listener: u32,
     joined: Option<oneshot::Sender<Result<(), String>>>,
+    /// With `persist`: the room's storage in IndexedDB.
+    storage: Option<Storage>,
+    /// The next write, when one waits: a change that no message waits for, or a write that
+    /// failed and is tried again.
+    retry: Option<Timer>,
 }
 
 type Shared = Rc<RefCell<Driver>>;
@@ -375,6 +394,14 @@ fn pump(shared: &Shared) {
                     socket.close();
                 }
             }
+            Output::Save => {
+                let urgent = shared.borrow().session.awaits_store();
+                if urgent {
+                    save(shared);
+                } else {
+                    save_soon(shared);
+                }
+            }
         }
     }
     schedule(shared);
@@ -386,6 +413,98 @@ fn pump(shared: &Shared) {
         }
     }
     dispatch(shared);
+}
+
+/// How long a change that no message waits for (the log position, a typed edit not yet
+/// stamped) may wait to be written with the next ones.
+const SAVE_DELAY_MS: u32 = 250;
+
+/// Writes soon: changes that come meanwhile join the write.
+fn save_soon(shared: &Shared) {
+    let mut driver = shared.borrow_mut();
+    if driver.retry.is_some() || driver.storage.is_none() {
+        return;
+    }
+    let weak = Rc::downgrade(shared);
+    driver.retry = Some(driver.registration.timeout(SAVE_DELAY_MS, move || {
+        if let Some(shared) = weak.upgrade() {
+            shared.borrow_mut().retry = None;
+            save(&shared);
+            dispatch(&shared);
+        }
+    }));
+}
+
+/// Writes the session and the document's new updates to storage, unless a write is under way
+/// (then once more after it). Once the session is closed, the last write lets the record go if
+/// nothing is left to send, and the tab's lock on it is released after it.
+fn save(shared: &Shared) {
+    let write = {
+        let mut driver = shared.borrow_mut();
+        let driver = &mut *driver;
+        let Some(storage) = driver.storage.as_mut() else {
+            return;
+        };
+        if storage.writing {
+            storage.wanted = true;
+            return;
+        }
+        let saved = driver.session.saved();
+        let upto = saved.upto();
+        let over = driver.session.is_closed() && driver.session.pending() == 0;
+        let updates = driver.session.take_updates();
+        let write = storage.write((!over).then_some(&saved), updates);
+        (write, upto)
+    };
+    let weak = Rc::downgrade(shared);
+    wasm_bindgen_futures::spawn_local(async move {
+        let (write, upto) = write;
+        let done = write.done().await;
+        let Some(shared) = weak.upgrade() else { return };
+        let (compact, again) = {
+            let mut driver = shared.borrow_mut();
+            let now = driver.now();
+            let driver = &mut *driver;
+            let Some(storage) = driver.storage.as_mut() else {
+                return;
+            };
+            let compact = storage.written(&done);
+            let again = storage.wanted;
+            if let Some(error) = done.error {
+                // Nothing stamped after the failed write goes out; the write is tried again.
+                driver.calls.push(("error", error, None));
+                storage.wanted = true;
+                let weak = Rc::downgrade(&shared);
+                driver.retry = Some(driver.registration.timeout(1_000, move || {
+                    if let Some(shared) = weak.upgrade() {
+                        shared.borrow_mut().retry = None;
+                        save(&shared);
+                        dispatch(&shared);
+                    }
+                }));
+                (false, false)
+            } else {
+                driver.session.handle_saved(now, upto);
+                if !again && driver.session.is_closed() {
+                    storage.release();
+                }
+                (compact, again)
+            }
+        };
+        if compact {
+            let promise = shared.borrow_mut().storage.as_mut().map(Storage::compact);
+            if let Some(promise) = promise {
+                wasm_bindgen_futures::spawn_local(async move {
+                    // A compaction that fails leaves the records as they were.
+                    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
+                });
+            }
+        }
+        if again {
+            save(&shared);
+        }
+        pump(&shared);
+    });
 }
 
 /// Sets the one timer to the session's next deadline.
@@ -632,6 +751,10 @@ impl MeshClient {
     /// `InvalidArgument` for invalid options. Afterwards the client reconnects by itself, with
     /// exponential backoff and jitter, and says so in `status` events. A panic in the module
     /// while it is pending rejects it with the `PanicError`.
+    ///
+    /// With `persist: true`, it resolves as soon as the document and the session stored in
+    /// IndexedDB are loaded, online or not, and rejects with a `StorageError` if the page has
+    /// no IndexedDB or Web Locks.
     #[wasm_bindgen(js_name = connect, unchecked_return_type = "Promise<MeshClient>")]
     pub fn connect(options: JsMeshClientOptions) -> js_sys::Promise {
         let mut settle = None;
@@ -668,8 +791,27 @@ impl MeshClient {
         if options.name.len() > limits.max_name {
             return Err(invalid_argument("name must be at most 64 bytes"));
         }
+        let replica = SharedDoc::new();
+        let mut storage = None;
+        let mut problems = Vec::new();
+        if options.persist {
+            let loaded = super::storage::open(&options.url, &options.room).await?;
+            for update in &loaded.updates {
+                if let Err(e) = replica.apply_update(update) {
+                    problems.push(format!("a stored update did not apply: {e}"));
+                }
+            }
+            problems.extend(loaded.problems);
+            storage = Some((loaded.storage, loaded.saved));
+        }
+        let persist = storage.is_some();
         let mut config = SessionConfig::new(options.room, options.name);
         config.room_config = options.config;
+        config.persist = persist;
+        let storage = storage.map(|(storage, saved)| {
+            config.restore = saved;
+            storage
+        });
         if let Some(ms) = options.connect_timeout {
             config.connect_timeout = u64::from(ms);
         }
@@ -677,7 +819,7 @@ impl MeshClient {
         let now = js_sys::Date::now() as u64;
         let (joined, on_joined) = oneshot::channel();
         let shared = Rc::new(RefCell::new(Driver {
-            session: Session::new(config, SharedDoc::new(), now),
+            session: Session::new(config, replica, now),
             url: options.url,
             web_socket: options.web_socket,
             socket: None,
@@ -694,6 +836,8 @@ impl MeshClient {
             text_listeners: Vec::new(),
             next_listener: 1,
             joined: Some(joined),
+            storage,
+            retry: None,
         }));
         {
             let mut driver = shared.borrow_mut();
@@ -707,9 +851,21 @@ impl MeshClient {
                 });
             }
             driver.error_listeners_changed();
-            driver.registration.set_connecting(reject.cloned());
+            for problem in problems {
+                driver
+                    .calls
+                    .push(("error", js_error("StorageError", problem), None));
+            }
+            if !persist {
+                driver.registration.set_connecting(reject.cloned());
+            }
         }
         pump(&shared);
+        if persist {
+            // Offline first: the stored document is there now; `status` events say when the
+            // relay is reached.
+            return Ok(MeshClient { shared });
+        }
         let joined = on_joined.await;
         shared.borrow().registration.set_connecting(None);
         match joined {
@@ -1012,6 +1168,8 @@ impl MeshClient {
             driver.session.close(now);
         }
         pump(&self.shared);
+        // The last write: the outbox that is left, for the next tab of this room.
+        save(&self.shared);
     }
 }
 

@@ -12,6 +12,7 @@ mod errors;
 mod fatal;
 mod frames;
 mod pattern;
+mod storage;
 mod types;
 mod validator;
 

@@ -154,6 +154,8 @@ export interface MeshClientOptions {
   WebSocket?: new (url: string) => unknown;
   /** Listeners added before the join, so that they hear the catch-up: the room's stored messages, the peers, the first status. */
   on?: { [K in keyof MeshEvents]?: (event: MeshEvents[K], reason?: string) => void };
+  /** Keep the document and this tab's session (identity, log position, unsent messages) in IndexedDB (default false). `connect` then resolves as soon as the stored document is loaded, offline too; the client keeps trying to reach the relay (`connectTimeout` does not apply) and delivers what was stored, exactly once. Needs IndexedDB and Web Locks (https, or http on localhost), else `connect` rejects with a `StorageError`. */
+  persist?: boolean;
 }
 
 /** The client's connection status. */
@@ -224,7 +226,7 @@ export interface MeshEvents {
   status: Status;
   step: StepEvent;
   presence: PresenceEvent;
-  /** The module panicked: an `Error` named `PanicError` that says what failed and how many messages were not delivered. The client is closed; `MeshClient.connect` works again and rejoins the room. */
+  /** The module panicked: an `Error` named `PanicError` that says what failed and how many messages were not delivered (the client is closed; `MeshClient.connect` works again and rejoins the room). Or, with `persist`, a `StorageError`: a write to IndexedDB failed (messages wait until a retry succeeds), or a stored record could not be read. */
   error: Error;
 }
 

@@ -185,6 +185,98 @@ test("a tab that typed 400 characters offline delivers all of them within second
   await Promise.all([a.close(), b.close()]);
 });
 
+test("a tab that typed offline and closed shows its text at once when it reopens offline, and delivers every edit exactly once", async () => {
+  const room = `e2e-reopen-${Date.now()}`;
+  const cut = await proxy();
+  // One browser profile: the tab that reopens finds what the closed one stored in IndexedDB.
+  const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  const openInProfile = async () => {
+    const page = await profile.newPage();
+    page.problems = [];
+    page.on("pageerror", (e) => page.problems.push(e.message));
+    // The page comes from the relay; its socket goes through the proxy, which cuts it.
+    await page.goto(`http://127.0.0.1:${port}/index.html?room=${room}&relay=${encodeURIComponent(`ws://127.0.0.1:${cut.port}/ws`)}`);
+    await page.waitForSelector("body[data-ready=true]");
+    return page;
+  };
+  const a = await openInProfile();
+  const b = await open(`index.html?room=${room}`);
+  await b.evaluate(() => {
+    window.notes = [];
+    window.meshClient.on("message", ({ data }) => { if (data.note) window.notes.push(data.note); });
+  });
+  await a.focus("#editor");
+  await a.keyboard.type("online ");
+  await until("the first words", async () => (await b.evaluate(() => window.meshText.toString())) === "online ");
+  cut.setDown(true);
+  await until("a notices", async () => (await a.evaluate(() => window.meshClient.status)) !== "open");
+  await a.keyboard.type("typed offline, then the tab closed. ", { delay: 20 });
+  await a.evaluate(() => window.meshClient.broadcast({ note: "sent offline" }));
+  const typed = await a.evaluate(() => window.meshText.toString());
+  assert.equal(typed, "online typed offline, then the tab closed. ");
+  // The writes of changes that no message waits for are put off by at most 250 ms.
+  await new Promise((r) => setTimeout(r, 1_000));
+  await a.close();
+
+  const reopened = await openInProfile();
+  assert.equal(await reopened.evaluate(() => window.meshText.toString()), typed, "the text, at once, offline");
+  assert.notEqual(await reopened.evaluate(() => window.meshClient.status), "open");
+  assert.equal(await reopened.evaluate(() => document.getElementById("editor").value), typed);
+  cut.setDown(false);
+  const back = Date.now();
+  await until("the offline edits reach the other tab", async () => (await b.evaluate(() => window.meshText.toString())) === typed || await b.evaluate(() => window.meshText.toString()), 30_000);
+  console.log(`RESULT reopen-offline ms_after_back=${Date.now() - back}`);
+  await until("the reopened tab's outbox empties", async () => (await reopened.evaluate(() => window.meshClient.pendingCount)) === 0, 30_000);
+  // Time for a duplicate to show up, if any were sent.
+  await new Promise((r) => setTimeout(r, 1_000));
+  assert.deepEqual(await b.evaluate(() => window.notes), ["sent offline"], "the message sent offline arrives once");
+  assert.equal(await b.evaluate(() => window.meshText.toString()), typed);
+  assert.equal(await reopened.evaluate(() => window.meshText.toString()), typed);
+  for (const p of [reopened, b]) assert.deepEqual(p.problems, []);
+  cut.close();
+  await Promise.all([reopened.close(), b.close()]);
+  await profile.close();
+});
+
+test("two tabs of one browser on one room keep their own identities, and the stored document merges both", async () => {
+  const room = `e2e-two-tabs-${Date.now()}`;
+  const cut = await proxy();
+  const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  const openInProfile = async () => {
+    const page = await profile.newPage();
+    page.problems = [];
+    page.on("pageerror", (e) => page.problems.push(e.message));
+    await page.goto(`http://127.0.0.1:${port}/index.html?room=${room}&relay=${encodeURIComponent(`ws://127.0.0.1:${cut.port}/ws`)}`);
+    await page.waitForSelector("body[data-ready=true]");
+    return page;
+  };
+  const x = await openInProfile();
+  const y = await openInProfile();
+  const nodes = [await x.evaluate(() => window.meshClient.node), await y.evaluate(() => window.meshClient.node)];
+  assert.notEqual(nodes[0], nodes[1], "each tab its own node");
+  await x.focus("#editor");
+  await x.keyboard.type("from x. ");
+  await y.focus("#editor");
+  await y.keyboard.press("End");
+  await y.keyboard.type("from y.");
+  await until("both tabs converge", async () => {
+    const [tx, ty] = [await x.evaluate(() => window.meshText.toString()), await y.evaluate(() => window.meshText.toString())];
+    return (tx === ty && tx.length === 15) || [tx, ty];
+  });
+  const text = await x.evaluate(() => window.meshText.toString());
+  await new Promise((r) => setTimeout(r, 1_000));
+  await Promise.all([x.close(), y.close()]);
+  // Offline: what the tab shows comes from storage.
+  cut.setDown(true);
+  const page = await openInProfile();
+  assert.equal(await page.evaluate(() => window.meshText.toString()), text, "the stored document has both tabs' edits");
+  assert.ok(nodes.includes(await page.evaluate(() => window.meshClient.node)), "the tab took up a closed tab's identity");
+  assert.deepEqual(page.problems, []);
+  await page.close();
+  cut.close();
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`index.html?room=${room}`);
@@ -279,8 +371,8 @@ test("the client refuses bad options and arguments by name, and every change aft
     return r;
   }, `e2e-strict-${Date.now()}`);
   assert.deepEqual(result, {
-    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on',
-    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, got the number 42",
+    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on, persist',
+    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, persist, got the number 42",
     roomType: "InvalidArgument: room must be a string, got the number 7",
     timeoutType: 'InvalidArgument: connectTimeout must be an integer from 0 to 4294967295, got the string "soon"',
     fraction: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number 1.5",

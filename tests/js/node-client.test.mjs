@@ -82,6 +82,17 @@ test("without a WebSocket implementation, connect says so at once", async () => 
   });
 });
 
+test("persist where there is no IndexedDB rejects with a StorageError that says so", async () => {
+  await assert.rejects(mesh.MeshClient.connect({ url, room: "stored", WebSocket, persist: true }), {
+    name: "StorageError",
+    message: "persist needs IndexedDB and Web Locks: this runtime has no IndexedDB",
+  });
+  await assert.rejects(mesh.MeshClient.connect({ url, room: "stored", WebSocket, persist: "yes" }), {
+    name: "InvalidArgument",
+    message: 'persist must be a boolean, got the string "yes"',
+  });
+});
+
 test("a late joiner's listeners passed to connect get the stored messages of the catch-up", async () => {
   const room = `node-history-${Date.now()}`;
   const a = await mesh.MeshClient.connect({ url, room, name: "a", WebSocket });

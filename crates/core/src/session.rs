@@ -763,6 +763,17 @@ impl<R: Replica> Session<R> {
         }
     }
 
+    /// With `persist`: whether a stamped message waits for its stamp to be stored (so the next
+    /// write is urgent; other changes, such as the log position, may wait a little to be
+    /// written together).
+    pub fn awaits_store(&self) -> bool {
+        self.config.persist
+            && self
+                .in_flight
+                .iter()
+                .any(|s| s.stamp.step > self.saved_step)
+    }
+
     /// Whether this stamped message may go out: its stamp is stored, or nothing is.
     fn is_stored(&self, sent: &Sent) -> bool {
         !self.config.persist || sent.stamp.step <= self.saved_step

@@ -1,0 +1,332 @@
+//! The client's storage in IndexedDB (`MeshClient.connect({ persist: true })`): the room's
+//! document and each tab's session, so that a tab that closes loses nothing it had stored and a
+//! tab that reopens shows its text at once, offline.
+//!
+//! The database `pattern-mesh` has two object stores, both keyed by room (the relay's URL and
+//! the room's name):
+//!
+//! - `updates`: the document as the Yjs updates applied to it, appended in the order they were
+//!   applied. Every tab of the room appends to the same list, so their states merge; none
+//!   overwrites another's. When the list grows long it is replaced by its merge, in one
+//!   transaction that reads, merges and deletes exactly the records it merged.
+//! - `sessions`: one record per tab, what [`Saved`] holds: the node's identity and resume token,
+//!   its log position and its outbox. A tab holds a Web Lock named after its record for as long
+//!   as it lives; a tab that opens takes a record whose lock is free (a tab that closed), or a
+//!   new one. The outboxes of further free records join its own (they would otherwise wait for
+//!   another tab to open).
+//!
+//! Each write puts the session record and appends the document's new updates in one
+//! transaction, so the two always agree; the session sends a message only after the write that
+//! holds its stamp completed (see the core's `saved` module).
+
+use std::collections::VecDeque;
+
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+
+use super::errors::js_error;
+use crate::saved::Saved;
+
+#[wasm_bindgen(inline_js = r#"
+const request = (r) => new Promise((resolve, reject) => {
+  r.onsuccess = () => resolve(r.result);
+  r.onerror = () => reject(r.error);
+});
+const finished = (tx) => new Promise((resolve, reject) => {
+  tx.oncomplete = () => resolve();
+  tx.onerror = () => reject(tx.error);
+  tx.onabort = () => reject(tx.error ?? new Error("the transaction was aborted"));
+});
+const lock = (name) => new Promise((resolve) => {
+  navigator.locks.request(`pattern-mesh ${name}`, { ifAvailable: true }, (held) => {
+    if (!held) return resolve(null);
+    // Held until the returned function is called (or the tab goes).
+    return new Promise((release) => resolve(release));
+  }).catch(() => resolve(null));
+});
+export function pmStorageMissing() {
+  if (typeof indexedDB === "undefined") return "this runtime has no IndexedDB";
+  if (!globalThis.navigator?.locks) {
+    return "this page has no Web Locks API (it needs a secure context: https, or http on localhost)";
+  }
+  return null;
+}
+export async function pmStorageOpen(room) {
+  const open = indexedDB.open("pattern-mesh", 1);
+  open.onupgradeneeded = () => {
+    const db = open.result;
+    db.createObjectStore("updates", { autoIncrement: true }).createIndex("room", "room");
+    db.createObjectStore("sessions", { keyPath: "id" }).createIndex("room", "room");
+  };
+  const db = await request(open);
+  const tx = db.transaction(["sessions", "updates"], "readonly");
+  const records = request(tx.objectStore("sessions").index("room").getAll(room));
+  const updates = request(tx.objectStore("updates").index("room").getAll(room));
+  const [sessions, stored] = [await records, await updates];
+  const claimed = [];
+  for (const record of sessions) {
+    const release = await lock(record.id);
+    if (release) claimed.push([record.id, record.saved, release]);
+  }
+  if (claimed.length === 0) {
+    const id = `${room}\n${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
+    claimed.push([id, null, await lock(id) ?? (() => {})]);
+  }
+  return [db, claimed, stored.map((record) => record.update)];
+}
+export function pmStorageWrite(db, room, id, saved, updates, drop) {
+  const tx = db.transaction(["sessions", "updates"], "readwrite");
+  const sessions = tx.objectStore("sessions");
+  if (saved) sessions.put({ id, room, saved });
+  else sessions.delete(id);
+  for (const other of drop) sessions.delete(other);
+  const store = tx.objectStore("updates");
+  for (const update of updates) store.add({ room, update });
+  return finished(tx);
+}
+export function pmStorageCompact(db, room, merge) {
+  const tx = db.transaction("updates", "readwrite");
+  const store = tx.objectStore("updates");
+  const keys = store.index("room").getAllKeys(room);
+  const values = store.index("room").getAll(room);
+  values.onsuccess = () => {
+    if (values.result.length < 2) return;
+    const merged = merge(values.result.map((record) => record.update));
+    if (!merged) return;
+    for (const key of keys.result) store.delete(key);
+    store.add({ room, update: merged });
+  };
+  return finished(tx).then(() => values.result.length);
+}
+"#)]
+extern "C" {
+    #[wasm_bindgen(js_name = pmStorageMissing)]
+    fn missing() -> Option<String>;
+    #[wasm_bindgen(js_name = pmStorageOpen)]
+    fn open_js(room: &str) -> js_sys::Promise;
+    #[wasm_bindgen(js_name = pmStorageWrite)]
+    fn write_js(
+        db: &JsValue,
+        room: &str,
+        id: &str,
+        saved: Option<Vec<u8>>,
+        updates: js_sys::Array,
+        drop: js_sys::Array,
+    ) -> js_sys::Promise;
+    #[wasm_bindgen(js_name = pmStorageCompact)]
+    fn compact_js(db: &JsValue, room: &str, merge: &js_sys::Function) -> js_sys::Promise;
+}
+
+/// The stored document is merged into one record when it has more records than this.
+const COMPACT_AT: usize = 200;
+
+/// A tab's storage of one room.
+pub(crate) struct Storage {
+    db: JsValue,
+    room: String,
+    id: String,
+    /// Releases this tab's lock on its record.
+    release: js_sys::Function,
+    /// Records of closed tabs whose outboxes this session took in: deleted by the first write,
+    /// their locks released after it.
+    adopted: Vec<(String, js_sys::Function)>,
+    /// Updates taken from the session and not yet written.
+    updates: VecDeque<Vec<u8>>,
+    /// How many update records the room has in storage (as far as this tab knows).
+    records: usize,
+    /// A write is under way; another one is wanted after it.
+    pub(crate) writing: bool,
+    pub(crate) wanted: bool,
+    merge: Closure<dyn Fn(js_sys::Array) -> Option<Vec<u8>>>,
+}
+
+/// What storage held for the room when the tab opened.
+pub(crate) struct Loaded {
+    pub(crate) storage: Storage,
+    /// The session to restore, with the outboxes of other closed tabs taken in.
+    pub(crate) saved: Option<Saved>,
+    /// The document's updates, in the order they were applied.
+    pub(crate) updates: Vec<Vec<u8>>,
+    /// What could not be read (a damaged record): each is said to the application.
+    pub(crate) problems: Vec<String>,
+}
+
+/// Opens the storage of `room` at `url`, claims a session record, and reads the document.
+pub(crate) async fn open(url: &str, room: &str) -> Result<Loaded, JsValue> {
+    if let Some(why) = missing() {
+        return Err(js_error(
+            "StorageError",
+            format!("persist needs IndexedDB and Web Locks: {why}"),
+        ));
+    }
+    let key = format!("{url}\n{room}");
+    let opened = JsFuture::from(open_js(&key))
+        .await
+        .map_err(|e| storage_error("opening the database", &e))?;
+    let opened: js_sys::Array = opened.unchecked_into();
+    let db = opened.get(0);
+    let claimed: js_sys::Array = opened.get(1).unchecked_into();
+    let stored: js_sys::Array = opened.get(2).unchecked_into();
+    let mut problems = Vec::new();
+    let mut claimed = claimed.iter().map(|entry| {
+        let entry: js_sys::Array = entry.unchecked_into();
+        let id = entry.get(0).as_string().unwrap_or_default();
+        let saved = entry.get(1);
+        let release: js_sys::Function = entry.get(2).unchecked_into();
+        (id, saved, release)
+    });
+    let Some((id, first, release)) = claimed.next() else {
+        return Err(js_error("StorageError", "no session record was claimed"));
+    };
+    let mut read = |bytes: JsValue| -> Option<Saved> {
+        if bytes.is_null() || bytes.is_undefined() {
+            return None;
+        }
+        let bytes = js_sys::Uint8Array::new(&bytes).to_vec();
+        match Saved::decode(&bytes) {
+            Ok(saved) => Some(saved),
+            Err(e) => {
+                problems.push(format!(
+                    "a stored session did not decode ({e}); its unsent messages are lost"
+                ));
+                None
+            }
+        }
+    };
+    let mut saved = read(first);
+    let mut adopted = Vec::new();
+    for (other_id, bytes, other_release) in claimed {
+        if let Some(other) = read(bytes) {
+            saved.get_or_insert_with(Saved::default).adopt(&other);
+        }
+        adopted.push((other_id, other_release));
+    }
+    let updates: Vec<Vec<u8>> = stored
+        .iter()
+        .map(|u| js_sys::Uint8Array::new(&u).to_vec())
+        .collect();
+    let merge =
+        Closure::<dyn Fn(js_sys::Array) -> Option<Vec<u8>>>::new(|updates: js_sys::Array| {
+            let updates: Vec<Vec<u8>> = updates
+                .iter()
+                .map(|u| js_sys::Uint8Array::new(&u).to_vec())
+                .collect();
+            let refs: Vec<&[u8]> = updates.iter().map(Vec::as_slice).collect();
+            crate::doc::merge_updates(&refs).ok()
+        });
+    Ok(Loaded {
+        storage: Storage {
+            db,
+            room: key,
+            id,
+            release,
+            adopted,
+            updates: VecDeque::new(),
+            records: updates.len(),
+            writing: false,
+            wanted: false,
+            merge,
+        },
+        saved,
+        updates,
+        problems,
+    })
+}
+
+/// One write under way: what to tell the storage when it ends.
+pub(crate) struct Write {
+    promise: js_sys::Promise,
+    updates: usize,
+    dropped: bool,
+}
+
+impl Storage {
+    /// Starts a write of `saved` (`None`: the session is over with nothing left to send, and
+    /// its record goes) and of the document's `updates`.
+    pub(crate) fn write(&mut self, saved: Option<&Saved>, updates: Vec<Vec<u8>>) -> Write {
+        self.writing = true;
+        self.wanted = false;
+        self.updates.extend(updates);
+        let array = js_sys::Array::new();
+        for update in &self.updates {
+            array.push(&js_sys::Uint8Array::from(update.as_slice()));
+        }
+        let drop = js_sys::Array::new();
+        for (id, _) in &self.adopted {
+            drop.push(&JsValue::from_str(id));
+        }
+        Write {
+            promise: write_js(
+                &self.db,
+                &self.room,
+                &self.id,
+                saved.map(Saved::encode),
+                array,
+                drop,
+            ),
+            updates: self.updates.len(),
+            dropped: !self.adopted.is_empty(),
+        }
+    }
+
+    /// The write ended: what it wrote leaves the queue (if it succeeded). Returns whether the
+    /// stored document should be compacted now.
+    pub(crate) fn written(&mut self, write: &WriteDone) -> bool {
+        self.writing = false;
+        if write.ok {
+            self.updates.drain(..write.updates);
+            self.records += write.updates;
+            if write.dropped {
+                for (_, release) in self.adopted.drain(..) {
+                    let _ = release.call0(&JsValue::NULL);
+                }
+            }
+        }
+        self.records > COMPACT_AT
+    }
+
+    /// Replaces the room's stored updates by their merge.
+    pub(crate) fn compact(&mut self) -> js_sys::Promise {
+        self.records = 1;
+        compact_js(&self.db, &self.room, self.merge.as_ref().unchecked_ref())
+    }
+
+    /// Lets another tab take this record.
+    pub(crate) fn release(&self) {
+        let _ = self.release.call0(&JsValue::NULL);
+        for (_, release) in &self.adopted {
+            let _ = release.call0(&JsValue::NULL);
+        }
+    }
+}
+
+impl Write {
+    /// Waits for the write to end.
+    pub(crate) async fn done(self) -> WriteDone {
+        let result = JsFuture::from(self.promise).await;
+        WriteDone {
+            ok: result.is_ok(),
+            error: result.err().map(|e| storage_error("writing", &e)),
+            updates: self.updates,
+            dropped: self.dropped,
+        }
+    }
+}
+
+/// How a write ended.
+pub(crate) struct WriteDone {
+    pub(crate) ok: bool,
+    pub(crate) error: Option<JsValue>,
+    updates: usize,
+    dropped: bool,
+}
+
+fn storage_error(doing: &str, error: &JsValue) -> JsValue {
+    js_error(
+        "StorageError",
+        format!(
+            "IndexedDB failed {doing}: {}",
+            super::errors::describe(error)
+        ),
+    )
+}
