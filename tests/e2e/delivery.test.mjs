@@ -185,9 +185,10 @@ test("a tab that typed 400 characters offline delivers all of them within second
   await Promise.all([a.close(), b.close()]);
 });
 
-test("a tab that typed offline and closed shows its text at once when it reopens offline, and delivers every edit exactly once", async () => {
+test("a tab that typed offline and closed shows its text at once when it reopens offline, and delivers every edit exactly once", async (t) => {
   const room = `e2e-reopen-${Date.now()}`;
   const cut = await proxy();
+  t.after(() => cut.close());
   // One browser profile: the tab that reopens finds what the closed one stored in IndexedDB.
   const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
   const openInProfile = async () => {
@@ -238,9 +239,22 @@ test("a tab that typed offline and closed shows its text at once when it reopens
   await profile.close();
 });
 
-test("two tabs of one browser on one room keep their own identities, and the stored document merges both", async () => {
+/** How many update records IndexedDB holds for the room at `relay`, read in `page`. */
+const storedRecords = (page, relay, room) => page.evaluate(async (key) => {
+  const db = await new Promise((ok, no) => { const r = indexedDB.open("pattern-mesh"); r.onsuccess = () => ok(r.result); r.onerror = () => no(r.error); });
+  const count = await new Promise((ok, no) => {
+    const r = db.transaction("updates").objectStore("updates").index("room").count(key);
+    r.onsuccess = () => ok(r.result);
+    r.onerror = () => no(r.error);
+  });
+  db.close();
+  return count;
+}, `${relay}\n${room}`);
+
+test("two tabs of one browser on one room keep their own identities, and the stored document merges both", async (t) => {
   const room = `e2e-two-tabs-${Date.now()}`;
   const cut = await proxy();
+  t.after(() => cut.close());
   const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
   const openInProfile = async () => {
     const page = await profile.newPage();
@@ -254,17 +268,23 @@ test("two tabs of one browser on one room keep their own identities, and the sto
   const y = await openInProfile();
   const nodes = [await x.evaluate(() => window.meshClient.node), await y.evaluate(() => window.meshClient.node)];
   assert.notEqual(nodes[0], nodes[1], "each tab its own node");
+  // Enough edits that the stored list of updates is merged on the way.
   await x.focus("#editor");
-  await x.keyboard.type("from x. ");
+  await x.keyboard.type("x".repeat(300), { delay: 10 });
   await y.focus("#editor");
   await y.keyboard.press("End");
-  await y.keyboard.type("from y.");
+  await y.keyboard.type("y".repeat(300), { delay: 10 });
   await until("both tabs converge", async () => {
     const [tx, ty] = [await x.evaluate(() => window.meshText.toString()), await y.evaluate(() => window.meshText.toString())];
-    return (tx === ty && tx.length === 15) || [tx, ty];
+    return (tx === ty && tx.length === 600) || [tx.length, ty.length];
   });
   const text = await x.evaluate(() => window.meshText.toString());
   await new Promise((r) => setTimeout(r, 1_000));
+  const records = await storedRecords(x, `ws://127.0.0.1:${cut.port}/ws`, room);
+  console.log(`RESULT two-tabs stored_update_records=${records}`);
+  // Each tab appended 600 updates (its own 300 and the other's); each merges the list once it
+  // has appended more than 200 since its last merge.
+  assert.ok(records < 600, `the stored updates were merged (${records} records)`);
   await Promise.all([x.close(), y.close()]);
   // Offline: what the tab shows comes from storage.
   cut.setDown(true);
