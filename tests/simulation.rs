@@ -1271,6 +1271,9 @@ impl Sim {
                     // relay streams it); live traffic queues behind it.
                     let welcome = self.overstated(joined.welcome.clone());
                     self.send_down_with(conn, welcome, false);
+                    for presence in joined.presences.clone() {
+                        self.send_down_with(conn, presence, false);
+                    }
                     let max_frame = self.scenario.limits.limits.max_frame;
                     for logged in
                         self.relay

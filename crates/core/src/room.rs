@@ -273,6 +273,9 @@ pub struct Joined {
     pub until: u64,
     /// The caught-up frame.
     pub caught_up: Bytes,
+    /// The latest presence frame of each other member present, to send right after the
+    /// welcome: a late joiner has everyone's presence before the catch-up.
+    pub presences: Vec<Bytes>,
 }
 
 /// A durable message for the store.
@@ -343,6 +346,8 @@ pub enum Output {
 struct Member {
     node: NodeId,
     name: String,
+    /// The member's latest presence frame (in memory only; it goes with the member).
+    presence: Option<Bytes>,
     /// The step of the refusal that opened a gap, until the client's fence.
     gap: Option<Step>,
     /// When the gap opened, and the stamped frames that came in it more than a second later
@@ -731,6 +736,7 @@ impl RoomCore {
             Member {
                 node,
                 name,
+                presence: None,
                 gap: None,
                 gap_at: 0,
                 ignored: 0,
@@ -752,6 +758,14 @@ impl RoomCore {
             high: self.high,
             position: self.published,
         };
+        let mut presences: Vec<(NodeId, Bytes)> = self
+            .members
+            .iter()
+            .filter(|(&other, member)| other != conn && member.node != node)
+            .filter_map(|(_, member)| Some((member.node, member.presence.clone()?)))
+            .collect();
+        presences.sort_by_key(|&(node, _)| node);
+        let presences = presences.into_iter().map(|(_, bytes)| bytes).collect();
         self.sweep();
         Ok(Joined {
             node,
@@ -763,6 +777,7 @@ impl RoomCore {
             },
             until: self.published,
             caught_up: Bytes::from(caught_up.encode()),
+            presences,
         })
     }
 
@@ -938,10 +953,14 @@ impl RoomCore {
         }
         match positioned.frame {
             Frame::Stamped(stamped) => self.stamped(now, conn, node, stamped, bytes),
-            Frame::Presence { sender, .. } => {
+            Frame::Presence { sender, data } => {
                 if sender != node {
                     let detail = format!("sender {sender} is not this connection's node id {node}");
                     return self.refuse(conn, 0, Reason::SenderMismatch, detail);
+                }
+                if let Some(member) = self.members.get_mut(&conn) {
+                    // `null` clears it: a late joiner has nothing to hear.
+                    member.presence = (data != crate::wire::Json::null()).then(|| bytes.clone());
                 }
                 self.outputs.push_back(Output::Fanout {
                     except: Some(conn),
@@ -1582,6 +1601,41 @@ mod tests {
             node: a.node,
             name: "grace".into()
         }));
+    }
+
+    /// The relay holds each member's latest presence in memory and gives a late joiner those of
+    /// the members present after its welcome; `null` clears one, and it goes with its member.
+    #[test]
+    fn a_late_joiner_gets_the_presences_of_the_members_present() {
+        let mut room = room();
+        let a = room.join(0, 1, req("ada", None), [1; 16]).unwrap();
+        let b = room.join(0, 2, req("bob", None), [2; 16]).unwrap();
+        let presence = |node, data: serde_json::Value| Frame::Presence {
+            sender: node,
+            data: Json::from_value(&data).unwrap(),
+        };
+        let first = presence(a.node, serde_json::json!({ "cursor": 1 }));
+        let latest = presence(a.node, serde_json::json!({ "cursor": 2 }));
+        send(&mut room, 0, 1, Bytes::from(first.encode()));
+        send(&mut room, 0, 1, Bytes::from(latest.encode()));
+        send(
+            &mut room,
+            0,
+            2,
+            Bytes::from(presence(b.node, serde_json::json!("x")).encode()),
+        );
+        send(
+            &mut room,
+            0,
+            2,
+            Bytes::from(presence(b.node, serde_json::Value::Null).encode()),
+        );
+        outputs(&mut room);
+        let c = room.join(0, 3, req("cy", None), [3; 16]).unwrap();
+        assert_eq!(c.presences, vec![Bytes::from(latest.encode())]);
+        room.leave(1);
+        let d = room.join(0, 4, req("dee", None), [4; 16]).unwrap();
+        assert!(d.presences.is_empty(), "a presence goes with its member");
     }
 
     /// A member stamping each message 999 steps ahead (within `maxFuture`) moves the room step

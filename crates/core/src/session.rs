@@ -1138,11 +1138,8 @@ impl<R: Replica> Session<R> {
                 self.on_caught_up(now);
             }
             Frame::PeerJoined { peer } => {
+                // The relay gives a newcomer the presences it holds, this client's included.
                 self.peers.insert(peer.node, peer.name.clone());
-                // A newcomer has not seen this client's presence.
-                if self.presence.is_some() {
-                    self.presence_due = true;
-                }
                 let peers = self.peers();
                 self.emit(Event::Peers {
                     peers,
@@ -1305,8 +1302,8 @@ impl<R: Replica> Session<R> {
         let advance = self.clock.join(high);
         self.step_event(advance);
         self.peers = peers.into_iter().map(|p| (p.node, p.name)).collect();
-        // Presences of peers that left while this client was away go; those present send
-        // theirs again when they see this client join.
+        // Presences of peers that left while this client was away go; the relay sends those of
+        // the peers present right after the welcome.
         let gone: Vec<NodeId> = self
             .presences
             .keys()

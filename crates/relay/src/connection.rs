@@ -241,10 +241,15 @@ async fn handshake(
     };
     tracing::debug!(%room, node, since, "joined");
 
-    // 2. The welcome, the log after `since` (but the node's own messages) page by page, and
-    //    the caught-up frame; the live traffic waits in the queue meanwhile.
+    // 2. The welcome, the presences of the members present, the log after `since` (but the
+    //    node's own messages) page by page, and the caught-up frame; the live traffic waits in the queue meanwhile.
     if !send(&mut socket, relay, joined.welcome).await {
         return None;
+    }
+    for presence in joined.presences {
+        if !send(&mut socket, relay, presence).await {
+            return None;
+        }
     }
     let mut after = joined.from;
     while after < joined.until {

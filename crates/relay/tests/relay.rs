@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{closed_after, data_value, edit, is_data, join, join_log, replayed_text, start, WAIT};
 use pattern_mesh_core::doc::SharedDoc;
-use pattern_mesh_core::wire::{close, Body, Frame, Json, Reason, Stamp};
+use pattern_mesh_core::wire::{close, Body, Frame, Json, Positioned, Reason, Stamp};
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -456,7 +456,7 @@ async fn a_sender_over_its_rate_is_refused_and_nothing_after_is_stored_until_its
 }
 
 #[tokio::test]
-async fn presence_is_fanned_out_but_never_stored() {
+async fn presence_is_fanned_out_held_for_late_joiners_and_never_stored() {
     let server = start("presence", |_| {}).await;
     let mut a = join(&server, "r", 0, None).await;
     let mut b = join(&server, "r", 0, None).await;
@@ -468,11 +468,20 @@ async fn presence_is_fanned_out_but_never_stored() {
     let (frame, _) = b.recv_until(|f| matches!(f, Frame::Presence { .. })).await;
     assert_eq!(frame, presence);
     let late = join(&server, "r", 0, None).await;
-    assert!(
-        late.replay().is_empty(),
-        "presence is not in the log: {:?}",
-        late.replay()
+    // The late joiner gets it after its welcome, outside the log (no position).
+    assert_eq!(
+        late.replay(),
+        [Positioned {
+            position: None,
+            frame: presence
+        }],
+        "presence is held in memory, not in the log"
     );
+    drop(a);
+    let (left, _) = b.recv_until(|f| matches!(f, Frame::PeerLeft { .. })).await;
+    assert!(matches!(left, Frame::PeerLeft { .. }));
+    let later = join(&server, "r", 0, None).await;
+    assert!(later.replay().is_empty(), "{:?}", later.replay());
 }
 
 #[tokio::test]
