@@ -114,3 +114,27 @@ test("the .d.ts types the public API without any", async () => {
     .replace(/\/\/.*$/gm, "");
   assert.doesNotMatch(code, /\bany\b/, "no `any` in the public API");
 });
+
+test("package.json gets its repository from a public origin, and none from a local path", async () => {
+  const { mkdtemp, writeFile, rm } = await import("node:fs/promises");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const script = fileURLToPath(new URL("../../.ci/package-json.mjs", import.meta.url));
+  const dir = await mkdtemp(join(tmpdir(), "pattern-mesh-package-json-"));
+  const repository = async (origin) => {
+    const file = join(dir, "package.json");
+    await writeFile(file, JSON.stringify({ name: "pattern-mesh" }));
+    const run = spawnSync(process.execPath, [script, file, origin], { encoding: "utf8" });
+    assert.equal(run.status, 0, run.stderr);
+    const pkg = JSON.parse(await readFile(file, "utf8"));
+    assert.equal(pkg.exports["."].types, "./pattern_mesh.d.ts");
+    return pkg.repository;
+  };
+  assert.deepEqual(await repository("https://example.org/team/pattern-mesh.git"),
+    { type: "git", url: "git+https://example.org/team/pattern-mesh.git", directory: "pkg" });
+  assert.deepEqual(await repository("git@example.org:team/pattern-mesh.git"),
+    { type: "git", url: "git+ssh://git@example.org/team/pattern-mesh.git", directory: "pkg" });
+  assert.equal(await repository("/home/me/pattern-mesh"), undefined);
+  assert.equal(await repository(""), undefined);
+  await rm(dir, { recursive: true, force: true });
+});
