@@ -1253,6 +1253,7 @@ impl Sim {
                 log,
                 resume,
                 stored,
+                access: room::Access::OPEN,
             };
             match core.join(self.now, conn, request, fresh) {
                 Err(refused) => {

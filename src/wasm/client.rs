@@ -49,10 +49,21 @@ struct Options {
     on: Vec<(&'static str, js_sys::Function)>,
     /// Keep the document and the session in IndexedDB.
     persist: bool,
+    /// The access token, or what gives one before each connection.
+    token: Token,
+}
+
+/// Where the access token comes from.
+#[derive(Clone)]
+enum Token {
+    None,
+    Fixed(String),
+    /// Called before every connection; returns a string or a promise of one.
+    Source(js_sys::Function),
 }
 
 impl Options {
-    const KEYS: [&'static str; 8] = [
+    const KEYS: [&'static str; 9] = [
         "url",
         "room",
         "name",
@@ -61,6 +72,7 @@ impl Options {
         "WebSocket",
         "on",
         "persist",
+        "token",
     ];
 
     /// Reads the options, refusing unknown keys and values of the wrong type by name.
@@ -94,9 +106,20 @@ impl Options {
                 ))
             })?,
         };
+        let token = match field("token") {
+            None => Token::None,
+            Some(value) if value.is_function() => Token::Source(value.unchecked_into()),
+            Some(value) => Token::Fixed(value.as_string().ok_or_else(|| {
+                invalid_argument(format!(
+                    "token must be a string or a function that returns one, got {}",
+                    super::errors::what_it_is(&value)
+                ))
+            })?),
+        };
         Ok(Options {
             on,
             persist,
+            token,
             url: string_arg("url", &field("url").unwrap_or(JsValue::UNDEFINED))?,
             room: string_arg("room", &field("room").unwrap_or(JsValue::UNDEFINED))?,
             name: field("name")
@@ -248,6 +271,10 @@ struct Driver {
     joined: Option<oneshot::Sender<Result<(), String>>>,
     /// With `persist`: the room's storage in IndexedDB.
     storage: Option<Storage>,
+    /// The access token's source, and how many connections were asked for (a token that comes
+    /// after a newer connection was asked for is not used).
+    token: Token,
+    connects: u64,
     /// The next write, when one waits: a change that no message waits for, or a write that
     /// failed and is tried again.
     retry: Option<Timer>,
@@ -383,7 +410,7 @@ fn pump(shared: &Shared) {
         };
         let Some(output) = output else { break };
         match output {
-            Output::Connect => open(shared),
+            Output::Connect => connect(shared),
             Output::Send(bytes) => {
                 if let Some(socket) = &shared.borrow().socket {
                     let _ = socket.writer.unbounded_send(bytes);
@@ -533,19 +560,72 @@ fn schedule(shared: &Shared) {
     });
 }
 
-/// Opens a socket for the session: its writer task, and a reader task that feeds the session.
-fn open(shared: &Shared) {
-    let (url, id, class) = {
+/// Gets the access token, if any (calling the application's function), then opens a socket.
+fn connect(shared: &Shared) {
+    let (token, attempt) = {
+        let mut driver = shared.borrow_mut();
+        driver.connects += 1;
+        (driver.token.clone(), driver.connects)
+    };
+    let source = match token {
+        Token::None => return open(shared, None),
+        Token::Fixed(token) => return open(shared, Some(&token)),
+        Token::Source(source) => source,
+    };
+    let weak = Rc::downgrade(shared);
+    wasm_bindgen_futures::spawn_local(async move {
+        let token = async {
+            let mut value = source.call0(&JsValue::NULL)?;
+            if value.has_type::<js_sys::Promise>() {
+                value =
+                    wasm_bindgen_futures::JsFuture::from(value.unchecked_into::<js_sys::Promise>())
+                        .await?;
+            }
+            value.as_string().ok_or_else(|| {
+                JsValue::from_str(&format!(
+                    "it gave {}, not a string",
+                    super::errors::what_it_is(&value)
+                ))
+            })
+        }
+        .await;
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.borrow().connects != attempt || shared.borrow().session.is_closed() {
+            return;
+        }
+        match token {
+            Ok(token) => open(&shared, Some(&token)),
+            Err(e) => {
+                let mut driver = shared.borrow_mut();
+                let now = driver.now();
+                let reason = format!("the token function failed: {}", super::errors::describe(&e));
+                driver.session.handle_closed(now, 1006, &reason);
+            }
+        }
+        pump(&shared);
+    });
+}
+
+/// Opens a socket for the session (with `token` in its URL): its writer task, and a reader
+/// task that feeds the session.
+fn open(shared: &Shared, token: Option<&str>) {
+    let (url, shown, id, class) = {
         let mut driver = shared.borrow_mut();
         if let Some(old) = driver.socket.take() {
             old.close();
         }
         driver.next_socket += 1;
-        (
-            driver.url.clone(),
-            driver.next_socket,
-            driver.web_socket.clone(),
-        )
+        let url = match token {
+            None => driver.url.clone(),
+            Some(token) => {
+                let separator = if driver.url.contains('?') { '&' } else { '?' };
+                let token = String::from(js_sys::encode_uri_component(token));
+                format!("{}{separator}token={token}", driver.url)
+            }
+        };
+        // What messages name: the URL without the token.
+        let shown = driver.url.clone();
+        (url, shown, driver.next_socket, driver.web_socket.clone())
     };
     let socket = js_sys::Reflect::construct(&class, &js_sys::Array::of1(&url.as_str().into()))
         .map(|raw| raw.unchecked_into::<web_sys::WebSocket>())
@@ -562,7 +642,7 @@ fn open(shared: &Shared) {
             let now = driver.now();
             driver
                 .session
-                .handle_closed(now, 1006, &format!("could not open {url}: {e}"));
+                .handle_closed(now, 1006, &format!("could not open {shown}: {e}"));
             return;
         }
     };
@@ -808,6 +888,7 @@ impl MeshClient {
         let mut config = SessionConfig::new(options.room, options.name);
         config.room_config = options.config;
         config.persist = persist;
+        config.fresh_tokens = matches!(options.token, Token::Source(_));
         let storage = storage.map(|(storage, saved)| {
             config.restore = saved;
             storage
@@ -838,6 +919,8 @@ impl MeshClient {
             joined: Some(joined),
             storage,
             retry: None,
+            token: options.token,
+            connects: 0,
         }));
         {
             let mut driver = shared.borrow_mut();

@@ -26,7 +26,7 @@ export type PatternParamsInit = Partial<PatternParams>;
 export type Reason =
   | "malformed" | "tooLarge" | "patternMismatch" | "senderMismatch" | "replay"
   | "futureStep" | "stale" | "desync" | "rateLimited" | "full" | "unexpected" | "unavailable"
-  | "outOfOrder";
+  | "outOfOrder" | "forbidden";
 
 /** Who sent a stamped frame, at which room step, with which pattern value. */
 export interface Stamp {
@@ -156,6 +156,8 @@ export interface MeshClientOptions {
   on?: { [K in keyof MeshEvents]?: (event: MeshEvents[K], reason?: string) => void };
   /** Keep the document and this tab's session (identity, log position, unsent messages) in IndexedDB (default false). `connect` then resolves as soon as the stored document is loaded, offline too; the client keeps trying to reach the relay (`connectTimeout` does not apply) and delivers what was stored, exactly once. Needs IndexedDB and Web Locks (https, or http on localhost), else `connect` rejects with a `StorageError`. */
   persist?: boolean;
+  /** The access token, for a relay that checks tokens: a string, or a function that returns one (or a promise of one), called before every connection and reconnection, so that a token that expires is replaced without losing anything. Sent as the `token` parameter of the WebSocket URL. */
+  token?: string | (() => string | Promise<string>);
 }
 
 /** The client's connection status. */

@@ -391,8 +391,8 @@ test("the client refuses bad options and arguments by name, and every change aft
     return r;
   }, `e2e-strict-${Date.now()}`);
   assert.deepEqual(result, {
-    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on, persist',
-    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, persist, got the number 42",
+    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on, persist, token',
+    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, persist, token, got the number 42",
     roomType: "InvalidArgument: room must be a string, got the number 7",
     timeoutType: 'InvalidArgument: connectTimeout must be an integer from 0 to 4294967295, got the string "soon"',
     fraction: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number 1.5",

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::pattern::PatternConfig;
 use pattern_mesh_core::room::{JoinRequest, Output, Reader, RoomCore, RoomLimits};
+use pattern_mesh_core::saved::Saved;
+use pattern_mesh_core::session::{Session, SessionConfig};
 use pattern_mesh_core::store::{Appended, NodeRecord, RoomRecord, StoreError};
 use pattern_mesh_core::validate::{Origin, Validator, ValidatorConfig, Verdict};
 use pattern_mesh_core::wire::part::Reassembler;
@@ -60,6 +62,18 @@ pub fn decode(data: &[u8]) {
                 Ok(frame)
             );
         }
+    }
+    // The same bytes as a stored session (what IndexedDB gives back, maybe damaged): it
+    // decodes to something that encodes to itself, and a session restored from it starts.
+    if let Ok(saved) = Saved::decode(data) {
+        assert_eq!(Saved::decode(&saved.encode()).as_ref(), Ok(&saved));
+        let mut config = SessionConfig::new("fuzz", "fuzz");
+        config.persist = true;
+        config.restore = Some(saved);
+        let mut session = Session::new(config, SharedDoc::new(), 0);
+        while session.poll_output().is_some() {}
+        while session.poll_event().is_some() {}
+        assert!(session.saved().upto() <= session.step());
     }
     // The same bytes as a stream of parts.
     let mut reassembler = Reassembler::new();
@@ -181,6 +195,7 @@ pub fn room(data: &[u8]) {
                     log: 1,
                     resume,
                     stored,
+                    access: pattern_mesh_core::room::Access::OPEN,
                 };
                 let fresh = [input.u8().unwrap_or(0); 16];
                 if let Ok(joined) = room.join(now, conn, request, fresh) {

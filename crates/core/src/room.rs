@@ -256,6 +256,26 @@ pub struct JoinRequest {
     /// What the store knows of the node `resume` names, looked up by the driver when
     /// [`RoomCore::knows`] said the room does not know the token.
     pub stored: Option<NodeRecord>,
+    /// What the member's access token lets it do (the driver checked the token).
+    pub access: Access,
+}
+
+/// What a member may do, from its access token ([`Access::OPEN`] on a relay without tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// It may write. Without it, every stamped frame but a sync request (which writes nothing
+    /// and reaches one peer) is refused as [`Reason::Forbidden`]: never stored, never passed on.
+    pub write: bool,
+    /// Its display name comes from its token: renames are refused as [`Reason::Forbidden`].
+    pub fixed_name: bool,
+}
+
+impl Access {
+    /// Everything: a relay without tokens.
+    pub const OPEN: Access = Access {
+        write: true,
+        fixed_name: false,
+    };
 }
 
 /// A member admitted: what its connection sends before the live traffic.
@@ -346,6 +366,7 @@ pub enum Output {
 struct Member {
     node: NodeId,
     name: String,
+    access: Access,
     /// The member's latest presence frame (in memory only; it goes with the member).
     presence: Option<Bytes>,
     /// The step of the refusal that opened a gap, until the client's fence.
@@ -650,6 +671,7 @@ impl RoomCore {
             log,
             resume,
             stored,
+            access,
         } = request;
         if self.stopped {
             return Err(JoinRefused {
@@ -736,6 +758,7 @@ impl RoomCore {
             Member {
                 node,
                 name,
+                access,
                 presence: None,
                 gap: None,
                 gap_at: 0,
@@ -911,6 +934,7 @@ impl RoomCore {
         };
         member.malformed = 0;
         let node = member.node;
+        let access = member.access;
         let had_gap = member.gap.take();
         if let Frame::Fence { step } = positioned.frame {
             // A fence that ends a gap is free: it must never be what starves the message
@@ -952,6 +976,15 @@ impl RoomCore {
             return self.refuse(conn, step, Reason::Malformed, detail);
         }
         match positioned.frame {
+            Frame::Stamped(stamped)
+                if !access.write && !matches!(stamped.body, Body::SyncRequest { .. }) =>
+            {
+                let detail = format!(
+                    "this member's access token lets it read only: its {} was not stored or passed on",
+                    stamped.body.kind()
+                );
+                self.refuse(conn, stamped.stamp.step, Reason::Forbidden, detail)
+            }
             Frame::Stamped(stamped) => self.stamped(now, conn, node, stamped, bytes),
             Frame::Presence { sender, data } => {
                 if sender != node {
@@ -966,6 +999,10 @@ impl RoomCore {
                     except: Some(conn),
                     bytes,
                 });
+            }
+            Frame::Rename { .. } if access.fixed_name => {
+                let detail = "this member's name comes from its access token".into();
+                self.refuse(conn, 0, Reason::Forbidden, detail)
             }
             Frame::Rename { name } => {
                 let Some(member) = self.members.get_mut(&conn) else {
@@ -1496,6 +1533,7 @@ mod tests {
             log: 0,
             resume,
             stored: None,
+            access: Access::OPEN,
         }
     }
 

@@ -75,6 +75,10 @@ pub struct SessionConfig {
     /// The state a previous session of this room stored: its identity, log position and
     /// outbox. The replica must hold the document stored with it.
     pub restore: Option<Saved>,
+    /// Whether the driver gets a fresh access token before each connection: then a connection
+    /// closed because its token expired ([`close::TOKEN_EXPIRED`]) is opened again; without,
+    /// the session stops there, since the same token would be refused.
+    pub fresh_tokens: bool,
 }
 
 impl SessionConfig {
@@ -91,6 +95,7 @@ impl SessionConfig {
             limits: Limits::default(),
             persist: false,
             restore: None,
+            fresh_tokens: false,
         }
     }
 }
@@ -377,6 +382,9 @@ pub struct Session<R> {
     save_due: bool,
     /// With `persist`: document updates not yet handed to storage.
     unstored: Vec<Vec<u8>>,
+    /// The relay refused a write of this connection as `forbidden` (a read-only token): no
+    /// checkpoints go out until the next connection.
+    forbidden: bool,
 }
 
 impl<R: Replica> Session<R> {
@@ -427,6 +435,7 @@ impl<R: Replica> Session<R> {
             saved_step: 0,
             save_due: false,
             unstored: Vec::new(),
+            forbidden: false,
         };
         if let Some(saved) = restore {
             session.restore(saved);
@@ -911,7 +920,7 @@ impl<R: Replica> Session<R> {
         } else {
             format!("the connection closed ({code}): {reason}")
         };
-        if close::is_final(code) {
+        if close::is_final(code) || (code == close::TOKEN_EXPIRED && !self.config.fresh_tokens) {
             self.link = Link::Down { retry_at: None };
             return self.finish(failure);
         }
@@ -1293,6 +1302,7 @@ impl<R: Replica> Session<R> {
             self.saved_step = 0;
         }
         self.changed();
+        self.forbidden = false;
         self.node = node;
         self.token = Some(resume);
         self.limits = self.config.limits.with_relay(&limits);
@@ -1394,6 +1404,11 @@ impl<R: Replica> Session<R> {
                 self.hold_from(now, step, wait);
             }
             _ => {
+                if reason == Reason::Forbidden {
+                    self.forbidden = true;
+                    self.waiting
+                        .retain(|w| !matches!(w.body, Body::Checkpoint { .. }));
+                }
                 self.anomaly(Source::Relay, reason, detail.clone(), step, None);
                 if let Some(i) = index {
                     let sent = self.remove_in_flight(i);
@@ -1570,7 +1585,7 @@ impl<R: Replica> Session<R> {
 
     /// Queues this replica's checkpoint (replacing one that has not gone out yet).
     fn checkpoint(&mut self) {
-        if self.replica.is_empty() {
+        if self.replica.is_empty() || self.forbidden {
             return;
         }
         self.waiting

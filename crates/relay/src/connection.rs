@@ -13,10 +13,11 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::SinkExt;
-use pattern_mesh_core::room::{ConnId, JoinRequest, Read, Reader};
+use pattern_mesh_core::room::{Access, ConnId, JoinRequest, Read, Reader};
 use pattern_mesh_core::wire::{close, part, Frame, Reason};
 use tokio::sync::mpsc;
 
+use super::auth::{Denied, Grant};
 use super::guard::Peer;
 use super::queue;
 use super::room::{Admitted, Command};
@@ -117,13 +118,19 @@ async fn refuse<T>(socket: WebSocket, code: u16, reason: &str) -> Option<T> {
     None
 }
 
-pub(crate) async fn run(socket: WebSocket, relay: Arc<Relay>, peer: Peer) {
+/// Runs a connection; `grant` is the check of its access token, when the relay checks tokens.
+pub(crate) async fn run(
+    socket: WebSocket,
+    relay: Arc<Relay>,
+    peer: Peer,
+    grant: Option<Result<Grant, Denied>>,
+) {
     relay.metrics.connections.fetch_add(1, Relaxed);
     let _gauge = Gauge(relay.clone());
     // The handshake's state (the join timeout, the room's answer, the catch-up read) lives in
     // its own allocation, freed once the connection is live: an idle member's task holds only
     // what the live loop needs.
-    let Some((socket, live)) = Box::pin(handshake(socket, &relay, &peer)).await else {
+    let Some((socket, live)) = Box::pin(handshake(socket, &relay, &peer, grant)).await else {
         return;
     };
     tracing::debug!(addr = %peer.addr, "member connected");
@@ -155,6 +162,8 @@ struct Live {
     commands: mpsc::Sender<Command>,
     leave: LeaveOnDrop,
     queue: queue::Receiver,
+    /// When the access token expires: the connection is closed then.
+    expires: Option<tokio::time::Instant>,
 }
 
 /// The join, the welcome and the catch-up; `None` if the connection ended.
@@ -162,6 +171,7 @@ async fn handshake(
     mut socket: WebSocket,
     relay: &Arc<Relay>,
     peer: &Peer,
+    grant: Option<Result<Grant, Denied>>,
 ) -> Option<(WebSocket, Live)> {
     let conn = relay.next_conn.fetch_add(1, Relaxed);
     let limits = relay.config.limits;
@@ -196,7 +206,7 @@ async fn handshake(
         .metrics
         .bytes_in
         .fetch_add(bytes.len() as u64, Relaxed);
-    let (room, request, requested) = match Frame::decode_with(&bytes, &limits) {
+    let (room, mut request, requested) = match Frame::decode_with(&bytes, &limits) {
         Ok(Frame::Join {
             room,
             name,
@@ -212,6 +222,7 @@ async fn handshake(
                 log,
                 resume,
                 stored: None,
+                access: Access::OPEN,
             },
             config,
         ),
@@ -225,6 +236,25 @@ async fn handshake(
             return refuse(socket, close::POLICY, &reason).await;
         }
     };
+    // The access token, checked at the upgrade: now that the room is known, does it open it?
+    let mut expires = None;
+    if let Some(grant) = grant {
+        let admitted = grant.and_then(|grant| grant.admits(&room).map(|()| grant));
+        match admitted {
+            Ok(grant) => {
+                tracing::debug!(%room, user = %grant.user, write = grant.access.write, "token accepted");
+                if let Some(name) = grant.name.clone() {
+                    request.name = name;
+                }
+                request.access = grant.access;
+                expires = Some(tokio::time::Instant::now() + grant.remaining());
+            }
+            Err(denied) => {
+                relay.metrics.refused_tokens.fetch_add(1, Relaxed);
+                return refuse(socket, denied.code, &denied.reason).await;
+            }
+        }
+    }
     let since = request.since;
     let (commands, admitted) = match relay.join(&room, request, requested, conn).await {
         Ok(joined) => joined,
@@ -302,6 +332,7 @@ async fn handshake(
             commands,
             leave,
             queue,
+            expires,
         },
     ))
 }
@@ -323,7 +354,15 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
         commands,
         leave,
         mut queue,
+        expires,
     } = live;
+    let expiry = async move {
+        match expires {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     let mut shutdown = relay.shutdown.clone();
     let mut texts = 0u32;
     // Parts are put together and frames decoded here, in the connection's own task: the room's
@@ -334,6 +373,11 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
             _ = stopping(&mut shutdown) => {
                 drop(leave);
                 return close(socket, close::GOING_AWAY, "the relay is shutting down").await;
+            }
+            () = &mut expiry => {
+                drop(leave);
+                let reason = "the access token expired; reconnect with a fresh one";
+                return close(socket, close::TOKEN_EXPIRED, reason).await;
             }
             outgoing = queue.recv() => match outgoing {
                 Some(bytes) => {

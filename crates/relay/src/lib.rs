@@ -9,12 +9,14 @@
 //! [`serve`] takes a bound listener, so tests bind `127.0.0.1:0` and drive the real server, and
 //! a shutdown future, so the binary can stop it on SIGTERM. The HTTP surface:
 //!
-//! - `GET /ws`: the WebSocket endpoint (binary frames, see [`pattern_mesh_core::wire`]);
+//! - `GET /ws`: the WebSocket endpoint (binary frames, see [`pattern_mesh_core::wire`]), with
+//!   the access token as `?token=` when the relay checks tokens (see the `auth` module);
 //! - `GET /healthz`: `ok` while the relay serves;
-//! - `GET /metrics`: Prometheus text;
+//! - `GET /metrics`: Prometheus text (behind a bearer token if one is set);
 //! - `/pkg/...`: the npm package directory; everything else: the demo directory.
 #![warn(missing_docs)]
 
+mod auth;
 mod connection;
 mod guard;
 pub mod metrics;
@@ -30,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -45,6 +48,7 @@ use guard::{GuardConfig, Guarded, Peer};
 use metrics::Metrics;
 use room::Command;
 
+pub use auth::AuthKey;
 pub use store::StoreConfig;
 
 pub use pattern_mesh_core::wire::close as close_code;
@@ -102,6 +106,13 @@ pub struct RelayConfig {
     pub ip_rate: u64,
     /// Settings of a room created by a join that names none.
     pub room: RoomConfig,
+    /// The key access tokens are checked with; `None`: anyone may join any room.
+    pub auth: Option<AuthKey>,
+    /// The page origins whose WebSocket upgrades are accepted (the `Origin` header); empty:
+    /// any.
+    pub allowed_origins: Vec<String>,
+    /// The bearer token `/metrics` asks for; `None`: it is public.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for RelayConfig {
@@ -128,6 +139,9 @@ impl Default for RelayConfig {
             max_connections_per_ip: 512,
             ip_rate: 2_000,
             room: RoomConfig::default(),
+            auth: None,
+            allowed_origins: Vec::new(),
+            metrics_token: None,
         }
     }
 }
@@ -155,6 +169,8 @@ pub(crate) struct Relay {
     config: RelayConfig,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// The token checker, if the relay checks tokens.
+    auth: Option<auth::Auth>,
     rooms: Mutex<HashMap<String, mpsc::Sender<Command>>>,
     started: Instant,
     next_conn: AtomicU64,
@@ -318,11 +334,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
+    let auth = match &config.auth {
+        Some(key) => Some(auth::Auth::new(key).map_err(anyhow::Error::msg)?),
+        None => {
+            tracing::warn!(
+                "no --auth-key or --auth-public-key: anyone who reaches this relay may read and \
+                 write every room"
+            );
+            None
+        }
+    };
     let store = store::open(&config.store, metrics.clone())?;
     let (stop, stopped) = watch::channel(false);
     let relay = Arc::new(Relay {
         store: store.clone(),
         metrics,
+        auth,
         rooms: Mutex::default(),
         started: Instant::now(),
         next_conn: AtomicU64::new(1),
@@ -397,8 +424,29 @@ fn router(relay: Arc<Relay>) -> Router {
 async fn websocket(
     State(relay): State<Arc<Relay>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    uri: Uri,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
-) -> impl IntoResponse {
+) -> axum::response::Response {
+    // A page of another site must not open a socket with this user's network position
+    // (cross-site WebSocket hijacking): browsers always send `Origin`.
+    if !relay.config.allowed_origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        if !origin.is_some_and(|o| relay.config.allowed_origins.iter().any(|a| a == o)) {
+            let what = origin.map_or("no Origin header".to_owned(), |o| format!("the origin {o}"));
+            return (
+                StatusCode::FORBIDDEN,
+                format!("{what} is not allowed to open a WebSocket on this relay\n"),
+            )
+                .into_response();
+        }
+    }
+    // The token is checked here, once; a refusal is said on the socket, after the join, with
+    // a close code and a reason (a browser sees nothing of a refused upgrade).
+    let grant = relay
+        .auth
+        .as_ref()
+        .map(|auth| auth.check(auth::token_of(uri.query())));
     // A frame over the limit but within a margin is read and refused with a reject frame;
     // clients send what is larger in parts.
     let max = relay.config.limits.max_frame.saturating_mul(2);
@@ -410,12 +458,36 @@ async fn websocket(
         .read_buffer_size(1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| connection::run(socket, relay, peer))
+        .on_upgrade(move |socket| connection::run(socket, relay, peer, grant))
+        .into_response()
 }
 
-async fn metrics_text(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
+async fn metrics_text(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    if let Some(token) = &relay.config.metrics_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "the metrics need the bearer token\n",
+            )
+                .into_response();
+        }
+    }
     (
         [("content-type", "text/plain; version=0.0.4")],
         relay.metrics.render(),
     )
+        .into_response()
+}
+
+/// Compares two secrets in a time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

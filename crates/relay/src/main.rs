@@ -8,7 +8,7 @@ mod native {
     use clap::Parser;
     use pattern_mesh_core::pattern::{PatternConfig, PatternParams};
     use pattern_mesh_core::wire::{Limits, RoomConfig};
-    use pattern_mesh_relay::{serve, RelayConfig, StoreConfig};
+    use pattern_mesh_relay::{serve, AuthKey, RelayConfig, StoreConfig};
 
     /// The pattern-mesh relay: rooms of browser tabs exchange pattern-validated messages through
     /// it. It validates every frame, stores accepted messages durably in SQLite, replays the room
@@ -117,6 +117,30 @@ mod native {
         /// How far ahead of the room's step a message may be.
         #[arg(long, env = "PM_MAX_FUTURE", default_value_t = 1_000)]
         max_future: u64,
+        /// Require an access token signed with this HMAC-SHA256 secret (at least 32 bytes) to
+        /// join a room. Without a key the relay is open to anyone who reaches it.
+        #[arg(
+            long,
+            env = "PM_AUTH_KEY",
+            conflicts_with = "auth_public_key",
+            hide_env_values = true
+        )]
+        auth_key: Option<String>,
+        /// Require an access token signed with the private key of this Ed25519 public key (a
+        /// PEM file), so that the relay never holds a signing key.
+        #[arg(long, env = "PM_AUTH_PUBLIC_KEY")]
+        auth_public_key: Option<PathBuf>,
+        /// Accept WebSocket upgrades only from pages of this origin (`https://app.example`);
+        /// repeat for more. Without one, any origin.
+        #[arg(
+            long = "allowed-origin",
+            env = "PM_ALLOWED_ORIGINS",
+            value_delimiter = ','
+        )]
+        allowed_origins: Vec<String>,
+        /// Serve `/metrics` only with `Authorization: Bearer <this>`.
+        #[arg(long, env = "PM_METRICS_TOKEN", hide_env_values = true)]
+        metrics_token: Option<String>,
     }
 
     pub fn main() -> anyhow::Result<()> {
@@ -167,6 +191,17 @@ mod native {
                 max_future: args.max_future,
                 stale_window: None,
             },
+            auth: match (args.auth_key, args.auth_public_key) {
+                (Some(secret), _) => Some(AuthKey::Secret(secret)),
+                (None, Some(path)) => Some(AuthKey::Ed25519Pem(
+                    std::fs::read_to_string(&path).map_err(|e| {
+                        anyhow::anyhow!("cannot read the auth public key {}: {e}", path.display())
+                    })?,
+                )),
+                (None, None) => None,
+            },
+            allowed_origins: args.allowed_origins,
+            metrics_token: args.metrics_token,
         };
         config.room.check()?;
         let runtime = tokio::runtime::Runtime::new()?;

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Rooms that panicked (on a frame, or anywhere in their task) and were loaded again.
     pub room_panics: AtomicU64,
+    /// Connections refused for their access token (missing, expired, forged, another room's).
+    pub refused_tokens: AtomicU64,
     commit_buckets: [AtomicU64; BUCKETS.len()],
     commit_count: AtomicU64,
     commit_micros: AtomicU64,
@@ -85,6 +87,12 @@ impl Metrics {
             "Rooms with members or pending writes.",
             "gauge",
             self.rooms.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_refused_tokens_total",
+            "Connections refused for their access token.",
+            "counter",
+            self.refused_tokens.load(Relaxed),
         );
         gauge(
             "pattern_mesh_rooms_opened_total",

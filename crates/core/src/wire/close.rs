@@ -23,12 +23,19 @@ pub const RATE_LIMITED: u16 = 4001;
 /// the two would take the node from each other forever.
 pub const REPLACED: u16 = 4002;
 
+/// The join was refused for its access token: none when the relay requires one, a bad
+/// signature, or a token for another room. The reason says which. Reconnecting with the same
+/// token cannot help.
+pub const FORBIDDEN: u16 = 4003;
+/// The access token expired, at the join or during the connection: reconnect with a fresh one.
+pub const TOKEN_EXPIRED: u16 = 4004;
+
 /// The longest close reason a WebSocket close frame carries, in bytes.
 pub const MAX_REASON: usize = 123;
 
 /// Whether reconnecting after `code` cannot help: the client stops and says why.
 pub fn is_final(code: u16) -> bool {
-    matches!(code, POLICY | REPLACED)
+    matches!(code, POLICY | REPLACED | FORBIDDEN)
 }
 
 /// `reason` cut to [`MAX_REASON`] bytes at a character boundary.

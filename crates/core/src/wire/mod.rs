@@ -278,11 +278,14 @@ pub enum Reason {
     /// An earlier frame of this connection was refused, so this one was not considered: send a
     /// fence, then send again from the refused frame on.
     OutOfOrder = 13,
+    /// The member's access token does not let it do this (a read-only member's write, a
+    /// rename when the token names the member).
+    Forbidden = 14,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Malformed,
         Reason::TooLarge,
         Reason::PatternMismatch,
@@ -296,6 +299,7 @@ impl Reason {
         Reason::Unexpected,
         Reason::Unavailable,
         Reason::OutOfOrder,
+        Reason::Forbidden,
     ];
 
     /// The reason for a wire code, if the code names one.
@@ -333,6 +337,7 @@ impl Reason {
             Reason::Unexpected => "unexpected",
             Reason::Unavailable => "unavailable",
             Reason::OutOfOrder => "outOfOrder",
+            Reason::Forbidden => "forbidden",
         }
     }
 }

@@ -103,6 +103,17 @@ pub async fn join_log(
     log: u64,
     resume: Option<ResumeToken>,
 ) -> Member {
+    join_at(&server.url(), room, since, log, resume).await
+}
+
+/// Joins `room` at the WebSocket URL `url` (one with an access token, say).
+pub async fn join_at(
+    url: &str,
+    room: &str,
+    since: u64,
+    log: u64,
+    resume: Option<ResumeToken>,
+) -> Member {
     let options = JoinOptions {
         room: room.into(),
         name: "test".into(),
@@ -111,7 +122,7 @@ pub async fn join_log(
         resume,
         config: None,
     };
-    let (conn, welcome) = tokio::time::timeout(WAIT, Connection::join(&server.url(), options))
+    let (conn, welcome) = tokio::time::timeout(WAIT, Connection::join(url, options))
         .await
         .expect("joined within the wait")
         .expect("the join succeeds");

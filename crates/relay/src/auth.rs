@@ -1,0 +1,277 @@
+//! Who may join a room: signed access tokens (JSON Web Tokens), checked once per connection, at
+//! the join. Nothing here touches the per-message path: a member's rights travel into the room
+//! as an [`Access`] with its join.
+//!
+//! A relay started with a key (`--auth-key`, an HMAC-SHA256 secret, or `--auth-public-key`, an
+//! Ed25519 public key in PEM, so the relay never holds the signing key) admits a connection only
+//! with a token (the `token` query parameter of the WebSocket URL) that it signed, that has not
+//! expired, and whose room claim covers the room joined. The claims:
+//!
+//! | claim | meaning |
+//! | --- | --- |
+//! | `sub` | the user's id (required) |
+//! | `name` | the display name peers see; the member cannot change it (optional: without it, the member names itself) |
+//! | `room` | the one room the token opens, by its exact name ... |
+//! | `roomPrefix` | ... or every room whose name begins with this (`team-42/`) |
+//! | `access` | `"read"` or `"write"` (write includes read) |
+//! | `exp` | the expiry, in seconds since the Unix epoch (required): the connection is closed then |
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use pattern_mesh_core::room::Access;
+use pattern_mesh_core::wire::close;
+use serde::Deserialize;
+
+/// How the relay checks tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthKey {
+    /// An HMAC-SHA256 secret, shared with whoever issues tokens.
+    Secret(String),
+    /// An Ed25519 public key, PEM-encoded: the issuer keeps the private key.
+    Ed25519Pem(String),
+}
+
+/// The relay's token checker.
+#[derive(Clone)]
+pub(crate) struct Auth {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// A token's claims (see the module's table).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    room: Option<String>,
+    #[serde(default)]
+    room_prefix: Option<String>,
+    access: Right,
+    exp: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Right {
+    Read,
+    Write,
+}
+
+/// What a valid token grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Grant {
+    /// The user's id.
+    pub(crate) user: String,
+    /// The display name, if the token sets it.
+    pub(crate) name: Option<String>,
+    /// What the member may do.
+    pub(crate) access: Access,
+    /// When the token expires.
+    pub(crate) expires: SystemTime,
+    room: Option<String>,
+    room_prefix: Option<String>,
+}
+
+/// Why a connection was refused: the close code and the reason it is closed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Denied {
+    pub(crate) code: u16,
+    pub(crate) reason: String,
+}
+
+fn denied(reason: impl Into<String>) -> Denied {
+    Denied {
+        code: close::FORBIDDEN,
+        reason: reason.into(),
+    }
+}
+
+impl Auth {
+    /// A checker for `key`; an error says what is wrong with the key.
+    pub(crate) fn new(key: &AuthKey) -> Result<Self, String> {
+        let (key, algorithm) = match key {
+            AuthKey::Secret(secret) if secret.len() < 32 => {
+                return Err(format!(
+                    "the auth key is {} bytes; an HMAC-SHA256 secret needs at least 32",
+                    secret.len()
+                ))
+            }
+            AuthKey::Secret(secret) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            ),
+            AuthKey::Ed25519Pem(pem) => (
+                DecodingKey::from_ed_pem(pem.as_bytes())
+                    .map_err(|e| format!("the auth public key is not an Ed25519 PEM key: {e}"))?,
+                Algorithm::EdDSA,
+            ),
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = 0;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(Self { key, validation })
+    }
+
+    /// Checks a connection's token: its signature, its expiry and its claims.
+    pub(crate) fn check(&self, token: Option<&str>) -> Result<Grant, Denied> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(denied(
+                "this relay requires an access token (the token parameter of the URL)",
+            ));
+        };
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => Denied {
+                    code: close::TOKEN_EXPIRED,
+                    reason: "the access token expired".into(),
+                },
+                ErrorKind::InvalidSignature => denied("the access token's signature is not valid"),
+                ErrorKind::InvalidAlgorithm => {
+                    denied("the access token is signed with another algorithm than this relay's")
+                }
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    denied(format!("the access token has no {claim} claim"))
+                }
+                _ => denied(format!("the access token is not valid: {e}")),
+            })?
+            .claims;
+        if claims.room.is_none() && claims.room_prefix.is_none() {
+            return Err(denied(
+                "the access token names no room (room or roomPrefix)",
+            ));
+        }
+        Ok(Grant {
+            user: claims.sub,
+            access: Access {
+                write: claims.access == Right::Write,
+                fixed_name: claims.name.is_some(),
+            },
+            name: claims.name,
+            expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            room: claims.room,
+            room_prefix: claims.room_prefix,
+        })
+    }
+}
+
+impl Grant {
+    /// Whether the token opens `room`; if not, why.
+    pub(crate) fn admits(&self, room: &str) -> Result<(), Denied> {
+        let exact = self.room.as_deref() == Some(room);
+        let prefixed = self
+            .room_prefix
+            .as_deref()
+            .is_some_and(|prefix| room.starts_with(prefix));
+        if exact || prefixed {
+            return Ok(());
+        }
+        let opens = match (&self.room, &self.room_prefix) {
+            (Some(room), _) => format!("the room {room:?}"),
+            (None, Some(prefix)) => format!("the rooms under {prefix:?}"),
+            (None, None) => "no room".into(),
+        };
+        Err(denied(format!(
+            "the access token opens {opens}, not {room:?}"
+        )))
+    }
+
+    /// How long until the token expires (zero if it has).
+    pub(crate) fn remaining(&self) -> Duration {
+        self.expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// The `token` parameter of a URL's query, if any.
+pub(crate) fn token_of(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &str = "a development secret of 32 bytes!";
+
+    fn token(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn later() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600
+    }
+
+    #[test]
+    fn a_token_grants_its_room_its_rights_and_its_name() {
+        let auth = Auth::new(&AuthKey::Secret(SECRET.into())).unwrap();
+        let grant = auth
+            .check(Some(&token(serde_json::json!({
+                "sub": "u1", "name": "Ada", "roomPrefix": "team-42/", "access": "read", "exp": later()
+            }))))
+            .unwrap();
+        assert_eq!(grant.user, "u1");
+        assert_eq!(grant.name.as_deref(), Some("Ada"));
+        assert_eq!(
+            grant.access,
+            Access {
+                write: false,
+                fixed_name: true
+            }
+        );
+        assert!(grant.admits("team-42/doc").is_ok());
+        let other = grant.admits("team-43/doc").unwrap_err();
+        assert_eq!(other.code, close::FORBIDDEN);
+        assert_eq!(
+            other.reason,
+            r#"the access token opens the rooms under "team-42/", not "team-43/doc""#
+        );
+    }
+
+    #[test]
+    fn each_bad_token_is_refused_with_a_reason_that_says_why() {
+        let auth = Auth::new(&AuthKey::Secret(SECRET.into())).unwrap();
+        let check = |token: Option<&str>| auth.check(token).unwrap_err();
+        assert!(check(None).reason.contains("requires an access token"));
+        let expired = check(Some(&token(serde_json::json!({
+            "sub": "u1", "room": "r", "access": "write", "exp": 1_000
+        }))));
+        assert_eq!(expired.code, close::TOKEN_EXPIRED);
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({ "sub": "u1", "room": "r", "access": "write", "exp": later() }),
+            &EncodingKey::from_secret(b"another secret, also of 32 bytes"),
+        )
+        .unwrap();
+        assert_eq!(
+            check(Some(&forged)).reason,
+            "the access token's signature is not valid"
+        );
+        assert!(check(Some("not.a.token"))
+            .reason
+            .starts_with("the access token is not valid"));
+        let roomless = token(serde_json::json!({ "sub": "u1", "access": "write", "exp": later() }));
+        assert!(check(Some(&roomless)).reason.contains("names no room"));
+        assert!(Auth::new(&AuthKey::Secret("short".into())).is_err());
+        assert_eq!(token_of(Some("a=1&token=xyz")), Some("xyz"));
+        assert_eq!(token_of(Some("a=1")), None);
+    }
+}

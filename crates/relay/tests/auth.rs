@@ -1,0 +1,330 @@
+//! Who may read and write a room, against the real relay over real sockets: signed access
+//! tokens checked at the join, read-only members, names bound to tokens, tokens that expire
+//! during a connection, the `Origin` check and the metrics' bearer token.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{data_value, join_at, start, Server, WAIT};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use pattern_mesh_client::{ClientError, Connection};
+use pattern_mesh_core::wire::{close, Body, Frame, Json, Reason};
+use pattern_mesh_relay::AuthKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "the relay's test secret, 32 bytes";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token signed with `secret`.
+fn signed(secret: &str, claims: serde_json::Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A token for `room` with `access`, valid for ten minutes.
+fn token(room: &str, access: &str) -> String {
+    signed(
+        SECRET,
+        serde_json::json!({ "sub": "u1", "room": room, "access": access, "exp": now() + 600 }),
+    )
+}
+
+async fn secured(name: &str) -> Server {
+    start(name, |c| c.auth = Some(AuthKey::Secret(SECRET.into()))).await
+}
+
+fn with_token(server: &Server, token: &str) -> String {
+    format!("{}?token={token}", server.url())
+}
+
+fn join_frame(room: &str) -> Frame {
+    Frame::Join {
+        room: room.into(),
+        name: "mallory".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config: None,
+    }
+}
+
+/// The close a join of `room` with `token` gets.
+async fn refused(server: &Server, token: Option<&str>, room: &str) -> (u16, String) {
+    let url = token.map_or(server.url(), |t| with_token(server, t));
+    let mut conn = Connection::open(&url, &join_frame(room)).await.unwrap();
+    close_of(conn.closed(WAIT).await)
+}
+
+/// The close code and reason a connection ended with.
+fn close_of(closed: Result<(u16, String), ClientError>) -> (u16, String) {
+    match closed {
+        Ok(close) => close,
+        Err(ClientError::Closed { code, reason }) => (code, reason),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn data(text: &str) -> Body {
+    Body::Data {
+        data: Json::parse(text).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_join_without_a_valid_token_is_refused_with_a_reason_that_says_why() {
+    let server = secured("auth-refused").await;
+    let cases = [
+        (
+            None,
+            "doc",
+            close::FORBIDDEN,
+            "this relay requires an access token (the token parameter of the URL)".to_owned(),
+        ),
+        (
+            Some(token("other", "write")),
+            "doc",
+            close::FORBIDDEN,
+            r#"the access token opens the room "other", not "doc""#.to_owned(),
+        ),
+        (
+            Some(signed(
+                SECRET,
+                serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() - 5 }),
+            )),
+            "doc",
+            close::TOKEN_EXPIRED,
+            "the access token expired".to_owned(),
+        ),
+        (
+            Some(signed(
+                "a forged secret of thirty-two by",
+                serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 600 }),
+            )),
+            "doc",
+            close::FORBIDDEN,
+            "the access token's signature is not valid".to_owned(),
+        ),
+    ];
+    for (token, room, code, reason) in cases {
+        assert_eq!(
+            refused(&server, token.as_deref(), room).await,
+            (code, reason)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_prefix_token_opens_every_room_under_the_prefix_and_no_other() {
+    let server = secured("auth-prefix").await;
+    let team = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u1", "roomPrefix": "team-42/", "access": "write", "exp": now() + 600 }),
+    );
+    for room in ["team-42/a", "team-42/b/c"] {
+        let mut member = join_at(&with_token(&server, &team), room, 0, 0, None).await;
+        let stamp = member.stamp();
+        member.send(&Frame::stamped(stamp, data("1"))).await;
+        member.expect_ack(stamp.step).await;
+    }
+    for room in ["team-43/a", "team-42", "Team-42/a"] {
+        let (code, reason) = refused(&server, Some(&team), room).await;
+        assert_eq!(code, close::FORBIDDEN, "{room}: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_member_reads_the_history_and_live_edits_and_none_of_its_writes_is_stored_or_passed_on(
+) {
+    let server = secured("auth-read-only").await;
+    let writer_url = with_token(&server, &token("doc", "write"));
+    let mut writer = join_at(&writer_url, "doc", 0, 0, None).await;
+    let stamp = writer.stamp();
+    writer
+        .send(&Frame::stamped(stamp, data(r#"{"secret":"launch codes"}"#)))
+        .await;
+    writer.expect_ack(stamp.step).await;
+
+    let reader_url = with_token(&server, &token("doc", "read"));
+    let mut reader = join_at(&reader_url, "doc", 0, 0, None).await;
+    let history: Vec<_> = reader
+        .replay()
+        .iter()
+        .filter_map(|p| data_value(&p.frame))
+        .collect();
+    assert_eq!(history, [serde_json::json!({ "secret": "launch codes" })]);
+
+    // Live edits reach it.
+    let stamp = writer.stamp();
+    writer.send(&Frame::stamped(stamp, data("\"live\""))).await;
+    writer.expect_ack(stamp.step).await;
+    let (live, _) = reader.recv_until(|f| data_value(f).is_some()).await;
+    assert_eq!(data_value(&live), Some(serde_json::json!("live")));
+
+    // Its writes are refused, and never reach the others or the log.
+    for body in [
+        data("\"from the reader\""),
+        Body::Update {
+            doc: "content".into(),
+            update: pattern_mesh_core::doc::SharedDoc::new()
+                .insert("content", 0, "x")
+                .unwrap(),
+        },
+    ] {
+        let stamp = reader.stamp();
+        reader.send(&Frame::stamped(stamp, body)).await;
+        let detail = reader.expect_reject(Reason::Forbidden).await;
+        assert!(detail.contains("lets it read only"), "{detail}");
+        reader.send(&Frame::Fence { step: stamp.step }).await;
+    }
+    let stamp = writer.stamp();
+    writer.send(&Frame::stamped(stamp, data("\"last\""))).await;
+    let (_, before) = writer.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+    assert!(
+        before.iter().all(|f| data_value(f).is_none()),
+        "nothing of the reader's reached the writer: {before:?}"
+    );
+    let late = join_at(&writer_url, "doc", 0, 0, None).await;
+    let logged: Vec<_> = late
+        .replay()
+        .iter()
+        .filter_map(|p| data_value(&p.frame))
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            serde_json::json!({ "secret": "launch codes" }),
+            serde_json::json!("live"),
+            serde_json::json!("last"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_display_name_comes_from_the_token_and_cannot_be_changed() {
+    let server = secured("auth-name").await;
+    let ada = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u-ada", "name": "Ada", "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    // `join_at` asks for the name "test"; the token's wins.
+    let mut a = join_at(&with_token(&server, &ada), "doc", 0, 0, None).await;
+    let b = join_at(
+        &with_token(&server, &token("doc", "write")),
+        "doc",
+        0,
+        0,
+        None,
+    )
+    .await;
+    let named: Vec<_> = b
+        .welcome
+        .peers
+        .iter()
+        .map(|p| (p.node, p.name.as_str()))
+        .collect();
+    assert_eq!(named, [(a.node, "Ada")]);
+    a.send(&Frame::Rename {
+        name: "Grace".into(),
+    })
+    .await;
+    let detail = a.expect_reject(Reason::Forbidden).await;
+    assert_eq!(detail, "this member's name comes from its access token");
+}
+
+#[tokio::test]
+async fn a_token_that_expires_during_the_connection_closes_it_with_its_own_code() {
+    let server = secured("auth-expiry").await;
+    let short = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 2 }),
+    );
+    let mut member = join_at(&with_token(&server, &short), "doc", 0, 0, None).await;
+    let (code, reason) = close_of(member.conn.closed(Duration::from_secs(5)).await);
+    assert_eq!(code, close::TOKEN_EXPIRED);
+    assert_eq!(
+        reason,
+        "the access token expired; reconnect with a fresh one"
+    );
+}
+
+/// The HTTP status line the relay answers a WebSocket upgrade (or any GET) with.
+async fn status_of(server: &Server, path: &str, headers: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{headers}\r\n",
+        server.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 512];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_foreign_origin_is_refused_when_origins_are_set() {
+    let server = start("auth-origin", |c| {
+        c.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    assert_eq!(
+        status_of(&server, "/ws", "Origin: https://evil.example\r\n").await,
+        "HTTP/1.1 403 Forbidden"
+    );
+    assert_eq!(
+        status_of(&server, "/ws", "").await,
+        "HTTP/1.1 403 Forbidden",
+        "no Origin header"
+    );
+    assert_eq!(
+        status_of(&server, "/ws", "Origin: https://app.example\r\n").await,
+        "HTTP/1.1 101 Switching Protocols"
+    );
+}
+
+#[tokio::test]
+async fn the_metrics_ask_for_their_bearer_token_when_one_is_set() {
+    let server = start("auth-metrics", |c| {
+        c.metrics_token = Some("m-secret".into())
+    })
+    .await;
+    let get = |headers: &'static str| {
+        let addr = server.addr;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request =
+                format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer.lines().next().unwrap_or_default().to_owned()
+        }
+    };
+    assert_eq!(get("").await, "HTTP/1.1 401 Unauthorized");
+    assert_eq!(
+        get("Authorization: Bearer wrong\r\n").await,
+        "HTTP/1.1 401 Unauthorized"
+    );
+    assert_eq!(
+        get("Authorization: Bearer m-secret\r\n").await,
+        "HTTP/1.1 200 OK"
+    );
+}
