@@ -35,7 +35,7 @@ pub enum AuthKey {
 
 /// The relay's token checker.
 #[derive(Clone)]
-pub(crate) struct Auth {
+pub struct Auth {
     key: DecodingKey,
     validation: Validation,
 }
@@ -64,24 +64,26 @@ enum Right {
 
 /// What a valid token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Grant {
+pub struct Grant {
     /// The user's id.
-    pub(crate) user: String,
+    pub user: String,
     /// The display name, if the token sets it.
-    pub(crate) name: Option<String>,
+    pub name: Option<String>,
     /// What the member may do.
-    pub(crate) access: Access,
+    pub access: Access,
     /// When the token expires.
-    pub(crate) expires: SystemTime,
+    pub expires: SystemTime,
     room: Option<String>,
     room_prefix: Option<String>,
 }
 
 /// Why a connection was refused: the close code and the reason it is closed with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Denied {
-    pub(crate) code: u16,
-    pub(crate) reason: String,
+pub struct Denied {
+    /// The close code: [`close::FORBIDDEN`], or [`close::TOKEN_EXPIRED`].
+    pub code: u16,
+    /// Why, for the close frame.
+    pub reason: String,
 }
 
 fn denied(reason: impl Into<String>) -> Denied {
@@ -93,7 +95,7 @@ fn denied(reason: impl Into<String>) -> Denied {
 
 impl Auth {
     /// A checker for `key`; an error says what is wrong with the key.
-    pub(crate) fn new(key: &AuthKey) -> Result<Self, String> {
+    pub fn new(key: &AuthKey) -> Result<Self, String> {
         let (key, algorithm) = match key {
             AuthKey::Secret(secret) if secret.len() < 32 => {
                 return Err(format!(
@@ -119,7 +121,7 @@ impl Auth {
     }
 
     /// Checks a connection's token: its signature, its expiry and its claims.
-    pub(crate) fn check(&self, token: Option<&str>) -> Result<Grant, Denied> {
+    pub fn check(&self, token: Option<&str>) -> Result<Grant, Denied> {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(denied(
                 "this relay requires an access token (the token parameter of the URL)",
@@ -162,7 +164,7 @@ impl Auth {
 
 impl Grant {
     /// Whether the token opens `room`; if not, why.
-    pub(crate) fn admits(&self, room: &str) -> Result<(), Denied> {
+    pub fn admits(&self, room: &str) -> Result<(), Denied> {
         let exact = self.room.as_deref() == Some(room);
         let prefixed = self
             .room_prefix
@@ -182,7 +184,7 @@ impl Grant {
     }
 
     /// How long until the token expires (zero if it has).
-    pub(crate) fn remaining(&self) -> Duration {
+    pub fn remaining(&self) -> Duration {
         self.expires
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO)
@@ -190,7 +192,7 @@ impl Grant {
 }
 
 /// The `token` parameter of a URL's query, if any.
-pub(crate) fn token_of(query: Option<&str>) -> Option<&str> {
+pub fn token_of(query: Option<&str>) -> Option<&str> {
     query?
         .split('&')
         .find_map(|pair| pair.strip_prefix("token="))

@@ -16,7 +16,7 @@
 //! - `/pkg/...`: the npm package directory; everything else: the demo directory.
 #![warn(missing_docs)]
 
-mod auth;
+pub mod auth;
 mod connection;
 mod guard;
 pub mod metrics;

@@ -258,6 +258,32 @@ async fn a_token_that_expires_during_the_connection_closes_it_with_its_own_code(
     );
 }
 
+#[tokio::test]
+async fn with_an_ed25519_public_key_the_relay_admits_tokens_of_the_private_key_and_no_other() {
+    let (pkcs8, pem) = common::ed25519::key_pair();
+    let server = start("auth-ed25519", |c| c.auth = Some(AuthKey::Ed25519Pem(pem))).await;
+    let claims =
+        serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 600 });
+    let good = encode(
+        &Header::new(Algorithm::EdDSA),
+        &claims,
+        &EncodingKey::from_ed_der(&pkcs8),
+    )
+    .unwrap();
+    let mut member = join_at(&with_token(&server, &good), "doc", 0, 0, None).await;
+    let stamp = member.stamp();
+    member.send(&Frame::stamped(stamp, data("1"))).await;
+    member.expect_ack(stamp.step).await;
+    let hmac = signed(SECRET, claims);
+    assert_eq!(
+        refused(&server, Some(&hmac), "doc").await,
+        (
+            close::FORBIDDEN,
+            "the access token is signed with another algorithm than this relay's".into()
+        )
+    );
+}
+
 /// The HTTP status line the relay answers a WebSocket upgrade (or any GET) with.
 async fn status_of(server: &Server, path: &str, headers: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();

@@ -2,6 +2,8 @@
 //! own frames over a raw connection.
 #![allow(dead_code)]
 
+pub mod ed25519;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
