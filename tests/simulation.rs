@@ -86,6 +86,8 @@ struct Scenario {
     overstate: u64,
     /// Whether clients keep their session in storage (and tabs may close and reopen).
     persist: bool,
+    /// A client whose access token lets it read only.
+    read_only: Option<usize>,
 }
 
 /// What can go wrong, and when.
@@ -159,6 +161,7 @@ impl Scenario {
             script: Vec::new(),
             overstate: [1, 1, 1, 3, 20][rng.range(0, 4) as usize],
             persist: false,
+            read_only: None,
         }
         .with_random_faults(rng);
         // Drawn last, so that the draws above give what they gave before storage existed.
@@ -170,6 +173,9 @@ impl Scenario {
                 let down = rng.range(50, 10_000);
                 scenario.faults.push((t, Fault::Reopen { client, down }));
             }
+        }
+        if rng.chance(0.2) {
+            scenario.read_only = Some(rng.range(0, scenario.clients as u64 - 1) as usize);
         }
         scenario
     }
@@ -234,6 +240,7 @@ impl Scenario {
             script: Vec::new(),
             overstate: 1,
             persist: false,
+            read_only: None,
         }
     }
 }
@@ -1253,7 +1260,12 @@ impl Sim {
                 log,
                 resume,
                 stored,
-                access: room::Access::OPEN,
+                // A read-only member: every write it makes is refused as `forbidden`, and it
+                // must be told so, and still read everything.
+                access: room::Access {
+                    write: self.scenario.read_only != Some(client),
+                    fixed_name: false,
+                },
             };
             match core.join(self.now, conn, request, fresh) {
                 Err(refused) => {
@@ -1514,6 +1526,27 @@ impl Sim {
         let told: HashSet<usize> = (0..self.clients.len())
             .filter(|&i| self.clients[i].refused > 0)
             .collect();
+        // A read-only member wrote nothing to the log, and was told of every write it tried.
+        if let Some(r) = self.scenario.read_only {
+            let era = self.relay.era;
+            for logged in self.relay.store.log(ROOM) {
+                if self.relay.holders.get(&(era, logged.sender)) == Some(&r) {
+                    problems.push(format!(
+                        "the read-only client {r} has a message in the log at {}",
+                        logged.position
+                    ));
+                    break;
+                }
+            }
+            let wrote = !self.clients[r].sent_data.is_empty()
+                || state_vector(self.clients[r].session.replica())
+                    .contains_key(&(1_000 + r as u64));
+            if wrote && !told.contains(&r) {
+                problems.push(format!(
+                    "the read-only client {r} was never told its writes were refused"
+                ));
+            }
+        }
         let texts: Vec<String> = self
             .clients
             .iter()
