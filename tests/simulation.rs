@@ -719,11 +719,11 @@ impl Sim {
                         }
                     }
                 }
-                let upto = saved.upto();
+                let stored = saved.stored();
                 let mut doc = c.stored.take().map(|(_, doc)| doc).unwrap_or_default();
                 doc.extend(updates);
                 c.stored = Some((saved, doc));
-                c.session.handle_saved(self.now, upto);
+                c.session.handle_saved(self.now, stored);
                 self.save(client);
                 self.drive(client);
             }

@@ -477,15 +477,15 @@ fn save(shared: &Shared) {
             return;
         }
         let saved = driver.session.saved();
-        let upto = saved.upto();
+        let stored = saved.stored();
         let over = driver.session.is_closed() && driver.session.pending() == 0;
         let updates = driver.session.take_updates();
         let write = storage.write((!over).then_some(&saved), updates);
-        (write, upto)
+        (write, stored)
     };
     let weak = Rc::downgrade(shared);
     wasm_bindgen_futures::spawn_local(async move {
-        let (write, upto) = write;
+        let (write, stored) = write;
         let done = write.done().await;
         let Some(shared) = weak.upgrade() else { return };
         let (compact, again) = {
@@ -511,7 +511,7 @@ fn save(shared: &Shared) {
                 }));
                 (false, false)
             } else {
-                driver.session.handle_saved(now, upto);
+                driver.session.handle_saved(now, stored);
                 if !again && driver.session.is_closed() {
                     storage.release();
                 }

@@ -735,7 +735,7 @@ impl RoomCore {
             }
             None => fresh,
         };
-        let peers = self
+        let mut peers: Vec<Peer> = self
             .members
             .values()
             .map(|m| Peer {
@@ -743,6 +743,7 @@ impl RoomCore {
                 name: m.name.clone(),
             })
             .collect();
+        peers.sort_unstable_by_key(|p| p.node);
         let joined = Frame::PeerJoined {
             peer: Peer {
                 node,
@@ -1500,7 +1501,10 @@ impl RoomCore {
             return;
         }
         self.stopped = true;
-        for (conn, _) in self.members.drain() {
+        // In connection order, so that what follows does not depend on a hash's order.
+        let mut conns: Vec<ConnId> = self.members.drain().map(|(conn, _)| conn).collect();
+        conns.sort_unstable();
+        for conn in conns {
             self.outputs.push_back(Output::Close {
                 conn,
                 code: close::INTERNAL,

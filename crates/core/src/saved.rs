@@ -35,7 +35,8 @@ pub struct Saved {
     pub position: u64,
     /// The room's configuration from the last welcome.
     pub room: Option<RoomConfig>,
-    /// The session's step clock.
+    /// The node's ceiling: the session stamped no step above it, and a session restored from
+    /// this state starts its clock there.
     pub step: Step,
     /// Messages stamped and maybe sent, not yet acknowledged: encoded frames, in step order.
     pub sent: Vec<Vec<u8>>,
@@ -43,7 +44,24 @@ pub struct Saved {
     pub unsent: Vec<Vec<u8>>,
 }
 
+/// What a stored [`Saved`] covers, for [`Session::handle_saved`](crate::session::Session::handle_saved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Every stamped message up to this step is stored.
+    pub upto: Step,
+    /// The node's ceiling: no step above it was used.
+    pub ceiling: Step,
+}
+
 impl Saved {
+    /// What storing this state covers.
+    pub fn stored(&self) -> Stored {
+        Stored {
+            upto: self.upto(),
+            ceiling: self.step,
+        }
+    }
+
     /// The highest step among the stamped messages (0 if none): storing this state covers
     /// every stamp up to it.
     pub fn upto(&self) -> Step {

@@ -41,7 +41,7 @@ use crate::clock::{Advance, StepClock};
 use crate::doc::{has_insertions, merge_updates, Replica};
 use crate::pace::TokenBucket;
 use crate::pattern::{PatternConfig, PatternValue, Step};
-use crate::saved::{decode_message, encode_unsent, Saved};
+use crate::saved::{decode_message, encode_unsent, Saved, Stored};
 use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
 use crate::wire::part::{self, Reassembler};
 use crate::wire::{
@@ -242,7 +242,7 @@ pub enum Output {
     },
     /// Store [`Session::saved`] and append [`Session::take_updates`] to the stored document, in
     /// one write (both as they are when the driver takes them), then call
-    /// [`Session::handle_saved`] with the [`Saved::upto`] it stored. Only with
+    /// [`Session::handle_saved`] with what it stored ([`Saved::stored`]). Only with
     /// [`SessionConfig::persist`]. One write at a time is enough: if this comes again while a
     /// write is under way, write once more after it.
     Save,
@@ -314,6 +314,11 @@ struct Hold {
     step: Step,
 }
 
+/// With `persist`, how many steps above its clock a session stores as its ceiling: it stamps
+/// that many messages before it must store a higher one, and a session restored from storage
+/// skips at most that many steps.
+const STEP_RESERVE: Step = 100;
+
 /// Updates that wait are merged while the result stays under this size.
 const MERGE_LIMIT: usize = 256 * 1024;
 
@@ -376,8 +381,15 @@ pub struct Session<R> {
     rng: u64,
     outputs: VecDeque<Output>,
     events: VecDeque<Event>,
-    /// With `persist`: every stamp up to this step is stored; later ones may not go out yet.
-    saved_step: Step,
+    /// With `persist`: every stamped message up to this step is stored; later ones may not go
+    /// out yet.
+    stored_upto: Step,
+    /// With `persist`: the step storage holds as this node's ceiling. No message is stamped
+    /// above it, so a session restored from storage (whose clock starts at the ceiling) never
+    /// stamps a step again, signals included, that it may have used before.
+    ceiling: Step,
+    /// With `persist`: a message waits for a higher ceiling to be stored.
+    ceiling_blocked: bool,
     /// With `persist`: the stored state is out of date.
     save_due: bool,
     /// With `persist`: document updates not yet handed to storage.
@@ -432,7 +444,9 @@ impl<R: Replica> Session<R> {
             presences: BTreeMap::new(),
             outputs: VecDeque::new(),
             events: VecDeque::new(),
-            saved_step: 0,
+            stored_upto: 0,
+            ceiling: 0,
+            ceiling_blocked: false,
             save_due: false,
             unstored: Vec::new(),
             forbidden: false,
@@ -466,7 +480,7 @@ impl<R: Replica> Session<R> {
                 Ok(Stamped { stamp, body })
                     if self.token.is_some() && stamp.sender == self.node =>
                 {
-                    self.saved_step = self.saved_step.max(stamp.step);
+                    self.stored_upto = self.stored_upto.max(stamp.step);
                     self.in_flight.push_back(Sent {
                         stamp,
                         kind: body.kind(),
@@ -480,7 +494,8 @@ impl<R: Replica> Session<R> {
                 Err(_) => broken += 1,
             }
         }
-        let advance = self.clock.pass(saved.step.max(self.saved_step));
+        self.ceiling = saved.step.max(self.stored_upto);
+        let advance = self.clock.pass(self.ceiling);
         self.step_event(advance);
         for bytes in &saved.unsent {
             match decode_message(bytes) {
@@ -752,7 +767,11 @@ impl<R: Replica> Session<R> {
             log: self.log,
             position: self.position,
             room: self.room,
-            step: self.clock.local(),
+            step: self
+                .clock
+                .local()
+                .saturating_add(STEP_RESERVE)
+                .max(self.ceiling),
             sent: self.in_flight.iter().map(|s| s.bytes.clone()).collect(),
             unsent: self
                 .waiting
@@ -763,11 +782,12 @@ impl<R: Replica> Session<R> {
         }
     }
 
-    /// The driver stored a state whose [`Saved::upto`] is `upto`: the messages stamped up to it
-    /// may go out.
-    pub fn handle_saved(&mut self, now: u64, upto: Step) {
-        if upto > self.saved_step {
-            self.saved_step = upto;
+    /// The driver stored a state ([`Saved::stored`] says what it covers): the messages stamped
+    /// up to it may go out, and messages may be stamped up to its ceiling.
+    pub fn handle_saved(&mut self, now: u64, stored: Stored) {
+        if stored.upto > self.stored_upto || stored.ceiling > self.ceiling {
+            self.stored_upto = self.stored_upto.max(stored.upto);
+            self.ceiling = self.ceiling.max(stored.ceiling);
             self.pump(now);
         }
     }
@@ -777,15 +797,16 @@ impl<R: Replica> Session<R> {
     /// written together).
     pub fn awaits_store(&self) -> bool {
         self.config.persist
-            && self
-                .in_flight
-                .iter()
-                .any(|s| s.stamp.step > self.saved_step)
+            && (self.ceiling_blocked
+                || self
+                    .in_flight
+                    .iter()
+                    .any(|s| s.stamp.step > self.stored_upto))
     }
 
     /// Whether this stamped message may go out: its stamp is stored, or nothing is.
     fn is_stored(&self, sent: &Sent) -> bool {
-        !self.config.persist || sent.stamp.step <= self.saved_step
+        !self.config.persist || sent.stamp.step <= self.stored_upto
     }
 
     /// Notes that the stored state is out of date.
@@ -1256,7 +1277,7 @@ impl<R: Replica> Session<R> {
             // holds it again for everyone.
             self.room = None;
             self.position = 0;
-            self.saved_step = 0;
+            self.stored_upto = 0;
             self.give_back = !self.replica.is_empty();
         }
         self.log = log;
@@ -1299,7 +1320,7 @@ impl<R: Replica> Session<R> {
                 self.waiting.push_front(waiting);
             }
             self.resend = 0;
-            self.saved_step = 0;
+            self.stored_upto = 0;
         }
         self.changed();
         self.forbidden = false;
@@ -1621,6 +1642,10 @@ impl<R: Replica> Session<R> {
             // stored with it, but nothing that would go out before it.
             waiting = waiting.filter(|w| w.body.is_durable());
         }
+        if self.config.persist && self.clock.local() >= self.ceiling {
+            // Stamping waits for a higher ceiling in storage.
+            return None;
+        }
         waiting.map(|w| {
             // The stamp takes at most 30 bytes.
             let len = 3 + 30 + w.body.encoded_len();
@@ -1633,6 +1658,20 @@ impl<R: Replica> Session<R> {
 
     /// Sends what the pacer allows, in order: presence, messages to send again, then new ones.
     fn pump(&mut self, now: u64) {
+        self.send_what_may_go(now);
+        // With `persist`: stamping that waits for a higher ceiling asks for a write.
+        let blocked = self.config.persist
+            && self.link == Link::Open
+            && !self.closed
+            && !self.waiting.is_empty()
+            && self.clock.local() >= self.ceiling;
+        if blocked && !self.ceiling_blocked {
+            self.changed();
+        }
+        self.ceiling_blocked = blocked;
+    }
+
+    fn send_what_may_go(&mut self, now: u64) {
         if self.link != Link::Open || self.closed {
             return;
         }
@@ -1799,6 +1838,14 @@ mod tests {
             connect
         }
 
+        /// Stores the session as a driver would, and carries out what follows.
+        fn store(&mut self) -> Saved {
+            let saved = self.session.saved();
+            self.session.handle_saved(self.now, saved.stored());
+            self.pump();
+            saved
+        }
+
         fn frame(&mut self, frame: Frame) {
             self.session.handle_frame(self.now, &frame.encode());
             self.pump();
@@ -1854,6 +1901,10 @@ mod tests {
         h.session.broadcast(h.now, data.clone()).unwrap();
         h.pump();
         assert!(h.saves > 0, "the session asks to be stored");
+        // The first write stores a ceiling for the node's steps; then the message is stamped,
+        // and the second write stores it.
+        let ceiling = h.store();
+        assert!(ceiling.sent.is_empty() && ceiling.step > h.session.step());
         assert!(
             h.stamped().is_empty(),
             "nothing goes out before it is stored"
@@ -1861,7 +1912,7 @@ mod tests {
         let saved = h.session.saved();
         assert_eq!(saved.sent.len(), 1);
         assert_eq!((saved.node, saved.token), (2, Some([1; 16])));
-        h.session.handle_saved(h.now, saved.upto());
+        h.session.handle_saved(h.now, saved.stored());
         h.pump();
         let first = h.stamped()[0].clone();
         assert_eq!(first.stamp.step, saved.upto());
@@ -1884,10 +1935,13 @@ mod tests {
         let mut forgotten = Harness::with(config);
         forgotten.join(5, 9, &[]);
         assert!(forgotten.stamped().is_empty(), "stamped anew, stored first");
-        let saved = forgotten.session.saved();
-        forgotten.session.handle_saved(forgotten.now, saved.upto());
-        forgotten.pump();
+        forgotten.store();
+        forgotten.store();
         let again = forgotten.stamped()[0].clone();
+        assert!(
+            again.stamp.step > saved.step,
+            "above every step the closed tab may have used"
+        );
         assert_eq!(again.stamp.sender, 5);
         assert_eq!(again.body, Body::Data { data });
     }
