@@ -191,15 +191,7 @@ test("a tab that typed offline and closed shows its text at once when it reopens
   t.after(() => cut.close());
   // One browser profile: the tab that reopens finds what the closed one stored in IndexedDB.
   const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
-  const openInProfile = async () => {
-    const page = await profile.newPage();
-    page.problems = [];
-    page.on("pageerror", (e) => page.problems.push(e.message));
-    // The page comes from the relay; its socket goes through the proxy, which cuts it.
-    await page.goto(`http://127.0.0.1:${port}/index.html?room=${room}&relay=${encodeURIComponent(`ws://127.0.0.1:${cut.port}/ws`)}`);
-    await page.waitForSelector("body[data-ready=true]");
-    return page;
-  };
+  const openInProfile = () => editorIn(profile, room, cut);
   const a = await openInProfile();
   const b = await open(`index.html?room=${room}`);
   await b.evaluate(() => {
@@ -239,6 +231,20 @@ test("a tab that typed offline and closed shows its text at once when it reopens
   await profile.close();
 });
 
+/**
+ * The editor on `room` in a page of `profile` (a browser profile: its pages share IndexedDB).
+ * The page comes from the relay; its socket goes through the proxy `cut`, which can cut it.
+ */
+async function editorIn(profile, room, cut) {
+  const page = await profile.newPage();
+  page.problems = [];
+  page.on("pageerror", (e) => page.problems.push(e.message));
+  const relay = encodeURIComponent(`ws://127.0.0.1:${cut.port}/ws`);
+  await page.goto(`http://127.0.0.1:${port}/index.html?room=${room}&relay=${relay}`);
+  await page.waitForSelector("body[data-ready=true]");
+  return page;
+}
+
 /** How many update records IndexedDB holds for the room at `relay`, read in `page`. */
 const storedRecords = (page, relay, room) => page.evaluate(async (key) => {
   const db = await new Promise((ok, no) => { const r = indexedDB.open("pattern-mesh"); r.onsuccess = () => ok(r.result); r.onerror = () => no(r.error); });
@@ -256,14 +262,7 @@ test("two tabs of one browser on one room keep their own identities, and the sto
   const cut = await proxy();
   t.after(() => cut.close());
   const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
-  const openInProfile = async () => {
-    const page = await profile.newPage();
-    page.problems = [];
-    page.on("pageerror", (e) => page.problems.push(e.message));
-    await page.goto(`http://127.0.0.1:${port}/index.html?room=${room}&relay=${encodeURIComponent(`ws://127.0.0.1:${cut.port}/ws`)}`);
-    await page.waitForSelector("body[data-ready=true]");
-    return page;
-  };
+  const openInProfile = () => editorIn(profile, room, cut);
   const x = await openInProfile();
   const y = await openInProfile();
   const nodes = [await x.evaluate(() => window.meshClient.node), await y.evaluate(() => window.meshClient.node)];

@@ -3,44 +3,20 @@
 // a page whose tokens expire every two seconds gets fresh ones and loses nothing it typed.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { createHmac } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { createRequire } from "node:module";
+import { root, startRelay, signToken, nowSeconds as now } from "../support/relay.mjs";
 
-const root = fileURLToPath(new URL("../../", import.meta.url));
 const require = createRequire(join(root, ".ci/package.json"));
 const { chromium } = require("playwright-core");
 
 const SECRET = "the e2e token test's secret, 32b";
-let dir, relay, browser, base;
-
-/** An HS256 JSON Web Token, as an application's server would issue it. */
-function token(claims) {
-  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
-  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
-  return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
-}
-const now = () => Math.floor(Date.now() / 1000);
+const token = (claims) => signToken(SECRET, claims);
+let relay, browser, base;
 
 before(async () => {
-  dir = await mkdtemp(join(tmpdir(), "pattern-mesh-e2e-tokens-"));
-  relay = spawn(join(root, "target/debug/pattern-mesh-relay"), [
-    "--listen", "127.0.0.1:0", "--www", join(root, "www"), "--pkg", join(root, "pkg"),
-    "--data-dir", join(dir, "data"),
-  ], { stdio: ["ignore", "pipe", "inherit"], env: { ...process.env, PM_AUTH_KEY: SECRET } });
-  base = await new Promise((resolve, reject) => {
-    let out = "";
-    relay.stdout.on("data", (chunk) => {
-      out += chunk;
-      const found = out.match(/relay on (http:\/\/[^/\s]+)\//);
-      if (found) resolve(found[1]);
-    });
-    relay.on("exit", (code) => reject(new Error(`the relay exited with ${code}`)));
-  });
+  relay = await startRelay({ PM_AUTH_KEY: SECRET });
+  base = relay.base;
   browser = await chromium.launch({
     executablePath: "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
@@ -49,8 +25,7 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  relay?.kill("SIGKILL");
-  if (dir) await rm(dir, { recursive: true, force: true });
+  await relay?.stop();
 });
 
 /** A page with the package loaded, and `window.nextToken(claims)` minting tokens in the test. */

@@ -2,41 +2,26 @@
 // the `ws` package's is passed in (`connect({ WebSocket })`); the wasm is loaded with `initSync`.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { createRequire } from "node:module";
+import { root, startRelay } from "../support/relay.mjs";
 
-const root = fileURLToPath(new URL("../../", import.meta.url));
 const require = createRequire(join(root, ".ci/package.json"));
 const { WebSocket } = require("ws");
 const pkg = new URL("../../pkg/", import.meta.url);
 const mesh = await import(new URL("pattern_mesh.js", pkg));
 mesh.initSync({ module: await readFile(new URL("pattern_mesh_bg.wasm", pkg)) });
 
-let dir, relay, url;
+let relay, url;
 
 before(async () => {
-  dir = await mkdtemp(join(tmpdir(), "pattern-mesh-node-"));
-  relay = spawn(join(root, "target/debug/pattern-mesh-relay"), [
-    "--listen", "127.0.0.1:0", "--data-dir", join(dir, "data"),
-  ], { stdio: ["ignore", "pipe", "inherit"] });
-  url = await new Promise((resolve, reject) => {
-    let out = "";
-    relay.stdout.on("data", (chunk) => {
-      out += chunk;
-      const found = out.match(/WebSocket: (ws:\/\/[^)\s]+)/);
-      if (found) resolve(found[1]);
-    });
-    relay.on("exit", (code) => reject(new Error(`the relay exited with ${code}`)));
-  });
+  relay = await startRelay();
+  url = relay.url;
 });
 
 after(async () => {
-  relay?.kill("SIGKILL");
-  if (dir) await rm(dir, { recursive: true, force: true });
+  await relay?.stop();
 });
 
 const until = async (what, check) => {

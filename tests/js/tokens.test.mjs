@@ -3,15 +3,11 @@
 // typed is lost), a fixed token that expired, and a read-only member's writes.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { createHmac } from "node:crypto";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { createRequire } from "node:module";
+import { root, startRelay, signToken, nowSeconds as now } from "../support/relay.mjs";
 
-const root = fileURLToPath(new URL("../../", import.meta.url));
 const require = createRequire(join(root, ".ci/package.json"));
 const { WebSocket } = require("ws");
 const pkg = new URL("../../pkg/", import.meta.url);
@@ -19,35 +15,16 @@ const mesh = await import(new URL("pattern_mesh.js", pkg));
 mesh.initSync({ module: await readFile(new URL("pattern_mesh_bg.wasm", pkg)) });
 
 const SECRET = "the token test's secret, 32 bytes";
-let dir, relay, url;
-
-/** An HS256 JSON Web Token, as an application's server would issue it. */
-function token(claims) {
-  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
-  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
-  return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
-}
-const now = () => Math.floor(Date.now() / 1000);
+const token = (claims) => signToken(SECRET, claims);
+let relay, url;
 
 before(async () => {
-  dir = await mkdtemp(join(tmpdir(), "pattern-mesh-tokens-"));
-  relay = spawn(join(root, "target/debug/pattern-mesh-relay"), [
-    "--listen", "127.0.0.1:0", "--data-dir", join(dir, "data"),
-  ], { stdio: ["ignore", "pipe", "inherit"], env: { ...process.env, PM_AUTH_KEY: SECRET } });
-  url = await new Promise((resolve, reject) => {
-    let out = "";
-    relay.stdout.on("data", (chunk) => {
-      out += chunk;
-      const found = out.match(/WebSocket: (ws:\/\/[^)\s]+)/);
-      if (found) resolve(found[1]);
-    });
-    relay.on("exit", (code) => reject(new Error(`the relay exited with ${code}`)));
-  });
+  relay = await startRelay({ PM_AUTH_KEY: SECRET });
+  url = relay.url;
 });
 
 after(async () => {
-  relay?.kill("SIGKILL");
-  if (dir) await rm(dir, { recursive: true, force: true });
+  await relay?.stop();
 });
 
 const until = async (what, check, ms = 15_000) => {
