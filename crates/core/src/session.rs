@@ -684,7 +684,7 @@ impl<R: Replica> Session<R> {
             .iter()
             .filter(|w| matches!(w.body, Body::Signal { .. }))
             .count();
-        if self.link != Link::Open || waiting >= MAX_WAITING_SIGNALS {
+        if self.link != Link::Open || waiting >= MAX_WAITING_SIGNALS || self.forbidden {
             return Ok(false);
         }
         self.queue(now, Body::Signal { data })?;
@@ -698,6 +698,15 @@ impl<R: Replica> Session<R> {
             return Err(SessionError::Closed);
         }
         self.check_size(update.len())?;
+        if self.forbidden {
+            return self.queue(
+                now,
+                Body::Update {
+                    doc: doc.to_owned(),
+                    update,
+                },
+            );
+        }
         self.store_update(update.clone());
         if let Some(Waiting {
             body:
@@ -1051,6 +1060,19 @@ impl<R: Replica> Session<R> {
             return Err(SessionError::Closed);
         }
         self.check_size(body.encoded_len())?;
+        if self.forbidden && !matches!(body, Body::SyncRequest { .. }) {
+            // Read only on this connection: refused at once, as the relay would.
+            if body.is_durable() {
+                self.emit(Event::Refused {
+                    step: 0,
+                    kind: body.kind(),
+                    doc: body.doc().map(str::to_owned),
+                    reason: Reason::Forbidden,
+                    detail: "this member's access token lets it read only".into(),
+                });
+            }
+            return Ok(());
+        }
         if body.is_durable() {
             self.changed();
         }
@@ -1425,13 +1447,13 @@ impl<R: Replica> Session<R> {
                 self.hold_from(now, step, wait);
             }
             _ => {
-                if reason == Reason::Forbidden {
-                    self.forbidden = true;
-                    self.waiting
-                        .retain(|w| !matches!(w.body, Body::Checkpoint { .. }));
-                }
                 self.anomaly(Source::Relay, reason, detail.clone(), step, None);
-                if let Some(i) = index {
+                if reason == Reason::Forbidden {
+                    // The token lets this member read only: every write of this connection
+                    // would be refused the same way, so none is sent (again).
+                    self.forbidden = true;
+                    self.refuse_all_writes();
+                } else if let Some(i) = index {
                     let sent = self.remove_in_flight(i);
                     self.emit(Event::Refused {
                         step,
@@ -1444,6 +1466,36 @@ impl<R: Replica> Session<R> {
                 self.hold_from(now, step, 0);
             }
         }
+    }
+
+    /// After a `forbidden` refusal: every stored message in the outbox leaves it with a
+    /// [`Event::Refused`], and checkpoints and signals waiting go.
+    fn refuse_all_writes(&mut self) {
+        let detail = "this member's access token lets it read only".to_owned();
+        for sent in std::mem::take(&mut self.in_flight) {
+            self.emit(Event::Refused {
+                step: sent.stamp.step,
+                kind: sent.kind,
+                doc: sent.doc,
+                reason: Reason::Forbidden,
+                detail: detail.clone(),
+            });
+        }
+        self.resend = 0;
+        for waiting in std::mem::take(&mut self.waiting) {
+            match waiting.body {
+                Body::SyncRequest { .. } => self.waiting.push_back(waiting),
+                body if body.is_durable() => self.emit(Event::Refused {
+                    step: 0,
+                    kind: body.kind(),
+                    doc: body.doc().map(str::to_owned),
+                    reason: Reason::Forbidden,
+                    detail: detail.clone(),
+                }),
+                _ => {}
+            }
+        }
+        self.changed();
     }
 
     /// Stops stamped sends until `now + wait`; then a fence, and everything in flight from
@@ -1529,7 +1581,7 @@ impl<R: Replica> Session<R> {
             Body::SyncRequest {
                 state_vector, to, ..
             } => {
-                if open && (to == 0 || to == self.node) {
+                if open && !self.forbidden && (to == 0 || to == self.node) {
                     let full = state_vector.is_empty();
                     if let Ok(update) = self.replica.diff(&state_vector) {
                         // An answer the relay could not take is not sent: the requester gets
@@ -1944,6 +1996,51 @@ mod tests {
         );
         assert_eq!(again.stamp.sender, 5);
         assert_eq!(again.body, Body::Data { data });
+    }
+
+    /// A read-only member: the first `forbidden` refusal takes every write out of the outbox
+    /// with a `refused` event (none is sent again), and a later write is refused at once, until
+    /// the next connection.
+    #[test]
+    fn a_forbidden_write_refuses_every_write_of_the_connection_and_sends_none_again() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        for n in 0..3 {
+            let data = Json::from_value(&serde_json::json!({ "n": n })).unwrap();
+            h.session.broadcast(h.now, data).unwrap();
+        }
+        h.pump();
+        let first = h.stamped()[0].stamp.step;
+        h.frame(Frame::Reject {
+            step: first,
+            reason: Reason::Forbidden,
+            detail: "read only".into(),
+        });
+        let refused = |h: &mut Harness| {
+            std::iter::from_fn(|| h.session.poll_event())
+                .filter(|e| {
+                    matches!(
+                        e,
+                        Event::Refused {
+                            reason: Reason::Forbidden,
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(refused(&mut h), 3);
+        assert_eq!(h.session.pending(), 0);
+        let sent = h.stamped().len();
+        h.now += 5_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        let data = Json::from_value(&serde_json::json!("later")).unwrap();
+        h.session.broadcast(h.now, data.clone()).unwrap();
+        h.pump();
+        assert_eq!(refused(&mut h), 1, "refused at once");
+        assert_eq!(h.stamped().len(), sent, "nothing sent again");
+        assert!(!h.session.broadcast_signal(h.now, data).unwrap());
     }
 
     /// A name set while the join is under way (the join gave the old one) follows it.
