@@ -707,7 +707,7 @@ impl<R: Replica> Session<R> {
                 },
             );
         }
-        self.store_update(update.clone());
+        self.store_update(&update);
         if let Some(Waiting {
             body:
                 Body::Update {
@@ -824,9 +824,9 @@ impl<R: Replica> Session<R> {
     }
 
     /// With `persist`: keeps an update applied to the replica for storage.
-    fn store_update(&mut self, update: Vec<u8>) {
+    fn store_update(&mut self, update: &[u8]) {
         if self.config.persist {
-            self.unstored.push(update);
+            self.unstored.push(update.to_vec());
             self.changed();
         }
     }
@@ -1255,7 +1255,7 @@ impl<R: Replica> Session<R> {
             // it, merged. Only the log carries one.
             Frame::Snapshot { state, .. } if logged => match self.replica.apply_update(&state) {
                 Ok(()) => {
-                    self.store_update(state);
+                    self.store_update(&state);
                     self.emit(Event::Remote)
                 }
                 Err(e) => self.anomaly(Source::Local, Reason::Malformed, e.to_string(), 0, None),
@@ -1643,7 +1643,7 @@ impl<R: Replica> Session<R> {
     fn apply(&mut self, update: &[u8], stamp: &Stamp) {
         match self.replica.apply_update(update) {
             Ok(()) => {
-                self.store_update(update.to_vec());
+                self.store_update(update);
                 self.emit(Event::Remote)
             }
             Err(e) => self.anomaly(
