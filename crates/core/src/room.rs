@@ -44,7 +44,7 @@ use bytes::Bytes;
 use crate::doc::{check_update, SharedDoc};
 use crate::pace::TokenBucket;
 use crate::pattern::Step;
-use crate::store::{Appended, Logged, NodeRecord, RoomRecord, StoreError};
+use crate::store::{Appended, Followed, Logged, NodeRecord, RoomRecord, StoreError};
 use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
 use crate::wire::part::{self, Reassembler};
 use crate::wire::{
@@ -415,6 +415,18 @@ struct Pending {
     waits: Waits,
 }
 
+/// A message only forwarded, or an acknowledgement, held until the room's log has been fanned
+/// out to `after` (a room whose log is shared: see [`RoomCore::share`]).
+struct Held {
+    after: u64,
+    sender: NodeId,
+    /// For an acknowledgement: `None`, and `ack` is set.
+    to: Option<NodeId>,
+    /// An acknowledgement, to `sender`'s connection.
+    ack: bool,
+    bytes: Bytes,
+}
+
 /// One room's state and decisions.
 pub struct RoomCore {
     name: String,
@@ -456,6 +468,14 @@ pub struct RoomCore {
     applied: Option<(ConnId, Step)>,
     /// The frame the last call to `receive` took in, until its outputs are polled.
     receiving: Option<Receiving>,
+    /// Whether other relays append to the room's log too (see [`RoomCore::share`]).
+    shared: bool,
+    /// The highest position the store gave one of this room's appends: in a shared room,
+    /// forwarded messages accepted after that append wait until the log has been fanned out to
+    /// there.
+    awaited: u64,
+    /// Those messages.
+    held: VecDeque<Held>,
     now: u64,
 }
 
@@ -515,6 +535,9 @@ impl RoomCore {
             load_failures: 0,
             applied: None,
             receiving: None,
+            shared: false,
+            awaited: 0,
+            held: VecDeque::new(),
             now,
         };
         room.load(document);
@@ -549,6 +572,125 @@ impl RoomCore {
                 self.load_failures += 1;
             }
         }
+    }
+
+    /// Makes this a room whose log other relays append to as well (a store several relays
+    /// share). Then:
+    ///
+    /// - the store makes the checks that need the whole room's state (replay per sender, the
+    ///   sender's identity, the room's step) with each append, and answers `replay` for a step
+    ///   another relay stored first; this room's validator still checks everything first,
+    ///   against the room step as this relay knows it (never ahead of the log's);
+    /// - the room fans out its log as the driver reads it back from the store
+    ///   ([`RoomCore::logged`]), its own appends included, so that every member of every relay
+    ///   sees one order: the log's. An append's answer only acknowledges it to its sender, and
+    ///   a message only forwarded waits until the log before it has been fanned out;
+    /// - updates are checked when they come in and applied to the room's document in the
+    ///   log's order; the room appends no snapshot of its own.
+    ///
+    /// Call it before the first join.
+    pub fn share(&mut self) {
+        self.shared = true;
+    }
+
+    /// Whether the room's log is shared with other relays.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Entries of a shared room's log after [`RoomCore::published`], in order, as the driver
+    /// read them from the store: each is applied to the document, moves the room's step and its
+    /// sender's last step, and goes to every member but its sender. Entries at or below the
+    /// published position are skipped; a gap (entries a snapshot dropped) is passed over.
+    pub fn logged(&mut self, now: u64, entries: &[Followed]) {
+        self.tick(now);
+        if self.stopped {
+            return;
+        }
+        let limits = Limits {
+            max_frame: usize::MAX,
+            max_message: usize::MAX,
+            ..self.limits.limits
+        };
+        for entry in entries {
+            if entry.position <= self.published {
+                continue;
+            }
+            self.published = entry.position;
+            self.high = self.high.max(entry.high);
+            match Frame::decode_with(&entry.bytes, &limits) {
+                Ok(Frame::Stamped(Stamped {
+                    body: Body::Update { update, .. },
+                    ..
+                })) => {
+                    if self.doc.apply_update(&update).is_err() {
+                        self.load_failures += 1;
+                    }
+                }
+                Ok(Frame::Snapshot { state, .. }) => {
+                    if self.doc.apply_update(&state).is_err() {
+                        self.load_failures += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => self.load_failures += 1,
+            }
+            let from = match self.nodes.get(&entry.sender) {
+                Some(node) => {
+                    self.validator.restore(entry.sender, entry.step, now);
+                    node.conn.unwrap_or(0)
+                }
+                None => 0,
+            };
+            self.forward(from, None, &entry.bytes);
+            self.release_held();
+        }
+    }
+
+    /// Whether a message only forwarded must wait for the shared log first.
+    fn waits_for_log(&self) -> bool {
+        !self.held.is_empty() || self.awaited > self.published
+    }
+
+    /// Forwards what was held for the part of the log fanned out by now.
+    fn release_held(&mut self) {
+        while self
+            .held
+            .front()
+            .is_some_and(|held| held.after <= self.published)
+        {
+            let Some(held) = self.held.pop_front() else {
+                break;
+            };
+            let conn = self.nodes.get(&held.sender).and_then(|n| n.conn);
+            if held.ack {
+                if let Some(to) = conn {
+                    self.outputs.push_back(Output::Send {
+                        to,
+                        bytes: held.bytes,
+                    });
+                }
+                continue;
+            }
+            self.forward(conn.unwrap_or(0), held.to, &held.bytes);
+        }
+    }
+
+    /// Forwards a message now, or, in a shared room whose log is not fanned out as far as this
+    /// room's appends before it, once it is.
+    fn forward_in_turn(&mut self, sender: NodeId, to: Option<NodeId>, bytes: Bytes) {
+        if self.shared && self.waits_for_log() {
+            self.held.push_back(Held {
+                after: self.awaited,
+                sender,
+                to,
+                ack: false,
+                bytes,
+            });
+            return;
+        }
+        let from = self.nodes.get(&sender).and_then(|n| n.conn).unwrap_or(0);
+        self.forward(from, to, &bytes);
     }
 
     /// The next thing the driver must do.
@@ -608,7 +750,10 @@ impl RoomCore {
     /// Whether the room holds nothing that must outlive it: no member, no append in flight, no
     /// node whose rate state still matters. It may be dropped.
     pub fn is_idle(&self) -> bool {
-        self.members.is_empty() && self.pending.is_empty() && self.nodes.is_empty()
+        self.members.is_empty()
+            && self.pending.is_empty()
+            && self.nodes.is_empty()
+            && self.held.is_empty()
     }
 
     /// Whether the room stopped after a store failure.
@@ -1173,6 +1318,12 @@ impl RoomCore {
             }
         }
         match body {
+            Body::Update { update, .. } if self.shared => {
+                // Applied in the log's order, when the log comes back (`logged`).
+                if let Err(e) = check_update(update) {
+                    return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string());
+                }
+            }
             Body::Update { update, .. } => {
                 if let Err(e) = self.doc.apply_update(update) {
                     let detail = format!("the update does not apply to the room's document: {e}");
@@ -1197,7 +1348,7 @@ impl RoomCore {
         if !body.is_durable() {
             let to = body.recipient();
             if self.pending.is_empty() {
-                return self.forward(conn, to, &bytes);
+                return self.forward_in_turn(node, to, bytes);
             }
             return self.pending.push_back(Pending {
                 stamp,
@@ -1209,7 +1360,7 @@ impl RoomCore {
             body.doc().map(str::to_owned),
             self.nodes.get(&node).map(|n| n.token),
         );
-        if let Body::Update { .. } = body {
+        if let (Body::Update { .. }, false) = (body, self.shared) {
             self.tail_bytes += len;
             self.tail_updates += 1;
         }
@@ -1432,12 +1583,7 @@ impl RoomCore {
             if self.stopped {
                 continue;
             }
-            let from = self
-                .nodes
-                .get(&stamp.sender)
-                .and_then(|n| n.conn)
-                .unwrap_or(0);
-            self.forward(from, to, &bytes);
+            self.forward_in_turn(stamp.sender, to, bytes);
         }
         self.sweep();
     }
@@ -1451,6 +1597,25 @@ impl RoomCore {
     ) {
         let conn = self.nodes.get(&node).and_then(|n| n.conn);
         match result {
+            Ok(Appended::Stored {
+                position,
+                bytes: stored,
+            }) if self.shared => {
+                // Fanned out when the log comes back, in its order (`logged`); the sender's
+                // acknowledgement follows every entry before it, as on a relay of its own
+                // (its client counts on it: what was logged before came first).
+                self.awaited = self.awaited.max(position);
+                self.stored_bytes = stored;
+                let ack = Bytes::from(Frame::Ack { step, position }.encode());
+                self.held.push_back(Held {
+                    after: position,
+                    sender: node,
+                    to: None,
+                    ack: true,
+                    bytes: ack,
+                });
+                self.release_held();
+            }
             Ok(Appended::Stored {
                 position,
                 bytes: stored,
@@ -1512,6 +1677,7 @@ impl RoomCore {
             });
         }
         // Nothing of the room outlives it but what the store holds.
+        self.held.clear();
         self.nodes.clear();
         self.tokens.clear();
         self.departures.clear();
@@ -2285,5 +2451,167 @@ mod tests {
         assert_eq!(closed.len(), 2, "{out:?}");
         assert!(matches!(out.last(), Some(Output::Stop { .. })));
         assert!(room.is_idle());
+    }
+
+    /// Two relays' rooms on one shared store: `A` and `B`, each driven as its relay's task
+    /// would be, appending through [`crate::store::MemoryStore::append_shared_now`] and
+    /// following the log with `follow_now`.
+    struct Shared {
+        store: crate::store::MemoryStore,
+        rooms: Vec<RoomCore>,
+        /// What each room's members received, by connection.
+        got: Vec<HashMap<ConnId, Vec<Frame>>>,
+    }
+
+    impl Shared {
+        fn new(relays: usize) -> Self {
+            let store = crate::store::MemoryStore::new();
+            let rooms = (0..relays)
+                .map(|_| {
+                    let record = store.open_now("r", RoomConfig::default());
+                    let mut room =
+                        RoomCore::new("r".into(), record, &[], RoomLimits::default(), 0).unwrap();
+                    room.share();
+                    room
+                })
+                .collect();
+            Self {
+                store,
+                rooms,
+                got: vec![HashMap::new(); relays],
+            }
+        }
+
+        /// Carries out relay `i`'s outputs: appends go to the store, in order.
+        fn drive(&mut self, i: usize) {
+            while let Some(output) = self.rooms[i].poll_output() {
+                match output {
+                    Output::Append(append) => {
+                        let answer = self.store.append_shared_now("r", append);
+                        self.rooms[i].appended(answer);
+                    }
+                    Output::Send { to, bytes } => self.got[i].entry(to).or_default().push(
+                        Frame::decode_positioned(&bytes, &Limits::default())
+                            .unwrap()
+                            .frame,
+                    ),
+                    Output::Fanout { except, bytes } => {
+                        let frame = Frame::decode_positioned(&bytes, &Limits::default()).unwrap();
+                        let conns: Vec<ConnId> = self.got[i].keys().copied().collect();
+                        for conn in conns.into_iter().filter(|&c| Some(c) != except) {
+                            self.got[i]
+                                .entry(conn)
+                                .or_default()
+                                .push(frame.frame.clone());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        /// Relay `i` reads the log after what it fanned out.
+        fn follow(&mut self, i: usize) {
+            let entries = self.store.follow_now("r", self.rooms[i].published());
+            self.rooms[i].logged(0, &entries);
+            self.drive(i);
+        }
+
+        fn join(
+            &mut self,
+            i: usize,
+            conn: ConnId,
+            resume: Option<ResumeToken>,
+            fresh: u8,
+        ) -> NodeId {
+            let stored = resume.and_then(|t| self.store.find_now("r", t));
+            let request = JoinRequest {
+                stored,
+                ..req("m", resume)
+            };
+            let joined = self.rooms[i].join(0, conn, request, [fresh; 16]).unwrap();
+            self.got[i].insert(conn, Vec::new());
+            self.drive(i);
+            self.got[i].get_mut(&conn).unwrap().clear();
+            joined.node
+        }
+    }
+
+    fn steps(frames: &[Frame]) -> Vec<(NodeId, Step)> {
+        frames
+            .iter()
+            .filter_map(|f| f.stamp().map(|s| (s.sender, s.step)))
+            .collect()
+    }
+
+    fn acks(frames: &[Frame]) -> Vec<(Step, u64)> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Ack { step, position } => Some((*step, *position)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn members_of_two_relays_on_one_store_see_the_log_in_one_order() {
+        let mut shared = Shared::new(2);
+        let a = shared.join(0, 1, None, 1);
+        let b = shared.join(1, 2, None, 2);
+        assert_ne!(a, b, "node ids come from blocks of their own");
+        // Both relays append before either follows the log: positions 1 (a) and 2 (b), 3 (a).
+        send(&mut shared.rooms[0], 0, 1, data(a, 1));
+        shared.drive(0);
+        send(&mut shared.rooms[1], 0, 2, data(b, 1));
+        shared.drive(1);
+        send(&mut shared.rooms[0], 0, 1, data(a, 2));
+        shared.drive(0);
+        // Nothing is acknowledged or fanned out before the log is read back.
+        assert!(shared.got[0][&1].is_empty() && shared.got[1][&2].is_empty());
+        shared.follow(0);
+        shared.follow(1);
+        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1), (a, 2)]);
+        assert_eq!(steps(&shared.got[0][&1]), vec![(b, 1)]);
+        // Each sender's acknowledgements come after the entries logged before them.
+        assert_eq!(acks(&shared.got[0][&1]), vec![(1, 1), (2, 3)]);
+        let order: Vec<&Frame> = shared.got[0][&1].iter().collect();
+        assert!(matches!(order[0], Frame::Ack { position: 1, .. }));
+        assert!(matches!(order[1], Frame::Stamped(_)));
+        assert!(matches!(order[2], Frame::Ack { position: 3, .. }));
+        assert_eq!(acks(&shared.got[1][&2]), vec![(1, 2)]);
+        assert_eq!(shared.rooms[0].high(), shared.rooms[1].high());
+    }
+
+    #[test]
+    fn a_resend_raced_through_two_relays_is_stored_once_and_refused_as_replay_on_the_other() {
+        let mut shared = Shared::new(2);
+        let a = shared.join(0, 1, None, 1);
+        shared.join(1, 3, None, 3);
+        send(&mut shared.rooms[0], 0, 1, data(a, 1));
+        shared.drive(0);
+        // The node's client lost relay A before it heard the acknowledgement, and resumes on B
+        // (whose room never heard of it) to send step 1 again, while A's copy is stored.
+        let token = [1; 16];
+        let again = shared.join(1, 2, Some(token), 9);
+        assert_eq!(again, a, "the node keeps its id on the other relay");
+        send(&mut shared.rooms[1], 0, 2, data(a, 1));
+        shared.drive(1);
+        assert_eq!(rejects_of(&shared.got[1][&2]), vec![Reason::Replay]);
+        shared.follow(1);
+        shared.follow(0);
+        // Exactly once in the log, and to the watcher.
+        assert_eq!(shared.store.log("r").len(), 1);
+        assert_eq!(steps(&shared.got[1][&3]), vec![(a, 1)]);
+    }
+
+    fn rejects_of(frames: &[Frame]) -> Vec<Reason> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Reject { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect()
     }
 }

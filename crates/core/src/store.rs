@@ -91,6 +91,23 @@ pub struct Logged {
     pub bytes: Bytes,
 }
 
+/// An entry of a room's log as a relay that follows the log of a shared store reads it (see
+/// [`crate::room::RoomCore::share`]): what [`Logged`] holds, with the stamp's step and the room's
+/// step after it, so that every relay's room moves as the log does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Followed {
+    /// Its position.
+    pub position: u64,
+    /// Its sender (0: a relay's snapshot).
+    pub sender: NodeId,
+    /// Its step (0 for a snapshot).
+    pub step: Step,
+    /// The room's step with it.
+    pub high: Step,
+    /// The frame, with its position in the header: what a client receives.
+    pub bytes: Bytes,
+}
+
 /// The store's answer to an append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
@@ -168,6 +185,8 @@ struct MemoryRoom {
     docs: Vec<Option<String>>,
     /// The records of the nodes that stored something, by token.
     nodes: HashMap<ResumeToken, NodeRecord>,
+    /// What the relays that share the room follow (see [`MemoryStore::append_shared_now`]).
+    followed: Vec<Followed>,
 }
 
 impl MemoryRoom {
@@ -225,6 +244,7 @@ impl MemoryStore {
                 log: Vec::new(),
                 docs: Vec::new(),
                 nodes: HashMap::new(),
+                followed: Vec::new(),
             });
             let mut record = room.record.clone();
             record.nodes_end = record.next_node + crate::room::NODE_BLOCK;
@@ -315,6 +335,65 @@ impl MemoryStore {
         })
     }
 
+    /// Appends now as a store that several relays share does: the checks that need the room's
+    /// state are made here, with the append, since no relay's room sees every message of the
+    /// room before it is stored. A step at or below the last stored step of its sender is
+    /// refused as `replay` (another relay stored it first), a sender whose node id belongs to
+    /// another token as `senderMismatch`; the room's step moves by one when the step is above
+    /// it, whatever the `high` the relay proposed. The relay's Redis store runs the same rules
+    /// in a script.
+    pub fn append_shared_now(&self, room: &str, mut entry: Append) -> Result<Appended, StoreError> {
+        let checked = self.with(|rooms| {
+            let room = rooms
+                .get_mut(room)
+                .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
+            if let Some(token) = entry.token {
+                if let Some(refused) = shared_check(&room.nodes, token, &entry) {
+                    return Ok(Some(refused));
+                }
+            }
+            let high = room.record.high;
+            entry.high = if !entry.snapshot && entry.step > high {
+                high + 1
+            } else {
+                high
+            };
+            Ok(None)
+        })?;
+        if let Some(refused) = checked {
+            return Ok(refused);
+        }
+        let (sender, step, high) = (entry.sender, entry.step, entry.high);
+        let appended = self.append_now(room, entry)?;
+        if let Appended::Stored { position, .. } = appended {
+            self.with(|rooms| {
+                if let Some(room) = rooms.get_mut(room) {
+                    let bytes = room.log.last().map(|l| l.bytes.clone()).unwrap_or_default();
+                    room.followed.push(Followed {
+                        position,
+                        sender,
+                        step,
+                        high,
+                        bytes,
+                    });
+                }
+            });
+        }
+        Ok(appended)
+    }
+
+    /// The entries of a shared room after position `after`, as a relay that follows its log
+    /// reads them.
+    pub fn follow_now(&self, room: &str, after: u64) -> Vec<Followed> {
+        self.with(|rooms| {
+            let Some(room) = rooms.get(room) else {
+                return Vec::new();
+            };
+            let start = room.followed.partition_point(|f| f.position <= after);
+            room.followed[start..].to_vec()
+        })
+    }
+
     /// Reads now.
     pub fn read_now(&self, room: &str, since: u64, until: u64, max_bytes: usize) -> Vec<Logged> {
         self.with(|rooms| {
@@ -378,6 +457,41 @@ impl MemoryStore {
     pub fn log(&self, room: &str) -> Vec<Logged> {
         self.read_now(room, 0, u64::MAX, usize::MAX)
     }
+}
+
+/// The checks a shared store makes with an append of `token`'s node (see
+/// [`MemoryStore::append_shared_now`]): the refusal, if any.
+fn shared_check(
+    nodes: &HashMap<ResumeToken, NodeRecord>,
+    token: ResumeToken,
+    entry: &Append,
+) -> Option<Appended> {
+    if let Some(record) = nodes.get(&token) {
+        if record.node != entry.sender {
+            return Some(Appended::Refused {
+                reason: Reason::SenderMismatch,
+                detail: format!(
+                    "this resume token belongs to node {}, not {}",
+                    record.node, entry.sender
+                ),
+            });
+        }
+        if entry.step <= record.last_step {
+            return Some(Appended::Refused {
+                reason: Reason::Replay,
+                detail: format!(
+                    "step {} of node {} is not above its last stored step {}: it was stored through another relay",
+                    entry.step, entry.sender, record.last_step
+                ),
+            });
+        }
+    } else if nodes.values().any(|n| n.node == entry.sender) {
+        return Some(Appended::Refused {
+            reason: Reason::SenderMismatch,
+            detail: format!("node {} belongs to another resume token", entry.sender),
+        });
+    }
+    None
 }
 
 fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
