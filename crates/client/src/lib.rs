@@ -316,7 +316,17 @@ impl Client {
     /// Connects to `url` and joins as `config` says; resolves once the session is open, or with
     /// the reason it closed (the session gives up after `config.connect_timeout`).
     pub async fn connect(url: &str, config: SessionConfig) -> Result<Client, ClientError> {
+        Self::connect_any(&[url], config).await
+    }
+
+    /// [`Client::connect`] to any of several relays that share one store: the first, and after
+    /// a failure or a drop the next in turn, with the same outbox and node.
+    pub async fn connect_any(urls: &[&str], config: SessionConfig) -> Result<Client, ClientError> {
+        if urls.is_empty() {
+            return Err(ClientError::Unexpected("no relay URL to connect to".into()));
+        }
         let mut config = config;
+        config.relays = urls.len();
         if config.seed == SessionConfig::new("", "").seed {
             let mut seed = [0u8; 8];
             let _ = getrandom::fill(&mut seed);
@@ -330,7 +340,8 @@ impl Client {
             started,
         });
         let (events_tx, events) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(shared.clone(), url.to_owned(), events_tx));
+        let urls = urls.iter().map(|u| (*u).to_owned()).collect();
+        let driver = tokio::spawn(drive(shared.clone(), urls, events_tx));
         let mut client = Client {
             shared,
             events,
@@ -510,21 +521,22 @@ async fn forward(mut from: mpsc::UnboundedReceiver<Event>, to: mpsc::UnboundedSe
 }
 
 /// Pumps the session: its outputs to the socket, the socket's frames and the timers to it.
-async fn drive(shared: Arc<Shared>, url: String, events: mpsc::UnboundedSender<Event>) {
+async fn drive(shared: Arc<Shared>, urls: Vec<String>, events: mpsc::UnboundedSender<Event>) {
     let mut socket: Option<Socket> = None;
     loop {
         // Carry out what the session asks, until it asks nothing more.
         loop {
-            let output = {
+            let (output, relay) = {
                 let mut session = shared.session();
                 while let Some(event) = session.poll_event() {
                     let _ = events.send(event);
                 }
-                session.poll_output()
+                (session.poll_output(), session.relay())
             };
             let Some(output) = output else { break };
+            let url = urls[relay.min(urls.len() - 1)].as_str();
             match output {
-                Output::Connect => match tokio_tungstenite::connect_async(url.as_str()).await {
+                Output::Connect => match tokio_tungstenite::connect_async(url).await {
                     Ok((ws, _)) => {
                         socket = Some(ws);
                         let now = shared.now();

@@ -79,6 +79,10 @@ pub struct SessionConfig {
     /// closed because its token expired ([`close::TOKEN_EXPIRED`]) is opened again; without,
     /// the session stops there, since the same token would be refused.
     pub fresh_tokens: bool,
+    /// How many relays the driver can connect to (relays that share one store serve every room
+    /// alike). Each new attempt after a connection failed or dropped goes to the next one,
+    /// in turn: [`Session::relay`] says which. The outbox and the node's identity go along.
+    pub relays: usize,
 }
 
 impl SessionConfig {
@@ -96,6 +100,7 @@ impl SessionConfig {
             persist: false,
             restore: None,
             fresh_tokens: false,
+            relays: 1,
         }
     }
 }
@@ -335,6 +340,8 @@ pub struct Session<R> {
     ever_open: bool,
     link: Link,
     attempt: u32,
+    /// The relay the next (or current) connection goes to, in `0..config.relays`.
+    target: usize,
     last_failure: Option<String>,
     connect_deadline: Option<u64>,
     node: NodeId,
@@ -416,6 +423,7 @@ impl<R: Replica> Session<R> {
             ever_open: false,
             link: Link::Down { retry_at: None },
             attempt: 0,
+            target: 0,
             last_failure: None,
             node: 0,
             token: None,
@@ -563,6 +571,12 @@ impl<R: Replica> Session<R> {
             at(deadline);
         }
         next
+    }
+
+    /// Which of the [`SessionConfig::relays`] the next (or current) connection goes to: the
+    /// driver opens that one's URL on [`Output::Connect`].
+    pub fn relay(&self) -> usize {
+        self.target
     }
 
     /// The connection's state.
@@ -1135,6 +1149,8 @@ impl<R: Replica> Session<R> {
         // reach a node that has the old addressee's id by then).
         self.waiting.retain(|w| w.body.is_durable());
         self.attempt = self.attempt.saturating_add(1);
+        // Another relay may serve the room while this one is down.
+        self.target = (self.target + 1) % self.config.relays.max(1);
         let wait = self.backoff();
         self.link = Link::Down {
             retry_at: Some(now.saturating_add(wait)),

@@ -168,6 +168,8 @@ impl RelayConfig {
 pub(crate) struct Relay {
     config: RelayConfig,
     store: Arc<dyn Store>,
+    /// For a store other relays share: what reads the rooms' logs back.
+    feed: Option<store::Feed>,
     metrics: Arc<Metrics>,
     /// The token checker, if the relay checks tokens.
     auth: Option<auth::Auth>,
@@ -245,8 +247,14 @@ impl Relay {
         let document = self.store.read_document(room).await.map_err(unavailable)?;
         // Applying a large document takes a while: off the runtime's workers.
         let (name, limits, now) = (room.to_owned(), self.config.room_limits(), self.now_ms());
+        let shared = self.feed.is_some();
         let core = tokio::task::spawn_blocking(move || {
-            RoomCore::new(name, record, &document, limits, now)
+            RoomCore::new(name, record, &document, limits, now).map(|mut core| {
+                if shared {
+                    core.share();
+                }
+                core
+            })
         })
         .await
         .map_err(|_| JoinRefused {
@@ -344,10 +352,11 @@ pub async fn serve(
             None
         }
     };
-    let store = store::open(&config.store, metrics.clone())?;
+    let (store, feed) = store::open(&config.store, metrics.clone()).await?;
     let (stop, stopped) = watch::channel(false);
     let relay = Arc::new(Relay {
         store: store.clone(),
+        feed,
         metrics,
         auth,
         rooms: Mutex::default(),

@@ -23,8 +23,13 @@ mod native {
         #[arg(long, env = "PM_DATA_DIR", default_value = "relay-data")]
         data_dir: PathBuf,
         /// Keep the room logs in memory instead (gone when the relay stops).
-        #[arg(long, env = "PM_MEMORY")]
+        #[arg(long, env = "PM_MEMORY", conflicts_with = "store")]
         memory: bool,
+        /// Keep the room logs in Redis (`redis://HOST:PORT`), shared with every relay that
+        /// names the same Redis: any of them serves any room. Run Redis with `appendonly yes`
+        /// and `appendfsync always` so that an acknowledged message is on its disk.
+        #[arg(long, env = "PM_STORE")]
+        store: Option<String>,
         /// Directory of the demo pages, served at `/`.
         #[arg(long, env = "PM_WWW", default_value = "www")]
         www: PathBuf,
@@ -158,7 +163,9 @@ mod native {
         };
         PatternConfig::new(pattern)?;
         let config = RelayConfig {
-            store: if args.memory {
+            store: if let Some(store) = &args.store {
+                StoreConfig::parse(store)
+            } else if args.memory {
                 StoreConfig::Memory
             } else {
                 StoreConfig::Sqlite(args.data_dir.clone())

@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, Joined, Output, Read, RoomCore};
-use pattern_mesh_core::store::{Appended, NodeRecord, StoreError, StoreFuture};
+use pattern_mesh_core::store::{Appended, Followed, NodeRecord, StoreError, StoreFuture};
 use pattern_mesh_core::validate::Counters;
 use pattern_mesh_core::wire::{close, NodeId, Reason, ResumeToken};
 use tokio::sync::{mpsc, oneshot};
@@ -74,6 +74,11 @@ struct RoomTask {
 
 pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::Receiver<Command>) {
     let name = core.name().to_owned();
+    // A room whose log other relays share hears its log back, its own appends included.
+    let mut feed = relay
+        .feed
+        .as_ref()
+        .map(|feed| feed.watch(&name, core.published()));
     let mut task = RoomTask {
         counted: core.counters().clone(),
         core,
@@ -115,6 +120,9 @@ pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::R
             _ = sleep_until(deadline), if deadline.is_some() => {
                 task.core.tick(task.relay.now_ms());
             }
+            Some(entries) = next_entries(&mut feed), if feed.is_some() => {
+                task.core.logged(task.relay.now_ms(), &entries);
+            }
         }
         task.drain();
         if task.core.is_idle()
@@ -125,6 +133,9 @@ pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::R
         {
             break;
         }
+    }
+    if let (Some(relay_feed), Some((id, _))) = (&task.relay.feed, &feed) {
+        relay_feed.unwatch(&name, *id);
     }
     for (_, queue) in task.queues.drain() {
         queue.set_close(close::INTERNAL, "the room stopped; reconnect to resume");
@@ -139,6 +150,15 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+async fn next_entries(
+    feed: &mut Option<(u64, mpsc::Receiver<Vec<Followed>>)>,
+) -> Option<Vec<Followed>> {
+    match feed {
+        Some((_, entries)) => entries.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

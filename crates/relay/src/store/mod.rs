@@ -1,7 +1,10 @@
 //! Where the relay keeps its room logs: the core's [`Store`] trait, with the embedded SQLite
-//! store ([`sqlite::SqliteStore`], the default) or the in-memory one. Only this module names
-//! either; the rest of the relay sees a `dyn Store`.
+//! store ([`sqlite::SqliteStore`], the default), the in-memory one, or Redis
+//! ([`redis::RedisStore`]), which any number of relays share. Only this module names them; the
+//! rest of the relay sees a `dyn Store`, and, for a shared store, the [`Feed`] that reads the
+//! rooms' logs back.
 
+pub mod redis;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -18,12 +21,39 @@ pub enum StoreConfig {
     Sqlite(PathBuf),
     /// In memory: gone when the relay stops (for tests and demos).
     Memory,
+    /// Redis at this URL (`redis://host:port`), shared with any other relay that uses it: any
+    /// of them serves any room.
+    Redis(String),
 }
 
-/// Opens the store `config` names.
-pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Arc<dyn Store>, StoreError> {
+impl StoreConfig {
+    /// The store a `--store` value names: a `redis://` URL, `memory`, or a directory for the
+    /// SQLite store.
+    pub fn parse(value: &str) -> Self {
+        if value.starts_with("redis://") || value.starts_with("rediss://") {
+            StoreConfig::Redis(value.to_owned())
+        } else if value == "memory" {
+            StoreConfig::Memory
+        } else {
+            StoreConfig::Sqlite(PathBuf::from(value))
+        }
+    }
+}
+
+pub use self::redis::Feed;
+
+/// Opens the store `config` names; a store other relays share comes with the feed that follows
+/// its rooms' logs.
+pub async fn open(
+    config: &StoreConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<dyn Store>, Option<Feed>), StoreError> {
     Ok(match config {
-        StoreConfig::Sqlite(dir) => Arc::new(sqlite::SqliteStore::open(dir, metrics)?),
-        StoreConfig::Memory => Arc::new(MemoryStore::new()),
+        StoreConfig::Sqlite(dir) => (Arc::new(sqlite::SqliteStore::open(dir, metrics)?), None),
+        StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
+        StoreConfig::Redis(url) => {
+            let (store, feed) = self::redis::RedisStore::open(url).await?;
+            (Arc::new(store), Some(feed))
+        }
     })
 }

@@ -1,0 +1,457 @@
+//! Many relays, one room: relay processes on one real Redis (started here on a free loopback
+//! port, with its append-only file fsynced on every write). Members of one room spread over the
+//! relays see one order with the same positions; a resend raced through two relays is stored
+//! once; a relay killed with SIGKILL costs its clients a reconnect to another relay and nothing
+//! else; Redis killed and restarted on its AOF keeps every acknowledged message.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{join_at, session, temp_dir, Member};
+use pattern_mesh_client::Client;
+use pattern_mesh_core::wire::{Frame, Reason};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A child process, killed with SIGKILL when dropped so that a failing test leaves none behind.
+struct Process(Child);
+
+impl Process {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis server of its own: a free loopback port, a temporary directory, `appendonly yes` and
+/// `appendfsync always` (an acknowledged append is on disk).
+struct Redis {
+    process: Process,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start(name: &str) -> Redis {
+        let dir = temp_dir(name);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let process = Self::spawn(&dir, port);
+        Redis { process, port, dir }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Process {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (bash .ci/setup installs Debian's redis-server)");
+        let process = Process(child);
+        let deadline = Instant::now() + WAIT;
+        while !ping(port) {
+            assert!(Instant::now() < deadline, "redis answers PING");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, then the same port and directory: what Redis still has is what its AOF holds.
+    fn crash_and_restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(&self.dir, self.port);
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut answer = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut answer).is_ok()
+        && &answer == b"+PONG\r\n"
+}
+
+/// A relay process on `redis`; answers it and its WebSocket URL.
+fn relay(redis: &Redis) -> (Process, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
+        .args(["--listen", "127.0.0.1:0", "--max-rate", "100000"])
+        .args(["--store", &redis.url()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the relay starts");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    // The rest of its output is read (and dropped), so that its log never meets a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = line
+        .split("ws://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("the relay prints its address: {line:?}"))
+        .to_owned();
+    (Process(child), format!("ws://{addr}/ws"))
+}
+
+fn relays(redis: &Redis, n: usize) -> (Vec<Process>, Vec<String>) {
+    (0..n).map(|_| relay(redis)).unzip()
+}
+
+/// What one member saw of the log: the position of each message, with its sender and step
+/// (its own from their acknowledgements). Logged messages arrive in the log's order, and an
+/// acknowledgement after every message logged before it.
+async fn read_log(member: &mut Member, expected: usize) -> BTreeMap<u64, (u64, u64)> {
+    let mut seen = BTreeMap::new();
+    let mut last = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < expected {
+        let positioned = tokio::time::timeout_at(deadline, member.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {expected} messages arrived", seen.len()));
+        match (&positioned.frame, positioned.position) {
+            (Frame::Ack { step, position }, _) => {
+                assert_eq!(
+                    seen.range(..*position).count() as u64,
+                    position - 1,
+                    "the acknowledgement of position {position} comes after everything before it"
+                );
+                assert!(seen.insert(*position, (member.node, *step)).is_none());
+            }
+            (frame, Some(position)) => {
+                let stamp = frame.stamp().expect("a logged message is stamped");
+                assert!(
+                    position > last,
+                    "messages arrive in the log's order: {position} after {last}"
+                );
+                last = position;
+                assert!(seen.insert(position, (stamp.sender, stamp.step)).is_none());
+            }
+            _ => continue,
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_spread_over_three_relays_see_one_order_with_the_same_positions() {
+    let redis = Redis::start("redis-order");
+    let (_relays, urls) = relays(&redis, 3);
+    let mut members = Vec::new();
+    for i in 0..6 {
+        members.push(join_at(&urls[i % 3], "order", 0, 0, None).await);
+    }
+    let rounds = 40;
+    for round in 0..rounds {
+        for member in &mut members {
+            member.data(serde_json::json!({ "round": round })).await;
+        }
+    }
+    let total = rounds * members.len();
+    let mut logs = Vec::new();
+    for member in &mut members {
+        logs.push(read_log(member, total).await);
+    }
+    let positions: BTreeSet<u64> = (1..=total as u64).collect();
+    for log in &logs {
+        assert_eq!(log.keys().copied().collect::<BTreeSet<_>>(), positions);
+        assert_eq!(
+            log, &logs[0],
+            "every member saw the same message at each position"
+        );
+    }
+    // Each sender's messages are in its own order.
+    for member in &members {
+        let steps: Vec<u64> = logs[0]
+            .values()
+            .filter(|(sender, _)| *sender == member.node)
+            .map(|(_, step)| *step)
+            .collect();
+        assert_eq!(steps.len(), rounds);
+        assert!(steps.windows(2).all(|w| w[0] < w[1]));
+    }
+    // A late joiner on any relay reads the same log.
+    let late = join_at(&urls[2], "order", 0, 0, None).await;
+    let replayed: BTreeMap<u64, (u64, u64)> = late
+        .replay()
+        .iter()
+        .map(|p| {
+            let stamp = p.frame.stamp().unwrap();
+            (p.position.unwrap(), (stamp.sender, stamp.step))
+        })
+        .collect();
+    assert_eq!(replayed, logs[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_edited_through_three_relays_converge() {
+    let redis = Redis::start("redis-converge");
+    let (_relays, urls) = relays(&redis, 3);
+    let mut clients = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let client = Client::connect(url, session("converge", &format!("c{i}")))
+            .await
+            .expect("connected");
+        clients.push(client);
+    }
+    for round in 0..60 {
+        for (i, client) in clients.iter().enumerate() {
+            let at = if round % 2 == 0 {
+                0
+            } else {
+                client.text("content").chars().count() as u32
+            };
+            client.insert("content", at, &format!("{i}")).unwrap();
+        }
+        if round % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let texts: Vec<String> = clients.iter().map(|c| c.text("content")).collect();
+        if texts.iter().all(|t| t == &texts[0] && t.len() == 180) {
+            for i in 0..3 {
+                assert_eq!(texts[0].matches(&i.to_string()).count(), 60);
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the documents converge: {texts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for client in clients {
+        client.settled(WAIT).await.expect("nothing pending");
+        client.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_raced_through_two_relays_is_stored_once_and_refused_as_a_replay_on_the_other() {
+    let redis = Redis::start("redis-race");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut first = join_at(&urls[0], "race", 0, 0, None).await;
+    // The node's record is in Redis once it stored a message.
+    first.data_acked(serde_json::json!("hello")).await;
+    let mut second = join_at(&urls[1], "race", 0, 0, Some(first.token)).await;
+    assert_eq!(
+        second.node, first.node,
+        "the other relay resumes the same node"
+    );
+    let (mut stored, mut replays) = (0, 0);
+    for round in 0..30 {
+        // The same frame through both relays at once, as a client that failed over while its
+        // first copy was in flight sends it.
+        let stamp = first.stamp();
+        let frame = Frame::stamped(
+            stamp,
+            pattern_mesh_core::wire::Body::Data {
+                data: pattern_mesh_core::wire::Json::from_value(&serde_json::json!(round)).unwrap(),
+            },
+        );
+        let bytes = frame.encode();
+        let (a, b) = tokio::join!(first.send_bytes(bytes.clone()), second.send_bytes(bytes));
+        let ((), ()) = (a, b);
+        for member in [&mut first, &mut second] {
+            let (answer, _) = member
+                .recv_until(|f| matches!(f, Frame::Ack { step, .. } | Frame::Reject { step, .. } if *step == stamp.step))
+                .await;
+            match answer {
+                Frame::Ack { .. } => stored += 1,
+                Frame::Reject { reason, detail, .. } => {
+                    assert_eq!(reason, Reason::Replay, "{detail}");
+                    replays += 1;
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+    assert_eq!(
+        (stored, replays),
+        (30, 30),
+        "each race: one stored, one replay"
+    );
+    let late = join_at(&urls[1], "race", 0, 0, None).await;
+    let steps: Vec<u64> = late
+        .replay()
+        .iter()
+        .filter_map(|p| p.frame.stamp().map(|s| s.step))
+        .collect();
+    assert_eq!(steps.len(), 31, "every step once in the log: {steps:?}");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_stream_costs_its_clients_a_reconnect_to_another_and_nothing_else() {
+    let redis = Redis::start("redis-failover");
+    let (mut relays, urls) = relays(&redis, 3);
+    let order: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let writer = Client::connect_any(&order, session("failover", "writer"))
+        .await
+        .expect("connected to the first relay");
+    let readers = [
+        Client::connect(&urls[1], session("failover", "r1"))
+            .await
+            .unwrap(),
+        Client::connect(&urls[2], session("failover", "r2"))
+            .await
+            .unwrap(),
+    ];
+    let mut expected = String::new();
+    let mut killed_at = None;
+    for i in 0..300 {
+        let chunk = format!("{} ", i);
+        let at = writer.text("content").chars().count() as u32;
+        writer.insert("content", at, &chunk).unwrap();
+        expected.push_str(&chunk);
+        if i == 120 {
+            // The writer's relay dies with edits in flight.
+            relays[0].kill();
+            killed_at = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    writer
+        .settled(WAIT)
+        .await
+        .expect("the writer reconnected to another relay and sent its outbox");
+    let reconnect = killed_at.unwrap().elapsed();
+    assert_eq!(writer.text("content"), expected);
+    for reader in &readers {
+        let deadline = Instant::now() + WAIT;
+        while reader.text("content") != expected {
+            assert!(
+                Instant::now() < deadline,
+                "every edit reaches every reader: {:?}",
+                reader.text("content")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!(
+        "RESULT relay-failover all_delivered_after_ms={}",
+        reconnect.as_millis()
+    );
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_on_its_aof_keeps_every_acknowledged_message() {
+    let mut redis = Redis::start("redis-restart");
+    let (_relays, urls) = relays(&redis, 2);
+    // A client typing through it all: its relay's room stops when Redis fails, it reconnects,
+    // and its outbox goes again; nothing it typed is lost.
+    let typist = Client::connect(&urls[1], session("restart-doc", "typist"))
+        .await
+        .unwrap();
+    let mut typed = String::new();
+    for i in 0..150 {
+        let chunk = format!("{i} ");
+        let at = typist.text("content").chars().count() as u32;
+        typist.insert("content", at, &chunk).unwrap();
+        typed.push_str(&chunk);
+        if i == 75 {
+            redis.crash_and_restart();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    typist
+        .settled(WAIT)
+        .await
+        .expect("the typist's outbox was stored after Redis came back");
+    let late = join_at(&urls[0], "restart-doc", 0, 0, None).await;
+    assert_eq!(common::replayed_text(late.replay()), typed);
+    typist.close().await;
+
+    let mut writer = join_at(&urls[0], "restart", 0, 0, None).await;
+    let mut acked = BTreeSet::new();
+    // A hundred messages acknowledged, then three hundred more in flight while Redis dies:
+    // some of those are acknowledged, the rest fail.
+    for i in 0..100 {
+        let (step, _) = writer.data_acked(serde_json::json!(i)).await;
+        acked.insert(step);
+    }
+    let mut sent = 100;
+    for i in 100..400 {
+        writer.data(serde_json::json!(i)).await;
+        sent += 1;
+        if i == 250 {
+            redis.crash_and_restart();
+        }
+    }
+    // Read every answer until the relay closes the connection (the room stops on the failure).
+    // (It ends closed, or with everything answered before Redis died.)
+    while let Ok(Ok(p)) = tokio::time::timeout(Duration::from_secs(5), writer.conn.recv()).await {
+        if let Frame::Ack { step, .. } = p.frame {
+            acked.insert(step);
+        }
+    }
+    assert!(
+        acked.len() >= 100 && acked.len() <= sent,
+        "{} of {sent} acknowledged",
+        acked.len()
+    );
+    // Every acknowledged message is in the log, read through the other relay.
+    let deadline = Instant::now() + WAIT;
+    let logged: BTreeSet<u64> = loop {
+        let options = pattern_mesh_client::JoinOptions {
+            room: "restart".into(),
+            name: "late".into(),
+            since: 0,
+            log: 0,
+            resume: None,
+            config: None,
+        };
+        match pattern_mesh_client::Connection::join(&urls[1], options).await {
+            Ok((_, welcome)) => {
+                break welcome
+                    .replay
+                    .iter()
+                    .filter_map(|p| p.frame.stamp().map(|s| s.step))
+                    .collect()
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the room opens again: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let lost: Vec<&u64> = acked.difference(&logged).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    println!(
+        "RESULT redis-restart sent={sent} acknowledged={} logged={}",
+        acked.len(),
+        logged.len()
+    );
+}
