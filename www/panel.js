@@ -16,8 +16,13 @@ export function roomFromUrl(prefix) {
   return room;
 }
 
+/**
+ * The relay to connect to: this page's, or `?relay=` (a WebSocket URL, or several separated by
+ * commas: relays on one Redis, tried in turn).
+ */
 export function relayUrl() {
   const relay = new URLSearchParams(location.search).get("relay");
+  if (relay?.includes(",")) return relay.split(",").map((url) => url.trim()).filter(Boolean);
   return relay ?? `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
 }
 

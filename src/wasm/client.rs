@@ -37,7 +37,8 @@ use crate::wire::{Limits, NodeId, Peer, Reason, RoomConfig};
 
 /// `MeshClient.connect`'s options.
 struct Options {
-    url: String,
+    /// The relays, in the order they are tried (relays that share one store).
+    urls: Vec<String>,
     room: String,
     name: String,
     config: Option<RoomConfig>,
@@ -120,7 +121,7 @@ impl Options {
             on,
             persist,
             token,
-            url: string_arg("url", &field("url").unwrap_or(JsValue::UNDEFINED))?,
+            urls: urls_arg(&field("url").unwrap_or(JsValue::UNDEFINED))?,
             room: string_arg("room", &field("room").unwrap_or(JsValue::UNDEFINED))?,
             name: field("name")
                 .map(|v| string_arg("name", &v))
@@ -250,7 +251,8 @@ type TextChange = (String, Vec<TextDelta>, bool);
 
 struct Driver {
     session: Session<SharedDoc>,
-    url: String,
+    /// The relays; the session says which one a connection goes to.
+    urls: Vec<String>,
     /// The class sockets are made with.
     web_socket: js_sys::Function,
     socket: Option<Socket>,
@@ -282,7 +284,29 @@ struct Driver {
 
 type Shared = Rc<RefCell<Driver>>;
 
+/// The `url` option: one relay's WebSocket URL, or a non-empty array of relays that share one
+/// store, tried in turn.
+fn urls_arg(value: &JsValue) -> Result<Vec<String>, JsValue> {
+    if !js_sys::Array::is_array(value) {
+        return Ok(vec![string_arg("url", value)?]);
+    }
+    let urls = js_sys::Array::from(value)
+        .iter()
+        .enumerate()
+        .map(|(i, url)| string_arg(&format!("url[{i}]"), &url))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(invalid_argument("url must name at least one relay"));
+    }
+    Ok(urls)
+}
+
 impl Driver {
+    /// The URL of the relay the session connects to now.
+    fn url(&self) -> &str {
+        &self.urls[self.session.relay().min(self.urls.len() - 1)]
+    }
+
     /// Hands the `error` listeners to the panic hook, which calls them.
     fn error_listeners_changed(&self) {
         self.registration.set_error_listeners(
@@ -615,16 +639,17 @@ fn open(shared: &Shared, token: Option<&str>) {
             old.close();
         }
         driver.next_socket += 1;
+        let base = driver.url().to_owned();
         let url = match token {
-            None => driver.url.clone(),
+            None => base.clone(),
             Some(token) => {
-                let separator = if driver.url.contains('?') { '&' } else { '?' };
+                let separator = if base.contains('?') { '&' } else { '?' };
                 let token = String::from(js_sys::encode_uri_component(token));
-                format!("{}{separator}token={token}", driver.url)
+                format!("{base}{separator}token={token}")
             }
         };
         // What messages name: the URL without the token.
-        let shown = driver.url.clone();
+        let shown = base;
         (url, shown, driver.next_socket, driver.web_socket.clone())
     };
     let socket = js_sys::Reflect::construct(&class, &js_sys::Array::of1(&url.as_str().into()))
@@ -732,7 +757,7 @@ fn open(shared: &Shared, token: Option<&str>) {
             let now = driver.now();
             let (code, reason) = closed;
             let reason = if reason.is_empty() && code == 1006 {
-                format!("could not reach the relay at {}", driver.url)
+                format!("could not reach the relay at {}", driver.url())
             } else {
                 reason
             };
@@ -858,10 +883,13 @@ impl MeshClient {
         reject: Option<&js_sys::Function>,
     ) -> Result<MeshClient, JsValue> {
         let options = Options::from_js(&options.into())?;
-        if !options.url.starts_with("ws://") && !options.url.starts_with("wss://") {
+        if let Some(url) = options
+            .urls
+            .iter()
+            .find(|url| !url.starts_with("ws://") && !url.starts_with("wss://"))
+        {
             return Err(invalid_argument(format!(
-                "url must start with ws:// or wss://, got {:?}",
-                options.url
+                "url must start with ws:// or wss://, got {url:?}"
             )));
         }
         let limits = Limits::default();
@@ -875,7 +903,8 @@ impl MeshClient {
         let mut storage = None;
         let mut problems = Vec::new();
         if options.persist {
-            let loaded = super::storage::open(&options.url, &options.room).await?;
+            // The first relay names the storage: the same list finds the same storage.
+            let loaded = super::storage::open(&options.urls[0], &options.room).await?;
             for update in &loaded.updates {
                 if let Err(e) = replica.apply_update(update) {
                     problems.push(format!("a stored update did not apply: {e}"));
@@ -889,6 +918,7 @@ impl MeshClient {
         config.room_config = options.config;
         config.persist = persist;
         config.fresh_tokens = matches!(options.token, Token::Source(_));
+        config.relays = options.urls.len();
         let storage = storage.map(|(storage, saved)| {
             config.restore = saved;
             storage
@@ -901,7 +931,7 @@ impl MeshClient {
         let (joined, on_joined) = oneshot::channel();
         let shared = Rc::new(RefCell::new(Driver {
             session: Session::new(config, replica, now),
-            url: options.url,
+            urls: options.urls,
             web_socket: options.web_socket,
             socket: None,
             next_socket: 0,

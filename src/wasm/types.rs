@@ -140,8 +140,8 @@ export interface ValidatorOptions {
 
 /** Options of `MeshClient.connect`. */
 export interface MeshClientOptions {
-  /** The relay's WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`. */
-  url: string;
+  /** The relay's WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`; or several relays that share one store (`--store redis://...`), tried in turn: after a failure or a drop the client connects to the next, with the same outbox and node. With `persist`, the first URL names the stored state. */
+  url: string | string[];
   /** The room to join (1 to 128 bytes). */
   room: string;
   /** The display name others see. */

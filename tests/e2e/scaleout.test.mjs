@@ -1,0 +1,86 @@
+// Many relays, one room, in real Chromium pages: two relays on one real Redis, a page on each,
+// typing into one document; and a page given both relays whose first relay is killed.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { createRequire } from "node:module";
+import { join } from "node:path";
+import { root, startRedis, startRelay } from "../support/relay.mjs";
+
+const require = createRequire(join(root, ".ci/package.json"));
+const { chromium } = require("playwright-core");
+
+let redis, browser;
+const relays = [];
+
+before(async () => {
+  redis = await startRedis();
+  for (let i = 0; i < 2; i++) relays.push(await startRelay({ PM_STORE: redis.url }));
+  browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  for (const relay of relays) await relay.stop();
+  await redis?.stop();
+});
+
+async function open(base, query) {
+  const page = await browser.newPage();
+  page.problems = [];
+  page.on("pageerror", (e) => page.problems.push(e.message));
+  await page.goto(`${base}/index.html?${query}`);
+  await page.waitForSelector("body[data-ready=true]");
+  await page.focus("#editor");
+  return page;
+}
+
+const textOf = (page) => page.evaluate(() => document.getElementById("editor").value);
+
+async function waitFor(page, predicate, what) {
+  const deadline = Date.now() + 20_000;
+  let last;
+  while (Date.now() < deadline) {
+    last = await textOf(page);
+    if (predicate(last)) return last;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  assert.fail(`${what}; the text is ${JSON.stringify(last)}`);
+}
+
+test("two pages on two relays of one Redis edit one document and converge", async () => {
+  const room = `scale-${Date.now()}`;
+  const a = await open(relays[0].base, `room=${room}&persist=0&name=a`);
+  const b = await open(relays[1].base, `room=${room}&persist=0&name=b`);
+  const [fromA, fromB] = ["typed on the first relay. ", "typed on the second relay. "];
+  await Promise.all([a.keyboard.type(fromA, { delay: 10 }), b.keyboard.type(fromB, { delay: 10 })]);
+  const both = (t) => t.includes(fromA.trim()) && t.includes(fromB.trim());
+  const seenByA = await waitFor(a, both, "the first page has both texts");
+  await waitFor(b, (t) => t === seenByA, "the second page has the same text");
+  assert.equal(await textOf(a), await textOf(b));
+  assert.deepEqual([...a.problems, ...b.problems], []);
+  await a.close();
+  await b.close();
+});
+
+test("a page given two relays goes on through the second when the first is killed", async () => {
+  const room = `failover-${Date.now()}`;
+  const list = `${relays[0].url},${relays[1].url}`;
+  // Served by the second relay, connected to the first.
+  const a = await open(relays[1].base, `room=${room}&persist=0&name=a&relay=${encodeURIComponent(list)}`);
+  const b = await open(relays[1].base, `room=${room}&persist=0&name=b`);
+  await a.keyboard.type("before. ", { delay: 5 });
+  await waitFor(b, (t) => t === "before. ", "the second page sees the first edits");
+  await relays[0].stop();
+  const started = Date.now();
+  await a.keyboard.type("after the first relay died.", { delay: 5 });
+  const expected = "before. after the first relay died.";
+  await waitFor(b, (t) => t === expected, "every edit typed after the first relay died arrives");
+  assert.equal(await textOf(a), expected);
+  console.log(`RESULT browser-failover delivered_ms_after_kill=${Date.now() - started}`);
+  assert.deepEqual(a.problems, []);
+  await a.close();
+  await b.close();
+});
