@@ -1437,6 +1437,8 @@ impl Sim {
                     }
                     self.cut(conn, code, &reason);
                 }
+                // A room of one relay publishes nothing for others.
+                room::Output::Publish { .. } => {}
                 room::Output::Reserve { count } => self.write(StoreOp::Reserve(count)),
                 room::Output::Append(append) => self.write(StoreOp::Append(append)),
                 room::Output::Stop { reason } => {

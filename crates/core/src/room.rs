@@ -346,6 +346,19 @@ pub enum Output {
         /// The reason.
         reason: String,
     },
+    /// A shared room's frame for the members on other relays (see [`RoomCore::share`]): pass it
+    /// on through the store, in order with the appends, and record `roster` in its list of
+    /// members. Another relay hands it to its room with [`RoomCore::relayed`].
+    Publish {
+        /// For one node only, or (`None`) for every member.
+        to: Option<NodeId>,
+        /// It waits, on every relay, for the log up to this position.
+        after: u64,
+        /// The frame.
+        bytes: Bytes,
+        /// Who joined or left, if that is what the frame says.
+        roster: Option<Roster>,
+    },
     /// Reserve `count` more node ids in the store; answer with [`RoomCore::reserved`].
     Reserve {
         /// How many.
@@ -360,6 +373,37 @@ pub enum Output {
         /// Why.
         reason: String,
     },
+}
+
+/// A change of who is in a shared room, for the store's list of members: so that a relay that
+/// opens the room later knows the members of the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Roster {
+    /// The node is a member on this relay, under this name (again, after a rename).
+    Joined(Peer),
+    /// The node left this relay.
+    Left(NodeId),
+}
+
+/// A frame that another relay of a shared room passed on (see [`RoomCore::relayed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    /// Which relay, as the store names it.
+    pub relay: u64,
+    /// The frame waits until the room's log has been fanned out to this position.
+    pub after: u64,
+    /// For one node only, or (`None`) for every member.
+    pub to: Option<NodeId>,
+    /// The frame.
+    pub bytes: Bytes,
+}
+
+/// A member of a shared room on another relay.
+#[derive(Debug, Clone)]
+struct Remote {
+    relay: u64,
+    name: String,
+    presence: Option<Bytes>,
 }
 
 /// A connection in the room.
@@ -476,6 +520,8 @@ pub struct RoomCore {
     awaited: u64,
     /// Those messages.
     held: VecDeque<Held>,
+    /// The members of a shared room on other relays.
+    remote: HashMap<NodeId, Remote>,
     now: u64,
 }
 
@@ -538,6 +584,7 @@ impl RoomCore {
             shared: false,
             awaited: 0,
             held: VecDeque::new(),
+            remote: HashMap::new(),
             now,
         };
         room.load(document);
@@ -679,6 +726,10 @@ impl RoomCore {
     /// Forwards a message now, or, in a shared room whose log is not fanned out as far as this
     /// room's appends before it, once it is.
     fn forward_in_turn(&mut self, sender: NodeId, to: Option<NodeId>, bytes: Bytes) {
+        let local = to.is_some_and(|node| self.nodes.get(&node).is_some_and(|n| n.conn.is_some()));
+        if self.shared && !local {
+            self.publish(to, self.awaited, bytes.clone(), None);
+        }
         if self.shared && self.waits_for_log() {
             self.held.push_back(Held {
                 after: self.awaited,
@@ -691,6 +742,117 @@ impl RoomCore {
         }
         let from = self.nodes.get(&sender).and_then(|n| n.conn).unwrap_or(0);
         self.forward(from, to, &bytes);
+    }
+
+    /// In a shared room, a frame for the members on the other relays.
+    fn publish(&mut self, to: Option<NodeId>, after: u64, bytes: Bytes, roster: Option<Roster>) {
+        if self.shared {
+            self.outputs.push_back(Output::Publish {
+                to,
+                after,
+                bytes,
+                roster,
+            });
+        }
+    }
+
+    /// The members of a shared room on other relays, as the store lists them when the room
+    /// opens on this relay: each with its relay. Call it before the first join.
+    pub fn remote_members(&mut self, members: Vec<(u64, Peer)>) {
+        for (relay, peer) in members {
+            self.remote.insert(
+                peer.node,
+                Remote {
+                    relay,
+                    name: peer.name,
+                    presence: None,
+                },
+            );
+        }
+    }
+
+    /// Whether `node` is a member on this relay.
+    fn is_member_here(&self, node: NodeId) -> bool {
+        self.nodes.get(&node).is_some_and(|n| n.conn.is_some())
+    }
+
+    /// Frames other relays of a shared room passed on, in the order they published them: each
+    /// reaches its members here once the log has been fanned out as far as it was on its relay,
+    /// and peers and presences of other relays are kept for late joiners.
+    pub fn relayed(&mut self, now: u64, entries: &[Relayed]) {
+        self.tick(now);
+        if self.stopped {
+            return;
+        }
+        let limits = Limits {
+            max_frame: usize::MAX,
+            max_message: usize::MAX,
+            ..self.limits.limits
+        };
+        for entry in entries {
+            match Frame::decode_with(&entry.bytes, &limits) {
+                Ok(Frame::PeerJoined { peer } | Frame::PeerRenamed { peer }) => {
+                    if self.is_member_here(peer.node) {
+                        continue;
+                    }
+                    let remote = self.remote.entry(peer.node).or_insert(Remote {
+                        relay: entry.relay,
+                        name: String::new(),
+                        presence: None,
+                    });
+                    remote.relay = entry.relay;
+                    remote.name = peer.name;
+                }
+                Ok(Frame::PeerLeft { node }) => {
+                    // Only the relay it was on says it left (it may have moved here).
+                    if self
+                        .remote
+                        .get(&node)
+                        .is_none_or(|r| r.relay != entry.relay)
+                    {
+                        continue;
+                    }
+                    self.remote.remove(&node);
+                }
+                Ok(Frame::Presence { sender, data }) => {
+                    if let Some(remote) = self.remote.get_mut(&sender) {
+                        remote.presence =
+                            (data != crate::wire::Json::null()).then(|| entry.bytes.clone());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => continue,
+            }
+            if self.waits_for_log() || entry.after > self.published {
+                self.held.push_back(Held {
+                    after: entry.after.max(self.awaited),
+                    sender: 0,
+                    to: entry.to,
+                    ack: false,
+                    bytes: entry.bytes.clone(),
+                });
+            } else {
+                self.forward(0, entry.to, &entry.bytes);
+            }
+        }
+    }
+
+    /// Another relay of a shared room is gone: its members leave.
+    pub fn relay_gone(&mut self, relay: u64) {
+        let mut gone: Vec<NodeId> = self
+            .remote
+            .iter()
+            .filter(|(_, r)| r.relay == relay)
+            .map(|(&node, _)| node)
+            .collect();
+        gone.sort_unstable();
+        for node in gone {
+            self.remote.remove(&node);
+            self.outputs.push_back(Output::Fanout {
+                except: None,
+                bytes: Bytes::from(Frame::PeerLeft { node }.encode()),
+            });
+        }
     }
 
     /// The next thing the driver must do.
@@ -888,17 +1050,29 @@ impl RoomCore {
                 name: m.name.clone(),
             })
             .collect();
+        peers.extend(
+            self.remote
+                .iter()
+                .filter(|&(&other, _)| other != node && !self.is_member_here(other))
+                .map(|(&node, remote)| Peer {
+                    node,
+                    name: remote.name.clone(),
+                }),
+        );
         peers.sort_unstable_by_key(|p| p.node);
-        let joined = Frame::PeerJoined {
-            peer: Peer {
-                node,
-                name: name.clone(),
-            },
+        peers.dedup_by_key(|p| p.node);
+        let peer = Peer {
+            node,
+            name: name.clone(),
         };
+        let joined = Bytes::from(Frame::PeerJoined { peer: peer.clone() }.encode());
         self.outputs.push_back(Output::Fanout {
             except: Some(conn),
-            bytes: Bytes::from(joined.encode()),
+            bytes: joined.clone(),
         });
+        // It is here now, whatever another relay said.
+        self.remote.remove(&node);
+        self.publish(None, 0, joined, Some(Roster::Joined(peer)));
         self.members.insert(
             conn,
             Member {
@@ -933,6 +1107,11 @@ impl RoomCore {
             .filter(|(&other, member)| other != conn && member.node != node)
             .filter_map(|(_, member)| Some((member.node, member.presence.clone()?)))
             .collect();
+        presences.extend(
+            self.remote
+                .iter()
+                .filter_map(|(&node, remote)| Some((node, remote.presence.clone()?))),
+        );
         presences.sort_by_key(|&(node, _)| node);
         let presences = presences.into_iter().map(|(_, bytes)| bytes).collect();
         self.sweep();
@@ -1013,11 +1192,12 @@ impl RoomCore {
                     .push_back((member.node, at.max(node.kept_until)));
             }
         }
-        let left = Frame::PeerLeft { node: member.node };
+        let left = Bytes::from(Frame::PeerLeft { node: member.node }.encode());
         self.outputs.push_back(Output::Fanout {
             except: None,
-            bytes: Bytes::from(left.encode()),
+            bytes: left.clone(),
         });
+        self.publish(None, 0, left, Some(Roster::Left(member.node)));
     }
 
     /// Lets go of the nodes that left, have nothing in flight and whose buckets are full again:
@@ -1143,8 +1323,9 @@ impl RoomCore {
                 }
                 self.outputs.push_back(Output::Fanout {
                     except: Some(conn),
-                    bytes,
+                    bytes: bytes.clone(),
                 });
+                self.publish(None, 0, bytes, None);
             }
             Frame::Rename { .. } if access.fixed_name => {
                 let detail = "this member's name comes from its access token".into();
@@ -1155,13 +1336,13 @@ impl RoomCore {
                     return;
                 };
                 member.name.clone_from(&name);
-                let renamed = Frame::PeerRenamed {
-                    peer: Peer { node, name },
-                };
+                let peer = Peer { node, name };
+                let renamed = Bytes::from(Frame::PeerRenamed { peer: peer.clone() }.encode());
                 self.outputs.push_back(Output::Fanout {
                     except: Some(conn),
-                    bytes: Bytes::from(renamed.encode()),
+                    bytes: renamed.clone(),
                 });
+                self.publish(None, 0, renamed, Some(Roster::Joined(peer)));
             }
             other => {
                 let detail = format!(
@@ -1667,9 +1848,18 @@ impl RoomCore {
         }
         self.stopped = true;
         // In connection order, so that what follows does not depend on a hash's order.
-        let mut conns: Vec<ConnId> = self.members.drain().map(|(conn, _)| conn).collect();
+        let mut conns: Vec<(ConnId, NodeId)> = self
+            .members
+            .drain()
+            .map(|(conn, m)| (conn, m.node))
+            .collect();
         conns.sort_unstable();
-        for conn in conns {
+        for &(_, node) in &conns {
+            // Members on other relays hear that these left.
+            let left = Bytes::from(Frame::PeerLeft { node }.encode());
+            self.publish(None, 0, left, Some(Roster::Left(node)));
+        }
+        for (conn, _) in conns {
             self.outputs.push_back(Output::Close {
                 conn,
                 code: close::INTERNAL,
@@ -2461,6 +2651,10 @@ mod tests {
         rooms: Vec<RoomCore>,
         /// What each room's members received, by connection.
         got: Vec<HashMap<ConnId, Vec<Frame>>>,
+        /// What the rooms published for the other relays, by relay, in order.
+        bus: Vec<(usize, Relayed)>,
+        /// How much of the bus each relay has read.
+        bus_read: Vec<usize>,
     }
 
     impl Shared {
@@ -2479,6 +2673,8 @@ mod tests {
                 store,
                 rooms,
                 got: vec![HashMap::new(); relays],
+                bus: Vec::new(),
+                bus_read: vec![0; relays],
             }
         }
 
@@ -2505,6 +2701,17 @@ mod tests {
                                 .push(frame.frame.clone());
                         }
                     }
+                    Output::Publish {
+                        to, after, bytes, ..
+                    } => self.bus.push((
+                        i,
+                        Relayed {
+                            relay: i as u64,
+                            after,
+                            to,
+                            bytes,
+                        },
+                    )),
                     _ => {}
                 }
             }
@@ -2514,6 +2721,18 @@ mod tests {
         fn follow(&mut self, i: usize) {
             let entries = self.store.follow_now("r", self.rooms[i].published());
             self.rooms[i].logged(0, &entries);
+            self.drive(i);
+        }
+
+        /// Relay `i` reads what the others published since it last read.
+        fn listen(&mut self, i: usize) {
+            let entries: Vec<Relayed> = self.bus[self.bus_read[i]..]
+                .iter()
+                .filter(|(from, _)| *from != i)
+                .map(|(_, r)| r.clone())
+                .collect();
+            self.bus_read[i] = self.bus.len();
+            self.rooms[i].relayed(0, &entries);
             self.drive(i);
         }
 
@@ -2613,5 +2832,67 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+    #[test]
+    fn what_is_not_stored_reaches_the_other_relay_after_the_log_before_it() {
+        let mut shared = Shared::new(2);
+        let a = shared.join(0, 1, None, 1);
+        shared.listen(1);
+        let b = shared.join(1, 2, None, 2);
+        // B's welcome lists A's member; A hears that B's joined.
+        shared.listen(0);
+        assert!(matches!(
+            shared.got[0][&1].as_slice(),
+            [Frame::PeerJoined { peer }] if peer.node == b
+        ));
+        // A stored message, then a signal behind it: B's member gets the message first.
+        send(&mut shared.rooms[0], 0, 1, data(a, 1));
+        shared.drive(0);
+        let stamp = Stamp {
+            sender: a,
+            step: 2,
+            pattern: PatternConfig::default().value(2),
+        };
+        let signal = Frame::stamped(
+            stamp,
+            Body::Signal {
+                data: Json::parse("2").unwrap(),
+            },
+        );
+        send(&mut shared.rooms[0], 0, 1, Bytes::from(signal.encode()));
+        shared.drive(0);
+        // The signal is published before B has read the log: B holds it.
+        shared.listen(1);
+        assert!(
+            steps(&shared.got[1][&2]).is_empty(),
+            "{:?}",
+            shared.got[1][&2]
+        );
+        shared.follow(1);
+        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1), (a, 2)]);
+        // A presence, and a late joiner on B hears it and sees A's member in its welcome.
+        let presence = Frame::Presence {
+            sender: a,
+            data: Json::parse("{\"cursor\":3}").unwrap(),
+        };
+        send(&mut shared.rooms[0], 0, 1, Bytes::from(presence.encode()));
+        shared.drive(0);
+        shared.listen(1);
+        let late = shared.rooms[1]
+            .join(0, 3, req("late", None), [3; 16])
+            .unwrap();
+        assert_eq!(late.presences.len(), 1);
+        let welcome = Frame::decode(&late.welcome).unwrap();
+        let Frame::Welcome { peers, .. } = welcome else {
+            panic!("{welcome:?}")
+        };
+        assert_eq!(peers.iter().map(|p| p.node).collect::<Vec<_>>(), vec![a, b]);
+        // A's member leaves: B's members hear it.
+        shared.rooms[0].leave(1);
+        shared.drive(0);
+        shared.listen(1);
+        assert!(shared.got[1][&2]
+            .iter()
+            .any(|f| matches!(f, Frame::PeerLeft { node } if *node == a)));
     }
 }

@@ -247,11 +247,20 @@ impl Relay {
         let document = self.store.read_document(room).await.map_err(unavailable)?;
         // Applying a large document takes a while: off the runtime's workers.
         let (name, limits, now) = (room.to_owned(), self.config.room_limits(), self.now_ms());
-        let shared = self.feed.is_some();
+        // A shared room: where the other relays' publications for it stand, and its members
+        // on them.
+        let (bus, remote) = match &self.feed {
+            Some(feed) => {
+                let (bus, remote) = feed.open(room).await.map_err(unavailable)?;
+                (Some(bus), Some(remote))
+            }
+            None => (None, None),
+        };
         let core = tokio::task::spawn_blocking(move || {
             RoomCore::new(name, record, &document, limits, now).map(|mut core| {
-                if shared {
+                if let Some(remote) = remote {
                     core.share();
+                    core.remote_members(remote);
                 }
                 core
             })
@@ -293,7 +302,7 @@ impl Relay {
         // yields whenever it has nothing to do.
         let (relay, name, registered) = (self.clone(), room.to_owned(), commands.clone());
         tokio::spawn(tokio::task::unconstrained(async move {
-            let run = room::run(core, relay.clone(), queue);
+            let run = room::run(core, relay.clone(), queue, bus);
             if let Err(panic) = std::panic::AssertUnwindSafe(run).catch_unwind().await {
                 // Its members' queues went with it (they are closed with 1011); the next join
                 // loads the room again from the store.

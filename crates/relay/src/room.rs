@@ -20,12 +20,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, Joined, Output, Read, RoomCore};
-use pattern_mesh_core::store::{Appended, Followed, NodeRecord, StoreError, StoreFuture};
+use pattern_mesh_core::store::{Appended, NodeRecord, StoreError, StoreFuture};
 use pattern_mesh_core::validate::Counters;
 use pattern_mesh_core::wire::{close, NodeId, Reason, ResumeToken};
 use tokio::sync::{mpsc, oneshot};
 
 use super::queue;
+use super::store::redis::FeedEvent;
 use super::Relay;
 
 /// What a connection asks of its room.
@@ -72,13 +73,20 @@ struct RoomTask {
     slow: Vec<(ConnId, bool)>,
 }
 
-pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::Receiver<Command>) {
+/// Runs a room; `bus` is where the other relays' publications for a shared room stand.
+pub(crate) async fn run(
+    core: RoomCore,
+    relay: Arc<Relay>,
+    mut commands: mpsc::Receiver<Command>,
+    bus: Option<String>,
+) {
     let name = core.name().to_owned();
-    // A room whose log other relays share hears its log back, its own appends included.
-    let mut feed = relay
-        .feed
-        .as_ref()
-        .map(|feed| feed.watch(&name, core.published()));
+    // A room whose log other relays share hears its log back, its own appends included, and
+    // what the other relays publish for it.
+    let mut feed = match (&relay.feed, bus) {
+        (Some(feed), Some(bus)) => Some(feed.watch(&name, core.published(), bus)),
+        _ => None,
+    };
     let mut task = RoomTask {
         counted: core.counters().clone(),
         core,
@@ -120,8 +128,13 @@ pub(crate) async fn run(core: RoomCore, relay: Arc<Relay>, mut commands: mpsc::R
             _ = sleep_until(deadline), if deadline.is_some() => {
                 task.core.tick(task.relay.now_ms());
             }
-            Some(entries) = next_entries(&mut feed), if feed.is_some() => {
-                task.core.logged(task.relay.now_ms(), &entries);
+            Some(event) = next_event(&mut feed), if feed.is_some() => {
+                let now = task.relay.now_ms();
+                match event {
+                    FeedEvent::Logged(entries) => task.core.logged(now, &entries),
+                    FeedEvent::Relayed(entries) => task.core.relayed(now, &entries),
+                    FeedEvent::Gone(relay) => task.core.relay_gone(relay),
+                }
             }
         }
         task.drain();
@@ -152,11 +165,9 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-async fn next_entries(
-    feed: &mut Option<(u64, mpsc::Receiver<Vec<Followed>>)>,
-) -> Option<Vec<Followed>> {
+async fn next_event(feed: &mut Option<(u64, mpsc::Receiver<FeedEvent>)>) -> Option<FeedEvent> {
     match feed {
-        Some((_, entries)) => entries.recv().await,
+        Some((_, events)) => events.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -309,6 +320,16 @@ impl RoomTask {
                     Output::Append(append) => {
                         self.appends
                             .push_back(self.relay.store.append(&name, append));
+                    }
+                    Output::Publish {
+                        to,
+                        after,
+                        bytes,
+                        roster,
+                    } => {
+                        if let Some(feed) = &self.relay.feed {
+                            feed.publish(&name, to, after, bytes, roster);
+                        }
                     }
                     Output::Stop { reason } => {
                         tracing::error!(room = %name, %reason, "the room stops");

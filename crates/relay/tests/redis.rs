@@ -455,3 +455,66 @@ async fn redis_killed_and_restarted_on_its_aof_keeps_every_acknowledged_message(
         logged.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_presence_and_signals_cross_relays_and_a_dead_relays_members_leave() {
+    use pattern_mesh_core::wire::{Body, Json};
+    let redis = Redis::start("redis-bus");
+    let (mut relays, urls) = relays(&redis, 2);
+    let mut a = join_at(&urls[0], "bus", 0, 0, None).await;
+    let mut b = join_at(&urls[1], "bus", 0, 0, None).await;
+    let peers: Vec<u64> = b.welcome.peers.iter().map(|p| p.node).collect();
+    assert_eq!(
+        peers,
+        vec![a.node],
+        "the welcome lists the member on the other relay"
+    );
+    let (joined, _) = a
+        .recv_until(|f| matches!(f, Frame::PeerJoined { .. }))
+        .await;
+    assert!(matches!(joined, Frame::PeerJoined { peer } if peer.node == b.node));
+    // A presence, then a stored message and a signal behind it.
+    let presence = Frame::Presence {
+        sender: a.node,
+        data: Json::from_value(&serde_json::json!({ "cursor": 3 })).unwrap(),
+    };
+    a.send(&presence).await;
+    let (got, _) = b.recv_until(|f| matches!(f, Frame::Presence { .. })).await;
+    assert_eq!(got, presence);
+    let stored = a.data(serde_json::json!("stored")).await;
+    let stamp = a.stamp();
+    let signal = Frame::stamped(
+        stamp,
+        Body::Signal {
+            data: Json::from_value(&serde_json::json!("signal")).unwrap(),
+        },
+    );
+    a.send(&signal).await;
+    let mut steps = Vec::new();
+    while steps.len() < 2 {
+        if let Some(s) = b.recv().await.frame.stamp() {
+            steps.push(s.step);
+        }
+    }
+    assert_eq!(
+        steps,
+        vec![stored, stamp.step],
+        "the signal comes after the message before it"
+    );
+    // A late joiner on the other relay has the presence right after its welcome.
+    let late = join_at(&urls[1], "bus", 0, 0, None).await;
+    assert!(
+        late.replay().iter().any(|p| p.frame == presence),
+        "{:?}",
+        late.replay()
+    );
+    // A's relay dies: its member leaves the room for everyone on the other relay.
+    relays[0].kill();
+    let started = Instant::now();
+    let (left, _) = b.recv_until(|f| matches!(f, Frame::PeerLeft { .. })).await;
+    assert!(matches!(left, Frame::PeerLeft { node } if node == a.node));
+    println!(
+        "RESULT relay-death peer_left_after_ms={}",
+        started.elapsed().as_millis()
+    );
+}

@@ -37,11 +37,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pattern_mesh_core::pattern::PatternParams;
-use pattern_mesh_core::room::{Append, NODE_BLOCK};
+use pattern_mesh_core::room::{Append, Relayed, Roster, NODE_BLOCK};
 use pattern_mesh_core::store::{
     Appended, Followed, Logged, NodeRecord, RoomRecord, Store, StoreError, StoreFuture,
 };
-use pattern_mesh_core::wire::{with_position, NodeId, Reason, ResumeToken, RoomConfig};
+use pattern_mesh_core::wire::{with_position, NodeId, Peer, Reason, ResumeToken, RoomConfig};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -115,6 +115,34 @@ end
 return gone
 "#;
 
+/// Passes a frame on to the other relays' members of a room, and records who joined or left.
+/// KEYS: bus, members. ARGV: relay, after, to, frame, change ("j", "l" or ""), node, name.
+const PUBLISH: &str = r#"
+if ARGV[5] == 'j' then
+  redis.call('HSET', KEYS[2], ARGV[6], ARGV[1] .. ' ' .. ARGV[7])
+elseif ARGV[5] == 'l' then
+  local member = redis.call('HGET', KEYS[2], ARGV[6])
+  if member and string.sub(member, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+    redis.call('HDEL', KEYS[2], ARGV[6])
+  end
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', ARGV[2], 't', ARGV[3],
+  'f', ARGV[4])
+return 1
+"#;
+
+/// Strikes the members of a relay that died off a room's list. KEYS: members. ARGV: relay.
+const STRIKE: &str = r#"
+local all = redis.call('HGETALL', KEYS[1])
+local prefix = ARGV[1] .. ' '
+for i = 1, #all, 2 do
+  if string.sub(all[i + 1], 1, string.len(prefix)) == prefix then
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return 1
+"#;
+
 /// Entries read at a time from a room's stream.
 const PAGE: usize = 256;
 
@@ -126,6 +154,8 @@ struct Keys {
     log: String,
     tokens: String,
     nodes: String,
+    bus: String,
+    members: String,
 }
 
 impl Keys {
@@ -144,6 +174,8 @@ impl Keys {
             log: format!("pm:{{{tag}}}:log"),
             tokens: format!("pm:{{{tag}}}:tokens"),
             nodes: format!("pm:{{{tag}}}:nodes"),
+            bus: format!("pm:{{{tag}}}:bus"),
+            members: format!("pm:{{{tag}}}:members"),
         }
     }
 }
@@ -282,16 +314,36 @@ fn logged(followed: Followed) -> Logged {
     }
 }
 
-/// An append for the writer.
-struct Write {
-    room: String,
-    entry: Append,
-    reply: oneshot::Sender<Result<Appended, StoreError>>,
+/// What the writer sends to Redis, in order.
+enum Write {
+    /// An append, answered once Redis answered.
+    Append {
+        room: String,
+        entry: Append,
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+    },
+    /// A frame for the other relays' members, with the change of the room's members it says.
+    Publish {
+        room: String,
+        to: Option<NodeId>,
+        after: u64,
+        bytes: Bytes,
+        roster: Option<Roster>,
+    },
+}
+
+impl Write {
+    fn room(&self) -> &str {
+        match self {
+            Write::Append { room, .. } | Write::Publish { room, .. } => room,
+        }
+    }
 }
 
 struct Scripts {
     open: redis::Script,
     append: redis::Script,
+    publish: redis::Script,
     expire: redis::Script,
 }
 
@@ -321,17 +373,23 @@ impl RedisStore {
         let scripts = Arc::new(Scripts {
             open: redis::Script::new(OPEN),
             append: redis::Script::new(APPEND),
+            publish: redis::Script::new(PUBLISH),
             expire: redis::Script::new(EXPIRE),
         });
+        // This relay's name in the store (53 bits: Lua keeps it exact).
+        let mut relay = [0u8; 8];
+        getrandom::fill(&mut relay).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let relay = (u64::from_le_bytes(relay) >> 11).max(1);
         let (writes, queue) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(HashSet::new()));
         tokio::spawn(write_loop(
             conn.clone(),
             scripts.clone(),
+            relay,
             queue,
             failed.clone(),
         ));
-        let feed = Feed::start(client, conn.clone());
+        let feed = Feed::start(client, conn.clone(), writes.clone(), relay);
         Ok((
             Self {
                 conn,
@@ -393,46 +451,70 @@ impl RedisStore {
 async fn write_loop(
     mut conn: ConnectionManager,
     scripts: Arc<Scripts>,
+    relay: u64,
     mut queue: mpsc::UnboundedReceiver<Write>,
     failed: Arc<Mutex<HashSet<String>>>,
 ) {
-    let lock = |f: &Arc<Mutex<HashSet<String>>>| {
-        f.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect::<HashSet<String>>()
-    };
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, 512).await > 0 {
-        let mut doomed = lock(&failed);
+        let mut doomed: HashSet<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut sent = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
         for write in batch.drain(..) {
-            if doomed.contains(&write.room) {
-                let _ = write.reply.send(Err(StoreError::Backend(
-                    "an earlier append of this room failed; it is opened again on the next join"
-                        .into(),
-                )));
+            if doomed.contains(write.room()) {
+                if let Write::Append { reply, .. } = write {
+                    let _ = reply.send(Err(StoreError::Backend(
+                        "an earlier append of this room failed; it is opened again on the next join"
+                            .into(),
+                    )));
+                }
                 continue;
             }
-            let keys = Keys::of(&write.room);
-            let entry = &write.entry;
-            let token = entry.token.map(|t| t.to_vec()).unwrap_or_default();
-            pipe.cmd("EVALSHA")
-                .arg(scripts.append.get_hash())
-                .arg(4)
-                .arg(&keys.room)
-                .arg(&keys.tokens)
-                .arg(&keys.nodes)
-                .arg(&keys.log)
-                .arg(entry.sender)
-                .arg(token)
-                .arg(entry.step)
-                .arg(if entry.snapshot { "1" } else { "0" })
-                .arg(entry.doc.as_deref().unwrap_or(""))
-                .arg(entry.bytes.as_ref())
-                .arg(now_ms());
+            let keys = Keys::of(write.room());
+            match &write {
+                Write::Append { entry, .. } => {
+                    let token = entry.token.map(|t| t.to_vec()).unwrap_or_default();
+                    pipe.cmd("EVALSHA")
+                        .arg(scripts.append.get_hash())
+                        .arg(4)
+                        .arg(&keys.room)
+                        .arg(&keys.tokens)
+                        .arg(&keys.nodes)
+                        .arg(&keys.log)
+                        .arg(entry.sender)
+                        .arg(token)
+                        .arg(entry.step)
+                        .arg(if entry.snapshot { "1" } else { "0" })
+                        .arg(entry.doc.as_deref().unwrap_or(""))
+                        .arg(entry.bytes.as_ref())
+                        .arg(now_ms());
+                }
+                Write::Publish {
+                    to,
+                    after,
+                    bytes,
+                    roster,
+                    ..
+                } => {
+                    let (change, node, name) = match roster {
+                        Some(Roster::Joined(peer)) => ("j", peer.node, peer.name.as_str()),
+                        Some(Roster::Left(node)) => ("l", *node, ""),
+                        None => ("", 0, ""),
+                    };
+                    pipe.cmd("EVALSHA")
+                        .arg(scripts.publish.get_hash())
+                        .arg(2)
+                        .arg(&keys.bus)
+                        .arg(&keys.members)
+                        .arg(relay)
+                        .arg(*after)
+                        .arg(to.unwrap_or(0))
+                        .arg(bytes.as_ref())
+                        .arg(change)
+                        .arg(node)
+                        .arg(name);
+                }
+            }
             sent.push(write);
         }
         if sent.is_empty() {
@@ -442,24 +524,35 @@ async fn write_loop(
         if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
             // Redis restarted and forgot its scripts; nothing of the batch ran.
-            let loaded = scripts.append.prepare_invoke().load_async(&mut conn).await;
+            let mut loaded = scripts.append.prepare_invoke().load_async(&mut conn).await;
+            if loaded.is_ok() {
+                loaded = scripts.publish.prepare_invoke().load_async(&mut conn).await;
+            }
             answer = match loaded {
                 Ok(_) => pipe.query_async(&mut conn).await,
                 Err(e) => Err(e),
             };
         }
+        let fail = |room: &str, doomed: &mut HashSet<String>| {
+            doomed.insert(room.to_owned());
+            failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room.to_owned());
+        };
         match answer {
             Ok(values) if values.len() == sent.len() => {
                 for (write, value) in sent.into_iter().zip(values) {
-                    let result = appended(value);
-                    if result.is_err() {
-                        doomed.insert(write.room.clone());
-                        failed
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(write.room.clone());
+                    match write {
+                        Write::Append { room, reply, .. } => {
+                            let result = appended(value);
+                            if result.is_err() {
+                                fail(&room, &mut doomed);
+                            }
+                            let _ = reply.send(result);
+                        }
+                        Write::Publish { .. } => {}
                     }
-                    let _ = write.reply.send(result);
                 }
             }
             other => {
@@ -467,10 +560,14 @@ async fn write_loop(
                     Err(e) => backend(e),
                     Ok(_) => corrupt("a pipeline answer of the wrong length"),
                 };
-                let mut rooms = failed.lock().unwrap_or_else(|e| e.into_inner());
+                tracing::warn!(%error, "a batch of appends and publications failed");
+                // A publication lost with its batch: the room's next append fails too, so the
+                // room stops and its members reconnect (and hear the others' presence again).
                 for write in sent {
-                    rooms.insert(write.room.clone());
-                    let _ = write.reply.send(Err(error.clone()));
+                    fail(write.room(), &mut doomed);
+                    if let Write::Append { reply, .. } = write {
+                        let _ = reply.send(Err(error.clone()));
+                    }
                 }
             }
         }
@@ -588,7 +685,7 @@ impl Store for RedisStore {
 
     fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended> {
         let (reply, answer) = oneshot::channel();
-        let write = Write {
+        let write = Write::Append {
             room: room.to_owned(),
             entry,
             reply,
@@ -666,11 +763,23 @@ impl Store for RedisStore {
     }
 }
 
-/// A room the feed follows: where it is, and where its entries go.
+/// What the feed hands a room.
+#[derive(Debug)]
+pub enum FeedEvent {
+    /// New entries of its log, in order.
+    Logged(Vec<Followed>),
+    /// Frames the other relays published for it, in order.
+    Relayed(Vec<Relayed>),
+    /// A relay that had members in it stopped renewing its heartbeat.
+    Gone(u64),
+}
+
+/// A room the feed follows: where it is in the log and in the bus, and where its events go.
 struct Watch {
     id: u64,
     after: u64,
-    to: mpsc::Sender<Vec<Followed>>,
+    bus: String,
+    to: mpsc::Sender<FeedEvent>,
 }
 
 struct FeedState {
@@ -678,42 +787,134 @@ struct FeedState {
     /// Rings when the set of rooms changes.
     changed: Notify,
     next_id: std::sync::atomic::AtomicU64,
+    /// The other relays with members in the rooms followed, and those rooms.
+    relays: Mutex<HashMap<u64, HashSet<String>>>,
 }
 
-/// Follows the logs of the rooms this relay has open: one blocking read over all of them, on a
-/// connection of its own.
+/// Follows the rooms this relay has open in a shared store: their logs and what the other relays
+/// publish for them, with one blocking read on a connection of its own; and keeps this relay's
+/// heartbeat, and watches the other relays' (a relay whose heartbeat stops has its members leave).
 #[derive(Clone)]
 pub struct Feed {
     state: Arc<FeedState>,
+    conn: ConnectionManager,
+    writes: mpsc::UnboundedSender<Write>,
+    relay: u64,
+}
+
+/// How often a relay renews its heartbeat, which lasts three times as long.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+fn heartbeat_key(relay: u64) -> String {
+    format!("pm:relay:{relay}")
 }
 
 impl Feed {
-    fn start(client: redis::Client, control: ConnectionManager) -> Self {
+    fn start(
+        client: redis::Client,
+        conn: ConnectionManager,
+        writes: mpsc::UnboundedSender<Write>,
+        relay: u64,
+    ) -> Self {
         let state = Arc::new(FeedState {
             rooms: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             next_id: std::sync::atomic::AtomicU64::new(1),
+            relays: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(follow_loop(client, control, state.clone()));
-        Self { state }
+        let feed = Self {
+            state,
+            conn,
+            writes,
+            relay,
+        };
+        tokio::spawn(follow_loop(client, feed.clone()));
+        tokio::spawn(heartbeat_loop(feed.clone()));
+        feed
     }
 
     fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watch>> {
         self.state.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Follows `room` from after position `after`: its entries come in order, in batches, until
-    /// [`Feed::unwatch`] with the id this answers.
-    pub fn watch(&self, room: &str, after: u64) -> (u64, mpsc::Receiver<Vec<Followed>>) {
-        let (to, entries) = mpsc::channel(64);
+    fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashSet<String>>> {
+        self.state.relays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a room opening on this relay needs of the others: where their publications for it
+    /// stand now, and its members on live relays (those of relays that died are struck off).
+    pub async fn open(&self, room: &str) -> Result<(String, Vec<(u64, Peer)>), StoreError> {
+        let keys = Keys::of(room);
+        let mut last = redis::cmd("XREVRANGE");
+        last.arg(&keys.bus).arg("+").arg("-").arg("COUNT").arg(1);
+        let last = array(query::<Value>(&self.conn, &last).await?)?;
+        let bus = match last.into_iter().next() {
+            Some(entry) => {
+                let mut parts = array(entry)?.into_iter();
+                text(
+                    &parts
+                        .next()
+                        .ok_or_else(|| corrupt("a bus entry without an id"))?,
+                )?
+            }
+            None => "0-0".into(),
+        };
+        let mut all = redis::cmd("HGETALL");
+        all.arg(&keys.members);
+        let all: Vec<(u64, String)> = query(&self.conn, &all).await?;
+        let mut alive: HashMap<u64, bool> = HashMap::new();
+        let mut members = Vec::new();
+        for (node, value) in all {
+            let (relay, name) = value.split_once(' ').unwrap_or((value.as_str(), ""));
+            let Ok(relay) = relay.parse::<u64>() else {
+                continue;
+            };
+            if relay == self.relay {
+                continue;
+            }
+            let live = match alive.get(&relay) {
+                Some(&live) => live,
+                None => {
+                    let mut exists = redis::cmd("EXISTS");
+                    exists.arg(heartbeat_key(relay));
+                    let live = query::<u64>(&self.conn, &exists).await? == 1;
+                    alive.insert(relay, live);
+                    live
+                }
+            };
+            if live {
+                self.relays()
+                    .entry(relay)
+                    .or_default()
+                    .insert(room.to_owned());
+                members.push((
+                    relay,
+                    Peer {
+                        node,
+                        name: name.to_owned(),
+                    },
+                ));
+            } else {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(&keys.members).arg(node);
+                query::<u64>(&self.conn, &hdel).await?;
+            }
+        }
+        Ok((bus, members))
+    }
+
+    /// Follows `room` from after log position `after` and bus entry `bus` (from
+    /// [`Feed::open`]), until [`Feed::unwatch`] with the id this answers.
+    pub fn watch(&self, room: &str, after: u64, bus: String) -> (u64, mpsc::Receiver<FeedEvent>) {
+        let (to, events) = mpsc::channel(64);
         let id = self
             .state
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.rooms()
-            .insert(room.to_owned(), Watch { id, after, to });
+            .insert(room.to_owned(), Watch { id, after, bus, to });
         self.state.changed.notify_one();
-        (id, entries)
+        (id, events)
     }
 
     /// Stops following `room`, unless it is followed for a later opening of the room.
@@ -724,20 +925,94 @@ impl Feed {
             self.state.changed.notify_one();
         }
     }
+
+    /// Passes a frame of `room` on to its members on the other relays, in order with this
+    /// relay's appends, and records who joined or left.
+    pub fn publish(
+        &self,
+        room: &str,
+        to: Option<NodeId>,
+        after: u64,
+        bytes: Bytes,
+        roster: Option<Roster>,
+    ) {
+        let _ = self.writes.send(Write::Publish {
+            room: room.to_owned(),
+            to,
+            after,
+            bytes,
+            roster,
+        });
+    }
+}
+
+/// Renews this relay's heartbeat, and has the rooms hear of the relays whose heartbeat ended.
+async fn heartbeat_loop(feed: Feed) {
+    let key = heartbeat_key(feed.relay);
+    loop {
+        let mut set = redis::cmd("SET");
+        set.arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(HEARTBEAT.as_millis() as u64 * 3);
+        if let Err(error) = query::<Value>(&feed.conn, &set).await {
+            tracing::warn!(%error, "could not renew this relay's heartbeat");
+        }
+        let known: Vec<u64> = feed.relays().keys().copied().collect();
+        for relay in known {
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(heartbeat_key(relay));
+            if query::<u64>(&feed.conn, &exists).await.ok() != Some(0) {
+                continue;
+            }
+            let rooms = feed.relays().remove(&relay).unwrap_or_default();
+            tracing::info!(
+                relay,
+                rooms = rooms.len(),
+                "a relay's heartbeat ended: its members leave"
+            );
+            for room in rooms {
+                let to = feed.rooms().get(&room).map(|w| w.to.clone());
+                if let Some(to) = to {
+                    let _ = to.send(FeedEvent::Gone(relay)).await;
+                }
+                let strike = feed.strike(&room, relay);
+                let _ = query::<Value>(&feed.conn, &strike).await;
+            }
+        }
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+impl Feed {
+    /// Strikes the members of `relay` off `room`'s list.
+    fn strike(&self, room: &str, relay: u64) -> redis::Cmd {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(STRIKE)
+            .arg(1)
+            .arg(Keys::of(room).members)
+            .arg(relay);
+        eval
+    }
 }
 
 /// How long one read blocks at most.
 const BLOCK_MS: u64 = 10_000;
 
-async fn follow_loop(client: redis::Client, mut control: ConnectionManager, state: Arc<FeedState>) {
+async fn follow_loop(client: redis::Client, feed: Feed) {
+    let state = feed.state.clone();
+    let mut control = feed.conn.clone();
     let config = AsyncConnectionConfig::new()
         .set_response_timeout(Some(Duration::from_millis(BLOCK_MS + 5_000)))
         .set_connection_timeout(Some(Duration::from_secs(5)));
     let mut reader: Option<(MultiplexedConnection, i64)> = None;
     loop {
-        let watched: Vec<(String, u64)> = {
+        let watched: Vec<(String, u64, String)> = {
             let rooms = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
-            rooms.iter().map(|(r, w)| (r.clone(), w.after)).collect()
+            rooms
+                .iter()
+                .map(|(r, w)| (r.clone(), w.after, w.bus.clone()))
+                .collect()
         };
         if watched.is_empty() {
             state.changed.notified().await;
@@ -773,11 +1048,12 @@ async fn follow_loop(client: redis::Client, mut control: ConnectionManager, stat
             .arg("BLOCK")
             .arg(BLOCK_MS)
             .arg("STREAMS");
-        for (room, _) in &watched {
-            xread.arg(Keys::of(room).log);
+        for (room, _, _) in &watched {
+            let keys = Keys::of(room);
+            xread.arg(keys.log).arg(keys.bus);
         }
-        for (_, after) in &watched {
-            xread.arg(format!("{after}-0"));
+        for (_, after, bus) in &watched {
+            xread.arg(format!("{after}-0")).arg(bus);
         }
         let read = {
             let mut conn = conn.clone();
@@ -801,36 +1077,14 @@ async fn follow_loop(client: redis::Client, mut control: ConnectionManager, stat
                 }
             }
         };
-        match answer
+        let batches = answer
             .map_err(backend)
-            .and_then(|value| streams(value, &watched))
-        {
+            .and_then(|value| streams(value, &watched, feed.relay));
+        match batches {
             Ok(batches) => {
                 reader = Some((conn, id));
-                for (room, entries) in batches {
-                    let Some(last) = entries.last().map(|f| f.position) else {
-                        continue;
-                    };
-                    let to = {
-                        let mut rooms = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                        match rooms.get_mut(&room) {
-                            // Still the watch the read was made for.
-                            Some(watch) if watch.after < last => {
-                                watch.after = last;
-                                Some((watch.id, watch.to.clone()))
-                            }
-                            _ => None,
-                        }
-                    };
-                    if let Some((id, to)) = to {
-                        if to.send(entries).await.is_err() {
-                            // The room's task has gone; its next opening watches anew.
-                            let mut rooms = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                            if rooms.get(&room).is_some_and(|w| w.id == id) {
-                                rooms.remove(&room);
-                            }
-                        }
-                    }
+                for (room, batch) in batches {
+                    feed.deliver(&room, batch).await;
                 }
             }
             Err(error) => {
@@ -841,32 +1095,126 @@ async fn follow_loop(client: redis::Client, mut control: ConnectionManager, stat
     }
 }
 
-/// An `XREAD` answer: the entries of each room, in order.
+/// What one read brought for one room.
+#[derive(Default)]
+struct Batch {
+    logged: Vec<Followed>,
+    relayed: Vec<Relayed>,
+    /// The last bus entry read, own publications included.
+    bus: Option<String>,
+}
+
+impl Feed {
+    /// Hands a room what was read for it, if it is still the watch the read was made for.
+    async fn deliver(&self, room: &str, batch: Batch) {
+        let last = batch.logged.last().map(|f| f.position);
+        let (id, to) = {
+            let mut rooms = self.rooms();
+            let Some(watch) = rooms.get_mut(room) else {
+                return;
+            };
+            if let Some(last) = last {
+                if last <= watch.after {
+                    return;
+                }
+                watch.after = last;
+            }
+            if let Some(bus) = &batch.bus {
+                watch.bus.clone_from(bus);
+            }
+            (watch.id, watch.to.clone())
+        };
+        for relayed in &batch.relayed {
+            self.relays()
+                .entry(relayed.relay)
+                .or_default()
+                .insert(room.to_owned());
+        }
+        let mut events = Vec::new();
+        if !batch.logged.is_empty() {
+            events.push(FeedEvent::Logged(batch.logged));
+        }
+        if !batch.relayed.is_empty() {
+            events.push(FeedEvent::Relayed(batch.relayed));
+        }
+        for event in events {
+            if to.send(event).await.is_err() {
+                // The room's task has gone; its next opening watches anew.
+                let mut rooms = self.rooms();
+                if rooms.get(room).is_some_and(|w| w.id == id) {
+                    rooms.remove(room);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// An `XREAD` answer: what it brought for each room.
 fn streams(
     value: Value,
-    watched: &[(String, u64)],
-) -> Result<Vec<(String, Vec<Followed>)>, StoreError> {
-    let by_key: HashMap<String, &str> = watched
-        .iter()
-        .map(|(room, _)| (Keys::of(room).log, room.as_str()))
-        .collect();
-    let mut out = Vec::new();
+    watched: &[(String, u64, String)],
+    own: u64,
+) -> Result<Vec<(String, Batch)>, StoreError> {
+    let mut by_key: HashMap<String, (&str, bool)> = HashMap::new();
+    for (room, _, _) in watched {
+        let keys = Keys::of(room);
+        by_key.insert(keys.log, (room.as_str(), true));
+        by_key.insert(keys.bus, (room.as_str(), false));
+    }
+    let mut out: HashMap<String, Batch> = HashMap::new();
     for stream in array(value)? {
         let mut parts = array(stream)?.into_iter();
         let (Some(key), Some(entries)) = (parts.next(), parts.next()) else {
             return Err(corrupt("a stream without entries"));
         };
-        let key = text(&key)?;
-        let Some(room) = by_key.get(&key) else {
+        let Some(&(room, is_log)) = by_key.get(&text(&key)?) else {
             continue;
         };
-        let entries = array(entries)?
-            .into_iter()
-            .map(|e| entry(e).map(|(f, _)| f))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.push(((*room).to_owned(), entries));
+        let batch = out.entry(room.to_owned()).or_default();
+        for value in array(entries)? {
+            if is_log {
+                batch.logged.push(entry(value)?.0);
+                continue;
+            }
+            let (id, relayed) = bus_entry(value)?;
+            batch.bus = Some(id);
+            if relayed.relay != own {
+                batch.relayed.push(relayed);
+            }
+        }
     }
-    Ok(out)
+    Ok(out.into_iter().collect())
+}
+
+/// One bus entry: its id, and what it carries.
+fn bus_entry(value: Value) -> Result<(String, Relayed), StoreError> {
+    let mut parts = array(value)?.into_iter();
+    let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+        return Err(corrupt("a bus entry without fields"));
+    };
+    let mut relayed = Relayed {
+        relay: 0,
+        after: 0,
+        to: None,
+        bytes: Bytes::new(),
+    };
+    let mut fields = array(fields)?.into_iter();
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        match text(&name)?.as_str() {
+            "r" => relayed.relay = int(&value)?,
+            "a" => relayed.after = int(&value)?,
+            "t" => relayed.to = Some(int(&value)?).filter(|&n| n != 0),
+            "f" => {
+                relayed.bytes = match value {
+                    Value::BulkString(b) => Bytes::from(b),
+                    _ => return Err(corrupt("a bus frame that is not a byte string")),
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((text(&id)?, relayed))
 }
 
 #[cfg(test)]
