@@ -315,6 +315,10 @@ pub struct Append {
     /// Whether it is the relay's snapshot of `doc`, after which the store drops the older
     /// entries of `doc` (of every document for [`WHOLE_DOC`]).
     pub snapshot: bool,
+    /// For a snapshot: the last log position it holds. On one relay that is every position
+    /// before it; in a shared room other relays may have appended after it, and the store drops
+    /// only the document entries up to this one.
+    pub covers: u64,
     /// The frame without a position: the store puts the position it assigns in the header of
     /// what it logs.
     pub bytes: Bytes,
@@ -522,6 +526,9 @@ pub struct RoomCore {
     held: VecDeque<Held>,
     /// The members of a shared room on other relays.
     remote: HashMap<NodeId, Remote>,
+    /// A shared room's log skipped positions (document entries another relay's snapshot
+    /// dropped before this relay read them): the members get the next snapshot.
+    missed: bool,
     now: u64,
 }
 
@@ -585,6 +592,7 @@ impl RoomCore {
             awaited: 0,
             held: VecDeque::new(),
             remote: HashMap::new(),
+            missed: false,
             now,
         };
         room.load(document);
@@ -663,20 +671,34 @@ impl RoomCore {
             if entry.position <= self.published {
                 continue;
             }
+            if entry.position > self.published + 1 {
+                self.missed = true;
+            }
             self.published = entry.position;
             self.high = self.high.max(entry.high);
+            let len = entry.bytes.len() as u64;
             match Frame::decode_with(&entry.bytes, &limits) {
                 Ok(Frame::Stamped(Stamped {
                     body: Body::Update { update, .. },
                     ..
                 })) => {
+                    self.tail_bytes += len;
+                    self.tail_updates += 1;
                     if self.doc.apply_update(&update).is_err() {
                         self.load_failures += 1;
                     }
                 }
                 Ok(Frame::Snapshot { state, .. }) => {
+                    self.tail_bytes = 0;
+                    self.tail_updates = 0;
+                    self.snapshot_len = len;
                     if self.doc.apply_update(&state).is_err() {
                         self.load_failures += 1;
+                    }
+                    // The members hold everything it does, unless the log skipped entries.
+                    if !std::mem::take(&mut self.missed) {
+                        self.release_held();
+                        continue;
                     }
                 }
                 Ok(_) => {}
@@ -692,6 +714,7 @@ impl RoomCore {
             self.forward(from, None, &entry.bytes);
             self.release_held();
         }
+        self.compact_if_due();
     }
 
     /// Whether a message only forwarded must wait for the shared log first.
@@ -1556,6 +1579,7 @@ impl RoomCore {
             high: self.high,
             doc,
             snapshot: false,
+            covers: 0,
             bytes: bytes.clone(),
         }));
         self.pending.push_back(Pending {
@@ -1599,6 +1623,7 @@ impl RoomCore {
             high: self.high,
             doc: Some(WHOLE_DOC.into()),
             snapshot: true,
+            covers: self.published,
             bytes: bytes.clone(),
         }));
         self.pending.push_back(Pending {
@@ -1732,11 +1757,17 @@ impl RoomCore {
                 self.in_flight_bytes -= len;
                 self.compacting = false;
                 match result {
+                    // A shared room's snapshot comes back through the log (`logged`).
+                    Ok(Appended::Stored { bytes, .. }) if self.shared => {
+                        self.stored_bytes = bytes;
+                    }
                     Ok(Appended::Stored { position, bytes }) => {
                         self.published = position;
                         self.stored_bytes = bytes;
                         self.snapshot_len = len;
                     }
+                    // Another relay compacts this shared room: its snapshots reset the tail.
+                    Ok(Appended::Refused { .. }) if self.shared => {}
                     Ok(Appended::Refused { detail, .. }) => {
                         self.stop(format!("the store refused the room's snapshot: {detail}"))
                     }

@@ -552,6 +552,7 @@ mod tests {
             high: step,
             doc: doc.map(str::to_owned),
             snapshot,
+            covers: 0,
             bytes: Bytes::from_static(&[2, 0x10, 0, 1, 1, 4, 1, b'1']),
         }
     }

@@ -102,9 +102,15 @@ fn ping(port: u16) -> bool {
 
 /// A relay process on `redis`; answers it and its WebSocket URL.
 fn relay(redis: &Redis) -> (Process, String) {
+    relay_with(redis, &[])
+}
+
+/// A relay process on `redis`, with `args` besides the defaults of these tests.
+fn relay_with(redis: &Redis, args: &[&str]) -> (Process, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
         .args(["--listen", "127.0.0.1:0", "--max-rate", "100000"])
         .args(["--store", &redis.url()])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -517,4 +523,80 @@ async fn peers_presence_and_signals_cross_relays_and_a_dead_relays_members_leave
         "RESULT relay-death peer_left_after_ms={}",
         started.elapsed().as_millis()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_compacts_a_shared_room_and_the_log_keeps_every_data_entry() {
+    let redis = Redis::start("redis-compact");
+    let compact = ["--compact-updates", "40"];
+    let (_a, first) = relay_with(&redis, &compact);
+    let (_b, second) = relay_with(&redis, &compact);
+    let writers = [
+        Client::connect(&first, session("compact", "w1"))
+            .await
+            .unwrap(),
+        Client::connect(&second, session("compact", "w2"))
+            .await
+            .unwrap(),
+    ];
+    let mut data = join_at(&first, "compact", 0, 0, None).await;
+    for i in 0..150 {
+        for (w, writer) in writers.iter().enumerate() {
+            let at = writer.text("content").chars().count() as u32;
+            writer.insert("content", at, &format!("{w}")).unwrap();
+        }
+        if i % 10 == 0 {
+            data.data_acked(serde_json::json!(i)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for writer in &writers {
+        writer.settled(WAIT).await.unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    while writers[0].text("content") != writers[1].text("content") {
+        assert!(Instant::now() < deadline, "the writers converge");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = writers[0].text("content");
+    assert_eq!(text.len(), 300);
+    // One relay holds the lease; the stream holds the last snapshot, the updates after it and
+    // every data entry.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let holder: Option<String> = redis::cmd("GET")
+        .arg("pm:{compact}:lease")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(holder.is_some(), "a relay took the compaction lease");
+    let len: u64 = redis::cmd("XLEN")
+        .arg("pm:{compact}:log")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        len < 150,
+        "the log was compacted: {len} entries for 315 messages"
+    );
+    // A late joiner on either relay builds the same text from the snapshot and the tail, and
+    // gets every data message.
+    for url in [&first, &second] {
+        let late = join_at(url, "compact", 0, 0, None).await;
+        assert!(late
+            .replay()
+            .iter()
+            .any(|p| matches!(p.frame, Frame::Snapshot { .. })));
+        assert_eq!(common::replayed_text(late.replay()), text);
+        let values = late
+            .replay()
+            .iter()
+            .filter(|p| common::is_data(&p.frame))
+            .count();
+        assert_eq!(values, 15);
+    }
+    println!("RESULT shared-compaction log_entries={len} messages=315");
+    for writer in writers {
+        writer.close().await;
+    }
 }

@@ -1,15 +1,20 @@
 //! Room logs in Redis, shared by any number of relays: [`RedisStore`] and its [`Feed`].
 //!
-//! Each room has four keys, all with the room in a hash tag (`pm:{room}:...`) so that a Redis
+//! Each room has these keys, all with the room in a hash tag (`pm:{room}:...`) so that a Redis
 //! Cluster keeps a room on one shard and every script touches one slot:
 //!
 //! - `pm:{room}:room`, a hash: the room's settings, its step (`high`), last position, next node
-//!   id, log identity, bytes logged, and the position of its last whole-document snapshot;
+//!   id, log identity, bytes logged, the position of its last snapshot and the last position
+//!   that snapshot holds (`covers`);
 //! - `pm:{room}:log`, a stream: one entry per logged message, whose id is `<position>-0`, with
 //!   its sender, step, the room's step with it, its document, and the frame without a position
 //!   (a reader puts the position in the header);
 //! - `pm:{room}:tokens`, a hash from resume token to `"<node> <last stored step> <ms seen>"`;
-//! - `pm:{room}:nodes`, a hash from node id to its token.
+//! - `pm:{room}:nodes`, a hash from node id to its token;
+//! - `pm:{room}:bus`, a stream of what is not stored (checkpoints, signals, sync messages,
+//!   presence, peers) for the members on other relays, and `pm:{room}:members`, a hash from
+//!   node id to `"<relay> <name>"`;
+//! - `pm:{room}:lease`: the relay that compacts the room.
 //!
 //! **Checks with the append.** One script makes the checks that need the state of the whole
 //! room, atomically with the append, since no relay sees every message of the room: a step at or
@@ -59,11 +64,41 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 "#;
 
 /// Appends a message, with the checks that need the room's state. KEYS: room, tokens, nodes,
-/// log. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for none),
-/// frame, milliseconds now.
+/// log, lease. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
+/// none), frame, milliseconds now, the last position a snapshot holds, relay.
+///
+/// A snapshot is taken only from the relay that holds the room's compaction lease (it takes the
+/// lease if nobody holds it, for a minute from each snapshot), and only if it holds more than
+/// the last one; it drops the document entries it holds (never data entries).
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'gone'}
+end
+if ARGV[4] == '1' then
+  local holder = redis.call('GET', KEYS[5])
+  if holder and holder ~= ARGV[9] then
+    return {'refused', 'busy', 'relay ' .. holder .. ' compacts this room'}
+  end
+  local covered = tonumber(redis.call('HGET', KEYS[1], 'covers') or '0')
+  local covers = tonumber(ARGV[8])
+  if covers <= covered then
+    return {'refused', 'busy', 'a snapshot already holds position ' .. covered}
+  end
+  redis.call('SET', KEYS[5], ARGV[9], 'PX', 60000)
+  local freed = 0
+  local entries = redis.call('XRANGE', KEYS[4], (covered + 1) .. '-0', covers .. '-0')
+  for _, e in ipairs(entries) do
+    local fields, doc, len = e[2], nil, 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'd' then doc = fields[i + 1] elseif fields[i] == 'f' then len = string.len(fields[i + 1]) end
+    end
+    if doc and doc ~= '' then
+      redis.call('XDEL', KEYS[4], e[1])
+      freed = freed + len
+    end
+  end
+  redis.call('HINCRBY', KEYS[1], 'bytes', -freed)
+  redis.call('HSET', KEYS[1], 'covers', covers)
 end
 local sender, token, step = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if token ~= '' then
@@ -156,6 +191,7 @@ struct Keys {
     nodes: String,
     bus: String,
     members: String,
+    lease: String,
 }
 
 impl Keys {
@@ -176,6 +212,7 @@ impl Keys {
             nodes: format!("pm:{{{tag}}}:nodes"),
             bus: format!("pm:{{{tag}}}:bus"),
             members: format!("pm:{{{tag}}}:members"),
+            lease: format!("pm:{{{tag}}}:lease"),
         }
     }
 }
@@ -476,18 +513,21 @@ async fn write_loop(
                     let token = entry.token.map(|t| t.to_vec()).unwrap_or_default();
                     pipe.cmd("EVALSHA")
                         .arg(scripts.append.get_hash())
-                        .arg(4)
+                        .arg(5)
                         .arg(&keys.room)
                         .arg(&keys.tokens)
                         .arg(&keys.nodes)
                         .arg(&keys.log)
+                        .arg(&keys.lease)
                         .arg(entry.sender)
                         .arg(token)
                         .arg(entry.step)
                         .arg(if entry.snapshot { "1" } else { "0" })
                         .arg(entry.doc.as_deref().unwrap_or(""))
                         .arg(entry.bytes.as_ref())
-                        .arg(now_ms());
+                        .arg(now_ms())
+                        .arg(entry.covers)
+                        .arg(relay);
                 }
                 Write::Publish {
                     to,
@@ -585,6 +625,7 @@ fn appended(value: Value) -> Result<Appended, StoreError> {
         Some("refused") if parts.len() == 3 => {
             let reason = match text(&parts[1])?.as_str() {
                 "replay" => Reason::Replay,
+                "busy" => Reason::Unavailable,
                 _ => Reason::SenderMismatch,
             };
             Ok(Appended::Refused {
@@ -700,9 +741,10 @@ impl Store for RedisStore {
         let (conn, keys, room) = (self.conn.clone(), Keys::of(room), room.to_owned());
         Box::pin(async move {
             let mut hget = redis::cmd("HGET");
-            hget.arg(&keys.room).arg("snapshot");
-            let snapshot: Option<u64> = query(&conn, &hget).await?;
-            let from = snapshot.unwrap_or(0).max(1);
+            // Every document entry after what the last snapshot holds, the snapshot among them.
+            hget.arg(&keys.room).arg("covers");
+            let covers: Option<u64> = query(&conn, &hget).await?;
+            let from = covers.unwrap_or(0) + 1;
             let entries = Self::range(conn, &room, from, u64::MAX >> 11, usize::MAX).await?;
             Ok(entries
                 .into_iter()

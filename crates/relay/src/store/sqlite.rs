@@ -883,6 +883,7 @@ mod tests {
             high: step,
             doc: Some("content".into()),
             snapshot: false,
+            covers: 0,
             bytes: Bytes::from(
                 Frame::stamped(
                     Stamp {
@@ -923,6 +924,7 @@ mod tests {
             high: step,
             doc: None,
             snapshot: false,
+            covers: 0,
             bytes: Bytes::from(
                 Frame::stamped(
                     Stamp {
@@ -1055,6 +1057,7 @@ mod tests {
             high: 5,
             doc: Some("*".into()),
             snapshot: true,
+            covers: 0,
             bytes: Bytes::from(
                 Frame::Snapshot {
                     doc: "*".into(),
