@@ -40,6 +40,19 @@ mod native {
         PatternMesh,
         /// y-websocket's server: its sync protocol on `/<room>`.
         YWebsocket,
+        /// Hocuspocus: the same sync protocol, each message behind its document's name, after
+        /// an authentication message per document.
+        Hocuspocus,
+    }
+
+    impl Target {
+        fn name(self) -> &'static str {
+            match self {
+                Target::PatternMesh => "pattern-mesh",
+                Target::YWebsocket => "y-websocket",
+                Target::Hocuspocus => "hocuspocus",
+            }
+        }
     }
 
     #[derive(Subcommand)]
@@ -48,6 +61,8 @@ mod native {
         Load {
             #[arg(long, value_enum, default_value = "pattern-mesh")]
             target: Target,
+            /// The relay's address, or several separated by commas (relays that share a store):
+            /// the members are spread over them in turn.
             #[arg(long, default_value = "127.0.0.1:8080")]
             addr: String,
             #[arg(long, default_value_t = 1)]
@@ -63,9 +78,27 @@ mod native {
             /// Messages per second per member; 0 sends as fast as the socket takes them.
             #[arg(long, default_value_t = 0.0)]
             rate: f64,
-            /// The relay's process id, to report its CPU time and memory.
+            /// The relays' process ids (separated by commas), to report their CPU time and
+            /// memory.
+            #[arg(long, value_delimiter = ',')]
+            relay_pid: Vec<u32>,
+            /// The name of the RESULT line (default: the target's).
             #[arg(long)]
-            relay_pid: Option<u32>,
+            label: Option<String>,
+        },
+        /// What one relay's death costs: a writer given every relay (`--addr a,b,...`) types
+        /// into a document through the first; a reader on the last watches; the first relay is
+        /// killed with SIGKILL. Prints how long the reader waited for the first edit typed after
+        /// the kill, and whether every edit arrived.
+        Failover {
+            #[arg(long)]
+            addr: String,
+            /// The first relay's process id, killed mid-stream.
+            #[arg(long)]
+            kill_pid: u32,
+            /// Edits per second.
+            #[arg(long, default_value_t = 50.0)]
+            rate: f64,
         },
         /// Connections that join and stay idle; prints the relay's memory per connection.
         Idle {
@@ -101,9 +134,19 @@ mod native {
         let url = match target {
             Target::PatternMesh => format!("ws://{addr}/ws"),
             Target::YWebsocket => format!("ws://{addr}/{room}"),
+            Target::Hocuspocus => format!("ws://{addr}/"),
         };
         if target == Target::YWebsocket {
             let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+            return Ok((ws, 0, 0));
+        }
+        if target == Target::Hocuspocus {
+            let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+            // Auth (2), token (0), an empty token: the server has no authentication hook.
+            let mut auth = var_string(room);
+            auth.extend([2, 0]);
+            auth.extend(var_string(""));
+            ws.send(Message::Binary(auth.into())).await?;
             return Ok((ws, 0, 0));
         }
         let options = JoinOptions {
@@ -152,16 +195,41 @@ mod native {
         hasher.finish()
     }
 
+    fn var_uint(mut n: usize, out: &mut Vec<u8>) {
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+
+    /// lib0's string: its length, then its bytes.
+    fn var_string(s: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        var_uint(s.len(), &mut out);
+        out.extend_from_slice(s.as_bytes());
+        out
+    }
+
+    /// Reads a lib0 unsigned integer at `*i`.
+    fn read_var(bytes: &[u8], i: &mut usize) -> Option<usize> {
+        let (mut n, mut shift) = (0usize, 0);
+        loop {
+            let b = *bytes.get(*i)?;
+            n |= usize::from(b & 0x7f) << shift;
+            *i += 1;
+            if b & 0x80 == 0 {
+                return Some(n);
+            }
+            shift += 7;
+        }
+    }
+
     /// y-websocket's framing of an update: messageSync (0), messageYjsUpdate (2), then the
-    /// update as a length-prefixed byte array.
+    /// update as a length-prefixed byte array. Hocuspocus puts the document's name first.
     fn y_websocket_update(update: &[u8]) -> Vec<u8> {
         let mut out = vec![0, 2];
-        let mut len = update.len();
-        while len >= 0x80 {
-            out.push((len as u8) | 0x80);
-            len >>= 7;
-        }
-        out.push(len as u8);
+        var_uint(update.len(), &mut out);
         out.extend_from_slice(update);
         out
     }
@@ -176,20 +244,16 @@ mod native {
                 }) => Some(update),
                 _ => None,
             },
-            Target::YWebsocket => {
-                if bytes.len() < 3 || bytes[0] != 0 || bytes[1] != 2 {
+            Target::YWebsocket | Target::Hocuspocus => {
+                let mut i = 0;
+                if target == Target::Hocuspocus {
+                    let name = read_var(bytes, &mut i)?;
+                    i += name;
+                }
+                if read_var(bytes, &mut i)? != 0 || read_var(bytes, &mut i)? != 2 {
                     return None;
                 }
-                let (mut len, mut shift, mut i) = (0usize, 0, 2);
-                loop {
-                    let b = *bytes.get(i)?;
-                    len |= usize::from(b & 0x7f) << shift;
-                    i += 1;
-                    if b & 0x80 == 0 {
-                        break;
-                    }
-                    shift += 7;
-                }
+                let len = read_var(bytes, &mut i)?;
                 bytes.get(i..i + len).map(<[u8]>::to_vec)
             }
         }
@@ -204,29 +268,46 @@ mod native {
         messages: u64,
         payload: usize,
         rate: f64,
-        relay_pid: Option<u32>,
+        relay_pids: Vec<u32>,
+        label: Option<String>,
     ) -> anyhow::Result<()> {
         let pattern = PatternConfig::default();
+        let addrs: Vec<&str> = addr.split(',').map(str::trim).collect();
         let sent_at: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
         let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
         let delivered = Arc::new(AtomicU64::new(0));
         let run = format!("{:x}", now_micros());
         let mut sockets = Vec::new();
         for r in 0..rooms {
-            for _ in 0..members {
-                sockets.push(join(target, &addr, &format!("load-{run}-{r}")).await?);
+            for m in 0..members {
+                let addr = addrs[(r * members + m) % addrs.len()];
+                let room = format!("load-{run}-{r}");
+                sockets.push((room.clone(), join(target, addr, &room).await?));
             }
         }
         // Let y-websocket's opening sync exchange settle before measuring.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let expected_each = messages * (members as u64 - 1);
-        let cpu_before = relay_pid.map(cpu_seconds).transpose()?;
+        let cpu_of = |pids: &[u32]| -> anyhow::Result<Option<f64>> {
+            if pids.is_empty() {
+                return Ok(None);
+            }
+            pids.iter()
+                .map(|&p| cpu_seconds(p))
+                .sum::<anyhow::Result<f64>>()
+                .map(Some)
+        };
+        let cpu_before = cpu_of(&relay_pids)?;
         let start = Instant::now();
         let mut tasks = Vec::new();
         let total = sockets.len();
-        for (index, (ws, node, high)) in sockets.into_iter().enumerate() {
+        for (index, (room, (ws, node, high))) in sockets.into_iter().enumerate() {
             let (mut sink, mut stream) = ws.split();
             let local = Arc::new(AtomicU64::new(high));
+            // This member's own updates: a relay that echoes them (y-websocket, Hocuspocus)
+            // does not get them counted as deliveries.
+            let own: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
+            let mine_sent = own.clone();
             let (l, d, lat, sent) = (
                 local.clone(),
                 delivered.clone(),
@@ -250,6 +331,12 @@ mod native {
                     let Some(update) = received_update(target, &bytes) else {
                         continue;
                     };
+                    if own
+                        .lock()
+                        .is_ok_and(|own| own.contains(&fingerprint(&update)))
+                    {
+                        continue;
+                    }
                     let now = Instant::now();
                     if let Some(at) = sent
                         .lock()
@@ -295,7 +382,15 @@ mod native {
                             .encode()
                         }
                         Target::YWebsocket => y_websocket_update(&update),
+                        Target::Hocuspocus => {
+                            let mut framed = var_string(&room);
+                            framed.extend(y_websocket_update(&update));
+                            framed
+                        }
                     };
+                    if let Ok(mut own) = mine_sent.lock() {
+                        own.insert(fingerprint(&update));
+                    }
                     if let Ok(mut map) = sent.lock() {
                         map.insert(fingerprint(&update), Instant::now());
                     }
@@ -314,17 +409,14 @@ mod native {
             keep.push((sink, stream));
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let cpu = match (relay_pid, cpu_before) {
-            (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
-            _ => None,
+        let cpu = match cpu_before {
+            Some(before) => cpu_of(&relay_pids)?.map(|after| after - before),
+            None => None,
         };
         let mut lat = latencies.lock().await.clone();
         lat.sort_unstable();
         let delivered = delivered.load(Relaxed);
-        let name = match target {
-            Target::PatternMesh => "pattern-mesh",
-            Target::YWebsocket => "y-websocket",
-        };
+        let name = label.as_deref().unwrap_or(target.name());
         println!(
             "{name}: {rooms} rooms x {members} members, {messages} updates each (~{payload} B), {}",
             if rate > 0.0 {
@@ -345,16 +437,17 @@ mod native {
             percentile(&lat, 0.999),
             percentile(&lat, 1.0)
         );
-        if let (Some(cpu), Some(pid)) = (cpu, relay_pid) {
+        if let Some(cpu) = cpu {
+            let rss: u64 = relay_pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).sum();
             println!(
-                "  relay CPU {:.2} s for {delivered} deliveries: {:.2} s per 100k; relay RSS {} KiB",
+                "  relay CPU {:.2} s for {delivered} deliveries: {:.2} s per 100k; relay RSS {rss} KiB",
                 cpu,
                 cpu / delivered.max(1) as f64 * 100_000.0,
-                rss_kib(pid)?
             );
         }
         println!(
-            "RESULT {name} rooms={rooms} members={members} rate={rate} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} cpu_s_per_100k={:.3}",
+            "RESULT {name} relays={} rooms={rooms} members={members} rate={rate} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} cpu_s_per_100k={:.3}",
+            addrs.len(),
             delivered as f64 / elapsed,
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
@@ -362,6 +455,70 @@ mod native {
             cpu.map_or(f64::NAN, |c| c / delivered.max(1) as f64 * 100_000.0)
         );
         drop(keep);
+        Ok(())
+    }
+
+    async fn failover(addr: String, kill_pid: u32, rate: f64) -> anyhow::Result<()> {
+        use pattern_mesh_client::Client;
+        use pattern_mesh_core::session::SessionConfig;
+        let urls: Vec<String> = addr
+            .split(',')
+            .map(|a| format!("ws://{}/ws", a.trim()))
+            .collect();
+        anyhow::ensure!(urls.len() >= 2, "--addr needs at least two relays");
+        let room = format!("failover-{:x}", now_micros());
+        let order: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let writer = Client::connect_any(&order, SessionConfig::new(&room, "writer")).await?;
+        let reader =
+            Client::connect(&urls[urls.len() - 1], SessionConfig::new(&room, "reader")).await?;
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let mut typed = String::new();
+        let type_one = |i: usize, typed: &mut String| -> anyhow::Result<()> {
+            let chunk = format!("{i} ");
+            let at = writer.text("content").chars().count() as u32;
+            writer.insert("content", at, &chunk)?;
+            typed.push_str(&chunk);
+            Ok(())
+        };
+        let steady = (rate * 2.0) as usize;
+        for i in 0..steady {
+            type_one(i, &mut typed)?;
+            tokio::time::sleep(interval).await;
+        }
+        std::process::Command::new("kill")
+            .args(["-9", &kill_pid.to_string()])
+            .status()?;
+        let killed = Instant::now();
+        let marker = format!(" {steady} ");
+        type_one(steady, &mut typed)?;
+        let mut first = None;
+        let mut i = steady + 1;
+        while killed.elapsed() < Duration::from_secs(20) {
+            if first.is_none() && reader.text("content").contains(&marker) {
+                first = Some(killed.elapsed());
+            }
+            if first.is_some() && i > steady * 2 {
+                break;
+            }
+            if i <= steady * 2 {
+                type_one(i, &mut typed)?;
+                i += 1;
+            }
+            tokio::time::sleep(interval.min(Duration::from_millis(5))).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while reader.text("content") != typed && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let complete = reader.text("content") == typed;
+        let ms = first.map_or(f64::NAN, |d| d.as_secs_f64() * 1_000.0);
+        println!(
+            "failover: the first edit typed after the writer's relay was killed reached the reader on another relay after {ms:.0} ms; every edit arrived: {complete}"
+        );
+        println!(
+            "RESULT failover relays={} first_edit_after_kill_ms={ms:.0} complete={complete}",
+            urls.len()
+        );
         Ok(())
     }
 
@@ -407,12 +564,18 @@ mod native {
                     payload,
                     rate,
                     relay_pid,
+                    label,
                 } => {
                     load(
-                        target, addr, rooms, members, messages, payload, rate, relay_pid,
+                        target, addr, rooms, members, messages, payload, rate, relay_pid, label,
                     )
                     .await
                 }
+                Mode::Failover {
+                    addr,
+                    kill_pid,
+                    rate,
+                } => failover(addr, kill_pid, rate).await,
                 Mode::Idle {
                     target,
                     addr,
