@@ -267,6 +267,7 @@ pub fn room(data: &[u8]) {
                             node,
                             token,
                             last_step: 0,
+                            position: 0,
                         });
                         record.last_step = record.last_step.max(step);
                     }

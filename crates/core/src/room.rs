@@ -394,7 +394,9 @@ pub enum Roster {
 pub struct Relayed {
     /// Which relay, as the store names it.
     pub relay: u64,
-    /// The frame waits until the room's log has been fanned out to this position.
+    /// Its place in the store's order: after the log entry at this position, before the next
+    /// (the store sets it as it takes the publication; it is never below the position the
+    /// publishing relay's own appends before it reached).
     pub after: u64,
     /// For one node only, or (`None`) for every member.
     pub to: Option<NodeId>,
@@ -526,9 +528,21 @@ pub struct RoomCore {
     held: VecDeque<Held>,
     /// The members of a shared room on other relays.
     remote: HashMap<NodeId, Remote>,
-    /// A shared room's log skipped positions (document entries another relay's snapshot
-    /// dropped before this relay read them): the members get the next snapshot.
-    missed: bool,
+    /// The members of a shared room that joined since a snapshot went by, with how far their
+    /// catch-up reads.
+    joined_since_snapshot: Vec<(ConnId, u64)>,
+    /// Log entries of a shared room read but not fanned out yet: they wait for the publications
+    /// of other relays that came before them.
+    backlog: VecDeque<Followed>,
+    /// Publications of other relays read but not passed on yet: they wait for the log entries
+    /// before them.
+    bus_backlog: VecDeque<Relayed>,
+    /// How far the log may be fanned out before more publications are read.
+    horizon: u64,
+    /// A shared room's log skipped positions up to this one (document entries another relay's
+    /// snapshot dropped before this relay read them): the members get snapshots until one holds
+    /// that far.
+    missed: u64,
     now: u64,
 }
 
@@ -592,7 +606,11 @@ impl RoomCore {
             awaited: 0,
             held: VecDeque::new(),
             remote: HashMap::new(),
-            missed: false,
+            missed: 0,
+            joined_since_snapshot: Vec::new(),
+            backlog: VecDeque::new(),
+            bus_backlog: VecDeque::new(),
+            horizon: u64::MAX,
             now,
         };
         room.load(document);
@@ -653,27 +671,97 @@ impl RoomCore {
         self.shared
     }
 
-    /// Entries of a shared room's log after [`RoomCore::published`], in order, as the driver
-    /// read them from the store: each is applied to the document, moves the room's step and its
-    /// sender's last step, and goes to every member but its sender. Entries at or below the
-    /// published position are skipped; a gap (entries a snapshot dropped) is passed over.
-    pub fn logged(&mut self, now: u64, entries: &[Followed]) {
+    /// What the driver read of a shared room in the store: new entries of its log (after
+    /// [`RoomCore::published`], in order) and what the other relays published for it (in the
+    /// order they published it). The two are merged back into the store's one order: each
+    /// publication names the log position it came after ([`Relayed::after`]), and goes out after
+    /// that entry and before the next. A log entry after the last publication read waits for the
+    /// next read unless `bus_complete` says the read returned every publication there was.
+    ///
+    /// Each log entry is applied to the document, moves the room's step and its sender's last
+    /// step, and goes to every member but its sender; a gap (entries a snapshot dropped) is
+    /// passed over. Each publication goes to its members here; peers and presences of other
+    /// relays are kept for late joiners.
+    pub fn followed(&mut self, now: u64, log: &[Followed], bus: &[Relayed], bus_complete: bool) {
         self.tick(now);
         if self.stopped {
             return;
         }
+        for entry in log {
+            let last = self.backlog.back().map_or(self.published, |e| e.position);
+            if entry.position > last {
+                self.backlog.push_back(entry.clone());
+            }
+        }
+        self.bus_backlog.extend(bus.iter().cloned());
+        // The log may go past the last publication read only if none is left unread.
+        self.horizon = match bus.last() {
+            Some(last) if !bus_complete => last.after,
+            _ if bus_complete => u64::MAX,
+            _ => self.horizon,
+        };
+        self.pump_followed(now);
+    }
+
+    /// Fans out what was read of a shared room, in the store's order, as far as it may go.
+    fn pump_followed(&mut self, now: u64) {
+        loop {
+            // One of this relay's appends goes out only once the store answered it, as on a
+            // relay of its own: what it let wait behind the append goes out after it.
+            let next_log = self
+                .backlog
+                .front()
+                .filter(|e| !self.unanswered(e.sender, e.step))
+                .map(|e| e.position);
+            let next_bus = self.bus_backlog.front().map(|b| b.after);
+            match (next_log, next_bus) {
+                (Some(position), Some(after)) if position <= after => self.deliver_log(now),
+                (_, Some(after))
+                    if (next_log.is_some() && self.backlog.front().is_some())
+                        || after <= self.published =>
+                {
+                    if let Some(publication) = self.bus_backlog.pop_front() {
+                        self.deliver_publication(&publication);
+                    }
+                }
+                (Some(position), None) if position <= self.horizon => self.deliver_log(now),
+                _ => break,
+            }
+        }
+        self.compact_if_due();
+    }
+
+    /// Whether a message of `sender` at `step` is one of this relay's appends not answered yet.
+    fn unanswered(&self, sender: NodeId, step: Step) -> bool {
+        sender != 0
+            && self.pending.iter().any(|p| {
+                matches!(p.waits, Waits::Append { .. })
+                    && p.stamp.sender == sender
+                    && p.stamp.step == step
+            })
+    }
+
+    /// The next log entry read.
+    fn deliver_log(&mut self, now: u64) {
         let limits = Limits {
             max_frame: usize::MAX,
             max_message: usize::MAX,
             ..self.limits.limits
         };
-        for entry in entries {
+        {
+            let Some(entry) = self.backlog.pop_front() else {
+                return;
+            };
             if entry.position <= self.published {
-                continue;
+                return;
             }
             if entry.position > self.published + 1 {
-                self.missed = true;
+                self.missed = entry.position - 1;
+                // What waits for a position the log skipped goes before this entry.
+                self.release_held_below(entry.position);
             }
+            // Whether the members may lack what a snapshot here holds.
+            let skipped = self.missed;
             self.published = entry.position;
             self.high = self.high.max(entry.high);
             let len = entry.bytes.len() as u64;
@@ -695,11 +783,32 @@ impl RoomCore {
                     if self.doc.apply_update(&state).is_err() {
                         self.load_failures += 1;
                     }
-                    // The members hold everything it does, unless the log skipped entries.
-                    if !std::mem::take(&mut self.missed) {
-                        self.release_held();
-                        continue;
+                    // The members hold everything it does, unless this relay skipped entries
+                    // (then everyone gets snapshots until one holds them all) or they joined
+                    // since (their catch-up, up to where the relay was, may have met entries a
+                    // snapshot dropped: they get snapshots until one holds that far).
+                    if self.missed <= entry.covers {
+                        self.missed = 0;
                     }
+                    if skipped == 0 {
+                        let covers = entry.covers;
+                        let joiners: Vec<ConnId> = self
+                            .joined_since_snapshot
+                            .iter()
+                            .map(|&(conn, _)| conn)
+                            .collect();
+                        self.joined_since_snapshot
+                            .retain(|&(_, until)| until > covers);
+                        for conn in joiners {
+                            if let Some(node) = self.members.get(&conn).map(|m| m.node) {
+                                self.forward(0, Some(node), &entry.bytes);
+                            }
+                        }
+                        self.release_held();
+                        return;
+                    }
+                    self.joined_since_snapshot
+                        .retain(|&(_, until)| until > entry.covers);
                 }
                 Ok(_) => {}
                 Err(_) => self.load_failures += 1,
@@ -714,7 +823,6 @@ impl RoomCore {
             self.forward(from, None, &entry.bytes);
             self.release_held();
         }
-        self.compact_if_due();
     }
 
     /// Whether a message only forwarded must wait for the shared log first.
@@ -724,11 +832,12 @@ impl RoomCore {
 
     /// Forwards what was held for the part of the log fanned out by now.
     fn release_held(&mut self) {
-        while self
-            .held
-            .front()
-            .is_some_and(|held| held.after <= self.published)
-        {
+        self.release_held_below(self.published + 1);
+    }
+
+    /// Forwards what was held for positions below `position`.
+    fn release_held_below(&mut self, position: u64) {
+        while self.held.front().is_some_and(|held| held.after < position) {
             let Some(held) = self.held.pop_front() else {
                 break;
             };
@@ -749,10 +858,6 @@ impl RoomCore {
     /// Forwards a message now, or, in a shared room whose log is not fanned out as far as this
     /// room's appends before it, once it is.
     fn forward_in_turn(&mut self, sender: NodeId, to: Option<NodeId>, bytes: Bytes) {
-        let local = to.is_some_and(|node| self.nodes.get(&node).is_some_and(|n| n.conn.is_some()));
-        if self.shared && !local {
-            self.publish(to, self.awaited, bytes.clone(), None);
-        }
         if self.shared && self.waits_for_log() {
             self.held.push_back(Held {
                 after: self.awaited,
@@ -799,65 +904,49 @@ impl RoomCore {
         self.nodes.get(&node).is_some_and(|n| n.conn.is_some())
     }
 
-    /// Frames other relays of a shared room passed on, in the order they published them: each
-    /// reaches its members here once the log has been fanned out as far as it was on its relay,
-    /// and peers and presences of other relays are kept for late joiners.
-    pub fn relayed(&mut self, now: u64, entries: &[Relayed]) {
-        self.tick(now);
-        if self.stopped {
-            return;
-        }
+    /// One publication of another relay, in its place in the store's order.
+    fn deliver_publication(&mut self, entry: &Relayed) {
         let limits = Limits {
             max_frame: usize::MAX,
             max_message: usize::MAX,
             ..self.limits.limits
         };
-        for entry in entries {
-            match Frame::decode_with(&entry.bytes, &limits) {
-                Ok(Frame::PeerJoined { peer } | Frame::PeerRenamed { peer }) => {
-                    if self.is_member_here(peer.node) {
-                        continue;
-                    }
-                    let remote = self.remote.entry(peer.node).or_insert(Remote {
-                        relay: entry.relay,
-                        name: String::new(),
-                        presence: None,
-                    });
-                    remote.relay = entry.relay;
-                    remote.name = peer.name;
+        match Frame::decode_with(&entry.bytes, &limits) {
+            Ok(Frame::PeerJoined { peer } | Frame::PeerRenamed { peer }) => {
+                if self.is_member_here(peer.node) {
+                    return;
                 }
-                Ok(Frame::PeerLeft { node }) => {
-                    // Only the relay it was on says it left (it may have moved here).
-                    if self
-                        .remote
-                        .get(&node)
-                        .is_none_or(|r| r.relay != entry.relay)
-                    {
-                        continue;
-                    }
-                    self.remote.remove(&node);
-                }
-                Ok(Frame::Presence { sender, data }) => {
-                    if let Some(remote) = self.remote.get_mut(&sender) {
-                        remote.presence =
-                            (data != crate::wire::Json::null()).then(|| entry.bytes.clone());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => continue,
-            }
-            if self.waits_for_log() || entry.after > self.published {
-                self.held.push_back(Held {
-                    after: entry.after.max(self.awaited),
-                    sender: 0,
-                    to: entry.to,
-                    ack: false,
-                    bytes: entry.bytes.clone(),
+                let remote = self.remote.entry(peer.node).or_insert(Remote {
+                    relay: entry.relay,
+                    name: String::new(),
+                    presence: None,
                 });
-            } else {
-                self.forward(0, entry.to, &entry.bytes);
+                remote.relay = entry.relay;
+                remote.name = peer.name;
             }
+            Ok(Frame::PeerLeft { node }) => {
+                // Only the relay it was on says it left (it may have moved here).
+                if self
+                    .remote
+                    .get(&node)
+                    .is_none_or(|r| r.relay != entry.relay)
+                {
+                    return;
+                }
+                self.remote.remove(&node);
+            }
+            Ok(Frame::Presence { sender, data }) => {
+                if let Some(remote) = self.remote.get_mut(&sender) {
+                    remote.presence =
+                        (data != crate::wire::Json::null()).then(|| entry.bytes.clone());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
         }
+        // Its place has come (its sender's messages before it went out here already); what
+        // this relay's own members wait for concerns other senders.
+        self.forward(0, entry.to, &entry.bytes);
     }
 
     /// Another relay of a shared room is gone: its members leave.
@@ -939,6 +1028,8 @@ impl RoomCore {
             && self.pending.is_empty()
             && self.nodes.is_empty()
             && self.held.is_empty()
+            && self.backlog.is_empty()
+            && self.bus_backlog.is_empty()
     }
 
     /// Whether the room stopped after a store failure.
@@ -965,7 +1056,9 @@ impl RoomCore {
     /// Whether the room holds the node that `token` resumes. When it does not, the driver
     /// looks the token up in the store and passes what it found in [`JoinRequest::stored`].
     pub fn knows(&self, token: &ResumeToken) -> bool {
-        self.tokens.contains_key(token)
+        // A shared room's node may have stored messages through another relay since: the store
+        // says how far.
+        !self.shared && self.tokens.contains_key(token)
     }
 
     fn new_node(&self, token: ResumeToken) -> Node {
@@ -1008,6 +1101,15 @@ impl RoomCore {
                 code: close::TRY_AGAIN_LATER,
                 reason: "the room is restarting; try again".into(),
             });
+        }
+        if let Some(record) = stored.filter(|s| self.shared && Some(s.token) == resume) {
+            // Its last message may have been stored through another relay: what it sends from
+            // here waits until this relay has fanned the log out that far, and steps at or
+            // below that one are replays here too.
+            self.awaited = self.awaited.max(record.position);
+            if self.nodes.contains_key(&record.node) {
+                self.validator.restore(record.node, record.last_step, now);
+            }
         }
         let known = resume.and_then(|token| {
             self.tokens.get(&token).copied().or_else(|| {
@@ -1095,6 +1197,9 @@ impl RoomCore {
         });
         // It is here now, whatever another relay said.
         self.remote.remove(&node);
+        if self.shared {
+            self.joined_since_snapshot.push((conn, self.published));
+        }
         self.publish(None, 0, joined, Some(Roster::Joined(peer)));
         self.members.insert(
             conn,
@@ -1551,6 +1656,11 @@ impl RoomCore {
         }
         if !body.is_durable() {
             let to = body.recipient();
+            if self.shared && !to.is_some_and(|node| self.is_member_here(node)) {
+                // For the members on other relays, now: in the order of this relay's appends,
+                // the store puts it after the appends handed to it before, and before the next.
+                self.publish(to, self.awaited, bytes.clone(), None);
+            }
             if self.pending.is_empty() {
                 return self.forward_in_turn(node, to, bytes);
             }
@@ -1767,8 +1877,8 @@ impl RoomCore {
                         self.snapshot_len = len;
                     }
                     // Another relay compacts this shared room: its snapshots reset the tail.
-                    Ok(Appended::Refused { .. }) if self.shared => {}
-                    Ok(Appended::Refused { detail, .. }) => {
+                    Ok(Appended::Refused { .. } | Appended::Replayed { .. }) if self.shared => {}
+                    Ok(Appended::Refused { detail, .. } | Appended::Replayed { detail, .. }) => {
                         self.stop(format!("the store refused the room's snapshot: {detail}"))
                     }
                     Err(error) => self.stop(format!("the store failed: {error}")),
@@ -1796,6 +1906,9 @@ impl RoomCore {
                 continue;
             }
             self.forward_in_turn(stamp.sender, to, bytes);
+        }
+        if self.shared {
+            self.pump_followed(self.now);
         }
         self.sweep();
     }
@@ -1846,7 +1959,15 @@ impl RoomCore {
                     .unwrap_or(bytes);
                 self.forward(conn.unwrap_or(0), None, &positioned);
             }
-            // Another relay stored this step first.
+            // Another relay stored this step first: what this node sends next waits for the log
+            // to be fanned out as far as its last stored message, or receivers would see the
+            // next step before this one.
+            Ok(Appended::Replayed { position, detail }) => {
+                self.awaited = self.awaited.max(position);
+                if let Some(conn) = conn {
+                    self.refuse(conn, step, Reason::Replay, detail);
+                }
+            }
             Ok(Appended::Refused {
                 reason: Reason::Replay,
                 detail,
@@ -1899,6 +2020,8 @@ impl RoomCore {
         }
         // Nothing of the room outlives it but what the store holds.
         self.held.clear();
+        self.backlog.clear();
+        self.bus_backlog.clear();
         self.nodes.clear();
         self.tokens.clear();
         self.departures.clear();
@@ -2455,6 +2578,7 @@ mod tests {
             node: a.node,
             token: [7; 16],
             last_step: 10,
+            position: 0,
         });
         let back = room.join(2_000, 3, request, [9; 16]).unwrap();
         assert_eq!(back.node, a.node);
@@ -2714,7 +2838,7 @@ mod tests {
             while let Some(output) = self.rooms[i].poll_output() {
                 match output {
                     Output::Append(append) => {
-                        let answer = self.store.append_shared_now("r", append);
+                        let answer = self.store.append_shared_now("r", i as u64, 0, append);
                         self.rooms[i].appended(answer);
                     }
                     Output::Send { to, bytes } => self.got[i].entry(to).or_default().push(
@@ -2751,7 +2875,7 @@ mod tests {
         /// Relay `i` reads the log after what it fanned out.
         fn follow(&mut self, i: usize) {
             let entries = self.store.follow_now("r", self.rooms[i].published());
-            self.rooms[i].logged(0, &entries);
+            self.rooms[i].followed(0, &entries, &[], true);
             self.drive(i);
         }
 
@@ -2763,7 +2887,7 @@ mod tests {
                 .map(|(_, r)| r.clone())
                 .collect();
             self.bus_read[i] = self.bus.len();
-            self.rooms[i].relayed(0, &entries);
+            self.rooms[i].followed(0, &[], &entries, true);
             self.drive(i);
         }
 

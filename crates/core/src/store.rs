@@ -42,6 +42,9 @@ pub struct NodeRecord {
     pub token: ResumeToken,
     /// The last step of it that was stored.
     pub last_step: Step,
+    /// The log position of that message, where the store keeps it (a store that several relays
+    /// share does; 0 otherwise).
+    pub position: u64,
 }
 
 /// What a store knows of a room, as it opens it.
@@ -104,6 +107,8 @@ pub struct Followed {
     pub step: Step,
     /// The room's step with it.
     pub high: Step,
+    /// For a snapshot: the last log position it holds (0 otherwise).
+    pub covers: u64,
     /// The frame, with its position in the header: what a client receives.
     pub bytes: Bytes,
 }
@@ -118,8 +123,16 @@ pub enum Appended {
         /// The bytes the room's log holds now.
         bytes: u64,
     },
-    /// Not stored, for a reason that concerns this message alone (with several relays on one
-    /// store, `replay`: another relay stored this step first).
+    /// Not stored: a store that several relays share stored this step of the sender before
+    /// (through another relay); the sender's last stored message is at `position`. Read as a
+    /// `replay` refusal.
+    Replayed {
+        /// The log position of the sender's last stored message.
+        position: u64,
+        /// What exactly.
+        detail: String,
+    },
+    /// Not stored, for a reason that concerns this message alone.
     Refused {
         /// Why.
         reason: Reason,
@@ -185,8 +198,13 @@ struct MemoryRoom {
     docs: Vec<Option<String>>,
     /// The records of the nodes that stored something, by token.
     nodes: HashMap<ResumeToken, NodeRecord>,
-    /// What the relays that share the room follow (see [`MemoryStore::append_shared_now`]).
-    followed: Vec<Followed>,
+    /// The step, the room's step and what a snapshot covers, of each entry a shared room
+    /// logged (see [`MemoryStore::append_shared_now`]), by position.
+    stamps: HashMap<u64, (Step, Step, u64)>,
+    /// The relay that compacts a shared room, and until when (milliseconds).
+    lease: Option<(u64, u64)>,
+    /// The last position a shared room's snapshots hold.
+    covered: u64,
 }
 
 impl MemoryRoom {
@@ -244,7 +262,9 @@ impl MemoryStore {
                 log: Vec::new(),
                 docs: Vec::new(),
                 nodes: HashMap::new(),
-                followed: Vec::new(),
+                stamps: HashMap::new(),
+                lease: None,
+                covered: 0,
             });
             let mut record = room.record.clone();
             record.nodes_end = record.next_node + crate::room::NODE_BLOCK;
@@ -273,6 +293,17 @@ impl MemoryStore {
 
     /// Appends now.
     pub fn append_now(&self, room: &str, entry: Append) -> Result<Appended, StoreError> {
+        self.append_upto(room, entry, None)
+    }
+
+    /// Appends; a snapshot drops the entries of its document up to position `covers` (all of
+    /// them before it for `None`).
+    fn append_upto(
+        &self,
+        room: &str,
+        entry: Append,
+        covers: Option<u64>,
+    ) -> Result<Appended, StoreError> {
         let mut state = self.state();
         if std::mem::take(&mut state.fail_next) {
             state.failed.insert(room.to_owned());
@@ -298,17 +329,23 @@ impl MemoryStore {
                     node: entry.sender,
                     token,
                     last_step: 0,
+                    position: 0,
                 });
-                record.last_step = record.last_step.max(entry.step);
+                if entry.step > record.last_step {
+                    record.last_step = entry.step;
+                    record.position = position;
+                }
             }
             if entry.snapshot {
                 let doc = entry.doc.as_deref().unwrap_or(WHOLE_DOC);
+                let upto = covers.unwrap_or(u64::MAX);
                 let keep: Vec<bool> = room
                     .docs
                     .iter()
-                    .map(|d| match d {
+                    .zip(&room.log)
+                    .map(|(d, logged)| match d {
                         None => true,
-                        Some(d) => !(doc == WHOLE_DOC || d == doc),
+                        Some(d) => !((doc == WHOLE_DOC || d == doc) && logged.position <= upto),
                     })
                     .collect();
                 let mut i = 0;
@@ -340,13 +377,40 @@ impl MemoryStore {
     /// room before it is stored. A step at or below the last stored step of its sender is
     /// refused as `replay` (another relay stored it first), a sender whose node id belongs to
     /// another token as `senderMismatch`; the room's step moves by one when the step is above
-    /// it, whatever the `high` the relay proposed. The relay's Redis store runs the same rules
-    /// in a script.
-    pub fn append_shared_now(&self, room: &str, mut entry: Append) -> Result<Appended, StoreError> {
+    /// it, whatever the `high` the relay proposed. A snapshot is taken only from `relay` while it
+    /// holds the room's compaction lease (taken when free, for a minute from each snapshot, at
+    /// `now` milliseconds) and only when it holds more of the log than the last; it drops the
+    /// document entries up to what it holds. The relay's Redis store runs the same rules in a
+    /// script.
+    pub fn append_shared_now(
+        &self,
+        room: &str,
+        relay: u64,
+        now: u64,
+        mut entry: Append,
+    ) -> Result<Appended, StoreError> {
         let checked = self.with(|rooms| {
             let room = rooms
                 .get_mut(room)
                 .ok_or_else(|| StoreError::Corrupt(format!("no room {room:?}")))?;
+            if entry.snapshot {
+                if let Some((holder, until)) = room.lease {
+                    if holder != relay && until > now {
+                        return Ok(Some(Appended::Refused {
+                            reason: Reason::Unavailable,
+                            detail: format!("relay {holder} compacts this room"),
+                        }));
+                    }
+                }
+                if entry.covers <= room.covered {
+                    return Ok(Some(Appended::Refused {
+                        reason: Reason::Unavailable,
+                        detail: format!("a snapshot already holds position {}", room.covered),
+                    }));
+                }
+                room.lease = Some((relay, now + 60_000));
+                room.covered = entry.covers;
+            }
             if let Some(token) = entry.token {
                 if let Some(refused) = shared_check(&room.nodes, token, &entry) {
                     return Ok(Some(refused));
@@ -363,23 +427,23 @@ impl MemoryStore {
         if let Some(refused) = checked {
             return Ok(refused);
         }
-        let (sender, step, high) = (entry.sender, entry.step, entry.high);
-        let appended = self.append_now(room, entry)?;
+        let (step, high) = (entry.step, entry.high);
+        let covers = entry.snapshot.then_some(entry.covers);
+        let appended = self.append_upto(room, entry, covers)?;
         if let Appended::Stored { position, .. } = appended {
             self.with(|rooms| {
                 if let Some(room) = rooms.get_mut(room) {
-                    let bytes = room.log.last().map(|l| l.bytes.clone()).unwrap_or_default();
-                    room.followed.push(Followed {
-                        position,
-                        sender,
-                        step,
-                        high,
-                        bytes,
-                    });
+                    room.stamps
+                        .insert(position, (step, high, covers.unwrap_or(0)));
                 }
             });
         }
         Ok(appended)
+    }
+
+    /// The last position of `room`'s log.
+    pub fn position_now(&self, room: &str) -> u64 {
+        self.with(|rooms| rooms.get(room).map_or(0, |r| r.record.position))
     }
 
     /// The entries of a shared room after position `after`, as a relay that follows its log
@@ -389,8 +453,23 @@ impl MemoryStore {
             let Some(room) = rooms.get(room) else {
                 return Vec::new();
             };
-            let start = room.followed.partition_point(|f| f.position <= after);
-            room.followed[start..].to_vec()
+            // What a snapshot dropped is not there to read.
+            let start = room.log.partition_point(|l| l.position <= after);
+            room.log[start..]
+                .iter()
+                .map(|l| {
+                    let (step, high, covers) =
+                        room.stamps.get(&l.position).copied().unwrap_or_default();
+                    Followed {
+                        position: l.position,
+                        sender: l.sender,
+                        step,
+                        high,
+                        covers,
+                        bytes: l.bytes.clone(),
+                    }
+                })
+                .collect()
         })
     }
 
@@ -477,8 +556,8 @@ fn shared_check(
             });
         }
         if entry.step <= record.last_step {
-            return Some(Appended::Refused {
-                reason: Reason::Replay,
+            return Some(Appended::Replayed {
+                position: record.position,
                 detail: format!(
                     "step {} of node {} is not above its last stored step {}: it was stored through another relay",
                     entry.step, entry.sender, record.last_step

@@ -131,8 +131,11 @@ pub(crate) async fn run(
             Some(event) = next_event(&mut feed), if feed.is_some() => {
                 let now = task.relay.now_ms();
                 match event {
-                    FeedEvent::Logged(entries) => task.core.logged(now, &entries),
-                    FeedEvent::Relayed(entries) => task.core.relayed(now, &entries),
+                    FeedEvent::Read {
+                        logged,
+                        relayed,
+                        bus_complete,
+                    } => task.core.followed(now, &logged, &relayed, bus_complete),
                     FeedEvent::Gone(relay) => task.core.relay_gone(relay),
                 }
             }

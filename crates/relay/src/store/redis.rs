@@ -9,7 +9,8 @@
 //! - `pm:{room}:log`, a stream: one entry per logged message, whose id is `<position>-0`, with
 //!   its sender, step, the room's step with it, its document, and the frame without a position
 //!   (a reader puts the position in the header);
-//! - `pm:{room}:tokens`, a hash from resume token to `"<node> <last stored step> <ms seen>"`;
+//! - `pm:{room}:tokens`, a hash from resume token to
+//!   `"<node> <last stored step> <ms seen> <its position>"`;
 //! - `pm:{room}:nodes`, a hash from node id to its token;
 //! - `pm:{room}:bus`, a stream of what is not stored (checkpoints, signals, sync messages,
 //!   presence, peers) for the members on other relays, and `pm:{room}:members`, a hash from
@@ -104,12 +105,12 @@ local sender, token, step = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if token ~= '' then
   local record = redis.call('HGET', KEYS[2], token)
   if record then
-    local node, last = string.match(record, '^(%d+) (%d+)')
+    local node, last, seen, at = string.match(record, '^(%d+) (%d+) (%d+) ?(%d*)')
     if node ~= sender then
       return {'refused', 'senderMismatch', 'this resume token belongs to node ' .. node .. ', not ' .. sender}
     end
     if step <= tonumber(last) then
-      return {'refused', 'replay', 'step ' .. ARGV[3] .. ' of node ' .. sender ..
+      return {'replayed', tonumber(at) or 0, 'step ' .. ARGV[3] .. ' of node ' .. sender ..
         ' is not above its last stored step ' .. last .. ': it was stored through another relay'}
     end
   else
@@ -119,7 +120,6 @@ if token ~= '' then
     end
     redis.call('HSET', KEYS[3], sender, token)
   end
-  redis.call('HSET', KEYS[2], token, sender .. ' ' .. ARGV[3] .. ' ' .. ARGV[7])
 end
 local high = redis.call('HGET', KEYS[1], 'high')
 if ARGV[4] ~= '1' and step > tonumber(high) then
@@ -127,11 +127,14 @@ if ARGV[4] ~= '1' and step > tonumber(high) then
 end
 local position = redis.call('HINCRBY', KEYS[1], 'position', 1)
 local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', string.len(ARGV[6]))
+if token ~= '' then
+  redis.call('HSET', KEYS[2], token, sender .. ' ' .. ARGV[3] .. ' ' .. ARGV[7] .. ' ' .. position)
+end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'snapshot', position)
 end
 redis.call('XADD', KEYS[4], position .. '-0', 's', sender, 't', ARGV[3], 'h', high,
-  'd', ARGV[5], 'f', ARGV[6])
+  'd', ARGV[5], 'c', ARGV[8], 'f', ARGV[6])
 return {'stored', position, bytes}
 "#;
 
@@ -151,8 +154,11 @@ return gone
 "#;
 
 /// Passes a frame on to the other relays' members of a room, and records who joined or left.
-/// KEYS: bus, members. ARGV: relay, after, to, frame, change ("j", "l" or ""), node, name.
+/// KEYS: bus, members, room. ARGV: relay, after, to, frame, change ("j", "l" or ""), node, name.
+/// The entry's place is after the room's last log position now (never below `after`): the
+/// readers put it back there among the log's entries.
 const PUBLISH: &str = r#"
+local after = math.max(tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[3], 'position') or '0'))
 if ARGV[5] == 'j' then
   redis.call('HSET', KEYS[2], ARGV[6], ARGV[1] .. ' ' .. ARGV[7])
 elseif ARGV[5] == 'l' then
@@ -161,7 +167,7 @@ elseif ARGV[5] == 'l' then
     redis.call('HDEL', KEYS[2], ARGV[6])
   end
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', ARGV[2], 't', ARGV[3],
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', after, 't', ARGV[3],
   'f', ARGV[4])
 return 1
 "#;
@@ -311,13 +317,14 @@ fn entry(value: Value) -> Result<(Followed, Option<String>), StoreError> {
         .next()
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| corrupt("a stream entry id that is not a position"))?;
-    let (mut sender, mut step, mut high, mut doc, mut frame) = (0, 0, 0, None, None);
+    let (mut sender, mut step, mut high, mut covers, mut doc, mut frame) = (0, 0, 0, 0, None, None);
     let mut fields = array(fields)?.into_iter();
     while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
         match text(&name)?.as_str() {
             "s" => sender = int(&value)?,
             "t" => step = int(&value)?,
             "h" => high = int(&value)?,
+            "c" => covers = int(&value)?,
             "d" => doc = Some(text(&value)?).filter(|d| !d.is_empty()),
             "f" => {
                 frame = match value {
@@ -337,6 +344,7 @@ fn entry(value: Value) -> Result<(Followed, Option<String>), StoreError> {
             sender,
             step,
             high,
+            covers,
             bytes: Bytes::from(bytes),
         },
         doc,
@@ -543,9 +551,10 @@ async fn write_loop(
                     };
                     pipe.cmd("EVALSHA")
                         .arg(scripts.publish.get_hash())
-                        .arg(2)
+                        .arg(3)
                         .arg(&keys.bus)
                         .arg(&keys.members)
+                        .arg(&keys.room)
                         .arg(relay)
                         .arg(*after)
                         .arg(to.unwrap_or(0))
@@ -633,6 +642,10 @@ fn appended(value: Value) -> Result<Appended, StoreError> {
                 detail: text(&parts[2])?,
             })
         }
+        Some("replayed") if parts.len() == 3 => Ok(Appended::Replayed {
+            position: int(&parts[1])?,
+            detail: text(&parts[2])?,
+        }),
         Some("gone") => Err(StoreError::Corrupt(
             "the room is gone from the store; it is created again on the next join".into(),
         )),
@@ -713,11 +726,14 @@ impl Store for RedisStore {
                 return Ok(None);
             };
             let mut fields = record.split(' ').map(str::parse::<u64>);
-            match (fields.next(), fields.next()) {
+            let (node, last_step, _seen, position) =
+                (fields.next(), fields.next(), fields.next(), fields.next());
+            match (node, last_step) {
                 (Some(Ok(node)), Some(Ok(last_step))) => Ok(Some(NodeRecord {
                     node,
                     token,
                     last_step,
+                    position: position.and_then(Result::ok).unwrap_or(0),
                 })),
                 _ => Err(StoreError::Corrupt(format!("a node record {record:?}"))),
             }
@@ -808,10 +824,15 @@ impl Store for RedisStore {
 /// What the feed hands a room.
 #[derive(Debug)]
 pub enum FeedEvent {
-    /// New entries of its log, in order.
-    Logged(Vec<Followed>),
-    /// Frames the other relays published for it, in order.
-    Relayed(Vec<Relayed>),
+    /// What one read brought (see [`pattern_mesh_core::room::RoomCore::followed`]).
+    Read {
+        /// New entries of its log, in order.
+        logged: Vec<Followed>,
+        /// Frames the other relays published for it, in order.
+        relayed: Vec<Relayed>,
+        /// Whether the read brought every publication there was.
+        bus_complete: bool,
+    },
     /// A relay that had members in it stopped renewing its heartbeat.
     Gone(u64),
 }
@@ -1144,6 +1165,8 @@ struct Batch {
     relayed: Vec<Relayed>,
     /// The last bus entry read, own publications included.
     bus: Option<String>,
+    /// How many bus entries were read, own publications included.
+    bus_count: usize,
 }
 
 impl Feed {
@@ -1172,21 +1195,20 @@ impl Feed {
                 .or_default()
                 .insert(room.to_owned());
         }
-        let mut events = Vec::new();
-        if !batch.logged.is_empty() {
-            events.push(FeedEvent::Logged(batch.logged));
+        if batch.logged.is_empty() && batch.relayed.is_empty() {
+            return;
         }
-        if !batch.relayed.is_empty() {
-            events.push(FeedEvent::Relayed(batch.relayed));
-        }
-        for event in events {
-            if to.send(event).await.is_err() {
-                // The room's task has gone; its next opening watches anew.
-                let mut rooms = self.rooms();
-                if rooms.get(room).is_some_and(|w| w.id == id) {
-                    rooms.remove(room);
-                }
-                return;
+        let event = FeedEvent::Read {
+            logged: batch.logged,
+            relayed: batch.relayed,
+            // A read that returned a full page of publications may have left some.
+            bus_complete: batch.bus_count < PAGE,
+        };
+        if to.send(event).await.is_err() {
+            // The room's task has gone; its next opening watches anew.
+            let mut rooms = self.rooms();
+            if rooms.get(room).is_some_and(|w| w.id == id) {
+                rooms.remove(room);
             }
         }
     }
@@ -1221,6 +1243,7 @@ fn streams(
             }
             let (id, relayed) = bus_entry(value)?;
             batch.bus = Some(id);
+            batch.bus_count += 1;
             if relayed.relay != own {
                 batch.relayed.push(relayed);
             }

@@ -412,6 +412,7 @@ impl Store for SqliteStore {
                         node: r.get::<_, i64>(0)? as u64,
                         token,
                         last_step: r.get::<_, i64>(1)? as u64,
+                        position: 0,
                     })
                 })
                 .optional()
