@@ -117,7 +117,8 @@ enum Ev {
 
 enum Write {
     Append(Append),
-    Publish(Relayed),
+    /// A publication, with the step that moves the room step.
+    Publish(Relayed, u64),
 }
 
 /// A connection as its relay sees it. Each direction is FIFO.
@@ -725,7 +726,11 @@ impl Sim {
                 }
                 room::Output::Append(append) => self.enqueue(relay, Write::Append(append)),
                 room::Output::Publish {
-                    to, after, bytes, ..
+                    to,
+                    after,
+                    bytes,
+                    step,
+                    ..
                 } => {
                     if self.trace.is_some() {
                         let stamp = Frame::decode(&bytes)
@@ -737,9 +742,10 @@ impl Sim {
                         relay: self.relays[relay].life,
                         after,
                         to,
+                        high: 0,
                         bytes,
                     };
-                    self.enqueue(relay, Write::Publish(relayed));
+                    self.enqueue(relay, Write::Publish(relayed, step));
                 }
                 room::Output::Stop { reason } => {
                     self.log(|| format!("relay {relay}'s room stops: {reason}"));
@@ -795,9 +801,12 @@ impl Sim {
                     },
                 );
             }
-            Write::Publish(mut relayed) => {
-                // Its place in the store's order, as the store's script sets it.
-                relayed.after = relayed.after.max(self.store.position_now(ROOM));
+            Write::Publish(mut relayed, step) => {
+                // Its place in the store's order and the room step, as the store's script sets
+                // them.
+                let (position, high) = self.store.publish_now(ROOM, step);
+                relayed.after = relayed.after.max(position);
+                relayed.high = high;
                 self.bus.push(relayed);
             }
         }
@@ -817,8 +826,13 @@ impl Sim {
         let entries = self.store.follow_now(ROOM, core.published());
         let relayed: Vec<Relayed> = self.bus[from..]
             .iter()
-            .filter(|r| r.relay != life)
-            .cloned()
+            .map(|r| {
+                let mut r = r.clone();
+                if r.relay == life {
+                    r.bytes = Bytes::new();
+                }
+                r
+            })
             .collect();
         core.followed(now, &entries, &relayed, true);
         self.outputs(relay);

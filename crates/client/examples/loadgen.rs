@@ -276,6 +276,7 @@ mod native {
         let sent_at: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
         let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
         let delivered = Arc::new(AtomicU64::new(0));
+        let closes = Arc::new(Mutex::new(Vec::<u16>::new()));
         let run = format!("{:x}", now_micros());
         let mut sockets = Vec::new();
         for r in 0..rooms {
@@ -308,22 +309,34 @@ mod native {
             // does not get them counted as deliveries.
             let own: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
             let mine_sent = own.clone();
-            let (l, d, lat, sent) = (
+            let (l, d, lat, sent, c) = (
                 local.clone(),
                 delivered.clone(),
                 latencies.clone(),
                 sent_at.clone(),
+                closes.clone(),
             );
             let reader = tokio::spawn(async move {
                 let (mut got, mut mine) = (0u64, Vec::new());
+                // A reader gives up 30 s after its last update (a server's keep-alives and
+                // awareness messages do not count).
+                let mut last_update = Instant::now();
                 while got < expected_each {
+                    let deadline = (last_update + Duration::from_secs(30)).into();
                     let Ok(Some(Ok(message))) =
-                        tokio::time::timeout(Duration::from_secs(30), stream.next()).await
+                        tokio::time::timeout_at(deadline, stream.next()).await
                     else {
                         break;
                     };
-                    let Message::Binary(bytes) = message else {
-                        continue;
+                    let bytes = match message {
+                        Message::Binary(bytes) => bytes,
+                        Message::Close(frame) => {
+                            // Let go by the relay (a member that falls behind is cut off).
+                            let code = frame.map_or(1005, |f| u16::from(f.code));
+                            c.lock().await.push(code);
+                            break;
+                        }
+                        _ => continue,
                     };
                     if let Some((_, stamp)) = pattern_mesh_core::wire::peek_stamp(&bytes) {
                         l.fetch_max(stamp.step, Relaxed);
@@ -338,6 +351,7 @@ mod native {
                         continue;
                     }
                     let now = Instant::now();
+                    last_update = now;
                     if let Some(at) = sent
                         .lock()
                         .ok()
@@ -430,6 +444,13 @@ mod native {
             delivered as f64 / elapsed,
             expected_each * (rooms * members) as u64
         );
+        let closes = closes.lock().await.clone();
+        if !closes.is_empty() {
+            println!(
+                "  {} members were let go by the relay before they had everything (close codes {closes:?})",
+                closes.len()
+            );
+        }
         println!(
             "  delivery latency ms: p50 {:.2}  p99 {:.2}  p999 {:.2}  max {:.2}",
             percentile(&lat, 0.5),
@@ -446,9 +467,11 @@ mod native {
             );
         }
         println!(
-            "RESULT {name} relays={} rooms={rooms} members={members} rate={rate} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} cpu_s_per_100k={:.3}",
+            "RESULT {name} relays={} rooms={rooms} members={members} rate={rate} delivered_per_s={:.0} delivered={delivered} expected={} cut_off={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} cpu_s_per_100k={:.3}",
             addrs.len(),
             delivered as f64 / elapsed,
+            expected_each * (rooms * members) as u64,
+            closes.len(),
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
             percentile(&lat, 0.999),

@@ -362,6 +362,9 @@ pub enum Output {
         bytes: Bytes,
         /// Who joined or left, if that is what the frame says.
         roster: Option<Roster>,
+        /// The step of a stamped frame every member receives (0 otherwise): the store moves the
+        /// room step with it, as with an append.
+        step: Step,
     },
     /// Reserve `count` more node ids in the store; answer with [`RoomCore::reserved`].
     Reserve {
@@ -400,7 +403,10 @@ pub struct Relayed {
     pub after: u64,
     /// For one node only, or (`None`) for every member.
     pub to: Option<NodeId>,
-    /// The frame.
+    /// The room's step with it, as the store moved it.
+    pub high: Step,
+    /// The frame; empty for one of the reading relay's own publications (its members had it;
+    /// only its room step matters).
     pub bytes: Bytes,
 }
 
@@ -874,12 +880,25 @@ impl RoomCore {
 
     /// In a shared room, a frame for the members on the other relays.
     fn publish(&mut self, to: Option<NodeId>, after: u64, bytes: Bytes, roster: Option<Roster>) {
+        self.publish_stamped(to, after, bytes, roster, 0);
+    }
+
+    /// [`RoomCore::publish`] for a stamped frame, whose step moves the room step in the store.
+    fn publish_stamped(
+        &mut self,
+        to: Option<NodeId>,
+        after: u64,
+        bytes: Bytes,
+        roster: Option<Roster>,
+        step: Step,
+    ) {
         if self.shared {
             self.outputs.push_back(Output::Publish {
                 to,
                 after,
                 bytes,
                 roster,
+                step,
             });
         }
     }
@@ -904,8 +923,13 @@ impl RoomCore {
         self.nodes.get(&node).is_some_and(|n| n.conn.is_some())
     }
 
-    /// One publication of another relay, in its place in the store's order.
+    /// One publication of another relay, in its place in the store's order (one of this
+    /// relay's own, with no frame, only moves the room step).
     fn deliver_publication(&mut self, entry: &Relayed) {
+        self.high = self.high.max(entry.high);
+        if entry.bytes.is_empty() {
+            return;
+        }
         let limits = Limits {
             max_frame: usize::MAX,
             max_message: usize::MAX,
@@ -1650,8 +1674,11 @@ impl RoomCore {
         let verdict = self.validator.check(&stamp, origin, self.high, now);
         debug_assert_eq!(verdict, Verdict::Accepted, "the peeked verdict holds");
         // The room step counts what everyone receives: a message above it moves it by one,
-        // whatever its step (see `crate::clock`), so that no member can drag it forward.
-        if stamp.step > self.high && body.recipient().is_none() {
+        // whatever its step (see `crate::clock`), so that no member can drag it forward. In a
+        // shared room the store moves it, with each append and publication, and the room takes
+        // it from what it reads back: it never runs ahead of the store's, so that the store's
+        // check of the future bound never refuses what this room accepted.
+        if stamp.step > self.high && body.recipient().is_none() && !self.shared {
             self.high += 1;
         }
         if !body.is_durable() {
@@ -1659,7 +1686,8 @@ impl RoomCore {
             if self.shared && !to.is_some_and(|node| self.is_member_here(node)) {
                 // For the members on other relays, now: in the order of this relay's appends,
                 // the store puts it after the appends handed to it before, and before the next.
-                self.publish(to, self.awaited, bytes.clone(), None);
+                let step = if to.is_none() { stamp.step } else { 0 };
+                self.publish_stamped(to, self.awaited, bytes.clone(), None, step);
             }
             if self.pending.is_empty() {
                 return self.forward_in_turn(node, to, bytes);
@@ -2857,16 +2885,22 @@ mod tests {
                         }
                     }
                     Output::Publish {
-                        to, after, bytes, ..
-                    } => self.bus.push((
-                        i,
-                        Relayed {
+                        to,
+                        after,
+                        bytes,
+                        step,
+                        ..
+                    } => {
+                        let (position, high) = self.store.publish_now("r", step);
+                        let relayed = Relayed {
                             relay: i as u64,
-                            after,
+                            after: after.max(position),
                             to,
+                            high,
                             bytes,
-                        },
-                    )),
+                        };
+                        self.bus.push((i, relayed));
+                    }
                     _ => {}
                 }
             }
@@ -2883,8 +2917,13 @@ mod tests {
         fn listen(&mut self, i: usize) {
             let entries: Vec<Relayed> = self.bus[self.bus_read[i]..]
                 .iter()
-                .filter(|(from, _)| *from != i)
-                .map(|(_, r)| r.clone())
+                .map(|(from, r)| {
+                    let mut r = r.clone();
+                    if *from == i {
+                        r.bytes = Bytes::new();
+                    }
+                    r
+                })
                 .collect();
             self.bus_read[i] = self.bus.len();
             self.rooms[i].followed(0, &[], &entries, true);

@@ -376,8 +376,9 @@ impl MemoryStore {
     /// state are made here, with the append, since no relay's room sees every message of the
     /// room before it is stored. A step at or below the last stored step of its sender is
     /// refused as `replay` (another relay stored it first), a sender whose node id belongs to
-    /// another token as `senderMismatch`; the room's step moves by one when the step is above
-    /// it, whatever the `high` the relay proposed. A snapshot is taken only from `relay` while it
+    /// another token as `senderMismatch`, a step more than the room's `max_future` above the
+    /// room step as `futureStep`; the room's step moves by one when the step is above it,
+    /// whatever the `high` the relay proposed. A snapshot is taken only from `relay` while it
     /// holds the room's compaction lease (taken when free, for a minute from each snapshot, at
     /// `now` milliseconds) and only when it holds more of the log than the last; it drops the
     /// document entries up to what it holds. The relay's Redis store runs the same rules in a
@@ -417,6 +418,18 @@ impl MemoryStore {
                 }
             }
             let high = room.record.high;
+            // Rule 5 against the room step as the store knows it: a relay's room never runs
+            // ahead of it, so this refuses only what the relay should have refused.
+            let future = room.record.config.max_future;
+            if !entry.snapshot && entry.step > high.saturating_add(future) {
+                return Ok(Some(Appended::Refused {
+                    reason: Reason::FutureStep,
+                    detail: format!(
+                        "step {} is more than {future} steps ahead of the room step {high}",
+                        entry.step
+                    ),
+                }));
+            }
             entry.high = if !entry.snapshot && entry.step > high {
                 high + 1
             } else {
@@ -444,6 +457,21 @@ impl MemoryStore {
     /// The last position of `room`'s log.
     pub fn position_now(&self, room: &str) -> u64 {
         self.with(|rooms| rooms.get(room).map_or(0, |r| r.record.position))
+    }
+
+    /// Takes a publication of a shared room (see [`crate::room::Output::Publish`]) as the
+    /// Redis store's script does: answers its place (the log's last position) and the room step
+    /// with it, moved by one when `step` is above it.
+    pub fn publish_now(&self, room: &str, step: Step) -> (u64, Step) {
+        self.with(|rooms| {
+            let Some(room) = rooms.get_mut(room) else {
+                return (0, 0);
+            };
+            if step > room.record.high {
+                room.record.high += 1;
+            }
+            (room.record.position, room.record.high)
+        })
     }
 
     /// The entries of a shared room after position `after`, as a relay that follows its log

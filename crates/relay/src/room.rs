@@ -329,9 +329,10 @@ impl RoomTask {
                         after,
                         bytes,
                         roster,
+                        step,
                     } => {
                         if let Some(feed) = &self.relay.feed {
-                            feed.publish(&name, to, after, bytes, roster);
+                            feed.publish(&name, to, after, bytes, roster, step);
                         }
                     }
                     Output::Stop { reason } => {

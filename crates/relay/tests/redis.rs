@@ -600,3 +600,113 @@ async fn one_relay_compacts_a_shared_room_and_the_log_keeps_every_data_entry() {
         writer.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_checks_replay_identity_and_the_future_bound_with_each_append() {
+    use pattern_mesh_core::room::Append;
+    use pattern_mesh_core::store::{Appended, Store};
+    use pattern_mesh_core::wire::{Body, Json, RoomConfig, Stamp};
+    let redis = Redis::start("redis-script");
+    let (store, _feed) = pattern_mesh_relay::store::redis::RedisStore::open(&redis.url())
+        .await
+        .expect("connected");
+    let record = store
+        .open_room("script", RoomConfig::default())
+        .await
+        .unwrap();
+    let max_future = record.config.max_future;
+    let node = record.next_node;
+    let append = |step: u64, token: [u8; 16]| {
+        let frame = Frame::stamped(
+            Stamp {
+                sender: node,
+                step,
+                pattern: pattern_mesh_core::pattern::PatternConfig::default().value(step),
+            },
+            Body::Data {
+                data: Json::from_value(&serde_json::json!(step)).unwrap(),
+            },
+        );
+        Append {
+            sender: node,
+            token: Some(token),
+            step,
+            high: 0,
+            doc: None,
+            snapshot: false,
+            covers: 0,
+            bytes: bytes::Bytes::from(frame.encode()),
+        }
+    };
+    let token = [7; 16];
+    let refused = store
+        .append("script", append(max_future + 1, token))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            refused,
+            Appended::Refused {
+                reason: Reason::FutureStep,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let stored = store.append("script", append(1, token)).await.unwrap();
+    assert!(
+        matches!(stored, Appended::Stored { position: 1, .. }),
+        "{stored:?}"
+    );
+    let again = store.append("script", append(1, token)).await.unwrap();
+    assert!(
+        matches!(again, Appended::Replayed { position: 1, .. }),
+        "{again:?}"
+    );
+    let forged = store.append("script", append(2, [8; 16])).await.unwrap();
+    assert!(
+        matches!(
+            forged,
+            Appended::Refused {
+                reason: Reason::SenderMismatch,
+                ..
+            }
+        ),
+        "{forged:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_alone_on_its_relay_moves_the_room_step_with_its_signals() {
+    use pattern_mesh_core::wire::{Body, Json};
+    let redis = Redis::start("redis-signals");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut a = join_at(&urls[0], "signals", 0, 0, None).await;
+    let mut b = join_at(&urls[1], "signals", 0, 0, None).await;
+    // More signals than the future bound (1000) ahead of a room step that only signals move.
+    let total = 1_200u64;
+    for i in 0..total {
+        let stamp = a.stamp();
+        let signal = Frame::stamped(
+            stamp,
+            Body::Signal {
+                data: Json::from_value(&serde_json::json!(i)).unwrap(),
+            },
+        );
+        a.send(&signal).await;
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut got = 0;
+    while got < total {
+        let frame = b.recv().await.frame;
+        if frame.stamp().is_some() {
+            got += 1;
+        }
+    }
+    // None of them was refused (as `futureStep`, were the relay's room step left behind).
+    while let Ok(Ok(p)) = tokio::time::timeout(Duration::from_millis(300), a.conn.recv()).await {
+        assert!(!matches!(p.frame, Frame::Reject { .. }), "{:?}", p.frame);
+    }
+}

@@ -20,8 +20,10 @@
 //! **Checks with the append.** One script makes the checks that need the state of the whole
 //! room, atomically with the append, since no relay sees every message of the room: a step at or
 //! below its node's last stored step is refused as `replay` (another relay stored it first), a
-//! token that is not its node's as `senderMismatch`; the room's step moves by one when the
-//! message's step is above it; the position is the next one. The rules are those of
+//! token that is not its node's as `senderMismatch`, a step more than the room's `maxFuture`
+//! ahead of the room step as `futureStep`; the room's step moves by one when the message's step
+//! is above it (publications of frames every member receives move it too); the position is the
+//! next one. The rules are those of
 //! [`pattern_mesh_core::store::MemoryStore::append_shared_now`].
 //!
 //! **Order.** Appends go through one writer task that sends them to Redis in the order they were
@@ -122,6 +124,11 @@ if token ~= '' then
   end
 end
 local high = redis.call('HGET', KEYS[1], 'high')
+local future = tonumber(redis.call('HGET', KEYS[1], 'future'))
+if ARGV[4] ~= '1' and step > tonumber(high) + future then
+  return {'refused', 'future', 'step ' .. ARGV[3] .. ' is more than ' .. future ..
+    ' steps ahead of the room step ' .. high}
+end
 if ARGV[4] ~= '1' and step > tonumber(high) then
   high = redis.call('HINCRBY', KEYS[1], 'high', 1)
 end
@@ -154,11 +161,16 @@ return gone
 "#;
 
 /// Passes a frame on to the other relays' members of a room, and records who joined or left.
-/// KEYS: bus, members, room. ARGV: relay, after, to, frame, change ("j", "l" or ""), node, name.
-/// The entry's place is after the room's last log position now (never below `after`): the
-/// readers put it back there among the log's entries.
+/// KEYS: bus, members, room. ARGV: relay, after, to, frame, change ("j", "l" or ""), node, name,
+/// step. The entry's place is after the room's last log position now (never below `after`):
+/// the readers put it back there among the log's entries. A stamped frame every member receives
+/// moves the room step as an append does.
 const PUBLISH: &str = r#"
 local after = math.max(tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[3], 'position') or '0'))
+local high = tonumber(redis.call('HGET', KEYS[3], 'high') or '0')
+if tonumber(ARGV[8]) > high then
+  high = redis.call('HINCRBY', KEYS[3], 'high', 1)
+end
 if ARGV[5] == 'j' then
   redis.call('HSET', KEYS[2], ARGV[6], ARGV[1] .. ' ' .. ARGV[7])
 elseif ARGV[5] == 'l' then
@@ -168,7 +180,7 @@ elseif ARGV[5] == 'l' then
   end
 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', after, 't', ARGV[3],
-  'f', ARGV[4])
+  'h', high, 'f', ARGV[4])
 return 1
 "#;
 
@@ -374,6 +386,7 @@ enum Write {
         after: u64,
         bytes: Bytes,
         roster: Option<Roster>,
+        step: u64,
     },
 }
 
@@ -542,6 +555,7 @@ async fn write_loop(
                     after,
                     bytes,
                     roster,
+                    step,
                     ..
                 } => {
                     let (change, node, name) = match roster {
@@ -561,7 +575,8 @@ async fn write_loop(
                         .arg(bytes.as_ref())
                         .arg(change)
                         .arg(node)
-                        .arg(name);
+                        .arg(name)
+                        .arg(*step);
                 }
             }
             sent.push(write);
@@ -635,6 +650,7 @@ fn appended(value: Value) -> Result<Appended, StoreError> {
             let reason = match text(&parts[1])?.as_str() {
                 "replay" => Reason::Replay,
                 "busy" => Reason::Unavailable,
+                "future" => Reason::FutureStep,
                 _ => Reason::SenderMismatch,
             };
             Ok(Appended::Refused {
@@ -998,6 +1014,7 @@ impl Feed {
         after: u64,
         bytes: Bytes,
         roster: Option<Roster>,
+        step: u64,
     ) {
         let _ = self.writes.send(Write::Publish {
             room: room.to_owned(),
@@ -1005,6 +1022,7 @@ impl Feed {
             after,
             bytes,
             roster,
+            step,
         });
     }
 }
@@ -1189,7 +1207,7 @@ impl Feed {
             }
             (watch.id, watch.to.clone())
         };
-        for relayed in &batch.relayed {
+        for relayed in batch.relayed.iter().filter(|r| r.relay != self.relay) {
             self.relays()
                 .entry(relayed.relay)
                 .or_default()
@@ -1241,12 +1259,14 @@ fn streams(
                 batch.logged.push(entry(value)?.0);
                 continue;
             }
-            let (id, relayed) = bus_entry(value)?;
+            let (id, mut relayed) = bus_entry(value)?;
             batch.bus = Some(id);
             batch.bus_count += 1;
-            if relayed.relay != own {
-                batch.relayed.push(relayed);
+            if relayed.relay == own {
+                // Its members had it; its room step still counts.
+                relayed.bytes = Bytes::new();
             }
+            batch.relayed.push(relayed);
         }
     }
     Ok(out.into_iter().collect())
@@ -1262,6 +1282,7 @@ fn bus_entry(value: Value) -> Result<(String, Relayed), StoreError> {
         relay: 0,
         after: 0,
         to: None,
+        high: 0,
         bytes: Bytes::new(),
     };
     let mut fields = array(fields)?.into_iter();
@@ -1269,6 +1290,7 @@ fn bus_entry(value: Value) -> Result<(String, Relayed), StoreError> {
         match text(&name)?.as_str() {
             "r" => relayed.relay = int(&value)?,
             "a" => relayed.after = int(&value)?,
+            "h" => relayed.high = int(&value)?,
             "t" => relayed.to = Some(int(&value)?).filter(|&n| n != 0),
             "f" => {
                 relayed.bytes = match value {
