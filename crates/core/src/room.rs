@@ -545,6 +545,8 @@ pub struct RoomCore {
     bus_backlog: VecDeque<Relayed>,
     /// How far the log may be fanned out before more publications are read.
     horizon: u64,
+    /// The log position a shared room started from on this relay.
+    opened_at: u64,
     /// A shared room's log skipped positions up to this one (document entries another relay's
     /// snapshot dropped before this relay read them): the members get snapshots until one holds
     /// that far.
@@ -617,6 +619,7 @@ impl RoomCore {
             backlog: VecDeque::new(),
             bus_backlog: VecDeque::new(),
             horizon: u64::MAX,
+            opened_at: 0,
             now,
         };
         room.load(document);
@@ -670,6 +673,7 @@ impl RoomCore {
     /// Call it before the first join.
     pub fn share(&mut self) {
         self.shared = true;
+        self.opened_at = self.published;
     }
 
     /// Whether the room's log is shared with other relays.
@@ -967,6 +971,11 @@ impl RoomCore {
             }
             Ok(_) => {}
             Err(_) => return,
+        }
+        // Placed before the log this room started from: its members' catch-up went past its
+        // place, so it would come after later messages of its sender. It is of the past.
+        if entry.after < self.opened_at {
+            return;
         }
         // Its place has come (its sender's messages before it went out here already); what
         // this relay's own members wait for concerns other senders.

@@ -239,6 +239,16 @@ impl Relay {
             code: close::INTERNAL,
             reason: format!("the room could not be opened: {e}"),
         };
+        // A shared room: where the other relays' publications for it stand, and its members
+        // on them; read before the room, so that no publication placed after the room's
+        // position as read is passed over (the room drops those placed before it).
+        let (bus, remote) = match &self.feed {
+            Some(feed) => {
+                let (bus, remote) = feed.open(room).await.map_err(unavailable)?;
+                (Some(bus), Some(remote))
+            }
+            None => (None, None),
+        };
         let record = self
             .store
             .open_room(room, requested.unwrap_or(self.config.room))
@@ -247,15 +257,6 @@ impl Relay {
         let document = self.store.read_document(room).await.map_err(unavailable)?;
         // Applying a large document takes a while: off the runtime's workers.
         let (name, limits, now) = (room.to_owned(), self.config.room_limits(), self.now_ms());
-        // A shared room: where the other relays' publications for it stand, and its members
-        // on them.
-        let (bus, remote) = match &self.feed {
-            Some(feed) => {
-                let (bus, remote) = feed.open(room).await.map_err(unavailable)?;
-                (Some(bus), Some(remote))
-            }
-            None => (None, None),
-        };
         let core = tokio::task::spawn_blocking(move || {
             RoomCore::new(name, record, &document, limits, now).map(|mut core| {
                 if let Some(remote) = remote {
