@@ -972,9 +972,10 @@ impl RoomCore {
             Ok(_) => {}
             Err(_) => return,
         }
-        // Placed before the log this room started from: its members' catch-up went past its
-        // place, so it would come after later messages of its sender. It is of the past.
-        if entry.after < self.opened_at {
+        // A stamped frame placed before the log this room started from: its members' catch-up
+        // went past its place, so it would come after later messages of its sender. It is of
+        // the past. (Peers and presences are not: they always go on.)
+        if entry.after < self.opened_at && peek_stamp(&entry.bytes).is_some() {
             return;
         }
         // Its place has come (its sender's messages before it went out here already); what
