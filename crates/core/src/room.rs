@@ -726,10 +726,7 @@ impl RoomCore {
             let next_bus = self.bus_backlog.front().map(|b| b.after);
             match (next_log, next_bus) {
                 (Some(position), Some(after)) if position <= after => self.deliver_log(now),
-                (_, Some(after))
-                    if (next_log.is_some() && self.backlog.front().is_some())
-                        || after <= self.published =>
-                {
+                (_, Some(after)) if next_log.is_some() || after <= self.published => {
                     if let Some(publication) = self.bus_backlog.pop_front() {
                         self.deliver_publication(&publication);
                     }

@@ -3,9 +3,10 @@
 //! each sender's replay protection continue from where they were. And its resident memory is
 //! measured while joiners that read nothing hang on a large log.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -45,29 +46,12 @@ fn start_relay(dir: &std::path::Path) -> (Relay, String) {
 
 /// Starts the relay binary on `dir` with `args` besides the defaults of these tests.
 fn start_relay_with(dir: &std::path::Path, args: &[&str]) -> (Relay, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--max-rate",
-            "100000",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the relay starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .split("ws://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("the relay prints its address: {line:?}"))
-        .to_owned();
+    let dir = dir.to_str().expect("a UTF-8 path");
+    let all: Vec<&str> = ["--data-dir", dir]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let (child, addr) = common::spawn_relay(&all);
     (Relay(child), addr)
 }
 

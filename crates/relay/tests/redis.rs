@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -107,25 +107,12 @@ fn relay(redis: &Redis) -> (Process, String) {
 
 /// A relay process on `redis`, with `args` besides the defaults of these tests.
 fn relay_with(redis: &Redis, args: &[&str]) -> (Process, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
-        .args(["--listen", "127.0.0.1:0", "--max-rate", "100000"])
-        .args(["--store", &redis.url()])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the relay starts");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    // The rest of its output is read (and dropped), so that its log never meets a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let addr = line
-        .split("ws://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("the relay prints its address: {line:?}"))
-        .to_owned();
+    let url = redis.url();
+    let all: Vec<&str> = ["--store", url.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let (child, addr) = common::spawn_relay(&all);
     (Process(child), format!("ws://{addr}/ws"))
 }
 

@@ -16,6 +16,33 @@ use tokio::sync::oneshot;
 /// How long a test waits for something that should come.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Starts the relay binary on a free loopback port with a high rate limit and `args`;
+/// answers the process and its address (`host:port`). The rest of its output is read and
+/// dropped, so that its log never meets a closed pipe.
+pub fn spawn_relay(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
+        .args(["--listen", "127.0.0.1:0", "--max-rate", "100000"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the relay starts");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("the relay prints a line");
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = line
+        .split("ws://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("the relay prints its address: {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
 /// A fresh directory under the system's temporary directory.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
