@@ -12,9 +12,11 @@ pub mod clock;
 pub mod doc;
 pub mod pace;
 pub mod pattern;
+#[cfg(feature = "yrs")]
 pub mod room;
 pub mod saved;
 pub mod session;
+#[cfg(feature = "yrs")]
 pub mod store;
 pub mod validate;
 pub mod wire;

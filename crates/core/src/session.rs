@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::{Advance, StepClock};
-use crate::doc::{has_insertions, merge_updates, Replica};
+use crate::doc::{has_insertions, Replica};
 use crate::pace::TokenBucket;
 use crate::pattern::{PatternConfig, PatternValue, Step};
 use crate::saved::{decode_message, encode_unsent, Saved, Stored};
@@ -731,7 +731,10 @@ impl<R: Replica> Session<R> {
         }) = self.waiting.back_mut()
         {
             if last_doc == doc && last.len() + update.len() <= MERGE_LIMIT {
-                if let Ok(merged) = merge_updates(&[last.as_slice(), update.as_slice()]) {
+                if let Some(merged) = self
+                    .replica
+                    .merge_updates(&[last.as_slice(), update.as_slice()])
+                {
                     *last = merged;
                     self.changed();
                     self.pump(now);

@@ -1,19 +1,7 @@
-//! The shared document: named texts on `yrs` (the Rust port of Yjs), whose edits travel as
-//! Yjs v1 updates inside pattern-validated frames, and the checkpoint digest.
-//!
-//! Convergence comes from a proven CRDT, not from this module: it only adds what the mesh needs
-//! around it. Indexes are UTF-16 code units, as in Yjs and in a browser's text fields, so an
-//! editor's selection offsets apply as they are. Every edit is checked before it reaches `yrs`:
-//! an index past the end is an error, never a panic.
-//!
-//! The client session does not need texts: it drives any [`Replica`], a Yjs document it can
-//! apply updates to, diff against a state vector, and compare at a [`Version`]. [`SharedDoc`] is
-//! the built-in one.
+//! [`SharedDoc`], the built-in document on `yrs`, and the update functions that need it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
-use yrs::encoding::write::Write as _;
 use yrs::types::text::TextEvent;
 use yrs::types::Delta;
 use yrs::updates::decoder::Decode;
@@ -22,64 +10,7 @@ use yrs::{
     Doc, GetString, Observable, OffsetKind, Options, ReadTxn, StateVector, Text, Transact, Update,
 };
 
-/// What went wrong with a document operation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DocError {
-    /// An insert position past the end of the text.
-    #[error("index {index} is past the end of the text (length {len})")]
-    IndexOutOfRange {
-        /// The index given.
-        index: u32,
-        /// The text's length in UTF-16 code units.
-        len: u32,
-    },
-    /// A deletion that runs past the end of the text.
-    #[error("deleting {length} from index {index} runs past the end of the text (length {len})")]
-    RangeOutOfRange {
-        /// The start given.
-        index: u32,
-        /// The length given.
-        length: u32,
-        /// The text's length.
-        len: u32,
-    },
-    /// Bytes that are not a Yjs v1 update, or an update that cannot be applied.
-    #[error("invalid Yjs update: {0}")]
-    InvalidUpdate(String),
-    /// Bytes that are not a Yjs state vector.
-    #[error("invalid Yjs state vector: {0}")]
-    InvalidStateVector(String),
-}
-
-/// A replica's version: what it has (its state vector) and what it has deleted (a hash of its
-/// delete set). A state vector alone does not move on a delete, so two replicas a delete apart
-/// would look "equal"; two replicas at the same `Version` must hold the same content.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version {
-    /// The Yjs state vector, v1 encoding.
-    pub state_vector: Vec<u8>,
-    /// A 64-bit hash of the delete set, in its canonical form (merged ranges by client).
-    pub deletes: u64,
-}
-
-/// A Yjs document a client session keeps in sync: the built-in [`SharedDoc`], or a document that
-/// lives elsewhere (a JS `Y.Doc` behind callbacks).
-pub trait Replica {
-    /// Applies a Yjs v1 update from another replica; updates may arrive in any order and more
-    /// than once.
-    fn apply_update(&mut self, update: &[u8]) -> Result<(), DocError>;
-    /// This replica's state vector, v1 encoding.
-    fn state_vector(&self) -> Vec<u8>;
-    /// Everything this replica has that the state vector `remote` lacks, as a Yjs v1 update;
-    /// an empty `remote` asks for everything.
-    fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError>;
-    /// This replica's version, for checkpoints.
-    fn version(&self) -> Version;
-    /// A digest of the content: equal versions must have equal digests.
-    fn digest(&self) -> u64;
-    /// Whether the replica holds anything at all (an empty one publishes no checkpoints).
-    fn is_empty(&self) -> bool;
-}
+use super::{digest_texts, DocError, Replica, TextDelta, Version};
 
 /// Checks that `update` decodes as a Yjs v1 update, without applying it anywhere: what the relay
 /// does with an update it forwards but does not apply (a sync answer).
@@ -93,18 +24,6 @@ pub fn check_update(update: &[u8]) -> Result<(), DocError> {
 pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, DocError> {
     yrs::merge_updates_v1(updates.iter().copied())
         .map_err(|e| DocError::InvalidUpdate(e.to_string()))
-}
-
-/// One step of a change to a text, in the form editors apply (`retain`, `insert`, `delete`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum TextDelta {
-    /// Keep this many code units.
-    Retain(u32),
-    /// Insert this text here.
-    Insert(String),
-    /// Delete this many code units here.
-    Delete(u32),
 }
 
 /// A document of named texts.
@@ -261,40 +180,27 @@ impl SharedDoc {
     /// This replica's version: its state vector and a hash of its delete set.
     pub fn version(&self) -> Version {
         let snapshot = self.doc.transact().snapshot();
-        let mut hash = Fnv::new();
-        for (client, ranges) in snapshot.delete_set.iter() {
-            hash.u64(client.get());
-            for range in ranges.iter() {
-                hash.u64(u64::from(range.start));
-                hash.u64(u64::from(range.end));
-            }
-            hash.u64(u64::MAX);
-        }
-        // Clients in ascending order: yrs keeps them in a hash map whose order follows its
-        // insertion history, and versions are compared byte for byte.
-        let mut clocks: Vec<(u64, u32)> = snapshot
+        let deletes = snapshot
+            .delete_set
+            .iter()
+            .map(|(client, ranges)| {
+                let ranges = ranges.iter().map(|r| (r.start, r.end)).collect();
+                (client.get(), ranges)
+            })
+            .collect();
+        let clocks = snapshot
             .state_map
             .iter()
             .map(|(client, &clock)| (client.get(), clock))
             .collect();
-        clocks.sort_unstable();
-        let mut state_vector = Vec::with_capacity(1 + clocks.len() * 8);
-        state_vector.write_var(clocks.len());
-        for (client, clock) in clocks {
-            state_vector.write_var(client);
-            state_vector.write_var(clock);
-        }
-        Version {
-            state_vector,
-            deletes: hash.finish(),
-        }
+        Version::canonical(clocks, deletes)
     }
 
     /// A 64-bit digest (FNV-1a) of the content of every text, by name. Two replicas at the same
     /// version must have the same digest; a difference is a desync.
     pub fn digest(&self) -> u64 {
         let txn = self.doc.transact();
-        let mut texts: Vec<(String, String)> = txn
+        let texts: Vec<(String, String)> = txn
             .root_refs()
             .filter_map(|(name, value)| match value {
                 yrs::Out::YText(text) => Some((name.to_owned(), text.get_string(&txn))),
@@ -305,18 +211,8 @@ impl SharedDoc {
                 }
                 _ => None,
             })
-            // An empty text is the same as no text: one replica may have opened it, another not.
-            .filter(|(_, content)| !content.is_empty())
             .collect();
-        texts.sort();
-        let mut hash = Fnv::new();
-        for (name, content) in &texts {
-            hash.bytes(name.as_bytes());
-            hash.bytes(&[0]);
-            hash.bytes(content.as_bytes());
-            hash.bytes(&[0]);
-        }
-        hash.finish()
+        digest_texts(texts)
     }
 
     /// Whether the document holds no item at all.
@@ -368,37 +264,10 @@ impl Replica for SharedDoc {
     fn is_empty(&self) -> bool {
         SharedDoc::is_empty(self)
     }
-}
 
-/// FNV-1a, 64 bits: a small, stable hash for digests that must agree across builds and targets.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
+    fn merge_updates(&self, updates: &[&[u8]]) -> Option<Vec<u8>> {
+        merge_updates(updates).ok()
     }
-
-    fn bytes(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 ^= u64::from(byte);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn u64(&mut self, value: u64) {
-        self.bytes(&value.to_le_bytes());
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// Whether a Yjs v1 update inserts anything: its first varint counts the clients that have new
-/// items (an update of deletions only starts with 0). A diff against a state vector always
-/// carries the whole delete set, so "non-empty" is the wrong test for "the peer lacks something".
-pub fn has_insertions(update: &[u8]) -> bool {
-    update.first().is_some_and(|&clients| clients != 0)
 }
 
 fn key(name: &str, id: u64) -> String {
@@ -416,6 +285,7 @@ fn to_delta(delta: &Delta) -> TextDelta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::doc::{digest_texts, has_insertions};
     use std::sync::{Arc, Mutex};
 
     #[test]
@@ -786,7 +656,7 @@ mod tests {
         // Items of clients 1 and 62 at clock 1473, before ",", then an item of client 1
         // at clock 1 that never resolves (its parent is itself): the replica and its
         // snapshot's copy show the same text.
-        let input = include_bytes!("../fuzz/corpus/document/item-after-a-clock-gap");
+        let input = include_bytes!("../../fuzz/corpus/document/item-after-a-clock-gap");
         let (head, tail) = input.split_at(input.len() / 2);
         let doc = SharedDoc::with_client_id(3);
         let hello = SharedDoc::with_client_id(11);
@@ -809,5 +679,28 @@ mod tests {
         let doc = SharedDoc::new();
         doc.apply_update(&json).unwrap();
         assert_eq!(merge_updates(&[&json]).unwrap(), json);
+    }
+
+    #[test]
+    fn a_yjs_snapshot_gives_the_same_version_as_the_document() {
+        let a = SharedDoc::with_client_id(7);
+        let b = SharedDoc::with_client_id(3);
+        b.apply_update(&a.insert("content", 0, "hello world").unwrap())
+            .unwrap();
+        a.apply_update(&b.insert("content", 5, ", dear").unwrap())
+            .unwrap();
+        a.apply_update(&b.delete("content", 0, 2).unwrap()).unwrap();
+        a.delete("content", 8, 3).unwrap();
+        let encoded = a.doc.transact().snapshot().encode_v1();
+        assert_eq!(Version::from_snapshot(&encoded).unwrap(), a.version());
+        assert!(Version::from_snapshot(&encoded[..encoded.len() - 1]).is_err());
+        assert!(Version::from_snapshot(&[0x80; 12]).is_err());
+        assert_eq!(
+            digest_texts(vec![
+                ("content".into(), a.text("content")),
+                ("x".into(), "".into())
+            ]),
+            a.digest()
+        );
     }
 }

@@ -1,0 +1,255 @@
+//! The shared document: named texts on `yrs` (the Rust port of Yjs), whose edits travel as
+//! Yjs v1 updates inside pattern-validated frames, and the checkpoint digest.
+//!
+//! Convergence comes from a proven CRDT, not from this module: it only adds what the mesh needs
+//! around it. Indexes are UTF-16 code units, as in Yjs and in a browser's text fields, so an
+//! editor's selection offsets apply as they are. Every edit is checked before it reaches `yrs`:
+//! an index past the end is an error, never a panic.
+//!
+//! The client session does not need texts: it drives any [`Replica`], a Yjs document it can
+//! apply updates to, diff against a state vector, and compare at a [`Version`]. [`SharedDoc`] is
+//! the built-in one.
+//!
+//! Without the `yrs` feature (the package's transport-only build), only the interface is here:
+//! the application brings its document (a JS `Y.Doc` through the provider).
+
+#[cfg(feature = "yrs")]
+mod shared;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "yrs")]
+pub use shared::{check_update, merge_updates, SharedDoc};
+
+/// What went wrong with a document operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocError {
+    /// An insert position past the end of the text.
+    #[error("index {index} is past the end of the text (length {len})")]
+    IndexOutOfRange {
+        /// The index given.
+        index: u32,
+        /// The text's length in UTF-16 code units.
+        len: u32,
+    },
+    /// A deletion that runs past the end of the text.
+    #[error("deleting {length} from index {index} runs past the end of the text (length {len})")]
+    RangeOutOfRange {
+        /// The start given.
+        index: u32,
+        /// The length given.
+        length: u32,
+        /// The text's length.
+        len: u32,
+    },
+    /// Bytes that are not a Yjs v1 update, or an update that cannot be applied.
+    #[error("invalid Yjs update: {0}")]
+    InvalidUpdate(String),
+    /// Bytes that are not a Yjs state vector.
+    #[error("invalid Yjs state vector: {0}")]
+    InvalidStateVector(String),
+    /// Bytes that are not a Yjs snapshot (v1).
+    #[error("invalid Yjs snapshot: {0}")]
+    InvalidSnapshot(String),
+}
+
+/// A replica's version: what it has (its state vector) and what it has deleted (a hash of its
+/// delete set). A state vector alone does not move on a delete, so two replicas a delete apart
+/// would look "equal"; two replicas at the same `Version` must hold the same content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    /// The Yjs state vector, v1 encoding.
+    pub state_vector: Vec<u8>,
+    /// A 64-bit hash of the delete set, in its canonical form (merged ranges by client).
+    pub deletes: u64,
+}
+
+impl Version {
+    /// The version of a replica whose state vector holds `clocks` (client, clock) and whose delete
+    /// set holds `deletes` (client, ranges `start..end`), in any order: clients are sorted and
+    /// ranges merged, so that replicas holding the same items agree byte for byte whatever their
+    /// history or implementation (yrs or Yjs).
+    pub fn canonical(mut clocks: Vec<(u64, u32)>, deletes: Vec<(u64, Vec<(u32, u32)>)>) -> Self {
+        clocks.sort_unstable();
+        let mut state_vector = Vec::with_capacity(1 + clocks.len() * 8);
+        write_var(&mut state_vector, clocks.len() as u64);
+        for (client, clock) in clocks {
+            write_var(&mut state_vector, client);
+            write_var(&mut state_vector, u64::from(clock));
+        }
+        let mut deletes: Vec<(u64, Vec<(u32, u32)>)> = deletes
+            .into_iter()
+            .map(|(client, mut ranges)| {
+                ranges.retain(|(start, end)| start < end);
+                ranges.sort_unstable();
+                let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+                for (start, end) in ranges {
+                    match merged.last_mut() {
+                        Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                        _ => merged.push((start, end)),
+                    }
+                }
+                (client, merged)
+            })
+            .filter(|(_, ranges)| !ranges.is_empty())
+            .collect();
+        deletes.sort_unstable();
+        let mut hash = Fnv::new();
+        for (client, ranges) in &deletes {
+            hash.u64(*client);
+            for &(start, end) in ranges {
+                hash.u64(u64::from(start));
+                hash.u64(u64::from(end));
+            }
+            hash.u64(u64::MAX);
+        }
+        Version {
+            state_vector,
+            deletes: hash.finish(),
+        }
+    }
+
+    /// The version in a Yjs snapshot, v1 encoding (`Y.encodeSnapshot(Y.snapshot(doc))`: the
+    /// delete set, then the state vector).
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, DocError> {
+        let bad = |what: &str| DocError::InvalidSnapshot(what.to_owned());
+        let mut input = bytes;
+        let mut next = |what: &str| read_var(&mut input).ok_or_else(|| bad(what));
+        let clients = next("delete set size")?;
+        let mut deletes = Vec::new();
+        for _ in 0..clients {
+            let client = next("delete set client")?;
+            let count = next("delete set ranges")?;
+            let mut ranges = Vec::new();
+            for _ in 0..count {
+                let clock = next("deleted clock")?;
+                let len = next("deleted length")?;
+                let end = clock.checked_add(len).ok_or_else(|| bad("deleted range"))?;
+                let (Ok(start), Ok(end)) = (u32::try_from(clock), u32::try_from(end)) else {
+                    return Err(bad("deleted range past 2^32"));
+                };
+                ranges.push((start, end));
+            }
+            deletes.push((client, ranges));
+        }
+        let count = next("state vector size")?;
+        let mut clocks = Vec::new();
+        for _ in 0..count {
+            let client = next("state vector client")?;
+            let clock = next("state vector clock")?;
+            let clock = u32::try_from(clock).map_err(|_| bad("clock past 2^32"))?;
+            clocks.push((client, clock));
+        }
+        if !input.is_empty() {
+            return Err(bad("bytes after the state vector"));
+        }
+        Ok(Self::canonical(clocks, deletes))
+    }
+}
+
+/// The digest of a document's texts, given as (name, content) in any order: FNV-1a over the
+/// non-empty texts sorted by name. Two replicas at the same [`Version`] must have the same digest.
+pub fn digest_texts(mut texts: Vec<(String, String)>) -> u64 {
+    // An empty text is the same as no text: one replica may have opened it, another not.
+    texts.retain(|(_, content)| !content.is_empty());
+    texts.sort();
+    let mut hash = Fnv::new();
+    for (name, content) in &texts {
+        hash.bytes(name.as_bytes());
+        hash.bytes(&[0]);
+        hash.bytes(content.as_bytes());
+        hash.bytes(&[0]);
+    }
+    hash.finish()
+}
+
+/// Writes a lib0 variable-length unsigned integer (7 bits a byte, low first).
+fn write_var(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Reads a lib0 variable-length unsigned integer; `None` at the end of the input or past 64 bits.
+fn read_var(input: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = input.split_first()?;
+        *input = rest;
+        value |= u64::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// A Yjs document a client session keeps in sync: the built-in [`SharedDoc`], or a document that
+/// lives elsewhere (a JS `Y.Doc` behind callbacks).
+pub trait Replica {
+    /// Applies a Yjs v1 update from another replica; updates may arrive in any order and more
+    /// than once.
+    fn apply_update(&mut self, update: &[u8]) -> Result<(), DocError>;
+    /// This replica's state vector, v1 encoding.
+    fn state_vector(&self) -> Vec<u8>;
+    /// Everything this replica has that the state vector `remote` lacks, as a Yjs v1 update;
+    /// an empty `remote` asks for everything.
+    fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError>;
+    /// This replica's version, for checkpoints.
+    fn version(&self) -> Version;
+    /// A digest of the content: equal versions must have equal digests.
+    fn digest(&self) -> u64;
+    /// Whether the replica holds anything at all (an empty one publishes no checkpoints).
+    fn is_empty(&self) -> bool;
+    /// `updates` merged into one, or `None` where this replica cannot merge (edits waiting to be
+    /// sent then travel one by one).
+    fn merge_updates(&self, updates: &[&[u8]]) -> Option<Vec<u8>> {
+        let _ = updates;
+        None
+    }
+}
+
+/// One step of a change to a text, in the form editors apply (`retain`, `insert`, `delete`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TextDelta {
+    /// Keep this many code units.
+    Retain(u32),
+    /// Insert this text here.
+    Insert(String),
+    /// Delete this many code units here.
+    Delete(u32),
+}
+
+/// FNV-1a, 64 bits: a small, stable hash for digests that must agree across builds and targets.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn u64(&mut self, value: u64) {
+        self.bytes(&value.to_le_bytes());
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Whether a Yjs v1 update inserts anything: its first varint counts the clients that have new
+/// items (an update of deletions only starts with 0). A diff against a state vector always
+/// carries the whole delete set, so "non-empty" is the wrong test for "the peer lacks something".
+pub fn has_insertions(update: &[u8]) -> bool {
+    update.first().is_some_and(|&clients| clients != 0)
+}
