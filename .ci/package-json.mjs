@@ -9,9 +9,19 @@ const [file, origin = ""] = process.argv.slice(2);
 const pkg = JSON.parse(readFileSync(file, "utf8"));
 pkg.exports = {
   ".": { types: "./pattern_mesh.d.ts", default: "./pattern_mesh.js" },
+  "./yjs": { types: "./yjs.d.ts", default: "./yjs.js" },
+  "./transport": { types: "./transport/pattern_mesh.d.ts", default: "./transport/pattern_mesh.js" },
+  "./transport/yjs": { types: "./transport/yjs.d.ts", default: "./transport/yjs.js" },
   "./pattern_mesh_bg.wasm": "./pattern_mesh_bg.wasm",
+  "./transport/pattern_mesh_bg.wasm": "./transport/pattern_mesh_bg.wasm",
   "./package.json": "./package.json",
 };
+for (const file of ["yjs.js", "yjs.d.ts", "transport"]) {
+  if (!pkg.files.includes(file)) pkg.files.push(file);
+}
+// The provider (pattern-mesh/yjs) works with the application's Yjs; the rest needs neither.
+pkg.peerDependencies = { yjs: "^13.6.0", "y-protocols": "^1.0.6" };
+pkg.peerDependenciesMeta = { yjs: { optional: true }, "y-protocols": { optional: true } };
 if (!pkg.repository) {
   const scp = origin.match(/^([\w.-]+@[\w.-]+):(.+)$/); // git@host:owner/name.git
   const url = scp ? `git+ssh://${scp[1]}/${scp[2]}` : origin;

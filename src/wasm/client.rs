@@ -10,6 +10,7 @@
 //! so a listener may call back into the client.
 
 use std::cell::{Cell, RefCell};
+#[cfg(feature = "document")]
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -27,9 +28,14 @@ use super::errors::{
 };
 use super::fatal::{register, Registration, Timer};
 use super::frames::{json_from_js, message_to_js, presence_event_to_js};
+use super::replica::{ClientDoc, JsDocument};
 use super::storage::Storage;
-use super::types::{JsJson, JsMeshClientOptions, JsTextListener, JsUnsubscribe};
+#[cfg(feature = "document")]
+use super::types::JsTextListener;
+use super::types::{JsJson, JsMeshClientOptions, JsUnsubscribe};
 use super::validator::{counts_to_js, verdict, VerdictJs};
+use crate::doc::Replica as _;
+#[cfg(feature = "document")]
 use crate::doc::{SharedDoc, TextDelta};
 use crate::pattern::Step;
 use crate::session::{Event, Output, Session, SessionConfig, SessionError, Status};
@@ -52,6 +58,8 @@ struct Options {
     persist: bool,
     /// The access token, or what gives one before each connection.
     token: Token,
+    /// The application's document, instead of the built-in one.
+    document: Option<JsDocument>,
 }
 
 /// Where the access token comes from.
@@ -64,7 +72,7 @@ enum Token {
 }
 
 impl Options {
-    const KEYS: [&'static str; 9] = [
+    const KEYS: [&'static str; 10] = [
         "url",
         "room",
         "name",
@@ -74,6 +82,7 @@ impl Options {
         "on",
         "persist",
         "token",
+        "document",
     ];
 
     /// Reads the options, refusing unknown keys and values of the wrong type by name.
@@ -117,10 +126,19 @@ impl Options {
                 ))
             })?),
         };
+        let document = field("document")
+            .map(|d| JsDocument::from_js(&d))
+            .transpose()?;
+        if persist && document.is_some() {
+            return Err(invalid_argument(
+                "persist keeps the built-in document; with the application's document, persist it beside the client (y-indexeddb for a Y.Doc)",
+            ));
+        }
         Ok(Options {
             on,
             persist,
             token,
+            document,
             urls: urls_arg(&field("url").unwrap_or(JsValue::UNDEFINED))?,
             room: string_arg("room", &field("room").unwrap_or(JsValue::UNDEFINED))?,
             name: field("name")
@@ -247,10 +265,11 @@ impl Drop for Socket {
 }
 
 /// A change of the text named first, and whether it came from a remote update.
+#[cfg(feature = "document")]
 type TextChange = (String, Vec<TextDelta>, bool);
 
 struct Driver {
-    session: Session<SharedDoc>,
+    session: Session<ClientDoc>,
     /// The relays; the session says which one a connection goes to.
     urls: Vec<String>,
     /// The class sockets are made with.
@@ -263,11 +282,15 @@ struct Driver {
     timer_at: Option<u64>,
     /// The clock: milliseconds of `Date.now()`, never going back.
     last_now: Cell<u64>,
+    #[cfg(feature = "document")]
     observed: HashMap<String, u64>,
+    #[cfg(feature = "document")]
     deltas: Rc<RefCell<Vec<TextChange>>>,
+    #[cfg(feature = "document")]
     remote: Rc<Cell<bool>>,
     calls: Vec<(&'static str, JsValue, Option<JsValue>)>,
     listeners: Vec<Listener>,
+    #[cfg(feature = "document")]
     text_listeners: Vec<(u32, String, js_sys::Function)>,
     next_listener: u32,
     joined: Option<oneshot::Sender<Result<(), String>>>,
@@ -324,6 +347,28 @@ impl Driver {
         now
     }
 
+    /// The text listeners' calls for the text changes collected since the last dispatch:
+    /// (listener, delta, origin).
+    fn text_calls(&mut self) -> Vec<(js_sys::Function, JsValue, JsValue)> {
+        #[cfg(feature = "document")]
+        {
+            let deltas = std::mem::take(&mut *self.deltas.borrow_mut());
+            let mut calls = Vec::new();
+            for (text, delta, remote) in deltas {
+                let Ok(delta) = to_js(&delta) else { continue };
+                let origin = JsValue::from_str(if remote { "remote" } else { "local" });
+                for (_, name, function) in &self.text_listeners {
+                    if *name == text {
+                        calls.push((function.clone(), delta.clone(), origin.clone()));
+                    }
+                }
+            }
+            calls
+        }
+        #[cfg(not(feature = "document"))]
+        Vec::new()
+    }
+
     fn call(&mut self, event: &'static str, value: JsValue) {
         self.calls.push((event, value, None));
     }
@@ -336,6 +381,10 @@ impl Driver {
 
     /// Turns the session's events into listener calls.
     fn events(&mut self) {
+        for problem in self.session.replica().take_problems() {
+            self.calls
+                .push(("error", js_error("DocumentError", problem), None));
+        }
         while let Some(event) = self.session.poll_event() {
             match event {
                 Event::Status { status, reason } => {
@@ -728,8 +777,10 @@ fn open(shared: &Shared, token: Option<&str>) {
                             return;
                         }
                         let now = driver.now();
+                        #[cfg(feature = "document")]
                         driver.remote.set(true);
                         driver.session.handle_frame(now, &bytes);
+                        #[cfg(feature = "document")]
                         driver.remote.set(false);
                     }
                     pump(&shared);
@@ -770,11 +821,11 @@ fn open(shared: &Shared, token: Option<&str>) {
 /// Calls the listeners of every collected event and text change, after the state is released.
 fn dispatch(shared: &Shared) {
     loop {
-        let (calls, deltas, listeners, text_listeners) = {
+        let (calls, text_calls, listeners) = {
             let mut driver = shared.borrow_mut();
             let calls = std::mem::take(&mut driver.calls);
-            let deltas = std::mem::take(&mut *driver.deltas.borrow_mut());
-            if calls.is_empty() && deltas.is_empty() {
+            let text_calls = driver.text_calls();
+            if calls.is_empty() && text_calls.is_empty() {
                 return;
             }
             let listeners: Vec<(&'static str, js_sys::Function)> = driver
@@ -782,8 +833,7 @@ fn dispatch(shared: &Shared) {
                 .iter()
                 .map(|l| (l.event, l.function.clone()))
                 .collect();
-            let text_listeners = driver.text_listeners.clone();
-            (calls, deltas, listeners, text_listeners)
+            (calls, text_calls, listeners)
         };
         for (event, value, extra) in calls {
             for (name, function) in &listeners {
@@ -798,15 +848,9 @@ fn dispatch(shared: &Shared) {
                 }
             }
         }
-        for (text, delta, remote) in deltas {
-            let Ok(delta) = to_js(&delta) else { continue };
-            let origin = JsValue::from_str(if remote { "remote" } else { "local" });
-            for (_, name, function) in &text_listeners {
-                if *name == text {
-                    if let Err(e) = function.call2(&JsValue::NULL, &delta, &origin) {
-                        web_log(&e);
-                    }
-                }
+        for (function, delta, origin) in text_calls {
+            if let Err(e) = function.call2(&JsValue::NULL, &delta, &origin) {
+                web_log(&e);
             }
         }
     }
@@ -899,7 +943,17 @@ impl MeshClient {
         if options.name.len() > limits.max_name {
             return Err(invalid_argument("name must be at most 64 bytes"));
         }
-        let replica = SharedDoc::new();
+        let mut replica = match options.document {
+            Some(document) => ClientDoc::Js(document),
+            #[cfg(feature = "document")]
+            None => ClientDoc::Built(SharedDoc::new()),
+            #[cfg(not(feature = "document"))]
+            None => {
+                return Err(invalid_argument(
+                    "this build of pattern-mesh (transport) has no document of its own: pass the document option (pattern-mesh/transport/yjs makes one from a Y.Doc)",
+                ))
+            }
+        };
         let mut storage = None;
         let mut problems = Vec::new();
         if options.persist {
@@ -939,11 +993,15 @@ impl MeshClient {
             registration: register(),
             timer_at: None,
             last_now: Cell::new(now),
+            #[cfg(feature = "document")]
             observed: HashMap::new(),
+            #[cfg(feature = "document")]
             deltas: Rc::default(),
+            #[cfg(feature = "document")]
             remote: Rc::default(),
             calls: Vec::new(),
             listeners: Vec::new(),
+            #[cfg(feature = "document")]
             text_listeners: Vec::new(),
             next_listener: 1,
             joined: Some(joined),
@@ -1173,7 +1231,47 @@ impl MeshClient {
         counts_to_js(self.shared.borrow().session.counters())
     }
 
-    /// The shared text `name` of the room's document.
+    /// Sends `update`, a Yjs v1 update of the document named `doc` (1 to 64 bytes) that the
+    /// application made: with the application's document (the `document` option), one it has
+    /// applied already; with the built-in document, it is applied first. It goes into the outbox
+    /// like any edit, merged with the updates of `doc` waiting before it where the document can
+    /// merge. Throws `RangeError` for an update larger than the relay accepts, `DocumentError`
+    /// for bytes the built-in document cannot apply, `ClosedError` after `close()`.
+    #[wasm_bindgen(js_name = sendUpdate)]
+    pub fn send_update(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] doc: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "Uint8Array")] update: JsValue,
+    ) -> Result<(), JsValue> {
+        let doc = string_arg("doc", &doc)?;
+        let update = bytes_arg("update", &update)?;
+        if doc.is_empty() || doc.len() > Limits::default().max_name {
+            return Err(invalid_argument("a document name must be 1 to 64 bytes"));
+        }
+        {
+            let mut driver = self.shared.borrow_mut();
+            if driver.session.is_closed() {
+                return Err(session_error(SessionError::Closed));
+            }
+            #[cfg(feature = "document")]
+            if let Some(built) = driver.session.replica().built() {
+                built
+                    .apply_update(&update)
+                    .map_err(|e| js_error("DocumentError", e))?;
+            }
+            let now = driver.now();
+            driver
+                .session
+                .update(now, &doc, update)
+                .map_err(session_error)?;
+        }
+        pump(&self.shared);
+        Ok(())
+    }
+
+    /// The shared text `name` of the room's document. Throws `DocumentError` when the client
+    /// carries the application's document (the `document` option): edit that one instead.
+    #[cfg(feature = "document")]
     pub fn text(
         &self,
         #[wasm_bindgen(unchecked_param_type = "string")] name: JsValue,
@@ -1187,11 +1285,17 @@ impl MeshClient {
             return Err(invalid_argument("a text name must be 1 to 64 bytes"));
         }
         let mut driver = self.shared.borrow_mut();
+        let Some(built) = driver.session.replica().built() else {
+            return Err(js_error(
+                "DocumentError",
+                "this client carries the application's document (the document option): edit that one",
+            ));
+        };
         if !driver.observed.contains_key(name) {
             let deltas = driver.deltas.clone();
             let remote = driver.remote.clone();
             let text = name.to_owned();
-            let id = driver.session.replica().observe(name, move |delta| {
+            let id = built.observe(name, move |delta| {
                 deltas
                     .borrow_mut()
                     .push((text.clone(), delta, remote.get()));
@@ -1287,12 +1391,14 @@ impl MeshClient {
 }
 
 /// A text of the room's shared document; edits converge in every tab.
+#[cfg(feature = "document")]
 #[wasm_bindgen]
 pub struct SharedText {
     shared: Shared,
     name: String,
 }
 
+#[cfg(feature = "document")]
 #[wasm_bindgen]
 impl SharedText {
     /// Inserts `text` at `index` (UTF-16 code units, as `selectionStart`). Throws `RangeError`
@@ -1336,13 +1442,24 @@ impl SharedText {
     /// The text's current content.
     #[wasm_bindgen(js_name = toString)]
     pub fn to_js_string(&self) -> String {
-        self.shared.borrow().session.replica().text(&self.name)
+        let driver = self.shared.borrow();
+        driver
+            .session
+            .replica()
+            .built()
+            .map(|doc| doc.text(&self.name))
+            .unwrap_or_default()
     }
 
     /// The length in UTF-16 code units.
     #[wasm_bindgen(getter)]
     pub fn length(&self) -> u32 {
-        self.shared.borrow().session.replica().len(&self.name)
+        let driver = self.shared.borrow();
+        driver
+            .session
+            .replica()
+            .built()
+            .map_or(0, |doc| doc.len(&self.name))
     }
 
     /// Calls `listener(delta, origin)` after every change, local or remote: `delta` is a list of
@@ -1374,6 +1491,7 @@ impl SharedText {
     }
 }
 
+#[cfg(feature = "document")]
 impl SharedText {
     fn edit(
         &self,
@@ -1384,8 +1502,13 @@ impl SharedText {
             if driver.session.is_closed() {
                 return Err(session_error(SessionError::Closed));
             }
-            let update = change(driver.session.replica(), &self.name)
-                .map_err(|e| js_error("RangeError", e))?;
+            let Some(doc) = driver.session.replica().built() else {
+                return Err(js_error(
+                    "DocumentError",
+                    "this client has no built-in document",
+                ));
+            };
+            let update = change(doc, &self.name).map_err(|e| js_error("RangeError", e))?;
             let now = driver.now();
             driver
                 .session

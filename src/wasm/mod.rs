@@ -7,17 +7,22 @@
 
 mod client;
 mod clock;
+#[cfg(feature = "document")]
 mod document;
 mod errors;
 mod fatal;
 mod frames;
 mod pattern;
+mod replica;
 mod storage;
 mod types;
 mod validator;
 
-pub use client::{MeshClient, SharedText};
+pub use client::MeshClient;
+#[cfg(feature = "document")]
+pub use client::SharedText;
 pub use clock::StepClock;
+#[cfg(feature = "document")]
 pub use document::SharedDocument;
 pub use frames::{decode, encode};
 pub use pattern::{collapse_digits, PatternGenerator};

@@ -212,7 +212,10 @@ pub(crate) async fn open(url: &str, room: &str) -> Result<Loaded, JsValue> {
                 .map(|u| js_sys::Uint8Array::new(&u).to_vec())
                 .collect();
             let refs: Vec<&[u8]> = updates.iter().map(Vec::as_slice).collect();
-            crate::doc::merge_updates(&refs).ok()
+            #[cfg(feature = "document")]
+            return crate::doc::merge_updates(&refs).ok();
+            #[cfg(not(feature = "document"))]
+            return refs.first().filter(|_| refs.len() == 1).map(|u| u.to_vec());
         });
     Ok(Loaded {
         storage: Storage {

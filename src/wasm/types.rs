@@ -158,6 +158,24 @@ export interface MeshClientOptions {
   persist?: boolean;
   /** The access token, for a relay that checks tokens: a string, or a function that returns one (or a promise of one), called before every connection and reconnection, so that a token that expires is replaced without losing anything. Sent as the `token` parameter of the WebSocket URL. */
   token?: string | (() => string | Promise<string>);
+  /** The application's document instead of the built-in one (`pattern-mesh/yjs` makes one from a `Y.Doc`: prefer its `MeshProvider`). Send its local updates with `sendUpdate`; `text()` is then unavailable, and `persist` is refused (persist the document beside the client, e.g. with y-indexeddb). Required in the transport-only build (`pattern-mesh/transport`), which has no document of its own. */
+  document?: MeshDocument;
+}
+
+/** A document that lives outside the client and speaks Yjs v1 updates: what the client's session needs of it. Its methods are called while the client is busy and must not call the client back. A method that throws is an `error` event named `DocumentError`. */
+export interface MeshDocument {
+  /** Applies a validated remote update (any order, possibly more than once). */
+  applyUpdate(update: Uint8Array): void;
+  /** The document's state vector, v1 (`Y.encodeStateVector`). */
+  stateVector(): Uint8Array;
+  /** What a peer at `stateVector` lacks, as a v1 update; an empty `stateVector` asks for everything. */
+  diff(stateVector: Uint8Array): Uint8Array;
+  /** A Yjs snapshot, v1 (`Y.encodeSnapshot(Y.snapshot(doc))`): the version checkpoints compare. */
+  snapshot(): Uint8Array;
+  /** `[name, content]` of the root texts: what the checkpoint digest covers. */
+  texts(): [string, string][];
+  /** Merges updates into one (`Y.mergeUpdates`), so that edits waiting to be sent travel together. */
+  mergeUpdates?(updates: Uint8Array[]): Uint8Array;
 }
 
 /** The client's connection status. */
@@ -228,7 +246,7 @@ export interface MeshEvents {
   status: Status;
   step: StepEvent;
   presence: PresenceEvent;
-  /** The module panicked: an `Error` named `PanicError` that says what failed and how many messages were not delivered (the client is closed; `MeshClient.connect` works again and rejoins the room). Or, with `persist`, a `StorageError`: a write to IndexedDB failed (messages wait until a retry succeeds), or a stored record could not be read. */
+  /** The module panicked: an `Error` named `PanicError` that says what failed and how many messages were not delivered (the client is closed; `MeshClient.connect` works again and rejoins the room). Or, with `persist`, a `StorageError`: a write to IndexedDB failed (messages wait until a retry succeeds), or a stored record could not be read. Or a `DocumentError`: a method of the application's `document` threw or returned the wrong type. */
   error: Error;
 }
 

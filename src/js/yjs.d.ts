@@ -1,0 +1,29 @@
+// Types of pattern-mesh/yjs, the Yjs provider.
+import type * as Y from "yjs";
+import type { Awareness } from "y-protocols/awareness";
+import type { MeshClient, MeshClientOptions, MeshDocument } from "./pattern_mesh.js";
+
+/** The `document` option of `MeshClient.connect` for a Y.Doc; updates it applies carry `origin`. */
+export function meshDocument(ydoc: Y.Doc, origin?: unknown): MeshDocument;
+
+/** Options of `MeshProvider.connect`: the client's, plus the document's frame name and an awareness. */
+export interface MeshProviderOptions extends Omit<MeshClientOptions, "document" | "persist"> {
+  /** The name the Y.Doc's update frames carry (default `"content"`). */
+  doc?: string;
+  /** A y-protocols Awareness of the Y.Doc: its local state (cursor, user name and colour) becomes this client's presence, the others' presences become its remote states. */
+  awareness?: Awareness;
+}
+
+/** Keeps a Y.Doc in sync through a pattern-mesh room. */
+export class MeshProvider {
+  /** Connects a client for `ydoc`; resolves once the room's updates are in it. Rejects as `MeshClient.connect` does. */
+  static connect(ydoc: Y.Doc, options: MeshProviderOptions): Promise<MeshProvider>;
+  /** The client: its events (`status`, `refused`, `anomaly`, ...) concern this document. */
+  readonly client: MeshClient;
+  readonly doc: Y.Doc;
+  readonly awareness: Awareness | null;
+  /** Calls `listener` when an update or the awareness state cannot be sent; returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
+  onError(listener: (error: Error) => void): () => void;
+  /** Stops syncing, removes the others' awareness states, and closes the client. */
+  destroy(): void;
+}

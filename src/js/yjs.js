@@ -1,0 +1,245 @@
+// pattern-mesh/yjs: a Yjs provider. Any Y.Doc (texts, maps, arrays, XML, rich text) travels
+// through a pattern-mesh relay: its local updates go out as stamped, validated, durably logged
+// update frames; validated remote updates are applied to it; sync requests are answered from
+// it; and Yjs awareness (cursors, user names and colours) rides on the client's presence.
+//
+// The client calls the Y.Doc while it is busy: nothing here calls the client back from a Y.Doc
+// or awareness event; what goes out is collected and sent in a microtask.
+import * as Y from "yjs";
+import {
+  applyAwarenessUpdate,
+  encodeAwarenessUpdate,
+  removeAwarenessStates,
+} from "y-protocols/awareness";
+import { MeshClient } from "./pattern_mesh.js";
+
+/**
+ * The `document` option of `MeshClient.connect` for a Y.Doc: what the client's session needs of
+ * a document. Updates it applies carry `origin` as their transaction origin.
+ */
+export function meshDocument(ydoc, origin = null) {
+  return {
+    applyUpdate: (update) => Y.applyUpdate(ydoc, update, origin),
+    stateVector: () => Y.encodeStateVector(ydoc),
+    diff: (stateVector) =>
+      stateVector.length === 0 ? Y.encodeStateAsUpdate(ydoc) : Y.encodeStateAsUpdate(ydoc, stateVector),
+    snapshot: () => Y.encodeSnapshot(Y.snapshot(ydoc)),
+    texts: () => texts(ydoc),
+    mergeUpdates: (updates) => Y.mergeUpdates(updates),
+  };
+}
+
+/** [name, content] of every root type's text, as the built-in document counts it for digests. */
+function texts(ydoc) {
+  const out = [];
+  for (const [name, type] of ydoc.share) {
+    // Maps, arrays and XML fragments hold no string items at their top level; the built-in
+    // document skips root XML texts.
+    if (type instanceof Y.XmlText) continue;
+    let content = "";
+    for (let item = type._start; item !== null; item = item.right) {
+      if (!item.deleted && item.content instanceof Y.ContentString) content += item.content.str;
+    }
+    out.push([name, content]);
+  }
+  return out;
+}
+
+const toBase64 = (bytes) => {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(binary);
+};
+const fromBase64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+
+/**
+ * Keeps a Y.Doc in sync through a pattern-mesh room.
+ *
+ * ```js
+ * import * as Y from "yjs";
+ * import { Awareness } from "y-protocols/awareness";
+ * import { MeshProvider } from "pattern-mesh/yjs";
+ * const ydoc = new Y.Doc();
+ * const awareness = new Awareness(ydoc);
+ * const provider = await MeshProvider.connect(ydoc, { url, room: "notes", name: "ada", awareness });
+ * ```
+ */
+export class MeshProvider {
+  /**
+   * Connects a client for `ydoc` (options as `MeshClient.connect`'s, without `document` and
+   * `persist`, plus `doc`, the name update frames carry, default `"content"`, and `awareness`,
+   * a y-protocols `Awareness` of `ydoc`). Resolves once the room's updates are in `ydoc`;
+   * rejects as `MeshClient.connect` does.
+   */
+  static async connect(ydoc, options = {}) {
+    if (!(ydoc instanceof Y.Doc)) throw invalid(`MeshProvider.connect needs a Y.Doc, got ${typeof ydoc}`);
+    const { doc = "content", awareness = null, on = {}, ...rest } = options;
+    if (typeof doc !== "string" || doc.length === 0) throw invalid("doc must be a non-empty string");
+    if (awareness !== null && awareness.doc !== ydoc) throw invalid("awareness must belong to the Y.Doc");
+    const provider = new MeshProvider(ydoc, doc, awareness);
+    // What the Y.Doc holds before the room's updates arrive (loaded from y-indexeddb, say) goes
+    // to the room too.
+    if (ydoc.store.clients.size > 0) provider.#queue(Y.encodeStateAsUpdate(ydoc));
+    try {
+      provider.client = await MeshClient.connect({
+        ...rest,
+        on: {
+          ...on,
+          presence: (event) => {
+            provider.#presence(event);
+            on.presence?.(event);
+          },
+          peers: (peers) => {
+            provider.#peers(peers);
+            on.peers?.(peers);
+          },
+        },
+        document: meshDocument(ydoc, provider),
+      });
+    } catch (e) {
+      provider.#detach();
+      throw e;
+    }
+    provider.#flush();
+    provider.#announce();
+    return provider;
+  }
+
+  /** The client: its events (`status`, `refused`, `anomaly`, ...) concern this document. */
+  client = null;
+  /** The Y.Doc. */
+  doc;
+  /** The Awareness, or null. */
+  awareness;
+  #name;
+  #updates = [];
+  #scheduled = false;
+  #announceWanted = false;
+  #nodes = new Map(); // node -> awareness client id
+  #listeners = new Set();
+  #onUpdate;
+  #onAwareness;
+
+  constructor(ydoc, doc, awareness) {
+    this.doc = ydoc;
+    this.#name = doc;
+    this.awareness = awareness;
+    this.#onUpdate = (update, origin) => {
+      if (origin !== this) this.#queue(update);
+    };
+    ydoc.on("update", this.#onUpdate);
+    if (awareness) {
+      this.#onAwareness = ({ added, updated, removed }, origin) => {
+        if (origin === this) return;
+        const me = awareness.clientID;
+        if (added.includes(me) || updated.includes(me) || removed.includes(me)) {
+          this.#announceWanted = true;
+          this.#schedule();
+        }
+      };
+      awareness.on("update", this.#onAwareness);
+    }
+  }
+
+  /**
+   * Calls `listener(error)` when an update or the awareness state cannot be sent (an update
+   * larger than the relay accepts, a closed client). Without listeners such errors go to
+   * `console.error`. Returns a function that unsubscribes.
+   */
+  onError(listener) {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  /** Stops syncing: removes this tab's awareness state for the others and closes the client. */
+  destroy() {
+    this.#flush();
+    if (this.awareness) {
+      removeAwarenessStates(this.awareness, [...this.#nodes.values()], this);
+    }
+    this.#detach();
+    this.client?.close();
+  }
+
+  #detach() {
+    this.doc.off("update", this.#onUpdate);
+    if (this.awareness) this.awareness.off("update", this.#onAwareness);
+  }
+
+  #queue(update) {
+    this.#updates.push(update);
+    this.#schedule();
+  }
+
+  #schedule() {
+    if (this.#scheduled || this.client === null) return;
+    this.#scheduled = true;
+    queueMicrotask(() => {
+      this.#scheduled = false;
+      this.#flush();
+      if (this.#announceWanted) this.#announce();
+    });
+  }
+
+  #flush() {
+    if (this.client === null || this.#updates.length === 0) return;
+    const updates = this.#updates;
+    this.#updates = [];
+    const update = updates.length === 1 ? updates[0] : Y.mergeUpdates(updates);
+    try {
+      this.client.sendUpdate(this.#name, update);
+    } catch (e) {
+      this.#error(e);
+    }
+  }
+
+  #announce() {
+    this.#announceWanted = false;
+    if (!this.awareness || this.client === null) return;
+    const me = this.awareness.clientID;
+    try {
+      this.client.setPresence({
+        yjs: { client: me, awareness: toBase64(encodeAwarenessUpdate(this.awareness, [me])) },
+      });
+    } catch (e) {
+      this.#error(e);
+    }
+  }
+
+  #presence({ sender, data }) {
+    const yjs = data && typeof data === "object" ? data.yjs : undefined;
+    if (!this.awareness || !yjs || typeof yjs.awareness !== "string") return;
+    try {
+      applyAwarenessUpdate(this.awareness, fromBase64(yjs.awareness), this);
+      if (Number.isSafeInteger(yjs.client)) this.#nodes.set(sender, yjs.client);
+    } catch (e) {
+      this.#error(new Error(`node ${sender} sent awareness that does not decode: ${e.message ?? e}`));
+    }
+  }
+
+  #peers({ peers }) {
+    if (!this.awareness) return;
+    const present = new Set(peers.map((p) => p.node));
+    const gone = [];
+    for (const [node, client] of this.#nodes) {
+      if (!present.has(node)) {
+        gone.push(client);
+        this.#nodes.delete(node);
+      }
+    }
+    if (gone.length > 0) removeAwarenessStates(this.awareness, gone, this);
+  }
+
+  #error(e) {
+    if (this.#listeners.size === 0) console.error("pattern-mesh/yjs:", e);
+    for (const listener of this.#listeners) listener(e);
+  }
+}
+
+function invalid(message) {
+  const e = new Error(message);
+  e.name = "InvalidArgument";
+  return e;
+}
