@@ -107,8 +107,8 @@ function paste(page, unit, count) {
 
 test("pastes of 1.2 MiB and 20 MB in the editor reach the other tab, and edits after them too", async () => {
   const room = `e2e-paste-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await paste(a, "1.2 MiB paste. ", 83_887); // 1,258,305 bytes
   await until("the 1.2 MiB paste", async () => (await length(b)) === 1_258_305 || await length(b));
   await a.evaluate(() => { const e = document.getElementById("editor"); e.setRangeText("after ", 0, 0, "end"); e.dispatchEvent(new Event("input")); });
@@ -122,7 +122,7 @@ test("pastes of 1.2 MiB and 20 MB in the editor reach the other tab, and edits a
 
 test("a late joiner loads a 50 MB document: time and memory", async () => {
   const room = `e2e-large-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
   await paste(a, "fifty megabytes of text, ", 2_000_000); // 50,000,000 bytes
   await until("the document is stored", async () => (await a.evaluate(() => window.meshClient.pendingCount)) === 0, 120_000);
   await a.close();
@@ -148,8 +148,8 @@ test("a late joiner loads a 50 MB document: time and memory", async () => {
 
 test("two tabs typing 2,000 characters each as fast as they can converge with every character", async () => {
   const room = `e2e-fast-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await a.focus("#editor");
   await b.focus("#editor");
   await Promise.all([a.keyboard.type("a".repeat(2_000)), b.keyboard.type("b".repeat(2_000))]);
@@ -168,8 +168,8 @@ test("two tabs typing 2,000 characters each as fast as they can converge with ev
 test("a tab that typed 400 characters offline delivers all of them within seconds of coming back", async () => {
   const room = `e2e-offline-${Date.now()}`;
   const cut = await proxy();
-  const a = await open(`index.html?room=${room}`, cut.port);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`, cut.port);
+  const b = await open(`textarea.html?room=${room}`);
   await a.focus("#editor");
   await a.keyboard.type("online ");
   await until("the first words", async () => (await b.evaluate(() => window.meshText.toString())) === "online ");
@@ -193,7 +193,7 @@ test("a tab that typed offline and closed shows its text at once when it reopens
   const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
   const openInProfile = () => editorIn(profile, room, cut);
   const a = await openInProfile();
-  const b = await open(`index.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await b.evaluate(() => {
     window.notes = [];
     window.meshClient.on("message", ({ data }) => { if (data.note) window.notes.push(data.note); });
@@ -240,7 +240,7 @@ async function editorIn(profile, room, cut) {
   page.problems = [];
   page.on("pageerror", (e) => page.problems.push(e.message));
   const relay = encodeURIComponent(`ws://127.0.0.1:${cut.port}/ws`);
-  await page.goto(`http://127.0.0.1:${port}/index.html?room=${room}&relay=${relay}`);
+  await page.goto(`http://127.0.0.1:${port}/textarea.html?room=${room}&relay=${relay}`);
   await page.waitForSelector("body[data-ready=true]");
   return page;
 }
@@ -298,7 +298,7 @@ test("two tabs of one browser on one room keep their own identities, and the sto
 
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
-  const b = await open(`index.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   const page = await browser.newPage();
   const problems = [];
   page.on("pageerror", (e) => problems.push(e.message));
@@ -423,8 +423,8 @@ test("a real editing trace replayed through the relay raises no desync", async (
   const trace = JSON.parse(gunzipSync(readFileSync(join(root, "tests/data/editing-traces/automerge-paper.json.gz"))));
   const txns = trace.txns.slice(0, 30_000).map((t) => t.patches);
   const room = `e2e-trace-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await a.evaluate((txns) => {
     const text = window.meshText;
     for (const patches of txns) {

@@ -95,8 +95,8 @@ async function placeCursor(page, at) {
 
 test("two pages type concurrently at different positions and converge, a late joiner and a reload see the text", async () => {
   const room = `e2e-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await placeCursor(a, 0);
   await a.keyboard.type("|middle|");
   await waitForText(b, (t) => t === "|middle|", "b sees a's first words");
@@ -110,7 +110,7 @@ test("two pages type concurrently at different positions and converge, a late jo
   await waitForText(b, (t) => t === expected, "b converges");
   assert.equal(await sharedOf(a), expected);
 
-  const late = await open(`index.html?room=${room}`);
+  const late = await open(`textarea.html?room=${room}`);
   assert.equal(await textOf(late), expected, "a late joiner gets the whole text");
   assert.equal(await late.evaluate(() => document.querySelectorAll("#peers li").length), 2, "the late joiner lists both peers");
   await b.reload();
@@ -123,8 +123,8 @@ test("two pages type concurrently at different positions and converge, a late jo
 
 test("the relay is killed and restarted while both pages type: nothing typed is lost", async () => {
   const room = `e2e-kill-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await placeCursor(a, 0);
   await a.keyboard.type("[a]");
   await waitForText(b, (t) => t === "[a]", "b sees a");
@@ -148,8 +148,8 @@ test("the relay is killed and restarted while both pages type: nothing typed is 
 
 test("the tamper control produces anomalies in the other page's panel and changes no text", async () => {
   const room = `e2e-tamper-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await placeCursor(a, 0);
   await a.keyboard.type("untouched");
   await waitForText(b, (t) => t === "untouched", "b sees the text");
@@ -168,8 +168,8 @@ test("the tamper control produces anomalies in the other page's panel and change
 
 test("a new name typed in one page's name field shows in the other page's peer list", async () => {
   const room = `e2e-rename-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   const node = await a.evaluate(() => window.meshClient.node);
   await a.fill("#name", "grace hopper");
   await a.dispatchEvent("#name", "change");
@@ -213,8 +213,8 @@ test("in the game, two pages move their pieces and each sees the other's positio
 
 test("keystroke to remote screen: measured over a few hundred keystrokes", async () => {
   const room = `e2e-latency-${Date.now()}`;
-  const a = await open(`index.html?room=${room}`);
-  const b = await open(`index.html?room=${room}`);
+  const a = await open(`textarea.html?room=${room}`);
+  const b = await open(`textarea.html?room=${room}`);
   await b.evaluate(() => {
     window.arrivals = [];
     window.meshText.observe((delta, origin) => {

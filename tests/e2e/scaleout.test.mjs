@@ -31,7 +31,7 @@ async function open(base, query) {
   const page = await browser.newPage();
   page.problems = [];
   page.on("pageerror", (e) => page.problems.push(e.message));
-  await page.goto(`${base}/index.html?${query}`);
+  await page.goto(`${base}/textarea.html?${query}`);
   await page.waitForSelector("body[data-ready=true]");
   await page.focus("#editor");
   return page;

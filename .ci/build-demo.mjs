@@ -1,0 +1,22 @@
+// Bundles the demo editor (www/editor.js: CodeMirror 6, Yjs, y-codemirror.next and the package's
+// Yjs provider from pkg/) into www/build/editor.js with esbuild, minified, with a source map.
+// The libraries come from .ci/node_modules. Needs pkg/ built first.
+import { build } from "esbuild";
+import { fileURLToPath } from "node:url";
+
+const root = fileURLToPath(new URL("../", import.meta.url));
+const result = await build({
+  absWorkingDir: root,
+  entryPoints: ["www/editor.js"],
+  outfile: "www/build/editor.js",
+  bundle: true,
+  format: "esm",
+  target: "es2022",
+  minify: true,
+  sourcemap: true,
+  nodePaths: [`${root}.ci/node_modules`],
+  metafile: true,
+  logLevel: "warning",
+});
+const bytes = Object.values(result.metafile.outputs).find((o) => o.entryPoint)?.bytes ?? 0;
+console.log(`www/build/editor.js: ${bytes} bytes`);

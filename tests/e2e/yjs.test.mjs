@@ -1,0 +1,226 @@
+// The Yjs ecosystem through pattern-mesh, in real Chromium pages on a real relay: a Y.Doc with a
+// Y.Text, a Y.Map and a Y.Array behind pattern-mesh/yjs's MeshProvider converges with a client
+// on the built-in document; Y.UndoManager undoes local edits only, with remote edits in between;
+// awareness states cross and leave with their page; the CodeMirror demo shows remote cursors.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { createRequire } from "node:module";
+import { mkdir } from "node:fs/promises";
+import { join } from "node:path";
+import { root, startRelay } from "../support/relay.mjs";
+
+const require = createRequire(join(root, ".ci/package.json"));
+const { chromium } = require("playwright-core");
+const { build } = require("esbuild");
+const artifacts = join(root, "tests/artifacts");
+
+let relay, browser;
+
+before(async () => {
+  await mkdir(artifacts, { recursive: true });
+  // A page script with Yjs, y-protocols and the package's provider, served by the relay from
+  // www/build/ (ignored by git).
+  await build({
+    stdin: {
+      contents: `
+        import * as Y from "yjs";
+        import { Awareness } from "y-protocols/awareness";
+        import init, { MeshClient } from "../pkg/pattern_mesh.js";
+        import { MeshProvider } from "../pkg/yjs.js";
+        await init({ module_or_path: new URL("../pkg/pattern_mesh_bg.wasm", location.href) });
+        Object.assign(window, { Y, Awareness, MeshClient, MeshProvider });
+        document.body.dataset.ready = "true";`,
+      resolveDir: join(root, "www"),
+    },
+    outfile: join(root, "www/build/yjs-test.js"),
+    bundle: true,
+    format: "esm",
+    nodePaths: [join(root, ".ci/node_modules")],
+    logLevel: "warning",
+  });
+  relay = await startRelay();
+  browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  await relay?.stop();
+});
+
+/** A blank page of the relay's with Yjs, the provider and the client loaded. */
+async function blank() {
+  const page = await browser.newPage();
+  page.problems = [];
+  page.on("pageerror", (e) => page.problems.push(e.message));
+  page.on("console", (m) => { if (m.type() === "error") page.problems.push(m.text()); });
+  await page.goto(`${relay.base}/pattern.html`);
+  await page.evaluate(() => {
+    document.body.removeAttribute("data-ready");
+    const script = document.createElement("script");
+    script.type = "module";
+    script.src = "/build/yjs-test.js";
+    document.head.append(script);
+  });
+  await page.waitForSelector("body[data-ready=true]");
+  return page;
+}
+
+async function until(what, check, ms = 20_000) {
+  const deadline = Date.now() + ms;
+  let last;
+  while (Date.now() < deadline) {
+    last = await check();
+    if (last === true) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.fail(`${what}: ${JSON.stringify(last)}`);
+}
+
+/** Joins `room` with a Y.Doc (and an Awareness named `name`) behind a MeshProvider. */
+const joinYjs = (page, room, name) => page.evaluate(async ({ url, room, name }) => {
+  const ydoc = new Y.Doc();
+  const awareness = new Awareness(ydoc);
+  awareness.setLocalStateField("user", { name, color: "#d1495b" });
+  const provider = await MeshProvider.connect(ydoc, { url, room, name, awareness });
+  window.errors = [];
+  provider.client.on("anomaly", (a) => window.errors.push(`anomaly ${a.reason}: ${a.detail}`));
+  provider.client.on("error", (e) => window.errors.push(`${e.name}: ${e.message}`));
+  Object.assign(window, { ydoc, awareness, provider });
+  return provider.client.node;
+}, { url: relay.url, room, name });
+
+const sortedVector = (page, expression) => page.evaluate((expression) => {
+  const bytes = new Function("return " + expression)();
+  return JSON.stringify([...Y.decodeStateVector(bytes)].sort((a, b) => a[0] - b[0]));
+}, expression);
+
+test("a Y.Doc with a text, a map and an array converges with a client on the built-in document", async () => {
+  const room = `yjs-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await b.evaluate(async ({ url, room }) => {
+    window.client = await MeshClient.connect({ url, room, name: "bo" });
+    window.text = window.client.text("content");
+  }, { url: relay.url, room });
+
+  await a.evaluate(() => {
+    ydoc.getText("content").insert(0, "hello from Yjs");
+    ydoc.getMap("settings").set("theme", "dark");
+    ydoc.getMap("settings").set("size", 14);
+    ydoc.getArray("items").push(["one", { two: 2 }, [3]]);
+  });
+  await until("the built-in client has the text", () =>
+    b.evaluate(() => text.toString() === "hello from Yjs" || text.toString()));
+  await b.evaluate(() => text.insert(text.length, ", and from yrs"));
+  await until("the Y.Text has the built-in client's edit", () =>
+    a.evaluate(() => ydoc.getText("content").toString() === "hello from Yjs, and from yrs" || ydoc.getText("content").toString()));
+
+  // Same items on both sides (maps and arrays included), same checkpoint digest.
+  await until("both documents hold the same items", async () => {
+    const ours = await sortedVector(a, "Y.encodeStateVector(ydoc)");
+    const theirs = await sortedVector(b, "client.stateVector()");
+    return ours === theirs || [ours, theirs];
+  });
+  assert.equal(await a.evaluate(() => provider.client.digest), await b.evaluate(() => client.digest));
+
+  // A late Y.Doc gets the map and the array from the room's log.
+  const late = await blank();
+  await joinYjs(late, room, "cy");
+  await until("the late Y.Doc has everything", () => late.evaluate(() => {
+    const got = {
+      text: ydoc.getText("content").toString(),
+      settings: ydoc.getMap("settings").toJSON(),
+      items: ydoc.getArray("items").toJSON(),
+    };
+    return JSON.stringify(got) === JSON.stringify({
+      text: "hello from Yjs, and from yrs",
+      settings: { theme: "dark", size: 14 },
+      items: ["one", { two: 2 }, [3]],
+    }) || got;
+  }));
+  for (const page of [a, late]) {
+    assert.deepEqual(await page.evaluate(() => window.errors), []);
+    assert.deepEqual(page.problems, []);
+  }
+  for (const page of [a, b, late]) await page.close();
+});
+
+test("Y.UndoManager undoes this page's edits and keeps the remote ones between them", async () => {
+  const room = `undo-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  await a.evaluate(() => {
+    window.undo = new Y.UndoManager(ydoc.getText("content"), { captureTimeout: 0 });
+    ydoc.getText("content").insert(0, "local ");
+  });
+  await until("b has a's edit", () => b.evaluate(() => ydoc.getText("content").toString() === "local " || ydoc.getText("content").toString()));
+  await b.evaluate(() => ydoc.getText("content").insert(6, "remote"));
+  await until("a has b's edit", () => a.evaluate(() => ydoc.getText("content").toString() === "local remote" || ydoc.getText("content").toString()));
+  await a.evaluate(() => undo.undo());
+  assert.equal(await a.evaluate(() => ydoc.getText("content").toString()), "remote");
+  await until("b sees the undo", () => b.evaluate(() => ydoc.getText("content").toString() === "remote" || ydoc.getText("content").toString()));
+  await a.evaluate(() => undo.redo());
+  await until("b sees the redo", () => b.evaluate(() => ydoc.getText("content").toString() === "local remote" || ydoc.getText("content").toString()));
+  for (const page of [a, b]) {
+    assert.deepEqual(await page.evaluate(() => window.errors), []);
+    await page.close();
+  }
+});
+
+test("awareness states cross through presence and leave with their page", async () => {
+  const room = `aware-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  const names = (page) => page.evaluate(() =>
+    [...awareness.getStates().values()].map((s) => s.user?.name).sort().join(","));
+  await until("both see both", async () => (await names(a)) === "ada,bo" && (await names(b)) === "ada,bo" || [await names(a), await names(b)]);
+  await a.evaluate(() => awareness.setLocalStateField("cursor", { anchor: 3, head: 5 }));
+  await until("b sees a's cursor", () => b.evaluate(() =>
+    [...awareness.getStates().values()].some((s) => s.user?.name === "ada" && s.cursor?.head === 5) || "not yet"));
+  await a.close();
+  await until("a's state leaves b", async () => (await names(b)) === "bo" || names(b));
+  await b.close();
+});
+
+test("the CodeMirror demo: two pages edit one text and each shows the other's cursor with its name", async () => {
+  const room = `doc-cm-${Date.now()}`;
+  const open = async (name) => {
+    const page = await browser.newPage({ viewport: { width: 1200, height: 760 } });
+    page.problems = [];
+    page.on("pageerror", (e) => page.problems.push(e.message));
+    await page.addInitScript((name) => localStorage.setItem("pattern-mesh-name", name), name);
+    await page.goto(`${relay.base}/index.html?room=${room}`);
+    await page.waitForSelector("body[data-ready=true]");
+    return page;
+  };
+  const a = await open("ada");
+  const b = await open("bo");
+  await a.click(".cm-content");
+  await a.keyboard.type("Shared notes, typed in CodeMirror.\nSecond line from ada.");
+  const docOf = (page) => page.evaluate(() => meshView.state.doc.toString());
+  await until("b's editor has a's text", async () => (await docOf(b)).includes("Second line from ada.") || docOf(b));
+  await b.click(".cm-content");
+  await b.keyboard.press("Control+End");
+  await b.keyboard.type("\nA line from bo.");
+  await until("a's editor has b's line", async () => (await docOf(a)).endsWith("A line from bo.") || docOf(a));
+  // Remote carets carry the other member's name.
+  await until("a shows bo's caret", () => a.evaluate(() =>
+    [...document.querySelectorAll(".cm-ySelectionInfo")].some((e) => e.textContent === "bo") || "no caret"));
+  await b.keyboard.press("Shift+Home");
+  await until("b shows ada's caret", () => b.evaluate(() =>
+    [...document.querySelectorAll(".cm-ySelectionInfo")].some((e) => e.textContent === "ada") || "no caret"));
+  assert.equal(await docOf(a), await docOf(b));
+  await a.screenshot({ path: join(artifacts, "codemirror.png") });
+  assert.deepEqual(a.problems, []);
+  assert.deepEqual(b.problems, []);
+  await a.close();
+  await b.close();
+});
