@@ -429,15 +429,70 @@ pub async fn serve(
 }
 
 fn router(relay: Arc<Relay>) -> Router {
-    let www = ServeDir::new(&relay.config.www_dir);
-    let pkg = ServeDir::new(&relay.config.pkg_dir);
     Router::new()
         .route("/ws", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))
-        .nest_service("/pkg", pkg)
-        .fallback_service(www)
+        .nest_service("/pkg", static_files(&relay.config.pkg_dir))
+        .fallback_service(static_files(&relay.config.www_dir))
         .with_state(relay)
+}
+
+/// The files of `dir`: compressed (brotli or gzip) when the browser accepts it, with an `ETag`
+/// and `Cache-Control: no-cache`, so that a browser asks again each time and gets
+/// `304 Not Modified` while a file has not changed (the package's file names carry no hash).
+fn static_files(dir: &std::path::Path) -> Router {
+    Router::new()
+        .fallback_service(ServeDir::new(dir))
+        .layer(axum::middleware::from_fn(entity_tag))
+        .layer(tower_http::compression::CompressionLayer::new())
+}
+
+/// Adds a weak `ETag` to a file's response (its length and modification time, as the file
+/// server reports them, before compression) and answers `304` when the request's
+/// `If-None-Match` names it.
+async fn entity_tag(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let asked = request.headers().get(header::IF_NONE_MATCH).cloned();
+    let mut response = next.run(request).await;
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let headers = response.headers();
+    let (Some(length), Some(modified)) = (
+        headers.get(header::CONTENT_LENGTH),
+        headers.get(header::LAST_MODIFIED),
+    ) else {
+        return response;
+    };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in modified.as_bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let tag = format!("W/\"{}-{hash:016x}\"", length.to_str().unwrap_or("0"));
+    let Ok(tag) = header::HeaderValue::from_str(&tag) else {
+        return response;
+    };
+    let cache = header::HeaderValue::from_static("no-cache");
+    let matches = asked.is_some_and(|asked| {
+        asked.as_bytes() == b"*"
+            || asked
+                .to_str()
+                .is_ok_and(|list| list.split(',').any(|t| t.trim() == tag))
+    });
+    if matches {
+        let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
+        not_modified.headers_mut().insert(header::ETAG, tag);
+        not_modified
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, cache);
+        return not_modified;
+    }
+    response.headers_mut().insert(header::ETAG, tag);
+    response.headers_mut().insert(header::CACHE_CONTROL, cache);
+    response
 }
 
 async fn websocket(
