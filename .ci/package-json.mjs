@@ -17,6 +17,7 @@ pkg.exports = {
   "./package.json": "./package.json",
 };
 for (const file of ["yjs.js", "yjs.d.ts", "transport"]) {
+  pkg.files ??= [];
   if (!pkg.files.includes(file)) pkg.files.push(file);
 }
 // The provider (pattern-mesh/yjs) works with the application's Yjs; the rest needs neither.

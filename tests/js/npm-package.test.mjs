@@ -4,7 +4,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawn, spawnSync } from "node:child_process";
-import { mkdtemp, mkdir, writeFile, copyFile, rm, readdir } from "node:fs/promises";
+import { cp, mkdtemp, mkdir, writeFile, copyFile, rm, readdir } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -158,6 +158,75 @@ main();
   await p.waitForFunction(() => window.app !== undefined);
   assert.deepEqual(await p.evaluate(() => window.app.messages.map((m) => m.data)), [{ before: "the vite app came" }]);
   await other.waitForFunction(() => window.text.toString() === "from vite");
+  assert.deepEqual([...errors, ...other.errors], []);
+  await Promise.all([p.close(), other.close()]);
+});
+
+test("a Vite app on the transport-only build keeps a Y.Doc in sync with pattern-mesh/transport/yjs", async () => {
+  const app = join(dir, "project", "yjs-app");
+  await mkdir(join(app, "src"), { recursive: true });
+  await writeFile(join(app, "package.json"), JSON.stringify({ name: "yjs-app", private: true, type: "module" }));
+  execFileSync("npm", ["install", packed, "--offline", "--no-audit", "--no-fund", "--loglevel=error"], { cwd: app });
+  // The provider's peer dependencies, yjs and y-protocols (with lib0), as .ci/setup installed them.
+  for (const name of ["yjs", "y-protocols", "lib0", "isomorphic.js"]) {
+    await cp(join(root, ".ci/node_modules", name), join(app, "node_modules", name), { recursive: true });
+  }
+  await writeFile(join(app, "tsconfig.json"), JSON.stringify({
+    compilerOptions: {
+      strict: true, noEmit: true, target: "es2022", module: "esnext", moduleResolution: "bundler",
+      lib: ["es2022", "dom"], types: [], skipLibCheck: false,
+    },
+    include: ["src"],
+  }));
+  await writeFile(join(app, "index.html"), `<!doctype html><meta charset="utf-8"><title>yjs app</title>
+<script type="module" src="./src/main.ts"></script>`);
+  await writeFile(join(app, "src", "main.ts"), `import * as Y from "yjs";
+import { Awareness } from "y-protocols/awareness";
+import init from "pattern-mesh/transport";
+import { MeshProvider } from "pattern-mesh/transport/yjs";
+
+declare global {
+  interface Window { app?: { doc: Y.Doc; provider: MeshProvider } }
+}
+
+async function main(): Promise<void> {
+  await init();
+  const params = new URLSearchParams(location.search);
+  const url = params.get("relay");
+  const room = params.get("room");
+  if (url === null || room === null) throw new Error("relay and room are required");
+  const doc = new Y.Doc();
+  const awareness = new Awareness(doc);
+  awareness.setLocalStateField("user", { name: "transport" });
+  const provider = await MeshProvider.connect(doc, { url, room, name: "transport", awareness });
+  doc.getText("content").insert(0, "from the transport build");
+  doc.getMap("meta").set("build", "transport");
+  window.app = { doc, provider };
+}
+
+main();
+`);
+  const tools = join(root, ".ci/node_modules/.bin");
+  const tsc = spawnSync(join(tools, "tsc"), ["-p", join(app, "tsconfig.json")], { encoding: "utf8" });
+  assert.equal(tsc.status, 0, `tsc --strict failed:\n${tsc.stdout}${tsc.stderr}`);
+  const vite = spawnSync(join(tools, "vite"), ["build", "--base", "./", "--logLevel", "error", app], { encoding: "utf8" });
+  assert.equal(vite.status, 0, `vite build failed:\n${vite.stdout}${vite.stderr}`);
+
+  const url = base.replace("http://", "ws://") + "/ws";
+  const room = `transport-${Date.now()}`;
+  const other = await openPage();
+  await other.evaluate(async ({ url, room }) => {
+    const client = await window.mesh.MeshClient.connect({ url, room, name: "full" });
+    window.text = client.text("content");
+  }, { url, room });
+  const p = await browser.newPage();
+  const errors = [];
+  p.on("pageerror", (e) => errors.push(e.message));
+  await p.goto(`${base}/yjs-app/dist/index.html?relay=${encodeURIComponent(url)}&room=${room}`);
+  await p.waitForFunction(() => window.app !== undefined);
+  await other.waitForFunction(() => window.text.toString() === "from the transport build");
+  await other.evaluate(() => window.text.insert(0, "full build, then "));
+  await p.waitForFunction(() => window.app.doc.getText("content").toString() === "full build, then from the transport build");
   assert.deepEqual([...errors, ...other.errors], []);
   await Promise.all([p.close(), other.close()]);
 });
