@@ -367,6 +367,9 @@ test("the client refuses bad options and arguments by name, and every change aft
     r.notObject = await outcome(() => mesh.MeshClient.connect(42));
     r.roomType = await outcome(() => mesh.MeshClient.connect({ url, room: 7 }));
     r.timeoutType = await outcome(() => mesh.MeshClient.connect({ url, room, connectTimeout: "soon" }));
+    r.documentEmpty = await outcome(() => mesh.MeshClient.connect({ url, room, document: {} }));
+    const methods = { applyUpdate() {}, stateVector: () => new Uint8Array([0]), diff: () => new Uint8Array([0, 0]), snapshot: () => new Uint8Array([0, 0]), texts: () => [] };
+    r.documentPersist = await outcome(() => mesh.MeshClient.connect({ url, room, document: methods, persist: true }));
     const client = await mesh.MeshClient.connect({ url, room, name: "strict" });
     const text = client.text("content");
     text.insert(0, "abcd");
@@ -377,6 +380,8 @@ test("the client refuses bad options and arguments by name, and every change aft
       ["null", () => text.insert(0, null)], ["deleteLength", () => text.delete(0, 1.5)],
       ["textName", () => client.text(null)], ["listener", () => client.on("message", 5)],
       ["event", () => client.on("mesage", () => {})], ["raw", () => client.sendRaw("bytes")],
+      ["updateDoc", () => client.sendUpdate(5, new Uint8Array([0, 0]))],
+      ["updateBytes", () => client.sendUpdate("content", new Uint8Array([7, 7, 7]))],
     ]) r[key] = await outcome(f);
     r.unchanged = text.toString();
     r.status = client.status;
@@ -390,10 +395,12 @@ test("the client refuses bad options and arguments by name, and every change aft
     return r;
   }, `e2e-strict-${Date.now()}`);
   assert.deepEqual(result, {
-    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on, persist, token',
-    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, persist, token, got the number 42",
+    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on, persist, token, document',
+    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, persist, token, document, got the number 42",
     roomType: "InvalidArgument: room must be a string, got the number 7",
     timeoutType: 'InvalidArgument: connectTimeout must be an integer from 0 to 4294967295, got the string "soon"',
+    documentEmpty: "InvalidArgument: document.applyUpdate must be a function, got undefined",
+    documentPersist: "InvalidArgument: persist keeps the built-in document; with the application's document, persist it beside the client (y-indexeddb for a Y.Doc)",
     fraction: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number 1.5",
     string: 'InvalidArgument: index must be an integer from 0 to 4294967295, got the string "abc"',
     nan: "InvalidArgument: index must be an integer from 0 to 4294967295, got the number NaN",
@@ -406,6 +413,8 @@ test("the client refuses bad options and arguments by name, and every change aft
     listener: "InvalidArgument: listener must be a function, got the number 5",
     event: 'InvalidArgument: unknown event "mesage"; events are message, anomaly, refused, peers, status, step, presence, error',
     raw: 'InvalidArgument: bytes must be a Uint8Array, got the string "bytes"',
+    updateDoc: "InvalidArgument: doc must be a string, got the number 5",
+    updateBytes: result.updateBytes.startsWith("DocumentError: invalid Yjs update") ? result.updateBytes : "DocumentError: invalid Yjs update ...",
     unchanged: "abcd",
     status: "open",
     afterInsert: "ClosedError: the client is closed",

@@ -5,7 +5,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createRequire } from "node:module";
-import { mkdir } from "node:fs/promises";
+import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { root, startRelay } from "../support/relay.mjs";
 
@@ -27,8 +27,10 @@ before(async () => {
         import { Awareness } from "y-protocols/awareness";
         import init, { MeshClient } from "../pkg/pattern_mesh.js";
         import { MeshProvider } from "../pkg/yjs.js";
+        import { EditorView, basicSetup } from "codemirror";
+        import { yCollab } from "y-codemirror.next";
         await init({ module_or_path: new URL("../pkg/pattern_mesh_bg.wasm", location.href) });
-        Object.assign(window, { Y, Awareness, MeshClient, MeshProvider });
+        Object.assign(window, { Y, Awareness, MeshClient, MeshProvider, EditorView, basicSetup, yCollab });
         document.body.dataset.ready = "true";`,
       resolveDir: join(root, "www"),
     },
@@ -223,4 +225,30 @@ test("the CodeMirror demo: two pages edit one text and each shows the other's cu
   assert.deepEqual(b.problems, []);
   await a.close();
   await b.close();
+});
+
+test("the README's Yjs example works as written", async () => {
+  const readme = await readFile(join(root, "README.md"), "utf8");
+  const example = readme.split("### Yjs: any Y.Doc, editor bindings, cursors")[1].match(/```js\n([\s\S]*?)```/)[1];
+  const room = `readme-yjs-${Date.now()}`;
+  const body = example
+    .split("\n")
+    .filter((line) => !line.startsWith("import ") && line.trim() !== "await init();")
+    .join("\n")
+    .replace("ws://127.0.0.1:8080/ws", relay.url)
+    .replace('room: "notes"', `room: "${room}"`);
+  const page = await blank();
+  await page.evaluate(async (body) => {
+    const AsyncFunction = (async () => {}).constructor;
+    const run = new AsyncFunction("Y", "Awareness", "EditorView", "basicSetup", "yCollab", "MeshProvider",
+      `${body}\nwindow.provider = provider; window.ytext = ytext;`);
+    await run(Y, Awareness, EditorView, basicSetup, yCollab, MeshProvider);
+  }, body);
+  const other = await blank();
+  await joinYjs(other, room, "bo");
+  await other.evaluate(() => ydoc.getText("content").insert(0, "typed elsewhere"));
+  await until("the README's editor shows the edit", () => page.evaluate(() =>
+    document.querySelector(".cm-content")?.textContent === "typed elsewhere" || document.querySelector(".cm-content")?.textContent));
+  assert.deepEqual(page.problems, []);
+  await Promise.all([page.close(), other.close()]);
 });
