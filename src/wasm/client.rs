@@ -29,6 +29,7 @@ use super::errors::{
 use super::fatal::{register, Registration, Timer};
 use super::frames::{json_from_js, message_to_js, presence_event_to_js};
 use super::replica::{ClientDoc, JsDocument};
+#[cfg(feature = "document")]
 use super::storage::Storage;
 #[cfg(feature = "document")]
 use super::types::JsTextListener;
@@ -54,7 +55,8 @@ struct Options {
     web_socket: js_sys::Function,
     /// Listeners registered before the join, so that they hear the catch-up.
     on: Vec<(&'static str, js_sys::Function)>,
-    /// Keep the document and the session in IndexedDB.
+    /// Keep the document and the session in IndexedDB (refused without the built-in document).
+    #[cfg_attr(not(feature = "document"), allow(dead_code))]
     persist: bool,
     /// The access token, or what gives one before each connection.
     token: Token,
@@ -294,7 +296,9 @@ struct Driver {
     text_listeners: Vec<(u32, String, js_sys::Function)>,
     next_listener: u32,
     joined: Option<oneshot::Sender<Result<(), String>>>,
-    /// With `persist`: the room's storage in IndexedDB.
+    /// With `persist`: the room's storage in IndexedDB (the built-in document's: the
+    /// transport-only build has none).
+    #[cfg(feature = "document")]
     storage: Option<Storage>,
     /// The access token's source, and how many connections were asked for (a token that comes
     /// after a newer connection was asked for is not used).
@@ -302,6 +306,7 @@ struct Driver {
     connects: u64,
     /// The next write, when one waits: a change that no message waits for, or a write that
     /// failed and is tried again.
+    #[cfg(feature = "document")]
     retry: Option<Timer>,
 }
 
@@ -494,9 +499,10 @@ fn pump(shared: &Shared) {
                     socket.close();
                 }
             }
-            Output::Save => {
-                let urgent = shared.borrow().session.awaits_store();
-                if urgent {
+            Output::Save =>
+            {
+                #[cfg(feature = "document")]
+                if shared.borrow().session.awaits_store() {
                     save(shared);
                 } else {
                     save_soon(shared);
@@ -517,9 +523,11 @@ fn pump(shared: &Shared) {
 
 /// How long a change that no message waits for (the log position, a typed edit not yet
 /// stamped) may wait to be written with the next ones.
+#[cfg(feature = "document")]
 const SAVE_DELAY_MS: u32 = 250;
 
 /// Writes soon: changes that come meanwhile join the write.
+#[cfg(feature = "document")]
 fn save_soon(shared: &Shared) {
     let mut driver = shared.borrow_mut();
     if driver.retry.is_some() || driver.storage.is_none() {
@@ -538,6 +546,7 @@ fn save_soon(shared: &Shared) {
 /// Writes the session and the document's new updates to storage, unless a write is under way
 /// (then once more after it). Once the session is closed, the last write lets the record go if
 /// nothing is left to send, and the tab's lock on it is released after it.
+#[cfg(feature = "document")]
 fn save(shared: &Shared) {
     let write = {
         let mut driver = shared.borrow_mut();
@@ -943,6 +952,7 @@ impl MeshClient {
         if options.name.len() > limits.max_name {
             return Err(invalid_argument("name must be at most 64 bytes"));
         }
+        #[cfg_attr(not(feature = "document"), allow(unused_mut))]
         let mut replica = match options.document {
             Some(document) => ClientDoc::Js(document),
             #[cfg(feature = "document")]
@@ -954,8 +964,11 @@ impl MeshClient {
                 ))
             }
         };
+        #[cfg(feature = "document")]
         let mut storage = None;
-        let mut problems = Vec::new();
+        #[cfg_attr(not(feature = "document"), allow(unused_mut))]
+        let mut problems: Vec<String> = Vec::new();
+        #[cfg(feature = "document")]
         if options.persist {
             // The first relay names the storage: the same list finds the same storage.
             let loaded = super::storage::open(&options.urls[0], &options.room).await?;
@@ -967,12 +980,16 @@ impl MeshClient {
             problems.extend(loaded.problems);
             storage = Some((loaded.storage, loaded.saved));
         }
+        #[cfg(feature = "document")]
         let persist = storage.is_some();
+        #[cfg(not(feature = "document"))]
+        let persist = false;
         let mut config = SessionConfig::new(options.room, options.name);
         config.room_config = options.config;
         config.persist = persist;
         config.fresh_tokens = matches!(options.token, Token::Source(_));
         config.relays = options.urls.len();
+        #[cfg(feature = "document")]
         let storage = storage.map(|(storage, saved)| {
             config.restore = saved;
             storage
@@ -1005,7 +1022,9 @@ impl MeshClient {
             text_listeners: Vec::new(),
             next_listener: 1,
             joined: Some(joined),
+            #[cfg(feature = "document")]
             storage,
+            #[cfg(feature = "document")]
             retry: None,
             token: options.token,
             connects: 0,
@@ -1386,6 +1405,7 @@ impl MeshClient {
         }
         pump(&self.shared);
         // The last write: the outbox that is left, for the next tab of this room.
+        #[cfg(feature = "document")]
         save(&self.shared);
     }
 }

@@ -6,7 +6,10 @@
 //! `types.rs` declares the TypeScript types of every object that crosses the boundary.
 
 mod client;
+#[cfg(feature = "tools")]
 mod clock;
+#[cfg(feature = "tools")]
+mod codec;
 #[cfg(feature = "document")]
 mod document;
 mod errors;
@@ -14,6 +17,7 @@ mod fatal;
 mod frames;
 mod pattern;
 mod replica;
+#[cfg(feature = "document")]
 mod storage;
 mod types;
 mod validator;
@@ -21,9 +25,12 @@ mod validator;
 pub use client::MeshClient;
 #[cfg(feature = "document")]
 pub use client::SharedText;
+#[cfg(feature = "tools")]
 pub use clock::StepClock;
+#[cfg(feature = "tools")]
+pub use codec::{decode, encode};
 #[cfg(feature = "document")]
 pub use document::SharedDocument;
-pub use frames::{decode, encode};
 pub use pattern::{collapse_digits, PatternGenerator};
+#[cfg(feature = "tools")]
 pub use validator::Validator;

@@ -1,14 +1,21 @@
-//! `Validator`: the receiver's rules, for JS.
+//! Verdicts for JS, and `Validator`: the receiver's rules on their own (with the `tools`
+//! feature).
 
-use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 
-use super::errors::{describe, from_js, invalid_argument, js_error, to_u64};
-use super::frames::frame_from_js;
-use super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions, JsVerdict, JsVerdictCounts};
-use crate::pattern::{PatternParams, Step};
-use crate::validate::{self, Counters, Origin, ValidatorConfig, Verdict};
-use crate::wire::{Frame, Reason, RoomConfig};
+use super::types::{JsVerdict, JsVerdictCounts};
+use crate::validate::Counters;
+use crate::wire::Reason;
+#[cfg(feature = "tools")]
+use {
+    super::codec::frame_from_js,
+    super::errors::{describe, from_js, invalid_argument, js_error, to_u64},
+    super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions},
+    crate::pattern::{PatternParams, Step},
+    crate::validate::{self, Origin, ValidatorConfig, Verdict},
+    crate::wire::{Frame, RoomConfig},
+    serde::Deserialize,
+};
 
 /// Validates stamped frames before they are applied: pattern, sender, replay, future step and,
 /// with a stale window, stale steps. Counts every verdict.
@@ -20,11 +27,13 @@ use crate::wire::{Frame, Reason, RoomConfig};
 /// v.check(sameFrameAgain, { receiver: 1 }, 1);
 /// // { accepted: false, reason: "replay", detail: "step 1 is not above sender 2's last accepted step 1" }
 /// ```
+#[cfg(feature = "tools")]
 #[wasm_bindgen]
 pub struct Validator {
     inner: validate::Validator,
 }
 
+#[cfg(feature = "tools")]
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 struct Options {
@@ -35,6 +44,7 @@ struct Options {
     idle_after_ms: Option<u64>,
 }
 
+#[cfg(feature = "tools")]
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 enum OriginJs {
@@ -65,6 +75,7 @@ impl VerdictJs {
     }
 }
 
+#[cfg(feature = "tools")]
 #[wasm_bindgen]
 impl Validator {
     /// A validator for a room. Omitted options take the defaults: pattern 7, 7, 100;
@@ -186,12 +197,8 @@ pub(crate) fn counts_to_js(counters: &Counters) -> Result<JsVerdictCounts, JsVal
 
 #[wasm_bindgen]
 extern "C" {
-    /// An origin or a verdict object, read and written through direct property accesses.
+    /// A verdict object, written through direct property accesses.
     type Fields;
-    #[wasm_bindgen(method, getter, catch)]
-    fn receiver(this: &Fields) -> Result<JsValue, JsValue>;
-    #[wasm_bindgen(method, getter, catch)]
-    fn connection(this: &Fields) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(method, setter)]
     fn set_accepted(this: &Fields, value: bool);
     #[wasm_bindgen(method, setter)]
@@ -200,8 +207,20 @@ extern "C" {
     fn set_detail(this: &Fields, value: &str);
 }
 
+#[cfg(feature = "tools")]
+#[wasm_bindgen]
+extern "C" {
+    /// An origin object, read through direct property accesses.
+    type OriginFields;
+    #[wasm_bindgen(method, getter, catch)]
+    fn receiver(this: &OriginFields) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(method, getter, catch)]
+    fn connection(this: &OriginFields) -> Result<JsValue, JsValue>;
+}
+
 /// `{ receiver: id }` or `{ connection: id }`; anything else goes through serde, whose error
 /// says exactly what is wrong.
+#[cfg(feature = "tools")]
 fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
     let threw =
         |e: JsValue| invalid_argument(format!("reading the origin threw: {}", describe(&e)));
@@ -211,7 +230,7 @@ fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
             .length()
             == 1;
     if single {
-        let fields: &Fields = origin.unchecked_ref();
+        let fields: &OriginFields = origin.unchecked_ref();
         if let Some(node) = fields.receiver().map_err(threw)?.as_f64() {
             let receiver = to_u64("the origin's receiver", node)?;
             return Ok(Origin::Relayed { receiver });

@@ -1,0 +1,516 @@
+//! `encode` and `decode`: frames as plain JS objects and as the bytes of a WebSocket message.
+//!
+//! The frames that carry traffic (`data`, `update`, `presence`) cross the boundary field by
+//! field, with JSON values through the engine's own `JSON.stringify` and `JSON.parse`: a
+//! generic serde walk over a JS object costs several microseconds a frame. The other kinds go
+//! through serde (into one flat struct of every field); both ways accept and produce the same
+//! objects.
+
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+
+use super::errors::{describe, from_js, invalid_argument, js_error, to_f64, to_js, to_u64};
+use super::frames::{json_from_js, json_to_js, presence_to_js, stamped_to_js, Fields};
+use super::types::{JsFrame, JsReceived};
+use crate::wire::{
+    Body, Frame, Limits, Peer, Positioned, Reason, RelayLimits, ResumeToken, RoomConfig, Stamp,
+    Stamped,
+};
+
+/// Encodes a frame (a plain object such as
+/// `{ kind: "data", sender: 1, step: 1, pattern: 4, data: { temperature: 23.5 } }`)
+/// into the bytes of one binary WebSocket message. Throws `InvalidArgument` if the object is
+/// not a frame, naming the field that is wrong.
+#[wasm_bindgen]
+pub fn encode(frame: JsFrame) -> Result<Vec<u8>, JsValue> {
+    Ok(frame_from_js(frame.into())?.encode())
+}
+
+/// Decodes the bytes of one binary WebSocket message into a frame object, with `position` set
+/// when the relay put a room log position in the header. Throws a `DecodeError` that says what
+/// is wrong (unknown version or kind, a truncated field, a frame over the 1 MiB limit, invalid
+/// JSON, ...). Never accepts a frame it cannot fully read.
+#[wasm_bindgen]
+pub fn decode(
+    #[wasm_bindgen(unchecked_param_type = "Uint8Array")] bytes: JsValue,
+) -> Result<JsReceived, JsValue> {
+    let bytes = super::errors::bytes_arg("bytes", &bytes)?;
+    let Positioned { position, frame } = Frame::decode_positioned(&bytes, &Limits::default())
+        .map_err(|e| js_error("DecodeError", e))?;
+    let object = frame_to_js(&frame)?;
+    if let Some(position) = position {
+        object
+            .unchecked_ref::<Fields>()
+            .set_position(to_f64("the position", position)?);
+    }
+    Ok(object.unchecked_into())
+}
+
+/// A frame from its JS object; `InvalidArgument` names what is wrong.
+pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
+    if !value.is_object() {
+        return Err(invalid_argument(
+            "the frame is not valid: expected an object",
+        ));
+    }
+    let fields: &Fields = value.unchecked_ref();
+    match read(fields.kind(), "kind")?.as_string().as_deref() {
+        Some("data") => Ok(Frame::stamped(
+            stamp_from_js(fields)?,
+            Body::Data {
+                data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
+            },
+        )),
+        Some("signal") => Ok(Frame::stamped(
+            stamp_from_js(fields)?,
+            Body::Signal {
+                data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
+            },
+        )),
+        Some("update") => Ok(Frame::stamped(
+            stamp_from_js(fields)?,
+            Body::Update {
+                doc: read(fields.doc(), "doc")?
+                    .as_string()
+                    .ok_or_else(|| invalid_argument("the frame's `doc` must be a string"))?,
+                update: bytes_from_js(read(fields.update(), "update")?, "update")?,
+            },
+        )),
+        Some("presence") => Ok(Frame::Presence {
+            sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
+            data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
+        }),
+        _ => from_js::<AnyFrame>("the frame", value)?.into_frame(),
+    }
+}
+
+/// Bytes given as a Uint8Array, an ArrayBuffer or an array of numbers from 0 to 255.
+fn bytes_from_js(value: JsValue, field: &str) -> Result<Vec<u8>, JsValue> {
+    if let Some(bytes) = value.dyn_ref::<js_sys::Uint8Array>() {
+        return Ok(bytes.to_vec());
+    }
+    if let Some(buffer) = value.dyn_ref::<js_sys::ArrayBuffer>() {
+        return Ok(js_sys::Uint8Array::new(buffer).to_vec());
+    }
+    if js_sys::Array::is_array(&value) {
+        let bytes: serde_bytes::ByteBuf = from_js(&format!("the frame's `{field}`"), value)?;
+        return Ok(bytes.into_vec());
+    }
+    Err(invalid_argument(format!(
+        "the frame's `{field}` must be a Uint8Array"
+    )))
+}
+
+/// A property read that may have thrown (a getter, a Proxy) as an `InvalidArgument`.
+fn read(value: Result<JsValue, JsValue>, field: &str) -> Result<JsValue, JsValue> {
+    value.map_err(|e| {
+        invalid_argument(format!(
+            "reading the frame's `{field}` threw: {}",
+            describe(&e)
+        ))
+    })
+}
+
+/// Every field of every frame kind, to read the kinds without a fast path in one flat pass:
+/// serde's derive for the tagged `Frame` enum buffers the whole object first, and its code
+/// for JS values made up an eighth of the package.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnyFrame {
+    kind: String,
+    room: Option<String>,
+    name: Option<String>,
+    since: Option<u64>,
+    log: Option<u64>,
+    limits: Option<RelayLimits>,
+    total: Option<u64>,
+    offset: Option<u64>,
+    #[serde(default, with = "serde_bytes")]
+    bytes: Option<Vec<u8>>,
+    deletes: Option<String>,
+    to: Option<u64>,
+    #[serde(default, with = "serde_bytes")]
+    resume: Option<Vec<u8>>,
+    config: Option<RoomConfig>,
+    node: Option<u64>,
+    high: Option<u64>,
+    peers: Option<Vec<Peer>>,
+    peer: Option<Peer>,
+    position: Option<u64>,
+    step: Option<u64>,
+    reason: Option<Reason>,
+    detail: Option<String>,
+    sender: Option<u64>,
+    pattern: Option<u64>,
+    doc: Option<String>,
+    #[serde(default, with = "serde_bytes")]
+    update: Option<Vec<u8>>,
+    #[serde(default, with = "serde_bytes")]
+    state_vector: Option<Vec<u8>>,
+    #[serde(default, with = "serde_bytes")]
+    state: Option<Vec<u8>>,
+    digest: Option<String>,
+}
+
+/// A field the frame's kind requires.
+fn required<T>(value: Option<T>, field: &str) -> Result<T, JsValue> {
+    value
+        .ok_or_else(|| invalid_argument(format!("the frame is not valid: missing field `{field}`")))
+}
+
+fn token(bytes: Vec<u8>) -> Result<ResumeToken, JsValue> {
+    let len = bytes.len();
+    ResumeToken::try_from(bytes)
+        .map_err(|_| invalid_argument(format!("the frame's `resume` must be 16 bytes, not {len}")))
+}
+
+impl AnyFrame {
+    fn stamp(&self) -> Result<Stamp, JsValue> {
+        Ok(Stamp {
+            sender: required(self.sender, "sender")?,
+            step: required(self.step, "step")?,
+            pattern: required(self.pattern, "pattern")?,
+        })
+    }
+
+    fn into_frame(self) -> Result<Frame, JsValue> {
+        let stamp = self.stamp();
+        let stamped = |body| -> Result<Frame, JsValue> { Ok(Frame::stamped(stamp.clone()?, body)) };
+        Ok(match self.kind.as_str() {
+            "join" => Frame::Join {
+                room: required(self.room, "room")?,
+                name: required(self.name, "name")?,
+                since: required(self.since, "since")?,
+                log: self.log.unwrap_or(0),
+                resume: self.resume.map(token).transpose()?,
+                config: self.config,
+            },
+            "welcome" => Frame::Welcome {
+                node: required(self.node, "node")?,
+                resume: token(required(self.resume, "resume")?)?,
+                config: required(self.config, "config")?,
+                limits: required(self.limits, "limits")?,
+                high: required(self.high, "high")?,
+                log: required(self.log, "log")?,
+                peers: required(self.peers, "peers")?,
+            },
+            "caughtUp" => Frame::CaughtUp {
+                high: required(self.high, "high")?,
+                position: required(self.position, "position")?,
+            },
+            "peerJoined" => Frame::PeerJoined {
+                peer: required(self.peer, "peer")?,
+            },
+            "peerLeft" => Frame::PeerLeft {
+                node: required(self.node, "node")?,
+            },
+            "ack" => Frame::Ack {
+                step: required(self.step, "step")?,
+                position: required(self.position, "position")?,
+            },
+            "reject" => Frame::Reject {
+                step: required(self.step, "step")?,
+                reason: required(self.reason, "reason")?,
+                detail: required(self.detail, "detail")?,
+            },
+            "part" => Frame::Part {
+                total: required(self.total, "total")?,
+                offset: required(self.offset, "offset")?,
+                bytes: required(self.bytes, "bytes")?,
+            },
+            "fence" => Frame::Fence {
+                step: required(self.step, "step")?,
+            },
+            "rename" => Frame::Rename {
+                name: required(self.name, "name")?,
+            },
+            "peerRenamed" => Frame::PeerRenamed {
+                peer: required(self.peer, "peer")?,
+            },
+            "checkpoint" => stamped(Body::Checkpoint {
+                doc: required(self.doc, "doc")?,
+                state_vector: required(self.state_vector, "stateVector")?,
+                deletes: hex(self.deletes.as_deref(), "deletes")?,
+                digest: hex(self.digest.as_deref(), "digest")?,
+            })?,
+            "syncRequest" => stamped(Body::SyncRequest {
+                doc: required(self.doc, "doc")?,
+                state_vector: required(self.state_vector, "stateVector")?,
+                to: self.to.unwrap_or(0),
+            })?,
+            "syncState" => stamped(Body::SyncState {
+                doc: required(self.doc, "doc")?,
+                update: required(self.update, "update")?,
+                to: self.to.unwrap_or(0),
+            })?,
+            "snapshot" => Frame::Snapshot {
+                doc: required(self.doc, "doc")?,
+                state: required(self.state, "state")?,
+            },
+            other => {
+                return Err(invalid_argument(format!(
+                    "the frame is not valid: unknown kind `{other}`"
+                )))
+            }
+        })
+    }
+}
+
+/// A 64-bit value given as 16 hex digits (a JS number cannot hold 64 bits).
+fn hex(value: Option<&str>, field: &str) -> Result<u64, JsValue> {
+    let text = required(value, field)?;
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
+        .ok_or_else(|| invalid_argument(format!("the frame's `{field}` must be 16 hex digits")))
+}
+
+/// Every field of every frame kind, for the kinds without a fast path: serialised as a plain
+/// object with `kind` first and only the fields the kind has.
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct FrameJs<'a> {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    resume: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config: Option<&'a RoomConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<&'a RelayLimits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    high: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peers: Option<&'a [Peer]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<&'a Peer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sender: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pattern: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<Reason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    bytes: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    doc: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    state_vector: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deletes: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    update: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    state: Option<&'a [u8]>,
+}
+
+fn frame_js(frame: &Frame) -> FrameJs<'_> {
+    let kind = frame.kind().as_str();
+    let base = FrameJs {
+        kind,
+        ..FrameJs::default()
+    };
+    match frame {
+        Frame::Join {
+            room,
+            name,
+            since,
+            log,
+            resume,
+            config,
+        } => FrameJs {
+            room: Some(room),
+            name: Some(name),
+            since: Some(*since),
+            log: Some(*log),
+            resume: resume.as_ref().map(|t| &t[..]),
+            config: config.as_ref(),
+            ..base
+        },
+        Frame::Welcome {
+            node,
+            resume,
+            config,
+            limits,
+            high,
+            log,
+            peers,
+        } => FrameJs {
+            node: Some(*node),
+            resume: Some(resume),
+            config: Some(config),
+            limits: Some(limits),
+            high: Some(*high),
+            log: Some(*log),
+            peers: Some(peers),
+            ..base
+        },
+        Frame::CaughtUp { high, position } => FrameJs {
+            high: Some(*high),
+            position: Some(*position),
+            ..base
+        },
+        Frame::PeerJoined { peer } | Frame::PeerRenamed { peer } => FrameJs {
+            peer: Some(peer),
+            ..base
+        },
+        Frame::Rename { name } => FrameJs {
+            name: Some(name),
+            ..base
+        },
+        Frame::PeerLeft { node } => FrameJs {
+            node: Some(*node),
+            ..base
+        },
+        Frame::Ack { step, position } => FrameJs {
+            step: Some(*step),
+            position: Some(*position),
+            ..base
+        },
+        Frame::Reject {
+            step,
+            reason,
+            detail,
+        } => FrameJs {
+            step: Some(*step),
+            reason: Some(*reason),
+            detail: Some(detail),
+            ..base
+        },
+        Frame::Presence { sender, .. } => FrameJs {
+            sender: Some(*sender),
+            ..base
+        },
+        Frame::Part {
+            total,
+            offset,
+            bytes,
+        } => FrameJs {
+            total: Some(*total),
+            offset: Some(*offset),
+            bytes: Some(bytes),
+            ..base
+        },
+        Frame::Fence { step } => FrameJs {
+            step: Some(*step),
+            ..base
+        },
+        Frame::Snapshot { doc, state } => FrameJs {
+            doc: Some(doc),
+            state: Some(state),
+            ..base
+        },
+        Frame::Stamped(Stamped { stamp, body }) => {
+            let base = FrameJs {
+                sender: Some(stamp.sender),
+                step: Some(stamp.step),
+                pattern: Some(stamp.pattern),
+                doc: body.doc(),
+                ..base
+            };
+            match body {
+                Body::Data { .. } | Body::Signal { .. } => base,
+                Body::Update { update, .. } => FrameJs {
+                    update: Some(update),
+                    ..base
+                },
+                Body::Checkpoint {
+                    state_vector,
+                    deletes,
+                    digest,
+                    ..
+                } => FrameJs {
+                    state_vector: Some(state_vector),
+                    deletes: Some(format!("{deletes:016x}")),
+                    digest: Some(format!("{digest:016x}")),
+                    ..base
+                },
+                Body::SyncRequest {
+                    state_vector, to, ..
+                } => FrameJs {
+                    state_vector: Some(state_vector),
+                    to: Some(*to),
+                    ..base
+                },
+                Body::SyncState { update, to, .. } => FrameJs {
+                    update: Some(update),
+                    to: Some(*to),
+                    ..base
+                },
+            }
+        }
+    }
+}
+
+/// A frame as the JS object [`frame_from_js`] reads, its fields in the order serde gives them.
+pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
+    let object = match frame {
+        Frame::Stamped(Stamped {
+            stamp,
+            body: Body::Data { data },
+        }) => {
+            let object = stamped_to_js(Some("data"), stamp)?;
+            object.set_data(&json_to_js(data)?);
+            object
+        }
+        Frame::Stamped(Stamped {
+            stamp,
+            body: Body::Signal { data },
+        }) => {
+            let object = stamped_to_js(Some("signal"), stamp)?;
+            object.set_data(&json_to_js(data)?);
+            object
+        }
+        Frame::Stamped(Stamped {
+            stamp,
+            body: Body::Update { doc, update },
+        }) => {
+            let object = stamped_to_js(Some("update"), stamp)?;
+            object.set_doc(doc);
+            // A copy: a `&[u8]` would reach JS as a view of wasm memory, soon reused.
+            object.set_update(&js_sys::Uint8Array::from(update.as_slice()));
+            object
+        }
+        Frame::Presence { sender, data } => presence_to_js(Some("presence"), *sender, data)?,
+        other => return to_js(&frame_js(other)),
+    };
+    Ok(object.into())
+}
+
+fn stamp_from_js(fields: &Fields) -> Result<Stamp, JsValue> {
+    Ok(Stamp {
+        sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
+        step: number(read(fields.step(), "step")?, "the frame's `step`")?,
+        pattern: number(read(fields.pattern(), "pattern")?, "the frame's `pattern`")?,
+    })
+}
+
+fn number(value: JsValue, what: &str) -> Result<u64, JsValue> {
+    let n = value
+        .as_f64()
+        .ok_or_else(|| invalid_argument(format!("{what} must be a number")))?;
+    to_u64(what, n)
+}
