@@ -16,8 +16,10 @@ pkg.exports = {
   "./transport/pattern_mesh_bg.wasm": "./transport/pattern_mesh_bg.wasm",
   "./package.json": "./package.json",
 };
-for (const file of ["yjs.js", "yjs.d.ts", "transport"]) {
-  pkg.files ??= [];
+pkg.files = (pkg.files ?? []).filter((f) => f !== "transport");
+// Named one by one: the relay's precompressed copies (`.br`, `.gz`) stay out of the package.
+const transport = ["pattern_mesh.js", "pattern_mesh.d.ts", "pattern_mesh_bg.wasm", "pattern_mesh_bg.wasm.d.ts", "snippets", "yjs.js", "yjs.d.ts"];
+for (const file of ["yjs.js", "yjs.d.ts", ...transport.map((f) => `transport/${f}`)]) {
   if (!pkg.files.includes(file)) pkg.files.push(file);
 }
 // The provider (pattern-mesh/yjs) works with the application's Yjs; the rest needs neither.

@@ -37,6 +37,10 @@ before(async () => {
   });
   const installed = await readdir(join(project, "node_modules", "pattern-mesh"));
   assert.ok(installed.includes("pattern_mesh_bg.wasm"), `installed files: ${installed}`);
+  // The relay's precompressed copies stay out of the package; the transport-only build is in.
+  const transport = await readdir(join(project, "node_modules", "pattern-mesh", "transport"));
+  for (const file of [...installed, ...transport]) assert.ok(!/\.(br|gz)$/.test(file), `installed ${file}`);
+  assert.ok(transport.includes("pattern_mesh_bg.wasm") && transport.includes("yjs.js"), `transport files: ${transport}`);
   await writeFile(join(project, "index.html"), page);
   await copyFile(join(root, "tests/data/editing-traces/automerge-paper.json.gz"), join(project, "trace.json.gz"));
 

@@ -438,19 +438,21 @@ fn router(relay: Arc<Relay>) -> Router {
         .with_state(relay)
 }
 
-/// The files of `dir`: compressed (brotli or gzip) when the browser accepts it, with an `ETag`
-/// and `Cache-Control: no-cache`, so that a browser asks again each time and gets
-/// `304 Not Modified` while a file has not changed (the package's file names carry no hash).
+/// The files of `dir`: compressed (brotli or gzip) when the browser accepts it, from the
+/// `.br` or `.gz` copy beside a file where there is one (`.ci/precompress.mjs` writes them at
+/// the highest levels), else on the fly; with an `ETag` and `Cache-Control: no-cache`, so that a
+/// browser asks again each time and gets `304 Not Modified` while a file has not changed (the
+/// package's file names carry no hash).
 fn static_files(dir: &std::path::Path) -> Router {
     Router::new()
-        .fallback_service(ServeDir::new(dir))
+        .fallback_service(ServeDir::new(dir).precompressed_br().precompressed_gzip())
         .layer(axum::middleware::from_fn(entity_tag))
         .layer(tower_http::compression::CompressionLayer::new())
 }
 
 /// Adds a weak `ETag` to a file's response (its length and modification time, as the file
-/// server reports them, before compression) and answers `304` when the request's
-/// `If-None-Match` names it.
+/// server reports them: a precompressed copy has its own), `Vary: Accept-Encoding`, and answers
+/// `304` when the request's `If-None-Match` names the tag.
 async fn entity_tag(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -490,8 +492,16 @@ async fn entity_tag(
             .insert(header::CACHE_CONTROL, cache);
         return not_modified;
     }
-    response.headers_mut().insert(header::ETAG, tag);
-    response.headers_mut().insert(header::CACHE_CONTROL, cache);
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, tag);
+    headers.insert(header::CACHE_CONTROL, cache);
+    // The same path gives a different body (a precompressed copy) to another Accept-Encoding.
+    if !headers.contains_key(header::VARY) {
+        headers.insert(
+            header::VARY,
+            header::HeaderValue::from_static("accept-encoding"),
+        );
+    }
     response
 }
 
