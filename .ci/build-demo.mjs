@@ -1,6 +1,8 @@
 // Bundles the demo editor (www/editor.js: CodeMirror 6, Yjs, y-codemirror.next and the package's
 // Yjs provider from pkg/) into www/build/editor.js with esbuild, minified, with a source map.
-// The libraries come from .ci/node_modules. Needs pkg/ built first.
+// The libraries come from .ci/node_modules. The package's module itself stays out of the bundle:
+// the page loads /pkg/pattern_mesh.js beside the wasm file it was built with, so a rebuilt pkg/
+// never meets an old bundle.
 import { build } from "esbuild";
 import { fileURLToPath } from "node:url";
 
@@ -15,6 +17,12 @@ const result = await build({
   minify: true,
   sourcemap: true,
   nodePaths: [`${root}.ci/node_modules`],
+  plugins: [{
+    name: "package-module-external",
+    setup(build) {
+      build.onResolve({ filter: /(^|\/)pattern_mesh\.js$/ }, () => ({ path: "/pkg/pattern_mesh.js", external: true }));
+    },
+  }],
   metafile: true,
   logLevel: "warning",
 });

@@ -13,8 +13,7 @@ import { mountPanel, panelHtml, roomFromUrl, relayUrl, nameInput } from "./panel
 const colours = ["#d1495b", "#2e86ab", "#3c9d5d", "#8f5fbf", "#e07b00", "#00897b", "#c2185b", "#5c6bc0"];
 
 document.getElementById("panel").innerHTML = panelHtml;
-// The bundle is not beside the wasm file: say where it is.
-await init({ module_or_path: new URL("../pkg/pattern_mesh_bg.wasm", location.href) });
+await init();
 const room = roomFromUrl("doc");
 document.getElementById("game-link").href = `game.html?room=${encodeURIComponent(room.replace(/^doc-/, "game-"))}`;
 document.getElementById("textarea-link").href = `textarea.html?room=${encodeURIComponent(room)}`;

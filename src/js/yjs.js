@@ -45,6 +45,22 @@ function texts(ydoc) {
   return out;
 }
 
+/** The one client id an awareness update holds (lib0 varuints: count, then client id), or null. */
+function soleClient(update) {
+  let at = 0;
+  const varUint = () => {
+    let value = 0;
+    for (let shift = 0; shift < 53; shift += 7) {
+      if (at >= update.length) return null;
+      const byte = update[at++];
+      value += (byte & 0x7f) * 2 ** shift;
+      if (byte < 0x80) return value;
+    }
+    return null;
+  };
+  return varUint() === 1 ? varUint() : null;
+}
+
 const toBase64 = (bytes) => {
   let binary = "";
   for (let i = 0; i < bytes.length; i += 0x8000) {
@@ -211,12 +227,32 @@ export class MeshProvider {
   #presence({ sender, data }) {
     const yjs = data && typeof data === "object" ? data.yjs : undefined;
     if (!this.awareness || !yjs || typeof yjs.awareness !== "string") return;
+    // A member speaks for its own awareness state only: one entry, its own client id, which no
+    // other member (and not this tab) holds. Anything else would let it move or rename
+    // another member's cursor.
+    const refuse = (why) => this.#error(new Error(`node ${sender}'s awareness state is refused: ${why}`));
+    let update;
     try {
-      applyAwarenessUpdate(this.awareness, fromBase64(yjs.awareness), this);
-      if (Number.isSafeInteger(yjs.client)) this.#nodes.set(sender, yjs.client);
-    } catch (e) {
-      this.#error(new Error(`node ${sender} sent awareness that does not decode: ${e.message ?? e}`));
+      update = fromBase64(yjs.awareness);
+    } catch {
+      return refuse("it is not base64");
     }
+    const client = soleClient(update);
+    if (client === null) return refuse("it must hold exactly one client's state");
+    if (client !== yjs.client) return refuse(`it names client ${client}, not ${yjs.client}`);
+    if (client === this.awareness.clientID) return refuse("it claims this tab's client id");
+    for (const [node, owned] of this.#nodes) {
+      if (owned === client && node !== sender) return refuse(`client ${client} belongs to node ${node}`);
+    }
+    const previous = this.#nodes.get(sender);
+    try {
+      applyAwarenessUpdate(this.awareness, update, this);
+    } catch (e) {
+      return refuse(`it does not decode: ${e.message ?? e}`);
+    }
+    this.#nodes.set(sender, client);
+    // A member that changed its client id (a new Y.Doc) leaves its old state behind: remove it.
+    if (previous !== undefined && previous !== client) removeAwarenessStates(this.awareness, [previous], this);
   }
 
   #peers({ peers }) {

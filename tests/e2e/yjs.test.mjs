@@ -24,13 +24,13 @@ before(async () => {
     stdin: {
       contents: `
         import * as Y from "yjs";
-        import { Awareness } from "y-protocols/awareness";
+        import { Awareness, encodeAwarenessUpdate } from "y-protocols/awareness";
         import init, { MeshClient } from "../pkg/pattern_mesh.js";
         import { MeshProvider } from "../pkg/yjs.js";
         import { EditorView, basicSetup } from "codemirror";
         import { yCollab } from "y-codemirror.next";
         await init({ module_or_path: new URL("../pkg/pattern_mesh_bg.wasm", location.href) });
-        Object.assign(window, { Y, Awareness, MeshClient, MeshProvider, EditorView, basicSetup, yCollab });
+        Object.assign(window, { Y, Awareness, encodeAwarenessUpdate, MeshClient, MeshProvider, EditorView, basicSetup, yCollab });
         document.body.dataset.ready = "true";`,
       resolveDir: join(root, "www"),
     },
@@ -190,6 +190,65 @@ test("awareness states cross through presence and leave with their page", async 
   await a.close();
   await until("a's state leaves b", async () => (await names(b)) === "bo" || names(b));
   await b.close();
+});
+
+test("a member cannot move or rename another member's cursor through its own presence", async () => {
+  const room = `spoof-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  const ada = await a.evaluate(() => ydoc.clientID);
+  await until("b sees ada", () => b.evaluate((ada) => awareness.getStates().get(ada)?.user?.name === "ada" || "not yet", ada));
+  await b.evaluate(() => { window.refusals = []; provider.onError((e) => refusals.push(e.message)); });
+  // Mallory, a member on a plain client, speaks for ada's client id with a newer clock, and then
+  // for two clients at once.
+  const mallory = await blank();
+  await mallory.evaluate(async ({ url, room, ada }) => {
+    const client = await MeshClient.connect({ url, room, name: "mallory" });
+    const forged = (ids) => {
+      const doc = new Y.Doc();
+      doc.clientID = ids[0];
+      const aw = new Awareness(doc);
+      for (let i = 0; i < 50; i++) aw.setLocalStateField("user", { name: "mallory as ada", color: "#000" });
+      const more = ids.slice(1).map((id) => { const d = new Y.Doc(); d.clientID = id; const w = new Awareness(d); w.setLocalStateField("user", { name: "ghost" }); return w; });
+      for (const w of more) aw.states.set(w.clientID, w.getLocalState()), aw.meta.set(w.clientID, w.meta.get(w.clientID));
+      return btoa(String.fromCharCode(...encodeAwarenessUpdate(aw, ids)));
+    };
+    client.setPresence({ yjs: { client: ada, awareness: forged([ada]) } });
+    await new Promise((r) => setTimeout(r, 300));
+    client.setPresence({ yjs: { client: 12345, awareness: forged([12345, ada]) } });
+    await new Promise((r) => setTimeout(r, 300));
+    client.setPresence({ yjs: { client: 777, awareness: "%%% not base64" } });
+  }, { url: relay.url, room, ada });
+  await until("b refused all three", () => b.evaluate(() => refusals.length >= 3 || refusals));
+  const refusals = await b.evaluate(() => refusals);
+  assert.match(refusals[0], /client \d+ belongs to node \d+/);
+  assert.match(refusals[1], /exactly one client's state/);
+  assert.match(refusals[2], /not base64/);
+  assert.equal(await b.evaluate((ada) => awareness.getStates().get(ada)?.user?.name, ada), "ada");
+  assert.equal(await b.evaluate(() => awareness.getStates().has(12345)), false);
+  for (const page of [a, b, mallory]) await page.close();
+});
+
+test("a 3 MB paste into a Y.Text reaches the other Y.Doc, and edits after it too", async () => {
+  const room = `paste-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  await a.evaluate(() => {
+    const text = ydoc.getText("content");
+    text.insert(0, "x".repeat(3_000_000));
+    text.insert(text.length, " and after");
+  });
+  await until("b has the paste and the edit after it", () => b.evaluate(() => {
+    const text = ydoc.getText("content").toString();
+    return (text.length === 3_000_010 && text.endsWith(" and after")) || text.length;
+  }), 60_000);
+  assert.deepEqual(await a.evaluate(() => window.errors), []);
+  assert.deepEqual(await b.evaluate(() => window.errors), []);
+  await Promise.all([a.close(), b.close()]);
 });
 
 test("the CodeMirror demo: two pages edit one text and each shows the other's cursor with its name", async () => {
