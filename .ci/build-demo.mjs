@@ -1,8 +1,8 @@
 // Bundles the demo editor (www/editor.js: CodeMirror 6, Yjs, y-codemirror.next and the package's
 // Yjs provider from pkg/) into www/build/editor.js with esbuild, minified, with a source map.
 // The libraries come from .ci/node_modules. The package's module itself stays out of the bundle:
-// the page loads /pkg/pattern_mesh.js beside the wasm file it was built with, so a rebuilt pkg/
-// never meets an old bundle.
+// the page loads /pkg/pattern_mesh.js beside the wasm file it was built with, so the two always
+// match (the provider, pkg/yjs.js, is bundled: rebuild the demo after the package).
 import { build } from "esbuild";
 import { fileURLToPath } from "node:url";
 

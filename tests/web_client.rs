@@ -68,7 +68,7 @@ async fn two_clients_exchange_data_and_converge_on_text() {
     let room = unique_room("converge");
     let a = connect(&room, "a").await;
     let b = connect(&room, "b").await;
-    assert_ne!(a.node(), b.node());
+    assert_ne!(a.node().unwrap(), b.node().unwrap());
     let messages = collect(&b, "message");
     a.broadcast(
         JSON::parse(r#"{"temperature":23.5}"#)
@@ -83,7 +83,10 @@ async fn two_clients_exchange_data_and_converge_on_text() {
         JSON::stringify(&Reflect::get(&first, &"data".into()).unwrap()).unwrap(),
         r#"{"temperature":23.5}"#
     );
-    assert_eq!(Reflect::get(&first, &"sender".into()).unwrap(), a.node());
+    assert_eq!(
+        Reflect::get(&first, &"sender".into()).unwrap(),
+        a.node().unwrap()
+    );
 
     let ta = a.text("content".into()).unwrap();
     let tb = b.text("content".into()).unwrap();
@@ -115,8 +118,8 @@ async fn two_clients_exchange_data_and_converge_on_text() {
             .any(|(d, origin)| origin == "remote" && d.contains("hello")),
         "{deltas:?}"
     );
-    a.close();
-    b.close();
+    a.close().unwrap();
+    b.close().unwrap();
 }
 
 #[wasm_bindgen_test]
@@ -126,10 +129,10 @@ async fn a_tampered_frame_is_reported_as_an_anomaly_and_not_applied() {
     let b = connect(&room, "b").await;
     let anomalies = collect(&a, "anomaly");
     let messages = collect(&b, "message");
-    let step = a.step() as u64 + 1;
+    let step = a.step().unwrap() as u64 + 1;
     let tampered = Frame::stamped(
         Stamp {
-            sender: a.node() as u64,
+            sender: a.node().unwrap() as u64,
             step,
             pattern: 2,
         },
@@ -164,8 +167,8 @@ async fn a_tampered_frame_is_reported_as_an_anomaly_and_not_applied() {
         })
         .collect();
     assert_eq!(got, [r#""genuine""#], "the tampered frame reached no one");
-    a.close();
-    b.close();
+    a.close().unwrap();
+    b.close().unwrap();
 }
 
 #[wasm_bindgen_test]
@@ -180,7 +183,7 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
         .unwrap();
     until("b has the first edit", || tb.to_js_string() == "online ").await;
 
-    a.drop_connection();
+    a.drop_connection().unwrap();
     for (i, word) in ["while ", "the ", "socket ", "was ", "down "]
         .iter()
         .enumerate()
@@ -192,7 +195,7 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
         }
     }
     until("a reconnects and its outbox drains", || {
-        a.status() == "open" && a.pending_count() == 0
+        a.status().unwrap() == "open" && a.pending_count().unwrap() == 0
     })
     .await;
     let expected = "online while the socket was down ";
@@ -213,8 +216,8 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
         statuses.contains(&"reconnecting".to_owned()),
         "{statuses:?}"
     );
-    a.close();
-    b.close();
+    a.close().unwrap();
+    b.close().unwrap();
 }
 
 #[wasm_bindgen_test]
@@ -228,23 +231,23 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
         .unwrap();
     until("b has a's text", || tb.to_js_string() == "same text").await;
     assert_eq!(
-        a.digest(),
-        b.digest(),
+        a.digest().unwrap(),
+        b.digest().unwrap(),
         "same version, same content, same digest"
     );
     let anomalies = collect(&b, "anomaly");
     // A checkpoint at b's exact version (its state vector, and no deletions, like a fresh
     // document) whose digest does not match b's content.
-    let step = a.step() as u64 + 1;
+    let step = a.step().unwrap() as u64 + 1;
     let checkpoint = Frame::stamped(
         Stamp {
-            sender: a.node() as u64,
+            sender: a.node().unwrap() as u64,
             step,
             pattern: PatternConfig::default().value(step),
         },
         Body::Checkpoint {
             doc: "*".into(),
-            state_vector: b.state_vector(),
+            state_vector: b.state_vector().unwrap(),
             deletes: SharedDoc::with_client_id(99).version().deletes,
             digest: 0x1234,
         },
@@ -262,8 +265,8 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
         "same text",
         "a checkpoint never changes the text"
     );
-    a.close();
-    b.close();
+    a.close().unwrap();
+    b.close().unwrap();
 }
 
 /// Bytes as the JS API takes them.

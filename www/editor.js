@@ -5,7 +5,9 @@
 import * as Y from "yjs";
 import { Awareness } from "y-protocols/awareness";
 import { EditorView, basicSetup } from "codemirror";
-import { yCollab } from "y-codemirror.next";
+import { Prec } from "@codemirror/state";
+import { keymap } from "@codemirror/view";
+import { yCollab, yUndoManagerKeymap } from "y-codemirror.next";
 import init from "../pkg/pattern_mesh.js";
 import { MeshProvider } from "../pkg/yjs.js";
 import { mountPanel, panelHtml, roomFromUrl, relayUrl, nameInput } from "./panel.js";
@@ -36,7 +38,14 @@ client.on("message", ({ data }) => isDemo(data));
 const ytext = ydoc.getText("content");
 const view = new EditorView({
   doc: ytext.toString(),
-  extensions: [basicSetup, EditorView.lineWrapping, yCollab(ytext, awareness, { undoManager: new Y.UndoManager(ytext) })],
+  // Undo and redo through Y.UndoManager, ahead of CodeMirror's own history (which would take
+  // back other members' edits too): only this tab's edits are undone.
+  extensions: [
+    Prec.high(keymap.of(yUndoManagerKeymap)),
+    basicSetup,
+    EditorView.lineWrapping,
+    yCollab(ytext, awareness, { undoManager: new Y.UndoManager(ytext) }),
+  ],
   parent: document.getElementById("editor"),
 });
 view.focus();

@@ -3,7 +3,7 @@ import type * as Y from "yjs";
 import type { Awareness } from "y-protocols/awareness";
 import type { MeshClient, MeshClientOptions, MeshDocument } from "./pattern_mesh.js";
 
-/** The `document` option of `MeshClient.connect` for a Y.Doc; updates it applies carry `origin`. */
+/** The `document` option of `MeshClient.connect` for a Y.Doc; remote updates it applies carry `origin` (default: the returned object). */
 export function meshDocument(ydoc: Y.Doc, origin?: unknown): MeshDocument;
 
 /** Options of `MeshProvider.connect`: the client's, plus the document's frame name and an awareness. */
@@ -22,8 +22,8 @@ export class MeshProvider {
   readonly client: MeshClient;
   readonly doc: Y.Doc;
   readonly awareness: Awareness | null;
-  /** Calls `listener` when an update or the awareness state cannot be sent; returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
+  /** Calls `listener` when an update or the awareness state cannot be sent, or another member's awareness state is refused (it does not decode, or speaks for a client id not its own); returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
   onError(listener: (error: Error) => void): () => void;
-  /** Stops syncing, removes the others' awareness states, and closes the client. */
+  /** Stops syncing: sends what waits, removes the others' awareness states here, and closes the client (the others see it leave). */
   destroy(): void;
 }

@@ -15,11 +15,13 @@ import { MeshClient } from "./pattern_mesh.js";
 
 /**
  * The `document` option of `MeshClient.connect` for a Y.Doc: what the client's session needs of
- * a document. Updates it applies carry `origin` as their transaction origin.
+ * a document. Remote updates it applies carry `origin` as their transaction origin (by default
+ * the returned object itself, never `null`, which Y.UndoManager tracks as local): send the
+ * updates of every other origin with `client.sendUpdate`.
  */
-export function meshDocument(ydoc, origin = null) {
-  return {
-    applyUpdate: (update) => Y.applyUpdate(ydoc, update, origin),
+export function meshDocument(ydoc, origin) {
+  const document = {
+    applyUpdate: (update) => Y.applyUpdate(ydoc, update, origin === undefined ? document : origin),
     stateVector: () => Y.encodeStateVector(ydoc),
     diff: (stateVector) =>
       stateVector.length === 0 ? Y.encodeStateAsUpdate(ydoc) : Y.encodeStateAsUpdate(ydoc, stateVector),
@@ -27,15 +29,15 @@ export function meshDocument(ydoc, origin = null) {
     texts: () => texts(ydoc),
     mergeUpdates: (updates) => Y.mergeUpdates(updates),
   };
+  return document;
 }
 
 /** [name, content] of every root type's text, as the built-in document counts it for digests. */
 function texts(ydoc) {
   const out = [];
   for (const [name, type] of ydoc.share) {
-    // Maps, arrays and XML fragments hold no string items at their top level; the built-in
-    // document skips root XML texts.
-    if (type instanceof Y.XmlText) continue;
+    // Maps, arrays and XML fragments hold no string items at their top level. The built-in
+    // document never opens a root as XML, so it counts a root XmlText's strings as here.
     let content = "";
     for (let item = type._start; item !== null; item = item.right) {
       if (!item.deleted && item.content instanceof Y.ContentString) content += item.content.str;
@@ -91,9 +93,15 @@ export class MeshProvider {
    */
   static async connect(ydoc, options = {}) {
     if (!(ydoc instanceof Y.Doc)) throw invalid(`MeshProvider.connect needs a Y.Doc, got ${typeof ydoc}`);
+    if (typeof options !== "object" || options === null) throw invalid("the options must be an object");
+    if ("document" in options) throw invalid("the provider makes the document option from the Y.Doc: leave it out");
     const { doc = "content", awareness = null, on = {}, ...rest } = options;
     if (typeof doc !== "string" || doc.length === 0) throw invalid("doc must be a non-empty string");
-    if (awareness !== null && awareness.doc !== ydoc) throw invalid("awareness must belong to the Y.Doc");
+    if (awareness !== null && awareness.doc !== ydoc) throw invalid("awareness must be an Awareness of the Y.Doc");
+    if (typeof on !== "object" || on === null) throw invalid("on must be an object of listeners");
+    for (const event of ["presence", "peers"]) {
+      if (on[event] !== undefined && typeof on[event] !== "function") throw invalid(`on.${event} must be a function`);
+    }
     const provider = new MeshProvider(ydoc, doc, awareness);
     // What the Y.Doc holds before the room's updates arrive (loaded from y-indexeddb, say) goes
     // to the room too.
@@ -134,6 +142,8 @@ export class MeshProvider {
   #scheduled = false;
   #announceWanted = false;
   #nodes = new Map(); // node -> awareness client id
+  #contested = new Set(); // client ids two members claimed: shown for neither
+  #destroyed = false;
   #listeners = new Set();
   #onUpdate;
   #onAwareness;
@@ -161,17 +171,20 @@ export class MeshProvider {
 
   /**
    * Calls `listener(error)` when an update or the awareness state cannot be sent (an update
-   * larger than the relay accepts, a closed client). Without listeners such errors go to
-   * `console.error`. Returns a function that unsubscribes.
+   * larger than the relay accepts, a closed client), and when another member's awareness state
+   * is refused (it does not decode, or speaks for a client id not its own). Without listeners
+   * such errors go to `console.error`. Returns a function that unsubscribes.
    */
   onError(listener) {
     this.#listeners.add(listener);
     return () => this.#listeners.delete(listener);
   }
 
-  /** Stops syncing: removes this tab's awareness state for the others and closes the client. */
+  /** Stops syncing: sends what waits, removes the others' awareness states here, and closes the client (the others see it leave). */
   destroy() {
+    if (this.#destroyed) return;
     this.#flush();
+    this.#destroyed = true;
     if (this.awareness) {
       removeAwarenessStates(this.awareness, [...this.#nodes.values()], this);
     }
@@ -190,10 +203,11 @@ export class MeshProvider {
   }
 
   #schedule() {
-    if (this.#scheduled || this.client === null) return;
+    if (this.#scheduled || this.client === null || this.#destroyed) return;
     this.#scheduled = true;
     queueMicrotask(() => {
       this.#scheduled = false;
+      if (this.#destroyed) return;
       this.#flush();
       if (this.#announceWanted) this.#announce();
     });
@@ -241,8 +255,16 @@ export class MeshProvider {
     if (client === null) return refuse("it must hold exactly one client's state");
     if (client !== yjs.client) return refuse(`it names client ${client}, not ${yjs.client}`);
     if (client === this.awareness.clientID) return refuse("it claims this tab's client id");
+    if (this.#contested.has(client)) return refuse(`client ${client} is claimed by two members`);
     for (const [node, owned] of this.#nodes) {
-      if (owned === client && node !== sender) return refuse(`client ${client} belongs to node ${node}`);
+      if (owned === client && node !== sender) {
+        // Which of the two is the impostor cannot be told from here (the first to arrive may
+        // be either): the state goes, and neither is shown under that client id again.
+        this.#contested.add(client);
+        this.#nodes.delete(node);
+        removeAwarenessStates(this.awareness, [client], this);
+        return refuse(`client ${client} is claimed by node ${node} too`);
+      }
     }
     const previous = this.#nodes.get(sender);
     try {

@@ -5,9 +5,11 @@
 //! runs one timer for the session's next deadline, and turns the session's events into JS
 //! listener calls.
 //!
-//! All state lives in one `Rc<RefCell<Driver>>` on the page's thread. Nothing calls into JS
-//! while the state is borrowed: events are collected during a change and dispatched after it,
-//! so a listener may call back into the client.
+//! All state lives in one `Rc<RefCell<Driver>>` on the page's thread. Events are collected
+//! during a change and dispatched after it, so a listener may call back into the client. The
+//! one call into JS while the state is borrowed is the application's document (the `document`
+//! option), whose observers run while a remote update is applied: a call into the client from
+//! there throws a `BusyError` instead of touching the borrowed state.
 
 use std::cell::{Cell, RefCell};
 #[cfg(feature = "document")]
@@ -876,6 +878,15 @@ fn web_log(error: &JsValue) {
     }
 }
 
+/// A call into the client from code the client itself is running: an observer of the
+/// application's document, while a remote update is applied to it.
+fn busy() -> JsValue {
+    js_error(
+        "BusyError",
+        "the client is applying a remote update to the document and cannot be used from its observers; call it after they return (queueMicrotask)",
+    )
+}
+
 fn session_error(e: SessionError) -> JsValue {
     match e {
         SessionError::Closed => js_error("ClosedError", e),
@@ -930,6 +941,17 @@ impl MeshClient {
 }
 
 impl MeshClient {
+    /// The client's state, or a `BusyError` while the client is applying a remote update to
+    /// the application's document (whose observers run inside that call).
+    fn driver(&self) -> Result<std::cell::Ref<'_, Driver>, JsValue> {
+        self.shared.try_borrow().map_err(|_| busy())
+    }
+
+    /// The client's state for a change; a `BusyError` as for [`MeshClient::driver`].
+    fn driver_mut(&self) -> Result<std::cell::RefMut<'_, Driver>, JsValue> {
+        self.shared.try_borrow_mut().map_err(|_| busy())
+    }
+
     /// What `connect` does, for Rust callers; `reject` is the JS promise's, for the panic hook.
     pub async fn join(
         options: JsMeshClientOptions,
@@ -1073,32 +1095,32 @@ impl MeshClient {
 impl MeshClient {
     /// This client's node id, assigned by the relay.
     #[wasm_bindgen(getter)]
-    pub fn node(&self) -> f64 {
-        self.shared.borrow().session.node() as f64
+    pub fn node(&self) -> Result<f64, JsValue> {
+        Ok(self.driver()?.session.node() as f64)
     }
 
     /// `"connecting"`, `"open"`, `"reconnecting"` or `"closed"`.
     #[wasm_bindgen(getter, unchecked_return_type = "Status")]
-    pub fn status(&self) -> String {
-        self.shared.borrow().session.status().as_str().into()
+    pub fn status(&self) -> Result<String, JsValue> {
+        Ok(self.driver()?.session.status().as_str().into())
     }
 
     /// The room step this client has reached.
     #[wasm_bindgen(getter)]
-    pub fn step(&self) -> f64 {
-        self.shared.borrow().session.step() as f64
+    pub fn step(&self) -> Result<f64, JsValue> {
+        Ok(self.driver()?.session.step() as f64)
     }
 
     /// The other members present now: `[{ node, name }]`.
     #[wasm_bindgen(getter)]
     pub fn peers(&self) -> Result<super::types::JsPeers, JsValue> {
-        Ok(to_js(&self.shared.borrow().session.peers())?.unchecked_into())
+        Ok(to_js(&self.driver()?.session.peers())?.unchecked_into())
     }
 
     /// The latest presence of each peer present that has set one: `[{ node, name, data }]`. A
     /// `presence` event says whose changed; one with `data: null` that a peer left.
     pub fn presence(&self) -> Result<super::types::JsPresences, JsValue> {
-        let driver = self.shared.borrow();
+        let driver = self.driver()?;
         let peers = driver.session.peers();
         let list = js_sys::Array::new();
         for (&node, data) in driver.session.presences() {
@@ -1117,20 +1139,23 @@ impl MeshClient {
 
     /// The digest of the document (every text), as 16 hex digits: what checkpoints compare.
     #[wasm_bindgen(getter)]
-    pub fn digest(&self) -> String {
-        format!("{:016x}", self.shared.borrow().session.replica().digest())
+    pub fn digest(&self) -> Result<String, JsValue> {
+        Ok(format!(
+            "{:016x}",
+            self.driver()?.session.replica().digest()
+        ))
     }
 
     /// The document's version, as a Yjs state vector.
     #[wasm_bindgen(js_name = stateVector)]
-    pub fn state_vector(&self) -> Vec<u8> {
-        self.shared.borrow().session.replica().state_vector()
+    pub fn state_vector(&self) -> Result<Vec<u8>, JsValue> {
+        Ok(self.driver()?.session.replica().state_vector())
     }
 
     /// Messages not yet acknowledged as stored (sent, or waiting to be sent).
     #[wasm_bindgen(getter, js_name = pendingCount)]
-    pub fn pending_count(&self) -> usize {
-        self.shared.borrow().session.pending()
+    pub fn pending_count(&self) -> Result<usize, JsValue> {
+        Ok(self.driver()?.session.pending())
     }
 
     /// Sends any JSON value to the room. It is stamped with the room's next step when it goes
@@ -1163,7 +1188,7 @@ impl MeshClient {
         };
         let data = json_from_js("the data", &data)?;
         let queued = {
-            let mut driver = self.shared.borrow_mut();
+            let mut driver = self.driver_mut()?;
             let now = driver.now();
             if durable {
                 driver.session.broadcast(now, data).map(|()| true)
@@ -1182,7 +1207,7 @@ impl MeshClient {
     pub fn set_presence(&self, data: JsJson) -> Result<(), JsValue> {
         let data = json_from_js("the presence", &data)?;
         {
-            let mut driver = self.shared.borrow_mut();
+            let mut driver = self.driver_mut()?;
             let now = driver.now();
             driver
                 .session
@@ -1203,7 +1228,7 @@ impl MeshClient {
     ) -> Result<(), JsValue> {
         let name = string_arg("name", &name)?;
         {
-            let mut driver = self.shared.borrow_mut();
+            let mut driver = self.driver_mut()?;
             let now = driver.now();
             driver.session.set_name(now, &name).map_err(session_error)?;
         }
@@ -1219,7 +1244,7 @@ impl MeshClient {
         #[wasm_bindgen(unchecked_param_type = "Uint8Array")] bytes: JsValue,
     ) -> Result<(), JsValue> {
         let bytes = bytes_arg("bytes", &bytes)?;
-        let sent = self.shared.borrow_mut().session.send_raw(bytes);
+        let sent = self.driver_mut()?.session.send_raw(bytes);
         pump(&self.shared);
         if sent {
             Ok(())
@@ -1237,7 +1262,7 @@ impl MeshClient {
         #[wasm_bindgen(unchecked_param_type = "Uint8Array")] bytes: JsValue,
     ) -> Result<super::types::JsVerdict, JsValue> {
         let bytes = bytes_arg("bytes", &bytes)?;
-        let refused = self.shared.borrow_mut().session.inspect(&bytes);
+        let refused = self.driver_mut()?.session.inspect(&bytes);
         pump(&self.shared);
         match refused {
             None => verdict(VerdictJs::ACCEPTED),
@@ -1247,7 +1272,7 @@ impl MeshClient {
 
     /// Counts of this client's local verdicts: `{ accepted, patternMismatch, replay, ... }`.
     pub fn counts(&self) -> Result<super::types::JsVerdictCounts, JsValue> {
-        counts_to_js(self.shared.borrow().session.counters())
+        counts_to_js(self.driver()?.session.counters())
     }
 
     /// Sends `update`, a Yjs v1 update of the document named `doc` (1 to 64 bytes) that the
@@ -1268,21 +1293,31 @@ impl MeshClient {
             return Err(invalid_argument("a document name must be 1 to 64 bytes"));
         }
         {
-            let mut driver = self.shared.borrow_mut();
+            let mut driver = self.driver_mut()?;
             if driver.session.is_closed() {
                 return Err(session_error(SessionError::Closed));
             }
+            // With the built-in document: bytes that decode, then the outbox (which refuses an
+            // update too large), then the document, so that neither takes what the other refused.
             #[cfg(feature = "document")]
-            if let Some(built) = driver.session.replica().built() {
-                built
-                    .apply_update(&update)
-                    .map_err(|e| js_error("DocumentError", e))?;
+            let built = driver.session.replica().built().is_some();
+            #[cfg(feature = "document")]
+            if built {
+                crate::doc::check_update(&update).map_err(|e| js_error("DocumentError", e))?;
             }
             let now = driver.now();
             driver
                 .session
-                .update(now, &doc, update)
+                .update(now, &doc, update.clone())
                 .map_err(session_error)?;
+            #[cfg(feature = "document")]
+            if let Some(built) = driver.session.replica().built() {
+                if let Err(e) = built.apply_update(&update) {
+                    driver
+                        .calls
+                        .push(("error", js_error("DocumentError", e), None));
+                }
+            }
         }
         pump(&self.shared);
         Ok(())
@@ -1297,13 +1332,13 @@ impl MeshClient {
     ) -> Result<SharedText, JsValue> {
         let name = string_arg("name", &name)?;
         let name = name.as_str();
-        if self.shared.borrow().session.is_closed() {
+        if self.driver()?.session.is_closed() {
             return Err(session_error(SessionError::Closed));
         }
         if name.is_empty() || name.len() > Limits::default().max_name {
             return Err(invalid_argument("a text name must be 1 to 64 bytes"));
         }
-        let mut driver = self.shared.borrow_mut();
+        let mut driver = self.driver_mut()?;
         let Some(built) = driver.session.replica().built() else {
             return Err(js_error(
                 "DocumentError",
@@ -1341,7 +1376,7 @@ impl MeshClient {
                 EVENTS.join(", ")
             )));
         };
-        let mut driver = self.shared.borrow_mut();
+        let mut driver = self.driver_mut()?;
         let id = driver.next_listener;
         driver.next_listener += 1;
         driver.listeners.push(Listener {
@@ -1366,7 +1401,7 @@ impl MeshClient {
     pub fn off(&self, event: JsValue, listener: JsValue) -> Result<(), JsValue> {
         let event = string_arg("event", &event)?;
         function_arg("listener", &listener)?;
-        let mut driver = self.shared.borrow_mut();
+        let mut driver = self.driver_mut()?;
         driver
             .listeners
             .retain(|l| !(l.event == event && JsValue::from(l.function.clone()) == listener));
@@ -1377,13 +1412,14 @@ impl MeshClient {
     /// Drops the connection now, as a network failure would; the client reconnects by itself.
     /// For tests and demos of the reconnect path.
     #[wasm_bindgen(js_name = dropConnection)]
-    pub fn drop_connection(&self) {
+    pub fn drop_connection(&self) -> Result<(), JsValue> {
         {
-            let mut driver = self.shared.borrow_mut();
+            let mut driver = self.driver_mut()?;
             let now = driver.now();
             driver.session.disconnect(now);
         }
         pump(&self.shared);
+        Ok(())
     }
 
     /// Panics inside the module while this client's state is borrowed, as a bug in an update's
@@ -1397,9 +1433,9 @@ impl MeshClient {
     }
 
     /// Closes the connection for good; no reconnect follows.
-    pub fn close(&self) {
+    pub fn close(&self) -> Result<(), JsValue> {
         {
-            let mut driver = self.shared.borrow_mut();
+            let mut driver = self.driver_mut()?;
             let now = driver.now();
             driver.session.close(now);
         }
@@ -1407,6 +1443,7 @@ impl MeshClient {
         // The last write: the outbox that is left, for the next tab of this room.
         #[cfg(feature = "document")]
         save(&self.shared);
+        Ok(())
     }
 }
 

@@ -2,10 +2,12 @@
 //! JS object that speaks Yjs v1 updates (the `document` option; `pattern-mesh/yjs` makes one
 //! from a `Y.Doc`).
 //!
-//! The session calls the application's document while the client is busy: its callbacks must
-//! not call the client back (the Yjs provider defers everything it sends to a microtask). A
-//! callback that throws or returns the wrong type is an `error` event (`DocumentError`), never
-//! a panic: the update it was given counts as not applied.
+//! The session calls the application's document while the client is busy: its callbacks, and
+//! the document's observers they run, cannot use the client (it throws a `BusyError`; the Yjs
+//! provider defers everything it sends to a microtask). A callback that throws or returns the
+//! wrong type is an `error` event (`DocumentError`), never a panic. An `applyUpdate` that threw
+//! may have applied the update all the same (Yjs integrates an update before its observers
+//! run); the session reports it as a `malformed` anomaly too, and a later sync repairs it.
 
 use std::cell::RefCell;
 
@@ -185,7 +187,9 @@ impl JsDocument {
             .call1(&self.object, &bytes)
             .map(|_| ())
             .map_err(|e| {
-                DocError::InvalidUpdate(format!("document.applyUpdate threw: {}", describe(&e)))
+                let what = format!("document.applyUpdate threw: {}", describe(&e));
+                self.problem(what.clone());
+                DocError::InvalidUpdate(what)
             })
     }
 
@@ -200,8 +204,10 @@ impl JsDocument {
 
     fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError> {
         let remote = js_sys::Uint8Array::from(remote);
-        self.bytes("diff", &self.diff, &[&remote])
-            .map_err(DocError::InvalidUpdate)
+        self.bytes("diff", &self.diff, &[&remote]).map_err(|e| {
+            self.problem(e.clone());
+            DocError::InvalidUpdate(e)
+        })
     }
 
     fn version(&self) -> Version {

@@ -212,10 +212,7 @@ pub(crate) async fn open(url: &str, room: &str) -> Result<Loaded, JsValue> {
                 .map(|u| js_sys::Uint8Array::new(&u).to_vec())
                 .collect();
             let refs: Vec<&[u8]> = updates.iter().map(Vec::as_slice).collect();
-            #[cfg(feature = "document")]
-            return crate::doc::merge_updates(&refs).ok();
-            #[cfg(not(feature = "document"))]
-            return refs.first().filter(|_| refs.len() == 1).map(|u| u.to_vec());
+            crate::doc::merge_updates(&refs).ok()
         });
     Ok(Loaded {
         storage: Storage {

@@ -175,6 +175,29 @@ test("Y.UndoManager undoes this page's edits and keeps the remote ones between t
   }
 });
 
+test("a Y.Doc observer that calls the client during a remote update gets a BusyError, and the client goes on", async () => {
+  const room = `busy-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  await b.evaluate(() => {
+    window.seen = [];
+    ydoc.getText("content").observe(() => {
+      try { seen.push(provider.client.status); } catch (e) { seen.push(e.name); }
+      // What the observer defers runs once the client is free again.
+      queueMicrotask(() => seen.push(provider.client.status));
+    });
+  });
+  await a.evaluate(() => ydoc.getText("content").insert(0, "one"));
+  await until("b saw the edit", () => b.evaluate(() => seen.length >= 2 || seen));
+  assert.deepEqual(await b.evaluate(() => seen), ["BusyError", "open"]);
+  await b.evaluate(() => ydoc.getText("content").insert(3, " two"));
+  await until("a has b's later edit", () => a.evaluate(() => ydoc.getText("content").toString() === "one two" || ydoc.getText("content").toString()));
+  assert.deepEqual(await b.evaluate(() => window.errors), []);
+  await Promise.all([a.close(), b.close()]);
+});
+
 test("awareness states cross through presence and leave with their page", async () => {
   const room = `aware-${Date.now()}`;
   const a = await blank();
@@ -223,10 +246,11 @@ test("a member cannot move or rename another member's cursor through its own pre
   }, { url: relay.url, room, ada });
   await until("b refused all three", () => b.evaluate(() => refusals.length >= 3 || refusals));
   const refusals = await b.evaluate(() => refusals);
-  assert.match(refusals[0], /client \d+ belongs to node \d+/);
+  assert.match(refusals[0], /client \d+ is claimed by node \d+ too/);
   assert.match(refusals[1], /exactly one client's state/);
   assert.match(refusals[2], /not base64/);
-  assert.equal(await b.evaluate((ada) => awareness.getStates().get(ada)?.user?.name, ada), "ada");
+  // Neither name is shown under the contested client id: not mallory's.
+  assert.equal(await b.evaluate((ada) => awareness.getStates().get(ada)?.user?.name ?? "none", ada), "none");
   assert.equal(await b.evaluate(() => awareness.getStates().has(12345)), false);
   for (const page of [a, b, mallory]) await page.close();
 });
@@ -280,6 +304,13 @@ test("the CodeMirror demo: two pages edit one text and each shows the other's cu
     [...document.querySelectorAll(".cm-ySelectionInfo")].some((e) => e.textContent === "ada") || "no caret"));
   assert.equal(await docOf(a), await docOf(b));
   await a.screenshot({ path: join(artifacts, "codemirror.png") });
+  // Undo in one page takes back that page's typing only; the other member's line stays.
+  await a.click(".cm-content");
+  await a.keyboard.press("Control+z");
+  await until("b's editor has a's typing undone and its own line", async () => {
+    const text = await docOf(b);
+    return (!text.includes("ada") && text.includes("A line from bo.")) || text;
+  });
   assert.deepEqual(a.problems, []);
   assert.deepEqual(b.problems, []);
   await a.close();
@@ -310,4 +341,29 @@ test("the README's Yjs example works as written", async () => {
     document.querySelector(".cm-content")?.textContent === "typed elsewhere" || document.querySelector(".cm-content")?.textContent));
   assert.deepEqual(page.problems, []);
   await Promise.all([page.close(), other.close()]);
+});
+
+test("the provider refuses bad arguments by name", async () => {
+  const page = await blank();
+  const result = await page.evaluate(async (url) => {
+    const outcome = async (f) => { try { await f(); return "ok"; } catch (e) { return `${e.name}: ${e.message}`; } };
+    const ydoc = new Y.Doc();
+    return {
+      notDoc: await outcome(() => MeshProvider.connect({}, { url, room: "r" })),
+      document: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", document: {} })),
+      awareness: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", awareness: new Awareness(new Y.Doc()) })),
+      on: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", on: { presence: 5 } })),
+      persist: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", persist: true })),
+      room: await outcome(() => MeshProvider.connect(ydoc, { url, room: 7 })),
+    };
+  }, relay.url);
+  assert.deepEqual(result, {
+    notDoc: "InvalidArgument: MeshProvider.connect needs a Y.Doc, got object",
+    document: "InvalidArgument: the provider makes the document option from the Y.Doc: leave it out",
+    awareness: "InvalidArgument: awareness must be an Awareness of the Y.Doc",
+    on: "InvalidArgument: on.presence must be a function",
+    persist: "InvalidArgument: persist keeps the built-in document; with the application's document, persist it beside the client (y-indexeddb for a Y.Doc)",
+    room: "InvalidArgument: room must be a string, got the number 7",
+  });
+  await page.close();
 });

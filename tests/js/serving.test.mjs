@@ -55,6 +55,15 @@ test("a file carries an ETag and no-cache; asking again with it gives 304 withou
   assert.equal(again.status, 304);
   assert.equal(again.body.length, 0);
   assert.equal(again.headers.etag, tag);
+  assert.match(again.headers.vary ?? "", /accept-encoding/i);
+  // The tag decides even when If-Modified-Since says the file changed since then.
+  const both = await get("/pkg/pattern_mesh.js", { "accept-encoding": "br", "if-none-match": 'W/"0-0000000000000000"', "if-modified-since": first.headers["last-modified"] });
+  assert.equal(both.status, 200);
+  // The file server's own 304 (If-Modified-Since alone) carries the cache headers too.
+  const since = await get("/pkg/pattern_mesh.js", { "accept-encoding": "br", "if-modified-since": first.headers["last-modified"] });
+  assert.equal(since.status, 304);
+  assert.equal(since.headers["cache-control"], "no-cache");
+  assert.match(since.headers.vary ?? "", /accept-encoding/i);
   const other = await get("/pkg/pattern_mesh.js", { "if-none-match": 'W/"0-0000000000000000"' });
   assert.equal(other.status, 200);
   // The demo's pages are compressed too; a missing file is still a 404.

@@ -454,11 +454,32 @@ fn static_files(dir: &std::path::Path) -> Router {
 /// server reports them: a precompressed copy has its own), `Vary: Accept-Encoding`, and answers
 /// `304` when the request's `If-None-Match` names the tag.
 async fn entity_tag(
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let asked = request.headers().get(header::IF_NONE_MATCH).cloned();
+    if asked.is_some() {
+        // With If-None-Match, If-Modified-Since is ignored (RFC 9110, 13.1.3): the tag decides.
+        request.headers_mut().remove(header::IF_MODIFIED_SINCE);
+    }
     let mut response = next.run(request).await;
+    let cache = header::HeaderValue::from_static("no-cache");
+    // The same path gives another body (a precompressed copy) to another Accept-Encoding; a
+    // 304 says so too.
+    let vary = |headers: &mut HeaderMap| {
+        if !headers.contains_key(header::VARY) {
+            headers.insert(
+                header::VARY,
+                header::HeaderValue::from_static("accept-encoding"),
+            );
+        }
+    };
+    if response.status() == StatusCode::NOT_MODIFIED {
+        // The file server's own answer to If-Modified-Since.
+        response.headers_mut().insert(header::CACHE_CONTROL, cache);
+        vary(response.headers_mut());
+        return response;
+    }
     if response.status() != StatusCode::OK {
         return response;
     }
@@ -477,31 +498,21 @@ async fn entity_tag(
     let Ok(tag) = header::HeaderValue::from_str(&tag) else {
         return response;
     };
-    let cache = header::HeaderValue::from_static("no-cache");
     let matches = asked.is_some_and(|asked| {
         asked.as_bytes() == b"*"
             || asked
                 .to_str()
                 .is_ok_and(|list| list.split(',').any(|t| t.trim() == tag))
     });
-    if matches {
-        let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
-        not_modified.headers_mut().insert(header::ETAG, tag);
-        not_modified
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, cache);
-        return not_modified;
-    }
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        response
+    };
     let headers = response.headers_mut();
     headers.insert(header::ETAG, tag);
     headers.insert(header::CACHE_CONTROL, cache);
-    // The same path gives a different body (a precompressed copy) to another Accept-Encoding.
-    if !headers.contains_key(header::VARY) {
-        headers.insert(
-            header::VARY,
-            header::HeaderValue::from_static("accept-encoding"),
-        );
-    }
+    vary(headers);
     response
 }
 

@@ -207,7 +207,11 @@ fn read_var(input: &mut &[u8]) -> Option<u64> {
     for shift in (0..64).step_by(7) {
         let (&byte, rest) = input.split_first()?;
         *input = rest;
-        value |= u64::from(byte & 0x7f).checked_shl(shift)?;
+        // The tenth byte holds bit 63 only.
+        if shift == 63 && byte & 0x7f > 1 {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
             return Some(value);
         }
