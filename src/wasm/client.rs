@@ -1299,19 +1299,22 @@ impl MeshClient {
             }
             // With the built-in document: bytes that decode, then the outbox (which refuses an
             // update too large), then the document, so that neither takes what the other refused.
+            // A copy for the built-in document only: the application's has the update already.
             #[cfg(feature = "document")]
-            let built = driver.session.replica().built().is_some();
-            #[cfg(feature = "document")]
-            if built {
-                crate::doc::check_update(&update).map_err(|e| js_error("DocumentError", e))?;
-            }
+            let for_built = match driver.session.replica().built() {
+                Some(_) => {
+                    crate::doc::check_update(&update).map_err(|e| js_error("DocumentError", e))?;
+                    Some(update.clone())
+                }
+                None => None,
+            };
             let now = driver.now();
             driver
                 .session
-                .update(now, &doc, update.clone())
+                .update(now, &doc, update)
                 .map_err(session_error)?;
             #[cfg(feature = "document")]
-            if let Some(built) = driver.session.replica().built() {
+            if let (Some(built), Some(update)) = (driver.session.replica().built(), for_built) {
                 if let Err(e) = built.apply_update(&update) {
                     driver
                         .calls

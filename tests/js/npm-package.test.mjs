@@ -103,11 +103,18 @@ test("two pages using the installed package exchange data and text edits", async
   assert.deepEqual([...a.errors, ...b.errors], []);
 });
 
-test("a Vite app in strict TypeScript, on the installed package, type-checks, builds and joins a room", async () => {
-  const app = join(dir, "project", "vite-app");
+/**
+ * A Vite app in strict TypeScript (no skipLibCheck) on the installed tarball, with `modules`
+ * copied from .ci/node_modules and `main` as src/main.ts: type-checked and built into dist/.
+ */
+async function viteApp(name, modules, main) {
+  const app = join(dir, "project", name);
   await mkdir(join(app, "src"), { recursive: true });
-  await writeFile(join(app, "package.json"), JSON.stringify({ name: "vite-app", private: true, type: "module" }));
+  await writeFile(join(app, "package.json"), JSON.stringify({ name, private: true, type: "module" }));
   execFileSync("npm", ["install", packed, "--offline", "--no-audit", "--no-fund", "--loglevel=error"], { cwd: app });
+  for (const module of modules) {
+    await cp(join(root, ".ci/node_modules", module), join(app, "node_modules", module), { recursive: true });
+  }
   await writeFile(join(app, "tsconfig.json"), JSON.stringify({
     compilerOptions: {
       strict: true, noEmit: true, target: "es2022", module: "esnext", moduleResolution: "bundler",
@@ -115,9 +122,19 @@ test("a Vite app in strict TypeScript, on the installed package, type-checks, bu
     },
     include: ["src"],
   }));
-  await writeFile(join(app, "index.html"), `<!doctype html><meta charset="utf-8"><title>vite app</title>
+  await writeFile(join(app, "index.html"), `<!doctype html><meta charset="utf-8"><title>${name}</title>
 <script type="module" src="./src/main.ts"></script>`);
-  await writeFile(join(app, "src", "main.ts"), `import init, { MeshClient, type MessageEvent, type Status } from "pattern-mesh";
+  await writeFile(join(app, "src", "main.ts"), main);
+  const tools = join(root, ".ci/node_modules/.bin");
+  const tsc = spawnSync(join(tools, "tsc"), ["-p", join(app, "tsconfig.json")], { encoding: "utf8" });
+  assert.equal(tsc.status, 0, `tsc --strict failed:\n${tsc.stdout}${tsc.stderr}`);
+  const vite = spawnSync(join(tools, "vite"), ["build", "--base", "./", "--logLevel", "error", app], { encoding: "utf8" });
+  assert.equal(vite.status, 0, `vite build failed:\n${vite.stdout}${vite.stderr}`);
+  return app;
+}
+
+test("a Vite app in strict TypeScript, on the installed package, type-checks, builds and joins a room", async () => {
+  const app = await viteApp("vite-app", [], `import init, { MeshClient, type MessageEvent, type Status } from "pattern-mesh";
 
 declare global {
   interface Window { app?: { client: MeshClient; messages: MessageEvent[]; statuses: Status[] } }
@@ -139,11 +156,6 @@ async function main(): Promise<void> {
 
 main();
 `);
-  const tools = join(root, ".ci/node_modules/.bin");
-  const tsc = spawnSync(join(tools, "tsc"), ["-p", join(app, "tsconfig.json")], { encoding: "utf8" });
-  assert.equal(tsc.status, 0, `tsc --strict failed:\n${tsc.stdout}${tsc.stderr}`);
-  const vite = spawnSync(join(tools, "vite"), ["build", "--base", "./", "--logLevel", "error", app], { encoding: "utf8" });
-  assert.equal(vite.status, 0, `vite build failed:\n${vite.stdout}${vite.stderr}`);
   const assets = await readdir(join(app, "dist", "assets"));
   assert.ok(assets.some((f) => f.endsWith(".wasm")), `the wasm is among the built assets: ${assets}`);
 
@@ -167,24 +179,8 @@ main();
 });
 
 test("a Vite app on the transport-only build keeps a Y.Doc in sync with pattern-mesh/transport/yjs", async () => {
-  const app = join(dir, "project", "yjs-app");
-  await mkdir(join(app, "src"), { recursive: true });
-  await writeFile(join(app, "package.json"), JSON.stringify({ name: "yjs-app", private: true, type: "module" }));
-  execFileSync("npm", ["install", packed, "--offline", "--no-audit", "--no-fund", "--loglevel=error"], { cwd: app });
   // The provider's peer dependencies, yjs and y-protocols (with lib0), as .ci/setup installed them.
-  for (const name of ["yjs", "y-protocols", "lib0", "isomorphic.js"]) {
-    await cp(join(root, ".ci/node_modules", name), join(app, "node_modules", name), { recursive: true });
-  }
-  await writeFile(join(app, "tsconfig.json"), JSON.stringify({
-    compilerOptions: {
-      strict: true, noEmit: true, target: "es2022", module: "esnext", moduleResolution: "bundler",
-      lib: ["es2022", "dom"], types: [], skipLibCheck: false,
-    },
-    include: ["src"],
-  }));
-  await writeFile(join(app, "index.html"), `<!doctype html><meta charset="utf-8"><title>yjs app</title>
-<script type="module" src="./src/main.ts"></script>`);
-  await writeFile(join(app, "src", "main.ts"), `import * as Y from "yjs";
+  const app = await viteApp("yjs-app", ["yjs", "y-protocols", "lib0", "isomorphic.js"], `import * as Y from "yjs";
 import { Awareness } from "y-protocols/awareness";
 import init from "pattern-mesh/transport";
 import { MeshProvider } from "pattern-mesh/transport/yjs";
@@ -210,11 +206,6 @@ async function main(): Promise<void> {
 
 main();
 `);
-  const tools = join(root, ".ci/node_modules/.bin");
-  const tsc = spawnSync(join(tools, "tsc"), ["-p", join(app, "tsconfig.json")], { encoding: "utf8" });
-  assert.equal(tsc.status, 0, `tsc --strict failed:\n${tsc.stdout}${tsc.stderr}`);
-  const vite = spawnSync(join(tools, "vite"), ["build", "--base", "./", "--logLevel", "error", app], { encoding: "utf8" });
-  assert.equal(vite.status, 0, `vite build failed:\n${vite.stdout}${vite.stderr}`);
 
   const url = base.replace("http://", "ws://") + "/ws";
   const room = `transport-${Date.now()}`;
