@@ -68,4 +68,13 @@ report("yjs-pattern-mesh-transport", await bundle("yjs-transport", `
   import { MeshProvider } from "./pkg/transport/yjs.js";
   const doc = new Y.Doc();
   window.p = [init, MeshProvider.connect(doc, { url: "ws://x", room: "room", awareness: new Awareness(doc) })];`), transport);
+// Two CRDT libraries on WebAssembly, for scale: the document alone, without any network
+// provider (their wasm counted in full, as ours).
+const modules = join(root, "benches/js/node_modules");
+report("loro", await bundle("loro", `
+  import init, { LoroDoc } from "loro-crdt/web";
+  window.p = [init, LoroDoc];`), readFileSync(join(modules, "loro-crdt/web/loro_wasm_bg.wasm")));
+report("automerge", await bundle("automerge", `
+  import { initializeWasm, from } from "@automerge/automerge/slim";
+  window.p = [initializeWasm, from];`), readFileSync(join(modules, "@automerge/automerge/dist/automerge.wasm")));
 rmSync(out, { recursive: true, force: true });

@@ -55,36 +55,116 @@ mod native {
         }
     }
 
+    /// What the members type.
+    #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+    enum Workload {
+        /// Each member replays a real editing trace (automerge-paper: one transaction per
+        /// update, mostly one character typed or deleted near the previous edit) into its own
+        /// part of the room's one text, which grows as in a writing session. Every edit's
+        /// neighbours are the member's own characters, so a server that merges updates
+        /// integrates each one next to its neighbours, as with people typing in one document.
+        Typing,
+        /// Pathological: each member inserts `--payload` bytes at index 0 of its own fresh text,
+        /// without seeing anyone else's. Every insert conflicts with every concurrent insert
+        /// at the start, so a server that merges updates pays for a scan that grows with the
+        /// document. No editor produces this.
+        Index0,
+    }
+
+    impl Workload {
+        fn name(self) -> &'static str {
+            match self {
+                Workload::Typing => "typing",
+                Workload::Index0 => "index0",
+            }
+        }
+    }
+
+    /// What every mode that sends updates takes.
+    #[derive(clap::Args)]
+    struct Common {
+        #[arg(long, value_enum, default_value = "pattern-mesh")]
+        target: Target,
+        /// The relay's address, or several separated by commas (relays that share a store):
+        /// the members are spread over them in turn.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        #[arg(long, default_value_t = 1)]
+        rooms: usize,
+        #[arg(long, default_value_t = 16)]
+        members: usize,
+        #[arg(long, value_enum, default_value = "typing")]
+        workload: Workload,
+        /// The editing trace `typing` replays (gzipped JSON, the editing-traces format).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/editing-traces/automerge-paper.json.gz"))]
+        trace: String,
+        /// Approximate bytes of each `index0` update.
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+        /// The relays' process ids (separated by commas), to report their CPU time and
+        /// memory.
+        #[arg(long, value_delimiter = ',')]
+        relay_pid: Vec<u32>,
+        /// The name of the RESULT line (default: the target's).
+        #[arg(long)]
+        label: Option<String>,
+    }
+
+    impl Common {
+        fn spec(&self, messages: u64, rate: f64, patience: Duration) -> anyhow::Result<LoadSpec> {
+            anyhow::ensure!(self.members >= 2, "--members must be at least 2");
+            let trace = match self.workload {
+                Workload::Typing => load_trace(&self.trace)?,
+                Workload::Index0 => Vec::new(),
+            };
+            Ok(LoadSpec {
+                target: self.target,
+                addrs: self.addr.split(',').map(|a| a.trim().to_string()).collect(),
+                rooms: self.rooms,
+                members: self.members,
+                messages,
+                payload: self.payload,
+                rate,
+                workload: self.workload,
+                trace: Arc::new(trace),
+                relay_pids: self.relay_pid.clone(),
+                patience,
+                run: format!("{:x}", now_micros()),
+            })
+        }
+    }
+
     #[derive(Subcommand)]
     enum Mode {
         /// Rooms of members sending real Yjs text updates to each other.
         Load {
-            #[arg(long, value_enum, default_value = "pattern-mesh")]
-            target: Target,
-            /// The relay's address, or several separated by commas (relays that share a store):
-            /// the members are spread over them in turn.
-            #[arg(long, default_value = "127.0.0.1:8080")]
-            addr: String,
-            #[arg(long, default_value_t = 1)]
-            rooms: usize,
-            #[arg(long, default_value_t = 16)]
-            members: usize,
+            #[command(flatten)]
+            common: Common,
             /// Messages each member sends.
             #[arg(long, default_value_t = 500)]
             messages: u64,
-            /// Approximate bytes of each Yjs update.
-            #[arg(long, default_value_t = 200)]
-            payload: usize,
             /// Messages per second per member; 0 sends as fast as the socket takes them.
             #[arg(long, default_value_t = 0.0)]
             rate: f64,
-            /// The relays' process ids (separated by commas), to report their CPU time and
-            /// memory.
-            #[arg(long, value_delimiter = ',')]
-            relay_pid: Vec<u32>,
-            /// The name of the RESULT line (default: the target's).
-            #[arg(long)]
-            label: Option<String>,
+        },
+        /// The highest rate the relay carries: runs of about `--seconds` each, the rate per
+        /// member doubling from `--rate` until a run fails (p99 delivery over 50 ms, under 99%
+        /// delivered, or a member cut off), then `--refine` halvings of the gap between the
+        /// last pass and the first failure.
+        Capacity {
+            #[command(flatten)]
+            common: Common,
+            /// The first rate tried, updates per second per member.
+            #[arg(long, default_value_t = 2.0)]
+            rate: f64,
+            /// How long each run sends.
+            #[arg(long, default_value_t = 4.0)]
+            seconds: f64,
+            #[arg(long, default_value_t = 3)]
+            refine: u32,
+            /// Stop doubling past this rate per member (and report it as passed).
+            #[arg(long, default_value_t = 5000.0)]
+            max_rate: f64,
         },
         /// What one relay's death costs: a writer given every relay (`--addr a,b,...`) types
         /// into a document through the first; a reader on the last watches; the first relay is
@@ -259,30 +339,137 @@ mod native {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn load(
+    /// The automerge-paper editing trace (tests/data/editing-traces, CC BY 4.0): its
+    /// transactions, each a list of `[index, delete, insert]` patches.
+    type Trace = Vec<Vec<(u32, u32, String)>>;
+
+    fn load_trace(path: &str) -> anyhow::Result<Trace> {
+        use std::io::Read;
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            txns: Vec<Txn>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Txn {
+            patches: Vec<(u32, u32, String)>,
+        }
+        let mut json = String::new();
+        let file = std::fs::File::open(path)
+            .map_err(|e| anyhow::anyhow!("cannot open the trace {path}: {e}"))?;
+        flate2::read::GzDecoder::new(file).read_to_string(&mut json)?;
+        let raw: Raw = serde_json::from_str(&json)?;
+        Ok(raw.txns.into_iter().map(|t| t.patches).collect())
+    }
+
+    /// One run of the `load` mode: who, how many, how fast, what kind of edit.
+    struct LoadSpec {
         target: Target,
-        addr: String,
+        addrs: Vec<String>,
         rooms: usize,
         members: usize,
         messages: u64,
         payload: usize,
         rate: f64,
+        workload: Workload,
+        trace: Arc<Trace>,
         relay_pids: Vec<u32>,
-        label: Option<String>,
-    ) -> anyhow::Result<()> {
+        /// A reader gives up this long after its last update.
+        patience: Duration,
+        /// Rooms are named after this, so that runs against one relay never share a room.
+        run: String,
+    }
+
+    /// What one run measured.
+    struct Outcome {
+        delivered: u64,
+        expected: u64,
+        /// From the first send to the last reader's end.
+        elapsed: f64,
+        /// Send-to-delivery delays, microseconds, sorted.
+        latencies: Vec<u64>,
+        /// Close codes of members the relay let go.
+        closes: Vec<u16>,
+        /// The relays' CPU seconds during the run.
+        cpu: Option<f64>,
+        rss_kib: u64,
+        /// pattern-mesh's store commits during the run, from its `/metrics`:
+        /// `(count, over 50 ms, over 100 ms, the largest bucket bound reached)`.
+        commits: Option<(u64, u64, u64, String)>,
+        /// The load generator's own CPU time over the run's, in cores: near the cores it may
+        /// use, the generator, not the relay, set the pace.
+        generator_cpu: f64,
+        /// The mean size of the Yjs updates sent, bytes.
+        update_bytes: f64,
+    }
+
+    impl Outcome {
+        fn passes(&self) -> bool {
+            self.closes.is_empty()
+                && self.delivered as f64 >= 0.99 * self.expected as f64
+                && percentile(&self.latencies, 0.99) <= 50.0
+        }
+    }
+
+    /// The store commit histogram in pattern-mesh's `/metrics`: `(upper bound, count)` pairs,
+    /// cumulative, the last one `+Inf`.
+    async fn commit_histogram(addr: &str) -> Option<Vec<(String, u64)>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut socket = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.ok()?;
+        let mut text = String::new();
+        socket.read_to_string(&mut text).await.ok()?;
+        let buckets: Vec<(String, u64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("pattern_mesh_store_commit_seconds_bucket{le=\""))
+            .filter_map(|l| {
+                let (bound, count) = l.split_once("\"} ")?;
+                Some((bound.to_string(), count.trim().parse().ok()?))
+            })
+            .collect();
+        (!buckets.is_empty()).then_some(buckets)
+    }
+
+    /// Commits between two histograms: how many, how many over 50 and 100 ms, and the
+    /// largest bucket that gained one.
+    fn commits_between(
+        before: &[(String, u64)],
+        after: &[(String, u64)],
+    ) -> (u64, u64, u64, String) {
+        let delta = |bound: &str| {
+            let at = |h: &[(String, u64)]| h.iter().find(|(b, _)| b == bound).map_or(0, |x| x.1);
+            at(after).saturating_sub(at(before))
+        };
+        let total = delta("+Inf");
+        let mut largest = String::from("-");
+        let mut below = 0;
+        for (bound, _) in after {
+            let here = delta(bound);
+            if here > below {
+                largest = bound.clone();
+            }
+            below = here;
+        }
+        (total, total - delta("0.05"), total - delta("0.1"), largest)
+    }
+
+    /// Opens every member, lets them all send their updates (at `rate` each, or as fast as
+    /// the sockets take them) and waits until each has every other member's updates or gives
+    /// up.
+    async fn run_load(spec: &LoadSpec) -> anyhow::Result<Outcome> {
         let pattern = PatternConfig::default();
-        let addrs: Vec<&str> = addr.split(',').map(str::trim).collect();
         let sent_at: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
         let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
         let delivered = Arc::new(AtomicU64::new(0));
+        let update_bytes = Arc::new(AtomicU64::new(0));
         let closes = Arc::new(Mutex::new(Vec::<u16>::new()));
-        let run = format!("{:x}", now_micros());
+        let (target, members, messages, rate) =
+            (spec.target, spec.members, spec.messages, spec.rate);
         let mut sockets = Vec::new();
-        for r in 0..rooms {
+        for r in 0..spec.rooms {
             for m in 0..members {
-                let addr = addrs[(r * members + m) % addrs.len()];
-                let room = format!("load-{run}-{r}");
+                let addr = &spec.addrs[(r * members + m) % spec.addrs.len()];
+                let room = format!("load-{}-{r}", spec.run);
                 sockets.push((room.clone(), join(target, addr, &room).await?));
             }
         }
@@ -298,7 +485,13 @@ mod native {
                 .sum::<anyhow::Result<f64>>()
                 .map(Some)
         };
-        let cpu_before = cpu_of(&relay_pids)?;
+        let histogram = if target == Target::PatternMesh {
+            commit_histogram(&spec.addrs[0]).await
+        } else {
+            None
+        };
+        let cpu_before = cpu_of(&spec.relay_pids)?;
+        let own_before = cpu_seconds(std::process::id())?;
         let start = Instant::now();
         let mut tasks = Vec::new();
         let total = sockets.len();
@@ -316,13 +509,13 @@ mod native {
                 sent_at.clone(),
                 closes.clone(),
             );
+            let patience = spec.patience;
             let reader = tokio::spawn(async move {
                 let (mut got, mut mine) = (0u64, Vec::new());
-                // A reader gives up 30 s after its last update (a server's keep-alives and
-                // awareness messages do not count).
+                // A server's keep-alives and awareness messages do not count as updates.
                 let mut last_update = Instant::now();
                 while got < expected_each {
-                    let deadline = (last_update + Duration::from_secs(30)).into();
+                    let deadline = (last_update + patience).into();
                     let Ok(Some(Ok(message))) =
                         tokio::time::timeout_at(deadline, stream.next()).await
                     else {
@@ -366,6 +559,8 @@ mod native {
                 stream
             });
             let sent = sent_at.clone();
+            let bytes_sent = update_bytes.clone();
+            let (workload, payload, trace) = (spec.workload, spec.payload, spec.trace.clone());
             let writer = tokio::spawn(async move {
                 let doc = pattern_mesh_core::doc::SharedDoc::with_client_id(1_000 + index as u64);
                 let chunk = "x".repeat(payload.saturating_sub(40).max(1));
@@ -378,7 +573,22 @@ mod native {
                     if let Some(interval) = interval {
                         tokio::time::sleep_until((begin + interval * i as u32).into()).await;
                     }
-                    let update = doc.insert("content", 0, &chunk).expect("insert at 0");
+                    let update = match workload {
+                        Workload::Index0 => doc.insert("content", 0, &chunk).expect("insert at 0"),
+                        Workload::Typing => {
+                            // The trace from its start, again from an empty text of this
+                            // member's own if a run outlasts it.
+                            let txn = &trace[i as usize % trace.len()];
+                            if i > 0 && i as usize % trace.len() == 0 {
+                                let len = doc.len("content");
+                                doc.delete("content", 0, len).expect("clear");
+                            }
+                            let patches: Vec<(u32, u32, &str)> =
+                                txn.iter().map(|(p, d, s)| (*p, *d, s.as_str())).collect();
+                            doc.splice_all("content", &patches)
+                                .expect("the trace applies")
+                        }
+                    };
                     let bytes = match target {
                         Target::PatternMesh => {
                             let step = local.fetch_add(1, Relaxed) + 1;
@@ -402,6 +612,7 @@ mod native {
                             framed
                         }
                     };
+                    bytes_sent.fetch_add(update.len() as u64, Relaxed);
                     if let Ok(mut own) = mine_sent.lock() {
                         own.insert(fingerprint(&update));
                     }
@@ -423,61 +634,214 @@ mod native {
             keep.push((sink, stream));
         }
         let elapsed = start.elapsed().as_secs_f64();
+        let generator_cpu = (cpu_seconds(std::process::id())? - own_before) / elapsed;
         let cpu = match cpu_before {
-            Some(before) => cpu_of(&relay_pids)?.map(|after| after - before),
+            Some(before) => cpu_of(&spec.relay_pids)?.map(|after| after - before),
             None => None,
         };
-        let mut lat = latencies.lock().await.clone();
-        lat.sort_unstable();
-        let delivered = delivered.load(Relaxed);
-        let name = label.as_deref().unwrap_or(target.name());
+        let commits = match histogram {
+            Some(before) => commit_histogram(&spec.addrs[0])
+                .await
+                .map(|after| commits_between(&before, &after)),
+            None => None,
+        };
+        let mut latencies = latencies.lock().await.clone();
+        latencies.sort_unstable();
+        let rss_kib = spec
+            .relay_pids
+            .iter()
+            .map(|&p| rss_kib(p).unwrap_or(0))
+            .sum();
+        drop(keep);
+        let closes = closes.lock().await.clone();
+        Ok(Outcome {
+            delivered: delivered.load(Relaxed),
+            expected: expected_each * (spec.rooms * members) as u64,
+            elapsed,
+            latencies,
+            closes,
+            cpu,
+            rss_kib,
+            commits,
+            generator_cpu,
+            update_bytes: update_bytes.load(Relaxed) as f64
+                / (messages * (spec.rooms * members) as u64).max(1) as f64,
+        })
+    }
+
+    /// The `key=value` pairs of a RESULT line for one run.
+    fn result_fields(spec: &LoadSpec, o: &Outcome) -> String {
+        let lat = &o.latencies;
+        let (commits, over_50, over_100, largest) =
+            o.commits.clone().unwrap_or((0, 0, 0, "-".into()));
+        format!(
+            "workload={} update_bytes={:.0} relays={} rooms={} members={} rate={} offered_per_s={:.0} delivered_per_s={:.0} delivered={} expected={} cut_off={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} cpu_s_per_100k={:.3} rss_kib={} commits={commits} commits_over_50ms={over_50} commits_over_100ms={over_100} slowest_commit_le_s={largest} loadgen_cores={:.2} passed={}",
+            spec.workload.name(),
+            o.update_bytes,
+            spec.addrs.len(),
+            spec.rooms,
+            spec.members,
+            spec.rate,
+            spec.rate * (spec.rooms * spec.members * (spec.members - 1)) as f64,
+            o.delivered as f64 / o.elapsed,
+            o.delivered,
+            o.expected,
+            o.closes.len(),
+            percentile(lat, 0.5),
+            percentile(lat, 0.99),
+            percentile(lat, 0.999),
+            percentile(lat, 1.0),
+            o.cpu.map_or(f64::NAN, |c| c / o.delivered.max(1) as f64 * 100_000.0),
+            o.rss_kib,
+            o.generator_cpu,
+            o.passes(),
+        )
+    }
+
+    async fn load(spec: LoadSpec, label: Option<String>) -> anyhow::Result<()> {
+        let o = run_load(&spec).await?;
+        let name = label.as_deref().unwrap_or(spec.target.name());
         println!(
-            "{name}: {rooms} rooms x {members} members, {messages} updates each (~{payload} B), {}",
-            if rate > 0.0 {
-                format!("{rate}/s per member")
+            "{name}: {} rooms x {} members, {} {} updates each, {}",
+            spec.rooms,
+            spec.members,
+            spec.messages,
+            spec.workload.name(),
+            if spec.rate > 0.0 {
+                format!("{}/s per member", spec.rate)
             } else {
                 "flat out".into()
             }
         );
         println!(
-            "  delivered {:.0} msg/s ({delivered} of {} in {elapsed:.2} s)",
-            delivered as f64 / elapsed,
-            expected_each * (rooms * members) as u64
+            "  delivered {:.0} msg/s ({} of {} in {:.2} s)",
+            o.delivered as f64 / o.elapsed,
+            o.delivered,
+            o.expected,
+            o.elapsed
         );
-        let closes = closes.lock().await.clone();
-        if !closes.is_empty() {
+        if !o.closes.is_empty() {
             println!(
-                "  {} members were let go by the relay before they had everything (close codes {closes:?})",
-                closes.len()
+                "  {} members were let go by the relay before they had everything (close codes {:?})",
+                o.closes.len(),
+                o.closes
             );
         }
         println!(
             "  delivery latency ms: p50 {:.2}  p99 {:.2}  p999 {:.2}  max {:.2}",
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            percentile(&lat, 0.999),
-            percentile(&lat, 1.0)
+            percentile(&o.latencies, 0.5),
+            percentile(&o.latencies, 0.99),
+            percentile(&o.latencies, 0.999),
+            percentile(&o.latencies, 1.0)
         );
-        if let Some(cpu) = cpu {
-            let rss: u64 = relay_pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).sum();
+        if let Some(cpu) = o.cpu {
             println!(
-                "  relay CPU {:.2} s for {delivered} deliveries: {:.2} s per 100k; relay RSS {rss} KiB",
-                cpu,
-                cpu / delivered.max(1) as f64 * 100_000.0,
+                "  relay CPU {cpu:.2} s for {} deliveries: {:.2} s per 100k; relay RSS {} KiB",
+                o.delivered,
+                cpu / o.delivered.max(1) as f64 * 100_000.0,
+                o.rss_kib
             );
         }
-        println!(
-            "RESULT {name} relays={} rooms={rooms} members={members} rate={rate} delivered_per_s={:.0} delivered={delivered} expected={} cut_off={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} cpu_s_per_100k={:.3}",
-            addrs.len(),
-            delivered as f64 / elapsed,
-            expected_each * (rooms * members) as u64,
-            closes.len(),
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            percentile(&lat, 0.999),
-            cpu.map_or(f64::NAN, |c| c / delivered.max(1) as f64 * 100_000.0)
-        );
-        drop(keep);
+        if let Some((count, over_50, over_100, largest)) = &o.commits {
+            println!(
+                "  store commits {count}: {over_50} over 50 ms, {over_100} over 100 ms, slowest in the bucket up to {largest} s"
+            );
+        }
+        println!("RESULT {name} {}", result_fields(&spec, &o));
+        Ok(())
+    }
+
+    /// Raises the rate per member until a run fails (p99 over 50 ms, under 99% delivered, or a
+    /// member cut off), doubling from `spec.rate`, then halves the gap between the last rate
+    /// that passed and the first that failed `refine` times. Each run lasts about `seconds`
+    /// in fresh rooms. Prints every run, then the capacity: the highest rate that passed.
+    async fn capacity(
+        mut spec: LoadSpec,
+        seconds: f64,
+        refine: u32,
+        max_rate: f64,
+        label: Option<String>,
+    ) -> anyhow::Result<()> {
+        let name = label.unwrap_or_else(|| spec.target.name().to_string());
+        let base = spec.run.clone();
+        let mut runs = 0;
+        async fn attempt(
+            spec: &mut LoadSpec,
+            rate: f64,
+            seconds: f64,
+            run: String,
+            name: &str,
+        ) -> anyhow::Result<Outcome> {
+            spec.rate = rate;
+            spec.messages = ((rate * seconds).ceil() as u64).max(2);
+            spec.run = run;
+            let o = run_load(spec).await?;
+            println!("RESULT step-{name} {}", result_fields(spec, &o));
+            Ok(o)
+        }
+        let mut next_run = || {
+            runs += 1;
+            format!("{base}-{runs}")
+        };
+        let (mut low, mut high): (Option<(f64, Outcome)>, Option<f64>) = (None, None);
+        let mut rate = spec.rate;
+        loop {
+            let o = attempt(&mut spec, rate, seconds, next_run(), &name).await?;
+            if o.passes() {
+                low = Some((rate, o));
+                if rate * 2.0 > max_rate {
+                    break;
+                }
+                rate *= 2.0;
+            } else {
+                high = Some(rate);
+                break;
+            }
+        }
+        if let (Some(mut fail), Some((mut pass, _))) = (high, low.as_ref().map(|l| (l.0, ()))) {
+            for _ in 0..refine {
+                let mid = (pass + fail) / 2.0;
+                let o = attempt(&mut spec, mid, seconds, next_run(), &name).await?;
+                if o.passes() {
+                    pass = mid;
+                    low = Some((mid, o));
+                } else {
+                    fail = mid;
+                }
+            }
+            high = Some(fail);
+        }
+        match low {
+            Some((rate, o)) => {
+                spec.rate = rate;
+                spec.messages = ((rate * seconds).ceil() as u64).max(2);
+                println!(
+                    "{name}: capacity {:.0} deliveries/s ({rate:.1} updates/s per member), p50 {:.2} ms, p99 {:.2} ms; first failing rate {}",
+                    o.delivered as f64 / o.elapsed,
+                    percentile(&o.latencies, 0.5),
+                    percentile(&o.latencies, 0.99),
+                    high.map_or("none (the search's ceiling)".into(), |h| format!("{h:.1}/s"))
+                );
+                println!(
+                    "RESULT capacity-{name} {} failed_at={}",
+                    result_fields(&spec, &o),
+                    high.map_or("-".into(), |h| format!("{h:.1}"))
+                );
+            }
+            None => {
+                println!(
+                    "{name}: no rate passed, not even {:.1}/s per member",
+                    spec.rate
+                );
+                println!(
+                    "RESULT capacity-{name} workload={} rooms={} members={} rate=0 delivered_per_s=0 passed=false failed_at={:.1}",
+                    spec.workload.name(),
+                    spec.rooms,
+                    spec.members,
+                    spec.rate
+                );
+            }
+        }
         Ok(())
     }
 
@@ -579,20 +943,24 @@ mod native {
         runtime.block_on(async move {
             match args.mode {
                 Mode::Load {
-                    target,
-                    addr,
-                    rooms,
-                    members,
+                    common,
                     messages,
-                    payload,
                     rate,
-                    relay_pid,
-                    label,
                 } => {
-                    load(
-                        target, addr, rooms, members, messages, payload, rate, relay_pid, label,
-                    )
-                    .await
+                    let spec = common.spec(messages, rate, Duration::from_secs(30))?;
+                    load(spec, common.label).await
+                }
+                Mode::Capacity {
+                    common,
+                    rate,
+                    seconds,
+                    refine,
+                    max_rate,
+                } => {
+                    // A run that falls seconds behind has failed: its readers wait 3 s at most
+                    // for the next update.
+                    let spec = common.spec(2, rate, Duration::from_secs(3))?;
+                    capacity(spec, seconds, refine, max_rate, common.label).await
                 }
                 Mode::Failover {
                     addr,

@@ -518,6 +518,9 @@ fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
+/// A commit this slow is logged with what its batch held.
+const SLOW_COMMIT: Duration = Duration::from_millis(50);
+
 fn write_loop(
     mut conn: Connection,
     mut queue: mpsc::UnboundedReceiver<Write>,
@@ -538,7 +541,28 @@ fn write_loop(
         let started = Instant::now();
         let before = poisoned.clone();
         let result = commit(&mut conn, &batch, &mut poisoned);
-        metrics.store_commit(started.elapsed(), batch.len());
+        let took = started.elapsed();
+        metrics.store_commit(took, batch.len());
+        if took >= SLOW_COMMIT {
+            // What a stalled commit held, to tell a slow disk (the sync) from a heavy batch.
+            let (mut bytes, mut snapshots) = (0, 0);
+            for write in &batch {
+                if let Write::Append { entry, .. } = write {
+                    bytes += entry.bytes.len();
+                    snapshots += usize::from(entry.snapshot);
+                }
+            }
+            let synced = result.as_ref().map_or(Duration::ZERO, |r| r.1);
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                sync_ms = synced.as_millis() as u64,
+                writes = batch.len(),
+                bytes,
+                snapshots,
+                "slow store commit"
+            );
+        }
+        let result = result.map(|r| r.0);
         match result {
             Ok(outcomes) => {
                 for (write, outcome) in batch.drain(..).zip(outcomes) {
@@ -594,11 +618,13 @@ fn reply(write: Write, outcome: Result<Outcome, StoreError>) {
 
 /// Commits a batch in one transaction, each write in its own savepoint. An append of a room in
 /// `poisoned` is refused without being written; a write that fails poisons its room.
+/// Returns each write's outcome and how long the final commit (SQLite's sync) took.
+#[allow(clippy::type_complexity)]
 fn commit(
     conn: &mut Connection,
     batch: &[Write],
     poisoned: &mut HashSet<String>,
-) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+) -> Result<(Vec<Result<Outcome, StoreError>>, Duration), StoreError> {
     let tx = conn.transaction().map_err(backend)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     let now = unix_ms();
@@ -631,8 +657,9 @@ fn commit(
             }
         }
     }
+    let syncing = Instant::now();
     tx.commit().map_err(backend)?;
-    Ok(outcomes)
+    Ok((outcomes, syncing.elapsed()))
 }
 
 /// One write, inside its savepoint.
