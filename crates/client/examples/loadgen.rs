@@ -163,7 +163,7 @@ mod native {
             #[arg(long, default_value_t = 3)]
             refine: u32,
             /// Stop doubling past this rate per member (and report it as passed).
-            #[arg(long, default_value_t = 5000.0)]
+            #[arg(long, default_value_t = 100_000.0)]
             max_rate: f64,
         },
         /// What one relay's death costs: a writer given every relay (`--addr a,b,...`) types
