@@ -13,7 +13,9 @@
 //! a whole (a full disk) fails every write of the batch.
 //!
 //! Reads use their own connection, so a late joiner's catch-up never holds up writers; a third
-//! connection moves the write-ahead log into the database file every 200 ms.
+//! connection moves the write-ahead log into the database file every 200 ms. Past 64 MiB of log
+//! the writer finishes that checkpoint itself between two batches, so that the log starts over
+//! instead of growing with everything ever written.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -278,8 +280,9 @@ impl SqliteStore {
         let path: PathBuf = dir.join("relay.sqlite3");
         let mut writer_conn = open(&path)?;
         migrate(&mut writer_conn)?;
-        // The writer never checkpoints: a checkpoint copies and syncs the database file, which
-        // would stall commits for tens of milliseconds. A separate thread does it instead.
+        // The writer does not checkpoint after its commits: a checkpoint copies and syncs the
+        // database file, which would stall them for tens of milliseconds. A separate thread does
+        // it instead; the writer only finishes one when the log passes `WAL_LIMIT`.
         writer_conn
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(backend)?;
@@ -511,8 +514,6 @@ impl Store for SqliteStore {
     }
 }
 
-/// Moves committed WAL pages into the database file every 200 ms, without blocking the writer
-/// (a passive checkpoint never waits for writers), and once more, fully, when the store closes.
 /// Bytes of write-ahead log past which the writer finishes a checkpoint itself (64 MiB; 1 MiB
 /// in tests).
 #[cfg(not(test))]
@@ -520,7 +521,8 @@ const WAL_LIMIT: u64 = 64 << 20;
 #[cfg(test)]
 const WAL_LIMIT: u64 = 1 << 20;
 
-/// Copies the write-ahead log into the database every 200 ms without ever blocking the writer.
+/// Copies the write-ahead log into the database every 200 ms without ever blocking the writer (a
+/// passive checkpoint never waits for writers), and once more, fully, when the store closes.
 /// Under a steady stream of commits such a checkpoint never reaches the log's end, and the log
 /// starts over only once one has: the writer sees to that (see `write_loop`).
 fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
@@ -542,6 +544,8 @@ fn write_loop(
     metrics: Arc<Metrics>,
     wal: PathBuf,
 ) {
+    // The log's size past which the writer tries the next checkpoint of its own.
+    let mut checkpoint_past = WAL_LIMIT;
     const MAX_BATCH: usize = 1_024;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Rooms whose appends fail until they are opened again.
@@ -560,7 +564,8 @@ fn write_loop(
         let took = started.elapsed();
         metrics.store_commit(took, batch.len());
         if took >= SLOW_COMMIT {
-            // What a stalled commit held, to tell a slow disk (the sync) from a heavy batch.
+            // What a stalled commit held, to tell a slow `COMMIT` (the log's write and sync) from
+            // heavy statements.
             let (mut bytes, mut snapshots) = (0, 0);
             for write in &batch {
                 if let Write::Append { entry, .. } = write {
@@ -568,10 +573,10 @@ fn write_loop(
                     snapshots += usize::from(entry.snapshot);
                 }
             }
-            let synced = result.as_ref().map_or(Duration::ZERO, |r| r.1);
+            let committing = result.as_ref().map_or(Duration::ZERO, |r| r.1);
             tracing::warn!(
                 ms = took.as_millis() as u64,
-                sync_ms = synced.as_millis() as u64,
+                commit_ms = committing.as_millis() as u64,
                 writes = batch.len(),
                 bytes,
                 snapshots,
@@ -599,19 +604,40 @@ fn write_loop(
             }
         }
         let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
-        if wal_len > WAL_LIMIT {
+        if wal_len <= WAL_LIMIT {
+            checkpoint_past = WAL_LIMIT;
+        } else if wal_len > checkpoint_past {
             // Between two batches no frame is added, so this checkpoint reaches the log's end
-            // (unless a reader still holds an older snapshot), the next commit starts the log
-            // over and cuts its file back to `WAL_LIMIT`. It copies only what the background
-            // checkpoint has not copied yet.
+            // unless a reader holds an older snapshot; the next commit then starts the log over
+            // (if no read is under way) and cuts its file back to `WAL_LIMIT`. It copies only
+            // what the background checkpoint has not copied yet. Until the file is cut back, the
+            // next try waits for another eighth of the limit, so that readers that keep the log
+            // from starting over never put a database sync behind every batch.
+            checkpoint_past = wal_len + WAL_LIMIT / 8;
             let started = Instant::now();
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "WAL checkpoint failed");
+            let outcome = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            });
+            let took = started.elapsed();
+            match outcome {
+                Ok((busy, frames, copied))
+                    if took >= SLOW_COMMIT || busy != 0 || copied < frames =>
+                {
+                    tracing::warn!(
+                        ms = took.as_millis() as u64,
+                        busy,
+                        frames,
+                        copied,
+                        "write-ahead log checkpoint by the writer was slow or stopped short"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
             }
-            tracing::debug!(
-                ms = started.elapsed().as_millis() as u64,
-                "write-ahead log checkpointed to its end"
-            );
         }
     }
     tracing::info!("store writer stopped: every queued write is committed");
@@ -649,7 +675,8 @@ fn reply(write: Write, outcome: Result<Outcome, StoreError>) {
 
 /// Commits a batch in one transaction, each write in its own savepoint. An append of a room in
 /// `poisoned` is refused without being written; a write that fails poisons its room.
-/// Returns each write's outcome and how long the final commit (SQLite's sync) took.
+/// Returns each write's outcome and how long the final `COMMIT` took (writing the log's frames,
+/// growing its file, and the sync).
 #[allow(clippy::type_complexity)]
 fn commit(
     conn: &mut Connection,
@@ -935,32 +962,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let store = SqliteStore::open(&dir, Arc::new(Metrics::default())).unwrap();
         store.open_room("r", RoomConfig::default()).await.unwrap();
-        let entry = |step: u64, len: usize| Append {
-            sender: 1,
-            token: Some([1; 16]),
-            step,
-            high: step,
-            doc: Some("content".into()),
-            snapshot: false,
-            covers: 0,
-            bytes: Bytes::from(
-                Frame::stamped(
-                    Stamp {
-                        sender: 1,
-                        step,
-                        pattern: 1,
-                    },
-                    Body::Update {
-                        doc: "content".into(),
-                        update: vec![0; len],
-                    },
-                )
-                .encode(),
-            ),
-        };
-        store.append("r", entry(1, 50_000_000)).await.unwrap();
+        store.append("r", update(1, 50_000_000)).await.unwrap();
         for step in 2..20 {
-            store.append("r", entry(step, 20)).await.unwrap();
+            store.append("r", update(step, 20)).await.unwrap();
         }
         let page = store.read_after("r", 0, 20, 1 << 20).await.unwrap();
         assert_eq!(
@@ -994,23 +998,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let room = format!("r{w}");
                 for step in 1..=each {
-                    let mut entry = data(1, step);
-                    entry.bytes = Bytes::from(
-                        Frame::stamped(
-                            Stamp {
-                                sender: 1,
-                                step,
-                                pattern: 1,
-                            },
-                            Body::Update {
-                                doc: "content".into(),
-                                update: vec![7; size],
-                            },
-                        )
-                        .encode(),
-                    );
-                    entry.doc = Some("content".into());
-                    store.append(&room, entry).await.unwrap();
+                    store.append(&room, update(step, size)).await.unwrap();
                 }
             }));
         }
@@ -1028,6 +1016,33 @@ mod tests {
         );
         store.close_blocking();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A document update of `len` bytes from node 1.
+    fn update(step: u64, len: usize) -> Append {
+        Append {
+            sender: 1,
+            token: Some([1; 16]),
+            step,
+            high: step,
+            doc: Some("content".into()),
+            snapshot: false,
+            covers: 0,
+            bytes: Bytes::from(
+                Frame::stamped(
+                    Stamp {
+                        sender: 1,
+                        step,
+                        pattern: 1,
+                    },
+                    Body::Update {
+                        doc: "content".into(),
+                        update: vec![0; len],
+                    },
+                )
+                .encode(),
+            ),
+        }
     }
 
     fn data(sender: u64, step: u64) -> Append {
