@@ -1,16 +1,27 @@
-//! A load generator for the relay: many real WebSocket clients, real frames.
+//! A load generator for the relay: many real WebSocket clients, real frames, real Yjs
+//! updates. It speaks pattern-mesh's protocol, y-websocket's and Hocuspocus's, so that one
+//! client measures all three.
 //!
 //! ```text
-//! cargo run --release --example loadgen -- load --addr 127.0.0.1:8080 --rooms 100 --members 10 --messages 200
+//! cargo run --release --example loadgen -- capacity --target y-websocket --addr 127.0.0.1:1234 --rooms 1 --members 16
+//! cargo run --release --example loadgen -- load --addr 127.0.0.1:8080 --rooms 100 --members 10 --messages 200 --rate 10
 //! cargo run --release --example loadgen -- idle --addr 127.0.0.1:8080 --connections 1000 --relay-pid PID
 //! ```
 //!
-//! `load`: every member of every room sends `--messages` data frames of about `--payload` bytes,
-//! each as soon as its window of `--window` unacknowledged frames allows (or at `--rate` per
-//! second per member), and every member measures the delay from send to delivery. It prints
-//! accepted messages per second, deliveries per second, and p50/p99/p999 delivery latency.
+//! What the members send is `--workload`: `typing` (the default) replays a real editing trace
+//! into each member's own part of the room's one text; `index0` is the pathological stress of
+//! inserts at the start of the text. Only deliveries of one member's update to another member
+//! count (a server's echo to the sender does not), and a delay percentile counts an update
+//! that never arrived as infinitely late.
+//!
+//! `load`: every member of every room sends `--messages` updates, each as soon as the socket
+//! takes it (or at `--rate` per second per member), and every member measures the delay from
+//! send to delivery. It prints deliveries per second and p50/p99/p999 delivery latency.
+//! `capacity`: repeated `load` runs at a rising rate until one fails twice (p99 over 50 ms,
+//! under 99% delivered, or a member cut off), then a bisection; it prints the highest rate
+//! that passed. `failover`: how long readers wait when one of several relays is killed.
 //! `idle`: opens connections that join and stay quiet, then prints the relay's resident memory
-//! per connection. Start the relay with a high `--max-rate` for `load`.
+//! per connection. Start the relay with a high `--max-rate` for `load` and `capacity`.
 
 mod native {
     use std::collections::HashMap;
@@ -148,9 +159,10 @@ mod native {
             rate: f64,
         },
         /// The highest rate the relay carries: runs of about `--seconds` each, the rate per
-        /// member doubling from `--rate` until a run fails (p99 delivery over 50 ms, under 99%
-        /// delivered, or a member cut off), then `--refine` halvings of the gap between the
-        /// last pass and the first failure.
+        /// member doubling from `--rate` until a rate fails twice in a row (p99 delivery over
+        /// 50 ms with undelivered updates counted as infinitely late, under 99% delivered, or a
+        /// member cut off), then `--refine` halvings of the gap between the last pass and the
+        /// first failure.
         Capacity {
             #[command(flatten)]
             common: Common,
@@ -162,7 +174,9 @@ mod native {
             seconds: f64,
             #[arg(long, default_value_t = 3)]
             refine: u32,
-            /// Stop doubling past this rate per member (and report it as passed).
+            /// The search's ceiling, updates per second per member: when the next doubling
+            /// would pass it, the search stops at the last rate that passed, reported with no
+            /// failing rate (a lower bound).
             #[arg(long, default_value_t = 100_000.0)]
             max_rate: f64,
         },
@@ -261,12 +275,18 @@ mod native {
         Ok(ticks as f64 / 100.0)
     }
 
-    fn percentile(sorted: &[u64], p: f64) -> f64 {
-        if sorted.is_empty() {
+    /// The `p` quantile, in milliseconds, of `expected` delays of which `sorted` (microseconds,
+    /// ascending) are the ones that arrived: an update that never arrived counts as infinitely
+    /// late, so a run that loses more than 1% has an infinite p99.
+    fn percentile(sorted: &[u64], expected: u64, p: f64) -> f64 {
+        let n = expected.max(sorted.len() as u64);
+        if n == 0 {
             return f64::NAN;
         }
-        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted[i] as f64 / 1_000.0
+        let rank = ((p * n as f64).ceil() as usize).max(1) - 1;
+        sorted
+            .get(rank)
+            .map_or(f64::INFINITY, |&us| us as f64 / 1_000.0)
     }
 
     fn fingerprint(update: &[u8]) -> u64 {
@@ -358,6 +378,7 @@ mod native {
             .map_err(|e| anyhow::anyhow!("cannot open the trace {path}: {e}"))?;
         flate2::read::GzDecoder::new(file).read_to_string(&mut json)?;
         let raw: Raw = serde_json::from_str(&json)?;
+        anyhow::ensure!(!raw.txns.is_empty(), "the trace {path} has no transactions");
         Ok(raw.txns.into_iter().map(|t| t.patches).collect())
     }
 
@@ -382,6 +403,9 @@ mod native {
     /// What one run measured.
     struct Outcome {
         delivered: u64,
+        /// Updates received that no member sent byte for byte (re-encoded or merged by the
+        /// server): not counted as deliveries.
+        unmatched: u64,
         expected: u64,
         /// From the first send to the last reader's end.
         elapsed: f64,
@@ -403,10 +427,15 @@ mod native {
     }
 
     impl Outcome {
+        /// The `p` quantile of the delivery delay, ms, over every delivery expected.
+        fn latency(&self, p: f64) -> f64 {
+            percentile(&self.latencies, self.expected, p)
+        }
+
         fn passes(&self) -> bool {
             self.closes.is_empty()
                 && self.delivered as f64 >= 0.99 * self.expected as f64
-                && percentile(&self.latencies, 0.99) <= 50.0
+                && self.latency(0.99) <= 50.0
         }
     }
 
@@ -467,6 +496,7 @@ mod native {
         let sent_at: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
         let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
         let delivered = Arc::new(AtomicU64::new(0));
+        let unmatched = Arc::new(AtomicU64::new(0));
         let update_bytes = Arc::new(AtomicU64::new(0));
         let closes = Arc::new(Mutex::new(Vec::<u16>::new()));
         let (target, members, messages, rate) =
@@ -508,9 +538,10 @@ mod native {
             // does not get them counted as deliveries.
             let own: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
             let mine_sent = own.clone();
-            let (l, d, lat, sent, c) = (
+            let (l, d, un, lat, sent, c) = (
                 local.clone(),
                 delivered.clone(),
+                unmatched.clone(),
                 latencies.clone(),
                 sent_at.clone(),
                 closes.clone(),
@@ -549,15 +580,19 @@ mod native {
                     {
                         continue;
                     }
-                    let now = Instant::now();
-                    last_update = now;
-                    if let Some(at) = sent
+                    // Only an update some member sent counts: one a server re-encoded or
+                    // merged from several is not a delivery of any of them.
+                    let Some(at) = sent
                         .lock()
                         .ok()
                         .and_then(|m| m.get(&fingerprint(&update)).copied())
-                    {
-                        mine.push(now.duration_since(at).as_micros() as u64);
-                    }
+                    else {
+                        un.fetch_add(1, Relaxed);
+                        continue;
+                    };
+                    let now = Instant::now();
+                    last_update = now;
+                    mine.push(now.duration_since(at).as_micros() as u64);
                     got += 1;
                     d.fetch_add(1, Relaxed);
                 }
@@ -585,14 +620,24 @@ mod native {
                             // The trace from its start, again from an empty text of this
                             // member's own if a run outlasts it.
                             let txn = &trace[i as usize % trace.len()];
-                            if i > 0 && i as usize % trace.len() == 0 {
+                            let clear = (i > 0 && i as usize % trace.len() == 0).then(|| {
                                 let len = doc.len("content");
-                                doc.delete("content", 0, len).expect("clear");
-                            }
+                                doc.delete("content", 0, len).expect("clear")
+                            });
                             let patches: Vec<(u32, u32, &str)> =
                                 txn.iter().map(|(p, d, s)| (*p, *d, s.as_str())).collect();
-                            doc.splice_all("content", &patches)
-                                .expect("the trace applies")
+                            let edit = doc
+                                .splice_all("content", &patches)
+                                .expect("the trace applies");
+                            // Starting over sends the clearing and the first edit as one
+                            // update, so every member still sends `messages` updates.
+                            match clear {
+                                Some(clear) => {
+                                    pattern_mesh_core::doc::merge_updates(&[&clear, &edit])
+                                        .expect("two updates of one document merge")
+                                }
+                                None => edit,
+                            }
                         }
                     };
                     let bytes = match target {
@@ -662,6 +707,7 @@ mod native {
         let closes = closes.lock().await.clone();
         Ok(Outcome {
             delivered: delivered.load(Relaxed),
+            unmatched: unmatched.load(Relaxed),
             expected: expected_each * (spec.rooms * members) as u64,
             elapsed,
             latencies,
@@ -677,11 +723,10 @@ mod native {
 
     /// The `key=value` pairs of a RESULT line for one run.
     fn result_fields(spec: &LoadSpec, o: &Outcome) -> String {
-        let lat = &o.latencies;
         let (commits, over_50, over_100, largest) =
             o.commits.clone().unwrap_or((0, 0, 0, "-".into()));
         format!(
-            "workload={} update_bytes={:.0} relays={} rooms={} members={} rate={} offered_per_s={:.0} delivered_per_s={:.0} delivered={} expected={} cut_off={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} cpu_s_per_100k={:.3} rss_kib={} commits={commits} commits_over_50ms={over_50} commits_over_100ms={over_100} slowest_commit_le_s={largest} loadgen_cores={:.2} passed={}",
+            "workload={} update_bytes={:.0} relays={} rooms={} members={} rate={} offered_per_s={:.0} delivered_per_s={:.0} delivered={} unmatched={} expected={} cut_off={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} cpu_s_per_100k={:.3} rss_kib={} commits={commits} commits_over_50ms={over_50} commits_over_100ms={over_100} slowest_commit_le_s={largest} loadgen_cores={:.2} passed={}",
             spec.workload.name(),
             o.update_bytes,
             spec.addrs.len(),
@@ -691,12 +736,13 @@ mod native {
             spec.rate * (spec.rooms * spec.members * (spec.members - 1)) as f64,
             o.delivered as f64 / o.elapsed,
             o.delivered,
+            o.unmatched,
             o.expected,
             o.closes.len(),
-            percentile(lat, 0.5),
-            percentile(lat, 0.99),
-            percentile(lat, 0.999),
-            percentile(lat, 1.0),
+            o.latency(0.5),
+            o.latency(0.99),
+            o.latency(0.999),
+            o.latency(1.0),
             o.cpu.map_or(f64::NAN, |c| c / o.delivered.max(1) as f64 * 100_000.0),
             o.rss_kib,
             o.generator_cpu,
@@ -726,6 +772,12 @@ mod native {
             o.expected,
             o.elapsed
         );
+        if o.unmatched > 0 {
+            println!(
+                "  {} updates received that no member sent as such (re-encoded or merged by the server), not counted",
+                o.unmatched
+            );
+        }
         if !o.closes.is_empty() {
             println!(
                 "  {} members were let go by the relay before they had everything (close codes {:?})",
@@ -735,10 +787,10 @@ mod native {
         }
         println!(
             "  delivery latency ms: p50 {:.2}  p99 {:.2}  p999 {:.2}  max {:.2}",
-            percentile(&o.latencies, 0.5),
-            percentile(&o.latencies, 0.99),
-            percentile(&o.latencies, 0.999),
-            percentile(&o.latencies, 1.0)
+            o.latency(0.5),
+            o.latency(0.99),
+            o.latency(0.999),
+            o.latency(1.0)
         );
         if let Some(cpu) = o.cpu {
             println!(
@@ -757,10 +809,11 @@ mod native {
         Ok(())
     }
 
-    /// Raises the rate per member until a run fails (p99 over 50 ms, under 99% delivered, or a
-    /// member cut off), doubling from `spec.rate`, then halves the gap between the last rate
-    /// that passed and the first that failed `refine` times. Each run lasts about `seconds`
-    /// in fresh rooms. Prints every run, then the capacity: the highest rate that passed.
+    /// Raises the rate per member until a rate fails (p99 over 50 ms counting undelivered
+    /// updates as infinitely late, under 99% delivered, or a member cut off, in two runs in a
+    /// row), doubling from `spec.rate`, then halves the gap between the last rate that passed
+    /// and the first that failed `refine` times. Each run lasts about `seconds` in fresh rooms.
+    /// Prints every run, then the capacity: the highest rate that passed.
     async fn capacity(
         mut spec: LoadSpec,
         seconds: f64,
@@ -771,48 +824,48 @@ mod native {
         let name = label.unwrap_or_else(|| spec.target.name().to_string());
         let base = spec.run.clone();
         let mut runs = 0;
-        async fn attempt(
-            spec: &mut LoadSpec,
-            rate: f64,
-            seconds: f64,
-            run: String,
-            name: &str,
-        ) -> anyhow::Result<Outcome> {
+        // Runs `rate` in fresh rooms; a failing run is tried once more, so that one stall
+        // does not end the search. The passing outcome, or `None` if both runs failed.
+        let mut judge = async |spec: &mut LoadSpec, rate: f64| -> anyhow::Result<Option<Outcome>> {
             spec.rate = rate;
             spec.messages = ((rate * seconds).ceil() as u64).max(2);
-            spec.run = run;
-            let o = run_load(spec).await?;
-            println!("RESULT step-{name} {}", result_fields(spec, &o));
-            Ok(o)
-        }
-        let mut next_run = || {
-            runs += 1;
-            format!("{base}-{runs}")
+            for _ in 0..2 {
+                runs += 1;
+                spec.run = format!("{base}-{runs}");
+                let o = run_load(spec).await?;
+                println!("RESULT step-{name} {}", result_fields(spec, &o));
+                if o.passes() {
+                    return Ok(Some(o));
+                }
+            }
+            Ok(None)
         };
         let (mut low, mut high): (Option<(f64, Outcome)>, Option<f64>) = (None, None);
         let mut rate = spec.rate;
         loop {
-            let o = attempt(&mut spec, rate, seconds, next_run(), &name).await?;
-            if o.passes() {
-                low = Some((rate, o));
-                if rate * 2.0 > max_rate {
+            match judge(&mut spec, rate).await? {
+                Some(o) => {
+                    low = Some((rate, o));
+                    if rate * 2.0 > max_rate {
+                        break;
+                    }
+                    rate *= 2.0;
+                }
+                None => {
+                    high = Some(rate);
                     break;
                 }
-                rate *= 2.0;
-            } else {
-                high = Some(rate);
-                break;
             }
         }
-        if let (Some(mut fail), Some((mut pass, _))) = (high, low.as_ref().map(|l| (l.0, ()))) {
+        if let (Some(mut fail), Some(mut pass)) = (high, low.as_ref().map(|l| l.0)) {
             for _ in 0..refine {
                 let mid = (pass + fail) / 2.0;
-                let o = attempt(&mut spec, mid, seconds, next_run(), &name).await?;
-                if o.passes() {
-                    pass = mid;
-                    low = Some((mid, o));
-                } else {
-                    fail = mid;
+                match judge(&mut spec, mid).await? {
+                    Some(o) => {
+                        pass = mid;
+                        low = Some((mid, o));
+                    }
+                    None => fail = mid,
                 }
             }
             high = Some(fail);
@@ -824,8 +877,8 @@ mod native {
                 println!(
                     "{name}: capacity {:.0} deliveries/s ({rate:.1} updates/s per member), p50 {:.2} ms, p99 {:.2} ms; first failing rate {}",
                     o.delivered as f64 / o.elapsed,
-                    percentile(&o.latencies, 0.5),
-                    percentile(&o.latencies, 0.99),
+                    o.latency(0.5),
+                    o.latency(0.99),
                     high.map_or("none (the search's ceiling)".into(), |h| format!("{h:.1}/s"))
                 );
                 println!(
