@@ -1,5 +1,6 @@
-// The import map that lets a page load Yjs, the y-websocket client and y-protocols from
-// benches/js/node_modules by their bare specifiers (lib0 included), as a bundler would.
+// The import map that lets a page load Yjs, the y-websocket client, Hocuspocus's provider and
+// y-protocols from benches/js/node_modules by their bare specifiers (lib0 included), as a
+// bundler would.
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 
@@ -16,11 +17,15 @@ const pick = (value) => {
   return undefined;
 };
 
-/** `{ imports }` for every ES module export of lib0 and y-protocols, plus yjs and y-websocket. */
+/** `{ imports }` for every ES module export of lib0 and y-protocols, plus yjs, y-websocket and
+ * Hocuspocus's provider with its two dependencies. */
 export async function importMap(here) {
   const imports = {
     yjs: `${prefix}/yjs/dist/yjs.mjs`,
     "y-websocket": `${prefix}/y-websocket/src/y-websocket.js`,
+    "@hocuspocus/provider": `${prefix}/@hocuspocus/provider/dist/hocuspocus-provider.esm.js`,
+    "@hocuspocus/common": `${prefix}/@hocuspocus/common/dist/hocuspocus-common.esm.js`,
+    "@lifeomic/attempt": `${prefix}/@lifeomic/attempt/dist/es6/src/index.js`,
   };
   for (const name of ["lib0", "y-protocols"]) {
     const manifest = JSON.parse(await readFile(join(here, "node_modules", name, "package.json"), "utf8"));

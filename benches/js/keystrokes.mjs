@@ -1,15 +1,15 @@
 // Keystroke to remote screen: N headless Chromium pages (one browser context each) type into one
-// shared document at a few characters a second each, through pattern-mesh's relay or through
-// the y-websocket server, with the same page and editor binding (typist.html). For every
+// shared document at a few characters a second each, through pattern-mesh's relay, the
+// y-websocket server or Hocuspocus, with the same page and editor binding (typist.html). For every
 // keystroke and every other page, the delay from the keystroke to the moment the other page's
 // textarea holds it; p50/p99/p999 over the run and per third of it (drift), and a convergence
 // check at the end. Measures and prints; fails only if the documents do not converge.
 //
-// Usage: node benches/js/keystrokes.mjs --target pattern-mesh|y-websocket --ws URL
+// Usage: node benches/js/keystrokes.mjs --target pattern-mesh|y-websocket|hocuspocus --ws URL
 //          [--pages 16] [--seconds 180] [--rate 6] [--profile]
 // --profile: also samples page 1's main thread with the browser's profiler during the middle
 // third of the run and prints where its time went (self time by function) on stderr.
-// URL: ws://HOST:PORT/ws for pattern-mesh, ws://HOST:PORT for y-websocket.
+// URL: ws://HOST:PORT/ws for pattern-mesh, ws://HOST:PORT for y-websocket and Hocuspocus.
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { createRequire } from "node:module";
@@ -35,8 +35,8 @@ const { values: args } = parseArgs({
 });
 const target = args.target;
 const pages = Number(args.pages), seconds = Number(args.seconds), rate = Number(args.rate);
-if (!["pattern-mesh", "y-websocket"].includes(target) || !args.ws) {
-  throw new Error("usage: keystrokes.mjs --target pattern-mesh|y-websocket --ws URL [--pages N] [--seconds S] [--rate R]");
+if (!["pattern-mesh", "y-websocket", "hocuspocus"].includes(target) || !args.ws) {
+  throw new Error("usage: keystrokes.mjs --target pattern-mesh|y-websocket|hocuspocus --ws URL [--pages N] [--seconds S] [--rate R]");
 }
 if (!(pages >= 2 && pages <= 26 && seconds > 0 && rate > 0)) {
   throw new Error("--pages must be 2 to 26 (one letter each), --seconds and --rate positive");
