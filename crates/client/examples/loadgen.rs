@@ -143,8 +143,11 @@ mod native {
                 return None;
             }
             let entry = ledger.by_client.get_mut(&client)?.get_mut(index)?;
-            if let (Some(have), Some(contents)) = (&mut self.have, entry.contents()) {
-                have.add(contents);
+            // Decoded only for a member that has had a merged update: the others never need it.
+            if let Some(have) = &mut self.have {
+                if let Some(contents) = entry.contents() {
+                    have.add(contents);
+                }
             }
             Some(entry.at)
         }
@@ -169,32 +172,32 @@ mod native {
                 have
             });
             have.add(&received);
+            let have: &Contents = have;
             let mut clients: Vec<u64> = received.inserts.client_ids().map(|c| c.get()).collect();
             clients.extend(received.deletes.client_ids().map(|c| c.get()));
             clients.sort_unstable();
             clients.dedup();
-            let mut found = Vec::new();
+            let mut complete = Vec::new();
             for client in clients.into_iter().filter(|&c| c != own) {
                 let Some(sent) = ledger.by_client.get_mut(&client) else {
                     continue;
                 };
                 let low = self.low.get(&client).copied().unwrap_or(0);
-                let mut complete = Vec::new();
                 for (index, entry) in sent.iter_mut().enumerate().skip(low) {
-                    if self.counted.contains(&(client, index)) {
-                        continue;
+                    if !self.counted.contains(&(client, index))
+                        && entry.contents().is_some_and(|c| have.covers(c))
+                    {
+                        complete.push((client, index, entry.at));
                     }
-                    let have = self.have.as_ref().expect("set above");
-                    if entry.contents().is_some_and(|c| have.covers(c)) {
-                        complete.push(index);
-                        found.push(entry.at);
-                    }
-                }
-                for index in complete {
-                    self.count(client, index);
                 }
             }
-            found
+            complete
+                .into_iter()
+                .map(|(client, index, at)| {
+                    self.count(client, index);
+                    at
+                })
+                .collect()
         }
     }
 
