@@ -113,9 +113,10 @@ mod native {
     /// What one member has received of the others' updates.
     #[derive(Default)]
     struct Received {
-        /// `(client, index)` of every update counted.
+        /// `(client, index)` of every update counted at or above its client's `low`.
         counted: std::collections::HashSet<(u64, usize)>,
-        /// Per client, the index below which every update is counted.
+        /// Per client, the index below which every update is counted (updates mostly arrive in
+        /// order, so `counted` stays small).
         low: HashMap<u64, usize>,
         /// Every id this member has received, inserted or deleted: kept from the first update
         /// it received that no member sent as such (a server's merge may deliver one update in
@@ -126,11 +127,11 @@ mod native {
     impl Received {
         /// Counts the update at `(client, index)` once; false if it was counted already.
         fn count(&mut self, client: u64, index: usize) -> bool {
-            if !self.counted.insert((client, index)) {
+            let low = self.low.entry(client).or_default();
+            if index < *low || !self.counted.insert((client, index)) {
                 return false;
             }
-            let low = self.low.entry(client).or_default();
-            while self.counted.contains(&(client, *low)) {
+            while self.counted.remove(&(client, *low)) {
                 *low += 1;
             }
             true
@@ -160,10 +161,13 @@ mod native {
             let Some(received) = Contents::of(update) else {
                 return Vec::new();
             };
-            let counted = &self.counted;
+            let (counted, low) = (&self.counted, &self.low);
             let have = self.have.get_or_insert_with(|| {
                 let mut have = Contents::default();
-                for &(client, index) in counted {
+                let below = low
+                    .iter()
+                    .flat_map(|(&client, &low)| (0..low).map(move |index| (client, index)));
+                for (client, index) in below.chain(counted.iter().copied()) {
                     let sent = ledger.by_client.get_mut(&client);
                     if let Some(contents) = sent.and_then(|s| s.get_mut(index)?.contents()) {
                         have.add(contents);
