@@ -293,7 +293,10 @@ impl Validator {
         if self.senders.len() > target {
             let mut seen: Vec<u64> = self.senders.values().map(|s| s.last_seen_ms).collect();
             let excess = self.senders.len() - target;
-            let (_, &mut cutoff, _) = seen.select_nth_unstable(excess - 1);
+            // A heap sort rather than `select_nth_unstable`: eviction is rare, and the standard
+            // library's selection adds kilobytes to the wasm package.
+            crate::doc::heap_sort(&mut seen);
+            let cutoff = seen[excess - 1];
             let mut to_drop = excess;
             self.senders.retain(|_, s| {
                 let drop = to_drop > 0 && s.last_seen_ms <= cutoff;

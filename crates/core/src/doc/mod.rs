@@ -165,7 +165,7 @@ pub fn digest_texts(mut texts: Vec<(String, String)>) -> u64 {
 
 /// Sorts `items` in place, in O(n log n) with no allocation: a heap sort, a few hundred bytes of
 /// wasm where the standard library's sorts add several kilobytes to the package per type.
-fn heap_sort<T: Ord>(items: &mut [T]) {
+pub(crate) fn heap_sort<T: Ord>(items: &mut [T]) {
     fn sift_down<T: Ord>(items: &mut [T], mut root: usize, end: usize) {
         loop {
             let mut child = 2 * root + 1;

@@ -274,11 +274,23 @@ fn key(name: &str, id: u64) -> String {
     format!("pattern-mesh/{name}/{id}")
 }
 
+/// A yrs delta as a [`TextDelta`]. Text inserts as itself; an embed a Yjs peer inserted (text
+/// only holds embeds when a Yjs application put them there) as its JSON, and a shared type as
+/// nothing. Written out rather than through `Display`, whose number formatting would add about
+/// 20 KB to the wasm package.
 fn to_delta(delta: &Delta) -> TextDelta {
     match delta {
         Delta::Retain(n, _) => TextDelta::Retain(*n),
         Delta::Deleted(n) => TextDelta::Delete(*n),
-        Delta::Inserted(value, _) => TextDelta::Insert(value.to_string()),
+        Delta::Inserted(yrs::Out::Any(yrs::Any::String(text)), _) => {
+            TextDelta::Insert(text.to_string())
+        }
+        Delta::Inserted(yrs::Out::Any(any), _) => {
+            let mut json = String::new();
+            any.to_json(&mut json);
+            TextDelta::Insert(json)
+        }
+        Delta::Inserted(_, _) => TextDelta::Insert(String::new()),
     }
 }
 
