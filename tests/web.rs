@@ -103,6 +103,93 @@ fn bad_input_throws_an_error_that_says_what_was_wrong() {
     }
     let (name, _) = error_message(encode(JsValue::from(3).unchecked_into()));
     assert_eq!(name, "InvalidArgument");
+
+    // The other kinds are read field by field too, nested fields included: the error names the
+    // field and says what it was.
+    for (frame, expected) in [
+        (
+            r#"{"kind":"ack","step":1,"position":"2"}"#,
+            r#"the frame's `position` must be an integer from 0 to 2^53 - 1, got the string "2""#,
+        ),
+        (
+            r#"{"kind":"ack","step":1}"#,
+            "the frame is not valid: missing field `position`",
+        ),
+        (
+            r#"{"kind":"part","total":2,"offset":0,"bytes":[1,256]}"#,
+            "the frame's `bytes[1]` must be an integer from 0 to 255, got the number 256",
+        ),
+        (
+            r#"{"kind":"reject","step":1,"reason":"nope","detail":""}"#,
+            r#"the frame's `reason` "nope" is not one of the reasons"#,
+        ),
+        (
+            r#"{"kind":"join","room":"r","name":"a","since":0,"config":{"pattern":{},"maxFuture":0.5}}"#,
+            "config.maxFuture must be an integer from 0 to 2^53 - 1, got 0.5",
+        ),
+        (
+            r#"{"kind":"join","room":"r","name":"a","since":0,"config":{"pattern":{"sed":1},"maxFuture":5}}"#,
+            r#"config.pattern has an unknown key "sed""#,
+        ),
+        (
+            r#"{"kind":"peerJoined","peer":{"node":1}}"#,
+            "the frame's `peer` has no `name`",
+        ),
+        (
+            r#"{"kind":"welcome","node":1,"resume":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16],"config":{"pattern":{},"maxFuture":5},"limits":{"maxFrame":1},"high":0,"log":1,"peers":[]}"#,
+            "missing field `limits.maxMessage`",
+        ),
+        (r#"{"kind":7}"#, "`kind` must be a string"),
+    ] {
+        let (name, message) = error_message(encode(js(frame).unchecked_into()));
+        assert_eq!(name, "InvalidArgument", "{frame}");
+        assert!(message.contains(expected), "{frame}: {message}");
+    }
+
+    let (name, message) = error_message(PatternGenerator::new(Some(
+        js(r#"{"seed":"7"}"#).unchecked_into(),
+    )));
+    assert_eq!(name, "InvalidArgument");
+    assert_eq!(
+        message,
+        r#"seed must be an integer from 0 to 2^53 - 1, got the string "7""#
+    );
+    let (name, message) = error_message(Validator::new(Some(
+        js(r#"{"maxFuture":-1}"#).unchecked_into(),
+    )));
+    assert_eq!(name, "InvalidArgument");
+    assert!(
+        message.starts_with("maxFuture must be an integer"),
+        "{message}"
+    );
+    let (_, message) = error_message(Validator::new(Some(
+        js(r#"{"maxFutur":1}"#).unchecked_into(),
+    )));
+    assert!(message.contains(r#"unknown key "maxFutur""#), "{message}");
+    let mut v = Validator::new(None).unwrap();
+    let frame = || js(r#"{"kind":"data","sender":2,"step":1,"pattern":4,"data":null}"#);
+    for (origin, expected) in [
+        (
+            r#"{"receiver":"1"}"#,
+            "the origin's receiver must be an integer",
+        ),
+        (
+            r#"{"receiver":1,"connection":2}"#,
+            "got an object with 2 keys",
+        ),
+        (r#"{"sender":1}"#, r#"got the key "sender""#),
+        ("[1]", "got an array"),
+    ] {
+        let result = v.check(
+            frame().unchecked_into(),
+            js(origin).unchecked_into(),
+            1.0,
+            Some(0.0),
+        );
+        let (name, message) = error_message(result);
+        assert_eq!(name, "InvalidArgument", "{origin}");
+        assert!(message.contains(expected), "{origin}: {message}");
+    }
 }
 
 #[wasm_bindgen_test]

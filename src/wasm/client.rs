@@ -25,11 +25,11 @@ use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
-    bytes_arg, from_js, function_arg, invalid_argument, js_error, options_arg, string_arg, to_js,
-    u32_arg,
+    bytes_arg, function_arg, invalid_argument, js_error, options_arg, string_arg, to_js, u32_arg,
 };
 use super::fatal::{register, Registration, Timer};
 use super::frames::{json_from_js, message_to_js, presence_event_to_js};
+use super::pattern::room_config_arg;
 use super::replica::{ClientDoc, JsDocument};
 #[cfg(feature = "document")]
 use super::storage::Storage;
@@ -151,7 +151,7 @@ impl Options {
                 .unwrap_or_default(),
             config: field("config")
                 .filter(|v| !v.is_null())
-                .map(|v| from_js("config", v))
+                .map(|v| room_config_arg("config", &v))
                 .transpose()?,
             connect_timeout: field("connectTimeout")
                 .map(|v| u32_arg("connectTimeout", &v))

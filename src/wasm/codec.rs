@@ -6,11 +6,15 @@
 //! through serde (into one flat struct of every field); both ways accept and produce the same
 //! objects.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
-use super::errors::{describe, from_js, invalid_argument, js_error, to_f64, to_js, to_u64};
+use super::errors::{
+    describe, field, invalid_argument, js_error, options_arg, string_arg, to_f64, to_js, to_u64,
+    u64_arg, what_it_is,
+};
 use super::frames::{json_from_js, json_to_js, presence_to_js, stamped_to_js, Fields};
+use super::pattern::room_config_arg;
 use super::types::{JsFrame, JsReceived};
 use crate::wire::{
     Body, Frame, Limits, Peer, Positioned, Reason, RelayLimits, ResumeToken, RoomConfig, Stamp,
@@ -54,7 +58,8 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
         ));
     }
     let fields: &Fields = value.unchecked_ref();
-    match read(fields.kind(), "kind")?.as_string().as_deref() {
+    let kind = read(fields.kind(), "kind")?.as_string();
+    match kind.as_deref() {
         Some("data") => Ok(Frame::stamped(
             stamp_from_js(fields)?,
             Body::Data {
@@ -80,7 +85,10 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
             sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
             data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
         }),
-        _ => from_js::<AnyFrame>("the frame", value)?.into_frame(),
+        Some(kind) => AnyFrame(&value).into_frame(kind),
+        None => Err(invalid_argument(
+            "the frame is not valid: `kind` must be a string",
+        )),
     }
 }
 
@@ -93,8 +101,20 @@ fn bytes_from_js(value: JsValue, field: &str) -> Result<Vec<u8>, JsValue> {
         return Ok(js_sys::Uint8Array::new(buffer).to_vec());
     }
     if js_sys::Array::is_array(&value) {
-        let bytes: serde_bytes::ByteBuf = from_js(&format!("the frame's `{field}`"), value)?;
-        return Ok(bytes.into_vec());
+        let array: &js_sys::Array = value.unchecked_ref();
+        let mut bytes = Vec::with_capacity(array.length() as usize);
+        for (i, byte) in array.iter().enumerate() {
+            match byte.as_f64() {
+                Some(n) if n.fract() == 0.0 && (0.0..=255.0).contains(&n) => bytes.push(n as u8),
+                _ => {
+                    return Err(invalid_argument(format!(
+                        "the frame's `{field}[{i}]` must be an integer from 0 to 255, got {}",
+                        what_it_is(&byte)
+                    )))
+                }
+            }
+        }
+        return Ok(bytes);
     }
     Err(invalid_argument(format!(
         "the frame's `{field}` must be a Uint8Array"
@@ -111,46 +131,10 @@ fn read(value: Result<JsValue, JsValue>, field: &str) -> Result<JsValue, JsValue
     })
 }
 
-/// Every field of every frame kind, to read the kinds without a fast path in one flat pass:
-/// serde's derive for the tagged `Frame` enum buffers the whole object first, and its code
-/// for JS values made up an eighth of the package.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AnyFrame {
-    kind: String,
-    room: Option<String>,
-    name: Option<String>,
-    since: Option<u64>,
-    log: Option<u64>,
-    limits: Option<RelayLimits>,
-    total: Option<u64>,
-    offset: Option<u64>,
-    #[serde(default, with = "serde_bytes")]
-    bytes: Option<Vec<u8>>,
-    deletes: Option<String>,
-    to: Option<u64>,
-    #[serde(default, with = "serde_bytes")]
-    resume: Option<Vec<u8>>,
-    config: Option<RoomConfig>,
-    node: Option<u64>,
-    high: Option<u64>,
-    peers: Option<Vec<Peer>>,
-    peer: Option<Peer>,
-    position: Option<u64>,
-    step: Option<u64>,
-    reason: Option<Reason>,
-    detail: Option<String>,
-    sender: Option<u64>,
-    pattern: Option<u64>,
-    doc: Option<String>,
-    #[serde(default, with = "serde_bytes")]
-    update: Option<Vec<u8>>,
-    #[serde(default, with = "serde_bytes")]
-    state_vector: Option<Vec<u8>>,
-    #[serde(default, with = "serde_bytes")]
-    state: Option<Vec<u8>>,
-    digest: Option<String>,
-}
+/// The fields of a frame object, read one by one for the kinds without a fast path. Written out
+/// rather than a serde derive: serde's walk over a JS object, and its error messages (which
+/// format floats), made up a tenth of the package. A field that is `null` counts as missing.
+struct AnyFrame<'a>(&'a JsValue);
 
 /// A field the frame's kind requires.
 fn required<T>(value: Option<T>, field: &str) -> Result<T, JsValue> {
@@ -164,88 +148,188 @@ fn token(bytes: Vec<u8>) -> Result<ResumeToken, JsValue> {
         .map_err(|_| invalid_argument(format!("the frame's `resume` must be 16 bytes, not {len}")))
 }
 
-impl AnyFrame {
+impl AnyFrame<'_> {
+    /// The field `key`, `None` when it is missing, `undefined` or `null`.
+    fn get(&self, key: &str) -> Result<Option<JsValue>, JsValue> {
+        let value = read(js_sys::Reflect::get(self.0, &key.into()), key)?;
+        Ok((!value.is_undefined() && !value.is_null()).then_some(value))
+    }
+
+    fn u64(&self, key: &str) -> Result<Option<u64>, JsValue> {
+        self.get(key)?
+            .map(|v| u64_arg(&format!("the frame's `{key}`"), &v))
+            .transpose()
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, JsValue> {
+        self.get(key)?
+            .map(|v| string_arg(&format!("the frame's `{key}`"), &v))
+            .transpose()
+    }
+
+    fn bytes(&self, key: &str) -> Result<Option<Vec<u8>>, JsValue> {
+        self.get(key)?.map(|v| bytes_from_js(v, key)).transpose()
+    }
+
+    fn peer(&self, key: &str) -> Result<Option<Peer>, JsValue> {
+        self.get(key)?
+            .map(|v| peer_from_js(&format!("the frame's `{key}`"), &v))
+            .transpose()
+    }
+
     fn stamp(&self) -> Result<Stamp, JsValue> {
         Ok(Stamp {
-            sender: required(self.sender, "sender")?,
-            step: required(self.step, "step")?,
-            pattern: required(self.pattern, "pattern")?,
+            sender: required(self.u64("sender")?, "sender")?,
+            step: required(self.u64("step")?, "step")?,
+            pattern: required(self.u64("pattern")?, "pattern")?,
         })
     }
 
-    fn into_frame(self) -> Result<Frame, JsValue> {
-        let stamp = self.stamp();
-        let stamped = |body| -> Result<Frame, JsValue> { Ok(Frame::stamped(stamp.clone()?, body)) };
-        Ok(match self.kind.as_str() {
+    fn config(&self) -> Result<Option<RoomConfig>, JsValue> {
+        self.get("config")?
+            .map(|v| room_config_arg("config", &v))
+            .transpose()
+    }
+
+    fn limits(&self) -> Result<Option<RelayLimits>, JsValue> {
+        let Some(value) = self.get("limits")? else {
+            return Ok(None);
+        };
+        const KEYS: [&str; 6] = [
+            "maxFrame",
+            "maxMessage",
+            "rate",
+            "burst",
+            "bandwidth",
+            "bandwidthBurst",
+        ];
+        options_arg("the frame's `limits`", &value, &KEYS)?;
+        let mut numbers = [0; 6];
+        for (number, key) in numbers.iter_mut().zip(KEYS) {
+            let field = field(&value, key).ok_or_else(|| {
+                invalid_argument(format!(
+                    "the frame is not valid: missing field `limits.{key}`"
+                ))
+            })?;
+            *number = u64_arg(&format!("the frame's `limits.{key}`"), &field)?;
+        }
+        let [max_frame, max_message, rate, burst, bandwidth, bandwidth_burst] = numbers;
+        Ok(Some(RelayLimits {
+            max_frame,
+            max_message,
+            rate,
+            burst,
+            bandwidth,
+            bandwidth_burst,
+        }))
+    }
+
+    fn peers(&self) -> Result<Option<Vec<Peer>>, JsValue> {
+        let Some(value) = self.get("peers")? else {
+            return Ok(None);
+        };
+        let array = value.dyn_ref::<js_sys::Array>().ok_or_else(|| {
+            invalid_argument(format!(
+                "the frame's `peers` must be an array, got {}",
+                what_it_is(&value)
+            ))
+        })?;
+        let mut peers = Vec::with_capacity(array.length() as usize);
+        for (i, peer) in array.iter().enumerate() {
+            peers.push(peer_from_js(&format!("the frame's `peers[{i}]`"), &peer)?);
+        }
+        Ok(Some(peers))
+    }
+
+    fn reason(&self) -> Result<Option<Reason>, JsValue> {
+        let Some(name) = self.string("reason")? else {
+            return Ok(None);
+        };
+        Reason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == name)
+            .map(Some)
+            .ok_or_else(|| {
+                invalid_argument(format!(
+                    "the frame's `reason` {name:?} is not one of the reasons ({})",
+                    Reason::ALL.map(Reason::as_str).join(", ")
+                ))
+            })
+    }
+
+    /// The frame, refused with the first field that is missing or of the wrong type.
+    fn into_frame(self, kind: &str) -> Result<Frame, JsValue> {
+        let stamped = |body| -> Result<Frame, JsValue> { Ok(Frame::stamped(self.stamp()?, body)) };
+        Ok(match kind {
             "join" => Frame::Join {
-                room: required(self.room, "room")?,
-                name: required(self.name, "name")?,
-                since: required(self.since, "since")?,
-                log: self.log.unwrap_or(0),
-                resume: self.resume.map(token).transpose()?,
-                config: self.config,
+                room: required(self.string("room")?, "room")?,
+                name: required(self.string("name")?, "name")?,
+                since: required(self.u64("since")?, "since")?,
+                log: self.u64("log")?.unwrap_or(0),
+                resume: self.bytes("resume")?.map(token).transpose()?,
+                config: self.config()?,
             },
             "welcome" => Frame::Welcome {
-                node: required(self.node, "node")?,
-                resume: token(required(self.resume, "resume")?)?,
-                config: required(self.config, "config")?,
-                limits: required(self.limits, "limits")?,
-                high: required(self.high, "high")?,
-                log: required(self.log, "log")?,
-                peers: required(self.peers, "peers")?,
+                node: required(self.u64("node")?, "node")?,
+                resume: token(required(self.bytes("resume")?, "resume")?)?,
+                config: required(self.config()?, "config")?,
+                limits: required(self.limits()?, "limits")?,
+                high: required(self.u64("high")?, "high")?,
+                log: required(self.u64("log")?, "log")?,
+                peers: required(self.peers()?, "peers")?,
             },
             "caughtUp" => Frame::CaughtUp {
-                high: required(self.high, "high")?,
-                position: required(self.position, "position")?,
+                high: required(self.u64("high")?, "high")?,
+                position: required(self.u64("position")?, "position")?,
             },
             "peerJoined" => Frame::PeerJoined {
-                peer: required(self.peer, "peer")?,
+                peer: required(self.peer("peer")?, "peer")?,
             },
             "peerLeft" => Frame::PeerLeft {
-                node: required(self.node, "node")?,
+                node: required(self.u64("node")?, "node")?,
             },
             "ack" => Frame::Ack {
-                step: required(self.step, "step")?,
-                position: required(self.position, "position")?,
+                step: required(self.u64("step")?, "step")?,
+                position: required(self.u64("position")?, "position")?,
             },
             "reject" => Frame::Reject {
-                step: required(self.step, "step")?,
-                reason: required(self.reason, "reason")?,
-                detail: required(self.detail, "detail")?,
+                step: required(self.u64("step")?, "step")?,
+                reason: required(self.reason()?, "reason")?,
+                detail: required(self.string("detail")?, "detail")?,
             },
             "part" => Frame::Part {
-                total: required(self.total, "total")?,
-                offset: required(self.offset, "offset")?,
-                bytes: required(self.bytes, "bytes")?,
+                total: required(self.u64("total")?, "total")?,
+                offset: required(self.u64("offset")?, "offset")?,
+                bytes: required(self.bytes("bytes")?, "bytes")?,
             },
             "fence" => Frame::Fence {
-                step: required(self.step, "step")?,
+                step: required(self.u64("step")?, "step")?,
             },
             "rename" => Frame::Rename {
-                name: required(self.name, "name")?,
+                name: required(self.string("name")?, "name")?,
             },
             "peerRenamed" => Frame::PeerRenamed {
-                peer: required(self.peer, "peer")?,
+                peer: required(self.peer("peer")?, "peer")?,
             },
             "checkpoint" => stamped(Body::Checkpoint {
-                doc: required(self.doc, "doc")?,
-                state_vector: required(self.state_vector, "stateVector")?,
-                deletes: hex(self.deletes.as_deref(), "deletes")?,
-                digest: hex(self.digest.as_deref(), "digest")?,
+                doc: required(self.string("doc")?, "doc")?,
+                state_vector: required(self.bytes("stateVector")?, "stateVector")?,
+                deletes: hex(self.string("deletes")?.as_deref(), "deletes")?,
+                digest: hex(self.string("digest")?.as_deref(), "digest")?,
             })?,
             "syncRequest" => stamped(Body::SyncRequest {
-                doc: required(self.doc, "doc")?,
-                state_vector: required(self.state_vector, "stateVector")?,
-                to: self.to.unwrap_or(0),
+                doc: required(self.string("doc")?, "doc")?,
+                state_vector: required(self.bytes("stateVector")?, "stateVector")?,
+                to: self.u64("to")?.unwrap_or(0),
             })?,
             "syncState" => stamped(Body::SyncState {
-                doc: required(self.doc, "doc")?,
-                update: required(self.update, "update")?,
-                to: self.to.unwrap_or(0),
+                doc: required(self.string("doc")?, "doc")?,
+                update: required(self.bytes("update")?, "update")?,
+                to: self.u64("to")?.unwrap_or(0),
             })?,
             "snapshot" => Frame::Snapshot {
-                doc: required(self.doc, "doc")?,
-                state: required(self.state, "state")?,
+                doc: required(self.string("doc")?, "doc")?,
+                state: required(self.bytes("state")?, "state")?,
             },
             other => {
                 return Err(invalid_argument(format!(
@@ -254,6 +338,22 @@ impl AnyFrame {
             }
         })
     }
+}
+
+/// A peer: `{ node, name }`.
+fn peer_from_js(what: &str, value: &JsValue) -> Result<Peer, JsValue> {
+    options_arg(what, value, &["node", "name"])?;
+    let missing = |key: &str| invalid_argument(format!("{what} has no `{key}`"));
+    Ok(Peer {
+        node: u64_arg(
+            &format!("{what}.node"),
+            &field(value, "node").ok_or_else(|| missing("node"))?,
+        )?,
+        name: string_arg(
+            &format!("{what}.name"),
+            &field(value, "name").ok_or_else(|| missing("name"))?,
+        )?,
+    })
 }
 
 /// A 64-bit value given as 16 hex digits (a JS number cannot hold 64 bits).

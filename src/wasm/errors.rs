@@ -25,9 +25,19 @@ pub(crate) fn to_u64(what: &str, value: f64) -> Result<u64, JsValue> {
         Ok(value as u64)
     } else {
         Err(invalid_argument(format!(
-            "{what} must be an integer from 0 to 2^53 - 1, got {value}"
+            "{what} must be an integer from 0 to 2^53 - 1, got {}",
+            number_text(value)
         )))
     }
+}
+
+/// A number as JS writes it (`1.5`, `NaN`, `Infinity`). JS formats it: Rust's float formatting
+/// would add about 15 KB to the wasm for error messages alone.
+pub(crate) fn number_text(n: f64) -> String {
+    js_sys::Number::from(n)
+        .to_string_with_radix(10)
+        .map(String::from)
+        .unwrap_or_else(|_| "a number".into())
 }
 
 /// Converts a `u64` to a JS number, refusing what a number cannot hold exactly.
@@ -42,6 +52,24 @@ pub(crate) fn to_f64(what: &str, value: u64) -> Result<f64, JsValue> {
     }
 }
 
+/// A field of an options object: `None` when it is missing or `undefined`.
+pub(crate) fn field(object: &JsValue, key: &str) -> Option<JsValue> {
+    js_sys::Reflect::get(object, &key.into())
+        .ok()
+        .filter(|value| !value.is_undefined())
+}
+
+/// An integer from 0 to 2^53 - 1, refused (with what it was) when it is anything else.
+pub(crate) fn u64_arg(what: &str, value: &JsValue) -> Result<u64, JsValue> {
+    match value.as_f64() {
+        Some(n) => to_u64(what, n),
+        None => Err(invalid_argument(format!(
+            "{what} must be an integer from 0 to 2^53 - 1, got {}",
+            what_it_is(value)
+        ))),
+    }
+}
+
 /// Serialises a value for JS: maps become plain objects, `None` becomes `null`.
 pub(crate) fn to_js<T: serde::Serialize + ?Sized>(value: &T) -> Result<JsValue, JsValue> {
     let serializer = serde_wasm_bindgen::Serializer::new()
@@ -50,15 +78,6 @@ pub(crate) fn to_js<T: serde::Serialize + ?Sized>(value: &T) -> Result<JsValue, 
     value
         .serialize(&serializer)
         .map_err(|e| js_error("RangeError", e))
-}
-
-/// Deserialises a JS value, naming `what` in the error.
-pub(crate) fn from_js<T: serde::de::DeserializeOwned>(
-    what: &str,
-    value: JsValue,
-) -> Result<T, JsValue> {
-    serde_wasm_bindgen::from_value(value)
-        .map_err(|e| invalid_argument(format!("{what} is not valid: {e}")))
 }
 
 /// The message of a thrown JS value.
@@ -77,7 +96,7 @@ pub(crate) fn what_it_is(value: &JsValue) -> String {
     } else if value.is_undefined() {
         "undefined".into()
     } else if let Some(n) = value.as_f64() {
-        format!("the number {n}")
+        format!("the number {}", number_text(n))
     } else if let Some(s) = value.as_string() {
         let shown: String = s.chars().take(40).collect();
         format!("the string {shown:?}")

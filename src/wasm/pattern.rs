@@ -2,22 +2,69 @@
 
 use wasm_bindgen::prelude::*;
 
-use super::errors::{from_js, js_error, to_f64, to_js, to_u64};
+use super::errors::{
+    field, invalid_argument, js_error, options_arg, to_f64, to_js, to_u64, u64_arg,
+};
 use super::types::{JsPatternParams, JsPatternParamsInit};
 use crate::pattern::{PatternConfig, PatternParams};
+use crate::wire::RoomConfig;
 
 /// Reads optional pattern parameters (missing fields take the defaults 7, 7, 100) and validates
 /// them.
 pub(crate) fn pattern_from_js(
     params: Option<JsPatternParamsInit>,
 ) -> Result<PatternConfig, JsValue> {
-    let params: PatternParams = match params {
+    let params = match params {
         Some(p) if !p.is_undefined() && !p.is_null() => {
-            from_js("the pattern parameters", p.into())?
+            params_arg("the pattern parameters", "", &p)?
         }
         _ => PatternParams::default(),
     };
     PatternConfig::new(params).map_err(|e| js_error("ConfigError", e))
+}
+
+/// Reads `{ seed?, multiplier?, resetInterval? }` (missing fields take the defaults), refusing
+/// unknown keys and values that are not integers from 0 to 2^53 - 1. Errors name `what` for the
+/// object and `prefix` + the key for a field (`config.pattern.seed`). Read by hand rather than
+/// through serde, whose error messages would bring float formatting into the wasm.
+pub(crate) fn params_arg(
+    what: &str,
+    prefix: &str,
+    value: &JsValue,
+) -> Result<PatternParams, JsValue> {
+    options_arg(what, value, &["seed", "multiplier", "resetInterval"])?;
+    let defaults = PatternParams::default();
+    let read = |key: &str, default: u64| match field(value, key) {
+        Some(v) => u64_arg(&format!("{prefix}{key}"), &v),
+        None => Ok(default),
+    };
+    Ok(PatternParams {
+        seed: read("seed", defaults.seed)?,
+        multiplier: read("multiplier", defaults.multiplier)?,
+        reset_interval: read("resetInterval", defaults.reset_interval)?,
+    })
+}
+
+/// Reads a room config: `{ pattern: { seed?, multiplier?, resetInterval? }, maxFuture,
+/// staleWindow? }` (`staleWindow` `null` or missing for none), refusing unknown keys by name.
+/// Errors name `what` (`config`) and its fields (`config.maxFuture`).
+pub(crate) fn room_config_arg(what: &str, value: &JsValue) -> Result<RoomConfig, JsValue> {
+    options_arg(what, value, &["pattern", "maxFuture", "staleWindow"])?;
+    let required = |key: &str| {
+        field(value, key).ok_or_else(|| invalid_argument(format!("{what} has no `{key}`")))
+    };
+    Ok(RoomConfig {
+        pattern: params_arg(
+            &format!("{what}.pattern"),
+            &format!("{what}.pattern."),
+            &required("pattern")?,
+        )?,
+        max_future: u64_arg(&format!("{what}.maxFuture"), &required("maxFuture")?)?,
+        stale_window: field(value, "staleWindow")
+            .filter(|v| !v.is_null())
+            .map(|v| u64_arg(&format!("{what}.staleWindow"), &v))
+            .transpose()?,
+    })
 }
 
 /// Collapses `n` to one digit by summing its decimal digits until one is left (157 → 13 → 4);

@@ -9,12 +9,14 @@ use crate::wire::Reason;
 #[cfg(feature = "tools")]
 use {
     super::codec::frame_from_js,
-    super::errors::{describe, from_js, invalid_argument, js_error, to_u64},
+    super::errors::{
+        describe, field, invalid_argument, js_error, options_arg, to_u64, u64_arg, what_it_is,
+    },
+    super::pattern::params_arg,
     super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions},
     crate::pattern::{PatternParams, Step},
     crate::validate::{self, Origin, ValidatorConfig, Verdict},
     crate::wire::{Frame, RoomConfig},
-    serde::Deserialize,
 };
 
 /// Validates stamped frames before they are applied: pattern, sender, replay, future step and,
@@ -34,22 +36,48 @@ pub struct Validator {
 }
 
 #[cfg(feature = "tools")]
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+#[derive(Default)]
 struct Options {
     pattern: PatternParams,
     max_future: Option<u64>,
     stale_window: Option<u64>,
-    max_senders: Option<usize>,
+    max_senders: Option<u64>,
     idle_after_ms: Option<u64>,
 }
 
 #[cfg(feature = "tools")]
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-enum OriginJs {
-    Connection(u64),
-    Receiver(u64),
+impl Options {
+    /// Reads `{ pattern?, maxFuture?, staleWindow?, maxSenders?, idleAfterMs? }`, refusing
+    /// unknown keys and values of the wrong type by name.
+    fn from_js(value: &JsValue) -> Result<Self, JsValue> {
+        options_arg(
+            "the options",
+            value,
+            &[
+                "pattern",
+                "maxFuture",
+                "staleWindow",
+                "maxSenders",
+                "idleAfterMs",
+            ],
+        )?;
+        let number = |key: &str| {
+            field(value, key)
+                .filter(|v| !v.is_null())
+                .map(|v| u64_arg(key, &v))
+                .transpose()
+        };
+        Ok(Self {
+            pattern: match field(value, "pattern").filter(|v| !v.is_null()) {
+                Some(p) => params_arg("pattern", "pattern.", &p)?,
+                None => PatternParams::default(),
+            },
+            max_future: number("maxFuture")?,
+            stale_window: number("staleWindow")?,
+            max_senders: number("maxSenders")?,
+            idle_after_ms: number("idleAfterMs")?,
+        })
+    }
 }
 
 /// A verdict as JS sees it: `{ accepted: true }` or `{ accepted: false, reason, detail }`.
@@ -84,7 +112,7 @@ impl Validator {
     #[wasm_bindgen(constructor)]
     pub fn new(options: Option<JsValidatorOptions>) -> Result<Validator, JsValue> {
         let options: Options = match options {
-            Some(o) if !o.is_undefined() && !o.is_null() => from_js("the options", o.into())?,
+            Some(o) if !o.is_undefined() && !o.is_null() => Options::from_js(&o.into())?,
             _ => Options::default(),
         };
         let room = RoomConfig {
@@ -100,7 +128,7 @@ impl Validator {
             if max == 0 {
                 return Err(js_error("ConfigError", "maxSenders must be at least 1"));
             }
-            config.max_senders = max;
+            config.max_senders = usize::try_from(max).unwrap_or(usize::MAX);
         }
         if let Some(ms) = options.idle_after_ms {
             config.idle_after_ms = ms;
@@ -218,31 +246,37 @@ extern "C" {
     fn connection(this: &OriginFields) -> Result<JsValue, JsValue>;
 }
 
-/// `{ receiver: id }` or `{ connection: id }`; anything else goes through serde, whose error
-/// says exactly what is wrong.
+/// `{ receiver: id }` or `{ connection: id }`; anything else is refused, saying what was wrong.
 #[cfg(feature = "tools")]
 fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
+    const SHAPE: &str = "the origin must be { receiver: node } or { connection: id }";
+    if !origin.is_object() || origin.is_function() || js_sys::Array::is_array(&origin) {
+        return Err(invalid_argument(format!(
+            "{SHAPE}, got {}",
+            what_it_is(&origin)
+        )));
+    }
     let threw =
         |e: JsValue| invalid_argument(format!("reading the origin threw: {}", describe(&e)));
-    let single = origin.is_object()
-        && js_sys::Reflect::own_keys(origin.unchecked_ref())
-            .map_err(threw)?
-            .length()
-            == 1;
-    if single {
-        let fields: &OriginFields = origin.unchecked_ref();
-        if let Some(node) = fields.receiver().map_err(threw)?.as_f64() {
-            let receiver = to_u64("the origin's receiver", node)?;
-            return Ok(Origin::Relayed { receiver });
-        }
-        if let Some(node) = fields.connection().map_err(threw)?.as_f64() {
-            return Ok(Origin::Connection(to_u64("the origin's connection", node)?));
-        }
+    let keys = js_sys::Reflect::own_keys(origin.unchecked_ref()).map_err(threw)?;
+    if keys.length() != 1 {
+        return Err(invalid_argument(format!(
+            "{SHAPE}, got an object with {} keys",
+            keys.length()
+        )));
     }
-    Ok(match from_js::<OriginJs>("the origin", origin)? {
-        OriginJs::Connection(node) => Origin::Connection(node),
-        OriginJs::Receiver(node) => Origin::Relayed { receiver: node },
-    })
+    let fields: &OriginFields = origin.unchecked_ref();
+    let key = keys.get(0).as_string().unwrap_or_default();
+    match key.as_str() {
+        "receiver" => Ok(Origin::Relayed {
+            receiver: u64_arg("the origin's receiver", &fields.receiver().map_err(threw)?)?,
+        }),
+        "connection" => Ok(Origin::Connection(u64_arg(
+            "the origin's connection",
+            &fields.connection().map_err(threw)?,
+        )?)),
+        _ => Err(invalid_argument(format!("{SHAPE}, got the key {key:?}"))),
+    }
 }
 
 /// `{ accepted: true }` or `{ accepted: false, reason, detail }`.
