@@ -2,9 +2,9 @@
 //!
 //! The frames that carry traffic (`data`, `update`, `presence`) cross the boundary field by
 //! field, with JSON values through the engine's own `JSON.stringify` and `JSON.parse`: a
-//! generic serde walk over a JS object costs several microseconds a frame. The other kinds go
-//! through serde (into one flat struct of every field); both ways accept and produce the same
-//! objects.
+//! generic serde walk over a JS object costs several microseconds a frame. The other kinds are
+//! read field by field too, and written through serde (from one flat struct of every field);
+//! both ways accept and produce the same objects.
 
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
