@@ -139,7 +139,8 @@ fn bad_input_throws_an_error_that_says_what_was_wrong() {
             r#"{"kind":"welcome","node":1,"resume":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16],"config":{"pattern":{},"maxFuture":5},"limits":{"maxFrame":1},"high":0,"log":1,"peers":[]}"#,
             "missing field `limits.maxMessage`",
         ),
-        (r#"{"kind":7}"#, "`kind` must be a string"),
+        (r#"{"kind":7}"#, "`kind` must be a string, got the number 7"),
+        (r#"{"room":"r"}"#, "`kind` must be a string, got undefined"),
     ] {
         let (name, message) = error_message(encode(js(frame).unchecked_into()));
         assert_eq!(name, "InvalidArgument", "{frame}");
@@ -166,6 +167,26 @@ fn bad_input_throws_an_error_that_says_what_was_wrong() {
         js(r#"{"maxFutur":1}"#).unchecked_into(),
     )));
     assert!(message.contains(r#"unknown key "maxFutur""#), "{message}");
+    // A peer or limits with a key more than it needs is read like a frame with one: the key is
+    // ignored (every field of theirs is required, so a misspelt one still fails).
+    let welcome = js(
+        r#"{"kind":"welcome","node":1,"resume":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16],"config":{"pattern":{},"maxFuture":5},"limits":{"maxFrame":1024,"maxMessage":2048,"rate":1,"burst":1,"bandwidth":1,"bandwidthBurst":1,"note":"x"},"high":0,"log":1,"peers":[{"node":2,"name":"b","data":{}}]}"#,
+    );
+    assert!(encode(welcome.unchecked_into()).is_ok());
+
+    // A getter that throws inside an options object is an error that names the key, never a
+    // silent default.
+    let throwing = js_sys::Function::new_no_args(
+        r#"const o = {};
+           Object.defineProperty(o, "maxFuture", { enumerable: true, get() { throw new Error("no"); } });
+           return o;"#,
+    )
+    .call0(&JsValue::NULL)
+    .unwrap();
+    let (name, message) = error_message(Validator::new(Some(throwing.unchecked_into())));
+    assert_eq!(name, "InvalidArgument");
+    assert_eq!(message, "reading `maxFuture` threw: no");
+
     let mut v = Validator::new(None).unwrap();
     let frame = || js(r#"{"kind":"data","sender":2,"step":1,"pattern":4,"data":null}"#);
     for (origin, expected) in [

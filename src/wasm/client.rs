@@ -92,11 +92,8 @@ impl Options {
     /// Reads the options, refusing unknown keys and values of the wrong type by name.
     fn from_js(value: &JsValue) -> Result<Self, JsValue> {
         options_arg("the options", value, &Self::KEYS)?;
-        let field = |key: &str| {
-            let value = js_sys::Reflect::get(value, &key.into()).unwrap_or(JsValue::UNDEFINED);
-            (!value.is_undefined()).then_some(value)
-        };
-        let on = match field("on") {
+        let field = |key: &str| super::errors::field(value, key);
+        let on = match field("on")? {
             None => Vec::new(),
             Some(on) => {
                 options_arg("on", &on, &EVENTS)?;
@@ -111,7 +108,7 @@ impl Options {
                 listeners
             }
         };
-        let persist = match field("persist") {
+        let persist = match field("persist")? {
             None => false,
             Some(value) => value.as_bool().ok_or_else(|| {
                 invalid_argument(format!(
@@ -120,7 +117,7 @@ impl Options {
                 ))
             })?,
         };
-        let token = match field("token") {
+        let token = match field("token")? {
             None => Token::None,
             Some(value) if value.is_function() => Token::Source(value.unchecked_into()),
             Some(value) => Token::Fixed(value.as_string().ok_or_else(|| {
@@ -130,7 +127,7 @@ impl Options {
                 ))
             })?),
         };
-        let document = field("document")
+        let document = field("document")?
             .map(|d| JsDocument::from_js(&d))
             .transpose()?;
         if persist && document.is_some() {
@@ -143,20 +140,20 @@ impl Options {
             persist,
             token,
             document,
-            urls: urls_arg(&field("url").unwrap_or(JsValue::UNDEFINED))?,
-            room: string_arg("room", &field("room").unwrap_or(JsValue::UNDEFINED))?,
-            name: field("name")
+            urls: urls_arg(&field("url")?.unwrap_or(JsValue::UNDEFINED))?,
+            room: string_arg("room", &field("room")?.unwrap_or(JsValue::UNDEFINED))?,
+            name: field("name")?
                 .map(|v| string_arg("name", &v))
                 .transpose()?
                 .unwrap_or_default(),
-            config: field("config")
+            config: field("config")?
                 .filter(|v| !v.is_null())
                 .map(|v| room_config_arg("config", &v))
                 .transpose()?,
-            connect_timeout: field("connectTimeout")
+            connect_timeout: field("connectTimeout")?
                 .map(|v| u32_arg("connectTimeout", &v))
                 .transpose()?,
-            web_socket: match field("WebSocket") {
+            web_socket: match field("WebSocket")? {
                 // A class has a prototype object; an arrow function has none.
                 Some(class)
                     if class.is_function()

@@ -10,7 +10,7 @@ use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
-    describe, field, invalid_argument, js_error, options_arg, string_arg, to_f64, to_js, to_u64,
+    describe, field, invalid_argument, js_error, object_arg, string_arg, to_f64, to_js, to_u64,
     u64_arg, what_it_is,
 };
 use super::frames::{json_from_js, json_to_js, presence_to_js, stamped_to_js, Fields};
@@ -58,7 +58,8 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
         ));
     }
     let fields: &Fields = value.unchecked_ref();
-    let kind = read(fields.kind(), "kind")?.as_string();
+    let kind_value = read(fields.kind(), "kind")?;
+    let kind = kind_value.as_string();
     match kind.as_deref() {
         Some("data") => Ok(Frame::stamped(
             stamp_from_js(fields)?,
@@ -86,9 +87,10 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
             data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
         }),
         Some(kind) => AnyFrame(&value).into_frame(kind),
-        None => Err(invalid_argument(
-            "the frame is not valid: `kind` must be a string",
-        )),
+        None => Err(invalid_argument(format!(
+            "the frame is not valid: `kind` must be a string, got {}",
+            what_it_is(&kind_value)
+        ))),
     }
 }
 
@@ -117,7 +119,8 @@ fn bytes_from_js(value: JsValue, field: &str) -> Result<Vec<u8>, JsValue> {
         return Ok(bytes);
     }
     Err(invalid_argument(format!(
-        "the frame's `{field}` must be a Uint8Array"
+        "the frame's `{field}` must be a Uint8Array, an ArrayBuffer or an array of bytes, got {}",
+        what_it_is(&value)
     )))
 }
 
@@ -203,10 +206,12 @@ impl AnyFrame<'_> {
             "bandwidth",
             "bandwidthBurst",
         ];
-        options_arg("the frame's `limits`", &value, &KEYS)?;
+        // Every limit is required, so a misspelt key cannot pass unseen; other keys are ignored,
+        // as they are at the frame's top level.
+        object_arg("the frame's `limits`", &value, &KEYS.join(", "))?;
         let mut numbers = [0; 6];
         for (number, key) in numbers.iter_mut().zip(KEYS) {
-            let field = field(&value, key).ok_or_else(|| {
+            let field = field(&value, key)?.ok_or_else(|| {
                 invalid_argument(format!(
                     "the frame is not valid: missing field `limits.{key}`"
                 ))
@@ -340,18 +345,18 @@ impl AnyFrame<'_> {
     }
 }
 
-/// A peer: `{ node, name }`.
+/// A peer: `{ node, name }` (other keys are ignored, as at the frame's top level).
 fn peer_from_js(what: &str, value: &JsValue) -> Result<Peer, JsValue> {
-    options_arg(what, value, &["node", "name"])?;
+    object_arg(what, value, "node, name")?;
     let missing = |key: &str| invalid_argument(format!("{what} has no `{key}`"));
     Ok(Peer {
         node: u64_arg(
             &format!("{what}.node"),
-            &field(value, "node").ok_or_else(|| missing("node"))?,
+            &field(value, "node")?.ok_or_else(|| missing("node"))?,
         )?,
         name: string_arg(
             &format!("{what}.name"),
-            &field(value, "name").ok_or_else(|| missing("name"))?,
+            &field(value, "name")?.ok_or_else(|| missing("name"))?,
         )?,
     })
 }

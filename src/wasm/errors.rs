@@ -52,11 +52,12 @@ pub(crate) fn to_f64(what: &str, value: u64) -> Result<f64, JsValue> {
     }
 }
 
-/// A field of an options object: `None` when it is missing or `undefined`.
-pub(crate) fn field(object: &JsValue, key: &str) -> Option<JsValue> {
-    js_sys::Reflect::get(object, &key.into())
-        .ok()
-        .filter(|value| !value.is_undefined())
+/// A field of an options object: `None` when it is missing or `undefined`; an
+/// `InvalidArgument` naming the key when reading it throws (a getter, a proxy).
+pub(crate) fn field(object: &JsValue, key: &str) -> Result<Option<JsValue>, JsValue> {
+    let value = js_sys::Reflect::get(object, &key.into())
+        .map_err(|e| invalid_argument(format!("reading `{key}` threw: {}", describe(&e))))?;
+    Ok((!value.is_undefined()).then_some(value))
 }
 
 /// An integer from 0 to 2^53 - 1, refused (with what it was) when it is anything else.
@@ -151,6 +152,18 @@ pub(crate) fn bytes_arg(what: &str, value: &JsValue) -> Result<Vec<u8>, JsValue>
         })
 }
 
+/// Refuses what is not a plain object (`null`, a number, an array, a function), saying that it
+/// must be an object with `fields`.
+pub(crate) fn object_arg(what: &str, value: &JsValue, fields: &str) -> Result<(), JsValue> {
+    if !value.is_object() || value.is_function() || js_sys::Array::is_array(value) {
+        return Err(invalid_argument(format!(
+            "{what} must be an object with {fields}, got {}",
+            what_it_is(value)
+        )));
+    }
+    Ok(())
+}
+
 /// A function argument.
 pub(crate) fn function_arg(what: &str, value: &JsValue) -> Result<js_sys::Function, JsValue> {
     value.dyn_ref::<js_sys::Function>().cloned().ok_or_else(|| {
@@ -164,12 +177,7 @@ pub(crate) fn function_arg(what: &str, value: &JsValue) -> Result<js_sys::Functi
 /// An options object: a plain object whose keys are all among `accepted`.
 pub(crate) fn options_arg(what: &str, value: &JsValue, accepted: &[&str]) -> Result<(), JsValue> {
     let list = accepted.join(", ");
-    if !value.is_object() || value.is_function() || js_sys::Array::is_array(value) {
-        return Err(invalid_argument(format!(
-            "{what} must be an object with {list}, got {}",
-            what_it_is(value)
-        )));
-    }
+    object_arg(what, value, &list)?;
     for key in js_sys::Object::keys(value.unchecked_ref::<js_sys::Object>()).iter() {
         let key = key.as_string().unwrap_or_default();
         if !accepted.contains(&key.as_str()) {

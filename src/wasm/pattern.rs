@@ -34,7 +34,7 @@ pub(crate) fn params_arg(
 ) -> Result<PatternParams, JsValue> {
     options_arg(what, value, &["seed", "multiplier", "resetInterval"])?;
     let defaults = PatternParams::default();
-    let read = |key: &str, default: u64| match field(value, key) {
+    let read = |key: &str, default: u64| match field(value, key)? {
         Some(v) => u64_arg(&format!("{prefix}{key}"), &v),
         None => Ok(default),
     };
@@ -51,7 +51,7 @@ pub(crate) fn params_arg(
 pub(crate) fn room_config_arg(what: &str, value: &JsValue) -> Result<RoomConfig, JsValue> {
     options_arg(what, value, &["pattern", "maxFuture", "staleWindow"])?;
     let required = |key: &str| {
-        field(value, key).ok_or_else(|| invalid_argument(format!("{what} has no `{key}`")))
+        field(value, key)?.ok_or_else(|| invalid_argument(format!("{what} has no `{key}`")))
     };
     Ok(RoomConfig {
         pattern: params_arg(
@@ -60,7 +60,7 @@ pub(crate) fn room_config_arg(what: &str, value: &JsValue) -> Result<RoomConfig,
             &required("pattern")?,
         )?,
         max_future: u64_arg(&format!("{what}.maxFuture"), &required("maxFuture")?)?,
-        stale_window: field(value, "staleWindow")
+        stale_window: field(value, "staleWindow")?
             .filter(|v| !v.is_null())
             .map(|v| u64_arg(&format!("{what}.staleWindow"), &v))
             .transpose()?,

@@ -62,13 +62,13 @@ impl Options {
             ],
         )?;
         let number = |key: &str| {
-            field(value, key)
+            field(value, key)?
                 .filter(|v| !v.is_null())
                 .map(|v| u64_arg(key, &v))
                 .transpose()
         };
         Ok(Self {
-            pattern: match field(value, "pattern").filter(|v| !v.is_null()) {
+            pattern: match field(value, "pattern")?.filter(|v| !v.is_null()) {
                 Some(p) => params_arg("pattern", "pattern.", &p)?,
                 None => PatternParams::default(),
             },
