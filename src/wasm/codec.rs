@@ -10,8 +10,8 @@ use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
-    describe, field, invalid_argument, js_error, object_arg, string_arg, to_f64, to_js, to_u64,
-    u64_arg, what_it_is,
+    describe, field, invalid_argument, js_error, object_arg, string_arg, to_f64, to_js, u64_arg,
+    what_it_is,
 };
 use super::frames::{json_from_js, json_to_js, presence_to_js, stamped_to_js, Fields};
 use super::pattern::room_config_arg;
@@ -83,7 +83,7 @@ pub(crate) fn frame_from_js(value: JsValue) -> Result<Frame, JsValue> {
             },
         )),
         Some("presence") => Ok(Frame::Presence {
-            sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
+            sender: u64_arg("the frame's `sender`", &read(fields.sender(), "sender")?)?,
             data: json_from_js("the frame's `data`", &read(fields.data(), "data")?)?,
         }),
         Some(kind) => AnyFrame(&value).into_frame(kind),
@@ -607,15 +607,8 @@ pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
 
 fn stamp_from_js(fields: &Fields) -> Result<Stamp, JsValue> {
     Ok(Stamp {
-        sender: number(read(fields.sender(), "sender")?, "the frame's `sender`")?,
-        step: number(read(fields.step(), "step")?, "the frame's `step`")?,
-        pattern: number(read(fields.pattern(), "pattern")?, "the frame's `pattern`")?,
+        sender: u64_arg("the frame's `sender`", &read(fields.sender(), "sender")?)?,
+        step: u64_arg("the frame's `step`", &read(fields.step(), "step")?)?,
+        pattern: u64_arg("the frame's `pattern`", &read(fields.pattern(), "pattern")?)?,
     })
-}
-
-fn number(value: JsValue, what: &str) -> Result<u64, JsValue> {
-    let n = value
-        .as_f64()
-        .ok_or_else(|| invalid_argument(format!("{what} must be a number")))?;
-    to_u64(what, n)
 }
