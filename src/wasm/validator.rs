@@ -10,7 +10,7 @@ use crate::wire::Reason;
 use {
     super::codec::frame_from_js,
     super::errors::{
-        describe, field, invalid_argument, js_error, options_arg, to_u64, u64_arg, what_it_is,
+        describe, field, invalid_argument, js_error, object_arg, options_arg, to_u64, u64_arg,
     },
     super::pattern::params_arg,
     super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions},
@@ -250,12 +250,7 @@ extern "C" {
 #[cfg(feature = "tools")]
 fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
     const SHAPE: &str = "the origin must be { receiver: node } or { connection: id }";
-    if !origin.is_object() || origin.is_function() || js_sys::Array::is_array(&origin) {
-        return Err(invalid_argument(format!(
-            "{SHAPE}, got {}",
-            what_it_is(&origin)
-        )));
-    }
+    object_arg("the origin", &origin, "receiver or connection")?;
     let threw =
         |e: JsValue| invalid_argument(format!("reading the origin threw: {}", describe(&e)));
     let keys = js_sys::Reflect::own_keys(origin.unchecked_ref()).map_err(threw)?;
