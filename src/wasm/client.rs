@@ -21,14 +21,15 @@ use futures_channel::oneshot;
 use futures_util::future::{self, Either};
 use futures_util::{SinkExt, StreamExt};
 use gloo_net::websocket::{futures::WebSocket, Message, WebSocketError};
-use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
-    bytes_arg, function_arg, invalid_argument, js_error, options_arg, string_arg, to_js, u32_arg,
+    bytes_arg, function_arg, invalid_argument, js_error, options_arg, string_arg, u32_arg,
 };
 use super::fatal::{register, Registration, Timer};
-use super::frames::{json_from_js, message_to_js, presence_event_to_js};
+use super::frames::{
+    json_from_js, message_to_js, peer_to_js, peers_to_js, presence_event_to_js, Object,
+};
 use super::pattern::room_config_arg;
 use super::replica::{ClientDoc, JsDocument};
 #[cfg(feature = "document")]
@@ -40,9 +41,8 @@ use super::validator::{counts_to_js, verdict, VerdictJs};
 use crate::doc::Replica as _;
 #[cfg(feature = "document")]
 use crate::doc::{SharedDoc, TextDelta};
-use crate::pattern::Step;
 use crate::session::{Event, Output, Session, SessionConfig, SessionError, Status};
-use crate::wire::{Limits, NodeId, Peer, Reason, RoomConfig};
+use crate::wire::{Limits, RoomConfig};
 
 /// `MeshClient.connect`'s options.
 struct Options {
@@ -182,46 +182,19 @@ impl Options {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct AnomalyJs<'a> {
-    source: &'static str,
-    reason: Reason,
-    detail: &'a str,
-    step: Step,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sender: Option<NodeId>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RefusedJs<'a> {
-    step: Step,
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    doc: Option<&'a str>,
-    reason: Reason,
-    detail: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StepJs {
-    step: Step,
-    pattern: u64,
-    phase: u64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PeersJs<'a> {
-    peers: &'a [Peer],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    joined: Option<&'a Peer>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    left: Option<NodeId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    renamed: Option<&'a Peer>,
+/// A text change for JS: `[{ retain: n } | { insert: text } | { delete: n }]`.
+#[cfg(feature = "document")]
+fn delta_to_js(delta: &[TextDelta]) -> Result<JsValue, JsValue> {
+    let list = js_sys::Array::new();
+    for op in delta {
+        let object = match op {
+            TextDelta::Retain(n) => Object::new().int("retain", (*n).into())?,
+            TextDelta::Insert(text) => Object::new().string("insert", text)?,
+            TextDelta::Delete(n) => Object::new().int("delete", (*n).into())?,
+        };
+        list.push(&object.into());
+    }
+    Ok(list.into())
 }
 
 /// The events a listener may subscribe to.
@@ -359,7 +332,9 @@ impl Driver {
             let deltas = std::mem::take(&mut *self.deltas.borrow_mut());
             let mut calls = Vec::new();
             for (text, delta, remote) in deltas {
-                let Ok(delta) = to_js(&delta) else { continue };
+                let Ok(delta) = delta_to_js(&delta) else {
+                    continue;
+                };
                 let origin = JsValue::from_str(if remote { "remote" } else { "local" });
                 for (_, name, function) in &self.text_listeners {
                     if *name == text {
@@ -377,9 +352,14 @@ impl Driver {
         self.calls.push((event, value, None));
     }
 
-    fn call_js(&mut self, event: &'static str, value: &impl Serialize) {
-        if let Ok(value) = to_js(value) {
-            self.call(event, value);
+    /// Calls the listeners of `event` with the object `build` makes.
+    fn call_object(
+        &mut self,
+        event: &'static str,
+        build: impl FnOnce() -> Result<Object, JsValue>,
+    ) {
+        if let Ok(value) = build() {
+            self.call(event, value.into());
         }
     }
 
@@ -414,58 +394,58 @@ impl Driver {
                         self.call("message", value);
                     }
                 }
-                Event::Anomaly(a) => self.call_js(
-                    "anomaly",
-                    &AnomalyJs {
-                        source: a.source.as_str(),
-                        reason: a.reason,
-                        detail: &a.detail,
-                        step: a.step,
-                        sender: a.sender,
-                    },
-                ),
+                Event::Anomaly(a) => self.call_object("anomaly", || {
+                    Object::new()
+                        .string("source", a.source.as_str())?
+                        .string("reason", a.reason.as_str())?
+                        .string("detail", &a.detail)?
+                        .int("step", a.step)?
+                        .int_if("sender", a.sender)
+                }),
                 Event::Refused {
                     step,
                     kind,
                     doc,
                     reason,
                     detail,
-                } => self.call_js(
-                    "refused",
-                    &RefusedJs {
-                        step,
-                        kind: kind.as_str(),
-                        doc: doc.as_deref(),
-                        reason,
-                        detail: &detail,
-                    },
-                ),
+                } => self.call_object("refused", || {
+                    let object = Object::new()
+                        .int("step", step)?
+                        .string("kind", kind.as_str())?;
+                    let object = match &doc {
+                        Some(doc) => object.string("doc", doc)?,
+                        None => object,
+                    };
+                    object
+                        .string("reason", reason.as_str())?
+                        .string("detail", &detail)
+                }),
                 Event::Peers {
                     peers,
                     joined,
                     left,
                     renamed,
-                } => self.call_js(
-                    "peers",
-                    &PeersJs {
-                        peers: &peers,
-                        joined: joined.as_ref(),
-                        left,
-                        renamed: renamed.as_ref(),
-                    },
-                ),
+                } => self.call_object("peers", || {
+                    let mut object = Object::new().set("peers", &peers_to_js(&peers)?)?;
+                    if let Some(joined) = &joined {
+                        object = object.set("joined", &peer_to_js(joined)?)?;
+                    }
+                    object = object.int_if("left", left)?;
+                    if let Some(renamed) = &renamed {
+                        object = object.set("renamed", &peer_to_js(renamed)?)?;
+                    }
+                    Ok(object)
+                }),
                 Event::Step {
                     step,
                     pattern,
                     phase,
-                } => self.call_js(
-                    "step",
-                    &StepJs {
-                        step,
-                        pattern,
-                        phase,
-                    },
-                ),
+                } => self.call_object("step", || {
+                    Object::new()
+                        .int("step", step)?
+                        .int("pattern", pattern)?
+                        .int("phase", phase)
+                }),
                 Event::Presence { sender, data } => {
                     if let Ok(value) = presence_event_to_js(sender, &data) {
                         self.call("presence", value);
@@ -1111,7 +1091,7 @@ impl MeshClient {
     /// The other members present now: `[{ node, name }]`.
     #[wasm_bindgen(getter)]
     pub fn peers(&self) -> Result<super::types::JsPeers, JsValue> {
-        Ok(to_js(&self.driver()?.session.peers())?.unchecked_into())
+        Ok(peers_to_js(&self.driver()?.session.peers())?.unchecked_into())
     }
 
     /// The latest presence of each peer present that has set one: `[{ node, name, data }]`. A
@@ -1121,15 +1101,15 @@ impl MeshClient {
         let peers = driver.session.peers();
         let list = js_sys::Array::new();
         for (&node, data) in driver.session.presences() {
-            let entry = js_sys::Object::new();
             let name = peers
                 .iter()
                 .find(|p| p.node == node)
                 .map_or("", |p| p.name.as_str());
-            js_sys::Reflect::set(&entry, &"node".into(), &(node as f64).into())?;
-            js_sys::Reflect::set(&entry, &"name".into(), &name.into())?;
-            js_sys::Reflect::set(&entry, &"data".into(), &super::frames::json_to_js(data)?)?;
-            list.push(&entry);
+            let entry = Object::new()
+                .int("node", node)?
+                .string("name", name)?
+                .set("data", &super::frames::json_to_js(data)?)?;
+            list.push(&entry.into());
         }
         Ok(list.unchecked_into())
     }

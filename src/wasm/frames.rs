@@ -1,17 +1,18 @@
 //! Frames' JS side: the direct property access the codec and the client's events share, the
-//! `message` and `presence` events, and JSON values across the boundary. The codec itself
+//! `message` and `presence` events, JSON values across the boundary, and [`Object`], which
+//! writes every other event and value the client returns key by key. The codec itself
 //! (`encode`, `decode`) is in `codec`.
 //!
 //! The frames that carry traffic (`data`, `update`, `presence`) cross the boundary field by
 //! field, with JSON values through the engine's own `JSON.stringify` and `JSON.parse`: a
-//! generic serde walk over a JS object costs several microseconds a frame. The other kinds go
-//! through serde (into one flat struct of every field); both ways accept and produce the same
-//! objects.
+//! generic serde walk over a JS object costs several microseconds a frame. The codec reads the
+//! other kinds field by field too, and writes them through serde (one flat struct of every
+//! field); both ways accept and produce the same objects.
 
 use wasm_bindgen::prelude::*;
 
 use super::errors::{describe, invalid_argument, js_error, to_f64};
-use crate::wire::{Json, Stamp};
+use crate::wire::{Json, Peer, Stamp};
 
 #[wasm_bindgen]
 extern "C" {
@@ -106,4 +107,63 @@ pub(crate) fn json_from_js(what: &str, value: &JsValue) -> Result<Json, JsValue>
 pub(crate) fn json_to_js(json: &Json) -> Result<JsValue, JsValue> {
     js_sys::JSON::parse(json.as_str())
         .map_err(|e| js_error("DecodeError", format!("invalid JSON: {}", describe(&e))))
+}
+
+/// A plain object for JS written key by key, in the order the keys are set: the client's
+/// events and the values its getters return.
+pub(crate) struct Object(js_sys::Object);
+
+impl Object {
+    /// An empty object.
+    pub(crate) fn new() -> Self {
+        Self(js_sys::Object::new())
+    }
+
+    /// Sets `key` to `value`.
+    pub(crate) fn set(self, key: &str, value: &JsValue) -> Result<Self, JsValue> {
+        js_sys::Reflect::set(&self.0, &key.into(), value)?;
+        Ok(self)
+    }
+
+    /// Sets `key` to a string.
+    pub(crate) fn string(self, key: &str, value: &str) -> Result<Self, JsValue> {
+        self.set(key, &value.into())
+    }
+
+    /// Sets `key` to an integer; a `RangeError` above 2^53 - 1, which a JS number does not hold
+    /// exactly.
+    pub(crate) fn int(self, key: &str, value: u64) -> Result<Self, JsValue> {
+        self.set(key, &to_f64(key, value)?.into())
+    }
+
+    /// Sets `key` to an integer when there is one; leaves it out when there is not.
+    pub(crate) fn int_if(self, key: &str, value: Option<u64>) -> Result<Self, JsValue> {
+        match value {
+            Some(value) => self.int(key, value),
+            None => Ok(self),
+        }
+    }
+}
+
+impl From<Object> for JsValue {
+    fn from(object: Object) -> Self {
+        object.0.into()
+    }
+}
+
+/// `{ node, name }`.
+pub(crate) fn peer_to_js(peer: &Peer) -> Result<JsValue, JsValue> {
+    Ok(Object::new()
+        .int("node", peer.node)?
+        .string("name", &peer.name)?
+        .into())
+}
+
+/// `[{ node, name }]`.
+pub(crate) fn peers_to_js(peers: &[Peer]) -> Result<JsValue, JsValue> {
+    let list = js_sys::Array::new();
+    for peer in peers {
+        list.push(&peer_to_js(peer)?);
+    }
+    Ok(list.into())
 }

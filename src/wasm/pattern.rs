@@ -2,9 +2,8 @@
 
 use wasm_bindgen::prelude::*;
 
-use super::errors::{
-    field, invalid_argument, js_error, options_arg, to_f64, to_js, to_u64, u64_arg,
-};
+use super::errors::{field, invalid_argument, js_error, options_arg, to_f64, to_u64, u64_arg};
+use super::frames::Object;
 use super::types::{JsPatternParams, JsPatternParamsInit};
 use crate::pattern::{PatternConfig, PatternParams};
 use crate::wire::RoomConfig;
@@ -130,6 +129,13 @@ impl PatternGenerator {
     /// The parameters in use: `{ seed, multiplier, resetInterval }`.
     #[wasm_bindgen(getter)]
     pub fn params(&self) -> Result<JsPatternParams, JsValue> {
-        Ok(to_js(&self.config.params())?.unchecked_into())
+        let params = self.config.params();
+        Ok(JsValue::from(
+            Object::new()
+                .int("seed", params.seed)?
+                .int("multiplier", params.multiplier)?
+                .int("resetInterval", params.reset_interval)?,
+        )
+        .unchecked_into())
     }
 }
