@@ -23,12 +23,14 @@
 
 pub mod close;
 mod codec;
+mod json;
 pub mod part;
 
 use serde::{Deserialize, Serialize};
 
 use crate::pattern::{PatternParams, PatternValue, Step};
 pub(crate) use codec::{Reader, Writer};
+pub use json::JsonError;
 
 /// The wire format's version, the first byte of every frame.
 pub const PROTOCOL_VERSION: u8 = 2;
@@ -429,9 +431,9 @@ pub struct Json(String);
 
 impl Json {
     /// Parses `text` as JSON, keeping the text as given.
-    pub fn parse(text: impl Into<String>) -> Result<Self, serde_json::Error> {
+    pub fn parse(text: impl Into<String>) -> Result<Self, JsonError> {
         let text = text.into();
-        serde_json::from_str::<serde::de::IgnoredAny>(&text)?;
+        json::check(&text)?;
         Ok(Self(text))
     }
 
