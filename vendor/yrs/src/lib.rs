@@ -640,6 +640,7 @@ pub mod json_path;
 pub mod observer;
 mod out;
 mod slice;
+mod sort;
 mod state_vector;
 mod sticky_index;
 pub mod sync;

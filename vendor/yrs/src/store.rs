@@ -173,7 +173,7 @@ impl Store {
         }
         // Write items with higher client ids first
         // This heavily improves the conflict algorithm.
-        diff.sort_by(|a, b| b.0.cmp(&a.0));
+        crate::sort::stable_sort_by(&mut diff, |a, b| b.0.cmp(&a.0));
 
         encoder.write_var(diff.len());
         for (client, clock) in diff {
@@ -220,7 +220,7 @@ impl Store {
 
         // Write items with higher client ids first
         // This heavily improves the conflict algorithm.
-        diff.sort_by(|a, b| b.0.cmp(&a.0));
+        crate::sort::stable_sort_by(&mut diff, |a, b| b.0.cmp(&a.0));
 
         encoder.write_var(diff.len());
         for (client, clock) in diff {

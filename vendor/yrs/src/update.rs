@@ -680,7 +680,9 @@ impl Update {
         // Write higher clients first ⇒ sort by clientID & clock and remove decoders without content
         let mut sorted_clients: Vec<_> =
             clients.iter().filter(|(_, (_, q))| !q.is_empty()).collect();
-        sorted_clients.sort_by(|&(x_id, _), &(y_id, _)| y_id.cmp(x_id));
+        crate::sort::stable_sort_by(&mut sorted_clients, |&(x_id, _), &(y_id, _)| {
+            y_id.cmp(x_id)
+        });
 
         // finish lazy struct writing
         encoder.write_var(sorted_clients.len());
@@ -732,9 +734,9 @@ impl Update {
                 lazy_struct_decoders
                     .retain(|lazy_struct_decoder| lazy_struct_decoder.current().is_some());
                 // sort
-                lazy_struct_decoders
-                    .make_contiguous()
-                    .sort_by(|dec1, dec2| {
+                crate::sort::stable_sort_by(
+                    lazy_struct_decoders.make_contiguous(),
+                    |dec1, dec2| {
                         // Write higher clients first ⇒ sort by clientID & clock and remove decoders without content
                         let left = dec1.current().unwrap();
                         let right = dec2.current().unwrap();
@@ -939,7 +941,7 @@ struct BlockPicker<'a> {
 impl<'a> BlockPicker<'a> {
     fn new(store: &'a mut BlockSet) -> Self {
         let mut clients: SmallVec<[ClientID; 2]> = store.clients.keys().copied().collect();
-        clients.sort();
+        crate::sort::stable_sort(&mut clients);
         BlockPicker {
             store,
             clients,
@@ -1104,7 +1106,7 @@ impl IntoBlocks {
         let mut client_blocks: Vec<(ClientID, VecDeque<Block>)> =
             update.clients.into_iter().collect();
         // sorting to return higher client ids first
-        client_blocks.sort_by(|a, b| b.0.cmp(&a.0));
+        crate::sort::stable_sort_by(&mut client_blocks, |a, b| b.0.cmp(&a.0));
         let mut current_client = client_blocks.into_iter();
 
         let current_block = current_client.next().map(|(_, v)| v.into_iter());

@@ -78,7 +78,7 @@ impl SharedDoc {
             .filter(|(_, value)| matches!(value, yrs::Out::YText(_) | yrs::Out::UndefinedRef(_)))
             .map(|(name, _)| name.to_owned())
             .collect();
-        names.sort();
+        super::heap_sort(&mut names);
         names
     }
 

@@ -900,7 +900,7 @@ pub struct Events<'a>(Vec<&'a Event>);
 impl<'a> Events<'a> {
     pub(crate) fn new(events: &Vec<&'a Event>) -> Self {
         let mut events = events.clone();
-        events.sort_by(|&a, &b| {
+        crate::sort::stable_sort_by(&mut events, |&a, &b| {
             let path1 = a.path();
             let path2 = b.path();
             path1.len().cmp(&path2.len())
