@@ -734,9 +734,9 @@ impl Update {
                 lazy_struct_decoders
                     .retain(|lazy_struct_decoder| lazy_struct_decoder.current().is_some());
                 // sort
-                crate::sort::stable_sort_by(
-                    lazy_struct_decoders.make_contiguous(),
-                    |dec1, dec2| {
+                lazy_struct_decoders
+                    .make_contiguous()
+                    .sort_by(|dec1, dec2| {
                         // Write higher clients first ⇒ sort by clientID & clock and remove decoders without content
                         let left = dec1.current().unwrap();
                         let right = dec2.current().unwrap();
