@@ -4,8 +4,9 @@
 //! The grammar is the one `JSON.parse` and serde_json accept: no comments, no trailing commas,
 //! no leading zeros or `+`, whitespace only as space, tab, line feed and carriage return, no
 //! raw control characters inside strings, and any `\u` escape of four hex digits (a lone
-//! surrogate included, as `JSON.parse` takes it). Nesting has no limit of its own: the stack
-//! grows by one byte a level, and no deeper than the text is long. Nothing recurses.
+//! surrogate included, as `JSON.parse` takes it). Nesting has no limit of its own: the stack of
+//! open containers holds its first 32 levels in place and one byte a level past them, never
+//! deeper than the text is long. Nothing recurses.
 
 use std::fmt;
 
