@@ -4,8 +4,8 @@
 use std::cmp::Ordering;
 
 /// Slices up to this long are sorted by insertion, comparing each item with the one before it
-/// exactly as the standard library's stable sort does at this length: the same order even for
-/// `merge_updates`, whose comparator is not a total order.
+/// exactly as the standard library's stable sort does at this length (so the same order even
+/// for a comparator that is not a total order).
 const SMALL: usize = 20;
 
 /// Sorts `items` by `compare`, keeping equal items in their order (as `slice::sort_by` does).
@@ -18,7 +18,7 @@ where
     let len = items.len();
     if len <= SMALL {
         // Insertion sort: no allocation, and few comparisons on the short slices most calls
-        // sort (`merge_updates` sorts its handful of decoders once per block it writes).
+        // sort (a transaction's changed types, an update's clients).
         for i in 1..len {
             let mut j = i;
             while j > 0 && compare(&items[j], &items[j - 1]).is_lt() {
