@@ -733,27 +733,21 @@ impl Update {
             {
                 lazy_struct_decoders
                     .retain(|lazy_struct_decoder| lazy_struct_decoder.current().is_some());
-                // sort
+                // Higher clients first, then lower clocks, then a skip after any other block at
+                // the same id. A total order: published yrs (like Yjs) put two blocks of
+                // different kinds at one id, neither a skip, each before the other, and the
+                // standard sort may panic on that with more than 20 decoders.
                 lazy_struct_decoders
                     .make_contiguous()
                     .sort_by(|dec1, dec2| {
-                        // Write higher clients first ⇒ sort by clientID & clock and remove decoders without content
                         let left = dec1.current().unwrap();
                         let right = dec2.current().unwrap();
                         let lid = left.id();
                         let rid = right.id();
-                        match lid.client.cmp(&rid.client) {
-                            Ordering::Equal => match lid.clock.cmp(&rid.clock) {
-                                Ordering::Equal if left.same_type(right) => Ordering::Equal,
-                                Ordering::Equal if left.is_skip() => Ordering::Greater,
-                                Ordering::Equal => Ordering::Less,
-                                Ordering::Less if !left.is_skip() || right.is_skip() => {
-                                    Ordering::Less
-                                }
-                                ordering => ordering,
-                            },
-                            ordering => ordering.reverse(),
-                        }
+                        rid.client
+                            .cmp(&lid.client)
+                            .then(lid.clock.cmp(&rid.clock))
+                            .then(left.is_skip().cmp(&right.is_skip()))
                     });
             }
 

@@ -473,6 +473,70 @@ mod tests {
         assert_eq!(b.version(), a.version());
     }
 
+    /// Updates that hold the same items once as content and once as a garbage-collected range
+    /// (what a sync answer holds after their parent's deletion), many at once, as when a tab's
+    /// stored updates are compacted: yrs sorts its decoders before every run of blocks it writes,
+    /// and with more than 20 the standard sort panicked on its comparison, which was not a total
+    /// order (an item and a GC range at one id were each "less" than the other).
+    #[test]
+    fn many_updates_with_an_item_and_its_collected_range_merge() {
+        use yrs::{Map, MapPrelim, MapRef};
+        // A map in a map: deleting the inner map collects its entries into a GC range, which is
+        // what a later snapshot holds where the first update held the entries themselves.
+        let doc = Doc::with_client_id(7);
+        let outer: MapRef = doc.get_or_insert_map("m");
+        let record = |f: &dyn Fn(&mut yrs::TransactionMut)| {
+            let mut txn = doc.transact_mut();
+            f(&mut txn);
+            txn.encode_update_v1()
+        };
+        let created = record(&|txn| {
+            outer.insert(txn, "inner", MapPrelim::default());
+        });
+        let since = doc.transact().state_vector();
+        let inserted = record(&|txn| {
+            let inner: MapRef = outer.get(txn, "inner").unwrap().cast().unwrap();
+            for key in ["a", "b", "c", "d", "e", "f"] {
+                inner.insert(txn, key, key);
+            }
+        });
+        let deleted = record(&|txn| {
+            outer.remove(txn, "inner");
+        });
+        // What a replica that had the map but not its entries receives in sync: the entries'
+        // range, collected.
+        let collected = doc.transact().encode_state_as_update_v1(&since);
+        let shown = format!("{:?}", Update::decode_v1(&collected).unwrap());
+        assert!(shown.contains("gc"), "no GC range in {shown}");
+        let want = doc.transact().state_vector();
+        // Which updates are the collected range: 1,000 arrangements of each count.
+        for n in [21usize, 24, 25, 28, 32, 40, 64, 100] {
+            for pattern in 0..1000u64 {
+                let refs: Vec<&[u8]> = (0..n)
+                    .map(|i| {
+                        let x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                            ^ pattern.wrapping_mul(0xD1B5_4A32_D192_ED03);
+                        let gc = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) & 1 == 1;
+                        if gc {
+                            collected.as_slice()
+                        } else {
+                            inserted.as_slice()
+                        }
+                    })
+                    .chain([created.as_slice(), deleted.as_slice()])
+                    .collect();
+                let merged = merge_updates(&refs).unwrap();
+                let b = Doc::with_client_id(8);
+                b.transact_mut()
+                    .apply_update(Update::decode_v1(&merged).unwrap())
+                    .unwrap();
+                let m = b.get_or_insert_map("m");
+                assert_eq!(m.len(&b.transact()), 0, "{n} updates, pattern {pattern}");
+                assert_eq!(b.transact().state_vector(), want);
+            }
+        }
+    }
+
     #[test]
     fn different_content_gives_a_different_digest() {
         let a = SharedDoc::with_client_id(1);
