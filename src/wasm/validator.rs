@@ -212,15 +212,11 @@ impl Validator {
 
 /// `{ accepted, malformed, tooLarge, ... }` for JS: every reason, zeros included.
 pub(crate) fn counts_to_js(counters: &Counters) -> Result<JsVerdictCounts, JsValue> {
-    let object = js_sys::Object::new();
-    let set = |key: &str, value: u64| {
-        js_sys::Reflect::set(&object, &key.into(), &JsValue::from_f64(value as f64))
-    };
-    set("accepted", counters.accepted)?;
+    let mut object = super::frames::Object::new().int("accepted", counters.accepted)?;
     for (reason, count) in counters.by_reason() {
-        set(reason.as_str(), count)?;
+        object = object.int(reason.as_str(), count)?;
     }
-    Ok(object.unchecked_into())
+    Ok(JsValue::from(object).unchecked_into())
 }
 
 #[wasm_bindgen]
