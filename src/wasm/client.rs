@@ -1476,7 +1476,8 @@ impl SharedText {
         self.edit(|doc, name| doc.delete(name, index, length))
     }
 
-    /// The text's current content.
+    /// The text's current content. An embed a Yjs application put in the text (an image, a
+    /// shared type) reads as one U+FFFC, the one position it takes, as in the deltas.
     #[wasm_bindgen(js_name = toString)]
     pub fn to_js_string(&self) -> String {
         let driver = self.shared.borrow();

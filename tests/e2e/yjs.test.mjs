@@ -255,6 +255,46 @@ test("a member cannot move or rename another member's cursor through its own pre
   for (const page of [a, b, mallory]) await page.close();
 });
 
+test("an image a Yjs editor embeds takes one character in the textarea editor, and what is typed after it lands there", async () => {
+  const room = `doc-embed-${Date.now()}`;
+  const a = await blank();
+  await joinYjs(a, room, "ada");
+  await a.evaluate(() => {
+    const text = ydoc.getText("content");
+    text.insert(0, "ab😀cd");
+    // What a rich-text editor (Quill, ProseMirror through y-prosemirror's text) puts in a text.
+    text.insertEmbed(2, { image: "cat.png" });
+  });
+  const b = await browser.newPage();
+  b.problems = [];
+  b.on("pageerror", (e) => b.problems.push(e.message));
+  await b.goto(`${relay.base}/textarea.html?room=${room}&persist=0`);
+  await b.waitForSelector("body[data-ready=true]");
+  const shown = "ab\uFFFC😀cd";
+  await until("the textarea shows the embed as one character", () => b.evaluate((shown) => {
+    const value = document.getElementById("editor").value;
+    return (value === shown && window.meshText.toString() === shown && window.meshText.length === shown.length) || value;
+  }, shown));
+  // The user clicks after the "c" and types.
+  await b.evaluate(() => {
+    const editor = document.getElementById("editor");
+    const at = editor.value.indexOf("c") + 1;
+    editor.focus();
+    editor.setSelectionRange(at, at);
+  });
+  await b.keyboard.type("X");
+  await until("the Y.Doc has the X after the c, and the image where it was", () => a.evaluate(() =>
+    JSON.stringify(ydoc.getText("content").toDelta()) === JSON.stringify([{ insert: "ab" }, { insert: { image: "cat.png" } }, { insert: "😀cXd" }])
+      || ydoc.getText("content").toDelta()));
+  // A remote edit after the image reaches the textarea at its place.
+  await a.evaluate(() => ydoc.getText("content").insert(7, "!"));
+  await until("the textarea has the remote edit after the image", () => b.evaluate(() =>
+    document.getElementById("editor").value === "ab\uFFFC😀cX!d" || document.getElementById("editor").value));
+  assert.deepEqual(await a.evaluate(() => window.errors), []);
+  for (const page of [a, b]) assert.deepEqual(page.problems, []);
+  await Promise.all([a.close(), b.close()]);
+});
+
 test("a 3 MB paste into a Y.Text reaches the other Y.Doc, and edits after it too", async () => {
   const room = `paste-${Date.now()}`;
   const a = await blank();
