@@ -737,9 +737,9 @@ impl Update {
                 // the same id. A total order: published yrs (like Yjs) put two blocks of
                 // different kinds at one id, neither a skip, each before the other, and the
                 // standard sort may panic on that with more than 20 decoders.
-                lazy_struct_decoders
-                    .make_contiguous()
-                    .sort_by(|dec1, dec2| {
+                crate::sort::stable_sort_by(
+                    lazy_struct_decoders.make_contiguous(),
+                    |dec1, dec2| {
                         let left = dec1.current().unwrap();
                         let right = dec2.current().unwrap();
                         let lid = left.id();
@@ -748,7 +748,8 @@ impl Update {
                             .cmp(&lid.client)
                             .then(lid.clock.cmp(&rid.clock))
                             .then(left.is_skip().cmp(&right.is_skip()))
-                    });
+                    },
+                );
             }
 
             let curr_decoder = match lazy_struct_decoders.iter_mut().next() {
