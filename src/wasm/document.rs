@@ -68,7 +68,8 @@ impl SharedDocument {
             .map_err(|e| js_error("RangeError", e))
     }
 
-    /// Applies a Yjs v1 update. Throws `InvalidUpdate` for bytes that are not one.
+    /// Applies a Yjs v1 update. Throws `InvalidUpdate` for bytes that are not one, or that Yjs
+    /// itself would not apply (the message says what and at which byte).
     #[wasm_bindgen(js_name = applyUpdate)]
     pub fn apply_update(
         &self,

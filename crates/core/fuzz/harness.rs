@@ -357,8 +357,12 @@ pub fn document(data: &[u8]) {
     // its own consecutive updates), it gives the same texts. Halves that give the same ids
     // different content contradict each other: which arrives first wins (as in Yjs), and a
     // merge picks a winner per range, so no single update stands for them.
+    let checked = |update: &[u8]| pattern_mesh_core::doc::check_update(update).is_ok();
     if let Ok(merged) = pattern_mesh_core::doc::merge_updates(&[first, second]) {
-        pattern_mesh_core::doc::check_update(&merged).expect("a merged update decodes");
+        if checked(first) && checked(second) {
+            pattern_mesh_core::doc::check_update(&merged)
+                .expect("a merge of updates that pass the check passes it");
+        }
         let parts = SharedDoc::new();
         if parts.apply_update(first).is_ok() && parts.apply_update(second).is_ok() {
             let whole = SharedDoc::new();

@@ -185,6 +185,91 @@ async fn no_member_can_wipe_the_document_for_late_joiners() {
     assert_eq!(text.split_whitespace().count(), 43);
 }
 
+/// An update of one item under client 5 at clock 0, in the root type `content`: `info` (its
+/// content type and flags), then `body` (origins, then content).
+fn one_item(info: u8, body: &[u8]) -> Vec<u8> {
+    let mut update = vec![1, 1, 5, 0, info];
+    if info & 0xc0 == 0 {
+        update.extend_from_slice(&[1, 7]);
+        update.extend_from_slice(b"content");
+    }
+    update.extend_from_slice(body);
+    update.push(0);
+    update
+}
+
+/// A member sends updates that yrs reads and Yjs does not, each of which a Yjs tab refuses as a
+/// whole and which, once in the room's document, would be in every snapshot a late Yjs tab
+/// loads (its document then empty); and a value nested 100,000 levels deep (200 KB), which
+/// yrs reads recursively: it overflowed the stack of the relay's thread and aborted the relay.
+/// Each, as an update and as a sync answer, is refused as `malformed`, naming what is wrong;
+/// the relay goes on, and a late joiner loads the honest edits.
+#[tokio::test]
+async fn updates_that_yjs_cannot_apply_or_that_nest_deep_are_refused_and_crash_nothing() {
+    let server = start("yjs-only", |c| c.compact_updates = 4).await;
+    let mut a = join(&server, "doc", 0, None).await;
+    let mut b = join(&server, "doc", 0, None).await;
+    let writer = SharedDoc::with_client_id(11);
+    let mut nested = vec![1];
+    for _ in 0..100_000 {
+        nested.extend_from_slice(&[117, 1]);
+    }
+    nested.push(126);
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "values nested more than 128 levels deep",
+            one_item(8, &nested),
+        ),
+        // JSON content `{`, which JSON.parse refuses.
+        ("JSON content", one_item(2, &[1, 1, b'{'])),
+        // Shared type 9 (yrs's sub-document reference), and a fuzzer's 17-byte find that
+        // names one.
+        ("a shared type Yjs does not know", one_item(7, &[9])),
+        (
+            "a shared type Yjs does not know",
+            vec![2, 2, 1, 1, 39, 1, 1, 1, 1, 1, 9, 0, 40, 0, 0, 0, 0],
+        ),
+        // An item whose origin is its own client's clock 3, after the item itself.
+        ("origin is not before it", one_item(0x84, &[5, 3, 1, b'x'])),
+        // A deleted range of length 0 of a client nobody has.
+        ("a deleted range of length 0", vec![0, 1, 9, 1, 0, 0]),
+    ];
+    for (i, (problem, bytes)) in attacks.into_iter().enumerate() {
+        a.acked(edit(&writer, 0, &format!("{i} "))).await;
+        let frame = raw_update(&mut b, "content", bytes.clone());
+        b.send(&frame).await;
+        let detail = b.expect_reject(Reason::Malformed).await;
+        assert!(
+            detail.contains("not an update Yjs applies") && detail.contains(problem),
+            "{problem}: {detail}"
+        );
+        b.fence().await;
+        let stamp = b.stamp();
+        let answer = Frame::stamped(
+            stamp,
+            Body::SyncState {
+                doc: "content".into(),
+                update: bytes,
+                to: 0,
+            },
+        );
+        b.send(&answer).await;
+        let detail = b.expect_reject(Reason::Malformed).await;
+        assert!(detail.contains(problem), "{problem}: {detail}");
+        b.fence().await;
+        a.expect_no_data(Duration::from_millis(100)).await;
+    }
+    a.acked(edit(&writer, 0, "after ")).await;
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), writer.text("content"));
+    assert_eq!(
+        writer.text("content").split_whitespace().count(),
+        7,
+        "{}",
+        writer.text("content")
+    );
+}
+
 /// Finding 2. A member asks for a room whose `maxFuture` the store cannot hold, or one out of
 /// range, and sends a step above 2^53 - 1: each is refused on its own (the join closed with a
 /// reason, the frame as `malformed`), and a member of another room is served throughout.

@@ -15,6 +15,7 @@
 
 #[cfg(feature = "yrs")]
 mod shared;
+pub mod v1;
 
 use serde::{Deserialize, Serialize};
 

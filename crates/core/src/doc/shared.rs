@@ -12,12 +12,20 @@ use yrs::{
 
 use super::{digest_texts, DocError, Replica, TextDelta, Version};
 
-/// Checks that `update` decodes as a Yjs v1 update, without applying it anywhere: what the relay
-/// does with an update it forwards but does not apply (a sync answer).
+/// Checks that `update` is a Yjs v1 update that Yjs applies ([`super::v1::check`]) and that yrs
+/// decodes, without applying it anywhere: what the relay does with an update it forwards but
+/// does not apply (a sync answer).
 pub fn check_update(update: &[u8]) -> Result<(), DocError> {
+    check_v1(update)?;
     Update::decode_v1(update)
         .map(|_| ())
         .map_err(|e| DocError::InvalidUpdate(e.to_string()))
+}
+
+/// [`super::v1::check`], as a [`DocError`].
+fn check_v1(update: &[u8]) -> Result<(), DocError> {
+    super::v1::check(update)
+        .map_err(|e| DocError::InvalidUpdate(format!("not an update Yjs applies: {e}")))
 }
 
 /// Merges Yjs v1 updates into one (what a client does with edits that wait to be sent).
@@ -158,8 +166,10 @@ impl SharedDoc {
     }
 
     /// Applies a Yjs v1 update from another replica (or from Yjs itself). Updates may arrive
-    /// in any order and more than once; `yrs` holds back what it cannot integrate yet.
+    /// in any order and more than once; `yrs` holds back what it cannot integrate yet. Bytes
+    /// that Yjs would not apply are refused first ([`super::v1::check`]).
     pub fn apply_update(&self, update: &[u8]) -> Result<(), DocError> {
+        check_v1(update)?;
         let update =
             Update::decode_v1(update).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
         self.doc

@@ -23,7 +23,7 @@
 
 pub mod close;
 mod codec;
-mod json;
+pub(crate) mod json;
 pub mod part;
 
 use serde::{Deserialize, Serialize};
