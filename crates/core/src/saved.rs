@@ -51,6 +51,8 @@ pub struct Stored {
     pub upto: Step,
     /// The node's ceiling: no step above it was used.
     pub ceiling: Step,
+    /// The log the steps are of (another log, after the relay lost the room, begins again).
+    pub log: u64,
 }
 
 impl Saved {
@@ -59,6 +61,7 @@ impl Saved {
         Stored {
             upto: self.upto(),
             ceiling: self.step,
+            log: self.log,
         }
     }
 

@@ -814,6 +814,9 @@ impl<R: Replica> Session<R> {
     /// The driver stored a state ([`Saved::stored`] says what it covers): the messages stamped
     /// up to it may go out, and messages may be stamped up to its ceiling.
     pub fn handle_saved(&mut self, now: u64, stored: Stored) {
+        if stored.log != self.log {
+            return;
+        }
         if stored.upto > self.stored_upto || stored.ceiling > self.ceiling {
             self.stored_upto = self.stored_upto.max(stored.upto);
             self.ceiling = self.ceiling.max(stored.ceiling);
@@ -1322,6 +1325,9 @@ impl<R: Replica> Session<R> {
             self.room = None;
             self.position = 0;
             self.stored_upto = 0;
+            // The stored ceiling was of the old log's steps; a store write still under way
+            // reports it for that log, and is not taken up (`handle_saved`).
+            self.ceiling = 0;
             self.give_back = !self.replica.is_empty();
         }
         self.log = log;
@@ -2022,6 +2028,61 @@ mod tests {
         );
         assert_eq!(again.stamp.sender, 5);
         assert_eq!(again.body, Body::Data { data });
+    }
+
+    /// The relay restarts on an empty store (another log) after this tab stamped at step 1,200:
+    /// the steps begin again, and so does the ceiling the tab stores. A ceiling kept from the old
+    /// log put a tab reopened from storage 1,300 steps ahead of the new room, where the relay
+    /// refused every message it stamped as `futureStep` until the room caught up.
+    #[test]
+    fn with_another_log_the_stored_ceiling_begins_again() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let joined = |h: &mut Harness, node: NodeId, log: u64, high: Step| {
+            assert!(h.pump(), "the session asks to connect");
+            h.session.handle_connected(h.now);
+            h.pump();
+            h.frame(Frame::Welcome {
+                node,
+                resume: [node as u8; 16],
+                config: RoomConfig::default(),
+                limits: h.relay,
+                high,
+                log,
+                peers: Vec::new(),
+            });
+            h.frame(Frame::CaughtUp { high, position: 0 });
+        };
+        let mut h = Harness::with(config.clone());
+        joined(&mut h, 2, 1, 1_200);
+        h.store();
+        assert!(h.session.saved().step > 1_200);
+        // The relay restarts on an empty store.
+        h.session.handle_closed(h.now, 1006, "the relay restarted");
+        h.pump();
+        h.now += 60_000;
+        h.session.handle_timeout(h.now);
+        joined(&mut h, 3, 2, 0);
+        h.store();
+        let saved = h.session.saved();
+        assert!(
+            saved.step <= h.session.step() + STEP_RESERVE,
+            "ceiling {} with the clock at {}",
+            saved.step,
+            h.session.step()
+        );
+        // The tab closes and reopens from storage: what it sends is within the new room's
+        // bound (`maxFuture` 1,000 above its step).
+        config.restore = Some(saved);
+        let mut reopened = Harness::with(config);
+        joined(&mut reopened, 3, 2, 1);
+        let data = Json::from_value(&serde_json::json!({ "n": 1 })).unwrap();
+        reopened.session.broadcast(reopened.now, data).unwrap();
+        reopened.pump();
+        reopened.store();
+        reopened.store();
+        let step = reopened.stamped()[0].stamp.step;
+        assert!(step <= 1 + 1_000, "stamped at {step}");
     }
 
     /// A read-only member: the first `forbidden` refusal takes every write out of the outbox
