@@ -533,6 +533,9 @@ fn save(shared: &Shared) {
         let Some(storage) = driver.storage.as_mut() else {
             return;
         };
+        if storage.released {
+            return;
+        }
         if storage.writing {
             storage.wanted = true;
             return;
@@ -1420,9 +1423,14 @@ impl MeshClient {
             driver.session.close(now);
         }
         pump(&self.shared);
-        // The last write: the outbox that is left, for the next tab of this room.
+        // The last write: the outbox that is left, for the next tab of this room. A write put
+        // off until later is this one: one after it would write over a record that another tab
+        // may own by then.
         #[cfg(feature = "document")]
-        save(&self.shared);
+        {
+            self.shared.borrow_mut().retry = None;
+            save(&self.shared);
+        }
         Ok(())
     }
 }

@@ -137,6 +137,9 @@ pub(crate) struct Storage {
     /// A write is under way; another one is wanted after it.
     pub(crate) writing: bool,
     pub(crate) wanted: bool,
+    /// The last write is done and the record let go: another tab may own it now, so nothing
+    /// more is written.
+    pub(crate) released: bool,
     merge: Closure<dyn Fn(js_sys::Array) -> Option<Vec<u8>>>,
 }
 
@@ -225,6 +228,7 @@ pub(crate) async fn open(url: &str, room: &str) -> Result<Loaded, JsValue> {
             records: updates.len(),
             writing: false,
             wanted: false,
+            released: false,
             merge,
         },
         saved,
@@ -291,8 +295,9 @@ impl Storage {
         compact_js(&self.db, &self.room, self.merge.as_ref().unchecked_ref())
     }
 
-    /// Lets another tab take this record.
-    pub(crate) fn release(&self) {
+    /// Lets another tab take this record; nothing is written after it.
+    pub(crate) fn release(&mut self) {
+        self.released = true;
         let _ = self.release.call0(&JsValue::NULL);
         for (_, release) in &self.adopted {
             let _ = release.call0(&JsValue::NULL);
