@@ -1182,7 +1182,9 @@ impl MeshClient {
     }
 
     /// Sets this client's ephemeral state (a cursor, a selection); sent now and to every
-    /// newcomer, never stored.
+    /// newcomer, never stored. It goes as one frame: throws `RangeError` for a state over the
+    /// relay's frame limit (1 MiB by default); one set before the relay said its limit and over
+    /// it is dropped with a `refused` event (kind `presence`).
     #[wasm_bindgen(js_name = setPresence)]
     pub fn set_presence(&self, data: JsJson) -> Result<(), JsValue> {
         let data = json_from_js("the presence", &data)?;

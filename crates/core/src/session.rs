@@ -760,6 +760,18 @@ impl<R: Replica> Session<R> {
         if self.closed {
             return Err(SessionError::Closed);
         }
+        // Presence goes as one frame: one over the relay's limit would be refused (or close
+        // the connection, and be sent again after every reconnect).
+        let len = Frame::Presence {
+            sender: self.node,
+            data: data.clone(),
+        }
+        .encode()
+        .len();
+        let max = self.limits.max_frame;
+        if len > max {
+            return Err(SessionError::TooLarge { len, max });
+        }
         self.presence = Some(data);
         self.presence_due = true;
         self.pump(now);
@@ -1796,7 +1808,25 @@ impl<R: Replica> Session<R> {
                         sender: self.node,
                         data,
                     };
-                    self.outputs.push_back(Output::Send(frame.encode()));
+                    let bytes = frame.encode();
+                    let (len, max) = (bytes.len(), self.limits.max_frame);
+                    if len > max {
+                        // The relay that answered has a lower limit than the one the state
+                        // was checked against: it is dropped, and the application told.
+                        self.presence = None;
+                        self.emit(Event::Refused {
+                            step: 0,
+                            kind: Kind::Presence,
+                            doc: None,
+                            reason: Reason::TooLarge,
+                            detail: format!(
+                                "the presence state is {len} bytes, over the relay's limit of \
+                                 {max} for one frame"
+                            ),
+                        });
+                    } else {
+                        self.outputs.push_back(Output::Send(bytes));
+                    }
                 }
                 continue;
             }
@@ -2083,6 +2113,54 @@ mod tests {
         reopened.store();
         let step = reopened.stamped()[0].stamp.step;
         assert!(step <= 1 + 1_000, "stamped at {step}");
+    }
+
+    /// A presence state (an avatar in a Yjs awareness state) over the relay's frame limit: set
+    /// when the limit is known, it is refused at once (`TooLarge`); set before a relay with a
+    /// lower limit answered, it is dropped with a `refused` event. It went out as one frame,
+    /// which the relay refused, or closed the connection for (1009) and got again after every
+    /// reconnect, while nothing else of the tab's went out.
+    #[test]
+    fn a_presence_state_over_the_frame_limit_is_refused_and_never_sent() {
+        let presences = |h: &Harness| {
+            h.sent
+                .iter()
+                .filter(|f| matches!(f, Frame::Presence { .. }))
+                .count()
+        };
+        let state = |bytes: usize| {
+            Json::from_value(&serde_json::json!({ "avatar": "x".repeat(bytes) })).unwrap()
+        };
+        let mut h = Harness::new();
+        h.relay.max_frame = 16_384;
+        h.join(2, 1, &[]);
+        assert!(matches!(
+            h.session.set_presence(h.now, state(40_000)),
+            Err(SessionError::TooLarge { max: 16_384, .. })
+        ));
+        h.session.set_presence(h.now, state(1_000)).unwrap();
+        h.pump();
+        assert_eq!(presences(&h), 1, "a state within the limit goes out");
+
+        let mut h = Harness::new();
+        h.relay.max_frame = 16_384;
+        h.session.set_presence(h.now, state(40_000)).unwrap();
+        h.join(2, 1, &[]);
+        assert_eq!(presences(&h), 0);
+        let refused: Vec<Event> = std::iter::from_fn(|| h.session.poll_event())
+            .filter(|e| matches!(e, Event::Refused { .. }))
+            .collect();
+        assert!(
+            matches!(
+                &refused[..],
+                [Event::Refused {
+                    kind: Kind::Presence,
+                    reason: Reason::TooLarge,
+                    ..
+                }]
+            ),
+            "{refused:?}"
+        );
     }
 
     /// A read-only member: the first `forbidden` refusal takes every write out of the outbox
