@@ -561,7 +561,22 @@ fn save(shared: &Shared) {
             };
             let compact = storage.written(&done);
             let again = storage.wanted;
-            if let Some(error) = done.error {
+            if done.error.is_some() && storage.gone() {
+                // Another page deleted or upgraded the stored data: said once, and the
+                // session goes on in memory (nothing waits for a write any more).
+                driver.calls.push((
+                    "error",
+                    js_error(
+                        "StorageError",
+                        "another tab deleted or upgraded the stored data: this tab's edits \
+                         are kept in memory only from now on",
+                    ),
+                    None,
+                ));
+                driver.storage = None;
+                driver.session.stop_persisting(now);
+                (false, false)
+            } else if let Some(error) = done.error {
                 // Nothing stamped after the failed write goes out; the write is tried again.
                 driver.calls.push(("error", error, None));
                 storage.wanted = true;
@@ -973,7 +988,9 @@ impl MeshClient {
         #[cfg(feature = "document")]
         if options.persist {
             // The first relay names the storage: the same list finds the same storage.
-            let loaded = super::storage::open(&options.urls[0], &options.room).await?;
+            // As long as a connect may take (`connectTimeout`, 10 s by default).
+            let wait = options.connect_timeout.unwrap_or(10_000);
+            let loaded = super::storage::open(&options.urls[0], &options.room, wait).await?;
             for update in &loaded.updates {
                 if let Err(e) = replica.apply_update(update) {
                     problems.push(format!("a stored update did not apply: {e}"));

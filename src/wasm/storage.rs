@@ -51,14 +51,26 @@ export function pmStorageMissing() {
   }
   return null;
 }
-export async function pmStorageOpen(room) {
+export async function pmStorageOpen(room, wait) {
   const open = indexedDB.open("pattern-mesh", 1);
   open.onupgradeneeded = () => {
     const db = open.result;
     db.createObjectStore("updates", { autoIncrement: true }).createIndex("room", "room");
     db.createObjectStore("sessions", { keyPath: "id" }).createIndex("room", "room");
   };
-  const db = await request(open);
+  // An open waits behind a deletion or an upgrade of the database that another page's open
+  // connection holds up: it gives up after `wait` ms instead of waiting for good.
+  const db = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      open.onsuccess = () => open.result.close();
+      reject(new Error(`the database did not open within ${wait} ms (a deletion or an upgrade of it waits for another tab)`));
+    }, wait);
+    open.onsuccess = () => { clearTimeout(timer); resolve(open.result); };
+    open.onerror = () => { clearTimeout(timer); reject(open.error); };
+  });
+  // Another page deletes or upgrades the database (an application clearing its data): this
+  // connection steps aside, and this tab's next write says so.
+  db.onversionchange = () => { db.pmGone = true; db.close(); };
   const tx = db.transaction(["sessions", "updates"], "readonly");
   const records = request(tx.objectStore("sessions").index("room").getAll(room));
   const updates = request(tx.objectStore("updates").index("room").getAll(room));
@@ -66,7 +78,12 @@ export async function pmStorageOpen(room) {
   const claimed = [];
   for (const record of sessions) {
     const release = await lock(record.id);
-    if (release) claimed.push([record.id, record.saved, release]);
+    if (!release) continue;
+    // Read again under the lock: its last owner may have written it, or let it go for good,
+    // between the first read and its lock.
+    const fresh = await request(db.transaction("sessions", "readonly").objectStore("sessions").get(record.id));
+    if (fresh) claimed.push([record.id, fresh.saved, release]);
+    else release();
   }
   if (claimed.length === 0) {
     const id = `${room}\n${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
@@ -74,7 +91,11 @@ export async function pmStorageOpen(room) {
   }
   return [db, claimed, stored.map((record) => record.update)];
 }
-export function pmStorageWrite(db, room, id, saved, updates, drop) {
+export function pmStorageGone(db) {
+  return db.pmGone === true;
+}
+export async function pmStorageWrite(db, room, id, saved, updates, drop) {
+  if (db.pmGone) throw new Error("another tab deleted or upgraded the stored data");
   const tx = db.transaction(["sessions", "updates"], "readwrite");
   const sessions = tx.objectStore("sessions");
   if (saved) sessions.put({ id, room, saved });
@@ -84,7 +105,8 @@ export function pmStorageWrite(db, room, id, saved, updates, drop) {
   for (const update of updates) store.add({ room, update });
   return finished(tx);
 }
-export function pmStorageCompact(db, room, merge) {
+export async function pmStorageCompact(db, room, merge) {
+  if (db.pmGone) return 0;
   const tx = db.transaction("updates", "readwrite");
   const store = tx.objectStore("updates");
   const keys = store.index("room").getAllKeys(room);
@@ -96,14 +118,17 @@ export function pmStorageCompact(db, room, merge) {
     for (const key of keys.result) store.delete(key);
     store.add({ room, update: merged });
   };
-  return finished(tx).then(() => values.result.length);
+  await finished(tx);
+  return values.result.length;
 }
 "#)]
 extern "C" {
     #[wasm_bindgen(js_name = pmStorageMissing)]
     fn missing() -> Option<String>;
     #[wasm_bindgen(js_name = pmStorageOpen)]
-    fn open_js(room: &str) -> js_sys::Promise;
+    fn open_js(room: &str, wait: u32) -> js_sys::Promise;
+    #[wasm_bindgen(js_name = pmStorageGone)]
+    fn gone_js(db: &JsValue) -> bool;
     #[wasm_bindgen(js_name = pmStorageWrite)]
     fn write_js(
         db: &JsValue,
@@ -155,7 +180,7 @@ pub(crate) struct Loaded {
 }
 
 /// Opens the storage of `room` at `url`, claims a session record, and reads the document.
-pub(crate) async fn open(url: &str, room: &str) -> Result<Loaded, JsValue> {
+pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsValue> {
     if let Some(why) = missing() {
         return Err(js_error(
             "StorageError",
@@ -163,7 +188,7 @@ pub(crate) async fn open(url: &str, room: &str) -> Result<Loaded, JsValue> {
         ));
     }
     let key = format!("{url}\n{room}");
-    let opened = JsFuture::from(open_js(&key))
+    let opened = JsFuture::from(open_js(&key, wait))
         .await
         .map_err(|e| storage_error("opening the database", &e))?;
     let opened: js_sys::Array = opened.unchecked_into();
@@ -293,6 +318,11 @@ impl Storage {
     pub(crate) fn compact(&mut self) -> js_sys::Promise {
         self.records = 1;
         compact_js(&self.db, &self.room, self.merge.as_ref().unchecked_ref())
+    }
+
+    /// Whether another page deleted or upgraded the database: nothing can be written any more.
+    pub(crate) fn gone(&self) -> bool {
+        gone_js(&self.db)
     }
 
     /// Lets another tab take this record; nothing is written after it.

@@ -296,6 +296,61 @@ test("two tabs of one browser on one room keep their own identities, and the sto
   await profile.close();
 });
 
+test("deleting the stored data while a tab holds it open neither hangs a new connect nor fails silently", async () => {
+  const room = `e2e-delete-${Date.now()}`;
+  const profile = await browser.newContext();
+  const pages = [];
+  for (let i = 0; i < 2; i++) {
+    const page = await profile.newPage();
+    page.problems = [];
+    page.on("pageerror", (e) => page.problems.push(e.message));
+    await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
+    await page.evaluate(async () => {
+      window.mesh = await import("/pkg/pattern_mesh.js");
+      await window.mesh.default();
+    });
+    pages.push(page);
+  }
+  const [holder, other] = pages;
+  const url = `ws://127.0.0.1:${port}/ws`;
+  await holder.evaluate(async ({ url, room }) => {
+    window.errors = [];
+    window.client = await mesh.MeshClient.connect({ url, room, persist: true });
+    client.on("error", (e) => errors.push(`${e.name}: ${e.message}`));
+    client.text("content").insert(0, "kept by the relay ");
+    while (client.pendingCount > 0) await new Promise((r) => setTimeout(r, 20));
+  }, { url, room });
+  // The application clears its local data (a sign-out) in another tab of the same profile.
+  const outcome = await other.evaluate(async ({ url, room }) => {
+    const deleted = await Promise.race([
+      new Promise((resolve) => {
+        const request = indexedDB.deleteDatabase("pattern-mesh");
+        request.onsuccess = () => resolve("deleted");
+        request.onerror = () => resolve(`failed: ${request.error}`);
+      }),
+      new Promise((resolve) => setTimeout(() => resolve("still blocked after 5 s"), 5_000)),
+    ]);
+    const connected = await Promise.race([
+      mesh.MeshClient.connect({ url, room, persist: true, connectTimeout: 5_000 })
+        .then((c) => { window.client = c; return "connected"; }, (e) => `${e.name}: ${e.message}`),
+      new Promise((resolve) => setTimeout(() => resolve("connect still pending after 15 s"), 15_000)),
+    ]);
+    return { deleted, connected };
+  }, { url, room });
+  assert.equal(outcome.deleted, "deleted");
+  assert.equal(outcome.connected, "connected");
+  await until("the new tab loads the room from the relay", async () =>
+    (await other.evaluate(() => client.text("content").toString())) === "kept by the relay ");
+  // The tab that held the database says that its storage is gone, at its next write.
+  await holder.evaluate(() => client.text("content").insert(0, "after the deletion "));
+  await until("the holding tab reports its storage error", async () =>
+    (await holder.evaluate(() => errors.some((e) => e.startsWith("StorageError")))) || await holder.evaluate(() => errors));
+  await until("its edit still reaches the other tab", async () =>
+    (await other.evaluate(() => client.text("content").toString())) === "after the deletion kept by the relay ");
+  for (const page of pages) assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);

@@ -823,6 +823,16 @@ impl<R: Replica> Session<R> {
         }
     }
 
+    /// Storage is gone for good (another page deleted the database): the session goes on
+    /// without it, and what waited for a write goes out.
+    pub fn stop_persisting(&mut self, now: u64) {
+        self.config.persist = false;
+        self.save_due = false;
+        self.ceiling_blocked = false;
+        self.unstored.clear();
+        self.pump(now);
+    }
+
     /// The driver stored a state ([`Saved::stored`] says what it covers): the messages stamped
     /// up to it may go out, and messages may be stamped up to its ceiling.
     pub fn handle_saved(&mut self, now: u64, stored: Stored) {
@@ -2161,6 +2171,30 @@ mod tests {
             ),
             "{refused:?}"
         );
+    }
+
+    /// Storage goes away for good (another page deleted the database) while a message waits
+    /// for its stamp to be stored: it goes out without, and nothing asks for a write again.
+    #[test]
+    fn without_storage_any_more_what_waited_for_a_write_goes_out() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config);
+        h.join(2, 1, &[]);
+        let data = Json::from_value(&serde_json::json!({ "n": 1 })).unwrap();
+        h.session.broadcast(h.now, data).unwrap();
+        h.pump();
+        assert!(h.stamped().is_empty(), "it waits for a write");
+        h.session.stop_persisting(h.now);
+        h.pump();
+        assert_eq!(h.stamped().len(), 1);
+        let saves = h.saves;
+        h.session
+            .broadcast(h.now, Json::parse("2").unwrap())
+            .unwrap();
+        h.pump();
+        assert_eq!(h.stamped().len(), 2);
+        assert_eq!(h.saves, saves, "no write is asked for");
     }
 
     /// A read-only member: the first `forbidden` refusal takes every write out of the outbox
