@@ -24,6 +24,6 @@ export class MeshProvider {
   readonly awareness: Awareness | null;
   /** Calls `listener` when an update or the awareness state cannot be sent, or another member's awareness state is refused (it does not decode, or speaks for a client id not its own); returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
   onError(listener: (error: Error) => void): () => void;
-  /** Stops syncing: sends what waits, removes the others' awareness states here, and closes the client (the others see it leave). */
-  destroy(): void;
+  /** Stops syncing: sends what waits and, while the relay is reached, waits up to `wait` ms (default 5,000) for it to acknowledge them; then removes the others' awareness states here and closes the client (the others see it leave). Resolves to the number of messages not acknowledged (the error listeners hear of any). */
+  destroy(options?: { wait?: number }): Promise<number>;
 }

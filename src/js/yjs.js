@@ -88,8 +88,9 @@ export class MeshProvider {
   /**
    * Connects a client for `ydoc` (options as `MeshClient.connect`'s, without `document` and
    * `persist`, plus `doc`, the name update frames carry, default `"content"`, and `awareness`,
-   * a y-protocols `Awareness` of `ydoc`). Resolves once the room's updates are in `ydoc`;
-   * rejects as `MeshClient.connect` does.
+   * a y-protocols `Awareness` of `ydoc`). `on.error` hears the client's errors and the
+   * provider's (see `onError`), from the start of the connect. Resolves once the room's updates
+   * are in `ydoc`; rejects as `MeshClient.connect` does.
    */
   static async connect(ydoc, options = {}) {
     if (!(ydoc instanceof Y.Doc)) throw invalid(`MeshProvider.connect needs a Y.Doc, got ${typeof ydoc}`);
@@ -99,10 +100,12 @@ export class MeshProvider {
     if (typeof doc !== "string" || doc.length === 0) throw invalid("doc must be a non-empty string");
     if (awareness !== null && awareness.doc !== ydoc) throw invalid("awareness must be an Awareness of the Y.Doc");
     if (typeof on !== "object" || on === null) throw invalid("on must be an object of listeners");
-    for (const event of ["presence", "peers"]) {
+    for (const event of ["presence", "peers", "error"]) {
       if (on[event] !== undefined && typeof on[event] !== "function") throw invalid(`on.${event} must be a function`);
     }
     const provider = new MeshProvider(ydoc, doc, awareness);
+    // Heard from the start: what cannot be sent while connecting is reported here too.
+    if (on.error) provider.onError(on.error);
     // What the Y.Doc holds before the room's updates arrive (loaded from y-indexeddb, say) goes
     // to the room too.
     if (ydoc.store.clients.size > 0) provider.#queue(Y.encodeStateAsUpdate(ydoc));
@@ -180,16 +183,32 @@ export class MeshProvider {
     return () => this.#listeners.delete(listener);
   }
 
-  /** Stops syncing: sends what waits, removes the others' awareness states here, and closes the client (the others see it leave). */
-  destroy() {
-    if (this.#destroyed) return;
+  /**
+   * Stops syncing: sends what waits and, while the relay is reached, waits up to `wait` ms
+   * (default 5,000) for it to acknowledge every message of this client; then removes the
+   * others' awareness states here and closes the client (the others see it leave). Resolves to
+   * the number of messages the relay did not acknowledge (0: everything arrived); when there
+   * are any, the error listeners hear it too.
+   */
+  async destroy({ wait = 5_000 } = {}) {
+    if (this.#destroyed) return 0;
     this.#flush();
     this.#destroyed = true;
+    this.#detach();
+    const client = this.client;
+    const deadline = Date.now() + wait;
+    while (client && client.status === "open" && client.pendingCount > 0 && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const left = client?.pendingCount ?? 0;
     if (this.awareness) {
       removeAwarenessStates(this.awareness, [...this.#nodes.values()], this);
     }
-    this.#detach();
-    this.client?.close();
+    client?.close();
+    if (left > 0) {
+      this.#error(new Error(`destroyed with ${left} message(s) the relay had not acknowledged (status ${client.status}): they did not reach the room`));
+    }
+    return left;
   }
 
   #detach() {

@@ -295,6 +295,58 @@ test("an image a Yjs editor embeds takes one character in the textarea editor, a
   await Promise.all([a.close(), b.close()]);
 });
 
+test("destroy() right after an edit delivers the edit before it closes, and says what did not arrive", async () => {
+  const room = `destroy-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  const left = await a.evaluate(async () => {
+    ydoc.getText("content").insert(0, "the last words");
+    return await provider.destroy();
+  });
+  assert.equal(left, 0);
+  await until("b has the edit made just before destroy()", () => b.evaluate(() =>
+    ydoc.getText("content").toString() === "the last words" || ydoc.getText("content").toString()));
+  // Offline, nothing can arrive: destroy() says so instead of waiting.
+  const c = await blank();
+  await joinYjs(c, room, "cy");
+  const offline = await c.evaluate(async () => {
+    provider.client.dropConnection();
+    ydoc.getText("content").insert(0, "typed offline, ");
+    const heard = [];
+    provider.onError((e) => heard.push(e.message));
+    const left = await provider.destroy({ wait: 1_000 });
+    return { left, heard };
+  });
+  assert.ok(offline.left > 0, JSON.stringify(offline));
+  assert.match(offline.heard.join(" "), /not acknowledged|did not reach the room/);
+  assert.deepEqual(await b.evaluate(() => window.errors), []);
+  for (const page of [a, b, c]) await page.close();
+});
+
+test("what cannot be sent while a provider connects reaches on.error, not only the console", async () => {
+  // A relay whose messages are at most 64 KiB, and a Y.Doc loaded with 80 KB before connect.
+  const small = await startRelay({ PM_MAX_FRAME: "16384", PM_MAX_MESSAGE: "65536" });
+  try {
+    const page = await blank();
+    const heard = await page.evaluate(async ({ url }) => {
+      const ydoc = new Y.Doc();
+      ydoc.getText("content").insert(0, "x".repeat(80_000));
+      const heard = [];
+      const provider = await MeshProvider.connect(ydoc, { url, room: `big-${Date.now()}`, on: { error: (e) => heard.push(`${e.name}: ${e.message}`) } });
+      await new Promise((r) => setTimeout(r, 200));
+      provider.client.close();
+      return heard;
+    }, { url: small.url });
+    assert.equal(heard.length, 1, JSON.stringify(heard));
+    assert.match(heard[0], /^RangeError: /);
+    await page.close();
+  } finally {
+    await small.stop();
+  }
+});
+
 test("a 3 MB paste into a Y.Text reaches the other Y.Doc, and edits after it too", async () => {
   const room = `paste-${Date.now()}`;
   const a = await blank();
