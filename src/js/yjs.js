@@ -28,6 +28,8 @@ export function meshDocument(ydoc, origin) {
     snapshot: () => Y.encodeSnapshot(Y.snapshot(ydoc)),
     texts: () => texts(ydoc),
     mergeUpdates: (updates) => Y.mergeUpdates(updates),
+    // Updates Yjs holds back until the parts they build on arrive.
+    pending: () => ydoc.store.pendingStructs !== null || ydoc.store.pendingDs !== null,
   };
   return document;
 }

@@ -97,6 +97,14 @@ impl Replica for ClientDoc {
         }
     }
 
+    fn has_pending(&self) -> bool {
+        match self {
+            #[cfg(feature = "document")]
+            ClientDoc::Built(doc) => Replica::has_pending(doc),
+            ClientDoc::Js(doc) => doc.has_pending(),
+        }
+    }
+
     fn merge_updates(&self, updates: &[&[u8]]) -> Option<Vec<u8>> {
         match self {
             #[cfg(feature = "document")]
@@ -107,7 +115,8 @@ impl Replica for ClientDoc {
 }
 
 /// The application's document: a JS object with `applyUpdate`, `stateVector`, `diff`,
-/// `snapshot`, `texts` and, optionally, `mergeUpdates` (see `MeshDocument` in the types).
+/// `snapshot`, `texts` and, optionally, `mergeUpdates` and `pending` (see `MeshDocument` in the
+/// types).
 pub(crate) struct JsDocument {
     object: JsValue,
     apply: js_sys::Function,
@@ -116,6 +125,7 @@ pub(crate) struct JsDocument {
     snapshot: js_sys::Function,
     texts: js_sys::Function,
     merge: Option<js_sys::Function>,
+    pending: Option<js_sys::Function>,
     problems: RefCell<Vec<String>>,
 }
 
@@ -149,6 +159,7 @@ impl JsDocument {
             snapshot: required("snapshot")?,
             texts: required("texts")?,
             merge: method("mergeUpdates", false)?,
+            pending: method("pending", false)?,
             problems: RefCell::default(),
         })
     }
@@ -257,6 +268,20 @@ impl JsDocument {
             Err(e) => {
                 self.problem(e);
                 0
+            }
+        }
+    }
+
+    /// `pending()`, when the document has it: whether it holds back remote updates.
+    fn has_pending(&self) -> bool {
+        let Some(pending) = self.pending.as_ref() else {
+            return false;
+        };
+        match pending.call0(&self.object) {
+            Ok(value) => value.is_truthy(),
+            Err(e) => {
+                self.problem(format!("document.pending threw: {}", describe(&e)));
+                false
             }
         }
     }

@@ -347,6 +347,36 @@ test("what cannot be sent while a provider connects reaches on.error, not only t
   }
 });
 
+test("when the relay refuses a Y.Doc's update, the others are told that what came after it waits for it", async () => {
+  // A room the relay caps at 50,000 bytes: a 60 KB paste is refused (`full`), and every later
+  // edit of that Y.Doc builds on it, so no other replica can show it.
+  const small = await startRelay({ PM_MAX_ROOM_BYTES: "50000" });
+  try {
+    const room = `full-${Date.now()}`;
+    const [a, b] = [await blank(), await blank()];
+    const joinAt = (page, name) => page.evaluate(async ({ url, room, name }) => {
+      const ydoc = new Y.Doc();
+      window.events = [];
+      const provider = await MeshProvider.connect(ydoc, { url, room, name });
+      provider.client.on("refused", (r) => events.push(`refused ${r.reason}`));
+      provider.client.on("anomaly", (a) => events.push(`anomaly ${a.reason}: ${a.detail}`));
+      Object.assign(window, { ydoc, provider });
+    }, { url: small.url, room, name });
+    await joinAt(a, "ada");
+    await joinAt(b, "bo");
+    await a.evaluate(() => ydoc.getText("content").insert(0, "before "));
+    await until("b has the first edit", () => b.evaluate(() => ydoc.getText("content").toString() === "before " || ydoc.getText("content").toString()));
+    await a.evaluate(() => ydoc.getText("content").insert(7, "x".repeat(60_000)));
+    await until("a hears its paste refused", () => a.evaluate(() => events.some((e) => e === "refused full") || events));
+    await a.evaluate(() => ydoc.getText("content").insert(0, "typed after, "));
+    await until("b is told that updates wait for one it never got", () => b.evaluate(() =>
+      events.some((e) => e.startsWith("anomaly desync") && e.includes("never arrived")) || events), 30_000);
+    for (const page of [a, b]) await page.close();
+  } finally {
+    await small.stop();
+  }
+});
+
 test("a 3 MB paste into a Y.Text reaches the other Y.Doc, and edits after it too", async () => {
   const room = `paste-${Date.now()}`;
   const a = await blank();

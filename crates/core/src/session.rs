@@ -324,6 +324,10 @@ struct Hold {
 /// skips at most that many steps.
 const STEP_RESERVE: Step = 100;
 
+/// How long the replica may hold back remote updates that wait for earlier parts before the
+/// application is told and the room asked for what is missing, in milliseconds.
+const HELD_GRACE: u64 = 10_000;
+
 /// Updates that wait are merged while the result stays under this size. Each merge re-encodes
 /// the whole merged update, so a burst costs its keystrokes times this size: at 16 KiB, 30,000
 /// keystrokes of the automerge-paper trace merge in 1.6 s natively and go out as 36 messages
@@ -382,6 +386,10 @@ pub struct Session<R> {
     pace: f64,
     presence: Option<Json>,
     presence_due: bool,
+    /// Since when the replica holds back remote updates whose earlier parts never arrived,
+    /// and whether the application was told (once for each time it happens).
+    held_since: Option<u64>,
+    held_reported: bool,
     /// The name the last join gave, and whether the relay must hear a newer one.
     announced: String,
     rename_due: bool,
@@ -449,6 +457,8 @@ impl<R: Replica> Session<R> {
             pace: 1.0,
             presence: None,
             presence_due: false,
+            held_since: None,
+            held_reported: false,
             announced: String::new(),
             rename_due: false,
             peers: BTreeMap::new(),
@@ -572,6 +582,10 @@ impl<R: Replica> Session<R> {
         }
         if let Some(deadline) = self.connect_deadline {
             at(deadline);
+        }
+        if let (Some(since), false, Link::Open) = (self.held_since, self.held_reported, &self.link)
+        {
+            at(since.saturating_add(HELD_GRACE));
         }
         next
     }
@@ -1079,12 +1093,59 @@ impl<R: Replica> Session<R> {
                 );
                 self.retry_later(now, failure);
             }
-            Link::Open => self.pump(now),
+            Link::Open => {
+                self.check_held(now);
+                self.pump(now);
+            }
             _ => {}
         }
     }
 
     // ----- inside -----
+
+    /// Notes whether the replica holds back remote updates after an apply.
+    fn note_held(&mut self, now: u64) {
+        if self.replica.has_pending() {
+            self.held_since.get_or_insert(now);
+        } else {
+            self.held_since = None;
+            self.held_reported = false;
+        }
+    }
+
+    /// Updates held back longer than [`HELD_GRACE`]: the application is told (a `desync`
+    /// anomaly), and every member asked for what this replica lacks.
+    fn check_held(&mut self, now: u64) {
+        let Some(since) = self.held_since else { return };
+        if self.held_reported || now < since.saturating_add(HELD_GRACE) {
+            return;
+        }
+        if !self.replica.has_pending() {
+            self.held_since = None;
+            return;
+        }
+        self.held_reported = true;
+        self.anomaly(
+            Source::Local,
+            Reason::Desync,
+            format!(
+                "updates from the room have waited {} s for earlier updates that never arrived \
+                 (a member's update the relay refused, or lost): this replica does not show \
+                 them; the room is asked for what is missing",
+                (now - since) / 1000
+            ),
+            self.clock.local(),
+            None,
+        );
+        let state_vector = self.replica.state_vector();
+        self.waiting.push_back(Waiting {
+            body: Body::SyncRequest {
+                doc: WHOLE_DOC.into(),
+                state_vector,
+                to: 0,
+            },
+        });
+    }
 
     fn origin(&self) -> Origin {
         Origin::Relayed {
@@ -1303,6 +1364,7 @@ impl<R: Replica> Session<R> {
             Frame::Snapshot { state, .. } if logged => match self.replica.apply_update(&state) {
                 Ok(()) => {
                     self.store_update(&state);
+                    self.note_held(now);
                     self.emit(Event::Remote)
                 }
                 Err(e) => self.anomaly(Source::Local, Reason::Malformed, e.to_string(), 0, None),
@@ -1627,10 +1689,10 @@ impl<R: Replica> Session<R> {
                 data,
                 durable: false,
             }),
-            Body::Update { update, .. } => self.apply(&update, &stamp),
+            Body::Update { update, .. } => self.apply(now, &update, &stamp),
             Body::SyncState { update, to, .. } => {
                 if to == 0 || to == self.node {
-                    self.apply(&update, &stamp);
+                    self.apply(now, &update, &stamp);
                 }
             }
             Body::SyncRequest {
@@ -1694,10 +1756,11 @@ impl<R: Replica> Session<R> {
         }
     }
 
-    fn apply(&mut self, update: &[u8], stamp: &Stamp) {
+    fn apply(&mut self, now: u64, update: &[u8], stamp: &Stamp) {
         match self.replica.apply_update(update) {
             Ok(()) => {
                 self.store_update(update);
+                self.note_held(now);
                 self.emit(Event::Remote)
             }
             Err(e) => self.anomaly(
@@ -2195,6 +2258,83 @@ mod tests {
         h.pump();
         assert_eq!(h.stamped().len(), 2);
         assert_eq!(h.saves, saves, "no write is asked for");
+    }
+
+    /// A member's update arrives without the earlier update it builds on (which the relay
+    /// refused, or lost): the replica holds it back, and after 10 s the application hears of
+    /// it (a `desync` anomaly) and every member is asked for what is missing, once; when the
+    /// missing update comes, nothing more is said.
+    #[test]
+    fn updates_held_back_for_missing_parts_are_reported_and_asked_for() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[3]);
+        let author = SharedDoc::with_client_id(9);
+        let first = author.insert("content", 0, "first ").unwrap();
+        let second = author.insert("content", 6, "second").unwrap();
+        let stamp = Stamp {
+            sender: 3,
+            step: 1,
+            pattern: PatternConfig::default().value(1),
+        };
+        h.frame(Frame::stamped(
+            stamp,
+            Body::Update {
+                doc: "content".into(),
+                update: second,
+            },
+        ));
+        let desyncs = |h: &mut Harness| {
+            std::iter::from_fn(|| h.session.poll_event())
+                .filter(|e| {
+                    matches!(
+                        e,
+                        Event::Anomaly(Anomaly {
+                            reason: Reason::Desync,
+                            ..
+                        })
+                    )
+                })
+                .count()
+        };
+        let requests = |h: &Harness| {
+            h.sent
+                .iter()
+                .filter(|f| {
+                    matches!(f, Frame::Stamped(s) if matches!(s.body, Body::SyncRequest { to: 0, .. }))
+                })
+                .count()
+        };
+        assert_eq!(desyncs(&mut h), 0);
+        let at = h
+            .session
+            .poll_timeout()
+            .expect("a deadline for the held update");
+        assert!(at <= h.now + HELD_GRACE);
+        h.now += HELD_GRACE;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        assert_eq!(desyncs(&mut h), 1);
+        assert_eq!(requests(&h), 1);
+        h.now += HELD_GRACE * 3;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        assert_eq!(desyncs(&mut h), 0, "said once");
+        // The missing update comes (a member's sync answer): the held one applies.
+        let stamp = Stamp {
+            sender: 3,
+            step: 2,
+            pattern: PatternConfig::default().value(2),
+        };
+        h.frame(Frame::stamped(
+            stamp,
+            Body::SyncState {
+                doc: "content".into(),
+                update: first,
+                to: 2,
+            },
+        ));
+        assert_eq!(h.session.replica().text("content"), "first second");
+        assert_eq!(h.session.poll_timeout(), None);
     }
 
     /// A read-only member: the first `forbidden` refusal takes every write out of the outbox

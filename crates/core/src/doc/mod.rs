@@ -237,6 +237,11 @@ pub trait Replica {
     fn digest(&self) -> u64;
     /// Whether the replica holds anything at all (an empty one publishes no checkpoints).
     fn is_empty(&self) -> bool;
+    /// Whether the replica holds back remote updates that wait for earlier parts (they are not
+    /// shown until those arrive); a replica that cannot tell says `false`.
+    fn has_pending(&self) -> bool {
+        false
+    }
     /// `updates` merged into one, or `None` where this replica cannot merge (edits waiting to be
     /// sent then travel one by one).
     fn merge_updates(&self, updates: &[&[u8]]) -> Option<Vec<u8>> {

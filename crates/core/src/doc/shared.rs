@@ -291,6 +291,10 @@ impl Replica for SharedDoc {
         SharedDoc::is_empty(self)
     }
 
+    fn has_pending(&self) -> bool {
+        SharedDoc::has_pending(self)
+    }
+
     fn merge_updates(&self, updates: &[&[u8]]) -> Option<Vec<u8>> {
         merge_updates(updates).ok()
     }
