@@ -224,8 +224,15 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
     let mut saved = read(first);
     let mut adopted = Vec::new();
     for (other_id, bytes, other_release) in claimed {
-        if let Some(other) = read(bytes) {
-            saved.get_or_insert_with(Saved::default).adopt(&other);
+        match read(bytes) {
+            // A stamped data message may have reached the relay under that identity: the
+            // record is left whole for a tab that resumes it.
+            Some(other) if !other.adoptable() => {
+                let _ = other_release.call0(&JsValue::NULL);
+                continue;
+            }
+            Some(other) => saved.get_or_insert_with(Saved::default).adopt(&other),
+            None => {}
         }
         adopted.push((other_id, other_release));
     }

@@ -160,11 +160,26 @@ impl Saved {
             .collect()
     }
 
+    /// Whether another session may take in this outbox ([`Saved::adopt`]): not when a data
+    /// message of it was stamped, which may have reached the relay under this identity and would
+    /// arrive twice if sent again under another. Such a record waits for a tab that resumes its
+    /// own identity, where the relay answers `replay` for what it has.
+    pub fn adoptable(&self) -> bool {
+        self.sent.iter().all(|bytes| {
+            !matches!(
+                decode_message(bytes),
+                Ok(Stamped {
+                    body: Body::Data { .. },
+                    ..
+                })
+            )
+        })
+    }
+
     /// Takes in the outbox of another stored session of the same room (a tab that closed and
     /// that no open tab speaks for): its messages join this outbox unstamped, to go out under
-    /// this session's identity. Its stamped messages may have reached the relay already under
-    /// the other identity: an update sent twice changes nothing, a data message may arrive
-    /// twice.
+    /// this session's identity. Only for an [`adoptable`](Saved::adoptable) one: its stamped
+    /// messages are updates, which change nothing when they arrive twice.
     pub fn adopt(&mut self, other: &Saved) {
         for body in other.bodies() {
             self.unsent.push(encode_unsent(body));
@@ -237,6 +252,43 @@ mod tests {
             Saved::decode(&Saved::default().encode()).unwrap(),
             Saved::default()
         );
+    }
+
+    /// A closed tab's record whose stamped messages include a data message is not taken in
+    /// by another identity (the message would arrive twice: once as stored under the first
+    /// identity, once restamped); one whose stamped messages are updates, or that has only
+    /// unsent ones, is.
+    #[test]
+    fn only_an_outbox_without_stamped_data_is_adopted() {
+        let stamped = |body: Body| {
+            Frame::stamped(
+                Stamp {
+                    sender: 3,
+                    step: 2,
+                    pattern: 5,
+                },
+                body,
+            )
+            .encode()
+        };
+        let update = Body::Update {
+            doc: "content".into(),
+            update: vec![0, 0],
+        };
+        let with_data = Saved {
+            sent: vec![stamped(update.clone()), stamped(data(1))],
+            ..Saved::default()
+        };
+        assert!(!with_data.adoptable());
+        let with_update = Saved {
+            sent: vec![stamped(update.clone())],
+            unsent: vec![encode_unsent(data(2))],
+            ..Saved::default()
+        };
+        assert!(with_update.adoptable());
+        let mut mine = Saved::default();
+        mine.adopt(&with_update);
+        assert_eq!(mine.bodies(), vec![update, data(2)]);
     }
 
     #[test]
