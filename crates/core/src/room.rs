@@ -638,7 +638,7 @@ impl RoomCore {
                     self.snapshot_len = logged.bytes.len() as u64;
                     self.tail_bytes = 0;
                     self.tail_updates = 0;
-                    self.doc.apply_update(&state).is_ok()
+                    self.doc.apply_stored(&state).is_ok()
                 }
                 Ok(Frame::Stamped(Stamped {
                     body: Body::Update { update, .. },
@@ -646,7 +646,7 @@ impl RoomCore {
                 })) => {
                     self.tail_bytes += logged.bytes.len() as u64;
                     self.tail_updates += 1;
-                    self.doc.apply_update(&update).is_ok()
+                    self.doc.apply_stored(&update).is_ok()
                 }
                 _ => false,
             };
@@ -779,7 +779,7 @@ impl RoomCore {
                 })) => {
                     self.tail_bytes += len;
                     self.tail_updates += 1;
-                    if self.doc.apply_update(&update).is_err() {
+                    if self.doc.apply_stored(&update).is_err() {
                         self.load_failures += 1;
                     }
                 }
@@ -787,7 +787,7 @@ impl RoomCore {
                     self.tail_bytes = 0;
                     self.tail_updates = 0;
                     self.snapshot_len = len;
-                    if self.doc.apply_update(&state).is_err() {
+                    if self.doc.apply_stored(&state).is_err() {
                         self.load_failures += 1;
                     }
                     // The members hold everything it does, unless this relay skipped entries
@@ -1743,7 +1743,9 @@ impl RoomCore {
         let due = self.tail_updates > 0
             && (self.tail_bytes >= self.limits.compact_bytes.max(self.snapshot_len)
                 || self.tail_updates >= self.limits.compact_updates);
-        if !due || self.compacting || self.stopped {
+        // A room that loaded with entries its document could not apply does not compact: the
+        // snapshot would hold the rest only, and the store drops what a snapshot covers.
+        if !due || self.compacting || self.stopped || self.load_failures > 0 {
             return;
         }
         let frame = Frame::Snapshot {

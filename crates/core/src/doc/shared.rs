@@ -76,6 +76,8 @@ impl SharedDoc {
     /// shared type a Yjs application put in the text) reads as one U+FFFC (OBJECT REPLACEMENT
     /// CHARACTER), the one position it takes in the text, so that positions in the content are
     /// positions in the document. (Yjs's `toString()` leaves embeds out; the digest does too.)
+    /// An embed whose value is a string, which no rich-text editor writes, reads as that
+    /// string: yrs gives it as it gives text.
     pub fn text(&self, name: &str) -> String {
         let text = self.doc.get_or_insert_text(name);
         let txn = self.doc.transact();
@@ -170,6 +172,14 @@ impl SharedDoc {
     /// that Yjs would not apply are refused first ([`super::v1::check`]).
     pub fn apply_update(&self, update: &[u8]) -> Result<(), DocError> {
         check_v1(update)?;
+        self.apply_stored(update)
+    }
+
+    /// Applies an update that was checked when it was admitted: the room's own log (a relay
+    /// loading a room), what the relay forwards, a tab's stored updates. Without
+    /// [`super::v1::check`], so that what a room stored before that check existed (a value
+    /// nested deeper than it allows, say) still loads, instead of the room losing it.
+    pub fn apply_stored(&self, update: &[u8]) -> Result<(), DocError> {
         let update =
             Update::decode_v1(update).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
         self.doc
@@ -264,8 +274,11 @@ impl SharedDoc {
 }
 
 impl Replica for SharedDoc {
+    /// What a session applies came through the relay, which checked it when a member sent it
+    /// (or is the relay's own snapshot, or this tab's stored updates): see
+    /// [`SharedDoc::apply_stored`].
     fn apply_update(&mut self, update: &[u8]) -> Result<(), DocError> {
-        SharedDoc::apply_update(self, update)
+        SharedDoc::apply_stored(self, update)
     }
 
     fn state_vector(&self) -> Vec<u8> {
@@ -292,7 +305,14 @@ impl Replica for SharedDoc {
     }
 
     fn has_pending(&self) -> bool {
-        SharedDoc::has_pending(self)
+        // Blocks waiting for another client's: what a member's refused or lost update leaves.
+        // (This replica's own client missing its earlier blocks is not reported: see the
+        // trait.)
+        let own = self.client_id();
+        let txn = self.doc.transact();
+        txn.store()
+            .pending_update()
+            .is_some_and(|p| p.missing.iter().any(|(client, _)| client.get() != own))
     }
 
     fn merge_updates(&self, updates: &[&[u8]]) -> Option<Vec<u8>> {
@@ -643,6 +663,30 @@ mod tests {
                 assert_eq!(b.transact().state_vector(), want);
             }
         }
+    }
+
+    /// A room stored before the Yjs check existed may hold what the check now refuses at the
+    /// door (a value nested 200 deep in a map): loading the room's log, or a tab's stored
+    /// updates, applies it all the same, so that the room does not lose it.
+    #[test]
+    fn what_a_room_stored_before_the_check_still_loads() {
+        use yrs::{Any, Map};
+        let doc = Doc::with_client_id(4);
+        let map = doc.get_or_insert_map("settings");
+        let mut deep = Any::from("leaf");
+        for _ in 0..200 {
+            deep = Any::from(vec![deep]);
+        }
+        let update = {
+            let mut txn = doc.transact_mut();
+            map.insert(&mut txn, "tree", deep);
+            txn.encode_update_v1()
+        };
+        let room = SharedDoc::with_client_id(5);
+        assert!(room.apply_update(&update).is_err(), "refused at the door");
+        room.apply_stored(&update).unwrap();
+        let late = SharedDoc::with_client_id(6);
+        Replica::apply_update(&mut { late }, &room.snapshot()).unwrap();
     }
 
     #[test]

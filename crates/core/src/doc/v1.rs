@@ -8,7 +8,9 @@
 //! this walks the update as Yjs's `UpdateDecoderV1` and lib0's decoder read it, builds nothing,
 //! and refuses what they throw on:
 //!
-//! - a number above 2^53 − 1 (lib0 reads numbers as JS doubles), and bytes that end early;
+//! - a number above 2^53 − 1 (lib0 reads numbers as JS doubles, and throws on one that
+//!   passes 2^53 − 1 before its last byte; no writer makes the others), and bytes that end
+//!   early;
 //! - a string that is not UTF-8 (lib0 decodes strings with a fatal `TextDecoder`);
 //! - a content type other than 1 to 9, a shared type other than 0 to 6, a value type lib0 does
 //!   not know, and a sub-document whose options are `null` or `undefined`;
