@@ -988,9 +988,8 @@ impl MeshClient {
         #[cfg(feature = "document")]
         if options.persist {
             // The first relay names the storage: the same list finds the same storage.
-            // As long as a connect may take (`connectTimeout`, 10 s by default).
-            let wait = options.connect_timeout.unwrap_or(10_000);
-            let loaded = super::storage::open(&options.urls[0], &options.room, wait).await?;
+            // An open of the database that waits behind another page gives up after 10 s.
+            let loaded = super::storage::open(&options.urls[0], &options.room, 10_000).await?;
             for update in &loaded.updates {
                 if let Err(e) = replica.apply_update(update) {
                     problems.push(format!("a stored update did not apply: {e}"));

@@ -76,14 +76,22 @@ export async function pmStorageOpen(room, wait) {
   const updates = request(tx.objectStore("updates").index("room").getAll(room));
   const [sessions, stored] = [await records, await updates];
   const claimed = [];
-  for (const record of sessions) {
-    const release = await lock(record.id);
-    if (!release) continue;
-    // Read again under the lock: its last owner may have written it, or let it go for good,
-    // between the first read and its lock.
-    const fresh = await request(db.transaction("sessions", "readonly").objectStore("sessions").get(record.id));
-    if (fresh) claimed.push([record.id, fresh.saved, release]);
-    else release();
+  try {
+    for (const record of sessions) {
+      const release = await lock(record.id);
+      if (!release) continue;
+      claimed.push([record.id, null, release]);
+      // Read again under the lock: its last owner may have written it, or let it go for
+      // good, between the first read and its lock.
+      const fresh = await request(db.transaction("sessions", "readonly").objectStore("sessions").get(record.id));
+      if (fresh) claimed[claimed.length - 1][1] = fresh.saved;
+      else claimed.pop()[2]();
+    }
+  } catch (e) {
+    // No record stays locked by an open that failed.
+    for (const [, , release] of claimed) release();
+    db.close();
+    throw e;
   }
   if (claimed.length === 0) {
     const id = `${room}\n${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
@@ -196,16 +204,6 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
     let claimed: js_sys::Array = opened.get(1).unchecked_into();
     let stored: js_sys::Array = opened.get(2).unchecked_into();
     let mut problems = Vec::new();
-    let mut claimed = claimed.iter().map(|entry| {
-        let entry: js_sys::Array = entry.unchecked_into();
-        let id = entry.get(0).as_string().unwrap_or_default();
-        let saved = entry.get(1);
-        let release: js_sys::Function = entry.get(2).unchecked_into();
-        (id, saved, release)
-    });
-    let Some((id, first, release)) = claimed.next() else {
-        return Err(js_error("StorageError", "no session record was claimed"));
-    };
     let mut read = |bytes: JsValue| -> Option<Saved> {
         if bytes.is_null() || bytes.is_undefined() {
             return None;
@@ -221,12 +219,30 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
             }
         }
     };
-    let mut saved = read(first);
+    let mut claimed: Vec<(String, Option<Saved>, js_sys::Function)> = claimed
+        .iter()
+        .map(|entry| {
+            let entry: js_sys::Array = entry.unchecked_into();
+            let id = entry.get(0).as_string().unwrap_or_default();
+            let saved = read(entry.get(1));
+            let release: js_sys::Function = entry.get(2).unchecked_into();
+            (id, saved, release)
+        })
+        .collect();
+    if claimed.is_empty() {
+        return Err(js_error("StorageError", "no session record was claimed"));
+    }
+    // This tab resumes a record that no other tab may take in, if there is one (a stamped data
+    // message may have reached the relay under its identity); otherwise the oldest.
+    let own = claimed
+        .iter()
+        .position(|(_, saved, _)| saved.as_ref().is_some_and(|s| !s.adoptable()))
+        .unwrap_or(0);
+    let (id, mut saved, release) = claimed.remove(own);
     let mut adopted = Vec::new();
-    for (other_id, bytes, other_release) in claimed {
-        match read(bytes) {
-            // A stamped data message may have reached the relay under that identity: the
-            // record is left whole for a tab that resumes it.
+    for (other_id, other, other_release) in claimed {
+        match other {
+            // Left whole for a tab that resumes it.
             Some(other) if !other.adoptable() => {
                 let _ = other_release.call0(&JsValue::NULL);
                 continue;
