@@ -28,8 +28,11 @@ export function meshDocument(ydoc, origin) {
     snapshot: () => Y.encodeSnapshot(Y.snapshot(ydoc)),
     texts: () => texts(ydoc),
     mergeUpdates: (updates) => Y.mergeUpdates(updates),
-    // Updates Yjs holds back until the parts they build on arrive.
-    pending: () => ydoc.store.pendingStructs !== null || ydoc.store.pendingDs !== null,
+    // Updates Yjs holds back until another client's parts they build on arrive.
+    pending: () => {
+      const pending = ydoc.store.pendingStructs;
+      return pending !== null && [...pending.missing.keys()].some((client) => client !== ydoc.clientID);
+    },
   };
   return document;
 }
@@ -149,6 +152,7 @@ export class MeshProvider {
   #nodes = new Map(); // node -> awareness client id
   #contested = new Set(); // client ids two members claimed: shown for neither
   #destroyed = false;
+  #destroying = null;
   #listeners = new Set();
   #onUpdate;
   #onAwareness;
@@ -192,23 +196,35 @@ export class MeshProvider {
    * the number of messages the relay did not acknowledge (0: everything arrived); when there
    * are any, the error listeners hear it too.
    */
-  async destroy({ wait = 5_000 } = {}) {
-    if (this.#destroyed) return 0;
+  destroy({ wait = 5_000 } = {}) {
+    this.#destroying ??= this.#destroy(wait);
+    return this.#destroying;
+  }
+
+  async #destroy(wait) {
     this.#flush();
     this.#destroyed = true;
     this.#detach();
     const client = this.client;
-    const deadline = Date.now() + wait;
-    while (client && client.status === "open" && client.pendingCount > 0 && Date.now() < deadline) {
-      await new Promise((resolve) => setTimeout(resolve, 20));
+    let left = 0;
+    let status = "closed";
+    try {
+      // Out of a Y.Doc observer first: the client is busy while it applies a remote update.
+      await null;
+      const deadline = Date.now() + wait;
+      while (client && client.status === "open" && client.pendingCount > 0 && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      left = client?.pendingCount ?? 0;
+      status = client?.status ?? status;
+    } finally {
+      if (this.awareness) {
+        removeAwarenessStates(this.awareness, [...this.#nodes.values()], this);
+      }
+      client?.close();
     }
-    const left = client?.pendingCount ?? 0;
-    if (this.awareness) {
-      removeAwarenessStates(this.awareness, [...this.#nodes.values()], this);
-    }
-    client?.close();
     if (left > 0) {
-      this.#error(new Error(`destroyed with ${left} message(s) the relay had not acknowledged (status ${client.status}): they did not reach the room`));
+      this.#error(new Error(`destroyed with ${left} message(s) the relay had not acknowledged (status ${status}): they did not reach the room`));
     }
     return left;
   }
@@ -313,7 +329,14 @@ export class MeshProvider {
 
   #error(e) {
     if (this.#listeners.size === 0) console.error("pattern-mesh/yjs:", e);
-    for (const listener of this.#listeners) listener(e);
+    for (const listener of this.#listeners) {
+      // A listener that throws keeps neither the others nor the provider from going on.
+      try {
+        listener(e);
+      } catch (thrown) {
+        console.error("pattern-mesh/yjs: an error listener threw:", thrown);
+      }
+    }
   }
 }
 
