@@ -28,11 +28,8 @@ export function meshDocument(ydoc, origin) {
     snapshot: () => Y.encodeSnapshot(Y.snapshot(ydoc)),
     texts: () => texts(ydoc),
     mergeUpdates: (updates) => Y.mergeUpdates(updates),
-    // Updates Yjs holds back until another client's parts they build on arrive.
-    pending: () => {
-      const pending = ydoc.store.pendingStructs;
-      return pending !== null && [...pending.missing.keys()].some((client) => client !== ydoc.clientID);
-    },
+    // Updates Yjs holds back until the parts they build on arrive.
+    pending: () => ydoc.store.pendingStructs !== null || ydoc.store.pendingDs !== null,
   };
   return document;
 }

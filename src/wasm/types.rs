@@ -176,7 +176,7 @@ export interface MeshDocument {
   texts(): [string, string][];
   /** Merges updates into one (`Y.mergeUpdates`), so that edits waiting to be sent travel together. */
   mergeUpdates?(updates: Uint8Array[]): Uint8Array;
-  /** Whether the document holds back remote updates until another client's parts they build on arrive (`ydoc.store.pendingStructs`); one held back for 10 s is a `desync` anomaly, and the room is asked for what is missing. */
+  /** Whether the document holds back remote updates until the parts they build on arrive (`ydoc.store.pendingStructs`); one held back for 10 s is a `desync` anomaly, and the room is asked for what is missing. */
   pending?(): boolean;
 }
 

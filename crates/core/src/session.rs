@@ -729,6 +729,10 @@ impl<R: Replica> Session<R> {
             return Err(SessionError::Closed);
         }
         self.check_size(update.len())?;
+        // The document holds the edit whatever the room does with it: storage keeps what the
+        // document holds, or a tab reopened from it misses this edit and holds back every
+        // later one of its own for good.
+        self.store_update(&update);
         if self.forbidden {
             return self.queue(
                 now,
@@ -738,7 +742,6 @@ impl<R: Replica> Session<R> {
                 },
             );
         }
-        self.store_update(&update);
         if let Some(Waiting {
             body:
                 Body::Update {
@@ -2335,6 +2338,34 @@ mod tests {
         ));
         assert_eq!(h.session.replica().text("content"), "first second");
         assert_eq!(h.session.poll_timeout(), None);
+    }
+
+    /// A read-only member's edits are refused by the room but held by its document: storage
+    /// keeps them too. Before, an edit made once the session knew it was read-only was not
+    /// stored, so a tab reopened from storage missed it and held back every later edit of its
+    /// own for good (the simulation's held-back reports found it).
+    #[test]
+    fn an_edit_the_room_refuses_is_stored_like_the_document_holds_it() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config);
+        h.join(2, 1, &[]);
+        let first = h.session.replica().insert("content", 0, "a").unwrap();
+        h.session.update(h.now, "content", first.clone()).unwrap();
+        h.pump();
+        h.store();
+        h.store();
+        let step = h.stamped()[0].stamp.step;
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::Forbidden,
+            detail: "read only".into(),
+        });
+        let _ = h.session.take_updates();
+        let second = h.session.replica().insert("content", 1, "b").unwrap();
+        h.session.update(h.now, "content", second.clone()).unwrap();
+        h.pump();
+        assert_eq!(h.session.take_updates(), vec![second]);
     }
 
     /// A read-only member: the first `forbidden` refusal takes every write out of the outbox

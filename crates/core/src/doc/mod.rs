@@ -237,10 +237,8 @@ pub trait Replica {
     fn digest(&self) -> u64;
     /// Whether the replica holds anything at all (an empty one publishes no checkpoints).
     fn is_empty(&self) -> bool;
-    /// Whether the replica holds back remote updates that wait for another client's earlier
-    /// blocks (they are not shown until those arrive); a replica that cannot tell says `false`.
-    /// Blocks that wait for this replica's own client's earlier ones (its own edits, lost from
-    /// storage when a tab closed) are not counted.
+    /// Whether the replica holds back remote updates that wait for earlier parts (they are not
+    /// shown until those arrive); a replica that cannot tell says `false`.
     fn has_pending(&self) -> bool {
         false
     }

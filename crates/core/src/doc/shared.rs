@@ -305,14 +305,7 @@ impl Replica for SharedDoc {
     }
 
     fn has_pending(&self) -> bool {
-        // Blocks waiting for another client's: what a member's refused or lost update leaves.
-        // (This replica's own client missing its earlier blocks is not reported: see the
-        // trait.)
-        let own = self.client_id();
-        let txn = self.doc.transact();
-        txn.store()
-            .pending_update()
-            .is_some_and(|p| p.missing.iter().any(|(client, _)| client.get() != own))
+        SharedDoc::has_pending(self)
     }
 
     fn merge_updates(&self, updates: &[&[u8]]) -> Option<Vec<u8>> {
