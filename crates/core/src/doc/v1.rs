@@ -101,61 +101,39 @@ impl<'a> Reader<'a> {
     /// An unsigned LEB128 number, at most 2^53 − 1.
     fn number(&mut self) -> Result<u64> {
         let start = self.at;
-        let mut value = 0u64;
-        let mut shift = 0;
-        loop {
-            let byte = self.byte()?;
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                break;
-            }
-            shift += 7;
-            if shift > 49 {
-                return Err(V1Error {
-                    problem: "a number above 2^53 - 1",
-                    offset: start,
-                });
-            }
-        }
-        if value > MAX_SAFE {
-            return Err(V1Error {
-                problem: "a number above 2^53 - 1",
-                offset: start,
-            });
-        }
-        Ok(value)
+        let first = self.byte()?;
+        self.rest_of_number(start, first, u64::from(first & 0x7f), 7)
     }
 
     /// lib0's signed number: a sign bit and six bits in the first byte, seven in the others.
     fn signed(&mut self) -> Result<()> {
         let start = self.at;
         let first = self.byte()?;
-        if first & 0x80 == 0 {
-            return Ok(());
-        }
-        let mut value = u64::from(first & 0x3f);
-        let mut shift = 6;
-        loop {
+        self.rest_of_number(start, first, u64::from(first & 0x3f), 6)
+            .map(drop)
+    }
+
+    /// The bytes of a number after its `first`, whose `shift` low bits are `value`: seven bits
+    /// a byte while the top bit says more follow, at most 2^53 − 1 in all.
+    fn rest_of_number(&mut self, start: usize, first: u8, value: u64, shift: u32) -> Result<u64> {
+        let too_large = V1Error {
+            problem: "a number above 2^53 - 1",
+            offset: start,
+        };
+        let (mut value, mut shift, mut more) = (value, shift, first & 0x80 != 0);
+        while more {
+            if shift > 49 {
+                return Err(too_large);
+            }
             let byte = self.byte()?;
             value |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                break;
-            }
             shift += 7;
-            if shift > 48 {
-                return Err(V1Error {
-                    problem: "a number above 2^53 - 1",
-                    offset: start,
-                });
-            }
+            more = byte & 0x80 != 0;
         }
         if value > MAX_SAFE {
-            return Err(V1Error {
-                problem: "a number above 2^53 - 1",
-                offset: start,
-            });
+            return Err(too_large);
         }
-        Ok(())
+        Ok(value)
     }
 
     fn string(&mut self) -> Result<&'a str> {
