@@ -1675,6 +1675,17 @@ impl RoomCore {
                 if let Err(e) = check_update(update) {
                     return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string());
                 }
+                // An answer carries only what the room's document holds. Every receiver gets
+                // the updates the room took before this answer ahead of it, so an answer can
+                // then add nothing; one that does (blocks under another member's client id at
+                // its next clock, deletions no one made) would make the replicas that take it
+                // keep it and ignore the real edit.
+                if let Err(detail) = self.doc.holds(update) {
+                    let detail = format!(
+                        "the sync answer holds what the room has not stored: {detail}; it went to no one"
+                    );
+                    return self.refuse(conn, stamp.step, Reason::Desync, detail);
+                }
             }
             _ => {}
         }
@@ -2485,6 +2496,97 @@ mod tests {
         );
         send(&mut room, 0, 1, data(a.node, 2));
         assert!(matches!(outputs(&mut room).last(), Some(Output::Append(a)) if a.step == 2));
+    }
+
+    fn answer(node: NodeId, step: Step, update: Vec<u8>) -> Bytes {
+        let stamp = Stamp {
+            sender: node,
+            step,
+            pattern: PatternConfig::default().value(step),
+        };
+        let body = Body::SyncState {
+            doc: "content".into(),
+            update,
+            to: 0,
+        };
+        Bytes::from(Frame::stamped(stamp, body).encode())
+    }
+
+    /// A member answers, unasked and to everyone, with blocks under another member's Yjs
+    /// client id at that member's next clock, or with a deletion no one made. Every replica
+    /// that took it would keep it and ignore the real edit at those ids: the room refuses it
+    /// (`desync`, naming the client and clocks), and it reaches no one. An answer that holds
+    /// only what the room stored goes on.
+    #[test]
+    fn a_sync_answer_that_holds_what_the_room_has_not_stored_reaches_no_one() {
+        let mut room = room();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        let b = room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        room.join(0, 3, req("c", None), [3; 16]).unwrap();
+        outputs(&mut room);
+        let writer = SharedDoc::with_client_id(11);
+        let hello = writer.insert("content", 0, "hello ").unwrap();
+        send(&mut room, 0, 1, update(a.node, 1, hello.clone()));
+        outputs(&mut room);
+        stored(&mut room, 1);
+        outputs(&mut room);
+
+        // The forger holds what a wrote, writes as a's client, and deletes a's text.
+        let forger = SharedDoc::with_client_id(11);
+        forger.apply_update(&hello).unwrap();
+        let evil = forger.insert("content", 6, "EVIL").unwrap();
+        let wipe = forger.delete("content", 0, 6).unwrap();
+        let quiet = |out: &[Output]| {
+            !out.iter()
+                .any(|o| matches!(o, Output::Fanout { .. } | Output::Send { to: 1 | 3, .. }))
+        };
+        send(&mut room, 0, 2, answer(b.node, 1, evil));
+        let out = outputs(&mut room);
+        assert_eq!(rejects(&out, 2), [Reason::Desync]);
+        assert!(quiet(&out), "{out:?}");
+        let detail = sent_to(&out, 2)
+            .into_iter()
+            .find_map(|f| match f {
+                Frame::Reject { detail, .. } => Some(detail),
+                _ => None,
+            })
+            .unwrap();
+        assert!(detail.contains("client 11's clocks 6..10"), "{detail}");
+        send(
+            &mut room,
+            0,
+            2,
+            Bytes::from(Frame::Fence { step: 1 }.encode()),
+        );
+        outputs(&mut room);
+        send(&mut room, 0, 2, answer(b.node, 1, wipe));
+        let out = outputs(&mut room);
+        assert_eq!(rejects(&out, 2), [Reason::Desync]);
+        assert!(quiet(&out), "{out:?}");
+        assert_eq!(room.document().text("content"), "hello ");
+
+        // What a replica that holds the room's document answers goes on.
+        send(
+            &mut room,
+            0,
+            2,
+            Bytes::from(Frame::Fence { step: 1 }.encode()),
+        );
+        outputs(&mut room);
+        let honest = SharedDoc::with_client_id(22);
+        honest.apply_update(&hello).unwrap();
+        send(
+            &mut room,
+            0,
+            2,
+            answer(b.node, 1, honest.diff(&[0]).unwrap()),
+        );
+        let out = outputs(&mut room);
+        assert!(rejects(&out, 2).is_empty(), "{out:?}");
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Fanout { .. })),
+            "{out:?}"
+        );
     }
 
     /// Past the compaction threshold the room appends its own snapshot; loaded again from the

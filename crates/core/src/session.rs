@@ -1701,7 +1701,15 @@ impl<R: Replica> Session<R> {
             Body::SyncRequest {
                 state_vector, to, ..
             } => {
-                if open && !self.forbidden && (to == 0 || to == self.node) {
+                // The relay takes an answer only when the room's document holds all of it:
+                // with an update of this replica not yet stored, the answer waits for none
+                // (the log brings the asker everything the room holds).
+                let unstored = self.in_flight.iter().any(|s| s.kind == Kind::Update)
+                    || self
+                        .waiting
+                        .iter()
+                        .any(|w| matches!(w.body, Body::Update { .. }));
+                if open && !self.forbidden && !unstored && (to == 0 || to == self.node) {
                     let full = state_vector.is_empty();
                     if let Ok(update) = self.replica.diff(&state_vector) {
                         // An answer the relay could not take is not sent: the requester gets
@@ -2600,6 +2608,47 @@ mod tests {
         ));
         let kinds: Vec<Kind> = h.sent.iter().map(Frame::kind).collect();
         assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
+    }
+
+    /// The relay refuses an answer that holds what the room has not stored: while an update of
+    /// this replica waits for its acknowledgement, a request gets no answer; once it is stored,
+    /// it gets one.
+    #[test]
+    fn a_sync_answer_waits_for_none_while_an_update_of_this_replica_is_not_stored() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[7]);
+        let update = h.session.replica().insert("t", 0, "typed").unwrap();
+        h.session.update(h.now, "t", update).unwrap();
+        h.pump();
+        let sent = h.stamped().last().map(|s| (*s).clone()).unwrap();
+        assert!(matches!(sent.body, Body::Update { .. }));
+        let request = |h: &mut Harness, step: Step| {
+            h.sent.clear();
+            h.frame(Frame::stamped(
+                Stamp {
+                    sender: 7,
+                    step,
+                    pattern: PatternConfig::default().value(step),
+                },
+                Body::SyncRequest {
+                    doc: WHOLE_DOC.into(),
+                    state_vector: Vec::new(),
+                    to: 0,
+                },
+            ));
+            h.now += 1_000;
+            h.session.handle_timeout(h.now);
+            h.pump();
+            h.sent.iter().map(Frame::kind).collect::<Vec<Kind>>()
+        };
+        let kinds = request(&mut h, 50);
+        assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
+        h.frame(Frame::Ack {
+            step: sent.stamp.step,
+            position: 1,
+        });
+        let kinds = request(&mut h, 51);
+        assert!(kinds.contains(&Kind::SyncState), "{kinds:?}");
     }
 
     #[test]

@@ -185,6 +185,59 @@ async fn no_member_can_wipe_the_document_for_late_joiners() {
     assert_eq!(text.split_whitespace().count(), 43);
 }
 
+/// A member answers, unasked and to everyone, with blocks under an honest member's Yjs client
+/// id at that member's next clock ("EVIL"), and with a deletion no one made. A replica that
+/// took the answer would keep it and ignore the honest member's real edit at those ids, and
+/// show "hello EVIL" for good while everyone else shows "hello good". The relay refuses both
+/// answers (`desync`), they reach no one, and every replica and a late joiner agree.
+#[tokio::test]
+async fn a_forged_sync_answer_reaches_no_one_and_every_replica_agrees() {
+    let server = start("forged-sync", |_| {}).await;
+    let a = Client::connect(&server.url(), session("doc", "a"))
+        .await
+        .unwrap();
+    let c = Client::connect(&server.url(), session("doc", "c"))
+        .await
+        .unwrap();
+    let mut b = join(&server, "doc", 0, None).await;
+    a.insert("content", 0, "hello ").unwrap();
+    a.settled(Duration::from_secs(10)).await.unwrap();
+    let (client, state) = a.with_session(|s, _| (s.replica().client_id(), s.replica().snapshot()));
+    let forger = SharedDoc::with_client_id(client);
+    forger.apply_update(&state).unwrap();
+    let evil = forger.insert("content", 6, "EVIL").unwrap();
+    let wipe = forger.delete("content", 0, 6).unwrap();
+    for update in [evil, wipe] {
+        let stamp = b.stamp();
+        b.send(&Frame::stamped(
+            stamp,
+            Body::SyncState {
+                doc: "*".into(),
+                update,
+                to: 0,
+            },
+        ))
+        .await;
+        let detail = b.expect_reject(Reason::Desync).await;
+        assert!(detail.contains("has not stored"), "{detail}");
+        b.fence().await;
+    }
+    a.insert("content", 6, "good").unwrap();
+    a.settled(Duration::from_secs(10)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.text("content") != "hello good" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c shows {:?}",
+            c.text("content")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.text("content"), "hello good");
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "hello good");
+}
+
 /// An update of one item under client 5 at clock 0, in the root type `content`: `info` (its
 /// content type and flags), then `body` (origins, then content).
 fn one_item(info: u8, body: &[u8]) -> Vec<u8> {

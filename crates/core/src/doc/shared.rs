@@ -188,6 +188,48 @@ impl SharedDoc {
             .map_err(|e| DocError::InvalidUpdate(e.to_string()))
     }
 
+    /// Checks that `update` holds nothing this document lacks: every block in it (an item, a
+    /// deleted item or a collected range) is at an id this document holds, and every deleted
+    /// range in it is deleted here. Applying such an update adds nothing anywhere this
+    /// document's updates reached first. The error says what the update holds that this
+    /// document does not.
+    ///
+    /// The relay holds a sync answer to it: a member could otherwise answer with blocks under
+    /// another member's client id at that member's next clock, or delete what no one deleted,
+    /// and the replicas that took the answer would keep that and ignore the real edit (Yjs
+    /// integrates an id once).
+    pub fn holds(&self, update: &[u8]) -> Result<(), String> {
+        let update = Update::decode_v1(update).map_err(|e| e.to_string())?;
+        let txn = self.doc.transact();
+        let clocks = txn.state_vector();
+        for (client, ranges) in update.insertions(true).iter() {
+            let have = clocks.get(client);
+            if let Some(range) = ranges.iter().find(|range| range.end > have) {
+                return Err(format!(
+                    "it holds client {client}'s clocks {}..{}, and the room's document holds that client's clocks up to {have} only",
+                    range.start, range.end
+                ));
+            }
+        }
+        let deletes = update.delete_set();
+        if deletes.is_empty() {
+            return Ok(());
+        }
+        let deleted = txn.snapshot().delete_set;
+        for client in deletes.client_ids() {
+            let covered = deletes
+                .get(&client)
+                .zip(deleted.get(&client))
+                .is_some_and(|(ranges, here)| ranges.subset_of(here));
+            if !covered {
+                return Err(format!(
+                    "it deletes clocks of client {client} that the room's document has not deleted"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// This replica's version: a Yjs state vector.
     pub fn state_vector(&self) -> Vec<u8> {
         self.doc.transact().state_vector().encode_v1()
