@@ -124,6 +124,10 @@ export class MeshProvider {
             provider.#peers(peers);
             on.peers?.(peers);
           },
+          refused: (event) => {
+            provider.#refused(event);
+            on.refused?.(event);
+          },
         },
         document: meshDocument(ydoc, provider),
       });
@@ -142,6 +146,13 @@ export class MeshProvider {
   doc;
   /** The Awareness, or null. */
   awareness;
+  /**
+   * Whether the relay refused an update of this Y.Doc for good (a room at its size limit, say).
+   * The room does not hold it, and Yjs applies a client's edits in order, so no other member
+   * shows this Y.Doc's edits from that one on. The error listeners hear it when it happens. A
+   * new Y.Doc loaded from the room (a new provider) shares edits again.
+   */
+  diverged = false;
   #name;
   #updates = [];
   #scheduled = false;
@@ -177,7 +188,8 @@ export class MeshProvider {
 
   /**
    * Calls `listener(error)` when an update or the awareness state cannot be sent (an update
-   * larger than the relay accepts, a closed client), and when another member's awareness state
+   * larger than the relay accepts, a closed client), when the relay refuses an update of this
+   * Y.Doc for good (see `diverged`), and when another member's awareness state
    * is refused (it does not decode, or speaks for a client id not its own). Without listeners
    * such errors go to `console.error`. Returns a function that unsubscribes.
    */
@@ -309,6 +321,12 @@ export class MeshProvider {
     this.#nodes.set(sender, client);
     // A member that changed its client id (a new Y.Doc) leaves its old state behind: remove it.
     if (previous !== undefined && previous !== client) removeAwarenessStates(this.awareness, [previous], this);
+  }
+
+  #refused({ kind, doc, reason, detail }) {
+    if (kind !== "update" || doc !== this.#name) return;
+    this.diverged = true;
+    this.#error(new Error(`the relay refused an update of this Y.Doc (${reason}: ${detail}): the room does not hold it, and no other member shows this Y.Doc's edits from it on`));
   }
 
   #peers({ peers }) {

@@ -360,6 +360,7 @@ test("when the relay refuses a Y.Doc's update, the others are told that what cam
       const provider = await MeshProvider.connect(ydoc, { url, room, name });
       provider.client.on("refused", (r) => events.push(`refused ${r.reason}`));
       provider.client.on("anomaly", (a) => events.push(`anomaly ${a.reason}: ${a.detail}`));
+      provider.onError((e) => events.push(`error ${e.message}`));
       Object.assign(window, { ydoc, provider });
     }, { url: small.url, room, name });
     await joinAt(a, "ada");
@@ -368,6 +369,11 @@ test("when the relay refuses a Y.Doc's update, the others are told that what cam
     await until("b has the first edit", () => b.evaluate(() => ydoc.getText("content").toString() === "before " || ydoc.getText("content").toString()));
     await a.evaluate(() => ydoc.getText("content").insert(7, "x".repeat(60_000)));
     await until("a hears its paste refused", () => a.evaluate(() => events.some((e) => e === "refused full") || events));
+    // The provider says so too, and marks itself diverged; the other is not.
+    const told = await a.evaluate(() => ({ diverged: provider.diverged, error: events.find((e) => e.startsWith("error ")) }));
+    assert.equal(told.diverged, true);
+    assert.match(told.error, /refused an update of this Y\.Doc \(full: .*no other member shows/);
+    assert.equal(await b.evaluate(() => provider.diverged), false);
     await a.evaluate(() => ydoc.getText("content").insert(0, "typed after, "));
     await until("b is told that updates wait for one it never got", () => b.evaluate(() =>
       events.some((e) => e.startsWith("anomaly desync") && e.includes("never arrived")) || events), 30_000);
