@@ -37,6 +37,30 @@ pub trait ReadTxn: Sized {
         self.store().blocks.get_state_vector()
     }
 
+    /// Whether every id of `client` in `clocks` is at a block of this document that is deleted
+    /// (a deleted item or a collected range): whether a delete set holding that range deletes
+    /// nothing here. Finds the first block by binary search, then walks the blocks in the range.
+    fn is_deleted_range(&self, client: crate::block::ClientID, clocks: std::ops::Range<u32>) -> bool {
+        let Some(list) = self.store().blocks.get_client(&client) else {
+            return clocks.is_empty();
+        };
+        let mut clock = clocks.start;
+        while clock < clocks.end {
+            if list.len() == 0 {
+                return false;
+            }
+            let Some(block) = list.find_index(clock).and_then(|i| list.get(i)) else {
+                return false;
+            };
+            let block = block.as_ref();
+            if !block.is_deleted() {
+                return false;
+            }
+            clock = block.id().clock + block.len();
+        }
+        true
+    }
+
     /// Returns a snapshot which describes a current state of updates and removals made within
     /// the corresponding document.
     fn snapshot(&self) -> Snapshot {

@@ -211,19 +211,14 @@ impl SharedDoc {
                 ));
             }
         }
-        let deletes = update.delete_set();
-        if deletes.is_empty() {
-            return Ok(());
-        }
-        let deleted = txn.snapshot().delete_set;
-        for client in deletes.client_ids() {
-            let covered = deletes
-                .get(&client)
-                .zip(deleted.get(&client))
-                .is_some_and(|(ranges, here)| ranges.subset_of(here));
-            if !covered {
+        for (client, ranges) in update.delete_set().iter() {
+            if let Some(range) = ranges
+                .iter()
+                .find(|r| !txn.is_deleted_range(*client, (*r).clone()))
+            {
                 return Err(format!(
-                    "it deletes clocks of client {client} that the room's document has not deleted"
+                    "it deletes client {client}'s clocks {}..{}, which the room's document has not deleted",
+                    range.start, range.end
                 ));
             }
         }
@@ -722,6 +717,36 @@ mod tests {
         room.apply_stored(&update).unwrap();
         let late = SharedDoc::with_client_id(6);
         Replica::apply_update(&mut { late }, &room.snapshot()).unwrap();
+    }
+
+    /// What a sync answer may hold: only blocks at ids the document has and deletions it made,
+    /// collected ones included; a deleted range that runs past what was deleted is refused.
+    #[test]
+    fn an_update_is_held_only_when_every_block_and_deletion_is_here() {
+        let room = SharedDoc::with_client_id(1);
+        let writer = SharedDoc::with_client_id(11);
+        let first = writer.insert("t", 0, "hello world").unwrap();
+        room.apply_update(&first).unwrap();
+        assert_eq!(room.holds(&first), Ok(()));
+        assert_eq!(room.holds(&room.snapshot()), Ok(()));
+        let cut = writer.delete("t", 0, 6).unwrap();
+        room.apply_update(&cut).unwrap();
+        assert_eq!(room.holds(&cut), Ok(()));
+        assert_eq!(room.holds(&writer.snapshot()), Ok(()));
+        // The forger writes as client 11, and deletes more than was deleted.
+        let forger = SharedDoc::with_client_id(11);
+        forger.apply_update(&writer.snapshot()).unwrap();
+        let more = forger.delete("t", 0, 2).unwrap();
+        let next = forger.insert("t", 0, "x").unwrap();
+        let refused = room.holds(&more).unwrap_err();
+        assert!(refused.contains("deletes client 11's clocks 6..8"), "{refused}");
+        let refused = room.holds(&next).unwrap_err();
+        assert!(refused.contains("client 11's clocks 11..12"), "{refused}");
+        assert!(room.holds(&forger.snapshot()).is_err());
+        // A client the document never saw.
+        let stranger = SharedDoc::with_client_id(99);
+        let theirs = stranger.insert("t", 0, "?").unwrap();
+        assert!(room.holds(&theirs).unwrap_err().contains("client 99"));
     }
 
     #[test]
