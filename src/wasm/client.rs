@@ -280,6 +280,9 @@ struct Driver {
     /// failed and is tried again.
     #[cfg(feature = "document")]
     retry: Option<Timer>,
+    /// The next look for records that tabs closed since this one opened left unsent.
+    #[cfg(feature = "document")]
+    freed: Option<Timer>,
 }
 
 type Shared = Rc<RefCell<Driver>>;
@@ -611,6 +614,76 @@ fn save(shared: &Shared) {
         }
         pump(&shared);
     });
+}
+
+/// How often a tab with storage looks for records that tabs of its room left with messages
+/// unsent when they closed (offline) while it was open.
+#[cfg(feature = "document")]
+const FREED_EVERY_MS: u32 = 5_000;
+
+/// Looks for such records in `FREED_EVERY_MS`, then again, while the client is open: their
+/// outboxes would otherwise wait for the next tab of the room to open.
+#[cfg(feature = "document")]
+fn look_for_freed(shared: &Shared) {
+    let weak = Rc::downgrade(shared);
+    let mut driver = shared.borrow_mut();
+    driver.freed = Some(driver.registration.timeout(FREED_EVERY_MS, move || {
+        let Some(shared) = weak.upgrade() else { return };
+        let promise = {
+            let driver = shared.borrow();
+            match &driver.storage {
+                Some(storage) if !storage.released && !driver.session.is_closed() => {
+                    storage.freed()
+                }
+                _ => return,
+            }
+        };
+        let weak = Rc::downgrade(&shared);
+        wasm_bindgen_futures::spawn_local(async move {
+            // A look that fails leaves the records where they are, for the next one.
+            let found = wasm_bindgen_futures::JsFuture::from(promise).await;
+            let Some(shared) = weak.upgrade() else { return };
+            let taken = match found {
+                Ok(found) => take_up(&shared, &found),
+                Err(_) => false,
+            };
+            if taken {
+                save(&shared);
+                pump(&shared);
+            }
+            look_for_freed(&shared);
+        });
+    }));
+}
+
+/// Takes in the records [`look_for_freed`] claimed; returns whether any was.
+#[cfg(feature = "document")]
+fn take_up(shared: &Shared, found: &JsValue) -> bool {
+    let mut driver = shared.borrow_mut();
+    let now = driver.now();
+    let driver = &mut *driver;
+    let (session, remote) = (&mut driver.session, &driver.remote);
+    let Some(storage) = driver.storage.as_mut() else {
+        return false;
+    };
+    let mut taken = false;
+    let problems = storage.take_up(found, |saved| {
+        if session.is_closed() || !saved.adoptable() {
+            return false;
+        }
+        remote.set(true);
+        session.take_in(now, saved);
+        remote.set(false);
+        taken = true;
+        true
+    });
+    let broken = !problems.is_empty();
+    for problem in problems {
+        driver
+            .calls
+            .push(("error", js_error("StorageError", problem), None));
+    }
+    taken || broken
 }
 
 /// Sets the one timer to the session's next deadline.
@@ -1044,6 +1117,8 @@ impl MeshClient {
             storage,
             #[cfg(feature = "document")]
             retry: None,
+            #[cfg(feature = "document")]
+            freed: None,
             token: options.token,
             connects: 0,
         }));
@@ -1069,6 +1144,10 @@ impl MeshClient {
             }
         }
         pump(&shared);
+        #[cfg(feature = "document")]
+        if persist {
+            look_for_freed(&shared);
+        }
         if persist {
             // Offline first: the stored document is there now; `status` events say when the
             // relay is reached.
@@ -1446,7 +1525,10 @@ impl MeshClient {
         // may own by then.
         #[cfg(feature = "document")]
         {
-            self.shared.borrow_mut().retry = None;
+            let mut driver = self.shared.borrow_mut();
+            driver.retry = None;
+            driver.freed = None;
+            drop(driver);
             save(&self.shared);
         }
         Ok(())

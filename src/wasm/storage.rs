@@ -13,7 +13,8 @@
 //!   its log position and its outbox. A tab holds a Web Lock named after its record for as long
 //!   as it lives; a tab that opens takes a record whose lock is free (a tab that closed), or a
 //!   new one. The outboxes of further free records join its own (they would otherwise wait for
-//!   another tab to open).
+//!   another tab to open), and so do those of records freed later, while it lives: it looks
+//!   for them every few seconds.
 //!
 //! Each write puts the session record and appends the document's new updates in one
 //! transaction, so the two always agree; the session sends a message only after the write that
@@ -99,6 +100,27 @@ export async function pmStorageOpen(room, wait) {
   }
   return [db, claimed, stored.map((record) => record.update)];
 }
+export async function pmStorageFreed(db, room, known) {
+  if (db.pmGone) return [];
+  const ids = await request(db.transaction("sessions", "readonly").objectStore("sessions").index("room").getAllKeys(room));
+  const taken = [];
+  for (const id of ids) {
+    if (known.includes(id)) continue;
+    const release = await lock(id);
+    if (!release) continue;
+    try {
+      // Read under the lock: a tab that closed with nothing left to send deleted it.
+      const fresh = await request(db.transaction("sessions", "readonly").objectStore("sessions").get(id));
+      if (fresh) taken.push([id, fresh.saved, release]);
+      else release();
+    } catch (e) {
+      release();
+      for (const [, , held] of taken) held();
+      throw e;
+    }
+  }
+  return taken;
+}
 export function pmStorageGone(db) {
   return db.pmGone === true;
 }
@@ -135,6 +157,8 @@ extern "C" {
     fn missing() -> Option<String>;
     #[wasm_bindgen(js_name = pmStorageOpen)]
     fn open_js(room: &str, wait: u32) -> js_sys::Promise;
+    #[wasm_bindgen(js_name = pmStorageFreed)]
+    fn freed_js(db: &JsValue, room: &str, known: js_sys::Array) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageGone)]
     fn gone_js(db: &JsValue) -> bool;
     #[wasm_bindgen(js_name = pmStorageWrite)]
@@ -160,9 +184,12 @@ pub(crate) struct Storage {
     id: String,
     /// Releases this tab's lock on its record.
     release: js_sys::Function,
-    /// Records of closed tabs whose outboxes this session took in: deleted by the first write,
+    /// Records of closed tabs whose outboxes this session took in: deleted by the next write,
     /// their locks released after it.
     adopted: Vec<(String, js_sys::Function)>,
+    /// Records of closed tabs left whole for a tab that resumes them (see
+    /// [`Saved::adoptable`]): not looked at again.
+    left: Vec<String>,
     /// Updates taken from the session and not yet written.
     updates: VecDeque<Vec<u8>>,
     /// How many update records the room has in storage (as far as this tab knows).
@@ -204,19 +231,11 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
     let claimed: js_sys::Array = opened.get(1).unchecked_into();
     let stored: js_sys::Array = opened.get(2).unchecked_into();
     let mut problems = Vec::new();
-    let mut read = |bytes: JsValue| -> Option<Saved> {
-        if bytes.is_null() || bytes.is_undefined() {
-            return None;
-        }
-        let bytes = js_sys::Uint8Array::new(&bytes).to_vec();
-        match Saved::decode(&bytes) {
-            Ok(saved) => Some(saved),
-            Err(e) => {
-                problems.push(format!(
-                    "a stored session did not decode ({e}); its unsent messages are lost"
-                ));
-                None
-            }
+    let mut read = |bytes: JsValue| match read_saved(&bytes)? {
+        Ok(saved) => Some(saved),
+        Err(problem) => {
+            problems.push(problem);
+            None
         }
     };
     let mut claimed: Vec<(String, Option<Saved>, js_sys::Function)> = claimed
@@ -272,6 +291,7 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
             id,
             release,
             adopted,
+            left: Vec::new(),
             updates: VecDeque::new(),
             records: updates.len(),
             writing: false,
@@ -289,7 +309,7 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
 pub(crate) struct Write {
     promise: js_sys::Promise,
     updates: usize,
-    dropped: bool,
+    dropped: usize,
 }
 
 impl Storage {
@@ -317,8 +337,54 @@ impl Storage {
                 drop,
             ),
             updates: self.updates.len(),
-            dropped: !self.adopted.is_empty(),
+            dropped: self.adopted.len(),
         }
+    }
+
+    /// Looks for records of the room that tabs which closed since this one opened left with
+    /// messages unsent: claims each whose lock is free and reads it again under the lock.
+    pub(crate) fn freed(&self) -> js_sys::Promise {
+        let known = js_sys::Array::new();
+        for id in std::iter::once(&self.id)
+            .chain(self.adopted.iter().map(|(id, _)| id))
+            .chain(&self.left)
+        {
+            known.push(&JsValue::from_str(id));
+        }
+        freed_js(&self.db, &self.room, known)
+    }
+
+    /// Takes in what [`Storage::freed`] found: for each claimed record, its id, its state
+    /// (`None`: it did not decode, and is deleted all the same), and whether this session took
+    /// it in (`take` says, for a decoded one). A record taken in (or broken) is deleted by the
+    /// next write; one left is released at once and not looked at again.
+    pub(crate) fn take_up(
+        &mut self,
+        found: &JsValue,
+        mut take: impl FnMut(&Saved) -> bool,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let found: js_sys::Array = found.clone().unchecked_into();
+        for entry in found.iter() {
+            let entry: js_sys::Array = entry.unchecked_into();
+            let id = entry.get(0).as_string().unwrap_or_default();
+            let release: js_sys::Function = entry.get(2).unchecked_into();
+            if self.released {
+                let _ = release.call0(&JsValue::NULL);
+                continue;
+            }
+            match read_saved(&entry.get(1)) {
+                Some(Ok(saved)) if !take(&saved) => {
+                    let _ = release.call0(&JsValue::NULL);
+                    self.left.push(id);
+                    continue;
+                }
+                Some(Err(problem)) => problems.push(problem),
+                _ => {}
+            }
+            self.adopted.push((id, release));
+        }
+        problems
     }
 
     /// The write ended: what it wrote leaves the queue (if it succeeded). Returns whether the
@@ -328,10 +394,9 @@ impl Storage {
         if write.ok {
             self.updates.drain(..write.updates);
             self.records += write.updates;
-            if write.dropped {
-                for (_, release) in self.adopted.drain(..) {
-                    let _ = release.call0(&JsValue::NULL);
-                }
+            // Records taken up while the write was under way wait for the next one.
+            for (_, release) in self.adopted.drain(..write.dropped) {
+                let _ = release.call0(&JsValue::NULL);
             }
         }
         self.records > COMPACT_AT
@@ -376,7 +441,19 @@ pub(crate) struct WriteDone {
     pub(crate) ok: bool,
     pub(crate) error: Option<JsValue>,
     updates: usize,
-    dropped: bool,
+    dropped: usize,
+}
+
+/// A stored session record's state: `None` when there is none, an error that says what was
+/// lost when it does not decode.
+fn read_saved(bytes: &JsValue) -> Option<Result<Saved, String>> {
+    if bytes.is_null() || bytes.is_undefined() {
+        return None;
+    }
+    let bytes = js_sys::Uint8Array::new(bytes).to_vec();
+    Some(Saved::decode(&bytes).map_err(|e| {
+        format!("a stored session did not decode ({e}); its unsent messages are lost")
+    }))
 }
 
 fn storage_error(doing: &str, error: &JsValue) -> JsValue {

@@ -296,6 +296,60 @@ test("two tabs of one browser on one room keep their own identities, and the sto
   await profile.close();
 });
 
+test("a tab that typed offline and closed while another tab of the room stayed open: the open tab delivers its edits, once", async (t) => {
+  const room = `e2e-left-open-${Date.now()}`;
+  const cut = await proxy();
+  t.after(() => cut.close());
+  const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  const keeper = await editorIn(profile, room, cut);
+  const leaving = await editorIn(profile, room, cut);
+  const b = await open(`textarea.html?room=${room}`);
+  await b.evaluate(() => {
+    window.notes = [];
+    window.meshClient.on("message", ({ data }) => { if (data.note) window.notes.push(data.note); });
+  });
+  await leaving.focus("#editor");
+  await leaving.keyboard.type("online ");
+  await until("the first words", async () => (await keeper.evaluate(() => window.meshText.toString())) === "online ");
+  // The browser goes offline; one tab types, sends a message and closes; the other stays open.
+  cut.setDown(true);
+  await until("the tabs notice", async () => (await leaving.evaluate(() => window.meshClient.status)) !== "open");
+  await leaving.keyboard.press("End");
+  await leaving.keyboard.type("typed offline in a tab that closed", { delay: 20 });
+  await leaving.evaluate(() => window.meshClient.broadcast({ note: "sent offline" }));
+  const typed = await leaving.evaluate(() => window.meshText.toString());
+  await new Promise((r) => setTimeout(r, 1_000));
+  await leaving.close();
+  cut.setDown(false);
+  const back = Date.now();
+  await until("the closed tab's edits reach the other browser", async () => {
+    const text = await b.evaluate(() => window.meshText.toString());
+    return text === typed || text;
+  }, 30_000);
+  console.log(`RESULT left-open ms_after_back=${Date.now() - back}`);
+  await until("the open tab shows them too", async () => (await keeper.evaluate(() => window.meshText.toString())) === typed);
+  assert.equal(await keeper.evaluate(() => document.getElementById("editor").value), typed);
+  await until("the open tab's outbox empties", async () => (await keeper.evaluate(() => window.meshClient.pendingCount)) === 0, 30_000);
+  await new Promise((r) => setTimeout(r, 1_000));
+  assert.deepEqual(await b.evaluate(() => window.notes), ["sent offline"], "the message sent offline arrives once");
+  // The closed tab's record is gone: the next tab has nothing of it to send again.
+  const records = await keeper.evaluate(async (key) => {
+    const db = await new Promise((ok, no) => { const r = indexedDB.open("pattern-mesh"); r.onsuccess = () => ok(r.result); r.onerror = () => no(r.error); });
+    const count = await new Promise((ok, no) => {
+      const r = db.transaction("sessions").objectStore("sessions").index("room").count(key);
+      r.onsuccess = () => ok(r.result);
+      r.onerror = () => no(r.error);
+    });
+    db.close();
+    return count;
+  }, `ws://127.0.0.1:${cut.port}/ws\n${room}`);
+  assert.equal(records, 1, "only the open tab's own record is left");
+  for (const p of [keeper, b]) assert.deepEqual(p.problems, []);
+  cut.close();
+  await Promise.all([keeper.close(), b.close()]);
+  await profile.close();
+});
+
 test("deleting the stored data while a tab holds it open neither hangs a new connect nor fails silently", async () => {
   const room = `e2e-delete-${Date.now()}`;
   const profile = await browser.newContext();

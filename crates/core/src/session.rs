@@ -771,6 +771,40 @@ impl<R: Replica> Session<R> {
         )
     }
 
+    /// Takes in, while this session runs, the outbox of another stored session of the room: a
+    /// tab that closed while this one was open, with messages the relay never acknowledged.
+    /// Its updates are that tab's own edits, which this replica never received: they are
+    /// applied here (and so shown), and every message joins this outbox unstamped, to go out
+    /// under this session's identity. Only for an [`adoptable`](Saved::adoptable) outbox (see
+    /// [`Saved::adopt`]); the driver deletes the other record in the write that stores this
+    /// outbox. Returns how many messages were taken in.
+    pub fn take_in(&mut self, now: u64, other: &Saved) -> usize {
+        let mut taken = 0;
+        let mut applied = false;
+        for body in other.bodies() {
+            if !body.is_durable() {
+                continue;
+            }
+            if let Body::Update { update, .. } = &body {
+                if let Err(e) = self.replica.apply_update(update) {
+                    let detail = format!("an edit a closed tab left unsent does not apply: {e}");
+                    self.anomaly(Source::Local, Reason::Malformed, detail, 0, None);
+                    continue;
+                }
+                applied = true;
+            }
+            // Queued as any message is (refused at once on a read-only connection).
+            if self.queue(now, body).is_ok() {
+                taken += 1;
+            }
+        }
+        if applied {
+            self.note_held(now);
+            self.emit(Event::Remote);
+        }
+        taken
+    }
+
     /// Sets this client's ephemeral state (a cursor, a selection); it is sent now, or at the
     /// next connection, and never stored.
     pub fn set_presence(&mut self, now: u64, data: Json) -> Result<(), SessionError> {
@@ -2608,6 +2642,51 @@ mod tests {
         ));
         let kinds: Vec<Kind> = h.sent.iter().map(Frame::kind).collect();
         assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
+    }
+
+    /// A tab that closed offline while this one stayed open left an edit and a message unsent:
+    /// taken in, the edit shows here at once (as a remote change), and both go out under this
+    /// session's identity, the edit after this session's own.
+    #[test]
+    fn an_outbox_taken_in_while_running_shows_its_edits_and_sends_them() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let mine = h.session.replica().insert("t", 0, "mine ").unwrap();
+        h.session.update(h.now, "t", mine).unwrap();
+        let closed = SharedDoc::with_client_id(9);
+        let theirs = closed.insert("t", 0, "theirs").unwrap();
+        let other = Saved {
+            sent: vec![Frame::stamped(
+                Stamp {
+                    sender: 3,
+                    step: 4,
+                    pattern: PatternConfig::default().value(4),
+                },
+                Body::Update {
+                    doc: WHOLE_DOC.into(),
+                    update: theirs,
+                },
+            )
+            .encode()],
+            unsent: vec![encode_unsent(Body::Data {
+                data: Json::parse("1").unwrap(),
+            })],
+            ..Saved::default()
+        };
+        assert!(other.adoptable());
+        while h.session.poll_event().is_some() {}
+        assert_eq!(h.session.take_in(h.now, &other), 2);
+        assert!(h.session.replica().text("t").contains("theirs"));
+        let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
+        assert!(events.contains(&Event::Remote), "{events:?}");
+        h.now += 10_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        let stamped = h.stamped();
+        let kinds: Vec<Kind> = stamped.iter().map(|s| s.body.kind()).collect();
+        assert_eq!(kinds, [Kind::Update, Kind::Update, Kind::Data]);
+        assert!(stamped.iter().all(|s| s.stamp.sender == 2));
+        assert_eq!(h.session.pending(), 3);
     }
 
     /// The relay refuses an answer that holds what the room has not stored: while an update of

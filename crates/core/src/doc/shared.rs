@@ -739,7 +739,10 @@ mod tests {
         let more = forger.delete("t", 0, 2).unwrap();
         let next = forger.insert("t", 0, "x").unwrap();
         let refused = room.holds(&more).unwrap_err();
-        assert!(refused.contains("deletes client 11's clocks 6..8"), "{refused}");
+        assert!(
+            refused.contains("deletes client 11's clocks 6..8"),
+            "{refused}"
+        );
         let refused = room.holds(&next).unwrap_err();
         assert!(refused.contains("client 11's clocks 11..12"), "{refused}");
         assert!(room.holds(&forger.snapshot()).is_err());
