@@ -147,10 +147,11 @@ export class MeshProvider {
   /** The Awareness, or null. */
   awareness;
   /**
-   * Whether the relay refused an update of this Y.Doc for good (a room at its size limit, say).
-   * The room does not hold it, and Yjs applies a client's edits in order, so no other member
-   * shows this Y.Doc's edits from that one on. The error listeners hear it when it happens. A
-   * new Y.Doc loaded from the room (a new provider) shares edits again.
+   * Whether an update of this Y.Doc will never reach the room: the relay refused it for good (a
+   * room at its size limit, say), or it could not be sent (larger than the relay accepts, a
+   * closed client). Yjs applies a client's edits in order, so no other member shows this
+   * Y.Doc's edits from that one on. The error listeners hear it when it happens. A new Y.Doc
+   * loaded from the room (a new provider) shares edits again.
    */
   diverged = false;
   #name;
@@ -267,6 +268,8 @@ export class MeshProvider {
     try {
       this.client.sendUpdate(this.#name, update);
     } catch (e) {
+      // The Y.Doc holds an update the room never will: the others hold back what follows it.
+      this.diverged = true;
       this.#error(e);
     }
   }

@@ -642,7 +642,12 @@ fn look_for_freed(shared: &Shared) {
         wasm_bindgen_futures::spawn_local(async move {
             // A look that fails leaves the records where they are, for the next one.
             let found = wasm_bindgen_futures::JsFuture::from(promise).await;
-            let Some(shared) = weak.upgrade() else { return };
+            let Some(shared) = weak.upgrade() else {
+                if let Ok(found) = &found {
+                    super::storage::release_found(found);
+                }
+                return;
+            };
             let taken = match found {
                 Ok(found) => take_up(&shared, &found),
                 Err(_) => false,
@@ -664,6 +669,7 @@ fn take_up(shared: &Shared, found: &JsValue) -> bool {
     let driver = &mut *driver;
     let (session, remote) = (&mut driver.session, &driver.remote);
     let Some(storage) = driver.storage.as_mut() else {
+        super::storage::release_found(found);
         return false;
     };
     let mut taken = false;

@@ -7,7 +7,7 @@
 //! - it closes every client's socket with close code 4000 and a reason, so the relay sees the
 //!   member leave, and keeps the socket's events from the dead instance's listeners (see
 //!   [`guard`]);
-//! - it clears every client's timer, for the same reason;
+//! - it clears every client's timers, for the same reason;
 //! - it asks wasm-bindgen for a fresh instance of the module at the next call
 //!   ([`wasm_bindgen::handler::schedule_reinit`]), and triggers that call itself before the
 //!   application hears of the panic, so that no callback of the dead instance is the first
@@ -92,7 +92,9 @@ extern "C" {
 struct Live {
     id: u32,
     socket: Option<web_sys::WebSocket>,
-    timer: Option<JsValue>,
+    /// Its pending timers (the session's deadline, a delayed write, the look for records
+    /// closed tabs left): each leaves the list when its [`Timer`] is dropped.
+    timers: Vec<JsValue>,
     errors: Vec<js_sys::Function>,
     pending: Rc<Cell<usize>>,
     /// Closed for good: its socket is stopped, its listeners hear nothing more.
@@ -154,7 +156,7 @@ pub(crate) fn register() -> Registration {
         live.borrow_mut().push(Live {
             id,
             socket: None,
-            timer: None,
+            timers: Vec::new(),
             errors: Vec::new(),
             pending: pending.clone(),
             closed: false,
@@ -201,9 +203,10 @@ impl Registration {
             closure.as_ref().unchecked_ref(),
             ms.min(i32::MAX as u32) as i32,
         );
-        self.with(|l| l.timer = Some(id.clone()));
+        self.with(|l| l.timers.push(id.clone()));
         Timer {
             id,
+            client: self.id,
             _closure: closure,
         }
     }
@@ -222,12 +225,21 @@ impl Drop for Registration {
 /// A pending `setTimeout`, cleared when dropped.
 pub(crate) struct Timer {
     id: JsValue,
+    /// The registration it is listed in.
+    client: u32,
     _closure: Closure<dyn FnMut()>,
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
         clear_timeout(&self.id);
+        LIVE.with(|live| {
+            if let Ok(mut live) = live.try_borrow_mut() {
+                if let Some(entry) = live.iter_mut().find(|l| l.id == self.client) {
+                    entry.timers.retain(|id| *id != self.id);
+                }
+            }
+        });
     }
 }
 
@@ -242,7 +254,7 @@ fn on_panic(message: &str) {
         if let Some(socket) = &client.socket {
             stop(socket, 4000, "the client stopped after an internal error");
         }
-        if let Some(timer) = &client.timer {
+        for timer in &client.timers {
             clear_timeout(timer);
         }
         if client.closed {

@@ -96,7 +96,14 @@ export async function pmStorageOpen(room, wait) {
   }
   if (claimed.length === 0) {
     const id = `${room}\n${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
-    claimed.push([id, null, await lock(id) ?? (() => {})]);
+    // Without its lock, the record would look free to the other tabs of the room, which take
+    // in such a record's outbox while this tab still sends it.
+    const release = await lock(id);
+    if (!release) {
+      db.close();
+      throw new Error("the Web Lock of this tab's new session record could not be taken");
+    }
+    claimed.push([id, null, release]);
   }
   return [db, claimed, stored.map((record) => record.update)];
 }
@@ -442,6 +449,17 @@ pub(crate) struct WriteDone {
     pub(crate) error: Option<JsValue>,
     updates: usize,
     dropped: usize,
+}
+
+/// Lets go of every record in what [`Storage::freed`] found (the client went, or its storage
+/// did, while it looked).
+pub(crate) fn release_found(found: &JsValue) {
+    let found: js_sys::Array = found.clone().unchecked_into();
+    for entry in found.iter() {
+        let entry: js_sys::Array = entry.unchecked_into();
+        let release: js_sys::Function = entry.get(2).unchecked_into();
+        let _ = release.call0(&JsValue::NULL);
+    }
 }
 
 /// A stored session record's state: `None` when there is none, an error that says what was

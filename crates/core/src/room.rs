@@ -73,9 +73,9 @@ pub struct RoomLimits {
     pub burst: u64,
     /// The most members at once.
     pub max_members: usize,
-    /// Bytes of stored messages and signals a node may send per second, on average.
+    /// Bytes of stored messages, signals and sync answers a node may send per second, on average.
     pub bandwidth: u64,
-    /// Bytes of stored messages and signals a node may send at once, above the average.
+    /// Bytes of stored messages, signals and sync answers a node may send at once, above the average.
     pub bandwidth_burst: u64,
     /// The room compacts its document once the updates logged since the last compaction hold
     /// this many bytes (and at least as many as the last snapshot)...
@@ -1642,16 +1642,16 @@ impl RoomCore {
                 return self.refuse(conn, stamp.step, Reason::Full, detail);
             }
         }
-        // Stored messages and signals (which every member receives) spend the sender's bytes;
-        // checkpoints are small, and sync answers answer a request.
-        if body.is_durable() || matches!(body, Body::Signal { .. }) {
+        // Stored messages, signals and sync answers (which may go to every member, and which
+        // the room reads through) spend the sender's bytes; checkpoints are small.
+        if body.is_durable() || matches!(body, Body::Signal { .. } | Body::SyncState { .. }) {
             let passed = self
                 .nodes
                 .get_mut(&node)
                 .is_some_and(|state| state.bandwidth.try_take_n(len, now));
             if !passed {
                 let detail = format!(
-                    "over {} bytes per second of stored messages and signals; this message was not taken: send it again later",
+                    "over {} bytes per second of stored messages, signals and sync answers; this message was not taken: send it again later",
                     self.limits.bandwidth
                 );
                 return self.limited(conn, stamp.step, detail);
@@ -2587,6 +2587,30 @@ mod tests {
             out.iter().any(|o| matches!(o, Output::Fanout { .. })),
             "{out:?}"
         );
+    }
+
+    /// Sync answers spend the sender's bandwidth, as signals do: a member cannot send everyone
+    /// answers the room reads through, without end.
+    #[test]
+    fn sync_answers_spend_the_senders_bandwidth() {
+        let mut room = with_limits(RoomLimits {
+            bandwidth: 1_024,
+            bandwidth_burst: 8_192,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        let writer = SharedDoc::with_client_id(11);
+        let text = writer.insert("content", 0, &"x".repeat(3_000)).unwrap();
+        send(&mut room, 0, 1, update(a.node, 1, text.clone()));
+        outputs(&mut room);
+        stored(&mut room, 1);
+        outputs(&mut room);
+        send(&mut room, 0, 1, answer(a.node, 2, text.clone()));
+        assert!(rejects(&outputs(&mut room), 1).is_empty());
+        send(&mut room, 0, 1, answer(a.node, 3, text));
+        assert_eq!(rejects(&outputs(&mut room), 1), [Reason::RateLimited]);
     }
 
     /// Past the compaction threshold the room appends its own snapshot; loaded again from the

@@ -415,6 +415,9 @@ pub struct Session<R> {
     /// The relay refused a write of this connection as `forbidden` (a read-only token): no
     /// checkpoints go out until the next connection.
     forbidden: bool,
+    /// The relay refused a sync answer of this connection (it held what the room has not
+    /// stored): no more answers until the next connection.
+    answer_refused: bool,
 }
 
 impl<R: Replica> Session<R> {
@@ -471,6 +474,7 @@ impl<R: Replica> Session<R> {
             save_due: false,
             unstored: Vec::new(),
             forbidden: false,
+            answer_refused: false,
         };
         if let Some(saved) = restore {
             session.restore(saved);
@@ -793,9 +797,18 @@ impl<R: Replica> Session<R> {
                 }
                 applied = true;
             }
-            // Queued as any message is (refused at once on a read-only connection).
-            if self.queue(now, body).is_ok() {
-                taken += 1;
+            // Queued as any message is (refused at once on a read-only connection); one over
+            // this relay's limit is refused here, and said so.
+            let (kind, doc) = (body.kind(), body.doc().map(str::to_owned));
+            match self.queue(now, body) {
+                Ok(()) => taken += 1,
+                Err(e) => self.emit(Event::Refused {
+                    step: 0,
+                    kind,
+                    doc,
+                    reason: Reason::TooLarge,
+                    detail: format!("a message a closed tab left unsent cannot be sent: {e}"),
+                }),
             }
         }
         if applied {
@@ -1495,6 +1508,7 @@ impl<R: Replica> Session<R> {
         }
         self.changed();
         self.forbidden = false;
+        self.answer_refused = false;
         self.node = node;
         self.token = Some(resume);
         self.limits = self.config.limits.with_relay(&limits);
@@ -1602,6 +1616,10 @@ impl<R: Replica> Session<R> {
             }
             _ => {
                 self.anomaly(Source::Relay, reason, detail.clone(), step, None);
+                if reason == Reason::Desync && index.is_none() {
+                    // The relay refuses a sync answer that holds what the room has not stored.
+                    self.answer_refused = true;
+                }
                 if reason == Reason::Forbidden {
                     // The token lets this member read only: every write of this connection
                     // would be refused the same way, so none is sent (again).
@@ -1735,14 +1753,19 @@ impl<R: Replica> Session<R> {
             Body::SyncRequest {
                 state_vector, to, ..
             } => {
-                // The relay takes an answer only when the room's document holds all of it:
-                // with an update of this replica not yet stored, the answer waits for none
-                // (the log brings the asker everything the room holds).
+                // The relay takes an answer only when the room's document holds all of it. An
+                // answer holds this replica's updates not yet stored, and what it holds back
+                // (Yjs and yrs put both in a diff): then the asker waits for none (the log
+                // brings it everything the room holds). After the relay refused one, this
+                // replica holds what the room does not (an edit the relay refused, say): no
+                // more answers on this connection.
                 let unstored = self.in_flight.iter().any(|s| s.kind == Kind::Update)
                     || self
                         .waiting
                         .iter()
-                        .any(|w| matches!(w.body, Body::Update { .. }));
+                        .any(|w| matches!(w.body, Body::Update { .. }))
+                    || self.replica.has_pending()
+                    || self.answer_refused;
                 if open && !self.forbidden && !unstored && (to == 0 || to == self.node) {
                     let full = state_vector.is_empty();
                     if let Ok(update) = self.replica.diff(&state_vector) {
@@ -1863,8 +1886,9 @@ impl<R: Replica> Session<R> {
         waiting.map(|w| {
             // The stamp takes at most 30 bytes.
             let len = 3 + 30 + w.body.encoded_len();
-            // The relay meters the bytes of stored messages and signals.
-            let metered = w.body.is_durable() || matches!(w.body, Body::Signal { .. });
+            // The relay meters the bytes of stored messages, signals and sync answers.
+            let metered = w.body.is_durable()
+                || matches!(w.body, Body::Signal { .. } | Body::SyncState { .. });
             let bytes = if metered { len as u64 } else { 0 };
             (frames(len), bytes)
         })
@@ -2728,6 +2752,52 @@ mod tests {
         });
         let kinds = request(&mut h, 51);
         assert!(kinds.contains(&Kind::SyncState), "{kinds:?}");
+        // The relay refused that answer (this replica holds what the room has not stored): no
+        // more answers on this connection.
+        let answer = h
+            .stamped()
+            .into_iter()
+            .find(|s| matches!(s.body, Body::SyncState { .. }))
+            .map(|s| s.stamp.step)
+            .unwrap();
+        h.frame(Frame::Reject {
+            step: answer,
+            reason: Reason::Desync,
+            detail: "the sync answer holds what the room has not stored".into(),
+        });
+        let kinds = request(&mut h, 52);
+        assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
+    }
+
+    /// A replica that holds back updates (they wait for one it never got) puts them in every
+    /// diff, and the relay would refuse the answer: it gives none.
+    #[test]
+    fn a_replica_that_holds_updates_back_gives_no_sync_answer() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[7]);
+        let writer = SharedDoc::with_client_id(9);
+        writer.insert("t", 0, "first").unwrap();
+        let second = writer.insert("t", 5, " second").unwrap();
+        h.session.replica_mut().apply_update(&second).unwrap();
+        assert!(h.session.replica().has_pending());
+        h.sent.clear();
+        h.frame(Frame::stamped(
+            Stamp {
+                sender: 7,
+                step: 50,
+                pattern: PatternConfig::default().value(50),
+            },
+            Body::SyncRequest {
+                doc: WHOLE_DOC.into(),
+                state_vector: Vec::new(),
+                to: 0,
+            },
+        ));
+        h.now += 1_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        let kinds: Vec<Kind> = h.sent.iter().map(Frame::kind).collect();
+        assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
     }
 
     #[test]

@@ -39,24 +39,32 @@ pub trait ReadTxn: Sized {
 
     /// Whether every id of `client` in `clocks` is at a block of this document that is deleted
     /// (a deleted item or a collected range): whether a delete set holding that range deletes
-    /// nothing here. Finds the first block by binary search, then walks the blocks in the range.
+    /// nothing here. Finds the first block by binary search, then steps through the blocks in
+    /// the range, one visit each.
     fn is_deleted_range(&self, client: crate::block::ClientID, clocks: std::ops::Range<u32>) -> bool {
+        if clocks.is_empty() {
+            return true;
+        }
         let Some(list) = self.store().blocks.get_client(&client) else {
-            return clocks.is_empty();
+            return false;
+        };
+        if list.len() == 0 {
+            return false;
+        }
+        let Some(mut index) = list.find_index(clocks.start) else {
+            return false;
         };
         let mut clock = clocks.start;
         while clock < clocks.end {
-            if list.len() == 0 {
-                return false;
-            }
-            let Some(block) = list.find_index(clock).and_then(|i| list.get(i)) else {
+            let Some(block) = list.get(index) else {
                 return false;
             };
             let block = block.as_ref();
-            if !block.is_deleted() {
+            if block.id().clock > clock || !block.is_deleted() {
                 return false;
             }
             clock = block.id().clock + block.len();
+            index += 1;
         }
         true
     }
