@@ -388,8 +388,19 @@ fn read_all(doc: &SharedDoc) {
     let _ = doc.diff(&[0]);
     // What a replica encodes, another decodes to the same texts.
     let copy = SharedDoc::with_client_id(44);
-    copy.apply_update(&doc.snapshot())
+    let snapshot = doc.snapshot();
+    copy.apply_update(&snapshot)
         .expect("a snapshot applies to a fresh document");
+    // A replica holds its own state, and so does one that applied it: the relay's check of a
+    // sync answer takes an honest answer (one that holds nothing held back).
+    if !doc.has_pending() {
+        if let Err(e) = doc.holds(&snapshot) {
+            panic!("a replica does not hold its own snapshot: {e}");
+        }
+        if let Err(e) = copy.holds(&snapshot) {
+            panic!("a replica does not hold the snapshot it applied: {e}");
+        }
+    }
     for name in doc.text_names() {
         assert_eq!(
             copy.text(&name),
