@@ -32,7 +32,8 @@ document.getElementById("name").addEventListener("change", (e) => {
 const provider = await MeshProvider.connect(ydoc, { url: relayUrl(), room, name, doc: "content", awareness });
 const client = provider.client;
 client.on("error", (e) => console.error(e));
-const isDemo = mountPanel(client, { room });
+// The provider's errors (an update the relay refused for good, ...) show in the panel's log.
+const isDemo = mountPanel(client, { room, onError: (listener) => provider.onError(listener) });
 client.on("message", ({ data }) => isDemo(data));
 
 const ytext = ydoc.getText("content");

@@ -38,8 +38,10 @@ const base64 = (bytes) => btoa(String.fromCharCode(...bytes));
 const unbase64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
 
 /** Wires the panel to a connected client. Returns a function that says whether a message is
- * the panel's own (a tamper demonstration) and handles it. */
-export function mountPanel(client, { room, pattern = new PatternGenerator() }) {
+ * the panel's own (a tamper demonstration) and handles it. What the client refuses or reports
+ * as an error shows in the anomaly log too, and so does what `onError` (a function that
+ * subscribes a listener to errors of another source, such as a Yjs provider) hears. */
+export function mountPanel(client, { room, pattern = new PatternGenerator(), onError = null }) {
   $("share").href = location.href;
   $("share").textContent = room;
   const anomalies = new Map();
@@ -89,6 +91,11 @@ export function mountPanel(client, { room, pattern = new PatternGenerator() }) {
   client.on("status", renderStatus);
   client.on("step", renderStep);
   client.on("anomaly", log);
+  // Nothing this tab sends is lost without a word on the page.
+  client.on("refused", (r) => log({ source: "refused", reason: r.reason, detail: `this tab's ${r.kind} will never reach the room: ${r.detail}` }));
+  const problem = (e) => log({ source: "error", reason: e?.name || "Error", detail: e?.message ?? String(e) });
+  client.on("error", problem);
+  onError?.(problem);
   client.on("message", () => { received += 1; renderCounts(); });
   const renderPeers = (peers) => {
     $("peers").replaceChildren(...peers.map((p) => {

@@ -383,6 +383,27 @@ test("when the relay refuses a Y.Doc's update, the others are told that what cam
   }
 });
 
+test("the editor demo shows an update the relay refused, in its panel", async () => {
+  const small = await startRelay({ PM_MAX_ROOM_BYTES: "50000" });
+  try {
+    const page = await browser.newPage();
+    page.problems = [];
+    page.on("pageerror", (e) => page.problems.push(e.message));
+    await page.goto(`${small.base}/index.html?room=full-editor-${Date.now()}&name=ada`);
+    await page.waitForSelector("body[data-ready=true]");
+    await page.evaluate(() => meshDoc.getText("content").insert(0, "x".repeat(60_000)));
+    await until("the panel says so", async () => {
+      const log = await page.evaluate(() => document.getElementById("log").textContent);
+      return (log.includes("refused an update of this Y.Doc") && log.includes("will never reach the room")) || log;
+    });
+    assert.equal(await page.evaluate(() => meshProvider.diverged), true);
+    assert.deepEqual(page.problems, []);
+    await page.close();
+  } finally {
+    await small.stop();
+  }
+});
+
 test("a 3 MB paste into a Y.Text reaches the other Y.Doc, and edits after it too", async () => {
   const room = `paste-${Date.now()}`;
   const a = await blank();
