@@ -2107,6 +2107,28 @@ mod tests {
             self.pump();
         }
 
+        /// A sync request from peer 7 at `step` for everything, to `to`; what this session
+        /// sends within the next second.
+        fn sync_request(&mut self, step: Step, to: NodeId) -> Vec<Kind> {
+            self.sent.clear();
+            self.frame(Frame::stamped(
+                Stamp {
+                    sender: 7,
+                    step,
+                    pattern: PatternConfig::default().value(step),
+                },
+                Body::SyncRequest {
+                    doc: WHOLE_DOC.into(),
+                    state_vector: Vec::new(),
+                    to,
+                },
+            ));
+            self.now += 1_000;
+            self.session.handle_timeout(self.now);
+            self.pump();
+            self.sent.iter().map(Frame::kind).collect()
+        }
+
         /// Connects and joins as `node` with `peers`.
         fn join(&mut self, node: NodeId, token: u8, peers: &[NodeId]) {
             assert!(self.pump(), "the session asks to connect");
@@ -2651,20 +2673,7 @@ mod tests {
             .insert("t", 0, &"x".repeat(20_000))
             .unwrap();
         h.session.update(h.now, "t", update).ok();
-        h.sent.clear();
-        h.frame(Frame::stamped(
-            Stamp {
-                sender: 7,
-                step: 50,
-                pattern: PatternConfig::default().value(50),
-            },
-            Body::SyncRequest {
-                doc: WHOLE_DOC.into(),
-                state_vector: Vec::new(),
-                to: 2,
-            },
-        ));
-        let kinds: Vec<Kind> = h.sent.iter().map(Frame::kind).collect();
+        let kinds = h.sync_request(50, 2);
         assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
     }
 
@@ -2725,32 +2734,13 @@ mod tests {
         h.pump();
         let sent = h.stamped().last().map(|s| (*s).clone()).unwrap();
         assert!(matches!(sent.body, Body::Update { .. }));
-        let request = |h: &mut Harness, step: Step| {
-            h.sent.clear();
-            h.frame(Frame::stamped(
-                Stamp {
-                    sender: 7,
-                    step,
-                    pattern: PatternConfig::default().value(step),
-                },
-                Body::SyncRequest {
-                    doc: WHOLE_DOC.into(),
-                    state_vector: Vec::new(),
-                    to: 0,
-                },
-            ));
-            h.now += 1_000;
-            h.session.handle_timeout(h.now);
-            h.pump();
-            h.sent.iter().map(Frame::kind).collect::<Vec<Kind>>()
-        };
-        let kinds = request(&mut h, 50);
+        let kinds = h.sync_request(50, 0);
         assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
         h.frame(Frame::Ack {
             step: sent.stamp.step,
             position: 1,
         });
-        let kinds = request(&mut h, 51);
+        let kinds = h.sync_request(51, 0);
         assert!(kinds.contains(&Kind::SyncState), "{kinds:?}");
         // The relay refused that answer (this replica holds what the room has not stored): no
         // more answers on this connection.
@@ -2765,7 +2755,7 @@ mod tests {
             reason: Reason::Desync,
             detail: "the sync answer holds what the room has not stored".into(),
         });
-        let kinds = request(&mut h, 52);
+        let kinds = h.sync_request(52, 0);
         assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
     }
 
@@ -2780,23 +2770,7 @@ mod tests {
         let second = writer.insert("t", 5, " second").unwrap();
         h.session.replica_mut().apply_update(&second).unwrap();
         assert!(h.session.replica().has_pending());
-        h.sent.clear();
-        h.frame(Frame::stamped(
-            Stamp {
-                sender: 7,
-                step: 50,
-                pattern: PatternConfig::default().value(50),
-            },
-            Body::SyncRequest {
-                doc: WHOLE_DOC.into(),
-                state_vector: Vec::new(),
-                to: 0,
-            },
-        ));
-        h.now += 1_000;
-        h.session.handle_timeout(h.now);
-        h.pump();
-        let kinds: Vec<Kind> = h.sent.iter().map(Frame::kind).collect();
+        let kinds = h.sync_request(50, 0);
         assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
     }
 
