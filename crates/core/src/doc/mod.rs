@@ -80,18 +80,7 @@ impl Version {
         }
         let mut deletes: Vec<(u64, Vec<(u32, u32)>)> = deletes
             .into_iter()
-            .map(|(client, mut ranges)| {
-                ranges.retain(|(start, end)| start < end);
-                heap_sort(&mut ranges);
-                let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
-                for (start, end) in ranges {
-                    match merged.last_mut() {
-                        Some(last) if start <= last.1 => last.1 = last.1.max(end),
-                        _ => merged.push((start, end)),
-                    }
-                }
-                (client, merged)
-            })
+            .map(|(client, ranges)| (client, merge_ranges(ranges)))
             .filter(|(_, ranges)| !ranges.is_empty())
             .collect();
         heap_sort(&mut deletes);
@@ -166,6 +155,21 @@ pub fn digest_texts(mut texts: Vec<(String, String)>) -> u64 {
 
 /// Sorts `items` in place, in O(n log n) with no allocation: a heap sort, a few hundred bytes of
 /// wasm where the standard library's sorts add several kilobytes to the package per type.
+/// Clock ranges `start..end` sorted, with the empty ones dropped and those that overlap or
+/// touch merged into one.
+pub(crate) fn merge_ranges(mut ranges: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
+    ranges.retain(|(start, end)| start < end);
+    heap_sort(&mut ranges);
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
 pub(crate) fn heap_sort<T: Ord>(items: &mut [T]) {
     fn sift_down<T: Ord>(items: &mut [T], mut root: usize, end: usize) {
         loop {

@@ -194,10 +194,10 @@ impl SharedDoc {
     /// document's updates reached first. The error says what the update holds that this
     /// document does not.
     ///
-    /// The relay holds a sync answer to it: a member could otherwise answer with blocks under
-    /// another member's client id at that member's next clock, or delete what no one deleted,
-    /// and the replicas that took the answer would keep that and ignore the real edit (Yjs
-    /// integrates an id once).
+    /// The relay checks every sync answer against its document with this: a member could
+    /// otherwise answer with blocks under another member's client id at that member's next
+    /// clock, or delete what no one deleted, and the replicas that took the answer would keep
+    /// that and ignore the real edit (Yjs integrates an id once).
     pub fn holds(&self, update: &[u8]) -> Result<(), String> {
         let update = Update::decode_v1(update).map_err(|e| e.to_string())?;
         let txn = self.doc.transact();
@@ -214,15 +214,7 @@ impl SharedDoc {
         for (client, ranges) in update.delete_set().iter() {
             // As decoded, ranges may repeat and overlap, millions of times over in a large
             // answer: merged first, each block is visited once.
-            let mut ranges: Vec<(u32, u32)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-            super::heap_sort(&mut ranges);
-            let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
-            for (start, end) in ranges {
-                match merged.last_mut() {
-                    Some(last) if start <= last.1 => last.1 = last.1.max(end),
-                    _ => merged.push((start, end)),
-                }
-            }
+            let merged = super::merge_ranges(ranges.iter().map(|r| (r.start, r.end)).collect());
             if let Some((start, end)) = merged
                 .into_iter()
                 .find(|&(start, end)| !txn.is_deleted_range(*client, start..end))
