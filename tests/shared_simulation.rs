@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use bytes::Bytes;
 use pattern_mesh::doc::SharedDoc;
 use pattern_mesh::room::{self, Append, ConnId, Relayed, RoomCore, RoomLimits};
-use pattern_mesh::session::{self, Event, Session, SessionConfig, Source};
+use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status};
 use pattern_mesh::store::{Appended, MemoryStore};
 use pattern_mesh::wire::{close, part, Frame, Json, Limits, RoomConfig};
 
@@ -278,6 +278,7 @@ impl Sim {
 
     fn run(&mut self) -> Result<(), String> {
         let mut processed = 0u64;
+        let mut quiet_since = None;
         while let Some(Reverse((time, seq))) = self.queue.pop() {
             if let Some(Ev::Timer { client, generation }) = self.events.get(&seq) {
                 if self.clients[*client].generation != *generation {
@@ -288,6 +289,19 @@ impl Sim {
             self.now = time;
             let ev = self.events.remove(&seq).expect("scheduled");
             self.handle(ev);
+            // Heartbeats never stop: the run ends after a quiet minute, every client open.
+            let open = self
+                .clients
+                .iter()
+                .all(|c| c.session.status() == Status::Open);
+            if self.now >= self.active + 30_000 && self.quiet() && open {
+                let since = *quiet_since.get_or_insert(self.now);
+                if self.now >= since + 60_000 {
+                    break;
+                }
+            } else {
+                quiet_since = None;
+            }
             processed += 1;
             if processed > 5_000_000 || self.now > self.active + 600_000 {
                 let clients: Vec<String> = self

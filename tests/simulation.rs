@@ -35,7 +35,7 @@ use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status}
 use pattern_mesh::store::MemoryStore;
 use pattern_mesh::wire::part;
 use pattern_mesh::wire::{
-    close, Body, Frame, Json, Limits, NodeId, Positioned, RoomConfig, Stamped,
+    close, Body, Frame, Json, Kind, Limits, NodeId, Positioned, RoomConfig, Stamped,
 };
 
 const ROOM: &str = "sim";
@@ -88,6 +88,8 @@ struct Scenario {
     persist: bool,
     /// A client whose access token lets it read only.
     read_only: Option<usize>,
+    /// The sessions' heartbeat, in ms (the room's idle timeout is in `limits`).
+    heartbeat: u64,
 }
 
 /// What can go wrong, and when.
@@ -107,6 +109,10 @@ enum Fault {
     Offline { client: usize, down: u64 },
     /// A client reads slowly for `span` ms.
     SlowReader { client: usize, span: u64 },
+    /// A client's network goes away without closing its connection (a laptop that sleeps, a
+    /// NAT that forgets the connection): nothing passes on it either way from then on, not
+    /// even a close, and the client cannot connect for `span` ms.
+    Silent { client: usize, span: u64 },
     /// A client's tab closes, losing what it had not stored, and reopens from storage after
     /// `down` ms (only when clients persist).
     Reopen { client: usize, down: u64 },
@@ -148,6 +154,8 @@ impl Scenario {
                 compact_bytes: rng.range(1 << 10, 256 << 10),
                 compact_updates: rng.range(5, 500),
                 max_room_bytes: 1 << 30,
+                // Drawn last (below), with the heartbeat.
+                idle_timeout: 0,
             },
             send_queue: rng.range(64, 1_024) as usize,
             commit: {
@@ -162,6 +170,7 @@ impl Scenario {
             overstate: [1, 1, 1, 3, 20][rng.range(0, 4) as usize],
             persist: false,
             read_only: None,
+            heartbeat: 15_000,
         }
         .with_random_faults(rng);
         // Drawn last, so that the draws above give what they gave before storage existed.
@@ -176,6 +185,17 @@ impl Scenario {
         }
         if rng.chance(0.2) {
             scenario.read_only = Some(rng.range(0, scenario.clients as u64 - 1) as usize);
+        }
+        // Drawn after the above for the same reason. Heartbeats from every 15 s (the default)
+        // down to every second, the relay's idle timeout three of them; and now and then a
+        // connection that goes silent.
+        scenario.heartbeat = [15_000, 15_000, rng.range(1_000, 10_000)][rng.range(0, 2) as usize];
+        scenario.limits.idle_timeout = 3 * scenario.heartbeat;
+        if rng.chance(0.3) {
+            let t = rng.range(100, scenario.active);
+            let client = rng.range(0, scenario.clients as u64 - 1) as usize;
+            let span = rng.range(500, 40_000);
+            scenario.faults.push((t, Fault::Silent { client, span }));
         }
         scenario
     }
@@ -241,6 +261,7 @@ impl Scenario {
             overstate: 1,
             persist: false,
             read_only: None,
+            heartbeat: 15_000,
         }
     }
 }
@@ -394,6 +415,26 @@ struct Sim {
     /// When the room's timer is set for.
     room_tick: Option<u64>,
     stats: Stats,
+    /// Events queued that are work ([`is_work`]), and since when none has been.
+    work: usize,
+    quiet_since: Option<u64>,
+    /// Connections whose network went away ([`Fault::Silent`]): nothing passes on them, either
+    /// way, for good.
+    silent: HashSet<ConnId>,
+}
+
+/// How long a run goes on with nothing but heartbeats and timers before it ends.
+const QUIET: u64 = 60_000;
+
+/// Whether an event does something: anything but timers, the room's ticks and heartbeats.
+fn is_work(ev: &Ev) -> bool {
+    match ev {
+        Ev::Timer { .. } | Ev::RoomTick => false,
+        Ev::ToRelay { bytes, .. } | Ev::ToClient { bytes, .. } => {
+            bytes.get(1) != Some(&(Kind::Heartbeat as u8))
+        }
+        _ => true,
+    }
 }
 
 /// What a run went through, to show that the faults bite.
@@ -409,6 +450,8 @@ struct Stats {
     /// Tabs reopened from storage, and the stored messages they sent again.
     reopens: u64,
     restored: u64,
+    /// Connections that went silent ([`Fault::Silent`]).
+    silences: u64,
 }
 
 impl Stats {
@@ -418,6 +461,7 @@ impl Stats {
             *self.relay_refusals.entry(k.clone()).or_default() += v;
         }
         self.parts += other.parts;
+        self.silences += other.silences;
         self.checkpoints += other.checkpoints;
         self.refused_for_good += other.refused_for_good;
         self.compactions += other.compactions;
@@ -463,6 +507,9 @@ impl Sim {
             forgot: false,
             room_tick: None,
             stats: Stats::default(),
+            work: 0,
+            quiet_since: None,
+            silent: HashSet::new(),
         };
         for i in 0..sim.scenario.clients {
             let session = sim.new_session(i, None);
@@ -520,6 +567,7 @@ impl Sim {
         config.connect_timeout = 3_600_000;
         config.seed = self.rng.next();
         config.persist = self.scenario.persist;
+        config.heartbeat = self.scenario.heartbeat;
         let replica = SharedDoc::with_client_id(1_000 + i as u64);
         if let Some((saved, doc)) = stored {
             config.restore = Some(saved.clone());
@@ -562,6 +610,9 @@ impl Sim {
     }
 
     fn at(&mut self, time: u64, ev: Ev) {
+        if is_work(&ev) {
+            self.work += 1;
+        }
         self.seq += 1;
         self.queue.push(Reverse((time, self.seq)));
         self.events.insert(self.seq, ev);
@@ -594,9 +645,30 @@ impl Sim {
                 .events
                 .remove(&seq)
                 .expect("every queued event is stored");
+            if is_work(&ev) {
+                self.work -= 1;
+            }
             self.handle(ev);
+            // Heartbeats never stop: the run ends once nothing but them and timers has
+            // happened for a minute after the edits, with every client open and done.
+            if self.work == 0 && self.now >= self.scenario.active && self.settled() {
+                let since = *self.quiet_since.get_or_insert(self.now);
+                if self.now >= since + QUIET {
+                    break;
+                }
+            } else {
+                self.quiet_since = None;
+            }
         }
         self.check()
+    }
+
+    /// Every client open with nothing pending, and no write under way.
+    fn settled(&self) -> bool {
+        self.relay.writes.is_empty()
+            && self.clients.iter().all(|c| {
+                !c.closed && c.session.status() == Status::Open && c.session.pending() == 0
+            })
     }
 
     fn describe(&self) -> String {
@@ -655,7 +727,7 @@ impl Sim {
                         rc.link.queued = rc.link.queued.saturating_sub(1);
                     }
                 }
-                if self.clients[client].conn == Some(conn) {
+                if self.clients[client].conn == Some(conn) && !self.silent.contains(&conn) {
                     if era == self.relay.era {
                         self.observe_frame(client, &bytes);
                     }
@@ -811,6 +883,16 @@ impl Sim {
                 self.log(|| format!("fault: c{client} reads slowly until {until}"));
                 self.clients[client].slow_until = until;
             }
+            Fault::Silent { client, span } => {
+                let until = self.now + span;
+                self.log(|| format!("fault: c{client}'s network goes silent until {until}"));
+                self.stats.silences += 1;
+                if let Some(conn) = self.clients[client].conn {
+                    self.silent.insert(conn);
+                }
+                self.clients[client].online = false;
+                self.at(until, Ev::Online { client });
+            }
             Fault::Reopen { client, down } => {
                 if self.clients[client].closed {
                     return;
@@ -880,7 +962,12 @@ impl Sim {
 
     /// Cuts a connection on both sides, as the network would.
     fn cut(&mut self, conn: ConnId, code: u16, reason: &str) {
-        if let Some(rc) = self.relay.conns.get(&conn) {
+        if let Some(rc) = self
+            .relay
+            .conns
+            .get(&conn)
+            .filter(|_| !self.silent.contains(&conn))
+        {
             let client = rc.client;
             let t = self.now + self.latency();
             self.at(
@@ -1078,8 +1165,11 @@ impl Sim {
                 }
                 session::Output::Disconnect { .. } => {
                     if let Some(conn) = self.clients[client].conn.take() {
-                        let t = self.now + self.latency();
-                        self.at(t, Ev::RelayClosed { conn });
+                        // The close of a silent connection never reaches the relay.
+                        if !self.silent.contains(&conn) {
+                            let t = self.now + self.latency();
+                            self.at(t, Ev::RelayClosed { conn });
+                        }
                     }
                 }
                 session::Output::Save => {
@@ -1221,6 +1311,9 @@ impl Sim {
         let Some(rc) = self.relay.conns.get(&conn) else {
             return;
         };
+        if self.silent.contains(&conn) {
+            return;
+        }
         if !rc.joined {
             let client = rc.client;
             let Ok(Frame::Join {
@@ -1843,8 +1936,8 @@ fn the_protocol_holds_under_faults_for_every_seed() {
     println!(
         "{seeds} seeds from {from} in {:.1} s, {} failed; across them: {} relay crashes, {} \
          room loads, {} compactions, {} parts sent, {} checkpoints, {} messages refused for \
-         good, {} tabs reopened from storage with {} messages in their outboxes, refusals by \
-         the relay: {:?}",
+         good, {} tabs reopened from storage with {} messages in their outboxes, {} connections \
+         gone silent, refusals by the relay: {:?}",
         started.elapsed().as_secs_f64(),
         failures.len(),
         stats.crashes,
@@ -1855,6 +1948,7 @@ fn the_protocol_holds_under_faults_for_every_seed() {
         stats.refused_for_good,
         stats.reopens,
         stats.restored,
+        stats.silences,
         stats.relay_refusals,
     );
     if let Some((seed, problem)) = failures.iter().min_by_key(|(s, _)| *s) {

@@ -53,6 +53,8 @@ struct Options {
     config: Option<RoomConfig>,
     /// How long `connect` may take, in milliseconds (default 10 000).
     connect_timeout: Option<u32>,
+    /// Milliseconds between heartbeats (default 15 000; 0: none).
+    heartbeat: Option<u32>,
     /// The WebSocket class: the option's, or the global one.
     web_socket: js_sys::Function,
     /// Listeners registered before the join, so that they hear the catch-up.
@@ -76,12 +78,13 @@ enum Token {
 }
 
 impl Options {
-    const KEYS: [&'static str; 10] = [
+    const KEYS: [&'static str; 11] = [
         "url",
         "room",
         "name",
         "config",
         "connectTimeout",
+        "heartbeat",
         "WebSocket",
         "on",
         "persist",
@@ -152,6 +155,9 @@ impl Options {
                 .transpose()?,
             connect_timeout: field("connectTimeout")?
                 .map(|v| u32_arg("connectTimeout", &v))
+                .transpose()?,
+            heartbeat: field("heartbeat")?
+                .map(|v| u32_arg("heartbeat", &v))
                 .transpose()?,
             web_socket: match field("WebSocket")? {
                 // A class has a prototype object; an arrow function has none.
@@ -1091,6 +1097,9 @@ impl MeshClient {
             config.restore = saved;
             storage
         });
+        if let Some(ms) = options.heartbeat {
+            config.heartbeat = u64::from(ms);
+        }
         if let Some(ms) = options.connect_timeout {
             config.connect_timeout = u64::from(ms);
         }

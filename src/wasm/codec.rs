@@ -313,6 +313,7 @@ impl AnyFrame<'_> {
             "rename" => Frame::Rename {
                 name: required(self.string("name")?, "name")?,
             },
+            "heartbeat" => Frame::Heartbeat,
             "peerRenamed" => Frame::PeerRenamed {
                 peer: required(self.peer("peer")?, "peer")?,
             },
@@ -486,6 +487,7 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             name: Some(name),
             ..base
         },
+        Frame::Heartbeat => base,
         Frame::PeerLeft { node } => FrameJs {
             node: Some(*node),
             ..base

@@ -157,6 +157,7 @@ pub fn room(data: &[u8]) {
         compact_updates: 3,
         max_room_bytes: 20_000,
         resume_grace: 500,
+        idle_timeout: 1_000,
     };
     let Ok(mut room) = RoomCore::new(
         "r".into(),

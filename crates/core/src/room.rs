@@ -89,6 +89,10 @@ pub struct RoomLimits {
     /// when it never wrote (a node that wrote is in the store for good; one that never did
     /// has nothing to protect, and after this it gets a new id).
     pub resume_grace: u64,
+    /// Milliseconds a member may stay silent (no frame at all: clients send a heartbeat every
+    /// 15 s) before the room takes its connection for dead and closes it
+    /// ([`close::SILENT`]). 0: never.
+    pub idle_timeout: u64,
 }
 
 impl Default for RoomLimits {
@@ -105,6 +109,7 @@ impl Default for RoomLimits {
             compact_updates: 10_000,
             max_room_bytes: 1 << 30,
             resume_grace: 60_000,
+            idle_timeout: 45_000,
         }
     }
 }
@@ -435,6 +440,8 @@ struct Member {
     /// Refusals for the rate in the current second, and when that second began.
     limited: u64,
     limited_since: u64,
+    /// When its last frame came in.
+    heard: u64,
 }
 
 /// A node the room holds the state of.
@@ -551,6 +558,8 @@ pub struct RoomCore {
     /// snapshot dropped before this relay read them): the members get snapshots until one holds
     /// that far.
     missed: u64,
+    /// When the room next looks for members silent past the idle timeout.
+    idle_check_at: u64,
     now: u64,
 }
 
@@ -615,6 +624,7 @@ impl RoomCore {
             held: VecDeque::new(),
             remote: HashMap::new(),
             missed: 0,
+            idle_check_at: 0,
             joined_since_snapshot: Vec::new(),
             backlog: VecDeque::new(),
             bus_backlog: VecDeque::new(),
@@ -1075,13 +1085,48 @@ impl RoomCore {
 
     /// When the room next needs [`RoomCore::tick`], if ever.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.departures.front().map(|&(_, at)| at)
+        let departure = self.departures.front().map(|&(_, at)| at);
+        let idle = (self.limits.idle_timeout > 0 && !self.members.is_empty())
+            .then_some(self.idle_check_at);
+        match (departure, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Time passed: nodes that left long enough ago are let go.
+    /// Time passed: nodes that left long enough ago are let go, and members silent past the
+    /// idle timeout are closed.
     pub fn tick(&mut self, now: u64) {
         self.now = self.now.max(now);
         self.sweep();
+        self.close_silent();
+    }
+
+    /// Closes the connections the room has heard nothing from for
+    /// [`RoomLimits::idle_timeout`]: their network went away without closing them (a laptop
+    /// that slept, a NAT that forgot them), and until then they would count as members (their
+    /// peers would see them, and might ask them for what they lack). Looks every quarter of the
+    /// timeout.
+    fn close_silent(&mut self) {
+        let idle = self.limits.idle_timeout;
+        if idle == 0 || self.now < self.idle_check_at {
+            return;
+        }
+        self.idle_check_at = self.now.saturating_add((idle / 4).max(1));
+        let mut silent: Vec<(ConnId, u64)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| self.now.saturating_sub(m.heard) >= idle)
+            .map(|(&conn, m)| (conn, self.now - m.heard))
+            .collect();
+        silent.sort_unstable();
+        for (conn, quiet) in silent {
+            let reason = format!(
+                "nothing heard from this connection for {} s: taken for dead",
+                quiet / 1000
+            );
+            self.drop_member(conn, close::SILENT, &reason);
+        }
     }
 
     /// Whether the room holds the node that `token` resumes. When it does not, the driver
@@ -1245,6 +1290,7 @@ impl RoomCore {
                 malformed: 0,
                 limited: 0,
                 limited_since: now,
+                heard: now,
             },
         );
         let welcome = Frame::Welcome {
@@ -1404,6 +1450,9 @@ impl RoomCore {
             pending: self.pending.len(),
         });
         self.tick(now);
+        if let Some(member) = self.members.get_mut(&conn) {
+            member.heard = self.now;
+        }
         let (positioned, bytes, cost) = match read {
             Read::Pending => return,
             Read::Refused {
@@ -1486,6 +1535,10 @@ impl RoomCore {
                 });
                 self.publish(None, 0, bytes, None);
             }
+            Frame::Heartbeat => self.outputs.push_back(Output::Send {
+                to: conn,
+                bytes: Bytes::from(Frame::Heartbeat.encode()),
+            }),
             Frame::Rename { .. } if access.fixed_name => {
                 let detail = "this member's name comes from its access token".into();
                 self.refuse(conn, 0, Reason::Forbidden, detail)
@@ -2201,6 +2254,66 @@ mod tests {
             node: a.node,
             name: "grace".into()
         }));
+    }
+
+    /// A heartbeat is answered to its sender alone. A member the room hears nothing from for
+    /// the idle timeout (its network went away without closing the socket) is closed as
+    /// `SILENT`, and its peers hear that it left; a member whose heartbeats come in stays.
+    #[test]
+    fn a_silent_member_is_closed_and_a_heartbeat_is_answered() {
+        let limits = RoomLimits {
+            idle_timeout: 10_000,
+            ..RoomLimits::default()
+        };
+        let mut room = with_limits(limits);
+        room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        let b = room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        let heartbeat = Bytes::from(Frame::Heartbeat.encode());
+        for t in [3_000, 6_000, 9_000] {
+            send(&mut room, t, 1, heartbeat.clone());
+            let out = outputs(&mut room);
+            assert!(
+                matches!(out.as_slice(), [Output::Send { to: 1, bytes }] if *bytes == heartbeat),
+                "{out:?}"
+            );
+        }
+        let due = room
+            .next_deadline()
+            .expect("the room looks for silent members");
+        assert!(
+            due <= 11_500,
+            "it looks every quarter of the timeout, not at {due}"
+        );
+        room.tick(11_500);
+        let out = outputs(&mut room);
+        let closed: Vec<(ConnId, u16)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Close { conn, code, reason } => {
+                    assert!(reason.contains("nothing heard"), "{reason}");
+                    Some((*conn, *code))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, [(2, close::SILENT)]);
+        let left = Frame::PeerLeft { node: b.node }.encode();
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Fanout { bytes, .. } if *bytes == left)),
+            "{out:?}"
+        );
+        assert_eq!(room.members(), 1);
+        // Without an idle timeout, a silent member stays.
+        let mut room = with_limits(RoomLimits {
+            idle_timeout: 0,
+            ..RoomLimits::default()
+        });
+        room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        room.tick(3_600_000);
+        assert_eq!(room.members(), 1);
+        assert_eq!(room.next_deadline(), None);
     }
 
     /// The relay holds each member's latest presence in memory and gives a late joiner those of

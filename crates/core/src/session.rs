@@ -83,11 +83,17 @@ pub struct SessionConfig {
     /// alike). Each new attempt after a connection failed or dropped goes to the next one,
     /// in turn: [`Session::relay`] says which. The outbox and the node's identity go along.
     pub relays: usize,
+    /// Milliseconds between the heartbeats the session sends while connected (the relay
+    /// answers each). A connection that brings nothing, not even an answer, for twice this
+    /// long is taken for dead: the session drops it and reconnects. A relay closes a member it
+    /// has heard nothing from for its idle timeout (45 s by default), so this must stay well
+    /// under that. 0: no heartbeats, and a silent connection is never given up.
+    pub heartbeat: u64,
 }
 
 impl SessionConfig {
-    /// Settings to join `room` as `name`, with the defaults: a 10 s connect timeout and a 10 s
-    /// join timeout.
+    /// Settings to join `room` as `name`, with the defaults: a 10 s connect timeout, a 10 s
+    /// join timeout and a heartbeat every 15 s.
     pub fn new(room: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             room: room.into(),
@@ -101,6 +107,7 @@ impl SessionConfig {
             restore: None,
             fresh_tokens: false,
             relays: 1,
+            heartbeat: 15_000,
         }
     }
 }
@@ -418,6 +425,9 @@ pub struct Session<R> {
     /// The relay refused a sync answer of this connection (it held what the room has not
     /// stored): no more answers until the next connection.
     answer_refused: bool,
+    /// When the connection last brought a frame, and when the next heartbeat goes out.
+    heard_at: u64,
+    beat_at: u64,
 }
 
 impl<R: Replica> Session<R> {
@@ -475,6 +485,8 @@ impl<R: Replica> Session<R> {
             unstored: Vec::new(),
             forbidden: false,
             answer_refused: false,
+            heard_at: now,
+            beat_at: now,
         };
         if let Some(saved) = restore {
             session.restore(saved);
@@ -586,6 +598,9 @@ impl<R: Replica> Session<R> {
         }
         if let Some(deadline) = self.connect_deadline {
             at(deadline);
+        }
+        if let Some(dead_at) = self.dead_at() {
+            at(self.beat_at.min(dead_at));
         }
         if let (Some(since), false, Link::Open) = (self.held_since, self.held_reported, &self.link)
         {
@@ -1071,6 +1086,7 @@ impl<R: Replica> Session<R> {
         if self.closed || matches!(self.link, Link::Down { .. } | Link::Opening { .. }) {
             return;
         }
+        self.heard_at = now;
         let positioned = match Frame::decode_positioned(bytes, &self.limits) {
             Ok(Positioned {
                 frame:
@@ -1130,6 +1146,24 @@ impl<R: Replica> Session<R> {
                 ));
             }
         }
+        if let Some(dead_at) = self.dead_at() {
+            if now >= dead_at {
+                let failure = format!(
+                    "nothing came from the relay for {} s, not even an answer to a heartbeat: the connection is taken for dead",
+                    (now - self.heard_at) / 1000
+                );
+                self.outputs.push_back(Output::Disconnect {
+                    code: 1000,
+                    reason: "no answer to heartbeats".into(),
+                });
+                return self.retry_later(now, failure);
+            }
+            if now >= self.beat_at {
+                self.beat_at = now.saturating_add(self.config.heartbeat);
+                self.outputs
+                    .push_back(Output::Send(Frame::Heartbeat.encode()));
+            }
+        }
         match self.link {
             Link::Down { retry_at: Some(t) } if now >= t => self.open_socket(now),
             Link::Opening { deadline } | Link::Joining { deadline } if now >= deadline => {
@@ -1152,6 +1186,14 @@ impl<R: Replica> Session<R> {
     }
 
     // ----- inside -----
+
+    /// While joined, with heartbeats: when the connection counts as dead if nothing more
+    /// comes (twice the heartbeat after the last frame).
+    fn dead_at(&self) -> Option<u64> {
+        let live = matches!(self.link, Link::CatchingUp | Link::Open);
+        (live && self.config.heartbeat > 0)
+            .then(|| self.heard_at.saturating_add(2 * self.config.heartbeat))
+    }
 
     /// Notes whether the replica holds back remote updates after an apply.
     fn note_held(&mut self, now: u64) {
@@ -1427,6 +1469,8 @@ impl<R: Replica> Session<R> {
                 None,
             ),
             Frame::Fence { .. } => self.unechoed = self.unechoed.saturating_sub(1),
+            // The relay's answer to a heartbeat: hearing it was the point.
+            Frame::Heartbeat => {}
             Frame::Join { .. } | Frame::Part { .. } | Frame::Rename { .. } => self.anomaly(
                 Source::Local,
                 Reason::Unexpected,
@@ -1542,6 +1586,7 @@ impl<R: Replica> Session<R> {
             renamed: None,
         });
         self.link = Link::CatchingUp;
+        self.beat_at = now.saturating_add(self.config.heartbeat);
     }
 
     fn on_caught_up(&mut self, now: u64) {
@@ -2357,7 +2402,12 @@ mod tests {
     /// missing update comes, nothing more is said.
     #[test]
     fn updates_held_back_for_missing_parts_are_reported_and_asked_for() {
-        let mut h = Harness::new();
+        // Its relay answers no heartbeat: without them, the quiet minute it waits through
+        // keeps the connection.
+        let mut config = SessionConfig::new("r", "a");
+        config.connect_timeout = 5_000;
+        config.heartbeat = 0;
+        let mut h = Harness::with(config);
         h.join(2, 1, &[3]);
         let author = SharedDoc::with_client_id(9);
         let first = author.insert("content", 0, "first ").unwrap();
@@ -2589,6 +2639,71 @@ mod tests {
         assert!(map(&h).is_empty());
     }
 
+    /// While joined, the session sends a heartbeat every `heartbeat` ms, and any frame from
+    /// the relay keeps the connection. A connection that brings nothing for twice that long (a
+    /// network gone away without closing it) is dropped and the session reconnects, saying why;
+    /// what was in flight goes out again on the next connection.
+    #[test]
+    fn a_connection_that_brings_nothing_is_given_up_and_opened_again() {
+        let mut config = SessionConfig::new("r", "a");
+        config.heartbeat = 1_000;
+        let mut h = Harness::with(config);
+        h.join(2, 1, &[3]);
+        h.sent.clear();
+        h.session.update(h.now, "content", vec![0, 0]).unwrap();
+        let beats = |h: &Harness| h.sent.iter().filter(|f| **f == Frame::Heartbeat).count();
+        let mut disconnected = None;
+        // The relay answers for three seconds, then nothing comes.
+        while disconnected.is_none() && h.now < 10_000 {
+            h.now = h
+                .session
+                .poll_timeout()
+                .expect("a heartbeat or a deadline is due");
+            h.session.handle_timeout(h.now);
+            while let Some(output) = h.session.poll_output() {
+                match output {
+                    Output::Send(bytes) => {
+                        let frame = Frame::decode(&bytes).unwrap();
+                        if frame == Frame::Heartbeat && h.now <= 3_000 {
+                            h.session.handle_frame(h.now, &Frame::Heartbeat.encode());
+                        }
+                        h.sent.push(frame);
+                    }
+                    Output::Disconnect { reason, .. } => disconnected = Some((h.now, reason)),
+                    _ => {}
+                }
+            }
+        }
+        let (at, reason) = disconnected.expect("the silent connection is dropped");
+        assert_eq!(at, 5_000, "two heartbeats after the last answer, at 3 s");
+        assert!(reason.contains("heartbeat"), "{reason}");
+        assert_eq!(beats(&h), 4, "one a second until then: {:?}", h.sent);
+        assert_eq!(h.session.status(), Status::Reconnecting);
+        let said = std::iter::from_fn(|| h.session.poll_event()).any(|e| {
+            matches!(e, Event::Status { status: Status::Reconnecting, reason: Some(r) }
+                if r.contains("nothing came from the relay for 2 s"))
+        });
+        assert!(said, "the application hears why");
+        assert_eq!(
+            h.session.pending(),
+            1,
+            "the update waits for the next connection"
+        );
+        // The next connection: the update goes out again.
+        h.now = h.session.poll_timeout().unwrap();
+        h.session.handle_timeout(h.now);
+        h.sent.clear();
+        h.join(2, 1, &[3]);
+        h.now += 1;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        assert!(
+            h.sent.iter().any(|f| f.kind() == Kind::Update),
+            "{:?}",
+            h.sent
+        );
+    }
+
     #[test]
     fn connect_gives_up_with_the_last_failure_as_its_reason() {
         let mut h = Harness::new();
@@ -2648,7 +2763,8 @@ mod tests {
         h.session.handle_timeout(h.now);
         // Back as node 7: the answer to node 7 would now go to this client itself.
         h.join(7, 1, &[]);
-        while let Some(at) = h.session.poll_timeout() {
+        // Until the outbox is out (heartbeats go on for good).
+        while let Some(at) = h.session.poll_timeout().filter(|&at| at < 20_000) {
             h.now = at.max(h.now + 1);
             h.session.handle_timeout(h.now);
             h.pump();

@@ -416,7 +416,8 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                 texts = 0;
                 relay.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
                 let read = match reader.read(bytes) {
-                    Read::Pending => continue,
+                    // A part of a large message: the room only hears that the member is alive.
+                    Read::Pending => Read::Pending,
                     // The address's budget, shared by all its connections. A fence is free: it
                     // must never be what keeps a refused message from being sent again.
                     Read::Frame { frame, cost, .. }

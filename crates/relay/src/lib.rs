@@ -89,6 +89,9 @@ pub struct RelayConfig {
     /// How long a room keeps a node that left and never wrote (so has no store record), for a
     /// reconnect to resume it.
     pub resume_grace: Duration,
+    /// How long a member may send nothing (clients send a heartbeat every 15 s) before its
+    /// connection is taken for dead and closed; zero: never.
+    pub idle_timeout: Duration,
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     pub send_queue: usize,
     /// Bytes queued for one connection before it counts as too slow and is disconnected (one
@@ -132,6 +135,7 @@ impl Default for RelayConfig {
             node_ttl: Duration::from_secs(30 * 24 * 3_600),
             apply_budget: Duration::from_secs(2),
             resume_grace: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(45),
             send_queue: 4_096,
             send_queue_bytes: 16 << 20,
             join_timeout: Duration::from_secs(10),
@@ -160,6 +164,7 @@ impl RelayConfig {
             compact_updates: self.compact_updates,
             max_room_bytes: self.max_room_bytes,
             resume_grace: self.resume_grace.as_millis() as u64,
+            idle_timeout: self.idle_timeout.as_millis() as u64,
         }
     }
 }

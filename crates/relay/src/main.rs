@@ -83,6 +83,10 @@ mod native {
         /// reconnect keeps its id (a node that stored one is kept for --node-ttl).
         #[arg(long, env = "PM_RESUME_GRACE", default_value_t = 60)]
         resume_grace: u64,
+        /// Seconds a member may send nothing before its connection is taken for dead and closed
+        /// (4005); clients send a heartbeat every 15 s, so keep this well above that. 0: never.
+        #[arg(long, env = "PM_IDLE_TIMEOUT", default_value_t = 45)]
+        idle_timeout: u64,
         /// Frames queued for one connection before it is disconnected as too slow.
         #[arg(long, env = "PM_SEND_QUEUE", default_value_t = 4_096,
               value_parser = clap::value_parser!(u32).range(1..))]
@@ -187,6 +191,7 @@ mod native {
             node_ttl: Duration::from_secs(args.node_ttl),
             apply_budget: Duration::from_millis(args.apply_budget),
             resume_grace: Duration::from_secs(args.resume_grace),
+            idle_timeout: Duration::from_secs(args.idle_timeout),
             send_queue: args.send_queue as usize,
             send_queue_bytes: args.send_queue_bytes as usize,
             join_timeout: Duration::from_secs(args.join_timeout),

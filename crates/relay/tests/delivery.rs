@@ -275,3 +275,93 @@ async fn a_real_editing_trace_through_the_relay_raises_no_desync() {
         assert!(desyncs.is_empty(), "{desyncs:?}");
     }
 }
+
+/// A network that goes away without closing the socket (a laptop that sleeps, a NAT that
+/// forgets the connection): neither end hears of it. The client gives the silent connection up
+/// after two heartbeats without an answer, says why, and reconnects; the edit it made meanwhile
+/// arrives. Without heartbeats it sat in flight, status `open`, until TCP gave up.
+#[tokio::test]
+async fn an_edit_made_on_a_connection_gone_silent_arrives_after_the_client_gives_it_up() {
+    let server = start("silent", |_| {}).await;
+    let proxy = Proxy::start(server.addr).await;
+    let mut config = session("silent", "a");
+    config.heartbeat = 500;
+    let mut a = Client::connect(&proxy.url(), config).await.unwrap();
+    let b = Client::connect(&server.url(), session("silent", "b"))
+        .await
+        .unwrap();
+    a.insert(TEXT, 0, "before ").unwrap();
+    until("the first edit", Duration::from_secs(10), || {
+        b.text(TEXT) == "before "
+    })
+    .await;
+    a.take_events();
+    proxy.freeze();
+    let frozen = Instant::now();
+    a.insert(TEXT, 7, "after").unwrap();
+    let events = a
+        .events_until(Duration::from_secs(10), |e| {
+            matches!(
+                e,
+                Event::Status {
+                    status: Status::Reconnecting,
+                    ..
+                }
+            )
+        })
+        .await
+        .unwrap();
+    let Some(Event::Status {
+        reason: Some(reason),
+        ..
+    }) = events.last()
+    else {
+        panic!("a reconnecting status with a reason: {events:?}");
+    };
+    assert!(reason.contains("nothing came from the relay"), "{reason}");
+    until(
+        "the edit made on the silent connection",
+        Duration::from_secs(10),
+        || b.text(TEXT) == "before after",
+    )
+    .await;
+    println!(
+        "the edit made on a silent connection arrived {:?} after the network went silent",
+        frozen.elapsed()
+    );
+    a.settled(Duration::from_secs(10)).await.unwrap();
+}
+
+/// A member whose network went away without closing its socket is closed once the relay has
+/// heard nothing from it for the idle timeout, and its peers see it leave; a member that sends
+/// heartbeats stays.
+#[tokio::test]
+async fn the_relay_closes_a_member_it_hears_nothing_from_and_its_peers_see_it_leave() {
+    use common::{join, join_at};
+    use pattern_mesh_core::wire::Frame;
+    let server = start("ghost", |c| c.idle_timeout = Duration::from_secs(2)).await;
+    let proxy = Proxy::start(server.addr).await;
+    let mut a = join(&server, "ghost", 0, None).await;
+    let ghost = join_at(&proxy.url(), "ghost", 0, 0, None).await;
+    a.recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == ghost.node))
+        .await;
+    proxy.freeze();
+    let frozen = Instant::now();
+    // `a` keeps its own connection alive with a heartbeat every 300 ms.
+    'waiting: loop {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(10),
+            "the silent member never left"
+        );
+        a.send(&Frame::Heartbeat).await;
+        let beat = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(next) = tokio::time::timeout_at(beat, a.conn.recv()).await {
+            match next.expect("a's connection stays open") {
+                p if p.frame == (Frame::PeerLeft { node: ghost.node }) => break 'waiting,
+                p => assert_eq!(p.frame, Frame::Heartbeat, "only answers come"),
+            }
+        }
+    }
+    let gone = frozen.elapsed();
+    println!("the silent member left its peers' view {gone:?} after its network went silent");
+}

@@ -29,6 +29,9 @@ pub const REPLACED: u16 = 4002;
 pub const FORBIDDEN: u16 = 4003;
 /// The access token expired, at the join or during the connection: reconnect with a fresh one.
 pub const TOKEN_EXPIRED: u16 = 4004;
+/// Nothing came from the connection for the relay's idle timeout (not even a heartbeat): it
+/// is taken for dead. Reconnect.
+pub const SILENT: u16 = 4005;
 
 /// The longest close reason a WebSocket close frame carries, in bytes.
 pub const MAX_REASON: usize = 123;

@@ -163,6 +163,9 @@ pub enum Kind {
     Rename = 0x0c,
     /// Relay to client: a peer changed its display name.
     PeerRenamed = 0x0d,
+    /// Either way: the connection is alive. A client sends one at a fixed interval; the relay
+    /// answers each with one.
+    Heartbeat = 0x0e,
     /// Stamped: application data as JSON.
     Data = 0x10,
     /// Stamped: a Yjs v1 document update.
@@ -200,6 +203,7 @@ impl Kind {
             0x0b => Self::Snapshot,
             0x0c => Self::Rename,
             0x0d => Self::PeerRenamed,
+            0x0e => Self::Heartbeat,
             0x10 => Self::Data,
             0x11 => Self::Update,
             0x12 => Self::Checkpoint,
@@ -231,6 +235,7 @@ impl Kind {
             Kind::Snapshot => "snapshot",
             Kind::Rename => "rename",
             Kind::PeerRenamed => "peerRenamed",
+            Kind::Heartbeat => "heartbeat",
             Kind::Data => "data",
             Kind::Update => "update",
             Kind::Checkpoint => "checkpoint",
@@ -715,6 +720,11 @@ pub enum Frame {
         /// The peer, with its new name.
         peer: Peer,
     },
+    /// The connection is alive (either way, no body): a client sends one every
+    /// [`crate::session::SessionConfig::heartbeat`] milliseconds, and the relay answers each
+    /// with one. Each side takes a connection it has heard nothing from for long enough for
+    /// dead (a network that went away without closing it).
+    Heartbeat,
     /// The relay's compaction of a document, from the room log (it always carries a position):
     /// every update logged before it, merged. A client applies it like an update. Only the
     /// relay writes one; it is refused from a client.
@@ -749,6 +759,7 @@ impl Frame {
             Frame::Fence { .. } => Kind::Fence,
             Frame::Rename { .. } => Kind::Rename,
             Frame::PeerRenamed { .. } => Kind::PeerRenamed,
+            Frame::Heartbeat => Kind::Heartbeat,
             Frame::Snapshot { .. } => Kind::Snapshot,
             Frame::Stamped(s) => s.body.kind(),
         }
@@ -851,6 +862,7 @@ impl Frame {
                 w.bytes(bytes);
             }
             Frame::Fence { step } => w.var(*step),
+            Frame::Heartbeat => {}
             Frame::Rename { name } => w.str(name),
             Frame::PeerRenamed { peer } => {
                 w.var(peer.node);
@@ -1030,6 +1042,7 @@ impl Frame {
             Kind::Fence => Frame::Fence {
                 step: r.var("step")?,
             },
+            Kind::Heartbeat => Frame::Heartbeat,
             Kind::Rename => Frame::Rename {
                 name: r.str("name", limits.max_name)?,
             },
@@ -1342,6 +1355,7 @@ mod tests {
                 bytes: vec![5; 100],
             },
             Frame::Fence { step: 77 },
+            Frame::Heartbeat,
             Frame::Rename {
                 name: "grace".into(),
             },

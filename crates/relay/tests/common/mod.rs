@@ -373,6 +373,8 @@ pub struct Proxy {
     target: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
     links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// Bumped by [`Proxy::freeze`]: the links open then go silent.
+    frozen: tokio::sync::watch::Sender<u64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -392,8 +394,10 @@ impl Proxy {
         let target = Arc::new(Mutex::new(target));
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let links: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (frozen, _) = tokio::sync::watch::channel(0u64);
         let accept = {
             let (target, down, links) = (target.clone(), down.clone(), links.clone());
+            let frozen = frozen.clone();
             tokio::spawn(async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     if down.load(Ordering::SeqCst) {
@@ -401,15 +405,27 @@ impl Proxy {
                         continue;
                     }
                     let to = *target.lock().unwrap();
+                    let mut freeze = frozen.subscribe();
                     let link = tokio::spawn(async move {
                         if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
                             let _ = inbound.set_nodelay(true);
                             let _ = outbound.set_nodelay(true);
-                            if uplink.is_zero() {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
-                                    .await;
-                            } else {
-                                delayed(inbound, outbound, uplink).await;
+                            let copy = async {
+                                if uplink.is_zero() {
+                                    let _ =
+                                        tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                            .await;
+                                } else {
+                                    let (a, b) = (&mut inbound, &mut outbound);
+                                    delayed(a, b, uplink).await;
+                                }
+                            };
+                            tokio::select! {
+                                () = copy => {}
+                                _ = freeze.changed() => {
+                                    // Silent: both sockets stay open, and nothing passes.
+                                    std::future::pending::<()>().await;
+                                }
                             }
                         }
                     });
@@ -422,6 +438,7 @@ impl Proxy {
             target,
             down,
             links,
+            frozen,
             accept,
         }
     }
@@ -441,6 +458,13 @@ impl Proxy {
         }
     }
 
+    /// The connections through the proxy go silent, as a network that went away without
+    /// closing them (a laptop that slept): both sockets stay open and nothing more passes on
+    /// them, either way. New connections pass.
+    pub fn freeze(&self) {
+        self.frozen.send_modify(|n| *n += 1);
+    }
+
     /// Points new connections at another relay.
     pub fn retarget(&self, target: std::net::SocketAddr) {
         *self.target.lock().unwrap() = target;
@@ -448,10 +472,14 @@ impl Proxy {
 }
 
 /// Copies both ways, holding what `client` sends for `uplink`.
-async fn delayed(client: tokio::net::TcpStream, relay: tokio::net::TcpStream, uplink: Duration) {
+async fn delayed(
+    client: &mut tokio::net::TcpStream,
+    relay: &mut tokio::net::TcpStream,
+    uplink: Duration,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut relay_read, mut relay_write) = relay.into_split();
+    let (mut client_read, mut client_write) = client.split();
+    let (mut relay_read, mut relay_write) = relay.split();
     let (held, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let up = async move {
         let mut buf = vec![0; 64 * 1024];
