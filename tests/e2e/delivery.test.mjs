@@ -53,15 +53,20 @@ after(async () => {
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
-/** A TCP proxy to the relay that the test can cut: a page behind it goes offline. */
+/**
+ * A TCP proxy to the relay that the test can cut (a page behind it goes offline) or freeze (its
+ * connections go silent without closing, as when a laptop sleeps).
+ */
 async function proxy() {
   const sockets = new Set();
+  const links = new Set();
   let down = false;
   const server = createServer((inbound) => {
     if (down) return inbound.destroy();
     const outbound = connect(port, "127.0.0.1");
     for (const s of [inbound, outbound]) { sockets.add(s); s.on("close", () => sockets.delete(s)); s.on("error", () => {}); }
     inbound.pipe(outbound).pipe(inbound);
+    links.add([inbound, outbound]);
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   return {
@@ -69,6 +74,16 @@ async function proxy() {
     setDown(value) {
       down = value;
       if (value) for (const s of sockets) s.destroy();
+    },
+    /** The connections open now pass nothing more, either way, and stay open; new ones pass. */
+    freeze() {
+      for (const [inbound, outbound] of links) {
+        inbound.unpipe(outbound);
+        outbound.unpipe(inbound);
+        inbound.pause();
+        outbound.pause();
+      }
+      links.clear();
     },
     close: () => { down = true; for (const s of sockets) s.destroy(); server.close(); },
   };
@@ -182,6 +197,35 @@ test("a tab that typed 400 characters offline delivers all of them within second
   await until("the offline typing", async () => (await length(b)) === 407 || await length(b), 20_000);
   console.log(`RESULT offline-400 ms_after_back=${Date.now() - back}`);
   cut.close();
+  await Promise.all([a.close(), b.close()]);
+});
+
+test("an edit made after the tab's connection went silent (a laptop that slept) reaches the other tab once the client gives the connection up", async (t) => {
+  const room = `e2e-silent-${Date.now()}`;
+  const cut = await proxy();
+  t.after(() => cut.close());
+  const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  t.after(() => profile.close());
+  const a = await editorIn(profile, room, cut);
+  const b = await open(`textarea.html?room=${room}`);
+  await a.evaluate(() => {
+    window.statuses = [];
+    window.meshClient.on("status", (status, reason) => window.statuses.push([status, reason ?? null]));
+  });
+  await a.focus("#editor");
+  await a.keyboard.type("before ");
+  await until("the first words", async () => (await b.evaluate(() => window.meshText.toString())) === "before ");
+  cut.freeze();
+  const frozen = Date.now();
+  await a.keyboard.type("after");
+  // The default heartbeat: every 15 s, and a connection that brings nothing for 30 s is dropped.
+  await until("the edit made on the silent connection", async () => (await b.evaluate(() => window.meshText.toString())) === "before after" || await b.evaluate(() => window.meshText.toString()), 60_000);
+  console.log(`RESULT silent-connection ms_after_silence=${Date.now() - frozen}`);
+  const statuses = await a.evaluate(() => window.statuses);
+  assert.ok(statuses.some(([status, reason]) => status === "reconnecting" && reason?.includes("nothing came from the relay")), JSON.stringify(statuses));
+  assert.equal(await a.evaluate(() => window.meshClient.status), "open");
+  await until("a's outbox empties", async () => (await a.evaluate(() => window.meshClient.pendingCount)) === 0, 10_000);
+  for (const p of [a, b]) assert.deepEqual(p.problems, []);
   await Promise.all([a.close(), b.close()]);
 });
 
