@@ -150,7 +150,7 @@ export interface MeshClientOptions {
   config?: RoomConfig;
   /** How long `connect` may try, in milliseconds, before it rejects with a `ConnectError` (default 10000). */
   connectTimeout?: number;
-  /** Milliseconds between the heartbeats the client sends while joined, which the relay answers (default 15000). A connection that brings nothing for twice as long (a network that went away without closing it: a laptop that slept, a changed Wi-Fi) is dropped with a `reconnecting` status that says so, and opened again. 0: no heartbeats (the relay then closes the connection after its idle timeout, 45 s by default, unless other frames keep it busy). */
+  /** Milliseconds between the heartbeats the client sends while joined, which the relay answers (default 15000). A connection that brings nothing for as long after a heartbeat went out (a network that went away without closing it: a laptop that slept, a changed Wi-Fi) is dropped with a `reconnecting` status that says so, and opened again. 0: no heartbeats (the relay then closes the connection after its idle timeout, 90 s by default, unless other frames keep it busy). */
   heartbeat?: number;
   /** The WebSocket class to connect with (default: the global one). Node before 22 has none: pass the `ws` package's. */
   WebSocket?: new (url: string) => unknown;

@@ -90,7 +90,7 @@ pub struct RoomLimits {
     /// has nothing to protect, and after this it gets a new id).
     pub resume_grace: u64,
     /// Milliseconds a member may stay silent (no frame at all: clients send a heartbeat every
-    /// 15 s) before the room takes its connection for dead and closes it
+    /// 15 s, though a hidden tab's timers may fire only once a minute) before the room takes its connection for dead and closes it
     /// ([`close::SILENT`]). 0: never.
     pub idle_timeout: u64,
 }
@@ -109,7 +109,7 @@ impl Default for RoomLimits {
             compact_updates: 10_000,
             max_room_bytes: 1 << 30,
             resume_grace: 60_000,
-            idle_timeout: 45_000,
+            idle_timeout: 90_000,
         }
     }
 }

@@ -135,7 +135,7 @@ impl Default for RelayConfig {
             node_ttl: Duration::from_secs(30 * 24 * 3_600),
             apply_budget: Duration::from_secs(2),
             resume_grace: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(45),
+            idle_timeout: Duration::from_secs(90),
             send_queue: 4_096,
             send_queue_bytes: 16 << 20,
             join_timeout: Duration::from_secs(10),

@@ -84,8 +84,9 @@ mod native {
         #[arg(long, env = "PM_RESUME_GRACE", default_value_t = 60)]
         resume_grace: u64,
         /// Seconds a member may send nothing before its connection is taken for dead and closed
-        /// (4005); clients send a heartbeat every 15 s, so keep this well above that. 0: never.
-        #[arg(long, env = "PM_IDLE_TIMEOUT", default_value_t = 45)]
+        /// (4005); clients send a heartbeat every 15 s (a hidden tab's timers may fire only once
+        /// a minute), so keep this well above that. 0: never.
+        #[arg(long, env = "PM_IDLE_TIMEOUT", default_value_t = 90)]
         idle_timeout: u64,
         /// Frames queued for one connection before it is disconnected as too slow.
         #[arg(long, env = "PM_SEND_QUEUE", default_value_t = 4_096,
