@@ -260,8 +260,11 @@ struct Driver {
     /// What the panic hook needs of this client (see `fatal`).
     registration: Registration,
     timer_at: Option<u64>,
-    /// The clock: milliseconds of `Date.now()`, never going back.
+    /// The clock: milliseconds of `Date.now()` plus `skew`, never going back. When the system
+    /// clock steps back, `skew` takes the step, so that the clock goes on from where it was
+    /// (frozen instead, it would hold up heartbeats and retries for as long as the step).
     last_now: Cell<u64>,
+    skew: Cell<u64>,
     #[cfg(feature = "document")]
     observed: HashMap<String, u64>,
     #[cfg(feature = "document")]
@@ -328,7 +331,12 @@ impl Driver {
     }
 
     fn now(&self) -> u64 {
-        let now = (js_sys::Date::now() as u64).max(self.last_now.get());
+        let raw = (js_sys::Date::now() as u64).saturating_add(self.skew.get());
+        let last = self.last_now.get();
+        if raw < last {
+            self.skew.set(self.skew.get() + (last - raw));
+        }
+        let now = raw.max(last);
         self.last_now.set(now);
         now
     }
@@ -1116,6 +1124,7 @@ impl MeshClient {
             registration: register(),
             timer_at: None,
             last_now: Cell::new(now),
+            skew: Cell::new(0),
             #[cfg(feature = "document")]
             observed: HashMap::new(),
             #[cfg(feature = "document")]

@@ -548,8 +548,8 @@ test("the client refuses bad options and arguments by name, and every change aft
     return r;
   }, `e2e-strict-${Date.now()}`);
   assert.deepEqual(result, {
-    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, WebSocket, on, persist, token, document',
-    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, WebSocket, on, persist, token, document, got the number 42",
+    misspelled: 'InvalidArgument: the options has an unknown key "nmae"; the accepted keys are url, room, name, config, connectTimeout, heartbeat, WebSocket, on, persist, token, document',
+    notObject: "InvalidArgument: the options must be an object with url, room, name, config, connectTimeout, heartbeat, WebSocket, on, persist, token, document, got the number 42",
     roomType: "InvalidArgument: room must be a string, got the number 7",
     timeoutType: 'InvalidArgument: connectTimeout must be an integer from 0 to 4294967295, got the string "soon"',
     documentEmpty: "InvalidArgument: document.applyUpdate must be a function, got undefined",

@@ -30,6 +30,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// The longest the client's driver waits for the socket to open or to take a frame: a network
+/// gone silent must not hold up the session's timers. (The relay lets a peer that reads
+/// nothing go after as long.)
+const STALL: Duration = Duration::from_secs(30);
+
+/// The longest it waits for a close to go out.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -536,21 +544,35 @@ async fn drive(shared: Arc<Shared>, urls: Vec<String>, events: mpsc::UnboundedSe
             let Some(output) = output else { break };
             let url = urls[relay.min(urls.len() - 1)].as_str();
             match output {
-                Output::Connect => match tokio_tungstenite::connect_async(url).await {
-                    Ok((ws, _)) => {
-                        socket = Some(ws);
-                        let now = shared.now();
-                        shared.session().handle_connected(now);
+                // Every socket operation is bounded in time: awaited here, one that hangs on a
+                // network gone silent would hold up the session's timers (its heartbeats).
+                Output::Connect => {
+                    match tokio::time::timeout(STALL, tokio_tungstenite::connect_async(url))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(tokio_tungstenite::tungstenite::Error::Io(
+                                std::io::ErrorKind::TimedOut.into(),
+                            ))
+                        }) {
+                        Ok((ws, _)) => {
+                            socket = Some(ws);
+                            let now = shared.now();
+                            shared.session().handle_connected(now);
+                        }
+                        Err(e) => {
+                            let now = shared.now();
+                            let reason = format!("could not connect: {e}");
+                            shared.session().handle_closed(now, 1006, &reason);
+                        }
                     }
-                    Err(e) => {
-                        let now = shared.now();
-                        let reason = format!("could not connect: {e}");
-                        shared.session().handle_closed(now, 1006, &reason);
-                    }
-                },
+                }
                 Output::Send(bytes) => {
                     let failed = match socket.as_mut() {
-                        Some(ws) => ws.send(Message::Binary(bytes.into())).await.is_err(),
+                        Some(ws) => !matches!(
+                            tokio::time::timeout(STALL, ws.send(Message::Binary(bytes.into())))
+                                .await,
+                            Ok(Ok(()))
+                        ),
                         None => false,
                     };
                     if failed {
@@ -567,7 +589,7 @@ async fn drive(shared: Arc<Shared>, urls: Vec<String>, events: mpsc::UnboundedSe
                             code: code.into(),
                             reason: reason.into(),
                         };
-                        let _ = ws.close(Some(frame)).await;
+                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(Some(frame))).await;
                     }
                 }
                 // This client keeps nothing in storage: its sessions are not `persist`.

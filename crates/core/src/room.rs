@@ -141,7 +141,8 @@ pub struct Reader {
 /// What a [`Reader`] made of one binary message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Read {
-    /// A part of a message still in progress: nothing for the room yet.
+    /// A part of a message still in progress, or anything else that shows the connection is
+    /// alive (the driver wrote to it): nothing for the room but that.
     Pending,
     /// A whole frame, with the bytes it came in (the whole message, for parts) and its cost in
     /// frames for the rate limit.
@@ -947,6 +948,21 @@ impl RoomCore {
             ..self.limits.limits
         };
         match Frame::decode_with(&entry.bytes, &limits) {
+            Ok(Frame::PeerJoined { peer }) if self.is_member_here(peer.node) => {
+                // Its client went to another relay while its connection here is still open: one
+                // it gave up (gone silent), which this room closes in time. Noted, so that the
+                // members here do not hear then that it left. (A `PeerLeft` of that relay, or
+                // the node's return here, ends it.)
+                self.remote.insert(
+                    peer.node,
+                    Remote {
+                        relay: entry.relay,
+                        name: peer.name,
+                        presence: None,
+                    },
+                );
+                return;
+            }
             Ok(Frame::PeerJoined { peer } | Frame::PeerRenamed { peer }) => {
                 if self.is_member_here(peer.node) {
                     return;
@@ -1398,10 +1414,13 @@ impl RoomCore {
             }
         }
         let left = Bytes::from(Frame::PeerLeft { node: member.node }.encode());
-        self.outputs.push_back(Output::Fanout {
-            except: None,
-            bytes: left.clone(),
-        });
+        // A node that joined another relay since is still there for the members here.
+        if !self.remote.contains_key(&member.node) {
+            self.outputs.push_back(Output::Fanout {
+                except: None,
+                bytes: left.clone(),
+            });
+        }
         self.publish(None, 0, left, Some(Roster::Left(member.node)));
     }
 
@@ -1449,10 +1468,11 @@ impl RoomCore {
             outputs: self.outputs.len(),
             pending: self.pending.len(),
         });
-        self.tick(now);
+        // Heard before the look for silent members that `tick` may make: this frame counts.
         if let Some(member) = self.members.get_mut(&conn) {
-            member.heard = self.now;
+            member.heard = now.max(self.now);
         }
+        self.tick(now);
         let (positioned, bytes, cost) = match read {
             Read::Pending => return,
             Read::Refused {
@@ -1498,6 +1518,11 @@ impl RoomCore {
             .nodes
             .get_mut(&node)
             .is_some_and(|state| state.rate.try_take_n(cost, now));
+        if !passed && positioned.frame == Frame::Heartbeat {
+            // Heard, and not answered: a refusal would open a gap that the client's stamped
+            // frames then fall into, for a frame that only says it is alive.
+            return;
+        }
         if !passed {
             let detail = format!(
                 "over {} frames per second; this message was not stored: send it again later",
@@ -2314,6 +2339,75 @@ mod tests {
         room.tick(3_600_000);
         assert_eq!(room.members(), 1);
         assert_eq!(room.next_deadline(), None);
+    }
+
+    /// A heartbeat over the rate limit is heard and not answered: it is never refused, since a
+    /// refusal would stop the member's stamped frames until its fence.
+    #[test]
+    fn a_heartbeat_over_the_rate_goes_unanswered_and_opens_no_gap() {
+        let mut room = with_limits(RoomLimits {
+            rate: 1,
+            burst: 1,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let heartbeat = Bytes::from(Frame::Heartbeat.encode());
+        send(&mut room, 0, 1, heartbeat.clone());
+        assert_eq!(sent_to(&outputs(&mut room), 1), [Frame::Heartbeat]);
+        send(&mut room, 0, 1, heartbeat);
+        assert_eq!(outputs(&mut room), [], "neither answered nor refused");
+        // Once the bucket refills, a stamped frame is taken: no gap was opened.
+        send(&mut room, 2_000, 1, data(a.node, 1));
+        let out = outputs(&mut room);
+        assert!(matches!(out.as_slice(), [Output::Append(_)]), "{out:?}");
+    }
+
+    /// In a shared room, a client that gave up its connection here (gone silent) and joined
+    /// another relay is still a peer: when this room closes the silent connection, its members
+    /// do not hear that the node left.
+    #[test]
+    fn a_silent_connection_whose_node_joined_another_relay_closes_without_a_leave() {
+        let mut room = with_limits(RoomLimits {
+            idle_timeout: 10_000,
+            ..RoomLimits::default()
+        });
+        room.share();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        let joined = Relayed {
+            relay: 9,
+            after: 0,
+            to: None,
+            high: 0,
+            bytes: Bytes::from(
+                Frame::PeerJoined {
+                    peer: Peer {
+                        node: a.node,
+                        name: "a".into(),
+                    },
+                }
+                .encode(),
+            ),
+        };
+        room.followed(5_000, &[], &[joined], true);
+        send(&mut room, 9_000, 2, Bytes::from(Frame::Heartbeat.encode()));
+        room.tick(12_000);
+        let out = outputs(&mut room);
+        assert!(
+            out.iter().any(
+                |o| matches!(o, Output::Close { conn: 1, code, .. } if *code == close::SILENT)
+            ),
+            "{out:?}"
+        );
+        let left = Frame::PeerLeft { node: a.node }.encode();
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Fanout { bytes, .. } if *bytes == left)),
+            "the members here still see it: {out:?}"
+        );
+        assert_eq!(room.members(), 1);
     }
 
     /// The relay holds each member's latest presence in memory and gives a late joiner those of

@@ -87,8 +87,9 @@ pub struct SessionConfig {
     /// each). A connection that brings nothing for this long after a heartbeat went out
     /// (between one and two heartbeats after its last frame) is taken for dead: the session
     /// drops it and reconnects. A relay closes a member it has heard nothing from for its idle
-    /// timeout (90 s by default), so this must stay well under that. 0: no heartbeats, and a
-    /// silent connection is never given up.
+    /// timeout (90 s by default), so this must stay well under that. 0: no heartbeats: a
+    /// silent connection is never given up, and the relay closes one that sends nothing else
+    /// for its idle timeout (the session then reconnects).
     pub heartbeat: u64,
 }
 

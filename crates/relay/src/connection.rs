@@ -43,6 +43,27 @@ impl Drop for Gauge {
 /// let go, during its catch-up as in the live loop.
 const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// While the connection's task writes it does not read, and the room hears nothing from the
+/// member, not even its heartbeats (a long catch-up; a large batch on a slow link). A write the
+/// peer had to drain first shows it is alive (one to a dead peer stalls instead, for
+/// [`WRITE_STALL`]): the room hears that, at most this often.
+const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A write that took at least this long waited for the peer to read.
+const WAITED: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Tells the room that `conn` is alive, if it was not told in the last [`ALIVE_EVERY`]; never
+/// waits for the room.
+fn alive(commands: &mpsc::Sender<Command>, conn: ConnId, told: &mut std::time::Instant) {
+    if told.elapsed() >= ALIVE_EVERY {
+        *told = std::time::Instant::now();
+        let _ = commands.try_send(Command::Frame {
+            conn,
+            read: Read::Pending,
+        });
+    }
+}
+
 /// Whether `write` completed within [`WRITE_STALL`].
 async fn within_stall<E>(write: impl Future<Output = Result<(), E>>) -> bool {
     matches!(tokio::time::timeout(WRITE_STALL, write).await, Ok(Ok(())))
@@ -282,6 +303,7 @@ async fn handshake(
         }
     }
     let mut after = joined.from;
+    let mut told = std::time::Instant::now();
     while after < joined.until {
         let page = match relay
             .store
@@ -320,6 +342,8 @@ async fn handshake(
         if !within_stall(socket.flush()).await {
             return None;
         }
+        // Nothing is read until the catch-up is out: each page it took counts.
+        alive(&commands, conn, &mut told);
     }
     if !send(&mut socket, relay, joined.caught_up).await {
         return None;
@@ -368,6 +392,7 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
     // Parts are put together and frames decoded here, in the connection's own task: the room's
     // task, which every frame of the room passes through, only decides.
     let mut reader = Reader::new(relay.config.limits);
+    let mut told = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stopping(&mut shutdown) => {
@@ -382,8 +407,12 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
             outgoing = queue.recv() => match outgoing {
                 Some(bytes) => {
                     // Write what is queued in one go: one flush (one system call) for many frames.
+                    let started = std::time::Instant::now();
                     if !send_batch(&mut socket, &relay, bytes, &mut queue).await {
                         return;
+                    }
+                    if started.elapsed() >= WAITED {
+                        alive(&commands, conn, &mut told);
                     }
                 }
                 None => {
@@ -419,17 +448,22 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                     // A part of a large message: the room only hears that the member is alive.
                     Read::Pending => Read::Pending,
                     // The address's budget, shared by all its connections. A fence is free: it
-                    // must never be what keeps a refused message from being sent again.
+                    // must never be what keeps a refused message from being sent again. A
+                    // heartbeat over it is heard and not answered: refused, it would open a gap.
                     Read::Frame { frame, cost, .. }
                         if !matches!(frame.frame, Frame::Fence { .. })
                             && !peer.take(cost, relay.now_ms()) =>
                     {
-                        Read::Throttled {
-                            step: frame.frame.stamp().map_or(0, |s| s.step),
-                            detail: format!(
-                                "over {} frames per second from this address; this message was not stored: send it again later",
-                                relay.config.ip_rate
-                            ),
+                        if frame.frame == Frame::Heartbeat {
+                            Read::Pending
+                        } else {
+                            Read::Throttled {
+                                step: frame.frame.stamp().map_or(0, |s| s.step),
+                                detail: format!(
+                                    "over {} frames per second from this address; this message was not stored: send it again later",
+                                    relay.config.ip_rate
+                                ),
+                            }
                         }
                     }
                     read => read,

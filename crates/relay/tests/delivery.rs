@@ -278,7 +278,7 @@ async fn a_real_editing_trace_through_the_relay_raises_no_desync() {
 
 /// A network that goes away without closing the socket (a laptop that sleeps, a NAT that
 /// forgets the connection): neither end hears of it. The client gives the silent connection up
-/// after two heartbeats without an answer, says why, and reconnects; the edit it made meanwhile
+/// a heartbeat's time after a heartbeat went unanswered, says why, and reconnects; the edit it made meanwhile
 /// arrives. Without heartbeats it sat in flight, status `open`, until TCP gave up.
 #[tokio::test]
 async fn an_edit_made_on_a_connection_gone_silent_arrives_after_the_client_gives_it_up() {
