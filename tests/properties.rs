@@ -53,6 +53,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 log: since / 3,
                 resume,
                 config: config.then(RoomConfig::default),
+                floor: since % 2 == 0,
             }
         ),
         (
@@ -72,6 +73,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                     .into_iter()
                     .map(|(node, name)| Peer { node, name })
                     .collect(),
+                floor: (high % 2 == 0).then_some(high / 3),
             }),
         (int(), prop::sample::select(Reason::ALL.to_vec()), ".{0,30}").prop_map(
             |(step, reason, detail)| Frame::Reject {

@@ -600,6 +600,7 @@ impl Sim {
                 since,
                 log,
                 resume,
+                floor,
                 ..
             }) = Frame::decode(&bytes)
             else {
@@ -625,6 +626,7 @@ impl Sim {
                 resume,
                 stored,
                 access: room::Access::OPEN,
+                floor,
             };
             match core.join(self.now, conn, request, fresh) {
                 Err(refused) => self.cut(relay, conn, refused.code, &refused.reason),

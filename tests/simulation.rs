@@ -1321,6 +1321,7 @@ impl Sim {
                 since,
                 log,
                 resume,
+                floor,
                 ..
             }) = Frame::decode(&bytes)
             else {
@@ -1359,6 +1360,7 @@ impl Sim {
                     write: self.scenario.read_only != Some(client),
                     fixed_name: false,
                 },
+                floor,
             };
             match core.join(self.now, conn, request, fresh) {
                 Err(refused) => {
@@ -1421,6 +1423,7 @@ impl Sim {
                 high,
                 log,
                 peers,
+                floor,
             }) if factor > 1 => {
                 limits.rate *= factor;
                 limits.burst *= factor;
@@ -1433,6 +1436,7 @@ impl Sim {
                         high,
                         log,
                         peers,
+                        floor,
                     }
                     .encode(),
                 )
@@ -2100,6 +2104,38 @@ fn a_relay_that_forgot_the_node_gets_the_outbox_under_the_new_identity() {
     )];
     let sim = run_scenario("forgotten node", scenario);
     assert_eq!(sim.clients[1].session.replica().len(TEXT), 100);
+}
+
+/// A tab with storage closes and opens again, over and over, in a quiet room. A restored
+/// session starts its clock at the ceiling it stored, above every step it may have stamped, and
+/// stores a ceiling above that one; the welcome's floor brings the clock back to the room.
+/// Without it each reopening put the tab up to 100 steps further ahead of the room, and after
+/// ten the relay refused all it stamped as `futureStep`.
+#[test]
+fn a_tab_reopened_again_and_again_still_writes() {
+    let mut scenario = Scenario::quiet(2);
+    scenario.persist = true;
+    scenario.faults = (0..15)
+        .map(|i| {
+            (
+                1_000 + i * 2_000,
+                Fault::Reopen {
+                    client: 0,
+                    down: 500,
+                },
+            )
+        })
+        .collect();
+    scenario.script = vec![(
+        40_000,
+        0,
+        Script::Type {
+            chars: 20,
+            every: 10,
+        },
+    )];
+    let sim = run_scenario("reopened tab", scenario);
+    assert_eq!(sim.clients[1].session.replica().len(TEXT), 20);
 }
 
 #[test]

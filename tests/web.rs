@@ -340,6 +340,7 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
             log: 3,
             resume: Some([7; 16]),
             config: Some(RoomConfig::default()),
+            floor: true,
         },
         Frame::Join {
             room: "r".into(),
@@ -348,6 +349,7 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
             log: 0,
             resume: None,
             config: None,
+            floor: false,
         },
         Frame::Welcome {
             node: 4,
@@ -360,6 +362,7 @@ fn every_frame_kind_survives_decode_and_encode_in_js() {
             high: 100,
             log: 77,
             peers: vec![peer.clone()],
+            floor: Some(250),
         },
         Frame::CaughtUp {
             high: 100,

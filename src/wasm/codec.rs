@@ -164,6 +164,19 @@ impl AnyFrame<'_> {
             .transpose()
     }
 
+    fn bool(&self, key: &str) -> Result<Option<bool>, JsValue> {
+        self.get(key)?
+            .map(|v| {
+                v.as_bool().ok_or_else(|| {
+                    invalid_argument(format!(
+                        "the frame's `{key}` must be a boolean, got {}",
+                        what_it_is(&v)
+                    ))
+                })
+            })
+            .transpose()
+    }
+
     fn string(&self, key: &str) -> Result<Option<String>, JsValue> {
         self.get(key)?
             .map(|v| string_arg(&format!("the frame's `{key}`"), &v))
@@ -273,6 +286,7 @@ impl AnyFrame<'_> {
                 log: self.u64("log")?.unwrap_or(0),
                 resume: self.bytes("resume")?.map(token).transpose()?,
                 config: self.config()?,
+                floor: self.bool("floor")?.unwrap_or(false),
             },
             "welcome" => Frame::Welcome {
                 node: required(self.u64("node")?, "node")?,
@@ -282,6 +296,7 @@ impl AnyFrame<'_> {
                 high: required(self.u64("high")?, "high")?,
                 log: required(self.u64("log")?, "log")?,
                 peers: required(self.peers()?, "peers")?,
+                floor: self.u64("floor")?,
             },
             "caughtUp" => Frame::CaughtUp {
                 high: required(self.u64("high")?, "high")?,
@@ -373,9 +388,19 @@ fn hex(value: Option<&str>, field: &str) -> Result<u64, JsValue> {
 
 /// Every field of every frame kind, for the kinds without a fast path: serialised as a plain
 /// object with `kind` first and only the fields the kind has.
+/// A join's `floor` (whether it asks for one) or a welcome's (the step).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum FloorJs {
+    Asked(bool),
+    Step(u64),
+}
+
 #[derive(Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct FrameJs<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor: Option<FloorJs>,
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     room: Option<&'a str>,
@@ -447,6 +472,7 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             log,
             resume,
             config,
+            floor,
         } => FrameJs {
             room: Some(room),
             name: Some(name),
@@ -454,6 +480,7 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             log: Some(*log),
             resume: resume.as_ref().map(|t| &t[..]),
             config: config.as_ref(),
+            floor: floor.then_some(FloorJs::Asked(true)),
             ..base
         },
         Frame::Welcome {
@@ -464,6 +491,7 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             high,
             log,
             peers,
+            floor,
         } => FrameJs {
             node: Some(*node),
             resume: Some(resume),
@@ -472,6 +500,7 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             high: Some(*high),
             log: Some(*log),
             peers: Some(peers),
+            floor: floor.map(FloorJs::Step),
             ..base
         },
         Frame::CaughtUp { high, position } => FrameJs {

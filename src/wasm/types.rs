@@ -75,8 +75,8 @@ export interface PresenceEntry {
 
 /** One protocol frame; `kind` names the variant. */
 export type Frame =
-  | { kind: "join"; room: string; name: string; since: number; log?: number; resume?: Uint8Array | null; config?: RoomConfig | null }
-  | { kind: "welcome"; node: number; resume: Uint8Array; config: RoomConfig; limits: RelayLimits; high: number; log: number; peers: Peer[] }
+  | { kind: "join"; room: string; name: string; since: number; log?: number; resume?: Uint8Array | null; config?: RoomConfig | null; floor?: boolean }
+  | { kind: "welcome"; node: number; resume: Uint8Array; config: RoomConfig; limits: RelayLimits; high: number; log: number; peers: Peer[]; floor?: number }
   | { kind: "caughtUp"; high: number; position: number }
   | { kind: "peerJoined"; peer: Peer }
   | { kind: "peerLeft"; node: number }

@@ -141,6 +141,7 @@ impl Connection {
             log: options.log,
             resume: options.resume,
             config: options.config,
+            floor: false,
         };
         let mut connection = Connection::open(url, &join).await?;
         let Frame::Welcome {
@@ -151,6 +152,7 @@ impl Connection {
             high,
             log,
             peers,
+            ..
         } = connection.recv().await?.frame
         else {
             return Err(ClientError::Unexpected(

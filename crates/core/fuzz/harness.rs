@@ -197,6 +197,7 @@ pub fn room(data: &[u8]) {
                     resume,
                     stored,
                     access: pattern_mesh_core::room::Access::OPEN,
+                    floor: true,
                 };
                 let fresh = [input.u8().unwrap_or(0); 16];
                 if let Ok(joined) = room.join(now, conn, request, fresh) {

@@ -120,6 +120,12 @@ impl StepClock {
         self.move_to(room_high)
     }
 
+    /// Moves `local` back to `step` (never forward): for a node the relay says may stamp from
+    /// there, whose clock was ahead of the room (restored at a stored ceiling).
+    pub fn rewind(&mut self, step: Step) {
+        self.local = self.local.min(step);
+    }
+
     fn move_to(&mut self, step: Step) -> Advance {
         let from = self.local;
         let to = from.max(step);

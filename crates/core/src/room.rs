@@ -264,6 +264,8 @@ pub struct JoinRequest {
     pub stored: Option<NodeRecord>,
     /// What the member's access token lets it do (the driver checked the token).
     pub access: Access,
+    /// It asked for the welcome's `floor` (see [`Frame::Welcome`]).
+    pub floor: bool,
 }
 
 /// What a member may do, from its access token ([`Access::OPEN`] on a relay without tokens).
@@ -1187,6 +1189,7 @@ impl RoomCore {
             resume,
             stored,
             access,
+            floor,
         } = request;
         if self.stopped {
             return Err(JoinRefused {
@@ -1317,6 +1320,11 @@ impl RoomCore {
             high: self.high,
             log: self.log,
             peers,
+            // Only where it is certain: in a shared room another relay may have taken steps of
+            // the node that this one has not read yet.
+            floor: (floor && !self.shared)
+                .then(|| self.validator.floor(node))
+                .flatten(),
         };
         let caught_up = Frame::CaughtUp {
             high: self.high,
@@ -2174,6 +2182,7 @@ mod tests {
             resume,
             stored: None,
             access: Access::OPEN,
+            floor: true,
         }
     }
 

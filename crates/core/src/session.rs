@@ -1064,6 +1064,7 @@ impl<R: Replica> Session<R> {
             log: self.log,
             resume: self.token,
             config: self.config.room_config,
+            floor: true,
         };
         self.outputs.push_back(Output::Send(join.encode()));
     }
@@ -1394,7 +1395,8 @@ impl<R: Replica> Session<R> {
                 high,
                 log,
                 peers,
-            } => self.on_welcome(now, node, resume, config, limits, (high, log), peers),
+                floor,
+            } => self.on_welcome(now, node, resume, config, limits, (high, log, floor), peers),
             Frame::CaughtUp { position, .. } => {
                 self.position = self.position.max(position);
                 self.on_caught_up(now);
@@ -1499,12 +1501,14 @@ impl<R: Replica> Session<R> {
         resume: ResumeToken,
         config: RoomConfig,
         limits: RelayLimits,
-        (high, log): (Step, u64),
+        (high, log, floor): (Step, u64, Option<Step>),
         peers: Vec<Peer>,
     ) {
         if !matches!(self.link, Link::Joining { .. }) {
             return;
         }
+        // The floor speaks of the node the relay kept: of this one only if it resumed.
+        let floor = floor.filter(|_| self.log == log && self.token == Some(resume));
         if self.log != 0 && self.log != log {
             // Another log: the relay lost the room's history (a new store). Node ids and steps
             // begin again, so the clock and the validator do too; the relay replays the whole
@@ -1571,6 +1575,9 @@ impl<R: Replica> Session<R> {
         self.byte_pacer = byte_pacer(&limits, self.pace, now);
         let advance = self.clock.join(high);
         self.step_event(advance);
+        if let Some(floor) = floor {
+            self.settle_clock(high, floor);
+        }
         // Inserted one by one: `collect` into a map sorts with the standard library's stable sort,
         // kilobytes of wasm for a list the relay sends in order anyway.
         self.peers.clear();
@@ -1618,15 +1625,31 @@ impl<R: Replica> Session<R> {
         }
         self.set_status(Status::Open, None);
         if std::mem::take(&mut self.give_back) {
-            if let Ok(state) = self.replica.diff(&[]) {
-                if state.len() <= self.max_payload() {
+            let kept = match self.replica.diff(&[]) {
+                Ok(state) if state.len() <= self.max_payload() => {
                     self.waiting.push_front(Waiting {
                         body: Body::Update {
                             doc: WHOLE_DOC.into(),
                             update: state,
                         },
                     });
+                    Ok(())
                 }
+                Ok(state) => Err((
+                    Reason::TooLarge,
+                    format!(
+                        "it is {} bytes, and the relay takes {} at most",
+                        state.len(),
+                        self.max_payload()
+                    ),
+                )),
+                Err(e) => Err((Reason::Malformed, e.to_string())),
+            };
+            if let Err((reason, why)) = kept {
+                let detail = format!(
+                    "the relay lost the room's history, and this replica's document could not be given back ({why}): the room's log does not hold it, and members that join from now on do not get it"
+                );
+                self.anomaly(Source::Local, reason, detail, 0, None);
             }
         }
         // A safety net after the log: one peer answers with what it has and this client lacks.
@@ -1753,6 +1776,28 @@ impl<R: Replica> Session<R> {
         self.in_flight
             .remove(i)
             .expect("the index comes from a search of in_flight")
+    }
+
+    /// Brings the clock down to where this node may stamp next, from the welcome's `floor`:
+    /// above every step the relay accepted from it, the room's high step and what it still has
+    /// in flight. A session restored from storage starts at its stored ceiling, which is above
+    /// every step it may have stamped before it closed; left there, each restore would put it
+    /// up to [`STEP_RESERVE`] steps further ahead of the room, until the relay refused all it
+    /// stamps as `futureStep`.
+    fn settle_clock(&mut self, high: Step, floor: Step) {
+        let lowest = self
+            .in_flight
+            .iter()
+            .map(|sent| sent.stamp.step)
+            .fold(high.max(floor), Step::max);
+        if lowest < self.clock.local() {
+            self.clock.rewind(lowest);
+            self.emit(Event::Step {
+                step: lowest,
+                pattern: self.clock.pattern().value(lowest),
+                phase: self.clock.phase(),
+            });
+        }
     }
 
     fn step_event(&mut self, advance: Advance) {
@@ -2204,6 +2249,7 @@ mod tests {
                         name: "p".into(),
                     })
                     .collect(),
+                floor: None,
             });
             self.frame(Frame::CaughtUp {
                 high: 0,
@@ -2280,6 +2326,109 @@ mod tests {
         assert_eq!(again.body, Body::Data { data });
     }
 
+    /// A session restored from storage starts its clock at the ceiling it stored, above every
+    /// step it may have stamped; the welcome's floor (the last step the relay took from it)
+    /// brings the clock back, and it stamps just above that and the room's step.
+    #[test]
+    fn the_welcome_floor_brings_a_restored_clock_back_to_the_room() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config.clone());
+        h.join(2, 1, &[]);
+        h.store();
+        let saved = h.session.saved();
+        assert!(saved.step >= STEP_RESERVE);
+        config.restore = Some(saved.clone());
+        let mut reopened = Harness::with(config);
+        assert_eq!(reopened.session.step(), saved.step);
+        assert!(reopened.pump(), "the session asks to connect");
+        reopened.session.handle_connected(reopened.now);
+        reopened.pump();
+        let join = reopened.sent.pop().unwrap();
+        assert!(matches!(join, Frame::Join { floor: true, .. }), "{join:?}");
+        reopened.frame(Frame::Welcome {
+            node: 2,
+            resume: [1; 16],
+            config: RoomConfig::default(),
+            limits: reopened.relay,
+            high: 10,
+            log: 1,
+            peers: Vec::new(),
+            floor: Some(12),
+        });
+        reopened.frame(Frame::CaughtUp {
+            high: 10,
+            position: 0,
+        });
+        assert_eq!(reopened.session.step(), 12);
+        let data = Json::from_value(&serde_json::json!({ "n": 1 })).unwrap();
+        reopened.session.broadcast(reopened.now, data).unwrap();
+        reopened.pump();
+        reopened.store();
+        let sent = reopened.stamped();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].stamp.step, 13);
+    }
+
+    /// The relay lost the room's history, and this replica's document is larger than the relay
+    /// takes in one message: it cannot be given back, and the application is told so, where
+    /// before it was left out without a word.
+    #[test]
+    fn a_document_too_large_to_give_back_is_reported() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let writer = SharedDoc::with_client_id(9);
+        let update = writer.insert("t", 0, &"x".repeat(10_000)).unwrap();
+        h.frame(Frame::stamped(
+            Stamp {
+                sender: 9,
+                step: 1,
+                pattern: PatternConfig::default().value(1),
+            },
+            Body::Update {
+                doc: "content".into(),
+                update,
+            },
+        ));
+        h.session.handle_closed(h.now, 1006, "the relay restarted");
+        h.pump();
+        h.now += 60_000;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session.handle_connected(h.now);
+        h.pump();
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        h.relay.max_frame = 2_048;
+        h.relay.max_message = 4_096;
+        h.frame(Frame::Welcome {
+            node: 3,
+            resume: [3; 16],
+            config: RoomConfig::default(),
+            limits: h.relay,
+            high: 0,
+            log: 2,
+            peers: Vec::new(),
+            floor: Some(0),
+        });
+        h.frame(Frame::CaughtUp {
+            high: 0,
+            position: 0,
+        });
+        let reported: Vec<Anomaly> = std::iter::from_fn(|| h.session.poll_event())
+            .filter_map(|e| match e {
+                Event::Anomaly(a) if a.reason == Reason::TooLarge => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        assert!(
+            reported[0].detail.contains("could not be given back"),
+            "{}",
+            reported[0].detail
+        );
+        assert!(h.stamped().iter().all(|s| s.body.kind() != Kind::Update));
+    }
+
     /// The relay restarts on an empty store (another log) after this tab stamped at step 1,200:
     /// the steps begin again, and so does the ceiling the tab stores. A ceiling kept from the old
     /// log put a tab reopened from storage 1,300 steps ahead of the new room, where the relay
@@ -2300,6 +2449,7 @@ mod tests {
                 high,
                 log,
                 peers: Vec::new(),
+                floor: None,
             });
             h.frame(Frame::CaughtUp { high, position: 0 });
         };
@@ -2579,6 +2729,7 @@ mod tests {
             high: 0,
             log: 1,
             peers: vec![],
+            floor: None,
         });
         h.frame(Frame::CaughtUp {
             high: 0,

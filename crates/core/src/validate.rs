@@ -130,6 +130,8 @@ impl Counters {
 struct SenderState {
     last_step: Step,
     last_seen_ms: u64,
+    /// `last_step` came from [`Validator::restore`], not from a frame this validator accepted.
+    restored: bool,
 }
 
 /// Applies the rules to stamped frames and keeps the per-sender state they need.
@@ -173,11 +175,27 @@ impl Validator {
         self.senders.get(&sender).map(|s| s.last_step)
     }
 
+    /// The step `sender` must send above, when this validator knows it for certain: its last
+    /// accepted step, or, for a sender not tracked, the highest last step of the evicted
+    /// senders. `None` when the last step came from [`Validator::restore`] and nothing was
+    /// accepted from the sender since: a restored step may miss what was never stored.
+    pub fn floor(&self, sender: NodeId) -> Option<Step> {
+        match self.senders.get(&sender) {
+            Some(s) if s.restored => None,
+            Some(s) => Some(s.last_step),
+            None => Some(self.evicted_floor),
+        }
+    }
+
     /// Restores a sender's last accepted step, from a log that outlived this validator (the
     /// relay after a restart). Keeps the higher of the known and the restored step.
     pub fn restore(&mut self, sender: NodeId, last_step: Step, now_ms: u64) {
-        let known = self.last_step(sender).unwrap_or(0);
-        self.remember(sender, known.max(last_step), now_ms);
+        let (known, live) = self
+            .senders
+            .get(&sender)
+            .map_or((0, false), |s| (s.last_step, !s.restored));
+        let restored = !(live && known >= last_step);
+        self.remember(sender, known.max(last_step), now_ms, restored);
     }
 
     /// Counts a rejection decided elsewhere (a frame that did not decode, a rate limit), so that
@@ -218,7 +236,7 @@ impl Validator {
     ) -> Verdict {
         let verdict = self.judge(stamp, origin, local, floor);
         if verdict.is_accepted() {
-            self.remember(stamp.sender, stamp.step, now_ms);
+            self.remember(stamp.sender, stamp.step, now_ms, false);
         }
         self.counters.count(verdict);
         verdict
@@ -263,7 +281,7 @@ impl Validator {
         Verdict::Accepted
     }
 
-    fn remember(&mut self, sender: NodeId, step: Step, now_ms: u64) {
+    fn remember(&mut self, sender: NodeId, step: Step, now_ms: u64, restored: bool) {
         if !self.senders.contains_key(&sender) && self.senders.len() >= self.config.max_senders {
             self.evict(now_ms);
         }
@@ -272,6 +290,7 @@ impl Validator {
             SenderState {
                 last_step: step,
                 last_seen_ms: now_ms,
+                restored,
             },
         );
     }

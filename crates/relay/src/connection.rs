@@ -235,6 +235,7 @@ async fn handshake(
             log,
             resume,
             config,
+            floor,
         }) => (
             room,
             JoinRequest {
@@ -244,6 +245,7 @@ async fn handshake(
                 resume,
                 stored: None,
                 access: Access::OPEN,
+                floor,
             },
             config,
         ),

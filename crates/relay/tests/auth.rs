@@ -56,6 +56,7 @@ fn join_frame(room: &str) -> Frame {
         log: 0,
         resume: None,
         config: None,
+        floor: false,
     }
 }
 

@@ -248,6 +248,7 @@ async fn joiners_that_do_not_read_a_large_log_cost_little_memory() {
             log: 0,
             resume: None,
             config: None,
+            floor: false,
         };
         joiners.push(
             Connection::open(&format!("ws://{addr}/ws"), &join)

@@ -342,6 +342,7 @@ async fn values_the_store_cannot_hold_are_refused_alone_and_break_no_other_room(
                 max_future,
                 ..RoomConfig::default()
             }),
+            floor: false,
         };
         let (code, reason) = closed_after(&server, &join).await;
         assert_eq!(code, pattern_mesh_core::wire::close::POLICY, "{reason}");

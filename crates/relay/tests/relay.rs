@@ -406,6 +406,7 @@ async fn a_full_room_refuses_another_member_with_1013() {
         log: 0,
         resume: None,
         config: None,
+        floor: false,
     };
     let (code, reason) = closed_after(&server, &join_frame).await;
     assert_eq!(code, close::TRY_AGAIN_LATER);

@@ -634,6 +634,9 @@ pub enum Frame {
         resume: Option<ResumeToken>,
         /// The settings to create the room with, if it does not exist yet.
         config: Option<RoomConfig>,
+        /// Asks for the welcome's `floor`. Encoded as a last flag only when set, so that a join
+        /// without it is the one a client before it sent.
+        floor: bool,
     },
     /// The relay's answer to a join.
     Welcome {
@@ -653,6 +656,14 @@ pub enum Frame {
         log: u64,
         /// The other members present.
         peers: Vec<Peer>,
+        /// When the join asked for it and the relay knows it for certain: the highest step the
+        /// relay accepted from this node, while the relay has held the node since (not after
+        /// it took the node back from its store, or restarted: what was never stored, such as
+        /// signals, is not there). The node stamps above it and above `high`, and need stamp
+        /// no higher: a client restored from storage starts at its stored ceiling, which may be
+        /// far above both. Encoded last, only when present, so that a client that did not ask
+        /// reads the welcome it always did.
+        floor: Option<Step>,
     },
     /// The catch-up replay is complete; what follows is live.
     CaughtUp {
@@ -786,6 +797,7 @@ impl Frame {
                 log,
                 resume,
                 config,
+                floor,
             } => {
                 w.str(room);
                 w.str(name);
@@ -799,6 +811,9 @@ impl Frame {
                 if let Some(config) = config {
                     room_config(&mut w, config);
                 }
+                if *floor {
+                    w.flag(true);
+                }
             }
             Frame::Welcome {
                 node,
@@ -808,6 +823,7 @@ impl Frame {
                 high,
                 log,
                 peers,
+                floor,
             } => {
                 w.var(*node);
                 w.raw(resume);
@@ -824,6 +840,9 @@ impl Frame {
                 for peer in peers {
                     w.var(peer.node);
                     w.str(&peer.name);
+                }
+                if let Some(floor) = floor {
+                    w.var(*floor);
                 }
             }
             Frame::CaughtUp { high, position } => {
@@ -971,6 +990,19 @@ impl Frame {
                     true => Some(read_room_config(&mut r)?),
                     false => None,
                 },
+                // Only a set flag is encoded: a zero here is not a frame any client sends.
+                floor: match r.remaining() {
+                    0 => false,
+                    _ => match r.u8("floor")? {
+                        1 => true,
+                        value => {
+                            return Err(DecodeError::InvalidFlag {
+                                field: "floor",
+                                value,
+                            })
+                        }
+                    },
+                },
             },
             Kind::Welcome => {
                 let node = r.var("node")?;
@@ -995,6 +1027,10 @@ impl Frame {
                         name: r.str("peer.name", limits.max_name)?,
                     });
                 }
+                let floor = match r.remaining() {
+                    0 => None,
+                    _ => Some(r.var("floor")?),
+                };
                 Frame::Welcome {
                     node,
                     resume,
@@ -1003,6 +1039,7 @@ impl Frame {
                     high,
                     log,
                     peers,
+                    floor,
                 }
             }
             Kind::CaughtUp => Frame::CaughtUp {
@@ -1304,6 +1341,7 @@ mod tests {
                     stale_window: Some(20),
                     ..RoomConfig::default()
                 }),
+                floor: true,
             },
             Frame::Join {
                 room: "r".into(),
@@ -1312,6 +1350,7 @@ mod tests {
                 log: 0,
                 resume: None,
                 config: None,
+                floor: false,
             },
             Frame::Welcome {
                 node: 1,
@@ -1324,6 +1363,7 @@ mod tests {
                     node: 2,
                     name: "grace".into(),
                 }],
+                floor: Some(crate::pattern::MAX_SAFE_INTEGER - 1),
             },
             Frame::CaughtUp {
                 high: 10,
@@ -1421,13 +1461,64 @@ mod tests {
     fn every_truncation_is_an_error_not_a_panic() {
         for frame in samples() {
             let bytes = frame.encode();
+            // Cut where the optional last field begins, the frame is the one without it.
+            let without = without_floor(&frame).map(|f| (f.encode().len(), f));
             for cut in 0..bytes.len() {
-                assert!(
-                    Frame::decode(&bytes[..cut]).is_err(),
-                    "{frame:?} cut at {cut}"
-                );
+                match &without {
+                    Some((len, shorter)) if *len == cut => {
+                        assert_eq!(Frame::decode(&bytes[..cut]).as_ref(), Ok(shorter));
+                    }
+                    _ => assert!(
+                        Frame::decode(&bytes[..cut]).is_err(),
+                        "{frame:?} cut at {cut}"
+                    ),
+                }
             }
         }
+    }
+
+    /// `frame` without its optional last field, if it has one.
+    fn without_floor(frame: &Frame) -> Option<Frame> {
+        let mut shorter = frame.clone();
+        match &mut shorter {
+            Frame::Join { floor, .. } if *floor => *floor = false,
+            Frame::Welcome { floor, .. } if floor.is_some() => *floor = None,
+            _ => return None,
+        }
+        Some(shorter)
+    }
+
+    /// The welcome's floor is asked for and sent as a last field, only when there is one: a
+    /// join or a welcome without it is byte for byte the frame clients and relays before it
+    /// sent and read. A join's flag is 1 or absent.
+    #[test]
+    fn the_floor_is_a_last_field_only_when_present() {
+        for frame in samples() {
+            let Some(shorter) = without_floor(&frame) else {
+                continue;
+            };
+            let (long, short) = (frame.encode(), shorter.encode());
+            assert_eq!(long[..short.len()], short[..], "{frame:?}");
+            assert!(long.len() > short.len());
+        }
+        let mut join = Frame::Join {
+            room: "r".into(),
+            name: "n".into(),
+            since: 0,
+            log: 0,
+            resume: None,
+            config: None,
+            floor: false,
+        }
+        .encode();
+        join.push(0);
+        assert_eq!(
+            Frame::decode(&join),
+            Err(DecodeError::InvalidFlag {
+                field: "floor",
+                value: 0
+            })
+        );
     }
 
     #[test]
@@ -1594,6 +1685,7 @@ mod tests {
                 stale_window,
                 ..RoomConfig::default()
             }),
+            floor: false,
         };
         assert!(Frame::decode(&join(1_000_000, Some(1_000_000)).encode()).is_ok());
         for (max_future, stale_window) in [
@@ -1623,6 +1715,7 @@ mod tests {
             log: 0,
             resume: None,
             config: None,
+            floor: false,
         };
         assert!(matches!(
             Frame::decode(&join.encode()),
@@ -1635,6 +1728,7 @@ mod tests {
             log: 0,
             resume: None,
             config: None,
+            floor: false,
         };
         assert_eq!(
             Frame::decode(&empty_room.encode()),
@@ -1652,6 +1746,7 @@ mod tests {
             high: 0,
             log: 0,
             peers: vec![],
+            floor: None,
         }
         .encode();
         bytes.pop(); // drop the peer count 0 ...
@@ -1690,6 +1785,7 @@ mod tests {
                 },
                 ..RoomConfig::default()
             }),
+            floor: false,
         };
         assert!(matches!(
             Frame::decode(&join.encode()),
