@@ -41,7 +41,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::doc::{check_update, SharedDoc};
+use crate::doc::{check_update, DocError, SharedDoc};
 use crate::pace::TokenBucket;
 use crate::pattern::Step;
 use crate::store::{Appended, Followed, Logged, NodeRecord, RoomRecord, StoreError};
@@ -1751,8 +1751,13 @@ impl RoomCore {
                 }
             }
             Body::Update { update, .. } => {
-                if let Err(e) = self.doc.apply_update(update) {
-                    let detail = format!("the update does not apply to the room's document: {e}");
+                if let Err(e) = self.doc.apply_member_update(update) {
+                    let detail = match e {
+                        DocError::UnwrittenDeletes(detail) => {
+                            format!("the update was not taken: {detail}")
+                        }
+                        e => format!("the update does not apply to the room's document: {e}"),
+                    };
                     return self.refuse(conn, stamp.step, Reason::Malformed, detail);
                 }
                 self.applied = Some((conn, stamp.step));

@@ -895,3 +895,30 @@ async fn a_member_that_stops_reading_is_cut_off_at_its_queue_bytes() {
     // The writer was never slowed.
     writer.data_acked(serde_json::json!("after")).await;
 }
+
+/// A member deletes another member's next edits before they exist: an update whose delete set
+/// runs over clocks of the victim's Yjs client id that no one has written yet. Yjs keeps such
+/// deletions and applies them to whatever comes at those clocks, on every replica. The relay
+/// refuses it as `malformed`, naming the client and clocks; the victim's next edit reaches a
+/// late joiner whole.
+#[tokio::test]
+async fn an_update_deleting_clocks_no_one_wrote_is_refused() {
+    let server = start("unwritten-deletes", |_| {}).await;
+    let mut victim = join(&server, "doc", 0, None).await;
+    let mut attacker = join(&server, "doc", 0, None).await;
+    let doc = SharedDoc::with_client_id(4_242);
+    victim.acked(edit(&doc, 0, "first")).await;
+    // lib0 varuints: no blocks; one client (4242), one range: its clocks 5 to 1,000,005.
+    let bomb = vec![0, 1, 0x92, 0x21, 1, 5, 0xc0, 0x84, 0x3d];
+    let frame = raw_update(&mut attacker, "content", bomb);
+    attacker.send(&frame).await;
+    let detail = attacker.expect_reject(Reason::Malformed).await;
+    assert!(
+        detail.contains("client 4242's clocks 5..1000005, which no one has written"),
+        "{detail}"
+    );
+    victim.acked(edit(&doc, 5, " second")).await;
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "first second");
+    server.stop().await;
+}
