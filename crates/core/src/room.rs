@@ -544,8 +544,10 @@ pub struct RoomCore {
     held: VecDeque<Held>,
     /// The members of a shared room on other relays.
     remote: HashMap<NodeId, Remote>,
-    /// The members of a shared room that joined since a snapshot went by, with how far their
-    /// catch-up reads.
+    /// The members that joined since a snapshot went by and may still be reading their
+    /// catch-up, with how far it reads. The store drops what a snapshot covers as soon as it is
+    /// durable, so a catch-up that reads on past that point misses it: those members get the
+    /// snapshot.
     joined_since_snapshot: Vec<(ConnId, u64)>,
     /// Log entries of a shared room read but not fanned out yet: they wait for the publications
     /// of other relays that came before them.
@@ -1292,9 +1294,7 @@ impl RoomCore {
         });
         // It is here now, whatever another relay said.
         self.remote.remove(&node);
-        if self.shared {
-            self.joined_since_snapshot.push((conn, self.published));
-        }
+        self.joined_since_snapshot.push((conn, self.published));
         self.publish(None, 0, joined, Some(Roster::Joined(peer)));
         self.members.insert(
             conn,
@@ -1985,6 +1985,12 @@ impl RoomCore {
         }
     }
 
+    /// `conn`'s catch-up has been read to its end: a snapshot stored from now on drops nothing
+    /// it still has to read.
+    pub fn caught_up(&mut self, conn: ConnId) {
+        self.joined_since_snapshot.retain(|&(c, _)| c != conn);
+    }
+
     /// The store's answer for the oldest append still in flight.
     pub fn appended(&mut self, result: Result<Appended, StoreError>) {
         let Some(pending) = self.pending.pop_front() else {
@@ -2010,10 +2016,28 @@ impl RoomCore {
                     Ok(Appended::Stored { bytes, .. }) if self.shared => {
                         self.stored_bytes = bytes;
                     }
-                    Ok(Appended::Stored { position, bytes }) => {
+                    Ok(Appended::Stored {
+                        position,
+                        bytes: stored,
+                    }) => {
                         self.published = position;
-                        self.stored_bytes = bytes;
+                        self.stored_bytes = stored;
                         self.snapshot_len = len;
+                        // The store just dropped every document entry before the snapshot: a
+                        // catch-up still reading (it reads the log a page at a time) finds them
+                        // gone. Its member gets the snapshot, after the catch-up and in order
+                        // with the live messages.
+                        let joiners = std::mem::take(&mut self.joined_since_snapshot);
+                        if !joiners.is_empty() {
+                            let positioned = with_position(&pending.bytes, position)
+                                .map(Bytes::from)
+                                .unwrap_or(pending.bytes);
+                            for (conn, _) in joiners {
+                                if let Some(node) = self.members.get(&conn).map(|m| m.node) {
+                                    self.forward(0, Some(node), &positioned);
+                                }
+                            }
+                        }
                     }
                     // Another relay compacts this shared room: its snapshots reset the tail.
                     Ok(Appended::Refused { .. } | Appended::Replayed { .. }) if self.shared => {}
@@ -2897,6 +2921,122 @@ mod tests {
         .unwrap();
         assert_eq!(again.document().text("content"), writer.text("content"));
         assert_eq!(again.load_failures(), 0);
+    }
+
+    /// A Yjs update may delete clocks no one has written yet, and every replica then deletes
+    /// what later comes at them: a member could delete another's next edits as they arrive,
+    /// everywhere. The room refuses such an update and takes one that deletes what exists.
+    #[test]
+    fn an_update_that_deletes_clocks_no_one_wrote_is_refused() {
+        let mut room = room();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        let b = room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        let victim = SharedDoc::with_client_id(11);
+        let u = victim.insert("content", 0, "hello").unwrap();
+        send(&mut room, 0, 1, update(a.node, 1, u));
+        stored(&mut room, 1);
+        outputs(&mut room);
+        // lib0 varuints: no blocks; a delete set of one client, one range.
+        let varuint = |mut n: u64, out: &mut Vec<u8>| loop {
+            if n < 0x80 {
+                out.push(n as u8);
+                break;
+            }
+            out.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        };
+        let deletes = |start: u64, len: u64| {
+            let mut bytes = vec![0, 1];
+            varuint(11, &mut bytes);
+            bytes.push(1);
+            varuint(start, &mut bytes);
+            varuint(len, &mut bytes);
+            bytes
+        };
+        // After a refusal the client fences before it sends again.
+        let fence = |room: &mut RoomCore, step| {
+            send(room, 0, 2, Bytes::from(Frame::Fence { step }.encode()));
+            outputs(room);
+        };
+        send(&mut room, 0, 2, update(b.node, 2, deletes(5, 1_000_000)));
+        let out = outputs(&mut room);
+        assert_eq!(rejects(&out, 2), [Reason::Malformed]);
+        assert!(!out.iter().any(|o| matches!(o, Output::Append(_))));
+        fence(&mut room, 3);
+        // Half of it exists, half not: refused as well.
+        send(&mut room, 0, 2, update(b.node, 3, deletes(3, 4)));
+        assert_eq!(rejects(&outputs(&mut room), 2), [Reason::Malformed]);
+        fence(&mut room, 4);
+        // What exists may be deleted.
+        send(&mut room, 0, 2, update(b.node, 4, deletes(1, 3)));
+        let out = outputs(&mut room);
+        assert!(rejects(&out, 2).is_empty());
+        assert!(out.iter().any(|o| matches!(o, Output::Append(_))));
+        stored(&mut room, 2);
+        assert_eq!(room.document().text("content"), "ho");
+    }
+
+    /// A member's catch-up reads the log a page at a time, and the store drops what a snapshot
+    /// covers as soon as the snapshot is durable: a member that joined before the snapshot, and
+    /// may still be reading, gets it, positioned after its catch-up. Once its driver says the
+    /// catch-up was read to the end, it gets no other.
+    #[test]
+    fn a_member_still_catching_up_gets_the_snapshot_that_dropped_its_entries() {
+        let mut room = with_limits(RoomLimits {
+            compact_updates: 3,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        room.caught_up(1);
+        let writer = SharedDoc::with_client_id(11);
+        let mut position = 0;
+        // A's update at `step`, and every append the store makes durable at once.
+        let mut write = |room: &mut RoomCore, step: u64| {
+            let u = writer.insert("content", 0, &step.to_string()).unwrap();
+            send(room, step, 1, update(a.node, step, u));
+            let mut out = Vec::new();
+            loop {
+                let batch = outputs(room);
+                if batch.is_empty() {
+                    return out;
+                }
+                for o in batch {
+                    if let Output::Append(_) = o {
+                        position += 1;
+                        stored(room, position);
+                    } else {
+                        out.push(o);
+                    }
+                }
+            }
+        };
+        write(&mut room, 1);
+        write(&mut room, 2);
+        room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        // The third update calls for a snapshot, at position 4; B's catch-up reads up to 2.
+        let out = write(&mut room, 3);
+        let snapshots = |out: &[Output], conn| -> Vec<Option<u64>> {
+            out.iter()
+                .filter_map(|o| match o {
+                    Output::Send { to, bytes } if *to == conn => {
+                        Frame::decode_positioned(bytes, &Limits::default()).ok()
+                    }
+                    _ => None,
+                })
+                .filter(|p| matches!(p.frame, Frame::Snapshot { .. }))
+                .map(|p| p.position)
+                .collect()
+        };
+        assert_eq!(snapshots(&out, 2), [Some(4)]);
+        assert!(snapshots(&out, 1).is_empty(), "A's catch-up was over");
+        // B's catch-up is read to the end: the next snapshot is not for it.
+        room.caught_up(2);
+        let mut out = write(&mut room, 4);
+        out.extend(write(&mut room, 5));
+        out.extend(write(&mut room, 6));
+        assert!(out.iter().any(|o| matches!(o, Output::Fanout { .. })));
+        assert!(snapshots(&out, 2).is_empty());
     }
 
     /// Node ids come from blocks the store reserved: the room asks for the next block when half

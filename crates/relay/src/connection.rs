@@ -347,6 +347,9 @@ async fn handshake(
         // Nothing is read until the catch-up is out: each page it took counts.
         alive(&commands, conn, &mut told);
     }
+    // Read to the end: a snapshot stored from now on drops nothing this connection still
+    // reads. (A full queue leaves it listed, and it gets the next snapshot, which is harmless.)
+    let _ = commands.try_send(Command::CaughtUp { conn });
     if !send(&mut socket, relay, joined.caught_up).await {
         return None;
     }

@@ -40,6 +40,10 @@ pub(crate) enum Command {
         conn: ConnId,
         read: Read,
     },
+    /// The connection has read its catch-up to the end.
+    CaughtUp {
+        conn: ConnId,
+    },
     Leave {
         conn: ConnId,
     },
@@ -233,6 +237,7 @@ impl RoomTask {
                     );
                 }
             }
+            Command::CaughtUp { conn } => self.core.caught_up(conn),
             Command::Leave { conn } => self.leave(conn),
         }
     }

@@ -502,3 +502,89 @@ async fn a_connection_that_keeps_sending_over_its_rate_is_closed_with_4001() {
     assert_eq!(code, close::RATE_LIMITED);
     assert!(reason.contains("without a fence"), "{reason}");
 }
+
+/// A late joiner that reads slowly: its catch-up is still being read from the store, a page at
+/// a time, when a snapshot becomes durable and the store drops every update before it. What
+/// the joiner had not read yet is gone from the log, so it must get the snapshot instead, or
+/// its document misses those updates for good (and holds back everything after them).
+#[tokio::test]
+async fn a_joiner_still_reading_its_catch_up_when_the_log_is_compacted_misses_nothing() {
+    const EACH: usize = 100_000;
+    let server = start("catch-up-compacted", |c| {
+        c.compact_updates = 150;
+        c.compact_bytes = 1 << 40;
+        c.bandwidth = 1 << 30;
+    })
+    .await;
+    let mut writer = join(&server, "doc", 0, None).await;
+    let doc = SharedDoc::with_client_id(7);
+    // Each update replaces the whole text, so the document stays small while the log grows.
+    let replace = |step: u64| {
+        let len = doc.len("content");
+        let mut update = vec![doc.delete("content", 0, len).unwrap()];
+        let text = char::from(b'a' + (step % 26) as u8)
+            .to_string()
+            .repeat(EACH);
+        update.push(doc.insert("content", 0, &text).unwrap());
+        let update = pattern_mesh_core::doc::merge_updates(
+            &update.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        Body::Update {
+            doc: "content".into(),
+            update,
+        }
+    };
+    // 12 MB of log: more than the sockets between the relay and a joiner that does not read
+    // can hold.
+    for step in 1..=120 {
+        writer.acked(replace(step)).await;
+    }
+    let join = Frame::Join {
+        room: "doc".into(),
+        name: "slow".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config: None,
+        floor: false,
+    };
+    let mut slow = pattern_mesh_client::Connection::open(&server.url(), &join)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The 150th update calls for a snapshot while the joiner's catch-up waits on its socket.
+    for step in 121..=160 {
+        writer.acked(replace(step)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let replica = SharedDoc::new();
+    let mut caught_up = false;
+    loop {
+        let positioned = match slow.recv_within(Duration::from_secs(3)).await {
+            Ok(positioned) => positioned,
+            // Everything arrived a while ago.
+            Err(_) if caught_up => break,
+            Err(e) => panic!("the catch-up stalled: {e}"),
+        };
+        match positioned.frame {
+            Frame::Stamped(stamped) => {
+                if let Body::Update { update, .. } = stamped.body {
+                    replica.apply_update(&update).unwrap();
+                }
+            }
+            Frame::Snapshot { state, .. } => replica.apply_update(&state).unwrap(),
+            Frame::CaughtUp { .. } => caught_up = true,
+            _ => {}
+        }
+        if caught_up && replica.text("content") == doc.text("content") && !replica.has_pending() {
+            break;
+        }
+    }
+    assert!(
+        !replica.has_pending(),
+        "updates are held back for want of earlier ones"
+    );
+    assert_eq!(replica.text("content"), doc.text("content"));
+    server.stop().await;
+}
