@@ -1873,6 +1873,12 @@ impl<R: Replica> Session<R> {
                         // An answer the relay could not take is not sent: the requester gets
                         // the same from the room log.
                         if (full || has_insertions(&update)) && update.len() <= self.max_payload() {
+                            // One answer per asker waits at a time, the latest: a member that
+                            // asks again and again would otherwise hold this replica's own
+                            // edits back behind a whole document per request.
+                            self.waiting.retain(|w| {
+                                !matches!(w.body, Body::SyncState { to, .. } if to == stamp.sender)
+                            });
                             self.waiting.push_back(Waiting {
                                 body: Body::SyncState {
                                     doc: WHOLE_DOC.into(),
@@ -3052,6 +3058,61 @@ mod tests {
         });
         let kinds = h.sync_request(52, 0);
         assert!(!kinds.contains(&Kind::SyncState), "{kinds:?}");
+    }
+
+    /// A member that asks again and again (any member may ask, a read-only one too, and a
+    /// request to 0 reaches everyone) has one answer waiting at a time, the latest. Each answer
+    /// is the whole document: one queued per request held this replica's own edits back behind
+    /// all of them, and the queue grew without bound (here 20 MB).
+    #[test]
+    fn repeated_sync_requests_queue_one_answer_per_asker() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[7]);
+        let writer = SharedDoc::with_client_id(9);
+        let update = writer.insert("t", 0, &"x".repeat(20_000)).unwrap();
+        let stamp = |sender, step| Stamp {
+            sender,
+            step,
+            pattern: PatternConfig::default().value(step),
+        };
+        h.frame(Frame::stamped(
+            stamp(9, 1),
+            Body::Update {
+                doc: "content".into(),
+                update,
+            },
+        ));
+        for step in 2..1_002 {
+            h.frame(Frame::stamped(
+                stamp(7, step),
+                Body::SyncRequest {
+                    doc: WHOLE_DOC.into(),
+                    state_vector: Vec::new(),
+                    to: 0,
+                },
+            ));
+        }
+        // What the pacer let through at once went; what waits goes in the next seconds.
+        h.sent.clear();
+        for _ in 0..10 {
+            h.now += 1_000;
+            h.session.handle_timeout(h.now);
+            h.pump();
+        }
+        let answers = |h: &Harness| {
+            h.stamped()
+                .iter()
+                .filter(|s| matches!(s.body, Body::SyncState { .. }))
+                .count()
+        };
+        assert_eq!(answers(&h), 1, "answers waiting after the requests");
+        // An edit made now goes out at once.
+        h.sent.clear();
+        let update = h.session.replica().insert("t", 0, "typed").unwrap();
+        h.session.update(h.now, "t", update).unwrap();
+        h.pump();
+        let kinds: Vec<Kind> = h.stamped().iter().map(|s| s.body.kind()).collect();
+        assert_eq!(kinds, [Kind::Update]);
     }
 
     /// A replica that holds back updates (they wait for one it never got) puts them in every
