@@ -386,8 +386,6 @@ fn hex(value: Option<&str>, field: &str) -> Result<u64, JsValue> {
         .ok_or_else(|| invalid_argument(format!("the frame's `{field}` must be 16 hex digits")))
 }
 
-/// Every field of every frame kind, for the kinds without a fast path: serialised as a plain
-/// object with `kind` first and only the fields the kind has.
 /// A join's `floor` (whether it asks for one) or a welcome's (the step).
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -396,11 +394,11 @@ enum FloorJs {
     Step(u64),
 }
 
+/// Every field of every frame kind, for the kinds without a fast path: serialised as a plain
+/// object with `kind` first and only the fields the kind has.
 #[derive(Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct FrameJs<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    floor: Option<FloorJs>,
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     room: Option<&'a str>,
@@ -456,6 +454,8 @@ struct FrameJs<'a> {
     update: Option<&'a [u8]>,
     #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
     state: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor: Option<FloorJs>,
 }
 
 fn frame_js(frame: &Frame) -> FrameJs<'_> {

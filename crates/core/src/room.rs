@@ -1412,6 +1412,7 @@ impl RoomCore {
     }
 
     fn forget_member(&mut self, conn: ConnId, member: &Member) {
+        self.joined_since_snapshot.retain(|&(c, _)| c != conn);
         if let Some(node) = self.nodes.get_mut(&member.node) {
             if node.conn == Some(conn) {
                 node.conn = None;
@@ -1987,8 +1988,15 @@ impl RoomCore {
 
     /// `conn`'s catch-up has been read to its end: a snapshot stored from now on drops nothing
     /// it still has to read.
+    ///
+    /// A shared room keeps it listed until a snapshot covers how far it read (another relay's
+    /// snapshot may have dropped entries before this relay reads it back), and so does a room
+    /// whose snapshot is on its way to the store (the store may have dropped the entries
+    /// already).
     pub fn caught_up(&mut self, conn: ConnId) {
-        self.joined_since_snapshot.retain(|&(c, _)| c != conn);
+        if !self.shared && !self.compacting {
+            self.joined_since_snapshot.retain(|&(c, _)| c != conn);
+        }
     }
 
     /// The store's answer for the oldest append still in flight.
@@ -2989,9 +2997,9 @@ mod tests {
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         room.caught_up(1);
         let writer = SharedDoc::with_client_id(11);
-        let mut position = 0;
+        let position = std::cell::Cell::new(0);
         // A's update at `step`, and every append the store makes durable at once.
-        let mut write = |room: &mut RoomCore, step: u64| {
+        let write = |room: &mut RoomCore, step: u64| {
             let u = writer.insert("content", 0, &step.to_string()).unwrap();
             send(room, step, 1, update(a.node, step, u));
             let mut out = Vec::new();
@@ -3002,8 +3010,8 @@ mod tests {
                 }
                 for o in batch {
                     if let Output::Append(_) = o {
-                        position += 1;
-                        stored(room, position);
+                        position.set(position.get() + 1);
+                        stored(room, position.get());
                     } else {
                         out.push(o);
                     }
@@ -3030,11 +3038,34 @@ mod tests {
         };
         assert_eq!(snapshots(&out, 2), [Some(4)]);
         assert!(snapshots(&out, 1).is_empty(), "A's catch-up was over");
+        // C joins, and says its catch-up is read while a snapshot is on its way to the store
+        // (which may have dropped the entries already): it gets that snapshot all the same.
+        room.join(0, 3, req("c", None), [3; 16]).unwrap();
+        outputs(&mut room);
+        let u = writer.insert("content", 0, "4").unwrap();
+        send(&mut room, 4, 1, update(a.node, 4, u));
+        let u = writer.insert("content", 0, "5").unwrap();
+        send(&mut room, 5, 1, update(a.node, 5, u));
+        let u = writer.insert("content", 0, "6").unwrap();
+        send(&mut room, 6, 1, update(a.node, 6, u));
+        let appends = outputs(&mut room)
+            .into_iter()
+            .filter(|o| matches!(o, Output::Append(_)))
+            .count();
+        assert_eq!(appends, 4, "three updates and a snapshot");
+        room.caught_up(3);
+        let mut out = Vec::new();
+        for _ in 0..appends {
+            position.set(position.get() + 1);
+            stored(&mut room, position.get());
+            out.extend(outputs(&mut room));
+        }
+        assert_eq!(snapshots(&out, 3), [Some(position.get())]);
         // B's catch-up is read to the end: the next snapshot is not for it.
         room.caught_up(2);
-        let mut out = write(&mut room, 4);
-        out.extend(write(&mut room, 5));
-        out.extend(write(&mut room, 6));
+        let mut out = write(&mut room, 7);
+        out.extend(write(&mut room, 8));
+        out.extend(write(&mut room, 9));
         assert!(out.iter().any(|o| matches!(o, Output::Fanout { .. })));
         assert!(snapshots(&out, 2).is_empty());
     }

@@ -1778,7 +1778,7 @@ impl<R: Replica> Session<R> {
             .expect("the index comes from a search of in_flight")
     }
 
-    /// Brings the clock down to where this node may stamp next, from the welcome's `floor`:
+    /// Brings the clock to where this node may stamp next, from the welcome's `floor`:
     /// above every step the relay accepted from it, the room's high step and what it still has
     /// in flight. A session restored from storage starts at its stored ceiling, which is above
     /// every step it may have stamped before it closed; left there, each restore would put it
@@ -1797,6 +1797,11 @@ impl<R: Replica> Session<R> {
                 pattern: self.clock.pattern().value(lowest),
                 phase: self.clock.phase(),
             });
+        } else {
+            // Behind what the relay took from this node (storage that fell behind): a step at
+            // or below the floor would be refused as a replay, which reads as delivered.
+            let advance = self.clock.pass(lowest);
+            self.step_event(advance);
         }
     }
 
@@ -2374,6 +2379,42 @@ mod tests {
         let sent = reopened.stamped();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].stamp.step, 13);
+    }
+
+    /// A relay whose floor for this node is above the clock (storage that fell behind the
+    /// steps it sent): the session stamps above the floor. A step at or below it would be
+    /// refused as a replay, which reads as delivered.
+    #[test]
+    fn a_floor_above_the_clock_moves_it_up() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        h.session.handle_closed(h.now, 1006, "gone");
+        h.pump();
+        h.now += 60_000;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session.handle_connected(h.now);
+        h.pump();
+        h.frame(Frame::Welcome {
+            node: 2,
+            resume: [1; 16],
+            config: RoomConfig::default(),
+            limits: h.relay,
+            high: 10,
+            log: 1,
+            peers: Vec::new(),
+            floor: Some(50),
+        });
+        h.frame(Frame::CaughtUp {
+            high: 10,
+            position: 0,
+        });
+        assert_eq!(h.session.step(), 50);
+        h.sent.clear();
+        let data = Json::from_value(&serde_json::json!({ "n": 1 })).unwrap();
+        h.session.broadcast(h.now, data).unwrap();
+        h.pump();
+        assert_eq!(h.stamped()[0].stamp.step, 51);
     }
 
     /// The relay lost the room's history, and this replica's document is larger than the relay

@@ -657,9 +657,10 @@ pub enum Frame {
         /// The other members present.
         peers: Vec<Peer>,
         /// When the join asked for it and the relay knows it for certain: the highest step the
-        /// relay accepted from this node, while the relay has held the node since (not after
-        /// it took the node back from its store, or restarted: what was never stored, such as
-        /// signals, is not there). The node stamps above it and above `high`, and need stamp
+        /// relay accepted from this node, when the relay has held the node since (not when it
+        /// took the node back from its store, or restarted, and the node sent nothing there
+        /// since: what was never stored, such as signals, is not there). The node stamps above
+        /// it and above `high`, and need stamp
         /// no higher: a client restored from storage starts at its stored ceiling, which may be
         /// far above both. Encoded last, only when present, so that a client that did not ask
         /// reads the welcome it always did.
