@@ -2268,6 +2268,39 @@ mod tests {
             });
         }
 
+        /// The connection drops; a minute later the session connects again, up to its join.
+        fn reconnect(&mut self) {
+            self.session.handle_closed(self.now, 1006, "gone");
+            self.pump();
+            self.now += 60_000;
+            self.session.handle_timeout(self.now);
+            assert!(self.pump(), "the session asks to connect");
+            self.session.handle_connected(self.now);
+            self.pump();
+        }
+
+        /// A welcome as `node` (its token `[token; 16]`) at `high` in log `log`, with `floor`,
+        /// and the catch-up's end.
+        fn welcome(
+            &mut self,
+            node: NodeId,
+            token: u8,
+            (high, log): (Step, u64),
+            floor: Option<Step>,
+        ) {
+            self.frame(Frame::Welcome {
+                node,
+                resume: [token; 16],
+                config: RoomConfig::default(),
+                limits: self.relay,
+                high,
+                log,
+                peers: Vec::new(),
+                floor,
+            });
+            self.frame(Frame::CaughtUp { high, position: 0 });
+        }
+
         fn stamped(&self) -> Vec<&Stamped> {
             self.sent
                 .iter()
@@ -2357,20 +2390,7 @@ mod tests {
         reopened.pump();
         let join = reopened.sent.pop().unwrap();
         assert!(matches!(join, Frame::Join { floor: true, .. }), "{join:?}");
-        reopened.frame(Frame::Welcome {
-            node: 2,
-            resume: [1; 16],
-            config: RoomConfig::default(),
-            limits: reopened.relay,
-            high: 10,
-            log: 1,
-            peers: Vec::new(),
-            floor: Some(12),
-        });
-        reopened.frame(Frame::CaughtUp {
-            high: 10,
-            position: 0,
-        });
+        reopened.welcome(2, 1, (10, 1), Some(12));
         assert_eq!(reopened.session.step(), 12);
         let data = Json::from_value(&serde_json::json!({ "n": 1 })).unwrap();
         reopened.session.broadcast(reopened.now, data).unwrap();
@@ -2388,27 +2408,8 @@ mod tests {
     fn a_floor_above_the_clock_moves_it_up() {
         let mut h = Harness::new();
         h.join(2, 1, &[]);
-        h.session.handle_closed(h.now, 1006, "gone");
-        h.pump();
-        h.now += 60_000;
-        h.session.handle_timeout(h.now);
-        assert!(h.pump(), "the session asks to connect");
-        h.session.handle_connected(h.now);
-        h.pump();
-        h.frame(Frame::Welcome {
-            node: 2,
-            resume: [1; 16],
-            config: RoomConfig::default(),
-            limits: h.relay,
-            high: 10,
-            log: 1,
-            peers: Vec::new(),
-            floor: Some(50),
-        });
-        h.frame(Frame::CaughtUp {
-            high: 10,
-            position: 0,
-        });
+        h.reconnect();
+        h.welcome(2, 1, (10, 1), Some(50));
         assert_eq!(h.session.step(), 50);
         h.sent.clear();
         let data = Json::from_value(&serde_json::json!({ "n": 1 })).unwrap();
@@ -2437,30 +2438,12 @@ mod tests {
                 update,
             },
         ));
-        h.session.handle_closed(h.now, 1006, "the relay restarted");
-        h.pump();
-        h.now += 60_000;
-        h.session.handle_timeout(h.now);
-        assert!(h.pump(), "the session asks to connect");
-        h.session.handle_connected(h.now);
-        h.pump();
+        // The relay restarts on an empty store, and takes less in a message.
+        h.reconnect();
         std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
         h.relay.max_frame = 2_048;
         h.relay.max_message = 4_096;
-        h.frame(Frame::Welcome {
-            node: 3,
-            resume: [3; 16],
-            config: RoomConfig::default(),
-            limits: h.relay,
-            high: 0,
-            log: 2,
-            peers: Vec::new(),
-            floor: Some(0),
-        });
-        h.frame(Frame::CaughtUp {
-            high: 0,
-            position: 0,
-        });
+        h.welcome(3, 3, (0, 2), Some(0));
         let reported: Vec<Anomaly> = std::iter::from_fn(|| h.session.poll_event())
             .filter_map(|e| match e {
                 Event::Anomaly(a) if a.reason == Reason::TooLarge => Some(a),
