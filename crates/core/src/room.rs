@@ -2944,22 +2944,13 @@ mod tests {
         send(&mut room, 0, 1, update(a.node, 1, u));
         stored(&mut room, 1);
         outputs(&mut room);
-        // lib0 varuints: no blocks; a delete set of one client, one range.
-        let varuint = |mut n: u64, out: &mut Vec<u8>| loop {
-            if n < 0x80 {
-                out.push(n as u8);
-                break;
-            }
-            out.push((n as u8 & 0x7f) | 0x80);
-            n >>= 7;
-        };
+        // lib0 varuints (the wire's LEB128): no blocks; a delete set of one client, one range.
         let deletes = |start: u64, len: u64| {
-            let mut bytes = vec![0, 1];
-            varuint(11, &mut bytes);
-            bytes.push(1);
-            varuint(start, &mut bytes);
-            varuint(len, &mut bytes);
-            bytes
+            let mut w = crate::wire::Writer::with_capacity(16);
+            for n in [0, 1, 11, 1, start, len] {
+                w.var(n);
+            }
+            w.0
         };
         // After a refusal the client fences before it sends again.
         let fence = |room: &mut RoomCore, step| {
