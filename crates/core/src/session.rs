@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::{Advance, StepClock};
-use crate::doc::{has_insertions, Replica};
+use crate::doc::{has_insertions, v1, DocError, Replica};
 use crate::pace::TokenBucket;
 use crate::pattern::{PatternConfig, PatternValue, Step};
 use crate::saved::{decode_message, encode_unsent, Saved, Stored};
@@ -1625,7 +1625,15 @@ impl<R: Replica> Session<R> {
         }
         self.set_status(Status::Open, None);
         if std::mem::take(&mut self.give_back) {
-            let kept = match self.replica.diff(&[]) {
+            // Deletes of clocks this replica never received (held back) would make the relay
+            // refuse the whole document: they go without, and delete nothing it shows.
+            let state = self.replica.diff(&[]).and_then(|state| {
+                match v1::without_unwritten_deletes(&state) {
+                    Ok(trimmed) => Ok(trimmed.unwrap_or(state)),
+                    Err(e) => Err(DocError::InvalidUpdate(e.to_string())),
+                }
+            });
+            let kept = match state {
                 Ok(state) if state.len() <= self.max_payload() => {
                     self.waiting.push_front(Waiting {
                         body: Body::Update {
@@ -2457,6 +2465,57 @@ mod tests {
             reported[0].detail
         );
         assert!(h.stamped().iter().all(|s| s.body.kind() != Kind::Update));
+    }
+
+    /// The relay lost the room's history, and this replica holds a delete of clocks it never
+    /// received (held back by yrs). Its whole state carries that delete, and a relay takes no
+    /// update deleting clocks no one wrote: the give-back was refused as `malformed` and the
+    /// room's new log never got the document. It goes back without the delete.
+    #[test]
+    fn a_give_back_leaves_out_deletes_of_clocks_never_received() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let stamp = |step| Stamp {
+            sender: 9,
+            step,
+            pattern: PatternConfig::default().value(step),
+        };
+        let writer = SharedDoc::with_client_id(9);
+        let _never_received = writer.insert("t", 0, "abc").unwrap();
+        let delete = writer.delete("t", 1, 1).unwrap();
+        let kept = SharedDoc::with_client_id(8).insert("t", 0, "xyz").unwrap();
+        for (step, update) in [(1, delete), (2, kept)] {
+            h.frame(Frame::stamped(
+                stamp(step),
+                Body::Update {
+                    doc: "content".into(),
+                    update,
+                },
+            ));
+        }
+        assert!(h.session.replica().has_pending());
+        assert_eq!(h.session.replica().text("t"), "xyz");
+        h.reconnect();
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        h.welcome(3, 3, (0, 2), Some(0));
+        let given: Vec<Vec<u8>> = h
+            .stamped()
+            .iter()
+            .filter_map(|s| match &s.body {
+                Body::Update { update, .. } => Some(update.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(given.len(), 1, "the document is given back");
+        // What the relay does with it, on the empty document of its new log.
+        let relay = SharedDoc::new();
+        relay
+            .apply_member_update(&given[0])
+            .expect("the relay takes the give-back");
+        let replica = SharedDoc::new();
+        replica.apply_update(&given[0]).unwrap();
+        assert_eq!(replica.text("t"), h.session.replica().text("t"));
+        assert!(!replica.has_pending());
     }
 
     /// The relay restarts on an empty store (another log) after this tab stamped at step 1,200:

@@ -202,7 +202,7 @@ pub(crate) fn heap_sort<T: Ord>(items: &mut [T]) {
 }
 
 /// Writes a lib0 variable-length unsigned integer (7 bits a byte, low first).
-fn write_var(out: &mut Vec<u8>, mut value: u64) {
+pub(crate) fn write_var(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8 & 0x7f) | 0x80);
         value >>= 7;

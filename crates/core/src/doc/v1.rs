@@ -58,15 +58,90 @@ pub fn check(update: &[u8]) -> Result<()> {
     let mut reader = Reader {
         bytes: update,
         at: 0,
+        written: None,
     };
     reader.structs()?;
     reader.delete_set()
+}
+
+/// `update` with its delete set cut down to the clocks its own blocks write, or `None` when it
+/// deletes nothing else. Checked as [`check`] does, on the way.
+///
+/// A replica keeps deletes of clocks it has not received (Yjs and yrs hold them back until the
+/// clocks arrive), and its whole state as an update carries them. A relay takes no update that
+/// deletes clocks no one has written; a client giving its document back to a relay that lost
+/// the room's history leaves them out with this. They delete nothing the replica shows.
+pub fn without_unwritten_deletes(update: &[u8]) -> Result<Option<Vec<u8>>> {
+    let mut reader = Reader {
+        bytes: update,
+        at: 0,
+        written: Some(Vec::new()),
+    };
+    reader.structs()?;
+    let structs_end = reader.at;
+    let written = merge_written(reader.written.take().unwrap_or_default());
+    let mut kept: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
+    let mut dropped = false;
+    let clients = reader.number()?;
+    for _ in 0..clients {
+        let client = reader.number()?;
+        let first = written.partition_point(|&(c, ..)| c < client);
+        let last = written.partition_point(|&(c, ..)| c <= client);
+        let mut ranges = Vec::new();
+        for _ in 0..reader.number()? {
+            let clock = reader.number()?;
+            let len = reader.deleted_length()?;
+            let end = clock.saturating_add(len);
+            let mut covered = 0;
+            for &(_, start, stop) in &written[first..last] {
+                let (from, to) = (start.max(clock), stop.min(end));
+                if from < to {
+                    ranges.push((from, to - from));
+                    covered += to - from;
+                }
+            }
+            dropped |= covered < len;
+        }
+        if !ranges.is_empty() {
+            kept.push((client, ranges));
+        }
+    }
+    if !dropped {
+        return Ok(None);
+    }
+    let mut out = update[..structs_end].to_vec();
+    super::write_var(&mut out, kept.len() as u64);
+    for (client, ranges) in kept {
+        super::write_var(&mut out, client);
+        super::write_var(&mut out, ranges.len() as u64);
+        for (clock, len) in ranges {
+            super::write_var(&mut out, clock);
+            super::write_var(&mut out, len);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Written ranges `(client, start, end)` sorted, those of a client that touch or overlap
+/// merged into one.
+fn merge_written(mut written: Vec<(u64, u64, u64)>) -> Vec<(u64, u64, u64)> {
+    super::heap_sort(&mut written);
+    let mut merged: Vec<(u64, u64, u64)> = Vec::with_capacity(written.len());
+    for (client, start, end) in written {
+        match merged.last_mut() {
+            Some(last) if last.0 == client && start <= last.2 => last.2 = last.2.max(end),
+            _ => merged.push((client, start, end)),
+        }
+    }
+    merged
 }
 
 /// A position in the update, read the way lib0 reads.
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// When kept: the clock ranges the blocks write, `(client, start, end)` (skips write none).
+    written: Option<Vec<(u64, u64, u64)>>,
 }
 
 type Result<T> = std::result::Result<T, V1Error>;
@@ -230,7 +305,16 @@ impl<'a> Reader<'a> {
             let client = self.number()?;
             let mut clock = self.number()?;
             for _ in 0..count {
+                let skip = self.bytes.get(self.at).is_some_and(|info| info & 0x1f == 10);
                 let len = self.block(client, clock)?;
+                if let (Some(written), false) = (&mut self.written, skip) {
+                    match written.last_mut() {
+                        Some(last) if last.0 == client && last.2 == clock => {
+                            last.2 = clock.saturating_add(len)
+                        }
+                        _ => written.push((client, clock, clock.saturating_add(len))),
+                    }
+                }
                 clock = clock
                     .checked_add(len)
                     .filter(|&end| end <= MAX_SAFE)
@@ -353,16 +437,22 @@ impl<'a> Reader<'a> {
             let ranges = self.number()?;
             for _ in 0..ranges {
                 self.number()?;
-                let start = self.at;
-                if self.number()? == 0 {
-                    return Err(V1Error {
-                        problem: "a deleted range of length 0",
-                        offset: start,
-                    });
-                }
+                self.deleted_length()?;
             }
         }
         Ok(())
+    }
+
+    /// The length of a deleted range: not 0.
+    fn deleted_length(&mut self) -> Result<u64> {
+        let start = self.at;
+        match self.number()? {
+            0 => Err(V1Error {
+                problem: "a deleted range of length 0",
+                offset: start,
+            }),
+            len => Ok(len),
+        }
     }
 }
 
@@ -554,5 +644,47 @@ mod tests {
         let mut billion = one_item(8, &[1, 117, 0x80, 0x94, 0xeb, 0xdc, 0x03, 127, 127]);
         billion.pop();
         assert_eq!(problem(&billion), "the update ends early");
+    }
+
+    #[test]
+    fn deletes_of_clocks_the_update_does_not_write_are_left_out() {
+        use crate::doc::SharedDoc;
+        let writer = SharedDoc::with_client_id(9);
+        let _missed = writer.insert("t", 0, "abcdef").unwrap();
+        let delete = writer.delete("t", 1, 3).unwrap();
+        let other = SharedDoc::with_client_id(8);
+        let own = other.insert("t", 0, "xyz").unwrap();
+        let own_delete = other.delete("t", 0, 1).unwrap();
+        let replica = SharedDoc::new();
+        for update in [&delete, &own, &own_delete] {
+            replica.apply_update(update).unwrap();
+        }
+        assert!(replica.has_pending());
+        let trimmed = without_unwritten_deletes(&replica.snapshot())
+            .unwrap()
+            .expect("the held-back delete is left out");
+        check(&trimmed).unwrap();
+        let relay = SharedDoc::new();
+        relay.apply_member_update(&trimmed).unwrap();
+        assert_eq!(relay.text("t"), "yz", "the deletes it wrote stay");
+        assert!(!relay.has_pending());
+        assert_eq!(without_unwritten_deletes(&relay.snapshot()).unwrap(), None);
+
+        // A range partly written is cut to the written part; a client with nothing written
+        // goes.
+        let mut update = one_item(4, &[2, b'a', b'b']);
+        update.pop();
+        let structs = update.clone();
+        update.extend_from_slice(&[2, 5, 1, 1, 5, 6, 1, 0, 3]);
+        let mut expected = structs;
+        expected.extend_from_slice(&[1, 5, 1, 1, 1]);
+        assert_eq!(without_unwritten_deletes(&update).unwrap(), Some(expected));
+        // Checked on the way.
+        update.truncate(update.len() - 1);
+        update.push(0);
+        assert_eq!(
+            without_unwritten_deletes(&update).unwrap_err().problem,
+            "a deleted range of length 0"
+        );
     }
 }
