@@ -2138,6 +2138,37 @@ fn a_tab_reopened_again_and_again_still_writes() {
     assert_eq!(sim.clients[1].session.replica().len(TEXT), 20);
 }
 
+/// The same, but each time the tab stays closed past the relay's grace: the relay lets the node
+/// go and welcomes the tab back as a new node, whose floor is that of the senders it forgot.
+/// The clock comes back to the room there too.
+#[test]
+fn a_tab_reopened_after_its_node_was_released_still_writes() {
+    let mut scenario = Scenario::quiet(2);
+    scenario.persist = true;
+    scenario.limits.resume_grace = 200;
+    scenario.faults = (0..15)
+        .map(|i| {
+            (
+                1_000 + i * 2_000,
+                Fault::Reopen {
+                    client: 0,
+                    down: 1_000,
+                },
+            )
+        })
+        .collect();
+    scenario.script = vec![(
+        40_000,
+        0,
+        Script::Type {
+            chars: 20,
+            every: 10,
+        },
+    )];
+    let sim = run_scenario("reopened tab, released node", scenario);
+    assert_eq!(sim.clients[1].session.replica().len(TEXT), 20);
+}
+
 #[test]
 fn a_relay_that_lost_its_history_gets_it_back_from_the_clients() {
     let mut scenario = Scenario::quiet(3);

@@ -1507,8 +1507,10 @@ impl<R: Replica> Session<R> {
         if !matches!(self.link, Link::Joining { .. }) {
             return;
         }
-        // The floor speaks of the node the relay kept: of this one only if it resumed.
-        let floor = floor.filter(|_| self.log == log && self.token == Some(resume));
+        // The floor speaks of the node the relay welcomed, in this log: this one, resumed, or
+        // a new one (the relay let this one go), whose steps need only pass the floor of the
+        // senders the relay forgot; what was in flight is stamped again under it (below).
+        let floor = floor.filter(|_| self.log == log);
         if self.log != 0 && self.log != log {
             // Another log: the relay lost the room's history (a new store). Node ids and steps
             // begin again, so the clock and the validator do too; the relay replays the whole
