@@ -1754,7 +1754,7 @@ impl RoomCore {
             Body::Update { update, .. } => {
                 if let Err(e) = self.doc.apply_member_update(update) {
                     let detail = match e {
-                        DocError::UnwrittenDeletes(detail) => {
+                        DocError::Unwritten(detail) => {
                             format!("the update was not taken: {detail}")
                         }
                         e => format!("the update does not apply to the room's document: {e}"),
@@ -2613,7 +2613,9 @@ mod tests {
             stamp,
             Body::Update {
                 doc: "d".into(),
-                update: vec![1; 20_000],
+                update: SharedDoc::with_client_id(1)
+                    .insert("d", 0, &"x".repeat(20_000))
+                    .unwrap(),
             },
         )
         .encode();

@@ -1627,14 +1627,16 @@ impl<R: Replica> Session<R> {
         }
         self.set_status(Status::Open, None);
         if std::mem::take(&mut self.give_back) {
-            // Deletes of clocks this replica never received (held back) would make the relay
-            // refuse the whole document: they go without, and delete nothing it shows.
-            let state = self.replica.diff(&[]).and_then(|state| {
-                match v1::without_unwritten_deletes(&state) {
-                    Ok(trimmed) => Ok(trimmed.unwrap_or(state)),
-                    Err(e) => Err(DocError::InvalidUpdate(e.to_string())),
-                }
-            });
+            // What the replica holds back (blocks and deletes waiting for clocks it never
+            // received) would make the relay refuse the whole document: it goes without, and
+            // shows nothing.
+            let state =
+                self.replica
+                    .diff(&[])
+                    .and_then(|state| match v1::integrable(&state, |_| 0) {
+                        Ok(cut) => Ok(cut.map_or(state, |cut| cut.update)),
+                        Err(e) => Err(DocError::InvalidUpdate(e.to_string())),
+                    });
             let kept = match state {
                 Ok(state) if state.len() <= self.max_payload() => {
                     self.waiting.push_front(Waiting {

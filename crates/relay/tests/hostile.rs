@@ -416,7 +416,7 @@ async fn updates_that_hang_or_crash_a_replica_are_refused_or_harmless() {
     let frame = raw_update(&mut a, "content", hang);
     a.send(&frame).await;
     let detail = a.expect_reject(Reason::Malformed).await;
-    assert!(detail.contains("does not apply"), "{detail}");
+    assert!(detail.contains("which no one has written"), "{detail}");
     a.fence().await;
     b.expect_no_data(Duration::from_millis(300)).await;
 
@@ -458,14 +458,21 @@ async fn a_member_cannot_fill_the_store() {
     // Twice the burst at once: some are refused for the bandwidth.
     let mut limited = 0;
     let mut acked = 0;
+    // What was refused for the bandwidth, sent again later (the edits after it need its clocks).
+    let mut again = None;
     for i in 0..8 {
-        let frame = Frame::stamped(a.stamp(), edit(&writer, i * (15 << 10), &chunk));
+        let body = edit(&writer, i * (15 << 10), &chunk);
+        let frame = Frame::stamped(a.stamp(), body.clone());
+        again = Some(body);
         a.send(&frame).await;
         let (frame, _) = a
             .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
             .await;
         match frame {
-            Frame::Ack { .. } => acked += 1,
+            Frame::Ack { .. } => {
+                acked += 1;
+                again = None;
+            }
             Frame::Reject { reason, detail, .. } => {
                 assert_eq!(reason, Reason::RateLimited, "{detail}");
                 assert!(detail.contains("bytes per second"), "{detail}");
@@ -484,13 +491,18 @@ async fn a_member_cannot_fill_the_store() {
     let mut stored = acked * (15 << 10);
     let detail = loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let frame = Frame::stamped(a.stamp(), edit(&writer, 0, &chunk));
+        let body = again.take().unwrap_or_else(|| edit(&writer, 0, &chunk));
+        let frame = Frame::stamped(a.stamp(), body.clone());
+        again = Some(body);
         a.send(&frame).await;
         let (frame, _) = a
             .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
             .await;
         match frame {
-            Frame::Ack { .. } => stored += 15 << 10,
+            Frame::Ack { .. } => {
+                stored += 15 << 10;
+                again = None;
+            }
             Frame::Reject {
                 reason: Reason::Full,
                 detail,
@@ -894,6 +906,48 @@ async fn a_member_that_stops_reading_is_cut_off_at_its_queue_bytes() {
     assert!(reason.contains("over 262144 bytes"), "{reason}");
     // The writer was never slowed.
     writer.data_acked(serde_json::json!("after")).await;
+}
+
+/// A member writes under another member's Yjs client id past its next clock, and deletes what
+/// it wrote there. Yjs keeps blocks after a gap until the gap is filled, on every replica: the
+/// victim's next edit would fill it, and the attacker's block and delete would then take its
+/// place. An update under a fresh client id after a gap would leave every replica, and every
+/// late joiner, waiting for good. The relay refuses both as `malformed`, naming the clocks.
+#[tokio::test]
+async fn an_update_after_a_gap_in_a_clients_clocks_is_refused() {
+    let server = start("gap", |_| {}).await;
+    let mut victim = join(&server, "doc", 0, None).await;
+    let mut attacker = join(&server, "doc", 0, None).await;
+    let doc = SharedDoc::with_client_id(4_242);
+    victim.acked(edit(&doc, 0, "first")).await;
+    // lib0 varuints: one client (4242), one block at its clock 10, in the root type "content",
+    // the string "x"; a delete set of that one clock.
+    let mut gap = vec![1, 1, 0x92, 0x21, 10, 4, 1, 7];
+    gap.extend_from_slice(b"content");
+    gap.extend_from_slice(&[1, b'x', 1, 0x92, 0x21, 1, 10, 1]);
+    let frame = raw_update(&mut attacker, "content", gap.clone());
+    attacker.send(&frame).await;
+    let detail = attacker.expect_reject(Reason::Malformed).await;
+    assert!(
+        detail.contains("client 4242's clocks 10..11 after clocks 5..10, which no one has written"),
+        "{detail}"
+    );
+    // Under a client id no one uses, from its clock 3.
+    attacker.fence().await;
+    let mut fresh = vec![1, 1, 77, 3, 4, 1, 7];
+    fresh.extend_from_slice(b"content");
+    fresh.extend_from_slice(&[1, b'x', 0]);
+    let frame = raw_update(&mut attacker, "content", fresh);
+    attacker.send(&frame).await;
+    let detail = attacker.expect_reject(Reason::Malformed).await;
+    assert!(
+        detail.contains("client 77's clocks 3..4 after clocks 0..3"),
+        "{detail}"
+    );
+    victim.acked(edit(&doc, 5, " second")).await;
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "first second");
+    server.stop().await;
 }
 
 /// A member deletes another member's next edits before they exist: an update whose delete set

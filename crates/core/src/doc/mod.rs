@@ -46,10 +46,11 @@ pub enum DocError {
     /// Bytes that are not a Yjs v1 update, or an update that cannot be applied.
     #[error("invalid Yjs update: {0}")]
     InvalidUpdate(String),
-    /// An update that deletes clocks no one has written (see
+    /// An update that needs clocks no one has written: it deletes them, or writes after them or
+    /// next to them (see
     /// [`SharedDoc::apply_member_update`](shared::SharedDoc::apply_member_update)).
     #[error("{0}")]
-    UnwrittenDeletes(String),
+    Unwritten(String),
     /// Bytes that are not a Yjs state vector.
     #[error("invalid Yjs state vector: {0}")]
     InvalidStateVector(String),

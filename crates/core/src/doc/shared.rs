@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use yrs::block::ClientID;
 use yrs::types::text::TextEvent;
 use yrs::types::Delta;
 use yrs::updates::decoder::Decode;
@@ -227,48 +228,22 @@ impl SharedDoc {
         Ok(())
     }
 
-    /// [`SharedDoc::apply_update`] for an update a member sent: it is applied only if every
-    /// clock it deletes was written, here or in the update itself. A Yjs update may delete
-    /// clocks no one has written yet, which Yjs keeps and applies to whatever comes at them: a
-    /// member could otherwise delete another member's next edits, on every replica, as they
-    /// arrive. Such an update is [`DocError::UnwrittenDeletes`], naming the client and clocks.
+    /// [`SharedDoc::apply_update`] for an update a member sent: it is applied only if all of it
+    /// integrates here at once (see [`super::v1::integrable`]). Yjs keeps what does not, and
+    /// waits for what it needs: a member could otherwise leave every replica waiting for good
+    /// (blocks after a gap in a client's clocks), or delete another member's next edits as they
+    /// arrive (deletes of clocks no one wrote). Such an update is [`DocError::Unwritten`],
+    /// naming the client and clocks.
     pub fn apply_member_update(&self, update: &[u8]) -> Result<(), DocError> {
-        check_v1(update)?;
-        let update =
-            Update::decode_v1(update).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
-        self.deletes_only_what_exists(&update)
-            .map_err(DocError::UnwrittenDeletes)?;
-        self.doc
-            .transact_mut()
-            .apply_update(update)
-            .map_err(|e| DocError::InvalidUpdate(e.to_string()))
-    }
-
-    fn deletes_only_what_exists(&self, update: &Update) -> Result<(), String> {
-        if update.delete_set().is_empty() {
-            return Ok(());
+        let clocks = self.doc.transact().state_vector();
+        let have = |client| u64::from(clocks.get(&ClientID::new(client)));
+        match super::v1::integrable(update, have) {
+            Ok(None) => self.apply_stored(update),
+            Ok(Some(cut)) => Err(DocError::Unwritten(cut.why)),
+            Err(e) => Err(DocError::InvalidUpdate(format!(
+                "not an update Yjs applies: {e}"
+            ))),
         }
-        let txn = self.doc.transact();
-        let clocks = txn.state_vector();
-        let inserted = update.insertions(true);
-        for (client, ranges) in update.delete_set().iter() {
-            let have = clocks.get(client);
-            let mut written = vec![(0, have)];
-            if let Some(own) = inserted.get(client) {
-                written.extend(own.iter().map(|(r, _)| (r.start, r.end)));
-            }
-            let written = super::merge_ranges(written);
-            let deleted = super::merge_ranges(ranges.iter().map(|r| (r.start, r.end)).collect());
-            if let Some((start, end)) = deleted
-                .into_iter()
-                .find(|&(start, end)| !written.iter().any(|&(s, e)| s <= start && end <= e))
-            {
-                return Err(format!(
-                    "it deletes client {client}'s clocks {start}..{end}, which no one has written (the room's document holds that client's clocks up to {have})"
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// This replica's version: a Yjs state vector.

@@ -25,8 +25,10 @@
 //! them recursively, and 100,000 levels, 200 KB, overflowed the stack of the thread that read
 //! them, which aborts the process (the relay, or a tab's module). Nothing here recurses.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
+use super::write_var;
 use crate::wire::json;
 
 /// How deep values may nest inside an update (lib0's `Any`: arrays and objects).
@@ -58,33 +60,113 @@ pub fn check(update: &[u8]) -> Result<()> {
     let mut reader = Reader {
         bytes: update,
         at: 0,
-        written: None,
+        record: None,
     };
     reader.structs()?;
     reader.delete_set()
 }
 
-/// `update` with its delete set cut down to the clocks its own blocks write, or `None` when it
-/// deletes nothing else. Checked as [`check`] does, on the way.
+/// An update cut down to what integrates: see [`integrable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// The update without what was cut.
+    pub update: Vec<u8>,
+    /// The first thing cut, in words ("it deletes client 9's clocks 1..2, which no one has
+    /// written").
+    pub why: String,
+}
+
+/// `update` cut down to what a document holding each client's clocks below `have(client)`
+/// integrates at once, or `None` when that is all of it. Checked as [`check`] does, on the way.
 ///
-/// A replica keeps deletes of clocks it has not received (Yjs and yrs hold them back until the
-/// clocks arrive), and its whole state as an update carries them. A relay takes no update that
-/// deletes clocks no one has written; a client giving its document back to a relay that lost
-/// the room's history leaves them out with this. They delete nothing the replica shows.
-pub fn without_unwritten_deletes(update: &[u8]) -> Result<Option<Vec<u8>>> {
+/// Yjs and yrs keep what does not integrate and wait for what it needs: blocks after clocks no
+/// one has written (a gap), blocks whose origin, right origin or parent is such a clock, and
+/// deletes of such clocks, which delete whatever later comes at them. A relay takes no member
+/// update that holds any of these (a member could otherwise leave every replica waiting for
+/// good, or delete another member's next edits as they arrive). A client giving its whole
+/// document back to a relay that lost the room's history cuts, with `have` 0, what its replica
+/// holds back: that waits, shows nothing, and would make the relay refuse the whole document.
+pub fn integrable(update: &[u8], have: impl Fn(u64) -> u64) -> Result<Option<Cut>> {
     let mut reader = Reader {
         bytes: update,
         at: 0,
-        written: Some(Vec::new()),
+        record: Some(Record::default()),
     };
     reader.structs()?;
-    let structs_end = reader.at;
-    let written = merge_written(reader.written.take().unwrap_or_default());
-    let mut kept: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
-    let mut dropped = false;
+    let Record {
+        blocks,
+        refs,
+        sections,
+    } = reader.record.take().unwrap_or_default();
+    // Each client's next clock, as blocks integrate.
+    let mut next: BTreeMap<u64, u64> = BTreeMap::new();
+    let next_of = |next: &mut BTreeMap<u64, u64>, client: u64| -> u64 {
+        *next.entry(client).or_insert_with(|| have(client))
+    };
+    // How many blocks of each section integrate: passes until one moves none.
+    let mut kept = vec![0usize; sections.len()];
+    let mut moved = true;
+    while moved {
+        moved = false;
+        for (section, (first, end)) in sections.iter().enumerate() {
+            while first + kept[section] < *end {
+                let block = &blocks[first + kept[section]];
+                let at = next_of(&mut next, block.client);
+                let ready = block.start <= at
+                    && (block.skip && block.end <= at
+                        || !block.skip
+                            && refs[block.refs.0..block.refs.1]
+                                .iter()
+                                .all(|&(client, clock)| clock < next_of(&mut next, client)));
+                if !ready {
+                    break;
+                }
+                next.insert(block.client, at.max(block.end));
+                kept[section] += 1;
+                moved = true;
+            }
+        }
+    }
+    let mut why = None;
+    for (section, (first, end)) in sections.iter().enumerate() {
+        if first + kept[section] < *end {
+            let block = &blocks[first + kept[section]];
+            let at = next_of(&mut next, block.client);
+            let (client, from, to) = (block.client, block.start, block.end);
+            why = Some(if block.start > at || block.skip {
+                format!(
+                    "it writes client {client}'s clocks {from}..{to} after clocks {at}..{}, which no one has written",
+                    from.max(at + 1)
+                )
+            } else {
+                let (of, clock) = refs[block.refs.0..block.refs.1]
+                    .iter()
+                    .copied()
+                    .find(|&(of, clock)| clock >= next_of(&mut next, of))
+                    .unwrap_or_default();
+                format!(
+                    "it writes client {client}'s clocks {from}..{to} next to client {of}'s clock {clock}, which no one has written"
+                )
+            });
+            break;
+        }
+    }
+    // The delete set, cut to the clocks written: here before, or by the blocks kept.
+    let mut written: Vec<(u64, u64, u64)> = Vec::new();
+    for (section, &(first, _)) in sections.iter().enumerate() {
+        for block in blocks[first..first + kept[section]]
+            .iter()
+            .filter(|b| !b.skip)
+        {
+            written.push((block.client, block.start, block.end));
+        }
+    }
+    let written = merge_written(written);
+    let mut deletes: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
     let clients = reader.number()?;
     for _ in 0..clients {
         let client = reader.number()?;
+        let had = have(client);
         let first = written.partition_point(|&(c, ..)| c < client);
         let last = written.partition_point(|&(c, ..)| c <= client);
         let mut ranges = Vec::new();
@@ -93,33 +175,62 @@ pub fn without_unwritten_deletes(update: &[u8]) -> Result<Option<Vec<u8>>> {
             let len = reader.deleted_length()?;
             let end = clock.saturating_add(len);
             let mut covered = 0;
-            for &(_, start, stop) in &written[first..last] {
+            let before = std::iter::once((client, 0, had));
+            for (_, start, stop) in before.chain(written[first..last].iter().copied()) {
                 let (from, to) = (start.max(clock), stop.min(end));
                 if from < to {
                     ranges.push((from, to - from));
                     covered += to - from;
                 }
             }
-            dropped |= covered < len;
+            if covered < len && why.is_none() {
+                why = Some(format!(
+                    "it deletes client {client}'s clocks {clock}..{end}, which no one has written (the document holds that client's clocks up to {had})"
+                ));
+            }
         }
         if !ranges.is_empty() {
-            kept.push((client, ranges));
+            deletes.push((client, ranges));
         }
     }
-    if !dropped {
+    let Some(why) = why else {
         return Ok(None);
+    };
+    // Each section's blocks kept, without the skips that would end it.
+    let kept: Vec<&[BlockAt]> = sections
+        .iter()
+        .zip(kept)
+        .map(|(&(first, _), n)| {
+            let mut blocks = &blocks[first..first + n];
+            while let [rest @ .., last] = blocks {
+                if !last.skip {
+                    break;
+                }
+                blocks = rest;
+            }
+            blocks
+        })
+        .filter(|blocks| !blocks.is_empty())
+        .collect();
+    let mut out = Vec::with_capacity(update.len());
+    write_var(&mut out, kept.len() as u64);
+    for blocks in kept {
+        let (head, tail) = (&blocks[0], &blocks[blocks.len() - 1]);
+        write_var(&mut out, blocks.len() as u64);
+        write_var(&mut out, head.client);
+        write_var(&mut out, head.start);
+        out.extend_from_slice(&update[head.bytes.0..tail.bytes.1]);
     }
-    let mut out = update[..structs_end].to_vec();
-    super::write_var(&mut out, kept.len() as u64);
-    for (client, ranges) in kept {
-        super::write_var(&mut out, client);
-        super::write_var(&mut out, ranges.len() as u64);
+    write_var(&mut out, deletes.len() as u64);
+    for (client, ranges) in deletes {
+        write_var(&mut out, client);
+        write_var(&mut out, ranges.len() as u64);
         for (clock, len) in ranges {
-            super::write_var(&mut out, clock);
-            super::write_var(&mut out, len);
+            write_var(&mut out, clock);
+            write_var(&mut out, len);
         }
     }
-    Ok(Some(out))
+    Ok(Some(Cut { update: out, why }))
 }
 
 /// Written ranges `(client, start, end)` sorted, those of a client that touch or overlap
@@ -136,12 +247,33 @@ fn merge_written(mut written: Vec<(u64, u64, u64)>) -> Vec<(u64, u64, u64)> {
     merged
 }
 
+/// What [`integrable`] needs of the blocks, recorded as the reader walks them.
+#[derive(Default)]
+struct Record {
+    blocks: Vec<BlockAt>,
+    /// The ids the blocks refer to (origins, right origins, parents).
+    refs: Vec<(u64, u64)>,
+    /// Each client's section of the update: its blocks `first..end`.
+    sections: Vec<(usize, usize)>,
+}
+
+/// A block: its client, clocks `start..end`, whether it is a skip, and where its bytes and
+/// the ids it refers to are.
+struct BlockAt {
+    client: u64,
+    start: u64,
+    end: u64,
+    skip: bool,
+    bytes: (usize, usize),
+    refs: (usize, usize),
+}
+
 /// A position in the update, read the way lib0 reads.
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
-    /// When kept: the clock ranges the blocks write, `(client, start, end)` (skips write none).
-    written: Option<Vec<(u64, u64, u64)>>,
+    /// What [`integrable`] needs, when it reads.
+    record: Option<Record>,
 }
 
 type Result<T> = std::result::Result<T, V1Error>;
@@ -294,6 +426,9 @@ impl<'a> Reader<'a> {
                 offset: start,
             });
         }
+        if let Some(record) = &mut self.record {
+            record.refs.push((of, at));
+        }
         Ok(())
     }
 
@@ -304,21 +439,28 @@ impl<'a> Reader<'a> {
             let count = self.number()?;
             let client = self.number()?;
             let mut clock = self.number()?;
+            let first = self.record.as_ref().map_or(0, |r| r.blocks.len());
             for _ in 0..count {
-                let skip = self.bytes.get(self.at).is_some_and(|info| info & 0x1f == 10);
+                let (at, refs) = (self.at, self.record.as_ref().map_or(0, |r| r.refs.len()));
+                let skip = self.bytes.get(at).is_some_and(|info| info & 0x1f == 10);
                 let len = self.block(client, clock)?;
-                if let (Some(written), false) = (&mut self.written, skip) {
-                    match written.last_mut() {
-                        Some(last) if last.0 == client && last.2 == clock => {
-                            last.2 = clock.saturating_add(len)
-                        }
-                        _ => written.push((client, clock, clock.saturating_add(len))),
-                    }
+                if let Some(record) = &mut self.record {
+                    record.blocks.push(BlockAt {
+                        client,
+                        start: clock,
+                        end: clock.saturating_add(len),
+                        skip,
+                        bytes: (at, self.at),
+                        refs: (refs, record.refs.len()),
+                    });
                 }
                 clock = clock
                     .checked_add(len)
                     .filter(|&end| end <= MAX_SAFE)
                     .ok_or_else(|| self.error("a clock above 2^53 - 1"))?;
+            }
+            if let Some(record) = &mut self.record {
+                record.sections.push((first, record.blocks.len()));
             }
         }
         Ok(())
@@ -647,28 +789,30 @@ mod tests {
     }
 
     #[test]
-    fn deletes_of_clocks_the_update_does_not_write_are_left_out() {
+    fn what_waits_for_clocks_no_one_wrote_is_cut() {
         use crate::doc::SharedDoc;
         let writer = SharedDoc::with_client_id(9);
         let _missed = writer.insert("t", 0, "abcdef").unwrap();
         let delete = writer.delete("t", 1, 3).unwrap();
+        let after = writer.insert("t", 3, "!").unwrap();
         let other = SharedDoc::with_client_id(8);
         let own = other.insert("t", 0, "xyz").unwrap();
         let own_delete = other.delete("t", 0, 1).unwrap();
         let replica = SharedDoc::new();
-        for update in [&delete, &own, &own_delete] {
+        for update in [&delete, &after, &own, &own_delete] {
             replica.apply_update(update).unwrap();
         }
         assert!(replica.has_pending());
-        let trimmed = without_unwritten_deletes(&replica.snapshot())
+        let cut = integrable(&replica.snapshot(), |_| 0)
             .unwrap()
-            .expect("the held-back delete is left out");
-        check(&trimmed).unwrap();
+            .expect("what the replica holds back is cut");
+        assert!(cut.why.contains("client 9"), "{}", cut.why);
+        check(&cut.update).unwrap();
         let relay = SharedDoc::new();
-        relay.apply_member_update(&trimmed).unwrap();
+        relay.apply_member_update(&cut.update).unwrap();
         assert_eq!(relay.text("t"), "yz", "the deletes it wrote stay");
         assert!(!relay.has_pending());
-        assert_eq!(without_unwritten_deletes(&relay.snapshot()).unwrap(), None);
+        assert_eq!(integrable(&relay.snapshot(), |_| 0).unwrap(), None);
 
         // A range partly written is cut to the written part; a client with nothing written
         // goes.
@@ -678,12 +822,34 @@ mod tests {
         update.extend_from_slice(&[2, 5, 1, 1, 5, 6, 1, 0, 3]);
         let mut expected = structs;
         expected.extend_from_slice(&[1, 5, 1, 1, 1]);
-        assert_eq!(without_unwritten_deletes(&update).unwrap(), Some(expected));
+        let cut = integrable(&update, |_| 0).unwrap().unwrap();
+        assert_eq!(cut.update, expected);
+        assert!(cut.why.contains("client 5's clocks 1..6"), "{}", cut.why);
+        // ... unless the document holds those clocks.
+        assert_eq!(integrable(&update, |_| 10).unwrap(), None);
+
+        // Blocks after a gap: client 5's clocks 3..5.
+        let gap = [1, 1, 5, 3, 4, 1, 1, b't', 2, b'a', b'b', 0];
+        assert_eq!(integrable(&gap, |_| 3).unwrap(), None);
+        let cut = integrable(&gap, |_| 2).unwrap().unwrap();
+        assert_eq!(cut.update, [0, 0]);
+        assert!(cut.why.contains("after clocks 2..3"), "{}", cut.why);
+
+        // A block whose origin is a clock no one wrote: client 6's clock 9.
+        let next_to = [1, 1, 5, 0, 0x84, 6, 9, 2, b'a', b'b', 0];
+        assert_eq!(
+            integrable(&next_to, |c| 10 * u64::from(c == 6)).unwrap(),
+            None
+        );
+        let cut = integrable(&next_to, |_| 0).unwrap().unwrap();
+        assert_eq!(cut.update, [0, 0]);
+        assert!(cut.why.contains("client 6's clock 9"), "{}", cut.why);
+
         // Checked on the way.
         update.truncate(update.len() - 1);
         update.push(0);
         assert_eq!(
-            without_unwritten_deletes(&update).unwrap_err().problem,
+            integrable(&update, |_| 0).unwrap_err().problem,
             "a deleted range of length 0"
         );
     }
