@@ -34,6 +34,24 @@ export function meshDocument(ydoc, origin) {
   return document;
 }
 
+/**
+ * The Y.Doc's whole state without what Yjs holds back (updates and deletes waiting for clocks it
+ * never received): it shows none of that, and the relay takes no update that needs clocks no one
+ * wrote, so with it the rest would not reach the room either.
+ */
+function integratedState(ydoc) {
+  const store = ydoc.store;
+  const { pendingStructs, pendingDs } = store;
+  store.pendingStructs = null;
+  store.pendingDs = null;
+  try {
+    return Y.encodeStateAsUpdate(ydoc);
+  } finally {
+    store.pendingStructs = pendingStructs;
+    store.pendingDs = pendingDs;
+  }
+}
+
 /** [name, content] of every root type's text, as the built-in document counts it for digests. */
 function texts(ydoc) {
   const out = [];
@@ -110,7 +128,7 @@ export class MeshProvider {
     if (on.error) provider.onError(on.error);
     // What the Y.Doc holds before the room's updates arrive (loaded from y-indexeddb, say) goes
     // to the room too.
-    if (ydoc.store.clients.size > 0) provider.#queue(Y.encodeStateAsUpdate(ydoc));
+    if (ydoc.store.clients.size > 0) provider.#queue(integratedState(ydoc));
     try {
       provider.client = await MeshClient.connect({
         ...rest,
