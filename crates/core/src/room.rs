@@ -73,9 +73,9 @@ pub struct RoomLimits {
     pub burst: u64,
     /// The most members at once.
     pub max_members: usize,
-    /// Bytes of stored messages, signals and sync answers a node may send per second, on average.
+    /// Bytes of messages and presences a node may send per second, on average.
     pub bandwidth: u64,
-    /// Bytes of stored messages, signals and sync answers a node may send at once, above the average.
+    /// Bytes of messages and presences a node may send at once, above the average.
     pub bandwidth_burst: u64,
     /// The room compacts its document once the updates logged since the last compaction hold
     /// this many bytes (and at least as many as the last snapshot)...
@@ -1559,6 +1559,18 @@ impl RoomCore {
                     let detail = format!("sender {sender} is not this connection's node id {node}");
                     return self.refuse(conn, 0, Reason::SenderMismatch, detail);
                 }
+                // Passed to every member, and to every joiner while it stands.
+                let max = self.limits.limits.max_frame;
+                if bytes.len() > max {
+                    let detail = format!(
+                        "a presence of {} bytes; the relay takes {max} at most (one frame)",
+                        bytes.len()
+                    );
+                    return self.refuse(conn, 0, Reason::TooLarge, detail);
+                }
+                if !self.spend(node, bytes.len(), now) {
+                    return self.over_bandwidth(conn, 0);
+                }
                 if let Some(member) = self.members.get_mut(&conn) {
                     // `null` clears it: a late joiner has nothing to hear.
                     member.presence = (data != crate::wire::Json::null()).then(|| bytes.clone());
@@ -1653,6 +1665,22 @@ impl RoomCore {
         self.refuse(conn, step, Reason::RateLimited, detail);
     }
 
+    /// Takes `len` bytes from `node`'s bandwidth; whether they were there.
+    fn spend(&mut self, node: NodeId, len: usize, now: u64) -> bool {
+        self.nodes
+            .get_mut(&node)
+            .is_some_and(|state| state.bandwidth.try_take_n(len as u64, now))
+    }
+
+    /// Refuses a message over its sender's bandwidth, to send again later.
+    fn over_bandwidth(&mut self, conn: ConnId, step: Step) {
+        let detail = format!(
+            "over {} bytes per second; this message was not taken: send it again later",
+            self.limits.bandwidth
+        );
+        self.limited(conn, step, detail);
+    }
+
     fn malformed(&mut self, conn: ConnId, step: Step, reason: Reason, detail: String) {
         self.refuse(conn, step, reason, detail);
         if let Some(member) = self.members.get_mut(&conn) {
@@ -1729,20 +1757,24 @@ impl RoomCore {
                 return self.refuse(conn, stamp.step, Reason::Full, detail);
             }
         }
-        // Stored messages, signals and sync answers (which may go to every member, and which
-        // the room reads through) spend the sender's bytes; checkpoints are small.
-        if body.is_durable() || matches!(body, Body::Signal { .. } | Body::SyncState { .. }) {
-            let passed = self
-                .nodes
-                .get_mut(&node)
-                .is_some_and(|state| state.bandwidth.try_take_n(len, now));
-            if !passed {
+        // A state vector names each client once: one over a frame is no client's, and a sync
+        // request to everyone or a checkpoint goes to every member.
+        if let Body::SyncRequest { state_vector, .. } | Body::Checkpoint { state_vector, .. } = body
+        {
+            let max = self.limits.limits.max_frame;
+            if state_vector.len() > max {
                 let detail = format!(
-                    "over {} bytes per second of stored messages, signals and sync answers; this message was not taken: send it again later",
-                    self.limits.bandwidth
+                    "a {} with a state vector of {} bytes; the relay takes {max} at most (one frame)",
+                    body.kind(),
+                    state_vector.len()
                 );
-                return self.limited(conn, stamp.step, detail);
+                return self.refuse(conn, stamp.step, Reason::TooLarge, detail);
             }
+        }
+        // Every message spends the sender's bytes: the room stores it, fans it out, or reads it
+        // through.
+        if !self.spend(node, bytes.len(), now) {
+            return self.over_bandwidth(conn, stamp.step);
         }
         match body {
             Body::Update { update, .. } if self.shared => {

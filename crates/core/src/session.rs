@@ -1983,11 +1983,19 @@ impl<R: Replica> Session<R> {
         });
     }
 
-    /// The pacers' costs of the next frame to go out, if any: frames, and bytes of a stored
-    /// message or a signal (0 for others).
+    /// The pacers' costs of the next frame to go out, if any: frames, and the bytes the relay
+    /// meters (every stamped message and presence; 0 for a rename).
     fn next_cost(&self) -> Option<(u64, u64)> {
-        if self.presence_due || self.rename_due {
+        if self.rename_due {
             return Some((1, 0));
+        }
+        if self.presence_due {
+            // The frame: its kind, the sender (at most 10 bytes), the state's length and text.
+            let len = self
+                .presence
+                .as_ref()
+                .map_or(0, |data| 1 + 10 + 5 + data.as_str().len());
+            return Some((1, len as u64));
         }
         let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
         let mut waiting = self.waiting.front();
@@ -2010,11 +2018,8 @@ impl<R: Replica> Session<R> {
         waiting.map(|w| {
             // The stamp takes at most 30 bytes.
             let len = 3 + 30 + w.body.encoded_len();
-            // The relay meters the bytes of stored messages, signals and sync answers.
-            let metered = w.body.is_durable()
-                || matches!(w.body, Body::Signal { .. } | Body::SyncState { .. });
-            let bytes = if metered { len as u64 } else { 0 };
-            (frames(len), bytes)
+            // The relay meters the bytes of every message.
+            (frames(len), len as u64)
         })
     }
 

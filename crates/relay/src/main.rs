@@ -53,7 +53,7 @@ mod native {
         /// Messages one node may send per second (and at once).
         #[arg(long, env = "PM_MAX_RATE", default_value_t = 200)]
         max_rate: u32,
-        /// Bytes of stored messages, signals and sync answers one node may send per second (a whole message at
+        /// Bytes of messages and presences one node may send per second (a whole message at
         /// once).
         #[arg(long, env = "PM_BANDWIDTH", default_value_t = 4 << 20,
               value_parser = clap::value_parser!(u64).range(1024..))]

@@ -13,7 +13,7 @@ use pattern_mesh_client::{Client, ClientError};
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::pattern::MAX_SAFE_INTEGER;
 use pattern_mesh_core::session::Event;
-use pattern_mesh_core::wire::{with_position, Body, Frame, Json, Reason, RoomConfig, Stamp};
+use pattern_mesh_core::wire::{part, with_position, Body, Frame, Json, Reason, RoomConfig, Stamp};
 
 /// The demo game's room: inputs older than 40 steps are dropped.
 fn game() -> RoomConfig {
@@ -906,6 +906,67 @@ async fn a_member_that_stops_reading_is_cut_off_at_its_queue_bytes() {
     assert!(reason.contains("over 262144 bytes"), "{reason}");
     // The writer was never slowed.
     writer.data_acked(serde_json::json!("after")).await;
+}
+
+/// A member (a read-only one could too: sync requests and presences need no write access) sends
+/// a sync request to everyone, a checkpoint and a presence far larger than any client makes:
+/// each was fanned out to every member, spending no bandwidth, and the presence was kept and
+/// sent to every joiner. Whole messages of the message limit, as fast as the frame rate allows,
+/// filled every member's send queue until the relay cut them all as slow. Each is refused as
+/// `tooLarge` and reaches no one.
+#[tokio::test]
+async fn sync_requests_checkpoints_and_presences_over_a_frame_are_refused() {
+    let server = start("oversized", |c| {
+        c.limits.max_frame = 16 << 10;
+        c.limits.max_message = 1 << 20;
+    })
+    .await;
+    let mut victim = join(&server, "r", 0, None).await;
+    let mut attacker = join(&server, "r", 0, None).await;
+    let state_vector = vec![0x80; 200 << 10];
+    let bodies = [
+        Body::SyncRequest {
+            doc: "content".into(),
+            state_vector: state_vector.clone(),
+            to: 0,
+        },
+        Body::Checkpoint {
+            doc: "content".into(),
+            state_vector,
+            deletes: 0,
+            digest: 0,
+        },
+    ];
+    for body in bodies {
+        let frame = Frame::stamped(attacker.stamp(), body);
+        for piece in part::fragment(&frame.encode(), 16 << 10) {
+            attacker.send_bytes(piece).await;
+        }
+        let detail = attacker.expect_reject(Reason::TooLarge).await;
+        assert!(detail.contains("state vector of 204800 bytes"), "{detail}");
+        attacker.fence().await;
+    }
+    let presence = Frame::Presence {
+        sender: attacker.node,
+        data: Json::from_value(&serde_json::json!({ "cursor": "x".repeat(200 << 10) })).unwrap(),
+    };
+    for piece in part::fragment(&presence.encode(), 16 << 10) {
+        attacker.send_bytes(piece).await;
+    }
+    let detail = attacker.expect_reject(Reason::TooLarge).await;
+    assert!(detail.contains("presence of"), "{detail}");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(frame) = tokio::time::timeout_at(deadline, victim.recv()).await {
+        let frame = frame.frame;
+        assert!(
+            !matches!(
+                frame,
+                Frame::Presence { .. } | Frame::Part { .. } | Frame::Stamped(_)
+            ),
+            "the victim got {frame:?}"
+        );
+    }
+    server.stop().await;
 }
 
 /// A member writes under another member's Yjs client id past its next clock, and deletes what
