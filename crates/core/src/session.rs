@@ -1931,14 +1931,21 @@ impl<R: Replica> Session<R> {
                             stamp.step,
                             Some(stamp.sender),
                         );
-                        // Repair from the one peer that disagrees.
-                        self.waiting.push_back(Waiting {
-                            body: Body::SyncRequest {
-                                doc: WHOLE_DOC.into(),
-                                state_vector: Vec::new(),
-                                to: stamp.sender,
-                            },
+                        // Repair from the one peer that disagrees: one request waits for it,
+                        // however many checkpoints it sends.
+                        let asked = self.waiting.iter().any(|w| {
+                            matches!(&w.body, Body::SyncRequest { state_vector, to, .. }
+                                if *to == stamp.sender && state_vector.is_empty())
                         });
+                        if !asked {
+                            self.waiting.push_back(Waiting {
+                                body: Body::SyncRequest {
+                                    doc: WHOLE_DOC.into(),
+                                    state_vector: Vec::new(),
+                                    to: stamp.sender,
+                                },
+                            });
+                        }
                     }
                 }
             }
@@ -3205,6 +3212,46 @@ mod tests {
         h.pump();
         let kinds: Vec<Kind> = h.stamped().iter().map(|s| s.body.kind()).collect();
         assert_eq!(kinds, [Kind::Update]);
+    }
+
+    /// A member sends checkpoint after checkpoint at this replica's version with a wrong
+    /// digest (anyone can: the version is what every replica has). Each queued a whole-document
+    /// repair request to it, without bound, in front of this replica's own edits. One waits.
+    #[test]
+    fn forged_checkpoints_queue_one_repair_request_per_sender() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[7]);
+        let update = h.session.replica().insert("t", 0, "text").unwrap();
+        h.session.update(h.now, "t", update).unwrap();
+        h.pump();
+        let version = h.session.replica().version();
+        for step in 2..1_002 {
+            h.frame(Frame::stamped(
+                Stamp {
+                    sender: 7,
+                    step,
+                    pattern: PatternConfig::default().value(step),
+                },
+                Body::Checkpoint {
+                    doc: WHOLE_DOC.into(),
+                    state_vector: version.state_vector.clone(),
+                    deletes: version.deletes,
+                    digest: 1,
+                },
+            ));
+        }
+        h.sent.clear();
+        for _ in 0..10 {
+            h.now += 1_000;
+            h.session.handle_timeout(h.now);
+            h.pump();
+        }
+        let repairs = h
+            .stamped()
+            .iter()
+            .filter(|s| matches!(&s.body, Body::SyncRequest { to: 7, .. }))
+            .count();
+        assert_eq!(repairs, 1, "repair requests after the checkpoints");
     }
 
     /// A replica that holds back updates (they wait for one it never got) puts them in every
