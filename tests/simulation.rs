@@ -148,6 +148,7 @@ impl Scenario {
                 rate: rng.range(20, 200),
                 burst: rng.range(2, 40),
                 max_members: 16,
+                max_members_per_user: 16,
                 bandwidth: [4 << 20, 256 << 10, 64 << 10][rng.range(0, 2) as usize],
                 bandwidth_burst: [1 << 20, 256 << 10][rng.range(0, 1) as usize],
                 resume_grace: rng.range(0, 2_000),
@@ -1359,6 +1360,7 @@ impl Sim {
                 access: room::Access {
                     write: self.scenario.read_only != Some(client),
                     fixed_name: false,
+                    user: 0,
                 },
                 floor,
             };

@@ -151,6 +151,7 @@ pub fn room(data: &[u8]) {
         rate: 50,
         burst: 20,
         max_members: 4,
+        max_members_per_user: 4,
         bandwidth: 2_000,
         bandwidth_burst: 4_000,
         compact_bytes: 200,

@@ -73,6 +73,9 @@ pub struct RoomLimits {
     pub burst: u64,
     /// The most members at once.
     pub max_members: usize,
+    /// The most members at once whose access tokens name one user: one token, a read-only one
+    /// too, cannot take every place of a room.
+    pub max_members_per_user: usize,
     /// Bytes of messages and presences a node may send per second, on average.
     pub bandwidth: u64,
     /// Bytes of messages and presences a node may send at once, above the average.
@@ -103,6 +106,7 @@ impl Default for RoomLimits {
             rate: 200,
             burst: 200,
             max_members: 256,
+            max_members_per_user: 32,
             bandwidth: 4 << 20,
             bandwidth_burst: limits.max_message as u64,
             compact_bytes: 8 << 20,
@@ -276,6 +280,9 @@ pub struct Access {
     pub write: bool,
     /// Its display name comes from its token: renames are refused as [`Reason::Forbidden`].
     pub fixed_name: bool,
+    /// Who the token names, as a hash of its user (0: no one, a relay without tokens): the
+    /// members of one user hold at most [`RoomLimits::max_members_per_user`] of a room's places.
+    pub user: u64,
 }
 
 impl Access {
@@ -283,6 +290,7 @@ impl Access {
     pub const OPEN: Access = Access {
         write: true,
         fixed_name: false,
+        user: 0,
     };
 }
 
@@ -1232,6 +1240,22 @@ impl RoomCore {
                     self.limits.max_members
                 ),
             });
+        }
+        let user = request.access.user;
+        if replacing.is_none() && user != 0 {
+            let held = self
+                .members
+                .values()
+                .filter(|m| m.access.user == user)
+                .count();
+            if held >= self.limits.max_members_per_user {
+                return Err(JoinRefused {
+                    code: close::TRY_AGAIN_LATER,
+                    reason: format!(
+                        "this access token's user is in the room {held} times already, the most one user may be"
+                    ),
+                });
+            }
         }
         let node = match known {
             Some(node) => node,

@@ -9,7 +9,7 @@
 //!
 //! | claim | meaning |
 //! | --- | --- |
-//! | `sub` | the user's id (required) |
+//! | `sub` | the user's id (required); one user's members hold at most `--max-members-per-user` places in a room |
 //! | `name` | the display name peers see; the member cannot change it (optional: without it, the member names itself) |
 //! | `room` | the one room the token opens, by its exact name ... |
 //! | `roomPrefix` | ... or every room whose name begins with this (`team-42/`) |
@@ -86,6 +86,14 @@ pub struct Denied {
     pub reason: String,
 }
 
+/// A token's user as [`Access::user`]: a 64-bit FNV-1a hash of its `sub`, never 0.
+pub fn user_hash(user: &str) -> u64 {
+    let hash = user.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash.max(1)
+}
+
 fn denied(reason: impl Into<String>) -> Denied {
     Denied {
         code: close::FORBIDDEN,
@@ -149,11 +157,12 @@ impl Auth {
             ));
         }
         Ok(Grant {
-            user: claims.sub,
             access: Access {
                 write: claims.access == Right::Write,
                 fixed_name: claims.name.is_some(),
+                user: user_hash(&claims.sub),
             },
+            user: claims.sub,
             name: claims.name,
             expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
             room: claims.room,
@@ -236,7 +245,8 @@ mod tests {
             grant.access,
             Access {
                 write: false,
-                fixed_name: true
+                fixed_name: true,
+                user: user_hash("u1"),
             }
         );
         assert!(grant.admits("team-42/doc").is_ok());

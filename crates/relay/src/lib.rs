@@ -68,6 +68,8 @@ pub struct RelayConfig {
     pub max_rooms: usize,
     /// The most members in one room.
     pub max_members: usize,
+    /// The most members in one room whose access tokens name one user.
+    pub max_members_per_user: usize,
     /// Frames a node may send per second (a burst of as many is allowed).
     pub max_rate: u32,
     /// Bytes of stored messages a node may send per second (a burst of a whole message is
@@ -127,6 +129,7 @@ impl Default for RelayConfig {
             limits: Limits::default(),
             max_rooms: 10_000,
             max_members: 256,
+            max_members_per_user: 32,
             max_rate: 200,
             bandwidth: 4 << 20,
             compact_bytes: 8 << 20,
@@ -158,6 +161,7 @@ impl RelayConfig {
             rate: u64::from(self.max_rate),
             burst: u64::from(self.max_rate),
             max_members: self.max_members,
+            max_members_per_user: self.max_members_per_user,
             bandwidth: self.bandwidth,
             bandwidth_burst: self.limits.max_message as u64,
             compact_bytes: self.compact_bytes,

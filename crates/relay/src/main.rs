@@ -50,6 +50,11 @@ mod native {
         /// The most members in one room.
         #[arg(long, env = "PM_MAX_MEMBERS", default_value_t = 256)]
         max_members: usize,
+        /// The most members in one room whose access tokens name one user (`sub`): tokens that
+        /// share a `sub` share this.
+        #[arg(long, env = "PM_MAX_MEMBERS_PER_USER", default_value_t = 32,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_members_per_user: u64,
         /// Messages one node may send per second (and at once).
         #[arg(long, env = "PM_MAX_RATE", default_value_t = 200)]
         max_rate: u32,
@@ -184,6 +189,7 @@ mod native {
             },
             max_rooms: args.max_rooms,
             max_members: args.max_members,
+            max_members_per_user: args.max_members_per_user as usize,
             max_rate: args.max_rate,
             bandwidth: args.bandwidth,
             compact_bytes: args.compact_bytes,

@@ -211,6 +211,36 @@ async fn a_read_only_member_reads_the_history_and_live_edits_and_none_of_its_wri
     );
 }
 
+/// One user's token, a read-only one too, opened as many connections as the room has places:
+/// every other member, reconnecting ones too, was then refused ("the room is full"). The
+/// members of one user hold at most `--max-members-per-user` places; others still get in.
+#[tokio::test]
+async fn one_users_token_cannot_take_every_place_in_a_room() {
+    let server = start("auth-per-user", |c| {
+        c.auth = Some(AuthKey::Secret(SECRET.into()));
+        c.max_members = 4;
+        c.max_members_per_user = 3;
+    })
+    .await;
+    let reader = token("doc", "read");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(join_at(&with_token(&server, &reader), "doc", 0, 0, None).await);
+    }
+    let (code, reason) = refused(&server, Some(&reader), "doc").await;
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
+    assert!(reason.contains("in the room 3 times already"), "{reason}");
+    let other = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u2", "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    let mut member = join_at(&with_token(&server, &other), "doc", 0, 0, None).await;
+    let stamp = member.stamp();
+    member.send(&Frame::stamped(stamp, data("1"))).await;
+    member.expect_ack(stamp.step).await;
+    drop(held);
+}
+
 #[tokio::test]
 async fn the_display_name_comes_from_the_token_and_cannot_be_changed() {
     let server = secured("auth-name").await;
