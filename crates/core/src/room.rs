@@ -519,6 +519,8 @@ pub struct RoomCore {
     departures: VecDeque<(NodeId, u64)>,
     /// Node ids `next_node..nodes_end` are reserved for this room.
     next_node: NodeId,
+    /// Counts sync requests to everyone, to ask the writers in turn.
+    next_answerer: usize,
     nodes_end: NodeId,
     /// A further block the store reserved, used when this one runs out.
     spare_nodes: Option<(NodeId, NodeId)>,
@@ -616,6 +618,7 @@ impl RoomCore {
             tokens: HashMap::new(),
             departures: VecDeque::new(),
             next_node: record.next_node,
+            next_answerer: 0,
             nodes_end: record.nodes_end,
             spare_nodes: None,
             reserving: false,
@@ -1689,6 +1692,24 @@ impl RoomCore {
         self.refuse(conn, step, Reason::RateLimited, detail);
     }
 
+    /// The writer a sync request to everyone from `asker` goes to: the next one in turn, never
+    /// the asker, never a reader (whose answers are refused). `None` when there is none.
+    fn answerer(&mut self, asker: ConnId) -> Option<NodeId> {
+        let mut writers: Vec<(ConnId, NodeId)> = self
+            .members
+            .iter()
+            .filter(|&(&conn, member)| conn != asker && member.access.write)
+            .map(|(&conn, member)| (conn, member.node))
+            .collect();
+        if writers.is_empty() {
+            return None;
+        }
+        crate::doc::heap_sort(&mut writers);
+        let turn = self.next_answerer % writers.len();
+        self.next_answerer = self.next_answerer.wrapping_add(1);
+        Some(writers[turn].1)
+    }
+
     /// Takes `len` bytes from `node`'s bandwidth; whether they were there.
     fn spend(&mut self, node: NodeId, len: usize, now: u64) -> bool {
         self.nodes
@@ -1844,11 +1865,20 @@ impl RoomCore {
         // shared room the store moves it, with each append and publication, and the room takes
         // it from what it reads back: it never runs ahead of the store's, so that the store's
         // check of the future bound never refuses what this room accepted.
-        if stamp.step > self.high && body.recipient().is_none() && !self.shared {
+        // A sync request to everyone would have every writer answer with the same document:
+        // one writer is asked, the next one each time. (A shared room's relays each know only
+        // their own members: there everyone is asked.)
+        let to = match body {
+            Body::SyncRequest { to: 0, .. } if !self.shared => match self.answerer(conn) {
+                Some(node) => Some(node),
+                None => return,
+            },
+            _ => body.recipient(),
+        };
+        if stamp.step > self.high && to.is_none() && !self.shared {
             self.high += 1;
         }
         if !body.is_durable() {
-            let to = body.recipient();
             if self.shared && !to.is_some_and(|node| self.is_member_here(node)) {
                 // For the members on other relays, now: in the order of this relay's appends,
                 // the store puts it after the appends handed to it before, and before the next.
@@ -2346,6 +2376,73 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A member (a read-only one too) asks everyone for what an empty state vector lacks: the
+    /// whole document. Every writer answered, each with all of it, for one small request. The
+    /// room asks one writer, the next one each time, and never the asker or a reader.
+    #[test]
+    fn a_sync_request_to_everyone_goes_to_one_writer_in_turn() {
+        let mut room = room();
+        let reader = Access {
+            write: false,
+            ..Access::OPEN
+        };
+        let asker = room
+            .join(
+                0,
+                1,
+                JoinRequest {
+                    access: reader,
+                    ..req("a", None)
+                },
+                [1; 16],
+            )
+            .unwrap();
+        room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        room.join(0, 3, req("c", None), [3; 16]).unwrap();
+        room.join(
+            0,
+            4,
+            JoinRequest {
+                access: reader,
+                ..req("d", None)
+            },
+            [4; 16],
+        )
+        .unwrap();
+        outputs(&mut room);
+        let mut asked = Vec::new();
+        for step in 1..=4 {
+            let request = Frame::stamped(
+                Stamp {
+                    sender: asker.node,
+                    step,
+                    pattern: PatternConfig::default().value(step),
+                },
+                Body::SyncRequest {
+                    doc: "*".into(),
+                    state_vector: Vec::new(),
+                    to: 0,
+                },
+            );
+            send(&mut room, 0, 1, Bytes::from(request.encode()));
+            let out = outputs(&mut room);
+            assert!(
+                !out.iter().any(|o| matches!(o, Output::Fanout { .. })),
+                "{out:?}"
+            );
+            let to: Vec<ConnId> = out
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Send { to, .. } => Some(*to),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(to.len(), 1, "{out:?}");
+            asked.push(to[0]);
+        }
+        assert_eq!(asked, [2, 3, 2, 3]);
     }
 
     /// A rename reaches the other members, and a newcomer's welcome lists the new name.
