@@ -30,6 +30,7 @@ export function meshDocument(ydoc, origin) {
     mergeUpdates: (updates) => Y.mergeUpdates(updates),
     // Updates Yjs holds back until the parts they build on arrive.
     pending: () => ydoc.store.pendingStructs !== null || ydoc.store.pendingDs !== null,
+    whole: () => integratedState(ydoc),
   };
   return document;
 }

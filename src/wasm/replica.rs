@@ -112,11 +112,19 @@ impl Replica for ClientDoc {
             ClientDoc::Js(doc) => doc.merge_updates(updates),
         }
     }
+
+    fn whole(&self) -> Result<Vec<u8>, DocError> {
+        match self {
+            #[cfg(feature = "document")]
+            ClientDoc::Built(doc) => Replica::whole(doc),
+            ClientDoc::Js(doc) => doc.whole(),
+        }
+    }
 }
 
 /// The application's document: a JS object with `applyUpdate`, `stateVector`, `diff`,
-/// `snapshot`, `texts` and, optionally, `mergeUpdates` and `pending` (see `MeshDocument` in the
-/// types).
+/// `snapshot`, `texts` and, optionally, `mergeUpdates`, `pending` and `whole` (see
+/// `MeshDocument` in the types).
 pub(crate) struct JsDocument {
     object: JsValue,
     apply: js_sys::Function,
@@ -126,6 +134,7 @@ pub(crate) struct JsDocument {
     texts: js_sys::Function,
     merge: Option<js_sys::Function>,
     pending: Option<js_sys::Function>,
+    whole: Option<js_sys::Function>,
     problems: RefCell<Vec<String>>,
 }
 
@@ -160,6 +169,7 @@ impl JsDocument {
             texts: required("texts")?,
             merge: method("mergeUpdates", false)?,
             pending: method("pending", false)?,
+            whole: method("whole", false)?,
             problems: RefCell::default(),
         })
     }
@@ -216,6 +226,17 @@ impl JsDocument {
     fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError> {
         let remote = js_sys::Uint8Array::from(remote);
         self.bytes("diff", &self.diff, &[&remote]).map_err(|e| {
+            self.problem(e.clone());
+            DocError::InvalidUpdate(e)
+        })
+    }
+
+    /// `whole()`, when the document has it; `diff` of an empty state vector otherwise.
+    fn whole(&self) -> Result<Vec<u8>, DocError> {
+        let Some(whole) = self.whole.as_ref() else {
+            return self.diff(&[]);
+        };
+        self.bytes("whole", whole, &[]).map_err(|e| {
             self.problem(e.clone());
             DocError::InvalidUpdate(e)
         })

@@ -180,6 +180,8 @@ export interface MeshDocument {
   mergeUpdates?(updates: Uint8Array[]): Uint8Array;
   /** Whether the document holds back remote updates until the parts they build on arrive (`ydoc.store.pendingStructs`); one held back for 10 s is a `desync` anomaly, and the room is asked for what is missing. */
   pending?(): boolean;
+  /** The whole document as one v1 update without what it holds back (`Y.encodeStateAsUpdate` without `pendingStructs` and `pendingDs`): what the client gives back to a relay that lost the room's history, which takes no update that needs clocks no one wrote. Without it, `diff` of an empty state vector is given back, and refused whole if the document holds anything back. */
+  whole?(): Uint8Array;
 }
 
 /** The client's connection status. */

@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::{Advance, StepClock};
-use crate::doc::{has_insertions, v1, DocError, Replica};
+use crate::doc::{has_insertions, Replica};
 use crate::pace::TokenBucket;
 use crate::pattern::{PatternConfig, PatternValue, Step};
 use crate::saved::{decode_message, encode_unsent, Saved, Stored};
@@ -1627,17 +1627,9 @@ impl<R: Replica> Session<R> {
         }
         self.set_status(Status::Open, None);
         if std::mem::take(&mut self.give_back) {
-            // What the replica holds back (blocks and deletes waiting for clocks it never
-            // received) would make the relay refuse the whole document: it goes without, and
-            // shows nothing.
-            let state =
-                self.replica
-                    .diff(&[])
-                    .and_then(|state| match v1::integrable(&state, |_| 0) {
-                        Ok(cut) => Ok(cut.map_or(state, |cut| cut.update)),
-                        Err(e) => Err(DocError::InvalidUpdate(e.to_string())),
-                    });
-            let kept = match state {
+            // Without what the replica holds back (blocks and deletes waiting for clocks it never
+            // received), which would make the relay refuse the whole document, and shows nothing.
+            let kept = match self.replica.whole() {
                 Ok(state) if state.len() <= self.max_payload() => {
                     self.waiting.push_front(Waiting {
                         body: Body::Update {
@@ -2483,10 +2475,10 @@ mod tests {
         assert!(h.stamped().iter().all(|s| s.body.kind() != Kind::Update));
     }
 
-    /// The relay lost the room's history, and this replica holds a delete of clocks it never
-    /// received (held back by yrs). Its whole state carries that delete, and a relay takes no
-    /// update deleting clocks no one wrote: the give-back was refused as `malformed` and the
-    /// room's new log never got the document. It goes back without the delete.
+    /// The relay lost the room's history, and this replica holds back a delete of clocks it
+    /// never received, and an insert next to them. Its whole state carried both, and a relay
+    /// takes no update that needs clocks no one wrote: the give-back was refused as `malformed`
+    /// and the room's new log never got the document. It goes back without them.
     #[test]
     fn a_give_back_leaves_out_deletes_of_clocks_never_received() {
         let mut h = Harness::new();
@@ -2499,8 +2491,9 @@ mod tests {
         let writer = SharedDoc::with_client_id(9);
         let _never_received = writer.insert("t", 0, "abc").unwrap();
         let delete = writer.delete("t", 1, 1).unwrap();
+        let after = writer.insert("t", 2, "!").unwrap();
         let kept = SharedDoc::with_client_id(8).insert("t", 0, "xyz").unwrap();
-        for (step, update) in [(1, delete), (2, kept)] {
+        for (step, update) in [(1, delete), (2, after), (3, kept)] {
             h.frame(Frame::stamped(
                 stamp(step),
                 Body::Update {

@@ -257,6 +257,14 @@ pub trait Replica {
         let _ = updates;
         None
     }
+    /// The whole document as one Yjs v1 update, without what the replica holds back (blocks and
+    /// deletes that wait for clocks it never received): what a client gives back to a relay
+    /// that lost the room's history. A relay takes no update that needs clocks no one wrote
+    /// ([`v1::integrable`]), and what is held back shows nothing. By default, [`Replica::diff`]
+    /// of an empty state vector, for a replica that cannot leave it out.
+    fn whole(&self) -> Result<Vec<u8>, DocError> {
+        self.diff(&[])
+    }
 }
 
 /// One step of a change to a text, in the form editors apply (`retain`, `insert`, `delete`).

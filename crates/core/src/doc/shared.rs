@@ -343,6 +343,11 @@ impl Replica for SharedDoc {
         SharedDoc::state_vector(self)
     }
 
+    fn whole(&self) -> Result<Vec<u8>, DocError> {
+        // Unlike `encode_state_as_update`, without the pending updates and deletes.
+        Ok(self.doc.transact().encode_diff_v1(&StateVector::default()))
+    }
+
     fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, DocError> {
         if remote.is_empty() {
             return Ok(self.snapshot());
