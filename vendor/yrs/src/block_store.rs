@@ -437,6 +437,14 @@ impl BlockStore {
         Some(ItemSlice::new(ptr, 0, offset))
     }
 
+    /// `client`'s entry of [`BlockStore::get_state_vector`], without building the others.
+    pub fn get_state(&self, client: &ClientID) -> u32 {
+        match self.skips.get(client).and_then(|ranges| ranges.clock_start()) {
+            Some(clock) => clock,
+            None => self.get_clock(client),
+        }
+    }
+
     /// Returns the last observed clock sequence number for a given `client`. This is exclusive
     /// value meaning it describes a clock value of the beginning of the next block that's about
     /// to be inserted. You cannot use that clock value to find any existing block content.

@@ -37,6 +37,13 @@ pub trait ReadTxn: Sized {
         self.store().blocks.get_state_vector()
     }
 
+    /// `client`'s entry of [`ReadTxn::state_vector`] (the next clock this document expects of
+    /// it, 0 for a client it has nothing of), without building the entries of every other
+    /// client.
+    fn state_of(&self, client: crate::block::ClientID) -> u32 {
+        self.store().blocks.get_state(&client)
+    }
+
     /// Whether every id of `client` in `clocks` is at a block of this document that is deleted
     /// (a deleted item or a collected range): whether a delete set holding that range deletes
     /// nothing here. Finds the first block by binary search, then steps through the blocks in

@@ -235,9 +235,15 @@ impl SharedDoc {
     /// arrive (deletes of clocks no one wrote). Such an update is [`DocError::Unwritten`],
     /// naming the client and clocks.
     pub fn apply_member_update(&self, update: &[u8]) -> Result<(), DocError> {
-        let clocks = self.doc.transact().state_vector();
-        let have = |client| u64::from(clocks.get(&ClientID::new(client)));
-        match super::v1::integrable(update, have) {
+        // The clocks of the few clients the update names, not the whole state vector: a
+        // document keeps every client id that ever wrote, and this runs for every update.
+        let checked = {
+            let txn = self.doc.transact();
+            super::v1::integrable(update, |client| {
+                u64::from(txn.state_of(ClientID::new(client)))
+            })
+        };
+        match checked {
             Ok(None) => self.apply_stored(update),
             Ok(Some(cut)) => Err(DocError::Unwritten(cut.why)),
             Err(e) => Err(DocError::InvalidUpdate(format!(
@@ -747,6 +753,30 @@ mod tests {
 
     /// What a sync answer may hold: only blocks at ids the document has and deletions it made,
     /// collected ones included; a deleted range that runs past what was deleted is refused.
+    /// `state_of` (the patched yrs's one entry of the state vector) agrees with the state
+    /// vector, for clients written in order, out of order (held back) and not at all.
+    #[test]
+    fn one_clients_state_is_its_entry_of_the_state_vector() {
+        let a = SharedDoc::with_client_id(3);
+        let first = a.insert("t", 0, "abc").unwrap();
+        let second = a.insert("t", 3, "def").unwrap();
+        let doc = SharedDoc::new();
+        doc.apply_update(&second).unwrap();
+        let b = SharedDoc::with_client_id(4).insert("t", 0, "xy").unwrap();
+        doc.apply_update(&b).unwrap();
+        let check = |doc: &SharedDoc| {
+            let txn = doc.doc.transact();
+            let vector = txn.state_vector();
+            for client in [3, 4, 5, doc.client_id()] {
+                let client = ClientID::new(client);
+                assert_eq!(txn.state_of(client), vector.get(&client));
+            }
+        };
+        check(&doc);
+        doc.apply_update(&first).unwrap();
+        check(&doc);
+    }
+
     #[test]
     fn an_update_is_held_only_when_every_block_and_deletion_is_here() {
         let room = SharedDoc::with_client_id(1);
