@@ -644,7 +644,7 @@ impl Sim {
                         .store
                         .read_now(ROOM, joined.from, joined.until, usize::MAX)
                     {
-                        if logged.sender == node {
+                        if !joined.replays(&logged) {
                             continue;
                         }
                         for piece in part::fragment(&logged.bytes, Limits::default().max_frame) {

@@ -312,6 +312,19 @@ pub struct Joined {
     /// The latest presence frame of each other member present, to send right after the
     /// welcome: a late joiner has everyone's presence before the catch-up.
     pub presences: Vec<Bytes>,
+    /// The positions in the catch-up of updates the room refused after the store took them
+    /// (see [`Joined::replays`]), in order.
+    pub refused: Vec<u64>,
+}
+
+impl Joined {
+    /// Whether the catch-up sends this entry of the log: not the member's own messages (it has
+    /// them), and not an update the room refused when its document took it in (a shared room
+    /// judges updates in the log's order, after the store took them; such an update would
+    /// leave every replica that took it waiting for clocks no one wrote).
+    pub fn replays(&self, logged: &Logged) -> bool {
+        logged.sender != self.node && self.refused.binary_search(&logged.position).is_err()
+    }
 }
 
 /// A durable message for the store.
@@ -496,9 +509,17 @@ struct Held {
     sender: NodeId,
     /// For an acknowledgement: `None`, and `ack` is set.
     to: Option<NodeId>,
-    /// An acknowledgement, to `sender`'s connection.
-    ack: bool,
+    /// An acknowledgement of this step, to `sender`'s connection.
+    ack: Option<Step>,
     bytes: Bytes,
+}
+
+/// Why the room's document did not take a member's update, for its refusal.
+fn refusal_detail(error: DocError) -> String {
+    match error {
+        DocError::Unwritten(detail) => format!("the update was not taken: {detail}"),
+        e => format!("the update does not apply to the room's document: {e}"),
+    }
 }
 
 /// One room's state and decisions.
@@ -573,6 +594,15 @@ pub struct RoomCore {
     /// snapshot dropped before this relay read them): the members get snapshots until one holds
     /// that far.
     missed: u64,
+    /// The updates of a shared room's log read while `missed` is set, in order, with their
+    /// positions: the document lacks what came before them, so they are judged (see
+    /// [`SharedDoc::apply_member_update`]) once a snapshot holds that far.
+    deferred: Vec<(u64, Vec<u8>)>,
+    /// The log positions of the updates the room refused as its document took them in (an
+    /// update of a shared room, judged in the log's order; a stored update that does not
+    /// integrate, met at load), in order. The store still holds them until a snapshot drops
+    /// them; no member's catch-up replays them ([`Joined::replays`]).
+    refused: Vec<u64>,
     /// When the room next looks for members silent past the idle timeout.
     idle_check_at: u64,
     now: u64,
@@ -640,6 +670,8 @@ impl RoomCore {
             held: VecDeque::new(),
             remote: HashMap::new(),
             missed: 0,
+            deferred: Vec::new(),
+            refused: Vec::new(),
             idle_check_at: 0,
             joined_since_snapshot: Vec::new(),
             backlog: VecDeque::new(),
@@ -658,13 +690,19 @@ impl RoomCore {
             max_message: usize::MAX,
             ..self.limits.limits
         };
+        // The snapshot first: in a shared room, updates logged after what it holds may come
+        // before it in the log (another relay appended them while it was on its way), and they
+        // build on what it holds.
+        let mut updates = Vec::new();
         for logged in document {
-            let applied = match Frame::decode_with(&logged.bytes, &limits) {
+            match Frame::decode_with(&logged.bytes, &limits) {
                 Ok(Frame::Snapshot { state, .. }) => {
                     self.snapshot_len = logged.bytes.len() as u64;
                     self.tail_bytes = 0;
                     self.tail_updates = 0;
-                    self.doc.apply_stored(&state).is_ok()
+                    if self.doc.apply_stored(&state).is_err() {
+                        self.load_failures += 1;
+                    }
                 }
                 Ok(Frame::Stamped(Stamped {
                     body: Body::Update { update, .. },
@@ -672,9 +710,22 @@ impl RoomCore {
                 })) => {
                     self.tail_bytes += logged.bytes.len() as u64;
                     self.tail_updates += 1;
-                    self.doc.apply_stored(&update).is_ok()
+                    updates.push((logged.position, update));
                 }
-                _ => false,
+                _ => self.load_failures += 1,
+            }
+        }
+        // Then each update, judged as when it came in: a log written before the relay checked
+        // updates this way, or a shared room's (judged in the log's order), may hold one that
+        // does not integrate. Left out, it is left out of every catch-up too.
+        for (position, update) in updates {
+            let applied = match self.doc.apply_member_update(&update) {
+                Ok(()) => true,
+                Err(DocError::Unwritten(_)) => {
+                    self.refused.push(position);
+                    true
+                }
+                Err(_) => self.doc.apply_stored(&update).is_ok(),
             };
             if !applied {
                 self.load_failures += 1;
@@ -690,11 +741,14 @@ impl RoomCore {
     ///   another relay stored first; this room's validator still checks everything first,
     ///   against the room step as this relay knows it (never ahead of the log's);
     /// - the room fans out its log as the driver reads it back from the store
-    ///   ([`RoomCore::logged`]), its own appends included, so that every member of every relay
+    ///   ([`RoomCore::followed`]), its own appends included, so that every member of every relay
     ///   sees one order: the log's. An append's answer only acknowledges it to its sender, and
     ///   a message only forwarded waits until the log before it has been fanned out;
-    /// - updates are checked when they come in and applied to the room's document in the
-    ///   log's order; the room appends no snapshot of its own.
+    /// - an update's form is checked when it comes in; whether it integrates (see
+    ///   [`SharedDoc::apply_member_update`]) is judged in the log's order, as the room applies
+    ///   it to its document, the same way on every relay: one that does not reaches no member
+    ///   and no catch-up ([`Joined::replays`]), and its sender gets a `malformed` refusal in
+    ///   place of its acknowledgement.
     ///
     /// Call it before the first join.
     pub fn share(&mut self) {
@@ -764,6 +818,16 @@ impl RoomCore {
         self.compact_if_due();
     }
 
+    /// Whether a message of `sender` at `step` is still to be acknowledged or refused: its
+    /// append not answered yet, or, in a shared room, its acknowledgement held for its turn.
+    fn answer_due(&self, sender: NodeId, step: Step) -> bool {
+        self.unanswered(sender, step)
+            || self
+                .held
+                .iter()
+                .any(|held| held.sender == sender && held.ack == Some(step))
+    }
+
     /// Whether a message of `sender` at `step` is one of this relay's appends not answered yet.
     fn unanswered(&self, sender: NodeId, step: Step) -> bool {
         sender != 0
@@ -798,15 +862,20 @@ impl RoomCore {
             self.published = entry.position;
             self.high = self.high.max(entry.high);
             let len = entry.bytes.len() as u64;
+            let mut refusal = None;
             match Frame::decode_with(&entry.bytes, &limits) {
+                // Judged here, in the log's order, the same way on every relay: when it came
+                // in, the document of the relay it came through may have lagged the log.
                 Ok(Frame::Stamped(Stamped {
                     body: Body::Update { update, .. },
                     ..
                 })) => {
                     self.tail_bytes += len;
                     self.tail_updates += 1;
-                    if self.doc.apply_stored(&update).is_err() {
-                        self.load_failures += 1;
+                    if self.missed > 0 {
+                        self.deferred.push((entry.position, update));
+                    } else if let Err(error) = self.doc.apply_member_update(&update) {
+                        refusal = Some(error);
                     }
                 }
                 Ok(Frame::Snapshot { state, .. }) => {
@@ -816,12 +885,17 @@ impl RoomCore {
                     if self.doc.apply_stored(&state).is_err() {
                         self.load_failures += 1;
                     }
+                    // The store dropped the updates it holds, refused ones too.
+                    self.refused.retain(|&position| position > entry.covers);
+                    self.deferred
+                        .retain(|&(position, _)| position > entry.covers);
                     // The members hold everything it does, unless this relay skipped entries
                     // (then everyone gets snapshots until one holds them all) or they joined
                     // since (their catch-up, up to where the relay was, may have met entries a
                     // snapshot dropped: they get snapshots until one holds that far).
                     if self.missed <= entry.covers {
                         self.missed = 0;
+                        self.judge_deferred();
                     }
                     if skipped == 0 {
                         let covers = entry.covers;
@@ -853,8 +927,41 @@ impl RoomCore {
                 }
                 None => 0,
             };
-            self.forward(from, None, &entry.bytes);
+            match refusal {
+                Some(error) => self.refuse_logged(&entry, error),
+                None => self.forward(from, None, &entry.bytes),
+            }
             self.release_held();
+        }
+    }
+
+    /// The updates read while the document lacked entries the log skipped, now that a snapshot
+    /// holds those: judged in order, as every other relay judged them. (Their members got
+    /// them unjudged: no relay can tell sooner.)
+    fn judge_deferred(&mut self) {
+        for (position, update) in std::mem::take(&mut self.deferred) {
+            if self.doc.apply_member_update(&update).is_err() {
+                self.refused.push(position);
+            }
+        }
+    }
+
+    /// An update of a shared room's log that does not integrate into the room's document where
+    /// the log puts it: it reaches no member, and its sender, if it is a member here, gets a
+    /// refusal in place of its acknowledgement.
+    fn refuse_logged(&mut self, entry: &Followed, error: DocError) {
+        self.refused.push(entry.position);
+        // What was held for the entries before it goes first.
+        self.release_held_below(entry.position);
+        let ack = self
+            .held
+            .iter()
+            .position(|held| held.sender == entry.sender && held.ack == Some(entry.step));
+        if let Some(i) = ack {
+            self.held.remove(i);
+            if let Some(conn) = self.nodes.get(&entry.sender).and_then(|n| n.conn) {
+                self.refuse(conn, entry.step, Reason::Malformed, refusal_detail(error));
+            }
         }
     }
 
@@ -875,7 +982,7 @@ impl RoomCore {
                 break;
             };
             let conn = self.nodes.get(&held.sender).and_then(|n| n.conn);
-            if held.ack {
+            if held.ack.is_some() {
                 if let Some(to) = conn {
                     self.outputs.push_back(Output::Send {
                         to,
@@ -896,7 +1003,7 @@ impl RoomCore {
                 after: self.awaited,
                 sender,
                 to,
-                ack: false,
+                ack: None,
                 bytes,
             });
             return;
@@ -1371,17 +1478,25 @@ impl RoomCore {
         presences.sort_by_key(|&(node, _)| node);
         let presences = presences.into_iter().map(|(_, bytes)| bytes).collect();
         self.sweep();
+        let from = if log != self.log || since > self.published {
+            0
+        } else {
+            since
+        };
+        let refused = self
+            .refused
+            .iter()
+            .copied()
+            .filter(|&position| position > from && position <= self.published)
+            .collect();
         Ok(Joined {
             node,
             welcome: Bytes::from(welcome.encode()),
-            from: if log != self.log || since > self.published {
-                0
-            } else {
-                since
-            },
+            from,
             until: self.published,
             caught_up: Bytes::from(caught_up.encode()),
             presences,
+            refused,
         })
     }
 
@@ -1785,6 +1900,13 @@ impl RoomCore {
         // Every check that can refuse the message comes before anything it moves: the
         // validator's verdict is peeked, and recorded only once the message is taken.
         if let Verdict::Rejected(reason) = self.validator.peek(&stamp, origin, self.high) {
+            // Sent again before its answer (the store's, or its turn in a shared room's log)
+            // came: that answer is the one it gets. It may yet be a refusal: a shared room
+            // judges updates in the log's order, and a client refused there sends again what
+            // it sent after.
+            if reason == Reason::Replay && self.answer_due(node, stamp.step) {
+                return;
+            }
             self.validator.record(reason);
             let detail = self.validator.explain(&stamp, origin, self.high, reason);
             return self.reject(conn, stamp.step, reason, detail);
@@ -1823,20 +1945,14 @@ impl RoomCore {
         }
         match body {
             Body::Update { update, .. } if self.shared => {
-                // Applied in the log's order, when the log comes back (`logged`).
+                // Applied in the log's order, when the log comes back (`followed`).
                 if let Err(e) = check_update(update) {
                     return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string());
                 }
             }
             Body::Update { update, .. } => {
                 if let Err(e) = self.doc.apply_member_update(update) {
-                    let detail = match e {
-                        DocError::Unwritten(detail) => {
-                            format!("the update was not taken: {detail}")
-                        }
-                        e => format!("the update does not apply to the room's document: {e}"),
-                    };
-                    return self.refuse(conn, stamp.step, Reason::Malformed, detail);
+                    return self.refuse(conn, stamp.step, Reason::Malformed, refusal_detail(e));
                 }
                 self.applied = Some((conn, stamp.step));
             }
@@ -1934,7 +2050,14 @@ impl RoomCore {
                 || self.tail_updates >= self.limits.compact_updates);
         // A room that loaded with entries its document could not apply does not compact: the
         // snapshot would hold the rest only, and the store drops what a snapshot covers.
-        if !due || self.compacting || self.stopped || self.load_failures > 0 {
+        // Nor does a shared room's document that lacks entries the log skipped.
+        if !due
+            || self.compacting
+            || self.stopped
+            || self.load_failures > 0
+            || self.missed > 0
+            || !self.deferred.is_empty()
+        {
             return;
         }
         let frame = Frame::Snapshot {
@@ -2106,7 +2229,7 @@ impl RoomCore {
                 self.in_flight_bytes -= len;
                 self.compacting = false;
                 match result {
-                    // A shared room's snapshot comes back through the log (`logged`).
+                    // A shared room's snapshot comes back through the log (`followed`).
                     Ok(Appended::Stored { bytes, .. }) if self.shared => {
                         self.stored_bytes = bytes;
                     }
@@ -2117,6 +2240,7 @@ impl RoomCore {
                         self.published = position;
                         self.stored_bytes = stored;
                         self.snapshot_len = len;
+                        self.refused.retain(|&refused| refused > position);
                         // The store just dropped every document entry before the snapshot: a
                         // catch-up still reading (it reads the log a page at a time) finds them
                         // gone. Its member gets the snapshot, after the catch-up and in order
@@ -2183,7 +2307,7 @@ impl RoomCore {
                 position,
                 bytes: stored,
             }) if self.shared => {
-                // Fanned out when the log comes back, in its order (`logged`); the sender's
+                // Fanned out when the log comes back, in its order (`followed`); the sender's
                 // acknowledgement follows every entry before it, as on a relay of its own
                 // (its client counts on it: what was logged before came first).
                 self.awaited = self.awaited.max(position);
@@ -2193,7 +2317,7 @@ impl RoomCore {
                     after: position,
                     sender: node,
                     to: None,
-                    ack: true,
+                    ack: Some(step),
                     bytes: ack,
                 });
                 self.release_held();
@@ -2686,6 +2810,10 @@ mod tests {
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         outputs(&mut room);
         send(&mut room, 0, 1, data(a.node, 5));
+        // Sent again before it is stored: the store's answer is the one it gets.
+        send(&mut room, 0, 1, data(a.node, 5));
+        assert!(sent_to(&outputs(&mut room), 1).is_empty());
+        stored(&mut room, 1);
         send(&mut room, 0, 1, data(a.node, 5)); // a replay: refused, but opens no gap
         send(&mut room, 0, 1, data(a.node, 5_000)); // too far ahead: opens a gap
         send(&mut room, 0, 1, data(a.node, 6)); // valid, but after the gap
@@ -3689,6 +3817,133 @@ mod tests {
         // Exactly once in the log, and to the watcher.
         assert_eq!(shared.store.log("r").len(), 1);
         assert_eq!(steps(&shared.got[1][&3]), vec![(a, 1)]);
+    }
+
+    /// An update under a client id no one uses, from its clock 3 (lib0 varuints: one client,
+    /// 77, one block at clock 3 in the root type "content", the string "x"; no deletes): Yjs
+    /// would keep it until clocks 0..3 arrive, which no one wrote.
+    fn after_a_gap() -> Vec<u8> {
+        let mut gap = vec![1, 1, 77, 3, 4, 1, 7];
+        gap.extend_from_slice(b"content");
+        gap.extend_from_slice(&[1, b'x', 0]);
+        gap
+    }
+
+    /// A shared room cannot judge an update when it comes in (its document may lag the log), so
+    /// every relay judges it in the log's order, the same way: one that does not integrate
+    /// reaches no member, and its sender gets a `malformed` refusal in place of its
+    /// acknowledgement. What the sender sent after it, sent again after its fence, gets the
+    /// answer still to come, not a `replay`. No catch-up replays it, on either relay.
+    #[test]
+    fn a_shared_room_refuses_in_the_logs_order_an_update_that_does_not_integrate() {
+        let mut shared = Shared::new(2);
+        let a = shared.join(0, 1, None, 1);
+        shared.join(1, 2, None, 2);
+        send(&mut shared.rooms[0], 0, 1, update(a, 1, after_a_gap()));
+        shared.drive(0);
+        // Step 2 goes out before step 1's refusal comes back: relay A reads the log (step 1)
+        // before the store has step 2.
+        send(&mut shared.rooms[0], 0, 1, data(a, 2));
+        let entries = shared.store.follow_now("r", shared.rooms[0].published());
+        shared.rooms[0].followed(0, &entries, &[], true);
+        shared.drive(0);
+        let got = std::mem::take(shared.got[0].get_mut(&1).unwrap());
+        let [Frame::Reject {
+            step: 1,
+            reason: Reason::Malformed,
+            detail,
+        }] = got.as_slice()
+        else {
+            panic!("{got:?}")
+        };
+        assert!(
+            detail.contains("client 77's clocks 3..4 after clocks 0..3"),
+            "{detail}"
+        );
+        // The client's fence, and step 2 sent again: its acknowledgement is still to come.
+        send(
+            &mut shared.rooms[0],
+            0,
+            1,
+            Bytes::from(Frame::Fence { step: 2 }.encode()),
+        );
+        send(&mut shared.rooms[0], 0, 1, data(a, 2));
+        shared.drive(0);
+        shared.follow(0);
+        shared.follow(1);
+        assert_eq!(
+            shared.got[0][&1],
+            [
+                Frame::Fence { step: 2 },
+                Frame::Ack {
+                    step: 2,
+                    position: 2
+                }
+            ]
+        );
+        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 2)]);
+        for i in 0..2 {
+            let late = shared.rooms[i]
+                .join(0, 3, req("late", None), [3; 16])
+                .unwrap();
+            assert_eq!(late.refused, vec![1], "relay {i}");
+        }
+        // A relay that loads the room later judges it the same way.
+        let record = shared.store.open_now("r", RoomConfig::default());
+        let document = shared.store.document_now("r");
+        let mut reloaded =
+            RoomCore::new("r".into(), record, &document, RoomLimits::default(), 0).unwrap();
+        let late = reloaded.join(0, 1, req("late", None), [4; 16]).unwrap();
+        assert_eq!(late.refused, vec![1]);
+        assert_eq!(reloaded.load_failures(), 0);
+    }
+
+    /// A relay that reads a shared room's log after another relay's snapshot dropped entries
+    /// it had not read lacks them until it reads that snapshot, which comes later in the log
+    /// than the updates appended while it was on its way. It judges those updates once the
+    /// snapshot is in, in order, as every other relay did: an honest one that builds on the
+    /// dropped entries is taken, one after a gap is refused, and the relay's document is the
+    /// others'.
+    #[test]
+    fn updates_read_past_a_dropped_stretch_of_the_log_are_judged_once_the_snapshot_is_in() {
+        let writer = SharedDoc::with_client_id(5);
+        writer.insert("content", 0, "first").unwrap();
+        let snapshot = writer.snapshot();
+        let second = writer.insert("content", 5, " second").unwrap();
+        let entry = |position: u64, sender: NodeId, step: Step, bytes: Bytes, covers: u64| {
+            let bytes = Bytes::from(with_position(&bytes, position).unwrap());
+            Followed {
+                position,
+                sender,
+                step,
+                high: position,
+                covers,
+                bytes,
+            }
+        };
+        let mut room = room();
+        room.share();
+        room.join(0, 1, req("m", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let snapshot = Bytes::from(
+            Frame::Snapshot {
+                doc: WHOLE_DOC.into(),
+                state: snapshot,
+            }
+            .encode(),
+        );
+        // Positions 1 (`first`, at 1..=1) were dropped by the snapshot at 4, which holds
+        // position 1; 2 and 3 came while it was on its way.
+        let log = [
+            entry(2, 7, 2, update(7, 2, second), 0),
+            entry(3, 8, 1, update(8, 1, after_a_gap()), 0),
+            entry(4, 0, 0, snapshot, 1),
+        ];
+        room.followed(0, &log, &[], true);
+        outputs(&mut room);
+        assert_eq!(room.document().text("content"), "first second");
+        let late = room.join(0, 2, req("late", None), [2; 16]).unwrap();
+        assert_eq!(late.refused, vec![3]);
     }
 
     fn rejects_of(frames: &[Frame]) -> Vec<Reason> {

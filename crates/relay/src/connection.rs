@@ -283,7 +283,7 @@ async fn handshake(
         Ok(joined) => joined,
         Err(refused) => return refuse(socket, refused.code, &refused.reason).await,
     };
-    let Admitted { joined, queue } = admitted;
+    let Admitted { mut joined, queue } = admitted;
     // A member now: the deadline the listener set at the accept no longer applies (a long
     // catch-up is bounded by the write stall instead).
     peer.joined();
@@ -296,10 +296,10 @@ async fn handshake(
 
     // 2. The welcome, the presences of the members present, the log after `since` (but the
     //    node's own messages) page by page, and the caught-up frame; the live traffic waits in the queue meanwhile.
-    if !send(&mut socket, relay, joined.welcome).await {
+    if !send(&mut socket, relay, joined.welcome.clone()).await {
         return None;
     }
-    for presence in joined.presences {
+    for presence in std::mem::take(&mut joined.presences) {
         if !send(&mut socket, relay, presence).await {
             return None;
         }
@@ -326,7 +326,7 @@ async fn handshake(
         };
         for logged in page {
             after = logged.position;
-            if logged.sender == node {
+            if !joined.replays(&logged) {
                 continue;
             }
             if logged.bytes.len() <= limits.max_frame {

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{join_at, session, temp_dir, Member};
+use common::{edit, join_at, replayed_text, session, temp_dir, Member};
 use pattern_mesh_client::Client;
-use pattern_mesh_core::wire::{Frame, Reason};
+use pattern_mesh_core::doc::SharedDoc;
+use pattern_mesh_core::wire::{Body, Frame, Reason};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -697,5 +698,58 @@ async fn a_member_alone_on_its_relay_moves_the_room_step_with_its_signals() {
     // None of them was refused (as `futureStep`, were the relay's room step left behind).
     while let Ok(Ok(p)) = tokio::time::timeout(Duration::from_millis(300), a.conn.recv()).await {
         assert!(!matches!(p.frame, Frame::Reject { .. }), "{:?}", p.frame);
+    }
+}
+
+/// The attack of `hostile.rs`'s `an_update_after_a_gap_in_a_clients_clocks_is_refused`, in a
+/// room two relays share. A member writes under another member's Yjs client id past its next
+/// clock, and deletes what it wrote there: Yjs keeps such blocks until the gap is filled, on
+/// every replica, and the victim's next edit would fill it and lose a character. A relay of a
+/// shared room cannot judge an update when it comes in (its document may lag the log); every
+/// relay judges each update in the log's order instead, the same way: the attacker gets a
+/// `malformed` refusal in place of its acknowledgement, the victim on the other relay never
+/// sees the update, and no late joiner gets it, on either relay or on one started afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_after_a_gap_in_a_clients_clocks_is_refused_in_a_shared_room() {
+    let redis = Redis::start("redis-gap");
+    let (_relays, mut urls) = relays(&redis, 2);
+    let mut victim = join_at(&urls[0], "gap", 0, 0, None).await;
+    let mut attacker = join_at(&urls[1], "gap", 0, 0, None).await;
+    let doc = SharedDoc::with_client_id(4_242);
+    victim.acked(edit(&doc, 0, "first")).await;
+    // lib0 varuints: one client (4242), one block at its clock 10, in the root type "content",
+    // the string "x"; a delete set of that one clock.
+    let mut gap = vec![1, 1, 0x92, 0x21, 10, 4, 1, 7];
+    gap.extend_from_slice(b"content");
+    gap.extend_from_slice(&[1, b'x', 1, 0x92, 0x21, 1, 10, 1]);
+    let stamp = attacker.stamp();
+    let body = Body::Update {
+        doc: "content".into(),
+        update: gap,
+    };
+    attacker.send(&Frame::stamped(stamp, body)).await;
+    let detail = attacker.expect_reject(Reason::Malformed).await;
+    assert!(
+        detail.contains("client 4242's clocks 10..11 after clocks 5..10, which no one has written"),
+        "{detail}"
+    );
+    attacker.fence().await;
+    victim.acked(edit(&doc, 5, " second")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    while let Ok(p) = tokio::time::timeout_at(deadline, victim.recv()).await {
+        let sender = p.frame.stamp().map(|s| s.sender);
+        assert_ne!(sender, Some(attacker.node), "the victim got {:?}", p.frame);
+    }
+    let (_late_relay, late_url) = relay(&redis);
+    urls.push(late_url);
+    for url in &urls {
+        let late = join_at(url, "gap", 0, 0, None).await;
+        assert_eq!(replayed_text(late.replay()), "first second", "{url}");
+        let senders: Vec<u64> = late
+            .replay()
+            .iter()
+            .filter_map(|p| p.frame.stamp().map(|s| s.sender))
+            .collect();
+        assert!(!senders.contains(&attacker.node), "{url}: {senders:?}");
     }
 }
