@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::{Advance, StepClock};
-use crate::doc::{has_insertions, Replica};
+use crate::doc::{has_insertions, Replica, Version};
 use crate::pace::TokenBucket;
 use crate::pattern::{PatternConfig, PatternValue, Step};
 use crate::saved::{decode_message, encode_unsent, Saved, Stored};
@@ -427,6 +427,9 @@ pub struct Session<R> {
     /// The relay refused a sync answer of this connection (it held what the room has not
     /// stored): no more answers until the next connection.
     answer_refused: bool,
+    /// The digest of the replica at the version it was last taken at: a digest walks every
+    /// text, and a member may send checkpoint after checkpoint at this replica's version.
+    digested: Option<(Version, u64)>,
     /// When the connection last brought a frame, when the next heartbeat goes out, and when
     /// the first heartbeat sent since that frame went out (the relay answers each).
     heard_at: u64,
@@ -489,6 +492,7 @@ impl<R: Replica> Session<R> {
             unstored: Vec::new(),
             forbidden: false,
             answer_refused: false,
+            digested: None,
             heard_at: now,
             beat_at: now,
             probe: None,
@@ -1907,9 +1911,13 @@ impl<R: Replica> Session<R> {
             } => {
                 if open {
                     let version = self.replica.version();
-                    // The digest walks every text: only at the same version.
+                    // The digest walks every text: only at the same version, once.
                     let same = version.state_vector == state_vector && version.deletes == deletes;
-                    let mine = if same { self.replica.digest() } else { digest };
+                    let mine = if same {
+                        self.digest_at(version)
+                    } else {
+                        digest
+                    };
                     if digest != mine {
                         let detail = format!(
                             "node {} has digest {digest:016x} at the version where this node has {mine:016x}",
@@ -1972,14 +1980,27 @@ impl<R: Replica> Session<R> {
         self.waiting
             .retain(|w| !matches!(w.body, Body::Checkpoint { .. }));
         let version = self.replica.version();
+        let digest = self.digest_at(version.clone());
         self.waiting.push_back(Waiting {
             body: Body::Checkpoint {
                 doc: WHOLE_DOC.into(),
                 state_vector: version.state_vector,
                 deletes: version.deletes,
-                digest: self.replica.digest(),
+                digest,
             },
         });
+    }
+
+    /// The replica's digest, at `version` (its version now): taken once per version.
+    fn digest_at(&mut self, version: Version) -> u64 {
+        match &self.digested {
+            Some((at, digest)) if *at == version => *digest,
+            _ => {
+                let digest = self.replica.digest();
+                self.digested = Some((version, digest));
+                digest
+            }
+        }
     }
 
     /// The pacers' costs of the next frame to go out, if any: frames, and the bytes the relay
@@ -2182,8 +2203,8 @@ mod tests {
     use crate::doc::SharedDoc;
 
     /// A session and the relay's side of its conversation, by hand.
-    struct Harness {
-        session: Session<SharedDoc>,
+    struct Harness<R = SharedDoc> {
+        session: Session<R>,
         now: u64,
         sent: Vec<Frame>,
         relay: RelayLimits,
@@ -2199,8 +2220,14 @@ mod tests {
         }
 
         fn with(config: SessionConfig) -> Self {
+            Harness::of(config, SharedDoc::with_client_id(1))
+        }
+    }
+
+    impl<R: Replica> Harness<R> {
+        fn of(config: SessionConfig, replica: R) -> Self {
             Self {
-                session: Session::new(config, SharedDoc::with_client_id(1), 0),
+                session: Session::new(config, replica, 0),
                 now: 0,
                 sent: Vec::new(),
                 relay: RelayLimits::default(),
@@ -3245,6 +3272,76 @@ mod tests {
             .filter(|s| matches!(&s.body, Body::SyncRequest { to: 7, .. }))
             .count();
         assert_eq!(repairs, 1, "repair requests after the checkpoints");
+    }
+
+    /// The built-in document, counting the digests taken of it.
+    struct Counted {
+        doc: SharedDoc,
+        digests: std::cell::Cell<usize>,
+    }
+
+    impl Replica for Counted {
+        fn apply_update(&mut self, update: &[u8]) -> Result<(), crate::doc::DocError> {
+            Replica::apply_update(&mut self.doc, update)
+        }
+        fn state_vector(&self) -> Vec<u8> {
+            Replica::state_vector(&self.doc)
+        }
+        fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, crate::doc::DocError> {
+            Replica::diff(&self.doc, remote)
+        }
+        fn version(&self) -> Version {
+            Replica::version(&self.doc)
+        }
+        fn digest(&self) -> u64 {
+            self.digests.set(self.digests.get() + 1);
+            Replica::digest(&self.doc)
+        }
+        fn is_empty(&self) -> bool {
+            Replica::is_empty(&self.doc)
+        }
+    }
+
+    /// Every checkpoint at this replica's version calls for its digest, which walks every
+    /// text; a member can send them at its frame rate, to every member. The digest is taken
+    /// once per version.
+    #[test]
+    fn checkpoints_at_one_version_cost_one_digest() {
+        let doc = SharedDoc::with_client_id(1);
+        let counted = Counted {
+            doc,
+            digests: std::cell::Cell::new(0),
+        };
+        let mut h = Harness::of(SessionConfig::new("r", "a"), counted);
+        h.join(2, 1, &[7]);
+        let update = h.session.replica().doc.insert("t", 0, "text").unwrap();
+        h.session.update(h.now, "t", update).unwrap();
+        h.pump();
+        let version = h.session.replica().version();
+        let digest = h.session.replica().doc.digest();
+        let before = h.session.replica().digests.get();
+        while h.session.poll_event().is_some() {}
+        for step in 2..1_002 {
+            h.frame(Frame::stamped(
+                Stamp {
+                    sender: 7,
+                    step,
+                    pattern: PatternConfig::default().value(step),
+                },
+                Body::Checkpoint {
+                    doc: WHOLE_DOC.into(),
+                    state_vector: version.state_vector.clone(),
+                    deletes: version.deletes,
+                    digest: if step % 2 == 0 { digest } else { 1 },
+                },
+            ));
+        }
+        assert!(h.session.replica().digests.get() - before <= 1);
+        // Half of them were forged: each is flagged.
+        let desyncs = std::iter::from_fn(|| h.session.poll_event())
+            .filter(|e| matches!(e, Event::Anomaly(Anomaly { reason: Reason::Desync, .. })))
+            .count();
+        assert_eq!(desyncs, 500);
     }
 
     /// A replica that holds back updates (they wait for one it never got) puts them in every
