@@ -1244,7 +1244,7 @@ impl<R: Replica> Session<R> {
             self.clock.local(),
             None,
         );
-        let state_vector = self.replica.state_vector();
+        let state_vector = self.asking_state_vector();
         self.waiting.push_back(Waiting {
             body: Body::SyncRequest {
                 doc: WHOLE_DOC.into(),
@@ -1252,6 +1252,17 @@ impl<R: Replica> Session<R> {
                 to: 0,
             },
         });
+    }
+
+    /// The state vector a sync request carries: the replica's, or, when that is over one frame
+    /// (a document thousands of tabs wrote to; the relay refuses it as `tooLarge`), none, which
+    /// asks for everything.
+    fn asking_state_vector(&self) -> Vec<u8> {
+        let state_vector = self.replica.state_vector();
+        if state_vector.len() > self.limits.max_frame {
+            return Vec::new();
+        }
+        state_vector
     }
 
     fn origin(&self) -> Origin {
@@ -1662,7 +1673,7 @@ impl<R: Replica> Session<R> {
         }
         // A safety net after the log: one peer answers with what it has and this client lacks.
         if let Some(&peer) = self.peers.keys().next() {
-            let state_vector = self.replica.state_vector();
+            let state_vector = self.asking_state_vector();
             self.waiting.push_front(Waiting {
                 body: Body::SyncRequest {
                     doc: WHOLE_DOC.into(),
@@ -1980,6 +1991,11 @@ impl<R: Replica> Session<R> {
         self.waiting
             .retain(|w| !matches!(w.body, Body::Checkpoint { .. }));
         let version = self.replica.version();
+        // The relay refuses a state vector over one frame (`tooLarge`): a document that many
+        // tabs wrote to is not checked this way.
+        if version.state_vector.len() > self.limits.max_frame {
+            return;
+        }
         let digest = self.digest_at(version.clone());
         self.waiting.push_back(Waiting {
             body: Body::Checkpoint {
@@ -3342,6 +3358,52 @@ mod tests {
             .filter(|e| matches!(e, Event::Anomaly(Anomaly { reason: Reason::Desync, .. })))
             .count();
         assert_eq!(desyncs, 500);
+    }
+
+    /// A state vector names each client once, and the relay refuses one over a frame as
+    /// `tooLarge` (in a sync request or a checkpoint, it goes to every member). A replica of a
+    /// document that many tabs wrote to asks for everything instead, and sends no checkpoint.
+    #[test]
+    fn a_state_vector_over_a_frame_asks_for_everything_and_sends_no_checkpoint() {
+        let mut h = Harness::new();
+        h.relay.max_frame = 1_024;
+        for client in 10..400 {
+            let writer = SharedDoc::with_client_id(client);
+            let update = writer.insert("t", 0, "x").unwrap();
+            h.session.replica_mut().apply_update(&update).unwrap();
+        }
+        assert!(h.session.replica().state_vector().len() > 1_024);
+        h.join(2, 1, &[7]);
+        // Past a phase: every replica checkpoints.
+        for step in 1..=120 {
+            h.frame(Frame::stamped(
+                Stamp {
+                    sender: 7,
+                    step,
+                    pattern: PatternConfig::default().value(step),
+                },
+                Body::Signal {
+                    data: crate::wire::Json::parse("1").unwrap(),
+                },
+            ));
+        }
+        h.now += 1_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        let sent = h.stamped();
+        assert!(
+            sent.iter().any(|s| matches!(&s.body,
+                Body::SyncRequest { state_vector, to: 7, .. } if state_vector.is_empty())),
+            "{sent:?}"
+        );
+        assert!(
+            sent.iter().all(|s| match &s.body {
+                Body::SyncRequest { state_vector, .. } => state_vector.len() <= 1_024,
+                Body::Checkpoint { .. } => false,
+                _ => true,
+            }),
+            "{sent:?}"
+        );
     }
 
     /// A replica that holds back updates (they wait for one it never got) puts them in every
