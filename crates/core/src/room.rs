@@ -86,7 +86,8 @@ pub struct RoomLimits {
     /// ... or once there are this many of them.
     pub compact_updates: u64,
     /// The most bytes a room's log may hold; a message that would take it past this is refused
-    /// as `full`.
+    /// as `full`, and stored data past three quarters of it (the rest is kept for document
+    /// updates, which compaction shrinks).
     pub max_room_bytes: u64,
     /// Milliseconds the room keeps a node that left in memory, so a reconnect resumes it even
     /// when it never wrote (a node that wrote is in the store for good; one that never did
@@ -1914,13 +1915,22 @@ impl RoomCore {
         let body = &stamped.body;
         let len = bytes.len() as u64;
         if body.is_durable() {
-            let projected = self.stored_bytes + self.in_flight_bytes + len;
-            if projected > self.limits.max_room_bytes {
-                let detail = format!(
-                    "the room's log is full: it holds {} bytes, and the relay keeps at most {} per room",
-                    self.stored_bytes + self.in_flight_bytes,
-                    self.limits.max_room_bytes
-                );
+            let holds = self.stored_bytes + self.in_flight_bytes;
+            let max = self.limits.max_room_bytes;
+            // Stored data is never compacted: it may fill three quarters of the log, and the
+            // rest is kept for document updates (which compaction shrinks), so that one
+            // member's data cannot stop the document for everyone.
+            let detail = match body {
+                Body::Update { .. } if holds + len > max => Some(format!(
+                    "the room's log is full: it holds {holds} bytes, and the relay keeps at most {max} per room"
+                )),
+                Body::Update { .. } => None,
+                _ if holds + len > max / 4 * 3 => Some(format!(
+                    "the room's log is full for data: it holds {holds} bytes, and the relay keeps at most {max} per room, the last quarter for document updates"
+                )),
+                _ => None,
+            };
+            if let Some(detail) = detail {
                 return self.refuse(conn, stamp.step, Reason::Full, detail);
             }
         }
@@ -3531,7 +3541,8 @@ mod tests {
         let mut room = with_limits(RoomLimits {
             bandwidth: 1_000,
             bandwidth_burst: 2_000,
-            max_room_bytes: 4_000,
+            // Data may take three quarters: 3,750 bytes.
+            max_room_bytes: 5_000,
             ..RoomLimits::default()
         });
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();

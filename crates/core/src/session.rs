@@ -3355,7 +3355,15 @@ mod tests {
         assert!(h.session.replica().digests.get() - before <= 1);
         // Half of them were forged: each is flagged.
         let desyncs = std::iter::from_fn(|| h.session.poll_event())
-            .filter(|e| matches!(e, Event::Anomaly(Anomaly { reason: Reason::Desync, .. })))
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::Anomaly(Anomaly {
+                        reason: Reason::Desync,
+                        ..
+                    })
+                )
+            })
             .count();
         assert_eq!(desyncs, 500);
     }

@@ -80,7 +80,8 @@ pub struct RelayConfig {
     pub compact_bytes: u64,
     /// ... or once there are this many of them.
     pub compact_updates: u64,
-    /// The most bytes one room's log may hold; messages past it are refused as `full`.
+    /// The most bytes one room's log may hold; messages past it are refused as `full`, and
+    /// stored data past three quarters of it.
     pub max_room_bytes: u64,
     /// A node's record (its id, token and last step) is deleted once it has stored nothing for
     /// this long; the node then comes back with a new id.

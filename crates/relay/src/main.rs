@@ -71,7 +71,8 @@ mod native {
         #[arg(long, env = "PM_COMPACT_UPDATES", default_value_t = 10_000,
               value_parser = clap::value_parser!(u64).range(1..))]
         compact_updates: u64,
-        /// The most bytes one room's log may hold; messages past it are refused as `full`.
+        /// The most bytes one room's log may hold; messages past it are refused as `full`, and
+        /// stored data past three quarters of it.
         #[arg(long, env = "PM_MAX_ROOM_BYTES", default_value_t = 1 << 30)]
         max_room_bytes: u64,
         /// Seconds after its last stored message that a node's record is deleted (the node

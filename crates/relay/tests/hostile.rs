@@ -520,6 +520,52 @@ async fn a_member_cannot_fill_the_store() {
     assert!(stored >= 200 << 10, "{stored}");
 }
 
+/// One member stores `data` until the room's log is full. Stored data is never compacted, so
+/// before, every member's next document edit was refused as `full` for good: one member could
+/// stop a document for everyone. Data may fill the log to three quarters of its cap; the rest
+/// is kept for document updates, which compaction shrinks.
+#[tokio::test]
+async fn stored_data_cannot_fill_the_log_against_document_edits() {
+    let server = start("data-quota", |c| {
+        c.limits.max_frame = 16 << 10;
+        c.bandwidth = 1 << 30;
+        c.max_room_bytes = 256 << 10;
+    })
+    .await;
+    let mut victim = join(&server, "doc", 0, None).await;
+    let mut attacker = join(&server, "doc", 0, None).await;
+    let filler = serde_json::json!("x".repeat(15 << 10));
+    let mut stored = 0u64;
+    let detail = loop {
+        let step = attacker.data(filler.clone()).await;
+        let (frame, _) = attacker
+            .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
+            .await;
+        match frame {
+            Frame::Ack { step: acked, .. } => {
+                assert_eq!(acked, step);
+                stored += 15 << 10;
+            }
+            Frame::Reject {
+                reason: Reason::Full,
+                detail,
+                ..
+            } => break detail,
+            other => panic!("{other:?}"),
+        }
+        assert!(stored <= 256 << 10, "{stored} bytes of data stored");
+    };
+    assert!(detail.contains("data"), "{detail}");
+    assert!(stored >= 150 << 10, "{stored}");
+    attacker.fence().await;
+    let doc = SharedDoc::with_client_id(4_242);
+    for i in 0..4 {
+        victim.acked(edit(&doc, i, "x")).await;
+    }
+    drop((victim, attacker));
+    server.stop().await;
+}
+
 /// Reads until the peer closes the TCP connection (EOF or reset) or `within` passes; returns
 /// whether it closed.
 async fn tcp_closed(stream: &mut TcpStream, within: Duration) -> bool {
