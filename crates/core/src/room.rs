@@ -595,15 +595,23 @@ pub struct RoomCore {
     /// snapshot dropped before this relay read them): the members get snapshots until one holds
     /// that far.
     missed: u64,
-    /// The updates of a shared room's log read while `missed` is set, in order, with their
-    /// positions: the document lacks what came before them, so they are judged (see
-    /// [`SharedDoc::apply_member_update`]) once a snapshot holds that far.
-    deferred: Vec<(u64, Vec<u8>)>,
+    /// The updates of a shared room's log read while the document lacks entries the log
+    /// skipped (`missed` past `doc_covers`: the snapshot that holds them was not read yet), in
+    /// order, with their positions: they are judged (see [`SharedDoc::apply_member_update`])
+    /// once that snapshot is in. Their members got them unjudged.
+    deferred: Vec<(Followed, Vec<u8>)>,
+    /// The highest position a snapshot the document took ahead of its turn holds (see
+    /// `snapshot_ahead`).
+    doc_covers: u64,
     /// The log positions of the updates the room refused as its document took them in (an
     /// update of a shared room, judged in the log's order; a stored update that does not
     /// integrate, met at load), in order. The store still holds them until a snapshot drops
     /// them; no member's catch-up replays them ([`Joined::replays`]).
     refused: Vec<u64>,
+    /// The refusals of updates judged in the log's order that their senders did not hear (no
+    /// connection here, or it is on another relay), with each update's position: a resend of
+    /// one is refused, not answered `replay`. Dropped with the updates by a snapshot.
+    owed: HashMap<(NodeId, Step), (u64, String)>,
     /// When the room next looks for members silent past the idle timeout.
     idle_check_at: u64,
     now: u64,
@@ -672,7 +680,9 @@ impl RoomCore {
             remote: HashMap::new(),
             missed: 0,
             deferred: Vec::new(),
+            doc_covers: 0,
             refused: Vec::new(),
+            owed: HashMap::new(),
             idle_check_at: 0,
             joined_since_snapshot: Vec::new(),
             backlog: VecDeque::new(),
@@ -693,18 +703,23 @@ impl RoomCore {
         };
         // The snapshot first: in a shared room, updates logged after what it holds may come
         // before it in the log (another relay appended them while it was on its way), and they
-        // build on what it holds.
+        // build on what it holds. Only what the room's record counts: in a shared room the
+        // document, read after the record, may hold later entries, which come when the room
+        // follows the log, and are judged then, once.
         let mut updates = Vec::new();
         for logged in document {
             match Frame::decode_with(&logged.bytes, &limits) {
                 Ok(Frame::Snapshot { state, .. }) => {
-                    self.snapshot_len = logged.bytes.len() as u64;
-                    self.tail_bytes = 0;
-                    self.tail_updates = 0;
+                    if logged.position <= self.published {
+                        self.snapshot_len = logged.bytes.len() as u64;
+                        self.tail_bytes = 0;
+                        self.tail_updates = 0;
+                    }
                     if self.doc.apply_stored(&state).is_err() {
                         self.load_failures += 1;
                     }
                 }
+                Ok(_) if logged.position > self.published => {}
                 Ok(Frame::Stamped(Stamped {
                     body: Body::Update { update, .. },
                     ..
@@ -716,20 +731,12 @@ impl RoomCore {
                 _ => self.load_failures += 1,
             }
         }
-        // Then each update, judged as when it came in: a log written before the relay checked
-        // updates this way, or a shared room's (judged in the log's order), may hold one that
-        // does not integrate. Left out, it is left out of every catch-up too.
+        // Then each update, judged as when it came in (see `deliver_log`): a log written before
+        // the relay checked updates this way, or a shared room's, may hold one that does not
+        // integrate. Left out, it is left out of every catch-up too.
         for (position, update) in updates {
-            let applied = match self.doc.apply_member_update(&update) {
-                Ok(()) => true,
-                Err(DocError::Unwritten(_)) => {
-                    self.refused.push(position);
-                    true
-                }
-                Err(_) => self.doc.apply_stored(&update).is_ok(),
-            };
-            if !applied {
-                self.load_failures += 1;
+            if self.doc.apply_member_update(&update).is_err() {
+                self.refused.push(position);
             }
         }
     }
@@ -797,6 +804,7 @@ impl RoomCore {
     /// Fans out what was read of a shared room, in the store's order, as far as it may go.
     fn pump_followed(&mut self, now: u64) {
         loop {
+            self.snapshot_ahead();
             // One of this relay's appends goes out only once the store answered it, as on a
             // relay of its own: what it let wait behind the append goes out after it.
             let next_log = self
@@ -817,6 +825,40 @@ impl RoomCore {
             }
         }
         self.compact_if_due();
+    }
+
+    /// When the next entry read comes after positions the log skipped (a snapshot dropped them
+    /// before this relay read them), the document lacks them until it has that snapshot, which
+    /// comes later in the log. If it was read already, it goes into the document now, ahead
+    /// of its turn: the updates before it are then judged as every other relay judged them.
+    /// (If not, they are judged once it is in: see `deferred`.)
+    fn snapshot_ahead(&mut self) {
+        let Some(front) = self.backlog.front() else {
+            return;
+        };
+        let skipped = front.position.saturating_sub(1);
+        if skipped <= self.published || skipped <= self.doc_covers {
+            return;
+        }
+        let Some(snapshot) = self
+            .backlog
+            .iter()
+            .find(|e| e.sender == 0 && e.covers >= skipped)
+        else {
+            return;
+        };
+        let limits = Limits {
+            max_frame: usize::MAX,
+            max_message: usize::MAX,
+            ..self.limits.limits
+        };
+        let covers = snapshot.covers;
+        match Frame::decode_with(&snapshot.bytes, &limits) {
+            Ok(Frame::Snapshot { state, .. }) if self.doc.apply_stored(&state).is_ok() => {
+                self.doc_covers = covers;
+            }
+            _ => self.load_failures += 1,
+        }
     }
 
     /// Whether a message of `sender` at `step` is still to be acknowledged or refused: its
@@ -873,8 +915,8 @@ impl RoomCore {
                 })) => {
                     self.tail_bytes += len;
                     self.tail_updates += 1;
-                    if self.missed > 0 {
-                        self.deferred.push((entry.position, update));
+                    if self.missed > self.doc_covers {
+                        self.deferred.push((entry.clone(), update));
                     } else if let Err(error) = self.doc.apply_member_update(&update) {
                         refusal = Some(error);
                     }
@@ -888,8 +930,10 @@ impl RoomCore {
                     }
                     // The store dropped the updates it holds, refused ones too.
                     self.refused.retain(|&position| position > entry.covers);
+                    self.owed
+                        .retain(|_, (position, _)| *position > entry.covers);
                     self.deferred
-                        .retain(|&(position, _)| position > entry.covers);
+                        .retain(|(deferred, _)| deferred.position > entry.covers);
                     // The members hold everything it does, unless this relay skipped entries
                     // (then everyone gets snapshots until one holds them all) or they joined
                     // since (their catch-up, up to where the relay was, may have met entries a
@@ -940,9 +984,9 @@ impl RoomCore {
     /// holds those: judged in order, as every other relay judged them. (Their members got
     /// them unjudged: no relay can tell sooner.)
     fn judge_deferred(&mut self) {
-        for (position, update) in std::mem::take(&mut self.deferred) {
-            if self.doc.apply_member_update(&update).is_err() {
-                self.refused.push(position);
+        for (entry, update) in std::mem::take(&mut self.deferred) {
+            if let Err(error) = self.doc.apply_member_update(&update) {
+                self.refuse_logged(&entry, error);
             }
         }
     }
@@ -952,16 +996,26 @@ impl RoomCore {
     /// refusal in place of its acknowledgement.
     fn refuse_logged(&mut self, entry: &Followed, error: DocError) {
         self.refused.push(entry.position);
+        let detail = refusal_detail(error);
         // What was held for the entries before it goes first.
         self.release_held_below(entry.position);
-        let ack = self
+        // Its answer held for its turn (an acknowledgement, or a `replay` to a resend another
+        // relay stored first) becomes the refusal.
+        let held = self
             .held
             .iter()
             .position(|held| held.sender == entry.sender && held.ack == Some(entry.step));
-        if let Some(i) = ack {
+        if let Some(i) = held {
             self.held.remove(i);
-            if let Some(conn) = self.nodes.get(&entry.sender).and_then(|n| n.conn) {
-                self.refuse(conn, entry.step, Reason::Malformed, refusal_detail(error));
+        }
+        match self.nodes.get(&entry.sender).and_then(|n| n.conn) {
+            // (Judged late, after the acknowledgement went out, its client shows an anomaly.)
+            Some(conn) => self.refuse(conn, entry.step, Reason::Malformed, detail),
+            // Its client will send it again (here after a reconnect, or through another relay,
+            // which judged it too): it is refused then, not answered `replay` as if stored.
+            _ => {
+                self.owed
+                    .insert((entry.sender, entry.step), (entry.position, detail));
             }
         }
     }
@@ -1871,7 +1925,12 @@ impl RoomCore {
                 }
             }
         }
-        let mut detail = detail;
+        let bytes = self.reject_frame(step, reason, detail);
+        self.outputs.push_back(Output::Send { to: conn, bytes });
+    }
+
+    /// A reject frame, its detail cut to the limit.
+    fn reject_frame(&self, step: Step, reason: Reason, mut detail: String) -> Bytes {
         let max = self.limits.limits.max_detail;
         if detail.len() > max {
             let mut end = max;
@@ -1880,15 +1939,14 @@ impl RoomCore {
             }
             detail.truncate(end);
         }
-        let frame = Frame::Reject {
-            step,
-            reason,
-            detail,
-        };
-        self.outputs.push_back(Output::Send {
-            to: conn,
-            bytes: Bytes::from(frame.encode()),
-        });
+        Bytes::from(
+            Frame::Reject {
+                step,
+                reason,
+                detail,
+            }
+            .encode(),
+        )
     }
 
     fn stamped(&mut self, now: u64, conn: ConnId, node: NodeId, stamped: Stamped, bytes: Bytes) {
@@ -1905,8 +1963,13 @@ impl RoomCore {
             // came: that answer is the one it gets. It may yet be a refusal: a shared room
             // judges updates in the log's order, and a client refused there sends again what
             // it sent after.
-            if reason == Reason::Replay && self.answer_due(node, stamp.step) {
-                return;
+            if reason == Reason::Replay {
+                if let Some((_, detail)) = self.owed.remove(&(node, stamp.step)) {
+                    return self.refuse(conn, stamp.step, Reason::Malformed, detail);
+                }
+                if self.answer_due(node, stamp.step) {
+                    return;
+                }
             }
             self.validator.record(reason);
             let detail = self.validator.explain(&stamp, origin, self.high, reason);
@@ -2251,6 +2314,7 @@ impl RoomCore {
                         self.stored_bytes = stored;
                         self.snapshot_len = len;
                         self.refused.retain(|&refused| refused > position);
+                        self.owed.retain(|_, (refused, _)| *refused > position);
                         // The store just dropped every document entry before the snapshot: a
                         // catch-up still reading (it reads the log a page at a time) finds them
                         // gone. Its member gets the snapshot, after the catch-up and in order
@@ -2356,7 +2420,22 @@ impl RoomCore {
             Ok(Appended::Replayed { position, detail }) => {
                 self.awaited = self.awaited.max(position);
                 if let Some(conn) = conn {
-                    self.refuse(conn, step, Reason::Replay, detail);
+                    if let Some((_, why)) = self.owed.remove(&(node, step)) {
+                        self.refuse(conn, step, Reason::Malformed, why);
+                    } else if self.shared && position > self.published {
+                        // Answered in its turn: the log may yet refuse what it stored.
+                        self.validator.record(Reason::Replay);
+                        let bytes = self.reject_frame(step, Reason::Replay, detail);
+                        self.held.push_back(Held {
+                            after: position,
+                            sender: node,
+                            to: None,
+                            ack: Some(step),
+                            bytes,
+                        });
+                    } else {
+                        self.refuse(conn, step, Reason::Replay, detail);
+                    }
                 }
             }
             Ok(Appended::Refused {
@@ -3212,14 +3291,11 @@ mod tests {
                 bytes: Bytes::from(with_position(&a.bytes, 6 + i as u64).unwrap()),
             })
             .collect();
-        let again = RoomCore::new(
-            "r".into(),
-            RoomRecord::new(RoomConfig::default(), 1),
-            &logged,
-            RoomLimits::default(),
-            0,
-        )
-        .unwrap();
+        let record = RoomRecord {
+            position: 8,
+            ..RoomRecord::new(RoomConfig::default(), 1)
+        };
+        let again = RoomCore::new("r".into(), record, &logged, RoomLimits::default(), 0).unwrap();
         assert_eq!(again.document().text("content"), writer.text("content"));
         assert_eq!(again.load_failures(), 0);
     }
@@ -3910,16 +3986,17 @@ mod tests {
     }
 
     /// A relay that reads a shared room's log after another relay's snapshot dropped entries
-    /// it had not read lacks them until it reads that snapshot, which comes later in the log
-    /// than the updates appended while it was on its way. It judges those updates once the
-    /// snapshot is in, in order, as every other relay did: an honest one that builds on the
-    /// dropped entries is taken, one after a gap is refused, and the relay's document is the
-    /// others'.
+    /// it had not read lacks them until it has that snapshot, which comes later in the log than
+    /// the updates appended while it was on its way. Read in the same batch, the snapshot goes
+    /// into the document first, and the updates are judged in their turn as every other relay
+    /// judged them: an honest one that builds on the dropped entries reaches the members, one
+    /// after a gap does not. Read later, the snapshot is waited for, and the updates judged
+    /// then (the members got them unjudged); either way the relay's document is the others'.
     #[test]
-    fn updates_read_past_a_dropped_stretch_of_the_log_are_judged_once_the_snapshot_is_in() {
+    fn updates_read_past_a_dropped_stretch_of_the_log_are_judged_as_everywhere_else() {
         let writer = SharedDoc::with_client_id(5);
         writer.insert("content", 0, "first").unwrap();
-        let snapshot = writer.snapshot();
+        let state = writer.snapshot();
         let second = writer.insert("content", 5, " second").unwrap();
         let entry = |position: u64, sender: NodeId, step: Step, bytes: Bytes, covers: u64| {
             let bytes = Bytes::from(with_position(&bytes, position).unwrap());
@@ -3932,29 +4009,117 @@ mod tests {
                 bytes,
             }
         };
-        let mut room = room();
-        room.share();
-        room.join(0, 1, req("m", None), [1; 16]).unwrap();
-        outputs(&mut room);
         let snapshot = Bytes::from(
             Frame::Snapshot {
                 doc: WHOLE_DOC.into(),
-                state: snapshot,
+                state,
             }
             .encode(),
         );
-        // Positions 1 (`first`, at 1..=1) were dropped by the snapshot at 4, which holds
-        // position 1; 2 and 3 came while it was on its way.
+        // Position 1 (`first`) was dropped by the snapshot at 4, which holds position 1; 2 and
+        // 3 came while it was on its way.
         let log = [
             entry(2, 7, 2, update(7, 2, second), 0),
             entry(3, 8, 1, update(8, 1, after_a_gap()), 0),
             entry(4, 0, 0, snapshot, 1),
         ];
-        room.followed(0, &log, &[], true);
-        outputs(&mut room);
-        assert_eq!(room.document().text("content"), "first second");
-        let late = room.join(0, 2, req("late", None), [2; 16]).unwrap();
-        assert_eq!(late.refused, vec![3]);
+        for batches in [vec![&log[..]], vec![&log[..2], &log[2..]]] {
+            let mut room = room();
+            room.share();
+            room.join(0, 1, req("m", None), [1; 16]).unwrap();
+            outputs(&mut room);
+            for batch in &batches {
+                room.followed(0, batch, &[], true);
+            }
+            let got: Vec<(NodeId, Step)> = outputs(&mut room)
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Fanout { bytes, .. } => {
+                        let frame = Frame::decode_positioned(bytes, &Limits::default()).ok()?;
+                        frame.frame.stamp().map(|s| (s.sender, s.step))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if batches.len() == 1 {
+                assert_eq!(got, [(7, 2)]);
+            }
+            assert_eq!(room.document().text("content"), "first second");
+            let late = room.join(0, 2, req("late", None), [2; 16]).unwrap();
+            assert_eq!(late.refused, vec![3]);
+        }
+    }
+
+    /// A relay opening a shared room reads the room's record, then its document, which may
+    /// hold entries past the record's position: the room reads those again as it follows the
+    /// log. Each is judged once, in its turn, as on every other relay: here an update after a
+    /// gap in client 77's clocks, then client 77's first edit, which fills the gap only later.
+    #[test]
+    fn a_shared_room_judges_entries_past_its_record_once_in_their_turn() {
+        let abc = SharedDoc::with_client_id(77)
+            .insert("content", 0, "abc")
+            .unwrap();
+        let frames = [update(8, 1, after_a_gap()), update(9, 1, abc)];
+        let logged: Vec<Logged> = frames
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| Logged {
+                position: i as u64 + 1,
+                sender: 8 + i as u64,
+                bytes: Bytes::from(with_position(bytes, i as u64 + 1).unwrap()),
+            })
+            .collect();
+        let record = RoomRecord::new(RoomConfig::default(), 1);
+        let mut room =
+            RoomCore::new("r".into(), record, &logged, RoomLimits::default(), 0).unwrap();
+        room.share();
+        let followed: Vec<Followed> = logged
+            .iter()
+            .map(|l| Followed {
+                position: l.position,
+                sender: l.sender,
+                step: 1,
+                high: l.position,
+                covers: 0,
+                bytes: l.bytes.clone(),
+            })
+            .collect();
+        room.followed(0, &followed, &[], true);
+        assert_eq!(room.document().text("content"), "abc");
+        let late = room.join(0, 1, req("late", None), [1; 16]).unwrap();
+        assert_eq!(late.refused, vec![1]);
+    }
+
+    /// A client whose update the log refused after it lost its connection sends the update
+    /// again from its outbox, on the same relay or another. Both judged the update: it is
+    /// refused there, not answered `replay` (which its client takes for "stored").
+    #[test]
+    fn a_refusal_the_sender_missed_answers_its_resend_on_any_relay() {
+        for rejoin_on in 0..2 {
+            let mut shared = Shared::new(2);
+            let a = shared.join(0, 1, Some([1; 16]), 1);
+            send(&mut shared.rooms[0], 0, 1, update(a, 1, after_a_gap()));
+            shared.drive(0);
+            shared.rooms[0].leave(1);
+            shared.drive(0);
+            shared.follow(0);
+            shared.follow(1);
+            let again = shared.join(rejoin_on, 5, Some([1; 16]), 9);
+            assert_eq!(again, a);
+            send(
+                &mut shared.rooms[rejoin_on],
+                0,
+                5,
+                update(a, 1, after_a_gap()),
+            );
+            shared.drive(rejoin_on);
+            shared.follow(rejoin_on);
+            assert_eq!(
+                rejects_of(&shared.got[rejoin_on][&5]),
+                [Reason::Malformed],
+                "rejoined on relay {rejoin_on}"
+            );
+        }
     }
 
     fn rejects_of(frames: &[Frame]) -> Vec<Reason> {
