@@ -48,7 +48,7 @@ use crate::store::{Appended, Followed, Logged, NodeRecord, RoomRecord, StoreErro
 use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
 use crate::wire::part::{self, Reassembler};
 use crate::wire::{
-    close, peek_stamp, with_position, Body, Frame, Limits, NodeId, Peer, Positioned, Reason,
+    close, peek_stamp, with_position, Body, Frame, Kind, Limits, NodeId, Peer, Positioned, Reason,
     RelayLimits, ResumeToken, RoomConfig, Stamp, Stamped, WHOLE_DOC,
 };
 
@@ -603,14 +603,17 @@ pub struct RoomCore {
     /// The highest position a snapshot the document took ahead of its turn holds (see
     /// `snapshot_ahead`).
     doc_covers: u64,
+    /// The position of the last snapshot `snapshot_ahead` took (or tried to).
+    ahead_tried: u64,
     /// The log positions of the updates the room refused as its document took them in (an
     /// update of a shared room, judged in the log's order; a stored update that does not
     /// integrate, met at load), in order. The store still holds them until a snapshot drops
     /// them; no member's catch-up replays them ([`Joined::replays`]).
     refused: Vec<u64>,
-    /// The refusals of updates judged in the log's order that their senders did not hear (no
-    /// connection here, or it is on another relay), with each update's position: a resend of
-    /// one is refused, not answered `replay`. Dropped with the updates by a snapshot.
+    /// The refusals of updates judged in the log's order (or at load), by sender and step, with
+    /// each update's position: a resend of one (its client did not hear the refusal: it had no
+    /// connection here, or was on another relay) is refused, not answered `replay`. Dropped
+    /// with the updates by a snapshot.
     owed: HashMap<(NodeId, Step), (u64, String)>,
     /// When the room next looks for members silent past the idle timeout.
     idle_check_at: u64,
@@ -681,6 +684,7 @@ impl RoomCore {
             missed: 0,
             deferred: Vec::new(),
             doc_covers: 0,
+            ahead_tried: 0,
             refused: Vec::new(),
             owed: HashMap::new(),
             idle_check_at: 0,
@@ -721,12 +725,12 @@ impl RoomCore {
                 }
                 Ok(_) if logged.position > self.published => {}
                 Ok(Frame::Stamped(Stamped {
+                    stamp,
                     body: Body::Update { update, .. },
-                    ..
                 })) => {
                     self.tail_bytes += logged.bytes.len() as u64;
                     self.tail_updates += 1;
-                    updates.push((logged.position, update));
+                    updates.push((logged.position, stamp, update));
                 }
                 _ => self.load_failures += 1,
             }
@@ -734,9 +738,12 @@ impl RoomCore {
         // Then each update, judged as when it came in (see `deliver_log`): a log written before
         // the relay checked updates this way, or a shared room's, may hold one that does not
         // integrate. Left out, it is left out of every catch-up too.
-        for (position, update) in updates {
-            if self.doc.apply_member_update(&update).is_err() {
+        for (position, stamp, update) in updates {
+            if let Err(error) = self.doc.apply_member_update(&update) {
                 self.refused.push(position);
+                let detail = refusal_detail(error);
+                self.owed
+                    .insert((stamp.sender, stamp.step), (position, detail));
             }
         }
     }
@@ -840,20 +847,32 @@ impl RoomCore {
         if skipped <= self.published || skipped <= self.doc_covers {
             return;
         }
-        let Some(snapshot) = self
+        let Some(at) = self
             .backlog
             .iter()
-            .find(|e| e.sender == 0 && e.covers >= skipped)
+            .position(|e| e.sender == 0 && e.covers >= skipped)
         else {
             return;
         };
+        let snapshot = &self.backlog[at];
+        let (covers, position) = (snapshot.covers, snapshot.position);
+        // Not if it holds updates read before it dropped them (and judged them on the relay
+        // that took it): judged here again, against it, they could be taken where they were
+        // refused. Those are judged in their turn, and it in its.
+        let holds_read = self.backlog.iter().take(at).any(|e| {
+            e.position <= covers
+                && peek_stamp(&e.bytes).is_some_and(|(kind, _)| kind == Kind::Update)
+        });
+        if holds_read || position == self.ahead_tried {
+            return;
+        }
+        self.ahead_tried = position;
         let limits = Limits {
             max_frame: usize::MAX,
             max_message: usize::MAX,
             ..self.limits.limits
         };
-        let covers = snapshot.covers;
-        match Frame::decode_with(&snapshot.bytes, &limits) {
+        match Frame::decode_with(&self.backlog[at].bytes, &limits) {
             Ok(Frame::Snapshot { state, .. }) if self.doc.apply_stored(&state).is_ok() => {
                 self.doc_covers = covers;
             }
@@ -1008,15 +1027,14 @@ impl RoomCore {
         if let Some(i) = held {
             self.held.remove(i);
         }
-        match self.nodes.get(&entry.sender).and_then(|n| n.conn) {
-            // (Judged late, after the acknowledgement went out, its client shows an anomaly.)
-            Some(conn) => self.refuse(conn, entry.step, Reason::Malformed, detail),
-            // Its client will send it again (here after a reconnect, or through another relay,
-            // which judged it too): it is refused then, not answered `replay` as if stored.
-            _ => {
-                self.owed
-                    .insert((entry.sender, entry.step), (entry.position, detail));
-            }
+        // Should its client not hear it and send the update again (here after a reconnect, or
+        // through another relay, which judged it too), it is refused then, not answered
+        // `replay` as if stored.
+        self.owed
+            .insert((entry.sender, entry.step), (entry.position, detail.clone()));
+        // (Judged late, after the acknowledgement went out, its client shows an anomaly.)
+        if let Some(conn) = self.nodes.get(&entry.sender).and_then(|n| n.conn) {
+            self.refuse(conn, entry.step, Reason::Malformed, detail);
         }
     }
 
@@ -1964,7 +1982,7 @@ impl RoomCore {
             // judges updates in the log's order, and a client refused there sends again what
             // it sent after.
             if reason == Reason::Replay {
-                if let Some((_, detail)) = self.owed.remove(&(node, stamp.step)) {
+                if let Some((_, detail)) = self.owed.get(&(node, stamp.step)).cloned() {
                     return self.refuse(conn, stamp.step, Reason::Malformed, detail);
                 }
                 if self.answer_due(node, stamp.step) {
@@ -1973,6 +1991,18 @@ impl RoomCore {
             }
             self.validator.record(reason);
             let detail = self.validator.explain(&stamp, origin, self.high, reason);
+            // In a shared room, a message stored through another relay (its node came back
+            // here) is answered once this relay has judged it, in its turn.
+            if reason == Reason::Replay && self.shared && self.awaited > self.published {
+                let bytes = self.reject_frame(stamp.step, reason, detail);
+                return self.held.push_back(Held {
+                    after: self.awaited,
+                    sender: node,
+                    to: None,
+                    ack: Some(stamp.step),
+                    bytes,
+                });
+            }
             return self.reject(conn, stamp.step, reason, detail);
         }
         let body = &stamped.body;
@@ -2420,14 +2450,14 @@ impl RoomCore {
             Ok(Appended::Replayed { position, detail }) => {
                 self.awaited = self.awaited.max(position);
                 if let Some(conn) = conn {
-                    if let Some((_, why)) = self.owed.remove(&(node, step)) {
+                    if let Some((_, why)) = self.owed.get(&(node, step)).cloned() {
                         self.refuse(conn, step, Reason::Malformed, why);
                     } else if self.shared && position > self.published {
                         // Answered in its turn: the log may yet refuse what it stored.
                         self.validator.record(Reason::Replay);
                         let bytes = self.reject_frame(step, Reason::Replay, detail);
                         self.held.push_back(Held {
-                            after: position,
+                            after: self.awaited,
                             sender: node,
                             to: None,
                             ack: Some(step),
@@ -3898,8 +3928,10 @@ mod tests {
         assert_eq!(again, a, "the node keeps its id on the other relay");
         send(&mut shared.rooms[1], 0, 2, data(a, 1));
         shared.drive(1);
-        assert_eq!(rejects_of(&shared.got[1][&2]), vec![Reason::Replay]);
+        // Answered once B has fanned the log out that far (it judges updates there).
+        assert_eq!(rejects_of(&shared.got[1][&2]), vec![]);
         shared.follow(1);
+        assert_eq!(rejects_of(&shared.got[1][&2]), vec![Reason::Replay]);
         shared.follow(0);
         // Exactly once in the log, and to the watcher.
         assert_eq!(shared.store.log("r").len(), 1);
@@ -4091,11 +4123,12 @@ mod tests {
     }
 
     /// A client whose update the log refused after it lost its connection sends the update
-    /// again from its outbox, on the same relay or another. Both judged the update: it is
-    /// refused there, not answered `replay` (which its client takes for "stored").
+    /// again from its outbox, on the same relay or another, which judged the update too, or
+    /// judges it after the resend came: it is refused there, not answered `replay` (which its
+    /// client takes for "stored").
     #[test]
     fn a_refusal_the_sender_missed_answers_its_resend_on_any_relay() {
-        for rejoin_on in 0..2 {
+        for (rejoin_on, judged_first) in [(0, true), (1, true), (1, false)] {
             let mut shared = Shared::new(2);
             let a = shared.join(0, 1, Some([1; 16]), 1);
             send(&mut shared.rooms[0], 0, 1, update(a, 1, after_a_gap()));
@@ -4103,7 +4136,9 @@ mod tests {
             shared.rooms[0].leave(1);
             shared.drive(0);
             shared.follow(0);
-            shared.follow(1);
+            if judged_first {
+                shared.follow(1);
+            }
             let again = shared.join(rejoin_on, 5, Some([1; 16]), 9);
             assert_eq!(again, a);
             send(
@@ -4117,9 +4152,52 @@ mod tests {
             assert_eq!(
                 rejects_of(&shared.got[rejoin_on][&5]),
                 [Reason::Malformed],
-                "rejoined on relay {rejoin_on}"
+                "rejoined on relay {rejoin_on}, judged first: {judged_first}"
             );
         }
+    }
+
+    /// A snapshot read after an update it dropped from the store (the relay read the update
+    /// before the drop, and it waits in the backlog) holds that update as the relay that took
+    /// the snapshot judged it: it does not go into the document ahead of its turn, or the
+    /// update would be judged again against what came after it.
+    #[test]
+    fn a_snapshot_holding_an_update_read_before_it_waits_for_its_turn() {
+        // The relay that compacted refused client 77's update after a gap (position 9), then
+        // took client 77's first edit (position 12), then took a snapshot of that (covers 20).
+        let writer = SharedDoc::with_client_id(77);
+        writer.insert("content", 0, "abc").unwrap();
+        let snapshot = Bytes::from(
+            Frame::Snapshot {
+                doc: WHOLE_DOC.into(),
+                state: writer.snapshot(),
+            }
+            .encode(),
+        );
+        let entry = |position: u64, sender: NodeId, bytes: &Bytes, covers: u64| Followed {
+            position,
+            sender,
+            step: 1,
+            high: position,
+            covers,
+            bytes: Bytes::from(with_position(bytes, position).unwrap()),
+        };
+        let mut room = room();
+        room.share();
+        room.join(0, 1, req("m", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        // The update at 9 waits for a publication placed before it.
+        let publication = Relayed {
+            relay: 9,
+            after: 5,
+            to: None,
+            high: 0,
+            bytes: Bytes::from(Frame::PeerLeft { node: 99 }.encode()),
+        };
+        let gap = update(8, 1, after_a_gap());
+        room.followed(0, &[entry(9, 8, &gap, 0)], &[publication], false);
+        room.followed(0, &[entry(25, 0, &snapshot, 20)], &[], true);
+        assert_eq!(room.document().text("content"), "abc");
     }
 
     fn rejects_of(frames: &[Frame]) -> Vec<Reason> {

@@ -1245,17 +1245,12 @@ impl<R: Replica> Session<R> {
             None,
         );
         let state_vector = self.asking_state_vector();
-        // Asking for everything, it asks one peer: each would answer with its whole document.
-        let to = if state_vector.is_empty() {
-            self.peers.keys().next().copied().unwrap_or(0)
-        } else {
-            0
-        };
+        // To the room, which asks one writer (on a relay of its own).
         self.waiting.push_back(Waiting {
             body: Body::SyncRequest {
                 doc: WHOLE_DOC.into(),
                 state_vector,
-                to,
+                to: 0,
             },
         });
     }
