@@ -1197,8 +1197,16 @@ impl RoomCore {
             return;
         }
         // Its place has come (its sender's messages before it went out here already); what
-        // this relay's own members wait for concerns other senders.
-        self.forward(0, entry.to, &entry.bytes);
+        // this relay's own members wait for concerns other senders. A sync request to everyone
+        // goes to one writer here (see `stamped`).
+        let to = match peek_stamp(&entry.bytes) {
+            Some((Kind::SyncRequest, _)) if entry.to.is_none() => match self.answerer(0) {
+                Some(node) => Some(node),
+                None => return,
+            },
+            _ => entry.to,
+        };
+        self.forward(0, to, &entry.bytes);
     }
 
     /// Another relay of a shared room is gone: its members leave.
@@ -2086,10 +2094,11 @@ impl RoomCore {
         // check of the future bound never refuses what this room accepted.
         // A sync request to everyone would have every writer answer with the same document:
         // one writer is asked, the next one each time. (A shared room's relays each know only
-        // their own members: there everyone is asked.)
+        // their own members: with no writer here, each other relay asks one of its own.)
         let to = match body {
-            Body::SyncRequest { to: 0, .. } if !self.shared => match self.answerer(conn) {
+            Body::SyncRequest { to: 0, .. } => match self.answerer(conn) {
                 Some(node) => Some(node),
+                None if self.shared => None,
                 None => return,
             },
             _ => body.recipient(),
@@ -4198,6 +4207,56 @@ mod tests {
         room.followed(0, &[entry(9, 8, &gap, 0)], &[publication], false);
         room.followed(0, &[entry(25, 0, &snapshot, 20)], &[], true);
         assert_eq!(room.document().text("content"), "abc");
+    }
+
+    /// In a room two relays share, a sync request to everyone (any member may send one, a
+    /// read-only one too) had every member of every relay answer with its whole document. It
+    /// goes to one writer of the asker's relay; with none there, to one writer of each other
+    /// relay.
+    #[test]
+    fn a_sync_request_to_everyone_in_a_shared_room_goes_to_one_writer_per_relay_at_most() {
+        let request = |asker: NodeId, step: Step| {
+            let stamp = Stamp {
+                sender: asker,
+                step,
+                pattern: PatternConfig::default().value(step),
+            };
+            let body = Body::SyncRequest {
+                doc: WHOLE_DOC.into(),
+                state_vector: Vec::new(),
+                to: 0,
+            };
+            Bytes::from(Frame::stamped(stamp, body).encode())
+        };
+        let asked = |shared: &Shared| -> usize {
+            shared
+                .got
+                .iter()
+                .flat_map(|got| got.values())
+                .flatten()
+                .filter(|f| matches!(f, Frame::Stamped(s) if matches!(s.body, Body::SyncRequest { .. })))
+                .count()
+        };
+        for writers_with_asker in [2, 0] {
+            let mut shared = Shared::new(2);
+            let asker = shared.join(0, 1, None, 1);
+            for i in 0..writers_with_asker {
+                shared.join(0, 10 + i, None, 10 + i as u8);
+            }
+            for i in 0..3 {
+                shared.join(1, 20 + i, None, 20 + i as u8);
+            }
+            send(&mut shared.rooms[0], 0, 1, request(asker, 1));
+            shared.drive(0);
+            shared.listen(1);
+            shared.follow(0);
+            shared.follow(1);
+            assert_eq!(
+                asked(&shared),
+                1,
+                "{writers_with_asker} writers beside the asker"
+            );
+        }
     }
 
     fn rejects_of(frames: &[Frame]) -> Vec<Reason> {
