@@ -2279,6 +2279,19 @@ mod tests {
             self.pump();
         }
 
+        /// `body` from peer `sender` at `step`, stamped with the default pattern.
+        fn peer_sends(&mut self, sender: NodeId, step: Step, body: Body) {
+            let pattern = PatternConfig::default().value(step);
+            self.frame(Frame::stamped(
+                Stamp {
+                    sender,
+                    step,
+                    pattern,
+                },
+                body,
+            ));
+        }
+
         /// A sync request from peer 7 at `step` for everything, to `to`; what this session
         /// sends within the next second.
         fn sync_request(&mut self, step: Step, to: NodeId) -> Vec<Kind> {
@@ -3263,19 +3276,13 @@ mod tests {
         h.pump();
         let version = h.session.replica().version();
         for step in 2..1_002 {
-            h.frame(Frame::stamped(
-                Stamp {
-                    sender: 7,
-                    step,
-                    pattern: PatternConfig::default().value(step),
-                },
-                Body::Checkpoint {
-                    doc: WHOLE_DOC.into(),
-                    state_vector: version.state_vector.clone(),
-                    deletes: version.deletes,
-                    digest: 1,
-                },
-            ));
+            let body = Body::Checkpoint {
+                doc: WHOLE_DOC.into(),
+                state_vector: version.state_vector.clone(),
+                deletes: version.deletes,
+                digest: 1,
+            };
+            h.peer_sends(7, step, body);
         }
         h.sent.clear();
         for _ in 0..10 {
@@ -3339,19 +3346,13 @@ mod tests {
         let before = h.session.replica().digests.get();
         while h.session.poll_event().is_some() {}
         for step in 2..1_002 {
-            h.frame(Frame::stamped(
-                Stamp {
-                    sender: 7,
-                    step,
-                    pattern: PatternConfig::default().value(step),
-                },
-                Body::Checkpoint {
-                    doc: WHOLE_DOC.into(),
-                    state_vector: version.state_vector.clone(),
-                    deletes: version.deletes,
-                    digest: if step % 2 == 0 { digest } else { 1 },
-                },
-            ));
+            let body = Body::Checkpoint {
+                doc: WHOLE_DOC.into(),
+                state_vector: version.state_vector.clone(),
+                deletes: version.deletes,
+                digest: if step % 2 == 0 { digest } else { 1 },
+            };
+            h.peer_sends(7, step, body);
         }
         assert!(h.session.replica().digests.get() - before <= 1);
         // Half of them were forged: each is flagged.
@@ -3385,16 +3386,8 @@ mod tests {
         h.join(2, 1, &[7]);
         // Past a phase: every replica checkpoints.
         for step in 1..=120 {
-            h.frame(Frame::stamped(
-                Stamp {
-                    sender: 7,
-                    step,
-                    pattern: PatternConfig::default().value(step),
-                },
-                Body::Signal {
-                    data: crate::wire::Json::parse("1").unwrap(),
-                },
-            ));
+            let data = crate::wire::Json::parse("1").unwrap();
+            h.peer_sends(7, step, Body::Signal { data });
         }
         h.now += 1_000;
         h.session.handle_timeout(h.now);
