@@ -1536,8 +1536,9 @@ impl RoomCore {
             log: self.log,
             peers,
             // Only where it is certain: in a shared room another relay may have taken steps of
-            // the node that this one has not read yet.
-            floor: (floor && !self.shared)
+            // a node it knew that this one has not read yet (a node new here is new to all:
+            // node ids come from blocks the store reserves for this relay alone).
+            floor: (floor && (!self.shared || known.is_none()))
                 .then(|| self.validator.floor(node))
                 .flatten(),
         };
@@ -4257,6 +4258,27 @@ mod tests {
                 "{writers_with_asker} writers beside the asker"
             );
         }
+    }
+
+    /// A tab reopened after its node was released gets a new node. Its clock starts at what
+    /// its storage reserved, up to 100 steps ahead of where it was; the welcome's floor brings
+    /// it back, or each reopening would take it further ahead of the room until the relay
+    /// refused all it sent as `futureStep`. A shared room gave no floor at all; a node new to
+    /// it gets one now (nothing of it can be on another relay), a node it knew still none.
+    #[test]
+    fn a_node_new_to_a_shared_room_gets_a_floor() {
+        let floor = |joined: &Joined| match Frame::decode(&joined.welcome) {
+            Ok(Frame::Welcome { floor, .. }) => floor,
+            other => panic!("{other:?}"),
+        };
+        let mut room = room();
+        room.share();
+        let fresh = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        assert_eq!(floor(&fresh), Some(0));
+        room.leave(1);
+        let resumed = room.join(0, 2, req("a", Some([1; 16])), [2; 16]).unwrap();
+        assert_eq!(resumed.node, fresh.node);
+        assert_eq!(floor(&resumed), None);
     }
 
     fn rejects_of(frames: &[Frame]) -> Vec<Reason> {
