@@ -15,16 +15,21 @@
 //! - a connection's frames are taken in order: after the room refuses one (for any reason but
 //!   `replay`), it refuses every later stamped frame of that connection as `outOfOrder` until
 //!   the client sends a fence, which the room echoes. So the stored messages of a node are always
-//!   a prefix of what it sent, and a `replay` answer to a message sent again means "stored";
-//! - a message is acknowledged, with its own step, only once it is durable; appends finish in
-//!   the order they were handed out, and that order is the log's;
+//!   a prefix of what it sent, and a `replay` answer to a message sent again means "stored" (a
+//!   message sent again before its answer came gets that answer; in a shared room, a message
+//!   stored and then refused in the log's order gets the refusal);
+//! - a message is acknowledged, with its own step, only once it is durable (and, in a shared
+//!   room, judged in its turn); appends finish in the order they were handed out, and that order
+//!   is the log's;
 //! - checkpoints and the sync exchange are validated and forwarded, never stored;
 //! - the room step moves by one for each message everyone receives whose step is above it,
 //!   whatever that step (see [`crate::clock`]): a member cannot drag it forward.
 //!
 //! **The document.** The room applies every update to its own copy of the document before it
-//! stores it, and refuses as `malformed` one that does not apply: an update that would break a
-//! replica never reaches the log or a member. When the updates logged since the last compaction
+//! stores it, and refuses as `malformed` one that does not apply or does not integrate whole: an
+//! update that would break a replica, or leave replicas waiting, never reaches the log or a
+//! member. (A shared room judges updates as it reads the log back: see [`RoomCore::share`].)
+//! When the updates logged since the last compaction
 //! pass [`RoomLimits::compact_bytes`] (and the size of the last snapshot) or
 //! [`RoomLimits::compact_updates`], the room appends a [`Frame::Snapshot`] of its document, and
 //! the store drops the document entries before it: late joiners get the snapshot and the tail.
@@ -313,8 +318,9 @@ pub struct Joined {
     /// The latest presence frame of each other member present, to send right after the
     /// welcome: a late joiner has everyone's presence before the catch-up.
     pub presences: Vec<Bytes>,
-    /// The positions in the catch-up of updates the room refused after the store took them
-    /// (see [`Joined::replays`]), in order.
+    /// The positions in the catch-up of updates the room refused after the store took them (a
+    /// shared room's, judged in the log's order, or any met at load; see [`Joined::replays`]),
+    /// in order.
     pub refused: Vec<u64>,
 }
 
@@ -597,7 +603,7 @@ pub struct RoomCore {
     missed: u64,
     /// The updates of a shared room's log read while the document lacks entries the log
     /// skipped (`missed` past `doc_covers`: the snapshot that holds them was not read yet), in
-    /// order, with their positions: they are judged (see [`SharedDoc::apply_member_update`])
+    /// order, with their log entries: they are judged (see [`SharedDoc::apply_member_update`])
     /// once that snapshot is in. Their members got them unjudged.
     deferred: Vec<(Followed, Vec<u8>)>,
     /// The highest position a snapshot the document took ahead of its turn holds (see
