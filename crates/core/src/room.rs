@@ -3954,6 +3954,27 @@ mod tests {
         assert_eq!(steps(&shared.got[1][&3]), vec![(a, 1)]);
     }
 
+    /// An entry of a shared room's log as a relay reads it: `frame` at `position`.
+    fn followed(position: u64, sender: NodeId, step: Step, frame: &Bytes, covers: u64) -> Followed {
+        Followed {
+            position,
+            sender,
+            step,
+            high: position,
+            covers,
+            bytes: Bytes::from(with_position(frame, position).unwrap()),
+        }
+    }
+
+    /// The room's snapshot frame of a document whose state is `state`.
+    fn snapshot_frame(state: Vec<u8>) -> Bytes {
+        let frame = Frame::Snapshot {
+            doc: WHOLE_DOC.into(),
+            state,
+        };
+        Bytes::from(frame.encode())
+    }
+
     /// An update under a client id no one uses, from its clock 3 (lib0 varuints: one client,
     /// 77, one block at clock 3 in the root type "content", the string "x"; no deletes): Yjs
     /// would keep it until clocks 0..3 arrive, which no one wrote.
@@ -4046,30 +4067,12 @@ mod tests {
         writer.insert("content", 0, "first").unwrap();
         let state = writer.snapshot();
         let second = writer.insert("content", 5, " second").unwrap();
-        let entry = |position: u64, sender: NodeId, step: Step, bytes: Bytes, covers: u64| {
-            let bytes = Bytes::from(with_position(&bytes, position).unwrap());
-            Followed {
-                position,
-                sender,
-                step,
-                high: position,
-                covers,
-                bytes,
-            }
-        };
-        let snapshot = Bytes::from(
-            Frame::Snapshot {
-                doc: WHOLE_DOC.into(),
-                state,
-            }
-            .encode(),
-        );
         // Position 1 (`first`) was dropped by the snapshot at 4, which holds position 1; 2 and
         // 3 came while it was on its way.
         let log = [
-            entry(2, 7, 2, update(7, 2, second), 0),
-            entry(3, 8, 1, update(8, 1, after_a_gap()), 0),
-            entry(4, 0, 0, snapshot, 1),
+            followed(2, 7, 2, &update(7, 2, second), 0),
+            followed(3, 8, 1, &update(8, 1, after_a_gap()), 0),
+            followed(4, 0, 0, &snapshot_frame(state), 1),
         ];
         for batches in [vec![&log[..]], vec![&log[..2], &log[2..]]] {
             let mut room = room();
@@ -4107,32 +4110,23 @@ mod tests {
         let abc = SharedDoc::with_client_id(77)
             .insert("content", 0, "abc")
             .unwrap();
-        let frames = [update(8, 1, after_a_gap()), update(9, 1, abc)];
-        let logged: Vec<Logged> = frames
+        let log = [
+            followed(1, 8, 1, &update(8, 1, after_a_gap()), 0),
+            followed(2, 9, 1, &update(9, 1, abc), 0),
+        ];
+        let logged: Vec<Logged> = log
             .iter()
-            .enumerate()
-            .map(|(i, bytes)| Logged {
-                position: i as u64 + 1,
-                sender: 8 + i as u64,
-                bytes: Bytes::from(with_position(bytes, i as u64 + 1).unwrap()),
+            .map(|f| Logged {
+                position: f.position,
+                sender: f.sender,
+                bytes: f.bytes.clone(),
             })
             .collect();
         let record = RoomRecord::new(RoomConfig::default(), 1);
         let mut room =
             RoomCore::new("r".into(), record, &logged, RoomLimits::default(), 0).unwrap();
         room.share();
-        let followed: Vec<Followed> = logged
-            .iter()
-            .map(|l| Followed {
-                position: l.position,
-                sender: l.sender,
-                step: 1,
-                high: l.position,
-                covers: 0,
-                bytes: l.bytes.clone(),
-            })
-            .collect();
-        room.followed(0, &followed, &[], true);
+        room.followed(0, &log, &[], true);
         assert_eq!(room.document().text("content"), "abc");
         let late = room.join(0, 1, req("late", None), [1; 16]).unwrap();
         assert_eq!(late.refused, vec![1]);
@@ -4183,21 +4177,6 @@ mod tests {
         // took client 77's first edit (position 12), then took a snapshot of that (covers 20).
         let writer = SharedDoc::with_client_id(77);
         writer.insert("content", 0, "abc").unwrap();
-        let snapshot = Bytes::from(
-            Frame::Snapshot {
-                doc: WHOLE_DOC.into(),
-                state: writer.snapshot(),
-            }
-            .encode(),
-        );
-        let entry = |position: u64, sender: NodeId, bytes: &Bytes, covers: u64| Followed {
-            position,
-            sender,
-            step: 1,
-            high: position,
-            covers,
-            bytes: Bytes::from(with_position(bytes, position).unwrap()),
-        };
         let mut room = room();
         room.share();
         room.join(0, 1, req("m", None), [1; 16]).unwrap();
@@ -4211,8 +4190,9 @@ mod tests {
             bytes: Bytes::from(Frame::PeerLeft { node: 99 }.encode()),
         };
         let gap = update(8, 1, after_a_gap());
-        room.followed(0, &[entry(9, 8, &gap, 0)], &[publication], false);
-        room.followed(0, &[entry(25, 0, &snapshot, 20)], &[], true);
+        room.followed(0, &[followed(9, 8, 1, &gap, 0)], &[publication], false);
+        let snapshot = followed(25, 0, 0, &snapshot_frame(writer.snapshot()), 20);
+        room.followed(0, &[snapshot], &[], true);
         assert_eq!(room.document().text("content"), "abc");
     }
 

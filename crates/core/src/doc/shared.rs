@@ -202,9 +202,9 @@ impl SharedDoc {
     pub fn holds(&self, update: &[u8]) -> Result<(), String> {
         let update = Update::decode_v1(update).map_err(|e| e.to_string())?;
         let txn = self.doc.transact();
-        let clocks = txn.state_vector();
+        // The clocks of the clients the answer names, not a state vector of every client.
         for (client, ranges) in update.insertions(true).iter() {
-            let have = clocks.get(client);
+            let have = txn.state_of(*client);
             if let Some(range) = ranges.iter().find(|range| range.end > have) {
                 return Err(format!(
                     "it holds client {client}'s clocks {}..{}, and the room's document holds that client's clocks up to {have} only",
