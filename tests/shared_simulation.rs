@@ -627,6 +627,8 @@ impl Sim {
                 stored,
                 access: room::Access::OPEN,
                 floor,
+                // Shared rooms let nodes go without a record of their steps.
+                released: None,
             };
             match core.join(self.now, conn, request, fresh) {
                 Err(refused) => self.cut(relay, conn, refused.code, &refused.reason),
@@ -741,6 +743,7 @@ impl Sim {
                     }
                 }
                 room::Output::Append(append) => self.enqueue(relay, Write::Append(append)),
+                room::Output::Released(_) => unreachable!("a shared room keeps no releases"),
                 room::Output::Publish {
                     to,
                     after,

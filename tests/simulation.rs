@@ -35,7 +35,7 @@ use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status}
 use pattern_mesh::store::MemoryStore;
 use pattern_mesh::wire::part;
 use pattern_mesh::wire::{
-    close, Body, Frame, Json, Kind, Limits, NodeId, Positioned, RoomConfig, Stamped,
+    close, Body, Frame, Json, Kind, Limits, NodeId, Positioned, ResumeToken, RoomConfig, Stamped,
 };
 
 const ROOM: &str = "sim";
@@ -357,6 +357,8 @@ struct Relay {
     up: bool,
     core: Option<RoomCore>,
     store: MemoryStore,
+    /// The nodes the room let go, with their last steps, by token: kept while the relay runs.
+    released: HashMap<ResumeToken, room::Release>,
     /// Writes handed to the store, durable at their time, in order.
     writes: VecDeque<(u64, StoreOp)>,
     conns: BTreeMap<ConnId, RelayConn>,
@@ -494,6 +496,7 @@ impl Sim {
                 up: true,
                 core: None,
                 store,
+                released: HashMap::new(),
                 writes: VecDeque::new(),
                 conns: BTreeMap::new(),
                 era: 0,
@@ -835,6 +838,7 @@ impl Sim {
                 self.stats.crashes += 1;
                 self.relay.up = false;
                 self.relay.core = None;
+                self.relay.released.clear();
                 self.relay.writes.clear();
                 let conns: Vec<ConnId> = self.relay.conns.keys().copied().collect();
                 for conn in conns {
@@ -1345,10 +1349,11 @@ impl Sim {
             }
             let fresh: [u8; 16] = self.rng.next().to_le_bytes().repeat(2).try_into().unwrap();
             let core = self.relay.core.as_mut().expect("loaded");
-            // The relay looks the token up in the store when the room does not hold the node.
-            let stored = resume
-                .filter(|token| !core.knows(token))
-                .and_then(|token| self.relay.store.find_now(ROOM, token));
+            // The relay looks the token up in the store when the room does not hold the node,
+            // and takes what it kept when the room let the node go.
+            let unknown = resume.filter(|token| !core.knows(token));
+            let stored = unknown.and_then(|token| self.relay.store.find_now(ROOM, token));
+            let released = unknown.and_then(|token| self.relay.released.remove(&token));
             let request = room::JoinRequest {
                 name,
                 since,
@@ -1363,6 +1368,7 @@ impl Sim {
                     user: 0,
                 },
                 floor,
+                released,
             };
             match core.join(self.now, conn, request, fresh) {
                 Err(refused) => {
@@ -1540,6 +1546,9 @@ impl Sim {
                 room::Output::Publish { .. } => {}
                 room::Output::Reserve { count } => self.write(StoreOp::Reserve(count)),
                 room::Output::Append(append) => self.write(StoreOp::Append(append)),
+                room::Output::Released(release) => {
+                    self.relay.released.insert(release.token, release);
+                }
                 room::Output::Stop { reason } => {
                     self.log(|| format!("the room stops: {reason}"));
                 }
@@ -2108,10 +2117,10 @@ fn a_relay_that_forgot_the_node_gets_the_outbox_under_the_new_identity() {
     assert_eq!(sim.clients[1].session.replica().len(TEXT), 100);
 }
 
-/// A tab with storage closes for `down` ms and opens again, 15 times, in a quiet room whose
-/// relay keeps a node for `grace` ms; then it types 20 characters. Returns how many the other
-/// tab shows.
-fn typed_after_reopenings(name: &str, down: u64, grace: u64) -> u32 {
+/// A tab with storage types `first` characters, then closes for `down` ms and opens again, 15
+/// times, in a quiet room whose relay keeps a node for `grace` ms; then it types 20 more.
+/// Returns how many the other tab shows.
+fn typed_after_reopenings(name: &str, down: u64, grace: u64, first: usize) -> u32 {
     let mut scenario = Scenario::quiet(2);
     scenario.persist = true;
     scenario.limits.resume_grace = grace;
@@ -2126,6 +2135,19 @@ fn typed_after_reopenings(name: &str, down: u64, grace: u64) -> u32 {
             every: 10,
         },
     )];
+    if first > 0 {
+        scenario.script.insert(
+            0,
+            (
+                500,
+                0,
+                Script::Type {
+                    chars: first,
+                    every: 10,
+                },
+            ),
+        );
+    }
     let sim = run_scenario(name, scenario);
     sim.clients[1].session.replica().len(TEXT)
 }
@@ -2136,7 +2158,7 @@ fn typed_after_reopenings(name: &str, down: u64, grace: u64) -> u32 {
 /// and after ten the relay refused all it stamped as `futureStep`.
 #[test]
 fn a_tab_reopened_again_and_again_still_writes() {
-    assert_eq!(typed_after_reopenings("reopened tab", 500, 60_000), 20);
+    assert_eq!(typed_after_reopenings("reopened tab", 500, 60_000, 0), 20);
 }
 
 /// The same, but each time the tab stays closed past the relay's grace: the relay lets the node
@@ -2145,8 +2167,22 @@ fn a_tab_reopened_again_and_again_still_writes() {
 #[test]
 fn a_tab_reopened_after_its_node_was_released_still_writes() {
     assert_eq!(
-        typed_after_reopenings("reopened tab, released node", 1_000, 200),
+        typed_after_reopenings("reopened tab, released node", 1_000, 200, 0),
         20
+    );
+}
+
+/// The same for a tab that wrote first: the store keeps its node, and the relay gives it back
+/// when the tab returns, with its last stored step. Its signals and sync requests were not
+/// stored, so that step says nothing certain of where the node's clock was: its welcome
+/// carried no floor, each reopening took it up to 100 steps further ahead, and after ten the
+/// relay refused all it stamped as `futureStep` (0 of the 20 characters arrived). The relay
+/// now keeps the node's exact last step when the room lets it go, and its welcome carries that.
+#[test]
+fn a_tab_that_wrote_then_reopened_after_its_node_was_released_still_writes() {
+    assert_eq!(
+        typed_after_reopenings("wrote, reopened, released node", 1_000, 200, 5),
+        25
     );
 }
 

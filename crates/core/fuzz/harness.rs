@@ -199,6 +199,7 @@ pub fn room(data: &[u8]) {
                     stored,
                     access: pattern_mesh_core::room::Access::OPEN,
                     floor: true,
+                    released: None,
                 };
                 let fresh = [input.u8().unwrap_or(0); 16];
                 if let Ok(joined) = room.join(now, conn, request, fresh) {

@@ -276,6 +276,21 @@ pub struct JoinRequest {
     pub access: Access,
     /// It asked for the welcome's `floor` (see [`Frame::Welcome`]).
     pub floor: bool,
+    /// What this relay kept of the node `resume` names when a room let it go
+    /// ([`Output::Released`]), taken by the driver with the store's record.
+    pub released: Option<Release>,
+}
+
+/// A node a room let go, with the last step it accepted from it: every step the node stamped
+/// and anyone received, stored or not (a store keeps only the stored ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Release {
+    /// The node.
+    pub node: NodeId,
+    /// Its resume token.
+    pub token: ResumeToken,
+    /// Its last accepted step.
+    pub step: Step,
 }
 
 /// What a member may do, from its access token ([`Access::OPEN`] on a relay without tokens).
@@ -409,6 +424,15 @@ pub enum Output {
     },
     /// Append a message to the store; answer with [`RoomCore::appended`], in order.
     Append(Append),
+    /// The room let a node go. Keep this for as long as the relay runs, and hand it back with
+    /// [`JoinRequest::released`] when the node's token comes back: its welcome then carries a
+    /// floor, and its client's clock goes back to the room's (a client restored from storage
+    /// starts up to a hundred steps ahead, and without a floor each reopening would take it
+    /// further, until the room refused all it sent as `futureStep`). A relay that stopped
+    /// has no such record: what the node stamped after its last stored message is unknown,
+    /// and its welcome carries no floor. A shared room never lets go this way (another relay
+    /// may have taken steps of the node since).
+    Released(Release),
     /// The room cannot go on (its store failed, or its document may hold what it refused):
     /// close every member with this reason and drop the room; the next join loads it again from
     /// the store.
@@ -1397,6 +1421,7 @@ impl RoomCore {
             stored,
             access,
             floor,
+            released,
         } = request;
         if self.stopped {
             return Err(JoinRefused {
@@ -1419,7 +1444,14 @@ impl RoomCore {
                 stored
                     .filter(|s| s.token == token && !self.nodes.contains_key(&s.node))
                     .map(|s| {
-                        self.validator.restore(s.node, s.last_step, now);
+                        // What this relay kept when it let the node go is its exact last
+                        // step; the store's is its last stored one.
+                        match released
+                            .filter(|r| !self.shared && r.node == s.node && r.token == token)
+                        {
+                            Some(r) => self.validator.resume(s.node, r.step.max(s.last_step), now),
+                            None => self.validator.restore(s.node, s.last_step, now),
+                        }
                         let node = self.new_node(token);
                         self.nodes.insert(s.node, node);
                         self.tokens.insert(token, s.node);
@@ -1690,6 +1722,17 @@ impl RoomCore {
             let token = state.token;
             self.nodes.remove(&node);
             self.tokens.remove(&token);
+            // Only a step known for certain: one restored from the store, with nothing accepted
+            // since, may miss what the node stamped before the relay last stopped. A node that
+            // never stamped anything has nothing to keep.
+            let known = self
+                .validator
+                .last_step(node)
+                .and(self.validator.floor(node));
+            if let Some(step) = known.filter(|_| !self.shared) {
+                self.outputs
+                    .push_back(Output::Released(Release { node, token, step }));
+            }
             self.validator.release(node);
         }
     }
@@ -2565,6 +2608,7 @@ mod tests {
             stored: None,
             access: Access::OPEN,
             floor: true,
+            released: None,
         }
     }
 
@@ -3548,6 +3592,81 @@ mod tests {
         assert_eq!(rejects(&outputs(&mut room), 3), [Reason::Replay]);
         send(&mut room, 2_000, 3, data(a.node, 11));
         assert!(matches!(outputs(&mut room).last(), Some(Output::Append(x)) if x.step == 11));
+    }
+
+    /// A node that wrote, then sent a signal (which no store keeps), is let go: the room hands
+    /// the driver its exact last step, and a welcome back that brings it gets a floor there.
+    /// With the store's record alone (a relay that restarted) it gets none: the last stored
+    /// step would bring the client's clock back below the signal's, which the other members
+    /// would refuse as replays.
+    #[test]
+    fn a_node_let_go_comes_back_with_its_last_step_as_its_floor() {
+        let floor = |joined: &Joined| match Frame::decode(&joined.welcome) {
+            Ok(Frame::Welcome { floor, .. }) => floor,
+            other => panic!("{other:?}"),
+        };
+        let mut room = with_limits(RoomLimits {
+            resume_grace: 0,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [7; 16]).unwrap();
+        send(&mut room, 0, 1, data(a.node, 1));
+        let signal = Frame::stamped(
+            Stamp {
+                sender: a.node,
+                step: 90,
+                pattern: PatternConfig::default().value(90),
+            },
+            Body::Signal {
+                data: Json::parse("2").unwrap(),
+            },
+        );
+        send(&mut room, 0, 1, Bytes::from(signal.encode()));
+        stored(&mut room, 1);
+        room.leave(1);
+        outputs(&mut room);
+        room.tick(5_000);
+        assert!(!room.knows(&[7; 16]));
+        let released: Vec<Release> = outputs(&mut room)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Released(release) => Some(release),
+                _ => None,
+            })
+            .collect();
+        let expected = Release {
+            node: a.node,
+            token: [7; 16],
+            step: 90,
+        };
+        assert_eq!(released, [expected]);
+        let record = NodeRecord {
+            node: a.node,
+            token: [7; 16],
+            last_step: 1,
+            position: 0,
+        };
+        let back = |room: &mut RoomCore, conn, released| {
+            let request = JoinRequest {
+                stored: Some(record),
+                released,
+                ..req("a", Some([7; 16]))
+            };
+            room.join(5_000, conn, request, [9; 16]).unwrap()
+        };
+        let restarted = back(&mut room, 2, None);
+        assert_eq!(restarted.node, a.node);
+        assert_eq!(floor(&restarted), None);
+        room.leave(2);
+        room.tick(10_000);
+        assert!(outputs(&mut room)
+            .iter()
+            .all(|o| !matches!(o, Output::Released(_))));
+        let resumed = back(&mut room, 3, Some(expected));
+        assert_eq!(resumed.node, a.node);
+        assert_eq!(floor(&resumed), Some(90));
+        send(&mut room, 10_000, 3, data(a.node, 90));
+        assert_eq!(rejects(&outputs(&mut room), 3), [Reason::Replay]);
     }
 
     /// A node that never wrote has no store record, so the room keeps its token for the grace

@@ -198,6 +198,13 @@ impl Validator {
         self.remember(sender, known.max(last_step), now_ms, restored);
     }
 
+    /// Takes `sender` back with its exact last accepted step, kept by whoever let it go: unlike
+    /// a restored one, its [`Validator::floor`] is known.
+    pub fn resume(&mut self, sender: NodeId, last_step: Step, now_ms: u64) {
+        let known = self.last_step(sender).unwrap_or(0);
+        self.remember(sender, known.max(last_step), now_ms, false);
+    }
+
     /// Counts a rejection decided elsewhere (a frame that did not decode, a rate limit), so that
     /// one set of counters covers every anomaly.
     pub fn record(&mut self, reason: Reason) {

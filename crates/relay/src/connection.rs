@@ -246,6 +246,7 @@ async fn handshake(
                 stored: None,
                 access: Access::OPEN,
                 floor,
+                released: None,
             },
             config,
         ),

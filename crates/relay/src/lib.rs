@@ -174,6 +174,10 @@ impl RelayConfig {
     }
 }
 
+/// How many released nodes' last steps the relay keeps (about 100 bytes each): a node
+/// forgotten here is welcomed back without a floor, as after a restart.
+const RELEASES_KEPT: usize = 100_000;
+
 /// The state shared by every connection and room.
 pub(crate) struct Relay {
     config: RelayConfig,
@@ -184,6 +188,8 @@ pub(crate) struct Relay {
     /// The token checker, if the relay checks tokens.
     auth: Option<auth::Auth>,
     rooms: Mutex<HashMap<String, mpsc::Sender<Command>>>,
+    /// The nodes the rooms let go, with their last steps.
+    releases: Mutex<room::Releases>,
     started: Instant,
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
@@ -380,6 +386,7 @@ pub async fn serve(
         metrics,
         auth,
         rooms: Mutex::default(),
+        releases: Mutex::new(room::Releases::new(RELEASES_KEPT)),
         started: Instant::now(),
         next_conn: AtomicU64::new(1),
         shutdown: stopped.clone(),

@@ -7,10 +7,11 @@
 //! them in one batch, and `FuturesOrdered` hands their answers back in the order they were made.
 //!
 //! A join whose resume token the room does not hold waits for the store's record of it, looked
-//! up beside the room's other work. The task times each frame the core takes: an update that
+//! up beside the room's other work, and takes what the relay kept when a room let that node go
+//! ([`Releases`]). The task times each frame the core takes: an update that
 //! took longer than the relay's apply budget is taken back before anything of it leaves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,7 +20,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
-use pattern_mesh_core::room::{ConnId, JoinRefused, JoinRequest, Joined, Output, Read, RoomCore};
+use pattern_mesh_core::room::{
+    ConnId, JoinRefused, JoinRequest, Joined, Output, Read, Release, RoomCore,
+};
 use pattern_mesh_core::store::{Appended, NodeRecord, StoreError, StoreFuture};
 use pattern_mesh_core::validate::Counters;
 use pattern_mesh_core::wire::{close, NodeId, Reason, ResumeToken};
@@ -28,6 +31,55 @@ use tokio::sync::{mpsc, oneshot};
 use super::queue;
 use super::store::redis::FeedEvent;
 use super::Relay;
+
+/// The nodes the rooms let go ([`Output::Released`]), with their last steps, for as long as the
+/// relay runs: at most `capacity`, the oldest forgotten first (a node forgotten here is welcomed
+/// back without a floor, as after a restart).
+pub(crate) struct Releases {
+    by_token: HashMap<(String, ResumeToken), (u64, Release)>,
+    order: VecDeque<(u64, String, ResumeToken)>,
+    next: u64,
+    capacity: usize,
+}
+
+impl Releases {
+    /// Keeps at most `capacity` releases.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            by_token: HashMap::new(),
+            order: VecDeque::new(),
+            next: 0,
+            capacity,
+        }
+    }
+
+    fn keep(&mut self, room: &str, release: Release) {
+        let key = (room.to_owned(), release.token);
+        self.next += 1;
+        self.by_token.insert(key, (self.next, release));
+        self.order
+            .push_back((self.next, room.to_owned(), release.token));
+        while self.by_token.len() > self.capacity || self.order.len() > 2 * self.capacity.max(1) {
+            let Some((seq, room, token)) = self.order.pop_front() else {
+                break;
+            };
+            let key = (room, token);
+            if self
+                .by_token
+                .get(&key)
+                .is_some_and(|(kept, _)| *kept == seq)
+            {
+                self.by_token.remove(&key);
+            }
+        }
+    }
+
+    fn take(&mut self, room: &str, token: ResumeToken) -> Option<Release> {
+        self.by_token
+            .remove(&(room.to_owned(), token))
+            .map(|(_, release)| release)
+    }
+}
 
 /// What a connection asks of its room.
 pub(crate) enum Command {
@@ -201,6 +253,13 @@ impl RoomTask {
                 };
                 match lookup.request.resume {
                     Some(token) if !self.core.knows(&token) => {
+                        let mut lookup = lookup;
+                        lookup.request.released = self
+                            .relay
+                            .releases
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take(self.core.name(), token);
                         let find = self.relay.store.find_node(self.core.name(), token);
                         self.lookups
                             .push(Box::pin(async move { (lookup, find.await) }));
@@ -329,6 +388,12 @@ impl RoomTask {
                         self.appends
                             .push_back(self.relay.store.append(&name, append));
                     }
+                    Output::Released(release) => self
+                        .relay
+                        .releases
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keep(&name, release),
                     Output::Publish {
                         to,
                         after,
@@ -389,5 +454,39 @@ impl RoomTask {
             }
         }
         self.counted = now.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release(token: u8, step: u64) -> Release {
+        Release {
+            node: u64::from(token),
+            token: [token; 16],
+            step,
+        }
+    }
+
+    #[test]
+    fn releases_are_taken_once_by_room_and_token_and_the_oldest_go_first() {
+        let mut releases = Releases::new(2);
+        releases.keep("r", release(1, 10));
+        releases.keep("r", release(1, 12));
+        releases.keep("other", release(2, 20));
+        assert_eq!(releases.take("r", [2; 16]), None, "another room's");
+        releases.keep("r", release(3, 30));
+        // The first token's newer release was kept before the other room's: it goes first.
+        assert_eq!(releases.take("r", [1; 16]), None);
+        assert_eq!(releases.take("other", [2; 16]), Some(release(2, 20)));
+        assert_eq!(releases.take("other", [2; 16]), None, "taken once");
+        assert_eq!(releases.take("r", [3; 16]), Some(release(3, 30)));
+        // Many keeps of one token leave one release and a bounded queue.
+        for step in 0..100 {
+            releases.keep("r", release(4, step));
+        }
+        assert!(releases.order.len() <= 4);
+        assert_eq!(releases.take("r", [4; 16]), Some(release(4, 99)));
     }
 }

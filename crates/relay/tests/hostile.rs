@@ -750,16 +750,6 @@ async fn rate_limits_hold_across_reconnects_and_addresses_and_close_who_ignores_
     println!("a flood of frames was closed after {:?}", started.elapsed());
 }
 
-/// The body of a plain HTTP GET of `path`.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
-
 /// Finding 5. 2,000 join/leave cycles on one room, 4 at a time, while the room retires and
 /// reopens between them: no node id is handed to two tokens, and every token that resumes gets
 /// its own id back.

@@ -5,10 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{closed_after, data_value, edit, is_data, join, join_log, replayed_text, start, WAIT};
+use common::{
+    closed_after, data_value, edit, http_get, is_data, join, join_log, replayed_text, start, WAIT,
+};
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::wire::{close, Body, Frame, Json, Positioned, Reason, Stamp};
-use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn fan_out_reaches_every_member_of_the_room_and_no_other() {
@@ -306,21 +307,11 @@ async fn graceful_shutdown_closes_clients_with_1001() {
 
 #[tokio::test]
 async fn health_and_metrics_answer_over_http() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = start("http", |_| {}).await;
     let mut a = join(&server, "r", 0, None).await;
     a.data_acked(serde_json::json!(1)).await;
-    let addr = server.addr;
-    let get = |path: &'static str| async move {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
-    };
-    assert!(get("/healthz").await.ends_with("ok"));
-    let metrics = get("/metrics").await;
+    assert!(http_get(server.addr, "/healthz").await.ends_with("ok"));
+    let metrics = http_get(server.addr, "/metrics").await;
     assert!(metrics.contains("pattern_mesh_connections 1"), "{metrics}");
     assert!(
         metrics.contains("pattern_mesh_frames_accepted_total 1"),
@@ -392,6 +383,59 @@ async fn checkpoints_and_sync_answers_are_forwarded_but_never_stored() {
     c.expect_no_data(Duration::from_millis(300)).await;
     let late = join(&server, "doc", 0, None).await;
     assert!(late.replay().is_empty(), "{:?}", late.replay());
+}
+
+/// A tab that wrote, then sent a signal (which no store keeps), closes; the relay lets its node
+/// go, and the room retires. The tab comes back with its token and asks for the welcome's
+/// floor: it gets the signal's step. With the store's last stored step alone it got no floor,
+/// and a tab restored from storage (whose clock starts up to 100 steps ahead) went further
+/// ahead of the room with each reopening, until all it sent was refused as `futureStep`.
+#[tokio::test]
+async fn a_node_let_go_is_welcomed_back_with_the_last_step_it_sent() {
+    let server = start("released", |c| c.resume_grace = Duration::ZERO).await;
+    let mut a = join(&server, "r", 0, None).await;
+    a.data_acked(serde_json::json!("stored")).await;
+    a.local += 300;
+    let stamp = a.stamp();
+    let signal = Frame::stamped(
+        stamp,
+        Body::Signal {
+            data: Json::parse("1").unwrap(),
+        },
+    );
+    a.send(&signal).await;
+    a.fence().await;
+    let (node, token) = (a.node, a.token);
+    drop(a);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !http_get(server.addr, "/metrics")
+        .await
+        .contains("pattern_mesh_rooms 0")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the room retires");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = Frame::Join {
+        room: "r".into(),
+        name: "test".into(),
+        since: 1,
+        log: 0,
+        resume: Some(token),
+        config: None,
+        floor: true,
+    };
+    let mut conn = pattern_mesh_client::Connection::open(&server.url(), &back)
+        .await
+        .unwrap();
+    match conn.recv_within(WAIT).await.unwrap().frame {
+        Frame::Welcome {
+            node: again, floor, ..
+        } => {
+            assert_eq!(again, node, "the store's record resumes the node");
+            assert_eq!(floor, Some(stamp.step));
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

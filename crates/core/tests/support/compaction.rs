@@ -55,6 +55,7 @@ pub fn run(updates: u64, limits: RoomLimits) -> Measured {
         stored: None,
         access: pattern_mesh_core::room::Access::OPEN,
         floor: false,
+        released: None,
     };
     let node = match room.join(0, 1, request(), [1; 16]) {
         Ok(joined) => joined.node,

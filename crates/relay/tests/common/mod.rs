@@ -119,6 +119,17 @@ pub struct Member {
     pub position: u64,
 }
 
+/// The response to a plain HTTP GET of `path`, headers and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
 /// Joins `room` from log position `since`, resuming `resume` if given.
 pub async fn join(server: &Server, room: &str, since: u64, resume: Option<ResumeToken>) -> Member {
     join_log(server, room, since, 0, resume).await
