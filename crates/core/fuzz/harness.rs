@@ -178,6 +178,7 @@ pub fn room(data: &[u8]) {
     let mut position = 0u64;
     let mut next_block = 10_000u64;
     let mut records: HashMap<[u8; 16], NodeRecord> = HashMap::new();
+    let mut releases: HashMap<[u8; 16], pattern_mesh_core::room::Release> = HashMap::new();
     let mut in_flight = std::collections::VecDeque::new();
     let mut now = 0u64;
     let mut input = Bytes(data);
@@ -188,9 +189,9 @@ pub fn room(data: &[u8]) {
                 let resume = input.u8().map(|b| [b % 4; 16]).filter(|_| op & 0x40 != 0);
                 // What the store says of the token (its records come from the appends it
                 // answered); sometimes the driver did not look.
-                let stored = resume
-                    .filter(|_| op & 0x80 != 0)
-                    .and_then(|token| records.get(&token).copied());
+                let looked = resume.filter(|_| op & 0x80 != 0);
+                let stored = looked.and_then(|token| records.get(&token).copied());
+                let released = looked.and_then(|token| releases.remove(&token));
                 let request = JoinRequest {
                     name: "f".into(),
                     since: 0,
@@ -199,7 +200,7 @@ pub fn room(data: &[u8]) {
                     stored,
                     access: pattern_mesh_core::room::Access::OPEN,
                     floor: true,
-                    released: None,
+                    released,
                 };
                 let fresh = [input.u8().unwrap_or(0); 16];
                 if let Ok(joined) = room.join(now, conn, request, fresh) {
@@ -301,6 +302,17 @@ pub fn room(data: &[u8]) {
             }
         }
         while let Some(output) = room.poll_output() {
+            if let Output::Released(release) = output {
+                // Above every step of the node the room handed the store.
+                let stored = appended.get(&release.node).copied().unwrap_or(0);
+                assert!(
+                    release.step >= stored,
+                    "node {} released at step {} after storing step {stored}",
+                    release.node,
+                    release.step
+                );
+                releases.insert(release.token, release);
+            }
             if let Output::Reserve { count } = output {
                 next_block += count;
                 room.reserved(Ok(next_block - count));

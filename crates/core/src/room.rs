@@ -512,6 +512,9 @@ struct Node {
     bandwidth: TokenBucket,
     /// When it left, plus the resume grace: the room keeps it at least until then.
     kept_until: u64,
+    /// The store may keep a record of it: it came from one, or the room handed the store a
+    /// message of it. Only such a node can come back as itself once the room lets it go.
+    recorded: bool,
 }
 
 /// What an entry of the pipeline is waiting for.
@@ -1379,7 +1382,9 @@ impl RoomCore {
     }
 
     /// Whether the room holds the node that `token` resumes. When it does not, the driver
-    /// looks the token up in the store and passes what it found in [`JoinRequest::stored`].
+    /// looks the token up in the store and passes what it found in [`JoinRequest::stored`],
+    /// with what it kept when the room let the node go in [`JoinRequest::released`] (taken
+    /// once the store answered, as it hands the join over).
     pub fn knows(&self, token: &ResumeToken) -> bool {
         // A shared room's node may have stored messages through another relay since: the store
         // says how far.
@@ -1398,6 +1403,7 @@ impl RoomCore {
                 self.now,
             ),
             kept_until: 0,
+            recorded: false,
         }
     }
 
@@ -1446,13 +1452,18 @@ impl RoomCore {
                     .map(|s| {
                         // What this relay kept when it let the node go is its exact last
                         // step; the store's is its last stored one.
-                        match released
-                            .filter(|r| !self.shared && r.node == s.node && r.token == token)
-                        {
-                            Some(r) => self.validator.resume(s.node, r.step.max(s.last_step), now),
+                        // A stored step above it would say the release is not the node's last.
+                        match released.filter(|r| {
+                            !self.shared
+                                && r.node == s.node
+                                && r.token == token
+                                && r.step >= s.last_step
+                        }) {
+                            Some(r) => self.validator.resume(s.node, r.step, now),
                             None => self.validator.restore(s.node, s.last_step, now),
                         }
-                        let node = self.new_node(token);
+                        let mut node = self.new_node(token);
+                        node.recorded = true;
                         self.nodes.insert(s.node, node);
                         self.tokens.insert(token, s.node);
                         self.departures.push_back((s.node, now));
@@ -1719,17 +1730,17 @@ impl RoomCore {
                 self.departures.push_back((node, due));
                 continue;
             }
-            let token = state.token;
+            let (token, recorded) = (state.token, state.recorded);
             self.nodes.remove(&node);
             self.tokens.remove(&token);
             // Only a step known for certain: one restored from the store, with nothing accepted
-            // since, may miss what the node stamped before the relay last stopped. A node that
-            // never stamped anything has nothing to keep.
+            // since, may miss what the node stamped before the relay last stopped. A node the
+            // store has no record of comes back as a new one: nothing to keep.
             let known = self
                 .validator
                 .last_step(node)
                 .and(self.validator.floor(node));
-            if let Some(step) = known.filter(|_| !self.shared) {
+            if let Some(step) = known.filter(|_| recorded && !self.shared) {
                 self.outputs
                     .push_back(Output::Released(Release { node, token, step }));
             }
@@ -2182,6 +2193,7 @@ impl RoomCore {
         }
         if let Some(state) = self.nodes.get_mut(&node) {
             state.in_flight += 1;
+            state.recorded = true;
         }
         self.in_flight_bytes += len;
         self.outputs.push_back(Output::Append(Append {
@@ -3609,21 +3621,24 @@ mod tests {
             resume_grace: 0,
             ..RoomLimits::default()
         });
+        let signal = |node, step| {
+            let stamp = Stamp {
+                sender: node,
+                step,
+                pattern: PatternConfig::default().value(step),
+            };
+            let data = Json::parse("2").unwrap();
+            Bytes::from(Frame::stamped(stamp, Body::Signal { data }).encode())
+        };
         let a = room.join(0, 1, req("a", None), [7; 16]).unwrap();
+        // B stores nothing: the store has no record of it, and it would come back as a new node.
+        let b = room.join(0, 4, req("b", None), [4; 16]).unwrap();
         send(&mut room, 0, 1, data(a.node, 1));
-        let signal = Frame::stamped(
-            Stamp {
-                sender: a.node,
-                step: 90,
-                pattern: PatternConfig::default().value(90),
-            },
-            Body::Signal {
-                data: Json::parse("2").unwrap(),
-            },
-        );
-        send(&mut room, 0, 1, Bytes::from(signal.encode()));
+        send(&mut room, 0, 1, signal(a.node, 90));
+        send(&mut room, 0, 4, signal(b.node, 2));
         stored(&mut room, 1);
         room.leave(1);
+        room.leave(4);
         outputs(&mut room);
         room.tick(5_000);
         assert!(!room.knows(&[7; 16]));
@@ -3657,7 +3672,15 @@ mod tests {
         let restarted = back(&mut room, 2, None);
         assert_eq!(restarted.node, a.node);
         assert_eq!(floor(&restarted), None);
+        // A release below the stored step is not the node's last: no floor from it.
         room.leave(2);
+        room.tick(7_000);
+        outputs(&mut room);
+        let mut stale = expected;
+        stale.step = 0;
+        let again = back(&mut room, 5, Some(stale));
+        assert_eq!(floor(&again), None);
+        room.leave(5);
         room.tick(10_000);
         assert!(outputs(&mut room)
             .iter()

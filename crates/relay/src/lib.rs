@@ -174,8 +174,8 @@ impl RelayConfig {
     }
 }
 
-/// How many released nodes' last steps the relay keeps (about 100 bytes each): a node
-/// forgotten here is welcomed back without a floor, as after a restart.
+/// How many released nodes' last steps the relay keeps (a few hundred bytes each, with their
+/// room's name): a node forgotten here is welcomed back without a floor, as after a restart.
 const RELEASES_KEPT: usize = 100_000;
 
 /// The state shared by every connection and room.

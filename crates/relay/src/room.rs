@@ -7,8 +7,8 @@
 //! them in one batch, and `FuturesOrdered` hands their answers back in the order they were made.
 //!
 //! A join whose resume token the room does not hold waits for the store's record of it, looked
-//! up beside the room's other work, and takes what the relay kept when a room let that node go
-//! ([`Releases`]). The task times each frame the core takes: an update that
+//! up beside the room's other work; then it takes what the relay kept when the room let that
+//! node go ([`Releases`]). The task times each frame the core takes: an update that
 //! took longer than the relay's apply budget is taken back before anything of it leaves.
 
 use std::collections::{HashMap, VecDeque};
@@ -253,13 +253,6 @@ impl RoomTask {
                 };
                 match lookup.request.resume {
                     Some(token) if !self.core.knows(&token) => {
-                        let mut lookup = lookup;
-                        lookup.request.released = self
-                            .relay
-                            .releases
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .take(self.core.name(), token);
                         let find = self.relay.store.find_node(self.core.name(), token);
                         self.lookups
                             .push(Box::pin(async move { (lookup, find.await) }));
@@ -311,6 +304,17 @@ impl RoomTask {
         if reply.is_closed() {
             // The connection went away while its record was looked up.
             return;
+        }
+        // What the relay kept when the room let the node go, taken as the room takes the node
+        // back: a release kept while this lookup was under way (another connection of the
+        // token came and went meanwhile) is the newer one.
+        if let Some(token) = request.resume.filter(|token| !self.core.knows(token)) {
+            request.released = self
+                .relay
+                .releases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(self.core.name(), token);
         }
         request.stored = stored;
         let mut fresh = ResumeToken::default();
