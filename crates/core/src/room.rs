@@ -39,8 +39,11 @@
 //! while it is a member, while its appends are in flight, and until its buckets have filled up
 //! again after it left, so that reconnecting never resets a rate limit; then only the store
 //! keeps it, and a join that presents the node's token brings the store's record back
-//! ([`JoinRequest::stored`]). Node ids come from blocks the store reserves durably, so no id is
-//! ever handed out twice, whatever the interleaving of joins, leaves and room reloads.
+//! ([`JoinRequest::stored`]). The store keeps the node's last *stored* step; the room hands the
+//! driver its last step of all ([`Output::Released`]), which the driver keeps while it runs and
+//! gives back with the record ([`JoinRequest::released`]), so that the node's welcome can carry
+//! a floor. Node ids come from blocks the store reserves durably, so no id is ever handed out
+//! twice, whatever the interleaving of joins, leaves and room reloads.
 
 use std::collections::{HashMap, VecDeque};
 
