@@ -1993,11 +1993,20 @@ fn run_scenario(name: &str, scenario: Scenario) -> Sim {
 /// Seeds the long runs found, each with what it found.
 #[test]
 fn seeds_found_by_long_runs_pass() {
-    for (seed, found) in [(
-        1773,
-        "a room let a node go between the driver's lookup and its join: the client resumed under \
-         a new id and sent again what was already stored, and every replica got it twice",
-    )] {
+    for (seed, found) in [
+        (
+            1773,
+            "a room let a node go between the driver's lookup and its join: the client resumed \
+             under a new id and sent again what was already stored, and every replica got it twice",
+        ),
+        (
+            11720,
+            "a 560 KB update went out in 1,900 parts and the connection dropped before its \
+             acknowledgement; the fresh pacers of the next connection sent it again at once into \
+             the relay's debt, six `rateLimited` refusals took the pace to 1/64, and the debt of \
+             the resend held the tab's ten other edits back for 19 minutes",
+        ),
+    ] {
         if let (_, Some(problem)) = run_seed(seed, false) {
             panic!("seed {seed} ({found}): {problem}");
         }

@@ -1456,12 +1456,7 @@ impl<R: Replica> Session<R> {
                 self.position = self.position.max(position);
                 if let Some(i) = self.in_flight.iter().position(|s| s.stamp.step == step) {
                     self.remove_in_flight(i);
-                    self.refusals = 0;
-                    if self.pace < 1.0 {
-                        self.pace = (self.pace * 1.02).min(1.0);
-                        self.pacer = pacer(&self.relay, self.pace, now);
-                        self.byte_pacer = byte_pacer(&self.relay, self.pace, now);
-                    }
+                    self.delivered(now);
                 }
             }
             Frame::Reject {
@@ -1588,9 +1583,16 @@ impl<R: Replica> Session<R> {
         self.node = node;
         self.token = Some(resume);
         self.limits = self.config.limits.with_relay(&limits);
+        // The relay keeps a node's buckets across reconnects, and so do the pacers: a large
+        // message sent just before the connection dropped is still being paid for there. A
+        // fresh pacer sent it again at once, into the relay's debt, and each `rateLimited` that
+        // followed halved the pace, until the debt a large message leaves at 1/64 of the rate
+        // held every later edit back for many minutes.
+        if limits != self.relay {
+            self.pacer = pacer(&limits, self.pace, now);
+            self.byte_pacer = byte_pacer(&limits, self.pace, now);
+        }
         self.relay = limits;
-        self.pacer = pacer(&limits, self.pace, now);
-        self.byte_pacer = byte_pacer(&limits, self.pace, now);
         let advance = self.clock.join(high);
         self.step_event(advance);
         if let Some(floor) = floor {
@@ -1694,6 +1696,7 @@ impl<R: Replica> Session<R> {
             Reason::Replay => {
                 if let Some(i) = index {
                     self.remove_in_flight(i);
+                    self.delivered(now);
                 }
             }
             // Refused because an earlier frame was: it is sent again after the fence.
@@ -1736,6 +1739,17 @@ impl<R: Replica> Session<R> {
                 }
                 self.hold_from(now, step, 0);
             }
+        }
+    }
+
+    /// A message in flight is stored: the relay took it, and the pace picks up again (it
+    /// drops with each `rateLimited`).
+    fn delivered(&mut self, now: u64) {
+        self.refusals = 0;
+        if self.pace < 1.0 {
+            self.pace = (self.pace * 1.02).min(1.0);
+            self.pacer = pacer(&self.relay, self.pace, now);
+            self.byte_pacer = byte_pacer(&self.relay, self.pace, now);
         }
     }
 
@@ -2383,6 +2397,72 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// A large message goes out in many parts, and the connection drops before its answer. The
+    /// relay keeps the node's buckets across a reconnect, so the pacers do too: the message goes
+    /// out again once what it cost is paid. With fresh pacers it went out again at once, into
+    /// the relay's debt, and each `rateLimited` that followed halved the pace, until the debt
+    /// the next resend left at 1/64 of the rate held every later edit back for minutes (a long
+    /// simulation run found a tab with ten edits waiting that way).
+    #[test]
+    fn the_pacers_keep_what_a_large_message_cost_across_a_reconnect() {
+        let mut h = Harness::new();
+        h.relay = RelayLimits {
+            max_frame: 1_024,
+            rate: 50,
+            burst: 10,
+            ..RelayLimits::default()
+        };
+        h.join(2, 1, &[]);
+        h.sent.clear();
+        let data = Json::from_value(&serde_json::json!("x".repeat(100_000))).unwrap();
+        h.session.broadcast(h.now, data).unwrap();
+        h.pump();
+        let parts = h.sent.iter().filter(|f| f.kind() == Kind::Part).count();
+        assert!(parts > 90, "{parts} parts");
+        h.session.handle_closed(h.now, 1006, "gone");
+        h.pump();
+        h.sent.clear();
+        h.now += 1_000;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session.handle_connected(h.now);
+        h.pump();
+        h.welcome(2, 1, (1, 1), None);
+        let at_once = h.sent.iter().filter(|f| f.kind() == Kind::Part).count();
+        assert_eq!(at_once, 0, "sent again into the relay's debt");
+        // At 45 frames a second (nine tenths of the rate), the parts are paid for within 3 s.
+        h.now += 3_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        let later = h.sent.iter().filter(|f| f.kind() == Kind::Part).count();
+        assert_eq!(later, parts);
+    }
+
+    /// A message sent again and answered `replay` was stored: like an acknowledgement, the
+    /// answer brings the pace back up after `rateLimited` refusals.
+    #[test]
+    fn a_replay_answer_brings_the_pace_back_up() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let data = Json::parse("1").unwrap();
+        h.session.broadcast(h.now, data).unwrap();
+        h.pump();
+        let step = h.stamped()[0].stamp.step;
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::RateLimited,
+            detail: "over the rate".into(),
+        });
+        assert_eq!(h.session.pace, 0.5);
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::Replay,
+            detail: "stored already".into(),
+        });
+        assert!(h.session.pace > 0.5);
+        assert_eq!(h.session.pending(), 0);
     }
 
     /// With storage, a stored message goes out only once its stamp is stored; a session
