@@ -2,9 +2,14 @@
 //! use the same arithmetic, so a client paced a little under the announced rate is never refused.
 
 /// `rate` tokens a second, at most `capacity` at once. Time is in milliseconds.
+///
+/// A cost larger than the bucket goes into debt (see [`TokenBucket::try_take_n`]), repaid at
+/// the debt rate, which is the rate unless [`TokenBucket::paced`] set another: a client paced
+/// under the relay's rate owes the relay only what the relay's own bucket owes, repaid as fast.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     per_ms: f64,
+    debt_per_ms: f64,
     capacity: f64,
     tokens: f64,
     last: u64,
@@ -14,20 +19,61 @@ impl TokenBucket {
     /// A full bucket at time `now`.
     pub fn new(rate: f64, capacity: f64, now: u64) -> Self {
         let capacity = capacity.max(1.0);
+        let per_ms = rate.max(0.001) / 1_000.0;
         Self {
-            per_ms: rate.max(0.001) / 1_000.0,
+            per_ms,
+            debt_per_ms: per_ms,
             capacity,
             tokens: capacity,
             last: now,
         }
     }
 
+    /// A full bucket at time `now` whose debt is repaid at `debt_rate` tokens a second (at
+    /// least `rate`).
+    pub fn paced(rate: f64, debt_rate: f64, capacity: f64, now: u64) -> Self {
+        let mut bucket = Self::new(rate, capacity, now);
+        bucket.debt_per_ms = bucket.per_ms.max(debt_rate / 1_000.0);
+        bucket
+    }
+
+    /// The same bucket with `other`'s rates and capacity from `now` on: what it holds, or owes,
+    /// it keeps (at most the new capacity).
+    pub fn retune(&mut self, other: &TokenBucket, now: u64) {
+        self.refill(now);
+        self.per_ms = other.per_ms;
+        self.debt_per_ms = other.debt_per_ms;
+        self.capacity = other.capacity;
+        self.tokens = self.tokens.min(self.capacity);
+    }
+
     fn refill(&mut self, now: u64) {
         if now > self.last {
-            let gained = (now - self.last) as f64 * self.per_ms;
-            self.tokens = (self.tokens + gained).min(self.capacity);
+            let mut elapsed = (now - self.last) as f64;
+            if self.tokens < 0.0 {
+                let repaid_in = -self.tokens / self.debt_per_ms;
+                if elapsed < repaid_in {
+                    self.tokens += elapsed * self.debt_per_ms;
+                    elapsed = 0.0;
+                } else {
+                    self.tokens = 0.0;
+                    elapsed -= repaid_in;
+                }
+            }
+            self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
             self.last = now;
         }
+    }
+
+    /// Milliseconds from the last refill until the bucket holds `want` tokens.
+    fn wait_for(&self, want: f64) -> f64 {
+        let mut tokens = self.tokens;
+        let mut wait = 0.0;
+        if tokens < 0.0 {
+            wait += -tokens / self.debt_per_ms;
+            tokens = 0.0;
+        }
+        wait + (want - tokens).max(0.0) / self.per_ms
     }
 
     /// Takes one token if there is one.
@@ -57,7 +103,7 @@ impl TokenBucket {
 
     /// When the bucket will be full again if nothing more is taken.
     pub fn full_at(&self) -> u64 {
-        self.last + ((self.capacity - self.tokens).max(0.0) / self.per_ms).ceil() as u64
+        self.last + self.wait_for(self.capacity).ceil() as u64
     }
 
     /// When [`TokenBucket::try_take_n`] of `n` will pass: the time to try again.
@@ -66,7 +112,7 @@ impl TokenBucket {
         if self.tokens >= want {
             return self.last;
         }
-        self.last + ((want - self.tokens) / self.per_ms).ceil() as u64
+        self.last + self.wait_for(want).ceil() as u64
     }
 }
 
@@ -93,5 +139,29 @@ mod tests {
         assert!(!bucket.try_take_n(8, 400));
         assert_eq!(bucket.ready_at(8), 500, "then half the bucket");
         assert!(bucket.try_take_n(8, 500));
+    }
+
+    #[test]
+    fn a_paced_bucket_repays_its_debt_at_the_debt_rate_and_refills_at_its_own() {
+        // 1 token a second, debt repaid at 10: a cost of 26 from a bucket of 6 owes 20 for 2 s.
+        let mut bucket = TokenBucket::paced(1.0, 10.0, 6.0, 0);
+        assert!(bucket.try_take_n(26, 0));
+        assert_eq!(
+            bucket.ready_at(1),
+            3_000,
+            "2 s of debt, then 1 s for a token"
+        );
+        assert_eq!(bucket.full_at(), 8_000);
+        assert!(!bucket.try_take(2_990));
+        assert!(bucket.try_take(3_010));
+        // Retuned to a faster rate, it keeps what it owes.
+        let mut owing = TokenBucket::paced(1.0, 10.0, 6.0, 0);
+        owing.try_take_n(26, 0);
+        owing.retune(&TokenBucket::paced(2.0, 10.0, 4.0, 1_000), 1_000);
+        assert_eq!(
+            owing.ready_at(1),
+            2_500,
+            "1 s of debt left, then half a second"
+        );
     }
 }

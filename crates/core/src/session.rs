@@ -1580,18 +1580,19 @@ impl<R: Replica> Session<R> {
         self.changed();
         self.forbidden = false;
         self.answer_refused = false;
-        self.node = node;
-        self.token = Some(resume);
-        self.limits = self.config.limits.with_relay(&limits);
         // The relay keeps a node's buckets across reconnects, and so do the pacers: a large
         // message sent just before the connection dropped is still being paid for there. A
         // fresh pacer sent it again at once, into the relay's debt, and each `rateLimited` that
         // followed halved the pace, until the debt a large message leaves at 1/64 of the rate
-        // held every later edit back for many minutes.
-        if limits != self.relay {
+        // held every later edit back for many minutes. A new node, or other limits, start
+        // with full buckets there, and here.
+        if limits != self.relay || self.token != Some(resume) {
             self.pacer = pacer(&limits, self.pace, now);
             self.byte_pacer = byte_pacer(&limits, self.pace, now);
         }
+        self.node = node;
+        self.token = Some(resume);
+        self.limits = self.config.limits.with_relay(&limits);
         self.relay = limits;
         let advance = self.clock.join(high);
         self.step_event(advance);
@@ -1706,8 +1707,7 @@ impl<R: Replica> Session<R> {
                 self.refusals = self.refusals.saturating_add(1);
                 if reason == Reason::RateLimited {
                     self.pace = (self.pace / 2.0).max(1.0 / 64.0);
-                    self.pacer = pacer(&self.relay, self.pace, now);
-                    self.byte_pacer = byte_pacer(&self.relay, self.pace, now);
+                    self.repace(now);
                 }
                 let wait = match reason {
                     Reason::RateLimited => 250u64 << self.refusals.min(5),
@@ -1748,9 +1748,16 @@ impl<R: Replica> Session<R> {
         self.refusals = 0;
         if self.pace < 1.0 {
             self.pace = (self.pace * 1.02).min(1.0);
-            self.pacer = pacer(&self.relay, self.pace, now);
-            self.byte_pacer = byte_pacer(&self.relay, self.pace, now);
+            self.repace(now);
         }
+    }
+
+    /// The pacers at the pace now, keeping what they hold or owe: a fresh bucket after each
+    /// change of pace let a message go out at once into the relay's debt.
+    fn repace(&mut self, now: u64) {
+        self.pacer.retune(&pacer(&self.relay, self.pace, now), now);
+        self.byte_pacer
+            .retune(&byte_pacer(&self.relay, self.pace, now), now);
     }
 
     /// After a `forbidden` refusal: every stored message in the outbox leaves it with a
@@ -2216,16 +2223,23 @@ impl<R: Replica> Session<R> {
 /// slower refill, this bucket never holds more than the relay's, so what it lets through, the
 /// relay takes.
 fn byte_pacer(limits: &RelayLimits, share: f64, now: u64) -> TokenBucket {
-    let rate = (limits.bandwidth as f64 * 0.9 * share).max(1.0);
-    TokenBucket::new(rate, limits.bandwidth_burst as f64, now)
+    let full = limits.bandwidth as f64 * 0.9;
+    TokenBucket::paced(
+        (full * share).max(1.0),
+        full,
+        limits.bandwidth_burst as f64,
+        now,
+    )
 }
 
+/// The pacers send at `share` of nine tenths of the relay's rate; what a large message puts
+/// them in debt for, they repay at nine tenths of the full rate, as the relay's bucket does.
 fn pacer(limits: &RelayLimits, share: f64, now: u64) -> TokenBucket {
     // A little under what the relay allows, with half its burst: network jitter may bunch
     // frames together on the way, and the relay's bucket absorbs that.
-    let rate = (limits.rate as f64 * 0.9 * share).max(1.0);
+    let full = limits.rate as f64 * 0.9;
     let burst = (limits.burst as f64 / 2.0 * share).max(1.0);
-    TokenBucket::new(rate, burst, now)
+    TokenBucket::paced((full * share).max(1.0), full, burst, now)
 }
 
 #[cfg(test)]
@@ -2432,12 +2446,77 @@ mod tests {
         h.welcome(2, 1, (1, 1), None);
         let at_once = h.sent.iter().filter(|f| f.kind() == Kind::Part).count();
         assert_eq!(at_once, 0, "sent again into the relay's debt");
-        // At 45 frames a second (nine tenths of the rate), the parts are paid for within 3 s.
-        h.now += 3_000;
+        // At 45 frames a second (nine tenths of the rate), the parts are paid for in about 2 s:
+        // the session asks to be woken then.
+        let at = h.session.poll_timeout().expect("a timer for the pacer");
+        assert!(at > h.now && at <= h.now + 2_200, "{} ms", at - h.now);
+        h.now = at;
         h.session.handle_timeout(h.now);
         h.pump();
         let later = h.sent.iter().filter(|f| f.kind() == Kind::Part).count();
         assert_eq!(later, parts);
+    }
+
+    /// Once `rateLimited` has slowed the pace, a large message leaves the pacers in debt. Its
+    /// acknowledgement raises the pace again, and the pacers keep what they owe: rebuilt full,
+    /// as they were, they let the next message out at once, into the relay's debt, where it
+    /// was refused again and the pace fell further. What they owe they repay as fast as the
+    /// relay's bucket does, whatever the pace.
+    #[test]
+    fn an_acknowledgement_keeps_what_the_pacers_owe() {
+        let mut h = Harness::new();
+        h.relay = RelayLimits {
+            max_frame: 1_024,
+            rate: 50,
+            burst: 10,
+            ..RelayLimits::default()
+        };
+        h.join(2, 1, &[]);
+        h.session
+            .broadcast(h.now, Json::parse("1").unwrap())
+            .unwrap();
+        h.pump();
+        let first = h.stamped()[0].stamp.step;
+        h.frame(Frame::Reject {
+            step: first,
+            reason: Reason::RateLimited,
+            detail: "over the rate".into(),
+        });
+        h.now += 1_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        h.frame(Frame::Ack {
+            step: first,
+            position: 1,
+        });
+        assert!(h.session.pace < 1.0);
+        h.sent.clear();
+        let data = Json::from_value(&serde_json::json!("x".repeat(100_000))).unwrap();
+        h.session.broadcast(h.now, data).unwrap();
+        h.pump();
+        assert!(h.sent.len() > 90, "{} parts", h.sent.len());
+        let big = h.session.step();
+        h.frame(Frame::Ack {
+            step: big,
+            position: 2,
+        });
+        h.sent.clear();
+        h.session
+            .broadcast(h.now, Json::parse("3").unwrap())
+            .unwrap();
+        h.pump();
+        assert!(h.sent.is_empty(), "sent at once: {:?}", h.sent);
+        // About 97 frames owed, repaid at 45 a second whatever the pace.
+        let at = h.session.poll_timeout().expect("a timer for the pacer");
+        assert!(
+            at > h.now + 1_500 && at <= h.now + 2_500,
+            "{} ms",
+            at - h.now
+        );
+        h.now = at;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        assert_eq!(h.stamped().len(), 1);
     }
 
     /// A message sent again and answered `replay` was stored: like an acknowledgement, the
