@@ -2627,6 +2627,14 @@ mod tests {
         }
     }
 
+    /// The floor a join's welcome carries.
+    fn welcome_floor(joined: &Joined) -> Option<Step> {
+        match Frame::decode(&joined.welcome) {
+            Ok(Frame::Welcome { floor, .. }) => floor,
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// Hands `bytes` to the room as connection `conn`'s reader would.
     fn send(room: &mut RoomCore, now: u64, conn: ConnId, bytes: Bytes) {
         let read = Reader::new(Limits::default()).read(bytes);
@@ -3616,10 +3624,6 @@ mod tests {
     /// would refuse as replays.
     #[test]
     fn a_node_let_go_comes_back_with_its_last_step_as_its_floor() {
-        let floor = |joined: &Joined| match Frame::decode(&joined.welcome) {
-            Ok(Frame::Welcome { floor, .. }) => floor,
-            other => panic!("{other:?}"),
-        };
         let mut room = with_limits(RoomLimits {
             resume_grace: 0,
             ..RoomLimits::default()
@@ -3674,7 +3678,7 @@ mod tests {
         };
         let restarted = back(&mut room, 2, None);
         assert_eq!(restarted.node, a.node);
-        assert_eq!(floor(&restarted), None);
+        assert_eq!(welcome_floor(&restarted), None);
         // A release below the stored step is not the node's last: no floor from it.
         room.leave(2);
         room.tick(7_000);
@@ -3682,7 +3686,7 @@ mod tests {
         let mut stale = expected;
         stale.step = 0;
         let again = back(&mut room, 5, Some(stale));
-        assert_eq!(floor(&again), None);
+        assert_eq!(welcome_floor(&again), None);
         room.leave(5);
         room.tick(10_000);
         assert!(outputs(&mut room)
@@ -3690,7 +3694,7 @@ mod tests {
             .all(|o| !matches!(o, Output::Released(_))));
         let resumed = back(&mut room, 3, Some(expected));
         assert_eq!(resumed.node, a.node);
-        assert_eq!(floor(&resumed), Some(90));
+        assert_eq!(welcome_floor(&resumed), Some(90));
         send(&mut room, 10_000, 3, data(a.node, 90));
         assert_eq!(rejects(&outputs(&mut room), 3), [Reason::Replay]);
     }
@@ -4398,18 +4402,14 @@ mod tests {
     /// it gets one now (nothing of it can be on another relay), a node it knew still none.
     #[test]
     fn a_node_new_to_a_shared_room_gets_a_floor() {
-        let floor = |joined: &Joined| match Frame::decode(&joined.welcome) {
-            Ok(Frame::Welcome { floor, .. }) => floor,
-            other => panic!("{other:?}"),
-        };
         let mut room = room();
         room.share();
         let fresh = room.join(0, 1, req("a", None), [1; 16]).unwrap();
-        assert_eq!(floor(&fresh), Some(0));
+        assert_eq!(welcome_floor(&fresh), Some(0));
         room.leave(1);
         let resumed = room.join(0, 2, req("a", Some([1; 16])), [2; 16]).unwrap();
         assert_eq!(resumed.node, fresh.node);
-        assert_eq!(floor(&resumed), None);
+        assert_eq!(welcome_floor(&resumed), None);
     }
 
     fn rejects_of(frames: &[Frame]) -> Vec<Reason> {

@@ -2269,6 +2269,31 @@ mod tests {
         }
     }
 
+    impl Harness {
+        /// Joined as node 2 (token 1) to a relay of 1 KiB frames and 50 frames a second
+        /// (bursts of 10).
+        fn slow() -> Self {
+            let mut h = Harness::new();
+            h.relay = RelayLimits {
+                max_frame: 1_024,
+                rate: 50,
+                burst: 10,
+                ..RelayLimits::default()
+            };
+            h.join(2, 1, &[]);
+            h
+        }
+
+        /// Broadcasts 100 KB of data; answers how many parts went out at once.
+        fn send_large(&mut self) -> usize {
+            self.sent.clear();
+            let data = Json::from_value(&serde_json::json!("x".repeat(100_000))).unwrap();
+            self.session.broadcast(self.now, data).unwrap();
+            self.pump();
+            self.sent.iter().filter(|f| f.kind() == Kind::Part).count()
+        }
+    }
+
     impl<R: Replica> Harness<R> {
         fn of(config: SessionConfig, replica: R) -> Self {
             Self {
@@ -2421,19 +2446,8 @@ mod tests {
     /// simulation run found a tab with ten edits waiting that way).
     #[test]
     fn the_pacers_keep_what_a_large_message_cost_across_a_reconnect() {
-        let mut h = Harness::new();
-        h.relay = RelayLimits {
-            max_frame: 1_024,
-            rate: 50,
-            burst: 10,
-            ..RelayLimits::default()
-        };
-        h.join(2, 1, &[]);
-        h.sent.clear();
-        let data = Json::from_value(&serde_json::json!("x".repeat(100_000))).unwrap();
-        h.session.broadcast(h.now, data).unwrap();
-        h.pump();
-        let parts = h.sent.iter().filter(|f| f.kind() == Kind::Part).count();
+        let mut h = Harness::slow();
+        let parts = h.send_large();
         assert!(parts > 90, "{parts} parts");
         h.session.handle_closed(h.now, 1006, "gone");
         h.pump();
@@ -2464,14 +2478,7 @@ mod tests {
     /// relay's bucket does, whatever the pace.
     #[test]
     fn an_acknowledgement_keeps_what_the_pacers_owe() {
-        let mut h = Harness::new();
-        h.relay = RelayLimits {
-            max_frame: 1_024,
-            rate: 50,
-            burst: 10,
-            ..RelayLimits::default()
-        };
-        h.join(2, 1, &[]);
+        let mut h = Harness::slow();
         h.session
             .broadcast(h.now, Json::parse("1").unwrap())
             .unwrap();
@@ -2490,11 +2497,8 @@ mod tests {
             position: 1,
         });
         assert!(h.session.pace < 1.0);
-        h.sent.clear();
-        let data = Json::from_value(&serde_json::json!("x".repeat(100_000))).unwrap();
-        h.session.broadcast(h.now, data).unwrap();
-        h.pump();
-        assert!(h.sent.len() > 90, "{} parts", h.sent.len());
+        let parts = h.send_large();
+        assert!(parts > 90, "{parts} parts");
         let big = h.session.step();
         h.frame(Frame::Ack {
             step: big,
