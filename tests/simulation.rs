@@ -400,6 +400,8 @@ struct Client {
     refused: u32,
     anomalies: Vec<String>,
     last_status: Option<(Status, Option<String>)>,
+    /// The session told of a wait for the pacer ([`Event::Paced`]) and not yet of its end.
+    paced: bool,
 }
 
 struct Sim {
@@ -455,6 +457,8 @@ struct Stats {
     restored: u64,
     /// Connections that went silent ([`Fault::Silent`]).
     silences: u64,
+    /// Waits for the pacer told to the application.
+    paced: u64,
 }
 
 impl Stats {
@@ -471,6 +475,7 @@ impl Stats {
         self.room_loads += other.room_loads;
         self.reopens += other.reopens;
         self.restored += other.restored;
+        self.paced += other.paced;
     }
 }
 
@@ -538,6 +543,7 @@ impl Sim {
                 refused: 0,
                 anomalies: Vec::new(),
                 last_status: None,
+                paced: false,
             });
             if sim.scenario.mean_op > 0 {
                 let first = sim.rng.range(0, 200);
@@ -815,6 +821,7 @@ impl Sim {
                 let c = &mut self.clients[client];
                 c.session = session;
                 c.closed = false;
+                c.paced = false;
                 // What the closed tab had not stored is gone: it was never sent.
                 let stored_ids = &c.stored_ids;
                 c.sent_data.retain(|id| stored_ids.contains(id));
@@ -1260,6 +1267,19 @@ impl Sim {
                 c.refused += 1;
                 self.stats.refused_for_good += 1;
             }
+            Event::Paced { wait, messages } => {
+                // A wait is told, then its end, in turn.
+                assert_eq!(
+                    wait > 0,
+                    !c.paced,
+                    "c{client}: a wait for the pacer of {wait} ms told out of turn"
+                );
+                c.paced = wait > 0;
+                self.stats.paced += u64::from(c.paced);
+                self.log(|| {
+                    format!("c{client} waits {wait} ms for the pacer ({messages} pending)")
+                });
+            }
             _ => {}
         }
     }
@@ -1625,6 +1645,11 @@ impl Sim {
                     c.last_status
                 ));
             }
+            if c.paced {
+                problems.push(format!(
+                    "client {i} told of a wait for the pacer and never of its end"
+                ));
+            }
             if !c.anomalies.is_empty() {
                 problems.push(format!(
                     "client {i} raised {} anomalies, first: {}",
@@ -1952,7 +1977,7 @@ fn the_protocol_holds_under_faults_for_every_seed() {
         "{seeds} seeds from {from} in {:.1} s, {} failed; across them: {} relay crashes, {} \
          room loads, {} compactions, {} parts sent, {} checkpoints, {} messages refused for \
          good, {} tabs reopened from storage with {} messages in their outboxes, {} connections \
-         gone silent, refusals by the relay: {:?}",
+         gone silent, {} waits for the pacer told, refusals by the relay: {:?}",
         started.elapsed().as_secs_f64(),
         failures.len(),
         stats.crashes,
@@ -1964,6 +1989,7 @@ fn the_protocol_holds_under_faults_for_every_seed() {
         stats.reopens,
         stats.restored,
         stats.silences,
+        stats.paced,
         stats.relay_refusals,
     );
     if let Some((seed, problem)) = failures.iter().min_by_key(|(s, _)| *s) {

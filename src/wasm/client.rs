@@ -204,8 +204,8 @@ fn delta_to_js(delta: &[TextDelta]) -> Result<JsValue, JsValue> {
 }
 
 /// The events a listener may subscribe to.
-const EVENTS: [&str; 8] = [
-    "message", "anomaly", "refused", "peers", "status", "step", "presence", "error",
+const EVENTS: [&str; 9] = [
+    "message", "anomaly", "refused", "peers", "status", "step", "presence", "paced", "error",
 ];
 
 struct Listener {
@@ -468,6 +468,11 @@ impl Driver {
                         self.call("presence", value);
                     }
                 }
+                Event::Paced { wait, messages } => self.call_object("paced", || {
+                    Object::new()
+                        .int("waitMs", wait)?
+                        .int("messages", messages as u64)
+                }),
                 Event::Remote => {}
             }
         }

@@ -237,6 +237,14 @@ export interface PeersEvent {
   renamed?: Peer;
 }
 
+/** Messages of this client wait for its pacer, which keeps it a little under the rate and bandwidth the relay announced (after a large paste, or a burst typed offline): told when a wait reaches a second, and again with `waitMs` 0 when nothing waits for the pacer any more. */
+export interface PacedEvent {
+  /** Milliseconds until the next message may go out; 0: the wait is over. */
+  waitMs: number;
+  /** Stored messages not yet acknowledged (`pending`). */
+  messages: number;
+}
+
 /** Ephemeral state from a peer. */
 export interface PresenceEvent {
   sender: number;
@@ -252,6 +260,7 @@ export interface MeshEvents {
   status: Status;
   step: StepEvent;
   presence: PresenceEvent;
+  paced: PacedEvent;
   /** The module panicked: an `Error` named `PanicError` that says what failed and how many messages were not delivered (the client is closed; `MeshClient.connect` works again and rejoins the room). Or, with `persist`, a `StorageError`: a write to IndexedDB failed (messages wait until a retry succeeds), or a stored record could not be read. Or a `DocumentError`: a method of the application's `document` threw or returned the wrong type. */
   error: Error;
 }

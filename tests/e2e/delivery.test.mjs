@@ -564,7 +564,7 @@ test("the client refuses bad options and arguments by name, and every change aft
     deleteLength: "InvalidArgument: length must be an integer from 0 to 4294967295, got the number 1.5",
     textName: "InvalidArgument: name must be a string, got null",
     listener: "InvalidArgument: listener must be a function, got the number 5",
-    event: 'InvalidArgument: unknown event "mesage"; events are message, anomaly, refused, peers, status, step, presence, error',
+    event: 'InvalidArgument: unknown event "mesage"; events are message, anomaly, refused, peers, status, step, presence, paced, error',
     raw: 'InvalidArgument: bytes must be a Uint8Array, got the string "bytes"',
     updateDoc: "InvalidArgument: doc must be a string, got the number 5",
     updateBytes: result.updateBytes.startsWith("DocumentError: invalid Yjs update") ? result.updateBytes : "DocumentError: invalid Yjs update ...",

@@ -131,6 +131,34 @@ test("a message sent with { durable: false } reaches the members present, and is
   for (const c of [a, b, late]) c.close();
 });
 
+test("messages held back by the pacer for a second or more say so, and say when the wait is over", async () => {
+  // 256 KiB/s of bandwidth and 1 MiB messages: the second of two 800 KB messages waits for the
+  // pacer about two seconds.
+  const slow = await startRelay({ PM_BANDWIDTH: String(256 << 10), PM_MAX_MESSAGE: String(1 << 20) });
+  try {
+    const room = `node-paced-${Date.now()}`;
+    const a = await mesh.MeshClient.connect({ url: slow.url, room, name: "a", WebSocket });
+    const b = await mesh.MeshClient.connect({ url: slow.url, room, name: "b", WebSocket });
+    const paced = [];
+    a.on("paced", (event) => paced.push(event));
+    const received = [];
+    b.on("message", ({ data }) => received.push(data.length));
+    a.broadcast("x".repeat(800_000));
+    a.broadcast("y".repeat(800_000));
+    assert.equal(paced.length, 1, "the wait is told as it begins");
+    assert.ok(paced[0].waitMs >= 1000 && paced[0].waitMs < 5000, `waits ${paced[0].waitMs} ms`);
+    assert.equal(paced[0].messages, 2);
+    for (let i = 0; i < 400 && received.length < 2; i++) await new Promise((r) => setTimeout(r, 25));
+    assert.deepEqual(received, [800_000, 800_000]);
+    assert.equal(paced.length, 2, JSON.stringify(paced));
+    assert.equal(paced[1].waitMs, 0, "the end of the wait is told");
+    a.close();
+    b.close();
+  } finally {
+    await slow.stop();
+  }
+});
+
 test("presence is a map: a late joiner gets what was set before it came, a reconnect sends it again, a leave removes it", async () => {
   const room = `node-presence-${Date.now()}`;
   const a = await mesh.MeshClient.connect({ url, room, name: "ada", WebSocket });

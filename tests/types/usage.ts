@@ -17,6 +17,7 @@ export async function main(url: string): Promise<string> {
   client.on("anomaly", (anomaly: Anomaly) => console.warn(anomaly.reason, anomaly.detail));
   client.on("error", (error: Error) => console.error(error.name, error.message));
   client.on("message", ({ sender, step, data }) => console.log(sender, step, data));
+  client.on("paced", ({ waitMs, messages }) => console.log(`${messages} pending; the next goes in ${waitMs} ms`));
   const text = client.text("content");
   text.insert(0, "hello");
   text.delete(0, 1);

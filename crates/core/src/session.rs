@@ -20,7 +20,8 @@
 //! each one by its step. A message is stamped when it is first sent, not when it is made: what
 //! waits unsent (offline, or held back by the pacer) carries no step yet, and consecutive updates
 //! of one document that wait are merged into one. Sending is paced a little under the rate the
-//! relay announced in its welcome, so an honest client is not refused for its rate.
+//! relay announced in its welcome, so an honest client is not refused for its rate; a wait for
+//! the pacer of [`PACED_NOTICE`] or more is told to the application ([`Event::Paced`]).
 //!
 //! Once sent, a message keeps its stamp: after a reconnect it is sent again as it was, and if the
 //! relay had stored it already it answers `replay`, which the session reads as "stored". That is
@@ -237,6 +238,16 @@ pub enum Event {
     },
     /// The document changed through a remote update (the driver re-reads what it shows).
     Remote,
+    /// Messages wait for the pacer, which keeps this client a little under the rate and
+    /// bandwidth the relay announced (after a large paste, or a burst typed offline). Told once
+    /// when a wait reaches [`PACED_NOTICE`], and again with `wait` 0 once nothing waits for the
+    /// pacer any more.
+    Paced {
+        /// Milliseconds until the next message may go out (0: nothing waits for the pacer).
+        wait: u64,
+        /// Stored messages not yet acknowledged ([`Session::pending`]).
+        messages: usize,
+    },
 }
 
 /// What the driver must do.
@@ -337,6 +348,10 @@ const STEP_RESERVE: Step = 100;
 /// application is told and the room asked for what is missing, in milliseconds.
 const HELD_GRACE: u64 = 10_000;
 
+/// A wait for the pacer at least this long, in milliseconds, is told to the application
+/// ([`Event::Paced`]).
+pub const PACED_NOTICE: u64 = 1_000;
+
 /// Updates that wait are merged while the result stays under this size. Each merge re-encodes
 /// the whole merged update, so a burst costs its keystrokes times this size: at 16 KiB, 30,000
 /// keystrokes of the automerge-paper trace merge in 1.6 s natively and go out as 36 messages
@@ -399,6 +414,8 @@ pub struct Session<R> {
     /// and whether the application was told (once for each time it happens).
     held_since: Option<u64>,
     held_reported: bool,
+    /// A wait for the pacer was told ([`Event::Paced`]), and its end is not yet.
+    paced_told: bool,
     /// The name the last join gave, and whether the relay must hear a newer one.
     announced: String,
     rename_due: bool,
@@ -479,6 +496,7 @@ impl<R: Replica> Session<R> {
             presence_due: false,
             held_since: None,
             held_reported: false,
+            paced_told: false,
             announced: String::new(),
             rename_due: false,
             peers: BTreeMap::new(),
@@ -2109,13 +2127,19 @@ impl<R: Replica> Session<R> {
             self.outputs
                 .push_back(Output::Send(Frame::Fence { step: hold.step }.encode()));
         }
+        let mut paced_until = None;
         while let Some((frames, bytes)) = self.next_cost() {
             // Both pacers must allow it before either is charged.
-            if frames > 0
-                && (self.pacer.ready_at(frames) > now
-                    || (bytes > 0 && self.byte_pacer.ready_at(bytes) > now))
-            {
-                break;
+            if frames > 0 {
+                let bytes_at = match bytes {
+                    0 => 0,
+                    _ => self.byte_pacer.ready_at(bytes),
+                };
+                let ready = self.pacer.ready_at(frames).max(bytes_at);
+                if ready > now {
+                    paced_until = Some(ready);
+                    break;
+                }
             }
             self.pacer.try_take_n(frames, now);
             if bytes > 0 {
@@ -2215,6 +2239,28 @@ impl<R: Replica> Session<R> {
             if advance.entered_phase.is_some() {
                 self.checkpoint();
             }
+        }
+        self.tell_pace(now, paced_until);
+    }
+
+    /// Tells the application of a long wait for the pacer, and of its end ([`Event::Paced`]).
+    fn tell_pace(&mut self, now: u64, paced_until: Option<u64>) {
+        match paced_until {
+            Some(ready) if !self.paced_told && ready - now >= PACED_NOTICE => {
+                self.paced_told = true;
+                self.emit(Event::Paced {
+                    wait: ready - now,
+                    messages: self.pending(),
+                });
+            }
+            None if self.paced_told => {
+                self.paced_told = false;
+                self.emit(Event::Paced {
+                    wait: 0,
+                    messages: self.pending(),
+                });
+            }
+            _ => {}
         }
     }
 }
@@ -2521,6 +2567,57 @@ mod tests {
         h.session.handle_timeout(h.now);
         h.pump();
         assert_eq!(h.stamped().len(), 1);
+    }
+
+    /// Messages held back by the pacer for a second or more are told to the application, and
+    /// so is the end of the wait: a large paste, or a burst typed offline, must not look like
+    /// edits that went nowhere. A short wait is not told.
+    #[test]
+    fn a_long_wait_for_the_pacer_is_told_and_so_is_its_end() {
+        let mut h = Harness::slow();
+        let paced = |h: &mut Harness| -> Vec<(u64, usize)> {
+            std::iter::from_fn(|| h.session.poll_event())
+                .filter_map(|e| match e {
+                    Event::Paced { wait, messages } => Some((wait, messages)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Six small messages for five the pacer lets out at once: the last waits about 22 ms.
+        for i in 0..6 {
+            h.session
+                .broadcast(h.now, Json::parse(i.to_string()).unwrap())
+                .unwrap();
+        }
+        h.pump();
+        assert_eq!(paced(&mut h), []);
+        h.now += 10_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        assert_eq!(paced(&mut h), []);
+        // 100 KB in parts go out at once into the pacers' debt; what comes next waits.
+        assert!(h.send_large() > 90);
+        h.session
+            .broadcast(h.now, Json::parse("\"after\"").unwrap())
+            .unwrap();
+        h.pump();
+        let told = paced(&mut h);
+        assert_eq!(told.len(), 1, "{told:?}");
+        let (wait, messages) = told[0];
+        assert!((1_000..=2_500).contains(&wait), "{wait} ms");
+        assert_eq!(messages, 8);
+        let at = h.session.poll_timeout().expect("a timer for the pacer");
+        assert_eq!(at, h.now + wait);
+        h.now = at;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        assert_eq!(
+            h.stamped().last().unwrap().body,
+            Body::Data {
+                data: Json::parse("\"after\"").unwrap()
+            }
+        );
+        assert_eq!(paced(&mut h), [(0, 8)]);
     }
 
     /// A message sent again and answered `replay` was stored: like an acknowledgement, the
