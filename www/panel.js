@@ -47,6 +47,8 @@ export function mountPanel(client, { room, pattern = new PatternGenerator(), onE
   const anomalies = new Map();
   let received = 0;
   let sentOnce = false;
+  // Set while the client's pacer holds messages back for a second or more (a large paste).
+  let paced = "";
 
   const renderStep = () => {
     const step = client.step;
@@ -55,7 +57,7 @@ export function mountPanel(client, { room, pattern = new PatternGenerator(), onE
     $("phase").textContent = pattern.phase(step);
     $("checkpoint").textContent = pattern.nextBoundary(step);
     $("digest").textContent = client.digest;
-    $("pending").textContent = client.pendingCount;
+    $("pending").textContent = `${client.pendingCount}${paced}`;
   };
   const renderStatus = (status) => {
     const el = $("status");
@@ -97,6 +99,10 @@ export function mountPanel(client, { room, pattern = new PatternGenerator(), onE
   client.on("error", problem);
   onError?.(problem);
   client.on("message", () => { received += 1; renderCounts(); });
+  client.on("paced", ({ waitMs }) => {
+    paced = waitMs ? `, held back by the pacer to stay under the relay's rate (the next in ${(waitMs / 1000).toFixed(1)} s)` : "";
+    renderStep();
+  });
   const renderPeers = (peers) => {
     $("peers").replaceChildren(...peers.map((p) => {
       const li = document.createElement("li");
