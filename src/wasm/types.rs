@@ -237,11 +237,11 @@ export interface PeersEvent {
   renamed?: Peer;
 }
 
-/** Messages of this client wait for its pacer, which keeps it a little under the rate and bandwidth the relay announced (after a large paste, or a burst typed offline): told when a wait reaches a second, and again with `waitMs` 0 when nothing waits for the pacer any more. */
+/** Messages of this client wait for its pacer, which keeps it a little under the rate and bandwidth the relay announced (after a paste of tens of megabytes, or once `rateLimited` refusals slowed the pace): told when what waits will take a second or more to go out, again when that wait has doubled, and with `waitMs` 0 when nothing waits for the pacer any more (it all went out, or the connection dropped: `status` says so). */
 export interface PacedEvent {
-  /** Milliseconds until the next message may go out; 0: the wait is over. */
+  /** About how many milliseconds until what waits now has gone out; 0: the wait is over. */
   waitMs: number;
-  /** Stored messages not yet acknowledged (`pending`). */
+  /** Stored messages not yet acknowledged (`pendingCount`). */
   messages: number;
 }
 

@@ -132,9 +132,9 @@ test("a message sent with { durable: false } reaches the members present, and is
 });
 
 test("messages held back by the pacer for a second or more say so, and say when the wait is over", async () => {
-  // 256 KiB/s of bandwidth and 1 MiB messages: the second of two 800 KB messages waits for the
-  // pacer about two seconds.
-  const slow = await startRelay({ PM_BANDWIDTH: String(256 << 10), PM_MAX_MESSAGE: String(1 << 20) });
+  // 128 KiB/s of bandwidth and 1 MiB messages: the second of two 800 KB messages waits for the
+  // pacer about 2.3 s.
+  const slow = await startRelay({ PM_BANDWIDTH: String(128 << 10), PM_MAX_MESSAGE: String(1 << 20) });
   try {
     const room = `node-paced-${Date.now()}`;
     const a = await mesh.MeshClient.connect({ url: slow.url, room, name: "a", WebSocket });
@@ -150,8 +150,9 @@ test("messages held back by the pacer for a second or more say so, and say when 
     assert.equal(paced[0].messages, 2);
     for (let i = 0; i < 400 && received.length < 2; i++) await new Promise((r) => setTimeout(r, 25));
     assert.deepEqual(received, [800_000, 800_000]);
-    assert.equal(paced.length, 2, JSON.stringify(paced));
-    assert.equal(paced[1].waitMs, 0, "the end of the wait is told");
+    // (A `rateLimited` refusal, should the relay's clock and the client's disagree, would make
+    // the client wait once more, and say so again.)
+    assert.equal(paced.at(-1).waitMs, 0, `the end of the wait is told: ${JSON.stringify(paced)}`);
     a.close();
     b.close();
   } finally {

@@ -106,6 +106,15 @@ impl TokenBucket {
         self.last + self.wait_for(self.capacity).ceil() as u64
     }
 
+    /// About when `n` more tokens, taken as they come, will have been paid for: the time a
+    /// backlog of `n` takes to pass.
+    pub fn drained_at(&self, n: u64) -> u64 {
+        if n == 0 {
+            return self.last;
+        }
+        self.last + self.wait_for(n as f64).ceil() as u64
+    }
+
     /// When [`TokenBucket::try_take_n`] of `n` will pass: the time to try again.
     pub fn ready_at(&self, n: u64) -> u64 {
         let want = (n as f64).min(self.capacity / 2.0).max(1.0);

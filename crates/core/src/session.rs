@@ -239,11 +239,14 @@ pub enum Event {
     /// The document changed through a remote update (the driver re-reads what it shows).
     Remote,
     /// Messages wait for the pacer, which keeps this client a little under the rate and
-    /// bandwidth the relay announced (after a large paste, or a burst typed offline). Told once
-    /// when a wait reaches [`PACED_NOTICE`], and again with `wait` 0 once nothing waits for the
-    /// pacer any more.
+    /// bandwidth the relay announced: after a paste of tens of megabytes, or once `rateLimited`
+    /// refusals have slowed the pace. Told when what waits will take [`PACED_NOTICE`] or more
+    /// to go out, again if the wait grows to twice what was left of the one told, and with
+    /// `wait` 0 once
+    /// nothing waits for the pacer any more (it all went out, or the connection dropped: the
+    /// messages then wait for the next one, which the status says).
     Paced {
-        /// Milliseconds until the next message may go out (0: nothing waits for the pacer).
+        /// About how many milliseconds until what waits now has gone out (0: the wait is over).
         wait: u64,
         /// Stored messages not yet acknowledged ([`Session::pending`]).
         messages: usize,
@@ -414,8 +417,11 @@ pub struct Session<R> {
     /// and whether the application was told (once for each time it happens).
     held_since: Option<u64>,
     held_reported: bool,
-    /// A wait for the pacer was told ([`Event::Paced`]), and its end is not yet.
-    paced_told: bool,
+    /// Since when messages wait for the pacer (cleared once nothing does).
+    paced_since: Option<u64>,
+    /// When the wait told to the application ([`Event::Paced`]) was to end, until its end is
+    /// told.
+    paced_told: Option<u64>,
     /// The name the last join gave, and whether the relay must hear a newer one.
     announced: String,
     rename_due: bool,
@@ -496,7 +502,8 @@ impl<R: Replica> Session<R> {
             presence_due: false,
             held_since: None,
             held_reported: false,
-            paced_told: false,
+            paced_since: None,
+            paced_told: None,
             announced: String::new(),
             rename_due: false,
             peers: BTreeMap::new(),
@@ -1353,6 +1360,7 @@ impl<R: Replica> Session<R> {
     }
 
     fn finish(&mut self, reason: String) {
+        self.end_pace();
         self.closed = true;
         self.link = Link::Down { retry_at: None };
         self.connect_deadline = None;
@@ -1377,6 +1385,8 @@ impl<R: Replica> Session<R> {
         // peers of this connection: after it they would be stale (a sync answer could even
         // reach a node that has the old addressee's id by then).
         self.waiting.retain(|w| w.body.is_durable());
+        self.paced_since = None;
+        self.end_pace();
         self.attempt = self.attempt.saturating_add(1);
         // Another relay may serve the room while this one is down.
         self.target = (self.target + 1) % self.config.relays.max(1);
@@ -2243,25 +2253,71 @@ impl<R: Replica> Session<R> {
         self.tell_pace(now, paced_until);
     }
 
-    /// Tells the application of a long wait for the pacer, and of its end ([`Event::Paced`]).
+    /// Tells the application of a long wait for the pacer, and of its end ([`Event::Paced`]):
+    /// `paced_until` is when the next message may go, if one waits for the pacer. A wait is long
+    /// when what waits will have taken [`PACED_NOTICE`] or more since the first of it waited,
+    /// whether one large message holds the rest back or many small ones go out slowly (after
+    /// `rateLimited` refusals slowed the pace). A wait that grows to twice what was left of the
+    /// one told is told again.
     fn tell_pace(&mut self, now: u64, paced_until: Option<u64>) {
-        match paced_until {
-            Some(ready) if !self.paced_told && ready - now >= PACED_NOTICE => {
-                self.paced_told = true;
-                self.emit(Event::Paced {
-                    wait: ready - now,
-                    messages: self.pending(),
-                });
-            }
-            None if self.paced_told => {
-                self.paced_told = false;
-                self.emit(Event::Paced {
-                    wait: 0,
-                    messages: self.pending(),
-                });
-            }
-            _ => {}
+        let Some(ready) = paced_until else {
+            self.paced_since = None;
+            return self.end_pace();
+        };
+        let since = *self.paced_since.get_or_insert(now);
+        let (frames, bytes) = self.backlog();
+        let done = ready
+            .max(self.pacer.drained_at(frames))
+            .max(self.byte_pacer.drained_at(bytes));
+        // A wait told is told again once it has at least doubled (and grown by a notice).
+        let again = self.paced_told.map(|told| {
+            let left = told.saturating_sub(now);
+            now + (2 * left).max(left + PACED_NOTICE)
+        });
+        if done - since < PACED_NOTICE || again.is_some_and(|at| done < at) {
+            return;
         }
+        self.paced_told = Some(done);
+        self.emit(Event::Paced {
+            wait: done - now,
+            messages: self.pending(),
+        });
+    }
+
+    /// The end of a wait told ([`Event::Paced`]): nothing waits for the pacer any more (it all
+    /// went out, or the connection dropped and messages wait for the next one).
+    fn end_pace(&mut self) {
+        if self.paced_told.take().is_some() {
+            self.emit(Event::Paced {
+                wait: 0,
+                messages: self.pending(),
+            });
+        }
+    }
+
+    /// Frames and bytes of what waits to go out: messages to send again, messages waiting, and
+    /// the presence and the name due.
+    fn backlog(&self) -> (u64, u64) {
+        let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
+        let again = self
+            .in_flight
+            .iter()
+            .skip(self.resend)
+            .filter(|sent| !sent.fresh)
+            .map(|sent| sent.bytes.len());
+        // The stamp takes at most 30 bytes.
+        let waiting = self.waiting.iter().map(|w| 3 + 30 + w.body.encoded_len());
+        let presence = self
+            .presence
+            .as_ref()
+            .filter(|_| self.presence_due)
+            .map(|data| 1 + 10 + 5 + data.as_str().len());
+        let rename = self.rename_due.then_some(1);
+        again
+            .chain(waiting)
+            .chain(presence)
+            .chain(rename)
+            .fold((0, 0), |(f, b), len| (f + frames(len), b + len as u64))
     }
 }
 
@@ -2618,6 +2674,67 @@ mod tests {
             }
         );
         assert_eq!(paced(&mut h), [(0, 8)]);
+    }
+
+    /// After `rateLimited` refusals slowed the pace, many small messages go out one at a time
+    /// with no single wait of a second: what they wait in all is told (again each time it
+    /// doubles as they are queued one by one), and its end when the last is out. A connection
+    /// that drops ends a wait told.
+    #[test]
+    fn many_short_waits_for_the_pacer_are_told_as_one_and_a_drop_ends_it() {
+        let mut h = Harness::slow();
+        // (when, wait, messages) of each `Paced`.
+        let paced = |h: &mut Harness| -> Vec<(u64, u64, usize)> {
+            let now = h.now;
+            std::iter::from_fn(|| h.session.poll_event())
+                .filter_map(|e| match e {
+                    Event::Paced { wait, messages } => Some((now, wait, messages)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // A pace of 1/32: 1.4 frames a second.
+        h.session.pace = 1.0 / 32.0;
+        h.session.repace(h.now);
+        h.session.pacer.try_take_n(1, h.now);
+        let mut told = Vec::new();
+        for i in 0..20 {
+            h.session
+                .broadcast(h.now, Json::parse(i.to_string()).unwrap())
+                .unwrap();
+            told.extend(paced(&mut h));
+        }
+        h.pump();
+        let mut longest = 0;
+        while let Some(at) = h.session.poll_timeout().filter(|_| h.stamped().len() < 20) {
+            longest = longest.max(at - h.now);
+            h.now = at;
+            h.session.handle_timeout(h.now);
+            h.pump();
+            told.extend(paced(&mut h));
+        }
+        assert!(longest < PACED_NOTICE, "one wait took {longest} ms");
+        assert_eq!(h.stamped().len(), 20);
+        // Told as the second message queued, again as the wait doubled, then the end.
+        let (last, ends) = told.split_last().unwrap();
+        assert_eq!(*last, (h.now, 0, 20), "{told:?}");
+        assert!((2..=5).contains(&ends.len()), "{told:?}");
+        assert_eq!(ends[0].2, 2, "{told:?}");
+        let (when, wait, _) = ends[ends.len() - 1];
+        assert!(
+            when + wait + 1_000 >= h.now,
+            "told {wait} ms at {when}; over at {}",
+            h.now
+        );
+        // Told again, then the connection drops: the wait for the pacer is over.
+        for i in 0..5 {
+            h.session
+                .broadcast(h.now, Json::parse(i.to_string()).unwrap())
+                .unwrap();
+        }
+        assert!(!paced(&mut h).is_empty());
+        h.session.handle_closed(h.now, 1006, "gone");
+        assert_eq!(paced(&mut h), [(h.now, 0, 25)]);
     }
 
     /// A message sent again and answered `replay` was stored: like an acknowledgement, the
