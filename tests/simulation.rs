@@ -2160,12 +2160,33 @@ fn a_relay_that_forgot_the_node_gets_the_outbox_under_the_new_identity() {
 /// times, in a quiet room whose relay keeps a node for `grace` ms; then it types 20 more.
 /// Returns how many the other tab shows.
 fn typed_after_reopenings(name: &str, down: u64, grace: u64, first: usize) -> u32 {
+    typed_after_reopenings_with(name, down, grace, first, false)
+}
+
+/// The same; with `crash`, the relay also crashes and comes back while the tab is closed, past
+/// the grace.
+fn typed_after_reopenings_with(
+    name: &str,
+    down: u64,
+    grace: u64,
+    first: usize,
+    crash: bool,
+) -> u32 {
     let mut scenario = Scenario::quiet(2);
     scenario.persist = true;
     scenario.limits.resume_grace = grace;
     scenario.faults = (0..15)
         .map(|i| (1_000 + i * 2_000, Fault::Reopen { client: 0, down }))
         .collect();
+    if crash {
+        scenario.faults.extend((0..15).map(|i| {
+            (
+                1_000 + i * 2_000 + grace + down / 2,
+                Fault::Crash { down: 100 },
+            )
+        }));
+        scenario.faults.sort_by_key(|(at, _)| *at);
+    }
     scenario.script = vec![(
         40_000,
         0,
@@ -2221,6 +2242,19 @@ fn a_tab_reopened_after_its_node_was_released_still_writes() {
 fn a_tab_that_wrote_then_reopened_after_its_node_was_released_still_writes() {
     assert_eq!(
         typed_after_reopenings("wrote, reopened, released node", 1_000, 200, 5),
+        25
+    );
+}
+
+/// The same, but the relay also restarts while the tab is closed: what it kept of the node it
+/// let go went with it, so the welcome back carries no floor, and each reopening took the tab
+/// up to 100 steps further ahead of the room, until the relay refused all it stamped as
+/// `futureStep`. A tab whose clock runs too far ahead of the room's with no floor to bring it
+/// back now takes a new identity, whose steps start at the room's.
+#[test]
+fn a_tab_that_wrote_then_reopened_across_relay_restarts_still_writes() {
+    assert_eq!(
+        typed_after_reopenings_with("wrote, reopened, relay restarted", 1_000, 200, 5, true),
         25
     );
 }

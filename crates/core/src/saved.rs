@@ -53,6 +53,8 @@ pub struct Stored {
     pub ceiling: Step,
     /// The log the steps are of (another log, after the relay lost the room, begins again).
     pub log: u64,
+    /// The node the steps are of (a new node's steps begin again).
+    pub node: NodeId,
 }
 
 impl Saved {
@@ -62,6 +64,7 @@ impl Saved {
             upto: self.upto(),
             ceiling: self.step,
             log: self.log,
+            node: self.node,
         }
     }
 

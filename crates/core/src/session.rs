@@ -35,6 +35,10 @@
 //! A relay that no longer knows the node's resume token gives a new node id; the messages in
 //! flight are then stamped again for the new identity and sent anew (a data message whose
 //! acknowledgement was lost may then arrive twice; an update applied twice changes nothing).
+//! A session whose clock runs more than half the room's `max_future` ahead of the room's step,
+//! welcomed with no floor to bring it back (a tab reopened from storage starts at the ceiling it
+//! stored), asks for a new identity itself: it joins again without its resume token, unless a
+//! data message is in flight.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -444,6 +448,9 @@ pub struct Session<R> {
     save_due: bool,
     /// With `persist`: document updates not yet handed to storage.
     unstored: Vec<Vec<u8>>,
+    /// The next join presents no resume token, so the relay welcomes this client as a new node:
+    /// the clock ran too far ahead of the room's, and the relay gave no floor to bring it back.
+    renew: bool,
     /// The relay refused a write of this connection as `forbidden` (a read-only token): no
     /// checkpoints go out until the next connection.
     forbidden: bool,
@@ -513,6 +520,7 @@ impl<R: Replica> Session<R> {
             stored_upto: 0,
             ceiling: 0,
             ceiling_blocked: false,
+            renew: false,
             save_due: false,
             unstored: Vec::new(),
             forbidden: false,
@@ -949,7 +957,7 @@ impl<R: Replica> Session<R> {
     /// The driver stored a state ([`Saved::stored`] says what it covers): the messages stamped
     /// up to it may go out, and messages may be stamped up to its ceiling.
     pub fn handle_saved(&mut self, now: u64, stored: Stored) {
-        if stored.log != self.log {
+        if stored.log != self.log || stored.node != self.node {
             return;
         }
         if stored.upto > self.stored_upto || stored.ceiling > self.ceiling {
@@ -1091,7 +1099,7 @@ impl<R: Replica> Session<R> {
             name: self.announced.clone(),
             since: self.position,
             log: self.log,
-            resume: self.token,
+            resume: self.token.filter(|_| !self.renew),
             config: self.config.room_config,
             floor: true,
         };
@@ -1584,6 +1592,41 @@ impl<R: Replica> Session<R> {
                 }
             }
         }
+        let ahead = self.clock.local().saturating_sub(high);
+        if floor.is_none()
+            && self.token == Some(resume)
+            && ahead > config.max_future / 2
+            && !self.in_flight.iter().any(|sent| sent.kind == Kind::Data)
+        {
+            // A session restored from storage starts at the ceiling it stored, up to
+            // `STEP_RESERVE` steps above those it stamped, and a relay that cannot say where
+            // this node's steps stopped (it restarted since it let the node go, or another
+            // relay of a shared room may have taken some) gives no floor to bring it back: each
+            // reopening took the clock further ahead, until the room refused all it stamped as
+            // `futureStep`. A new node's steps start at the room's. What is in flight is
+            // stamped again under it (updates: the room applies one twice as once); with data
+            // in flight, which would then arrive twice, the node is kept this time.
+            self.renew = true;
+            let why = format!(
+                "this node's steps ran {ahead} ahead of the room's, and the relay could not say \
+                 where they stopped: joining again as a new node"
+            );
+            self.outputs.push_back(Output::Disconnect {
+                code: 1000,
+                reason: "joining again as a new node".into(),
+            });
+            self.link = Link::Down {
+                retry_at: Some(now),
+            };
+            self.last_failure = Some(why.clone());
+            // The status stays what it was (connecting, or reconnecting): say why.
+            self.emit(Event::Status {
+                status: self.status,
+                reason: Some(why),
+            });
+            return;
+        }
+        self.renew = false;
         if self.token.is_some_and(|token| token != resume) {
             // The relay no longer knows this node (it gave a new token, and maybe a new id):
             // what was sent under the old identity is stamped again under the new one (its fate
@@ -1604,6 +1647,8 @@ impl<R: Replica> Session<R> {
             }
             self.resend = 0;
             self.stored_upto = 0;
+            // The ceiling was of the old node's steps; the new one's begin at the room's.
+            self.ceiling = 0;
         }
         self.changed();
         self.forbidden = false;
@@ -2735,6 +2780,101 @@ mod tests {
         assert!(!paced(&mut h).is_empty());
         h.session.handle_closed(h.now, 1006, "gone");
         assert_eq!(paced(&mut h), [(h.now, 0, 25)]);
+    }
+
+    /// A node whose clock runs more than half the room's `max_future` ahead of the room's step
+    /// (a tab reopened from storage again and again starts each time at the ceiling it stored),
+    /// welcomed back with no floor to bring it down, joins again as a new node, whose steps
+    /// start at the room's; with data in flight, which would arrive twice under a new identity,
+    /// it stays the node it was.
+    #[test]
+    fn a_node_far_ahead_of_the_room_with_no_floor_joins_again_as_a_new_node() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let _ = h.session.clock.pass(600);
+        let last_join = |h: &Harness| {
+            h.sent.iter().rev().find_map(|f| match f {
+                Frame::Join { resume, .. } => Some(*resume),
+                _ => None,
+            })
+        };
+        // Data in flight: the node is kept, and the data goes again with its stamp.
+        h.session
+            .broadcast(h.now, Json::parse("1").unwrap())
+            .unwrap();
+        h.pump();
+        h.reconnect();
+        h.sent.clear();
+        h.welcome(2, 1, (10, 1), None);
+        assert_eq!(h.session.status(), Status::Open);
+        assert_eq!(h.stamped().len(), 1);
+        assert_eq!(h.stamped()[0].stamp.sender, 2);
+        assert_eq!(h.stamped()[0].stamp.step, 601);
+        h.frame(Frame::Ack {
+            step: 601,
+            position: 1,
+        });
+        // Nothing in flight: it joins again, without its token, and says why.
+        h.reconnect();
+        assert_eq!(last_join(&h), Some(Some([1; 16])));
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        h.welcome(2, 1, (10, 1), None);
+        let reason = std::iter::from_fn(|| h.session.poll_event()).find_map(|e| match e {
+            Event::Status { reason, .. } => reason,
+            _ => None,
+        });
+        assert!(
+            reason
+                .as_deref()
+                .is_some_and(|r| r.contains("joining again as a new node")),
+            "{reason:?}"
+        );
+        assert_eq!(h.session.poll_timeout(), Some(h.now));
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect at once");
+        h.session.handle_connected(h.now);
+        h.pump();
+        assert_eq!(last_join(&h), Some(None));
+        h.welcome(3, 2, (10, 1), Some(0));
+        assert_eq!(h.session.step(), 10);
+        h.session
+            .broadcast(h.now, Json::parse("2").unwrap())
+            .unwrap();
+        h.pump();
+        let sent = h.stamped().last().unwrap().stamp;
+        assert_eq!((sent.sender, sent.step), (3, 11));
+        // The new node is not far ahead: welcomed back with no floor, it stays.
+        h.reconnect();
+        h.welcome(3, 2, (11, 1), None);
+        assert_eq!(h.session.status(), Status::Open);
+    }
+
+    /// A new node's steps begin at the room's: the ceiling stored for the old node's steps is
+    /// not kept for it, nor taken back from a write of the old node that ends after the change
+    /// (with the old ceiling, each reopening would start the new node where the old one was).
+    #[test]
+    fn a_new_node_stores_a_ceiling_of_its_own_steps() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config);
+        h.join(2, 2, &[]);
+        let _ = h.session.clock.pass(1_200);
+        h.store();
+        let under_way = h.session.saved();
+        assert!(under_way.step > 1_200);
+        // The relay forgot the node: a new one, at the room's step.
+        h.reconnect();
+        h.welcome(3, 3, (10, 1), Some(0));
+        assert_eq!(h.session.node(), 3);
+        h.session.handle_saved(h.now, under_way.stored());
+        let saved = h.store();
+        assert_eq!(saved.node, 3);
+        assert!(
+            saved.step <= h.session.step() + STEP_RESERVE,
+            "ceiling {} with the clock at {}",
+            saved.step,
+            h.session.step()
+        );
     }
 
     /// A message sent again and answered `replay` was stored: like an acknowledgement, the
