@@ -71,6 +71,33 @@ test("two pages on two relays of one Redis edit one document and converge", asyn
   await b.close();
 });
 
+test("a tab with storage that writes and reloads twelve times in a room shared through Redis still writes", async () => {
+  // A tab restored from storage starts its clock up to 100 steps above its last one, and in a
+  // room shared through Redis the relay welcomes a node it holds with no floor to bring the
+  // clock back: reload after reload, the tab ran ahead of the room, until the room refused all
+  // it stamped as `futureStep`.
+  const room = `reloads-${Date.now()}`;
+  const a = await open(relays[0].base, `room=${room}&name=a`);
+  const b = await open(relays[1].base, `room=${room}&persist=0&name=b`);
+  let typed = "";
+  for (let i = 0; i < 12; i++) {
+    await a.keyboard.type(`${i}.`, { delay: 5 });
+    typed += `${i}.`;
+    await waitFor(b, (text) => text === typed, `edit ${i} reached the other page`);
+    await a.reload();
+    await a.waitForSelector("body[data-ready=true]");
+    await a.focus("#editor");
+    await a.keyboard.press("End");
+  }
+  await a.keyboard.type("done", { delay: 5 });
+  await waitFor(b, (text) => text === `${typed}done`, "the edit after the reloads reached the other page");
+  const refused = await a.evaluate(() => [...document.querySelectorAll("#log li")].map((li) => li.textContent));
+  assert.deepEqual(refused, []);
+  assert.deepEqual([...a.problems, ...b.problems], []);
+  await a.close();
+  await b.close();
+});
+
 test("a page given two relays goes on through the second when the first is killed", async () => {
   const room = `failover-${Date.now()}`;
   const list = `${relays[0].url},${relays[1].url}`;
