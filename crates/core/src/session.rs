@@ -37,8 +37,8 @@
 //! acknowledgement was lost may then arrive twice; an update applied twice changes nothing).
 //! A session whose clock runs more than half the room's `max_future` ahead of the room's step,
 //! welcomed with no floor to bring it back (a tab reopened from storage starts at the ceiling it
-//! stored), asks for a new identity itself: it joins again without its resume token, unless a
-//! data message is in flight.
+//! stored), asks for a new identity itself: it joins again without its resume token (once no
+//! data message is in flight, which would arrive twice).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -451,6 +451,11 @@ pub struct Session<R> {
     /// The next join presents no resume token, so the relay welcomes this client as a new node:
     /// the clock ran too far ahead of the room's, and the relay gave no floor to bring it back.
     renew: bool,
+    /// The clock ran this far ahead of the room's with data in flight: the node joins again as
+    /// a new one once no data is in flight (see [`Session::renew_identity`]).
+    renew_due: Option<Step>,
+    /// A new identity did not bring the clock back to the room's: no more are asked for.
+    renew_futile: bool,
     /// The relay refused a write of this connection as `forbidden` (a read-only token): no
     /// checkpoints go out until the next connection.
     forbidden: bool,
@@ -521,6 +526,8 @@ impl<R: Replica> Session<R> {
             ceiling: 0,
             ceiling_blocked: false,
             renew: false,
+            renew_due: None,
+            renew_futile: false,
             save_due: false,
             unstored: Vec::new(),
             forbidden: false,
@@ -1164,7 +1171,38 @@ impl<R: Replica> Session<R> {
             self.changed();
         }
         self.on_frame(now, positioned.frame, logged);
+        if let Some(ahead) = self.renew_due {
+            if self.link == Link::Open && !self.data_in_flight() {
+                self.renew_due = None;
+                return self.renew_identity(now, ahead);
+            }
+        }
         self.pump(now);
+    }
+
+    /// Whether a data message that reached the relay, or may have, waits for its answer.
+    fn data_in_flight(&self) -> bool {
+        self.in_flight
+            .iter()
+            .any(|sent| sent.kind == Kind::Data && !sent.fresh)
+    }
+
+    /// Drops the connection and joins again at once without the resume token, as a new node:
+    /// the clock runs `ahead` steps ahead of the room's, and the relay cannot say where this
+    /// node's steps stopped.
+    fn renew_identity(&mut self, now: u64, ahead: Step) {
+        self.renew = true;
+        self.outputs.push_back(Output::Disconnect {
+            code: 1000,
+            reason: "joining again as a new node".into(),
+        });
+        self.retry_later(
+            now,
+            format!(
+                "this node's steps ran {ahead} ahead of the room's, and the relay could not say \
+                 where they stopped: joining again as a new node"
+            ),
+        );
     }
 
     /// Time passed: retries, deadlines, pacing and holds.
@@ -1592,41 +1630,24 @@ impl<R: Replica> Session<R> {
                 }
             }
         }
+        // A session restored from storage starts at the ceiling it stored, up to `STEP_RESERVE`
+        // steps above those it stamped, and a relay that cannot say where this node's steps
+        // stopped (it restarted since it let the node go, or another relay of a shared room
+        // may have taken some) gives no floor to bring it back: each reopening took the clock
+        // further ahead, until the room refused all it stamped as `futureStep`. A new node's
+        // steps start at the room's (its welcome's floor brings the clock there).
         let ahead = self.clock.local().saturating_sub(high);
-        if floor.is_none()
-            && self.token == Some(resume)
-            && ahead > config.max_future / 2
-            && !self.in_flight.iter().any(|sent| sent.kind == Kind::Data)
-        {
-            // A session restored from storage starts at the ceiling it stored, up to
-            // `STEP_RESERVE` steps above those it stamped, and a relay that cannot say where
-            // this node's steps stopped (it restarted since it let the node go, or another
-            // relay of a shared room may have taken some) gives no floor to bring it back: each
-            // reopening took the clock further ahead, until the room refused all it stamped as
-            // `futureStep`. A new node's steps start at the room's. What is in flight is
-            // stamped again under it (updates: the room applies one twice as once); with data
-            // in flight, which would then arrive twice, the node is kept this time.
-            self.renew = true;
-            let why = format!(
-                "this node's steps ran {ahead} ahead of the room's, and the relay could not say \
-                 where they stopped: joining again as a new node"
-            );
-            self.outputs.push_back(Output::Disconnect {
-                code: 1000,
-                reason: "joining again as a new node".into(),
-            });
-            self.link = Link::Down {
-                retry_at: Some(now),
-            };
-            self.last_failure = Some(why.clone());
-            // The status stays what it was (connecting, or reconnecting): say why.
-            self.emit(Event::Status {
-                status: self.status,
-                reason: Some(why),
-            });
-            return;
+        let limit = config.max_future / 2;
+        if floor.is_none() && self.token == Some(resume) && ahead > limit && !self.renew_futile {
+            if !self.data_in_flight() {
+                return self.renew_identity(now, ahead);
+            }
+            // What is in flight is stamped again under the new node (updates: the room applies
+            // one twice as once), but data would arrive twice: the node joins again once the
+            // data in flight is stored.
+            self.renew_due = Some(ahead);
         }
-        self.renew = false;
+        let renewed = std::mem::take(&mut self.renew);
         if self.token.is_some_and(|token| token != resume) {
             // The relay no longer knows this node (it gave a new token, and maybe a new id):
             // what was sent under the old identity is stamped again under the new one (its fate
@@ -1671,6 +1692,23 @@ impl<R: Replica> Session<R> {
         self.step_event(advance);
         if let Some(floor) = floor {
             self.settle_clock(high, floor);
+        }
+        let ahead = self.clock.local().saturating_sub(high);
+        if renewed && ahead > limit {
+            // The relay gives the new node no floor that brings it back (a relay that predates
+            // the floor, or one whose floor for the senders it forgot is that high): joining
+            // again would not help.
+            self.renew_futile = true;
+            self.anomaly(
+                Source::Local,
+                Reason::FutureStep,
+                format!(
+                    "this node's steps run {ahead} ahead of the room's, and a new identity did \
+                     not bring them back: the room may refuse what it stamps"
+                ),
+                high,
+                None,
+            );
         }
         // Inserted one by one: `collect` into a map sorts with the standard library's stable sort,
         // kilobytes of wasm for a list the relay sends in order anyway.
@@ -2394,6 +2432,14 @@ mod tests {
     use super::*;
     use crate::doc::SharedDoc;
 
+    /// The resume token of the last join sent, if one was.
+    fn last_join<R>(h: &Harness<R>) -> Option<Option<ResumeToken>> {
+        h.sent.iter().rev().find_map(|f| match f {
+            Frame::Join { resume, .. } => Some(*resume),
+            _ => None,
+        })
+    }
+
     /// A session and the relay's side of its conversation, by hand.
     struct Harness<R = SharedDoc> {
         session: Session<R>,
@@ -2786,39 +2832,32 @@ mod tests {
     /// (a tab reopened from storage again and again starts each time at the ceiling it stored),
     /// welcomed back with no floor to bring it down, joins again as a new node, whose steps
     /// start at the room's; with data in flight, which would arrive twice under a new identity,
-    /// it stays the node it was.
+    /// it does once the data is stored.
     #[test]
     fn a_node_far_ahead_of_the_room_with_no_floor_joins_again_as_a_new_node() {
         let mut h = Harness::new();
         h.join(2, 1, &[]);
         let _ = h.session.clock.pass(600);
-        let last_join = |h: &Harness| {
-            h.sent.iter().rev().find_map(|f| match f {
-                Frame::Join { resume, .. } => Some(*resume),
-                _ => None,
-            })
-        };
         // Data in flight: the node is kept, and the data goes again with its stamp.
         h.session
             .broadcast(h.now, Json::parse("1").unwrap())
             .unwrap();
         h.pump();
         h.reconnect();
+        assert_eq!(last_join(&h), Some(Some([1; 16])));
         h.sent.clear();
         h.welcome(2, 1, (10, 1), None);
         assert_eq!(h.session.status(), Status::Open);
         assert_eq!(h.stamped().len(), 1);
         assert_eq!(h.stamped()[0].stamp.sender, 2);
         assert_eq!(h.stamped()[0].stamp.step, 601);
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        // Stored: now it joins again, without its token, and says why.
         h.frame(Frame::Ack {
             step: 601,
             position: 1,
         });
-        // Nothing in flight: it joins again, without its token, and says why.
-        h.reconnect();
-        assert_eq!(last_join(&h), Some(Some([1; 16])));
-        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
-        h.welcome(2, 1, (10, 1), None);
+        assert_eq!(h.session.status(), Status::Reconnecting);
         let reason = std::iter::from_fn(|| h.session.poll_event()).find_map(|e| match e {
             Event::Status { reason, .. } => reason,
             _ => None,
@@ -2829,9 +2868,12 @@ mod tests {
                 .is_some_and(|r| r.contains("joining again as a new node")),
             "{reason:?}"
         );
-        assert_eq!(h.session.poll_timeout(), Some(h.now));
+        h.pump();
+        let at = h.session.poll_timeout().expect("a timer to connect again");
+        assert!(at <= h.now + 500, "{} ms", at - h.now);
+        h.now = at;
         h.session.handle_timeout(h.now);
-        assert!(h.pump(), "the session asks to connect at once");
+        assert!(h.pump(), "the session asks to connect");
         h.session.handle_connected(h.now);
         h.pump();
         assert_eq!(last_join(&h), Some(None));
@@ -2846,6 +2888,38 @@ mod tests {
         // The new node is not far ahead: welcomed back with no floor, it stays.
         h.reconnect();
         h.welcome(3, 2, (11, 1), None);
+        assert_eq!(h.session.status(), Status::Open);
+    }
+
+    /// A new identity that does not bring the clock back (the relay gives the new node no
+    /// floor) is reported, and not asked for again and again.
+    #[test]
+    fn a_new_identity_that_does_not_help_is_reported_and_not_asked_for_again() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let _ = h.session.clock.pass(600);
+        h.reconnect();
+        h.welcome(2, 1, (10, 1), None);
+        assert_eq!(h.session.status(), Status::Reconnecting);
+        h.now += 1_000;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session.handle_connected(h.now);
+        h.pump();
+        assert_eq!(last_join(&h), Some(None));
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        h.welcome(3, 2, (10, 1), None);
+        assert_eq!(h.session.status(), Status::Open);
+        let reported: Vec<Anomaly> = std::iter::from_fn(|| h.session.poll_event())
+            .filter_map(|e| match e {
+                Event::Anomaly(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        assert_eq!(reported[0].reason, Reason::FutureStep);
+        h.reconnect();
+        h.welcome(3, 2, (10, 1), None);
         assert_eq!(h.session.status(), Status::Open);
     }
 
