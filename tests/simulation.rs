@@ -198,6 +198,26 @@ impl Scenario {
             let span = rng.range(500, 40_000);
             scenario.faults.push((t, Fault::Silent { client, span }));
         }
+        // Drawn last, as above. Now and then a tab with storage closes and reopens again and
+        // again, the relay often restarting while it is closed: without a floor its clock runs
+        // further ahead of the room's each time, until it joins again as a new node.
+        if scenario.persist && rng.chance(0.05) {
+            let client = rng.range(0, scenario.clients as u64 - 1) as usize;
+            let mut t = rng.range(100, scenario.active);
+            for _ in 0..rng.range(8, 14) {
+                let down = rng.range(300, 1_500);
+                scenario.faults.push((t, Fault::Reopen { client, down }));
+                if rng.chance(0.7) {
+                    scenario.faults.push((
+                        t + down / 2,
+                        Fault::Crash {
+                            down: rng.range(10, 200),
+                        },
+                    ));
+                }
+                t += down + rng.range(200, 2_000);
+            }
+        }
         scenario
     }
 
@@ -459,6 +479,8 @@ struct Stats {
     silences: u64,
     /// Waits for the pacer told to the application.
     paced: u64,
+    /// Sessions that joined again as a new node, their clock too far ahead of the room's.
+    renewed: u64,
 }
 
 impl Stats {
@@ -476,6 +498,7 @@ impl Stats {
         self.reopens += other.reopens;
         self.restored += other.restored;
         self.paced += other.paced;
+        self.renewed += other.renewed;
     }
 }
 
@@ -1211,6 +1234,12 @@ impl Sim {
         let c = &mut self.clients[client];
         match event {
             Event::Status { status, reason } => {
+                if reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("joining again as a new node"))
+                {
+                    self.stats.renewed += 1;
+                }
                 c.last_status = Some((status, reason));
             }
             Event::Message {
@@ -1976,7 +2005,8 @@ fn the_protocol_holds_under_faults_for_every_seed() {
         "{seeds} seeds from {from} in {:.1} s, {} failed; across them: {} relay crashes, {} \
          room loads, {} compactions, {} parts sent, {} checkpoints, {} messages refused for \
          good, {} tabs reopened from storage with {} messages in their outboxes, {} connections \
-         gone silent, {} waits for the pacer told, refusals by the relay: {:?}",
+         gone silent, {} waits for the pacer told, {} new identities taken by clocks too far \
+         ahead, refusals by the relay: {:?}",
         started.elapsed().as_secs_f64(),
         failures.len(),
         stats.crashes,
@@ -1989,6 +2019,7 @@ fn the_protocol_holds_under_faults_for_every_seed() {
         stats.restored,
         stats.silences,
         stats.paced,
+        stats.renewed,
         stats.relay_refusals,
     );
     assert!(
