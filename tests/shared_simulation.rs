@@ -4,7 +4,9 @@
 //! its appends and publications in order with a delay, reading the log and the other relays'
 //! publications on timers of its own; client sessions spread over the relays, each given every
 //! relay, on a network that delays; relays that crash (losing their writes not yet made, or
-//! made but not answered) and come back.
+//! made but not answered) and come back; in half the runs, sessions that keep their state in
+//! storage, whose tabs close (losing what they had not stored) and reopen from it, now and then
+//! again and again while relays restart.
 //!
 //! After the faults the run goes on until nothing moves; then it checks:
 //!
@@ -24,6 +26,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use bytes::Bytes;
 use pattern_mesh::doc::SharedDoc;
 use pattern_mesh::room::{self, Append, ConnId, Relayed, RoomCore, RoomLimits};
+use pattern_mesh::saved::Saved;
 use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status};
 use pattern_mesh::store::{Appended, MemoryStore};
 use pattern_mesh::wire::{close, part, Frame, Json, Limits, RoomConfig};
@@ -113,6 +116,32 @@ enum Ev {
         relay: usize,
         id: u64,
     },
+    /// A write to a client's storage ends.
+    Saved {
+        client: usize,
+        incarnation: u64,
+        saved: Saved,
+        updates: Vec<Vec<u8>>,
+    },
+    /// A client's tab closes (its socket dies with it, with no close frame), and reopens
+    /// from storage after `down` ms.
+    Close {
+        client: usize,
+        down: u64,
+    },
+    Reopen {
+        client: usize,
+    },
+    /// A client types a few characters, whenever it is (a tab just reopened types, even after
+    /// the active period).
+    Edit {
+        client: usize,
+    },
+    /// A relay notices that a closed tab's socket is gone.
+    SocketGone {
+        relay: usize,
+        conn: ConnId,
+    },
 }
 
 enum Write {
@@ -150,12 +179,22 @@ struct Client {
     generation: u64,
     ops: u64,
     sent: Vec<String>,
-    received: Vec<String>,
+    /// The data received, with the log position the session had then.
+    received: Vec<(String, u64)>,
     /// (step, position) of each acknowledgement.
     acked: Vec<(u64, u64)>,
     /// The log positions received.
     positions: HashSet<u64>,
     anomalies: Vec<String>,
+    /// What storage holds: the session's state and its document's updates.
+    stored: Option<(Saved, Vec<Vec<u8>>)>,
+    saving: bool,
+    save_wanted: bool,
+    /// Which opening of the tab (a write that ends after the tab closed is lost).
+    incarnation: u64,
+    closed: bool,
+    /// The data messages storage held at some point: a message is sent only after that.
+    stored_ids: HashSet<String>,
 }
 
 struct Sim {
@@ -175,6 +214,13 @@ struct Sim {
     history: Vec<(u64, u64, u64)>,
     trace: Option<String>,
     crashes: u64,
+    /// Whether the sessions keep their state in storage.
+    persist: bool,
+    /// When the last tab reopened, or typed after the active period, or will reopen.
+    last_activity: u64,
+    reopens: u64,
+    /// Sessions that joined again as a new node, their clock too far ahead of the room's.
+    renewed: u64,
 }
 
 impl Sim {
@@ -220,13 +266,17 @@ impl Sim {
             history: Vec::new(),
             trace: trace.then(String::new),
             crashes: 0,
+            persist: false,
+            last_activity: 0,
+            reopens: 0,
+            renewed: 0,
         };
+        // Drawn here, after what the runs drew before storage existed, and before the clients'
+        // seeds (which storage changes anyway).
+        let mut rng = Rng(seed.wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1);
+        sim.persist = rng.chance(0.5);
         for i in 0..clients {
-            let mut config = SessionConfig::new(ROOM, format!("c{i}"));
-            config.connect_timeout = 3_600_000;
-            config.seed = sim.rng.next();
-            config.relays = relays;
-            let session = Session::new(config, SharedDoc::with_client_id(100 + i as u64), 0);
+            let session = sim.new_session(i, None);
             sim.clients.push(Client {
                 session,
                 conn: None,
@@ -238,6 +288,12 @@ impl Sim {
                 acked: Vec::new(),
                 positions: HashSet::new(),
                 anomalies: Vec::new(),
+                stored: None,
+                saving: false,
+                save_wanted: false,
+                incarnation: 0,
+                closed: false,
+                stored_ids: HashSet::new(),
             });
             let first = sim.rng.range(0, 100);
             sim.at(first, Ev::Op { client: i });
@@ -253,7 +309,76 @@ impl Sim {
             let relay = sim.rng.range(0, relays as u64 - 1) as usize;
             sim.at(at, Ev::Crash { relay });
         }
+        if sim.persist {
+            // Tabs that close and reopen; now and then one again and again, with relays
+            // restarting meanwhile.
+            for _ in 0..rng.range(0, 3) {
+                let at = rng.range(100, active);
+                let client = rng.range(0, clients as u64 - 1) as usize;
+                let down = rng.range(50, 5_000);
+                sim.at(at, Ev::Close { client, down });
+            }
+            if rng.chance(0.2) {
+                let client = rng.range(0, clients as u64 - 1) as usize;
+                let mut at = rng.range(active / 2, active);
+                for _ in 0..rng.range(12, 20) {
+                    let down = rng.range(100, 1_500);
+                    sim.at(at, Ev::Close { client, down });
+                    if rng.chance(0.3) {
+                        let relay = rng.range(0, relays as u64 - 1) as usize;
+                        sim.at(at + down / 2, Ev::Crash { relay });
+                    }
+                    at += down + rng.range(200, 2_000);
+                }
+            }
+        }
         sim
+    }
+
+    /// A session for client `i`, restored from `stored` if given.
+    fn new_session(
+        &mut self,
+        i: usize,
+        stored: Option<&(Saved, Vec<Vec<u8>>)>,
+    ) -> Session<SharedDoc> {
+        let mut config = SessionConfig::new(ROOM, format!("c{i}"));
+        config.connect_timeout = 3_600_000;
+        config.seed = self.rng.next();
+        config.relays = self.relays.len();
+        config.persist = self.persist;
+        let replica = SharedDoc::with_client_id(100 + i as u64);
+        if let Some((saved, doc)) = stored {
+            config.restore = Some(saved.clone());
+            for update in doc {
+                replica
+                    .apply_update(update)
+                    .expect("the stored document applies");
+            }
+        }
+        Session::new(config, replica, self.now)
+    }
+
+    /// Starts a write to storage if one is wanted and none is under way.
+    fn save(&mut self, client: usize) {
+        let c = &mut self.clients[client];
+        if c.saving || !c.save_wanted || c.closed {
+            return;
+        }
+        c.saving = true;
+        c.save_wanted = false;
+        let saved = c.session.saved();
+        let updates = c.session.take_updates();
+        let incarnation = c.incarnation;
+        let t = self.now + self.rng.range(1, 30);
+        self.at(
+            t,
+            Ev::Saved {
+                client,
+                incarnation,
+                saved,
+                updates,
+            },
+        );
     }
 
     fn log(&mut self, what: impl FnOnce() -> String) {
@@ -294,7 +419,7 @@ impl Sim {
                 .clients
                 .iter()
                 .all(|c| c.session.status() == Status::Open);
-            if self.now >= self.active + 30_000 && self.quiet() && open {
+            if self.now >= self.settled_after() && self.quiet() && open {
                 let since = *quiet_since.get_or_insert(self.now);
                 if self.now >= since + 60_000 {
                     break;
@@ -303,7 +428,7 @@ impl Sim {
                 quiet_since = None;
             }
             processed += 1;
-            if processed > 5_000_000 || self.now > self.active + 600_000 {
+            if processed > 5_000_000 || self.now > self.settled_after() + 570_000 {
                 let clients: Vec<String> = self
                     .clients
                     .iter()
@@ -403,6 +528,15 @@ impl Sim {
                 answer,
             } => {
                 if self.relays[relay].life == life {
+                    if self.trace.is_some() {
+                        let what = match &answer {
+                            Ok(Appended::Stored { position, .. }) => {
+                                format!("stored at {position}")
+                            }
+                            other => format!("{other:?}"),
+                        };
+                        self.log(|| format!("relay {relay}'s append: {what}"));
+                    }
                     if let Some(core) = &mut self.relays[relay].core {
                         core.appended(answer);
                     }
@@ -414,7 +548,7 @@ impl Sim {
                     return;
                 }
                 self.follow(relay);
-                if self.now < self.active + 30_000 || !self.quiet() {
+                if self.now < self.settled_after() || !self.quiet() {
                     let next = self.now + self.rng.range(1, 20);
                     self.at(next, Ev::Follow { relay, life });
                 }
@@ -436,7 +570,94 @@ impl Sim {
                 }
                 self.outputs(relay);
             }
+            Ev::Saved {
+                client,
+                incarnation,
+                saved,
+                updates,
+            } => {
+                let c = &mut self.clients[client];
+                if c.incarnation != incarnation {
+                    return;
+                }
+                c.saving = false;
+                for body in saved.bodies() {
+                    if let pattern_mesh::wire::Body::Data { data } = body {
+                        if let Ok(value) = data.to_value::<serde_json::Value>() {
+                            if let Some(id) = value["id"].as_str() {
+                                c.stored_ids.insert(id.to_owned());
+                            }
+                        }
+                    }
+                }
+                let stored = saved.stored();
+                let mut doc = c.stored.take().map(|(_, doc)| doc).unwrap_or_default();
+                doc.extend(updates);
+                c.stored = Some((saved, doc));
+                let now = self.now;
+                c.session.handle_saved(now, stored);
+                self.save(client);
+                self.drive(client);
+            }
+            Ev::Close { client, down } => {
+                if self.clients[client].closed {
+                    return;
+                }
+                self.log(|| format!("c{client}'s tab closes for {down} ms"));
+                let c = &mut self.clients[client];
+                c.closed = true;
+                c.incarnation += 1;
+                c.saving = false;
+                c.save_wanted = false;
+                c.generation += 1;
+                c.timer = None;
+                if let Some((relay, conn)) = c.conn.take() {
+                    let t = self.now + self.latency();
+                    self.at(t, Ev::SocketGone { relay, conn });
+                }
+                let t = self.now + down;
+                self.last_activity = self.last_activity.max(t);
+                self.at(t, Ev::Reopen { client });
+            }
+            Ev::Reopen { client } => {
+                let stored = self.clients[client].stored.clone();
+                let session = self.new_session(client, stored.as_ref());
+                let position = stored.as_ref().map_or(0, |(saved, _)| saved.position);
+                self.reopens += 1;
+                self.log(|| format!("c{client} reopens from storage at position {position}"));
+                let c = &mut self.clients[client];
+                c.session = session;
+                c.closed = false;
+                // What the closed tab had not stored is gone: it was never sent.
+                let stored_ids = &c.stored_ids;
+                c.sent.retain(|id| stored_ids.contains(id));
+                // What came after the stored position comes again, to the new page.
+                c.received.retain(|&(_, p)| p <= position);
+                self.drive(client);
+                let t = self.now + self.rng.range(100, 500);
+                self.at(t, Ev::Edit { client });
+            }
+            Ev::Edit { client } => {
+                self.last_activity = self.last_activity.max(self.now);
+                if !self.clients[client].closed {
+                    self.edit(client);
+                    self.drive(client);
+                }
+            }
+            Ev::SocketGone { relay, conn } => {
+                if self.relays[relay].conns.remove(&conn).is_some() {
+                    if let Some(core) = &mut self.relays[relay].core {
+                        core.leave(conn);
+                    }
+                    self.outputs(relay);
+                }
+            }
         }
+    }
+
+    /// When the run may be over, if nothing moves: 30 s after the last edit or tab reopened.
+    fn settled_after(&self) -> u64 {
+        self.active.max(self.last_activity) + 30_000
     }
 
     /// Whether nothing is left to do but the relays' reading.
@@ -451,6 +672,10 @@ impl Sim {
         if self.now > self.active {
             return;
         }
+        if self.clients[client].closed {
+            let next = self.now + self.rng.range(1, 80);
+            return self.at(next, Ev::Op { client });
+        }
         let now = self.now;
         let c = &mut self.clients[client];
         c.ops += 1;
@@ -464,19 +689,26 @@ impl Sim {
             let data = Json::from_value(&serde_json::json!({ "signal": c.ops })).expect("json");
             c.session.broadcast_signal(now, data).expect("signal");
         } else {
-            let len = c.session.replica().len(TEXT);
-            let index = self.rng.range(0, u64::from(len)) as u32;
-            let text = ["a", "bc", "def", "ghij"][self.rng.range(0, 3) as usize];
-            let update = c
-                .session
-                .replica()
-                .insert(TEXT, index, text)
-                .expect("insert");
-            c.session.update(now, TEXT, update).expect("update");
+            self.edit(client);
         }
         self.drive(client);
         let next = self.now + self.rng.range(1, 80);
         self.at(next, Ev::Op { client });
+    }
+
+    /// Inserts a few characters somewhere in the client's text.
+    fn edit(&mut self, client: usize) {
+        let now = self.now;
+        let len = self.clients[client].session.replica().len(TEXT);
+        let index = self.rng.range(0, u64::from(len)) as u32;
+        let text = ["a", "bc", "def", "ghij"][self.rng.range(0, 3) as usize];
+        let c = &mut self.clients[client];
+        let update = c
+            .session
+            .replica()
+            .insert(TEXT, index, text)
+            .expect("insert");
+        c.session.update(now, TEXT, update).expect("update");
     }
 
     fn drive(&mut self, client: usize) {
@@ -530,7 +762,10 @@ impl Sim {
                         self.outputs(relay);
                     }
                 }
-                session::Output::Save => {}
+                session::Output::Save => {
+                    self.clients[client].save_wanted = true;
+                    self.save(client);
+                }
             }
         }
         while let Some(event) = self.clients[client].session.poll_event() {
@@ -543,10 +778,15 @@ impl Sim {
                 } => {
                     if let Ok(value) = data.to_value::<serde_json::Value>() {
                         if let Some(id) = value["id"].as_str() {
-                            c.received.push(id.to_owned());
+                            let position = c.session.position();
+                            c.received.push((id.to_owned(), position));
                         }
                     }
                 }
+                Event::Status {
+                    reason: Some(reason),
+                    ..
+                } if reason.contains("joining again as a new node") => self.renewed += 1,
                 Event::Anomaly(anomaly) if anomaly.source == Source::Local => {
                     c.anomalies
                         .push(format!("{}: {}", anomaly.reason, anomaly.detail));
@@ -669,8 +909,18 @@ impl Sim {
             return;
         };
         let read = reader.read(bytes);
+        let what = match &read {
+            room::Read::Frame { frame, .. } => {
+                let stamp = frame.frame.stamp().map(|s| (s.sender, s.step));
+                Some(format!("{} {stamp:?}", frame.frame.kind()))
+            }
+            _ => None,
+        };
         if let Some(core) = &mut r.core {
             core.receive(now, conn, read);
+        }
+        if let Some(what) = what {
+            self.log(|| format!("relay {relay} reads {what} from c{client}"));
         }
         self.outputs(relay);
     }
@@ -742,7 +992,11 @@ impl Sim {
                         core.reserved(answer);
                     }
                 }
-                room::Output::Append(append) => self.enqueue(relay, Write::Append(append)),
+                room::Output::Append(append) => {
+                    let (sender, step) = (append.sender, append.step);
+                    self.log(|| format!("relay {relay} appends ({sender}, {step})"));
+                    self.enqueue(relay, Write::Append(append));
+                }
                 room::Output::Released(_) => unreachable!("a shared room keeps no releases"),
                 room::Output::Publish {
                     to,
@@ -1002,7 +1256,8 @@ impl Sim {
                     }
                 }
             }
-            if c.received != expected {
+            let received: Vec<&String> = c.received.iter().map(|(id, _)| id).collect();
+            if received != expected.iter().collect::<Vec<_>>() {
                 return Err(format!(
                     "c{i} received {} data messages, the log holds {} of the others': {:?} against {:?}",
                     c.received.len(),
@@ -1053,11 +1308,13 @@ fn many_relays_on_one_store_hold_the_protocol_for_every_seed() {
             (from..from + env_u64("PM_SIM_SEEDS").unwrap_or(300)).collect()
         }
     };
-    let (mut failed, mut crashes) = (Vec::new(), 0);
+    let (mut failed, mut crashes, mut reopens, mut renewed) = (Vec::new(), 0, 0, 0);
     for &seed in &seeds {
         let mut sim = Sim::new(seed, trace);
         let result = sim.run();
         crashes += sim.crashes;
+        reopens += sim.reopens;
+        renewed += sim.renewed;
         if let Some(trace) = &sim.trace {
             println!("{trace}");
         }
@@ -1067,7 +1324,8 @@ fn many_relays_on_one_store_hold_the_protocol_for_every_seed() {
         }
     }
     println!(
-        "shared simulation: {} seeds, {} failed, {crashes} relay crashes",
+        "shared simulation: {} seeds, {} failed, {crashes} relay crashes, {reopens} tabs reopened \
+         from storage, {renewed} new identities taken by clocks too far ahead",
         seeds.len(),
         failed.len()
     );

@@ -365,6 +365,9 @@ pub const PACED_NOTICE: u64 = 1_000;
 /// (579.5 KB in all); at 256 KiB they took 24.4 s for 3 messages of the same total size.
 const MERGE_LIMIT: usize = 16 * 1024;
 
+/// Milliseconds between dropping a connection to join again as a new node and the new join.
+const RENEW_WAIT: u64 = 100;
+
 /// How many signals may wait for the pacer; more are dropped (`broadcast_signal` returns
 /// `false`) rather than sent late in a burst.
 pub const MAX_WAITING_SIGNALS: usize = 256;
@@ -1192,12 +1195,16 @@ impl<R: Replica> Session<R> {
     /// node's steps stopped.
     fn renew_identity(&mut self, now: u64, ahead: Step) {
         self.renew = true;
+        self.renew_due = None;
         self.outputs.push_back(Output::Disconnect {
             code: 1000,
             reason: "joining again as a new node".into(),
         });
-        self.retry_later(
-            now,
+        // To the same relay, after about a round trip: the relay takes the old connection's
+        // leave before the new join (a user at the most members one user may have would be
+        // refused for a moment otherwise).
+        self.down_until(
+            now.saturating_add(RENEW_WAIT),
             format!(
                 "this node's steps ran {ahead} ahead of the room's, and the relay could not say \
                  where they stopped: joining again as a new node"
@@ -1427,18 +1434,24 @@ impl<R: Replica> Session<R> {
     }
 
     fn retry_later(&mut self, now: u64, failure: String) {
+        self.attempt = self.attempt.saturating_add(1);
+        // Another relay may serve the room while this one is down.
+        self.target = (self.target + 1) % self.config.relays.max(1);
+        let wait = self.backoff();
+        self.down_until(now.saturating_add(wait), failure);
+    }
+
+    /// The connection is gone (for `failure`): what was about it goes, and the next attempt is
+    /// at `retry_at`.
+    fn down_until(&mut self, retry_at: u64, failure: String) {
         // Checkpoints, sync messages and signals are about this connection's moment, and name
         // peers of this connection: after it they would be stale (a sync answer could even
         // reach a node that has the old addressee's id by then).
         self.waiting.retain(|w| w.body.is_durable());
         self.paced_since = None;
         self.end_pace();
-        self.attempt = self.attempt.saturating_add(1);
-        // Another relay may serve the room while this one is down.
-        self.target = (self.target + 1) % self.config.relays.max(1);
-        let wait = self.backoff();
         self.link = Link::Down {
-            retry_at: Some(now.saturating_add(wait)),
+            retry_at: Some(retry_at),
         };
         self.last_failure = Some(failure.clone());
         let status = if self.ever_open {
@@ -1638,13 +1651,14 @@ impl<R: Replica> Session<R> {
         // steps start at the room's (its welcome's floor brings the clock there).
         let ahead = self.clock.local().saturating_sub(high);
         let limit = config.max_future / 2;
+        self.renew_due = None;
         if floor.is_none() && self.token == Some(resume) && ahead > limit && !self.renew_futile {
             if !self.data_in_flight() {
                 return self.renew_identity(now, ahead);
             }
             // What is in flight is stamped again under the new node (updates: the room applies
             // one twice as once), but data would arrive twice: the node joins again once the
-            // data in flight is stored.
+            // data in flight is stored, and no more data goes out under it meanwhile.
             self.renew_due = Some(ahead);
         }
         let renewed = std::mem::take(&mut self.renew);
@@ -1694,7 +1708,9 @@ impl<R: Replica> Session<R> {
             self.settle_clock(high, floor);
         }
         let ahead = self.clock.local().saturating_sub(high);
-        if renewed && ahead > limit {
+        if ahead <= limit {
+            self.renew_futile = false;
+        } else if renewed {
             // The relay gives the new node no floor that brings it back (a relay that predates
             // the floor, or one whose floor for the senders it forgot is that high): joining
             // again would not help.
@@ -2183,6 +2199,10 @@ impl<R: Replica> Session<R> {
         if self.config.persist && self.clock.local() >= self.ceiling {
             // Stamping waits for a higher ceiling in storage.
             return None;
+        }
+        if self.renew_due.is_some() {
+            // Data waits for the new node (see `on_welcome`).
+            waiting = waiting.filter(|w| !matches!(w.body, Body::Data { .. }));
         }
         waiting.map(|w| {
             // The stamp takes at most 30 bytes.
@@ -2870,7 +2890,7 @@ mod tests {
         );
         h.pump();
         let at = h.session.poll_timeout().expect("a timer to connect again");
-        assert!(at <= h.now + 500, "{} ms", at - h.now);
+        assert_eq!(at, h.now + RENEW_WAIT);
         h.now = at;
         h.session.handle_timeout(h.now);
         assert!(h.pump(), "the session asks to connect");
@@ -2885,10 +2905,53 @@ mod tests {
         h.pump();
         let sent = h.stamped().last().unwrap().stamp;
         assert_eq!((sent.sender, sent.step), (3, 11));
+        let anomalies: Vec<Event> = std::iter::from_fn(|| h.session.poll_event())
+            .filter(|e| matches!(e, Event::Anomaly(_)))
+            .collect();
+        assert_eq!(anomalies, []);
         // The new node is not far ahead: welcomed back with no floor, it stays.
         h.reconnect();
         h.welcome(3, 2, (11, 1), None);
         assert_eq!(h.session.status(), Status::Open);
+    }
+
+    /// A new identity put off while data was in flight is not asked for once the relay gave
+    /// a new node anyway (it forgot the old one), nor does more data go out under the old node
+    /// meanwhile.
+    #[test]
+    fn a_new_identity_put_off_for_data_in_flight_is_not_asked_for_after_another_welcome() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let _ = h.session.clock.pass(600);
+        h.session
+            .broadcast(h.now, Json::parse("1").unwrap())
+            .unwrap();
+        h.pump();
+        h.reconnect();
+        h.sent.clear();
+        h.welcome(2, 1, (10, 1), None);
+        assert_eq!(h.session.status(), Status::Open);
+        h.session
+            .broadcast(h.now, Json::parse("2").unwrap())
+            .unwrap();
+        h.pump();
+        assert_eq!(h.stamped().len(), 1, "data waits for the new node");
+        // The connection drops before the acknowledgement; the relay forgot the node.
+        h.reconnect();
+        h.sent.clear();
+        h.welcome(3, 3, (10, 1), Some(0));
+        let sent: Vec<(NodeId, Step)> = h
+            .stamped()
+            .iter()
+            .map(|s| (s.stamp.sender, s.stamp.step))
+            .collect();
+        assert_eq!(sent, [(3, 11), (3, 12)]);
+        h.frame(Frame::Ack {
+            step: 11,
+            position: 1,
+        });
+        assert_eq!(h.session.status(), Status::Open);
+        assert_eq!(h.session.node(), 3);
     }
 
     /// A new identity that does not bring the clock back (the relay gives the new node no
