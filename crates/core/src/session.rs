@@ -35,10 +35,10 @@
 //! A relay that no longer knows the node's resume token gives a new node id; the messages in
 //! flight are then stamped again for the new identity and sent anew (a data message whose
 //! acknowledgement was lost may then arrive twice; an update applied twice changes nothing).
-//! A session whose clock runs more than half the room's `max_future` ahead of the room's step,
-//! welcomed with no floor to bring it back (a tab reopened from storage starts at the ceiling it
-//! stored), asks for a new identity itself: it joins again without its resume token (once no
-//! data message is in flight, which would arrive twice).
+//! A session whose clock runs more than half the room's `max_future` (or `stale_window`) ahead
+//! of the room's step, welcomed with no floor to bring it back (a tab reopened from storage
+//! starts at the ceiling it stored), asks for a new identity itself: it joins again without its
+//! resume token (once no data message is in flight, which would arrive twice).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -1650,7 +1650,12 @@ impl<R: Replica> Session<R> {
         // further ahead, until the room refused all it stamped as `futureStep`. A new node's
         // steps start at the room's (its welcome's floor brings the clock there).
         let ahead = self.clock.local().saturating_sub(high);
-        let limit = config.max_future / 2;
+        // Far enough ahead that the room may soon refuse what it stamps (`max_future`), or, in
+        // a real-time room, that it drops what the others stamp as too old (`stale_window`).
+        let limit = config
+            .max_future
+            .min(config.stale_window.unwrap_or(u64::MAX))
+            / 2;
         self.renew_due = None;
         if floor.is_none() && self.token == Some(resume) && ahead > limit && !self.renew_futile {
             if !self.data_in_flight() {
@@ -2913,6 +2918,48 @@ mod tests {
         h.reconnect();
         h.welcome(3, 2, (11, 1), None);
         assert_eq!(h.session.status(), Status::Open);
+    }
+
+    /// In a real-time room, a clock ahead of the room's by more than half the stale window
+    /// takes a new identity too: left there, it would drop what the others stamp as too old.
+    #[test]
+    fn a_node_ahead_by_half_the_stale_window_joins_again_as_a_new_node() {
+        let mut h = Harness::new();
+        let config = RoomConfig {
+            stale_window: Some(40),
+            ..RoomConfig::default()
+        };
+        let welcome = |h: &mut Harness, node: NodeId, high: Step, floor: Option<Step>| {
+            assert!(h.pump(), "the session asks to connect");
+            h.session.handle_connected(h.now);
+            h.pump();
+            h.frame(Frame::Welcome {
+                node,
+                resume: [node as u8; 16],
+                config,
+                limits: h.relay,
+                high,
+                log: 1,
+                peers: Vec::new(),
+                floor,
+            });
+            h.frame(Frame::CaughtUp { high, position: 0 });
+        };
+        welcome(&mut h, 2, 0, None);
+        let _ = h.session.clock.pass(30);
+        h.session.handle_closed(h.now, 1006, "gone");
+        h.now += 60_000;
+        h.session.handle_timeout(h.now);
+        welcome(&mut h, 2, 5, None);
+        assert_eq!(
+            h.session.status(),
+            Status::Reconnecting,
+            "25 ahead, over 20"
+        );
+        h.now += RENEW_WAIT;
+        h.session.handle_timeout(h.now);
+        welcome(&mut h, 3, 5, Some(0));
+        assert_eq!((h.session.node(), h.session.step()), (3, 5));
     }
 
     /// A new identity put off while data was in flight is not asked for once the relay gave
