@@ -59,9 +59,11 @@ export function mountPanel(client, { room, pattern = new PatternGenerator(), onE
     $("digest").textContent = client.digest;
     $("pending").textContent = `${client.pendingCount}${paced}`;
   };
-  const renderStatus = (status) => {
+  const renderStatus = (status, reason) => {
     const el = $("status");
     el.textContent = status;
+    // Why it is not open (a close code and reason, a timeout, a new identity), on hover.
+    el.title = reason ?? "";
     el.className = `status ${status}`;
     $("offline").classList.toggle("shown", status !== "open");
   };
