@@ -366,6 +366,16 @@ pub const PACED_NOTICE: u64 = 1_000;
 /// (579.5 KB in all); at 256 KiB they took 24.4 s for 3 messages of the same total size.
 const MERGE_LIMIT: usize = 16 * 1024;
 
+/// A sender's checkpoints are compared with this replica at most once in this many
+/// milliseconds. Each comparison takes the replica's version, which walks the whole document,
+/// and a member could send checkpoint after checkpoint, as fast as the relay lets it (an honest
+/// one sends one as each phase begins); those between are passed over.
+pub const CHECKPOINT_EVERY: u64 = 1_000;
+
+/// The most senders whose last compared checkpoint is kept; past it, those older than
+/// [`CHECKPOINT_EVERY`] are forgotten.
+const MAX_COMPARED: usize = 4_096;
+
 /// Milliseconds between dropping a connection to join again as a new node and the new join.
 const RENEW_WAIT: u64 = 100;
 
@@ -469,6 +479,9 @@ pub struct Session<R> {
     /// The digest of the replica at the version it was last taken at: a digest walks every
     /// text, and a member may send checkpoint after checkpoint at this replica's version.
     digested: Option<(Version, u64)>,
+    /// When each sender's last checkpoint was compared with this replica (see
+    /// [`CHECKPOINT_EVERY`]).
+    compared: BTreeMap<NodeId, u64>,
     /// When the connection last brought a frame, when the next heartbeat goes out, and when
     /// the first heartbeat sent since that frame went out (the relay answers each).
     heard_at: u64,
@@ -537,6 +550,7 @@ impl<R: Replica> Session<R> {
             forbidden: false,
             answer_refused: false,
             digested: None,
+            compared: BTreeMap::new(),
             heard_at: now,
             beat_at: now,
             probe: None,
@@ -1530,6 +1544,7 @@ impl<R: Replica> Session<R> {
             }
             Frame::PeerLeft { node } => {
                 self.peers.remove(&node);
+                self.compared.remove(&node);
                 self.forget_presence(node);
                 let peers = self.peers();
                 self.emit(Event::Peers {
@@ -2073,7 +2088,7 @@ impl<R: Replica> Session<R> {
                 digest,
                 ..
             } => {
-                if open {
+                if open && self.may_compare(stamp.sender, now) {
                     let version = self.replica.version();
                     // The digest walks every text: only at the same version, once.
                     let same = version.state_vector == state_vector && version.deletes == deletes;
@@ -2158,6 +2173,24 @@ impl<R: Replica> Session<R> {
                 digest,
             },
         });
+    }
+
+    /// Whether a checkpoint of `sender` may be compared with this replica now: at most one in
+    /// [`CHECKPOINT_EVERY`] of each sender is.
+    fn may_compare(&mut self, sender: NodeId, now: u64) -> bool {
+        if self
+            .compared
+            .get(&sender)
+            .is_some_and(|&at| now < at.saturating_add(CHECKPOINT_EVERY))
+        {
+            return false;
+        }
+        if self.compared.len() >= MAX_COMPARED {
+            self.compared
+                .retain(|_, at| now < at.saturating_add(CHECKPOINT_EVERY));
+        }
+        self.compared.insert(sender, now);
+        true
     }
 
     /// The replica's digest, at `version` (its version now): taken once per version.
@@ -3968,6 +4001,68 @@ mod tests {
         assert_eq!(kinds, [Kind::Update]);
     }
 
+    /// A replica that counts the times its version is taken.
+    struct Counting {
+        doc: SharedDoc,
+        versions: std::cell::Cell<usize>,
+    }
+
+    impl Replica for Counting {
+        fn apply_update(&mut self, update: &[u8]) -> Result<(), crate::doc::DocError> {
+            Replica::apply_update(&mut self.doc, update)
+        }
+        fn state_vector(&self) -> Vec<u8> {
+            Replica::state_vector(&self.doc)
+        }
+        fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, crate::doc::DocError> {
+            Replica::diff(&self.doc, remote)
+        }
+        fn version(&self) -> Version {
+            self.versions.set(self.versions.get() + 1);
+            Replica::version(&self.doc)
+        }
+        fn digest(&self) -> u64 {
+            Replica::digest(&self.doc)
+        }
+        fn is_empty(&self) -> bool {
+            Replica::is_empty(&self.doc)
+        }
+    }
+
+    /// Taking the version walks the whole document, and a member may send checkpoints as fast
+    /// as the relay lets it: each was compared with this replica, so one member could keep
+    /// every other tab of a large document busy. A sender's checkpoints are compared at most
+    /// once a second; another sender's are compared at once.
+    #[test]
+    fn a_senders_checkpoints_are_compared_at_most_once_a_second() {
+        let doc = SharedDoc::new();
+        let _ = doc.insert("t", 0, "text").unwrap();
+        let replica = Counting {
+            doc,
+            versions: std::cell::Cell::new(0),
+        };
+        let mut h = Harness::of(SessionConfig::new("r", "a"), replica);
+        h.join(2, 1, &[7, 8]);
+        let version = h.session.replica().doc.version();
+        let checkpoint = || Body::Checkpoint {
+            doc: WHOLE_DOC.into(),
+            state_vector: version.state_vector.clone(),
+            deletes: version.deletes,
+            digest: 1,
+        };
+        let taken = |h: &Harness<Counting>| h.session.replica().versions.get();
+        let before = taken(&h);
+        for step in 2..52 {
+            h.peer_sends(7, step, checkpoint());
+        }
+        assert_eq!(taken(&h) - before, 1, "50 checkpoints in a moment");
+        h.peer_sends(8, 52, checkpoint());
+        assert_eq!(taken(&h) - before, 2, "another sender's");
+        h.now += CHECKPOINT_EVERY;
+        h.peer_sends(7, 53, checkpoint());
+        assert_eq!(taken(&h) - before, 3, "a second later");
+    }
+
     /// A member sends checkpoint after checkpoint at this replica's version with a wrong
     /// digest (anyone can: the version is what every replica has). Each queued a whole-document
     /// repair request to it, without bound, in front of this replica's own edits. One waits.
@@ -3986,6 +4081,8 @@ mod tests {
                 deletes: version.deletes,
                 digest: 1,
             };
+            // Each compared, as if they came a second apart.
+            h.session.compared.clear();
             h.peer_sends(7, step, body);
         }
         h.sent.clear();
@@ -4056,6 +4153,8 @@ mod tests {
                 deletes: version.deletes,
                 digest: if step % 2 == 0 { digest } else { 1 },
             };
+            // A second apart: each is compared.
+            h.now += CHECKPOINT_EVERY;
             h.peer_sends(7, step, body);
         }
         assert!(h.session.replica().digests.get() - before <= 1);
