@@ -20,16 +20,18 @@
 //! `PM_SIM_FROM` the first); `PM_SIM_SEED=N` runs one, with `PM_SIM_TRACE=1` to see it.
 #![cfg(not(target_arch = "wasm32"))]
 
+mod storage;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use pattern_mesh::doc::SharedDoc;
 use pattern_mesh::room::{self, Append, ConnId, Relayed, RoomCore, RoomLimits};
-use pattern_mesh::saved::Saved;
 use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status};
 use pattern_mesh::store::{Appended, MemoryStore};
 use pattern_mesh::wire::{close, part, Frame, Json, Limits, RoomConfig};
+use storage::Storage;
 
 const ROOM: &str = "shared";
 const TEXT: &str = "content";
@@ -119,9 +121,7 @@ enum Ev {
     /// A write to a client's storage ends.
     Saved {
         client: usize,
-        incarnation: u64,
-        saved: Saved,
-        updates: Vec<Vec<u8>>,
+        write: storage::Write,
     },
     /// A client's tab closes (its socket dies with it, with no close frame), and reopens
     /// from storage after `down` ms.
@@ -186,15 +186,8 @@ struct Client {
     /// The log positions received.
     positions: HashSet<u64>,
     anomalies: Vec<String>,
-    /// What storage holds: the session's state and its document's updates.
-    stored: Option<(Saved, Vec<Vec<u8>>)>,
-    saving: bool,
-    save_wanted: bool,
-    /// Which opening of the tab (a write that ends after the tab closed is lost).
-    incarnation: u64,
+    storage: Storage,
     closed: bool,
-    /// The data messages storage held at some point: a message is sent only after that.
-    stored_ids: HashSet<String>,
 }
 
 struct Sim {
@@ -288,12 +281,8 @@ impl Sim {
                 acked: Vec::new(),
                 positions: HashSet::new(),
                 anomalies: Vec::new(),
-                stored: None,
-                saving: false,
-                save_wanted: false,
-                incarnation: 0,
+                storage: Storage::default(),
                 closed: false,
-                stored_ids: HashSet::new(),
             });
             let first = sim.rng.range(0, 100);
             sim.at(first, Ev::Op { client: i });
@@ -336,24 +325,15 @@ impl Sim {
     }
 
     /// A session for client `i`, restored from `stored` if given.
-    fn new_session(
-        &mut self,
-        i: usize,
-        stored: Option<&(Saved, Vec<Vec<u8>>)>,
-    ) -> Session<SharedDoc> {
+    fn new_session(&mut self, i: usize, storage: Option<&Storage>) -> Session<SharedDoc> {
         let mut config = SessionConfig::new(ROOM, format!("c{i}"));
         config.connect_timeout = 3_600_000;
         config.seed = self.rng.next();
         config.relays = self.relays.len();
         config.persist = self.persist;
         let replica = SharedDoc::with_client_id(100 + i as u64);
-        if let Some((saved, doc)) = stored {
-            config.restore = Some(saved.clone());
-            for update in doc {
-                replica
-                    .apply_update(update)
-                    .expect("the stored document applies");
-            }
+        if let Some(storage) = storage {
+            storage.restore(&mut config, &replica);
         }
         Session::new(config, replica, self.now)
     }
@@ -361,24 +341,14 @@ impl Sim {
     /// Starts a write to storage if one is wanted and none is under way.
     fn save(&mut self, client: usize) {
         let c = &mut self.clients[client];
-        if c.saving || !c.save_wanted || c.closed {
+        if c.closed {
             return;
         }
-        c.saving = true;
-        c.save_wanted = false;
-        let saved = c.session.saved();
-        let updates = c.session.take_updates();
-        let incarnation = c.incarnation;
+        let Some(write) = c.storage.begin(&mut c.session) else {
+            return;
+        };
         let t = self.now + self.rng.range(1, 30);
-        self.at(
-            t,
-            Ev::Saved {
-                client,
-                incarnation,
-                saved,
-                updates,
-            },
-        );
+        self.at(t, Ev::Saved { client, write });
     }
 
     fn log(&mut self, what: impl FnOnce() -> String) {
@@ -570,31 +540,12 @@ impl Sim {
                 }
                 self.outputs(relay);
             }
-            Ev::Saved {
-                client,
-                incarnation,
-                saved,
-                updates,
-            } => {
-                let c = &mut self.clients[client];
-                if c.incarnation != incarnation {
-                    return;
-                }
-                c.saving = false;
-                for body in saved.bodies() {
-                    if let pattern_mesh::wire::Body::Data { data } = body {
-                        if let Ok(value) = data.to_value::<serde_json::Value>() {
-                            if let Some(id) = value["id"].as_str() {
-                                c.stored_ids.insert(id.to_owned());
-                            }
-                        }
-                    }
-                }
-                let stored = saved.stored();
-                let mut doc = c.stored.take().map(|(_, doc)| doc).unwrap_or_default();
-                doc.extend(updates);
-                c.stored = Some((saved, doc));
+            Ev::Saved { client, write } => {
                 let now = self.now;
+                let c = &mut self.clients[client];
+                let Some(stored) = c.storage.end(write) else {
+                    return;
+                };
                 c.session.handle_saved(now, stored);
                 self.save(client);
                 self.drive(client);
@@ -606,9 +557,7 @@ impl Sim {
                 self.log(|| format!("c{client}'s tab closes for {down} ms"));
                 let c = &mut self.clients[client];
                 c.closed = true;
-                c.incarnation += 1;
-                c.saving = false;
-                c.save_wanted = false;
+                c.storage.close();
                 c.generation += 1;
                 c.timer = None;
                 if let Some((relay, conn)) = c.conn.take() {
@@ -620,16 +569,17 @@ impl Sim {
                 self.at(t, Ev::Reopen { client });
             }
             Ev::Reopen { client } => {
-                let stored = self.clients[client].stored.clone();
-                let session = self.new_session(client, stored.as_ref());
-                let position = stored.as_ref().map_or(0, |(saved, _)| saved.position);
+                let storage = std::mem::take(&mut self.clients[client].storage);
+                let session = self.new_session(client, Some(&storage));
+                let position = storage.held.as_ref().map_or(0, |(saved, _)| saved.position);
                 self.reopens += 1;
                 self.log(|| format!("c{client} reopens from storage at position {position}"));
                 let c = &mut self.clients[client];
                 c.session = session;
                 c.closed = false;
+                c.storage = storage;
                 // What the closed tab had not stored is gone: it was never sent.
-                let stored_ids = &c.stored_ids;
+                let stored_ids = &c.storage.ids;
                 c.sent.retain(|id| stored_ids.contains(id));
                 // What came after the stored position comes again, to the new page.
                 c.received.retain(|&(_, p)| p <= position);
@@ -763,7 +713,7 @@ impl Sim {
                     }
                 }
                 session::Output::Save => {
-                    self.clients[client].save_wanted = true;
+                    self.clients[client].storage.want();
                     self.save(client);
                 }
             }

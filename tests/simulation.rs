@@ -23,6 +23,8 @@
 //! `PM_SIM_TRACE=1` prints what happened in it.
 #![cfg(not(target_arch = "wasm32"))]
 
+mod storage;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -30,13 +32,13 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use pattern_mesh::doc::SharedDoc;
 use pattern_mesh::room::{self, ConnId, RoomCore, RoomLimits};
-use pattern_mesh::saved::Saved;
 use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status};
 use pattern_mesh::store::MemoryStore;
 use pattern_mesh::wire::part;
 use pattern_mesh::wire::{
     close, Body, Frame, Json, Kind, Limits, NodeId, Positioned, ResumeToken, RoomConfig, Stamped,
 };
+use storage::{Storage, Write};
 
 const ROOM: &str = "sim";
 const TEXT: &str = "content";
@@ -340,9 +342,7 @@ enum Ev {
     /// A client's write to storage is done.
     Saved {
         client: usize,
-        incarnation: u64,
-        saved: Saved,
-        updates: Vec<Vec<u8>>,
+        write: Write,
     },
     /// A closed tab opens again.
     Reopen {
@@ -402,18 +402,11 @@ struct Client {
     sent_data: Vec<String>,
     /// Each data message received, with the log position the session was at after it.
     received_data: Vec<(String, u64)>,
-    /// What storage holds: the session, and the document as the updates appended to it, as of
-    /// the last finished write.
-    stored: Option<(Saved, Vec<Vec<u8>>)>,
-    /// A write to storage is under way; another is wanted after it.
-    saving: bool,
-    save_wanted: bool,
-    /// Counts the tab's openings: a write of an earlier one never finishes.
-    incarnation: u64,
+    /// Its storage: the session, and the document as the updates appended to it, as of the
+    /// last finished write.
+    storage: Storage,
     /// The tab is closed.
     closed: bool,
-    /// The data messages storage held at some point: a message is sent only after that.
-    stored_ids: HashSet<String>,
     /// (node, step, position) of each acknowledgement.
     acked: Vec<(u64, u64, u64)>,
     received: HashSet<u64>,
@@ -555,12 +548,8 @@ impl Sim {
                 ops: 0,
                 sent_data: Vec::new(),
                 received_data: Vec::new(),
-                stored: None,
-                saving: false,
-                save_wanted: false,
-                incarnation: 0,
+                storage: Storage::default(),
                 closed: false,
-                stored_ids: HashSet::new(),
                 acked: Vec::new(),
                 received: HashSet::new(),
                 refused: 0,
@@ -591,24 +580,15 @@ impl Sim {
     }
 
     /// A session for client `i`, from what storage holds if given.
-    fn new_session(
-        &mut self,
-        i: usize,
-        stored: Option<&(Saved, Vec<Vec<u8>>)>,
-    ) -> Session<SharedDoc> {
+    fn new_session(&mut self, i: usize, storage: Option<&Storage>) -> Session<SharedDoc> {
         let mut config = SessionConfig::new(ROOM, format!("c{i}"));
         config.connect_timeout = 3_600_000;
         config.seed = self.rng.next();
         config.persist = self.scenario.persist;
         config.heartbeat = self.scenario.heartbeat;
         let replica = SharedDoc::with_client_id(1_000 + i as u64);
-        if let Some((saved, doc)) = stored {
-            config.restore = Some(saved.clone());
-            for update in doc {
-                replica
-                    .apply_update(update)
-                    .expect("the stored document applies");
-            }
+        if let Some(storage) = storage {
+            storage.restore(&mut config, &replica);
         }
         Session::new(config, replica, self.now)
     }
@@ -616,24 +596,14 @@ impl Sim {
     /// Starts a write to storage if one is wanted and none is under way.
     fn save(&mut self, client: usize) {
         let c = &mut self.clients[client];
-        if c.saving || !c.save_wanted || c.closed {
+        if c.closed {
             return;
         }
-        c.saving = true;
-        c.save_wanted = false;
-        let saved = c.session.saved();
-        let updates = c.session.take_updates();
-        let incarnation = c.incarnation;
+        let Some(write) = c.storage.begin(&mut c.session) else {
+            return;
+        };
         let t = self.now + self.rng.range(1, 30);
-        self.at(
-            t,
-            Ev::Saved {
-                client,
-                incarnation,
-                saved,
-                updates,
-            },
-        );
+        self.at(t, Ev::Saved { client, write });
     }
 
     fn log(&mut self, what: impl FnOnce() -> String) {
@@ -804,40 +774,22 @@ impl Sim {
                 script,
                 done,
             } => self.scripted(client, script, done),
-            Ev::Saved {
-                client,
-                incarnation,
-                saved,
-                updates,
-            } => {
+            Ev::Saved { client, write } => {
                 let c = &mut self.clients[client];
-                if c.incarnation != incarnation {
+                let Some(stored) = c.storage.end(write) else {
                     return;
-                }
-                c.saving = false;
-                for body in saved.bodies() {
-                    if let Body::Data { data } = body {
-                        if let Ok(value) = data.to_value::<serde_json::Value>() {
-                            if let Some(id) = value["id"].as_str() {
-                                c.stored_ids.insert(id.to_owned());
-                            }
-                        }
-                    }
-                }
-                let stored = saved.stored();
-                let mut doc = c.stored.take().map(|(_, doc)| doc).unwrap_or_default();
-                doc.extend(updates);
-                c.stored = Some((saved, doc));
+                };
                 c.session.handle_saved(self.now, stored);
                 self.save(client);
                 self.drive(client);
             }
             Ev::Reopen { client } => {
-                let stored = self.clients[client].stored.clone();
-                let session = self.new_session(client, stored.as_ref());
-                let position = stored.as_ref().map_or(0, |(saved, _)| saved.position);
+                let storage = std::mem::take(&mut self.clients[client].storage);
+                let session = self.new_session(client, Some(&storage));
+                let stored = storage.held.as_ref();
+                let position = stored.map_or(0, |(saved, _)| saved.position);
                 self.stats.reopens += 1;
-                self.stats.restored += stored.as_ref().map_or(0, |(saved, _)| {
+                self.stats.restored += stored.map_or(0, |(saved, _)| {
                     (saved.sent.len() + saved.unsent.len()) as u64
                 });
                 self.log(|| format!("c{client} reopens from storage at position {position}"));
@@ -846,7 +798,8 @@ impl Sim {
                 c.closed = false;
                 c.paced = false;
                 // What the closed tab had not stored is gone: it was never sent.
-                let stored_ids = &c.stored_ids;
+                c.storage = storage;
+                let stored_ids = &c.storage.ids;
                 c.sent_data.retain(|id| stored_ids.contains(id));
                 // What came after the stored position comes again, to the new page.
                 c.received_data.retain(|&(_, p)| p <= position);
@@ -936,9 +889,7 @@ impl Sim {
                 self.log(|| format!("fault: c{client}'s tab closes until {until}"));
                 let c = &mut self.clients[client];
                 c.closed = true;
-                c.incarnation += 1;
-                c.saving = false;
-                c.save_wanted = false;
+                c.storage.close();
                 c.generation += 1;
                 c.timer = None;
                 if let Some(conn) = c.conn.take() {
@@ -1208,7 +1159,7 @@ impl Sim {
                     }
                 }
                 session::Output::Save => {
-                    self.clients[client].save_wanted = true;
+                    self.clients[client].storage.want();
                     self.save(client);
                 }
             }

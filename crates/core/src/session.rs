@@ -2493,6 +2493,24 @@ mod tests {
     use super::*;
     use crate::doc::SharedDoc;
 
+    /// A node 600 steps ahead of a room at step 10, with a data message in flight, welcomed
+    /// back with no floor: open, its new identity put off until the data is stored.
+    fn far_ahead_with_data_in_flight() -> Harness {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let _ = h.session.clock.pass(600);
+        h.session
+            .broadcast(h.now, Json::parse("1").unwrap())
+            .unwrap();
+        h.pump();
+        h.reconnect();
+        assert_eq!(last_join(&h), Some(Some([1; 16])));
+        h.sent.clear();
+        h.welcome(2, 1, (10, 1), None);
+        assert_eq!(h.session.status(), Status::Open);
+        h
+    }
+
     /// The resume token of the last join sent, if one was.
     fn last_join<R>(h: &Harness<R>) -> Option<Option<ResumeToken>> {
         h.sent.iter().rev().find_map(|f| match f {
@@ -2659,6 +2677,21 @@ mod tests {
             self.pump();
         }
 
+        /// Connects and joins as `node` (its token `[node; 16]`) of a room with `config`, at
+        /// `high` in log `log`, with `floor`, and the catch-up's end.
+        fn joined(
+            &mut self,
+            node: NodeId,
+            config: RoomConfig,
+            (high, log): (Step, u64),
+            floor: Option<Step>,
+        ) {
+            assert!(self.pump(), "the session asks to connect");
+            self.session.handle_connected(self.now);
+            self.pump();
+            self.welcome_in(config, node, node as u8, (high, log), floor);
+        }
+
         /// A welcome as `node` (its token `[token; 16]`) at `high` in log `log`, with `floor`,
         /// and the catch-up's end.
         fn welcome(
@@ -2668,10 +2701,22 @@ mod tests {
             (high, log): (Step, u64),
             floor: Option<Step>,
         ) {
+            self.welcome_in(RoomConfig::default(), node, token, (high, log), floor);
+        }
+
+        /// The same, in a room with `config`.
+        fn welcome_in(
+            &mut self,
+            config: RoomConfig,
+            node: NodeId,
+            token: u8,
+            (high, log): (Step, u64),
+            floor: Option<Step>,
+        ) {
             self.frame(Frame::Welcome {
                 node,
                 resume: [token; 16],
-                config: RoomConfig::default(),
+                config,
                 limits: self.relay,
                 high,
                 log,
@@ -2896,19 +2941,8 @@ mod tests {
     /// it does once the data is stored.
     #[test]
     fn a_node_far_ahead_of_the_room_with_no_floor_joins_again_as_a_new_node() {
-        let mut h = Harness::new();
-        h.join(2, 1, &[]);
-        let _ = h.session.clock.pass(600);
         // Data in flight: the node is kept, and the data goes again with its stamp.
-        h.session
-            .broadcast(h.now, Json::parse("1").unwrap())
-            .unwrap();
-        h.pump();
-        h.reconnect();
-        assert_eq!(last_join(&h), Some(Some([1; 16])));
-        h.sent.clear();
-        h.welcome(2, 1, (10, 1), None);
-        assert_eq!(h.session.status(), Status::Open);
+        let mut h = far_ahead_with_data_in_flight();
         assert_eq!(h.stamped().len(), 1);
         assert_eq!(h.stamped()[0].stamp.sender, 2);
         assert_eq!(h.stamped()[0].stamp.step, 601);
@@ -2966,20 +3000,7 @@ mod tests {
             ..RoomConfig::default()
         };
         let welcome = |h: &mut Harness, node: NodeId, high: Step, floor: Option<Step>| {
-            assert!(h.pump(), "the session asks to connect");
-            h.session.handle_connected(h.now);
-            h.pump();
-            h.frame(Frame::Welcome {
-                node,
-                resume: [node as u8; 16],
-                config,
-                limits: h.relay,
-                high,
-                log: 1,
-                peers: Vec::new(),
-                floor,
-            });
-            h.frame(Frame::CaughtUp { high, position: 0 });
+            h.joined(node, config, (high, 1), floor);
         };
         welcome(&mut h, 2, 0, None);
         let _ = h.session.clock.pass(50);
@@ -3003,17 +3024,7 @@ mod tests {
     /// meanwhile.
     #[test]
     fn a_new_identity_put_off_for_data_in_flight_is_not_asked_for_after_another_welcome() {
-        let mut h = Harness::new();
-        h.join(2, 1, &[]);
-        let _ = h.session.clock.pass(600);
-        h.session
-            .broadcast(h.now, Json::parse("1").unwrap())
-            .unwrap();
-        h.pump();
-        h.reconnect();
-        h.sent.clear();
-        h.welcome(2, 1, (10, 1), None);
-        assert_eq!(h.session.status(), Status::Open);
+        let mut h = far_ahead_with_data_in_flight();
         h.session
             .broadcast(h.now, Json::parse("2").unwrap())
             .unwrap();
@@ -3330,20 +3341,7 @@ mod tests {
         let mut config = SessionConfig::new("r", "a");
         config.persist = true;
         let joined = |h: &mut Harness, node: NodeId, log: u64, high: Step| {
-            assert!(h.pump(), "the session asks to connect");
-            h.session.handle_connected(h.now);
-            h.pump();
-            h.frame(Frame::Welcome {
-                node,
-                resume: [node as u8; 16],
-                config: RoomConfig::default(),
-                limits: h.relay,
-                high,
-                log,
-                peers: Vec::new(),
-                floor: None,
-            });
-            h.frame(Frame::CaughtUp { high, position: 0 });
+            h.joined(node, RoomConfig::default(), (high, log), None);
         };
         let mut h = Harness::with(config.clone());
         joined(&mut h, 2, 1, 1_200);
@@ -4001,34 +3999,6 @@ mod tests {
         assert_eq!(kinds, [Kind::Update]);
     }
 
-    /// A replica that counts the times its version is taken.
-    struct Counting {
-        doc: SharedDoc,
-        versions: std::cell::Cell<usize>,
-    }
-
-    impl Replica for Counting {
-        fn apply_update(&mut self, update: &[u8]) -> Result<(), crate::doc::DocError> {
-            Replica::apply_update(&mut self.doc, update)
-        }
-        fn state_vector(&self) -> Vec<u8> {
-            Replica::state_vector(&self.doc)
-        }
-        fn diff(&self, remote: &[u8]) -> Result<Vec<u8>, crate::doc::DocError> {
-            Replica::diff(&self.doc, remote)
-        }
-        fn version(&self) -> Version {
-            self.versions.set(self.versions.get() + 1);
-            Replica::version(&self.doc)
-        }
-        fn digest(&self) -> u64 {
-            Replica::digest(&self.doc)
-        }
-        fn is_empty(&self) -> bool {
-            Replica::is_empty(&self.doc)
-        }
-    }
-
     /// Taking the version walks the whole document, and a member may send checkpoints as fast
     /// as the relay lets it: each was compared with this replica, so one member could keep
     /// every other tab of a large document busy. A sender's checkpoints are compared at most
@@ -4037,10 +4007,7 @@ mod tests {
     fn a_senders_checkpoints_are_compared_at_most_once_a_second() {
         let doc = SharedDoc::new();
         let _ = doc.insert("t", 0, "text").unwrap();
-        let replica = Counting {
-            doc,
-            versions: std::cell::Cell::new(0),
-        };
+        let replica = Counted::new(doc);
         let mut h = Harness::of(SessionConfig::new("r", "a"), replica);
         h.join(2, 1, &[7, 8]);
         let version = h.session.replica().doc.version();
@@ -4050,7 +4017,7 @@ mod tests {
             deletes: version.deletes,
             digest: 1,
         };
-        let taken = |h: &Harness<Counting>| h.session.replica().versions.get();
+        let taken = |h: &Harness<Counted>| h.session.replica().versions.get();
         let before = taken(&h);
         for step in 2..52 {
             h.peer_sends(7, step, checkpoint());
@@ -4099,10 +4066,21 @@ mod tests {
         assert_eq!(repairs, 1, "repair requests after the checkpoints");
     }
 
-    /// The built-in document, counting the digests taken of it.
+    /// The built-in document, counting the versions and digests taken of it.
     struct Counted {
         doc: SharedDoc,
+        versions: std::cell::Cell<usize>,
         digests: std::cell::Cell<usize>,
+    }
+
+    impl Counted {
+        fn new(doc: SharedDoc) -> Self {
+            Self {
+                doc,
+                versions: std::cell::Cell::new(0),
+                digests: std::cell::Cell::new(0),
+            }
+        }
     }
 
     impl Replica for Counted {
@@ -4116,6 +4094,7 @@ mod tests {
             Replica::diff(&self.doc, remote)
         }
         fn version(&self) -> Version {
+            self.versions.set(self.versions.get() + 1);
             Replica::version(&self.doc)
         }
         fn digest(&self) -> u64 {
@@ -4133,10 +4112,7 @@ mod tests {
     #[test]
     fn checkpoints_at_one_version_cost_one_digest() {
         let doc = SharedDoc::with_client_id(1);
-        let counted = Counted {
-            doc,
-            digests: std::cell::Cell::new(0),
-        };
+        let counted = Counted::new(doc);
         let mut h = Harness::of(SessionConfig::new("r", "a"), counted);
         h.join(2, 1, &[7]);
         let update = h.session.replica().doc.insert("t", 0, "text").unwrap();
