@@ -1748,6 +1748,7 @@ impl<R: Replica> Session<R> {
         // Inserted one by one: `collect` into a map sorts with the standard library's stable sort,
         // kilobytes of wasm for a list the relay sends in order anyway.
         self.peers.clear();
+        self.compared.clear();
         for peer in peers {
             self.peers.insert(peer.node, peer.name);
         }
