@@ -480,8 +480,9 @@ pub struct Session<R> {
     /// text, and a member may send checkpoint after checkpoint at this replica's version.
     digested: Option<(Version, u64)>,
     /// When each sender's last checkpoint was compared with this replica (see
-    /// [`CHECKPOINT_EVERY`]).
-    compared: BTreeMap<NodeId, u64>,
+    /// [`CHECKPOINT_EVERY`]). A list, searched in order: a map of its own would add kilobytes
+    /// of wasm, for the few peers a room has.
+    compared: Vec<(NodeId, u64)>,
     /// When the connection last brought a frame, when the next heartbeat goes out, and when
     /// the first heartbeat sent since that frame went out (the relay answers each).
     heard_at: u64,
@@ -550,7 +551,7 @@ impl<R: Replica> Session<R> {
             forbidden: false,
             answer_refused: false,
             digested: None,
-            compared: BTreeMap::new(),
+            compared: Vec::new(),
             heard_at: now,
             beat_at: now,
             probe: None,
@@ -1544,7 +1545,7 @@ impl<R: Replica> Session<R> {
             }
             Frame::PeerLeft { node } => {
                 self.peers.remove(&node);
-                self.compared.remove(&node);
+                self.compared.retain(|&(sender, _)| sender != node);
                 self.forget_presence(node);
                 let peers = self.peers();
                 self.emit(Event::Peers {
@@ -2179,18 +2180,18 @@ impl<R: Replica> Session<R> {
     /// Whether a checkpoint of `sender` may be compared with this replica now: at most one in
     /// [`CHECKPOINT_EVERY`] of each sender is.
     fn may_compare(&mut self, sender: NodeId, now: u64) -> bool {
-        if self
-            .compared
-            .get(&sender)
-            .is_some_and(|&at| now < at.saturating_add(CHECKPOINT_EVERY))
-        {
-            return false;
+        if let Some((_, at)) = self.compared.iter_mut().find(|(node, _)| *node == sender) {
+            if now < at.saturating_add(CHECKPOINT_EVERY) {
+                return false;
+            }
+            *at = now;
+            return true;
         }
         if self.compared.len() >= MAX_COMPARED {
             self.compared
-                .retain(|_, at| now < at.saturating_add(CHECKPOINT_EVERY));
+                .retain(|&(_, at)| now < at.saturating_add(CHECKPOINT_EVERY));
         }
-        self.compared.insert(sender, now);
+        self.compared.push((sender, now));
         true
     }
 
