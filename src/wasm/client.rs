@@ -12,8 +12,6 @@
 //! there throws a `BusyError` instead of touching the borrowed state.
 
 use std::cell::{Cell, RefCell};
-#[cfg(feature = "document")]
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use futures_channel::mpsc::{unbounded, UnboundedSender};
@@ -24,7 +22,7 @@ use gloo_net::websocket::{futures::WebSocket, Message, WebSocketError};
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
-    bytes_arg, function_arg, invalid_argument, js_error, options_arg, string_arg, u32_arg,
+    bytes_arg, function_arg, invalid_argument, js_error, options_arg, quoted, string_arg, u32_arg,
 };
 use super::fatal::{register, Registration, Timer};
 use super::frames::{
@@ -42,6 +40,8 @@ use crate::doc::Replica as _;
 #[cfg(feature = "document")]
 use crate::doc::{SharedDoc, TextDelta};
 use crate::session::{Event, Output, Session, SessionConfig, SessionError, Status};
+#[cfg(feature = "document")]
+use crate::vec_map::VecMap;
 use crate::wire::{Limits, RoomConfig};
 
 /// `MeshClient.connect`'s options.
@@ -266,7 +266,7 @@ struct Driver {
     last_now: Cell<u64>,
     skew: Cell<u64>,
     #[cfg(feature = "document")]
-    observed: HashMap<String, u64>,
+    observed: VecMap<String, u64>,
     #[cfg(feature = "document")]
     deltas: Rc<RefCell<Vec<TextChange>>>,
     #[cfg(feature = "document")]
@@ -1057,7 +1057,8 @@ impl MeshClient {
             .find(|url| !url.starts_with("ws://") && !url.starts_with("wss://"))
         {
             return Err(invalid_argument(format!(
-                "url must start with ws:// or wss://, got {url:?}"
+                "url must start with ws:// or wss://, got {}",
+                quoted(url)
             )));
         }
         let limits = Limits::default();
@@ -1131,7 +1132,7 @@ impl MeshClient {
             last_now: Cell::new(now),
             skew: Cell::new(0),
             #[cfg(feature = "document")]
-            observed: HashMap::new(),
+            observed: VecMap::new(),
             #[cfg(feature = "document")]
             deltas: Rc::default(),
             #[cfg(feature = "document")]
@@ -1227,7 +1228,7 @@ impl MeshClient {
         let driver = self.driver()?;
         let peers = driver.session.peers();
         let list = js_sys::Array::new();
-        for (&node, data) in driver.session.presences() {
+        for (&node, data) in driver.session.presences().iter() {
             let name = peers
                 .iter()
                 .find(|p| p.node == node)
@@ -1454,7 +1455,7 @@ impl MeshClient {
                 "this client carries the application's document (the document option): edit that one",
             ));
         };
-        if !driver.observed.contains_key(name) {
+        if !driver.observed.keys().any(|observed| observed == name) {
             let deltas = driver.deltas.clone();
             let remote = driver.remote.clone();
             let text = name.to_owned();
@@ -1481,7 +1482,8 @@ impl MeshClient {
         let listener = function_arg("listener", &listener)?;
         let Some(&event) = EVENTS.iter().find(|e| **e == event) else {
             return Err(invalid_argument(format!(
-                "unknown event {event:?}; events are {}",
+                "unknown event {}; events are {}",
+                quoted(&event),
                 EVENTS.join(", ")
             )));
         };

@@ -10,8 +10,8 @@ use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
-    describe, field, invalid_argument, js_error, object_arg, string_arg, to_f64, to_js, u64_arg,
-    what_it_is,
+    describe, field, invalid_argument, js_error, object_arg, quoted, string_arg, to_f64, to_js,
+    u64_arg, what_it_is,
 };
 use super::frames::{json_from_js, json_to_js, presence_to_js, stamped_to_js, Fields};
 use super::pattern::room_config_arg;
@@ -269,7 +269,8 @@ impl AnyFrame<'_> {
             .map(Some)
             .ok_or_else(|| {
                 invalid_argument(format!(
-                    "the frame's `reason` {name:?} is not one of the reasons ({})",
+                    "the frame's `reason` {} is not one of the reasons ({})",
+                    quoted(&name),
                     Reason::ALL.map(Reason::as_str).join(", ")
                 ))
             })

@@ -92,6 +92,15 @@ pub(crate) fn describe(error: &JsValue) -> String {
 }
 
 /// How an argument of the wrong type is described: its type, and its value where short.
+/// `s` in double quotes, escaped as JSON writes it: how error messages show a string they name.
+/// (Rust's `{:?}` would do the same, but brings in the standard library's `Debug` escaping.)
+pub(crate) fn quoted(s: &str) -> String {
+    js_sys::JSON::stringify(&JsValue::from_str(s))
+        .ok()
+        .and_then(|json| json.as_string())
+        .unwrap_or_default()
+}
+
 pub(crate) fn what_it_is(value: &JsValue) -> String {
     if value.is_null() {
         "null".into()
@@ -101,7 +110,7 @@ pub(crate) fn what_it_is(value: &JsValue) -> String {
         format!("the number {}", number_text(n))
     } else if let Some(s) = value.as_string() {
         let shown: String = s.chars().take(40).collect();
-        format!("the string {shown:?}")
+        format!("the string {}", quoted(&shown))
     } else if let Some(b) = value.as_bool() {
         format!("{b}")
     } else if value.is_bigint() {
@@ -183,7 +192,8 @@ pub(crate) fn options_arg(what: &str, value: &JsValue, accepted: &[&str]) -> Res
         let key = key.as_string().unwrap_or_default();
         if !accepted.contains(&key.as_str()) {
             return Err(invalid_argument(format!(
-                "{what} has an unknown key {key:?}; the accepted keys are {list}"
+                "{what} has an unknown key {}; the accepted keys are {list}",
+                quoted(&key)
             )));
         }
     }

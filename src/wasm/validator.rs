@@ -10,7 +10,8 @@ use crate::wire::Reason;
 use {
     super::codec::frame_from_js,
     super::errors::{
-        describe, field, invalid_argument, js_error, object_arg, options_arg, to_u64, u64_arg,
+        describe, field, invalid_argument, js_error, object_arg, options_arg, quoted, to_u64,
+        u64_arg,
     },
     super::pattern::params_arg,
     super::types::{JsFrameOrBytes, JsOrigin, JsValidatorOptions},
@@ -266,7 +267,10 @@ fn origin_from_js(origin: JsValue) -> Result<Origin, JsValue> {
             "the origin's connection",
             &fields.connection().map_err(threw)?,
         )?)),
-        _ => Err(invalid_argument(format!("{SHAPE}, got the key {key:?}"))),
+        _ => Err(invalid_argument(format!(
+            "{SHAPE}, got the key {}",
+            quoted(&key)
+        ))),
     }
 }
 

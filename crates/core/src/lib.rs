@@ -19,4 +19,5 @@ pub mod session;
 #[cfg(feature = "yrs")]
 pub mod store;
 pub mod validate;
+pub mod vec_map;
 pub mod wire;

@@ -129,7 +129,10 @@ pub struct PatternConfig {
 
 impl Default for PatternConfig {
     fn default() -> Self {
-        Self::new(PatternParams::default()).expect("the default configuration is valid")
+        // Not `expect`: that would keep `ConfigError`'s `Debug` (and the standard library's
+        // string escaping) in every wasm build for a panic that cannot happen.
+        Self::new(PatternParams::default())
+            .unwrap_or_else(|_| unreachable!("the default configuration is valid"))
     }
 }
 

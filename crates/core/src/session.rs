@@ -41,7 +41,7 @@
 //! joins again without its resume token (once no data message is in flight, which would arrive
 //! twice).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use crate::clock::{Advance, StepClock};
 use crate::doc::{has_insertions, Replica, Version};
@@ -49,6 +49,7 @@ use crate::pace::TokenBucket;
 use crate::pattern::{PatternConfig, PatternValue, Step};
 use crate::saved::{decode_message, encode_unsent, Saved, Stored};
 use crate::validate::{Counters, Origin, Validator, ValidatorConfig, Verdict};
+use crate::vec_map::VecMap;
 use crate::wire::part::{self, Reassembler};
 use crate::wire::{
     close, Body, Frame, Json, Kind, Limits, NodeId, Peer, Positioned, Reason, RelayLimits,
@@ -443,9 +444,9 @@ pub struct Session<R> {
     /// The name the last join gave, and whether the relay must hear a newer one.
     announced: String,
     rename_due: bool,
-    peers: BTreeMap<NodeId, String>,
+    peers: VecMap<NodeId, String>,
     /// The latest presence of each peer present (a peer that leaves takes its presence along).
-    presences: BTreeMap<NodeId, Json>,
+    presences: VecMap<NodeId, Json>,
     rng: u64,
     outputs: VecDeque<Output>,
     events: VecDeque<Event>,
@@ -480,9 +481,8 @@ pub struct Session<R> {
     /// text, and a member may send checkpoint after checkpoint at this replica's version.
     digested: Option<(Version, u64)>,
     /// When each sender's last checkpoint was compared with this replica (see
-    /// [`CHECKPOINT_EVERY`]). A list, searched in order: a map of its own would add kilobytes
-    /// of wasm, for the few peers a room has.
-    compared: Vec<(NodeId, u64)>,
+    /// [`CHECKPOINT_EVERY`]).
+    compared: VecMap<NodeId, u64>,
     /// When the connection last brought a frame, when the next heartbeat goes out, and when
     /// the first heartbeat sent since that frame went out (the relay answers each).
     heard_at: u64,
@@ -536,8 +536,8 @@ impl<R: Replica> Session<R> {
             paced_told: None,
             announced: String::new(),
             rename_due: false,
-            peers: BTreeMap::new(),
-            presences: BTreeMap::new(),
+            peers: VecMap::new(),
+            presences: VecMap::new(),
             outputs: VecDeque::new(),
             events: VecDeque::new(),
             stored_upto: 0,
@@ -551,7 +551,7 @@ impl<R: Replica> Session<R> {
             forbidden: false,
             answer_refused: false,
             digested: None,
-            compared: Vec::new(),
+            compared: VecMap::new(),
             heard_at: now,
             beat_at: now,
             probe: None,
@@ -729,7 +729,7 @@ impl<R: Replica> Session<R> {
     }
 
     /// The latest presence of each peer present that has set one, by node id.
-    pub fn presences(&self) -> &BTreeMap<NodeId, Json> {
+    pub fn presences(&self) -> &VecMap<NodeId, Json> {
         &self.presences
     }
 
@@ -1545,7 +1545,7 @@ impl<R: Replica> Session<R> {
             }
             Frame::PeerLeft { node } => {
                 self.peers.remove(&node);
-                self.compared.retain(|&(sender, _)| sender != node);
+                self.compared.remove(&node);
                 self.forget_presence(node);
                 let peers = self.peers();
                 self.emit(Event::Peers {
@@ -2180,7 +2180,7 @@ impl<R: Replica> Session<R> {
     /// Whether a checkpoint of `sender` may be compared with this replica now: at most one in
     /// [`CHECKPOINT_EVERY`] of each sender is.
     fn may_compare(&mut self, sender: NodeId, now: u64) -> bool {
-        if let Some((_, at)) = self.compared.iter_mut().find(|(node, _)| *node == sender) {
+        if let Some(at) = self.compared.get_mut(&sender) {
             if now < at.saturating_add(CHECKPOINT_EVERY) {
                 return false;
             }
@@ -2189,9 +2189,9 @@ impl<R: Replica> Session<R> {
         }
         if self.compared.len() >= MAX_COMPARED {
             self.compared
-                .retain(|&(_, at)| now < at.saturating_add(CHECKPOINT_EVERY));
+                .retain(|_, at| now < at.saturating_add(CHECKPOINT_EVERY));
         }
-        self.compared.push((sender, now));
+        self.compared.insert(sender, now);
         true
     }
 

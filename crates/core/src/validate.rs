@@ -22,7 +22,7 @@
 //! The validator is sans-IO: the caller passes the receiver's clock (`local`) and the time in
 //! milliseconds, so the same code runs in the browser, in the relay and in tests.
 
-use std::collections::HashMap;
+use crate::vec_map::VecMap;
 
 use crate::pattern::{ConfigError, PatternConfig, Step};
 use crate::wire::{NodeId, Reason, RoomConfig, Stamp};
@@ -74,7 +74,9 @@ pub struct ValidatorConfig {
 
 impl Default for ValidatorConfig {
     fn default() -> Self {
-        Self::for_room(&RoomConfig::default()).expect("the default room configuration is valid")
+        // Not `expect`, for the reason `PatternConfig::default` gives.
+        Self::for_room(&RoomConfig::default())
+            .unwrap_or_else(|_| unreachable!("the default room configuration is valid"))
     }
 }
 
@@ -138,7 +140,7 @@ struct SenderState {
 #[derive(Debug, Clone)]
 pub struct Validator {
     config: ValidatorConfig,
-    senders: HashMap<NodeId, SenderState>,
+    senders: VecMap<NodeId, SenderState>,
     /// The highest last step of any evicted sender: an unknown sender must send above it.
     evicted_floor: Step,
     counters: Counters,
@@ -149,7 +151,7 @@ impl Validator {
     pub fn new(config: ValidatorConfig) -> Self {
         Self {
             config,
-            senders: HashMap::new(),
+            senders: VecMap::new(),
             evicted_floor: 0,
             counters: Counters::default(),
         }
