@@ -97,8 +97,9 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Frames queued for one connection before it counts as too slow and is disconnected.
     pub send_queue: usize,
-    /// Bytes queued for one connection before it counts as too slow and is disconnected (one
-    /// message is always queued, whatever its size).
+    /// Bytes queued for one connection before it counts as too slow and is disconnected (a
+    /// message whose start is queued is queued whole, whatever its size: a queue holds at most
+    /// this and one message).
     pub send_queue_bytes: usize,
     /// From its TCP accept, how long a connection has to send its join (an HTTP request that
     /// is not a WebSocket must be over by then too).

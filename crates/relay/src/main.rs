@@ -98,8 +98,8 @@ mod native {
         #[arg(long, env = "PM_SEND_QUEUE", default_value_t = 4_096,
               value_parser = clap::value_parser!(u32).range(1..))]
         send_queue: u32,
-        /// Bytes queued for one connection before it is disconnected as too slow (one message
-        /// is always queued, whatever its size).
+        /// Bytes queued for one connection before it is disconnected as too slow (a message
+        /// whose start is queued is queued whole, whatever its size).
         #[arg(long, env = "PM_SEND_QUEUE_BYTES", default_value_t = 16 << 20,
               value_parser = clap::value_parser!(u64).range(1..))]
         send_queue_bytes: u64,

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use pattern_mesh_core::wire::part;
 use tokio::sync::Notify;
 
 /// Capacity kept after a burst has drained; anything larger is released.
@@ -33,6 +34,12 @@ struct State {
     /// its size, so a message at the message limit still reaches an empty queue).
     bytes: usize,
     max_bytes: usize,
+    /// Whether the queue let in the start of a message sent in parts and not yet its end: the
+    /// rest of it is let in whatever the bounds. The room queues every part of a message at
+    /// once, so a message larger than the bounds (a paste of 20 MB against 16 MiB) would
+    /// otherwise cut off every member it went to. A queue holds at most its bounds and one
+    /// message.
+    in_message: bool,
     sender_gone: bool,
     receiver_gone: bool,
     close: Option<(u16, String)>,
@@ -61,6 +68,7 @@ pub(crate) fn queue(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
             capacity,
             bytes: 0,
             max_bytes,
+            in_message: false,
             sender_gone: false,
             receiver_gone: false,
             close: None,
@@ -74,18 +82,31 @@ pub(crate) fn queue(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
 pub(crate) struct Sender(Arc<Shared>);
 
 impl Sender {
-    /// Queues `bytes` unless the queue is full or the connection has gone.
+    /// Queues `bytes` unless the queue is full or the connection has gone; a part that
+    /// continues a message whose start the queue let in is let in whatever the bounds.
     pub(crate) fn try_send(&self, bytes: Bytes) -> Result<(), SendError> {
         {
             let mut state = self.0.lock();
             if state.receiver_gone {
                 return Err(SendError::Closed);
             }
-            if state.items.len() >= state.capacity {
-                return Err(SendError::Full { bytes: false });
+            let span = part::span(&bytes);
+            let continues = state.in_message && span.is_some_and(|s| !s.starts());
+            if !continues {
+                let full = if state.items.len() >= state.capacity {
+                    Some(false)
+                } else if !state.items.is_empty() && state.bytes + bytes.len() > state.max_bytes {
+                    Some(true)
+                } else {
+                    None
+                };
+                if let Some(bytes) = full {
+                    state.in_message = false;
+                    return Err(SendError::Full { bytes });
+                }
             }
-            if !state.items.is_empty() && state.bytes + bytes.len() > state.max_bytes {
-                return Err(SendError::Full { bytes: true });
+            if let Some(span) = span {
+                state.in_message = !span.ends();
             }
             state.bytes += bytes.len();
             state.items.push_back(bytes);
@@ -217,6 +238,44 @@ mod tests {
         );
         rx.try_recv().unwrap();
         tx.try_send(Bytes::from(vec![1])).unwrap();
+    }
+
+    /// The parts of a message over the bounds, in bytes and in frames, are let in whole once its
+    /// first part is; the next message is judged by the bounds again, and so is a part whose
+    /// message's start was refused.
+    #[test]
+    fn a_message_in_parts_is_let_in_whole_once_its_start_is() {
+        let parts = |n: usize| -> Vec<Bytes> {
+            part::fragment(&vec![7u8; n], 100)
+                .into_iter()
+                .map(Bytes::from)
+                .collect()
+        };
+        let (tx, mut rx) = queue(4, 150);
+        let message = parts(1_000);
+        assert!(message.len() > 4);
+        for part in &message {
+            tx.try_send(part.clone()).unwrap();
+        }
+        assert_eq!(
+            tx.try_send(parts(1_000)[0].clone()),
+            Err(SendError::Full { bytes: false }),
+            "the next message is judged by the bounds"
+        );
+        assert_eq!(
+            tx.try_send(message[1].clone()),
+            Err(SendError::Full { bytes: false }),
+            "a part whose start was refused is judged by the bounds"
+        );
+        let mut got = 0;
+        while rx.try_recv().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, message.len());
+        // An empty queue takes the start again, and with it the rest.
+        for part in parts(1_000) {
+            tx.try_send(part).unwrap();
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ mod common;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::{session, start, start_in, temp_dir, Proxy};
+use common::{http_get, session, start, start_in, temp_dir, Proxy};
 use pattern_mesh_client::{Client, ClientError};
 use pattern_mesh_core::session::{Event, Source, Status};
 use pattern_mesh_core::wire::{Json, Reason};
@@ -57,6 +57,42 @@ async fn pastes_of_1_2_mib_and_20_mb_reach_the_other_client_and_a_late_joiner() 
         .await
         .unwrap();
     assert_eq!(late.text(TEXT), a.text(TEXT));
+}
+
+/// A message larger than a member's send queue holds in bytes (a paste of 20 MB against the
+/// default 16 MiB) goes out to each member in parts, queued all at once: the queue refused the
+/// part that took it over its bound, and the relay cut every other member off as slow. They
+/// reconnected and read the paste from the log, so it arrived late, and every time. A queue
+/// that lets in a message's first part now lets in the rest of it.
+#[tokio::test]
+async fn a_message_larger_than_the_send_queue_reaches_every_member_without_cutting_it_off() {
+    let server = start("queue-message", |c| c.send_queue_bytes = 256 << 10).await;
+    let a = Client::connect(&server.url(), session("queue", "a"))
+        .await
+        .unwrap();
+    let b = Client::connect(&server.url(), session("queue", "b"))
+        .await
+        .unwrap();
+    let paste = "p".repeat(3 << 20);
+    b.insert(TEXT, 0, &paste).unwrap();
+    until("the paste", Duration::from_secs(30), || {
+        a.text(TEXT).len() == paste.len()
+    })
+    .await;
+    b.settled(Duration::from_secs(30)).await.unwrap();
+    let late = Client::connect(&server.url(), session("queue", "late"))
+        .await
+        .unwrap();
+    assert_eq!(late.text(TEXT).len(), paste.len());
+    let metrics = http_get(server.addr, "/metrics").await;
+    assert!(
+        metrics.contains("pattern_mesh_slow_consumers_total 0"),
+        "a member was cut off as slow: {}",
+        metrics
+            .lines()
+            .find(|l| l.starts_with("pattern_mesh_slow_consumers_total"))
+            .unwrap_or("no such metric")
+    );
 }
 
 #[tokio::test]

@@ -9,8 +9,8 @@
 //! The relay puts a message together, validates it and stores it whole; when it sends it on, it
 //! splits it again for each receiver's frame limit.
 
-use super::codec::var_len;
-use super::{DecodeError, Frame, PROTOCOL_VERSION};
+use super::codec::{var_len, Reader};
+use super::{DecodeError, Frame, Kind, PROTOCOL_VERSION};
 
 /// The bytes a part frame adds around its piece: the header and three varints.
 pub fn overhead(total: u64, offset: u64, piece: usize) -> usize {
@@ -54,6 +54,50 @@ pub fn count(len: usize, max_frame: usize) -> usize {
         .saturating_sub(overhead(total, total, max_frame))
         .max(1);
     len.div_ceil(piece)
+}
+
+/// Where the piece of a part frame lies in its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The offset of the piece's first byte.
+    pub offset: u64,
+    /// The offset after the piece's last byte.
+    pub end: u64,
+    /// The whole message's length.
+    pub total: u64,
+}
+
+impl Span {
+    /// Whether the piece starts its message.
+    pub fn starts(&self) -> bool {
+        self.offset == 0
+    }
+
+    /// Whether the piece ends its message.
+    pub fn ends(&self) -> bool {
+        self.end >= self.total
+    }
+}
+
+/// The span of `frame` if it is a part, read from its header alone (a sender's queue tells the
+/// parts of one message from other frames without decoding them); `None` for any other frame,
+/// or bytes that are not a frame.
+pub fn span(frame: &[u8]) -> Option<Span> {
+    let mut r = Reader::new(frame);
+    if r.u8("version").ok()? != PROTOCOL_VERSION
+        || Kind::from_byte(r.u8("kind").ok()?)? != Kind::Part
+        || r.u8("flags").ok()? != 0
+    {
+        return None;
+    }
+    let total = r.var("total").ok()?;
+    let offset = r.var("offset").ok()?;
+    let len = r.var("bytes").ok()?;
+    Some(Span {
+        offset,
+        end: offset.saturating_add(len),
+        total,
+    })
 }
 
 /// Puts the parts of one message back together.
@@ -245,6 +289,31 @@ mod tests {
             out = r.push(total, offset, bytes, limits.max_message).unwrap();
         }
         out.expect("complete")
+    }
+
+    #[test]
+    fn a_parts_span_is_read_from_its_header_and_other_frames_have_none() {
+        let message = big_update(10_000);
+        let parts = fragment(&message, 1_000);
+        let spans: Vec<Span> = parts.iter().map(|p| span(p).expect("a part")).collect();
+        assert!(spans[0].starts() && !spans[0].ends());
+        assert!(spans.last().unwrap().ends());
+        for (pair, part) in spans.windows(2).zip(&parts) {
+            assert_eq!(pair[0].end, pair[1].offset);
+            assert!(!pair[1].starts());
+            assert_eq!(pair[0].total, message.len() as u64);
+            let Frame::Part { offset, bytes, .. } = Frame::decode(part).unwrap() else {
+                panic!("a part");
+            };
+            assert_eq!(
+                (offset, offset + bytes.len() as u64),
+                (pair[0].offset, pair[0].end)
+            );
+        }
+        assert_eq!(span(&message), None);
+        assert_eq!(span(&Frame::Heartbeat.encode()), None);
+        assert_eq!(span(&parts[1][..4]), None, "a header cut short");
+        assert_eq!(span(&[]), None);
     }
 
     #[test]
