@@ -583,15 +583,16 @@ fn save(shared: &Shared) {
             };
             let compact = storage.written(&done);
             let again = storage.wanted;
-            if done.error.is_some() && storage.gone() {
-                // Another page deleted or upgraded the stored data: said once, and the
-                // session goes on in memory (nothing waits for a write any more).
+            let gone = done.error.as_ref().and_then(|_| storage.gone());
+            if let Some(gone) = gone {
+                // Another page deleted or upgraded the stored data, or the browser closed it:
+                // said once, and the session goes on in memory (nothing waits for a write any
+                // more).
                 driver.calls.push((
                     "error",
                     js_error(
                         "StorageError",
-                        "another tab deleted or upgraded the stored data: this tab's edits \
-                         are kept in memory only from now on",
+                        format!("{gone}: this tab's edits are kept in memory only from now on"),
                     ),
                     None,
                 ));

@@ -70,8 +70,11 @@ export async function pmStorageOpen(room, wait) {
     open.onerror = () => { clearTimeout(timer); reject(open.error); };
   });
   // Another page deletes or upgrades the database (an application clearing its data): this
-  // connection steps aside, and this tab's next write says so.
-  db.onversionchange = () => { db.pmGone = true; db.close(); };
+  // connection steps aside, and this tab's next write says so. The browser may also close it
+  // (the user cleared the site's data, a Clear-Site-Data response, the storage failed): the
+  // same, with its own reason. `pmGone` holds the reason.
+  db.onversionchange = () => { db.pmGone = "another tab deleted or upgraded the stored data"; db.close(); };
+  db.onclose = () => { db.pmGone ??= "the browser closed the stored data (the site's data was cleared, or the storage failed)"; };
   const tx = db.transaction(["sessions", "updates"], "readonly");
   const records = request(tx.objectStore("sessions").index("room").getAll(room));
   const updates = request(tx.objectStore("updates").index("room").getAll(room));
@@ -129,10 +132,10 @@ export async function pmStorageFreed(db, room, known) {
   return taken;
 }
 export function pmStorageGone(db) {
-  return db.pmGone === true;
+  return db.pmGone ?? null;
 }
 export async function pmStorageWrite(db, room, id, saved, updates, drop) {
-  if (db.pmGone) throw new Error("another tab deleted or upgraded the stored data");
+  if (db.pmGone) throw new Error(db.pmGone);
   const tx = db.transaction(["sessions", "updates"], "readwrite");
   const sessions = tx.objectStore("sessions");
   if (saved) sessions.put({ id, room, saved });
@@ -167,7 +170,7 @@ extern "C" {
     #[wasm_bindgen(js_name = pmStorageFreed)]
     fn freed_js(db: &JsValue, room: &str, known: js_sys::Array) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageGone)]
-    fn gone_js(db: &JsValue) -> bool;
+    fn gone_js(db: &JsValue) -> Option<String>;
     #[wasm_bindgen(js_name = pmStorageWrite)]
     fn write_js(
         db: &JsValue,
@@ -415,8 +418,9 @@ impl Storage {
         compact_js(&self.db, &self.room, self.merge.as_ref().unchecked_ref())
     }
 
-    /// Whether another page deleted or upgraded the database: nothing can be written any more.
-    pub(crate) fn gone(&self) -> bool {
+    /// Why nothing can be written any more, if so: another page deleted or upgraded the
+    /// database, or the browser closed it.
+    pub(crate) fn gone(&self) -> Option<String> {
         gone_js(&self.db)
     }
 
