@@ -24,7 +24,7 @@ export class MeshProvider {
   readonly awareness: Awareness | null;
   /** Whether an update of this Y.Doc will never reach the room: the relay refused it for good (a room at its size limit, say), or it could not be sent (larger than the relay accepts, a closed client). Yjs applies a client's edits in order, so no other member shows this Y.Doc's edits from that one on. The error listeners hear it when it happens. A new Y.Doc loaded from the room (a new provider) shares edits again. */
   readonly diverged: boolean;
-  /** Calls `listener` when an update or the awareness state cannot be sent, the relay refuses an update of this Y.Doc for good (see `diverged`), or another member's awareness state is refused (it does not decode, or speaks for a client id not its own); returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
+  /** Calls `listener` when an update or the awareness state cannot be sent, the relay refuses an update of this Y.Doc for good (see `diverged`), another member's awareness state is refused (it does not decode, or speaks for a client id not its own), or the client has an `error` event (a `PanicError` stopped it: `diverged` turns true); returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
   onError(listener: (error: Error) => void): () => void;
   /** Stops syncing: sends what waits and, while the relay is reached, waits up to `wait` ms (default 5,000) for it to acknowledge them; then removes the others' awareness states here and closes the client (the others see it leave). Resolves to the number of messages not acknowledged (the error listeners hear of any). */
   destroy(options?: { wait?: number }): Promise<number>;

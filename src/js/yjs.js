@@ -147,6 +147,8 @@ export class MeshProvider {
             provider.#refused(event);
             on.refused?.(event);
           },
+          // The client's errors reach the provider's listeners (`on.error` among them).
+          error: (e) => provider.#clientError(e),
         },
         document: meshDocument(ydoc, provider),
       });
@@ -209,9 +211,11 @@ export class MeshProvider {
   /**
    * Calls `listener(error)` when an update or the awareness state cannot be sent (an update
    * larger than the relay accepts, a closed client), when the relay refuses an update of this
-   * Y.Doc for good (see `diverged`), and when another member's awareness state
-   * is refused (it does not decode, or speaks for a client id not its own). Without listeners
-   * such errors go to `console.error`. Returns a function that unsubscribes.
+   * Y.Doc for good (see `diverged`), when another member's awareness state
+   * is refused (it does not decode, or speaks for a client id not its own), and on the client's
+   * `error` events (a `PanicError` stopped the client: what it had not sent is lost, and
+   * `diverged` turns true; connect a new provider with a new Y.Doc). Without listeners such
+   * errors go to `console.error`. Returns a function that unsubscribes.
    */
   onError(listener) {
     this.#listeners.add(listener);
@@ -231,15 +235,18 @@ export class MeshProvider {
   }
 
   async #destroy(wait) {
-    this.#flush();
     this.#destroyed = true;
-    this.#detach();
     const client = this.client;
     let left = 0;
     let status = "closed";
     try {
-      // Out of a Y.Doc observer first: the client is busy while it applies a remote update.
+      // Out of the Y.Doc's transaction first. Called from an observer (or an update listener
+      // added before the provider's), the transaction's update is not out yet: Yjs emits it
+      // after the observers, synchronously, so the provider hears it before this microtask.
+      // And the client is busy while it applies a remote update.
       await null;
+      this.#detach();
+      this.#flush();
       const deadline = Date.now() + wait;
       while (client && client.status === "open" && client.pendingCount > 0 && Date.now() < deadline) {
         await new Promise((resolve) => setTimeout(resolve, 20));
@@ -343,6 +350,13 @@ export class MeshProvider {
     this.#nodes.set(sender, client);
     // A member that changed its client id (a new Y.Doc) leaves its old state behind: remove it.
     if (previous !== undefined && previous !== client) removeAwarenessStates(this.awareness, [previous], this);
+  }
+
+  #clientError(e) {
+    // A panic stopped the client: what it had not sent is lost, and this Y.Doc's edits reach
+    // the room no more.
+    if (e?.name === "PanicError") this.diverged = true;
+    this.#error(e);
   }
 
   #refused({ kind, doc, reason, detail }) {
