@@ -9,9 +9,11 @@
 //!   [`guard`]);
 //! - it clears every client's timers, for the same reason;
 //! - it asks wasm-bindgen for a fresh instance of the module at the next call
-//!   ([`wasm_bindgen::handler::schedule_reinit`]), and triggers that call itself before the
-//!   application hears of the panic, so that no callback of the dead instance is the first
-//!   call into the fresh one;
+//!   ([`wasm_bindgen::handler::schedule_reinit`]), and makes that call itself at once, before
+//!   any other code of the page runs: wasm-bindgen checks that an object is not stale before
+//!   the call that replaces the instance, so a first call on an object of the dead instance
+//!   (from a microtask, a callback) would run in the fresh instance with a pointer into the
+//!   dead one's memory;
 //! - it calls every open client's `error` listeners, from a timer, with an `Error` named
 //!   `PanicError` that says what failed and how many messages had not been acknowledged, and
 //!   rejects a `connect` still pending with it.
@@ -52,8 +54,13 @@ export function pmStop(socket, code, reason) {
 }
 export function pmAfterPanic(reinit, message, clients) {
   console.error(`pattern-mesh: ${message}`);
+  // The fresh instance at once, before any other code of the page runs: wasm-bindgen checks
+  // that an object is not stale before the call that replaces a dead instance, so the first
+  // call after a panic (from a microtask queued before it, say) would pass that check and run
+  // in the fresh instance with a pointer into the dead one's memory. Once replaced, every
+  // object of the dead instance throws when used.
+  try { new reinit(); } catch (_) {}
   setTimeout(() => {
-    try { new reinit(); } catch (_) {}
     for (const [listeners, error, reject] of clients) {
       if (reject) reject(error);
       if (listeners.length === 0 && !reject) console.error(error);
@@ -275,8 +282,12 @@ fn on_panic(message: &str) {
     }
     wasm_bindgen::handler::schedule_reinit();
     let reinit = REINIT.with(|r| r.try_borrow().ok().and_then(|r| r.clone()));
-    after_panic(&reinit.unwrap_or(JsValue::UNDEFINED), message, &clients);
+    let reinit = reinit.unwrap_or(JsValue::UNDEFINED);
+    after_panic(&reinit, message, &clients);
     // The sockets and closures are dropped with the instance; leaking them here keeps their
-    // destructors (which would call into JS again) from running during the panic.
+    // destructors (which would call into JS again, where the fresh instance now answers) from
+    // running during the panic.
     std::mem::forget(live);
+    std::mem::forget(clients);
+    std::mem::forget(reinit);
 }
