@@ -449,6 +449,45 @@ test("deleting the stored data while a tab holds it open neither hangs a new con
   await profile.close();
 });
 
+test("the browser clearing a tab's stored data under it: the tab says so once, and its edits still reach the room", async () => {
+  const room = `e2e-cleared-${Date.now()}`;
+  const profile = await browser.newContext();
+  const pages = [];
+  for (let i = 0; i < 2; i++) {
+    const page = await profile.newPage();
+    page.problems = [];
+    page.on("pageerror", (e) => page.problems.push(e.message));
+    await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
+    await page.evaluate(async () => {
+      window.mesh = await import("/pkg/pattern_mesh.js");
+      await window.mesh.default();
+    });
+    pages.push(page);
+  }
+  const [holder, other] = pages;
+  const url = `ws://127.0.0.1:${port}/ws`;
+  for (const [page, persist] of [[holder, true], [other, false]]) {
+    await page.evaluate(async ({ url, room, persist }) => {
+      window.errors = [];
+      window.client = await mesh.MeshClient.connect({ url, room, persist });
+      client.on("error", (e) => errors.push(`${e.name}: ${e.message}`));
+    }, { url, room, persist });
+  }
+  // The user clears the site's data, or a response says Clear-Site-Data: the browser closes
+  // the database under the tab (no versionchange: no other page asked for it).
+  const cdp = await profile.newCDPSession(holder);
+  await cdp.send("Storage.clearDataForOrigin", { origin: `http://127.0.0.1:${port}`, storageTypes: "indexeddb" });
+  await holder.evaluate(() => client.text("content").insert(0, "after the clearing"));
+  await until("the edit reaches the other tab", async () =>
+    (await other.evaluate(() => client.text("content").toString())) === "after the clearing");
+  await new Promise((r) => setTimeout(r, 2_500));
+  const errors = await holder.evaluate(() => errors);
+  assert.equal(errors.length, 1, JSON.stringify(errors));
+  assert.match(errors[0], /^StorageError: the browser closed the stored data/);
+  for (const page of pages) assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);
@@ -470,6 +509,11 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     a.on("error", (e) => errors.push({ name: e.name, message: e.message }));
     let thrown = null;
     try { a.__panicForTests("a test panic"); } catch (e) { thrown = `${e.name}: ${e.message}`; }
+    // At once, before any other task: the client is stale already. (The first call used to
+    // pass wasm-bindgen's stale check and run in the fresh instance with the dead client's
+    // pointer, reading and writing memory the fresh instance owns.)
+    let staleAtOnce = null;
+    try { a.text("content").insert(0, "x"); } catch (e) { staleAtOnce = e.message; }
     for (let i = 0; i < 100 && errors.length === 0; i++) await sleep(20);
     // A connect pending when the module panics is rejected with the same error.
     const pending = mesh.MeshClient.connect({ url: "ws://127.0.0.1:9/ws", room, connectTimeout: 60000 })
@@ -486,13 +530,14 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     const loaded = text.toString();
     text.insert(text.length, "and after");
     while (again.pendingCount > 0) await sleep(20);
-    return { node, thrown, errors, stale, loaded, pendingThrown, pendingOutcome };
+    return { node, thrown, errors, stale, staleAtOnce, loaded, pendingThrown, pendingOutcome };
   }, room);
   assert.match(result.thrown, /RuntimeError: unreachable/);
   assert.equal(result.errors.length, 1, "one error event");
   assert.equal(result.errors[0].name, "PanicError");
   assert.match(result.errors[0].message, /internal error \(.*a test panic.*\); 0 message\(s\) not yet acknowledged/);
   assert.match(result.stale, /previous Wasm instance/);
+  assert.match(result.staleAtOnce, /previous Wasm instance/);
   assert.equal(result.pendingThrown, "RuntimeError");
   assert.match(result.pendingOutcome, /^PanicError: the client stopped after an internal error \(a second panic, at /);
   assert.equal(result.loaded, "kept ", "the new client loads the document from the relay");

@@ -325,6 +325,63 @@ test("destroy() right after an edit delivers the edit before it closes, and says
   for (const page of [a, b, c]) await page.close();
 });
 
+test("destroy() called from a Y.Doc observer or update listener delivers the edit that set it off", async () => {
+  const room = `destroy-observer-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  // Yjs calls observers, and then the update listeners in the order they were added, before
+  // the provider's own update listener hears the transaction's update.
+  const left = await a.evaluate(async () => {
+    const meta = ydoc.getMap("meta");
+    let destroyed;
+    meta.observe(() => {
+      if (meta.get("state") === "final") destroyed = provider.destroy();
+    });
+    meta.set("state", "final");
+    return await destroyed;
+  });
+  assert.equal(left, 0);
+  await until("b has the edit that set off destroy() in an observer", () => b.evaluate(() =>
+    ydoc.getMap("meta").get("state") === "final" || String(ydoc.getMap("meta").get("state"))));
+  const c = await blank();
+  const left2 = await c.evaluate(async ({ url, room }) => {
+    const ydoc = new Y.Doc();
+    let destroyed, provider;
+    // An update listener of the application's, added before the provider's.
+    ydoc.on("update", () => {
+      if (ydoc.getMap("meta").get("closing") === true) destroyed ??= provider.destroy();
+    });
+    provider = await MeshProvider.connect(ydoc, { url, room });
+    ydoc.getMap("meta").set("closing", true);
+    return await destroyed;
+  }, { url: relay.url, room });
+  assert.equal(left2, 0);
+  await until("b has the edit that set off destroy() in an update listener", () => b.evaluate(() =>
+    ydoc.getMap("meta").get("closing") === true || String(ydoc.getMap("meta").get("closing"))));
+  for (const page of [a, b, c]) await page.close();
+});
+
+test("a panic in the module reaches the provider's error listeners, and the Y.Doc counts as diverged", async () => {
+  const a = await blank();
+  await joinYjs(a, `panic-${Date.now()}`, "ada");
+  const got = await a.evaluate(async () => {
+    const heard = [];
+    provider.onError((e) => heard.push(`${e.name}: ${e.message}`));
+    ydoc.getText("content").insert(0, "typed just before the panic");
+    try { provider.client.__panicForTests("a test panic"); } catch {}
+    await new Promise((r) => setTimeout(r, 200));
+    return { heard, diverged: provider.diverged };
+  });
+  // The update queued before the panic cannot go out: the client is gone. A call on it no
+  // longer reaches the fresh instance (which once read the dead client's limits as 0 there).
+  assert.ok(got.heard.some((e) => /^PanicError: /.test(e)), JSON.stringify(got.heard));
+  assert.ok(got.heard.every((e) => /^PanicError: |stale object/.test(e)), JSON.stringify(got.heard));
+  assert.equal(got.diverged, true);
+  await a.close();
+});
+
 test("what cannot be sent while a provider connects reaches on.error, not only the console", async () => {
   // A relay whose messages are at most 64 KiB, and a Y.Doc loaded with 80 KB before connect.
   const small = await startRelay({ PM_MAX_FRAME: "16384", PM_MAX_MESSAGE: "65536" });
