@@ -203,13 +203,15 @@ pub(crate) fn encode_unsent(body: Body) -> Vec<u8> {
     .encode()
 }
 
-/// Decodes one message of a [`Saved`] outbox.
+/// Decodes one message of a [`Saved`] outbox (or of the outbox in memory): this client
+/// encoded it, under the limits of a relay that may have allowed more than the default, so
+/// nothing bounds its length.
 pub(crate) fn decode_message(bytes: &[u8]) -> Result<Stamped, DecodeError> {
     let limits = Limits {
         max_frame: usize::MAX,
+        max_message: usize::MAX,
         ..Limits::default()
-    }
-    .for_message();
+    };
     match Frame::decode_with(bytes, &limits)? {
         Frame::Stamped(stamped) => Ok(stamped),
         _ => Err(DecodeError::Empty("stamped message")),
@@ -225,6 +227,33 @@ mod tests {
         Body::Data {
             data: Json::from_value(&serde_json::json!({ "n": n })).unwrap(),
         }
+    }
+
+    /// A relay may allow messages over the default 64 MiB (`--max-message`): a stored message
+    /// of such a size decoded as too large, and was lost on a reload, and dropped without a
+    /// word when another tab took the outbox in.
+    #[test]
+    fn a_stored_message_over_the_default_message_limit_still_decodes() {
+        let big = Frame::stamped(
+            Stamp {
+                sender: 3,
+                step: 2,
+                pattern: 5,
+            },
+            Body::Update {
+                doc: "content".into(),
+                update: vec![0; (65 << 20) + 1],
+            },
+        )
+        .encode();
+        let saved = Saved {
+            sent: vec![big],
+            ..Saved::default()
+        };
+        assert_eq!(saved.bodies().len(), 1);
+        let mut other = Saved::default();
+        other.adopt(&saved);
+        assert_eq!(other.unsent.len(), 1);
     }
 
     #[test]

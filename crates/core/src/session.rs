@@ -1689,12 +1689,12 @@ impl<R: Replica> Session<R> {
             let resend: Vec<Waiting> = self
                 .in_flight
                 .drain(..)
+                // This client encoded each, under the limits of the relay it went to (which may
+                // have allowed more than this one).
                 .filter_map(|sent| {
-                    let frame = Frame::decode_with(&sent.bytes, &self.limits.for_message()).ok()?;
-                    match frame {
-                        Frame::Stamped(Stamped { body, .. }) => Some(Waiting { body }),
-                        _ => None,
-                    }
+                    decode_message(&sent.bytes)
+                        .ok()
+                        .map(|stamped| Waiting { body: stamped.body })
                 })
                 .collect();
             for waiting in resend.into_iter().rev() {
@@ -1870,9 +1870,11 @@ impl<R: Replica> Session<R> {
                     // The relay refuses a sync answer that holds what the room has not stored.
                     self.answer_refused = true;
                 }
-                if reason == Reason::Forbidden {
+                if reason == Reason::Forbidden && step != 0 {
                     // The token lets this member read only: every write of this connection
-                    // would be refused the same way, so none is sent (again).
+                    // would be refused the same way, so none is sent (again). (A refusal at
+                    // step 0 is of a rename, for a member its token names: the anomaly says
+                    // so, and its writes go on.)
                     self.forbidden = true;
                     self.refuse_all_writes();
                 } else if let Some(i) = index {

@@ -6,9 +6,10 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{data_value, join_at, start, Server, WAIT};
+use common::{data_value, join_at, session, start, Server, WAIT};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use pattern_mesh_client::{ClientError, Connection};
+use pattern_mesh_client::{Client, ClientError, Connection};
+use pattern_mesh_core::session::Event;
 use pattern_mesh_core::wire::{close, Body, Frame, Json, Reason};
 use pattern_mesh_relay::AuthKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -271,6 +272,53 @@ async fn the_display_name_comes_from_the_token_and_cannot_be_changed() {
     .await;
     let detail = a.expect_reject(Reason::Forbidden).await;
     assert_eq!(detail, "this member's name comes from its access token");
+}
+
+/// A member whose token names it renames itself (`setName`). The relay refuses the rename as
+/// `forbidden`, and the client took that for a read-only token: every edit in flight and every
+/// later one left the outbox with a `refused` event that said "read only", and never reached
+/// the room. The refusal is an anomaly now, and the member's edits, before and after it,
+/// arrive.
+#[tokio::test]
+async fn a_refused_rename_costs_a_member_named_by_its_token_none_of_its_edits() {
+    let server = secured("auth-rename-edits").await;
+    let ada = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u-ada", "name": "Ada", "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    let mut a = Client::connect(&with_token(&server, &ada), session("doc", "ada"))
+        .await
+        .unwrap();
+    let b = Client::connect(
+        &with_token(&server, &token("doc", "write")),
+        session("doc", "bo"),
+    )
+    .await
+    .unwrap();
+    a.insert("content", 0, "before ").unwrap();
+    a.with_session(|s, now| s.set_name(now, "Grace")).unwrap();
+    a.insert("content", 7, "after").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while b.text("content") != "before after" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other member has {:?}",
+            b.text("content")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.settled(WAIT).await.unwrap();
+    let events = a.take_events();
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Refused { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Anomaly(a) if a.reason == Reason::Forbidden)),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
