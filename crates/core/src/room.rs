@@ -149,6 +149,8 @@ impl RoomLimits {
 pub struct Reader {
     limits: Limits,
     reassembler: Reassembler,
+    /// The step of the message in progress, from its first part's stamp (0: none read).
+    step: Step,
 }
 
 /// What a [`Reader`] made of one binary message.
@@ -192,7 +194,20 @@ impl Reader {
         Self {
             limits,
             reassembler: Reassembler::new(),
+            step: 0,
         }
+    }
+
+    /// Bytes allocated for the message in progress, whose parts are still arriving.
+    pub fn held(&self) -> usize {
+        self.reassembler.allocated()
+    }
+
+    /// Drops the message in progress, and the rest of its parts as they come, for a limit of
+    /// the driver's (the relay's memory for such messages); returns its step, for the refusal.
+    pub fn abandon(&mut self) -> Step {
+        self.reassembler.abandon();
+        std::mem::take(&mut self.step)
     }
 
     /// Reads one binary message.
@@ -214,10 +229,10 @@ impl Reader {
                 position: None,
             }) => {
                 let first = offset == 0;
-                let step = first
-                    .then(|| peek_stamp(&piece).map(|(_, s)| s.step))
-                    .flatten()
-                    .unwrap_or(0);
+                if first {
+                    self.step = peek_stamp(&piece).map_or(0, |(_, s)| s.step);
+                }
+                let step = if first { self.step } else { 0 };
                 match self
                     .reassembler
                     .push(total, offset, piece, limits.max_message)

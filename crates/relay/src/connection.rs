@@ -397,7 +397,11 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
     let mut texts = 0u32;
     // Parts are put together and frames decoded here, in the connection's own task: the room's
     // task, which every frame of the room passes through, only decides.
-    let mut reader = Reader::new(relay.config.limits);
+    let mut reader = Partial {
+        reader: Reader::new(relay.config.limits),
+        counted: 0,
+        relay: relay.clone(),
+    };
     let mut told = std::time::Instant::now();
     loop {
         tokio::select! {
@@ -479,6 +483,59 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                 }
             }
         }
+    }
+}
+
+/// A connection's reader, with what it holds for a message whose parts are still arriving
+/// counted in the relay's total (`--max-partial-bytes`), which bounds what all connections
+/// together hold: each may hold a message of the message limit, and a member may start one and
+/// never end it. What it holds is given back when it is dropped.
+struct Partial {
+    reader: Reader,
+    /// The bytes counted in the total for this reader.
+    counted: usize,
+    relay: Arc<Relay>,
+}
+
+impl Partial {
+    fn read(&mut self, bytes: Bytes) -> Read {
+        let read = self.reader.read(bytes);
+        let held = self.reader.held();
+        let total = &self.relay.metrics.partial_bytes;
+        if held > self.counted {
+            let grown = (held - self.counted) as u64;
+            self.counted = held;
+            let max = self.relay.config.max_partial_bytes;
+            if total.fetch_add(grown, Relaxed) + grown > max as u64 {
+                // Only a message in progress grows: `read` is `Pending`.
+                let step = self.reader.abandon();
+                self.count(0);
+                return Read::Throttled {
+                    step,
+                    detail: format!(
+                        "the relay holds {max} bytes of large messages still arriving, its most; this message was not stored: send it again later"
+                    ),
+                };
+            }
+        } else {
+            self.count(held);
+        }
+        read
+    }
+
+    /// Counts `held` bytes for this reader from now on.
+    fn count(&mut self, held: usize) {
+        if held < self.counted {
+            let freed = (self.counted - held) as u64;
+            self.relay.metrics.partial_bytes.fetch_sub(freed, Relaxed);
+        }
+        self.counted = held;
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        self.count(0);
     }
 }
 

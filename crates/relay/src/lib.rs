@@ -108,6 +108,10 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// The most connections open at once from one IP address.
     pub max_connections_per_ip: usize,
+    /// The most bytes the relay holds, all connections together, for large messages whose
+    /// parts are still arriving; a part past it is refused as `rateLimited` with the rest of
+    /// its message (the client sends it again later).
+    pub max_partial_bytes: usize,
     /// Frames per second from one IP address, all its connections together (and as many at
     /// once).
     pub ip_rate: u64,
@@ -146,6 +150,7 @@ impl Default for RelayConfig {
             join_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_connections_per_ip: 512,
+            max_partial_bytes: 1 << 30,
             ip_rate: 2_000,
             room: RoomConfig::default(),
             auth: None,

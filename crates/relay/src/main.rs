@@ -116,6 +116,12 @@ mod native {
         #[arg(long, env = "PM_MAX_CONNECTIONS_PER_IP", default_value_t = 512,
               value_parser = clap::value_parser!(u64).range(1..))]
         max_connections_per_ip: u64,
+        /// Bytes the relay holds, all connections together, for large messages whose parts are
+        /// still arriving; a part past it is refused as `rateLimited` with the rest of its
+        /// message (the client sends it again later).
+        #[arg(long, env = "PM_MAX_PARTIAL_BYTES", default_value_t = 1 << 30,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_partial_bytes: u64,
         /// Frames per second from one IP address, all its connections together (bursts of as
         /// many); over it: `rateLimited`.
         #[arg(long, env = "PM_IP_RATE", default_value_t = 2_000,
@@ -205,6 +211,7 @@ mod native {
             join_timeout: Duration::from_secs(args.join_timeout),
             max_connections: args.max_connections as usize,
             max_connections_per_ip: args.max_connections_per_ip as usize,
+            max_partial_bytes: usize::try_from(args.max_partial_bytes).unwrap_or(usize::MAX),
             ip_rate: args.ip_rate,
             room: RoomConfig {
                 pattern,

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Connections closed because their send queue was full.
     pub slow_consumers: AtomicU64,
+    /// Bytes held for large messages whose parts are still arriving.
+    pub partial_bytes: AtomicU64,
     /// Rooms that panicked (on a frame, or anywhere in their task) and were loaded again.
     pub room_panics: AtomicU64,
     /// Connections refused for their access token (missing, expired, forged, another room's).
@@ -123,6 +125,12 @@ impl Metrics {
             "Connections closed because their send queue was full.",
             "counter",
             self.slow_consumers.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_partial_bytes",
+            "Bytes held for large messages whose parts are still arriving.",
+            "gauge",
+            self.partial_bytes.load(Relaxed),
         );
         gauge(
             "pattern_mesh_room_panics_total",

@@ -1117,3 +1117,71 @@ async fn an_update_deleting_clocks_no_one_wrote_is_refused() {
     assert_eq!(replayed_text(late.replay()), "first second");
     server.stop().await;
 }
+
+/// The relay's bytes in large messages whose parts are still arriving, from its metrics.
+async fn partial_bytes(server: &Server) -> u64 {
+    let metrics = http_get(server.addr, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pattern_mesh_partial_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the metric is there")
+}
+
+/// Members start large messages and never finish them (a read-only member can: nothing is
+/// judged before the last part). Each connection held up to the message limit, with no bound
+/// across connections, until the relay ran out of memory and every room went with it. The
+/// relay holds at most `--max-partial-bytes` for such messages: a part past it is refused as
+/// `rateLimited` with the rest of its message, and what a connection held is given back when
+/// it closes.
+#[tokio::test]
+async fn messages_never_finished_hold_at_most_the_relays_partial_bytes() {
+    let server = start("partial", |c| {
+        c.limits.max_frame = 16 << 10;
+        c.limits.max_message = 1 << 20;
+        c.max_partial_bytes = 512 << 10;
+        c.max_rate = 100_000;
+        c.ip_rate = 100_000;
+    })
+    .await;
+    let mut members = Vec::new();
+    for _ in 0..2 {
+        members.push(join(&server, "r", 0, None).await);
+    }
+    let mut parts_of = |member: &mut Member| {
+        let frame = Frame::stamped(
+            member.stamp(),
+            Body::Data {
+                data: Json::from_value(&serde_json::json!("x".repeat(1_000_000))).unwrap(),
+            },
+        );
+        part::fragment(&frame.encode(), 16 << 10)
+    };
+    let first = parts_of(&mut members[0]);
+    for piece in &first[..13] {
+        members[0].send_bytes(piece.clone()).await;
+    }
+    let second = parts_of(&mut members[1]);
+    for piece in &second[..40] {
+        members[1].send_bytes(piece.clone()).await;
+    }
+    let detail = members[1].expect_reject(Reason::RateLimited).await;
+    assert!(detail.contains("large messages still arriving"), "{detail}");
+    let held = partial_bytes(&server).await;
+    assert!(held <= 512 << 10, "the relay holds {held} bytes");
+    // The member goes on: after its fence, a small message is stored.
+    members[1].fence().await;
+    members[1].data_acked(serde_json::json!("small")).await;
+    // A connection that closes gives back what it held.
+    let stalled = members.remove(0);
+    stalled.conn.close().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while partial_bytes(&server).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for member in members {
+        member.conn.close().await;
+    }
+    server.stop().await;
+}

@@ -214,6 +214,13 @@ impl Reassembler {
         if bytes.is_empty() {
             *bytes = piece;
         } else {
+            // Grown as `Vec` would (doubling), but never past the message's length: a
+            // message held back by its last part holds no more than its own size.
+            let needed = bytes.len() + piece.len();
+            if needed > bytes.capacity() {
+                let target = (bytes.len() * 2).clamp(needed, total);
+                bytes.reserve_exact(target - bytes.len());
+            }
             bytes.extend_from_slice(&piece);
         }
         if bytes.len() < total {
@@ -249,6 +256,28 @@ impl Reassembler {
     /// Drops the message in progress (its connection ended).
     pub fn clear(&mut self) {
         self.state = State::Idle;
+    }
+
+    /// Bytes allocated for the message in progress (at least [`Reassembler::held`]).
+    pub fn allocated(&self) -> usize {
+        match &self.state {
+            State::Assembling { bytes, .. } => bytes.capacity(),
+            _ => 0,
+        }
+    }
+
+    /// Drops the message in progress and the parts of it still to come (refused by the
+    /// caller, for a limit of its own); whatever follows them is read as usual.
+    pub fn abandon(&mut self) {
+        if let State::Assembling { total, bytes } = &self.state {
+            self.state = if bytes.len() < *total {
+                State::Discarding {
+                    total: *total as u64,
+                }
+            } else {
+                State::Idle
+            };
+        }
     }
 }
 
@@ -314,6 +343,40 @@ mod tests {
         assert_eq!(span(&Frame::Heartbeat.encode()), None);
         assert_eq!(span(&parts[1][..4]), None, "a header cut short");
         assert_eq!(span(&[]), None);
+    }
+
+    /// A message held back by its last part allocates no more than its own length (growing by
+    /// doubling, it held up to twice that), and one abandoned drops its buffer and the rest of
+    /// its parts; the next message is read as usual.
+    #[test]
+    fn a_message_in_progress_holds_at_most_its_length_and_can_be_abandoned() {
+        let message = big_update(100_000);
+        let parts = fragment(&message, 1_000);
+        let pieces: Vec<(u64, u64, Vec<u8>)> = parts
+            .iter()
+            .map(|p| match Frame::decode(p).unwrap() {
+                Frame::Part {
+                    total,
+                    offset,
+                    bytes,
+                } => (total, offset, bytes),
+                _ => panic!("a part"),
+            })
+            .collect();
+        let mut r = Reassembler::new();
+        for (total, offset, bytes) in &pieces[..pieces.len() - 1] {
+            assert_eq!(r.push(*total, *offset, bytes.clone(), 1 << 20), Ok(None));
+            assert!(r.allocated() <= message.len(), "{}", r.allocated());
+        }
+        r.abandon();
+        assert_eq!(r.allocated(), 0);
+        let (total, offset, bytes) = pieces.last().unwrap().clone();
+        assert_eq!(r.push(total, offset, bytes, 1 << 20), Ok(None), "dropped");
+        let mut whole = None;
+        for (total, offset, bytes) in pieces {
+            whole = r.push(total, offset, bytes, 1 << 20).unwrap();
+        }
+        assert_eq!(whole, Some(message));
     }
 
     #[test]
