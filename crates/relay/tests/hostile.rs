@@ -1148,7 +1148,7 @@ async fn messages_never_finished_hold_at_most_the_relays_partial_bytes() {
     for _ in 0..2 {
         members.push(join(&server, "r", 0, None).await);
     }
-    let mut parts_of = |member: &mut Member| {
+    let parts_of = |member: &mut Member| {
         let frame = Frame::stamped(
             member.stamp(),
             Body::Data {
