@@ -70,6 +70,10 @@ pub const MAX_MALFORMED: u32 = 16;
 /// How many node ids the room asks the store to reserve at a time.
 pub const NODE_BLOCK: u64 = 1_024;
 
+/// While the parts of a member's message come in, the room sends it a heartbeat at most this
+/// often (ms), so that the member hears its connection is alive (see [`RoomCore::receive`]).
+pub const PARTS_BEAT: u64 = 1_000;
+
 /// What the relay enforces in a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomLimits {
@@ -515,6 +519,8 @@ struct Member {
     limited_since: u64,
     /// When its last frame came in.
     heard: u64,
+    /// When the room last sent it a heartbeat while the parts of a message came in.
+    beat: u64,
 }
 
 /// A node the room holds the state of.
@@ -1592,6 +1598,7 @@ impl RoomCore {
                 limited: 0,
                 limited_since: now,
                 heard: now,
+                beat: now,
             },
         );
         let welcome = Frame::Welcome {
@@ -1766,6 +1773,23 @@ impl RoomCore {
         }
     }
 
+    /// While the parts of a large message come in, a heartbeat to the member at most every
+    /// [`PARTS_BEAT`]: its own heartbeat waits behind the parts on its link, and a message of
+    /// megabytes on a slow link takes longer to go out than a client waits for an answer
+    /// before it takes the connection for dead (it then sent the message again, and again).
+    fn still_receiving(&mut self, now: u64, conn: ConnId) {
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        if now.saturating_sub(member.beat) >= PARTS_BEAT {
+            member.beat = now;
+            self.outputs.push_back(Output::Send {
+                to: conn,
+                bytes: Bytes::from(Frame::Heartbeat.encode()),
+            });
+        }
+    }
+
     /// What `conn`'s [`Reader`] made of a binary message.
     ///
     /// The rate limit counts messages, not frames: the parts of a large message are put
@@ -1785,7 +1809,7 @@ impl RoomCore {
         }
         self.tick(now);
         let (positioned, bytes, cost) = match read {
-            Read::Pending => return,
+            Read::Pending => return self.still_receiving(now, conn),
             Read::Refused {
                 step,
                 reason,

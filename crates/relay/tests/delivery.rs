@@ -95,6 +95,45 @@ async fn a_message_larger_than_the_send_queue_reaches_every_member_without_cutti
     );
 }
 
+/// A paste of megabytes on a slow uplink takes longer to go out than a client waits for an
+/// answer to its heartbeat, which waits behind the paste's parts on the link (a 20 MB paste
+/// below about 5 Mbit/s, with the default 15 s heartbeat). The client took the connection for
+/// dead, reconnected and sent the paste again, from its start, and again: it never arrived.
+/// While parts come in, the relay sends a heartbeat now and then. (Frames of 64 KiB and a
+/// heartbeat of 2 s stand for 1 MiB and 15 s, to keep the test short.)
+#[tokio::test]
+async fn a_paste_that_takes_longer_to_upload_than_a_heartbeat_arrives() {
+    let server = start("slow-uplink", |c| c.limits.max_frame = 64 << 10).await;
+    let proxy = Proxy::start_throttled(server.addr, 128 << 10).await;
+    let mut config = session("slow", "a");
+    config.heartbeat = 2_000;
+    let mut a = Client::connect(&proxy.url(), config).await.unwrap();
+    let b = Client::connect(&server.url(), session("slow", "b"))
+        .await
+        .unwrap();
+    // About 12 s at 128 KiB/s, past a heartbeat and its answer's wait (4 s).
+    let paste = "s".repeat(1_500_000);
+    a.insert(TEXT, 0, &paste).unwrap();
+    until("the paste", Duration::from_secs(60), || {
+        b.text(TEXT).len() == paste.len()
+    })
+    .await;
+    let reconnects: Vec<Event> = a
+        .take_events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Status {
+                    status: Status::Reconnecting,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(reconnects.is_empty(), "{reconnects:?}");
+}
+
 #[tokio::test]
 async fn a_2_mib_broadcast_is_delivered_once() {
     let server = start("broadcast", |_| {}).await;

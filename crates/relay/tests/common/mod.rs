@@ -398,6 +398,16 @@ impl Proxy {
     /// A proxy to `target` that holds every byte the client sends for `uplink` before passing
     /// it on (in order): a client far from the relay.
     pub async fn start_delayed(target: std::net::SocketAddr, uplink: Duration) -> Proxy {
+        Self::start_shaped(target, uplink, 0).await
+    }
+
+    /// A proxy to `target` that passes on what the client sends at `rate` bytes a second at
+    /// most: a client on a slow uplink.
+    pub async fn start_throttled(target: std::net::SocketAddr, rate: u64) -> Proxy {
+        Self::start_shaped(target, Duration::ZERO, rate).await
+    }
+
+    async fn start_shaped(target: std::net::SocketAddr, uplink: Duration, rate: u64) -> Proxy {
         use std::sync::atomic::Ordering;
         use std::sync::{Arc, Mutex};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -422,7 +432,9 @@ impl Proxy {
                             let _ = inbound.set_nodelay(true);
                             let _ = outbound.set_nodelay(true);
                             let copy = async {
-                                if uplink.is_zero() {
+                                if rate > 0 {
+                                    throttled(&mut inbound, &mut outbound, rate).await;
+                                } else if uplink.is_zero() {
                                     let _ =
                                         tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
                                             .await;
@@ -480,6 +492,39 @@ impl Proxy {
     pub fn retarget(&self, target: std::net::SocketAddr) {
         *self.target.lock().unwrap() = target;
     }
+}
+
+/// Copies both ways, passing on what `client` sends at `rate` bytes a second at most.
+async fn throttled(
+    client: &mut tokio::net::TcpStream,
+    relay: &mut tokio::net::TcpStream,
+    rate: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.split();
+    let (mut relay_read, mut relay_write) = relay.split();
+    let up = async move {
+        let chunk = (rate / 20).clamp(1, 64 * 1024) as usize;
+        let mut buf = vec![0; chunk];
+        let started = tokio::time::Instant::now();
+        let mut passed = 0u64;
+        while let Ok(n) = client_read.read(&mut buf).await {
+            if n == 0 || relay_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            passed += n as u64;
+            tokio::time::sleep_until(
+                started + Duration::from_secs_f64(passed as f64 / rate as f64),
+            )
+            .await;
+        }
+        let _ = relay_write.shutdown().await;
+    };
+    let down = async move {
+        let _ = tokio::io::copy(&mut relay_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 /// Copies both ways, holding what `client` sends for `uplink`.
