@@ -1023,8 +1023,12 @@ impl MeshClient {
         let mut settle = None;
         let promise = js_sys::Promise::new(&mut |resolve, reject| settle = Some((resolve, reject)));
         if let Some((resolve, reject)) = settle {
+            // Registered at once: a panic before the join has even started (it starts in a
+            // microtask), or while it loads the stored document, rejects the promise.
+            let registration = register();
+            registration.set_connecting(Some(reject.clone()));
             wasm_bindgen_futures::spawn_local(async move {
-                let _ = match Self::join(options, Some(&reject)).await {
+                let _ = match Self::join_registered(options, registration).await {
                     Ok(client) => resolve.call1(&JsValue::NULL, &client.into()),
                     Err(e) => reject.call1(&JsValue::NULL, &e),
                 };
@@ -1050,6 +1054,17 @@ impl MeshClient {
     pub async fn join(
         options: JsMeshClientOptions,
         reject: Option<&js_sys::Function>,
+    ) -> Result<MeshClient, JsValue> {
+        let registration = register();
+        registration.set_connecting(reject.cloned());
+        Self::join_registered(options, registration).await
+    }
+
+    /// [`MeshClient::join`] with the client's registration for the panic hook, which holds the
+    /// pending connect's rejection.
+    async fn join_registered(
+        options: JsMeshClientOptions,
+        registration: Registration,
     ) -> Result<MeshClient, JsValue> {
         let options = Options::from_js(&options.into())?;
         if let Some(url) = options
@@ -1128,7 +1143,7 @@ impl MeshClient {
             socket: None,
             next_socket: 0,
             timer: None,
-            registration: register(),
+            registration,
             timer_at: None,
             last_now: Cell::new(now),
             skew: Cell::new(0),
@@ -1170,8 +1185,9 @@ impl MeshClient {
                     .calls
                     .push(("error", js_error("StorageError", problem), None));
             }
-            if !persist {
-                driver.registration.set_connecting(reject.cloned());
+            if persist {
+                // Settled now: the stored document is loaded.
+                driver.registration.set_connecting(None);
             }
         }
         pump(&shared);

@@ -521,8 +521,13 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     await sleep(50);
     let pendingThrown = null;
     const b = await mesh.MeshClient.connect({ url, room, name: "b" });
+    // And so is one that has not started yet (it starts in a microtask), with the stored
+    // document still to load.
+    const stored = mesh.MeshClient.connect({ url, room, persist: true })
+      .then(() => "opened", (e) => `${e.name}: ${e.message}`);
     try { b.__panicForTests("a second panic"); } catch (e) { pendingThrown = e.name; }
     const pendingOutcome = await Promise.race([pending, sleep(5000).then(() => "still pending")]);
+    const storedOutcome = await Promise.race([stored, sleep(5000).then(() => "still pending")]);
     let stale = null;
     try { a.text("content"); } catch (e) { stale = e.message; }
     const again = await mesh.MeshClient.connect({ url, room, name: "again" });
@@ -530,7 +535,7 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     const loaded = text.toString();
     text.insert(text.length, "and after");
     while (again.pendingCount > 0) await sleep(20);
-    return { node, thrown, errors, stale, staleAtOnce, loaded, pendingThrown, pendingOutcome };
+    return { node, thrown, errors, stale, staleAtOnce, loaded, pendingThrown, pendingOutcome, storedOutcome };
   }, room);
   assert.match(result.thrown, /RuntimeError: unreachable/);
   assert.equal(result.errors.length, 1, "one error event");
@@ -540,12 +545,16 @@ test("a panic inside the module stops its client with a PanicError, and the modu
   assert.match(result.staleAtOnce, /previous Wasm instance/);
   assert.equal(result.pendingThrown, "RuntimeError");
   assert.match(result.pendingOutcome, /^PanicError: the client stopped after an internal error \(a second panic, at /);
+  assert.match(result.storedOutcome, /^PanicError: the client stopped after an internal error \(a second panic, at /);
   assert.equal(result.loaded, "kept ", "the new client loads the document from the relay");
   await until("the other tab sees the edit of the new client", async () =>
     (await b.evaluate(() => window.meshText.toString())) === "kept and after");
   await until("the other tab sees the stopped client leave", async () =>
     !(await b.evaluate((node) => window.meshClient.peers.some((p) => p.node === node), result.node)));
-  assert.deepEqual(problems, []);
+  // The connect that had not started was a task queued in the dead instance: wasm-bindgen
+  // refuses to run it in the fresh one, and says so on the console (an uncaught error).
+  assert.deepEqual(problems.filter((p) => p !== "Cannot invoke closure from previous WASM instance"), []);
+  assert.ok(problems.length <= 1, JSON.stringify(problems));
   assert.deepEqual(b.problems, []);
   await Promise.all([page.close(), b.close()]);
 });
