@@ -24,7 +24,7 @@ use wasm_bindgen::prelude::*;
 use super::errors::{
     bytes_arg, function_arg, invalid_argument, js_error, options_arg, quoted, string_arg, u32_arg,
 };
-use super::fatal::{register, Registration, Timer};
+use super::fatal::{panicked, register, stopped, Registration, Timer};
 use super::frames::{
     json_from_js, message_to_js, peer_to_js, peers_to_js, presence_event_to_js, Object,
 };
@@ -480,7 +480,11 @@ impl Driver {
 }
 
 /// Carries out what the session asks (sockets, sends, the timer), then calls the listeners.
+/// In an instance that panicked, nothing: its clients have stopped.
 fn pump(shared: &Shared) {
+    if panicked() {
+        return;
+    }
     loop {
         let output = {
             let mut driver = shared.borrow_mut();
@@ -787,6 +791,9 @@ fn connect(shared: &Shared) {
 /// Opens a socket for the session (with `token` in its URL): its writer task, and a reader
 /// task that feeds the session.
 fn open(shared: &Shared, token: Option<&str>) {
+    if panicked() {
+        return;
+    }
     let (url, shown, id, class) = {
         let mut driver = shared.borrow_mut();
         if let Some(old) = driver.socket.take() {
@@ -1042,11 +1049,17 @@ impl MeshClient {
     /// The client's state, or a `BusyError` while the client is applying a remote update to
     /// the application's document (whose observers run inside that call).
     fn driver(&self) -> Result<std::cell::Ref<'_, Driver>, JsValue> {
+        if panicked() {
+            return Err(stopped());
+        }
         self.shared.try_borrow().map_err(|_| busy())
     }
 
     /// The client's state for a change; a `BusyError` as for [`MeshClient::driver`].
     fn driver_mut(&self) -> Result<std::cell::RefMut<'_, Driver>, JsValue> {
+        if panicked() {
+            return Err(stopped());
+        }
         self.shared.try_borrow_mut().map_err(|_| busy())
     }
 
@@ -1066,6 +1079,9 @@ impl MeshClient {
         options: JsMeshClientOptions,
         registration: Registration,
     ) -> Result<MeshClient, JsValue> {
+        if panicked() {
+            return Err(stopped());
+        }
         let options = Options::from_js(&options.into())?;
         if let Some(url) = options
             .urls

@@ -91,7 +91,6 @@ pub(crate) fn describe(error: &JsValue) -> String {
         .unwrap_or_else(|| "unknown error".into())
 }
 
-/// How an argument of the wrong type is described: its type, and its value where short.
 /// `s` in double quotes, escaped as JSON writes it: how error messages show a string they name.
 /// (Rust's `{:?}` would do the same, but brings in the standard library's `Debug` escaping.)
 pub(crate) fn quoted(s: &str) -> String {
@@ -101,6 +100,7 @@ pub(crate) fn quoted(s: &str) -> String {
         .unwrap_or_default()
 }
 
+/// How an argument of the wrong type is described: its type, and its value where short.
 pub(crate) fn what_it_is(value: &JsValue) -> String {
     if value.is_null() {
         "null".into()

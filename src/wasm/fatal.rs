@@ -8,12 +8,14 @@
 //!   member leave, and keeps the socket's events from the dead instance's listeners (see
 //!   [`guard`]);
 //! - it clears every client's timers, for the same reason;
-//! - it asks wasm-bindgen for a fresh instance of the module at the next call
-//!   ([`wasm_bindgen::handler::schedule_reinit`]), and makes that call itself at once, before
-//!   any other code of the page runs: wasm-bindgen checks that an object is not stale before
-//!   the call that replaces the instance, so a first call on an object of the dead instance
-//!   (from a microtask, a callback) would run in the fresh instance with a pointer into the
-//!   dead one's memory;
+//! - from a timer, in a task of its own, it has wasm-bindgen replace the instance
+//!   ([`wasm_bindgen::handler::schedule_reinit`], then a call into the module). Not sooner:
+//!   wasm-bindgen replaces the instance at the start of the next call into the module, after
+//!   the check that an object is not stale, so the first call made until then (from a
+//!   microtask, say, or the caller of a listener in which the panic happened, which goes on
+//!   with the listener's error) would run in the fresh instance with pointers into the dead
+//!   one. Until the timer, such calls run in the dead instance, where every client has
+//!   stopped: they throw a `PanicError` and do nothing ([`panicked`]);
 //! - it calls every open client's `error` listeners, from a timer, with an `Error` named
 //!   `PanicError` that says what failed and how many messages had not been acknowledged, and
 //!   rejects a `connect` still pending with it.
@@ -29,6 +31,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use wasm_bindgen::prelude::*;
@@ -54,13 +57,10 @@ export function pmStop(socket, code, reason) {
 }
 export function pmAfterPanic(reinit, message, clients) {
   console.error(`pattern-mesh: ${message}`);
-  // The fresh instance at once, before any other code of the page runs: wasm-bindgen checks
-  // that an object is not stale before the call that replaces a dead instance, so the first
-  // call after a panic (from a microtask queued before it, say) would pass that check and run
-  // in the fresh instance with a pointer into the dead one's memory. Once replaced, every
-  // object of the dead instance throws when used.
-  try { new reinit(); } catch (_) {}
   setTimeout(() => {
+    // In a task of its own, once no code of the dead instance is on the stack: the dead
+    // instance asks wasm-bindgen for a fresh one, and the constructor call makes it.
+    try { reinit.__pmReinit(); new reinit(); } catch (_) {}
     for (const [listeners, error, reject] of clients) {
       if (reject) reject(error);
       if (listeners.length === 0 && !reject) console.error(error);
@@ -250,7 +250,30 @@ impl Drop for Timer {
     }
 }
 
+/// Whether this instance panicked: it is dead, and a fresh one replaces it at the next task.
+/// Every client of it has stopped; calls on them throw, and nothing of them touches the
+/// network, the timers or storage again.
+pub(crate) fn panicked() -> bool {
+    PANICKED.load(Ordering::Relaxed)
+}
+
+/// The error a call on a client of a dead instance throws.
+pub(crate) fn stopped() -> JsValue {
+    let error = js_sys::Error::new(
+        "the client stopped after an internal error (see the PanicError); connect again to rejoin the room",
+    );
+    error.set_name("PanicError");
+    error.into()
+}
+
+static PANICKED: AtomicBool = AtomicBool::new(false);
+
 fn on_panic(message: &str) {
+    // A second panic of the dead instance (a call on it before the fresh one replaces it)
+    // tells no one again, and asks for no second fresh instance.
+    if PANICKED.swap(true, Ordering::Relaxed) {
+        return;
+    }
     let live = LIVE.with(|live| {
         live.try_borrow_mut()
             .map(|mut l| std::mem::take(&mut *l))
@@ -280,14 +303,9 @@ fn on_panic(message: &str) {
             .map_or(JsValue::NULL, JsValue::from);
         clients.push(&js_sys::Array::of3(&listeners, &error, &reject));
     }
-    wasm_bindgen::handler::schedule_reinit();
     let reinit = REINIT.with(|r| r.try_borrow().ok().and_then(|r| r.clone()));
-    let reinit = reinit.unwrap_or(JsValue::UNDEFINED);
-    after_panic(&reinit, message, &clients);
+    after_panic(&reinit.unwrap_or(JsValue::UNDEFINED), message, &clients);
     // The sockets and closures are dropped with the instance; leaking them here keeps their
-    // destructors (which would call into JS again, where the fresh instance now answers) from
-    // running during the panic.
+    // destructors (which would call into JS again) from running during the panic.
     std::mem::forget(live);
-    std::mem::forget(clients);
-    std::mem::forget(reinit);
 }

@@ -88,6 +88,14 @@ pub struct PatternGenerator {
 
 #[wasm_bindgen]
 impl PatternGenerator {
+    /// Asks wasm-bindgen for a fresh instance of the module at the next call into it: what the
+    /// panic hook's timer calls on the dead instance (see `fatal`). Not part of the API.
+    #[doc(hidden)]
+    #[wasm_bindgen(js_name = "__pmReinit", skip_typescript)]
+    pub fn pm_reinit() {
+        wasm_bindgen::handler::schedule_reinit();
+    }
+
     /// Creates a generator. Omitted parameters take the defaults (seed 7, multiplier 7,
     /// resetInterval 100). Throws a `ConfigError` for parameters that cannot work: a reset
     /// interval of 0, a seed or multiplier of 0, or values whose product overflows.
