@@ -37,9 +37,13 @@ struct State {
     /// Whether the queue let in the start of a message sent in parts and not yet its end: the
     /// rest of it is let in whatever the bounds. The room queues every part of a message at
     /// once, so a message larger than the bounds (a paste of 20 MB against 16 MiB) would
-    /// otherwise cut off every member it went to. A queue holds at most its bounds and one
-    /// message.
+    /// otherwise cut off every member it went to.
     in_message: bool,
+    /// The messages in parts, in frames and bytes, while they are queued: the frames that
+    /// follow are judged without them, or the next keystroke of a busy room would cut the
+    /// member off. It shrinks as the connection reads, never past what the queue holds.
+    over_items: usize,
+    over_bytes: usize,
     sender_gone: bool,
     receiver_gone: bool,
     close: Option<(u16, String)>,
@@ -69,6 +73,8 @@ pub(crate) fn queue(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
             bytes: 0,
             max_bytes,
             in_message: false,
+            over_items: 0,
+            over_bytes: 0,
             sender_gone: false,
             receiver_gone: false,
             close: None,
@@ -93,9 +99,20 @@ impl Sender {
             let span = part::span(&bytes);
             let continues = state.in_message && span.is_some_and(|s| !s.starts());
             if !continues {
-                let full = if state.items.len() >= state.capacity {
+                // A message's start is judged with everything queued, earlier messages too,
+                // and the rest of it comes in whole; other frames are judged without the
+                // messages queued. So a queue holds at most its bounds and one message.
+                let (items, held) = if span.is_some() {
+                    (state.items.len(), state.bytes)
+                } else {
+                    (
+                        state.items.len() - state.over_items,
+                        state.bytes - state.over_bytes,
+                    )
+                };
+                let full = if items >= state.capacity {
                     Some(false)
-                } else if !state.items.is_empty() && state.bytes + bytes.len() > state.max_bytes {
+                } else if items > 0 && held + bytes.len() > state.max_bytes {
                     Some(true)
                 } else {
                     None
@@ -107,6 +124,9 @@ impl Sender {
             }
             if let Some(span) = span {
                 state.in_message = !span.ends();
+                // The message, its start included, is judged at its start only.
+                state.over_items += 1;
+                state.over_bytes += bytes.len();
             }
             state.bytes += bytes.len();
             state.items.push_back(bytes);
@@ -176,6 +196,10 @@ impl Drop for Receiver {
 fn pop(state: &mut State) -> Option<Bytes> {
     let bytes = state.items.pop_front()?;
     state.bytes -= bytes.len();
+    // Judged without the rest of a message, the queue holds at most its bounds; with it, at
+    // most one message more.
+    state.over_items = state.over_items.min(state.items.len());
+    state.over_bytes = state.over_bytes.min(state.bytes);
     if state.items.is_empty() && state.items.capacity() > KEEP {
         state.items.shrink_to(KEEP);
     }
@@ -257,21 +281,30 @@ mod tests {
         for part in &message {
             tx.try_send(part.clone()).unwrap();
         }
+        // Judged without the message: keystrokes after a paste get in, up to the bounds.
+        for _ in 0..4 {
+            tx.try_send(Bytes::from(vec![1; 30])).unwrap();
+        }
         assert_eq!(
-            tx.try_send(parts(1_000)[0].clone()),
-            Err(SendError::Full { bytes: false }),
-            "the next message is judged by the bounds"
+            tx.try_send(Bytes::from_static(b"x")),
+            Err(SendError::Full { bytes: false })
         );
-        assert_eq!(
-            tx.try_send(message[1].clone()),
-            Err(SendError::Full { bytes: false }),
+        assert!(
+            matches!(
+                tx.try_send(parts(1_000)[0].clone()),
+                Err(SendError::Full { .. })
+            ),
+            "the next message is judged by everything queued"
+        );
+        assert!(
+            matches!(tx.try_send(message[1].clone()), Err(SendError::Full { .. })),
             "a part whose start was refused is judged by the bounds"
         );
         let mut got = 0;
         while rx.try_recv().is_some() {
             got += 1;
         }
-        assert_eq!(got, message.len());
+        assert_eq!(got, message.len() + 4);
         // An empty queue takes the start again, and with it the rest.
         for part in parts(1_000) {
             tx.try_send(part).unwrap();
