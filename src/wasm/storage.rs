@@ -136,14 +136,23 @@ export function pmStorageGone(db) {
 }
 export async function pmStorageWrite(db, room, id, saved, updates, drop) {
   if (db.pmGone) throw new Error(db.pmGone);
-  const tx = db.transaction(["sessions", "updates"], "readwrite");
-  const sessions = tx.objectStore("sessions");
-  if (saved) sessions.put({ id, room, saved });
-  else sessions.delete(id);
-  for (const other of drop) sessions.delete(other);
-  const store = tx.objectStore("updates");
-  for (const update of updates) store.add({ room, update });
-  return finished(tx);
+  try {
+    const tx = db.transaction(["sessions", "updates"], "readwrite");
+    const sessions = tx.objectStore("sessions");
+    if (saved) sessions.put({ id, room, saved });
+    else sessions.delete(id);
+    for (const other of drop) sessions.delete(other);
+    const store = tx.objectStore("updates");
+    for (const update of updates) store.add({ room, update });
+    await finished(tx);
+  } catch (e) {
+    // A browser that closes the database aborts its transactions first and says why (the
+    // close event) after: a write cut short that way is told as the closing, not as a
+    // failure to try again.
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    if (db.pmGone) throw new Error(db.pmGone);
+    throw e;
+  }
 }
 export async function pmStorageCompact(db, room, merge) {
   if (db.pmGone) return 0;

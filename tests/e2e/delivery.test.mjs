@@ -474,12 +474,21 @@ test("the browser clearing a tab's stored data under it: the tab says so once, a
     }, { url, room, persist });
   }
   // The user clears the site's data, or a response says Clear-Site-Data: the browser closes
-  // the database under the tab (no versionchange: no other page asked for it).
+  // the database under the tab (no versionchange: no other page asked for it), while the tab
+  // types, so that a write is cut short too.
+  const typing = holder.evaluate(async () => {
+    for (let i = 0; i < 60; i++) {
+      client.text("content").insert(0, "k");
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  });
+  await new Promise((r) => setTimeout(r, 100));
   const cdp = await profile.newCDPSession(holder);
   await cdp.send("Storage.clearDataForOrigin", { origin: `http://127.0.0.1:${port}`, storageTypes: "indexeddb" });
-  await holder.evaluate(() => client.text("content").insert(0, "after the clearing"));
-  await until("the edit reaches the other tab", async () =>
-    (await other.evaluate(() => client.text("content").toString())) === "after the clearing");
+  await typing;
+  await holder.evaluate(() => client.text("content").insert(0, "after the clearing "));
+  await until("the edits reach the other tab", async () =>
+    (await other.evaluate(() => client.text("content").toString())) === "after the clearing " + "k".repeat(60));
   await new Promise((r) => setTimeout(r, 2_500));
   const errors = await holder.evaluate(() => errors);
   assert.equal(errors.length, 1, JSON.stringify(errors));
