@@ -160,9 +160,12 @@ pub struct Reader {
 /// What a [`Reader`] made of one binary message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Read {
-    /// A part of a message still in progress, or anything else that shows the connection is
-    /// alive (the driver wrote to it): nothing for the room but that.
+    /// A part of a message still in progress: the room hears that the connection is alive,
+    /// and now and then tells the member that it is receiving ([`PARTS_BEAT`]).
     Pending,
+    /// Anything else that shows the connection is alive (the driver wrote to it, or read a
+    /// heartbeat it will not answer): nothing for the room but that.
+    Alive,
     /// A whole frame, with the bytes it came in (the whole message, for parts) and its cost in
     /// frames for the rate limit.
     Frame {
@@ -1810,6 +1813,7 @@ impl RoomCore {
         self.tick(now);
         let (positioned, bytes, cost) = match read {
             Read::Pending => return self.still_receiving(now, conn),
+            Read::Alive => return,
             Read::Refused {
                 step,
                 reason,

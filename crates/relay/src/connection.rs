@@ -18,7 +18,7 @@ use pattern_mesh_core::wire::{close, part, Frame, Reason};
 use tokio::sync::mpsc;
 
 use super::auth::{Denied, Grant};
-use super::guard::Peer;
+use super::guard::{Address, Peer};
 use super::queue;
 use super::room::{Admitted, Command};
 use super::Relay;
@@ -59,7 +59,7 @@ fn alive(commands: &mpsc::Sender<Command>, conn: ConnId, told: &mut std::time::I
         *told = std::time::Instant::now();
         let _ = commands.try_send(Command::Frame {
             conn,
-            read: Read::Pending,
+            read: Read::Alive,
         });
     }
 }
@@ -401,6 +401,7 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
         reader: Reader::new(relay.config.limits),
         counted: 0,
         relay: relay.clone(),
+        address: peer.address(),
     };
     let mut told = std::time::Instant::now();
     loop {
@@ -455,17 +456,28 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                 texts = 0;
                 relay.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
                 let read = match reader.read(bytes) {
+                    // The address's budget, shared by all its connections, counts every frame
+                    // as it comes, a part too (one abandoned would cost nothing otherwise): a
+                    // part over it is refused with the rest of its message.
+                    Read::Pending if !peer.take(1, relay.now_ms()) => Read::Throttled {
+                        step: reader.abandon(),
+                        detail: format!(
+                            "over {} frames per second from this address; this message was not stored: send it again later",
+                            relay.config.ip_rate
+                        ),
+                    },
                     // A part of a large message: the room only hears that the member is alive.
                     Read::Pending => Read::Pending,
-                    // The address's budget, shared by all its connections. A fence is free: it
-                    // must never be what keeps a refused message from being sent again. A
-                    // heartbeat over it is heard and not answered: refused, it would open a gap.
-                    Read::Frame { frame, cost, .. }
+                    // A fence is free: it must never be what keeps a refused message from being
+                    // sent again. A heartbeat over the budget is heard and not answered:
+                    // refused, it would open a gap. (The parts before a message's last were
+                    // counted as they came.)
+                    Read::Frame { frame, .. }
                         if !matches!(frame.frame, Frame::Fence { .. })
-                            && !peer.take(cost, relay.now_ms()) =>
+                            && !peer.take(1, relay.now_ms()) =>
                     {
                         if frame.frame == Frame::Heartbeat {
-                            Read::Pending
+                            Read::Alive
                         } else {
                             Read::Throttled {
                                 step: frame.frame.stamp().map_or(0, |s| s.step),
@@ -488,39 +500,52 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
 
 /// A connection's reader, with what it holds for a message whose parts are still arriving
 /// counted in the relay's total (`--max-partial-bytes`), which bounds what all connections
-/// together hold: each may hold a message of the message limit, and a member may start one and
-/// never end it. What it holds is given back when it is dropped.
+/// together hold (each may hold a message of the message limit, and a member may start one and
+/// never end it), and in its address's, which may hold a quarter of that: one address cannot
+/// take it all from the others. What it holds is given back when it is dropped.
 struct Partial {
     reader: Reader,
-    /// The bytes counted in the total for this reader.
+    /// The bytes counted in the totals for this reader.
     counted: usize,
     relay: Arc<Relay>,
+    address: Arc<Address>,
 }
 
 impl Partial {
     fn read(&mut self, bytes: Bytes) -> Read {
         let read = self.reader.read(bytes);
         let held = self.reader.held();
-        let total = &self.relay.metrics.partial_bytes;
-        if held > self.counted {
-            let grown = (held - self.counted) as u64;
-            self.counted = held;
-            let max = self.relay.config.max_partial_bytes;
-            if total.fetch_add(grown, Relaxed) + grown > max as u64 {
-                // Only a message in progress grows: `read` is `Pending`.
-                let step = self.reader.abandon();
-                self.count(0);
-                return Read::Throttled {
-                    step,
-                    detail: format!(
-                        "the relay holds {max} bytes of large messages still arriving, its most; this message was not stored: send it again later"
-                    ),
-                };
-            }
-        } else {
+        if held <= self.counted {
             self.count(held);
+            return read;
         }
-        read
+        // Only a message in progress grows: `read` is `Pending`.
+        let grown = (held - self.counted) as u64;
+        self.counted = held;
+        let max = self.relay.config.max_partial_bytes as u64;
+        let total = self.relay.metrics.partial_bytes.fetch_add(grown, Relaxed) + grown;
+        let address = self.address.partial.fetch_add(grown, Relaxed) + grown;
+        let over = if total > max {
+            format!("the relay holds {max} bytes of large messages still arriving, its most")
+        } else if address > max / 4 {
+            format!(
+                "this address holds {} bytes of large messages still arriving, its most (a quarter of the relay's)",
+                max / 4
+            )
+        } else {
+            return read;
+        };
+        Read::Throttled {
+            step: self.abandon(),
+            detail: format!("{over}; this message was not stored: send it again later"),
+        }
+    }
+
+    /// Drops the message in progress and the rest of its parts; returns its step.
+    fn abandon(&mut self) -> u64 {
+        let step = self.reader.abandon();
+        self.count(0);
+        step
     }
 
     /// Counts `held` bytes for this reader from now on.
@@ -528,6 +553,7 @@ impl Partial {
         if held < self.counted {
             let freed = (self.counted - held) as u64;
             self.relay.metrics.partial_bytes.fetch_sub(freed, Relaxed);
+            self.address.partial.fetch_sub(freed, Relaxed);
         }
         self.counted = held;
     }

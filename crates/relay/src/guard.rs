@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,13 +39,31 @@ pub(crate) struct GuardConfig {
 }
 
 /// What the relay knows of a connection: its peer address, a switch that lifts its deadline
-/// once it has joined, and the frame budget of its address.
+/// once it has joined, and what the connections of its address share.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
     /// The remote address.
     pub addr: SocketAddr,
     joined: Arc<AtomicBool>,
-    rate: Arc<Mutex<TokenBucket>>,
+    address: Arc<Address>,
+}
+
+/// What the connections of one address share.
+#[derive(Debug)]
+pub(crate) struct Address {
+    /// The address's frame budget.
+    rate: Mutex<TokenBucket>,
+    /// Bytes its connections hold for messages whose parts are still arriving.
+    pub(crate) partial: AtomicU64,
+}
+
+impl Address {
+    fn new(rate: f64, now: u64) -> Self {
+        Self {
+            rate: Mutex::new(TokenBucket::new(rate, rate, now)),
+            partial: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Peer {
@@ -56,8 +74,13 @@ impl Peer {
 
     /// Takes `cost` frames from the address's budget at `now` (milliseconds), or says no.
     pub(crate) fn take(&self, cost: u64, now: u64) -> bool {
-        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rate = self.address.rate.lock().unwrap_or_else(|p| p.into_inner());
         rate.try_take_n(cost, now)
+    }
+
+    /// What the connections of this address share.
+    pub(crate) fn address(&self) -> Arc<Address> {
+        self.address.clone()
     }
 }
 
@@ -70,8 +93,8 @@ impl Connected<IncomingStream<'_, Guarded>> for Peer {
 #[derive(Default)]
 struct Counts {
     open: usize,
-    /// Per address with a connection open: how many, and the address's frame budget.
-    per_ip: HashMap<IpAddr, (usize, Arc<Mutex<TokenBucket>>)>,
+    /// Per address with a connection open: how many, and what they share.
+    per_ip: HashMap<IpAddr, (usize, Arc<Address>)>,
 }
 
 /// A TCP listener that enforces a [`GuardConfig`].
@@ -97,8 +120,9 @@ impl Guarded {
         }
     }
 
-    /// Takes a slot for `ip` and hands out its address's budget, or says which cap is reached.
-    fn admit(&self, ip: IpAddr) -> Result<(Slot, Arc<Mutex<TokenBucket>>), &'static str> {
+    /// Takes a slot for `ip` and hands out what its connections share, or says which cap is
+    /// reached.
+    fn admit(&self, ip: IpAddr) -> Result<(Slot, Arc<Address>), &'static str> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if counts.open >= self.config.max_connections {
             return Err("the relay is at its connection limit");
@@ -108,7 +132,7 @@ impl Guarded {
         let (open, budget) = counts
             .per_ip
             .entry(ip)
-            .or_insert_with(|| (0, Arc::new(Mutex::new(TokenBucket::new(rate, rate, now)))));
+            .or_insert_with(|| (0, Arc::new(Address::new(rate, now))));
         if *open >= self.config.max_per_ip {
             return Err("the address is at its connection limit");
         }
@@ -162,7 +186,7 @@ impl Listener for Guarded {
                     continue;
                 }
             };
-            let (slot, rate) = match self.admit(addr.ip()) {
+            let (slot, address) = match self.admit(addr.ip()) {
                 Ok(admitted) => admitted,
                 Err(why) => {
                     tracing::debug!(%addr, why, "connection refused");
@@ -182,7 +206,14 @@ impl Listener for Guarded {
                 joined: joined.clone(),
                 _slot: slot,
             };
-            return (io, Peer { addr, joined, rate });
+            return (
+                io,
+                Peer {
+                    addr,
+                    joined,
+                    address,
+                },
+            );
         }
     }
 
@@ -190,7 +221,7 @@ impl Listener for Guarded {
         Ok(Peer {
             addr: self.listener.local_addr()?,
             joined: Arc::default(),
-            rate: Arc::new(Mutex::new(TokenBucket::new(0.0, 0.0, 0))),
+            address: Arc::new(Address::new(0.0, 0)),
         })
     }
 }

@@ -109,8 +109,8 @@ pub struct RelayConfig {
     /// The most connections open at once from one IP address.
     pub max_connections_per_ip: usize,
     /// The most bytes the relay holds, all connections together, for large messages whose
-    /// parts are still arriving; a part past it is refused as `rateLimited` with the rest of
-    /// its message (the client sends it again later).
+    /// parts are still arriving (and a quarter of it for one IP address); a part past it is
+    /// refused as `rateLimited` with the rest of its message (the client sends it again later).
     pub max_partial_bytes: usize,
     /// Frames per second from one IP address, all its connections together (and as many at
     /// once).

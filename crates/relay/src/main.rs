@@ -117,8 +117,9 @@ mod native {
               value_parser = clap::value_parser!(u64).range(1..))]
         max_connections_per_ip: u64,
         /// Bytes the relay holds, all connections together, for large messages whose parts are
-        /// still arriving; a part past it is refused as `rateLimited` with the rest of its
-        /// message (the client sends it again later).
+        /// still arriving, and a quarter of it for one IP address; a part past either is
+        /// refused as `rateLimited` with the rest of its message (the client sends it again
+        /// later).
         #[arg(long, env = "PM_MAX_PARTIAL_BYTES", default_value_t = 1 << 30,
               value_parser = clap::value_parser!(u64).range(1..))]
         max_partial_bytes: u64,

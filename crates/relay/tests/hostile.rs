@@ -1131,15 +1131,15 @@ async fn partial_bytes(server: &Server) -> u64 {
 /// Members start large messages and never finish them (a read-only member can: nothing is
 /// judged before the last part). Each connection held up to the message limit, with no bound
 /// across connections, until the relay ran out of memory and every room went with it. The
-/// relay holds at most `--max-partial-bytes` for such messages: a part past it is refused as
-/// `rateLimited` with the rest of its message, and what a connection held is given back when
-/// it closes.
+/// relay holds at most `--max-partial-bytes` for such messages, and one address a quarter of
+/// that: a part past either is refused as `rateLimited` with the rest of its message, and what
+/// a connection held is given back when it closes. (The test's members share one address.)
 #[tokio::test]
 async fn messages_never_finished_hold_at_most_the_relays_partial_bytes() {
     let server = start("partial", |c| {
         c.limits.max_frame = 16 << 10;
         c.limits.max_message = 1 << 20;
-        c.max_partial_bytes = 512 << 10;
+        c.max_partial_bytes = 2 << 20;
         c.max_rate = 100_000;
         c.ip_rate = 100_000;
     })
@@ -1166,7 +1166,10 @@ async fn messages_never_finished_hold_at_most_the_relays_partial_bytes() {
         members[1].send_bytes(piece.clone()).await;
     }
     let detail = members[1].expect_reject(Reason::RateLimited).await;
-    assert!(detail.contains("large messages still arriving"), "{detail}");
+    assert!(
+        detail.contains("this address holds 524288 bytes of large messages still arriving"),
+        "{detail}"
+    );
     let held = partial_bytes(&server).await;
     assert!(held <= 512 << 10, "the relay holds {held} bytes");
     // The member goes on: after its fence, a small message is stored.
@@ -1183,5 +1186,38 @@ async fn messages_never_finished_hold_at_most_the_relays_partial_bytes() {
     for member in members {
         member.conn.close().await;
     }
+    server.stop().await;
+}
+
+/// The parts of a message that is never finished cost nothing from the address's frame budget
+/// (the whole was counted when its last part came): a member could send parts as fast as the
+/// socket took them. Every part counts as it comes now, and one over the budget is refused
+/// with the rest of its message.
+#[tokio::test]
+async fn the_parts_of_a_message_count_against_the_addresss_frame_budget_as_they_come() {
+    let server = start("partial-rate", |c| {
+        c.limits.max_frame = 16 << 10;
+        c.limits.max_message = 1 << 20;
+        c.max_rate = 100_000;
+        c.ip_rate = 20;
+    })
+    .await;
+    let mut member = join(&server, "r", 0, None).await;
+    let frame = Frame::stamped(
+        member.stamp(),
+        Body::Data {
+            data: Json::from_value(&serde_json::json!("x".repeat(1_000_000))).unwrap(),
+        },
+    );
+    let parts = part::fragment(&frame.encode(), 16 << 10);
+    for piece in &parts[..40] {
+        member.send_bytes(piece.clone()).await;
+    }
+    let detail = member.expect_reject(Reason::RateLimited).await;
+    assert!(
+        detail.contains("over 20 frames per second from this address"),
+        "{detail}"
+    );
+    assert_eq!(partial_bytes(&server).await, 0, "the message was dropped");
     server.stop().await;
 }
