@@ -325,11 +325,16 @@ impl Validator {
             // library's selection adds kilobytes to the wasm package.
             crate::doc::heap_sort(&mut seen);
             let cutoff = seen[excess - 1];
-            let mut to_drop = excess;
+            // Every sender seen before the cutoff goes, and as many seen at it as make up the
+            // excess: a sender seen at the cutoff never keeps an older one in.
+            let mut ties = excess - seen.iter().filter(|&&at| at < cutoff).count();
             self.senders.retain(|_, s| {
-                let drop = to_drop > 0 && s.last_seen_ms <= cutoff;
+                let drop = s.last_seen_ms < cutoff
+                    || (s.last_seen_ms == cutoff && ties > 0 && {
+                        ties -= 1;
+                        true
+                    });
                 if drop {
-                    to_drop -= 1;
                     floor = floor.max(s.last_step);
                 }
                 !drop
@@ -580,6 +585,38 @@ mod tests {
             assert!(verdict.is_accepted(), "sender {sender}: {verdict:?}");
             assert!(v.tracked_senders() <= 8);
         }
+    }
+
+    /// The least recently seen go first, whatever the order of their ids: senders seen at the
+    /// cutoff used to make up the excess before an older sender came up, which stayed.
+    #[test]
+    fn eviction_drops_the_least_recently_seen_before_ties_at_the_cutoff() {
+        let mut v = Validator::new(ValidatorConfig {
+            max_senders: 8,
+            idle_after_ms: 1_000_000,
+            ..ValidatorConfig::default()
+        });
+        let seen = [
+            (1, 10),
+            (2, 10),
+            (3, 5),
+            (4, 20),
+            (5, 20),
+            (6, 20),
+            (7, 20),
+            (8, 20),
+        ];
+        for (sender, at) in seen {
+            assert!(v.check(&stamp(sender, 1), relayed(), 100, at).is_accepted());
+        }
+        assert!(v.check(&stamp(9, 1), relayed(), 100, 30).is_accepted());
+        assert_eq!(v.tracked_senders(), 7);
+        assert_eq!(v.last_step(3), None, "the least recently seen went");
+        assert_eq!(
+            [1, 2].map(|s| v.last_step(s).is_some()),
+            [false, true],
+            "one of the two seen at the cutoff went"
+        );
     }
 
     #[test]
