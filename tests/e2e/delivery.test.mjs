@@ -394,21 +394,24 @@ test("a tab that typed offline and closed while another tab of the room stayed o
   await profile.close();
 });
 
+/** A page of `profile` (tabs of one browser profile share its storage) with the package loaded as
+ * `window.mesh`, and the errors it throws in `page.problems`. */
+async function packagePage(profile) {
+  const page = await profile.newPage();
+  page.problems = [];
+  page.on("pageerror", (e) => page.problems.push(e.message));
+  await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
+  await page.evaluate(async () => {
+    window.mesh = await import("/pkg/pattern_mesh.js");
+    await window.mesh.default();
+  });
+  return page;
+}
+
 test("deleting the stored data while a tab holds it open neither hangs a new connect nor fails silently", async () => {
   const room = `e2e-delete-${Date.now()}`;
   const profile = await browser.newContext();
-  const pages = [];
-  for (let i = 0; i < 2; i++) {
-    const page = await profile.newPage();
-    page.problems = [];
-    page.on("pageerror", (e) => page.problems.push(e.message));
-    await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
-    await page.evaluate(async () => {
-      window.mesh = await import("/pkg/pattern_mesh.js");
-      await window.mesh.default();
-    });
-    pages.push(page);
-  }
+  const pages = [await packagePage(profile), await packagePage(profile)];
   const [holder, other] = pages;
   const url = `ws://127.0.0.1:${port}/ws`;
   await holder.evaluate(async ({ url, room }) => {
@@ -452,18 +455,7 @@ test("deleting the stored data while a tab holds it open neither hangs a new con
 test("the browser clearing a tab's stored data under it: the tab says so once, and its edits still reach the room", async () => {
   const room = `e2e-cleared-${Date.now()}`;
   const profile = await browser.newContext();
-  const pages = [];
-  for (let i = 0; i < 2; i++) {
-    const page = await profile.newPage();
-    page.problems = [];
-    page.on("pageerror", (e) => page.problems.push(e.message));
-    await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
-    await page.evaluate(async () => {
-      window.mesh = await import("/pkg/pattern_mesh.js");
-      await window.mesh.default();
-    });
-    pages.push(page);
-  }
+  const pages = [await packagePage(profile), await packagePage(profile)];
   const [holder, other] = pages;
   const url = `ws://127.0.0.1:${port}/ws`;
   for (const [page, persist] of [[holder, true], [other, false]]) {
