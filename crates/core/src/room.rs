@@ -597,6 +597,10 @@ pub struct RoomCore {
     members: HashMap<ConnId, Member>,
     nodes: HashMap<NodeId, Node>,
     tokens: HashMap<ResumeToken, NodeId>,
+    /// The frame and byte budgets of the last node of each user (an access token's `sub`)
+    /// that left, until they are full again: a new node of the user starts from them. Without
+    /// it, a member that joined again without its resume token had full budgets each time.
+    spent: HashMap<u64, (TokenBucket, TokenBucket)>,
     /// Nodes that left, with when their buckets are full again: then the room lets them go.
     departures: VecDeque<(NodeId, u64)>,
     /// Node ids `next_node..nodes_end` are reserved for this room.
@@ -718,6 +722,7 @@ impl RoomCore {
             members: HashMap::new(),
             nodes: HashMap::new(),
             tokens: HashMap::new(),
+            spent: HashMap::new(),
             departures: VecDeque::new(),
             next_node: record.next_node,
             next_answerer: 0,
@@ -1533,7 +1538,11 @@ impl RoomCore {
                         reason: "the room is reserving node ids; try again".into(),
                     });
                 };
-                let state = self.new_node(fresh);
+                let mut state = self.new_node(fresh);
+                if let Some((rate, bandwidth)) = self.spent.get(&request.access.user) {
+                    state.rate = rate.clone();
+                    state.bandwidth = bandwidth.clone();
+                }
                 self.nodes.insert(node, state);
                 self.tokens.insert(fresh, node);
                 node
@@ -1719,6 +1728,15 @@ impl RoomCore {
                 node.conn = None;
                 node.kept_until = self.now.saturating_add(self.limits.resume_grace);
                 let at = node.rate.full_at().max(node.bandwidth.full_at());
+                if member.access.user != 0 && at > self.now {
+                    let now = self.now;
+                    self.spent
+                        .retain(|_, (r, b)| r.full_at().max(b.full_at()) > now);
+                    self.spent.insert(
+                        member.access.user,
+                        (node.rate.clone(), node.bandwidth.clone()),
+                    );
+                }
                 self.departures
                     .push_back((member.node, at.max(node.kept_until)));
             }

@@ -321,6 +321,40 @@ async fn a_refused_rename_costs_a_member_named_by_its_token_none_of_its_edits() 
     );
 }
 
+/// A member spends its frame budget, leaves and joins again without its resume token: a new
+/// node, which started with full budgets, every time. A new node of a user (the token's
+/// `sub`) starts from the budgets of the user's last node that left.
+#[tokio::test]
+async fn a_user_that_joins_again_as_a_new_node_keeps_its_spent_budget() {
+    let server = start("auth-budget", |c| {
+        c.auth = Some(AuthKey::Secret(SECRET.into()));
+        c.max_rate = 50;
+        c.ip_rate = 100_000;
+    })
+    .await;
+    let url = with_token(&server, &token("doc", "write"));
+    let mut a = join_at(&url, "doc", 0, 0, None).await;
+    for i in 0..50 {
+        a.data(serde_json::json!(i)).await;
+    }
+    for _ in 0..50 {
+        a.recv_until(|f| matches!(f, Frame::Ack { .. })).await;
+    }
+    a.conn.close().await;
+    let mut again = join_at(&url, "doc", 0, 0, None).await;
+    assert_ne!(again.node, a.node, "a new node");
+    again.data(serde_json::json!("over")).await;
+    let detail = again.expect_reject(Reason::RateLimited).await;
+    assert!(detail.contains("per second"), "{detail}");
+    // Another user's new node has its own budgets.
+    let other = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u-other", "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    let mut b = join_at(&with_token(&server, &other), "doc", 0, 0, None).await;
+    b.data_acked(serde_json::json!("fine")).await;
+}
+
 #[tokio::test]
 async fn a_token_that_expires_during_the_connection_closes_it_with_its_own_code() {
     let server = secured("auth-expiry").await;
