@@ -210,6 +210,11 @@ impl Reader {
         self.reassembler.allocated()
     }
 
+    /// Whether a message is in progress (not one refused, whose parts are dropped as they come).
+    pub fn assembling(&self) -> bool {
+        self.reassembler.in_progress()
+    }
+
     /// Drops the message in progress, and the rest of its parts as they come, for a limit of
     /// the driver's (the relay's memory for such messages); returns its step, for the refusal.
     pub fn abandon(&mut self) -> Step {
@@ -597,7 +602,7 @@ pub struct RoomCore {
     members: HashMap<ConnId, Member>,
     nodes: HashMap<NodeId, Node>,
     tokens: HashMap<ResumeToken, NodeId>,
-    /// The frame and byte budgets of the last node of each user (an access token's `sub`)
+    /// The emptiest frame and byte budgets of the nodes of each user (an access token's `sub`)
     /// that left, until they are full again: a new node of the user starts from them. Without
     /// it, a member that joined again without its resume token had full budgets each time.
     spent: HashMap<u64, (TokenBucket, TokenBucket)>,
@@ -1732,10 +1737,18 @@ impl RoomCore {
                     let now = self.now;
                     self.spent
                         .retain(|_, (r, b)| r.full_at().max(b.full_at()) > now);
-                    self.spent.insert(
-                        member.access.user,
-                        (node.rate.clone(), node.bandwidth.clone()),
-                    );
+                    // The emptier of each budget: a node that spent little, leaving after one
+                    // that spent all, does not hand the next node full budgets.
+                    let (rate, bandwidth) = self
+                        .spent
+                        .entry(member.access.user)
+                        .or_insert_with(|| (node.rate.clone(), node.bandwidth.clone()));
+                    if node.rate.full_at() > rate.full_at() {
+                        *rate = node.rate.clone();
+                    }
+                    if node.bandwidth.full_at() > bandwidth.full_at() {
+                        *bandwidth = node.bandwidth.clone();
+                    }
                 }
                 self.departures
                     .push_back((member.node, at.max(node.kept_until)));

@@ -459,13 +459,19 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                     // The address's budget, shared by all its connections, counts every frame
                     // as it comes, a part too (one abandoned would cost nothing otherwise): a
                     // part over it is refused with the rest of its message.
-                    Read::Pending if !peer.take(1, relay.now_ms()) => Read::Throttled {
-                        step: reader.abandon(),
-                        detail: format!(
-                            "over {} frames per second from this address; this message was not stored: send it again later",
-                            relay.config.ip_rate
-                        ),
-                    },
+                    // (The parts of a message refused already are counted and dropped in silence:
+                    // one refusal per message.)
+                    Read::Pending
+                        if !peer.take(1, relay.now_ms()) && reader.reader.assembling() =>
+                    {
+                        Read::Throttled {
+                            step: reader.abandon(),
+                            detail: format!(
+                                "over {} frames per second from this address; this message was not stored: send it again later",
+                                relay.config.ip_rate
+                            ),
+                        }
+                    }
                     // A part of a large message: the room only hears that the member is alive.
                     Read::Pending => Read::Pending,
                     // A fence is free: it must never be what keeps a refused message from being
@@ -522,15 +528,17 @@ impl Partial {
         // Only a message in progress grows: `read` is `Pending`.
         let grown = (held - self.counted) as u64;
         self.counted = held;
-        let max = self.relay.config.max_partial_bytes as u64;
+        // Never below the message limit: a message of that size must always get through.
+        let message = self.relay.config.limits.max_message as u64;
+        let max = (self.relay.config.max_partial_bytes as u64).max(message);
+        let per_address = (max / 4).max(message);
         let total = self.relay.metrics.partial_bytes.fetch_add(grown, Relaxed) + grown;
         let address = self.address.partial.fetch_add(grown, Relaxed) + grown;
         let over = if total > max {
             format!("the relay holds {max} bytes of large messages still arriving, its most")
-        } else if address > max / 4 {
+        } else if address > per_address {
             format!(
-                "this address holds {} bytes of large messages still arriving, its most (a quarter of the relay's)",
-                max / 4
+                "this address holds {per_address} bytes of large messages still arriving, its most (a quarter of the relay's)"
             )
         } else {
             return read;

@@ -39,11 +39,13 @@ struct State {
     /// once, so a message larger than the bounds (a paste of 20 MB against 16 MiB) would
     /// otherwise cut off every member it went to.
     in_message: bool,
-    /// The messages in parts, in frames and bytes, while they are queued: the frames that
-    /// follow are judged without them, or the next keystroke of a busy room would cut the
-    /// member off. It shrinks as the connection reads, never past what the queue holds.
+    /// The newest message in parts, in frames and bytes, while it is queued: the frames that
+    /// follow are judged without it, or the next keystroke of a busy room would cut the
+    /// member off (the messages before it count as any frame).
     over_items: usize,
     over_bytes: usize,
+    /// The part frames queued, of every message: the newest message's are the last of them.
+    parts: usize,
     sender_gone: bool,
     receiver_gone: bool,
     close: Option<(u16, String)>,
@@ -75,6 +77,7 @@ pub(crate) fn queue(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
             in_message: false,
             over_items: 0,
             over_bytes: 0,
+            parts: 0,
             sender_gone: false,
             receiver_gone: false,
             close: None,
@@ -101,7 +104,7 @@ impl Sender {
             if !continues {
                 // A message's start is judged with everything queued, earlier messages too,
                 // and the rest of it comes in whole; other frames are judged without the
-                // messages queued. So a queue holds at most its bounds and one message.
+                // newest message. So a queue holds at most its bounds and one message.
                 let (items, held) = if span.is_some() {
                     (state.items.len(), state.bytes)
                 } else {
@@ -125,8 +128,13 @@ impl Sender {
             if let Some(span) = span {
                 state.in_message = !span.ends();
                 // The message, its start included, is judged at its start only.
+                if !continues {
+                    state.over_items = 0;
+                    state.over_bytes = 0;
+                }
                 state.over_items += 1;
                 state.over_bytes += bytes.len();
+                state.parts += 1;
             }
             state.bytes += bytes.len();
             state.items.push_back(bytes);
@@ -196,10 +204,14 @@ impl Drop for Receiver {
 fn pop(state: &mut State) -> Option<Bytes> {
     let bytes = state.items.pop_front()?;
     state.bytes -= bytes.len();
-    // Judged without the rest of a message, the queue holds at most its bounds; with it, at
-    // most one message more.
-    state.over_items = state.over_items.min(state.items.len());
-    state.over_bytes = state.over_bytes.min(state.bytes);
+    if part::span(&bytes).is_some() {
+        // The oldest part queued is the newest message's once only its parts are left.
+        if state.parts <= state.over_items {
+            state.over_items -= 1;
+            state.over_bytes -= bytes.len();
+        }
+        state.parts -= 1;
+    }
     if state.items.is_empty() && state.items.capacity() > KEEP {
         state.items.shrink_to(KEEP);
     }
@@ -309,6 +321,26 @@ mod tests {
         for part in parts(1_000) {
             tx.try_send(part).unwrap();
         }
+    }
+
+    /// Once a message over the bounds is read, the frames queued after it count in full: it
+    /// leaves no allowance behind.
+    #[test]
+    fn a_message_read_leaves_no_allowance_behind() {
+        let (tx, mut rx) = queue(100, 150);
+        for part in part::fragment(&vec![7u8; 1_000], 100) {
+            tx.try_send(Bytes::from(part)).unwrap();
+        }
+        for _ in 0..5 {
+            tx.try_send(Bytes::from(vec![1; 30])).unwrap();
+        }
+        // The message and one frame after it are read; four frames, 120 bytes, remain.
+        while rx.try_recv().is_some_and(|b| b.len() != 30) {}
+        tx.try_send(Bytes::from(vec![1; 30])).unwrap();
+        assert_eq!(
+            tx.try_send(Bytes::from(vec![1; 1])),
+            Err(SendError::Full { bytes: true })
+        );
     }
 
     #[tokio::test]
