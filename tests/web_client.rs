@@ -105,11 +105,14 @@ async fn two_clients_exchange_data_and_converge_on_text() {
     tb.insert(JsValue::from(0), JsValue::from("world "))
         .unwrap();
     until("both texts converge", || {
-        let (x, y) = (ta.to_js_string(), tb.to_js_string());
+        let (x, y) = (ta.to_js_string().unwrap(), tb.to_js_string().unwrap());
         x == y && x.len() == 11
     })
     .await;
-    assert!(ta.to_js_string().contains("hello") && ta.to_js_string().contains("world "));
+    assert!(
+        ta.to_js_string().unwrap().contains("hello")
+            && ta.to_js_string().unwrap().contains("world ")
+    );
     let deltas = deltas.borrow();
     assert!(deltas.iter().any(|(_, origin)| origin == "local"));
     assert!(
@@ -181,14 +184,17 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
     let tb = b.text("content".into()).unwrap();
     ta.insert(JsValue::from(0), JsValue::from("online "))
         .unwrap();
-    until("b has the first edit", || tb.to_js_string() == "online ").await;
+    until("b has the first edit", || {
+        tb.to_js_string().unwrap() == "online "
+    })
+    .await;
 
     a.drop_connection().unwrap();
     for (i, word) in ["while ", "the ", "socket ", "was ", "down "]
         .iter()
         .enumerate()
     {
-        let at = ta.length();
+        let at = ta.length().unwrap();
         ta.insert(JsValue::from(at), JsValue::from(*word)).unwrap();
         if i == 2 {
             sleep(100).await;
@@ -199,14 +205,17 @@ async fn edits_made_while_disconnected_arrive_exactly_once() {
     })
     .await;
     let expected = "online while the socket was down ";
-    until("b has every offline edit", || tb.to_js_string() == expected).await;
+    until("b has every offline edit", || {
+        tb.to_js_string().unwrap() == expected
+    })
+    .await;
     sleep(300).await;
     assert_eq!(
-        tb.to_js_string(),
+        tb.to_js_string().unwrap(),
         expected,
         "each edit arrived exactly once"
     );
-    assert_eq!(ta.to_js_string(), expected);
+    assert_eq!(ta.to_js_string().unwrap(), expected);
     let statuses: Vec<String> = statuses
         .borrow()
         .iter()
@@ -229,7 +238,10 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
     let tb = b.text("content".into()).unwrap();
     ta.insert(JsValue::from(0), JsValue::from("same text"))
         .unwrap();
-    until("b has a's text", || tb.to_js_string() == "same text").await;
+    until("b has a's text", || {
+        tb.to_js_string().unwrap() == "same text"
+    })
+    .await;
     assert_eq!(
         a.digest().unwrap(),
         b.digest().unwrap(),
@@ -261,7 +273,7 @@ async fn equal_versions_with_different_digests_raise_a_desync_anomaly() {
     })
     .await;
     assert_eq!(
-        tb.to_js_string(),
+        tb.to_js_string().unwrap(),
         "same text",
         "a checkpoint never changes the text"
     );

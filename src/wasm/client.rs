@@ -1121,6 +1121,11 @@ impl MeshClient {
             // The first relay names the storage: the same list finds the same storage.
             // An open of the database that waits behind another page gives up after 10 s.
             let loaded = super::storage::open(&options.urls[0], &options.room, 10_000).await?;
+            if panicked() {
+                // The module panicked while the stored document loaded: this client stops
+                // with the others.
+                return Err(stopped());
+            }
             for update in &loaded.updates {
                 if let Err(e) = replica.apply_update(update) {
                     problems.push(format!("a stored update did not apply: {e}"));
@@ -1217,6 +1222,9 @@ impl MeshClient {
             return Ok(MeshClient { shared });
         }
         let joined = on_joined.await;
+        if panicked() {
+            return Err(stopped());
+        }
         shared.borrow().registration.set_connecting(None);
         match joined {
             Ok(Ok(())) => Ok(MeshClient { shared }),
@@ -1622,7 +1630,7 @@ impl SharedText {
         let text = string_arg("text", &text)?;
         let text = text.as_str();
         {
-            let driver = self.shared.borrow();
+            let driver = self.state()?;
             let max = driver.session.max_payload();
             if text.len() > max {
                 return Err(js_error(
@@ -1651,25 +1659,25 @@ impl SharedText {
     /// The text's current content. An embed a Yjs application put in the text (an image, a
     /// shared type) reads as one U+FFFC, the one position it takes, as in the deltas.
     #[wasm_bindgen(js_name = toString)]
-    pub fn to_js_string(&self) -> String {
-        let driver = self.shared.borrow();
-        driver
+    pub fn to_js_string(&self) -> Result<String, JsValue> {
+        let driver = self.state()?;
+        Ok(driver
             .session
             .replica()
             .built()
             .map(|doc| doc.text(&self.name))
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     /// The length in UTF-16 code units.
     #[wasm_bindgen(getter)]
-    pub fn length(&self) -> u32 {
-        let driver = self.shared.borrow();
-        driver
+    pub fn length(&self) -> Result<u32, JsValue> {
+        let driver = self.state()?;
+        Ok(driver
             .session
             .replica()
             .built()
-            .map_or(0, |doc| doc.len(&self.name))
+            .map_or(0, |doc| doc.len(&self.name)))
     }
 
     /// Calls `listener(delta, origin)` after every change, local or remote: `delta` is a list of
@@ -1679,7 +1687,7 @@ impl SharedText {
         let function: js_sys::Function = JsValue::from(listener)
             .dyn_into()
             .map_err(|_| invalid_argument("observe needs a function"))?;
-        let mut driver = self.shared.borrow_mut();
+        let mut driver = self.state()?;
         if driver.session.is_closed() {
             return Err(session_error(SessionError::Closed));
         }
@@ -1703,12 +1711,21 @@ impl SharedText {
 
 #[cfg(feature = "document")]
 impl SharedText {
+    /// The client's state, as [`MeshClient::driver_mut`] gives it (a `PanicError` once the
+    /// module panicked, a `BusyError` while it applies a remote update).
+    fn state(&self) -> Result<std::cell::RefMut<'_, Driver>, JsValue> {
+        if panicked() {
+            return Err(stopped());
+        }
+        self.shared.try_borrow_mut().map_err(|_| busy())
+    }
+
     fn edit(
         &self,
         change: impl FnOnce(&SharedDoc, &str) -> Result<Vec<u8>, crate::doc::DocError>,
     ) -> Result<(), JsValue> {
         {
-            let mut driver = self.shared.borrow_mut();
+            let mut driver = self.state()?;
             if driver.session.is_closed() {
                 return Err(session_error(SessionError::Closed));
             }

@@ -260,7 +260,7 @@ pub(crate) fn panicked() -> bool {
 /// The error a call on a client of a dead instance throws.
 pub(crate) fn stopped() -> JsValue {
     let error = js_sys::Error::new(
-        "the client stopped after an internal error (see the PanicError); connect again to rejoin the room",
+        "the client stopped after an internal error (see the PanicError); connect again, from the next task on (the module is replaced then), to rejoin the room",
     );
     error.set_name("PanicError");
     error.into()

@@ -149,7 +149,7 @@ export async function pmStorageWrite(db, room, id, saved, updates, drop) {
     // A browser that closes the database aborts its transactions first and says why (the
     // close event) after: a write cut short that way is told as the closing, not as a
     // failure to try again.
-    await new Promise((resolve) => setTimeout(resolve, 0));
+    await new Promise((resolve) => setTimeout(resolve, 50));
     if (db.pmGone) throw new Error(db.pmGone);
     throw e;
   }

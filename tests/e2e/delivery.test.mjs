@@ -509,6 +509,7 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     const errors = [];
     a.on("error", (e) => errors.push({ name: e.name, message: e.message }));
     let thrown = null;
+    const shared = a.text("content");
     try { a.__panicForTests("a test panic"); } catch (e) { thrown = `${e.name}: ${e.message}`; }
     // At once, before the fresh instance replaces the dead one (in the next task): the call
     // runs in the dead instance, where the client has stopped. (It used to run in the fresh
@@ -516,6 +517,9 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     // owns.)
     let staleAtOnce = null;
     try { a.text("content").insert(0, "x"); } catch (e) { staleAtOnce = `${e.name}: ${e.message}`; }
+    // A text of the client too (it was borrowed when the panic came).
+    let textAtOnce = null;
+    try { shared.insert(0, "x"); } catch (e) { textAtOnce = `${e.name}: ${e.message}`; }
     for (let i = 0; i < 100 && errors.length === 0; i++) await sleep(20);
     // A connect pending when the module panics is rejected with the same error.
     const pending = mesh.MeshClient.connect({ url: "ws://127.0.0.1:9/ws", room, connectTimeout: 60000 })
@@ -537,7 +541,7 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     const loaded = text.toString();
     text.insert(text.length, "and after");
     while (again.pendingCount > 0) await sleep(20);
-    return { node, thrown, errors, stale, staleAtOnce, loaded, pendingThrown, pendingOutcome, storedOutcome };
+    return { node, thrown, errors, stale, staleAtOnce, textAtOnce, loaded, pendingThrown, pendingOutcome, storedOutcome };
   }, room);
   assert.match(result.thrown, /RuntimeError: unreachable/);
   assert.equal(result.errors.length, 1, "one error event");
@@ -545,6 +549,7 @@ test("a panic inside the module stops its client with a PanicError, and the modu
   assert.match(result.errors[0].message, /internal error \(.*a test panic.*\); 0 message\(s\) not yet acknowledged/);
   assert.match(result.stale, /previous Wasm instance/);
   assert.match(result.staleAtOnce, /^PanicError: the client stopped after an internal error/);
+  assert.match(result.textAtOnce, /^PanicError: the client stopped after an internal error/);
   assert.equal(result.pendingThrown, "RuntimeError");
   assert.match(result.pendingOutcome, /^PanicError: the client stopped after an internal error \(a second panic, at /);
   assert.match(result.storedOutcome, /^PanicError: the client stopped after an internal error/);
