@@ -1120,10 +1120,13 @@ impl MeshClient {
         if options.persist {
             // The first relay names the storage: the same list finds the same storage.
             // An open of the database that waits behind another page gives up after 10 s.
-            let loaded = super::storage::open(&options.urls[0], &options.room, 10_000).await?;
+            let holds = super::storage::holds();
+            registration.set_storage(holds.stop());
+            let loaded =
+                super::storage::open(&options.urls[0], &options.room, 10_000, holds).await?;
             if panicked() {
                 // The module panicked while the stored document loaded: this client stops
-                // with the others.
+                // with the others (the panic let go of the records it had claimed).
                 return Err(stopped());
             }
             for update in &loaded.updates {

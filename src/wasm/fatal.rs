@@ -8,6 +8,9 @@
 //!   member leave, and keeps the socket's events from the dead instance's listeners (see
 //!   [`guard`]);
 //! - it clears every client's timers, for the same reason;
+//! - it lets go of the Web Locks on the session records of every client that persists its
+//!   room, so that the tab's next client (or another tab) takes in what their outboxes still
+//!   held;
 //! - from a timer, in a task of its own, it has wasm-bindgen replace the instance
 //!   ([`wasm_bindgen::handler::schedule_reinit`], then a call into the module). Not sooner:
 //!   wasm-bindgen replaces the instance at the start of the next call into the module, after
@@ -108,6 +111,8 @@ struct Live {
     closed: bool,
     /// The rejection of its `connect`, while that is pending.
     connecting: Option<js_sys::Function>,
+    /// Lets go of the locks on its stored session records, when it persists the room.
+    storage: Option<js_sys::Function>,
 }
 
 thread_local! {
@@ -168,6 +173,7 @@ pub(crate) fn register() -> Registration {
             pending: pending.clone(),
             closed: false,
             connecting: None,
+            storage: None,
         })
     });
     Registration { id, pending }
@@ -195,6 +201,13 @@ impl Registration {
     /// The rejection of the client's pending `connect`, or `None` once it settled.
     pub(crate) fn set_connecting(&self, reject: Option<js_sys::Function>) {
         self.with(|l| l.connecting = reject);
+    }
+
+    /// What lets go of the locks on the client's stored session records (see
+    /// `storage::Holds::stop`).
+    #[cfg(feature = "document")]
+    pub(crate) fn set_storage(&self, stop: js_sys::Function) {
+        self.with(|l| l.storage = Some(stop));
     }
 
     /// The client's `error` listeners.
@@ -287,14 +300,26 @@ fn on_panic(message: &str) {
         for timer in &client.timers {
             clear_timeout(timer);
         }
+        if let Some(stop) = &client.storage {
+            let _ = stop.call0(&JsValue::NULL);
+        }
         if client.closed {
             continue;
         }
-        let error = js_sys::Error::new(&format!(
-            "the client stopped after an internal error ({message}); {} message(s) not yet \
-             acknowledged by the relay were not delivered; connect again to rejoin the room",
-            client.pending.get()
-        ));
+        let unsent = client.pending.get();
+        let error = js_sys::Error::new(&if client.storage.is_some() {
+            format!(
+                "the client stopped after an internal error ({message}); {unsent} message(s) \
+                 not yet acknowledged by the relay: the next client of this room that persists \
+                 sends those this one had stored; connect again to rejoin the room"
+            )
+        } else {
+            format!(
+                "the client stopped after an internal error ({message}); {unsent} message(s) \
+                 not yet acknowledged by the relay were not delivered; connect again to rejoin \
+                 the room"
+            )
+        });
         error.set_name("PanicError");
         let listeners: js_sys::Array = client.errors.iter().collect();
         let reject = client

@@ -38,11 +38,26 @@ const finished = (tx) => new Promise((resolve, reject) => {
   tx.onerror = () => reject(tx.error);
   tx.onabort = () => reject(tx.error ?? new Error("the transaction was aborted"));
 });
-const lock = (name) => new Promise((resolve) => {
+// The Web Locks one client holds; `stop` lets go of all of them, and of any it would take
+// after: the module panicked, and the records go to the tab's next client, or another tab.
+export function pmStorageHolds() {
+  const holds = { locks: new Set(), stopped: false };
+  holds.stop = () => {
+    holds.stopped = true;
+    for (const release of holds.locks) release();
+  };
+  return holds;
+}
+const lock = (name, holds) => new Promise((resolve) => {
+  if (holds.stopped) return resolve(null);
   navigator.locks.request(`pattern-mesh ${name}`, { ifAvailable: true }, (held) => {
-    if (!held) return resolve(null);
+    if (!held || holds.stopped) return resolve(null);
     // Held until the returned function is called (or the tab goes).
-    return new Promise((release) => resolve(release));
+    return new Promise((done) => {
+      const release = () => { holds.locks.delete(release); done(); };
+      holds.locks.add(release);
+      resolve(release);
+    });
   }).catch(() => resolve(null));
 });
 export function pmStorageMissing() {
@@ -52,7 +67,7 @@ export function pmStorageMissing() {
   }
   return null;
 }
-export async function pmStorageOpen(room, wait) {
+export async function pmStorageOpen(room, wait, holds) {
   const open = indexedDB.open("pattern-mesh", 1);
   open.onupgradeneeded = () => {
     const db = open.result;
@@ -82,7 +97,7 @@ export async function pmStorageOpen(room, wait) {
   const claimed = [];
   try {
     for (const record of sessions) {
-      const release = await lock(record.id);
+      const release = await lock(record.id, holds);
       if (!release) continue;
       claimed.push([record.id, null, release]);
       // Read again under the lock: its last owner may have written it, or let it go for
@@ -101,7 +116,7 @@ export async function pmStorageOpen(room, wait) {
     const id = `${room}\n${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
     // Without its lock, the record would look free to the other tabs of the room, which take
     // in such a record's outbox while this tab still sends it.
-    const release = await lock(id);
+    const release = await lock(id, holds);
     if (!release) {
       db.close();
       throw new Error("the Web Lock of this tab's new session record could not be taken");
@@ -110,13 +125,13 @@ export async function pmStorageOpen(room, wait) {
   }
   return [db, claimed, stored.map((record) => record.update)];
 }
-export async function pmStorageFreed(db, room, known) {
+export async function pmStorageFreed(db, room, known, holds) {
   if (db.pmGone) return [];
   const ids = await request(db.transaction("sessions", "readonly").objectStore("sessions").index("room").getAllKeys(room));
   const taken = [];
   for (const id of ids) {
     if (known.includes(id)) continue;
-    const release = await lock(id);
+    const release = await lock(id, holds);
     if (!release) continue;
     try {
       // Read under the lock: a tab that closed with nothing left to send deleted it.
@@ -174,10 +189,19 @@ export async function pmStorageCompact(db, room, merge) {
 extern "C" {
     #[wasm_bindgen(js_name = pmStorageMissing)]
     fn missing() -> Option<String>;
+    /// The Web Locks on session records that one client holds.
+    pub(crate) type Holds;
+    /// A client's holds, none yet.
+    #[wasm_bindgen(js_name = pmStorageHolds)]
+    pub(crate) fn holds() -> Holds;
+    /// Lets go of every lock of the holds, and keeps them from taking another: for the panic
+    /// hook, which calls it without the client's state.
+    #[wasm_bindgen(method, getter)]
+    pub(crate) fn stop(this: &Holds) -> js_sys::Function;
     #[wasm_bindgen(js_name = pmStorageOpen)]
-    fn open_js(room: &str, wait: u32) -> js_sys::Promise;
+    fn open_js(room: &str, wait: u32, holds: &Holds) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageFreed)]
-    fn freed_js(db: &JsValue, room: &str, known: js_sys::Array) -> js_sys::Promise;
+    fn freed_js(db: &JsValue, room: &str, known: js_sys::Array, holds: &Holds) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageGone)]
     fn gone_js(db: &JsValue) -> Option<String>;
     #[wasm_bindgen(js_name = pmStorageWrite)]
@@ -199,6 +223,8 @@ const COMPACT_AT: usize = 200;
 /// A tab's storage of one room.
 pub(crate) struct Storage {
     db: JsValue,
+    /// The locks this client holds on session records.
+    holds: Holds,
     room: String,
     id: String,
     /// Releases this tab's lock on its record.
@@ -233,8 +259,14 @@ pub(crate) struct Loaded {
     pub(crate) problems: Vec<String>,
 }
 
-/// Opens the storage of `room` at `url`, claims a session record, and reads the document.
-pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsValue> {
+/// Opens the storage of `room` at `url`, claims a session record under `holds`, and reads the
+/// document.
+pub(crate) async fn open(
+    url: &str,
+    room: &str,
+    wait: u32,
+    holds: Holds,
+) -> Result<Loaded, JsValue> {
     if let Some(why) = missing() {
         return Err(js_error(
             "StorageError",
@@ -242,7 +274,7 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
         ));
     }
     let key = format!("{url}\n{room}");
-    let opened = JsFuture::from(open_js(&key, wait))
+    let opened = JsFuture::from(open_js(&key, wait, &holds))
         .await
         .map_err(|e| storage_error("opening the database", &e))?;
     let opened: js_sys::Array = opened.unchecked_into();
@@ -306,6 +338,7 @@ pub(crate) async fn open(url: &str, room: &str, wait: u32) -> Result<Loaded, JsV
     Ok(Loaded {
         storage: Storage {
             db,
+            holds,
             room: key,
             id,
             release,
@@ -370,7 +403,7 @@ impl Storage {
         {
             known.push(&JsValue::from_str(id));
         }
-        freed_js(&self.db, &self.room, known)
+        freed_js(&self.db, &self.room, known, &self.holds)
     }
 
     /// Takes in what [`Storage::freed`] found: for each claimed record, its id, its state

@@ -492,15 +492,11 @@ test("the browser clearing a tab's stored data under it: the tab says so once, a
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);
-  const page = await browser.newPage();
-  const problems = [];
-  page.on("pageerror", (e) => problems.push(e.message));
   // A page with no script of its own: objects of the stopped instance throw when used.
-  await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
+  const page = await packagePage(browser);
   const result = await page.evaluate(async (room) => {
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-    const mesh = await import("/pkg/pattern_mesh.js");
-    await mesh.default();
+    const { mesh } = window;
     const url = `ws://${location.host}/ws`;
     const a = await mesh.MeshClient.connect({ url, room, name: "a" });
     a.text("content").insert(0, "kept ");
@@ -558,21 +554,67 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     (await b.evaluate(() => window.meshText.toString())) === "kept and after");
   await until("the other tab sees the stopped client leave", async () =>
     !(await b.evaluate((node) => window.meshClient.peers.some((p) => p.node === node), result.node)));
-  assert.deepEqual(problems, []);
+  assert.deepEqual(page.problems, []);
+  assert.deepEqual(b.problems, []);
+  await Promise.all([page.close(), b.close()]);
+});
+
+test("a tab whose persisting client panicked with edits not yet sent: the tab's next client sends them, once", async (t) => {
+  const room = `e2e-panic-stored-${Date.now()}`;
+  const cut = await proxy();
+  t.after(() => cut.close());
+  const b = await open(`textarea.html?room=${room}`);
+  await b.evaluate(() => {
+    window.notes = [];
+    window.meshClient.on("message", ({ data }) => { if (data.note) window.notes.push(data.note); });
+  });
+  const page = await packagePage(browser);
+  const url = `ws://127.0.0.1:${cut.port}/ws`;
+  await page.evaluate(async ([url, room]) => {
+    window.a = await window.mesh.MeshClient.connect({ url, room, name: "a", persist: true });
+    for (let i = 0; i < 250 && window.a.status !== "open"; i++) await new Promise((r) => setTimeout(r, 20));
+  }, [url, room]);
+  cut.setDown(true);
+  await until("a notices", async () => (await page.evaluate(() => window.a.status)) !== "open");
+  const result = await page.evaluate(async ([url, room]) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const { mesh, a } = window;
+    a.text("content").insert(0, "typed before the panic");
+    a.broadcast({ note: "sent before the panic" });
+    const pending = a.pendingCount;
+    // The writes of changes that no message waits for are put off by at most 250 ms.
+    await sleep(1_000);
+    const errors = [];
+    a.on("error", (e) => errors.push(e.message));
+    try { a.__panicForTests("a test panic"); } catch (_) {}
+    for (let i = 0; i < 100 && errors.length === 0; i++) await sleep(20);
+    const again = await mesh.MeshClient.connect({ url, room, name: "again", persist: true });
+    window.again = again;
+    return { pending, errors, text: again.text("content").toString(), againPending: again.pendingCount };
+  }, [url, room]);
+  assert.equal(result.pending, 2, "an update and a broadcast wait for the relay");
+  assert.match(result.errors[0], /2 message\(s\) not yet acknowledged by the relay: the next client of this room that persists sends those this one had stored/);
+  assert.equal(result.text, "typed before the panic", "the stored document, at once");
+  assert.equal(result.againPending, 2, "the next client of the tab takes in the stopped one's outbox");
+  cut.setDown(false);
+  await until("the stored edit reaches the other tab", async () =>
+    (await b.evaluate(() => window.meshText.toString())) === "typed before the panic" || await b.evaluate(() => window.meshText.toString()), 30_000);
+  await until("the outbox empties", async () => (await page.evaluate(() => window.again.pendingCount)) === 0, 30_000);
+  // Time for a duplicate to show up, if any were sent.
+  await new Promise((r) => setTimeout(r, 1_000));
+  assert.deepEqual(await b.evaluate(() => window.notes), ["sent before the panic"], "the message arrives once");
+  assert.equal(await b.evaluate(() => window.meshText.toString()), "typed before the panic");
+  assert.deepEqual(page.problems.filter((p) => !/unreachable/.test(p)), []);
   assert.deepEqual(b.problems, []);
   await Promise.all([page.close(), b.close()]);
 });
 
 test("a panic inside a listener the module calls: the listeners after it and the module's next client work", async () => {
   const room = `e2e-panic-nested-${Date.now()}`;
-  const page = await browser.newPage();
-  const problems = [];
-  page.on("pageerror", (e) => problems.push(e.message));
-  await page.goto(`http://127.0.0.1:${port}/pkg/package.json`);
+  const page = await packagePage(browser);
   const result = await page.evaluate(async (room) => {
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-    const mesh = await import("/pkg/pattern_mesh.js");
-    await mesh.default();
+    const { mesh } = window;
     const url = `ws://${location.host}/ws`;
     const a = await mesh.MeshClient.connect({ url, room, name: "a" });
     const c = await mesh.MeshClient.connect({ url, room, name: "c" });
@@ -597,7 +639,7 @@ test("a panic inside a listener the module calls: the listeners after it and the
   assert.match(String(result.seen[0]), /^PanicError: the client stopped after an internal error/);
   assert.deepEqual(result.errors, ["PanicError"]);
   assert.equal(result.text, "after a nested panic");
-  assert.deepEqual(problems.filter((p) => !/unreachable/.test(p)), []);
+  assert.deepEqual(page.problems.filter((p) => !/unreachable/.test(p)), []);
   await page.close();
 });
 
