@@ -609,6 +609,47 @@ test("a tab whose persisting client panicked with edits not yet sent: the tab's 
   await Promise.all([page.close(), b.close()]);
 });
 
+test("free() on a client of the instance that panicked leaves the fresh instance's clients whole", async () => {
+  const room = `e2e-panic-free-${Date.now()}`;
+  const b = await open(`textarea.html?room=${room}`);
+  const page = await packagePage(browser);
+  const result = await page.evaluate(async (room) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const { mesh } = window;
+    const url = `ws://${location.host}/ws`;
+    const a = await mesh.MeshClient.connect({ url, room, name: "a" });
+    const text = a.text("content");
+    const errors = [];
+    a.on("error", (e) => errors.push(e.name));
+    try { a.__panicForTests("a test panic"); } catch (_) {}
+    for (let i = 0; i < 100 && errors.length === 0; i++) await sleep(20);
+    // The fresh instance's first client: made the way the stopped one was, it sits where that
+    // one sat in memory.
+    const again = await mesh.MeshClient.connect({ url, room, name: "again" });
+    const freed = [];
+    for (const stale of [text, a]) {
+      try { stale.free(); freed.push("ok"); } catch (e) { freed.push(`${e.name}: ${e.message}`); }
+    }
+    let outcome = "ok";
+    try {
+      again.text("content").insert(0, "after free() ");
+      for (let i = 0; i < 250 && again.pendingCount > 0; i++) await sleep(20);
+    } catch (e) { outcome = `${e.name}: ${e.message}`; }
+    let status = null;
+    try { status = again.status; } catch (e) { status = `${e.name}: ${e.message}`; }
+    return { errors, freed, outcome, status, pending: again.pendingCount };
+  }, room);
+  assert.deepEqual(result.errors, ["PanicError"]);
+  assert.deepEqual(result.freed, ["ok", "ok"], "free() of a stale object does nothing");
+  assert.equal(result.outcome, "ok");
+  assert.equal(result.status, "open");
+  assert.equal(result.pending, 0);
+  await until("the other tab sees the fresh client's edit", async () =>
+    (await b.evaluate(() => window.meshText.toString())) === "after free() ");
+  assert.deepEqual(page.problems.filter((p) => !/unreachable/.test(p)), []);
+  await Promise.all([page.close(), b.close()]);
+});
+
 test("a panic inside a listener the module calls: the listeners after it and the module's next client work", async () => {
   const room = `e2e-panic-nested-${Date.now()}`;
   const page = await packagePage(browser);
