@@ -115,6 +115,10 @@ pub struct RelayConfig {
     /// Frames per second from one IP address, all its connections together (and as many at
     /// once).
     pub ip_rate: u64,
+    /// With Redis: the most bytes of frames one room keeps in Redis for the members on other
+    /// relays (signals, presence, sync answers), its oldest going first (at least one message
+    /// of the largest size is kept).
+    pub max_bus_bytes: u64,
     /// Settings of a room created by a join that names none.
     pub room: RoomConfig,
     /// The key access tokens are checked with; `None`: anyone may join any room.
@@ -152,6 +156,7 @@ impl Default for RelayConfig {
             max_connections_per_ip: 512,
             max_partial_bytes: 1 << 30,
             ip_rate: 2_000,
+            max_bus_bytes: 256 << 20,
             room: RoomConfig::default(),
             auth: None,
             allowed_origins: Vec::new(),
@@ -384,7 +389,9 @@ pub async fn serve(
             None
         }
     };
-    let (store, feed) = store::open(&config.store, metrics.clone()).await?;
+    // A room's bus holds at least one message of the largest size.
+    let bus_bytes = config.max_bus_bytes.max(config.limits.max_message as u64);
+    let (store, feed) = store::open(&config.store, metrics.clone(), bus_bytes).await?;
     let (stop, stopped) = watch::channel(false);
     let relay = Arc::new(Relay {
         store: store.clone(),

@@ -128,6 +128,12 @@ mod native {
         #[arg(long, env = "PM_IP_RATE", default_value_t = 2_000,
               value_parser = clap::value_parser!(u64).range(1..))]
         ip_rate: u64,
+        /// With `--store redis://...`: the most bytes of frames one room keeps in Redis for the
+        /// members on other relays (signals, presence, sync answers), its oldest going first;
+        /// at least `--max-message`.
+        #[arg(long, env = "PM_MAX_BUS_BYTES", default_value_t = 256 << 20,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_bus_bytes: u64,
         /// Pattern seed of rooms created without settings.
         #[arg(long, env = "PM_SEED", default_value_t = 7)]
         seed: u64,
@@ -214,6 +220,7 @@ mod native {
             max_connections_per_ip: args.max_connections_per_ip as usize,
             max_partial_bytes: usize::try_from(args.max_partial_bytes).unwrap_or(usize::MAX),
             ip_rate: args.ip_rate,
+            max_bus_bytes: args.max_bus_bytes,
             room: RoomConfig {
                 pattern,
                 max_future: args.max_future,

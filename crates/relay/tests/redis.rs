@@ -597,9 +597,10 @@ async fn the_store_checks_replay_identity_and_the_future_bound_with_each_append(
     use pattern_mesh_core::store::{Appended, Store};
     use pattern_mesh_core::wire::{Body, Json, RoomConfig, Stamp};
     let redis = Redis::start("redis-script");
-    let (store, _feed) = pattern_mesh_relay::store::redis::RedisStore::open(&redis.url())
-        .await
-        .expect("connected");
+    let (store, _feed) =
+        pattern_mesh_relay::store::redis::RedisStore::open(&redis.url(), 256 << 20)
+            .await
+            .expect("connected");
     let record = store
         .open_room("script", RoomConfig::default())
         .await
@@ -752,4 +753,68 @@ async fn an_update_after_a_gap_in_a_clients_clocks_is_refused_in_a_shared_room()
             .collect();
         assert!(!senders.contains(&attacker.node), "{url}: {senders:?}");
     }
+}
+
+/// A member on one relay sends large signals to a member on another: more bytes than the
+/// room's bus in Redis may hold (`--max-bus-bytes`). Every signal arrives, and the bus holds
+/// at most its bound: a member sending large signals cannot fill Redis, which every room of
+/// every relay shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_signals_through_a_shared_room_leave_at_most_the_bus_bound_in_redis() {
+    use pattern_mesh_core::wire::{Json, Kind};
+    const BOUND: usize = 4 << 20;
+    let redis = Redis::start("redis-bus-bytes");
+    let bound = BOUND.to_string();
+    let args = [
+        "--max-message",
+        "2097152",
+        "--max-bus-bytes",
+        bound.as_str(),
+    ];
+    let (_first, first) = relay_with(&redis, &args);
+    let (_second, second) = relay_with(&redis, &args);
+    let mut a = join_at(&first, "bus-bytes", 0, 0, None).await;
+    let mut b = join_at(&second, "bus-bytes", 0, 0, None).await;
+    let pad = "x".repeat(900 << 10);
+    const SIGNALS: usize = 12;
+    for i in 0..SIGNALS {
+        let stamp = a.stamp();
+        let data = Json::from_value(&serde_json::json!({ "i": i, "pad": pad })).unwrap();
+        a.send(&Frame::stamped(stamp, Body::Signal { data })).await;
+        // Within the member's bandwidth (4 MiB/s, bursts of a message).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut seen = 0;
+    while seen < SIGNALS {
+        if b.recv().await.frame.kind() == Kind::Signal {
+            seen += 1;
+        }
+    }
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Each entry: its id, and its fields with their values.
+    type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+    let entries: Entries = redis::cmd("XRANGE")
+        .arg("pm:{bus-bytes}:bus")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let held: usize = entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter())
+        .filter(|(field, _)| field == "f")
+        .map(|(_, frame)| frame.len())
+        .sum();
+    println!(
+        "RESULT bus-bytes sent={} held={held} entries={}",
+        SIGNALS * pad.len(),
+        entries.len()
+    );
+    assert!(held > 0, "the bus holds the newest signals");
+    assert!(
+        held <= BOUND,
+        "the bus holds {held} bytes, over its bound of {BOUND}"
+    );
 }

@@ -43,16 +43,17 @@ impl StoreConfig {
 pub use self::redis::Feed;
 
 /// Opens the store `config` names; a store other relays share comes with the feed that follows
-/// its rooms' logs.
+/// its rooms' logs, and keeps at most `bus_bytes` of each room's frames for the other relays.
 pub async fn open(
     config: &StoreConfig,
     metrics: Arc<Metrics>,
+    bus_bytes: u64,
 ) -> Result<(Arc<dyn Store>, Option<Feed>), StoreError> {
     Ok(match config {
         StoreConfig::Sqlite(dir) => (Arc::new(sqlite::SqliteStore::open(dir, metrics)?), None),
         StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
         StoreConfig::Redis(url) => {
-            let (store, feed) = self::redis::RedisStore::open(url).await?;
+            let (store, feed) = self::redis::RedisStore::open(url, bus_bytes).await?;
             (Arc::new(store), Some(feed))
         }
     })

@@ -13,8 +13,10 @@
 //!   `"<node> <last stored step> <ms seen> <its position>"`;
 //! - `pm:{room}:nodes`, a hash from node id to its token;
 //! - `pm:{room}:bus`, a stream of what is not stored (checkpoints, signals, sync messages,
-//!   presence, peers) for the members on other relays, and `pm:{room}:members`, a hash from
-//!   node id to `"<relay> <name>"`;
+//!   presence, peers) for the members on other relays: its newest 10,000 entries, and of those
+//!   no more bytes of frames than the relay's bound (`--max-bus-bytes`; the room hash counts
+//!   them in `bus`), so that a member's large signals cannot fill the Redis every room shares;
+//!   and `pm:{room}:members`, a hash from node id to `"<relay> <name>"`;
 //! - `pm:{room}:lease`: the relay that compacts the room.
 //!
 //! **Checks with the append.** One script makes the checks that need the state of the whole
@@ -162,9 +164,11 @@ return gone
 
 /// Passes a frame on to the other relays' members of a room, and records who joined or left.
 /// KEYS: bus, members, room. ARGV: relay, after, to, frame, change ("j", "l" or ""), node, name,
-/// step. The entry's place is after the room's last log position now (never below `after`):
-/// the readers put it back there among the log's entries. A stamped frame every member receives
-/// moves the room step as an append does.
+/// step, the most bytes of frames the bus may hold. The entry's place is after the room's last
+/// log position now (never below `after`): the readers put it back there among the log's
+/// entries. A stamped frame every member receives moves the room step as an append does. The
+/// oldest entries go while the bus holds more than 10,000 entries or more than its bytes (the
+/// newest entry stays, whatever its size).
 const PUBLISH: &str = r#"
 local after = math.max(tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[3], 'position') or '0'))
 local high = tonumber(redis.call('HGET', KEYS[3], 'high') or '0')
@@ -179,8 +183,24 @@ elseif ARGV[5] == 'l' then
     redis.call('HDEL', KEYS[2], ARGV[6])
   end
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', after, 't', ARGV[3],
-  'h', high, 'f', ARGV[4])
+redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'a', after, 't', ARGV[3], 'h', high, 'f', ARGV[4])
+local held = redis.call('HINCRBY', KEYS[3], 'bus', string.len(ARGV[4]))
+local length = redis.call('XLEN', KEYS[1])
+while length > 1 and (length > 10000 or held > tonumber(ARGV[9])) do
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+  local fields = oldest[2]
+  local bytes = 0
+  for i = 1, #fields, 2 do
+    if fields[i] == 'f' then bytes = string.len(fields[i + 1]) end
+  end
+  redis.call('XDEL', KEYS[1], oldest[1])
+  held = redis.call('HINCRBY', KEYS[3], 'bus', -bytes)
+  length = length - 1
+end
+if length == 1 then
+  -- The count starts again from what is there (a bus written before it was kept).
+  redis.call('HSET', KEYS[3], 'bus', string.len(ARGV[4]))
+end
 return 1
 "#;
 
@@ -417,8 +437,9 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Connects to the Redis at `url` (`redis://host:port`) and starts the writer; answers with
-    /// the store and the feed that follows the logs of the rooms this relay opens.
-    pub async fn open(url: &str) -> Result<(Self, Feed), StoreError> {
+    /// the store and the feed that follows the logs of the rooms this relay opens. A room's bus
+    /// keeps at most `bus_bytes` of frames (and its newest entry, whatever its size).
+    pub async fn open(url: &str, bus_bytes: u64) -> Result<(Self, Feed), StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(10)))
@@ -444,6 +465,7 @@ impl RedisStore {
             conn.clone(),
             scripts.clone(),
             relay,
+            bus_bytes,
             queue,
             failed.clone(),
         ));
@@ -510,6 +532,7 @@ async fn write_loop(
     mut conn: ConnectionManager,
     scripts: Arc<Scripts>,
     relay: u64,
+    bus_bytes: u64,
     mut queue: mpsc::UnboundedReceiver<Write>,
     failed: Arc<Mutex<HashSet<String>>>,
 ) {
@@ -576,7 +599,8 @@ async fn write_loop(
                         .arg(change)
                         .arg(node)
                         .arg(name)
-                        .arg(*step);
+                        .arg(*step)
+                        .arg(bus_bytes);
                 }
             }
             sent.push(write);
