@@ -553,6 +553,11 @@ fn save_soon(shared: &Shared) {
 /// nothing is left to send, and the tab's lock on it is released after it.
 #[cfg(feature = "document")]
 fn save(shared: &Shared) {
+    // A client of a module that panicked writes nothing more: its records went to the next
+    // client (see `fatal`).
+    if panicked() {
+        return;
+    }
     let write = {
         let mut driver = shared.borrow_mut();
         let driver = &mut *driver;
@@ -578,6 +583,9 @@ fn save(shared: &Shared) {
         let (write, stored) = write;
         let done = write.done().await;
         let Some(shared) = weak.upgrade() else { return };
+        if panicked() {
+            return;
+        }
         let (compact, again) = {
             let mut driver = shared.borrow_mut();
             let now = driver.now();
@@ -601,6 +609,7 @@ fn save(shared: &Shared) {
                     None,
                 ));
                 driver.storage = None;
+                driver.registration.set_storage(None);
                 driver.session.stop_persisting(now);
                 (false, false)
             } else if let Some(error) = done.error {
@@ -672,6 +681,9 @@ fn look_for_freed(shared: &Shared) {
                 }
                 return;
             };
+            if panicked() {
+                return;
+            }
             let taken = match found {
                 Ok(found) => take_up(&shared, &found),
                 Err(_) => false,
@@ -688,6 +700,10 @@ fn look_for_freed(shared: &Shared) {
 /// Takes in the records [`look_for_freed`] claimed; returns whether any was.
 #[cfg(feature = "document")]
 fn take_up(shared: &Shared, found: &JsValue) -> bool {
+    if panicked() {
+        // The panic let go of what the look claimed.
+        return false;
+    }
     let mut driver = shared.borrow_mut();
     let now = driver.now();
     let driver = &mut *driver;
@@ -1121,7 +1137,7 @@ impl MeshClient {
             // The first relay names the storage: the same list finds the same storage.
             // An open of the database that waits behind another page gives up after 10 s.
             let holds = super::storage::holds();
-            registration.set_storage(holds.stop());
+            registration.set_storage(Some(holds.stop()));
             let loaded =
                 super::storage::open(&options.urls[0], &options.room, 10_000, holds).await?;
             if panicked() {

@@ -204,10 +204,10 @@ impl Registration {
     }
 
     /// What lets go of the locks on the client's stored session records (see
-    /// `storage::Holds::stop`).
+    /// `storage::Holds::stop`); `None` once its storage went.
     #[cfg(feature = "document")]
-    pub(crate) fn set_storage(&self, stop: js_sys::Function) {
-        self.with(|l| l.storage = Some(stop));
+    pub(crate) fn set_storage(&self, stop: Option<js_sys::Function>) {
+        self.with(|l| l.storage = stop);
     }
 
     /// The client's `error` listeners.

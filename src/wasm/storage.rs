@@ -40,6 +40,10 @@ const finished = (tx) => new Promise((resolve, reject) => {
 });
 // The Web Locks one client holds; `stop` lets go of all of them, and of any it would take
 // after: the module panicked, and the records go to the tab's next client, or another tab.
+// Nothing is written under stopped holds, and what an open or a look for freed records claimed
+// as they were stopped is not handed back (the dead instance's tasks run on until the module
+// is replaced).
+const STOPPED = "the module stopped after a panic: this client writes nothing more";
 export function pmStorageHolds() {
   const holds = { locks: new Set(), stopped: false };
   holds.stop = () => {
@@ -123,10 +127,14 @@ export async function pmStorageOpen(room, wait, holds) {
     }
     claimed.push([id, null, release]);
   }
+  if (holds.stopped) {
+    db.close();
+    throw new Error(STOPPED);
+  }
   return [db, claimed, stored.map((record) => record.update)];
 }
 export async function pmStorageFreed(db, room, known, holds) {
-  if (db.pmGone) return [];
+  if (db.pmGone || holds.stopped) return [];
   const ids = await request(db.transaction("sessions", "readonly").objectStore("sessions").index("room").getAllKeys(room));
   const taken = [];
   for (const id of ids) {
@@ -144,12 +152,14 @@ export async function pmStorageFreed(db, room, known, holds) {
       throw e;
     }
   }
-  return taken;
+  // Stopped while it looked: what it took was let go.
+  return holds.stopped ? [] : taken;
 }
 export function pmStorageGone(db) {
   return db.pmGone ?? null;
 }
-export async function pmStorageWrite(db, room, id, saved, updates, drop) {
+export async function pmStorageWrite(db, room, id, saved, updates, drop, holds) {
+  if (holds.stopped) throw new Error(STOPPED);
   if (db.pmGone) throw new Error(db.pmGone);
   try {
     const tx = db.transaction(["sessions", "updates"], "readwrite");
@@ -169,8 +179,8 @@ export async function pmStorageWrite(db, room, id, saved, updates, drop) {
     throw e;
   }
 }
-export async function pmStorageCompact(db, room, merge) {
-  if (db.pmGone) return 0;
+export async function pmStorageCompact(db, room, merge, holds) {
+  if (db.pmGone || holds.stopped) return 0;
   const tx = db.transaction("updates", "readwrite");
   const store = tx.objectStore("updates");
   const keys = store.index("room").getAllKeys(room);
@@ -212,9 +222,15 @@ extern "C" {
         saved: Option<Vec<u8>>,
         updates: js_sys::Array,
         drop: js_sys::Array,
+        holds: &Holds,
     ) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageCompact)]
-    fn compact_js(db: &JsValue, room: &str, merge: &js_sys::Function) -> js_sys::Promise;
+    fn compact_js(
+        db: &JsValue,
+        room: &str,
+        merge: &js_sys::Function,
+        holds: &Holds,
+    ) -> js_sys::Promise;
 }
 
 /// The stored document is merged into one record when it has more records than this.
@@ -387,6 +403,7 @@ impl Storage {
                 saved.map(Saved::encode),
                 array,
                 drop,
+                &self.holds,
             ),
             updates: self.updates.len(),
             dropped: self.adopted.len(),
@@ -457,7 +474,12 @@ impl Storage {
     /// Replaces the room's stored updates by their merge.
     pub(crate) fn compact(&mut self) -> js_sys::Promise {
         self.records = 1;
-        compact_js(&self.db, &self.room, self.merge.as_ref().unchecked_ref())
+        compact_js(
+            &self.db,
+            &self.room,
+            self.merge.as_ref().unchecked_ref(),
+            &self.holds,
+        )
     }
 
     /// Why nothing can be written any more, if so: another page deleted or upgraded the
