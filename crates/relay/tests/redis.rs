@@ -812,9 +812,18 @@ async fn large_signals_through_a_shared_room_leave_at_most_the_bus_bound_in_redi
         SIGNALS * pad.len(),
         entries.len()
     );
-    assert!(held > 0, "the bus holds the newest signals");
     assert!(
         held <= BOUND,
         "the bus holds {held} bytes, over its bound of {BOUND}"
     );
+    assert!(
+        held + (900 << 10) > BOUND,
+        "the bus keeps as many of the newest signals as fit: {held} bytes"
+    );
+    let counted: usize = redis::cmd("GET")
+        .arg("pm:{bus-bytes}:bus-bytes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, held, "the count of the bus's bytes is exact");
 }

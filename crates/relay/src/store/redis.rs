@@ -14,9 +14,10 @@
 //! - `pm:{room}:nodes`, a hash from node id to its token;
 //! - `pm:{room}:bus`, a stream of what is not stored (checkpoints, signals, sync messages,
 //!   presence, peers) for the members on other relays: its newest 10,000 entries, and of those
-//!   no more bytes of frames than the relay's bound (`--max-bus-bytes`; the room hash counts
-//!   them in `bus`), so that a member's large signals cannot fill the Redis every room shares;
-//!   and `pm:{room}:members`, a hash from node id to `"<relay> <name>"`;
+//!   no more bytes of frames than the relay's bound (`--max-bus-bytes`), so that a member's
+//!   large signals cannot fill the Redis every room shares. `pm:{room}:bus-sizes` lists each
+//!   entry's id and frame size, oldest first, and `pm:{room}:bus-bytes` sums them;
+//!   `pm:{room}:members` is a hash from node id to `"<relay> <name>"`;
 //! - `pm:{room}:lease`: the relay that compacts the room.
 //!
 //! **Checks with the append.** One script makes the checks that need the state of the whole
@@ -163,8 +164,8 @@ return gone
 "#;
 
 /// Passes a frame on to the other relays' members of a room, and records who joined or left.
-/// KEYS: bus, members, room. ARGV: relay, after, to, frame, change ("j", "l" or ""), node, name,
-/// step, the most bytes of frames the bus may hold. The entry's place is after the room's last
+/// KEYS: bus, members, room, bus sizes, bus bytes. ARGV: relay, after, to, frame, change ("j",
+/// "l" or ""), node, name, step, the most bytes of frames the bus may hold. The entry's place is after the room's last
 /// log position now (never below `after`): the readers put it back there among the log's
 /// entries. A stamped frame every member receives moves the room step as an append does. The
 /// oldest entries go while the bus holds more than 10,000 entries or more than its bytes (the
@@ -183,23 +184,18 @@ elseif ARGV[5] == 'l' then
     redis.call('HDEL', KEYS[2], ARGV[6])
   end
 end
-redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'a', after, 't', ARGV[3], 'h', high, 'f', ARGV[4])
-local held = redis.call('HINCRBY', KEYS[3], 'bus', string.len(ARGV[4]))
-local length = redis.call('XLEN', KEYS[1])
-while length > 1 and (length > 10000 or held > tonumber(ARGV[9])) do
-  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
-  local fields = oldest[2]
-  local bytes = 0
-  for i = 1, #fields, 2 do
-    if fields[i] == 'f' then bytes = string.len(fields[i + 1]) end
-  end
-  redis.call('XDEL', KEYS[1], oldest[1])
-  held = redis.call('HINCRBY', KEYS[3], 'bus', -bytes)
-  length = length - 1
-end
-if length == 1 then
-  -- The count starts again from what is there (a bus written before it was kept).
-  redis.call('HSET', KEYS[3], 'bus', string.len(ARGV[4]))
+-- (MAXLEN: entries no size lists, of relays of an earlier version, go by their number.)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', after,
+  't', ARGV[3], 'h', high, 'f', ARGV[4])
+local size = string.len(ARGV[4])
+local listed = redis.call('RPUSH', KEYS[4], id .. ' ' .. size)
+local held = redis.call('INCRBY', KEYS[5], size)
+while listed > 1 and (listed > 10000 or held > tonumber(ARGV[9])) do
+  local oldest = redis.call('LPOP', KEYS[4])
+  local space = string.find(oldest, ' ', 1, true)
+  redis.call('XDEL', KEYS[1], string.sub(oldest, 1, space - 1))
+  held = redis.call('DECRBY', KEYS[5], tonumber(string.sub(oldest, space + 1)))
+  listed = listed - 1
 end
 return 1
 "#;
@@ -228,6 +224,8 @@ struct Keys {
     tokens: String,
     nodes: String,
     bus: String,
+    bus_sizes: String,
+    bus_bytes: String,
     members: String,
     lease: String,
 }
@@ -249,6 +247,8 @@ impl Keys {
             tokens: format!("pm:{{{tag}}}:tokens"),
             nodes: format!("pm:{{{tag}}}:nodes"),
             bus: format!("pm:{{{tag}}}:bus"),
+            bus_sizes: format!("pm:{{{tag}}}:bus-sizes"),
+            bus_bytes: format!("pm:{{{tag}}}:bus-bytes"),
             members: format!("pm:{{{tag}}}:members"),
             lease: format!("pm:{{{tag}}}:lease"),
         }
@@ -588,10 +588,12 @@ async fn write_loop(
                     };
                     pipe.cmd("EVALSHA")
                         .arg(scripts.publish.get_hash())
-                        .arg(3)
+                        .arg(5)
                         .arg(&keys.bus)
                         .arg(&keys.members)
                         .arg(&keys.room)
+                        .arg(&keys.bus_sizes)
+                        .arg(&keys.bus_bytes)
                         .arg(relay)
                         .arg(*after)
                         .arg(to.unwrap_or(0))
