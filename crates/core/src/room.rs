@@ -1279,6 +1279,62 @@ impl RoomCore {
         self.forward(0, to, &entry.bytes);
     }
 
+    /// The members of a shared room on other relays as the store lists them now, after this
+    /// relay missed publications of the others (it read them too late: they had gone from the
+    /// store). The members here hear of the changes they missed: who joined, who left, who
+    /// was renamed.
+    pub fn resync_remote(&mut self, members: Vec<(u64, Peer)>) {
+        let listed: std::collections::HashSet<NodeId> =
+            members.iter().map(|(_, peer)| peer.node).collect();
+        let mut gone: Vec<NodeId> = self
+            .remote
+            .keys()
+            .filter(|node| !listed.contains(node))
+            .copied()
+            .collect();
+        gone.sort_unstable();
+        for node in gone {
+            self.remote.remove(&node);
+            self.outputs.push_back(Output::Fanout {
+                except: None,
+                bytes: Bytes::from(Frame::PeerLeft { node }.encode()),
+            });
+        }
+        let mut members = members;
+        members.sort_by_key(|(_, peer)| peer.node);
+        for (relay, peer) in members {
+            if self.is_member_here(peer.node) {
+                continue;
+            }
+            let told = match self.remote.get_mut(&peer.node) {
+                Some(remote) => {
+                    remote.relay = relay;
+                    (remote.name != peer.name).then(|| {
+                        remote.name.clone_from(&peer.name);
+                        Frame::PeerRenamed { peer }
+                    })
+                }
+                None => {
+                    self.remote.insert(
+                        peer.node,
+                        Remote {
+                            relay,
+                            name: peer.name.clone(),
+                            presence: None,
+                        },
+                    );
+                    Some(Frame::PeerJoined { peer })
+                }
+            };
+            if let Some(frame) = told {
+                self.outputs.push_back(Output::Fanout {
+                    except: None,
+                    bytes: Bytes::from(frame.encode()),
+                });
+            }
+        }
+    }
+
     /// Another relay of a shared room is gone: its members leave.
     pub fn relay_gone(&mut self, relay: u64) {
         let mut gone: Vec<NodeId> = self
@@ -3007,6 +3063,60 @@ mod tests {
             "the members here still see it: {out:?}"
         );
         assert_eq!(room.members(), 1);
+    }
+
+    /// A shared room's relay that missed publications of the others reads their members again:
+    /// its members hear who joined, left or was renamed meanwhile, and nothing of the members
+    /// that did not change, nor of its own.
+    #[test]
+    fn a_relay_that_missed_publications_tells_its_members_what_changed() {
+        let mut room = room();
+        room.share();
+        let peer = |node, name: &str| Peer {
+            node,
+            name: name.into(),
+        };
+        room.remote_members(vec![
+            (9, peer(100, "stays")),
+            (9, peer(101, "leaves")),
+            (8, peer(102, "old")),
+        ]);
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        room.resync_remote(vec![
+            (9, peer(100, "stays")),
+            (8, peer(102, "new")),
+            (7, peer(103, "joined")),
+            (9, peer(a.node, "a")),
+        ]);
+        let told: Vec<Frame> = outputs(&mut room)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Fanout {
+                    except: None,
+                    bytes,
+                } => Some(Frame::decode(&bytes).unwrap()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            told,
+            [
+                Frame::PeerLeft { node: 101 },
+                Frame::PeerRenamed {
+                    peer: peer(102, "new")
+                },
+                Frame::PeerJoined {
+                    peer: peer(103, "joined")
+                },
+            ]
+        );
+        room.resync_remote(vec![
+            (9, peer(100, "stays")),
+            (8, peer(102, "new")),
+            (7, peer(103, "joined")),
+        ]);
+        assert!(outputs(&mut room).is_empty(), "nothing changed");
     }
 
     /// The relay holds each member's latest presence in memory and gives a late joiner those of

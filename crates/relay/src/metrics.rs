@@ -29,6 +29,9 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Bytes held for large messages whose parts are still arriving.
     pub partial_bytes: AtomicU64,
+    /// Reads of a room's bus in Redis that came too late: publications of other relays went
+    /// before this relay read them.
+    pub bus_missed: AtomicU64,
     /// Rooms that panicked (on a frame, or anywhere in their task) and were loaded again.
     pub room_panics: AtomicU64,
     /// Connections refused for their access token (missing, expired, forged, another room's).
@@ -125,6 +128,12 @@ impl Metrics {
             "Connections closed because their send queue was full.",
             "counter",
             self.slow_consumers.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_bus_missed_total",
+            "Reads of a room's bus in Redis that came after publications of other relays had gone from it.",
+            "counter",
+            self.bus_missed.load(Relaxed),
         );
         gauge(
             "pattern_mesh_partial_bytes",

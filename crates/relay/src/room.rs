@@ -29,7 +29,7 @@ use pattern_mesh_core::wire::{close, NodeId, Reason, ResumeToken};
 use tokio::sync::{mpsc, oneshot};
 
 use super::queue;
-use super::store::redis::FeedEvent;
+use super::store::redis::{BusMark, FeedEvent};
 use super::Relay;
 
 /// The nodes the rooms let go ([`Output::Released`]), with their last steps, for as long as the
@@ -134,7 +134,7 @@ pub(crate) async fn run(
     core: RoomCore,
     relay: Arc<Relay>,
     mut commands: mpsc::Receiver<Command>,
-    bus: Option<String>,
+    bus: Option<BusMark>,
 ) {
     let name = core.name().to_owned();
     // A room whose log other relays share hears its log back, its own appends included, and
@@ -193,6 +193,15 @@ pub(crate) async fn run(
                         bus_complete,
                     } => task.core.followed(now, &logged, &relayed, bus_complete),
                     FeedEvent::Gone(relay) => task.core.relay_gone(relay),
+                    FeedEvent::Missed(members) => {
+                        tracing::warn!(
+                            room = %name,
+                            "this relay read the room's bus too late and missed publications \
+                             of the other relays; their members are read again"
+                        );
+                        task.relay.metrics.bus_missed.fetch_add(1, Relaxed);
+                        task.core.resync_remote(members);
+                    }
                 }
             }
         }

@@ -827,3 +827,49 @@ async fn large_signals_through_a_shared_room_leave_at_most_the_bus_bound_in_redi
         .unwrap();
     assert_eq!(counted, held, "the count of the bus's bytes is exact");
 }
+
+/// A relay whose read of a room's bus falls behind the bus's trimming (it stalled while a member
+/// on another relay sent more than the bus keeps) notices what it missed: the members on the
+/// other relays are read again from the store, and its own members hear of the one that joined
+/// meanwhile, whose join it never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_reads_the_bus_too_late_reads_the_other_relays_members_again() {
+    use pattern_mesh_core::wire::Json;
+    let redis = Redis::start("redis-bus-gap");
+    let args = ["--max-message", "2097152", "--max-bus-bytes", "2097152"];
+    let (_first, first) = relay_with(&redis, &args);
+    let (second_process, second) = relay_with(&redis, &args);
+    let mut watcher = join_at(&second, "bus-gap", 0, 0, None).await;
+    let mut sender = join_at(&first, "bus-gap", 0, 0, None).await;
+    let (joined, _) = watcher
+        .recv_until(|f| matches!(f, Frame::PeerJoined { .. }))
+        .await;
+    assert!(matches!(joined, Frame::PeerJoined { peer } if peer.node == sender.node));
+    let signal = |member: &mut Member, size: usize| {
+        let stamp = member.stamp();
+        let data = Json::from_value(&serde_json::json!("x".repeat(size))).unwrap();
+        Frame::stamped(stamp, Body::Signal { data })
+    };
+    // The second relay stalls (stopped, for less than its heartbeat lasts). A small signal
+    // ends its blocked read of the bus, whose answer waits in its socket.
+    let pid = second_process.0.id().to_string();
+    let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    assert!(stopped.success());
+    let small = signal(&mut sender, 10);
+    sender.send(&small).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A member joins through the first relay; then more signals than the bus keeps push its
+    // join out of the bus before the second relay reads it.
+    let late = join_at(&first, "bus-gap", 0, 0, None).await;
+    for _ in 0..3 {
+        let large = signal(&mut sender, 900 << 10);
+        sender.send(&large).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let resumed = Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    assert!(resumed.success());
+    let (joined, _) = watcher
+        .recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == late.node))
+        .await;
+    assert!(matches!(joined, Frame::PeerJoined { peer } if peer.node == late.node));
+}

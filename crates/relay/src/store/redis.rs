@@ -16,7 +16,9 @@
 //!   presence, peers) for the members on other relays: its newest 10,000 entries, and of those
 //!   no more bytes of frames than the relay's bound (`--max-bus-bytes`), so that a member's
 //!   large signals cannot fill the Redis every room shares. `pm:{room}:bus-sizes` lists each
-//!   entry's id and frame size, oldest first, and `pm:{room}:bus-bytes` sums them;
+//!   entry's id and frame size, oldest first, and `pm:{room}:bus-bytes` sums them. Each entry
+//!   carries the next number of `pm:{room}:bus-seq`: a relay that reads a number that does not
+//!   follow the last one it read missed publications, and reads the members again;
 //!   `pm:{room}:members` is a hash from node id to `"<relay> <name>"`;
 //! - `pm:{room}:lease`: the relay that compacts the room.
 //!
@@ -164,12 +166,14 @@ return gone
 "#;
 
 /// Passes a frame on to the other relays' members of a room, and records who joined or left.
-/// KEYS: bus, members, room, bus sizes, bus bytes. ARGV: relay, after, to, frame, change ("j",
-/// "l" or ""), node, name, step, the most bytes of frames the bus may hold. The entry's place is after the room's last
-/// log position now (never below `after`): the readers put it back there among the log's
-/// entries. A stamped frame every member receives moves the room step as an append does. The
-/// oldest entries go while the bus holds more than 10,000 entries or more than its bytes (the
-/// newest entry stays, whatever its size).
+/// KEYS: bus, members, room, bus sizes, bus bytes, bus sequence. ARGV: relay, after, to, frame,
+/// change ("j", "l" or ""), node, name, step, the most bytes of frames the bus may hold. The
+/// entry's place is after the room's last log position now (never below `after`): the readers
+/// put it back there among the log's entries. A stamped frame every member receives moves the
+/// room step as an append does. First the oldest entries go, until the new one leaves at most
+/// 10,000 entries and the bytes the bus may hold (the new one stays, whatever its size). Each
+/// entry is numbered (`q`, one more than the entry before it), so that a reader that finds a
+/// number missing knows it missed publications.
 const PUBLISH: &str = r#"
 local after = math.max(tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[3], 'position') or '0'))
 local high = tonumber(redis.call('HGET', KEYS[3], 'high') or '0')
@@ -184,19 +188,22 @@ elseif ARGV[5] == 'l' then
     redis.call('HDEL', KEYS[2], ARGV[6])
   end
 end
--- (MAXLEN: entries no size lists, of relays of an earlier version, go by their number.)
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', after,
-  't', ARGV[3], 'h', high, 'f', ARGV[4])
 local size = string.len(ARGV[4])
-local listed = redis.call('RPUSH', KEYS[4], id .. ' ' .. size)
-local held = redis.call('INCRBY', KEYS[5], size)
-while listed > 1 and (listed > 10000 or held > tonumber(ARGV[9])) do
+local listed = redis.call('LLEN', KEYS[4])
+local held = tonumber(redis.call('GET', KEYS[5]) or '0')
+while listed > 0 and (listed >= 10000 or held + size > tonumber(ARGV[9])) do
   local oldest = redis.call('LPOP', KEYS[4])
   local space = string.find(oldest, ' ', 1, true)
   redis.call('XDEL', KEYS[1], string.sub(oldest, 1, space - 1))
   held = redis.call('DECRBY', KEYS[5], tonumber(string.sub(oldest, space + 1)))
   listed = listed - 1
 end
+local seq = redis.call('INCR', KEYS[6])
+-- (MAXLEN: entries no size lists, of relays of an earlier version, go by their number.)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 'a', after,
+  't', ARGV[3], 'h', high, 'q', seq, 'f', ARGV[4])
+redis.call('RPUSH', KEYS[4], id .. ' ' .. size)
+redis.call('INCRBY', KEYS[5], size)
 return 1
 "#;
 
@@ -226,6 +233,7 @@ struct Keys {
     bus: String,
     bus_sizes: String,
     bus_bytes: String,
+    bus_seq: String,
     members: String,
     lease: String,
 }
@@ -249,6 +257,7 @@ impl Keys {
             bus: format!("pm:{{{tag}}}:bus"),
             bus_sizes: format!("pm:{{{tag}}}:bus-sizes"),
             bus_bytes: format!("pm:{{{tag}}}:bus-bytes"),
+            bus_seq: format!("pm:{{{tag}}}:bus-seq"),
             members: format!("pm:{{{tag}}}:members"),
             lease: format!("pm:{{{tag}}}:lease"),
         }
@@ -588,12 +597,13 @@ async fn write_loop(
                     };
                     pipe.cmd("EVALSHA")
                         .arg(scripts.publish.get_hash())
-                        .arg(5)
+                        .arg(6)
                         .arg(&keys.bus)
                         .arg(&keys.members)
                         .arg(&keys.room)
                         .arg(&keys.bus_sizes)
                         .arg(&keys.bus_bytes)
+                        .arg(&keys.bus_seq)
                         .arg(relay)
                         .arg(*after)
                         .arg(to.unwrap_or(0))
@@ -877,13 +887,29 @@ pub enum FeedEvent {
     },
     /// A relay that had members in it stopped renewing its heartbeat.
     Gone(u64),
+    /// This relay read the room's bus too late: publications it had not read went (see
+    /// [`PUBLISH`]), joins and leaves among them. The room's members on the other relays, as
+    /// the store lists them now (see [`RemoteMembers`]).
+    Missed(RemoteMembers),
+}
+
+/// The members of a room on other live relays: each with its relay.
+pub type RemoteMembers = Vec<(u64, Peer)>;
+
+/// Where a relay stands in a room's bus: the last entry it read, and that entry's number
+/// (`None` for an entry written before entries were numbered).
+#[derive(Debug, Clone)]
+pub struct BusMark {
+    /// The entry's id.
+    pub id: String,
+    seq: Option<u64>,
 }
 
 /// A room the feed follows: where it is in the log and in the bus, and where its events go.
 struct Watch {
     id: u64,
     after: u64,
-    bus: String,
+    bus: BusMark,
     to: mpsc::Sender<FeedEvent>,
 }
 
@@ -948,21 +974,20 @@ impl Feed {
 
     /// What a room opening on this relay needs of the others: where their publications for it
     /// stand now, and its members on live relays (those of relays that died are struck off).
-    pub async fn open(&self, room: &str) -> Result<(String, Vec<(u64, Peer)>), StoreError> {
+    pub async fn open(&self, room: &str) -> Result<(BusMark, RemoteMembers), StoreError> {
         let keys = Keys::of(room);
         let mut last = redis::cmd("XREVRANGE");
         last.arg(&keys.bus).arg("+").arg("-").arg("COUNT").arg(1);
         let last = array(query::<Value>(&self.conn, &last).await?)?;
         let bus = match last.into_iter().next() {
             Some(entry) => {
-                let mut parts = array(entry)?.into_iter();
-                text(
-                    &parts
-                        .next()
-                        .ok_or_else(|| corrupt("a bus entry without an id"))?,
-                )?
+                let (id, seq, _) = bus_entry(entry)?;
+                BusMark { id, seq }
             }
-            None => "0-0".into(),
+            None => BusMark {
+                id: "0-0".into(),
+                seq: Some(0),
+            },
         };
         let mut all = redis::cmd("HGETALL");
         all.arg(&keys.members);
@@ -1010,7 +1035,7 @@ impl Feed {
 
     /// Follows `room` from after log position `after` and bus entry `bus` (from
     /// [`Feed::open`]), until [`Feed::unwatch`] with the id this answers.
-    pub fn watch(&self, room: &str, after: u64, bus: String) -> (u64, mpsc::Receiver<FeedEvent>) {
+    pub fn watch(&self, room: &str, after: u64, bus: BusMark) -> (u64, mpsc::Receiver<FeedEvent>) {
         let (to, events) = mpsc::channel(64);
         let id = self
             .state
@@ -1114,7 +1139,7 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
         .set_connection_timeout(Some(Duration::from_secs(5)));
     let mut reader: Option<(MultiplexedConnection, i64)> = None;
     loop {
-        let watched: Vec<(String, u64, String)> = {
+        let watched: Vec<(String, u64, BusMark)> = {
             let rooms = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
             rooms
                 .iter()
@@ -1160,7 +1185,7 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
             xread.arg(keys.log).arg(keys.bus);
         }
         for (_, after, bus) in &watched {
-            xread.arg(format!("{after}-0")).arg(bus);
+            xread.arg(format!("{after}-0")).arg(&bus.id);
         }
         let read = {
             let mut conn = conn.clone();
@@ -1208,9 +1233,11 @@ struct Batch {
     logged: Vec<Followed>,
     relayed: Vec<Relayed>,
     /// The last bus entry read, own publications included.
-    bus: Option<String>,
+    bus: Option<BusMark>,
     /// How many bus entries were read, own publications included.
     bus_count: usize,
+    /// Publications that went from the bus before this relay read them.
+    bus_missed: bool,
 }
 
 impl Feed {
@@ -1242,13 +1269,25 @@ impl Feed {
         if batch.logged.is_empty() && batch.relayed.is_empty() {
             return;
         }
+        let missed = batch.bus_missed;
         let event = FeedEvent::Read {
             logged: batch.logged,
             relayed: batch.relayed,
             // A read that returned a full page of publications may have left some.
             bus_complete: batch.bus_count < PAGE,
         };
-        if to.send(event).await.is_err() {
+        let mut sent = to.send(event).await;
+        if sent.is_ok() && missed {
+            // After what was read: the members the store lists now include those of the
+            // publications read since.
+            match self.open(room).await {
+                Ok((_, members)) => sent = to.send(FeedEvent::Missed(members)).await,
+                Err(error) => {
+                    tracing::warn!(room, %error, "the members of the other relays could not be read again")
+                }
+            }
+        }
+        if sent.is_err() {
             // The room's task has gone; its next opening watches anew.
             let mut rooms = self.rooms();
             if rooms.get(room).is_some_and(|w| w.id == id) {
@@ -1261,7 +1300,7 @@ impl Feed {
 /// An `XREAD` answer: what it brought for each room.
 fn streams(
     value: Value,
-    watched: &[(String, u64, String)],
+    watched: &[(String, u64, BusMark)],
     own: u64,
 ) -> Result<Vec<(String, Batch)>, StoreError> {
     let mut by_key: HashMap<String, (&str, bool)> = HashMap::new();
@@ -1280,13 +1319,23 @@ fn streams(
             continue;
         };
         let batch = out.entry(room.to_owned()).or_default();
+        let mut last = watched
+            .iter()
+            .find(|(r, _, _)| r == room)
+            .and_then(|(_, _, bus)| bus.seq);
         for value in array(entries)? {
             if is_log {
                 batch.logged.push(entry(value)?.0);
                 continue;
             }
-            let (id, mut relayed) = bus_entry(value)?;
-            batch.bus = Some(id);
+            let (id, seq, mut relayed) = bus_entry(value)?;
+            if let (Some(last), Some(seq)) = (last, seq) {
+                if seq > last + 1 {
+                    batch.bus_missed = true;
+                }
+            }
+            last = seq;
+            batch.bus = Some(BusMark { id, seq });
             batch.bus_count += 1;
             if relayed.relay == own {
                 // Its members had it; its room step still counts.
@@ -1298,8 +1347,8 @@ fn streams(
     Ok(out.into_iter().collect())
 }
 
-/// One bus entry: its id, and what it carries.
-fn bus_entry(value: Value) -> Result<(String, Relayed), StoreError> {
+/// One bus entry: its id, its number (if it has one), and what it carries.
+fn bus_entry(value: Value) -> Result<(String, Option<u64>, Relayed), StoreError> {
     let mut parts = array(value)?.into_iter();
     let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
         return Err(corrupt("a bus entry without fields"));
@@ -1311,9 +1360,11 @@ fn bus_entry(value: Value) -> Result<(String, Relayed), StoreError> {
         high: 0,
         bytes: Bytes::new(),
     };
+    let mut seq = None;
     let mut fields = array(fields)?.into_iter();
     while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
         match text(&name)?.as_str() {
+            "q" => seq = Some(int(&value)?),
             "r" => relayed.relay = int(&value)?,
             "a" => relayed.after = int(&value)?,
             "h" => relayed.high = int(&value)?,
@@ -1327,7 +1378,7 @@ fn bus_entry(value: Value) -> Result<(String, Relayed), StoreError> {
             _ => {}
         }
     }
-    Ok((text(&id)?, relayed))
+    Ok((text(&id)?, seq, relayed))
 }
 
 #[cfg(test)]
