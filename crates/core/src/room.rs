@@ -1286,20 +1286,13 @@ impl RoomCore {
     pub fn resync_remote(&mut self, members: Vec<(u64, Peer)>) {
         let listed: std::collections::HashSet<NodeId> =
             members.iter().map(|(_, peer)| peer.node).collect();
-        let mut gone: Vec<NodeId> = self
+        let gone: Vec<NodeId> = self
             .remote
             .keys()
             .filter(|node| !listed.contains(node))
             .copied()
             .collect();
-        gone.sort_unstable();
-        for node in gone {
-            self.remote.remove(&node);
-            self.outputs.push_back(Output::Fanout {
-                except: None,
-                bytes: Bytes::from(Frame::PeerLeft { node }.encode()),
-            });
-        }
+        self.remotes_leave(gone);
         let mut members = members;
         members.sort_by_key(|(_, peer)| peer.node);
         for (relay, peer) in members {
@@ -1337,12 +1330,17 @@ impl RoomCore {
 
     /// Another relay of a shared room is gone: its members leave.
     pub fn relay_gone(&mut self, relay: u64) {
-        let mut gone: Vec<NodeId> = self
+        let gone: Vec<NodeId> = self
             .remote
             .iter()
             .filter(|(_, r)| r.relay == relay)
             .map(|(&node, _)| node)
             .collect();
+        self.remotes_leave(gone);
+    }
+
+    /// Members on other relays leave: the members here hear it, in the order of their ids.
+    fn remotes_leave(&mut self, mut gone: Vec<NodeId>) {
         gone.sort_unstable();
         for node in gone {
             self.remote.remove(&node);
