@@ -1232,6 +1232,15 @@ impl RoomCore {
                 if self.is_member_here(peer.node) {
                     return;
                 }
+                // What the members here know already (the members listed when the room opened
+                // here, or read again after missed publications) is not said twice.
+                if self
+                    .remote
+                    .get(&peer.node)
+                    .is_some_and(|r| r.relay == entry.relay && r.name == peer.name)
+                {
+                    return;
+                }
                 let remote = self.remote.entry(peer.node).or_insert(Remote {
                     relay: entry.relay,
                     name: String::new(),
@@ -1282,21 +1291,33 @@ impl RoomCore {
     /// The members of a shared room on other relays as the store lists them now, after this
     /// relay missed publications of the others (it read them too late: they had gone from the
     /// store). The members here hear of the changes they missed: who joined, who left, who
-    /// was renamed.
+    /// was renamed. A node with a connection here as well is noted as
+    /// [`RoomCore::deliver_publication`] notes it, and the members here hear nothing of it.
     pub fn resync_remote(&mut self, members: Vec<(u64, Peer)>) {
         let listed: std::collections::HashSet<NodeId> =
             members.iter().map(|(_, peer)| peer.node).collect();
-        let gone: Vec<NodeId> = self
+        let (here, gone): (Vec<NodeId>, Vec<NodeId>) = self
             .remote
             .keys()
-            .filter(|node| !listed.contains(node))
             .copied()
-            .collect();
+            .filter(|node| !listed.contains(node))
+            .partition(|&node| self.is_member_here(node));
+        for node in here {
+            self.remote.remove(&node);
+        }
         self.remotes_leave(gone);
         let mut members = members;
         members.sort_by_key(|(_, peer)| peer.node);
         for (relay, peer) in members {
             if self.is_member_here(peer.node) {
+                self.remote.insert(
+                    peer.node,
+                    Remote {
+                        relay,
+                        name: peer.name,
+                        presence: None,
+                    },
+                );
                 continue;
             }
             let told = match self.remote.get_mut(&peer.node) {
@@ -3109,10 +3130,35 @@ mod tests {
                 },
             ]
         );
+        // What the relay reads later of what it read again is not said twice.
+        let again = Relayed {
+            relay: 7,
+            after: 0,
+            to: None,
+            high: 0,
+            bytes: Bytes::from(
+                Frame::PeerJoined {
+                    peer: peer(103, "joined"),
+                }
+                .encode(),
+            ),
+        };
+        room.followed(0, &[], &[again], true);
+        let fanouts = |out: Vec<Output>| {
+            out.into_iter()
+                .filter(|o| matches!(o, Output::Fanout { .. }))
+                .count()
+        };
+        assert_eq!(fanouts(outputs(&mut room)), 0, "a join said twice");
+        // a's client is on relay 9 as well (it gave up its connection here): when that
+        // connection closes, the members here do not hear that a left.
+        room.leave(1);
+        assert_eq!(fanouts(outputs(&mut room)), 0, "a left, it seems");
         room.resync_remote(vec![
             (9, peer(100, "stays")),
             (8, peer(102, "new")),
             (7, peer(103, "joined")),
+            (9, peer(a.node, "a")),
         ]);
         assert!(outputs(&mut room).is_empty(), "nothing changed");
     }

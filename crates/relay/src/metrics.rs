@@ -29,8 +29,8 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Bytes held for large messages whose parts are still arriving.
     pub partial_bytes: AtomicU64,
-    /// Reads of a room's bus in Redis that came too late: publications of other relays went
-    /// before this relay read them.
+    /// Reads of a room's bus in Redis that came too late: entries went before this relay read
+    /// them (numbers were missing).
     pub bus_missed: AtomicU64,
     /// Rooms that panicked (on a frame, or anywhere in their task) and were loaded again.
     pub room_panics: AtomicU64,
@@ -131,7 +131,7 @@ impl Metrics {
         );
         gauge(
             "pattern_mesh_bus_missed_total",
-            "Reads of a room's bus in Redis that came after publications of other relays had gone from it.",
+            "Reads of a room's bus in Redis that came after entries had gone from it (the other relays' members were read again).",
             "counter",
             self.bus_missed.load(Relaxed),
         );

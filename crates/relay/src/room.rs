@@ -196,8 +196,8 @@ pub(crate) async fn run(
                     FeedEvent::Missed(members) => {
                         tracing::warn!(
                             room = %name,
-                            "this relay read the room's bus too late and missed publications \
-                             of the other relays; their members are read again"
+                            "this relay read the room's bus too late: entries had gone from it; \
+                             the other relays' members are read again"
                         );
                         task.relay.metrics.bus_missed.fetch_add(1, Relaxed);
                         task.core.resync_remote(members);

@@ -910,6 +910,9 @@ struct Watch {
     id: u64,
     after: u64,
     bus: BusMark,
+    /// Publications went from the bus before this relay read them, and the room has not heard
+    /// the members read again yet.
+    missed: bool,
     to: mpsc::Sender<FeedEvent>,
 }
 
@@ -1041,8 +1044,16 @@ impl Feed {
             .state
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.rooms()
-            .insert(room.to_owned(), Watch { id, after, bus, to });
+        self.rooms().insert(
+            room.to_owned(),
+            Watch {
+                id,
+                after,
+                bus,
+                missed: false,
+                to,
+            },
+        );
         self.state.changed.notify_one();
         (id, events)
     }
@@ -1244,11 +1255,13 @@ impl Feed {
     /// Hands a room what was read for it, if it is still the watch the read was made for.
     async fn deliver(&self, room: &str, batch: Batch) {
         let last = batch.logged.last().map(|f| f.position);
-        let (id, to) = {
+        let (id, to, missed) = {
             let mut rooms = self.rooms();
             let Some(watch) = rooms.get_mut(room) else {
                 return;
             };
+            // Kept until the room hears the members read again.
+            watch.missed |= batch.bus_missed;
             if let Some(last) = last {
                 if last <= watch.after {
                     return;
@@ -1258,7 +1271,7 @@ impl Feed {
             if let Some(bus) = &batch.bus {
                 watch.bus.clone_from(bus);
             }
-            (watch.id, watch.to.clone())
+            (watch.id, watch.to.clone(), watch.missed)
         };
         for relayed in batch.relayed.iter().filter(|r| r.relay != self.relay) {
             self.relays()
@@ -1266,28 +1279,32 @@ impl Feed {
                 .or_default()
                 .insert(room.to_owned());
         }
-        if batch.logged.is_empty() && batch.relayed.is_empty() {
-            return;
+        let mut gone = false;
+        if !batch.logged.is_empty() || !batch.relayed.is_empty() {
+            let event = FeedEvent::Read {
+                logged: batch.logged,
+                relayed: batch.relayed,
+                // A read that returned a full page of publications may have left some.
+                bus_complete: batch.bus_count < PAGE,
+            };
+            gone = to.send(event).await.is_err();
         }
-        let missed = batch.bus_missed;
-        let event = FeedEvent::Read {
-            logged: batch.logged,
-            relayed: batch.relayed,
-            // A read that returned a full page of publications may have left some.
-            bus_complete: batch.bus_count < PAGE,
-        };
-        let mut sent = to.send(event).await;
-        if sent.is_ok() && missed {
+        if !gone && missed {
             // After what was read: the members the store lists now include those of the
-            // publications read since.
+            // publications read since. If they cannot be read, the next delivery tries again.
             match self.open(room).await {
-                Ok((_, members)) => sent = to.send(FeedEvent::Missed(members)).await,
+                Ok((_, members)) => {
+                    gone = to.send(FeedEvent::Missed(members)).await.is_err();
+                    if let Some(watch) = self.rooms().get_mut(room).filter(|w| w.id == id) {
+                        watch.missed = false;
+                    }
+                }
                 Err(error) => {
-                    tracing::warn!(room, %error, "the members of the other relays could not be read again")
+                    tracing::warn!(room, %error, "the members of the other relays could not be read again; trying at the next read")
                 }
             }
         }
-        if sent.is_err() {
+        if gone {
             // The room's task has gone; its next opening watches anew.
             let mut rooms = self.rooms();
             if rooms.get(room).is_some_and(|w| w.id == id) {
