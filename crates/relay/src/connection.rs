@@ -18,7 +18,7 @@ use pattern_mesh_core::wire::{close, part, Frame, Reason};
 use tokio::sync::mpsc;
 
 use super::auth::{Denied, Grant};
-use super::guard::{Address, Peer};
+use super::guard::{Address, Over, Peer};
 use super::queue;
 use super::room::{Admitted, Command};
 use super::Relay;
@@ -455,43 +455,36 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                 };
                 texts = 0;
                 relay.metrics.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
+                let size = bytes.len() as u64;
                 let read = match reader.read(bytes) {
-                    // The address's budget, shared by all its connections, counts every frame
+                    // The address's budgets, shared by all its connections, count every frame
                     // as it comes, a part too (one abandoned would cost nothing otherwise): a
-                    // part over it is refused with the rest of its message.
+                    // part over them is refused with the rest of its message.
                     // (The parts of a message refused already are counted and dropped in silence:
                     // one refusal per message.)
-                    Read::Pending
-                        if !peer.take(1, relay.now_ms()) && reader.reader.assembling() =>
-                    {
-                        Read::Throttled {
+                    Read::Pending => match peer.take(size, relay.now_ms()) {
+                        Err(over) if reader.reader.assembling() => Read::Throttled {
                             step: reader.abandon(),
-                            detail: format!(
-                                "over {} frames per second from this address; this message was not stored: send it again later",
-                                relay.config.ip_rate
-                            ),
-                        }
-                    }
-                    // A part of a large message: the room only hears that the member is alive.
-                    Read::Pending => Read::Pending,
+                            detail: over_address(&relay, over),
+                        },
+                        // A part of a large message: the room only hears that the member is
+                        // alive.
+                        _ => Read::Pending,
+                    },
                     // A fence is free: it must never be what keeps a refused message from being
-                    // sent again. A heartbeat over the budget is heard and not answered:
+                    // sent again. A heartbeat over the budgets is heard and not answered:
                     // refused, it would open a gap. (The parts before a message's last were
                     // counted as they came.)
-                    Read::Frame { frame, .. }
-                        if !matches!(frame.frame, Frame::Fence { .. })
-                            && !peer.take(1, relay.now_ms()) =>
+                    Read::Frame { frame, bytes, cost }
+                        if !matches!(frame.frame, Frame::Fence { .. }) =>
                     {
-                        if frame.frame == Frame::Heartbeat {
-                            Read::Alive
-                        } else {
-                            Read::Throttled {
+                        match peer.take(size, relay.now_ms()) {
+                            Ok(()) => Read::Frame { frame, bytes, cost },
+                            Err(_) if frame.frame == Frame::Heartbeat => Read::Alive,
+                            Err(over) => Read::Throttled {
                                 step: frame.frame.stamp().map_or(0, |s| s.step),
-                                detail: format!(
-                                    "over {} frames per second from this address; this message was not stored: send it again later",
-                                    relay.config.ip_rate
-                                ),
-                            }
+                                detail: over_address(&relay, over),
+                            },
                         }
                     }
                     read => read,
@@ -574,6 +567,20 @@ impl Drop for Partial {
 }
 
 /// Completes when the relay starts shutting down.
+/// What a member hears of a frame over its address's budgets.
+fn over_address(relay: &Relay, over: Over) -> String {
+    match over {
+        Over::Bytes => format!(
+            "over {} bytes per second from this address; this message was not stored: send it again later",
+            relay.config.ip_bandwidth
+        ),
+        Over::Frames => format!(
+            "over {} frames per second from this address; this message was not stored: send it again later",
+            relay.config.ip_rate
+        ),
+    }
+}
+
 async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }

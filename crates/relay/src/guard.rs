@@ -1,5 +1,7 @@
 //! The listener's guard: a cap on open connections, in all and per IP address, a deadline by
-//! which a connection must have joined a room, and a frame budget per IP address.
+//! which a connection must have joined a room, and a frame and a byte budget per IP address,
+//! kept after its last connection closes until they are full again (closing every connection
+//! and opening new ones does not fill them).
 //!
 //! Without it a silent TCP connection, or one that sends an HTTP request line a byte at a time
 //! (slowloris), holds a file descriptor forever, and a few hundred of them lock every new
@@ -36,6 +38,10 @@ pub(crate) struct GuardConfig {
     /// Frames per second from one IP address, all its connections together (and as many at
     /// once).
     pub ip_rate: u64,
+    /// Bytes per second from one IP address, all its connections together, and how many at
+    /// once.
+    pub ip_bandwidth: u64,
+    pub ip_burst: u64,
 }
 
 /// What the relay knows of a connection: its peer address, a switch that lifts its deadline
@@ -51,18 +57,42 @@ pub(crate) struct Peer {
 /// What the connections of one address share.
 #[derive(Debug)]
 pub(crate) struct Address {
-    /// The address's frame budget.
-    rate: Mutex<TokenBucket>,
+    /// The address's frame and byte budgets.
+    budgets: Mutex<Budgets>,
     /// Bytes its connections hold for messages whose parts are still arriving.
     pub(crate) partial: AtomicU64,
 }
 
+#[derive(Debug)]
+struct Budgets {
+    frames: TokenBucket,
+    bytes: TokenBucket,
+}
+
+/// Which of an address's budgets a frame is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    Frames,
+    Bytes,
+}
+
 impl Address {
-    fn new(rate: f64, now: u64) -> Self {
+    fn new(config: &GuardConfig, now: u64) -> Self {
+        let rate = config.ip_rate as f64;
         Self {
-            rate: Mutex::new(TokenBucket::new(rate, rate, now)),
+            budgets: Mutex::new(Budgets {
+                frames: TokenBucket::new(rate, rate, now),
+                bytes: TokenBucket::new(config.ip_bandwidth as f64, config.ip_burst as f64, now),
+            }),
             partial: AtomicU64::new(0),
         }
+    }
+
+    /// Whether both budgets are full at `now`: the address may be forgotten once no
+    /// connection of it is open.
+    fn full(&self, now: u64) -> bool {
+        let budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        budgets.frames.full_at() <= now && budgets.bytes.full_at() <= now
     }
 }
 
@@ -72,10 +102,25 @@ impl Peer {
         self.joined.store(true, Ordering::Relaxed);
     }
 
-    /// Takes `cost` frames from the address's budget at `now` (milliseconds), or says no.
-    pub(crate) fn take(&self, cost: u64, now: u64) -> bool {
-        let mut rate = self.address.rate.lock().unwrap_or_else(|p| p.into_inner());
-        rate.try_take_n(cost, now)
+    /// Takes a frame of `bytes` bytes from the address's budgets at `now` (milliseconds), or
+    /// says which one it is over (then it takes nothing).
+    pub(crate) fn take(&self, bytes: u64, now: u64) -> Result<(), Over> {
+        let mut budgets = self
+            .address
+            .budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if budgets.frames.ready_at(1) > now {
+            return Err(Over::Frames);
+        }
+        if !budgets.bytes.try_take_n(bytes, now) {
+            return Err(Over::Bytes);
+        }
+        if budgets.frames.try_take(now) {
+            Ok(())
+        } else {
+            Err(Over::Frames)
+        }
     }
 
     /// What the connections of this address share.
@@ -93,7 +138,8 @@ impl Connected<IncomingStream<'_, Guarded>> for Peer {
 #[derive(Default)]
 struct Counts {
     open: usize,
-    /// Per address with a connection open: how many, and what they share.
+    /// Per address with a connection open, or whose budgets are not full again yet: how many
+    /// connections, and what they share.
     per_ip: HashMap<IpAddr, (usize, Arc<Address>)>,
 }
 
@@ -127,12 +173,18 @@ impl Guarded {
         if counts.open >= self.config.max_connections {
             return Err("the relay is at its connection limit");
         }
-        let rate = self.config.ip_rate as f64;
         let now = (self.clock)();
+        // The addresses with no connection whose budgets are full again go, now and then.
+        if counts.per_ip.len() > 2 * counts.open + 1024 {
+            counts
+                .per_ip
+                .retain(|_, (open, address)| *open > 0 || !address.full(now));
+        }
+        let config = self.config;
         let (open, budget) = counts
             .per_ip
             .entry(ip)
-            .or_insert_with(|| (0, Arc::new(Address::new(rate, now))));
+            .or_insert_with(|| (0, Arc::new(Address::new(&config, now))));
         if *open >= self.config.max_per_ip {
             return Err("the address is at its connection limit");
         }
@@ -157,11 +209,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.open -= 1;
+        // The address stays, with its budgets, until they are full again (see `admit`).
         if let Some((open, _)) = counts.per_ip.get_mut(&self.ip) {
             *open -= 1;
-            if *open == 0 {
-                counts.per_ip.remove(&self.ip);
-            }
         }
     }
 }
@@ -221,7 +271,7 @@ impl Listener for Guarded {
         Ok(Peer {
             addr: self.listener.local_addr()?,
             joined: Arc::default(),
-            address: Arc::new(Address::new(0.0, 0)),
+            address: Arc::new(Address::new(&self.config, 0)),
         })
     }
 }

@@ -115,6 +115,9 @@ pub struct RelayConfig {
     /// Frames per second from one IP address, all its connections together (and as many at
     /// once).
     pub ip_rate: u64,
+    /// Bytes per second from one IP address, all its connections and rooms together (and a
+    /// whole message at once): what one address may make the relay store, or pass on.
+    pub ip_bandwidth: u64,
     /// With Redis: the most bytes of frames one room keeps in Redis for the members on other
     /// relays (signals, presence, sync answers), its oldest going first (at least one message
     /// of the largest size is kept).
@@ -156,6 +159,7 @@ impl Default for RelayConfig {
             max_connections_per_ip: 512,
             max_partial_bytes: 1 << 30,
             ip_rate: 2_000,
+            ip_bandwidth: 32 << 20,
             max_bus_bytes: 256 << 20,
             room: RoomConfig::default(),
             auth: None,
@@ -429,6 +433,12 @@ pub async fn serve(
         // (1008) before its socket is cut.
         deadline: relay.config.join_timeout + Duration::from_secs(2),
         ip_rate: relay.config.ip_rate,
+        ip_bandwidth: relay.config.ip_bandwidth,
+        // A whole message at once, as a node's byte budget allows.
+        ip_burst: relay
+            .config
+            .ip_bandwidth
+            .max(relay.config.limits.max_message as u64),
     };
     let clock = {
         let relay = relay.clone();

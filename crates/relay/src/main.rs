@@ -128,6 +128,11 @@ mod native {
         #[arg(long, env = "PM_IP_RATE", default_value_t = 2_000,
               value_parser = clap::value_parser!(u64).range(1..))]
         ip_rate: u64,
+        /// Bytes per second from one IP address, all its connections and rooms together
+        /// (bursts of a message); over it: `rateLimited`.
+        #[arg(long, env = "PM_IP_BANDWIDTH", default_value_t = 32 << 20,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        ip_bandwidth: u64,
         /// With `--store redis://...`: the most bytes of frames one room keeps in Redis for the
         /// members on other relays (signals, presence, sync answers), its oldest going first;
         /// at least `--max-message`.
@@ -220,6 +225,7 @@ mod native {
             max_connections_per_ip: args.max_connections_per_ip as usize,
             max_partial_bytes: usize::try_from(args.max_partial_bytes).unwrap_or(usize::MAX),
             ip_rate: args.ip_rate,
+            ip_bandwidth: args.ip_bandwidth,
             max_bus_bytes: args.max_bus_bytes,
             room: RoomConfig {
                 pattern,

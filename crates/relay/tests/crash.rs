@@ -211,8 +211,17 @@ fn resident(relay: &Relay) -> u64 {
 async fn joiners_that_do_not_read_a_large_log_cost_little_memory() {
     let dir = std::env::temp_dir().join(format!("pattern-mesh-rss-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (relay, addr) =
-        start_relay_with(&dir, &["--bandwidth", "1073741824", "--ip-rate", "100000"]);
+    let (relay, addr) = start_relay_with(
+        &dir,
+        &[
+            "--bandwidth",
+            "1073741824",
+            "--ip-rate",
+            "100000",
+            "--ip-bandwidth",
+            "1073741824",
+        ],
+    );
     let (mut writer, welcome) = connect(&addr, 0, None).await;
     let node = welcome.node;
     let chunk = serde_json::Value::String("x".repeat(1_000_000));

@@ -1233,3 +1233,89 @@ async fn the_parts_of_a_message_count_against_the_addresss_frame_budget_as_they_
     );
     server.stop().await;
 }
+
+/// The `pattern_mesh_connections` gauge: WebSocket connections open now.
+async fn connections(server: &Server) -> u64 {
+    let metrics = http_get(server.addr, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pattern_mesh_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the metric is there")
+}
+
+/// Sends `count` data frames of `size` bytes and reads their answers: how many were refused
+/// for their address's budgets, and what the last such refusal said.
+async fn data_over_address(member: &mut Member, count: usize, size: usize) -> (usize, String) {
+    for _ in 0..count {
+        member.data(serde_json::json!("x".repeat(size))).await;
+    }
+    let (mut refused, mut said) = (0, String::new());
+    for _ in 0..count {
+        let (frame, _) = member
+            .recv_until(|f| matches!(f, Frame::Ack { .. } | Frame::Reject { .. }))
+            .await;
+        if let Frame::Reject { reason, detail, .. } = frame {
+            if detail.contains("from this address") {
+                assert_eq!(reason, Reason::RateLimited, "{detail}");
+                refused += 1;
+                said = detail;
+            }
+        }
+    }
+    (refused, said)
+}
+
+/// An address's budgets were forgotten when its last connection closed: closing every
+/// connection and opening new ones (new nodes) started the address from full budgets again, so
+/// that its frame rate held for nothing. They are kept now until they are full again.
+#[tokio::test]
+async fn an_addresss_budgets_hold_when_all_its_connections_close_and_new_ones_open() {
+    let server = start("ip-reopen", |c| {
+        c.max_rate = 1_000;
+        c.ip_rate = 30;
+    })
+    .await;
+    let mut first = join(&server, "r", 0, None).await;
+    data_over_address(&mut first, 28, 1).await;
+    drop(first);
+    while connections(&server).await > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut second = join(&server, "r", 0, None).await;
+    let (refused, said) = data_over_address(&mut second, 28, 1).await;
+    // (One refusal per connection: what it sends after waits for its fence.)
+    assert!(refused >= 1, "{refused} refused for the address");
+    assert!(said.contains("over 30 frames per second"), "{said}");
+    server.stop().await;
+}
+
+/// One address writing into several rooms, each member within its own byte budget: nothing
+/// bounded what the address as a whole made the relay store, so that it could fill the disk
+/// every room shares. The address's byte budget (`--ip-bandwidth`) holds across its rooms.
+#[tokio::test]
+async fn an_addresss_bytes_are_bounded_across_its_rooms() {
+    let server = start("ip-bytes", |c| {
+        c.limits.max_frame = 16 << 10;
+        c.limits.max_message = 64 << 10;
+        c.ip_bandwidth = 32 << 10;
+    })
+    .await;
+    let mut refused = 0;
+    let mut said = String::new();
+    for room in ["one", "two", "three"] {
+        let mut member = join(&server, room, 0, None).await;
+        let (n, detail) = data_over_address(&mut member, 6, 15 << 10).await;
+        refused += n;
+        if n > 0 {
+            said = detail;
+        }
+    }
+    // (One refusal per connection: what it sends after waits for its fence.)
+    assert!(refused >= 2, "{refused} refused for the address");
+    assert!(
+        said.contains("over 32768 bytes per second from this address"),
+        "{said}"
+    );
+    server.stop().await;
+}
