@@ -101,6 +101,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether [`TokenBucket::try_take_n`] of `n` would pass at `now`; takes nothing.
+    pub fn can_take_n(&mut self, n: u64, now: u64) -> bool {
+        self.refill(now);
+        self.tokens >= (n as f64).min(self.capacity / 2.0).max(1.0)
+    }
+
     /// When the bucket will be full again if nothing more is taken.
     pub fn full_at(&self) -> u64 {
         self.last + self.wait_for(self.capacity).ceil() as u64
@@ -137,6 +143,18 @@ mod tests {
         assert!(!bucket.try_take(99));
         assert!(bucket.try_take(100));
         assert_eq!((0..100).filter(|_| bucket.try_take(1_000)).count(), 5);
+    }
+
+    /// Several threads share a bucket: one may pass a clock read a millisecond before another
+    /// thread's. What the bucket holds decides, as for a take.
+    #[test]
+    fn can_take_n_takes_nothing_and_a_clock_read_earlier_still_passes() {
+        let mut bucket = TokenBucket::new(10.0, 5.0, 0);
+        assert!(bucket.try_take(100));
+        assert!(bucket.can_take_n(1, 99));
+        assert!(bucket.can_take_n(1, 99), "it took nothing");
+        assert_eq!((0..10).filter(|_| bucket.try_take(99)).count(), 4);
+        assert!(!bucket.can_take_n(1, 99));
     }
 
     #[test]

@@ -462,7 +462,7 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                     // part over them is refused with the rest of its message.
                     // (The parts of a message refused already are counted and dropped in silence:
                     // one refusal per message.)
-                    Read::Pending => match peer.take(size, relay.now_ms()) {
+                    Read::Pending => match peer.take(Some(size), relay.now_ms()) {
                         Err(over) if reader.reader.assembling() => Read::Throttled {
                             step: reader.abandon(),
                             detail: over_address(&relay, over),
@@ -478,7 +478,10 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                     Read::Frame { frame, bytes, cost }
                         if !matches!(frame.frame, Frame::Fence { .. }) =>
                     {
-                        match peer.take(size, relay.now_ms()) {
+                        // A heartbeat costs a frame, never bytes: another connection of the
+                        // address sending large messages must not leave it unanswered.
+                        let bytes_cost = (frame.frame != Frame::Heartbeat).then_some(size);
+                        match peer.take(bytes_cost, relay.now_ms()) {
                             Ok(()) => Read::Frame { frame, bytes, cost },
                             Err(_) if frame.frame == Frame::Heartbeat => Read::Alive,
                             Err(over) => Read::Throttled {
@@ -566,7 +569,6 @@ impl Drop for Partial {
     }
 }
 
-/// Completes when the relay starts shutting down.
 /// What a member hears of a frame over its address's budgets.
 fn over_address(relay: &Relay, over: Over) -> String {
     match over {
@@ -581,6 +583,7 @@ fn over_address(relay: &Relay, over: Over) -> String {
     }
 }
 
+/// Completes when the relay starts shutting down.
 async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }

@@ -102,21 +102,23 @@ impl Peer {
         self.joined.store(true, Ordering::Relaxed);
     }
 
-    /// Takes a frame of `bytes` bytes from the address's budgets at `now` (milliseconds), or
-    /// says which one it is over (then it takes nothing).
-    pub(crate) fn take(&self, bytes: u64, now: u64) -> Result<(), Over> {
+    /// Takes a frame, of `bytes` bytes if it costs bytes, from the address's budgets at `now`
+    /// (milliseconds), or says which one it is over (then it takes nothing).
+    pub(crate) fn take(&self, bytes: Option<u64>, now: u64) -> Result<(), Over> {
         let mut budgets = self
             .address
             .budgets
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if budgets.frames.ready_at(1) > now {
+        if !budgets.frames.can_take_n(1, now) {
             return Err(Over::Frames);
         }
-        if !budgets.bytes.try_take_n(bytes, now) {
-            return Err(Over::Bytes);
+        if let Some(bytes) = bytes {
+            if !budgets.bytes.try_take_n(bytes, now) {
+                return Err(Over::Bytes);
+            }
         }
-        if budgets.frames.try_take(now) {
+        if budgets.frames.try_take_n(1, now) {
             Ok(())
         } else {
             Err(Over::Frames)

@@ -116,7 +116,8 @@ pub struct RelayConfig {
     /// once).
     pub ip_rate: u64,
     /// Bytes per second from one IP address, all its connections and rooms together (and a
-    /// whole message at once): what one address may make the relay store, or pass on.
+    /// whole message at once): what one address may make the relay store, or pass on. At least
+    /// `bandwidth`.
     pub ip_bandwidth: u64,
     /// With Redis: the most bytes of frames one room keeps in Redis for the members on other
     /// relays (signals, presence, sync answers), its oldest going first (at least one message
@@ -433,12 +434,13 @@ pub async fn serve(
         // (1008) before its socket is cut.
         deadline: relay.config.join_timeout + Duration::from_secs(2),
         ip_rate: relay.config.ip_rate,
-        ip_bandwidth: relay.config.ip_bandwidth,
-        // A whole message at once, as a node's byte budget allows.
+        // At least what one node may send: a client paces itself by its node's budget.
+        ip_bandwidth: relay.config.ip_bandwidth.max(relay.config.bandwidth),
+        // A whole message at once, as a node's byte budget allows, with its parts' headers.
         ip_burst: relay
             .config
             .ip_bandwidth
-            .max(relay.config.limits.max_message as u64),
+            .max((relay.config.limits.max_message + relay.config.limits.max_frame) as u64),
     };
     let clock = {
         let relay = relay.clone();

@@ -129,7 +129,7 @@ mod native {
               value_parser = clap::value_parser!(u64).range(1..))]
         ip_rate: u64,
         /// Bytes per second from one IP address, all its connections and rooms together
-        /// (bursts of a message); over it: `rateLimited`.
+        /// (bursts of a message; at least `--bandwidth`); over it: `rateLimited`.
         #[arg(long, env = "PM_IP_BANDWIDTH", default_value_t = 32 << 20,
               value_parser = clap::value_parser!(u64).range(1..))]
         ip_bandwidth: u64,
