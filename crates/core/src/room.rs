@@ -508,6 +508,17 @@ struct Remote {
     presence: Option<Bytes>,
 }
 
+impl Remote {
+    /// A member on `relay`, with no presence yet.
+    fn new(relay: u64, name: String) -> Self {
+        Self {
+            relay,
+            name,
+            presence: None,
+        }
+    }
+}
+
 /// A connection in the room.
 struct Member {
     node: NodeId,
@@ -1184,14 +1195,7 @@ impl RoomCore {
     /// opens on this relay: each with its relay. Call it before the first join.
     pub fn remote_members(&mut self, members: Vec<(u64, Peer)>) {
         for (relay, peer) in members {
-            self.remote.insert(
-                peer.node,
-                Remote {
-                    relay,
-                    name: peer.name,
-                    presence: None,
-                },
-            );
+            self.remote.insert(peer.node, Remote::new(relay, peer.name));
         }
     }
 
@@ -1218,14 +1222,8 @@ impl RoomCore {
                 // it gave up (gone silent), which this room closes in time. Noted, so that the
                 // members here do not hear then that it left. (A `PeerLeft` of that relay, or
                 // the node's return here, ends it.)
-                self.remote.insert(
-                    peer.node,
-                    Remote {
-                        relay: entry.relay,
-                        name: peer.name,
-                        presence: None,
-                    },
-                );
+                self.remote
+                    .insert(peer.node, Remote::new(entry.relay, peer.name));
                 return;
             }
             Ok(Frame::PeerJoined { peer } | Frame::PeerRenamed { peer }) => {
@@ -1241,11 +1239,10 @@ impl RoomCore {
                 {
                     return;
                 }
-                let remote = self.remote.entry(peer.node).or_insert(Remote {
-                    relay: entry.relay,
-                    name: String::new(),
-                    presence: None,
-                });
+                let remote = self
+                    .remote
+                    .entry(peer.node)
+                    .or_insert(Remote::new(entry.relay, String::new()));
                 remote.relay = entry.relay;
                 remote.name = peer.name;
             }
@@ -1310,14 +1307,7 @@ impl RoomCore {
         members.sort_by_key(|(_, peer)| peer.node);
         for (relay, peer) in members {
             if self.is_member_here(peer.node) {
-                self.remote.insert(
-                    peer.node,
-                    Remote {
-                        relay,
-                        name: peer.name,
-                        presence: None,
-                    },
-                );
+                self.remote.insert(peer.node, Remote::new(relay, peer.name));
                 continue;
             }
             let told = match self.remote.get_mut(&peer.node) {
@@ -1329,14 +1319,8 @@ impl RoomCore {
                     })
                 }
                 None => {
-                    self.remote.insert(
-                        peer.node,
-                        Remote {
-                            relay,
-                            name: peer.name.clone(),
-                            presence: None,
-                        },
-                    );
+                    self.remote
+                        .insert(peer.node, Remote::new(relay, peer.name.clone()));
                     Some(Frame::PeerJoined { peer })
                 }
             };
