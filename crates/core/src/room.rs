@@ -1119,6 +1119,25 @@ impl RoomCore {
         }
     }
 
+    /// Why a shared room's log refused an update sent again, which the validator takes for a
+    /// replay: the room's document, which holds every update the log kept, lacks some of it.
+    /// The refusal itself (`owed`) goes once a snapshot drops its entry, and its client, which
+    /// may not have heard it (its connection dropped), would otherwise take the `replay` for an
+    /// acknowledgement. `None` for anything else, and while the document lacks
+    /// entries (the log skipped them, or they failed to load): it cannot tell then.
+    fn refused_in_log(&self, body: &Body) -> Option<String> {
+        let Body::Update { update, .. } = body else {
+            return None;
+        };
+        if !self.shared || self.missed > 0 || !self.deferred.is_empty() || self.load_failures > 0 {
+            return None;
+        }
+        let why = self.doc.holds(update).err()?;
+        Some(format!(
+            "the update was not taken: the room's log refused it, and the room's document does not hold it ({why})"
+        ))
+    }
+
     /// Whether a message only forwarded must wait for the shared log first.
     fn waits_for_log(&self) -> bool {
         !self.held.is_empty() || self.awaited > self.published
@@ -2207,6 +2226,11 @@ impl RoomCore {
                     ack: Some(stamp.step),
                     bytes,
                 });
+            }
+            if reason == Reason::Replay {
+                if let Some(why) = self.refused_in_log(&stamped.body) {
+                    return self.refuse(conn, stamp.step, Reason::Malformed, why);
+                }
             }
             return self.reject(conn, stamp.step, reason, detail);
         }
@@ -4137,12 +4161,16 @@ mod tests {
 
     impl Shared {
         fn new(relays: usize) -> Self {
+            Self::with_limits(relays, RoomLimits::default())
+        }
+
+        fn with_limits(relays: usize, limits: RoomLimits) -> Self {
             let store = crate::store::MemoryStore::new();
             let rooms = (0..relays)
                 .map(|_| {
                     let record = store.open_now("r", RoomConfig::default());
                     let mut room =
-                        RoomCore::new("r".into(), record, &[], RoomLimits::default(), 0).unwrap();
+                        RoomCore::new("r".into(), record, &[], limits.clone(), 0).unwrap();
                     room.share();
                     room
                 })
@@ -4199,6 +4227,16 @@ mod tests {
                     _ => {}
                 }
             }
+        }
+
+        /// Relay `i` restarts: its room loads again from the store.
+        fn reload(&mut self, i: usize) {
+            let record = self.store.open_now("r", RoomConfig::default());
+            let document = self.store.document_now("r");
+            let limits = self.rooms[i].limits.clone();
+            self.rooms[i] = RoomCore::new("r".into(), record, &document, limits, 0).unwrap();
+            self.rooms[i].share();
+            self.got[i].clear();
         }
 
         /// Relay `i` reads the log after what it fanned out.
@@ -4413,6 +4451,77 @@ mod tests {
         let late = reloaded.join(0, 1, req("late", None), [4; 16]).unwrap();
         assert_eq!(late.refused, vec![1]);
         assert_eq!(reloaded.load_failures(), 0);
+    }
+
+    /// An update the log refused, whose refusal its client never heard (its connection
+    /// dropped), and which a snapshot then dropped from the log: sent again after the client
+    /// resumes, on the same relay or on another (whose validators know the step), or on a relay
+    /// that restarted since (whose store finds the step stored), it is refused again, not
+    /// answered `replay` as if stored. The room's document is what tells: it holds every update
+    /// the log kept.
+    #[test]
+    fn an_update_the_log_refused_sent_again_after_a_snapshot_dropped_it_is_refused_again() {
+        for (resume_on, restarted) in [(0, false), (1, false), (1, true)] {
+            let mut shared = Shared::with_limits(
+                2,
+                RoomLimits {
+                    compact_updates: 2,
+                    ..RoomLimits::default()
+                },
+            );
+            let follow_all = |shared: &mut Shared| {
+                shared.follow(0);
+                shared.follow(1);
+            };
+            let a = shared.join(0, 1, None, 1);
+            let b = shared.join(0, 2, None, 2);
+            send(&mut shared.rooms[0], 0, 1, update(a, 1, after_a_gap()));
+            shared.drive(0);
+            // Its client is gone before the log is read back, and the refusal with it.
+            shared.rooms[0].leave(1);
+            follow_all(&mut shared);
+            // Two honest updates, and the snapshot after them drops what came before.
+            let writer = SharedDoc::with_client_id(11);
+            for step in 1..=2 {
+                let u = writer.insert("content", 0, "b").unwrap();
+                send(&mut shared.rooms[0], 0, 2, update(b, step, u));
+                shared.drive(0);
+                follow_all(&mut shared);
+            }
+            follow_all(&mut shared);
+            let log = shared.store.log("r");
+            assert!(
+                matches!(Frame::decode(&log[0].bytes), Ok(Frame::Snapshot { .. })),
+                "the snapshot dropped the entries before it"
+            );
+            if restarted {
+                shared.reload(resume_on);
+            }
+            // The client resumes, and sends its update again.
+            let again = shared.join(resume_on, 3, Some([1; 16]), 9);
+            assert_eq!(again, a);
+            send(
+                &mut shared.rooms[resume_on],
+                0,
+                3,
+                update(a, 1, after_a_gap()),
+            );
+            shared.drive(resume_on);
+            follow_all(&mut shared);
+            let got = &shared.got[resume_on][&3];
+            let [Frame::Reject {
+                step: 1,
+                reason: Reason::Malformed,
+                detail,
+            }] = got.as_slice()
+            else {
+                panic!("relay {resume_on}, restarted {restarted}: {got:?}")
+            };
+            assert!(detail.contains("client 77"), "{detail}");
+            for room in &shared.rooms {
+                assert_eq!(room.document().text("content"), "bb");
+            }
+        }
     }
 
     /// A relay that reads a shared room's log after another relay's snapshot dropped entries
