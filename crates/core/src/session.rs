@@ -1489,7 +1489,12 @@ impl<R: Replica> Session<R> {
     /// Exponential backoff with jitter: 250 ms doubling to 8 s, each wait between half and all
     /// of it.
     fn backoff(&mut self) -> u64 {
-        let ceiling = 250u64 << self.attempt.min(5);
+        self.jittered(250u64 << self.attempt.min(5))
+    }
+
+    /// A wait between half and all of `ceiling`, drawn from the driver's seed: sessions sent
+    /// away together do not come back together.
+    fn jittered(&mut self, ceiling: u64) -> u64 {
         ceiling / 2 + self.random() % (ceiling / 2 + 1)
     }
 
@@ -1857,9 +1862,11 @@ impl<R: Replica> Session<R> {
                     self.pace = (self.pace / 2.0).max(1.0 / 64.0);
                     self.repace(now);
                 }
+                // Drawn between half and all of the backoff: the tabs behind one address,
+                // refused together once they are over its budget, come back one at a time.
                 let wait = match reason {
-                    Reason::RateLimited => 250u64 << self.refusals.min(5),
-                    Reason::Unavailable => 1_000u64 << self.refusals.min(5),
+                    Reason::RateLimited => self.jittered(250u64 << self.refusals.min(5)),
+                    Reason::Unavailable => self.jittered(1_000u64 << self.refusals.min(5)),
                     _ => 0,
                 };
                 self.hold_from(now, step, wait);
@@ -3110,6 +3117,38 @@ mod tests {
             saved.step,
             h.session.step()
         );
+    }
+
+    /// Sessions refused `rateLimited` at the same moment (the tabs behind one address, over
+    /// its budget together) wait between half and all of the backoff, drawn from their seeds:
+    /// they do not all send again at the same moment, to be refused together again.
+    #[test]
+    fn sessions_refused_together_send_again_at_different_moments() {
+        let waits: Vec<u64> = (1..=8u64)
+            .map(|seed| {
+                let mut config = SessionConfig::new("r", "a");
+                config.seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut h = Harness::with(config);
+                h.join(2, 1, &[]);
+                h.session
+                    .broadcast(h.now, Json::parse("1").unwrap())
+                    .unwrap();
+                h.pump();
+                let step = h.stamped()[0].stamp.step;
+                h.frame(Frame::Reject {
+                    step,
+                    reason: Reason::RateLimited,
+                    detail: "over the address's budget".into(),
+                });
+                h.session.hold.as_ref().unwrap().until - h.now
+            })
+            .collect();
+        // The first refusal's backoff is 500 ms.
+        assert!(waits.iter().all(|w| (250..=500).contains(w)), "{waits:?}");
+        let mut distinct = waits.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() >= 6, "{waits:?}");
     }
 
     /// A message sent again and answered `replay` was stored: like an acknowledgement, the
