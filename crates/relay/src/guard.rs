@@ -1,7 +1,8 @@
 //! The listener's guard: a cap on open connections, in all and per IP address, a deadline by
 //! which a connection must have joined a room, and a frame and a byte budget per IP address,
 //! kept after its last connection closes until they are full again (closing every connection
-//! and opening new ones does not fill them).
+//! and opening new ones does not fill them). An IPv6 address counts by its /64 prefix (see
+//! [`address_key`]).
 //!
 //! Without it a silent TCP connection, or one that sends an HTTP request line a byte at a time
 //! (slowloris), holds a file descriptor forever, and a few hundred of them lock every new
@@ -11,7 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -168,9 +169,10 @@ impl Guarded {
         }
     }
 
-    /// Takes a slot for `ip` and hands out what its connections share, or says which cap is
-    /// reached.
+    /// Takes a slot for `ip` and hands out what the connections of its address share, or says
+    /// which cap is reached.
     fn admit(&self, ip: IpAddr) -> Result<(Slot, Arc<Address>), &'static str> {
+        let ip = address_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if counts.open >= self.config.max_connections {
             return Err("the relay is at its connection limit");
@@ -198,6 +200,22 @@ impl Guarded {
             counts: self.counts.clone(),
         };
         Ok((slot, budget))
+    }
+}
+
+/// What an address's caps and budgets are kept under: an IPv4 address as it is (and an
+/// IPv4-mapped IPv6 address, as a dual-stack listener gives one, as the IPv4 address it maps),
+/// an IPv6 address by its /64 prefix. A subscriber's line gets at least a /64, and its hosts
+/// pick addresses in it at will: counted one /128 at a time, one host would have as many
+/// connections and budgets as it liked. (The hosts of one /64 share them, as the hosts behind
+/// one IPv4 NAT do.)
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
     }
 }
 
@@ -351,5 +369,75 @@ impl AsyncWrite for GuardedStream {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(max_per_ip: usize) -> Guarded {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let config = GuardConfig {
+            max_connections: 1_000,
+            max_per_ip,
+            deadline: Duration::from_secs(10),
+            ip_rate: 10,
+            ip_bandwidth: 1_000,
+            ip_burst: 1_000,
+        };
+        Guarded::new(
+            TcpListener::from_std(listener).unwrap(),
+            config,
+            Arc::new(|| 0),
+        )
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// A connection of the address `address`.
+    fn peer(address: &Arc<Address>) -> Peer {
+        Peer {
+            addr: "[::1]:1".parse().unwrap(),
+            joined: Arc::default(),
+            address: address.clone(),
+        }
+    }
+
+    /// A host on an IPv6 line picks any address of its /64: new addresses do not bring new
+    /// connections or new budgets. Another /64 has its own.
+    #[tokio::test]
+    async fn the_addresses_of_one_ipv6_64_share_their_caps_and_budgets() {
+        let guard = guard(2);
+        let (_one, first) = guard.admit(ip("2001:db8:1:2::1")).unwrap();
+        let (_two, second) = guard.admit(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")).unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "one set of budgets");
+        assert_eq!(
+            guard.admit(ip("2001:db8:1:2:ffff::9")).err(),
+            Some("the address is at its connection limit")
+        );
+        for _ in 0..10 {
+            peer(&first).take(Some(100), 0).unwrap();
+        }
+        assert_eq!(peer(&second).take(Some(1), 0), Err(Over::Frames));
+        let (_other, other) = guard.admit(ip("2001:db8:1:3::1")).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(peer(&other).take(Some(100), 0), Ok(()));
+    }
+
+    /// A dual-stack listener gives an IPv4 peer as an IPv4-mapped IPv6 address: it counts as
+    /// the IPv4 address, whichever way it came.
+    #[tokio::test]
+    async fn an_ipv4_mapped_address_is_its_ipv4_address() {
+        let guard = guard(1);
+        let (_slot, _) = guard.admit(ip("192.0.2.7")).unwrap();
+        assert_eq!(
+            guard.admit(ip("::ffff:192.0.2.7")).err(),
+            Some("the address is at its connection limit")
+        );
+        assert!(guard.admit(ip("192.0.2.8")).is_ok());
     }
 }
