@@ -4169,8 +4169,7 @@ mod tests {
             let rooms = (0..relays)
                 .map(|_| {
                     let record = store.open_now("r", RoomConfig::default());
-                    let mut room =
-                        RoomCore::new("r".into(), record, &[], limits.clone(), 0).unwrap();
+                    let mut room = RoomCore::new("r".into(), record, &[], limits, 0).unwrap();
                     room.share();
                     room
                 })
@@ -4233,7 +4232,7 @@ mod tests {
         fn reload(&mut self, i: usize) {
             let record = self.store.open_now("r", RoomConfig::default());
             let document = self.store.document_now("r");
-            let limits = self.rooms[i].limits.clone();
+            let limits = self.rooms[i].limits;
             self.rooms[i] = RoomCore::new("r".into(), record, &document, limits, 0).unwrap();
             self.rooms[i].share();
             self.got[i].clear();
