@@ -90,6 +90,15 @@ impl Redis {
     }
 }
 
+/// Sends one command in Redis's inline form and reads the first line of its answer.
+fn command(port: u16, line: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("redis is up");
+    stream.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+    let mut answer = [0u8; 64];
+    let n = stream.read(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer[..n]).trim_end().to_owned()
+}
+
 fn ping(port: u16) -> bool {
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -154,6 +163,56 @@ async fn read_log(member: &mut Member, expected: usize) -> BTreeMap<u64, (u64, u
         }
     }
     seen
+}
+
+/// A Redis with a memory limit and a policy that evicts keys would, once full, drop rooms' logs
+/// and members without a word: the relay refuses to start on it, and says why. With
+/// `noeviction` (a full Redis refuses appends instead, and the members are told), it starts.
+#[test]
+fn a_relay_refuses_a_redis_that_may_evict_its_keys() {
+    let redis = Redis::start("redis-eviction");
+    assert_eq!(command(redis.port, "CONFIG SET maxmemory 104857600"), "+OK");
+    assert_eq!(
+        command(redis.port, "CONFIG SET maxmemory-policy allkeys-lru"),
+        "+OK"
+    );
+    let url = redis.url();
+    let mut child = Process(
+        Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
+            .args(["--listen", "127.0.0.1:0", "--store", &url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the relay starts"),
+    );
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the relay exits");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("maxmemory-policy is allkeys-lru")
+            && stderr.contains("maxmemory-policy noeviction"),
+        "{stderr}"
+    );
+    // With noeviction, the same Redis is fine.
+    assert_eq!(
+        command(redis.port, "CONFIG SET maxmemory-policy noeviction"),
+        "+OK"
+    );
+    let (_relay, _url) = relay(&redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -268,6 +268,52 @@ fn backend(e: redis::RedisError) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
 }
 
+/// Refuses a Redis that may evict keys: with a memory limit and any policy but `noeviction`, a
+/// full Redis drops keys, rooms' logs and members among them, and no one hears of it (with
+/// `noeviction` it refuses the append, and the room's members are told). Warns when the
+/// append-only file is off or not fsynced before each answer: a crash of Redis then loses
+/// messages the relay acknowledged. A server that does not answer `CONFIG GET` (a managed
+/// service may disable it) is said to be unchecked.
+async fn check_server(conn: &ConnectionManager) -> Result<(), StoreError> {
+    let mut settings = HashMap::new();
+    for name in ["maxmemory", "maxmemory-policy", "appendonly", "appendfsync"] {
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg(name);
+        match query::<HashMap<String, String>>(conn, &get).await {
+            Ok(answer) => settings.extend(answer),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "Redis does not answer CONFIG GET: its eviction policy and its append-only \
+                     file are not checked (run it with maxmemory-policy noeviction, appendonly \
+                     yes and appendfsync always)"
+                );
+                return Ok(());
+            }
+        }
+    }
+    let setting = |name: &str| settings.get(name).map(String::as_str).unwrap_or("");
+    let (limit, policy) = (setting("maxmemory"), setting("maxmemory-policy"));
+    if limit != "0" && policy != "noeviction" {
+        return Err(StoreError::Backend(format!(
+            "Redis may evict keys: maxmemory is {limit} bytes and maxmemory-policy is {policy}, \
+             so once full it would drop rooms' logs and members without a word; run it with \
+             maxmemory-policy noeviction (a full Redis then refuses appends, and the rooms' \
+             members are told)"
+        )));
+    }
+    if setting("appendonly") != "yes" || setting("appendfsync") != "always" {
+        tracing::warn!(
+            appendonly = setting("appendonly"),
+            appendfsync = setting("appendfsync"),
+            "Redis does not write and fsync its append-only file before it answers: a crash of \
+             Redis loses messages the relay acknowledged (run it with appendonly yes and \
+             appendfsync always)"
+        );
+    }
+    Ok(())
+}
+
 /// Whether a command failed because the connection did (it is reconnecting): worth one more try.
 fn dropped(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout()
@@ -458,6 +504,7 @@ impl RedisStore {
             .get_connection_manager_with_config(config)
             .await
             .map_err(backend)?;
+        check_server(&conn).await?;
         let scripts = Arc::new(Scripts {
             open: redis::Script::new(OPEN),
             append: redis::Script::new(APPEND),
