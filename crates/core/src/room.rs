@@ -591,6 +591,16 @@ struct Held {
     bytes: Bytes,
 }
 
+/// Whether `bytes` are a frame that says who is a member (`peerJoined`, `peerLeft`,
+/// `peerRenamed`): frames of a few dozen bytes, so larger ones are not decoded.
+fn is_membership(bytes: &[u8]) -> bool {
+    bytes.len() <= 512
+        && matches!(
+            Frame::decode(bytes),
+            Ok(Frame::PeerJoined { .. } | Frame::PeerLeft { .. } | Frame::PeerRenamed { .. })
+        )
+}
+
 /// Why the room's document did not take a member's update, for its refusal.
 fn refusal_detail(error: DocError) -> String {
     match error {
@@ -1309,7 +1319,15 @@ impl RoomCore {
     /// store). The members here hear of the changes they missed: who joined, who left, who
     /// was renamed. A node with a connection here as well is noted as
     /// [`RoomCore::deliver_publication`] notes it, and the members here hear nothing of it.
+    /// The listing holds what every publication read before it says of the members, so those
+    /// still waiting for their turn (behind log entries not fanned out yet) say nothing more:
+    /// a join whose leave went from the store unread would bring back a member that is gone.
     pub fn resync_remote(&mut self, members: Vec<(u64, Peer)>) {
+        for publication in &mut self.bus_backlog {
+            if is_membership(&publication.bytes) {
+                publication.bytes = Bytes::new();
+            }
+        }
         let listed: std::collections::HashSet<NodeId> =
             members.iter().map(|(_, peer)| peer.node).collect();
         let (here, gone): (Vec<NodeId>, Vec<NodeId>) = self
@@ -3169,6 +3187,66 @@ mod tests {
             (9, peer(a.node, "a")),
         ]);
         assert!(outputs(&mut room).is_empty(), "nothing changed");
+    }
+
+    /// The members read again hold what every publication read before says of them: one read
+    /// earlier but still waiting for its turn (behind log entries not fanned out yet) does not
+    /// undo them. Here a join waits, its member's leave went from the bus unread, and the
+    /// members read again lack it: it does not come back as a member no one will see leave.
+    #[test]
+    fn a_publication_waiting_for_its_turn_does_not_undo_the_members_read_again() {
+        let mut room = room();
+        room.share();
+        room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let joined = Relayed {
+            relay: 7,
+            after: 2,
+            to: None,
+            high: 0,
+            bytes: Bytes::from(
+                Frame::PeerJoined {
+                    peer: Peer {
+                        node: 104,
+                        name: "gone".into(),
+                    },
+                }
+                .encode(),
+            ),
+        };
+        let signal = Relayed {
+            after: 2,
+            bytes: data(50, 3),
+            ..joined.clone()
+        };
+        room.followed(0, &[], &[joined, signal], true);
+        assert!(outputs(&mut room).is_empty(), "it waits for position 2");
+        room.resync_remote(Vec::new());
+        outputs(&mut room);
+        let log = [
+            followed(1, 50, 1, &data(50, 1), 0),
+            followed(2, 50, 2, &data(50, 2), 0),
+        ];
+        room.followed(0, &log, &[], true);
+        let told: Vec<Frame> = outputs(&mut room)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Fanout { bytes, .. } => Some(
+                    Frame::decode_positioned(&bytes, &Limits::default())
+                        .unwrap()
+                        .frame,
+                ),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !told
+                .iter()
+                .any(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == 104)),
+            "{told:?}"
+        );
+        // What else waited still goes out, in its turn.
+        assert_eq!(steps(&told), [(50, 1), (50, 2), (50, 3)]);
     }
 
     /// The relay holds each member's latest presence in memory and gives a late joiner those of
