@@ -589,6 +589,18 @@ struct Held {
     /// An acknowledgement of this step, to `sender`'s connection.
     ack: Option<Step>,
     bytes: Bytes,
+    /// For the answer to an update (its acknowledgement, or a `replay`): the update's frame.
+    /// Released past entries the log skipped, the answer waits to be judged (see
+    /// `RoomCore::unjudged`).
+    update: Option<Bytes>,
+}
+
+/// `frame` if it is a stamped update (the frame an answer held for its turn may have to be
+/// judged by: see `Held::update`).
+fn if_update(frame: &Bytes) -> Option<Bytes> {
+    peek_stamp(frame)
+        .is_some_and(|(kind, _)| kind == Kind::Update)
+        .then(|| frame.clone())
 }
 
 /// Whether `bytes` are a frame that says who is a member (`peerJoined`, `peerLeft`,
@@ -664,6 +676,12 @@ pub struct RoomCore {
     awaited: u64,
     /// Those messages.
     held: VecDeque<Held>,
+    /// Answers to updates that were waiting for positions the log then skipped (a snapshot
+    /// dropped them before this relay read them): this relay never judged those updates, and
+    /// the relays that did may have refused them. Each is judged once the document holds the
+    /// snapshot: an update it holds was taken, and its answer goes; one it lacks becomes a
+    /// refusal. (Sent as they were, the client would take a refused update for stored.)
+    unjudged: Vec<Held>,
     /// The members of a shared room on other relays.
     remote: HashMap<NodeId, Remote>,
     /// The members that joined since a snapshot went by and may still be reading their
@@ -771,6 +789,7 @@ impl RoomCore {
             shared: false,
             awaited: 0,
             held: VecDeque::new(),
+            unjudged: Vec::new(),
             remote: HashMap::new(),
             missed: 0,
             deferred: Vec::new(),
@@ -1007,7 +1026,15 @@ impl RoomCore {
             }
             if entry.position > self.published + 1 {
                 self.missed = entry.position - 1;
-                // What waits for a position the log skipped goes before this entry.
+                // What waits for a position the log skipped goes before this entry; answers to
+                // updates wait to be judged.
+                let skipped = self.published + 1..entry.position;
+                let (unjudged, held): (VecDeque<Held>, VecDeque<Held>) =
+                    std::mem::take(&mut self.held)
+                        .into_iter()
+                        .partition(|held| held.update.is_some() && skipped.contains(&held.after));
+                self.held = held;
+                self.unjudged.extend(unjudged);
                 self.release_held_below(entry.position);
             }
             // Whether the members may lack what a snapshot here holds.
@@ -1051,6 +1078,7 @@ impl RoomCore {
                     if self.missed <= entry.covers {
                         self.missed = 0;
                         self.judge_deferred();
+                        self.judge_unjudged();
                     }
                     if skipped == 0 {
                         let covers = entry.covers;
@@ -1097,6 +1125,36 @@ impl RoomCore {
         for (entry, update) in std::mem::take(&mut self.deferred) {
             if let Err(error) = self.doc.apply_member_update(&update) {
                 self.refuse_logged(&entry, error);
+            }
+        }
+    }
+
+    /// The answers of `unjudged`, now that the document holds the snapshot that dropped their
+    /// updates' entries: sent if the document holds the update, a refusal in their place if
+    /// not.
+    fn judge_unjudged(&mut self) {
+        let limits = Limits {
+            max_frame: usize::MAX,
+            max_message: usize::MAX,
+            ..self.limits.limits
+        };
+        for held in std::mem::take(&mut self.unjudged) {
+            let Some(conn) = self.nodes.get(&held.sender).and_then(|n| n.conn) else {
+                continue;
+            };
+            let refused =
+                held.update
+                    .as_ref()
+                    .and_then(|frame| match Frame::decode_with(frame, &limits) {
+                        Ok(Frame::Stamped(stamped)) => self.refused_in_log(&stamped.body),
+                        _ => None,
+                    });
+            match (refused, held.ack) {
+                (Some(why), Some(step)) => self.refuse(conn, step, Reason::Malformed, why),
+                _ => self.outputs.push_back(Output::Send {
+                    to: conn,
+                    bytes: held.bytes,
+                }),
             }
         }
     }
@@ -1188,6 +1246,7 @@ impl RoomCore {
                 to,
                 ack: None,
                 bytes,
+                update: None,
             });
             return;
         }
@@ -2236,13 +2295,14 @@ impl RoomCore {
             // In a shared room, a message stored through another relay (its node came back
             // here) is answered once this relay has judged it, in its turn.
             if reason == Reason::Replay && self.shared && self.awaited > self.published {
-                let bytes = self.reject_frame(stamp.step, reason, detail);
+                let answer = self.reject_frame(stamp.step, reason, detail);
                 return self.held.push_back(Held {
                     after: self.awaited,
                     sender: node,
                     to: None,
                     ack: Some(stamp.step),
-                    bytes,
+                    bytes: answer,
+                    update: if_update(&bytes),
                 });
             }
             if reason == Reason::Replay {
@@ -2672,6 +2732,7 @@ impl RoomCore {
                     to: None,
                     ack: Some(step),
                     bytes: ack,
+                    update: if_update(&bytes),
                 });
                 self.release_held();
             }
@@ -2704,13 +2765,14 @@ impl RoomCore {
                     } else if self.shared && position > self.published {
                         // Answered in its turn: the log may yet refuse what it stored.
                         self.validator.record(Reason::Replay);
-                        let bytes = self.reject_frame(step, Reason::Replay, detail);
+                        let answer = self.reject_frame(step, Reason::Replay, detail);
                         self.held.push_back(Held {
                             after: self.awaited,
                             sender: node,
                             to: None,
                             ack: Some(step),
-                            bytes,
+                            bytes: answer,
+                            update: if_update(&bytes),
                         });
                     } else {
                         self.refuse(conn, step, Reason::Replay, detail);
@@ -2769,6 +2831,7 @@ impl RoomCore {
         }
         // Nothing of the room outlives it but what the store holds.
         self.held.clear();
+        self.unjudged.clear();
         self.backlog.clear();
         self.bus_backlog.clear();
         self.nodes.clear();
@@ -4598,6 +4661,58 @@ mod tests {
             for room in &shared.rooms {
                 assert_eq!(room.document().text("content"), "bb");
             }
+        }
+    }
+
+    /// A relay that lags the log so far that another relay's snapshot drops entries before it
+    /// reads them never judges the updates among them. An acknowledgement it holds for one of
+    /// them (its member's update, refused by the relays that read it) is not sent as it was
+    /// when the relay reads past them: the update is judged against that snapshot, and its
+    /// sender gets the refusal; an update the snapshot holds gets its acknowledgement.
+    #[test]
+    fn an_answer_held_past_a_stretch_the_log_skipped_is_judged_against_the_snapshot() {
+        let mut shared = Shared::with_limits(
+            2,
+            RoomLimits {
+                compact_updates: 2,
+                ..RoomLimits::default()
+            },
+        );
+        let a = shared.join(1, 1, None, 1);
+        let b = shared.join(0, 2, None, 2);
+        let c = shared.join(1, 3, None, 3);
+        // Relay 1 appends a's update (which does not integrate) and c's (which does), and
+        // reads nothing back yet.
+        send(&mut shared.rooms[1], 0, 1, update(a, 1, after_a_gap()));
+        shared.drive(1);
+        let writer = SharedDoc::with_client_id(12);
+        let first = writer.insert("content", 0, "c").unwrap();
+        send(&mut shared.rooms[1], 0, 3, update(c, 1, first));
+        shared.drive(1);
+        // Relay 0 reads them, refuses a's, and b's two updates make it compact: its snapshot
+        // drops everything before it.
+        shared.follow(0);
+        let other = SharedDoc::with_client_id(11);
+        for step in 1..=2 {
+            let u = other.insert("content", 0, "b").unwrap();
+            send(&mut shared.rooms[0], 0, 2, update(b, step, u));
+            shared.drive(0);
+            shared.follow(0);
+        }
+        shared.follow(0);
+        let log = shared.store.log("r");
+        assert!(
+            matches!(Frame::decode(&log[0].bytes), Ok(Frame::Snapshot { .. })),
+            "the snapshot dropped the entries before it"
+        );
+        // Relay 1 reads the log now: past the skipped stretch, to the snapshot.
+        shared.follow(1);
+        let got_a = &shared.got[1][&1];
+        assert_eq!(acks(got_a), [], "{got_a:?}");
+        assert_eq!(rejects_of(got_a), [Reason::Malformed], "{got_a:?}");
+        assert_eq!(acks(&shared.got[1][&3]), [(1, 2)]);
+        for room in &shared.rooms {
+            assert_eq!(room.document().text("content"), "bbc");
         }
     }
 
