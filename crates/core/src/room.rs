@@ -2289,6 +2289,12 @@ impl RoomCore {
                 if self.answer_due(node, stamp.step) {
                     return;
                 }
+                // Judged here already (else its answer waits for its turn, below).
+                if !(self.shared && self.awaited > self.published) {
+                    if let Some(why) = self.refused_in_log(&stamped.body) {
+                        return self.refuse(conn, stamp.step, Reason::Malformed, why);
+                    }
+                }
             }
             self.validator.record(reason);
             let detail = self.validator.explain(&stamp, origin, self.high, reason);
@@ -2304,11 +2310,6 @@ impl RoomCore {
                     bytes: answer,
                     update: if_update(&bytes),
                 });
-            }
-            if reason == Reason::Replay {
-                if let Some(why) = self.refused_in_log(&stamped.body) {
-                    return self.refuse(conn, stamp.step, Reason::Malformed, why);
-                }
             }
             return self.reject(conn, stamp.step, reason, detail);
         }
