@@ -1338,27 +1338,81 @@ impl Feed {
         }
         if !gone && missed {
             // After what was read: the members the store lists now include those of the
-            // publications read since. If they cannot be read, the next delivery tries again.
-            match self.open(room).await {
-                Ok((_, members)) => {
-                    gone = to.send(FeedEvent::Missed(members)).await.is_err();
-                    if let Some(watch) = self.rooms().get_mut(room).filter(|w| w.id == id) {
-                        watch.missed = false;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(room, %error, "the members of the other relays could not be read again; trying at the next read")
-                }
+            // publications read since.
+            match self.read_members_again(room, id, &to).await {
+                Reread::Done => {}
+                Reread::Gone => gone = true,
+                Reread::Failed => self.read_members_later(room.to_owned(), id, to),
             }
         }
         if gone {
-            // The room's task has gone; its next opening watches anew.
-            let mut rooms = self.rooms();
-            if rooms.get(room).is_some_and(|w| w.id == id) {
-                rooms.remove(room);
+            self.forget(room, id);
+        }
+    }
+
+    /// The room's task has gone: its next opening watches anew.
+    fn forget(&self, room: &str, id: u64) {
+        let mut rooms = self.rooms();
+        if rooms.get(room).is_some_and(|w| w.id == id) {
+            rooms.remove(room);
+        }
+    }
+
+    /// Reads the members of the other relays again for the watch `id` of `room`, which missed
+    /// publications, and hands them to the room.
+    async fn read_members_again(
+        &self,
+        room: &str,
+        id: u64,
+        to: &mpsc::Sender<FeedEvent>,
+    ) -> Reread {
+        match self.open(room).await {
+            Ok((_, members)) => {
+                if to.send(FeedEvent::Missed(members)).await.is_err() {
+                    return Reread::Gone;
+                }
+                if let Some(watch) = self.rooms().get_mut(room).filter(|w| w.id == id) {
+                    watch.missed = false;
+                }
+                Reread::Done
+            }
+            Err(error) => {
+                tracing::warn!(room, %error, "the members of the other relays could not be read again; trying again in a second");
+                Reread::Failed
             }
         }
     }
+
+    /// Tries [`Feed::read_members_again`] every second until it is done, or the watch is gone
+    /// or has heard the members read again through a later read (a quiet room has none).
+    fn read_members_later(&self, room: String, id: u64, to: mpsc::Sender<FeedEvent>) {
+        let feed = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let waiting = feed
+                    .rooms()
+                    .get(&room)
+                    .is_some_and(|w| w.id == id && w.missed);
+                if !waiting {
+                    return;
+                }
+                match feed.read_members_again(&room, id, &to).await {
+                    Reread::Done => return,
+                    Reread::Gone => return feed.forget(&room, id),
+                    Reread::Failed => {}
+                }
+            }
+        });
+    }
+}
+
+/// How a read of the members again went.
+enum Reread {
+    Done,
+    /// The room's task has gone.
+    Gone,
+    Failed,
 }
 
 /// An `XREAD` answer: what it brought for each room.
