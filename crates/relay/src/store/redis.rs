@@ -1197,11 +1197,16 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
         .set_connection_timeout(Some(Duration::from_secs(5)));
     let mut reader: Option<(MultiplexedConnection, i64)> = None;
     loop {
-        let watched: Vec<(String, u64, BusMark)> = {
+        let watched: Vec<Watched> = {
             let rooms = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
             rooms
                 .iter()
-                .map(|(r, w)| (r.clone(), w.after, w.bus.clone()))
+                .map(|(room, w)| Watched {
+                    room: room.clone(),
+                    id: w.id,
+                    after: w.after,
+                    bus: w.bus.clone(),
+                })
                 .collect()
         };
         if watched.is_empty() {
@@ -1238,12 +1243,12 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
             .arg("BLOCK")
             .arg(BLOCK_MS)
             .arg("STREAMS");
-        for (room, _, _) in &watched {
-            let keys = Keys::of(room);
+        for watch in &watched {
+            let keys = Keys::of(&watch.room);
             xread.arg(keys.log).arg(keys.bus);
         }
-        for (_, after, bus) in &watched {
-            xread.arg(format!("{after}-0")).arg(&bus.id);
+        for watch in &watched {
+            xread.arg(format!("{}-0", watch.after)).arg(&watch.bus.id);
         }
         let read = {
             let mut conn = conn.clone();
@@ -1285,9 +1290,20 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
     }
 }
 
+/// A room as the feed's read started: its watch, and where the read starts in its log and bus.
+struct Watched {
+    room: String,
+    id: u64,
+    after: u64,
+    bus: BusMark,
+}
+
 /// What one read brought for one room.
 #[derive(Default)]
 struct Batch {
+    /// The watch the read was made for: a room closed and opened again meanwhile has a new one,
+    /// which reads from places of its own.
+    watch: u64,
     logged: Vec<Followed>,
     relayed: Vec<Relayed>,
     /// The last bus entry read, own publications included.
@@ -1304,7 +1320,7 @@ impl Feed {
         let last = batch.logged.last().map(|f| f.position);
         let (id, to, missed) = {
             let mut rooms = self.rooms();
-            let Some(watch) = rooms.get_mut(room) else {
+            let Some(watch) = rooms.get_mut(room).filter(|w| w.id == batch.watch) else {
                 return;
             };
             // Kept until the room hears the members read again.
@@ -1418,14 +1434,14 @@ enum Reread {
 /// An `XREAD` answer: what it brought for each room.
 fn streams(
     value: Value,
-    watched: &[(String, u64, BusMark)],
+    watched: &[Watched],
     own: u64,
 ) -> Result<Vec<(String, Batch)>, StoreError> {
-    let mut by_key: HashMap<String, (&str, bool)> = HashMap::new();
-    for (room, _, _) in watched {
-        let keys = Keys::of(room);
-        by_key.insert(keys.log, (room.as_str(), true));
-        by_key.insert(keys.bus, (room.as_str(), false));
+    let mut by_key: HashMap<String, (&Watched, bool)> = HashMap::new();
+    for watch in watched {
+        let keys = Keys::of(&watch.room);
+        by_key.insert(keys.log, (watch, true));
+        by_key.insert(keys.bus, (watch, false));
     }
     let mut out: HashMap<String, Batch> = HashMap::new();
     for stream in array(value)? {
@@ -1433,14 +1449,14 @@ fn streams(
         let (Some(key), Some(entries)) = (parts.next(), parts.next()) else {
             return Err(corrupt("a stream without entries"));
         };
-        let Some(&(room, is_log)) = by_key.get(&text(&key)?) else {
+        let Some(&(watch, is_log)) = by_key.get(&text(&key)?) else {
             continue;
         };
-        let batch = out.entry(room.to_owned()).or_default();
-        let mut last = watched
-            .iter()
-            .find(|(r, _, _)| r == room)
-            .and_then(|(_, _, bus)| bus.seq);
+        let batch = out.entry(watch.room.clone()).or_insert_with(|| Batch {
+            watch: watch.id,
+            ..Batch::default()
+        });
+        let mut last = watch.bus.seq;
         for value in array(entries)? {
             if is_log {
                 batch.logged.push(entry(value)?.0);
