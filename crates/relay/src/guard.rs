@@ -204,18 +204,26 @@ impl Guarded {
 }
 
 /// What an address's caps and budgets are kept under: an IPv4 address as it is (and an
-/// IPv4-mapped IPv6 address, as a dual-stack listener gives one, as the IPv4 address it maps),
-/// an IPv6 address by its /64 prefix. A subscriber's line gets at least a /64, and its hosts
-/// pick addresses in it at will: counted one /128 at a time, one host would have as many
-/// connections and budgets as it liked. (The hosts of one /64 share them, as the hosts behind
-/// one IPv4 NAT do.)
+/// IPv6 address that carries one as the IPv4 address it carries: IPv4-mapped, as a dual-stack
+/// listener gives an IPv4 peer, or in the well-known prefix `64:ff9b::/96` of a translator in
+/// front of the relay), an IPv6 address by its /64 prefix. A subscriber's line gets at least a
+/// /64, and its hosts pick addresses in it at will: counted one /128 at a time, one host would
+/// have as many connections and budgets as it liked. (The hosts of one /64 share them, as the
+/// hosts behind one IPv4 NAT do.)
 fn address_key(ip: IpAddr) -> IpAddr {
+    const TRANSLATED: u128 = 0x0064_ff9b_u128 << 96;
     match ip {
         IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                IpAddr::V4(v4)
+            } else if bits >> 32 == TRANSLATED >> 32 {
+                IpAddr::V4((bits as u32).into())
+            } else {
+                IpAddr::V6(Ipv6Addr::from(bits & !u128::from(u64::MAX)))
+            }
+        }
     }
 }
 
@@ -428,16 +436,20 @@ mod tests {
         assert_eq!(peer(&other).take(Some(100), 0), Ok(()));
     }
 
-    /// A dual-stack listener gives an IPv4 peer as an IPv4-mapped IPv6 address: it counts as
-    /// the IPv4 address, whichever way it came.
+    /// A dual-stack listener gives an IPv4 peer as an IPv4-mapped IPv6 address, and a
+    /// translator in front of the relay in `64:ff9b::/96`: it counts as the IPv4 address,
+    /// whichever way it came (not as one /64 that every IPv4 peer of the translator shares).
     #[tokio::test]
-    async fn an_ipv4_mapped_address_is_its_ipv4_address() {
-        let guard = guard(1);
+    async fn an_ipv6_address_that_carries_an_ipv4_one_is_that_ipv4_address() {
+        let guard = guard(2);
         let (_slot, _) = guard.admit(ip("192.0.2.7")).unwrap();
+        let (_mapped, _) = guard.admit(ip("::ffff:192.0.2.7")).unwrap();
         assert_eq!(
-            guard.admit(ip("::ffff:192.0.2.7")).err(),
+            guard.admit(ip("64:ff9b::192.0.2.7")).err(),
             Some("the address is at its connection limit")
         );
-        assert!(guard.admit(ip("192.0.2.8")).is_ok());
+        let (_one, _) = guard.admit(ip("64:ff9b::198.51.100.1")).unwrap();
+        let (_two, _) = guard.admit(ip("64:ff9b::198.51.100.2")).unwrap();
+        assert!(guard.admit(ip("64:ff9b::198.51.100.3")).is_ok());
     }
 }
