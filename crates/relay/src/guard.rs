@@ -144,6 +144,13 @@ struct Counts {
     /// Per address with a connection open, or whose budgets are not full again yet: how many
     /// connections, and what they share.
     per_ip: HashMap<IpAddr, (usize, Arc<Address>)>,
+    /// Twice the addresses the last pruning of `per_ip` kept: the next waits until there are
+    /// more, so that addresses whose budgets are not full yet, however many, do not have every
+    /// admission scan them all (under the lock every accept takes).
+    kept: usize,
+    /// How many times `per_ip` was pruned.
+    #[cfg(test)]
+    prunes: usize,
 }
 
 /// A TCP listener that enforces a [`GuardConfig`].
@@ -179,10 +186,15 @@ impl Guarded {
         }
         let now = (self.clock)();
         // The addresses with no connection whose budgets are full again go, now and then.
-        if counts.per_ip.len() > 2 * counts.open + 1024 {
+        if counts.per_ip.len() > (2 * counts.open + 1024).max(counts.kept) {
             counts
                 .per_ip
                 .retain(|_, (open, address)| *open > 0 || !address.full(now));
+            counts.kept = 2 * counts.per_ip.len();
+            #[cfg(test)]
+            {
+                counts.prunes += 1;
+            }
         }
         let config = self.config;
         let (open, budget) = counts
@@ -434,6 +446,22 @@ mod tests {
         let (_other, other) = guard.admit(ip("2001:db8:1:3::1")).unwrap();
         assert!(!Arc::ptr_eq(&first, &other));
         assert_eq!(peer(&other).take(Some(100), 0), Ok(()));
+    }
+
+    /// Addresses whose budgets are not full again yet stay known, however many; pruning the
+    /// others waits until the map has doubled since the last, so that admissions do not scan
+    /// them all every time.
+    #[tokio::test]
+    async fn many_addresses_with_budgets_not_full_are_not_scanned_at_every_admission() {
+        let guard = guard(1);
+        for n in 0..20_000u32 {
+            let (slot, address) = guard.admit(IpAddr::V4(n.into())).unwrap();
+            peer(&address).take(Some(1), 0).unwrap();
+            drop(slot);
+        }
+        let counts = guard.counts.lock().unwrap();
+        assert_eq!(counts.per_ip.len(), 20_000, "none is full again");
+        assert!(counts.prunes <= 5, "{} prunes", counts.prunes);
     }
 
     /// A dual-stack listener gives an IPv4 peer as an IPv4-mapped IPv6 address, and a
