@@ -527,9 +527,15 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     // document still to load.
     const stored = mesh.MeshClient.connect({ url, room, persist: true })
       .then(() => "opened", (e) => `${e.name}: ${e.message}`);
+    // And one whose stored document is loading: the callbacks of its IndexedDB requests come
+    // after the module was replaced, and do nothing (no error in the console).
+    const loading = mesh.MeshClient.connect({ url, room: `${room}-loading`, persist: true })
+      .then(() => "opened", (e) => `${e.name}: ${e.message}`);
+    for (let i = 0; i < 5; i++) await Promise.resolve();
     try { b.__panicForTests("a second panic"); } catch (e) { pendingThrown = e.name; }
     const pendingOutcome = await Promise.race([pending, sleep(5000).then(() => "still pending")]);
     const storedOutcome = await Promise.race([stored, sleep(5000).then(() => "still pending")]);
+    const loadingOutcome = await Promise.race([loading, sleep(5000).then(() => "still pending")]);
     let stale = null;
     try { a.text("content"); } catch (e) { stale = e.message; }
     const again = await mesh.MeshClient.connect({ url, room, name: "again" });
@@ -537,7 +543,7 @@ test("a panic inside the module stops its client with a PanicError, and the modu
     const loaded = text.toString();
     text.insert(text.length, "and after");
     while (again.pendingCount > 0) await sleep(20);
-    return { node, thrown, errors, stale, staleAtOnce, textAtOnce, loaded, pendingThrown, pendingOutcome, storedOutcome };
+    return { node, thrown, errors, stale, staleAtOnce, textAtOnce, loaded, pendingThrown, pendingOutcome, storedOutcome, loadingOutcome };
   }, room);
   assert.match(result.thrown, /RuntimeError: unreachable/);
   assert.equal(result.errors.length, 1, "one error event");
@@ -549,6 +555,7 @@ test("a panic inside the module stops its client with a PanicError, and the modu
   assert.equal(result.pendingThrown, "RuntimeError");
   assert.match(result.pendingOutcome, /^PanicError: the client stopped after an internal error \(a second panic, at /);
   assert.match(result.storedOutcome, /^PanicError: the client stopped after an internal error/);
+  assert.match(result.loadingOutcome, /^PanicError: the client stopped after an internal error/);
   assert.equal(result.loaded, "kept ", "the new client loads the document from the relay");
   await until("the other tab sees the edit of the new client", async () =>
     (await b.evaluate(() => window.meshText.toString())) === "kept and after");
