@@ -809,12 +809,18 @@ impl RoomCore {
         Ok(room)
     }
 
-    fn load(&mut self, document: &[Logged]) {
-        let limits = Limits {
+    /// The limits a frame read back from the room's log is decoded with: the store holds only
+    /// what the room took, whole (a large message is one entry, not parts), so no size limit.
+    fn log_limits(&self) -> Limits {
+        Limits {
             max_frame: usize::MAX,
             max_message: usize::MAX,
             ..self.limits.limits
-        };
+        }
+    }
+
+    fn load(&mut self, document: &[Logged]) {
+        let limits = self.log_limits();
         // The snapshot first: in a shared room, updates logged after what it holds may come
         // before it in the log (another relay appended them while it was on its way), and they
         // build on what it holds. Only what the room's record counts: in a shared room the
@@ -977,11 +983,7 @@ impl RoomCore {
             return;
         }
         self.ahead_tried = position;
-        let limits = Limits {
-            max_frame: usize::MAX,
-            max_message: usize::MAX,
-            ..self.limits.limits
-        };
+        let limits = self.log_limits();
         match Frame::decode_with(&self.backlog[at].bytes, &limits) {
             Ok(Frame::Snapshot { state, .. }) if self.doc.apply_stored(&state).is_ok() => {
                 self.doc_covers = covers;
@@ -1012,11 +1014,7 @@ impl RoomCore {
 
     /// The next log entry read.
     fn deliver_log(&mut self, now: u64) {
-        let limits = Limits {
-            max_frame: usize::MAX,
-            max_message: usize::MAX,
-            ..self.limits.limits
-        };
+        let limits = self.log_limits();
         {
             let Some(entry) = self.backlog.pop_front() else {
                 return;
@@ -1133,11 +1131,7 @@ impl RoomCore {
     /// updates' entries: sent if the document holds the update, a refusal in their place if
     /// not.
     fn judge_unjudged(&mut self) {
-        let limits = Limits {
-            max_frame: usize::MAX,
-            max_message: usize::MAX,
-            ..self.limits.limits
-        };
+        let limits = self.log_limits();
         for held in std::mem::take(&mut self.unjudged) {
             let Some(conn) = self.nodes.get(&held.sender).and_then(|n| n.conn) else {
                 continue;
@@ -1299,11 +1293,7 @@ impl RoomCore {
         if entry.bytes.is_empty() {
             return;
         }
-        let limits = Limits {
-            max_frame: usize::MAX,
-            max_message: usize::MAX,
-            ..self.limits.limits
-        };
+        let limits = self.log_limits();
         match Frame::decode_with(&entry.bytes, &limits) {
             Ok(Frame::PeerJoined { peer }) if self.is_member_here(peer.node) => {
                 // Its client went to another relay while its connection here is still open: one
