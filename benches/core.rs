@@ -19,7 +19,7 @@ mod native {
     use pattern_mesh::doc::SharedDoc;
     use pattern_mesh::pattern::{iterative_value, PatternConfig, PatternParams};
     use pattern_mesh::validate::{Origin, Validator, ValidatorConfig};
-    use pattern_mesh::wire::{Body, Frame, Json, Stamp};
+    use pattern_mesh::wire::{Body, Frame, Json, Kind, Stamp};
 
     /// A spread of steps, so that no branch predictor learns one step.
     fn step(i: u64) -> u64 {
@@ -93,7 +93,13 @@ mod native {
                     step: i,
                     pattern: config.value(i),
                 };
-                validator.check(black_box(&stamp), Origin::Relayed { receiver: 0 }, i, i)
+                validator.check(
+                    Kind::Data,
+                    black_box(&stamp),
+                    Origin::Relayed { receiver: 0 },
+                    i,
+                    i,
+                )
             })
         });
     }

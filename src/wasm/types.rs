@@ -40,7 +40,7 @@ export interface RoomConfig {
   pattern: PatternParams;
   /** How far ahead of a receiver's clock a step may be. */
   maxFuture: number;
-  /** How far behind a step may be before it is stale; `null` keeps late messages. */
+  /** How far behind the step of a data message or signal may be before it is stale (document messages never are); `null` keeps late messages. */
   staleWindow: number | null;
 }
 
@@ -130,7 +130,7 @@ export interface ValidatorOptions {
   pattern?: PatternParamsInit;
   /** How far ahead of the local clock a step may be (default 1000). */
   maxFuture?: number;
-  /** How far behind a step may be before it is stale; `null` (the default) keeps late messages. */
+  /** How far behind the step of a data message or signal may be before it is stale (document messages never are); `null` (the default) keeps late messages. */
   staleWindow?: number | null;
   /** The most senders tracked at once (default 4096). */
   maxSenders?: number;

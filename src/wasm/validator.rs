@@ -21,7 +21,8 @@ use {
 };
 
 /// Validates stamped frames before they are applied: pattern, sender, replay, future step and,
-/// with a stale window, stale steps. Counts every verdict.
+/// with a stale window, stale steps of data and signals (document messages are never stale).
+/// Counts every verdict.
 ///
 /// ```js
 /// const v = new Validator();
@@ -175,7 +176,7 @@ impl Validator {
                 frame.kind()
             ))
         })?;
-        let result = match self.inner.check(&stamp, origin, local, now) {
+        let result = match self.inner.check(frame.kind(), &stamp, origin, local, now) {
             Verdict::Accepted => VerdictJs::ACCEPTED,
             Verdict::Rejected(reason) => {
                 VerdictJs::rejected(reason, self.inner.explain(&stamp, origin, local, reason))

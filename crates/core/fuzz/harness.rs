@@ -13,7 +13,7 @@ use pattern_mesh_core::session::{Session, SessionConfig};
 use pattern_mesh_core::store::{Appended, NodeRecord, RoomRecord, StoreError};
 use pattern_mesh_core::validate::{Origin, Validator, ValidatorConfig, Verdict};
 use pattern_mesh_core::wire::part::Reassembler;
-use pattern_mesh_core::wire::{Body, Frame, Json, Limits, Positioned, RoomConfig, Stamp};
+use pattern_mesh_core::wire::{Body, Frame, Json, Kind, Limits, Positioned, RoomConfig, Stamp};
 
 /// Reads the fuzzer's bytes as a stream of small choices.
 struct Bytes<'a>(&'a [u8]);
@@ -126,8 +126,21 @@ pub fn validator(data: &[u8]) {
         };
         now += u64::from(flags >> 2 & 3) * 20;
         checks += 1;
-        if validator.check(&stamp, origin, u64::from(local), now) == Verdict::Accepted {
+        // Data may be stale; an update never is.
+        let kind = if local & 1 == 0 {
+            Kind::Data
+        } else {
+            Kind::Update
+        };
+        let local = u64::from(local);
+        if validator.check(kind, &stamp, origin, local, now) == Verdict::Accepted {
             assert_eq!(stamp.pattern, right, "a wrong pattern was accepted");
+            if kind == Kind::Data {
+                assert!(
+                    step + 30 >= local,
+                    "a stale step {step} at {local} was accepted"
+                );
+            }
             match origin {
                 Origin::Relayed { receiver } => assert!(sender != receiver && sender != 0),
                 Origin::Connection(node) => assert_eq!(sender, node),

@@ -2267,7 +2267,8 @@ impl RoomCore {
         let origin = Origin::Connection(node);
         // Every check that can refuse the message comes before anything it moves: the
         // validator's verdict is peeked, and recorded only once the message is taken.
-        if let Verdict::Rejected(reason) = self.validator.peek(&stamp, origin, self.high) {
+        let kind = stamped.body.kind();
+        if let Verdict::Rejected(reason) = self.validator.peek(kind, &stamp, origin, self.high) {
             // Sent again before its answer (the store's, or its turn in a shared room's log)
             // came: that answer is the one it gets. It may yet be a refusal: a shared room
             // judges updates in the log's order, and a client refused there sends again what
@@ -2375,7 +2376,7 @@ impl RoomCore {
             }
             _ => {}
         }
-        let verdict = self.validator.check(&stamp, origin, self.high, now);
+        let verdict = self.validator.check(kind, &stamp, origin, self.high, now);
         debug_assert_eq!(verdict, Verdict::Accepted, "the peeked verdict holds");
         // The room step counts what everyone receives: a message above it moves it by one,
         // whatever its step (see `crate::clock`), so that no member can drag it forward. In a

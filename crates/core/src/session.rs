@@ -1085,10 +1085,10 @@ impl<R: Replica> Session<R> {
     pub fn inspect(&mut self, bytes: &[u8]) -> Option<(Reason, String)> {
         let (reason, detail, step, sender) = match Frame::decode_with(bytes, &self.limits) {
             Err(e) => (e.reason(), e.to_string(), 0, None),
-            Ok(Frame::Stamped(Stamped { stamp, .. })) => {
+            Ok(Frame::Stamped(Stamped { stamp, body })) => {
                 let origin = self.origin();
                 let local = self.clock.local();
-                match self.validator.peek(&stamp, origin, local) {
+                match self.validator.peek(body.kind(), &stamp, origin, local) {
                     Verdict::Accepted => return None,
                     Verdict::Rejected(reason) => {
                         self.validator.record(reason);
@@ -2020,9 +2020,11 @@ impl<R: Replica> Session<R> {
         // A message from the log is new by its position: a sender this client no longer tracks
         // is judged by its own steps, not by the floor of evicted senders.
         let verdict = if logged {
-            self.validator.check_logged(&stamp, origin, local, now)
+            self.validator
+                .check_logged(body.kind(), &stamp, origin, local, now)
         } else {
-            self.validator.check(&stamp, origin, local, now)
+            self.validator
+                .check(body.kind(), &stamp, origin, local, now)
         };
         if let Verdict::Rejected(reason) = verdict {
             let detail = self.validator.explain(&stamp, origin, local, reason);

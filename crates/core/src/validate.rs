@@ -10,7 +10,8 @@
 //! 4. `step > last_step[sender]`, else `replay`: per sender, steps strictly increase, and this,
 //!    not the pattern, is what stops a message from being used twice;
 //! 5. `step <= local + max_future`, else `futureStep`: a node may not drag the room clock forward;
-//! 6. with a stale window (real-time rooms), `step >= local - stale_window`, else `stale`.
+//! 6. with a stale window (real-time rooms), `step >= local - stale_window`, else `stale`; for
+//!    data and signals only (see [`Kind::may_be_stale`]): a late edit is still an edit.
 //!
 //! Per-sender state is one entry per sender, bounded by [`ValidatorConfig::max_senders`]. When the
 //! table is full, senders idle for longer than [`ValidatorConfig::idle_after_ms`] are evicted, and
@@ -25,7 +26,7 @@
 use crate::vec_map::VecMap;
 
 use crate::pattern::{ConfigError, PatternConfig, Step};
-use crate::wire::{NodeId, Reason, RoomConfig, Stamp};
+use crate::wire::{Kind, NodeId, Reason, RoomConfig, Stamp};
 
 /// Where a stamped frame came from, for rule 3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +65,8 @@ pub struct ValidatorConfig {
     pub pattern: PatternConfig,
     /// Rule 5: how far ahead of the receiver's clock a step may be.
     pub max_future: u64,
-    /// Rule 6: how far behind a step may be; `None` keeps late messages (documents).
+    /// Rule 6: how far behind the step of a data message or signal may be; `None` keeps late
+    /// messages (documents). Document messages are never stale (see [`Kind::may_be_stale`]).
     pub stale_window: Option<u64>,
     /// The most senders tracked at once.
     pub max_senders: usize,
@@ -213,11 +215,18 @@ impl Validator {
         self.counters.count(Verdict::Rejected(reason));
     }
 
-    /// Checks a stamp against rules 2 to 6, given where it came from, the receiver's clock
-    /// `local` and the time `now_ms`. On acceptance the sender's last step becomes the stamp's
-    /// step; a rejection changes no state but the counters.
-    pub fn check(&mut self, stamp: &Stamp, origin: Origin, local: Step, now_ms: u64) -> Verdict {
-        self.check_with(stamp, origin, local, now_ms, true)
+    /// Checks the stamp of a frame of `kind` against rules 2 to 6, given where it came from, the
+    /// receiver's clock `local` and the time `now_ms`. On acceptance the sender's last step
+    /// becomes the stamp's step; a rejection changes no state but the counters.
+    pub fn check(
+        &mut self,
+        kind: Kind,
+        stamp: &Stamp,
+        origin: Origin,
+        local: Step,
+        now_ms: u64,
+    ) -> Verdict {
+        self.check_with(kind, stamp, origin, local, now_ms, true)
     }
 
     /// [`Validator::check`] for a message from the room log, which its log position proves new:
@@ -227,23 +236,25 @@ impl Validator {
     /// not replays.)
     pub fn check_logged(
         &mut self,
+        kind: Kind,
         stamp: &Stamp,
         origin: Origin,
         local: Step,
         now_ms: u64,
     ) -> Verdict {
-        self.check_with(stamp, origin, local, now_ms, false)
+        self.check_with(kind, stamp, origin, local, now_ms, false)
     }
 
     fn check_with(
         &mut self,
+        kind: Kind,
         stamp: &Stamp,
         origin: Origin,
         local: Step,
         now_ms: u64,
         floor: bool,
     ) -> Verdict {
-        let verdict = self.judge(stamp, origin, local, floor);
+        let verdict = self.judge(kind, stamp, origin, local, floor);
         if verdict.is_accepted() {
             self.remember(stamp.sender, stamp.step, now_ms, false);
         }
@@ -253,13 +264,20 @@ impl Validator {
 
     /// The verdict [`Validator::check`] would give, without recording anything: for inspecting
     /// a frame that will not be applied.
-    pub fn peek(&self, stamp: &Stamp, origin: Origin, local: Step) -> Verdict {
-        self.judge(stamp, origin, local, true)
+    pub fn peek(&self, kind: Kind, stamp: &Stamp, origin: Origin, local: Step) -> Verdict {
+        self.judge(kind, stamp, origin, local, true)
     }
 
     /// Rules 2 to 6 without side effects; an untracked sender must send above the eviction
     /// floor if `floor`.
-    fn judge(&self, stamp: &Stamp, origin: Origin, local: Step, floor: bool) -> Verdict {
+    fn judge(
+        &self,
+        kind: Kind,
+        stamp: &Stamp,
+        origin: Origin,
+        local: Step,
+        floor: bool,
+    ) -> Verdict {
         use Verdict::Rejected;
         if !self.config.pattern.matches(stamp.step, stamp.pattern) {
             return Rejected(Reason::PatternMismatch);
@@ -282,7 +300,7 @@ impl Validator {
         if stamp.step > local.saturating_add(self.config.max_future) {
             return Rejected(Reason::FutureStep);
         }
-        if let Some(window) = self.config.stale_window {
+        if let Some(window) = self.config.stale_window.filter(|_| kind.may_be_stale()) {
             if stamp.step < local.saturating_sub(window) {
                 return Rejected(Reason::Stale);
             }
@@ -418,7 +436,10 @@ mod tests {
     #[test]
     fn a_good_message_is_accepted_and_recorded() {
         let mut v = Validator::new(ValidatorConfig::default());
-        assert_eq!(v.check(&stamp(1, 5), relayed(), 4, 0), Verdict::Accepted);
+        assert_eq!(
+            v.check(Kind::Data, &stamp(1, 5), relayed(), 4, 0),
+            Verdict::Accepted
+        );
         assert_eq!(v.last_step(1), Some(5));
         assert_eq!(v.counters().accepted, 1);
     }
@@ -429,7 +450,7 @@ mod tests {
         let mut s = stamp(1, 5);
         s.pattern += 1;
         assert_eq!(
-            v.check(&s, relayed(), 4, 0),
+            v.check(Kind::Data, &s, relayed(), 4, 0),
             Verdict::Rejected(Reason::PatternMismatch)
         );
         assert_eq!(v.last_step(1), None);
@@ -439,7 +460,9 @@ mod tests {
     #[test]
     fn explanations_name_the_numbers() {
         let mut v = Validator::new(ValidatorConfig::default());
-        assert!(v.check(&stamp(1, 12), relayed(), 12, 0).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(1, 12), relayed(), 12, 0)
+            .is_accepted());
         let replay = stamp(1, 9);
         assert_eq!(
             v.explain(&replay, relayed(), 12, Reason::Replay),
@@ -458,11 +481,13 @@ mod tests {
     #[test]
     fn peek_judges_without_recording() {
         let mut v = Validator::new(ValidatorConfig::default());
-        assert!(v.peek(&stamp(1, 5), relayed(), 5).is_accepted());
+        assert!(v.peek(Kind::Data, &stamp(1, 5), relayed(), 5).is_accepted());
         assert_eq!(v.last_step(1), None);
-        assert!(v.check(&stamp(1, 5), relayed(), 5, 0).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(1, 5), relayed(), 5, 0)
+            .is_accepted());
         assert_eq!(
-            v.peek(&stamp(1, 5), relayed(), 5),
+            v.peek(Kind::Data, &stamp(1, 5), relayed(), 5),
             Verdict::Rejected(Reason::Replay)
         );
         assert_eq!(v.counters().accepted, 1);
@@ -472,19 +497,19 @@ mod tests {
     fn forged_senders_are_refused() {
         let mut v = Validator::new(ValidatorConfig::default());
         assert_eq!(
-            v.check(&stamp(2, 1), Origin::Connection(1), 0, 0),
+            v.check(Kind::Data, &stamp(2, 1), Origin::Connection(1), 0, 0),
             Verdict::Rejected(Reason::SenderMismatch)
         );
         assert_eq!(
-            v.check(&stamp(RECEIVER, 1), relayed(), 0, 0),
+            v.check(Kind::Data, &stamp(RECEIVER, 1), relayed(), 0, 0),
             Verdict::Rejected(Reason::SenderMismatch)
         );
         assert_eq!(
-            v.check(&stamp(0, 1), relayed(), 0, 0),
+            v.check(Kind::Data, &stamp(0, 1), relayed(), 0, 0),
             Verdict::Rejected(Reason::SenderMismatch)
         );
         assert_eq!(
-            v.check(&stamp(1, 1), Origin::Connection(1), 0, 0),
+            v.check(Kind::Data, &stamp(1, 1), Origin::Connection(1), 0, 0),
             Verdict::Accepted
         );
     }
@@ -492,17 +517,21 @@ mod tests {
     #[test]
     fn replays_and_steps_at_or_below_the_last_are_refused_per_sender() {
         let mut v = Validator::new(ValidatorConfig::default());
-        assert!(v.check(&stamp(1, 10), relayed(), 10, 0).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(1, 10), relayed(), 10, 0)
+            .is_accepted());
         assert_eq!(
-            v.check(&stamp(1, 10), relayed(), 10, 0),
+            v.check(Kind::Data, &stamp(1, 10), relayed(), 10, 0),
             Verdict::Rejected(Reason::Replay)
         );
         assert_eq!(
-            v.check(&stamp(1, 9), relayed(), 10, 0),
+            v.check(Kind::Data, &stamp(1, 9), relayed(), 10, 0),
             Verdict::Rejected(Reason::Replay)
         );
         // Another sender may use a step sender 1 already used.
-        assert!(v.check(&stamp(2, 10), relayed(), 10, 0).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(2, 10), relayed(), 10, 0)
+            .is_accepted());
     }
 
     #[test]
@@ -510,26 +539,64 @@ mod tests {
         let mut v = Validator::new(ValidatorConfig::default());
         let max = v.config().max_future;
         assert_eq!(
-            v.check(&stamp(1, 50 + max + 1), relayed(), 50, 0),
+            v.check(Kind::Data, &stamp(1, 50 + max + 1), relayed(), 50, 0),
             Verdict::Rejected(Reason::FutureStep)
         );
-        assert!(v.check(&stamp(1, 50 + max), relayed(), 50, 0).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(1, 50 + max), relayed(), 50, 0)
+            .is_accepted());
+    }
+
+    /// A late edit is still an edit: refused as stale, it would be lost, and every later edit
+    /// of its sender with it (they come after a gap in its clocks).
+    #[test]
+    fn only_data_and_signals_are_stale_document_messages_never_are() {
+        let mut game = Validator::new(ValidatorConfig {
+            stale_window: Some(20),
+            ..ValidatorConfig::default()
+        });
+        for (sender, kind) in [(1, Kind::Data), (2, Kind::Signal)] {
+            assert_eq!(
+                game.check(kind, &stamp(sender, 979), relayed(), 1_000, 0),
+                Verdict::Rejected(Reason::Stale),
+                "{kind:?}"
+            );
+        }
+        for (sender, kind) in [
+            (3, Kind::Update),
+            (4, Kind::SyncRequest),
+            (5, Kind::SyncState),
+            (6, Kind::Checkpoint),
+        ] {
+            assert!(
+                game.check(kind, &stamp(sender, 3), relayed(), 1_000, 0)
+                    .is_accepted(),
+                "{kind:?}"
+            );
+        }
+        // The other rules hold for them all the same.
+        assert_eq!(
+            game.check(Kind::Update, &stamp(3, 3), relayed(), 1_000, 0),
+            Verdict::Rejected(Reason::Replay)
+        );
     }
 
     #[test]
     fn stale_steps_are_refused_only_with_a_window() {
         let mut doc = Validator::new(ValidatorConfig::default());
-        assert!(doc.check(&stamp(1, 3), relayed(), 1_000, 0).is_accepted());
+        assert!(doc
+            .check(Kind::Data, &stamp(1, 3), relayed(), 1_000, 0)
+            .is_accepted());
         let mut game = Validator::new(ValidatorConfig {
             stale_window: Some(20),
             ..ValidatorConfig::default()
         });
         assert_eq!(
-            game.check(&stamp(1, 979), relayed(), 1_000, 0),
+            game.check(Kind::Data, &stamp(1, 979), relayed(), 1_000, 0),
             Verdict::Rejected(Reason::Stale)
         );
         assert!(game
-            .check(&stamp(1, 980), relayed(), 1_000, 0)
+            .check(Kind::Data, &stamp(1, 980), relayed(), 1_000, 0)
             .is_accepted());
     }
 
@@ -543,12 +610,12 @@ mod tests {
             pattern: 0,
         };
         assert_eq!(
-            v.check(&s, relayed(), 0, 0),
+            v.check(Kind::Data, &s, relayed(), 0, 0),
             Verdict::Rejected(Reason::PatternMismatch)
         );
         // Forged and future: forged.
         assert_eq!(
-            v.check(&stamp(RECEIVER, 1_000_000), relayed(), 0, 0),
+            v.check(Kind::Data, &stamp(RECEIVER, 1_000_000), relayed(), 0, 0),
             Verdict::Rejected(Reason::SenderMismatch)
         );
     }
@@ -562,13 +629,17 @@ mod tests {
         });
         for sender in 1..=8 {
             assert!(v
-                .check(&stamp(sender, sender), relayed(), 100, 0)
+                .check(Kind::Data, &stamp(sender, sender), relayed(), 100, 0)
                 .is_accepted());
         }
         assert_eq!(v.tracked_senders(), 8);
         // Sender 8 stays active; the others go idle.
-        assert!(v.check(&stamp(8, 20), relayed(), 100, 1_500).is_accepted());
-        assert!(v.check(&stamp(9, 30), relayed(), 100, 2_000).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(8, 20), relayed(), 100, 1_500)
+            .is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(9, 30), relayed(), 100, 2_000)
+            .is_accepted());
         assert_eq!(
             v.tracked_senders(),
             2,
@@ -577,6 +648,7 @@ mod tests {
         assert_eq!(v.last_step(8), Some(20));
         for sender in 10..10_000 {
             let verdict = v.check(
+                Kind::Data,
                 &stamp(sender, 40 + sender),
                 relayed(),
                 20_000,
@@ -607,9 +679,13 @@ mod tests {
             (8, 20),
         ];
         for (sender, at) in seen {
-            assert!(v.check(&stamp(sender, 1), relayed(), 100, at).is_accepted());
+            assert!(v
+                .check(Kind::Data, &stamp(sender, 1), relayed(), 100, at)
+                .is_accepted());
         }
-        assert!(v.check(&stamp(9, 1), relayed(), 100, 30).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(9, 1), relayed(), 100, 30)
+            .is_accepted());
         assert_eq!(v.tracked_senders(), 7);
         assert_eq!(v.last_step(3), None, "the least recently seen went");
         assert_eq!(
@@ -626,15 +702,17 @@ mod tests {
             idle_after_ms: 10,
             ..ValidatorConfig::default()
         });
-        assert!(v.check(&stamp(1, 50), relayed(), 50, 0).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(1, 50), relayed(), 50, 0)
+            .is_accepted());
         for sender in 2..=5 {
             assert!(v
-                .check(&stamp(sender, 50 + sender), relayed(), 60, 100)
+                .check(Kind::Data, &stamp(sender, 50 + sender), relayed(), 60, 100)
                 .is_accepted());
         }
         assert_eq!(v.last_step(1), None, "sender 1 was evicted");
         assert_eq!(
-            v.check(&stamp(1, 50), relayed(), 60, 100),
+            v.check(Kind::Data, &stamp(1, 50), relayed(), 60, 100),
             Verdict::Rejected(Reason::Replay)
         );
     }
@@ -642,11 +720,13 @@ mod tests {
     #[test]
     fn forgetting_a_sender_keeps_its_old_steps_replays() {
         let mut v = Validator::new(ValidatorConfig::default());
-        assert!(v.check(&stamp(1, 7), relayed(), 7, 0).is_accepted());
+        assert!(v
+            .check(Kind::Data, &stamp(1, 7), relayed(), 7, 0)
+            .is_accepted());
         v.forget(1);
         assert_eq!(v.tracked_senders(), 0);
         assert_eq!(
-            v.check(&stamp(1, 7), relayed(), 7, 0),
+            v.check(Kind::Data, &stamp(1, 7), relayed(), 7, 0),
             Verdict::Rejected(Reason::Replay)
         );
     }

@@ -411,6 +411,66 @@ async fn an_edit_made_on_a_connection_gone_silent_arrives_after_the_client_gives
     a.settled(Duration::from_secs(10)).await.unwrap();
 }
 
+/// In a real-time room (a game session, with a stale window), an edit sent on a connection that
+/// went silent is sent again, with its stamp, once the client gives the connection up; by then the
+/// room has moved on by more than the stale window. The relay refused it as `stale`, and every
+/// later edit of that tab as one after a gap in its clocks: the tab kept typing into a document
+/// no one else would ever see. A late edit is still an edit: it arrives, and so do the later ones.
+#[tokio::test]
+async fn an_edit_sent_again_after_the_game_room_moved_past_its_stale_window_arrives() {
+    let server = start("late-edit", |_| {}).await;
+    let proxy = Proxy::start(server.addr).await;
+    let game = pattern_mesh_core::wire::RoomConfig {
+        stale_window: Some(40),
+        ..Default::default()
+    };
+    let mut config = session("late-edit", "a");
+    config.room_config = Some(game);
+    config.heartbeat = 500;
+    let mut a = Client::connect(&proxy.url(), config).await.unwrap();
+    let mut config = session("late-edit", "b");
+    config.room_config = Some(game);
+    let b = Client::connect(&server.url(), config).await.unwrap();
+    a.insert(TEXT, 0, "before ").unwrap();
+    until("the first edit", Duration::from_secs(10), || {
+        b.text(TEXT) == "before "
+    })
+    .await;
+    a.take_events();
+    proxy.freeze();
+    a.insert(TEXT, 7, "late").unwrap();
+    // The others play on: the room's step passes the late edit's by more than the window.
+    for i in 0..100 {
+        b.broadcast(Json::parse(i.to_string()).unwrap()).unwrap();
+    }
+    b.settled(Duration::from_secs(30)).await.unwrap();
+    a.events_until(Duration::from_secs(10), |e| {
+        matches!(
+            e,
+            Event::Status {
+                status: Status::Open,
+                ..
+            }
+        )
+    })
+    .await
+    .unwrap();
+    a.insert(TEXT, 11, " and after").unwrap();
+    a.settled(Duration::from_secs(30)).await.unwrap();
+    let refused: Vec<Event> = a
+        .take_events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Refused { .. }))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    until(
+        "the late edit and the next",
+        Duration::from_secs(10),
+        || b.text(TEXT) == "before late and after",
+    )
+    .await;
+}
+
 /// A member whose network went away without closing its socket is closed once the relay has
 /// heard nothing from it for the idle timeout, and its peers see it leave; a member that sends
 /// heartbeats stays.

@@ -214,6 +214,15 @@ impl Kind {
         })
     }
 
+    /// Whether a frame of this kind is refused as [`Reason::Stale`] past a real-time room's
+    /// stale window: data (a game's inputs) and signals are, document messages (updates, sync
+    /// requests and answers, checkpoints) never are. A late edit is still an edit: refused, it
+    /// would be lost, and every later edit of its sender with it (they come after a gap in that
+    /// sender's clocks).
+    pub fn may_be_stale(self) -> bool {
+        matches!(self, Self::Data | Self::Signal)
+    }
+
     /// Whether frames of this kind carry a [`Stamp`] and are validated against the pattern.
     pub fn is_stamped(self) -> bool {
         (self as u8) >= 0x10
