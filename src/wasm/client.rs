@@ -1648,19 +1648,10 @@ impl SharedText {
         let index = u32_arg("index", &index)?;
         let text = string_arg("text", &text)?;
         let text = text.as_str();
-        {
-            let driver = self.state()?;
-            let max = driver.session.max_payload();
-            if text.len() > max {
-                return Err(js_error(
-                    "RangeError",
-                    format!(
-                        "the text is {} bytes, over the {max} bytes one edit may carry",
-                        text.len()
-                    ),
-                ));
-            }
-        }
+        self.state()?
+            .session
+            .check_insert(&self.name, text.len())
+            .map_err(session_error)?;
         self.edit(|doc, name| doc.insert(name, index, text))
     }
 

@@ -408,6 +408,39 @@ async function packagePage(profile) {
   return page;
 }
 
+test("an insert within the relay's message limit whose edit is over it throws before the text changes, and the next edit reaches the room", async () => {
+  const room = `e2e-over-limit-${Date.now()}`;
+  const profile = await browser.newContext();
+  const page = await packagePage(profile);
+  const url = `ws://127.0.0.1:${port}/ws`;
+  const got = await page.evaluate(async ({ url, room }) => {
+    const client = await mesh.MeshClient.connect({ url, room });
+    const refused = [];
+    client.on("refused", (e) => refused.push(`${e.reason}: ${e.detail}`));
+    const text = client.text("content");
+    // 10 bytes under the payload the client allows (64 MiB less 256): the text fits, its
+    // update (the text, its ids and the text's name) does not.
+    let thrown = null;
+    try { text.insert(0, "x".repeat(64 * 1024 * 1024 - 256 - 10)); } catch (e) { thrown = `${e.name}: ${e.message}`; }
+    const lengthAfter = text.length;
+    text.insert(0, "after");
+    const deadline = Date.now() + 20_000;
+    while (client.pendingCount > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 200));
+    const other = await mesh.MeshClient.connect({ url, room });
+    const seen = other.text("content").toString();
+    other.close();
+    client.close();
+    return { thrown, lengthAfter, refused, seen };
+  }, { url, room });
+  assert.match(got.thrown ?? "", /^RangeError: /);
+  assert.equal(got.lengthAfter, 0, "the text is as it was");
+  assert.deepEqual(got.refused, []);
+  assert.equal(got.seen, "after");
+  assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
 test("deleting the stored data while a tab holds it open neither hangs a new connect nor fails silently", async () => {
   const room = `e2e-delete-${Date.now()}`;
   const profile = await browser.newContext();

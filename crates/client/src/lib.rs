@@ -416,6 +416,7 @@ impl Client {
     /// Inserts `chunk` at `index` in the text `name` and sends the edit.
     pub fn insert(&self, name: &str, index: u32, chunk: &str) -> Result<(), ClientError> {
         self.with_session(|s, now| {
+            s.check_insert(name, chunk.len())?;
             let update = s.replica().insert(name, index, chunk)?;
             s.update(now, name, update)?;
             Ok(())

@@ -56,6 +56,11 @@ use crate::wire::{
     ResumeToken, RoomConfig, Stamp, Stamped, WHOLE_DOC,
 };
 
+/// The most bytes an insert's update and message add to the inserted text, besides the text's
+/// name twice (the update's parent and the message's document): a Yjs v1 update of one item
+/// (client, clock, origins, lengths, an empty delete set) and the message's header.
+const INSERT_OVERHEAD: usize = 128;
+
 /// A session's settings.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -762,6 +767,15 @@ impl<R: Replica> Session<R> {
     /// The largest update (or data) this session can send, in bytes of payload.
     pub fn max_payload(&self) -> usize {
         self.limits.max_message.saturating_sub(256)
+    }
+
+    /// Checks, before the document takes it, that an insert of `len` bytes of text into the
+    /// text `name` makes an update this session can send: a document that took an edit it
+    /// cannot send shows text no one else sees, and the relay refuses every later edit of its
+    /// client (they come after a gap in its clocks). The bound covers the update's header and
+    /// the message's (ids, origins, the text's name).
+    pub fn check_insert(&self, name: &str, len: usize) -> Result<(), SessionError> {
+        self.check_size(len.saturating_add(INSERT_OVERHEAD + 2 * name.len()))
     }
 
     /// The document.
@@ -4275,6 +4289,33 @@ mod tests {
             }
         }
         assert_eq!(check.text("t"), "k".repeat(1_000));
+    }
+
+    /// The bound [`Session::check_insert`] checks holds for the largest ids and clocks Yjs
+    /// writes, an insert between two items (both origins), and into a text of its own name.
+    #[test]
+    fn an_insert_makes_a_message_no_larger_than_check_insert_allows() {
+        let writer = SharedDoc::with_client_id((1 << 53) - 1);
+        let name = "a text with a rather long name, as an application may give one";
+        for _ in 0..3 {
+            writer.insert(name, 0, &"w".repeat(1_000)).unwrap();
+        }
+        let reader = SharedDoc::with_client_id((1 << 53) - 2);
+        reader.apply_update(&writer.snapshot()).unwrap();
+        reader.insert(name, 1_500, "between").unwrap();
+        for len in [0, 1, 127, 128, 16_383, 16_384, 1 << 21] {
+            let update = reader.insert(name, 1_502, &"é".repeat(len / 2)).unwrap();
+            let body = Body::Update {
+                doc: name.into(),
+                update,
+            };
+            let bound = (len / 2 * 2) + INSERT_OVERHEAD + 2 * name.len();
+            assert!(
+                body.encoded_len() <= bound,
+                "{len}: {} > {bound}",
+                body.encoded_len()
+            );
+        }
     }
 
     #[test]

@@ -411,6 +411,37 @@ async fn an_edit_made_on_a_connection_gone_silent_arrives_after_the_client_gives
     a.settled(Duration::from_secs(10)).await.unwrap();
 }
 
+/// An insert just within the relay's message limit, whose update (the text and its header) is
+/// over it: the client refuses it before the document takes it. It used to change the
+/// document, then fail to send: the tab showed text no one else would see, and the relay
+/// refused every later edit of the tab (a gap in its clocks).
+#[tokio::test]
+async fn an_insert_whose_update_is_over_the_limit_leaves_the_document_as_it_was() {
+    let server = start("over-limit", |c| c.limits.max_message = 64 << 10).await;
+    let a = Client::connect(&server.url(), session("over-limit", "a"))
+        .await
+        .unwrap();
+    let b = Client::connect(&server.url(), session("over-limit", "b"))
+        .await
+        .unwrap();
+    let max = a.with_session(|s, _| s.max_payload());
+    for len in [max, max - 40, max + 1] {
+        let error = a.insert(TEXT, 0, &"x".repeat(len)).unwrap_err();
+        assert!(error.to_string().contains("over"), "{len}: {error}");
+        assert_eq!(
+            a.text(TEXT).len(),
+            0,
+            "an insert of {len} bytes changed the document"
+        );
+    }
+    a.insert(TEXT, 0, "after").unwrap();
+    a.settled(Duration::from_secs(10)).await.unwrap();
+    until("the next edit", Duration::from_secs(10), || {
+        b.text(TEXT) == "after"
+    })
+    .await;
+}
+
 /// In a real-time room (a game session, with a stale window), an edit sent on a connection that
 /// went silent is sent again, with its stamp, once the client gives the connection up; by then the
 /// room has moved on by more than the stale window. The relay refused it as `stale`, and every
