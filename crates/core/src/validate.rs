@@ -11,7 +11,8 @@
 //!    not the pattern, is what stops a message from being used twice;
 //! 5. `step <= local + max_future`, else `futureStep`: a node may not drag the room clock forward;
 //! 6. with a stale window (real-time rooms), `step >= local - stale_window`, else `stale`; for
-//!    data and signals only (see [`Kind::may_be_stale`]): a late edit is still an edit.
+//!    live data and signals only (see [`Kind::may_be_stale`]): a late edit is still an edit, and
+//!    what a client replays from the log is history (see [`Validator::check_logged`]).
 //!
 //! Per-sender state is one entry per sender, bounded by [`ValidatorConfig::max_senders`]. When the
 //! table is full, senders idle for longer than [`ValidatorConfig::idle_after_ms`] are evicted, and
@@ -233,7 +234,9 @@ impl Validator {
     /// a sender the validator does not track (evicted, or never seen) is judged by its own steps
     /// alone, not by the eviction floor. (A node that was offline while thousands of others
     /// passed through the room sends its edits at its own old steps, below the floor; they are
-    /// not replays.)
+    /// not replays.) Nor is it ever stale: the room took it in time, and a client catching up
+    /// receives it as history (a late joiner of a game room would otherwise count every input
+    /// of the log as an anomaly).
     pub fn check_logged(
         &mut self,
         kind: Kind,
@@ -252,9 +255,9 @@ impl Validator {
         origin: Origin,
         local: Step,
         now_ms: u64,
-        floor: bool,
+        live: bool,
     ) -> Verdict {
-        let verdict = self.judge(kind, stamp, origin, local, floor);
+        let verdict = self.judge(kind, stamp, origin, local, live);
         if verdict.is_accepted() {
             self.remember(stamp.sender, stamp.step, now_ms, false);
         }
@@ -268,16 +271,9 @@ impl Validator {
         self.judge(kind, stamp, origin, local, true)
     }
 
-    /// Rules 2 to 6 without side effects; an untracked sender must send above the eviction
-    /// floor if `floor`.
-    fn judge(
-        &self,
-        kind: Kind,
-        stamp: &Stamp,
-        origin: Origin,
-        local: Step,
-        floor: bool,
-    ) -> Verdict {
+    /// Rules 2 to 6 without side effects. A `live` message (not from the log) of an untracked
+    /// sender must be above the eviction floor, and a live data message or signal may be stale.
+    fn judge(&self, kind: Kind, stamp: &Stamp, origin: Origin, local: Step, live: bool) -> Verdict {
         use Verdict::Rejected;
         if !self.config.pattern.matches(stamp.step, stamp.pattern) {
             return Rejected(Reason::PatternMismatch);
@@ -289,7 +285,7 @@ impl Validator {
         if forged {
             return Rejected(Reason::SenderMismatch);
         }
-        let untracked = if floor { self.evicted_floor } else { 0 };
+        let untracked = if live { self.evicted_floor } else { 0 };
         let last = self
             .senders
             .get(&stamp.sender)
@@ -300,7 +296,11 @@ impl Validator {
         if stamp.step > local.saturating_add(self.config.max_future) {
             return Rejected(Reason::FutureStep);
         }
-        if let Some(window) = self.config.stale_window.filter(|_| kind.may_be_stale()) {
+        if let Some(window) = self
+            .config
+            .stale_window
+            .filter(|_| live && kind.may_be_stale())
+        {
             if stamp.step < local.saturating_sub(window) {
                 return Rejected(Reason::Stale);
             }
@@ -578,6 +578,23 @@ mod tests {
         assert_eq!(
             game.check(Kind::Update, &stamp(3, 3), relayed(), 1_000, 0),
             Verdict::Rejected(Reason::Replay)
+        );
+    }
+
+    /// What comes from the log was taken in time: a client catching up gets it as history.
+    #[test]
+    fn nothing_from_the_log_is_stale() {
+        let mut game = Validator::new(ValidatorConfig {
+            stale_window: Some(20),
+            ..ValidatorConfig::default()
+        });
+        assert!(game
+            .check_logged(Kind::Data, &stamp(1, 3), relayed(), 1_000, 0)
+            .is_accepted());
+        assert_eq!(
+            game.check(Kind::Data, &stamp(1, 4), relayed(), 1_000, 0),
+            Verdict::Rejected(Reason::Stale),
+            "live, it is"
         );
     }
 

@@ -411,6 +411,54 @@ async fn an_edit_made_on_a_connection_gone_silent_arrives_after_the_client_gives
     a.settled(Duration::from_secs(10)).await.unwrap();
 }
 
+/// A late joiner of a real-time room (a game session, with a stale window) catches up from the
+/// log, whose edits and inputs were stamped long before the room's step now: the document's
+/// edits are applied (they were dropped as `stale`: with no other member there to answer its
+/// sync request, the late joiner never saw the text written since the last compaction), and the
+/// inputs the room took in time are history, not anomalies.
+#[tokio::test]
+async fn a_late_joiner_of_a_game_room_gets_the_document_and_no_stale_anomalies() {
+    let server = start("late-joiner", |_| {}).await;
+    let game = pattern_mesh_core::wire::RoomConfig {
+        stale_window: Some(40),
+        ..Default::default()
+    };
+    let mut config = session("late-joiner", "a");
+    config.room_config = Some(game);
+    let a = Client::connect(&server.url(), config).await.unwrap();
+    a.insert(TEXT, 0, "the rules of the game").unwrap();
+    for i in 0..100 {
+        a.broadcast(Json::parse(i.to_string()).unwrap()).unwrap();
+    }
+    a.settled(Duration::from_secs(30)).await.unwrap();
+    // Gone: no member is left to answer the late joiner's sync request.
+    a.close().await;
+    let mut config = session("late-joiner", "c");
+    config.room_config = Some(game);
+    let mut c = Client::connect(&server.url(), config).await.unwrap();
+    until("the document", Duration::from_secs(10), || {
+        c.text(TEXT) == "the rules of the game"
+    })
+    .await;
+    c.settled(Duration::from_secs(10)).await.unwrap();
+    let events = c.take_events();
+    let anomalies: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Anomaly(_)))
+        .collect();
+    assert!(
+        anomalies.is_empty(),
+        "{} anomalies, the first {:?}",
+        anomalies.len(),
+        anomalies.first()
+    );
+    let inputs = events
+        .iter()
+        .filter(|e| matches!(e, Event::Message { .. }))
+        .count();
+    assert_eq!(inputs, 100, "the inputs, as history");
+}
+
 /// An insert just within the relay's message limit, whose update (the text and its header) is
 /// over it: the client refuses it before the document takes it. It used to change the
 /// document, then fail to send: the tab showed text no one else would see, and the relay
