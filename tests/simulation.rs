@@ -14,9 +14,11 @@
 //!   for good;
 //! - every acknowledged message is in the log, at its position;
 //! - every data message reached every other session, exactly once (unless the relay forgot its
-//!   sender); a tab that closed lost only what it had not stored, which it never sent;
+//!   sender, or, in a real-time room, the session dropped it as too late); a tab that closed
+//!   lost only what it had not stored, which it never sent;
 //! - no session waits: each is open with nothing pending, or closed with a reason;
-//! - no replica raised an anomaly (no false desync, no duplicate, no forgery).
+//! - no replica raised an anomaly (no false desync, no duplicate, no forgery), but for live data
+//!   and signals too late for a real-time room (a quarter of the runs have a stale window).
 //!
 //! `cargo test --test simulation` runs 2,000 seeds (`PM_SIM_SEEDS` sets how many, `PM_SIM_FROM`
 //! the first). A failure prints its seed; `PM_SIM_SEED=N` runs that seed alone, and
@@ -36,7 +38,8 @@ use pattern_mesh::session::{self, Event, Session, SessionConfig, Source, Status}
 use pattern_mesh::store::MemoryStore;
 use pattern_mesh::wire::part;
 use pattern_mesh::wire::{
-    close, Body, Frame, Json, Kind, Limits, NodeId, Positioned, ResumeToken, RoomConfig, Stamped,
+    close, Body, Frame, Json, Kind, Limits, NodeId, Positioned, Reason, ResumeToken, RoomConfig,
+    Stamped,
 };
 use storage::{Storage, Write};
 
@@ -92,6 +95,9 @@ struct Scenario {
     read_only: Option<usize>,
     /// The sessions' heartbeat, in ms (the room's idle timeout is in `limits`).
     heartbeat: u64,
+    /// A real-time room (a game session): live data and signals older than this many steps
+    /// are `stale`. Document messages never are, and what a client replays from the log is not.
+    stale_window: Option<u64>,
 }
 
 /// What can go wrong, and when.
@@ -174,6 +180,7 @@ impl Scenario {
             persist: false,
             read_only: None,
             heartbeat: 15_000,
+            stale_window: None,
         }
         .with_random_faults(rng);
         // Drawn last, so that the draws above give what they gave before storage existed.
@@ -220,7 +227,19 @@ impl Scenario {
                 t += down + rng.range(200, 2_000);
             }
         }
+        // Drawn last, as above. A quarter of the rooms are real-time ones.
+        if rng.chance(0.25) {
+            scenario.stale_window = Some(rng.range(20, 200));
+        }
         scenario
+    }
+
+    /// The room's settings: the default ones, with the scenario's stale window.
+    fn room_config(&self) -> RoomConfig {
+        RoomConfig {
+            stale_window: self.stale_window,
+            ..RoomConfig::default()
+        }
     }
 
     fn with_random_faults(mut self, rng: &mut Rng) -> Self {
@@ -285,6 +304,7 @@ impl Scenario {
             persist: false,
             read_only: None,
             heartbeat: 15_000,
+            stale_window: None,
         }
     }
 }
@@ -412,6 +432,8 @@ struct Client {
     received: HashSet<u64>,
     refused: u32,
     anomalies: Vec<String>,
+    /// Live data messages and signals this client dropped as too late (real-time rooms).
+    stale: u64,
     last_status: Option<(Status, Option<String>)>,
     /// The session told of a wait for the pacer ([`Event::Paced`]) and not yet of its end.
     paced: bool,
@@ -505,7 +527,7 @@ impl Sim {
     fn with(seed: u64, scenario: Scenario, trace: bool) -> Self {
         let rng = Rng(seed ^ 0x5eed);
         let store = MemoryStore::new();
-        store.open_now(ROOM, RoomConfig::default());
+        store.open_now(ROOM, scenario.room_config());
         let mut sim = Sim {
             rng,
             scenario,
@@ -554,6 +576,7 @@ impl Sim {
                 received: HashSet::new(),
                 refused: 0,
                 anomalies: Vec::new(),
+                stale: 0,
                 last_status: None,
                 paced: false,
             });
@@ -849,7 +872,7 @@ impl Sim {
                 self.relay.store = MemoryStore::new();
                 self.relay.era += 1;
                 self.relay.updates.clear();
-                self.relay.store.open_now(ROOM, RoomConfig::default());
+                self.relay.store.open_now(ROOM, self.scenario.room_config());
                 for client in &mut self.clients {
                     client.acked.clear();
                     // Data already sent is gone with the store; what is sent from now on must
@@ -1231,7 +1254,11 @@ impl Sim {
                         .or_default() += 1;
                 }
                 let c = &mut self.clients[client];
-                if anomaly.source == Source::Local {
+                if anomaly.source == Source::Local && anomaly.reason == Reason::Stale {
+                    // A live data message or signal that came too late for a real-time room:
+                    // dropped, as it should be (a document message never is stale).
+                    c.stale += 1;
+                } else if anomaly.source == Source::Local {
                     c.anomalies
                         .push(format!("{}: {}", anomaly.reason, anomaly.detail));
                 }
@@ -1243,9 +1270,20 @@ impl Sim {
                     self.log(|| text);
                 }
             }
-            Event::Refused { .. } => {
+            Event::Refused {
+                kind,
+                reason,
+                detail,
+                ..
+            } => {
                 c.refused += 1;
                 self.stats.refused_for_good += 1;
+                // An honest member's edit is never refused for good: only a read-only member's
+                // is. (A refused edit takes every later edit of its client with it.)
+                if kind == Kind::Update && reason != Reason::Forbidden {
+                    c.anomalies
+                        .push(format!("an edit refused for good, {reason}: {detail}"));
+                }
             }
             Event::Paced { wait, messages } => {
                 // The end of a wait comes after the wait (which may be told again as it grows).
@@ -1332,7 +1370,7 @@ impl Sim {
                 return self.cut(conn, close::POLICY, "the first frame must be a join");
             };
             if self.relay.core.is_none() {
-                let record = self.relay.store.open_now(ROOM, RoomConfig::default());
+                let record = self.relay.store.open_now(ROOM, self.scenario.room_config());
                 let document = self.relay.store.document_now(ROOM);
                 let core = RoomCore::new(
                     ROOM.into(),
@@ -1791,7 +1829,9 @@ impl Sim {
                 }
                 for id in &c.sent_data {
                     let n = count.get(id.as_str()).copied().unwrap_or(0);
-                    if n == 0 || (n > 1 && !self.forgot) {
+                    // In a real-time room a live message may come too late, and be dropped.
+                    let dropped = n == 0 && other.stale > 0;
+                    if (n == 0 && !dropped) || (n > 1 && !self.forgot) {
                         problems.push(format!("client {j} received {id} {n} times"));
                         break;
                     }
