@@ -6,7 +6,8 @@
 //! relay, on a network that delays; relays that crash (losing their writes not yet made, or
 //! made but not answered) and come back; in half the runs, sessions that keep their state in
 //! storage, whose tabs close (losing what they had not stored) and reopen from it, now and then
-//! again and again while relays restart.
+//! again and again while relays restart; in a quarter, a real-time room (a stale window), whose
+//! clients edit the document only.
 //!
 //! After the faults the run goes on until nothing moves; then it checks:
 //!
@@ -209,6 +210,10 @@ struct Sim {
     crashes: u64,
     /// Whether the sessions keep their state in storage.
     persist: bool,
+    /// A real-time room (a game session) with this stale window, in a quarter of the runs. Its
+    /// clients only edit the document, whose messages are never stale: every check holds as
+    /// in any room, no anomaly included.
+    stale_window: Option<u64>,
     /// When the last tab reopened, or typed after the active period, or will reopen.
     last_activity: u64,
     reopens: u64,
@@ -260,6 +265,7 @@ impl Sim {
             trace: trace.then(String::new),
             crashes: 0,
             persist: false,
+            stale_window: None,
             last_activity: 0,
             reopens: 0,
             renewed: 0,
@@ -268,6 +274,11 @@ impl Sim {
         // seeds (which storage changes anyway).
         let mut rng = Rng(seed.wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1);
         sim.persist = rng.chance(0.5);
+        // Drawn apart, so that the runs draw what they drew before real-time rooms.
+        let mut rng = Rng(seed.wrapping_mul(0x94d0_49bb_1331_11eb) | 1);
+        if rng.chance(0.25) {
+            sim.stale_window = Some(rng.range(20, 200));
+        }
         for i in 0..clients {
             let session = sim.new_session(i, None);
             sim.clients.push(Client {
@@ -630,7 +641,10 @@ impl Sim {
         let c = &mut self.clients[client];
         c.ops += 1;
         let roll = self.rng.range(0, 99);
-        if roll < 20 {
+        if self.stale_window.is_some() {
+            // A real-time room's inputs may be stale (dropped, by design): only the document.
+            self.edit(client);
+        } else if roll < 20 {
             let id = format!("c{client}-{}", c.ops);
             c.sent.push(id.clone());
             let data = Json::from_value(&serde_json::json!({ "id": id })).expect("json");
@@ -797,7 +811,11 @@ impl Sim {
                 return self.cut(relay, conn, close::POLICY, "the first frame must be a join");
             };
             if self.relays[relay].core.is_none() {
-                let record = self.store.open_now(ROOM, RoomConfig::default());
+                let config = RoomConfig {
+                    stale_window: self.stale_window,
+                    ..RoomConfig::default()
+                };
+                let record = self.store.open_now(ROOM, config);
                 let document = self.store.document_now(ROOM);
                 let mut core = RoomCore::new(ROOM.into(), record, &document, self.limits, self.now)
                     .expect("a valid room");
