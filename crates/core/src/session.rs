@@ -829,7 +829,9 @@ impl<R: Replica> Session<R> {
         if self.closed {
             return Err(SessionError::Closed);
         }
-        self.check_size(update.len())?;
+        // The message, not the update alone: one that fits only without its header would be
+        // stored below, and then refused.
+        self.check_size(Body::update_len(doc, update.len()))?;
         // The document holds the edit whatever the room does with it: storage keeps what the
         // document holds, or a tab reopened from it misses this edit and holds back every
         // later one of its own for good.
@@ -843,6 +845,7 @@ impl<R: Replica> Session<R> {
                 },
             );
         }
+        let max = self.max_payload();
         if let Some(Waiting {
             body:
                 Body::Update {
@@ -852,9 +855,12 @@ impl<R: Replica> Session<R> {
         }) = self.waiting.back_mut()
         {
             if last_doc == doc && last.len() + update.len() <= MERGE_LIMIT {
+                // Merged only while the message fits (a relay's message limit may be below the
+                // merge limit).
                 if let Some(merged) = self
                     .replica
                     .merge_updates(&[last.as_slice(), update.as_slice()])
+                    .filter(|merged| Body::update_len(doc, merged.len()) <= max)
                 {
                     *last = merged;
                     self.changed();
@@ -4289,6 +4295,45 @@ mod tests {
             }
         }
         assert_eq!(check.text("t"), "k".repeat(1_000));
+    }
+
+    /// A relay whose message limit is below the merge limit: updates that wait for the pacer
+    /// merge only while the message fits. Merged past it, they went out as one message the
+    /// relay refused for good, and every later edit of the tab with it.
+    #[test]
+    fn updates_that_wait_merge_only_within_the_relays_message_limit() {
+        let mut h = Harness::new();
+        h.relay = RelayLimits {
+            max_frame: 2_048,
+            max_message: 2_048,
+            rate: 50,
+            burst: 10,
+            ..RelayLimits::default()
+        };
+        h.join(2, 1, &[]);
+        for i in 0..2_000 {
+            let update = h.session.replica().insert("t", i, "k").unwrap();
+            h.session.update(h.now, "t", update).unwrap();
+        }
+        for _ in 0..200 {
+            h.pump();
+            h.now += 500;
+            h.session.handle_timeout(h.now);
+        }
+        h.pump();
+        let max = h.session.max_payload();
+        let check = SharedDoc::with_client_id(9);
+        for s in h.stamped() {
+            assert!(
+                s.body.encoded_len() <= max,
+                "{} > {max}",
+                s.body.encoded_len()
+            );
+            if let Body::Update { update, .. } = &s.body {
+                check.apply_update(update).unwrap();
+            }
+        }
+        assert_eq!(check.text("t").len(), 2_000);
     }
 
     /// The bound [`Session::check_insert`] checks holds for the largest ids and clocks Yjs

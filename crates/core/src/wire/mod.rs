@@ -218,7 +218,9 @@ impl Kind {
     /// stale window: data (a game's inputs) and signals are, document messages (updates, sync
     /// requests and answers, checkpoints) never are. A late edit is still an edit: refused, it
     /// would be lost, and every later edit of its sender with it (they come after a gap in that
-    /// sender's clocks).
+    /// sender's clocks). Nothing from the room's log is stale either (see
+    /// [`crate::validate::Validator::check_logged`]): the relay judges data as it takes it, and
+    /// a client, which gets data from the log, judges only signals.
     pub fn may_be_stale(self) -> bool {
         matches!(self, Self::Data | Self::Signal)
     }
@@ -574,6 +576,11 @@ impl Body {
         matches!(self, Body::Data { .. } | Body::Update { .. })
     }
 
+    /// [`Body::encoded_len`] of an update of `doc` that holds `len` bytes, without making it.
+    pub fn update_len(doc: &str, len: usize) -> usize {
+        codec::var_len(doc.len() as u64) + doc.len() + codec::var_len(len as u64) + len
+    }
+
     /// The length of the body's encoding, in bytes.
     pub fn encoded_len(&self) -> usize {
         fn field(len: usize) -> usize {
@@ -581,7 +588,7 @@ impl Body {
         }
         match self {
             Body::Data { data } | Body::Signal { data } => field(data.as_str().len()),
-            Body::Update { doc, update } => field(doc.len()) + field(update.len()),
+            Body::Update { doc, update } => Self::update_len(doc, update.len()),
             Body::Checkpoint {
                 doc, state_vector, ..
             } => field(doc.len()) + field(state_vector.len()) + 16,
