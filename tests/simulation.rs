@@ -14,11 +14,12 @@
 //!   for good;
 //! - every acknowledged message is in the log, at its position;
 //! - every data message reached every other session, exactly once (unless the relay forgot its
-//!   sender, or, in a real-time room, the session dropped it as too late); a tab that closed
-//!   lost only what it had not stored, which it never sent;
+//!   sender, or refused one of the sender's messages, as `stale` in a real-time room); a tab that
+//!   closed lost only what it had not stored, which it never sent;
 //! - no session waits: each is open with nothing pending, or closed with a reason;
-//! - no replica raised an anomaly (no false desync, no duplicate, no forgery), but for live data
-//!   and signals too late for a real-time room (a quarter of the runs have a stale window).
+//! - no replica raised an anomaly (no false desync, no duplicate, no forgery), but for a signal
+//!   too late for a real-time room (a quarter of the runs have a stale window);
+//! - no honest member's edit was refused for good.
 //!
 //! `cargo test --test simulation` runs 2,000 seeds (`PM_SIM_SEEDS` sets how many, `PM_SIM_FROM`
 //! the first). A failure prints its seed; `PM_SIM_SEED=N` runs that seed alone, and
@@ -95,8 +96,9 @@ struct Scenario {
     read_only: Option<usize>,
     /// The sessions' heartbeat, in ms (the room's idle timeout is in `limits`).
     heartbeat: u64,
-    /// A real-time room (a game session): live data and signals older than this many steps
-    /// are `stale`. Document messages never are, and what a client replays from the log is not.
+    /// A real-time room (a game session): data the relay takes, and signals a client gets,
+    /// older than this many steps are `stale`. Document messages never are, nor is anything
+    /// from the log.
     stale_window: Option<u64>,
 }
 
@@ -430,10 +432,10 @@ struct Client {
     /// (node, step, position) of each acknowledgement.
     acked: Vec<(u64, u64, u64)>,
     received: HashSet<u64>,
+    /// Messages of this client refused for good, and how many of them were edits.
     refused: u32,
+    refused_edits: u32,
     anomalies: Vec<String>,
-    /// Live data messages and signals this client dropped as too late (real-time rooms).
-    stale: u64,
     last_status: Option<(Status, Option<String>)>,
     /// The session told of a wait for the pacer ([`Event::Paced`]) and not yet of its end.
     paced: bool,
@@ -452,6 +454,9 @@ struct Sim {
     trace: Option<String>,
     processed: u64,
     forgot: bool,
+    /// (sender, step) of every signal a client sent: one of them may come too late for a
+    /// real-time room.
+    signals: HashSet<(u64, u64)>,
     /// When the room's timer is set for.
     room_tick: Option<u64>,
     stats: Stats,
@@ -552,6 +557,7 @@ impl Sim {
             trace: trace.then(String::new),
             processed: 0,
             forgot: false,
+            signals: HashSet::new(),
             room_tick: None,
             stats: Stats::default(),
             work: 0,
@@ -575,8 +581,8 @@ impl Sim {
                 acked: Vec::new(),
                 received: HashSet::new(),
                 refused: 0,
+                refused_edits: 0,
                 anomalies: Vec::new(),
-                stale: 0,
                 last_status: None,
                 paced: false,
             });
@@ -1113,6 +1119,9 @@ impl Sim {
                     }
                 }
                 session::Output::Send(bytes) => {
+                    if let Some((Kind::Signal, stamp)) = pattern_mesh::wire::peek_stamp(&bytes) {
+                        self.signals.insert((stamp.sender, stamp.step));
+                    }
                     match bytes.get(1).copied() {
                         Some(0x09) => self.stats.parts += 1,
                         Some(0x12) => self.stats.checkpoints += 1,
@@ -1253,12 +1262,16 @@ impl Sim {
                         .entry(anomaly.reason.to_string())
                         .or_default() += 1;
                 }
+                // A signal that came too late for a real-time room is dropped, as it should be.
+                // Nothing else is ever stale at a client: data reaches it from the log (the
+                // relay judged it as it took it), and document messages never are.
+                let late_signal = anomaly.reason == Reason::Stale
+                    && self.scenario.stale_window.is_some()
+                    && anomaly
+                        .sender
+                        .is_some_and(|sender| self.signals.contains(&(sender, anomaly.step)));
                 let c = &mut self.clients[client];
-                if anomaly.source == Source::Local && anomaly.reason == Reason::Stale {
-                    // A live data message or signal that came too late for a real-time room:
-                    // dropped, as it should be (a document message never is stale).
-                    c.stale += 1;
-                } else if anomaly.source == Source::Local {
+                if anomaly.source == Source::Local && !late_signal {
                     c.anomalies
                         .push(format!("{}: {}", anomaly.reason, anomaly.detail));
                 }
@@ -1277,6 +1290,7 @@ impl Sim {
                 ..
             } => {
                 c.refused += 1;
+                c.refused_edits += u32::from(!matches!(kind, Kind::Data | Kind::Signal));
                 self.stats.refused_for_good += 1;
                 // An honest member's edit is never refused for good: only a read-only member's
                 // is. (A refused edit takes every later edit of its client with it.)
@@ -1675,8 +1689,11 @@ impl Sim {
                 ));
             }
         }
+        // Told that an edit was refused (a read-only member): its replica holds edits no other
+        // does. (A data message refused, as `stale` in a real-time room, excuses that message
+        // alone.)
         let told: HashSet<usize> = (0..self.clients.len())
-            .filter(|&i| self.clients[i].refused > 0)
+            .filter(|&i| self.clients[i].refused_edits > 0)
             .collect();
         // A read-only member wrote nothing to the log, and was told of every write it tried.
         if let Some(r) = self.scenario.read_only {
@@ -1693,7 +1710,7 @@ impl Sim {
             let wrote = !self.clients[r].sent_data.is_empty()
                 || state_vector(self.clients[r].session.replica())
                     .contains_key(&(1_000 + r as u64));
-            if wrote && !told.contains(&r) {
+            if wrote && self.clients[r].refused == 0 {
                 problems.push(format!(
                     "the read-only client {r} was never told its writes were refused"
                 ));
@@ -1814,9 +1831,9 @@ impl Sim {
             }
         }
         // Every data message reached every other session (exactly once unless the relay
-        // forgot the sender, which may deliver one twice).
+        // forgot the sender, which may deliver one twice), but for a sender told of a refusal.
         for (i, c) in self.clients.iter().enumerate() {
-            if told.contains(&i) {
+            if c.refused > 0 {
                 continue;
             }
             for (j, other) in self.clients.iter().enumerate() {
@@ -1829,9 +1846,7 @@ impl Sim {
                 }
                 for id in &c.sent_data {
                     let n = count.get(id.as_str()).copied().unwrap_or(0);
-                    // In a real-time room a live message may come too late, and be dropped.
-                    let dropped = n == 0 && other.stale > 0;
-                    if (n == 0 && !dropped) || (n > 1 && !self.forgot) {
+                    if n == 0 || (n > 1 && !self.forgot) {
                         problems.push(format!("client {j} received {id} {n} times"));
                         break;
                     }

@@ -244,6 +244,45 @@ fn frames_round_trip_as_plain_objects() {
     assert_eq!(payload.to_vec(), [1, 2, 3]);
 }
 
+/// In a real-time room only live data and signals are stale: bytes the relay sent from the
+/// room's log (they carry a position) are history, and an update is a late edit, never stale.
+#[wasm_bindgen_test]
+fn a_stale_window_judges_live_data_and_signals_only() {
+    use pattern_mesh::pattern::PatternConfig;
+    use pattern_mesh::wire::{with_position, Body, Frame, Json, Stamp};
+    let stamped = |sender: u64, body: Body| {
+        let stamp = Stamp {
+            sender,
+            step: 3,
+            pattern: PatternConfig::default().value(3),
+        };
+        Frame::stamped(stamp, body).encode()
+    };
+    let data = || Body::Data {
+        data: Json::parse("null").unwrap(),
+    };
+    let mut v = Validator::new(Some(js(r#"{"staleWindow":20}"#).unchecked_into())).unwrap();
+    let me = || js(r#"{"receiver":1}"#).unchecked_into();
+    let mut verdict = |bytes: Vec<u8>| -> JsValue {
+        let bytes = Uint8Array::from(&bytes[..]);
+        v.check(bytes.unchecked_into(), me(), 1_000.0, Some(0.0))
+            .unwrap()
+            .into()
+    };
+    let live = verdict(stamped(2, data()));
+    assert_eq!(get(&live, "reason"), "stale");
+    let logged = verdict(with_position(&stamped(3, data()), 7).unwrap());
+    assert_eq!(get(&logged, "accepted"), true);
+    let update = verdict(stamped(
+        4,
+        Body::Update {
+            doc: "content".into(),
+            update: vec![0, 0],
+        },
+    ));
+    assert_eq!(get(&update, "accepted"), true);
+}
+
 #[wasm_bindgen_test]
 fn a_replayed_and_a_forged_message_are_rejected() {
     let mut v = Validator::new(None).unwrap();

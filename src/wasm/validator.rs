@@ -144,7 +144,9 @@ impl Validator {
     /// (`{ receiver: myNodeId }` for frames the relay forwarded, `{ connection: id }` for frames
     /// straight from a connection), against the local step `local`, at `nowMs` (default
     /// `Date.now()`). Bytes that do not decode are counted and rejected as `malformed` or
-    /// `tooLarge`. Throws `InvalidArgument` for a frame kind that carries no stamp.
+    /// `tooLarge`. Bytes that carry a log position (a stored message the relay sent) are judged
+    /// as a message from the log: never `stale`, and not against the floor of evicted senders.
+    /// Throws `InvalidArgument` for a frame kind that carries no stamp.
     pub fn check(
         &mut self,
         frame: JsFrameOrBytes,
@@ -159,15 +161,17 @@ impl Validator {
         };
         let origin = origin_from_js(origin.into())?;
         let frame: JsValue = frame.into();
-        let frame: Frame = match frame.dyn_ref::<js_sys::Uint8Array>() {
-            Some(bytes) => match Frame::decode(&bytes.to_vec()) {
-                Ok(frame) => frame,
+        // Bytes the relay sent from the room's log carry its position: such a message is judged
+        // as the client judges it (`check_logged`: never stale, nor below the eviction floor).
+        let (frame, logged): (Frame, bool) = match frame.dyn_ref::<js_sys::Uint8Array>() {
+            Some(bytes) => match Frame::decode_positioned(&bytes.to_vec(), &Default::default()) {
+                Ok(positioned) => (positioned.frame, positioned.position.is_some()),
                 Err(e) => {
                     self.inner.record(e.reason());
                     return verdict(VerdictJs::rejected(e.reason(), e.to_string()));
                 }
             },
-            None => frame_from_js(frame)?,
+            None => (frame_from_js(frame)?, false),
         };
         let stamp = *frame.stamp().ok_or_else(|| {
             invalid_argument(format!(
@@ -176,7 +180,13 @@ impl Validator {
                 frame.kind()
             ))
         })?;
-        let result = match self.inner.check(frame.kind(), &stamp, origin, local, now) {
+        let checked = if logged {
+            self.inner
+                .check_logged(frame.kind(), &stamp, origin, local, now)
+        } else {
+            self.inner.check(frame.kind(), &stamp, origin, local, now)
+        };
+        let result = match checked {
             Verdict::Accepted => VerdictJs::ACCEPTED,
             Verdict::Rejected(reason) => {
                 VerdictJs::rejected(reason, self.inner.explain(&stamp, origin, local, reason))

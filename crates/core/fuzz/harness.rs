@@ -111,6 +111,13 @@ pub fn validator(data: &[u8]) {
     while let (Some(sender), Some(step), Some(flags), Some(local)) =
         (input.u8(), input.u16(), input.u8(), input.u16())
     {
+        // The sender's high bits: an update or data, live or from the log.
+        let kind = if sender & 0x10 == 0 {
+            Kind::Data
+        } else {
+            Kind::Update
+        };
+        let logged = sender & 0x20 != 0;
         let sender = u64::from(sender % 16);
         let step = u64::from(step);
         let right = pattern.value(step);
@@ -126,16 +133,17 @@ pub fn validator(data: &[u8]) {
         };
         now += u64::from(flags >> 2 & 3) * 20;
         checks += 1;
-        // Data may be stale; an update never is.
-        let kind = if local & 1 == 0 {
-            Kind::Data
-        } else {
-            Kind::Update
-        };
         let local = u64::from(local);
-        if validator.check(kind, &stamp, origin, local, now) == Verdict::Accepted {
+        let tracked = validator.last_step(sender);
+        let verdict = if logged {
+            validator.check_logged(kind, &stamp, origin, local, now)
+        } else {
+            validator.check(kind, &stamp, origin, local, now)
+        };
+        if verdict == Verdict::Accepted {
             assert_eq!(stamp.pattern, right, "a wrong pattern was accepted");
-            if kind == Kind::Data {
+            // Live data may be stale; an update, or anything from the log, never is.
+            if kind == Kind::Data && !logged {
                 assert!(
                     step + 30 >= local,
                     "a stale step {step} at {local} was accepted"
@@ -145,7 +153,15 @@ pub fn validator(data: &[u8]) {
                 Origin::Relayed { receiver } => assert!(sender != receiver && sender != 0),
                 Origin::Connection(node) => assert_eq!(sender, node),
             }
-            if let Some(&last) = accepted.get(&sender) {
+            // From the log, a sender the validator no longer tracks is judged by its own steps
+            // alone (the log's position proves the message new): only a tracked one's last
+            // step binds it.
+            let last = if logged {
+                tracked
+            } else {
+                accepted.get(&sender).copied()
+            };
+            if let Some(last) = last {
                 assert!(step > last, "sender {sender}: step {step} after {last}");
             }
             accepted.insert(sender, step);
