@@ -755,6 +755,16 @@ impl Sim {
                     c.anomalies
                         .push(format!("{}: {}", anomaly.reason, anomaly.detail));
                 }
+                // Every member is honest: nothing of theirs is refused for good (a refused edit
+                // takes every later edit of its client with it).
+                Event::Refused {
+                    kind,
+                    reason,
+                    detail,
+                    ..
+                } => c
+                    .anomalies
+                    .push(format!("{kind:?} refused for good, {reason}: {detail}")),
                 _ => {}
             }
         }
