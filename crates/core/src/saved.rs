@@ -42,6 +42,11 @@ pub struct Saved {
     pub sent: Vec<Vec<u8>>,
     /// Messages not stamped yet, in order: each body encoded in a frame with a zero stamp.
     pub unsent: Vec<Vec<u8>>,
+    /// The relay lost the room's history (`log` is its new log), and this session's document
+    /// has not gone back to it yet: a session restored from this state gives it back once it
+    /// has caught up. (Stored last, and only when set: a state stored before the field existed
+    /// reads as `false`.)
+    pub give_back: bool,
 }
 
 /// What a stored [`Saved`] covers, for [`Session::handle_saved`](crate::session::Session::handle_saved).
@@ -103,6 +108,9 @@ impl Saved {
                 w.bytes(bytes);
             }
         }
+        if self.give_back {
+            w.flag(true);
+        }
         w.0
     }
 
@@ -134,6 +142,11 @@ impl Saved {
                 list.push(r.bytes("message")?.to_vec());
             }
         }
+        // Written only when set: a byte there must say so.
+        let give_back = r.remaining() == 1 && bytes.last() == Some(&1);
+        if give_back {
+            r.u8("give back")?;
+        }
         if r.remaining() != 0 {
             return Err(DecodeError::TrailingBytes(r.remaining()));
         }
@@ -147,6 +160,7 @@ impl Saved {
             step,
             sent,
             unsent,
+            give_back,
         })
     }
 
@@ -186,6 +200,10 @@ impl Saved {
     pub fn adopt(&mut self, other: &Saved) {
         for body in other.bodies() {
             self.unsent.push(encode_unsent(body));
+        }
+        // What the other owed the same log, this session gives in its stead.
+        if other.give_back && other.log == self.log && self.log != 0 {
+            self.give_back = true;
         }
     }
 }
@@ -275,9 +293,18 @@ mod tests {
             )
             .encode()],
             unsent: vec![encode_unsent(data(2))],
+            give_back: true,
         };
         let bytes = saved.encode();
         assert_eq!(Saved::decode(&bytes).unwrap(), saved);
+        // A state stored before `give_back` existed (it ends after the lists) owes nothing.
+        let old = Saved {
+            give_back: false,
+            ..saved.clone()
+        };
+        let old_bytes = &bytes[..bytes.len() - 1];
+        assert_eq!(old.encode(), old_bytes);
+        assert_eq!(Saved::decode(old_bytes).unwrap(), old);
         assert_eq!(saved.upto(), 990);
         assert_eq!(saved.bodies(), vec![data(1), data(2)]);
         assert_eq!(

@@ -580,6 +580,8 @@ impl<R: Replica> Session<R> {
                 self.room = Some(config);
                 self.position = saved.position;
                 self.log = saved.log;
+                // Owed to this log, if the tab closed before it caught up.
+                self.give_back = saved.give_back;
             }
         }
         self.node = saved.node;
@@ -888,6 +890,9 @@ impl<R: Replica> Session<R> {
     pub fn take_in(&mut self, now: u64, other: &Saved) -> usize {
         let mut taken = 0;
         let mut applied = false;
+        // The closed tab owed the room's new log its document: this replica, which takes in
+        // that tab's edits, goes back whole in its stead (the driver deletes its record).
+        let owed = other.give_back && other.log == self.log && self.log != 0;
         for body in other.bodies() {
             if !body.is_durable() {
                 continue;
@@ -917,6 +922,14 @@ impl<R: Replica> Session<R> {
         if applied {
             self.note_held(now);
             self.emit(Event::Remote);
+        }
+        if owed && self.link == Link::Open {
+            self.give_back_document();
+            self.changed();
+            self.pump(now);
+        } else if owed {
+            self.give_back = true;
+            self.changed();
         }
         taken
     }
@@ -987,6 +1000,7 @@ impl<R: Replica> Session<R> {
                 .filter(|w| w.body.is_durable())
                 .map(|w| encode_unsent(w.body.clone()))
                 .collect(),
+            give_back: self.give_back,
         }
     }
 
@@ -1801,6 +1815,39 @@ impl<R: Replica> Session<R> {
         self.probe = None;
     }
 
+    /// Gives this replica's document back to a relay that lost the room's history: the whole
+    /// document goes out first, so that the new log holds it again for everyone.
+    fn give_back_document(&mut self) {
+        // Without what the replica holds back (blocks and deletes waiting for clocks it never
+        // received), which would make the relay refuse the whole document, and shows nothing.
+        let kept = match self.replica.whole() {
+            Ok(state) if state.len() <= self.max_payload() => {
+                self.waiting.push_front(Waiting {
+                    body: Body::Update {
+                        doc: WHOLE_DOC.into(),
+                        update: state,
+                    },
+                });
+                Ok(())
+            }
+            Ok(state) => Err((
+                Reason::TooLarge,
+                format!(
+                    "it is {} bytes, and the relay takes {} at most",
+                    state.len(),
+                    self.max_payload()
+                ),
+            )),
+            Err(e) => Err((Reason::Malformed, e.to_string())),
+        };
+        if let Err((reason, why)) = kept {
+            let detail = format!(
+                "the relay lost the room's history, and this replica's document could not be given back ({why}): the room's log does not hold it, and members that join from now on do not get it"
+            );
+            self.anomaly(Source::Local, reason, detail, 0, None);
+        }
+    }
+
     fn on_caught_up(&mut self, now: u64) {
         if self.link != Link::CatchingUp {
             return;
@@ -1819,34 +1866,7 @@ impl<R: Replica> Session<R> {
         }
         self.set_status(Status::Open, None);
         if std::mem::take(&mut self.give_back) {
-            // Without what the replica holds back (blocks and deletes waiting for clocks it never
-            // received), which would make the relay refuse the whole document, and shows nothing.
-            let kept = match self.replica.whole() {
-                Ok(state) if state.len() <= self.max_payload() => {
-                    self.waiting.push_front(Waiting {
-                        body: Body::Update {
-                            doc: WHOLE_DOC.into(),
-                            update: state,
-                        },
-                    });
-                    Ok(())
-                }
-                Ok(state) => Err((
-                    Reason::TooLarge,
-                    format!(
-                        "it is {} bytes, and the relay takes {} at most",
-                        state.len(),
-                        self.max_payload()
-                    ),
-                )),
-                Err(e) => Err((Reason::Malformed, e.to_string())),
-            };
-            if let Err((reason, why)) = kept {
-                let detail = format!(
-                    "the relay lost the room's history, and this replica's document could not be given back ({why}): the room's log does not hold it, and members that join from now on do not get it"
-                );
-                self.anomaly(Source::Local, reason, detail, 0, None);
-            }
+            self.give_back_document();
         }
         // A safety net after the log: one peer answers with what it has and this client lacks.
         if let Some(&peer) = self.peers.keys().next() {
@@ -3395,6 +3415,93 @@ mod tests {
         replica.apply_update(&given[0]).unwrap();
         assert_eq!(replica.text("t"), h.session.replica().text("t"));
         assert!(!replica.has_pending());
+    }
+
+    /// The relay lost the room's history (a new log), and the tab closed after storing that,
+    /// before its document went back. The obligation was not stored: the session reopened from
+    /// storage joined the new log as if nothing were owed, the edits only the lost log had were
+    /// gone from the room, and the relay refused every later edit of the tab (they came after
+    /// them in its clocks). A simulation run found it. It gives the document back.
+    #[test]
+    fn a_give_back_owed_when_the_tab_closed_is_made_after_it_reopens() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config.clone());
+        h.joined(2, RoomConfig::default(), (0, 1), None);
+        // An edit the relay stored, in the log it then lost.
+        h.session
+            .replica()
+            .insert("t", 0, "only the lost log had this")
+            .unwrap();
+        h.reconnect();
+        h.frame(Frame::Welcome {
+            node: 3,
+            resume: [3; 16],
+            config: RoomConfig::default(),
+            limits: h.relay,
+            high: 0,
+            log: 2,
+            peers: Vec::new(),
+            floor: None,
+        });
+        // Stored, and the tab closes before the catch-up ends.
+        let saved = h.store();
+        assert_eq!(saved.log, 2);
+        config.restore = Some(Saved::decode(&saved.encode()).unwrap());
+        let mut reopened = Harness::with(config);
+        let snapshot = h.session.replica().snapshot();
+        reopened.session.replica().apply_update(&snapshot).unwrap();
+        reopened.joined(3, RoomConfig::default(), (0, 2), None);
+        reopened.store();
+        reopened.store();
+        let given: Vec<Vec<u8>> = reopened
+            .stamped()
+            .iter()
+            .filter_map(|s| match &s.body {
+                Body::Update { update, .. } => Some(update.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(given.len(), 1, "the document is given back");
+        let room = SharedDoc::new();
+        room.apply_member_update(&given[0]).unwrap();
+        assert_eq!(room.text("t"), "only the lost log had this");
+    }
+
+    /// An open tab takes in the outbox of a tab that closed owing the room's new log its
+    /// document: the open tab's document goes back in its stead.
+    #[test]
+    fn a_give_back_a_closed_tab_owed_is_made_by_the_tab_that_takes_in_its_outbox() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config);
+        h.joined(2, RoomConfig::default(), (0, 2), None);
+        h.session.replica().insert("t", 0, "held here").unwrap();
+        let other = Saved {
+            log: 2,
+            give_back: true,
+            ..Saved::default()
+        };
+        h.session.take_in(h.now, &other);
+        h.pump();
+        h.store();
+        h.store();
+        let given = h
+            .stamped()
+            .iter()
+            .filter(|s| matches!(s.body, Body::Update { .. }))
+            .count();
+        assert_eq!(given, 1, "the document is given back");
+        // Owed to another log, nothing is.
+        let mut saved = Saved {
+            log: 3,
+            ..Saved::default()
+        };
+        saved.adopt(&other);
+        assert!(!saved.give_back);
+        saved.log = 2;
+        saved.adopt(&other);
+        assert!(saved.give_back);
     }
 
     /// The relay restarts on an empty store (another log) after this tab stamped at step 1,200:
