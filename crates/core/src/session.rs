@@ -2779,6 +2779,17 @@ mod tests {
             self.frame(Frame::CaughtUp { high, position: 0 });
         }
 
+        /// The updates among the stamped messages sent.
+        fn updates_sent(&self) -> Vec<Vec<u8>> {
+            self.stamped()
+                .iter()
+                .filter_map(|s| match &s.body {
+                    Body::Update { update, .. } => Some(update.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
         fn stamped(&self) -> Vec<&Stamped> {
             self.sent
                 .iter()
@@ -3397,14 +3408,7 @@ mod tests {
         h.reconnect();
         std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
         h.welcome(3, 3, (0, 2), Some(0));
-        let given: Vec<Vec<u8>> = h
-            .stamped()
-            .iter()
-            .filter_map(|s| match &s.body {
-                Body::Update { update, .. } => Some(update.clone()),
-                _ => None,
-            })
-            .collect();
+        let given = h.updates_sent();
         assert_eq!(given.len(), 1, "the document is given back");
         // What the relay does with it, on the empty document of its new log.
         let relay = SharedDoc::new();
@@ -3454,14 +3458,7 @@ mod tests {
         reopened.joined(3, RoomConfig::default(), (0, 2), None);
         reopened.store();
         reopened.store();
-        let given: Vec<Vec<u8>> = reopened
-            .stamped()
-            .iter()
-            .filter_map(|s| match &s.body {
-                Body::Update { update, .. } => Some(update.clone()),
-                _ => None,
-            })
-            .collect();
+        let given = reopened.updates_sent();
         assert_eq!(given.len(), 1, "the document is given back");
         let room = SharedDoc::new();
         room.apply_member_update(&given[0]).unwrap();
