@@ -573,7 +573,7 @@ fn save(shared: &Shared) {
         }
         let saved = driver.session.saved();
         let stored = saved.stored();
-        let over = driver.session.is_closed() && driver.session.pending() == 0;
+        let over = driver.session.may_forget();
         let updates = driver.session.take_updates();
         let write = storage.write((!over).then_some(&saved), updates);
         (write, stored)

@@ -142,7 +142,7 @@ export async function pmStorageFreed(db, room, known, holds) {
     const release = await lock(id, holds);
     if (!release) continue;
     try {
-      // Read under the lock: a tab that closed with nothing left to send deleted it.
+      // Read under the lock: a client closed with nothing left to keep deleted it.
       const fresh = await request(db.transaction("sessions", "readonly").objectStore("sessions").get(id));
       if (fresh) taken.push([id, fresh.saved, release]);
       else release();
@@ -381,8 +381,8 @@ pub(crate) struct Write {
 }
 
 impl Storage {
-    /// Starts a write of `saved` (`None`: the session is over with nothing left to send, and
-    /// its record goes) and of the document's `updates`.
+    /// Starts a write of `saved` (`None`: the session is over and storage may forget it, see
+    /// `Session::may_forget`, and its record goes) and of the document's `updates`.
     pub(crate) fn write(&mut self, saved: Option<&Saved>, updates: Vec<Vec<u8>>) -> Write {
         self.writing = true;
         self.wanted = false;

@@ -441,6 +441,73 @@ test("an insert within the relay's message limit whose edit is over it throws be
   await profile.close();
 });
 
+/** A relay of its own on `port`, storing in `data`, for a test that stops it and starts it again. */
+async function ownRelay(port, data) {
+  const child = spawn(process.env.PM_RELAY_BIN ?? join(root, "target/debug/pattern-mesh-relay"), [
+    "--listen", `127.0.0.1:${port}`, "--data-dir", data,
+  ], { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise((resolve, reject) => {
+    child.stdout.on("data", (chunk) => { if (String(chunk).includes("relay on")) resolve(); });
+    child.on("exit", (code) => reject(new Error(`the relay exited with ${code}`)));
+  });
+  return child;
+}
+
+test("a client the application closed with nothing left to send, then a relay that lost the room: the next client of the tab gives the stored document back", async (t) => {
+  const room = `e2e-closed-then-lost-${Date.now()}`;
+  const ownPort = await freePort();
+  const data = join(dir, `own-${ownPort}`);
+  let own = await ownRelay(ownPort, data);
+  t.after(() => own.kill("SIGKILL"));
+  const url = `ws://127.0.0.1:${ownPort}/ws`;
+  const profile = await browser.newContext();
+  const page = await packagePage(profile);
+  // An application that closes its client when the user leaves the document (a single-page
+  // app), after the relay stored every edit.
+  await page.evaluate(async ({ url, room }) => {
+    const client = await mesh.MeshClient.connect({ url, room, persist: true });
+    client.text("content").insert(0, "written before the relay lost the room");
+    const deadline = Date.now() + 20_000;
+    while (client.pendingCount > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    client.close();
+    // The last write of the closed client.
+    await new Promise((r) => setTimeout(r, 1_000));
+  }, { url, room });
+  // The relay's store is lost (a new disk, a wiped volume): the room begins a new log.
+  own.kill("SIGKILL");
+  await new Promise((resolve) => own.once("exit", resolve));
+  await rm(data, { recursive: true, force: true });
+  own = await ownRelay(ownPort, data);
+  // The user comes back to the document: the stored text shows, and goes back to the room.
+  const got = await page.evaluate(async ({ url, room }) => {
+    const client = await mesh.MeshClient.connect({ url, room, persist: true });
+    const refused = [];
+    client.on("refused", (e) => refused.push(`${e.reason}: ${e.detail}`));
+    const text = client.text("content");
+    const shown = text.toString();
+    const wait = async (check) => {
+      const deadline = Date.now() + 20_000;
+      while (!check() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    };
+    await wait(() => client.status === "open");
+    text.insert(text.length, ", and typed after it");
+    await wait(() => client.pendingCount === 0);
+    await new Promise((r) => setTimeout(r, 300));
+    const other = await mesh.MeshClient.connect({ url, room });
+    const otherText = other.text("content");
+    await wait(() => otherText.toString() === text.toString());
+    const seen = otherText.toString();
+    other.close();
+    client.close();
+    return { shown, refused, seen };
+  }, { url, room });
+  assert.equal(got.shown, "written before the relay lost the room", "the stored document, at once");
+  assert.deepEqual(got.refused, []);
+  assert.equal(got.seen, "written before the relay lost the room, and typed after it");
+  assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
 test("deleting the stored data while a tab holds it open neither hangs a new connect nor fails silently", async () => {
   const room = `e2e-delete-${Date.now()}`;
   const profile = await browser.newContext();

@@ -201,6 +201,14 @@ impl Saved {
         for body in other.bodies() {
             self.unsent.push(encode_unsent(body));
         }
+        // A session never welcomed knows no log: it takes the other's, whose document the
+        // stored one holds (one per room), read from the start of that log. Without it, a relay
+        // that lost that log looks like a first visit, and the document never goes back.
+        if self.log == 0 && other.room.is_some() {
+            self.log = other.log;
+            self.room = other.room;
+            self.position = 0;
+        }
         // What the other owed the same log, this session gives in its stead.
         if other.give_back && other.log == self.log && self.log != 0 {
             self.give_back = true;

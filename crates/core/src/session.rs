@@ -735,6 +735,16 @@ impl<R: Replica> Session<R> {
         self.in_flight.len() + self.waiting.iter().filter(|w| w.body.is_durable()).count()
     }
 
+    /// Whether storage may forget this session (delete its record): it is closed, nothing of
+    /// it waits for the relay, and its replica holds no document. A record is also what says
+    /// which log the stored document was last part of: without it, the next session of the tab
+    /// starts with no log, takes a relay that lost the room's history (another log) for a
+    /// first visit, and never gives the document back; the edits only the lost log held are
+    /// then gone from the room, and the relay refuses every later edit made next to them.
+    pub fn may_forget(&self) -> bool {
+        self.closed && self.pending() == 0 && !self.give_back && self.replica.is_empty()
+    }
+
     /// The latest presence of each peer present that has set one, by node id.
     pub fn presences(&self) -> &VecMap<NodeId, Json> {
         &self.presences
@@ -892,6 +902,12 @@ impl<R: Replica> Session<R> {
         let mut applied = false;
         // The closed tab owed the room's new log its document: this replica, which takes in
         // that tab's edits, goes back whole in its stead (the driver deletes its record).
+        // A session that has not been welcomed yet knows no log: it takes the other's, whose
+        // document this replica holds (storage keeps one document per room), so that a relay
+        // that lost that log gets the document back.
+        if self.log == 0 {
+            self.log = other.log;
+        }
         let owed = other.give_back && other.log == self.log && self.log != 0;
         for body in other.bodies() {
             if !body.is_durable() {
@@ -3499,6 +3515,78 @@ mod tests {
         saved.log = 2;
         saved.adopt(&other);
         assert!(saved.give_back);
+    }
+
+    /// A closed session's record is forgotten only when it holds nothing: not while its replica
+    /// holds a document (the record says which log that document was part of).
+    #[test]
+    fn storage_forgets_a_closed_session_only_when_its_replica_is_empty() {
+        let mut empty = Harness::new();
+        empty.joined(2, RoomConfig::default(), (0, 1), None);
+        assert!(!empty.session.may_forget(), "open");
+        empty.session.close(empty.now);
+        assert!(empty.session.may_forget());
+        let mut h = Harness::new();
+        h.joined(2, RoomConfig::default(), (0, 1), None);
+        h.session.replica().insert("t", 0, "stored").unwrap();
+        h.session.close(h.now);
+        assert_eq!(h.session.pending(), 0);
+        assert!(
+            !h.session.may_forget(),
+            "the record says which log the document was part of"
+        );
+    }
+
+    /// A tab never welcomed (it opened offline and typed) takes in the record of a closed tab
+    /// that was part of log 2; the stored document holds that tab's edits, and the relay, which
+    /// lost the room's history meanwhile, welcomes with log 3. A record with no log took that
+    /// for a first visit: the edits only log 2 held never went back, and the relay refused
+    /// every later edit made next to them. The document goes back whole.
+    #[test]
+    fn a_session_never_welcomed_takes_the_log_of_the_records_it_takes_in() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let closed = Saved {
+            node: 5,
+            token: Some([5; 16]),
+            log: 2,
+            position: 40,
+            room: Some(RoomConfig::default()),
+            ..Saved::default()
+        };
+        // The stored document: what the closed tab's replica held.
+        let stored = SharedDoc::new();
+        stored.insert("t", 0, "only log 2 had this").unwrap();
+        let snapshot = stored.snapshot();
+        // At open: the tab's own record (no log) takes in the closed tab's.
+        let mut own = Saved::default();
+        own.adopt(&closed);
+        assert_eq!(
+            (own.log, own.position),
+            (2, 0),
+            "log 2, read from its start"
+        );
+        config.restore = Some(Saved::decode(&own.encode()).unwrap());
+        let mut reopened = Harness::with(config.clone());
+        reopened.session.replica().apply_update(&snapshot).unwrap();
+        reopened.joined(3, RoomConfig::default(), (0, 3), None);
+        reopened.store();
+        reopened.store();
+        let given = reopened.updates_sent();
+        assert_eq!(given.len(), 1, "the document is given back");
+        let room = SharedDoc::new();
+        room.apply_member_update(&given[0]).unwrap();
+        assert_eq!(room.text("t"), "only log 2 had this");
+
+        // The same, taken in while the session runs, before its first welcome.
+        config.restore = None;
+        let mut h = Harness::with(config);
+        h.session.replica().apply_update(&snapshot).unwrap();
+        h.session.take_in(h.now, &closed);
+        h.joined(3, RoomConfig::default(), (0, 3), None);
+        h.store();
+        h.store();
+        assert_eq!(h.updates_sent().len(), 1, "the document is given back");
     }
 
     /// The relay restarts on an empty store (another log) after this tab stamped at step 1,200:
