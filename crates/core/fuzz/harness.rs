@@ -403,6 +403,30 @@ pub fn document(data: &[u8]) {
     // different content contradict each other: which arrives first wins (as in Yjs), and a
     // merge picks a winner per range, so no single update stands for them.
     let checked = |update: &[u8]| pattern_mesh_core::doc::check_update(update).is_ok();
+    // Split into pieces (a large deletion goes that way): every piece but the first is within
+    // the size asked for and passes the check, and the pieces apply where the whole does, to
+    // the same texts.
+    let max = 16 + usize::from(data.first().copied().unwrap_or(0));
+    if let Ok(pieces) = pattern_mesh_core::doc::v1::split(data, max) {
+        for piece in pieces.iter().skip(1) {
+            assert!(piece.len() <= max, "a piece of {} bytes, over {max}", piece.len());
+        }
+        if checked(data) {
+            for piece in &pieces {
+                pattern_mesh_core::doc::check_update(piece).expect("a piece passes the check");
+            }
+            let whole = SharedDoc::new();
+            if whole.apply_update(data).is_ok() {
+                let split = SharedDoc::new();
+                for piece in &pieces {
+                    split.apply_update(piece).expect("a piece applies");
+                }
+                for name in whole.text_names() {
+                    assert_eq!(split.text(&name), whole.text(&name), "text {name:?} split");
+                }
+            }
+        }
+    }
     if let Ok(merged) = pattern_mesh_core::doc::merge_updates(&[first, second]) {
         if checked(first) && checked(second) {
             pattern_mesh_core::doc::check_update(&merged)

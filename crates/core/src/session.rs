@@ -843,7 +843,20 @@ impl<R: Replica> Session<R> {
         }
         // The message, not the update alone: one that fits only without its header would be
         // stored below, and then refused.
-        self.check_size(Body::update_len(doc, update.len()))?;
+        let max = self.max_payload();
+        if Body::update_len(doc, update.len()) > max {
+            // A large deletion (one range per run of clocks it deletes) goes in pieces that
+            // each fit; an update whose blocks alone do not fit is refused before anything of
+            // it is stored or sent.
+            let room = max.saturating_sub(Body::update_len(doc, 0) + 10);
+            let pieces = crate::doc::v1::split(&update, room).unwrap_or_default();
+            let first = pieces.first().map_or(update.len(), Vec::len);
+            self.check_size(Body::update_len(doc, first))?;
+            for piece in pieces {
+                self.update(now, doc, piece)?;
+            }
+            return Ok(());
+        }
         // The document holds the edit whatever the room does with it: storage keeps what the
         // document holds, or a tab reopened from it misses this edit and holds back every
         // later one of its own for good.
@@ -857,7 +870,6 @@ impl<R: Replica> Session<R> {
                 },
             );
         }
-        let max = self.max_payload();
         if let Some(Waiting {
             body:
                 Body::Update {

@@ -490,6 +490,44 @@ async fn an_insert_whose_update_is_over_the_limit_leaves_the_document_as_it_was(
     .await;
 }
 
+/// A deletion's edit is one range per run of clocks it deletes: in a text a member wrote at both
+/// ends in turn, deleting half of it deletes every other clock, 1,000 ranges, an edit over a
+/// relay's 2 KiB message limit however short the text. The document took it, and the edit
+/// could not go: the tab showed a deletion no one else saw. It goes in pieces, and arrives.
+#[tokio::test]
+async fn a_deletion_whose_edit_is_over_the_message_limit_reaches_the_room() {
+    let server = start("large-delete", |c| c.limits.max_message = 2 << 10).await;
+    let a = Client::connect(&server.url(), session("large-delete", "a"))
+        .await
+        .unwrap();
+    let b = Client::connect(&server.url(), session("large-delete", "b"))
+        .await
+        .unwrap();
+    for i in 0..2_000 {
+        let at = if i % 2 == 0 {
+            0
+        } else {
+            a.text(TEXT).len() as u32
+        };
+        a.insert(TEXT, at, "x").unwrap();
+    }
+    a.settled(Duration::from_secs(30)).await.unwrap();
+    until("the text", Duration::from_secs(10), || {
+        b.text(TEXT).len() == 2_000
+    })
+    .await;
+    a.delete(TEXT, 0, 1_000).unwrap();
+    a.insert(TEXT, 0, "after ").unwrap();
+    a.settled(Duration::from_secs(10)).await.unwrap();
+    until(
+        "the deletion and the edit after it",
+        Duration::from_secs(10),
+        || b.text(TEXT) == a.text(TEXT),
+    )
+    .await;
+    assert_eq!(b.text(TEXT), format!("after {}", "x".repeat(1_000)));
+}
+
 /// In a real-time room (a game session, with a stale window), an edit sent on a connection that
 /// went silent is sent again, with its stamp, once the client gives the connection up; by then the
 /// room has moved on by more than the stale window. The relay refused it as `stale`, and every

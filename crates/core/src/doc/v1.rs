@@ -66,6 +66,109 @@ pub fn check(update: &[u8]) -> Result<()> {
     reader.delete_set()
 }
 
+/// `update` as several updates of at most `max` bytes each, whose delete sets together are
+/// its delete set: the first holds its blocks and as much of the delete set as fits, the others
+/// the rest of it (a deletion applies the same whatever update brings it, and in any order).
+/// An update within `max` comes back whole. A large deletion in a document many clients wrote
+/// is one range per run of clocks it deletes, which can pass a relay's message limit whatever
+/// the text's length; its pieces travel as separate edits.
+///
+/// The blocks are not split: when they alone (with an empty delete set) pass `max`, the first
+/// piece does too, and the caller says the edit is too large. Checked as [`check`] does.
+pub fn split(update: &[u8], max: usize) -> Result<Vec<Vec<u8>>> {
+    let mut reader = Reader {
+        bytes: update,
+        at: 0,
+        record: None,
+    };
+    reader.structs()?;
+    if update.len() <= max {
+        reader.delete_set()?;
+        return Ok(vec![update.to_vec()]);
+    }
+    let blocks = &update[..reader.at];
+    // Room kept in each piece for the counts, written once the piece is complete: of clients
+    // (at most 10 bytes as a LEB128 number), and of each client's ranges.
+    const COUNT: usize = 10;
+    let mut pieces = Vec::new();
+    let mut piece = Piece::new(blocks);
+    let clients = reader.number()?;
+    for _ in 0..clients {
+        let client = reader.number()?;
+        let ranges = reader.number()?;
+        for _ in 0..ranges {
+            let clock = reader.number()?;
+            let len = reader.deleted_length()?;
+            let range = var_len(clock) + var_len(len);
+            let grows = |piece: &Piece| {
+                range
+                    + if piece.has(client) {
+                        0
+                    } else {
+                        var_len(client) + COUNT
+                    }
+            };
+            let mut by = grows(&piece);
+            if piece.len + by + COUNT > max && !piece.clients.is_empty() {
+                pieces.push(std::mem::replace(&mut piece, Piece::new(&[0])).finish());
+                by = grows(&piece);
+            }
+            piece.add(client, (clock, len), by);
+        }
+    }
+    pieces.push(piece.finish());
+    Ok(pieces)
+}
+
+/// One piece of [`split`]: its blocks, and its part of the delete set by client.
+struct Piece {
+    blocks: Vec<u8>,
+    clients: Vec<(u64, Vec<(u64, u64)>)>,
+    /// The bytes it takes so far, but the counts.
+    len: usize,
+}
+
+impl Piece {
+    fn new(blocks: &[u8]) -> Self {
+        Piece {
+            blocks: blocks.to_vec(),
+            clients: Vec::new(),
+            len: blocks.len(),
+        }
+    }
+
+    fn has(&self, client: u64) -> bool {
+        self.clients.last().is_some_and(|&(c, _)| c == client)
+    }
+
+    fn add(&mut self, client: u64, range: (u64, u64), grows: usize) {
+        match self.clients.last_mut() {
+            Some((c, ranges)) if *c == client => ranges.push(range),
+            _ => self.clients.push((client, vec![range])),
+        }
+        self.len += grows;
+    }
+
+    fn finish(self) -> Vec<u8> {
+        let mut out = self.blocks;
+        write_var(&mut out, self.clients.len() as u64);
+        for (client, ranges) in self.clients {
+            write_var(&mut out, client);
+            write_var(&mut out, ranges.len() as u64);
+            for (clock, len) in ranges {
+                write_var(&mut out, clock);
+                write_var(&mut out, len);
+            }
+        }
+        out
+    }
+}
+
+/// The length of `value` as a LEB128 number.
+fn var_len(value: u64) -> usize {
+    (64 - value.max(1).leading_zeros() as usize).div_ceil(7)
+}
+
 /// An update cut down to what integrates: see [`integrable`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
@@ -644,6 +747,64 @@ mod tests {
 
     fn problem(update: &[u8]) -> &'static str {
         check(update).expect_err("refused").problem
+    }
+
+    /// A deletion in a text a client wrote at both ends in turn deletes every other clock of
+    /// it: one range each, 1,000 of them. Split to 600 bytes, every piece fits, and the pieces
+    /// delete what the whole does.
+    #[test]
+    fn a_large_delete_set_splits_into_pieces_that_fit_and_delete_the_same() {
+        use yrs::updates::decoder::Decode;
+        use yrs::GetString;
+        let doc = Doc::with_options(Options {
+            client_id: yrs::block::ClientID::new(5),
+            ..Options::default()
+        });
+        let text = doc.get_or_insert_text("t");
+        for i in 0..2_000u32 {
+            let mut txn = doc.transact_mut();
+            let at = if i % 2 == 0 { 0 } else { text.len(&txn) };
+            text.insert(&mut txn, at, "x");
+        }
+        let before = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        let delete = {
+            let mut txn = doc.transact_mut();
+            text.remove_range(&mut txn, 0, 1_000);
+            txn.encode_update_v1()
+        };
+        assert!(delete.len() > 2_000, "{} bytes", delete.len());
+        let pieces = split(&delete, 600).unwrap();
+        assert!(pieces.len() > 3, "{} pieces", pieces.len());
+        let other = Doc::new();
+        let other_text = other.get_or_insert_text("t");
+        other
+            .transact_mut()
+            .apply_update(yrs::Update::decode_v1(&before).unwrap())
+            .unwrap();
+        for piece in &pieces {
+            assert!(piece.len() <= 600, "{} bytes", piece.len());
+            check(piece).unwrap();
+            other
+                .transact_mut()
+                .apply_update(yrs::Update::decode_v1(piece).unwrap())
+                .unwrap();
+        }
+        assert_eq!(
+            other_text.get_string(&other.transact()),
+            text.get_string(&doc.transact())
+        );
+        assert_eq!(other_text.len(&other.transact()), 1_000);
+        // Within the limit, the update comes back whole.
+        assert_eq!(split(&delete, delete.len()).unwrap(), vec![delete.clone()]);
+        // Blocks alone over the limit: the first piece is over it too.
+        let insert = {
+            let mut txn = doc.transact_mut();
+            text.insert(&mut txn, 0, &"y".repeat(700));
+            txn.encode_update_v1()
+        };
+        assert!(split(&insert, 600).unwrap()[0].len() > 600);
     }
 
     #[test]
