@@ -409,7 +409,11 @@ pub fn document(data: &[u8]) {
     let max = 16 + usize::from(data.first().copied().unwrap_or(0));
     if let Ok(pieces) = pattern_mesh_core::doc::v1::split(data, max) {
         for piece in pieces.iter().skip(1) {
-            assert!(piece.len() <= max, "a piece of {} bytes, over {max}", piece.len());
+            assert!(
+                piece.len() <= max,
+                "a piece of {} bytes, over {max}",
+                piece.len()
+            );
         }
         if checked(data) {
             for piece in &pieces {

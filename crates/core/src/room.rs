@@ -616,7 +616,7 @@ fn is_membership(bytes: &[u8]) -> bool {
 /// Why the room's document did not take a member's update, for its refusal.
 fn refusal_detail(error: DocError) -> String {
     match error {
-        DocError::Unwritten(detail) => format!("the update was not taken: {detail}"),
+        DocError::NotTaken(detail) => format!("the update was not taken: {detail}"),
         e => format!("the update does not apply to the room's document: {e}"),
     }
 }

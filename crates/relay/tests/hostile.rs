@@ -1118,6 +1118,46 @@ async fn an_update_deleting_clocks_no_one_wrote_is_refused() {
     server.stop().await;
 }
 
+/// A member writes under another member's Yjs client id at its next clock (no gap: the victim's
+/// edits so far are its origin), before the victim's next edit goes out. The relay took the
+/// victim's edit as one it already held: acknowledged, and passed on, every replica kept the
+/// attacker's content at those clocks, and the victim's text went nowhere, with nothing said.
+/// An edit that writes clocks the room holds with other content is refused, naming the clocks;
+/// the same edit sent again (a resend after a reconnect) and a whole document given back, which
+/// hold what the room holds, are taken.
+#[tokio::test]
+async fn an_edit_at_clocks_another_member_wrote_first_is_refused_not_lost() {
+    let server = start("taken-clocks", |_| {}).await;
+    let mut victim = join(&server, "doc", 0, None).await;
+    let mut attacker = join(&server, "doc", 0, None).await;
+    let doc = SharedDoc::with_client_id(4_242);
+    let first = edit(&doc, 0, "first");
+    victim.acked(first.clone()).await;
+    // The attacker saw the victim's edit: it writes the victim's next clock, after its text.
+    let forged = SharedDoc::with_client_id(4_242);
+    forged.apply_update(&doc.snapshot()).unwrap();
+    attacker.acked(edit(&forged, 5, "X")).await;
+    victim.fence().await;
+    let frame = Frame::stamped(victim.stamp(), edit(&doc, 5, " second"));
+    victim.send(&frame).await;
+    let detail = victim.expect_reject(Reason::Malformed).await;
+    assert!(
+        detail.contains("client 4242's clock 5 with other content than the room holds there"),
+        "{detail}"
+    );
+    // What the room holds, sent again, is taken.
+    victim.fence().await;
+    victim.acked(first).await;
+    let whole = Body::Update {
+        doc: "*".into(),
+        update: forged.snapshot(),
+    };
+    victim.acked(whole).await;
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "firstX");
+    server.stop().await;
+}
+
 /// The relay's bytes in large messages whose parts are still arriving, from its metrics.
 async fn partial_bytes(server: &Server) -> u64 {
     let metrics = http_get(server.addr, "/metrics").await;

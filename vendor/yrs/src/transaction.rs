@@ -76,6 +76,46 @@ pub trait ReadTxn: Sized {
         true
     }
 
+    /// The blocks of `client` that hold the ids in `clocks`, as a Yjs v1 update with an empty
+    /// delete set: the first written from `clocks.start` on (as a diff writes it), the last
+    /// whole. An update of no blocks when the document holds none of them. Finds the first block
+    /// by the block list's binary search, and visits only the blocks in the range.
+    fn encode_client_range_v1(
+        &self,
+        client: crate::block::ClientID,
+        clocks: std::ops::Range<u32>,
+    ) -> Vec<u8> {
+        use crate::encoding::write::Write;
+        let mut encoder = EncoderV1::new();
+        let list = self.store().blocks.get_client(&client);
+        let start = match list {
+            Some(list) if !clocks.is_empty() && list.len() > 0 => list.find_index(clocks.start),
+            _ => None,
+        };
+        match (list, start) {
+            (Some(list), Some(start)) => {
+                let mut end = start + 1;
+                while end < list.len() && list[end].clock_start() < clocks.end {
+                    end += 1;
+                }
+                encoder.write_var(1u32);
+                encoder.write_var(end - start);
+                encoder.write_client(client);
+                encoder.write_var(clocks.start);
+                let first = list.get(start).unwrap().as_ref();
+                let mut slice = first.as_slice();
+                slice.trim_start(clocks.start - first.clock_start());
+                slice.encode(&mut encoder);
+                for i in (start + 1)..end {
+                    list[i].as_slice().encode(&mut encoder);
+                }
+            }
+            _ => encoder.write_var(0u32),
+        }
+        encoder.write_var(0u32);
+        encoder.to_vec()
+    }
+
     /// Returns a snapshot which describes a current state of updates and removals made within
     /// the corresponding document.
     fn snapshot(&self) -> Snapshot {

@@ -46,11 +46,12 @@ pub enum DocError {
     /// Bytes that are not a Yjs v1 update, or an update that cannot be applied.
     #[error("invalid Yjs update: {0}")]
     InvalidUpdate(String),
-    /// An update that needs clocks no one has written: it deletes them, or writes after them or
-    /// next to them (see
+    /// A member's update the room's document does not take: it needs clocks no one has written
+    /// (it deletes them, or writes after them or next to them), or it writes clocks the
+    /// document holds with other content (see
     /// [`SharedDoc::apply_member_update`](shared::SharedDoc::apply_member_update)).
     #[error("{0}")]
-    Unwritten(String),
+    NotTaken(String),
     /// Bytes that are not a Yjs state vector.
     #[error("invalid Yjs state vector: {0}")]
     InvalidStateVector(String),

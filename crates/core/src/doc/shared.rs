@@ -232,20 +232,28 @@ impl SharedDoc {
     /// integrates here at once (see [`super::v1::integrable`]). Yjs keeps what does not, and
     /// waits for what it needs: a member could otherwise leave every replica waiting for good
     /// (blocks after a gap in a client's clocks), or delete another member's next edits as they
-    /// arrive (deletes of clocks no one wrote). Such an update is [`DocError::Unwritten`],
-    /// naming the client and clocks.
+    /// arrive (deletes of clocks no one wrote). Nor is one that writes clocks this document
+    /// holds with other content (see [`super::v1::refusal`]): another member's edit at a
+    /// member's next clocks, under its client id, would have this one's real edit taken as one
+    /// the room already had, and lost. Such an update is [`DocError::NotTaken`], naming the
+    /// client and clocks.
     pub fn apply_member_update(&self, update: &[u8]) -> Result<(), DocError> {
         // The clocks of the few clients the update names, not the whole state vector: a
         // document keeps every client id that ever wrote, and this runs for every update.
         let checked = {
             let txn = self.doc.transact();
-            super::v1::integrable(update, |client| {
-                u64::from(txn.state_of(ClientID::new(client)))
-            })
+            super::v1::refusal(
+                update,
+                |client| u64::from(txn.state_of(ClientID::new(client))),
+                |client, from, to| {
+                    // Clocks the document holds: below 2^32.
+                    txn.encode_client_range_v1(ClientID::new(client), from as u32..to as u32)
+                },
+            )
         };
         match checked {
             Ok(None) => self.apply_stored(update),
-            Ok(Some(cut)) => Err(DocError::Unwritten(cut.why)),
+            Ok(Some(why)) => Err(DocError::NotTaken(why)),
             Err(e) => Err(DocError::InvalidUpdate(format!(
                 "not an update Yjs applies: {e}"
             ))),

@@ -61,6 +61,8 @@ pub fn check(update: &[u8]) -> Result<()> {
         bytes: update,
         at: 0,
         record: None,
+        capture: None,
+        run: None,
     };
     reader.structs()?;
     reader.delete_set()
@@ -80,6 +82,8 @@ pub fn split(update: &[u8], max: usize) -> Result<Vec<Vec<u8>>> {
         bytes: update,
         at: 0,
         record: None,
+        capture: None,
+        run: None,
     };
     reader.structs()?;
     if update.len() <= max {
@@ -190,12 +194,244 @@ pub struct Cut {
 /// document back to a relay that lost the room's history cuts, with `have` 0, what its replica
 /// holds back: that waits, shows nothing, and would make the relay refuse the whole document.
 pub fn integrable(update: &[u8], have: impl Fn(u64) -> u64) -> Result<Option<Cut>> {
+    integrable_with(update, &have, None)
+}
+
+/// Why the room's document must not take `update` from a member, if so: the first thing
+/// [`integrable`] would cut, or else the first clock the document holds (below `have(client)`)
+/// that the update writes with other content. `held(client, from, to)` gives the document's
+/// blocks of `client` that hold its clocks `from..to`, as a v1 update.
+///
+/// An update that writes clocks the document holds is taken as one it already has: a resend
+/// after a reconnect, a document given back after the relay lost the room's history. Written
+/// with other content, those clocks are another writer's under the same client id: a member
+/// that wrote at another member's next clock (from its client id and clock, which every update
+/// shows) before that member's edit went out. Taken, the victim's edit would be acknowledged
+/// and passed on, and lost on every replica (each keeps what it had at those clocks). Compared
+/// clock by clock (blocks split and merge differently on every replica): each clock's origin,
+/// its block's right origin, its parent where it names one, and its content unit: a string's
+/// UTF-16 code unit, binary content, a shared type. Values, JSON, embeds and formats compare by
+/// kind alone (writers encode one value differently: lib0 numbers, map key order, JSON text).
+/// Content a replica collected after a deletion, skips and collected ranges compare with
+/// anything.
+pub fn refusal(
+    update: &[u8],
+    have: impl Fn(u64) -> u64,
+    held: impl Fn(u64, u64, u64) -> Vec<u8>,
+) -> Result<Option<String>> {
+    let mut runs = Vec::new();
+    if let Some(cut) = integrable_with(update, &have, Some(&mut runs))? {
+        return Ok(Some(cut.why));
+    }
+    // By client, in clock order (an update holds one section per client; a second one of the
+    // same client is compared all the same).
+    runs.sort_by_key(|(client, run)| (*client, run.start));
+    let mut rest = runs.as_slice();
+    while let Some((client, _)) = rest.first() {
+        let client = *client;
+        let count = rest.iter().take_while(|(c, _)| *c == client).count();
+        let (mine, next) = rest.split_at(count);
+        rest = next;
+        let from = mine[0].1.start;
+        let to = mine
+            .iter()
+            .map(|(_, run)| run.end)
+            .max()
+            .unwrap_or(from)
+            .min(have(client));
+        if from >= to {
+            continue;
+        }
+        let bytes = held(client, from, to);
+        let want = |c: u64, _: u64| c == client;
+        let Ok(theirs) = describe(&bytes, &want) else {
+            continue;
+        };
+        let mine: Vec<&Run> = mine.iter().map(|(_, run)| run).collect();
+        let theirs: Vec<&Run> = theirs.iter().map(|(_, run)| run).collect();
+        if let Some(clock) = first_difference(client, (update, &mine), (&bytes, &theirs), to) {
+            return Ok(Some(format!(
+                "it writes client {client}'s clock {clock} with other content than the room holds there (another writer used that client id first)"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The blocks of `bytes` that `want(client, clock)` picks, described.
+fn describe(bytes: &[u8], want: &dyn Fn(u64, u64) -> bool) -> Result<Vec<(u64, Run)>> {
+    let mut reader = Reader {
+        bytes,
+        at: 0,
+        record: None,
+        capture: Some(Capture {
+            want,
+            runs: Vec::new(),
+        }),
+        run: None,
+    };
+    reader.structs()?;
+    Ok(reader.capture.map(|c| c.runs).unwrap_or_default())
+}
+
+/// The first clock below `to` where the runs `mine` (of `client`, in clock order, in the update
+/// `a`) and `theirs` (in `b`) differ, where both have it.
+fn first_difference(
+    client: u64,
+    (a, mine): (&[u8], &[&Run]),
+    (b, theirs): (&[u8], &[&Run]),
+    to: u64,
+) -> Option<u64> {
+    let origin_at = |run: &Run, clock: u64| {
+        if clock == run.start {
+            run.origin
+        } else {
+            Some((client, clock - 1))
+        }
+    };
+    let mut next = 0;
+    // A cursor through the content of `theirs[index]`; clocks only go up, so it only moves on.
+    let mut held: Option<(usize, Cursor)> = None;
+    for run in mine {
+        let end = run.end.min(to);
+        let mut clock = run.start;
+        let mut cursor = Cursor::new(a, &run.content);
+        while clock < end {
+            while theirs.get(next).is_some_and(|t| t.end <= clock) {
+                next += 1;
+            }
+            let their = theirs.get(next)?;
+            if their.start > clock {
+                // Not in the room's blocks (never, for clocks it holds): nothing to compare.
+                clock = their.start;
+                continue;
+            }
+            let stop = end.min(their.end);
+            let items =
+                !matches!(run.content, Units::Gone) && !matches!(their.content, Units::Gone);
+            if items {
+                let origin = origin_at(run, clock);
+                if origin != origin_at(their, clock) || run.right != their.right {
+                    return Some(clock);
+                }
+                let names_parent = origin.is_none() && run.right.is_none();
+                if names_parent
+                    && a[run.parent.0..run.parent.1] != b[their.parent.0..their.parent.1]
+                {
+                    return Some(clock);
+                }
+            }
+            let theirs_cursor = match &mut held {
+                Some((index, cursor)) if *index == next => cursor,
+                _ => &mut held.insert((next, Cursor::new(b, &their.content))).1,
+            };
+            cursor.skip_to(clock - run.start);
+            theirs_cursor.skip_to(clock - their.start);
+            for at in clock..stop {
+                if !cursor.next().matches(&theirs_cursor.next()) {
+                    return Some(at);
+                }
+            }
+            clock = stop;
+        }
+    }
+    None
+}
+
+/// A position in a block's content, one unit per clock.
+struct Cursor<'b> {
+    at: u64,
+    units: CursorUnits<'b>,
+}
+
+enum CursorUnits<'b> {
+    Any,
+    Text(std::str::EncodeUtf16<'b>),
+    Elements(u8, &'b [u8], std::slice::Iter<'b, (usize, usize)>),
+}
+
+/// One unit of content.
+enum Unit<'b> {
+    /// Anything (content collected, or past what a block holds).
+    Any,
+    /// A UTF-16 code unit of a string.
+    Code(u16),
+    /// A unit of another kind: its kind and bytes.
+    Bytes(u8, &'b [u8]),
+}
+
+impl Unit<'_> {
+    /// Whether two units may be the same clock's content: U+FFFD stands for half of a
+    /// surrogate pair a replica split.
+    fn matches(&self, other: &Unit<'_>) -> bool {
+        match (self, other) {
+            (Unit::Any, _) | (_, Unit::Any) => true,
+            (Unit::Code(a), Unit::Code(b)) => a == b || *a == 0xfffd || *b == 0xfffd,
+            (Unit::Bytes(k, a), Unit::Bytes(l, b)) => k == l && a == b,
+            _ => false,
+        }
+    }
+}
+
+impl<'b> Cursor<'b> {
+    fn new(bytes: &'b [u8], units: &'b Units) -> Self {
+        let units = match units {
+            Units::Gone | Units::Deleted => CursorUnits::Any,
+            Units::Text(start, end) => match std::str::from_utf8(&bytes[*start..*end]) {
+                Ok(text) => CursorUnits::Text(text.encode_utf16()),
+                Err(_) => CursorUnits::Any,
+            },
+            Units::Elements(kind, units) => CursorUnits::Elements(*kind, bytes, units.iter()),
+        };
+        Cursor { at: 0, units }
+    }
+
+    fn next(&mut self) -> Unit<'b> {
+        self.at += 1;
+        match &mut self.units {
+            CursorUnits::Any => Unit::Any,
+            CursorUnits::Text(codes) => codes.next().map_or(Unit::Any, Unit::Code),
+            CursorUnits::Elements(kind, bytes, units) => {
+                units.next().map_or(Unit::Any, |&(start, end)| {
+                    // Binary content and a shared type's kind (and name) are written the same
+                    // by every writer. Values and JSON are not: lib0 writes a number in
+                    // whichever form holds it, yrs writes a map's keys in its own order, and
+                    // JSON's text depends on its writer. Those compare by kind alone.
+                    let exact = matches!(kind, 3 | 7);
+                    Unit::Bytes(*kind, if exact { &bytes[start..end] } else { &[] })
+                })
+            }
+        }
+    }
+
+    /// Moves on to the unit at `offset` in the block (never back).
+    fn skip_to(&mut self, offset: u64) {
+        while self.at < offset {
+            self.next();
+        }
+    }
+}
+
+fn integrable_with(
+    update: &[u8],
+    have: &dyn Fn(u64) -> u64,
+    runs: Option<&mut Vec<(u64, Run)>>,
+) -> Result<Option<Cut>> {
+    let want = |client: u64, clock: u64| clock < have(client);
     let mut reader = Reader {
         bytes: update,
         at: 0,
         record: Some(Record::default()),
+        capture: runs.is_some().then(|| Capture {
+            want: &want,
+            runs: Vec::new(),
+        }),
+        run: None,
     };
     reader.structs()?;
+    if let (Some(runs), Some(capture)) = (runs, reader.capture.take()) {
+        *runs = capture.runs;
+    }
     let Record {
         blocks,
         refs,
@@ -400,6 +636,44 @@ struct Reader<'a> {
     at: usize,
     /// What [`integrable`] needs, when it reads.
     record: Option<Record>,
+    /// What [`conflict`] needs, when it reads: which blocks to describe (by client and first
+    /// clock), and their descriptions.
+    capture: Option<Capture<'a>>,
+    /// The block being read, described, when it is one to capture.
+    run: Option<Run>,
+}
+
+/// The blocks [`conflict`] wants described, and those described so far.
+struct Capture<'a> {
+    want: &'a dyn Fn(u64, u64) -> bool,
+    runs: Vec<(u64, Run)>,
+}
+
+/// One block, as [`conflict`] compares it with another, clock by clock.
+#[derive(Debug, Default)]
+struct Run {
+    start: u64,
+    end: u64,
+    origin: Option<(u64, u64)>,
+    right: Option<(u64, u64)>,
+    /// The bytes of its parent (and key), when it writes one (no origin on either side).
+    parent: (usize, usize),
+    content: Units,
+}
+
+/// A block's content, one unit per clock.
+#[derive(Debug, Default)]
+enum Units {
+    /// A collected range or a skip: nothing to compare.
+    #[default]
+    Gone,
+    /// Deleted content: its origins compare, its content is gone.
+    Deleted,
+    /// A string, compared by UTF-16 code unit: its bytes.
+    Text(usize, usize),
+    /// Units of a kind, each its bytes: JSON strings, values, or the one unit of binary content,
+    /// an embed, a format, a shared type or a sub-document.
+    Elements(u8, Vec<(usize, usize)>),
 }
 
 type Result<T> = std::result::Result<T, V1Error>;
@@ -543,7 +817,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An id `(client, clock)`; one of the item's own client at or after its clock is refused.
-    fn id_before(&mut self, client: u64, clock: u64, problem: &'static str) -> Result<()> {
+    fn id_before(&mut self, client: u64, clock: u64, problem: &'static str) -> Result<(u64, u64)> {
         let start = self.at;
         let (of, at) = (self.number()?, self.number()?);
         if of == client && at >= clock {
@@ -555,7 +829,7 @@ impl<'a> Reader<'a> {
         if let Some(record) = &mut self.record {
             record.refs.push((of, at));
         }
-        Ok(())
+        Ok((of, at))
     }
 
     /// The blocks, client by client.
@@ -569,7 +843,19 @@ impl<'a> Reader<'a> {
             for _ in 0..count {
                 let (at, refs) = (self.at, self.record.as_ref().map_or(0, |r| r.refs.len()));
                 let skip = self.bytes.get(at).is_some_and(|info| info & 0x1f == 10);
+                if self
+                    .capture
+                    .as_ref()
+                    .is_some_and(|c| (c.want)(client, clock))
+                {
+                    self.run = Some(Run::default());
+                }
                 let len = self.block(client, clock)?;
+                if let (Some(mut run), Some(capture)) = (self.run.take(), &mut self.capture) {
+                    run.start = clock;
+                    run.end = clock.saturating_add(len);
+                    capture.runs.push((client, run));
+                }
                 if let Some(record) = &mut self.record {
                     record.blocks.push(BlockAt {
                         client,
@@ -604,12 +890,20 @@ impl<'a> Reader<'a> {
                 return Err(self.error("a content type Yjs does not know"));
             }
         }
+        let mut origin = None;
+        let mut right = None;
         if info & 0x80 != 0 {
-            self.id_before(client, clock, "an item whose origin is not before it")?;
+            origin =
+                Some(self.id_before(client, clock, "an item whose origin is not before it")?);
         }
         if info & 0x40 != 0 {
-            self.id_before(client, clock, "an item whose right origin is not before it")?;
+            right = Some(self.id_before(
+                client,
+                clock,
+                "an item whose right origin is not before it",
+            )?);
         }
+        let parent = self.at;
         if info & 0xc0 == 0 {
             if self.number()? == 1 {
                 self.string()?;
@@ -620,7 +914,16 @@ impl<'a> Reader<'a> {
                 self.string()?;
             }
         }
-        Ok(match info & 0x1f {
+        if let Some(run) = &mut self.run {
+            run.origin = origin;
+            run.right = right;
+            run.parent = (parent, self.at);
+        }
+        let kind = info & 0x1f;
+        let content = self.at;
+        // Each unit's bytes, for a run being described.
+        let mut units = self.run.as_ref().map(|_| Vec::new());
+        let len = match kind {
             // Deleted content: its length.
             1 => self.number()?,
             // JSON content: strings that `JSON.parse` takes, or "undefined".
@@ -635,6 +938,9 @@ impl<'a> Reader<'a> {
                             offset: start,
                         });
                     }
+                    if let Some(units) = &mut units {
+                        units.push((start, self.at));
+                    }
                 }
                 count
             }
@@ -645,7 +951,14 @@ impl<'a> Reader<'a> {
                 1
             }
             // A string: its length in UTF-16 code units.
-            4 => self.string()?.chars().map(|c| c.len_utf16() as u64).sum(),
+            4 => {
+                let text = self.string()?;
+                if let Some(run) = &mut self.run {
+                    let end = self.at;
+                    run.content = Units::Text(end - text.len(), end);
+                }
+                text.chars().map(|c| c.len_utf16() as u64).sum()
+            }
             // An embed.
             5 => {
                 self.json()?;
@@ -681,7 +994,11 @@ impl<'a> Reader<'a> {
             8 => {
                 let count = self.number()?;
                 for _ in 0..count {
+                    let start = self.at;
                     self.any()?;
+                    if let Some(units) = &mut units {
+                        units.push((start, self.at));
+                    }
                 }
                 count
             }
@@ -694,7 +1011,16 @@ impl<'a> Reader<'a> {
                 self.any()?;
                 1
             }
-        })
+        };
+        if let Some(run) = &mut self.run {
+            match (kind, units) {
+                (1, _) => run.content = Units::Deleted,
+                (4, _) => {}
+                (2 | 8, Some(units)) => run.content = Units::Elements(kind, units),
+                _ => run.content = Units::Elements(kind, vec![(content, self.at)]),
+            }
+        }
+        Ok(len)
     }
 
     /// The delete set: for each client, ranges `(clock, length)`.
@@ -728,6 +1054,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use yrs::types::xml::XmlFragment;
+    use yrs::updates::decoder::Decode;
     use yrs::{
         Any, Array, ArrayPrelim, Doc, Map, MapPrelim, OffsetKind, Options, ReadTxn, StateVector,
         Text, Transact, XmlElementPrelim,
@@ -754,7 +1081,6 @@ mod tests {
     /// delete what the whole does.
     #[test]
     fn a_large_delete_set_splits_into_pieces_that_fit_and_delete_the_same() {
-        use yrs::updates::decoder::Decode;
         use yrs::GetString;
         let doc = Doc::with_options(Options {
             client_id: yrs::block::ClientID::new(5),
@@ -1003,6 +1329,154 @@ mod tests {
         let cut = integrable(&chain(false), |_| 0).unwrap().unwrap();
         assert_eq!(cut.update, [0, 0]);
         assert!(cut.why.contains("client 1's clocks 0..1"), "{}", cut.why);
+    }
+
+    /// A document of client `id` that counts text positions in UTF-16 code units, as Yjs does.
+    fn doc_of(id: u64) -> Doc {
+        Doc::with_options(Options {
+            client_id: yrs::block::ClientID::new(id),
+            offset_kind: OffsetKind::Utf16,
+            ..Options::default()
+        })
+    }
+
+    fn state(doc: &Doc) -> Vec<u8> {
+        doc.transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// What a room holds, sent again, is taken however the room's blocks split and merged since:
+    /// another client's insert inside it, a deletion of part of it (whose content the room
+    /// collected), an insert between the halves of a surrogate pair, values in a map and an
+    /// array. So is the writer's whole document given back.
+    #[test]
+    fn clocks_the_room_holds_sent_again_are_taken_however_its_blocks_split() {
+        let writer = doc_of(5);
+        let text = writer.get_or_insert_text("t");
+        let map = writer.get_or_insert_map("m");
+        let array = writer.get_or_insert_array("a");
+        let mut sent = Vec::new();
+        for edit in 0..4 {
+            let mut txn = writer.transact_mut();
+            match edit {
+                0 => text.insert(&mut txn, 0, "hello a😀b world"),
+                1 => {
+                    map.insert(&mut txn, "k", Any::from("v"));
+                    map.insert(&mut txn, "n", Any::from(1.5));
+                }
+                2 => array.insert_range(&mut txn, 0, [Any::from(1.0), Any::from("two")]),
+                _ => text.insert(&mut txn, 5, ","),
+            }
+            sent.push(txn.encode_update_v1());
+        }
+        let room = crate::doc::SharedDoc::with_client_id(1);
+        for update in &sent {
+            room.apply_member_update(update).unwrap();
+        }
+        // Another member writes inside the text and the array, between the halves of the
+        // surrogate pair, and deletes a word: the room's blocks split.
+        let other = doc_of(6);
+        other
+            .transact_mut()
+            .apply_update(yrs::Update::decode_v1(&state(&writer)).unwrap())
+            .unwrap();
+        let other_text = other.get_or_insert_text("t");
+        let other_array = other.get_or_insert_array("a");
+        let mut edits = Vec::new();
+        for edit in 0..4 {
+            let mut txn = other.transact_mut();
+            match edit {
+                0 => other_text.insert(&mut txn, 3, "X"),
+                1 => other_text.insert(&mut txn, 10, "Y"),
+                2 => other_text.remove_range(&mut txn, 14, 5),
+                _ => drop(other_array.insert(&mut txn, 1, Any::from("between"))),
+            }
+            edits.push(txn.encode_update_v1());
+        }
+        for update in &edits {
+            room.apply_member_update(update).unwrap();
+        }
+        for update in &sent {
+            room.apply_member_update(update).unwrap();
+        }
+        room.apply_member_update(&state(&writer)).unwrap();
+        room.apply_member_update(&state(&other)).unwrap();
+    }
+
+    /// Clocks the room holds, written with other content, are refused, at the first clock that
+    /// differs: other text, the same text elsewhere (another origin), another key of a map,
+    /// another kind of content.
+    #[test]
+    fn clocks_the_room_holds_written_with_other_content_are_refused() {
+        let writer = doc_of(5);
+        let text = writer.get_or_insert_text("t");
+        let first = {
+            let mut txn = writer.transact_mut();
+            text.insert(&mut txn, 0, "first");
+            txn.encode_update_v1()
+        };
+        let room = crate::doc::SharedDoc::with_client_id(1);
+        room.apply_member_update(&first).unwrap();
+        // An update of client 5 that a fresh document makes with `edit`.
+        let forge = |edit: &dyn Fn(&Doc) -> Vec<u8>| edit(&doc_of(5));
+        let text_in = |name: &'static str, content: &'static str| {
+            forge(&move |d| {
+                let t = d.get_or_insert_text(name);
+                let mut txn = d.transact_mut();
+                t.insert(&mut txn, 0, content);
+                txn.encode_update_v1()
+            })
+        };
+        let cases: Vec<(&str, Vec<u8>, u64)> = vec![
+            ("other text", text_in("t", "fir5t"), 3),
+            ("other text, longer", text_in("t", "firsT and more"), 4),
+            ("another text", text_in("u", "first"), 0),
+            (
+                "a map entry",
+                forge(&|d| {
+                    let m = d.get_or_insert_map("m");
+                    let mut txn = d.transact_mut();
+                    m.insert(&mut txn, "k", Any::from("first"));
+                    txn.encode_update_v1()
+                }),
+                0,
+            ),
+        ];
+        for (what, update, clock) in cases {
+            let error = room.apply_member_update(&update).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("client 5's clock {clock} with other content")),
+                "{what}: {error}"
+            );
+        }
+        // The same text at the next clocks, after another client's text instead of its own.
+        let room_doc = doc_of(9);
+        room_doc
+            .transact_mut()
+            .apply_update(yrs::Update::decode_v1(&first).unwrap())
+            .unwrap();
+        let next = {
+            let mut txn = writer.transact_mut();
+            text.insert(&mut txn, 5, " second");
+            txn.encode_update_v1()
+        };
+        let elsewhere = {
+            let forged = doc_of(5);
+            forged
+                .transact_mut()
+                .apply_update(yrs::Update::decode_v1(&first).unwrap())
+                .unwrap();
+            let t = forged.get_or_insert_text("t");
+            let mut txn = forged.transact_mut();
+            t.insert(&mut txn, 0, " second");
+            txn.encode_update_v1()
+        };
+        room.apply_member_update(&elsewhere).unwrap();
+        let error = room.apply_member_update(&next).unwrap_err().to_string();
+        assert!(
+            error.contains("client 5's clock 5 with other content"),
+            "{error}"
+        );
     }
 
     #[test]
