@@ -1317,6 +1317,15 @@ impl MeshClient {
         Ok(self.driver()?.session.replica().state_vector())
     }
 
+    /// Whether an edit of the document will never reach the room: the relay refused it for good
+    /// (a `refused` event of kind `update`: a room at its size limit, a read-only token). The
+    /// document then shows what no other member sees, and the relay refuses the later edits
+    /// that come after it; a client that loads the room anew shares edits again.
+    #[wasm_bindgen(getter)]
+    pub fn diverged(&self) -> Result<bool, JsValue> {
+        Ok(self.driver()?.session.diverged())
+    }
+
     /// Messages not yet acknowledged as stored (sent, or waiting to be sent).
     #[wasm_bindgen(getter, js_name = pendingCount)]
     pub fn pending_count(&self) -> Result<usize, JsValue> {

@@ -85,10 +85,11 @@ test("in Chromium: refused without a token, read-only pages cannot write, expiri
     const before = text.toString();
     text.insert(0, "from the reader ");
     for (let i = 0; i < 100 && refused.length === 0; i++) await new Promise((r) => setTimeout(r, 50));
-    return { before, refused };
+    return { before, refused, diverged: client.diverged };
   }, { url, room });
   assert.equal(read.before, typed.typed, "the reader has every character the writer typed");
   assert.deepEqual(read.refused, ["update forbidden"]);
+  assert.equal(read.diverged, true, "the reader's document shows what the room does not hold");
   // Nothing of the reader's reached the writer.
   await new Promise((r) => setTimeout(r, 500));
   assert.equal(await writer.evaluate(() => window.client.text("content").toString()), typed.typed);

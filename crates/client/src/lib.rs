@@ -452,6 +452,11 @@ impl Client {
         self.with_session(|s, _| s.pending())
     }
 
+    /// Whether an edit of the document was refused for good (see `Session::diverged`).
+    pub fn diverged(&self) -> bool {
+        self.with_session(|s, _| s.diverged())
+    }
+
     /// The next event.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await

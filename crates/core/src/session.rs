@@ -428,6 +428,8 @@ pub struct Session<R> {
     log: u64,
     /// Consecutive passing refusals, for their backoff.
     refusals: u32,
+    /// Whether an update of this client was refused for good (see [`Session::diverged`]).
+    diverged: bool,
     pacer: TokenBucket,
     /// The same for the bytes of stored messages and signals (the relay's bandwidth per node).
     byte_pacer: TokenBucket,
@@ -530,6 +532,7 @@ impl<R: Replica> Session<R> {
             give_back: false,
             log: 0,
             refusals: 0,
+            diverged: false,
             pacer: pacer(&relay, 1.0, now),
             byte_pacer: byte_pacer(&relay, 1.0, now),
             pace: 1.0,
@@ -733,6 +736,16 @@ impl<R: Replica> Session<R> {
     /// Durable messages not yet acknowledged (sent or waiting).
     pub fn pending(&self) -> usize {
         self.in_flight.len() + self.waiting.iter().filter(|w| w.body.is_durable()).count()
+    }
+
+    /// Whether an update of this client's document was refused for good (a `refused` event
+    /// of kind `update`: by the relay, or here, on a read-only connection or over the relay's
+    /// limit). The document then holds an edit the room never will: it shows what no other
+    /// member sees, and the relay refuses its later edits that come after the refused one in
+    /// its client's clocks, each with a `refused` event. A client that loads the room anew
+    /// shares edits again. (Not stored: a tab reopened from storage starts with `false`.)
+    pub fn diverged(&self) -> bool {
+        self.diverged
     }
 
     /// Whether storage may forget this session (delete its record): it is closed, nothing of
@@ -1463,6 +1476,15 @@ impl<R: Replica> Session<R> {
     }
 
     fn emit(&mut self, event: Event) {
+        if matches!(
+            event,
+            Event::Refused {
+                kind: Kind::Update,
+                ..
+            }
+        ) {
+            self.diverged = true;
+        }
         self.events.push_back(event);
     }
 
@@ -3527,6 +3549,33 @@ mod tests {
         saved.log = 2;
         saved.adopt(&other);
         assert!(saved.give_back);
+    }
+
+    /// An update the relay refuses for good leaves the document diverged, and the client says
+    /// so; a refused data message does not.
+    #[test]
+    fn an_update_refused_for_good_leaves_the_client_diverged() {
+        let mut h = Harness::new();
+        h.joined(2, RoomConfig::default(), (0, 1), None);
+        h.session.broadcast(h.now, Json::null()).unwrap();
+        h.pump();
+        let data = h.stamped().last().unwrap().stamp.step;
+        h.frame(Frame::Reject {
+            step: data,
+            reason: Reason::Malformed,
+            detail: "no".into(),
+        });
+        assert!(!h.session.diverged(), "data");
+        let update = h.session.replica().insert("t", 0, "refused").unwrap();
+        h.session.update(h.now, "t", update).unwrap();
+        h.pump();
+        let step = h.stamped().last().unwrap().stamp.step;
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::Full,
+            detail: "the room is full".into(),
+        });
+        assert!(h.session.diverged());
     }
 
     /// A closed session's record is forgotten only when it holds nothing: not while its replica
