@@ -550,7 +550,8 @@ fn save_soon(shared: &Shared) {
 
 /// Writes the session and the document's new updates to storage, unless a write is under way
 /// (then once more after it). Once the session is closed, the last write lets the record go if
-/// nothing is left to send, and the tab's lock on it is released after it.
+/// storage may forget it (`Session::may_forget`: nothing left to send, and no document whose
+/// log it must remember), and the tab's lock on it is released after it.
 #[cfg(feature = "document")]
 fn save(shared: &Shared) {
     // A client of a module that panicked writes nothing more: its records went to the next

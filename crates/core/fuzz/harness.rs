@@ -406,7 +406,8 @@ pub fn document(data: &[u8]) {
     // Split into pieces (a large deletion goes that way): every piece but the first is within
     // the size asked for and passes the check, and the pieces apply where the whole does, to
     // the same texts.
-    let max = 16 + usize::from(data.first().copied().unwrap_or(0));
+    // Room for one range of the largest numbers, with the counts (see `split`).
+    let max = 64 + usize::from(data.first().copied().unwrap_or(0));
     if let Ok(pieces) = pattern_mesh_core::doc::v1::split(data, max) {
         for piece in pieces.iter().skip(1) {
             assert!(

@@ -613,6 +613,20 @@ fn is_membership(bytes: &[u8]) -> bool {
         )
 }
 
+/// Applies a member's update of `doc` to the room's document. A whole document (`*`, given back
+/// after the relay lost the room's history) is not compared with the clocks the document holds:
+/// every tab gives back all it shows, and where one tab's replica differs from the room's at
+/// some clocks (a tab that was written over under its own client id), refusing its document
+/// whole would lose every edit only it held; the room keeps what it has at those clocks, and
+/// takes the rest.
+fn apply_member(room: &SharedDoc, doc: &str, update: &[u8]) -> Result<(), DocError> {
+    if doc == WHOLE_DOC {
+        room.apply_given_back(update)
+    } else {
+        room.apply_member_update(update)
+    }
+}
+
 /// Why the room's document did not take a member's update, for its refusal.
 fn refusal_detail(error: DocError) -> String {
     match error {
@@ -707,7 +721,7 @@ pub struct RoomCore {
     /// skipped (`missed` past `doc_covers`: the snapshot that holds them was not read yet), in
     /// order, with their log entries: they are judged (see [`SharedDoc::apply_member_update`])
     /// once that snapshot is in. Their members got them unjudged.
-    deferred: Vec<(Followed, Vec<u8>)>,
+    deferred: Vec<(Followed, String, Vec<u8>)>,
     /// The highest position a snapshot the document took ahead of its turn holds (see
     /// `snapshot_ahead`).
     doc_covers: u64,
@@ -842,11 +856,11 @@ impl RoomCore {
                 Ok(_) if logged.position > self.published => {}
                 Ok(Frame::Stamped(Stamped {
                     stamp,
-                    body: Body::Update { update, .. },
+                    body: Body::Update { doc, update },
                 })) => {
                     self.tail_bytes += logged.bytes.len() as u64;
                     self.tail_updates += 1;
-                    updates.push((logged.position, stamp, update));
+                    updates.push((logged.position, stamp, doc, update));
                 }
                 _ => self.load_failures += 1,
             }
@@ -854,8 +868,8 @@ impl RoomCore {
         // Then each update, judged as when it came in (see `deliver_log`): a log written before
         // the relay checked updates this way, or a shared room's, may hold one that does not
         // integrate. Left out, it is left out of every catch-up too.
-        for (position, stamp, update) in updates {
-            if let Err(error) = self.doc.apply_member_update(&update) {
+        for (position, stamp, doc, update) in updates {
+            if let Err(error) = apply_member(&self.doc, &doc, &update) {
                 self.refused.push(position);
                 let detail = refusal_detail(error);
                 self.owed
@@ -1045,14 +1059,14 @@ impl RoomCore {
                 // Judged here, in the log's order, the same way on every relay: when it came
                 // in, the document of the relay it came through may have lagged the log.
                 Ok(Frame::Stamped(Stamped {
-                    body: Body::Update { update, .. },
+                    body: Body::Update { doc, update },
                     ..
                 })) => {
                     self.tail_bytes += len;
                     self.tail_updates += 1;
                     if self.missed > self.doc_covers {
-                        self.deferred.push((entry.clone(), update));
-                    } else if let Err(error) = self.doc.apply_member_update(&update) {
+                        self.deferred.push((entry.clone(), doc, update));
+                    } else if let Err(error) = apply_member(&self.doc, &doc, &update) {
                         refusal = Some(error);
                     }
                 }
@@ -1068,7 +1082,7 @@ impl RoomCore {
                     self.owed
                         .retain(|_, (position, _)| *position > entry.covers);
                     self.deferred
-                        .retain(|(deferred, _)| deferred.position > entry.covers);
+                        .retain(|(deferred, ..)| deferred.position > entry.covers);
                     // The members hold everything it does, unless this relay skipped entries
                     // (then everyone gets snapshots until one holds them all) or they joined
                     // since (their catch-up, up to where the relay was, may have met entries a
@@ -1120,8 +1134,8 @@ impl RoomCore {
     /// holds those: judged in order, as every other relay judged them. (Their members got
     /// them unjudged: no relay can tell sooner.)
     fn judge_deferred(&mut self) {
-        for (entry, update) in std::mem::take(&mut self.deferred) {
-            if let Err(error) = self.doc.apply_member_update(&update) {
+        for (entry, doc, update) in std::mem::take(&mut self.deferred) {
+            if let Err(error) = apply_member(&self.doc, &doc, &update) {
                 self.refuse_logged(&entry, error);
             }
         }
@@ -2352,8 +2366,8 @@ impl RoomCore {
                     return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string());
                 }
             }
-            Body::Update { update, .. } => {
-                if let Err(e) = self.doc.apply_member_update(update) {
+            Body::Update { doc, update } => {
+                if let Err(e) = apply_member(&self.doc, doc, update) {
                     return self.refuse(conn, stamp.step, Reason::Malformed, refusal_detail(e));
                 }
                 self.applied = Some((conn, stamp.step));

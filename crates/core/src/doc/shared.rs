@@ -260,6 +260,25 @@ impl SharedDoc {
         }
     }
 
+    /// [`SharedDoc::apply_member_update`] for a whole document a member gives back (after the
+    /// relay lost the room's history): it must integrate whole, but clocks this document holds
+    /// are not compared with it (what it holds there stays).
+    pub fn apply_given_back(&self, update: &[u8]) -> Result<(), DocError> {
+        let checked = {
+            let txn = self.doc.transact();
+            super::v1::integrable(update, |client| {
+                u64::from(txn.state_of(ClientID::new(client)))
+            })
+        };
+        match checked {
+            Ok(None) => self.apply_stored(update),
+            Ok(Some(cut)) => Err(DocError::NotTaken(cut.why)),
+            Err(e) => Err(DocError::InvalidUpdate(format!(
+                "not an update Yjs applies: {e}"
+            ))),
+        }
+    }
+
     /// This replica's version: a Yjs state vector.
     pub fn state_vector(&self) -> Vec<u8> {
         self.doc.transact().state_vector().encode_v1()

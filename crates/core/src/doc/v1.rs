@@ -76,7 +76,9 @@ pub fn check(update: &[u8]) -> Result<()> {
 /// the text's length; its pieces travel as separate edits.
 ///
 /// The blocks are not split: when they alone (with an empty delete set) pass `max`, the first
-/// piece does too, and the caller says the edit is too large. Checked as [`check`] does.
+/// piece does too, and the caller says the edit is too large. A piece holds at least one range,
+/// so `max` should leave room for one (up to 1 + 10 + 10 + 10 + 10 bytes with the counts).
+/// Checked as [`check`] does.
 pub fn split(update: &[u8], max: usize) -> Result<Vec<Vec<u8>>> {
     let mut reader = Reader {
         bytes: update,
@@ -113,7 +115,8 @@ pub fn split(update: &[u8], max: usize) -> Result<Vec<Vec<u8>>> {
                     }
             };
             let mut by = grows(&piece);
-            if piece.len + by + COUNT > max && !piece.clients.is_empty() {
+            // A piece holds at least one range, but the first: its blocks may fit only alone.
+            if piece.len + by + COUNT > max && (!piece.clients.is_empty() || pieces.is_empty()) {
                 pieces.push(std::mem::replace(&mut piece, Piece::new(&[0])).finish());
                 by = grows(&piece);
             }
@@ -210,8 +213,9 @@ pub fn integrable(update: &[u8], have: impl Fn(u64) -> u64) -> Result<Option<Cut
 /// and passed on, and lost on every replica (each keeps what it had at those clocks). Compared
 /// clock by clock (blocks split and merge differently on every replica): each clock's origin,
 /// its block's right origin, its parent where it names one, and its content unit: a string's
-/// UTF-16 code unit, binary content, a shared type. Values, JSON, embeds and formats compare by
-/// kind alone (writers encode one value differently: lib0 numbers, map key order, JSON text).
+/// UTF-16 code unit, binary content, a shared type. Values, JSON, embeds, formats and
+/// sub-documents compare by kind alone (writers encode one value differently: lib0 numbers, map
+/// key order, JSON text), so a value written over at another member's clocks is not caught.
 /// Content a replica collected after a deletion, skips and collected ranges compare with
 /// anything.
 pub fn refusal(
@@ -223,33 +227,25 @@ pub fn refusal(
     if let Some(cut) = integrable_with(update, &have, Some(&mut runs))? {
         return Ok(Some(cut.why));
     }
-    // By client, in clock order (an update holds one section per client; a second one of the
-    // same client is compared all the same).
-    runs.sort_by_key(|(client, run)| (*client, run.start));
-    let mut rest = runs.as_slice();
-    while let Some((client, _)) = rest.first() {
-        let client = *client;
-        let count = rest.iter().take_while(|(c, _)| *c == client).count();
-        let (mine, next) = rest.split_at(count);
-        rest = next;
-        let from = mine[0].1.start;
-        let to = mine
-            .iter()
-            .map(|(_, run)| run.end)
-            .max()
-            .unwrap_or(from)
-            .min(have(client));
-        if from >= to {
+    // Block by block, and only blocks with content: each clock of one takes at least a byte of
+    // the update, so the work (and what the document encodes for it) is bounded by the update's
+    // length. A collected range, a skip or deleted content of ten bytes may claim billions of
+    // clocks, and has nothing to lose: it compares with anything.
+    for (client, run) in &runs {
+        if matches!(run.content, Units::Gone | Units::Deleted) {
             continue;
         }
-        let bytes = held(client, from, to);
-        let want = |c: u64, _: u64| c == client;
+        let to = run.end.min(have(*client));
+        if run.start >= to {
+            continue;
+        }
+        let bytes = held(*client, run.start, to);
+        let want = |c: u64, _: u64| c == *client;
         let Ok(theirs) = describe(&bytes, &want) else {
             continue;
         };
-        let mine: Vec<&Run> = mine.iter().map(|(_, run)| run).collect();
         let theirs: Vec<&Run> = theirs.iter().map(|(_, run)| run).collect();
-        if let Some(clock) = first_difference(client, (update, &mine), (&bytes, &theirs), to) {
+        if let Some(clock) = first_difference(*client, (update, run), (&bytes, &theirs), to) {
             return Ok(Some(format!(
                 "it writes client {client}'s clock {clock} with other content than the room holds there (another writer used that client id first)"
             )));
@@ -274,11 +270,11 @@ fn describe(bytes: &[u8], want: &dyn Fn(u64, u64) -> bool) -> Result<Vec<(u64, R
     Ok(reader.capture.map(|c| c.runs).unwrap_or_default())
 }
 
-/// The first clock below `to` where the runs `mine` (of `client`, in clock order, in the update
-/// `a`) and `theirs` (in `b`) differ, where both have it.
+/// The first clock below `to` where the block `run` (of `client`, in the update `a`) and the
+/// document's blocks `theirs` (in `b`, in clock order, the first from `run.start` on) differ.
 fn first_difference(
     client: u64,
-    (a, mine): (&[u8], &[&Run]),
+    (a, run): (&[u8], &Run),
     (b, theirs): (&[u8], &[&Run]),
     to: u64,
 ) -> Option<u64> {
@@ -289,51 +285,43 @@ fn first_difference(
             Some((client, clock - 1))
         }
     };
-    let mut next = 0;
-    // A cursor through the content of `theirs[index]`; clocks only go up, so it only moves on.
-    let mut held: Option<(usize, Cursor)> = None;
-    for run in mine {
-        let end = run.end.min(to);
-        let mut clock = run.start;
-        let mut cursor = Cursor::new(a, &run.content);
-        while clock < end {
-            while theirs.get(next).is_some_and(|t| t.end <= clock) {
-                next += 1;
-            }
-            let their = theirs.get(next)?;
-            if their.start > clock {
-                // Not in the room's blocks (never, for clocks it holds): nothing to compare.
-                clock = their.start;
-                continue;
-            }
-            let stop = end.min(their.end);
-            let items =
-                !matches!(run.content, Units::Gone) && !matches!(their.content, Units::Gone);
-            if items {
-                let origin = origin_at(run, clock);
-                if origin != origin_at(their, clock) || run.right != their.right {
-                    return Some(clock);
-                }
-                let names_parent = origin.is_none() && run.right.is_none();
-                if names_parent
-                    && a[run.parent.0..run.parent.1] != b[their.parent.0..their.parent.1]
-                {
-                    return Some(clock);
-                }
-            }
-            let theirs_cursor = match &mut held {
-                Some((index, cursor)) if *index == next => cursor,
-                _ => &mut held.insert((next, Cursor::new(b, &their.content))).1,
-            };
-            cursor.skip_to(clock - run.start);
-            theirs_cursor.skip_to(clock - their.start);
-            for at in clock..stop {
-                if !cursor.next().matches(&theirs_cursor.next()) {
-                    return Some(at);
-                }
-            }
-            clock = stop;
+    let end = run.end.min(to);
+    let mut clock = run.start;
+    let mut mine = Cursor::new(a, &run.content);
+    for their in theirs {
+        if clock >= end {
+            break;
         }
+        if their.end <= clock {
+            continue;
+        }
+        if their.start > clock {
+            // Not in the room's blocks (never, for clocks it holds): nothing to compare.
+            mine.skip_to(their.start - run.start);
+            clock = their.start;
+            if clock >= end {
+                break;
+            }
+        }
+        let stop = end.min(their.end);
+        if !matches!(their.content, Units::Gone) {
+            let origin = origin_at(run, clock);
+            if origin != origin_at(their, clock) || run.right != their.right {
+                return Some(clock);
+            }
+            let names_parent = origin.is_none() && run.right.is_none();
+            if names_parent && a[run.parent.0..run.parent.1] != b[their.parent.0..their.parent.1] {
+                return Some(clock);
+            }
+        }
+        let mut theirs_units = Cursor::new(b, &their.content);
+        theirs_units.skip_to(clock - their.start);
+        for at in clock..stop {
+            if !mine.next().matches(&theirs_units.next()) {
+                return Some(at);
+            }
+        }
+        clock = stop;
     }
     None
 }
@@ -406,6 +394,9 @@ impl<'b> Cursor<'b> {
 
     /// Moves on to the unit at `offset` in the block (never back).
     fn skip_to(&mut self, offset: u64) {
+        if let CursorUnits::Any = self.units {
+            self.at = self.at.max(offset);
+        }
         while self.at < offset {
             self.next();
         }
@@ -636,20 +627,20 @@ struct Reader<'a> {
     at: usize,
     /// What [`integrable`] needs, when it reads.
     record: Option<Record>,
-    /// What [`conflict`] needs, when it reads: which blocks to describe (by client and first
+    /// What [`refusal`] needs, when it reads: which blocks to describe (by client and first
     /// clock), and their descriptions.
     capture: Option<Capture<'a>>,
     /// The block being read, described, when it is one to capture.
     run: Option<Run>,
 }
 
-/// The blocks [`conflict`] wants described, and those described so far.
+/// The blocks [`refusal`] wants described, and those described so far.
 struct Capture<'a> {
     want: &'a dyn Fn(u64, u64) -> bool,
     runs: Vec<(u64, Run)>,
 }
 
-/// One block, as [`conflict`] compares it with another, clock by clock.
+/// One block, as [`refusal`] compares it with another, clock by clock.
 #[derive(Debug, Default)]
 struct Run {
     start: u64,
@@ -1401,6 +1392,18 @@ mod tests {
         }
         room.apply_member_update(&state(&writer)).unwrap();
         room.apply_member_update(&state(&other)).unwrap();
+    }
+
+    /// A collected range of ten bytes claims two billion clocks of a client; sent again, the
+    /// room holds them all. Compared clock by clock, it kept the relay busy for minutes per
+    /// message; it has no content to lose, and is taken at once.
+    #[test]
+    fn a_range_without_content_sent_again_is_taken_at_once() {
+        let room = crate::doc::SharedDoc::with_client_id(1);
+        // One client (77), one block: a GC range of 2^31 clocks from 0; no deletions.
+        let gc = vec![1, 1, 77, 0, 0, 0x80, 0x80, 0x80, 0x80, 0x08, 0];
+        room.apply_member_update(&gc).unwrap();
+        room.apply_member_update(&gc).unwrap();
     }
 
     /// Clocks the room holds, written with other content, are refused, at the first clock that
