@@ -1456,7 +1456,7 @@ impl MeshClient {
     /// application made: with the application's document (the `document` option), one it has
     /// applied already; with the built-in document, it is applied first. It goes into the outbox
     /// like any edit, merged with the updates of `doc` waiting before it where the document can
-    /// merge; one larger than the relay accepts only through its deletions goes in pieces.
+    /// merge; an update of deletions only that is larger than the relay accepts goes in pieces.
     /// Throws `RangeError` for an update larger than the relay accepts, `DocumentError`
     /// for bytes the built-in document cannot apply, `ClosedError` after `close()`.
     #[wasm_bindgen(js_name = sendUpdate)]

@@ -859,8 +859,7 @@ impl<R: Replica> Session<R> {
         let max = self.max_payload();
         if Body::update_len(doc, update.len()) > max {
             // A large deletion (one range per run of clocks it deletes) goes in pieces that
-            // each fit; an update whose blocks alone do not fit is refused before anything of
-            // it is stored or sent.
+            // each fit; any other update is refused before anything of it is stored or sent.
             let room = max.saturating_sub(Body::update_len(doc, 0) + 10);
             let pieces = crate::doc::v1::split(&update, room).unwrap_or_default();
             let first = pieces.first().map_or(update.len(), Vec::len);

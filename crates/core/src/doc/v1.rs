@@ -68,43 +68,33 @@ pub fn check(update: &[u8]) -> Result<()> {
     reader.delete_set()
 }
 
-/// `update` as several updates of at most `max` bytes each, whose delete sets together are
-/// its delete set: the first holds its blocks and as much of the delete set as fits, the others
-/// the rest of it (a deletion applies the same whatever update brings it, and in any order).
-/// An update within `max` comes back whole. A large deletion in a document many clients wrote
-/// is one range per run of clocks it deletes, which can pass a relay's message limit whatever
-/// the text's length; its pieces travel as separate edits.
-///
-/// The blocks are not split: when they alone (with an empty delete set) pass `max`, the first
-/// piece does too, and the caller says the edit is too large. A piece holds at least one range,
-/// so `max` should leave room for one (up to 1 + 10 + 10 + 10 + 10 bytes with the counts).
-/// Checked as [`check`] does.
-pub fn split(update: &[u8], max: usize) -> Result<Vec<Vec<u8>>> {
-    let mut reader = Reader {
-        bytes: update,
-        at: 0,
-        record: None,
-        capture: None,
-        run: None,
-    };
-    reader.structs()?;
-    if update.len() <= max {
-        reader.delete_set()?;
-        return Ok(vec![update.to_vec()]);
+/// An update of deletions only (no blocks), larger than `max` bytes, as several updates of at
+/// most `max` bytes each whose delete sets together are its delete set (a deletion applies the
+/// same whatever update brings it, and in any order). A large deletion in a document many
+/// clients wrote is one range per run of clocks it deletes, which can pass a relay's message
+/// limit whatever the text's length; its pieces travel as separate edits. Any other update
+/// comes back whole (the caller says it is too large), and `None` says the delete set does not
+/// decode. A piece holds at least one range, so `max` should leave room for one (up to
+/// 1 + 10 + 10 + 10 + 10 bytes with the counts). It reads only the delete set, with none of
+/// [`check`]'s walk: a client without a document of its own (the transport-only build) splits
+/// its application's deletions too.
+pub fn split(update: &[u8], max: usize) -> Option<Vec<Vec<u8>>> {
+    if update.len() <= max || update.first() != Some(&0) {
+        return Some(vec![update.to_vec()]);
     }
-    let blocks = &update[..reader.at];
+    let mut input = &update[1..];
     // Room kept in each piece for the counts, written once the piece is complete: of clients
     // (at most 10 bytes as a LEB128 number), and of each client's ranges.
     const COUNT: usize = 10;
     let mut pieces = Vec::new();
-    let mut piece = Piece::new(blocks);
-    let clients = reader.number()?;
+    let mut piece = Piece::new(&[0]);
+    let clients = super::read_var(&mut input)?;
     for _ in 0..clients {
-        let client = reader.number()?;
-        let ranges = reader.number()?;
+        let client = super::read_var(&mut input)?;
+        let ranges = super::read_var(&mut input)?;
         for _ in 0..ranges {
-            let clock = reader.number()?;
-            let len = reader.deleted_length()?;
+            let clock = super::read_var(&mut input)?;
+            let len = super::read_var(&mut input).filter(|&len| len > 0)?;
             let range = var_len(clock) + var_len(len);
             let grows = |piece: &Piece| {
                 range
@@ -115,16 +105,18 @@ pub fn split(update: &[u8], max: usize) -> Result<Vec<Vec<u8>>> {
                     }
             };
             let mut by = grows(&piece);
-            // A piece holds at least one range, but the first: its blocks may fit only alone.
-            if piece.len + by + COUNT > max && (!piece.clients.is_empty() || pieces.is_empty()) {
+            if piece.len + by + COUNT > max && !piece.clients.is_empty() {
                 pieces.push(std::mem::replace(&mut piece, Piece::new(&[0])).finish());
                 by = grows(&piece);
             }
             piece.add(client, (clock, len), by);
         }
     }
+    if !input.is_empty() {
+        return None;
+    }
     pieces.push(piece.finish());
-    Ok(pieces)
+    Some(pieces)
 }
 
 /// One piece of [`split`]: its blocks, and its part of the delete set by client.
@@ -1115,7 +1107,7 @@ mod tests {
         assert_eq!(other_text.len(&other.transact()), 1_000);
         // Within the limit, the update comes back whole.
         assert_eq!(split(&delete, delete.len()).unwrap(), vec![delete.clone()]);
-        // Blocks alone over the limit: the first piece is over it too.
+        // An update with blocks comes back whole.
         let insert = {
             let mut txn = doc.transact_mut();
             text.insert(&mut txn, 0, &"y".repeat(700));
