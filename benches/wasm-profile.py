@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where a wasm's code goes: function body sizes summed by crate, and the largest functions.
 
-Reads the `name` section, so give it the wasm cargo writes, before `wasm-bindgen` and
-`wasm-opt` strip the names:
+Reads the `name` section, so give it a wasm before `wasm-opt` strips the names: the one cargo
+writes, or the one `wasm-bindgen` writes from it (without the descriptors it removes):
 
     cargo build --target wasm32-unknown-unknown --profile wasm-release --lib [--no-default-features]
     python3 benches/wasm-profile.py target/wasm32-unknown-unknown/wasm-release/pattern_mesh.wasm
@@ -80,6 +80,10 @@ def crate_of(name):
         # `<T as Trait>::f` counts under the crate of T.
         impl = re.match(r"_\$LT\$([a-z_][a-z0-9_]*)\.\.", first)
         return impl.group(1) if impl else first
+    # The demangled names wasm-bindgen writes: `<crate[hash]::T>::f`, `crate[hash]::f`.
+    demangled = re.search(r"([a-z_][a-z0-9_]*)\[[0-9a-f]+\]", name)
+    if demangled:
+        return demangled.group(1)
     v0 = re.search(r"C[sn][A-Za-z0-9]*_(\d+)", name) or re.search(r"C(\d+)", name)
     if v0:
         length = int(v0.group(1))
