@@ -1161,6 +1161,101 @@ async fn an_edit_at_clocks_another_member_wrote_first_is_refused_not_lost() {
     server.stop().await;
 }
 
+/// The same attack on a map's entry: a member sets the victim's next clock under its client
+/// id, on the entry the victim set last (its origin), before the victim sets it again. The
+/// victim's value differs from the attacker's only in the value: the relay compared values by
+/// kind alone (writers encode one value differently), took the victim's edit as one it held,
+/// and every replica kept the attacker's value, with nothing said. Values are compared in a form
+/// every writer's encoding shares: the victim's edit is refused, naming the clock, while the
+/// same value written another way (a float64 where yrs writes an integer, an object's keys in
+/// another order) is taken as the one the room holds.
+#[tokio::test]
+async fn a_value_at_clocks_another_member_wrote_first_is_refused_not_lost() {
+    use yrs::updates::decoder::Decode;
+    use yrs::{Any, Doc, Map, ReadTxn, StateVector, Transact, Update};
+
+    fn set(doc: &Doc, key: &str, value: Any) -> Body {
+        let map = doc.get_or_insert_map("m");
+        let before = doc.transact().state_vector();
+        map.insert(&mut doc.transact_mut(), key, value);
+        Body::Update {
+            doc: "content".into(),
+            update: doc.transact().encode_state_as_update_v1(&before),
+        }
+    }
+    fn value(replay: &[pattern_mesh_core::wire::Positioned], key: &str) -> Option<String> {
+        let doc = Doc::new();
+        let map = doc.get_or_insert_map("m");
+        for p in replay {
+            let update = match &p.frame {
+                Frame::Snapshot { state, .. } => state.clone(),
+                Frame::Stamped(stamped) => match &stamped.body {
+                    Body::Update { update, .. } => update.clone(),
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            doc.transact_mut()
+                .apply_update(Update::decode_v1(&update).unwrap())
+                .unwrap();
+        }
+        let txn = doc.transact();
+        map.get(&txn, key).map(|v| v.to_string(&txn))
+    }
+
+    let server = start("taken-values", |_| {}).await;
+    let mut victim = join(&server, "doc", 0, None).await;
+    let mut attacker = join(&server, "doc", 0, None).await;
+    let doc = Doc::with_client_id(4_242);
+    let first = set(&doc, "k", Any::from("first"));
+    victim.acked(first).await;
+    let forged = Doc::with_client_id(4_242);
+    forged
+        .transact_mut()
+        .apply_update(
+            Update::decode_v1(
+                &doc.transact()
+                    .encode_state_as_update_v1(&StateVector::default()),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    attacker.acked(set(&forged, "k", Any::from(3))).await;
+    victim.fence().await;
+    let frame = Frame::stamped(victim.stamp(), set(&doc, "k", Any::from(2)));
+    victim.send(&frame).await;
+    let detail = victim.expect_reject(Reason::Malformed).await;
+    assert!(
+        detail.contains("client 4242's clock 1 with other content than the room holds there"),
+        "{detail}"
+    );
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(value(late.replay(), "k").as_deref(), Some("3"));
+    server.stop().await;
+}
+
+/// The other side of comparing values: an honest resend of values Yjs wrote (every form lib0
+/// writes a number in, bigints, objects with keys in JavaScript's order, embeds, formats, XML, a
+/// sub-document; `tests/data/yjs/values.v1`, from `values.mjs` beside it) is compared with what
+/// the room's document writes for the same clocks, in yrs's forms, and taken.
+#[tokio::test]
+async fn values_yjs_wrote_sent_again_are_taken_as_the_ones_the_room_holds() {
+    let update = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/data/yjs/values.v1"
+    ))
+    .unwrap();
+    let server = start("yjs-values", |_| {}).await;
+    let mut member = join(&server, "doc", 0, None).await;
+    let body = Body::Update {
+        doc: "content".into(),
+        update,
+    };
+    member.acked(body.clone()).await;
+    member.acked(body).await;
+    server.stop().await;
+}
+
 /// The relay's bytes in large messages whose parts are still arriving, from its metrics.
 async fn partial_bytes(server: &Server) -> u64 {
     let metrics = http_get(server.addr, "/metrics").await;

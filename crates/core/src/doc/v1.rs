@@ -205,11 +205,12 @@ pub fn integrable(update: &[u8], have: impl Fn(u64) -> u64) -> Result<Option<Cut
 /// and passed on, and lost on every replica (each keeps what it had at those clocks). Compared
 /// clock by clock (blocks split and merge differently on every replica): each clock's origin,
 /// its block's right origin, its parent where it names one, and its content unit: a string's
-/// UTF-16 code unit, binary content, a shared type. Values, JSON, embeds, formats and
-/// sub-documents compare by kind alone (writers encode one value differently: lib0 numbers, map
-/// key order, JSON text), so a value written over at another member's clocks is not caught.
-/// Content a replica collected after a deletion, skips and collected ranges compare with
-/// anything.
+/// UTF-16 code unit, binary content, a shared type, a value, an embed, a format, a sub-document's
+/// guid. Writers encode one value differently (lib0 writes a number in whichever form holds
+/// it, yrs writes an object's keys in its own order, JSON's text depends on its writer), so
+/// values compare as [`Value`]s: what every encoding of them shares. A sub-document's options
+/// are not compared (yrs writes its own). Content a replica collected after a deletion, skips
+/// and collected ranges compare with anything.
 pub fn refusal(
     update: &[u8],
     have: impl Fn(u64) -> u64,
@@ -302,7 +303,7 @@ fn first_difference(
                 return Some(clock);
             }
             let names_parent = origin.is_none() && run.right.is_none();
-            if names_parent && a[run.parent.0..run.parent.1] != b[their.parent.0..their.parent.1] {
+            if names_parent && run.parent != their.parent {
                 return Some(clock);
             }
         }
@@ -331,23 +332,26 @@ enum CursorUnits<'b> {
 }
 
 /// One unit of content.
-enum Unit<'b> {
+enum Unit {
     /// Anything (content collected, or past what a block holds).
     Any,
     /// A UTF-16 code unit of a string.
     Code(u16),
-    /// A unit of another kind: its kind and bytes.
-    Bytes(u8, &'b [u8]),
+    /// A unit of another kind: its kind and what it holds, as read rather than as written
+    /// (none where that could not be read, which compares by kind alone).
+    Value(u8, Option<Value>),
 }
 
-impl Unit<'_> {
+impl Unit {
     /// Whether two units may be the same clock's content: U+FFFD stands for half of a
     /// surrogate pair a replica split.
-    fn matches(&self, other: &Unit<'_>) -> bool {
+    fn matches(&self, other: &Unit) -> bool {
         match (self, other) {
             (Unit::Any, _) | (_, Unit::Any) => true,
             (Unit::Code(a), Unit::Code(b)) => a == b || *a == 0xfffd || *b == 0xfffd,
-            (Unit::Bytes(k, a), Unit::Bytes(l, b)) => k == l && a == b,
+            (Unit::Value(k, a), Unit::Value(l, b)) => {
+                k == l && (a.is_none() || b.is_none() || a == b)
+            }
             _ => false,
         }
     }
@@ -366,19 +370,14 @@ impl<'b> Cursor<'b> {
         Cursor { at: 0, units }
     }
 
-    fn next(&mut self) -> Unit<'b> {
+    fn next(&mut self) -> Unit {
         self.at += 1;
         match &mut self.units {
             CursorUnits::Any => Unit::Any,
             CursorUnits::Text(codes) => codes.next().map_or(Unit::Any, Unit::Code),
             CursorUnits::Elements(kind, bytes, units) => {
                 units.next().map_or(Unit::Any, |&(start, end)| {
-                    // Binary content and a shared type's kind (and name) are written the same
-                    // by every writer. Values and JSON are not: lib0 writes a number in
-                    // whichever form holds it, yrs writes a map's keys in its own order, and
-                    // JSON's text depends on its writer. Those compare by kind alone.
-                    let exact = matches!(kind, 3 | 7);
-                    Unit::Bytes(*kind, if exact { &bytes[start..end] } else { &[] })
+                    Unit::Value(*kind, Value::of_unit(*kind, &bytes[start..end]))
                 })
             }
         }
@@ -639,9 +638,18 @@ struct Run {
     end: u64,
     origin: Option<(u64, u64)>,
     right: Option<(u64, u64)>,
-    /// The bytes of its parent (and key), when it writes one (no origin on either side).
-    parent: (usize, usize),
+    /// Its parent and key, when it writes them (no origin on either side).
+    parent: Option<(Parent, Option<String>)>,
     content: Units,
+}
+
+/// A block's parent, as it names it.
+#[derive(Debug, PartialEq)]
+enum Parent {
+    /// A root type, by name.
+    Root(String),
+    /// A shared type, by the id of the item that holds it.
+    Item(u64, u64),
 }
 
 /// A block's content, one unit per clock.
@@ -657,6 +665,108 @@ enum Units {
     /// Units of a kind, each its bytes: JSON strings, values, or the one unit of binary content,
     /// an embed, a format, a shared type or a sub-document.
     Elements(u8, Vec<(usize, usize)>),
+}
+
+/// A value as every writer's encoding of it reads: a number in one form (whether lib0 wrote it
+/// as an integer, a float32, a float64 or a bigint), an object's entries in key order, JSON
+/// text parsed. Two writers' encodings of one value give equal `Value`s.
+#[derive(Debug, PartialEq)]
+enum Value {
+    Undefined,
+    Null,
+    Bool(bool),
+    /// A number f64 holds exactly: its bits (one zero, one NaN).
+    Number(u64),
+    /// An integer f64 does not hold exactly (a bigint).
+    Integer(i64),
+    String(String),
+    Binary(Vec<u8>),
+    Array(Vec<Value>),
+    /// Entries in key order, the last of each key (as JavaScript and yrs read them).
+    Object(Vec<(String, Value)>),
+}
+
+impl Value {
+    /// One unit of content of `kind` (2 JSON, 3 binary, 5 embed, 6 format, 7 shared type,
+    /// 8 values, 9 sub-document), its bytes `unit`; none if it cannot be read.
+    fn of_unit(kind: u8, unit: &[u8]) -> Option<Value> {
+        let mut reader = Reader {
+            bytes: unit,
+            at: 0,
+            record: None,
+            capture: None,
+            run: None,
+        };
+        match kind {
+            2 => match reader.string().ok()? {
+                "undefined" => Some(Value::Undefined),
+                text => Value::of_json(text),
+            },
+            3 => {
+                let len = reader.number().ok()?;
+                Some(Value::Binary(reader.take(len).ok()?.to_vec()))
+            }
+            5 => Value::of_json(reader.string().ok()?),
+            6 => {
+                let key = reader.string().ok()?;
+                let value = Value::of_json(reader.string().ok()?)?;
+                Some(Value::Array(vec![Value::String(key.into()), value]))
+            }
+            // A shared type: its kind, and an XML element's name.
+            7 => {
+                let type_ref = reader.number().ok()?;
+                let name = match type_ref {
+                    3 => Value::String(reader.string().ok()?.into()),
+                    _ => Value::Undefined,
+                };
+                Some(Value::Array(vec![Value::integer(type_ref as i64), name]))
+            }
+            8 => reader.value(0).ok(),
+            // A sub-document: its guid (yrs writes options of its own).
+            _ => reader.string().ok().map(|guid| Value::String(guid.into())),
+        }
+    }
+
+    fn of_json(text: &str) -> Option<Value> {
+        fn convert(value: serde_json::Value) -> Value {
+            match value {
+                serde_json::Value::Null => Value::Null,
+                serde_json::Value::Bool(b) => Value::Bool(b),
+                serde_json::Value::Number(n) => Value::number(n.as_f64().unwrap_or(f64::NAN)),
+                serde_json::Value::String(s) => Value::String(s),
+                serde_json::Value::Array(values) => {
+                    Value::Array(values.into_iter().map(convert).collect())
+                }
+                serde_json::Value::Object(entries) => {
+                    Value::object(entries.into_iter().map(|(k, v)| (k, convert(v))).collect())
+                }
+            }
+        }
+        serde_json::from_str(text).ok().map(convert)
+    }
+
+    fn number(x: f64) -> Value {
+        let x = if x == 0.0 { 0.0 } else { x };
+        Value::Number(if x.is_nan() { f64::NAN } else { x }.to_bits())
+    }
+
+    fn integer(n: i64) -> Value {
+        // 2^63 rounds from i64::MAX and back to it; it is not i64::MAX.
+        let x = n as f64;
+        if x < 2f64.powi(63) && x as i64 == n {
+            Value::number(x)
+        } else {
+            Value::Integer(n)
+        }
+    }
+
+    /// Entries sorted by key; of a key written twice, the last.
+    fn object(mut entries: Vec<(String, Value)>) -> Value {
+        entries.reverse();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|later, first| later.0 == first.0);
+        Value::Object(entries)
+    }
 }
 
 type Result<T> = std::result::Result<T, V1Error>;
@@ -696,11 +806,15 @@ impl<'a> Reader<'a> {
     }
 
     /// lib0's signed number: a sign bit and six bits in the first byte, seven in the others.
-    fn signed(&mut self) -> Result<()> {
+    fn signed(&mut self) -> Result<i64> {
         let start = self.at;
         let first = self.byte()?;
-        self.rest_of_number(start, first, u64::from(first & 0x3f), 6)
-            .map(drop)
+        let magnitude = self.rest_of_number(start, first, u64::from(first & 0x3f), 6)? as i64;
+        Ok(if first & 0x40 != 0 {
+            -magnitude
+        } else {
+            magnitude
+        })
     }
 
     /// The bytes of a number after its `first`, whose `shift` low bits are `value`: seven bits
@@ -754,7 +868,7 @@ impl<'a> Reader<'a> {
         loop {
             match self.byte()? {
                 127 | 126 | 121 | 120 => {}
-                125 => self.signed()?,
+                125 => drop(self.signed()?),
                 124 => drop(self.take(4)?),
                 123 | 122 => drop(self.take(8)?),
                 119 => drop(self.string()?),
@@ -797,6 +911,61 @@ impl<'a> Reader<'a> {
                 break;
             }
         }
+    }
+
+    /// One lib0 value as a [`Value`], nested at most [`MAX_DEPTH`] levels below `depth`.
+    fn value(&mut self, depth: usize) -> Result<Value> {
+        Ok(match self.byte()? {
+            127 => Value::Undefined,
+            126 => Value::Null,
+            121 => Value::Bool(false),
+            120 => Value::Bool(true),
+            125 => Value::integer(self.signed()?),
+            124 => {
+                let bytes = self.take(4)?;
+                Value::number(f32::from_be_bytes(bytes.try_into().expect("four bytes")).into())
+            }
+            123 => Value::number(f64::from_be_bytes(
+                self.take(8)?.try_into().expect("eight bytes"),
+            )),
+            122 => Value::integer(i64::from_be_bytes(
+                self.take(8)?.try_into().expect("eight bytes"),
+            )),
+            119 => Value::String(self.string()?.into()),
+            116 => {
+                let len = self.number()?;
+                Value::Binary(self.take(len)?.to_vec())
+            }
+            tag @ (118 | 117) => {
+                if depth == MAX_DEPTH {
+                    return Err(self.error("values nested more than 128 levels deep"));
+                }
+                let len = self.number()?;
+                // Each entry takes a byte at least: a length past the bytes left is refused
+                // before anything is reserved.
+                if len > (self.bytes.len() - self.at) as u64 {
+                    return Err(self.error("the update ends early"));
+                }
+                if tag == 117 {
+                    let mut values = Vec::with_capacity(len as usize);
+                    for _ in 0..len {
+                        values.push(self.value(depth + 1)?);
+                    }
+                    Value::Array(values)
+                } else {
+                    let mut entries = Vec::with_capacity(len as usize);
+                    for _ in 0..len {
+                        let key = self.string()?.to_owned();
+                        entries.push((key, self.value(depth + 1)?));
+                    }
+                    Value::object(entries)
+                }
+            }
+            _ => {
+                self.at -= 1;
+                return Err(self.error("a value type Yjs does not know"));
+            }
+        })
     }
 
     /// An id `(client, clock)`; one of the item's own client at or after its clock is refused.
@@ -886,21 +1055,32 @@ impl<'a> Reader<'a> {
                 "an item whose right origin is not before it",
             )?);
         }
-        let parent = self.at;
+        // Its parent and key, kept (as read, not as written) for a run being described.
+        let mut parent = None;
         if info & 0xc0 == 0 {
-            if self.number()? == 1 {
-                self.string()?;
+            // Yjs reads any number but 1 as "an id follows".
+            let of = if self.number()? == 1 {
+                Err(self.string()?)
             } else {
-                self.id_before(client, clock, "an item whose parent is not before it")?;
-            }
-            if info & 0x20 != 0 {
-                self.string()?;
+                Ok(self.id_before(client, clock, "an item whose parent is not before it")?)
+            };
+            let key = if info & 0x20 != 0 {
+                Some(self.string()?)
+            } else {
+                None
+            };
+            if self.run.is_some() {
+                let of = match of {
+                    Ok((of, at)) => Parent::Item(of, at),
+                    Err(name) => Parent::Root(name.to_owned()),
+                };
+                parent = Some((of, key.map(str::to_owned)));
             }
         }
         if let Some(run) = &mut self.run {
             run.origin = origin;
             run.right = right;
-            run.parent = (parent, self.at);
+            run.parent = parent;
         }
         let kind = info & 0x1f;
         let content = self.at;
@@ -1396,6 +1576,86 @@ mod tests {
         let gc = vec![1, 1, 77, 0, 0, 0x80, 0x80, 0x80, 0x80, 0x08, 0];
         room.apply_member_update(&gc).unwrap();
         room.apply_member_update(&gc).unwrap();
+    }
+
+    /// One value as two writers encode it reads as one [`Value`]; other values read as others.
+    #[test]
+    fn values_compare_in_the_form_every_writer_shares() {
+        let value = |bytes: &[u8]| Value::of_unit(8, bytes).expect("a value");
+        let json = |text: &str| {
+            let mut unit = vec![text.len() as u8];
+            unit.extend_from_slice(text.as_bytes());
+            Value::of_unit(5, &unit).expect("JSON")
+        };
+        let f64_of = |x: f64| [&[123][..], &x.to_be_bytes()].concat();
+        let f32_of = |x: f32| [&[124][..], &x.to_be_bytes()].concat();
+        let bigint = |n: i64| [&[122][..], &n.to_be_bytes()].concat();
+        // 3 as lib0's integer, a float64, a float32 and a bigint.
+        for three in [f64_of(3.0), f32_of(3.0), bigint(3)] {
+            assert_eq!(value(&[125, 3]), value(&three));
+        }
+        assert_eq!(value(&[125, 0x43]), value(&f64_of(-3.0)));
+        // -0 as lib0 writes it (a sign and no bits), and 0.
+        assert_eq!(value(&[125, 0x40]), value(&[125, 0]));
+        assert_eq!(value(&f32_of(1.5)), value(&f64_of(1.5)));
+        assert_eq!(value(&f32_of(f32::NAN)), value(&f64_of(-f64::NAN)));
+        assert_ne!(value(&f32_of(0.1)), value(&f64_of(0.1)));
+        assert_ne!(value(&[125, 3]), value(&[125, 2]));
+        // A bigint f64 does not hold is not the float64 nearest it.
+        let big = (1i64 << 62) + 1;
+        assert_ne!(value(&bigint(big)), value(&f64_of(big as f64)));
+        assert_eq!(value(&bigint(big)), value(&bigint(big)));
+        // {a: 1, b: "x"}, its keys in either order; the last of a key written twice counts.
+        let ab = [118, 2, 1, b'a', 125, 1, 1, b'b', 119, 1, b'x'];
+        let ba = [
+            118, 2, 1, b'b', 119, 1, b'x', 1, b'a', 123, 63, 240, 0, 0, 0, 0, 0, 0,
+        ];
+        let twice = [
+            118, 3, 1, b'a', 125, 2, 1, b'b', 119, 1, b'x', 1, b'a', 125, 1,
+        ];
+        assert_eq!(value(&ab), value(&ba));
+        assert_eq!(value(&ab), value(&twice));
+        assert_ne!(value(&ab), value(&[118, 1, 1, b'a', 125, 1]));
+        assert_ne!(value(&[117, 1, 125, 1]), value(&[117, 2, 125, 1, 125, 1]));
+        assert_ne!(value(&[119, 1, b'a']), value(&[119, 1, b'b']));
+        assert_ne!(value(&[126]), value(&[127]));
+        // JSON: the same value in another writer's text.
+        assert_eq!(
+            json(r#"{"w":1.0,"src":"x"}"#),
+            json(r#"{ "src": "\u0078", "w": 1 }"#)
+        );
+        assert_ne!(json(r#"{"w":1}"#), json(r#"{"w":2}"#));
+        // A format: its key and its value.
+        let format = |key: &str, text: &str| {
+            let mut unit = vec![key.len() as u8];
+            unit.extend_from_slice(key.as_bytes());
+            unit.push(text.len() as u8);
+            unit.extend_from_slice(text.as_bytes());
+            Value::of_unit(6, &unit).expect("a format")
+        };
+        assert_eq!(format("bold", "true"), format("bold", " true"));
+        assert_ne!(format("bold", "true"), format("italic", "true"));
+        // Lengths and kinds are read, not compared as written: lib0 reads 3 from [131, 0].
+        assert_eq!(
+            Value::of_unit(3, &[3, 1, 2, 3]),
+            Value::of_unit(3, &[131, 0, 1, 2, 3])
+        );
+        assert_ne!(
+            Value::of_unit(3, &[3, 1, 2, 3]),
+            Value::of_unit(3, &[3, 1, 2, 4])
+        );
+        assert_eq!(
+            Value::of_unit(7, &[3, 1, b'p']),
+            Value::of_unit(7, &[131, 0, 129, 0, b'p'])
+        );
+        assert_ne!(
+            Value::of_unit(7, &[3, 1, b'p']),
+            Value::of_unit(7, &[3, 1, b'q'])
+        );
+        assert_ne!(Value::of_unit(7, &[0]), Value::of_unit(7, &[1]));
+        // Nesting past the limit does not read.
+        let deep = [117u8, 1].repeat(MAX_DEPTH + 1);
+        assert!(Value::of_unit(8, &[deep, vec![126]].concat()).is_none());
     }
 
     /// Clocks the room holds, written with other content, are refused, at the first clock that
