@@ -80,8 +80,11 @@ def crate_of(name):
         # `<T as Trait>::f` counts under the crate of T.
         impl = re.match(r"_\$LT\$([a-z_][a-z0-9_]*)\.\.", first)
         return impl.group(1) if impl else first
-    # The demangled names wasm-bindgen writes: `<crate[hash]::T>::f`, `crate[hash]::f`.
-    demangled = re.search(r"([a-z_][a-z0-9_]*)\[[0-9a-f]+\]", name)
+    # The demangled names wasm-bindgen writes: `<crate[hash]::T>::f`, `crate[hash]::f`, or
+    # `crate::T::f::h<hash>`.
+    demangled = re.search(r"([a-z_][a-z0-9_]*)\[[0-9a-f]+\]", name) or re.match(
+        r"<*([a-z_][a-z0-9_]*)::", name
+    )
     if demangled:
         return demangled.group(1)
     v0 = re.search(r"C[sn][A-Za-z0-9]*_(\d+)", name) or re.search(r"C(\d+)", name)

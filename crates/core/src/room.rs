@@ -655,6 +655,8 @@ pub struct RoomCore {
     spent: HashMap<u64, (TokenBucket, TokenBucket)>,
     /// Nodes that left, with when their buckets are full again: then the room lets them go.
     departures: VecDeque<(NodeId, u64)>,
+    /// The relay is stopping ([`RoomCore::close_down`]): nodes that leave are let go at once.
+    closing: bool,
     /// Node ids `next_node..nodes_end` are reserved for this room.
     next_node: NodeId,
     /// Counts sync requests to everyone, to ask the writers in turn.
@@ -782,6 +784,7 @@ impl RoomCore {
             tokens: HashMap::new(),
             spent: HashMap::new(),
             departures: VecDeque::new(),
+            closing: false,
             next_node: record.next_node,
             next_answerer: 0,
             nodes_end: record.nodes_end,
@@ -1872,6 +1875,17 @@ impl RoomCore {
         }
     }
 
+    /// The relay is stopping: from now on, the nodes that left (and those that leave) are let
+    /// go as soon as they have nothing in flight, without waiting for their resume grace or
+    /// their budgets: the store records their last steps ([`Output::Released`]), as it would
+    /// have when the room let them go, and the room can retire once its writes are done. (It
+    /// kept them until then, and the relay stopped without their records: a node back at the
+    /// next relay got no floor.)
+    pub fn close_down(&mut self, now: u64) {
+        self.closing = true;
+        self.tick(now);
+    }
+
     /// The driver had to let `conn` go (its send queue was full): it leaves the room, and its
     /// socket closes with `code` and `reason`.
     pub fn drop_member(&mut self, conn: ConnId, code: u16, reason: &str) {
@@ -1886,6 +1900,13 @@ impl RoomCore {
     }
 
     fn forget_member(&mut self, conn: ConnId, member: &Member) {
+        self.forget_member_now(conn, member);
+        if self.closing {
+            self.sweep();
+        }
+    }
+
+    fn forget_member_now(&mut self, conn: ConnId, member: &Member) {
         self.joined_since_snapshot.retain(|&(c, _)| c != conn);
         if let Some(node) = self.nodes.get_mut(&member.node) {
             if node.conn == Some(conn) {
@@ -1927,10 +1948,18 @@ impl RoomCore {
     /// Lets go of the nodes that left, have nothing in flight and whose buckets are full again:
     /// the store holds their state from now on.
     fn sweep(&mut self) {
+        // Closing down, every departure is due now; one not let go now (back, or still
+        // writing) comes back to the queue when it leaves or its writes end.
+        let mut left = if self.closing {
+            self.departures.len()
+        } else {
+            usize::MAX
+        };
         while let Some(&(node, at)) = self.departures.front() {
-            if at > self.now {
+            if left == 0 || (at > self.now && !self.closing) {
                 break;
             }
+            left -= 1;
             self.departures.pop_front();
             let Some(state) = self.nodes.get(&node) else {
                 continue;
@@ -1944,7 +1973,7 @@ impl RoomCore {
                 .full_at()
                 .max(state.bandwidth.full_at())
                 .max(state.kept_until);
-            if due > self.now {
+            if due > self.now && !self.closing {
                 self.departures.push_back((node, due));
                 continue;
             }
@@ -4080,6 +4109,46 @@ mod tests {
         assert_eq!(welcome_floor(&resumed), Some(90));
         send(&mut room, 10_000, 3, data(a.node, 90));
         assert_eq!(rejects(&outputs(&mut room), 3), [Reason::Replay]);
+    }
+
+    /// A room whose relay is stopping lets go of the nodes that left, and of those that leave,
+    /// at once (their grace and budgets would have kept them a minute): it is idle, and may
+    /// retire, once its writes are done.
+    #[test]
+    fn a_room_closing_down_lets_its_nodes_go_at_once() {
+        let mut room = with_limits(RoomLimits {
+            resume_grace: 60_000,
+            ..RoomLimits::default()
+        });
+        let a = room.join(0, 1, req("a", None), [7; 16]).unwrap();
+        let b = room.join(0, 2, req("b", None), [8; 16]).unwrap();
+        send(&mut room, 0, 1, data(a.node, 1));
+        stored(&mut room, 1);
+        room.leave(1);
+        send(&mut room, 0, 2, data(b.node, 1));
+        outputs(&mut room);
+        room.tick(10);
+        assert_eq!(room.nodes(), 2, "within the grace period");
+        room.close_down(20);
+        assert_eq!(room.nodes(), 1, "b is still a member");
+        let released = |room: &mut RoomCore| {
+            outputs(room)
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::Released(release) => Some(release.node),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(released(&mut room), [a.node]);
+        // B leaves with its message still being written: let go once the write is done.
+        room.leave(2);
+        assert_eq!(room.nodes(), 1);
+        assert!(!room.is_idle());
+        stored(&mut room, 1);
+        assert_eq!(room.nodes(), 0);
+        assert_eq!(released(&mut room), [b.node]);
+        assert!(room.is_idle());
     }
 
     /// A node that never wrote has no store record, so the room keeps its token for the grace

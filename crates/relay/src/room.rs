@@ -153,6 +153,9 @@ pub(crate) async fn run(
         lookups: FuturesUnordered::new(),
         slow: Vec::new(),
     };
+    // The relay stopping: the room lets its nodes go, and retires once its writes are done.
+    let mut shutdown = task.relay.shutdown.clone();
+    let mut closing = false;
     loop {
         let deadline = task
             .core
@@ -163,6 +166,10 @@ pub(crate) async fn run(
                 Some(command) => task.handle(command),
                 None => break,
             },
+            _ = shutdown.wait_for(|stop| *stop), if !closing => {
+                closing = true;
+                task.core.close_down(task.relay.now_ms());
+            }
             Some(result) = task.appends.next(), if !task.appends.is_empty() => {
                 task.core.appended(result);
             }

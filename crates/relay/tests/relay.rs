@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    closed_after, data_value, edit, http_get, is_data, join, join_log, replayed_text, start, WAIT,
+    closed_after, data_value, edit, http_get, is_data, join, join_log, replayed_text, start,
+    start_in, temp_dir, Server, WAIT,
 };
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::wire::{close, Body, Frame, Json, Positioned, Reason, Stamp};
@@ -436,6 +437,46 @@ async fn a_node_let_go_is_welcomed_back_with_the_last_step_it_sent() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A relay told to stop (SIGTERM) closes its connections with 1001 and stops once its rooms
+/// have finished their writes. A room kept the nodes that had left for their resume grace (a
+/// minute) and could not retire, so every stop waited out the relay's ten-second deadline
+/// (a rolling restart, ten seconds a relay). A stopping room lets its nodes go at once.
+#[tokio::test]
+async fn a_relay_told_to_stop_stops_once_its_rooms_are_done() {
+    let dir = temp_dir("stop-release");
+    let server = start_in(dir.clone(), |_| {}).await;
+    let mut a = join(&server, "r", 0, None).await;
+    a.data_acked(serde_json::json!("stored")).await;
+    let mut b = join(&server, "r", 0, None).await;
+    drop(a);
+    let Server {
+        stop: Some(stop),
+        done,
+        ..
+    } = server
+    else {
+        unreachable!("a running relay")
+    };
+    let _ = stop.send(());
+    let (code, _) = b.conn.closed(WAIT).await.unwrap();
+    assert_eq!(code, close::GOING_AWAY);
+    drop(b);
+    // Well within the relay's ten-second deadline.
+    tokio::time::timeout(Duration::from_secs(5), done)
+        .await
+        .expect("the relay stops once its rooms are done")
+        .unwrap()
+        .unwrap();
+    // What was stored is there for the next relay.
+    let server = start_in(dir, |_| {}).await;
+    let late = join(&server, "r", 0, None).await;
+    assert_eq!(
+        late.replay().iter().filter(|p| is_data(&p.frame)).count(),
+        1
+    );
+    server.stop().await;
 }
 
 #[tokio::test]
