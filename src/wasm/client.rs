@@ -1146,9 +1146,34 @@ impl MeshClient {
                 // with the others (the panic let go of the records it had claimed).
                 return Err(stopped());
             }
-            for update in &loaded.updates {
-                if let Err(e) = replica.apply_update(update) {
-                    problems.push(format!("a stored update did not apply: {e}"));
+            let mut loaded = loaded;
+            match loaded
+                .saved
+                .as_mut()
+                .filter(|saved| saved.sets_aside_document())
+            {
+                // An edit of the stored document was refused for good: it shows what the room
+                // does not hold. It is not loaded: the room's document is, from the start of
+                // the log, with the outbox's edits (see `Saved::set_aside_document`).
+                Some(saved) => {
+                    let outbox = saved.set_aside_document();
+                    for update in &outbox {
+                        if let Err(e) = replica.apply_update(update) {
+                            problems.push(format!("an unsent stored edit did not apply: {e}"));
+                        }
+                    }
+                    loaded.storage.set_aside(outbox);
+                    problems.push(
+                        "the stored document had diverged from the room's (an edit of it was refused for good, so it showed what no one else has): it was set aside, and the room's document loads instead"
+                            .into(),
+                    );
+                }
+                None => {
+                    for update in &loaded.updates {
+                        if let Err(e) = replica.apply_update(update) {
+                            problems.push(format!("a stored update did not apply: {e}"));
+                        }
+                    }
                 }
             }
             problems.extend(loaded.problems);
@@ -1321,7 +1346,9 @@ impl MeshClient {
     /// Whether an edit of the document will never reach the room: the relay refused it for good
     /// (a `refused` event of kind `update`: a room at its size limit, a read-only token). The
     /// document then shows what no other member sees, and the relay refuses the later edits
-    /// that come after it; a client that loads the room anew shares edits again.
+    /// that come after it; a client that loads the room anew shares edits again. With
+    /// `persist` the flag is stored, and a client that opens a stored document that diverged
+    /// sets it aside and loads the room's (an `error` event says so).
     #[wasm_bindgen(getter)]
     pub fn diverged(&self) -> Result<bool, JsValue> {
         Ok(self.driver()?.session.diverged())

@@ -158,7 +158,7 @@ export async function pmStorageFreed(db, room, known, holds) {
 export function pmStorageGone(db) {
   return db.pmGone ?? null;
 }
-export async function pmStorageWrite(db, room, id, saved, updates, drop, holds) {
+export async function pmStorageWrite(db, room, id, saved, updates, drop, replace, holds) {
   if (holds.stopped) throw new Error(STOPPED);
   if (db.pmGone) throw new Error(db.pmGone);
   try {
@@ -168,7 +168,19 @@ export async function pmStorageWrite(db, room, id, saved, updates, drop, holds) 
     else sessions.delete(id);
     for (const other of drop) sessions.delete(other);
     const store = tx.objectStore("updates");
-    for (const update of updates) store.add({ room, update });
+    const add = () => {
+      for (const update of updates) store.add({ room, update });
+    };
+    if (replace) {
+      // The room's stored document goes, in the write that stores its replacement.
+      const keys = store.index("room").getAllKeys(room);
+      keys.onsuccess = () => {
+        for (const key of keys.result) store.delete(key);
+        add();
+      };
+    } else {
+      add();
+    }
     await finished(tx);
   } catch (e) {
     // A browser that closes the database aborts its transactions first and says why (the
@@ -222,6 +234,7 @@ extern "C" {
         saved: Option<Vec<u8>>,
         updates: js_sys::Array,
         drop: js_sys::Array,
+        replace: bool,
         holds: &Holds,
     ) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageCompact)]
@@ -255,6 +268,8 @@ pub(crate) struct Storage {
     updates: VecDeque<Vec<u8>>,
     /// How many update records the room has in storage (as far as this tab knows).
     records: usize,
+    /// The room's stored document is set aside (it diverged): the next write replaces it.
+    replace: bool,
     /// A write is under way; another one is wanted after it.
     pub(crate) writing: bool,
     pub(crate) wanted: bool,
@@ -362,6 +377,7 @@ pub(crate) async fn open(
             left: Vec::new(),
             updates: VecDeque::new(),
             records: updates.len(),
+            replace: false,
             writing: false,
             wanted: false,
             released: false,
@@ -378,6 +394,8 @@ pub(crate) struct Write {
     promise: js_sys::Promise,
     updates: usize,
     dropped: usize,
+    /// It replaces the room's stored document.
+    replaced: bool,
 }
 
 impl Storage {
@@ -403,11 +421,21 @@ impl Storage {
                 saved.map(Saved::encode),
                 array,
                 drop,
+                self.replace,
                 &self.holds,
             ),
             updates: self.updates.len(),
             dropped: self.adopted.len(),
+            replaced: self.replace,
         }
+    }
+
+    /// The stored document diverged from the room's and is not loaded (see
+    /// `Saved::set_aside_document`): the next write replaces it with `updates` (the outbox's,
+    /// which the new document starts with) and what the session hands over after them.
+    pub(crate) fn set_aside(&mut self, updates: Vec<Vec<u8>>) {
+        self.replace = true;
+        self.updates = updates.into();
     }
 
     /// Looks for records of the room that tabs which closed since this one opened left with
@@ -462,7 +490,12 @@ impl Storage {
         self.writing = false;
         if write.ok {
             self.updates.drain(..write.updates);
-            self.records += write.updates;
+            if write.replaced {
+                self.replace = false;
+                self.records = write.updates;
+            } else {
+                self.records += write.updates;
+            }
             // Records taken up while the write was under way wait for the next one.
             for (_, release) in self.adopted.drain(..write.dropped) {
                 let _ = release.call0(&JsValue::NULL);
@@ -507,6 +540,7 @@ impl Write {
             error: result.err().map(|e| storage_error("writing", &e)),
             updates: self.updates,
             dropped: self.dropped,
+            replaced: self.replaced,
         }
     }
 }
@@ -517,6 +551,7 @@ pub(crate) struct WriteDone {
     pub(crate) error: Option<JsValue>,
     updates: usize,
     dropped: usize,
+    replaced: bool,
 }
 
 /// Lets go of every record in what [`Storage::freed`] found (the client went, or its storage

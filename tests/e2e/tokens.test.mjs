@@ -96,3 +96,56 @@ test("in Chromium: refused without a token, read-only pages cannot write, expiri
   for (const p of [writer, reader]) assert.deepEqual(p.problems, []);
   await Promise.all([writer.close(), reader.close()]);
 });
+
+// A read-only page with stored data types: the edit is refused for good, and its document holds
+// what the room does not (`diverged`). The page reopens its client, as an application does to
+// repair that: the stored document, refused edit and all, loaded again, and the reopened client
+// said nothing of it (`diverged` false, the reader's text shown as if the room held it). A
+// client whose stored document diverged sets it aside and loads the room's, and says so.
+test("in Chromium: a stored document that diverged is set aside when its client reopens, and the room's loads instead", async () => {
+  const room = `e2e-diverged-${Date.now()}`;
+  const url = base.replace("http", "ws") + "/ws";
+  const writer = await page();
+  const reader = await page();
+  await writer.evaluate(async ({ url, room }) => {
+    const client = await window.mesh.MeshClient.connect({
+      url, room, token: await window.nextToken({ sub: "w", room, access: "write", ttl: 600 }),
+    });
+    client.text("content").insert(0, "the room's text");
+    for (let i = 0; i < 100 && client.pendingCount > 0; i++) await new Promise((r) => setTimeout(r, 50));
+    window.client = client;
+  }, { url, room });
+  const result = await reader.evaluate(async ({ url, room }) => {
+    const open = async (problems) => {
+      const client = await window.mesh.MeshClient.connect({
+        url, room, persist: true,
+        token: await window.nextToken({ sub: "r", room, access: "read", ttl: 600 }),
+        on: { error: (e) => problems.push(e.message) },
+      });
+      for (let i = 0; i < 100 && client.text("content").toString() !== "the room's text"; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      return client;
+    };
+    const first = await open([]);
+    first.text("content").insert(0, "the reader's ");
+    for (let i = 0; i < 100 && !first.diverged; i++) await new Promise((r) => setTimeout(r, 50));
+    const diverged = first.diverged;
+    first.close();
+    const problems = [];
+    const again = await open(problems);
+    const reopened = { text: again.text("content").toString(), diverged: again.diverged };
+    again.close();
+    const third = await open([]);
+    const text = third.text("content").toString();
+    third.close();
+    return { diverged, reopened, problems, third: text };
+  }, { url, room });
+  assert.equal(result.diverged, true);
+  assert.deepEqual(result.reopened, { text: "the room's text", diverged: false });
+  assert.equal(result.problems.length, 1, JSON.stringify(result.problems));
+  assert.match(result.problems[0], /stored document.*diverged.*set aside/);
+  assert.equal(result.third, "the room's text", "the stored document was replaced");
+  for (const p of [writer, reader]) assert.deepEqual(p.problems, []);
+  await Promise.all([writer.close(), reader.close()]);
+});

@@ -47,6 +47,11 @@ pub struct Saved {
     /// has caught up. (Stored last, and only when set: a state stored before the field existed
     /// reads as `false`.)
     pub give_back: bool,
+    /// An edit of the document was refused for good ([`Session::diverged`](crate::session::Session::diverged)):
+    /// the stored document holds what the room does not, and a session restored from this
+    /// state sets it aside ([`Saved::set_aside_document`]). (Stored with `give_back` in one
+    /// byte of flags, and only when either is set.)
+    pub diverged: bool,
 }
 
 /// What a stored [`Saved`] covers, for [`Session::handle_saved`](crate::session::Session::handle_saved).
@@ -108,8 +113,11 @@ impl Saved {
                 w.bytes(bytes);
             }
         }
-        if self.give_back {
-            w.flag(true);
+        // Flags, when any is set: 1 `give_back` (a state stored before `diverged` existed ends
+        // with that one byte), 2 `diverged`.
+        let flags = u8::from(self.give_back) | u8::from(self.diverged) << 1;
+        if flags != 0 {
+            w.u8(flags);
         }
         w.0
     }
@@ -142,11 +150,15 @@ impl Saved {
                 list.push(r.bytes("message")?.to_vec());
             }
         }
-        // Written only when set: a byte there must say so.
-        let give_back = r.remaining() == 1 && bytes.last() == Some(&1);
-        if give_back {
-            r.u8("give back")?;
-        }
+        // Written only when one is set: a byte there must say which, and no other.
+        let flags = match r.remaining() {
+            1 => match r.u8("flags")? {
+                flags @ 1..=3 => flags,
+                other => return Err(DecodeError::ReservedFlags(other)),
+            },
+            _ => 0,
+        };
+        let (give_back, diverged) = (flags & 1 != 0, flags & 2 != 0);
         if r.remaining() != 0 {
             return Err(DecodeError::TrailingBytes(r.remaining()));
         }
@@ -161,6 +173,7 @@ impl Saved {
             sent,
             unsent,
             give_back,
+            diverged,
         })
     }
 
@@ -213,6 +226,34 @@ impl Saved {
         if other.give_back && other.log == self.log && self.log != 0 {
             self.give_back = true;
         }
+        // The document is one per room: the other's refused edit is in it.
+        self.diverged |= other.diverged;
+    }
+
+    /// Whether a session restored from this state sets the stored document aside
+    /// ([`Saved::set_aside_document`]): it diverged, and it is not owed to a relay that lost
+    /// the room's history (where it may be the only copy of everyone's edits).
+    pub fn sets_aside_document(&self) -> bool {
+        self.diverged && !self.give_back
+    }
+
+    /// The stored document diverged from the room's (an edit of it was refused for good, and
+    /// it shows what no one else does): the driver does not load it, and the session restored
+    /// from this state catches up from the start of the room's log instead, into an empty
+    /// document. Its outbox stays: what the room has of it is acknowledged (`replay`), the
+    /// rest is sent, and what the room refuses is said to the application as ever. Returns the
+    /// document updates of the outbox, for the driver to apply to the new document (they show
+    /// where the room's document has what they build on).
+    pub fn set_aside_document(&mut self) -> Vec<Vec<u8>> {
+        self.diverged = false;
+        self.position = 0;
+        self.bodies()
+            .into_iter()
+            .filter_map(|body| match body {
+                Body::Update { update, .. } => Some(update),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -302,6 +343,7 @@ mod tests {
             .encode()],
             unsent: vec![encode_unsent(data(2))],
             give_back: true,
+            diverged: false,
         };
         let bytes = saved.encode();
         assert_eq!(Saved::decode(&bytes).unwrap(), saved);
@@ -319,6 +361,49 @@ mod tests {
             Saved::decode(&Saved::default().encode()).unwrap(),
             Saved::default()
         );
+        for (give_back, diverged) in [(false, true), (true, true)] {
+            let flagged = Saved {
+                give_back,
+                diverged,
+                ..saved.clone()
+            };
+            assert_eq!(Saved::decode(&flagged.encode()).unwrap(), flagged);
+        }
+        for flags in [0, 4] {
+            let bytes = [old_bytes, &[flags]].concat();
+            assert!(Saved::decode(&bytes).is_err(), "flags {flags}");
+        }
+    }
+
+    /// A state whose document diverged sets the document aside when restored: it catches up
+    /// from the start of the log, its outbox kept (its updates for the new document); not
+    /// when it is owed to a relay that lost the room, where it may be the only copy.
+    #[test]
+    fn a_diverged_document_is_set_aside_unless_it_is_owed() {
+        let update = Body::Update {
+            doc: "content".into(),
+            update: vec![1, 2, 3],
+        };
+        let mut saved = Saved {
+            log: 5,
+            position: 40,
+            room: Some(RoomConfig::default()),
+            unsent: vec![encode_unsent(data(1)), encode_unsent(update)],
+            diverged: true,
+            ..Saved::default()
+        };
+        assert!(!Saved {
+            give_back: true,
+            ..saved.clone()
+        }
+        .sets_aside_document());
+        let mut adopting = Saved::default();
+        adopting.adopt(&saved);
+        assert!(adopting.diverged, "the one stored document is the other's");
+        assert!(saved.sets_aside_document());
+        assert_eq!(saved.set_aside_document(), [vec![1, 2, 3]]);
+        assert_eq!((saved.position, saved.log, saved.diverged), (0, 5, false));
+        assert_eq!(saved.unsent.len(), 2, "the outbox stays");
     }
 
     /// A closed tab's record whose stamped messages include a data message is not taken in
@@ -376,7 +461,12 @@ mod tests {
         long.push(0);
         assert!(matches!(
             Saved::decode(&long),
-            Err(DecodeError::TrailingBytes(1))
+            Err(DecodeError::ReservedFlags(0))
+        ));
+        long.push(1);
+        assert!(matches!(
+            Saved::decode(&long),
+            Err(DecodeError::TrailingBytes(2))
         ));
     }
 }

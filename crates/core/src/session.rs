@@ -585,6 +585,9 @@ impl<R: Replica> Session<R> {
                 self.log = saved.log;
                 // Owed to this log, if the tab closed before it caught up.
                 self.give_back = saved.give_back;
+                // A stored document that diverged, and that the driver loaded all the same
+                // (see `Saved::sets_aside_document`), still does.
+                self.diverged = saved.diverged;
             }
         }
         self.node = saved.node;
@@ -933,6 +936,11 @@ impl<R: Replica> Session<R> {
             self.log = other.log;
         }
         let owed = other.give_back && other.log == self.log && self.log != 0;
+        if other.diverged && !self.diverged {
+            // The closed tab's refused edit is in the stored document, and so in this replica.
+            self.diverged = true;
+            self.changed();
+        }
         for body in other.bodies() {
             if !body.is_durable() {
                 continue;
@@ -1041,6 +1049,7 @@ impl<R: Replica> Session<R> {
                 .map(|w| encode_unsent(w.body.clone()))
                 .collect(),
             give_back: self.give_back,
+            diverged: self.diverged,
         }
     }
 
@@ -1481,8 +1490,11 @@ impl<R: Replica> Session<R> {
                 kind: Kind::Update,
                 ..
             }
-        ) {
+        ) && !self.diverged
+        {
+            // Stored: the document storage keeps holds the refused edit (see `Saved::diverged`).
             self.diverged = true;
+            self.changed();
         }
         self.events.push_back(event);
     }
@@ -3575,6 +3587,13 @@ mod tests {
             detail: "the room is full".into(),
         });
         assert!(h.session.diverged());
+        // Stored with the session, whose document holds the refused edit; restored with it.
+        let saved = h.session.saved();
+        assert!(saved.diverged);
+        let mut config = SessionConfig::new("r", "t");
+        config.restore = Some(saved);
+        let restored = Session::new(config, SharedDoc::new(), h.now);
+        assert!(restored.diverged());
     }
 
     /// A closed session's record is forgotten only when it holds nothing: not while its replica
