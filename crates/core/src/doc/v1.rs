@@ -299,7 +299,11 @@ fn first_difference(
         let stop = end.min(their.end);
         if !matches!(their.content, Units::Gone) {
             let origin = origin_at(run, clock);
-            if origin != origin_at(their, clock) || run.right != their.right {
+            // A room's block without the right origin the update names: the room ignored one
+            // that does not lie right of the origin (see vendor/yrs/PATCHES.md); the content
+            // and its origin still compare.
+            let right = their.right.is_some() && run.right != their.right;
+            if origin != origin_at(their, clock) || right {
                 return Some(clock);
             }
             let names_parent = origin.is_none() && run.right.is_none();
