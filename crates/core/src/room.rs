@@ -1877,10 +1877,8 @@ impl RoomCore {
 
     /// The relay is stopping: from now on, the nodes that left (and those that leave) are let
     /// go as soon as they have nothing in flight, without waiting for their resume grace or
-    /// their budgets: the store records their last steps ([`Output::Released`]), as it would
-    /// have when the room let them go, and the room can retire once its writes are done. (It
-    /// kept them until then, and the relay stopped without their records: a node back at the
-    /// next relay got no floor.)
+    /// their budgets ([`Output::Released`] as ever), and the room can retire once its writes
+    /// are done. (It kept them for their grace, and the relay waited out its deadline.)
     pub fn close_down(&mut self, now: u64) {
         self.closing = true;
         self.tick(now);

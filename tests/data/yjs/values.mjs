@@ -20,6 +20,8 @@ numbers.forEach((n, i) => map.set(`n${i}`, n));
 map.set("big", 2n ** 62n);
 map.set("big+1", 2n ** 62n + 1n);
 map.set("small big", 5n);
+map.set("largest big", 2n ** 63n - 1n);
+map.set("smallest big", -(2n ** 63n));
 map.set("text", "wörld 😀 \ud800");
 map.set("bytes", new Uint8Array([0, 1, 255]));
 map.set("object", { b: 1, a: { d: [1, 2, { z: null, y: "y" }], c: true }, 10: 1, 2: 2.25 });

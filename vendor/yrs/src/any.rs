@@ -149,11 +149,12 @@ impl Any {
                             // TYPE 125: INTEGER
                             encoder.write_u8(125);
                             encoder.write_var(n)
-                        } else if (n as f32) as i64 == n {
+                        // `as i64` saturates: i64::MAX would read back from 2^63.
+                        } else if n != i64::MAX && (n as f32) as i64 == n {
                             // TYPE 124: FLOAT32
                             encoder.write_u8(124);
                             encoder.write_f32(n as f32)
-                        } else if (n as f64) as i64 == n {
+                        } else if n != i64::MAX && (n as f64) as i64 == n {
                             // TYPE 123: FLOAT64
                             encoder.write_u8(123);
                             encoder.write_f64(n as f64)

@@ -220,31 +220,90 @@ pub fn refusal(
     if let Some(cut) = integrable_with(update, &have, Some(&mut runs))? {
         return Ok(Some(cut.why));
     }
-    // Block by block, and only blocks with content: each clock of one takes at least a byte of
-    // the update, so the work (and what the document encodes for it) is bounded by the update's
-    // length. A collected range, a skip or deleted content of ten bytes may claim billions of
-    // clocks, and has nothing to lose: it compares with anything.
-    for (client, run) in &runs {
-        if matches!(run.content, Units::Gone | Units::Deleted) {
+    // Only blocks with content: a collected range, a skip or deleted content of ten bytes may
+    // claim billions of clocks, and has nothing to lose: it compares with anything. Each clock
+    // of a block with content takes at least half a byte of the update, and consecutive such
+    // blocks of a client share one look at the room's blocks, kept while later blocks fall in
+    // it: the room encodes its blocks from the first clock asked for to the end of the block
+    // that holds the last (whole), so a look per block would encode a large block of the
+    // room's once per small block of the update that falls in it.
+    let mut seen: Option<(u64, u64, u64, Described)> = None;
+    let mut i = 0;
+    while i < runs.len() {
+        let (client, first) = (&runs[i].0, &runs[i].1);
+        let limit = have(*client);
+        let with_content = |run: &Run| !matches!(run.content, Units::Gone | Units::Deleted);
+        if !with_content(first) || first.start >= limit {
+            i += 1;
             continue;
         }
-        let to = run.end.min(have(*client));
-        if run.start >= to {
-            continue;
+        let mut j = i + 1;
+        while j < runs.len()
+            && runs[j].0 == *client
+            && runs[j].1.start == runs[j - 1].1.end
+            && runs[j].1.start < limit
+            && with_content(&runs[j].1)
+        {
+            j += 1;
         }
-        let bytes = held(*client, run.start, to);
-        let want = |c: u64, _: u64| c == *client;
-        let Ok(theirs) = describe(&bytes, &want) else {
-            continue;
+        let to = runs[j - 1].1.end.min(limit);
+        let covered = seen
+            .as_ref()
+            .is_some_and(|&(c, from, upto, _)| c == *client && from <= first.start && to <= upto);
+        if !covered {
+            let bytes = held(*client, first.start, to);
+            let want = |c: u64, _: u64| c == *client;
+            let Ok(described) = Described::new(bytes, &want) else {
+                i = j;
+                continue;
+            };
+            let upto = described.runs.last().map_or(to, |run| run.end.max(to));
+            seen = Some((*client, first.start, upto, described));
+        }
+        let Some((_, _, _, theirs)) = &seen else {
+            unreachable!("described above")
         };
-        let theirs: Vec<&Run> = theirs.iter().map(|(_, run)| run).collect();
-        if let Some(clock) = first_difference(*client, (update, run), (&bytes, &theirs), to) {
-            return Ok(Some(format!(
-                "it writes client {client}'s clock {clock} with other content than the room holds there (another writer used that client id first)"
-            )));
+        for (_, run) in &runs[i..j] {
+            if let Some(clock) = first_difference(*client, (update, run), theirs, to) {
+                return Ok(Some(format!(
+                    "it writes client {client}'s clock {clock} with other content than the room holds there (another writer used that client id first)"
+                )));
+            }
         }
+        i = j;
     }
     Ok(None)
+}
+
+/// The room's blocks of one client, described, with each string's UTF-16 code units.
+struct Described {
+    bytes: Vec<u8>,
+    runs: Vec<Run>,
+    codes: Vec<Vec<u16>>,
+}
+
+impl Described {
+    fn new(bytes: Vec<u8>, want: &dyn Fn(u64, u64) -> bool) -> Result<Self> {
+        let runs: Vec<Run> = describe(&bytes, want)?
+            .into_iter()
+            .map(|(_, run)| run)
+            .collect();
+        let codes = runs
+            .iter()
+            .map(|run| codes_of(&bytes, &run.content))
+            .collect();
+        Ok(Described { bytes, runs, codes })
+    }
+}
+
+/// A string block's UTF-16 code units (none for other content).
+fn codes_of(bytes: &[u8], units: &Units) -> Vec<u16> {
+    match units {
+        Units::Text(start, end) => std::str::from_utf8(&bytes[*start..*end])
+            .map(|text| text.encode_utf16().collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
 }
 
 /// The blocks of `bytes` that `want(client, clock)` picks, described.
@@ -264,11 +323,11 @@ fn describe(bytes: &[u8], want: &dyn Fn(u64, u64) -> bool) -> Result<Vec<(u64, R
 }
 
 /// The first clock below `to` where the block `run` (of `client`, in the update `a`) and the
-/// document's blocks `theirs` (in `b`, in clock order, the first from `run.start` on) differ.
+/// room's blocks `theirs` (in clock order) differ.
 fn first_difference(
     client: u64,
     (a, run): (&[u8], &Run),
-    (b, theirs): (&[u8], &[&Run]),
+    theirs: &Described,
     to: u64,
 ) -> Option<u64> {
     let origin_at = |run: &Run, clock: u64| {
@@ -280,13 +339,13 @@ fn first_difference(
     };
     let end = run.end.min(to);
     let mut clock = run.start;
-    let mut mine = Cursor::new(a, &run.content);
-    for their in theirs {
+    let codes = codes_of(a, &run.content);
+    let mut mine = Cursor::new(a, &run.content, &codes);
+    // The room's blocks are in clock order: the first that ends after this block starts.
+    let first = theirs.runs.partition_point(|their| their.end <= clock);
+    for (k, their) in theirs.runs.iter().enumerate().skip(first) {
         if clock >= end {
             break;
-        }
-        if their.end <= clock {
-            continue;
         }
         if their.start > clock {
             // Not in the room's blocks (never, for clocks it holds): nothing to compare.
@@ -299,11 +358,11 @@ fn first_difference(
         let stop = end.min(their.end);
         if !matches!(their.content, Units::Gone) {
             let origin = origin_at(run, clock);
-            // A room's block without the right origin the update names: the room ignored one
-            // that does not lie right of the origin (see vendor/yrs/PATCHES.md); the content
-            // and its origin still compare.
-            let right = their.right.is_some() && run.right != their.right;
-            if origin != origin_at(their, clock) || right {
+            // A room's block without the right origin the update names, after an origin: the
+            // room ignored one that does not lie right of the origin (see
+            // vendor/yrs/PATCHES.md); the content and its origin still compare.
+            let ignored = their.right.is_none() && their.origin.is_some();
+            if origin != origin_at(their, clock) || (run.right != their.right && !ignored) {
                 return Some(clock);
             }
             let names_parent = origin.is_none() && run.right.is_none();
@@ -311,7 +370,7 @@ fn first_difference(
                 return Some(clock);
             }
         }
-        let mut theirs_units = Cursor::new(b, &their.content);
+        let mut theirs_units = Cursor::new(&theirs.bytes, &their.content, &theirs.codes[k]);
         theirs_units.skip_to(clock - their.start);
         for at in clock..stop {
             if !mine.next().matches(&theirs_units.next()) {
@@ -331,57 +390,60 @@ struct Cursor<'b> {
 
 enum CursorUnits<'b> {
     Any,
-    Text(std::str::EncodeUtf16<'b>),
-    Elements(u8, &'b [u8], std::slice::Iter<'b, (usize, usize)>),
+    Text(&'b [u16]),
+    Elements(u8, &'b [u8], &'b [(usize, usize)]),
 }
 
 /// One unit of content.
-enum Unit {
+enum Unit<'b> {
     /// Anything (content collected, or past what a block holds).
     Any,
     /// A UTF-16 code unit of a string.
     Code(u16),
-    /// A unit of another kind: its kind and what it holds, as read rather than as written
-    /// (none where that could not be read, which compares by kind alone).
-    Value(u8, Option<Value>),
+    /// A unit of another kind: its kind and what it holds, as read rather than as written.
+    Value(u8, Value),
+    /// One that does not read as a [`Value`]: its kind and bytes, compared as written.
+    Raw(u8, &'b [u8]),
 }
 
-impl Unit {
+impl Unit<'_> {
     /// Whether two units may be the same clock's content: U+FFFD stands for half of a
     /// surrogate pair a replica split.
-    fn matches(&self, other: &Unit) -> bool {
+    fn matches(&self, other: &Unit<'_>) -> bool {
         match (self, other) {
             (Unit::Any, _) | (_, Unit::Any) => true,
             (Unit::Code(a), Unit::Code(b)) => a == b || *a == 0xfffd || *b == 0xfffd,
-            (Unit::Value(k, a), Unit::Value(l, b)) => {
-                k == l && (a.is_none() || b.is_none() || a == b)
-            }
+            (Unit::Value(k, a), Unit::Value(l, b)) => k == l && a == b,
+            (Unit::Raw(k, a), Unit::Raw(l, b)) => k == l && a == b,
             _ => false,
         }
     }
 }
 
 impl<'b> Cursor<'b> {
-    fn new(bytes: &'b [u8], units: &'b Units) -> Self {
+    /// A cursor at the start of a block's content; `codes`, a string's UTF-16 code units.
+    fn new(bytes: &'b [u8], units: &'b Units, codes: &'b [u16]) -> Self {
         let units = match units {
             Units::Gone | Units::Deleted => CursorUnits::Any,
-            Units::Text(start, end) => match std::str::from_utf8(&bytes[*start..*end]) {
-                Ok(text) => CursorUnits::Text(text.encode_utf16()),
-                Err(_) => CursorUnits::Any,
-            },
-            Units::Elements(kind, units) => CursorUnits::Elements(*kind, bytes, units.iter()),
+            Units::Text(..) => CursorUnits::Text(codes),
+            Units::Elements(kind, units) => CursorUnits::Elements(*kind, bytes, units),
         };
         Cursor { at: 0, units }
     }
 
-    fn next(&mut self) -> Unit {
+    fn next(&mut self) -> Unit<'b> {
+        let at = self.at as usize;
         self.at += 1;
-        match &mut self.units {
+        match self.units {
             CursorUnits::Any => Unit::Any,
-            CursorUnits::Text(codes) => codes.next().map_or(Unit::Any, Unit::Code),
+            CursorUnits::Text(codes) => codes.get(at).map_or(Unit::Any, |&c| Unit::Code(c)),
             CursorUnits::Elements(kind, bytes, units) => {
-                units.next().map_or(Unit::Any, |&(start, end)| {
-                    Unit::Value(*kind, Value::of_unit(*kind, &bytes[start..end]))
+                units.get(at).map_or(Unit::Any, |&(start, end)| {
+                    let unit = &bytes[start..end];
+                    match Value::of_unit(kind, unit) {
+                        Some(value) => Unit::Value(kind, value),
+                        None => Unit::Raw(kind, unit),
+                    }
                 })
             }
         }
@@ -389,12 +451,7 @@ impl<'b> Cursor<'b> {
 
     /// Moves on to the unit at `offset` in the block (never back).
     fn skip_to(&mut self, offset: u64) {
-        if let CursorUnits::Any = self.units {
-            self.at = self.at.max(offset);
-        }
-        while self.at < offset {
-            self.next();
-        }
+        self.at = self.at.max(offset);
     }
 }
 
@@ -941,10 +998,11 @@ impl<'a> Reader<'a> {
                 Value::Binary(self.take(len)?.to_vec())
             }
             tag @ (118 | 117) => {
-                if depth == MAX_DEPTH {
+                let len = self.number()?;
+                // As `any` counts them: an empty array or object nests nothing.
+                if depth == MAX_DEPTH && len > 0 {
                     return Err(self.error("values nested more than 128 levels deep"));
                 }
-                let len = self.number()?;
                 // Each entry takes a byte at least: a length past the bytes left is refused
                 // before anything is reserved.
                 if len > (self.bytes.len() - self.at) as u64 {
@@ -1570,6 +1628,55 @@ mod tests {
         room.apply_member_update(&state(&other)).unwrap();
     }
 
+    /// A large block of the room's, sent again as a block per clock: each block shares the
+    /// room's one look at it. A look per block encoded the room's block whole each time, the
+    /// work growing with the square of the update's length (a room stalled by one message).
+    #[test]
+    fn a_block_sent_again_a_clock_at_a_time_is_taken_in_one_look() {
+        const N: u64 = 20_000;
+        let writer = doc_of(5);
+        let text = writer.get_or_insert_text("t");
+        text.insert(&mut writer.transact_mut(), 0, &"a".repeat(N as usize));
+        let room = crate::doc::SharedDoc::with_client_id(1);
+        room.apply_member_update(&state(&writer)).unwrap();
+        // One section of client 5, N blocks: the first names its parent, each other has the
+        // one before as its origin.
+        let mut update = Vec::new();
+        for n in [1, N, 5, 0] {
+            write_var(&mut update, n);
+        }
+        update.extend_from_slice(&[4, 1, 1, b't', 1, b'a']);
+        for clock in 1..N {
+            update.push(0x84);
+            write_var(&mut update, 5);
+            write_var(&mut update, clock - 1);
+            update.extend_from_slice(&[1, b'a']);
+        }
+        update.push(0);
+        let looks = std::cell::Cell::new(0);
+        let txn_doc = doc_of(5);
+        txn_doc
+            .transact_mut()
+            .apply_update(yrs::Update::decode_v1(&state(&writer)).unwrap())
+            .unwrap();
+        let txn = txn_doc.transact();
+        let refused = refusal(
+            &update,
+            |client| u64::from(txn.state_of(yrs::block::ClientID::new(client))),
+            |client, from, to| {
+                looks.set(looks.get() + 1);
+                txn.encode_client_range_v1(
+                    yrs::block::ClientID::new(client),
+                    from as u32..to as u32,
+                )
+            },
+        )
+        .unwrap();
+        assert_eq!(refused, None);
+        assert_eq!(looks.get(), 1);
+        room.apply_member_update(&update).unwrap();
+    }
+
     /// A collected range of ten bytes claims two billion clocks of a client; sent again, the
     /// room holds them all. Compared clock by clock, it kept the relay busy for minutes per
     /// message; it has no content to lose, and is taken at once.
@@ -1657,6 +1764,10 @@ mod tests {
             Value::of_unit(7, &[3, 1, b'q'])
         );
         assert_ne!(Value::of_unit(7, &[0]), Value::of_unit(7, &[1]));
+        // An empty array or object nests nothing, as the check counts: 128 arrays around an
+        // empty one read.
+        let deepest = [[117u8, 1].repeat(MAX_DEPTH), vec![117, 0]].concat();
+        assert!(Value::of_unit(8, &deepest).is_some());
         // Nesting past the limit does not read.
         let deep = [117u8, 1].repeat(MAX_DEPTH + 1);
         assert!(Value::of_unit(8, &[deep, vec![126]].concat()).is_none());
@@ -1734,6 +1845,31 @@ mod tests {
         let error = room.apply_member_update(&next).unwrap_err().to_string();
         assert!(
             error.contains("client 5's clock 5 with other content"),
+            "{error}"
+        );
+        // The same text at client 3's first clocks, one in the root type `t` (no origins), one
+        // placed before client 7's text in `u` (a right origin): the room's block has no right
+        // origin, but no origin either, so it did not ignore one.
+        let room = crate::doc::SharedDoc::with_client_id(1);
+        let seven = forge(&|_| {
+            let d = doc_of(7);
+            let t = d.get_or_insert_text("u");
+            let mut txn = d.transact_mut();
+            t.insert(&mut txn, 0, "x");
+            txn.encode_update_v1()
+        });
+        room.apply_member_update(&seven).unwrap();
+        let at_three = |info: u8, body: &[u8]| {
+            let mut update = one_item(info, body);
+            update[2] = 3;
+            update
+        };
+        room.apply_member_update(&at_three(4, &[5, b'f', b'i', b'r', b's', b't']))
+            .unwrap();
+        let before_x = at_three(0x44, &[7, 0, 5, b'f', b'i', b'r', b's', b't']);
+        let error = room.apply_member_update(&before_x).unwrap_err().to_string();
+        assert!(
+            error.contains("client 3's clock 0 with other content"),
             "{error}"
         );
     }
