@@ -1147,10 +1147,13 @@ impl MeshClient {
                 return Err(stopped());
             }
             let mut loaded = loaded;
+            // Not where a record of the room owes the stored document to a relay that lost the
+            // room's history: it may be the only copy of everyone's edits.
+            let owed = loaded.owed;
             match loaded
                 .saved
                 .as_mut()
-                .filter(|saved| saved.sets_aside_document())
+                .filter(|saved| saved.sets_aside_document() && !owed)
             {
                 // An edit of the stored document was refused for good: it shows what the room
                 // does not hold. It is not loaded: the room's document is, from the start of

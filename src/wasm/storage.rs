@@ -19,6 +19,15 @@
 //! Each write puts the session record and appends the document's new updates in one
 //! transaction, so the two always agree; the session sends a message only after the write that
 //! holds its stamp completed (see the core's `saved` module).
+//!
+//! A tab whose stored document diverged from the room's (an edit of it was refused for good:
+//! the record says so beside its state) sets it aside when it opens (see
+//! `Saved::set_aside_document`), and its first write replaces the room's updates. The
+//! replacement starts a new epoch of the document: every update record carries the epoch it
+//! was written in, and every session record the epoch its log position counts in. A record of
+//! an earlier epoch (another tab's, live or closed, whose position counted in the document set
+//! aside) catches up from the start of the log when it is opened: the replacement may not hold
+//! yet what came before its position.
 
 use std::collections::VecDeque;
 
@@ -98,17 +107,27 @@ export async function pmStorageOpen(room, wait, holds) {
   const records = request(tx.objectStore("sessions").index("room").getAll(room));
   const updates = request(tx.objectStore("updates").index("room").getAll(room));
   const [sessions, stored] = [await records, await updates];
+  // The document's epoch: the latest any of its records was written in (records written
+  // before epochs existed count as the first, 0).
+  const epoch = stored.reduce((latest, record) => Math.max(latest, record.epoch ?? 0), 0);
   const claimed = [];
   try {
     for (const record of sessions) {
       const release = await lock(record.id, holds);
       if (!release) continue;
-      claimed.push([record.id, null, release]);
+      // [id, state, release, diverged, epoch]
+      const entry = [record.id, null, release, false, 0];
+      claimed.push(entry);
       // Read again under the lock: its last owner may have written it, or let it go for
       // good, between the first read and its lock.
       const fresh = await request(db.transaction("sessions", "readonly").objectStore("sessions").get(record.id));
-      if (fresh) claimed[claimed.length - 1][1] = fresh.saved;
-      else claimed.pop()[2]();
+      if (fresh) {
+        entry[1] = fresh.saved;
+        entry[3] = fresh.diverged === true;
+        entry[4] = fresh.epoch ?? 0;
+      } else {
+        claimed.pop()[2]();
+      }
     }
   } catch (e) {
     // No record stays locked by an open that failed.
@@ -125,13 +144,14 @@ export async function pmStorageOpen(room, wait, holds) {
       db.close();
       throw new Error("the Web Lock of this tab's new session record could not be taken");
     }
-    claimed.push([id, null, release]);
+    claimed.push([id, null, release, false, epoch]);
   }
   if (holds.stopped) {
     db.close();
     throw new Error(STOPPED);
   }
-  return [db, claimed, stored.map((record) => record.update)];
+  // Every record's state, the claimed or not (a live tab's), for what they owe.
+  return [db, claimed, stored.map((record) => record.update), epoch, sessions.map((record) => record.saved)];
 }
 export async function pmStorageFreed(db, room, known, holds) {
   if (db.pmGone || holds.stopped) return [];
@@ -144,7 +164,7 @@ export async function pmStorageFreed(db, room, known, holds) {
     try {
       // Read under the lock: a client closed with nothing left to keep deleted it.
       const fresh = await request(db.transaction("sessions", "readonly").objectStore("sessions").get(id));
-      if (fresh) taken.push([id, fresh.saved, release]);
+      if (fresh) taken.push([id, fresh.saved, release, fresh.diverged === true, fresh.epoch ?? 0]);
       else release();
     } catch (e) {
       release();
@@ -158,24 +178,27 @@ export async function pmStorageFreed(db, room, known, holds) {
 export function pmStorageGone(db) {
   return db.pmGone ?? null;
 }
-export async function pmStorageWrite(db, room, id, saved, updates, drop, replace, holds) {
+export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updates, drop, replace, holds) {
   if (holds.stopped) throw new Error(STOPPED);
   if (db.pmGone) throw new Error(db.pmGone);
   try {
     const tx = db.transaction(["sessions", "updates"], "readwrite");
     const sessions = tx.objectStore("sessions");
-    if (saved) sessions.put({ id, room, saved });
+    if (saved) sessions.put({ id, room, saved, diverged, epoch });
     else sessions.delete(id);
     for (const other of drop) sessions.delete(other);
     const store = tx.objectStore("updates");
     const add = () => {
-      for (const update of updates) store.add({ room, update });
+      for (const update of updates) store.add({ room, update, epoch });
     };
     if (replace) {
-      // The room's stored document goes, in the write that stores its replacement.
+      // The room's stored document goes, in the write that stores its replacement, which
+      // starts with an empty update of the new epoch (so that the epoch is there to read
+      // before any update is).
       const keys = store.index("room").getAllKeys(room);
       keys.onsuccess = () => {
         for (const key of keys.result) store.delete(key);
+        store.add({ room, update: new Uint8Array([0, 0]), epoch });
         add();
       };
     } else {
@@ -201,8 +224,9 @@ export async function pmStorageCompact(db, room, merge, holds) {
     if (values.result.length < 2) return;
     const merged = merge(values.result.map((record) => record.update));
     if (!merged) return;
+    const epoch = values.result.reduce((latest, record) => Math.max(latest, record.epoch ?? 0), 0);
     for (const key of keys.result) store.delete(key);
-    store.add({ room, update: merged });
+    store.add({ room, update: merged, epoch });
   };
   await finished(tx);
   return values.result.length;
@@ -232,6 +256,8 @@ extern "C" {
         room: &str,
         id: &str,
         saved: Option<Vec<u8>>,
+        diverged: bool,
+        epoch: u32,
         updates: js_sys::Array,
         drop: js_sys::Array,
         replace: bool,
@@ -270,6 +296,8 @@ pub(crate) struct Storage {
     records: usize,
     /// The room's stored document is set aside (it diverged): the next write replaces it.
     replace: bool,
+    /// The epoch of the stored document this tab writes in (see the module's notes).
+    epoch: u32,
     /// A write is under way; another one is wanted after it.
     pub(crate) writing: bool,
     pub(crate) wanted: bool,
@@ -288,6 +316,10 @@ pub(crate) struct Loaded {
     pub(crate) updates: Vec<Vec<u8>>,
     /// What could not be read (a damaged record): each is said to the application.
     pub(crate) problems: Vec<String>,
+    /// A record of the room (this tab's, a closed tab's or a live tab's) owes the stored
+    /// document to a relay that lost the room's history: it may be the only copy of everyone's
+    /// edits, and is not set aside (see `Saved::sets_aside_document`).
+    pub(crate) owed: bool,
 }
 
 /// Opens the storage of `room` at `url`, claims a session record under `holds`, and reads the
@@ -312,6 +344,11 @@ pub(crate) async fn open(
     let db = opened.get(0);
     let claimed: js_sys::Array = opened.get(1).unchecked_into();
     let stored: js_sys::Array = opened.get(2).unchecked_into();
+    let epoch = opened.get(3).as_f64().unwrap_or(0.0) as u32;
+    let owed = js_sys::Array::from(&opened.get(4))
+        .iter()
+        .filter_map(|bytes| read_saved(&bytes)?.ok())
+        .any(|saved| saved.give_back);
     let mut problems = Vec::new();
     let mut read = |bytes: JsValue| match read_saved(&bytes)? {
         Ok(saved) => Some(saved),
@@ -325,7 +362,15 @@ pub(crate) async fn open(
         .map(|entry| {
             let entry: js_sys::Array = entry.unchecked_into();
             let id = entry.get(0).as_string().unwrap_or_default();
-            let saved = read(entry.get(1));
+            let saved = read(entry.get(1)).map(|mut saved| {
+                saved.diverged = entry.get(3).is_truthy();
+                // Its position counts in a document since set aside: the one stored now may
+                // not hold what came before it.
+                if entry.get(4).as_f64().unwrap_or(0.0) as u32 != epoch {
+                    saved.position = 0;
+                }
+                saved
+            });
             let release: js_sys::Function = entry.get(2).unchecked_into();
             (id, saved, release)
         })
@@ -378,6 +423,7 @@ pub(crate) async fn open(
             updates: VecDeque::new(),
             records: updates.len(),
             replace: false,
+            epoch,
             writing: false,
             wanted: false,
             released: false,
@@ -386,6 +432,7 @@ pub(crate) async fn open(
         saved,
         updates,
         problems,
+        owed,
     })
 }
 
@@ -419,6 +466,8 @@ impl Storage {
                 &self.room,
                 &self.id,
                 saved.map(Saved::encode),
+                saved.is_some_and(|saved| saved.diverged),
+                self.epoch,
                 array,
                 drop,
                 self.replace,
@@ -435,6 +484,7 @@ impl Storage {
     /// which the new document starts with) and what the session hands over after them.
     pub(crate) fn set_aside(&mut self, updates: Vec<Vec<u8>>) {
         self.replace = true;
+        self.epoch += 1;
         self.updates = updates.into();
     }
 
@@ -470,7 +520,13 @@ impl Storage {
                 let _ = release.call0(&JsValue::NULL);
                 continue;
             }
-            match read_saved(&entry.get(1)) {
+            let read = read_saved(&entry.get(1)).map(|saved| {
+                saved.map(|mut saved| {
+                    saved.diverged = entry.get(3).is_truthy();
+                    saved
+                })
+            });
+            match read {
                 Some(Ok(saved)) if !take(&saved) => {
                     let _ = release.call0(&JsValue::NULL);
                     self.left.push(id);

@@ -49,8 +49,9 @@ pub struct Saved {
     pub give_back: bool,
     /// An edit of the document was refused for good ([`Session::diverged`](crate::session::Session::diverged)):
     /// the stored document holds what the room does not, and a session restored from this
-    /// state sets it aside ([`Saved::set_aside_document`]). (Stored with `give_back` in one
-    /// byte of flags, and only when either is set.)
+    /// state sets it aside ([`Saved::set_aside_document`]). Not part of [`Saved::encode`]:
+    /// storage keeps it beside the encoded state, which a tab of an older version of the
+    /// package reads too (a byte it does not know would have it delete the record).
     pub diverged: bool,
 }
 
@@ -113,11 +114,8 @@ impl Saved {
                 w.bytes(bytes);
             }
         }
-        // Flags, when any is set: 1 `give_back` (a state stored before `diverged` existed ends
-        // with that one byte), 2 `diverged`.
-        let flags = u8::from(self.give_back) | u8::from(self.diverged) << 1;
-        if flags != 0 {
-            w.u8(flags);
+        if self.give_back {
+            w.flag(true);
         }
         w.0
     }
@@ -150,15 +148,11 @@ impl Saved {
                 list.push(r.bytes("message")?.to_vec());
             }
         }
-        // Written only when one is set: a byte there must say which, and no other.
-        let flags = match r.remaining() {
-            1 => match r.u8("flags")? {
-                flags @ 1..=3 => flags,
-                other => return Err(DecodeError::ReservedFlags(other)),
-            },
-            _ => 0,
-        };
-        let (give_back, diverged) = (flags & 1 != 0, flags & 2 != 0);
+        // Written only when set: a byte there must say so.
+        let give_back = r.remaining() == 1 && bytes.last() == Some(&1);
+        if give_back {
+            r.u8("give back")?;
+        }
         if r.remaining() != 0 {
             return Err(DecodeError::TrailingBytes(r.remaining()));
         }
@@ -173,7 +167,7 @@ impl Saved {
             sent,
             unsent,
             give_back,
-            diverged,
+            diverged: false,
         })
     }
 
@@ -361,18 +355,12 @@ mod tests {
             Saved::decode(&Saved::default().encode()).unwrap(),
             Saved::default()
         );
-        for (give_back, diverged) in [(false, true), (true, true)] {
-            let flagged = Saved {
-                give_back,
-                diverged,
-                ..saved.clone()
-            };
-            assert_eq!(Saved::decode(&flagged.encode()).unwrap(), flagged);
-        }
-        for flags in [0, 4] {
-            let bytes = [old_bytes, &[flags]].concat();
-            assert!(Saved::decode(&bytes).is_err(), "flags {flags}");
-        }
+        // `diverged` is kept beside the bytes: they are what an older version wrote.
+        let diverged = Saved {
+            diverged: true,
+            ..saved.clone()
+        };
+        assert_eq!(diverged.encode(), bytes);
     }
 
     /// A state whose document diverged sets the document aside when restored: it catches up
@@ -461,12 +449,7 @@ mod tests {
         long.push(0);
         assert!(matches!(
             Saved::decode(&long),
-            Err(DecodeError::ReservedFlags(0))
-        ));
-        long.push(1);
-        assert!(matches!(
-            Saved::decode(&long),
-            Err(DecodeError::TrailingBytes(2))
+            Err(DecodeError::TrailingBytes(1))
         ));
     }
 }
