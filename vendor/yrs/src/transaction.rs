@@ -77,9 +77,10 @@ pub trait ReadTxn: Sized {
     }
 
     /// The blocks of `client` that hold the ids in `clocks`, as a Yjs v1 update with an empty
-    /// delete set: the first written from `clocks.start` on (as a diff writes it), the last
-    /// whole. An update of no blocks when the document holds none of them. Finds the first block
-    /// by the block list's binary search, and visits only the blocks in the range.
+    /// delete set, the first and the last whole (a block written from a clock inside it would
+    /// show that clock's left neighbour as its origin, not the block's own). An update of no
+    /// blocks when the document holds none of them. Finds the first block by the block list's
+    /// binary search, and visits only the blocks in the range.
     fn encode_client_range_v1(
         &self,
         client: crate::block::ClientID,
@@ -101,11 +102,9 @@ pub trait ReadTxn: Sized {
                 encoder.write_var(1u32);
                 encoder.write_var(end - start);
                 encoder.write_client(client);
-                encoder.write_var(clocks.start);
                 let first = list.get(start).unwrap().as_ref();
-                let mut slice = first.as_slice();
-                slice.trim_start(clocks.start - first.clock_start());
-                slice.encode(&mut encoder);
+                encoder.write_var(first.clock_start());
+                first.as_slice().encode(&mut encoder);
                 for i in (start + 1)..end {
                     list[i].as_slice().encode(&mut encoder);
                 }

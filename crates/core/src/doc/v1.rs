@@ -223,10 +223,10 @@ pub fn refusal(
     // Only blocks with content: a collected range, a skip or deleted content of ten bytes may
     // claim billions of clocks, and has nothing to lose: it compares with anything. Each clock
     // of a block with content takes at least half a byte of the update, and consecutive such
-    // blocks of a client share one look at the room's blocks, kept while later blocks fall in
-    // it: the room encodes its blocks from the first clock asked for to the end of the block
-    // that holds the last (whole), so a look per block would encode a large block of the
-    // room's once per small block of the update that falls in it.
+    // blocks of a client (its one section, in clock order: see `structs`) share one look at the
+    // room's blocks, kept while later blocks fall in it: the room writes its blocks whole, so a
+    // look per block would write a large block of the room's once per small block of the
+    // update that falls in it.
     let mut seen: Option<(u64, u64, u64, Described)> = None;
     let mut i = 0;
     while i < runs.len() {
@@ -254,8 +254,11 @@ pub fn refusal(
             let bytes = held(*client, first.start, to);
             let want = |c: u64, _: u64| c == *client;
             let Ok(described) = Described::new(bytes, &want) else {
-                i = j;
-                continue;
+                // Never for what the room wrote; refused rather than taken unseen.
+                return Ok(Some(format!(
+                    "the room's blocks of client {client} at clocks {}..{to} could not be read to compare with it",
+                    first.start
+                )));
             };
             let upto = described.runs.last().map_or(to, |run| run.end.max(to));
             seen = Some((*client, first.start, upto, described));
@@ -1049,10 +1052,15 @@ impl<'a> Reader<'a> {
     /// The blocks, client by client.
     fn structs(&mut self) -> Result<()> {
         let clients = self.number()?;
+        // The clients with blocks so far: yrs refuses a client's blocks in a second section
+        // (Yjs keeps the last), and so do we, before any other work on them.
+        let mut with_blocks = BTreeSet::new();
         for _ in 0..clients {
+            let section = self.at;
             let count = self.number()?;
             let client = self.number()?;
             let mut clock = self.number()?;
+            let start = clock;
             let first = self.record.as_ref().map_or(0, |r| r.blocks.len());
             for _ in 0..count {
                 let (at, refs) = (self.at, self.record.as_ref().map_or(0, |r| r.refs.len()));
@@ -1084,6 +1092,12 @@ impl<'a> Reader<'a> {
                     .checked_add(len)
                     .filter(|&end| end <= MAX_SAFE)
                     .ok_or_else(|| self.error("a clock above 2^53 - 1"))?;
+            }
+            if clock > start && !with_blocks.insert(client) {
+                return Err(V1Error {
+                    problem: "a client's blocks in a second section",
+                    offset: section,
+                });
             }
             if let Some(record) = &mut self.record {
                 record.sections.push((first, record.blocks.len()));
@@ -1628,6 +1642,22 @@ mod tests {
         room.apply_member_update(&state(&other)).unwrap();
     }
 
+    /// A client's blocks in two sections: yrs refuses them (integrated, the same ids twice made
+    /// a cycle), and Yjs keeps the last; the check refuses them, before the relay compares or
+    /// integrates anything (unsorted, its comparison's work grew with the square of the
+    /// sections). An empty section, and other clients' sections, are taken.
+    #[test]
+    fn a_clients_blocks_in_two_sections_are_refused() {
+        let a = [1, 5, 0, 4, 1, 1, b't', 1, b'a'];
+        let b = [1, 5, 1, 0x84, 5, 0, 1, b'b'];
+        let update = [&[2][..], &a, &b, &[0]].concat();
+        assert_eq!(problem(&update), "a client's blocks in a second section");
+        let empty = [0, 5, 7];
+        check(&[&[2][..], &a, &empty, &[0]].concat()).unwrap();
+        let other = [1, 6, 0, 4, 1, 1, b't', 1, b'c'];
+        check(&[&[2][..], &a, &other, &[0]].concat()).unwrap();
+    }
+
     /// A large block of the room's, sent again as a block per clock: each block shares the
     /// room's one look at it. A look per block encoded the room's block whole each time, the
     /// work growing with the square of the update's length (a room stalled by one message).
@@ -1870,6 +1900,14 @@ mod tests {
         let error = room.apply_member_update(&before_x).unwrap_err().to_string();
         assert!(
             error.contains("client 3's clock 0 with other content"),
+            "{error}"
+        );
+        // The same from the block's middle on: the room's block still has no origin of its own
+        // (written from a clock inside it, it showed that clock's neighbour as one).
+        let middle = [1, 1, 3, 2, 0xc4, 3, 1, 7, 0, 3, b'r', b's', b't', 0];
+        let error = room.apply_member_update(&middle).unwrap_err().to_string();
+        assert!(
+            error.contains("client 3's clock 2 with other content"),
             "{error}"
         );
     }
