@@ -73,6 +73,9 @@ const lock = (name, holds) => new Promise((resolve) => {
     });
   }).catch(() => resolve(null));
 });
+// The latest epoch of the document that `records` (update or session records) were written in;
+// records written before epochs existed count as the first, 0.
+const latest = (records) => records.reduce((epoch, record) => Math.max(epoch, record.epoch ?? 0), 0);
 export function pmStorageMissing() {
   if (typeof indexedDB === "undefined") return "this runtime has no IndexedDB";
   if (!globalThis.navigator?.locks) {
@@ -107,9 +110,9 @@ export async function pmStorageOpen(room, wait, holds) {
   const records = request(tx.objectStore("sessions").index("room").getAll(room));
   const updates = request(tx.objectStore("updates").index("room").getAll(room));
   const [sessions, stored] = [await records, await updates];
-  // The document's epoch: the latest any of its records was written in (records written
-  // before epochs existed count as the first, 0).
-  const epoch = stored.reduce((latest, record) => Math.max(latest, record.epoch ?? 0), 0);
+  // The document's epoch: the latest any of its records was written in (a session record keeps
+  // it where a tab of an older version merged the updates without it).
+  const epoch = Math.max(latest(stored), latest(sessions));
   const claimed = [];
   try {
     for (const record of sessions) {
@@ -184,27 +187,40 @@ export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updat
   try {
     const tx = db.transaction(["sessions", "updates"], "readwrite");
     const sessions = tx.objectStore("sessions");
-    if (saved) sessions.put({ id, room, saved, diverged, epoch });
-    else sessions.delete(id);
-    for (const other of drop) sessions.delete(other);
     const store = tx.objectStore("updates");
-    const add = () => {
+    const write = () => {
+      if (saved) sessions.put({ id, room, saved, diverged, epoch });
+      else sessions.delete(id);
+      for (const other of drop) sessions.delete(other);
       for (const update of updates) store.add({ room, update, epoch });
     };
     if (replace) {
-      // The room's stored document goes, in the write that stores its replacement, which
-      // starts with an empty update of the new epoch (so that the epoch is there to read
-      // before any update is).
-      const keys = store.index("room").getAllKeys(room);
-      keys.onsuccess = () => {
-        for (const key of keys.result) store.delete(key);
-        store.add({ room, update: new Uint8Array([0, 0]), epoch });
-        add();
+      // The room's stored document goes, in the write that stores its replacement: a new
+      // epoch, past every one the room's records know (another tab may have replaced the
+      // document since this one opened), which starts with an empty update (so that the epoch
+      // is there to read before any update is).
+      const others = sessions.index("room").getAll(room);
+      others.onsuccess = () => {
+        epoch = latest(others.result);
+        const cursor = store.index("room").openCursor(room);
+        cursor.onsuccess = () => {
+          const at = cursor.result;
+          if (at) {
+            epoch = Math.max(epoch, at.value.epoch ?? 0);
+            at.delete();
+            at.continue();
+            return;
+          }
+          epoch += 1;
+          store.add({ room, update: new Uint8Array([0, 0]), epoch });
+          write();
+        };
       };
     } else {
-      add();
+      write();
     }
     await finished(tx);
+    return epoch;
   } catch (e) {
     // A browser that closes the database aborts its transactions first and says why (the
     // close event) after: a write cut short that way is told as the closing, not as a
@@ -224,7 +240,7 @@ export async function pmStorageCompact(db, room, merge, holds) {
     if (values.result.length < 2) return;
     const merged = merge(values.result.map((record) => record.update));
     if (!merged) return;
-    const epoch = values.result.reduce((latest, record) => Math.max(latest, record.epoch ?? 0), 0);
+    const epoch = latest(values.result);
     for (const key of keys.result) store.delete(key);
     store.add({ room, update: merged, epoch });
   };
@@ -484,7 +500,6 @@ impl Storage {
     /// which the new document starts with) and what the session hands over after them.
     pub(crate) fn set_aside(&mut self, updates: Vec<Vec<u8>>) {
         self.replace = true;
-        self.epoch += 1;
         self.updates = updates.into();
     }
 
@@ -520,9 +535,11 @@ impl Storage {
                 let _ = release.call0(&JsValue::NULL);
                 continue;
             }
+            // A record of an earlier epoch diverged from a document set aside since.
+            let same_epoch = entry.get(4).as_f64().unwrap_or(0.0) as u32 == self.epoch;
             let read = read_saved(&entry.get(1)).map(|saved| {
                 saved.map(|mut saved| {
-                    saved.diverged = entry.get(3).is_truthy();
+                    saved.diverged = entry.get(3).is_truthy() && same_epoch;
                     saved
                 })
             });
@@ -548,7 +565,10 @@ impl Storage {
             self.updates.drain(..write.updates);
             if write.replaced {
                 self.replace = false;
-                self.records = write.updates;
+                self.records = write.updates + 1;
+                if let Some(epoch) = write.epoch {
+                    self.epoch = epoch;
+                }
             } else {
                 self.records += write.updates;
             }
@@ -593,6 +613,11 @@ impl Write {
         let result = JsFuture::from(self.promise).await;
         WriteDone {
             ok: result.is_ok(),
+            epoch: result
+                .as_ref()
+                .ok()
+                .and_then(JsValue::as_f64)
+                .map(|e| e as u32),
             error: result.err().map(|e| storage_error("writing", &e)),
             updates: self.updates,
             dropped: self.dropped,
@@ -604,6 +629,8 @@ impl Write {
 /// How a write ended.
 pub(crate) struct WriteDone {
     pub(crate) ok: bool,
+    /// The epoch of the document the write was in (a replacement picks a new one).
+    epoch: Option<u32>,
     pub(crate) error: Option<JsValue>,
     updates: usize,
     dropped: usize,
