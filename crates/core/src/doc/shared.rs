@@ -890,7 +890,7 @@ mod tests {
         ];
         assert!(matches!(
             doc.apply_update(&cycle),
-            Err(DocError::InvalidUpdate(reason)) if reason.contains("two sections")
+            Err(DocError::InvalidUpdate(reason)) if reason.contains("a client's blocks in a second section")
         ));
         // A clock past 2^32 - 1 (an `unwrap` on `None` in the block store).
         let overflow = [
