@@ -150,6 +150,11 @@ impl Doc {
         }
     }
 
+    /// A reference to this document that does not keep it alive.
+    pub fn downgrade(&self) -> WeakDoc {
+        WeakDoc(Arc::downgrade(&self.store.0))
+    }
+
     pub(crate) fn subdoc(parent: ItemPtr, options: Options) -> Self {
         Doc {
             store: DocStore::new(options, Some(parent)),
@@ -422,6 +427,36 @@ impl Doc {
 
     pub(crate) fn addr(&self) -> DocAddr {
         DocAddr::new(&self)
+    }
+}
+
+/// A reference to a [Doc] that does not keep it alive: a sub-document's item holds its parent
+/// document this way. The parent's own store holds that item, so a strong reference there made a
+/// cycle, and a document that had integrated a sub-document was never freed.
+#[derive(Clone)]
+pub struct WeakDoc(std::sync::Weak<StoreInner>);
+
+impl WeakDoc {
+    /// The document, if it is still alive.
+    pub fn upgrade(&self) -> Option<Doc> {
+        self.0.upgrade().map(|store| Doc {
+            store: DocStore(store),
+        })
+    }
+}
+
+impl std::fmt::Debug for WeakDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.upgrade() {
+            Some(doc) => write!(f, "WeakDoc({})", doc.guid()),
+            None => f.write_str("WeakDoc(dropped)"),
+        }
+    }
+}
+
+impl PartialEq for WeakDoc {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Weak::ptr_eq(&self.0, &other.0)
     }
 }
 

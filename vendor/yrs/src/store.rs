@@ -63,6 +63,24 @@ pub struct Store {
     pub(crate) linked_by: HashMap<ItemPtr, HashSet<BranchPtr>>,
 }
 
+impl Drop for Store {
+    /// A sub-document can outlive the document whose item holds it (an application may keep a
+    /// handle to it): its `parent` pointer to that item is cleared before the item is freed.
+    fn drop(&mut self) {
+        for (_, list) in self.blocks.iter() {
+            for block in list.iter() {
+                if let Some(item) = block.as_item() {
+                    if let ItemContent::Doc(_, doc) = &item.content {
+                        if let Some(mut store) = doc.store().try_write() {
+                            store.parent = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Store {
     /// Create a new empty store in context of a given `client_id`.
     pub(crate) fn new(options: &Options) -> Self {

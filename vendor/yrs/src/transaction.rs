@@ -1,6 +1,6 @@
 use crate::block::{Block, BlockRange, Item, ItemContent, ItemPosition, ItemPtr, Prelim, ID};
 use crate::branch::{Branch, BranchPtr};
-use crate::doc::DocAddr;
+use crate::doc::{DocAddr, WeakDoc};
 use crate::error::{Error, UpdateError};
 use crate::event::SubdocsEvent;
 use crate::gc::GCCollector;
@@ -343,7 +343,7 @@ pub trait ReadTxn: Sized {
     fn parent_doc(&self) -> Option<Doc> {
         if let Some(item) = self.store().parent.as_deref() {
             if let ItemContent::Doc(parent_doc, _) = &item.content {
-                return parent_doc.clone();
+                return parent_doc.as_ref().and_then(WeakDoc::upgrade);
             }
         }
 
