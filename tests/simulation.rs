@@ -40,7 +40,7 @@ use pattern_mesh::store::MemoryStore;
 use pattern_mesh::wire::part;
 use pattern_mesh::wire::{
     close, Body, Frame, Json, Kind, Limits, NodeId, Positioned, Reason, ResumeToken, RoomConfig,
-    Stamped,
+    Stamped, WHOLE_DOC,
 };
 use storage::{Storage, Write};
 
@@ -94,6 +94,9 @@ struct Scenario {
     persist: bool,
     /// A client whose access token lets it read only.
     read_only: Option<usize>,
+    /// Whether that client knows it (its driver read its token's claim): it then makes no edit
+    /// (the session refuses each before it is made), and its document never diverges.
+    knows_read_only: bool,
     /// The sessions' heartbeat, in ms (the room's idle timeout is in `limits`).
     heartbeat: u64,
     /// A real-time room (a game session): data the relay takes, and signals a client gets,
@@ -181,6 +184,7 @@ impl Scenario {
             overstate: [1, 1, 1, 3, 20][rng.range(0, 4) as usize],
             persist: false,
             read_only: None,
+            knows_read_only: false,
             heartbeat: 15_000,
             stale_window: None,
         }
@@ -233,6 +237,8 @@ impl Scenario {
         if rng.chance(0.25) {
             scenario.stale_window = Some(rng.range(20, 200));
         }
+        // Drawn last, as above.
+        scenario.knows_read_only = scenario.read_only.is_some() && rng.chance(0.5);
         scenario
     }
 
@@ -305,6 +311,7 @@ impl Scenario {
             overstate: 1,
             persist: false,
             read_only: None,
+            knows_read_only: false,
             heartbeat: 15_000,
             stale_window: None,
         }
@@ -619,7 +626,9 @@ impl Sim {
         if let Some(storage) = storage {
             storage.restore(&mut config, &replica);
         }
-        Session::new(config, replica, self.now)
+        let mut session = Session::new(config, replica, self.now);
+        session.set_read_only(self.scenario.read_only == Some(i) && self.scenario.knows_read_only);
+        session
     }
 
     /// Starts a write to storage if one is wanted and none is under way.
@@ -1028,6 +1037,8 @@ impl Sim {
         for k in 0..burst {
             let c = &mut self.clients[client];
             let len = c.session.replica().len(TEXT);
+            // As the browser's driver does: an edit the session refuses is not made.
+            let may_edit = c.session.check_edit().is_ok();
             let update = if roll < 10 {
                 let id = format!("c{client}-{}-{k}", c.ops);
                 c.sent_data.push(id.clone());
@@ -1046,12 +1057,12 @@ impl Sim {
                 let index = self.rng.range(0, u64::from(len) - 1) as u32;
                 let most = if len > 100_000 { 20_000 } else { 20 };
                 let length = self.rng.range(1, u64::from((len - index).min(most))) as u32;
-                Some(
+                may_edit.then(|| {
                     c.session
                         .replica()
                         .delete(TEXT, index, length)
-                        .expect("delete"),
-                )
+                        .expect("delete")
+                })
             } else {
                 let paste =
                     burst == 1 && len < 200_000 && self.rng.chance(self.scenario.paste_chance);
@@ -1069,12 +1080,12 @@ impl Sim {
                     1 => len,
                     _ => self.rng.range(0, u64::from(len)) as u32,
                 };
-                Some(
+                may_edit.then(|| {
                     c.session
                         .replica()
                         .insert(TEXT, index, &text)
-                        .expect("insert"),
-                )
+                        .expect("insert")
+                })
             };
             if let Some(update) = update {
                 self.clients[client]
@@ -1285,12 +1296,17 @@ impl Sim {
             }
             Event::Refused {
                 kind,
+                doc,
                 reason,
                 detail,
                 ..
             } => {
                 c.refused += 1;
-                c.refused_edits += u32::from(!matches!(kind, Kind::Data | Kind::Signal));
+                // (A read-only member's document given back after the relay lost the room's
+                // history is refused, and is no edit: its document still shows the room's.)
+                let given_back = reason == Reason::Forbidden && doc.as_deref() == Some(WHOLE_DOC);
+                c.refused_edits +=
+                    u32::from(!matches!(kind, Kind::Data | Kind::Signal) && !given_back);
                 self.stats.refused_for_good += 1;
                 // An honest member's edit is never refused for good: only a read-only member's
                 // is. (A refused edit takes every later edit of its client with it.)
@@ -1713,6 +1729,14 @@ impl Sim {
             if wrote && self.clients[r].refused == 0 {
                 problems.push(format!(
                     "the read-only client {r} was never told its writes were refused"
+                ));
+            }
+            // One that knows it made no edit, so none was refused: its document is the room's
+            // (it is held to the same text as everyone below).
+            if self.scenario.knows_read_only && self.clients[r].refused_edits > 0 {
+                problems.push(format!(
+                    "the read-only client {r} knew it, and still made {} edits the relay refused",
+                    self.clients[r].refused_edits
                 ));
             }
         }

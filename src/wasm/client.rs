@@ -880,6 +880,7 @@ fn open(shared: &Shared, token: Option<&str>) {
             stop_writer: Some(stop_writer),
         });
         driver.registration.set_socket(Some(raw));
+        driver.session.set_read_only(token.is_some_and(reads_only));
         let now = driver.now();
         driver.session.handle_connected(now);
     }
@@ -947,6 +948,17 @@ fn open(shared: &Shared, token: Option<&str>) {
     });
 }
 
+/// Whether `token`'s `access` claim is `read` (see [`crate::token`]): a token that does not
+/// read is taken as one that may write, and the relay judges.
+fn reads_only(token: &str) -> bool {
+    crate::token::claims(token)
+        .and_then(|json| String::from_utf8(json).ok())
+        .and_then(|text| js_sys::JSON::parse(&text).ok())
+        .and_then(|claims| js_sys::Reflect::get(&claims, &JsValue::from_str("access")).ok())
+        .and_then(|access| access.as_string())
+        .is_some_and(|access| access == "read")
+}
+
 /// Calls the listeners of every collected event and text change, after the state is released.
 fn dispatch(shared: &Shared) {
     loop {
@@ -1011,6 +1023,7 @@ fn session_error(e: SessionError) -> JsValue {
         SessionError::TooLarge { .. } => js_error("RangeError", e),
         SessionError::StepOverflow => js_error("RangeError", e),
         SessionError::NameTooLong { .. } => invalid_argument(e),
+        SessionError::ReadOnly => js_error("ForbiddenError", e),
     }
 }
 
@@ -1347,7 +1360,8 @@ impl MeshClient {
     }
 
     /// Whether an edit of the document will never reach the room: the relay refused it for good
-    /// (a `refused` event of kind `update`: a room at its size limit, a read-only token). The
+    /// (a `refused` event of kind `update`: a room at its size limit, a read-only token the
+    /// client did not hold yet when the edit was made: see [`MeshClient::read_only`]). The
     /// document then shows what no other member sees, and the relay refuses the later edits
     /// that come after it; a client that loads the room anew shares edits again. With
     /// `persist` the flag is stored, and a client that opens a stored document that diverged
@@ -1355,6 +1369,15 @@ impl MeshClient {
     #[wasm_bindgen(getter)]
     pub fn diverged(&self) -> Result<bool, JsValue> {
         Ok(self.driver()?.session.diverged())
+    }
+
+    /// Whether this member may only read the room: the access token of the current connection
+    /// says `"access": "read"`, or the relay refused a write of this connection as `forbidden`.
+    /// Then the texts' `insert` and `delete` throw a `ForbiddenError` and change nothing (an
+    /// editor may turn read-only). The relay judges every write all the same.
+    #[wasm_bindgen(getter, js_name = readOnly)]
+    pub fn read_only(&self) -> Result<bool, JsValue> {
+        Ok(self.driver()?.session.read_only())
     }
 
     /// Messages not yet acknowledged as stored (sent, or waiting to be sent).
@@ -1679,7 +1702,8 @@ pub struct SharedText {
 #[wasm_bindgen]
 impl SharedText {
     /// Inserts `text` at `index` (UTF-16 code units, as `selectionStart`). Throws `RangeError`
-    /// past the end or for a text larger than the relay accepts (64 MiB by default), and
+    /// past the end or for a text larger than the relay accepts (64 MiB by default),
+    /// `ForbiddenError` for a member that may only read (see `MeshClient.readOnly`), and
     /// `ClosedError` after `close()`.
     pub fn insert(
         &self,
@@ -1696,7 +1720,8 @@ impl SharedText {
         self.edit(|doc, name| doc.insert(name, index, text))
     }
 
-    /// Deletes `length` code units from `index`. Throws `RangeError` past the end.
+    /// Deletes `length` code units from `index`. Throws `RangeError` past the end, and
+    /// `ForbiddenError` for a member that may only read.
     pub fn delete(
         &self,
         #[wasm_bindgen(unchecked_param_type = "number")] index: JsValue,
@@ -1777,9 +1802,7 @@ impl SharedText {
     ) -> Result<(), JsValue> {
         {
             let mut driver = self.state()?;
-            if driver.session.is_closed() {
-                return Err(session_error(SessionError::Closed));
-            }
+            driver.session.check_edit().map_err(session_error)?;
             let Some(doc) = driver.session.replica().built() else {
                 return Err(js_error(
                     "DocumentError",

@@ -1,6 +1,7 @@
 // Access tokens in real Chromium pages against a relay started with --auth-key: a page without
-// a token is refused and told why, a read-only page reads the room and cannot write to it, and
-// a page whose tokens expire every two seconds gets fresh ones and loses nothing it typed.
+// a token is refused and told why, a read-only page reads the room and cannot write to it (its
+// edits throw before its document shows them), and a page whose tokens expire every two seconds
+// gets fresh ones and loses nothing it typed.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -28,7 +29,13 @@ after(async () => {
   await relay?.stop();
 });
 
-/** A page with the package loaded, and `window.nextToken(claims)` minting tokens in the test. */
+/**
+ * A page with the package loaded, `window.nextToken(claims)` minting tokens in the test, and
+ * `window.heldToken(claims)`: a token function that answers once `release()` is called, as a
+ * slow token endpoint does (`{ source, release }`). A client cannot know what a token it has not
+ * got lets it do: an offline-first client's edits before then are made, and the relay judges
+ * them.
+ */
 async function page() {
   const p = await browser.newPage();
   p.problems = [];
@@ -38,6 +45,11 @@ async function page() {
   await p.evaluate(async () => {
     window.mesh = await import("/pkg/pattern_mesh.js");
     await window.mesh.default();
+    window.heldToken = (claims) => {
+      let release;
+      const token = new Promise((resolve) => { release = async () => resolve(await window.nextToken(claims)); });
+      return { source: () => token, release };
+    };
   });
   return p;
 }
@@ -83,13 +95,19 @@ test("in Chromium: refused without a token, read-only pages cannot write, expiri
     });
     const text = client.text("content");
     const before = text.toString();
-    text.insert(0, "from the reader ");
+    let thrown = "nothing";
+    try { text.insert(0, "from the reader "); } catch (e) { thrown = `${e.name}: ${e.message}`; }
+    // A broadcast is refused too, at once (the relay would refuse it), with a `refused` event.
+    client.broadcast({ from: "the reader" });
     for (let i = 0; i < 100 && refused.length === 0; i++) await new Promise((r) => setTimeout(r, 50));
-    return { before, refused, diverged: client.diverged };
+    return { before, after: text.toString(), thrown, readOnly: client.readOnly, refused, diverged: client.diverged };
   }, { url, room });
   assert.equal(read.before, typed.typed, "the reader has every character the writer typed");
-  assert.deepEqual(read.refused, ["update forbidden"]);
-  assert.equal(read.diverged, true, "the reader's document shows what the room does not hold");
+  assert.match(read.thrown, /^ForbiddenError: .*read only/, "the reader's edit is refused at the call");
+  assert.equal(read.after, read.before, "the reader's document does not show the edit");
+  assert.equal(read.readOnly, true);
+  assert.deepEqual(read.refused, ["data forbidden"]);
+  assert.equal(read.diverged, false, "the reader's document shows what the room holds");
   // Nothing of the reader's reached the writer.
   await new Promise((r) => setTimeout(r, 500));
   assert.equal(await writer.evaluate(() => window.client.text("content").toString()), typed.typed);
@@ -97,8 +115,8 @@ test("in Chromium: refused without a token, read-only pages cannot write, expiri
   await Promise.all([writer.close(), reader.close()]);
 });
 
-// A read-only page with stored data types: the edit is refused for good, and its document holds
-// what the room does not (`diverged`). The page reopens its client, as an application does to
+// A read-only page with stored data types before its token is in: the edit is refused for good,
+// and its document holds what the room does not (`diverged`). The page reopens its client, as an application does to
 // repair that: the stored document, refused edit and all, loaded again, and the reopened client
 // said nothing of it (`diverged` false, the reader's text shown as if the room held it). A
 // client whose stored document diverged sets it aside and loads the room's, and says so.
@@ -127,8 +145,10 @@ test("in Chromium: a stored document that diverged is set aside when its client 
       }
       return client;
     };
-    const first = await open([]);
+    const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
+    const first = await window.mesh.MeshClient.connect({ url, room, persist: true, token: held.source });
     first.text("content").insert(0, "the reader's ");
+    await held.release();
     for (let i = 0; i < 100 && !first.diverged; i++) await new Promise((r) => setTimeout(r, 50));
     const diverged = first.diverged;
     first.close();
@@ -184,8 +204,10 @@ test("in Chromium: a client whose record predates a stored document set aside ca
       return client;
     };
     const kept = await open();
-    const typing = await open();
+    const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
+    const typing = await window.mesh.MeshClient.connect({ url, room, persist: true, token: held.source });
     typing.text("content").insert(0, "the reader's ");
+    await held.release();
     for (let i = 0; i < 100 && !typing.diverged; i++) await new Promise((r) => setTimeout(r, 50));
     typing.close();
     const setAside = await open();

@@ -18,6 +18,7 @@ pub mod saved;
 pub mod session;
 #[cfg(feature = "yrs")]
 pub mod store;
+pub mod token;
 pub mod validate;
 pub mod vec_map;
 pub mod wire;

@@ -312,6 +312,10 @@ pub enum SessionError {
         /// The limit.
         max: usize,
     },
+    /// This member may only read the room (its access token says so, or the relay refused a
+    /// write of this connection as `forbidden`): the edit was not made.
+    #[error("this member's access token lets it read only: the edit was not made")]
+    ReadOnly,
 }
 
 /// The connection's phase, inside the session.
@@ -481,6 +485,9 @@ pub struct Session<R> {
     /// The relay refused a write of this connection as `forbidden` (a read-only token): no
     /// checkpoints go out until the next connection.
     forbidden: bool,
+    /// The access token of the current connection lets this member read only, by its own claim
+    /// (see [`Session::set_read_only`]).
+    read_only: bool,
     /// The relay refused a sync answer of this connection (it held what the room has not
     /// stored): no more answers until the next connection.
     answer_refused: bool,
@@ -557,6 +564,7 @@ impl<R: Replica> Session<R> {
             save_due: false,
             unstored: Vec::new(),
             forbidden: false,
+            read_only: false,
             answer_refused: false,
             digested: None,
             compared: VecMap::new(),
@@ -803,7 +811,38 @@ impl<R: Replica> Session<R> {
     /// client (they come after a gap in its clocks). The bound covers the update's header and
     /// the message's (ids, origins, the text's name).
     pub fn check_insert(&self, name: &str, len: usize) -> Result<(), SessionError> {
+        self.check_edit()?;
         self.check_size(len.saturating_add(INSERT_OVERHEAD + 2 * name.len()))
+    }
+
+    /// Whether this member may edit the document, before the edit is made: not once it is
+    /// known to read only ([`SessionError::ReadOnly`]: its access token says so, or the relay
+    /// refused a write of this connection as `forbidden`), nor once the session is closed. An
+    /// edit made all the same would be refused for good, and leave the document showing what
+    /// no other member has ([`Session::diverged`]).
+    pub fn check_edit(&self) -> Result<(), SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        if self.read_only() {
+            return Err(SessionError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Whether this member is known to read only: the access token of the current connection
+    /// says so (see [`Session::set_read_only`]), or the relay refused a write of this
+    /// connection as `forbidden`.
+    pub fn read_only(&self) -> bool {
+        self.read_only || self.forbidden
+    }
+
+    /// The access token the driver connects with lets this member read only (its `access`
+    /// claim is `read`), or not: set before each connection. The relay stays the judge of every
+    /// write; this lets [`Session::check_edit`] refuse an edit before the document changes,
+    /// rather than the relay after, when the document already shows it.
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
     }
 
     /// The document.
@@ -844,7 +883,7 @@ impl<R: Replica> Session<R> {
             .iter()
             .filter(|w| matches!(w.body, Body::Signal { .. }))
             .count();
-        if self.link != Link::Open || waiting >= MAX_WAITING_SIGNALS || self.forbidden {
+        if self.link != Link::Open || waiting >= MAX_WAITING_SIGNALS || self.read_only() {
             return Ok(false);
         }
         self.queue(now, Body::Signal { data })?;
@@ -876,7 +915,7 @@ impl<R: Replica> Session<R> {
         // document holds, or a tab reopened from it misses this edit and holds back every
         // later one of its own for good.
         self.store_update(&update);
-        if self.forbidden {
+        if self.read_only() {
             return self.queue(
                 now,
                 Body::Update {
@@ -1462,7 +1501,7 @@ impl<R: Replica> Session<R> {
             return Err(SessionError::Closed);
         }
         self.check_size(body.encoded_len())?;
-        if self.forbidden && !matches!(body, Body::SyncRequest { .. }) {
+        if self.read_only() && !matches!(body, Body::SyncRequest { .. }) {
             // Read only on this connection: refused at once, as the relay would.
             if body.is_durable() {
                 self.emit(Event::Refused {
@@ -1484,12 +1523,16 @@ impl<R: Replica> Session<R> {
     }
 
     fn emit(&mut self, event: Event) {
+        // A read-only member's document given back is not an edit: refused, the document still
+        // shows what the room held.
         if matches!(
-            event,
+            &event,
             Event::Refused {
                 kind: Kind::Update,
+                doc,
+                reason,
                 ..
-            }
+            } if !(*reason == Reason::Forbidden && doc.as_deref() == Some(WHOLE_DOC))
         ) && !self.diverged
         {
             // Stored: the document storage keeps holds the refused edit (see `Saved::diverged`).
@@ -1879,6 +1922,16 @@ impl<R: Replica> Session<R> {
     /// Gives this replica's document back to a relay that lost the room's history: the whole
     /// document goes out first, so that the new log holds it again for everyone.
     fn give_back_document(&mut self) {
+        if self.read_only() {
+            // The relay would refuse it as `forbidden`; members that may write give back theirs.
+            return self.emit(Event::Refused {
+                step: 0,
+                kind: Kind::Update,
+                doc: Some(WHOLE_DOC.into()),
+                reason: Reason::Forbidden,
+                detail: "the relay lost the room's history, and this member may only read: its document is not given back (members that may write give back theirs)".into(),
+            });
+        }
         // Without what the replica holds back (blocks and deletes waiting for clocks it never
         // received), which would make the relay refuse the whole document, and shows nothing.
         let kept = match self.replica.whole() {
@@ -2173,7 +2226,7 @@ impl<R: Replica> Session<R> {
                         .any(|w| matches!(w.body, Body::Update { .. }))
                     || self.replica.has_pending()
                     || self.answer_refused;
-                if open && !self.forbidden && !unstored && (to == 0 || to == self.node) {
+                if open && !self.read_only() && !unstored && (to == 0 || to == self.node) {
                     let full = state_vector.is_empty();
                     if let Ok(update) = self.replica.diff(&state_vector) {
                         // An answer the relay could not take is not sent: the requester gets
@@ -2267,7 +2320,7 @@ impl<R: Replica> Session<R> {
 
     /// Queues this replica's checkpoint (replacing one that has not gone out yet).
     fn checkpoint(&mut self) {
-        if self.replica.is_empty() || self.forbidden {
+        if self.replica.is_empty() || self.read_only() {
             return;
         }
         self.waiting
@@ -3482,6 +3535,49 @@ mod tests {
         assert!(!replica.has_pending());
     }
 
+    /// A member that knows it may only read does not give its document back to a relay that
+    /// lost the room's history (the relay would refuse it): a `refused` event says so, and its
+    /// document, which shows only what the room held, is not taken as diverged.
+    #[test]
+    fn a_read_only_member_does_not_give_its_document_back_and_does_not_diverge() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let stamp = Stamp {
+            sender: 9,
+            step: 1,
+            pattern: PatternConfig::default().value(1),
+        };
+        let update = SharedDoc::with_client_id(9).insert("t", 0, "abc").unwrap();
+        h.frame(Frame::stamped(
+            stamp,
+            Body::Update {
+                doc: "content".into(),
+                update,
+            },
+        ));
+        h.session.set_read_only(true);
+        h.reconnect();
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        h.welcome(3, 3, (0, 2), Some(0));
+        assert!(h.updates_sent().is_empty(), "nothing given back");
+        let refused: Vec<Event> = std::iter::from_fn(|| h.session.poll_event())
+            .filter(|e| matches!(e, Event::Refused { .. }))
+            .collect();
+        assert!(
+            matches!(
+                refused.as_slice(),
+                [Event::Refused {
+                    kind: Kind::Update,
+                    reason: Reason::Forbidden,
+                    doc: Some(doc),
+                    ..
+                }] if doc == WHOLE_DOC
+            ),
+            "{refused:?}"
+        );
+        assert!(!h.session.diverged());
+    }
+
     /// The relay lost the room's history (a new log), and the tab closed after storing that,
     /// before its document went back. The obligation was not stored: the session reopened from
     /// storage joined the new log as if nothing were owed, the edits only the lost log had were
@@ -3936,6 +4032,38 @@ mod tests {
         assert_eq!(refused(&mut h), 1, "refused at once");
         assert_eq!(h.stamped().len(), sent, "nothing sent again");
         assert!(!h.session.broadcast_signal(h.now, data).unwrap());
+    }
+
+    /// A member known to read only (its token's claim, or a `forbidden` refusal on this
+    /// connection) is refused an edit before it is made, so the document never shows it.
+    #[test]
+    fn an_edit_of_a_member_known_to_read_only_is_refused_before_it_is_made() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        h.session.check_insert("content", 5).unwrap();
+        h.session.set_read_only(true);
+        assert!(h.session.read_only());
+        assert_eq!(
+            h.session.check_insert("content", 5),
+            Err(SessionError::ReadOnly)
+        );
+        assert_eq!(h.session.check_edit(), Err(SessionError::ReadOnly));
+        h.session.set_read_only(false);
+        h.session.check_edit().unwrap();
+        // The relay refuses a write of this connection as forbidden: the next edit is refused
+        // before it is made, until a connection the relay may let write.
+        let data = Json::from_value(&serde_json::json!("a write")).unwrap();
+        h.session.broadcast(h.now, data).unwrap();
+        h.pump();
+        let step = h.stamped()[0].stamp.step;
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::Forbidden,
+            detail: "read only".into(),
+        });
+        assert_eq!(h.session.check_edit(), Err(SessionError::ReadOnly));
+        h.session.close(h.now);
+        assert_eq!(h.session.check_edit(), Err(SessionError::Closed));
     }
 
     /// A name set while the join is under way (the join gave the old one) follows it.
