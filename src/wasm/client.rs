@@ -715,7 +715,9 @@ fn take_up(shared: &Shared, found: &JsValue) -> bool {
     };
     let mut taken = false;
     let problems = storage.take_up(found, |saved| {
-        if session.is_closed() || !saved.adoptable() {
+        // A member that may only read leaves the record to a tab that may write: the relay
+        // would refuse every write in it.
+        if session.is_closed() || session.read_only() || !saved.adoptable() {
             return false;
         }
         remote.set(true);
@@ -1527,6 +1529,12 @@ impl MeshClient {
             let mut driver = self.driver_mut()?;
             if driver.session.is_closed() {
                 return Err(session_error(SessionError::Closed));
+            }
+            // The built-in document takes no edit of a member that may only read (the
+            // application's own document has it already: the session refuses it, and says so).
+            #[cfg(feature = "document")]
+            if driver.session.replica().built().is_some() {
+                driver.session.check_edit().map_err(session_error)?;
             }
             // With the built-in document: bytes that decode, then the outbox (which refuses an
             // update too large), then the document, so that neither takes what the other refused.

@@ -110,6 +110,10 @@ test("a read-only member reads everything, and its writes are refused as forbidd
   await until("the refusal", () => refused.length === 1);
   assert.equal(refused[0].reason, "forbidden");
   assert.match(refused[0].detail, /lets it read only/);
+  // A round trip later (the writer's next message reached the reader), nothing of the reader's
+  // reached the relay to be refused there: no checkpoint, no sync answer.
+  writer.broadcast({ note: "later" });
+  await until("the writer's later message", () => heard.length === 2);
   assert.deepEqual(anomalies, [], "nothing reached the relay to be refused there");
   assert.equal(reader.pendingCount, 0, "a refused message leaves the outbox");
   assert.equal(reader.diverged, false);

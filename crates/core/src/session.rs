@@ -843,6 +843,9 @@ impl<R: Replica> Session<R> {
     /// rather than the relay after, when the document already shows it.
     pub fn set_read_only(&mut self, read_only: bool) {
         self.read_only = read_only;
+        // A `forbidden` refusal speaks of the connection before (whose token may have been
+        // another).
+        self.forbidden = false;
     }
 
     /// The document.
@@ -964,6 +967,10 @@ impl<R: Replica> Session<R> {
     /// [`Saved::adopt`]); the driver deletes the other record in the write that stores this
     /// outbox. Returns how many messages were taken in.
     pub fn take_in(&mut self, now: u64, other: &Saved) -> usize {
+        if self.read_only() {
+            // The relay would refuse every write of it: a tab that may write takes it in.
+            return 0;
+        }
         let mut taken = 0;
         let mut applied = false;
         // The closed tab owed the room's new log its document: this replica, which takes in
@@ -1523,16 +1530,12 @@ impl<R: Replica> Session<R> {
     }
 
     fn emit(&mut self, event: Event) {
-        // A read-only member's document given back is not an edit: refused, the document still
-        // shows what the room held.
         if matches!(
-            &event,
+            event,
             Event::Refused {
                 kind: Kind::Update,
-                doc,
-                reason,
                 ..
-            } if !(*reason == Reason::Forbidden && doc.as_deref() == Some(WHOLE_DOC))
+            }
         ) && !self.diverged
         {
             // Stored: the document storage keeps holds the refused edit (see `Saved::diverged`).
@@ -1922,16 +1925,6 @@ impl<R: Replica> Session<R> {
     /// Gives this replica's document back to a relay that lost the room's history: the whole
     /// document goes out first, so that the new log holds it again for everyone.
     fn give_back_document(&mut self) {
-        if self.read_only() {
-            // The relay would refuse it as `forbidden`; members that may write give back theirs.
-            return self.emit(Event::Refused {
-                step: 0,
-                kind: Kind::Update,
-                doc: Some(WHOLE_DOC.into()),
-                reason: Reason::Forbidden,
-                detail: "the relay lost the room's history, and this member may only read: its document is not given back (members that may write give back theirs)".into(),
-            });
-        }
         // Without what the replica holds back (blocks and deletes waiting for clocks it never
         // received), which would make the relay refuse the whole document, and shows nothing.
         let kept = match self.replica.whole() {
@@ -1979,7 +1972,20 @@ impl<R: Replica> Session<R> {
             self.presence_due = true;
         }
         self.set_status(Status::Open, None);
-        if std::mem::take(&mut self.give_back) {
+        if self.give_back && self.read_only() {
+            // The relay would refuse it as `forbidden`. The obligation stays (stored with the
+            // session): the document goes back from this session under a token that may write,
+            // or from a tab that may write and takes in this record once this tab closes.
+            // Not an edit refused: the document still shows what the room held (so not
+            // `diverged`).
+            self.events.push_back(Event::Refused {
+                step: 0,
+                kind: Kind::Update,
+                doc: Some(WHOLE_DOC.into()),
+                reason: Reason::Forbidden,
+                detail: "the relay lost the room's history, and this member may only read: its document is not given back (a member that may write gives back its own)".into(),
+            });
+        } else if std::mem::take(&mut self.give_back) {
             self.give_back_document();
         }
         // A safety net after the log: one peer answers with what it has and this client lacks.
@@ -3536,8 +3542,9 @@ mod tests {
     }
 
     /// A member that knows it may only read does not give its document back to a relay that
-    /// lost the room's history (the relay would refuse it): a `refused` event says so, and its
-    /// document, which shows only what the room held, is not taken as diverged.
+    /// lost the room's history (the relay would refuse it): a `refused` event says so, its
+    /// document, which shows only what the room held, is not taken as diverged, and the
+    /// obligation stays, for a connection whose token may write.
     #[test]
     fn a_read_only_member_does_not_give_its_document_back_and_does_not_diverge() {
         let mut h = Harness::new();
@@ -3576,6 +3583,14 @@ mod tests {
             "{refused:?}"
         );
         assert!(!h.session.diverged());
+        h.session.set_read_only(false);
+        h.reconnect();
+        h.welcome(3, 3, (0, 2), Some(0));
+        assert_eq!(
+            h.updates_sent().len(),
+            1,
+            "given back under a token that may write"
+        );
     }
 
     /// The relay lost the room's history (a new log), and the tab closed after storing that,

@@ -881,10 +881,12 @@ impl Item {
                 self.mark_as_deleted();
             }
             ItemContent::Doc(parent_doc, doc) => {
-                *parent_doc = Some(txn.doc().downgrade());
+                let parent = txn.doc().downgrade();
+                *parent_doc = Some(parent.clone());
                 {
                     let mut child_txn = doc.transact_mut();
                     child_txn.store.parent = Some(self_ptr);
+                    child_txn.store.parent_doc = Some(parent);
                 }
                 let subdocs = txn.subdocs.get_or_init();
                 subdocs.added.insert(DocAddr::new(doc), doc.clone());

@@ -155,9 +155,9 @@ impl Doc {
         WeakDoc(Arc::downgrade(&self.store.0))
     }
 
-    pub(crate) fn subdoc(parent: ItemPtr, options: Options) -> Self {
+    pub(crate) fn subdoc(parent: ItemPtr, parent_doc: WeakDoc, options: Options) -> Self {
         Doc {
-            store: DocStore::new(options, Some(parent)),
+            store: DocStore::new(options, Some((parent, parent_doc))),
         }
     }
 
@@ -381,13 +381,16 @@ impl Doc {
             subdoc.destroy(Some(&mut txn));
         }
         if let Some(parent_txn) = parent_txn {
-            if let Some(mut item) = txn.store.parent.take() {
+            let parent = txn.store.parent_item();
+            txn.store.parent = None;
+            txn.store.parent_doc = None;
+            if let Some((parent_doc, mut item)) = parent {
                 let parent_ref = item.clone();
                 let is_deleted = item.is_deleted();
                 if let ItemContent::Doc(_, content) = &mut item.content {
                     let mut options = (**content.store.options()).clone();
                     options.should_load = false;
-                    let new_ref = Doc::subdoc(parent_ref, options);
+                    let new_ref = Doc::subdoc(parent_ref, parent_doc.downgrade(), options);
                     if !is_deleted {
                         parent_txn
                             .subdocs_mut()

@@ -1,7 +1,7 @@
 use crate::block::{Block, ClientID, ItemContent, ItemPtr};
 use crate::block_store::BlockStore;
 use crate::branch::{Branch, BranchPtr};
-use crate::doc::{DocAddr, Options};
+use crate::doc::{DocAddr, Options, WeakDoc};
 use crate::error::Error;
 use crate::event::SubdocsEvent;
 use crate::id_set::DeleteSet;
@@ -56,29 +56,17 @@ pub struct Store {
     pub(crate) events: Option<Box<StoreEvents>>,
 
     /// Pointer to a parent block - present only if a current document is a sub-document of another
-    /// document.
+    /// document. The block belongs to `parent_doc`, and is freed with it: read it only through
+    /// [Store::parent_item], which holds that document alive.
     pub(crate) parent: Option<ItemPtr>,
+
+    /// The document whose block `parent` points to. Weak: that document's store holds this
+    /// sub-document (in the block), so a strong reference would make a cycle, and neither would
+    /// ever be freed.
+    pub(crate) parent_doc: Option<WeakDoc>,
 
     /// Dependencies between items and weak links pointing to these items.
     pub(crate) linked_by: HashMap<ItemPtr, HashSet<BranchPtr>>,
-}
-
-impl Drop for Store {
-    /// A sub-document can outlive the document whose item holds it (an application may keep a
-    /// handle to it): its `parent` pointer to that item is cleared before the item is freed.
-    fn drop(&mut self) {
-        for (_, list) in self.blocks.iter() {
-            for block in list.iter() {
-                if let Some(item) = block.as_item() {
-                    if let ItemContent::Doc(_, doc) = &item.content {
-                        if let Some(mut store) = doc.store().try_write() {
-                            store.parent = None;
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 impl Store {
@@ -97,6 +85,7 @@ impl Store {
             pending: None,
             pending_ds: None,
             parent: None,
+            parent_doc: None,
         }
     }
 
@@ -124,6 +113,15 @@ impl Store {
 
     pub fn is_subdoc(&self) -> bool {
         self.parent.is_some()
+    }
+
+    /// The parent document, alive, and the block of it that holds this sub-document; `None`
+    /// for a document that is not a sub-document, or whose parent document was dropped (its
+    /// blocks with it). The block may be read while the returned document is held.
+    pub(crate) fn parent_item(&self) -> Option<(Doc, ItemPtr)> {
+        let item = self.parent?;
+        let doc = self.parent_doc.as_ref()?.upgrade()?;
+        Some((doc, item))
     }
 
     /// Get the latest clock sequence number observed and integrated into a current store client.
@@ -437,7 +435,7 @@ impl std::fmt::Display for Store {
             s.field("pending delete set", pending_ds);
         }
 
-        if let Some(parent) = self.parent.as_ref() {
+        if let Some((_alive, parent)) = self.parent_item() {
             s.field("parent block", parent.id());
         }
         if !self.linked_by.is_empty() {
@@ -452,10 +450,13 @@ impl std::fmt::Display for Store {
 pub(crate) struct DocStore(pub(crate) Arc<StoreInner>);
 
 impl DocStore {
-    pub fn new(options: Options, parent: Option<ItemPtr>) -> Self {
+    pub fn new(options: Options, parent: Option<(ItemPtr, WeakDoc)>) -> Self {
         let mut store = Store::new(&options);
         let options = ArcSwap::new(options.into());
-        store.parent = parent;
+        if let Some((item, doc)) = parent {
+            store.parent = Some(item);
+            store.parent_doc = Some(doc);
+        }
         DocStore(Arc::new(StoreInner {
             options,
             store: RwLock::new(store),

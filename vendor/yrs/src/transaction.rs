@@ -1,6 +1,6 @@
 use crate::block::{Block, BlockRange, Item, ItemContent, ItemPosition, ItemPtr, Prelim, ID};
 use crate::branch::{Branch, BranchPtr};
-use crate::doc::{DocAddr, WeakDoc};
+use crate::doc::DocAddr;
 use crate::error::{Error, UpdateError};
 use crate::event::SubdocsEvent;
 use crate::gc::GCCollector;
@@ -341,22 +341,13 @@ pub trait ReadTxn: Sized {
     /// If current document has been inserted as a sub-document, returns a reference to a parent
     /// document, which contains it.
     fn parent_doc(&self) -> Option<Doc> {
-        if let Some(item) = self.store().parent.as_deref() {
-            if let ItemContent::Doc(parent_doc, _) = &item.content {
-                return parent_doc.as_ref().and_then(WeakDoc::upgrade);
-            }
-        }
-
-        None
+        self.store().parent_item().map(|(doc, _)| doc)
     }
 
     /// If current document has been inserted as a sub-document, returns its [BranchID].
     fn branch_id(&self) -> Option<BranchID> {
-        if let Some(item) = self.store().parent {
-            Some(BranchID::Nested(item.id))
-        } else {
-            None
-        }
+        let (_alive, item) = self.store().parent_item()?;
+        Some(BranchID::Nested(item.id))
     }
 
     /// Returns `true` if current document has any pending updates that are not yet
