@@ -1154,8 +1154,12 @@ impl MeshClient {
             // An open of the database that waits behind another page gives up after 10 s.
             let holds = super::storage::holds();
             registration.set_storage(Some(holds.stop()));
+            // A member whose token says it may only read leaves the records with writes in them
+            // to a tab that may write (a token function's token is not known yet).
+            let read_only = matches!(&options.token, Token::Fixed(token) if reads_only(token));
             let loaded =
-                super::storage::open(&options.urls[0], &options.room, 10_000, holds).await?;
+                super::storage::open(&options.urls[0], &options.room, 10_000, holds, read_only)
+                    .await?;
             if panicked() {
                 // The module panicked while the stored document loaded: this client stops
                 // with the others (the panic let go of the records it had claimed).

@@ -83,6 +83,14 @@ export function pmStorageMissing() {
   }
   return null;
 }
+// A new session record's id, under its lock: without it, the record would look free to the other
+// tabs of the room, which take in such a record's outbox while this tab still sends it.
+export async function pmStorageNewRecord(room, holds) {
+  const id = `${room}\n${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
+  const release = await lock(id, holds);
+  if (!release) throw new Error("the Web Lock of this tab's new session record could not be taken");
+  return [id, release];
+}
 export async function pmStorageOpen(room, wait, holds) {
   const open = indexedDB.open("pattern-mesh", 1);
   open.onupgradeneeded = () => {
@@ -139,15 +147,13 @@ export async function pmStorageOpen(room, wait, holds) {
     throw e;
   }
   if (claimed.length === 0) {
-    const id = `${room}\n${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
-    // Without its lock, the record would look free to the other tabs of the room, which take
-    // in such a record's outbox while this tab still sends it.
-    const release = await lock(id, holds);
-    if (!release) {
+    try {
+      const [id, release] = await pmStorageNewRecord(room, holds);
+      claimed.push([id, null, release, false, epoch]);
+    } catch (e) {
       db.close();
-      throw new Error("the Web Lock of this tab's new session record could not be taken");
+      throw e;
     }
-    claimed.push([id, null, release, false, epoch]);
   }
   if (holds.stopped) {
     db.close();
@@ -262,6 +268,8 @@ extern "C" {
     pub(crate) fn stop(this: &Holds) -> js_sys::Function;
     #[wasm_bindgen(js_name = pmStorageOpen)]
     fn open_js(room: &str, wait: u32, holds: &Holds) -> js_sys::Promise;
+    #[wasm_bindgen(js_name = pmStorageNewRecord)]
+    fn new_record_js(room: &str, holds: &Holds) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageFreed)]
     fn freed_js(db: &JsValue, room: &str, known: js_sys::Array, holds: &Holds) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageGone)]
@@ -339,12 +347,15 @@ pub(crate) struct Loaded {
 }
 
 /// Opens the storage of `room` at `url`, claims a session record under `holds`, and reads the
-/// document.
+/// document. A client that knows it may only read (`read_only`: its token says so) takes no
+/// record with writes in it (the relay would refuse them): they are left for a tab that may
+/// write, and the client takes a new record if no other is free.
 pub(crate) async fn open(
     url: &str,
     room: &str,
     wait: u32,
     holds: Holds,
+    read_only: bool,
 ) -> Result<Loaded, JsValue> {
     if let Some(why) = missing() {
         return Err(js_error(
@@ -391,6 +402,32 @@ pub(crate) async fn open(
             (id, saved, release)
         })
         .collect();
+    if read_only {
+        claimed.retain(|(_, saved, release)| {
+            let writes = saved
+                .as_ref()
+                .is_some_and(|s| !s.sent.is_empty() || !s.unsent.is_empty() || s.give_back);
+            if writes {
+                let _ = release.call0(&JsValue::NULL);
+            }
+            !writes
+        });
+        if claimed.is_empty() {
+            let fresh = match JsFuture::from(new_record_js(&key, &holds)).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    // No connection stays open behind an open that failed.
+                    if let Ok(close) = js_sys::Reflect::get(&db, &"close".into()) {
+                        let _ = close.unchecked_into::<js_sys::Function>().call0(&db);
+                    }
+                    return Err(storage_error("taking a new session record", &e));
+                }
+            };
+            let fresh: js_sys::Array = fresh.unchecked_into();
+            let id = fresh.get(0).as_string().unwrap_or_default();
+            claimed.push((id, None, fresh.get(1).unchecked_into()));
+        }
+    }
     if claimed.is_empty() {
         return Err(js_error("StorageError", "no session record was claimed"));
     }

@@ -254,3 +254,64 @@ test("in Chromium: a client whose record predates a stored document set aside ca
   for (const p of [writer, reader]) assert.deepEqual(p.problems, []);
   await Promise.all([writer.close(), reader.close()]);
 });
+
+// A writer tab closes with edits the relay never got (its connection dropped, and its token
+// endpoint stopped answering), and a read-only tab of the room opens first: it took the
+// writer's record, outbox and all, sent the edits, and the relay refused them as forbidden, so
+// the writer's next tab had nothing left to send. A tab whose token says it may only read
+// leaves records with writes to a tab that may write.
+test("in Chromium: a read-only tab leaves a closed tab's unsent edits to a tab that may write", async () => {
+  const room = `e2e-leave-${Date.now()}`;
+  const url = base.replace("http", "ws") + "/ws";
+  const p = await page();
+  const result = await p.evaluate(async ({ url, room }) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const write = () => window.nextToken({ sub: "w", room, access: "write", ttl: 600 });
+    // Until no session record of the page is held (a closed client lets go of its record
+    // once its last write is stored).
+    const released = async () => {
+      for (let i = 0; i < 100; i++) {
+        const { held } = await navigator.locks.query();
+        if (!held.some((l) => l.name.startsWith("pattern-mesh "))) return;
+        await sleep(50);
+      }
+      throw new Error("a session record stayed held");
+    };
+    let first = true;
+    const writer = await window.mesh.MeshClient.connect({
+      url, room, persist: true,
+      token: () => (first ? ((first = false), write()) : new Promise(() => {})),
+    });
+    for (let i = 0; i < 100 && writer.status !== "open"; i++) await sleep(50);
+    writer.dropConnection();
+    writer.text("content").insert(0, "typed offline");
+    const unsent = writer.pendingCount;
+    writer.close();
+    await released();
+    const refused = [];
+    const reader = await window.mesh.MeshClient.connect({
+      url, room, persist: true,
+      token: await window.nextToken({ sub: "r", room, access: "read", ttl: 600 }),
+      on: { refused: (e) => refused.push(`${e.kind} ${e.reason}`) },
+    });
+    for (let i = 0; i < 100 && reader.status !== "open"; i++) await sleep(50);
+    await sleep(300);
+    const readerPending = reader.pendingCount;
+    reader.close();
+    await released();
+    const again = await window.mesh.MeshClient.connect({ url, room, persist: true, token: await write() });
+    for (let i = 0; i < 100 && (again.status !== "open" || again.pendingCount > 0); i++) await sleep(50);
+    again.close();
+    await released();
+    const check = await window.mesh.MeshClient.connect({ url, room, token: await write() });
+    const text = check.text("content").toString();
+    check.close();
+    return { unsent, refused, readerPending, text };
+  }, { url, room });
+  assert.ok(result.unsent >= 1, `the writer closed with its edit unsent (${result.unsent})`);
+  assert.deepEqual(result.refused, [], "the read-only tab sent nothing of the writer's");
+  assert.equal(result.readerPending, 0);
+  assert.equal(result.text, "typed offline", "the writer's next tab sent it");
+  assert.deepEqual(p.problems, []);
+  await p.close();
+});
