@@ -1038,7 +1038,7 @@ impl Sim {
             let c = &mut self.clients[client];
             let len = c.session.replica().len(TEXT);
             // As the browser's driver does: an edit the session refuses is not made.
-            let may_edit = c.session.check_edit().is_ok();
+            let may_edit = c.session.check_edit(TEXT).is_ok();
             let update = if roll < 10 {
                 let id = format!("c{client}-{}-{k}", c.ops);
                 c.sent_data.push(id.clone());

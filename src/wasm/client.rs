@@ -1026,6 +1026,7 @@ fn session_error(e: SessionError) -> JsValue {
         SessionError::StepOverflow => js_error("RangeError", e),
         SessionError::NameTooLong { .. } => invalid_argument(e),
         SessionError::ReadOnly => js_error("ForbiddenError", e),
+        SessionError::ReservedName => invalid_argument(e),
     }
 }
 
@@ -1538,7 +1539,7 @@ impl MeshClient {
             // application's own document has it already: the session refuses it, and says so).
             #[cfg(feature = "document")]
             if driver.session.replica().built().is_some() {
-                driver.session.check_edit().map_err(session_error)?;
+                driver.session.check_edit(&doc).map_err(session_error)?;
             }
             // With the built-in document: bytes that decode, then the outbox (which refuses an
             // update too large), then the document, so that neither takes what the other refused.
@@ -1583,6 +1584,9 @@ impl MeshClient {
         }
         if name.is_empty() || name.len() > Limits::default().max_name {
             return Err(invalid_argument("a text name must be 1 to 64 bytes"));
+        }
+        if name == crate::wire::WHOLE_DOC {
+            return Err(session_error(SessionError::ReservedName));
         }
         let mut driver = self.driver_mut()?;
         let Some(built) = driver.session.replica().built() else {
@@ -1814,7 +1818,10 @@ impl SharedText {
     ) -> Result<(), JsValue> {
         {
             let mut driver = self.state()?;
-            driver.session.check_edit().map_err(session_error)?;
+            driver
+                .session
+                .check_edit(&self.name)
+                .map_err(session_error)?;
             let Some(doc) = driver.session.replica().built() else {
                 return Err(js_error(
                     "DocumentError",

@@ -426,7 +426,7 @@ impl Client {
     /// Deletes `length` units from `index` in the text `name` and sends the edit.
     pub fn delete(&self, name: &str, index: u32, length: u32) -> Result<(), ClientError> {
         self.with_session(|s, now| {
-            s.check_edit()?;
+            s.check_edit(name)?;
             let update = s.replica().delete(name, index, length)?;
             s.update(now, name, update)?;
             Ok(())

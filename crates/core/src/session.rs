@@ -316,6 +316,11 @@ pub enum SessionError {
     /// write of this connection as `forbidden`): the edit was not made.
     #[error("this member's access token lets it read only: the edit was not made")]
     ReadOnly,
+    /// The document name `*` ([`WHOLE_DOC`]) is the client's own: it names the whole document
+    /// given back to a relay that lost the room's history, which the relay takes without
+    /// comparing it with what it holds.
+    #[error("the document name \"*\" is reserved for the whole document a client gives back")]
+    ReservedName,
 }
 
 /// The connection's phase, inside the session.
@@ -811,18 +816,22 @@ impl<R: Replica> Session<R> {
     /// client (they come after a gap in its clocks). The bound covers the update's header and
     /// the message's (ids, origins, the text's name).
     pub fn check_insert(&self, name: &str, len: usize) -> Result<(), SessionError> {
-        self.check_edit()?;
+        self.check_edit(name)?;
         self.check_size(len.saturating_add(INSERT_OVERHEAD + 2 * name.len()))
     }
 
-    /// Whether this member may edit the document, before the edit is made: not once it is
-    /// known to read only ([`SessionError::ReadOnly`]: its access token says so, or the relay
-    /// refused a write of this connection as `forbidden`), nor once the session is closed. An
-    /// edit made all the same would be refused for good, and leave the document showing what
-    /// no other member has ([`Session::diverged`]).
-    pub fn check_edit(&self) -> Result<(), SessionError> {
+    /// Whether this member may edit `doc` of the document, before the edit is made: not once it
+    /// is known to read only ([`SessionError::ReadOnly`]: its access token says so, or the relay
+    /// refused a write of this connection as `forbidden`), nor under the reserved name
+    /// [`WHOLE_DOC`] ([`SessionError::ReservedName`]), nor once the session is closed. An edit
+    /// made all the same would not reach the room, and leave the document showing what no other
+    /// member has.
+    pub fn check_edit(&self, doc: &str) -> Result<(), SessionError> {
         if self.closed {
             return Err(SessionError::Closed);
+        }
+        if doc == WHOLE_DOC {
+            return Err(SessionError::ReservedName);
         }
         if self.read_only() {
             return Err(SessionError::ReadOnly);
@@ -898,6 +907,9 @@ impl<R: Replica> Session<R> {
     pub fn update(&mut self, now: u64, doc: &str, update: Vec<u8>) -> Result<(), SessionError> {
         if self.closed {
             return Err(SessionError::Closed);
+        }
+        if doc == WHOLE_DOC {
+            return Err(SessionError::ReservedName);
         }
         // The message, not the update alone: one that fits only without its header would be
         // stored below, and then refused.
@@ -1530,6 +1542,28 @@ impl<R: Replica> Session<R> {
     }
 
     fn emit(&mut self, event: Event) {
+        if let Event::Refused {
+            kind: Kind::Update,
+            doc: Some(doc),
+            reason: Reason::Forbidden,
+            ..
+        } = &event
+        {
+            if doc == WHOLE_DOC {
+                // This session's document given back (no application update has that name: see
+                // `update`), refused because this member may only read (its token changed, or
+                // the session did not know): no edit was refused, and the obligation stays, for
+                // a token that may write or a tab that takes in this record. The document may
+                // be the only copy of what the relay lost: it must not count as diverged, which
+                // would have it set aside.
+                if !self.give_back {
+                    self.give_back = true;
+                    self.changed();
+                }
+                self.events.push_back(event);
+                return;
+            }
+        }
         if matches!(
             event,
             Event::Refused {
@@ -3593,6 +3627,50 @@ mod tests {
         );
     }
 
+    /// A document given back that the relay refuses as `forbidden` (the session did not know its
+    /// member may only read) keeps the obligation, and does not count as diverged: a diverged
+    /// stored document is set aside when its tab reopens, and this one may be the only copy of
+    /// what the relay lost. No application update may take the give-back's name.
+    #[test]
+    fn a_give_back_refused_as_forbidden_keeps_the_obligation_and_does_not_diverge() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        let stamp = Stamp {
+            sender: 9,
+            step: 1,
+            pattern: PatternConfig::default().value(1),
+        };
+        let update = SharedDoc::with_client_id(9).insert("t", 0, "abc").unwrap();
+        h.frame(Frame::stamped(
+            stamp,
+            Body::Update {
+                doc: "content".into(),
+                update,
+            },
+        ));
+        h.reconnect();
+        h.welcome(3, 3, (0, 2), Some(0));
+        let given = h
+            .stamped()
+            .into_iter()
+            .find(|s| matches!(&s.body, Body::Update { doc, .. } if doc == WHOLE_DOC))
+            .expect("the document is given back")
+            .stamp
+            .step;
+        assert!(!h.session.saved().give_back);
+        h.frame(Frame::Reject {
+            step: given,
+            reason: Reason::Forbidden,
+            detail: "read only".into(),
+        });
+        assert!(!h.session.diverged());
+        assert!(h.session.saved().give_back, "the obligation stays");
+        assert_eq!(
+            h.session.update(h.now, WHOLE_DOC, vec![0, 0]),
+            Err(SessionError::ReservedName)
+        );
+    }
+
     /// The relay lost the room's history (a new log), and the tab closed after storing that,
     /// before its document went back. The obligation was not stored: the session reopened from
     /// storage joined the new log as if nothing were owed, the edits only the lost log had were
@@ -4062,9 +4140,9 @@ mod tests {
             h.session.check_insert("content", 5),
             Err(SessionError::ReadOnly)
         );
-        assert_eq!(h.session.check_edit(), Err(SessionError::ReadOnly));
+        assert_eq!(h.session.check_edit("content"), Err(SessionError::ReadOnly));
         h.session.set_read_only(false);
-        h.session.check_edit().unwrap();
+        h.session.check_edit("content").unwrap();
         // The relay refuses a write of this connection as forbidden: the next edit is refused
         // before it is made, until a connection the relay may let write.
         let data = Json::from_value(&serde_json::json!("a write")).unwrap();
@@ -4076,9 +4154,9 @@ mod tests {
             reason: Reason::Forbidden,
             detail: "read only".into(),
         });
-        assert_eq!(h.session.check_edit(), Err(SessionError::ReadOnly));
+        assert_eq!(h.session.check_edit("content"), Err(SessionError::ReadOnly));
         h.session.close(h.now);
-        assert_eq!(h.session.check_edit(), Err(SessionError::Closed));
+        assert_eq!(h.session.check_edit("content"), Err(SessionError::Closed));
     }
 
     /// A name set while the join is under way (the join gave the old one) follows it.
