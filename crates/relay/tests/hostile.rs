@@ -24,12 +24,17 @@ fn game() -> RoomConfig {
     }
 }
 
-/// A member stamps every message about 1,000 steps ahead of the room (within `maxFuture`), as
-/// fast as the rate limit lets it, while an honest member 25 ms away from the relay plays: at
-/// least 99% of the honest inputs are accepted.
+/// A member stamps every message about 1,000 steps ahead of the room (within `maxFuture`), while
+/// an honest member 25 ms away from the relay plays: between two honest inputs the hostile
+/// member sends 15 messages, some while the honest input is on its way, so the honest member's
+/// view of the room is up to 30 steps behind when its input arrives, inside the room's window
+/// of 40. Every honest input is accepted: the far-ahead stamps do not move the room's step
+/// past the messages it received. The turns are taken in order, so the outcome does not depend
+/// on how fast the machine is.
 #[tokio::test]
 async fn a_member_stamping_far_ahead_cannot_push_others_inputs_out_of_a_game_room() {
-    let server = start("drag", |_| {}).await;
+    // The rate limit is another test's: here the hostile member may send as fast as it likes.
+    let server = start("drag", |c| c.max_rate = 100_000).await;
     let mut config = session("arena", "honest");
     config.room_config = Some(game());
     let proxy = Proxy::start_delayed(server.addr, Duration::from_millis(25)).await;
@@ -37,57 +42,44 @@ async fn a_member_stamping_far_ahead_cannot_push_others_inputs_out_of_a_game_roo
     let mut hostile = join(&server, "arena", 0, None).await;
     assert_eq!(hostile.welcome.config, game());
 
-    let attack = tokio::spawn(async move {
-        // The hostile member's view of the room step: the relay adds one for each message
-        // everyone receives. It stamps 990 above it (the relay allows 1,000).
-        let mut room = hostile.welcome.high;
-        let mut last = 0;
-        let mut sent = 0u64;
-        let mut refused = 0u64;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
-        let mut tick = tokio::time::interval(Duration::from_millis(6));
-        while tokio::time::Instant::now() < deadline {
-            tick.tick().await;
+    // The hostile member's view of the room step: the relay adds one for each message stamped
+    // above it. It stamps 990 above that view.
+    let mut room = hostile.welcome.high;
+    let mut last = 0;
+    let inputs = 100;
+    let burst = 15;
+    for i in 0..inputs {
+        let value = serde_json::json!({ "input": i });
+        honest.broadcast(Json::from_value(&value).unwrap()).unwrap();
+        let mut acked = 0;
+        while acked < burst {
             let step = (last + 1).max(room + 990);
             let stamp = Stamp {
                 sender: hostile.node,
                 step,
                 pattern: hostile.pattern.value(step),
             };
-            let frame = Frame::stamped(
-                stamp,
-                Body::Data {
-                    data: Json::parse("{\"fire\":true}").unwrap(),
-                },
-            );
-            hostile.send(&frame).await;
-            last = step;
-            room += 1;
-            sent += 1;
-            // Whatever arrived meanwhile.
-            while let Ok(Ok(p)) = tokio::time::timeout(Duration::ZERO, hostile.conn.recv()).await {
-                match p.frame {
+            let data = Json::parse("{\"fire\":true}").unwrap();
+            hostile
+                .send(&Frame::stamped(stamp, Body::Data { data }))
+                .await;
+            // Its answer, and whatever else arrived meanwhile.
+            loop {
+                match hostile.recv().await.frame {
                     Frame::Stamped(s) if s.stamp.step > room => room += 1,
-                    Frame::Reject { .. } => {
-                        refused += 1;
-                        hostile.local = last;
-                        hostile.send(&Frame::Fence { step: last }).await;
+                    Frame::Ack { .. } => {
+                        (room, last, acked) = (room + 1, step, acked + 1);
+                        break;
+                    }
+                    Frame::Reject { reason, detail, .. } => {
+                        panic!("the hostile stamp {step} was refused: {reason:?} {detail}")
                     }
                     _ => {}
                 }
             }
         }
-        (sent, refused, last)
-    });
-
-    let inputs = 400;
-    for i in 0..inputs {
-        let value = serde_json::json!({ "input": i });
-        honest.broadcast(Json::from_value(&value).unwrap()).unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        honest.settled(Duration::from_secs(30)).await.unwrap();
     }
-    honest.settled(Duration::from_secs(30)).await.unwrap();
-    let (sent, hostile_refused, last) = attack.await.unwrap();
     let refused: Vec<Reason> = honest
         .take_events()
         .into_iter()
@@ -96,18 +88,12 @@ async fn a_member_stamping_far_ahead_cannot_push_others_inputs_out_of_a_game_roo
             _ => None,
         })
         .collect();
-    let accepted = inputs - refused.len();
-    let stale = refused.iter().filter(|r| **r == Reason::Stale).count();
     println!(
-        "hostile: {sent} messages, {hostile_refused} refused, last step {last}; \
-         honest: {accepted} of {inputs} inputs accepted, {stale} refused as stale"
+        "hostile: {} messages, the last at step {last}; honest: {} of {inputs} inputs accepted",
+        inputs * burst,
+        inputs - refused.len()
     );
-    assert!(sent > 500, "the attack ran ({sent} messages)");
-    assert!(
-        accepted * 100 >= inputs * 99,
-        "{accepted} of {inputs} honest inputs accepted; {stale} of the {} refused as stale",
-        refused.len()
-    );
+    assert_eq!(refused, [], "every honest input is accepted");
 }
 
 /// A stamped update of `doc` holding `bytes`, under the member's next stamp.
