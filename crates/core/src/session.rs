@@ -347,12 +347,16 @@ struct Sent {
     bytes: Vec<u8>,
     /// Stamped (and paced) but never sent: it waits for its stamp to be stored.
     fresh: bool,
+    /// Restored from the stored session (see [`Session::set_read_only`]).
+    restored: bool,
 }
 
 /// A message waiting to be stamped and sent.
 #[derive(Debug, Clone)]
 struct Waiting {
     body: Body,
+    /// Restored from the stored session (see [`Session::set_read_only`]).
+    restored: bool,
 }
 
 /// After a refusal: nothing stamped goes out until `until`; then a fence for `step`.
@@ -618,10 +622,14 @@ impl<R: Replica> Session<R> {
                         doc: body.doc().map(str::to_owned),
                         bytes: bytes.clone(),
                         fresh: false,
+                        restored: true,
                     });
                 }
                 // Stamped under an identity this session does not have: stamped again.
-                Ok(Stamped { body, .. }) => self.waiting.push_back(Waiting { body }),
+                Ok(Stamped { body, .. }) => self.waiting.push_back(Waiting {
+                    body,
+                    restored: true,
+                }),
                 Err(_) => broken += 1,
             }
         }
@@ -630,9 +638,10 @@ impl<R: Replica> Session<R> {
         self.step_event(advance);
         for bytes in &saved.unsent {
             match decode_message(bytes) {
-                Ok(Stamped { body, .. }) if body.is_durable() => {
-                    self.waiting.push_back(Waiting { body })
-                }
+                Ok(Stamped { body, .. }) if body.is_durable() => self.waiting.push_back(Waiting {
+                    body,
+                    restored: true,
+                }),
                 Ok(_) => {}
                 Err(_) => broken += 1,
             }
@@ -846,15 +855,52 @@ impl<R: Replica> Session<R> {
         self.read_only || self.forbidden
     }
 
+    /// Whether the writes the session was restored with stay in the outbox, neither sent nor
+    /// refused: a stored session whose token says it may only read (see
+    /// [`Session::set_read_only`]). After a `forbidden` refusal the claim did not foretell, the
+    /// relay has judged, and every write goes.
+    fn keeps_outbox(&self) -> bool {
+        self.read_only && self.config.persist
+    }
+
+    /// Tells the application that the outbox is kept unsent ([`Session::keeps_outbox`]), if
+    /// it holds anything.
+    fn tell_kept(&mut self) {
+        let kept =
+            self.in_flight.len() + self.waiting.iter().filter(|w| w.body.is_durable()).count();
+        if kept > 0 && self.keeps_outbox() {
+            // Not refused: kept (and stored).
+            self.events.push_back(Event::Refused {
+                step: 0,
+                kind: Kind::Update,
+                doc: Some(WHOLE_DOC.into()),
+                reason: Reason::Forbidden,
+                detail: format!(
+                    "{kept} message(s) in this client's stored outbox are not sent: this member may only read (they go under a token that may write, or from the next tab that may write once this one closes)"
+                ),
+            });
+        }
+    }
+
     /// The access token the driver connects with lets this member read only (its `access`
     /// claim is `read`), or not: set before each connection. The relay stays the judge of every
     /// write; this lets [`Session::check_edit`] refuse an edit before the document changes,
     /// rather than the relay after, when the document already shows it.
+    ///
+    /// A stored session keeps the writes it was restored with while it reads only, neither
+    /// sent nor refused (see [`Event::Refused`] for the document [`WHOLE_DOC`]): they may be
+    /// another tab's, taken with the stored session before a token from a function said this
+    /// one may only read. They go under a token that may write, or from the next tab that may
+    /// write and takes the stored session once this one closes. Its own writes, made before
+    /// the token was in, are refused now, as the relay would refuse them.
     pub fn set_read_only(&mut self, read_only: bool) {
         self.read_only = read_only;
         // A `forbidden` refusal speaks of the connection before (whose token may have been
         // another).
         self.forbidden = false;
+        if self.keeps_outbox() {
+            self.refuse_writes();
+        }
     }
 
     /// The document.
@@ -945,6 +991,8 @@ impl<R: Replica> Session<R> {
                     doc: last_doc,
                     update: last,
                 },
+            // Not into a restored one (see `set_read_only`).
+            restored: false,
         }) = self.waiting.back_mut()
         {
             if last_doc == doc && last.len() + update.len() <= MERGE_LIMIT {
@@ -1487,6 +1535,7 @@ impl<R: Replica> Session<R> {
                 state_vector,
                 to: 0,
             },
+            restored: false,
         });
     }
 
@@ -1536,7 +1585,10 @@ impl<R: Replica> Session<R> {
         if body.is_durable() {
             self.changed();
         }
-        self.waiting.push_back(Waiting { body });
+        self.waiting.push_back(Waiting {
+            body,
+            restored: false,
+        });
         self.pump(now);
         Ok(())
     }
@@ -1872,9 +1924,10 @@ impl<R: Replica> Session<R> {
                 // This client encoded each, under the limits of the relay it went to (which may
                 // have allowed more than this one).
                 .filter_map(|sent| {
-                    decode_message(&sent.bytes)
-                        .ok()
-                        .map(|stamped| Waiting { body: stamped.body })
+                    decode_message(&sent.bytes).ok().map(|stamped| Waiting {
+                        body: stamped.body,
+                        restored: sent.restored,
+                    })
                 })
                 .collect();
             for waiting in resend.into_iter().rev() {
@@ -1968,6 +2021,7 @@ impl<R: Replica> Session<R> {
                         doc: WHOLE_DOC.into(),
                         update: state,
                     },
+                    restored: false,
                 });
                 Ok(())
             }
@@ -2022,6 +2076,7 @@ impl<R: Replica> Session<R> {
         } else if std::mem::take(&mut self.give_back) {
             self.give_back_document();
         }
+        self.tell_kept();
         // A safety net after the log: one peer answers with what it has and this client lacks.
         if let Some(&peer) = self.peers.keys().next() {
             let state_vector = self.asking_state_vector();
@@ -2031,6 +2086,7 @@ impl<R: Replica> Session<R> {
                     state_vector,
                     to: peer,
                 },
+                restored: false,
             });
         }
         self.pump(now);
@@ -2077,7 +2133,7 @@ impl<R: Replica> Session<R> {
                     // step 0 is of a rename, for a member its token names: the anomaly says
                     // so, and its writes go on.)
                     self.forbidden = true;
-                    self.refuse_all_writes();
+                    self.refuse_writes();
                 } else if let Some(i) = index {
                     let sent = self.remove_in_flight(i);
                     self.emit(Event::Refused {
@@ -2111,11 +2167,18 @@ impl<R: Replica> Session<R> {
             .retune(&byte_pacer(&self.relay, self.pace, now), now);
     }
 
-    /// After a `forbidden` refusal: every stored message in the outbox leaves it with a
-    /// [`Event::Refused`], and checkpoints and signals waiting go.
-    fn refuse_all_writes(&mut self) {
+    /// After a `forbidden` refusal, or a token known to read only: every stored message in the
+    /// outbox leaves it with a [`Event::Refused`], and checkpoints and signals waiting go; but
+    /// a stored session whose token says it may only read keeps those it was restored with
+    /// ([`Session::keeps_outbox`]).
+    fn refuse_writes(&mut self) {
         let detail = "this member's access token lets it read only".to_owned();
+        let keep = self.keeps_outbox();
         for sent in std::mem::take(&mut self.in_flight) {
+            if keep && sent.restored {
+                self.in_flight.push_back(sent);
+                continue;
+            }
             self.emit(Event::Refused {
                 step: sent.stamp.step,
                 kind: sent.kind,
@@ -2128,6 +2191,7 @@ impl<R: Replica> Session<R> {
         for waiting in std::mem::take(&mut self.waiting) {
             match waiting.body {
                 Body::SyncRequest { .. } => self.waiting.push_back(waiting),
+                _ if keep && waiting.restored => self.waiting.push_back(waiting),
                 body if body.is_durable() => self.emit(Event::Refused {
                     step: 0,
                     kind: body.kind(),
@@ -2284,6 +2348,7 @@ impl<R: Replica> Session<R> {
                                     update,
                                     to: stamp.sender,
                                 },
+                                restored: false,
                             });
                         }
                     }
@@ -2330,6 +2395,7 @@ impl<R: Replica> Session<R> {
                                     state_vector: Vec::new(),
                                     to: stamp.sender,
                                 },
+                                restored: false,
                             });
                         }
                     }
@@ -2379,6 +2445,7 @@ impl<R: Replica> Session<R> {
                 deletes: version.deletes,
                 digest,
             },
+            restored: false,
         });
     }
 
@@ -2428,6 +2495,13 @@ impl<R: Replica> Session<R> {
         }
         let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
         let mut waiting = self.waiting.front();
+        if self.keeps_outbox() {
+            // Only what is not a write (a sync request) goes.
+            return waiting.filter(|w| !w.body.is_durable()).map(|w| {
+                let len = 3 + 30 + w.body.encoded_len();
+                (frames(len), len as u64)
+            });
+        }
         if let Some(sent) = self.in_flight.get(self.resend) {
             if self.is_stored(sent) {
                 if self.renew_due.is_some() && sent.fresh && sent.kind == Kind::Data {
@@ -2544,7 +2618,11 @@ impl<R: Replica> Session<R> {
                 }
                 continue;
             }
-            if let Some(sent) = self.in_flight.get(self.resend) {
+            if let Some(sent) = self
+                .in_flight
+                .get(self.resend)
+                .filter(|_| !self.keeps_outbox())
+            {
                 if self.is_stored(sent) {
                     let parts = part::fragment(&sent.bytes, self.limits.max_frame);
                     self.in_flight[self.resend].fresh = false;
@@ -2553,7 +2631,7 @@ impl<R: Replica> Session<R> {
                     continue;
                 }
             }
-            let Some(Waiting { body }) = self.waiting.pop_front() else {
+            let Some(Waiting { body, restored }) = self.waiting.pop_front() else {
                 break;
             };
             let (tick, advance) = match self.clock.next() {
@@ -2580,6 +2658,7 @@ impl<R: Replica> Session<R> {
                     doc,
                     bytes,
                     fresh: true,
+                    restored,
                 });
                 self.changed();
             } else {
@@ -2592,6 +2671,7 @@ impl<R: Replica> Session<R> {
                         doc,
                         bytes,
                         fresh: false,
+                        restored,
                     });
                     self.resend = self.in_flight.len();
                 }
@@ -3624,6 +3704,72 @@ mod tests {
             h.updates_sent().len(),
             1,
             "given back under a token that may write"
+        );
+    }
+
+    /// A tab whose token comes from a function takes its stored session before the token says
+    /// it may only read; that record may hold another tab's unsent edits. Sent, every one was
+    /// refused as `forbidden` and lost: the tab that may write, which opens next, had nothing
+    /// left to send. While read only, a stored session keeps its outbox, sends none of it, and
+    /// says so; under a token that may write, it goes.
+    #[test]
+    fn a_read_only_member_keeps_the_stored_outbox_it_cannot_send() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut writer = Harness::with(config.clone());
+        writer.joined(2, RoomConfig::default(), (0, 1), None);
+        writer.session.handle_closed(writer.now, 1006, "offline");
+        writer.pump();
+        let update = writer
+            .session
+            .replica()
+            .insert("t", 0, "typed offline")
+            .unwrap();
+        writer.session.update(writer.now, "t", update).unwrap();
+        writer.pump();
+        let saved = writer.store();
+        assert_eq!(writer.session.pending(), 1);
+        config.restore = Some(Saved::decode(&saved.encode()).unwrap());
+        let mut reader = Harness::of(config, SharedDoc::with_client_id(1));
+        // Its own edit, made before the token was in, is refused as the relay would refuse it.
+        let own = reader.session.replica().insert("t", 0, "mine ").unwrap();
+        reader.session.update(reader.now, "t", own).unwrap();
+        reader.session.set_read_only(true);
+        reader.joined(2, RoomConfig::default(), (0, 1), Some(0));
+        reader.store();
+        assert!(reader.updates_sent().is_empty(), "nothing sent");
+        assert_eq!(reader.session.pending(), 1, "the restored outbox is kept");
+        assert_eq!(reader.session.saved().bodies().len(), 1, "and stored");
+        let events: Vec<Event> = std::iter::from_fn(|| reader.session.poll_event()).collect();
+        let told: Vec<&Event> = events
+            .iter()
+            .filter(|e| matches!(e, Event::Refused { .. }))
+            .collect();
+        assert!(
+            matches!(
+                told.as_slice(),
+                [Event::Refused {
+                    reason: Reason::Forbidden,
+                    doc: Some(own),
+                    ..
+                }, Event::Refused {
+                    reason: Reason::Forbidden,
+                    doc: Some(doc),
+                    detail,
+                    ..
+                }] if own == "t" && doc == WHOLE_DOC && detail.contains("1 message")
+            ),
+            "{events:?}"
+        );
+        assert!(reader.session.diverged(), "its own edit was refused");
+        reader.session.set_read_only(false);
+        reader.reconnect();
+        reader.welcome(2, 2, (0, 1), Some(0));
+        reader.store();
+        assert_eq!(
+            reader.updates_sent().len(),
+            1,
+            "sent under a token that may write"
         );
     }
 
