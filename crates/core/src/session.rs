@@ -863,6 +863,16 @@ impl<R: Replica> Session<R> {
         self.read_only && self.config.persist
     }
 
+    /// The waiting message to stamp next: the first, or, while the outbox is kept
+    /// ([`Session::keeps_outbox`]), the first that is not a write (a sync request, wherever
+    /// the kept writes left it).
+    fn next_waiting(&self) -> Option<usize> {
+        match self.keeps_outbox() {
+            true => self.waiting.iter().position(|w| !w.body.is_durable()),
+            false => (!self.waiting.is_empty()).then_some(0),
+        }
+    }
+
     /// Tells the application that the outbox is kept unsent ([`Session::keeps_outbox`]), if
     /// it holds anything.
     fn tell_kept(&mut self) {
@@ -1062,7 +1072,8 @@ impl<R: Replica> Session<R> {
             // Queued as any message is (refused at once on a read-only connection); one over
             // this relay's limit is refused here, and said so.
             let (kind, doc) = (body.kind(), body.doc().map(str::to_owned));
-            match self.queue(now, body) {
+            // Another tab's: kept, not refused, if this member's token reads only later.
+            match self.enqueue(now, body, true) {
                 Ok(()) => taken += 1,
                 Err(e) => self.emit(Event::Refused {
                     step: 0,
@@ -1565,6 +1576,12 @@ impl<R: Replica> Session<R> {
     }
 
     fn queue(&mut self, now: u64, body: Body) -> Result<(), SessionError> {
+        self.enqueue(now, body, false)
+    }
+
+    /// Queues `body`; `restored` when it comes from a stored session (see
+    /// [`Session::set_read_only`]).
+    fn enqueue(&mut self, now: u64, body: Body, restored: bool) -> Result<(), SessionError> {
         if self.closed {
             return Err(SessionError::Closed);
         }
@@ -1585,10 +1602,7 @@ impl<R: Replica> Session<R> {
         if body.is_durable() {
             self.changed();
         }
-        self.waiting.push_back(Waiting {
-            body,
-            restored: false,
-        });
+        self.waiting.push_back(Waiting { body, restored });
         self.pump(now);
         Ok(())
     }
@@ -2494,15 +2508,12 @@ impl<R: Replica> Session<R> {
             return Some((1, len as u64));
         }
         let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
-        let mut waiting = self.waiting.front();
-        if self.keeps_outbox() {
-            // Only what is not a write (a sync request) goes.
-            return waiting.filter(|w| !w.body.is_durable()).map(|w| {
-                let len = 3 + 30 + w.body.encoded_len();
-                (frames(len), len as u64)
-            });
-        }
-        if let Some(sent) = self.in_flight.get(self.resend) {
+        let mut waiting = self.next_waiting().map(|i| &self.waiting[i]);
+        if let Some(sent) = self
+            .in_flight
+            .get(self.resend)
+            .filter(|_| !self.keeps_outbox())
+        {
             if self.is_stored(sent) {
                 if self.renew_due.is_some() && sent.fresh && sent.kind == Kind::Data {
                     // Never sent: it goes under the new node (see `on_welcome`).
@@ -2541,7 +2552,7 @@ impl<R: Replica> Session<R> {
         let blocked = self.config.persist
             && self.link == Link::Open
             && !self.closed
-            && !self.waiting.is_empty()
+            && self.next_waiting().is_some()
             && self.clock.local() >= self.ceiling;
         if blocked && !self.ceiling_blocked {
             self.changed();
@@ -2631,7 +2642,9 @@ impl<R: Replica> Session<R> {
                     continue;
                 }
             }
-            let Some(Waiting { body, restored }) = self.waiting.pop_front() else {
+            let Some(Waiting { body, restored }) =
+                self.next_waiting().and_then(|i| self.waiting.remove(i))
+            else {
                 break;
             };
             let (tick, advance) = match self.clock.next() {
@@ -2730,14 +2743,20 @@ impl<R: Replica> Session<R> {
     /// the presence and the name due.
     fn backlog(&self) -> (u64, u64) {
         let frames = |len: usize| part::count(len, self.limits.max_frame) as u64;
+        // Not what the outbox keeps ([`Session::keeps_outbox`]): it does not go.
+        let keep = self.keeps_outbox();
         let again = self
             .in_flight
             .iter()
             .skip(self.resend)
-            .filter(|sent| !sent.fresh)
+            .filter(|sent| !sent.fresh && !keep)
             .map(|sent| sent.bytes.len());
         // The stamp takes at most 30 bytes.
-        let waiting = self.waiting.iter().map(|w| 3 + 30 + w.body.encoded_len());
+        let waiting = self
+            .waiting
+            .iter()
+            .filter(|w| !(keep && w.body.is_durable()))
+            .map(|w| 3 + 30 + w.body.encoded_len());
         let presence = self
             .presence
             .as_ref()
@@ -3762,6 +3781,38 @@ mod tests {
             "{events:?}"
         );
         assert!(reader.session.diverged(), "its own edit was refused");
+        // An update the replica holds back (its earlier clocks never came): the request for
+        // them goes out past the writes the outbox keeps.
+        let remote = SharedDoc::with_client_id(9);
+        remote.insert("t", 0, "ab").unwrap();
+        let later = remote.insert("t", 2, "c").unwrap();
+        let stamp = Stamp {
+            sender: 7,
+            step: 1,
+            pattern: PatternConfig::default().value(1),
+        };
+        reader.frame(Frame::stamped(
+            stamp,
+            Body::Update {
+                doc: "t".into(),
+                update: later,
+            },
+        ));
+        reader.now += HELD_GRACE + 1;
+        reader.session.handle_timeout(reader.now);
+        reader.pump();
+        reader.store();
+        assert!(
+            reader
+                .stamped()
+                .iter()
+                .any(|s| matches!(s.body, Body::SyncRequest { .. })),
+            "the room is asked"
+        );
+        assert!(
+            reader.updates_sent().is_empty(),
+            "still nothing of the outbox"
+        );
         reader.session.set_read_only(false);
         reader.reconnect();
         reader.welcome(2, 2, (0, 1), Some(0));
@@ -3771,6 +3822,41 @@ mod tests {
             1,
             "sent under a token that may write"
         );
+    }
+
+    /// A tab that may write takes in a closed tab's outbox, and its next token reads only: the
+    /// other tab's edits are kept with the stored session, not refused (the closed tab's
+    /// record is gone: they were in no other place).
+    #[test]
+    fn an_outbox_taken_in_is_kept_when_the_token_reads_only_later() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut closed = Harness::with(config.clone());
+        closed.joined(2, RoomConfig::default(), (0, 1), None);
+        closed.session.handle_closed(closed.now, 1006, "offline");
+        closed.pump();
+        let update = closed
+            .session
+            .replica()
+            .insert("t", 0, "typed offline")
+            .unwrap();
+        closed.session.update(closed.now, "t", update).unwrap();
+        closed.pump();
+        let saved = closed.store();
+        let mut h = Harness::of(config, SharedDoc::with_client_id(1));
+        h.joined(3, RoomConfig::default(), (0, 1), None);
+        h.session.handle_closed(h.now, 1006, "offline");
+        h.pump();
+        assert_eq!(h.session.take_in(h.now, &saved), 1);
+        h.store();
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        h.session.set_read_only(true);
+        assert_eq!(h.session.pending(), 1, "kept");
+        let refused: Vec<Event> = std::iter::from_fn(|| h.session.poll_event())
+            .filter(|e| matches!(e, Event::Refused { .. }))
+            .collect();
+        assert_eq!(refused, [], "nothing refused");
+        assert!(!h.session.diverged());
     }
 
     /// A document given back that the relay refuses as `forbidden` (the session did not know its
