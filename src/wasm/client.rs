@@ -666,11 +666,17 @@ fn look_for_freed(shared: &Shared) {
         let promise = {
             let driver = shared.borrow();
             match &driver.storage {
+                // A member that may only read takes in no record (the relay would refuse every
+                // write in it), and does not look until it may write: a record it claimed and
+                // let go of would not be looked at again by this tab.
                 Some(storage) if !storage.released && !driver.session.is_closed() => {
-                    storage.freed()
+                    (!driver.session.read_only()).then(|| storage.freed())
                 }
                 _ => return,
             }
+        };
+        let Some(promise) = promise else {
+            return look_for_freed(&shared);
         };
         let weak = Rc::downgrade(&shared);
         wasm_bindgen_futures::spawn_local(async move {
