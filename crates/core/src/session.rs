@@ -3859,6 +3859,151 @@ mod tests {
         assert!(!h.session.diverged());
     }
 
+    /// What a tab does to a stored session it took (see the property below).
+    #[derive(Debug, Clone)]
+    enum TabOp {
+        /// Connects again, under a token that may only read, or write.
+        Connect { read_only: bool },
+        /// The relay answers each stamped update it got on this connection: refused as
+        /// `forbidden` under a token that reads only, stored otherwise.
+        Answer,
+        /// The stored state is written.
+        Store,
+        /// The application edits the document (when the session lets it).
+        Edit,
+        /// The connection drops.
+        Drop,
+        /// Time passes.
+        Wait,
+    }
+
+    fn tab_op() -> impl proptest::strategy::Strategy<Value = TabOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<bool>().prop_map(|read_only| TabOp::Connect { read_only }),
+            Just(TabOp::Answer),
+            Just(TabOp::Store),
+            Just(TabOp::Edit),
+            Just(TabOp::Drop),
+            Just(TabOp::Wait),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// A stored session holding a closed tab's unsent edits, taken by a tab whose tokens
+        /// read only or write, in any order: each of those edits is stored by the room or
+        /// still in the stored session, never lost.
+        #[test]
+        fn a_closed_tabs_edits_are_stored_by_the_room_or_kept(
+            edits in 1usize..4,
+            ops in proptest::collection::vec(tab_op(), 1..40),
+        ) {
+            let mut config = SessionConfig::new("r", "a");
+            config.persist = true;
+            let mut writer = Harness::with(config.clone());
+            writer.joined(2, RoomConfig::default(), (0, 1), None);
+            writer.session.handle_closed(writer.now, 1006, "offline");
+            writer.pump();
+            let mut typed = String::new();
+            for i in 0..edits {
+                let text = format!("<w{i}>");
+                let update = writer.session.replica().insert("t", typed.len() as u32, &text).unwrap();
+                writer.session.update(writer.now, "t", update).unwrap();
+                typed.push_str(&text);
+            }
+            writer.pump();
+            let saved = writer.store();
+            config.restore = Some(Saved::decode(&saved.encode()).unwrap());
+            // The tab's document: the stored one, with the closed tab's edits.
+            let tab = SharedDoc::with_client_id(5);
+            tab.apply_update(&writer.session.replica().snapshot()).unwrap();
+            let mut h = Harness::of(config, tab);
+            let room = SharedDoc::new();
+            let (mut open, mut read_only, mut answered, mut position) = (false, false, 0, 0);
+            for op in ops {
+                match op {
+                    TabOp::Connect { read_only: ro } => {
+                        if open {
+                            h.session.handle_closed(h.now, 1006, "again");
+                            h.pump();
+                        }
+                        h.now += 60_000;
+                        h.session.handle_timeout(h.now);
+                        h.pump();
+                        h.session.set_read_only(ro);
+                        h.session.handle_connected(h.now);
+                        h.pump();
+                        h.welcome(2, 2, (0, 1), Some(0));
+                        (open, read_only, answered) = (true, ro, h.sent.len());
+                    }
+                    TabOp::Answer if open => {
+                        let sent: Vec<Stamped> = h.sent[answered..]
+                            .iter()
+                            .filter_map(|f| match f {
+                                Frame::Stamped(s) if matches!(s.body, Body::Update { .. }) => {
+                                    Some(s.clone())
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        answered = h.sent.len();
+                        for stamped in sent {
+                            if read_only {
+                                h.frame(Frame::Reject {
+                                    step: stamped.stamp.step,
+                                    reason: Reason::Forbidden,
+                                    detail: "read only".into(),
+                                });
+                            } else {
+                                if let Body::Update { update, .. } = &stamped.body {
+                                    room.apply_update(update).unwrap();
+                                }
+                                position += 1;
+                                h.frame(Frame::Ack { step: stamped.stamp.step, position });
+                            }
+                        }
+                        answered = answered.max(h.sent.len());
+                    }
+                    TabOp::Store => {
+                        h.store();
+                    }
+                    TabOp::Edit if h.session.check_edit("t").is_ok() => {
+                        let update = h.session.replica().insert("t", 0, "x").unwrap();
+                        h.session.update(h.now, "t", update).unwrap();
+                        h.pump();
+                    }
+                    TabOp::Drop if open => {
+                        h.session.handle_closed(h.now, 1006, "gone");
+                        h.pump();
+                        open = false;
+                    }
+                    TabOp::Wait => {
+                        h.now += 3_000;
+                        h.session.handle_timeout(h.now);
+                        h.pump();
+                    }
+                    _ => {}
+                }
+            }
+            // What the room stored, and what the stored session keeps.
+            let stored = h.session.saved();
+            let kept = SharedDoc::new();
+            kept.apply_update(&room.snapshot()).unwrap();
+            for body in stored.bodies() {
+                if let Body::Update { update, .. } = body {
+                    kept.apply_update(&update).unwrap();
+                }
+            }
+            let text = kept.text("t");
+            for i in 0..edits {
+                let edit = format!("<w{i}>");
+                proptest::prop_assert!(text.contains(&edit), "{edit} lost: {text:?}");
+            }
+        }
+    }
+
     /// A document given back that the relay refuses as `forbidden` (the session did not know its
     /// member may only read) keeps the obligation, and does not count as diverged: a diverged
     /// stored document is set aside when its tab reopens, and this one may be the only copy of
