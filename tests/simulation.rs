@@ -446,6 +446,10 @@ struct Client {
     last_status: Option<(Status, Option<String>)>,
     /// The session told of a wait for the pacer ([`Event::Paced`]) and not yet of its end.
     paced: bool,
+    /// Its document diverged, and a repair was asked for once the run was quiet (see
+    /// [`Sim::repair_diverged`]); and whether it was made.
+    repair_asked: bool,
+    repaired: bool,
 }
 
 struct Sim {
@@ -502,6 +506,8 @@ struct Stats {
     /// Tabs reopened from storage, and the stored messages they sent again.
     reopens: u64,
     restored: u64,
+    /// Diverged documents repaired in place.
+    repairs: u64,
     /// Connections that went silent ([`Fault::Silent`]).
     silences: u64,
     /// Waits for the pacer told to the application.
@@ -523,6 +529,7 @@ impl Stats {
         self.compactions += other.compactions;
         self.room_loads += other.room_loads;
         self.reopens += other.reopens;
+        self.repairs += other.repairs;
         self.restored += other.restored;
         self.paced += other.paced;
         self.renewed += other.renewed;
@@ -592,6 +599,8 @@ impl Sim {
                 anomalies: Vec::new(),
                 last_status: None,
                 paced: false,
+                repair_asked: false,
+                repaired: false,
             });
             if sim.scenario.mean_op > 0 {
                 let first = sim.rng.range(0, 200);
@@ -693,6 +702,10 @@ impl Sim {
             // Heartbeats never stop: the run ends once nothing but them and timers has
             // happened for a minute after the edits, with every client open and done.
             if self.work == 0 && self.now >= self.scenario.active && self.settled() {
+                if self.repair_diverged() {
+                    self.quiet_since = None;
+                    continue;
+                }
                 let since = *self.quiet_since.get_or_insert(self.now);
                 if self.now >= since + QUIET {
                     break;
@@ -702,6 +715,51 @@ impl Sim {
             }
         }
         self.check()
+    }
+
+    /// Repairs each document that diverged (a read-only member's edits, refused), once: it
+    /// loads the room's again (see [`Session::repair`]), and must then show the room's text.
+    /// Returns whether one was.
+    fn repair_diverged(&mut self) -> bool {
+        let mut any = false;
+        for i in 0..self.clients.len() {
+            let c = &self.clients[i];
+            if c.closed || c.repair_asked || !c.session.diverged() {
+                continue;
+            }
+            any = true;
+            self.clients[i].repair_asked = true;
+            self.log(|| format!("c{i} repairs its diverged document"));
+            let replica = SharedDoc::with_client_id(2_000 + i as u64);
+            let c = &mut self.clients[i];
+            match c.session.repair(self.now, replica) {
+                Ok(Some(repaired)) => {
+                    c.repaired = true;
+                    c.storage.set_aside(repaired.outbox);
+                    // The log comes again from its start.
+                    c.received_data.clear();
+                    self.stats.repairs += 1;
+                    // The driver closes the old connection as it opens the new one.
+                    if let Some(conn) = self.clients[i].conn.take() {
+                        if !self.silent.contains(&conn) {
+                            let t = self.now + self.latency();
+                            self.at(t, Ev::RelayClosed { conn });
+                        }
+                    }
+                }
+                // Owed to a relay that lost the room's history: it goes back first (the read-only
+                // member's give-back is refused, and the obligation stays).
+                Ok(None) => {
+                    if !c.session.saved().give_back {
+                        c.anomalies
+                            .push("a diverged document was not repaired".into());
+                    }
+                }
+                Err(e) => c.anomalies.push(format!("the repair failed: {e}")),
+            }
+            self.drive(i);
+        }
+        any
     }
 
     /// Every client open with nothing pending, and no write under way.
@@ -815,6 +873,8 @@ impl Sim {
             Ev::Saved { client, write } => {
                 let c = &mut self.clients[client];
                 let Some(stored) = c.storage.end(write) else {
+                    // (A write set aside by a repair: the next one may start.)
+                    self.save(client);
                     return;
                 };
                 c.session.handle_saved(self.now, stored);
@@ -1748,7 +1808,9 @@ impl Sim {
         let reference = (0..self.clients.len()).find(|i| !told.contains(i));
         if let Some(r) = reference {
             for (i, text) in texts.iter().enumerate() {
-                if !told.contains(&i) && *text != texts[r] {
+                // A document repaired shows the room's again.
+                let held = !told.contains(&i) || self.clients[i].repaired;
+                if held && *text != texts[r] {
                     problems.push(format!(
                         "client {i} has a different text ({} chars) from client {r} ({} chars)",
                         text.len(),
@@ -2034,7 +2096,8 @@ fn the_protocol_holds_under_faults_for_every_seed() {
     println!(
         "{seeds} seeds from {from} in {:.1} s, {} failed; across them: {} relay crashes, {} \
          room loads, {} compactions, {} parts sent, {} checkpoints, {} messages refused for \
-         good, {} tabs reopened from storage with {} messages in their outboxes, {} connections \
+         good, {} tabs reopened from storage with {} messages in their outboxes, {} diverged \
+         documents repaired, {} connections \
          gone silent, {} waits for the pacer told, {} new identities taken by clocks too far \
          ahead, refusals by the relay: {:?}",
         started.elapsed().as_secs_f64(),
@@ -2047,6 +2110,7 @@ fn the_protocol_holds_under_faults_for_every_seed() {
         stats.refused_for_good,
         stats.reopens,
         stats.restored,
+        stats.repairs,
         stats.silences,
         stats.paced,
         stats.renewed,
@@ -2055,6 +2119,10 @@ fn the_protocol_holds_under_faults_for_every_seed() {
     assert!(
         seeds < 100 || stats.paced > 0,
         "no client waited for its pacer: the check of what it tells checks nothing"
+    );
+    assert!(
+        seeds < 100 || stats.repairs > 0,
+        "no diverged document was repaired: the check of repairs checks nothing"
     );
     if let Some((seed, problem)) = failures.iter().min_by_key(|(s, _)| *s) {
         panic!(

@@ -341,6 +341,40 @@ impl Driver {
         now
     }
 
+    /// After a repair, the texts observed on the document set aside (`old`) are observed on the
+    /// new one, and each listener told of the change from one to the other.
+    #[cfg(feature = "document")]
+    fn reobserve(&mut self, old: Option<&SharedDoc>) {
+        let Some(doc) = self.session.replica().built() else {
+            return;
+        };
+        let observed = std::mem::take(&mut self.observed).entries().to_vec();
+        for (name, id) in observed {
+            let before = old.map_or(0, |old| {
+                old.unobserve(&name, id);
+                old.len(&name)
+            });
+            let after = doc.text(&name);
+            let mut delta = Vec::new();
+            if before > 0 {
+                delta.push(TextDelta::Delete(before));
+            }
+            if !after.is_empty() {
+                delta.push(TextDelta::Insert(after));
+            }
+            if !delta.is_empty() {
+                self.deltas.borrow_mut().push((name.clone(), delta, true));
+            }
+            let (deltas, remote, text) = (self.deltas.clone(), self.remote.clone(), name.clone());
+            let id = doc.observe(&name, move |delta| {
+                deltas
+                    .borrow_mut()
+                    .push((text.clone(), delta, remote.get()));
+            });
+            self.observed.insert(name, id);
+        }
+    }
+
     /// The text listeners' calls for the text changes collected since the last dispatch:
     /// (listener, delta, origin).
     fn text_calls(&mut self) -> Vec<(js_sys::Function, JsValue, JsValue)> {
@@ -1382,6 +1416,51 @@ impl MeshClient {
     #[wasm_bindgen(getter)]
     pub fn diverged(&self) -> Result<bool, JsValue> {
         Ok(self.driver()?.session.diverged())
+    }
+
+    /// Repairs a document that diverged ([`MeshClient::diverged`]) in place: the refused edit
+    /// is set aside with the document that shows it, and the room's document loads again from
+    /// the start of the room's log, with the edits of the outbox, over a new connection (a
+    /// `status` event says why). Each text's listeners get a change from the text set aside to
+    /// the new one, then the room's as it loads; texts and listeners stay as they are. With
+    /// `persist`, the stored document is replaced too. Returns `false`, changing nothing, when
+    /// there is nothing to repair: the document has not diverged, or a relay that lost the
+    /// room's history is owed it (it may be the only copy of everyone's edits: it goes back
+    /// first). Throws a `DocumentError` for the application's document (repair that one).
+    pub fn repair(&self) -> Result<bool, JsValue> {
+        #[cfg(feature = "document")]
+        {
+            let repaired = {
+                let mut driver = self.driver_mut()?;
+                if driver.session.replica().built().is_none() {
+                    return Err(js_error(
+                        "DocumentError",
+                        "this client carries the application's document (the document option): repair that one",
+                    ));
+                }
+                let now = driver.now();
+                let fresh = ClientDoc::Built(SharedDoc::new());
+                match driver.session.repair(now, fresh).map_err(session_error)? {
+                    None => false,
+                    Some(repaired) => {
+                        if let Some(storage) = driver.storage.as_mut() {
+                            storage.set_aside(repaired.outbox);
+                        }
+                        driver.reobserve(repaired.set_aside.built());
+                        true
+                    }
+                }
+            };
+            if repaired {
+                pump(&self.shared);
+            }
+            Ok(repaired)
+        }
+        #[cfg(not(feature = "document"))]
+        Err(js_error(
+            "DocumentError",
+            "this build of pattern-mesh (transport) has no document of its own: repair the application's",
+        ))
     }
 
     /// Whether this member may only read the room: the access token of the current connection

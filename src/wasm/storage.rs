@@ -320,6 +320,9 @@ pub(crate) struct Storage {
     records: usize,
     /// The room's stored document is set aside (it diverged): the next write replaces it.
     replace: bool,
+    /// The queue was replaced ([`Storage::set_aside`]) while a write was under way: what that
+    /// write took is not in it any more.
+    reset: bool,
     /// The epoch of the stored document this tab writes in (see the module's notes).
     epoch: u32,
     /// A write is under way; another one is wanted after it.
@@ -476,6 +479,7 @@ pub(crate) async fn open(
             updates: VecDeque::new(),
             records: updates.len(),
             replace: false,
+            reset: false,
             epoch,
             writing: false,
             wanted: false,
@@ -537,6 +541,7 @@ impl Storage {
     /// which the new document starts with) and what the session hands over after them.
     pub(crate) fn set_aside(&mut self, updates: Vec<Vec<u8>>) {
         self.replace = true;
+        self.reset = self.writing;
         self.updates = updates.into();
     }
 
@@ -598,23 +603,30 @@ impl Storage {
     /// stored document should be compacted now.
     pub(crate) fn written(&mut self, write: &WriteDone) -> bool {
         self.writing = false;
+        // The document it wrote to was set aside while it was under way: what it took from
+        // the queue is not there any more, and the next write replaces that document.
+        let reset = std::mem::take(&mut self.reset);
         if write.ok {
-            self.updates.drain(..write.updates);
             if write.replaced {
-                self.replace = false;
-                self.records = write.updates + 1;
                 if let Some(epoch) = write.epoch {
                     self.epoch = epoch;
                 }
-            } else {
-                self.records += write.updates;
+            }
+            if !reset {
+                self.updates.drain(..write.updates);
+                if write.replaced {
+                    self.replace = false;
+                    self.records = write.updates + 1;
+                } else {
+                    self.records += write.updates;
+                }
             }
             // Records taken up while the write was under way wait for the next one.
             for (_, release) in self.adopted.drain(..write.dropped) {
                 let _ = release.call0(&JsValue::NULL);
             }
         }
-        self.records > COMPACT_AT
+        !reset && self.records > COMPACT_AT
     }
 
     /// Replaces the room's stored updates by their merge.

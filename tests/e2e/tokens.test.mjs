@@ -388,3 +388,77 @@ test("in Chromium: a tab that reads only takes in a closed tab's unsent edits on
   assert.deepEqual(p.problems, []);
   await p.close();
 });
+
+// A page whose document diverged (a read-only page typed before its token was in, offline
+// first) repairs it in place: `repair()` sets the refused edit aside and loads the room's
+// document again, the text's listeners see the change, and the stored document is replaced, so
+// that the page reopened shows the room's text with nothing set aside.
+test("in Chromium: a diverged document is repaired in place, its listeners told, its stored copy replaced", async () => {
+  const room = `e2e-repair-${Date.now()}`;
+  const url = base.replace("http", "ws") + "/ws";
+  const writer = await page();
+  const reader = await page();
+  await writer.evaluate(async ({ url, room }) => {
+    const client = await window.mesh.MeshClient.connect({
+      url, room, token: await window.nextToken({ sub: "w", room, access: "write", ttl: 600 }),
+    });
+    client.text("content").insert(0, "the room's text");
+    for (let i = 0; i < 100 && client.pendingCount > 0; i++) await new Promise((r) => setTimeout(r, 50));
+    window.client = client;
+  }, { url, room });
+  const result = await reader.evaluate(async ({ url, room }) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
+    const statuses = [];
+    const client = await window.mesh.MeshClient.connect({
+      url, room, persist: true, token: held.source,
+      on: { status: (status, why) => statuses.push(`${status} ${why ?? ""}`) },
+    });
+    const text = client.text("content");
+    // What an editor shows: the text as the listener's deltas build it.
+    let shown = "";
+    text.observe((delta) => {
+      let at = 0, next = "";
+      for (const step of delta) {
+        if (step.retain !== undefined) { next += shown.slice(at, at + step.retain); at += step.retain; }
+        else if (step.insert !== undefined) next += step.insert;
+        else if (step.delete !== undefined) at += step.delete;
+      }
+      shown = next + shown.slice(at);
+    });
+    text.insert(0, "the reader's ");
+    await held.release();
+    for (let i = 0; i < 100 && !client.diverged; i++) await sleep(50);
+    const diverged = client.diverged;
+    const before = text.toString();
+    const repaired = client.repair();
+    for (let i = 0; i < 100 && (text.toString() !== "the room's text" || client.status !== "open"); i++) await sleep(50);
+    const after = { text: text.toString(), shown, diverged: client.diverged, status: client.status, again: client.repair() };
+    client.close();
+    for (let i = 0; i < 100; i++) {
+      const { held } = await navigator.locks.query();
+      if (!held.some((l) => l.name.startsWith("pattern-mesh "))) break;
+      await sleep(50);
+    }
+    const problems = [];
+    const reopened = await window.mesh.MeshClient.connect({
+      url, room, persist: true,
+      token: await window.nextToken({ sub: "r", room, access: "read", ttl: 600 }),
+      on: { error: (e) => problems.push(e.message) },
+    });
+    const stored = reopened.text("content").toString();
+    reopened.close();
+    return { diverged, before, repaired, after, statuses, stored, problems };
+  }, { url, room });
+  assert.equal(result.diverged, true);
+  assert.equal(result.before, "the reader's the room's text");
+  assert.equal(result.repaired, true);
+  assert.deepEqual(result.after, {
+    text: "the room's text", shown: "the room's text", diverged: false, status: "open", again: false,
+  });
+  assert.ok(result.statuses.some((s) => s.includes("diverged")), result.statuses.join("; "));
+  assert.equal(result.stored, "the room's text", "the stored document was replaced");
+  assert.deepEqual(result.problems, [], "nothing set aside at the reopen");
+  for (const p of [writer, reader]) assert.deepEqual(p.problems, []);
+  await Promise.all([writer.close(), reader.close()]);
+});

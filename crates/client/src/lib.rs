@@ -458,6 +458,13 @@ impl Client {
         self.with_session(|s, _| s.diverged())
     }
 
+    /// Repairs a document that diverged: sets it aside and loads the room's again, over a new
+    /// connection (see `Session::repair`). Whether it did (`false`: nothing to repair).
+    pub fn repair(&self) -> Result<bool, ClientError> {
+        let repaired = self.with_session(|s, now| s.repair(now, SharedDoc::new()))?;
+        Ok(repaired.is_some())
+    }
+
     /// The next event.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await

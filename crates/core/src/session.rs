@@ -338,6 +338,16 @@ enum Link {
     Open,
 }
 
+/// What [`Session::repair`] set aside.
+#[derive(Debug)]
+pub struct Repaired<R> {
+    /// The document that diverged.
+    pub set_aside: R,
+    /// The updates of the outbox, which the new document starts with (storage replaces the
+    /// stored document with them).
+    pub outbox: Vec<Vec<u8>>,
+}
+
 /// A message sent at least once: its stamp is fixed.
 #[derive(Debug, Clone)]
 struct Sent {
@@ -771,6 +781,64 @@ impl<R: Replica> Session<R> {
     /// shares edits again. (Not stored: a tab reopened from storage starts with `false`.)
     pub fn diverged(&self) -> bool {
         self.diverged
+    }
+
+    /// Sets aside a document that diverged ([`Session::diverged`]) and starts again from the
+    /// room's, as a session restored from storage does when it reopens: `replica` (empty, under
+    /// a client id of its own) takes its place with the updates of the outbox applied, and the
+    /// session catches up from the start of the room's log over a new connection ([`Output`]
+    /// asks for it; the old one is done with). What the room has of the outbox is acknowledged,
+    /// the rest sent, and what builds on the refused edit refused, each with its event, as
+    /// ever. Returns the document set aside and the outbox's updates (for storage, which
+    /// replaces the stored document with them); `None` when there is nothing to repair: the
+    /// document has not diverged, or a relay that lost the room's history is owed it (it may
+    /// be the only copy of everyone's edits, and goes back first).
+    pub fn repair(&mut self, now: u64, replica: R) -> Result<Option<Repaired<R>>, SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        let mut saved = self.saved();
+        if !saved.sets_aside_document() {
+            return Ok(None);
+        }
+        let outbox = saved.set_aside_document();
+        let mut config = self.config.clone();
+        config.restore = Some(saved);
+        let mut next = Session::new(config, replica, now);
+        for update in &outbox {
+            if let Err(e) = next.replica.apply_update(update) {
+                let detail =
+                    format!("an edit of the outbox does not apply to the room's document: {e}");
+                next.anomaly(Source::Local, Reason::Malformed, detail, 0, None);
+            }
+        }
+        // The client was connected before: it does not give up on a first join that takes
+        // long, as a new one does.
+        next.connect_deadline = None;
+        next.ever_open = self.ever_open;
+        next.read_only = self.read_only;
+        // What the relay's buckets hold for this node, and what the application set.
+        next.pacer = self.pacer.clone();
+        next.byte_pacer = self.byte_pacer.clone();
+        next.pace = self.pace;
+        next.presence = self.presence.take();
+        let mut events = std::mem::take(&mut self.events);
+        events.append(&mut next.events);
+        next.events = events;
+        let old = std::mem::replace(self, next);
+        self.status = old.status;
+        let status = match self.ever_open {
+            true => Status::Reconnecting,
+            false => Status::Connecting,
+        };
+        self.set_status(
+            status,
+            Some("the document diverged: it loads again from the room's".into()),
+        );
+        Ok(Some(Repaired {
+            set_aside: old.replica,
+            outbox,
+        }))
     }
 
     /// Whether storage may forget this session (delete its record): it is closed, nothing of
@@ -4160,6 +4228,116 @@ mod tests {
         config.restore = Some(saved);
         let restored = Session::new(config, SharedDoc::new(), h.now);
         assert!(restored.diverged());
+    }
+
+    /// A document that diverged is repaired in place: the refused edit set aside, the room's
+    /// document loaded again from the start of the log, as a new node (the catch-up leaves out
+    /// a node's own messages: the old node's edits the room stored come as another member's),
+    /// with the status telling why the connection started again.
+    #[test]
+    fn a_diverged_document_is_repaired_from_the_rooms() {
+        let mut h = Harness::new();
+        h.joined(2, RoomConfig::default(), (0, 1), None);
+        let mine = h.session.replica().insert("t", 0, "mine").unwrap();
+        h.session.update(h.now, "t", mine.clone()).unwrap();
+        h.pump();
+        let stored = h.stamped().last().unwrap().stamp;
+        h.frame(Frame::Ack {
+            step: stored.step,
+            position: 1,
+        });
+        let theirs = SharedDoc::with_client_id(9);
+        theirs.apply_update(&mine).unwrap();
+        let room = theirs.insert("t", 4, " and the room's").unwrap();
+        let stamp = Stamp {
+            sender: 9,
+            step: stored.step + 1,
+            pattern: PatternConfig::default().value(stored.step + 1),
+        };
+        let from_room = Frame::stamped(
+            stamp,
+            Body::Update {
+                doc: "t".into(),
+                update: room,
+            },
+        );
+        h.frame(from_room.clone());
+        assert_eq!(
+            h.session
+                .repair(h.now, SharedDoc::with_client_id(7))
+                .unwrap()
+                .map(|_| ()),
+            None,
+            "nothing to repair"
+        );
+        let update = h.session.replica().insert("t", 0, "refused ").unwrap();
+        h.session.update(h.now, "t", update).unwrap();
+        h.pump();
+        let step = h.stamped().last().unwrap().stamp.step;
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::Full,
+            detail: "the room is full".into(),
+        });
+        assert!(h.session.diverged());
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        let repaired = h
+            .session
+            .repair(h.now, SharedDoc::with_client_id(7))
+            .unwrap()
+            .expect("repaired");
+        assert_eq!(repaired.set_aside.text("t"), "refused mine and the room's");
+        assert!(
+            repaired.outbox.is_empty(),
+            "the refused edit left the outbox"
+        );
+        assert!(!h.session.diverged());
+        assert!(h.pump(), "it connects again");
+        let status: Vec<Event> = std::iter::from_fn(|| h.session.poll_event())
+            .filter(|e| matches!(e, Event::Status { .. }))
+            .collect();
+        assert!(
+            matches!(
+                status.as_slice(),
+                [Event::Status {
+                    status: Status::Reconnecting,
+                    reason: Some(reason)
+                }] if reason.contains("diverged")
+            ),
+            "{status:?}"
+        );
+        h.sent.clear();
+        h.session.handle_connected(h.now);
+        h.pump();
+        assert!(
+            matches!(
+                h.sent.as_slice(),
+                [Frame::Join {
+                    since: 0,
+                    resume: None,
+                    ..
+                }]
+            ),
+            "from the start of the log, as a new node: {:?}",
+            h.sent
+        );
+        h.welcome(3, 3, (step, 1), None);
+        // The catch-up: the old node's edit, then the other member's.
+        h.frame(Frame::stamped(
+            stored,
+            Body::Update {
+                doc: "t".into(),
+                update: mine,
+            },
+        ));
+        h.frame(from_room);
+        assert_eq!(h.session.replica().text("t"), "mine and the room's");
+        assert!(!h.session.diverged());
+        let update = h.session.replica().insert("t", 0, "new ").unwrap();
+        h.session.update(h.now, "t", update).unwrap();
+        h.pump();
+        let sent = h.stamped();
+        assert_eq!(sent.last().unwrap().stamp.sender, 3, "it writes again");
     }
 
     /// A closed session's record is forgotten only when it holds nothing: not while its replica

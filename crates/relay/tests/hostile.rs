@@ -1454,3 +1454,59 @@ async fn an_addresss_bytes_are_bounded_across_its_rooms() {
     );
     server.stop().await;
 }
+
+/// A member writes at the victim's next clock first: the victim's edit there is refused for
+/// good, and its document diverged. The victim repairs it in place: it loads the room's
+/// document again, and its next edits reach the others.
+#[tokio::test]
+async fn a_document_diverged_by_another_members_write_is_repaired_in_place() {
+    let server = start("repair", |_| {}).await;
+    let url = format!("ws://{}/ws", server.addr);
+    let mut victim = Client::connect(&url, session("doc", "victim"))
+        .await
+        .unwrap();
+    victim.insert("content", 0, "ab").unwrap();
+    victim.settled(Duration::from_secs(10)).await.unwrap();
+    // The attacker writes under the victim's client id, at its next clock.
+    let id = victim.with_session(|s, _| s.replica().client_id());
+    let mut attacker = join(&server, "doc", 0, None).await;
+    let forged = SharedDoc::with_client_id(id);
+    for p in attacker.replay().to_vec() {
+        if let Frame::Stamped(s) = &p.frame {
+            if let Body::Update { update, .. } = &s.body {
+                forged.apply_update(update).unwrap();
+            }
+        }
+    }
+    attacker.acked(edit(&forged, 2, "X")).await;
+    victim.insert("content", 2, "c").unwrap();
+    let wait = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !victim.diverged() && tokio::time::Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(victim.diverged(), "the victim's edit was refused");
+    assert_eq!(victim.text("content"), "abc");
+    assert!(victim.repair().unwrap());
+    let wait = tokio::time::Instant::now() + Duration::from_secs(10);
+    while victim.text("content") != "abX" && tokio::time::Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "status {:?} events {:?}",
+        victim.status(),
+        victim.take_events()
+    );
+    assert_eq!(victim.text("content"), "abX", "the room's document");
+    assert!(!victim.diverged());
+    assert!(!victim.repair().unwrap(), "nothing left to repair");
+    victim.insert("content", 3, "d").unwrap();
+    victim.settled(Duration::from_secs(10)).await.unwrap();
+    let late = Client::connect(&url, session("doc", "late")).await.unwrap();
+    let wait = tokio::time::Instant::now() + Duration::from_secs(10);
+    while late.text("content") != "abXd" && tokio::time::Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(late.text("content"), "abXd", "the victim writes again");
+    drop(attacker);
+    server.stop().await;
+}
