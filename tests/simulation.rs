@@ -735,9 +735,9 @@ impl Sim {
             match c.session.repair(self.now, replica) {
                 Ok(Some(repaired)) => {
                     c.repaired = true;
+                    // The log comes again from its start, without the data the client had
+                    // (the exactly-once check below holds it to that).
                     c.storage.set_aside(repaired.outbox);
-                    // The log comes again from its start.
-                    c.received_data.clear();
                     self.stats.repairs += 1;
                     // The driver closes the old connection as it opens the new one.
                     if let Some(conn) = self.clients[i].conn.take() {

@@ -272,6 +272,8 @@ struct Driver {
     #[cfg(feature = "document")]
     remote: Rc<Cell<bool>>,
     calls: Vec<(&'static str, JsValue, Option<JsValue>)>,
+    /// A dispatch of the calls is under way (see [`dispatch`]).
+    dispatching: bool,
     listeners: Vec<Listener>,
     #[cfg(feature = "document")]
     text_listeners: Vec<(u32, String, js_sys::Function)>,
@@ -628,6 +630,8 @@ fn save(shared: &Shared) {
             let Some(storage) = driver.storage.as_mut() else {
                 return;
             };
+            // A write of the session before a repair: not what the session now holds.
+            let superseded = storage.reset;
             let compact = storage.written(&done);
             let again = storage.wanted;
             let gone = done.error.as_ref().and_then(|_| storage.gone());
@@ -661,7 +665,9 @@ fn save(shared: &Shared) {
                 }));
                 (false, false)
             } else {
-                driver.session.handle_saved(now, stored);
+                if !superseded {
+                    driver.session.handle_saved(now, stored);
+                }
                 if !again && driver.session.is_closed() {
                     storage.release();
                 }
@@ -1003,6 +1009,13 @@ fn reads_only(token: &str) -> bool {
 
 /// Calls the listeners of every collected event and text change, after the state is released.
 fn dispatch(shared: &Shared) {
+    // One dispatch at a time: a listener that acts on the client (a repair, an edit) has what
+    // it collects called by the dispatch under way, in order, after what that one took.
+    if shared.borrow().dispatching {
+        return;
+    }
+    shared.borrow_mut().dispatching = true;
+    let _done = Dispatching(shared);
     loop {
         let (calls, text_calls, listeners) = {
             let mut driver = shared.borrow_mut();
@@ -1035,6 +1048,17 @@ fn dispatch(shared: &Shared) {
             if let Err(e) = function.call2(&JsValue::NULL, &delta, &origin) {
                 web_log(&e);
             }
+        }
+    }
+}
+
+/// Marks the end of a dispatch, however it ends.
+struct Dispatching<'a>(&'a Shared);
+
+impl Drop for Dispatching<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut driver) = self.0.try_borrow_mut() {
+            driver.dispatching = false;
         }
     }
 }
@@ -1283,6 +1307,7 @@ impl MeshClient {
             #[cfg(feature = "document")]
             remote: Rc::default(),
             calls: Vec::new(),
+            dispatching: false,
             listeners: Vec::new(),
             #[cfg(feature = "document")]
             text_listeners: Vec::new(),
@@ -1443,6 +1468,11 @@ impl MeshClient {
                 match driver.session.repair(now, fresh).map_err(session_error)? {
                     None => false,
                     Some(repaired) => {
+                        // Closed now: its close must not reach the new session (with a token
+                        // function, the new socket waits for the token).
+                        if let Some(old) = driver.socket.take() {
+                            old.close();
+                        }
                         if let Some(storage) = driver.storage.as_mut() {
                             storage.set_aside(repaired.outbox);
                         }

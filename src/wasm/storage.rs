@@ -321,8 +321,8 @@ pub(crate) struct Storage {
     /// The room's stored document is set aside (it diverged): the next write replaces it.
     replace: bool,
     /// The queue was replaced ([`Storage::set_aside`]) while a write was under way: what that
-    /// write took is not in it any more.
-    reset: bool,
+    /// write took is not in it any more, and what it stored is not the session's since.
+    pub(crate) reset: bool,
     /// The epoch of the stored document this tab writes in (see the module's notes).
     epoch: u32,
     /// A write is under way; another one is wanted after it.

@@ -451,7 +451,8 @@ test("in Chromium: a diverged document is repaired in place, its listeners told,
     return { diverged, before, repaired, after, statuses, stored, problems };
   }, { url, room });
   assert.equal(result.diverged, true);
-  assert.equal(result.before, "the reader's the room's text");
+  // (The room's text may not have come yet when the refusal did.)
+  assert.match(result.before, /the reader's /);
   assert.equal(result.repaired, true);
   assert.deepEqual(result.after, {
     text: "the room's text", shown: "the room's text", diverged: false, status: "open", again: false,

@@ -371,11 +371,14 @@ pub struct Joined {
 
 impl Joined {
     /// Whether the catch-up sends this entry of the log: not the member's own messages (it has
-    /// them), and not an update the room refused when its document took it in (a shared room
-    /// judges updates in the log's order, after the store took them; such an update would
-    /// leave every replica that took it waiting for clocks no one wrote).
+    /// them), but for a catch-up from the start of the log (a member that set aside its
+    /// document, one that diverged, has them no more: it takes each of its own as the
+    /// acknowledgement of what it sent); and not an update the room refused when its document
+    /// took it in (a shared room judges updates in the log's order, after the store took them;
+    /// such an update would leave every replica that took it waiting for clocks no one wrote).
     pub fn replays(&self, logged: &Logged) -> bool {
-        logged.sender != self.node && self.refused.binary_search(&logged.position).is_err()
+        (logged.sender != self.node || self.from == 0)
+            && self.refused.binary_search(&logged.position).is_err()
     }
 }
 

@@ -234,16 +234,13 @@ impl Saved {
     /// The stored document diverged from the room's (an edit of it was refused for good, and
     /// it shows what no one else does): the driver does not load it, and the session restored
     /// from this state catches up from the start of the room's log instead, into an empty
-    /// document, as a new node (the relay's catch-up leaves out a node's own messages, which
-    /// the document set aside held: the old node's come as any other member's). Its outbox
-    /// stays, stamped again under the new node: what the room has of it is acknowledged, the
-    /// rest is stored, and what the room refuses is said to the application as ever. Returns
-    /// the document updates of the outbox, for the driver to apply to the new document (they
-    /// show where the room's document has what they build on).
+    /// document. Its outbox stays: what the room has of it is acknowledged (`replay`), the
+    /// rest is sent, and what the room refuses is said to the application as ever. Returns the
+    /// document updates of the outbox, for the driver to apply to the new document (they show
+    /// where the room's document has what they build on).
     pub fn set_aside_document(&mut self) -> Vec<Vec<u8>> {
         self.diverged = false;
         self.position = 0;
-        self.token = None;
         self.bodies()
             .into_iter()
             .filter_map(|body| match body {

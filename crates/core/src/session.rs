@@ -507,6 +507,12 @@ pub struct Session<R> {
     /// The access token of the current connection lets this member read only, by its own claim
     /// (see [`Session::set_read_only`]).
     read_only: bool,
+    /// After a repair: the log position the application had its data messages up to (the
+    /// catch-up from the start of the log does not tell them again).
+    quiet_upto: u64,
+    /// The step after which the outbox's updates build on an edit refused for good (see
+    /// [`Session::repair`]).
+    refused_after: Option<Step>,
     /// The relay refused a sync answer of this connection (it held what the room has not
     /// stored): no more answers until the next connection.
     answer_refused: bool,
@@ -584,6 +590,8 @@ impl<R: Replica> Session<R> {
             unstored: Vec::new(),
             forbidden: false,
             read_only: false,
+            quiet_upto: 0,
+            refused_after: None,
             answer_refused: false,
             digested: None,
             compared: VecMap::new(),
@@ -797,10 +805,39 @@ impl<R: Replica> Session<R> {
         if self.closed {
             return Err(SessionError::Closed);
         }
-        let mut saved = self.saved();
-        if !saved.sets_aside_document() {
+        if !self.saved().sets_aside_document() {
             return Ok(None);
         }
+        // This document's edits made after the first one the relay refused build on it: the
+        // relay would refuse each, and the new document hold it back for good. They go with
+        // the document set aside (what other tabs left, taken in, stays).
+        if let Some(after) = self.refused_after {
+            let later = |kind: Kind, restored: bool| kind == Kind::Update && !restored;
+            let mut dropped = Vec::new();
+            for sent in std::mem::take(&mut self.in_flight) {
+                match sent.stamp.step > after && later(sent.kind, sent.restored) {
+                    true => dropped.push((sent.stamp.step, sent.doc)),
+                    false => self.in_flight.push_back(sent),
+                }
+            }
+            for waiting in std::mem::take(&mut self.waiting) {
+                match later(waiting.body.kind(), waiting.restored) {
+                    true => dropped.push((0, waiting.body.doc().map(str::to_owned))),
+                    false => self.waiting.push_back(waiting),
+                }
+            }
+            for (step, doc) in dropped {
+                self.events.push_back(Event::Refused {
+                    step,
+                    kind: Kind::Update,
+                    doc,
+                    reason: Reason::Malformed,
+                    detail: "it builds on an edit the relay refused for good, and goes with the document the repair set aside".into(),
+                });
+            }
+        }
+        self.end_pace();
+        let mut saved = self.saved();
         let outbox = saved.set_aside_document();
         let mut config = self.config.clone();
         config.restore = Some(saved);
@@ -822,19 +859,21 @@ impl<R: Replica> Session<R> {
         next.byte_pacer = self.byte_pacer.clone();
         next.pace = self.pace;
         next.presence = self.presence.take();
+        next.quiet_upto = self.position;
         let mut events = std::mem::take(&mut self.events);
         events.append(&mut next.events);
         next.events = events;
         let old = std::mem::replace(self, next);
-        self.status = old.status;
         let status = match self.ever_open {
             true => Status::Reconnecting,
             false => Status::Connecting,
         };
-        self.set_status(
+        // Told even when the status does not change: the connection starts again.
+        self.status = status;
+        self.emit(Event::Status {
             status,
-            Some("the document diverged: it loads again from the room's".into()),
-        );
+            reason: Some("the document diverged: it loads again from the room's".into()),
+        });
         Ok(Some(Repaired {
             set_aside: old.replica,
             outbox,
@@ -1698,6 +1737,17 @@ impl<R: Replica> Session<R> {
                 return;
             }
         }
+        if let Event::Refused {
+            kind: Kind::Update,
+            step,
+            ..
+        } = &event
+        {
+            // The first edit the relay refused for good: the later ones build on it.
+            if *step != 0 && self.refused_after.is_none() {
+                self.refused_after = Some(*step);
+            }
+        }
         if matches!(
             event,
             Event::Refused {
@@ -2355,6 +2405,26 @@ impl<R: Replica> Session<R> {
 
     fn on_stamped(&mut self, now: u64, stamped: Stamped, logged: bool) {
         let Stamped { stamp, body } = stamped;
+        if logged && stamp.sender == self.node && self.node != 0 {
+            // This node's own message: the relay sends them only in a catch-up from the start
+            // of the log (see `room::Joined::replays`), to a session that set its document
+            // aside. It is in the log: what was in flight of it is acknowledged, and an update
+            // goes back into the document (the one set aside held it).
+            if let Some(i) = self
+                .in_flight
+                .iter()
+                .position(|s| s.stamp.step == stamp.step)
+            {
+                self.remove_in_flight(i);
+                self.delivered(now);
+            }
+            let advance = self.clock.accept(stamp.step);
+            self.step_event(advance);
+            if let Body::Update { update, .. } = &body {
+                self.apply(now, update, &stamp);
+            }
+            return;
+        }
         let origin = self.origin();
         let local = self.clock.local();
         // A message from the log is new by its position: a sender this client no longer tracks
@@ -2380,6 +2450,9 @@ impl<R: Replica> Session<R> {
         self.step_event(advance);
         let open = self.link == Link::Open;
         match body {
+            // What the application had before a repair, come again in the catch-up from the
+            // start of the log: not told twice.
+            Body::Data { .. } if logged && self.position <= self.quiet_upto => {}
             Body::Data { data } => self.emit(Event::Message {
                 stamp,
                 data,
@@ -4230,10 +4303,11 @@ mod tests {
         assert!(restored.diverged());
     }
 
-    /// A document that diverged is repaired in place: the refused edit set aside, the room's
-    /// document loaded again from the start of the log, as a new node (the catch-up leaves out
-    /// a node's own messages: the old node's edits the room stored come as another member's),
-    /// with the status telling why the connection started again.
+    /// A document that diverged is repaired in place: the refused edit set aside, with the
+    /// later edit that builds on it, and the room's document loaded again from the start of
+    /// the log, the node's own messages included (the relay sends them in a catch-up from the
+    /// start), with the status telling why the connection started again, and the data the
+    /// application had not told again.
     #[test]
     fn a_diverged_document_is_repaired_from_the_rooms() {
         let mut h = Harness::new();
@@ -4249,19 +4323,30 @@ mod tests {
         let theirs = SharedDoc::with_client_id(9);
         theirs.apply_update(&mine).unwrap();
         let room = theirs.insert("t", 4, " and the room's").unwrap();
-        let stamp = Stamp {
+        let stamp = |step| Stamp {
             sender: 9,
-            step: stored.step + 1,
-            pattern: PatternConfig::default().value(stored.step + 1),
+            step,
+            pattern: PatternConfig::default().value(step),
         };
         let from_room = Frame::stamped(
-            stamp,
+            stamp(stored.step + 1),
             Body::Update {
                 doc: "t".into(),
                 update: room,
             },
         );
-        h.frame(from_room.clone());
+        let positioned = |frame: &Frame, position| {
+            crate::wire::with_position(&frame.encode(), position).expect("stamped")
+        };
+        h.session.handle_frame(h.now, &positioned(&from_room, 2));
+        let data = Frame::stamped(
+            stamp(stored.step + 2),
+            Body::Data {
+                data: Json::parse("1").unwrap(),
+            },
+        );
+        h.session.handle_frame(h.now, &positioned(&data, 3));
+        h.pump();
         assert_eq!(
             h.session
                 .repair(h.now, SharedDoc::with_client_id(7))
@@ -4274,6 +4359,10 @@ mod tests {
         h.session.update(h.now, "t", update).unwrap();
         h.pump();
         let step = h.stamped().last().unwrap().stamp.step;
+        // A later edit, in flight when the refusal comes: it builds on the refused one.
+        let later = h.session.replica().insert("t", 0, "later ").unwrap();
+        h.session.update(h.now, "t", later).unwrap();
+        h.pump();
         h.frame(Frame::Reject {
             step,
             reason: Reason::Full,
@@ -4286,25 +4375,27 @@ mod tests {
             .repair(h.now, SharedDoc::with_client_id(7))
             .unwrap()
             .expect("repaired");
-        assert_eq!(repaired.set_aside.text("t"), "refused mine and the room's");
+        assert_eq!(
+            repaired.set_aside.text("t"),
+            "later refused mine and the room's"
+        );
         assert!(
             repaired.outbox.is_empty(),
-            "the refused edit left the outbox"
+            "the refused edits left the outbox"
         );
+        assert_eq!(h.session.pending(), 0);
         assert!(!h.session.diverged());
         assert!(h.pump(), "it connects again");
-        let status: Vec<Event> = std::iter::from_fn(|| h.session.poll_event())
-            .filter(|e| matches!(e, Event::Status { .. }))
-            .collect();
+        let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
         assert!(
             matches!(
-                status.as_slice(),
-                [Event::Status {
+                events.as_slice(),
+                [Event::Refused { reason: Reason::Malformed, .. }, .., Event::Status {
                     status: Status::Reconnecting,
                     reason: Some(reason)
                 }] if reason.contains("diverged")
             ),
-            "{status:?}"
+            "{events:?}"
         );
         h.sent.clear();
         h.session.handle_connected(h.now);
@@ -4314,30 +4405,42 @@ mod tests {
                 h.sent.as_slice(),
                 [Frame::Join {
                     since: 0,
-                    resume: None,
+                    resume: Some(_),
                     ..
                 }]
             ),
-            "from the start of the log, as a new node: {:?}",
+            "from the start of the log, as the same node: {:?}",
             h.sent
         );
-        h.welcome(3, 3, (step, 1), None);
-        // The catch-up: the old node's edit, then the other member's.
-        h.frame(Frame::stamped(
+        h.welcome(2, 2, (step, 1), Some(step));
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        // The catch-up: the node's own edit, the other member's, and the data (told before).
+        let own = Frame::stamped(
             stored,
             Body::Update {
                 doc: "t".into(),
                 update: mine,
             },
-        ));
-        h.frame(from_room);
+        );
+        for (position, frame) in [own, from_room, data].iter().enumerate() {
+            let bytes = positioned(frame, position as u64 + 1);
+            h.session.handle_frame(h.now, &bytes);
+        }
+        h.pump();
         assert_eq!(h.session.replica().text("t"), "mine and the room's");
+        assert!(!h.session.replica().has_pending());
+        let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::Message { .. } | Event::Anomaly(_))),
+            "{events:?}"
+        );
         assert!(!h.session.diverged());
         let update = h.session.replica().insert("t", 0, "new ").unwrap();
         h.session.update(h.now, "t", update).unwrap();
         h.pump();
-        let sent = h.stamped();
-        assert_eq!(sent.last().unwrap().stamp.sender, 3, "it writes again");
+        assert_eq!(h.updates_sent().len(), 1, "it writes again");
     }
 
     /// A closed session's record is forgotten only when it holds nothing: not while its replica
