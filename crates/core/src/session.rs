@@ -510,9 +510,9 @@ pub struct Session<R> {
     /// After a repair: the log position the application had its data messages up to (the
     /// catch-up from the start of the log does not tell them again).
     quiet_upto: u64,
-    /// The step after which the outbox's updates build on an edit refused for good (see
-    /// [`Session::repair`]).
-    refused_after: Option<Step>,
+    /// The client and first clock of the first edit the relay refused for good: the outbox's
+    /// updates that need that clock build on it (see [`Session::repair`]).
+    refused_write: Option<(u64, u64)>,
     /// The relay refused a sync answer of this connection (it held what the room has not
     /// stored): no more answers until the next connection.
     answer_refused: bool,
@@ -591,7 +591,7 @@ impl<R: Replica> Session<R> {
             forbidden: false,
             read_only: false,
             quiet_upto: 0,
-            refused_after: None,
+            refused_write: None,
             answer_refused: false,
             digested: None,
             compared: VecMap::new(),
@@ -808,24 +808,34 @@ impl<R: Replica> Session<R> {
         if !self.saved().sets_aside_document() {
             return Ok(None);
         }
-        // This document's edits made after the first one the relay refused build on it: the
-        // relay would refuse each, and the new document hold it back for good. They go with
-        // the document set aside (what other tabs left, taken in, stays).
-        if let Some(after) = self.refused_after {
-            let later = |kind: Kind, restored: bool| kind == Kind::Update && !restored;
+        // The outbox's edits that build on the first one the relay refused (they need its
+        // clocks, or delete what it wrote): the relay would refuse each, and the new document
+        // hold it back for good. They go with the document set aside; the rest (what came
+        // before it, other clients' edits taken in from closed tabs, a document owed to a
+        // relay that lost the room's history) goes to the room.
+        if let Some((client, clock)) = self.refused_write {
+            let builds_on = |body: &Body| match body {
+                Body::Update { doc, update } if doc != WHOLE_DOC => {
+                    let have = |c: u64| if c == client { clock } else { u64::MAX };
+                    !matches!(crate::doc::v1::integrable(update, have), Ok(None))
+                }
+                _ => false,
+            };
             let mut dropped = Vec::new();
             for sent in std::mem::take(&mut self.in_flight) {
-                match sent.stamp.step > after && later(sent.kind, sent.restored) {
+                let body = decode_message(&sent.bytes).ok().map(|s| s.body);
+                match body.as_ref().is_some_and(builds_on) {
                     true => dropped.push((sent.stamp.step, sent.doc)),
                     false => self.in_flight.push_back(sent),
                 }
             }
             for waiting in std::mem::take(&mut self.waiting) {
-                match later(waiting.body.kind(), waiting.restored) {
+                match builds_on(&waiting.body) {
                     true => dropped.push((0, waiting.body.doc().map(str::to_owned))),
                     false => self.waiting.push_back(waiting),
                 }
             }
+            self.resend = self.resend.min(self.in_flight.len());
             for (step, doc) in dropped {
                 self.events.push_back(Event::Refused {
                     step,
@@ -1737,17 +1747,6 @@ impl<R: Replica> Session<R> {
                 return;
             }
         }
-        if let Event::Refused {
-            kind: Kind::Update,
-            step,
-            ..
-        } = &event
-        {
-            // The first edit the relay refused for good: the later ones build on it.
-            if *step != 0 && self.refused_after.is_none() {
-                self.refused_after = Some(*step);
-            }
-        }
         if matches!(
             event,
             Event::Refused {
@@ -1997,6 +1996,7 @@ impl<R: Replica> Session<R> {
             // holds it again for everyone.
             self.room = None;
             self.position = 0;
+            self.quiet_upto = 0;
             self.stored_upto = 0;
             // The stored ceiling was of the old log's steps; a store write still under way
             // reports it for that log, and is not taken up (`handle_saved`).
@@ -2268,6 +2268,16 @@ impl<R: Replica> Session<R> {
                     self.refuse_writes();
                 } else if let Some(i) = index {
                     let sent = self.remove_in_flight(i);
+                    if self.refused_write.is_none() {
+                        // (See `repair`.)
+                        if let Ok(Stamped {
+                            body: Body::Update { update, .. },
+                            ..
+                        }) = decode_message(&sent.bytes)
+                        {
+                            self.refused_write = crate::doc::v1::first_write(&update);
+                        }
+                    }
                     self.emit(Event::Refused {
                         step,
                         kind: sent.kind,
@@ -4363,6 +4373,10 @@ mod tests {
         let later = h.session.replica().insert("t", 0, "later ").unwrap();
         h.session.update(h.now, "t", later).unwrap();
         h.pump();
+        // And one that only deletes what the room has: it does not build on the refused one.
+        let deletion = h.session.replica().delete("t", 14, 1).unwrap();
+        h.session.update(h.now, "t", deletion).unwrap();
+        h.pump();
         h.frame(Frame::Reject {
             step,
             reason: Reason::Full,
@@ -4377,13 +4391,10 @@ mod tests {
             .expect("repaired");
         assert_eq!(
             repaired.set_aside.text("t"),
-            "later refused mine and the room's"
+            "later refused ine and the room's"
         );
-        assert!(
-            repaired.outbox.is_empty(),
-            "the refused edits left the outbox"
-        );
-        assert_eq!(h.session.pending(), 0);
+        assert_eq!(repaired.outbox.len(), 1, "the deletion stays");
+        assert_eq!(h.session.pending(), 1);
         assert!(!h.session.diverged());
         assert!(h.pump(), "it connects again");
         let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
@@ -4427,7 +4438,7 @@ mod tests {
             h.session.handle_frame(h.now, &bytes);
         }
         h.pump();
-        assert_eq!(h.session.replica().text("t"), "mine and the room's");
+        assert_eq!(h.session.replica().text("t"), "ine and the room's");
         assert!(!h.session.replica().has_pending());
         let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
         assert!(
@@ -4440,7 +4451,7 @@ mod tests {
         let update = h.session.replica().insert("t", 0, "new ").unwrap();
         h.session.update(h.now, "t", update).unwrap();
         h.pump();
-        assert_eq!(h.updates_sent().len(), 1, "it writes again");
+        assert_eq!(h.updates_sent().len(), 2, "the deletion, and the new edit");
     }
 
     /// A closed session's record is forgotten only when it holds nothing: not while its replica

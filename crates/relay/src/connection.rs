@@ -295,8 +295,10 @@ async fn handshake(
     };
     tracing::debug!(%room, node, since, "joined");
 
-    // 2. The welcome, the presences of the members present, the log after `since` (but the
-    //    node's own messages) page by page, and the caught-up frame; the live traffic waits in the queue meanwhile.
+    // 2. The welcome, the presences of the members present, the log after `since` page by
+    //    page (the node's own messages only in a catch-up from the start: see
+    //    `Joined::replays`), and the caught-up frame; the live traffic waits in the queue
+    //    meanwhile.
     if !send(&mut socket, relay, joined.welcome.clone()).await {
         return None;
     }

@@ -55,6 +55,32 @@ impl fmt::Display for V1Error {
 
 impl std::error::Error for V1Error {}
 
+/// The client and first clock of the first blocks `update` writes, if it writes any: where a
+/// local edit's run of clocks starts.
+pub fn first_write(update: &[u8]) -> Option<(u64, u64)> {
+    let mut at = 0;
+    let mut var = || {
+        let (mut value, mut shift) = (0u64, 0u32);
+        loop {
+            let byte = *update.get(at)?;
+            at += 1;
+            value |= u64::from(byte & 0x7f).checked_shl(shift)?;
+            if byte < 0x80 {
+                return Some(value);
+            }
+            shift += 7;
+        }
+    };
+    let clients = var()?;
+    if clients == 0 {
+        return None;
+    }
+    let _blocks = var()?;
+    let client = var()?;
+    let clock = var()?;
+    Some((client, clock))
+}
+
 /// Checks that `update` is a Yjs v1 update that Yjs reads without throwing (see the module).
 pub fn check(update: &[u8]) -> Result<()> {
     let mut reader = Reader {
