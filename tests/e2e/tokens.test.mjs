@@ -45,6 +45,31 @@ async function page() {
   await p.evaluate(async () => {
     window.mesh = await import("/pkg/pattern_mesh.js");
     await window.mesh.default();
+    // A tab that may write closes with "typed offline" unsent (its connection dropped, and its
+    // token endpoint stopped answering): how many messages it left.
+    window.closeOffline = async (url, room) => {
+      let first = true;
+      const write = () => window.nextToken({ sub: "w", room, access: "write", ttl: 600 });
+      const writer = await window.mesh.MeshClient.connect({
+        url, room, persist: true,
+        token: () => (first ? ((first = false), write()) : new Promise(() => {})),
+      });
+      for (let i = 0; i < 100 && writer.status !== "open"; i++) await new Promise((r) => setTimeout(r, 50));
+      writer.dropConnection();
+      writer.text("content").insert(0, "typed offline");
+      const unsent = writer.pendingCount;
+      writer.close();
+      return unsent;
+    };
+    // A writer puts "the room's text" in the room, and stays (as `window.client`).
+    window.writeRoomText = async (url, room) => {
+      const client = await window.mesh.MeshClient.connect({
+        url, room, token: await window.nextToken({ sub: "w", room, access: "write", ttl: 600 }),
+      });
+      client.text("content").insert(0, "the room's text");
+      for (let i = 0; i < 100 && client.pendingCount > 0; i++) await new Promise((r) => setTimeout(r, 50));
+      window.client = client;
+    };
     window.heldToken = (claims) => {
       let release;
       const token = new Promise((resolve) => { release = async () => resolve(await window.nextToken(claims)); });
@@ -125,14 +150,7 @@ test("in Chromium: a stored document that diverged is set aside when its client 
   const url = base.replace("http", "ws") + "/ws";
   const writer = await page();
   const reader = await page();
-  await writer.evaluate(async ({ url, room }) => {
-    const client = await window.mesh.MeshClient.connect({
-      url, room, token: await window.nextToken({ sub: "w", room, access: "write", ttl: 600 }),
-    });
-    client.text("content").insert(0, "the room's text");
-    for (let i = 0; i < 100 && client.pendingCount > 0; i++) await new Promise((r) => setTimeout(r, 50));
-    window.client = client;
-  }, { url, room });
+  await writer.evaluate(({ url, room }) => window.writeRoomText(url, room), { url, room });
   const result = await reader.evaluate(async ({ url, room }) => {
     const open = async (problems) => {
       const client = await window.mesh.MeshClient.connect({
@@ -280,16 +298,7 @@ for (const given of ["as a string", "from a function"]) test(`in Chromium: a rea
       }
       throw new Error("a session record stayed held");
     };
-    let first = true;
-    const writer = await window.mesh.MeshClient.connect({
-      url, room, persist: true,
-      token: () => (first ? ((first = false), write()) : new Promise(() => {})),
-    });
-    for (let i = 0; i < 100 && writer.status !== "open"; i++) await sleep(50);
-    writer.dropConnection();
-    writer.text("content").insert(0, "typed offline");
-    const unsent = writer.pendingCount;
-    writer.close();
+    const unsent = await window.closeOffline(url, room);
     await released();
     const refused = [];
     const reader = await window.mesh.MeshClient.connect({
@@ -349,16 +358,7 @@ test("in Chromium: a tab that reads only takes in a closed tab's unsent edits on
     });
     for (let i = 0; i < 100 && (reader.status !== "open" || !reader.readOnly); i++) await sleep(50);
     const readOnly = reader.readOnly;
-    let first = true;
-    const writer = await window.mesh.MeshClient.connect({
-      url, room, persist: true,
-      token: () => (first ? ((first = false), write()) : new Promise(() => {})),
-    });
-    for (let i = 0; i < 100 && writer.status !== "open"; i++) await sleep(50);
-    writer.dropConnection();
-    writer.text("content").insert(0, "typed offline");
-    const unsent = writer.pendingCount;
-    writer.close();
+    const unsent = await window.closeOffline(url, room);
     // The writer's record is let go of once its last write is stored; the reader looks for
     // such records every 5 s.
     for (let i = 0; i < 100; i++) {
@@ -398,14 +398,7 @@ test("in Chromium: a diverged document is repaired in place, its listeners told,
   const url = base.replace("http", "ws") + "/ws";
   const writer = await page();
   const reader = await page();
-  await writer.evaluate(async ({ url, room }) => {
-    const client = await window.mesh.MeshClient.connect({
-      url, room, token: await window.nextToken({ sub: "w", room, access: "write", ttl: 600 }),
-    });
-    client.text("content").insert(0, "the room's text");
-    for (let i = 0; i < 100 && client.pendingCount > 0; i++) await new Promise((r) => setTimeout(r, 50));
-    window.client = client;
-  }, { url, room });
+  await writer.evaluate(({ url, room }) => window.writeRoomText(url, room), { url, room });
   const result = await reader.evaluate(async ({ url, room }) => {
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
     const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });

@@ -3884,21 +3884,7 @@ mod tests {
     /// says so; under a token that may write, it goes.
     #[test]
     fn a_read_only_member_keeps_the_stored_outbox_it_cannot_send() {
-        let mut config = SessionConfig::new("r", "a");
-        config.persist = true;
-        let mut writer = Harness::with(config.clone());
-        writer.joined(2, RoomConfig::default(), (0, 1), None);
-        writer.session.handle_closed(writer.now, 1006, "offline");
-        writer.pump();
-        let update = writer
-            .session
-            .replica()
-            .insert("t", 0, "typed offline")
-            .unwrap();
-        writer.session.update(writer.now, "t", update).unwrap();
-        writer.pump();
-        let saved = writer.store();
-        assert_eq!(writer.session.pending(), 1);
+        let (mut config, _, saved) = closed_offline(&["typed offline"]);
         config.restore = Some(Saved::decode(&saved.encode()).unwrap());
         let mut reader = Harness::of(config, SharedDoc::with_client_id(1));
         // Its own edit, made before the token was in, is refused as the relay would refuse it.
@@ -3980,20 +3966,7 @@ mod tests {
     /// record is gone: they were in no other place).
     #[test]
     fn an_outbox_taken_in_is_kept_when_the_token_reads_only_later() {
-        let mut config = SessionConfig::new("r", "a");
-        config.persist = true;
-        let mut closed = Harness::with(config.clone());
-        closed.joined(2, RoomConfig::default(), (0, 1), None);
-        closed.session.handle_closed(closed.now, 1006, "offline");
-        closed.pump();
-        let update = closed
-            .session
-            .replica()
-            .insert("t", 0, "typed offline")
-            .unwrap();
-        closed.session.update(closed.now, "t", update).unwrap();
-        closed.pump();
-        let saved = closed.store();
+        let (config, _, saved) = closed_offline(&["typed offline"]);
         let mut h = Harness::of(config, SharedDoc::with_client_id(1));
         h.joined(3, RoomConfig::default(), (0, 1), None);
         h.session.handle_closed(h.now, 1006, "offline");
@@ -4008,6 +3981,28 @@ mod tests {
             .collect();
         assert_eq!(refused, [], "nothing refused");
         assert!(!h.session.diverged());
+    }
+
+    /// A stored session's settings, and a tab that wrote `texts` (each after the last) while
+    /// offline, then stored its session and closed: the tab, and what it stored (its outbox
+    /// holds the edits).
+    fn closed_offline(texts: &[&str]) -> (SessionConfig, Harness, Saved) {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut writer = Harness::with(config.clone());
+        writer.joined(2, RoomConfig::default(), (0, 1), None);
+        writer.session.handle_closed(writer.now, 1006, "offline");
+        writer.pump();
+        let mut at = 0;
+        for text in texts {
+            let update = writer.session.replica().insert("t", at, text).unwrap();
+            writer.session.update(writer.now, "t", update).unwrap();
+            at += text.len() as u32;
+        }
+        writer.pump();
+        let saved = writer.store();
+        assert!(writer.session.pending() >= 1);
+        (config, writer, saved)
     }
 
     /// What a tab does to a stored session it took (see the property below).
@@ -4051,21 +4046,9 @@ mod tests {
             edits in 1usize..4,
             ops in proptest::collection::vec(tab_op(), 1..40),
         ) {
-            let mut config = SessionConfig::new("r", "a");
-            config.persist = true;
-            let mut writer = Harness::with(config.clone());
-            writer.joined(2, RoomConfig::default(), (0, 1), None);
-            writer.session.handle_closed(writer.now, 1006, "offline");
-            writer.pump();
-            let mut typed = String::new();
-            for i in 0..edits {
-                let text = format!("<w{i}>");
-                let update = writer.session.replica().insert("t", typed.len() as u32, &text).unwrap();
-                writer.session.update(writer.now, "t", update).unwrap();
-                typed.push_str(&text);
-            }
-            writer.pump();
-            let saved = writer.store();
+            let texts: Vec<String> = (0..edits).map(|i| format!("<w{i}>")).collect();
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let (mut config, writer, saved) = closed_offline(&texts);
             config.restore = Some(Saved::decode(&saved.encode()).unwrap());
             // The tab's document: the stored one, with the closed tab's edits.
             let tab = SharedDoc::with_client_id(5);
