@@ -2999,6 +2999,27 @@ mod tests {
     }
 
     impl Harness {
+        /// Joined as node 2 (token 1), with a remote edit received (member 9's "abc"): a
+        /// document a relay that loses the room's history is owed.
+        fn with_remote_edit() -> Self {
+            let mut h = Harness::new();
+            h.join(2, 1, &[]);
+            let stamp = Stamp {
+                sender: 9,
+                step: 1,
+                pattern: PatternConfig::default().value(1),
+            };
+            let update = SharedDoc::with_client_id(9).insert("t", 0, "abc").unwrap();
+            h.frame(Frame::stamped(
+                stamp,
+                Body::Update {
+                    doc: "content".into(),
+                    update,
+                },
+            ));
+            h
+        }
+
         /// Joined as node 2 (token 1) to a relay of 1 KiB frames and 50 frames a second
         /// (bursts of 10).
         fn slow() -> Self {
@@ -3831,21 +3852,7 @@ mod tests {
     /// obligation stays, for a connection whose token may write.
     #[test]
     fn a_read_only_member_does_not_give_its_document_back_and_does_not_diverge() {
-        let mut h = Harness::new();
-        h.join(2, 1, &[]);
-        let stamp = Stamp {
-            sender: 9,
-            step: 1,
-            pattern: PatternConfig::default().value(1),
-        };
-        let update = SharedDoc::with_client_id(9).insert("t", 0, "abc").unwrap();
-        h.frame(Frame::stamped(
-            stamp,
-            Body::Update {
-                doc: "content".into(),
-                update,
-            },
-        ));
+        let mut h = Harness::with_remote_edit();
         h.session.set_read_only(true);
         h.reconnect();
         std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
@@ -4144,21 +4151,7 @@ mod tests {
     /// what the relay lost. No application update may take the give-back's name.
     #[test]
     fn a_give_back_refused_as_forbidden_keeps_the_obligation_and_does_not_diverge() {
-        let mut h = Harness::new();
-        h.join(2, 1, &[]);
-        let stamp = Stamp {
-            sender: 9,
-            step: 1,
-            pattern: PatternConfig::default().value(1),
-        };
-        let update = SharedDoc::with_client_id(9).insert("t", 0, "abc").unwrap();
-        h.frame(Frame::stamped(
-            stamp,
-            Body::Update {
-                doc: "content".into(),
-                update,
-            },
-        ));
+        let mut h = Harness::with_remote_edit();
         h.reconnect();
         h.welcome(3, 3, (0, 2), Some(0));
         let given = h
