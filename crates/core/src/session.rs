@@ -808,16 +808,17 @@ impl<R: Replica> Session<R> {
         if !self.saved().sets_aside_document() {
             return Ok(None);
         }
-        // The outbox's edits that build on the first one the relay refused (they need its
-        // clocks, or delete what it wrote): the relay would refuse each, and the new document
-        // hold it back for good. They go with the document set aside; the rest (what came
-        // before it, other clients' edits taken in from closed tabs, a document owed to a
-        // relay that lost the room's history) goes to the room.
+        // The outbox's edits that build on the first one the relay refused: those that write
+        // its client's clocks from there on (a local edit writes its own client's, after the
+        // ones before). The relay would refuse each, and the new document hold it back for
+        // good. They go with the document set aside; the rest (what came before it, deletions,
+        // other clients' edits taken in from closed tabs, a document owed to a relay that lost
+        // the room's history) goes to the room.
         if let Some((client, clock)) = self.refused_write {
             let builds_on = |body: &Body| match body {
                 Body::Update { doc, update } if doc != WHOLE_DOC => {
-                    let have = |c: u64| if c == client { clock } else { u64::MAX };
-                    !matches!(crate::doc::v1::integrable(update, have), Ok(None))
+                    crate::doc::v1::first_write(update)
+                        .is_some_and(|(c, at)| c == client && at >= clock)
                 }
                 _ => false,
             };
