@@ -805,7 +805,8 @@ impl<R: Replica> Session<R> {
         if self.closed {
             return Err(SessionError::Closed);
         }
-        if !self.saved().sets_aside_document() {
+        // What `Saved::sets_aside_document` asks, without building the saved state twice.
+        if !self.diverged || self.give_back {
             return Ok(None);
         }
         // The outbox's edits that build on the first one the relay refused: those that write
@@ -3005,19 +3006,15 @@ mod tests {
         fn with_remote_edit() -> Self {
             let mut h = Harness::new();
             h.join(2, 1, &[]);
-            let stamp = Stamp {
-                sender: 9,
-                step: 1,
-                pattern: PatternConfig::default().value(1),
-            };
             let update = SharedDoc::with_client_id(9).insert("t", 0, "abc").unwrap();
-            h.frame(Frame::stamped(
-                stamp,
+            h.peer_sends(
+                9,
+                1,
                 Body::Update {
                     doc: "content".into(),
                     update,
                 },
-            ));
+            );
             h
         }
 
@@ -3931,18 +3928,14 @@ mod tests {
         let remote = SharedDoc::with_client_id(9);
         remote.insert("t", 0, "ab").unwrap();
         let later = remote.insert("t", 2, "c").unwrap();
-        let stamp = Stamp {
-            sender: 7,
-            step: 1,
-            pattern: PatternConfig::default().value(1),
-        };
-        reader.frame(Frame::stamped(
-            stamp,
+        reader.peer_sends(
+            7,
+            1,
             Body::Update {
                 doc: "t".into(),
                 update: later,
             },
-        ));
+        );
         reader.now += HELD_GRACE + 1;
         reader.session.handle_timeout(reader.now);
         reader.pump();
