@@ -8,7 +8,7 @@ mod common;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::{http_get, session, start, start_in, temp_dir, Proxy};
+use common::{http_get, session, start, Proxy};
 use pattern_mesh_client::{Client, ClientError};
 use pattern_mesh_core::session::{Event, Source, Status};
 use pattern_mesh_core::wire::{Json, Reason};
@@ -268,7 +268,7 @@ async fn a_relay_that_forgot_the_node_still_gets_everything_it_had_not_stored() 
     // Another relay on an empty store takes over the address: it knows neither the room's
     // history nor the node's token.
     first.stop().await;
-    let second = start_in(temp_dir("forget-2"), |_| {}).await;
+    let second = start("forget-2", |_| {}).await;
     // Someone else is there first: the node id `a` had is another member's now.
     let _other = Client::connect(&second.url(), session("forget", "other"))
         .await

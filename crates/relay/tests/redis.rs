@@ -8,11 +8,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{edit, join_at, replayed_text, session, temp_dir, Member};
+use common::{edit, join_at, replayed_text, session, temp_dir, Member, TempDir};
 use pattern_mesh_client::Client;
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::wire::{Body, Frame, Reason};
@@ -40,7 +40,7 @@ impl Drop for Process {
 struct Redis {
     process: Process,
     port: u16,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Redis {

@@ -446,7 +446,7 @@ async fn a_node_let_go_is_welcomed_back_with_the_last_step_it_sent() {
 #[tokio::test]
 async fn a_relay_told_to_stop_stops_once_its_rooms_are_done() {
     let dir = temp_dir("stop-release");
-    let server = start_in(dir.clone(), |_| {}).await;
+    let server = start_in(dir.to_path_buf(), |_| {}).await;
     let mut a = join(&server, "r", 0, None).await;
     a.data_acked(serde_json::json!("stored")).await;
     let mut b = join(&server, "r", 0, None).await;
@@ -470,7 +470,7 @@ async fn a_relay_told_to_stop_stops_once_its_rooms_are_done() {
         .unwrap()
         .unwrap();
     // What was stored is there for the next relay.
-    let server = start_in(dir, |_| {}).await;
+    let server = start_in(dir.to_path_buf(), |_| {}).await;
     let late = join(&server, "r", 0, None).await;
     assert_eq!(
         late.replay().iter().filter(|p| is_data(&p.frame)).count(),

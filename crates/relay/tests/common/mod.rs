@@ -4,7 +4,7 @@
 
 pub mod ed25519;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pattern_mesh_client::{ClientError, Connection, JoinOptions, Welcome};
@@ -43,8 +43,26 @@ pub fn spawn_relay(args: &[&str]) -> (std::process::Child, String) {
     (child, addr)
 }
 
-/// A fresh directory under the system's temporary directory.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh directory under the system's temporary directory, removed with all it holds when
+/// dropped.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh directory under the system's temporary directory, named after `name`.
+pub fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!(
         "pattern-mesh-test-{name}-{}-{}",
         std::process::id(),
@@ -54,7 +72,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
             .as_nanos()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
 }
 
 /// A relay running in this process.
@@ -63,6 +81,8 @@ pub struct Server {
     pub stop: Option<oneshot::Sender<()>>,
     pub done: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub dir: PathBuf,
+    /// The directory this server made for itself, removed after the server.
+    pub own_dir: Option<TempDir>,
 }
 
 impl Server {
@@ -80,12 +100,16 @@ impl Server {
     }
 }
 
-/// Starts a relay on a fresh SQLite directory, with `tweak` applied to its settings.
+/// Starts a relay on a fresh SQLite directory, with `tweak` applied to its settings; the
+/// directory goes with the server.
 pub async fn start(name: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Server {
-    start_in(temp_dir(name), tweak).await
+    let dir = temp_dir(name);
+    let mut server = start_in(dir.to_path_buf(), tweak).await;
+    server.own_dir = Some(dir);
+    server
 }
 
-/// Starts a relay on `dir`.
+/// Starts a relay on `dir`, which the caller keeps.
 pub async fn start_in(dir: PathBuf, tweak: impl FnOnce(&mut RelayConfig)) -> Server {
     let mut config = RelayConfig {
         store: StoreConfig::Sqlite(dir.clone()),
@@ -103,6 +127,7 @@ pub async fn start_in(dir: PathBuf, tweak: impl FnOnce(&mut RelayConfig)) -> Ser
         stop: Some(stop),
         done,
         dir,
+        own_dir: None,
     }
 }
 
