@@ -1450,6 +1450,15 @@ impl RoomCore {
         self.remotes_leave(gone);
     }
 
+    /// The shared store lost a publication of this room, and with it the order of what this
+    /// relay passes on to the other relays' members: what they would miss is not known. The
+    /// room stops, as on a failed append; its members reconnect, and every relay hears them
+    /// again. (A room that only publishes, signals and presence, would otherwise never fail an
+    /// append and never stop.)
+    pub fn publication_lost(&mut self, error: &StoreError) {
+        self.stop(format!("the store lost a publication: {error}"));
+    }
+
     /// Members on other relays leave: the members here hear it, in the order of their ids.
     fn remotes_leave(&mut self, mut gone: Vec<NodeId>) {
         gone.sort_unstable();
@@ -4359,6 +4368,31 @@ mod tests {
             .collect();
         assert_eq!(closed.len(), 2, "{out:?}");
         assert!(matches!(out.last(), Some(Output::Stop { .. })));
+        assert!(room.is_idle());
+    }
+
+    /// A publication the shared store lost stops the room: every member here is closed to
+    /// reconnect (and be heard again by the other relays), whether or not an append failed.
+    #[test]
+    fn a_lost_publication_stops_the_room_and_its_members_reconnect() {
+        let mut room = room();
+        room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        outputs(&mut room);
+        room.publication_lost(&StoreError::Backend("connection refused".into()));
+        let out = outputs(&mut room);
+        let closed: Vec<(ConnId, u16)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Close { conn, code, .. } => Some((*conn, *code)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, [(1, close::INTERNAL), (2, close::INTERNAL)]);
+        assert!(
+            matches!(out.last(), Some(Output::Stop { reason }) if reason.contains("connection refused")),
+            "{out:?}"
+        );
         assert!(room.is_idle());
     }
 

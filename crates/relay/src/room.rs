@@ -200,6 +200,7 @@ pub(crate) async fn run(
                         bus_complete,
                     } => task.core.followed(now, &logged, &relayed, bus_complete),
                     FeedEvent::Gone(relay) => task.core.relay_gone(relay),
+                    FeedEvent::Lost(error) => task.core.publication_lost(&error),
                     FeedEvent::Missed(members) => {
                         tracing::warn!(
                             room = %name,

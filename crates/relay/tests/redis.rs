@@ -86,6 +86,11 @@ impl Redis {
     /// SIGKILL, then the same port and directory: what Redis still has is what its AOF holds.
     fn crash_and_restart(&mut self) {
         self.process.kill();
+        self.restart();
+    }
+
+    /// Starts Redis again on its port and directory (after [`Process::kill`]).
+    fn restart(&mut self) {
         self.process = Self::spawn(&self.dir, self.port);
     }
 }
@@ -572,6 +577,55 @@ async fn peers_presence_and_signals_cross_relays_and_a_dead_relays_members_leave
         "RESULT relay-death peer_left_after_ms={}",
         started.elapsed().as_millis()
     );
+}
+
+/// A stamped signal from `member` carrying `value`.
+fn signal(member: &mut Member, value: serde_json::Value) -> Frame {
+    let stamp = member.stamp();
+    Frame::stamped(
+        stamp,
+        Body::Signal {
+            data: pattern_mesh_core::wire::Json::from_value(&value).unwrap(),
+        },
+    )
+}
+
+/// A game moves by signals alone, and one signal's publication fails while Redis is down. The
+/// relay then dropped every later publication of the room, waiting for an append that a room
+/// of signals never makes: the member on the other relay heard nothing more, and no one was
+/// told. The room stops at the failure instead: its members reconnect and hear each other
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_lost_with_redis_stops_the_room_and_its_members_hear_each_other_again() {
+    let mut redis = Redis::start("redis-lost-signal");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut a = join_at(&urls[0], "game", 0, 0, None).await;
+    let mut b = join_at(&urls[1], "game", 0, 0, None).await;
+    a.recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == b.node))
+        .await;
+    let before = signal(&mut a, serde_json::json!("before"));
+    a.send(&before).await;
+    let (got, _) = b.recv_until(|f| f.stamp().is_some()).await;
+    assert_eq!(got, before);
+
+    redis.process.kill();
+    let lost = signal(&mut a, serde_json::json!("lost"));
+    a.send(&lost).await;
+    // Long enough for the relay to find Redis gone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+
+    // The member whose signal was lost is told: its room stopped.
+    let (code, reason) = a.closed().await;
+    assert_eq!(code, pattern_mesh_core::wire::close::INTERNAL, "{reason}");
+    // It joins again, and the game goes on for the member on the other relay.
+    let mut a = join_at(&urls[0], "game", 0, 0, Some(a.token)).await;
+    let after = signal(&mut a, serde_json::json!("after"));
+    a.send(&after).await;
+    let (got, _) = b
+        .recv_until(|f| f.stamp().is_some_and(|s| s.sender == a.node) && *f != lost)
+        .await;
+    assert_eq!(got, after);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

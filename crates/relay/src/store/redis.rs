@@ -517,6 +517,12 @@ impl RedisStore {
         let relay = (u64::from_le_bytes(relay) >> 11).max(1);
         let (writes, queue) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(HashSet::new()));
+        let state = Arc::new(FeedState {
+            rooms: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            relays: Mutex::new(HashMap::new()),
+        });
         tokio::spawn(write_loop(
             conn.clone(),
             scripts.clone(),
@@ -524,8 +530,9 @@ impl RedisStore {
             bus_bytes,
             queue,
             failed.clone(),
+            state.clone(),
         ));
-        let feed = Feed::start(client, conn.clone(), writes.clone(), relay);
+        let feed = Feed::start(state, client, conn.clone(), writes.clone(), relay);
         Ok((
             Self {
                 conn,
@@ -591,6 +598,7 @@ async fn write_loop(
     bus_bytes: u64,
     mut queue: mpsc::UnboundedReceiver<Write>,
     failed: Arc<Mutex<HashSet<String>>>,
+    feed: Arc<FeedState>,
 ) {
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, 512).await > 0 {
@@ -708,12 +716,25 @@ async fn write_loop(
                     Ok(_) => corrupt("a pipeline answer of the wrong length"),
                 };
                 tracing::warn!(%error, "a batch of appends and publications failed");
-                // A publication lost with its batch: the room's next append fails too, so the
-                // room stops and its members reconnect (and hear the others' presence again).
+                // A publication lost with its batch: its room's later ones are dropped, and the
+                // room is told, so that it stops and its members reconnect (and every relay
+                // hears them again). A failed append tells its room through its reply.
+                let mut lost = Vec::new();
                 for write in sent {
                     fail(write.room(), &mut doomed);
-                    if let Write::Append { reply, .. } = write {
-                        let _ = reply.send(Err(error.clone()));
+                    match write {
+                        Write::Append { reply, .. } => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                        Write::Publish { room, .. } => lost.push(room),
+                    }
+                }
+                lost.sort_unstable();
+                lost.dedup();
+                for room in lost {
+                    let to = feed.rooms().get(&room).map(|w| w.to.clone());
+                    if let Some(to) = to {
+                        let _ = to.send(FeedEvent::Lost(error.clone())).await;
                     }
                 }
             }
@@ -938,6 +959,9 @@ pub enum FeedEvent {
     /// [`PUBLISH`]), joins and leaves among them. The room's members on the other relays, as
     /// the store lists them now (see [`RemoteMembers`]).
     Missed(RemoteMembers),
+    /// A batch that held publications of the room failed: the other relays' members miss them
+    /// (see [`pattern_mesh_core::room::RoomCore::publication_lost`]).
+    Lost(StoreError),
 }
 
 /// The members of a room on other live relays: each with its relay.
@@ -972,6 +996,12 @@ struct FeedState {
     relays: Mutex<HashMap<u64, HashSet<String>>>,
 }
 
+impl FeedState {
+    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watch>> {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Follows the rooms this relay has open in a shared store: their logs and what the other relays
 /// publish for them, with one blocking read on a connection of its own; and keeps this relay's
 /// heartbeat, and watches the other relays' (a relay whose heartbeat stops has its members leave).
@@ -992,17 +1022,12 @@ fn heartbeat_key(relay: u64) -> String {
 
 impl Feed {
     fn start(
+        state: Arc<FeedState>,
         client: redis::Client,
         conn: ConnectionManager,
         writes: mpsc::UnboundedSender<Write>,
         relay: u64,
     ) -> Self {
-        let state = Arc::new(FeedState {
-            rooms: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
-            next_id: std::sync::atomic::AtomicU64::new(1),
-            relays: Mutex::new(HashMap::new()),
-        });
         let feed = Self {
             state,
             conn,
@@ -1015,7 +1040,7 @@ impl Feed {
     }
 
     fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watch>> {
-        self.state.rooms.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.rooms()
     }
 
     fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashSet<String>>> {
