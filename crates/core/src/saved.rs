@@ -184,6 +184,16 @@ impl Saved {
             .collect()
     }
 
+    /// How many messages of the outbox do not decode (a damaged record, or a message of a newer
+    /// version): [`Saved::bodies`] leaves them out, and whoever takes the outbox in says so.
+    pub fn broken(&self) -> usize {
+        self.sent
+            .iter()
+            .chain(&self.unsent)
+            .filter(|bytes| decode_message(bytes).is_err())
+            .count()
+    }
+
     /// Whether another session may take in this outbox ([`Saved::adopt`]): not when a data
     /// message of it was stamped, which may have reached the relay under this identity and would
     /// arrive twice if sent again under another. Such a record waits for a tab that resumes its
@@ -205,8 +215,13 @@ impl Saved {
     /// this session's identity. Only for an [`adoptable`](Saved::adoptable) one: its stamped
     /// messages are updates, which change nothing when they arrive twice.
     pub fn adopt(&mut self, other: &Saved) {
-        for body in other.bodies() {
-            self.unsent.push(encode_unsent(body));
+        for bytes in other.sent.iter().chain(&other.unsent) {
+            // One that does not decode is kept as it is: the session restored from this
+            // outbox says it is lost (see `Session::restore`).
+            self.unsent.push(match decode_message(bytes) {
+                Ok(Stamped { body, .. }) => encode_unsent(body),
+                Err(_) => bytes.clone(),
+            });
         }
         // A session never welcomed knows no log: it takes the other's, whose document the
         // stored one holds (one per room), read from the start of that log. Without it, a relay

@@ -1176,6 +1176,14 @@ impl<R: Replica> Session<R> {
             self.diverged = true;
             self.changed();
         }
+        let broken = other.broken();
+        if broken > 0 {
+            let detail = match broken {
+                1 => "1 message a closed tab left stored did not decode and is lost".to_owned(),
+                n => format!("{n} messages a closed tab left stored did not decode and are lost"),
+            };
+            self.anomaly(Source::Local, Reason::Malformed, detail, 0, None);
+        }
         for body in other.bodies() {
             if !body.is_durable() {
                 continue;
@@ -1464,7 +1472,7 @@ impl<R: Replica> Session<R> {
         };
         if close::is_final(code) || (code == close::TOKEN_EXPIRED && !self.config.fresh_tokens) {
             self.link = Link::Down { retry_at: None };
-            return self.finish(failure);
+            return self.end(failure);
         }
         self.retry_later(now, failure);
     }
@@ -1564,7 +1572,7 @@ impl<R: Replica> Session<R> {
                     .last_failure
                     .clone()
                     .unwrap_or_else(|| "no answer from the relay".into());
-                return self.finish(format!(
+                return self.end(format!(
                     "could not join within {} ms; last: {last}",
                     self.config.connect_timeout
                 ));
@@ -1786,6 +1794,52 @@ impl<R: Replica> Session<R> {
             self.status = status;
             self.emit(Event::Status { status, reason });
         }
+    }
+
+    /// The session ends for good on a failure (`reason`: the relay's final close, a room that
+    /// cannot be used, ...). What it has not had acknowledged goes from nowhere now: a session
+    /// that persists leaves it stored, where the room's next client takes it in; any other
+    /// refuses each durable message (`unavailable`, the reason in its detail), so that the
+    /// application hears what did not go. (What the relay stored without its acknowledgement
+    /// arriving is refused too: this session cannot tell.)
+    fn end(&mut self, reason: String) {
+        let pending = self.pending();
+        if pending == 0 {
+            return self.finish(reason);
+        }
+        let (messages, stay) = match pending {
+            1 => ("message", "stays"),
+            _ => ("messages", "stay"),
+        };
+        if self.config.persist {
+            return self.finish(format!(
+                "{reason}; {pending} {messages} not acknowledged {stay} stored for the room's next client"
+            ));
+        }
+        let detail = format!("the client stopped before the relay acknowledged it: {reason}");
+        for sent in std::mem::take(&mut self.in_flight) {
+            self.emit(Event::Refused {
+                step: sent.stamp.step,
+                kind: sent.kind,
+                doc: sent.doc,
+                reason: Reason::Unavailable,
+                detail: detail.clone(),
+            });
+        }
+        self.resend = 0;
+        for waiting in std::mem::take(&mut self.waiting) {
+            if waiting.body.is_durable() {
+                self.emit(Event::Refused {
+                    step: 0,
+                    kind: waiting.body.kind(),
+                    doc: waiting.body.doc().map(str::to_owned),
+                    reason: Reason::Unavailable,
+                    detail: detail.clone(),
+                });
+            }
+        }
+        self.changed();
+        self.finish(format!("{reason}; {pending} {messages} not sent"));
     }
 
     fn finish(&mut self, reason: String) {
@@ -2022,7 +2076,7 @@ impl<R: Replica> Session<R> {
                         code: close::POLICY,
                         reason: "unusable room configuration".into(),
                     });
-                    return self.finish(format!("the room's configuration is unusable: {e}"));
+                    return self.end(format!("the room's configuration is unusable: {e}"));
                 }
             }
         }
@@ -2803,7 +2857,7 @@ impl<R: Replica> Session<R> {
             let (tick, advance) = match self.clock.next() {
                 Ok(next) => next,
                 Err(_) => {
-                    self.finish("the step clock is exhausted".into());
+                    self.end("the step clock is exhausted".into());
                     return;
                 }
             };
@@ -3984,6 +4038,91 @@ mod tests {
         assert!(!h.session.diverged());
     }
 
+    /// A client without storage goes offline, its user types, and its token expires: the relay
+    /// closes the next connection for good. What the session had not had acknowledged can go
+    /// from nowhere now: each such message is refused (the application hears which, and the
+    /// document shows an edit the room does not have), where the session used to report only
+    /// `closed`.
+    #[test]
+    fn a_session_ended_by_the_relay_refuses_what_it_did_not_send() {
+        let mut h = Harness::new();
+        h.joined(2, RoomConfig::default(), (0, 1), None);
+        let sent = h.session.replica().insert("t", 0, "sent ").unwrap();
+        h.session.update(h.now, "t", sent).unwrap();
+        h.pump();
+        h.session.handle_closed(h.now, 1006, "offline");
+        let typed = h.session.replica().insert("t", 5, "typed offline").unwrap();
+        h.session.update(h.now, "t", typed).unwrap();
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        // The next connection: the relay refuses it for good.
+        h.now += 60_000;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session
+            .handle_closed(h.now, close::FORBIDDEN, "the access token has expired");
+        let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
+        let refused: Vec<(Step, Kind, Reason)> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Refused {
+                    step, kind, reason, ..
+                } => Some((*step, *kind, *reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (1, Kind::Update, Reason::Unavailable),
+                (0, Kind::Update, Reason::Unavailable)
+            ],
+            "{events:?}"
+        );
+        assert!(h.session.diverged());
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::Status { status: Status::Closed, reason: Some(d) }
+                if d.contains("2 messages") && d.contains("expired"))
+            ),
+            "{events:?}"
+        );
+        assert_eq!(h.session.pending(), 0);
+    }
+
+    /// The same with storage: what was not acknowledged stays stored for the room's next
+    /// client (a tab opened later takes it in), and the `closed` status says so.
+    #[test]
+    fn a_stored_session_ended_by_the_relay_keeps_what_it_did_not_send() {
+        let mut config = SessionConfig::new("r", "a");
+        config.persist = true;
+        let mut h = Harness::with(config);
+        h.joined(2, RoomConfig::default(), (0, 1), None);
+        h.session.handle_closed(h.now, 1006, "offline");
+        let typed = h.session.replica().insert("t", 0, "typed offline").unwrap();
+        h.session.update(h.now, "t", typed).unwrap();
+        h.store();
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        // The next connection: the relay refuses it for good.
+        h.now += 60_000;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session
+            .handle_closed(h.now, close::FORBIDDEN, "the access token has expired");
+        let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Refused { .. })),
+            "{events:?}"
+        );
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::Status { status: Status::Closed, reason: Some(d) }
+                if d.contains("1 message") && d.contains("stored"))
+            ),
+            "{events:?}"
+        );
+        assert_eq!(h.session.saved().unsent.len(), 1);
+    }
+
     /// A stored session's settings, and a tab that wrote `texts` (each after the last) while
     /// offline, then stored its session and closed: the tab, and what it stored (its outbox
     /// holds the edits).
@@ -4247,6 +4386,46 @@ mod tests {
         saved.log = 2;
         saved.adopt(&other);
         assert!(saved.give_back);
+    }
+
+    /// A closed tab's record holds a message that does not decode (a damaged disk, or a newer
+    /// version's message): a tab that takes the record in says so, as a tab restored from it
+    /// does, where it used to drop the message without a word; and a record adopted at open
+    /// keeps it, so that the restore says so.
+    #[test]
+    fn a_closed_tabs_message_that_does_not_decode_is_reported_not_dropped() {
+        let (config, _, mut saved) = closed_offline(&["typed offline"]);
+        saved.unsent.push(vec![0xff, 1, 2]);
+        let mut h = Harness::of(config.clone(), SharedDoc::with_client_id(1));
+        h.joined(3, RoomConfig::default(), (0, 1), None);
+        std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
+        assert_eq!(h.session.take_in(h.now, &saved), 1);
+        let anomalies: Vec<String> = std::iter::from_fn(|| h.session.poll_event())
+            .filter_map(|e| match e {
+                Event::Anomaly(a) => Some(a.detail),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            anomalies,
+            ["1 message a closed tab left stored did not decode and is lost"]
+        );
+
+        let mut own = Saved::default();
+        own.adopt(&saved);
+        let mut config = config;
+        config.restore = Some(own);
+        let mut reopened = Harness::of(config, SharedDoc::with_client_id(2));
+        let anomalies: Vec<String> = std::iter::from_fn(|| reopened.session.poll_event())
+            .filter_map(|e| match e {
+                Event::Anomaly(a) => Some(a.detail),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            anomalies,
+            ["1 stored outbox messages did not decode and are lost"]
+        );
     }
 
     /// An update the relay refuses for good leaves the document diverged, and the client says
