@@ -8,7 +8,7 @@ export function meshDocument(ydoc: Y.Doc, origin?: unknown): MeshDocument;
 
 /** Options of `MeshProvider.connect`: the client's, plus the document's frame name and an awareness. */
 export interface MeshProviderOptions extends Omit<MeshClientOptions, "document" | "persist"> {
-  /** The name the Y.Doc's update frames carry (default `"content"`). */
+  /** The name the Y.Doc's update frames carry (default `"content"`): 1 to 64 bytes of UTF-8, not `"*"`. */
   doc?: string;
   /** A y-protocols Awareness of the Y.Doc: its local state (cursor, user name and colour) becomes this client's presence, the others' presences become its remote states. */
   awareness?: Awareness;
@@ -16,7 +16,7 @@ export interface MeshProviderOptions extends Omit<MeshClientOptions, "document" 
 
 /** Keeps a Y.Doc in sync through a pattern-mesh room. */
 export class MeshProvider {
-  /** Connects a client for `ydoc`; resolves once the room's updates are in it. Rejects as `MeshClient.connect` does. */
+  /** Connects a client for `ydoc`; resolves once the room's updates are in it. Rejects as `MeshClient.connect` does, and with `InvalidArgument` for a Y.Doc that has a provider already (destroy it first). */
   static connect(ydoc: Y.Doc, options: MeshProviderOptions): Promise<MeshProvider>;
   /** The client: its events (`status`, `refused`, `anomaly`, ...) concern this document. */
   readonly client: MeshClient;
@@ -26,6 +26,6 @@ export class MeshProvider {
   readonly diverged: boolean;
   /** Calls `listener` when an update or the awareness state cannot be sent, the relay refuses an update of this Y.Doc for good (see `diverged`), another member's awareness state is refused (it does not decode, or speaks for a client id not its own), or the client has an `error` event (a `PanicError` stopped it: `diverged` turns true); returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
   onError(listener: (error: Error) => void): () => void;
-  /** Stops syncing: sends what waits and, while the relay is reached, waits up to `wait` ms (default 5,000) for it to acknowledge them; then removes the others' awareness states here and closes the client (the others see it leave). Resolves to the number of messages not acknowledged (the error listeners hear of any). */
+  /** Stops syncing (rejects with `InvalidArgument` for options that are not an object, or a `wait` below 0): sends what waits and, while the relay is reached, waits up to `wait` ms (default 5,000) for it to acknowledge them; then removes the others' awareness states here and closes the client (the others see it leave). Resolves to the number of messages not acknowledged (the error listeners hear of any). */
   destroy(options?: { wait?: number }): Promise<number>;
 }

@@ -109,9 +109,10 @@ export class MeshProvider {
   /**
    * Connects a client for `ydoc` (options as `MeshClient.connect`'s, without `document` and
    * `persist`, plus `doc`, the name update frames carry, default `"content"`, and `awareness`,
-   * a y-protocols `Awareness` of `ydoc`). `on.error` hears the client's errors and the
-   * provider's (see `onError`), from the start of the connect. Resolves once the room's updates
-   * are in `ydoc`; rejects as `MeshClient.connect` does.
+   * a y-protocols `Awareness` of `ydoc`). A Y.Doc has one provider at a time: connecting a
+   * second before the first is destroyed throws `InvalidArgument`. `on.error` hears the
+   * client's errors and the provider's (see `onError`), from the start of the connect.
+   * Resolves once the room's updates are in `ydoc`; rejects as `MeshClient.connect` does.
    */
   static async connect(ydoc, options = {}) {
     if (!(ydoc instanceof Y.Doc)) throw invalid(`MeshProvider.connect needs a Y.Doc, got ${typeof ydoc}`);
@@ -119,11 +120,17 @@ export class MeshProvider {
     if ("document" in options) throw invalid("the provider makes the document option from the Y.Doc: leave it out");
     const { doc = "content", awareness = null, on = {}, ...rest } = options;
     if (typeof doc !== "string" || doc.length === 0) throw invalid("doc must be a non-empty string");
+    const docBytes = new TextEncoder().encode(doc).length;
+    if (docBytes > MAX_DOC_NAME) throw invalid(`doc must be 1 to ${MAX_DOC_NAME} bytes of UTF-8, got ${docBytes}`);
+    if (doc === "*") throw invalid('doc "*" names the whole document in the protocol: choose another name');
     if (awareness !== null && awareness.doc !== ydoc) throw invalid("awareness must be an Awareness of the Y.Doc");
     if (typeof on !== "object" || on === null) throw invalid("on must be an object of listeners");
-    for (const event of ["presence", "peers", "error"]) {
+    for (const event of ["presence", "peers", "refused", "error"]) {
       if (on[event] !== undefined && typeof on[event] !== "function") throw invalid(`on.${event} must be a function`);
     }
+    // A second provider would send each of the Y.Doc's updates again, and claim its awareness
+    // client id from a second node (the other members then show that cursor for neither).
+    if (attached.has(ydoc)) throw invalid("this Y.Doc has a provider already: destroy it first");
     const provider = new MeshProvider(ydoc, doc, awareness);
     // Heard from the start: what cannot be sent while connecting is reported here too.
     if (on.error) provider.onError(on.error);
@@ -188,6 +195,7 @@ export class MeshProvider {
   #onAwareness;
 
   constructor(ydoc, doc, awareness) {
+    attached.add(ydoc);
     this.doc = ydoc;
     this.#name = doc;
     this.awareness = awareness;
@@ -229,7 +237,14 @@ export class MeshProvider {
    * the number of messages the relay did not acknowledge (0: everything arrived); when there
    * are any, the error listeners hear it too.
    */
-  destroy({ wait = 5_000 } = {}) {
+  destroy(options = {}) {
+    if (typeof options !== "object" || options === null) {
+      return Promise.reject(invalid(`destroy takes an options object, got ${options === null ? "null" : typeof options}`));
+    }
+    const { wait = 5_000 } = options;
+    if (typeof wait !== "number" || !(wait >= 0)) {
+      return Promise.reject(invalid(`wait must be a number of milliseconds, 0 or more, got ${String(wait)}`));
+    }
     this.#destroying ??= this.#destroy(wait);
     return this.#destroying;
   }
@@ -266,6 +281,7 @@ export class MeshProvider {
   }
 
   #detach() {
+    attached.delete(this.doc);
     this.doc.off("update", this.#onUpdate);
     if (this.awareness) this.awareness.off("update", this.#onAwareness);
   }
@@ -290,13 +306,18 @@ export class MeshProvider {
     if (this.client === null || this.#updates.length === 0) return;
     const updates = this.#updates;
     this.#updates = [];
-    const update = updates.length === 1 ? updates[0] : Y.mergeUpdates(updates);
-    try {
-      this.client.sendUpdate(this.#name, update);
-    } catch (e) {
-      // The Y.Doc holds an update the room never will: the others hold back what follows it.
-      this.diverged = true;
-      this.#error(e);
+    // One at a time: the client merges what waits while the message fits the relay's limit.
+    // Merged here, edits that each fit could make one that does not, and all would be lost.
+    for (const update of updates) {
+      try {
+        this.client.sendUpdate(this.#name, update);
+      } catch (e) {
+        // The Y.Doc holds an update the room never will: the others would hold back what
+        // follows it, so nothing after it is sent either.
+        this.diverged = true;
+        this.#error(e);
+        return;
+      }
     }
   }
 
@@ -390,6 +411,12 @@ export class MeshProvider {
     }
   }
 }
+
+/** The longest document name the protocol carries, in bytes of UTF-8. */
+const MAX_DOC_NAME = 64;
+
+/** The Y.Docs that have a provider: one each. */
+const attached = new WeakSet();
 
 function invalid(message) {
   const e = new Error(message);

@@ -588,6 +588,10 @@ test("the provider refuses bad arguments by name", async () => {
       on: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", on: { presence: 5 } })),
       persist: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", persist: true })),
       room: await outcome(() => MeshProvider.connect(ydoc, { url, room: 7 })),
+      // Each of these was taken, and failed only at the first edit or refusal.
+      longDoc: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", doc: "é".repeat(33) })),
+      wholeDoc: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", doc: "*" })),
+      refused: await outcome(() => MeshProvider.connect(ydoc, { url, room: "r", on: { refused: 1 } })),
     };
   }, relay.url);
   assert.deepEqual(result, {
@@ -597,6 +601,64 @@ test("the provider refuses bad arguments by name", async () => {
     on: "InvalidArgument: on.presence must be a function",
     persist: "InvalidArgument: persist keeps the built-in document; with the application's document, persist it beside the client (y-indexeddb for a Y.Doc)",
     room: "InvalidArgument: room must be a string, got the number 7",
+    longDoc: "InvalidArgument: doc must be 1 to 64 bytes of UTF-8, got 66",
+    wholeDoc: "InvalidArgument: doc \"*\" names the whole document in the protocol: choose another name",
+    refused: "InvalidArgument: on.refused must be a function",
   });
   await page.close();
+});
+
+test("a second provider for a Y.Doc that has one is refused, and destroy() takes only an options object", async () => {
+  const page = await blank();
+  const result = await page.evaluate(async ({ url, room }) => {
+    const outcome = async (f) => { try { await f(); return "ok"; } catch (e) { return `${e.name}: ${e.message}`; } };
+    const ydoc = new Y.Doc();
+    // Both at once, as a component mounted twice would: the second would send every update
+    // again, and both would claim one awareness client id from two nodes.
+    const first = MeshProvider.connect(ydoc, { url, room });
+    const second = await outcome(() => MeshProvider.connect(ydoc, { url, room }));
+    const provider = await first;
+    const badDestroy = await outcome(() => provider.destroy(null));
+    const badWait = await outcome(() => provider.destroy({ wait: -1 }));
+    await provider.destroy();
+    // Once destroyed, the Y.Doc may have a provider again.
+    const again = await MeshProvider.connect(ydoc, { url, room });
+    await again.destroy();
+    return { second, badDestroy, badWait };
+  }, { url: relay.url, room: `twice-${Date.now()}` });
+  assert.deepEqual(result, {
+    second: "InvalidArgument: this Y.Doc has a provider already: destroy it first",
+    badDestroy: "InvalidArgument: destroy takes an options object, got null",
+    badWait: "InvalidArgument: wait must be a number of milliseconds, 0 or more, got -1",
+  });
+  await page.close();
+});
+
+test("edits that each fit the relay's message limit reach the room, however many wait together", async () => {
+  // Three 30 KB inserts in one tick, on a relay whose messages are at most 64 KiB: merged into
+  // one update they did not fit, and all three were refused.
+  const small = await startRelay({ PM_MAX_FRAME: "16384", PM_MAX_MESSAGE: "65536" });
+  try {
+    const room = `fits-${Date.now()}`;
+    const [a, b] = [await blank(), await blank()];
+    const join = (page) => page.evaluate(async ({ url, room }) => {
+      const ydoc = new Y.Doc();
+      window.heard = [];
+      const provider = await MeshProvider.connect(ydoc, { url, room, on: { error: (e) => heard.push(`${e.name}: ${e.message}`) } });
+      Object.assign(window, { ydoc, provider });
+    }, { url: small.url, room });
+    await join(a);
+    await join(b);
+    await a.evaluate(() => {
+      for (let i = 0; i < 3; i++) ydoc.getText("content").insert(0, String(i).repeat(30_000));
+    });
+    await until("the other Y.Doc has all three", () =>
+      b.evaluate(() => ydoc.getText("content").length === 90_000 || ydoc.getText("content").length));
+    const heard = await a.evaluate(() => ({ heard, diverged: provider.diverged }));
+    assert.deepEqual(heard, { heard: [], diverged: false });
+    await a.close();
+    await b.close();
+  } finally {
+    await small.stop();
+  }
 });
