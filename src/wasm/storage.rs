@@ -53,6 +53,8 @@ const finished = (tx) => new Promise((resolve, reject) => {
 // as they were stopped is not handed back (the dead instance's tasks run on until the module
 // is replaced).
 const STOPPED = "the module stopped after a panic: this client writes nothing more";
+// How long a write may take before it is given up and tried again.
+const WRITE_LIMIT_MS = 10_000;
 export function pmStorageHolds() {
   const holds = { locks: new Set(), stopped: false };
   holds.stop = () => {
@@ -191,7 +193,9 @@ export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updat
   if (holds.stopped) throw new Error(STOPPED);
   if (db.pmGone) throw new Error(db.pmGone);
   try {
-    const tx = db.transaction(["sessions", "updates"], "readwrite");
+    // Strict: the session sends what this write covers once it completes, so it must be on
+    // disk by then (browsers default to relaxed, which may lose the last writes to a crash).
+    const tx = db.transaction(["sessions", "updates"], "readwrite", { durability: "strict" });
     const sessions = tx.objectStore("sessions");
     const store = tx.objectStore("updates");
     const write = () => {
@@ -225,7 +229,21 @@ export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updat
     } else {
       write();
     }
-    await finished(tx);
+    // A write held up (another page of the origin keeps a transaction on these stores open,
+    // or the browser's store stalls) is given up after a while and said so: the client tries
+    // again a second later, and nothing waiting for this write goes out meanwhile.
+    let timer;
+    const stalled = new Promise((_, reject) => {
+      timer = setTimeout(() => {
+        try { tx.abort(); } catch {}
+        reject(new Error(`the write did not complete within ${WRITE_LIMIT_MS / 1000} s (another page may hold the database); tried again`));
+      }, WRITE_LIMIT_MS);
+    });
+    try {
+      await Promise.race([finished(tx), stalled]);
+    } finally {
+      clearTimeout(timer);
+    }
     return epoch;
   } catch (e) {
     // A browser that closes the database aborts its transactions first and says why (the

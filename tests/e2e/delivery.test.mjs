@@ -589,6 +589,43 @@ test("the browser clearing a tab's stored data under it: the tab says so once, a
   await profile.close();
 });
 
+test("a storage write another page holds up is given up and said so, and the edit goes once the database is free", async () => {
+  const room = `e2e-held-${Date.now()}`;
+  const profile = await browser.newContext();
+  const [holder, other, blocker] = [await packagePage(profile), await packagePage(profile), await packagePage(profile)];
+  const url = `ws://127.0.0.1:${port}/ws`;
+  for (const [page, persist] of [[holder, true], [other, false]]) {
+    await page.evaluate(async ({ url, room, persist }) => {
+      window.errors = [];
+      window.client = await mesh.MeshClient.connect({ url, room, persist });
+      client.on("error", (e) => errors.push(`${e.name}: ${e.message}`));
+    }, { url, room, persist });
+  }
+  // Another page of the origin keeps a read-write transaction on the client's stores open
+  // (one request after another), so that the client's next write waits behind it.
+  await blocker.evaluate(() => new Promise((resolve, reject) => {
+    const open = indexedDB.open("pattern-mesh", 1);
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction(["sessions", "updates"], "readwrite");
+      const store = tx.objectStore("sessions");
+      window.holding = true;
+      const spin = () => { if (window.holding) store.get(0).onsuccess = spin; };
+      spin();
+      resolve();
+    };
+  }));
+  await holder.evaluate(() => client.text("content").insert(0, "held"));
+  // Said within the write's time limit (10 s), where it used to wait without a word.
+  await until("the tab says its write is held up", async () =>
+    (await holder.evaluate(() => errors)).some((e) => /^StorageError: .*did not complete within 10 s/.test(e)), 20_000);
+  await blocker.evaluate(() => { window.holding = false; });
+  await until("the edit reaches the other tab", async () =>
+    (await other.evaluate(() => client.text("content").toString())) === "held");
+  for (const page of [holder, other]) assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);
