@@ -1459,6 +1459,28 @@ impl RoomCore {
         self.stop(format!("the store lost a publication: {error}"));
     }
 
+    /// This relay's heartbeat lapsed (it stalled, or lost Redis, for longer than the heartbeat
+    /// lasts): another relay may have taken it for dead, struck its members off the room's list
+    /// and told its own members they left. Each member here is announced again, with its
+    /// presence: the other relays' members hear it join (a relay that had not struck it says
+    /// nothing twice), and the room's list holds it again for relays that open the room later.
+    pub fn announce_members(&mut self) {
+        let mut here: Vec<(NodeId, String, Option<Bytes>)> = self
+            .members
+            .values()
+            .map(|m| (m.node, m.name.clone(), m.presence.clone()))
+            .collect();
+        here.sort_unstable_by_key(|(node, ..)| *node);
+        for (node, name, presence) in here {
+            let peer = Peer { node, name };
+            let joined = Bytes::from(Frame::PeerJoined { peer: peer.clone() }.encode());
+            self.publish(None, 0, joined, Some(Roster::Joined(peer)));
+            if let Some(presence) = presence {
+                self.publish(None, 0, presence, None);
+            }
+        }
+    }
+
     /// Members on other relays leave: the members here hear it, in the order of their ids.
     fn remotes_leave(&mut self, mut gone: Vec<NodeId>) {
         gone.sort_unstable();
@@ -4394,6 +4416,54 @@ mod tests {
             "{out:?}"
         );
         assert!(room.is_idle());
+    }
+
+    /// A relay whose heartbeat lapsed announces its members again, presences included, in the
+    /// order of their ids; what it publishes is what a join publishes.
+    #[test]
+    fn a_lapsed_heartbeat_announces_the_members_here_again() {
+        let mut room = room();
+        room.share();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        let b = room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        let presence = Frame::Presence {
+            sender: b.node,
+            data: Json::from_value(&serde_json::json!({ "cursor": 3 })).unwrap(),
+        };
+        send(&mut room, 0, 2, Bytes::from(presence.encode()));
+        outputs(&mut room);
+        room.announce_members();
+        let published: Vec<(Frame, Option<Roster>)> = outputs(&mut room)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Publish { bytes, roster, .. } => {
+                    Some((Frame::decode(&bytes).unwrap(), roster))
+                }
+                _ => None,
+            })
+            .collect();
+        let peer = |node, name: &str| Peer {
+            node,
+            name: name.into(),
+        };
+        assert_eq!(
+            published,
+            [
+                (
+                    Frame::PeerJoined {
+                        peer: peer(a.node, "a")
+                    },
+                    Some(Roster::Joined(peer(a.node, "a")))
+                ),
+                (
+                    Frame::PeerJoined {
+                        peer: peer(b.node, "b")
+                    },
+                    Some(Roster::Joined(peer(b.node, "b")))
+                ),
+                (presence, None),
+            ]
+        );
     }
 
     /// Two relays' rooms on one shared store: `A` and `B`, each driven as its relay's task

@@ -201,6 +201,7 @@ pub(crate) async fn run(
                     } => task.core.followed(now, &logged, &relayed, bus_complete),
                     FeedEvent::Gone(relay) => task.core.relay_gone(relay),
                     FeedEvent::Lost(error) => task.core.publication_lost(&error),
+                    FeedEvent::Lapsed => task.core.announce_members(),
                     FeedEvent::Missed(members) => {
                         tracing::warn!(
                             room = %name,

@@ -579,6 +579,48 @@ async fn peers_presence_and_signals_cross_relays_and_a_dead_relays_members_leave
     );
 }
 
+/// A relay that stops answering for longer than its heartbeat lasts (a stall, or a partition
+/// from Redis) is taken for dead by another relay, which strikes its members off the room and
+/// tells its own members they left. They had not, and nothing announced them again: they stayed
+/// gone for the others, and for every late joiner, while their edits kept coming. A relay that
+/// finds its heartbeat had lapsed announces its members again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_heartbeat_lapsed_announces_its_members_again() {
+    let redis = Redis::start("redis-lapse");
+    let (relays, urls) = relays(&redis, 2);
+    let a = join_at(&urls[0], "lapse", 0, 0, None).await;
+    let mut b = join_at(&urls[1], "lapse", 0, 0, None).await;
+    if !b.welcome.peers.iter().any(|p| p.node == a.node) {
+        b.recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == a.node))
+            .await;
+    }
+    // The relay of `a` stalls past its heartbeat (6 s): the other takes it for dead.
+    let pid = relays[0].0.id().to_string();
+    let signal = |which: &str| {
+        let status = Command::new("kill").args([which, &pid]).status().unwrap();
+        assert!(status.success(), "kill {which}");
+    };
+    signal("-STOP");
+    let (left, _) = b.recv_until(|f| matches!(f, Frame::PeerLeft { .. })).await;
+    signal("-CONT");
+    assert_eq!(left, Frame::PeerLeft { node: a.node });
+    // Back, it finds its heartbeat lapsed and announces `a` again.
+    let (joined, _) = b
+        .recv_until(|f| matches!(f, Frame::PeerJoined { .. }))
+        .await;
+    assert!(
+        matches!(&joined, Frame::PeerJoined { peer } if peer.node == a.node),
+        "{joined:?}"
+    );
+    let late = join_at(&urls[1], "lapse", 0, 0, None).await;
+    assert!(
+        late.welcome.peers.iter().any(|p| p.node == a.node),
+        "{:?}",
+        late.welcome.peers
+    );
+    drop(a);
+}
+
 /// A stamped signal from `member` carrying `value`.
 fn signal(member: &mut Member, value: serde_json::Value) -> Frame {
     let stamp = member.stamp();
@@ -939,6 +981,34 @@ async fn large_signals_through_a_shared_room_leave_at_most_the_bus_bound_in_redi
         .await
         .unwrap();
     assert_eq!(counted, held, "the count of the bus's bytes is exact");
+
+    // A room left idle does not keep its bus: it goes a minute after the last publication
+    // (every room ever used kept its bus for good, which a member could fill room after room).
+    for key in ["bus", "bus-sizes", "bus-bytes"] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(format!("pm:{{bus-bytes}}:{key}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0 && ttl <= 60_000, "{key}: {ttl} ms to live");
+    }
+    // Its keys expire one by one: a publication after the sizes went counts from zero.
+    let _: () = redis::cmd("DEL")
+        .arg("pm:{bus-bytes}:bus-sizes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let stamp = a.stamp();
+    let data = Json::from_value(&serde_json::json!("after")).unwrap();
+    let signal = Frame::stamped(stamp, Body::Signal { data });
+    a.send(&signal).await;
+    b.recv_until(|f| *f == signal).await;
+    let counted: usize = redis::cmd("GET")
+        .arg("pm:{bus-bytes}:bus-bytes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, signal.encode().len(), "counted from zero again");
 }
 
 /// A relay whose read of a room's bus falls behind the bus's trimming (it stalled while a member

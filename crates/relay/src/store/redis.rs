@@ -173,7 +173,9 @@ return gone
 /// room step as an append does. First the oldest entries go, until the new one leaves at most
 /// 10,000 entries and the bytes the bus may hold (the new one stays, whatever its size). Each
 /// entry is numbered (`q`, one more than the entry before it), so that a reader that finds a
-/// number missing knows it missed publications.
+/// number missing knows it missed publications. The bus, its sizes and its byte count go
+/// ARGV[10] milliseconds after the room's last publication (see [`BUS_IDLE`]); its numbering
+/// stays, so that a reader still following the room sees no gap.
 const PUBLISH: &str = r#"
 local after = math.max(tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[3], 'position') or '0'))
 local high = tonumber(redis.call('HGET', KEYS[3], 'high') or '0')
@@ -191,6 +193,11 @@ end
 local size = string.len(ARGV[4])
 local listed = redis.call('LLEN', KEYS[4])
 local held = tonumber(redis.call('GET', KEYS[5]) or '0')
+if listed == 0 and held ~= 0 then
+  -- The sizes went (an idle bus expires key by key): so did the bytes they summed.
+  held = 0
+  redis.call('SET', KEYS[5], 0)
+end
 while listed > 0 and (listed >= 10000 or held + size > tonumber(ARGV[9])) do
   local oldest = redis.call('LPOP', KEYS[4])
   local space = string.find(oldest, ' ', 1, true)
@@ -204,8 +211,17 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'r', ARGV[1], 
   't', ARGV[3], 'h', high, 'q', seq, 'f', ARGV[4])
 redis.call('RPUSH', KEYS[4], id .. ' ' .. size)
 redis.call('INCRBY', KEYS[5], size)
+redis.call('PEXPIRE', KEYS[1], ARGV[10])
+redis.call('PEXPIRE', KEYS[4], ARGV[10])
+redis.call('PEXPIRE', KEYS[5], ARGV[10])
 return 1
 "#;
+
+/// How long a room's bus outlives its last publication. Its readers follow it live (a relay
+/// that stalls for seconds is taken for dead by its heartbeat, and one that reads too late
+/// reads the members again); without an end, every room ever used kept up to
+/// `--max-bus-bytes` of frames in Redis, which a member could fill room after room.
+const BUS_IDLE: Duration = Duration::from_secs(60);
 
 /// Strikes the members of a relay that died off a room's list. KEYS: members. ARGV: relay.
 const STRIKE: &str = r#"
@@ -667,7 +683,8 @@ async fn write_loop(
                         .arg(node)
                         .arg(name)
                         .arg(*step)
-                        .arg(bus_bytes);
+                        .arg(bus_bytes)
+                        .arg(BUS_IDLE.as_millis() as u64);
                 }
             }
             sent.push(write);
@@ -959,6 +976,9 @@ pub enum FeedEvent {
     /// [`PUBLISH`]), joins and leaves among them. The room's members on the other relays, as
     /// the store lists them now (see [`RemoteMembers`]).
     Missed(RemoteMembers),
+    /// This relay's heartbeat lapsed: other relays may have struck its members off the room
+    /// (see [`pattern_mesh_core::room::RoomCore::announce_members`]).
+    Lapsed,
     /// A batch that held publications of the room failed: the other relays' members miss them
     /// (see [`pattern_mesh_core::room::RoomCore::publication_lost`]).
     Lost(StoreError),
@@ -1164,15 +1184,34 @@ impl Feed {
 /// Renews this relay's heartbeat, and has the rooms hear of the relays whose heartbeat ended.
 async fn heartbeat_loop(feed: Feed) {
     let key = heartbeat_key(feed.relay);
+    let mut first = true;
     loop {
+        // `GET`: the heartbeat as it was, gone if it lapsed (this relay stalled, or lost Redis,
+        // for longer than it lasts).
         let mut set = redis::cmd("SET");
         set.arg(&key)
             .arg(1)
             .arg("PX")
-            .arg(HEARTBEAT.as_millis() as u64 * 3);
-        if let Err(error) = query::<Value>(&feed.conn, &set).await {
-            tracing::warn!(%error, "could not renew this relay's heartbeat");
+            .arg(HEARTBEAT.as_millis() as u64 * 3)
+            .arg("GET");
+        match query::<Option<String>>(&feed.conn, &set).await {
+            Err(error) => tracing::warn!(%error, "could not renew this relay's heartbeat"),
+            Ok(None) if !first => {
+                // Another relay may have taken this one for dead and struck its members off
+                // every room: each room announces its members again.
+                let rooms: Vec<mpsc::Sender<FeedEvent>> =
+                    feed.rooms().values().map(|w| w.to.clone()).collect();
+                tracing::warn!(
+                    rooms = rooms.len(),
+                    "this relay's heartbeat had lapsed: its rooms announce their members again"
+                );
+                for to in rooms {
+                    let _ = to.send(FeedEvent::Lapsed).await;
+                }
+            }
+            Ok(_) => {}
         }
+        first = false;
         let known: Vec<u64> = feed.relays().keys().copied().collect();
         for relay in known {
             let mut exists = redis::cmd("EXISTS");
