@@ -22,7 +22,7 @@ export class MeshProvider {
   readonly client: MeshClient;
   readonly doc: Y.Doc;
   readonly awareness: Awareness | null;
-  /** Whether an update of this Y.Doc will never reach the room: the relay refused it for good (a room at its size limit, say), or it could not be sent (larger than the relay accepts, a closed client). Yjs applies a client's edits in order, so no other member shows this Y.Doc's edits from that one on. The error listeners hear it when it happens. A new Y.Doc loaded from the room (a new provider) shares edits again. */
+  /** Whether an update of this Y.Doc will never reach the room: the relay refused it for good (a room at its size limit, or a member that may only read: what its Y.Doc held before connecting that the room lacks, or an edit), or it could not be sent (larger than the relay accepts, a closed client). Yjs applies a client's edits in order, so no other member shows this Y.Doc's edits from that one on. The error listeners hear it when it happens. A new Y.Doc loaded from the room (a new provider) shares edits again. */
   readonly diverged: boolean;
   /** Calls `listener` when an update or the awareness state cannot be sent, the relay refuses an update of this Y.Doc for good (see `diverged`), another member's awareness state is refused (it does not decode, or speaks for a client id not its own), or the client has an `error` event (a `PanicError` stopped it: `diverged` turns true); returns a function that unsubscribes. Without listeners such errors go to `console.error`. */
   onError(listener: (error: Error) => void): () => void;

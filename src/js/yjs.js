@@ -136,7 +136,21 @@ export class MeshProvider {
     if (on.error) provider.onError(on.error);
     // What the Y.Doc holds before the room's updates arrive (loaded from y-indexeddb, say) goes
     // to the room too.
-    if (ydoc.store.clients.size > 0) provider.#queue(integratedState(ydoc));
+    if (ydoc.store.clients.size > 0) {
+      provider.#earlier = integratedState(ydoc);
+      provider.#roomUpdates = [];
+    }
+    const document = meshDocument(ydoc, provider);
+    const applyUpdate = document.applyUpdate;
+    document.applyUpdate = (update) => {
+      provider.#roomUpdates?.push(update);
+      provider.#applying += 1;
+      try {
+        applyUpdate(update);
+      } finally {
+        provider.#applying -= 1;
+      }
+    };
     try {
       provider.client = await MeshClient.connect({
         ...rest,
@@ -157,12 +171,13 @@ export class MeshProvider {
           // The client's errors reach the provider's listeners (`on.error` among them).
           error: (e) => provider.#clientError(e),
         },
-        document: meshDocument(ydoc, provider),
+        document,
       });
     } catch (e) {
       provider.#detach();
       throw e;
     }
+    provider.#sendEarlier();
     provider.#flush();
     provider.#announce();
     return provider;
@@ -183,7 +198,10 @@ export class MeshProvider {
    */
   diverged = false;
   #name;
-  #updates = [];
+  #updates = []; // [update, whether Yjs made it while applying a remote update]
+  #earlier = null; // the Y.Doc's state before connect, while it waits for the room's
+  #roomUpdates = null; // the room's updates applied while connecting, when #earlier waits
+  #applying = 0;
   #scheduled = false;
   #announceWanted = false;
   #nodes = new Map(); // node -> awareness client id
@@ -200,7 +218,9 @@ export class MeshProvider {
     this.#name = doc;
     this.awareness = awareness;
     this.#onUpdate = (update, origin) => {
-      if (origin !== this) this.#queue(update);
+      // One made while a remote update is applied is Yjs's own (it removes formatting marks
+      // that the remote edit left redundant), made alike on every replica that receives it.
+      if (origin !== this) this.#queue(update, this.#applying > 0);
     };
     ydoc.on("update", this.#onUpdate);
     if (awareness) {
@@ -286,9 +306,25 @@ export class MeshProvider {
     if (this.awareness) this.awareness.off("update", this.#onAwareness);
   }
 
-  #queue(update) {
-    this.#updates.push(update);
+  #queue(update, consequence = false) {
+    this.#updates.push([update, consequence]);
     this.#schedule();
+  }
+
+  /**
+   * Sends what the Y.Doc held before it connected. A member that may only read cannot send it:
+   * when the room holds all of it (the room's text as an earlier visit stored it), nothing is
+   * lost and nothing is said; what the room lacks is sent all the same, and refused as any edit
+   * of such a member is (`diverged`).
+   */
+  #sendEarlier() {
+    const earlier = this.#earlier;
+    const room = this.#roomUpdates;
+    this.#earlier = null;
+    this.#roomUpdates = null;
+    if (earlier === null) return;
+    if (this.client.readOnly && !adds(room, earlier)) return;
+    this.#updates.unshift([earlier, false]);
   }
 
   #schedule() {
@@ -306,9 +342,14 @@ export class MeshProvider {
     if (this.client === null || this.#updates.length === 0) return;
     const updates = this.#updates;
     this.#updates = [];
+    // What Yjs made itself while applying a remote update, every replica that received it makes
+    // too: a member that may only read leaves it to the writers (sent, it would be refused, and
+    // the Y.Doc counted as diverged for an edit no one made).
+    const readOnly = this.client.readOnly;
     // One at a time: the client merges what waits while the message fits the relay's limit.
     // Merged here, edits that each fit could make one that does not, and all would be lost.
-    for (const update of updates) {
+    for (const [update, consequence] of updates) {
+      if (consequence && readOnly) continue;
       try {
         this.client.sendUpdate(this.#name, update);
       } catch (e) {
@@ -409,6 +450,20 @@ export class MeshProvider {
         console.error("pattern-mesh/yjs: an error listener threw:", thrown);
       }
     }
+  }
+}
+
+/** Whether `update` adds anything (a block or a deletion) to a document made of `updates`. */
+function adds(updates, update) {
+  const scratch = new Y.Doc({ gc: false });
+  try {
+    for (const u of updates) Y.applyUpdate(scratch, u);
+    let added = false;
+    scratch.on("update", () => { added = true; });
+    Y.applyUpdate(scratch, update);
+    return added;
+  } finally {
+    scratch.destroy();
   }
 }
 

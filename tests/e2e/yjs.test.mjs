@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { createRequire } from "node:module";
 import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { root, startRelay } from "../support/relay.mjs";
+import { root, startRelay, signToken, nowSeconds } from "../support/relay.mjs";
 
 const require = createRequire(join(root, ".ci/package.json"));
 const { chromium } = require("playwright-core");
@@ -574,6 +574,70 @@ test("the README's Yjs example works as written", async () => {
     document.querySelector(".cm-content")?.textContent === "typed elsewhere" || document.querySelector(".cm-content")?.textContent));
   assert.deepEqual(page.problems, []);
   await Promise.all([page.close(), other.close()]);
+});
+
+test("a member that may only read is not taken for diverged: its Y.Doc's earlier state and Yjs's own cleanups are not sent", async () => {
+  // A viewer (a token that reads only) whose Y.Doc holds what the room holds (loaded by
+  // y-indexeddb, say) before it connects; and a writer that formats a word and deletes it:
+  // Yjs then removes the formatting marks on every other replica, in a transaction of its own.
+  // The viewer sent both as its edits, had them refused (`forbidden`) and counted its Y.Doc as
+  // diverged, with an error that blamed edits it never made.
+  const secret = "the provider's token test secret, 32";
+  const secured = await startRelay({ PM_AUTH_KEY: secret });
+  try {
+    const room = `viewer-${Date.now()}`;
+    const token = (access) => signToken(secret, { sub: access, room, access, exp: nowSeconds() + 600 });
+    const [writer, viewer] = [await blank(), await blank()];
+    await writer.evaluate(async ({ url, room, token }) => {
+      window.ydoc = new Y.Doc();
+      window.provider = await MeshProvider.connect(ydoc, { url, room, token });
+      ydoc.getText("content").insert(0, "plain bold plain");
+      ydoc.getText("content").format(6, 4, { bold: true });
+    }, { url: secured.url, room, token: token("write") });
+    const join = () => viewer.evaluate(async ({ url, room, token }) => {
+      window.heard = [];
+      const ydoc = new Y.Doc();
+      // What a y-indexeddb of an earlier visit would load: the room's text as it was.
+      if (window.earlier) Y.applyUpdate(ydoc, window.earlier);
+      window.ydoc = ydoc;
+      window.provider = await MeshProvider.connect(ydoc, { url, room, token, on: { error: (e) => heard.push(`${e.name}: ${e.message}`) } });
+      provider.client.on("refused", (r) => heard.push(`refused ${r.reason}: ${r.detail}`));
+    }, { url: secured.url, room, token: token("read") });
+    await join();
+    await until("the viewer has the text", () =>
+      viewer.evaluate(() => ydoc.getText("content").toString() === "plain bold plain" || ydoc.getText("content").toString()));
+    await viewer.evaluate(async () => {
+      window.earlier = Y.encodeStateAsUpdate(ydoc);
+      await provider.destroy();
+    });
+    await join();
+    await writer.evaluate(() => ydoc.getText("content").delete(6, 5));
+    await until("the viewer has the deletion", () =>
+      viewer.evaluate(() => ydoc.getText("content").toString() === "plain plain" || ydoc.getText("content").toString()));
+    // Two replicas that italicised the same word at once, merged into the writer's Y.Doc: the
+    // marks come twice, and every replica that receives them removes the extra ones.
+    await writer.evaluate(() => {
+      const base = Y.encodeStateAsUpdate(ydoc);
+      const [one, two] = [new Y.Doc(), new Y.Doc()];
+      for (const other of [one, two]) {
+        Y.applyUpdate(other, base);
+        other.getText("content").format(0, 5, { italic: true });
+      }
+      for (const other of [one, two]) Y.applyUpdate(ydoc, Y.encodeStateAsUpdate(other, Y.encodeStateVector(ydoc)));
+    });
+    await until("the viewer has the italics", () =>
+      viewer.evaluate(() => ydoc.getText("content").toDelta()[0]?.attributes?.italic === true || ydoc.getText("content").toDelta()));
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual(await viewer.evaluate(() => ({ heard, diverged: provider.diverged })), { heard: [], diverged: false });
+    // What the viewer's Y.Doc holds that the room does not is still refused, and said so.
+    await viewer.evaluate(() => ydoc.getText("content").insert(0, "mine "));
+    await until("the viewer's own edit is refused", () =>
+      viewer.evaluate(() => provider.diverged && heard.some((h) => h.startsWith("refused forbidden")) || heard));
+    await writer.close();
+    await viewer.close();
+  } finally {
+    await secured.stop();
+  }
 });
 
 test("the provider refuses bad arguments by name", async () => {
