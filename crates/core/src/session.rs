@@ -1812,6 +1812,9 @@ impl<R: Replica> Session<R> {
             _ => ("messages", "stay"),
         };
         if self.config.persist {
+            // Stored once more as closed: the driver then lets the record go, for the room's
+            // next client to take in.
+            self.changed();
             return self.finish(format!(
                 "{reason}; {pending} {messages} not acknowledged {stay} stored for the room's next client"
             ));
@@ -4106,8 +4109,15 @@ mod tests {
         h.now += 60_000;
         h.session.handle_timeout(h.now);
         assert!(h.pump(), "the session asks to connect");
+        let saves = h.saves;
         h.session
             .handle_closed(h.now, close::FORBIDDEN, "the access token has expired");
+        h.pump();
+        assert_eq!(
+            h.saves,
+            saves + 1,
+            "stored as closed, so that the record is let go"
+        );
         let events: Vec<Event> = std::iter::from_fn(|| h.session.poll_event()).collect();
         assert!(
             !events.iter().any(|e| matches!(e, Event::Refused { .. })),
