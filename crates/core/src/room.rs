@@ -1465,9 +1465,12 @@ impl RoomCore {
     /// presence: the other relays' members hear it join (a relay that had not struck it says
     /// nothing twice), and the room's list holds it again for relays that open the room later.
     pub fn announce_members(&mut self) {
+        // Not one another relay announced since: its client moved there, and its connection
+        // here is one it gave up.
         let mut here: Vec<(NodeId, String, Option<Bytes>)> = self
             .members
             .values()
+            .filter(|m| !self.remote.contains_key(&m.node))
             .map(|m| (m.node, m.name.clone(), m.presence.clone()))
             .collect();
         here.sort_unstable_by_key(|(node, ..)| *node);
@@ -4463,6 +4466,37 @@ mod tests {
                 ),
                 (presence, None),
             ]
+        );
+        // A member whose client went to another relay meanwhile (that relay announced it) is
+        // not announced from here: its connection here is one its client gave up.
+        let moved = Relayed {
+            relay: 9,
+            after: 0,
+            to: None,
+            high: 0,
+            bytes: Bytes::from(
+                Frame::PeerJoined {
+                    peer: peer(a.node, "a"),
+                }
+                .encode(),
+            ),
+        };
+        room.followed(0, &[], &[moved], true);
+        outputs(&mut room);
+        room.announce_members();
+        let announced: Vec<Frame> = outputs(&mut room)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Publish { bytes, .. } => Some(Frame::decode(&bytes).unwrap()),
+                _ => None,
+            })
+            .filter(|f| matches!(f, Frame::PeerJoined { .. }))
+            .collect();
+        assert_eq!(
+            announced,
+            [Frame::PeerJoined {
+                peer: peer(b.node, "b")
+            }]
         );
     }
 

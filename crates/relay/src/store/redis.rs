@@ -1071,6 +1071,12 @@ impl Feed {
     /// stand now, and its members on live relays (those of relays that died are struck off).
     pub async fn open(&self, room: &str) -> Result<(BusMark, RemoteMembers), StoreError> {
         let keys = Keys::of(room);
+        // The numbering first: a bus that went idle and expired keeps it, and its next entry
+        // follows it (read before the bus, so that an entry published between the two reads
+        // is found in the bus).
+        let mut numbered = redis::cmd("GET");
+        numbered.arg(&keys.bus_seq);
+        let numbered: Option<u64> = query(&self.conn, &numbered).await?;
         let mut last = redis::cmd("XREVRANGE");
         last.arg(&keys.bus).arg("+").arg("-").arg("COUNT").arg(1);
         let last = array(query::<Value>(&self.conn, &last).await?)?;
@@ -1081,7 +1087,7 @@ impl Feed {
             }
             None => BusMark {
                 id: "0-0".into(),
-                seq: Some(0),
+                seq: Some(numbered.unwrap_or(0)),
             },
         };
         let mut all = redis::cmd("HGETALL");
@@ -1184,7 +1190,12 @@ impl Feed {
 /// Renews this relay's heartbeat, and has the rooms hear of the relays whose heartbeat ended.
 async fn heartbeat_loop(feed: Feed) {
     let key = heartbeat_key(feed.relay);
-    let mut first = true;
+    let lasts = HEARTBEAT * 3;
+    let mut renewed: Option<std::time::Instant> = None;
+    // Announcements still to make after a lapse: two, as another relay may strike this one's
+    // members off a room just after the first (it found the heartbeat gone before this relay
+    // renewed it, and strikes room by room).
+    let mut announce = 0;
     loop {
         // `GET`: the heartbeat as it was, gone if it lapsed (this relay stalled, or lost Redis,
         // for longer than it lasts).
@@ -1192,26 +1203,32 @@ async fn heartbeat_loop(feed: Feed) {
         set.arg(&key)
             .arg(1)
             .arg("PX")
-            .arg(HEARTBEAT.as_millis() as u64 * 3)
+            .arg(lasts.as_millis() as u64)
             .arg("GET");
         match query::<Option<String>>(&feed.conn, &set).await {
             Err(error) => tracing::warn!(%error, "could not renew this relay's heartbeat"),
-            Ok(None) if !first => {
-                // Another relay may have taken this one for dead and struck its members off
-                // every room: each room announces its members again.
-                let rooms: Vec<mpsc::Sender<FeedEvent>> =
-                    feed.rooms().values().map(|w| w.to.clone()).collect();
-                tracing::warn!(
-                    rooms = rooms.len(),
-                    "this relay's heartbeat had lapsed: its rooms announce their members again"
-                );
-                for to in rooms {
-                    let _ = to.send(FeedEvent::Lapsed).await;
+            Ok(before) => {
+                // Gone, or last renewed longer ago than it lasts (as far as this relay knows:
+                // the answer to a renewal that found it gone may have been lost).
+                if renewed.is_some_and(|at| before.is_none() || at.elapsed() >= lasts) {
+                    tracing::warn!(
+                        "this relay's heartbeat had lapsed: its rooms announce their members again"
+                    );
+                    announce = 2;
                 }
+                renewed = Some(std::time::Instant::now());
             }
-            Ok(_) => {}
         }
-        first = false;
+        if announce > 0 {
+            announce -= 1;
+            // Another relay may have taken this one for dead and struck its members off every
+            // room: each room announces its members again.
+            let rooms: Vec<mpsc::Sender<FeedEvent>> =
+                feed.rooms().values().map(|w| w.to.clone()).collect();
+            for to in rooms {
+                let _ = to.send(FeedEvent::Lapsed).await;
+            }
+        }
         let known: Vec<u64> = feed.relays().keys().copied().collect();
         for relay in known {
             let mut exists = redis::cmd("EXISTS");
