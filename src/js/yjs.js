@@ -218,9 +218,10 @@ export class MeshProvider {
     this.#name = doc;
     this.awareness = awareness;
     this.#onUpdate = (update, origin) => {
-      // One made while a remote update is applied is Yjs's own (it removes formatting marks
-      // that the remote edit left redundant), made alike on every replica that receives it.
-      if (origin !== this) this.#queue(update, this.#applying > 0);
+      // Deletions only, made while a remote update is applied: Yjs's own (it removes the
+      // formatting marks that the remote edit left redundant), made alike on every replica
+      // that receives it. (An observer's edit that writes anything is not.)
+      if (origin !== this) this.#queue(update, this.#applying > 0 && deletesOnly(update));
     };
     ydoc.on("update", this.#onUpdate);
     if (awareness) {
@@ -323,7 +324,7 @@ export class MeshProvider {
     this.#earlier = null;
     this.#roomUpdates = null;
     if (earlier === null) return;
-    if (this.client.readOnly && !adds(room, earlier)) return;
+    if (readOnly(this.client) && !adds(room, earlier)) return;
     this.#updates.unshift([earlier, false]);
   }
 
@@ -345,11 +346,11 @@ export class MeshProvider {
     // What Yjs made itself while applying a remote update, every replica that received it makes
     // too: a member that may only read leaves it to the writers (sent, it would be refused, and
     // the Y.Doc counted as diverged for an edit no one made).
-    const readOnly = this.client.readOnly;
+    const reads = readOnly(this.client);
     // One at a time: the client merges what waits while the message fits the relay's limit.
     // Merged here, edits that each fit could make one that does not, and all would be lost.
     for (const [update, consequence] of updates) {
-      if (consequence && readOnly) continue;
+      if (consequence && reads) continue;
       try {
         this.client.sendUpdate(this.#name, update);
       } catch (e) {
@@ -450,6 +451,24 @@ export class MeshProvider {
         console.error("pattern-mesh/yjs: an error listener threw:", thrown);
       }
     }
+  }
+}
+
+/** Whether the client's member may only read (false for a client that can no longer say). */
+function readOnly(client) {
+  try {
+    return client.readOnly;
+  } catch {
+    return false;
+  }
+}
+
+/** Whether `update` only deletes (it holds no block). */
+function deletesOnly(update) {
+  try {
+    return Y.decodeUpdate(update).structs.length === 0;
+  } catch {
+    return false;
   }
 }
 

@@ -371,11 +371,15 @@ test("a panic in the module reaches the provider's error listeners, and the Y.Do
     provider.onError((e) => heard.push(`${e.name}: ${e.message}`));
     try { provider.client.__panicForTests("a test panic"); } catch {}
     await new Promise((r) => setTimeout(r, 200));
+    // An edit after it reaches the listeners too, not the page as an uncaught exception.
+    ydoc.getText("content").insert(0, "after the panic");
+    await new Promise((r) => setTimeout(r, 200));
     return { heard, diverged: provider.diverged };
   });
-  assert.equal(got.heard.length, 1, JSON.stringify(got.heard));
+  assert.equal(got.heard.length, 2, JSON.stringify(got.heard));
   assert.match(got.heard[0], /^PanicError: /);
   assert.equal(got.diverged, true);
+  assert.deepEqual(a.problems.filter((p) => !/unreachable|a test panic/.test(p)), []);
   await a.close();
 });
 
