@@ -235,7 +235,12 @@ export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updat
     let timer;
     const stalled = new Promise((_, reject) => {
       timer = setTimeout(() => {
-        try { tx.abort(); } catch {}
+        try {
+          tx.abort();
+        } catch {
+          // Committing already, or done: its own end is the answer.
+          return;
+        }
         reject(new Error(`the write did not complete within ${WRITE_LIMIT_MS / 1000} s (another page may hold the database); tried again`));
       }, WRITE_LIMIT_MS);
     });
