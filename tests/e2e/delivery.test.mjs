@@ -552,11 +552,8 @@ test("deleting the stored data while a tab holds it open neither hangs a new con
   await profile.close();
 });
 
-test("the browser clearing a tab's stored data under it: the tab says so once, and its edits still reach the room", async () => {
-  const room = `e2e-cleared-${Date.now()}`;
-  const profile = await browser.newContext();
-  const pages = [await packagePage(profile), await packagePage(profile)];
-  const [holder, other] = pages;
+/** Connects `holder` (with `persist`) and `other` (without) to `room`, each page's errors in `window.errors`. */
+async function holderAndOther(holder, other, room) {
   const url = `ws://127.0.0.1:${port}/ws`;
   for (const [page, persist] of [[holder, true], [other, false]]) {
     await page.evaluate(async ({ url, room, persist }) => {
@@ -565,6 +562,14 @@ test("the browser clearing a tab's stored data under it: the tab says so once, a
       client.on("error", (e) => errors.push(`${e.name}: ${e.message}`));
     }, { url, room, persist });
   }
+}
+
+test("the browser clearing a tab's stored data under it: the tab says so once, and its edits still reach the room", async () => {
+  const room = `e2e-cleared-${Date.now()}`;
+  const profile = await browser.newContext();
+  const pages = [await packagePage(profile), await packagePage(profile)];
+  const [holder, other] = pages;
+  await holderAndOther(holder, other, room);
   // The user clears the site's data, or a response says Clear-Site-Data: the browser closes
   // the database under the tab (no versionchange: no other page asked for it), while the tab
   // types, so that a write is cut short too.
@@ -593,14 +598,7 @@ test("a storage write another page holds up is given up and said so, and the edi
   const room = `e2e-held-${Date.now()}`;
   const profile = await browser.newContext();
   const [holder, other, blocker] = [await packagePage(profile), await packagePage(profile), await packagePage(profile)];
-  const url = `ws://127.0.0.1:${port}/ws`;
-  for (const [page, persist] of [[holder, true], [other, false]]) {
-    await page.evaluate(async ({ url, room, persist }) => {
-      window.errors = [];
-      window.client = await mesh.MeshClient.connect({ url, room, persist });
-      client.on("error", (e) => errors.push(`${e.name}: ${e.message}`));
-    }, { url, room, persist });
-  }
+  await holderAndOther(holder, other, room);
   // Another page of the origin keeps a read-write transaction on the client's stores open
   // (one request after another), so that the client's next write waits behind it.
   await blocker.evaluate(() => new Promise((resolve, reject) => {

@@ -2949,6 +2949,17 @@ mod tests {
         room.receive(now, conn, read);
     }
 
+    /// Another relay's publication that `peer` joined, read from the bus.
+    fn relayed_join(relay: u64, peer: Peer) -> Relayed {
+        Relayed {
+            relay,
+            after: 0,
+            to: None,
+            high: 0,
+            bytes: Bytes::from(Frame::PeerJoined { peer }.encode()),
+        }
+    }
+
     fn outputs(room: &mut RoomCore) -> Vec<Output> {
         std::iter::from_fn(|| room.poll_output()).collect()
     }
@@ -3209,21 +3220,13 @@ mod tests {
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         room.join(0, 2, req("b", None), [2; 16]).unwrap();
         outputs(&mut room);
-        let joined = Relayed {
-            relay: 9,
-            after: 0,
-            to: None,
-            high: 0,
-            bytes: Bytes::from(
-                Frame::PeerJoined {
-                    peer: Peer {
-                        node: a.node,
-                        name: "a".into(),
-                    },
-                }
-                .encode(),
-            ),
-        };
+        let joined = relayed_join(
+            9,
+            Peer {
+                node: a.node,
+                name: "a".into(),
+            },
+        );
         room.followed(5_000, &[], &[joined], true);
         send(&mut room, 9_000, 2, Bytes::from(Frame::Heartbeat.encode()));
         room.tick(12_000);
@@ -4469,19 +4472,7 @@ mod tests {
         );
         // A member whose client went to another relay meanwhile (that relay announced it) is
         // not announced from here: its connection here is one its client gave up.
-        let moved = Relayed {
-            relay: 9,
-            after: 0,
-            to: None,
-            high: 0,
-            bytes: Bytes::from(
-                Frame::PeerJoined {
-                    peer: peer(a.node, "a"),
-                }
-                .encode(),
-            ),
-        };
-        room.followed(0, &[], &[moved], true);
+        room.followed(0, &[], &[relayed_join(9, peer(a.node, "a"))], true);
         outputs(&mut room);
         room.announce_members();
         let announced: Vec<Frame> = outputs(&mut room)

@@ -1820,28 +1820,7 @@ impl<R: Replica> Session<R> {
             ));
         }
         let detail = format!("the client stopped before the relay acknowledged it: {reason}");
-        for sent in std::mem::take(&mut self.in_flight) {
-            self.emit(Event::Refused {
-                step: sent.stamp.step,
-                kind: sent.kind,
-                doc: sent.doc,
-                reason: Reason::Unavailable,
-                detail: detail.clone(),
-            });
-        }
-        self.resend = 0;
-        for waiting in std::mem::take(&mut self.waiting) {
-            if waiting.body.is_durable() {
-                self.emit(Event::Refused {
-                    step: 0,
-                    kind: waiting.body.kind(),
-                    doc: waiting.body.doc().map(str::to_owned),
-                    reason: Reason::Unavailable,
-                    detail: detail.clone(),
-                });
-            }
-        }
-        self.changed();
+        self.refuse_outbox(Reason::Unavailable, &detail, false);
         self.finish(format!("{reason}; {pending} {messages} not sent"));
     }
 
@@ -2373,10 +2352,20 @@ impl<R: Replica> Session<R> {
     /// a stored session whose token says it may only read keeps those it was restored with
     /// ([`Session::keeps_outbox`]).
     fn refuse_writes(&mut self) {
-        let detail = "this member's access token lets it read only".to_owned();
         let keep = self.keeps_outbox();
+        self.refuse_outbox(
+            Reason::Forbidden,
+            "this member's access token lets it read only",
+            keep,
+        );
+    }
+
+    /// Every stored message in the outbox leaves it with a [`Event::Refused`] for `reason`,
+    /// but those it was restored with when `keep_restored`; checkpoints and signals waiting
+    /// go, and sync requests stay.
+    fn refuse_outbox(&mut self, reason: Reason, detail: &str, keep_restored: bool) {
         for sent in std::mem::take(&mut self.in_flight) {
-            if keep && sent.restored {
+            if keep_restored && sent.restored {
                 self.in_flight.push_back(sent);
                 continue;
             }
@@ -2384,21 +2373,21 @@ impl<R: Replica> Session<R> {
                 step: sent.stamp.step,
                 kind: sent.kind,
                 doc: sent.doc,
-                reason: Reason::Forbidden,
-                detail: detail.clone(),
+                reason,
+                detail: detail.to_owned(),
             });
         }
         self.resend = 0;
         for waiting in std::mem::take(&mut self.waiting) {
             match waiting.body {
                 Body::SyncRequest { .. } => self.waiting.push_back(waiting),
-                _ if keep && waiting.restored => self.waiting.push_back(waiting),
+                _ if keep_restored && waiting.restored => self.waiting.push_back(waiting),
                 body if body.is_durable() => self.emit(Event::Refused {
                     step: 0,
                     kind: body.kind(),
                     doc: body.doc().map(str::to_owned),
-                    reason: Reason::Forbidden,
-                    detail: detail.clone(),
+                    reason,
+                    detail: detail.to_owned(),
                 }),
                 _ => {}
             }
