@@ -220,6 +220,45 @@ fn a_relay_refuses_a_redis_that_may_evict_its_keys() {
     let (_relay, _url) = relay(&redis);
 }
 
+/// Redis evicts a room's record while its log stays (a memory policy other than `noeviction`
+/// on a managed Redis that hides its settings, where the relay can only warn). The room was
+/// created again at position 0; its next append recorded the message's step for its node and
+/// then failed to log it; the client's resend was answered as stored. The edit was lost without
+/// a word. The relay now refuses to open a room whose record is gone while its log is not, and
+/// an append that could not be logged changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_record_redis_lost_is_refused_not_reset() {
+    let redis = Redis::start("redis-evicted");
+    let (_relays, urls) = relays(&redis, 1);
+    let typist = Client::connect(&urls[0], session("evicted", "typist"))
+        .await
+        .unwrap();
+    typist.insert("content", 0, "kept ").unwrap();
+    typist.settled(WAIT).await.unwrap();
+    assert_eq!(command(redis.port, "DEL pm:{evicted}:room"), ":1");
+    typist.insert("content", 5, "typed after").unwrap();
+    if typist.settled(Duration::from_secs(8)).await.is_ok() {
+        // Acknowledged: then the room's log holds it.
+        let late = join_at(&urls[0], "evicted", 0, 0, None).await;
+        assert_eq!(replayed_text(late.replay()), "kept typed after");
+        return;
+    }
+    // Not acknowledged: a join says why.
+    let options = pattern_mesh_client::JoinOptions {
+        room: "evicted".into(),
+        name: "late".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config: None,
+    };
+    let refused = pattern_mesh_client::Connection::join(&urls[0], options)
+        .await
+        .err()
+        .expect("the room is not opened again from nothing");
+    assert!(refused.to_string().contains("noeviction"), "{refused}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_spread_over_three_relays_see_one_order_with_the_same_positions() {
     let redis = Redis::start("redis-order");

@@ -59,9 +59,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-/// Opens a room, creating it unless it exists, and reserves a block of node ids.
+/// Opens a room, creating it unless it exists, and reserves a block of node ids. KEYS: room,
+/// log. A room whose record is gone while its log is not (Redis evicted the record) is not
+/// created again from nothing: its position would start over below the log's, and its stored
+/// messages would no longer be the room's.
 const OPEN: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    return {'lost'}
+  end
   redis.call('HSET', KEYS[1], 'seed', ARGV[1], 'multiplier', ARGV[2], 'reset', ARGV[3],
     'future', ARGV[4], 'stale', ARGV[5], 'high', 0, 'position', 0, 'next_node', 1,
     'log', ARGV[6], 'bytes', 0, 'snapshot', 0)
@@ -80,6 +86,12 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 /// the last one; it drops the document entries it holds (never data entries).
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'gone'}
+end
+-- The log's last entry is below the room's next position, or the record is not this log's:
+-- checked before anything is written, so that an append that cannot be logged changes nothing.
+local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+if top and tonumber(string.match(top[1], '^(%d+)')) > tonumber(redis.call('HGET', KEYS[1], 'position')) then
   return {'gone'}
 end
 if ARGV[4] == '1' then
@@ -800,6 +812,7 @@ impl Store for RedisStore {
             getrandom::fill(&mut log).map_err(|e| StoreError::Backend(e.to_string()))?;
             let log = (u64::from_le_bytes(log) >> 11).max(1);
             let mut open = scripts.open.key(&keys.room);
+            open.key(&keys.log);
             open.arg(config.pattern.seed)
                 .arg(config.pattern.multiplier)
                 .arg(config.pattern.reset_interval)
@@ -808,7 +821,16 @@ impl Store for RedisStore {
                 .arg(log)
                 .arg(NODE_BLOCK);
             let answer: Value = invoke(&conn, &open).await?;
-            let mut parts = array(answer)?.into_iter();
+            let mut parts = array(answer)?.into_iter().peekable();
+            if parts
+                .peek()
+                .is_some_and(|first| matches!(first, Value::BulkString(b) if b == b"lost"))
+            {
+                return Err(StoreError::Corrupt(
+                    // First what a close reason (123 bytes) keeps.
+                    "Redis evicted the record, not the log: use noeviction; the room is not opened again from nothing".into(),
+                ));
+            }
             let (Some(ending), Some(fields)) = (parts.next(), parts.next()) else {
                 return Err(corrupt("a room without its fields"));
             };
