@@ -3114,6 +3114,16 @@ mod tests {
         }
 
         /// Stores the session as a driver would, and carries out what follows.
+        /// The details of the anomalies among the events waiting (the others go).
+        fn anomalies(&mut self) -> Vec<String> {
+            std::iter::from_fn(|| self.session.poll_event())
+                .filter_map(|e| match e {
+                    Event::Anomaly(a) => Some(a.detail),
+                    _ => None,
+                })
+                .collect()
+        }
+
         fn store(&mut self) -> Saved {
             let saved = self.session.saved();
             self.session.handle_saved(self.now, saved.stored());
@@ -4399,14 +4409,8 @@ mod tests {
         h.joined(3, RoomConfig::default(), (0, 1), None);
         std::iter::from_fn(|| h.session.poll_event()).for_each(drop);
         assert_eq!(h.session.take_in(h.now, &saved), 1);
-        let anomalies: Vec<String> = std::iter::from_fn(|| h.session.poll_event())
-            .filter_map(|e| match e {
-                Event::Anomaly(a) => Some(a.detail),
-                _ => None,
-            })
-            .collect();
         assert_eq!(
-            anomalies,
+            h.anomalies(),
             ["1 message a closed tab left stored did not decode and is lost"]
         );
 
@@ -4415,14 +4419,8 @@ mod tests {
         let mut config = config;
         config.restore = Some(own);
         let mut reopened = Harness::of(config, SharedDoc::with_client_id(2));
-        let anomalies: Vec<String> = std::iter::from_fn(|| reopened.session.poll_event())
-            .filter_map(|e| match e {
-                Event::Anomaly(a) => Some(a.detail),
-                _ => None,
-            })
-            .collect();
         assert_eq!(
-            anomalies,
+            reopened.anomalies(),
             ["1 stored outbox messages did not decode and are lost"]
         );
     }
