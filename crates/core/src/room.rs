@@ -193,6 +193,15 @@ pub enum Read {
         /// Which limit.
         detail: String,
     },
+    /// A fence over a limit outside the room (see [`Read::Throttled`]): one that ends a gap is
+    /// taken all the same (a fence must never be what keeps a refused message from being sent
+    /// again); any other is refused as `rateLimited`.
+    ThrottledFence {
+        /// The fence's step.
+        step: Step,
+        /// Which limit.
+        detail: String,
+    },
 }
 
 impl Reader {
@@ -2074,22 +2083,41 @@ impl RoomCore {
                 detail,
             } => return self.malformed(conn, step, reason, detail),
             Read::Throttled { step, detail } => return self.limited(conn, step, detail),
+            Read::ThrottledFence { step, detail } => {
+                if self.members.get(&conn).is_none_or(|m| m.gap.is_none()) {
+                    return self.limited(conn, 0, detail);
+                }
+                let fence = Positioned {
+                    position: None,
+                    frame: Frame::Fence { step },
+                };
+                (fence, Bytes::new(), 1)
+            }
             Read::Frame { frame, bytes, cost } => (frame, bytes, cost),
         };
         let Some(member) = self.members.get_mut(&conn) else {
             return;
         };
-        member.malformed = 0;
         let node = member.node;
         let access = member.access;
         let had_gap = member.gap.take();
         if let Frame::Fence { step } = positioned.frame {
             // A fence that ends a gap is free: it must never be what starves the message
-            // sent again after it. One that ends nothing costs a token like any frame.
-            if had_gap.is_none() {
-                if let Some(state) = self.nodes.get_mut(&node) {
-                    state.rate.try_take(now);
-                }
+            // sent again after it. One that ends nothing costs a token like any frame (no
+            // client sends one: a member that does so over its rate is refused, and closed
+            // if it goes on). Nor does a fence clear the count of malformed frames: each
+            // opens a gap that the next fence would end.
+            if had_gap.is_none()
+                && !self
+                    .nodes
+                    .get_mut(&node)
+                    .is_some_and(|state| state.rate.try_take(now))
+            {
+                let detail = format!(
+                    "over {} frames per second, with fences that end no refusal",
+                    self.limits.rate
+                );
+                return self.limited(conn, 0, detail);
             }
             self.outputs.push_back(Output::Send {
                 to: conn,
@@ -2098,6 +2126,7 @@ impl RoomCore {
             return;
         }
         member.gap = had_gap;
+        member.malformed = 0;
         let step = positioned.frame.stamp().map_or(0, |s| s.step);
         if let Some(receiving) = &mut self.receiving {
             receiving.step = Some(step);
@@ -2113,7 +2142,9 @@ impl RoomCore {
             .is_some_and(|state| state.rate.try_take_n(cost, now));
         if !passed && positioned.frame == Frame::Heartbeat {
             // Heard, and not answered: a refusal would open a gap that the client's stamped
-            // frames then fall into, for a frame that only says it is alive.
+            // frames then fall into, for a frame that only says it is alive. (Counted: a
+            // member that keeps sending them over the rate is closed.)
+            self.over_rate(conn);
             return;
         }
         if !passed {
@@ -2225,28 +2256,40 @@ impl RoomCore {
     /// times within a second (each time after its fence) does not pace itself, whatever it is
     /// told: it is closed.
     fn limited(&mut self, conn: ConnId, step: Step, detail: String) {
-        let now = self.now;
-        let allowed = self.limits.rate + self.limits.burst;
-        let Some(member) = self.members.get_mut(&conn) else {
+        let Some(member) = self.members.get(&conn) else {
             return;
         };
         if let Some(gap) = member.gap {
             return self.out_of_order(conn, step, gap);
         }
+        if !self.over_rate(conn) {
+            self.refuse(conn, step, Reason::RateLimited, detail);
+        }
+    }
+
+    /// Counts a frame of `conn` over a rate: a member that sends more of them in a second than
+    /// the rate and its burst allow is closed. Returns whether it was.
+    fn over_rate(&mut self, conn: ConnId) -> bool {
+        let now = self.now;
+        let allowed = self.limits.rate + self.limits.burst;
+        let Some(member) = self.members.get_mut(&conn) else {
+            return true;
+        };
         if now.saturating_sub(member.limited_since) >= 1_000 {
             member.limited_since = now;
             member.limited = 0;
         }
         member.limited += 1;
-        if member.limited > allowed {
-            self.validator.record(Reason::RateLimited);
-            return self.drop_member(
-                conn,
-                close::RATE_LIMITED,
-                "kept sending over the rate limit",
-            );
+        if member.limited <= allowed {
+            return false;
         }
-        self.refuse(conn, step, Reason::RateLimited, detail);
+        self.validator.record(Reason::RateLimited);
+        self.drop_member(
+            conn,
+            close::RATE_LIMITED,
+            "kept sending over the rate limit",
+        );
+        true
     }
 
     /// The writer a sync request to everyone from `asker` goes to: the next one in turn, never

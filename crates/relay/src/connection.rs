@@ -14,7 +14,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::SinkExt;
 use pattern_mesh_core::room::{Access, ConnId, JoinRequest, Read, Reader};
-use pattern_mesh_core::wire::{close, part, Frame, Reason};
+use pattern_mesh_core::wire::{close, part, Frame, Positioned, Reason};
 use tokio::sync::mpsc;
 
 use super::auth::{Denied, Grant};
@@ -406,6 +406,8 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
         address: peer.address(),
     };
     let mut told = std::time::Instant::now();
+    // Frames over the address's budgets in the current second, and when it began.
+    let mut over = (0u64, 0u64);
     loop {
         tokio::select! {
             _ = stopping(&mut shutdown) => {
@@ -473,10 +475,22 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                         // alive.
                         _ => Read::Pending,
                     },
-                    // A fence is free: it must never be what keeps a refused message from being
-                    // sent again. A heartbeat over the budgets is heard and not answered:
-                    // refused, it would open a gap. (The parts before a message's last were
-                    // counted as they came.)
+                    // A fence over the budgets goes to the room all the same: one that ends a
+                    // gap must never be what keeps a refused message from being sent again
+                    // (the room refuses any other). A heartbeat over them is heard and not
+                    // answered: refused, it would open a gap. (The parts before a message's
+                    // last were counted as they came.)
+                    Read::Frame {
+                        frame:
+                            Positioned {
+                                frame: Frame::Fence { step },
+                                ..
+                            },
+                        ..
+                    } if peer.take(None, relay.now_ms()).is_err() => Read::ThrottledFence {
+                        step,
+                        detail: over_address(&relay, Over::Frames),
+                    },
                     Read::Frame { frame, bytes, cost }
                         if !matches!(frame.frame, Frame::Fence { .. }) =>
                     {
@@ -485,15 +499,48 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                         let bytes_cost = (frame.frame != Frame::Heartbeat).then_some(size);
                         match peer.take(bytes_cost, relay.now_ms()) {
                             Ok(()) => Read::Frame { frame, bytes, cost },
-                            Err(_) if frame.frame == Frame::Heartbeat => Read::Alive,
+                            Err(Over::Frames) if frame.frame == Frame::Heartbeat => {
+                                over.1 += 1;
+                                Read::Alive
+                            }
                             Err(over) => Read::Throttled {
                                 step: frame.frame.stamp().map_or(0, |s| s.step),
                                 detail: over_address(&relay, over),
                             },
                         }
                     }
+                    // Bytes that are not a frame cost what any frame does.
+                    Read::Refused {
+                        step,
+                        reason,
+                        detail,
+                    } => match peer.take(Some(size), relay.now_ms()) {
+                        Ok(()) => Read::Refused {
+                            step,
+                            reason,
+                            detail,
+                        },
+                        Err(over) => Read::Throttled {
+                            step,
+                            detail: over_address(&relay, over),
+                        },
+                    },
                     read => read,
                 };
+                if matches!(read, Read::Throttled { .. } | Read::ThrottledFence { .. }) {
+                    over.1 += 1;
+                }
+                // Whatever the room makes of them, a connection that keeps sending over its
+                // address's budgets (heartbeats, which are never answered over them, say) is
+                // closed: twice the address's rate in one second.
+                let now = relay.now_ms();
+                if now.saturating_sub(over.0) >= 1_000 {
+                    over = (now, 0);
+                } else if over.1 > 2 * relay.config.ip_rate {
+                    drop(leave);
+                    let reason = "kept sending over its address's rate limit";
+                    return close(socket, close::RATE_LIMITED, reason).await;
+                }
                 if commands.send(Command::Frame { conn, read }).await.is_err() {
                     return close(socket, close::INTERNAL, "the room stopped; reconnect to resume").await;
                 }

@@ -1529,3 +1529,63 @@ async fn a_document_diverged_by_another_members_write_is_repaired_in_place() {
     drop(attacker);
     server.stop().await;
 }
+
+/// Sends `count` rounds of `frames` (raw bytes) as fast as the socket takes them, reading
+/// nothing; returns how the relay closed the connection.
+async fn flood(member: &mut Member, count: usize, frames: &[Vec<u8>]) -> (u16, String) {
+    'sending: for _ in 0..count {
+        for frame in frames {
+            if member.conn.send_bytes(frame.clone()).await.is_err() {
+                break 'sending;
+            }
+        }
+    }
+    loop {
+        match member.conn.recv_within(WAIT).await {
+            Ok(_) => continue,
+            Err(ClientError::Closed { code, reason }) => return (code, reason),
+            Err(e) => panic!("no close: {e}"),
+        }
+    }
+}
+
+/// A member (one that may only read would do) sends fences that end no gap, each echoed, bytes
+/// that are not a frame with a fence after each (which cleared the count of malformed frames),
+/// or heartbeats: none cost the address's budget, and over the node's rate a fence was echoed
+/// and a heartbeat ignored, so one member kept the room's task and the relay's workers busy
+/// with millions of frames a second, and no connection was ever closed. A fence that ends no
+/// gap now costs a frame like any other, a fence does not clear the count of malformed frames,
+/// and whoever keeps sending over the node's rate, or over its address's, is closed with 4001.
+#[tokio::test]
+async fn fences_heartbeats_and_undecodable_frames_cost_a_frame_like_any_other() {
+    use pattern_mesh_core::wire::close;
+    let fence = Frame::Fence { step: 0 }.encode();
+    let heartbeat = Frame::Heartbeat.encode();
+    let server = start("fences", |c| {
+        c.max_rate = 50;
+        c.ip_rate = 100_000;
+    })
+    .await;
+    for frames in [vec![fence.clone()], vec![heartbeat.clone()]] {
+        let mut a = join(&server, "r", 0, None).await;
+        let (code, reason) = flood(&mut a, 20_000, &frames).await;
+        assert_eq!(code, close::RATE_LIMITED, "over the node's rate: {reason}");
+    }
+    let mut b = join(&server, "r", 0, None).await;
+    let (code, reason) = flood(&mut b, 20_000, &[vec![0xFF], fence.clone()]).await;
+    assert_eq!(code, close::POLICY, "{reason}");
+    assert!(reason.contains("malformed"), "{reason}");
+    server.stop().await;
+
+    let server = start("fences-ip", |c| {
+        c.max_rate = 100_000;
+        c.ip_rate = 100;
+    })
+    .await;
+    for frames in [vec![fence.clone()], vec![heartbeat.clone()]] {
+        let mut a = join(&server, "r", 0, None).await;
+        let (code, reason) = flood(&mut a, 20_000, &frames).await;
+        assert_eq!(code, close::RATE_LIMITED, "over the address's: {reason}");
+    }
+    server.stop().await;
+}
