@@ -103,6 +103,10 @@ struct Scenario {
     /// older than this many steps are `stale`. Document messages never are, nor is anything
     /// from the log.
     stale_window: Option<u64>,
+    /// How far ahead of the room's step a message may be stamped: 1,000 by default, far less
+    /// in a tenth of the rooms, where the steps of messages to one member (sync requests and
+    /// answers, which the room's step does not count) soon take a clock that far ahead.
+    max_future: u64,
 }
 
 /// What can go wrong, and when.
@@ -187,6 +191,7 @@ impl Scenario {
             knows_read_only: false,
             heartbeat: 15_000,
             stale_window: None,
+            max_future: RoomConfig::default().max_future,
         }
         .with_random_faults(rng);
         // Drawn last, so that the draws above give what they gave before storage existed.
@@ -239,6 +244,10 @@ impl Scenario {
         }
         // Drawn last, as above.
         scenario.knows_read_only = scenario.read_only.is_some() && rng.chance(0.5);
+        // Drawn last, as above.
+        if rng.chance(0.1) {
+            scenario.max_future = rng.range(8, 40);
+        }
         scenario
     }
 
@@ -246,6 +255,7 @@ impl Scenario {
     fn room_config(&self) -> RoomConfig {
         RoomConfig {
             stale_window: self.stale_window,
+            max_future: self.max_future,
             ..RoomConfig::default()
         }
     }
@@ -314,6 +324,7 @@ impl Scenario {
             knows_read_only: false,
             heartbeat: 15_000,
             stale_window: None,
+            max_future: RoomConfig::default().max_future,
         }
     }
 }

@@ -2515,14 +2515,14 @@ impl RoomCore {
             },
             _ => body.recipient(),
         };
-        if stamp.step > self.high && to.is_none() && !self.shared {
+        if stamp.step > self.high && body.moves_step() && !self.shared {
             self.high += 1;
         }
         if !body.is_durable() {
             if self.shared && !to.is_some_and(|node| self.is_member_here(node)) {
                 // For the members on other relays, now: in the order of this relay's appends,
                 // the store puts it after the appends handed to it before, and before the next.
-                let step = if to.is_none() { stamp.step } else { 0 };
+                let step = if body.moves_step() { stamp.step } else { 0 };
                 self.publish_stamped(to, self.awaited, bytes.clone(), None, step);
             }
             if self.pending.is_empty() {

@@ -501,6 +501,9 @@ pub struct Session<R> {
     renew_due: Option<Step>,
     /// A new identity did not bring the clock back to the room's: no more are asked for.
     renew_futile: bool,
+    /// This node is a new identity that has had nothing stored yet: a `futureStep` refusal
+    /// of its messages is not answered with yet another one (see [`Session::on_reject`]).
+    renew_unproven: bool,
     /// The relay refused a write of this connection as `forbidden` (a read-only token): no
     /// checkpoints go out until the next connection.
     forbidden: bool,
@@ -586,6 +589,7 @@ impl<R: Replica> Session<R> {
             renew: false,
             renew_due: None,
             renew_futile: false,
+            renew_unproven: false,
             save_due: false,
             unstored: Vec::new(),
             forbidden: false,
@@ -1534,8 +1538,8 @@ impl<R: Replica> Session<R> {
     }
 
     /// Drops the connection and joins again at once without the resume token, as a new node:
-    /// the clock runs `ahead` steps ahead of the room's, and the relay cannot say where this
-    /// node's steps stopped.
+    /// the clock runs `ahead` steps ahead of the room's, and the relay cannot bring it back
+    /// (it cannot say where this node's steps stopped, or they stopped that far ahead).
     fn renew_identity(&mut self, now: u64, ahead: Step) {
         self.renew = true;
         self.renew_due = None;
@@ -1549,8 +1553,8 @@ impl<R: Replica> Session<R> {
         self.down_until(
             now.saturating_add(RENEW_WAIT),
             format!(
-                "this node's steps ran {ahead} ahead of the room's, and the relay could not say \
-                 where they stopped: joining again as a new node"
+                "this node's steps ran {ahead} or more ahead of the room's, which no longer \
+                 takes what it stamps: joining again as a new node"
             ),
         );
     }
@@ -2068,13 +2072,24 @@ impl<R: Replica> Session<R> {
         // may have taken some) gives no floor to bring it back: each reopening took the clock
         // further ahead, until the room refused all it stamped as `futureStep`. A new node's
         // steps start at the room's (its welcome's floor brings the clock there).
-        let ahead = self.clock.local().saturating_sub(high);
+        // Where the clock will be: at the welcome's floor if there is one (see `settle_clock`),
+        // which may be far ahead too (the relay took that many steps of this node that the
+        // room's step does not count).
+        let ahead = match floor {
+            Some(floor) => self
+                .in_flight
+                .iter()
+                .map(|sent| sent.stamp.step)
+                .fold(floor, Step::max)
+                .saturating_sub(high),
+            None => self.clock.local().saturating_sub(high),
+        };
         // Far enough ahead that the room may soon refuse what it stamps (`max_future`), or, in
         // a real-time room, that it drops what the others stamp as too old (`stale_window`:
         // they stamp above the room's step).
         let limit = (config.max_future / 2).min(config.stale_window.unwrap_or(u64::MAX));
         self.renew_due = None;
-        if floor.is_none() && self.token == Some(resume) && ahead > limit && !self.renew_futile {
+        if self.token == Some(resume) && ahead > limit && !self.renew_futile {
             if !self.data_in_flight() {
                 return self.renew_identity(now, ahead);
             }
@@ -2084,6 +2099,7 @@ impl<R: Replica> Session<R> {
             self.renew_due = Some(ahead);
         }
         let renewed = std::mem::take(&mut self.renew);
+        self.renew_unproven = renewed;
         if self.token.is_some_and(|token| token != resume) {
             // The relay no longer knows this node (it gave a new token, and maybe a new id):
             // what was sent under the old identity is stamped again under the new one (its fate
@@ -2275,6 +2291,34 @@ impl<R: Replica> Session<R> {
             }
             // Refused because an earlier frame was: it is sent again after the fence.
             Reason::OutOfOrder if self.hold.is_some() || self.unechoed > 0 => {}
+            // Stamped further ahead of the room's step than the room allows: this node's clock
+            // ran ahead of it (steps the room's step does not count, a floor that high), and
+            // all it stamps would be refused the same way. The message is not lost: it and
+            // what this connection sent after it (refused until the fence) go out again under
+            // a new node, whose steps start at the room's. (Not for a node that is new already
+            // and had nothing stored: joining again would not help.)
+            Reason::FutureStep if index.is_some() && !self.renew_unproven => {
+                self.anomaly(Source::Relay, reason, detail, step, None);
+                let from = index.expect("matched on its presence");
+                let unsent: Vec<Waiting> = self
+                    .in_flight
+                    .drain(from..)
+                    .filter_map(|sent| {
+                        decode_message(&sent.bytes).ok().map(|stamped| Waiting {
+                            body: stamped.body,
+                            restored: sent.restored,
+                        })
+                    })
+                    .collect();
+                for waiting in unsent.into_iter().rev() {
+                    self.waiting.push_front(waiting);
+                }
+                self.resend = self.resend.min(self.in_flight.len());
+                self.changed();
+                let ahead = self.room.map_or(0, |room| room.max_future) + 1;
+                self.renew_due = Some(ahead);
+                self.hold_from(now, step, 0);
+            }
             _ if reason.is_transient() => {
                 self.anomaly(Source::Relay, reason, detail, step, None);
                 self.refusals = self.refusals.saturating_add(1);
@@ -2333,6 +2377,7 @@ impl<R: Replica> Session<R> {
     /// drops with each `rateLimited`).
     fn delivered(&mut self, now: u64) {
         self.refusals = 0;
+        self.renew_unproven = false;
         if self.pace < 1.0 {
             self.pace = (self.pace * 1.02).min(1.0);
             self.repace(now);
@@ -2504,8 +2549,13 @@ impl<R: Replica> Session<R> {
                 Some(stamp.sender),
             );
         }
-        let advance = self.clock.accept(stamp.step);
-        self.step_event(advance);
+        // Only what every member receives moves the clock, as it moves the room's step (see
+        // `Body::moves_step`).
+        let entered_phase = body.moves_step() && {
+            let advance = self.clock.accept(stamp.step);
+            self.step_event(advance);
+            advance.entered_phase.is_some()
+        };
         let open = self.link == Link::Open;
         match body {
             // What the application had before a repair, come again in the catch-up from the
@@ -2615,7 +2665,7 @@ impl<R: Replica> Session<R> {
                 }
             }
         }
-        if advance.entered_phase.is_some() && open {
+        if entered_phase && open {
             self.checkpoint();
         }
     }
@@ -2733,8 +2783,8 @@ impl<R: Replica> Session<R> {
             return None;
         }
         if self.renew_due.is_some() {
-            // Data waits for the new node (see `on_welcome`).
-            waiting = waiting.filter(|w| !matches!(w.body, Body::Data { .. }));
+            // What waits goes under the new node (see `on_welcome`).
+            waiting = None;
         }
         waiting.map(|w| {
             // The stamp takes at most 30 bytes.
@@ -3531,6 +3581,32 @@ mod tests {
         h.reconnect();
         h.welcome(3, 2, (11, 1), None);
         assert_eq!(h.session.status(), Status::Open);
+    }
+
+    /// A node whose steps the relay took far ahead of the room's step (steps of messages to one
+    /// member, which the room's step does not count) is welcomed back with a floor that high:
+    /// the floor kept its clock there, and every reconnect left it as far ahead, until the
+    /// room refused all it stamped. Such a floor is no help: the node joins again as a new one.
+    #[test]
+    fn a_node_whose_floor_is_far_ahead_of_the_room_joins_again_as_a_new_node() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        h.reconnect();
+        h.welcome(2, 1, (10, 1), Some(700));
+        assert_eq!(h.session.status(), Status::Reconnecting);
+        h.now += RENEW_WAIT;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session.handle_connected(h.now);
+        h.pump();
+        assert_eq!(last_join(&h), Some(None), "without its token");
+        h.welcome(3, 2, (10, 1), Some(10));
+        assert_eq!((h.session.node(), h.session.step()), (3, 10));
+        // A floor within half of `max_future` brings the clock there, as before.
+        h.reconnect();
+        h.welcome(3, 2, (10, 1), Some(400));
+        assert_eq!(h.session.status(), Status::Open);
+        assert_eq!(h.session.step(), 400);
     }
 
     /// In a real-time room, a clock ahead of the room's by more than the stale window takes a

@@ -1589,3 +1589,105 @@ async fn fences_heartbeats_and_undecodable_frames_cost_a_frame_like_any_other() 
     }
     server.stop().await;
 }
+
+/// A room whose steps may run `max_future` ahead.
+fn session_ahead(name: &str, max_future: u64) -> pattern_mesh_core::session::SessionConfig {
+    let mut config = session("doc", name);
+    config.room_config = Some(RoomConfig {
+        max_future,
+        ..RoomConfig::default()
+    });
+    config
+}
+
+/// Waits until a late joiner's copy of the room's text is `want`.
+async fn late_text_is(server: &Server, want: &str) {
+    let url = format!("ws://{}/ws", server.addr);
+    let late = Client::connect(&url, session_ahead("late", 20))
+        .await
+        .unwrap();
+    let wait = tokio::time::Instant::now() + Duration::from_secs(10);
+    while late.text("content") != want && tokio::time::Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(late.text("content"), want);
+}
+
+/// A member (one that may only read would do: a sync request needs no write access) sends the
+/// writer, by name, more sync requests than the room's steps may run ahead, each a step further,
+/// each asking nothing the writer could answer. The relay's room step never counts a message to
+/// one member, but the writer's clock moved one step with each: its next edits were stamped past
+/// what the room accepts, and each was refused as `futureStep` and lost. A sync message now
+/// moves no one's step.
+#[tokio::test]
+async fn sync_requests_to_one_member_do_not_push_its_steps_past_the_room() {
+    let server = start("pushed", |_| {}).await;
+    let url = format!("ws://{}/ws", server.addr);
+    let mut writer = Client::connect(&url, session_ahead("writer", 20))
+        .await
+        .unwrap();
+    writer.insert("content", 0, "first").unwrap();
+    writer.settled(Duration::from_secs(10)).await.unwrap();
+    let node = writer.node();
+    let vector = writer.with_session(|s, _| s.replica().state_vector());
+    let mut attacker = join(&server, "doc", 0, None).await;
+    for _ in 0..25 {
+        let frame = Frame::stamped(
+            attacker.stamp(),
+            Body::SyncRequest {
+                doc: "*".into(),
+                state_vector: vector.clone(),
+                to: node,
+            },
+        );
+        attacker.send(&frame).await;
+    }
+    attacker.fence().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    writer.insert("content", 5, " second").unwrap();
+    writer.settled(Duration::from_secs(10)).await.unwrap();
+    let refused: Vec<Event> = writer
+        .take_events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Refused { .. }))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(writer.node(), node, "no new identity was needed");
+    late_text_is(&server, "first second").await;
+    server.stop().await;
+}
+
+/// A member asks the writer for the whole document, again and again, in a room whose steps
+/// may run 4 ahead: each answer took the writer a step that the room's step does not count,
+/// until its edits were stamped past what the room accepts and refused as `futureStep`, for
+/// good (joining again did not help: the relay's floor kept the clock there). A writer
+/// refused that way now joins again as a new node and sends the edit again: nothing is lost.
+#[tokio::test]
+async fn a_writer_whose_answers_ran_its_steps_ahead_loses_no_edit() {
+    let server = start("answers", |_| {}).await;
+    let url = format!("ws://{}/ws", server.addr);
+    let writer = Client::connect(&url, session_ahead("writer", 4))
+        .await
+        .unwrap();
+    writer.insert("content", 0, "first").unwrap();
+    writer.settled(Duration::from_secs(10)).await.unwrap();
+    let node = writer.node();
+    let mut asker = join(&server, "doc", 0, None).await;
+    for _ in 0..10 {
+        let frame = Frame::stamped(
+            asker.stamp(),
+            Body::SyncRequest {
+                doc: "*".into(),
+                state_vector: vec![0],
+                to: node,
+            },
+        );
+        asker.send(&frame).await;
+        // Answered, until the writer's answers run past what the room accepts.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.insert("content", 5, " second").unwrap();
+    writer.settled(Duration::from_secs(10)).await.unwrap();
+    late_text_is(&server, "first second").await;
+    server.stop().await;
+}

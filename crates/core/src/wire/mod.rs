@@ -610,6 +610,16 @@ impl Body {
             _ => None,
         }
     }
+
+    /// Whether the room's step counts this message (see `crate::clock`): whether it goes to
+    /// every member. A sync request never does (the relay gives one to everyone to one
+    /// writer), nor does a message for one node. The relay moves the room's step by the same
+    /// rule as every receiver moves its clock: a member that sent one node many such messages
+    /// pushed that node's clock past the room's step, and the room then refused each of its
+    /// edits as `futureStep`.
+    pub fn moves_step(&self) -> bool {
+        !matches!(self, Body::SyncRequest { .. }) && self.recipient().is_none()
+    }
 }
 
 /// A stamped message: its stamp and its body.
