@@ -123,6 +123,7 @@ impl Auth {
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = 0;
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Ok(Self { key, validation })
@@ -142,6 +143,9 @@ impl Auth {
                     reason: "the access token expired".into(),
                 },
                 ErrorKind::InvalidSignature => denied("the access token's signature is not valid"),
+                ErrorKind::ImmatureSignature => {
+                    denied("the access token is not valid yet (its nbf claim)")
+                }
                 ErrorKind::InvalidAlgorithm => {
                     denied("the access token is signed with another algorithm than this relay's")
                 }

@@ -265,10 +265,17 @@ async fn handshake(
     if let Some(grant) = grant {
         let admitted = grant.and_then(|grant| grant.admits(&room).map(|()| grant));
         match admitted {
+            // Checked at the upgrade, it may have expired while the join was on its way.
+            Ok(grant) if grant.remaining().is_zero() => {
+                relay.metrics.refused_tokens.fetch_add(1, Relaxed);
+                return refuse(socket, close::TOKEN_EXPIRED, "the access token expired").await;
+            }
             Ok(grant) => {
                 tracing::debug!(%room, user = %grant.user, write = grant.access.write, "token accepted");
                 if let Some(name) = grant.name.clone() {
-                    request.name = name;
+                    // At most the bytes a name may have (every welcome lists it, and no client
+                    // decodes a longer one), cut between two characters.
+                    request.name = cut_name(name, relay.config.limits.max_name);
                 }
                 request.access = grant.access;
                 expires = Some(tokio::time::Instant::now() + grant.remaining());
@@ -630,6 +637,18 @@ fn over_address(relay: &Relay, over: Over) -> String {
             relay.config.ip_rate
         ),
     }
+}
+
+/// `name`, cut to at most `max` bytes between two characters.
+fn cut_name(mut name: String, max: usize) -> String {
+    if name.len() > max {
+        let end = (0..=max)
+            .rev()
+            .find(|&i| name.is_char_boundary(i))
+            .unwrap_or(0);
+        name.truncate(end);
+    }
+    name
 }
 
 /// Completes when the relay starts shutting down.

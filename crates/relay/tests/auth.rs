@@ -117,6 +117,16 @@ async fn a_join_without_a_valid_token_is_refused_with_a_reason_that_says_why() {
             close::FORBIDDEN,
             "the access token's signature is not valid".to_owned(),
         ),
+        // Issued for later (`nbf`): it was taken at once.
+        (
+            Some(signed(
+                SECRET,
+                serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 600, "nbf": now() + 300 }),
+            )),
+            "doc",
+            close::FORBIDDEN,
+            "the access token is not valid yet (its nbf claim)".to_owned(),
+        ),
     ];
     for (token, room, code, reason) in cases {
         assert_eq!(
@@ -272,6 +282,72 @@ async fn the_display_name_comes_from_the_token_and_cannot_be_changed() {
     .await;
     let detail = a.expect_reject(Reason::Forbidden).await;
     assert_eq!(detail, "this member's name comes from its access token");
+}
+
+/// A token valid at the upgrade, where the relay checks it, expires before the join arrives
+/// (a slow network, a page put to sleep): the relay admitted it all the same, with the room's
+/// whole history, and closed the connection only once it was in. It is refused with the
+/// expired token's own code.
+#[tokio::test]
+async fn a_token_that_expires_before_its_join_arrives_is_refused() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = secured("auth-late-join").await;
+    let soon = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 2 }),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(with_token(&server, &soon))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    socket
+        .send(Message::Binary(join_frame("doc").encode().into()))
+        .await
+        .unwrap();
+    let mut frames = 0;
+    let close = tokio::time::timeout(WAIT, async {
+        while let Some(message) = socket.next().await {
+            match message {
+                Ok(Message::Close(Some(frame))) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
+                Ok(Message::Close(None)) | Err(_) => return (0, String::new()),
+                Ok(Message::Binary(_)) => frames += 1,
+                Ok(_) => continue,
+            }
+        }
+        (0, String::new())
+    })
+    .await
+    .expect("closed within the wait");
+    assert_eq!(
+        close,
+        (close::TOKEN_EXPIRED, "the access token expired".to_owned())
+    );
+    assert_eq!(frames, 0, "no welcome, no history");
+    server.stop().await;
+}
+
+/// A token names its member with more than the 64 bytes a name may have (40 accented letters):
+/// the relay put it as it was in every welcome and `peerJoined`, which no client decodes, so
+/// while that member was in the room no one else could join or reconnect, and each client
+/// tried again and again without a word. The name is cut at 64 bytes, between two characters.
+#[tokio::test]
+async fn a_token_name_longer_than_a_name_may_be_is_cut_and_locks_no_one_out() {
+    let server = secured("auth-long-name").await;
+    let long = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u-long", "name": "é".repeat(40), "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    let a = join_at(&with_token(&server, &long), "doc", 0, 0, None).await;
+    let url = with_token(&server, &token("doc", "write"));
+    let b = Client::connect(&url, session("doc", "b")).await.unwrap();
+    let peers = b.with_session(|s, _| s.peers());
+    let named: Vec<_> = peers.iter().map(|p| (p.node, p.name.clone())).collect();
+    assert_eq!(named, [(a.node, "é".repeat(32))]);
+    drop(a);
+    server.stop().await;
 }
 
 /// A member whose token names it renames itself (`setName`). The relay refuses the rename as
