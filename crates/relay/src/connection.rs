@@ -311,8 +311,13 @@ async fn handshake(
     //    page (the node's own messages only in a catch-up from the start: see
     //    `Joined::replays`), and the caught-up frame; the live traffic waits in the queue
     //    meanwhile.
-    if !send(&mut socket, relay, joined.welcome.clone()).await {
-        return None;
+    // Larger than a frame (many members, long names, a small `--max-frame`), the welcome goes in
+    // parts, as any message does: whole, a client that knew the frame limit from an earlier
+    // welcome could not read it, and joined again and again.
+    for frame in part::fragment(&joined.welcome, relay.config.limits.max_frame) {
+        if !send(&mut socket, relay, Bytes::from(frame)).await {
+            return None;
+        }
     }
     for presence in std::mem::take(&mut joined.presences) {
         if !send(&mut socket, relay, presence).await {

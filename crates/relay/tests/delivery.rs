@@ -621,3 +621,40 @@ async fn the_relay_closes_a_member_it_hears_nothing_from_and_its_peers_see_it_le
     let gone = frozen.elapsed();
     println!("the silent member left its peers' view {gone:?} after its network went silent");
 }
+
+/// A relay with a small frame limit (`--max-frame 1024`) and a room of 20 members with names of
+/// 60 bytes: the welcome, which lists them all, is larger than a frame. It went whole, and a
+/// client that knew the relay's frame limit from its first welcome could not read the next one:
+/// after a dropped connection it tried to join again and again, without end. The welcome goes
+/// in parts, as any message larger than a frame does.
+#[tokio::test]
+async fn a_welcome_larger_than_a_frame_comes_in_parts_and_the_client_joins_again() {
+    use pattern_mesh_client::{Connection, JoinOptions};
+    let server = start("welcome-parts", |c| c.limits.max_frame = 1_024).await;
+    let mut members = Vec::new();
+    for i in 0..20 {
+        let options = JoinOptions {
+            room: "doc".into(),
+            name: format!("{i:02} {}", "m".repeat(57)),
+            since: 0,
+            log: 0,
+            resume: None,
+            config: None,
+        };
+        members.push(Connection::join(&server.url(), options).await.unwrap().0);
+    }
+    let client = Client::connect(&server.url(), session("doc", "late"))
+        .await
+        .unwrap();
+    assert_eq!(client.with_session(|s, _| s.peers()).len(), 20);
+    client.disconnect();
+    assert_ne!(client.with_session(|s, _| s.status()), Status::Open);
+    until("the client is open again", Duration::from_secs(15), || {
+        client.with_session(|s, _| s.status()) == Status::Open
+    })
+    .await;
+    client.insert("content", 0, "still here").unwrap();
+    client.settled(Duration::from_secs(10)).await.unwrap();
+    drop(members);
+    server.stop().await;
+}
