@@ -294,6 +294,7 @@ impl Listener for Guarded {
                 stream,
                 deadline: Box::pin(tokio::time::sleep(self.config.deadline)),
                 joined: joined.clone(),
+                unjoined_read: 0,
                 _slot: slot,
             };
             return (
@@ -316,12 +317,21 @@ impl Listener for Guarded {
     }
 }
 
-/// A TCP stream that fails its reads once its deadline has passed, unless it joined a room
-/// before. Whoever is reading it (the HTTP server, then the WebSocket) then drops it.
+/// What a connection may send before it joins a room: HTTP requests (the demo's pages, the
+/// metrics) and a WebSocket's upgrade and join need far less. Past it, the WebSocket would
+/// hold a frame that no budget counts (a frame may be twice the frame limit), on each of up to
+/// `--max-connections-per-ip` sockets of an address that needs no token to open them.
+pub(crate) const UNJOINED_BYTES: usize = 64 * 1024;
+
+/// A TCP stream that fails its reads once its deadline has passed, or once it read more than
+/// [`UNJOINED_BYTES`], unless it joined a room before. Whoever is reading it (the HTTP server,
+/// then the WebSocket) then drops it.
 pub(crate) struct GuardedStream {
     stream: TcpStream,
     deadline: Pin<Box<Sleep>>,
     joined: Arc<AtomicBool>,
+    /// The bytes read while the connection had not joined.
+    unjoined_read: usize,
     _slot: Slot,
 }
 
@@ -340,7 +350,18 @@ impl AsyncRead for GuardedStream {
         if self.expired(cx) {
             return Poll::Ready(Err(timed_out()));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if !self.joined.load(Ordering::Relaxed) {
+            self.unjoined_read += buf.filled().len() - before;
+            if self.unjoined_read > UNJOINED_BYTES {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the connection sent more than {UNJOINED_BYTES} bytes before joining a room"),
+                )));
+            }
+        }
+        read
     }
 }
 

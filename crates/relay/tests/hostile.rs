@@ -1691,3 +1691,44 @@ async fn a_writer_whose_answers_ran_its_steps_ahead_loses_no_edit() {
     late_text_is(&server, "first second").await;
     server.stop().await;
 }
+
+/// An outsider (no token needed: the token is judged at the join) opens a WebSocket and starts
+/// a binary frame of 2 MB that it never finishes. The WebSocket held every byte of it until the
+/// join deadline, twice the frame limit per socket, on up to 512 sockets per address: gigabytes
+/// that no budget counted. Before its join, a connection may send 64 KiB (an HTTP request and a
+/// join need far less); past that it is cut.
+#[tokio::test]
+async fn a_connection_that_has_not_joined_cannot_make_the_relay_hold_its_bytes() {
+    let server = start("pre-join", |c| c.join_timeout = Duration::from_secs(30)).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = [0u8; 1024];
+    let n = stream.read(&mut response).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&response[..n]).starts_with("HTTP/1.1 101"),
+        "upgraded"
+    );
+    // A masked binary frame of 2,000,000 bytes: its header, then most of its payload.
+    let mut header = vec![0x82, 0xFF];
+    header.extend_from_slice(&2_000_000u64.to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    let _ = stream.write_all(&header).await;
+    let chunk = vec![0u8; 16 * 1024];
+    for _ in 0..100 {
+        if stream.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    assert!(
+        tcp_closed(&mut stream, Duration::from_secs(5)).await,
+        "cut long before its join deadline"
+    );
+    let mut member = join(&server, "r", 0, None).await;
+    member.data_acked(serde_json::json!("in")).await;
+    server.stop().await;
+}
