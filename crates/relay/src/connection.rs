@@ -291,6 +291,15 @@ async fn handshake(
             }
         }
     }
+    // A room that is not open costs its opening to the address: each stays open a while after
+    // its last member left, and one address could otherwise fill the relay's rooms for all.
+    if !relay.is_open(&room) && !peer.take_open(relay.now_ms()) {
+        let reason = format!(
+            "this address opened {} rooms in the last minute; try again later",
+            relay.config.ip_room_opens
+        );
+        return refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
+    }
     let since = request.since;
     let (commands, admitted) = match relay.join(&room, request, requested, conn).await {
         Ok(joined) => joined,

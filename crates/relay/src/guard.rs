@@ -43,6 +43,8 @@ pub(crate) struct GuardConfig {
     /// once.
     pub ip_bandwidth: u64,
     pub ip_burst: u64,
+    /// Rooms one IP address may open per minute (and as many at once).
+    pub ip_room_opens: u64,
 }
 
 /// What the relay knows of a connection: its peer address, a switch that lifts its deadline
@@ -68,6 +70,8 @@ pub(crate) struct Address {
 struct Budgets {
     frames: TokenBucket,
     bytes: TokenBucket,
+    /// Rooms opened.
+    opens: TokenBucket,
 }
 
 /// Which of an address's budgets a frame is over.
@@ -84,6 +88,11 @@ impl Address {
             budgets: Mutex::new(Budgets {
                 frames: TokenBucket::new(rate, rate, now),
                 bytes: TokenBucket::new(config.ip_bandwidth as f64, config.ip_burst as f64, now),
+                opens: TokenBucket::new(
+                    config.ip_room_opens as f64 / 60.0,
+                    config.ip_room_opens as f64,
+                    now,
+                ),
             }),
             partial: AtomicU64::new(0),
         }
@@ -93,7 +102,9 @@ impl Address {
     /// connection of it is open.
     fn full(&self, now: u64) -> bool {
         let budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
-        budgets.frames.full_at() <= now && budgets.bytes.full_at() <= now
+        budgets.frames.full_at() <= now
+            && budgets.bytes.full_at() <= now
+            && budgets.opens.full_at() <= now
     }
 }
 
@@ -124,6 +135,17 @@ impl Peer {
         } else {
             Err(Over::Frames)
         }
+    }
+
+    /// Takes the opening of a room from the address's budget at `now` (milliseconds); false if
+    /// it is spent.
+    pub(crate) fn take_open(&self, now: u64) -> bool {
+        let mut budgets = self
+            .address
+            .budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        budgets.opens.try_take_n(1, now)
     }
 
     /// What the connections of this address share.
@@ -427,6 +449,7 @@ mod tests {
             ip_rate: 10,
             ip_bandwidth: 1_000,
             ip_burst: 1_000,
+            ip_room_opens: 10,
         };
         Guarded::new(
             TcpListener::from_std(listener).unwrap(),

@@ -119,6 +119,11 @@ pub struct RelayConfig {
     /// whole message at once): what one address may make the relay store, or pass on. At least
     /// `bandwidth`.
     pub ip_bandwidth: u64,
+    /// Rooms one IP address may open per minute (and as many at once): a join of a room that
+    /// is not open costs one; over it, the join is closed with 1013. Each room opened stays
+    /// open for `resume_grace` after its last member left, so that without it one address could
+    /// fill `max_rooms` for everyone by joining and leaving new rooms.
+    pub ip_room_opens: u64,
     /// With Redis: the most bytes of frames one room keeps in Redis for the members on other
     /// relays (signals, presence, sync answers), its oldest going first (at least one message
     /// of the largest size is kept).
@@ -161,6 +166,7 @@ impl Default for RelayConfig {
             max_partial_bytes: 1 << 30,
             ip_rate: 2_000,
             ip_bandwidth: 32 << 20,
+            ip_room_opens: 600,
             max_bus_bytes: 256 << 20,
             room: RoomConfig::default(),
             auth: None,
@@ -370,6 +376,11 @@ impl Relay {
         }
     }
 
+    /// Whether `room` is open on this relay now.
+    pub(crate) fn is_open(&self, room: &str) -> bool {
+        self.lock_rooms().contains_key(room)
+    }
+
     fn lock_rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Command>>> {
         // A poisoned lock means a panic elsewhere; the map itself is still consistent.
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
@@ -434,6 +445,7 @@ pub async fn serve(
         // (1008) before its socket is cut.
         deadline: relay.config.join_timeout + Duration::from_secs(2),
         ip_rate: relay.config.ip_rate,
+        ip_room_opens: relay.config.ip_room_opens,
         // At least what one node may send: a client paces itself by its node's budget.
         ip_bandwidth: relay.config.ip_bandwidth.max(relay.config.bandwidth),
         // A whole message at once, as a node's byte budget allows, with its parts' headers.

@@ -133,6 +133,11 @@ mod native {
         #[arg(long, env = "PM_IP_BANDWIDTH", default_value_t = 32 << 20,
               value_parser = clap::value_parser!(u64).range(1..))]
         ip_bandwidth: u64,
+        /// Rooms one IP address may open per minute (bursts of as many): a join of a room that
+        /// is not open costs one; over it, the join is closed with 1013.
+        #[arg(long, env = "PM_IP_ROOM_OPENS", default_value_t = 600,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        ip_room_opens: u64,
         /// With `--store redis://...`: the most bytes of frames one room keeps in Redis for the
         /// members on other relays (signals, presence, sync answers), its oldest going first;
         /// at least `--max-message`.
@@ -226,6 +231,7 @@ mod native {
             max_partial_bytes: usize::try_from(args.max_partial_bytes).unwrap_or(usize::MAX),
             ip_rate: args.ip_rate,
             ip_bandwidth: args.ip_bandwidth,
+            ip_room_opens: args.ip_room_opens,
             max_bus_bytes: args.max_bus_bytes,
             room: RoomConfig {
                 pattern,

@@ -767,6 +767,8 @@ async fn node_ids_are_unique_under_churn_and_room_reloads() {
         start("churn", |c| {
             c.resume_grace = Duration::ZERO;
             c.max_rate = 100_000;
+            // The room retires and opens again thousands of times, from one address.
+            c.ip_room_opens = 1_000_000;
         })
         .await,
     );
@@ -838,6 +840,8 @@ async fn offline_edits_survive_thousands_of_nodes_passing_through() {
         start("passers", |c| {
             c.resume_grace = Duration::ZERO;
             c.max_rate = 100_000;
+            // The room retires and opens again thousands of times, from one address.
+            c.ip_room_opens = 1_000_000;
         })
         .await,
     );
@@ -1730,5 +1734,49 @@ async fn a_connection_that_has_not_joined_cannot_make_the_relay_hold_its_bytes()
     );
     let mut member = join(&server, "r", 0, None).await;
     member.data_acked(serde_json::json!("in")).await;
+    server.stop().await;
+}
+
+/// A member (a read-only token for a prefix would do, or anyone on a relay without keys) joins
+/// and leaves a new room again and again. Each room stays open a while after its last member
+/// left, so the relay soon held `--max-rooms` of them, and refused every room not open yet,
+/// for everyone, with "the relay is full". An address may open so many rooms a minute: past
+/// that its joins of new rooms are closed with 1013, and others open theirs.
+#[tokio::test]
+async fn one_address_joining_new_rooms_cannot_fill_the_relay() {
+    use pattern_mesh_client::Connection;
+    use pattern_mesh_core::wire::close;
+    let server = start("room-opens", |c| {
+        c.max_rooms = 50;
+        c.ip_room_opens = 20;
+    })
+    .await;
+    let mut refused = None;
+    for i in 0..60 {
+        let join = Frame::Join {
+            room: format!("churn-{i}"),
+            name: "churn".into(),
+            since: 0,
+            log: 0,
+            resume: None,
+            config: None,
+            floor: false,
+        };
+        let mut conn = Connection::open(&server.url(), &join).await.unwrap();
+        match conn.recv_within(WAIT).await {
+            Ok(_) => conn.close().await,
+            Err(ClientError::Closed { code, reason }) => {
+                refused = Some((i, code, reason));
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let (i, code, reason) = refused.expect("a join of a new room was refused");
+    assert_eq!((i, code), (20, close::TRY_AGAIN_LATER), "{reason}");
+    assert!(reason.contains("rooms in the last minute"), "{reason}");
+    // A room already open costs nothing to join.
+    let mut again = join(&server, "churn-0", 0, None).await;
+    again.data_acked(serde_json::json!("in")).await;
     server.stop().await;
 }
