@@ -1233,17 +1233,14 @@ impl MeshClient {
             let mut loaded = loaded;
             // Not where a record of the room owes the stored document to a relay that lost the
             // room's history: it may be the only copy of everyone's edits.
-            let owed = loaded.owed;
-            match loaded
-                .saved
-                .as_mut()
-                .filter(|saved| saved.sets_aside_document() && !owed)
-            {
-                // An edit of the stored document was refused for good: it shows what the room
-                // does not hold. It is not loaded: the room's document is, from the start of
-                // the log, with the outbox's edits (see `Saved::set_aside_document`).
+            // An edit of the stored document was refused for good (by this record's tab, or by
+            // another tab's, open or not): it shows what the room does not hold. It is not
+            // loaded: the room's document is, from the start of the log, with the outbox's
+            // edits (see `Saved::set_aside_document`).
+            let diverged = loaded.diverged || loaded.saved.as_ref().is_some_and(|s| s.diverged);
+            match (diverged && !loaded.owed).then_some(loaded.saved.as_mut()) {
                 Some(saved) => {
-                    let outbox = saved.set_aside_document();
+                    let outbox = saved.map(|s| s.set_aside_document()).unwrap_or_default();
                     for update in &outbox {
                         if let Err(e) = replica.apply_update(update) {
                             problems.push(format!("an unsent stored edit did not apply: {e}"));

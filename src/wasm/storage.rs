@@ -161,8 +161,10 @@ export async function pmStorageOpen(room, wait, holds) {
     db.close();
     throw new Error(STOPPED);
   }
-  // Every record's state, the claimed or not (a live tab's), for what they owe.
-  return [db, claimed, stored.map((record) => record.update), epoch, sessions.map((record) => record.saved)];
+  // Every record's state, the claimed or not (a live tab's), for what they owe; and whether one
+  // of this epoch diverged (the document is one per room: its refused edit is in it).
+  const diverged = sessions.some((record) => record.diverged === true && (record.epoch ?? 0) === epoch);
+  return [db, claimed, stored.map((record) => record.update), epoch, sessions.map((record) => record.saved), diverged];
 }
 export async function pmStorageFreed(db, room, known, holds) {
   if (db.pmGone || holds.stopped) return [];
@@ -370,6 +372,11 @@ pub(crate) struct Loaded {
     /// document to a relay that lost the room's history: it may be the only copy of everyone's
     /// edits, and is not set aside (see `Saved::sets_aside_document`).
     pub(crate) owed: bool,
+    /// A record of the room of the document's epoch, this tab's or another's (a live tab's
+    /// too), says the document diverged: an edit of it was refused for good, and it shows what
+    /// the room does not hold. A tab that opens while the one whose edit was refused lives
+    /// sets it aside all the same (see `Saved::set_aside_document`).
+    pub(crate) diverged: bool,
 }
 
 /// Opens the storage of `room` at `url`, claims a session record under `holds`, and reads the
@@ -402,6 +409,7 @@ pub(crate) async fn open(
         .iter()
         .filter_map(|bytes| read_saved(&bytes)?.ok())
         .any(|saved| saved.give_back);
+    let diverged = opened.get(5).is_truthy();
     let mut problems = Vec::new();
     let mut read = |bytes: JsValue| match read_saved(&bytes)? {
         Ok(saved) => Some(saved),
@@ -513,6 +521,7 @@ pub(crate) async fn open(
         updates,
         problems,
         owed,
+        diverged,
     })
 }
 

@@ -188,6 +188,48 @@ test("in Chromium: a stored document that diverged is set aside when its client 
   await Promise.all([writer.close(), reader.close()]);
 });
 
+// The same, with the diverged client still open: another client of the room opened meanwhile (a
+// second tab, a reload of another tab) loaded the stored document, the refused edit in it,
+// because only the records it took were looked at, and showed the reader's text as the room's
+// with `diverged` false. The document is one per room: a record of it that diverged, open or
+// not, sets it aside.
+test("in Chromium: a client opened while another client's stored document diverged sets it aside too", async () => {
+  const room = `e2e-diverged-open-${Date.now()}`;
+  const url = base.replace("http", "ws") + "/ws";
+  const writer = await page();
+  const reader = await page();
+  await writer.evaluate(({ url, room }) => window.writeRoomText(url, room), { url, room });
+  const result = await reader.evaluate(async ({ url, room }) => {
+    const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
+    const first = await window.mesh.MeshClient.connect({ url, room, persist: true, token: held.source });
+    first.text("content").insert(0, "the reader's ");
+    await held.release();
+    for (let i = 0; i < 100 && !first.diverged; i++) await new Promise((r) => setTimeout(r, 50));
+    const diverged = first.diverged;
+    // Its record says so once written.
+    await new Promise((r) => setTimeout(r, 500));
+    const problems = [];
+    const second = await window.mesh.MeshClient.connect({
+      url, room, persist: true,
+      token: await window.nextToken({ sub: "r", room, access: "read", ttl: 600 }),
+      on: { error: (e) => problems.push(e.message) },
+    });
+    for (let i = 0; i < 100 && second.text("content").toString() !== "the room's text"; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const opened = { text: second.text("content").toString(), diverged: second.diverged };
+    second.close();
+    first.close();
+    return { diverged, opened, problems };
+  }, { url, room });
+  assert.equal(result.diverged, true);
+  assert.deepEqual(result.opened, { text: "the room's text", diverged: false });
+  assert.equal(result.problems.length, 1, JSON.stringify(result.problems));
+  assert.match(result.problems[0], /stored document.*diverged.*set aside/);
+  for (const p of [writer, reader]) assert.deepEqual(p.problems, []);
+  await Promise.all([writer.close(), reader.close()]);
+});
+
 // The document set aside is replaced in storage, a new epoch of it. Another client's record of
 // the room (a tab open meanwhile) holds a log position that counted in the document set aside:
 // opened over a replacement that does not hold yet what came before that position (the client
