@@ -227,7 +227,7 @@ async fn handshake(
         .metrics
         .bytes_in
         .fetch_add(bytes.len() as u64, Relaxed);
-    let (room, mut request, mut requested) = match Frame::decode_with(&bytes, &limits) {
+    let (room, mut request, requested) = match Frame::decode_with(&bytes, &limits) {
         Ok(Frame::Join {
             room,
             name,
@@ -278,11 +278,6 @@ async fn handshake(
                     request.name = cut_name(name, relay.config.limits.max_name);
                 }
                 request.access = grant.access;
-                if !grant.access.write {
-                    // A member that may only read has no say in a room's settings: the first
-                    // to open a room stores them for good.
-                    requested = None;
-                }
                 expires = Some(tokio::time::Instant::now() + grant.remaining());
             }
             Err(denied) => {

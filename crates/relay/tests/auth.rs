@@ -136,43 +136,6 @@ async fn a_join_without_a_valid_token_is_refused_with_a_reason_that_says_why() {
     }
 }
 
-/// A member that may only read is the first to open a room, asking for settings that break
-/// it (a room whose steps may run one ahead, whose inputs go stale after one step): the relay
-/// stored them, and every writer after it got them for good. A join that may not write has no
-/// say in the room's settings: the room opens with the relay's.
-#[tokio::test]
-async fn a_member_that_may_only_read_does_not_choose_a_rooms_settings() {
-    use pattern_mesh_client::JoinOptions;
-    use pattern_mesh_core::wire::RoomConfig;
-    let server = secured("auth-config").await;
-    let hostile = RoomConfig {
-        max_future: 1,
-        stale_window: Some(1),
-        ..RoomConfig::default()
-    };
-    let options = |config| JoinOptions {
-        room: "doc".into(),
-        name: "test".into(),
-        since: 0,
-        log: 0,
-        resume: None,
-        config,
-    };
-    let (_reader, welcome) = Connection::join(
-        &with_token(&server, &token("doc", "read")),
-        options(Some(hostile)),
-    )
-    .await
-    .unwrap();
-    assert_eq!(welcome.config, RoomConfig::default());
-    let (_writer, welcome) =
-        Connection::join(&with_token(&server, &token("doc", "write")), options(None))
-            .await
-            .unwrap();
-    assert_eq!(welcome.config, RoomConfig::default());
-    server.stop().await;
-}
-
 #[tokio::test]
 async fn a_prefix_token_opens_every_room_under_the_prefix_and_no_other() {
     let server = secured("auth-prefix").await;
