@@ -136,6 +136,22 @@ async fn a_join_without_a_valid_token_is_refused_with_a_reason_that_says_why() {
     }
 }
 
+/// Issuers set `nbf` to the time they sign, on a clock that may run a little ahead of the
+/// relay's: such a token is taken (refused, it would end the client for good).
+#[tokio::test]
+async fn a_token_whose_nbf_is_a_little_ahead_of_the_relays_clock_is_taken() {
+    let server = secured("auth-nbf").await;
+    let early = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 600, "nbf": now() + 5 }),
+    );
+    let mut member = join_at(&with_token(&server, &early), "doc", 0, 0, None).await;
+    let stamp = member.stamp();
+    member.send(&Frame::stamped(stamp, data("1"))).await;
+    member.expect_ack(stamp.step).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_prefix_token_opens_every_room_under_the_prefix_and_no_other() {
     let server = secured("auth-prefix").await;
