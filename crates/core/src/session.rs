@@ -2293,28 +2293,31 @@ impl<R: Replica> Session<R> {
             Reason::OutOfOrder if self.hold.is_some() || self.unechoed > 0 => {}
             // Stamped further ahead of the room's step than the room allows: this node's clock
             // ran ahead of it (steps the room's step does not count, a floor that high), and
-            // all it stamps would be refused the same way. The message is not lost: it and
-            // what this connection sent after it (refused until the fence) go out again under
-            // a new node, whose steps start at the room's. (Not for a node that is new already
-            // and had nothing stored: joining again would not help.)
-            Reason::FutureStep if index.is_some() && !self.renew_unproven => {
+            // all it stamps would be refused the same way. It joins again as a new node, whose
+            // steps start at the room's. A stored message is not lost: it and what this
+            // connection sent after it (refused until the fence) go out again under the new
+            // node (one not stored, a signal or a sync message, is told as an anomaly, as any
+            // refusal of one). (Not for a node that is new already and had nothing stored:
+            // joining again would not help.)
+            Reason::FutureStep if !self.renew_unproven => {
                 self.anomaly(Source::Relay, reason, detail, step, None);
-                let from = index.expect("matched on its presence");
-                let unsent: Vec<Waiting> = self
-                    .in_flight
-                    .drain(from..)
-                    .filter_map(|sent| {
-                        decode_message(&sent.bytes).ok().map(|stamped| Waiting {
-                            body: stamped.body,
-                            restored: sent.restored,
+                if let Some(from) = index {
+                    let unsent: Vec<Waiting> = self
+                        .in_flight
+                        .drain(from..)
+                        .filter_map(|sent| {
+                            decode_message(&sent.bytes).ok().map(|stamped| Waiting {
+                                body: stamped.body,
+                                restored: sent.restored,
+                            })
                         })
-                    })
-                    .collect();
-                for waiting in unsent.into_iter().rev() {
-                    self.waiting.push_front(waiting);
+                        .collect();
+                    for waiting in unsent.into_iter().rev() {
+                        self.waiting.push_front(waiting);
+                    }
+                    self.resend = self.resend.min(self.in_flight.len());
+                    self.changed();
                 }
-                self.resend = self.resend.min(self.in_flight.len());
-                self.changed();
                 let ahead = self.room.map_or(0, |room| room.max_future) + 1;
                 self.renew_due = Some(ahead);
                 self.hold_from(now, step, 0);
@@ -2783,8 +2786,8 @@ impl<R: Replica> Session<R> {
             return None;
         }
         if self.renew_due.is_some() {
-            // What waits goes under the new node (see `on_welcome`).
-            waiting = None;
+            // Data waits for the new node (see `on_welcome`).
+            waiting = waiting.filter(|w| !matches!(w.body, Body::Data { .. }));
         }
         waiting.map(|w| {
             // The stamp takes at most 30 bytes.
@@ -3607,6 +3610,48 @@ mod tests {
         h.welcome(3, 2, (10, 1), Some(400));
         assert_eq!(h.session.status(), Status::Open);
         assert_eq!(h.session.step(), 400);
+    }
+
+    /// A node that sends only signals (a game's inputs) and whose clock ran ahead of the room's
+    /// by its own sync messages: each signal was refused as `futureStep`, and, nothing stored
+    /// being in flight, the node went on stamping signals the relay refused, until it happened
+    /// to reconnect. The first such refusal takes it to a new node; one of a node that is new
+    /// already and had nothing stored does not (joining again would not help).
+    #[test]
+    fn a_signal_refused_as_ahead_of_the_room_takes_the_node_to_a_new_identity() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[]);
+        h.session
+            .broadcast_signal(h.now, Json::parse("1").unwrap())
+            .unwrap();
+        h.pump();
+        let step = h.stamped()[0].stamp.step;
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::FutureStep,
+            detail: "ahead".into(),
+        });
+        assert_eq!(h.session.status(), Status::Reconnecting);
+        h.now += RENEW_WAIT;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session.handle_connected(h.now);
+        h.pump();
+        assert_eq!(last_join(&h), Some(None), "without its token");
+        h.welcome(3, 2, (10, 1), Some(10));
+        assert_eq!(h.session.node(), 3);
+        h.sent.clear();
+        h.session
+            .broadcast_signal(h.now, Json::parse("2").unwrap())
+            .unwrap();
+        h.pump();
+        let step = h.stamped()[0].stamp.step;
+        h.frame(Frame::Reject {
+            step,
+            reason: Reason::FutureStep,
+            detail: "ahead".into(),
+        });
+        assert_eq!(h.session.status(), Status::Open, "not again for a new node");
     }
 
     /// In a real-time room, a clock ahead of the room's by more than the stale window takes a

@@ -1773,7 +1773,9 @@ async fn one_address_joining_new_rooms_cannot_fill_the_relay() {
         }
     }
     let (i, code, reason) = refused.expect("a join of a new room was refused");
-    assert_eq!((i, code), (20, close::TRY_AGAIN_LATER), "{reason}");
+    // The 20 at once, and one more every 3 s: a slow machine may open one or two more.
+    assert!((20..30).contains(&i), "refused at the join of room {i}");
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
     assert!(reason.contains("rooms in the last minute"), "{reason}");
     // A room already open costs nothing to join.
     let mut again = join(&server, "churn-0", 0, None).await;
