@@ -70,10 +70,33 @@ async function page() {
       for (let i = 0; i < 100 && client.pendingCount > 0; i++) await new Promise((r) => setTimeout(r, 50));
       window.client = client;
     };
+    // A reader with stored data, its errors in `problems`, once its text is the room's (or
+    // after 5 s).
+    window.openReader = async (url, room, problems) => {
+      const client = await window.mesh.MeshClient.connect({
+        url, room, persist: true,
+        token: await window.nextToken({ sub: "r", room, access: "read", ttl: 600 }),
+        on: { error: (e) => problems.push(e.message) },
+      });
+      for (let i = 0; i < 100 && client.text("content").toString() !== "the room's text"; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      return client;
+    };
     window.heldToken = (claims) => {
       let release;
       const token = new Promise((resolve) => { release = async () => resolve(await window.nextToken(claims)); });
       return { source: () => token, release };
+    };
+    // A reader with stored data that types before its read-only token is in: the edit is
+    // refused for good, and the client's document diverged (once the relay said so, or 5 s).
+    window.divergedReader = async (url, room) => {
+      const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
+      const client = await window.mesh.MeshClient.connect({ url, room, persist: true, token: held.source });
+      client.text("content").insert(0, "the reader's ");
+      await held.release();
+      for (let i = 0; i < 100 && !client.diverged; i++) await new Promise((r) => setTimeout(r, 50));
+      return client;
     };
   });
   return p;
@@ -152,22 +175,8 @@ test("in Chromium: a stored document that diverged is set aside when its client 
   const reader = await page();
   await writer.evaluate(({ url, room }) => window.writeRoomText(url, room), { url, room });
   const result = await reader.evaluate(async ({ url, room }) => {
-    const open = async (problems) => {
-      const client = await window.mesh.MeshClient.connect({
-        url, room, persist: true,
-        token: await window.nextToken({ sub: "r", room, access: "read", ttl: 600 }),
-        on: { error: (e) => problems.push(e.message) },
-      });
-      for (let i = 0; i < 100 && client.text("content").toString() !== "the room's text"; i++) {
-        await new Promise((r) => setTimeout(r, 50));
-      }
-      return client;
-    };
-    const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
-    const first = await window.mesh.MeshClient.connect({ url, room, persist: true, token: held.source });
-    first.text("content").insert(0, "the reader's ");
-    await held.release();
-    for (let i = 0; i < 100 && !first.diverged; i++) await new Promise((r) => setTimeout(r, 50));
+    const open = (problems) => window.openReader(url, room, problems);
+    const first = await window.divergedReader(url, room);
     const diverged = first.diverged;
     first.close();
     const problems = [];
@@ -200,23 +209,12 @@ test("in Chromium: a client opened while another client's stored document diverg
   const reader = await page();
   await writer.evaluate(({ url, room }) => window.writeRoomText(url, room), { url, room });
   const result = await reader.evaluate(async ({ url, room }) => {
-    const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
-    const first = await window.mesh.MeshClient.connect({ url, room, persist: true, token: held.source });
-    first.text("content").insert(0, "the reader's ");
-    await held.release();
-    for (let i = 0; i < 100 && !first.diverged; i++) await new Promise((r) => setTimeout(r, 50));
+    const first = await window.divergedReader(url, room);
     const diverged = first.diverged;
     // Its record says so once written.
     await new Promise((r) => setTimeout(r, 500));
     const problems = [];
-    const second = await window.mesh.MeshClient.connect({
-      url, room, persist: true,
-      token: await window.nextToken({ sub: "r", room, access: "read", ttl: 600 }),
-      on: { error: (e) => problems.push(e.message) },
-    });
-    for (let i = 0; i < 100 && second.text("content").toString() !== "the room's text"; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    const second = await window.openReader(url, room, problems);
     const opened = { text: second.text("content").toString(), diverged: second.diverged };
     second.close();
     first.close();
@@ -264,11 +262,7 @@ test("in Chromium: a client whose record predates a stored document set aside ca
       return client;
     };
     const kept = await open();
-    const held = window.heldToken({ sub: "r", room, access: "read", ttl: 600 });
-    const typing = await window.mesh.MeshClient.connect({ url, room, persist: true, token: held.source });
-    typing.text("content").insert(0, "the reader's ");
-    await held.release();
-    for (let i = 0; i < 100 && !typing.diverged; i++) await new Promise((r) => setTimeout(r, 50));
+    const typing = await window.divergedReader(url, room);
     typing.close();
     const setAside = await open();
     setAside.close();

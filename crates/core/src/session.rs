@@ -3070,6 +3070,17 @@ mod tests {
     }
 
     /// The resume token of the last join sent, if one was.
+    /// After a new identity was asked for: the session connects again once `RENEW_WAIT` has
+    /// passed, and joins without its resume token.
+    fn joins_again_without_its_token(h: &mut Harness) {
+        h.now += RENEW_WAIT;
+        h.session.handle_timeout(h.now);
+        assert!(h.pump(), "the session asks to connect");
+        h.session.handle_connected(h.now);
+        h.pump();
+        assert_eq!(last_join(h), Some(None), "without its token");
+    }
+
     fn last_join<R>(h: &Harness<R>) -> Option<Option<ResumeToken>> {
         h.sent.iter().rev().find_map(|f| match f {
             Frame::Join { resume, .. } => Some(*resume),
@@ -3597,12 +3608,7 @@ mod tests {
         h.reconnect();
         h.welcome(2, 1, (10, 1), Some(700));
         assert_eq!(h.session.status(), Status::Reconnecting);
-        h.now += RENEW_WAIT;
-        h.session.handle_timeout(h.now);
-        assert!(h.pump(), "the session asks to connect");
-        h.session.handle_connected(h.now);
-        h.pump();
-        assert_eq!(last_join(&h), Some(None), "without its token");
+        joins_again_without_its_token(&mut h);
         h.welcome(3, 2, (10, 1), Some(10));
         assert_eq!((h.session.node(), h.session.step()), (3, 10));
         // A floor within half of `max_future` brings the clock there, as before.
@@ -3632,12 +3638,7 @@ mod tests {
             detail: "ahead".into(),
         });
         assert_eq!(h.session.status(), Status::Reconnecting);
-        h.now += RENEW_WAIT;
-        h.session.handle_timeout(h.now);
-        assert!(h.pump(), "the session asks to connect");
-        h.session.handle_connected(h.now);
-        h.pump();
-        assert_eq!(last_join(&h), Some(None), "without its token");
+        joins_again_without_its_token(&mut h);
         h.welcome(3, 2, (10, 1), Some(10));
         assert_eq!(h.session.node(), 3);
         h.sent.clear();
