@@ -101,6 +101,13 @@ impl TokenBucket {
         }
     }
 
+    /// Puts `n` tokens taken at or before `now` back (at most up to the capacity): what was
+    /// taken for something that did not happen.
+    pub fn give_back(&mut self, n: u64, now: u64) {
+        self.refill(now);
+        self.tokens = (self.tokens + n as f64).min(self.capacity);
+    }
+
     /// Whether [`TokenBucket::try_take_n`] of `n` would pass at `now`; takes nothing.
     pub fn can_take_n(&mut self, n: u64, now: u64) -> bool {
         self.refill(now);

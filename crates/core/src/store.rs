@@ -164,6 +164,8 @@ pub trait Store: Send + Sync + 'static {
     /// [`crate::room::NODE_BLOCK`] node ids for this opening; answers once that is durable.
     /// Appends of the room that failed before fail no more.
     fn open_room(&self, room: &str, config: RoomConfig) -> StoreFuture<RoomRecord>;
+    /// Whether `room` was ever opened (its record or its log is kept), without opening it.
+    fn room_exists(&self, room: &str) -> StoreFuture<bool>;
     /// Reserves `count` more node ids for `room`, durably; answers the first.
     fn reserve_nodes(&self, room: &str, count: u64) -> StoreFuture<NodeId>;
     /// The node of `room` that `token` resumes, if the store keeps its record.
@@ -616,6 +618,10 @@ impl Store for MemoryStore {
 
     fn find_node(&self, room: &str, token: ResumeToken) -> StoreFuture<Option<NodeRecord>> {
         ready(Ok(self.find_now(room, token)))
+    }
+
+    fn room_exists(&self, room: &str) -> StoreFuture<bool> {
+        ready(Ok(self.with(|rooms| rooms.contains_key(room))))
     }
 
     fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended> {

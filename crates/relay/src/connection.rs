@@ -18,7 +18,7 @@ use pattern_mesh_core::wire::{close, part, Frame, Positioned, Reason};
 use tokio::sync::mpsc;
 
 use super::auth::{Denied, Grant};
-use super::guard::{Address, Over, Peer};
+use super::guard::{Address, HeldTooMuch, Over, Peer};
 use super::queue;
 use super::room::{Admitted, Command};
 use super::Relay;
@@ -162,12 +162,19 @@ pub(crate) async fn run(
 /// a reason; after any other error there is no socket left to close.
 async fn read_failed(socket: WebSocket, relay: &Relay, error: axum::Error) {
     let error = error.into_inner();
-    let too_big = matches!(
-        error.downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(_))
-    );
+    let failed = error.downcast_ref::<tungstenite::Error>();
+    let too_big = matches!(failed, Some(tungstenite::Error::Capacity(_)));
     tracing::debug!(%error, "read failed");
-    if too_big {
+    let held = match failed {
+        Some(tungstenite::Error::Io(io)) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<HeldTooMuch>()),
+        _ => None,
+    };
+    if let Some(HeldTooMuch(reason)) = held {
+        relay.metrics.reject(Reason::RateLimited);
+        close(socket, close::TRY_AGAIN_LATER, reason).await;
+    } else if too_big {
         relay.metrics.reject(Reason::TooLarge);
         let reason = format!(
             "a frame over {} bytes: send larger messages in parts",
@@ -288,7 +295,8 @@ async fn handshake(
     }
     // A room that is not open costs its opening to the address: each stays open a while after
     // its last member left, and one address could otherwise fill the relay's rooms for all.
-    if !relay.is_open(&room) && !peer.take_open(relay.now_ms()) {
+    let opens = !relay.is_open(&room);
+    if opens && !peer.take_open(relay.now_ms()) {
         let reason = format!(
             "this address opened {} rooms in the last minute; try again later",
             relay.config.ip_room_opens
@@ -298,7 +306,15 @@ async fn handshake(
     let since = request.since;
     let (commands, admitted) = match relay.join(&room, request, requested, conn).await {
         Ok(joined) => joined,
-        Err(refused) => return refuse(socket, refused.code, &refused.reason).await,
+        Err(refused) => {
+            // A join refused before its room opened (no writer opened it yet, the relay is
+            // full) opened nothing: its client tries again, and must not spend the address's
+            // openings meanwhile.
+            if opens && !relay.is_open(&room) {
+                peer.give_back_open(relay.now_ms());
+            }
+            return refuse(socket, refused.code, &refused.reason).await;
+        }
     };
     let Admitted { mut joined, queue } = admitted;
     // A member now: the deadline the listener set at the accept no longer applies (a long
@@ -460,6 +476,9 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
                 }
             },
             incoming = socket.recv() => {
+                if let Some(Ok(_)) = incoming {
+                    peer.framed();
+                }
                 let bytes = match incoming {
                     Some(Ok(Message::Binary(bytes))) => bytes,
                     Some(Ok(Message::Text(_))) => {
@@ -594,12 +613,14 @@ impl Partial {
         // Only a message in progress grows: `read` is `Pending`.
         let grown = (held - self.counted) as u64;
         self.counted = held;
-        // Never below the message limit: a message of that size must always get through.
-        let message = self.relay.config.limits.max_message as u64;
-        let max = (self.relay.config.max_partial_bytes as u64).max(message);
-        let per_address = (max / 4).max(message);
-        let total = self.relay.metrics.partial_bytes.fetch_add(grown, Relaxed) + grown;
-        let address = self.address.partial.fetch_add(grown, Relaxed) + grown;
+        let (max, per_address) = (self.relay.max_partial(), self.relay.max_partial_per_ip());
+        // With the frames still arriving (see `guard::Unframed`).
+        let total = self.relay.metrics.partial_bytes.fetch_add(grown, Relaxed)
+            + grown
+            + self.relay.metrics.unframed_bytes.load(Relaxed);
+        let address = self.address.partial.fetch_add(grown, Relaxed)
+            + grown
+            + self.address.unframed.load(Relaxed);
         let over = if total > max {
             format!("the relay holds {max} bytes of large messages still arriving, its most")
         } else if address > per_address {

@@ -26,6 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
+use crate::metrics::Metrics;
+
 /// The limits the guard enforces.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GuardConfig {
@@ -45,6 +47,10 @@ pub(crate) struct GuardConfig {
     pub ip_burst: u64,
     /// Rooms one IP address may open per minute (and as many at once).
     pub ip_room_opens: u64,
+    /// Bytes the relay holds for frames and messages still arriving, all connections together
+    /// (`--max-partial-bytes`), and one address's connections together.
+    pub max_partial: u64,
+    pub max_partial_per_ip: u64,
 }
 
 /// What the relay knows of a connection: its peer address, a switch that lifts its deadline
@@ -55,6 +61,9 @@ pub(crate) struct Peer {
     pub addr: SocketAddr,
     joined: Arc<AtomicBool>,
     address: Arc<Address>,
+    /// What the connection's stream read since the last whole WebSocket message (see
+    /// [`GuardedStream`]).
+    unframed: Arc<Unframed>,
 }
 
 /// What the connections of one address share.
@@ -64,6 +73,8 @@ pub(crate) struct Address {
     budgets: Mutex<Budgets>,
     /// Bytes its connections hold for messages whose parts are still arriving.
     pub(crate) partial: AtomicU64,
+    /// Bytes of WebSocket frames still arriving on its connections (see [`Unframed`]).
+    pub(crate) unframed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -95,6 +106,7 @@ impl Address {
                 ),
             }),
             partial: AtomicU64::new(0),
+            unframed: AtomicU64::new(0),
         }
     }
 
@@ -148,11 +160,96 @@ impl Peer {
         budgets.opens.try_take_n(1, now)
     }
 
+    /// Gives back an opening taken by [`Peer::take_open`] for a join that opened no room.
+    pub(crate) fn give_back_open(&self, now: u64) {
+        let mut budgets = self
+            .address
+            .budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        budgets.opens.give_back(1, now);
+    }
+
     /// What the connections of this address share.
     pub(crate) fn address(&self) -> Arc<Address> {
         self.address.clone()
     }
+
+    /// The connection handled a whole WebSocket message: what its stream read before is no
+    /// longer held for a frame still arriving.
+    pub(crate) fn framed(&self) {
+        self.unframed.give_back(&self.address);
+    }
 }
+
+/// The bytes a joined connection's stream read since the connection last handled a whole
+/// WebSocket message: a frame still arriving, which the WebSocket holds until it ends (up to
+/// twice the frame limit, and a message of many frames until its last). They are counted for
+/// the relay and for the address, apart from the parts of large messages, and held to the same
+/// bounds (`--max-partial-bytes`, a quarter per address): a member that starts frames on every
+/// socket its address may open, and finishes none, is closed past them. The parts of large
+/// messages are refused when both together are past them (see `connection::Partial`): an
+/// honest member's part is refused for a while, and its connection stays.
+pub(crate) struct Unframed {
+    read: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Unframed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Unframed").field(&self.read).finish()
+    }
+}
+
+impl Unframed {
+    /// Counts `bytes` more; says which bound the totals are then over, if any.
+    fn count(&self, bytes: u64, address: &Address, config: &GuardConfig) -> Result<(), String> {
+        self.read.fetch_add(bytes, Ordering::Relaxed);
+        let total = self
+            .metrics
+            .unframed_bytes
+            .fetch_add(bytes, Ordering::Relaxed)
+            + bytes;
+        let held = address.unframed.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if total > config.max_partial {
+            Err(format!(
+                "the relay holds {} bytes of frames still arriving, its most; try again later",
+                config.max_partial
+            ))
+        } else if held > config.max_partial_per_ip {
+            Err(format!(
+                "this address holds {} bytes of frames still arriving, its most; try again later",
+                config.max_partial_per_ip
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes what is counted out of the totals.
+    fn give_back(&self, address: &Address) {
+        let bytes = self.read.swap(0, Ordering::Relaxed);
+        if bytes > 0 {
+            self.metrics
+                .unframed_bytes
+                .fetch_sub(bytes, Ordering::Relaxed);
+            address.unframed.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why a joined connection's read failed: it held more of frames still arriving than the
+/// relay's or its address's bound. The connection closes with 1013 and this reason.
+#[derive(Debug)]
+pub(crate) struct HeldTooMuch(pub(crate) String);
+
+impl std::fmt::Display for HeldTooMuch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HeldTooMuch {}
 
 impl Connected<IncomingStream<'_, Guarded>> for Peer {
     fn connect_info(stream: IncomingStream<'_, Guarded>) -> Self {
@@ -182,6 +279,8 @@ pub(crate) struct Guarded {
     counts: Arc<Mutex<Counts>>,
     /// The clock of the address budgets (milliseconds since the relay started).
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Where the bytes held for what is still arriving are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Guarded {
@@ -189,12 +288,14 @@ impl Guarded {
         listener: TcpListener,
         config: GuardConfig,
         clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             listener,
             config,
             counts: Arc::default(),
             clock,
+            metrics,
         }
     }
 
@@ -312,11 +413,18 @@ impl Listener for Guarded {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
             }
             let joined = Arc::new(AtomicBool::new(false));
+            let unframed = Arc::new(Unframed {
+                read: AtomicU64::new(0),
+                metrics: self.metrics.clone(),
+            });
             let io = GuardedStream {
                 stream,
                 deadline: Box::pin(tokio::time::sleep(self.config.deadline)),
                 joined: joined.clone(),
                 unjoined_read: 0,
+                address: address.clone(),
+                unframed: unframed.clone(),
+                config: self.config,
                 _slot: slot,
             };
             return (
@@ -325,6 +433,7 @@ impl Listener for Guarded {
                     addr,
                     joined,
                     address,
+                    unframed,
                 },
             );
         }
@@ -335,6 +444,10 @@ impl Listener for Guarded {
             addr: self.listener.local_addr()?,
             joined: Arc::default(),
             address: Arc::new(Address::new(&self.config, 0)),
+            unframed: Arc::new(Unframed {
+                read: AtomicU64::new(0),
+                metrics: self.metrics.clone(),
+            }),
         })
     }
 }
@@ -346,15 +459,26 @@ impl Listener for Guarded {
 pub(crate) const UNJOINED_BYTES: usize = 64 * 1024;
 
 /// A TCP stream that fails its reads once its deadline has passed, or once it read more than
-/// [`UNJOINED_BYTES`], unless it joined a room before. Whoever is reading it (the HTTP server,
-/// then the WebSocket) then drops it.
+/// [`UNJOINED_BYTES`], unless it joined a room before; and, once it joined, when what it read
+/// since its last whole WebSocket message takes the bytes held for what is still arriving over
+/// the relay's or its address's bound ([`HeldTooMuch`], see [`Unframed`]). Whoever is reading
+/// it (the HTTP server, then the WebSocket) then drops it.
 pub(crate) struct GuardedStream {
     stream: TcpStream,
     deadline: Pin<Box<Sleep>>,
     joined: Arc<AtomicBool>,
     /// The bytes read while the connection had not joined.
     unjoined_read: usize,
+    address: Arc<Address>,
+    unframed: Arc<Unframed>,
+    config: GuardConfig,
     _slot: Slot,
+}
+
+impl Drop for GuardedStream {
+    fn drop(&mut self) {
+        self.unframed.give_back(&self.address);
+    }
 }
 
 impl GuardedStream {
@@ -374,8 +498,19 @@ impl AsyncRead for GuardedStream {
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if !self.joined.load(Ordering::Relaxed) {
-            self.unjoined_read += buf.filled().len() - before;
+        let bytes = buf.filled().len() - before;
+        if self.joined.load(Ordering::Relaxed) {
+            if bytes > 0 {
+                let this = &*self;
+                if let Err(why) = this
+                    .unframed
+                    .count(bytes as u64, &this.address, &this.config)
+                {
+                    return Poll::Ready(Err(io::Error::other(HeldTooMuch(why))));
+                }
+            }
+        } else {
+            self.unjoined_read += bytes;
             if self.unjoined_read > UNJOINED_BYTES {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -450,11 +585,14 @@ mod tests {
             ip_bandwidth: 1_000,
             ip_burst: 1_000,
             ip_room_opens: 10,
+            max_partial: 1 << 20,
+            max_partial_per_ip: 1 << 18,
         };
         Guarded::new(
             TcpListener::from_std(listener).unwrap(),
             config,
             Arc::new(|| 0),
+            Arc::default(),
         )
     }
 
@@ -468,6 +606,10 @@ mod tests {
             addr: "[::1]:1".parse().unwrap(),
             joined: Arc::default(),
             address: address.clone(),
+            unframed: Arc::new(Unframed {
+                read: AtomicU64::new(0),
+                metrics: Arc::default(),
+            }),
         }
     }
 

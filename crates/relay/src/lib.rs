@@ -111,6 +111,8 @@ pub struct RelayConfig {
     /// The most bytes the relay holds, all connections together, for large messages whose
     /// parts are still arriving (and a quarter of it for one IP address); a part past it is
     /// refused as `rateLimited` with the rest of its message (the client sends it again later).
+    /// WebSocket frames still arriving on members' connections count too (see
+    /// `guard::Unframed`).
     pub max_partial_bytes: usize,
     /// Frames per second from one IP address, all its connections together (and as many at
     /// once).
@@ -238,7 +240,9 @@ impl Relay {
     ) -> Result<(mpsc::Sender<Command>, room::Admitted), JoinRefused> {
         // A room task may retire between our look-up and our command: then start it anew.
         for _ in 0..3 {
-            let commands = self.room_task(room, requested).await?;
+            let commands = self
+                .room_task(room, requested, request.access.write)
+                .await?;
             let (reply, answer) = tokio::sync::oneshot::channel();
             let command = Command::Join {
                 conn,
@@ -259,10 +263,14 @@ impl Relay {
         })
     }
 
+    /// The task of `room`, started if needed. A join that may not write (`writes` false) does
+    /// not open a room that no writer opened: the first opening chooses the room's settings for
+    /// good, and a reader could otherwise choose ones that break the room for its writers.
     async fn room_task(
         self: &Arc<Self>,
         room: &str,
         requested: Option<RoomConfig>,
+        writes: bool,
     ) -> Result<mpsc::Sender<Command>, JoinRefused> {
         if let Some(commands) = self.lock_rooms().get(room) {
             return Ok(commands.clone());
@@ -277,6 +285,12 @@ impl Relay {
             code: close::INTERNAL,
             reason: format!("the room could not be opened: {e}"),
         };
+        if !writes && !self.store.room_exists(room).await.map_err(unavailable)? {
+            return Err(JoinRefused {
+                code: close::TRY_AGAIN_LATER,
+                reason: "no member who may write has opened this room yet; try again later".into(),
+            });
+        }
         // A shared room: where the other relays' publications for it stand, and its members
         // on them; read before the room, so that no publication placed after the room's
         // position as read is passed over (the room drops those placed before it).
@@ -376,6 +390,21 @@ impl Relay {
         }
     }
 
+    /// The bytes the relay holds at most for frames and messages still arriving, all
+    /// connections together (`--max-partial-bytes`); never below the message limit, so that a
+    /// message of that size always gets through.
+    pub(crate) fn max_partial(&self) -> u64 {
+        let message = self.config.limits.max_message as u64;
+        (self.config.max_partial_bytes as u64).max(message)
+    }
+
+    /// What one address's connections may hold of [`Relay::max_partial`]: a quarter (at least
+    /// a message), so that one address cannot keep every large message of the relay waiting.
+    pub(crate) fn max_partial_per_ip(&self) -> u64 {
+        let message = self.config.limits.max_message as u64;
+        (self.max_partial() / 4).max(message)
+    }
+
     /// Whether `room` is open on this relay now.
     pub(crate) fn is_open(&self, room: &str) -> bool {
         self.lock_rooms().contains_key(room)
@@ -453,12 +482,14 @@ pub async fn serve(
             .config
             .ip_bandwidth
             .max((relay.config.limits.max_message + relay.config.limits.max_frame) as u64),
+        max_partial: relay.max_partial(),
+        max_partial_per_ip: relay.max_partial_per_ip(),
     };
     let clock = {
         let relay = relay.clone();
         Arc::new(move || relay.now_ms())
     };
-    let listener = Guarded::new(listener, guard, clock);
+    let listener = Guarded::new(listener, guard, clock, relay.metrics.clone());
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(async move {
             let _ = http_stopped.wait_for(|s| *s).await;

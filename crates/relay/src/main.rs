@@ -119,7 +119,8 @@ mod native {
         /// Bytes the relay holds, all connections together, for large messages whose parts are
         /// still arriving, and a quarter of it for one IP address; a part past either is
         /// refused as `rateLimited` with the rest of its message (the client sends it again
-        /// later).
+        /// later). WebSocket frames still arriving count too: a connection whose frame takes
+        /// either over is closed with 1013.
         #[arg(long, env = "PM_MAX_PARTIAL_BYTES", default_value_t = 1 << 30,
               value_parser = clap::value_parser!(u64).range(1..))]
         max_partial_bytes: u64,

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Bytes held for large messages whose parts are still arriving.
     pub partial_bytes: AtomicU64,
+    /// Bytes of WebSocket frames still arriving on members' connections.
+    pub unframed_bytes: AtomicU64,
     /// Reads of a room's bus in Redis that came too late: entries went before this relay read
     /// them (numbers were missing).
     pub bus_missed: AtomicU64,
@@ -140,6 +142,12 @@ impl Metrics {
             "Bytes held for large messages whose parts are still arriving.",
             "gauge",
             self.partial_bytes.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_unframed_bytes",
+            "Bytes of WebSocket frames still arriving on members' connections.",
+            "gauge",
+            self.unframed_bytes.load(Relaxed),
         );
         gauge(
             "pattern_mesh_room_panics_total",

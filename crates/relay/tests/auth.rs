@@ -245,10 +245,16 @@ async fn a_read_only_member_reads_the_history_and_live_edits_and_none_of_its_wri
 async fn one_users_token_cannot_take_every_place_in_a_room() {
     let server = start("auth-per-user", |c| {
         c.auth = Some(AuthKey::Secret(SECRET.into()));
-        c.max_members = 4;
+        c.max_members = 5;
         c.max_members_per_user = 3;
     })
     .await;
+    let other = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u2", "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    // A writer opens the room (a read-only join opens none) and stays.
+    let _opener = join_at(&with_token(&server, &other), "doc", 0, 0, None).await;
     let reader = token("doc", "read");
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -257,10 +263,6 @@ async fn one_users_token_cannot_take_every_place_in_a_room() {
     let (code, reason) = refused(&server, Some(&reader), "doc").await;
     assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
     assert!(reason.contains("in the room 3 times already"), "{reason}");
-    let other = signed(
-        SECRET,
-        serde_json::json!({ "sub": "u2", "room": "doc", "access": "write", "exp": now() + 600 }),
-    );
     let mut member = join_at(&with_token(&server, &other), "doc", 0, 0, None).await;
     let stamp = member.stamp();
     member.send(&Frame::stamped(stamp, data("1"))).await;
@@ -558,4 +560,111 @@ async fn the_metrics_ask_for_their_bearer_token_when_one_is_set() {
         get("Authorization: Bearer m-secret\r\n").await,
         "HTTP/1.1 200 OK"
     );
+}
+
+/// The first join of a room gives it its settings for good. A read-only member that came
+/// first chose them: a document room with a stale window of one step and `maxFuture` 1, in
+/// which the writers' late edits were dropped and their clocks refused. Only a member that may
+/// write opens a room; a read-only join of a room no writer opened waits (1013, with a reason)
+/// and then gets the writer's settings.
+#[tokio::test]
+async fn a_read_only_member_cannot_choose_the_settings_of_a_room() {
+    use pattern_mesh_client::JoinOptions;
+    use pattern_mesh_core::wire::RoomConfig;
+
+    let server = secured("auth-read-only-config").await;
+    let hostile = RoomConfig {
+        max_future: 1,
+        stale_window: Some(1),
+        ..RoomConfig::default()
+    };
+    let options = |config| JoinOptions {
+        room: "doc".into(),
+        name: "test".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config,
+    };
+    let reader_url = with_token(&server, &token("doc", "read"));
+    let first = tokio::time::timeout(WAIT, Connection::join(&reader_url, options(Some(hostile))))
+        .await
+        .expect("an answer within the wait");
+    let (code, reason) = match first {
+        Ok((_, welcome)) => panic!("the reader opened the room with {:?}", welcome.config),
+        Err(e) => close_of(Err(e)),
+    };
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
+    assert!(reason.contains("may write"), "{reason}");
+    // A reader's client waits, says why, and gets in once a writer opened the room.
+    let waiting = tokio::spawn({
+        let url = reader_url.clone();
+        async move { Client::connect(&url, session("doc", "viewer")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let wanted = RoomConfig {
+        max_future: 500,
+        ..RoomConfig::default()
+    };
+    let writer_url = with_token(&server, &token("doc", "write"));
+    let (_writer, welcome) = Connection::join(&writer_url, options(Some(wanted)))
+        .await
+        .unwrap();
+    assert_eq!(welcome.config, wanted);
+    let (_reader, welcome) = Connection::join(&reader_url, options(Some(hostile)))
+        .await
+        .unwrap();
+    assert_eq!(
+        welcome.config, wanted,
+        "the reader gets the writer's settings"
+    );
+    let mut viewer = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting reader got in")
+        .unwrap()
+        .expect("the waiting reader got in");
+    let said: Vec<_> = viewer
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Status { reason, .. } => reason,
+            _ => None,
+        })
+        .collect();
+    assert!(
+        said.iter().any(|r| r.contains("may write")),
+        "the reader's client said why it waited: {said:?}"
+    );
+}
+
+/// A join refused without opening its room cost the address a room opening all the same: a
+/// reader's client waiting for a writer to open its room (or any client retrying against a full
+/// relay) spent its address's openings, and then even the address's writers could open no
+/// room. An opening that opened nothing is given back.
+#[tokio::test]
+async fn a_join_refused_before_its_room_opened_costs_no_opening() {
+    let server = start("auth-opens", |c| {
+        c.auth = Some(AuthKey::Secret(SECRET.into()));
+        c.ip_room_opens = 3;
+    })
+    .await;
+    for _ in 0..8 {
+        let (code, reason) = refused(&server, Some(&token("waiting", "read")), "waiting").await;
+        assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
+        assert!(reason.contains("may write"), "{reason}");
+    }
+    for room in ["one", "two", "three"] {
+        let mut writer = join_at(
+            &with_token(&server, &token(room, "write")),
+            room,
+            0,
+            0,
+            None,
+        )
+        .await;
+        let stamp = writer.stamp();
+        writer.send(&Frame::stamped(stamp, data("1"))).await;
+        writer.expect_ack(stamp.step).await;
+    }
 }

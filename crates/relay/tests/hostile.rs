@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -1270,10 +1271,15 @@ async fn values_yjs_wrote_sent_again_are_taken_as_the_ones_the_room_holds() {
 
 /// The relay's bytes in large messages whose parts are still arriving, from its metrics.
 async fn partial_bytes(server: &Server) -> u64 {
+    gauge(server, "pattern_mesh_partial_bytes").await
+}
+
+/// A value of the relay's metrics.
+async fn gauge(server: &Server, name: &str) -> u64 {
     let metrics = http_get(server.addr, "/metrics").await;
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("pattern_mesh_partial_bytes "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .expect("the metric is there")
 }
@@ -1780,5 +1786,89 @@ async fn one_address_joining_new_rooms_cannot_fill_the_relay() {
     // A room already open costs nothing to join.
     let mut again = join(&server, "churn-0", 0, None).await;
     again.data_acked(serde_json::json!("in")).await;
+    server.stop().await;
+}
+
+/// A member starts a frame and never finishes it, on every socket its address may open. The
+/// WebSocket holds each frame's bytes until it ends (up to twice the frame limit), and no budget
+/// counted them: a few addresses made the relay hold gigabytes. They count now with the parts
+/// of large messages (`--max-partial-bytes`, a quarter of it per address): a connection that
+/// takes either over is closed with 1013 and a reason, and what it held is given back.
+#[tokio::test]
+async fn members_that_start_frames_and_never_finish_them_are_held_to_the_partial_bound() {
+    use pattern_mesh_client::{Connection, JoinOptions};
+    use pattern_mesh_core::wire::close;
+    use tokio_tungstenite::MaybeTlsStream;
+
+    let server = start("unfinished-frames", |c| {
+        c.limits.max_frame = 128 * 1024;
+        c.limits.max_message = 256 * 1024;
+        // An address may hold 256 KiB.
+        c.max_partial_bytes = 1024 * 1024;
+    })
+    .await;
+    let options = || JoinOptions {
+        room: "r".into(),
+        name: "holder".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config: None,
+    };
+    let mut held = Vec::new();
+    let mut refusals = Vec::new();
+    for _ in 0..5 {
+        let (conn, _) = Connection::join(&server.url(), options()).await.unwrap();
+        let mut socket = conn.into_socket();
+        let MaybeTlsStream::Plain(tcp) = socket.get_mut() else {
+            unreachable!("a plain socket")
+        };
+        // A masked binary frame of 120,000 bytes: its header and 100,000 of them.
+        let mut start = vec![0x82, 0xFF];
+        start.extend_from_slice(&120_000u64.to_be_bytes());
+        start.extend_from_slice(&[0, 0, 0, 0]);
+        start.extend_from_slice(&[0u8; 100_000]);
+        tcp.write_all(&start).await.unwrap();
+        // What the relay says within a moment: nothing, or a close.
+        let said = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                match socket.next().await {
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(close)))) => {
+                        return Some((u16::from(close.code), close.reason.to_string()));
+                    }
+                    Some(Ok(_)) => continue,
+                    _ => return None,
+                }
+            }
+        })
+        .await;
+        match said {
+            Ok(Some(close)) => refusals.push(close),
+            Ok(None) => panic!("the socket ended without a close"),
+            Err(_) => held.push(socket),
+        }
+    }
+    assert_eq!(held.len(), 2, "two frames fit the address's bound, no more");
+    assert_eq!(refusals.len(), 3);
+    for (code, reason) in &refusals {
+        assert_eq!(*code, close::TRY_AGAIN_LATER, "{reason}");
+        assert!(reason.contains("still arriving"), "{reason}");
+    }
+    let holding = gauge(&server, "pattern_mesh_unframed_bytes").await;
+    assert!(
+        (200_000..=262_144).contains(&holding),
+        "the relay counts what the two held: {holding}"
+    );
+    drop(held);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gauge(&server, "pattern_mesh_unframed_bytes").await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "what they held is given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut member = join(&server, "r", 0, None).await;
+    member.data_acked(serde_json::json!("in")).await;
     server.stop().await;
 }

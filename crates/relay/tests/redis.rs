@@ -1160,3 +1160,72 @@ async fn bus_gap(room: &str, unreadable: bool) {
         .await;
     assert!(matches!(joined, Frame::PeerJoined { peer } if peer.node == late.node));
 }
+
+/// Only a member that may write opens a room (its first opening chooses the room's settings for
+/// good): in a room several relays share too. A reader on one relay waits until a writer on
+/// another opened the room, then gets the writer's settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_member_opens_no_room_on_any_relay() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use pattern_mesh_client::{Connection, JoinOptions};
+    use pattern_mesh_core::wire::{close, RoomConfig};
+
+    const SECRET: &str = "the relay's test secret, 32 bytes";
+    let token = |access: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims =
+            serde_json::json!({ "sub": access, "room": "doc", "access": access, "exp": exp });
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let redis = Redis::start("redis-read-only-open");
+    let (_a, a) = relay_with(&redis, &["--auth-key", SECRET]);
+    let (_b, b) = relay_with(&redis, &["--auth-key", SECRET]);
+    let options = |config| JoinOptions {
+        room: "doc".into(),
+        name: "test".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config,
+    };
+    let hostile = RoomConfig {
+        max_future: 1,
+        stale_window: Some(1),
+        ..RoomConfig::default()
+    };
+    let reader_url = format!("{b}?token={}", token("read"));
+    match Connection::join(&reader_url, options(Some(hostile))).await {
+        Ok((_, welcome)) => panic!("the reader opened the room with {:?}", welcome.config),
+        Err(pattern_mesh_client::ClientError::Closed { code, reason }) => {
+            assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+    let wanted = RoomConfig {
+        max_future: 500,
+        ..RoomConfig::default()
+    };
+    let (_writer, welcome) = Connection::join(
+        &format!("{a}?token={}", token("write")),
+        options(Some(wanted)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(welcome.config, wanted);
+    let (_reader, welcome) = Connection::join(&reader_url, options(Some(hostile)))
+        .await
+        .unwrap();
+    assert_eq!(
+        welcome.config, wanted,
+        "the reader gets the writer's settings"
+    );
+}

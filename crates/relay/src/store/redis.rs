@@ -899,6 +899,18 @@ impl Store for RedisStore {
         })
     }
 
+    fn room_exists(&self, room: &str) -> StoreFuture<bool> {
+        let (conn, keys) = (self.conn.clone(), Keys::of(room));
+        Box::pin(async move {
+            // The log counts too: a room whose record Redis evicted is not a new room (its
+            // opening says so).
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(&keys.room).arg(&keys.log);
+            let count: u64 = query(&conn, &exists).await?;
+            Ok(count > 0)
+        })
+    }
+
     fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended> {
         let (reply, answer) = oneshot::channel();
         let write = Write::Append {

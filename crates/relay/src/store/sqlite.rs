@@ -428,6 +428,16 @@ impl Store for SqliteStore {
         })
     }
 
+    fn room_exists(&self, room: &str) -> StoreFuture<bool> {
+        let room = room.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT 1 FROM rooms WHERE room = ?1")
+                .map_err(backend)?
+                .exists(params![room])
+                .map_err(backend)
+        })
+    }
+
     fn append(&self, room: &str, entry: Append) -> StoreFuture<Appended> {
         let (reply, rx) = oneshot::channel();
         self.send(Write::Append {
