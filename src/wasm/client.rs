@@ -1,7 +1,7 @@
 //! `MeshClient` and `SharedText`: the browser's driver of the core's client session.
 //!
 //! The protocol (join, catch-up, outbox, pacing, refusals and fences, reconnects, checkpoints,
-//! sync) is the core's [`Session`]; this module only moves bytes over gloo-net's WebSocket,
+//! sync) is the core's [`Session`]; this module only moves bytes over a WebSocket,
 //! runs one timer for the session's next deadline, and turns the session's events into JS
 //! listener calls.
 //!
@@ -14,11 +14,6 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use futures_channel::mpsc::{unbounded, UnboundedSender};
-use futures_channel::oneshot;
-use futures_util::future::{self, Either};
-use futures_util::{SinkExt, StreamExt};
-use gloo_net::websocket::{futures::WebSocket, Message, WebSocketError};
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
@@ -214,33 +209,45 @@ struct Listener {
     function: js_sys::Function,
 }
 
-/// The open socket: its writer, and how to stop its reader and writer. Dropping it (a close,
-/// a reconnect, or the client let go of without `close()`) closes the socket and keeps its
-/// later events from gloo-net's listeners, which go with it.
+/// The socket, and its listener. Dropping it (a close, a reconnect, or the client let go of
+/// without `close()`) closes the socket and keeps its later events from the listener, which
+/// goes with it.
 struct Socket {
     id: u64,
     raw: web_sys::WebSocket,
-    writer: UnboundedSender<Vec<u8>>,
-    stop: Option<oneshot::Sender<()>>,
-    stop_writer: Option<oneshot::Sender<()>>,
+    /// What the session sent before the socket opened, in order; `None` once it is open.
+    waiting: Option<Vec<Vec<u8>>>,
+    _listener: Closure<dyn FnMut(u32, JsValue, JsValue)>,
 }
 
 impl Socket {
     fn close(self) {
         drop(self);
     }
+
+    /// Sends `bytes` now, or once the socket is open. A send the socket refuses (it is
+    /// closing) is dropped: its `close` event follows, and the session sends again what was
+    /// not acknowledged.
+    fn send(&mut self, bytes: Vec<u8>) {
+        match &mut self.waiting {
+            Some(waiting) => waiting.push(bytes),
+            None => {
+                let _ = self.raw.send_with_u8_array(&bytes);
+            }
+        }
+    }
+
+    /// The socket opened: what waited goes.
+    fn opened(&mut self) {
+        for bytes in self.waiting.take().unwrap_or_default() {
+            let _ = self.raw.send_with_u8_array(&bytes);
+        }
+    }
 }
 
 impl Drop for Socket {
     fn drop(&mut self) {
         super::fatal::stop(&self.raw, 1000, "the client closed the connection");
-        self.writer.close_channel();
-        for stop in [self.stop.take(), self.stop_writer.take()]
-            .into_iter()
-            .flatten()
-        {
-            let _ = stop.send(());
-        }
     }
 }
 
@@ -278,7 +285,8 @@ struct Driver {
     #[cfg(feature = "document")]
     text_listeners: Vec<(u32, String, js_sys::Function)>,
     next_listener: u32,
-    joined: Option<oneshot::Sender<Result<(), String>>>,
+    /// `connect`'s promise until the first join: its resolve and reject functions.
+    joined: Option<(js_sys::Function, js_sys::Function)>,
     /// With `persist`: the room's storage in IndexedDB (the built-in document's: the
     /// transport-only build has none).
     #[cfg(feature = "document")]
@@ -426,11 +434,12 @@ impl Driver {
             match event {
                 Event::Status { status, reason } => {
                     match (status, self.joined.take()) {
-                        (Status::Open, Some(joined)) => {
-                            let _ = joined.send(Ok(()));
+                        (Status::Open, Some((resolve, _))) => {
+                            let _ = resolve.call0(&JsValue::UNDEFINED);
                         }
-                        (Status::Closed, Some(joined)) => {
-                            let _ = joined.send(Err(reason.clone().unwrap_or_default()));
+                        (Status::Closed, Some((_, reject))) => {
+                            let reason = JsValue::from_str(reason.as_deref().unwrap_or_default());
+                            let _ = reject.call1(&JsValue::UNDEFINED, &reason);
                         }
                         (_, joined) => self.joined = joined,
                     }
@@ -531,8 +540,8 @@ fn pump(shared: &Shared) {
         match output {
             Output::Connect => connect(shared),
             Output::Send(bytes) => {
-                if let Some(socket) = &shared.borrow().socket {
-                    let _ = socket.writer.unbounded_send(bytes);
+                if let Some(socket) = &mut shared.borrow_mut().socket {
+                    socket.send(bytes);
                 }
             }
             Output::Disconnect { .. } => {
@@ -853,8 +862,8 @@ fn connect(shared: &Shared) {
     });
 }
 
-/// Opens a socket for the session (with `token` in its URL): its writer task, and a reader
-/// task that feeds the session.
+/// Opens a socket for the session (with `token` in its URL), with one listener that feeds the
+/// session its frames and its close.
 fn open(shared: &Shared, token: Option<&str>) {
     if panicked() {
         return;
@@ -878,122 +887,83 @@ fn open(shared: &Shared, token: Option<&str>) {
         let shown = base;
         (url, shown, driver.next_socket, driver.web_socket.clone())
     };
-    let socket = js_sys::Reflect::construct(&class, &js_sys::Array::of1(&url.as_str().into()))
-        .map(|raw| raw.unchecked_into::<web_sys::WebSocket>())
-        .map_err(|e| super::errors::describe(&e))
-        .and_then(|raw| {
-            super::fatal::guard(&raw);
-            let socket = WebSocket::try_from(raw.clone()).map_err(|e| e.to_string())?;
-            Ok((raw, socket))
-        });
-    let (raw, socket) = match socket {
-        Ok(socket) => socket,
+    let raw = match js_sys::Reflect::construct(&class, &js_sys::Array::of1(&url.as_str().into())) {
+        Ok(raw) => raw.unchecked_into::<web_sys::WebSocket>(),
         Err(e) => {
             let mut driver = shared.borrow_mut();
             let now = driver.now();
-            driver
-                .session
-                .handle_closed(now, 1006, &format!("could not open {shown}: {e}"));
+            let reason = format!("could not open {shown}: {}", super::errors::describe(&e));
+            driver.session.handle_closed(now, 1006, &reason);
             return;
         }
     };
-    let (mut sink, mut stream) = socket.split();
-    let (writer, mut outgoing) = unbounded::<Vec<u8>>();
-    let (stop, mut stopped) = oneshot::channel::<()>();
-    // gloo-net closes the socket only when both halves are dropped: when the writer stops (its
-    // channel was closed), the reader stops too.
-    let (writer_done, mut writer_stopped) = oneshot::channel::<()>();
-    let (stop_writer, mut writer_stop) = oneshot::channel::<()>();
-    wasm_bindgen_futures::spawn_local(async move {
-        // A send waits until the socket is open; one let go of before it opened never tells
-        // its (stopped) listeners, so the wait also ends when the socket is dropped.
-        while let Some(bytes) = outgoing.next().await {
-            let send = sink.send(Message::Bytes(bytes));
-            futures_util::pin_mut!(send);
-            match future::select(send, &mut writer_stop).await {
-                Either::Left((Ok(()), _)) => {}
-                _ => break,
-            }
-        }
-        drop(sink);
-        let _ = writer_done.send(());
+    let weak = Rc::downgrade(shared);
+    let listener = Closure::<dyn FnMut(u32, JsValue, JsValue)>::new(
+        move |kind: u32, data: JsValue, reason: JsValue| {
+            let Some(shared) = weak.upgrade() else { return };
+            socket_event(&shared, id, kind, data, reason);
+        },
+    );
+    super::fatal::listen(&raw, listener.as_ref().unchecked_ref());
+    let mut driver = shared.borrow_mut();
+    driver.socket = Some(Socket {
+        id,
+        raw: raw.clone(),
+        waiting: Some(Vec::new()),
+        _listener: listener,
     });
+    driver.registration.set_socket(Some(raw));
+    driver.session.set_read_only(token.is_some_and(reads_only));
+    let now = driver.now();
+    driver.session.handle_connected(now);
+}
+
+/// An event of socket `id` (see `fatal::listen`): 0 it opened, 1 a message (`data`), 2 it
+/// closed (`data` its code, `reason` its reason).
+fn socket_event(shared: &Shared, id: u64, kind: u32, data: JsValue, reason: JsValue) {
     {
         let mut driver = shared.borrow_mut();
-        driver.socket = Some(Socket {
-            id,
-            raw: raw.clone(),
-            writer,
-            stop: Some(stop),
-            stop_writer: Some(stop_writer),
-        });
-        driver.registration.set_socket(Some(raw));
-        driver.session.set_read_only(token.is_some_and(reads_only));
-        let now = driver.now();
-        driver.session.handle_connected(now);
-    }
-    let weak = Rc::downgrade(shared);
-    wasm_bindgen_futures::spawn_local(async move {
-        let mut closed = (1006u16, "the connection ended".to_owned());
-        loop {
-            let next = future::select(
-                stream.next(),
-                future::select(&mut stopped, &mut writer_stopped),
-            );
-            let message = match next.await {
-                Either::Left((Some(message), _)) => message,
-                Either::Left((None, _)) => break,
-                // Closed on purpose: nothing to report.
-                Either::Right(_) => return,
-            };
-            let Some(shared) = weak.upgrade() else { return };
-            match message {
-                Ok(Message::Bytes(bytes)) => {
-                    {
-                        let mut driver = shared.borrow_mut();
-                        if driver.socket.as_ref().map(|s| s.id) != Some(id) {
-                            return;
-                        }
-                        let now = driver.now();
-                        #[cfg(feature = "document")]
-                        driver.remote.set(true);
-                        driver.session.handle_frame(now, &bytes);
-                        #[cfg(feature = "document")]
-                        driver.remote.set(false);
-                    }
-                    pump(&shared);
-                }
-                Ok(Message::Text(_)) => {}
-                Err(WebSocketError::ConnectionClose(event)) => {
-                    closed = (event.code, event.reason);
-                    break;
-                }
-                Err(e) => {
-                    closed = (1006, e.to_string());
-                    break;
-                }
-            }
-        }
-        let Some(shared) = weak.upgrade() else { return };
-        {
-            let mut driver = shared.borrow_mut();
-            if driver.socket.as_ref().map(|s| s.id) != Some(id) {
+        let Some(socket) = driver.socket.as_mut().filter(|s| s.id == id) else {
+            return;
+        };
+        match kind {
+            0 => {
+                socket.opened();
                 return;
             }
-            if let Some(socket) = driver.socket.take() {
-                socket.close();
+            1 => {
+                // Text messages are not part of the protocol.
+                if !data.is_instance_of::<js_sys::ArrayBuffer>() {
+                    return;
+                }
+                let bytes = js_sys::Uint8Array::new(&data).to_vec();
+                let now = driver.now();
+                #[cfg(feature = "document")]
+                driver.remote.set(true);
+                driver.session.handle_frame(now, &bytes);
+                #[cfg(feature = "document")]
+                driver.remote.set(false);
             }
-            let now = driver.now();
-            let (code, reason) = closed;
-            let reason = if reason.is_empty() && code == 1006 {
-                format!("could not reach the relay at {}", driver.url())
-            } else {
-                reason
-            };
-            driver.session.handle_closed(now, code, &reason);
+            _ => {
+                let opened = socket.waiting.is_none();
+                if let Some(socket) = driver.socket.take() {
+                    socket.close();
+                }
+                let now = driver.now();
+                let code = data.as_f64().map_or(1006, |code| code as u16);
+                let reason = reason.as_string().unwrap_or_default();
+                let reason = match (reason.is_empty() && code == 1006, opened) {
+                    (false, _) => reason,
+                    (true, false) => format!("could not reach the relay at {}", driver.url()),
+                    (true, true) => {
+                        format!("the connection to the relay at {} was lost", driver.url())
+                    }
+                };
+                driver.session.handle_closed(now, code, &reason);
+            }
         }
-        pump(&shared);
-    });
+    }
+    pump(shared);
 }
 
 /// Whether `token`'s `access` claim is `read` (see [`crate::token`]): a token that does not
@@ -1285,7 +1255,9 @@ impl MeshClient {
         }
         config.seed = (js_sys::Math::random() * 9_007_199_254_740_991.0) as u64;
         let now = js_sys::Date::now() as u64;
-        let (joined, on_joined) = oneshot::channel();
+        let mut joined = None;
+        let on_joined =
+            js_sys::Promise::new(&mut |resolve, reject| joined = Some((resolve, reject)));
         let shared = Rc::new(RefCell::new(Driver {
             session: Session::new(config, replica, now),
             urls: options.urls,
@@ -1309,7 +1281,9 @@ impl MeshClient {
             #[cfg(feature = "document")]
             text_listeners: Vec::new(),
             next_listener: 1,
-            joined: Some(joined),
+            // With `persist`, `connect` does not wait for the join (and a rejection no one
+            // waits for would go unhandled).
+            joined: joined.filter(|_| !persist),
             #[cfg(feature = "document")]
             storage,
             #[cfg(feature = "document")]
@@ -1351,17 +1325,16 @@ impl MeshClient {
             // relay is reached.
             return Ok(MeshClient { shared });
         }
-        let joined = on_joined.await;
+        let joined = wasm_bindgen_futures::JsFuture::from(on_joined).await;
         if panicked() {
             return Err(stopped());
         }
         shared.borrow().registration.set_connecting(None);
         match joined {
-            Ok(Ok(())) => Ok(MeshClient { shared }),
-            Ok(Err(reason)) => Err(js_error("ConnectError", reason)),
-            Err(_) => Err(js_error(
+            Ok(_) => Ok(MeshClient { shared }),
+            Err(reason) => Err(js_error(
                 "ConnectError",
-                "the client closed before it joined",
+                reason.as_string().unwrap_or_default(),
             )),
         }
     }

@@ -6,7 +6,7 @@
 //!
 //! - it closes every client's socket with close code 4000 and a reason, so the relay sees the
 //!   member leave, and keeps the socket's events from the dead instance's listeners (see
-//!   [`guard`]);
+//!   [`listen`]);
 //! - it clears every client's timers, for the same reason;
 //! - it lets go of the Web Locks on the session records of every client that persists its
 //!   room, so that the tab's next client (or another tab) takes in what their outboxes still
@@ -40,19 +40,17 @@ use std::sync::Once;
 use wasm_bindgen::prelude::*;
 
 #[wasm_bindgen(inline_js = "
-export function pmGuard(socket) {
-  const add = socket.addEventListener.bind(socket);
-  const remove = socket.removeEventListener.bind(socket);
-  const guards = new Map();
-  socket.addEventListener = (type, listener, options) => {
-    const guard = (event) => { if (!socket.pmStopped) listener(event); };
-    guards.set(listener, guard);
-    add(type, guard, options);
+export function pmListen(socket, listener) {
+  socket.binaryType = 'arraybuffer';
+  const on = (kind) => (event) => {
+    if (socket.pmStopped) return;
+    if (kind === 1) listener(1, event.data);
+    else if (kind === 2) listener(2, event.code, event.reason);
+    else listener(0);
   };
-  socket.removeEventListener = (type, listener, options) => {
-    remove(type, guards.get(listener) ?? listener, options);
-    guards.delete(listener);
-  };
+  socket.addEventListener('open', on(0));
+  socket.addEventListener('message', on(1));
+  socket.addEventListener('close', on(2));
 }
 export function pmStop(socket, code, reason) {
   socket.pmStopped = true;
@@ -75,15 +73,13 @@ export function pmAfterPanic(reinit, message, clients) {
 }
 ")]
 extern "C" {
-    /// Makes every listener added to the socket from now on (gloo-net's) deaf once [`stop`]
-    /// has stopped the socket. A wrapper rather than `stopImmediatePropagation`, which the
-    /// `ws` package's events lack.
-    #[wasm_bindgen(js_name = pmGuard)]
-    pub(crate) fn guard(socket: &web_sys::WebSocket);
-    /// Closes the socket, and keeps every later event of it from the listeners the client
-    /// added: once the client has let go of a socket, its listeners may be gone (gloo-net
-    /// removes them when its socket is dropped, except the `close` one where the runtime has no
-    /// `CloseEvent` to dispatch, as Node 20), and calling one would throw.
+    /// Sets the socket's binary type to `ArrayBuffer` and calls `listener` with its events
+    /// until [`stop`] has stopped it: `(0)` it opened, `(1, data)` a message, `(2, code,
+    /// reason)` it closed. Its `error` events are left out: a `close` event follows each.
+    #[wasm_bindgen(js_name = pmListen)]
+    pub(crate) fn listen(socket: &web_sys::WebSocket, listener: &js_sys::Function);
+    /// Closes the socket, and keeps every later event of it from the client's listener: once
+    /// the client has let go of a socket, the listener is gone, and calling it would throw.
     #[wasm_bindgen(js_name = pmStop)]
     pub(crate) fn stop(socket: &web_sys::WebSocket, code: u16, reason: &str);
     #[wasm_bindgen(js_name = pmAfterPanic)]
