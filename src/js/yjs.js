@@ -205,7 +205,7 @@ export class MeshProvider {
   #scheduled = false;
   #announceWanted = false;
   #nodes = new Map(); // node -> awareness client id
-  #contested = new Set(); // client ids two members claimed: shown for neither
+  #told = new Map(); // node -> the refusals of its awareness states already reported
   #destroyed = false;
   #destroying = null;
   #listeners = new Set();
@@ -291,7 +291,7 @@ export class MeshProvider {
       status = client?.status ?? status;
     } finally {
       if (this.awareness) {
-        removeAwarenessStates(this.awareness, [...this.#nodes.values()], this);
+        this.#forget([...this.#nodes.values()]);
       }
       client?.close();
     }
@@ -380,9 +380,16 @@ export class MeshProvider {
     const yjs = data && typeof data === "object" ? data.yjs : undefined;
     if (!this.awareness || !yjs || typeof yjs.awareness !== "string") return;
     // A member speaks for its own awareness state only: one entry, its own client id, which no
-    // other member (and not this tab) holds. Anything else would let it move or rename
-    // another member's cursor.
-    const refuse = (why) => this.#error(new Error(`node ${sender}'s awareness state is refused: ${why}`));
+    // other member (and not this tab) holds. Anything else would let it move, rename or hide
+    // another member's cursor. Each refusal is reported once per member: a member that sends
+    // the same refused state again and again does not flood the error listeners.
+    const refuse = (why) => {
+      const told = this.#told.get(sender) ?? new Set();
+      this.#told.set(sender, told);
+      if (told.has(why) || told.size >= 16) return;
+      told.add(why);
+      this.#error(new Error(`node ${sender}'s awareness state is refused: ${why}`));
+    };
     let update;
     try {
       update = fromBase64(yjs.awareness);
@@ -393,16 +400,11 @@ export class MeshProvider {
     if (client === null) return refuse("it must hold exactly one client's state");
     if (client !== yjs.client) return refuse(`it names client ${client}, not ${yjs.client}`);
     if (client === this.awareness.clientID) return refuse("it claims this tab's client id");
-    if (this.#contested.has(client)) return refuse(`client ${client} is claimed by two members`);
     for (const [node, owned] of this.#nodes) {
-      if (owned === client && node !== sender) {
-        // Which of the two is the impostor cannot be told from here (the first to arrive may
-        // be either): the state goes, and neither is shown under that client id again.
-        this.#contested.add(client);
-        this.#nodes.delete(node);
-        removeAwarenessStates(this.awareness, [client], this);
-        return refuse(`client ${client} is claimed by node ${node} too`);
-      }
+      // The member shown under a client id keeps it until it leaves or takes another: a
+      // second member naming it would otherwise hide or take over the first one's cursor
+      // with one message.
+      if (owned === client && node !== sender) return refuse(`client ${client} is node ${node}'s`);
     }
     const previous = this.#nodes.get(sender);
     try {
@@ -412,7 +414,15 @@ export class MeshProvider {
     }
     this.#nodes.set(sender, client);
     // A member that changed its client id (a new Y.Doc) leaves its old state behind: remove it.
-    if (previous !== undefined && previous !== client) removeAwarenessStates(this.awareness, [previous], this);
+    if (previous !== undefined && previous !== client) this.#forget([previous]);
+  }
+
+  /** Removes the awareness states of `clients`, and what y-protocols keeps of them (their
+   * clocks, which it never drops: a member naming a new client id in each presence would
+   * grow them without bound). */
+  #forget(clients) {
+    removeAwarenessStates(this.awareness, clients, this);
+    for (const client of clients) this.awareness.meta.delete(client);
   }
 
   #clientError(e) {
@@ -438,7 +448,8 @@ export class MeshProvider {
         this.#nodes.delete(node);
       }
     }
-    if (gone.length > 0) removeAwarenessStates(this.awareness, gone, this);
+    for (const node of this.#told.keys()) if (!present.has(node)) this.#told.delete(node);
+    if (gone.length > 0) this.#forget(gone);
   }
 
   #error(e) {

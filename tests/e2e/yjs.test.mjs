@@ -238,20 +238,47 @@ test("a member cannot move or rename another member's cursor through its own pre
       for (const w of more) aw.states.set(w.clientID, w.getLocalState()), aw.meta.set(w.clientID, w.meta.get(w.clientID));
       return btoa(String.fromCharCode(...encodeAwarenessUpdate(aw, ids)));
     };
-    client.setPresence({ yjs: { client: ada, awareness: forged([ada]) } });
-    await new Promise((r) => setTimeout(r, 300));
+    // Again and again: it is told once.
+    for (let i = 0; i < 5; i++) {
+      client.setPresence({ yjs: { client: ada, awareness: forged([ada]) } });
+      await new Promise((r) => setTimeout(r, 100));
+    }
     client.setPresence({ yjs: { client: 12345, awareness: forged([12345, ada]) } });
     await new Promise((r) => setTimeout(r, 300));
     client.setPresence({ yjs: { client: 777, awareness: "%%% not base64" } });
+    await new Promise((r) => setTimeout(r, 300));
+    // A new client id in every presence: y-protocols keeps each one's clock for good.
+    const doc = new Y.Doc();
+    const aw = new Awareness(doc);
+    for (let i = 0; i < 300; i++) {
+      doc.clientID = 100000 + i;
+      aw.clientID = doc.clientID;
+      // Twice: y-protocols takes a remote state from its second clock on.
+      aw.setLocalState({ user: { name: `mallory ${i}` } });
+      aw.setLocalState({ user: { name: `mallory ${i}` } });
+      client.setPresence({ yjs: { client: doc.clientID, awareness: btoa(String.fromCharCode(...encodeAwarenessUpdate(aw, [doc.clientID]))) } });
+      aw.states.delete(doc.clientID);
+    }
+    window.mallory = client;
   }, { url: relay.url, room, ada });
   await until("b refused all three", () => b.evaluate(() => refusals.length >= 3 || refusals));
+  await until("b has mallory's last state", () => b.evaluate(() => awareness.getStates().get(100299)?.user?.name === "mallory 299" || "not yet"));
   const refusals = await b.evaluate(() => refusals);
-  assert.match(refusals[0], /client \d+ is claimed by node \d+ too/);
+  assert.equal(refusals.length, 3, JSON.stringify(refusals));
+  assert.match(refusals[0], /client \d+ is node \d+'s/);
   assert.match(refusals[1], /exactly one client's state/);
   assert.match(refusals[2], /not base64/);
-  // Neither name is shown under the contested client id: not mallory's.
-  assert.equal(await b.evaluate((ada) => awareness.getStates().get(ada)?.user?.name ?? "none", ada), "none");
+  // Ada keeps her client id: her name and her later cursor are shown, not mallory's.
+  assert.equal(await b.evaluate((ada) => awareness.getStates().get(ada)?.user?.name ?? "none", ada), "ada");
   assert.equal(await b.evaluate(() => awareness.getStates().has(12345)), false);
+  await a.evaluate(() => awareness.setLocalStateField("cursor", { anchor: 1, head: 2 }));
+  await until("b sees ada's cursor", () => b.evaluate((ada) => awareness.getStates().get(ada)?.cursor?.head === 2 || "not yet", ada));
+  // What b keeps of mallory's states: its last one, not three hundred clocks.
+  assert.ok(await b.evaluate(() => awareness.meta.size) <= 4, "y-protocols' clocks are bounded");
+  // Once mallory leaves, its client id's clock goes too.
+  await mallory.evaluate(() => mallory.close());
+  await until("mallory's state leaves", () => b.evaluate(() => !awareness.getStates().has(100299) || "still there"));
+  assert.equal(await b.evaluate(() => awareness.meta.has(100299)), false);
   for (const page of [a, b, mallory]) await page.close();
 });
 
