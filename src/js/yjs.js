@@ -313,10 +313,10 @@ export class MeshProvider {
   }
 
   /**
-   * Sends what the Y.Doc held before it connected. A member that may only read cannot send it:
-   * when the room holds all of it (the room's text as an earlier visit stored it), nothing is
-   * lost and nothing is said; what the room lacks is sent all the same, and refused as any edit
-   * of such a member is (`diverged`).
+   * Sends what the Y.Doc held before it connected and the room lacks (nothing when the room
+   * holds all of it: the room's text as an earlier visit stored it). A member that may only
+   * read cannot send it: what the room lacks is sent all the same, and refused as any edit of
+   * such a member is (`diverged`).
    */
   #sendEarlier() {
     const earlier = this.#earlier;
@@ -324,8 +324,10 @@ export class MeshProvider {
     this.#earlier = null;
     this.#roomUpdates = null;
     if (earlier === null) return;
-    if (readOnly(this.client) && !adds(room, earlier)) return;
-    this.#updates.unshift([earlier, false]);
+    // Only what the room lacks: the whole Y.Doc, sent again at every connection, was stored
+    // again each time (and, near the room's byte limit, refused as `full`).
+    const lacking = lacks(room, earlier);
+    if (lacking !== null) this.#updates.unshift([lacking, false]);
   }
 
   #schedule() {
@@ -483,15 +485,17 @@ function deletesOnly(update) {
   }
 }
 
-/** Whether `update` adds anything (a block or a deletion) to a document made of `updates`. */
-function adds(updates, update) {
+/** What `update` adds (blocks, deletions) to a document made of `updates`, or null when it adds
+ * nothing: its blocks the document lacks, and its deletions. */
+function lacks(updates, update) {
   const scratch = new Y.Doc({ gc: false });
   try {
     for (const u of updates) Y.applyUpdate(scratch, u);
+    const vector = Y.encodeStateVector(scratch);
     let added = false;
     scratch.on("update", () => { added = true; });
     Y.applyUpdate(scratch, update);
-    return added;
+    return added ? Y.diffUpdate(update, vector) : null;
   } finally {
     scratch.destroy();
   }

@@ -352,6 +352,47 @@ test("destroy() right after an edit delivers the edit before it closes, and says
   for (const page of [a, b, c]) await page.close();
 });
 
+// A writer whose Y.Doc held the room's text when it connected (y-indexeddb loaded it, or the
+// page connected again after destroy()) sent its whole Y.Doc as a new update: every page load
+// stored another copy of the document in the room's log and sent it to every member, and near
+// the room's byte limit the copy was refused as `full` and the provider said its edits no longer
+// reached the room. It sends what the room lacks, and nothing when it lacks nothing.
+test("a writer that connects with the room's text sends only what the room lacks", async () => {
+  const room = `reconnect-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  // Destroys a's provider, makes `offline` edit (if any), and connects a new one: what it sends.
+  const reconnect = (offline) => a.evaluate(async ({ url, room, offline }) => {
+    await provider.destroy();
+    if (offline) ydoc.getText("content").insert(0, offline);
+    const sizes = [];
+    const send = MeshClient.prototype.sendUpdate;
+    MeshClient.prototype.sendUpdate = function (doc, update) {
+      sizes.push(update.length);
+      return send.call(this, doc, update);
+    };
+    try {
+      window.provider = await MeshProvider.connect(ydoc, { url, room, name: "ada", awareness });
+      await new Promise((r) => setTimeout(r, 300));
+      return sizes;
+    } finally {
+      MeshClient.prototype.sendUpdate = send;
+    }
+  }, { url: relay.url, room, offline });
+  await a.evaluate(() => ydoc.getText("content").insert(0, "x".repeat(20_000)));
+  await until("b has the text", () => b.evaluate(() => ydoc.getText("content").length === 20_000 || ydoc.getText("content").length));
+  assert.deepEqual(await reconnect(null), [], "nothing new, nothing sent");
+  // An edit made while the provider was away goes, alone.
+  const sizes = await reconnect("offline ");
+  assert.equal(sizes.length, 1, JSON.stringify(sizes));
+  assert.ok(sizes[0] < 1_000, `the edit, not the document: ${sizes[0]} bytes`);
+  await until("b has the offline edit", () => b.evaluate(() => ydoc.getText("content").toString().startsWith("offline x") || ydoc.getText("content").toString().slice(0, 20)));
+  assert.deepEqual(await a.evaluate(() => [provider.diverged, window.errors]), [false, []]);
+  for (const page of [a, b]) await page.close();
+});
+
 test("destroy() called from a Y.Doc observer or update listener delivers the edit that set it off", async () => {
   const room = `destroy-observer-${Date.now()}`;
   const a = await blank();
