@@ -1528,6 +1528,11 @@ impl RoomCore {
         self.high
     }
 
+    /// The identity of the room's log (see [`RoomRecord`]).
+    pub fn log(&self) -> u64 {
+        self.log
+    }
+
     /// The last position fanned out.
     pub fn published(&self) -> u64 {
         self.published

@@ -140,7 +140,7 @@ pub(crate) async fn run(
     // A room whose log other relays share hears its log back, its own appends included, and
     // what the other relays publish for it.
     let mut feed = match (&relay.feed, bus) {
-        (Some(feed), Some(bus)) => Some(feed.watch(&name, core.published(), bus)),
+        (Some(feed), Some(bus)) => Some(feed.watch(&name, core.log(), core.published(), bus)),
         _ => None,
     };
     let mut task = RoomTask {

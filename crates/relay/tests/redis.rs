@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::{edit, join_at, replayed_text, session, temp_dir, Member, TempDir};
 use pattern_mesh_client::Client;
 use pattern_mesh_core::doc::SharedDoc;
+use pattern_mesh_core::session::Event;
 use pattern_mesh_core::wire::{Body, Frame, Reason};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -1228,4 +1229,82 @@ async fn a_read_only_member_opens_no_room_on_any_relay() {
         welcome.config, wanted,
         "the reader gets the writer's settings"
     );
+}
+
+/// Redis lost the last entries of a room's log and its position went back with them (a
+/// failover to a replica that lagged, a restart from an AOF written every second, a restore).
+/// The relays that had read those entries took the next appends, numbered at or below what they
+/// had passed on already, for ones they had passed on: each was acknowledged to its sender and
+/// reached no one, on any relay. A relay's append now checks that the room's log is the one it
+/// opened and has not gone back below what the relay read of it; if not, the room stops, its
+/// members join again, and what they send arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_went_back_in_redis_loses_no_acknowledged_message() {
+    let redis = Redis::start("redis-rollback");
+    let (_relays, urls) = relays(&redis, 2);
+    let writer = Client::connect(&urls[0], session("rollback", "writer"))
+        .await
+        .unwrap();
+    let mut reader = Client::connect(&urls[1], session("rollback", "reader"))
+        .await
+        .unwrap();
+    let is = |value: i64| {
+        let text = value.to_string();
+        move |e: &Event| matches!(e, Event::Message { data, .. } if data.as_str() == text)
+    };
+    let send = |value: i64| {
+        writer
+            .broadcast(pattern_mesh_core::wire::Json::from_value(&value).unwrap())
+            .unwrap()
+    };
+    for i in 0..3 {
+        send(i);
+    }
+    writer.settled(WAIT).await.unwrap();
+    // The reader has written too: the store keeps its node, which comes back as itself.
+    reader
+        .broadcast(pattern_mesh_core::wire::Json::from_value(&100).unwrap())
+        .unwrap();
+    reader.settled(WAIT).await.unwrap();
+    reader
+        .events_until(WAIT, is(2))
+        .await
+        .expect("the reader has the first three");
+    // The room's keys as they are now, to put back later: Redis going back to this moment.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys = ["room", "log", "tokens", "nodes"].map(|k| format!("pm:{{rollback}}:{k}"));
+    let dumps: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|key| redis::cmd("DUMP").arg(key).query(&mut conn).unwrap())
+        .collect();
+    for i in 3..6 {
+        send(i);
+    }
+    writer.settled(WAIT).await.unwrap();
+    reader
+        .events_until(WAIT, is(5))
+        .await
+        .expect("the reader has the next three");
+    for (key, dump) in keys.iter().zip(&dumps) {
+        let _: () = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump.as_slice())
+            .arg("REPLACE")
+            .query(&mut conn)
+            .unwrap();
+    }
+    // Each relay notices within a heartbeat (two seconds) and stops the room; its members join
+    // again. (What a member sends before its relay noticed may still reach the others at steps
+    // they saw before the log went back: they drop it as a replay, and say so.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    send(42);
+    reader
+        .events_until(WAIT, is(42))
+        .await
+        .expect("what the writer sent after the log went back reaches the reader");
+    writer.settled(WAIT).await.unwrap();
 }

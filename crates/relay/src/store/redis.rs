@@ -79,7 +79,13 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 
 /// Appends a message, with the checks that need the room's state. KEYS: room, tokens, nodes,
 /// log, lease. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
-/// none), frame, milliseconds now, the last position a snapshot holds, relay.
+/// none), frame, milliseconds now, the last position a snapshot holds, relay, the identity of
+/// the log the relay opened ("0": not known), the last position the relay read of it.
+///
+/// A record of another log (the room was created again), or a position below what the relay
+/// read (Redis lost the last entries: a failover to a replica that lagged, an AOF written every
+/// second, a restore), is `moved`: numbered at or below what the relay passed on already, the
+/// append would be acknowledged and reach no one.
 ///
 /// A snapshot is taken only from the relay that holds the room's compaction lease (it takes the
 /// lease if nobody holds it, for a minute from each snapshot), and only if it holds more than
@@ -91,8 +97,16 @@ end
 -- The log's last entry is below the room's next position, or the record is not this log's:
 -- checked before anything is written, so that an append that cannot be logged changes nothing.
 local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
-if top and tonumber(string.match(top[1], '^(%d+)')) > tonumber(redis.call('HGET', KEYS[1], 'position')) then
+local at = tonumber(redis.call('HGET', KEYS[1], 'position'))
+if top and tonumber(string.match(top[1], '^(%d+)')) > at then
   return {'gone'}
+end
+if ARGV[10] ~= '0' and redis.call('HGET', KEYS[1], 'log') ~= ARGV[10] then
+  return {'moved', 'the room was created again in Redis since this relay opened it'}
+end
+if at < tonumber(ARGV[11]) then
+  return {'moved', "the room's log in Redis went back to position " .. at ..
+    ', below position ' .. ARGV[11] .. ' that this relay read'}
 end
 if ARGV[4] == '1' then
   local holder = redis.call('GET', KEYS[5])
@@ -647,6 +661,11 @@ async fn write_loop(
             match &write {
                 Write::Append { entry, .. } => {
                     let token = entry.token.map(|t| t.to_vec()).unwrap_or_default();
+                    // The log this relay opened, and how far it read it.
+                    let (log, read) = feed
+                        .rooms()
+                        .get(write.room())
+                        .map_or((0, 0), |w| (w.log, w.after));
                     pipe.cmd("EVALSHA")
                         .arg(scripts.append.get_hash())
                         .arg(5)
@@ -663,7 +682,9 @@ async fn write_loop(
                         .arg(entry.bytes.as_ref())
                         .arg(now_ms())
                         .arg(entry.covers)
-                        .arg(relay);
+                        .arg(relay)
+                        .arg(log)
+                        .arg(read);
                 }
                 Write::Publish {
                     to,
@@ -798,6 +819,10 @@ fn appended(value: Value) -> Result<Appended, StoreError> {
         Some("gone") => Err(StoreError::Corrupt(
             "the room is gone from the store; it is created again on the next join".into(),
         )),
+        Some("moved") if parts.len() == 2 => Err(StoreError::Corrupt(format!(
+            "{}; the room is opened again on the next join",
+            text(&parts[1])?
+        ))),
         _ => Err(corrupt("an append answer it does not know")),
     }
 }
@@ -1033,6 +1058,8 @@ pub struct BusMark {
 /// A room the feed follows: where it is in the log and in the bus, and where its events go.
 struct Watch {
     id: u64,
+    /// The identity of the room's log as this relay opened it.
+    log: u64,
     after: u64,
     bus: BusMark,
     /// Publications went from the bus before this relay read them, and the room has not heard
@@ -1090,6 +1117,7 @@ impl Feed {
         };
         tokio::spawn(follow_loop(client, feed.clone()));
         tokio::spawn(heartbeat_loop(feed.clone()));
+        tokio::spawn(log_check_loop(feed.clone()));
         feed
     }
 
@@ -1168,9 +1196,16 @@ impl Feed {
         Ok((bus, members))
     }
 
-    /// Follows `room` from after log position `after` and bus entry `bus` (from
-    /// [`Feed::open`]), until [`Feed::unwatch`] with the id this answers.
-    pub fn watch(&self, room: &str, after: u64, bus: BusMark) -> (u64, mpsc::Receiver<FeedEvent>) {
+    /// Follows `room`, whose log has the identity `log`, from after log position `after` and bus
+    /// entry `bus` (from [`Feed::open`]), until [`Feed::unwatch`] with the id this answers. The
+    /// room's appends check that its log is still that one, and not below what was read of it.
+    pub fn watch(
+        &self,
+        room: &str,
+        log: u64,
+        after: u64,
+        bus: BusMark,
+    ) -> (u64, mpsc::Receiver<FeedEvent>) {
         let (to, events) = mpsc::channel(64);
         let id = self
             .state
@@ -1180,6 +1215,7 @@ impl Feed {
             room.to_owned(),
             Watch {
                 id,
+                log,
                 after,
                 bus,
                 missed: false,
@@ -1218,6 +1254,65 @@ impl Feed {
             roster,
             step,
         });
+    }
+}
+
+/// Every heartbeat, checks that each followed room's log in Redis is the one this relay opened
+/// and holds what the relay read of it. Redis can lose the last entries of a log, its position
+/// going back with them (a failover to a replica that lagged, an AOF written every second, a
+/// restore): the stream read from past what it holds would then wait for good, and the entries
+/// other relays append under the positions again never reach this relay's members. Such a room
+/// stops: its members join again, and catch up from the log as it is. (An append of this relay
+/// checks the same, see `APPEND`.)
+async fn log_check_loop(feed: Feed) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let watched: Vec<(String, u64, u64, u64)> = feed
+            .rooms()
+            .iter()
+            .map(|(room, w)| (room.clone(), w.id, w.log, w.after))
+            .collect();
+        for chunk in watched.chunks(512) {
+            let mut pipe = redis::pipe();
+            for (room, ..) in chunk {
+                pipe.cmd("HMGET")
+                    .arg(Keys::of(room).room)
+                    .arg("position")
+                    .arg("log");
+            }
+            let answers: Vec<(Option<u64>, Option<u64>)> =
+                match pipe.query_async(&mut feed.conn.clone()).await {
+                    Ok(answers) => answers,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not check the logs of the rooms followed");
+                        break;
+                    }
+                };
+            for ((room, id, log, after), (position, stored_log)) in chunk.iter().zip(answers) {
+                let why = match (position, stored_log) {
+                    // Gone: the room's next append says so.
+                    (None, _) | (_, None) => continue,
+                    (_, Some(stored)) if stored != *log => {
+                        "the room was created again in Redis since this relay opened it".to_owned()
+                    }
+                    (Some(position), _) if position < *after => format!(
+                        "the room's log in Redis went back to position {position}, below position {after} that this relay read"
+                    ),
+                    _ => continue,
+                };
+                let to = feed
+                    .rooms()
+                    .get(room)
+                    .filter(|w| w.id == *id)
+                    .map(|w| w.to.clone());
+                if let Some(to) = to {
+                    tracing::warn!(%room, why, "the room stops; its members join again");
+                    let _ = to.send(FeedEvent::Lost(StoreError::Corrupt(why))).await;
+                }
+            }
+        }
     }
 }
 
