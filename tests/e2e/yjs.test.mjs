@@ -215,6 +215,27 @@ test("awareness states cross through presence and leave with their page", async 
   await b.close();
 });
 
+// A member whose connection dropped for a moment left the others' awareness (they heard it
+// leave), and came back with the same awareness state at the same clock, which y-protocols
+// ignored: its cursor stayed hidden until its next renewal, 15 s later.
+test("a member's cursor shows again as soon as it is back from a dropped connection", async () => {
+  const room = `aware-back-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  const bo = await b.evaluate(() => ydoc.clientID);
+  await b.evaluate(() => awareness.setLocalStateField("cursor", { anchor: 1, head: 1 }));
+  const shown = () => a.evaluate((bo) => awareness.getStates().get(bo)?.cursor?.head === 1, bo);
+  await until("a sees bo's cursor", async () => (await shown()) || "not yet");
+  await b.evaluate(() => provider.client.dropConnection());
+  await until("bo's cursor leaves with its connection", async () => !(await shown()) || "still shown");
+  const started = Date.now();
+  await until("bo's cursor is back", async () => (await shown()) || "not yet");
+  assert.ok(Date.now() - started < 5_000, `back after ${Date.now() - started} ms`);
+  for (const page of [a, b]) await page.close();
+});
+
 test("a member cannot move or rename another member's cursor through its own presence", async () => {
   const room = `spoof-${Date.now()}`;
   const a = await blank();
