@@ -2466,6 +2466,15 @@ impl RoomCore {
                 return self.refuse(conn, stamp.step, Reason::TooLarge, detail);
             }
         }
+        // One that does not decode fails the document it goes to, where it reads as that
+        // document's own failure.
+        if let Body::SyncRequest { state_vector, .. } = body {
+            if !state_vector.is_empty() && !crate::doc::is_state_vector(state_vector) {
+                let detail = "a sync request whose state vector does not decode (a count, then \
+                              that many client ids and clocks)";
+                return self.refuse(conn, stamp.step, Reason::Malformed, detail.into());
+            }
+        }
         // Every message spends the sender's bytes: the room stores it, fans it out, or reads it
         // through.
         if !self.spend(node, bytes.len(), now) {

@@ -2596,8 +2596,25 @@ impl<R: Replica> Session<R> {
                         .any(|w| matches!(w.body, Body::Update { .. }))
                     || self.replica.has_pending()
                     || self.answer_refused;
+                let full = state_vector.is_empty();
+                if (to == 0 || to == self.node)
+                    && !full
+                    && !crate::doc::is_state_vector(&state_vector)
+                {
+                    // The asker's fault, not this document's: said as such, and not answered.
+                    let detail = format!(
+                        "node {} asked for the document with a state vector that does not decode",
+                        stamp.sender
+                    );
+                    return self.anomaly(
+                        Source::Local,
+                        Reason::Malformed,
+                        detail,
+                        stamp.step,
+                        Some(stamp.sender),
+                    );
+                }
                 if open && !self.read_only() && !unstored && (to == 0 || to == self.node) {
-                    let full = state_vector.is_empty();
                     if let Ok(update) = self.replica.diff(&state_vector) {
                         // An answer the relay could not take is not sent: the requester gets
                         // the same from the room log.
@@ -5442,6 +5459,46 @@ mod tests {
     /// request to 0 reaches everyone) has one answer waiting at a time, the latest. Each answer
     /// is the whole document: one queued per request held this replica's own edits back behind
     /// all of them, and the queue grew without bound (here 20 MB).
+    /// A sync request whose state vector does not decode went to the document, whose failure
+    /// then read as its own (an application's Y.Doc reported a `DocumentError` that named no
+    /// one; the built-in document ignored it without a word). It is the asker's: an anomaly
+    /// names it, and nothing is answered.
+    #[test]
+    fn a_sync_request_whose_state_vector_does_not_decode_is_the_askers_fault() {
+        let mut h = Harness::new();
+        h.join(2, 1, &[7]);
+        h.anomalies();
+        h.sent.clear();
+        h.frame(Frame::stamped(
+            Stamp {
+                sender: 7,
+                step: 1,
+                pattern: PatternConfig::default().value(1),
+            },
+            Body::SyncRequest {
+                doc: WHOLE_DOC.into(),
+                state_vector: vec![0x05],
+                to: 2,
+            },
+        ));
+        h.now += 1_000;
+        h.session.handle_timeout(h.now);
+        h.pump();
+        let anomalies = h.anomalies();
+        assert_eq!(
+            anomalies,
+            ["node 7 asked for the document with a state vector that does not decode"]
+        );
+        assert!(h
+            .stamped()
+            .iter()
+            .all(|s| !matches!(s.body, Body::SyncState { .. })));
+        assert!(crate::doc::is_state_vector(&[0]));
+        assert!(crate::doc::is_state_vector(&[1, 9, 3]));
+        assert!(!crate::doc::is_state_vector(&[1, 9, 3, 0]));
+        assert!(!crate::doc::is_state_vector(&[2, 9, 3]));
+    }
+
     #[test]
     fn repeated_sync_requests_queue_one_answer_per_asker() {
         let mut h = Harness::new();

@@ -1007,6 +1007,29 @@ async fn an_update_of_sections_each_waiting_for_the_next_is_checked_in_time() {
 /// sent to every joiner. Whole messages of the message limit, as fast as the frame rate allows,
 /// filled every member's send queue until the relay cut them all as slow. Each is refused as
 /// `tooLarge` and reaches no one.
+/// A sync request whose state vector does not decode reached the member it named, whose
+/// document then failed on it: an application's Y.Doc reported a `DocumentError` of its own
+/// that named no one. The relay refuses it as `malformed`, and it reaches no one.
+#[tokio::test]
+async fn a_sync_request_whose_state_vector_does_not_decode_reaches_no_one() {
+    let server = start("bad-state-vector", |_| {}).await;
+    let mut victim = join(&server, "r", 0, None).await;
+    let mut attacker = join(&server, "r", 0, None).await;
+    let frame = Frame::stamped(
+        attacker.stamp(),
+        Body::SyncRequest {
+            doc: "content".into(),
+            state_vector: vec![0x05],
+            to: victim.node,
+        },
+    );
+    attacker.send(&frame).await;
+    let detail = attacker.expect_reject(Reason::Malformed).await;
+    assert!(detail.contains("state vector does not decode"), "{detail}");
+    attacker.fence().await;
+    victim.expect_no_data(Duration::from_millis(300)).await;
+}
+
 #[tokio::test]
 async fn sync_requests_checkpoints_and_presences_over_a_frame_are_refused() {
     let server = start("oversized", |c| {

@@ -212,6 +212,22 @@ pub(crate) fn write_var(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
+/// Whether `bytes` is a state vector in the v1 encoding (`Y.encodeStateVector`): a count, then
+/// that many client ids and clocks, and nothing after them. A document asked for a diff against
+/// anything else fails (Yjs throws), and the failure would read as the document's own.
+pub fn is_state_vector(bytes: &[u8]) -> bool {
+    let mut input = bytes;
+    let Some(count) = read_var(&mut input) else {
+        return false;
+    };
+    for _ in 0..count {
+        if read_var(&mut input).is_none() || read_var(&mut input).is_none() {
+            return false;
+        }
+    }
+    input.is_empty()
+}
+
 /// Reads a lib0 variable-length unsigned integer; `None` at the end of the input or past 64 bits.
 fn read_var(input: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
