@@ -1308,3 +1308,51 @@ async fn a_log_that_went_back_in_redis_loses_no_acknowledged_message() {
         .expect("what the writer sent after the log went back reaches the reader");
     writer.settled(WAIT).await.unwrap();
 }
+
+/// A member in many rooms filled each room's bus (up to `--max-bus-bytes`) and then kept it full
+/// with one small presence a minute: each publication kept the whole bus another minute, so one
+/// address could hold a bus per connection, and fill the Redis every room shares. A publication
+/// now also drops every entry older than a bus keeps one (a minute). Here the bus already holds
+/// a megabyte published long ago, as a kept-alive one would: the next publication drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_kept_alive_by_small_publications_does_not_keep_what_it_held() {
+    let redis = Redis::start("redis-bus-kept");
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let old = vec![b'x'; 1 << 20];
+    let id: String = redis::cmd("XADD")
+        .arg("pm:{kept}:bus")
+        .arg("1-1")
+        .arg("f")
+        .arg(old.as_slice())
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("pm:{kept}:bus-sizes")
+        .arg(format!("{id} {}", old.len()))
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("pm:{kept}:bus-bytes")
+        .arg(old.len())
+        .query(&mut conn)
+        .unwrap();
+    let (_relays, urls) = relays(&redis, 2);
+    // Each join is published to the other relays.
+    let _a = join_at(&urls[0], "kept", 0, 0, None).await;
+    let _b = join_at(&urls[1], "kept", 0, 0, None).await;
+    let held: u64 = redis::cmd("GET")
+        .arg("pm:{kept}:bus-bytes")
+        .query(&mut conn)
+        .unwrap();
+    let kept: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg("pm:{kept}:bus")
+        .arg("1-1")
+        .arg("1-1")
+        .query(&mut conn)
+        .unwrap();
+    assert!(kept.is_empty(), "the old publication went");
+    assert!(held < 10_000, "the bus holds {held} bytes");
+}

@@ -193,11 +193,15 @@ return gone
 
 /// Passes a frame on to the other relays' members of a room, and records who joined or left.
 /// KEYS: bus, members, room, bus sizes, bus bytes, bus sequence. ARGV: relay, after, to, frame,
-/// change ("j", "l" or ""), node, name, step, the most bytes of frames the bus may hold. The
-/// entry's place is after the room's last log position now (never below `after`): the readers
-/// put it back there among the log's entries. A stamped frame every member receives moves the
-/// room step as an append does. First the oldest entries go, until the new one leaves at most
-/// 10,000 entries and the bytes the bus may hold (the new one stays, whatever its size). Each
+/// change ("j", "l" or ""), node, name, step, the most bytes of frames the bus may hold, and
+/// how long the bus keeps a publication. The entry's place is after the room's last log position
+/// now (never below `after`): the readers put it back there among the log's entries. A stamped
+/// frame every member receives moves the room step as an append does. First the oldest entries
+/// go, until the new one leaves at most 10,000 entries and the bytes the bus may hold (the new
+/// one stays, whatever its size), and every entry older than the bus keeps one (by Redis's
+/// clock, which numbers the entries): the relays read them within moments, and a small
+/// publication a minute kept a full bus, so that a member in many rooms could fill Redis with
+/// them. Each
 /// entry is numbered (`q`, one more than the entry before it), so that a reader that finds a
 /// number missing knows it missed publications. The bus, its sizes and its byte count go
 /// ARGV[10] milliseconds after the room's last publication (see [`BUS_IDLE`]); its numbering
@@ -224,7 +228,13 @@ if listed == 0 and held ~= 0 then
   held = 0
   redis.call('SET', KEYS[5], 0)
 end
-while listed > 0 and (listed >= 10000 or held + size > tonumber(ARGV[9])) do
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[10])
+local function stale()
+  local oldest = redis.call('LINDEX', KEYS[4], 0)
+  return oldest and tonumber(string.match(oldest, '^(%d+)-')) < cutoff
+end
+while listed > 0 and (listed >= 10000 or held + size > tonumber(ARGV[9]) or stale()) do
   local oldest = redis.call('LPOP', KEYS[4])
   local space = string.find(oldest, ' ', 1, true)
   redis.call('XDEL', KEYS[1], string.sub(oldest, 1, space - 1))
@@ -243,10 +253,11 @@ redis.call('PEXPIRE', KEYS[5], ARGV[10])
 return 1
 "#;
 
-/// How long a room's bus outlives its last publication. Its readers follow it live (a relay
-/// that stalls for seconds is taken for dead by its heartbeat, and one that reads too late
-/// reads the members again); without an end, every room ever used kept up to
-/// `--max-bus-bytes` of frames in Redis, which a member could fill room after room.
+/// How long a room's bus outlives its last publication, and keeps each publication. Its
+/// readers follow it live (a relay that stalls for seconds is taken for dead by its heartbeat,
+/// and one that reads too late reads the members again); without an end, every room ever used
+/// kept up to `--max-bus-bytes` of frames in Redis, which a member could fill room after room
+/// (and, kept alive by one small publication a minute, hold full).
 const BUS_IDLE: Duration = Duration::from_secs(60);
 
 /// Strikes the members of a relay that died off a room's list. KEYS: members. ARGV: relay.
