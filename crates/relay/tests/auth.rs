@@ -6,7 +6,10 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{data_value, join_at, session, start, Server, WAIT};
+use common::{
+    data_value, join_at, reader_refused, session, start, writer_opens_and_reader_gets_its_settings,
+    Server, WAIT,
+};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use pattern_mesh_client::{Client, ClientError, Connection};
 use pattern_mesh_core::session::Event;
@@ -569,31 +572,9 @@ async fn the_metrics_ask_for_their_bearer_token_when_one_is_set() {
 /// and then gets the writer's settings.
 #[tokio::test]
 async fn a_read_only_member_cannot_choose_the_settings_of_a_room() {
-    use pattern_mesh_client::JoinOptions;
-    use pattern_mesh_core::wire::RoomConfig;
-
     let server = secured("auth-read-only-config").await;
-    let hostile = RoomConfig {
-        max_future: 1,
-        stale_window: Some(1),
-        ..RoomConfig::default()
-    };
-    let options = |config| JoinOptions {
-        room: "doc".into(),
-        name: "test".into(),
-        since: 0,
-        log: 0,
-        resume: None,
-        config,
-    };
     let reader_url = with_token(&server, &token("doc", "read"));
-    let first = tokio::time::timeout(WAIT, Connection::join(&reader_url, options(Some(hostile))))
-        .await
-        .expect("an answer within the wait");
-    let (code, reason) = match first {
-        Ok((_, welcome)) => panic!("the reader opened the room with {:?}", welcome.config),
-        Err(e) => close_of(Err(e)),
-    };
+    let (code, reason) = reader_refused(&reader_url).await;
     assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
     assert!(reason.contains("may write"), "{reason}");
     // A reader's client waits, says why, and gets in once a writer opened the room.
@@ -602,23 +583,8 @@ async fn a_read_only_member_cannot_choose_the_settings_of_a_room() {
         async move { Client::connect(&url, session("doc", "viewer")).await }
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-
-    let wanted = RoomConfig {
-        max_future: 500,
-        ..RoomConfig::default()
-    };
     let writer_url = with_token(&server, &token("doc", "write"));
-    let (_writer, welcome) = Connection::join(&writer_url, options(Some(wanted)))
-        .await
-        .unwrap();
-    assert_eq!(welcome.config, wanted);
-    let (_reader, welcome) = Connection::join(&reader_url, options(Some(hostile)))
-        .await
-        .unwrap();
-    assert_eq!(
-        welcome.config, wanted,
-        "the reader gets the writer's settings"
-    );
+    writer_opens_and_reader_gets_its_settings(&writer_url, &reader_url).await;
     let mut viewer = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("the waiting reader got in")

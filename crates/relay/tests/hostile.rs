@@ -1819,7 +1819,6 @@ async fn one_address_joining_new_rooms_cannot_fill_the_relay() {
 /// takes either over is closed with 1013 and a reason, and what it held is given back.
 #[tokio::test]
 async fn members_that_start_frames_and_never_finish_them_are_held_to_the_partial_bound() {
-    use pattern_mesh_client::{Connection, JoinOptions};
     use pattern_mesh_core::wire::close;
     use tokio_tungstenite::MaybeTlsStream;
 
@@ -1830,18 +1829,10 @@ async fn members_that_start_frames_and_never_finish_them_are_held_to_the_partial
         c.max_partial_bytes = 1024 * 1024;
     })
     .await;
-    let options = || JoinOptions {
-        room: "r".into(),
-        name: "holder".into(),
-        since: 0,
-        log: 0,
-        resume: None,
-        config: None,
-    };
     let mut held = Vec::new();
     let mut refusals = Vec::new();
     for _ in 0..5 {
-        let (conn, _) = Connection::join(&server.url(), options()).await.unwrap();
+        let (conn, _) = join_asking(&server.url(), "r", None).await.unwrap();
         let mut socket = conn.into_socket();
         let MaybeTlsStream::Plain(tcp) = socket.get_mut() else {
             unreachable!("a plain socket")

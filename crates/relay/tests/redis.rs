@@ -1168,8 +1168,7 @@ async fn bus_gap(room: &str, unreadable: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_member_opens_no_room_on_any_relay() {
     use jsonwebtoken::{encode, EncodingKey, Header};
-    use pattern_mesh_client::{Connection, JoinOptions};
-    use pattern_mesh_core::wire::{close, RoomConfig};
+    use pattern_mesh_core::wire::close;
 
     const SECRET: &str = "the relay's test secret, 32 bytes";
     let token = |access: &str| {
@@ -1190,45 +1189,11 @@ async fn a_read_only_member_opens_no_room_on_any_relay() {
     let redis = Redis::start("redis-read-only-open");
     let (_a, a) = relay_with(&redis, &["--auth-key", SECRET]);
     let (_b, b) = relay_with(&redis, &["--auth-key", SECRET]);
-    let options = |config| JoinOptions {
-        room: "doc".into(),
-        name: "test".into(),
-        since: 0,
-        log: 0,
-        resume: None,
-        config,
-    };
-    let hostile = RoomConfig {
-        max_future: 1,
-        stale_window: Some(1),
-        ..RoomConfig::default()
-    };
     let reader_url = format!("{b}?token={}", token("read"));
-    match Connection::join(&reader_url, options(Some(hostile))).await {
-        Ok((_, welcome)) => panic!("the reader opened the room with {:?}", welcome.config),
-        Err(pattern_mesh_client::ClientError::Closed { code, reason }) => {
-            assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
-        }
-        Err(e) => panic!("{e}"),
-    }
-    let wanted = RoomConfig {
-        max_future: 500,
-        ..RoomConfig::default()
-    };
-    let (_writer, welcome) = Connection::join(
-        &format!("{a}?token={}", token("write")),
-        options(Some(wanted)),
-    )
-    .await
-    .unwrap();
-    assert_eq!(welcome.config, wanted);
-    let (_reader, welcome) = Connection::join(&reader_url, options(Some(hostile)))
-        .await
-        .unwrap();
-    assert_eq!(
-        welcome.config, wanted,
-        "the reader gets the writer's settings"
-    );
+    let (code, reason) = common::reader_refused(&reader_url).await;
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
+    let writer_url = format!("{a}?token={}", token("write"));
+    common::writer_opens_and_reader_gets_its_settings(&writer_url, &reader_url).await;
 }
 
 /// Redis lost the last entries of a room's log and its position went back with them (a

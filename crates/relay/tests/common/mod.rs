@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use pattern_mesh_client::{ClientError, Connection, JoinOptions, Welcome};
 use pattern_mesh_core::pattern::PatternConfig;
-use pattern_mesh_core::wire::{Body, Frame, Json, Positioned, Reason, ResumeToken, Stamp};
+use pattern_mesh_core::wire::{
+    Body, Frame, Json, Positioned, Reason, ResumeToken, RoomConfig, Stamp,
+};
 use pattern_mesh_relay::{serve, RelayConfig, StoreConfig};
 use tokio::sync::oneshot;
 
@@ -602,4 +604,61 @@ pub fn session(room: &str, name: &str) -> pattern_mesh_core::session::SessionCon
     let mut config = pattern_mesh_core::session::SessionConfig::new(room, name);
     config.connect_timeout = 10_000;
     config
+}
+
+/// A room's settings a reader would choose to break the room for its writers (a stale window
+/// of one step and `maxFuture` 1), and the ones its writer asks for.
+pub fn hostile_and_wanted() -> (RoomConfig, RoomConfig) {
+    let hostile = RoomConfig {
+        max_future: 1,
+        stale_window: Some(1),
+        ..RoomConfig::default()
+    };
+    let wanted = RoomConfig {
+        max_future: 500,
+        ..RoomConfig::default()
+    };
+    (hostile, wanted)
+}
+
+/// Joins `room` at `url` as a new node that asks for `config` if it opens the room.
+pub async fn join_asking(
+    url: &str,
+    room: &str,
+    config: Option<RoomConfig>,
+) -> Result<(Connection, Welcome), ClientError> {
+    let options = JoinOptions {
+        room: room.into(),
+        name: "test".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config,
+    };
+    Connection::join(url, options).await
+}
+
+/// The close that refused a reader's join of "doc" at `reader_url` asking for the hostile
+/// settings (see [`hostile_and_wanted`]).
+pub async fn reader_refused(reader_url: &str) -> (u16, String) {
+    let (hostile, _) = hostile_and_wanted();
+    match tokio::time::timeout(WAIT, join_asking(reader_url, "doc", Some(hostile))).await {
+        Err(_) => panic!("no answer within the wait"),
+        Ok(Ok((_, welcome))) => panic!("the reader opened the room with {:?}", welcome.config),
+        Ok(Err(ClientError::Closed { code, reason })) => (code, reason),
+        Ok(Err(e)) => panic!("{e}"),
+    }
+}
+
+/// A writer at `writer_url` opens "doc" with the settings it wants, and the reader at
+/// `reader_url`, asking for the hostile ones, gets them.
+pub async fn writer_opens_and_reader_gets_its_settings(writer_url: &str, reader_url: &str) {
+    let (hostile, wanted) = hostile_and_wanted();
+    let (_writer, welcome) = join_asking(writer_url, "doc", Some(wanted)).await.unwrap();
+    assert_eq!(welcome.config, wanted);
+    let (_reader, welcome) = join_asking(reader_url, "doc", Some(hostile)).await.unwrap();
+    assert_eq!(
+        welcome.config, wanted,
+        "the reader gets the writer's settings"
+    );
 }
