@@ -136,10 +136,7 @@ export class MeshProvider {
     if (on.error) provider.onError(on.error);
     // What the Y.Doc holds before the room's updates arrive (loaded from y-indexeddb, say) goes
     // to the room too.
-    if (ydoc.store.clients.size > 0) {
-      provider.#earlier = integratedState(ydoc);
-      provider.#roomUpdates = [];
-    }
+    if (ydoc.store.clients.size > 0) provider.#earlier = integratedState(ydoc);
     const document = meshDocument(ydoc, provider);
     const applyUpdate = document.applyUpdate;
     document.applyUpdate = (update) => {
@@ -200,16 +197,18 @@ export class MeshProvider {
   #name;
   #updates = []; // [update, whether Yjs made it while applying a remote update]
   #earlier = null; // the Y.Doc's state before connect, while it waits for the room's
-  #roomUpdates = null; // the room's updates applied while connecting, when #earlier waits
+  #roomUpdates = []; // the room's updates applied while connecting; null once connected
   #applying = 0;
+  #cleanups = new WeakSet(); // the transactions in which Yjs removed formatting marks itself
   #scheduled = false;
   #announceWanted = false;
   #nodes = new Map(); // node -> awareness client id
   #told = new Map(); // node -> the refusals of its awareness states already reported
-  #destroyed = false;
+  #destroyed = false; // no more updates are sent once the provider is destroyed
   #destroying = null;
   #listeners = new Set();
   #onUpdate;
+  #onTransaction;
   #onAwareness;
 
   constructor(ydoc, doc, awareness) {
@@ -217,12 +216,19 @@ export class MeshProvider {
     this.doc = ydoc;
     this.#name = doc;
     this.awareness = awareness;
-    this.#onUpdate = (update, origin) => {
-      // Deletions only, made while a remote update is applied: Yjs's own (it removes the
-      // formatting marks that the remote edit left redundant), made alike on every replica
-      // that receives it. (An observer's edit that writes anything is not.)
-      if (origin !== this) this.#queue(update, this.#applying > 0 && deletesOnly(update));
+    // While a remote update is applied, Yjs removes the formatting marks it left redundant, in
+    // a transaction of its own, alike on every replica that receives it. Told apart here, before
+    // Yjs collects the marks it deleted: an application's observer that deletes anything else
+    // at that moment makes an edit of its own.
+    this.#onTransaction = (transaction) => {
+      if (this.#applying > 0 && transaction.origin !== this && removesMarksOnly(transaction)) {
+        this.#cleanups.add(transaction);
+      }
     };
+    this.#onUpdate = (update, origin, _doc, transaction) => {
+      if (origin !== this) this.#queue(update, this.#cleanups.has(transaction));
+    };
+    ydoc.on("afterTransaction", this.#onTransaction);
     ydoc.on("update", this.#onUpdate);
     if (awareness) {
       this.#onAwareness = ({ added, updated, removed }, origin) => {
@@ -253,10 +259,11 @@ export class MeshProvider {
 
   /**
    * Stops syncing: sends what waits and, while the relay is reached, waits up to `wait` ms
-   * (default 5,000) for it to acknowledge every message of this client; then removes the
-   * others' awareness states here and closes the client (the others see it leave). Resolves to
-   * the number of messages the relay did not acknowledge (0: everything arrived); when there
-   * are any, the error listeners hear it too.
+   * (default 5,000) for it to acknowledge every message of this client, sending what is
+   * edited meanwhile too (what is edited after the promise resolves stays local); then
+   * removes the others' awareness states here and closes the client (the others see it
+   * leave). Resolves to the number of messages the relay did not acknowledge (0: everything
+   * arrived); when there are any, the error listeners hear it too.
    */
   destroy(options = {}) {
     if (typeof options !== "object" || options === null) {
@@ -271,7 +278,6 @@ export class MeshProvider {
   }
 
   async #destroy(wait) {
-    this.#destroyed = true;
     const client = this.client;
     let left = 0;
     let status = "closed";
@@ -281,15 +287,21 @@ export class MeshProvider {
       // after the observers, synchronously, so the provider hears it before this microtask.
       // And the client is busy while it applies a remote update.
       await null;
-      this.#detach();
+      if (this.awareness) this.awareness.off("update", this.#onAwareness);
       this.#flush();
+      // What is typed while the relay acknowledges goes out too, and is waited for.
       const deadline = Date.now() + wait;
       while (client && client.status === "open" && client.pendingCount > 0 && Date.now() < deadline) {
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
+      this.#destroyed = true;
+      this.#detach();
+      this.#flush();
       left = client?.pendingCount ?? 0;
       status = client?.status ?? status;
     } finally {
+      this.#destroyed = true;
+      this.#detach();
       if (this.awareness) {
         this.#forget([...this.#nodes.values()]);
       }
@@ -304,6 +316,7 @@ export class MeshProvider {
   #detach() {
     attached.delete(this.doc);
     this.doc.off("update", this.#onUpdate);
+    this.doc.off("afterTransaction", this.#onTransaction);
     if (this.awareness) this.awareness.off("update", this.#onAwareness);
   }
 
@@ -313,21 +326,22 @@ export class MeshProvider {
   }
 
   /**
-   * Sends what the Y.Doc held before it connected and the room lacks (nothing when the room
-   * holds all of it: the room's text as an earlier visit stored it). A member that may only
-   * read cannot send it: what the room lacks is sent all the same, and refused as any edit of
-   * such a member is (`diverged`).
+   * Of what the Y.Doc held before it connected and what it got while connecting (from
+   * y-indexeddb, say, loading as the client connects), keeps to send only what the room
+   * lacks: nothing when the room holds all of it, the room's text as an earlier visit stored
+   * it. A member that may only read cannot send it: what the room lacks is sent all the same,
+   * and refused as any edit of such a member is (`diverged`).
    */
   #sendEarlier() {
-    const earlier = this.#earlier;
+    const earlier = this.#earlier === null ? [] : [[this.#earlier, false]];
     const room = this.#roomUpdates;
     this.#earlier = null;
     this.#roomUpdates = null;
-    if (earlier === null) return;
     // Only what the room lacks: the whole Y.Doc, sent again at every connection, was stored
-    // again each time (and, near the room's byte limit, refused as `full`).
-    const lacking = lacks(room, earlier);
-    if (lacking !== null) this.#updates.unshift([lacking, false]);
+    // again each time (and, near the room's byte limit, refused as `full`); and a viewer's
+    // stored copy of the room, loaded while it connected, was refused as its edit.
+    const waiting = [...earlier, ...this.#updates];
+    if (waiting.length > 0) this.#updates = lacking(room, waiting);
   }
 
   #schedule() {
@@ -476,26 +490,45 @@ function readOnly(client) {
   }
 }
 
-/** Whether `update` only deletes (it holds no block). */
-function deletesOnly(update) {
-  try {
-    return Y.decodeUpdate(update).structs.length === 0;
-  } catch {
-    return false;
+/** Whether `transaction` only removed formatting marks: it wrote no block, and every item it
+ * deleted is a mark. */
+function removesMarksOnly(transaction) {
+  for (const [client, clock] of transaction.afterState) {
+    if (transaction.beforeState.get(client) !== clock) return false;
   }
+  let marks = true;
+  Y.iterateDeletedStructs(transaction, transaction.deleteSet, (item) => {
+    if (item instanceof Y.GC || !(item.content instanceof Y.ContentFormat)) marks = false;
+  });
+  return marks;
 }
 
-/** What `update` adds (blocks, deletions) to a document made of `updates`, or null when it adds
- * nothing: its blocks the document lacks, and its deletions. */
-function lacks(updates, update) {
+/**
+ * What each of `updates` (`[update, consequence]`, in order) adds to a document made of the
+ * room's `room` updates and the ones before it: its blocks the document lacks, and its
+ * deletions. An update that adds nothing is left out; Yjs's own consequences are kept as they
+ * are.
+ */
+function lacking(room, updates) {
   const scratch = new Y.Doc({ gc: false });
   try {
-    for (const u of updates) Y.applyUpdate(scratch, u);
-    const vector = Y.encodeStateVector(scratch);
+    for (const u of room) Y.applyUpdate(scratch, u);
     let added = false;
     scratch.on("update", () => { added = true; });
-    Y.applyUpdate(scratch, update);
-    return added ? Y.diffUpdate(update, vector) : null;
+    const out = [];
+    for (const [update, consequence] of updates) {
+      if (consequence) {
+        out.push([update, consequence]);
+        continue;
+      }
+      const vector = Y.encodeStateVector(scratch);
+      added = false;
+      Y.applyUpdate(scratch, update);
+      // What waits for blocks the scratch lacks is sent too: the room may lack them as well.
+      const held = scratch.store.pendingStructs !== null || scratch.store.pendingDs !== null;
+      if (added || held) out.push([Y.diffUpdate(update, vector), false]);
+    }
+    return out;
   } finally {
     scratch.destroy();
   }

@@ -733,6 +733,135 @@ test("a member that may only read is not taken for diverged: its Y.Doc's earlier
   }
 });
 
+// A viewer's page that opens y-indexeddb without awaiting `whenSynced` gets the stored copy of
+// the room while its provider connects, as an update of the indexeddb's origin: the provider
+// sent it as the viewer's edit, the relay refused it (`forbidden`), and the Y.Doc counted as
+// diverged, for an edit no one made. A writer sent its whole stored copy again.
+test("what a Y.Doc loads while its provider connects is sent only where the room lacks it", async () => {
+  const secret = "the provider's token test secret, 32";
+  const secured = await startRelay({ PM_AUTH_KEY: secret });
+  try {
+    const room = `loading-${Date.now()}`;
+    const token = (access) => signToken(secret, { sub: access, room, access, exp: nowSeconds() + 600 });
+    const [writer, viewer] = [await blank(), await blank()];
+    const stored = await writer.evaluate(async ({ url, room, token }) => {
+      window.ydoc = new Y.Doc();
+      window.provider = await MeshProvider.connect(ydoc, { url, room, token });
+      ydoc.getText("content").insert(0, "what the room holds");
+      ydoc.getMap("settings").set("theme", "dark");
+      while (provider.client.pendingCount > 0) await new Promise((r) => setTimeout(r, 20));
+      return [...Y.encodeStateAsUpdate(ydoc)];
+    }, { url: secured.url, room, token: token("write") });
+    // The page loads its stored copy (`new IndexeddbPersistence(room, ydoc)`, not awaited)
+    // while the provider connects.
+    const connect = (page, access) => page.evaluate(async ({ url, room, token, stored }) => {
+      window.heard = [];
+      window.sent = 0;
+      const ydoc = new Y.Doc();
+      const connecting = MeshProvider.connect(ydoc, { url, room, token, on: { error: (e) => heard.push(`${e.name}: ${e.message}`) } });
+      Y.applyUpdate(ydoc, new Uint8Array(stored), "y-indexeddb");
+      window.ydoc = ydoc;
+      window.provider = await connecting;
+      provider.client.on("refused", (r) => heard.push(`refused ${r.reason}: ${r.detail}`));
+      const send = provider.client.sendUpdate.bind(provider.client);
+      provider.client.sendUpdate = (doc, update) => { window.sent += update.length; return send(doc, update); };
+    }, { url: secured.url, room, token: token(access), stored });
+    await connect(viewer, "read");
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual(await viewer.evaluate(() => ({
+      heard, diverged: provider.diverged, text: ydoc.getText("content").toString(), theme: ydoc.getMap("settings").get("theme"),
+    })), { heard: [], diverged: false, text: "what the room holds", theme: "dark" });
+    // A writer's stored copy holds nothing new either: nothing of it is sent again. What it
+    // loads that the room lacks is sent, alone.
+    const second = await blank();
+    await connect(second, "write");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(await second.evaluate(() => ({ heard, sent, diverged: provider.diverged })), { heard: [], sent: 0, diverged: false });
+    await viewer.close();
+    await writer.close();
+    await second.close();
+  } finally {
+    await secured.stop();
+  }
+});
+
+// A viewer whose observer deletes text while a remote update is applied: the provider took the
+// deletion for Yjs's own removal of formatting marks, which a viewer leaves to the writers, and
+// dropped it. The viewer's Y.Doc no longer showed what the room holds, and nothing said so.
+test("a viewer's observer that deletes text during a remote update is told its edit cannot reach the room", async () => {
+  const secret = "the provider's token test secret, 32";
+  const secured = await startRelay({ PM_AUTH_KEY: secret });
+  try {
+    const room = `observer-${Date.now()}`;
+    const token = (access) => signToken(secret, { sub: access, room, access, exp: nowSeconds() + 600 });
+    const [writer, viewer] = [await blank(), await blank()];
+    await writer.evaluate(async ({ url, room, token }) => {
+      window.ydoc = new Y.Doc();
+      window.provider = await MeshProvider.connect(ydoc, { url, room, token });
+      ydoc.getText("content").insert(0, "plain text");
+    }, { url: secured.url, room, token: token("write") });
+    await viewer.evaluate(async ({ url, room, token }) => {
+      window.heard = [];
+      window.ydoc = new Y.Doc();
+      const text = ydoc.getText("content");
+      // An application rule: no swearing on this page.
+      text.observe((event) => {
+        const at = text.toString().indexOf("darn");
+        if (!event.transaction.local && at >= 0) text.delete(at, 4);
+      });
+      window.provider = await MeshProvider.connect(ydoc, { url, room, token, on: { error: (e) => heard.push(`${e.name}: ${e.message}`) } });
+      provider.client.on("refused", (r) => heard.push(`refused ${r.reason}: ${r.detail}`));
+    }, { url: secured.url, room, token: token("read") });
+    await until("the viewer has the text", () =>
+      viewer.evaluate(() => ydoc.getText("content").toString() === "plain text" || ydoc.getText("content").toString()));
+    await writer.evaluate(() => ydoc.getText("content").insert(0, "darn "));
+    await until("the viewer hears that its observer's edit was refused", () => viewer.evaluate(() =>
+      (provider.diverged && heard.some((h) => h.startsWith("refused forbidden"))) || { heard, diverged: provider.diverged, text: ydoc.getText("content").toString() }));
+    await writer.close();
+    await viewer.close();
+  } finally {
+    await secured.stop();
+  }
+});
+
+// destroy() waits for the relay to acknowledge what was sent; what was typed in that time (a
+// keystroke after "close" was clicked) was neither sent nor reported, and destroy() resolved
+// to 0 as if everything had arrived.
+test("what is typed while destroy() waits for the relay is sent and waited for too", async () => {
+  const room = `destroying-${Date.now()}`;
+  const [a, b] = [await blank(), await blank()];
+  await a.evaluate(async ({ url, room }) => {
+    // A slow network: every message from the relay (its acknowledgements among them) arrives
+    // 600 ms late, in order.
+    class SlowSocket extends WebSocket {
+      addEventListener(type, listener, options) {
+        if (type !== "message") return super.addEventListener(type, listener, options);
+        return super.addEventListener(type, (event) => {
+          if (window.slow) setTimeout(() => listener.call(this, event), window.slow);
+          else listener.call(this, event);
+        }, options);
+      }
+    }
+    window.ydoc = new Y.Doc();
+    window.provider = await MeshProvider.connect(ydoc, { url, room, WebSocket: SlowSocket });
+  }, { url: relay.url, room });
+  await joinYjs(b, room, "bo");
+  const left = await a.evaluate(async () => {
+    window.slow = 600;
+    const text = ydoc.getText("content");
+    text.insert(0, "goodbye");
+    const destroyed = provider.destroy();
+    await new Promise((r) => setTimeout(r, 200));
+    text.insert(text.length, ", and one more thing");
+    return await destroyed;
+  });
+  assert.equal(left, 0);
+  await until("b has what was typed while a's provider was destroyed", () => b.evaluate(() =>
+    ydoc.getText("content").toString() === "goodbye, and one more thing" || ydoc.getText("content").toString()));
+  await a.close();
+  await b.close();
+});
+
 test("the provider refuses bad arguments by name", async () => {
   const page = await blank();
   const result = await page.evaluate(async (url) => {
