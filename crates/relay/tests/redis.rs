@@ -1321,3 +1321,66 @@ async fn a_bus_kept_alive_by_small_publications_does_not_keep_what_it_held() {
     assert!(kept.is_empty(), "the old publication went");
     assert!(held < 10_000, "the bus holds {held} bytes");
 }
+
+/// A relay reads at most 256 publications of a room's bus at a time; a log entry after the last
+/// publication it read waits until it knows none is left unread (the two are merged back into
+/// one order). When a read returned exactly 256, nothing told the relay the bus held no more:
+/// the entry waited for the room's next activity, which in a quiet room never came, and the
+/// members of that relay never saw an acknowledged edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_entry_behind_exactly_one_full_page_of_publications_is_not_held_back() {
+    let room = "full-page";
+    let redis = Redis::start("redis-full-page");
+    let args = ["--ip-rate", "100000"];
+    let (_first, first) = relay_with(&redis, &args);
+    let (second_process, second) = relay_with(&redis, &args);
+    let mut watcher = join_at(&second, room, 0, 0, None).await;
+    let mut sender = join_at(&first, room, 0, 0, None).await;
+    watcher
+        .recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == sender.node))
+        .await;
+    let bus = format!("XLEN pm:{{{room}}}:bus");
+    let length = |answer: String| answer.trim_start_matches(':').parse::<u64>().unwrap();
+    // The second relay stalls (for less than its heartbeat lasts); a first signal ends its
+    // blocked read, whose answer waits in its socket.
+    let pid = second_process.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let first_signal = signal(&mut sender, serde_json::json!(0));
+    sender.send(&first_signal).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Exactly one page of publications, then an edit logged after them: the second relay's
+    // next read brings all of it at once.
+    let before = length(command(redis.port, &bus));
+    for i in 1..=256 {
+        let frame = signal(&mut sender, serde_json::json!(i));
+        sender.send(&frame).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while length(command(redis.port, &bus)) < before + 256 {
+        assert!(Instant::now() < deadline, "the signals reach the bus");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (step, _) = sender
+        .data_acked(serde_json::json!("after a full page"))
+        .await;
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (got, _) = watcher
+        .recv_until(|f| {
+            common::is_data(f)
+                && f.stamp()
+                    .is_some_and(|s| s.sender == sender.node && s.step == step)
+        })
+        .await;
+    assert_eq!(
+        common::data_value(&got),
+        Some(serde_json::json!("after a full page"))
+    );
+}

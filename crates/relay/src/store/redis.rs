@@ -1076,6 +1076,9 @@ struct Watch {
     /// Publications went from the bus before this relay read them, and the room has not heard
     /// the members read again yet.
     missed: bool,
+    /// The last read of the bus returned a full page: more may wait, and the room holds the log
+    /// entries after the last publication read until a read says none is left.
+    bus_full: bool,
     to: mpsc::Sender<FeedEvent>,
 }
 
@@ -1230,6 +1233,7 @@ impl Feed {
                 after,
                 bus,
                 missed: false,
+                bus_full: false,
                 to,
             },
         );
@@ -1427,6 +1431,7 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
                     id: w.id,
                     after: w.after,
                     bus: w.bus.clone(),
+                    bus_full: w.bus_full,
                 })
                 .collect()
         };
@@ -1458,12 +1463,13 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
             }
         };
         let mut xread = redis::cmd("XREAD");
-        xread
-            .arg("COUNT")
-            .arg(PAGE)
-            .arg("BLOCK")
-            .arg(BLOCK_MS)
-            .arg("STREAMS");
+        xread.arg("COUNT").arg(PAGE);
+        // A room whose last read returned a full page of publications learns at once whether
+        // more wait: its log entries after them wait for that.
+        if !watched.iter().any(|w| w.bus_full) {
+            xread.arg("BLOCK").arg(BLOCK_MS);
+        }
+        xread.arg("STREAMS");
         for watch in &watched {
             let keys = Keys::of(&watch.room);
             xread.arg(keys.log).arg(keys.bus);
@@ -1497,8 +1503,19 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
             .map_err(backend)
             .and_then(|value| streams(value, &watched, feed.relay));
         match batches {
-            Ok(batches) => {
+            Ok(mut batches) => {
                 reader = Some((conn, id));
+                // A room that read a full page of publications last time and nothing this time
+                // hears that none is left.
+                for watch in watched.iter().filter(|w| w.bus_full) {
+                    if !batches.iter().any(|(room, _)| *room == watch.room) {
+                        let batch = Batch {
+                            watch: watch.id,
+                            ..Batch::default()
+                        };
+                        batches.push((watch.room.clone(), batch));
+                    }
+                }
                 for (room, batch) in batches {
                     feed.deliver(&room, batch).await;
                 }
@@ -1517,6 +1534,8 @@ struct Watched {
     id: u64,
     after: u64,
     bus: BusMark,
+    /// Its last read returned a full page of publications.
+    bus_full: bool,
 }
 
 /// What one read brought for one room.
@@ -1539,7 +1558,8 @@ impl Feed {
     /// Hands a room what was read for it, if it is still the watch the read was made for.
     async fn deliver(&self, room: &str, batch: Batch) {
         let last = batch.logged.last().map(|f| f.position);
-        let (id, to, missed) = {
+        let bus_complete = batch.bus_count < PAGE;
+        let (id, to, missed, bus_now_complete) = {
             let mut rooms = self.rooms();
             let Some(watch) = rooms.get_mut(room).filter(|w| w.id == batch.watch) else {
                 return;
@@ -1552,10 +1572,12 @@ impl Feed {
                 }
                 watch.after = last;
             }
+            let bus_now_complete = watch.bus_full && bus_complete;
+            watch.bus_full = !bus_complete;
             if let Some(bus) = &batch.bus {
                 watch.bus.clone_from(bus);
             }
-            (watch.id, watch.to.clone(), watch.missed)
+            (watch.id, watch.to.clone(), watch.missed, bus_now_complete)
         };
         for relayed in batch.relayed.iter().filter(|r| r.relay != self.relay) {
             self.relays()
@@ -1564,12 +1586,12 @@ impl Feed {
                 .insert(room.to_owned());
         }
         let mut gone = false;
-        if !batch.logged.is_empty() || !batch.relayed.is_empty() {
+        if !batch.logged.is_empty() || !batch.relayed.is_empty() || bus_now_complete {
             let event = FeedEvent::Read {
                 logged: batch.logged,
                 relayed: batch.relayed,
                 // A read that returned a full page of publications may have left some.
-                bus_complete: batch.bus_count < PAGE,
+                bus_complete,
             };
             gone = to.send(event).await.is_err();
         }
