@@ -1384,3 +1384,49 @@ async fn a_log_entry_behind_exactly_one_full_page_of_publications_is_not_held_ba
         Some(serde_json::json!("after a full page"))
     );
 }
+
+/// A room stops on its relay when an append fails (here Redis no longer holds the log this relay
+/// opened). The relay then dropped every later publication of the room, the leave notices its
+/// members' departures make among them: a member that did not come back stayed listed on every
+/// other relay, for every member and every late joiner, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_leaves_a_room_stopped_by_a_failed_append_leaves_on_every_relay() {
+    let room = "ghost";
+    let redis = Redis::start("redis-ghost");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut gone = join_at(&urls[0], room, 0, 0, None).await;
+    let mut writer = join_at(&urls[0], room, 0, 0, None).await;
+    let mut watcher = join_at(&urls[1], room, 0, 0, None).await;
+    for node in [gone.node, writer.node] {
+        if !watcher.welcome.peers.iter().any(|p| p.node == node) {
+            watcher
+                .recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == node))
+                .await;
+        }
+    }
+    // The record names another log: the writer's next append fails, and the room stops.
+    let record = format!("HSET pm:{{{room}}}:room log 1");
+    assert_eq!(command(redis.port, &record), ":0");
+    writer.data(serde_json::json!("refused")).await;
+    let (code, reason) = gone.closed().await;
+    println!("the room stopped: {code} {reason}");
+    drop(gone.conn);
+    writer.closed().await;
+    // The writer comes back; the member whose room stopped does not. Every relay hears it left.
+    let _writer = join_at(&urls[0], room, 0, 0, Some(writer.token)).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let late = join_at(&urls[1], room, 0, 0, None).await;
+        let listed = late.welcome.peers.iter().any(|p| p.node == gone.node);
+        if !listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} left a room stopped on its relay, and is still listed on the other: {:?}",
+            gone.node,
+            late.welcome.peers
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -658,15 +658,27 @@ async fn write_loop(
         let mut doomed: HashSet<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut sent = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
-        for write in batch.drain(..) {
+        for mut write in batch.drain(..) {
             if doomed.contains(write.room()) {
-                if let Write::Append { reply, .. } = write {
-                    let _ = reply.send(Err(StoreError::Backend(
-                        "an earlier append of this room failed; it is opened again on the next join"
-                            .into(),
-                    )));
+                match write {
+                    Write::Append { reply, .. } => {
+                        let _ = reply.send(Err(StoreError::Backend(
+                            "an earlier append of this room failed; it is opened again on the next join"
+                                .into(),
+                        )));
+                        continue;
+                    }
+                    // A member's departure still goes out (the room stops after a failure, and
+                    // its members leave): dropped, a member that did not come back stayed listed
+                    // on every other relay. It names no place in the log: it goes after the
+                    // log's last entry, wherever that is now.
+                    Write::Publish {
+                        roster: Some(Roster::Left(_)),
+                        ref mut after,
+                        ..
+                    } => *after = 0,
+                    Write::Publish { .. } => continue,
                 }
-                continue;
             }
             let keys = Keys::of(write.room());
             match &write {
