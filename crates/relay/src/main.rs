@@ -28,7 +28,7 @@ mod native {
         /// Keep the room logs in Redis (`redis://HOST:PORT`), shared with every relay that
         /// names the same Redis: any of them serves any room. Run Redis with `appendonly yes`
         /// and `appendfsync always` so that an acknowledged message is on its disk.
-        #[arg(long, env = "PM_STORE")]
+        #[arg(long, env = "PM_STORE", hide_env_values = true)]
         store: Option<String>,
         /// Directory of the demo pages, served at `/`.
         #[arg(long, env = "PM_WWW", default_value = "www")]

@@ -182,10 +182,26 @@ fn a_relay_refuses_a_redis_that_may_evict_its_keys() {
         command(redis.port, "CONFIG SET maxmemory-policy allkeys-lru"),
         "+OK"
     );
-    let url = redis.url();
+    let stderr = refused_start(&redis.url());
+    assert!(
+        stderr.contains("maxmemory-policy is allkeys-lru")
+            && stderr.contains("maxmemory-policy noeviction"),
+        "{stderr}"
+    );
+    // With noeviction, the same Redis is fine.
+    assert_eq!(
+        command(redis.port, "CONFIG SET maxmemory-policy noeviction"),
+        "+OK"
+    );
+    let (_relay, _url) = relay(&redis);
+}
+
+/// Starts a relay on the store at `url` and waits for it to exit, as it must: answers what it
+/// wrote to its standard error.
+fn refused_start(url: &str) -> String {
     let mut child = Process(
         Command::new(env!("CARGO_BIN_EXE_pattern-mesh-relay"))
-            .args(["--listen", "127.0.0.1:0", "--store", &url])
+            .args(["--listen", "127.0.0.1:0", "--store", url])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -207,18 +223,32 @@ fn a_relay_refuses_a_redis_that_may_evict_its_keys() {
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
-    assert!(!status.success());
-    assert!(
-        stderr.contains("maxmemory-policy is allkeys-lru")
-            && stderr.contains("maxmemory-policy noeviction"),
-        "{stderr}"
-    );
-    // With noeviction, the same Redis is fine.
-    assert_eq!(
-        command(redis.port, "CONFIG SET maxmemory-policy noeviction"),
-        "+OK"
-    );
-    let (_relay, _url) = relay(&redis);
+    assert!(!status.success(), "{stderr}");
+    stderr
+}
+
+/// A relay follows the rooms it shares with `XREAD`, and ends a blocked read with `CLIENT
+/// UNBLOCK` when the rooms change. On a Redis user without those rights it started all the
+/// same, and its reader retried for ever: appends were acknowledged, and no member of any
+/// room, on any relay, received them. It refuses to start, and says which right is missing.
+#[test]
+fn a_relay_refuses_a_redis_user_that_may_not_follow_rooms() {
+    let redis = Redis::start("redis-rights");
+    for missing in ["client", "xread"] {
+        let user = format!("ACL SETUSER relay reset on >secret ~* &* +@all -{missing}");
+        assert_eq!(command(redis.port, &user), "+OK");
+        let url = format!("redis://relay:secret@127.0.0.1:{}", redis.port);
+        let stderr = refused_start(&url);
+        assert!(
+            stderr.contains(&missing.to_uppercase()) && stderr.contains("ACL SETUSER"),
+            "{stderr}"
+        );
+    }
+    // With every right it needs, the same user is fine.
+    let user = "ACL SETUSER relay reset on >secret ~* &* +@all";
+    assert_eq!(command(redis.port, user), "+OK");
+    let url = format!("redis://relay:secret@127.0.0.1:{}", redis.port);
+    let (_relay, _addr) = common::spawn_relay(&["--store", &url]);
 }
 
 /// Redis evicts a room's record while its log stays (a memory policy other than `noeviction`

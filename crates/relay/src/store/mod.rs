@@ -14,8 +14,9 @@ use pattern_mesh_core::store::{MemoryStore, Store, StoreError};
 
 use crate::metrics::Metrics;
 
-/// Which store the relay keeps its room logs in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which store the relay keeps its room logs in. Its `Debug` form (which the relay logs) hides a
+/// Redis URL's password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     /// The embedded SQLite store in this directory (created if missing; survives restarts).
     Sqlite(PathBuf),
@@ -24,6 +25,31 @@ pub enum StoreConfig {
     /// Redis at this URL (`redis://host:port`), shared with any other relay that uses it: any
     /// of them serves any room.
     Redis(String),
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreConfig::Sqlite(dir) => f.debug_tuple("Sqlite").field(dir).finish(),
+            StoreConfig::Memory => f.write_str("Memory"),
+            StoreConfig::Redis(url) => f.debug_tuple("Redis").field(&redacted(url)).finish(),
+        }
+    }
+}
+
+/// `url` with the password of its user part, if it has one, as `***`.
+fn redacted(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+        return url.to_owned();
+    };
+    match url[start..at].find(':').map(|i| start + i) {
+        Some(colon) => format!("{}:***{}", &url[..colon], &url[at..]),
+        None => url.to_owned(),
+    }
 }
 
 impl StoreConfig {
@@ -57,4 +83,30 @@ pub async fn open(
             (Arc::new(store), Some(feed))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreConfig;
+
+    /// The relay logs its store when it starts: a Redis URL's password went into the log.
+    #[test]
+    fn a_redis_password_stays_out_of_what_the_relay_logs() {
+        for (url, shown) in [
+            (
+                "redis://relay:s3cret@127.0.0.1:6379/0",
+                "redis://relay:***@127.0.0.1:6379/0",
+            ),
+            (
+                "rediss://:s3cret@cache.example:6380",
+                "rediss://:***@cache.example:6380",
+            ),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://relay@127.0.0.1", "redis://relay@127.0.0.1"),
+        ] {
+            let logged = format!("{:?}", StoreConfig::parse(url));
+            assert!(!logged.contains("s3cret"), "{logged}");
+            assert!(logged.contains(shown), "{logged}");
+        }
+    }
 }

@@ -328,6 +328,7 @@ fn backend(e: redis::RedisError) -> StoreError {
 /// messages the relay acknowledged. A server that does not answer `CONFIG GET` (a managed
 /// service may disable it) is said to be unchecked.
 async fn check_server(conn: &ConnectionManager) -> Result<(), StoreError> {
+    check_rights(conn).await?;
     let mut settings = HashMap::new();
     for name in ["maxmemory", "maxmemory-policy", "appendonly", "appendfsync"] {
         let mut get = redis::cmd("CONFIG");
@@ -364,6 +365,40 @@ async fn check_server(conn: &ConnectionManager) -> Result<(), StoreError> {
              appendfsync always)"
         );
     }
+    Ok(())
+}
+
+/// Refuses a Redis user that may not run what the feed follows shared rooms with: `XREAD`, and
+/// `CLIENT ID` and `CLIENT UNBLOCK` to end a blocked read when the rooms change. Without them the
+/// feed would retry for ever, and no member on any relay would receive what was appended.
+async fn check_rights(conn: &ConnectionManager) -> Result<(), StoreError> {
+    let refused = |command: &str, e: StoreError| {
+        let e = match e {
+            StoreError::Backend(said) => said,
+            other => other.to_string(),
+        };
+        StoreError::Backend(format!(
+            "the Redis user may not run {command} ({e}): a relay follows the rooms it shares with \
+             XREAD, CLIENT ID and CLIENT UNBLOCK; grant them (ACL SETUSER <user> +xread \
+             +client|id +client|unblock)"
+        ))
+    };
+    let id: i64 = query(conn, redis::cmd("CLIENT").arg("ID"))
+        .await
+        .map_err(|e| refused("CLIENT ID", e))?;
+    query::<Value>(conn, redis::cmd("CLIENT").arg("UNBLOCK").arg(id))
+        .await
+        .map_err(|e| refused("CLIENT UNBLOCK", e))?;
+    let mut xread = redis::cmd("XREAD");
+    xread
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(Keys::of("pattern-mesh rights check").log)
+        .arg("0");
+    query::<Value>(conn, &xread)
+        .await
+        .map_err(|e| refused("XREAD", e))?;
     Ok(())
 }
 
