@@ -62,6 +62,9 @@ struct Claims {
 /// sign, and their clock may run a little ahead of the relay's.
 const NBF_LEEWAY: u64 = 60;
 
+/// The latest expiry a token may have, in seconds since 1970: the end of the year 9999.
+const LAST_EXP: u64 = 253_402_300_799;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Right {
@@ -179,7 +182,9 @@ impl Auth {
             },
             user: claims.sub,
             name: claims.name,
-            expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            // An `exp` past what a system time holds ("never", to its issuer) is the last
+            // second of the year 9999.
+            expires: UNIX_EPOCH + Duration::from_secs(claims.exp.min(LAST_EXP)),
             room: claims.room,
             room_prefix: claims.room_prefix,
         })

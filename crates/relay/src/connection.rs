@@ -204,6 +204,13 @@ async fn handshake(
     let conn = relay.next_conn.fetch_add(1, Relaxed);
     let limits = relay.config.limits;
 
+    // A token refused at the upgrade (none, forged, expired) opens no room: said at once, so
+    // that a connection with no valid token holds no slot while its join is awaited.
+    if let Some(Err(denied)) = &grant {
+        relay.metrics.refused_tokens.fetch_add(1, Relaxed);
+        return refuse(socket, denied.code, &denied.reason).await;
+    }
+
     // 1. The join.
     let first = tokio::time::timeout(relay.config.join_timeout, socket.recv()).await;
     let bytes = match first {
@@ -347,6 +354,10 @@ async fn handshake(
     let mut after = joined.from;
     let mut told = std::time::Instant::now();
     while after < joined.until {
+        // A long catch-up does not outlast the token.
+        if expires.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            return refuse(socket, close::TOKEN_EXPIRED, "the access token expired").await;
+        }
         let page = match relay
             .store
             .read_after(&room, after, joined.until, CATCH_UP_PAGE)
@@ -425,6 +436,7 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
         mut queue,
         expires,
     } = live;
+    let deadline = expires;
     let expiry = async move {
         match expires {
             Some(at) => tokio::time::sleep_until(at).await,
@@ -445,7 +457,14 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
     let mut told = std::time::Instant::now();
     // Frames over the address's budgets in the current second, and when it began.
     let mut over = (0u64, 0u64);
+    let expired = "the access token expired; reconnect with a fresh one";
     loop {
+        // The select below picks among ready branches at random: past the deadline, frames
+        // already read or queued could still win it.
+        if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            drop(leave);
+            return close(socket, close::TOKEN_EXPIRED, expired).await;
+        }
         tokio::select! {
             _ = stopping(&mut shutdown) => {
                 drop(leave);
@@ -453,8 +472,7 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
             }
             () = &mut expiry => {
                 drop(leave);
-                let reason = "the access token expired; reconnect with a fresh one";
-                return close(socket, close::TOKEN_EXPIRED, reason).await;
+                return close(socket, close::TOKEN_EXPIRED, expired).await;
             }
             outgoing = queue.recv() => match outgoing {
                 Some(bytes) => {

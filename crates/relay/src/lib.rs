@@ -621,8 +621,9 @@ async fn websocket(
                 .into_response();
         }
     }
-    // The token is checked here, once; a refusal is said on the socket, after the join, with
-    // a close code and a reason (a browser sees nothing of a refused upgrade).
+    // The token is checked here, once; a refusal is said on the socket, right after the
+    // upgrade, with a close code and a reason (a browser sees nothing of a refused upgrade);
+    // whether it opens the room is known at the join.
     let grant = relay
         .auth
         .as_ref()
