@@ -94,6 +94,7 @@ export async function pmStorageNewRecord(room, holds) {
   return [id, release];
 }
 export async function pmStorageOpen(room, wait, holds) {
+  const deadline = Date.now() + wait;
   const open = indexedDB.open("pattern-mesh", 1);
   open.onupgradeneeded = () => {
     const db = open.result;
@@ -116,6 +117,30 @@ export async function pmStorageOpen(room, wait, holds) {
   // same, with its own reason. `pmGone` holds the reason.
   db.onversionchange = () => { db.pmGone = "another tab deleted or upgraded the stored data"; db.close(); };
   db.onclose = () => { db.pmGone ??= "the browser closed the stored data (the site's data was cleared, or the storage failed)"; };
+  // Reading the room's records waits behind another page's write on the stores for as long as
+  // that write goes on: within the same time limit as the open, or not at all.
+  let late = false;
+  const reading = readRoom(db, room, holds, () => late);
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => {
+      late = true;
+      reject(new Error(`the stored data was not read within ${wait} ms (another page holds a write on it)`));
+    }, Math.max(0, deadline - Date.now()));
+  });
+  try {
+    return await Promise.race([reading, timeout]);
+  } catch (e) {
+    if (late) {
+      // What the reading claims once it completes is let go then.
+      reading.then(([, claimed]) => { for (const [, , release] of claimed) release(); db.close(); }, () => {});
+    }
+    throw e;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+async function readRoom(db, room, holds, late) {
   const tx = db.transaction(["sessions", "updates"], "readonly");
   const records = request(tx.objectStore("sessions").index("room").getAll(room));
   const updates = request(tx.objectStore("updates").index("room").getAll(room));
@@ -157,7 +182,8 @@ export async function pmStorageOpen(room, wait, holds) {
       throw e;
     }
   }
-  if (holds.stopped) {
+  if (holds.stopped || late()) {
+    for (const [, , release] of claimed) release();
     db.close();
     throw new Error(STOPPED);
   }

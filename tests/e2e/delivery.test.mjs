@@ -624,6 +624,51 @@ test("a storage write another page holds up is given up and said so, and the edi
   await profile.close();
 });
 
+// The database opened, but reading the room's records waited behind another page's write for
+// as long as that write went on: `connect` neither resolved nor rejected, and no client existed
+// yet whose listeners could hear why.
+test("a connect whose stored records another page holds up is refused with a StorageError, and joins once they are free", async () => {
+  const room = `e2e-open-held-${Date.now()}`;
+  const profile = await browser.newContext();
+  const [tab, blocker] = [await packagePage(profile), await packagePage(profile)];
+  const url = `ws://127.0.0.1:${port}/ws`;
+  // A first visit stores the room.
+  await tab.evaluate(async ({ url, room }) => {
+    const client = await mesh.MeshClient.connect({ url, room, persist: true });
+    client.text("content").insert(0, "stored");
+    while (client.pendingCount > 0) await new Promise((r) => setTimeout(r, 20));
+    client.close();
+    await new Promise((r) => setTimeout(r, 500));
+  }, { url, room });
+  await blocker.evaluate(() => new Promise((resolve, reject) => {
+    const open = indexedDB.open("pattern-mesh", 1);
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction(["sessions", "updates"], "readwrite");
+      const store = tx.objectStore("sessions");
+      window.holding = true;
+      const spin = () => { if (window.holding) store.get(0).onsuccess = spin; };
+      spin();
+      resolve();
+    };
+  }));
+  const started = Date.now();
+  const held = await tab.evaluate(({ url, room }) => Promise.race([
+    mesh.MeshClient.connect({ url, room, persist: true }).then(() => "connected", (e) => `${e.name}: ${e.message}`),
+    new Promise((r) => setTimeout(() => r("still waiting after 30 s"), 30_000)),
+  ]), { url, room });
+  assert.match(held, /^StorageError: .*within 10000 ms/, held);
+  assert.ok(Date.now() - started < 20_000, `${Date.now() - started} ms`);
+  await blocker.evaluate(() => { window.holding = false; });
+  const text = await tab.evaluate(async ({ url, room }) => {
+    const client = await mesh.MeshClient.connect({ url, room, persist: true });
+    return client.text("content").toString();
+  }, { url, room });
+  assert.equal(text, "stored");
+  assert.deepEqual(tab.problems, []);
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);
