@@ -566,6 +566,10 @@ fn pump(shared: &Shared) {
         driver.registration.pending.set(driver.session.pending());
         if driver.session.is_closed() {
             driver.registration.set_closed();
+            #[cfg(feature = "document")]
+            if let Some(storage) = driver.storage.as_ref().filter(|s| !s.released) {
+                storage.closing();
+            }
         }
     }
     dispatch(shared);

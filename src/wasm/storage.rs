@@ -69,7 +69,11 @@ const lock = (name, holds) => new Promise((resolve) => {
     if (!held || holds.stopped) return resolve(null);
     // Held until the returned function is called (or the tab goes).
     return new Promise((done) => {
-      const release = () => { holds.locks.delete(release); done(); };
+      const release = () => {
+        holds.locks.delete(release);
+        done();
+        if (holds.locks.size === 0) holds.onEmpty?.();
+      };
       holds.locks.add(release);
       resolve(release);
     });
@@ -93,7 +97,34 @@ export async function pmStorageNewRecord(room, holds) {
   if (!release) throw new Error("the Web Lock of this tab's new session record could not be taken");
   return [id, release];
 }
+// The clients of this page that closed and still hold records, by room: their last write is
+// under way, and they let go of their records after it.
+const closing = new Map();
+export function pmStorageClosing(holds, room) {
+  if (holds.closing) return;
+  holds.closing = new Promise((resolve) => {
+    holds.onEmpty = resolve;
+    if (holds.locks.size === 0) resolve();
+  });
+  const clients = closing.get(room) ?? new Set();
+  closing.set(room, clients);
+  clients.add(holds);
+  holds.closing.then(() => {
+    clients.delete(holds);
+    if (clients.size === 0 && closing.get(room) === clients) closing.delete(room);
+  });
+}
 export async function pmStorageOpen(room, wait, holds) {
+  // A client of the room this page closed a moment ago (an application that closes and
+  // connects again) still holds its record while its last write completes: taken now, the
+  // record would look held by a live tab, and a new one would be made beside it, which holds
+  // none of what the closed client had not sent. Its record is waited for, a while.
+  const waiting = [...(closing.get(room) ?? [])].map((other) => other.closing);
+  if (waiting.length > 0) {
+    let timer;
+    await Promise.race([Promise.all(waiting), new Promise((resolve) => { timer = setTimeout(resolve, wait); })]);
+    clearTimeout(timer);
+  }
   const deadline = Date.now() + wait;
   const open = indexedDB.open("pattern-mesh", 1);
   open.onupgradeneeded = () => {
@@ -319,6 +350,8 @@ extern "C" {
     pub(crate) fn stop(this: &Holds) -> js_sys::Function;
     #[wasm_bindgen(js_name = pmStorageOpen)]
     fn open_js(room: &str, wait: u32, holds: &Holds) -> js_sys::Promise;
+    #[wasm_bindgen(js_name = pmStorageClosing)]
+    fn closing_js(holds: &Holds, room: &str);
     #[wasm_bindgen(js_name = pmStorageNewRecord)]
     fn new_record_js(room: &str, holds: &Holds) -> js_sys::Promise;
     #[wasm_bindgen(js_name = pmStorageFreed)]
@@ -704,12 +737,30 @@ impl Storage {
         gone_js(&self.db)
     }
 
+    /// Says that the client closed: a client of the room that this page opens meanwhile waits
+    /// (a while) for this one's records, which it lets go of after its last write.
+    pub(crate) fn closing(&self) {
+        closing_js(&self.holds, &self.room);
+    }
+
     /// Lets another tab take this record; nothing is written after it.
     pub(crate) fn release(&mut self) {
         self.released = true;
         let _ = self.release.call0(&JsValue::NULL);
         for (_, release) in &self.adopted {
             let _ = release.call0(&JsValue::NULL);
+        }
+    }
+}
+
+/// A client let go of without `close()` (freed, or collected once nothing refers to it) lets go
+/// of its records too: held for as long as the tab lived, they kept the next client of the room
+/// from taking up what this one had not sent. A write under way completes first: the next
+/// reader of the record reads it after that write, in the database's order.
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if !self.released {
+            self.release();
         }
     }
 }

@@ -669,6 +669,86 @@ test("a connect whose stored records another page holds up is refused with a Sto
   await profile.close();
 });
 
+// An application closes its client and connects again at once (a repair, a new token): the
+// closing client's last write still held its record, so the new client took a new one, and
+// the old record (its outbox holds a stamped message) was left for a later tab. Its edits did
+// not reach the room, and the new client's next edit, built on them, was refused.
+test("a client closed and connected again at once takes up its own record: what it had not sent reaches the room", async () => {
+  const room = `e2e-reconnect-${Date.now()}`;
+  const profile = await browser.newContext();
+  const [tab, watcher] = [await packagePage(profile), await packagePage(profile)];
+  const url = `ws://127.0.0.1:${port}/ws`;
+  await watcher.evaluate(async ({ url, room }) => {
+    window.client = await mesh.MeshClient.connect({ url, room });
+    window.messages = [];
+    client.on("message", (m) => messages.push(JSON.stringify(m.data)));
+  }, { url, room });
+  const got = await tab.evaluate(async ({ url, room }) => {
+    const first = await mesh.MeshClient.connect({ url, room, persist: true });
+    for (let i = 0; i < 250 && first.status !== "open"; i++) await new Promise((r) => setTimeout(r, 20));
+    const node = first.node;
+    first.text("content").insert(0, "abc");
+    first.broadcast({ bye: 1 });
+    first.close();
+    const second = await mesh.MeshClient.connect({ url, room, persist: true });
+    const refused = [];
+    second.on("refused", (r) => refused.push(`${r.reason}: ${r.detail}`));
+    const text = second.text("content");
+    text.insert(text.length, "!");
+    for (let i = 0; i < 250 && (second.pendingCount > 0 || second.status !== "open"); i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    await new Promise((r) => setTimeout(r, 500));
+    return { node, again: second.node, refused, pending: second.pendingCount, text: text.toString() };
+  }, { url, room });
+  assert.deepEqual(got.refused, []);
+  assert.equal(got.again, got.node, "the new client resumes the closed one's node");
+  assert.equal(got.pending, 0);
+  await until("the watcher has the closed client's edit and the new one", async () =>
+    (await watcher.evaluate(() => client.text("content").toString())) === "abc!");
+  assert.deepEqual(await watcher.evaluate(() => messages), ['{"bye":1}']);
+  for (const page of [tab, watcher]) assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
+// A client the application lets go of without `close()` (freed, or collected once nothing
+// refers to it) kept the Web Lock on its record for as long as the tab lived: the next client of
+// the room took a new record beside it and showed the text typed offline, which never reached
+// the room, and its next edit, built on that text, was refused.
+test("a client let go of without close() lets go of its record: the next client of the room sends what it had not", async () => {
+  const room = `e2e-freed-${Date.now()}`;
+  const profile = await browser.newContext();
+  const [tab, watcher] = [await packagePage(profile), await packagePage(profile)];
+  const url = `ws://127.0.0.1:${port}/ws`;
+  await watcher.evaluate(async ({ url, room }) => {
+    window.client = await mesh.MeshClient.connect({ url, room });
+  }, { url, room });
+  const got = await tab.evaluate(async ({ url, room }) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    // Offline: its token never comes.
+    const first = await mesh.MeshClient.connect({ url, room, persist: true, token: () => new Promise(() => {}) });
+    const text = first.text("content");
+    text.insert(0, "typed offline");
+    await sleep(600);
+    text.free();
+    first.free();
+    const second = await mesh.MeshClient.connect({ url, room, persist: true });
+    const refused = [];
+    second.on("refused", (r) => refused.push(`${r.reason}: ${r.detail}`));
+    for (let i = 0; i < 250 && (second.pendingCount > 0 || second.status !== "open"); i++) await sleep(20);
+    const again = second.text("content");
+    again.insert(again.length, "!");
+    for (let i = 0; i < 250 && second.pendingCount > 0; i++) await sleep(20);
+    await sleep(300);
+    return { refused, text: again.toString() };
+  }, { url, room });
+  assert.deepEqual(got, { refused: [], text: "typed offline!" });
+  await until("the watcher has what was typed offline, and the edit after it", async () =>
+    (await watcher.evaluate(() => client.text("content").toString())) === "typed offline!");
+  for (const page of [tab, watcher]) assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);
