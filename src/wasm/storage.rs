@@ -221,7 +221,11 @@ async function readRoom(db, room, holds, late) {
   // Every record's state, the claimed or not (a live tab's), for what they owe; and whether one
   // of this epoch diverged (the document is one per room: its refused edit is in it).
   const diverged = sessions.some((record) => record.diverged === true && (record.epoch ?? 0) === epoch);
-  return [db, claimed, stored.map((record) => record.update), epoch, sessions.map((record) => record.saved), diverged];
+  // The records of the document's epoch that live tabs hold: their outboxes' edits are in the
+  // stored document this tab shows.
+  const mine = new Set(claimed.map(([id]) => id));
+  const live = sessions.filter((record) => !mine.has(record.id) && (record.epoch ?? 0) === epoch).map((record) => record.saved);
+  return [db, claimed, stored.map((record) => record.update), epoch, sessions.map((record) => record.saved), diverged, live];
 }
 export async function pmStorageFreed(db, room, known, holds) {
   if (db.pmGone || holds.stopped) return [];
@@ -531,6 +535,20 @@ pub(crate) async fn open(
         .position(|(_, saved, _)| saved.as_ref().is_some_and(|s| !s.adoptable()))
         .unwrap_or(0);
     let (id, mut saved, release) = claimed.remove(own);
+    // What live tabs of the room have not sent yet is in the document this tab shows, and its
+    // edits may build on it: it goes out first from here too (see `Saved::carry_updates_of`).
+    // A member that may only read sends no update.
+    if !read_only {
+        for live in js_sys::Array::from(&opened.get(6)).iter() {
+            if let Some(Ok(live)) = read_saved(&live) {
+                if !live.sent.is_empty() || !live.unsent.is_empty() {
+                    saved
+                        .get_or_insert_with(Saved::default)
+                        .carry_updates_of(&live);
+                }
+            }
+        }
+    }
     let mut adopted = Vec::new();
     for (other_id, other, other_release) in claimed {
         match other {

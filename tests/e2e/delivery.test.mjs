@@ -749,6 +749,41 @@ test("a client let go of without close() lets go of its record: the next client 
   await profile.close();
 });
 
+// Tabs of one browser share the room's stored document. A tab offline (its token does not come)
+// typed; a second tab opened and showed that text, and what its user typed after it was
+// refused: the relay lacked what it built on, which only the first tab could send.
+test("a tab that shows another live tab's unsent edits sends them before its own, and its edits are taken", async () => {
+  const room = `e2e-shown-${Date.now()}`;
+  const profile = await browser.newContext();
+  const [offline, second, watcher] = [await packagePage(profile), await packagePage(profile), await packagePage(profile)];
+  const url = `ws://127.0.0.1:${port}/ws`;
+  await watcher.evaluate(async ({ url, room }) => {
+    window.client = await mesh.MeshClient.connect({ url, room });
+  }, { url, room });
+  await offline.evaluate(async ({ url, room }) => {
+    window.client = await mesh.MeshClient.connect({ url, room, persist: true, token: () => new Promise(() => {}) });
+    client.text("content").insert(0, "abc");
+    await new Promise((r) => setTimeout(r, 600));
+  }, { url, room });
+  const got = await second.evaluate(async ({ url, room }) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const client = await mesh.MeshClient.connect({ url, room, persist: true });
+    const refused = [];
+    client.on("refused", (r) => refused.push(`${r.reason}: ${r.detail}`));
+    const text = client.text("content");
+    const shown = text.toString();
+    text.insert(text.length, "!");
+    for (let i = 0; i < 250 && (client.pendingCount > 0 || client.status !== "open"); i++) await sleep(20);
+    await sleep(300);
+    return { shown, refused, diverged: client.diverged };
+  }, { url, room });
+  assert.deepEqual(got, { shown: "abc", refused: [], diverged: false });
+  await until("the watcher has the offline tab's text and the edit after it", async () =>
+    (await watcher.evaluate(() => client.text("content").toString())) === "abc!");
+  for (const page of [offline, second, watcher]) assert.deepEqual(page.problems, []);
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);

@@ -239,6 +239,28 @@ impl Saved {
         self.diverged |= other.diverged;
     }
 
+    /// Copies the document updates of a live tab's outbox (another tab of the room, open now,
+    /// whose record this session cannot take): its messages join this outbox unstamped, ahead
+    /// of what this session writes. The stored document is one per room, so this tab shows
+    /// that tab's edits, and its own edits may build on them: sent alone, they would be refused
+    /// for clocks the relay lacks until that tab is back online. An update that arrives twice
+    /// changes nothing. The live tab's other messages stay its own.
+    pub fn carry_updates_of(&mut self, live: &Saved) {
+        let carried: Vec<Vec<u8>> = live
+            .sent
+            .iter()
+            .chain(&live.unsent)
+            .filter_map(|bytes| match decode_message(bytes) {
+                Ok(Stamped {
+                    body: body @ Body::Update { .. },
+                    ..
+                }) => Some(encode_unsent(body)),
+                _ => None,
+            })
+            .collect();
+        self.unsent.splice(0..0, carried);
+    }
+
     /// Whether a session restored from this state sets the stored document aside
     /// ([`Saved::set_aside_document`]): it diverged, and it is not owed to a relay that lost
     /// the room's history (where it may be the only copy of everyone's edits).
@@ -330,6 +352,34 @@ mod tests {
         let mut other = Saved::default();
         other.adopt(&saved);
         assert_eq!(other.unsent.len(), 1);
+    }
+
+    /// A live tab's document updates are copied, unstamped; its other messages are not.
+    #[test]
+    fn a_live_tabs_updates_are_carried_and_its_other_messages_are_not() {
+        let update = Body::Update {
+            doc: "content".into(),
+            update: vec![1, 2, 3],
+        };
+        let stamp = Stamp {
+            sender: 3,
+            step: 2,
+            pattern: 5,
+        };
+        let live = Saved {
+            sent: vec![
+                Frame::stamped(stamp, update.clone()).encode(),
+                Frame::stamped(stamp, data(1)).encode(),
+            ],
+            unsent: vec![encode_unsent(data(2)), encode_unsent(update.clone())],
+            ..Saved::default()
+        };
+        let mut own = Saved {
+            unsent: vec![encode_unsent(data(9))],
+            ..Saved::default()
+        };
+        own.carry_updates_of(&live);
+        assert_eq!(own.bodies(), vec![update.clone(), update, data(9)]);
     }
 
     #[test]
