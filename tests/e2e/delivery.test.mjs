@@ -669,20 +669,29 @@ test("a connect whose stored records another page holds up is refused with a Sto
   await profile.close();
 });
 
-// An application closes its client and connects again at once (a repair, a new token): the
-// closing client's last write still held its record, so the new client took a new one, and
-// the old record (its outbox holds a stamped message) was left for a later tab. Its edits did
-// not reach the room, and the new client's next edit, built on them, was refused.
-test("a client closed and connected again at once takes up its own record: what it had not sent reaches the room", async () => {
-  const room = `e2e-reconnect-${Date.now()}`;
+/** A browser profile with `count` pages of the package, and a watcher page whose client (in
+ * memory) is in `room` and keeps the messages it hears in `messages`. */
+async function pagesAndWatcher(room, count) {
   const profile = await browser.newContext();
-  const [tab, watcher] = [await packagePage(profile), await packagePage(profile)];
+  const pages = [];
+  for (let i = 0; i < count; i++) pages.push(await packagePage(profile));
+  const watcher = await packagePage(profile);
   const url = `ws://127.0.0.1:${port}/ws`;
   await watcher.evaluate(async ({ url, room }) => {
     window.client = await mesh.MeshClient.connect({ url, room });
     window.messages = [];
     client.on("message", (m) => messages.push(JSON.stringify(m.data)));
   }, { url, room });
+  return { profile, pages, watcher, url };
+}
+
+// An application closes its client and connects again at once (a repair, a new token): the
+// closing client's last write still held its record, so the new client took a new one, and
+// the old record (its outbox holds a stamped message) was left for a later tab. Its edits did
+// not reach the room, and the new client's next edit, built on them, was refused.
+test("a client closed and connected again at once takes up its own record: what it had not sent reaches the room", async () => {
+  const room = `e2e-reconnect-${Date.now()}`;
+  const { profile, pages: [tab], watcher, url } = await pagesAndWatcher(room, 1);
   const got = await tab.evaluate(async ({ url, room }) => {
     const first = await mesh.MeshClient.connect({ url, room, persist: true });
     for (let i = 0; i < 250 && first.status !== "open"; i++) await new Promise((r) => setTimeout(r, 20));
@@ -717,12 +726,7 @@ test("a client closed and connected again at once takes up its own record: what 
 // the room, and its next edit, built on that text, was refused.
 test("a client let go of without close() lets go of its record: the next client of the room sends what it had not", async () => {
   const room = `e2e-freed-${Date.now()}`;
-  const profile = await browser.newContext();
-  const [tab, watcher] = [await packagePage(profile), await packagePage(profile)];
-  const url = `ws://127.0.0.1:${port}/ws`;
-  await watcher.evaluate(async ({ url, room }) => {
-    window.client = await mesh.MeshClient.connect({ url, room });
-  }, { url, room });
+  const { profile, pages: [tab], watcher, url } = await pagesAndWatcher(room, 1);
   const got = await tab.evaluate(async ({ url, room }) => {
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
     // Offline: its token never comes.
@@ -754,12 +758,7 @@ test("a client let go of without close() lets go of its record: the next client 
 // refused: the relay lacked what it built on, which only the first tab could send.
 test("a tab that shows another live tab's unsent edits sends them before its own, and its edits are taken", async () => {
   const room = `e2e-shown-${Date.now()}`;
-  const profile = await browser.newContext();
-  const [offline, second, watcher] = [await packagePage(profile), await packagePage(profile), await packagePage(profile)];
-  const url = `ws://127.0.0.1:${port}/ws`;
-  await watcher.evaluate(async ({ url, room }) => {
-    window.client = await mesh.MeshClient.connect({ url, room });
-  }, { url, room });
+  const { profile, pages: [offline, second], watcher, url } = await pagesAndWatcher(room, 2);
   await offline.evaluate(async ({ url, room }) => {
     window.client = await mesh.MeshClient.connect({ url, room, persist: true, token: () => new Promise(() => {}) });
     client.text("content").insert(0, "abc");
