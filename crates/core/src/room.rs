@@ -557,6 +557,8 @@ struct Member {
 /// A node the room holds the state of.
 struct Node {
     token: ResumeToken,
+    /// The user its access token names (0 without tokens): only that user resumes it.
+    user: u64,
     /// Its connection while it is a member.
     conn: Option<ConnId>,
     /// Its appends not answered yet.
@@ -1641,9 +1643,10 @@ impl RoomCore {
         !self.shared && self.tokens.contains_key(token)
     }
 
-    fn new_node(&self, token: ResumeToken) -> Node {
+    fn new_node(&self, token: ResumeToken, user: u64) -> Node {
         Node {
             token,
+            user,
             conn: None,
             in_flight: 0,
             rate: TokenBucket::new(self.limits.rate as f64, self.limits.burst as f64, self.now),
@@ -1694,32 +1697,41 @@ impl RoomCore {
                 self.validator.restore(record.node, record.last_step, now);
             }
         }
+        let user = request.access.user;
         let known = resume.and_then(|token| {
-            self.tokens.get(&token).copied().or_else(|| {
-                // The store's record of the token, if the driver found one.
-                stored
-                    .filter(|s| s.token == token && !self.nodes.contains_key(&s.node))
-                    .map(|s| {
-                        // What this relay kept when it let the node go is its exact last
-                        // step; the store's is its last stored one.
-                        // A stored step above it would say the release is not the node's last.
-                        match released.filter(|r| {
-                            !self.shared
-                                && r.node == s.node
-                                && r.token == token
-                                && r.step >= s.last_step
-                        }) {
-                            Some(r) => self.validator.resume(s.node, r.step, now),
-                            None => self.validator.restore(s.node, s.last_step, now),
-                        }
-                        let mut node = self.new_node(token);
-                        node.recorded = true;
-                        self.nodes.insert(s.node, node);
-                        self.tokens.insert(token, s.node);
-                        self.departures.push_back((s.node, now));
-                        s.node
-                    })
-            })
+            self.tokens
+                .get(&token)
+                .copied()
+                // Another user's resume token (leaked from its storage, say) resumes nothing:
+                // it would take that member's identity and close its connection. The joiner
+                // is a new node. (A node the room restores from the store's record is the
+                // first resumer's: the record names no user.)
+                .filter(|node| self.nodes.get(node).is_none_or(|n| n.user == user))
+                .or_else(|| {
+                    // The store's record of the token, if the driver found one.
+                    stored
+                        .filter(|s| s.token == token && !self.nodes.contains_key(&s.node))
+                        .map(|s| {
+                            // What this relay kept when it let the node go is its exact last
+                            // step; the store's is its last stored one.
+                            // A stored step above it would say the release is not the node's last.
+                            match released.filter(|r| {
+                                !self.shared
+                                    && r.node == s.node
+                                    && r.token == token
+                                    && r.step >= s.last_step
+                            }) {
+                                Some(r) => self.validator.resume(s.node, r.step, now),
+                                None => self.validator.restore(s.node, s.last_step, now),
+                            }
+                            let mut node = self.new_node(token, user);
+                            node.recorded = true;
+                            self.nodes.insert(s.node, node);
+                            self.tokens.insert(token, s.node);
+                            self.departures.push_back((s.node, now));
+                            s.node
+                        })
+                })
         });
         let replacing = known.and_then(|node| self.nodes.get(&node).and_then(|n| n.conn));
         if replacing.is_none() && self.members.len() >= self.limits.max_members {
@@ -1731,7 +1743,6 @@ impl RoomCore {
                 ),
             });
         }
-        let user = request.access.user;
         if replacing.is_none() && user != 0 {
             let held = self
                 .members
@@ -1756,7 +1767,7 @@ impl RoomCore {
                         reason: "the room is reserving node ids; try again".into(),
                     });
                 };
-                let mut state = self.new_node(fresh);
+                let mut state = self.new_node(fresh, user);
                 if let Some((rate, bandwidth)) = self.spent.get(&request.access.user) {
                     state.rate = rate.clone();
                     state.bandwidth = bandwidth.clone();

@@ -713,3 +713,39 @@ async fn a_token_whose_expiry_is_past_any_date_opens_its_room() {
     );
     server.stop().await;
 }
+
+/// A member's resume token is a secret of its tab (kept in its storage with `persist`). Another
+/// user who learned it (a shared profile, a script on the page) joined with it and their own
+/// valid access token: the relay handed them that member's node, with its name among the
+/// peers and its budgets, and closed the member's connection as replaced. Another user's token
+/// now resumes nothing: the joiner is a new node, and the member stays.
+#[tokio::test]
+async fn another_users_resume_token_takes_over_no_one() {
+    let server = secured("auth-resume-user").await;
+    let ada = with_token(&server, &token("doc", "write"));
+    let mallory = signed(
+        SECRET,
+        serde_json::json!({ "sub": "mallory", "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    let mut member = join_at(&ada, "doc", 0, 0, None).await;
+    let thief = join_at(
+        &with_token(&server, &mallory),
+        "doc",
+        0,
+        0,
+        Some(member.token),
+    )
+    .await;
+    assert_ne!(thief.node, member.node, "a new node, not the member's");
+    assert_ne!(thief.token, member.token);
+    // The member is still in, and hears the newcomer as another node.
+    member
+        .recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == thief.node))
+        .await;
+    member.data_acked(serde_json::json!("still here")).await;
+    // The member's own user resumes it as ever.
+    drop(member.conn);
+    let back = join_at(&ada, "doc", 0, 0, Some(member.token)).await;
+    assert_eq!(back.node, member.node);
+    server.stop().await;
+}
