@@ -481,8 +481,23 @@ pub(crate) async fn open(
             None
         }
     };
+    // A record a newer version of the package wrote is left whole, for a tab of that version:
+    // taken in here, it would be deleted unread.
+    let mut left_newer = false;
     let mut claimed: Vec<(String, Option<Saved>, js_sys::Function)> = claimed
         .iter()
+        .filter(|entry| {
+            let entry: &js_sys::Array = entry.unchecked_ref();
+            let newer = newer(&entry.get(1));
+            if newer {
+                let _ = entry
+                    .get(2)
+                    .unchecked_into::<js_sys::Function>()
+                    .call0(&JsValue::NULL);
+                left_newer = true;
+            }
+            !newer
+        })
         .map(|entry| {
             let entry: js_sys::Array = entry.unchecked_into();
             let id = entry.get(0).as_string().unwrap_or_default();
@@ -499,6 +514,9 @@ pub(crate) async fn open(
             (id, saved, release)
         })
         .collect();
+    if left_newer {
+        problems.push(NEWER.into());
+    }
     if read_only {
         claimed.retain(|(_, saved, release)| {
             let writes = saved
@@ -509,24 +527,22 @@ pub(crate) async fn open(
             }
             !writes
         });
-        if claimed.is_empty() {
-            let fresh = match JsFuture::from(new_record_js(&key, &holds)).await {
-                Ok(fresh) => fresh,
-                Err(e) => {
-                    // No connection stays open behind an open that failed.
-                    if let Ok(close) = js_sys::Reflect::get(&db, &"close".into()) {
-                        let _ = close.unchecked_into::<js_sys::Function>().call0(&db);
-                    }
-                    return Err(storage_error("taking a new session record", &e));
-                }
-            };
-            let fresh: js_sys::Array = fresh.unchecked_into();
-            let id = fresh.get(0).as_string().unwrap_or_default();
-            claimed.push((id, None, fresh.get(1).unchecked_into()));
-        }
     }
+    // Every record it claimed was left (a reader's, or a newer version's): a new one.
     if claimed.is_empty() {
-        return Err(js_error("StorageError", "no session record was claimed"));
+        let fresh = match JsFuture::from(new_record_js(&key, &holds)).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // No connection stays open behind an open that failed.
+                if let Ok(close) = js_sys::Reflect::get(&db, &"close".into()) {
+                    let _ = close.unchecked_into::<js_sys::Function>().call0(&db);
+                }
+                return Err(storage_error("taking a new session record", &e));
+            }
+        };
+        let fresh: js_sys::Array = fresh.unchecked_into();
+        let id = fresh.get(0).as_string().unwrap_or_default();
+        claimed.push((id, None, fresh.get(1).unchecked_into()));
     }
     // This tab resumes a record that no other tab may take in, if there is one (a stamped data
     // message may have reached the relay under its identity); otherwise the oldest.
@@ -686,6 +702,12 @@ impl Storage {
                 let _ = release.call0(&JsValue::NULL);
                 continue;
             }
+            if newer(&entry.get(1)) {
+                let _ = release.call0(&JsValue::NULL);
+                self.left.push(id);
+                problems.push(NEWER.into());
+                continue;
+            }
             // A record of an earlier epoch diverged from a document set aside since.
             let same_epoch = entry.get(4).as_f64().unwrap_or(0.0) as u32 == self.epoch;
             let read = read_saved(&entry.get(1)).map(|saved| {
@@ -822,6 +844,17 @@ pub(crate) fn release_found(found: &JsValue) {
         let release: js_sys::Function = entry.get(2).unchecked_into();
         let _ = release.call0(&JsValue::NULL);
     }
+}
+
+/// What storage says of a record a newer version of the package wrote.
+const NEWER: &str =
+    "a stored session of this room was written by a newer version of pattern-mesh: it is left for a tab of that version";
+
+/// Whether a stored session record's state was written by a newer version of the package.
+fn newer(bytes: &JsValue) -> bool {
+    !bytes.is_null()
+        && !bytes.is_undefined()
+        && Saved::stored_by_newer_version(&js_sys::Uint8Array::new(bytes).to_vec())
 }
 
 /// A stored session record's state: `None` when there is none, an error that says what was

@@ -783,6 +783,54 @@ test("a tab that shows another live tab's unsent edits sends them before its own
   await profile.close();
 });
 
+// During a deploy, tabs of two versions of the package share a browser. A tab of the older one
+// that opened, or looked for records of closed tabs, took a record the newer version wrote,
+// could not read it, and deleted it with its unsent edits. It leaves such a record whole.
+test("a stored session written by a newer version of the package is left whole, and said so", async () => {
+  const room = `e2e-newer-${Date.now()}`;
+  const profile = await browser.newContext();
+  const tab = await packagePage(profile);
+  const url = `ws://127.0.0.1:${port}/ws`;
+  const got = await tab.evaluate(async ({ url, room }) => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const key = `${url}\n${room}`;
+    const db = await new Promise((resolve, reject) => {
+      const open = indexedDB.open("pattern-mesh", 1);
+      open.onupgradeneeded = () => {
+        open.result.createObjectStore("updates", { autoIncrement: true }).createIndex("room", "room");
+        open.result.createObjectStore("sessions", { keyPath: "id" }).createIndex("room", "room");
+      };
+      open.onsuccess = () => resolve(open.result);
+      open.onerror = () => reject(open.error);
+    });
+    const put = (id) => new Promise((resolve, reject) => {
+      const tx = db.transaction("sessions", "readwrite");
+      tx.objectStore("sessions").put({ id, room: key, saved: new Uint8Array([200, 1, 2, 3]), epoch: 0 });
+      tx.oncomplete = resolve;
+      tx.onerror = () => reject(tx.error);
+    });
+    const exists = (id) => new Promise((resolve) => {
+      const get = db.transaction("sessions", "readonly").objectStore("sessions").get(id);
+      // Still there, and still what the newer version wrote.
+      get.onsuccess = () => resolve(get.result !== undefined && new Uint8Array(get.result.saved)[0] === 200);
+    });
+    // One there when a client opens, one that appears while it is open (a newer tab closed).
+    await put(`${key}\nnewer-at-open`);
+    const errors = [];
+    const client = await mesh.MeshClient.connect({ url, room, persist: true, on: { error: (e) => errors.push(`${e.name}: ${e.message}`) } });
+    client.text("content").insert(0, "mine");
+    await put(`${key}\nnewer-later`);
+    // The open tab looks for closed tabs' records every 5 s.
+    await sleep(6_500);
+    return { errors, atOpen: await exists(`${key}\nnewer-at-open`), later: await exists(`${key}\nnewer-later`) };
+  }, { url, room });
+  assert.equal(got.atOpen, true, JSON.stringify(got));
+  assert.equal(got.later, true, JSON.stringify(got));
+  assert.ok(got.errors.length >= 1 && got.errors.every((e) => /StorageError: .*newer version/.test(e)), JSON.stringify(got.errors));
+  assert.deepEqual(tab.problems, []);
+  await profile.close();
+});
+
 test("a panic inside the module stops its client with a PanicError, and the module serves a new one", async () => {
   const room = `e2e-panic-${Date.now()}`;
   const b = await open(`textarea.html?room=${room}`);

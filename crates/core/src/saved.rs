@@ -120,6 +120,12 @@ impl Saved {
         w.0
     }
 
+    /// Whether `bytes` were stored by a newer version of this format: a tab of an older
+    /// version of the package cannot read them, and leaves them to a tab that can.
+    pub fn stored_by_newer_version(bytes: &[u8]) -> bool {
+        bytes.first().is_some_and(|&version| version > VERSION)
+    }
+
     /// Decodes a stored state; an error says what was wrong with it.
     pub fn decode(bytes: &[u8]) -> Result<Saved, DecodeError> {
         let mut r = Reader::new(bytes);
@@ -406,6 +412,8 @@ mod tests {
         };
         let bytes = saved.encode();
         assert_eq!(Saved::decode(&bytes).unwrap(), saved);
+        assert!(!Saved::stored_by_newer_version(&bytes));
+        assert!(Saved::stored_by_newer_version(&[VERSION + 1, 0]));
         // A state stored before `give_back` existed (it ends after the lists) owes nothing.
         let old = Saved {
             give_back: false,
