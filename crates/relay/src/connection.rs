@@ -21,7 +21,7 @@ use super::auth::{Denied, Grant};
 use super::guard::{Address, HeldTooMuch, Over, Peer};
 use super::queue;
 use super::room::{Admitted, Command};
-use super::Relay;
+use super::{enter_user_room, Relay, UserRoom};
 
 /// Consecutive text messages after which a connection is closed (binary frames are the room's
 /// to count).
@@ -192,6 +192,8 @@ struct Live {
     queue: queue::Receiver,
     /// When the access token expires: the connection is closed then.
     expires: Option<tokio::time::Instant>,
+    /// This connection, counted among its user's rooms.
+    _user_room: Option<UserRoom>,
 }
 
 /// The join, the welcome and the catch-up; `None` if the connection ended.
@@ -276,6 +278,7 @@ async fn handshake(
     };
     // The access token, checked at the upgrade: now that the room is known, does it open it?
     let mut expires = None;
+    let mut user = None;
     if let Some(grant) = grant {
         let admitted = grant.and_then(|grant| grant.admits(&room).map(|()| grant));
         match admitted {
@@ -293,6 +296,7 @@ async fn handshake(
                 }
                 request.access = grant.access;
                 expires = Some(tokio::time::Instant::now() + grant.remaining());
+                user = Some(grant.user);
             }
             Err(denied) => {
                 relay.metrics.refused_tokens.fetch_add(1, Relaxed);
@@ -300,6 +304,20 @@ async fn handshake(
             }
         }
     }
+    // One user's connections are in a bounded number of rooms: a token for every room under a
+    // prefix could otherwise hold every room the relay opens.
+    let user_room = match user
+        .map(|user| enter_user_room(relay, &user, &room))
+        .transpose()
+    {
+        Ok(counted) => counted,
+        Err(held) => {
+            let reason = format!(
+                "this access token's user is in {held} rooms on this relay, the most one user may be; leave one first"
+            );
+            return refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
+        }
+    };
     // A room that is not open costs its opening to the address: each stays open a while after
     // its last member left, and one address could otherwise fill the relay's rooms for all.
     let opens = !relay.is_open(&room);
@@ -413,6 +431,7 @@ async fn handshake(
             leave,
             queue,
             expires,
+            _user_room: user_room,
         },
     ))
 }
@@ -435,6 +454,8 @@ async fn live_loop(mut socket: WebSocket, relay: Arc<Relay>, live: Live, peer: P
         leave,
         mut queue,
         expires,
+        // Counted for as long as the connection lives.
+        _user_room,
     } = live;
     let deadline = expires;
     let expiry = async move {

@@ -70,6 +70,9 @@ pub struct RelayConfig {
     pub max_members: usize,
     /// The most members in one room whose access tokens name one user.
     pub max_members_per_user: usize,
+    /// The most rooms the connections of one user (an access token's `sub`) are in at once on
+    /// this relay.
+    pub max_rooms_per_user: usize,
     /// Frames a node may send per second (a burst of as many is allowed).
     pub max_rate: u32,
     /// Bytes of stored messages a node may send per second (a burst of a whole message is
@@ -151,6 +154,7 @@ impl Default for RelayConfig {
             max_rooms: 10_000,
             max_members: 256,
             max_members_per_user: 32,
+            max_rooms_per_user: 64,
             max_rate: 200,
             bandwidth: 4 << 20,
             compact_bytes: 8 << 20,
@@ -212,11 +216,65 @@ pub(crate) struct Relay {
     /// The token checker, if the relay checks tokens.
     auth: Option<auth::Auth>,
     rooms: Mutex<HashMap<String, mpsc::Sender<Command>>>,
+    /// For each user of an access token, the rooms its connections are in, and how many in each.
+    user_rooms: Mutex<HashMap<String, HashMap<String, u32>>>,
     /// The nodes the rooms let go, with their last steps.
     releases: Mutex<room::Releases>,
     started: Instant,
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
+}
+
+/// One connection of a user in a room, counted in [`Relay::user_rooms`] while it lives.
+pub(crate) struct UserRoom {
+    relay: Arc<Relay>,
+    user: String,
+    room: String,
+}
+
+impl Drop for UserRoom {
+    fn drop(&mut self) {
+        let mut users = self
+            .relay
+            .user_rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(rooms) = users.get_mut(&self.user) {
+            if let Some(count) = rooms.get_mut(&self.room) {
+                *count -= 1;
+                if *count == 0 {
+                    rooms.remove(&self.room);
+                }
+            }
+            if rooms.is_empty() {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Counts a connection of `user` in `room`, unless the user's connections are in
+/// `--max-rooms-per-user` other rooms already: then how many.
+pub(crate) fn enter_user_room(
+    relay: &Arc<Relay>,
+    user: &str,
+    room: &str,
+) -> Result<UserRoom, usize> {
+    let mut users = relay.user_rooms.lock().unwrap_or_else(|e| e.into_inner());
+    let rooms = users.entry(user.to_owned()).or_default();
+    if !rooms.contains_key(room) && rooms.len() >= relay.config.max_rooms_per_user {
+        let held = rooms.len();
+        if held == 0 {
+            users.remove(user);
+        }
+        return Err(held);
+    }
+    *rooms.entry(room.to_owned()).or_default() += 1;
+    Ok(UserRoom {
+        relay: relay.clone(),
+        user: user.to_owned(),
+        room: room.to_owned(),
+    })
 }
 
 impl Relay {
@@ -444,6 +502,7 @@ pub async fn serve(
         metrics,
         auth,
         rooms: Mutex::default(),
+        user_rooms: Mutex::default(),
         releases: Mutex::new(room::Releases::new(RELEASES_KEPT)),
         started: Instant::now(),
         next_conn: AtomicU64::new(1),

@@ -55,6 +55,12 @@ mod native {
         #[arg(long, env = "PM_MAX_MEMBERS_PER_USER", default_value_t = 32,
               value_parser = clap::value_parser!(u64).range(1..))]
         max_members_per_user: u64,
+        /// The most rooms the connections of one user (an access token's `sub`) are in at once
+        /// on this relay: a token for every room under a prefix could otherwise hold every room
+        /// the relay opens (`--max-rooms`).
+        #[arg(long, env = "PM_MAX_ROOMS_PER_USER", default_value_t = 64,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_rooms_per_user: u64,
         /// Messages one node may send per second (and at once).
         #[arg(long, env = "PM_MAX_RATE", default_value_t = 200)]
         max_rate: u32,
@@ -215,6 +221,7 @@ mod native {
             max_rooms: args.max_rooms,
             max_members: args.max_members,
             max_members_per_user: args.max_members_per_user as usize,
+            max_rooms_per_user: args.max_rooms_per_user as usize,
             max_rate: args.max_rate,
             bandwidth: args.bandwidth,
             compact_bytes: args.compact_bytes,

@@ -749,3 +749,55 @@ async fn another_users_resume_token_takes_over_no_one() {
     assert_eq!(back.node, member.node);
     server.stop().await;
 }
+
+/// A token for every room under a prefix let one user hold members in as many rooms as the
+/// relay opens (`--max-rooms`, 10,000 by default), from a few addresses: no one else could open
+/// a room. One user's connections hold at most `--max-rooms-per-user` rooms on a relay at once.
+#[tokio::test]
+async fn one_user_cannot_hold_every_room_of_the_relay() {
+    let server = start("auth-user-rooms", |c| {
+        c.auth = Some(AuthKey::Secret(SECRET.into()));
+        c.max_rooms_per_user = 2;
+    })
+    .await;
+    let prefix = |sub: &str| {
+        signed(
+            SECRET,
+            serde_json::json!({ "sub": sub, "roomPrefix": "team/", "access": "write", "exp": now() + 600 }),
+        )
+    };
+    let url = with_token(&server, &prefix("hoarder"));
+    let first = join_at(&url, "team/a", 0, 0, None).await;
+    let _second = join_at(&url, "team/b", 0, 0, None).await;
+    // Another connection of the user in a room it holds already is fine.
+    let _again = join_at(&url, "team/b", 0, 0, None).await;
+    let (code, reason) = refused(&server, Some(&prefix("hoarder")), "team/c").await;
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
+    assert!(reason.contains("2 rooms"), "{reason}");
+    // Another user opens it.
+    let _other = join_at(&with_token(&server, &prefix("other")), "team/c", 0, 0, None).await;
+    // Once the user leaves a room, it may join another.
+    first.conn.close().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let url = with_token(&server, &prefix("hoarder"));
+        match Connection::open(&url, &join_frame("team/d")).await {
+            Ok(mut conn) => {
+                let welcome = conn.recv_within(WAIT).await;
+                if welcome
+                    .as_ref()
+                    .is_ok_and(|w| matches!(w.frame, Frame::Welcome { .. }))
+                {
+                    break;
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the user may join another room once it left one"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
