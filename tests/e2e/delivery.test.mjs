@@ -594,25 +594,28 @@ test("the browser clearing a tab's stored data under it: the tab says so once, a
   await profile.close();
 });
 
+/** Has `page` keep a read-write transaction on the client's stores open (one request after
+ * another) until `window.holding` turns false: the client's reads and writes wait behind it. */
+const holdStores = (page) => page.evaluate(() => new Promise((resolve, reject) => {
+  const open = indexedDB.open("pattern-mesh", 1);
+  open.onerror = () => reject(open.error);
+  open.onsuccess = () => {
+    const tx = open.result.transaction(["sessions", "updates"], "readwrite");
+    const store = tx.objectStore("sessions");
+    window.holding = true;
+    const spin = () => { if (window.holding) store.get(0).onsuccess = spin; };
+    spin();
+    resolve();
+  };
+}));
+
 test("a storage write another page holds up is given up and said so, and the edit goes once the database is free", async () => {
   const room = `e2e-held-${Date.now()}`;
   const profile = await browser.newContext();
   const [holder, other, blocker] = [await packagePage(profile), await packagePage(profile), await packagePage(profile)];
   await holderAndOther(holder, other, room);
-  // Another page of the origin keeps a read-write transaction on the client's stores open
-  // (one request after another), so that the client's next write waits behind it.
-  await blocker.evaluate(() => new Promise((resolve, reject) => {
-    const open = indexedDB.open("pattern-mesh", 1);
-    open.onerror = () => reject(open.error);
-    open.onsuccess = () => {
-      const tx = open.result.transaction(["sessions", "updates"], "readwrite");
-      const store = tx.objectStore("sessions");
-      window.holding = true;
-      const spin = () => { if (window.holding) store.get(0).onsuccess = spin; };
-      spin();
-      resolve();
-    };
-  }));
+  // Another page of the origin holds the client's stores, so that its next write waits.
+  await holdStores(blocker);
   await holder.evaluate(() => client.text("content").insert(0, "held"));
   // Said within the write's time limit (10 s), where it used to wait without a word.
   await until("the tab says its write is held up", async () =>
@@ -640,18 +643,7 @@ test("a connect whose stored records another page holds up is refused with a Sto
     client.close();
     await new Promise((r) => setTimeout(r, 500));
   }, { url, room });
-  await blocker.evaluate(() => new Promise((resolve, reject) => {
-    const open = indexedDB.open("pattern-mesh", 1);
-    open.onerror = () => reject(open.error);
-    open.onsuccess = () => {
-      const tx = open.result.transaction(["sessions", "updates"], "readwrite");
-      const store = tx.objectStore("sessions");
-      window.holding = true;
-      const spin = () => { if (window.holding) store.get(0).onsuccess = spin; };
-      spin();
-      resolve();
-    };
-  }));
+  await holdStores(blocker);
   const started = Date.now();
   const held = await tab.evaluate(({ url, room }) => Promise.race([
     mesh.MeshClient.connect({ url, room, persist: true }).then(() => "connected", (e) => `${e.name}: ${e.message}`),
