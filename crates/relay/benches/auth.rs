@@ -22,7 +22,7 @@ fn claims() -> serde_json::Value {
 
 fn tokens(c: &mut Criterion) {
     let secret = "a benchmark secret of 32 bytes!!";
-    let hs = Auth::new(&AuthKey::Secret(secret.into())).unwrap();
+    let hs = Auth::new(&AuthKey::Secret(secret.into()), None, None).unwrap();
     let hs_token = encode(
         &Header::new(Algorithm::HS256),
         &claims(),
@@ -34,7 +34,7 @@ fn tokens(c: &mut Criterion) {
     });
 
     let (pkcs8, pem) = ed25519::key_pair();
-    let ed = Auth::new(&AuthKey::Ed25519Pem(pem)).unwrap();
+    let ed = Auth::new(&AuthKey::Ed25519Pem(pem), None, None).unwrap();
     let ed_token = encode(
         &Header::new(Algorithm::EdDSA),
         &claims(),

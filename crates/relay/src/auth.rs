@@ -15,6 +15,12 @@
 //! | `roomPrefix` | ... or every room whose name begins with this (`team-42/`) |
 //! | `access` | `"read"` or `"write"` (write includes read) |
 //! | `exp` | the expiry, in seconds since the Unix epoch (required): the connection is closed then |
+//! | `nbf` | not before, in seconds since the Unix epoch (optional; a minute of leeway) |
+//! | `aud` | the services the token is for (a string or a list): with `--auth-audience`, it must name that one; without, a token that has one is refused |
+//! | `iss` | who issued the token: with `--auth-issuer`, it must be that one |
+//!
+//! `aud` and `iss` matter where one key signs tokens for more than one service: without them, a
+//! token minted for another service opens every room it names here too.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +44,10 @@ pub enum AuthKey {
 pub struct Auth {
     key: DecodingKey,
     validation: Validation,
+    /// The audience tokens must name (`--auth-audience`), if one is set.
+    audience: Option<String>,
+    /// The issuer tokens must come from (`--auth-issuer`), if one is set.
+    issuer: Option<String>,
 }
 
 /// A token's claims (see the module's table).
@@ -112,8 +122,13 @@ fn denied(reason: impl Into<String>) -> Denied {
 }
 
 impl Auth {
-    /// A checker for `key`; an error says what is wrong with the key.
-    pub fn new(key: &AuthKey) -> Result<Self, String> {
+    /// A checker for `key` that takes tokens for `audience` from `issuer` (see the module's
+    /// table); an error says what is wrong with the key.
+    pub fn new(
+        key: &AuthKey,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+    ) -> Result<Self, String> {
         let (key, algorithm) = match key {
             AuthKey::Secret(secret) if secret.len() < 32 => {
                 return Err(format!(
@@ -135,9 +150,25 @@ impl Auth {
         validation.leeway = 0;
         // Checked by hand, with a leeway: see `NBF_LEEWAY`.
         validation.validate_nbf = false;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Ok(Self { key, validation })
+        // A token with an `aud` that does not name this relay's audience (or any `aud`, when
+        // the relay has none) is refused.
+        validation.validate_aud = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(audience) = audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        if let Some(issuer) = issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Self {
+            key,
+            validation,
+            audience: audience.map(str::to_owned),
+            issuer: issuer.map(str::to_owned),
+        })
     }
 
     /// Checks a connection's token: its signature, its expiry and its claims.
@@ -160,6 +191,16 @@ impl Auth {
                 ErrorKind::MissingRequiredClaim(claim) => {
                     denied(format!("the access token has no {claim} claim"))
                 }
+                ErrorKind::InvalidAudience => denied(match &self.audience {
+                    Some(audience) => format!(
+                        "the access token is for another service (its aud claim does not name {audience:?})"
+                    ),
+                    None => "the access token is for another service (its aud claim; this relay has no --auth-audience)".into(),
+                }),
+                ErrorKind::InvalidIssuer => denied(format!(
+                    "the access token comes from another issuer than {:?} (its iss claim)",
+                    self.issuer.as_deref().unwrap_or_default()
+                )),
                 _ => denied(format!("the access token is not valid: {e}")),
             })?
             .claims;
@@ -253,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_token_grants_its_room_its_rights_and_its_name() {
-        let auth = Auth::new(&AuthKey::Secret(SECRET.into())).unwrap();
+        let auth = Auth::new(&AuthKey::Secret(SECRET.into()), None, None).unwrap();
         let grant = auth
             .check(Some(&token(serde_json::json!({
                 "sub": "u1", "name": "Ada", "roomPrefix": "team-42/", "access": "read", "exp": later()
@@ -280,7 +321,7 @@ mod tests {
 
     #[test]
     fn each_bad_token_is_refused_with_a_reason_that_says_why() {
-        let auth = Auth::new(&AuthKey::Secret(SECRET.into())).unwrap();
+        let auth = Auth::new(&AuthKey::Secret(SECRET.into()), None, None).unwrap();
         let check = |token: Option<&str>| auth.check(token).unwrap_err();
         assert!(check(None).reason.contains("requires an access token"));
         let expired = check(Some(&token(serde_json::json!({
@@ -302,7 +343,7 @@ mod tests {
             .starts_with("the access token is not valid"));
         let roomless = token(serde_json::json!({ "sub": "u1", "access": "write", "exp": later() }));
         assert!(check(Some(&roomless)).reason.contains("names no room"));
-        assert!(Auth::new(&AuthKey::Secret("short".into())).is_err());
+        assert!(Auth::new(&AuthKey::Secret("short".into()), None, None).is_err());
         assert_eq!(token_of(Some("a=1&token=xyz")), Some("xyz"));
         assert_eq!(token_of(Some("a=1")), None);
     }

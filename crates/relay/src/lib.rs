@@ -137,6 +137,11 @@ pub struct RelayConfig {
     pub room: RoomConfig,
     /// The key access tokens are checked with; `None`: anyone may join any room.
     pub auth: Option<AuthKey>,
+    /// With `auth`: the audience a token's `aud` must name. `None`: a token with an `aud` is
+    /// refused (it was minted for another service).
+    pub auth_audience: Option<String>,
+    /// With `auth`: the issuer a token's `iss` must be. `None`: any.
+    pub auth_issuer: Option<String>,
     /// The page origins whose WebSocket upgrades are accepted (the `Origin` header); empty:
     /// any.
     pub allowed_origins: Vec<String>,
@@ -176,6 +181,8 @@ impl Default for RelayConfig {
             max_bus_bytes: 256 << 20,
             room: RoomConfig::default(),
             auth: None,
+            auth_audience: None,
+            auth_issuer: None,
             allowed_origins: Vec::new(),
             metrics_token: None,
         }
@@ -183,6 +190,17 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
+    /// Refuses settings that do not go together: an audience or issuer for tokens without a
+    /// key to check tokens with.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.auth.is_none() && (self.auth_audience.is_some() || self.auth_issuer.is_some()) {
+            anyhow::bail!(
+                "--auth-audience and --auth-issuer check access tokens: they need --auth-key or --auth-public-key"
+            );
+        }
+        Ok(())
+    }
+
     /// What every room enforces.
     pub fn room_limits(&self) -> RoomLimits {
         RoomLimits {
@@ -481,9 +499,17 @@ pub async fn serve(
     config: RelayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    config.check()?;
     let metrics = Arc::new(Metrics::default());
     let auth = match &config.auth {
-        Some(key) => Some(auth::Auth::new(key).map_err(anyhow::Error::msg)?),
+        Some(key) => Some(
+            auth::Auth::new(
+                key,
+                config.auth_audience.as_deref(),
+                config.auth_issuer.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
         None => {
             tracing::warn!(
                 "no --auth-key or --auth-public-key: anyone who reaches this relay may read and \

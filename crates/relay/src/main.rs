@@ -176,6 +176,14 @@ mod native {
         /// PEM file), so that the relay never holds a signing key.
         #[arg(long, env = "PM_AUTH_PUBLIC_KEY")]
         auth_public_key: Option<PathBuf>,
+        /// With a key: take only tokens whose `aud` names this (the relay's name for itself,
+        /// where one key signs tokens for several services). Without it, a token that has an
+        /// `aud` is refused.
+        #[arg(long, env = "PM_AUTH_AUDIENCE")]
+        auth_audience: Option<String>,
+        /// With a key: take only tokens whose `iss` is this.
+        #[arg(long, env = "PM_AUTH_ISSUER")]
+        auth_issuer: Option<String>,
         /// Accept WebSocket upgrades only from pages of this origin (`https://app.example`);
         /// repeat for more. Without one, any origin.
         #[arg(
@@ -255,10 +263,13 @@ mod native {
                 )),
                 (None, None) => None,
             },
+            auth_audience: args.auth_audience,
+            auth_issuer: args.auth_issuer,
             allowed_origins: args.allowed_origins,
             metrics_token: args.metrics_token,
         };
         config.room.check()?;
+        config.check()?;
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind(args.listen).await?;

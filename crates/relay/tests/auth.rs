@@ -801,3 +801,78 @@ async fn one_user_cannot_hold_every_room_of_the_relay() {
     }
     server.stop().await;
 }
+
+/// An issuer that signs tokens for several services with one key: a token it minted for
+/// another service (its `aud` names that one) opens no room here (RFC 7519 §4.1.3: a
+/// principal that does not find itself in `aud` refuses the token).
+#[tokio::test]
+async fn a_token_minted_for_another_service_with_the_same_key_opens_no_room() {
+    let server = secured("auth-audience-unset").await;
+    let billing = signed(
+        SECRET,
+        serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 600, "aud": "billing" }),
+    );
+    let (code, reason) = refused(&server, Some(&billing), "doc").await;
+    assert_eq!(code, close::FORBIDDEN);
+    assert_eq!(
+        reason,
+        "the access token is for another service (its aud claim; this relay has no --auth-audience)"
+    );
+    server.stop().await;
+}
+
+/// With `--auth-audience` and `--auth-issuer`, a token opens a room only if its `aud` names the
+/// relay (alone or in a list) and its `iss` is the issuer; each other token is refused with a
+/// reason that says which claim is wrong.
+#[tokio::test]
+async fn with_an_audience_and_an_issuer_only_tokens_for_this_relay_from_its_issuer_open_rooms() {
+    let server = start("auth-audience", |c| {
+        c.auth = Some(AuthKey::Secret(SECRET.into()));
+        c.auth_audience = Some("mesh".into());
+        c.auth_issuer = Some("https://id.example".into());
+    })
+    .await;
+    let with = |extra: serde_json::Value| {
+        let mut claims = serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 600 });
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        signed(SECRET, claims)
+    };
+    let iss = "https://id.example";
+    for taken in [
+        with(serde_json::json!({ "aud": "mesh", "iss": iss })),
+        with(serde_json::json!({ "aud": ["billing", "mesh"], "iss": iss })),
+    ] {
+        let mut member = join_at(&with_token(&server, &taken), "doc", 0, 0, None).await;
+        let stamp = member.stamp();
+        member.send(&Frame::stamped(stamp, data("1"))).await;
+        member.expect_ack(stamp.step).await;
+    }
+    let cases = [
+        (
+            with(serde_json::json!({ "aud": "billing", "iss": iss })),
+            r#"the access token is for another service (its aud claim does not name "mesh")"#,
+        ),
+        (
+            with(serde_json::json!({ "iss": iss })),
+            "the access token has no aud claim",
+        ),
+        (
+            with(serde_json::json!({ "aud": "mesh", "iss": "https://other.example" })),
+            r#"the access token comes from another issuer than "https://id.example" (its iss claim)"#,
+        ),
+        (
+            with(serde_json::json!({ "aud": "mesh" })),
+            "the access token has no iss claim",
+        ),
+    ];
+    for (token, reason) in cases {
+        assert_eq!(
+            refused(&server, Some(&token), "doc").await,
+            (close::FORBIDDEN, reason.to_owned())
+        );
+    }
+    server.stop().await;
+}
