@@ -26,7 +26,7 @@ use super::frames::{
 use super::pattern::room_config_arg;
 use super::replica::{ClientDoc, JsDocument};
 #[cfg(feature = "document")]
-use super::storage::Storage;
+use super::storage::{OnHide, Storage};
 #[cfg(feature = "document")]
 use super::types::JsTextListener;
 use super::types::{JsJson, JsMeshClientOptions, JsUnsubscribe};
@@ -302,6 +302,9 @@ struct Driver {
     /// The next look for records that tabs closed since this one opened left unsent.
     #[cfg(feature = "document")]
     freed: Option<Timer>,
+    /// Writes the next write at once when the page is hidden or goes away.
+    #[cfg(feature = "document")]
+    on_hide: Option<OnHide>,
 }
 
 type Shared = Rc<RefCell<Driver>>;
@@ -595,6 +598,23 @@ fn save_soon(shared: &Shared) {
             dispatch(&shared);
         }
     }));
+}
+
+/// Writes what waits for a later write ([`save_soon`], or a failed write tried again) at once
+/// whenever the page is hidden or goes away: a tab closed right after its last keystrokes, or
+/// frozen in the background, may get no later turn to write them.
+#[cfg(feature = "document")]
+fn write_when_hidden(shared: &Shared) {
+    let weak = Rc::downgrade(shared);
+    let on_hide = OnHide::new(move || {
+        let Some(shared) = weak.upgrade() else { return };
+        let due = shared.borrow_mut().retry.take().is_some();
+        if due {
+            save(&shared);
+            dispatch(&shared);
+        }
+    });
+    shared.borrow_mut().on_hide = Some(on_hide);
 }
 
 /// Writes the session and the document's new updates to storage, unless a write is under way
@@ -1294,6 +1314,8 @@ impl MeshClient {
             retry: None,
             #[cfg(feature = "document")]
             freed: None,
+            #[cfg(feature = "document")]
+            on_hide: None,
             token: options.token,
             connects: 0,
         }));
@@ -1323,6 +1345,7 @@ impl MeshClient {
         #[cfg(feature = "document")]
         if persist {
             look_for_freed(&shared);
+            write_when_hidden(&shared);
         }
         if persist {
             // Offline first: the stored document is there now; `status` events say when the

@@ -291,6 +291,11 @@ export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updat
       };
     } else {
       write();
+      // A page that is hidden or going away may get no next turn, and Chromium drops a
+      // transaction whose page ended before it committed: every request is made, so the commit
+      // goes now. (A visible page's write is left to commit by itself, so that a write held
+      // up can still be given up below: a committing one cannot.)
+      if (leaving || globalThis.document?.visibilityState === "hidden") tx.commit?.();
     }
     // A write held up (another page of the origin keeps a transaction on these stores open,
     // or the browser's store stalls) is given up after a while and said so: the client tries
@@ -339,8 +344,27 @@ export async function pmStorageCompact(db, room, merge, holds) {
   await finished(tx);
   return values.result.length;
 }
+
+// The page is hidden (another tab, a minimised window, a phone's home screen) or goes away
+// (closed, reloaded, navigated from): a page may not get another turn after either, so what
+// waits to be written goes now. `visibilitychange` is the one a phone reliably sends before
+// it ends a page; `pagehide` covers a page closed while visible.
+let leaving = false;
+globalThis.addEventListener?.("pagehide", () => { leaving = true; }, { capture: true });
+globalThis.addEventListener?.("pageshow", () => { leaving = false; }, { capture: true });
+export function pmStorageOnHide(flush) {
+  const hidden = () => { if (document.visibilityState === "hidden") flush(); };
+  globalThis.addEventListener?.("pagehide", flush);
+  globalThis.document?.addEventListener("visibilitychange", hidden);
+  return () => {
+    globalThis.removeEventListener?.("pagehide", flush);
+    globalThis.document?.removeEventListener("visibilitychange", hidden);
+  };
+}
 "#)]
 extern "C" {
+    #[wasm_bindgen(js_name = pmStorageOnHide)]
+    fn on_hide_js(flush: &Closure<dyn FnMut()>) -> js_sys::Function;
     #[wasm_bindgen(js_name = pmStorageMissing)]
     fn missing() -> Option<String>;
     /// The Web Locks on session records that one client holds.
@@ -797,6 +821,31 @@ impl Storage {
 /// of its records too: held for as long as the tab lived, they kept the next client of the room
 /// from taking up what this one had not sent. A write under way completes first: the next
 /// reader of the record reads it after that write, in the database's order.
+/// Calls a function each time the page is hidden or goes away, until dropped: the moment to
+/// write what was put off, before the page may get no other turn.
+pub(crate) struct OnHide {
+    _flush: Closure<dyn FnMut()>,
+    remove: js_sys::Function,
+}
+
+impl OnHide {
+    /// Calls `flush` when the page is hidden or goes away.
+    pub(crate) fn new(flush: impl FnMut() + 'static) -> OnHide {
+        let flush = Closure::<dyn FnMut()>::new(flush);
+        let remove = on_hide_js(&flush);
+        OnHide {
+            _flush: flush,
+            remove,
+        }
+    }
+}
+
+impl Drop for OnHide {
+    fn drop(&mut self) {
+        let _ = self.remove.call0(&JsValue::NULL);
+    }
+}
+
 impl Drop for Storage {
     fn drop(&mut self) {
         if !self.released {

@@ -275,6 +275,36 @@ test("a tab that typed offline and closed shows its text at once when it reopens
   await profile.close();
 });
 
+test("a tab closed offline right after its last keystrokes keeps them: the write put off for later goes as the page is hidden", async (t) => {
+  const room = `e2e-close-at-once-${Date.now()}`;
+  const cut = await proxy();
+  t.after(() => cut.close());
+  const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  const a = await editorIn(profile, room, cut);
+  await a.focus("#editor");
+  await a.keyboard.type("online ");
+  await until("a is open", async () => (await a.evaluate(() => window.meshClient.pendingCount)) === 0);
+  cut.setDown(true);
+  await until("a notices", async () => (await a.evaluate(() => window.meshClient.status)) !== "open");
+  await a.keyboard.type("closed at once");
+  const typed = await a.evaluate(() => window.meshText.toString());
+  // No pause: the page goes while the last keystrokes' write is still put off.
+  await a.close();
+
+  const reopened = await editorIn(profile, room, cut);
+  assert.equal(await reopened.evaluate(() => window.meshText.toString()), typed, "every keystroke, after the tab closed at once");
+  cut.setDown(false);
+  const b = await open(`textarea.html?room=${room}`);
+  await until("the edits reach another browser", async () => {
+    const text = await b.evaluate(() => window.meshText.toString());
+    return text === typed || text;
+  }, 30_000);
+  for (const p of [reopened, b]) assert.deepEqual(p.problems, []);
+  cut.close();
+  await Promise.all([reopened.close(), b.close()]);
+  await profile.close();
+});
+
 /**
  * The editor on `room` in a page of `profile` (a browser profile: its pages share IndexedDB).
  * The page comes from the relay; its socket goes through the proxy `cut`, which can cut it.
