@@ -1142,6 +1142,29 @@ impl FeedState {
     fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watch>> {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashSet<String>>> {
+        self.relays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops following `room` if `id` still follows it: the other relays' members in it are
+    /// forgotten with it (a relay that follows rooms for a long time would otherwise remember
+    /// every room it ever followed; whoever follows the room when one of those relays ends
+    /// strikes its members, or the next reader of its list of members does). Whether it did.
+    fn unfollow(&self, room: &str, id: u64) -> bool {
+        {
+            let mut rooms = self.rooms();
+            if rooms.get(room).is_none_or(|w| w.id != id) {
+                return false;
+            }
+            rooms.remove(room);
+        }
+        self.relays().retain(|_, rooms| {
+            rooms.remove(room);
+            !rooms.is_empty()
+        });
+        true
+    }
 }
 
 /// Follows the rooms this relay has open in a shared store: their logs and what the other relays
@@ -1187,7 +1210,7 @@ impl Feed {
     }
 
     fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashSet<String>>> {
-        self.state.relays.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.relays()
     }
 
     /// What a room opening on this relay needs of the others: where their publications for it
@@ -1290,9 +1313,7 @@ impl Feed {
 
     /// Stops following `room`, unless it is followed for a later opening of the room.
     pub fn unwatch(&self, room: &str, id: u64) {
-        let mut rooms = self.rooms();
-        if rooms.get(room).is_some_and(|w| w.id == id) {
-            rooms.remove(room);
+        if self.state.unfollow(room, id) {
             self.state.changed.notify_one();
         }
     }
@@ -1658,10 +1679,7 @@ impl Feed {
 
     /// The room's task has gone: its next opening watches anew.
     fn forget(&self, room: &str, id: u64) {
-        let mut rooms = self.rooms();
-        if rooms.get(room).is_some_and(|w| w.id == id) {
-            rooms.remove(room);
-        }
+        self.state.unfollow(room, id);
     }
 
     /// Reads the members of the other relays again for the watch `id` of `room`, which missed
@@ -1815,5 +1833,44 @@ mod tests {
         assert_eq!(Keys::of("a}b").room, "pm:{a%7Db}:room");
         assert_ne!(Keys::of("a%7Db").room, Keys::of("a}b").room);
         assert_eq!(Keys::of("{x").tokens, "pm:{%7Bx}:tokens");
+    }
+
+    /// A relay that follows rooms for months forgets each room's other relays once it stops
+    /// following the room; a later opening's follow is not stopped by the earlier one's end.
+    #[test]
+    fn a_room_no_longer_followed_is_forgotten_with_its_other_relays() {
+        let state = FeedState {
+            rooms: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            relays: Mutex::new(HashMap::new()),
+        };
+        let watch = |id| Watch {
+            id,
+            log: 1,
+            after: 0,
+            bus: BusMark {
+                id: "0-0".into(),
+                seq: None,
+            },
+            missed: false,
+            bus_full: false,
+            to: mpsc::channel(1).0,
+        };
+        for room in ["a", "b"] {
+            state.rooms().insert(room.into(), watch(1));
+        }
+        state.relays().insert(7, ["a".into(), "b".into()].into());
+        state.relays().insert(8, ["a".into()].into());
+        assert!(!state.unfollow("a", 2), "not the id that follows the room");
+        assert!(state.unfollow("a", 1));
+        assert!(!state.unfollow("a", 1), "once");
+        assert_eq!(
+            *state.relays(),
+            HashMap::from([(7, HashSet::from(["b".to_owned()]))])
+        );
+        assert!(state.unfollow("b", 1));
+        assert!(state.relays().is_empty());
+        assert!(state.rooms().is_empty());
     }
 }
