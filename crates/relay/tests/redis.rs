@@ -1460,3 +1460,43 @@ async fn a_member_that_leaves_a_room_stopped_by_a_failed_append_leaves_on_every_
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// A member leaves while Redis is down: its relay's publication of the departure failed, and
+/// was not sent again once Redis was back. The member stayed listed on every other relay, for
+/// its members and every late joiner, for as long as its own relay lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_leaves_while_redis_is_down_leaves_on_every_relay_once_it_is_back() {
+    let room = "left-offline";
+    let mut redis = Redis::start("redis-left-offline");
+    let (_relays, urls) = relays(&redis, 2);
+    let gone = join_at(&urls[0], room, 0, 0, None).await;
+    let mut watcher = join_at(&urls[1], room, 0, 0, None).await;
+    if !watcher.welcome.peers.iter().any(|p| p.node == gone.node) {
+        watcher
+            .recv_until(|f| matches!(f, Frame::PeerJoined { peer } if peer.node == gone.node))
+            .await;
+    }
+    // Down for less than a relay's heartbeat lasts (6 s), so that no relay is taken for dead
+    // (which would strike its members anyway).
+    redis.process.kill();
+    drop(gone.conn);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    // The other relay's room stopped too (it lost Redis as well): its members come back, and
+    // read who is in the room from Redis.
+    drop(watcher.conn);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let late = join_at(&urls[1], room, 0, 0, None).await;
+        if !late.welcome.peers.iter().any(|p| p.node == gone.node) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} left while Redis was down, and is still listed on the other relay: {:?}",
+            gone.node,
+            late.welcome.peers
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

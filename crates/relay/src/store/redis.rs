@@ -559,7 +559,27 @@ impl Write {
             Write::Append { room, .. } | Write::Publish { room, .. } => room,
         }
     }
+
+    /// The node whose departure this publishes, if it does.
+    fn departure(&self) -> Option<NodeId> {
+        match self {
+            Write::Publish {
+                roster: Some(Roster::Left(node)),
+                ..
+            } => Some(*node),
+            _ => None,
+        }
+    }
+
+    /// Whether this publishes that `node` joined `room` (again).
+    fn joins(&self, room: &str, node: NodeId) -> bool {
+        matches!(self, Write::Publish { room: r, roster: Some(Roster::Joined(peer)), .. }
+            if r == room && peer.node == node)
+    }
 }
+
+/// How long a departure whose publication failed waits before it is sent again.
+const DEPARTURE_RETRY: Duration = Duration::from_secs(1);
 
 struct Scripts {
     open: redis::Script,
@@ -689,7 +709,27 @@ async fn write_loop(
     feed: Arc<FeedState>,
 ) {
     let mut batch = Vec::new();
-    while queue.recv_many(&mut batch, 512).await > 0 {
+    // Departures whose publication failed (Redis was down, say), sent again until one goes
+    // through: lost, the member stayed listed on every other relay for as long as this one
+    // lives. One that its node's joining the room again made void is dropped.
+    let mut departures: Vec<Write> = Vec::new();
+    loop {
+        let received = if departures.is_empty() {
+            queue.recv_many(&mut batch, 512).await
+        } else {
+            tokio::select! {
+                received = queue.recv_many(&mut batch, 512) => received,
+                () = tokio::time::sleep(DEPARTURE_RETRY) => usize::MAX,
+            }
+        };
+        if received == 0 {
+            break;
+        }
+        departures.retain(|d| {
+            let node = d.departure().unwrap_or_default();
+            !batch.iter().any(|w| w.joins(d.room(), node))
+        });
+        batch.splice(0..0, departures.drain(..));
         let mut doomed: HashSet<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut sent = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
@@ -828,8 +868,17 @@ async fn write_loop(
                 // room is told, so that it stops and its members reconnect (and every relay
                 // hears them again). A failed append tells its room through its reply.
                 let mut lost = Vec::new();
-                for write in sent {
+                for mut write in sent {
                     fail(write.room(), &mut doomed);
+                    if write.departure().is_some() {
+                        lost.push(write.room().to_owned());
+                        if let Write::Publish { after, .. } = &mut write {
+                            // It names no place in the log when it is sent again.
+                            *after = 0;
+                        }
+                        departures.push(write);
+                        continue;
+                    }
                     match write {
                         Write::Append { reply, .. } => {
                             let _ = reply.send(Err(error.clone()));
