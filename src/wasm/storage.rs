@@ -291,10 +291,10 @@ export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updat
       };
     } else {
       write();
-      // A page that is hidden or going away may get no next turn, and Chromium drops a
-      // transaction whose page ended before it committed: every request is made, so the commit
-      // goes now. (A visible page's write is left to commit by itself, so that a write held
-      // up can still be given up below: a committing one cannot.)
+      // A page that is hidden or going away may get no next turn, and Chromium drops a write
+      // made then that waits for the page's next turn to commit: every request is made, so the
+      // commit goes now. (A visible page's write is left to commit by itself, so that a write
+      // held up can still be given up below: a committing one cannot.)
       if (leaving || globalThis.document?.visibilityState === "hidden") tx.commit?.();
     }
     // A write held up (another page of the origin keeps a transaction on these stores open,
