@@ -729,6 +729,9 @@ async fn write_loop(
             let node = d.departure().unwrap_or_default();
             !batch.iter().any(|w| w.joins(d.room(), node))
         });
+        // Sent first; their rooms were told of the failure when it happened (told again, a
+        // room opened again since would stop at each try while Redis is out).
+        let retried = departures.len();
         batch.splice(0..0, departures.drain(..));
         let mut doomed: HashSet<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut sent = Vec::with_capacity(batch.len());
@@ -868,10 +871,12 @@ async fn write_loop(
                 // room is told, so that it stops and its members reconnect (and every relay
                 // hears them again). A failed append tells its room through its reply.
                 let mut lost = Vec::new();
-                for mut write in sent {
+                for (i, mut write) in sent.into_iter().enumerate() {
                     fail(write.room(), &mut doomed);
                     if write.departure().is_some() {
-                        lost.push(write.room().to_owned());
+                        if i >= retried {
+                            lost.push(write.room().to_owned());
+                        }
                         if let Write::Publish { after, .. } = &mut write {
                             // It names no place in the log when it is sent again.
                             *after = 0;
