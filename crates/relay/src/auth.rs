@@ -63,6 +63,10 @@ struct Claims {
     room_prefix: Option<String>,
     access: Right,
     exp: u64,
+    /// The services the token is for: a string or a list of strings (checked by hand:
+    /// jsonwebtoken takes an `aud` of another shape for none at all).
+    #[serde(default)]
+    aud: Option<serde_json::Value>,
     /// Not before (seconds since the epoch), if given.
     #[serde(default)]
     nbf: Option<u64>,
@@ -150,14 +154,9 @@ impl Auth {
         validation.leeway = 0;
         // Checked by hand, with a leeway: see `NBF_LEEWAY`.
         validation.validate_nbf = false;
-        // A token with an `aud` that does not name this relay's audience (or any `aud`, when
-        // the relay has none) is refused.
-        validation.validate_aud = true;
+        // Checked by hand: see `Claims::aud`.
+        validation.validate_aud = false;
         let mut required = vec!["exp", "sub"];
-        if let Some(audience) = audience {
-            validation.set_audience(&[audience]);
-            required.push("aud");
-        }
         if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
             required.push("iss");
@@ -191,12 +190,6 @@ impl Auth {
                 ErrorKind::MissingRequiredClaim(claim) => {
                     denied(format!("the access token has no {claim} claim"))
                 }
-                ErrorKind::InvalidAudience => denied(match &self.audience {
-                    Some(audience) => format!(
-                        "the access token is for another service (its aud claim does not name {audience:?})"
-                    ),
-                    None => "the access token is for another service (its aud claim; this relay has no --auth-audience)".into(),
-                }),
                 ErrorKind::InvalidIssuer => denied(format!(
                     "the access token comes from another issuer than {:?} (its iss claim)",
                     self.issuer.as_deref().unwrap_or_default()
@@ -210,6 +203,7 @@ impl Auth {
         if claims.nbf.is_some_and(|nbf| nbf > now + NBF_LEEWAY) {
             return Err(denied("the access token is not valid yet (its nbf claim)"));
         }
+        self.check_audience(claims.aud.as_ref())?;
         if claims.room.is_none() && claims.room_prefix.is_none() {
             return Err(denied(
                 "the access token names no room (room or roomPrefix)",
@@ -231,6 +225,39 @@ impl Auth {
         })
     }
 }
+
+impl Auth {
+    /// A token whose `aud` does not name this relay's audience is refused, and so is any token
+    /// with an `aud` when the relay has no audience: it was minted for another service (RFC
+    /// 7519 §4.1.3). An `aud` of null counts as none.
+    fn check_audience(&self, aud: Option<&serde_json::Value>) -> Result<(), Denied> {
+        use serde_json::Value;
+        let named: Vec<&str> = match aud {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(one)) => vec![one],
+            Some(Value::Array(many)) => many
+                .iter()
+                .map(Value::as_str)
+                .collect::<Option<_>>()
+                .ok_or_else(|| denied(NOT_AN_AUDIENCE))?,
+            Some(_) => return Err(denied(NOT_AN_AUDIENCE)),
+        };
+        match (&self.audience, aud.is_some_and(|a| !a.is_null())) {
+            (None, false) => Ok(()),
+            (None, true) => Err(denied(
+                "the access token is for another service (its aud claim; this relay has no --auth-audience)",
+            )),
+            (Some(_), false) => Err(denied("the access token has no aud claim")),
+            (Some(audience), true) if named.contains(&audience.as_str()) => Ok(()),
+            (Some(audience), true) => Err(denied(format!(
+                "the access token is for another service (its aud claim does not name {audience:?})"
+            ))),
+        }
+    }
+}
+
+/// Why a token whose `aud` has neither shape RFC 7519 allows is refused.
+const NOT_AN_AUDIENCE: &str = "the access token's aud claim is not a string or a list of strings";
 
 impl Grant {
     /// Whether the token opens `room`; if not, why.

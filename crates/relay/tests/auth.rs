@@ -818,6 +818,25 @@ async fn a_token_minted_for_another_service_with_the_same_key_opens_no_room() {
         reason,
         "the access token is for another service (its aud claim; this relay has no --auth-audience)"
     );
+    // An `aud` of a shape jsonwebtoken cannot read was taken for none.
+    for aud in [
+        serde_json::json!(42),
+        serde_json::json!(["billing", 7]),
+        serde_json::json!({ "x": "billing" }),
+    ] {
+        let odd = signed(
+            SECRET,
+            serde_json::json!({ "sub": "u1", "room": "doc", "access": "write", "exp": now() + 600, "aud": aud }),
+        );
+        assert_eq!(
+            refused(&server, Some(&odd), "doc").await,
+            (
+                close::FORBIDDEN,
+                "the access token's aud claim is not a string or a list of strings".to_owned()
+            ),
+            "{aud}"
+        );
+    }
     server.stop().await;
 }
 
@@ -858,6 +877,10 @@ async fn with_an_audience_and_an_issuer_only_tokens_for_this_relay_from_its_issu
         (
             with(serde_json::json!({ "iss": iss })),
             "the access token has no aud claim",
+        ),
+        (
+            with(serde_json::json!({ "aud": ["mesh", 7], "iss": iss })),
+            "the access token's aud claim is not a string or a list of strings",
         ),
         (
             with(serde_json::json!({ "aud": "mesh", "iss": "https://other.example" })),
