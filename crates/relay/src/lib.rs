@@ -373,7 +373,8 @@ impl Relay {
         let (bus, remote) = match &self.feed {
             Some(feed) => {
                 let (bus, remote) = feed.open(room).await.map_err(unavailable)?;
-                (Some(bus), Some(remote))
+                let relays = remote.iter().map(|(relay, _)| *relay).collect();
+                (Some((bus, relays)), Some(remote))
             }
             None => (None, None),
         };

@@ -129,18 +129,21 @@ struct RoomTask {
     slow: Vec<(ConnId, bool)>,
 }
 
-/// Runs a room; `bus` is where the other relays' publications for a shared room stand.
+/// Runs a room; `bus` is where the other relays' publications for a shared room stand, with
+/// the relays it has members on.
 pub(crate) async fn run(
     core: RoomCore,
     relay: Arc<Relay>,
     mut commands: mpsc::Receiver<Command>,
-    bus: Option<BusMark>,
+    bus: Option<(BusMark, Vec<u64>)>,
 ) {
     let name = core.name().to_owned();
     // A room whose log other relays share hears its log back, its own appends included, and
     // what the other relays publish for it.
     let mut feed = match (&relay.feed, bus) {
-        (Some(feed), Some(bus)) => Some(feed.watch(&name, core.log(), core.published(), bus)),
+        (Some(feed), Some((bus, relays))) => {
+            Some(feed.watch(&name, core.log(), core.published(), bus, &relays))
+        }
         _ => None,
     };
     let mut task = RoomTask {

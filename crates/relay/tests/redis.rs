@@ -1500,3 +1500,24 @@ async fn a_member_that_leaves_while_redis_is_down_leaves_on_every_relay_once_it_
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// A relay that opens a room learns from Redis which other relays have members in it, and
+/// hears when one of them dies, though that member publishes nothing more: its member leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_found_at_a_rooms_opening_leaves_when_its_relay_dies() {
+    let redis = Redis::start("redis-found-at-open");
+    let (mut relays, urls) = relays(&redis, 2);
+    let a = join_at(&urls[0], "quiet", 0, 0, None).await;
+    // Its join is in Redis before the other relay opens the room (which then reads it from the
+    // room's members, not from a publication).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut b = join_at(&urls[1], "quiet", 0, 0, None).await;
+    assert!(
+        b.welcome.peers.iter().any(|p| p.node == a.node),
+        "the member on the other relay, read from Redis: {:?}",
+        b.welcome.peers
+    );
+    relays[0].kill();
+    let (left, _) = b.recv_until(|f| matches!(f, Frame::PeerLeft { .. })).await;
+    assert!(matches!(left, Frame::PeerLeft { node } if node == a.node));
+}

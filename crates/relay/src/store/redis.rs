@@ -866,17 +866,26 @@ async fn write_loop(
                     Err(e) => backend(e),
                     Ok(_) => corrupt("a pipeline answer of the wrong length"),
                 };
-                tracing::warn!(%error, "a batch of appends and publications failed");
+                if sent.len() > retried {
+                    tracing::warn!(%error, "a batch of appends and publications failed");
+                } else {
+                    // Only departures sent again, every second while Redis is out.
+                    tracing::debug!(%error, "departures sent again failed");
+                }
                 // A publication lost with its batch: its room's later ones are dropped, and the
                 // room is told, so that it stops and its members reconnect (and every relay
                 // hears them again). A failed append tells its room through its reply.
                 let mut lost = Vec::new();
                 for (i, mut write) in sent.into_iter().enumerate() {
+                    if i < retried {
+                        // Its room was told at the first failure, and may have been opened
+                        // again since: it neither stops nor fails once more.
+                        departures.push(write);
+                        continue;
+                    }
                     fail(write.room(), &mut doomed);
                     if write.departure().is_some() {
-                        if i >= retried {
-                            lost.push(write.room().to_owned());
-                        }
+                        lost.push(write.room().to_owned());
                         if let Write::Publish { after, .. } = &mut write {
                             // It names no place in the log when it is sent again.
                             *after = 0;
@@ -1201,6 +1210,15 @@ impl FeedState {
         self.relays.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Notes the relays that `members` are on as relays with members in `room`: the room hears
+    /// when one of them ends.
+    fn note_relays(&self, room: &str, members: &RemoteMembers) {
+        let mut relays = self.relays();
+        for (relay, _) in members {
+            relays.entry(*relay).or_default().insert(room.to_owned());
+        }
+    }
+
     /// Stops following `room` if `id` still follows it: the other relays' members in it are
     /// forgotten with it (a relay that follows rooms for a long time would otherwise remember
     /// every room it ever followed; whoever follows the room when one of those relays ends
@@ -1314,10 +1332,6 @@ impl Feed {
                 }
             };
             if live {
-                self.relays()
-                    .entry(relay)
-                    .or_default()
-                    .insert(room.to_owned());
                 members.push((
                     relay,
                     Peer {
@@ -1337,12 +1351,15 @@ impl Feed {
     /// Follows `room`, whose log has the identity `log`, from after log position `after` and bus
     /// entry `bus` (from [`Feed::open`]), until [`Feed::unwatch`] with the id this answers. The
     /// room's appends check that its log is still that one, and not below what was read of it.
+    /// `relays` are those [`Feed::open`] found members of the room on: the room hears when one
+    /// of them ends.
     pub fn watch(
         &self,
         room: &str,
         log: u64,
         after: u64,
         bus: BusMark,
+        relays: &[u64],
     ) -> (u64, mpsc::Receiver<FeedEvent>) {
         let (to, events) = mpsc::channel(64);
         let id = self
@@ -1361,6 +1378,13 @@ impl Feed {
                 to,
             },
         );
+        // Noted once the watch is in place: an earlier opening's end forgets only what was
+        // noted before it.
+        let mut known = self.relays();
+        for relay in relays {
+            known.entry(*relay).or_default().insert(room.to_owned());
+        }
+        drop(known);
         self.state.changed.notify_one();
         (id, events)
     }
@@ -1746,6 +1770,9 @@ impl Feed {
     ) -> Reread {
         match self.open(room).await {
             Ok((_, members)) => {
+                if self.rooms().get(room).is_some_and(|w| w.id == id) {
+                    self.state.note_relays(room, &members);
+                }
                 if to.send(FeedEvent::Missed(members)).await.is_err() {
                     return Reread::Gone;
                 }
