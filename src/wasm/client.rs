@@ -607,6 +607,11 @@ fn save_soon(shared: &Shared) {
 fn write_when_hidden(shared: &Shared) {
     let weak = Rc::downgrade(shared);
     let on_hide = OnHide::new(move || {
+        // The module panicked: its state may be held mid-change, and its records went to the
+        // next client (see `fatal`).
+        if panicked() {
+            return;
+        }
         let Some(shared) = weak.upgrade() else { return };
         let due = shared.borrow_mut().retry.take().is_some();
         if due {

@@ -287,15 +287,16 @@ export async function pmStorageWrite(db, room, id, saved, diverged, epoch, updat
           epoch += 1;
           store.add({ room, update: new Uint8Array([0, 0]), epoch });
           write();
+          if (leaving) tx.commit?.();
         };
       };
     } else {
       write();
-      // A page that is hidden or going away may get no next turn, and Chromium drops a write
-      // made then that waits for the page's next turn to commit: every request is made, so the
-      // commit goes now. (A visible page's write is left to commit by itself, so that a write
-      // held up can still be given up below: a committing one cannot.)
-      if (leaving || globalThis.document?.visibilityState === "hidden") tx.commit?.();
+      // A page that goes away gets no next turn, and Chromium drops a write made then that
+      // waits for the page's next turn to commit: every request is made, so the commit goes
+      // now. (Any other write is left to commit by itself, so that a write held up can still be
+      // given up below: a committing one cannot. A hidden page still gets its turns.)
+      if (leaving) tx.commit?.();
     }
     // A write held up (another page of the origin keeps a transaction on these stores open,
     // or the browser's store stalls) is given up after a while and said so: the client tries
@@ -817,10 +818,6 @@ impl Storage {
     }
 }
 
-/// A client let go of without `close()` (freed, or collected once nothing refers to it) lets go
-/// of its records too: held for as long as the tab lived, they kept the next client of the room
-/// from taking up what this one had not sent. A write under way completes first: the next
-/// reader of the record reads it after that write, in the database's order.
 /// Calls a function each time the page is hidden or goes away, until dropped: the moment to
 /// write what was put off, before the page may get no other turn.
 pub(crate) struct OnHide {
@@ -846,6 +843,10 @@ impl Drop for OnHide {
     }
 }
 
+/// A client let go of without `close()` (freed, or collected once nothing refers to it) lets go
+/// of its records too: held for as long as the tab lived, they kept the next client of the room
+/// from taking up what this one had not sent. A write under way completes first: the next
+/// reader of the record reads it after that write, in the database's order.
 impl Drop for Storage {
     fn drop(&mut self) {
         if !self.released {

@@ -657,35 +657,6 @@ test("a storage write another page holds up is given up and said so, and the edi
   await profile.close();
 });
 
-// A tab closed while its write is under way (made while the page was visible, and left to
-// commit by itself): the write completes, and the reopened tab shows what it holds. (Closing
-// the database at pagehide, say, would lose it.)
-test("a tab closed offline while its write is under way keeps what that write holds", async (t) => {
-  const room = `e2e-close-writing-${Date.now()}`;
-  const cut = await proxy();
-  t.after(() => cut.close());
-  const profile = await browser.newContext({ viewport: { width: 1000, height: 700 } });
-  const a = await editorIn(profile, room, cut);
-  await a.focus("#editor");
-  await a.keyboard.type("online ");
-  await until("a is open", async () => (await a.evaluate(() => window.meshClient.pendingCount)) === 0);
-  cut.setDown(true);
-  await until("a notices", async () => (await a.evaluate(() => window.meshClient.status)) !== "open");
-  // A paste large enough that its write takes a while; the page closes as it is under way.
-  await paste(a, "0123456789abcdef", 1 << 20);
-  const length = await a.evaluate(() => window.meshText.length);
-  // Past the 250 ms a write with no message waiting for it is put off by.
-  await new Promise((r) => setTimeout(r, 300));
-  await a.close();
-
-  const reopened = await editorIn(profile, room, cut);
-  assert.equal(await reopened.evaluate(() => window.meshText.length), length, "the paste of the write under way");
-  assert.deepEqual(reopened.problems, []);
-  cut.close();
-  await reopened.close();
-  await profile.close();
-});
-
 // The database opened, but reading the room's records waited behind another page's write for
 // as long as that write went on: `connect` neither resolved nor rejected, and no client existed
 // yet whose listeners could hear why.
