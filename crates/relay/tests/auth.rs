@@ -890,6 +890,11 @@ async fn with_an_audience_and_an_issuer_only_tokens_for_this_relay_from_its_issu
             with(serde_json::json!({ "aud": "mesh" })),
             "the access token has no iss claim",
         ),
+        // jsonwebtoken took a list, and passed it if any of it matched.
+        (
+            with(serde_json::json!({ "aud": "mesh", "iss": ["https://other.example", iss] })),
+            "the access token's iss claim is not a string",
+        ),
     ];
     for (token, reason) in cases {
         assert_eq!(
