@@ -347,9 +347,11 @@ export async function pmStorageCompact(db, room, merge, holds) {
 }
 
 // The page is hidden (another tab, a minimised window, a phone's home screen) or goes away
-// (closed, reloaded, navigated from): a page may not get another turn after either, so what
-// waits to be written goes now. `visibilitychange` is the one a phone reliably sends before
-// it ends a page; `pagehide` covers a page closed while visible.
+// (closed, reloaded, navigated from): what waits to be written goes now, since a hidden page's
+// timers may wait a minute, and a page that goes gets no later turn. `visibilitychange` is the
+// one a phone reliably sends before it may discard a page; `pagehide` covers a page closed
+// while visible, and sets `leaving`, under which a write commits at once (see
+// `pmStorageWrite`).
 let leaving = false;
 globalThis.addEventListener?.("pagehide", () => { leaving = true; }, { capture: true });
 globalThis.addEventListener?.("pageshow", () => { leaving = false; }, { capture: true });

@@ -1521,3 +1521,31 @@ async fn a_member_found_at_a_rooms_opening_leaves_when_its_relay_dies() {
     let (left, _) = b.recv_until(|f| matches!(f, Frame::PeerLeft { .. })).await;
     assert!(matches!(left, Frame::PeerLeft { node } if node == a.node));
 }
+
+/// A departure whose publication fails for good (its room's keys hold the wrong type) is sent
+/// again every second. Redis fails a whole pipeline for one command's error, so, sent beside
+/// other rooms' writes, it failed them too: every room of the relay stopped, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departure_that_cannot_be_published_stops_no_other_room() {
+    let redis = Redis::start("redis-departure-for-good");
+    let (_relays, urls) = relays(&redis, 2);
+    let broken = join_at(&urls[0], "broken", 0, 0, None).await;
+    let mut writer = join_at(&urls[0], "other", 0, 0, None).await;
+    let mut reader = join_at(&urls[1], "other", 0, 0, None).await;
+    assert_eq!(
+        command(redis.port, "DEL pm:{broken}:members"),
+        ":1",
+        "the member's entry"
+    );
+    assert_eq!(command(redis.port, "SET pm:{broken}:members x"), "+OK");
+    drop(broken.conn);
+    // The departure has failed once, and is sent again every second.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 0..8 {
+        let step = writer.data(serde_json::json!(i)).await;
+        writer.expect_ack(step).await;
+        let (got, _) = reader.recv_until(|f| f.stamp().is_some()).await;
+        assert_eq!(got.stamp().map(|s| s.step), Some(step));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

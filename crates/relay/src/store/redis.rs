@@ -560,17 +560,6 @@ impl Write {
         }
     }
 
-    /// The node whose departure this publishes, if it does.
-    fn departure(&self) -> Option<NodeId> {
-        match self {
-            Write::Publish {
-                roster: Some(Roster::Left(node)),
-                ..
-            } => Some(*node),
-            _ => None,
-        }
-    }
-
     /// Whether this publishes that `node` joined `room` (again).
     fn joins(&self, room: &str, node: NodeId) -> bool {
         matches!(self, Write::Publish { room: r, roster: Some(Roster::Joined(peer)), .. }
@@ -580,6 +569,57 @@ impl Write {
 
 /// How long a departure whose publication failed waits before it is sent again.
 const DEPARTURE_RETRY: Duration = Duration::from_secs(1);
+
+/// How many times a departure is sent again before it is given up (a minute at most: past the
+/// heartbeat, a relay that lost Redis for that long is taken for dead by the others, which
+/// strike its members, and it announces those it still has once it is back).
+const DEPARTURE_TRIES: u32 = 60;
+
+/// A member's departure whose publication failed, sent again (see `write_loop`).
+struct Departure {
+    room: String,
+    node: NodeId,
+    bytes: Bytes,
+    step: u64,
+    /// How many times it was sent again.
+    tried: u32,
+}
+
+impl Departure {
+    /// The departure `write` publishes, if it publishes one.
+    fn of(write: &Write) -> Option<Departure> {
+        match write {
+            Write::Publish {
+                room,
+                bytes,
+                roster: Some(Roster::Left(node)),
+                step,
+                ..
+            } => Some(Departure {
+                room: room.clone(),
+                node: *node,
+                bytes: bytes.clone(),
+                step: *step,
+                tried: 0,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Its publication once more. It names no place in the log: it goes after the log's last
+    /// entry, wherever that is now.
+    fn again(&mut self) -> Write {
+        self.tried += 1;
+        Write::Publish {
+            room: self.room.clone(),
+            to: None,
+            after: 0,
+            bytes: self.bytes.clone(),
+            roster: Some(Roster::Left(self.node)),
+            step: self.step,
+        }
+    }
+}
 
 struct Scripts {
     open: redis::Script,
@@ -709,30 +749,39 @@ async fn write_loop(
     feed: Arc<FeedState>,
 ) {
     let mut batch = Vec::new();
-    // Departures whose publication failed (Redis was down, say), sent again until one goes
-    // through: lost, the member stayed listed on every other relay for as long as this one
-    // lives. One that its node's joining the room again made void is dropped.
-    let mut departures: Vec<Write> = Vec::new();
+    // Departures whose publication failed (Redis was down, say), sent again, with how many
+    // times they were tried, until they go through: lost, the member stayed listed on every
+    // other relay for as long as this one lives. One that its node's joining the room again
+    // made void is dropped.
+    let mut departures: Vec<Departure> = Vec::new();
+    // Writes that came while departures were sent again: they go next.
+    let mut waiting: Vec<Write> = Vec::new();
     loop {
-        let received = if departures.is_empty() {
-            queue.recv_many(&mut batch, 512).await
-        } else {
-            tokio::select! {
-                received = queue.recv_many(&mut batch, 512) => received,
-                () = tokio::time::sleep(DEPARTURE_RETRY) => usize::MAX,
+        let mut retried = 0;
+        if waiting.is_empty() {
+            let received = if departures.is_empty() {
+                queue.recv_many(&mut batch, 512).await
+            } else {
+                tokio::select! {
+                    received = queue.recv_many(&mut batch, 512) => received,
+                    () = tokio::time::sleep(DEPARTURE_RETRY) => usize::MAX,
+                }
+            };
+            if received == 0 {
+                break;
             }
-        };
-        if received == 0 {
-            break;
+            departures.retain(|d| !batch.iter().any(|w| w.joins(&d.room, d.node)));
+            // Sent again before what came, in a pipeline of their own: Redis fails a whole
+            // pipeline for one command's error, and a departure that fails for good (its
+            // room's keys of the wrong type, say) would fail every write beside it.
+            if !departures.is_empty() {
+                waiting.append(&mut batch);
+                retried = departures.len();
+                batch.extend(departures.iter_mut().map(Departure::again));
+            }
+        } else {
+            batch.append(&mut waiting);
         }
-        departures.retain(|d| {
-            let node = d.departure().unwrap_or_default();
-            !batch.iter().any(|w| w.joins(d.room(), node))
-        });
-        // Sent first; their rooms were told of the failure when it happened (told again, a
-        // room opened again since would stop at each try while Redis is out).
-        let retried = departures.len();
-        batch.splice(0..0, departures.drain(..));
         let mut doomed: HashSet<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut sent = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
@@ -848,6 +897,10 @@ async fn write_loop(
         };
         match answer {
             Ok(values) if values.len() == sent.len() => {
+                // Sent again, and through.
+                if retried > 0 {
+                    departures.clear();
+                }
                 for (write, value) in sent.into_iter().zip(values) {
                     match write {
                         Write::Append { room, reply, .. } => {
@@ -876,21 +929,21 @@ async fn write_loop(
                 // room is told, so that it stops and its members reconnect (and every relay
                 // hears them again). A failed append tells its room through its reply.
                 let mut lost = Vec::new();
-                for (i, mut write) in sent.into_iter().enumerate() {
-                    if i < retried {
-                        // Its room was told at the first failure, and may have been opened
-                        // again since: it neither stops nor fails once more.
-                        departures.push(write);
-                        continue;
+                // A departure sent again that failed stays in `departures`: its room was told at
+                // the first failure, and may have been opened again since, so it neither stops
+                // nor fails once more. One tried for a minute is given up.
+                departures.retain(|d| {
+                    let keep = d.tried < DEPARTURE_TRIES;
+                    if !keep {
+                        tracing::warn!(room = %d.room, node = d.node, %error, "a member's departure could not be published for a minute: the other relays list it until this relay's heartbeat lapses or it ends");
                     }
+                    keep
+                });
+                for write in sent.into_iter().skip(retried) {
                     fail(write.room(), &mut doomed);
-                    if write.departure().is_some() {
+                    if let Some(departure) = Departure::of(&write) {
                         lost.push(write.room().to_owned());
-                        if let Write::Publish { after, .. } = &mut write {
-                            // It names no place in the log when it is sent again.
-                            *after = 0;
-                        }
-                        departures.push(write);
+                        departures.push(departure);
                         continue;
                     }
                     match write {
@@ -1211,7 +1264,7 @@ impl FeedState {
     }
 
     /// Notes the relays that `members` are on as relays with members in `room`: the room hears
-    /// when one of them ends.
+    /// when one of them ends. (Locks `relays`: a caller may hold `rooms`, never the reverse.)
     fn note_relays(&self, room: &str, members: &RemoteMembers) {
         let mut relays = self.relays();
         for (relay, _) in members {
@@ -1224,13 +1277,13 @@ impl FeedState {
     /// every room it ever followed; whoever follows the room when one of those relays ends
     /// strikes its members, or the next reader of its list of members does). Whether it did.
     fn unfollow(&self, room: &str, id: u64) -> bool {
-        {
-            let mut rooms = self.rooms();
-            if rooms.get(room).is_none_or(|w| w.id != id) {
-                return false;
-            }
-            rooms.remove(room);
+        // Under the lock of the rooms, as every noting of a followed room's relays is: a later
+        // opening's notes come after this.
+        let mut rooms = self.rooms();
+        if rooms.get(room).is_none_or(|w| w.id != id) {
+            return false;
         }
+        rooms.remove(room);
         self.relays().retain(|_, rooms| {
             rooms.remove(room);
             !rooms.is_empty()
@@ -1366,7 +1419,8 @@ impl Feed {
             .state
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.rooms().insert(
+        let mut rooms = self.rooms();
+        rooms.insert(
             room.to_owned(),
             Watch {
                 id,
@@ -1378,13 +1432,13 @@ impl Feed {
                 to,
             },
         );
-        // Noted once the watch is in place: an earlier opening's end forgets only what was
-        // noted before it.
+        // Noted with the watch, under the same lock: an earlier opening's end forgets only what
+        // was noted before it.
         let mut known = self.relays();
         for relay in relays {
             known.entry(*relay).or_default().insert(room.to_owned());
         }
-        drop(known);
+        drop((known, rooms));
         self.state.changed.notify_one();
         (id, events)
     }
@@ -1723,14 +1777,17 @@ impl Feed {
             if let Some(bus) = &batch.bus {
                 watch.bus.clone_from(bus);
             }
-            (watch.id, watch.to.clone(), watch.missed, bus_now_complete)
+            let answer = (watch.id, watch.to.clone(), watch.missed, bus_now_complete);
+            // Noted while the watch is held: the room's end, which forgets them, comes after.
+            let mut relays = self.relays();
+            for relayed in batch.relayed.iter().filter(|r| r.relay != self.relay) {
+                relays
+                    .entry(relayed.relay)
+                    .or_default()
+                    .insert(room.to_owned());
+            }
+            answer
         };
-        for relayed in batch.relayed.iter().filter(|r| r.relay != self.relay) {
-            self.relays()
-                .entry(relayed.relay)
-                .or_default()
-                .insert(room.to_owned());
-        }
         let mut gone = false;
         if !batch.logged.is_empty() || !batch.relayed.is_empty() || bus_now_complete {
             let event = FeedEvent::Read {
@@ -1770,8 +1827,13 @@ impl Feed {
     ) -> Reread {
         match self.open(room).await {
             Ok((_, members)) => {
-                if self.rooms().get(room).is_some_and(|w| w.id == id) {
-                    self.state.note_relays(room, &members);
+                {
+                    // Noted while the watch is held: the room's end, which forgets them, comes
+                    // after.
+                    let rooms = self.rooms();
+                    if rooms.get(room).is_some_and(|w| w.id == id) {
+                        self.state.note_relays(room, &members);
+                    }
                 }
                 if to.send(FeedEvent::Missed(members)).await.is_err() {
                     return Reread::Gone;
