@@ -1444,17 +1444,27 @@ async fn a_member_that_leaves_a_room_stopped_by_a_failed_append_leaves_on_every_
     writer.closed().await;
     // The writer comes back; the member whose room stopped does not. Every relay hears it left.
     let _writer = join_at(&urls[0], room, 0, 0, Some(writer.token)).await;
+    until_unlisted(
+        &urls[1],
+        room,
+        gone.node,
+        "left a room stopped on its relay",
+    )
+    .await;
+}
+
+/// Joins `room` at `url` as a late joiner every half second until its welcome no longer lists
+/// `node`, for up to [`WAIT`]; `why` says in the failure what the node did.
+async fn until_unlisted(url: &str, room: &str, node: u64, why: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let late = join_at(&urls[1], room, 0, 0, None).await;
-        let listed = late.welcome.peers.iter().any(|p| p.node == gone.node);
-        if !listed {
-            break;
+        let late = join_at(url, room, 0, 0, None).await;
+        if !late.welcome.peers.iter().any(|p| p.node == node) {
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "node {} left a room stopped on its relay, and is still listed on the other: {:?}",
-            gone.node,
+            "node {node} {why}, and is still listed on the other relay: {:?}",
             late.welcome.peers
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1485,20 +1495,7 @@ async fn a_member_that_leaves_while_redis_is_down_leaves_on_every_relay_once_it_
     // The other relay's room stopped too (it lost Redis as well): its members come back, and
     // read who is in the room from Redis.
     drop(watcher.conn);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let late = join_at(&urls[1], room, 0, 0, None).await;
-        if !late.welcome.peers.iter().any(|p| p.node == gone.node) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {} left while Redis was down, and is still listed on the other relay: {:?}",
-            gone.node,
-            late.welcome.peers
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    until_unlisted(&urls[1], room, gone.node, "left while Redis was down").await;
 }
 
 /// A relay that opens a room learns from Redis which other relays have members in it, and
