@@ -220,9 +220,7 @@ impl Auth {
             room_prefix: claims.room_prefix,
         })
     }
-}
 
-impl Auth {
     /// A token whose `aud` does not name this relay's audience is refused, and so is any token
     /// with an `aud` when the relay has no audience: it was minted for another service (RFC
     /// 7519 §4.1.3). An `aud` of null counts as none.
@@ -250,9 +248,7 @@ impl Auth {
             ))),
         }
     }
-}
 
-impl Auth {
     /// With an issuer set, a token must name exactly it in `iss`, a string (RFC 7519 §4.1.1).
     fn check_issuer(&self, iss: Option<&serde_json::Value>) -> Result<(), Denied> {
         let Some(issuer) = &self.issuer else {

@@ -1263,12 +1263,13 @@ impl FeedState {
         self.relays.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Notes the relays that `members` are on as relays with members in `room`: the room hears
-    /// when one of them ends. (Locks `relays`: a caller may hold `rooms`, never the reverse.)
-    fn note_relays(&self, room: &str, members: &RemoteMembers) {
-        let mut relays = self.relays();
-        for (relay, _) in members {
-            relays.entry(*relay).or_default().insert(room.to_owned());
+    /// Notes `relays` as relays with members in `room`: the room hears when one of them ends.
+    /// Called under the lock of the rooms, with the room's watch current (its end, which
+    /// forgets them, comes after); locks `relays`, never the reverse.
+    fn note_relays(&self, room: &str, relays: impl IntoIterator<Item = u64>) {
+        let mut known = self.relays();
+        for relay in relays {
+            known.entry(relay).or_default().insert(room.to_owned());
         }
     }
 
@@ -1434,11 +1435,8 @@ impl Feed {
         );
         // Noted with the watch, under the same lock: an earlier opening's end forgets only what
         // was noted before it.
-        let mut known = self.relays();
-        for relay in relays {
-            known.entry(*relay).or_default().insert(room.to_owned());
-        }
-        drop((known, rooms));
+        self.state.note_relays(room, relays.iter().copied());
+        drop(rooms);
         self.state.changed.notify_one();
         (id, events)
     }
@@ -1777,16 +1775,10 @@ impl Feed {
             if let Some(bus) = &batch.bus {
                 watch.bus.clone_from(bus);
             }
-            let answer = (watch.id, watch.to.clone(), watch.missed, bus_now_complete);
-            // Noted while the watch is held: the room's end, which forgets them, comes after.
-            let mut relays = self.relays();
-            for relayed in batch.relayed.iter().filter(|r| r.relay != self.relay) {
-                relays
-                    .entry(relayed.relay)
-                    .or_default()
-                    .insert(room.to_owned());
-            }
-            answer
+            let others = batch.relayed.iter().map(|r| r.relay);
+            self.state
+                .note_relays(room, others.filter(|&relay| relay != self.relay));
+            (watch.id, watch.to.clone(), watch.missed, bus_now_complete)
         };
         let mut gone = false;
         if !batch.logged.is_empty() || !batch.relayed.is_empty() || bus_now_complete {
@@ -1828,11 +1820,10 @@ impl Feed {
         match self.open(room).await {
             Ok((_, members)) => {
                 {
-                    // Noted while the watch is held: the room's end, which forgets them, comes
-                    // after.
                     let rooms = self.rooms();
                     if rooms.get(room).is_some_and(|w| w.id == id) {
-                        self.state.note_relays(room, &members);
+                        self.state
+                            .note_relays(room, members.iter().map(|(relay, _)| *relay));
                     }
                 }
                 if to.send(FeedEvent::Missed(members)).await.is_err() {
