@@ -300,6 +300,7 @@ pub fn room(data: &[u8]) {
                         let record = records.entry(token).or_insert(NodeRecord {
                             node,
                             token,
+                            user: 0,
                             last_step: 0,
                             position: 0,
                         });

@@ -328,6 +328,8 @@ pub struct Release {
     pub node: NodeId,
     /// Its resume token.
     pub token: ResumeToken,
+    /// The user its access token named (0: none): the release is that user's only.
+    pub user: u64,
     /// Its last accepted step.
     pub step: Step,
 }
@@ -399,6 +401,9 @@ pub struct Append {
     /// The sender's resume token: the store keeps the sender's record (token, last step, when it
     /// was last seen) with its messages.
     pub token: Option<ResumeToken>,
+    /// The user the sender's access token names (0: none): the store's record of the sender
+    /// keeps it, and resumes the node for that user only.
+    pub user: u64,
     /// Its step.
     pub step: Step,
     /// The room's step with this message.
@@ -1688,6 +1693,11 @@ impl RoomCore {
                 reason: "the room is restarting; try again".into(),
             });
         }
+        let user = access.user;
+        // The store's record of the token resumes its node for the user it names only: another
+        // user who learned the token (leaked from a tab's storage, say) would take the node's
+        // identity after a restart, or on another relay of a shared store.
+        let stored = stored.filter(|s| s.user == user);
         if let Some(record) = stored.filter(|s| self.shared && Some(s.token) == resume) {
             // Its last message may have been stored through another relay: what it sends from
             // here waits until this relay has fanned the log out that far, and steps at or
@@ -1697,15 +1707,13 @@ impl RoomCore {
                 self.validator.restore(record.node, record.last_step, now);
             }
         }
-        let user = request.access.user;
         let known = resume.and_then(|token| {
             self.tokens
                 .get(&token)
                 .copied()
                 // Another user's resume token (leaked from its storage, say) resumes nothing:
                 // it would take that member's identity and close its connection. The joiner
-                // is a new node. (A node the room restores from the store's record is the
-                // first resumer's: the record names no user.)
+                // is a new node.
                 .filter(|node| self.nodes.get(node).is_none_or(|n| n.user == user))
                 .or_else(|| {
                     // The store's record of the token, if the driver found one.
@@ -2037,7 +2045,7 @@ impl RoomCore {
                 self.departures.push_back((node, due));
                 continue;
             }
-            let (token, recorded) = (state.token, state.recorded);
+            let (token, user, recorded) = (state.token, state.user, state.recorded);
             self.nodes.remove(&node);
             self.tokens.remove(&token);
             // Only a step known for certain: one restored from the store, with nothing accepted
@@ -2048,8 +2056,12 @@ impl RoomCore {
                 .last_step(node)
                 .and(self.validator.floor(node));
             if let Some(step) = known.filter(|_| recorded && !self.shared) {
-                self.outputs
-                    .push_back(Output::Released(Release { node, token, step }));
+                self.outputs.push_back(Output::Released(Release {
+                    node,
+                    token,
+                    user,
+                    step,
+                }));
             }
             self.validator.release(node);
         }
@@ -2559,9 +2571,10 @@ impl RoomCore {
                 waits: Waits::Forward { to },
             });
         }
-        let (doc, token) = (
+        let (doc, token, user) = (
             body.doc().map(str::to_owned),
             self.nodes.get(&node).map(|n| n.token),
+            self.nodes.get(&node).map_or(0, |n| n.user),
         );
         if let (Body::Update { .. }, false) = (body, self.shared) {
             self.tail_bytes += len;
@@ -2575,6 +2588,7 @@ impl RoomCore {
         self.outputs.push_back(Output::Append(Append {
             sender: node,
             token,
+            user,
             step: stamp.step,
             high: self.high,
             doc,
@@ -2628,6 +2642,7 @@ impl RoomCore {
         self.outputs.push_back(Output::Append(Append {
             sender: 0,
             token: None,
+            user: 0,
             step: 0,
             high: self.high,
             doc: Some(WHOLE_DOC.into()),
@@ -4086,6 +4101,67 @@ mod tests {
         assert_eq!(joined.node, 5_000);
     }
 
+    /// The store's record of a node names its user, from the appends of the node: another
+    /// user's join with the node's token is a new node, the node's own user takes it back.
+    #[test]
+    fn a_stored_node_is_taken_back_by_its_own_user_only() {
+        let mut room = with_limits(RoomLimits::default());
+        let ada = Access {
+            user: 11,
+            ..Access::OPEN
+        };
+        // Ada's node is not the first id of a room, which the thief's new node is below.
+        room.join(0, 8, req("x", None), [1; 16]).unwrap();
+        let a = room
+            .join(
+                0,
+                1,
+                JoinRequest {
+                    access: ada,
+                    ..req("a", None)
+                },
+                [7; 16],
+            )
+            .unwrap();
+        send(&mut room, 0, 1, data(a.node, 1));
+        let appended = outputs(&mut room).into_iter().find_map(|o| match o {
+            Output::Append(append) => Some(append),
+            _ => None,
+        });
+        assert_eq!(
+            appended.map(|a| (a.token, a.user)),
+            Some((Some([7; 16]), 11))
+        );
+        let record = NodeRecord {
+            node: a.node,
+            token: [7; 16],
+            user: 11,
+            last_step: 1,
+            position: 0,
+        };
+        let mut other = with_limits(RoomLimits::default());
+        let join = |access| JoinRequest {
+            access,
+            stored: Some(record),
+            ..req("b", Some([7; 16]))
+        };
+        let thief = other
+            .join(
+                0,
+                1,
+                join(Access {
+                    user: 12,
+                    ..Access::OPEN
+                }),
+                [8; 16],
+            )
+            .unwrap();
+        assert_ne!(thief.node, a.node);
+        assert!(other.knows(&[8; 16]) && !other.knows(&[7; 16]));
+        let back = other.join(0, 2, join(ada), [9; 16]).unwrap();
+        assert_eq!(back.node, a.node);
+    }
+
     /// A node's state outlives its connection until its appends are answered and its buckets
     /// are full again; after that a join with its token brings the store's record back, and
     /// its old steps are still replays.
@@ -4123,6 +4199,7 @@ mod tests {
         request.stored = Some(NodeRecord {
             node: a.node,
             token: [7; 16],
+            user: 0,
             last_step: 10,
             position: 0,
         });
@@ -4177,12 +4254,14 @@ mod tests {
         let expected = Release {
             node: a.node,
             token: [7; 16],
+            user: 0,
             step: 90,
         };
         assert_eq!(released, [expected]);
         let record = NodeRecord {
             node: a.node,
             token: [7; 16],
+            user: 0,
             last_step: 1,
             position: 0,
         };

@@ -40,6 +40,9 @@ pub struct NodeRecord {
     pub node: NodeId,
     /// The token that resumes it.
     pub token: ResumeToken,
+    /// The user its member's access token named ([`crate::room::Access::user`], 0 on a relay
+    /// without tokens): the token resumes it for that user only.
+    pub user: u64,
     /// The last step of it that was stored.
     pub last_step: Step,
     /// The log position of that message, where the store keeps it (a store that several relays
@@ -330,6 +333,7 @@ impl MemoryStore {
                 let record = room.nodes.entry(token).or_insert(NodeRecord {
                     node: entry.sender,
                     token,
+                    user: entry.user,
                     last_step: 0,
                     position: 0,
                 });
@@ -661,6 +665,7 @@ mod tests {
         Append {
             sender,
             token: Some([sender as u8; 16]),
+            user: 0,
             step,
             high: step,
             doc: doc.map(str::to_owned),

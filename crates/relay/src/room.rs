@@ -74,10 +74,16 @@ impl Releases {
         }
     }
 
-    fn take(&mut self, room: &str, token: ResumeToken) -> Option<Release> {
-        self.by_token
-            .remove(&(room.to_owned(), token))
-            .map(|(_, release)| release)
+    /// The release of `token` in `room`, if it is `user`'s: another user's join with the token
+    /// leaves it for its own user.
+    fn take(&mut self, room: &str, token: ResumeToken, user: u64) -> Option<Release> {
+        let key = (room.to_owned(), token);
+        match self.by_token.get(&key) {
+            Some((_, release)) if release.user == user => {
+                self.by_token.remove(&key).map(|(_, release)| release)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -335,7 +341,7 @@ impl RoomTask {
                 .releases
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .take(self.core.name(), token);
+                .take(self.core.name(), token, request.access.user);
         }
         request.stored = stored;
         let mut fresh = ResumeToken::default();
@@ -490,28 +496,30 @@ mod tests {
         Release {
             node: u64::from(token),
             token: [token; 16],
+            user: 5,
             step,
         }
     }
 
     #[test]
-    fn releases_are_taken_once_by_room_and_token_and_the_oldest_go_first() {
+    fn releases_are_taken_once_by_room_token_and_user_and_the_oldest_go_first() {
         let mut releases = Releases::new(2);
         releases.keep("r", release(1, 10));
         releases.keep("r", release(1, 12));
         releases.keep("other", release(2, 20));
-        assert_eq!(releases.take("r", [2; 16]), None, "another room's");
+        assert_eq!(releases.take("r", [2; 16], 5), None, "another room's");
         releases.keep("r", release(3, 30));
         // The first token's newer release was kept before the other room's: it goes first.
-        assert_eq!(releases.take("r", [1; 16]), None);
-        assert_eq!(releases.take("other", [2; 16]), Some(release(2, 20)));
-        assert_eq!(releases.take("other", [2; 16]), None, "taken once");
-        assert_eq!(releases.take("r", [3; 16]), Some(release(3, 30)));
+        assert_eq!(releases.take("r", [1; 16], 5), None);
+        assert_eq!(releases.take("other", [2; 16], 6), None, "another user's");
+        assert_eq!(releases.take("other", [2; 16], 5), Some(release(2, 20)));
+        assert_eq!(releases.take("other", [2; 16], 5), None, "taken once");
+        assert_eq!(releases.take("r", [3; 16], 5), Some(release(3, 30)));
         // Many keeps of one token leave one release and a bounded queue.
         for step in 0..100 {
             releases.keep("r", release(4, step));
         }
         assert!(releases.order.len() <= 4);
-        assert_eq!(releases.take("r", [4; 16]), Some(release(4, 99)));
+        assert_eq!(releases.take("r", [4; 16], 5), Some(release(4, 99)));
     }
 }

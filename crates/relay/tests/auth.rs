@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
-    data_value, join_at, reader_refused, session, start, writer_opens_and_reader_gets_its_settings,
-    Server, WAIT,
+    data_value, join_at, reader_refused, session, start, start_in,
+    writer_opens_and_reader_gets_its_settings, Server, WAIT,
 };
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use pattern_mesh_client::{Client, ClientError, Connection};
@@ -747,6 +747,60 @@ async fn another_users_resume_token_takes_over_no_one() {
     drop(member.conn);
     let back = join_at(&ada, "doc", 0, 0, Some(member.token)).await;
     assert_eq!(back.node, member.node);
+    server.stop().await;
+}
+
+/// The same theft after the relay restarted: the room takes the node back from the store's
+/// record of the token, and that record named no user, so the first to present the token (any
+/// user with a valid access token) became the member's node and spoke as it. The record names
+/// the node's user now: another user's join with the token is a new node, and the member's own
+/// user still resumes it.
+#[tokio::test]
+async fn another_users_resume_token_takes_over_no_node_the_relay_restores_from_its_store() {
+    let dir = common::temp_dir("auth-resume-user-restart");
+    let secured_in = || {
+        start_in(dir.to_path_buf(), |c| {
+            c.auth = Some(AuthKey::Secret(SECRET.into()))
+        })
+    };
+    let server = secured_in().await;
+    let mut member = join_at(
+        &with_token(&server, &token("doc", "write")),
+        "doc",
+        0,
+        0,
+        None,
+    )
+    .await;
+    member.data_acked(serde_json::json!("stored")).await;
+    drop(member.conn);
+    server.stop().await;
+
+    let server = secured_in().await;
+    let mallory = signed(
+        SECRET,
+        serde_json::json!({ "sub": "mallory", "room": "doc", "access": "write", "exp": now() + 600 }),
+    );
+    let thief = join_at(
+        &with_token(&server, &mallory),
+        "doc",
+        0,
+        0,
+        Some(member.token),
+    )
+    .await;
+    assert_ne!(thief.node, member.node, "a new node, not the member's");
+    assert_ne!(thief.token, member.token);
+    drop(thief.conn);
+    let back = join_at(
+        &with_token(&server, &token("doc", "write")),
+        "doc",
+        0,
+        0,
+        Some(member.token),
+    )
+    .await;
+    assert_eq!(back.node, member.node, "the member's own user resumes it");
     server.stop().await;
 }
 

@@ -846,6 +846,8 @@ async fn the_store_checks_replay_identity_and_the_future_bound_with_each_append(
         Append {
             sender: node,
             token: Some(token),
+            // A user hash above i64::MAX and 2^53, as most are: the record keeps it exactly.
+            user: u64::MAX - 2,
             step,
             high: 0,
             doc: None,
@@ -874,6 +876,8 @@ async fn the_store_checks_replay_identity_and_the_future_bound_with_each_append(
         matches!(stored, Appended::Stored { position: 1, .. }),
         "{stored:?}"
     );
+    let record = store.find_node("script", token).await.unwrap().unwrap();
+    assert_eq!((record.node, record.user), (node, u64::MAX - 2));
     let again = store.append("script", append(1, token)).await.unwrap();
     assert!(
         matches!(again, Appended::Replayed { position: 1, .. }),
@@ -1224,6 +1228,51 @@ async fn a_read_only_member_opens_no_room_on_any_relay() {
     assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
     let writer_url = format!("{a}?token={}", token("write"));
     common::writer_opens_and_reader_gets_its_settings(&writer_url, &reader_url).await;
+}
+
+/// Another user who learned a member's resume token (a shared profile, a script on the page)
+/// joined with it on another relay of the same Redis: that relay found the token's record in
+/// Redis, which named no user, and handed the thief the member's node while the member was
+/// still in the room on its own relay. The record names the node's user now: the thief is a
+/// new node, on every relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_resume_token_takes_no_node_through_another_relay() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &str = "the relay's test secret, 32 bytes";
+    let token = |sub: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims =
+            serde_json::json!({ "sub": sub, "room": "doc", "access": "write", "exp": exp });
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let redis = Redis::start("redis-resume-user");
+    let (_a, a) = relay_with(&redis, &["--auth-key", SECRET]);
+    let (_b, b) = relay_with(&redis, &["--auth-key", SECRET]);
+    let mut member = join_at(&format!("{a}?token={}", token("ada")), "doc", 0, 0, None).await;
+    member.data_acked(serde_json::json!("stored")).await;
+    let thief = join_at(
+        &format!("{b}?token={}", token("mallory")),
+        "doc",
+        0,
+        0,
+        Some(member.token),
+    )
+    .await;
+    assert_ne!(thief.node, member.node, "a new node, not the member's");
+    assert_ne!(thief.token, member.token);
+    member
+        .data_acked(serde_json::json!("still the only one"))
+        .await;
 }
 
 /// Redis lost the last entries of a room's log and its position went back with them (a

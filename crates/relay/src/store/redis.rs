@@ -10,7 +10,9 @@
 //!   its sender, step, the room's step with it, its document, and the frame without a position
 //!   (a reader puts the position in the header);
 //! - `pm:{room}:tokens`, a hash from resume token to
-//!   `"<node> <last stored step> <ms seen> <its position>"`;
+//!   `"<node> <last stored step> <ms seen> <its position> <user>"` (the user its access token
+//!   names, 0 for none: the token resumes the node for that user only; a record without it is
+//!   one of user 0);
 //! - `pm:{room}:nodes`, a hash from node id to its token;
 //! - `pm:{room}:bus`, a stream of what is not stored (checkpoints, signals, sync messages,
 //!   presence, peers) for the members on other relays: its newest 10,000 entries, and of those
@@ -80,7 +82,8 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 /// Appends a message, with the checks that need the room's state. KEYS: room, tokens, nodes,
 /// log, lease. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
 /// none), frame, milliseconds now, the last position a snapshot holds, relay, the identity of
-/// the log the relay opened ("0": not known), the last position the relay read of it.
+/// the log the relay opened ("0": not known), the last position the relay read of it, the
+/// sender's user (0: none).
 ///
 /// A record of another log (the room was created again), or a position below what the relay
 /// read (Redis lost the last entries: a failover to a replica that lagged, an AOF written every
@@ -166,7 +169,8 @@ end
 local position = redis.call('HINCRBY', KEYS[1], 'position', 1)
 local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', string.len(ARGV[6]))
 if token ~= '' then
-  redis.call('HSET', KEYS[2], token, sender .. ' ' .. ARGV[3] .. ' ' .. ARGV[7] .. ' ' .. position)
+  redis.call('HSET', KEYS[2], token,
+    sender .. ' ' .. ARGV[3] .. ' ' .. ARGV[7] .. ' ' .. position .. ' ' .. ARGV[12])
 end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'snapshot', position)
@@ -834,7 +838,8 @@ async fn write_loop(
                         .arg(entry.covers)
                         .arg(relay)
                         .arg(log)
-                        .arg(read);
+                        .arg(read)
+                        .arg(entry.user);
                 }
                 Write::Publish {
                     to,
@@ -1086,10 +1091,13 @@ impl Store for RedisStore {
             let mut fields = record.split(' ').map(str::parse::<u64>);
             let (node, last_step, _seen, position) =
                 (fields.next(), fields.next(), fields.next(), fields.next());
-            match (node, last_step) {
-                (Some(Ok(node)), Some(Ok(last_step))) => Ok(Some(NodeRecord {
+            // A record written before records named their user names user 0.
+            let user = fields.next().unwrap_or(Ok(0));
+            match (node, last_step, user) {
+                (Some(Ok(node)), Some(Ok(last_step)), Ok(user)) => Ok(Some(NodeRecord {
                     node,
                     token,
+                    user,
                     last_step,
                     position: position.and_then(Result::ok).unwrap_or(0),
                 })),

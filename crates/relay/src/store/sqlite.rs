@@ -90,7 +90,7 @@ pub struct SqliteStore {
     checkpointer: Arc<Mutex<Option<Checkpointer>>>,
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
@@ -179,6 +179,18 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version < 3 {
         migrate_to_3(conn)?;
+    }
+    if version < 4 {
+        // Schema 4: a node record names the user of its node's access token; a resume token
+        // takes the node back for that user only. Records made before name none (0): on a
+        // relay with tokens every user's join with such a token is a new node.
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE nodes ADD COLUMN user INTEGER NOT NULL DEFAULT 0;
+             PRAGMA user_version = 4;
+             COMMIT;",
+        )
+        .map_err(backend)?;
     }
     Ok(())
 }
@@ -413,18 +425,22 @@ impl Store for SqliteStore {
     fn find_node(&self, room: &str, token: ResumeToken) -> StoreFuture<Option<NodeRecord>> {
         let room = room.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached("SELECT node, last_step FROM nodes WHERE room = ?1 AND token = ?2")
-                .map_err(backend)?
-                .query_row(params![room, &token[..]], |r| {
-                    Ok(NodeRecord {
-                        node: r.get::<_, i64>(0)? as u64,
-                        token,
-                        last_step: r.get::<_, i64>(1)? as u64,
-                        position: 0,
-                    })
+            conn.prepare_cached(
+                "SELECT node, last_step, user FROM nodes WHERE room = ?1 AND token = ?2",
+            )
+            .map_err(backend)?
+            .query_row(params![room, &token[..]], |r| {
+                Ok(NodeRecord {
+                    node: r.get::<_, i64>(0)? as u64,
+                    token,
+                    // Stored as the i64 of the same bits.
+                    user: r.get::<_, i64>(2)? as u64,
+                    last_step: r.get::<_, i64>(1)? as u64,
+                    position: 0,
                 })
-                .optional()
-                .map_err(backend)
+            })
+            .optional()
+            .map_err(backend)
         })
     }
 
@@ -825,8 +841,8 @@ fn append(tx: &Connection, room: &str, entry: &Append, now: i64) -> Result<Appen
         // The sender's record: created with its first stored message, kept up to date with
         // each, and expired once it has not been seen for the relay's node TTL.
         tx.prepare_cached(
-            "INSERT INTO nodes (room, node, token, last_step, last_seen)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO nodes (room, node, token, last_step, last_seen, user)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (room, node) DO UPDATE SET
                  last_step = MAX(last_step, excluded.last_step), last_seen = excluded.last_seen",
         )
@@ -836,7 +852,8 @@ fn append(tx: &Connection, room: &str, entry: &Append, now: i64) -> Result<Appen
             int(entry.sender)?,
             &token[..],
             int(entry.step)?,
-            now
+            now,
+            entry.user as i64
         ])
         .map_err(backend)?;
     }
@@ -1033,6 +1050,7 @@ mod tests {
         Append {
             sender: 1,
             token: Some([1; 16]),
+            user: 0,
             step,
             high: step,
             doc: Some("content".into()),
@@ -1059,6 +1077,8 @@ mod tests {
         Append {
             sender,
             token: Some([sender as u8; 16]),
+            // A user hash above i64::MAX, as half of them are.
+            user: u64::MAX - sender,
             step,
             high: step,
             doc: None,
@@ -1149,8 +1169,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A node's record comes with its first stored message, follows its steps, and goes once it
-    /// has not been seen for the TTL.
+    /// A node's record comes with its first stored message, names its user, follows its steps,
+    /// and goes once it has not been seen for the TTL.
     #[tokio::test]
     async fn node_records_follow_appends_and_expire() {
         let (dir, store) = fresh("nodes");
@@ -1159,7 +1179,10 @@ mod tests {
         store.append("r", data(3, 5)).await.unwrap();
         store.append("r", data(3, 9)).await.unwrap();
         let record = store.find_node("r", [3; 16]).await.unwrap().unwrap();
-        assert_eq!((record.node, record.last_step), (3, 9));
+        assert_eq!(
+            (record.node, record.last_step, record.user),
+            (3, 9, u64::MAX - 3)
+        );
         assert_eq!(
             store.expire_nodes(Duration::from_secs(60)).await.unwrap(),
             0
@@ -1192,6 +1215,7 @@ mod tests {
         let snapshot = Append {
             sender: 0,
             token: None,
+            user: 0,
             step: 0,
             high: 5,
             doc: Some("*".into()),
