@@ -114,12 +114,17 @@ pub struct Denied {
     pub reason: String,
 }
 
-/// A token's user as [`Access::user`]: a 64-bit FNV-1a hash of its `sub`, never 0.
+/// A token's user as [`Access::user`]: the first 64 bits of the SHA-256 of its `sub`, never 0.
+///
+/// Two users with one hash would be one user to the relay: one's resume token would take the
+/// other's node back, and they would share the per-user caps and budgets. Finding a `sub` of
+/// another user's hash costs about 2^64 tries; a fast non-cryptographic hash such as FNV has
+/// collisions a laptop finds in minutes.
 pub fn user_hash(user: &str) -> u64 {
-    let hash = user.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
-    hash.max(1)
+    let digest = ring::digest::digest(&ring::digest::SHA256, user.as_bytes());
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(first).max(1)
 }
 
 fn denied(reason: impl Into<String>) -> Denied {

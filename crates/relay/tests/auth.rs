@@ -804,6 +804,39 @@ async fn another_users_resume_token_takes_over_no_node_the_relay_restores_from_i
     server.stop().await;
 }
 
+/// Two `sub`s that a 64-bit FNV-1a hash took to one user (found in minutes on a laptop): the
+/// relay knew users by that hash, so one user's resume token took the other's node, and the two
+/// shared every per-user cap and budget. Users are told apart by SHA-256 now.
+#[tokio::test]
+async fn two_users_whose_subs_collide_in_a_fast_hash_are_two_users() {
+    let server = secured("auth-user-hash").await;
+    let of = |sub: &str| {
+        signed(
+            SECRET,
+            serde_json::json!({ "sub": sub, "room": "doc", "access": "write", "exp": now() + 600 }),
+        )
+    };
+    let mut member = join_at(
+        &with_token(&server, &of("017bf672ad970641")),
+        "doc",
+        0,
+        0,
+        None,
+    )
+    .await;
+    let thief = join_at(
+        &with_token(&server, &of("2893ea9411391b85")),
+        "doc",
+        0,
+        0,
+        Some(member.token),
+    )
+    .await;
+    assert_ne!(thief.node, member.node, "a new node, not the member's");
+    member.data_acked(serde_json::json!("still here")).await;
+    server.stop().await;
+}
+
 /// A token for every room under a prefix let one user hold members in as many rooms as the
 /// relay opens (`--max-rooms`, 10,000 by default), from a few addresses: no one else could open
 /// a room. One user's connections hold at most `--max-rooms-per-user` rooms on a relay at once.
