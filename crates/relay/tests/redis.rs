@@ -1569,8 +1569,9 @@ async fn a_member_found_at_a_rooms_opening_leaves_when_its_relay_dies() {
 }
 
 /// A departure whose publication fails for good (its room's keys hold the wrong type) is sent
-/// again every second. Redis fails a whole pipeline for one command's error, so, sent beside
-/// other rooms' writes, it failed them too: every room of the relay stopped, again and again.
+/// again every second, for a minute. Redis fails a whole pipeline for one command's error, so,
+/// sent beside other rooms' writes, it failed them too: every room of the relay stopped, again
+/// and again. Each command is judged on its own answer now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_departure_that_cannot_be_published_stops_no_other_room() {
     let redis = Redis::start("redis-departure-for-good");
@@ -1593,5 +1594,65 @@ async fn a_departure_that_cannot_be_published_stops_no_other_room() {
         let (got, _) = reader.recv_until(|f| f.stamp().is_some()).await;
         assert_eq!(got.stamp().map(|s| s.step), Some(step));
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Rooms whose keys Redis holds as another type (a stray write, another application's) fail
+/// every append: Redis answers that room's command with an error. The relay sends every room's
+/// appends in one pipeline, and Redis fails a whole pipeline for one command's error, so the
+/// other rooms' appends beside it failed too: their rooms stopped and their members were let go.
+/// Each command is judged on its own answer now: a room with broken keys fails alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_keys_redis_holds_as_another_type_fails_alone() {
+    let redis = Redis::start("redis-wrong-type");
+    let (_relay, url) = relay(&redis);
+    let mut writer = join_at(&url, "other", 0, 0, None).await;
+    let mut broken = Vec::new();
+    for i in 0..8 {
+        let room = format!("broken{i}");
+        broken.push(join_at(&url, &room, 0, 0, None).await);
+        assert_eq!(
+            command(redis.port, &format!("SET pm:{{{room}}}:tokens x")),
+            "+OK"
+        );
+    }
+    // Each broken room's first append, among the other room's: after its first failure a room
+    // sends nothing until it is opened again.
+    let mut steps = Vec::new();
+    for round in 0..4 {
+        for (i, member) in broken.iter_mut().enumerate() {
+            if round == 0 {
+                member.data(serde_json::json!(i)).await;
+            }
+            steps.push(writer.data(serde_json::json!([round, i])).await);
+        }
+    }
+    for step in steps {
+        writer.expect_ack(step).await;
+    }
+    for mut member in broken {
+        let detail = member.expect_reject(Reason::Unavailable).await;
+        assert!(detail.contains("WRONGTYPE"), "{detail}");
+    }
+}
+
+/// Redis forgets its scripts when it restarts (or on `SCRIPT FLUSH`): the appends and
+/// publications that Redis answers `NOSCRIPT` did not run, and run again once the relay has
+/// loaded the scripts, alone (the others of their pipeline ran already).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_after_redis_forgot_its_scripts_go_through() {
+    let redis = Redis::start("redis-no-script");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut writer = join_at(&urls[0], "doc", 0, 0, None).await;
+    let mut reader = join_at(&urls[1], "doc", 0, 0, None).await;
+    writer.data_acked(serde_json::json!("before")).await;
+    for round in 0..3 {
+        assert_eq!(command(redis.port, "SCRIPT FLUSH"), "+OK");
+        let step = writer.data(serde_json::json!(round)).await;
+        writer.expect_ack(step).await;
+        let (got, _) = reader
+            .recv_until(|f| f.stamp().is_some_and(|s| s.step == step))
+            .await;
+        assert_eq!(common::data_value(&got), Some(serde_json::json!(round)));
     }
 }

@@ -758,37 +758,33 @@ async fn write_loop(
     // other relay for as long as this one lives. One that its node's joining the room again
     // made void is dropped.
     let mut departures: Vec<Departure> = Vec::new();
-    // Writes that came while departures were sent again: they go next.
-    let mut waiting: Vec<Write> = Vec::new();
+    // When they are sent again next: once a second, however many writes come meanwhile.
+    let mut retry_at = tokio::time::Instant::now();
     loop {
-        let mut retried = 0;
-        if waiting.is_empty() {
-            let received = if departures.is_empty() {
-                queue.recv_many(&mut batch, 512).await
-            } else {
-                tokio::select! {
-                    received = queue.recv_many(&mut batch, 512) => received,
-                    () = tokio::time::sleep(DEPARTURE_RETRY) => usize::MAX,
-                }
-            };
-            if received == 0 {
-                break;
-            }
-            departures.retain(|d| !batch.iter().any(|w| w.joins(&d.room, d.node)));
-            // Sent again before what came, in a pipeline of their own: Redis fails a whole
-            // pipeline for one command's error, and a departure that fails for good (its
-            // room's keys of the wrong type, say) would fail every write beside it.
-            if !departures.is_empty() {
-                waiting.append(&mut batch);
-                retried = departures.len();
-                batch.extend(departures.iter_mut().map(Departure::again));
-            }
+        let received = if departures.is_empty() {
+            queue.recv_many(&mut batch, 512).await
         } else {
-            batch.append(&mut waiting);
+            tokio::select! {
+                received = queue.recv_many(&mut batch, 512) => received,
+                () = tokio::time::sleep_until(retry_at) => usize::MAX,
+            }
+        };
+        if received == 0 {
+            break;
+        }
+        departures.retain(|d| !batch.iter().any(|w| w.joins(&d.room, d.node)));
+        // Sent again first, before what came.
+        let mut retried = 0;
+        if !departures.is_empty() && tokio::time::Instant::now() >= retry_at {
+            retried = departures.len();
+            let again: Vec<Write> = departures.iter_mut().map(Departure::again).collect();
+            batch.splice(0..0, again);
+            retry_at = tokio::time::Instant::now() + DEPARTURE_RETRY;
         }
         let mut doomed: HashSet<String> = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut sent = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for mut write in batch.drain(..) {
             if doomed.contains(write.room()) {
                 match write {
@@ -880,19 +876,8 @@ async fn write_loop(
         if sent.is_empty() {
             continue;
         }
-        let mut answer: Result<Vec<Value>, redis::RedisError> = pipe.query_async(&mut conn).await;
-        if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
-        {
-            // Redis restarted and forgot its scripts; nothing of the batch ran.
-            let mut loaded = scripts.append.prepare_invoke().load_async(&mut conn).await;
-            if loaded.is_ok() {
-                loaded = scripts.publish.prepare_invoke().load_async(&mut conn).await;
-            }
-            answer = match loaded {
-                Ok(_) => pipe.query_async(&mut conn).await,
-                Err(e) => Err(e),
-            };
-        }
+        let outcomes = run(&mut conn, &scripts, &pipe, sent.len()).await;
+        let had_departures = !departures.is_empty();
         let fail = |room: &str, doomed: &mut HashSet<String>| {
             doomed.insert(room.to_owned());
             failed
@@ -900,75 +885,119 @@ async fn write_loop(
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(room.to_owned());
         };
-        match answer {
-            Ok(values) if values.len() == sent.len() => {
-                // Sent again, and through.
-                if retried > 0 {
-                    departures.clear();
-                }
-                for (write, value) in sent.into_iter().zip(values) {
-                    match write {
-                        Write::Append { room, reply, .. } => {
-                            let result = appended(value);
-                            if result.is_err() {
-                                fail(&room, &mut doomed);
-                            }
-                            let _ = reply.send(result);
-                        }
-                        Write::Publish { .. } => {}
-                    }
-                }
+        if let Some(error) = outcomes.iter().skip(retried).find_map(|o| o.as_ref().err()) {
+            tracing::warn!(%error, "appends or publications failed");
+        } else if let Some(error) = outcomes.iter().find_map(|o| o.as_ref().err()) {
+            // Only departures sent again, every second while Redis is out.
+            tracing::debug!(%error, "departures sent again failed");
+        }
+        // A departure sent again that went through is done; one that failed stays, tried again
+        // a second later: its room was told at the first failure, and may have been opened again
+        // since, so it neither stops nor fails once more. One tried for a minute is given up.
+        let mut through = outcomes[..retried].iter().map(Result::is_ok);
+        departures.retain(|d| {
+            if through.next().unwrap_or(false) {
+                return false;
             }
-            other => {
-                let error = match other {
-                    Err(e) => backend(e),
-                    Ok(_) => corrupt("a pipeline answer of the wrong length"),
-                };
-                if sent.len() > retried {
-                    tracing::warn!(%error, "a batch of appends and publications failed");
-                } else {
-                    // Only departures sent again, every second while Redis is out.
-                    tracing::debug!(%error, "departures sent again failed");
-                }
-                // A publication lost with its batch: its room's later ones are dropped, and the
-                // room is told, so that it stops and its members reconnect (and every relay
-                // hears them again). A failed append tells its room through its reply.
-                let mut lost = Vec::new();
-                // A departure sent again that failed stays in `departures`: its room was told at
-                // the first failure, and may have been opened again since, so it neither stops
-                // nor fails once more. One tried for a minute is given up.
-                departures.retain(|d| {
-                    let keep = d.tried < DEPARTURE_TRIES;
-                    if !keep {
-                        tracing::warn!(room = %d.room, node = d.node, %error, "a member's departure could not be published for a minute: the other relays list it until this relay's heartbeat lapses or it ends");
+            let keep = d.tried < DEPARTURE_TRIES;
+            if !keep {
+                tracing::warn!(room = %d.room, node = d.node, "a member's departure could not be published for a minute: the other relays list it until this relay's heartbeat lapses or it ends");
+            }
+            keep
+        });
+        // Each write is judged on its own answer: one room's failing command (its keys of the
+        // wrong type, a script error on its record) fails that room alone. A failed append
+        // tells its room through its reply. A lost publication: its room's later ones are
+        // dropped, and the room is told, so that it stops and its members reconnect (and every
+        // relay hears them again); a departure is sent again.
+        let mut lost = Vec::new();
+        for (write, outcome) in sent.into_iter().zip(outcomes).skip(retried) {
+            match (write, outcome) {
+                (Write::Append { room, reply, .. }, outcome) => {
+                    let result = outcome.and_then(appended);
+                    if result.is_err() {
+                        fail(&room, &mut doomed);
                     }
-                    keep
-                });
-                for write in sent.into_iter().skip(retried) {
+                    let _ = reply.send(result);
+                }
+                (Write::Publish { .. }, Ok(_)) => {}
+                (write, Err(error)) => {
                     fail(write.room(), &mut doomed);
-                    if let Some(departure) = Departure::of(&write) {
-                        lost.push(write.room().to_owned());
-                        departures.push(departure);
-                        continue;
-                    }
-                    match write {
-                        Write::Append { reply, .. } => {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                        Write::Publish { room, .. } => lost.push(room),
-                    }
-                }
-                lost.sort_unstable();
-                lost.dedup();
-                for room in lost {
-                    let to = feed.rooms().get(&room).map(|w| w.to.clone());
-                    if let Some(to) = to {
-                        let _ = to.send(FeedEvent::Lost(error.clone())).await;
-                    }
+                    departures.extend(Departure::of(&write));
+                    lost.push((write.room().to_owned(), error));
                 }
             }
         }
+        if !had_departures && !departures.is_empty() {
+            // The first departures that failed: sent again in a second.
+            retry_at = tokio::time::Instant::now() + DEPARTURE_RETRY;
+        }
+        lost.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        lost.dedup_by(|a, b| a.0 == b.0);
+        for (room, error) in lost {
+            let to = feed.rooms().get(&room).map(|w| w.to.clone());
+            if let Some(to) = to {
+                let _ = to.send(FeedEvent::Lost(error)).await;
+            }
+        }
     }
+}
+
+/// Runs `pipe` (`count` commands, errors kept apart) and answers each command's outcome: its
+/// value, or why it failed (every command's error when the whole pipeline failed: the
+/// connection went, say). Commands that Redis answered `NOSCRIPT` (it restarted and forgot the
+/// scripts: they did not run) run again, alone, once the scripts are loaded.
+async fn run(
+    conn: &mut ConnectionManager,
+    scripts: &Scripts,
+    pipe: &redis::Pipeline,
+    count: usize,
+) -> Vec<Result<Value, StoreError>> {
+    let answers = |answer: redis::RedisResult<Vec<Value>>, count: usize| match answer {
+        Ok(values) if values.len() == count => values
+            .into_iter()
+            .map(|value| match value {
+                Value::ServerError(error) => Err(backend(error.into())),
+                value => Ok(value),
+            })
+            .collect(),
+        Ok(_) => vec![Err(corrupt("a pipeline answer of the wrong length")); count],
+        Err(error) => vec![Err(backend(error)); count],
+    };
+    let answer: redis::RedisResult<Vec<Value>> = pipe.query_async(conn).await;
+    let again: Vec<usize> = match &answer {
+        Ok(values) => values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript)))
+            .map(|(i, _)| i)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut outcomes = answers(answer, count);
+    if again.is_empty() {
+        return outcomes;
+    }
+    let mut loaded = scripts.append.prepare_invoke().load_async(conn).await;
+    if loaded.is_ok() {
+        loaded = scripts.publish.prepare_invoke().load_async(conn).await;
+    }
+    let retried = match loaded {
+        Ok(_) => {
+            let mut retry = redis::pipe();
+            retry.ignore_errors();
+            let commands: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+            for &i in &again {
+                retry.add_command(commands[i].clone());
+            }
+            answers(retry.query_async(conn).await, again.len())
+        }
+        Err(error) => vec![Err(backend(error)); again.len()],
+    };
+    for (i, outcome) in again.into_iter().zip(retried) {
+        outcomes[i] = outcome;
+    }
+    outcomes
 }
 
 /// The append script's answer.
