@@ -225,6 +225,8 @@ struct MemoryState {
     failed: std::collections::HashSet<String>,
     /// Fail the next append, as a full disk would.
     fail_next: bool,
+    /// Where the log identities of the rooms it creates start (see [`MemoryStore::with_log_seed`]).
+    log_seed: u64,
 }
 
 /// A store in memory: for tests and the simulation. It is durable for as long as it lives.
@@ -237,6 +239,17 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store whose rooms' log identities start from `seed`: a random one where the
+    /// store serves clients. A relay on memory that restarts lost every room; with identities
+    /// that start over, its first room would have the identity the lost one had, and its
+    /// clients would take the new, empty log for the one they hold and not give their documents
+    /// back. (The store draws no randomness of its own.)
+    pub fn with_log_seed(seed: u64) -> Self {
+        let store = Self::default();
+        store.state().log_seed = seed;
+        store
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, MemoryRoom>) -> T) -> T {
@@ -255,14 +268,21 @@ impl MemoryStore {
 
     /// Opens `room` now (the memory store needs no waiting).
     pub fn open_now(&self, room: &str, config: RoomConfig) -> RoomRecord {
-        // Every room this process creates gets a log identity of its own.
-        static NEXT_LOG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        self.state().failed.remove(room);
+        // Every room this process creates gets a log identity of its own, from 1 to 2^53 - 1
+        // (a safe integer in JS).
+        static NEXT_LOG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        const LOGS: u64 = (1 << 53) - 1;
+        let seed = {
+            let mut state = self.state();
+            state.failed.remove(room);
+            state.log_seed
+        };
         self.with(|rooms| {
             let room = rooms.entry(room.to_owned()).or_insert_with(|| MemoryRoom {
                 record: RoomRecord::new(
                     config,
-                    NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    1 + (seed % LOGS + NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                        % LOGS,
                 ),
                 log: Vec::new(),
                 docs: Vec::new(),

@@ -277,3 +277,23 @@ async fn joiners_that_do_not_read_a_large_log_cost_little_memory() {
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A relay that keeps its rooms in memory (`--memory`) and restarts has lost every room: its
+/// clients must see that their log is gone, and give their documents back, or the new log
+/// holds none of what they hold, their next edits build on clocks it never stored (the relay
+/// refuses them), and a late joiner gets an empty document. A client sees it by the log's
+/// identity, which came from a counter that started over with the process: the restarted
+/// relay's first room had the identity the old one's had.
+#[tokio::test]
+async fn a_relay_on_memory_that_restarts_gives_its_rooms_new_log_identities() {
+    let (child, addr) = common::spawn_relay(&["--memory"]);
+    let first = Relay(child);
+    let (mut conn, welcome) = connect(&addr, 0, None).await;
+    conn.send(&data(welcome.node, 1)).await.unwrap();
+    drop(conn);
+    drop(first);
+    let (child, addr) = common::spawn_relay(&["--memory"]);
+    let _second = Relay(child);
+    let (_conn, again) = connect(&addr, 0, None).await;
+    assert_ne!(again.log, welcome.log, "a new log, not the lost one");
+}

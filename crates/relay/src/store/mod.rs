@@ -77,7 +77,12 @@ pub async fn open(
 ) -> Result<(Arc<dyn Store>, Option<Feed>), StoreError> {
     Ok(match config {
         StoreConfig::Sqlite(dir) => (Arc::new(sqlite::SqliteStore::open(dir, metrics)?), None),
-        StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
+        StoreConfig::Memory => {
+            let mut seed = [0u8; 8];
+            getrandom::fill(&mut seed).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let store = MemoryStore::with_log_seed(u64::from_le_bytes(seed));
+            (Arc::new(store), None)
+        }
         StoreConfig::Redis(url) => {
             let (store, feed) = self::redis::RedisStore::open(url, bus_bytes).await?;
             (Arc::new(store), Some(feed))
