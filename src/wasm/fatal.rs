@@ -51,6 +51,10 @@ export function pmListen(socket, listener) {
   socket.addEventListener('open', on(0));
   socket.addEventListener('message', on(1));
   socket.addEventListener('close', on(2));
+  // A close event follows each error (what failed is in its code and reason). Heard here, an
+  // error is not thrown: the ws package's socket is an EventEmitter, for which an error event
+  // nobody listens to throws, and ends a Node process.
+  socket.addEventListener('error', () => {});
 }
 export function pmStop(socket, code, reason) {
   socket.pmStopped = true;
@@ -75,7 +79,8 @@ export function pmAfterPanic(reinit, message, clients) {
 extern "C" {
     /// Sets the socket's binary type to `ArrayBuffer` and calls `listener` with its events
     /// until [`stop`] has stopped it: `(0)` it opened, `(1, data)` a message, `(2, code,
-    /// reason)` it closed. Its `error` events are left out: a `close` event follows each.
+    /// reason)` it closed. Its `error` events are heard and left out: a `close` event follows
+    /// each.
     #[wasm_bindgen(js_name = pmListen)]
     pub(crate) fn listen(socket: &web_sys::WebSocket, listener: &js_sys::Function);
     /// Closes the socket, and keeps every later event of it from the client's listener: once

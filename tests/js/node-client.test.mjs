@@ -218,3 +218,31 @@ test("a client let go of without close() leaves the room, and Node keeps running
   await new Promise((r) => setTimeout(r, 200));
   a.close();
 });
+
+// The `ws` package's socket is an EventEmitter: an `error` event nobody listens to throws, and
+// took the whole Node process down (a relay that cannot be reached, a relay that went away
+// while the client typed, a socket closed while still connecting).
+test("with the ws package, an unreachable relay rejects connect with a ConnectError and the process lives", async () => {
+  const closed = await startRelay();
+  const gone = closed.url;
+  await closed.stop();
+  await assert.rejects(
+    mesh.MeshClient.connect({ url: gone, room: "unreachable", WebSocket, connectTimeout: 1_500 }),
+    { name: "ConnectError" },
+  );
+  const other = await startRelay();
+  try {
+    const client = await mesh.MeshClient.connect({ url: other.url, room: "goes-away", WebSocket });
+    const statuses = [];
+    client.on("status", (status) => statuses.push(status));
+    await other.stop();
+    client.text("content").insert(0, "typed while the relay is gone");
+    await until("reconnecting", () => statuses.includes("reconnecting"));
+    // Attempts against the dead relay, each an error event of ws.
+    await new Promise((r) => setTimeout(r, 1_500));
+    assert.equal(client.text("content").toString(), "typed while the relay is gone");
+    client.close();
+  } finally {
+    await other.stop();
+  }
+});
