@@ -210,6 +210,8 @@ export class MeshProvider {
   #onUpdate;
   #onTransaction;
   #onAwareness;
+  #onDestroy;
+  #unsent; // what a client stopped by a PanicError had not delivered, as that error says
 
   constructor(ydoc, doc, awareness) {
     attached.add(ydoc);
@@ -230,6 +232,12 @@ export class MeshProvider {
     };
     ydoc.on("afterTransaction", this.#onTransaction);
     ydoc.on("update", this.#onUpdate);
+    // An application that unmounts a document destroys its Y.Doc, which drops every listener
+    // of it: the provider goes with it (what was edited before is still sent and waited for).
+    this.#onDestroy = () => {
+      this.destroy().catch((e) => this.#error(e));
+    };
+    ydoc.on("destroy", this.#onDestroy);
     if (awareness) {
       this.#onAwareness = ({ added, updated, removed }, origin) => {
         if (origin === this) return;
@@ -281,6 +289,17 @@ export class MeshProvider {
     const client = this.client;
     let left = 0;
     let status = "closed";
+    // A client stopped by a PanicError throws from then on (its instance was replaced): it is
+    // taken for closed, and what it had not delivered is what that error said.
+    let stopped = false;
+    const read = (get, otherwise) => {
+      try {
+        return get();
+      } catch {
+        stopped = true;
+        return otherwise;
+      }
+    };
     try {
       // Out of the Y.Doc's transaction first. Called from an observer (or an update listener
       // added before the provider's), the transaction's update is not out yet: Yjs emits it
@@ -291,21 +310,27 @@ export class MeshProvider {
       this.#flush();
       // What is typed while the relay acknowledges goes out too, and is waited for.
       const deadline = Date.now() + wait;
-      while (client && client.status === "open" && client.pendingCount > 0 && Date.now() < deadline) {
+      while (client && read(() => client.status, "closed") === "open" && read(() => client.pendingCount, 0) > 0 && Date.now() < deadline) {
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
       this.#destroyed = true;
       this.#detach();
       this.#flush();
-      left = client?.pendingCount ?? 0;
-      status = client?.status ?? status;
+      left = read(() => client?.pendingCount ?? 0, 0);
+      status = read(() => client?.status ?? status, "closed");
     } finally {
       this.#destroyed = true;
       this.#detach();
       if (this.awareness) {
         this.#forget([...this.#nodes.values()]);
       }
-      client?.close();
+      read(() => client?.close());
+    }
+    if (stopped) {
+      // The PanicError reaches the listeners in a task of its own: waited for, for its count.
+      if (this.#unsent === undefined) await new Promise((resolve) => setTimeout(resolve, 0));
+      // That error told the listeners already.
+      return this.#unsent ?? 0;
     }
     if (left > 0) {
       this.#error(new Error(`destroyed with ${left} message(s) the relay had not acknowledged (status ${status}): they did not reach the room`));
@@ -317,6 +342,7 @@ export class MeshProvider {
     attached.delete(this.doc);
     this.doc.off("update", this.#onUpdate);
     this.doc.off("afterTransaction", this.#onTransaction);
+    this.doc.off("destroy", this.#onDestroy);
     if (this.awareness) this.awareness.off("update", this.#onAwareness);
   }
 
@@ -444,7 +470,10 @@ export class MeshProvider {
   #clientError(e) {
     // A panic stopped the client: what it had not sent is lost, and this Y.Doc's edits reach
     // the room no more.
-    if (e?.name === "PanicError") this.diverged = true;
+    if (e?.name === "PanicError") {
+      this.diverged = true;
+      if (typeof e.unsent === "number") this.#unsent = e.unsent;
+    }
     this.#error(e);
   }
 

@@ -322,6 +322,7 @@ fn on_panic(message: &str) {
             )
         });
         error.set_name("PanicError");
+        let _ = js_sys::Reflect::set(&error, &"unsent".into(), &(unsent as f64).into());
         let listeners: js_sys::Array = client.errors.iter().collect();
         let reject = client
             .connecting

@@ -468,8 +468,36 @@ test("a panic in the module reaches the provider's error listeners, and the Y.Do
   assert.equal(got.heard.length, 2, JSON.stringify(got.heard));
   assert.match(got.heard[0], /^PanicError: /);
   assert.equal(got.diverged, true);
+  // destroy() after it resolves with what the client had not delivered (the PanicError's
+  // count), as it does for a live client: it rejected with the stale instance's plain Error.
+  const destroyed = await a.evaluate(async () => {
+    try { return { left: await provider.destroy() }; } catch (e) { return { threw: `${e.name}: ${e.message}` }; }
+  });
+  assert.deepEqual(destroyed, { left: 0 });
   assert.deepEqual(a.problems.filter((p) => !/unreachable|a test panic/.test(p)), []);
   await a.close();
+});
+
+// An application that unmounts a document calls ydoc.destroy(), which drops every listener of
+// the Y.Doc: the provider heard nothing, its client stayed in the room (holding a place of the
+// room's and the user's caps, its socket and heartbeats), and the member stayed listed.
+test("ydoc.destroy() destroys its provider: the edit made before it arrives, and the member leaves", async () => {
+  const room = `ydoc-destroy-${Date.now()}`;
+  const a = await blank();
+  const b = await blank();
+  const node = await joinYjs(a, room, "ada");
+  await joinYjs(b, room, "bo");
+  await until("b lists a", () => b.evaluate((node) => provider.client.peers.some((p) => p.node === node), node));
+  await a.evaluate(() => {
+    ydoc.getText("content").insert(0, "typed before the unmount");
+    ydoc.destroy();
+  });
+  await until("b has the edit made before ydoc.destroy()", () => b.evaluate(() =>
+    ydoc.getText("content").toString() === "typed before the unmount" || ydoc.getText("content").toString()));
+  await until("a's client closed", () => a.evaluate(() => provider.client.status === "closed" || provider.client.status));
+  await until("b no longer lists a", () => b.evaluate((node) => !provider.client.peers.some((p) => p.node === node), node));
+  assert.deepEqual(a.problems, []);
+  for (const page of [a, b]) await page.close();
 });
 
 test("what cannot be sent while a provider connects reaches on.error, not only the console", async () => {
