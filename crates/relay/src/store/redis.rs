@@ -1566,15 +1566,18 @@ async fn log_check_loop(feed: Feed) {
     }
 }
 
-/// Renews this relay's heartbeat, and has the rooms hear of the relays whose heartbeat ended.
+/// Renews this relay's heartbeat, and nothing else: the work of a lapse (the rooms announce
+/// their members again) and of another relay's end (its members leave every room, one command
+/// per room) is [`relays_loop`]'s, in a task of its own, so that it never holds up a renewal.
+/// (Done between renewals, striking a dead relay's members off thousands of rooms, each strike
+/// waiting for Redis's fsync, outlasted this relay's own heartbeat, and the other relays then
+/// struck this one's members off every room.)
 async fn heartbeat_loop(feed: Feed) {
     let key = heartbeat_key(feed.relay);
     let lasts = HEARTBEAT * 3;
     let mut renewed: Option<std::time::Instant> = None;
-    // Announcements still to make after a lapse: two, as another relay may strike this one's
-    // members off a room just after the first (it found the heartbeat gone before this relay
-    // renewed it, and strikes room by room).
-    let mut announce = 0;
+    let lapsed = Arc::new(Notify::new());
+    tokio::spawn(relays_loop(feed.clone(), lapsed.clone()));
     loop {
         // `GET`: the heartbeat as it was, gone if it lapsed (this relay stalled, or lost Redis,
         // for longer than it lasts).
@@ -1593,10 +1596,26 @@ async fn heartbeat_loop(feed: Feed) {
                     tracing::warn!(
                         "this relay's heartbeat had lapsed: its rooms announce their members again"
                     );
-                    announce = 2;
+                    lapsed.notify_one();
                 }
                 renewed = Some(std::time::Instant::now());
             }
+        }
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+/// After this relay's heartbeat lapsed, has its rooms announce their members again; and has
+/// the rooms hear of the relays whose heartbeat ended, and strikes those relays' members off.
+async fn relays_loop(feed: Feed, lapsed: Arc<Notify>) {
+    // Announcements still to make after a lapse: two, as another relay may strike this one's
+    // members off a room just after the first (it found the heartbeat gone before this relay
+    // renewed it, and strikes room by room).
+    let mut announce = 0;
+    loop {
+        tokio::select! {
+            () = lapsed.notified() => announce = 2,
+            () = tokio::time::sleep(HEARTBEAT) => {}
         }
         if announce > 0 {
             announce -= 1;
@@ -1630,7 +1649,6 @@ async fn heartbeat_loop(feed: Feed) {
                 let _ = query::<Value>(&feed.conn, &strike).await;
             }
         }
-        tokio::time::sleep(HEARTBEAT).await;
     }
 }
 
