@@ -755,6 +755,8 @@ async fn one_relay_compacts_a_shared_room_and_the_log_keeps_every_data_entry() {
             .unwrap(),
     ];
     let mut data = join_at(&first, "compact", 0, 0, None).await;
+    // Every member has joined: from here on nothing reads the log's entries but a compaction.
+    assert_eq!(command(redis.port, "CONFIG RESETSTAT"), "+OK");
     for i in 0..150 {
         for (w, writer) in writers.iter().enumerate() {
             let at = writer.text("content").chars().count() as u32;
@@ -793,6 +795,18 @@ async fn one_relay_compacts_a_shared_room_and_the_log_keeps_every_data_entry() {
     assert!(
         len < 150,
         "the log was compacted: {len} entries for 315 messages"
+    );
+    // A compaction finds the document entries it drops without reading the log: it read every
+    // entry since the last snapshot, data entries and their frames too, in one script that
+    // holds every room of every relay (a member's 700 MB of data held Redis for seconds).
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !stats.contains("cmdstat_xrange:"),
+        "a compaction read the log: {stats}"
     );
     // A late joiner on either relay builds the same text from the snapshot and the tail, and
     // gets every data message.
@@ -1655,4 +1669,57 @@ async fn appends_after_redis_forgot_its_scripts_go_through() {
             .await;
         assert_eq!(common::data_value(&got), Some(serde_json::json!(round)));
     }
+}
+
+/// A room whose log was written before rooms kept an index of their document entries has its
+/// first compaction read the log, as before, and is indexed from then on: its document entries
+/// all go, its data entries all stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_logged_before_the_index_of_its_document_entries_compacts_and_is_indexed() {
+    let redis = Redis::start("redis-compact-legacy");
+    let (_a, url) = relay_with(&redis, &["--compact-updates", "40"]);
+    let writer = Client::connect(&url, session("legacy", "w")).await.unwrap();
+    let mut data = join_at(&url, "legacy", 0, 0, None).await;
+    let write = |from: usize, to: usize| {
+        for i in from..to {
+            let at = writer.text("content").chars().count() as u32;
+            writer
+                .insert("content", at, &format!("{}", i % 10))
+                .unwrap();
+        }
+    };
+    // As a relay without the index left the room: no `indexed`, and no index.
+    write(0, 10);
+    writer.settled(WAIT).await.unwrap();
+    assert_eq!(command(redis.port, "HDEL pm:{legacy}:room indexed"), ":1");
+    assert_eq!(command(redis.port, "DEL pm:{legacy}:docs"), ":1");
+    for round in 0..6 {
+        write(round * 20 + 10, round * 20 + 30);
+        data.data_acked(serde_json::json!(round)).await;
+        writer.settled(WAIT).await.unwrap();
+    }
+    assert_eq!(
+        command(redis.port, "HGET pm:{legacy}:room indexed"),
+        "$1\r\n1"
+    );
+    let text = writer.text("content");
+    assert_eq!(text.len(), 130);
+    let late = join_at(&url, "legacy", 0, 0, None).await;
+    assert_eq!(common::replayed_text(late.replay()), text);
+    let values = late
+        .replay()
+        .iter()
+        .filter(|p| common::is_data(&p.frame))
+        .count();
+    assert_eq!(values, 6);
+    let updates = late
+        .replay()
+        .iter()
+        .filter(|p| matches!(&p.frame, Frame::Stamped(s) if matches!(s.body, Body::Update { .. })))
+        .count();
+    assert!(
+        updates < 40,
+        "compacted: {updates} updates after the last snapshot"
+    );
+    writer.close().await;
 }

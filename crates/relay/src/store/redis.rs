@@ -22,7 +22,10 @@
 //!   carries the next number of `pm:{room}:bus-seq`: a relay that reads a number that does not
 //!   follow the last one it read missed publications, and reads the members again;
 //!   `pm:{room}:members` is a hash from node id to `"<relay> <name>"`;
-//! - `pm:{room}:lease`: the relay that compacts the room.
+//! - `pm:{room}:lease`: the relay that compacts the room;
+//! - `pm:{room}:docs`, a list of the log's document entries (updates and snapshots) not yet
+//!   compacted away, `"<position> <frame size>"`, oldest first: what a snapshot drops, found
+//!   without reading the log (a room whose record says `indexed`).
 //!
 //! **Checks with the append.** One script makes the checks that need the state of the whole
 //! room, atomically with the append, since no relay sees every message of the room: a step at or
@@ -72,7 +75,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   end
   redis.call('HSET', KEYS[1], 'seed', ARGV[1], 'multiplier', ARGV[2], 'reset', ARGV[3],
     'future', ARGV[4], 'stale', ARGV[5], 'high', 0, 'position', 0, 'next_node', 1,
-    'log', ARGV[6], 'bytes', 0, 'snapshot', 0)
+    'log', ARGV[6], 'bytes', 0, 'snapshot', 0, 'indexed', 1)
 end
 local ending = redis.call('HINCRBY', KEYS[1], 'next_node', ARGV[7])
 return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'future', 'stale',
@@ -80,7 +83,7 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 "#;
 
 /// Appends a message, with the checks that need the room's state. KEYS: room, tokens, nodes,
-/// log, lease. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
+/// log, lease, docs. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
 /// none), frame, milliseconds now, the last position a snapshot holds, relay, the identity of
 /// the log the relay opened ("0": not known), the last position the relay read of it, the
 /// sender's user (0: none).
@@ -92,7 +95,11 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 ///
 /// A snapshot is taken only from the relay that holds the room's compaction lease (it takes the
 /// lease if nobody holds it, for a minute from each snapshot), and only if it holds more than
-/// the last one; it drops the document entries it holds (never data entries).
+/// the last one; it drops the document entries it holds (never data entries), which it finds
+/// in the room's index of them: one script holds every room of every relay while it runs, and
+/// reading the log instead read every data entry since the last snapshot too (a member's
+/// hundreds of megabytes of data held Redis for seconds). A room created before the index
+/// reads its log once more, and is indexed from the first snapshot that holds all of it.
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'gone'}
@@ -123,15 +130,41 @@ if ARGV[4] == '1' then
   end
   redis.call('SET', KEYS[5], ARGV[9], 'PX', 60000)
   local freed = 0
-  local entries = redis.call('XRANGE', KEYS[4], (covered + 1) .. '-0', covers .. '-0')
-  for _, e in ipairs(entries) do
-    local fields, doc, len = e[2], nil, 0
-    for i = 1, #fields, 2 do
-      if fields[i] == 'd' then doc = fields[i + 1] elseif fields[i] == 'f' then len = string.len(fields[i + 1]) end
+  if redis.call('HGET', KEYS[1], 'indexed') == '1' then
+    -- The document entries from the index, oldest first: the log's data entries (and their
+    -- frames) are not read.
+    while true do
+      local head = redis.call('LINDEX', KEYS[6], 0)
+      if not head then break end
+      local position, len = string.match(head, '^(%d+) (%d+)$')
+      if tonumber(position) > covers then break end
+      redis.call('LPOP', KEYS[6])
+      if tonumber(position) > covered then
+        redis.call('XDEL', KEYS[4], position .. '-0')
+        freed = freed + tonumber(len)
+      end
     end
-    if doc and doc ~= '' then
-      redis.call('XDEL', KEYS[4], e[1])
-      freed = freed + len
+  else
+    -- A room whose log holds document entries the index does not (appended before it): read.
+    local entries = redis.call('XRANGE', KEYS[4], (covered + 1) .. '-0', covers .. '-0')
+    for _, e in ipairs(entries) do
+      local fields, doc, len = e[2], nil, 0
+      for i = 1, #fields, 2 do
+        if fields[i] == 'd' then doc = fields[i + 1] elseif fields[i] == 'f' then len = string.len(fields[i + 1]) end
+      end
+      if doc and doc ~= '' then
+        redis.call('XDEL', KEYS[4], e[1])
+        freed = freed + len
+      end
+    end
+    while true do
+      local head = redis.call('LINDEX', KEYS[6], 0)
+      if not head or tonumber(string.match(head, '^(%d+)')) > covers then break end
+      redis.call('LPOP', KEYS[6])
+    end
+    -- Every document entry up to the last position is gone: the index holds every later one.
+    if covers >= at then
+      redis.call('HSET', KEYS[1], 'indexed', 1)
     end
   end
   redis.call('HINCRBY', KEYS[1], 'bytes', -freed)
@@ -174,6 +207,9 @@ if token ~= '' then
 end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'snapshot', position)
+end
+if ARGV[5] ~= '' then
+  redis.call('RPUSH', KEYS[6], position .. ' ' .. string.len(ARGV[6]))
 end
 redis.call('XADD', KEYS[4], position .. '-0', 's', sender, 't', ARGV[3], 'h', high,
   'd', ARGV[5], 'c', ARGV[8], 'f', ARGV[6])
@@ -293,6 +329,7 @@ struct Keys {
     bus_seq: String,
     members: String,
     lease: String,
+    docs: String,
 }
 
 impl Keys {
@@ -317,6 +354,7 @@ impl Keys {
             bus_seq: format!("pm:{{{tag}}}:bus-seq"),
             members: format!("pm:{{{tag}}}:members"),
             lease: format!("pm:{{{tag}}}:lease"),
+            docs: format!("pm:{{{tag}}}:docs"),
         }
     }
 }
@@ -818,12 +856,13 @@ async fn write_loop(
                         .map_or((0, 0), |w| (w.log, w.after));
                     pipe.cmd("EVALSHA")
                         .arg(scripts.append.get_hash())
-                        .arg(5)
+                        .arg(6)
                         .arg(&keys.room)
                         .arg(&keys.tokens)
                         .arg(&keys.nodes)
                         .arg(&keys.log)
                         .arg(&keys.lease)
+                        .arg(&keys.docs)
                         .arg(entry.sender)
                         .arg(token)
                         .arg(entry.step)
