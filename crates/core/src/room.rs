@@ -497,6 +497,14 @@ pub enum Roster {
     Joined(Peer),
     /// The node left this relay.
     Left(NodeId),
+    /// The node's latest presence, kept for relays that open the room later: the publication's
+    /// frame (`set`), or none (it cleared its presence with `null`).
+    Presence {
+        /// The member.
+        node: NodeId,
+        /// Whether it has one.
+        set: bool,
+    },
 }
 
 /// A frame that another relay of a shared room passed on (see [`RoomCore::relayed`]).
@@ -1317,6 +1325,21 @@ impl RoomCore {
         }
     }
 
+    /// The latest presences of members on other relays, as the store keeps them when the room
+    /// opens on this relay (or reads its members again): each a presence frame, kept for the
+    /// late joiners here if its sender is a member on another relay. Call it after
+    /// [`RoomCore::remote_members`] (or [`RoomCore::resync_remote`]).
+    pub fn remote_presences(&mut self, presences: Vec<Bytes>) {
+        let limits = self.log_limits();
+        for bytes in presences {
+            if let Ok(Frame::Presence { sender, data }) = Frame::decode_with(&bytes, &limits) {
+                if let Some(remote) = self.remote.get_mut(&sender) {
+                    remote.presence = (data != crate::wire::Json::null()).then_some(bytes);
+                }
+            }
+        }
+    }
+
     /// Whether `node` is a member on this relay.
     fn is_member_here(&self, node: NodeId) -> bool {
         self.nodes.get(&node).is_some_and(|n| n.conn.is_some())
@@ -1495,7 +1518,8 @@ impl RoomCore {
             let joined = Bytes::from(Frame::PeerJoined { peer: peer.clone() }.encode());
             self.publish(None, 0, joined, Some(Roster::Joined(peer)));
             if let Some(presence) = presence {
-                self.publish(None, 0, presence, None);
+                let roster = Roster::Presence { node, set: true };
+                self.publish(None, 0, presence, Some(roster));
             }
         }
     }
@@ -2214,15 +2238,16 @@ impl RoomCore {
                 if !self.spend(node, bytes.len(), now) {
                     return self.over_bandwidth(conn, 0);
                 }
+                // `null` clears it: a late joiner has nothing to hear.
+                let set = data != crate::wire::Json::null();
                 if let Some(member) = self.members.get_mut(&conn) {
-                    // `null` clears it: a late joiner has nothing to hear.
-                    member.presence = (data != crate::wire::Json::null()).then(|| bytes.clone());
+                    member.presence = set.then(|| bytes.clone());
                 }
                 self.outputs.push_back(Output::Fanout {
                     except: Some(conn),
                     bytes: bytes.clone(),
                 });
-                self.publish(None, 0, bytes, None);
+                self.publish(None, 0, bytes, Some(Roster::Presence { node, set }));
             }
             Frame::Heartbeat => self.outputs.push_back(Output::Send {
                 to: conn,
@@ -4614,7 +4639,13 @@ mod tests {
                     },
                     Some(Roster::Joined(peer(b.node, "b")))
                 ),
-                (presence, None),
+                (
+                    presence,
+                    Some(Roster::Presence {
+                        node: b.node,
+                        set: true
+                    })
+                ),
             ]
         );
         // A member whose client went to another relay meanwhile (that relay announced it) is

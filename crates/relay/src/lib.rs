@@ -373,7 +373,7 @@ impl Relay {
         let (bus, remote) = match &self.feed {
             Some(feed) => {
                 let (bus, remote) = feed.open(room).await.map_err(unavailable)?;
-                let relays = remote.iter().map(|(relay, _)| *relay).collect();
+                let relays = remote.members.iter().map(|(relay, _)| *relay).collect();
                 (Some((bus, relays)), Some(remote))
             }
             None => (None, None),
@@ -390,7 +390,8 @@ impl Relay {
             RoomCore::new(name, record, &document, limits, now).map(|mut core| {
                 if let Some(remote) = remote {
                     core.share();
-                    core.remote_members(remote);
+                    core.remote_members(remote.members);
+                    core.remote_presences(remote.presences);
                 }
                 core
             })

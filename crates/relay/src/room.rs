@@ -218,7 +218,8 @@ pub(crate) async fn run(
                              the other relays' members are read again"
                         );
                         task.relay.metrics.bus_missed.fetch_add(1, Relaxed);
-                        task.core.resync_remote(members);
+                        task.core.resync_remote(members.members);
+                        task.core.remote_presences(members.presences);
                     }
                 }
             }

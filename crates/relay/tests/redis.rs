@@ -1723,3 +1723,53 @@ async fn a_room_logged_before_the_index_of_its_document_entries_compacts_and_is_
     );
     writer.close().await;
 }
+
+/// A relay that opens a room reads its other relays' members from Redis, and had no presence
+/// of theirs: a member joining there saw the others listed, without their cursors, until each
+/// sent its presence again. Redis keeps each member's latest presence beside the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_opens_a_room_late_gives_its_joiners_the_presences_of_the_others() {
+    use pattern_mesh_core::wire::Json;
+    let redis = Redis::start("redis-presence-late");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut a = join_at(&urls[0], "cursors", 0, 0, None).await;
+    let mut c = join_at(&urls[0], "cursors", 0, 0, None).await;
+    let presence = |node, cursor| Frame::Presence {
+        sender: node,
+        data: Json::from_value(&serde_json::json!({ "cursor": cursor })).unwrap(),
+    };
+    a.send(&presence(a.node, 1)).await;
+    a.send(&presence(a.node, 2)).await;
+    c.send(&presence(c.node, 7)).await;
+    // C takes its presence back (null): it has none.
+    c.send(&Frame::Presence {
+        sender: c.node,
+        data: Json::null(),
+    })
+    .await;
+    // Published in order with what follows: once these are stored, the presences are out.
+    a.data_acked(serde_json::json!("after")).await;
+    c.data_acked(serde_json::json!("after")).await;
+    let b = join_at(&urls[1], "cursors", 0, 0, None).await;
+    assert!(b.welcome.peers.iter().any(|p| p.node == a.node));
+    let presences: Vec<&Frame> = b
+        .replay()
+        .iter()
+        .map(|p| &p.frame)
+        .filter(|f| matches!(f, Frame::Presence { .. }))
+        .collect();
+    assert_eq!(
+        presences,
+        [&presence(a.node, 2)],
+        "a's latest, and none of c's"
+    );
+    // Once a leaves, a relay that opens the room later has no presence of it.
+    drop(a.conn);
+    drop(b.conn);
+    c.recv_until(|f| matches!(f, Frame::PeerLeft { .. })).await;
+    assert_eq!(
+        command(redis.port, "HLEN pm:{cursors}:presence"),
+        ":0",
+        "a's presence left with it"
+    );
+}

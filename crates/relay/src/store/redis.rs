@@ -21,7 +21,9 @@
 //!   entry's id and frame size, oldest first, and `pm:{room}:bus-bytes` sums them. Each entry
 //!   carries the next number of `pm:{room}:bus-seq`: a relay that reads a number that does not
 //!   follow the last one it read missed publications, and reads the members again;
-//!   `pm:{room}:members` is a hash from node id to `"<relay> <name>"`;
+//!   `pm:{room}:members` is a hash from node id to `"<relay> <name>"`, and
+//!   `pm:{room}:presence` from node id to its latest presence frame (for the relays that open
+//!   the room later; it goes with the member);
 //! - `pm:{room}:lease`: the relay that compacts the room;
 //! - `pm:{room}:docs`, a list of the log's document entries (updates and snapshots) not yet
 //!   compacted away, `"<position> <frame size>"`, oldest first: what a snapshot drops, found
@@ -231,9 +233,10 @@ end
 return gone
 "#;
 
-/// Passes a frame on to the other relays' members of a room, and records who joined or left.
-/// KEYS: bus, members, room, bus sizes, bus bytes, bus sequence. ARGV: relay, after, to, frame,
-/// change ("j", "l" or ""), node, name, step, the most bytes of frames the bus may hold, and
+/// Passes a frame on to the other relays' members of a room, and records who joined or left,
+/// and each member's latest presence. KEYS: bus, members, room, bus sizes, bus bytes, bus
+/// sequence, presences. ARGV: relay, after, to, frame, change ("j" joined, "l" left, "p" the
+/// frame is its presence, "n" it has none, or ""), node, name, step, the most bytes of frames the bus may hold, and
 /// how long the bus keeps a publication. The entry's place is after the room's last log position
 /// now (never below `after`): the readers put it back there among the log's entries. A stamped
 /// frame every member receives moves the room step as an append does. First the oldest entries
@@ -258,6 +261,17 @@ elseif ARGV[5] == 'l' then
   local member = redis.call('HGET', KEYS[2], ARGV[6])
   if member and string.sub(member, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
     redis.call('HDEL', KEYS[2], ARGV[6])
+    redis.call('HDEL', KEYS[7], ARGV[6])
+  end
+elseif ARGV[5] == 'p' or ARGV[5] == 'n' then
+  -- Kept for a member listed on this relay only: one that left (or moved) keeps nothing.
+  local member = redis.call('HGET', KEYS[2], ARGV[6])
+  if member and string.sub(member, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+    if ARGV[5] == 'p' then
+      redis.call('HSET', KEYS[7], ARGV[6], ARGV[4])
+    else
+      redis.call('HDEL', KEYS[7], ARGV[6])
+    end
   end
 end
 local size = string.len(ARGV[4])
@@ -300,13 +314,15 @@ return 1
 /// (and, kept alive by one small publication a minute, hold full).
 const BUS_IDLE: Duration = Duration::from_secs(60);
 
-/// Strikes the members of a relay that died off a room's list. KEYS: members. ARGV: relay.
+/// Strikes the members of a relay that died off a room's list, with their presences. KEYS:
+/// members, presences. ARGV: relay.
 const STRIKE: &str = r#"
 local all = redis.call('HGETALL', KEYS[1])
 local prefix = ARGV[1] .. ' '
 for i = 1, #all, 2 do
   if string.sub(all[i + 1], 1, string.len(prefix)) == prefix then
     redis.call('HDEL', KEYS[1], all[i])
+    redis.call('HDEL', KEYS[2], all[i])
   end
 end
 return 1
@@ -330,6 +346,7 @@ struct Keys {
     members: String,
     lease: String,
     docs: String,
+    presence: String,
 }
 
 impl Keys {
@@ -355,6 +372,7 @@ impl Keys {
             members: format!("pm:{{{tag}}}:members"),
             lease: format!("pm:{{{tag}}}:lease"),
             docs: format!("pm:{{{tag}}}:docs"),
+            presence: format!("pm:{{{tag}}}:presence"),
         }
     }
 }
@@ -887,17 +905,20 @@ async fn write_loop(
                     let (change, node, name) = match roster {
                         Some(Roster::Joined(peer)) => ("j", peer.node, peer.name.as_str()),
                         Some(Roster::Left(node)) => ("l", *node, ""),
+                        Some(Roster::Presence { node, set: true }) => ("p", *node, ""),
+                        Some(Roster::Presence { node, set: false }) => ("n", *node, ""),
                         None => ("", 0, ""),
                     };
                     pipe.cmd("EVALSHA")
                         .arg(scripts.publish.get_hash())
-                        .arg(6)
+                        .arg(7)
                         .arg(&keys.bus)
                         .arg(&keys.members)
                         .arg(&keys.room)
                         .arg(&keys.bus_sizes)
                         .arg(&keys.bus_bytes)
                         .arg(&keys.bus_seq)
+                        .arg(&keys.presence)
                         .arg(relay)
                         .arg(*after)
                         .arg(to.unwrap_or(0))
@@ -1293,8 +1314,14 @@ pub enum FeedEvent {
     Lost(StoreError),
 }
 
-/// The members of a room on other live relays: each with its relay.
-pub type RemoteMembers = Vec<(u64, Peer)>;
+/// The members of a room on other live relays, as the store lists them.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteMembers {
+    /// Each member, with its relay.
+    pub members: Vec<(u64, Peer)>,
+    /// The latest presence frames of those members that have one.
+    pub presences: Vec<Bytes>,
+}
 
 /// Where a relay stands in a room's bus: the last entry it read, and that entry's number
 /// (`None` for an entry written before entries were numbered).
@@ -1473,9 +1500,23 @@ impl Feed {
                 let mut hdel = redis::cmd("HDEL");
                 hdel.arg(&keys.members).arg(node);
                 query::<u64>(&self.conn, &hdel).await?;
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(&keys.presence).arg(node);
+                query::<u64>(&self.conn, &hdel).await?;
             }
         }
-        Ok((bus, members))
+        // Their latest presences: read after the bus's place, so that one set since is read
+        // here or in the bus after that place (the newer one last), never missed.
+        let mut all = redis::cmd("HGETALL");
+        all.arg(&keys.presence);
+        let all: Vec<(u64, Vec<u8>)> = query(&self.conn, &all).await?;
+        let listed: HashSet<u64> = members.iter().map(|(_, peer)| peer.node).collect();
+        let presences = all
+            .into_iter()
+            .filter(|(node, _)| listed.contains(node))
+            .map(|(_, frame)| Bytes::from(frame))
+            .collect();
+        Ok((bus, RemoteMembers { members, presences }))
     }
 
     /// Follows `room`, whose log has the identity `log`, from after log position `after` and bus
@@ -1695,9 +1736,11 @@ impl Feed {
     /// Strikes the members of `relay` off `room`'s list.
     fn strike(&self, room: &str, relay: u64) -> redis::Cmd {
         let mut eval = redis::cmd("EVAL");
+        let keys = Keys::of(room);
         eval.arg(STRIKE)
-            .arg(1)
-            .arg(Keys::of(room).members)
+            .arg(2)
+            .arg(keys.members)
+            .arg(keys.presence)
             .arg(relay);
         eval
     }
@@ -1917,7 +1960,7 @@ impl Feed {
                     let rooms = self.rooms();
                     if rooms.get(room).is_some_and(|w| w.id == id) {
                         self.state
-                            .note_relays(room, members.iter().map(|(relay, _)| *relay));
+                            .note_relays(room, members.members.iter().map(|(relay, _)| *relay));
                     }
                 }
                 if to.send(FeedEvent::Missed(members)).await.is_err() {
