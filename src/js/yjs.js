@@ -149,7 +149,7 @@ export class MeshProvider {
       }
     };
     try {
-      provider.client = await MeshClient.connect({
+      provider.#connecting = MeshClient.connect({
         ...rest,
         on: {
           ...on,
@@ -170,6 +170,7 @@ export class MeshProvider {
         },
         document,
       });
+      provider.client = await provider.#connecting;
     } catch (e) {
       provider.#detach();
       throw e;
@@ -211,6 +212,7 @@ export class MeshProvider {
   #onTransaction;
   #onAwareness;
   #onDestroy;
+  #connecting = null; // MeshClient.connect's promise
   #unsent; // what a client stopped by a PanicError had not delivered, as that error says
 
   constructor(ydoc, doc, awareness) {
@@ -286,6 +288,17 @@ export class MeshProvider {
   }
 
   async #destroy(wait) {
+    // Destroyed while it connects (the Y.Doc destroyed as the application unmounts it): the
+    // client it is about to have is closed too, once it is there.
+    if (this.client === null && this.#connecting !== null) {
+      try {
+        await this.#connecting;
+      } catch {
+        // `connect` rejects to its caller.
+      }
+      // `connect` takes the client first (it awaited before this did).
+      await null;
+    }
     const client = this.client;
     let left = 0;
     let status = "closed";

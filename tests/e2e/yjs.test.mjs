@@ -496,6 +496,17 @@ test("ydoc.destroy() destroys its provider: the edit made before it arrives, and
     ydoc.getText("content").toString() === "typed before the unmount" || ydoc.getText("content").toString()));
   await until("a's client closed", () => a.evaluate(() => provider.client.status === "closed" || provider.client.status));
   await until("b no longer lists a", () => b.evaluate((node) => !provider.client.peers.some((p) => p.node === node), node));
+  // Unmounted while its provider still connects: the client closes once it is there.
+  const late = await a.evaluate(async ({ url, room }) => {
+    const ydoc = new Y.Doc();
+    const connecting = MeshProvider.connect(ydoc, { url, room, name: "gone" });
+    ydoc.destroy();
+    const provider = await connecting;
+    window.late = provider;
+    return provider.client.node;
+  }, { url: relay.url, room });
+  await until("the late client closed", () => a.evaluate(() => window.late.client.status === "closed" || window.late.client.status));
+  await until("b does not list the late client", () => b.evaluate((node) => !provider.client.peers.some((p) => p.node === node), late));
   assert.deepEqual(a.problems, []);
   for (const page of [a, b]) await page.close();
 });
