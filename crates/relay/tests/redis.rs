@@ -1773,3 +1773,70 @@ async fn a_relay_that_opens_a_room_late_gives_its_joiners_the_presences_of_the_o
         "a's presence left with it"
     );
 }
+
+/// A node's stored messages stay a prefix of what it sent. The relay sends a room's appends in
+/// one pipeline; when one of a node's appends was not stored (Redis answered it with an error,
+/// or refused it) and its next one in the same pipeline was, the first was lost: sent again by
+/// its client, it is a replay of a step below a stored one, which the client takes for
+/// stored. The next one is not stored either now (`gap`), and the room opens again.
+#[tokio::test]
+async fn an_append_after_one_of_its_node_that_was_not_stored_is_not_stored_either() {
+    use pattern_mesh_core::room::Append;
+    use pattern_mesh_core::store::{Appended, Store};
+    use pattern_mesh_core::wire::{Json, RoomConfig, Stamp};
+    let redis = Redis::start("redis-gap");
+    let (store, _feed) =
+        pattern_mesh_relay::store::redis::RedisStore::open(&redis.url(), 256 << 20)
+            .await
+            .expect("connected");
+    let record = store.open_room("gap", RoomConfig::default()).await.unwrap();
+    let future = record.config.max_future;
+    let (a, c) = (record.next_node, record.next_node + 1);
+    let append = |sender: u64, step: u64| {
+        let frame = Frame::stamped(
+            Stamp {
+                sender,
+                step,
+                pattern: pattern_mesh_core::pattern::PatternConfig::default().value(step),
+            },
+            Body::Data {
+                data: Json::from_value(&serde_json::json!(step)).unwrap(),
+            },
+        );
+        Append {
+            sender,
+            token: Some([sender as u8; 16]),
+            user: 0,
+            step,
+            high: 0,
+            doc: None,
+            snapshot: false,
+            covers: 0,
+            bytes: bytes::Bytes::from(frame.encode()),
+        }
+    };
+    // One pipeline (this runtime runs the relay's writer only once this task waits): a's first
+    // is past the room's step by more than the room allows, c's two move the room's step, and
+    // a's second is then within it.
+    let answers = [
+        store.append("gap", append(a, future + 1)),
+        store.append("gap", append(c, 1)),
+        store.append("gap", append(c, 2)),
+        store.append("gap", append(a, future + 2)),
+    ];
+    let mut answers = futures_util::future::join_all(answers).await.into_iter();
+    assert!(matches!(
+        answers.next(),
+        Some(Ok(Appended::Refused {
+            reason: Reason::FutureStep,
+            ..
+        }))
+    ));
+    assert!(matches!(answers.next(), Some(Ok(Appended::Stored { .. }))));
+    assert!(matches!(answers.next(), Some(Ok(Appended::Stored { .. }))));
+    let last = answers.next().unwrap();
+    assert!(
+        matches!(&last, Err(e) if e.to_string().contains("was not stored")),
+        "{last:?}"
+    );
+}

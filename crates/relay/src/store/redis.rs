@@ -41,7 +41,11 @@
 //! **Order.** Appends go through one writer task that sends them to Redis in the order they were
 //! made, pipelined: a room's appends are positioned in that order. Once an append of a room
 //! fails, every later append of it fails too until the room is opened again, so that a node's
-//! stored messages stay a prefix of what it sent (its client reads `replay` as "stored").
+//! stored messages stay a prefix of what it sent (its client reads `replay` as "stored"): in
+//! later pipelines the relay does not send them, and in the same pipeline (Redis runs every
+//! command of it) the script refuses an append whose node's append before it there was not
+//! stored. Each command of a pipeline is judged on its own answer, so that one room's failure
+//! is that room's alone.
 //!
 //! **Durability.** An append is answered once Redis answered the script. That is durable when
 //! Redis runs with `appendonly yes` and `appendfsync always` (it writes and fsyncs its AOF before
@@ -88,7 +92,13 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 /// log, lease, docs. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
 /// none), frame, milliseconds now, the last position a snapshot holds, relay, the identity of
 /// the log the relay opened ("0": not known), the last position the relay read of it, the
-/// sender's user (0: none).
+/// sender's user (0: none), the step of the sender's append before this one in the same
+/// pipeline (0: none).
+///
+/// A node's stored messages stay a prefix of what it sent: an append whose node's append before
+/// it in the pipeline was not stored (it failed, or was refused) is not stored either
+/// (`gap`): stored, it would make that one a replay when its client sends it again, and it
+/// would be lost.
 ///
 /// A record of another log (the room was created again), or a position below what the relay
 /// read (Redis lost the last entries: a failover to a replica that lagged, an AOF written every
@@ -175,6 +185,11 @@ end
 local sender, token, step = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if token ~= '' then
   local record = redis.call('HGET', KEYS[2], token)
+  local prev = tonumber(ARGV[13])
+  if prev > 0 and not (record and tonumber(string.match(record, '^%d+ (%d+)')) >= prev) then
+    return {'gap', 'step ' .. ARGV[13] .. ' of node ' .. sender ..
+      ', sent before this one in the same batch, was not stored'}
+  end
   if record then
     local node, last, seen, at = string.match(record, '^(%d+) (%d+) (%d+) ?(%d*)')
     if node ~= sender then
@@ -841,6 +856,9 @@ async fn write_loop(
         let mut sent = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        // The step of each node's append before the next one in this batch: the next is stored
+        // only if that one was (see APPEND).
+        let mut before: HashMap<(String, NodeId), u64> = HashMap::new();
         for mut write in batch.drain(..) {
             if doomed.contains(write.room()) {
                 match write {
@@ -865,8 +883,14 @@ async fn write_loop(
             }
             let keys = Keys::of(write.room());
             match &write {
-                Write::Append { entry, .. } => {
+                Write::Append { room, entry, .. } => {
                     let token = entry.token.map(|t| t.to_vec()).unwrap_or_default();
+                    let prev = match entry.token {
+                        Some(_) => before
+                            .insert((room.clone(), entry.sender), entry.step)
+                            .unwrap_or(0),
+                        None => 0,
+                    };
                     // The log this relay opened, and how far it read it.
                     let (log, read) = feed
                         .rooms()
@@ -892,7 +916,8 @@ async fn write_loop(
                         .arg(relay)
                         .arg(log)
                         .arg(read)
-                        .arg(entry.user);
+                        .arg(entry.user)
+                        .arg(prev);
                 }
                 Write::Publish {
                     to,
@@ -936,7 +961,9 @@ async fn write_loop(
         if sent.is_empty() {
             continue;
         }
-        let outcomes = run(&mut conn, &scripts, &pipe, sent.len()).await;
+        let rooms: Vec<&str> = sent.iter().map(Write::room).collect();
+        let outcomes = run(&mut conn, &scripts, &pipe, &rooms).await;
+        drop(rooms);
         let had_departures = !departures.is_empty();
         let fail = |room: &str, doomed: &mut HashSet<String>| {
             doomed.insert(room.to_owned());
@@ -971,7 +998,15 @@ async fn write_loop(
         // dropped, and the room is told, so that it stops and its members reconnect (and every
         // relay hears them again); a departure is sent again.
         let mut lost = Vec::new();
-        for (write, outcome) in sent.into_iter().zip(outcomes).skip(retried) {
+        // A departure that failed, of a node that joined the room here again later in the
+        // batch, is not sent again: it would strike the member present.
+        let void: Vec<bool> = (0..sent.len())
+            .map(|i| {
+                Departure::of(&sent[i])
+                    .is_some_and(|d| sent[i + 1..].iter().any(|w| w.joins(&d.room, d.node)))
+            })
+            .collect();
+        for ((write, outcome), void) in sent.into_iter().zip(outcomes).zip(void).skip(retried) {
             match (write, outcome) {
                 (Write::Append { room, reply, .. }, outcome) => {
                     let result = outcome.and_then(appended);
@@ -983,7 +1018,7 @@ async fn write_loop(
                 (Write::Publish { .. }, Ok(_)) => {}
                 (write, Err(error)) => {
                     fail(write.room(), &mut doomed);
-                    departures.extend(Departure::of(&write));
+                    departures.extend(Departure::of(&write).filter(|_| !void));
                     lost.push((write.room().to_owned(), error));
                 }
             }
@@ -1003,16 +1038,21 @@ async fn write_loop(
     }
 }
 
-/// Runs `pipe` (`count` commands, errors kept apart) and answers each command's outcome: its
-/// value, or why it failed (every command's error when the whole pipeline failed: the
-/// connection went, say). Commands that Redis answered `NOSCRIPT` (it restarted and forgot the
-/// scripts: they did not run) run again, alone, once the scripts are loaded.
+/// Runs `pipe` (one command for each of `rooms`, errors kept apart) and answers each command's
+/// outcome: its value, or why it failed (every command's error when the whole pipeline failed:
+/// the connection went, say). Commands that Redis answered `NOSCRIPT` (it restarted and forgot
+/// the scripts: they did not run) run again, alone, once the scripts are loaded, unless a later
+/// command of their room ran meanwhile (another relay loaded the scripts midway): run after it,
+/// they would be out of order (an append stored after a later one of its node is a replay, and
+/// lost; a departure after a join strikes a member present), so they fail, and so does their
+/// room, whose members send them again.
 async fn run(
     conn: &mut ConnectionManager,
     scripts: &Scripts,
     pipe: &redis::Pipeline,
-    count: usize,
+    rooms: &[&str],
 ) -> Vec<Result<Value, StoreError>> {
+    let count = rooms.len();
     let answers = |answer: redis::RedisResult<Vec<Value>>, count: usize| match answer {
         Ok(values) if values.len() == count => values
             .into_iter()
@@ -1035,6 +1075,14 @@ async fn run(
         Err(_) => Vec::new(),
     };
     let mut outcomes = answers(answer, count);
+    let (again, failed) = run_again(&again, rooms);
+    for i in failed {
+        outcomes[i] = Err(StoreError::Backend(
+            "Redis lost its scripts while the relay wrote (it restarted, or they were flushed), \
+             and ran a later write of the room: this one fails, and the room is opened again"
+                .into(),
+        ));
+    }
     if again.is_empty() {
         return outcomes;
     }
@@ -1058,6 +1106,24 @@ async fn run(
         outcomes[i] = outcome;
     }
     outcomes
+}
+
+/// Of the commands Redis answered `NOSCRIPT` (`noscript`, by index; `rooms` names each
+/// command's room), those to run again, and those that fail: every one of a room with a later
+/// command that ran (see [`run`]).
+fn run_again(noscript: &[usize], rooms: &[&str]) -> (Vec<usize>, Vec<usize>) {
+    let mut waiting: HashSet<&str> = HashSet::new();
+    let mut out_of_order: HashSet<&str> = HashSet::new();
+    for (i, room) in rooms.iter().enumerate() {
+        if noscript.contains(&i) {
+            waiting.insert(room);
+        } else if waiting.contains(room) {
+            out_of_order.insert(room);
+        }
+    }
+    noscript
+        .iter()
+        .partition(|&&i| !out_of_order.contains(rooms[i]))
 }
 
 /// The append script's answer.
@@ -1087,6 +1153,10 @@ fn appended(value: Value) -> Result<Appended, StoreError> {
         Some("gone") => Err(StoreError::Corrupt(
             "the room is gone from the store; it is created again on the next join".into(),
         )),
+        Some("gap") if parts.len() == 2 => Err(StoreError::Backend(format!(
+            "{}; the room is opened again, and its client sends it again",
+            text(&parts[1])?
+        ))),
         Some("moved") if parts.len() == 2 => Err(StoreError::Corrupt(format!(
             "{}; the room is opened again on the next join",
             text(&parts[1])?
@@ -1656,7 +1726,7 @@ async fn heartbeat_loop(feed: Feed) {
     let key = heartbeat_key(feed.relay);
     let lasts = HEARTBEAT * 3;
     let mut renewed: Option<std::time::Instant> = None;
-    let lapsed = Arc::new(Notify::new());
+    let lapsed = Arc::new(Lapse::default());
     tokio::spawn(relays_loop(feed.clone(), lapsed.clone()));
     loop {
         // `GET`: the heartbeat as it was, gone if it lapsed (this relay stalled, or lost Redis,
@@ -1676,7 +1746,8 @@ async fn heartbeat_loop(feed: Feed) {
                     tracing::warn!(
                         "this relay's heartbeat had lapsed: its rooms announce their members again"
                     );
-                    lapsed.notify_one();
+                    lapsed.due.store(true, std::sync::atomic::Ordering::Relaxed);
+                    lapsed.notify.notify_one();
                 }
                 renewed = Some(std::time::Instant::now());
             }
@@ -1685,28 +1756,46 @@ async fn heartbeat_loop(feed: Feed) {
     }
 }
 
+/// That this relay's heartbeat lapsed, for [`relays_loop`].
+#[derive(Default)]
+struct Lapse {
+    /// Set by a renewal that found the heartbeat lapsed; taken by the announcement.
+    due: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
 /// After this relay's heartbeat lapsed, has its rooms announce their members again; and has
 /// the rooms hear of the relays whose heartbeat ended, and strikes those relays' members off.
-async fn relays_loop(feed: Feed, lapsed: Arc<Notify>) {
+/// A lapse is announced at once, between two rooms of a long strike too.
+async fn relays_loop(feed: Feed, lapsed: Arc<Lapse>) {
     // Announcements still to make after a lapse: two, as another relay may strike this one's
     // members off a room just after the first (it found the heartbeat gone before this relay
     // renewed it, and strikes room by room).
     let mut announce = 0;
-    loop {
-        tokio::select! {
-            () = lapsed.notified() => announce = 2,
-            () = tokio::time::sleep(HEARTBEAT) => {}
+    // Another relay may have taken this one for dead and struck its members off every room:
+    // each room announces its members again.
+    let announce_now = |announce: &mut u32| {
+        if lapsed.due.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            *announce = 2;
         }
-        if announce > 0 {
-            announce -= 1;
-            // Another relay may have taken this one for dead and struck its members off every
-            // room: each room announces its members again.
-            let rooms: Vec<mpsc::Sender<FeedEvent>> =
-                feed.rooms().values().map(|w| w.to.clone()).collect();
+        let now = *announce > 0;
+        *announce = announce.saturating_sub(1);
+        let rooms: Vec<mpsc::Sender<FeedEvent>> = match now {
+            true => feed.rooms().values().map(|w| w.to.clone()).collect(),
+            false => Vec::new(),
+        };
+        async move {
             for to in rooms {
                 let _ = to.send(FeedEvent::Lapsed).await;
             }
         }
+    };
+    loop {
+        tokio::select! {
+            () = lapsed.notify.notified() => {}
+            () = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        announce_now(&mut announce).await;
         let known: Vec<u64> = feed.relays().keys().copied().collect();
         for relay in known {
             let mut exists = redis::cmd("EXISTS");
@@ -1721,6 +1810,9 @@ async fn relays_loop(feed: Feed, lapsed: Arc<Notify>) {
                 "a relay's heartbeat ended: its members leave"
             );
             for room in rooms {
+                if lapsed.due.load(std::sync::atomic::Ordering::Relaxed) {
+                    announce_now(&mut announce).await;
+                }
                 let to = feed.rooms().get(&room).map(|w| w.to.clone());
                 if let Some(to) = to {
                     let _ = to.send(FeedEvent::Gone(relay)).await;
@@ -2104,6 +2196,19 @@ mod tests {
         assert_eq!(Keys::of("a}b").room, "pm:{a%7Db}:room");
         assert_ne!(Keys::of("a%7Db").room, Keys::of("a}b").room);
         assert_eq!(Keys::of("{x").tokens, "pm:{%7Bx}:tokens");
+    }
+
+    /// After Redis lost its scripts, the commands it did not run run again, in order, unless a
+    /// later command of their room ran (another relay loaded the scripts midway): those fail.
+    #[test]
+    fn commands_redis_did_not_run_run_again_unless_a_later_one_of_their_room_ran() {
+        let rooms = ["a", "b", "a", "c", "b", "c"];
+        // All of them: every command runs again.
+        let all: Vec<usize> = (0..rooms.len()).collect();
+        assert_eq!(run_again(&all, &rooms), (all.clone(), Vec::new()));
+        // Room b's second command ran after its first did not: b's first fails. Room c's first
+        // ran, its second did not: in order. Room a: both did not.
+        assert_eq!(run_again(&[0, 1, 2, 5], &rooms), (vec![0, 2, 5], vec![1]));
     }
 
     /// A relay that follows rooms for months forgets each room's other relays once it stops
