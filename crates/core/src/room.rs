@@ -630,6 +630,11 @@ fn if_update(frame: &Bytes) -> Option<Bytes> {
         .then(|| frame.clone())
 }
 
+/// Whether `bytes` are a presence frame (by its kind byte: it is not decoded).
+fn is_presence(bytes: &[u8]) -> bool {
+    bytes.get(1).copied().and_then(Kind::from_byte) == Some(Kind::Presence)
+}
+
 /// Whether `bytes` are a frame that says who is a member (`peerJoined`, `peerLeft`,
 /// `peerRenamed`): frames of a few dozen bytes, so larger ones are not decoded.
 fn is_membership(bytes: &[u8]) -> bool {
@@ -1325,18 +1330,51 @@ impl RoomCore {
         }
     }
 
-    /// The latest presences of members on other relays, as the store keeps them when the room
-    /// opens on this relay (or reads its members again): each a presence frame, kept for the
-    /// late joiners here if its sender is a member on another relay. Call it after
+    /// The latest presences of the members on other relays, as the store keeps them when the
+    /// room opens on this relay (or reads its members again): each a presence frame. A member
+    /// on another relay has the one listed for it, or none; the members here hear each presence
+    /// that changed (a re-read after a missed bus brings those it missed). Call it after
     /// [`RoomCore::remote_members`] (or [`RoomCore::resync_remote`]).
     pub fn remote_presences(&mut self, presences: Vec<Bytes>) {
         let limits = self.log_limits();
+        let mut listed: HashMap<NodeId, Bytes> = HashMap::new();
         for bytes in presences {
             if let Ok(Frame::Presence { sender, data }) = Frame::decode_with(&bytes, &limits) {
-                if let Some(remote) = self.remote.get_mut(&sender) {
-                    remote.presence = (data != crate::wire::Json::null()).then_some(bytes);
+                if data != crate::wire::Json::null() {
+                    listed.insert(sender, bytes);
                 }
             }
+        }
+        // A member here too (its client moved, its connection here not yet closed) speaks for
+        // itself here.
+        let here: std::collections::HashSet<NodeId> = self
+            .remote
+            .keys()
+            .copied()
+            .filter(|&node| self.is_member_here(node))
+            .collect();
+        let mut changed: Vec<(NodeId, Bytes)> = Vec::new();
+        for (&node, remote) in self.remote.iter_mut() {
+            let now = listed.remove(&node);
+            if here.contains(&node) || remote.presence == now {
+                continue;
+            }
+            let told = now.clone().unwrap_or_else(|| {
+                let data = crate::wire::Json::null();
+                Bytes::from(Frame::Presence { sender: node, data }.encode())
+            });
+            remote.presence = now;
+            changed.push((node, told));
+        }
+        if self.members.is_empty() {
+            return;
+        }
+        changed.sort_unstable_by_key(|(node, _)| *node);
+        for (_, bytes) in changed {
+            self.outputs.push_back(Output::Fanout {
+                except: None,
+                bytes,
+            });
         }
     }
 
@@ -1431,8 +1469,10 @@ impl RoomCore {
     /// still waiting for their turn (behind log entries not fanned out yet) say nothing more:
     /// a join whose leave went from the store unread would bring back a member that is gone.
     pub fn resync_remote(&mut self, members: Vec<(u64, Peer)>) {
+        // What is read again supersedes what was read before it and waits for its turn:
+        // joins, leaves, renames and presences.
         for publication in &mut self.bus_backlog {
-            if is_membership(&publication.bytes) {
+            if is_membership(&publication.bytes) || is_presence(&publication.bytes) {
                 publication.bytes = Bytes::new();
             }
         }
@@ -3352,6 +3392,64 @@ mod tests {
             "the members here still see it: {out:?}"
         );
         assert_eq!(room.members(), 1);
+    }
+
+    /// The store keeps the latest presence of each member on another relay: a room opening
+    /// here takes them for its late joiners, and a relay that missed publications reads them
+    /// again, tells its members those that changed (cleared ones too), and drops the older
+    /// presences still waiting for their turn.
+    #[test]
+    fn the_stored_presences_of_the_other_relays_members_are_the_latest() {
+        let mut room = room();
+        room.share();
+        let peer = |node, name: &str| Peer {
+            node,
+            name: name.into(),
+        };
+        let presence = |node, cursor: serde_json::Value| {
+            Bytes::from(
+                Frame::Presence {
+                    sender: node,
+                    data: Json::from_value(&cursor).unwrap(),
+                }
+                .encode(),
+            )
+        };
+        room.remote_members(vec![(9, peer(100, "r")), (9, peer(101, "s"))]);
+        room.remote_presences(vec![
+            presence(100, serde_json::json!(1)),
+            presence(101, serde_json::json!(1)),
+            // Not a member on another relay: nothing to keep.
+            presence(555, serde_json::json!(1)),
+        ]);
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        assert_eq!(
+            a.presences,
+            [
+                presence(100, serde_json::json!(1)),
+                presence(101, serde_json::json!(1))
+            ]
+        );
+        outputs(&mut room);
+        // Read again: 100 moved its cursor, 101 cleared its presence.
+        room.resync_remote(vec![(9, peer(100, "r")), (9, peer(101, "s"))]);
+        room.remote_presences(vec![presence(100, serde_json::json!(2))]);
+        let told: Vec<Bytes> = outputs(&mut room)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Fanout { bytes, .. } => Some(bytes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            told,
+            [
+                presence(100, serde_json::json!(2)),
+                presence(101, serde_json::Value::Null)
+            ]
+        );
+        let late = room.join(0, 2, req("b", None), [2; 16]).unwrap();
+        assert_eq!(late.presences, [presence(100, serde_json::json!(2))]);
     }
 
     /// A shared room's relay that missed publications of the others reads their members again:

@@ -1750,7 +1750,17 @@ async fn a_relay_that_opens_a_room_late_gives_its_joiners_the_presences_of_the_o
     // Published in order with what follows: once these are stored, the presences are out.
     a.data_acked(serde_json::json!("after")).await;
     c.data_acked(serde_json::json!("after")).await;
+    // A presence of a node the list does not hold (a relay of an earlier version left it).
+    assert_eq!(
+        command(redis.port, "HSET pm:{cursors}:presence 999 x"),
+        ":1"
+    );
     let b = join_at(&urls[1], "cursors", 0, 0, None).await;
+    assert_eq!(
+        command(redis.port, "HEXISTS pm:{cursors}:presence 999"),
+        ":0",
+        "pruned as the room opened"
+    );
     assert!(b.welcome.peers.iter().any(|p| p.node == a.node));
     let presences: Vec<&Frame> = b
         .replay()

@@ -343,6 +343,19 @@ end
 return 1
 "#;
 
+/// Deletes the presences of nodes the room's list of members does not hold. KEYS: members,
+/// presences.
+const PRUNE_PRESENCES: &str = r#"
+local gone = 0
+for _, node in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if redis.call('HEXISTS', KEYS[1], node) == 0 then
+    redis.call('HDEL', KEYS[2], node)
+    gone = gone + 1
+  end
+end
+return gone
+"#;
+
 /// Entries read at a time from a room's stream.
 const PAGE: usize = 256;
 
@@ -1570,13 +1583,19 @@ impl Feed {
                 let mut hdel = redis::cmd("HDEL");
                 hdel.arg(&keys.members).arg(node);
                 query::<u64>(&self.conn, &hdel).await?;
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(&keys.presence).arg(node);
-                query::<u64>(&self.conn, &hdel).await?;
             }
         }
-        // Their latest presences: read after the bus's place, so that one set since is read
-        // here or in the bus after that place (the newer one last), never missed.
+        // The presences of nodes no longer listed go (a relay of an earlier version, or a
+        // connection lost between two deletions, left them); then the latest presences, read
+        // after the bus's place, so that one set since is read here or in the bus after that
+        // place (the newer one last), never missed.
+        let mut prune = redis::cmd("EVAL");
+        prune
+            .arg(PRUNE_PRESENCES)
+            .arg(2)
+            .arg(&keys.members)
+            .arg(&keys.presence);
+        query::<u64>(&self.conn, &prune).await?;
         let mut all = redis::cmd("HGETALL");
         all.arg(&keys.presence);
         let all: Vec<(u64, Vec<u8>)> = query(&self.conn, &all).await?;
@@ -1772,14 +1791,19 @@ async fn relays_loop(feed: Feed, lapsed: Arc<Lapse>) {
     // members off a room just after the first (it found the heartbeat gone before this relay
     // renewed it, and strikes room by room).
     let mut announce = 0;
+    let mut announced = tokio::time::Instant::now();
     // Another relay may have taken this one for dead and struck its members off every room:
-    // each room announces its members again.
-    let announce_now = |announce: &mut u32| {
-        if lapsed.due.swap(false, std::sync::atomic::Ordering::Relaxed) {
+    // each room announces its members again, at once, and once more a heartbeat later.
+    let announce_now = |announce: &mut u32, announced: &mut tokio::time::Instant| {
+        let due = lapsed.due.swap(false, std::sync::atomic::Ordering::Relaxed);
+        if due {
             *announce = 2;
         }
-        let now = *announce > 0;
-        *announce = announce.saturating_sub(1);
+        let now = *announce > 0 && (due || announced.elapsed() >= HEARTBEAT);
+        if now {
+            *announce -= 1;
+            *announced = tokio::time::Instant::now();
+        }
         let rooms: Vec<mpsc::Sender<FeedEvent>> = match now {
             true => feed.rooms().values().map(|w| w.to.clone()).collect(),
             false => Vec::new(),
@@ -1795,7 +1819,7 @@ async fn relays_loop(feed: Feed, lapsed: Arc<Lapse>) {
             () = lapsed.notify.notified() => {}
             () = tokio::time::sleep(HEARTBEAT) => {}
         }
-        announce_now(&mut announce).await;
+        announce_now(&mut announce, &mut announced).await;
         let known: Vec<u64> = feed.relays().keys().copied().collect();
         for relay in known {
             let mut exists = redis::cmd("EXISTS");
@@ -1811,7 +1835,7 @@ async fn relays_loop(feed: Feed, lapsed: Arc<Lapse>) {
             );
             for room in rooms {
                 if lapsed.due.load(std::sync::atomic::Ordering::Relaxed) {
-                    announce_now(&mut announce).await;
+                    announce_now(&mut announce, &mut announced).await;
                 }
                 let to = feed.rooms().get(&room).map(|w| w.to.clone());
                 if let Some(to) = to {
