@@ -13,7 +13,7 @@ use common::{
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use pattern_mesh_client::{Client, ClientError, Connection};
 use pattern_mesh_core::session::Event;
-use pattern_mesh_core::wire::{close, Body, Frame, Json, Reason};
+use pattern_mesh_core::wire::{close, Body, Frame, Json, Reason, ResumeToken};
 use pattern_mesh_relay::AuthKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -714,6 +714,26 @@ async fn a_token_whose_expiry_is_past_any_date_opens_its_room() {
     server.stop().await;
 }
 
+/// A token of user `sub` for writing in room "doc", valid for ten minutes.
+fn doc_writer(sub: &str) -> String {
+    signed(
+        SECRET,
+        serde_json::json!({ "sub": sub, "room": "doc", "access": "write", "exp": now() + 600 }),
+    )
+}
+
+/// User `sub` joins room "doc" on `server` with the resume token `resume`.
+async fn resume_as(server: &Server, sub: &str, resume: ResumeToken) -> common::Member {
+    join_at(
+        &with_token(server, &doc_writer(sub)),
+        "doc",
+        0,
+        0,
+        Some(resume),
+    )
+    .await
+}
+
 /// A member's resume token is a secret of its tab (kept in its storage with `persist`). Another
 /// user who learned it (a shared profile, a script on the page) joined with it and their own
 /// valid access token: the relay handed them that member's node, with its name among the
@@ -723,19 +743,8 @@ async fn a_token_whose_expiry_is_past_any_date_opens_its_room() {
 async fn another_users_resume_token_takes_over_no_one() {
     let server = secured("auth-resume-user").await;
     let ada = with_token(&server, &token("doc", "write"));
-    let mallory = signed(
-        SECRET,
-        serde_json::json!({ "sub": "mallory", "room": "doc", "access": "write", "exp": now() + 600 }),
-    );
     let mut member = join_at(&ada, "doc", 0, 0, None).await;
-    let thief = join_at(
-        &with_token(&server, &mallory),
-        "doc",
-        0,
-        0,
-        Some(member.token),
-    )
-    .await;
+    let thief = resume_as(&server, "mallory", member.token).await;
     assert_ne!(thief.node, member.node, "a new node, not the member's");
     assert_ne!(thief.token, member.token);
     // The member is still in, and hears the newcomer as another node.
@@ -777,18 +786,7 @@ async fn another_users_resume_token_takes_over_no_node_the_relay_restores_from_i
     server.stop().await;
 
     let server = secured_in().await;
-    let mallory = signed(
-        SECRET,
-        serde_json::json!({ "sub": "mallory", "room": "doc", "access": "write", "exp": now() + 600 }),
-    );
-    let thief = join_at(
-        &with_token(&server, &mallory),
-        "doc",
-        0,
-        0,
-        Some(member.token),
-    )
-    .await;
+    let thief = resume_as(&server, "mallory", member.token).await;
     assert_ne!(thief.node, member.node, "a new node, not the member's");
     assert_ne!(thief.token, member.token);
     drop(thief.conn);
@@ -810,28 +808,9 @@ async fn another_users_resume_token_takes_over_no_node_the_relay_restores_from_i
 #[tokio::test]
 async fn two_users_whose_subs_collide_in_a_fast_hash_are_two_users() {
     let server = secured("auth-user-hash").await;
-    let of = |sub: &str| {
-        signed(
-            SECRET,
-            serde_json::json!({ "sub": sub, "room": "doc", "access": "write", "exp": now() + 600 }),
-        )
-    };
-    let mut member = join_at(
-        &with_token(&server, &of("017bf672ad970641")),
-        "doc",
-        0,
-        0,
-        None,
-    )
-    .await;
-    let thief = join_at(
-        &with_token(&server, &of("2893ea9411391b85")),
-        "doc",
-        0,
-        0,
-        Some(member.token),
-    )
-    .await;
+    let ada = with_token(&server, &doc_writer("017bf672ad970641"));
+    let mut member = join_at(&ada, "doc", 0, 0, None).await;
+    let thief = resume_as(&server, "2893ea9411391b85", member.token).await;
     assert_ne!(thief.node, member.node, "a new node, not the member's");
     member.data_acked(serde_json::json!("still here")).await;
     server.stop().await;

@@ -1210,30 +1210,34 @@ async fn bus_gap(room: &str, unreadable: bool) {
     assert!(matches!(joined, Frame::PeerJoined { peer } if peer.node == late.node));
 }
 
+/// The secret of the relays these tests start with access tokens.
+const SECRET: &str = "the relay's test secret, 32 bytes";
+
+/// An access token for room "doc", signed with [`SECRET`], valid for ten minutes.
+fn doc_token(sub: &str, access: &str) -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({ "sub": sub, "room": "doc", "access": access, "exp": exp });
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
 /// Only a member that may write opens a room (its first opening chooses the room's settings for
 /// good): in a room several relays share too. A reader on one relay waits until a writer on
 /// another opened the room, then gets the writer's settings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_member_opens_no_room_on_any_relay() {
-    use jsonwebtoken::{encode, EncodingKey, Header};
     use pattern_mesh_core::wire::close;
 
-    const SECRET: &str = "the relay's test secret, 32 bytes";
-    let token = |access: &str| {
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        let claims =
-            serde_json::json!({ "sub": access, "room": "doc", "access": access, "exp": exp });
-        encode(
-            &Header::default(),
-            &claims,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
-    };
+    let token = |access: &str| doc_token(access, access);
     let redis = Redis::start("redis-read-only-open");
     let (_a, a) = relay_with(&redis, &["--auth-key", SECRET]);
     let (_b, b) = relay_with(&redis, &["--auth-key", SECRET]);
@@ -1251,24 +1255,7 @@ async fn a_read_only_member_opens_no_room_on_any_relay() {
 /// new node, on every relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_resume_token_takes_no_node_through_another_relay() {
-    use jsonwebtoken::{encode, EncodingKey, Header};
-
-    const SECRET: &str = "the relay's test secret, 32 bytes";
-    let token = |sub: &str| {
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        let claims =
-            serde_json::json!({ "sub": sub, "room": "doc", "access": "write", "exp": exp });
-        encode(
-            &Header::default(),
-            &claims,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
-    };
+    let token = |sub: &str| doc_token(sub, "write");
     let redis = Redis::start("redis-resume-user");
     let (_a, a) = relay_with(&redis, &["--auth-key", SECRET]);
     let (_b, b) = relay_with(&redis, &["--auth-key", SECRET]);
