@@ -1552,6 +1552,7 @@ impl Feed {
         all.arg(&keys.members);
         let all: Vec<(u64, String)> = query(&self.conn, &all).await?;
         let mut alive: HashMap<u64, bool> = HashMap::new();
+        let mut struck: HashSet<u64> = HashSet::new();
         let mut members = Vec::new();
         for (node, value) in all {
             let (relay, name) = value.split_once(' ').unwrap_or((value.as_str(), ""));
@@ -1579,10 +1580,10 @@ impl Feed {
                         name: name.to_owned(),
                     },
                 ));
-            } else {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(&keys.members).arg(node);
-                query::<u64>(&self.conn, &hdel).await?;
+            } else if struck.insert(relay) {
+                // Struck off in one script, only while listed on that relay: one that moved to a
+                // live relay since the read stays listed there.
+                query::<Value>(&self.conn, &self.strike(room, relay)).await?;
             }
         }
         // The presences of nodes no longer listed go (a relay of an earlier version, or a
