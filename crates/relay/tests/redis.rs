@@ -16,7 +16,7 @@ use common::{edit, join_at, replayed_text, session, temp_dir, Member, TempDir};
 use pattern_mesh_client::Client;
 use pattern_mesh_core::doc::SharedDoc;
 use pattern_mesh_core::session::Event;
-use pattern_mesh_core::wire::{Body, Frame, Reason};
+use pattern_mesh_core::wire::{Body, Frame, Json, Reason};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -1320,8 +1320,9 @@ async fn a_log_that_went_back_in_redis_loses_no_acknowledged_message() {
         .unwrap()
         .get_connection()
         .unwrap();
-    let keys = ["room", "log", "tokens", "nodes"].map(|k| format!("pm:{{rollback}}:{k}"));
-    let dumps: Vec<Vec<u8>> = keys
+    let keys = ["room", "log", "data", "tokens", "nodes"].map(|k| format!("pm:{{rollback}}:{k}"));
+    // (None: the key was not there.)
+    let dumps: Vec<Option<Vec<u8>>> = keys
         .iter()
         .map(|key| redis::cmd("DUMP").arg(key).query(&mut conn).unwrap())
         .collect();
@@ -1334,13 +1335,16 @@ async fn a_log_that_went_back_in_redis_loses_no_acknowledged_message() {
         .await
         .expect("the reader has the next three");
     for (key, dump) in keys.iter().zip(&dumps) {
-        let _: () = redis::cmd("RESTORE")
-            .arg(key)
-            .arg(0)
-            .arg(dump.as_slice())
-            .arg("REPLACE")
-            .query(&mut conn)
-            .unwrap();
+        let _: () = match dump {
+            Some(dump) => redis::cmd("RESTORE")
+                .arg(key)
+                .arg(0)
+                .arg(dump.as_slice())
+                .arg("REPLACE")
+                .query(&mut conn)
+                .unwrap(),
+            None => redis::cmd("DEL").arg(key).query(&mut conn).unwrap(),
+        };
     }
     // Each relay notices within a heartbeat (two seconds) and stops the room; its members join
     // again. (What a member sends before its relay noticed may still reach the others at steps
@@ -1836,4 +1840,111 @@ async fn an_append_after_one_of_its_node_that_was_not_stored_is_not_stored_eithe
         matches!(&last, Err(e) if e.to_string().contains("was not stored")),
         "{last:?}"
     );
+}
+
+/// Redis frees a stream's node only once every entry in it is deleted: with data entries in
+/// the document's stream, a member that sent a small data message after each large update
+/// kept every compacted update in memory (each pinned by the data entry beside it), while
+/// the room's byte count said they were freed. Redis's memory for the room's log stays near
+/// what the room counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_messages_between_updates_keep_no_compacted_update_in_redis_memory() {
+    let redis = Redis::start("redis-pinned");
+    let (_relay, url) = relay_with(&redis, &["--compact-updates", "40"]);
+    let writer = Client::connect(&url, session("pinned", "w")).await.unwrap();
+    let chunk = "x".repeat(3000);
+    for round in 0..200 {
+        writer.insert("content", 0, &chunk).unwrap();
+        writer.delete("content", 0, 3000).unwrap();
+        writer
+            .broadcast(Json::parse(round.to_string()).unwrap())
+            .unwrap();
+        if round % 10 == 9 {
+            writer.settled(WAIT).await.unwrap();
+        }
+    }
+    writer.settled(WAIT).await.unwrap();
+    let counted: u64 = command(redis.port, "HGET pm:{pinned}:room bytes")
+        .lines()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("the room counts its bytes");
+    let usage = |key: &str| -> u64 {
+        let answer = command(redis.port, &format!("MEMORY USAGE {key} SAMPLES 0"));
+        answer.trim_start_matches(':').trim().parse().unwrap_or(0)
+    };
+    let memory = usage("pm:{pinned}:log") + usage("pm:{pinned}:data");
+    println!("RESULT pinned counted_bytes={counted} stream_memory={memory}");
+    assert!(
+        memory <= 2 * counted + 64 * 1024,
+        "the room's streams hold {memory} bytes of Redis memory for {counted} bytes counted"
+    );
+    // Every data message is still there for a late joiner, after the snapshot.
+    let late = join_at(&url, "pinned", 0, 0, None).await;
+    let values = late
+        .replay()
+        .iter()
+        .filter(|p| common::is_data(&p.frame))
+        .count();
+    assert_eq!(values, 200);
+    assert_eq!(common::replayed_text(late.replay()), "");
+    writer.close().await;
+}
+
+/// A room's data and document entries are in two streams with one numbering of positions: a
+/// member on another relay that reads them live, more than a page of each at once, and a late
+/// joiner on a relay that opens the room from Redis, a page at a time, both get every position
+/// once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_and_document_entries_read_a_page_at_a_time_come_in_one_order() {
+    let redis = Redis::start("redis-merge");
+    let args = ["--compact-updates", "100000"];
+    let (_a, first) = relay_with(&redis, &args);
+    let (mut b, second) = relay_with(&redis, &args);
+    let mut writer = join_at(&first, "merge", 0, 0, None).await;
+    let mut reader = join_at(&second, "merge", 0, 0, None).await;
+    // The reader's relay is stopped while the writer's messages are logged: its next read
+    // finds more than a page of each stream.
+    let signal = |which: &str, process: &Process| {
+        let pid = process.0.id().to_string();
+        let status = Command::new("kill").args([which, &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP", &b);
+    let doc = SharedDoc::with_client_id(7);
+    let total = 900;
+    for i in 0..total {
+        let body = if i % 3 == 0 {
+            Body::Data {
+                data: Json::parse(i.to_string()).unwrap(),
+            }
+        } else {
+            edit(&doc, doc.text("content").chars().count() as u32, "x")
+        };
+        let stamp = writer.stamp();
+        writer.send(&Frame::stamped(stamp, body)).await;
+    }
+    let log = read_log(&mut writer, total).await;
+    signal("-CONT", &b);
+    let positions: Vec<u64> = (1..=total as u64).collect();
+    assert_eq!(log.keys().copied().collect::<Vec<_>>(), positions);
+    let seen = read_log(&mut reader, total).await;
+    assert_eq!(
+        seen, log,
+        "the member on the other relay saw the log's order"
+    );
+    // A relay that opens the room now reads it from Redis.
+    let (_c, third) = relay_with(&redis, &args);
+    let late = join_at(&third, "merge", 0, 0, None).await;
+    let replayed: BTreeMap<u64, (u64, u64)> = late
+        .replay()
+        .iter()
+        .map(|p| {
+            let stamp = p.frame.stamp().unwrap();
+            (p.position.unwrap(), (stamp.sender, stamp.step))
+        })
+        .collect();
+    assert_eq!(replayed, log, "the late joiner read the log's order");
+    assert_eq!(replayed_text(late.replay()), "x".repeat(600));
+    b.kill();
 }

@@ -6,9 +6,16 @@
 //! - `pm:{room}:room`, a hash: the room's settings, its step (`high`), last position, next node
 //!   id, log identity, bytes logged, the position of its last snapshot and the last position
 //!   that snapshot holds (`covers`);
-//! - `pm:{room}:log`, a stream: one entry per logged message, whose id is `<position>-0`, with
-//!   its sender, step, the room's step with it, its document, and the frame without a position
-//!   (a reader puts the position in the header);
+//! - `pm:{room}:log`, a stream: one entry per logged document message (updates and snapshots),
+//!   whose id is `<position>-0`, with its sender, step, the room's step with it, its document,
+//!   and the frame without a position (a reader puts the position in the header);
+//! - `pm:{room}:data`, a stream of the logged messages of no document (data), as the log's:
+//!   the two streams share one numbering of positions, and a reader merges them by it. Redis
+//!   frees a stream's memory node by node, a node once every entry in it is deleted; in one
+//!   stream, each data entry a compaction keeps pinned the memory of the updates it dropped
+//!   beside it (a small data message after each update kept hundreds of times the bytes the
+//!   room counts). A room logged before the split has data entries in its log too, read as
+//!   before;
 //! - `pm:{room}:tokens`, a hash from resume token to
 //!   `"<node> <last stored step> <ms seen> <its position> <user>"` (the user its access token
 //!   names, 0 for none: the token resumes the node for that user only; a record without it is
@@ -71,12 +78,12 @@ use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Opens a room, creating it unless it exists, and reserves a block of node ids. KEYS: room,
-/// log. A room whose record is gone while its log is not (Redis evicted the record) is not
-/// created again from nothing: its position would start over below the log's, and its stored
-/// messages would no longer be the room's.
+/// log, data. A room whose record is gone while its log is not (Redis evicted the record) is
+/// not created again from nothing: its position would start over below the log's, and its
+/// stored messages would no longer be the room's.
 const OPEN: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('EXISTS', KEYS[2]) == 1 then
+  if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
     return {'lost'}
   end
   redis.call('HSET', KEYS[1], 'seed', ARGV[1], 'multiplier', ARGV[2], 'reset', ARGV[3],
@@ -89,7 +96,7 @@ return {ending, redis.call('HMGET', KEYS[1], 'seed', 'multiplier', 'reset', 'fut
 "#;
 
 /// Appends a message, with the checks that need the room's state. KEYS: room, tokens, nodes,
-/// log, lease, docs. ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
+/// log, lease, docs, data (where a message of no document goes). ARGV: sender, token ("" for none), step, snapshot ("1"/"0"), document ("" for
 /// none), frame, milliseconds now, the last position a snapshot holds, relay, the identity of
 /// the log the relay opened ("0": not known), the last position the relay read of it, the
 /// sender's user (0: none), the step of the sender's append before this one in the same
@@ -118,10 +125,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 -- The log's last entry is below the room's next position, or the record is not this log's:
 -- checked before anything is written, so that an append that cannot be logged changes nothing.
-local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
 local at = tonumber(redis.call('HGET', KEYS[1], 'position'))
-if top and tonumber(string.match(top[1], '^(%d+)')) > at then
-  return {'gone'}
+for _, stream in ipairs({KEYS[4], KEYS[7]}) do
+  local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if top and tonumber(string.match(top[1], '^(%d+)')) > at then
+    return {'gone'}
+  end
 end
 if ARGV[10] ~= '0' and redis.call('HGET', KEYS[1], 'log') ~= ARGV[10] then
   return {'moved', 'the room was created again in Redis since this relay opened it'}
@@ -228,7 +237,11 @@ end
 if ARGV[5] ~= '' then
   redis.call('RPUSH', KEYS[6], position .. ' ' .. string.len(ARGV[6]))
 end
-redis.call('XADD', KEYS[4], position .. '-0', 's', sender, 't', ARGV[3], 'h', high,
+local stream = KEYS[4]
+if ARGV[5] == '' and ARGV[4] ~= '1' then
+  stream = KEYS[7]
+end
+redis.call('XADD', stream, position .. '-0', 's', sender, 't', ARGV[3], 'h', high,
   'd', ARGV[5], 'c', ARGV[8], 'f', ARGV[6])
 return {'stored', position, bytes}
 "#;
@@ -365,6 +378,7 @@ const PAGE: usize = 256;
 struct Keys {
     room: String,
     log: String,
+    data: String,
     tokens: String,
     nodes: String,
     bus: String,
@@ -391,6 +405,7 @@ impl Keys {
         Self {
             room: format!("pm:{{{tag}}}:room"),
             log: format!("pm:{{{tag}}}:log"),
+            data: format!("pm:{{{tag}}}:data"),
             tokens: format!("pm:{{{tag}}}:tokens"),
             nodes: format!("pm:{{{tag}}}:nodes"),
             bus: format!("pm:{{{tag}}}:bus"),
@@ -784,41 +799,45 @@ impl RedisStore {
         self.failed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The log of `room` from position `from` (inclusive) to `until`, at most about
+    /// The entries of `streams` (the room's log, and its data stream or none) from position
+    /// `from` (inclusive) to `until`, merged in the order of their positions, at most about
     /// `max_bytes`, with each entry's document.
     async fn range(
         conn: ConnectionManager,
-        room: &str,
+        streams: &[&str],
         from: u64,
         until: u64,
         max_bytes: usize,
     ) -> Result<Vec<(Followed, Option<String>)>, StoreError> {
-        let keys = Keys::of(room);
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut start = from;
         while start <= until {
-            let mut xrange = redis::cmd("XRANGE");
-            xrange
-                .arg(&keys.log)
-                .arg(format!("{start}-0"))
-                .arg(format!("{until}-0"))
-                .arg("COUNT")
-                .arg(PAGE);
-            let page: Value = query(&conn, &xrange).await?;
-            let page = array(page)?;
-            let full = page.len() == PAGE;
-            for value in page {
-                let (followed, doc) = entry(value)?;
-                start = followed.position + 1;
+            let mut pages = Vec::with_capacity(streams.len());
+            for stream in streams {
+                let mut xrange = redis::cmd("XRANGE");
+                xrange
+                    .arg(stream)
+                    .arg(format!("{start}-0"))
+                    .arg(format!("{until}-0"))
+                    .arg("COUNT")
+                    .arg(PAGE);
+                let page = array(query(&conn, &xrange).await?)?;
+                let full = page.len() == PAGE;
+                let page = page.into_iter().map(entry).collect::<Result<Vec<_>, _>>()?;
+                pages.push((page, full));
+            }
+            let (merged, cut) = merge_pages(pages, |(f, _)| f.position);
+            for (followed, doc) in merged {
                 bytes += followed.bytes.len();
                 out.push((followed, doc));
                 if bytes >= max_bytes {
                     return Ok(out);
                 }
             }
-            if !full {
-                break;
+            match cut {
+                Some(cut) => start = cut + 1,
+                None => break,
             }
         }
         Ok(out)
@@ -911,13 +930,14 @@ async fn write_loop(
                         .map_or((0, 0), |w| (w.log, w.after));
                     pipe.cmd("EVALSHA")
                         .arg(scripts.append.get_hash())
-                        .arg(6)
+                        .arg(7)
                         .arg(&keys.room)
                         .arg(&keys.tokens)
                         .arg(&keys.nodes)
                         .arg(&keys.log)
                         .arg(&keys.lease)
                         .arg(&keys.docs)
+                        .arg(&keys.data)
                         .arg(entry.sender)
                         .arg(token)
                         .arg(entry.step)
@@ -1188,7 +1208,7 @@ impl Store for RedisStore {
             getrandom::fill(&mut log).map_err(|e| StoreError::Backend(e.to_string()))?;
             let log = (u64::from_le_bytes(log) >> 11).max(1);
             let mut open = scripts.open.key(&keys.room);
-            open.key(&keys.log);
+            open.key(&keys.log).key(&keys.data);
             open.arg(config.pattern.seed)
                 .arg(config.pattern.multiplier)
                 .arg(config.pattern.reset_interval)
@@ -1284,7 +1304,7 @@ impl Store for RedisStore {
             // The log counts too: a room whose record Redis evicted is not a new room (its
             // opening says so).
             let mut exists = redis::cmd("EXISTS");
-            exists.arg(&keys.room).arg(&keys.log);
+            exists.arg(&keys.room).arg(&keys.log).arg(&keys.data);
             let count: u64 = query(&conn, &exists).await?;
             Ok(count > 0)
         })
@@ -1304,14 +1324,16 @@ impl Store for RedisStore {
     }
 
     fn read_document(&self, room: &str) -> StoreFuture<Vec<Logged>> {
-        let (conn, keys, room) = (self.conn.clone(), Keys::of(room), room.to_owned());
+        let (conn, keys) = (self.conn.clone(), Keys::of(room));
         Box::pin(async move {
             let mut hget = redis::cmd("HGET");
             // Every document entry after what the last snapshot holds, the snapshot among them.
             hget.arg(&keys.room).arg("covers");
             let covers: Option<u64> = query(&conn, &hget).await?;
             let from = covers.unwrap_or(0) + 1;
-            let entries = Self::range(conn, &room, from, u64::MAX >> 11, usize::MAX).await?;
+            // Document entries are in the log only (data entries of a room logged before the
+            // data stream are there too, and passed over).
+            let entries = Self::range(conn, &[&keys.log], from, u64::MAX >> 11, usize::MAX).await?;
             Ok(entries
                 .into_iter()
                 .filter(|(_, doc)| doc.is_some())
@@ -1332,7 +1354,9 @@ impl Store for RedisStore {
             if until <= since {
                 return Ok(Vec::new());
             }
-            let entries = Self::range(conn, &room, since + 1, until, max_bytes.max(1)).await?;
+            let keys = Keys::of(&room);
+            let streams = [keys.log.as_str(), keys.data.as_str()];
+            let entries = Self::range(conn, &streams, since + 1, until, max_bytes.max(1)).await?;
             Ok(entries.into_iter().map(|(f, _)| logged(f)).collect())
         })
     }
@@ -1924,10 +1948,11 @@ async fn follow_loop(client: redis::Client, feed: Feed) {
         xread.arg("STREAMS");
         for watch in &watched {
             let keys = Keys::of(&watch.room);
-            xread.arg(keys.log).arg(keys.bus);
+            xread.arg(keys.log).arg(keys.data).arg(keys.bus);
         }
         for watch in &watched {
-            xread.arg(format!("{}-0", watch.after)).arg(&watch.bus.id);
+            let after = format!("{}-0", watch.after);
+            xread.arg(&after).arg(&after).arg(&watch.bus.id);
         }
         let read = {
             let mut conn = conn.clone();
@@ -2133,31 +2158,40 @@ fn streams(
     watched: &[Watched],
     own: u64,
 ) -> Result<Vec<(String, Batch)>, StoreError> {
-    let mut by_key: HashMap<String, (&Watched, bool)> = HashMap::new();
+    // The stream's room, and which of its log streams it is (none: its bus).
+    let mut by_key: HashMap<String, (&Watched, Option<usize>)> = HashMap::new();
     for watch in watched {
         let keys = Keys::of(&watch.room);
-        by_key.insert(keys.log, (watch, true));
-        by_key.insert(keys.bus, (watch, false));
+        by_key.insert(keys.log, (watch, Some(0)));
+        by_key.insert(keys.data, (watch, Some(1)));
+        by_key.insert(keys.bus, (watch, None));
     }
     let mut out: HashMap<String, Batch> = HashMap::new();
+    // Each room's pages of its log and its data stream, merged once all are read.
+    let mut pages: HashMap<String, [(Vec<Followed>, bool); 2]> = HashMap::new();
     for stream in array(value)? {
         let mut parts = array(stream)?.into_iter();
         let (Some(key), Some(entries)) = (parts.next(), parts.next()) else {
             return Err(corrupt("a stream without entries"));
         };
-        let Some(&(watch, is_log)) = by_key.get(&text(&key)?) else {
+        let Some(&(watch, log)) = by_key.get(&text(&key)?) else {
             continue;
         };
         let batch = out.entry(watch.room.clone()).or_insert_with(|| Batch {
             watch: watch.id,
             ..Batch::default()
         });
+        if let Some(log) = log {
+            let page = array(entries)?
+                .into_iter()
+                .map(|value| Ok(entry(value)?.0))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let full = page.len() == PAGE;
+            pages.entry(watch.room.clone()).or_default()[log] = (page, full);
+            continue;
+        }
         let mut last = watch.bus.seq;
         for value in array(entries)? {
-            if is_log {
-                batch.logged.push(entry(value)?.0);
-                continue;
-            }
             let (id, seq, mut relayed) = bus_entry(value)?;
             if let (Some(last), Some(seq)) = (last, seq) {
                 if seq > last + 1 {
@@ -2174,7 +2208,36 @@ fn streams(
             batch.relayed.push(relayed);
         }
     }
+    for (room, pages) in pages {
+        if let Some(batch) = out.get_mut(&room) {
+            batch.logged = merge_pages(pages, |f| f.position).0;
+        }
+    }
     Ok(out.into_iter().collect())
+}
+
+/// Pages of entries read from a room's streams that share one numbering of positions, each in
+/// the order of its positions and marked full when the read may have left entries after it,
+/// merged into one order: the entries up to the last of the first page to end among the full
+/// ones (and that position, the cut), or every entry if none is full. Past a full page's end
+/// the other streams' entries may still miss one that comes before them; they are read again.
+fn merge_pages<T>(
+    pages: impl IntoIterator<Item = (Vec<T>, bool)>,
+    position: impl Fn(&T) -> u64,
+) -> (Vec<T>, Option<u64>) {
+    let pages: Vec<(Vec<T>, bool)> = pages.into_iter().collect();
+    let cut = pages
+        .iter()
+        .filter(|(_, full)| *full)
+        .filter_map(|(page, _)| page.last().map(&position))
+        .min();
+    let mut merged: Vec<T> = pages
+        .into_iter()
+        .flat_map(|(page, _)| page)
+        .filter(|e| cut.is_none_or(|cut| position(e) <= cut))
+        .collect();
+    merged.sort_by_key(|e| position(e));
+    (merged, cut)
 }
 
 /// One bus entry: its id, its number (if it has one), and what it carries.
@@ -2214,6 +2277,19 @@ fn bus_entry(value: Value) -> Result<(String, Option<u64>, Relayed), StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_of_two_streams_merge_up_to_the_end_of_the_first_full_one() {
+        // Neither full: everything, in order.
+        let (merged, cut) = merge_pages([(vec![1, 4], false), (vec![2, 3, 5], false)], |&p| p);
+        assert_eq!((merged, cut), (vec![1, 2, 3, 4, 5], None));
+        // The data stream's page is full at 4: position 6 of the log waits, for 5 may follow.
+        let (merged, cut) = merge_pages([(vec![3, 6], false), (vec![1, 2, 4], true)], |&p| p);
+        assert_eq!((merged, cut), (vec![1, 2, 3, 4], Some(4)));
+        // Both full: up to the end of the one that ends first.
+        let (merged, cut) = merge_pages([(vec![1, 5, 9], true), (vec![2, 3], true)], |&p| p);
+        assert_eq!((merged, cut), (vec![1, 2, 3], Some(3)));
+    }
 
     #[test]
     fn keys_keep_the_whole_room_in_the_hash_tag_and_never_collide() {
