@@ -777,8 +777,8 @@ async fn one_relay_compacts_a_shared_room_and_the_log_keeps_every_data_entry() {
     }
     let text = writers[0].text("content");
     assert_eq!(text.len(), 300);
-    // One relay holds the lease; the stream holds the last snapshot, the updates after it and
-    // every data entry.
+    // One relay holds the lease; the log holds the last snapshot and the updates after it (the
+    // data entries are in a stream of their own).
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let holder: Option<String> = redis::cmd("GET")
@@ -1936,6 +1936,11 @@ async fn data_and_document_entries_read_a_page_at_a_time_come_in_one_order() {
     // A relay that opens the room now reads it from Redis.
     let (_c, third) = relay_with(&redis, &args);
     let late = join_at(&third, "merge", 0, 0, None).await;
+    let order: Vec<u64> = late.replay().iter().filter_map(|p| p.position).collect();
+    assert_eq!(
+        order, positions,
+        "the late joiner read the log in its order"
+    );
     let replayed: BTreeMap<u64, (u64, u64)> = late
         .replay()
         .iter()

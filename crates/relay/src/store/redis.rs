@@ -800,8 +800,11 @@ impl RedisStore {
     }
 
     /// The entries of `streams` (the room's log, and its data stream or none) from position
-    /// `from` (inclusive) to `until`, merged in the order of their positions, at most about
-    /// `max_bytes`, with each entry's document.
+    /// `from` (inclusive) to `until` (appended already: nothing is added below it while this
+    /// reads), merged in the order of their positions, at most about `max_bytes`, with each
+    /// entry's document. Each stream is read a page at a time, and each page once: the next
+    /// entry is the first of the stream pages in hand, each of which is read again only once
+    /// used up.
     async fn range(
         conn: ConnectionManager,
         streams: &[&str],
@@ -809,38 +812,60 @@ impl RedisStore {
         until: u64,
         max_bytes: usize,
     ) -> Result<Vec<(Followed, Option<String>)>, StoreError> {
+        struct Cursor<'a> {
+            stream: &'a str,
+            next: u64,
+            page: std::collections::VecDeque<(Followed, Option<String>)>,
+            // No entry left after the page in hand.
+            ended: bool,
+        }
+        let mut cursors: Vec<Cursor> = streams
+            .iter()
+            .map(|&stream| Cursor {
+                stream,
+                next: from,
+                page: Default::default(),
+                ended: from > until,
+            })
+            .collect();
         let mut out = Vec::new();
         let mut bytes = 0;
-        let mut start = from;
-        while start <= until {
-            let mut pages = Vec::with_capacity(streams.len());
-            for stream in streams {
+        loop {
+            for cursor in cursors.iter_mut() {
+                if !cursor.page.is_empty() || cursor.ended {
+                    continue;
+                }
                 let mut xrange = redis::cmd("XRANGE");
                 xrange
-                    .arg(stream)
-                    .arg(format!("{start}-0"))
+                    .arg(cursor.stream)
+                    .arg(format!("{}-0", cursor.next))
                     .arg(format!("{until}-0"))
                     .arg("COUNT")
                     .arg(PAGE);
                 let page = array(query(&conn, &xrange).await?)?;
-                let full = page.len() == PAGE;
-                let page = page.into_iter().map(entry).collect::<Result<Vec<_>, _>>()?;
-                pages.push((page, full));
-            }
-            let (merged, cut) = merge_pages(pages, |(f, _)| f.position);
-            for (followed, doc) in merged {
-                bytes += followed.bytes.len();
-                out.push((followed, doc));
-                if bytes >= max_bytes {
-                    return Ok(out);
+                cursor.ended = page.len() < PAGE;
+                for value in page {
+                    let (followed, doc) = entry(value)?;
+                    cursor.next = followed.position + 1;
+                    cursor.page.push_back((followed, doc));
                 }
+                cursor.ended |= cursor.next > until;
             }
-            match cut {
-                Some(cut) => start = cut + 1,
-                None => break,
+            // Every stream has a page in hand or has ended: the first of them is the next.
+            let Some(first) = cursors
+                .iter_mut()
+                .filter(|c| !c.page.is_empty())
+                .min_by_key(|c| c.page.front().map(|(f, _)| f.position))
+            else {
+                return Ok(out);
+            };
+            let (followed, doc) = first.page.pop_front().expect("a page in hand");
+            bytes += followed.bytes.len();
+            out.push((followed, doc));
+            if bytes >= max_bytes {
+                return Ok(out);
             }
         }
-        Ok(out)
     }
 }
 
