@@ -1992,3 +1992,48 @@ async fn an_update_whose_deleted_ranges_repeat_is_refused_before_it_is_stored() 
     assert_eq!(late.replay().len(), 1);
     assert_eq!(replayed_text(late.replay()), "a".repeat(2_000));
 }
+
+/// In a shared room, an update sent again at a step already taken is judged by whether the
+/// room's document holds it; that read decoded the bytes with yrs before anything had walked
+/// them, and a value nested 100,000 levels deep (200 KB) overflowed the relay's stack, which
+/// aborts the process: every room of the relay, on one member's word. It is walked first, and
+/// refused as `malformed`, naming the nesting; the relay serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_sent_again_with_values_nested_deep_crashes_no_relay() {
+    let redis = Redis::start("redis-nested");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut member = join_at(&urls[0], "nested", 0, 0, None).await;
+    let stamp = member.stamp();
+    let first = Frame::stamped(
+        stamp,
+        Body::Data {
+            data: Json::parse("1").unwrap(),
+        },
+    );
+    member.send(&first).await;
+    member.expect_ack(stamp.step).await;
+    // One item of client 11 in the root text, whose content (kind 8, one value) nests.
+    let mut update = vec![1, 1, 11, 0, 8, 1, 7];
+    update.extend_from_slice(b"content");
+    update.push(1);
+    for _ in 0..100_000 {
+        update.extend_from_slice(&[117, 1]);
+    }
+    update.extend_from_slice(&[126, 0]);
+    let again = Frame::stamped(
+        stamp,
+        Body::Update {
+            doc: "content".into(),
+            update,
+        },
+    );
+    member.send(&again).await;
+    let detail = member.expect_reject(Reason::Malformed).await;
+    assert!(
+        detail.contains("nested more than 128 levels deep"),
+        "{detail}"
+    );
+    // The relay still serves.
+    let late = join_at(&urls[0], "nested", 0, 0, None).await;
+    assert_eq!(late.replay().len(), 1);
+}
