@@ -659,10 +659,30 @@ fn apply_member(room: &SharedDoc, doc: &str, update: &[u8]) -> Result<(), DocErr
     }
 }
 
+/// [`apply_member`] for an update a member sends now: refused too if applying it would cost
+/// more than [`crate::doc::MAX_APPLY_COST`] (the log is applied without the bound: what it holds
+/// was taken, and every relay must take it alike).
+fn admit_member(room: &SharedDoc, doc: &str, update: &[u8]) -> Result<(), DocError> {
+    if doc == WHOLE_DOC {
+        room.admit_given_back(update)
+    } else {
+        room.admit_member_update(update)
+    }
+}
+
+/// The reason a member's update the room's document did not take is refused with.
+fn refusal_reason(error: &DocError) -> Reason {
+    match error {
+        DocError::TooCostly { .. } => Reason::TooLarge,
+        _ => Reason::Malformed,
+    }
+}
+
 /// Why the room's document did not take a member's update, for its refusal.
 fn refusal_detail(error: DocError) -> String {
     match error {
         DocError::NotTaken(detail) => format!("the update was not taken: {detail}"),
+        e @ DocError::TooCostly { .. } => e.to_string(),
         e => format!("the update does not apply to the room's document: {e}"),
     }
 }
@@ -2570,14 +2590,16 @@ impl RoomCore {
         }
         match body {
             Body::Update { update, .. } if self.shared => {
-                // Applied in the log's order, when the log comes back (`followed`).
-                if let Err(e) = check_update(update) {
-                    return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string());
+                // Applied in the log's order, when the log comes back (`followed`); what it
+                // would cost to apply is judged against the document as it is here.
+                if let Err(e) = self.doc.check_member_update(update) {
+                    return self.refuse(conn, stamp.step, refusal_reason(&e), e.to_string());
                 }
             }
             Body::Update { doc, update } => {
-                if let Err(e) = apply_member(&self.doc, doc, update) {
-                    return self.refuse(conn, stamp.step, Reason::Malformed, refusal_detail(e));
+                if let Err(e) = admit_member(&self.doc, doc, update) {
+                    let reason = refusal_reason(&e);
+                    return self.refuse(conn, stamp.step, reason, refusal_detail(e));
                 }
                 self.applied = Some((conn, stamp.step));
             }

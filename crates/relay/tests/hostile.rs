@@ -428,6 +428,86 @@ async fn updates_that_hang_or_crash_a_replica_are_refused_or_harmless() {
     assert_eq!(replayed_text(late.replay()), "still editable");
 }
 
+/// Updates that cut a text into pieces. Each cut copies the block's content into two halves and
+/// inserts the right one into the middle of its client's block list, in the relay's yrs and in
+/// every member's Yjs (100,000 cuts by deletion of one 200,000-character block, 390 KB, took yrs
+/// 0.9 s; tens of megabytes, hours, the relay's worker held all along). Each of these is
+/// refused as `tooLarge` before anything applies it, and the room goes on: a deletion of every
+/// other character of one long insertion; items placed after every other character of it; an
+/// update that writes a long text and deletes every other character of it itself; and 30,000
+/// cuts of a text of a million characters (few blocks moved, but a million characters copied
+/// each time). Deleting the whole text, one range, is taken.
+#[tokio::test]
+async fn updates_that_cut_a_text_into_pieces_are_refused_before_they_are_applied() {
+    fn var(out: &mut Vec<u8>, mut value: u64) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    // A delete set of `client`'s clocks `first`, `first + 2`, ... (`count` of them).
+    fn every_other(out: &mut Vec<u8>, client: u64, first: u64, count: u64) {
+        out.extend_from_slice(&[1]);
+        var(out, client);
+        var(out, count);
+        for i in 0..count {
+            var(out, first + 2 * i);
+            var(out, 1);
+        }
+    }
+    let server = start("cuts", |_| {}).await;
+    let mut a = join(&server, "doc", 0, None).await;
+    let writer = SharedDoc::with_client_id(7);
+    a.acked(edit(&writer, 0, &"ab".repeat(150_000))).await;
+    let long = SharedDoc::with_client_id(11);
+    a.acked(edit(&long, 0, &"c".repeat(1_000_000))).await;
+    let mut deletion = vec![0];
+    every_other(&mut deletion, 7, 1, 100_000);
+    // Client 9's 150,000 items, each an "x" after one of client 7's clocks 0, 2, 4, ...
+    let mut insertion = vec![1];
+    var(&mut insertion, 150_000);
+    insertion.extend_from_slice(&[9, 0]);
+    for i in 0..150_000 {
+        insertion.extend_from_slice(&[0x84, 7]);
+        var(&mut insertion, 2 * i);
+        insertion.extend_from_slice(&[1, b'x']);
+    }
+    insertion.push(0);
+    // Client 10's one item, 200,000 characters in the root text, then every other one of them
+    // deleted.
+    let mut own = vec![1, 1, 10, 0, 4, 1, 7];
+    own.extend_from_slice(b"content");
+    var(&mut own, 200_000);
+    own.extend_from_slice("ab".repeat(100_000).as_bytes());
+    every_other(&mut own, 10, 1, 100_000);
+    let mut copies = vec![0];
+    every_other(&mut copies, 11, 1, 30_000);
+    for update in [deletion, insertion, own, copies] {
+        let frame = raw_update(&mut a, "content", update);
+        for piece in part::fragment(&frame.encode(), 512 << 10) {
+            a.send_bytes(piece).await;
+        }
+        let detail = a.expect_reject(Reason::TooLarge).await;
+        assert!(detail.contains("send it in smaller edits"), "{detail}");
+        a.fence().await;
+    }
+    for doc in [&writer, &long] {
+        let len = doc.len("content");
+        a.acked(Body::Update {
+            doc: "content".into(),
+            update: doc.delete("content", 0, len).unwrap(),
+        })
+        .await;
+    }
+    let late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "");
+}
+
 /// Finding 11. One member writing large updates as fast as it can: its bandwidth budget
 /// refuses what is over it (`rateLimited`, to send again later), and the room's hard cap
 /// refuses what would take the log past it (`full`, with the figures).

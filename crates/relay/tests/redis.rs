@@ -1993,6 +1993,45 @@ async fn an_update_whose_deleted_ranges_repeat_is_refused_before_it_is_stored() 
     assert_eq!(replayed_text(late.replay()), "a".repeat(2_000));
 }
 
+/// A shared room stores an update before any relay applies it: one whose deletions cut a text
+/// into 200,000 pieces (each cut a block inserted into the middle of the writer's block list,
+/// 0.9 s of yrs for every relay and member, at every load) is refused as `tooLarge` by the
+/// relay it came through, judged against its copy of the document, and never stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_cuts_a_text_into_pieces_is_not_stored_in_a_shared_room() {
+    let redis = Redis::start("redis-cuts");
+    let (_relays, urls) = relays(&redis, 2);
+    let mut writer = join_at(&urls[0], "cuts", 0, 0, None).await;
+    let doc = SharedDoc::with_client_id(7);
+    let update = doc.insert("content", 0, &"ab".repeat(100_000)).unwrap();
+    writer
+        .acked(Body::Update {
+            doc: "content".into(),
+            update,
+        })
+        .await;
+    // Client 7's clocks 1, 3, 5, ... deleted: 100,000 ranges.
+    let mut cuts = vec![0, 1, 7, 0xa0, 0x8d, 0x06];
+    for i in 0..100_000u64 {
+        let mut clock = 2 * i + 1;
+        while clock >= 0x80 {
+            cuts.push((clock & 0x7f) as u8 | 0x80);
+            clock >>= 7;
+        }
+        cuts.extend_from_slice(&[clock as u8, 1]);
+    }
+    let stamp = writer.stamp();
+    let body = Body::Update {
+        doc: "content".into(),
+        update: cuts,
+    };
+    writer.send(&Frame::stamped(stamp, body)).await;
+    let detail = writer.expect_reject(Reason::TooLarge).await;
+    assert!(detail.contains("send it in smaller edits"), "{detail}");
+    let late = join_at(&urls[1], "cuts", 0, 0, None).await;
+    assert_eq!(late.replay().len(), 1);
+}
+
 /// In a shared room, an update sent again at a step already taken is judged by whether the
 /// room's document holds it; that read decoded the bytes with yrs before anything had walked
 /// them, and a value nested 100,000 levels deep (200 KB) overflowed the relay's stack, which

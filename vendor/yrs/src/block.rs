@@ -314,6 +314,18 @@ impl Block {
         }
     }
 
+    /// What cutting this block copies: its length, or for JSON content (each entry a string
+    /// copied whole) the bytes of its strings.
+    pub(crate) fn cut_weight(&self) -> u64 {
+        match self {
+            Block::Item(item) => match &item.content {
+                ItemContent::JSON(entries) => entries.iter().map(|e| e.len() as u64 + 1).sum(),
+                _ => u64::from(item.len()),
+            },
+            _ => u64::from(self.len()),
+        }
+    }
+
     pub fn len(&self) -> u32 {
         match self {
             Block::Item(block) => block.len(),

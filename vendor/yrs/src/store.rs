@@ -70,6 +70,34 @@ pub struct Store {
 }
 
 impl Store {
+    /// How many blocks of `client` the store holds, how many of them hold one of `points` (clocks)
+    /// inside them (not at their first clock), and the lengths of those summed, once for each
+    /// point. Applying an update cuts a block at such a point (a deleted range's end, an item's
+    /// origin or right origin: [`Update::cut_points`](crate::Update::cut_points)): both halves
+    /// of its content are copied, and the right one is inserted into the middle of the client's
+    /// block list, in yrs as in Yjs. A caller can tell an update's cost before it applies it.
+    pub fn cuts(&self, client: ClientID, points: &[u32]) -> (usize, usize, u64) {
+        let Some(blocks) = self.blocks.get_client(&client) else {
+            return (0, 0, 0);
+        };
+        let state = blocks.clock();
+        let (mut cuts, mut len) = (0, 0u64);
+        for &at in points {
+            if at >= state {
+                continue;
+            }
+            let Some(block) = blocks.find_index(at).and_then(|i| blocks.get(i)) else {
+                continue;
+            };
+            let block = block.as_ref();
+            if block.is_item() && block.clock_start() < at {
+                cuts += 1;
+                len += block.cut_weight();
+            }
+        }
+        (blocks.len(), cuts, len)
+    }
+
     /// Create a new empty store in context of a given `client_id`.
     pub(crate) fn new(options: &Options) -> Self {
         Store {

@@ -284,6 +284,56 @@ impl Update {
         insertions
     }
 
+    /// The clocks at which applying this update may cut blocks: each item's origin
+    /// `(client, clock)` ends its left neighbour at `clock + 1`, its right origin starts its right
+    /// neighbour at `clock`, and each deleted range starts and ends at a clock. A block that
+    /// holds such a clock inside it, in the document ([`Store::cuts`](crate::Store::cuts)) or in
+    /// this update ([`Update::cuts`]), is cut there.
+    pub fn cut_points(&self) -> Vec<(ClientID, u32)> {
+        let mut points = Vec::new();
+        for blocks in self.blocks.clients.values() {
+            for block in blocks.iter() {
+                if let Block::Item(item) = block {
+                    if let Some(origin) = item.origin {
+                        points.push((origin.client, origin.clock.saturating_add(1)));
+                    }
+                    if let Some(right) = item.right_origin {
+                        points.push((right.client, right.clock));
+                    }
+                }
+            }
+        }
+        for (client, ranges) in self.delete_set.iter() {
+            for range in ranges.iter() {
+                points.push((*client, range.start));
+                points.push((*client, range.end));
+            }
+        }
+        points
+    }
+
+    /// [`Store::cuts`](crate::Store::cuts) for this update's own blocks of `client`: blocks it
+    /// writes and cuts itself (with its later items, or with its delete set, which is applied
+    /// after its blocks).
+    pub fn cuts(&self, client: ClientID, points: &[u32]) -> (usize, usize, u64) {
+        let Some(blocks) = self.blocks.clients.get(&client) else {
+            return (0, 0, 0);
+        };
+        let (mut cuts, mut len) = (0, 0u64);
+        for &at in points {
+            let after = blocks.partition_point(|block| block.clock_start() <= at);
+            let Some(block) = after.checked_sub(1).and_then(|i| blocks.get(i)) else {
+                continue;
+            };
+            let start = block.clock_start();
+            if block.is_item() && start < at && at < start.saturating_add(block.len()) {
+                cuts += 1;
+                len += block.cut_weight();
+            }
+        }
+        (blocks.len(), cuts, len)
+    }
+
     /// Returns a delete set associated with current update.
     pub fn delete_set(&self) -> &IdSet {
         &self.delete_set

@@ -20,7 +20,7 @@ pub mod v1;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "yrs")]
-pub use shared::{check_update, merge_updates, SharedDoc};
+pub use shared::{check_update, merge_updates, SharedDoc, MAX_APPLY_COST};
 
 /// What went wrong with a document operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +52,16 @@ pub enum DocError {
     /// [`SharedDoc::apply_member_update`](shared::SharedDoc::apply_member_update)).
     #[error("{0}")]
     NotTaken(String),
+    /// A member's update that cuts so many blocks (deleted ranges, or items placed inside
+    /// others) that applying it would cost more than [`MAX_APPLY_COST`] (see
+    /// [`SharedDoc::check_member_update`]).
+    #[error("it cuts so many blocks (deleted ranges, or items placed inside others) that applying it costs {cost} (clocks copied and blocks moved), over the bound of {max}: send it in smaller edits")]
+    TooCostly {
+        /// What applying it would cost.
+        cost: u64,
+        /// The bound.
+        max: u64,
+    },
     /// Bytes that are not a Yjs state vector.
     #[error("invalid Yjs state vector: {0}")]
     InvalidStateVector(String),

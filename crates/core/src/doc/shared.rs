@@ -29,6 +29,13 @@ fn check_v1(update: &[u8]) -> Result<(), DocError> {
         .map_err(|e| DocError::InvalidUpdate(format!("not an update Yjs applies: {e}")))
 }
 
+/// The most applying one member's update may cost, in clocks copied and blocks moved
+/// ([`SharedDoc::apply_cost`], [`DocError::TooCostly`], [`SharedDoc::check_member_update`]):
+/// about half a second of yrs on the relay (200,000 cuts of one 300,000-character block, 10^11,
+/// took 2.7 s), a little more in a member's Yjs or wasm. Replacing 10,000 words at once in a
+/// document of 100,000 blocks of 10 characters costs about 2·10^10.
+pub const MAX_APPLY_COST: u64 = 20_000_000_000;
+
 /// Merges Yjs v1 updates into one (what a client does with edits that wait to be sent).
 pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, DocError> {
     yrs::merge_updates_v1(updates.iter().copied())
@@ -168,6 +175,68 @@ impl SharedDoc {
         Ok(txn.encode_update_v1())
     }
 
+    /// What applying `update` to this document would cost. Each block the update cuts in two
+    /// (where a deleted range starts or ends inside it, or an item's origin or right origin
+    /// lies inside it, in the document or in the update's own blocks) has its content copied
+    /// into two halves, and the right one inserted into the middle of its client's block list,
+    /// moving every block after it, in yrs as in Yjs: cutting `k` blocks of a client with `n`
+    /// costs the lengths of the blocks cut (the bytes of a JSON item's strings, each copied
+    /// whole) plus about `k · (n + k)` blocks moved (counted 8 each). A deletion of
+    /// every other character of one 200,000-character insertion (790 KB) took yrs 2.7 s, and a
+    /// message of tens of megabytes would take hours, in the relay and in every member; an edit
+    /// that cuts few blocks (a selection deleted whole, however large, a long paste) costs next
+    /// to nothing.
+    fn apply_cost(&self, update: &Update) -> u64 {
+        let txn = self.doc.transact();
+        let store = txn.store();
+        let mut points = update.cut_points();
+        points.sort_unstable();
+        points.dedup();
+        let mut cost = 0u64;
+        let mut clocks = Vec::new();
+        for run in points.chunk_by(|a, b| a.0 == b.0) {
+            let client = run[0].0;
+            clocks.clear();
+            clocks.extend(run.iter().map(|&(_, clock)| clock));
+            let (held, held_cuts, held_len) = store.cuts(client, &clocks);
+            let (own, own_cuts, own_len) = update.cuts(client, &clocks);
+            let blocks = (held + own) as u64;
+            let cuts = (held_cuts + own_cuts) as u64;
+            // A block in the list is 24 bytes, moved at a time's cost of about 8 characters.
+            let moved = cuts
+                .saturating_mul(blocks.saturating_add(cuts))
+                .saturating_mul(8);
+            cost = cost
+                .saturating_add(held_len)
+                .saturating_add(own_len)
+                .saturating_add(moved);
+        }
+        cost
+    }
+
+    /// Decodes a member's update (checked already by [`super::v1`]) and refuses it if applying
+    /// it here would cost more than [`MAX_APPLY_COST`] ([`SharedDoc::apply_cost`]).
+    fn decode_within_cost(&self, update: &[u8]) -> Result<Update, DocError> {
+        let update =
+            Update::decode_v1(update).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
+        let cost = self.apply_cost(&update);
+        if cost > MAX_APPLY_COST {
+            return Err(DocError::TooCostly {
+                cost,
+                max: MAX_APPLY_COST,
+            });
+        }
+        Ok(update)
+    }
+
+    /// [`check_update`], and the bound on what applying the update here would cost
+    /// ([`DocError::TooCostly`]): a shared room's check of a member's update that it
+    /// applies later, in the log's order.
+    pub fn check_member_update(&self, update: &[u8]) -> Result<(), DocError> {
+        check_v1(update)?;
+        self.decode_within_cost(update).map(|_| ())
+    }
+
     /// Applies a Yjs v1 update from another replica (or from Yjs itself). Updates may arrive
     /// in any order and more than once; `yrs` holds back what it cannot integrate yet. Bytes
     /// that Yjs would not apply are refused first ([`super::v1::check`]).
@@ -183,6 +252,10 @@ impl SharedDoc {
     pub fn apply_stored(&self, update: &[u8]) -> Result<(), DocError> {
         let update =
             Update::decode_v1(update).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
+        self.apply_decoded(update)
+    }
+
+    fn apply_decoded(&self, update: Update) -> Result<(), DocError> {
         self.doc
             .transact_mut()
             .apply_update(update)
@@ -241,6 +314,17 @@ impl SharedDoc {
     /// the room already had, and lost. Such an update is [`DocError::NotTaken`], naming the
     /// client and clocks.
     pub fn apply_member_update(&self, update: &[u8]) -> Result<(), DocError> {
+        self.member_update(update, false)
+    }
+
+    /// [`SharedDoc::apply_member_update`] for an update a member sends now, which is refused
+    /// too ([`DocError::TooCostly`]) if applying it would cost more than [`MAX_APPLY_COST`]. (The
+    /// room's log is applied without the bound: what it holds was taken.)
+    pub fn admit_member_update(&self, update: &[u8]) -> Result<(), DocError> {
+        self.member_update(update, true)
+    }
+
+    fn member_update(&self, update: &[u8], bounded: bool) -> Result<(), DocError> {
         // The clocks of the few clients the update names, not the whole state vector: a
         // document keeps every client id that ever wrote, and this runs for every update.
         let checked = {
@@ -255,6 +339,7 @@ impl SharedDoc {
             )
         };
         match checked {
+            Ok(None) if bounded => self.apply_decoded(self.decode_within_cost(update)?),
             Ok(None) => self.apply_stored(update),
             Ok(Some(why)) => Err(DocError::NotTaken(why)),
             Err(e) => Err(DocError::InvalidUpdate(format!(
@@ -267,6 +352,16 @@ impl SharedDoc {
     /// relay lost the room's history): it must integrate whole, but clocks this document holds
     /// are not compared with it (what it holds there stays).
     pub fn apply_given_back(&self, update: &[u8]) -> Result<(), DocError> {
+        self.given_back(update, false)
+    }
+
+    /// [`SharedDoc::apply_given_back`] for a document a member gives back now, with the bound
+    /// of [`SharedDoc::admit_member_update`].
+    pub fn admit_given_back(&self, update: &[u8]) -> Result<(), DocError> {
+        self.given_back(update, true)
+    }
+
+    fn given_back(&self, update: &[u8], bounded: bool) -> Result<(), DocError> {
         let checked = {
             let txn = self.doc.transact();
             super::v1::integrable(update, |client| {
@@ -274,6 +369,7 @@ impl SharedDoc {
             })
         };
         match checked {
+            Ok(None) if bounded => self.apply_decoded(self.decode_within_cost(update)?),
             Ok(None) => self.apply_stored(update),
             Ok(Some(cut)) => Err(DocError::NotTaken(cut.why)),
             Err(e) => Err(DocError::InvalidUpdate(format!(
