@@ -136,6 +136,16 @@ fn relays(redis: &Redis, n: usize) -> (Vec<Process>, Vec<String>) {
     (0..n).map(|_| relay(redis)).unzip()
 }
 
+/// Sends `update` as `member`'s next stamped update of the text `content`.
+async fn send_update(member: &mut Member, update: Vec<u8>) {
+    let stamp = member.stamp();
+    let body = Body::Update {
+        doc: "content".into(),
+        update,
+    };
+    member.send(&Frame::stamped(stamp, body)).await;
+}
+
 /// What one member saw of the log: the position of each message, with its sender and step
 /// (its own from their acknowledgements). Logged messages arrive in the log's order, and an
 /// acknowledgement after every message logged before it.
@@ -966,12 +976,7 @@ async fn an_update_after_a_gap_in_a_clients_clocks_is_refused_in_a_shared_room()
     let mut gap = vec![1, 1, 0x92, 0x21, 10, 4, 1, 7];
     gap.extend_from_slice(b"content");
     gap.extend_from_slice(&[1, b'x', 1, 0x92, 0x21, 1, 10, 1]);
-    let stamp = attacker.stamp();
-    let body = Body::Update {
-        doc: "content".into(),
-        update: gap,
-    };
-    attacker.send(&Frame::stamped(stamp, body)).await;
+    send_update(&mut attacker, gap).await;
     let detail = attacker.expect_reject(Reason::Malformed).await;
     assert!(
         detail.contains("client 4242's clocks 10..11 after clocks 5..10, which no one has written"),
@@ -1979,12 +1984,7 @@ async fn an_update_whose_deleted_ranges_repeat_is_refused_before_it_is_stored() 
     for _ in 0..20_000 {
         repeated.extend_from_slice(&[0, 0xd0, 0x0f]);
     }
-    let stamp = writer.stamp();
-    let body = Body::Update {
-        doc: "content".into(),
-        update: repeated,
-    };
-    writer.send(&Frame::stamped(stamp, body)).await;
+    send_update(&mut writer, repeated).await;
     let detail = writer.expect_reject(Reason::Malformed).await;
     assert!(detail.contains("deleted range"), "{detail}");
     // A joiner on the other relay gets the document, and no update after it.
@@ -2020,12 +2020,7 @@ async fn an_update_that_cuts_a_text_into_pieces_is_not_stored_in_a_shared_room()
         }
         cuts.extend_from_slice(&[clock as u8, 1]);
     }
-    let stamp = writer.stamp();
-    let body = Body::Update {
-        doc: "content".into(),
-        update: cuts,
-    };
-    writer.send(&Frame::stamped(stamp, body)).await;
+    send_update(&mut writer, cuts).await;
     let detail = writer.expect_reject(Reason::TooLarge).await;
     assert!(detail.contains("send it in smaller edits"), "{detail}");
     let late = join_at(&urls[1], "cuts", 0, 0, None).await;
