@@ -49,7 +49,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::doc::{check_update, DocError, SharedDoc};
+use crate::doc::{decode_update, DocError, SharedDoc};
 use crate::pace::TokenBucket;
 use crate::pattern::Step;
 use crate::store::{Appended, Followed, Logged, NodeRecord, RoomRecord, StoreError};
@@ -2604,15 +2604,18 @@ impl RoomCore {
                 self.applied = Some((conn, stamp.step));
             }
             Body::SyncState { update, .. } => {
-                if let Err(e) = check_update(update) {
-                    return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string());
-                }
+                let decoded = match decode_update(update) {
+                    Ok(decoded) => decoded,
+                    Err(e) => {
+                        return self.refuse(conn, stamp.step, Reason::Malformed, e.to_string())
+                    }
+                };
                 // An answer carries only what the room's document holds. Every receiver gets
                 // the updates the room took before this answer ahead of it, so an answer can
                 // then add nothing; one that does (blocks under another member's client id at
                 // its next clock, deletions no one made) would make the replicas that take it
                 // keep it and ignore the real edit.
-                if let Err(detail) = self.doc.holds(update) {
+                if let Err(detail) = self.doc.holds_decoded(&decoded) {
                     let detail = format!(
                         "the sync answer holds what the room has not stored: {detail}; it went to no one"
                     );

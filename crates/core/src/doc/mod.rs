@@ -20,7 +20,7 @@ pub mod v1;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "yrs")]
-pub use shared::{check_update, merge_updates, SharedDoc, MAX_APPLY_COST};
+pub use shared::{check_update, decode_update, merge_updates, SharedDoc, MAX_APPLY_COST};
 
 /// What went wrong with a document operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -17,10 +17,13 @@ use super::{digest_texts, DocError, Replica, TextDelta, Version};
 /// decodes, without applying it anywhere: what the relay does with an update it forwards but
 /// does not apply (a sync answer).
 pub fn check_update(update: &[u8]) -> Result<(), DocError> {
+    decode_update(update).map(|_| ())
+}
+
+/// [`check_update`], keeping what yrs decoded: for [`SharedDoc::holds_decoded`].
+pub fn decode_update(update: &[u8]) -> Result<Update, DocError> {
     check_v1(update)?;
-    Update::decode_v1(update)
-        .map(|_| ())
-        .map_err(|e| DocError::InvalidUpdate(e.to_string()))
+    Update::decode_v1(update).map_err(|e| DocError::InvalidUpdate(e.to_string()))
 }
 
 /// [`super::v1::check`], as a [`DocError`].
@@ -277,6 +280,13 @@ impl SharedDoc {
         // values recursively (see `super::v1`), and a resent update comes here unchecked.
         super::v1::check(update).map_err(|e| format!("not an update Yjs applies: {e}"))?;
         let update = Update::decode_v1(update).map_err(|e| e.to_string())?;
+        self.holds_decoded(&update)
+    }
+
+    /// [`SharedDoc::holds`] for an update [`decode_update`] has walked and decoded: a sync
+    /// answer, which the relay checks first (a malformed answer is refused as such), is walked
+    /// and decoded once.
+    pub fn holds_decoded(&self, update: &Update) -> Result<(), String> {
         let txn = self.doc.transact();
         // The clocks of the clients the answer names, not a state vector of every client.
         for (client, ranges) in update.insertions(true).iter() {
