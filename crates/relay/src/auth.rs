@@ -12,7 +12,7 @@
 //! | `sub` | the user's id (required); one user's members hold at most `--max-members-per-user` places in a room |
 //! | `name` | the display name peers see; the member cannot change it (optional: without it, the member names itself) |
 //! | `room` | the one room the token opens, by its exact name ... |
-//! | `roomPrefix` | ... or every room whose name begins with this (`team-42/`) |
+//! | `roomPrefix` | ... or every room whose name begins with this (`team-42/`); it must end with a separator, anything but a letter or a digit, or the token is refused |
 //! | `access` | `"read"` or `"write"` (write includes read) |
 //! | `exp` | the expiry, in seconds since the Unix epoch (required): the connection is closed then |
 //! | `nbf` | not before, in seconds since the Unix epoch (optional; a minute of leeway) |
@@ -210,6 +210,9 @@ impl Auth {
                 "the access token names no room (room or roomPrefix)",
             ));
         }
+        if let Some(prefix) = &claims.room_prefix {
+            check_prefix(prefix)?;
+        }
         Ok(Grant {
             access: Access {
                 write: claims.access == Right::Write,
@@ -267,6 +270,22 @@ impl Auth {
             ))),
             Some(_) => Err(denied("the access token's iss claim is not a string")),
         }
+    }
+}
+
+/// A `roomPrefix` must end with a separator (`/`, `:`, `-`, anything but a letter or a digit):
+/// `team-42` would open `team-420/notes` as well as `team-42/notes`, and an empty prefix every
+/// room of the relay. Such a token is refused rather than read as its issuer may have meant it.
+fn check_prefix(prefix: &str) -> Result<(), Denied> {
+    // Close reasons hold 123 bytes: these name no prefix.
+    match prefix.chars().last() {
+        None => Err(denied(
+            "the access token's roomPrefix is empty: it would open every room",
+        )),
+        Some(last) if last.is_alphanumeric() => Err(denied(
+            "the access token's roomPrefix ends in a letter or digit, so it opens rooms of other names too; end it with \"/\"",
+        )),
+        Some(_) => Ok(()),
     }
 }
 

@@ -175,6 +175,37 @@ async fn a_prefix_token_opens_every_room_under_the_prefix_and_no_other() {
 }
 
 #[tokio::test]
+async fn a_prefix_that_ends_inside_a_name_or_is_empty_opens_no_room() {
+    let server = secured("auth-prefix-boundary").await;
+    // An issuer meaning team 42's rooms writes "team-42", and team 420's rooms would be open to
+    // team 42; an empty prefix would open every room of the relay.
+    for (prefix, room) in [
+        ("team-42", "team-420/notes"),
+        ("team-42", "team-42/notes"),
+        ("", "anything"),
+    ] {
+        let token = signed(
+            SECRET,
+            serde_json::json!({ "sub": "u1", "roomPrefix": prefix, "access": "write", "exp": now() + 600 }),
+        );
+        let (code, reason) = refused(&server, Some(&token), room).await;
+        assert_eq!(code, close::FORBIDDEN, "{prefix:?} {room}: {reason}");
+        assert!(reason.contains("roomPrefix"), "{reason}");
+    }
+    // A prefix that ends with a separator of the issuer's choosing opens its rooms.
+    for (prefix, room) in [("team-42:", "team-42:notes"), ("team-42-", "team-42-notes")] {
+        let token = signed(
+            SECRET,
+            serde_json::json!({ "sub": "u1", "roomPrefix": prefix, "access": "write", "exp": now() + 600 }),
+        );
+        let mut member = join_at(&with_token(&server, &token), room, 0, 0, None).await;
+        let stamp = member.stamp();
+        member.send(&Frame::stamped(stamp, data("1"))).await;
+        member.expect_ack(stamp.step).await;
+    }
+}
+
+#[tokio::test]
 async fn a_read_only_member_reads_the_history_and_live_edits_and_none_of_its_writes_is_stored_or_passed_on(
 ) {
     let server = secured("auth-read-only").await;
