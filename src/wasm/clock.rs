@@ -3,10 +3,10 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
-use super::errors::{invalid_argument, js_error, to_f64, to_js, to_u64};
+use super::errors::{invalid_argument, js_error, to_f64, to_u64};
+use super::frames::Object;
 use super::pattern::pattern_from_js;
 use super::types::{JsAdvance, JsPatternParamsInit, JsPhaseListener, JsTick, JsUnsubscribe};
 use crate::clock::{self, Advance};
@@ -28,20 +28,6 @@ pub struct StepClock {
     inner: clock::StepClock,
     listeners: Listeners,
     next_id: u32,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct AdvanceJs {
-    from: u64,
-    to: u64,
-    entered_phase: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct TickJs {
-    step: u64,
-    pattern: u64,
 }
 
 #[wasm_bindgen]
@@ -83,10 +69,11 @@ impl StepClock {
             return Err(js_error("RangeError", "the step clock passed 2^53 - 1"));
         }
         self.notify(advance)?;
-        Ok(to_js(&TickJs {
-            step: tick.step,
-            pattern: tick.pattern,
-        })?
+        Ok(JsValue::from(
+            Object::new()
+                .int("step", tick.step)?
+                .int("pattern", tick.pattern)?,
+        )
         .unchecked_into())
     }
 
@@ -127,11 +114,16 @@ impl StepClock {
 impl StepClock {
     fn report(&self, advance: Advance) -> Result<JsAdvance, JsValue> {
         self.notify(advance)?;
-        Ok(to_js(&AdvanceJs {
-            from: advance.from,
-            to: advance.to,
-            entered_phase: advance.entered_phase,
-        })?
+        let entered = match advance.entered_phase {
+            Some(phase) => to_f64("the phase", phase)?.into(),
+            None => JsValue::NULL,
+        };
+        Ok(JsValue::from(
+            Object::new()
+                .int("from", advance.from)?
+                .int("to", advance.to)?
+                .set("enteredPhase", &entered)?,
+        )
         .unchecked_into())
     }
 

@@ -3,17 +3,19 @@
 //! The frames that carry traffic (`data`, `update`, `presence`) cross the boundary field by
 //! field, with JSON values through the engine's own `JSON.stringify` and `JSON.parse`: a
 //! generic serde walk over a JS object costs several microseconds a frame. The other kinds are
-//! read field by field too, and written through serde (from one flat struct of every field);
-//! both ways accept and produce the same objects.
+//! read and written field by field too; both ways accept and produce the same objects.
 
-use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::errors::{
-    describe, field, invalid_argument, js_error, object_arg, quoted, string_arg, to_f64, to_js,
-    u64_arg, what_it_is,
+    describe, field, invalid_argument, js_error, object_arg, quoted, string_arg, to_f64, u64_arg,
+    what_it_is,
 };
-use super::frames::{json_from_js, json_to_js, presence_to_js, stamped_to_js, Fields};
+use super::frames::{
+    json_from_js, json_to_js, peer_to_js, peers_to_js, presence_to_js, stamped_to_js, Fields,
+    Object,
+};
+use super::pattern::params_to_js;
 use super::pattern::room_config_arg;
 use super::types::{JsFrame, JsReceived};
 use crate::wire::{
@@ -387,85 +389,43 @@ fn hex(value: Option<&str>, field: &str) -> Result<u64, JsValue> {
         .ok_or_else(|| invalid_argument(format!("the frame's `{field}` must be 16 hex digits")))
 }
 
-/// A join's `floor` (whether it asks for one) or a welcome's (the step).
-#[derive(Serialize)]
-#[serde(untagged)]
-enum FloorJs {
-    Asked(bool),
-    Step(u64),
+/// `{ maxFrame, maxMessage, rate, burst, bandwidth, bandwidthBurst }`.
+fn limits_to_js(limits: &RelayLimits) -> Result<JsValue, JsValue> {
+    Ok(Object::new()
+        .int("maxFrame", limits.max_frame)?
+        .int("maxMessage", limits.max_message)?
+        .int("rate", limits.rate)?
+        .int("burst", limits.burst)?
+        .int("bandwidth", limits.bandwidth)?
+        .int("bandwidthBurst", limits.bandwidth_burst)?
+        .into())
 }
 
-/// Every field of every frame kind, for the kinds without a fast path: serialised as a plain
-/// object with `kind` first and only the fields the kind has.
-#[derive(Serialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct FrameJs<'a> {
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    room: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    since: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
-    resume: Option<&'a [u8]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    config: Option<&'a RoomConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    limits: Option<&'a RelayLimits>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    high: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    peers: Option<&'a [Peer]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    peer: Option<&'a Peer>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    position: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sender: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    step: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pattern: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<Reason>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    total: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    offset: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
-    bytes: Option<&'a [u8]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    doc: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
-    state_vector: Option<&'a [u8]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    deletes: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    digest: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    to: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
-    update: Option<&'a [u8]>,
-    #[serde(skip_serializing_if = "Option::is_none", with = "serde_bytes")]
-    state: Option<&'a [u8]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    floor: Option<FloorJs>,
-}
-
-fn frame_js(frame: &Frame) -> FrameJs<'_> {
-    let kind = frame.kind().as_str();
-    let base = FrameJs {
-        kind,
-        ..FrameJs::default()
+/// `{ pattern: { seed, multiplier, resetInterval }, maxFuture, staleWindow }`, `staleWindow`
+/// `null` when late messages are kept.
+fn config_to_js(config: &RoomConfig) -> Result<JsValue, JsValue> {
+    let stale = match config.stale_window {
+        Some(window) => to_f64("the stale window", window)?.into(),
+        None => JsValue::NULL,
     };
-    match frame {
+    Ok(Object::new()
+        .set("pattern", &params_to_js(&config.pattern)?)?
+        .int("maxFuture", config.max_future)?
+        .set("staleWindow", &stale)?
+        .into())
+}
+
+/// A copy of `bytes` as a `Uint8Array`: a `&[u8]` would reach JS as a view of wasm memory,
+/// soon reused.
+fn bytes_to_js(bytes: &[u8]) -> JsValue {
+    js_sys::Uint8Array::from(bytes).into()
+}
+
+/// A frame of a kind the codec has no fast path for, key by key: `kind` first, then only the
+/// fields the kind has, as [`frame_from_js`] reads them.
+fn other_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
+    let object = Object::new().string("kind", frame.kind().as_str())?;
+    let object = match frame {
         Frame::Join {
             room,
             name,
@@ -474,16 +434,23 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             resume,
             config,
             floor,
-        } => FrameJs {
-            room: Some(room),
-            name: Some(name),
-            since: Some(*since),
-            log: Some(*log),
-            resume: resume.as_ref().map(|t| &t[..]),
-            config: config.as_ref(),
-            floor: floor.then_some(FloorJs::Asked(true)),
-            ..base
-        },
+        } => {
+            let mut object = object
+                .string("room", room)?
+                .string("name", name)?
+                .int("since", *since)?;
+            if let Some(resume) = resume {
+                object = object.set("resume", &bytes_to_js(&resume[..]))?;
+            }
+            if let Some(config) = config {
+                object = object.set("config", &config_to_js(config)?)?;
+            }
+            let object = object.int("log", *log)?;
+            match floor {
+                true => object.set("floor", &JsValue::TRUE)?,
+                false => object,
+            }
+        }
         Frame::Welcome {
             node,
             resume,
@@ -493,116 +460,81 @@ fn frame_js(frame: &Frame) -> FrameJs<'_> {
             log,
             peers,
             floor,
-        } => FrameJs {
-            node: Some(*node),
-            resume: Some(resume),
-            config: Some(config),
-            limits: Some(limits),
-            high: Some(*high),
-            log: Some(*log),
-            peers: Some(peers),
-            floor: floor.map(FloorJs::Step),
-            ..base
-        },
-        Frame::CaughtUp { high, position } => FrameJs {
-            high: Some(*high),
-            position: Some(*position),
-            ..base
-        },
-        Frame::PeerJoined { peer } | Frame::PeerRenamed { peer } => FrameJs {
-            peer: Some(peer),
-            ..base
-        },
-        Frame::Rename { name } => FrameJs {
-            name: Some(name),
-            ..base
-        },
-        Frame::Heartbeat => base,
-        Frame::PeerLeft { node } => FrameJs {
-            node: Some(*node),
-            ..base
-        },
-        Frame::Ack { step, position } => FrameJs {
-            step: Some(*step),
-            position: Some(*position),
-            ..base
-        },
+        } => object
+            .int("node", *node)?
+            .set("resume", &bytes_to_js(&resume[..]))?
+            .set("config", &config_to_js(config)?)?
+            .set("limits", &limits_to_js(limits)?)?
+            .int("high", *high)?
+            .int("log", *log)?
+            .set("peers", &peers_to_js(peers)?)?
+            .int_if("floor", *floor)?,
+        Frame::CaughtUp { high, position } => {
+            object.int("high", *high)?.int("position", *position)?
+        }
+        Frame::PeerJoined { peer } | Frame::PeerRenamed { peer } => {
+            object.set("peer", &peer_to_js(peer)?)?
+        }
+        Frame::Rename { name } => object.string("name", name)?,
+        Frame::Heartbeat => object,
+        Frame::PeerLeft { node } => object.int("node", *node)?,
+        Frame::Ack { step, position } => object.int("step", *step)?.int("position", *position)?,
         Frame::Reject {
             step,
             reason,
             detail,
-        } => FrameJs {
-            step: Some(*step),
-            reason: Some(*reason),
-            detail: Some(detail),
-            ..base
-        },
-        Frame::Presence { sender, .. } => FrameJs {
-            sender: Some(*sender),
-            ..base
-        },
+        } => object
+            .int("step", *step)?
+            .string("reason", reason.as_str())?
+            .string("detail", detail)?,
+        Frame::Presence { sender, .. } => object.int("sender", *sender)?,
         Frame::Part {
             total,
             offset,
             bytes,
-        } => FrameJs {
-            total: Some(*total),
-            offset: Some(*offset),
-            bytes: Some(bytes),
-            ..base
-        },
-        Frame::Fence { step } => FrameJs {
-            step: Some(*step),
-            ..base
-        },
-        Frame::Snapshot { doc, state } => FrameJs {
-            doc: Some(doc),
-            state: Some(state),
-            ..base
-        },
+        } => object
+            .int("total", *total)?
+            .int("offset", *offset)?
+            .set("bytes", &bytes_to_js(bytes))?,
+        Frame::Fence { step } => object.int("step", *step)?,
+        Frame::Snapshot { doc, state } => object
+            .string("doc", doc)?
+            .set("state", &bytes_to_js(state))?,
         Frame::Stamped(Stamped { stamp, body }) => {
-            let base = FrameJs {
-                sender: Some(stamp.sender),
-                step: Some(stamp.step),
-                pattern: Some(stamp.pattern),
-                doc: body.doc(),
-                ..base
-            };
+            let mut object = object
+                .int("sender", stamp.sender)?
+                .int("step", stamp.step)?
+                .int("pattern", stamp.pattern)?;
+            if let Some(doc) = body.doc() {
+                object = object.string("doc", doc)?;
+            }
             match body {
-                Body::Data { .. } | Body::Signal { .. } => base,
-                Body::Update { update, .. } => FrameJs {
-                    update: Some(update),
-                    ..base
-                },
+                Body::Data { .. } | Body::Signal { .. } => object,
+                Body::Update { update, .. } => object.set("update", &bytes_to_js(update))?,
                 Body::Checkpoint {
                     state_vector,
                     deletes,
                     digest,
                     ..
-                } => FrameJs {
-                    state_vector: Some(state_vector),
-                    deletes: Some(format!("{deletes:016x}")),
-                    digest: Some(format!("{digest:016x}")),
-                    ..base
-                },
+                } => object
+                    .set("stateVector", &bytes_to_js(state_vector))?
+                    .string("deletes", &format!("{deletes:016x}"))?
+                    .string("digest", &format!("{digest:016x}"))?,
                 Body::SyncRequest {
                     state_vector, to, ..
-                } => FrameJs {
-                    state_vector: Some(state_vector),
-                    to: Some(*to),
-                    ..base
-                },
-                Body::SyncState { update, to, .. } => FrameJs {
-                    update: Some(update),
-                    to: Some(*to),
-                    ..base
-                },
+                } => object
+                    .set("stateVector", &bytes_to_js(state_vector))?
+                    .int("to", *to)?,
+                Body::SyncState { update, to, .. } => {
+                    object.int("to", *to)?.set("update", &bytes_to_js(update))?
+                }
             }
         }
-    }
+    };
+    Ok(object.into())
 }
 
-/// A frame as the JS object [`frame_from_js`] reads, its fields in the order serde gives them.
+/// A frame as the JS object [`frame_from_js`] reads.
 pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
     let object = match frame {
         Frame::Stamped(Stamped {
@@ -632,7 +564,7 @@ pub(crate) fn frame_to_js(frame: &Frame) -> Result<JsValue, JsValue> {
             object
         }
         Frame::Presence { sender, data } => presence_to_js(Some("presence"), *sender, data)?,
-        other => return to_js(&frame_js(other)),
+        other => return other_to_js(other),
     };
     Ok(object.into())
 }

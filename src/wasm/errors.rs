@@ -71,17 +71,6 @@ pub(crate) fn u64_arg(what: &str, value: &JsValue) -> Result<u64, JsValue> {
     }
 }
 
-/// Serialises a value for JS: maps become plain objects, `None` becomes `null`.
-#[cfg(feature = "tools")]
-pub(crate) fn to_js<T: serde::Serialize + ?Sized>(value: &T) -> Result<JsValue, JsValue> {
-    let serializer = serde_wasm_bindgen::Serializer::new()
-        .serialize_maps_as_objects(true)
-        .serialize_missing_as_null(true);
-    value
-        .serialize(&serializer)
-        .map_err(|e| js_error("RangeError", e))
-}
-
 /// The message of a thrown JS value.
 pub(crate) fn describe(error: &JsValue) -> String {
     error

@@ -137,13 +137,15 @@ impl PatternGenerator {
     /// The parameters in use: `{ seed, multiplier, resetInterval }`.
     #[wasm_bindgen(getter)]
     pub fn params(&self) -> Result<JsPatternParams, JsValue> {
-        let params = self.config.params();
-        Ok(JsValue::from(
-            Object::new()
-                .int("seed", params.seed)?
-                .int("multiplier", params.multiplier)?
-                .int("resetInterval", params.reset_interval)?,
-        )
-        .unchecked_into())
+        Ok(params_to_js(&self.config.params())?.unchecked_into())
     }
+}
+
+/// `{ seed, multiplier, resetInterval }`.
+pub(crate) fn params_to_js(params: &PatternParams) -> Result<JsValue, JsValue> {
+    Ok(Object::new()
+        .int("seed", params.seed)?
+        .int("multiplier", params.multiplier)?
+        .int("resetInterval", params.reset_interval)?
+        .into())
 }
