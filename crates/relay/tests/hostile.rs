@@ -428,6 +428,19 @@ async fn updates_that_hang_or_crash_a_replica_are_refused_or_harmless() {
     assert_eq!(replayed_text(late.replay()), "still editable");
 }
 
+/// `value` as an unsigned LEB128 varint, as Yjs writes numbers.
+fn var(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
 /// Updates that cut a text into pieces. Each cut copies the block's content into two halves and
 /// inserts the right one into the middle of its client's block list, in the relay's yrs and in
 /// every member's Yjs (100,000 cuts by deletion of one 200,000-character block, 390 KB, took yrs
@@ -439,17 +452,6 @@ async fn updates_that_hang_or_crash_a_replica_are_refused_or_harmless() {
 /// each time). Deleting the whole text, one range, is taken.
 #[tokio::test]
 async fn updates_that_cut_a_text_into_pieces_are_refused_before_they_are_applied() {
-    fn var(out: &mut Vec<u8>, mut value: u64) {
-        loop {
-            let byte = (value & 0x7f) as u8;
-            value >>= 7;
-            if value == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
     // A delete set of `client`'s clocks `first`, `first + 2`, ... (`count` of them).
     fn every_other(out: &mut Vec<u8>, client: u64, first: u64, count: u64) {
         out.extend_from_slice(&[1]);
@@ -506,6 +508,70 @@ async fn updates_that_cut_a_text_into_pieces_are_refused_before_they_are_applied
     }
     let late = join(&server, "doc", 0, None).await;
     assert_eq!(replayed_text(late.replay()), "");
+}
+
+/// Integrating an item walks past every item between its origin and its right origin, in yrs
+/// as in Yjs; no Yjs client writes an item whose origins lie apart. Measured in a release
+/// build on a text of 100,000 characters with every other deleted in between: 1,000 items each
+/// naming the text's first character and one near its end (9 KB) took yrs 67 s, and applying
+/// the room's snapshot after it as long again, in every late joiner. 20,000 items of as many
+/// clients, all at one place, each walk past those placed before them: 0.8 s for 225 KB, and
+/// the square of the size.
+#[tokio::test]
+async fn updates_whose_items_walk_the_text_are_refused_before_they_are_applied() {
+    let server = start("walks", |_| {}).await;
+    let mut a = join(&server, "doc", 0, None).await;
+    let writer = SharedDoc::with_client_id(7);
+    let n = 100_000u64;
+    a.acked(edit(&writer, 0, &"ab".repeat(n as usize))).await;
+    // Every other character deleted, 1,000 at a time: 200,000 blocks.
+    for first in (0..n).step_by(1_000) {
+        let mut deletion = vec![0, 1, 7];
+        var(&mut deletion, 1_000);
+        for i in first..first + 1_000 {
+            var(&mut deletion, 1 + 2 * i);
+            var(&mut deletion, 1);
+        }
+        a.acked(Body::Update {
+            doc: "content".into(),
+            update: deletion,
+        })
+        .await;
+    }
+    // Client 9's 1,000 items, each after the first character and before one near the end.
+    let mut far = vec![1];
+    var(&mut far, 1_000);
+    far.extend_from_slice(&[9, 0]);
+    for i in 0..1_000 {
+        far.extend_from_slice(&[0xC4, 7, 0, 7]);
+        var(&mut far, 2 * n - 2 - 2 * i);
+        far.extend_from_slice(&[1, b'x']);
+    }
+    far.push(0);
+    // 20,000 clients' one item each, all after the first character and before the second.
+    let mut crowd = Vec::new();
+    var(&mut crowd, 20_000);
+    for client in 0..20_000 {
+        crowd.push(1);
+        var(&mut crowd, 1_000 + client);
+        crowd.extend_from_slice(&[0, 0xC4, 7, 0, 7, 1, 1, b'x']);
+    }
+    crowd.push(0);
+    for update in [far, crowd] {
+        let frame = raw_update(&mut a, "content", update);
+        for piece in part::fragment(&frame.encode(), 512 << 10) {
+            a.send_bytes(piece).await;
+        }
+        let detail = a.expect_reject(Reason::TooLarge).await;
+        assert!(detail.contains("send it in smaller edits"), "{detail}");
+        a.fence().await;
+    }
+    // An honest edit in the middle of that text is taken.
+    a.acked(edit(&writer, 50_000, "honest")).await;
+    let late = join(&server, "doc", 0, None).await;
+    let text = replayed_text(late.replay());
+    assert_eq!(text.len(), n as usize + "honest".len());
+    assert!(!text.contains('x'));
 }
 
 /// Finding 11. One member writing large updates as fast as it can: its bandwidth budget

@@ -1,5 +1,5 @@
 use crate::block::{
-    Block, BlockRange, ClientID, Item, ItemContent, BLOCK_GC_REF_NUMBER, BLOCK_SKIP_REF_NUMBER,
+    Block, BlockRange, ClientID, Item, ItemContent, ItemPtr, BLOCK_GC_REF_NUMBER, BLOCK_SKIP_REF_NUMBER,
     HAS_ORIGIN, HAS_PARENT_SUB, HAS_RIGHT_ORIGIN,
 };
 use crate::branch::BranchPtr;
@@ -332,6 +332,36 @@ impl Update {
             }
         }
         (blocks.len(), cuts, len)
+    }
+
+    /// How many items of the document applying this update walks past, about: an item lands
+    /// between its origin and its right origin, and integration walks every item between them
+    /// (from the start of its list without an origin, to the end without a right origin, and
+    /// over a map key's whole history for a map entry without one), in yrs as in Yjs, and past
+    /// the items of other clients with the same origin. No Yjs client writes an item whose
+    /// origins lie apart in the document it edited; only items inserted concurrently lie
+    /// between them elsewhere. An update whose items name far-apart origins walks the whole
+    /// text once per item. Counted for the items whose origins the document holds (an origin in
+    /// the update itself is not followed); items the document holds already count nothing.
+    /// Stops counting past `budget`. A caller can tell an update's cost before it applies it.
+    pub fn walks(&self, store: &Store, budget: u64) -> u64 {
+        let mut walk = Walk {
+            store,
+            gaps: HashMap::new(),
+            steps: 0,
+            budget,
+        };
+        for blocks in self.blocks.clients.values() {
+            for block in blocks.iter() {
+                if walk.steps > budget {
+                    return walk.steps;
+                }
+                if let Block::Item(item) = block {
+                    walk.item(item);
+                }
+            }
+        }
+        walk.steps
     }
 
     /// Returns a delete set associated with current update.
@@ -1846,5 +1876,166 @@ mod test {
                 Err(Error::Malformed(MalformedKind::EmptyBlock))
             );
         }
+    }
+}
+
+/// Where an update's item is anchored in the document ([`Update::walks`]).
+#[derive(Clone, Copy)]
+enum Anchor {
+    /// At an item of the document.
+    Item(ItemPtr),
+    /// At an end of its list (no origin, or no right origin).
+    End,
+    /// At one of the update's own items, or nowhere yet: not counted.
+    Elsewhere,
+}
+
+/// Where an update's items land in the document, for the items of other clients that landed
+/// there before ([`Walk::crowd`]): after an item, or first in a list (a root type's name or a
+/// nested type's id, and a map key).
+#[derive(PartialEq, Eq, Hash)]
+enum Gap {
+    After(ID),
+    First(Option<Arc<str>>, Option<ID>, Option<Arc<str>>),
+}
+
+/// [`Update::walks`]'s count.
+struct Walk<'a> {
+    store: &'a Store,
+    /// The update's items placed right after each item of the document (or first in a list),
+    /// in all and by client: an item walks past those of other clients placed there before it.
+    gaps: HashMap<Gap, (u64, HashMap<ClientID, u64>)>,
+    steps: u64,
+    budget: u64,
+}
+
+impl Walk<'_> {
+    /// Where `id` is in the document: its item, if the document has it.
+    fn anchor(&self, id: Option<&ID>) -> Anchor {
+        let Some(id) = id else {
+            return Anchor::End;
+        };
+        if id.clock >= self.store.blocks.get_state(&id.client) {
+            return Anchor::Elsewhere;
+        }
+        match self.store.blocks.get_item(id) {
+            Some(item) => Anchor::Item(item),
+            None => Anchor::Elsewhere,
+        }
+    }
+
+    /// Counts what placing `item` walks past.
+    fn item(&mut self, item: &Item) {
+        // What the document holds is not integrated again; the rest of a block it holds the
+        // start of is integrated right after what it holds, with the block's right origin.
+        let held = self.store.blocks.get_state(&item.id.client);
+        let origin = if item.id.clock < held {
+            if item.id.clock.saturating_add(item.len) <= held {
+                return;
+            }
+            Some(ID::new(item.id.client, held - 1))
+        } else {
+            item.origin
+        };
+        let left = self.anchor(origin.as_ref());
+        let right = self.anchor(item.right_origin.as_ref());
+        match (left, right) {
+            (Anchor::Elsewhere, _) | (_, Anchor::Elsewhere) => {}
+            (Anchor::Item(from), Anchor::Item(to)) if from == to => {
+                // Both in one block of the document: it is cut between them, nothing to walk,
+                // unless the right origin is not right of the origin (then it is ignored).
+                let (Some(origin), Some(right)) = (origin, item.right_origin) else {
+                    return;
+                };
+                if right.clock <= origin.clock {
+                    self.walk(from, None);
+                }
+            }
+            (Anchor::Item(from), Anchor::Item(to)) => self.walk(from, Some(to)),
+            (Anchor::Item(from), Anchor::End) => self.walk(from, None),
+            (Anchor::End, Anchor::Item(to)) => {
+                self.walk_left(to);
+            }
+            (Anchor::End, Anchor::End) => {
+                if let Some(first) = self.list_start(item) {
+                    self.steps += 1;
+                    self.walk(first, None);
+                }
+            }
+        }
+        // Only items whose both origins the document holds: one whose right origin is one of
+        // the update's own items (a list written newest first) stops there.
+        if !matches!(right, Anchor::Elsewhere) {
+            self.crowd(item, origin.as_ref(), left);
+        }
+    }
+
+    /// Counts the items right of `from` until `to` (a right origin behind the origin is
+    /// ignored, and the walk goes on to the end of the list).
+    fn walk(&mut self, from: ItemPtr, to: Option<ItemPtr>) {
+        let mut at = from;
+        while let Some(right) = at.right {
+            if Some(right) == to || self.steps > self.budget {
+                return;
+            }
+            self.steps += 1;
+            at = right;
+        }
+    }
+
+    /// Counts the items left of `to`, to the start of its list, and gives the first one (none
+    /// past the budget).
+    fn walk_left(&mut self, to: ItemPtr) -> Option<ItemPtr> {
+        let mut at = to;
+        while let Some(left) = at.left {
+            if self.steps > self.budget {
+                return None;
+            }
+            self.steps += 1;
+            at = left;
+        }
+        Some(at)
+    }
+
+    /// The first item of `item`'s list in the document: its parent's, or its map key's (counted
+    /// to, from the key's latest value).
+    fn list_start(&mut self, item: &Item) -> Option<ItemPtr> {
+        let branch = match &item.parent {
+            TypePtr::Named(name) => self.store.types.get(name).map(|b| BranchPtr::from(b.as_ref())),
+            TypePtr::ID(id) => match &self.store.blocks.get_item(id)?.content {
+                ItemContent::Type(branch) => Some(BranchPtr::from(branch.as_ref())),
+                _ => None,
+            },
+            TypePtr::Branch(branch) => Some(*branch),
+            TypePtr::Unknown => None,
+        }?;
+        match &item.parent_sub {
+            None => branch.start,
+            Some(key) => {
+                let latest = *branch.map.get(key)?;
+                self.walk_left(latest)
+            }
+        }
+    }
+
+    /// Counts the update's items of other clients with the same origin in the document as
+    /// `item`, placed before it: it walks past them.
+    fn crowd(&mut self, item: &Item, origin: Option<&ID>, left: Anchor) {
+        let gap = match (left, origin) {
+            (Anchor::Item(_), Some(origin)) => Gap::After(*origin),
+            (Anchor::End, _) => match &item.parent {
+                TypePtr::Named(name) => {
+                    Gap::First(Some(name.clone()), None, item.parent_sub.clone())
+                }
+                TypePtr::ID(id) => Gap::First(None, Some(*id), item.parent_sub.clone()),
+                _ => return,
+            },
+            _ => return,
+        };
+        let (all, by_client) = self.gaps.entry(gap).or_default();
+        let own = by_client.entry(item.id.client).or_default();
+        self.steps = self.steps.saturating_add(*all - *own);
+        *all += 1;
+        *own += 1;
     }
 }

@@ -53,9 +53,9 @@ pub enum DocError {
     #[error("{0}")]
     NotTaken(String),
     /// A member's update that cuts so many blocks (deleted ranges, or items placed inside
-    /// others) that applying it would cost more than [`MAX_APPLY_COST`] (see
-    /// [`SharedDoc::check_member_update`]).
-    #[error("it cuts so many blocks (deleted ranges, or items placed inside others) that applying it costs {cost} (clocks copied and blocks moved), over the bound of {max}: send it in smaller edits")]
+    /// others), or places items between origins so far apart, that applying it would cost more
+    /// than [`MAX_APPLY_COST`] (see [`SharedDoc::check_member_update`]).
+    #[error("applying it costs too much, send it in smaller edits: it cuts so many blocks (deleted ranges, items placed inside others), or places items between origins so far apart, that it costs {cost} in clocks copied, blocks moved and items walked past, over the bound of {max}")]
     TooCostly {
         /// What applying it would cost.
         cost: u64,
