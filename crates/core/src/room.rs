@@ -659,9 +659,12 @@ fn apply_member(room: &SharedDoc, doc: &str, update: &[u8]) -> Result<(), DocErr
     }
 }
 
-/// [`apply_member`] for an update a member sends now: refused too if applying it would cost
-/// more than [`crate::doc::MAX_APPLY_COST`] (the log is applied without the bound: what it holds
-/// was taken, and every relay must take it alike).
+/// [`apply_member`] for an update a member sends now, or a shared room's log holds next:
+/// refused too if applying it would cost more than [`crate::doc::MAX_APPLY_COST`]. A room's own
+/// log, loaded again, is applied without the bound: what it holds was taken. A shared room's
+/// relays judge the cost again in the log's order (each has the same document there, and
+/// judges it alike): a relay's copy of the document lags the log when an update comes in, so
+/// an update anchored on items an update just before it placed counted nothing then.
 fn admit_member(room: &SharedDoc, doc: &str, update: &[u8]) -> Result<(), DocError> {
     if doc == WHOLE_DOC {
         room.admit_given_back(update)
@@ -790,7 +793,7 @@ pub struct RoomCore {
     /// each update's position: a resend of one (its client did not hear the refusal: it had no
     /// connection here, or was on another relay) is refused, not answered `replay`. Dropped
     /// with the updates by a snapshot.
-    owed: HashMap<(NodeId, Step), (u64, String)>,
+    owed: HashMap<(NodeId, Step), (u64, Reason, String)>,
     /// When the room next looks for members silent past the idle timeout.
     idle_check_at: u64,
     now: u64,
@@ -817,6 +820,32 @@ impl RoomCore {
         document: &[Logged],
         limits: RoomLimits,
         now: u64,
+    ) -> Result<Self, crate::pattern::ConfigError> {
+        Self::open(name, record, document, limits, now, false)
+    }
+
+    /// [`RoomCore::new`] for a room whose log other relays append to as well
+    /// ([`RoomCore::share`]): the updates of its document are judged as every relay judges
+    /// them in the log's order, what they cost included.
+    pub fn new_shared(
+        name: String,
+        record: RoomRecord,
+        document: &[Logged],
+        limits: RoomLimits,
+        now: u64,
+    ) -> Result<Self, crate::pattern::ConfigError> {
+        let mut room = Self::open(name, record, document, limits, now, true)?;
+        room.share();
+        Ok(room)
+    }
+
+    fn open(
+        name: String,
+        record: RoomRecord,
+        document: &[Logged],
+        limits: RoomLimits,
+        now: u64,
+        shared: bool,
     ) -> Result<Self, crate::pattern::ConfigError> {
         let config = record.config;
         let mut validator_config = ValidatorConfig::for_room(&config)?;
@@ -855,7 +884,7 @@ impl RoomCore {
             load_failures: 0,
             applied: None,
             receiving: None,
-            shared: false,
+            shared,
             awaited: 0,
             held: VecDeque::new(),
             unjudged: Vec::new(),
@@ -922,13 +951,20 @@ impl RoomCore {
         }
         // Then each update, judged as when it came in (see `deliver_log`): a log written before
         // the relay checked updates this way, or a shared room's, may hold one that does not
-        // integrate. Left out, it is left out of every catch-up too.
+        // integrate, and a shared room's one that costs too much. Left out, it is left out of
+        // every catch-up too.
         for (position, stamp, doc, update) in updates {
-            if let Err(error) = apply_member(&self.doc, &doc, &update) {
+            let judged = if self.shared {
+                admit_member(&self.doc, &doc, &update)
+            } else {
+                apply_member(&self.doc, &doc, &update)
+            };
+            if let Err(error) = judged {
                 self.refused.push(position);
+                let reason = refusal_reason(&error);
                 let detail = refusal_detail(error);
                 self.owed
-                    .insert((stamp.sender, stamp.step), (position, detail));
+                    .insert((stamp.sender, stamp.step), (position, reason, detail));
             }
         }
     }
@@ -947,8 +983,9 @@ impl RoomCore {
     /// - an update's form is checked when it comes in; whether it integrates (see
     ///   [`SharedDoc::apply_member_update`]) is judged in the log's order, as the room applies
     ///   it to its document, the same way on every relay: one that does not reaches no member
-    ///   and no catch-up ([`Joined::replays`]), and its sender gets a `malformed` refusal in
-    ///   place of its acknowledgement.
+    ///   and no catch-up ([`Joined::replays`]), and its sender gets a refusal in place of its
+    ///   acknowledgement (`malformed`, or `tooLarge` for one that costs too much to apply
+    ///   there: the relay it came through judged that against a copy that may lag the log).
     ///
     /// Call it before the first join.
     pub fn share(&mut self) {
@@ -1121,7 +1158,7 @@ impl RoomCore {
                     self.tail_updates += 1;
                     if self.missed > self.doc_covers {
                         self.deferred.push((entry.clone(), doc, update));
-                    } else if let Err(error) = apply_member(&self.doc, &doc, &update) {
+                    } else if let Err(error) = admit_member(&self.doc, &doc, &update) {
                         refusal = Some(error);
                     }
                 }
@@ -1135,7 +1172,7 @@ impl RoomCore {
                     // The store dropped the updates it holds, refused ones too.
                     self.refused.retain(|&position| position > entry.covers);
                     self.owed
-                        .retain(|_, (position, _)| *position > entry.covers);
+                        .retain(|_, (position, ..)| *position > entry.covers);
                     self.deferred
                         .retain(|(deferred, ..)| deferred.position > entry.covers);
                     // The members hold everything it does, unless this relay skipped entries
@@ -1190,7 +1227,7 @@ impl RoomCore {
     /// them unjudged: no relay can tell sooner.)
     fn judge_deferred(&mut self) {
         for (entry, doc, update) in std::mem::take(&mut self.deferred) {
-            if let Err(error) = apply_member(&self.doc, &doc, &update) {
+            if let Err(error) = admit_member(&self.doc, &doc, &update) {
                 self.refuse_logged(&entry, error);
             }
         }
@@ -1227,6 +1264,7 @@ impl RoomCore {
     /// refusal in place of its acknowledgement.
     fn refuse_logged(&mut self, entry: &Followed, error: DocError) {
         self.refused.push(entry.position);
+        let reason = refusal_reason(&error);
         let detail = refusal_detail(error);
         // What was held for the entries before it goes first.
         self.release_held_below(entry.position);
@@ -1242,11 +1280,13 @@ impl RoomCore {
         // Should its client not hear it and send the update again (here after a reconnect, or
         // through another relay, which judged it too), it is refused then, not answered
         // `replay` as if stored.
-        self.owed
-            .insert((entry.sender, entry.step), (entry.position, detail.clone()));
+        self.owed.insert(
+            (entry.sender, entry.step),
+            (entry.position, reason, detail.clone()),
+        );
         // (Judged late, after the acknowledgement went out, its client shows an anomaly.)
         if let Some(conn) = self.nodes.get(&entry.sender).and_then(|n| n.conn) {
-            self.refuse(conn, entry.step, Reason::Malformed, detail);
+            self.refuse(conn, entry.step, reason, detail);
         }
     }
 
@@ -2508,8 +2548,8 @@ impl RoomCore {
             // judges updates in the log's order, and a client refused there sends again what
             // it sent after.
             if reason == Reason::Replay {
-                if let Some((_, detail)) = self.owed.get(&(node, stamp.step)).cloned() {
-                    return self.refuse(conn, stamp.step, Reason::Malformed, detail);
+                if let Some((_, why, detail)) = self.owed.get(&(node, stamp.step)).cloned() {
+                    return self.refuse(conn, stamp.step, why, detail);
                 }
                 if self.answer_due(node, stamp.step) {
                     return;
@@ -2591,7 +2631,8 @@ impl RoomCore {
         match body {
             Body::Update { update, .. } if self.shared => {
                 // Applied in the log's order, when the log comes back (`followed`); what it
-                // would cost to apply is judged against the document as it is here.
+                // would cost to apply is judged against the document as it is here, and again
+                // there (`admit_member`): this copy may lack what the log holds before it.
                 if let Err(e) = self.doc.check_member_update(update) {
                     return self.refuse(conn, stamp.step, refusal_reason(&e), e.to_string());
                 }
@@ -2896,7 +2937,7 @@ impl RoomCore {
                         self.stored_bytes = stored;
                         self.snapshot_len = len;
                         self.refused.retain(|&refused| refused > position);
-                        self.owed.retain(|_, (refused, _)| *refused > position);
+                        self.owed.retain(|_, (refused, ..)| *refused > position);
                         // The store just dropped every document entry before the snapshot: a
                         // catch-up still reading (it reads the log a page at a time) finds them
                         // gone. Its member gets the snapshot, after the catch-up and in order
@@ -3003,8 +3044,8 @@ impl RoomCore {
             Ok(Appended::Replayed { position, detail }) => {
                 self.awaited = self.awaited.max(position);
                 if let Some(conn) = conn {
-                    if let Some((_, why)) = self.owed.get(&(node, step)).cloned() {
-                        self.refuse(conn, step, Reason::Malformed, why);
+                    if let Some((_, reason, why)) = self.owed.get(&(node, step)).cloned() {
+                        self.refuse(conn, step, reason, why);
                     } else if self.shared && position > self.published {
                         // Answered in its turn: the log may yet refuse what it stored.
                         self.validator.record(Reason::Replay);
@@ -4880,8 +4921,7 @@ mod tests {
             let record = self.store.open_now("r", RoomConfig::default());
             let document = self.store.document_now("r");
             let limits = self.rooms[i].limits;
-            self.rooms[i] = RoomCore::new("r".into(), record, &document, limits, 0).unwrap();
-            self.rooms[i].share();
+            self.rooms[i] = RoomCore::new_shared("r".into(), record, &document, limits, 0).unwrap();
             self.got[i].clear();
         }
 
@@ -5028,6 +5068,86 @@ mod tests {
         gap.extend_from_slice(b"content");
         gap.extend_from_slice(&[1, b'x', 0]);
         gap
+    }
+
+    /// What an update costs to apply is judged when it comes in, against the relay's copy of
+    /// the document, which lags the log: a member sends one item near the end of a text of
+    /// 10,000 blocks, then at once 1,000 items each between the text's first character and
+    /// that item. The second was judged before the document had the first: its items' right
+    /// origin was nowhere, and its walks counted nothing. It was stored, and every relay, member
+    /// and late joiner walked the text 1,000 times. Every relay judges the cost again in the
+    /// log's order, the same way: the second is refused as `tooLarge` in place of its
+    /// acknowledgement, and reaches no one.
+    #[test]
+    fn a_shared_room_judges_in_the_logs_order_what_an_update_costs() {
+        use crate::doc::write_var;
+        let mut shared = Shared::new(2);
+        let a = shared.join(0, 1, None, 1);
+        shared.join(1, 2, None, 2);
+        let doc = SharedDoc::with_client_id(7);
+        let m = 5_000u64;
+        send(
+            &mut shared.rooms[0],
+            0,
+            1,
+            update(
+                a,
+                1,
+                doc.insert("content", 0, &"ab".repeat(m as usize)).unwrap(),
+            ),
+        );
+        // Client 7's clocks 1, 3, 5, ... deleted: 10,000 blocks.
+        let mut cuts = vec![0, 1, 7];
+        write_var(&mut cuts, m);
+        for i in 0..m {
+            write_var(&mut cuts, 2 * i + 1);
+            cuts.push(1);
+        }
+        send(&mut shared.rooms[0], 0, 1, update(a, 2, cuts));
+        shared.drive(0);
+        shared.follow(0);
+        // Client 9's item between the last two characters; then its 1,000 items, each after
+        // the first character and before that item.
+        let mut near_end = vec![1, 1, 9, 0, 0xC4, 7];
+        write_var(&mut near_end, 2 * m - 3);
+        near_end.push(7);
+        write_var(&mut near_end, 2 * m - 2);
+        near_end.extend_from_slice(&[1, b'x', 0]);
+        let mut walks = vec![1];
+        write_var(&mut walks, 1_000);
+        walks.extend_from_slice(&[9, 1]);
+        for _ in 0..1_000 {
+            walks.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'y']);
+        }
+        walks.push(0);
+        send(&mut shared.rooms[0], 0, 1, update(a, 3, near_end));
+        send(&mut shared.rooms[0], 0, 1, update(a, 4, walks));
+        shared.drive(0);
+        shared.follow(0);
+        shared.follow(1);
+        let got = &shared.got[0][&1];
+        assert_eq!(acks(got), vec![(1, 1), (2, 2), (3, 3)]);
+        let refusal = got.iter().find_map(|f| match f {
+            Frame::Reject {
+                step: 4,
+                reason,
+                detail,
+            } => Some((*reason, detail.clone())),
+            _ => None,
+        });
+        let Some((Reason::TooLarge, detail)) = refusal else {
+            panic!("{got:?}")
+        };
+        assert!(detail.contains("send it in smaller edits"), "{detail}");
+        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1), (a, 2), (a, 3)]);
+        for i in 0..2 {
+            let late = shared.rooms[i]
+                .join(0, 3, req("late", None), [3; 16])
+                .unwrap();
+            assert_eq!(late.refused, vec![4], "relay {i}");
+        }
+        let text = shared.rooms[1].doc.text("content");
+        assert_eq!(text, format!("{}x{}", "a".repeat(m as usize - 1), "a"));
     }
 
     /// A shared room cannot judge an update when it comes in (its document may lag the log), so

@@ -387,9 +387,12 @@ impl Relay {
         // Applying a large document takes a while: off the runtime's workers.
         let (name, limits, now) = (room.to_owned(), self.config.room_limits(), self.now_ms());
         let core = tokio::task::spawn_blocking(move || {
-            RoomCore::new(name, record, &document, limits, now).map(|mut core| {
+            let opened = match remote {
+                Some(_) => RoomCore::new_shared(name, record, &document, limits, now),
+                None => RoomCore::new(name, record, &document, limits, now),
+            };
+            opened.map(|mut core| {
                 if let Some(remote) = remote {
-                    core.share();
                     core.remote_members(remote.members);
                     core.remote_presences(remote.presences);
                 }
