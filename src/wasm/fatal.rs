@@ -143,7 +143,8 @@ pub fn install() {
             .map(JsValue::from)
             .and_then(|g| js_sys::Reflect::get(&g, &"constructor".into()).ok());
         REINIT.with(|r| *r.borrow_mut() = class);
-        let previous = std::panic::take_hook();
+        // No hook to chain to: std's own prints nothing on this target (and keeping it keeps
+        // its backtrace and thread-name printing in the module, about 2 KB).
         std::panic::set_hook(Box::new(move |info| {
             let payload = info.payload();
             let what = payload
@@ -155,7 +156,6 @@ pub fn install() {
                 Some(at) => on_panic(&format!("{what}, at {at}")),
                 None => on_panic(what),
             }
-            previous(info);
         }));
     });
 }
