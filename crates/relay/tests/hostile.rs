@@ -490,13 +490,7 @@ async fn updates_that_cut_a_text_into_pieces_are_refused_before_they_are_applied
     let mut copies = vec![0];
     every_other(&mut copies, 11, 1, 30_000);
     for update in [deletion, insertion, own, copies] {
-        let frame = raw_update(&mut a, "content", update);
-        for piece in part::fragment(&frame.encode(), 512 << 10) {
-            a.send_bytes(piece).await;
-        }
-        let detail = a.expect_reject(Reason::TooLarge).await;
-        assert!(detail.contains("send it in smaller edits"), "{detail}");
-        a.fence().await;
+        refused_as_too_costly(&mut a, update).await;
     }
     for doc in [&writer, &long] {
         let len = doc.len("content");
@@ -510,13 +504,29 @@ async fn updates_that_cut_a_text_into_pieces_are_refused_before_they_are_applied
     assert_eq!(replayed_text(late.replay()), "");
 }
 
+/// Sends `update` in parts (it may be over a frame) and expects it refused as costing too much
+/// to apply.
+async fn refused_as_too_costly(member: &mut Member, update: Vec<u8>) {
+    let frame = raw_update(member, "content", update);
+    for piece in part::fragment(&frame.encode(), 512 << 10) {
+        member.send_bytes(piece).await;
+    }
+    let detail = member.expect_reject(Reason::TooLarge).await;
+    assert!(detail.contains("send it in smaller edits"), "{detail}");
+    member.fence().await;
+}
+
 /// Integrating an item walks past every item between its origin and its right origin, in yrs
 /// as in Yjs; no Yjs client writes an item whose origins lie apart. Measured in a release
 /// build on a text of 100,000 characters with every other deleted in between: 1,000 items each
 /// naming the text's first character and one near its end (9 KB) took yrs 67 s, and applying
 /// the room's snapshot after it as long again, in every late joiner. 20,000 items of as many
 /// clients, all at one place, each walk past those placed before them: 0.8 s for 225 KB, and
-/// the square of the size.
+/// the square of the size. The same walks through the update's own items: an item that lands
+/// near the end, then 1,000 items each between the first character and it (on a text of 10,000
+/// blocks, 7 KB took 2.5 s: as many items walked as naming the end itself); 3,000 clients'
+/// items each before one of 3,000 items of one client placed at one place (57 KB, 0.9 s, and
+/// the square of the size; this test sends 10,000).
 #[tokio::test]
 async fn updates_whose_items_walk_the_text_are_refused_before_they_are_applied() {
     let server = start("walks", |_| {}).await;
@@ -557,14 +567,37 @@ async fn updates_whose_items_walk_the_text_are_refused_before_they_are_applied()
         crowd.extend_from_slice(&[0, 0xC4, 7, 0, 7, 1, 1, b'x']);
     }
     crowd.push(0);
-    for update in [far, crowd] {
-        let frame = raw_update(&mut a, "content", update);
-        for piece in part::fragment(&frame.encode(), 512 << 10) {
-            a.send_bytes(piece).await;
-        }
-        let detail = a.expect_reject(Reason::TooLarge).await;
-        assert!(detail.contains("send it in smaller edits"), "{detail}");
-        a.fence().await;
+    // Client 9's item near the end, then 1,000 items each between the first character and it.
+    let mut far_own = vec![1];
+    var(&mut far_own, 1_001);
+    far_own.extend_from_slice(&[9, 0, 0xC4, 7]);
+    var(&mut far_own, 2 * n - 3);
+    far_own.push(7);
+    var(&mut far_own, 2 * n - 2);
+    far_own.extend_from_slice(&[1, b'x']);
+    for _ in 0..1_000 {
+        far_own.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'x']);
+    }
+    far_own.push(0);
+    // Client 9's 10,000 items after the first character, and 10,000 clients' items each
+    // before one of them: each walks past the rest of them.
+    let mut before_own = Vec::new();
+    var(&mut before_own, 10_001);
+    var(&mut before_own, 10_000);
+    before_own.extend_from_slice(&[9, 0]);
+    for _ in 0..10_000 {
+        before_own.extend_from_slice(&[0xC4, 7, 0, 7, 1, 1, b'x']);
+    }
+    for client in 0..10_000 {
+        before_own.push(1);
+        var(&mut before_own, 1_000 + client);
+        before_own.extend_from_slice(&[0, 0xC4, 7, 0, 9]);
+        var(&mut before_own, client);
+        before_own.extend_from_slice(&[1, b'x']);
+    }
+    before_own.push(0);
+    for update in [far, crowd, far_own, before_own] {
+        refused_as_too_costly(&mut a, update).await;
     }
     // An honest edit in the middle of that text is taken.
     a.acked(edit(&writer, 50_000, "honest")).await;

@@ -334,34 +334,79 @@ impl Update {
         (blocks.len(), cuts, len)
     }
 
-    /// How many items of the document applying this update walks past, about: an item lands
-    /// between its origin and its right origin, and integration walks every item between them
-    /// (from the start of its list without an origin, to the end without a right origin, and
-    /// over a map key's whole history for a map entry without one), in yrs as in Yjs, and past
-    /// the items of other clients with the same origin. No Yjs client writes an item whose
-    /// origins lie apart in the document it edited; only items inserted concurrently lie
-    /// between them elsewhere. An update whose items name far-apart origins walks the whole
-    /// text once per item. Counted for the items whose origins the document holds (an origin in
-    /// the update itself is not followed); items the document holds already count nothing.
-    /// Stops counting past `budget`. A caller can tell an update's cost before it applies it.
+    /// How many items applying this update walks past, about: an item lands between its
+    /// origin and its right origin, and integration walks every item between them (from the
+    /// start of its list without an origin, to the end without a right origin, and over a map
+    /// key's whole history for a map entry without one), in yrs as in Yjs, the update's items
+    /// placed there before it included. No Yjs client writes an item whose origins lie apart in
+    /// the document it edited; only items inserted concurrently lie between them elsewhere. An
+    /// update whose items name far-apart origins walks the whole text once per item.
+    ///
+    /// A right origin that is one of the update's own items counts as far as that item's own
+    /// right origin, followed to an item the document holds (the item lies before it). An item
+    /// whose origin is one of the update's own items walks in conflict only past the update's
+    /// items placed at that origin, but the check that its right origin lies right of its
+    /// origin hops over the document's items up to it, counted as a hundredth of a step each.
+    /// Items are counted in the order yrs integrates them: by client, highest first, a block
+    /// that needs another client's block of the update after that one. Items the document
+    /// holds already count nothing. Stops counting past `budget`. A caller can tell an update's
+    /// cost before it applies it.
     pub fn walks(&self, store: &Store, budget: u64) -> u64 {
         let mut walk = Walk {
             store,
+            update: &self.blocks,
+            lands: HashMap::new(),
+            rights: HashMap::new(),
             gaps: HashMap::new(),
+            crowds: Vec::new(),
+            placed: HashMap::new(),
+            at_held: HashMap::new(),
             steps: 0,
+            hops: 0,
             budget,
         };
-        for blocks in self.blocks.clients.values() {
-            for block in blocks.iter() {
-                if walk.steps > budget {
-                    return walk.steps;
+        // In the order yrs integrates them: by client, highest first, a block that needs one of
+        // another client's (its origin, right origin or parent) after that one.
+        let mut clients: Vec<ClientID> = self.blocks.clients.keys().copied().collect();
+        crate::sort::stable_sort(&mut clients);
+        let mut next: HashMap<ClientID, usize> = HashMap::new();
+        let mut stack: Vec<ClientID> = Vec::new();
+        loop {
+            if walk.over() {
+                break;
+            }
+            let client = match stack.last() {
+                Some(client) => *client,
+                None => match clients.pop() {
+                    Some(client) => {
+                        stack.push(client);
+                        client
+                    }
+                    None => break,
+                },
+            };
+            let at = next.get(&client).copied().unwrap_or(0);
+            let Some(block) = self.blocks.clients.get(&client).and_then(|b| b.get(at)) else {
+                stack.pop();
+                continue;
+            };
+            if let Block::Item(item) = block {
+                if let Some(needed) = walk.unvisited_dependency(item, &next) {
+                    // (A cycle is held back by yrs; counted as it comes.)
+                    if !stack.contains(&needed) {
+                        stack.push(needed);
+                        continue;
+                    }
                 }
-                if let Block::Item(item) = block {
-                    walk.item(item);
-                }
+                walk.item(item);
+            }
+            next.insert(client, at + 1);
+            // Back to the block that waited for this one.
+            if stack.len() > 1 {
+                stack.pop();
             }
         }
-        walk.steps
+        walk.total()
     }
 
     /// Returns a delete set associated with current update.
@@ -1879,49 +1924,198 @@ mod test {
     }
 }
 
-/// Where an update's item is anchored in the document ([`Update::walks`]).
-#[derive(Clone, Copy)]
+/// A walk step over the items of the document costs about as much as this many hops (the
+/// pointer chases that only check where the right origin lies).
+const HOPS_PER_STEP: u64 = 100;
+
+/// Where an update's item, or one of its origins, lies in the document ([`Update::walks`]).
+#[derive(Clone, Copy, PartialEq)]
 enum Anchor {
     /// At an item of the document.
     Item(ItemPtr),
-    /// At an end of its list (no origin, or no right origin).
+    /// Just after an item of the document: where one of the update's own items lands, placed
+    /// after its origin (followed through the update's items to one the document holds).
+    After(ItemPtr),
+    /// First in its list (no origin, or an origin yrs cannot place it after), or where one of
+    /// the update's own items lands there.
+    Start,
+    /// At the end of its list (no right origin, or one yrs cannot place it before).
     End,
-    /// At one of the update's own items, or nowhere yet: not counted.
-    Elsewhere,
+    /// Nowhere the update or the document tells (a missing dependency, or a cycle of origins):
+    /// held back by yrs, not counted.
+    Unknown,
 }
 
-/// Where an update's items land in the document, for the items of other clients that landed
-/// there before ([`Walk::crowd`]): after an item, or first in a list (a root type's name or a
-/// nested type's id, and a map key).
+/// Where an update's items land, for the items placed there before them ([`Walk::crowd`]):
+/// after an item (of the document or of the update), or first in a list (a root type's name
+/// or a nested type's id, and a map key).
 #[derive(PartialEq, Eq, Hash)]
 enum Gap {
     After(ID),
     First(Option<Arc<str>>, Option<ID>, Option<Arc<str>>),
 }
 
+/// The update's items placed at one [`Gap`], in all and by client.
+#[derive(Default)]
+struct Crowd {
+    all: u64,
+    by_client: HashMap<ClientID, u64>,
+}
+
 /// [`Update::walks`]'s count.
 struct Walk<'a> {
     store: &'a Store,
-    /// The update's items placed right after each item of the document (or first in a list),
-    /// in all and by client: an item walks past those of other clients placed there before it.
-    gaps: HashMap<Gap, (u64, HashMap<ClientID, u64>)>,
+    update: &'a BlockSet,
+    /// Where each of the update's blocks lands (by its first id), as it is resolved.
+    lands: HashMap<ID, Anchor>,
+    /// What each of the update's blocks lies before (by its first id): its right origin,
+    /// followed through the update's items to one the document holds, or the end.
+    rights: HashMap<ID, Anchor>,
+    gaps: HashMap<Gap, usize>,
+    crowds: Vec<Crowd>,
+    /// Each of the update's blocks counted: its gap, and how many were placed there before it.
+    placed: HashMap<ID, (usize, u64)>,
+    /// The update's items counted so far placed after items the document holds, by client
+    /// and clock of their origin: a walk past that item passes them too.
+    at_held: HashMap<ClientID, std::collections::BTreeMap<u32, u64>>,
     steps: u64,
+    hops: u64,
     budget: u64,
 }
 
-impl Walk<'_> {
-    /// Where `id` is in the document: its item, if the document has it.
-    fn anchor(&self, id: Option<&ID>) -> Anchor {
-        let Some(id) = id else {
-            return Anchor::End;
+impl<'a> Walk<'a> {
+    fn total(&self) -> u64 {
+        self.steps.saturating_add(self.hops / HOPS_PER_STEP)
+    }
+
+    fn over(&self) -> bool {
+        self.total() > self.budget
+    }
+
+    /// The update's block holding `id`.
+    fn block(&self, id: &ID) -> Option<&'a Block> {
+        let blocks = self.update.clients.get(&id.client)?;
+        let at = blocks.partition_point(|b| b.clock_start() <= id.clock);
+        let block = blocks.get(at.checked_sub(1)?)?;
+        (id.clock < block.clock_start() + block.len()).then_some(block)
+    }
+
+    /// Whether `id` is one of the update's own (not the document's).
+    fn own(&self, id: &ID) -> bool {
+        id.clock >= self.store.blocks.get_state(&id.client)
+    }
+
+    /// Another client's block of the update that `item` needs first and that is not counted
+    /// yet (`next`: how many blocks of each client are).
+    fn unvisited_dependency(
+        &self,
+        item: &Item,
+        next: &HashMap<ClientID, usize>,
+    ) -> Option<ClientID> {
+        let parent = match &item.parent {
+            TypePtr::ID(id) => Some(id),
+            _ => None,
         };
-        if id.clock >= self.store.blocks.get_state(&id.client) {
-            return Anchor::Elsewhere;
+        [item.origin.as_ref(), item.right_origin.as_ref(), parent]
+            .into_iter()
+            .flatten()
+            .find(|id| {
+                id.client != item.id.client && self.own(id) && {
+                    let at = next.get(&id.client).copied().unwrap_or(0);
+                    self.update
+                        .clients
+                        .get(&id.client)
+                        .and_then(|blocks| blocks.get(at))
+                        .is_some_and(|b| b.clock_start() <= id.clock)
+                }
+            })
+            .map(|id| id.client)
+    }
+
+    /// Where the origin `id` is: an item of the document, or where the update's item with it
+    /// lands.
+    fn anchor(&mut self, id: &ID) -> Anchor {
+        if !self.own(id) {
+            return match self.store.blocks.get_item(id) {
+                Some(item) => Anchor::Item(item),
+                // A deleted range the document keeps no item of: yrs places the item first.
+                None => Anchor::Start,
+            };
         }
-        match self.store.blocks.get_item(id) {
-            Some(item) => Anchor::Item(item),
-            None => Anchor::Elsewhere,
+        self.land(id)
+    }
+
+    /// What the right origin `id` is: an item of the document, or what the update's item with
+    /// it lies before (its own right origin, followed to an item the document holds).
+    fn right(&mut self, id: &ID) -> Anchor {
+        let mut path = Vec::new();
+        let mut at = *id;
+        let found = loop {
+            if !self.own(&at) {
+                break match self.store.blocks.get_item(&at) {
+                    Some(item) => Anchor::Item(item),
+                    None => Anchor::End,
+                };
+            }
+            let item = match self.block(&at) {
+                Some(Block::Item(item)) => item,
+                Some(Block::GC(_)) => break Anchor::End,
+                _ => break Anchor::Unknown,
+            };
+            if let Some(right) = self.rights.get(&item.id) {
+                break *right;
+            }
+            path.push(item.id);
+            self.rights.insert(item.id, Anchor::Unknown);
+            match item.right_origin {
+                Some(right) => at = right,
+                None => break Anchor::End,
+            }
+        };
+        for id in path {
+            self.rights.insert(id, found);
         }
+        found
+    }
+
+    /// Where the update's item with `id` lands: just after its origin, followed through the
+    /// update's own items to one the document holds (each block resolved once).
+    fn land(&mut self, id: &ID) -> Anchor {
+        let mut path = Vec::new();
+        let mut at = *id;
+        let found = loop {
+            let item = match self.block(&at) {
+                Some(Block::Item(item)) => item,
+                Some(Block::GC(_)) => break Anchor::Start,
+                _ => break Anchor::Unknown,
+            };
+            if let Some(land) = self.lands.get(&item.id) {
+                break *land;
+            }
+            path.push(item.id);
+            // Unknown until resolved: a cycle of origins resolves to it.
+            self.lands.insert(item.id, Anchor::Unknown);
+            let held = self.store.blocks.get_state(&item.id.client);
+            let origin = if item.id.clock < held {
+                ID::new(item.id.client, held - 1)
+            } else {
+                match item.origin {
+                    Some(origin) => origin,
+                    None => break Anchor::Start,
+                }
+            };
+            if !self.own(&origin) {
+                break match self.store.blocks.get_item(&origin) {
+                    Some(item) => Anchor::After(item),
+                    None => Anchor::Start,
+                };
+            }
+            at = origin;
+        };
+        for id in path {
+            self.lands.insert(id, found);
+        }
+        found
     }
 
     /// Counts what placing `item` walks past.
@@ -1937,10 +2131,30 @@ impl Walk<'_> {
         } else {
             item.origin
         };
-        let left = self.anchor(origin.as_ref());
-        let right = self.anchor(item.right_origin.as_ref());
+        let own_origin = origin.as_ref().is_some_and(|o| self.own(o));
+        let left = match &origin {
+            Some(origin) => self.anchor(origin),
+            None => Anchor::Start,
+        };
+        let right = match &item.right_origin {
+            Some(right) => self.right(right),
+            None => Anchor::End,
+        };
+        let to = match right {
+            Anchor::Item(to) => Some(to),
+            _ => None,
+        };
         match (left, right) {
-            (Anchor::Elsewhere, _) | (_, Anchor::Elsewhere) => {}
+            (Anchor::Unknown, _) | (_, Anchor::Unknown) => return,
+            // After one of the update's own items, the conflict walk passes only items placed
+            // after that one (the update's, counted below); the check that the right origin
+            // lies right of the origin hops over the document's items up to it.
+            (Anchor::After(from), _) => self.walk(from, to, false),
+            (Anchor::Start, _) if own_origin => {
+                if let Some(to) = to {
+                    self.walk_left(to, false);
+                }
+            }
             (Anchor::Item(from), Anchor::Item(to)) if from == to => {
                 // Both in one block of the document: it is cut between them, nothing to walk,
                 // unless the right origin is not right of the origin (then it is ignored).
@@ -1948,50 +2162,73 @@ impl Walk<'_> {
                     return;
                 };
                 if right.clock <= origin.clock {
-                    self.walk(from, None);
+                    self.walk(from, None, true);
                 }
             }
-            (Anchor::Item(from), Anchor::Item(to)) => self.walk(from, Some(to)),
-            (Anchor::Item(from), Anchor::End) => self.walk(from, None),
-            (Anchor::End, Anchor::Item(to)) => {
-                self.walk_left(to);
+            (Anchor::Item(from), _) => self.walk(from, to, true),
+            (Anchor::Start, Anchor::Item(to)) => {
+                self.walk_left(to, true);
             }
-            (Anchor::End, Anchor::End) => {
+            (Anchor::Start, _) => {
                 if let Some(first) = self.list_start(item) {
                     self.steps += 1;
-                    self.walk(first, None);
+                    self.walk(first, None, true);
                 }
             }
+            _ => {}
         }
-        // Only items whose both origins the document holds: one whose right origin is one of
-        // the update's own items (a list written newest first) stops there.
-        if !matches!(right, Anchor::Elsewhere) {
-            self.crowd(item, origin.as_ref(), left);
-        }
+        self.crowd(item, origin.as_ref());
     }
 
     /// Counts the items right of `from` until `to` (a right origin behind the origin is
-    /// ignored, and the walk goes on to the end of the list).
-    fn walk(&mut self, from: ItemPtr, to: Option<ItemPtr>) {
+    /// ignored, and the walk goes on to the end of the list), and the update's items counted
+    /// so far that were placed after them: as steps of the conflict walk (`conflict`), or as
+    /// hops.
+    fn walk(&mut self, from: ItemPtr, to: Option<ItemPtr>, conflict: bool) {
         let mut at = from;
         while let Some(right) = at.right {
-            if Some(right) == to || self.steps > self.budget {
+            if Some(right) == to || self.over() {
                 return;
             }
-            self.steps += 1;
+            let mut passed = 1;
+            if conflict {
+                passed += self.placed_after(&right);
+            }
+            if conflict {
+                self.steps = self.steps.saturating_add(passed);
+            } else {
+                self.hops = self.hops.saturating_add(passed);
+            }
             at = right;
         }
     }
 
+    /// The update's items counted so far placed after `item` of the document (at any of its
+    /// clocks).
+    fn placed_after(&self, item: &ItemPtr) -> u64 {
+        let Some(clocks) = self.at_held.get(&item.id.client) else {
+            return 0;
+        };
+        let start = item.id.clock;
+        clocks
+            .range(start..start.saturating_add(item.len))
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
     /// Counts the items left of `to`, to the start of its list, and gives the first one (none
     /// past the budget).
-    fn walk_left(&mut self, to: ItemPtr) -> Option<ItemPtr> {
+    fn walk_left(&mut self, to: ItemPtr, conflict: bool) -> Option<ItemPtr> {
         let mut at = to;
         while let Some(left) = at.left {
-            if self.steps > self.budget {
+            if self.over() {
                 return None;
             }
-            self.steps += 1;
+            if conflict {
+                self.steps += 1;
+            } else {
+                self.hops += 1;
+            }
             at = left;
         }
         Some(at)
@@ -2013,29 +2250,53 @@ impl Walk<'_> {
             None => branch.start,
             Some(key) => {
                 let latest = *branch.map.get(key)?;
-                self.walk_left(latest)
+                self.walk_left(latest, true)
             }
         }
     }
 
-    /// Counts the update's items of other clients with the same origin in the document as
-    /// `item`, placed before it: it walks past them.
-    fn crowd(&mut self, item: &Item, origin: Option<&ID>, left: Anchor) {
-        let gap = match (left, origin) {
-            (Anchor::Item(_), Some(origin)) => Gap::After(*origin),
-            (Anchor::End, _) => match &item.parent {
+    /// Counts the update's items placed at `item`'s origin before it that it walks past: those
+    /// placed after its right origin, when that is one of them (a list written newest first
+    /// walks past none), or else those of other clients.
+    fn crowd(&mut self, item: &Item, origin: Option<&ID>) {
+        let gap = match origin {
+            Some(origin) => Gap::After(*origin),
+            None => match &item.parent {
                 TypePtr::Named(name) => {
                     Gap::First(Some(name.clone()), None, item.parent_sub.clone())
                 }
                 TypePtr::ID(id) => Gap::First(None, Some(*id), item.parent_sub.clone()),
                 _ => return,
             },
-            _ => return,
         };
-        let (all, by_client) = self.gaps.entry(gap).or_default();
-        let own = by_client.entry(item.id.client).or_default();
-        self.steps = self.steps.saturating_add(*all - *own);
-        *all += 1;
+        let next = self.crowds.len();
+        let at = *self.gaps.entry(gap).or_insert(next);
+        if at == next {
+            self.crowds.push(Crowd::default());
+        }
+        let right = item
+            .right_origin
+            .and_then(|right| Some(self.block(&right)?.id()))
+            .and_then(|right| self.placed.get(&right))
+            .filter(|(gap, _)| *gap == at)
+            .map(|&(_, before)| before);
+        let crowd = &mut self.crowds[at];
+        let own = crowd.by_client.entry(item.id.client).or_default();
+        let passed = match right {
+            Some(before) => crowd.all - before - 1,
+            None => crowd.all - *own,
+        };
+        self.steps = self.steps.saturating_add(passed);
+        self.placed.insert(item.id, (at, crowd.all));
+        crowd.all += 1;
         *own += 1;
+        if let Some(origin) = origin.filter(|o| !self.own(o)) {
+            *self
+                .at_held
+                .entry(origin.client)
+                .or_default()
+                .entry(origin.clock)
+                .or_default() += 1;
+        }
     }
 }
