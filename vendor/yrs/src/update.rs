@@ -1970,7 +1970,7 @@ struct Walk<'a> {
     lands: HashMap<ID, Anchor>,
     /// What each of the update's blocks lies before (by its first id): its right origin,
     /// followed through the update's items to one the document holds, or the end.
-    rights: HashMap<ID, Anchor>,
+    rights: HashMap<ID, (Anchor, Option<ID>)>,
     gaps: HashMap<Gap, usize>,
     crowds: Vec<Crowd>,
     /// Each of the update's blocks counted: its gap, and how many were placed there before it.
@@ -2046,30 +2046,31 @@ impl<'a> Walk<'a> {
     }
 
     /// What the right origin `id` is: an item of the document, or what the update's item with
-    /// it lies before (its own right origin, followed to an item the document holds).
-    fn right(&mut self, id: &ID) -> Anchor {
+    /// it lies before (its own right origin, followed to an item the document holds); with the
+    /// id of the document's it names.
+    fn right(&mut self, id: &ID) -> (Anchor, Option<ID>) {
         let mut path = Vec::new();
         let mut at = *id;
         let found = loop {
             if !self.own(&at) {
                 break match self.store.blocks.get_item(&at) {
-                    Some(item) => Anchor::Item(item),
-                    None => Anchor::End,
+                    Some(item) => (Anchor::Item(item), Some(at)),
+                    None => (Anchor::End, None),
                 };
             }
             let item = match self.block(&at) {
                 Some(Block::Item(item)) => item,
-                Some(Block::GC(_)) => break Anchor::End,
-                _ => break Anchor::Unknown,
+                Some(Block::GC(_)) => break (Anchor::End, None),
+                _ => break (Anchor::Unknown, None),
             };
             if let Some(right) = self.rights.get(&item.id) {
                 break *right;
             }
             path.push(item.id);
-            self.rights.insert(item.id, Anchor::Unknown);
+            self.rights.insert(item.id, (Anchor::Unknown, None));
             match item.right_origin {
                 Some(right) => at = right,
-                None => break Anchor::End,
+                None => break (Anchor::End, None),
             }
         };
         for id in path {
@@ -2136,9 +2137,9 @@ impl<'a> Walk<'a> {
             Some(origin) => self.anchor(origin),
             None => Anchor::Start,
         };
-        let right = match &item.right_origin {
+        let (right, right_id) = match &item.right_origin {
             Some(right) => self.right(right),
-            None => Anchor::End,
+            None => (Anchor::End, None),
         };
         let to = match right {
             Anchor::Item(to) => Some(to),
@@ -2158,7 +2159,7 @@ impl<'a> Walk<'a> {
             (Anchor::Item(from), Anchor::Item(to)) if from == to => {
                 // Both in one block of the document: it is cut between them, nothing to walk,
                 // unless the right origin is not right of the origin (then it is ignored).
-                let (Some(origin), Some(right)) = (origin, item.right_origin) else {
+                let (Some(origin), Some(right)) = (origin, right_id) else {
                     return;
                 };
                 if right.clock <= origin.clock {

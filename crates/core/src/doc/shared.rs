@@ -1263,8 +1263,9 @@ mod tests {
     /// items of one client at one place (each walks past the rest of them); items before an item
     /// yrs places far from its origin, after one of the update's own items and before the end,
     /// or between origins the update places items between; a deleted range as right origin. A
-    /// list written newest first, by two clients one after the other or in turns, walks nothing
-    /// and is taken.
+    /// list written newest first, by two clients one after the other or in turns, and an outbox
+    /// that typed inside a pasted word and then in front of what it typed, walk nothing and are
+    /// taken.
     #[test]
     fn items_anchored_at_the_updates_own_items_count_what_they_walk() {
         let doc = SharedDoc::with_client_id(7);
@@ -1332,6 +1333,25 @@ mod tests {
             turns[1].1.push((Some((7, 0)), Some((9, k))));
         }
         doc.check_member_update(&crafted(&turns)).unwrap();
+        // An outbox that typed inside a pasted word, then in front of what it typed there, 2,000
+        // times, before the text of 10,000 blocks: each item before the update's own item lies
+        // right of its origin, and walks nothing.
+        let pasted = SharedDoc::with_client_id(8);
+        pasted.apply_update(&doc.snapshot()).unwrap();
+        pasted.insert("content", 0, &"w".repeat(4_001)).unwrap();
+        let inside = crafted(&[(
+            9,
+            (0..2_000u64)
+                .flat_map(|i| {
+                    let at = 2 * i;
+                    [
+                        (Some((8, at)), Some((8, at + 1))),
+                        (Some((8, at)), Some((9, at))),
+                    ]
+                })
+                .collect(),
+        )]);
+        pasted.check_member_update(&inside).unwrap();
         // Newest first: each item after the first character, before the one written last.
         let newest_first = |client: u64, first_right: (u64, u64)| {
             std::iter::once((Some((7, 0)), Some(first_right)))
