@@ -676,7 +676,7 @@ fn admit_member(room: &SharedDoc, doc: &str, update: &[u8]) -> Result<(), DocErr
 /// The reason a member's update the room's document did not take is refused with.
 fn refusal_reason(error: &DocError) -> Reason {
     match error {
-        DocError::TooCostly { .. } => Reason::TooLarge,
+        DocError::TooCostly { .. } | DocError::Overran { .. } => Reason::TooLarge,
         _ => Reason::Malformed,
     }
 }
@@ -685,7 +685,7 @@ fn refusal_reason(error: &DocError) -> Reason {
 fn refusal_detail(error: DocError) -> String {
     match error {
         DocError::NotTaken(detail) => format!("the update was not taken: {detail}"),
-        e @ DocError::TooCostly { .. } => e.to_string(),
+        e @ (DocError::TooCostly { .. } | DocError::Overran { .. }) => e.to_string(),
         e => format!("the update does not apply to the room's document: {e}"),
     }
 }
@@ -918,6 +918,29 @@ impl RoomCore {
     }
 
     fn load(&mut self, document: &[Logged]) {
+        // The updates whose integration walked too far (see `DocError::Overran`): the document
+        // took part of each, so it is built again without them, until none is left.
+        let mut overran = Vec::new();
+        while let Some(refused) = self.load_once(document, &overran) {
+            overran.push(refused);
+            self.doc = SharedDoc::with_client_id(0);
+            self.refused.clear();
+            self.owed.clear();
+            self.snapshot_len = 0;
+            self.tail_bytes = 0;
+            self.tail_updates = 0;
+            self.load_failures = 0;
+        }
+    }
+
+    /// Loads `document` into the room, leaving out the updates of `overran`; returns an update
+    /// whose integration walked too far, as its position, reason and detail (the document then
+    /// holds part of it).
+    fn load_once(
+        &mut self,
+        document: &[Logged],
+        overran: &[(u64, Reason, String)],
+    ) -> Option<(u64, Reason, String)> {
         let limits = self.log_limits();
         // The snapshot first: in a shared room, updates logged after what it holds may come
         // before it in the log (another relay appended them while it was on its way), and they
@@ -954,19 +977,26 @@ impl RoomCore {
         // integrate, and a shared room's one that costs too much. Left out, it is left out of
         // every catch-up too.
         for (position, stamp, doc, update) in updates {
-            let judged = if self.shared {
-                admit_member(&self.doc, &doc, &update)
-            } else {
-                apply_member(&self.doc, &doc, &update)
+            let judged = match overran.iter().find(|(at, ..)| *at == position) {
+                Some((_, reason, detail)) => Err((false, *reason, detail.clone())),
+                None if self.shared => admit_member(&self.doc, &doc, &update).map_err(|error| {
+                    let overran = matches!(error, DocError::Overran { .. });
+                    let reason = refusal_reason(&error);
+                    (overran, reason, refusal_detail(error))
+                }),
+                None => apply_member(&self.doc, &doc, &update)
+                    .map_err(|error| (false, refusal_reason(&error), refusal_detail(error))),
             };
-            if let Err(error) = judged {
+            if let Err((overran, reason, detail)) = judged {
+                if overran {
+                    return Some((position, reason, detail));
+                }
                 self.refused.push(position);
-                let reason = refusal_reason(&error);
-                let detail = refusal_detail(error);
                 self.owed
                     .insert((stamp.sender, stamp.step), (position, reason, detail));
             }
         }
+        None
     }
 
     /// Makes this a room whose log other relays append to as well (a store several relays
@@ -1033,6 +1063,10 @@ impl RoomCore {
     /// Fans out what was read of a shared room, in the store's order, as far as it may go.
     fn pump_followed(&mut self, now: u64) {
         loop {
+            // Stopped on an entry (see `stop_overran`): its document is no longer the log's.
+            if self.stopped {
+                return;
+            }
             self.snapshot_ahead();
             // One of this relay's appends goes out only once the store answered it, as on a
             // relay of its own: what it let wait behind the append goes out after it.
@@ -1215,7 +1249,13 @@ impl RoomCore {
                 None => 0,
             };
             match refusal {
-                Some(error) => self.refuse_logged(&entry, error),
+                Some(error) => {
+                    let overran = matches!(error, DocError::Overran { .. });
+                    self.refuse_logged(&entry, error);
+                    if overran {
+                        return self.stop_overran();
+                    }
+                }
                 None => self.forward(from, None, &entry.bytes),
             }
             self.release_held();
@@ -1228,9 +1268,23 @@ impl RoomCore {
     fn judge_deferred(&mut self) {
         for (entry, doc, update) in std::mem::take(&mut self.deferred) {
             if let Err(error) = admit_member(&self.doc, &doc, &update) {
+                let overran = matches!(error, DocError::Overran { .. });
                 self.refuse_logged(&entry, error);
+                if overran {
+                    return self.stop_overran();
+                }
             }
         }
+    }
+
+    /// A shared room's document took part of an update of its log before integration walked
+    /// too far ([`DocError::Overran`]): the room stops, and loads again from its log without it
+    /// (every relay judges it in the log's order alike, at load too).
+    fn stop_overran(&mut self) {
+        self.stop(
+            "an update of the room's log walked too far to apply; the document is loaded again without it"
+                .into(),
+        );
     }
 
     /// The answers of `unjudged`, now that the document holds the snapshot that dropped their
@@ -2639,8 +2693,14 @@ impl RoomCore {
             }
             Body::Update { doc, update } => {
                 if let Err(e) = admit_member(&self.doc, doc, update) {
+                    let overran = matches!(e, DocError::Overran { .. });
                     let reason = refusal_reason(&e);
-                    return self.refuse(conn, stamp.step, reason, refusal_detail(e));
+                    self.refuse(conn, stamp.step, reason, refusal_detail(e));
+                    if overran {
+                        // The document holds part of it: the room loads again without it.
+                        self.stop("an update walked too far to apply; the document is loaded again without it".into());
+                    }
+                    return;
                 }
                 self.applied = Some((conn, stamp.step));
             }
@@ -5148,6 +5208,102 @@ mod tests {
         }
         let text = shared.rooms[1].doc.text("content");
         assert_eq!(text, format!("{}x{}", "a".repeat(m as usize - 1), "a"));
+    }
+
+    /// 6,000 items of one client, each after the first character of a 10,000-character block
+    /// and before another of its characters: the estimate of what an update costs counts
+    /// nothing for them, and placing them walks about 2·10^9 steps (some 5 s).
+    fn walks_too_far() -> Vec<u8> {
+        use crate::doc::write_var;
+        let mut walks = vec![1];
+        write_var(&mut walks, 6_000);
+        walks.extend_from_slice(&[9, 0]);
+        for right in 1..=6_000 {
+            walks.extend_from_slice(&[0xC4, 7, 0, 7]);
+            write_var(&mut walks, right);
+            walks.extend_from_slice(&[1, b'x']);
+        }
+        walks.push(0);
+        walks
+    }
+
+    /// A member's update whose integration walks too far is stopped there: it is refused as
+    /// `tooLarge`, never stored, and the room, whose document took part of it, stops to load
+    /// again without it.
+    #[test]
+    fn an_update_that_walks_too_far_is_stopped_refused_and_the_room_reloads() {
+        let mut room = room();
+        let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
+        outputs(&mut room);
+        let writer = SharedDoc::with_client_id(7);
+        let base = writer.insert("content", 0, &"a".repeat(10_000)).unwrap();
+        send(&mut room, 0, 1, update(a.node, 1, base));
+        stored(&mut room, 1);
+        outputs(&mut room);
+        send(&mut room, 0, 1, update(a.node, 2, walks_too_far()));
+        let out = outputs(&mut room);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Append(_))),
+            "{out:?}"
+        );
+        let refusal = sent_to(&out, 1).into_iter().find_map(|f| match f {
+            Frame::Reject {
+                step: 2,
+                reason,
+                detail,
+            } => Some((reason, detail)),
+            _ => None,
+        });
+        let Some((Reason::TooLarge, detail)) = refusal else {
+            panic!("{out:?}")
+        };
+        assert!(detail.contains("walks too far"), "{detail}");
+        assert!(matches!(out.last(), Some(Output::Stop { .. })));
+    }
+
+    /// In a shared room, integration that walks too far stops in the log's order on every
+    /// relay alike: the update reaches no member, its sender hears `tooLarge`, each relay's
+    /// room stops, and loads again from the log without it (and judges it so at load), with
+    /// what the log holds after it.
+    #[test]
+    fn a_shared_room_stops_in_the_logs_order_an_update_that_walks_too_far() {
+        let mut shared = Shared::new(2);
+        let a = shared.join(0, 1, None, 1);
+        shared.join(1, 2, None, 2);
+        let writer = SharedDoc::with_client_id(7);
+        let base = writer.insert("content", 0, &"a".repeat(10_000)).unwrap();
+        let after = SharedDoc::with_client_id(8);
+        after.apply_update(&base).unwrap();
+        let typed = after.insert("content", 0, "y").unwrap();
+        send(&mut shared.rooms[0], 0, 1, update(a, 1, base));
+        send(&mut shared.rooms[0], 0, 1, update(a, 2, walks_too_far()));
+        send(&mut shared.rooms[0], 0, 1, update(a, 3, typed));
+        shared.drive(0);
+        shared.follow(0);
+        shared.follow(1);
+        let refusal = shared.got[0][&1].iter().find_map(|f| match f {
+            Frame::Reject {
+                step: 2,
+                reason,
+                detail,
+            } => Some((*reason, detail.clone())),
+            _ => None,
+        });
+        let Some((Reason::TooLarge, detail)) = refusal else {
+            panic!("{:?}", shared.got[0][&1])
+        };
+        assert!(detail.contains("walks too far"), "{detail}");
+        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1)]);
+        for i in 0..2 {
+            assert!(shared.rooms[i].is_stopped(), "relay {i}");
+            shared.reload(i);
+            let late = shared.rooms[i]
+                .join(0, 3, req("late", None), [3; 16])
+                .unwrap();
+            assert_eq!(late.refused, vec![2], "relay {i}");
+            let text = shared.rooms[i].doc.text("content");
+            assert_eq!(text, format!("y{}", "a".repeat(10_000)), "relay {i}");
+        }
     }
 
     /// A shared room cannot judge an update when it comes in (its document may lag the log), so

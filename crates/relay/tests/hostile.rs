@@ -607,6 +607,43 @@ async fn updates_whose_items_walk_the_text_are_refused_before_they_are_applied()
     assert!(!text.contains('x'));
 }
 
+/// What the estimate of an update's walks does not count, integration stops at its bound:
+/// 40,000 items of one client (360 KB), each after the first character of a 50,000-character
+/// block and before another of its characters, walk past the items placed before them, about
+/// 5·10^10 steps (minutes of yrs, the room's task blocked all the while). The relay stops
+/// integrating at the bound, refuses the update as `tooLarge`, and loads the room again without
+/// it: its members reconnect to a document that never held it.
+#[tokio::test]
+async fn an_update_that_walks_further_than_its_estimate_is_stopped_at_the_bound() {
+    use pattern_mesh_core::wire::close;
+    let server = start("overrun", |_| {}).await;
+    let mut a = join(&server, "doc", 0, None).await;
+    let mut b = join(&server, "doc", 0, None).await;
+    let writer = SharedDoc::with_client_id(7);
+    a.acked(edit(&writer, 0, &"a".repeat(50_000))).await;
+    let mut walks = vec![1];
+    var(&mut walks, 40_000);
+    walks.extend_from_slice(&[9, 0]);
+    for right in 1..=40_000 {
+        walks.extend_from_slice(&[0xC4, 7, 0, 7]);
+        var(&mut walks, right);
+        walks.extend_from_slice(&[1, b'x']);
+    }
+    walks.push(0);
+    let frame = raw_update(&mut a, "content", walks);
+    for piece in part::fragment(&frame.encode(), 512 << 10) {
+        a.send_bytes(piece).await;
+    }
+    let detail = a.expect_reject(Reason::TooLarge).await;
+    assert!(detail.contains("walks too far"), "{detail}");
+    // The room stopped: its members are closed, to reconnect.
+    let (code, reason) = b.closed().await;
+    assert_eq!(code, close::INTERNAL, "{reason}");
+    let mut late = join(&server, "doc", 0, None).await;
+    assert_eq!(replayed_text(late.replay()), "a".repeat(50_000));
+    late.acked(edit(&writer, 50_000, "b")).await;
+}
+
 /// Finding 11. One member writing large updates as fast as it can: its bandwidth budget
 /// refuses what is over it (`rateLimited`, to send again later), and the room's hard cap
 /// refuses what would take the log past it (`full`, with the figures).

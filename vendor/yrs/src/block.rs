@@ -944,8 +944,11 @@ impl Item {
         }
     }
 
-    fn resolve_conflict(&mut self, blocks: &mut BlockStore) {
+    /// Places the item among the items between its origins; returns the steps walked (see
+    /// [`TransactionMut::limit_steps`]).
+    fn resolve_conflict(&mut self, blocks: &mut BlockStore) -> u64 {
         let parent = self.parent.as_branch().unwrap();
+        let mut steps = 0;
 
         // set o to the first conflicting item
         let mut o = if let Some(left) = &self.left {
@@ -954,6 +957,7 @@ impl Item {
             let mut o = parent.map.get(sub).copied();
             while let Some(item) = o {
                 if let Some(left) = item.left {
+                    steps += 1;
                     o = Some(left);
                     continue;
                 }
@@ -975,6 +979,7 @@ impl Item {
             if self.right == Some(item) {
                 break;
             }
+            steps += crate::transaction::STEPS_PER_CONFLICT;
             items_before_origin.insert(item);
             conflicting_items.insert(item);
 
@@ -1007,6 +1012,7 @@ impl Item {
             o = item.right;
         }
         self.left = left;
+        steps
     }
 }
 
@@ -1081,6 +1087,7 @@ impl<'doc> TransactionMut<'doc> {
                     if next == right {
                         break;
                     }
+                    self.steps += 1;
                     o = next.right;
                 }
                 if o.is_none() {
@@ -1091,7 +1098,7 @@ impl<'doc> TransactionMut<'doc> {
         }
 
         if item.detect_conflict() {
-            item.resolve_conflict(&mut store.blocks);
+            self.steps += item.resolve_conflict(&mut store.blocks);
         }
 
         // reconnect left/right + update parent map/start if necessary
@@ -1104,6 +1111,7 @@ impl<'doc> TransactionMut<'doc> {
                 let mut r = parent.map.get(parent_sub).copied();
                 while let Some(right) = r {
                     if right.left.is_some() {
+                        self.steps += 1;
                         r = right.left;
                     } else {
                         break;

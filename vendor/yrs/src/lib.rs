@@ -687,6 +687,7 @@ pub use crate::transact::{
 pub use crate::transaction::Origin;
 pub use crate::transaction::ReadTxn;
 pub use crate::transaction::RootRefs;
+pub use crate::transaction::STEPS_PER_CONFLICT;
 pub use crate::transaction::Transaction;
 pub use crate::transaction::TransactionMut;
 pub use crate::transaction::WriteTxn;

@@ -553,6 +553,10 @@ impl<'doc> ReadTxn for Transaction<'doc> {
 ///
 /// In Yrs transactions are always auto-committing all of their changes when dropped. Rollbacks are
 /// not supported (if some operations needs to be undone, this can be achieved using [UndoManager])
+/// What one item of the conflict resolution between an item's origins counts for in
+/// [`TransactionMut::limit_steps`], against one for an item passed over elsewhere.
+pub const STEPS_PER_CONFLICT: u64 = 64;
+
 pub struct TransactionMut<'doc> {
     pub(crate) store: RwLockWriteGuard<'doc, Store>,
     /// State vector of a current transaction at the moment of its creation.
@@ -576,6 +580,9 @@ pub struct TransactionMut<'doc> {
     local: bool,
     committed: bool,
     needs_cleanup: bool,
+    /// What integrating updates walked so far (see [`TransactionMut::limit_steps`]).
+    pub(crate) steps: u64,
+    step_limit: u64,
 }
 
 impl<'doc> ReadTxn for TransactionMut<'doc> {
@@ -624,7 +631,39 @@ impl<'doc> TransactionMut<'doc> {
             local: true,
             committed: false,
             needs_cleanup: false,
+            steps: 0,
+            step_limit: u64::MAX,
         }
+    }
+
+    /// Bounds what integrating updates in this transaction may walk: once the steps walked
+    /// (see [`TransactionMut::steps`]) pass `limit`, [`TransactionMut::apply_update`] stops
+    /// after the block it was integrating and fails with [`UpdateError::Overrun`]. The blocks
+    /// integrated until then stay in the document: a caller that cannot keep part of an update
+    /// builds its document again without it.
+    ///
+    /// A step is one item passed over while placing an item: [`STEPS_PER_CONFLICT`] for each
+    /// item of the conflict resolution between an item's origins (Yjs's YATA loop, which keeps
+    /// sets and looks up each item's origin), one for each item passed over elsewhere (checking
+    /// that the right origin lies right of the origin, finding a map entry's first value, the
+    /// updates waiting on one another). No Yjs client writes an update that walks far, but one
+    /// crafted to can make each of its items walk the whole document.
+    pub fn limit_steps(&mut self, limit: u64) {
+        self.step_limit = limit;
+    }
+
+    /// The steps integrating updates walked in this transaction so far (see
+    /// [`TransactionMut::limit_steps`]).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Whether the steps walked passed the limit of [`TransactionMut::limit_steps`].
+    pub(crate) fn overrun(&self) -> Option<UpdateError> {
+        (self.steps > self.step_limit).then_some(UpdateError::Overrun {
+            steps: self.steps,
+            limit: self.step_limit,
+        })
     }
 
     /// Check, if there were any changes registered within the scope of this transaction.

@@ -478,6 +478,11 @@ impl Update {
             let mut next = picker.next();
             let mut state = HashMap::new();
             while let Some(mut stack_head) = next {
+                // A transaction with a limit on what integration walks stops between two blocks
+                // (each walks at most the document).
+                if let Some(overrun) = txn.overrun() {
+                    return Err(overrun);
+                }
                 if !stack_head.is_skip() {
                     let id = stack_head.id();
                     let len = stack_head.len();
@@ -494,6 +499,8 @@ impl Update {
                         // in a state its own encoding cannot rebuild (the encoding lists the
                         // pending blocks before it, so a replica built from it holds it back),
                         // and replicas would differ for as long as the hole stays open.
+                        // (`switch` looks through the blocks waiting on one another.)
+                        txn.steps += picker.stack.len() as u64;
                         next = picker.switch(stack_head, &id.client, |c| {
                             txn.store.blocks.get_clock(c)
                         });
@@ -502,6 +509,7 @@ impl Update {
                     if let Some(missing) =
                         Self::missing_dependency(&mut stack_head, &mut txn.store)?
                     {
+                        txn.steps += picker.stack.len() as u64;
                         next =
                             picker.switch(stack_head, &missing, |c| txn.store.blocks.get_clock(c));
                         continue;

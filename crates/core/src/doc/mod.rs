@@ -20,7 +20,9 @@ pub mod v1;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "yrs")]
-pub use shared::{check_update, decode_update, merge_updates, SharedDoc, MAX_APPLY_COST};
+pub use shared::{
+    check_update, decode_update, merge_updates, SharedDoc, MAX_APPLY_COST, MAX_APPLY_STEPS,
+};
 
 /// What went wrong with a document operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +61,18 @@ pub enum DocError {
     TooCostly {
         /// What applying it would cost.
         cost: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// A member's update whose integration walked past more items than
+    /// [`MAX_APPLY_STEPS`] allows (items placed between origins far apart, in shapes the
+    /// estimate of [`SharedDoc::check_member_update`] does not count): yrs stopped integrating
+    /// it there. The document holds the part integrated until then, so its owner builds it
+    /// again without the update.
+    #[error("applying it walks too far, send it in smaller edits: placing its items walked past more than {max} steps of items between their origins (stopped at {steps})")]
+    Overran {
+        /// The steps walked when integration stopped.
+        steps: u64,
         /// The bound.
         max: u64,
     },

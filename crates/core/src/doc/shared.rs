@@ -47,6 +47,15 @@ pub const MAX_APPLY_COST: u64 = 20_000_000_000;
 /// characters meanwhile (each walks past those), found by the simulation at 0.7 s.
 const WALK_WEIGHT: u64 = 4_000;
 
+/// The most integrating one member's update may walk, in yrs's steps
+/// ([`yrs::TransactionMut::limit_steps`]: an item passed over while placing an item, and
+/// [`yrs::STEPS_PER_CONFLICT`] for one of the conflict resolution between its origins), about
+/// 1.5 s in a release build (a step is about 3.7 ns, a conflict's 64 steps about 210 to 270 ns). It is
+/// the bound for what [`SharedDoc::check_member_update`]'s estimate misses: integration stops
+/// there ([`DocError::Overran`]), rather than walk for minutes on an update crafted to make
+/// each of its items walk the whole text.
+pub const MAX_APPLY_STEPS: u64 = 400_000_000;
+
 /// Merges Yjs v1 updates into one (what a client does with edits that wait to be sent).
 pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, DocError> {
     yrs::merge_updates_v1(updates.iter().copied())
@@ -271,6 +280,19 @@ impl SharedDoc {
         self.apply_decoded(update)
     }
 
+    /// [`SharedDoc::apply_decoded`] for a member's update: integration stops once it has
+    /// walked [`MAX_APPLY_STEPS`] ([`DocError::Overran`]; the document then holds part of it).
+    fn apply_metered(&self, update: Update) -> Result<(), DocError> {
+        let mut txn = self.doc.transact_mut();
+        txn.limit_steps(MAX_APPLY_STEPS);
+        txn.apply_update(update).map_err(|e| match e {
+            yrs::error::UpdateError::Overrun { steps, limit } => {
+                DocError::Overran { steps, max: limit }
+            }
+            e => DocError::InvalidUpdate(e.to_string()),
+        })
+    }
+
     fn apply_decoded(&self, update: Update) -> Result<(), DocError> {
         self.doc
             .transact_mut()
@@ -363,7 +385,7 @@ impl SharedDoc {
             )
         };
         match checked {
-            Ok(None) if bounded => self.apply_decoded(self.decode_within_cost(update)?),
+            Ok(None) if bounded => self.apply_metered(self.decode_within_cost(update)?),
             Ok(None) => self.apply_stored(update),
             Ok(Some(why)) => Err(DocError::NotTaken(why)),
             Err(e) => Err(DocError::InvalidUpdate(format!(
@@ -393,7 +415,7 @@ impl SharedDoc {
             })
         };
         match checked {
-            Ok(None) if bounded => self.apply_decoded(self.decode_within_cost(update)?),
+            Ok(None) if bounded => self.apply_metered(self.decode_within_cost(update)?),
             Ok(None) => self.apply_stored(update),
             Ok(Some(cut)) => Err(DocError::NotTaken(cut.why)),
             Err(e) => Err(DocError::InvalidUpdate(format!(
@@ -1365,5 +1387,43 @@ mod tests {
         doc.check_member_update(&list).unwrap();
         doc.apply_update(&list).unwrap();
         assert_eq!(doc.text("content").len(), m as usize + 6_000);
+    }
+
+    /// What the estimate of [`SharedDoc::check_member_update`] does not count, integration
+    /// stops at [`MAX_APPLY_STEPS`]: 6,000 items of one client, each after the first character
+    /// of a 10,000-character block and before another of its characters, walk past every item
+    /// placed before them (about 2·10^9 steps, some 5 s, unbounded). A member's update stops
+    /// there ([`DocError::Overran`]); the room's own log, applied without the bound, takes it.
+    #[test]
+    fn integrating_a_members_update_stops_where_it_walks_too_far() {
+        let doc = SharedDoc::with_client_id(7);
+        doc.insert("content", 0, &"a".repeat(10_000)).unwrap();
+        let base = doc.snapshot();
+        let attack = crafted(&[(
+            9,
+            (1..=6_000).map(|r| (Some((7, 0)), Some((7, r)))).collect(),
+        )]);
+        // The estimate counts a client's own items at one origin as nothing.
+        doc.check_member_update(&attack).unwrap();
+        let Err(DocError::Overran { steps, max }) = doc.admit_member_update(&attack) else {
+            panic!("taken whole")
+        };
+        assert_eq!(max, MAX_APPLY_STEPS);
+        assert!(
+            steps > max && steps < max + 20_000 * yrs::STEPS_PER_CONFLICT,
+            "{steps}"
+        );
+        // Part of it was integrated before the walk stopped.
+        let len = doc.text("content").len();
+        assert!(len > 10_000 && len < 16_000, "{len}");
+        let error = DocError::Overran { steps, max }.to_string();
+        assert!(error.contains("send it in smaller edits"), "{error}");
+        // An honest update of as many items is far under the bound.
+        let honest = SharedDoc::with_client_id(8);
+        honest.apply_update(&base).unwrap();
+        let typed = honest.insert("content", 5_000, &"x".repeat(6_000)).unwrap();
+        let fresh = SharedDoc::new();
+        fresh.apply_update(&base).unwrap();
+        fresh.admit_member_update(&typed).unwrap();
     }
 }
