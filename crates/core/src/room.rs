@@ -1216,6 +1216,10 @@ impl RoomCore {
                     if self.missed <= entry.covers {
                         self.missed = 0;
                         self.judge_deferred();
+                        if self.stopped {
+                            // An update it judged left the document holding part of it.
+                            return;
+                        }
                         self.judge_unjudged();
                     }
                     if skipped == 0 {

@@ -541,6 +541,10 @@ impl<'doc> ReadTxn for Transaction<'doc> {
     }
 }
 
+/// What one item of the conflict resolution between an item's origins counts for in
+/// [`TransactionMut::limit_steps`], against one for an item passed over elsewhere.
+pub const STEPS_PER_CONFLICT: u64 = 64;
+
 /// Read-write transaction. It can be used to modify an underlying state of the corresponding [Doc].
 /// Read-write transactions require an exclusive access to document store - only one such
 /// transaction can be present per [Doc] at the same time (read-only [Transaction]s are not allowed
@@ -553,10 +557,6 @@ impl<'doc> ReadTxn for Transaction<'doc> {
 ///
 /// In Yrs transactions are always auto-committing all of their changes when dropped. Rollbacks are
 /// not supported (if some operations needs to be undone, this can be achieved using [UndoManager])
-/// What one item of the conflict resolution between an item's origins counts for in
-/// [`TransactionMut::limit_steps`], against one for an item passed over elsewhere.
-pub const STEPS_PER_CONFLICT: u64 = 64;
-
 pub struct TransactionMut<'doc> {
     pub(crate) store: RwLockWriteGuard<'doc, Store>,
     /// State vector of a current transaction at the moment of its creation.
