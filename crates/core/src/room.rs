@@ -5214,18 +5214,33 @@ mod tests {
         assert_eq!(text, format!("{}x{}", "a".repeat(m as usize - 1), "a"));
     }
 
-    /// 6,000 items of one client, each after the first character of a 10,000-character block
-    /// and before another of its characters: the estimate of what an update costs counts
-    /// nothing for them, and placing them walks about 2·10^9 steps (some 5 s).
-    fn walks_too_far() -> Vec<u8> {
+    /// A text of 10,000 blocks, as client 7's two updates: `"ab"` 5,000 times, then every `b`
+    /// deleted.
+    fn text_of_blocks() -> [Vec<u8>; 2] {
         use crate::doc::write_var;
+        let writer = SharedDoc::with_client_id(7);
+        let text = writer.insert("content", 0, &"ab".repeat(5_000)).unwrap();
+        let mut cuts = vec![0, 1, 7];
+        write_var(&mut cuts, 5_000);
+        for i in 0..5_000 {
+            write_var(&mut cuts, 2 * i + 1);
+            cuts.push(1);
+        }
+        [text, cuts]
+    }
+
+    /// On [`text_of_blocks`]: one item after the middle character whose right origin lies
+    /// behind it (yrs ignores it, and places the item where its conflicts let it), then 2,000
+    /// items after the first character and before that item. The estimate of what an update
+    /// costs follows the right origin to where it points, ten blocks on; each item really walks
+    /// half the text (1.3·10^9 steps, 7.5 s in a release build).
+    fn walks_too_far() -> Vec<u8> {
         let mut walks = vec![1];
-        write_var(&mut walks, 6_000);
+        crate::doc::write_var(&mut walks, 2_001);
         walks.extend_from_slice(&[9, 0]);
-        for right in 1..=6_000 {
-            walks.extend_from_slice(&[0xC4, 7, 0, 7]);
-            write_var(&mut walks, right);
-            walks.extend_from_slice(&[1, b'x']);
+        walks.extend_from_slice(&[0xC4, 7, 0x88, 0x27, 7, 10, 1, b'x']);
+        for _ in 0..2_000 {
+            walks.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'x']);
         }
         walks.push(0);
         walks
@@ -5239,12 +5254,13 @@ mod tests {
         let mut room = room();
         let a = room.join(0, 1, req("a", None), [1; 16]).unwrap();
         outputs(&mut room);
-        let writer = SharedDoc::with_client_id(7);
-        let base = writer.insert("content", 0, &"a".repeat(10_000)).unwrap();
-        send(&mut room, 0, 1, update(a.node, 1, base));
+        let [text, cuts] = text_of_blocks();
+        send(&mut room, 0, 1, update(a.node, 1, text));
         stored(&mut room, 1);
+        send(&mut room, 0, 1, update(a.node, 2, cuts));
+        stored(&mut room, 2);
         outputs(&mut room);
-        send(&mut room, 0, 1, update(a.node, 2, walks_too_far()));
+        send(&mut room, 0, 1, update(a.node, 3, walks_too_far()));
         let out = outputs(&mut room);
         assert!(
             !out.iter().any(|o| matches!(o, Output::Append(_))),
@@ -5252,7 +5268,7 @@ mod tests {
         );
         let refusal = sent_to(&out, 1).into_iter().find_map(|f| match f {
             Frame::Reject {
-                step: 2,
+                step: 3,
                 reason,
                 detail,
             } => Some((reason, detail)),
@@ -5274,20 +5290,23 @@ mod tests {
         let mut shared = Shared::new(2);
         let a = shared.join(0, 1, None, 1);
         shared.join(1, 2, None, 2);
-        let writer = SharedDoc::with_client_id(7);
-        let base = writer.insert("content", 0, &"a".repeat(10_000)).unwrap();
+        let [text, cuts] = text_of_blocks();
         let after = SharedDoc::with_client_id(8);
-        after.apply_update(&base).unwrap();
+        after.apply_update(&text).unwrap();
+        after.apply_update(&cuts).unwrap();
         let typed = after.insert("content", 0, "y").unwrap();
-        send(&mut shared.rooms[0], 0, 1, update(a, 1, base));
-        send(&mut shared.rooms[0], 0, 1, update(a, 2, walks_too_far()));
-        send(&mut shared.rooms[0], 0, 1, update(a, 3, typed));
+        send(&mut shared.rooms[0], 0, 1, update(a, 1, text));
+        send(&mut shared.rooms[0], 0, 1, update(a, 2, cuts));
+        shared.drive(0);
+        shared.follow(0);
+        send(&mut shared.rooms[0], 0, 1, update(a, 3, walks_too_far()));
+        send(&mut shared.rooms[0], 0, 1, update(a, 4, typed));
         shared.drive(0);
         shared.follow(0);
         shared.follow(1);
         let refusal = shared.got[0][&1].iter().find_map(|f| match f {
             Frame::Reject {
-                step: 2,
+                step: 3,
                 reason,
                 detail,
             } => Some((*reason, detail.clone())),
@@ -5297,16 +5316,16 @@ mod tests {
             panic!("{:?}", shared.got[0][&1])
         };
         assert!(detail.contains("walks too far"), "{detail}");
-        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1)]);
+        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1), (a, 2)]);
         for i in 0..2 {
             assert!(shared.rooms[i].is_stopped(), "relay {i}");
             shared.reload(i);
             let late = shared.rooms[i]
                 .join(0, 3, req("late", None), [3; 16])
                 .unwrap();
-            assert_eq!(late.refused, vec![2], "relay {i}");
+            assert_eq!(late.refused, vec![3], "relay {i}");
             let text = shared.rooms[i].doc.text("content");
-            assert_eq!(text, format!("y{}", "a".repeat(10_000)), "relay {i}");
+            assert_eq!(text, format!("y{}", "a".repeat(5_000)), "relay {i}");
         }
     }
 

@@ -520,9 +520,9 @@ async fn refused_as_too_costly(member: &mut Member, update: Vec<u8>) {
 /// as in Yjs; no Yjs client writes an item whose origins lie apart. Measured in a release
 /// build on a text of 100,000 characters with every other deleted in between: 1,000 items each
 /// naming the text's first character and one near its end (9 KB) took yrs 67 s, and applying
-/// the room's snapshot after it as long again, in every late joiner. 20,000 items of as many
-/// clients, all at one place, each walk past those placed before them: 0.8 s for 225 KB, and
-/// the square of the size. The same walks through the update's own items: an item that lands
+/// the room's snapshot after it as long again, in every late joiner. 60,000 items of as many
+/// clients, all at one place, each hop over those placed before them to check where their right
+/// origin lies: 20,000 (225 KB) take 1 to 2 s, and the square of the size. The same walks through the update's own items: an item that lands
 /// near the end, then 1,000 items each between the first character and it (on a text of 10,000
 /// blocks, 7 KB took 2.5 s: as many items walked as naming the end itself); 3,000 clients'
 /// items each before one of 3,000 items of one client placed at one place (57 KB, 0.9 s, and
@@ -558,10 +558,11 @@ async fn updates_whose_items_walk_the_text_are_refused_before_they_are_applied()
         far.extend_from_slice(&[1, b'x']);
     }
     far.push(0);
-    // 20,000 clients' one item each, all after the first character and before the second.
+    // 60,000 clients' one item each, all after the first character and before the second:
+    // each hops over those placed before it, to check where its right origin lies.
     let mut crowd = Vec::new();
-    var(&mut crowd, 20_000);
-    for client in 0..20_000 {
+    var(&mut crowd, 60_000);
+    for client in 0..60_000 {
         crowd.push(1);
         var(&mut crowd, 1_000 + client);
         crowd.extend_from_slice(&[0, 0xC4, 7, 0, 7, 1, 1, b'x']);
@@ -607,12 +608,15 @@ async fn updates_whose_items_walk_the_text_are_refused_before_they_are_applied()
     assert!(!text.contains('x'));
 }
 
-/// What the estimate of an update's walks does not count, integration stops at its bound:
-/// 40,000 items of one client (360 KB), each after the first character of a 50,000-character
-/// block and before another of its characters, walk past the items placed before them, about
-/// 5·10^10 steps (minutes of yrs, the room's task blocked all the while). The relay stops
-/// integrating at the bound, refuses the update as `tooLarge`, and loads the room again without
-/// it: its members reconnect to a document that never held it.
+/// What the estimate of an update's walks does not count, integration stops at its bound. On a
+/// text of 10,000 blocks: one item after the middle character whose right origin lies behind it
+/// (yrs ignores such a right origin, and places the item where its conflicts let it), then
+/// 4,000 items each after the first character and before that item (28 KB). The estimate
+/// follows the right origin to where it points, ten blocks on; each item really walks half the
+/// text, about 2.6·10^9 steps: 15 s of yrs, the room's task blocked all the while, before the
+/// wall-clock budget could refuse it. The relay stops integrating at the bound, refuses the
+/// update as `tooLarge`, and loads the room again without it: its members reconnect to a
+/// document that never held it.
 #[tokio::test]
 async fn an_update_that_walks_further_than_its_estimate_is_stopped_at_the_bound() {
     use pattern_mesh_core::wire::close;
@@ -620,28 +624,38 @@ async fn an_update_that_walks_further_than_its_estimate_is_stopped_at_the_bound(
     let mut a = join(&server, "doc", 0, None).await;
     let mut b = join(&server, "doc", 0, None).await;
     let writer = SharedDoc::with_client_id(7);
-    a.acked(edit(&writer, 0, &"a".repeat(50_000))).await;
+    let m = 5_000u64;
+    a.acked(edit(&writer, 0, &"ab".repeat(m as usize))).await;
+    let mut deletion = vec![0, 1, 7];
+    var(&mut deletion, m);
+    for i in 0..m {
+        var(&mut deletion, 1 + 2 * i);
+        var(&mut deletion, 1);
+    }
+    a.acked(Body::Update {
+        doc: "content".into(),
+        update: deletion,
+    })
+    .await;
     let mut walks = vec![1];
-    var(&mut walks, 40_000);
-    walks.extend_from_slice(&[9, 0]);
-    for right in 1..=40_000 {
-        walks.extend_from_slice(&[0xC4, 7, 0, 7]);
-        var(&mut walks, right);
-        walks.extend_from_slice(&[1, b'x']);
+    var(&mut walks, 4_001);
+    walks.extend_from_slice(&[9, 0, 0xC4, 7]);
+    var(&mut walks, m);
+    walks.extend_from_slice(&[7, 10, 1, b'x']);
+    for _ in 0..4_000 {
+        walks.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'x']);
     }
     walks.push(0);
     let frame = raw_update(&mut a, "content", walks);
-    for piece in part::fragment(&frame.encode(), 512 << 10) {
-        a.send_bytes(piece).await;
-    }
+    a.send_bytes(frame.encode()).await;
     let detail = a.expect_reject(Reason::TooLarge).await;
     assert!(detail.contains("walks too far"), "{detail}");
     // The room stopped: its members are closed, to reconnect.
     let (code, reason) = b.closed().await;
     assert_eq!(code, close::INTERNAL, "{reason}");
     let mut late = join(&server, "doc", 0, None).await;
-    assert_eq!(replayed_text(late.replay()), "a".repeat(50_000));
-    late.acked(edit(&writer, 50_000, "b")).await;
+    assert_eq!(replayed_text(late.replay()), "a".repeat(m as usize));
+    late.acked(edit(&writer, 0, "b")).await;
 }
 
 /// Finding 11. One member writing large updates as fast as it can: its bandwidth budget

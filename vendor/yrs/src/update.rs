@@ -1963,11 +1963,11 @@ enum Gap {
     First(Option<Arc<str>>, Option<ID>, Option<Arc<str>>),
 }
 
-/// The update's items placed at one [`Gap`], in all and by client.
+/// The update's items placed at one [`Gap`]: how many, and by right origin the last placed.
 #[derive(Default)]
 struct Crowd {
     all: u64,
-    by_client: HashMap<ClientID, u64>,
+    by_right: HashMap<Option<ID>, u64>,
 }
 
 /// [`Update::walks`]'s count.
@@ -2264,9 +2264,15 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// Counts the update's items placed at `item`'s origin before it that it walks past: those
-    /// placed after its right origin, when that is one of them (a list written newest first
-    /// walks past none), or else those of other clients.
+    /// Counts the update's items placed at `item`'s origin before it that it walks past. yrs
+    /// places them from the highest client down, each before those placed earlier (their
+    /// clients are not lower) unless it meets first its right origin, or an item with the same
+    /// right origin (which it stays before): it walks in conflict past those placed after the
+    /// last such one, or all of them. A list written newest first walks past none, and so do
+    /// thousands of clients' items at one place before one right origin; one client's items at
+    /// one origin, each before another right origin, walk past every one placed before. The
+    /// check that its right origin lies right of its origin hops over all those placed before
+    /// it (those after its right origin, when that is one of them).
     fn crowd(&mut self, item: &Item, origin: Option<&ID>) {
         let gap = match origin {
             Some(origin) => Gap::After(*origin),
@@ -2290,15 +2296,20 @@ impl<'a> Walk<'a> {
             .filter(|(gap, _)| *gap == at)
             .map(|&(_, before)| before);
         let crowd = &mut self.crowds[at];
-        let own = crowd.by_client.entry(item.id.client).or_default();
-        let passed = match right {
+        let stop = right.max(crowd.by_right.get(&item.right_origin).copied());
+        let passed = match stop {
             Some(before) => crowd.all - before - 1,
-            None => crowd.all - *own,
+            None => crowd.all,
+        };
+        let hopped = match right {
+            Some(before) => crowd.all - before - 1,
+            None => crowd.all,
         };
         self.steps = self.steps.saturating_add(passed);
+        self.hops = self.hops.saturating_add(hopped);
         self.placed.insert(item.id, (at, crowd.all));
+        crowd.by_right.insert(item.right_origin, crowd.all);
         crowd.all += 1;
-        *own += 1;
         if let Some(origin) = origin.filter(|o| !self.own(o)) {
             *self
                 .at_held

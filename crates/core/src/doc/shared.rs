@@ -49,9 +49,10 @@ const WALK_WEIGHT: u64 = 4_000;
 
 /// The most integrating one member's update may walk, in yrs's steps
 /// ([`yrs::TransactionMut::limit_steps`]: an item passed over while placing an item, and
-/// [`yrs::STEPS_PER_CONFLICT`] for one of the conflict resolution between its origins), about
-/// 1.5 s in a release build (a step is about 3.7 ns, a conflict's 64 steps about 210 to 270 ns). It is
-/// the bound for what [`SharedDoc::check_member_update`]'s estimate misses: integration stops
+/// [`yrs::STEPS_PER_CONFLICT`] for one of the conflict resolution between its origins): 1 to
+/// 2.5 s in a release build, by the shape (a step costs 2 to 6 ns, more where a walk misses the
+/// cache). It is the bound for what [`SharedDoc::check_member_update`]'s estimate misses:
+/// integration stops
 /// there ([`DocError::Overran`]), rather than walk for minutes on an update crafted to make
 /// each of its items walk the whole text.
 pub const MAX_APPLY_STEPS: u64 = 400_000_000;
@@ -1309,9 +1310,17 @@ mod tests {
                 .collect(),
         )]);
         assert!(too_costly(&far));
-        let mut after_own = vec![(9, vec![(Some((7, 0)), Some((7, 1)))])];
-        after_own.extend((0..4_000).map(|c| (1_000 + c, vec![(Some((9, 0)), Some((7, 1)))])));
-        assert!(too_costly(&crafted(&after_own)));
+        // 4,000 clients' items after one of the update's own items, all before one right
+        // origin: each stops in conflict at the one placed before it, and hops over the rest
+        // to check where its right origin lies (31 ms in a release build; 20,000 take 1 to 2 s,
+        // and 60,000 ten times that).
+        let after_own = |clients: u64| {
+            let mut after_own = vec![(9, vec![(Some((7, 0)), Some((7, 1)))])];
+            after_own.extend((0..clients).map(|c| (1_000 + c, vec![(Some((9, 0)), Some((7, 1)))])));
+            crafted(&after_own)
+        };
+        doc.check_member_update(&after_own(4_000)).unwrap();
+        assert!(too_costly(&after_own(60_000)));
         let mut before_own = vec![(9, vec![(Some((7, 0)), Some((7, 1))); 4_000])];
         before_own.extend((0..4_000).map(|c| (1_000 + c, vec![(Some((7, 0)), Some((9, c)))])));
         assert!(too_costly(&crafted(&before_own)));
@@ -1346,6 +1355,25 @@ mod tests {
         }
         gc.push(0);
         assert!(too_costly(&gc));
+        // One client's 4,000 items after the first character of a block of 10,000, each before
+        // another of its characters: each walks past every one placed before it, its own
+        // client's too (counted as nothing before).
+        let block = SharedDoc::with_client_id(7);
+        block.insert("content", 0, &"a".repeat(10_000)).unwrap();
+        let own_rights = crafted(&[(
+            9,
+            (1..=4_000).map(|r| (Some((7, 0)), Some((7, r)))).collect(),
+        )]);
+        assert!(matches!(
+            block.check_member_update(&own_rights),
+            Err(DocError::TooCostly { .. })
+        ));
+        // 20,000 clients' items after the first character and before the second: each stops at
+        // the one placed before it (the same right origin), and walks past none.
+        let same_place: Vec<_> = (0..20_000)
+            .map(|c| (1_000 + c, vec![(Some((7, 0)), Some((7, 1)))]))
+            .collect();
+        doc.check_member_update(&crafted(&same_place)).unwrap();
         // Two writers each writing newest first at one place, in turn: each entry before the
         // other writer's last one. Integrated in the order yrs takes them, none walks.
         let mut turns = vec![(9, Vec::new()), (10, Vec::new())];
@@ -1390,34 +1418,48 @@ mod tests {
     }
 
     /// What the estimate of [`SharedDoc::check_member_update`] does not count, integration
-    /// stops at [`MAX_APPLY_STEPS`]: 6,000 items of one client, each after the first character
-    /// of a 10,000-character block and before another of its characters, walk past every item
-    /// placed before them (about 2·10^9 steps, some 5 s, unbounded). A member's update stops
-    /// there ([`DocError::Overran`]); the room's own log, applied without the bound, takes it.
+    /// stops at [`MAX_APPLY_STEPS`]. On a text of 10,000 blocks: one item after the middle
+    /// character whose right origin lies behind it (yrs ignores such a right origin, and places
+    /// the item where its conflicts let it), then 2,000 items each after the first character and
+    /// before that item. The estimate follows the right origin to where it points, ten blocks
+    /// on; each really walks half the text (1.3·10^9 steps, 7.5 s in a release build, unbounded).
+    /// A member's update stops at the bound ([`DocError::Overran`]); the room's own log,
+    /// applied without the bound, takes it.
     #[test]
     fn integrating_a_members_update_stops_where_it_walks_too_far() {
         let doc = SharedDoc::with_client_id(7);
-        doc.insert("content", 0, &"a".repeat(10_000)).unwrap();
+        let m = 5_000u64;
+        doc.insert("content", 0, &"ab".repeat(m as usize)).unwrap();
+        for i in 0..m {
+            doc.delete("content", i as u32 + 1, 1).unwrap();
+        }
         let base = doc.snapshot();
         let attack = crafted(&[(
             9,
-            (1..=6_000).map(|r| (Some((7, 0)), Some((7, r)))).collect(),
+            std::iter::once((Some((7, m)), Some((7, 10))))
+                .chain((0..2_000).map(|_| (Some((7, 0)), Some((9, 0)))))
+                .collect(),
         )]);
-        // The estimate counts a client's own items at one origin as nothing.
         doc.check_member_update(&attack).unwrap();
         let Err(DocError::Overran { steps, max }) = doc.admit_member_update(&attack) else {
             panic!("taken whole")
         };
         assert_eq!(max, MAX_APPLY_STEPS);
+        // It stops within one item's walk of the bound.
         assert!(
-            steps > max && steps < max + 20_000 * yrs::STEPS_PER_CONFLICT,
+            steps > max && steps < max + 2 * m * (1 + yrs::STEPS_PER_CONFLICT),
             "{steps}"
         );
         // Part of it was integrated before the walk stopped.
         let len = doc.text("content").len();
-        assert!(len > 10_000 && len < 16_000, "{len}");
+        assert!(len > m as usize + 1 && len < m as usize + 2_001, "{len}");
         let error = DocError::Overran { steps, max }.to_string();
         assert!(error.contains("send it in smaller edits"), "{error}");
+        // The document still encodes whole, and takes further edits.
+        let copy = SharedDoc::new();
+        copy.apply_update(&doc.snapshot()).unwrap();
+        assert_eq!(copy.text("content"), doc.text("content"));
+        doc.insert("content", 0, "z").unwrap();
         // An honest update of as many items is far under the bound.
         let honest = SharedDoc::with_client_id(8);
         honest.apply_update(&base).unwrap();
