@@ -516,6 +516,23 @@ async fn refused_as_too_costly(member: &mut Member, update: Vec<u8>) {
     member.fence().await;
 }
 
+/// Deletes, in one update acknowledged, the `b` of each `"ab"` of `pairs` in client 7's text of
+/// `"ab"` repeated (its clocks 1, 3, 5, ...).
+async fn delete_every_b(member: &mut Member, pairs: std::ops::Range<u64>) {
+    let mut deletion = vec![0, 1, 7];
+    var(&mut deletion, pairs.end - pairs.start);
+    for i in pairs {
+        var(&mut deletion, 1 + 2 * i);
+        var(&mut deletion, 1);
+    }
+    member
+        .acked(Body::Update {
+            doc: "content".into(),
+            update: deletion,
+        })
+        .await;
+}
+
 /// Integrating an item walks past every item between its origin and its right origin, in yrs
 /// as in Yjs; no Yjs client writes an item whose origins lie apart. Measured in a release
 /// build on a text of 100,000 characters with every other deleted in between: 1,000 items each
@@ -536,17 +553,7 @@ async fn updates_whose_items_walk_the_text_are_refused_before_they_are_applied()
     a.acked(edit(&writer, 0, &"ab".repeat(n as usize))).await;
     // Every other character deleted, 1,000 at a time: 200,000 blocks.
     for first in (0..n).step_by(1_000) {
-        let mut deletion = vec![0, 1, 7];
-        var(&mut deletion, 1_000);
-        for i in first..first + 1_000 {
-            var(&mut deletion, 1 + 2 * i);
-            var(&mut deletion, 1);
-        }
-        a.acked(Body::Update {
-            doc: "content".into(),
-            update: deletion,
-        })
-        .await;
+        delete_every_b(&mut a, first..first + 1_000).await;
     }
     // Client 9's 1,000 items, each after the first character and before one near the end.
     let mut far = vec![1];
@@ -626,17 +633,7 @@ async fn an_update_that_walks_further_than_its_estimate_is_stopped_at_the_bound(
     let writer = SharedDoc::with_client_id(7);
     let m = 5_000u64;
     a.acked(edit(&writer, 0, &"ab".repeat(m as usize))).await;
-    let mut deletion = vec![0, 1, 7];
-    var(&mut deletion, m);
-    for i in 0..m {
-        var(&mut deletion, 1 + 2 * i);
-        var(&mut deletion, 1);
-    }
-    a.acked(Body::Update {
-        doc: "content".into(),
-        update: deletion,
-    })
-    .await;
+    delete_every_b(&mut a, 0..m).await;
     let mut walks = vec![1];
     var(&mut walks, 4_001);
     walks.extend_from_slice(&[9, 0, 0xC4, 7]);
