@@ -918,11 +918,12 @@ impl RoomCore {
     }
 
     fn load(&mut self, document: &[Logged]) {
-        // The updates whose integration walked too far (see `DocError::Overran`): the document
-        // took part of each, so it is built again without them, until none is left.
-        let mut overran = Vec::new();
-        while let Some(refused) = self.load_once(document, &overran) {
-            overran.push(refused);
+        // The updates whose integration walked too far or panicked (see
+        // `DocError::holds_part`): the document may have taken part of each, so it is built
+        // again without them, until none is left.
+        let mut partial = Vec::new();
+        while let Some(refused) = self.load_once(document, &partial) {
+            partial.push(refused);
             self.doc = SharedDoc::with_client_id(0);
             self.refused.clear();
             self.owed.clear();
@@ -933,13 +934,13 @@ impl RoomCore {
         }
     }
 
-    /// Loads `document` into the room, leaving out the updates of `overran`; returns an update
-    /// whose integration walked too far, as its position, reason and detail (the document then
-    /// holds part of it).
+    /// Loads `document` into the room, leaving out the updates of `partial`; returns an update
+    /// the document may hold part of ([`DocError::holds_part`]: its integration walked too far,
+    /// or panicked), as its position, reason and detail.
     fn load_once(
         &mut self,
         document: &[Logged],
-        overran: &[(u64, Reason, String)],
+        partial: &[(u64, Reason, String)],
     ) -> Option<(u64, Reason, String)> {
         let limits = self.log_limits();
         // The snapshot first: in a shared room, updates logged after what it holds may come
@@ -977,18 +978,20 @@ impl RoomCore {
         // integrate, and a shared room's one that costs too much. Left out, it is left out of
         // every catch-up too.
         for (position, stamp, doc, update) in updates {
-            let judged = match overran.iter().find(|(at, ..)| *at == position) {
+            let judged = match partial.iter().find(|(at, ..)| *at == position) {
                 Some((_, reason, detail)) => Err((false, *reason, detail.clone())),
-                None if self.shared => admit_member(&self.doc, &doc, &update).map_err(|error| {
-                    let overran = matches!(error, DocError::Overran { .. });
+                None => match self.shared {
+                    true => admit_member(&self.doc, &doc, &update),
+                    false => apply_member(&self.doc, &doc, &update),
+                }
+                .map_err(|error| {
+                    let holds_part = error.holds_part();
                     let reason = refusal_reason(&error);
-                    (overran, reason, refusal_detail(error))
+                    (holds_part, reason, refusal_detail(error))
                 }),
-                None => apply_member(&self.doc, &doc, &update)
-                    .map_err(|error| (false, refusal_reason(&error), refusal_detail(error))),
             };
-            if let Err((overran, reason, detail)) = judged {
-                if overran {
+            if let Err((holds_part, reason, detail)) = judged {
+                if holds_part {
                     return Some((position, reason, detail));
                 }
                 self.refused.push(position);
@@ -1063,7 +1066,7 @@ impl RoomCore {
     /// Fans out what was read of a shared room, in the store's order, as far as it may go.
     fn pump_followed(&mut self, now: u64) {
         loop {
-            // Stopped on an entry (see `stop_overran`): its document is no longer the log's.
+            // Stopped on an entry (see `stop_partial`): its document is no longer the log's.
             if self.stopped {
                 return;
             }
@@ -1254,10 +1257,10 @@ impl RoomCore {
             };
             match refusal {
                 Some(error) => {
-                    let overran = matches!(error, DocError::Overran { .. });
+                    let holds_part = error.holds_part();
                     self.refuse_logged(&entry, error);
-                    if overran {
-                        return self.stop_overran();
+                    if holds_part {
+                        return self.stop_partial();
                     }
                 }
                 None => self.forward(from, None, &entry.bytes),
@@ -1272,21 +1275,22 @@ impl RoomCore {
     fn judge_deferred(&mut self) {
         for (entry, doc, update) in std::mem::take(&mut self.deferred) {
             if let Err(error) = admit_member(&self.doc, &doc, &update) {
-                let overran = matches!(error, DocError::Overran { .. });
+                let holds_part = error.holds_part();
                 self.refuse_logged(&entry, error);
-                if overran {
-                    return self.stop_overran();
+                if holds_part {
+                    return self.stop_partial();
                 }
             }
         }
     }
 
-    /// A shared room's document took part of an update of its log before integration walked
-    /// too far ([`DocError::Overran`]): the room stops, and loads again from its log without it
-    /// (every relay judges it in the log's order alike, at load too).
-    fn stop_overran(&mut self) {
+    /// A shared room's document may hold part of an update of its log
+    /// ([`DocError::holds_part`]: integration walked too far, or panicked): the room stops, and
+    /// loads again from its log without it (every relay judges it in the log's order alike, at
+    /// load too).
+    fn stop_partial(&mut self) {
         self.stop(
-            "an update of the room's log walked too far to apply; the document is loaded again without it"
+            "an update of the room's log walked too far to apply, or applying it failed; the document is loaded again without it"
                 .into(),
         );
     }
@@ -2697,12 +2701,12 @@ impl RoomCore {
             }
             Body::Update { doc, update } => {
                 if let Err(e) = admit_member(&self.doc, doc, update) {
-                    let overran = matches!(e, DocError::Overran { .. });
+                    let holds_part = e.holds_part();
                     let reason = refusal_reason(&e);
                     self.refuse(conn, stamp.step, reason, refusal_detail(e));
-                    if overran {
-                        // The document holds part of it: the room loads again without it.
-                        self.stop("an update walked too far to apply; the document is loaded again without it".into());
+                    if holds_part {
+                        // The document may hold part of it: the room loads again without it.
+                        self.stop("an update walked too far to apply, or applying it failed; the document is loaded again without it".into());
                     }
                     return;
                 }
@@ -5326,6 +5330,52 @@ mod tests {
             assert_eq!(late.refused, vec![3], "relay {i}");
             let text = shared.rooms[i].doc.text("content");
             assert_eq!(text, format!("y{}", "a".repeat(5_000)), "relay {i}");
+        }
+    }
+
+    /// A member's update that makes applying it panic (a bug in yrs, say) costs that update,
+    /// not the room: every relay of a shared room meets it in the log's order, refuses it as
+    /// `malformed` with what failed, and loads again without it (its document may hold part of
+    /// it), and a relay loading the room judges it so too. What the log holds after it stays.
+    #[test]
+    fn a_shared_room_refuses_in_the_logs_order_an_update_that_makes_applying_it_panic() {
+        let mut shared = Shared::new(2);
+        let a = shared.join(0, 1, None, 1);
+        shared.join(1, 2, None, 2);
+        let writer = SharedDoc::with_client_id(7);
+        let hello = writer.insert("content", 0, "hello").unwrap();
+        let poison = writer.insert("content", 5, "!").unwrap();
+        let other = SharedDoc::with_client_id(8);
+        other.apply_update(&hello).unwrap();
+        let typed = other.insert("content", 0, "> ").unwrap();
+        crate::doc::shared_tests::PANICS_ON.with(|p| *p.borrow_mut() = Some(poison.clone()));
+        send(&mut shared.rooms[0], 0, 1, update(a, 1, hello));
+        send(&mut shared.rooms[0], 0, 1, update(a, 2, poison));
+        send(&mut shared.rooms[0], 0, 1, update(a, 3, typed));
+        shared.drive(0);
+        shared.follow(0);
+        shared.follow(1);
+        let refusal = shared.got[0][&1].iter().find_map(|f| match f {
+            Frame::Reject {
+                step: 2,
+                reason,
+                detail,
+            } => Some((*reason, detail.clone())),
+            _ => None,
+        });
+        let Some((Reason::Malformed, detail)) = refusal else {
+            panic!("{:?}", shared.got[0][&1])
+        };
+        assert!(detail.contains("a bug in integration"), "{detail}");
+        assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1)]);
+        for i in 0..2 {
+            assert!(shared.rooms[i].is_stopped(), "relay {i}");
+            shared.reload(i);
+            let late = shared.rooms[i]
+                .join(0, 3, req("late", None), [3; 16])
+                .unwrap();
+            assert_eq!(late.refused, vec![2], "relay {i}");
+            assert_eq!(shared.rooms[i].doc.text("content"), "> hello", "relay {i}");
         }
     }
 

@@ -15,6 +15,9 @@
 
 #[cfg(feature = "yrs")]
 mod shared;
+/// The test hooks of the built-in document, for the room's tests.
+#[cfg(test)]
+pub(crate) use shared::tests as shared_tests;
 pub mod v1;
 
 use serde::{Deserialize, Serialize};
@@ -76,12 +79,26 @@ pub enum DocError {
         /// The bound.
         max: u64,
     },
+    /// Applying a member's update panicked (a bug in yrs that the update meets; the panic's
+    /// message says where). As with [`DocError::Overran`], the document may hold part of it,
+    /// so its owner builds it again without the update.
+    #[error("applying it failed inside the document, which may hold part of it ({0})")]
+    Panicked(String),
     /// Bytes that are not a Yjs state vector.
     #[error("invalid Yjs state vector: {0}")]
     InvalidStateVector(String),
     /// Bytes that are not a Yjs snapshot (v1).
     #[error("invalid Yjs snapshot: {0}")]
     InvalidSnapshot(String),
+}
+
+impl DocError {
+    /// Whether the document may hold part of the update that failed ([`DocError::Overran`],
+    /// [`DocError::Panicked`]): then its owner builds it again without the update. Every other
+    /// error left the document as it was.
+    pub fn holds_part(&self) -> bool {
+        matches!(self, DocError::Overran { .. } | DocError::Panicked(_))
+    }
 }
 
 /// A replica's version: what it has (its state vector) and what it has deleted (a hash of its

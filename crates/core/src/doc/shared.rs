@@ -57,6 +57,22 @@ const WALK_WEIGHT: u64 = 4_000;
 /// each of its items walk the whole text.
 pub const MAX_APPLY_STEPS: u64 = 400_000_000;
 
+/// Runs `apply` (a member's update checked, then applied), turning a panic in it into
+/// [`DocError::Panicked`]: a bug in yrs that some update meets costs that update, not the
+/// process, nor (in a relay) the room whose log holds it, which would meet it again at every
+/// load. The document may then hold part of the update; its owner builds it again without it.
+/// Where a panic aborts (wasm), this is `apply()`.
+fn guarded(apply: impl FnOnce() -> Result<(), DocError>) -> Result<(), DocError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)).unwrap_or_else(|panic| {
+        let detail = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(DocError::Panicked(detail))
+    })
+}
+
 /// Merges Yjs v1 updates into one (what a client does with edits that wait to be sent).
 pub fn merge_updates(updates: &[&[u8]]) -> Result<Vec<u8>, DocError> {
     yrs::merge_updates_v1(updates.iter().copied())
@@ -372,6 +388,15 @@ impl SharedDoc {
     }
 
     fn member_update(&self, update: &[u8], bounded: bool) -> Result<(), DocError> {
+        guarded(|| {
+            let applied = self.member_update_unguarded(update, bounded);
+            #[cfg(test)]
+            tests::panic_if_marked(update);
+            applied
+        })
+    }
+
+    fn member_update_unguarded(&self, update: &[u8], bounded: bool) -> Result<(), DocError> {
         // The clocks of the few clients the update names, not the whole state vector: a
         // document keeps every client id that ever wrote, and this runs for every update.
         let checked = {
@@ -409,6 +434,10 @@ impl SharedDoc {
     }
 
     fn given_back(&self, update: &[u8], bounded: bool) -> Result<(), DocError> {
+        guarded(|| self.given_back_unguarded(update, bounded))
+    }
+
+    fn given_back_unguarded(&self, update: &[u8], bounded: bool) -> Result<(), DocError> {
         let checked = {
             let txn = self.doc.transact();
             super::v1::integrable(update, |client| {
@@ -577,8 +606,22 @@ fn to_delta(delta: &Delta) -> TextDelta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// An update that makes applying it panic once it is applied, as a bug in yrs would:
+        /// for the tests of what a panic there costs.
+        pub(crate) static PANICS_ON: std::cell::RefCell<Option<Vec<u8>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Panics if `update` is [`PANICS_ON`]'s.
+    pub(crate) fn panic_if_marked(update: &[u8]) {
+        if PANICS_ON.with(|p| p.borrow().as_deref() == Some(update)) {
+            panic!("a bug in integration");
+        }
+    }
     use crate::doc::{digest_texts, has_insertions, write_var};
     use std::sync::{Arc, Mutex};
 
