@@ -1312,7 +1312,7 @@ impl RoomCore {
                         _ => None,
                     });
             match (refused, held.ack) {
-                (Some(why), Some(step)) => self.refuse(conn, step, Reason::Malformed, why),
+                (Some((reason, why)), Some(step)) => self.refuse(conn, step, reason, why),
                 _ => self.outputs.push_back(Output::Send {
                     to: conn,
                     bytes: held.bytes,
@@ -1353,12 +1353,13 @@ impl RoomCore {
     }
 
     /// Why a shared room's log refused an update sent again, which the validator takes for a
-    /// replay: the room's document, which holds every update the log kept, lacks some of it.
+    /// replay, and the reason to refuse it with: the room's document, which holds every update
+    /// the log kept, lacks some of it (`tooLarge` if it still costs too much to apply).
     /// The refusal itself (`owed`) goes once a snapshot drops its entry, and its client, which
     /// may not have heard it (its connection dropped), would otherwise take the `replay` for an
     /// acknowledgement. `None` for anything else, and while the document lacks
     /// entries (the log skipped them, or they failed to load): it cannot tell then.
-    fn refused_in_log(&self, body: &Body) -> Option<String> {
+    fn refused_in_log(&self, body: &Body) -> Option<(Reason, String)> {
         let Body::Update { update, .. } = body else {
             return None;
         };
@@ -1366,8 +1367,19 @@ impl RoomCore {
             return None;
         }
         let why = self.doc.holds(update).err()?;
-        Some(format!(
-            "the update was not taken: the room's log refused it, and the room's document does not hold it ({why})"
+        // Refused for what applying it costs, it costs as much against the document now, which
+        // holds what the log put before it: said so again, with the bound.
+        if let Err(costly @ DocError::TooCostly { .. }) = self.doc.check_member_update(update) {
+            return Some((
+                Reason::TooLarge,
+                format!("the update was not taken: the room's log refused it: {costly}"),
+            ));
+        }
+        Some((
+            Reason::Malformed,
+            format!(
+                "the update was not taken: the room's log refused it, and the room's document does not hold it ({why})"
+            ),
         ))
     }
 
@@ -2618,8 +2630,8 @@ impl RoomCore {
                 }
                 // Judged here already (else its answer waits for its turn, below).
                 if !(self.shared && self.awaited > self.published) {
-                    if let Some(why) = self.refused_in_log(&stamped.body) {
-                        return self.refuse(conn, stamp.step, Reason::Malformed, why);
+                    if let Some((reason, why)) = self.refused_in_log(&stamped.body) {
+                        return self.refuse(conn, stamp.step, reason, why);
                     }
                 }
             }
@@ -2861,7 +2873,7 @@ impl RoomCore {
     }
 
     /// Applying the update of the last [`RoomCore::receive`] took the driver `elapsed_ms`, over
-    /// its budget of `budget_ms`: the update is refused as `malformed` before the store sees it,
+    /// its budget of `budget_ms`: the update is refused as `tooLarge` before the store sees it,
     /// and, since the document now holds it, the room stops, to be loaded again from its log.
     /// Call it before polling the outputs of that `receive`. Returns whether there was such an
     /// update.
@@ -2898,9 +2910,9 @@ impl RoomCore {
             }
         }
         let detail = format!(
-            "applying the update took {elapsed_ms} ms, over the relay's budget of {budget_ms} ms"
+            "applying it took too long, send it in smaller edits: it took {elapsed_ms} ms, over the relay's budget of {budget_ms} ms"
         );
-        self.refuse(conn, step, Reason::Malformed, detail);
+        self.refuse(conn, step, Reason::TooLarge, detail);
         self.stop(format!(
             "an update took {elapsed_ms} ms to apply; the document is loaded again without it"
         ));
@@ -4766,7 +4778,7 @@ mod tests {
             !out.iter().any(|o| matches!(o, Output::Append(_))),
             "{out:?}"
         );
-        assert_eq!(rejects(&out, 1), [Reason::Malformed]);
+        assert_eq!(rejects(&out, 1), [Reason::TooLarge]);
         assert!(matches!(out.last(), Some(Output::Stop { .. })));
         assert!(room.is_idle());
     }
@@ -5148,46 +5160,16 @@ mod tests {
     /// acknowledgement, and reaches no one.
     #[test]
     fn a_shared_room_judges_in_the_logs_order_what_an_update_costs() {
-        use crate::doc::write_var;
         let mut shared = Shared::new(2);
         let a = shared.join(0, 1, None, 1);
         shared.join(1, 2, None, 2);
-        let doc = SharedDoc::with_client_id(7);
-        let m = 5_000u64;
-        send(
-            &mut shared.rooms[0],
-            0,
-            1,
-            update(
-                a,
-                1,
-                doc.insert("content", 0, &"ab".repeat(m as usize)).unwrap(),
-            ),
-        );
-        // Client 7's clocks 1, 3, 5, ... deleted: 10,000 blocks.
-        let mut cuts = vec![0, 1, 7];
-        write_var(&mut cuts, m);
-        for i in 0..m {
-            write_var(&mut cuts, 2 * i + 1);
-            cuts.push(1);
-        }
+        let m = 5_000;
+        let [text, cuts] = text_of_blocks();
+        send(&mut shared.rooms[0], 0, 1, update(a, 1, text));
         send(&mut shared.rooms[0], 0, 1, update(a, 2, cuts));
         shared.drive(0);
         shared.follow(0);
-        // Client 9's item between the last two characters; then its 1,000 items, each after
-        // the first character and before that item.
-        let mut near_end = vec![1, 1, 9, 0, 0xC4, 7];
-        write_var(&mut near_end, 2 * m - 3);
-        near_end.push(7);
-        write_var(&mut near_end, 2 * m - 2);
-        near_end.extend_from_slice(&[1, b'x', 0]);
-        let mut walks = vec![1];
-        write_var(&mut walks, 1_000);
-        walks.extend_from_slice(&[9, 1]);
-        for _ in 0..1_000 {
-            walks.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'y']);
-        }
-        walks.push(0);
+        let [near_end, walks] = walks_to_an_item_near_the_end();
         send(&mut shared.rooms[0], 0, 1, update(a, 3, near_end));
         send(&mut shared.rooms[0], 0, 1, update(a, 4, walks));
         shared.drive(0);
@@ -5218,6 +5200,57 @@ mod tests {
         assert_eq!(text, format!("{}x{}", "a".repeat(m as usize - 1), "a"));
     }
 
+    /// An update the log refused as too costly, sent again after a snapshot dropped its entry
+    /// (its client never heard the refusal), is refused again as `tooLarge`, as the log refused
+    /// it: the room's document does not hold it, and what applying it would cost says why.
+    #[test]
+    fn an_update_the_log_refused_as_too_costly_sent_again_after_a_snapshot_is_too_large_again() {
+        let mut shared = Shared::with_limits(
+            2,
+            RoomLimits {
+                compact_updates: 4,
+                ..RoomLimits::default()
+            },
+        );
+        let a = shared.join(0, 1, None, 1);
+        shared.join(1, 2, None, 2);
+        let [text, cuts] = text_of_blocks();
+        send(&mut shared.rooms[0], 0, 1, update(a, 1, text));
+        send(&mut shared.rooms[0], 0, 1, update(a, 2, cuts));
+        shared.drive(0);
+        shared.follow(0);
+        let [near_end, walks] = walks_to_an_item_near_the_end();
+        send(&mut shared.rooms[0], 0, 1, update(a, 3, near_end));
+        send(&mut shared.rooms[0], 0, 1, update(a, 4, walks.clone()));
+        shared.drive(0);
+        // Its client is gone before the log is read back, and the refusal with it.
+        shared.rooms[0].leave(1);
+        for _ in 0..2 {
+            shared.follow(0);
+            shared.follow(1);
+        }
+        let log = shared.store.log("r");
+        assert!(
+            matches!(Frame::decode(&log[0].bytes), Ok(Frame::Snapshot { .. })),
+            "the snapshot dropped the entries before it"
+        );
+        let again = shared.join(0, 3, Some([1; 16]), 9);
+        assert_eq!(again, a);
+        send(&mut shared.rooms[0], 0, 3, update(a, 4, walks));
+        shared.drive(0);
+        shared.follow(0);
+        let got = &shared.got[0][&3];
+        let [Frame::Reject {
+            step: 4,
+            reason: Reason::TooLarge,
+            detail,
+        }] = got.as_slice()
+        else {
+            panic!("{got:?}")
+        };
+        assert!(detail.contains("send it in smaller edits"), "{detail}");
+    }
+
     /// A text of 10,000 blocks, as client 7's two updates: `"ab"` 5,000 times, then every `b`
     /// deleted.
     fn text_of_blocks() -> [Vec<u8>; 2] {
@@ -5231,6 +5264,27 @@ mod tests {
             cuts.push(1);
         }
         [text, cuts]
+    }
+
+    /// On [`text_of_blocks`]: client 9's item between the last two characters, then its 1,000
+    /// items, each after the first character and before that item. Judged against a document
+    /// without the first, the second walks nothing; with it, each of its items walks the text.
+    fn walks_to_an_item_near_the_end() -> [Vec<u8>; 2] {
+        use crate::doc::write_var;
+        let m = 5_000u64;
+        let mut near_end = vec![1, 1, 9, 0, 0xC4, 7];
+        write_var(&mut near_end, 2 * m - 3);
+        near_end.push(7);
+        write_var(&mut near_end, 2 * m - 2);
+        near_end.extend_from_slice(&[1, b'x', 0]);
+        let mut walks = vec![1];
+        write_var(&mut walks, 1_000);
+        walks.extend_from_slice(&[9, 1]);
+        for _ in 0..1_000 {
+            walks.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'y']);
+        }
+        walks.push(0);
+        [near_end, walks]
     }
 
     /// On [`text_of_blocks`]: one item after the middle character whose right origin lies
