@@ -998,7 +998,7 @@ impl Sim {
                     };
                     self.enqueue(relay, Write::Publish(relayed, step));
                 }
-                room::Output::Stop { reason } => {
+                room::Output::Stop { reason, .. } => {
                     self.log(|| format!("relay {relay}'s room stops: {reason}"));
                     self.relays[relay].core = None;
                 }

@@ -1687,7 +1687,7 @@ impl Sim {
                 room::Output::Released(release) => {
                     self.relay.released.insert(release.token, release);
                 }
-                room::Output::Stop { reason } => {
+                room::Output::Stop { reason, .. } => {
                     self.log(|| format!("the room stops: {reason}"));
                 }
             }

@@ -486,6 +486,11 @@ pub enum Output {
     Stop {
         /// Why.
         reason: String,
+        /// The node whose message stopped the room, if one did (its update walked too far to
+        /// apply, made applying it panic, or took longer than the driver's budget): every stop
+        /// closes every member, so a driver keeps out for a while one that stops a room again
+        /// and again.
+        by: Option<NodeId>,
     },
 }
 
@@ -1260,7 +1265,7 @@ impl RoomCore {
                     let holds_part = error.holds_part();
                     self.refuse_logged(&entry, error);
                     if holds_part {
-                        return self.stop_partial();
+                        return self.stop_partial(entry.sender);
                     }
                 }
                 None => self.forward(from, None, &entry.bytes),
@@ -1278,7 +1283,7 @@ impl RoomCore {
                 let holds_part = error.holds_part();
                 self.refuse_logged(&entry, error);
                 if holds_part {
-                    return self.stop_partial();
+                    return self.stop_partial(entry.sender);
                 }
             }
         }
@@ -1288,8 +1293,9 @@ impl RoomCore {
     /// ([`DocError::holds_part`]: integration walked too far, or panicked): the room stops, and
     /// loads again from its log without it (every relay judges it in the log's order alike, at
     /// load too).
-    fn stop_partial(&mut self) {
-        self.stop(
+    fn stop_partial(&mut self, by: NodeId) {
+        self.stop_by(
+            Some(by),
             "an update of the room's log walked too far to apply, or applying it failed; the document is loaded again without it"
                 .into(),
         );
@@ -2718,7 +2724,7 @@ impl RoomCore {
                     self.refuse(conn, stamp.step, reason, refusal_detail(e));
                     if holds_part {
                         // The document may hold part of it: the room loads again without it.
-                        self.stop("an update walked too far to apply, or applying it failed; the document is loaded again without it".into());
+                        self.stop_by(Some(node), "an update walked too far to apply, or applying it failed; the document is loaded again without it".into());
                     }
                     return;
                 }
@@ -2913,9 +2919,13 @@ impl RoomCore {
             "applying it took too long, send it in smaller edits: it took {elapsed_ms} ms, over the relay's budget of {budget_ms} ms"
         );
         self.refuse(conn, step, Reason::TooLarge, detail);
-        self.stop(format!(
-            "an update took {elapsed_ms} ms to apply; the document is loaded again without it"
-        ));
+        let by = self.members.get(&conn).map(|member| member.node);
+        self.stop_by(
+            by,
+            format!(
+                "an update took {elapsed_ms} ms to apply; the document is loaded again without it"
+            ),
+        );
         true
     }
 
@@ -2927,6 +2937,10 @@ impl RoomCore {
     pub fn panicked(&mut self, detail: &str) {
         let receiving = self.receiving.take();
         self.applied = None;
+        let by = receiving
+            .as_ref()
+            .and_then(|receiving| self.members.get(&receiving.conn))
+            .map(|member| member.node);
         if let Some(receiving) = receiving {
             self.outputs.truncate(receiving.outputs);
             self.pending.truncate(receiving.pending);
@@ -2936,9 +2950,10 @@ impl RoomCore {
                 self.refuse(receiving.conn, step, Reason::Malformed, detail);
             }
         }
-        self.stop(format!(
-            "the room failed on a message ({detail}); it is loaded again without it"
-        ));
+        self.stop_by(
+            by,
+            format!("the room failed on a message ({detail}); it is loaded again without it"),
+        );
     }
 
     /// Sends `bytes` (one message) to `to`'s connection, or to everyone but `from`; larger than
@@ -3170,6 +3185,11 @@ impl RoomCore {
     /// The validator already counted a failed append as its sender's; the only state to trust
     /// now is the store's. Every member goes; the next join loads the room again.
     fn stop(&mut self, reason: String) {
+        self.stop_by(None, reason);
+    }
+
+    /// [`RoomCore::stop`], for a message of node `by` (see [`Output::Stop`]).
+    fn stop_by(&mut self, by: Option<NodeId>, reason: String) {
         if self.stopped {
             return;
         }
@@ -3201,7 +3221,7 @@ impl RoomCore {
         self.nodes.clear();
         self.tokens.clear();
         self.departures.clear();
-        self.outputs.push_back(Output::Stop { reason });
+        self.outputs.push_back(Output::Stop { reason, by });
     }
 }
 
@@ -4779,7 +4799,7 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(rejects(&out, 1), [Reason::TooLarge]);
-        assert!(matches!(out.last(), Some(Output::Stop { .. })));
+        assert!(matches!(out.last(), Some(Output::Stop { by: Some(node), .. }) if *node == a.node));
         assert!(room.is_idle());
     }
 
@@ -4811,7 +4831,7 @@ mod tests {
             })
             .collect();
         assert_eq!(closed.len(), 2, "{out:?}");
-        assert!(matches!(out.last(), Some(Output::Stop { .. })));
+        assert!(matches!(out.last(), Some(Output::Stop { by: Some(node), .. }) if *node == a.node));
         assert!(room.is_idle());
     }
 
@@ -4834,7 +4854,7 @@ mod tests {
             .collect();
         assert_eq!(closed, [(1, close::INTERNAL), (2, close::INTERNAL)]);
         assert!(
-            matches!(out.last(), Some(Output::Stop { reason }) if reason.contains("connection refused")),
+            matches!(out.last(), Some(Output::Stop { reason, by: None }) if reason.contains("connection refused")),
             "{out:?}"
         );
         assert!(room.is_idle());
@@ -4925,6 +4945,8 @@ mod tests {
         bus: Vec<(usize, Relayed)>,
         /// How much of the bus each relay has read.
         bus_read: Vec<usize>,
+        /// The rooms that stopped, by relay, with the node that stopped each.
+        stops: Vec<(usize, Option<NodeId>)>,
     }
 
     impl Shared {
@@ -4948,6 +4970,7 @@ mod tests {
                 got: vec![HashMap::new(); relays],
                 bus: Vec::new(),
                 bus_read: vec![0; relays],
+                stops: Vec::new(),
             }
         }
 
@@ -4991,6 +5014,7 @@ mod tests {
                         };
                         self.bus.push((i, relayed));
                     }
+                    Output::Stop { by, .. } => self.stops.push((i, by)),
                     _ => {}
                 }
             }
@@ -5336,7 +5360,14 @@ mod tests {
             panic!("{out:?}")
         };
         assert!(detail.contains("walks too far"), "{detail}");
-        assert!(matches!(out.last(), Some(Output::Stop { .. })));
+        let Some(Output::Stop { by, .. }) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            *by,
+            Some(a.node),
+            "the stop names the node whose update it was"
+        );
     }
 
     /// In a shared room, integration that walks too far stops in the log's order on every
@@ -5375,6 +5406,7 @@ mod tests {
         };
         assert!(detail.contains("walks too far"), "{detail}");
         assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1), (a, 2)]);
+        assert_eq!(shared.stops, [(0, Some(a)), (1, Some(a))]);
         for i in 0..2 {
             assert!(shared.rooms[i].is_stopped(), "relay {i}");
             shared.reload(i);
@@ -5422,6 +5454,7 @@ mod tests {
         };
         assert!(detail.contains("a bug in integration"), "{detail}");
         assert_eq!(steps(&shared.got[1][&2]), vec![(a, 1)]);
+        assert_eq!(shared.stops, [(0, Some(a)), (1, Some(a))]);
         for i in 0..2 {
             assert!(shared.rooms[i].is_stopped(), "relay {i}");
             shared.reload(i);

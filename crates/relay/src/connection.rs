@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::auth::{Denied, Grant};
 use super::guard::{Address, HeldTooMuch, Over, Peer};
+use super::offences::Offender;
 use super::queue;
 use super::room::{Admitted, Command};
 use super::{enter_user_room, Relay, UserRoom};
@@ -318,6 +319,17 @@ async fn handshake(
             return refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
         }
     };
+    // A member that stopped this room twice lately is kept out of it for a while.
+    let offender = Offender::of(request.access.user, peer.key());
+    let barred = relay
+        .offences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .barred(&room, offender, relay.now_ms());
+    if let Some(reason) = barred {
+        relay.metrics.barred_joins.fetch_add(1, Relaxed);
+        return refuse(socket, close::POLICY, &reason).await;
+    }
     // A room that is not open costs its opening to the address: each stays open a while after
     // its last member left, and one address could otherwise fill the relay's rooms for all.
     let opens = !relay.is_open(&room);
@@ -329,7 +341,7 @@ async fn handshake(
         return refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
     }
     let since = request.since;
-    let (commands, admitted) = match relay.join(&room, request, requested, conn).await {
+    let (commands, admitted) = match relay.join(&room, request, requested, conn, offender).await {
         Ok(joined) => joined,
         Err(refused) => {
             // A join refused before its room opened (no writer opened it yet, the relay is

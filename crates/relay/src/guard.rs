@@ -175,6 +175,11 @@ impl Peer {
         self.address.clone()
     }
 
+    /// The remote address as its caps and budgets are kept (see [`address_key`]).
+    pub(crate) fn key(&self) -> IpAddr {
+        address_key(self.addr.ip())
+    }
+
     /// The connection handled a whole WebSocket message: what its stream read before is no
     /// longer held for a frame still arriving.
     pub(crate) fn framed(&self) {

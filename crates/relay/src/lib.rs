@@ -20,6 +20,7 @@ pub mod auth;
 mod connection;
 mod guard;
 pub mod metrics;
+mod offences;
 mod queue;
 mod room;
 pub mod store;
@@ -90,8 +91,13 @@ pub struct RelayConfig {
     /// this long; the node then comes back with a new id.
     pub node_ttl: Duration,
     /// The longest the relay lets one update take to apply to a room's document; an update
-    /// that takes longer is refused as `malformed` and the room reloads without it.
+    /// that takes longer is refused as `tooLarge` and the room reloads without it.
     pub apply_budget: Duration,
+    /// A member whose messages stop a room twice within this time (an update that walks too
+    /// far to apply, makes applying it panic, or takes longer than `apply_budget`; each stop
+    /// closes every member of the room) is kept out of that room for as long: its access
+    /// token's user, or its address on a relay without tokens. Zero: no one is kept out.
+    pub offence_bar: Duration,
     /// How long a room keeps a node that left and never wrote (so has no store record), for a
     /// reconnect to resume it.
     pub resume_grace: Duration,
@@ -167,6 +173,7 @@ impl Default for RelayConfig {
             max_room_bytes: 1 << 30,
             node_ttl: Duration::from_secs(30 * 24 * 3_600),
             apply_budget: Duration::from_secs(2),
+            offence_bar: Duration::from_secs(600),
             resume_grace: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
             send_queue: 4_096,
@@ -238,6 +245,8 @@ pub(crate) struct Relay {
     user_rooms: Mutex<HashMap<String, HashMap<String, u32>>>,
     /// The nodes the rooms let go, with their last steps.
     releases: Mutex<room::Releases>,
+    /// Who stopped which room, and who is kept out of one for it.
+    offences: Mutex<offences::Offences>,
     started: Instant,
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
@@ -313,6 +322,7 @@ impl Relay {
         request: JoinRequest,
         requested: Option<RoomConfig>,
         conn: ConnId,
+        offender: offences::Offender,
     ) -> Result<(mpsc::Sender<Command>, room::Admitted), JoinRefused> {
         // A room task may retire between our look-up and our command: then start it anew.
         for _ in 0..3 {
@@ -323,6 +333,7 @@ impl Relay {
             let command = Command::Join {
                 conn,
                 request: request.clone(),
+                offender,
                 reply,
             };
             if commands.send(command).await.is_err() {
@@ -535,6 +546,9 @@ pub async fn serve(
         rooms: Mutex::default(),
         user_rooms: Mutex::default(),
         releases: Mutex::new(room::Releases::new(RELEASES_KEPT)),
+        offences: Mutex::new(offences::Offences::new(
+            config.offence_bar.as_millis() as u64
+        )),
         started: Instant::now(),
         next_conn: AtomicU64::new(1),
         shutdown: stopped.clone(),

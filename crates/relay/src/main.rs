@@ -87,10 +87,16 @@ mod native {
               value_parser = clap::value_parser!(u64).range(1..))]
         node_ttl: u64,
         /// Milliseconds one update may take to apply to a room's document before it is
-        /// refused as `malformed`.
+        /// refused as `tooLarge`.
         #[arg(long, env = "PM_APPLY_BUDGET", default_value_t = 2_000,
               value_parser = clap::value_parser!(u64).range(1..))]
         apply_budget: u64,
+        /// Seconds within which a member whose messages stop a room twice (an update that walks
+        /// too far to apply, makes applying it fail, or takes over --apply-budget; each stop
+        /// closes every member of the room) is then kept out of that room, for as long: its
+        /// access token's user, or its address without tokens. 0: no one is kept out.
+        #[arg(long, env = "PM_OFFENCE_BAR", default_value_t = 600)]
+        offence_bar: u64,
         /// Seconds a room keeps a node that left without ever storing a message, so that a
         /// reconnect keeps its id (a node that stored one is kept for --node-ttl).
         #[arg(long, env = "PM_RESUME_GRACE", default_value_t = 60)]
@@ -237,6 +243,7 @@ mod native {
             max_room_bytes: args.max_room_bytes,
             node_ttl: Duration::from_secs(args.node_ttl),
             apply_budget: Duration::from_millis(args.apply_budget),
+            offence_bar: Duration::from_secs(args.offence_bar),
             resume_grace: Duration::from_secs(args.resume_grace),
             idle_timeout: Duration::from_secs(args.idle_timeout),
             send_queue: args.send_queue as usize,

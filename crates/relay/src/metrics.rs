@@ -38,6 +38,10 @@ pub struct Metrics {
     pub room_panics: AtomicU64,
     /// Connections refused for their access token (missing, expired, forged, another room's).
     pub refused_tokens: AtomicU64,
+    /// Members kept out of a room for stopping it twice ([`crate::RelayConfig::offence_bar`]).
+    pub offenders_barred: AtomicU64,
+    /// Joins refused because their user or address is kept out of the room.
+    pub barred_joins: AtomicU64,
     commit_buckets: [AtomicU64; BUCKETS.len()],
     commit_count: AtomicU64,
     commit_micros: AtomicU64,
@@ -154,6 +158,18 @@ impl Metrics {
             "Rooms that panicked and were loaded again from the store.",
             "counter",
             self.room_panics.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_offenders_barred_total",
+            "Members kept out of a room for stopping it twice within the offence bar.",
+            "counter",
+            self.offenders_barred.load(Relaxed),
+        );
+        gauge(
+            "pattern_mesh_barred_joins_total",
+            "Joins refused because their user or address is kept out of the room.",
+            "counter",
+            self.barred_joins.load(Relaxed),
         );
         gauge(
             "pattern_mesh_store_writes_total",

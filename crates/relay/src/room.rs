@@ -28,6 +28,7 @@ use pattern_mesh_core::validate::Counters;
 use pattern_mesh_core::wire::{close, NodeId, Reason, ResumeToken};
 use tokio::sync::{mpsc, oneshot};
 
+use super::offences::Offender;
 use super::queue;
 use super::store::redis::{BusMark, FeedEvent};
 use super::Relay;
@@ -92,6 +93,8 @@ pub(crate) enum Command {
     Join {
         conn: ConnId,
         request: JoinRequest,
+        /// Who a stop by this member counts against.
+        offender: Offender,
         reply: oneshot::Sender<Result<Admitted, JoinRefused>>,
     },
     Frame {
@@ -117,6 +120,7 @@ pub(crate) struct Admitted {
 struct Lookup {
     conn: ConnId,
     request: JoinRequest,
+    offender: Offender,
     reply: oneshot::Sender<Result<Admitted, JoinRefused>>,
 }
 
@@ -133,6 +137,8 @@ struct RoomTask {
     counted: Counters,
     /// Connections whose queue was full, and whether the bound reached was in bytes.
     slow: Vec<(ConnId, bool)>,
+    /// Who a stop by each node the room holds counts against, until the room lets it go.
+    offenders: HashMap<NodeId, Offender>,
 }
 
 /// Runs a room; `bus` is where the other relays' publications for a shared room stand, with
@@ -161,6 +167,7 @@ pub(crate) async fn run(
         reservations: FuturesUnordered::new(),
         lookups: FuturesUnordered::new(),
         slow: Vec::new(),
+        offenders: HashMap::new(),
     };
     // The relay stopping: the room lets its nodes go, and retires once its writes are done.
     let mut shutdown = task.relay.shutdown.clone();
@@ -272,11 +279,13 @@ impl RoomTask {
             Command::Join {
                 conn,
                 request,
+                offender,
                 reply,
             } => {
                 let lookup = Lookup {
                     conn,
                     request,
+                    offender,
                     reply,
                 };
                 match lookup.request.resume {
@@ -327,6 +336,7 @@ impl RoomTask {
         let Lookup {
             conn,
             mut request,
+            offender,
             reply,
         } = lookup;
         if reply.is_closed() {
@@ -355,6 +365,7 @@ impl RoomTask {
         }
         match self.core.join(self.relay.now_ms(), conn, request, fresh) {
             Ok(joined) => {
+                self.offenders.insert(joined.node, offender);
                 let (sender, receiver) = queue::queue(
                     self.relay.config.send_queue,
                     self.relay.config.send_queue_bytes,
@@ -420,12 +431,14 @@ impl RoomTask {
                         self.appends
                             .push_back(self.relay.store.append(&name, append));
                     }
-                    Output::Released(release) => self
-                        .relay
-                        .releases
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .keep(&name, release),
+                    Output::Released(release) => {
+                        self.offenders.remove(&release.node);
+                        self.relay
+                            .releases
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .keep(&name, release)
+                    }
                     Output::Publish {
                         to,
                         after,
@@ -437,8 +450,22 @@ impl RoomTask {
                             feed.publish(&name, to, after, bytes, roster, step);
                         }
                     }
-                    Output::Stop { reason } => {
+                    Output::Stop { reason, by } => {
                         tracing::error!(room = %name, %reason, "the room stops");
+                        // Counted against its member here; another relay's member is counted
+                        // by its own relay, which stops at the same entry of the log.
+                        if let Some(&offender) = by.and_then(|node| self.offenders.get(&node)) {
+                            let barred = self
+                                .relay
+                                .offences
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .count(&name, offender, self.relay.now_ms());
+                            if barred {
+                                self.relay.metrics.offenders_barred.fetch_add(1, Relaxed);
+                                tracing::warn!(room = %name, ?offender, "a member stopped the room twice; it is kept out of the room for a while");
+                            }
+                        }
                     }
                 }
             }

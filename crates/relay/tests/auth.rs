@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
-    data_value, join_at, reader_refused, session, start, start_in,
+    data_value, delete_every_b, edit, join_at, join_frame, raw_update, reader_refused,
+    replayed_text, session, start, start_in, walks_too_far,
     writer_opens_and_reader_gets_its_settings, Server, WAIT,
 };
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -50,18 +51,6 @@ async fn secured(name: &str) -> Server {
 
 fn with_token(server: &Server, token: &str) -> String {
     format!("{}?token={token}", server.url())
-}
-
-fn join_frame(room: &str) -> Frame {
-    Frame::Join {
-        room: room.into(),
-        name: "mallory".into(),
-        since: 0,
-        log: 0,
-        resume: None,
-        config: None,
-        floor: false,
-    }
 }
 
 /// The close a join of `room` with `token` gets.
@@ -743,6 +732,47 @@ async fn a_token_whose_expiry_is_past_any_date_opens_its_room() {
         welcome.frame
     );
     server.stop().await;
+}
+
+/// With access tokens, a stop counts against the user the token names: the user whose updates
+/// stopped a room twice (each walked too far to apply) is kept out of that room, whatever
+/// address it comes from, and another user behind the same address is not.
+#[tokio::test]
+async fn a_user_whose_updates_stop_a_room_twice_is_kept_out_of_it_and_no_one_else() {
+    let server = secured("offence").await;
+    let mallory = with_token(&server, &doc_writer("mallory"));
+    let mut m = join_at(&mallory, "doc", 0, 0, None).await;
+    let writer = pattern_mesh_core::doc::SharedDoc::with_client_id(7);
+    m.acked(edit(&writer, 0, &"ab".repeat(5_000))).await;
+    delete_every_b(&mut m, 0..5_000).await;
+    for stop in 1..=2 {
+        let frame = raw_update(&mut m, "content", walks_too_far());
+        m.send_bytes(frame.encode()).await;
+        m.expect_reject(Reason::TooLarge).await;
+        let (code, reason) = m.closed().await;
+        assert_eq!(code, close::INTERNAL, "stop {stop}: {reason}");
+        if stop == 1 {
+            m = join_at(&mallory, "doc", 0, 0, None).await;
+        }
+    }
+    let mut conn = Connection::open(&mallory, &join_frame("doc"))
+        .await
+        .unwrap();
+    let (code, reason) = close_of(conn.closed(WAIT).await);
+    assert_eq!(code, close::POLICY, "{reason}");
+    assert!(
+        reason.starts_with("this access token's user stopped the room twice"),
+        "{reason}"
+    );
+    let alice = join_at(
+        &with_token(&server, &doc_writer("alice")),
+        "doc",
+        0,
+        0,
+        None,
+    )
+    .await;
+    assert_eq!(replayed_text(alice.replay()), "a".repeat(5_000));
 }
 
 /// A token of user `sub` for writing in room "doc", valid for ten minutes.

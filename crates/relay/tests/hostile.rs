@@ -97,18 +97,6 @@ async fn a_member_stamping_far_ahead_cannot_push_others_inputs_out_of_a_game_roo
     assert_eq!(refused, [], "every honest input is accepted");
 }
 
-/// A stamped update of `doc` holding `bytes`, under the member's next stamp.
-fn raw_update(member: &mut Member, doc: &str, bytes: Vec<u8>) -> Frame {
-    let stamp = member.stamp();
-    Frame::stamped(
-        stamp,
-        Body::Update {
-            doc: doc.into(),
-            update: bytes,
-        },
-    )
-}
-
 /// Finding 1. A member tries to wipe the document for every late joiner: a client snapshot
 /// (the retired kind 0x15) of `*` and of one document, holding an empty state, zero bytes or
 /// garbage, and updates that are not Yjs updates. Each is refused as `malformed` and reaches no
@@ -428,19 +416,6 @@ async fn updates_that_hang_or_crash_a_replica_are_refused_or_harmless() {
     assert_eq!(replayed_text(late.replay()), "still editable");
 }
 
-/// `value` as an unsigned LEB128 varint, as Yjs writes numbers.
-fn var(out: &mut Vec<u8>, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
 /// Updates that cut a text into pieces. Each cut copies the block's content into two halves and
 /// inserts the right one into the middle of its client's block list, in the relay's yrs and in
 /// every member's Yjs (100,000 cuts by deletion of one 200,000-character block, 390 KB, took yrs
@@ -514,23 +489,6 @@ async fn refused_as_too_costly(member: &mut Member, update: Vec<u8>) {
     let detail = member.expect_reject(Reason::TooLarge).await;
     assert!(detail.contains("send it in smaller edits"), "{detail}");
     member.fence().await;
-}
-
-/// Deletes, in one update acknowledged, the `b` of each `"ab"` of `pairs` in client 7's text of
-/// `"ab"` repeated (its clocks 1, 3, 5, ...).
-async fn delete_every_b(member: &mut Member, pairs: std::ops::Range<u64>) {
-    let mut deletion = vec![0, 1, 7];
-    var(&mut deletion, pairs.end - pairs.start);
-    for i in pairs {
-        var(&mut deletion, 1 + 2 * i);
-        var(&mut deletion, 1);
-    }
-    member
-        .acked(Body::Update {
-            doc: "content".into(),
-            update: deletion,
-        })
-        .await;
 }
 
 /// Integrating an item walks past every item between its origin and its right origin, in yrs
@@ -634,16 +592,7 @@ async fn an_update_that_walks_further_than_its_estimate_is_stopped_at_the_bound(
     let m = 5_000u64;
     a.acked(edit(&writer, 0, &"ab".repeat(m as usize))).await;
     delete_every_b(&mut a, 0..m).await;
-    let mut walks = vec![1];
-    var(&mut walks, 4_001);
-    walks.extend_from_slice(&[9, 0, 0xC4, 7]);
-    var(&mut walks, m);
-    walks.extend_from_slice(&[7, 10, 1, b'x']);
-    for _ in 0..4_000 {
-        walks.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'x']);
-    }
-    walks.push(0);
-    let frame = raw_update(&mut a, "content", walks);
+    let frame = raw_update(&mut a, "content", walks_too_far());
     a.send_bytes(frame.encode()).await;
     let detail = a.expect_reject(Reason::TooLarge).await;
     assert!(detail.contains("walks too far"), "{detail}");
@@ -653,6 +602,39 @@ async fn an_update_that_walks_further_than_its_estimate_is_stopped_at_the_bound(
     let mut late = join(&server, "doc", 0, None).await;
     assert_eq!(replayed_text(late.replay()), "a".repeat(m as usize));
     late.acked(edit(&writer, 0, "b")).await;
+}
+
+/// Every update that stops a room (one that walks too far to apply, say) closes every member
+/// of the room, to reconnect, and costs the relay the bound and a reload; a member sending one
+/// after another kept the room reconnecting for as long as it liked. An address whose updates
+/// stopped a room twice within the bar's time is kept out of that room for that time: its
+/// joins close with 1008, saying why and for how long. Its other rooms stay open to it.
+#[tokio::test]
+async fn an_address_whose_updates_stop_a_room_twice_is_kept_out_of_it() {
+    use pattern_mesh_core::wire::close;
+    let server = start("offence", |_| {}).await;
+    let mut a = join(&server, "doc", 0, None).await;
+    let writer = SharedDoc::with_client_id(7);
+    a.acked(edit(&writer, 0, &"ab".repeat(5_000))).await;
+    delete_every_b(&mut a, 0..5_000).await;
+    for stop in 1..=2 {
+        let frame = raw_update(&mut a, "content", walks_too_far());
+        a.send_bytes(frame.encode()).await;
+        let detail = a.expect_reject(Reason::TooLarge).await;
+        assert!(detail.contains("walks too far"), "stop {stop}: {detail}");
+        let (code, reason) = a.closed().await;
+        assert_eq!(code, close::INTERNAL, "stop {stop}: {reason}");
+        if stop == 1 {
+            a = join(&server, "doc", 0, None).await;
+        }
+    }
+    let (code, reason) = closed_after(&server, &join_frame("doc")).await;
+    assert_eq!(code, close::POLICY, "{reason}");
+    assert!(
+        reason.contains("stopped the room twice") && reason.contains("may join again in"),
+        "{reason}"
+    );
+    join(&server, "other", 0, None).await;
 }
 
 /// Finding 11. One member writing large updates as fast as it can: its bandwidth budget

@@ -662,3 +662,78 @@ pub async fn writer_opens_and_reader_gets_its_settings(writer_url: &str, reader_
         "the reader gets the writer's settings"
     );
 }
+
+/// A stamped update of `doc` holding `bytes`, under the member's next stamp.
+pub fn raw_update(member: &mut Member, doc: &str, bytes: Vec<u8>) -> Frame {
+    let stamp = member.stamp();
+    Frame::stamped(
+        stamp,
+        Body::Update {
+            doc: doc.into(),
+            update: bytes,
+        },
+    )
+}
+
+/// `value` as an unsigned LEB128 varint, as Yjs writes numbers.
+pub fn var(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Deletes, in one update acknowledged, the `b` of each `"ab"` of `pairs` in client 7's text of
+/// `"ab"` repeated (its clocks 1, 3, 5, ...).
+pub async fn delete_every_b(member: &mut Member, pairs: std::ops::Range<u64>) {
+    let mut deletion = vec![0, 1, 7];
+    var(&mut deletion, pairs.end - pairs.start);
+    for i in pairs {
+        var(&mut deletion, 1 + 2 * i);
+        var(&mut deletion, 1);
+    }
+    member
+        .acked(Body::Update {
+            doc: "content".into(),
+            update: deletion,
+        })
+        .await;
+}
+
+/// On the text of [`delete_every_b`] over `"ab"` written 5,000 times by client 7 (10,000
+/// blocks): client 9's item after the middle character whose right origin (client 7's clock 10)
+/// lies behind it, which yrs ignores, placing the item where its conflicts let it; then 4,000
+/// items after the first character and before that item. The estimate of what an update costs
+/// follows the right origin to where it points, ten blocks on; each item really walks half the
+/// text (about 2.6·10^9 steps, 15 s of yrs). Integration stops at its bound: `tooLarge`,
+/// "walks too far", and the room loads again without it.
+pub fn walks_too_far() -> Vec<u8> {
+    let mut walks = vec![1];
+    var(&mut walks, 4_001);
+    walks.extend_from_slice(&[9, 0, 0xC4, 7]);
+    var(&mut walks, 5_000);
+    walks.extend_from_slice(&[7, 10, 1, b'x']);
+    for _ in 0..4_000 {
+        walks.extend_from_slice(&[0xC4, 7, 0, 9, 0, 1, b'x']);
+    }
+    walks.push(0);
+    walks
+}
+
+/// A join of `room` from the start, as a new node.
+pub fn join_frame(room: &str) -> Frame {
+    Frame::Join {
+        room: room.into(),
+        name: "mallory".into(),
+        since: 0,
+        log: 0,
+        resume: None,
+        config: None,
+        floor: false,
+    }
+}
