@@ -735,6 +735,10 @@ pub struct RoomCore {
     tail_updates: u64,
     snapshot_len: u64,
     compacting: bool,
+    /// The room loaded without updates of its log that its document may have held part of
+    /// ([`DocError::holds_part`]): it writes a snapshot at once, so that no later load meets
+    /// them again (each costs a load the bound and a rebuild of the document).
+    compact_now: bool,
     /// Bytes the log holds (as the store last said), and bytes of appends in flight.
     stored_bytes: u64,
     in_flight_bytes: u64,
@@ -884,6 +888,7 @@ impl RoomCore {
             tail_updates: 0,
             snapshot_len: 0,
             compacting: false,
+            compact_now: false,
             stored_bytes: record.bytes,
             in_flight_bytes: 0,
             load_failures: 0,
@@ -936,6 +941,10 @@ impl RoomCore {
             self.tail_bytes = 0;
             self.tail_updates = 0;
             self.load_failures = 0;
+        }
+        if !partial.is_empty() {
+            self.compact_now = true;
+            self.compact_if_due();
         }
     }
 
@@ -2827,7 +2836,8 @@ impl RoomCore {
     /// then stays uncompacted until its tail doubles.
     fn compact_if_due(&mut self) {
         let due = self.tail_updates > 0
-            && (self.tail_bytes >= self.limits.compact_bytes.max(self.snapshot_len)
+            && (self.compact_now
+                || self.tail_bytes >= self.limits.compact_bytes.max(self.snapshot_len)
                 || self.tail_updates >= self.limits.compact_updates);
         // A room that loaded with entries its document could not apply does not compact: the
         // snapshot would hold the rest only, and the store drops what a snapshot covers.
@@ -2849,6 +2859,7 @@ impl RoomCore {
         let len = frame.len() as u64;
         self.tail_bytes = 0;
         self.tail_updates = 0;
+        self.compact_now = false;
         if frame.len() > self.limits.limits.max_message {
             self.snapshot_len = len;
             return;
@@ -5417,6 +5428,15 @@ mod tests {
             let text = shared.rooms[i].doc.text("content");
             assert_eq!(text, format!("y{}", "a".repeat(5_000)), "relay {i}");
         }
+        // Each load after it paid the bound again, and rebuilt the document: a relay that met
+        // such an entry at load writes a snapshot at once, and the log holds it no more.
+        shared.drive(0);
+        let log = shared.store.log("r");
+        assert!(
+            matches!(Frame::decode(&log[0].bytes), Ok(Frame::Snapshot { .. })),
+            "a snapshot holds the log's document"
+        );
+        assert!(log.iter().all(|logged| logged.position != 3), "{log:?}");
     }
 
     /// A member's update that makes applying it panic (a bug in yrs, say) costs that update,
