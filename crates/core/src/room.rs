@@ -1271,10 +1271,10 @@ impl RoomCore {
             };
             match refusal {
                 Some(error) => {
-                    let holds_part = error.holds_part();
+                    let partial = error.holds_part().then(|| error.to_string());
                     self.refuse_logged(&entry, error);
-                    if holds_part {
-                        return self.stop_partial(entry.sender);
+                    if let Some(why) = partial {
+                        return self.stop_partial(entry.sender, &why);
                     }
                 }
                 None => self.forward(from, None, &entry.bytes),
@@ -1289,10 +1289,10 @@ impl RoomCore {
     fn judge_deferred(&mut self) {
         for (entry, doc, update) in std::mem::take(&mut self.deferred) {
             if let Err(error) = admit_member(&self.doc, &doc, &update) {
-                let holds_part = error.holds_part();
+                let partial = error.holds_part().then(|| error.to_string());
                 self.refuse_logged(&entry, error);
-                if holds_part {
-                    return self.stop_partial(entry.sender);
+                if let Some(why) = partial {
+                    return self.stop_partial(entry.sender, &why);
                 }
             }
         }
@@ -1301,12 +1301,11 @@ impl RoomCore {
     /// A shared room's document may hold part of an update of its log
     /// ([`DocError::holds_part`]: integration walked too far, or panicked): the room stops, and
     /// loads again from its log without it (every relay judges it in the log's order alike, at
-    /// load too).
-    fn stop_partial(&mut self, by: NodeId) {
+    /// load too). `why` is the error.
+    fn stop_partial(&mut self, by: NodeId, why: &str) {
         self.stop_by(
             Some(by),
-            "an update of the room's log walked too far to apply, or applying it failed; the document is loaded again without it"
-                .into(),
+            format!("an update of the room's log did not apply ({why}); the document is loaded again without it"),
         );
     }
 
@@ -2728,12 +2727,15 @@ impl RoomCore {
             }
             Body::Update { doc, update } => {
                 if let Err(e) = admit_member(&self.doc, doc, update) {
-                    let holds_part = e.holds_part();
+                    let partial = e.holds_part().then(|| e.to_string());
                     let reason = refusal_reason(&e);
                     self.refuse(conn, stamp.step, reason, refusal_detail(e));
-                    if holds_part {
+                    if let Some(why) = partial {
                         // The document may hold part of it: the room loads again without it.
-                        self.stop_by(Some(node), "an update walked too far to apply, or applying it failed; the document is loaded again without it".into());
+                        self.stop_by(
+                            Some(node),
+                            format!("an update did not apply ({why}); the document is loaded again without it"),
+                        );
                     }
                     return;
                 }
