@@ -328,7 +328,9 @@ async fn handshake(
         .barred(&room, offender, relay.now_ms());
     if let Some(reason) = barred {
         relay.metrics.barred_joins.fetch_add(1, Relaxed);
-        return refuse(socket, close::POLICY, &reason).await;
+        // Not final (as 1008 is to a client): the members behind the offender's address,
+        // without tokens, try again, and get in once the bar is over.
+        return refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
     }
     // A room that is not open costs its opening to the address: each stays open a while after
     // its last member left, and one address could otherwise fill the relay's rooms for all.

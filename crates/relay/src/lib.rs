@@ -94,9 +94,11 @@ pub struct RelayConfig {
     /// that takes longer is refused as `tooLarge` and the room reloads without it.
     pub apply_budget: Duration,
     /// A member whose messages stop a room twice within this time (an update that walks too
-    /// far to apply, makes applying it panic, or takes longer than `apply_budget`; each stop
-    /// closes every member of the room) is kept out of that room for as long: its access
-    /// token's user, or its address on a relay without tokens. Zero: no one is kept out.
+    /// far to apply or makes applying it panic, or a message the room panicked on; each stop
+    /// closes every member of the room) is kept out of that room, on this relay, for as long:
+    /// its access token's user, or its address on a relay without tokens. Zero: no one is kept
+    /// out. (An update over `apply_budget` stops the room too, but is not counted: a loaded
+    /// machine can make one of an honest update.)
     pub offence_bar: Duration,
     /// How long a room keeps a node that left and never wrote (so has no store record), for a
     /// reconnect to resume it.
@@ -547,7 +549,7 @@ pub async fn serve(
         user_rooms: Mutex::default(),
         releases: Mutex::new(room::Releases::new(RELEASES_KEPT)),
         offences: Mutex::new(offences::Offences::new(
-            config.offence_bar.as_millis() as u64
+            u64::try_from(config.offence_bar.as_millis()).unwrap_or(u64::MAX),
         )),
         started: Instant::now(),
         next_conn: AtomicU64::new(1),

@@ -91,11 +91,12 @@ mod native {
         #[arg(long, env = "PM_APPLY_BUDGET", default_value_t = 2_000,
               value_parser = clap::value_parser!(u64).range(1..))]
         apply_budget: u64,
-        /// Seconds within which a member whose messages stop a room twice (an update that walks
-        /// too far to apply, makes applying it fail, or takes over --apply-budget; each stop
-        /// closes every member of the room) is then kept out of that room, for as long: its
-        /// access token's user, or its address without tokens. 0: no one is kept out.
-        #[arg(long, env = "PM_OFFENCE_BAR", default_value_t = 600)]
+        /// Seconds within which a member whose updates stop a room twice (one that walks too
+        /// far to apply, or makes applying it fail; each stop closes every member of the room)
+        /// is then kept out of that room, for as long: its access token's user, or its address
+        /// without tokens. 0: no one is kept out; at most a year.
+        #[arg(long, env = "PM_OFFENCE_BAR", default_value_t = 600,
+              value_parser = clap::value_parser!(u64).range(..=31_536_000))]
         offence_bar: u64,
         /// Seconds a room keeps a node that left without ever storing a message, so that a
         /// reconnect keeps its id (a node that stored one is kept for --node-ttl).

@@ -1,12 +1,13 @@
 //! Who stopped which room: a member whose messages stop a room twice within
 //! [`crate::RelayConfig::offence_bar`] is kept out of that room for as long.
 //!
-//! A room stops when a member's update walks too far to apply, makes applying it panic, or takes
-//! longer than the apply budget ([`pattern_mesh_core::room::Output::Stop`] names the node):
-//! every member is closed, to reconnect, and the relay pays the bound and a reload. No honest
-//! client sends such an update on purpose, and one whose update was refused does not send it
-//! again; one stop is forgiven, the second bars the member's access-token user (or, without
-//! one, its address) from that room.
+//! A room stops when a member's update walks too far to apply or makes applying it panic, or
+//! the room panics on a member's message ([`pattern_mesh_core::room::Output::Stop`] names the
+//! node): every member is closed, to reconnect, and the relay pays the bound and a reload. No
+//! honest client sends such an update on purpose, and one whose update was refused does not
+//! send it again; one stop is forgiven, the second bars the member's access-token user (or,
+//! without one, its address) from that room, on this relay. A stop for an update over the
+//! apply budget names no one: a loaded machine can make one of an honest update.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -139,6 +139,9 @@ struct RoomTask {
     slow: Vec<(ConnId, bool)>,
     /// Who a stop by each node the room holds counts against, until the room lets it go.
     offenders: HashMap<NodeId, Offender>,
+    /// The size of `offenders` at which the nodes the room let go are dropped from it (a
+    /// shared room's nodes, and those that stored nothing, go without [`Output::Released`]).
+    offenders_pruned_at: usize,
 }
 
 /// Runs a room; `bus` is where the other relays' publications for a shared room stand, with
@@ -168,6 +171,7 @@ pub(crate) async fn run(
         lookups: FuturesUnordered::new(),
         slow: Vec::new(),
         offenders: HashMap::new(),
+        offenders_pruned_at: 64,
     };
     // The relay stopping: the room lets its nodes go, and retires once its writes are done.
     let mut shutdown = task.relay.shutdown.clone();
@@ -366,6 +370,11 @@ impl RoomTask {
         match self.core.join(self.relay.now_ms(), conn, request, fresh) {
             Ok(joined) => {
                 self.offenders.insert(joined.node, offender);
+                if self.offenders.len() >= self.offenders_pruned_at {
+                    let core = &self.core;
+                    self.offenders.retain(|&node, _| core.holds_node(node));
+                    self.offenders_pruned_at = (2 * self.offenders.len()).max(64);
+                }
                 let (sender, receiver) = queue::queue(
                     self.relay.config.send_queue,
                     self.relay.config.send_queue_bytes,

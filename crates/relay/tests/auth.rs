@@ -759,7 +759,7 @@ async fn a_user_whose_updates_stop_a_room_twice_is_kept_out_of_it_and_no_one_els
         .await
         .unwrap();
     let (code, reason) = close_of(conn.closed(WAIT).await);
-    assert_eq!(code, close::POLICY, "{reason}");
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
     assert!(
         reason.starts_with("this access token's user stopped the room twice"),
         "{reason}"

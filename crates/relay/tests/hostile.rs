@@ -608,7 +608,7 @@ async fn an_update_that_walks_further_than_its_estimate_is_stopped_at_the_bound(
 /// of the room, to reconnect, and costs the relay the bound and a reload; a member sending one
 /// after another kept the room reconnecting for as long as it liked. An address whose updates
 /// stopped a room twice within the bar's time is kept out of that room for that time: its
-/// joins close with 1008, saying why and for how long. Its other rooms stay open to it.
+/// joins close with 1013, saying why and for how long. Its other rooms stay open to it.
 #[tokio::test]
 async fn an_address_whose_updates_stop_a_room_twice_is_kept_out_of_it() {
     use pattern_mesh_core::wire::close;
@@ -629,7 +629,7 @@ async fn an_address_whose_updates_stop_a_room_twice_is_kept_out_of_it() {
         }
     }
     let (code, reason) = closed_after(&server, &join_frame("doc")).await;
-    assert_eq!(code, close::POLICY, "{reason}");
+    assert_eq!(code, close::TRY_AGAIN_LATER, "{reason}");
     assert!(
         reason.contains("stopped the room twice") && reason.contains("may join again in"),
         "{reason}"

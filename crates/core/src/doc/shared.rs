@@ -62,7 +62,7 @@ pub const MAX_APPLY_STEPS: u64 = 400_000_000;
 /// process, nor (in a relay) the room whose log holds it, which would meet it again at every
 /// load. The document may then hold part of the update; its owner builds it again without it.
 /// Where a panic aborts (wasm), this is `apply()`.
-fn guarded(apply: impl FnOnce() -> Result<(), DocError>) -> Result<(), DocError> {
+fn guarded<T>(apply: impl FnOnce() -> Result<T, DocError>) -> Result<T, DocError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)).unwrap_or_else(|panic| {
         let detail = panic
             .downcast_ref::<&str>()
@@ -275,8 +275,10 @@ impl SharedDoc {
     /// ([`DocError::TooCostly`]): a shared room's check of a member's update that it
     /// applies later, in the log's order.
     pub fn check_member_update(&self, update: &[u8]) -> Result<(), DocError> {
-        check_v1(update)?;
-        self.decode_within_cost(update).map(|_| ())
+        guarded(|| {
+            check_v1(update)?;
+            self.decode_within_cost(update).map(|_| ())
+        })
     }
 
     /// Applies a Yjs v1 update from another replica (or from Yjs itself). Updates may arrive
@@ -326,8 +328,17 @@ impl SharedDoc {
     /// The relay checks every sync answer against its document with this: a member could
     /// otherwise answer with blocks under another member's client id at that member's next
     /// clock, or delete what no one deleted, and the replicas that took the answer would keep
-    /// that and ignore the real edit (Yjs integrates an id once).
+    /// that and ignore the real edit (Yjs integrates an id once). A panic while reading it is
+    /// such an error too (see [`DocError::Panicked`]).
     pub fn holds(&self, update: &[u8]) -> Result<(), String> {
+        match guarded(|| Ok(self.holds_unguarded(update))) {
+            Ok(held) => held,
+            Err(DocError::Panicked(detail)) => Err(format!("reading it failed ({detail})")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn holds_unguarded(&self, update: &[u8]) -> Result<(), String> {
         // Walked first, as everything a member sends is before yrs reads it: yrs reads nested
         // values recursively (see `super::v1`), and a resent update comes here unchecked.
         super::v1::check(update).map_err(|e| format!("not an update Yjs applies: {e}"))?;
