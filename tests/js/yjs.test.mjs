@@ -42,6 +42,39 @@ test("bytes that are not an update throw InvalidUpdate", () => {
   assert.throws(() => ours.insert("content", 3, "x"), { name: "RangeError", message: /past the end/ });
 });
 
+// An item whose origin or right origin lies in a collected (GC) range, its other neighbour a
+// live character (no Yjs client writes one; a hostile member can): Yjs collects it. yrs placed
+// it next to its other neighbour, so the relay and every SharedDocument showed a character no
+// Yjs tab did, under the same state vector. Both now hold the same document.
+test("an item next to a collected range ends the same in Yjs and in SharedDocument", () => {
+  const writer = new Y.Doc();
+  writer.clientID = 7;
+  writer.getText("content").insert(0, "hello");
+  const hello = Y.encodeStateAsUpdate(writer);
+  // Client 9: a GC range at clock 0, then "z" at clock 1 between it and client 7's clock 2;
+  // and the other way round.
+  const updates = [
+    [1, 2, 9, 0, 0, 1, 0xc4, 9, 0, 7, 2, 1, 0x7a, 0],
+    [1, 2, 9, 0, 0, 1, 0xc4, 7, 2, 9, 0, 1, 0x7a, 0],
+  ];
+  for (const bytes of updates) {
+    const update = new Uint8Array(bytes);
+    const ydoc = new Y.Doc();
+    Y.applyUpdate(ydoc, hello);
+    Y.applyUpdate(ydoc, update);
+    const ours = new mesh.SharedDocument();
+    ours.applyUpdate(hello);
+    ours.applyUpdate(update);
+    assert.equal(ydoc.getText("content").toString(), "hello", `${bytes}`);
+    assert.equal(ours.text("content"), "hello", `${bytes}`);
+    assert.deepEqual(ours.stateVector(), Y.encodeStateVector(ydoc), `${bytes}`);
+    const loaded = new Y.Doc();
+    Y.applyUpdate(loaded, ours.snapshot());
+    assert.deepEqual(Y.encodeStateAsUpdate(loaded), Y.encodeStateAsUpdate(ydoc), `${bytes}`);
+    ours.free();
+  }
+});
+
 // Every update the fuzzer kept for the document (4,000 inputs, most of them malformed on
 // purpose): what pattern-mesh applies, Yjs applies too, and what it then writes loads in Yjs.
 // The relay applies or checks every update with the same check, so nothing it lets into a room

@@ -618,6 +618,19 @@ impl Update {
                     .map(|slice| store.materialize(slice));
             }
 
+            // An origin or right origin the document holds (none is missing by now) that is no
+            // item lies in a collected range: Yjs collects the item then, whatever its other
+            // neighbour (its parent is unknown), and so does this document. Placed next to its
+            // other neighbour, the item was visible here and nowhere in Yjs, under the same
+            // state vector.
+            if (item.origin.is_some() && item.left.is_none())
+                || (item.right_origin.is_some() && item.right.is_none())
+            {
+                item.parent = TypePtr::Unknown;
+                item.parent_sub = None;
+                return Ok(None);
+            }
+
             // We have all missing ids, now find the items
 
             // In the original Y.js algorithm we decoded items as we go and attached them to client

@@ -1184,6 +1184,41 @@ pub(crate) mod tests {
         assert_eq!(copy.digest(), doc.digest());
     }
 
+    /// An item whose origin or right origin lies in a collected (GC) range, its other
+    /// neighbour a live character (no Yjs client writes one; a hostile member can): Yjs
+    /// collects the item (its parent is unknown), where published yrs placed it next to its
+    /// other neighbour, visible. The relay's document showed a character that no Yjs tab did,
+    /// with the same state vector, so no sync mended it. Now yrs collects it too: the document
+    /// is what a GC range over the item gives, as in Yjs.
+    #[test]
+    fn an_item_next_to_a_collected_range_is_collected_as_yjs_collects_it() {
+        // Client 9: a GC range at clock 0, then "z" at clock 1 between it and client 7's
+        // clock 2 (the first "l" of "hello"); and the other way round.
+        let origin_collected = [1, 2, 9, 0, 0, 1, 0xC4, 9, 0, 7, 2, 1, b'z', 0];
+        let right_collected = [1, 2, 9, 0, 0, 1, 0xC4, 7, 2, 9, 0, 1, b'z', 0];
+        for update in [origin_collected, right_collected] {
+            let doc = SharedDoc::with_client_id(1);
+            let writer = SharedDoc::with_client_id(7);
+            doc.apply_update(&writer.insert("content", 0, "hello").unwrap())
+                .unwrap();
+            let collected = SharedDoc::with_client_id(1);
+            collected.apply_update(&doc.snapshot()).unwrap();
+            collected.apply_update(&[1, 1, 9, 0, 0, 2, 0]).unwrap();
+            doc.apply_update(&update).unwrap();
+            assert_eq!(doc.text("content"), "hello", "{update:?}");
+            assert_eq!(doc.version(), collected.version(), "{update:?}");
+            let copy = SharedDoc::new();
+            copy.apply_update(&doc.snapshot()).unwrap();
+            assert_eq!(copy.text("content"), "hello", "{update:?}");
+            // A member's update, sent again after a reconnect, is what the document holds.
+            let room = SharedDoc::with_client_id(1);
+            room.apply_update(&writer.snapshot()).unwrap();
+            room.apply_member_update(&update).unwrap();
+            room.apply_member_update(&update).unwrap();
+            assert_eq!(room.version(), collected.version(), "{update:?}");
+        }
+    }
+
     /// An item whose right origin lies left of its origin (no Yjs client writes one; a hostile
     /// member can): published yrs placed it by the order updates arrived in, so two replicas,
     /// and a replica and its own snapshot, held different texts for good. Its right origin is
