@@ -75,6 +75,27 @@ test("an item next to a collected range ends the same in Yjs and in SharedDocume
   }
 });
 
+// An item that goes on from a clock its document holds collected (a GC range at client 9's
+// clock 0, then "zz" at its clocks 0..2): Yjs integrates the new part after the collected
+// clock, and throws. The relay takes no such update from a member
+// (`an_item_that_continues_a_collected_range_is_refused` in crates/core/src/doc/shared.rs);
+// this is why.
+test("Yjs fails on an item that goes on from a collected clock, which the relay refuses", () => {
+  const writer = new Y.Doc();
+  writer.clientID = 7;
+  writer.getText("content").insert(0, "hello");
+  const content = [...new TextEncoder().encode("content")];
+  for (const bytes of [
+    [1, 1, 9, 0, 0x04, 1, 7, ...content, 2, 0x7a, 0x7a, 0],
+    [1, 1, 9, 0, 0x84, 7, 1, 2, 0x7a, 0x7a, 0],
+  ]) {
+    const ydoc = new Y.Doc();
+    Y.applyUpdate(ydoc, Y.encodeStateAsUpdate(writer));
+    Y.applyUpdate(ydoc, new Uint8Array([1, 1, 9, 0, 0, 1, 0]));
+    assert.throws(() => Y.applyUpdate(ydoc, new Uint8Array(bytes)), TypeError, `${bytes}`);
+  }
+});
+
 // Every update the fuzzer kept for the document (4,000 inputs, most of them malformed on
 // purpose): what pattern-mesh applies, Yjs applies too, and what it then writes loads in Yjs.
 // The relay applies or checks every update with the same check, so nothing it lets into a room

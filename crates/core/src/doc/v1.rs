@@ -253,6 +253,9 @@ pub fn refusal(
     if let Some(cut) = integrable_with(update, &have, Some(&mut runs))? {
         return Ok(Some(cut.why));
     }
+    if let Some(why) = continues_collected(&runs, &have, &held) {
+        return Ok(Some(why));
+    }
     // Only blocks with content: a collected range, a skip or deleted content of ten bytes may
     // claim billions of clocks, and has nothing to lose: it compares with anything. Each clock
     // of a block with content takes at least half a byte of the update, and consecutive such
@@ -309,6 +312,57 @@ pub fn refusal(
         i = j;
     }
     Ok(None)
+}
+
+/// Why the room's document must not take a whole document a member gives back, if so: the
+/// first thing [`integrable`] would cut, or an item that goes on from a clock the document
+/// holds collected (see [`refusal`], whose `held` this takes). Clocks the document holds are
+/// not compared otherwise: what it holds there stays.
+pub fn given_back_refusal(
+    update: &[u8],
+    have: impl Fn(u64) -> u64,
+    held: impl Fn(u64, u64, u64) -> Vec<u8>,
+) -> Result<Option<String>> {
+    let mut runs = Vec::new();
+    if let Some(cut) = integrable_with(update, &have, Some(&mut runs))? {
+        return Ok(Some(cut.why));
+    }
+    Ok(continues_collected(&runs, &have, &held))
+}
+
+/// An item of `runs` (the update's blocks that start at clocks the document holds) that goes
+/// on past the last clock the document holds of its client, where the document holds that
+/// clock collected (a GC range). yrs and Yjs integrate the item's new part after that clock,
+/// and Yjs throws on an item whose left neighbour is collected (it reads the neighbour's right
+/// neighbour, which a collected range does not have): every Yjs replica the update reached
+/// would fail on it. No Yjs client writes one (an item next to a collected range is collected
+/// with it).
+fn continues_collected(
+    runs: &[(u64, Run)],
+    have: &dyn Fn(u64) -> u64,
+    held: &dyn Fn(u64, u64, u64) -> Vec<u8>,
+) -> Option<String> {
+    runs.iter().find_map(|(client, run)| {
+        let limit = have(*client);
+        if matches!(run.content, Units::Gone) || run.start >= limit || run.end <= limit {
+            return None;
+        }
+        let last = limit - 1;
+        let want = |c: u64, _: u64| c == *client;
+        let collected = match describe(&held(*client, last, limit), &want) {
+            Ok(theirs) => theirs.iter().any(|(_, their)| {
+                their.start <= last && last < their.end && matches!(their.content, Units::Gone)
+            }),
+            // Never for what the room wrote; refused rather than taken unseen.
+            Err(_) => true,
+        };
+        collected.then(|| {
+            format!(
+                "it writes client {client}'s clocks {}..{} on from its clock {last}, which the room's document holds collected: Yjs fails on such an item, and no Yjs client writes one",
+                run.start, run.end
+            )
+        })
+    })
 }
 
 /// The room's blocks of one client, described, with each string's UTF-16 code units.
