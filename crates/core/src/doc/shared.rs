@@ -1097,7 +1097,7 @@ pub(crate) mod tests {
         ];
         assert!(matches!(
             doc.apply_update(&cycle),
-            Err(DocError::InvalidUpdate(reason)) if reason.contains("a client's blocks in a second section")
+            Err(DocError::InvalidUpdate(reason)) if reason.contains("a client in a second section")
         ));
         // A clock past 2^32 - 1 (an `unwrap` on `None` in the block store).
         let overflow = [
@@ -1267,6 +1267,35 @@ pub(crate) mod tests {
             let outbox = crate::doc::merge_updates(&[&first, &second]).unwrap();
             live.apply_member_update(&outbox).unwrap();
             assert_eq!(live.text("content"), "zzhello");
+        }
+    }
+
+    /// Two shapes on which Yjs and yrs part, each found against Yjs itself: an item of no
+    /// length (an empty string, say), which yrs drops and Yjs keeps, so that Yjs throws on the
+    /// next update that looks up its client's clocks ("Cannot read properties of undefined"):
+    /// a member's empty item at another member's next clock broke every Yjs tab on that
+    /// member's next keystroke; and a client's blocks followed by a second, empty section of
+    /// the same client, whose blocks yrs applies and Yjs drops (it keeps a client's last
+    /// section). No Yjs client writes either; neither is taken.
+    #[test]
+    fn an_empty_item_or_an_empty_second_section_is_refused() {
+        let writer = SharedDoc::with_client_id(7);
+        let hello = writer.insert("content", 0, "hello").unwrap();
+        let mut after_a = vec![1, 2, 9, 0, 0x04, 1, 7];
+        after_a.extend_from_slice(b"content");
+        after_a.extend_from_slice(&[1, b'a', 0x84, 9, 0, 0, 0]);
+        let mut emptied = vec![2, 1, 9, 0, 0x04, 1, 7];
+        emptied.extend_from_slice(b"content");
+        emptied.extend_from_slice(&[2, b'a', b'b', 0, 9, 0, 0]);
+        let at_next_clock = vec![1, 1, 7, 5, 0x84, 7, 4, 0, 0];
+        for update in [after_a, emptied, at_next_clock] {
+            let room = SharedDoc::with_client_id(1);
+            room.apply_update(&hello).unwrap();
+            let Err(DocError::InvalidUpdate(why)) = room.apply_member_update(&update) else {
+                panic!("taken: {update:?}")
+            };
+            assert!(why.contains("not an update Yjs applies"), "{why}");
+            assert_eq!(room.text("content"), "hello");
         }
     }
 
