@@ -257,7 +257,8 @@ pub fn refusal(
         return Ok(Some(why));
     }
     // Only blocks with content: a collected range, a skip or deleted content of ten bytes may
-    // claim billions of clocks, and has nothing to lose: it compares with anything. Each clock
+    // claim billions of clocks, and has nothing to lose: it compares with anything (but deleted
+    // content that goes on past the held clocks, whose origins place its new part). Each clock
     // of a block with content takes at least half a byte of the update, and consecutive such
     // blocks of a client (its one section, in clock order: see `structs`) share one look at the
     // room's blocks, kept while later blocks fall in it: the room writes its blocks whole, so a
@@ -268,7 +269,13 @@ pub fn refusal(
     while i < runs.len() {
         let (client, first) = (&runs[i].0, &runs[i].1);
         let limit = have(*client);
-        let with_content = |run: &Run| !matches!(run.content, Units::Gone | Units::Deleted);
+        // Deleted content too where it goes on past the held clocks: its new part goes after
+        // the clock before, in the parent its origins name (Yjs), so those must be the room's.
+        let with_content = |run: &Run| match run.content {
+            Units::Gone => false,
+            Units::Deleted => run.end > limit,
+            _ => true,
+        };
         if !with_content(first) || first.start >= limit {
             i += 1;
             continue;
@@ -1785,6 +1792,37 @@ mod tests {
         check(&[&[1][..], &empty, &[0]].concat()).unwrap();
         let other = [1, 6, 0, 4, 1, 1, b't', 1, b'c'];
         check(&[&[2][..], &a, &other, &[0]].concat()).unwrap();
+    }
+
+    /// Deleted content that goes on past the clocks the room holds, naming an origin in another
+    /// type than the room's block there (client 9's map entry, where the room holds its
+    /// character "b" of the text): Yjs took its parent from that origin and its left neighbour
+    /// from the clock before, linked it into the text and into the map at once, and threw
+    /// ("Unexpected case") once the map was deleted. Deleted content is compared where it goes
+    /// on past the held clocks, as content is; within them it still compares with anything.
+    #[test]
+    fn deleted_content_going_on_from_held_clocks_compares_its_origins() {
+        let room = crate::doc::SharedDoc::with_client_id(1);
+        let writer = doc_of(9);
+        {
+            let map = writer.get_or_insert_map("m");
+            let text = writer.get_or_insert_text("content");
+            let mut txn = writer.transact_mut();
+            let inner = map.insert(&mut txn, "n", MapPrelim::default());
+            inner.insert(&mut txn, "k", 1);
+            text.insert(&mut txn, 0, "ab");
+        }
+        room.apply_member_update(&state(&writer)).unwrap();
+        // Client 9, clock 3: deleted content of 3 clocks after its clock 1 (the map entry "k").
+        let hostile = [1, 1, 9, 3, 0x81, 9, 1, 3, 0];
+        let Err(crate::doc::DocError::NotTaken(why)) = room.apply_member_update(&hostile) else {
+            panic!("taken")
+        };
+        assert!(why.contains("client 9's clock 3"), "{why}");
+        // Within the held clocks, deleted content is a resend whatever its origins.
+        room.apply_member_update(&[1, 1, 9, 3, 0x81, 9, 1, 1, 0])
+            .unwrap();
+        assert_eq!(room.text("content"), "ab");
     }
 
     /// A large block of the room's, sent again as a block per clock: each block shares the
