@@ -5217,14 +5217,7 @@ mod tests {
         shared.follow(1);
         let got = &shared.got[0][&1];
         assert_eq!(acks(got), vec![(1, 1), (2, 2), (3, 3)]);
-        let refusal = got.iter().find_map(|f| match f {
-            Frame::Reject {
-                step: 4,
-                reason,
-                detail,
-            } => Some((*reason, detail.clone())),
-            _ => None,
-        });
+        let refusal = refusal_of(got, 4);
         let Some((Reason::TooLarge, detail)) = refusal else {
             panic!("{got:?}")
         };
@@ -5289,6 +5282,21 @@ mod tests {
             panic!("{got:?}")
         };
         assert!(detail.contains("send it in smaller edits"), "{detail}");
+    }
+
+    /// The reason and detail of the refusal of `step` among `frames`, if there is one.
+    fn refusal_of<'a>(
+        frames: impl IntoIterator<Item = &'a Frame>,
+        step: Step,
+    ) -> Option<(Reason, String)> {
+        frames.into_iter().find_map(|f| match f {
+            Frame::Reject {
+                step: s,
+                reason,
+                detail,
+            } if *s == step => Some((*reason, detail.clone())),
+            _ => None,
+        })
     }
 
     /// A text of 10,000 blocks, as client 7's two updates: `"ab"` 5,000 times, then every `b`
@@ -5364,14 +5372,8 @@ mod tests {
             !out.iter().any(|o| matches!(o, Output::Append(_))),
             "{out:?}"
         );
-        let refusal = sent_to(&out, 1).into_iter().find_map(|f| match f {
-            Frame::Reject {
-                step: 3,
-                reason,
-                detail,
-            } => Some((reason, detail)),
-            _ => None,
-        });
+        let sent = sent_to(&out, 1);
+        let refusal = refusal_of(&sent, 3);
         let Some((Reason::TooLarge, detail)) = refusal else {
             panic!("{out:?}")
         };
@@ -5409,14 +5411,7 @@ mod tests {
         shared.drive(0);
         shared.follow(0);
         shared.follow(1);
-        let refusal = shared.got[0][&1].iter().find_map(|f| match f {
-            Frame::Reject {
-                step: 3,
-                reason,
-                detail,
-            } => Some((*reason, detail.clone())),
-            _ => None,
-        });
+        let refusal = refusal_of(&shared.got[0][&1], 3);
         let Some((Reason::TooLarge, detail)) = refusal else {
             panic!("{:?}", shared.got[0][&1])
         };
@@ -5466,14 +5461,7 @@ mod tests {
         shared.drive(0);
         shared.follow(0);
         shared.follow(1);
-        let refusal = shared.got[0][&1].iter().find_map(|f| match f {
-            Frame::Reject {
-                step: 2,
-                reason,
-                detail,
-            } => Some((*reason, detail.clone())),
-            _ => None,
-        });
+        let refusal = refusal_of(&shared.got[0][&1], 2);
         let Some((Reason::Malformed, detail)) = refusal else {
             panic!("{:?}", shared.got[0][&1])
         };

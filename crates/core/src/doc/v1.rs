@@ -249,13 +249,10 @@ pub fn refusal(
     have: impl Fn(u64) -> u64,
     held: impl Fn(u64, u64, u64) -> Vec<u8>,
 ) -> Result<Option<String>> {
-    let mut runs = Vec::new();
-    if let Some(cut) = integrable_with(update, &have, Some(&mut runs))? {
-        return Ok(Some(cut.why));
-    }
-    if let Some(why) = continues_collected(&runs, &have, &held) {
-        return Ok(Some(why));
-    }
+    let runs = match integrable_runs(update, &have, &held)? {
+        Ok(runs) => runs,
+        Err(why) => return Ok(Some(why)),
+    };
     // Only blocks with content: a collected range, a skip or deleted content of ten bytes may
     // claim billions of clocks, and has nothing to lose: it compares with anything (but deleted
     // content that goes on past the held clocks, whose origins place its new part). Each clock
@@ -330,11 +327,25 @@ pub fn given_back_refusal(
     have: impl Fn(u64) -> u64,
     held: impl Fn(u64, u64, u64) -> Vec<u8>,
 ) -> Result<Option<String>> {
+    Ok(integrable_runs(update, &have, &held)?.err())
+}
+
+/// The blocks of `update` at clocks the document holds, described, or why the update must not
+/// be taken whatever they hold: the first thing [`integrable`] would cut, or an item that goes
+/// on from a clock the document holds collected ([`continues_collected`]).
+fn integrable_runs(
+    update: &[u8],
+    have: &dyn Fn(u64) -> u64,
+    held: &dyn Fn(u64, u64, u64) -> Vec<u8>,
+) -> Result<std::result::Result<Vec<(u64, Run)>, String>> {
     let mut runs = Vec::new();
-    if let Some(cut) = integrable_with(update, &have, Some(&mut runs))? {
-        return Ok(Some(cut.why));
+    if let Some(cut) = integrable_with(update, have, Some(&mut runs))? {
+        return Ok(Err(cut.why));
     }
-    Ok(continues_collected(&runs, &have, &held))
+    Ok(match continues_collected(&runs, have, held) {
+        Some(why) => Err(why),
+        None => Ok(runs),
+    })
 }
 
 /// An item of `runs` (the update's blocks that start at clocks the document holds) that goes
